@@ -1,0 +1,1 @@
+"""fulu-nas: neural architecture search for Mixture-of-Experts layers."""

@@ -1,0 +1,242 @@
+"""The PiMoE layer's configuration: one frozen dataclass, validated on construction.
+
+Every field is something a search may vary. Impossible combinations raise ``ValueError`` naming
+the offending field, so that a bad architecture fails before any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+ROUTERS = ("topk", "expert_choice", "hash", "hierarchical", "attention")
+SCORE_FUNCS = ("softmax", "sigmoid")
+ACTIVATIONS = ("gelu", "swiglu")
+IMPLS = ("grouped", "sorted", "loop")
+
+# torch's grouped GEMM needs row strides that are multiples of 16 bytes: 8 elements covers
+# fp32, bf16 and fp16 alike.
+ALIGNMENT = 8
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Configuration of one :class:`~fulu_nas.moe.PiMoELayer`.
+
+    Routing
+        ``router`` picks the routing algorithm; ``top_k`` is the number of expert slots per
+        token (``k_max`` when ``top_p`` is set). ``score_func`` turns logits into scores
+        (computed in fp32); ``renormalize`` rescales the selected weights to sum to one;
+        ``routed_scaling_factor`` multiplies them afterwards (DeepSeek-V3). ``router_jitter``
+        multiplies the router input by U(1-eps, 1+eps) during training (Switch Transformer).
+    Dynamic routing
+        ``top_p``: each token takes the fewest experts whose probability mass reaches ``top_p``
+        (Huang et al. 2024), within ``top_k`` static slots; unused slots carry weight 0.
+    Capacity
+        ``capacity_factor``: for token-choice routers, each expert keeps at most
+        ``ceil(capacity_factor * T * top_k / E)`` assignments (earlier tokens first, as in
+        Switch) and the overflow is dropped; ``None`` is dropless. For ``expert_choice`` each
+        expert takes ``ceil(capacity_factor * T / E)`` tokens; ``None`` means ``top_k``, the same
+        compute as top-k routing.
+    Hierarchy (``router="hierarchical"``)
+        ``hierarchy_depth`` levels. ``hierarchy_groups[l]`` is how many children each node of
+        level ``l`` has (level 0 is the root), for the ``depth - 1`` levels above the experts;
+        ``hierarchy_topk_groups[l]`` is how many nodes are kept at that level. Empty tuples are
+        derived from ``num_experts`` (see :func:`default_hierarchy`).
+    Attention router (``router="attention"``)
+        ``attention_heads`` heads of size ``hidden_size // attention_heads``;
+        ``attention_context`` lets each token first attend causally to its sequence.
+    Hash router
+        ``hash_seed`` picks the fixed hash functions.
+    Balancing
+        ``aux_loss_coef`` (Switch/GShard load-balancing loss), ``z_loss_coef`` (ST-MoE router
+        z-loss), ``bias_update_rate`` (DeepSeek-V3 auxiliary-loss-free bias; 0 disables).
+    Experts
+        ``expert_ffn_size`` is each expert's hidden width, ``activation`` GELU or SwiGLU,
+        ``expert_bias`` adds per-expert biases (needed to upcycle BERT-style FFNs).
+        ``num_shared_experts`` always-on experts of width ``shared_expert_ffn_size`` (defaults
+        to ``expert_ffn_size``), optionally scaled by a sigmoid gate (Qwen2-MoE).
+    Execution
+        ``impl``: ``grouped`` (grouped GEMM, the fast path), ``sorted`` (sorted dispatch with a
+        matmul per expert, syncs once per forward) or ``loop`` (per-expert masks, the test
+        reference and benchmark baseline).
+    """
+
+    hidden_size: int = 512
+    num_experts: int = 8
+    expert_ffn_size: int = 2048
+    top_k: int = 2
+    router: str = "topk"
+    score_func: str = "softmax"
+    renormalize: bool = True
+    routed_scaling_factor: float = 1.0
+    router_jitter: float = 0.0
+    top_p: float | None = None
+    capacity_factor: float | None = None
+    activation: str = "swiglu"
+    expert_bias: bool = False
+    num_shared_experts: int = 0
+    shared_expert_ffn_size: int | None = None
+    shared_expert_gate: bool = False
+    hierarchy_depth: int = 1
+    hierarchy_groups: tuple[int, ...] = field(default_factory=tuple)
+    hierarchy_topk_groups: tuple[int, ...] = field(default_factory=tuple)
+    attention_heads: int = 4
+    attention_context: bool = False
+    hash_seed: int = 0
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    impl: str = "grouped"
+
+    def __post_init__(self) -> None:
+        # Lists from YAML/JSON become tuples so the config stays hashable.
+        for name in ("hierarchy_groups", "hierarchy_topk_groups"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        if self.router == "hierarchical" and self.hierarchy_depth > 1:
+            groups, keep = default_hierarchy(self)
+            object.__setattr__(self, "hierarchy_groups", groups)
+            object.__setattr__(self, "hierarchy_topk_groups", keep)
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid MoE config: " + "; ".join(problems))
+
+    @property
+    def token_choice(self) -> bool:
+        """Whether tokens pick experts (everything except expert-choice routing)."""
+        return self.router != "expert_choice"
+
+    @property
+    def shared_ffn_size(self) -> int:
+        return self.shared_expert_ffn_size or self.expert_ffn_size
+
+    def expert_capacity(self, num_tokens: int) -> int:
+        """Static per-expert capacity for ``num_tokens`` tokens (see the class docstring)."""
+        if self.router == "expert_choice":
+            factor = self.capacity_factor if self.capacity_factor is not None else self.top_k
+            return max(1, min(num_tokens, math.ceil(factor * num_tokens / self.num_experts)))
+        assert self.capacity_factor is not None
+        return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hierarchy_groups"] = list(self.hierarchy_groups)
+        d["hierarchy_topk_groups"] = list(self.hierarchy_topk_groups)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MoEConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MoE config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def problems(self) -> list[str]:
+        """Every problem with this config, each naming its field (empty when valid)."""
+        p: list[str] = []
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                p.append(msg)
+
+        need(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
+        need(self.score_func in SCORE_FUNCS,
+             f"score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
+        need(self.activation in ACTIVATIONS,
+             f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        need(self.impl in IMPLS, f"impl must be one of {IMPLS}, got {self.impl!r}")
+        for name in ("hidden_size", "expert_ffn_size"):
+            v = getattr(self, name)
+            need(v > 0 and v % ALIGNMENT == 0,
+                 f"{name} must be a positive multiple of {ALIGNMENT} (grouped GEMM alignment), got {v}")
+        if self.num_shared_experts:
+            need(self.shared_ffn_size % ALIGNMENT == 0,
+                 f"shared_expert_ffn_size must be a multiple of {ALIGNMENT}, got {self.shared_ffn_size}")
+        need(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
+        need(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        if self.token_choice:
+            need(self.top_k <= self.num_experts,
+                 f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        need(self.num_shared_experts >= 0, "num_shared_experts must be >= 0")
+        need(self.router_jitter >= 0, "router_jitter must be >= 0")
+        need(self.routed_scaling_factor > 0, "routed_scaling_factor must be > 0")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0")
+        if self.top_p is not None:
+            need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+            need(self.score_func == "softmax", "top_p needs score_func='softmax' (a probability mass)")
+            need(self.router in ("topk", "hierarchical", "attention"),
+                 f"top_p applies to score-based token-choice routers, not {self.router!r}")
+        if self.capacity_factor is not None:
+            need(self.capacity_factor > 0, f"capacity_factor must be > 0, got {self.capacity_factor}")
+        need(self.hierarchy_depth >= 1, f"hierarchy_depth must be >= 1, got {self.hierarchy_depth}")
+        if self.router == "hierarchical" and self.hierarchy_depth > 1 and not p:
+            p.extend(_hierarchy_problems(self))
+        if self.router == "attention":
+            need(self.attention_heads >= 1, "attention_heads must be >= 1")
+            need(self.attention_heads >= 1 and self.hidden_size % self.attention_heads == 0,
+                 f"hidden_size ({self.hidden_size}) must be divisible by attention_heads "
+                 f"({self.attention_heads})")
+        if self.router == "hash":
+            need(self.top_p is None, "the hash router has no scores for top_p")
+        return p
+
+
+def _hierarchy_problems(c: MoEConfig) -> list[str]:
+    p = []
+    levels = c.hierarchy_depth - 1
+    if len(c.hierarchy_groups) != levels or len(c.hierarchy_topk_groups) != levels:
+        return [f"hierarchy_groups and hierarchy_topk_groups need {levels} entries for "
+                f"hierarchy_depth={c.hierarchy_depth}"]
+    nodes, candidates = 1, 1
+    for level, (g, keep) in enumerate(zip(c.hierarchy_groups, c.hierarchy_topk_groups)):
+        nodes *= g
+        candidates *= g
+        if g < 2:
+            p.append(f"hierarchy_groups[{level}] must be >= 2, got {g}")
+        if not 1 <= keep <= candidates:
+            p.append(f"hierarchy_topk_groups[{level}] ({keep}) must be in [1, {candidates}]")
+        candidates = keep
+    if c.num_experts % nodes:
+        p.append(f"num_experts ({c.num_experts}) must be divisible by the product of "
+                 f"hierarchy_groups ({nodes})")
+    elif candidates * (c.num_experts // nodes) < c.top_k:
+        p.append(f"the kept groups hold {candidates * (c.num_experts // nodes)} experts, fewer "
+                 f"than top_k ({c.top_k}): raise hierarchy_topk_groups")
+    return p
+
+
+def default_hierarchy(c: MoEConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Fill in missing hierarchy groups: near-equal branching, keeping half the nodes per level.
+
+    ``num_experts`` is factored into ``depth`` near-equal factors (e.g. 64 experts at depth 3 ->
+    4 x 4 x 4); at each upper level half of the candidate nodes are kept (DeepSeek-V3 keeps 4 of
+    8 groups), but never so few that fewer than ``top_k`` experts remain.
+    """
+    levels = c.hierarchy_depth - 1
+    groups = c.hierarchy_groups
+    if not groups:
+        remaining, out = c.num_experts, []
+        for left in range(c.hierarchy_depth, 1, -1):
+            target = remaining ** (1 / left)
+            divisors = [d for d in range(2, remaining) if remaining % d == 0 and remaining // d >= 2]
+            if not divisors:
+                raise ValueError(
+                    f"invalid MoE config: hierarchy_depth={c.hierarchy_depth} cannot split "
+                    f"num_experts={c.num_experts} into groups of >= 2 at every level")
+            g = min(divisors, key=lambda d: (abs(d - target), d))
+            out.append(g)
+            remaining //= g
+        groups = tuple(out)
+    keep = c.hierarchy_topk_groups
+    if not keep and len(groups) == levels:
+        out, candidates, nodes = [], 1, 1
+        for g in groups:
+            candidates *= g
+            nodes *= g
+            leaves = c.num_experts // nodes if c.num_experts % nodes == 0 else 1
+            out.append(min(candidates, max(candidates // 2, 1, math.ceil(c.top_k / leaves))))
+            candidates = out[-1]
+        keep = tuple(out)
+    return tuple(groups), tuple(keep)

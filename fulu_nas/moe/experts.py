@@ -1,0 +1,159 @@
+"""Experts: E feed-forward networks stored as stacked 3-D weights, and dense FFNs.
+
+Shape suffixes: N dispatched rows (sorted by expert), T tokens, D hidden, F expert width,
+E experts. ``w13_EDF2`` holds SwiGLU's gate (first F columns) and up (last F) projections side by
+side so one grouped GEMM computes both; for GELU it is ``w13_EDF``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+
+# torch >= 2.10 exposes the public op; older releases only the private one (same semantics).
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+def _admit_fp32_in_grouped_mm_meta() -> None:
+    """Let torch.compile / torch.export trace fp32 grouped GEMMs.
+
+    The CPU kernel of ``aten._grouped_mm`` computes fp32 (torch >= 2.9), but its meta kernel,
+    which tracing runs on fake tensors, still admits bf16 only. We keep torch's meta for bf16
+    and compute the output shape with torch's own helper otherwise. The traced graph holds the
+    plain aten op, so exported programs still load with torch alone.
+    """
+    try:
+        from torch._decomp import meta_table
+        from torch._meta_registrations import _create_grouped_mm_output_tensor
+    except ImportError:  # a torch whose internals moved: fp32 tracing stays unsupported
+        return
+    op = torch.ops.aten._grouped_mm.default
+    bf16_meta = meta_table.get(op)
+    if bf16_meta is None or getattr(bf16_meta, "_fulu_fp32", False):
+        return
+
+    def meta(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+        if mat_a.dtype == torch.bfloat16:
+            return bf16_meta(mat_a, mat_b, offs=offs, bias=bias, out_dtype=out_dtype)
+        torch._check(mat_a.dtype == mat_b.dtype, lambda: "grouped_mm operands must share a dtype")
+        return _create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype)
+
+    meta._fulu_fp32 = True
+    meta_table[op] = meta
+    op.py_kernels[torch._C.DispatchKey.Meta] = meta
+    op._dispatch_cache.clear()
+
+
+_admit_fp32_in_grouped_mm_meta()
+
+
+def grouped_mm(x_ND: Tensor, w_EXY: Tensor, offsets_E: Tensor) -> Tensor:
+    """Row block e of ``x`` (rows offsets[e-1]:offsets[e]) times ``w[e]``, in one kernel."""
+    return _grouped_mm(x_ND, w_EXY.to(x_ND.dtype), offs=offsets_E)
+
+
+def activate(h_NF: Tensor, activation: str) -> Tensor:
+    if activation == "swiglu":
+        gate, up = h_NF.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h_NF)
+
+
+def _uniform_(t: Tensor, fan_in: int) -> Tensor:
+    # nn.Linear's default scale: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1 / math.sqrt(fan_in)
+    return nn.init.uniform_(t, -bound, bound)
+
+
+class GroupedExperts(nn.Module):
+    """E experts with stacked weights; computed by grouped GEMM, sorted matmuls or a loop."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        E, D, Fw = cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_size
+        self.activation = cfg.activation
+        width = 2 * Fw if cfg.activation == "swiglu" else Fw
+        self.w13_EDF2 = nn.Parameter(_uniform_(torch.empty(E, D, width), D))
+        self.w2_EFD = nn.Parameter(_uniform_(torch.empty(E, Fw, D), Fw))
+        if cfg.expert_bias:
+            self.b13_EF2 = nn.Parameter(torch.zeros(E, width))
+            self.b2_ED = nn.Parameter(torch.zeros(E, D))
+        else:
+            self.b13_EF2 = self.b2_ED = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13_EDF2.shape[0]
+
+    def expert(self, e: int, x_ND: Tensor) -> Tensor:
+        """Expert e as a plain FFN (the reference every fast path is checked against)."""
+        h = x_ND @ self.w13_EDF2[e].to(x_ND.dtype)
+        if self.b13_EF2 is not None:
+            h = h + self.b13_EF2[e].to(h.dtype)
+        y = activate(h, self.activation) @ self.w2_EFD[e].to(x_ND.dtype)
+        if self.b2_ED is not None:
+            y = y + self.b2_ED[e].to(y.dtype)
+        return y
+
+    def forward_grouped(self, x_ND: Tensor, offsets_E: Tensor, expert_N: Tensor) -> Tensor:
+        """Rows sorted by expert; ``offsets_E`` = int32 cumulative counts; no host sync."""
+        h = grouped_mm(x_ND, self.w13_EDF2, offsets_E)
+        if self.b13_EF2 is not None:
+            h = h + self.b13_EF2.to(h.dtype)[expert_N]
+        y = grouped_mm(activate(h, self.activation), self.w2_EFD, offsets_E)
+        if self.b2_ED is not None:
+            y = y + self.b2_ED.to(y.dtype)[expert_N]
+        return y
+
+    def forward_sorted(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        """Rows sorted by expert, one matmul pair per expert (reads the counts on the host)."""
+        chunks = x_ND.split(counts_E.tolist())
+        return torch.cat([self.expert(e, rows) for e, rows in enumerate(chunks)])
+
+    def forward_loop(self, x_TD: Tensor, expert_N: Tensor, token_N: Tensor, weight_N: Tensor) -> Tensor:
+        """Unsorted reference: for each expert, mask its rows, compute, weighted scatter-add."""
+        out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        for e in range(self.num_experts):
+            rows = expert_N == e
+            tokens = token_N[rows]
+            y = self.expert(e, x_TD[tokens])
+            out_TD.index_add_(0, tokens, y.float() * weight_N[rows, None])
+        return out_TD.to(x_TD.dtype)
+
+
+class FeedForward(nn.Module):
+    """A dense FFN (GELU or SwiGLU): the shared experts, and the dense-GEMM ceiling in benchmarks.
+
+    ``n`` shared experts of width F are one FFN of width n*F: their summed outputs are exactly
+    the output of the concatenated weights.
+    """
+
+    def __init__(self, hidden: int, width: int, activation: str, bias: bool = False):
+        super().__init__()
+        self.activation = activation
+        self.w13 = nn.Linear(hidden, 2 * width if activation == "swiglu" else width, bias=bias)
+        self.w2 = nn.Linear(width, hidden, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(activate(self.w13(x), self.activation))
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts whose output is added to the routed output; optional sigmoid gate
+    per token (Qwen2-MoE's ``sigmoid(Linear(D, 1)(x)) * shared_expert(x)``)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.ffn = FeedForward(cfg.hidden_size, cfg.num_shared_experts * cfg.shared_ffn_size, cfg.activation)
+        self.gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        y = self.ffn(x_TD)
+        if self.gate is not None:
+            y = torch.sigmoid(self.gate(x_TD)) * y
+        return y

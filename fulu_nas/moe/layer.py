@@ -1,0 +1,166 @@
+"""The PiMoE layer: router -> dispatch sorted by expert -> grouped experts -> weighted combine.
+
+Shape suffixes: T tokens, D hidden, E experts, K slots per token, C tokens per expert,
+N = T*K (token choice) or E*C (expert choice) dispatched rows.
+
+The forward path has static shapes and no host syncs (no ``.item()``, ``.tolist()``,
+``nonzero()`` or boolean-mask indexing), so ``torch.compile(fullgraph=True)``, CUDA graphs and
+``torch.export`` work. Only ``impl="sorted"`` (reads counts on the host) and ``impl="loop"``
+(masks per expert, the reference) break that rule, on purpose.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .balancing import load_balancing_loss, router_z_loss, update_selection_bias
+from .config import MoEConfig
+from .experts import GroupedExperts, SharedExperts
+from .routers import ScoreRouter, build_router
+from .routing import Routing
+from .stats import load_statistics, router_entropy
+
+
+class PiMoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    ``forward(x, token_ids=None)`` takes ``x`` of shape ``(..., hidden_size)`` and returns
+    ``(output, stats)``: the output has the shape of ``x``; ``stats`` is a dict of device
+    tensors (see :mod:`fulu_nas.moe.stats`) including ``balance_loss``, the weighted auxiliary
+    losses to add to the task loss. ``token_ids`` (same leading shape as ``x``) feed the hash
+    router. After each optimizer step a trainer calls :meth:`update_expert_bias` with the
+    step's ``tokens_per_expert`` for auxiliary-loss-free balancing.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = build_router(cfg)
+        self.experts = GroupedExperts(cfg)
+        self.shared = SharedExperts(cfg) if cfg.num_shared_experts else None
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None,
+                impl: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        if x.dim() < 2 or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"input must have shape (..., hidden_size={cfg.hidden_size}), "
+                             f"got {tuple(x.shape)}")
+        x_TD = x.reshape(-1, cfg.hidden_size)
+        routing = self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
+        impl = impl or cfg.impl
+        if cfg.token_choice:
+            out_TD, counts_E, dropped_share = self._token_choice(x_TD, routing, impl)
+        else:
+            out_TD, counts_E, dropped_share = self._expert_choice(x_TD, routing, impl)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        return out_TD.view(x.shape), self._stats(routing, counts_E, dropped_share)
+
+    # -- token choice --------------------------------------------------------------------------
+
+    def _token_choice(self, x_TD: Tensor, r: Routing, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+        E = self.cfg.num_experts
+        T, K = r.expert_TK.shape
+        expert_N = r.expert_TK.reshape(-1)
+        weight_N = r.weight_TK.reshape(-1)
+        active_N = r.active_TK.reshape(-1)
+        if impl == "loop":
+            keep_N = self._capacity_keep_reference(expert_N, active_N, T)
+            token_N = torch.arange(T, device=x_TD.device).repeat_interleave(K)
+            out_TD = self.experts.forward_loop(x_TD, expert_N, token_N, weight_N * keep_N)
+            counts_E = torch.zeros(E, device=x_TD.device).index_add_(0, expert_N, keep_N.float())
+            return out_TD, counts_E, self._dropped_share(active_N, keep_N)
+
+        # Stable sort keeps each expert's rows in token order (the capacity priority).
+        order_N = torch.argsort(expert_N, stable=True)
+        expert_sorted_N = expert_N[order_N]
+        rows_E = torch.zeros(E, dtype=torch.int64, device=x_TD.device).scatter_add_(
+            0, expert_N, torch.ones_like(expert_N))
+        offsets_E = rows_E.cumsum(0)
+        active_sorted_N = active_N[order_N]
+        keep_sorted_N = active_sorted_N
+        if self.cfg.capacity_factor is not None:
+            keep_sorted_N = self._capacity_keep_sorted(active_sorted_N, expert_sorted_N, offsets_E - rows_E, T)
+        x_sorted_ND = x_TD[order_N // K]
+        if impl == "sorted":
+            y_sorted_ND = self.experts.forward_sorted(x_sorted_ND, rows_E)
+        else:
+            y_sorted_ND = self.experts.forward_grouped(x_sorted_ND, offsets_E.to(torch.int32), expert_sorted_N)
+        w_sorted_N = weight_N[order_N] * keep_sorted_N
+        weighted_ND = y_sorted_ND.float() * w_sorted_N[:, None]
+        # Un-permute (a permutation write, deterministic) and sum each token's K slots.
+        out_TD = torch.zeros_like(weighted_ND).index_copy(0, order_N, weighted_ND).view(T, K, -1).sum(1)
+        counts_E = torch.zeros(E, device=x_TD.device).index_add_(0, expert_sorted_N, keep_sorted_N.float())
+        return out_TD.to(x_TD.dtype), counts_E, self._dropped_share(active_sorted_N, keep_sorted_N)
+
+    def _capacity_keep_sorted(self, active_N: Tensor, expert_N: Tensor, starts_E: Tensor, T: int) -> Tensor:
+        """Rows sorted by expert: keep an active row if fewer than `capacity` active rows
+        precede it within its expert."""
+        before_N = active_N.long().cumsum(0) - active_N.long()
+        # Experts without rows may start at N; their entry is never looked up.
+        base_E = before_N[starts_E.clamp_max(before_N.shape[0] - 1)]
+        position_N = before_N - base_E[expert_N]
+        return active_N & (position_N < self.cfg.expert_capacity(T))
+
+    def _capacity_keep_reference(self, expert_N: Tensor, active_N: Tensor, T: int) -> Tensor:
+        """Unsorted computation of the same rule, via a running one-hot count per expert."""
+        if self.cfg.capacity_factor is None:
+            return active_N
+        onehot_NE = F.one_hot(expert_N, self.cfg.num_experts) * active_N[:, None]
+        position_N = (onehot_NE.cumsum(0) - onehot_NE).gather(1, expert_N[:, None]).squeeze(1)
+        return active_N & (position_N < self.cfg.expert_capacity(T))
+
+    @staticmethod
+    def _dropped_share(active_N: Tensor, keep_N: Tensor) -> Tensor:
+        return (active_N & ~keep_N).float().sum() / active_N.float().sum().clamp_min(1)
+
+    # -- expert choice ---------------------------------------------------------------------------
+
+    def _expert_choice(self, x_TD: Tensor, r: Routing, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+        E, C = r.token_EC.shape
+        token_N = r.token_EC.reshape(-1)
+        weight_N = r.weight_EC.reshape(-1)
+        expert_N = torch.arange(E, device=x_TD.device).repeat_interleave(C)
+        if impl == "loop":
+            out_TD = self.experts.forward_loop(x_TD, expert_N, token_N, weight_N)
+        else:
+            # The choice is already grouped by expert: no sort needed, every group has C rows.
+            x_sorted_ND = x_TD[token_N]
+            if impl == "sorted":
+                y_ND = self.experts.forward_sorted(x_sorted_ND, torch.full((E,), C))
+            else:
+                offsets_E = torch.arange(1, E + 1, device=x_TD.device, dtype=torch.int32) * C
+                y_ND = self.experts.forward_grouped(x_sorted_ND, offsets_E, expert_N)
+            out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device).index_add_(
+                0, token_N, y_ND.float() * weight_N[:, None]).to(x_TD.dtype)
+        counts_E = torch.full((E,), float(C), device=x_TD.device)
+        taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).index_add_(0, token_N, torch.ones_like(weight_N))
+        return out_TD, counts_E, (taken_T == 0).float().mean()
+
+    # -- statistics and balancing ---------------------------------------------------------------
+
+    def _stats(self, r: Routing, counts_E: Tensor, dropped_share: Tensor) -> dict[str, Tensor]:
+        stats = load_statistics(counts_E.detach())
+        stats["router_entropy"] = router_entropy(r.probs_TE, counts_E).detach()
+        stats["dropped_share"] = dropped_share.detach()
+        zero = torch.zeros((), device=counts_E.device)
+        aux = load_balancing_loss(r.probs_TE, counts_E) if r.probs_TE is not None else zero
+        z = router_z_loss(r.logits_TE) if r.logits_TE is not None else zero
+        stats["aux_loss"], stats["z_loss"] = aux, z
+        stats["balance_loss"] = self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
+        return stats
+
+    def update_expert_bias(self, tokens_per_expert: Tensor) -> None:
+        """Auxiliary-loss-free balancing step (call after each optimizer step). No-op unless
+        ``bias_update_rate > 0`` and the router scores experts."""
+        if self.cfg.bias_update_rate > 0 and isinstance(self.router, ScoreRouter):
+            update_selection_bias(self.router.expert_bias, tokens_per_expert, self.cfg.bias_update_rate)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters, and parameters a token activates (router, shared, top_k experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        per_expert = sum(p[0].numel() for p in self.experts.parameters())
+        active = total - per_expert * (self.cfg.num_experts - min(self.cfg.top_k, self.cfg.num_experts))
+        return {"total": total, "active": active}

@@ -1,0 +1,203 @@
+"""The five routers. Each maps hidden states ``x_TD`` to a fixed-shape :class:`Routing`.
+
+Shape suffixes: T tokens, D hidden, E experts, K slots per token, C tokens per expert,
+H heads, Dh head size, B batch, S sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .routing import Routing, jitter, normalised_probs, scores_from_logits, select_experts
+
+
+class ScoreRouter(nn.Module):
+    """Base of the routers that score every expert: top-k, hierarchical and attention.
+
+    Holds the selection-only bias of DeepSeek-V3's auxiliary-loss-free balancing
+    (``expert_bias``): it shifts which experts are chosen, never their weights.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+
+    def logits(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Tensor:
+        raise NotImplementedError
+
+    def group_mask(self, selection_TE: Tensor) -> Tensor:
+        """Selection scores after any structural masking (the hierarchy overrides this)."""
+        return selection_TE
+
+    def forward(self, x_TD: Tensor, token_ids: Tensor | None = None,
+                batch_shape: tuple[int, ...] = ()) -> Routing:
+        cfg = self.cfg
+        x_TD = jitter(x_TD, cfg.router_jitter, self.training)
+        logits_TE = self.logits(x_TD, batch_shape).float()
+        scores_TE = scores_from_logits(logits_TE, cfg.score_func)
+        selection_TE = self.group_mask(scores_TE + self.expert_bias)
+        expert_TK, weight_TK, active_TK = select_experts(
+            scores_TE, selection_TE, cfg.top_k, renormalize=cfg.renormalize,
+            scaling=cfg.routed_scaling_factor, top_p=cfg.top_p)
+        return Routing(expert_TK=expert_TK, weight_TK=weight_TK, active_TK=active_TK,
+                       probs_TE=normalised_probs(scores_TE, cfg.score_func), logits_TE=logits_TE)
+
+
+class TopKRouter(ScoreRouter):
+    """Token-choice top-k over a linear gate (Shazeer 2017; Mixtral with softmax + renorm)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__(cfg)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+
+    def logits(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Tensor:
+        # fp32 logits, as DeepSeek-V3 computes them: routing decisions should not flip with the
+        # model's compute dtype.
+        return F.linear(x_TD.float(), self.gate.weight.float())
+
+
+class HierarchicalRouter(TopKRouter):
+    """Routing through ``hierarchy_depth`` levels of nested expert groups.
+
+    One gate scores every expert. At each upper level a node (a group of experts) is scored by
+    the sum of its best two still-allowed expert scores, and only the best
+    ``hierarchy_topk_groups[l]`` nodes stay allowed; the final level picks the top-k experts
+    inside the surviving groups. Depth 2 is DeepSeek-V3's group-limited routing, depth 1 is
+    plain top-k. Dropped groups are masked with -inf, as in DeepSeek's reference inference code
+    (Hugging Face fills them with 0, which differs once biased scores go negative).
+    """
+
+    def group_mask(self, selection_TE: Tensor) -> Tensor:
+        cfg = self.cfg
+        T, E = selection_TE.shape
+        nodes = 1
+        for groups, keep in zip(cfg.hierarchy_groups, cfg.hierarchy_topk_groups):
+            nodes *= groups
+            per_node = E // nodes
+            node_scores_TN = selection_TE.view(T, nodes, per_node).topk(
+                min(2, per_node), dim=-1).values.sum(-1)
+            kept_TN = torch.zeros_like(node_scores_TN, dtype=torch.bool).scatter_(
+                1, node_scores_TN.topk(keep, dim=-1).indices, True)
+            allowed_TE = kept_TN.repeat_interleave(per_node, dim=1)
+            selection_TE = selection_TE.masked_fill(~allowed_TE, float("-inf"))
+        return selection_TE
+
+
+class AttentionRouter(ScoreRouter):
+    """Multi-head attention routing: per head, token queries score learned expert keys.
+
+    Head h gives logits ``q_h(x) . k_{h,e} / sqrt(Dh)``; a learned softmax over heads mixes them
+    into the routing logits. With ``attention_context`` the token first attends causally to its
+    sequence (a residual, zero-initialised so training starts from context-free routing), so the
+    routing of a token can depend on its neighbours.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__(cfg)
+        H, D = cfg.attention_heads, cfg.hidden_size
+        self.head_dim = D // H
+        self.query = nn.Linear(D, D, bias=False)
+        self.expert_keys_HED = nn.Parameter(torch.randn(H, cfg.num_experts, self.head_dim) / math.sqrt(self.head_dim))
+        self.head_mix_H = nn.Parameter(torch.zeros(H))
+        if cfg.attention_context:
+            self.context_qkv = nn.Linear(D, 3 * D, bias=False)
+            self.context_out = nn.Linear(D, D, bias=False)
+            nn.init.zeros_(self.context_out.weight)
+
+    def _context(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Tensor:
+        H, Dh = self.cfg.attention_heads, self.head_dim
+        S = batch_shape[-1] if batch_shape else x_TD.shape[0]
+        q, k, v = self.context_qkv(x_TD).view(-1, S, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+        ctx_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.context_out(ctx_BHSD.transpose(1, 2).reshape(x_TD.shape))
+
+    def logits(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Tensor:
+        if self.cfg.attention_context:
+            x_TD = x_TD + self._context(x_TD, batch_shape)
+        H, Dh = self.cfg.attention_heads, self.head_dim
+        q_THD = self.query(x_TD).float().view(-1, H, Dh)
+        per_head_THE = torch.einsum("thd,hed->the", q_THD, self.expert_keys_HED.float()) / math.sqrt(Dh)
+        return torch.einsum("the,h->te", per_head_THE, torch.softmax(self.head_mix_H.float(), 0))
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by softmax score.
+
+    C comes from the capacity factor (see :class:`MoEConfig`). A token may be taken by zero,
+    one or several experts; load is balanced by construction. Note for causal language models:
+    an expert's choice depends on the whole batch, later tokens included.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+
+    def forward(self, x_TD: Tensor, token_ids: Tensor | None = None,
+                batch_shape: tuple[int, ...] = ()) -> Routing:
+        x_TD = jitter(x_TD, self.cfg.router_jitter, self.training)
+        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        capacity = self.cfg.expert_capacity(x_TD.shape[0])
+        weight_EC, token_EC = probs_TE.t().topk(capacity, dim=-1)
+        return Routing(token_EC=token_EC, weight_EC=weight_EC * self.cfg.routed_scaling_factor,
+                       probs_TE=probs_TE, logits_TE=logits_TE)
+
+
+_HASH_PRIME = 2_147_483_647  # 2^31 - 1: products with 31-bit multipliers stay inside int64
+
+
+class HashRouter(nn.Module):
+    """Hash layers (Roller et al. 2021): a fixed, parameter-free assignment from token ids.
+
+    Slot j of a token with id ``i`` goes to expert ``(h(i) + j) mod E`` with the universal hash
+    ``h(i) = ((a*i + b) mod P) mod E`` (``a``, ``b`` drawn from ``hash_seed``), so a token's k
+    experts are distinct. Without token ids the id is replaced by a locality-sensitive code of
+    the hidden state (signs of fixed random projections), which is deterministic and keeps
+    similar states on the same expert. Each slot has weight ``1/k``.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(cfg.hash_seed)
+        self.a, self.b = (int(v) for v in torch.randint(1, _HASH_PRIME, (2,), generator=g))
+        bits = min(62, max(8, math.ceil(math.log2(cfg.num_experts)) + 8))
+        # Not persistent: it is a pure function of the seed, rebuilt on construction.
+        self.register_buffer("planes_DB", torch.randn(cfg.hidden_size, bits, generator=g), persistent=False)
+        self.register_buffer("powers_B", 2 ** torch.arange(bits, dtype=torch.int64), persistent=False)
+
+    def forward(self, x_TD: Tensor, token_ids: Tensor | None = None,
+                batch_shape: tuple[int, ...] = ()) -> Routing:
+        cfg = self.cfg
+        if token_ids is None:
+            bits_TB = (x_TD.float() @ self.planes_DB) > 0
+            ids_T = (bits_TB.long() * self.powers_B).sum(-1)
+        else:
+            ids_T = token_ids.reshape(-1).long()
+        base_T = (((ids_T % _HASH_PRIME) * self.a + self.b) % _HASH_PRIME) % cfg.num_experts
+        slots_K = torch.arange(cfg.top_k, device=x_TD.device)
+        expert_TK = (base_T[:, None] + slots_K) % cfg.num_experts
+        weight_TK = torch.full(expert_TK.shape, cfg.routed_scaling_factor / cfg.top_k,
+                               device=x_TD.device)
+        return Routing(expert_TK=expert_TK, weight_TK=weight_TK,
+                       active_TK=torch.ones_like(expert_TK, dtype=torch.bool))
+
+
+ROUTER_CLASSES = {
+    "topk": TopKRouter,
+    "hierarchical": HierarchicalRouter,
+    "attention": AttentionRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "hash": HashRouter,
+}
+
+
+def build_router(cfg: MoEConfig) -> nn.Module:
+    return ROUTER_CLASSES[cfg.router](cfg)

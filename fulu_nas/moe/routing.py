@@ -1,0 +1,86 @@
+"""Routing results and the selection math shared by the score-based routers.
+
+Shape suffixes: T tokens, E experts, K slots per token (top-k or k_max), C tokens per expert.
+All routing math runs in fp32 and produces fixed shapes: nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Routing:
+    """What a router decided.
+
+    Token-choice routers fill ``expert_TK`` / ``weight_TK`` / ``active_TK`` (slot k of token t goes
+    to expert ``expert_TK[t, k]`` with combine weight ``weight_TK[t, k]``; inactive slots are
+    unused top-p slots and carry weight 0). Expert-choice fills ``token_EC`` / ``weight_EC``
+    (expert e takes tokens ``token_EC[e]``). ``probs_TE`` are the normalised router
+    probabilities and ``logits_TE`` the raw logits (both ``None`` for the parameter-free hash
+    router); they feed the balancing losses and the router-entropy statistic.
+    """
+
+    expert_TK: Tensor | None = None
+    weight_TK: Tensor | None = None
+    active_TK: Tensor | None = None
+    token_EC: Tensor | None = None
+    weight_EC: Tensor | None = None
+    probs_TE: Tensor | None = None
+    logits_TE: Tensor | None = None
+
+
+def jitter(x_TD: Tensor, eps: float, training: bool) -> Tensor:
+    """Switch Transformer's multiplicative router-input noise U(1-eps, 1+eps), training only."""
+    if not training or eps <= 0:
+        return x_TD
+    return x_TD * torch.empty_like(x_TD).uniform_(1 - eps, 1 + eps)
+
+
+def scores_from_logits(logits_TE: Tensor, score_func: str) -> Tensor:
+    """fp32 routing scores: softmax over experts, or an independent sigmoid per expert."""
+    logits_TE = logits_TE.float()
+    if score_func == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    return torch.sigmoid(logits_TE)
+
+
+def normalised_probs(scores_TE: Tensor, score_func: str) -> Tensor:
+    """Scores as a distribution over experts (sigmoid scores are divided by their sum)."""
+    if score_func == "softmax":
+        return scores_TE
+    return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
+def select_experts(
+    scores_TE: Tensor,
+    selection_TE: Tensor,
+    k: int,
+    *,
+    renormalize: bool,
+    scaling: float = 1.0,
+    top_p: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Token-choice selection: the k best experts by ``selection_TE``, weighted by ``scores_TE``.
+
+    ``selection_TE`` may differ from ``scores_TE`` (the aux-loss-free bias and the hierarchical
+    group mask change which experts are chosen, not their weights). With ``top_p`` a token keeps
+    its slots, best first, until the probability mass reaches ``top_p``; the rest get weight 0
+    and ``active`` False. Returns ``(expert_TK, weight_TK, active_TK)``.
+    """
+    _, expert_TK = torch.topk(selection_TE, k, dim=-1)
+    weight_TK = scores_TE.gather(-1, expert_TK)
+    if top_p is not None:
+        mass_before_TK = weight_TK.cumsum(-1) - weight_TK
+        active_TK = mass_before_TK < top_p  # slot 0 has mass 0 before it: always active
+        weight_TK = weight_TK * active_TK
+    else:
+        active_TK = torch.ones_like(expert_TK, dtype=torch.bool)
+    if renormalize:
+        weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    if scaling != 1.0:
+        weight_TK = weight_TK * scaling
+    return expert_TK, weight_TK, active_TK
