@@ -28,6 +28,13 @@ class ScoreRouter(nn.Module):
         self.cfg = cfg
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
 
+    def _apply(self, fn, recurse=True):
+        # The bias takes steps of ~1e-3 that bf16 would round away: it stays fp32 whatever
+        # dtype the model is cast to.
+        super()._apply(fn, recurse)
+        self.expert_bias = self.expert_bias.float()
+        return self
+
     def logits(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Tensor:
         raise NotImplementedError
 
