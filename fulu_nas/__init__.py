@@ -1,1 +1,13 @@
-"""fulu-nas: neural architecture search for Mixture-of-Experts layers."""
+"""fulu-nas: neural architecture search for Mixture-of-Experts (PiMoE) layers.
+
+The layer library (``fulu_nas.moe``) and the spec's entry point need torch only.
+"""
+
+from .moe import MoEConfig, PiMoELayer
+from .system import OptimizationLevel, RoutingStrategy, UltimatePiMoESystem, create_ultimate_pimoe_system
+
+__version__ = "0.1.0"
+__all__ = [
+    "MoEConfig", "OptimizationLevel", "PiMoELayer", "RoutingStrategy", "UltimatePiMoESystem",
+    "create_ultimate_pimoe_system",
+]

@@ -50,8 +50,8 @@ def bench_layer(cfg: MoEConfig, tokens: list[int], device: torch.device, dtype: 
         row: dict = {"tokens": n}
         with torch.inference_mode():
             for impl in impls:
-                row[impl] = n / median_seconds(lambda impl=impl: layer(x, impl=impl), min_run_time)
-            row["dense"] = n / median_seconds(lambda: dense(x), min_run_time)
+                row[impl] = n / median_seconds(lambda x=x, impl=impl: layer(x, impl=impl), min_run_time)
+            row["dense"] = n / median_seconds(lambda x=x: dense(x), min_run_time)
         rows.append(row)
     return rows
 

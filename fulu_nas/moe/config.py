@@ -190,7 +190,7 @@ def _hierarchy_problems(c: MoEConfig) -> list[str]:
         return [f"hierarchy_groups and hierarchy_topk_groups need {levels} entries for "
                 f"hierarchy_depth={c.hierarchy_depth}"]
     nodes, candidates = 1, 1
-    for level, (g, keep) in enumerate(zip(c.hierarchy_groups, c.hierarchy_topk_groups)):
+    for level, (g, keep) in enumerate(zip(c.hierarchy_groups, c.hierarchy_topk_groups, strict=True)):
         nodes *= g
         candidates *= g
         if g < 2:

@@ -84,7 +84,7 @@ class HierarchicalRouter(TopKRouter):
         cfg = self.cfg
         T, E = selection_TE.shape
         nodes = 1
-        for groups, keep in zip(cfg.hierarchy_groups, cfg.hierarchy_topk_groups):
+        for groups, keep in zip(cfg.hierarchy_groups, cfg.hierarchy_topk_groups, strict=True):
             nodes *= groups
             per_node = E // nodes
             node_scores_TN = selection_TE.view(T, nodes, per_node).topk(
