@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
+
+import torch
 
 ROUTERS = ("topk", "expert_choice", "hash", "hierarchical", "attention")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -111,12 +114,21 @@ class MoEConfig:
         return self.shared_expert_ffn_size or self.expert_ffn_size
 
     def expert_capacity(self, num_tokens: int) -> int:
-        """Static per-expert capacity for ``num_tokens`` tokens (see the class docstring)."""
+        """Per-expert capacity for ``num_tokens`` tokens (see the class docstring).
+
+        Integer arithmetic only (the factor as a fraction), so that under ``torch.export`` with a
+        dynamic token count the capacity stays a symbolic expression instead of being frozen.
+        """
         if self.router == "expert_choice":
             factor = self.capacity_factor if self.capacity_factor is not None else self.top_k
-            return max(1, min(num_tokens, math.ceil(factor * num_tokens / self.num_experts)))
-        assert self.capacity_factor is not None
-        return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+            slots = num_tokens
+        else:
+            assert self.capacity_factor is not None
+            factor, slots = self.capacity_factor, num_tokens * self.top_k
+        ratio = Fraction(factor).limit_denominator(1000)
+        denominator = ratio.denominator * self.num_experts
+        capacity = torch.sym_max(1, (ratio.numerator * slots + denominator - 1) // denominator)
+        return torch.sym_min(num_tokens, capacity) if self.router == "expert_choice" else capacity
 
     def to_dict(self) -> dict:
         d = asdict(self)

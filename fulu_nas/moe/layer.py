@@ -135,7 +135,7 @@ class PiMoELayer(nn.Module):
                 y_ND = self.experts.forward_grouped(x_sorted_ND, offsets_E, expert_N)
             out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device).index_add_(
                 0, token_N, y_ND.float() * weight_N[:, None]).to(x_TD.dtype)
-        counts_E = torch.full((E,), float(C), device=x_TD.device)
+        counts_E = torch.ones(E, device=x_TD.device) * C  # C may be symbolic under export
         taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).index_add_(0, token_N, torch.ones_like(weight_N))
         return out_TD, counts_E, (taken_T == 0).float().mean()
 

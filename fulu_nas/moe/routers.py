@@ -152,7 +152,10 @@ class ExpertChoiceRouter(nn.Module):
         logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         probs_TE = torch.softmax(logits_TE, dim=-1)
         capacity = self.cfg.expert_capacity(x_TD.shape[0])
-        weight_EC, token_EC = probs_TE.t().topk(capacity, dim=-1)
+        # A full sort then a slice (not topk(capacity)): keeps the capacity symbolic under
+        # torch.export with a dynamic token count.
+        weight_ET, token_ET = probs_TE.t().sort(dim=-1, descending=True, stable=True)
+        weight_EC, token_EC = weight_ET[:, :capacity], token_ET[:, :capacity]
         return Routing(token_EC=token_EC, weight_EC=weight_EC * self.cfg.routed_scaling_factor,
                        probs_TE=probs_TE, logits_TE=logits_TE)
 

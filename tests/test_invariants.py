@@ -1,0 +1,161 @@
+"""Invariants of each router: capacity, expert-choice capacity, hierarchical group limits,
+top-p mass, hash determinism, causal attention context, jitter only in training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from .helpers import make_layer
+
+
+@settings(max_examples=15, deadline=None)
+@given(tokens=st.integers(1, 40), experts=st.sampled_from([2, 4, 8]), top_k=st.integers(1, 2),
+       factor=st.sampled_from([0.25, 0.5, 1.0, 1.5]), router=st.sampled_from(["topk", "hash", "attention"]))
+def test_token_choice_capacity_is_never_exceeded(tokens, experts, top_k, factor, router):
+    layer = make_layer(router, num_experts=experts, top_k=top_k, capacity_factor=factor)
+    _, stats = layer(torch.randn(tokens, 32))
+    capacity = math.ceil(factor * tokens * top_k / experts)
+    assert stats["tokens_per_expert"].max() <= capacity
+    assigned = stats["tokens_per_expert"].sum()
+    torch.testing.assert_close(stats["dropped_share"], 1 - assigned / (tokens * top_k))
+
+
+@pytest.mark.parametrize(("factor", "tokens"), [(None, 24), (1.0, 24), (0.5, 7), (3.0, 5)])
+def test_expert_choice_takes_exactly_capacity_distinct_tokens(factor, tokens):
+    layer = make_layer("expert_choice", capacity_factor=factor, num_experts=4, top_k=2)
+    x = torch.randn(tokens, 32)
+    r = layer.router(x)
+    expected = min(tokens, math.ceil((factor if factor is not None else 2) * tokens / 4))
+    assert r.token_EC.shape == (4, expected)
+    for e in range(4):
+        assert len(set(r.token_EC[e].tolist())) == expected
+        # the chosen tokens are the expert's best by probability
+        best = r.probs_TE[:, e].topk(expected).values
+        torch.testing.assert_close(r.weight_EC[e], best)
+
+
+def test_expert_choice_token_may_get_zero_or_several_experts():
+    layer = make_layer("expert_choice", num_experts=4, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[:, 0] = torch.tensor([5.0, 5, -5, -5])
+    x = torch.zeros(8, 32)
+    x[:, 0] = torch.tensor([2.0, 0, 0, 0, 0, 0, 0, -2])
+    r = layer.router(x)
+    per_token = torch.bincount(r.token_EC.flatten(), minlength=8)
+    assert per_token[0] == 2 and per_token[7] == 2  # wanted by two experts each
+    assert per_token.min() == 0
+    _, stats = layer(x)
+    torch.testing.assert_close(stats["dropped_share"], (per_token == 0).float().mean())
+
+
+@pytest.mark.parametrize(("experts", "depth", "groups", "keep", "top_k"),
+                         [(16, 2, (4,), (2,), 3), (64, 3, (4, 4), (2, 3), 4), (8, 2, (), (), 2)])
+def test_hierarchical_selection_stays_inside_kept_groups(experts, depth, groups, keep, top_k):
+    layer = make_layer("hierarchical", num_experts=experts, hierarchy_depth=depth, hierarchy_groups=groups,
+                       hierarchy_topk_groups=keep, top_k=top_k)
+    cfg = layer.cfg
+    r = layer.router(torch.randn(50, 32))
+    nodes = 1
+    for g, kept in zip(cfg.hierarchy_groups, cfg.hierarchy_topk_groups, strict=True):
+        nodes *= g
+        node_of_choice = r.expert_TK // (experts // nodes)
+        for row in node_of_choice:
+            assert len(set(row.tolist())) <= kept
+    assert torch.all(r.expert_TK.sort(-1).values.diff(dim=-1) > 0)  # k distinct experts
+
+
+def test_hierarchical_groups_are_derived_and_kept_groups_hold_top_k():
+    cfg = make_layer("hierarchical", num_experts=64, hierarchy_depth=3, top_k=8).cfg
+    assert cfg.hierarchy_groups == (4, 4)
+    nodes, leaves = 16, 4
+    assert cfg.hierarchy_topk_groups[-1] * leaves >= 8 and nodes >= cfg.hierarchy_topk_groups[-1]
+
+
+@pytest.mark.parametrize("p", [0.3, 0.6, 0.9, 1.0])
+def test_top_p_takes_the_fewest_experts_reaching_the_mass(p):
+    layer = make_layer("topk", num_experts=8, top_k=4, top_p=p, renormalize=False)
+    x = torch.randn(64, 32) * 3
+    r = layer.router(x)
+    probs = r.probs_TE
+    for t in range(64):
+        active = r.active_TK[t]
+        n = int(active.sum())
+        assert active[:n].all() and not active[n:].any()  # active slots come first
+        sorted_p = probs[t].sort(descending=True).values
+        mass = sorted_p[:n].sum()
+        assert mass >= p - 1e-6 or n == 4  # reaches p, or all k_max slots are used
+        assert n == 1 or sorted_p[: n - 1].sum() < p  # one fewer would not reach p
+        assert torch.all(r.weight_TK[t][~active] == 0)
+        torch.testing.assert_close(r.weight_TK[t][active].sum(), mass)
+
+
+def test_hash_routing_is_fixed_by_token_id():
+    layer = make_layer("hash", num_experts=8, top_k=2)
+    ids = torch.randint(0, 50_000, (4, 16))
+    a = layer.router(torch.randn(64, 32), token_ids=ids)
+    b = layer.router(torch.randn(64, 32), token_ids=ids)
+    assert torch.equal(a.expert_TK, b.expert_TK)  # hidden states do not matter
+    assert torch.all(a.expert_TK[:, 0] != a.expert_TK[:, 1])
+    assert sum(p.numel() for p in layer.router.parameters()) == 0
+    other = make_layer("hash", num_experts=8, top_k=2, seed=99)  # construction seed is irrelevant
+    assert torch.equal(other.router(torch.randn(64, 32), token_ids=ids).expert_TK, a.expert_TK)
+    same_id = layer.router(torch.randn(3, 32), token_ids=torch.tensor([7, 7, 7]))
+    assert (same_id.expert_TK == same_id.expert_TK[0]).all()
+
+
+def test_hash_fallback_without_ids_is_deterministic_and_spreads_load():
+    layer = make_layer("hash", num_experts=8, top_k=1)
+    x = torch.randn(2000, 32)
+    a = layer.router(x)
+    b = make_layer("hash", num_experts=8, top_k=1, seed=5).router(x)
+    assert torch.equal(a.expert_TK, b.expert_TK)
+    load = torch.bincount(a.expert_TK.flatten(), minlength=8).float()
+    assert load.min() > 0.5 * load.mean()
+    assert torch.equal(layer.router(x * 2.0).expert_TK, a.expert_TK)  # scale-invariant code
+
+
+def test_attention_context_is_causal():
+    layer = make_layer("attention", attention_context=True)
+    with torch.no_grad():
+        layer.router.context_out.weight.normal_(std=0.5)  # make the context matter
+    x = torch.randn(1, 10, 32)
+    base = layer.router(x.view(10, 32), batch_shape=(1, 10)).logits_TE
+    x2 = x.clone()
+    x2[0, 6:] = torch.randn(4, 32)
+    changed = layer.router(x2.view(10, 32), batch_shape=(1, 10)).logits_TE
+    torch.testing.assert_close(changed[:6], base[:6])  # the past cannot see the future
+    assert not torch.allclose(changed[6:], base[6:])
+    x3 = x.clone()
+    x3[0, 0] = torch.randn(32)
+    later = layer.router(x3.view(10, 32), batch_shape=(1, 10)).logits_TE
+    assert not torch.allclose(later[5:], base[5:])  # the future sees the past
+
+
+def test_attention_without_context_routes_each_token_alone():
+    layer = make_layer("attention", attention_context=False)
+    x = torch.randn(10, 32)
+    full = layer.router(x).logits_TE
+    single = torch.cat([layer.router(x[i:i + 1]).logits_TE for i in range(10)])
+    torch.testing.assert_close(full, single)
+
+
+def test_router_jitter_applies_only_in_training():
+    layer = make_layer("topk", router_jitter=0.5)
+    x = torch.randn(32, 32)
+    layer.eval()
+    torch.testing.assert_close(layer.router(x).logits_TE, layer.router(x).logits_TE)
+    layer.train()
+    assert not torch.allclose(layer.router(x).logits_TE, layer.router(x).logits_TE)
+
+
+@pytest.mark.parametrize("router", ["topk", "hash", "hierarchical", "attention"])
+def test_weights_sum_to_one_with_renormalisation(router):
+    layer = make_layer(router)
+    r = layer.router(torch.randn(20, 32), token_ids=torch.arange(20))
+    torch.testing.assert_close(r.weight_TK.sum(-1), torch.ones(20))

@@ -1,0 +1,153 @@
+"""Routing statistics against hand-computed values, and the balancing mechanisms' effect."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fulu_nas.moe import STAT_KEYS, load_balancing_loss, load_statistics, router_z_loss, update_selection_bias
+
+from .helpers import make_layer
+
+
+def test_load_statistics_by_hand():
+    s = load_statistics(torch.tensor([3.0, 1.0, 0.0, 0.0]))
+    assert s["utilisation"] == 0.5
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    torch.testing.assert_close(s["load_balance"], torch.tensor(entropy / math.log(4)))
+    torch.testing.assert_close(s["max_vio"], torch.tensor(2.0))  # (3 - 1) / 1
+    torch.testing.assert_close(s["cv"], torch.tensor(math.sqrt(1.5)))  # sqrt(mean(c^2) - 1) / 1
+    even = load_statistics(torch.tensor([5.0, 5.0, 5.0]))
+    assert even["load_balance"] == pytest.approx(1.0) and even["max_vio"] == 0 and even["cv"] == 0
+    assert load_statistics(torch.tensor([7.0]))["load_balance"] == 1.0
+
+
+def constructed_layer():
+    """top-1 over 4 experts whose gate reads one coordinate each: token one-hot in dim e goes to
+    expert e with logit 10."""
+    layer = make_layer("topk", num_experts=4, top_k=1, aux_loss_coef=0.01, z_loss_coef=0.001)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[:, :4] = 10 * torch.eye(4)
+    x = torch.zeros(4, 32)
+    x[[0, 1, 2], 0] = 1.0
+    x[3, 1] = 1.0
+    return layer, x
+
+
+def test_layer_stats_on_a_constructed_routing():
+    layer, x = constructed_layer()
+    _, s = layer(x)
+    assert set(s) == set(STAT_KEYS)
+    assert s["tokens_per_expert"].tolist() == [3.0, 1.0, 0.0, 0.0]
+    assert s["utilisation"] == 0.5
+    torch.testing.assert_close(s["max_vio"], torch.tensor(2.0))
+    # each token's distribution: softmax of (10, 0, 0, 0)
+    p_top = math.exp(10) / (math.exp(10) + 3)
+    p_low = 1 / (math.exp(10) + 3)
+    h = -(p_top * math.log(p_top) + 3 * p_low * math.log(p_low))
+    torch.testing.assert_close(s["router_entropy"], torch.tensor(h))
+    mean_p = torch.tensor([(3 * p_top + p_low) / 4, (p_top + 3 * p_low) / 4, p_low, p_low])
+    aux = 4 * (torch.tensor([0.75, 0.25, 0, 0]) * mean_p).sum()
+    torch.testing.assert_close(s["aux_loss"], aux)
+    z = math.log(math.exp(10) + 3) ** 2
+    torch.testing.assert_close(s["z_loss"], torch.tensor(z))
+    torch.testing.assert_close(s["balance_loss"], 0.01 * aux + 0.001 * torch.tensor(z))
+    assert s["dropped_share"] == 0
+
+
+def test_aux_loss_is_one_at_perfect_balance_for_any_k():
+    probs = torch.full((12, 6), 1 / 6)
+    assert load_balancing_loss(probs, torch.full((6,), 4.0)) == pytest.approx(1.0)
+    assert router_z_loss(torch.zeros(5, 6)) == pytest.approx(math.log(6) ** 2)
+
+
+def skewed_input(n=512):
+    x = torch.randn(n, 32)
+    x[:, 0] += 2.0  # a direction the gate will be made to love
+    return x
+
+
+def test_selection_bias_step_moves_toward_balance():
+    bias = torch.zeros(4)
+    update_selection_bias(bias, torch.tensor([10.0, 2.0, 2.0, 2.0]), 0.1)
+    assert bias[0] < 0 and torch.all(bias[1:] > 0)
+    assert bias.sum().abs() < 1e-6
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_aux_loss_free_bias_balances_a_skewed_router(score_func):
+    layer = make_layer("topk", num_experts=8, top_k=2, bias_update_rate=0.005, score_func=score_func)
+    with torch.no_grad():
+        layer.router.gate.weight[0, 0] = 1.0
+    x = skewed_input()
+    _, before = layer(x)
+    for _ in range(300):
+        _, s = layer(x)
+        layer.update_expert_bias(s["tokens_per_expert"])
+    _, after = layer(x)
+    assert before["max_vio"] > 2.0
+    assert after["max_vio"] < 0.1 * before["max_vio"]
+    # the bias changes selection only: weights come from the unbiased scores
+    r = layer.router(x)
+    unbiased = torch.softmax(r.logits_TE, -1) if score_func == "softmax" else torch.sigmoid(r.logits_TE)
+    w = unbiased.gather(1, r.expert_TK)
+    torch.testing.assert_close(r.weight_TK, w / w.sum(-1, keepdim=True))
+
+
+def test_update_is_a_no_op_without_rate_or_scores():
+    for layer in (make_layer("topk"), make_layer("hash", bias_update_rate=0.1)):
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        layer.update_expert_bias(torch.tensor([9.0, 1, 1, 1, 1, 1, 1, 1]))
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, state[k])
+
+
+def test_training_on_aux_loss_balances_the_gate():
+    layer = make_layer("topk", num_experts=8, top_k=2, aux_loss_coef=1.0)
+    with torch.no_grad():
+        layer.router.gate.weight[0, 0] = 2.0
+    x = skewed_input()
+    opt = torch.optim.SGD(layer.router.parameters(), lr=0.5)
+    _, before = layer(x)
+    for _ in range(100):
+        _, s = layer(x)
+        opt.zero_grad()
+        s["balance_loss"].backward()
+        opt.step()
+    _, after = layer(x)
+    assert after["aux_loss"] < before["aux_loss"]
+    assert after["load_balance"] > before["load_balance"] and after["max_vio"] < 0.5 * before["max_vio"]
+
+
+def test_z_loss_shrinks_logits():
+    layer = make_layer("topk", z_loss_coef=1.0)
+    x = torch.randn(64, 32) * 4
+    opt = torch.optim.SGD(layer.router.parameters(), lr=0.01)
+    _, start = layer(x)
+    for _ in range(50):
+        _, s = layer(x)
+        opt.zero_grad()
+        s["balance_loss"].backward()
+        opt.step()
+    _, end = layer(x)
+    assert end["z_loss"] < 0.5 * start["z_loss"]
+
+
+def test_stats_are_detached_except_losses():
+    layer, x = constructed_layer()
+    _, s = layer(x.requires_grad_(True))
+    for k, v in s.items():
+        assert v.requires_grad == (k in ("aux_loss", "z_loss", "balance_loss")), k
+
+
+def test_parameter_counts():
+    layer = make_layer("topk", num_experts=8, top_k=2, num_shared_experts=1)
+    counts = layer.parameter_counts()
+    expert = 32 * 96 + 48 * 32
+    router = 8 * 32
+    shared = 32 * 96 + 48 * 32
+    assert counts["total"] == 8 * expert + router + shared
+    assert counts["active"] == 2 * expert + router + shared
