@@ -1,0 +1,54 @@
+"""The layer benchmark and the console entry point, run end to end on tiny shapes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from fulu_nas import bench, cli
+
+
+def test_bench_layer_prints_a_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    code = bench.main(["layer", "--tokens", "4", "32", "--hidden", "32", "--experts", "4", "--ffn", "64",
+                       "--min-run-time", "0.01", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "grouped tok/s" in text and "dense tok/s" in text and "hidden 32, 4 experts" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [4, 32]
+    assert all(r[k] > 0 for r in rows for k in ("grouped", "sorted", "loop", "dense"))
+
+
+def test_bench_refuses_an_impossible_layer(capsys):
+    assert bench.main(["layer", "--hidden", "30", "--min-run-time", "0.01"]) == 2
+    assert "hidden_size" in capsys.readouterr().err
+
+
+def test_cli_dispatches_and_rejects_unknown_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "bench" in capsys.readouterr().out
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert cli.main([]) == 2
+
+
+def test_module_runs_with_torch_alone(tmp_path):
+    # The GPU machines have torch but not optuna/hydra/mlflow: the layer and the benchmark must
+    # not import them.
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name.split('.')[0] in {'optuna', 'hydra', 'mlflow', 'omegaconf', 'plotly'}:\n"
+        "        raise ImportError('blocked ' + name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "import fulu_nas, fulu_nas.moe, fulu_nas.bench, fulu_nas.system\n"
+        "sys.exit(fulu_nas.bench.main(['layer', '--tokens', '8', '--hidden', '16', '--experts', '2',"
+        " '--ffn', '16', '--min-run-time', '0.01', '--impls', 'grouped']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "grouped tok/s" in result.stdout
