@@ -187,7 +187,7 @@ class HashRouter(nn.Module):
                 batch_shape: tuple[int, ...] = ()) -> Routing:
         cfg = self.cfg
         if token_ids is None:
-            bits_TB = (x_TD.float() @ self.planes_DB) > 0
+            bits_TB = (x_TD.float() @ self.planes_DB.float()) > 0  # fp32 whatever the model dtype
             ids_T = (bits_TB.long() * self.powers_B).sum(-1)
         else:
             ids_T = token_ids.reshape(-1).long()
