@@ -1,0 +1,177 @@
+"""``textlm``: byte-level language modelling on a real corpus on disk.
+
+Corpus: ``path=None`` uses the ``.py`` files of the running Python's standard library (always
+present, no download; ``site-packages`` and ``__pycache__`` skipped). Otherwise ``path`` is a
+file, used as is, or a folder, contributing every regular file below it except binary ones
+(a NUL byte in the first 8 KB) and VCS metadata folders (``.git``, ``.hg``, ``.svn``). Files are
+read in sorted relative-path order until ``max_bytes`` bytes have been read (the last file cut).
+
+Split by file: a file is in validation iff ``sha256(f"{data_seed}:{relative path}")`` maps below
+``val_fraction``; with two or more files at least one lands on each side (the file hashed lowest
+is moved to validation, or the highest to training). A single file is split by position: its last
+``val_fraction`` of bytes is validation. Each side is its files joined by a newline.
+
+Training windows start uniformly at random in the training bytes; validation is consecutive
+non-overlapping windows of the first ``max_val_tokens + 1`` validation bytes (the last window
+padded: token 0, target ``IGNORE``). The corpus is read in the constructor, so errors come early.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fulu_nas.errors import FuluConfigError
+from fulu_nas.tasks._common import (
+    check_batch_size,
+    check_float,
+    check_int,
+    make_generator,
+    raise_problems,
+    split_batches,
+)
+from fulu_nas.tasks.base import IGNORE, NO_DOMAIN, Batch, Task
+
+BINARY_PROBE = 8192
+SKIPPED_DIRS = {".git", ".hg", ".svn", "__pycache__"}
+
+
+def _list_files(root: Path, suffix: str | None = None, skip: set[str] = SKIPPED_DIRS) -> list[tuple[str, Path]]:
+    """(relative posix path, path) of the regular files below ``root``, sorted by relative path."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for f in files:
+            full = Path(folder, f)
+            if (suffix is None or f.endswith(suffix)) and full.is_file():
+                found.append((full.relative_to(root).as_posix(), full))
+    return sorted(found)
+
+
+def _read_corpus(files: list[tuple[str, Path]], max_bytes: int) -> list[tuple[str, bytes]]:
+    """Non-empty, non-binary files in order, until ``max_bytes`` bytes in total."""
+    out, total = [], 0
+    for rel, full in files:
+        if total >= max_bytes:
+            break
+        try:
+            with open(full, "rb") as f:
+                data = f.read(max_bytes - total)
+        except OSError as e:
+            raise FuluConfigError(f"cannot read corpus file {str(full)!r}: {e.strerror or e}") from e
+        if data and b"\0" not in data[:BINARY_PROBE]:
+            out.append((rel, data))
+            total += len(data)
+    return out
+
+
+def _hash_unit(data_seed: int, rel: str) -> float:
+    """A stable hash of a relative path, uniform in [0, 1)."""
+    digest = hashlib.sha256(f"{data_seed}:{rel}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+class TextLMTask(Task):
+    """Byte LM (``vocab_size = 256``, no domains); metric ``bits_per_byte`` (lower is better)."""
+
+    name = "textlm"
+    vocab_size = 256
+    num_classes = 0
+    domain_names = ()
+    metric_name = "bits_per_byte"
+    higher_is_better = False
+
+    def __init__(self, *, path: str | None = None, seq_len: int = 128, max_bytes: int = 4_000_000,
+                 val_fraction: float = 0.1, max_val_tokens: int = 65_536, data_seed: int = 0):
+        problems: list[str] = []
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            problems.append(f"path must be a string or None, got {path!r}")
+        check_int(problems, "seq_len", seq_len, 1)
+        check_int(problems, "max_bytes", max_bytes, 2)
+        check_float(problems, "val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_int(problems, "max_val_tokens", max_val_tokens, 1)
+        check_int(problems, "data_seed", data_seed, -(2**63))
+        raise_problems(problems)
+        self.path = None if path is None else str(path)
+        self.seq_len, self.max_bytes, self.val_fraction = int(seq_len), int(max_bytes), float(val_fraction)
+        self.max_val_tokens, self.data_seed = int(max_val_tokens), int(data_seed)
+        self.train_files, self.val_files, train, val = self._load()
+        where = "the standard library's .py files" if self.path is None else f"path {self.path!r}"
+        if len(train) < self.seq_len + 1:
+            raise FuluConfigError(f"seq_len={self.seq_len} is too long for {where}: only {len(train)} training "
+                                  f"bytes (need at least seq_len + 1)")
+        if len(val) < 2:
+            raise FuluConfigError(f"{where} leaves fewer than 2 validation bytes; use more data or val_fraction")
+        self.train_bytes_N = torch.frombuffer(bytearray(train), dtype=torch.uint8).to(torch.int64)
+        self.val_bytes_N = torch.frombuffer(bytearray(val[:self.max_val_tokens + 1]), dtype=torch.uint8)
+        self._val: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _load(self) -> tuple[list[str], list[str], bytes, bytes]:
+        """Read the corpus and split it: (train file names, val file names, train bytes, val bytes)."""
+        if self.path is None:
+            stdlib = Path(sysconfig.get_paths()["stdlib"])
+            corpus = _read_corpus(_list_files(stdlib, ".py", SKIPPED_DIRS | {"site-packages"}), self.max_bytes)
+        else:
+            root = Path(self.path).expanduser()
+            if not root.exists():
+                raise FuluConfigError(f"path {self.path!r} does not exist")
+            files = [(root.name, root)] if root.is_file() else _list_files(root) if root.is_dir() else []
+            corpus = _read_corpus(files, self.max_bytes)
+            if not corpus:
+                raise FuluConfigError(f"path {self.path!r} has no usable bytes (no non-empty, non-binary file)")
+        if len(corpus) == 1:
+            rel, data = corpus[0]
+            cut = len(data) - max(1, math.floor(len(data) * self.val_fraction))
+            return [rel], [rel], data[:cut], data[cut:]
+        units = [_hash_unit(self.data_seed, rel) for rel, _ in corpus]
+        is_val = [u < self.val_fraction for u in units]
+        if not any(is_val):
+            is_val[units.index(min(units))] = True
+        if all(is_val):
+            is_val[units.index(max(units))] = False
+        train = [(rel, data) for (rel, data), v in zip(corpus, is_val, strict=True) if not v]
+        val = [(rel, data) for (rel, data), v in zip(corpus, is_val, strict=True) if v]
+        return ([r for r, _ in train], [r for r, _ in val], b"\n".join(d for _, d in train),
+                b"\n".join(d for _, d in val))
+
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        check_batch_size(batch_size)
+        g = make_generator("textlm", "train", self.data_seed, int(seed))
+        span_W = torch.arange(self.seq_len + 1)
+        n_starts = self.train_bytes_N.numel() - self.seq_len
+
+        def stream() -> Iterator[Batch]:
+            while True:
+                starts_B = torch.randint(n_starts, (batch_size,), generator=g)
+                windows_BW = self.train_bytes_N[starts_B[:, None] + span_W]
+                yield Batch(windows_BW[:, :-1].contiguous(), windows_BW[:, 1:].contiguous(),
+                            torch.full((batch_size, self.seq_len), NO_DOMAIN))
+
+        return stream()
+
+    def val_batches(self, batch_size: int) -> list[Batch]:
+        check_batch_size(batch_size)
+        if self._val is None:
+            n_targets = self.val_bytes_N.numel() - 1
+            n_windows = -(-n_targets // self.seq_len)
+            padded_N = torch.full((n_windows * self.seq_len + 1,), -1, dtype=torch.int64)
+            padded_N[:n_targets + 1] = self.val_bytes_N
+            tokens_NS = padded_N[:-1].reshape(n_windows, self.seq_len)
+            targets_NS = padded_N[1:].reshape(n_windows, self.seq_len)
+            self._val = (tokens_NS.clamp(min=0), targets_NS.masked_fill(targets_NS < 0, IGNORE),
+                         torch.full_like(tokens_NS, NO_DOMAIN))
+        return split_batches(*self._val, batch_size)
+
+    def metric_counts(self, logits: Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
+        targets_BS = batch.targets.to(logits.device)
+        nats = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+        return {"bits_per_byte": (nats.item() / math.log(2), float((targets_BS != IGNORE).sum().item()))}

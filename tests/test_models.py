@@ -1,0 +1,125 @@
+"""ArchConfig and PiMoETransformer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fulu_nas.errors import FuluConfigError
+from fulu_nas.models import ArchConfig, PiMoETransformer
+from fulu_nas.moe import MoEConfig
+
+
+def arch(**kw) -> ArchConfig:
+    base = dict(vocab_size=50, max_seq_len=16, num_layers=2, hidden_size=32, num_heads=4, dense_ffn_size=64,
+                moe=MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=32))
+    base.update(kw)
+    return ArchConfig(**base)
+
+
+def test_round_trip_and_stable_hash():
+    a = arch(moe_every=2, num_classes=7)
+    assert ArchConfig.from_dict(a.to_dict()) == a
+    assert ArchConfig.from_yaml(a.to_yaml()) == a
+    code = ("from fulu_nas.models import ArchConfig;import sys;"
+            "print(ArchConfig.from_yaml(sys.stdin.read()).content_hash())")
+    other_process = subprocess.run([sys.executable, "-c", code], input=a.to_yaml(), capture_output=True, text=True)
+    assert other_process.stdout.strip() == a.content_hash()
+    assert a.with_moe(num_experts=8).content_hash() != a.content_hash()
+    # moe.hidden_size may be left out of a YAML/dict: it follows the model's width
+    d = a.to_dict()
+    del d["moe"]["hidden_size"]
+    assert ArchConfig.from_dict(d) == a
+
+
+@pytest.mark.parametrize(("kw", "named"), [
+    ({"hidden_size": 30}, "num_heads"),
+    ({"moe": MoEConfig(hidden_size=64, num_experts=4, expert_ffn_size=32)}, "moe.hidden_size"),
+    ({"num_layers": 0}, "num_layers"),
+    ({"moe_every": 3}, "moe_every"),
+])
+def test_invalid_architectures_name_the_field(kw, named):
+    with pytest.raises(FuluConfigError, match=named):
+        arch(**kw)
+
+
+def test_from_dict_reports_unknown_keys_and_bad_moe():
+    with pytest.raises(FuluConfigError, match="unknown architecture keys: depth"):
+        ArchConfig.from_dict({"depth": 3})
+    with pytest.raises(FuluConfigError, match="top_k"):
+        ArchConfig.from_dict({"hidden_size": 32, "moe": {"num_experts": 2, "top_k": 3}})
+
+
+def test_forward_shapes_stats_and_hidden_states():
+    a = arch(num_layers=4, moe_every=2)
+    model = PiMoETransformer(a)
+    assert a.moe_layer_indices == (1, 3) and len(model.moe_layers()) == 2
+    tokens = torch.randint(0, 50, (3, 16))
+    out = model(tokens)
+    assert out.logits.shape == (3, 16, 50)
+    assert len(out.hidden_states) == 4 and out.hidden_states[0].shape == (3, 16, 32)
+    assert len(out.moe_stats) == 2 and out.moe_stats[0]["tokens_per_expert"].shape == (4,)
+    cls = PiMoETransformer(arch(num_classes=5))(tokens)
+    assert cls.logits.shape == (3, 16, 5)
+
+
+def test_lm_head_is_tied_and_model_is_causal():
+    model = PiMoETransformer(arch()).eval()
+    tokens = torch.randint(0, 50, (2, 16))
+    out = model(tokens)
+    h = model.norm(out.hidden_states[-1])
+    torch.testing.assert_close(out.logits, h @ model.embed.weight.t())
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 50
+    torch.testing.assert_close(model(changed).logits[:, :10], out.logits[:, :10])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = PiMoETransformer(arch())
+    tokens = torch.randint(0, 50, (2, 16))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        out = model(tokens)
+        (out.logits.square().mean() + out.balance_loss).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_parameter_counts_and_flops_by_hand():
+    a = arch(num_layers=1, moe=MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=32, top_k=1,
+                                         activation="gelu"))
+    model = PiMoETransformer(a)
+    counts = model.parameter_counts()
+    expert = 32 * 32 * 2
+    assert counts["total"] - counts["active"] == 3 * expert
+    D, S = 32, 16
+    attention = 2 * 4 * D * D + 2 * 2 * D * (S + 1) / 2
+    moe = 2 * (D * 4 + 1 * 2 * D * 32)
+    head = 2 * D * 50
+    assert model.flops_per_token(S) == int(attention + moe + head)
+
+
+def test_remap_experts_moves_weights_router_rows_and_bias():
+    model = PiMoETransformer(arch(moe=MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=32,
+                                                bias_update_rate=0.1)))
+    layer = model.moe_layers()[0]
+    layer.router.expert_bias.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    w13, gate = layer.experts.w13_EDF2.detach().clone(), layer.router.gate.weight.detach().clone()
+    param = layer.experts.w13_EDF2
+    changed = layer.remap_experts([3, 1, 1], noise=0.0)
+    assert layer.experts.w13_EDF2 is param  # same Parameter object: optimizers keep tracking it
+    assert layer.cfg.num_experts == 3 and layer.router.cfg.num_experts == 3
+    torch.testing.assert_close(layer.experts.w13_EDF2, w13[[3, 1, 1]])
+    torch.testing.assert_close(layer.router.gate.weight, gate[[3, 1, 1]])
+    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([0.4, 0.2, 0.2]))
+    assert {id(p) for p, _ in changed} >= {id(layer.experts.w13_EDF2), id(layer.router.gate.weight)}
+    out = model(torch.randint(0, 50, (2, 16)))
+    assert out.moe_stats[0]["tokens_per_expert"].shape == (3,)
+    with pytest.raises(ValueError, match="top_k"):
+        layer.remap_experts([0])
