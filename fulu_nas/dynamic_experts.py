@@ -8,7 +8,7 @@ Every ``every`` steps, for each MoE layer, with the load accumulated since the l
   improved by less than ``plateau`` of itself over the window while still above ``grow_loss``):
   the model is asking more of its experts than they give;
 always within ``[min_experts, max_experts]`` (and never below ``top_k``). The optimizer state of
-the affected parameters is remapped with the experts, so Adam's moments follow their expert.
+the affected parameters moves with the experts, so Adam's moments follow their expert.
 """
 
 from __future__ import annotations
@@ -84,10 +84,14 @@ class DynamicExperts:
         return keep
 
     def _apply(self, layer: PiMoELayer, source: list[int]) -> None:
-        changed = layer.remap_experts(source, noise=self.cfg.noise)
+        """Remap the layer, then point the optimizer at the new parameters with their state
+        (Adam's moments) remapped the same way; a clone starts from its original's moments."""
         index = torch.tensor(source)
-        for p, dim in changed:
-            state = self.optimizer.state.get(p)
-            for key, value in (state or {}).items():
-                if torch.is_tensor(value) and value.dim() == p.dim():
-                    state[key] = value.index_select(dim, index.to(value.device))
+        for old, new, dim in layer.remap_experts(source, noise=self.cfg.noise):
+            for group in self.optimizer.param_groups:
+                group["params"] = [new if p is old else p for p in group["params"]]
+            state = self.optimizer.state.pop(old, None)
+            if state:
+                self.optimizer.state[new] = {
+                    k: v.index_select(dim, index.to(v.device)) if torch.is_tensor(v) and v.dim() == new.dim() else v
+                    for k, v in state.items()}

@@ -145,10 +145,12 @@ def _cpu_peak_bytes(model: PiMoETransformer, tokens: Tensor) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(tokens)
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    # Each op's own allocations (self usage, so nested ops count once) and the frees ("[memory]"
+    # events, negative), in time order.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     live = peak = 0
     for e in events:
-        live += e.cpu_memory_usage
+        live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
 

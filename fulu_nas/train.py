@@ -97,7 +97,7 @@ def host_layer_stats(moe_stats: list[dict[str, Tensor]]) -> list[dict[str, float
     keys = ("utilisation", "load_balance", "max_vio", "cv", "router_entropy", "dropped_share", "aux_loss")
     out = []
     for s in moe_stats:
-        d: dict[str, float | list[float]] = {k: float(s[k]) for k in keys}
+        d: dict[str, float | list[float]] = {k: float(s[k].detach()) for k in keys}
         d["tokens_per_expert"] = s["tokens_per_expert"].tolist()
         out.append(d)
     return out

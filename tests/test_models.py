@@ -111,14 +111,19 @@ def test_remap_experts_moves_weights_router_rows_and_bias():
     layer = model.moe_layers()[0]
     layer.router.expert_bias.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
     w13, gate = layer.experts.w13_EDF2.detach().clone(), layer.router.gate.weight.detach().clone()
-    param = layer.experts.w13_EDF2
-    changed = layer.remap_experts([3, 1, 1], noise=0.0)
-    assert layer.experts.w13_EDF2 is param  # same Parameter object: optimizers keep tracking it
+    old_param = layer.experts.w13_EDF2
+    swaps = layer.remap_experts([3, 1, 1], noise=0.0)
     assert layer.cfg.num_experts == 3 and layer.router.cfg.num_experts == 3
     torch.testing.assert_close(layer.experts.w13_EDF2, w13[[3, 1, 1]])
     torch.testing.assert_close(layer.router.gate.weight, gate[[3, 1, 1]])
     torch.testing.assert_close(layer.router.expert_bias, torch.tensor([0.4, 0.2, 0.2]))
-    assert {id(p) for p, _ in changed} >= {id(layer.experts.w13_EDF2), id(layer.router.gate.weight)}
+    assert any(old is old_param and new is layer.experts.w13_EDF2 and dim == 0 for old, new, dim in swaps)
+    assert any(new is layer.router.gate.weight for _, new, _ in swaps)
+    assert any(p is layer.experts.w13_EDF2 for p in model.parameters())
+    layer.remap_experts([0, 1, 2, 2], noise=0.5)  # the clone's router row moves, the original's does not
+    assert not torch.equal(layer.router.gate.weight[3], layer.router.gate.weight[2])
+    torch.testing.assert_close(layer.experts.w13_EDF2[3], layer.experts.w13_EDF2[2])
+    layer.remap_experts([0, 1, 2], noise=0.0)
     out = model(torch.randint(0, 50, (2, 16)))
     assert out.moe_stats[0]["tokens_per_expert"].shape == (3,)
     with pytest.raises(ValueError, match="top_k"):

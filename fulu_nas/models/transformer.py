@@ -82,8 +82,8 @@ class PiMoETransformer(nn.Module):
         for name, p in self.named_parameters():
             if ".experts." in name or ".router." in name or p.dim() < 2:
                 continue
-            std = 0.02 / math.sqrt(2 * self.arch.num_layers) if name.endswith(("attn.out.weight", "w2.weight")) else 0.02
-            nn.init.normal_(p, std=std)
+            residual_out = name.endswith(("attn.out.weight", "w2.weight"))
+            nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.arch.num_layers) if residual_out else 0.02)
 
     def moe_layers(self) -> list[PiMoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, PiMoELayer)]
@@ -116,7 +116,10 @@ class PiMoETransformer(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters, and those one token activates (all dense parts + active experts)."""
         total = sum(p.numel() for p in self.parameters())
-        inactive = sum(layer.parameter_counts()["total"] - layer.parameter_counts()["active"] for layer in self.moe_layers())
+        inactive = 0
+        for layer in self.moe_layers():
+            counts = layer.parameter_counts()
+            inactive += counts["total"] - counts["active"]
         return {"total": total, "active": total - inactive}
 
     def flops_per_token(self, seq_len: int | None = None) -> int:

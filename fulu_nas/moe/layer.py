@@ -161,46 +161,47 @@ class PiMoELayer(nn.Module):
             update_selection_bias(self.router.expert_bias, tokens_per_expert, self.cfg.bias_update_rate)
 
     @torch.no_grad()
-    def remap_experts(self, source: list[int], noise: float = 0.0) -> list[tuple[nn.Parameter, int]]:
-        """Rebuild the expert set in place: new expert i is a copy of old expert ``source[i]``.
+    def remap_experts(self, source: list[int], noise: float = 0.0) -> list[tuple[nn.Parameter, nn.Parameter, int]]:
+        """Rebuild the expert set: new expert i is a copy of old expert ``source[i]``.
 
         Dropping an index removes that expert; repeating one clones it (the clone's router row gets
-        Gaussian noise of ``noise`` times the row's scale, so the copies can drift apart). Used by
-        dynamic expert scaling. Parameters keep their identity (their data is replaced), so an
-        optimizer keeps tracking them; returns ``(parameter, expert_dim)`` pairs so the caller can
-        remap optimizer state the same way.
+        Gaussian noise of ``noise`` times the rows' scale, so the copies can drift apart). Used by
+        dynamic expert scaling. Every parameter with an expert dimension is replaced by a new
+        Parameter; returns ``(old, new, expert_dim)`` so the caller can move optimizer state.
         """
         if self.cfg.router == "hierarchical":
             raise ValueError("remap_experts: the hierarchical router's group structure fixes num_experts")
         if len(source) < self.cfg.top_k:
             raise ValueError(f"remap_experts: {len(source)} experts is fewer than top_k={self.cfg.top_k}")
         index = torch.tensor(source, device=self.experts.w13_EDF2.device)
-        changed: list[tuple[nn.Parameter, int]] = []
+        clones = torch.tensor([i for i, e in enumerate(source) if e in source[:i]], dtype=torch.long,
+                              device=index.device)
+        swaps: list[tuple[nn.Parameter, nn.Parameter, int]] = []
 
-        def take(p: nn.Parameter | None, dim: int) -> None:
-            if p is not None:
-                p.data = p.data.index_select(dim, index)
-                changed.append((p, dim))
+        def remap(module: nn.Module, name: str, dim: int, jitter: bool = False) -> None:
+            old = getattr(module, name, None)
+            if old is None:
+                return
+            data = old.data.index_select(dim, index)
+            if jitter and noise > 0 and clones.numel():
+                rows = data.index_select(dim, clones)
+                data.index_copy_(dim, clones, rows + noise * data.std() * torch.randn_like(rows))
+            new = nn.Parameter(data, requires_grad=old.requires_grad)
+            setattr(module, name, new)
+            swaps.append((old, new, dim))
 
-        for p in (self.experts.w13_EDF2, self.experts.w2_EFD, self.experts.b13_EF2, self.experts.b2_ED):
-            take(p, 0)
+        for name in ("w13_EDF2", "w2_EFD", "b13_EF2", "b2_ED"):
+            remap(self.experts, name, 0)
         gate = getattr(self.router, "gate", None)
-        take(gate.weight if gate is not None else None, 0)
-        take(getattr(self.router, "expert_keys_HED", None), 1)
+        if gate is not None:
+            remap(gate, "weight", 0, jitter=True)
+            gate.out_features = len(source)
+        remap(self.router, "expert_keys_HED", 1, jitter=True)
         if isinstance(self.router, ScoreRouter):
             self.router.expert_bias = self.router.expert_bias.index_select(0, index)
-        clones = [i for i, e in enumerate(source) if e in source[:i]]
-        if clones and noise > 0:
-            rows = torch.tensor(clones, device=index.device)
-            if gate is not None:
-                w = gate.weight.data
-                w[rows] += noise * w.std() * torch.randn_like(w[rows])
-            if hasattr(self.router, "expert_keys_HED"):
-                k = self.router.expert_keys_HED.data
-                k[:, rows] += noise * k.std() * torch.randn_like(k[:, rows])
         self.cfg = replace(self.cfg, num_experts=len(source))
         self.router.cfg = self.cfg
-        return changed
+        return swaps
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters, and parameters a token activates (router, shared, top_k experts)."""

@@ -1,0 +1,209 @@
+"""Training, evaluation and cost measurement on the real tasks, end to end on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fulu_nas.dynamic_experts import DynamicExperts, DynamicExpertsConfig
+from fulu_nas.evaluate import evaluate, match_experts_to_domains, measure_cost, routing_accuracy
+from fulu_nas.models import ArchConfig, PiMoETransformer
+from fulu_nas.moe import MoEConfig
+from fulu_nas.tasks import ClustersTask, PiMoEMixTask
+from fulu_nas.train import TrainConfig, TrainingDiverged, lr_factor, train
+
+
+def clusters_model(task, seed=0, **moe):
+    kw = dict(hidden_size=32, num_experts=4, expert_ffn_size=32, top_k=2, aux_loss_coef=0.01)
+    kw.update(moe)
+    arch = ArchConfig(vocab_size=task.vocab_size, num_classes=task.num_classes, max_seq_len=task.seq_len,
+                      num_layers=2, hidden_size=32, num_heads=2, moe_every=2, moe=MoEConfig(**kw))
+    torch.manual_seed(seed)
+    return PiMoETransformer(arch)
+
+
+def small_clusters():
+    return ClustersTask(num_domains=4, values=8, seq_len=16, val_sequences=64)
+
+
+FAST = dict(batch_size=16, progress=False, report_every=5)
+
+
+# -- routing accuracy by hand ----------------------------------------------------------------------
+
+def test_routing_accuracy_one_to_one():
+    # domains x experts; the best matching is 0->1, 1->0, 2->2
+    C = torch.tensor([[1.0, 9, 0], [8, 2, 0], [1, 1, 7]])
+    acc, per_domain, mapping = routing_accuracy(C)
+    assert mapping == [1, 0, 2]
+    assert acc == pytest.approx((9 + 8 + 7) / 29)
+    assert per_domain == pytest.approx([9 / 10, 8 / 10, 7 / 9])
+
+
+def test_routing_accuracy_more_experts_than_domains_maps_many_to_one():
+    # 2 domains, 4 experts: experts 0, 1 serve domain 0; experts 2, 3 serve domain 1
+    C = torch.tensor([[5.0, 4, 1, 0], [0, 1, 6, 3]])
+    acc, _, mapping = routing_accuracy(C)
+    assert mapping == [0, 0, 1, 1]
+    assert acc == pytest.approx(18 / 20)
+    # every domain keeps at least one expert even when one domain is best everywhere
+    C2 = torch.tensor([[5.0, 5, 5], [1, 2, 0]])
+    assert sorted(set(match_experts_to_domains(C2))) == [0, 1]
+    assert routing_accuracy(C2)[0] == pytest.approx((5 + 5 + 2) / 18)
+
+
+def test_routing_accuracy_fewer_experts_than_domains():
+    C = torch.tensor([[4.0, 0], [0, 3], [2, 2]])
+    acc, per_domain, mapping = routing_accuracy(C)
+    assert mapping == [0, 1] and acc == pytest.approx(7 / 11) and per_domain[2] == 0
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+def test_seeded_training_is_reproducible():
+    task = small_clusters()
+    runs = []
+    for _ in range(2):
+        model = clusters_model(task)
+        result = train(model, task, TrainConfig(steps=15, seed=3, **FAST))
+        runs.append(([r.loss for r in result.history], [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_short_clusters_run_improves_loss_and_reports_progress():
+    task = small_clusters()
+    model = clusters_model(task)
+    before = evaluate(model, task)
+    reports = []
+    result = train(model, task, TrainConfig(steps=150, lr=1e-2, **FAST), callback=reports.append)
+    after = evaluate(model, task)
+    assert after["loss"] < 0.5 * before["loss"]
+    assert after["accuracy"] > before["accuracy"] + 0.3
+    assert [r.step for r in reports] == list(range(5, 151, 5))
+    assert len(reports[0].layers) == 1 and len(reports[0].layers[0]["tokens_per_expert"]) == 4
+    assert 0 < reports[-1].load_balance <= 1
+    assert result.stop_reason == "steps" and result.steps == 150
+    layer = after["layers"][0]
+    assert set(layer["routing_accuracy_per_domain"]) == set(task.domain_names)
+    assert sum(map(sum, layer["confusion"])) == 64 * 15  # every labelled validation token counted once
+    assert 0 < after["routing_accuracy"] <= 1
+
+
+def test_planted_nan_stops_training_with_the_step():
+    task = small_clusters()
+    model = clusters_model(task)
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 4 else output
+
+    model.blocks[0].attn.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged) as e:
+        train(model, task, TrainConfig(steps=10, **FAST))
+    assert e.value.step == 4 and math.isnan(e.value.value)
+
+
+def test_exploding_loss_is_caught():
+    task = small_clusters()
+    model = clusters_model(task)
+    with pytest.raises(TrainingDiverged, match="above"):
+        train(model, task, TrainConfig(steps=50, lr=50.0, warmup_fraction=0.0, grad_clip=0.0,
+                                       divergence_factor=3.0, **FAST))
+
+
+def test_callback_can_stop_training_and_time_budget_stops_early():
+    task = small_clusters()
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_10(report):
+        if report.step >= 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(clusters_model(task), task, TrainConfig(steps=100, **FAST), callback=stop_at_10)
+    result = train(clusters_model(task), task, TrainConfig(steps=100_000, max_seconds=1.0, **FAST))
+    assert result.stop_reason == "time" and 1 < result.steps < 100_000
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    assert lr_factor(0.0, 0.1, 0.1) == pytest.approx(1e-3)
+    assert lr_factor(0.05, 0.1, 0.1) == pytest.approx(0.5)
+    assert lr_factor(0.1, 0.1, 0.1) == pytest.approx(1.0)
+    assert lr_factor(1.0, 0.1, 0.1) == pytest.approx(0.1)
+    mids = [lr_factor(p, 0.1, 0.1) for p in (0.2, 0.5, 0.8)]
+    assert mids == sorted(mids, reverse=True)
+
+
+def test_aux_free_bias_is_updated_during_training():
+    task = small_clusters()
+    model = clusters_model(task, bias_update_rate=0.01, aux_loss_coef=0.0)
+    train(model, task, TrainConfig(steps=5, **FAST))
+    assert model.moe_layers()[0].router.expert_bias.abs().sum() > 0
+
+
+def test_gradient_checkpointing_trains_the_same():
+    task = small_clusters()
+    losses = []
+    for flag in (False, True):
+        result = train(clusters_model(task), task, TrainConfig(steps=10, gradient_checkpointing=flag, **FAST))
+        losses.append([r.loss for r in result.history])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# -- dynamic expert scaling ------------------------------------------------------------------------
+
+def test_dynamic_plan_removes_idle_and_splits_the_busiest():
+    task = small_clusters()
+    model = clusters_model(task, num_experts=4)
+    dyn = DynamicExperts(model, torch.optim.AdamW(model.parameters()),
+                         DynamicExpertsConfig(min_experts=2, max_experts=6, remove_below=0.1, add_above=1.5))
+    assert dyn.plan(torch.tensor([100.0, 0.0, 50, 50]), top_k=2, stalled=False) == [0, 2, 3, 0]
+    assert dyn.plan(torch.tensor([25.0, 25, 25, 25]), top_k=2, stalled=False) == [0, 1, 2, 3]
+    assert dyn.plan(torch.tensor([26.0, 25, 25, 24]), top_k=2, stalled=True) == [0, 1, 2, 3, 0]
+    assert dyn.plan(torch.tensor([100.0, 0, 0, 0]), top_k=2, stalled=False) == [0, 1, 0]  # floor of 2 kept
+
+
+def test_dynamic_mode_grows_and_shrinks_during_training():
+    task = small_clusters()
+    grow = clusters_model(task, num_experts=2, top_k=1)
+    cfg = DynamicExpertsConfig(every=10, min_experts=1, max_experts=6, plateau=10.0, grow_loss=0.0)
+    result = train(grow, task, TrainConfig(steps=40, dynamic_experts=cfg, **FAST))
+    assert grow.moe_layers()[0].cfg.num_experts > 2
+    assert result.expert_counts[-1][0] == grow.moe_layers()[0].cfg.num_experts
+    # an expert the router never picks (a large negative bias) is removed
+    shrink = clusters_model(task, num_experts=6, top_k=1, bias_update_rate=1e-9)
+    shrink.moe_layers()[0].router.expert_bias[5] = -100.0
+    cfg = DynamicExpertsConfig(every=10, min_experts=2, max_experts=6, add_above=100.0, plateau=0.0)
+    train(shrink, task, TrainConfig(steps=20, dynamic_experts=cfg, **FAST))
+    assert shrink.moe_layers()[0].cfg.num_experts < 6
+    assert torch.isfinite(shrink(next(task.train_batches(2, 0)).tokens).logits).all()
+
+
+# -- evaluation and cost ---------------------------------------------------------------------------
+
+def test_evaluate_on_pimoe_mix_reports_domains_and_exact_match():
+    task = PiMoEMixTask(seq_len=32, val_sequences=16)
+    arch = ArchConfig(vocab_size=task.vocab_size, max_seq_len=32, num_layers=1, hidden_size=32, num_heads=2,
+                      moe=MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=32))
+    result = evaluate(PiMoETransformer(arch), task, batch_size=8)
+    assert 0 <= result["exact_match"] <= 1 and result["loss"] > 0
+    assert set(result["layers"][0]["routing_accuracy_per_domain"]) == {"text", "computation"}
+
+
+def test_measure_cost_reports_real_figures():
+    task = small_clusters()
+    cost = measure_cost(clusters_model(task), [(1, 16), (8, 16)], warmup=1, iterations=5)
+    assert len(cost["shapes"]) == 2
+    for s in cost["shapes"]:
+        assert 0 < s["latency_p50_ms"] <= s["latency_p95_ms"]
+        assert s["throughput_tokens_per_s"] == pytest.approx(s["batch"] * s["seq"] / (s["latency_p50_ms"] / 1e3))
+        assert s["peak_memory_mb"] > 0
+    assert cost["shapes"][1]["peak_memory_mb"] > cost["shapes"][0]["peak_memory_mb"]
+    assert 0 < cost["active_params"] < cost["total_params"] and cost["flops_per_token"] > 0
