@@ -103,10 +103,15 @@ def host_layer_stats(moe_stats: list[dict[str, Tensor]]) -> list[dict[str, float
     return out
 
 
+def _decays(name: str, p: torch.Tensor) -> bool:
+    # Weight decay on matrices only: not on norms, biases or positions, and not on the router,
+    # whose logits would shrink once the task loss stops pulling, letting routing drift.
+    return p.dim() >= 2 and not name.startswith("pos.") and ".router." not in name
+
+
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on norms, biases, embeddings' positions or the aux-free bias (not a parameter).
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("pos.")]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("pos."))]
+    decay = [p for n, p in model.named_parameters() if _decays(n, p)]
+    rest = [p for n, p in model.named_parameters() if not _decays(n, p)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
