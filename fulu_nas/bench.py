@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per cell")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=_layer_main)
+    from .bench_tasks import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
