@@ -38,31 +38,71 @@ def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
+# A path: (module, impl, how it runs). "compile" = torch.compile(fullgraph=True); "graphs" = the same
+# plus CUDA graphs (mode="reduce-overhead"), forward only.
+PATHS = {
+    "loop": ("moe", "loop", "eager"),
+    "sorted": ("moe", "sorted", "eager"),
+    "grouped": ("moe", "grouped", "eager"),
+    "grouped+compile": ("moe", "grouped", "compile"),
+    "grouped+graphs": ("moe", "grouped", "graphs"),
+}
+
+
+def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor, backward: bool):
+    call = module if impl is None else (lambda t: module(t, impl=impl))
+    if how != "eager":
+        call = torch.compile(call, fullgraph=True, dynamic=False, mode="reduce-overhead" if how == "graphs" else None)
+
+    def forward():
+        out = call(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    if not backward:
+        def run():
+            with torch.inference_mode():
+                return forward()
+        return run
+    grad = torch.randn_like(x)
+
+    def run_backward():
+        forward().backward(grad)
+    return run_backward
+
+
 def bench_layer(cfg: MoEConfig, tokens: list[int], device: torch.device, dtype: torch.dtype,
-                impls: tuple[str, ...] = ("grouped", "sorted", "loop"),
-                min_run_time: float = 0.5, seed: int = 0) -> list[dict]:
+                paths: tuple[str, ...] = ("grouped", "sorted", "loop"), min_run_time: float = 0.5,
+                seed: int = 0, backward: bool = False) -> list[dict]:
+    """tok/s of each path, and of the dense FFN run the same way (eager/compiled/graphed) as the
+    ceiling, for each token count."""
     torch.manual_seed(seed)
     layer = PiMoELayer(cfg).to(device=device, dtype=dtype).eval()
     dense = FeedForward(cfg.hidden_size, cfg.top_k * cfg.expert_ffn_size, cfg.activation).to(device=device, dtype=dtype)
+    hows = sorted({PATHS[p][2] for p in paths}, key=("eager", "compile", "graphs").index)
     rows = []
     for n in tokens:
         x = torch.randn(n, cfg.hidden_size, device=device, dtype=dtype)
         row: dict = {"tokens": n}
-        with torch.inference_mode():
-            for impl in impls:
-                row[impl] = n / median_seconds(lambda x=x, impl=impl: layer(x, impl=impl), min_run_time)
-            row["dense"] = n / median_seconds(lambda x=x: dense(x), min_run_time)
+        for path in paths:
+            _, impl, how = PATHS[path]
+            row[path] = n / median_seconds(_runner(layer, impl, how, x, backward), min_run_time)
+        for how in hows:
+            row["dense" if how == "eager" else f"dense+{how}"] = n / median_seconds(
+                _runner(dense, None, how, x, backward), min_run_time)
         rows.append(row)
     return rows
 
 
-def format_layer_table(rows: list[dict], impls: tuple[str, ...]) -> str:
-    head = ["tokens", *(f"{i} tok/s" for i in impls), "dense tok/s", "grouped / dense", "grouped / loop"]
+def format_layer_table(rows: list[dict]) -> str:
+    """Every measured path, then the best MoE path over the best dense path, and over the loop."""
+    keys = [k for k in rows[0] if k != "tokens"]
+    head = ["tokens", *(f"{k} tok/s" for k in keys), "best MoE / best dense", "best MoE / loop"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
-        cells = [str(r["tokens"]), *(f"{r[i]:,.0f}" for i in impls), f"{r['dense']:,.0f}"]
-        cells.append(f"{r['grouped'] / r['dense']:.2f}" if "grouped" in r else "-")
-        cells.append(f"{r['grouped'] / r['loop']:.1f}x" if "grouped" in r and "loop" in r else "-")
+        moe = max(r[k] for k in keys if not k.startswith("dense"))
+        dense = max(r[k] for k in keys if k.startswith("dense"))
+        cells = [str(r["tokens"]), *(f"{r[k]:,.0f}" for k in keys), f"{moe / dense:.2f}",
+                 f"{moe / r['loop']:.1f}x" if "loop" in r else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -72,18 +112,109 @@ def _layer_main(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
                     top_k=args.top_k, router=args.router, activation=args.activation)
-    impls = tuple(args.impls)
-    rows = bench_layer(cfg, args.tokens, device, dtype, impls, args.min_run_time)
-    print(f"PiMoE layer forward, {device_name(device)}, torch {torch.__version__}, {args.dtype or dtype}")
+    paths = tuple(args.paths)
+    rows = bench_layer(cfg, args.tokens, device, dtype, paths, args.min_run_time, backward=args.backward)
+    print(f"PiMoE layer {'forward + backward' if args.backward else 'forward'}, {device_name(device)}, "
+          f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}")
     print(f"hidden {cfg.hidden_size}, {cfg.num_experts} experts, FFN {cfg.expert_ffn_size} "
           f"({cfg.activation}), top-{cfg.top_k}, router {cfg.router}; dense = FFN of width "
           f"{cfg.top_k * cfg.expert_ffn_size} (same FLOPs)\n")
-    print(format_layer_table(rows, impls))
+    print(format_layer_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(device), "torch": torch.__version__,
                        "dtype": str(dtype), "config": cfg.to_dict(), "rows": rows}, f, indent=2)
     return 0
+
+
+def graph_latency_ms(step: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeat: int = 20,
+                     replays: int = 50) -> float:
+    """Device time of one ``step`` (CUDA): ``repeat`` chained steps are captured in one CUDA graph,
+    replayed, timed with CUDA events; the median per step. No Python or launch overhead."""
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                step(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = x
+            for _ in range(repeat):
+                y = step(y)
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / repeat)
+    return sorted(times)[len(times) // 2]
+
+
+def _latency_main(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("error: latency needs CUDA (it times CUDA-graph replays)", file=sys.stderr)
+        return 2
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
+                    top_k=args.top_k, router=args.router)
+    torch.manual_seed(0)
+    layer = PiMoELayer(cfg).to(device=device, dtype=dtype).eval()
+    dense = FeedForward(cfg.hidden_size, cfg.top_k * cfg.expert_ffn_size, cfg.activation).to(device=device, dtype=dtype)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    weight_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
+    big = torch.empty(2**28, dtype=torch.uint8, device=device)
+    copy_ms = median_seconds(lambda: big.clone(), 0.2) * 1e3
+    bandwidth = 2 * big.numel() / (copy_ms / 1e3)  # bytes read + written per second
+    print(f"latency per layer forward (CUDA graph of 20 chained calls, median of 50 replays), "
+          f"{device_name(device)}, torch {torch.__version__}, bf16")
+    print(f"hidden {cfg.hidden_size}, {cfg.num_experts} experts, FFN {cfg.expert_ffn_size}, top-{cfg.top_k}; "
+          f"reading all expert weights once at the measured copy bandwidth ({bandwidth / 1e12:.2f} TB/s) takes "
+          f"{weight_bytes / bandwidth * 1e3:.4f} ms\n")
+    print("| tokens | grouped ms | grouped+compile ms | dense ms |\n|---:|---:|---:|---:|")
+    for n in args.tokens:
+        x = torch.randn(n, cfg.hidden_size, device=device, dtype=dtype)
+        eager = graph_latency_ms(lambda t: layer(t)[0], x)
+        comp = graph_latency_ms(lambda t: compiled(t)[0], x)
+        dense_ms = graph_latency_ms(dense, x)
+        print(f"| {n} | {eager:.4f} | {comp:.4f} | {dense_ms:.4f} |", flush=True)
+    return 0
+
+
+def _profile_main(args: argparse.Namespace) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
+                    top_k=args.top_k, router=args.router)
+    torch.manual_seed(0)
+    layer = PiMoELayer(cfg).to(device=device, dtype=dtype).eval()
+    _, impl, how = PATHS[args.path]
+    run = _runner(layer, impl, how, torch.randn(args.tokens, cfg.hidden_size, device=device, dtype=dtype),
+                  args.backward)
+    for _ in range(5):
+        run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(10):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+    return 0
+
+
+def _shape_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--router", choices=ROUTERS, default="topk")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,12 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--router", choices=ROUTERS, default="topk")
     p.add_argument("--activation", choices=("gelu", "swiglu"), default="swiglu")
-    p.add_argument("--impls", nargs="+", choices=("grouped", "sorted", "loop"), default=["grouped", "sorted", "loop"])
+    p.add_argument("--paths", nargs="+", choices=tuple(PATHS), default=["grouped", "sorted", "loop"],
+                   help="compile/graphs variants are meant for CUDA")
+    p.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per cell")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=_layer_main)
+    p = sub.add_parser("latency", help="per-layer device latency from CUDA-graph replays (CUDA only)")
+    _shape_args(p)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64])
+    p.set_defaults(run=_latency_main)
+    p = sub.add_parser("profile", help="torch.profiler table of one path (10 calls after warm-up)")
+    _shape_args(p)
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--path", choices=tuple(PATHS), default="grouped")
+    p.add_argument("--backward", action="store_true")
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=tuple(DTYPES))
+    p.add_argument("--rows", type=int, default=25)
+    p.set_defaults(run=_profile_main)
     from .bench_tasks import add_parsers
 
     add_parsers(sub)

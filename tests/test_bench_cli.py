@@ -47,7 +47,7 @@ def test_module_runs_with_torch_alone(tmp_path):
         "builtins.__import__ = guard\n"
         "import fulu_nas, fulu_nas.moe, fulu_nas.bench, fulu_nas.system\n"
         "sys.exit(fulu_nas.bench.main(['layer', '--tokens', '8', '--hidden', '16', '--experts', '2',"
-        " '--ffn', '16', '--min-run-time', '0.01', '--impls', 'grouped']))\n"
+        " '--ffn', '16', '--min-run-time', '0.01', '--paths', 'grouped']))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -100,14 +100,17 @@ class GroupedExperts(nn.Module):
             y = y + self.b2_ED[e].to(y.dtype)
         return y
 
-    def forward_grouped(self, x_ND: Tensor, offsets_E: Tensor, expert_N: Tensor) -> Tensor:
-        """Rows sorted by expert; ``offsets_E`` = int32 cumulative counts; no host sync."""
+    def forward_grouped(self, x_ND: Tensor, offsets_E: Tensor, expert_N: Tensor, weight_N: Tensor) -> Tensor:
+        """Rows sorted by expert (``offsets_E``: int32 cumulative counts), each output row scaled by
+        its routing weight. No host sync. The weight multiplies the activation (before the down
+        projection, which is linear), where it fuses with the activation's elementwise pass."""
         h = grouped_mm(x_ND, self.w13_EDF2, offsets_E)
         if self.b13_EF2 is not None:
             h = h + self.b13_EF2.to(h.dtype)[expert_N]
-        y = grouped_mm(activate(h, self.activation), self.w2_EFD, offsets_E)
+        w_N1 = weight_N[:, None].to(h.dtype)
+        y = grouped_mm(activate(h, self.activation) * w_N1, self.w2_EFD, offsets_E)
         if self.b2_ED is not None:
-            y = y + self.b2_ED.to(y.dtype)[expert_N]
+            y = y + self.b2_ED.to(y.dtype)[expert_N] * w_N1
         return y
 
     def forward_sorted(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:

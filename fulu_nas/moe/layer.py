@@ -75,26 +75,32 @@ class PiMoELayer(nn.Module):
             counts_E = torch.zeros(E, device=x_TD.device).index_add_(0, expert_N, keep_N.float())
             return out_TD, counts_E, self._dropped_share(active_N, keep_N)
 
-        # Stable sort keeps each expert's rows in token order (the capacity priority).
-        order_N = torch.argsort(expert_N, stable=True)
+        # Stable sort keeps each expert's rows in token order (the capacity priority); int32 keys
+        # sort faster. Group ends come from a binary search of the sorted ids (no atomics).
+        N = expert_N.shape[0]
+        order_N = torch.argsort(expert_N.to(torch.int32), stable=True)
         expert_sorted_N = expert_N[order_N]
-        rows_E = torch.zeros(E, dtype=torch.int64, device=x_TD.device).scatter_add_(
-            0, expert_N, torch.ones_like(expert_N))
-        offsets_E = rows_E.cumsum(0)
+        ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=x_TD.device))
+        starts_E = F.pad(ends_E[:-1], (1, 0))
         active_sorted_N = active_N[order_N]
         keep_sorted_N = active_sorted_N
         if self.cfg.capacity_factor is not None:
-            keep_sorted_N = self._capacity_keep_sorted(active_sorted_N, expert_sorted_N, offsets_E - rows_E, T)
+            keep_sorted_N = self._capacity_keep_sorted(active_sorted_N, expert_sorted_N, starts_E, T)
         x_sorted_ND = x_TD[order_N // K]
-        if impl == "sorted":
-            y_sorted_ND = self.experts.forward_sorted(x_sorted_ND, rows_E)
-        else:
-            y_sorted_ND = self.experts.forward_grouped(x_sorted_ND, offsets_E.to(torch.int32), expert_sorted_N)
         w_sorted_N = weight_N[order_N] * keep_sorted_N
-        weighted_ND = y_sorted_ND.float() * w_sorted_N[:, None]
-        # Un-permute (a permutation write, deterministic) and sum each token's K slots.
-        out_TD = torch.zeros_like(weighted_ND).index_copy(0, order_N, weighted_ND).view(T, K, -1).sum(1)
-        counts_E = torch.zeros(E, device=x_TD.device).index_add_(0, expert_sorted_N, keep_sorted_N.float())
+        if impl == "sorted":
+            rows_E = ends_E - starts_E
+            weighted_ND = self.experts.forward_sorted(x_sorted_ND, rows_E) * w_sorted_N[:, None].to(x_TD.dtype)
+        else:
+            weighted_ND = self.experts.forward_grouped(x_sorted_ND, ends_E.to(torch.int32), expert_sorted_N, w_sorted_N)
+        # Un-permute: gather each token's K rows through the inverse permutation and add them
+        # (deterministic; under torch.compile one pointwise kernel with K coalesced row loads).
+        inverse_TK = torch.empty_like(order_N).index_put_((order_N,), torch.arange(N, device=x_TD.device)).view(T, K)
+        out_TD = weighted_ND[inverse_TK[:, 0]].float()
+        for k in range(1, K):
+            out_TD = out_TD + weighted_ND[inverse_TK[:, k]].float()
+        kept_before_N = F.pad(keep_sorted_N.long().cumsum(0), (1, 0))  # kept rows before position n
+        counts_E = (kept_before_N[ends_E] - kept_before_N[starts_E]).float()
         return out_TD.to(x_TD.dtype), counts_E, self._dropped_share(active_sorted_N, keep_sorted_N)
 
     def _capacity_keep_sorted(self, active_N: Tensor, expert_N: Tensor, starts_E: Tensor, T: int) -> Tensor:
@@ -131,12 +137,13 @@ class PiMoELayer(nn.Module):
             # The choice is already grouped by expert: no sort needed, every group has C rows.
             x_sorted_ND = x_TD[token_N]
             if impl == "sorted":
-                y_ND = self.experts.forward_sorted(x_sorted_ND, torch.full((E,), C))
+                y_ND = self.experts.forward_sorted(x_sorted_ND, torch.full((E,), C)) * weight_N[:, None].to(x_TD.dtype)
             else:
                 offsets_E = torch.arange(1, E + 1, device=x_TD.device, dtype=torch.int32) * C
-                y_ND = self.experts.forward_grouped(x_sorted_ND, offsets_E, expert_N)
+                y_ND = self.experts.forward_grouped(x_sorted_ND, offsets_E, expert_N, weight_N)
+            # A token may be taken by several experts: accumulate in fp32.
             out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device).index_add_(
-                0, token_N, y_ND.float() * weight_N[:, None]).to(x_TD.dtype)
+                0, token_N, y_ND.float()).to(x_TD.dtype)
         counts_E = torch.ones(E, device=x_TD.device) * C  # C may be symbolic under export
         taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).index_add_(0, token_N, torch.ones_like(weight_N))
         return out_TD, counts_E, (taken_T == 0).float().mean()

@@ -16,7 +16,23 @@ from .config import MoEConfig
 from .routing import Routing, jitter, normalised_probs, scores_from_logits, select_experts
 
 
-class ScoreRouter(nn.Module):
+class Fp32Router(nn.Module):
+    """Routers keep fp32 parameters and buffers whatever dtype the model is cast to (as
+    DeepSeek-V3 keeps its gate): routing decisions should not flip with bf16 rounding, the
+    aux-free bias takes steps of ~1e-3 that bf16 would round away, and the logits need no
+    per-call weight cast."""
+
+    def _apply(self, fn, recurse=True):
+        # Take only the device move from `fn` (e.g. `.to("cuda", torch.bfloat16)`): the values
+        # are never rounded through a lower precision.
+        def keep_dtype(t: Tensor) -> Tensor:
+            out = fn(t)
+            return t.to(device=out.device) if t.is_floating_point() and out.dtype != t.dtype else out
+
+        return super()._apply(keep_dtype, recurse)
+
+
+class ScoreRouter(Fp32Router):
     """Base of the routers that score every expert: top-k, hierarchical and attention.
 
     Holds the selection-only bias of DeepSeek-V3's auxiliary-loss-free balancing
@@ -27,13 +43,6 @@ class ScoreRouter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-
-    def _apply(self, fn, recurse=True):
-        # The bias takes steps of ~1e-3 that bf16 would round away: it stays fp32 whatever
-        # dtype the model is cast to.
-        super()._apply(fn, recurse)
-        self.expert_bias = self.expert_bias.float()
-        return self
 
     def logits(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Tensor:
         raise NotImplementedError
@@ -125,15 +134,16 @@ class AttentionRouter(ScoreRouter):
         return self.context_out(ctx_BHSD.transpose(1, 2).reshape(x_TD.shape))
 
     def logits(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Tensor:
+        x_TD = x_TD.float()
         if self.cfg.attention_context:
             x_TD = x_TD + self._context(x_TD, batch_shape)
         H, Dh = self.cfg.attention_heads, self.head_dim
-        q_THD = self.query(x_TD).float().view(-1, H, Dh)
+        q_THD = self.query(x_TD).view(-1, H, Dh)
         per_head_THE = torch.einsum("thd,hed->the", q_THD, self.expert_keys_HED.float()) / math.sqrt(Dh)
         return torch.einsum("the,h->te", per_head_THE, torch.softmax(self.head_mix_H.float(), 0))
 
 
-class ExpertChoiceRouter(nn.Module):
+class ExpertChoiceRouter(Fp32Router):
     """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by softmax score.
 
     C comes from the capacity factor (see :class:`MoEConfig`). A token may be taken by zero,
@@ -163,7 +173,7 @@ class ExpertChoiceRouter(nn.Module):
 _HASH_PRIME = 2_147_483_647  # 2^31 - 1: products with 31-bit multipliers stay inside int64
 
 
-class HashRouter(nn.Module):
+class HashRouter(Fp32Router):
     """Hash layers (Roller et al. 2021): a fixed, parameter-free assignment from token ids.
 
     Slot j of a token with id ``i`` goes to expert ``(h(i) + j) mod E`` with the universal hash
