@@ -65,3 +65,14 @@ def test_cuda_graph_replay_matches_eager():
         graph.replay()
         expected, _ = layer(x)
     torch.testing.assert_close(out, expected)
+
+
+def test_split_bf16_router_logits_are_near_fp32():
+    from fulu_nas.moe.routing import router_logits
+
+    x = torch.randn(4096, 512, device="cuda").to(torch.bfloat16)
+    w = torch.randn(64, 512, device="cuda")
+    ref = x.double() @ w.double().t()
+    err = ((router_logits(x, w).double() - ref).norm() / ref.norm()).item()
+    fp32_err = ((router_logits(x.float(), w).double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-4 and err < 100 * max(fp32_err, 1e-7)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .routing import Routing, jitter, normalised_probs, scores_from_logits, select_experts
+from .routing import Routing, jitter, normalised_probs, router_logits, scores_from_logits, select_experts
 
 
 class Fp32Router(nn.Module):
@@ -75,7 +75,7 @@ class TopKRouter(ScoreRouter):
     def logits(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Tensor:
         # fp32 logits, as DeepSeek-V3 computes them: routing decisions should not flip with the
         # model's compute dtype.
-        return F.linear(x_TD.float(), self.gate.weight.float())
+        return router_logits(x_TD, self.gate.weight)
 
 
 class HierarchicalRouter(TopKRouter):
@@ -159,7 +159,7 @@ class ExpertChoiceRouter(Fp32Router):
     def forward(self, x_TD: Tensor, token_ids: Tensor | None = None,
                 batch_shape: tuple[int, ...] = ()) -> Routing:
         x_TD = jitter(x_TD, self.cfg.router_jitter, self.training)
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        logits_TE = router_logits(x_TD, self.gate.weight)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         capacity = self.cfg.expert_capacity(x_TD.shape[0])
         # A full sort then a slice (not topk(capacity)): keeps the capacity symbolic under
