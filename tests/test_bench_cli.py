@@ -52,3 +52,14 @@ def test_module_runs_with_torch_alone(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "grouped tok/s" in result.stdout
+
+
+def test_task_benchmarks_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "routers.json"
+    assert bench.main(["routers", "--seconds", "1", "--routers", "topk", "hash", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| topk |" in text and "| hash |" in text and "exact_match" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["router"] for r in rows] == ["topk", "hash"] and all(r["steps"] > 0 for r in rows)
+    assert bench.main(["clusters", "--seconds", "1", "--balancing", "aux_loss"]) == 0
+    assert "routing_accuracy" in capsys.readouterr().out
