@@ -76,3 +76,14 @@ def test_split_bf16_router_logits_are_near_fp32():
     err = ((router_logits(x, w).double() - ref).norm() / ref.norm()).item()
     fp32_err = ((router_logits(x.float(), w).double() - ref).norm() / ref.norm()).item()
     assert err < 1e-4 and err < 100 * max(fp32_err, 1e-7)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_bf16_training_step_has_finite_gradients(router):
+    layer = make_layer(router, hidden_size=256, expert_ffn_size=512, num_experts=16).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, stats = layer(x)
+    (out.float().square().mean() + stats["balance_loss"]).backward()
+    grads = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

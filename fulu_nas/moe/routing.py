@@ -44,12 +44,14 @@ def jitter(x_TD: Tensor, eps: float, training: bool) -> Tensor:
 def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     """fp32 router logits ``x @ W^T`` from fp32 weights.
 
-    On CUDA with bf16 activations the fp32 GEMM would run on the slow SIMT path; instead the
-    weight is split into a bf16 high part and a bf16 residual and two tensor-core GEMMs with fp32
-    output are added: exact in the (bf16) input, about 2^-16 relative error in the weight, at
-    bf16 speed. Everywhere else: a plain fp32 GEMM.
+    For inference on CUDA with bf16 activations the fp32 GEMM would run on the slow SIMT path;
+    instead the weight is split into a bf16 high part and a bf16 residual and two tensor-core GEMMs
+    with fp32 output are added: exact in the (bf16) input, about 2^-16 relative error in the
+    weight, at bf16 speed. ``torch.mm(..., out_dtype=)`` has no derivative, so anything that needs
+    gradients (training) takes the plain fp32 GEMM, as does the CPU.
     """
-    if x_TD.is_cuda and x_TD.dtype == torch.bfloat16:
+    needs_grad = torch.is_grad_enabled() and (x_TD.requires_grad or weight_ED.requires_grad)
+    if x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and not needs_grad:
         w = weight_ED.float()
         hi = w.to(torch.bfloat16)
         lo = (w - hi.float()).to(torch.bfloat16)
