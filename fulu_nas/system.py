@@ -62,20 +62,13 @@ FEATURES = {
 }
 
 
-def _strategy(value: RoutingStrategy | str) -> RoutingStrategy:
+def _member(enum: type[Enum], value: Enum | str, argument: str):
+    """``value`` as a member of ``enum`` (by value or member), or ValueError naming ``argument``."""
     try:
-        return RoutingStrategy(value.value if isinstance(value, Enum) else value)
+        return enum(value.value if isinstance(value, Enum) else value)
     except ValueError:
-        names = ", ".join(s.name for s in RoutingStrategy)
-        raise ValueError(f"routing_strategy must be one of {names}, got {value!r}") from None
-
-
-def _level(value: OptimizationLevel | str) -> OptimizationLevel:
-    try:
-        return OptimizationLevel(value.value if isinstance(value, Enum) else value)
-    except ValueError:
-        names = ", ".join(s.name for s in OptimizationLevel)
-        raise ValueError(f"optimization_level must be one of {names}, got {value!r}") from None
+        names = ", ".join(m.name for m in enum)
+        raise ValueError(f"{argument} must be one of {names}, got {value!r}") from None
 
 
 def _sync(device: torch.device) -> None:
@@ -260,8 +253,8 @@ def create_ultimate_pimoe_system(
     ``expert_ffn_size`` defaults to ``4 * hidden_size``; any other :class:`MoEConfig` field can be
     passed through ``moe_overrides``. Impossible input raises ``ValueError`` naming the argument.
     """
-    strategy = _strategy(routing_strategy)
-    level = _level(optimization_level)
+    strategy = _member(RoutingStrategy, routing_strategy, "routing_strategy")
+    level = _member(OptimizationLevel, optimization_level, "optimization_level")
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if top_k > num_experts and strategy is not RoutingStrategy.EXPERT_CHOICE:
