@@ -87,3 +87,22 @@ def test_bf16_training_step_has_finite_gradients(router):
     grads = [p.grad for p in layer.parameters() if p.requires_grad]
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_spec_system_optimized_for_inference_on_cuda():
+    from fulu_nas import create_ultimate_pimoe_system
+
+    torch.manual_seed(0)
+    system = create_ultimate_pimoe_system(hidden_size=256, num_experts=8, expert_ffn_size=512,
+                                          routing_strategy="attention", enable_all_features=True, device="cuda")
+    assert system.dtype == torch.bfloat16
+    x = torch.randn(2, 64, 256, device="cuda")
+    eager = system(x)
+    out, info = system(x, return_comprehensive_info=True)
+    assert info["performance_metrics"]["peak_memory_mb"] > 0
+    system.optimize_for_inference()
+    for _ in range(3):  # CUDA-graph warm-up and recording
+        fast = system(x)
+    assert relative_error(fast, eager) < 2e-2
+    results = system.benchmark_system(x, num_iterations=10, warmup=2)
+    assert results["throughput"] > 0 and results["peak_memory_mb"] > 0
