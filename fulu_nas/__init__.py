@@ -3,11 +3,12 @@
 The layer library (``fulu_nas.moe``) and the spec's entry point need torch only.
 """
 
+from .migrate import migrate_from_electra  # torch only: transformers is imported when loading a directory
 from .moe import MoEConfig, PiMoELayer
 from .system import OptimizationLevel, RoutingStrategy, UltimatePiMoESystem, create_ultimate_pimoe_system
 
 __version__ = "0.1.0"
 __all__ = [
     "MoEConfig", "OptimizationLevel", "PiMoELayer", "RoutingStrategy", "UltimatePiMoESystem",
-    "create_ultimate_pimoe_system",
+    "create_ultimate_pimoe_system", "migrate_from_electra",
 ]

@@ -16,6 +16,7 @@ ROUTERS = ("topk", "expert_choice", "hash", "hierarchical", "attention")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("gelu", "swiglu")
 IMPLS = ("grouped", "sorted", "loop")
+GROUP_MASK_FILLS = ("-inf", "zero")
 
 # torch's grouped GEMM needs row strides that are multiples of 16 bytes: 8 elements covers
 # fp32, bf16 and fp16 alike.
@@ -45,7 +46,12 @@ class MoEConfig:
         ``hierarchy_depth`` levels. ``hierarchy_groups[l]`` is how many children each node of
         level ``l`` has (level 0 is the root), for the ``depth - 1`` levels above the experts;
         ``hierarchy_topk_groups[l]`` is how many nodes are kept at that level. Empty tuples are
-        derived from ``num_experts`` (see :func:`default_hierarchy`).
+        derived from ``num_experts`` (see :func:`default_hierarchy`). ``group_mask_fill``: the
+        selection score given to the experts of dropped groups: ``"-inf"`` (default; DeepSeek-V3's
+        published inference code, so a dropped group's expert is never chosen) or ``"zero"``
+        (what Hugging Face transformers' DeepSeek-V3 router did before huggingface/transformers
+        #45441: with negative biased scores an expert of a dropped group can then outrank the
+        kept ones). Only for importing blocks that route that way.
     Attention router (``router="attention"``)
         ``attention_heads`` heads of size ``hidden_size // attention_heads``;
         ``attention_context`` lets each token first attend causally to its sequence.
@@ -84,6 +90,7 @@ class MoEConfig:
     hierarchy_depth: int = 1
     hierarchy_groups: tuple[int, ...] = field(default_factory=tuple)
     hierarchy_topk_groups: tuple[int, ...] = field(default_factory=tuple)
+    group_mask_fill: str = "-inf"
     attention_heads: int = 4
     attention_context: bool = False
     hash_seed: int = 0
@@ -158,6 +165,8 @@ class MoEConfig:
         need(self.activation in ACTIVATIONS,
              f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         need(self.impl in IMPLS, f"impl must be one of {IMPLS}, got {self.impl!r}")
+        need(self.group_mask_fill in GROUP_MASK_FILLS,
+             f"group_mask_fill must be one of {GROUP_MASK_FILLS}, got {self.group_mask_fill!r}")
         for name in ("hidden_size", "expert_ffn_size"):
             v = getattr(self, name)
             need(v > 0 and v % ALIGNMENT == 0,

@@ -43,6 +43,14 @@ class PiMoELayer(nn.Module):
         self.experts = GroupedExperts(cfg)
         self.shared = SharedExperts(cfg) if cfg.num_shared_experts else None
 
+    @classmethod
+    def from_hf(cls, block: nn.Module, **overrides) -> PiMoELayer:
+        """A layer equal to a Hugging Face transformers MoE block (Mixtral, Qwen2-MoE, DeepSeek-V3);
+        see :mod:`fulu_nas.moe.hf_import`. ``overrides`` set fields the block does not fix."""
+        from .hf_import import from_hf
+
+        return from_hf(block, **overrides)
+
     def forward(self, x: Tensor, token_ids: Tensor | None = None,
                 impl: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg

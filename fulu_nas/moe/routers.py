@@ -85,13 +85,16 @@ class HierarchicalRouter(TopKRouter):
     the sum of its best two still-allowed expert scores, and only the best
     ``hierarchy_topk_groups[l]`` nodes stay allowed; the final level picks the top-k experts
     inside the surviving groups. Depth 2 is DeepSeek-V3's group-limited routing, depth 1 is
-    plain top-k. Dropped groups are masked with -inf, as in DeepSeek's reference inference code
-    (Hugging Face fills them with 0, which differs once biased scores go negative).
+    plain top-k. Dropped groups are masked with -inf, as in DeepSeek's reference inference code;
+    ``group_mask_fill="zero"`` fills them with 0 instead, as Hugging Face transformers' DeepSeek-V3
+    router did before huggingface/transformers#45441 (it differs once biased scores go negative:
+    an expert of a dropped group can then be chosen).
     """
 
     def group_mask(self, selection_TE: Tensor) -> Tensor:
         cfg = self.cfg
         T, E = selection_TE.shape
+        fill = float("-inf") if cfg.group_mask_fill == "-inf" else 0.0
         nodes = 1
         for groups, keep in zip(cfg.hierarchy_groups, cfg.hierarchy_topk_groups, strict=True):
             nodes *= groups
@@ -101,7 +104,7 @@ class HierarchicalRouter(TopKRouter):
             kept_TN = torch.zeros_like(node_scores_TN, dtype=torch.bool).scatter_(
                 1, node_scores_TN.topk(keep, dim=-1).indices, True)
             allowed_TE = kept_TN.repeat_interleave(per_node, dim=1)
-            selection_TE = selection_TE.masked_fill(~allowed_TE, float("-inf"))
+            selection_TE = selection_TE.masked_fill(~allowed_TE, fill)
         return selection_TE
 
 

@@ -1,0 +1,462 @@
+"""Sparse upcycling of Hugging Face ELECTRA / BERT-family encoders into PiMoE models.
+
+:func:`migrate_from_electra` replaces each selected encoder layer's feed-forward block
+(``intermediate.dense`` -> GELU -> ``output.dense``) with a :class:`~fulu_nas.moe.PiMoELayer`
+whose experts all start as copies of that FFN (Komatsuzaki et al. 2022, "Sparse Upcycling").
+The dropout, residual and LayerNorm of ``output`` stay. While every expert is the same FFN, a
+token's output is the FFN's output times the sum of its routing weights; routers whose weights
+sum to one therefore leave the model's outputs unchanged:
+
+=================  ================================================================================
+router             right after migration
+=================  ================================================================================
+``topk``           exact: softmax top-k, renormalised
+``hierarchical``   exact: group-limited top-k, renormalised
+``attention``      exact: attention scores, top-k, renormalised
+``hash``           exact: k distinct experts, weight 1/k each
+``expert_choice``  not exact: each expert takes its top-C tokens, so a token may get no expert (its
+                   FFN output is lost) or several, with unnormalised weights. Refused unless
+                   ``require_exact=False``; then migrated with a warning and ``exact=False``.
+=================  ================================================================================
+
+Overrides that break the guarantee (``renormalize=False``, ``routed_scaling_factor != 1``, a
+``capacity_factor``, shared experts) are refused the same way; see :func:`equivalence_problems`.
+
+transformers is needed only to load a ``save_pretrained`` directory; it is imported lazily.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import FuluConfigError
+from .moe import MoEConfig, PiMoELayer
+from .moe.routers import ScoreRouter
+from .system import RoutingStrategy, _member
+
+__all__ = [
+    "MigrationInfo", "PiMoEOutput", "TaskModel", "balance_loss", "equivalence_problems", "migrate_from_electra",
+    "moe_outputs", "pimoe_layers", "routing_stats", "update_expert_biases",
+]
+
+EXPECTED = ("a Hugging Face ELECTRA/BERT-family encoder (ElectraModel, BertModel, RobertaModel, ... or a model "
+            "with a head around one, or a save_pretrained directory of one) whose encoder.layer[i] has "
+            "intermediate.dense (Linear hidden->ffn), an exact GELU, and output.dense (Linear ffn->hidden), "
+            "output.dropout and output.LayerNorm")
+
+# MoEConfig fields fixed by the dense FFN being upcycled.
+_FROM_MODEL = ("hidden_size", "expert_ffn_size", "activation", "expert_bias")
+
+# Defaults of the balancing losses during fine-tuning (neither changes the forward output).
+AUX_LOSS_COEF = 0.01  # Switch Transformer's load-balancing loss
+Z_LOSS_COEF = 1e-3  # ST-MoE router z-loss (advanced routing)
+BIAS_UPDATE_RATE = 1e-3  # DeepSeek-V3 auxiliary-loss-free bias (advanced routing)
+
+
+class _TokenIds:
+    """The ``input_ids`` of the forward in progress, for hash routing on token ids."""
+
+    def __init__(self) -> None:
+        self.ids: Tensor | None = None
+
+
+class _CaptureTokenIds:
+    """Forward pre-hook on the encoder model: remembers ``input_ids`` (a callable object rather
+    than a closure, so that ``copy.deepcopy`` of the model keeps hook and layers on one holder)."""
+
+    def __init__(self, holder: _TokenIds):
+        self.holder = holder
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.holder.ids = ids if isinstance(ids, Tensor) else None
+
+
+class _ForgetTokenIds:
+    def __init__(self, holder: _TokenIds):
+        self.holder = holder
+
+    def __call__(self, *_: Any) -> None:
+        self.holder.ids = None
+
+
+class PiMoEOutput(nn.Module):
+    """Replaces a BERT layer's ``output`` (and, with ``intermediate`` set to identity, its FFN):
+    ``LayerNorm(dropout(moe(x)) + residual)``.
+
+    Keeps the original ``dropout`` and ``LayerNorm`` modules (and their state-dict names). The
+    last forward's routing statistics are kept in ``last_stats`` (their ``balance_loss`` carries
+    gradients until the next forward); :func:`balance_loss` sums them over a model.
+    """
+
+    def __init__(self, moe: PiMoELayer, dropout: nn.Module, layer_norm: nn.Module, token_ids: _TokenIds | None = None):
+        super().__init__()
+        self.moe = moe
+        self.dropout = dropout
+        self.LayerNorm = layer_norm
+        self._token_ids = token_ids
+        self.last_stats: dict[str, Tensor] = {}
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        ids = self._token_ids.ids if self._token_ids is not None else None
+        if ids is not None and tuple(ids.shape) != tuple(hidden_states.shape[:-1]):
+            ids = None  # e.g. chunked feed-forward: fall back to hashing the hidden states
+        y, self.last_stats = self.moe(hidden_states, token_ids=ids)
+        return self.LayerNorm(self.dropout(y) + input_tensor)
+
+
+@dataclass(frozen=True)
+class MigrationInfo:
+    """What :func:`migrate_from_electra` did (``model.fulu_migration``)."""
+
+    source: str
+    layers: tuple[int, ...]
+    moe: MoEConfig
+    exact: bool
+    not_exact_because: tuple[str, ...] = ()
+    features: dict[str, bool] = field(default_factory=dict)
+
+    def architecture(self) -> dict[str, Any]:
+        """The configuration in search-space form (as ``UltimatePiMoESystem.architecture()``): a
+        starting point for a search over the upcycled layers."""
+        return {"moe": self.moe.to_dict(), "source": self.source, "layers": list(self.layers),
+                "features": dict(self.features)}
+
+
+def equivalence_problems(cfg: MoEConfig) -> list[str]:
+    """Why a PiMoE layer of identical experts would *not* reproduce the dense FFN (empty: it does)."""
+    p = []
+    if cfg.router == "expert_choice":
+        p.append("router 'expert_choice': each expert takes its top-C tokens, so a token can get no expert "
+                 "or several, with weights that do not sum to one")
+    elif cfg.router != "hash" and not cfg.renormalize:
+        p.append(f"renormalize=False: the {cfg.router} router's top-{cfg.top_k} weights sum to less than one")
+    if cfg.routed_scaling_factor != 1.0:
+        p.append(f"routed_scaling_factor={cfg.routed_scaling_factor} scales the FFN output")
+    if cfg.capacity_factor is not None and cfg.token_choice:
+        p.append("capacity_factor drops the tokens over an expert's capacity")
+    if cfg.num_shared_experts:
+        p.append("shared experts add to the upcycled FFN's output")
+    return p
+
+
+# -- locating the FFNs ---------------------------------------------------------------------------
+
+
+def _encoder_root(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The headless encoder model and its layer list, or FuluConfigError saying what was expected."""
+    root = getattr(model, "base_model", model)
+    layers = getattr(getattr(root, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise FuluConfigError(f"migrate_from_electra: expected {EXPECTED}; {type(model).__name__} has no "
+                              f"encoder.layer list")
+    problems = []
+    for i, layer in enumerate(layers):
+        output = getattr(layer, "output", None)
+        if isinstance(output, PiMoEOutput):
+            raise FuluConfigError(f"migrate_from_electra: encoder.layer[{i}] of {type(model).__name__} is already "
+                                  f"a PiMoE layer (the model was migrated before)")
+        intermediate = getattr(layer, "intermediate", None)
+        missing = [name for name, ok in (
+            ("intermediate.dense", isinstance(getattr(intermediate, "dense", None), nn.Linear)),
+            ("intermediate.intermediate_act_fn", hasattr(intermediate, "intermediate_act_fn")),
+            ("output.dense", isinstance(getattr(output, "dense", None), nn.Linear)),
+            ("output.dropout", hasattr(output, "dropout")),
+            ("output.LayerNorm", hasattr(output, "LayerNorm"))) if not ok]
+        if missing:
+            problems.append(f"encoder.layer[{i}] ({type(layer).__name__}) lacks {', '.join(missing)}")
+            continue
+        act = intermediate.intermediate_act_fn
+        exact_gelu = type(act).__name__ == "GELUActivation" or (
+            isinstance(act, nn.GELU) and act.approximate == "none")
+        if not exact_gelu:
+            hidden_act = getattr(getattr(model, "config", None), "hidden_act", None)
+            problems.append(f"encoder.layer[{i}] uses the activation {type(act).__name__}"
+                            + (f" (hidden_act={hidden_act!r})" if isinstance(hidden_act, str) else "")
+                            + "; PiMoE's GELU experts compute the exact erf GELU (hidden_act='gelu')")
+    if problems:
+        raise FuluConfigError([f"migrate_from_electra: expected {EXPECTED}", *problems])
+    return root, layers
+
+
+def _load(path: str | os.PathLike) -> nn.Module:
+    if not os.path.isdir(path):
+        raise FuluConfigError(f"migrate_from_electra: {os.fspath(path)!r} is not a directory; expected a model "
+                              f"instance or a directory written by save_pretrained")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FuluConfigError(f"migrate_from_electra: {os.fspath(path)!r} has no config.json; expected a directory "
+                              f"written by save_pretrained")
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("loading a model directory needs transformers: pip install 'fulu-nas[hf]'") from None
+    config = transformers.AutoConfig.from_pretrained(path)
+    # The class the directory was saved from (keeps its head), else the headless model.
+    names = [n for n in (config.architectures or []) if hasattr(transformers, n)]
+    cls = getattr(transformers, names[0]) if names else transformers.AutoModel
+    return cls.from_pretrained(path)
+
+
+# -- building the layers -------------------------------------------------------------------------
+
+
+def _moe_config(model: nn.Module, hidden: int, ffn: int, strategy: RoutingStrategy, num_experts: int,
+                top_k: int, advanced: bool, performance: bool, overrides: dict[str, Any]) -> MoEConfig:
+    fixed = sorted(set(overrides) & set(_FROM_MODEL))
+    if fixed:
+        raise FuluConfigError(f"migrate_from_electra: {', '.join(fixed)} come from the model's feed-forward "
+                              f"layers and cannot be overridden")
+    kw: dict[str, Any] = dict(hidden_size=hidden, expert_ffn_size=ffn, activation="gelu", expert_bias=True,
+                              num_experts=num_experts, top_k=top_k, router=strategy.value,
+                              impl="grouped" if performance else "loop", aux_loss_coef=AUX_LOSS_COEF)
+    if strategy is RoutingStrategy.HIERARCHICAL:
+        kw["hierarchy_depth"] = 2
+    if strategy is RoutingStrategy.ATTENTION_BASED:
+        heads = getattr(getattr(model, "config", None), "num_attention_heads", 4) or 4
+        kw["attention_heads"] = math.gcd(int(heads), hidden)
+    if advanced and strategy in (RoutingStrategy.TOP_K, RoutingStrategy.HIERARCHICAL,
+                                 RoutingStrategy.ATTENTION_BASED):
+        kw.update(bias_update_rate=BIAS_UPDATE_RATE, z_loss_coef=Z_LOSS_COEF)
+    kw.update(overrides)
+    try:
+        return MoEConfig(**kw)
+    except TypeError as e:  # an unknown keyword
+        raise FuluConfigError(f"migrate_from_electra: {e}") from None
+    except ValueError as e:
+        raise FuluConfigError(f"migrate_from_electra: {e}") from None
+
+
+@torch.no_grad()
+def _upcycle(cfg: MoEConfig, dense_in: nn.Linear, dense_out: nn.Linear, init_std: float) -> PiMoELayer:
+    """A PiMoE layer whose every expert is the FFN ``dense_out(gelu(dense_in(x)))``."""
+    w = dense_in.weight
+    moe = PiMoELayer(cfg).to(device=w.device, dtype=w.dtype)  # the router stays fp32
+    E = cfg.num_experts
+    moe.experts.w13_EDF2.copy_(dense_in.weight.t().expand(E, -1, -1))
+    moe.experts.w2_EFD.copy_(dense_out.weight.t().expand(E, -1, -1))
+    for bias, source in ((moe.experts.b13_EF2, dense_in.bias), (moe.experts.b2_ED, dense_out.bias)):
+        if source is None:
+            bias.zero_()
+        else:
+            bias.copy_(source.expand(E, -1))
+    gate = getattr(moe.router, "gate", None)
+    if gate is not None:  # small logits: near-uniform routing to start, as the encoder's own init
+        gate.weight.normal_(0.0, init_std)
+    return moe
+
+
+@contextmanager
+def _eval_mode(*modules: nn.Module):
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags, strict=True):
+            m.train(flag)
+
+
+@torch.no_grad()
+def _verify(index: int, intermediate: nn.Module, output: nn.Module, new_output: PiMoEOutput) -> None:
+    """The upcycled FFN block must reproduce the dense one on random hidden states."""
+    w = new_output.moe.experts.w13_EDF2
+    g = torch.Generator().manual_seed(index)
+    x = torch.randn(2, 8, w.shape[1], generator=g).to(device=w.device, dtype=w.dtype)
+    with _eval_mode(intermediate, output, new_output):
+        ref = output(intermediate(x), x).float()
+        got = new_output(x, x).float()
+    tol = 1e-4 if w.dtype == torch.float32 else 5e-2
+    err = (got - ref).abs().max().item()
+    if not err <= tol * max(1.0, ref.abs().max().item()):
+        raise RuntimeError(f"migrate_from_electra: encoder.layer[{index}]'s upcycled feed-forward differs from the "
+                           f"dense one by {err:.3g}: its FFN is not intermediate.dense -> GELU -> output.dense "
+                           f"-> dropout -> LayerNorm(+ residual); expected {EXPECTED}")
+
+
+def migrate_from_electra(
+    model: nn.Module | str | os.PathLike,
+    num_experts: int = 8,
+    routing_strategy: RoutingStrategy | str = RoutingStrategy.TOP_K,
+    top_k: int = 2,
+    *,
+    enable_ultimate_pimoe: bool = True,
+    enable_advanced_routing: bool = True,
+    enable_performance_optimization: bool = True,
+    layers: list[int] | tuple[int, ...] | None = None,
+    require_exact: bool = True,
+    hash_on_token_ids: bool = True,
+    inplace: bool = False,
+    verify: bool = True,
+    **moe_overrides: Any,
+) -> nn.Module:
+    """Upcycle a Hugging Face ELECTRA (or BERT-family) encoder: each selected layer's FFN becomes a
+    PiMoE layer of ``num_experts`` copies of it. Returns the migrated model (a copy unless
+    ``inplace``), with ``model.fulu_migration`` (:class:`MigrationInfo`).
+
+    ``model``: an instance (``ElectraModel``, ``ElectraForMaskedLM``, ``BertModel``, ...) or a
+    directory written by ``save_pretrained`` (loaded as the class it was saved from).
+    ``routing_strategy``: a :class:`~fulu_nas.RoutingStrategy` or its value (``"topk"``,
+    ``"expert_choice"``, ``"hash"``, ``"hierarchical"``, ``"attention"``).
+
+    The spec's flags:
+
+    - ``enable_ultimate_pimoe``: upcycle every encoder layer (True) or every other one, the second,
+      fourth, ... (False; the Switch Transformer / GShard placement). ``layers=[...]`` chooses
+      explicitly and overrides the flag.
+    - ``enable_advanced_routing``: for the score-based routers (top-k, hierarchical, attention), add
+      DeepSeek-V3's auxiliary-loss-free balancing (a selection-only bias, ``bias_update_rate=1e-3``,
+      adapted by :func:`update_expert_biases` after each optimizer step) and the ST-MoE router
+      z-loss (``z_loss_coef=1e-3``) to the Switch load-balancing loss (``aux_loss_coef=0.01``,
+      always on). Neither changes the outputs at migration.
+    - ``enable_performance_optimization``: grouped-GEMM dispatch (``impl="grouped"``); off, the
+      per-expert loop (``impl="loop"``), the reference.
+
+    ``require_exact``: refuse (FuluConfigError) a router or override whose outputs would differ from
+    the dense model's right after migration (see :func:`equivalence_problems`); with False it is
+    migrated with a warning. ``hash_on_token_ids``: the hash router hashes the ``input_ids`` of the
+    forward (Roller et al. 2021) rather than the hidden states (calls with ``inputs_embeds`` fall
+    back to those). ``verify``: check each upcycled block against the dense one on random inputs.
+    ``moe_overrides``: any other :class:`~fulu_nas.moe.MoEConfig` field (``aux_loss_coef``,
+    ``top_p``, ``hierarchy_depth``, ``attention_context``, ...).
+
+    Unsupported models raise FuluConfigError naming what was expected.
+    """
+    try:
+        strategy = _member(RoutingStrategy, routing_strategy, "routing_strategy")
+    except ValueError as e:
+        raise FuluConfigError(f"migrate_from_electra: {e}") from None
+    if isinstance(model, str | os.PathLike):
+        model = _load(model)
+        inplace = True
+    if not isinstance(model, nn.Module):
+        raise FuluConfigError(f"migrate_from_electra: expected {EXPECTED}; got a {type(model).__name__}")
+    _encoder_root(model)  # validate before copying
+    if not inplace:
+        model = copy.deepcopy(model)
+    root, encoder_layers = _encoder_root(model)
+
+    n = len(encoder_layers)
+    if layers is None:
+        layers = range(n) if enable_ultimate_pimoe else range(1, n, 2)
+    chosen = tuple(sorted({int(i) for i in layers}))
+    bad = [i for i in chosen if not 0 <= i < n]
+    if bad or not chosen:
+        raise FuluConfigError(f"migrate_from_electra: layers must be distinct indices in [0, {n}), got "
+                              f"{list(layers)}")
+
+    first = encoder_layers[chosen[0]]
+    hidden, ffn = first.intermediate.dense.in_features, first.intermediate.dense.out_features
+    cfg = _moe_config(model, hidden, ffn, strategy, num_experts, top_k, enable_advanced_routing,
+                      enable_performance_optimization, moe_overrides)
+    inexact = equivalence_problems(cfg)
+    if inexact and require_exact:
+        raise FuluConfigError([f"migrate_from_electra: the migrated model would not compute the original's "
+                               f"outputs ({'; '.join(inexact)}); pass require_exact=False to migrate anyway"])
+    if inexact:
+        warnings.warn("migrate_from_electra: the migrated model does not compute the original's outputs: "
+                      + "; ".join(inexact), stacklevel=2)
+
+    token_ids = None
+    if cfg.router == "hash" and hash_on_token_ids:
+        token_ids = _TokenIds()
+        root.register_forward_pre_hook(_CaptureTokenIds(token_ids), with_kwargs=True)
+        root.register_forward_hook(_ForgetTokenIds(token_ids), always_call=True)
+
+    init_std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02) or 0.02)
+    for i in chosen:
+        layer = encoder_layers[i]
+        dense_in, dense_out = layer.intermediate.dense, layer.output.dense
+        if (dense_in.in_features, dense_in.out_features) != (hidden, ffn) or (
+                dense_out.in_features, dense_out.out_features) != (ffn, hidden):
+            raise FuluConfigError(f"migrate_from_electra: encoder.layer[{i}]'s FFN is {dense_in.in_features}->"
+                                  f"{dense_in.out_features}->{dense_out.out_features}; every migrated layer needs "
+                                  f"{hidden}->{ffn}->{hidden}")
+        new_output = PiMoEOutput(_upcycle(cfg, dense_in, dense_out, init_std), layer.output.dropout,
+                                 layer.output.LayerNorm, token_ids)
+        if verify and not inexact:
+            _verify(i, layer.intermediate, layer.output, new_output)
+        layer.intermediate = nn.Identity()
+        layer.output = new_output
+
+    model.fulu_migration = MigrationInfo(
+        source=type(model).__name__, layers=chosen, moe=cfg, exact=not inexact, not_exact_because=tuple(inexact),
+        features={"ultimate_pimoe": enable_ultimate_pimoe, "advanced_routing": enable_advanced_routing,
+                  "performance_optimization": enable_performance_optimization})
+    return model
+
+
+# -- training helpers ----------------------------------------------------------------------------
+
+
+def moe_outputs(model: nn.Module) -> list[PiMoEOutput]:
+    """The upcycled blocks of a migrated model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, PiMoEOutput)]
+
+
+def pimoe_layers(model: nn.Module) -> list[PiMoELayer]:
+    """The PiMoE layers of a migrated model, in layer order."""
+    return [m.moe for m in moe_outputs(model)]
+
+
+def routing_stats(model: nn.Module) -> list[dict[str, Tensor]]:
+    """The routing statistics of the last forward, one dict per PiMoE layer."""
+    return [m.last_stats for m in moe_outputs(model)]
+
+
+def balance_loss(model: nn.Module) -> Tensor:
+    """The last forward's weighted balancing losses, summed over layers: add to the task loss."""
+    stats = [s["balance_loss"].float() for s in routing_stats(model) if s]
+    if not stats:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.stack(stats).sum()
+
+
+@torch.no_grad()
+def update_expert_biases(model: nn.Module) -> None:
+    """Auxiliary-loss-free balancing step for every PiMoE layer (call after each optimizer step);
+    a no-op unless the layers have ``bias_update_rate > 0``."""
+    for out in moe_outputs(model):
+        if out.last_stats and isinstance(out.moe.router, ScoreRouter):
+            out.moe.update_expert_bias(out.last_stats["tokens_per_expert"])
+
+
+class TaskModel(nn.Module):
+    """A migrated model with a token-level head (e.g. ``ElectraForTokenClassification`` with
+    ``num_labels=task.num_classes``) in the shape :func:`fulu_nas.train.train` and
+    :func:`fulu_nas.evaluate.evaluate` expect: ``forward(tokens)`` returns a
+    :class:`~fulu_nas.models.ModelOutput`. ``gradient_checkpointing`` is accepted and ignored
+    (use the Hugging Face model's own switch)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not moe_outputs(model):
+            raise FuluConfigError("TaskModel: the model has no PiMoE layers; migrate it with "
+                                  "migrate_from_electra first")
+        self.model = model
+        self.gradient_checkpointing = False
+
+    def forward(self, tokens_BS: Tensor):
+        from .models import ModelOutput
+
+        out = self.model(input_ids=tokens_BS)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        stats = routing_stats(self.model)
+        return ModelOutput(logits=logits, hidden_states=[], moe_stats=stats, balance_loss=balance_loss(self.model))
+
+    def moe_layers(self) -> list[PiMoELayer]:
+        return pimoe_layers(self.model)
+
+    @torch.no_grad()
+    def update_expert_biases(self, moe_stats: list[dict[str, Tensor]]) -> None:
+        for layer, stats in zip(self.moe_layers(), moe_stats, strict=True):
+            layer.update_expert_bias(stats["tokens_per_expert"])
