@@ -121,3 +121,11 @@ def test_frozen_experts_still_train_the_router():
     out, _ = layer(torch.randn(2, 7, 32))
     out.square().sum().backward()
     assert layer.router.gate.weight.grad is not None and layer.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_without_stats_the_output_is_the_same(router):
+    layer = make_layer(router)
+    x = torch.randn(2, 9, 32)
+    out, stats = layer(x, with_stats=False)
+    assert stats == {}
+    torch.testing.assert_close(out, layer(x)[0], rtol=0, atol=0)

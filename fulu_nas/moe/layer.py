@@ -33,7 +33,8 @@ class PiMoELayer(nn.Module):
     tensors (see :mod:`fulu_nas.moe.stats`) including ``balance_loss``, the weighted auxiliary
     losses to add to the task loss. ``token_ids`` (same leading shape as ``x``) feed the hash
     router. After each optimizer step a trainer calls :meth:`update_expert_bias` with the
-    step's ``tokens_per_expert`` for auxiliary-loss-free balancing.
+    step's ``tokens_per_expert`` for auxiliary-loss-free balancing. ``with_stats=False`` returns
+    an empty dict instead of the statistics (for inference).
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -51,8 +52,8 @@ class PiMoELayer(nn.Module):
 
         return from_hf(block, **overrides)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None,
-                impl: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, impl: str | None = None,
+                with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         if x.dim() < 2 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(f"input must have shape (..., hidden_size={cfg.hidden_size}), "
@@ -66,6 +67,8 @@ class PiMoELayer(nn.Module):
             out_TD, counts_E, dropped_share = self._expert_choice(x_TD, routing, impl)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
+        if not with_stats:  # inference: under torch.compile the unused statistics are never computed
+            return out_TD.view(x.shape), {}
         return out_TD.view(x.shape), self._stats(routing, counts_E, dropped_share)
 
     # -- token choice --------------------------------------------------------------------------
