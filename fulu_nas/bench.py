@@ -164,6 +164,8 @@ def _latency_main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     layer = PiMoELayer(cfg).to(device=device, dtype=dtype).eval()
     dense = FeedForward(cfg.hidden_size, cfg.top_k * cfg.expert_ffn_size, cfg.activation).to(device=device, dtype=dtype)
+    # One static graph per (token count, grad mode, with_stats): more than dynamo's default 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     weight_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
     big = torch.empty(2**28, dtype=torch.uint8, device=device)
