@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from .errors import FuluConfigError
 from .moe import MoEConfig, PiMoELayer
 from .moe.routers import ScoreRouter
-from .system import RoutingStrategy, _member
+from .system import RoutingStrategy, enum_member
 
 __all__ = [
     "MigrationInfo", "PiMoEOutput", "TaskModel", "balance_loss", "equivalence_problems", "migrate_from_electra",
@@ -332,7 +332,7 @@ def migrate_from_electra(
     Unsupported models raise FuluConfigError naming what was expected.
     """
     try:
-        strategy = _member(RoutingStrategy, routing_strategy, "routing_strategy")
+        strategy = enum_member(RoutingStrategy, routing_strategy, "routing_strategy")
     except ValueError as e:
         raise FuluConfigError(f"migrate_from_electra: {e}") from None
     if isinstance(model, str | os.PathLike):

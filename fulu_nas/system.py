@@ -62,7 +62,7 @@ FEATURES = {
 }
 
 
-def _member(enum: type[Enum], value: Enum | str, argument: str):
+def enum_member(enum: type[Enum], value: Enum | str, argument: str):
     """``value`` as a member of ``enum`` (by value or member), or ValueError naming ``argument``."""
     try:
         return enum(value.value if isinstance(value, Enum) else value)
@@ -253,8 +253,8 @@ def create_ultimate_pimoe_system(
     ``expert_ffn_size`` defaults to ``4 * hidden_size``; any other :class:`MoEConfig` field can be
     passed through ``moe_overrides``. Impossible input raises ``ValueError`` naming the argument.
     """
-    strategy = _member(RoutingStrategy, routing_strategy, "routing_strategy")
-    level = _member(OptimizationLevel, optimization_level, "optimization_level")
+    strategy = enum_member(RoutingStrategy, routing_strategy, "routing_strategy")
+    level = enum_member(OptimizationLevel, optimization_level, "optimization_level")
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if top_k > num_experts and strategy is not RoutingStrategy.EXPERT_CHOICE:

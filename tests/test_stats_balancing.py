@@ -105,34 +105,31 @@ def test_update_is_a_no_op_without_rate_or_scores():
             assert torch.equal(v, state[k])
 
 
-def test_training_on_aux_loss_balances_the_gate():
-    layer = make_layer("topk", num_experts=8, top_k=2, aux_loss_coef=1.0)
-    with torch.no_grad():
-        layer.router.gate.weight[0, 0] = 2.0
-    x = skewed_input()
-    opt = torch.optim.SGD(layer.router.parameters(), lr=0.5)
+def train_router_on_balance_loss(layer, x, lr, steps):
+    """SGD on the router with the balancing losses alone; returns the stats before and after."""
+    opt = torch.optim.SGD(layer.router.parameters(), lr=lr)
     _, before = layer(x)
-    for _ in range(100):
+    for _ in range(steps):
         _, s = layer(x)
         opt.zero_grad()
         s["balance_loss"].backward()
         opt.step()
     _, after = layer(x)
+    return before, after
+
+
+def test_training_on_aux_loss_balances_the_gate():
+    layer = make_layer("topk", num_experts=8, top_k=2, aux_loss_coef=1.0)
+    with torch.no_grad():
+        layer.router.gate.weight[0, 0] = 2.0
+    before, after = train_router_on_balance_loss(layer, skewed_input(), lr=0.5, steps=100)
     assert after["aux_loss"] < before["aux_loss"]
     assert after["load_balance"] > before["load_balance"] and after["max_vio"] < 0.5 * before["max_vio"]
 
 
 def test_z_loss_shrinks_logits():
     layer = make_layer("topk", z_loss_coef=1.0)
-    x = torch.randn(64, 32) * 4
-    opt = torch.optim.SGD(layer.router.parameters(), lr=0.01)
-    _, start = layer(x)
-    for _ in range(50):
-        _, s = layer(x)
-        opt.zero_grad()
-        s["balance_loss"].backward()
-        opt.step()
-    _, end = layer(x)
+    start, end = train_router_on_balance_loss(layer, torch.randn(64, 32) * 4, lr=0.01, steps=50)
     assert end["z_loss"] < 0.5 * start["z_loss"]
 
 
