@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
+    "search": "run or resume a search (Hydra app): fulu-nas search [key=value ...] | --help | --cfg job",
+    "ui": "open the MLflow UI of a search on 127.0.0.1: fulu-nas ui [OUTPUT_DIR | --tracking-uri URI]",
     "bench": "benchmarks (torch only): fulu-nas bench layer --help",
 }
 
@@ -14,9 +16,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: fulu-nas <command> [args]\n\ncommands:")
         for name, text in COMMANDS.items():
-            print(f"  {name:10s} {text}")
+            print(f"  {name:8s} {text}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "search":
+        from .search import app
+
+        return app.main(rest)
+    if command == "ui":
+        from . import ui
+
+        return ui.main(rest)
     if command == "bench":
         from . import bench
 

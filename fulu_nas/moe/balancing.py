@@ -35,3 +35,13 @@ def update_selection_bias(bias_E: Tensor, counts_E: Tensor, rate: float) -> None
     """
     step_E = rate * torch.sign(counts_E.float().mean() - counts_E.float())
     bias_E.add_(step_E - step_E.mean())
+
+
+# The balancing methods a search chooses between, as MoEConfig settings (coefficients from the
+# papers: Switch's 1e-2 auxiliary loss, DeepSeek-V3's 1e-3 bias update rate).
+BALANCING_METHODS: dict[str, dict[str, float]] = {
+    "aux_loss": {"aux_loss_coef": 0.01},
+    "aux_free": {"bias_update_rate": 1e-3},
+    "aux_loss+z_loss": {"aux_loss_coef": 0.01, "z_loss_coef": 1e-3},
+    "none": {},
+}

@@ -1,0 +1,12 @@
+"""The search engine: Hydra-composed spaces -> Optuna studies -> MLflow.
+
+``space`` parses and samples declarative spaces, ``settings`` validates the composed config,
+``objective`` is one trial's protocol, ``study`` drives the study and its workers, ``tracking``
+writes MLflow runs, ``report`` summarises, ``app`` is the Hydra entry point of ``fulu-nas search``.
+Optuna, MLflow and Hydra are imported here and above, never in ``fulu_nas.moe``.
+"""
+
+from .settings import SearchSettings, load_settings
+from .space import SearchSpace, parse_space
+
+__all__ = ["SearchSettings", "SearchSpace", "load_settings", "parse_space"]

@@ -1,0 +1,124 @@
+"""``fulu-nas search``: a Hydra app over ``conf/`` (groups task, search_space, study, trainer,
+tracking; ``search_spaces/`` is the ``search_space`` group).
+
+Before Hydra runs the job (and creates its output folder) the same overrides are composed with
+Hydra's compose API and validated: a malformed space or config, an unknown group option, a wrong
+storage URL all end here with one message listing every problem and exit code 2, with nothing
+written. Hydra's own flags (``--help``, ``--cfg job``, ``--info``, ``-m``) go straight to Hydra.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import FuluConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+BAD_INPUT = 2
+# Flags after which Hydra prints or sweeps instead of running one job: no pre-flight for these.
+_HYDRA_ONLY = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
+               "--multirun", "-m", "--version"}
+_WITH_VALUE = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--package", "-p",
+               "--experimental-rerun"}
+
+
+def _split(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Overrides, and the flags with values (``--config-dir DIR`` or ``--config-dir=DIR``)."""
+    overrides, flags = [], {}
+    it = iter(argv)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name in _WITH_VALUE:
+            flags[name] = value if eq else next(it, "")
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides, flags
+
+
+def compose_config(overrides: list[str], config_dir: str | None = None, config_name: str = "config"):
+    """The composed config (resolved, as plain containers) and the run's output folder."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    if config_dir:
+        overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    output_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    data = OmegaConf.to_container(cfg, resolve=False)
+    data.pop("hydra", None)
+    resolved = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+    return resolved, output_dir
+
+
+def preflight(argv: list[str]):
+    """Compose and validate without writing anything; FuluConfigError lists the problems."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .settings import load_settings
+    from .storage import probe_storage, probe_tracking
+
+    overrides, flags = _split(argv)
+    config_dir = flags.get("--config-dir") or flags.get("-cd")
+    if config_dir and not Path(config_dir).is_dir():
+        raise FuluConfigError(f"--config-dir: {config_dir!r} is not a folder")
+    try:
+        cfg, output_dir = compose_config(overrides, config_dir, flags.get("--config-name") or flags.get("-cn")
+                                         or "config")
+    except (HydraException, OmegaConfBaseException) as e:
+        message = str(e).strip().replace("\n", " ")
+        raise FuluConfigError(f"configuration: {message}") from None
+    settings = load_settings(cfg, output_dir)
+    probe_storage(settings.storage_url)
+    probe_tracking(settings.tracking_uri)
+    return settings
+
+
+_job_started = False
+
+
+def _job(cfg) -> None:
+    """The Hydra job: validated settings -> the study. Exits with 2 on bad input, 130 on Ctrl-C."""
+    global _job_started
+    _job_started = True
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from .settings import load_settings
+    from .study import run_search
+
+    try:
+        settings = load_settings(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir)
+        code = run_search(settings)
+    except FuluConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(BAD_INPUT)
+    if code:
+        sys.exit(code)
+
+
+def main(argv: list[str]) -> int:
+    import hydra
+
+    if not set(a.partition("=")[0] for a in argv) & _HYDRA_ONLY:
+        try:
+            preflight(argv)
+        except FuluConfigError as e:
+            print("error: invalid search configuration:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
+            return BAD_INPUT
+    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_job)
+    saved = sys.argv
+    sys.argv = ["fulu-nas search", *argv]
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        # Hydra exits 1 on its own composition errors, before our job starts: that is bad input.
+        return BAD_INPUT if code == 1 and not _job_started else code
+    finally:
+        sys.argv = saved
+    return 0

@@ -1,0 +1,233 @@
+"""One trial, top to bottom: sample an architecture, reuse an identical earlier result or train
+it within the budget (reporting to the pruner and MLflow as it goes), evaluate quality and
+routing, measure cost, record everything, return the objectives.
+
+How a trial ends, and what the study keeps of it (user attributes on the Optuna trial):
+- COMPLETE: objective values; ``metrics``, ``arch``, ``mlflow_run_id``, ``weights_run_id``
+  (``cached_from`` when an identical architecture's result was reused).
+- PRUNED: by the pruner (``pruned_at_step``), or ``infeasible`` (a constraint of the space or an
+  impossible architecture: never trained, not counted toward ``n_trials``).
+- FAIL: ``fail_reason`` (diverged, out of memory, an error). ``interrupted`` trials (Ctrl-C)
+  are queued again and not counted; a FAIL with no reason is a killed worker's trial, failed by
+  the heartbeat check and retried (see :mod:`.storage`).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import traceback
+from dataclasses import asdict
+
+import optuna
+import torch
+
+from ..errors import FuluConfigError
+from ..evaluate import evaluate, measure_cost
+from ..models import PiMoETransformer
+from ..train import StepReport, TrainingDiverged, train
+from .settings import SearchSettings
+from .tracking import Tracker
+
+
+class TrialFailed(Exception):
+    """A trial failed for a recorded reason; the study goes on."""
+
+
+class SurplusTrial(TrialFailed):
+    """Other workers already cover the requested number of trials."""
+
+
+TrialState = optuna.trial.TrialState
+
+
+def counts_toward_total(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether a finished trial counts toward the study's ``n_trials`` (see the module docstring)."""
+    if t.state == TrialState.COMPLETE:
+        return True
+    if t.state == TrialState.PRUNED:
+        return "infeasible" not in t.user_attrs
+    if t.state == TrialState.FAIL:
+        return t.user_attrs.get("fail_reason") is not None and not t.user_attrs.get("not_counted")
+    return False
+
+
+def cache_key(settings: SearchSettings, arch_hash: str) -> str:
+    """Identical architecture + task + budget + cost protocol -> identical key."""
+    train = {k: v for k, v in asdict(settings.train).items() if k not in ("progress", "device", "report_every")}
+    blob = json.dumps({"arch": arch_hash, "task": [settings.task_name, settings.task_params], "train": train,
+                       "cost": asdict(settings.cost)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Objective:
+    """The Optuna objective. ``on_progress(trial_number, step, loss)`` feeds a progress display."""
+
+    def __init__(self, settings: SearchSettings, tracker: Tracker, parent_run_id: str, on_progress=None):
+        self.s = settings
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self.on_progress = on_progress or (lambda *a: None)
+        self.prune = settings.study.pruner != "none"
+        self.started: set[int] = set()  # trial numbers this worker ran
+
+    def __call__(self, trial: optuna.Trial):
+        self.started.add(trial.number)
+        self._check_surplus(trial)
+        values = self.s.space.sample(trial)
+        broken = self.s.space.violations(values)
+        if broken:
+            self._infeasible(trial, f"violates {', '.join(broken)}")
+        try:
+            arch = self.s.space.arch(values, self.s.task)
+        except FuluConfigError as e:
+            self._infeasible(trial, f"impossible architecture: {'; '.join(e.problems)}")
+        key = cache_key(self.s, arch.content_hash())
+        trial.set_user_attr("arch", arch.to_dict())
+        trial.set_user_attr("arch_hash", arch.content_hash())
+        trial.set_user_attr("cache_key", key)
+        earlier = self._identical(trial, key)
+        if earlier is not None:
+            return self._reuse(trial, earlier, values, arch)
+        return self._train(trial, values, arch)
+
+    # -- the protocol -------------------------------------------------------------------------
+    def _train(self, trial: optuna.Trial, values: dict, arch):
+        reference = bool(trial.user_attrs.get("reference"))
+        run_id = self.tracker.start_trial(self.parent_run_id, trial.number, values, arch.to_dict(),
+                                          {"fulu.reference": reference, "fulu.arch_hash": arch.content_hash()})
+        trial.set_user_attr("mlflow_run_id", run_id)
+        model = None
+        smoothed: list[float] = []
+
+        def on_report(report: StepReport) -> None:
+            ema = report.loss if not smoothed else 0.8 * smoothed[-1] + 0.2 * report.loss
+            smoothed.append(ema)
+            step_metrics = {"train/loss": report.loss, "train/loss_smoothed": ema, "train/lr": report.lr,
+                            "train/load_balance": report.load_balance}
+            for i, layer in enumerate(report.layers):
+                for k in ("load_balance", "max_vio", "cv", "router_entropy", "utilisation", "dropped_share"):
+                    step_metrics[f"train/layer{i}/{k}"] = layer[k]
+            self.tracker.log_step(run_id, report.step, step_metrics)
+            self.on_progress(trial.number, report.step, report.loss)
+            if self.prune:
+                trial.report(ema, report.step)
+                if trial.should_prune():
+                    trial.set_user_attr("pruned_at_step", report.step)
+                    raise optuna.TrialPruned(f"pruned at step {report.step} (smoothed loss {ema:.4g})")
+
+        try:
+            torch.manual_seed(self.s.train.seed)
+            model = PiMoETransformer(arch)
+            result = train(model, self.s.task, self.s.train, callback=on_report)
+            quality = evaluate(model, self.s.task)
+            shapes = [(b, min(seq, self.s.task.seq_len)) for b, seq in self.s.cost.shapes]
+            cost = measure_cost(model, shapes, iterations=self.s.cost.iterations)
+            metrics = self._metrics(quality, cost, result)
+            if not math.isfinite(metrics["loss"]):
+                raise TrialFailed("validation loss is not finite")
+            for name, bound in self.s.study.constraints:
+                trial.set_constraint(name, metrics[name] - bound)
+            objectives = [metrics[o] for o in self.s.study.objectives]
+            trial.set_user_attr("metrics", metrics)
+            trial.set_user_attr("weights_run_id", run_id)
+            self.tracker.log_metrics(run_id, metrics)
+            self.tracker.log_files(run_id, {"arch.yaml": arch.to_yaml(), "evaluation.json": quality,
+                                            "cost.json": cost}, weights=model)
+            self.tracker.end_trial(run_id, "FINISHED")
+            return objectives[0] if len(objectives) == 1 else objectives
+        except optuna.TrialPruned as e:
+            self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "pruned", "fulu.reason": str(e)})
+            raise
+        except KeyboardInterrupt:
+            self._requeue(trial, values, "interrupted")
+            self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted"})
+            raise
+        except Exception as e:
+            reason = _reason(e)
+            trial.set_user_attr("fail_reason", reason)
+            self.tracker.end_trial(run_id, "FAILED", {"fulu.state": "failed", "fulu.reason": reason,
+                                                      "fulu.traceback": traceback.format_exc()[-4000:]})
+            raise TrialFailed(reason) from e
+        finally:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _metrics(self, quality: dict, cost: dict, result) -> dict[str, float]:
+        first = cost["shapes"][0]
+        task = self.s.task
+        m = {"loss": quality["loss"], "metric": quality[task.metric_name], task.metric_name: quality[task.metric_name],
+             "load_balance": quality["load_balance"], "utilisation": quality["utilisation"],
+             "max_vio": quality["max_vio"], "cv": quality["cv"], "dropped_share": quality["dropped_share"],
+             "latency_ms": first["latency_p50_ms"], "latency_p95_ms": first["latency_p95_ms"],
+             "throughput": max(s["throughput_tokens_per_s"] for s in cost["shapes"]),
+             "peak_memory_mb": max(s["peak_memory_mb"] for s in cost["shapes"]),
+             "active_params": float(cost["active_params"]), "total_params": float(cost["total_params"]),
+             "flops_per_token": float(cost["flops_per_token"]), "train_steps": float(result.steps),
+             "train_seconds": result.seconds, "final_train_loss": result.final_loss}
+        m["routing_accuracy"] = quality.get("routing_accuracy", float("nan"))
+        return m
+
+    # -- reuse --------------------------------------------------------------------------------
+    def _identical(self, trial: optuna.Trial, key: str):
+        states = (TrialState.COMPLETE, TrialState.PRUNED)
+        for t in trial.study.get_trials(deepcopy=False, states=states):
+            if t.number != trial.number and t.user_attrs.get("cache_key") == key and "infeasible" not in t.user_attrs:
+                return t
+        return None
+
+    def _reuse(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial, values: dict, arch):
+        trial.set_user_attr("cached_from", earlier.number)
+        if earlier.state == TrialState.PRUNED:
+            raise optuna.TrialPruned(f"identical to trial {earlier.number}, which was pruned")
+        metrics = earlier.user_attrs["metrics"]
+        run_id = self.tracker.start_trial(self.parent_run_id, trial.number, values, arch.to_dict(),
+                                          {"fulu.cached_from_trial": earlier.number,
+                                           "fulu.weights_run_id": earlier.user_attrs.get("weights_run_id")})
+        self.tracker.log_metrics(run_id, metrics)
+        self.tracker.end_trial(run_id, "FINISHED")
+        for name, bound in self.s.study.constraints:
+            trial.set_constraint(name, metrics[name] - bound)
+        trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("weights_run_id", earlier.user_attrs.get("weights_run_id"))
+        return earlier.values[0] if len(earlier.values) == 1 else list(earlier.values)
+
+    # -- trials that do not run ---------------------------------------------------------------
+    def _infeasible(self, trial: optuna.Trial, reason: str):
+        trial.set_user_attr("infeasible", reason)
+        raise optuna.TrialPruned(f"infeasible: {reason}")
+
+    def _check_surplus(self, trial: optuna.Trial) -> None:
+        """With several workers, a trial started after the requested number were already finished or
+        running (a race between workers) is failed at once, before anything is sampled."""
+        ahead = 0
+        for t in trial.study.get_trials(deepcopy=False):
+            if t.number < trial.number and (counts_toward_total(t) or t.state == TrialState.RUNNING):
+                ahead += 1
+        if ahead >= self.s.study.n_trials:
+            trial.set_user_attr("fail_reason", "surplus: the requested trials were already taken by other workers")
+            trial.set_user_attr("not_counted", True)
+            raise SurplusTrial("surplus trial")
+
+    def _requeue(self, trial: optuna.Trial, values: dict, why: str) -> None:
+        trial.set_user_attr("fail_reason", why)
+        trial.set_user_attr("not_counted", True)
+        params = {k: v for k, v in trial.params.items()}
+        trial.study.enqueue_trial(params, user_attrs={"retry_of": trial.number,
+                                                      **({"reference": True} if trial.user_attrs.get("reference")
+                                                         else {})})
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, TrainingDiverged):
+        return f"diverged: {e}"
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if isinstance(e, TrialFailed):
+        return str(e)
+    return f"{type(e).__name__}: {e}"

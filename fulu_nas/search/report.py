@@ -1,0 +1,105 @@
+"""The end of a search: the best trial (or the Pareto front) beside the reference architecture,
+as a plain dict (summary.json, the MLflow parent run) and as a table on the terminal."""
+
+from __future__ import annotations
+
+import optuna
+
+from .objective import counts_toward_total
+from .settings import SearchSettings
+
+TrialState = optuna.trial.TrialState
+_COLUMNS = ("loss", "metric", "routing_accuracy", "load_balance", "latency_ms", "active_params")
+
+
+def _row(t: optuna.trial.FrozenTrial) -> dict:
+    return {"number": t.number, "values": list(t.values or []), "params": dict(t.params),
+            "metrics": dict(t.user_attrs.get("metrics", {})), "reference": bool(t.user_attrs.get("reference")),
+            "cached_from": t.user_attrs.get("cached_from"), "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            "weights_run_id": t.user_attrs.get("weights_run_id")}
+
+
+def _feasible(t: optuna.trial.FrozenTrial) -> bool:
+    return all(c <= 0 for c in t.system_attrs.get("constraints", []) or [])
+
+
+def summarize(study: optuna.Study, s: SearchSettings) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    summary: dict = {
+        "study": s.study.name, "objectives": list(s.study.objectives), "directions": list(s.study.directions),
+        "n_trials_requested": s.study.n_trials, "n_finished": sum(counts_toward_total(t) for t in trials),
+        "n_complete": len(complete),
+        "n_pruned": sum(t.state == TrialState.PRUNED and "infeasible" not in t.user_attrs for t in trials),
+        "n_infeasible": sum("infeasible" in t.user_attrs for t in trials),
+        "n_failed": sum(t.state == TrialState.FAIL and counts_toward_total(t) for t in trials),
+        "n_reused": sum("cached_from" in t.user_attrs for t in complete),
+    }
+    reference = next((t for t in complete if t.user_attrs.get("reference")), None)
+    summary["reference"] = _row(reference) if reference else None
+    candidates = [t for t in complete if _feasible(t)]
+    if not candidates:
+        return summary
+    if s.study.multi_objective:
+        summary["pareto_front"] = [_row(t) for t in study.best_trials]
+        return summary
+    sign = 1 if s.study.directions[0] == "minimize" else -1
+    best = min(candidates, key=lambda t: sign * t.values[0])
+    summary.update(best_trial=best.number, best_values=list(best.values), best_params=dict(best.params),
+                   best_metrics=dict(best.user_attrs.get("metrics", {})), best=_row(best))
+    if reference is not None:
+        ref, got = reference.values[0], best.values[0]
+        summary["beats_reference"] = sign * (got - ref) < 0
+        summary["improvement_over_reference"] = (ref - got) * sign / abs(ref) if ref else None
+    return summary
+
+
+def print_summary(summary: dict, s: SearchSettings) -> None:
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    rows = summary.get("pareto_front") or ([summary["best"]] if "best" in summary else [])
+    if not rows:
+        console.print(f"study {summary['study']}: no feasible complete trial yet ({summary['n_failed']} failed, "
+                      f"{summary['n_pruned']} pruned, {summary['n_infeasible']} infeasible)")
+        console.print(f"results: {s.output_dir}")
+        return
+    title = "Pareto front" if "pareto_front" in summary else "Best trial"
+    table = Table(title=f"{title} of study {summary['study']} ({summary['n_complete']} complete, "
+                        f"{summary['n_pruned']} pruned, {summary['n_failed']} failed, "
+                        f"{summary['n_infeasible']} infeasible, {summary['n_reused']} reused)")
+    table.add_column("trial", justify="right")
+    for o, d in zip(summary["objectives"], summary["directions"], strict=True):
+        table.add_column(f"{o} ({d[:3]})", justify="right")
+    for c in _COLUMNS:
+        if c not in summary["objectives"]:
+            table.add_column(c, justify="right")
+    table.add_column("architecture")
+    shown = list(rows)
+    ref = summary.get("reference")
+    if ref and all(r["number"] != ref["number"] for r in rows):
+        shown.append(ref)
+    for r in shown:
+        label = f"{r['number']}" + (" (reference)" if r["reference"] else "")
+        cells = [_fmt(v) for v in r["values"]]
+        cells += [_fmt(r["metrics"].get(c)) for c in _COLUMNS if c not in summary["objectives"]]
+        arch = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        table.add_row(label, *cells, arch)
+    console.print(table)
+    if "beats_reference" in summary:
+        verdict = "beats" if summary["beats_reference"] else "does not beat"
+        gain = summary.get("improvement_over_reference")
+        console.print(f"best trial {summary['best_trial']} {verdict} the reference architecture on "
+                      f"{summary['objectives'][0]}" + (f" ({gain:+.1%})" if gain is not None else ""))
+    console.print(f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,267 @@
+"""The composed Hydra config, validated into frozen dataclasses: everything below the CLI takes
+these, never a DictConfig. :func:`load_settings` lists every problem, naming its key, in one
+:class:`~fulu_nas.errors.FuluConfigError`, before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import FuluConfigError
+from ..tasks import Task, build_task
+from ..train import TrainConfig
+from .space import SearchSpace, parse_space
+from .storage import check_storage_url, check_tracking_uri
+
+SAMPLERS = ("tpe", "nsga2", "random", "grid", "gp")
+PRUNERS = ("median", "hyperband", "none")
+# Objective -> direction (None: the task's metric decides).
+OBJECTIVES: dict[str, str | None] = {
+    "loss": "minimize", "metric": None, "routing_accuracy": "maximize", "load_balance": "maximize",
+    "latency_ms": "minimize", "throughput": "maximize", "peak_memory_mb": "minimize",
+    "active_params": "minimize", "total_params": "minimize",
+}
+# Quantities a study may bound from above (Optuna trial constraints: feasible when value <= bound).
+CONSTRAINABLE = ("loss", "latency_ms", "peak_memory_mb", "active_params", "total_params")
+_SECTIONS = {"task", "search_space", "study", "trainer", "tracking"}
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"progress", "dynamic_experts"}
+_COST_FIELDS = {"cost_shapes", "cost_iterations"}
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    name: str
+    n_trials: int
+    n_workers: int
+    storage: str | None
+    sampler: str
+    pruner: str
+    objectives: tuple[str, ...]
+    directions: tuple[str, ...]
+    constraints: tuple[tuple[str, float], ...]
+    seed: int
+    startup_trials: int
+    heartbeat_interval: int
+    grace_period: int
+    max_retry: int
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    uri: str | None
+    experiment: str
+    log_weights: bool
+
+
+@dataclass(frozen=True)
+class CostSettings:
+    shapes: tuple[tuple[int, int], ...]
+    iterations: int
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    task_name: str
+    task_params: dict
+    space: SearchSpace
+    study: StudySettings
+    train: TrainConfig
+    cost: CostSettings
+    tracking: TrackingSettings
+    output_dir: Path
+    raw: dict = field(compare=False, repr=False)
+    task: Task = field(compare=False, repr=False)
+
+    @property
+    def storage_url(self) -> str:
+        return self.study.storage or f"sqlite:///{(self.output_dir / 'optuna.db').resolve()}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{(self.output_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Where a new experiment keeps artifacts (local default only; a server decides its own)."""
+        return None if self.tracking.uri else (self.output_dir / "mlartifacts").resolve().as_uri()
+
+    def fingerprint(self) -> str:
+        """What must not change when a study resumes: space, task, budget, objectives."""
+        keep = {k: self.raw[k] for k in ("task", "search_space", "trainer")}
+        keep["objectives"] = list(self.study.objectives)
+        keep["constraints"] = list(self.study.constraints)
+        keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in ("device", "report_every")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSettings:
+    """Validate a composed config (a plain, resolved mapping) into :class:`SearchSettings`."""
+    problems: list[str] = []
+    for key in sorted(set(cfg) - _SECTIONS - {"hydra"}):
+        problems.append(f"{key}: unknown top-level key (sections: {', '.join(sorted(_SECTIONS))})")
+    sections = {}
+    for name in sorted(_SECTIONS):
+        value = cfg.get(name)
+        if not isinstance(value, Mapping):
+            problems.append(f"{name}: missing or not a mapping")
+            value = {}
+        sections[name] = dict(value)
+
+    task, task_name, task_params = _task(sections["task"], problems)
+    space = _collect(problems, lambda: parse_space(sections["search_space"]))
+    train, cost = _trainer(sections["trainer"], problems)
+    study = _study(sections["study"], task, problems)
+    tracking = _tracking(sections["tracking"], problems)
+    if study is not None and space is not None and study.sampler == "grid":
+        _collect(problems, space.grid)
+    if problems:
+        raise FuluConfigError(problems)
+    return SearchSettings(task_name, task_params, space, study, train, cost, tracking, Path(output_dir),
+                          raw={k: sections[k] for k in sorted(_SECTIONS)}, task=task)
+
+
+def _collect(problems: list[str], make):
+    try:
+        return make()
+    except FuluConfigError as e:
+        problems.extend(e.problems)
+        return None
+
+
+def _task(d: dict, problems: list[str]) -> tuple[Task | None, str, dict]:
+    name = d.pop("name", None)
+    if not isinstance(name, str):
+        problems.append(f"task.name: expected a task name, got {name!r}")
+        return None, "", {}
+
+    def build():
+        try:
+            return build_task(name, **d)
+        except FuluConfigError as e:
+            raise FuluConfigError([p if p.startswith("task") else f"task: {p}" for p in e.problems]) from None
+
+    return _collect(problems, build), name, d
+
+
+def _int(d: dict, key: str, section: str, problems: list[str], low: int = 0) -> int:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        problems.append(f"{section}.{key}: expected an integer >= {low}, got {v!r}")
+        return low
+    return v
+
+
+def _choice(d: dict, key: str, section: str, options: tuple[str, ...], problems: list[str]) -> str:
+    v = d.get(key)
+    if v not in options:
+        problems.append(f"{section}.{key}: must be one of {', '.join(options)}, got {v!r}")
+    return v
+
+
+def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | None:
+    n0 = len(problems)
+    known = {f.name for f in fields(StudySettings)} - {"directions"}
+    for key in sorted(set(d) - known):
+        problems.append(f"study.{key}: unknown key")
+    name = d.get("name")
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        problems.append(f"study.name: expected a non-empty name without '/', got {name!r}")
+    ints = {k: _int(d, k, "study", problems, low) for k, low in
+            (("n_trials", 1), ("n_workers", 1), ("seed", 0), ("startup_trials", 0), ("heartbeat_interval", 1),
+             ("grace_period", 1), ("max_retry", 0))}
+    sampler = _choice(d, "sampler", "study", SAMPLERS, problems)
+    pruner = _choice(d, "pruner", "study", PRUNERS, problems)
+    objectives = d.get("objectives")
+    if isinstance(objectives, str):
+        objectives = [objectives]
+    directions = []
+    if not isinstance(objectives, (list, tuple)) or not objectives:
+        problems.append(f"study.objectives: expected a non-empty list of {', '.join(OBJECTIVES)}")
+        objectives = []
+    for o in objectives:
+        if o not in OBJECTIVES:
+            problems.append(f"study.objectives: unknown objective {o!r} (known: {', '.join(OBJECTIVES)})")
+        elif o == "metric":
+            directions.append("maximize" if task is None or task.higher_is_better else "minimize")
+        else:
+            directions.append(OBJECTIVES[o])
+    if len(set(objectives)) != len(objectives):
+        problems.append("study.objectives: lists an objective twice")
+    if len(objectives) > 1 and pruner not in (None, "none") and pruner in PRUNERS:
+        problems.append(f"study.pruner: Optuna cannot prune multi-objective studies; set study.pruner=none "
+                        f"(objectives: {', '.join(map(str, objectives))})")
+    if pruner in ("median", "hyperband") and list(objectives) != ["loss"] and len(objectives) == 1:
+        problems.append(f"study.pruner: pruning compares the training loss, so it needs objectives: [loss] "
+                        f"(got {list(objectives)}); set study.pruner=none")
+    constraints = d.get("constraints") or {}
+    if not isinstance(constraints, Mapping):
+        problems.append("study.constraints: expected a mapping of quantity -> upper bound")
+        constraints = {}
+    for key, bound in constraints.items():
+        if key not in CONSTRAINABLE:
+            problems.append(f"study.constraints.{key}: cannot be bounded (choose from {', '.join(CONSTRAINABLE)})")
+        elif isinstance(bound, bool) or not isinstance(bound, (int, float)):
+            problems.append(f"study.constraints.{key}: expected a number, got {bound!r}")
+    storage = d.get("storage")
+    if storage is not None:
+        _collect(problems, lambda: check_storage_url(storage))
+    if len(problems) > n0:
+        return None
+    return StudySettings(name=name, storage=storage, sampler=sampler, pruner=pruner, objectives=tuple(objectives),
+                         directions=tuple(directions), constraints=tuple((k, float(v)) for k, v in constraints.items()),
+                         **ints)
+
+
+def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSettings | None]:
+    n0 = len(problems)
+    for key in sorted(set(d) - _TRAIN_FIELDS - _COST_FIELDS):
+        problems.append(f"trainer.{key}: unknown key")
+    shapes = d.pop("cost_shapes", [[1, 64]])
+    iterations = d.pop("cost_iterations", 10)
+    ok_shapes = isinstance(shapes, (list, tuple)) and shapes and all(
+        isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                              for v in s) for s in shapes)
+    if not ok_shapes:
+        problems.append(f"trainer.cost_shapes: expected a list of [batch, seq] positive integer pairs, got {shapes!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        problems.append(f"trainer.cost_iterations: expected an integer >= 1, got {iterations!r}")
+    for key in ("steps", "batch_size", "report_every"):
+        if key in d:
+            _int(d, key, "trainer", problems, 1)
+    for key in ("lr", "max_seconds", "grad_clip", "weight_decay", "warmup_fraction", "min_lr_ratio"):
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            problems.append(f"trainer.{key}: expected a number >= 0, got {v!r}")
+    device = d.get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        problems.append(f"trainer.device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if len(problems) > n0:
+        return None, None
+    train = TrainConfig(**{k: v for k, v in d.items() if k in _TRAIN_FIELDS}, progress=False)
+    return train, CostSettings(tuple((int(b), int(s)) for b, s in shapes), iterations)
+
+
+def _tracking(d: dict, problems: list[str]) -> TrackingSettings | None:
+    n0 = len(problems)
+    for key in sorted(set(d) - {"uri", "experiment", "log_weights"}):
+        problems.append(f"tracking.{key}: unknown key")
+    uri = d.get("uri")
+    if uri is not None:
+        _collect(problems, lambda: check_tracking_uri(uri))
+    experiment = d.get("experiment")
+    if not isinstance(experiment, str) or not experiment:
+        problems.append(f"tracking.experiment: expected a name, got {experiment!r}")
+    if not isinstance(d.get("log_weights", True), bool):
+        problems.append("tracking.log_weights: expected true or false")
+    if len(problems) > n0:
+        return None
+    return TrackingSettings(uri, experiment, d.get("log_weights", True))

@@ -1,0 +1,397 @@
+"""Declarative search spaces: parse and validate a YAML mapping, sample it with an Optuna trial,
+and turn a sample into an :class:`~fulu_nas.models.ArchConfig`.
+
+A space (see ``search_spaces/*.yaml``)::
+
+    description: what this space is for
+    base:                 # fixed ArchConfig fields; ``moe:`` holds fixed MoEConfig fields
+      num_layers: 2
+      moe: {activation: swiglu}
+    params:               # sampled in this order
+      router: {type: categorical, choices: [topk, hierarchical]}
+      num_experts: {type: int, low: 4, high: 64, log: true}
+      hierarchy_depth: {type: int, low: 1, high: 3, when: {router: hierarchical}}
+    derived:              # computed from sampled values
+      expert_ffn_size: "1024 // top_k"
+    constraints:          # a sample violating one is infeasible (never trained)
+      - "top_k <= num_experts"
+    reference: {router: topk, num_experts: 8}   # the hand-picked default, trained first
+
+A parameter or derived value names an ``ArchConfig`` field, an ``MoEConfig`` field, or
+``balancing`` (one of :data:`~fulu_nas.moe.BALANCING_METHODS`). ``when`` makes a parameter
+conditional on earlier categorical parameters, so Optuna only samples it where it means
+something (``hierarchy_depth`` only for the hierarchical router). :func:`parse_space` lists every
+problem, each naming its key, in one :class:`~fulu_nas.errors.FuluConfigError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..errors import FuluConfigError
+from ..models import ArchConfig
+from ..moe import BALANCING_METHODS, MoEConfig
+from .expressions import Expression, ExpressionError, parse_expression
+
+PARAM_TYPES = ("categorical", "int", "float")
+_SPACE_KEYS = {"name", "description", "base", "params", "derived", "constraints", "reference"}
+_PARAM_KEYS = {"type", "choices", "low", "high", "log", "step", "when"}
+_ARCH_FIELDS = {f.name for f in fields(ArchConfig)} - {"moe"}
+_MOE_FIELDS = {f.name for f in fields(MoEConfig)} - {"hidden_size"}
+# Set from the task, not searched.
+_TASK_FIELDS = {"vocab_size", "num_classes", "max_seq_len"}
+TARGETS = (_ARCH_FIELDS - _TASK_FIELDS) | _MOE_FIELDS | {"balancing"}
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_choice(v: object) -> bool:
+    return v is None or isinstance(v, (bool, str)) or _is_number(v)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str
+    choices: tuple = ()
+    low: float = 0
+    high: float = 0
+    log: bool = False
+    step: float | None = None
+    when: tuple[tuple[str, tuple], ...] = ()
+
+    def active(self, values: Mapping[str, Any]) -> bool:
+        return all(name in values and values[name] in allowed for name, allowed in self.when)
+
+    def suggest(self, trial) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, low=int(self.low), high=int(self.high), step=int(self.step or 1),
+                                     log=self.log)
+        return trial.suggest_float(self.name, low=self.low, high=self.high, step=self.step, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "categorical":
+            return any(value == c and type(value) is type(c) for c in self.choices)
+        if not _is_number(value) or (self.kind == "int" and not float(value).is_integer()):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        return self.step is None or math.isclose((value - self.low) / self.step, round((value - self.low) / self.step))
+
+    def grid_values(self) -> list | None:
+        """Every value, for the grid sampler (None for a continuous float)."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.kind == "int":
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.step is None:
+            return None
+        n = round((self.high - self.low) / self.step)
+        return [self.low + i * self.step for i in range(n + 1)]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    description: str
+    base: dict
+    params: tuple[Param, ...]
+    derived: tuple[tuple[str, Expression], ...]
+    constraints: tuple[Expression, ...]
+    reference: dict | None
+
+    def sample(self, trial) -> dict[str, Any]:
+        """Suggest every active parameter through ``trial``; returns them plus the derived values."""
+        values: dict[str, Any] = {}
+        for p in self.params:
+            if p.active(values):
+                values[p.name] = p.suggest(trial)
+        return self.with_derived(values)
+
+    def with_derived(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(values)
+        for name, expr in self.derived:
+            if expr.names <= out.keys():
+                try:
+                    out[name] = expr(out)
+                except (ArithmeticError, TypeError, ValueError):
+                    pass  # left unset; the resulting architecture is checked as a whole
+        return out
+
+    def violations(self, values: Mapping[str, Any]) -> list[str]:
+        """The constraints ``values`` break (constraints naming an inactive parameter don't apply)."""
+        broken = []
+        for c in self.constraints:
+            if c.names <= values.keys():
+                try:
+                    ok = bool(c(values))
+                except (ArithmeticError, TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    broken.append(c.text)
+        return broken
+
+    def arch(self, values: Mapping[str, Any], task) -> ArchConfig:
+        """The architecture for sampled ``values`` on ``task`` (FuluConfigError if impossible)."""
+        d = {k: v for k, v in self.base.items() if k != "moe"}
+        moe = dict(self.base.get("moe") or {})
+        for name, value in values.items():
+            if name == "balancing":
+                moe.update(BALANCING_METHODS[value])
+            elif name in _ARCH_FIELDS:
+                d[name] = value
+            else:
+                moe[name] = value
+        d.update(vocab_size=task.vocab_size, num_classes=task.num_classes, max_seq_len=task.seq_len)
+        d["moe"] = moe
+        return ArchConfig.from_dict(d)
+
+    def grid(self) -> dict[str, list]:
+        grid = {}
+        continuous = []
+        for p in self.params:
+            values = p.grid_values()
+            if values is None:
+                continuous.append(p.name)
+            else:
+                grid[p.name] = values
+        if continuous:
+            raise FuluConfigError([f"study.sampler=grid needs discrete parameters: params.{n} is a float without "
+                                   "a step" for n in continuous])
+        return grid
+
+
+def parse_space(data: object, name: str = "space") -> SearchSpace:
+    """Validate a space given as a plain mapping (parsed YAML); every problem names its key."""
+    problems: list[str] = []
+    if not isinstance(data, Mapping):
+        raise FuluConfigError(f"search_space: expected a mapping, got {type(data).__name__}")
+    for key in sorted(set(map(str, data)) - _SPACE_KEYS):
+        problems.append(f"search_space.{key}: unknown key (allowed: {', '.join(sorted(_SPACE_KEYS))})")
+
+    base = data.get("base") or {}
+    if not isinstance(base, Mapping):
+        problems.append("search_space.base: expected a mapping of architecture fields")
+        base = {}
+    base = dict(base)
+    for key in sorted(set(map(str, base)) - _ARCH_FIELDS - {"moe"}):
+        problems.append(f"search_space.base.{key}: not an architecture field")
+    for key in sorted(_TASK_FIELDS & set(base)):
+        problems.append(f"search_space.base.{key}: set from the task, not by the space")
+    base_moe = base.get("moe") or {}
+    if not isinstance(base_moe, Mapping):
+        problems.append("search_space.base.moe: expected a mapping of MoE layer fields")
+        base_moe = {}
+    for key in sorted(set(map(str, base_moe)) - _MOE_FIELDS):
+        problems.append(f"search_space.base.moe.{key}: not an MoE layer field")
+    base["moe"] = dict(base_moe)
+
+    params = _parse_params(data.get("params"), problems)
+    known = {p.name for p in params}
+    derived = _parse_derived(data.get("derived"), known, problems)
+    known |= {n for n, _ in derived}
+    constraints = _parse_constraints(data.get("constraints"), known, problems)
+    reference = _parse_reference(data.get("reference"), params, problems)
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        problems.append("search_space.description: expected a string")
+    space_name = data.get("name", name)
+    if not isinstance(space_name, str) or not space_name:
+        problems.append("search_space.name: expected a non-empty string")
+    if problems:
+        raise FuluConfigError(problems)
+    space = SearchSpace(space_name, description, base, params, derived, constraints, reference)
+    if reference is not None:
+        _check_reference_arch(space)
+    return space
+
+
+def _parse_params(raw: object, problems: list[str]) -> tuple[Param, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        problems.append("search_space.params: expected a mapping of parameter name -> definition")
+        return ()
+    params: list[Param] = []
+    for name, spec in raw.items():
+        key = f"search_space.params.{name}"
+        if not isinstance(name, str) or name not in TARGETS:
+            problems.append(f"{key}: not a searchable field (architecture or MoE layer field, or 'balancing')")
+            continue
+        if not isinstance(spec, Mapping):
+            problems.append(f"{key}: expected a mapping with a 'type'")
+            continue
+        n_before = len(problems)
+        for extra in sorted(set(map(str, spec)) - _PARAM_KEYS):
+            problems.append(f"{key}.{extra}: unknown key (allowed: {', '.join(sorted(_PARAM_KEYS))})")
+        kind = spec.get("type")
+        if kind not in PARAM_TYPES:
+            problems.append(f"{key}.type: must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
+            continue
+        when = _parse_when(spec.get("when"), key, params, problems)
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, (list, tuple)) or not choices:
+                problems.append(f"{key}.choices: expected a non-empty list")
+                continue
+            bad = [c for c in choices if not _is_choice(c)]
+            if bad:
+                problems.append(f"{key}.choices: values must be numbers, strings, booleans or null, got {bad[0]!r}")
+            elif len({(type(c), c) for c in choices}) != len(choices):
+                problems.append(f"{key}.choices: contains duplicates")
+            if name == "balancing" and not bad:
+                unknown = [c for c in choices if c not in BALANCING_METHODS]
+                if unknown:
+                    problems.append(f"{key}.choices: unknown balancing method {unknown[0]!r} "
+                                    f"(known: {', '.join(BALANCING_METHODS)})")
+            for extra in ("low", "high", "log", "step"):
+                if extra in spec:
+                    problems.append(f"{key}.{extra}: not allowed for a categorical parameter")
+            if len(problems) == n_before:
+                params.append(Param(name, kind, tuple(choices), when=when))
+            continue
+        if "choices" in spec:
+            problems.append(f"{key}.choices: only for categorical parameters")
+        low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+        if name == "balancing":
+            problems.append(f"{key}.type: balancing is categorical")
+        for bound, v in (("low", low), ("high", high)):
+            if not _is_number(v) or (kind == "int" and not float(v).is_integer()):
+                problems.append(f"{key}.{bound}: expected {'an integer' if kind == 'int' else 'a number'}, got {v!r}")
+        if not isinstance(log, bool):
+            problems.append(f"{key}.log: expected true or false, got {log!r}")
+        if step is not None and (not _is_number(step) or step <= 0 or (kind == "int" and not float(step).is_integer())):
+            problems.append(f"{key}.step: expected a positive {'integer' if kind == 'int' else 'number'}, got {step!r}")
+            step = None
+        if len(problems) > n_before:
+            continue
+        if low > high:
+            problems.append(f"{key}: low ({low}) > high ({high})")
+        if log is True and low <= 0:
+            problems.append(f"{key}.low: must be > 0 with log: true, got {low}")
+        if log is True and step is not None and (kind == "float" or step != 1):
+            problems.append(f"{key}: step and log: true cannot be combined")
+        if step is not None and low <= high and not math.isclose((high - low) / step, round((high - low) / step)):
+            problems.append(f"{key}.step: high - low ({high - low}) is not a multiple of step ({step})")
+        if len(problems) == n_before:
+            params.append(Param(name, kind, low=low, high=high, log=log, step=step, when=when))
+    return tuple(params)
+
+
+def _parse_when(raw: object, key: str, earlier: list[Param], problems: list[str]) -> tuple:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping) or not raw:
+        problems.append(f"{key}.when: expected a mapping of earlier parameter -> value or list of values")
+        return ()
+    by_name = {p.name: p for p in earlier}
+    out = []
+    for other, allowed in raw.items():
+        allowed = tuple(allowed) if isinstance(allowed, (list, tuple)) else (allowed,)
+        p = by_name.get(other)
+        if p is None or p.kind != "categorical":
+            problems.append(f"{key}.when.{other}: must name a categorical parameter defined earlier in params")
+            continue
+        missing = [a for a in allowed if not p.contains(a)]
+        if missing or not allowed:
+            problems.append(f"{key}.when.{other}: {missing[0] if missing else '[]'!r} is not one of its choices")
+            continue
+        out.append((other, allowed))
+    return tuple(out)
+
+
+def _parse_derived(raw: object, known: set[str], problems: list[str]) -> tuple:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        problems.append("search_space.derived: expected a mapping of field -> expression")
+        return ()
+    out = []
+    for name, text in raw.items():
+        key = f"search_space.derived.{name}"
+        if not isinstance(name, str) or name not in TARGETS or name == "balancing":
+            problems.append(f"{key}: not an architecture or MoE layer field")
+            continue
+        if name in known:
+            problems.append(f"{key}: already defined")
+            continue
+        try:
+            expr = parse_expression(text)
+        except ExpressionError as e:
+            problems.append(f"{key}: {e}")
+            continue
+        unknown = sorted(expr.names - known)
+        if unknown:
+            problems.append(f"{key}: unknown name {unknown[0]!r} (use parameters or earlier derived values)")
+            continue
+        out.append((name, expr))
+        known = known | {name}
+    return tuple(out)
+
+
+def _parse_constraints(raw: object, known: set[str], problems: list[str]) -> tuple:
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        problems.append("search_space.constraints: expected a list of expressions")
+        return ()
+    out = []
+    for i, text in enumerate(raw):
+        key = f"search_space.constraints[{i}]"
+        try:
+            expr = parse_expression(text)
+        except ExpressionError as e:
+            problems.append(f"{key}: {e}")
+            continue
+        unknown = sorted(expr.names - known)
+        if unknown:
+            problems.append(f"{key}: unknown name {unknown[0]!r} in {expr.text!r}")
+            continue
+        out.append(expr)
+    return tuple(out)
+
+
+def _parse_reference(raw: object, params: tuple[Param, ...], problems: list[str]) -> dict | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append("search_space.reference: expected a mapping of parameter -> value")
+        return None
+    by_name = {p.name: p for p in params}
+    for name in raw:
+        if name not in by_name:
+            problems.append(f"search_space.reference.{name}: not a parameter of this space")
+    values: dict[str, Any] = {}
+    for p in params:
+        if not p.active(values):
+            continue
+        if p.name not in raw:
+            problems.append(f"search_space.reference.{p.name}: missing (the parameter is active)")
+            continue
+        if not p.contains(raw[p.name]):
+            problems.append(f"search_space.reference.{p.name}: {raw[p.name]!r} is outside the parameter's range")
+            continue
+        values[p.name] = raw[p.name]
+    return values
+
+
+class _ProbeTask:
+    vocab_size, num_classes, seq_len = 256, 0, 64
+
+
+def _check_reference_arch(space: SearchSpace) -> None:
+    values = space.with_derived(space.reference or {})
+    broken = space.violations(values)
+    if broken:
+        raise FuluConfigError([f"search_space.reference: violates constraint {c!r}" for c in broken])
+    try:
+        space.arch(values, _ProbeTask)
+    except FuluConfigError as e:
+        raise FuluConfigError([f"search_space.reference: impossible architecture: {p}" for p in e.problems]) from None

@@ -1,0 +1,150 @@
+"""Where studies and runs live: Optuna storage URLs and MLflow tracking URIs.
+
+``check_*`` validate a URL's form (scheme, driver installed) without touching anything;
+``probe_*`` connect to a remote one, so that a wrong host or password is reported as bad input
+before a study or run is created. Passwords never appear in messages or tracked parameters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ..errors import FuluConfigError
+
+# URL scheme -> the module its SQLAlchemy driver needs.
+_RDB_DRIVERS = {"sqlite": "sqlite3", "postgresql": "psycopg2", "postgresql+psycopg2": "psycopg2",
+                "postgresql+psycopg": "psycopg", "mysql": "MySQLdb", "mysql+pymysql": "pymysql"}
+_TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    if url.startswith("journal:"):
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a database URL (http://...): mask user:pass@ by hand
+        scheme, sep, rest = url.partition("://")
+        if sep and "@" in rest.split("/", 1)[0]:
+            creds, host = rest.split("@", 1)
+            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+        return url
+
+
+def journal_path(url: str) -> Path:
+    """The file of a ``journal:///abs/path`` or ``journal:relative/path`` URL."""
+    return Path(url[len("journal:"):].removeprefix("//"))
+
+
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower()
+
+
+def check_storage_url(url: object) -> None:
+    if not isinstance(url, str) or ":" not in url:
+        raise FuluConfigError(f"study.storage: expected a URL such as sqlite:///path/optuna.db, "
+                              f"postgresql://user:pass@host/db or journal:///path/file.log, got {url!r}")
+    scheme = _scheme(url)
+    if scheme == "journal":
+        path = journal_path(url)
+        if not str(path) or not path.parent.is_dir():
+            raise FuluConfigError(f"study.storage: the folder of journal file {str(path)!r} does not exist")
+        return
+    if scheme not in _RDB_DRIVERS:
+        raise FuluConfigError(f"study.storage: unsupported scheme {scheme!r} in {mask_url(url)!r} (use sqlite, "
+                              f"postgresql, mysql or journal)")
+    _check_rdb_url(url, "study.storage")
+
+
+def _check_rdb_url(url: str, key: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise FuluConfigError(f"{key}: malformed URL {mask_url(url)!r}: {e}") from None
+    module = _RDB_DRIVERS.get(_scheme(url))
+    if module and importlib.util.find_spec(module) is None:
+        raise FuluConfigError(f"{key}: {_scheme(url)} needs the Python module {module!r}, which is not installed")
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            raise FuluConfigError(f"{key}: an in-memory SQLite database cannot be shared; give a file path")
+        if not Path(database).parent.is_dir():
+            raise FuluConfigError(f"{key}: the folder of {database!r} does not exist")
+
+
+def check_tracking_uri(uri: object) -> None:
+    if not isinstance(uri, str) or "://" not in uri:
+        raise FuluConfigError(f"tracking.uri: expected http://host:port or sqlite:///path/mlflow.db, got {uri!r} "
+                              "(MLflow 3 refuses plain folders: its file store is deprecated)")
+    scheme = _scheme(uri)
+    if scheme not in _TRACKING_SCHEMES:
+        raise FuluConfigError(f"tracking.uri: unsupported scheme {scheme!r} (use {', '.join(_TRACKING_SCHEMES)})")
+    if not scheme.startswith("http"):
+        _check_rdb_url(uri, "tracking.uri")
+
+
+def probe_storage(url: str) -> None:
+    """Connect to a remote study storage (no-op for SQLite files and journals)."""
+    if _scheme(url) in ("sqlite", "journal"):
+        return
+    _probe_database(url, "study.storage")
+
+
+def probe_tracking(uri: str) -> None:
+    """Reach a tracking server or database (no-op for SQLite files)."""
+    scheme = _scheme(uri)
+    if scheme == "sqlite":
+        return
+    if scheme.startswith("http"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
+                response.read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise FuluConfigError(f"tracking.uri: cannot reach the MLflow server at {mask_url(uri)}: {e}") from None
+        return
+    _probe_database(uri, "tracking.uri")
+
+
+def _probe_database(url: str, key: str) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10} if "postgresql" in url else {})
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise FuluConfigError(f"{key}: cannot connect to {mask_url(url)}: {reason}") from None
+    finally:
+        engine.dispose()
+
+
+def open_study_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry: int):
+    """Optuna storage for ``url``: an RDB storage with heartbeats (a killed worker's trial is failed
+    and retried by the next worker) or a journal file (no heartbeats: no retry of killed workers)."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    if _scheme(url) == "journal":
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(journal_path(url))))
+    # SQLite serialises writers: wait for the lock instead of failing when workers share a file.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if _scheme(url) == "sqlite" else {"pool_pre_ping": True}
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                          grace_period=grace_period,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+    except Exception as e:  # connection or schema errors from SQLAlchemy/alembic
+        if isinstance(e, optuna.exceptions.OptunaError) or "sqlalchemy" in type(e).__module__:
+            raise FuluConfigError(f"study.storage: cannot open {mask_url(url)}: {e}") from None
+        raise

@@ -1,0 +1,286 @@
+"""The study driver: open (or resume) the Optuna study, run workers until the study has the
+requested number of finished trials, then report the best trial or the Pareto front.
+
+``run_search`` is what ``fulu-nas search`` calls. With ``study.n_workers=1`` the trials run in
+this process; with N it starts N worker processes (``python -m fulu_nas.search.worker``), one
+per GPU when GPUs are visible, all sharing the study's storage, and shows their progress. Workers
+on other hosts join by running the same command against the same ``study.storage``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+
+from ..errors import FuluConfigError
+from .objective import Objective, TrialFailed, counts_toward_total
+from .report import print_summary, summarize
+from .settings import SearchSettings
+from .storage import mask_url, open_study_storage
+from .tracking import Tracker
+
+TrialState = optuna.trial.TrialState
+FINGERPRINT_ATTR = "fulu_fingerprint"
+INTERRUPTED = 130
+
+
+def make_sampler(s: SearchSettings, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    # Workers of one study get different seeds, or their random start-up trials would coincide.
+    seed = s.study.seed + 1000 * worker_index
+    startup = s.study.startup_trials
+    if s.study.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
+                                          constant_liar=True)
+    if s.study.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if s.study.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.study.sampler == "grid":
+        return optuna.samplers.GridSampler(s.space.grid(), seed=seed)
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+
+
+def make_pruner(s: SearchSettings) -> optuna.pruners.BasePruner:
+    if s.study.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=s.study.startup_trials,
+                                           n_warmup_steps=2 * s.train.report_every)
+    if s.study.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=s.train.report_every)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(s: SearchSettings, worker_index: int = 0) -> optuna.Study:
+    """Create the study or load it; a study created with another space, task or budget is refused."""
+    storage = open_study_storage(s.storage_url, s.study.heartbeat_interval, s.study.grace_period,
+                                 s.study.max_retry)
+    study = optuna.create_study(study_name=s.study.name, storage=storage, sampler=make_sampler(s, worker_index),
+                                pruner=make_pruner(s), directions=list(s.study.directions), load_if_exists=True)
+    if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in s.study.directions]:
+        raise FuluConfigError(f"study.objectives: study {s.study.name!r} in {mask_url(s.storage_url)} was created "
+                              "with other objectives; choose another study.name")
+    fingerprint = study.user_attrs.get(FINGERPRINT_ATTR)
+    if fingerprint is None:
+        study.set_user_attr(FINGERPRINT_ATTR, s.fingerprint())
+        study.set_user_attr("search_space", s.space.name)
+        study.set_user_attr("task", s.task_name)
+    elif fingerprint != s.fingerprint():
+        raise FuluConfigError(f"study.name: study {s.study.name!r} in {mask_url(s.storage_url)} was created with "
+                              "another search space, task, budget or objectives; choose another study.name to "
+                              "start a new study, or the original settings to resume it")
+    if s.space.reference is not None and not study.get_trials(deepcopy=False):
+        # The hand-picked default goes first, so every study can say whether the search beat it.
+        study.enqueue_trial(s.space.reference, user_attrs={"reference": True}, skip_if_exists=True)
+    return study
+
+
+def finished_count(study: optuna.Study) -> int:
+    return sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
+
+
+@contextmanager
+def _quiet_optuna():
+    """Our own one-line-per-trial output replaces Optuna's log (which repeats tracebacks of
+    failures whose reasons we record)."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            # group=True, heartbeats and stale-trial retries are marked experimental; we rely on them knowingly.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+class TrialProgress:
+    """A bar over trials: done / total, best so far, and the running trial's step and loss."""
+
+    def __init__(self, s: SearchSettings, study: optuna.Study, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.s, self.study = s, study
+        self.bar = tqdm(total=s.study.n_trials, initial=min(finished_count(study), s.study.n_trials),
+                        desc=f"study {s.study.name}", unit="trial", disable=not enabled, dynamic_ncols=True)
+        self.best = ""
+        self.current = ""
+        self.refresh()
+
+    def on_step(self, number: int, step: int, loss: float) -> None:
+        self.current = f"trial {number}: step {step} loss {loss:.4f}"
+        self._show()
+
+    def refresh(self) -> None:
+        trials = self.study.get_trials(deepcopy=False)
+        done = min(sum(counts_toward_total(t) for t in trials), self.s.study.n_trials)
+        self.bar.update(done - self.bar.n)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if complete and not self.s.study.multi_objective:
+            pick = min if self.s.study.directions[0] == "minimize" else max
+            best = pick(complete, key=lambda t: t.values[0])
+            self.best = f"best {self.s.study.objectives[0]} {best.values[0]:.4g} (trial {best.number})"
+        elif complete:
+            self.best = f"Pareto front: {len(self.study.best_trials)} trials"
+        self._show()
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def _show(self) -> None:
+        self.bar.set_postfix_str(" | ".join(p for p in (self.best, self.current) if p), refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def describe_trial(t: optuna.trial.FrozenTrial, s: SearchSettings) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in t.params.items())
+    if t.state == TrialState.COMPLETE:
+        values = ", ".join(f"{o}={v:.4g}" for o, v in zip(s.study.objectives, t.values, strict=True))
+        note = f" (reused trial {t.user_attrs['cached_from']})" if "cached_from" in t.user_attrs else ""
+        note += " [reference]" if t.user_attrs.get("reference") else ""
+        return f"trial {t.number} complete: {values}{note} | {params}"
+    if t.state == TrialState.PRUNED:
+        if "infeasible" in t.user_attrs:
+            return f"trial {t.number} infeasible, not trained: {t.user_attrs['infeasible']} | {params}"
+        return f"trial {t.number} pruned at step {t.user_attrs.get('pruned_at_step', '?')} | {params}"
+    return f"trial {t.number} failed: {t.user_attrs.get('fail_reason', 'worker stopped')} | {params}"
+
+
+def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) -> int:
+    """Run trials until the study has ``n_trials`` finished ones (counting every worker's).
+    Returns 0, or 130 when interrupted (the current trial is failed and queued again)."""
+    with _quiet_optuna():
+        study = open_study(s, worker_index)
+        tracker = Tracker(s)
+        parent = tracker.parent_run(study)
+        bar = TrialProgress(s, study, enabled=progress)
+        objective = Objective(s, tracker, parent, on_progress=bar.on_step)
+        heartbeat = isinstance(study._storage, optuna.storages.RDBStorage) or hasattr(study._storage,
+                                                                                       "get_heartbeat_interval")
+        attempts, limit = 0, 10 * s.study.n_trials + 50
+        reported: set[int] = set()
+        try:
+            while True:
+                trials = study.get_trials(deepcopy=False)
+                done = sum(counts_toward_total(t) for t in trials)
+                running = sum(t.state == TrialState.RUNNING for t in trials)
+                if done >= s.study.n_trials:
+                    break
+                if heartbeat and done + running >= s.study.n_trials:
+                    # The rest are running elsewhere: wait for them (or for the heartbeat check to
+                    # fail a killed worker's trial, which is then queued again).
+                    time.sleep(1.0)
+                    optuna.storages.fail_stale_trials(study)
+                    bar.refresh()
+                    continue
+                attempts += 1
+                if attempts > limit:
+                    bar.write(f"stopping: {limit} trials started without reaching {s.study.n_trials} finished ones "
+                              "(is most of the space infeasible?)")
+                    break
+                study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
+                for t in study.get_trials(deepcopy=False):
+                    if t.number in objective.started - reported and t.state.is_finished():
+                        reported.add(t.number)
+                        if not _surplus(t):
+                            bar.write(describe_trial(t, s))
+                bar.current = ""
+                bar.refresh()
+        except KeyboardInterrupt:
+            bar.write("interrupted: the running trial was failed and queued again; run the same command to resume")
+            return INTERRUPTED
+        finally:
+            bar.close()
+    return 0
+
+
+def _surplus(t: optuna.trial.FrozenTrial) -> bool:
+    return t.user_attrs.get("fail_reason", "").startswith("surplus")
+
+
+def run_search(s: SearchSettings, progress: bool = True) -> int:
+    """The ``fulu-nas search`` job: run the study here or with N worker processes, then summarise."""
+    s.output_dir.mkdir(parents=True, exist_ok=True)
+    (s.output_dir / "search_config.json").write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir)},
+                                                                indent=2, default=str))
+    if s.study.n_workers == 1:
+        code = run_worker(s, 0, progress=progress)
+    else:
+        code = _run_worker_processes(s, progress)
+    with _quiet_optuna():
+        study = open_study(s)
+        summary = summarize(study, s)
+        tracker = Tracker(s)
+        tracker.finish_study(tracker.parent_run(study), summary)
+    (s.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print_summary(summary, s)
+    return code
+
+
+def _worker_env(index: int) -> dict[str, str]:
+    env = dict(os.environ)
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:
+        gpus = 0
+    if gpus:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+        env["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
+    return env
+
+
+def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
+    # Create the study, its reference trial and the MLflow parent run once, before workers race.
+    with _quiet_optuna():
+        study = open_study(s)
+        Tracker(s).parent_run(study)
+    config = s.output_dir / "search_config.json"
+    procs = []
+    for i in range(s.study.n_workers):
+        log = open(s.output_dir / f"worker-{i}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, "-m", "fulu_nas.search.worker", str(config), str(i)],
+                                       stdout=log, stderr=subprocess.STDOUT, env=_worker_env(i)), log))
+    bar = TrialProgress(s, study, enabled=progress)
+    seen: set[int] = set()
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            time.sleep(1.0)
+            for t in study.get_trials(deepcopy=False):
+                if t.state.is_finished() and t.number not in seen:
+                    seen.add(t.number)
+                    if not _surplus(t):
+                        bar.write(describe_trial(t, s))
+            bar.refresh()
+    except KeyboardInterrupt:
+        for p, _ in procs:
+            p.wait()
+        return INTERRUPTED
+    finally:
+        bar.close()
+        for _, log in procs:
+            log.close()
+    failed = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, INTERRUPTED)]
+    for i in failed:
+        print(f"worker {i} exited with {procs[i][0].returncode}; see {s.output_dir / f'worker-{i}.log'}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def load_worker_settings(config_path: str | Path) -> SearchSettings:
+    from .settings import load_settings
+
+    data = json.loads(Path(config_path).read_text())
+    return load_settings(data["config"], data["output_dir"])

@@ -1,0 +1,146 @@
+"""MLflow tracking of a study: one parent run per study, one nested run per trial.
+
+Everything goes through an explicit :class:`mlflow.MlflowClient` and run ids (no fluent "active
+run" state), so trials run by other processes or hosts nest under the same parent: its id is
+stored on the Optuna study (``mlflow_parent_run_id``) and every worker reads it from there.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .settings import SearchSettings
+from .storage import mask_url
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys (``moe.num_experts``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    def __init__(self, settings: SearchSettings):
+        import mlflow
+
+        self.settings = settings
+        self.client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
+        experiment = self.client.get_experiment_by_name(settings.tracking.experiment)
+        if experiment is None:
+            try:
+                self.experiment_id = self.client.create_experiment(settings.tracking.experiment,
+                                                                   artifact_location=settings.artifact_location)
+            except mlflow.exceptions.MlflowException:  # another worker created it first
+                self.experiment_id = self.client.get_experiment_by_name(settings.tracking.experiment).experiment_id
+        else:
+            self.experiment_id = experiment.experiment_id
+
+    # -- the study's parent run ---------------------------------------------------------------
+    def parent_run(self, study) -> str:
+        """The study's parent run, created on first use and shared through the study."""
+        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if run_id:
+            return run_id
+        s = self.settings
+        run = self.client.create_run(self.experiment_id, run_name=f"study {s.study.name}",
+                                     tags={"fulu.kind": "study", "fulu.study": s.study.name})
+        params = {"study_name": s.study.name, "storage": mask_url(s.storage_url), "search_space": s.space.name,
+                  "task": s.task_name, "sampler": s.study.sampler, "pruner": s.study.pruner,
+                  "objectives": ",".join(s.study.objectives), "n_trials": s.study.n_trials,
+                  **{f"task.{k}": v for k, v in s.task_params.items()},
+                  **{f"trainer.{k}": v for k, v in flatten(s.raw["trainer"]).items()},
+                  **{f"constraint.{k}": v for k, v in s.study.constraints}}
+        self._log_params(run.info.run_id, params)
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_json(Path(tmp) / "search_config.json", s.raw)
+            self.client.log_artifact(run.info.run_id, str(Path(tmp) / "search_config.json"))
+        # Two workers starting at once may both get here: the first id stored wins.
+        study.set_user_attr(PARENT_RUN_ATTR, study.user_attrs.get(PARENT_RUN_ATTR) or run.info.run_id)
+        winner = study.user_attrs[PARENT_RUN_ATTR]
+        if winner != run.info.run_id:
+            self.client.delete_run(run.info.run_id)
+        return winner
+
+    def finish_study(self, parent_id: str, summary: dict) -> None:
+        metrics = {f"best.{k}": v for k, v in summary.get("best_metrics", {}).items() if _is_number(v)}
+        self._log_metrics(parent_id, metrics)
+        for key in ("best_trial", "n_complete", "n_pruned", "n_failed"):
+            if key in summary:
+                self.client.set_tag(parent_id, f"fulu.{key}", str(summary[key]))
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_json(Path(tmp) / "summary.json", summary)
+            self.client.log_artifact(parent_id, str(Path(tmp) / "summary.json"))
+        self.client.set_terminated(parent_id, status="FINISHED")
+
+    # -- trials -------------------------------------------------------------------------------
+    def start_trial(self, parent_id: str, number: int, params: dict, arch: dict, tags: dict) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"trial {number}",
+            tags={"mlflow.parentRunId": parent_id, "fulu.kind": "trial", "fulu.trial": str(number),
+                  "fulu.study": self.settings.study.name, **{k: str(v) for k, v in tags.items()}})
+        self._log_params(run.info.run_id, {**{f"param.{k}": v for k, v in params.items()}, **flatten(arch)})
+        return run.info.run_id
+
+    def log_step(self, run_id: str, step: int, values: dict[str, float]) -> None:
+        self._log_metrics(run_id, values, step=step)
+
+    def log_metrics(self, run_id: str, values: dict[str, Any]) -> None:
+        self._log_metrics(run_id, {k: v for k, v in values.items() if _is_number(v)})
+
+    def log_files(self, run_id: str, files: dict[str, Any], weights=None) -> None:
+        """Text/JSON artifacts by file name, plus the model's weights as safetensors."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                path = Path(tmp) / name
+                if isinstance(content, str):
+                    path.write_text(content)
+                else:
+                    _write_json(path, content)
+                self.client.log_artifact(run_id, str(path))
+            if weights is not None and self.settings.tracking.log_weights:
+                from safetensors.torch import save_model
+
+                path = Path(tmp) / "model.safetensors"
+                save_model(weights, str(path))  # handles the tied embedding / LM head
+                self.client.log_artifact(run_id, str(path))
+
+    def end_trial(self, run_id: str, status: str, tags: dict | None = None) -> None:
+        for k, v in (tags or {}).items():
+            self.client.set_tag(run_id, k, str(v)[:5000])
+        self.client.set_terminated(run_id, status=status)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _write_json(path: Path, content: Any) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,17 @@
+"""A worker process started by ``fulu-nas search study.n_workers=N``:
+``python -m fulu_nas.search.worker <output dir>/search_config.json <worker index>``."""
+
+from __future__ import annotations
+
+import sys
+
+from .study import load_worker_settings, run_worker
+
+
+def main(argv: list[str]) -> int:
+    config, index = argv
+    return run_worker(load_worker_settings(config), int(index), progress=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
