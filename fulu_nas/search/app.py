@@ -23,6 +23,22 @@ _WITH_VALUE = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "
                "--experimental-rerun"}
 
 
+def _flags_first(argv: list[str]) -> list[str]:
+    """Hydra's parser wants flags before the overrides; accept them anywhere."""
+    flags, overrides = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in _WITH_VALUE or arg in ("--cfg", "-c", "--info", "-i"):
+                nxt = next(it, None)
+                if nxt is not None:
+                    flags.append(nxt)
+        else:
+            overrides.append(arg)
+    return flags + overrides
+
+
 def _split(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """Overrides, and the flags with values (``--config-dir DIR`` or ``--config-dir=DIR``)."""
     overrides, flags = [], {}
@@ -112,7 +128,7 @@ def main(argv: list[str]) -> int:
             return BAD_INPUT
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_job)
     saved = sys.argv
-    sys.argv = ["fulu-nas search", *argv]
+    sys.argv = ["fulu-nas search", *_flags_first(argv)]
     try:
         app()
     except SystemExit as e:

@@ -112,9 +112,9 @@ class Objective:
                     step_metrics[f"train/layer{i}/{k}"] = layer[k]
             self.tracker.log_step(run_id, report.step, step_metrics)
             self.on_progress(trial.number, report.step, report.loss)
-            if self.prune:
+            if not self.s.study.multi_objective:  # Optuna keeps no intermediate values for several objectives
                 trial.report(ema, report.step)
-                if trial.should_prune():
+                if self.prune and trial.should_prune():
                     trial.set_user_attr("pruned_at_step", report.step)
                     raise optuna.TrialPruned(f"pruned at step {report.step} (smoothed loss {ema:.4g})")
 

@@ -5,6 +5,7 @@ these, never a DictConfig. :func:`load_settings` lists every problem, naming its
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Mapping
@@ -116,6 +117,7 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSetti
             value = {}
         sections[name] = dict(value)
 
+    raw = copy.deepcopy(sections)  # the parsers below consume their sections
     task, task_name, task_params = _task(sections["task"], problems)
     space = _collect(problems, lambda: parse_space(sections["search_space"]))
     train, cost = _trainer(sections["trainer"], problems)
@@ -126,7 +128,7 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSetti
     if problems:
         raise FuluConfigError(problems)
     return SearchSettings(task_name, task_params, space, study, train, cost, tracking, Path(output_dir),
-                          raw={k: sections[k] for k in sorted(_SECTIONS)}, task=task)
+                          raw=raw, task=task)
 
 
 def _collect(problems: list[str], make):

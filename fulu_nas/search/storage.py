@@ -7,15 +7,12 @@ before a study or run is created. Passwords never appear in messages or tracked 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from ..errors import FuluConfigError
 
-# URL scheme -> the module its SQLAlchemy driver needs.
-_RDB_DRIVERS = {"sqlite": "sqlite3", "postgresql": "psycopg2", "postgresql+psycopg2": "psycopg2",
-                "postgresql+psycopg": "psycopg", "mysql": "MySQLdb", "mysql+pymysql": "pymysql"}
-_TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
+_RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+pymysql")
+_TRACKING_SCHEMES = ("http", "https", *_RDB_SCHEMES)
 
 
 def mask_url(url: str) -> str:
@@ -53,7 +50,7 @@ def check_storage_url(url: object) -> None:
         if not str(path) or not path.parent.is_dir():
             raise FuluConfigError(f"study.storage: the folder of journal file {str(path)!r} does not exist")
         return
-    if scheme not in _RDB_DRIVERS:
+    if scheme not in _RDB_SCHEMES:
         raise FuluConfigError(f"study.storage: unsupported scheme {scheme!r} in {mask_url(url)!r} (use sqlite, "
                               f"postgresql, mysql or journal)")
     _check_rdb_url(url, "study.storage")
@@ -67,9 +64,11 @@ def _check_rdb_url(url: str, key: str) -> None:
         parsed = make_url(url)
     except ArgumentError as e:
         raise FuluConfigError(f"{key}: malformed URL {mask_url(url)!r}: {e}") from None
-    module = _RDB_DRIVERS.get(_scheme(url))
-    if module and importlib.util.find_spec(module) is None:
-        raise FuluConfigError(f"{key}: {_scheme(url)} needs the Python module {module!r}, which is not installed")
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as e:
+        raise FuluConfigError(f"{key}: {parsed.drivername} needs the Python module {e.name!r}, which is not "
+                              "installed") from None
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database in ("", ":memory:"):

@@ -227,8 +227,10 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
     return code
 
 
-def _worker_env(index: int) -> dict[str, str]:
+def _worker_env(index: int, n_workers: int) -> dict[str, str]:
     env = dict(os.environ)
+    # Share the CPU cores between workers instead of oversubscribing them.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_workers)))
     try:
         import torch
 
@@ -251,8 +253,9 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
     procs = []
     for i in range(s.study.n_workers):
         log = open(s.output_dir / f"worker-{i}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, "-m", "fulu_nas.search.worker", str(config), str(i)],
-                                       stdout=log, stderr=subprocess.STDOUT, env=_worker_env(i)), log))
+        command = [sys.executable, "-m", "fulu_nas.search.worker", str(config), str(i)]
+        env = _worker_env(i, s.study.n_workers)
+        procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     bar = TrialProgress(s, study, enabled=progress)
     seen: set[int] = set()
     try:

@@ -1,0 +1,50 @@
+"""``fulu-nas ui``: the MLflow UI of a search, on 127.0.0.1.
+
+``fulu-nas ui outputs/<study>`` opens the search's embedded tracking database
+(``<dir>/mlflow.db``); ``--tracking-uri`` opens any other backend store. The study itself can be
+browsed with optuna-dashboard: ``optuna-dashboard sqlite:///outputs/<study>/optuna.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+BAD_INPUT = 2
+
+
+def build_command(args: argparse.Namespace) -> list[str]:
+    if args.tracking_uri:
+        uri = args.tracking_uri
+    else:
+        db = Path(args.output_dir) / "mlflow.db"
+        if not db.is_file():
+            raise FileNotFoundError(f"no MLflow database at {db} (is {args.output_dir!r} the output folder of a "
+                                    "search? it is printed at the end of `fulu-nas search`)")
+        uri = f"sqlite:///{db.resolve()}"
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+            "--port", str(args.port)]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fulu-nas ui", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", nargs="?", default=".", help="a search's output folder (default: .)")
+    parser.add_argument("--tracking-uri", help="an MLflow backend store URI instead of <output_dir>/mlflow.db")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    try:
+        args = parser.parse_args(argv)
+        command = build_command(args)
+    except SystemExit as e:
+        return BAD_INPUT if e.code else 0
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
+    print(f"MLflow UI: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0

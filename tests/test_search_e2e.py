@@ -1,0 +1,179 @@
+"""End-to-end searches in temp dirs: the study, its MLflow runs, resume, the duplicate cache,
+a worker killed mid-trial, and two workers sharing a study on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from fulu_nas.cli import main
+
+from . import postgres
+
+pytestmark = pytest.mark.slow
+TrialState = optuna.trial.TrialState
+
+
+def run_search(out: Path, *overrides: str) -> int:
+    return main(["search", "+experiment=tiny", f"hydra.run.dir={out}", *overrides])
+
+
+def load_study(out: Path, name: str = "tiny-clusters", storage: str | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{out / 'optuna.db'}")
+
+
+def mlflow_runs(tracking_uri: str, experiment: str):
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("fulu.kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("fulu.kind") == "trial"]
+    return client, parents, trials
+
+
+def test_tiny_search_end_to_end_then_resume(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=4") == 0
+    study = load_study(out)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len([t for t in finished if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 4
+    reference = study.trials[0]
+    assert reference.user_attrs["reference"] and reference.state == TrialState.COMPLETE
+    assert reference.params == {"router": "topk", "num_experts": 4, "top_k": 2, "expert_ffn_size": 32}
+
+    client, parents, trials = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["search_space"] == "tiny" and parent.data.params["task"] == "clusters"
+    assert parent.data.params["sampler"] == "tpe" and parent.data.params["storage"].startswith("sqlite:///")
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    by_number = {int(r.data.tags["fulu.trial"]): r for r in trials}
+    for t in complete:
+        run = by_number[t.number]
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["loss"] == pytest.approx(t.values[0])
+        for key in ("metric", "routing_accuracy", "load_balance", "latency_ms", "throughput", "peak_memory_mb",
+                    "active_params"):
+            assert key in run.data.metrics
+        assert run.data.params["moe.router"] == t.params["router"]
+        if "cached_from" not in t.user_attrs:
+            history = client.get_metric_history(run.info.run_id, "train/loss")
+            assert len(history) >= 2 and sorted(m.step for m in history) == [m.step for m in history]
+            assert client.get_metric_history(run.info.run_id, "train/layer0/load_balance")
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"arch.yaml", "model.safetensors", "evaluation.json", "cost.json"} <= artifacts
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_finished"] == 4 and summary["reference"]["number"] == 0
+    assert (out / ".hydra" / "config.yaml").is_file()
+
+    # Resume: the same study gains trials up to the new total, under the same parent run.
+    assert run_search(out, "study.n_trials=6") == 0
+    study = load_study(out)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 6
+    _, parents, trials = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]
+    assert len(trials) == len([t for t in study.trials if "infeasible" not in t.user_attrs])
+
+
+def test_resuming_with_another_space_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=1") == 0
+    capsys.readouterr()
+    assert run_search(out, "study.n_trials=2", "search_space.base.hidden_size=64") == 2
+    assert "study.name" in capsys.readouterr().err
+    assert len(load_study(out).trials) == 1
+
+
+def test_identical_architectures_are_trained_once(tmp_path, monkeypatch):
+    conf = tmp_path / "conf" / "search_space"
+    conf.mkdir(parents=True)
+    space = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "tiny.yaml").read_text())
+    space.update(name="one", params={"top_k": {"type": "categorical", "choices": [1, 2]}}, reference={"top_k": 2})
+    (conf / "one.yaml").write_text(yaml.safe_dump(space))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["search", "+experiment=tiny", "--config-dir", str(tmp_path / "conf"), "search_space=one",
+                 f"hydra.run.dir={out}", "study.n_trials=5", "study.pruner=none"]) == 0
+    study = load_study(out, "one-clusters")
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 5
+    trained = [t for t in complete if "cached_from" not in t.user_attrs]
+    assert sorted(t.params["top_k"] for t in trained) == [1, 2]
+    for t in complete:
+        if "cached_from" in t.user_attrs:
+            source = study.trials[t.user_attrs["cached_from"]]
+            assert source.params == t.params and source.values == t.values
+            assert t.user_attrs["weights_run_id"] == source.user_attrs["weights_run_id"]
+    _, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "one-clusters")
+    assert sum("fulu.cached_from_trial" in r.data.tags for r in runs) == 3
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from fulu_nas.cli import main; sys.exit(main())", *args]
+
+
+def test_a_worker_killed_mid_trial_is_recovered_on_resume(tmp_path):
+    out = tmp_path / "out"
+    args = _cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=2", "study.pruner=none",
+                "trainer.max_seconds=null", "trainer.steps=400", "study.heartbeat_interval=1",
+                "study.grace_period=2")
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    deadline = time.time() + 120
+    killed = None
+    while time.time() < deadline and killed is None and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            study = optuna.load_study(study_name="tiny-clusters", storage=storage)
+        except Exception:  # not created yet
+            continue
+        running = [t for t in study.trials if t.state == TrialState.RUNNING and t.intermediate_values]
+        if running:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = running[0].number
+    proc.wait()
+    assert killed is not None, "no trial was seen running"
+    assert optuna.load_study(study_name="tiny-clusters", storage=storage).trials[killed].state == TrialState.RUNNING
+
+    assert subprocess.run(args, cwd=tmp_path, capture_output=True).returncode == 0
+    study = optuna.load_study(study_name="tiny-clusters", storage=storage)
+    assert study.trials[killed].state == TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == study.trials[killed].params
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
+
+
+@pytest.mark.skipif(not postgres.available(), reason="PostgreSQL is not installed")
+def test_two_workers_share_a_study_on_postgresql(tmp_path):
+    out = tmp_path / "out"
+    with postgres.postgres_server(("optuna", "mlflow")) as urls:
+        result = subprocess.run(_cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=6",
+                                     "study.n_workers=2", "study.pruner=none", f"study.storage={urls['optuna']}",
+                                     f"tracking.uri={urls['mlflow']}"), cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        study = optuna.load_study(study_name="tiny-clusters", storage=urls["optuna"])
+        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        assert len(complete) == 6
+        others = [t for t in study.trials if t.state != TrialState.COMPLETE]
+        assert all(t.user_attrs.get("fail_reason", "").startswith("surplus") for t in others)
+        # Both workers ran trials, and every trial nests under the one parent run.
+        logs = [(out / f"worker-{i}.log").read_text() for i in range(2)]
+        assert all("complete" in log for log in logs), logs
+        _, parents, runs = mlflow_runs(urls["mlflow"], "tiny-clusters")
+        assert len(parents) == 1
+        assert sorted(int(r.data.tags["fulu.trial"]) for r in runs) == sorted(t.number for t in complete)
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}

@@ -1,0 +1,182 @@
+"""Search spaces: parsing, validation (every problem names its key), sampling with conditions,
+derived values and constraints, and the shipped spaces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fulu_nas.errors import FuluConfigError
+from fulu_nas.search.expressions import ExpressionError, parse_expression
+from fulu_nas.search.space import parse_space
+from fulu_nas.tasks import build_task
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((SPACES / f"{name}.yaml").read_text())
+
+
+def problems_of(data) -> list[str]:
+    with pytest.raises(FuluConfigError) as e:
+        parse_space(data)
+    return e.value.problems
+
+
+@pytest.mark.parametrize("name", ["default", "routers", "scaling", "tiny"])
+def test_shipped_spaces_parse_and_their_reference_builds(name):
+    space = parse_space(load(name))
+    assert space.name == name and space.reference is not None
+    task = build_task("pimoe_mix")
+    arch = space.arch(space.with_derived(space.reference), task)
+    assert arch.vocab_size == task.vocab_size and arch.max_seq_len == task.seq_len
+
+
+def test_default_space_covers_what_the_issue_lists():
+    space = parse_space(load("default"))
+    params = {p.name: p for p in space.params}
+    assert set(params["router"].choices) == {"topk", "expert_choice", "hash", "hierarchical", "attention"}
+    assert (params["num_experts"].low, params["num_experts"].high) == (4, 64)
+    assert (params["hierarchy_depth"].low, params["hierarchy_depth"].high) == (1, 3)
+    assert {"top_k", "top_p", "num_shared_experts", "expert_ffn_size", "balancing"} <= params.keys()
+
+
+def test_scaling_space_keeps_active_width_fixed():
+    space = parse_space(load("scaling"))
+    for p in space.params:
+        if p.name == "top_k":
+            for k in p.choices:
+                values = space.with_derived({"top_k": k, "num_experts": 256, "router": "topk"})
+                assert values["top_k"] * values["expert_ffn_size"] == 256
+
+
+def sample_many(space, n=60, seed=0):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append(space.sample(trial))
+        study.tell(trial, 0.0)
+    return out
+
+
+def test_conditional_parameters_are_sampled_only_when_their_condition_holds():
+    space = parse_space(load("default"))
+    samples = sample_many(space)
+    for v in samples:
+        assert ("hierarchy_depth" in v) == (v["router"] == "hierarchical")
+        assert ("attention_context" in v) == (v["router"] == "attention")
+        assert ("top_p" in v) == (v["router"] in ("topk", "hierarchical", "attention"))
+        assert v["num_experts"] % 4 == 0 and 4 <= v["num_experts"] <= 64
+    assert {v["router"] for v in samples} == {"topk", "expert_choice", "hash", "hierarchical", "attention"}
+
+
+def test_constraints_flag_violations_and_skip_inactive_names():
+    space = parse_space({"params": {"num_experts": {"type": "int", "low": 1, "high": 8},
+                                    "router": {"type": "categorical", "choices": ["topk", "hierarchical"]},
+                                    "hierarchy_depth": {"type": "int", "low": 1, "high": 3,
+                                                        "when": {"router": "hierarchical"}},
+                                    "top_k": {"type": "int", "low": 1, "high": 4}},
+                         "constraints": ["top_k <= num_experts", "hierarchy_depth < 3 or num_experts >= 8"]})
+    assert space.violations({"num_experts": 2, "top_k": 4, "router": "topk"}) == ["top_k <= num_experts"]
+    assert space.violations({"num_experts": 4, "top_k": 1, "router": "topk"}) == []
+    assert space.violations({"num_experts": 4, "top_k": 1, "router": "hierarchical", "hierarchy_depth": 3}) == [
+        "hierarchy_depth < 3 or num_experts >= 8"]
+
+
+def test_sampled_values_become_the_architecture():
+    space = parse_space(load("default"))
+    task = build_task("clusters")
+    arch = space.arch({"router": "hierarchical", "num_experts": 16, "hierarchy_depth": 2, "top_k": 2,
+                       "top_p": None, "num_shared_experts": 1, "expert_ffn_size": 128, "balancing": "aux_loss"}, task)
+    assert (arch.moe.router, arch.moe.num_experts, arch.moe.hierarchy_depth) == ("hierarchical", 16, 2)
+    assert (arch.moe.num_shared_experts, arch.moe.expert_ffn_size, arch.moe.aux_loss_coef) == (1, 128, 0.01)
+    assert (arch.hidden_size, arch.num_layers, arch.num_classes) == (64, 2, task.num_classes)
+
+
+def test_impossible_architecture_is_a_config_error():
+    space = parse_space(load("default"))
+    with pytest.raises(FuluConfigError, match="hierarchy"):
+        space.arch({"router": "hierarchical", "num_experts": 4, "hierarchy_depth": 3, "top_k": 1,
+                    "expert_ffn_size": 32, "balancing": "none"}, build_task("clusters"))
+
+
+def test_grid_lists_discrete_values_and_refuses_continuous_floats():
+    space = parse_space(load("tiny"))
+    assert space.grid() == {"router": ["topk", "hash"], "num_experts": [2, 4], "top_k": [1, 2],
+                            "expert_ffn_size": [16, 32]}
+    cont = parse_space({"params": {"router_jitter": {"type": "float", "low": 0.0, "high": 0.1}}})
+    with pytest.raises(FuluConfigError, match="params.router_jitter"):
+        cont.grid()
+
+
+# Each malformed space, and the key its message must name.
+MALFORMED = [
+    ({"params": {"num_experts": {"type": "integer", "low": 1, "high": 4}}}, "params.num_experts.type"),
+    ({"params": {"num_experts": {"type": "int", "low": 8, "high": 4}}}, "params.num_experts"),
+    ({"params": {"num_experts": {"type": "int", "low": 1}}}, "params.num_experts.high"),
+    ({"params": {"router": {"type": "categorical", "choices": []}}}, "params.router.choices"),
+    ({"params": {"expert_count": {"type": "int", "low": 1, "high": 4}}}, "params.expert_count"),
+    ({"params": {"lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}}, "params.lr"),
+    ({"params": {"hierarchy_depth": {"type": "int", "low": 1, "high": 3, "when": {"router": "hierarchical"}}}},
+     "params.hierarchy_depth.when.router"),
+    ({"params": {"router": {"type": "categorical", "choices": ["topk"]},
+                 "hierarchy_depth": {"type": "int", "low": 1, "high": 3, "when": {"router": "hierarchical"}}}},
+     "params.hierarchy_depth.when.router"),
+    ({"params": {"top_k": {"type": "int", "low": 1, "high": 4}}, "constraints": ["top_k <= num_experts"]},
+     "constraints[0]"),
+    ({"constraints": ["__import__('os').system('true')"]}, "constraints[0]"),
+    ({"derived": {"expert_ffn_size": "512 // top_k"}}, "derived.expert_ffn_size"),
+    ({"params": {"balancing": {"type": "categorical", "choices": ["magic"]}}}, "params.balancing.choices"),
+    ({"base": {"vocab_size": 10}}, "base.vocab_size"),
+    ({"base": {"moe": {"num_expert": 8}}}, "base.moe.num_expert"),
+    ({"paramz": {}}, "search_space.paramz"),
+    ({"params": {"top_k": {"type": "int", "low": 1, "high": 4}}, "reference": {"top_k": 9}}, "reference.top_k"),
+    ({"params": {"num_experts": {"type": "int", "low": 1, "high": 9, "step": 2}}, "reference": {"num_experts": 2}},
+     "reference.num_experts"),
+    ({"params": {"top_k": {"type": "int", "low": 1, "high": 10, "step": 4}}}, "params.top_k.step"),
+    ({"base": {"hidden_size": 60, "num_heads": 4}, "params": {"top_k": {"type": "int", "low": 1, "high": 2}},
+      "reference": {"top_k": 1}}, "reference"),
+]
+
+
+@pytest.mark.parametrize("data,key", MALFORMED, ids=[k for _, k in MALFORMED])
+def test_malformed_spaces_name_the_key(data, key):
+    problems = problems_of(data)
+    assert any(key in p for p in problems), problems
+
+
+def test_every_problem_is_listed_at_once():
+    problems = problems_of({"params": {"num_experts": {"type": "int", "low": 8, "high": 4},
+                                       "router": {"type": "categorical", "choices": []}},
+                            "constraints": ["top_k <="], "extra": 1})
+    assert len(problems) == 4
+
+
+def test_expressions_are_arithmetic_only():
+    assert parse_expression("min(top_k, 4) * 2 <= num_experts")({"top_k": 8, "num_experts": 8})
+    for bad in ("open('x')", "x.__class__", "[1, 2]", "lambda: 1", "", 3):
+        with pytest.raises(ExpressionError):
+            parse_expression(bad)
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True), st.text(max_size=6))
+keys = st.sampled_from(["params", "base", "derived", "constraints", "reference", "router", "num_experts", "top_k",
+                        "type", "choices", "low", "high", "log", "step", "when", "moe", "hierarchy_depth", "x"])
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(keys, inner, max_size=5)), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(values, st.dictionaries(keys, values, max_size=6)))
+def test_the_parser_raises_nothing_but_config_errors(data):
+    try:
+        parse_space(data)
+    except FuluConfigError as e:
+        assert e.problems and all(isinstance(p, str) and p for p in e.problems)
