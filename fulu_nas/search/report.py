@@ -20,7 +20,7 @@ def _row(t: optuna.trial.FrozenTrial) -> dict:
 
 
 def _feasible(t: optuna.trial.FrozenTrial) -> bool:
-    return all(c <= 0 for c in t.system_attrs.get("constraints", []) or [])
+    return all(c <= 0 for c in t.constraints.values())
 
 
 def summarize(study: optuna.Study, s: SearchSettings) -> dict:

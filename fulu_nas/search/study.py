@@ -197,7 +197,9 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) 
                 bar.current = ""
                 bar.refresh()
         except KeyboardInterrupt:
-            bar.write("interrupted: the running trial was failed and queued again; run the same command to resume")
+            bar.close()
+            print("interrupted: the running trial was failed and queued again; run the same command to resume",
+                  file=sys.stderr)
             return INTERRUPTED
         finally:
             bar.close()

@@ -1,0 +1,163 @@
+"""How trials end: failures with reasons (out of memory, divergence) while the study goes on,
+Ctrl-C, the samplers, multi-objective Pareto fronts, constraints, and the MLflow UI command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pytest
+import torch
+
+import fulu_nas.search.objective as objective_module
+from fulu_nas.cli import main
+from fulu_nas.train import TrainingDiverged
+
+from .test_search_e2e import _cli, load_study, run_search
+
+pytestmark = pytest.mark.slow
+TrialState = optuna.trial.TrialState
+
+
+@pytest.mark.parametrize("error,reason", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out of memory"),
+    (TrainingDiverged(12, float("nan"), "not finite"), "diverged: training diverged at step 12"),
+])
+def test_a_failing_trial_records_its_reason_and_the_study_goes_on(error, reason, tmp_path, monkeypatch):
+    real_train = objective_module.train
+    calls = []
+
+    def flaky_train(model, task, cfg, callback=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real_train(model, task, cfg, callback)
+
+    monkeypatch.setattr(objective_module, "train", flaky_train)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=3", "study.pruner=none") == 0
+    study = load_study(out)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["fail_reason"].startswith(reason)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_failed"] == 1 and summary["n_finished"] == 3
+
+
+def test_ctrl_c_fails_the_running_trial_and_the_study_resumes(tmp_path):
+    out = tmp_path / "out"
+    args = _cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=2", "study.pruner=none",
+                "trainer.max_seconds=null", "trainer.steps=400")
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    interrupted = None
+    deadline = time.time() + 120
+    while time.time() < deadline and interrupted is None and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            study = optuna.load_study(study_name="tiny-clusters", storage=storage)
+        except Exception:
+            continue
+        running = [t for t in study.trials if t.state == TrialState.RUNNING and t.intermediate_values]
+        if running:
+            proc.send_signal(signal.SIGINT)
+            interrupted = running[0].number
+    _, err = proc.communicate(timeout=120)
+    assert interrupted is not None
+    assert proc.returncode == 130, err
+    assert "run the same command to resume" in err
+    study = optuna.load_study(study_name="tiny-clusters", storage=storage)
+    stopped = study.trials[interrupted]
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
+    queued = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert len(queued) == 1 and queued[0].system_attrs["fixed_params"] == stopped.params
+
+    assert subprocess.run(args, cwd=tmp_path, capture_output=True).returncode == 0
+    study = optuna.load_study(study_name="tiny-clusters", storage=storage)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
+    assert any(t.user_attrs.get("retry_of") == interrupted and t.state == TrialState.COMPLETE for t in study.trials)
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "random", "grid", "gp"])
+def test_every_sampler_runs_a_study(sampler, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, f"study.sampler={sampler}", "study.n_trials=3", "study.pruner=none",
+                      f"study.name=tiny-{sampler}") == 0
+    study = load_study(out, f"tiny-{sampler}")
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
+
+
+def test_hyperband_pruner_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.pruner=hyperband", "study.n_trials=4") == 0
+    study = load_study(out)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 4
+
+
+def test_multi_objective_study_reports_the_pareto_front(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study=multi_objective", "study.n_trials=4") == 0
+    assert "Pareto front" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objectives"] == ["loss", "latency_ms"] and summary["pareto_front"]
+    study = load_study(out)
+    front = {t.number for t in study.best_trials}
+    assert {r["number"] for r in summary["pareto_front"]} == front
+    for r in summary["pareto_front"]:
+        assert len(r["values"]) == 2 and r["values"][1] == pytest.approx(r["metrics"]["latency_ms"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_constraints_mark_trials_infeasible_and_the_ui_serves_the_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=2", "study.constraints={active_params:100}") == 0
+    assert "no feasible complete trial" in capsys.readouterr().out
+    study = load_study(out)
+    for t in study.trials:
+        assert t.state == TrialState.COMPLETE
+        assert t.constraints == {"active_params": pytest.approx(t.user_attrs["metrics"]["active_params"] - 100)}
+
+    port = _free_port()
+    ui = subprocess.Popen(_cli("ui", str(out), "--port", str(port)), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        body = None
+        deadline = time.time() + 90
+        while time.time() < deadline and body is None:
+            time.sleep(1)
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                                 data=json.dumps({"max_results": 10}).encode(),
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    body = json.loads(response.read())
+            except OSError:
+                assert ui.poll() is None, "fulu-nas ui exited"
+        assert body is not None, "the MLflow UI did not answer"
+        assert "tiny-clusters" in {e["name"] for e in body["experiments"]}
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+
+
+def test_search_help_via_the_console_script_exits_0():
+    result = subprocess.run([sys.executable, "-m", "fulu_nas.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "search" in result.stdout
+    assert main(["nonsense"]) == 2
