@@ -177,3 +177,36 @@ def test_two_workers_share_a_study_on_postgresql(tmp_path):
         assert len(parents) == 1
         assert sorted(int(r.data.tags["fulu.trial"]) for r in runs) == sorted(t.number for t in complete)
         assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+
+
+def test_journal_storage_with_two_local_workers(tmp_path):
+    out, journal = tmp_path / "out", tmp_path / "optuna-journal.log"
+    result = subprocess.run(_cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=4",
+                                 "study.n_workers=2", "study.pruner=none", f"study.storage=journal://{journal}"),
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    study = optuna.load_study(study_name="tiny-clusters", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 4
+    assert not (out / "optuna.db").exists()
+    # Both workers logged to the one embedded MLflow database, under one parent run.
+    _, parents, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    assert len(parents) == 1 and len(runs) >= 4
+
+
+def test_local_workers_are_pinned_one_per_gpu(monkeypatch):
+    import torch
+
+    from fulu_nas.search.study import _worker_env
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [_worker_env(i, 4)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0", "1", "0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert [_worker_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["4", "6"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = _worker_env(0, 2)
+    assert "CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] == "4,6"
+    assert int(env["OMP_NUM_THREADS"]) >= 1

@@ -101,6 +101,7 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", run_id)
         model = None
         smoothed: list[float] = []
+        routing_history: list[dict] = []  # per report: each MoE layer's tokens per expert
 
         def on_report(report: StepReport) -> None:
             ema = report.loss if not smoothed else 0.8 * smoothed[-1] + 0.2 * report.loss
@@ -111,6 +112,8 @@ class Objective:
                 for k in ("load_balance", "max_vio", "cv", "router_entropy", "utilisation", "dropped_share"):
                     step_metrics[f"train/layer{i}/{k}"] = layer[k]
             self.tracker.log_step(run_id, report.step, step_metrics)
+            routing_history.append({"step": report.step, "tokens_per_expert": [layer["tokens_per_expert"]
+                                                                               for layer in report.layers]})
             self.on_progress(trial.number, report.step, report.loss)
             if not self.s.study.multi_objective:  # Optuna keeps no intermediate values for several objectives
                 trial.report(ema, report.step)
@@ -135,7 +138,8 @@ class Objective:
             trial.set_user_attr("weights_run_id", run_id)
             self.tracker.log_metrics(run_id, metrics)
             self.tracker.log_files(run_id, {"arch.yaml": arch.to_yaml(), "evaluation.json": quality,
-                                            "cost.json": cost}, weights=model)
+                                            "cost.json": cost, "routing_history.json": routing_history},
+                                   weights=model)
             self.tracker.end_trial(run_id, "FINISHED")
             return objectives[0] if len(objectives) == 1 else objectives
         except optuna.TrialPruned as e:
