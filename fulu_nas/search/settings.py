@@ -92,8 +92,11 @@ class SearchSettings:
 
     @property
     def artifact_location(self) -> str | None:
-        """Where a new experiment keeps artifacts (local default only; a server decides its own)."""
-        return None if self.tracking.uri else (self.output_dir / "mlartifacts").resolve().as_uri()
+        """Where a new experiment keeps artifacts: a tracking server decides its own; with a database
+        URI (no server) they go to this run's folder, not MLflow's default ``./mlruns``."""
+        if self.tracking.uri and self.tracking.uri.startswith(("http://", "https://")):
+            return None
+        return (self.output_dir / "mlartifacts").resolve().as_uri()
 
     def fingerprint(self) -> str:
         """What must not change when a study resumes: space, task, budget, objectives."""

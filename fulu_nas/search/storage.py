@@ -127,9 +127,13 @@ def _probe_database(url: str, key: str) -> None:
         engine.dispose()
 
 
-def open_study_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry: int):
-    """Optuna storage for ``url``: an RDB storage with heartbeats (a killed worker's trial is failed
-    and retried by the next worker) or a journal file (no heartbeats: no retry of killed workers)."""
+def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                       max_retry: int = 0):
+    """Optuna storage for ``url``: an RDB storage, with heartbeats when ``heartbeat_interval`` is
+    given (a killed worker's trial is then failed and retried by the next worker), or a journal
+    file (no heartbeats: no retry of killed workers)."""
+    import warnings
+
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -139,10 +143,15 @@ def open_study_storage(url: str, heartbeat_interval: int, grace_period: int, max
         return JournalStorage(JournalFileBackend(str(journal_path(url))))
     # SQLite serialises writers: wait for the lock instead of failing when workers share a file.
     engine_kwargs = {"connect_args": {"timeout": 60}} if _scheme(url) == "sqlite" else {"pool_pre_ping": True}
+    heartbeat = {}
+    if heartbeat_interval:
+        heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
+                     "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=max_retry)}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                          grace_period=grace_period,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+        with warnings.catch_warnings():
+            # Heartbeats and their retry callback are marked experimental; we rely on them knowingly.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except Exception as e:  # connection or schema errors from SQLAlchemy/alembic
         if isinstance(e, optuna.exceptions.OptunaError) or "sqlalchemy" in type(e).__module__:
             raise FuluConfigError(f"study.storage: cannot open {mask_url(url)}: {e}") from None

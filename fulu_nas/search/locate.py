@@ -1,0 +1,97 @@
+"""Find an existing study from command-line overrides, for the commands that read one
+(``fulu-nas export``, ``fulu-nas dashboard``).
+
+``study.name=NAME`` (plus ``study.storage=``, ``tracking.uri=`` or ``hydra.run.dir=`` when the
+search used them) is composed with the same Hydra config as ``fulu-nas search``, so a study is
+found where the search put it: ``outputs/NAME/optuna.db`` by default. The search's full
+configuration comes back too (from ``search_config.json`` in its folder, or the parent MLflow
+run's artifact when the study lives on a server), as :class:`~fulu_nas.search.SearchSettings`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import FuluConfigError
+from .settings import SearchSettings, load_settings
+from .storage import mask_url
+
+
+@dataclass(frozen=True)
+class StudyLocation:
+    name: str
+    storage_url: str
+    tracking_uri: str
+    output_dir: Path
+
+
+def split_options(argv: list[str], options: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """``key=value`` arguments whose key is one of ``options`` (the command's own), and the rest
+    (Hydra overrides). Defaults come from ``options``."""
+    own, rest = dict(options), []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key in options:
+            own[key] = value
+        else:
+            rest.append(arg)
+    return own, rest
+
+
+def locate_study(overrides: list[str]) -> StudyLocation:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .app import compose_config
+
+    if not any(o.startswith("study.name=") for o in overrides):
+        raise FuluConfigError("study.name: which study? pass study.name=NAME (the name `fulu-nas search` printed)")
+    try:
+        cfg, output_dir = compose_config([o for o in overrides if not o.startswith("-")])
+    except (HydraException, OmegaConfBaseException) as e:
+        raise FuluConfigError(f"configuration: {str(e).strip()}") from None
+    name = cfg["study"]["name"]
+    output_dir = Path(output_dir)
+    storage = cfg["study"].get("storage") or f"sqlite:///{(output_dir / 'optuna.db').resolve()}"
+    tracking = cfg["tracking"].get("uri") or f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+        raise FuluConfigError(f"study.name: no study database at {storage[len('sqlite:///'):]} (is {name!r} the "
+                              "study name? pass study.storage=... or hydra.run.dir=... if the search used them)")
+    return StudyLocation(name, storage, tracking, output_dir)
+
+
+def load_study(location: StudyLocation):
+    import optuna
+
+    from .storage import open_study_storage
+
+    storage = open_study_storage(location.storage_url)
+    try:
+        return optuna.load_study(study_name=location.name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise FuluConfigError(f"study.name: no study {location.name!r} in {mask_url(location.storage_url)} "
+                              f"(it has: {', '.join(names) or 'none'})") from None
+
+
+def search_settings(location: StudyLocation, study) -> SearchSettings:
+    """The configuration the study was searched with."""
+    path = location.output_dir / "search_config.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+    else:
+        import mlflow
+
+        from .tracking import PARENT_RUN_ATTR
+
+        parent = study.user_attrs.get(PARENT_RUN_ATTR)
+        if not parent:
+            raise FuluConfigError(f"study.name: study {location.name!r} has no search configuration (no "
+                                  f"{path} and no MLflow parent run)")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.MlflowClient(location.tracking_uri).download_artifacts(parent, "search_config.json", tmp)
+            data = {"config": json.loads(Path(local).read_text())}
+    return load_settings(data["config"], location.output_dir)
