@@ -3,6 +3,7 @@
 The layer library (``fulu_nas.moe``) and the spec's entry point need torch only.
 """
 
+from .export import load  # an exported model directory -> nn.Module (safetensors + YAML, no pickle)
 from .migrate import migrate_from_electra  # torch only: transformers is imported when loading a directory
 from .moe import MoEConfig, PiMoELayer
 from .system import OptimizationLevel, RoutingStrategy, UltimatePiMoESystem, create_ultimate_pimoe_system
@@ -10,5 +11,5 @@ from .system import OptimizationLevel, RoutingStrategy, UltimatePiMoESystem, cre
 __version__ = "0.1.0"
 __all__ = [
     "MoEConfig", "OptimizationLevel", "PiMoELayer", "RoutingStrategy", "UltimatePiMoESystem",
-    "create_ultimate_pimoe_system", "migrate_from_electra",
+    "create_ultimate_pimoe_system", "load", "migrate_from_electra",
 ]

@@ -6,7 +6,9 @@ import sys
 
 COMMANDS = {
     "search": "run or resume a search (Hydra app): fulu-nas search [key=value ...] | --help | --cfg job",
+    "export": "write a trial as a deployable model: fulu-nas export study.name=NAME [trial=best] [out=DIR]",
     "ui": "open the MLflow UI of a search on 127.0.0.1: fulu-nas ui [OUTPUT_DIR | --tracking-uri URI]",
+    "dashboard": "HTML dashboard of a study, logged to MLflow: fulu-nas dashboard study.name=NAME [layout=..] [out=..]",
     "bench": "benchmarks (torch only): fulu-nas bench layer --help",
 }
 
@@ -23,10 +25,18 @@ def main(argv: list[str] | None = None) -> int:
         from .search import app
 
         return app.main(rest)
+    if command == "export":
+        from .search import export_trial
+
+        return export_trial.main(rest)
     if command == "ui":
         from . import ui
 
         return ui.main(rest)
+    if command == "dashboard":
+        from . import dashboard
+
+        return dashboard.main(rest)
     if command == "bench":
         from . import bench
 

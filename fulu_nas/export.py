@@ -1,0 +1,162 @@
+"""A deployable model directory, and :func:`load` to get the module back.
+
+An export directory holds:
+
+- ``config.yaml``: the architecture, the task it was found for, and where it came from;
+- ``model.safetensors``: the weights (never a pickle);
+- ``model.pt2``: a ``torch.export`` program returning logits, with dynamic batch and sequence
+  dimensions; ``torch.export.load("model.pt2").module()(tokens)`` runs with torch alone;
+- ``MLmodel`` + environment files + ``artifacts/model.pt2``: an MLflow pyfunc over the program
+  (``mlflow models serve -m DIR --env-manager local``), built from code, not pickled;
+- ``metrics.json``, ``README.md`` (model card) and ``checksums.json`` (SHA-256 of the files
+  above, verified by :func:`load`).
+
+The directory is assembled under a temporary name next to ``out`` and renamed at the end, so a
+failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FuluConfigError
+from .models import ArchConfig, PiMoETransformer
+
+CHECKSUMS = "checksums.json"
+VERIFIED_FILES = ("config.yaml", "model.safetensors", "model.pt2", "metrics.json", "MLmodel")
+FORMAT_VERSION = 1
+
+
+class LogitsOnly(nn.Module):
+    """The model as ``tokens -> logits`` (what the program and the pyfunc serve)."""
+
+    def __init__(self, model: PiMoETransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens_BS).logits
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_program(model: PiMoETransformer, path: Path, max_batch: int = 4096) -> torch.export.ExportedProgram:
+    """``torch.export`` the model (eval mode, fp32, CPU) with dynamic batch and sequence; checks the
+    program against the module before saving it."""
+    arch = model.arch
+    wrapped = LogitsOnly(model).eval()
+    example = torch.randint(0, arch.vocab_size, (2, min(8, arch.max_seq_len)))
+    dynamic = {0: torch.export.Dim("batch", min=1, max=max_batch),
+               1: torch.export.Dim("seq", min=1, max=arch.max_seq_len)}
+    with torch.no_grad():
+        program = torch.export.export(wrapped, (example,), dynamic_shapes=({**dynamic},))
+        check = torch.randint(0, arch.vocab_size, (3, min(5, arch.max_seq_len)))
+        torch.testing.assert_close(program.module()(check), wrapped(check), rtol=1e-4, atol=1e-5)
+    torch.export.save(program, str(path))
+    return program
+
+
+def save_pyfunc(directory: Path, program_path: Path, arch: ArchConfig) -> None:
+    """Write the MLflow pyfunc (MLmodel, environment files, code, artifacts) into ``directory``."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    classes = arch.num_classes or arch.vocab_size
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, classes))]))
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "pyfunc"
+        mlflow.pyfunc.save_model(path=str(staged), python_model=str(Path(__file__).with_name("export_pyfunc.py")),
+                                 artifacts={"program": str(program_path)}, signature=signature,
+                                 input_example=np.zeros((1, 4), dtype=np.int64),
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                   f"mlflow=={mlflow.__version__}", "numpy"])
+        for item in staged.iterdir():
+            shutil.move(str(item), directory / item.name)
+
+
+def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], metrics: dict[str, Any],
+                 model_card: str) -> Path:
+    """Assemble the export directory at ``out`` (which must not exist or be empty)."""
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        import yaml
+
+        model = model.cpu().float().eval()
+        save_model(model, str(partial / "model.safetensors"))  # handles the tied embedding / LM head
+        export_program(model, partial / "model.pt2")
+        (partial / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (partial / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        save_pyfunc(partial, partial / "model.pt2", model.arch)
+        (partial / "README.md").write_text(model_card)
+        checksums = {name: sha256(partial / name) for name in VERIFIED_FILES}
+        (partial / CHECKSUMS).write_text(json.dumps(checksums, indent=2))
+        partial.chmod(0o755)  # mkdtemp's 0700 would hide the model from a serving user
+        for path in partial.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def verify(directory: str | Path) -> dict[str, str]:
+    """Check every file listed in ``checksums.json``; FuluConfigError names a missing or changed one."""
+    directory = Path(directory)
+    listing = directory / CHECKSUMS
+    if not directory.is_dir():
+        raise FuluConfigError(f"{directory}: not an export directory (no such folder)")
+    if not listing.is_file():
+        raise FuluConfigError(f"{directory}: not an export directory (no {CHECKSUMS})")
+    checksums = json.loads(listing.read_text())
+    problems = []
+    for name, expected in checksums.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif sha256(path) != expected:
+            problems.append(f"{path}: checksum mismatch (the file was modified after export)")
+    if problems:
+        raise FuluConfigError(problems)
+    return checksums
+
+
+def load(directory: str | Path, map_location: str | torch.device = "cpu") -> PiMoETransformer:
+    """The exported model as an ``nn.Module`` (eval mode), after verifying the checksums. Reads YAML
+    and safetensors only: nothing is unpickled."""
+    import yaml
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    verify(directory)
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    if config.get("format") != FORMAT_VERSION:
+        raise FuluConfigError(f"{directory / 'config.yaml'}: unknown export format {config.get('format')!r}")
+    model = PiMoETransformer(ArchConfig.from_dict(config["architecture"]))
+    load_model(model, str(directory / "model.safetensors"), strict=True, device=str(map_location))
+    return model.to(map_location).eval()

@@ -1,0 +1,215 @@
+"""``fulu-nas export study.name=NAME [trial=best] [retrain=false] [out=DIR] [name=MODEL]``:
+pick a trial of a finished (or running) study, get its weights (saved during the search, or
+retrained with a longer budget), measure it, and write the export directory
+(:mod:`fulu_nas.export`); the MLflow model is registered as ``name`` with the alias ``champion``.
+
+``trial``: ``best`` (single-objective studies), a trial number, ``pareto:<i>`` (the i-th
+Pareto-optimal trial, ordered by the first objective) or ``fastest_within:<pct>`` (the lowest
+latency among trials whose loss is within pct % of the best loss).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+
+from ..errors import FuluConfigError
+from .locate import StudyLocation, load_study, locate_study, search_settings, split_options
+from .settings import SearchSettings
+from .storage import mask_url
+
+TrialState = optuna.trial.TrialState
+OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "4", "out": "", "name": ""}
+BAD_INPUT = 2
+
+
+def _feasible(t: optuna.trial.FrozenTrial) -> bool:
+    return all(c <= 0 for c in t.constraints.values())
+
+
+def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.trial.FrozenTrial:
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not complete:
+        raise FuluConfigError(f"trial: study {s.study.name!r} has no complete trial yet")
+    feasible = [t for t in complete if _feasible(t)] or complete
+    if spec.isdigit():
+        match = [t for t in complete if t.number == int(spec)]
+        if not match:
+            raise FuluConfigError(f"trial: trial {spec} of study {s.study.name!r} is not a complete trial")
+        return match[0]
+    if spec == "best":
+        if s.study.multi_objective:
+            raise FuluConfigError(f"trial: study {s.study.name!r} has {len(s.study.objectives)} objectives "
+                                  f"({', '.join(s.study.objectives)}), so there is no single best trial: choose "
+                                  f"trial=pareto:<i> (0..{len(study.best_trials) - 1}) or trial=fastest_within:<pct>")
+        sign = 1 if s.study.directions[0] == "minimize" else -1
+        return min(feasible, key=lambda t: sign * t.values[0])
+    kind, _, arg = spec.partition(":")
+    if kind == "pareto":
+        front = sorted(study.best_trials, key=lambda t: t.values[0]) if s.study.multi_objective else \
+            [select_trial(study, s, "best")]
+        if not arg.isdigit() or int(arg) >= len(front):
+            raise FuluConfigError(f"trial: pareto:<i> needs i in 0..{len(front) - 1}, got {arg!r}")
+        return front[int(arg)]
+    if kind == "fastest_within":
+        try:
+            pct = float(arg)
+        except ValueError:
+            raise FuluConfigError(f"trial: fastest_within:<pct> needs a number, got {arg!r}") from None
+        best_loss = min(t.user_attrs["metrics"]["loss"] for t in feasible)
+        close = [t for t in feasible if t.user_attrs["metrics"]["loss"] <= best_loss * (1 + pct / 100)]
+        return min(close, key=lambda t: t.user_attrs["metrics"]["latency_ms"])
+    raise FuluConfigError(f"trial: expected best, a trial number, pareto:<i> or fastest_within:<pct>, got {spec!r}")
+
+
+def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.FrozenTrial, retrain: bool,
+                factor: float):
+    """The trial's model with its saved weights, or retrained for ``factor`` times the search budget."""
+    import mlflow
+    import torch
+    from safetensors.torch import load_model
+
+    from ..models import ArchConfig, PiMoETransformer
+    from ..train import train
+
+    arch = ArchConfig.from_dict(trial.user_attrs["arch"])
+    torch.manual_seed(s.train.seed)
+    model = PiMoETransformer(arch)
+    if retrain:
+        budget = replace(s.train, steps=int(s.train.steps * factor), progress=True, device="auto",
+                         max_seconds=s.train.max_seconds * factor if s.train.max_seconds else None)
+        result = train(model, s.task, budget)
+        return model.cpu().float(), {"retrained": True, "retrain_steps": result.steps,
+                                     "retrain_seconds": result.seconds}
+    run_id = trial.user_attrs.get("weights_run_id")
+    client = mlflow.MlflowClient(location.tracking_uri)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, "model.safetensors", tmp) if run_id else None
+            if path is None:
+                raise FileNotFoundError
+            load_model(model, path, strict=True)
+    except (FileNotFoundError, OSError, mlflow.exceptions.MlflowException):
+        raise FuluConfigError(f"trial: trial {trial.number} has no saved weights (was tracking.log_weights false?); "
+                              "pass retrain=true to train it again") from None
+    return model, {"retrained": False, "weights_run_id": run_id}
+
+
+def model_card(s: SearchSettings, location: StudyLocation, trial, config: dict, metrics: dict, name: str) -> str:
+    arch = config["architecture"]
+    moe = arch["moe"]
+    values = ", ".join(f"{o} = {v:.4g}" for o, v in zip(s.study.objectives, trial.values, strict=True))
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                     for k, v in metrics.items() if isinstance(v, (int, float)))
+    return f"""# {name}: PiMoE model (trial {trial.number} of study {s.study.name})
+
+A {arch['num_layers']}-layer decoder of width {arch['hidden_size']} whose PiMoE layers route each
+token to {moe['top_k']} of {moe['num_experts']} experts (router `{moe['router']}`, expert width
+{moe['expert_ffn_size']}, {moe['num_shared_experts']} shared experts), found by fulu-nas for the
+task `{s.task_name}`.
+
+## How it was found
+Study `{s.study.name}` ({mask_url(location.storage_url)}), search space `{s.space.name}`, sampler
+`{s.study.sampler}`, objectives {', '.join(s.study.objectives)}; trial {trial.number}: {values}.
+Parameters: {', '.join(f'{k}={v}' for k, v in trial.params.items())}.
+{'Retrained with a longer budget before export.' if metrics.get('retrained') else
+ 'Weights are the trial own, saved during the search.'}
+
+## Metrics (measured on the exported weights, {metrics.get('device', 'cpu')})
+| metric | value |
+|---|---|
+{rows}
+
+## Use it
+```python
+import torch
+program = torch.export.load("model.pt2")          # torch alone
+logits = program.module()(torch.randint(0, {arch['vocab_size']}, (2, 16)))
+import fulu_nas
+model = fulu_nas.load(".")                        # nn.Module; verifies checksums.json
+```
+Serve: `mlflow models serve -m . --env-manager local --host 127.0.0.1 --port 5001`, then POST
+`{{"inputs": [[1, 2, 3]]}}` to `/invocations`; the registered model is `models:/{name}@champion`.
+The architecture is in `config.yaml`; the full configuration in `architecture` rebuilds the module.
+"""
+
+
+def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
+    import mlflow
+
+    from ..evaluate import evaluate, measure_cost
+    from ..export import FORMAT_VERSION, write_export
+    from .tracking import PARENT_RUN_ATTR
+
+    retrain = options["retrain"].lower() in ("1", "true", "yes")
+    if options["retrain"].lower() not in ("0", "1", "true", "false", "yes", "no"):
+        raise FuluConfigError(f"retrain: expected true or false, got {options['retrain']!r}")
+    try:
+        factor = float(options["retrain_factor"])
+    except ValueError:
+        raise FuluConfigError(f"retrain_factor: expected a number, got {options['retrain_factor']!r}") from None
+    study = load_study(location)
+    s = search_settings(location, study)
+    trial = select_trial(study, s, options["trial"])
+    name = options["name"] or f"{s.study.name}"
+    out = Path(options["out"] or location.output_dir / f"export-trial{trial.number}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder")
+
+    model, provenance = trial_model(location, s, trial, retrain, factor)
+    quality = evaluate(model, s.task)
+    shapes = [(b, min(seq, s.task.seq_len)) for b, seq in s.cost.shapes]
+    cost = measure_cost(model, shapes, iterations=s.cost.iterations)
+    metrics = {k: v for k, v in quality.items() if isinstance(v, (int, float))}
+    metrics.update(latency_ms=cost["shapes"][0]["latency_p50_ms"], latency_p95_ms=cost["shapes"][0]["latency_p95_ms"],
+                   throughput=max(x["throughput_tokens_per_s"] for x in cost["shapes"]),
+                   peak_memory_mb=max(x["peak_memory_mb"] for x in cost["shapes"]),
+                   active_params=cost["active_params"], total_params=cost["total_params"],
+                   flops_per_token=cost["flops_per_token"], device=cost["device"], **provenance)
+    config = {"format": FORMAT_VERSION, "architecture": model.arch.to_dict(),
+              "task": {"name": s.task_name, **s.task_params},
+              "source": {"study": s.study.name, "storage": mask_url(location.storage_url), "trial": trial.number,
+                         "params": dict(trial.params), "objectives": list(s.study.objectives),
+                         "values": list(trial.values), "search_space": s.space.name,
+                         "mlflow_run_id": trial.user_attrs.get("mlflow_run_id")},
+              "registered_model": name, "torch_version": str(__import__("torch").__version__)}
+    card = model_card(s, location, trial, config, metrics, name)
+    write_export(out, model, config, metrics, card)
+
+    # Register the same pyfunc in the study's MLflow, nested under the study's parent run.
+    mlflow.set_tracking_uri(location.tracking_uri)
+    client = mlflow.MlflowClient(location.tracking_uri)
+    experiment = client.get_experiment_by_name(s.tracking.experiment)
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    tags = {"fulu.kind": "export", "fulu.trial": str(trial.number)}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(experiment_id=experiment.experiment_id if experiment else None,
+                          run_name=f"export trial {trial.number}", tags=tags):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
+                            and not isinstance(v, bool)})
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).parents[1] / "export_pyfunc.py"),
+                                       artifacts={"program": str(out / "model.pt2")},
+                                       registered_model_name=name, pip_requirements=str(out / "requirements.txt"))
+    version = info.registered_model_version
+    client.set_registered_model_alias(name, "champion", str(version))
+    print(f"exported trial {trial.number} of study {s.study.name} to {out}\n"
+          f"registered as models:/{name}@champion (version {version})")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    options, overrides = split_options(argv, OPTIONS)
+    try:
+        export_trial(locate_study(overrides), options)
+    except FuluConfigError as e:
+        print("error: cannot export:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
+        return BAD_INPUT
+    return 0
