@@ -322,14 +322,8 @@ def _parse_derived(raw: object, known: set[str], problems: list[str]) -> tuple:
         if name in known:
             problems.append(f"{key}: already defined")
             continue
-        try:
-            expr = parse_expression(text)
-        except ExpressionError as e:
-            problems.append(f"{key}: {e}")
-            continue
-        unknown = sorted(expr.names - known)
-        if unknown:
-            problems.append(f"{key}: unknown name {unknown[0]!r} (use parameters or earlier derived values)")
+        expr = _expression(text, key, known, problems)
+        if expr is None:
             continue
         out.append((name, expr))
         known = known | {name}
@@ -344,18 +338,26 @@ def _parse_constraints(raw: object, known: set[str], problems: list[str]) -> tup
         return ()
     out = []
     for i, text in enumerate(raw):
-        key = f"search_space.constraints[{i}]"
-        try:
-            expr = parse_expression(text)
-        except ExpressionError as e:
-            problems.append(f"{key}: {e}")
-            continue
-        unknown = sorted(expr.names - known)
-        if unknown:
-            problems.append(f"{key}: unknown name {unknown[0]!r} in {expr.text!r}")
-            continue
-        out.append(expr)
+        expr = _expression(text, f"search_space.constraints[{i}]", known, problems)
+        if expr is not None:
+            out.append(expr)
     return tuple(out)
+
+
+def _expression(text: object, key: str, known: set[str], problems: list[str]) -> Expression | None:
+    """A parsed expression whose names are all ``known`` parameters or derived values, or None
+    (with the problem recorded)."""
+    try:
+        expr = parse_expression(text)
+    except ExpressionError as e:
+        problems.append(f"{key}: {e}")
+        return None
+    unknown = sorted(expr.names - known)
+    if unknown:
+        problems.append(f"{key}: unknown name {unknown[0]!r} in {expr.text!r} (use parameters or earlier "
+                        "derived values)")
+        return None
+    return expr
 
 
 def _parse_reference(raw: object, params: tuple[Param, ...], problems: list[str]) -> dict | None:
