@@ -165,8 +165,10 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) 
         parent = tracker.parent_run(study)
         bar = TrialProgress(s, study, enabled=progress)
         objective = Objective(s, tracker, parent, on_progress=bar.on_step)
-        heartbeat = isinstance(study._storage, optuna.storages.RDBStorage) or hasattr(study._storage,
-                                                                                       "get_heartbeat_interval")
+        # Optuna has no public accessor; this is what its own optimize loop asks.
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        heartbeat = is_heartbeat_enabled(study._storage)
         attempts, limit = 0, 10 * s.study.n_trials + 50
         reported: set[int] = set()
         try:
