@@ -1,0 +1,318 @@
+"""``fulu-nas dashboard``: layouts are validated (exit 2, nothing written); the page of a tiny
+search is self-contained, has every panel, is logged on the study's parent MLflow run, and renders
+in headless Chromium with no JavaScript errors; a study with no complete trial and a
+multi-objective study (Pareto panel) render too."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from fulu_nas import dashboard
+from fulu_nas.cli import main
+from fulu_nas.errors import FuluConfigError
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+DEFAULT_PANELS = [p.name for p in dashboard.load_layout("default").panels]
+
+
+# ---------------------------------------------------------------- layouts (fast)
+
+
+def test_every_shipped_layout_is_valid():
+    assert "default" in dashboard.available_layouts()
+    for name in dashboard.available_layouts():
+        layout = dashboard.load_layout(name)
+        assert layout.panels and all(p.name in dashboard.PANELS for p in layout.panels)
+    assert {"objective", "importances", "parallel", "expert_load", "routing_matrix", "top_trials"} <= set(
+        DEFAULT_PANELS)
+
+
+def test_layout_problems_are_all_listed(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("title: x\nextra: 1\npanels: [objective, bogus, {panel: top_trials, rows: 0, colour: red}]\n")
+    with pytest.raises(FuluConfigError) as e:
+        dashboard.load_layout(str(bad))
+    text = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 4
+    assert "'extra'" in text and "unknown panel 'bogus'" in text and "'colour'" in text and "rows=0" in text
+    with pytest.raises(FuluConfigError, match="no layout 'nope'.*default"):
+        dashboard.load_layout("nope")
+
+
+def test_bad_input_exits_2_before_anything_is_read(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["dashboard", "study.name=x", "layout=nope"]) == 2
+    assert "no layout 'nope'" in capsys.readouterr().err
+    assert main(["dashboard"]) == 2
+    assert "study.name" in capsys.readouterr().err
+    assert main(["dashboard", "study.name=missing"]) == 2
+    assert "no study database" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["dashboard", "--help"]) == 0
+
+
+def test_describe_arch_is_one_line():
+    arch = {"num_layers": 2, "hidden_size": 64, "moe": {"router": "hierarchical", "num_experts": 8, "top_k": 2,
+                                                        "expert_ffn_size": 32, "hierarchy_depth": 2,
+                                                        "num_shared_experts": 1}}
+    text = dashboard.describe_arch(arch, {})
+    assert text == "2 layers x 64 hidden; hierarchical router, 8 experts, top-2, expert ffn 32, hierarchy depth 2, " \
+                   "1 shared"
+    assert dashboard.describe_arch(None, {"router": "topk"}) == "router=topk"
+
+
+# ---------------------------------------------------------------- a real study (slow)
+
+
+def _search(root: Path, out: Path, *overrides: str) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert main(["search", "+experiment=tiny", f"hydra.run.dir={out}", *overrides]) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A finished tiny single-objective search and its default dashboard."""
+    root = tmp_path_factory.mktemp("dash")
+    out = root / "out"
+    _search(root, out, "study.n_trials=4")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={out}"]) == 0
+    return out
+
+
+def _parent_run(out: Path, name: str = "tiny-clusters") -> str:
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'optuna.db'}")
+    return study.user_attrs["mlflow_parent_run_id"]
+
+
+def _sections(page: str) -> list[str]:
+    return re.findall(r'<section id="panel-([a-z_]+)"', page)
+
+
+def _notes(page: str) -> list[str]:
+    return re.findall(r'<p class="note">(.*?)</p>', page, re.S)
+
+
+def assert_self_contained(page: str) -> None:
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page, re.I), "external script"
+    assert not re.search(r"<link[^>]*\bhref\s*=\s*[\"']?https?:", page, re.I), "external stylesheet"
+    assert "Plotly.newPlot" in page and "plotly.js" in page.lower()
+
+
+@pytest.mark.slow
+def test_dashboard_of_a_search_has_every_panel_and_is_logged_on_the_parent_run(tiny, tmp_path):
+    page = (tiny / "dashboard.html").read_text()
+    assert_self_contained(page)
+    assert _sections(page) == DEFAULT_PANELS
+    assert "<h2>Optimization history</h2>" in page  # the objective panel of a single-objective study
+    degraded = [n for n in _notes(page) if "could not" in n or "Needs at least" in n or "no " in n.lower()]
+    assert degraded == [], "a panel degraded on a finished study"
+    # plots: history, importances, parallel, training curves, expert load, routing matrix; the table of trials
+    assert page.count('class="plotly-graph-div"') == 6
+    assert page.count('<table class="trials">') == 1 and "reference" in page
+    assert re.search(r"(topk|hash) router, \d experts", page), "hover/table shows the architecture"
+    assert "domain0" in page and "MoE layer 0" in page
+
+    client = mlflow.MlflowClient(f"sqlite:///{tiny / 'mlflow.db'}")
+    parent = _parent_run(tiny)
+    assert "dashboard.html" in {a.path for a in client.list_artifacts(parent)}
+    logged = Path(client.download_artifacts(parent, "dashboard.html", str(tmp_path))).read_text()
+    assert _sections(logged) == DEFAULT_PANELS and len(logged) == len(page)
+
+
+@pytest.mark.slow
+def test_other_layout_and_out(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    layout = tmp_path / "mine.yaml"
+    layout.write_text("title: 'Mine: {study}'\npanels:\n  - {panel: top_trials, rows: 2, title: Best two}\n"
+                      "  - history\n")
+    out = tmp_path / "pages" / "mine.html"
+    assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}", f"layout={layout}",
+                 f"out={out}"]) == 0
+    page = out.read_text()
+    assert _sections(page) == ["top_trials", "history"] and "<h2>Best two</h2>" in page
+    assert "Mine: tiny-clusters" in page
+    rows = re.search(r"<tbody>(.*)</tbody>", page).group(1).count("<tr")
+    assert rows in (2, 3)  # the two best, plus the reference when it is not one of them
+    client = mlflow.MlflowClient(f"sqlite:///{tiny / 'mlflow.db'}")
+    assert "dashboard-mine.html" in {a.path for a in client.list_artifacts(_parent_run(tiny))}
+
+
+@pytest.mark.slow
+def test_bad_layout_on_a_real_study_exits_2_and_writes_nothing(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("panels: [objective, histogram]\n")
+    client = mlflow.MlflowClient(f"sqlite:///{tiny / 'mlflow.db'}")
+    before = {a.path for a in client.list_artifacts(_parent_run(tiny))}
+    for layout in ("nope", str(bad)):
+        out = tmp_path / "x.html"
+        assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}", f"layout={layout}",
+                     f"out={out}"]) == 2
+        assert not out.exists()
+    err = capsys.readouterr().err
+    assert "no layout 'nope'" in err and "unknown panel 'histogram'" in err
+    assert {a.path for a in client.list_artifacts(_parent_run(tiny))} == before
+
+
+@pytest.fixture(scope="module")
+def running(tiny, tmp_path_factory) -> Path:
+    """A study that is still running and has no complete trial: running (with a training curve so
+    far), waiting, failed and pruned trials, in a copy of the tiny search's folder."""
+    out = tmp_path_factory.mktemp("running") / "out"
+    out.mkdir()
+    shutil.copy(tiny / "optuna.db", out / "optuna.db")
+    shutil.copy(tiny / "search_config.json", out / "search_config.json")
+    study = optuna.create_study(study_name="tiny-running", storage=f"sqlite:///{out / 'optuna.db'}")
+    dist = {"router": optuna.distributions.CategoricalDistribution(["topk", "hash"])}
+    failed = study.ask(dist)
+    failed.set_user_attr("fail_reason", "diverged: loss is nan")
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    pruned = study.ask(dist)
+    pruned.report(1.5, step=10)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    running = study.ask(dist)
+    running.report(1.4, step=10)
+    running.report(1.3, step=20)
+    study.enqueue_trial({"router": "topk"})
+    return out
+
+
+@pytest.mark.slow
+def test_a_running_study_with_no_complete_trial_renders(running, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["dashboard", "study.name=tiny-running", f"hydra.run.dir={running}"]) == 0
+    assert "no parent run" in capsys.readouterr().err
+    page = (running / "dashboard.html").read_text()
+    assert_self_contained(page)
+    assert _sections(page) == DEFAULT_PANELS
+    assert "No trial has completed yet" in page and "still running (1 running, 1 waiting)" in page
+    assert "1 pruned, 1 failed, 1 running, 1 waiting" in page
+    assert "Needs at least 2 complete trials (none so far)" in page
+    assert page.count('class="plotly-graph-div"') == 1  # the training curves of the pruned and running trials
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("multi")
+    out = root / "out"
+    _search(root, out, "study=multi_objective", "study.n_trials=3")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={out}"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_multi_objective_study_gets_the_pareto_panel(multi):
+    page = (multi / "dashboard.html").read_text()
+    assert_self_contained(page)
+    assert _sections(page) == DEFAULT_PANELS
+    assert "<h2>Pareto front</h2>" in page and "on the front:" in page
+    assert "<th>latency_ms (min)</th>" in page and re.search(r"<td>Pareto front", page)
+    assert '\\"architecture\\": \\"1 layer x 32 hidden;' in page  # optuna's Pareto hover text
+    client = mlflow.MlflowClient(f"sqlite:///{multi / 'mlflow.db'}")
+    assert "dashboard.html" in {a.path for a in client.list_artifacts(_parent_run(multi))}
+
+
+# ---------------------------------------------------------------- in a browser (slow, needs chromium)
+
+# Collects window errors, unhandled rejections and console.error calls, and writes them into the
+# page once it has loaded, for --dump-dom to read back.
+_CATCH_ERRORS = """<script>
+window.__errors = [];
+window.addEventListener("error", (e) => window.__errors.push("error: " + e.message));
+window.addEventListener("unhandledrejection", (e) => window.__errors.push("rejection: " + e.reason));
+(() => { const orig = console.error; console.error = (...a) => { window.__errors.push("console: " + a.join(" "));
+  orig(...a); }; })();
+window.addEventListener("load", () => setTimeout(() => { const pre = document.createElement("pre");
+  pre.id = "js-errors"; pre.textContent = JSON.stringify(window.__errors); document.body.appendChild(pre); }, 2000));
+</script>"""
+
+
+def _chromium(args: list[str], url: str, profile: Path) -> subprocess.CompletedProcess:
+    command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
+               "--hide-scrollbars", "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}",
+               "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", *args, url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+
+def _console_errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines()
+            if ":CONSOLE" in line and re.search(r"Uncaught|Error|error", line)]
+
+
+def _png_is_not_blank(path: Path, min_ink: float) -> None:
+    Image = pytest.importorskip("PIL.Image")
+    ImageStat = pytest.importorskip("PIL.ImageStat")
+    with Image.open(path) as img:
+        gray = img.convert("L")
+        assert gray.size[0] >= 1000 and gray.size[1] >= 2000
+        assert ImageStat.Stat(gray).stddev[0] > 10, "the screenshot is blank"
+        dark = sum(gray.histogram()[:200])  # pixels clearly darker than the white background
+        assert dark / (gray.size[0] * gray.size[1]) > min_ink, "the screenshot is almost empty"
+
+
+def assert_renders(page_path: Path, tmp_path: Path, *, plots: int | None = None, min_ink: float = 0.02) -> None:
+    """Open the page in headless Chromium: no JavaScript error, every plotly div drawn, and a
+    screenshot that is not blank."""
+    page = page_path.read_text()
+    figures = page.count('class="plotly-graph-div"')
+    probe = tmp_path / f"probe-{page_path.name}"
+    probe.write_text(page.replace("<head>", "<head>" + _CATCH_ERRORS, 1))
+    dom = _chromium(["--dump-dom"], probe.as_uri(), tmp_path / "profile-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    found = re.search(r'<pre id="js-errors">(.*?)</pre>', dom.stdout, re.S)
+    assert found, "the page did not finish loading: " + dom.stderr[-2000:]
+    assert json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&")) == []
+    assert _console_errors(dom.stderr) == []
+    drawn = len(re.findall(r'class="plotly-graph-div js-plotly-plot"', dom.stdout))
+    assert drawn == figures and (plots is None or drawn == plots)
+    assert dom.stdout.count('class="main-svg"') >= figures  # plotly drew its SVG layers
+
+    shot = tmp_path / f"{page_path.stem}.png"
+    run = _chromium([f"--screenshot={shot}", "--window-size=1200,3000"], page_path.as_uri(), tmp_path / "profile")
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    assert _console_errors(run.stderr) == []
+    _png_is_not_blank(shot, min_ink)
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_dashboard_renders_in_chromium(tiny, tmp_path):
+    assert_renders(tiny / "dashboard.html", tmp_path, plots=6)
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_running_and_multi_objective_dashboards_render_in_chromium(running, multi, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if not (running / "dashboard.html").exists():
+        assert main(["dashboard", "study.name=tiny-running", f"hydra.run.dir={running}"]) == 0
+    assert_renders(running / "dashboard.html", tmp_path, plots=1, min_ink=0.005)  # mostly text
+    assert_renders(multi / "dashboard.html", tmp_path)
+
+
+def test_catching_script_reports_errors(tmp_path):
+    """The probe itself sees a JavaScript error (else the render test would prove nothing)."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed")
+    page = tmp_path / "broken.html"
+    page.write_text("<html><head></head><body><p>x</p><script>notDefined();</script></body></html>")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("<head>", "<head>" + _CATCH_ERRORS, 1))
+    dom = _chromium(["--dump-dom"], probe.as_uri(), tmp_path / "profile")
+    found = re.search(r'<pre id="js-errors">(.*?)</pre>', dom.stdout, re.S)
+    assert found and "notDefined" in found.group(1)
+    assert _console_errors(dom.stderr)
