@@ -304,10 +304,10 @@ def test_running_and_multi_objective_dashboards_render_in_chromium(running, mult
     assert_renders(multi / "dashboard.html", tmp_path)
 
 
+@pytest.mark.slow
+@needs_chromium
 def test_catching_script_reports_errors(tmp_path):
     """The probe itself sees a JavaScript error (else the render test would prove nothing)."""
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed")
     page = tmp_path / "broken.html"
     page.write_text("<html><head></head><body><p>x</p><script>notDefined();</script></body></html>")
     probe = tmp_path / "probe.html"
