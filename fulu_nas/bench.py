@@ -39,13 +39,14 @@ def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
 
 
 # A path: (module, impl, how it runs). "compile" = torch.compile(fullgraph=True); "graphs" = the same
-# plus CUDA graphs (mode="reduce-overhead"), forward only.
+# plus CUDA graphs (mode="reduce-overhead"), forward only. "grouped" is the layer's default (Triton
+# experts where preferred, else grouped_mm); "grouped_mm" and "triton" force one of them (triton
+# needs CUDA and runs without autograd: forward only).
 PATHS = {
     "loop": ("moe", "loop", "eager"),
     "sorted": ("moe", "sorted", "eager"),
-    "grouped": ("moe", "grouped", "eager"),
-    "grouped+compile": ("moe", "grouped", "compile"),
-    "grouped+graphs": ("moe", "grouped", "graphs"),
+    **{f"{impl}{suffix}": ("moe", impl, how) for impl in ("grouped", "grouped_mm", "triton")
+       for suffix, how in (("", "eager"), ("+compile", "compile"), ("+graphs", "graphs"))},
 }
 
 
@@ -113,6 +114,12 @@ def _layer_main(args: argparse.Namespace) -> int:
     cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
                     top_k=args.top_k, router=args.router, activation=args.activation)
     paths = tuple(args.paths)
+    if any(PATHS[p][1] == "triton" for p in paths):
+        from .moe import triton_moe
+
+        if device.type != "cuda" or not triton_moe.HAS_TRITON or args.backward:
+            print("error: the triton paths need CUDA and triton, and run forward only", file=sys.stderr)
+            return 2
     rows = bench_layer(cfg, args.tokens, device, dtype, paths, args.min_run_time, backward=args.backward)
     print(f"PiMoE layer {'forward + backward' if args.backward else 'forward'}, {device_name(device)}, "
           f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}")
@@ -176,15 +183,19 @@ def _latency_main(args: argparse.Namespace) -> int:
     print(f"hidden {cfg.hidden_size}, {cfg.num_experts} experts, FFN {cfg.expert_ffn_size}, top-{cfg.top_k}; "
           f"reading all expert weights once at the measured copy bandwidth ({bandwidth / 1e12:.2f} TB/s) takes "
           f"{weight_bytes / bandwidth * 1e3:.4f} ms\n")
-    print("| tokens | grouped ms | grouped+compile ms | grouped+compile, no stats ms | dense ms |\n"
-          "|---:|---:|---:|---:|---:|")
+    impls = tuple(args.impls)
+    head = ["tokens", *(f"{i}{suffix} ms" for i in impls for suffix in ("", "+compile", "+compile, no stats")),
+            "dense ms"]
+    print("| " + " | ".join(head) + " |\n|" + "---:|" * len(head))
     for n in args.tokens:
         x = torch.randn(n, cfg.hidden_size, device=device, dtype=dtype)
-        eager = graph_latency_ms(lambda t: layer(t)[0], x)
-        comp = graph_latency_ms(lambda t: compiled(t)[0], x)
-        bare = graph_latency_ms(lambda t: compiled(t, with_stats=False)[0], x)
-        dense_ms = graph_latency_ms(dense, x)
-        print(f"| {n} | {eager:.4f} | {comp:.4f} | {bare:.4f} | {dense_ms:.4f} |", flush=True)
+        cells = []
+        for impl in impls:
+            cells.append(graph_latency_ms(lambda t, i=impl: layer(t, impl=i)[0], x))
+            cells.append(graph_latency_ms(lambda t, i=impl: compiled(t, impl=i)[0], x))
+            cells.append(graph_latency_ms(lambda t, i=impl: compiled(t, impl=i, with_stats=False)[0], x))
+        cells.append(graph_latency_ms(dense, x))
+        print(f"| {n} | " + " | ".join(f"{c:.4f}" for c in cells) + " |", flush=True)
     return 0
 
 
@@ -244,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("latency", help="per-layer device latency from CUDA-graph replays (CUDA only)")
     _shape_args(p)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--impls", nargs="+", choices=("grouped", "grouped_mm", "triton"), default=["grouped"])
     p.set_defaults(run=_latency_main)
     p = sub.add_parser("profile", help="torch.profiler table of one path (10 calls after warm-up)")
     _shape_args(p)

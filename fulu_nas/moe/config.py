@@ -15,7 +15,7 @@ import torch
 ROUTERS = ("topk", "expert_choice", "hash", "hierarchical", "attention")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("gelu", "swiglu")
-IMPLS = ("grouped", "sorted", "loop")
+IMPLS = ("grouped", "grouped_mm", "triton", "sorted", "loop")
 GROUP_MASK_FILLS = ("-inf", "zero")
 
 # torch's grouped GEMM needs row strides that are multiples of 16 bytes: 8 elements covers
@@ -66,9 +66,11 @@ class MoEConfig:
         ``num_shared_experts`` always-on experts of width ``shared_expert_ffn_size`` (defaults
         to ``expert_ffn_size``), optionally scaled by a sigmoid gate (Qwen2-MoE).
     Execution
-        ``impl``: ``grouped`` (grouped GEMM, the fast path), ``sorted`` (sorted dispatch with a
-        matmul per expert, syncs once per forward) or ``loop`` (per-expert masks, the test
-        reference and benchmark baseline).
+        ``impl``: ``grouped`` (the fast path: ``triton`` where it applies and was measured faster,
+        else ``grouped_mm``), ``grouped_mm`` (gather + ``torch._grouped_mm``; any device, autograd),
+        ``triton`` (Triton kernels with the gather and un-permute fused; CUDA inference only, else
+        ``grouped_mm``), ``sorted`` (sorted dispatch with a matmul per expert, syncs once per
+        forward) or ``loop`` (per-expert masks, the test reference and benchmark baseline).
     """
 
     hidden_size: int = 512

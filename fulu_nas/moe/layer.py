@@ -7,6 +7,13 @@ The forward path has static shapes and no host syncs (no ``.item()``, ``.tolist(
 ``nonzero()`` or boolean-mask indexing), so ``torch.compile(fullgraph=True)``, CUDA graphs and
 ``torch.export`` work. Only ``impl="sorted"`` (reads counts on the host) and ``impl="loop"``
 (masks per expert, the reference) break that rule, on purpose.
+
+Expert paths: ``grouped_mm`` gathers the rows into a sorted (N, D) buffer and runs
+``torch._grouped_mm`` (CUTLASS on Hopper; any device, autograd). ``triton`` runs the experts as
+two Triton kernels that read tokens through the sort order and write outputs back in token
+order (:mod:`fulu_nas.moe.triton_moe`): CUDA and inference only; when a gradient is needed, or
+without CUDA/triton, it takes ``grouped_mm``. ``grouped`` (the default) picks per call:
+``triton`` where it applies and was measured faster (:func:`prefer_triton`), else ``grouped_mm``.
 """
 
 from __future__ import annotations
@@ -17,12 +24,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import triton_moe
 from .balancing import load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
 from .experts import GroupedExperts, SharedExperts
 from .routers import ScoreRouter, build_router
 from .routing import Routing
 from .stats import load_statistics, router_entropy
+
+
+def prefer_triton(cfg: MoEConfig, num_tokens: int, x: Tensor) -> bool:
+    """Whether ``impl="grouped"`` takes the Triton experts (given that they apply): where they
+    were measured faster than ``torch._grouped_mm``. On H200 in bf16 that was every shape tried
+    (seed and fine-grained at 4,096 and 32,768 tokens, 256 experts, 1-64-token latency; see
+    BENCHMARKS.md); fp16 takes the same kernels. fp32 stays on grouped_mm (exact fp32 dots in
+    Triton are slow)."""
+    return x.dtype in (torch.bfloat16, torch.float16)
 
 
 class PiMoELayer(nn.Module):
@@ -71,6 +88,16 @@ class PiMoELayer(nn.Module):
             return out_TD.view(x.shape), {}
         return out_TD.view(x.shape), self._stats(routing, counts_E, dropped_share)
 
+    def _triton_applies(self, x_TD: Tensor, weight: Tensor, impl: str) -> bool:
+        """The Triton experts for this call: ``impl`` asks for them (``triton``, or ``grouped`` where
+        :func:`prefer_triton` says so), they can run on the device, and no gradient is needed."""
+        if impl not in ("triton", "grouped") or not triton_moe.usable(x_TD):
+            return False
+        if torch.is_grad_enabled() and (x_TD.requires_grad or weight.requires_grad
+                                        or any(p.requires_grad for p in self.experts.parameters())):
+            return False
+        return impl == "triton" or prefer_triton(self.cfg, x_TD.shape[0], x_TD)
+
     # -- token choice --------------------------------------------------------------------------
 
     def _token_choice(self, x_TD: Tensor, r: Routing, impl: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,6 +124,18 @@ class PiMoELayer(nn.Module):
         keep_sorted_N = active_sorted_N
         if self.cfg.capacity_factor is not None:
             keep_sorted_N = self._capacity_keep_sorted(active_sorted_N, expert_sorted_N, starts_E, T)
+        if self._triton_applies(x_TD, r.weight_TK, impl):
+            # Tokens are read through order_N inside the first GEMM; the second writes row n to
+            # flat slot order_N[n], so each token's K rows are contiguous for the (fused) sum.
+            weight_sorted = self.cfg.capacity_factor is not None
+            weight = (weight_N[order_N] * keep_sorted_N) if weight_sorted else weight_N
+            e = self.experts
+            out_TD = triton_moe.moe_experts(
+                x_TD, order_N, weight.float().contiguous(), ends_E.to(torch.int32), e.w13_EDF2, e.w2_EFD,
+                e.b13_EF2, e.b2_ED, K, e.activation == "swiglu", weight_sorted, True)
+            kept_before_N = F.pad(keep_sorted_N.long().cumsum(0), (1, 0))
+            counts_E = (kept_before_N[ends_E] - kept_before_N[starts_E]).float()
+            return out_TD, counts_E, self._dropped_share(active_sorted_N, keep_sorted_N)
         x_sorted_ND = x_TD[order_N // K]
         w_sorted_N = weight_N[order_N] * keep_sorted_N
         if impl == "sorted":
@@ -146,10 +185,17 @@ class PiMoELayer(nn.Module):
             out_TD = self.experts.forward_loop(x_TD, expert_N, token_N, weight_N)
         else:
             # The choice is already grouped by expert: no sort needed, every group has C rows.
-            x_sorted_ND = x_TD[token_N]
-            if impl == "sorted":
+            if self._triton_applies(x_TD, weight_N, impl):
+                offsets_E = torch.arange(1, E + 1, device=x_TD.device, dtype=torch.int32) * C
+                e = self.experts
+                y_ND = triton_moe.moe_experts(
+                    x_TD, token_N, weight_N.float().contiguous(), offsets_E, e.w13_EDF2, e.w2_EFD,
+                    e.b13_EF2, e.b2_ED, 1, e.activation == "swiglu", True, False)
+            elif impl == "sorted":
+                x_sorted_ND = x_TD[token_N]
                 y_ND = self.experts.forward_sorted(x_sorted_ND, torch.full((E,), C)) * weight_N[:, None].to(x_TD.dtype)
             else:
+                x_sorted_ND = x_TD[token_N]
                 offsets_E = torch.arange(1, E + 1, device=x_TD.device, dtype=torch.int32) * C
                 y_ND = self.experts.forward_grouped(x_sorted_ND, offsets_E, expert_N, weight_N)
             # A token may be taken by several experts: accumulate in fp32.

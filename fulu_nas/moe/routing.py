@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import triton_moe
+
 
 @dataclass
 class Routing:
@@ -75,6 +77,15 @@ def normalised_probs(scores_TE: Tensor, score_func: str) -> Tensor:
     return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
+def topk_indices(selection_TE: Tensor, k: int) -> Tensor:
+    """Indices of the k largest selection scores per token, largest first. On CUDA a Triton
+    kernel (one pass over the scores; torch.topk over a few hundred experts is slower than the
+    whole router GEMM, see BENCHMARKS.md); indices carry no gradient, so training uses it too."""
+    if triton_moe.topk_usable(selection_TE, k) and triton_moe.prefer_topk(selection_TE, k):
+        return triton_moe.topk_indices(selection_TE.detach().contiguous(), k)
+    return torch.topk(selection_TE, k, dim=-1).indices
+
+
 def select_experts(
     scores_TE: Tensor,
     selection_TE: Tensor,
@@ -91,7 +102,7 @@ def select_experts(
     its slots, best first, until the probability mass reaches ``top_p``; the rest get weight 0
     and ``active`` False. Returns ``(expert_TK, weight_TK, active_TK)``.
     """
-    _, expert_TK = torch.topk(selection_TE, k, dim=-1)
+    expert_TK = topk_indices(selection_TE, k)
     weight_TK = scores_TE.gather(-1, expert_TK)
     if top_p is not None:
         mass_before_TK = weight_TK.cumsum(-1) - weight_TK

@@ -1,0 +1,201 @@
+"""Triton MoE experts for inference on CUDA: gather fused into the first grouped GEMM's loads,
+SwiGLU and the routing weight into its epilogue, the un-permute into the second's stores.
+
+Depends on torch and the standard library: triton is imported only when a kernel first runs
+(:mod:`fulu_nas.moe._triton_kernels`), so this module imports anywhere and nothing changes on the
+CPU. The kernels are wrapped as ``torch.library`` custom ops (``fulu_nas::moe_experts``,
+``fulu_nas::topk_indices``) with fake implementations, so ``torch.compile(fullgraph=True)`` keeps
+them in its graph and CUDA graphs capture them (no host syncs inside).
+
+Inference only: the experts op has no derivative. :class:`~fulu_nas.moe.PiMoELayer` takes it only
+when no gradient is needed (``torch.no_grad``/``inference_mode``, or nothing requires grad) and
+takes the ``torch._grouped_mm`` path for training. The top-k op returns indices only (no
+gradient flows through a selection), so the routers use it in training too.
+
+Shape suffixes as in :mod:`fulu_nas.moe.layer`.
+"""
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# FULU_NAS_TRITON=0 switches the Triton kernels off (the grouped_mm path and torch.topk: the code
+# before them, for before/after benchmarks in one run).
+HAS_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("FULU_NAS_TRITON", "1") != "0"
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors (slow; for developing the kernels only).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TOPK_MAX_EXPERTS = 4096
+
+_KERNELS = None
+
+
+def _kernels():  # pragma: no cover
+    global _KERNELS
+    if _KERNELS is None:
+        from . import _triton_kernels
+
+        _KERNELS = _triton_kernels
+    return _KERNELS
+
+
+def _exporting() -> bool:
+    # torch.export (non-strict, the default) leaves the custom ops out, so that exported programs
+    # load with torch alone. Dynamo folds is_exporting() to True while it traces (torch 2.11), so
+    # is_dynamo_compiling() tells torch.compile apart (a strict export would keep the ops).
+    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
+
+
+def usable(x: Tensor) -> bool:
+    """Whether the Triton kernels can run on ``x``'s device (CUDA, or the interpreter)."""
+    return HAS_TRITON and (x.is_cuda or INTERPRET) and not _exporting()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    p = 16
+    while p * 2 <= min(n, cap):
+        p *= 2
+    return p
+
+
+# Tile shapes: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen by rows per expert
+# (the M of each group): small groups (decode) are bound by reading the weights and want small M
+# tiles and many programs; large groups want 128-row tiles. Measured on H200 (BENCHMARKS.md).
+def up_config(n_rows: int, experts: int, hidden: int, ffn: int) -> tuple[int, int, int, int, int]:
+    per_expert = n_rows / max(experts, 1)
+    if per_expert <= 16:
+        return 16, _pow2_at_most(ffn, 128), 64, 4, 4
+    if per_expert <= 32:
+        return 32, _pow2_at_most(ffn, 64), 128, 4, 3
+    if per_expert <= 64:
+        return 64, _pow2_at_most(ffn, 64), 64, 4, 3
+    return 128, _pow2_at_most(ffn, 128), 32, 8, 5
+
+
+def down_config(n_rows: int, experts: int, ffn: int, hidden: int) -> tuple[int, int, int, int, int]:
+    per_expert = n_rows / max(experts, 1)
+    if per_expert <= 16:
+        return 16, _pow2_at_most(hidden, 64), 128, 4, 3
+    if per_expert <= 32:
+        return 32, _pow2_at_most(hidden, 64), 128, 4, 3
+    if per_expert <= 64 or _cdiv(n_rows, 128) * _cdiv(hidden, 256) < 512:
+        # fewer than ~4 programs per multiprocessor with the large tile: smaller tiles fill the chip
+        return 64, _pow2_at_most(hidden, 128), 64, 4, 4
+    return 128, _pow2_at_most(hidden, 256), 32, 8, 4
+
+
+# Overrides for experiments (benchmark sweeps): None, or a 5-tuple as above.
+UP_CONFIG: tuple | None = None
+DOWN_CONFIG: tuple | None = None
+
+
+def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, w13_EDW: Tensor,
+                   w2_EFD: Tensor, b13_EW: Tensor | None, b2_ED: Tensor | None, k_slots: int,
+                   swiglu: bool, weight_sorted: bool, combine: bool) -> Tensor:  # pragma: no cover
+    """Both grouped GEMMs. With ``combine`` (token choice) the output rows go to flat slot
+    ``order[n]`` and each token's ``k_slots`` rows are summed: returns (N // k_slots, D). Without,
+    returns (N, D) in sorted order (expert choice combines with index_add)."""
+    kern = _kernels()
+    N, D = order_N.shape[0], x_TD.shape[1]
+    E, F = w2_EFD.shape[0], w2_EFD.shape[1]
+    dtype = x_TD.dtype
+    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+    w13 = w13_EDW.to(dtype).contiguous()
+    w2 = w2_EFD.to(dtype).contiguous()
+    b13 = b13_EW.contiguous() if b13_EW is not None else None
+    b2 = b2_ED.contiguous() if b2_ED is not None else None
+    act_NF = torch.empty((N, F), dtype=dtype, device=x_TD.device)
+    y_ND = torch.empty((N, D), dtype=dtype, device=x_TD.device)
+    if combine and k_slots > 1:
+        out = torch.empty((N // k_slots, D), dtype=dtype, device=x_TD.device)
+    else:
+        out = y_ND
+    if N == 0:
+        return out
+    e_pow2 = max(2, kern.next_power_of_2(E))
+    fp32 = dtype == torch.float32
+
+    bm, bn, bk, warps, stages = UP_CONFIG or up_config(N, E, D, F)
+    grid = ((_cdiv(N, bm) + E) * _cdiv(F, bn),)
+    kern.gather_up_kernel[grid](
+        x_TD, order_N, weight, ends_E, w13, b13 if b13 is not None else w13, act_NF,
+        N, D, F, E, k_slots,
+        x_TD.stride(0), w13.stride(0), w13.stride(1), b13.stride(0) if b13 is not None else 0, act_NF.stride(0),
+        HAS_BIAS=b13 is not None, SWIGLU=swiglu, WEIGHT_SORTED=weight_sorted,
+        EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, FP32=fp32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
+
+    bm, bn, bk, warps, stages = DOWN_CONFIG or down_config(N, E, F, D)
+    grid = ((_cdiv(N, bm) + E) * _cdiv(D, bn),)
+    kern.down_scatter_kernel[grid](
+        act_NF, order_N, weight, ends_E, w2, b2 if b2 is not None else w2, y_ND,
+        N, F, D, E,
+        act_NF.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, y_ND.stride(0),
+        HAS_BIAS=b2 is not None, SCATTER=combine, WEIGHT_SORTED=weight_sorted,
+        EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, FP32=fp32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
+    if out is not y_ND:
+        T = out.shape[0]
+        bt, bd = SUM_CONFIG
+        kern.sum_slots_kernel[(_cdiv(T, bt), _cdiv(D, bd))](y_ND, out, T, D, K=k_slots, BLOCK_T=bt, BLOCK_D=bd,
+                                                          num_warps=4)
+    return out
+
+
+# (BLOCK_T, BLOCK_D) of the combine.
+SUM_CONFIG = (16, 256)
+
+
+# typing.Optional (not ``X | None``): the schema inference of torch 2.11 reads it for sure.
+@torch.library.custom_op("fulu_nas::moe_experts", mutates_args=())
+def moe_experts(x: Tensor, order: Tensor, weight: Tensor, ends: Tensor, w13: Tensor, w2: Tensor,
+                b13: Optional[Tensor], b2: Optional[Tensor], k_slots: int, swiglu: bool,  # noqa: UP045
+                weight_sorted: bool, combine: bool) -> Tensor:  # pragma: no cover
+    """Sorted-dispatch experts (see :func:`launch_experts`). ``order``: sorted row -> flat slot
+    (token = slot // k_slots); ``weight``: routing weights, by sorted row (``weight_sorted``) or
+    by flat slot; ``ends``: int32 cumulative rows per expert."""
+    return launch_experts(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine)
+
+
+@moe_experts.register_fake
+def _(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine):
+    rows = order.shape[0] // k_slots if combine else order.shape[0]
+    return x.new_empty((rows, x.shape[1]))
+
+
+def topk_usable(scores_TE: Tensor, k: int) -> bool:
+    return usable(scores_TE) and scores_TE.dim() == 2 and 1 <= k <= scores_TE.shape[1] <= TOPK_MAX_EXPERTS
+
+
+@torch.library.custom_op("fulu_nas::topk_indices", mutates_args=())
+def topk_indices(scores: Tensor, k: int) -> Tensor:  # pragma: no cover
+    """``torch.topk(scores, k, dim=-1).indices`` of a 2-D tensor, largest first; equal scores go to
+    the lower index."""
+    kern = _kernels()
+    T, E = scores.shape
+    out = torch.empty((T, k), dtype=torch.int64, device=scores.device)
+    if T == 0:
+        return out
+    e_pow2 = max(16, kern.next_power_of_2(E))
+    block_t = max(1, min(64, 2048 // e_pow2))  # 2048 scores a program: fastest of 1024-8192 (H200)
+    kern.topk_kernel[(_cdiv(T, block_t),)](scores, out, T, E, scores.stride(0),
+                                            K=k, BLOCK_T=block_t, E_POW2=e_pow2, num_warps=4)
+    return out
+
+
+@topk_indices.register_fake
+def _(scores, k):
+    return scores.new_empty((scores.shape[0], k), dtype=torch.int64)
+
+
+def prefer_topk(scores_TE: Tensor, k: int) -> bool:
+    """Where the Triton top-k was measured faster than torch.topk: everywhere tried (H200, fp32
+    scores; 16 or 32,768 tokens x 8, 128, 256 experts: 1.2-12x, e.g. 0.029 vs 0.234 ms at
+    32,768 x 128, k=8)."""
+    return True
