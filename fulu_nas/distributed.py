@@ -1,0 +1,231 @@
+"""Data and expert parallelism with torch.distributed: process-group setup under torchrun, swapping
+a model's MoE layers for their expert-parallel form and back, and gradient averaging.
+
+The layout is one process group that is both the data-parallel and the expert-parallel group:
+every rank reads its own batch, holds E/P experts of each MoE layer (see
+:mod:`fulu_nas.moe.expert_parallel`) and a replica of everything else. A training step is::
+
+    out = model(batch)                      # tokens are exchanged with all-to-alls inside
+    (local_mean_loss + out.balance_loss).backward()
+    average_replicated_gradients(model)     # then the optimizer step, as on one device
+
+Gradient convention: each rank's loss is the mean over its own batch, and the objective is the
+mean of these losses over ranks (= the mean over the concatenated batch when the per-rank batches
+have equal size). After backward a replicated parameter holds its local gradient: the helper
+averages it over ranks. An expert shard already holds the sum over ranks of every rank's loss
+gradient (the backward all-to-all brings its rows' gradients home): the helper divides it by P.
+Then every gradient is the single-device gradient of the concatenated batch's mean loss.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .moe.expert_parallel import ExpertParallelMoE
+from .moe.layer import PiMoELayer
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def init_from_env(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Initialise the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): NCCL with one GPU per local rank when CUDA
+    is available, else Gloo on the CPU. Without torchrun's variables it is a one-process group.
+    Idempotent: an already initialised group is described, not re-created."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if backend is None:
+        backend = "nccl" if cuda else "gloo"
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        kw = {}
+        if timeout_s is not None:
+            from datetime import timedelta
+
+            kw["timeout"] = timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" not in os.environ:  # a single process outside torchrun
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None, **kw)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0, group: dist.ProcessGroup | None = None) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (before :func:`expert_parallel`,
+    so every rank slices its experts out of the same layer)."""
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+
+
+def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Replace every :class:`PiMoELayer` inside ``model`` (or ``model`` itself) by its
+    :class:`ExpertParallelMoE` on this rank of ``group``, in place; returns the model. The
+    layers must be identical on every rank (same seed, or :func:`broadcast_module` first)."""
+    return _swap(model, lambda layer: ExpertParallelMoE.from_layer(layer, group), want_ep=False)
+
+
+def gather_experts(model: nn.Module) -> nn.Module:
+    """Replace every :class:`ExpertParallelMoE` inside ``model`` by the ordinary single-device
+    layer (:meth:`ExpertParallelMoE.gather_layer`, a collective), in place; returns the model.
+    Its ``state_dict`` is then the single-device checkpoint format."""
+    return _swap(model, lambda layer: layer.gather_layer(), want_ep=True)
+
+
+def _swap(model: nn.Module, convert, want_ep: bool) -> nn.Module:
+    def matches(m: nn.Module) -> bool:
+        return isinstance(m, PiMoELayer) and isinstance(m, ExpertParallelMoE) == want_ep
+
+    if matches(model):
+        return convert(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if matches(child):
+                setattr(parent, name, convert(child))
+    return model
+
+
+def expert_shard_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that live on one rank only (the experts of the expert-parallel layers)."""
+    return [p for m in model.modules() if isinstance(m, ExpertParallelMoE) for p in m.experts.parameters()]
+
+
+@torch.no_grad()
+def average_replicated_gradients(model: nn.Module, group: dist.ProcessGroup | None = None, *,
+                                 scale_expert_shards: bool = True) -> None:
+    """Average the gradients of every replicated parameter (all but the expert shards) over
+    ``group`` (one all-reduce per dtype, flattened), and divide the expert shards' gradients by
+    the group size (see the module doc: with per-rank mean losses this makes every gradient the
+    single-device one). ``scale_expert_shards=False`` leaves the shards' gradients as the sum of
+    every rank's loss gradient (for a loss that is already summed over ranks)."""
+    P = dist.get_world_size(group)
+    shards = {id(p) for p in expert_shard_parameters(model)}
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if id(p) in shards:
+            if p.grad is not None and scale_expert_shards:
+                p.grad.div_(P)
+            continue
+        if p.grad is not None:  # the same parameters on every rank: the same graph everywhere
+            by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat.div_(P)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the whole (distributed) model: the norm counts each
+    replicated gradient once (call :func:`average_replicated_gradients` first, so they agree on
+    every rank) and every rank's expert shards. Returns the total norm (the same on every rank)."""
+    shards = {id(p) for p in expert_shard_parameters(model)}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    replicated_sq = torch.zeros((), dtype=torch.float32, device=device)
+    shard_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().float().square().sum()
+        if id(p) in shards:
+            shard_sq += sq
+        else:
+            replicated_sq += sq
+    dist.all_reduce(shard_sq, group=group)
+    total = (replicated_sq + shard_sq).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc-per-node=P -m fulu_nas.distributed [options]``: check that the
+    expert-parallel layer equals the single-device layer on each rank's input, then time its
+    forward+backward (tokens/s per rank and in total). Prints from rank 0."""
+    import argparse
+    import time
+
+    from .moe import MoEConfig
+
+    ap = argparse.ArgumentParser(prog="python -m fulu_nas.distributed")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--ffn", type=int, default=512)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--router", default="topk")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--no-check", action="store_true", help="skip the equivalence check (needs the full layer)")
+    args = ap.parse_args(argv)
+    info = init_from_env()
+    dtype = getattr(torch, args.dtype)
+    cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
+                    top_k=args.top_k, router=args.router)
+    torch.manual_seed(0)
+    layer = PiMoELayer(cfg).to(info.device, dtype)
+    ep = ExpertParallelMoE.from_layer(layer)
+    torch.manual_seed(1 + info.rank)
+    x = torch.randn(args.tokens, args.hidden, device=info.device, dtype=dtype)
+    ids = torch.randint(0, 1 << 20, (args.tokens,), device=info.device)
+    if not args.no_check:
+        with torch.no_grad():
+            ref, _ = layer(x, token_ids=ids, impl="grouped_mm")
+            out, _ = ep(x, token_ids=ids)
+        err = torch.tensor((out.float() - ref.float()).abs().max().item(), device=info.device)
+        dist.all_reduce(err, op=dist.ReduceOp.MAX)
+        if info.rank == 0:
+            print(f"max |EP - single| over ranks: {err.item():.3g} ({args.dtype})", flush=True)
+    del layer
+    x.requires_grad_(True)
+
+    def step() -> None:
+        out, stats = ep(x, token_ids=ids)
+        (out.float().square().mean() + stats["balance_loss"]).backward()
+        ep.zero_grad(set_to_none=True)
+        x.grad = None
+
+    sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        step()
+    sync()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - start) / args.steps
+    if info.rank == 0:
+        print(f"{info.world_size} ranks ({info.backend}, {info.device.type}), torch {torch.__version__}: "
+              f"{args.tokens} tokens/rank, E={args.experts}, D={args.hidden}, F={args.ffn}, top-{args.top_k}, "
+              f"{args.dtype}: {seconds * 1e3:.2f} ms per forward+backward, "
+              f"{args.tokens / seconds:,.0f} tokens/s per rank, "
+              f"{args.tokens * info.world_size / seconds:,.0f} tokens/s total", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

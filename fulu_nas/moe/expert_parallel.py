@@ -1,0 +1,316 @@
+"""Expert parallelism: a :class:`PiMoELayer` whose experts are spread over the ranks of a process group.
+
+Shape suffixes: T local tokens, D hidden, E experts (global), L = E/P local experts, P ranks,
+K slots per token, S rows this rank sends (kept assignments, grouped by expert), R rows it
+receives (grouped by source rank, then by local expert), N rows its experts compute (grouped by
+local expert, then by source rank).
+
+``ExpertParallelMoE.from_layer(layer, group)`` keeps the router and the shared experts replicated
+(the very modules of ``layer``) and slices rank r's experts ``[r*L, (r+1)*L)`` out of the stacked
+expert weights. A forward pass:
+
+1. routes the local tokens with the layer's router and applies the layer's capacity rule to the
+   local batch (capacity is per rank, as in GShard), exactly as ``PiMoELayer`` would on this
+   rank's input;
+2. sorts the kept assignments by expert (stable: token order inside an expert);
+3. exchanges the per-expert counts first (one ``all_gather`` of a small vector that also carries
+   the routing statistics; the split sizes are read on the host, the one sync of the pass);
+4. all-to-alls the rows, the routing weight appended as an extra column, so the weight is applied
+   on the expert's rank exactly where :meth:`GroupedExperts.forward_grouped` applies it;
+5. regroups the received rows by local expert and runs the local experts with the same grouped
+   GEMM, then sends the results back with the inverse all-to-all;
+6. un-permutes and sums each token's rows in fp32, as ``PiMoELayer`` does.
+
+The all-to-alls are autograd functions (the backward is the inverse all-to-all), so an expert
+receives the gradients of its rows from every rank. Replicated parameters receive local gradients;
+average them over the data-parallel group (:func:`fulu_nas.distributed.average_replicated_gradients`).
+Every rank must call forward and backward the same number of times, in the same order.
+
+Statistics: ``tokens_per_expert`` is the global load (summed over ranks), so ``load_balance``,
+``max_vio``, ``cv``, ``utilisation`` and :meth:`update_expert_bias` see the whole batch and every
+rank's aux-loss-free bias takes the same step. ``router_entropy`` and ``dropped_share`` are global
+too. The differentiable losses stay local: ``aux_loss`` is ``E * sum_e f_e * P_e`` with the
+*global* load share ``f_e`` and this rank's mean probabilities ``P_e``, and ``z_loss`` is the local
+mean, so with equal per-rank batches the mean over ranks of either equals the single-process loss
+on the concatenated batch.
+
+:meth:`ExpertParallelMoE.gather_layer` all-gathers the experts into an ordinary single-device
+``PiMoELayer``: checkpoints and exports are the same whatever the training layout.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .balancing import load_balancing_loss, router_z_loss
+from .experts import GroupedExperts
+from .layer import PiMoELayer
+from .routing import Routing
+from .stats import load_statistics
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` along dim 0 with uneven splits; the backward is the inverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_in = grad_out.new_empty((sum(ctx.in_splits), *grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group=None) -> Tensor:
+    """Send rows ``in_splits[s]`` of ``x`` to rank s, receive ``out_splits[s]`` rows from rank s
+    (concatenated by source rank). Differentiable."""
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+def shard_experts(experts: GroupedExperts, start: int, stop: int) -> GroupedExperts:
+    """A :class:`GroupedExperts` holding copies of experts ``[start, stop)`` of ``experts`` (every
+    parameter is sliced along its leading expert dimension); it computes exactly what those
+    experts compute in ``experts``."""
+    shard = copy.copy(experts)  # the same kind of module, with the same settings (activation, ...)
+    shard._parameters = OrderedDict()
+    shard._buffers = OrderedDict(experts._buffers)
+    shard._modules = OrderedDict(experts._modules)
+    E = experts.num_experts
+    for name, p in experts._parameters.items():
+        if p is not None and p.shape[0] != E:
+            raise ValueError(f"expert parameter {name} has no leading expert dimension: {tuple(p.shape)}")
+        shard._parameters[name] = None if p is None else nn.Parameter(
+            p.detach()[start:stop].clone(), requires_grad=p.requires_grad)
+    shard.first_expert = start
+    return shard
+
+
+class ExpertParallelMoE(PiMoELayer):
+    """A :class:`PiMoELayer` whose experts are split over the ranks of ``group`` (module doc).
+
+    Same ``forward(x, token_ids=None, impl=None, with_stats=True) -> (out, stats)`` contract as
+    ``PiMoELayer``: each rank passes its own tokens and gets its own tokens' outputs. It is a
+    ``PiMoELayer`` subclass so models that look for their MoE layers by type keep working after
+    :func:`fulu_nas.distributed.expert_parallel` swaps it in; :meth:`parameter_counts` counts all
+    experts, :meth:`remap_experts` is not supported (gather first).
+
+    ``impl``: the local experts run as one grouped GEMM (``torch._grouped_mm``) for ``grouped``,
+    ``grouped_mm`` and ``triton``, and as one matmul pair per expert for ``sorted`` and ``loop``.
+    Unlike ``PiMoELayer`` the pass reads the split sizes on the host, so it is not for
+    ``torch.compile(fullgraph=True)``, CUDA graphs or ``torch.export`` (gather the layer first).
+    """
+
+    def __init__(self, layer: PiMoELayer, group: dist.ProcessGroup | None = None):
+        nn.Module.__init__(self)
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ExpertParallelMoE needs an initialised torch.distributed process group")
+        if isinstance(layer, ExpertParallelMoE):
+            raise ValueError("the layer is already expert-parallel")
+        P, rank = dist.get_world_size(group), dist.get_rank(group)
+        E = layer.cfg.num_experts
+        if E % P:
+            raise ValueError(f"expert parallelism over {P} ranks needs num_experts divisible by {P}, "
+                             f"got num_experts={E}")
+        L = E // P
+        self.cfg = layer.cfg
+        self.group = group
+        self.rank, self.world_size, self.local_experts = rank, P, L
+        self.router = layer.router
+        self.experts = shard_experts(layer.experts, rank * L, (rank + 1) * L)
+        self.shared = layer.shared
+        self.train(layer.training)
+
+    @classmethod
+    def from_layer(cls, layer: PiMoELayer, group: dist.ProcessGroup | None = None) -> ExpertParallelMoE:
+        """The expert-parallel form of ``layer`` on this rank of ``group`` (default: the world).
+        Shares ``layer``'s router and shared experts; copies this rank's slice of its experts.
+        ``layer`` must be identical on every rank (same seed, or broadcast it first)."""
+        return cls(layer, group)
+
+    @property
+    def expert_range(self) -> tuple[int, int]:
+        """The global indices ``[start, stop)`` of the experts held by this rank."""
+        return self.rank * self.local_experts, (self.rank + 1) * self.local_experts
+
+    def extra_repr(self) -> str:
+        start, stop = self.expert_range
+        return f"rank={self.rank}/{self.world_size}, experts=[{start}, {stop}) of {self.cfg.num_experts}"
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, impl: str | None = None,
+                with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        if x.dim() < 2 or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"input must have shape (..., hidden_size={cfg.hidden_size}), "
+                             f"got {tuple(x.shape)}")
+        x_TD = x.reshape(-1, cfg.hidden_size)
+        routing = self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
+        if cfg.token_choice:
+            token_S, weight_S, counts_E, slot_S, dropped, active = self._dispatch_token_choice(routing)
+        else:
+            token_S, weight_S, counts_E, dropped, active = self._dispatch_expert_choice(x_TD, routing)
+        entropy = _entropy_sum(routing.probs_TE, x_TD) if with_stats else x_TD.new_zeros((), dtype=torch.float32)
+        # Counts first: every rank learns every rank's per-expert counts (split sizes and global load).
+        local_E4 = torch.cat([counts_E.double(),
+                              torch.stack([entropy.double(), entropy.new_tensor(float(x_TD.shape[0])).double(),
+                                           dropped.double(), active.double()])])
+        gathered_PE4 = torch.stack(self._all_gather(local_E4))
+        counts_PE = gathered_PE4[:, :cfg.num_experts].long().tolist()  # the one host sync
+
+        y_SD = self._exchange_and_compute(x_TD, token_S, weight_S, counts_PE, impl or cfg.impl)
+        if cfg.token_choice:
+            # Each token's K slots (dropped ones stay 0), summed in fp32 in slot order like PiMoELayer.
+            T, K = routing.expert_TK.shape
+            y_TKD = y_SD.new_zeros((T * K, cfg.hidden_size)).index_copy(0, slot_S, y_SD).view(T, K, -1)
+            out_TD = y_TKD[:, 0].float()
+            for k in range(1, K):
+                out_TD = out_TD + y_TKD[:, k].float()
+            out_TD = out_TD.to(x_TD.dtype)
+        else:  # a token may be taken by several experts: accumulate in fp32
+            out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device).index_add_(
+                0, token_S, y_SD.float()).to(x_TD.dtype)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        if not with_stats:
+            return out_TD.view(x.shape), {}
+        return out_TD.view(x.shape), self._global_stats(routing, gathered_PE4)
+
+    def _dispatch_token_choice(self, r: Routing):
+        """Kept assignments sorted by expert: token, weight, flat slot, per-expert counts."""
+        E = self.cfg.num_experts
+        T, K = r.expert_TK.shape
+        expert_N = r.expert_TK.reshape(-1)
+        active_N = r.active_TK.reshape(-1)
+        order_N = torch.argsort(expert_N.to(torch.int32), stable=True)
+        expert_sorted_N = expert_N[order_N]
+        active_sorted_N = active_N[order_N]
+        keep_sorted_N = active_sorted_N
+        if self.cfg.capacity_factor is not None:  # PiMoELayer's rule, on this rank's T tokens
+            ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=expert_N.device))
+            starts_E = torch.nn.functional.pad(ends_E[:-1], (1, 0))
+            keep_sorted_N = self._capacity_keep_sorted(active_sorted_N, expert_sorted_N, starts_E, T)
+        slot_S = order_N[keep_sorted_N]  # inactive (top-p) and dropped slots are not sent
+        kept_E = torch.searchsorted(expert_N[slot_S], torch.arange(E + 1, device=expert_N.device))
+        counts_E = kept_E[1:] - kept_E[:-1]  # the kept rows are sorted by expert
+        weight_S = r.weight_TK.reshape(-1)[slot_S]
+        dropped = (active_sorted_N & ~keep_sorted_N).float().sum()
+        return slot_S // K, weight_S, counts_E, slot_S, dropped, active_N.float().sum()
+
+    def _dispatch_expert_choice(self, x_TD: Tensor, r: Routing):
+        """Expert choice is grouped by expert already: every expert takes C rows."""
+        E, C = r.token_EC.shape
+        token_S = r.token_EC.reshape(-1)
+        taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).index_add_(
+            0, token_S, torch.ones(token_S.shape, device=x_TD.device))
+        counts_E = torch.full((E,), C, dtype=torch.long, device=x_TD.device)
+        untaken = (taken_T == 0).float().sum()
+        return token_S, r.weight_EC.reshape(-1), counts_E, untaken, taken_T.new_tensor(float(x_TD.shape[0]))
+
+    def _exchange_and_compute(self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor,
+                              counts_PE: list[list[int]], impl: str) -> Tensor:
+        """Send each row (and its weight) to its expert's rank, compute, send the results back."""
+        P, L, rank, D = self.world_size, self.local_experts, self.rank, self.cfg.hidden_size
+        send_splits = [sum(counts_PE[rank][s * L:(s + 1) * L]) for s in range(P)]
+        recv_PL = [counts_PE[s][rank * L:(rank + 1) * L] for s in range(P)]
+        recv_splits = [sum(c) for c in recv_PL]
+        payload_SD1 = torch.cat([x_TD[token_S], weight_S[:, None].to(x_TD.dtype)], dim=1)
+        recv_RD1 = all_to_all(payload_SD1, recv_splits, send_splits, self.group)
+
+        # Received rows come grouped by source rank, then local expert: regroup by local expert.
+        device = x_TD.device
+        counts_L = [sum(recv_PL[s][e] for s in range(P)) for e in range(L)]
+        local_R = torch.repeat_interleave(torch.arange(L, device=device).repeat(P),
+                                          torch.tensor([c for row in recv_PL for c in row], device=device))
+        order_R = torch.argsort(local_R.to(torch.int32), stable=True)
+        rows_ND1, expert_N = recv_RD1[order_R], local_R[order_R]
+        R = rows_ND1.shape[0]
+        if R == 0:
+            # No rows for this rank's experts: compute one zero-weight zero row (grouped GEMMs of no
+            # rows are not supported everywhere); it keeps the backward exchange in the graph and
+            # gives the idle experts exact zero gradients, as PiMoELayer does.
+            rows_ND1 = torch.cat([rows_ND1, rows_ND1.new_zeros((1, D + 1))])
+            expert_N = torch.full((1,), L - 1, dtype=expert_N.dtype, device=device)
+            counts_L[-1] += 1
+        # A fresh (N, D) buffer: grouped GEMMs need 16-byte row strides, which a one-row slice of the
+        # (N, D+1) rows would not have even after .contiguous().
+        x_ND, w_N = rows_ND1[:, :D].clone(memory_format=torch.contiguous_format), rows_ND1[:, D]
+        if impl in ("sorted", "loop"):
+            y_ND = self.experts.forward_sorted(x_ND, torch.tensor(counts_L)) * w_N[:, None]
+        else:
+            offsets_L = torch.tensor(counts_L, device=device).cumsum(0).to(torch.int32)
+            y_ND = self.experts.forward_grouped(x_ND, offsets_L, expert_N, w_N)
+        y_ND = y_ND[:R]
+        inverse_R = torch.empty_like(order_R).index_put_((order_R,), torch.arange(R, device=device))
+        return all_to_all(y_ND[inverse_R], send_splits, recv_splits, self.group)
+
+    def _all_gather(self, t: Tensor) -> list[Tensor]:
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return parts
+
+    def _global_stats(self, r: Routing, gathered_PE4: Tensor) -> dict[str, Tensor]:
+        E = self.cfg.num_experts
+        total = gathered_PE4.sum(0)
+        counts_E = total[:E].float()
+        entropy_sum, tokens, dropped, active = total[E:].unbind()
+        stats = load_statistics(counts_E)
+        stats["router_entropy"] = (entropy_sum / tokens.clamp_min(1)).float()
+        if self.cfg.token_choice:
+            stats["dropped_share"] = (dropped / active.clamp_min(1)).float()
+        else:
+            stats["dropped_share"] = (dropped / tokens.clamp_min(1)).float()
+        zero = torch.zeros((), device=counts_E.device)
+        aux = load_balancing_loss(r.probs_TE, counts_E) if r.probs_TE is not None else zero
+        z = router_z_loss(r.logits_TE) if r.logits_TE is not None else zero
+        stats["aux_loss"], stats["z_loss"] = aux, z
+        stats["balance_loss"] = self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
+        return stats
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def gather_layer(self) -> PiMoELayer:
+        """An ordinary single-device :class:`PiMoELayer` with every expert (a collective: call it
+        on every rank). Its ``state_dict`` is what the single-device layer would have: tensors on
+        this rank's device and in the EP module's dtypes; router, shared experts and buffers are
+        copies of this rank's replicas."""
+        state = {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("experts.")}
+        for name, p in self.experts.named_parameters():
+            state[f"experts.{name}"] = torch.cat(self._all_gather(p.detach()))
+        with torch.random.fork_rng(devices=[]):  # building the layer must not move the caller's RNG
+            layer = PiMoELayer(self.cfg)
+        layer.load_state_dict(state, assign=True)
+        mine = dict(self.named_parameters())
+        for name, p in layer.named_parameters():
+            p.requires_grad_(mine[name].requires_grad)
+        return layer.to(self.experts.w13_EDF2.device).train(self.training)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """As for the whole layer (all experts on every rank), not for this rank's shard."""
+        per_expert = sum(p[0].numel() for p in self.experts.parameters())
+        E = self.cfg.num_experts
+        total = sum(p.numel() for p in self.parameters()) + per_expert * (E - self.local_experts)
+        active = total - per_expert * (E - min(self.cfg.top_k, E))
+        return {"total": total, "active": active}
+
+    def remap_experts(self, source: list[int], noise: float = 0.0):
+        raise NotImplementedError("remap_experts on an expert-parallel layer: gather_layer() first, "
+                                  "remap, then from_layer() again")
+
+
+def _entropy_sum(probs_TE: Tensor | None, x_TD: Tensor) -> Tensor:
+    """Sum over local tokens of the router distribution's entropy (0 for a fixed assignment)."""
+    if probs_TE is None:
+        return torch.zeros((), device=x_TD.device)
+    return (-(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum(-1)).sum().detach()
