@@ -2,6 +2,8 @@
 
 ``python -m fulu_nas.bench clusters``  - the default top-k layer on ``clusters`` (8 experts, 8
 domains), with each balancing method: routing accuracy, load balance, task accuracy.
+``python -m fulu_nas.bench dynamic``   - dynamic expert scaling on ``clusters`` from 4 and from 32
+experts, each against a fixed layer of the size it ended with.
 ``python -m fulu_nas.bench routers``   - the five routers on ``pimoe_mix`` at equal settings:
 loss, exact match on computed results, routing accuracy, balance.
 """
@@ -24,11 +26,24 @@ BALANCING = {
 }
 
 
-def clusters_arch(task, router: str = "topk", balancing: str = "aux_free") -> ArchConfig:
-    """The clusters default: 2 layers of width 64, the second one PiMoE (8 experts, FFN 128, top-2)."""
+def clusters_arch(task, router: str = "topk", balancing: str = "aux_free", num_experts: int = 8) -> ArchConfig:
+    """The clusters default: one block of width 64 whose FFN is the PiMoE layer (8 experts, GELU FFN
+    32, top-1 with the gate probability as the weight).
+
+    Why these settings. One block: attention carries the domain marker to every token and the
+    experts are the only nonlinear computation before the head, so the per-domain function has
+    to be computed by an expert. Small GELU experts make an expert that serves several domains
+    pay for it (it must gate several classifiers by the domain). Top-1: each token goes to one
+    expert, so routing is a partition whose balance the selection bias controls directly (with
+    top-2 a domain's first choice can alternate inside an expert pair at perfect load balance).
+    No renormalisation (Switch Transformer): a renormalised top-1 weight is always 1 and the router
+    would learn from the balancing bias alone; the gate probability as weight carries the task
+    loss to the router.
+    """
     return ArchConfig(vocab_size=task.vocab_size, num_classes=task.num_classes, max_seq_len=task.seq_len,
-                      num_layers=2, hidden_size=64, num_heads=4, moe_every=2, dense_ffn_size=128,
-                      moe=MoEConfig(hidden_size=64, num_experts=8, expert_ffn_size=128, top_k=2, router=router,
+                      num_layers=1, hidden_size=64, num_heads=4, moe_every=1, dense_ffn_size=128,
+                      moe=MoEConfig(hidden_size=64, num_experts=num_experts, expert_ffn_size=32, top_k=1,
+                                    renormalize=False, activation="gelu", router=router,
                                     **_router_extras(router), **BALANCING[balancing]))
 
 
@@ -44,7 +59,10 @@ def _router_extras(router: str) -> dict:
     return {"hierarchical": {"hierarchy_depth": 2}, "attention": {"attention_context": True}}.get(router, {})
 
 
-def run_one(task, arch: ArchConfig, seconds: float, batch_size: int, lr: float, seed: int) -> dict:
+def run_one(task, arch: ArchConfig, seconds: float, batch_size: int, lr: float, seed: int,
+            dynamic=None) -> dict:
+    """Train a fresh model of ``arch`` for ``seconds`` (``dynamic``: a DynamicExpertsConfig) and
+    evaluate it; ``experts`` is the final expert count of the (first) MoE layer."""
     from .evaluate import evaluate
     from .train import TrainConfig, train
 
@@ -52,9 +70,11 @@ def run_one(task, arch: ArchConfig, seconds: float, batch_size: int, lr: float, 
     model = PiMoETransformer(arch)
     start = time.perf_counter()
     result = train(model, task, TrainConfig(steps=10**9, max_seconds=seconds, batch_size=batch_size, lr=lr,
-                                            seed=seed, progress=False, report_every=100))
+                                            seed=seed, progress=False, report_every=100, dynamic_experts=dynamic))
     ev = evaluate(model, task)
     return {"router": arch.moe.router, "steps": result.steps, "train_seconds": round(time.perf_counter() - start, 1),
+            "experts": model.moe_layers()[0].cfg.num_experts,
+            "expert_history": [counts[0] for counts in result.expert_counts],
             **{k: v for k, v in ev.items() if isinstance(v, float)}}
 
 
@@ -71,16 +91,23 @@ def _device_line() -> str:
     return f"{device_name(torch.device('cpu'))}, torch {torch.__version__}, float32"
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
 def clusters_main(args: argparse.Namespace) -> int:
     from .tasks import ClustersTask
 
+    _set_threads(args)
     task = ClustersTask()
     rows = []
     for balancing in args.balancing:
         row = run_one(task, clusters_arch(task, "topk", balancing), args.seconds, args.batch_size, args.lr, args.seed)
         rows.append({"balancing": balancing, **row})
         print(f"done: {balancing}", flush=True)
-    print(f"\nclusters (8 domains), top-k layer of 8 experts, {args.seconds:.0f} s of training, {_device_line()}\n")
+    print(f"\nclusters (8 domains), top-k layer of 8 experts (top-1, GELU FFN 32), {args.seconds:.0f} s of training, "
+          f"{_device_line()}\n")
     print(_table(rows, ["balancing", "steps", "loss", "accuracy", "routing_accuracy", "load_balance", "max_vio"]))
     _dump(args, rows)
     return 0
@@ -89,6 +116,7 @@ def clusters_main(args: argparse.Namespace) -> int:
 def routers_main(args: argparse.Namespace) -> int:
     from .tasks import PiMoEMixTask
 
+    _set_threads(args)
     task = PiMoEMixTask()
     rows = []
     for router in args.routers:
@@ -102,21 +130,80 @@ def routers_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def dynamic_main(args: argparse.Namespace) -> int:
+    """Dynamic expert scaling from each start size, then a fixed layer of the size it ended with
+    (same budget, seed and settings otherwise); the issue's target: from 4 it must grow, from 32
+    shrink, with routing accuracy no worse than the fixed layer of the final size."""
+    from .dynamic_experts import DynamicExpertsConfig
+    from .tasks import ClustersTask
+
+    _set_threads(args)
+    task = ClustersTask()
+    cfg = DynamicExpertsConfig(every=args.every, grow_loss=args.grow_loss, freeze_after=args.freeze_after)
+    rows, verdicts = [], []
+    for start in args.start:
+        dyn = run_one(task, clusters_arch(task, num_experts=start), args.seconds, args.batch_size, args.lr,
+                      args.seed, dynamic=cfg)
+        history = dyn["expert_history"]
+        rows.append({"layer": f"dynamic from {start}", "path": " > ".join(map(str, history)), **dyn})
+        print(f"done: dynamic from {start} -> {dyn['experts']}", flush=True)
+        fixed = run_one(task, clusters_arch(task, num_experts=dyn["experts"]), args.seconds, args.batch_size,
+                        args.lr, args.seed)
+        rows.append({"layer": f"fixed {dyn['experts']}", "path": str(dyn["experts"]), **fixed})
+        print(f"done: fixed {dyn['experts']}", flush=True)
+        direction = "more" if start < task.num_domains else "fewer"
+        moved = dyn["experts"] > start if direction == "more" else dyn["experts"] < start
+        kept = dyn["routing_accuracy"] >= fixed["routing_accuracy"]
+        verdicts.append(f"from {start}: ended with {dyn['experts']} ({direction} wanted: {'yes' if moved else 'NO'}), "
+                        f"routing accuracy {dyn['routing_accuracy']:.3f} vs fixed {fixed['routing_accuracy']:.3f} "
+                        f"({'no worse' if kept else 'WORSE'})")
+    print(f"\nclusters ({task.num_domains} domains), dynamic expert scaling (check every {cfg.every} steps, frozen "
+          f"after {cfg.freeze_after:.0%} of the budget) vs fixed layers, {args.seconds:.0f} s of training each, "
+          f"{_device_line()}\n")
+    print(_table(rows, ["layer", "path", "steps", "loss", "accuracy", "routing_accuracy", "load_balance"]))
+    print()
+    print("\n".join(verdicts))
+    _dump(args, rows)
+    return 0
+
+
 def _dump(args: argparse.Namespace, rows: list[dict]) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": _device_line(), "seconds": args.seconds, "rows": rows}, f, indent=2)
 
 
+THREADS_HELP = ("torch CPU threads (0: torch's default). The clusters model is tiny: one thread runs it "
+                "fastest, and several threads collapse when another process shares the cores")
+
+
 def add_parsers(sub) -> None:
+    from .dynamic_experts import DynamicExpertsConfig
+
     p = sub.add_parser("clusters", help="routing accuracy and balance on clusters within a time budget")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--balancing", nargs="+", choices=tuple(BALANCING), default=["aux_free", "aux_loss"])
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--json")
     p.set_defaults(run=clusters_main)
+    p = sub.add_parser("dynamic", help="dynamic expert scaling on clusters from 4 and 32 experts vs fixed layers")
+    p.add_argument("--seconds", type=float, default=60.0, help="training budget of each of the runs")
+    p.add_argument("--start", type=int, nargs="+", default=[4, 32], help="initial expert counts")
+    defaults = DynamicExpertsConfig()
+    p.add_argument("--every", type=int, default=defaults.every, help="steps between rescaling checks")
+    p.add_argument("--grow-loss", type=float, default=defaults.grow_loss,
+                   help="a stalled loss above this adds an expert")
+    p.add_argument("--freeze-after", type=float, default=defaults.freeze_after,
+                   help="share of the budget after which the expert set stays fixed")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--json")
+    p.set_defaults(run=dynamic_main)
     p = sub.add_parser("routers", help="the five routers compared on pimoe_mix within a time budget each")
     p.add_argument("--seconds", type=float, default=300.0)
     p.add_argument("--routers", nargs="+", choices=ROUTERS, default=list(ROUTERS))

@@ -6,9 +6,14 @@ Every ``every`` steps, for each MoE layer, with the load accumulated since the l
 - the most loaded expert is split (cloned, router row copied plus noise) when load is
   concentrated (its load above ``add_above`` x the mean), or when training has stalled (the loss
   improved by less than ``plateau`` of itself over the window while still above ``grow_loss``):
-  the model is asking more of its experts than they give;
-always within ``[min_experts, max_experts]`` (and never below ``top_k``). The optimizer state of
-the affected parameters moves with the experts, so Adam's moments follow their expert.
+  the model is asking more of its experts than they give. (Under load balancing the load stays
+  even, so growth comes from the plateau test; ``grow_loss`` defaults to 0 because a loss level
+  that means "solved" is task-specific.)
+always within ``[min_experts, max_experts]`` (and never below ``top_k``). Once training progress
+(the fraction of the step or time budget, as the schedule counts it) reaches ``freeze_after``
+the expert set stays fixed, so the router and experts settle on it before training ends. The
+optimizer state of the affected parameters moves with the experts, so Adam's moments follow
+their expert.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ class DynamicExpertsConfig:
     remove_below: float = 0.1
     add_above: float = 2.0
     plateau: float = 0.05
-    grow_loss: float = 0.1
+    grow_loss: float = 0.0
     noise: float = 0.05
+    freeze_after: float = 0.5
 
 
 class DynamicExperts:
@@ -47,8 +53,13 @@ class DynamicExperts:
             self.load[i] += stats["tokens_per_expert"].detach().float().cpu()
         self.losses.append(loss)
 
-    def maybe_rescale(self, step: int) -> bool:
+    def maybe_rescale(self, step: int, progress: float = 0.0) -> bool:
+        """Rescale every ``every`` steps until ``progress`` reaches ``freeze_after``."""
         if step % self.cfg.every:
+            return False
+        if progress >= self.cfg.freeze_after:
+            self.load = [torch.zeros_like(load) for load in self.load]
+            self.losses = []
             return False
         loss = sum(self.losses) / len(self.losses)
         stalled = (self.window_loss is not None and loss > self.cfg.grow_loss

@@ -165,7 +165,7 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
             model.update_expert_biases(out.moe_stats)
             if dynamic is not None:
                 dynamic.observe(out.moe_stats, value)
-                dynamic.maybe_rescale(step)
+                dynamic.maybe_rescale(step, progress)
 
             result.steps, result.final_loss = step, value
             bar.update(1)

@@ -121,7 +121,8 @@ def test_val_batches_fixed(small_task):
 
 def _extra_params(task: Task) -> dict:
     if isinstance(task, ClustersTask):
-        return dict(num_domains=task.num_domains, values=task.values, val_sequences=task.val_sequences)
+        return dict(num_domains=task.num_domains, values=task.values, classes=task.num_classes,
+                    val_sequences=task.val_sequences)
     if isinstance(task, PiMoEMixTask):
         return dict(val_sequences=task.val_sequences)
     return dict(path=task.path)
@@ -137,13 +138,13 @@ def test_bad_batch_size(small_task):
 # --- clusters ----------------------------------------------------------------------------------
 
 @settings(max_examples=15, deadline=None)
-@given(k=st.integers(1, 6), m=st.integers(2, 12), s=st.integers(2, 10), seed=st.integers(0, 1000))
-def test_clusters_targets_are_planted_permutations(k, m, s, seed):
-    task = ClustersTask(num_domains=k, values=m, seq_len=s, val_sequences=5, data_seed=seed)
-    assert task.vocab_size == k + m and task.num_classes == m
+@given(k=st.integers(1, 6), m=st.integers(2, 12), c=st.integers(2, 5), s=st.integers(2, 10), seed=st.integers(0, 1000))
+def test_clusters_targets_are_planted_linear_classifiers(k, m, c, s, seed):
+    task = ClustersTask(num_domains=k, values=m, classes=c, seq_len=s, val_sequences=5, data_seed=seed)
+    assert task.vocab_size == k + m and task.num_classes == c
     assert task.domain_names == tuple(f"domain{i}" for i in range(k))
-    for p in task.perm_KM:
-        assert sorted(p.tolist()) == list(range(m))
+    assert task.weights_KCM.shape == (k, c, m)
+    assert torch.allclose(task.weights_KCM.sum(-1), torch.zeros(k, c, dtype=torch.float64), atol=1e-9)
     for batch in [next(task.train_batches(6, seed)), *task.val_batches(4)]:
         check_batch(task, batch, None)
         marker = batch.tokens[:, 0]
@@ -153,22 +154,48 @@ def test_clusters_targets_are_planted_permutations(k, m, s, seed):
                                        strict=True):
             dom = row_t[0]
             assert row_d[1:] == [dom] * (s - 1)
-            assert row_y[1:] == [task.perm_KM[dom, v - k].item() for v in row_t[1:]]
+            # by hand: running scores of each class, one value at a time
+            scores = [0.0] * c
+            for t, v in enumerate(row_t[1:], start=1):
+                scores = [scores[j] + float(task.weights_KCM[dom, j, v - k]) for j in range(c)]
+                assert row_y[t] == max(range(c), key=lambda j: scores[j])
+
+
+def test_clusters_targets_depend_on_the_domain_and_the_counts():
+    task = ClustersTask(num_domains=2, values=3, classes=3)
+    w = task.weights_KCM
+    # one value seen: the class is that value's best class in the domain
+    for d in range(2):
+        for v in range(3):
+            assert task.targets_for(torch.tensor([d]), torch.tensor([[v]])).item() == int(w[d, :, v].argmax())
+    # order does not matter, only the counts
+    a = task.targets_for(torch.tensor([1]), torch.tensor([[0, 2, 2, 1]]))
+    b = task.targets_for(torch.tensor([1]), torch.tensor([[2, 1, 0, 2]]))
+    assert a[0, -1] == b[0, -1]
+    # the domains really differ: over the default task's validation set, another domain's
+    # classifier would give a different class for a large share of the tokens
+    task = ClustersTask()
+    val = task.val_batches(512)[0]
+    shifted = (val.tokens[:, 0] + 1) % task.num_domains
+    other = torch.cat([torch.full_like(val.targets[:, :1], IGNORE),
+                       task.targets_for(shifted, val.tokens[:, 1:] - task.num_domains)], dim=1)
+    mask = val.targets != IGNORE
+    assert (other[mask] != val.targets[mask]).float().mean() > 0.5
 
 
 def test_clusters_metric_and_data_seed():
-    task = ClustersTask(num_domains=3, values=5, seq_len=12, val_sequences=30)
+    task = ClustersTask(num_domains=3, values=5, classes=4, seq_len=12, val_sequences=30)
     num = den = 0.0
     wrong_num = 0.0
     for batch in task.val_batches(8):
-        n, d = task.metric_counts(one_hot_logits(batch.targets, 5), batch)["accuracy"]
+        n, d = task.metric_counts(one_hot_logits(batch.targets, 4), batch)["accuracy"]
         num, den = num + n, den + d
-        wrong = torch.where(batch.targets == IGNORE, batch.targets, (batch.targets + 1) % 5)
-        wrong_num += task.metric_counts(one_hot_logits(wrong, 5), batch)["accuracy"][0]
+        wrong = torch.where(batch.targets == IGNORE, batch.targets, (batch.targets + 1) % 4)
+        wrong_num += task.metric_counts(one_hot_logits(wrong, 4), batch)["accuracy"][0]
     assert den == 30 * 11 and num == den and wrong_num == 0
     # The planted functions depend on data_seed (and only on it).
-    assert torch.equal(task.perm_KM, ClustersTask(num_domains=3, values=5).perm_KM)
-    assert not torch.equal(ClustersTask(data_seed=1).perm_KM, ClustersTask(data_seed=2).perm_KM)
+    assert torch.equal(task.weights_KCM, ClustersTask(num_domains=3, values=5, classes=4).weights_KCM)
+    assert not torch.equal(ClustersTask(data_seed=1).weights_KCM, ClustersTask(data_seed=2).weights_KCM)
 
 
 # --- pimoe_mix ---------------------------------------------------------------------------------
@@ -389,6 +416,7 @@ def test_build_task_registry_and_errors():
         build_task("clusters", seq_len=1, values="many")
     assert "seq_len" in str(err.value) and "values" in str(err.value) and len(err.value.problems) == 2
     bad = [("clusters", {"num_domains": 0}, "num_domains"), ("clusters", {"seq_len": True}, "seq_len"),
+           ("clusters", {"classes": 1}, "classes"),
            ("pimoe_mix", {"expression_rate": 0.0}, "expression_rate"),
            ("pimoe_mix", {"val_fraction": 1.0}, "val_fraction"), ("pimoe_mix", {"max_operand": 0}, "max_operand"),
            ("pimoe_mix", {"seq_len": 9}, "seq_len"), ("textlm", {"max_val_tokens": 0}, "max_val_tokens"),
