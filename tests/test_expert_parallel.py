@@ -337,3 +337,46 @@ def test_distributed_training_matches_single_process(ranks):
     # the aux-free bias moved, by the same global-load step on every rank
     bias = [k for k in state if k.endswith("router.expert_bias")]
     assert bias and any(state[k].abs().sum() > 0 for k in bias)
+
+
+# -- one rank, in this process ----------------------------------------------------------------------
+# The 2-rank tests above run in spawned processes, which coverage does not follow; with a group of
+# one rank the same code runs here (exchanges of one rank, no idle experts) and must equal the layer.
+
+@pytest.fixture(scope="module")
+def single_rank_group():
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_one_rank_group_equals_the_layer(single_rank_group, name):
+    from fulu_nas.distributed import average_replicated_gradients, clip_grad_norm_, expert_shard_parameters
+    from fulu_nas.moe.expert_parallel import ExpertParallelMoE
+
+    layer = build(name)
+    ep = ExpertParallelMoE.from_layer(build(name))
+    x, up, ids = inputs(name)
+    x_ref, x_ep = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, stats = layer(x_ref, token_ids=ids)
+    out_ep, stats_ep = ep(x_ep, token_ids=ids)
+    torch.testing.assert_close(out_ep, out, **TOL)
+    torch.testing.assert_close(stats_ep["tokens_per_expert"], stats["tokens_per_expert"])
+    ((out * up).mean() + stats["balance_loss"]).backward()
+    ((out_ep * up).mean() + stats_ep["balance_loss"]).backward()
+    average_replicated_gradients(ep)
+    torch.testing.assert_close(x_ep.grad, x_ref.grad, **TOL)
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    for n, p in ep.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[n], **TOL)
+    assert len(expert_shard_parameters(ep)) >= 2
+    clip_grad_norm_(ep, 1e9)
+    gathered = ep.gather_layer().state_dict()
+    for k, v in layer.state_dict().items():
+        torch.testing.assert_close(gathered[k], v)
+    with torch.no_grad():
+        torch.testing.assert_close(ep(x, token_ids=ids, with_stats=False)[0], layer(x, token_ids=ids)[0], **TOL)
