@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 
+import mlflow
 import optuna
 import pytest
 import torch
@@ -152,6 +153,18 @@ def test_constraints_mark_trials_infeasible_and_the_ui_serves_the_runs(tmp_path,
                 assert ui.poll() is None, "fulu-nas ui exited"
         assert body is not None, "the MLflow UI did not answer"
         assert "tiny-clusters" in {e["name"] for e in body["experiments"]}
+
+        # The same server as a tracking server: a second study logs to it over HTTP.
+        assert run_search(tmp_path / "out2", "study.n_trials=1", "study.name=over-http",
+                          f"tracking.uri=http://127.0.0.1:{port}") == 0
+        assert not (tmp_path / "out2" / "mlflow.db").exists()
+        client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+        runs = client.search_runs([client.get_experiment_by_name("over-http").experiment_id])
+        kinds = sorted(r.data.tags["fulu.kind"] for r in runs)
+        assert kinds == ["study", "trial"]
+        trial = next(r for r in runs if r.data.tags["fulu.kind"] == "trial")
+        assert "loss" in trial.data.metrics
+        assert "model.safetensors" in {a.path for a in client.list_artifacts(trial.info.run_id)}
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
