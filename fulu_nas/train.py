@@ -3,6 +3,15 @@ bf16 autocast on CUDA, the MoE balancing losses and bias updates, divergence det
 
 The schedule runs on *progress* = max(step / steps, elapsed / max_seconds), so a wall-clock
 budget gets a complete warm-up and decay just as a step budget does.
+
+Under ``torchrun`` (an initialised ``torch.distributed`` group of more than one rank, the model's
+MoE layers made expert-parallel with :func:`fulu_nas.distributed.expert_parallel`) the same
+``train`` is data + expert parallel: every rank draws its own stream of ``batch_size`` sequences
+(seed ``seed + rank``: ``batch_size`` is per rank), the replicated gradients are averaged and the
+clipping norm is the whole model's (:mod:`fulu_nas.distributed`), and every decision that could
+split the ranks is taken on global values: the loss is the mean over ranks (reports, divergence),
+the wall clock is the slowest rank's (schedule, time budget). Only rank 0 shows progress and calls
+``callback``; when it raises, every rank stops (the others raise :class:`StoppedByRankZero`).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -21,6 +31,10 @@ from tqdm.auto import tqdm
 from .dynamic_experts import DynamicExperts, DynamicExpertsConfig
 from .models import PiMoETransformer
 from .tasks import IGNORE, Batch, Task
+
+
+class StoppedByRankZero(RuntimeError):
+    """Distributed training: rank 0's callback raised (e.g. to prune), so this rank stops too."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,6 +62,9 @@ class TrainConfig:
     divergence_factor: float = 10.0
     progress: bool = True
     dynamic_experts: DynamicExpertsConfig | None = None
+    # Devices (ranks) per trial in a search: expert-parallel training under a torchrun-style launch
+    # (read by the search; ``train`` follows the process group it finds, see the module doc).
+    expert_parallel: int = 1
 
 
 @dataclass
@@ -116,29 +133,97 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
+class _Ranks:
+    """The collectives distributed training needs (module doc); one instance per ``train`` call."""
+
+    def __init__(self, model: PiMoETransformer, device: torch.device):
+        from .moe.expert_parallel import ExpertParallelMoE
+
+        not_ep = [i for i, layer in enumerate(model.moe_layers()) if not isinstance(layer, ExpertParallelMoE)]
+        if not_ep:
+            raise ValueError(f"distributed training over {dist.get_world_size()} ranks needs expert-parallel MoE "
+                             f"layers (fulu_nas.distributed.expert_parallel(model) before train); MoE layers "
+                             f"{not_ep} are not")
+        self.rank, self.world_size, self.device = dist.get_rank(), dist.get_world_size(), device
+        self.elapsed = 0.0  # the slowest rank's clock at the end of the last step
+
+    @staticmethod
+    def current(model: PiMoETransformer, device: torch.device) -> _Ranks | None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        return _Ranks(model, device)
+
+    def mean(self, loss: Tensor) -> float:
+        t = loss.detach().float().reshape(1).clone()
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+    def slowest(self, seconds: float) -> float:
+        t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def step_gradients(self, model: PiMoETransformer, grad_clip: float) -> None:
+        from .distributed import average_replicated_gradients, clip_grad_norm_
+
+        average_replicated_gradients(model)
+        if grad_clip:
+            clip_grad_norm_(model, grad_clip)
+
+    def global_layers(self, layers: list[dict]) -> list[dict]:
+        """The expert-parallel statistics are global already but for ``aux_loss`` (local): average it."""
+        if layers:
+            aux = torch.tensor([layer["aux_loss"] for layer in layers], dtype=torch.float64, device=self.device)
+            dist.all_reduce(aux)
+            for layer, value in zip(layers, (aux / self.world_size).tolist(), strict=True):
+                layer["aux_loss"] = value
+        return layers
+
+    def call_on_rank_zero(self, callback: Callable[[StepReport], None] | None, report: StepReport) -> None:
+        stop = torch.zeros(1, device=self.device)
+        error: BaseException | None = None
+        if self.rank == 0 and callback is not None:
+            try:
+                callback(report)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                error = e
+                stop.fill_(1)
+        dist.broadcast(stop, src=0)
+        if error is not None:
+            raise error
+        if float(stop):
+            raise StoppedByRankZero(f"stopped at step {report.step}: rank 0's callback raised")
+
+
 def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
           callback: Callable[[StepReport], None] | None = None) -> TrainResult:
     """Train ``model`` on ``task`` until ``cfg.steps`` or ``cfg.max_seconds`` runs out.
 
     ``callback`` gets a :class:`StepReport` every ``report_every`` steps and at the end; it may
     raise to stop training (a search uses that to prune). Raises :class:`TrainingDiverged` on a
-    NaN/inf loss or one above ``divergence_factor`` times the first loss.
+    NaN/inf loss or one above ``divergence_factor`` times the first loss. Under ``torchrun`` see
+    the module doc (dynamic experts are single-device only).
     """
-    torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    ranks = _Ranks.current(model, device)
+    rank = 0 if ranks is None else ranks.rank
+    if ranks is not None and cfg.dynamic_experts:
+        raise ValueError("dynamic experts (growing/shrinking the expert count) are not supported in distributed "
+                         "expert-parallel training; train on one device or drop trainer.dynamic_experts")
+    torch.manual_seed(cfg.seed + rank)
     model.to(device).train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
     optimizer = _optimizer(model, cfg)
     dynamic = DynamicExperts(model, optimizer, cfg.dynamic_experts) if cfg.dynamic_experts else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    batches = task.train_batches(cfg.batch_size, seed=cfg.seed)
+    batches = task.train_batches(cfg.batch_size, seed=cfg.seed + rank)
     result = TrainResult(steps=0, seconds=0.0, final_loss=float("nan"), stop_reason="steps")
     first_loss = None
     start = time.perf_counter()
-    bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="train", leave=False)
+    bar = tqdm(total=cfg.steps, disable=not cfg.progress or rank != 0, desc="train", leave=False)
     try:
         for step in range(1, cfg.steps + 1):
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start if ranks is None else ranks.elapsed
             progress = step / cfg.steps
             if cfg.max_seconds:
                 progress = max(progress, elapsed / cfg.max_seconds)
@@ -150,7 +235,8 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
             with autocast:
                 out = model(batch.tokens)
             loss = task_loss(out.logits, batch)
-            value = loss.item()  # one sync per step: cheap next to the step, and catches NaN at once
+            # one sync per step: cheap next to the step, and catches NaN at once
+            value = loss.item() if ranks is None else ranks.mean(loss)
             first_loss = value if first_loss is None else first_loss
             if not math.isfinite(value):
                 raise TrainingDiverged(step, value, "not finite")
@@ -159,7 +245,9 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
 
             optimizer.zero_grad(set_to_none=True)
             (loss + out.balance_loss).backward()
-            if cfg.grad_clip:
+            if ranks is not None:
+                ranks.step_gradients(model, cfg.grad_clip)
+            elif cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             model.update_expert_biases(out.moe_stats)
@@ -169,12 +257,22 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
 
             result.steps, result.final_loss = step, value
             bar.update(1)
-            last = step == cfg.steps or (cfg.max_seconds and time.perf_counter() - start >= cfg.max_seconds)
+            if ranks is None:
+                last = step == cfg.steps or (cfg.max_seconds and time.perf_counter() - start >= cfg.max_seconds)
+            else:
+                if cfg.max_seconds:
+                    ranks.elapsed = ranks.slowest(time.perf_counter() - start)
+                last = step == cfg.steps or (cfg.max_seconds and ranks.elapsed >= cfg.max_seconds)
             if step % cfg.report_every == 0 or last:
-                report = StepReport(step, value, lr, time.perf_counter() - start, host_layer_stats(out.moe_stats))
+                layers = host_layer_stats(out.moe_stats)
+                if ranks is not None:
+                    layers = ranks.global_layers(layers)
+                report = StepReport(step, value, lr, time.perf_counter() - start, layers)
                 result.history.append(report)
                 bar.set_postfix(loss=f"{value:.4f}", balance=f"{report.load_balance:.3f}")
-                if callback is not None:
+                if ranks is not None:
+                    ranks.call_on_rank_zero(callback, report)
+                elif callback is not None:
                     callback(report)
             if last and step < cfg.steps:
                 result.stop_reason = "time"

@@ -10,6 +10,11 @@ How a trial ends, and what the study keeps of it (user attributes on the Optuna 
 - FAIL: ``fail_reason`` (diverged, out of memory, an error). ``interrupted`` trials (Ctrl-C)
   are queued again and not counted; a FAIL with no reason is a killed worker's trial, failed by
   the heartbeat check and retried (see :mod:`.storage`).
+
+With ``trainer.expert_parallel=P > 1`` the training step runs over P ranks in a torchrun launch
+(:mod:`.ep_trial`; a num_experts not divisible by P makes the trial infeasible); its reports stream
+back to the pruner and MLflow, and the gathered single-device model is evaluated, measured and
+logged here exactly as a one-device trial's.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ..errors import FuluConfigError
 from ..evaluate import evaluate, measure_cost
 from ..models import PiMoETransformer
 from ..train import StepReport, TrainingDiverged, train
+from .ep_trial import train_expert_parallel
 from .settings import SearchSettings
 from .tracking import Tracker
 
@@ -57,6 +63,8 @@ def counts_toward_total(t: optuna.trial.FrozenTrial) -> bool:
 def cache_key(settings: SearchSettings, arch_hash: str) -> str:
     """Identical architecture + task + budget + cost protocol -> identical key."""
     train = {k: v for k, v in asdict(settings.train).items() if k not in ("progress", "device", "report_every")}
+    if train["expert_parallel"] == 1:  # the default: keys from before the setting stay valid
+        del train["expert_parallel"]
     blob = json.dumps({"arch": arch_hash, "task": [settings.task_name, settings.task_params], "train": train,
                        "cost": asdict(settings.cost)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -84,6 +92,10 @@ class Objective:
             arch = self.s.space.arch(values, self.s.task)
         except FuluConfigError as e:
             self._infeasible(trial, f"impossible architecture: {'; '.join(e.problems)}")
+        P = self.s.train.expert_parallel
+        if arch.moe.num_experts % P:
+            self._infeasible(trial, f"num_experts={arch.moe.num_experts} is not divisible by "
+                                    f"trainer.expert_parallel={P}")
         key = cache_key(self.s, arch.content_hash())
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("arch_hash", arch.content_hash())
@@ -122,9 +134,13 @@ class Objective:
                     raise optuna.TrialPruned(f"pruned at step {report.step} (smoothed loss {ema:.4g})")
 
         try:
-            torch.manual_seed(self.s.train.seed)
-            model = PiMoETransformer(arch)
-            result = train(model, self.s.task, self.s.train, callback=on_report)
+            if self.s.train.expert_parallel > 1:  # P ranks train it; back here as an ordinary model
+                model, result = train_expert_parallel(arch, self.s.task_name, self.s.task_params, self.s.train,
+                                                      on_report=on_report, workdir=self.s.output_dir)
+            else:
+                torch.manual_seed(self.s.train.seed)
+                model = PiMoETransformer(arch)
+                result = train(model, self.s.task, self.s.train, callback=on_report)
             quality = evaluate(model, self.s.task)
             shapes = [(b, min(seq, self.s.task.seq_len)) for b, seq in self.s.cost.shapes]
             cost = measure_cost(model, shapes, iterations=self.s.cost.iterations)

@@ -104,6 +104,8 @@ class SearchSettings:
         keep["objectives"] = list(self.study.objectives)
         keep["constraints"] = list(self.study.constraints)
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in ("device", "report_every")}
+        if keep["trainer"].get("expert_parallel") == 1:  # the default: studies from before the key resume
+            del keep["trainer"]["expert_parallel"]
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -128,10 +130,27 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSetti
     tracking = _tracking(sections["tracking"], problems)
     if study is not None and space is not None and study.sampler == "grid":
         _collect(problems, space.grid)
+    if train is not None and space is not None and train.expert_parallel > 1:
+        _check_expert_parallel(space, train.expert_parallel, problems)
     if problems:
         raise FuluConfigError(problems)
     return SearchSettings(task_name, task_params, space, study, train, cost, tracking, Path(output_dir),
                           raw=raw, task=task)
+
+
+def _check_expert_parallel(space: SearchSpace, P: int, problems: list[str]) -> None:
+    """A trial whose num_experts is not divisible by P is infeasible (see the objective); a space
+    where no value is divisible would only produce such trials: refuse it up front."""
+    param = next((p for p in space.params if p.name == "num_experts"), None)
+    if param is not None:
+        values = param.grid_values()
+    else:
+        values = [(space.base.get("moe") or {}).get("num_experts")]
+    values = [v for v in values or [] if isinstance(v, int) and not isinstance(v, bool)]
+    if values and not any(v % P == 0 for v in values):
+        problems.append(f"trainer.expert_parallel: {P} ranks need num_experts divisible by {P}, but the search "
+                        f"space's num_experts takes only {', '.join(map(str, values[:8]))}"
+                        f"{' ...' if len(values) > 8 else ''}")
 
 
 def _collect(problems: list[str], make):
@@ -239,7 +258,7 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
         problems.append(f"trainer.cost_shapes: expected a list of [batch, seq] positive integer pairs, got {shapes!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         problems.append(f"trainer.cost_iterations: expected an integer >= 1, got {iterations!r}")
-    for key in ("steps", "batch_size", "report_every"):
+    for key in ("steps", "batch_size", "report_every", "expert_parallel"):
         if key in d:
             _int(d, key, "trainer", problems, 1)
     for key in ("lr", "max_seconds", "grad_clip", "weight_decay", "warmup_fraction", "min_lr_ratio"):

@@ -231,7 +231,11 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
     return code
 
 
-def _worker_env(index: int, n_workers: int) -> dict[str, str]:
+def _worker_env(index: int, n_workers: int, gpus_per_worker: int = 1) -> dict[str, str]:
+    """Worker ``index``'s environment: its share of the CPU threads and, on a GPU host, its own
+    ``gpus_per_worker`` GPUs (``trainer.expert_parallel``): the visible GPUs are cut into groups
+    ``[g*P, (g+1)*P)`` and worker i takes group ``i % groups`` (disjoint sets while there are
+    enough; with fewer GPUs than P it sees them all)."""
     env = dict(os.environ)
     # Share the CPU cores between workers instead of oversubscribing them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_workers)))
@@ -244,7 +248,13 @@ def _worker_env(index: int, n_workers: int) -> dict[str, str]:
     if gpus:
         visible = env.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
-        env["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
+        P = max(1, gpus_per_worker)
+        groups = len(ids) // P
+        if groups:
+            g = index % groups
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[g * P:(g + 1) * P])
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
     return env
 
 
@@ -258,7 +268,7 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
     for i in range(s.study.n_workers):
         log = open(s.output_dir / f"worker-{i}.log", "w")
         command = [sys.executable, "-m", "fulu_nas.search.worker", str(config), str(i)]
-        env = _worker_env(i, s.study.n_workers)
+        env = _worker_env(i, s.study.n_workers, s.train.expert_parallel)
         procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     bar = TrialProgress(s, study, enabled=progress)
     seen: set[int] = set()

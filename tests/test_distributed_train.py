@@ -1,0 +1,232 @@
+"""``train()`` under torch.distributed (2 Gloo processes, expert-parallel MoE layers) equals the
+single-process ``train()`` on the concatenated per-rank batches; a search with
+``trainer.expert_parallel=2`` trains its trials over 2 ranks and stores ordinary weights."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fulu_nas.cli import main
+from fulu_nas.tasks import IGNORE, NO_DOMAIN, Batch, Task
+from fulu_nas.train import TrainConfig, train
+
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with Gloo is not available", allow_module_level=True)
+
+P = 2
+PER_RANK = 3  # sequences per rank and step
+SEQ = 16
+CFG = TrainConfig(steps=6, batch_size=PER_RANK, lr=1e-2, warmup_fraction=0.2, grad_clip=0.5, seed=7, device="cpu",
+                  report_every=1, progress=False)
+
+
+class ShardedTask(Task):
+    """A fixed stream of global batches of ``P * PER_RANK`` sequences: asked for ``PER_RANK`` rows
+    with seed ``CFG.seed + r`` it yields rank r's rows; asked for all rows, the whole batch."""
+
+    name, vocab_size, seq_len, metric_name, higher_is_better = "sharded", 64, SEQ, "loss", False
+
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(33)
+        rank = seed - CFG.seed
+        assert (batch_size, rank) in ((PER_RANK, 0), (PER_RANK, 1), (P * PER_RANK, 0)), (batch_size, seed)
+        while True:
+            tokens = torch.randint(0, self.vocab_size, (P * PER_RANK, SEQ), generator=g)
+            if batch_size == PER_RANK:
+                tokens = tokens[rank * PER_RANK:(rank + 1) * PER_RANK]
+            targets = torch.full_like(tokens, IGNORE)
+            targets[:, :-1] = tokens[:, 1:]  # every sequence has the same number of targets
+            yield Batch(tokens, targets, torch.full_like(tokens, NO_DOMAIN))
+
+    def val_batches(self, batch_size: int) -> list[Batch]:
+        return []
+
+    def metric_counts(self, logits, batch):
+        return {"loss": (0.0, 1.0)}
+
+
+def tiny_model():
+    from fulu_nas.models import ArchConfig, PiMoETransformer
+    from fulu_nas.moe import MoEConfig
+
+    torch.manual_seed(21)
+    moe = MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=32, top_k=2, aux_loss_coef=0.01,
+                    z_loss_coef=1e-3, bias_update_rate=1e-2)
+    return PiMoETransformer(ArchConfig(vocab_size=64, max_seq_len=SEQ, num_layers=2, hidden_size=32, num_heads=4,
+                                       dense_ffn_size=64, moe=moe))
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    from fulu_nas.distributed import expert_parallel, gather_experts, init_from_env
+    from fulu_nas.dynamic_experts import DynamicExpertsConfig
+    from fulu_nas.train import StoppedByRankZero
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(P), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    init_from_env(backend="gloo", timeout_s=60)
+    out: dict = {}
+    try:
+        model = expert_parallel(tiny_model())
+        seen = []
+        result = train(model, ShardedTask(), CFG, callback=seen.append)
+        out["losses"] = [r.loss for r in result.history]
+        out["aux"] = [layer["aux_loss"] for r in result.history for layer in r.layers]
+        out["balance"] = [r.load_balance for r in result.history]
+        out["called"] = len(seen)
+        out["state"] = gather_experts(model).state_dict()
+
+        # rank 0's callback stops every rank at the same step (no hang)
+        def stop(report):
+            if report.step == 2:
+                raise KeyError("prune")
+
+        try:
+            train(expert_parallel(tiny_model()), ShardedTask(), CFG, callback=stop)
+        except (KeyError, StoppedByRankZero) as e:
+            out["stopped"] = type(e).__name__
+        # a wall-clock budget: every rank stops after the same step
+        timed = train(expert_parallel(tiny_model()), ShardedTask(), replace(CFG, steps=10**6, max_seconds=0.5))
+        out["timed"] = (timed.steps, timed.stop_reason)
+        try:
+            train(expert_parallel(tiny_model()), ShardedTask(), replace(CFG, dynamic_experts=DynamicExpertsConfig()))
+        except ValueError as e:
+            out["dynamic"] = str(e)
+        try:
+            train(tiny_model(), ShardedTask(), CFG)
+        except ValueError as e:
+            out["not_ep"] = str(e)
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("distributed_train")
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=P, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(P)]
+
+
+def test_distributed_train_matches_single_process_step_for_step(ranks):
+    model = tiny_model()
+    ref = train(model, ShardedTask(), replace(CFG, batch_size=P * PER_RANK))
+    losses = [r.loss for r in ref.history]
+    assert len(losses) == CFG.steps
+    for res in ranks:
+        assert res["losses"] == pytest.approx(losses, abs=1e-5)
+        assert res["balance"] == pytest.approx([r.load_balance for r in ref.history], abs=1e-5)
+        # aux_loss is local to a rank in the EP layer: the report carries its mean, the single-process value
+        assert res["aux"] == pytest.approx([la["aux_loss"] for r in ref.history for la in r.layers], abs=1e-5)
+    assert ranks[0]["called"] == CFG.steps and ranks[1]["called"] == 0  # only rank 0 calls back
+    state = model.state_dict()
+    for res in ranks:
+        assert res["state"].keys() == state.keys()
+        for k, v in state.items():
+            torch.testing.assert_close(res["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_every_rank_takes_the_same_decisions(ranks):
+    assert [res["stopped"] for res in ranks] == ["KeyError", "StoppedByRankZero"]
+    assert ranks[0]["timed"] == ranks[1]["timed"] and ranks[0]["timed"][1] == "time"
+    for res in ranks:
+        assert "dynamic experts" in res["dynamic"]
+        assert "expert_parallel(model)" in res["not_ep"]
+
+
+# -- search ----------------------------------------------------------------------------------------
+
+def test_workers_get_disjoint_gpu_sets(monkeypatch):
+    from fulu_nas.search.study import _worker_env
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [_worker_env(i, 4, 2)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0,1", "2,3", "0,1", "2,3"]
+    assert [_worker_env(i, 2, 4)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["0,1,2,3"] * 2
+    assert [_worker_env(i, 2, 1)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7,8")
+    assert [_worker_env(i, 3, 2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["4,5", "6,7", "4,5"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert _worker_env(0, 1, 2)["CUDA_VISIBLE_DEVICES"] == "3"  # too few: the trial fails, saying so
+
+
+@pytest.mark.parametrize("value,text", [("0", "expected an integer >= 1"), ("3", "divisible by 3")])
+def test_expert_parallel_is_validated(value, text, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["search", "+experiment=tiny", f"hydra.run.dir={out}", f"trainer.expert_parallel={value}"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.expert_parallel" in err and text in err
+    assert not (out / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_tiny_search_with_two_ranks_per_trial(tmp_path, monkeypatch):
+    import mlflow
+    from safetensors.torch import load_model
+
+    from fulu_nas.models import ArchConfig, PiMoETransformer
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=2", "trainer.expert_parallel=2",
+                 "study.pruner=none"]) == 0
+    study = optuna.load_study(study_name="tiny-clusters", storage=f"sqlite:///{out / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2, [(t.state, t.user_attrs.get("fail_reason")) for t in study.trials]
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    for t in complete:
+        if "cached_from" in t.user_attrs:
+            continue
+        run_id = t.user_attrs["weights_run_id"]
+        assert client.get_metric_history(run_id, "train/loss")  # the ranks' reports, streamed back
+        path = client.download_artifacts(run_id, "model.safetensors", str(tmp_path / f"t{t.number}"))
+        model = PiMoETransformer(ArchConfig.from_dict(t.user_attrs["arch"]))
+        missing, unexpected = load_model(model, path)
+        assert not missing and not unexpected
+        assert t.user_attrs["metrics"]["train_steps"] >= 1
+    assert not list(Path(out).glob("ep-trial-*"))  # the scratch folders are gone
+
+
+@pytest.mark.slow
+def test_a_callback_that_raises_stops_the_ranks_mid_run(tmp_path):
+    """What pruning does to a 2-rank trial: the streamed report's callback raises, the ranks stop at
+    their next report (long before the budget) and the exception reaches the caller."""
+    import time
+
+    from fulu_nas.models import ArchConfig
+    from fulu_nas.moe import MoEConfig
+    from fulu_nas.search.ep_trial import train_expert_parallel
+
+    arch = ArchConfig(vocab_size=64, max_seq_len=16, num_layers=1, hidden_size=32, num_heads=2, dense_ffn_size=64,
+                      num_classes=4, moe=MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=32, top_k=2))
+    cfg = TrainConfig(steps=10**6, max_seconds=60, batch_size=4, report_every=2, device="cpu", progress=False,
+                      expert_parallel=2)
+    seen = []
+
+    def prune(report):
+        seen.append(report.step)
+        raise optuna.TrialPruned("pruned")
+
+    start = time.perf_counter()
+    with pytest.raises(optuna.TrialPruned):
+        train_expert_parallel(arch, "clusters", {"seq_len": 16}, cfg, on_report=prune, workdir=tmp_path)
+    assert time.perf_counter() - start < 40 and seen == [2]
+    assert not list(tmp_path.iterdir())
