@@ -70,7 +70,7 @@ def test_tiny_search_end_to_end_then_resume(tmp_path, monkeypatch):
         assert run.data.params["moe.router"] == t.params["router"]
         if "cached_from" not in t.user_attrs:
             history = client.get_metric_history(run.info.run_id, "train/loss")
-            assert len(history) >= 2 and sorted(m.step for m in history) == [m.step for m in history]
+            assert history and sorted(m.step for m in history) == [m.step for m in history]
             assert client.get_metric_history(run.info.run_id, "train/layer0/load_balance")
             artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
             assert {"arch.yaml", "model.safetensors", "evaluation.json", "cost.json"} <= artifacts

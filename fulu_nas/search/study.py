@@ -239,6 +239,9 @@ def _worker_env(index: int, n_workers: int, gpus_per_worker: int = 1) -> dict[st
     env = dict(os.environ)
     # Share the CPU cores between workers instead of oversubscribing them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_workers)))
+    # Workers run this very fulu_nas, whatever the interpreter's own path would find.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     try:
         import torch
 
