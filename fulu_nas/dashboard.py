@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FuluConfigError
+from .search.report import format_value
 
 DASHBOARDS_DIR = Path(__file__).resolve().parents[1] / "dashboards"
 BAD_INPUT = 2
@@ -479,7 +480,7 @@ def panel_top_trials(ctx: Context, opts: dict) -> list:
             notes.append(f"reuses trial {t.user_attrs['cached_from']}")
         if not ctx.feasible(t):
             notes.append("violates constraints")
-        cells = [str(t.number), *(_fmt(v) for v in t.values), *(_fmt(m.get(k)) for k in metrics),
+        cells = [str(t.number), *(format_value(v) for v in t.values), *(format_value(m.get(k)) for k in metrics),
                  describe_arch(t.user_attrs.get("arch"), t.params), ", ".join(notes)]
         best = ' class="best"' if ctx.best is not None and t.number == ctx.best.number else ""
         body.append(f"<tr{best}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
@@ -488,14 +489,6 @@ def panel_top_trials(ctx: Context, opts: dict) -> list:
     order = "Pareto front first, then by " if ctx.multi else "by "
     return [_note(f"{len(ctx.complete)} complete trial(s), {order}{ctx.objectives[0]}; showing {len(shown)}."),
             table]
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 def _positive_int(v) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from fulu_nas.moe import MoEConfig, PiMoELayer
@@ -26,3 +28,18 @@ def make_config(router: str = "topk", **overrides) -> MoEConfig:
 def make_layer(router: str = "topk", seed: int = 0, **overrides) -> PiMoELayer:
     torch.manual_seed(seed)
     return PiMoELayer(make_config(router, **overrides))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for servers and process groups in tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, nprocs: int, out_dir) -> list[dict]:
+    """Run ``worker(rank, port, out_dir)`` in ``nprocs`` processes; each saves ``rank{r}.pt``."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=nprocs, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]

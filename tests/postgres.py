@@ -8,11 +8,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from .helpers import free_port
 
 
 def find_bin(name: str) -> str | None:
@@ -27,11 +28,6 @@ def available() -> bool:
     return all(find_bin(n) for n in ("initdb", "pg_ctl", "createdb"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @contextmanager
 def postgres_server(databases: tuple[str, ...] = ("optuna",)):
@@ -41,7 +37,7 @@ def postgres_server(databases: tuple[str, ...] = ("optuna",)):
     if os.geteuid() == 0:
         as_user = ["runuser", "-u", "postgres", "--"]
         shutil.chown(root, "postgres")
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def run(*cmd: str) -> None:
         subprocess.run([*as_user, *cmd], check=True, capture_output=True, cwd=root)

@@ -5,7 +5,6 @@ single-process ``train()`` on the concatenated per-rank batches; a search with
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,11 +13,12 @@ import optuna
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fulu_nas.cli import main
 from fulu_nas.tasks import IGNORE, NO_DOMAIN, Batch, Task
 from fulu_nas.train import TrainConfig, train
+
+from .helpers import spawn_ranks
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with Gloo is not available", allow_module_level=True)
@@ -111,17 +111,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("distributed_train")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=P, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(P)]
+    return spawn_ranks(_worker, P, tmp_path_factory.mktemp("distributed_train"))
 
 
 def test_distributed_train_matches_single_process_step_for_step(ranks):

@@ -23,18 +23,16 @@ gradients summed or averaged over ranks the same way).
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.utils import clip_grad_norm_ as torch_clip_grad_norm_
 
 from fulu_nas.moe import MoEConfig, PiMoELayer
 
-from .helpers import make_layer
+from .helpers import free_port, make_layer, spawn_ranks
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with Gloo is not available", allow_module_level=True)
@@ -197,17 +195,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("expert_parallel")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=P, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(P)]
+    return spawn_ranks(_worker, P, tmp_path_factory.mktemp("expert_parallel"))
 
 
 # -- references -------------------------------------------------------------------------------------
@@ -347,7 +338,7 @@ def test_distributed_training_matches_single_process(ranks):
 def single_rank_group():
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 

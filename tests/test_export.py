@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from fulu_nas.cli import main
 from fulu_nas.errors import FuluConfigError
 from fulu_nas.search.export_trial import select_trial
 
+from .helpers import free_port
 from .test_search_e2e import load_study, run_search
 
 TrialState = optuna.trial.TrialState
@@ -95,11 +95,6 @@ def test_program_runs_with_torch_alone_and_matches(exported, tmp_path):
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), expected, rtol=1e-5, atol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_mlflow_serves_the_model_and_the_registry_resolves_champion(exported):
@@ -114,7 +109,7 @@ def test_mlflow_serves_the_model_and_the_registry_resolves_champion(exported):
     registered = mlflow.pyfunc.load_model("models:/tiny-clusters@champion")
     np.testing.assert_allclose(registered.predict(x.numpy()), expected, rtol=1e-5, atol=1e-5)
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(exported.model_dir),
                                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import fulu_nas.search.objective as objective_module
 from fulu_nas.cli import main
 from fulu_nas.train import TrainingDiverged
 
+from .helpers import free_port
 from .test_search_e2e import _cli, load_study, run_search
 
 pytestmark = pytest.mark.slow
@@ -119,11 +119,6 @@ def test_multi_objective_study_reports_the_pareto_front(tmp_path, monkeypatch, c
         assert len(r["values"]) == 2 and r["values"][1] == pytest.approx(r["metrics"]["latency_ms"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_constraints_mark_trials_infeasible_and_the_ui_serves_the_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -135,7 +130,7 @@ def test_constraints_mark_trials_infeasible_and_the_ui_serves_the_runs(tmp_path,
         assert t.state == TrialState.COMPLETE
         assert t.constraints == {"active_params": pytest.approx(t.user_attrs["metrics"]["active_params"] - 100)}
 
-    port = _free_port()
+    port = free_port()
     ui = subprocess.Popen(_cli("ui", str(out), "--port", str(port)), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)
     try:

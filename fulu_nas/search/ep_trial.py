@@ -197,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
     if info.rank == 0:
         (folder / "result.json").write_text(json.dumps(outcome))
+    if outcome["status"] in ("ok", "stopped", "diverged"):
+        # Every rank got here by the same decisions; tearing Gloo down while a peer still sends
+        # aborts that peer ("Connection reset"), so leave together.
+        dist.barrier()
     dist.destroy_process_group()
     return 0 if outcome["status"] == "ok" else 1
 

@@ -84,8 +84,8 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
         shown.append(ref)
     for r in shown:
         label = f"{r['number']}" + (" (reference)" if r["reference"] else "")
-        cells = [_fmt(v) for v in r["values"]]
-        cells += [_fmt(r["metrics"].get(c)) for c in _COLUMNS if c not in summary["objectives"]]
+        cells = [format_value(v) for v in r["values"]]
+        cells += [format_value(r["metrics"].get(c)) for c in _COLUMNS if c not in summary["objectives"]]
         arch = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         table.add_row(label, *cells, arch)
     console.print(table)
@@ -97,7 +97,8 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
     console.print(f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}")
 
 
-def _fmt(v) -> str:
+def format_value(v) -> str:
+    """A table cell: 4 significant digits for floats, '-' for missing."""
     if v is None:
         return "-"
     if isinstance(v, float):
