@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fulu_nas.dynamic_experts import DynamicExperts, DynamicExpertsConfig
+from fulu_nas.dynamic_experts import DynamicExperts, DynamicExpertsConfig, Probe
 from fulu_nas.evaluate import evaluate, match_experts_to_domains, measure_cost, routing_accuracy
 from fulu_nas.models import ArchConfig, PiMoETransformer
 from fulu_nas.moe import MoEConfig
@@ -173,6 +173,51 @@ def test_dynamic_plan_removes_idle_and_splits_the_busiest():
     assert dyn.plan(torch.tensor([25.0, 25, 25, 25]), top_k=2, stalled=False) == [0, 1, 2, 3]
     assert dyn.plan(torch.tensor([26.0, 25, 25, 24]), top_k=2, stalled=True) == [0, 1, 2, 3, 0]
     assert dyn.plan(torch.tensor([100.0, 0, 0, 0]), top_k=2, stalled=False) == [0, 1, 0]  # floor of 2 kept
+
+
+def _probe(groups: list[int], spread: float, T: int = 400, seed: int = 0) -> Probe:
+    """Tokens of kind k go to the experts of group k; each token's probability is split between
+    its group's experts (``spread`` of it on the group's other experts) and a little elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    E = len(groups)
+    top1 = torch.randint(0, E, (T,), generator=g)
+    probs = torch.full((T, E), 0.01)
+    for t in range(T):
+        mates = [e for e in range(E) if groups[e] == groups[top1[t]] and e != top1[t]]
+        probs[t, top1[t]] = 1.0
+        for m in mates:
+            probs[t, m] = spread
+    probs = probs / probs.sum(1, keepdim=True)
+    loss = torch.rand(T, generator=g)
+    return Probe(probs, top1, loss, torch.ones(T, dtype=torch.bool))
+
+
+def test_dynamic_merges_experts_that_serve_the_same_tokens():
+    task = small_clusters()
+    model = clusters_model(task, num_experts=4)
+    dyn = DynamicExperts(model, torch.optim.AdamW(model.parameters()), DynamicExpertsConfig(min_experts=2))
+    load = torch.tensor([30.0, 20, 25, 25])
+    # experts 0 and 1 share one kind of token: the less loaded (1) goes; 2 and 3 are distinct
+    assert dyn.redundant(_probe([0, 0, 1, 2], spread=0.8), load, [0, 1, 2, 3]) == [1]
+    assert dyn.plan(load, top_k=1, stalled=False, probe=_probe([0, 0, 1, 2], 0.8), ages=[5] * 4) == [0, 2, 3]
+    # all distinct: nothing merges; routing not yet differentiated (every pair alike): nothing merges
+    assert dyn.redundant(_probe([0, 1, 2, 3], spread=0.8), load, [0, 1, 2, 3]) == []
+    assert dyn.redundant(_probe([0, 0, 0, 0], spread=1.0), load, [0, 1, 2, 3]) == []
+    # a fresh clone (age below merge_after) is not merged back into its original
+    assert dyn.plan(load, top_k=1, stalled=False, probe=_probe([0, 0, 1, 2], 0.8), ages=[5, 0, 5, 5]) == [0, 1, 2, 3]
+
+
+def test_dynamic_splits_the_worst_served_expert_and_stops_growing_after_a_merge():
+    task = small_clusters()
+    model = clusters_model(task, num_experts=4)
+    dyn = DynamicExperts(model, torch.optim.AdamW(model.parameters()), DynamicExpertsConfig(min_experts=2))
+    probe = _probe([0, 1, 2, 3], spread=0.0)
+    probe.loss_T[probe.top1_T == 2] += 5.0  # expert 2's tokens are served worst
+    load = torch.tensor([25.0, 25, 25, 25])
+    assert dyn.plan(load, top_k=1, stalled=True, probe=probe, ages=[5] * 4) == [0, 1, 2, 3, 2]
+    assert not dyn.merged
+    dyn.plan(load, top_k=1, stalled=False, probe=_probe([0, 0, 1, 2], 0.8), ages=[5] * 4)
+    assert dyn.merged  # maybe_rescale then marks the layer saturated: a stalled loss grows it no more
 
 
 def test_dynamic_experts_freeze_after_a_share_of_the_budget():
