@@ -151,11 +151,7 @@ class ExpertParallelMoE(PiMoELayer):
     def forward(self, x: Tensor, token_ids: Tensor | None = None, impl: str | None = None,
                 with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        if x.dim() < 2 or x.shape[-1] != cfg.hidden_size:
-            raise ValueError(f"input must have shape (..., hidden_size={cfg.hidden_size}), "
-                             f"got {tuple(x.shape)}")
-        x_TD = x.reshape(-1, cfg.hidden_size)
-        routing = self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
+        x_TD, routing = self._route(x, token_ids)
         if cfg.token_choice:
             token_S, weight_S, counts_E, slot_S, dropped, active = self._dispatch_token_choice(routing)
         else:

@@ -72,11 +72,7 @@ class PiMoELayer(nn.Module):
     def forward(self, x: Tensor, token_ids: Tensor | None = None, impl: str | None = None,
                 with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        if x.dim() < 2 or x.shape[-1] != cfg.hidden_size:
-            raise ValueError(f"input must have shape (..., hidden_size={cfg.hidden_size}), "
-                             f"got {tuple(x.shape)}")
-        x_TD = x.reshape(-1, cfg.hidden_size)
-        routing = self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
+        x_TD, routing = self._route(x, token_ids)
         impl = impl or cfg.impl
         if cfg.token_choice:
             out_TD, counts_E, dropped_share = self._token_choice(x_TD, routing, impl)
@@ -87,6 +83,14 @@ class PiMoELayer(nn.Module):
         if not with_stats:  # inference: under torch.compile the unused statistics are never computed
             return out_TD.view(x.shape), {}
         return out_TD.view(x.shape), self._stats(routing, counts_E, dropped_share)
+
+    def _route(self, x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, Routing]:
+        """The input as (T, D) rows and the router's decision for them."""
+        if x.dim() < 2 or x.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"input must have shape (..., hidden_size={self.cfg.hidden_size}), "
+                             f"got {tuple(x.shape)}")
+        x_TD = x.reshape(-1, self.cfg.hidden_size)
+        return x_TD, self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
 
     def _triton_applies(self, x_TD: Tensor, weight: Tensor, impl: str) -> bool:
         """The Triton experts for this call: ``impl`` asks for them (``triton``, or ``grouped`` where
