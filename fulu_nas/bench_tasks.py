@@ -17,13 +17,9 @@ import time
 import torch
 
 from .models import ArchConfig, PiMoETransformer
-from .moe import ROUTERS, MoEConfig
+from .moe import BALANCING_METHODS, ROUTERS, MoEConfig
 
-BALANCING = {
-    "aux_loss": {"aux_loss_coef": 0.01},
-    "aux_free": {"bias_update_rate": 1e-3},
-    "none": {},
-}
+BALANCING = {name: BALANCING_METHODS[name] for name in ("aux_loss", "aux_free", "none")}
 
 
 def clusters_arch(task, router: str = "topk", balancing: str = "aux_free", num_experts: int = 8) -> ArchConfig:

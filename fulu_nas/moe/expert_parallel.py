@@ -47,7 +47,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .balancing import load_balancing_loss, router_z_loss
 from .experts import GroupedExperts
 from .layer import PiMoELayer
 from .routing import Routing
@@ -266,12 +265,7 @@ class ExpertParallelMoE(PiMoELayer):
             stats["dropped_share"] = (dropped / active.clamp_min(1)).float()
         else:
             stats["dropped_share"] = (dropped / tokens.clamp_min(1)).float()
-        zero = torch.zeros((), device=counts_E.device)
-        aux = load_balancing_loss(r.probs_TE, counts_E) if r.probs_TE is not None else zero
-        z = router_z_loss(r.logits_TE) if r.logits_TE is not None else zero
-        stats["aux_loss"], stats["z_loss"] = aux, z
-        stats["balance_loss"] = self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
-        return stats
+        return self._add_balance_losses(stats, r, counts_E)
 
     # -- layout -----------------------------------------------------------------------------------
 

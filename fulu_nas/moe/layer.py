@@ -215,6 +215,11 @@ class PiMoELayer(nn.Module):
         stats = load_statistics(counts_E.detach())
         stats["router_entropy"] = router_entropy(r.probs_TE, counts_E).detach()
         stats["dropped_share"] = dropped_share.detach()
+        return self._add_balance_losses(stats, r, counts_E)
+
+    def _add_balance_losses(self, stats: dict[str, Tensor], r: Routing, counts_E: Tensor) -> dict[str, Tensor]:
+        """``aux_loss``, ``z_loss`` and their weighted sum ``balance_loss`` (``counts_E``: the load
+        the auxiliary loss balances)."""
         zero = torch.zeros((), device=counts_E.device)
         aux = load_balancing_loss(r.probs_TE, counts_E) if r.probs_TE is not None else zero
         z = router_z_loss(r.logits_TE) if r.logits_TE is not None else zero

@@ -19,6 +19,7 @@ import optuna
 
 from ..errors import FuluConfigError
 from .locate import StudyLocation, load_study, locate_study, search_settings, split_options
+from .objective import is_feasible, measure_trial_cost
 from .settings import SearchSettings
 from .storage import mask_url
 
@@ -27,15 +28,11 @@ OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "4", "out": ""
 BAD_INPUT = 2
 
 
-def _feasible(t: optuna.trial.FrozenTrial) -> bool:
-    return all(c <= 0 for c in t.constraints.values())
-
-
 def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.trial.FrozenTrial:
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
         raise FuluConfigError(f"trial: study {s.study.name!r} has no complete trial yet")
-    feasible = [t for t in complete if _feasible(t)] or complete
+    feasible = [t for t in complete if is_feasible(t)] or complete
     if spec.isdigit():
         match = [t for t in complete if t.number == int(spec)]
         if not match:
@@ -141,7 +138,7 @@ The architecture is in `config.yaml`; the full configuration in `architecture` r
 def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     import mlflow
 
-    from ..evaluate import evaluate, measure_cost
+    from ..evaluate import evaluate
     from ..export import FORMAT_VERSION, write_export
     from .tracking import PARENT_RUN_ATTR
 
@@ -162,14 +159,9 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
 
     model, provenance = trial_model(location, s, trial, retrain, factor)
     quality = evaluate(model, s.task)
-    shapes = [(b, min(seq, s.task.seq_len)) for b, seq in s.cost.shapes]
-    cost = measure_cost(model, shapes, iterations=s.cost.iterations)
+    cost, cost_metrics = measure_trial_cost(model, s)
     metrics = {k: v for k, v in quality.items() if isinstance(v, (int, float))}
-    metrics.update(latency_ms=cost["shapes"][0]["latency_p50_ms"], latency_p95_ms=cost["shapes"][0]["latency_p95_ms"],
-                   throughput=max(x["throughput_tokens_per_s"] for x in cost["shapes"]),
-                   peak_memory_mb=max(x["peak_memory_mb"] for x in cost["shapes"]),
-                   active_params=cost["active_params"], total_params=cost["total_params"],
-                   flops_per_token=cost["flops_per_token"], device=cost["device"], **provenance)
+    metrics.update(cost_metrics, device=cost["device"], **provenance)
     config = {"format": FORMAT_VERSION, "architecture": model.arch.to_dict(),
               "task": {"name": s.task_name, **s.task_params},
               "source": {"study": s.study.name, "storage": mask_url(location.storage_url), "trial": trial.number,

@@ -60,6 +60,24 @@ def counts_toward_total(t: optuna.trial.FrozenTrial) -> bool:
     return False
 
 
+def is_feasible(t: optuna.trial.FrozenTrial) -> bool:
+    """Every constraint of the trial (Optuna's ``trial.set_constraint``) is met."""
+    return all(c <= 0 for c in t.constraints.values())
+
+
+def measure_trial_cost(model, s: SearchSettings) -> tuple[dict, dict[str, float]]:
+    """The study's cost protocol on ``model``: :func:`measure_cost` at the configured shapes (sequences
+    capped at the task's length), and its figures as flat metrics (latency from the first shape)."""
+    shapes = [(b, min(seq, s.task.seq_len)) for b, seq in s.cost.shapes]
+    cost = measure_cost(model, shapes, iterations=s.cost.iterations)
+    first = cost["shapes"][0]
+    return cost, {"latency_ms": first["latency_p50_ms"], "latency_p95_ms": first["latency_p95_ms"],
+                  "throughput": max(x["throughput_tokens_per_s"] for x in cost["shapes"]),
+                  "peak_memory_mb": max(x["peak_memory_mb"] for x in cost["shapes"]),
+                  "active_params": float(cost["active_params"]), "total_params": float(cost["total_params"]),
+                  "flops_per_token": float(cost["flops_per_token"])}
+
+
 def cache_key(settings: SearchSettings, arch_hash: str) -> str:
     """Identical architecture + task + budget + cost protocol -> identical key."""
     train = {k: v for k, v in asdict(settings.train).items() if k not in ("progress", "device", "report_every")}
@@ -142,9 +160,8 @@ class Objective:
                 model = PiMoETransformer(arch)
                 result = train(model, self.s.task, self.s.train, callback=on_report)
             quality = evaluate(model, self.s.task)
-            shapes = [(b, min(seq, self.s.task.seq_len)) for b, seq in self.s.cost.shapes]
-            cost = measure_cost(model, shapes, iterations=self.s.cost.iterations)
-            metrics = self._metrics(quality, cost, result)
+            cost, cost_metrics = measure_trial_cost(model, self.s)
+            metrics = self._metrics(quality, cost_metrics, result)
             if not math.isfinite(metrics["loss"]):
                 raise TrialFailed("validation loss is not finite")
             for name, bound in self.s.study.constraints:
@@ -177,17 +194,12 @@ class Objective:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _metrics(self, quality: dict, cost: dict, result) -> dict[str, float]:
-        first = cost["shapes"][0]
+    def _metrics(self, quality: dict, cost_metrics: dict[str, float], result) -> dict[str, float]:
         task = self.s.task
         m = {"loss": quality["loss"], "metric": quality[task.metric_name], task.metric_name: quality[task.metric_name],
              "load_balance": quality["load_balance"], "utilisation": quality["utilisation"],
              "max_vio": quality["max_vio"], "cv": quality["cv"], "dropped_share": quality["dropped_share"],
-             "latency_ms": first["latency_p50_ms"], "latency_p95_ms": first["latency_p95_ms"],
-             "throughput": max(s["throughput_tokens_per_s"] for s in cost["shapes"]),
-             "peak_memory_mb": max(s["peak_memory_mb"] for s in cost["shapes"]),
-             "active_params": float(cost["active_params"]), "total_params": float(cost["total_params"]),
-             "flops_per_token": float(cost["flops_per_token"]), "train_steps": float(result.steps),
+             **cost_metrics, "train_steps": float(result.steps),
              "train_seconds": result.seconds, "final_train_loss": result.final_loss}
         m["routing_accuracy"] = quality.get("routing_accuracy", float("nan"))
         return m

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import optuna
 
-from .objective import counts_toward_total
+from .objective import counts_toward_total, is_feasible
 from .settings import SearchSettings
 
 TrialState = optuna.trial.TrialState
@@ -17,10 +17,6 @@ def _row(t: optuna.trial.FrozenTrial) -> dict:
             "metrics": dict(t.user_attrs.get("metrics", {})), "reference": bool(t.user_attrs.get("reference")),
             "cached_from": t.user_attrs.get("cached_from"), "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
             "weights_run_id": t.user_attrs.get("weights_run_id")}
-
-
-def _feasible(t: optuna.trial.FrozenTrial) -> bool:
-    return all(c <= 0 for c in t.constraints.values())
 
 
 def summarize(study: optuna.Study, s: SearchSettings) -> dict:
@@ -37,7 +33,7 @@ def summarize(study: optuna.Study, s: SearchSettings) -> dict:
     }
     reference = next((t for t in complete if t.user_attrs.get("reference")), None)
     summary["reference"] = _row(reference) if reference else None
-    candidates = [t for t in complete if _feasible(t)]
+    candidates = [t for t in complete if is_feasible(t)]
     if not candidates:
         return summary
     if s.study.multi_objective:
