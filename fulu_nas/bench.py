@@ -41,7 +41,7 @@ def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
 # A path: (module, impl, how it runs). "compile" = torch.compile(fullgraph=True); "graphs" = the same
 # plus CUDA graphs (mode="reduce-overhead"), forward only. "grouped" is the layer's default (Triton
 # experts where preferred, else grouped_mm); "grouped_mm" and "triton" force one of them (triton
-# needs CUDA and runs without autograd: forward only).
+# needs CUDA).
 PATHS = {
     "loop": ("moe", "loop", "eager"),
     "sorted": ("moe", "sorted", "eager"),
@@ -64,10 +64,13 @@ def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor
             with torch.inference_mode():
                 return forward()
         return run
+    # The input needs its gradient too, as every MoE layer's input does inside a model.
+    x = x.detach().requires_grad_(True)
     grad = torch.randn_like(x)
 
     def run_backward():
         forward().backward(grad)
+        x.grad = None
     return run_backward
 
 
@@ -117,8 +120,8 @@ def _layer_main(args: argparse.Namespace) -> int:
     if any(PATHS[p][1] == "triton" for p in paths):
         from .moe import triton_moe
 
-        if device.type != "cuda" or not triton_moe.HAS_TRITON or args.backward:
-            print("error: the triton paths need CUDA and triton, and run forward only", file=sys.stderr)
+        if device.type != "cuda" or not triton_moe.HAS_TRITON:
+            print("error: the triton paths need CUDA and triton", file=sys.stderr)
             return 2
     rows = bench_layer(cfg, args.tokens, device, dtype, paths, args.min_run_time, backward=args.backward)
     print(f"PiMoE layer {'forward + backward' if args.backward else 'forward'}, {device_name(device)}, "

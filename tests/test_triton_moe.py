@@ -103,7 +103,7 @@ def test_triton_topk_matches_torch(tokens, experts, k):
 
 
 @needs_triton
-def test_default_takes_triton_where_preferred_and_training_takes_grouped_mm():
+def test_default_takes_triton_where_preferred():
     fast, _ = bf16_and_reference("topk", hidden_size=256, expert_ffn_size=512, num_experts=8)
     x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
@@ -113,12 +113,57 @@ def test_default_takes_triton_where_preferred_and_training_takes_grouped_mm():
     expected = triton_out if prefer_triton(fast.cfg, 512, x) else mm_out
     assert torch.equal(default_out, expected)
     assert relative_error(triton_out, mm_out) < 1e-2
-    # With gradients the Triton path steps aside: same as grouped_mm, and backward works.
+
+
+def forward_backward(layer, x, impl, token_ids=None):
+    """Output, input gradient and parameter gradients of a fixed non-trivial loss."""
+    x = x.detach().clone().requires_grad_(True)
+    out, stats = layer(x, token_ids=token_ids, impl=impl)
+    probe = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
+    ((out.float() * probe).sum() + stats["balance_loss"]).backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad(set_to_none=True)
+    return out.detach(), x.grad, grads
+
+
+@needs_triton
+@pytest.mark.parametrize(("router", "option"), CASES)
+def test_triton_training_matches_the_loop_in_fp32(router, option):
+    """The training op (Triton forward keeping the pre-activation, grouped_mm + Triton backward)
+    gives the loop's output and gradients: fp32 (exact dots), same routing."""
+    kw = dict(hidden_size=128, expert_ffn_size=192, num_experts=16, top_k=2)
+    kw.update(OPTIONS[option])
+    layer = make_layer(router, **kw).cuda().train()
+    x = torch.randn(2, 96, 128, device="cuda")
+    ids = torch.randint(0, 1000, (2, 96), device="cuda") if router == "hash" else None
+    out, dx, grads = forward_backward(layer, x, "triton", ids)
+    ref_out, ref_dx, ref_grads = forward_backward(layer, x, "loop", ids)
+    assert relative_error(out, ref_out) < 1e-4 and relative_error(dx, ref_dx) < 1e-4
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert relative_error(g, ref_grads[name]) < 1e-4, name
+
+
+@needs_triton
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_triton_training_in_bf16_with_idle_experts(router):
+    """bf16 training through the Triton op against the bf16 loop (the same routing); 64 experts
+    and 24 tokens, so most experts get no rows and must get exactly zero gradients."""
+    kw = dict(hidden_size=128, expert_ffn_size=256, num_experts=64, top_k=2)
+    if router == "expert_choice":
+        kw["capacity_factor"] = 0.2
+    fast, _ = bf16_and_reference(router, **kw)
     fast.train()
-    xg = x.clone().requires_grad_(True)
-    out, _ = fast(xg, impl="triton")
-    out.float().square().mean().backward()
-    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    x = torch.randn(24, 128, device="cuda", dtype=torch.bfloat16)
+    out, dx, grads = forward_backward(fast, x, "triton")
+    ref_out, ref_dx, ref_grads = forward_backward(fast, x, "loop")
+    assert relative_error(out, ref_out) < 1e-2 and relative_error(dx, ref_dx) < 2e-2
+    for name in ("experts.w13_EDF2", "experts.w2_EFD"):
+        assert relative_error(grads[name], ref_grads[name]) < 2e-2, name
+        idle = ref_grads[name].flatten(1).abs().amax(1) == 0
+        if router != "expert_choice":
+            assert idle.sum() >= 20
+        assert (grads[name][idle] == 0).all(), name
 
 
 @needs_triton

@@ -8,11 +8,14 @@ flat expert ids): sorted row n is flat slot ``order_N[n]`` = token ``order_N[n] 
 - ``gather_up_kernel``: ``act[n] = act_fn(x[order[n] // K] @ w13[e] + b13[e]) * weight[n]`` for the
   rows n of expert e. The token gather happens in the A-tile loads (no (N, D) gathered copy), and
   SwiGLU's gate and up halves are two accumulators of one program, so the (N, 2F) pre-activation
-  never reaches memory.
+  never reaches memory in inference (training stores it for the backward: ``STORE_PRE``).
 - ``down_scatter_kernel``: ``y[order[n]] = act[n] @ w2[e] + b2[e] * weight[n]``: the output rows are
   written in token-slot order, so the combine is a contiguous sum over K (``sum_slots_kernel``,
   fp32, deterministic; torch's reduction over the middle dimension took 0.20 ms where this reads
   the same 512 MB in about 0.13, fine-grained config at 32,768 tokens).
+- ``act_backward_kernel``: the activation's and routing weight's backward in one pass over the rows
+  (training): from ``d act`` and the stored pre-activation, ``d pre`` and each row's ``d weight``
+  (a full row per program, so the weight gradient is summed without atomics: deterministic).
 - ``topk_kernel``: indices of the k largest entries of each row (descending, ties to the lower
   index), for the routers' selection.
 
@@ -45,10 +48,10 @@ def _expert_block(pid_m, ends_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexp
 
 @triton.jit
 def gather_up_kernel(  # pragma: no cover
-    x_ptr, order_ptr, weight_ptr, ends_ptr, w_ptr, b_ptr, out_ptr,
+    x_ptr, order_ptr, weight_ptr, ends_ptr, w_ptr, b_ptr, out_ptr, pre_ptr,
     N, D, F, E, K_SLOTS,
-    stride_xt, stride_we, stride_wd, stride_be, stride_on,
-    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, WEIGHT_SORTED: tl.constexpr,
+    stride_xt, stride_we, stride_wd, stride_be, stride_on, stride_pn,
+    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, WEIGHT_SORTED: tl.constexpr, STORE_PRE: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
 ):
@@ -101,6 +104,12 @@ def gather_up_kernel(  # pragma: no cover
         acc_g += tl.load(b_row, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if SWIGLU:
             acc_u += tl.load(b_row + F, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:  # gate (and up) before the activation, for the backward
+        pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_pn + cols[None, :]
+        smask = rmask[:, None] & cmask[None, :]
+        tl.store(pre_ptrs, acc_g.to(pre_ptr.dtype.element_ty), mask=smask)
+        if SWIGLU:
+            tl.store(pre_ptrs + F, acc_u.to(pre_ptr.dtype.element_ty), mask=smask)
     if WEIGHT_SORTED:
         wt = tl.load(weight_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     else:
@@ -182,6 +191,46 @@ def sum_slots_kernel(y_ptr, out_ptr, T, D, K: tl.constexpr,  # pragma: no cover
     for k in tl.static_range(K):
         acc += tl.load(base + k * D, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def act_backward_kernel(dact_ptr, pre_ptr, weight_ptr, order_ptr, dpre_ptr, dweight_ptr,  # pragma: no cover
+                        N, F, stride_dn, stride_pn, stride_gn,
+                        SWIGLU: tl.constexpr, WEIGHT_SORTED: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Backward of ``act = act_fn(pre) * weight`` for BLOCK_R rows: ``dpre`` (gate and up halves for
+    SwiGLU) and ``dweight[n] = sum_f dact[n, f] * act_fn(pre)[n, f]`` (fp32, by sorted row)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    if WEIGHT_SORTED:
+        wt = tl.load(weight_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    else:
+        src = tl.load(order_ptr + rows, mask=rmask, other=0)
+        wt = tl.load(weight_ptr + src, mask=rmask, other=0.0).to(tl.float32)
+    r64 = rows.to(tl.int64)[:, None]
+    dw = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
+        mask = rmask[:, None] & (cols < F)[None, :]
+        da = tl.load(dact_ptr + r64 * stride_dn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(pre_ptr + r64 * stride_pn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if SWIGLU:
+            u = tl.load(pre_ptr + r64 * stride_pn + F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = tl.sigmoid(g)
+            silu = g * s
+            dw += tl.sum(da * silu * u, 1)
+            da = da * wt[:, None]
+            tl.store(dpre_ptr + r64 * stride_gn + cols[None, :],
+                     (da * u * s * (1.0 + g * (1.0 - s))).to(dpre_ptr.dtype.element_ty), mask=mask)
+            tl.store(dpre_ptr + r64 * stride_gn + F + cols[None, :], (da * silu).to(dpre_ptr.dtype.element_ty),
+                     mask=mask)
+        else:  # exact (erf) GELU
+            cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+            dw += tl.sum(da * g * cdf, 1)
+            dgelu = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+            tl.store(dpre_ptr + r64 * stride_gn + cols[None, :],
+                     (da * wt[:, None] * dgelu).to(dpre_ptr.dtype.element_ty), mask=mask)
+    tl.store(dweight_ptr + rows, dw, mask=rmask)
 
 
 @triton.jit

@@ -92,15 +92,24 @@ class PiMoELayer(nn.Module):
         x_TD = x.reshape(-1, self.cfg.hidden_size)
         return x_TD, self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
 
-    def _triton_applies(self, x_TD: Tensor, weight: Tensor, impl: str) -> bool:
+    def _triton_applies(self, x_TD: Tensor, impl: str) -> bool:
         """The Triton experts for this call: ``impl`` asks for them (``triton``, or ``grouped`` where
-        :func:`prefer_triton` says so), they can run on the device, and no gradient is needed."""
+        :func:`prefer_triton` says so) and they can run on the device."""
         if impl not in ("triton", "grouped") or not triton_moe.usable(x_TD):
             return False
-        if torch.is_grad_enabled() and (x_TD.requires_grad or weight.requires_grad
-                                        or any(p.requires_grad for p in self.experts.parameters())):
-            return False
         return impl == "triton" or prefer_triton(self.cfg, x_TD.shape[0], x_TD)
+
+    def _triton_experts(self, x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, k_slots: int,
+                        weight_sorted: bool, combine: bool) -> Tensor:
+        """The Triton experts op: the inference one, or with a gradient the training one (which
+        also keeps the pre-activation for its backward)."""
+        e = self.experts
+        args = (x_TD, order_N, weight.float().contiguous(), ends_E, e.w13_EDF2, e.w2_EFD, e.b13_EF2, e.b2_ED,
+                k_slots, e.activation == "swiglu", weight_sorted, combine)
+        if torch.is_grad_enabled() and (x_TD.requires_grad or weight.requires_grad
+                                        or any(p.requires_grad for p in e.parameters())):
+            return triton_moe.moe_experts_train(*args)[0]
+        return triton_moe.moe_experts(*args)
 
     # -- token choice --------------------------------------------------------------------------
 
@@ -128,15 +137,12 @@ class PiMoELayer(nn.Module):
         keep_sorted_N = active_sorted_N
         if self.cfg.capacity_factor is not None:
             keep_sorted_N = self._capacity_keep_sorted(active_sorted_N, expert_sorted_N, starts_E, T)
-        if self._triton_applies(x_TD, r.weight_TK, impl):
+        if self._triton_applies(x_TD, impl):
             # Tokens are read through order_N inside the first GEMM; the second writes row n to
             # flat slot order_N[n], so each token's K rows are contiguous for the (fused) sum.
             weight_sorted = self.cfg.capacity_factor is not None
             weight = (weight_N[order_N] * keep_sorted_N) if weight_sorted else weight_N
-            e = self.experts
-            out_TD = triton_moe.moe_experts(
-                x_TD, order_N, weight.float().contiguous(), ends_E.to(torch.int32), e.w13_EDF2, e.w2_EFD,
-                e.b13_EF2, e.b2_ED, K, e.activation == "swiglu", weight_sorted, True)
+            out_TD = self._triton_experts(x_TD, order_N, weight, ends_E.to(torch.int32), K, weight_sorted, True)
             kept_before_N = F.pad(keep_sorted_N.long().cumsum(0), (1, 0))
             counts_E = (kept_before_N[ends_E] - kept_before_N[starts_E]).float()
             return out_TD, counts_E, self._dropped_share(active_sorted_N, keep_sorted_N)
@@ -189,12 +195,9 @@ class PiMoELayer(nn.Module):
             out_TD = self.experts.forward_loop(x_TD, expert_N, token_N, weight_N)
         else:
             # The choice is already grouped by expert: no sort needed, every group has C rows.
-            if self._triton_applies(x_TD, weight_N, impl):
+            if self._triton_applies(x_TD, impl):
                 offsets_E = torch.arange(1, E + 1, device=x_TD.device, dtype=torch.int32) * C
-                e = self.experts
-                y_ND = triton_moe.moe_experts(
-                    x_TD, token_N, weight_N.float().contiguous(), offsets_E, e.w13_EDF2, e.w2_EFD,
-                    e.b13_EF2, e.b2_ED, 1, e.activation == "swiglu", True, False)
+                y_ND = self._triton_experts(x_TD, token_N, weight_N, offsets_E, 1, True, False)
             elif impl == "sorted":
                 x_sorted_ND = x_TD[token_N]
                 y_ND = self.experts.forward_sorted(x_sorted_ND, torch.full((E,), C)) * weight_N[:, None].to(x_TD.dtype)

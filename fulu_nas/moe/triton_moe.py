@@ -97,10 +97,13 @@ DOWN_CONFIG: tuple | None = None
 
 def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, w13_EDW: Tensor,
                    w2_EFD: Tensor, b13_EW: Tensor | None, b2_ED: Tensor | None, k_slots: int,
-                   swiglu: bool, weight_sorted: bool, combine: bool) -> Tensor:  # pragma: no cover
+                   swiglu: bool, weight_sorted: bool, combine: bool,
+                   save_for_backward: bool = False):  # pragma: no cover
     """Both grouped GEMMs. With ``combine`` (token choice) the output rows go to flat slot
     ``order[n]`` and each token's ``k_slots`` rows are summed: returns (N // k_slots, D). Without,
-    returns (N, D) in sorted order (expert choice combines with index_add)."""
+    returns (N, D) in sorted order (expert choice combines with index_add). With
+    ``save_for_backward`` returns ``(out, pre_NW, act_NF)``: also the pre-activation (gate and up)
+    and the weighted activation, which the backward needs."""
     kern = _kernels()
     N, D = order_N.shape[0], x_TD.shape[1]
     E, F = w2_EFD.shape[0], w2_EFD.shape[1]
@@ -111,23 +114,25 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
     b13 = b13_EW.contiguous() if b13_EW is not None else None
     b2 = b2_ED.contiguous() if b2_ED is not None else None
     act_NF = torch.empty((N, F), dtype=dtype, device=x_TD.device)
+    pre_NW = torch.empty((N, w13.shape[2] if save_for_backward else 0), dtype=dtype, device=x_TD.device)
     y_ND = torch.empty((N, D), dtype=dtype, device=x_TD.device)
     if combine and k_slots > 1:
         out = torch.empty((N // k_slots, D), dtype=dtype, device=x_TD.device)
     else:
         out = y_ND
     if N == 0:
-        return out
+        return (out, pre_NW, act_NF) if save_for_backward else out
     e_pow2 = max(2, kern.next_power_of_2(E))
     fp32 = dtype == torch.float32
 
     bm, bn, bk, warps, stages = UP_CONFIG or up_config(N, E, D, F)
     grid = ((_cdiv(N, bm) + E) * _cdiv(F, bn),)
     kern.gather_up_kernel[grid](
-        x_TD, order_N, weight, ends_E, w13, b13 if b13 is not None else w13, act_NF,
+        x_TD, order_N, weight, ends_E, w13, b13 if b13 is not None else w13, act_NF, pre_NW,
         N, D, F, E, k_slots,
         x_TD.stride(0), w13.stride(0), w13.stride(1), b13.stride(0) if b13 is not None else 0, act_NF.stride(0),
-        HAS_BIAS=b13 is not None, SWIGLU=swiglu, WEIGHT_SORTED=weight_sorted,
+        pre_NW.stride(0), HAS_BIAS=b13 is not None, SWIGLU=swiglu, WEIGHT_SORTED=weight_sorted,
+        STORE_PRE=save_for_backward,
         EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, FP32=fp32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
 
@@ -145,7 +150,7 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
         bt, bd = SUM_CONFIG
         kern.sum_slots_kernel[(_cdiv(T, bt), _cdiv(D, bd))](y_ND, out, T, D, K=k_slots, BLOCK_T=bt, BLOCK_D=bd,
                                                           num_warps=4)
-    return out
+    return (out, pre_NW, act_NF) if save_for_backward else out
 
 
 # (BLOCK_T, BLOCK_D) of the combine.
@@ -167,6 +172,102 @@ def moe_experts(x: Tensor, order: Tensor, weight: Tensor, ends: Tensor, w13: Ten
 def _(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine):
     rows = order.shape[0] // k_slots if combine else order.shape[0]
     return x.new_empty((rows, x.shape[1]))
+
+
+@torch.library.custom_op("fulu_nas::moe_experts_train", mutates_args=())
+def moe_experts_train(x: Tensor, order: Tensor, weight: Tensor, ends: Tensor, w13: Tensor, w2: Tensor,
+                      b13: Optional[Tensor], b2: Optional[Tensor], k_slots: int, swiglu: bool,  # noqa: UP045
+                      weight_sorted: bool, combine: bool) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
+    """:func:`moe_experts` for training: returns ``(out, pre, act)``; only ``out`` is differentiable
+    (the backward, :func:`_experts_backward`, reads the other two)."""
+    return launch_experts(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine,
+                          save_for_backward=True)
+
+
+@moe_experts_train.register_fake
+def _(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine):
+    N = order.shape[0]
+    rows = N // k_slots if combine else N
+    return x.new_empty((rows, x.shape[1])), x.new_empty((N, w13.shape[2])), x.new_empty((N, w2.shape[1]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine = inputs
+    _, pre, act = output
+    ctx.save_for_backward(x, order, weight, ends, w13, w2, b13, b2, pre, act)
+    ctx.k_slots, ctx.swiglu, ctx.weight_sorted, ctx.combine = k_slots, swiglu, weight_sorted, combine
+    ctx.mark_non_differentiable(pre, act)
+
+
+def _experts_backward(ctx, grad_out: Tensor, _grad_pre, _grad_act):  # pragma: no cover
+    """Gradients of x, the routing weights, w13, w2 (and the biases). The four GEMMs are
+    ``torch._grouped_mm`` (transposed weights for the data gradients; the weight gradients group
+    the reduction dimension by expert); the activation's backward and the weight gradient are one
+    Triton pass (:func:`fulu_nas.moe._triton_kernels.act_backward_kernel`); each token sums its
+    K rows' input gradients through the inverse permutation (no atomics) for token choice."""
+    from .experts import _grouped_mm
+
+    x, order, weight, ends, w13, w2, b13, b2, pre, act = ctx.saved_tensors
+    K, N, dtype = ctx.k_slots, order.shape[0], x.dtype
+    token_N = order // K
+    # out[t] sums the rows written to slots t*K..t*K+K-1: row n's output gradient is its token's.
+    dy_ND = (grad_out[token_N] if ctx.combine else grad_out).to(dtype).contiguous()
+    w13c, w2c = w13.to(dtype), w2.to(dtype)
+    dact_NF = _grouped_mm(dy_ND, w2c.transpose(-2, -1), offs=ends)
+    dw2 = _grouped_mm(act.t(), dy_ND, offs=ends)
+    dpre_NW, dweight_N = launch_act_backward(dact_NF, pre, weight, order, ctx.swiglu, ctx.weight_sorted)
+    dw13 = _grouped_mm(x[token_N].t(), dpre_NW, offs=ends)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx_ND = _grouped_mm(dpre_NW, w13c.transpose(-2, -1), offs=ends)
+        if ctx.combine:  # every slot holds one row: sum each token's K rows in fp32, in slot order
+            inverse_TK = torch.empty_like(order).index_put_((order,), torch.arange(N, device=order.device)).view(-1, K)
+            dx = dx_ND[inverse_TK[:, 0]].float()
+            for k in range(1, K):
+                dx = dx + dx_ND[inverse_TK[:, k]].float()
+        else:  # expert choice: a token may be in several rows
+            dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_N, dx_ND.float())
+        dx = dx.to(dtype)
+    db13 = db2 = None
+    if b13 is not None or b2 is not None:
+        E = w13.shape[0]
+        counts_E = torch.diff(ends, prepend=ends.new_zeros(1))
+        expert_N = torch.repeat_interleave(torch.arange(E, device=x.device), counts_E, output_size=N)
+        if b13 is not None:
+            db13 = torch.zeros(b13.shape, dtype=torch.float32, device=x.device).index_add_(
+                0, expert_N, dpre_NW.float()).to(b13.dtype)
+        if b2 is not None:  # y = act @ w2 + b2 * weight
+            wt_N = weight if ctx.weight_sorted else weight[order]
+            db2 = torch.zeros(b2.shape, dtype=torch.float32, device=x.device).index_add_(
+                0, expert_N, dy_ND.float() * wt_N[:, None].float()).to(b2.dtype)
+            dweight_N = dweight_N + (dy_ND.float() * b2.float()[expert_N]).sum(-1)
+    dweight = dweight_N if ctx.weight_sorted else torch.empty_like(dweight_N).index_put_((order,), dweight_N)
+    return (dx, None, dweight.to(weight.dtype), None, dw13.to(w13.dtype), dw2.to(w2.dtype),
+            db13, db2, None, None, None, None)
+
+
+moe_experts_train.register_autograd(_experts_backward, setup_context=_setup_context)
+
+# (BLOCK_R, BLOCK_F, num_warps) of the activation's backward.
+ACT_BACKWARD_CONFIG = (16, 256, 4)
+
+
+def launch_act_backward(dact_NF: Tensor, pre_NW: Tensor, weight: Tensor, order_N: Tensor, swiglu: bool,
+                        weight_sorted: bool) -> tuple[Tensor, Tensor]:  # pragma: no cover
+    """``(d pre, d weight by sorted row)`` of ``act = act_fn(pre) * weight`` (see the kernel)."""
+    N, F = dact_NF.shape
+    dpre_NW = torch.empty_like(pre_NW)
+    dweight_N = torch.empty((N,), dtype=torch.float32, device=dact_NF.device)
+    if N == 0:
+        return dpre_NW, dweight_N
+    dact_NF = dact_NF.contiguous()
+    br, bf, warps = ACT_BACKWARD_CONFIG
+    _kernels().act_backward_kernel[(_cdiv(N, br),)](
+        dact_NF, pre_NW, weight, order_N, dpre_NW, dweight_N, N, F,
+        dact_NF.stride(0), pre_NW.stride(0), dpre_NW.stride(0),
+        SWIGLU=swiglu, WEIGHT_SORTED=weight_sorted, BLOCK_R=br, BLOCK_F=_pow2_at_most(F, bf),
+        num_warps=warps)
+    return dpre_NW, dweight_N
 
 
 def topk_usable(scores_TE: Tensor, k: int) -> bool:
