@@ -1,7 +1,10 @@
 """Single-GPU baseline of the expert-parallel benchmark (BENCHMARKS.md, issue 8): the same per-rank
 work without communication, i.e. a layer of E/P experts on the tokens of one rank.
 
-    python3 benchmarks/ep_baseline.py HIDDEN EXPERTS FFN TOP_K TOKENS STEPS
+    python3 benchmarks/ep_baseline.py HIDDEN EXPERTS FFN TOP_K TOKENS STEPS [IMPL [PROFILE_FILE]]
+
+IMPL: the experts' kernels (default: the layer's, grouped); PROFILE_FILE: also write a
+torch.profiler table of 3 steps there.
 """
 
 import sys
@@ -12,13 +15,15 @@ import torch
 from fulu_nas.moe import MoEConfig, PiMoELayer
 
 D, E, F, K, T, steps = (int(a) for a in sys.argv[1:7])
+impl = sys.argv[7] if len(sys.argv) > 7 else None
+profile_file = sys.argv[8] if len(sys.argv) > 8 else None
 torch.manual_seed(0)
 layer = PiMoELayer(MoEConfig(hidden_size=D, num_experts=E, expert_ffn_size=F, top_k=K)).cuda().to(torch.bfloat16)
 x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
 
 def step() -> None:
-    out, stats = layer(x)
+    out, stats = layer(x, impl=impl)
     (out.float().square().mean() + stats["balance_loss"]).backward()
     layer.zero_grad(set_to_none=True)
     x.grad = None
@@ -32,6 +37,16 @@ for _ in range(steps):
     step()
 torch.cuda.synchronize()
 seconds = (time.perf_counter() - start) / steps
+if profile_file:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    with open(profile_file, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
 print(f"single GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, NCCL {torch.cuda.nccl.version()}: "
-      f"{T} tokens, E={E}, D={D}, F={F}, top-{K}, bf16: {seconds * 1e3:.2f} ms per forward+backward, "
+      f"{T} tokens, E={E}, D={D}, F={F}, top-{K}, bf16, impl {impl or layer.cfg.impl}: "
+      f"{seconds * 1e3:.2f} ms per forward+backward, "
       f"{T / seconds:,.0f} tokens/s")

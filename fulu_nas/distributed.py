@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--impl", choices=("grouped", "grouped_mm", "triton", "sorted"),
+                    help="the experts' kernels (default: the layer's, grouped)")
     ap.add_argument("--no-check", action="store_true", help="skip the equivalence check (needs the full layer)")
+    ap.add_argument("--profile", help="write rank 0's torch.profiler table of 3 timed steps to this file")
     args = ap.parse_args(argv)
     info = init_from_env()
     dtype = getattr(torch, args.dtype)
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     x.requires_grad_(True)
 
     def step() -> None:
-        out, stats = ep(x, token_ids=ids)
+        out, stats = ep(x, token_ids=ids, impl=args.impl)
         (out.float().square().mean() + stats["balance_loss"]).backward()
         ep.zero_grad(set_to_none=True)
         x.grad = None
@@ -218,10 +221,22 @@ def main(argv: list[str] | None = None) -> None:
         step()
     sync()
     seconds = (time.perf_counter() - start) / args.steps
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if info.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        if info.rank == 0:
+            sort = "cuda_time_total" if info.device.type == "cuda" else "self_cpu_time_total"
+            with open(args.profile, "w") as f:
+                f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
     if info.rank == 0:
         print(f"{info.world_size} ranks ({info.backend}, {info.device.type}), torch {torch.__version__}: "
               f"{args.tokens} tokens/rank, E={args.experts}, D={args.hidden}, F={args.ffn}, top-{args.top_k}, "
-              f"{args.dtype}: {seconds * 1e3:.2f} ms per forward+backward, "
+              f"{args.dtype}, impl {args.impl or cfg.impl}: {seconds * 1e3:.2f} ms per forward+backward, "
               f"{args.tokens / seconds:,.0f} tokens/s per rank, "
               f"{args.tokens * info.world_size / seconds:,.0f} tokens/s total", flush=True)
     dist.destroy_process_group()

@@ -114,17 +114,19 @@ class GroupedExperts(nn.Module):
             y = y + self.b2_ED[e].to(y.dtype)
         return y
 
-    def forward_grouped(self, x_ND: Tensor, offsets_E: Tensor, expert_N: Tensor, weight_N: Tensor) -> Tensor:
+    def forward_grouped(self, x_ND: Tensor, offsets_E: Tensor, expert_N: Tensor, weight_N: Tensor | None) -> Tensor:
         """Rows sorted by expert (``offsets_E``: int32 cumulative counts), each output row scaled by
-        its routing weight. No host sync. The weight multiplies the activation (before the down
-        projection, which is linear), where it fuses with the activation's elementwise pass."""
+        its routing weight (``None``: unweighted). No host sync. The weight multiplies the
+        activation (before the down projection, which is linear), where it fuses with the
+        activation's elementwise pass."""
         h = grouped_mm(x_ND, self.w13_EDF2, offsets_E)
         if self.b13_EF2 is not None:
             h = h + self.b13_EF2.to(h.dtype)[expert_N]
-        w_N1 = weight_N[:, None].to(h.dtype)
+        w_N1 = None if weight_N is None else weight_N[:, None].to(h.dtype)
         y = grouped_mm(activate(h, self.activation, scale_N1=w_N1), self.w2_EFD, offsets_E)
         if self.b2_ED is not None:
-            y = y + self.b2_ED.to(y.dtype)[expert_N] * w_N1
+            b2 = self.b2_ED.to(y.dtype)[expert_N]
+            y = y + (b2 if w_N1 is None else b2 * w_N1)
         return y
 
     def forward_sorted(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
