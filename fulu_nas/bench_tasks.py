@@ -56,17 +56,19 @@ def _router_extras(router: str) -> dict:
 
 
 def run_one(task, arch: ArchConfig, seconds: float, batch_size: int, lr: float, seed: int,
-            dynamic=None) -> dict:
-    """Train a fresh model of ``arch`` for ``seconds`` (``dynamic``: a DynamicExpertsConfig) and
-    evaluate it; ``experts`` is the final expert count of the (first) MoE layer."""
+            dynamic=None, steps: int | None = None) -> dict:
+    """Train a fresh model of ``arch`` for ``seconds``, or for ``steps`` when given (``dynamic``: a
+    DynamicExpertsConfig) and evaluate it; ``experts`` is the final expert count of the (first)
+    MoE layer."""
     from .evaluate import evaluate
     from .train import TrainConfig, train
 
     torch.manual_seed(seed)
     model = PiMoETransformer(arch)
     start = time.perf_counter()
-    result = train(model, task, TrainConfig(steps=10**9, max_seconds=seconds, batch_size=batch_size, lr=lr,
-                                            seed=seed, progress=False, report_every=100, dynamic_experts=dynamic))
+    budget = dict(steps=steps, max_seconds=None) if steps else dict(steps=10**9, max_seconds=seconds)
+    result = train(model, task, TrainConfig(**budget, batch_size=batch_size, lr=lr, seed=seed, progress=False,
+                                            report_every=100, dynamic_experts=dynamic))
     ev = evaluate(model, task)
     return {"router": arch.moe.router, "steps": result.steps, "train_seconds": round(time.perf_counter() - start, 1),
             "experts": model.moe_layers()[0].cfg.num_experts,
@@ -128,35 +130,39 @@ def routers_main(args: argparse.Namespace) -> int:
 
 def dynamic_main(args: argparse.Namespace) -> int:
     """Dynamic expert scaling from each start size, then a fixed layer of the size it ended with
-    (same budget, seed and settings otherwise); the issue's target: from 4 it must grow, from 32
-    shrink, with routing accuracy no worse than the fixed layer of the final size."""
+    (same budget, seed and settings otherwise), for each seed; the issue's target: from 4 it must
+    grow, from 32 shrink, with routing accuracy no worse than the fixed layer of the final size.
+    ``--steps`` gives every run the same number of steps (a comparison that another process on
+    the same cores cannot skew); otherwise each run gets ``--seconds`` of wall-clock."""
     from .dynamic_experts import DynamicExpertsConfig
     from .tasks import ClustersTask
 
     _set_threads(args)
     task = ClustersTask()
-    cfg = DynamicExpertsConfig(every=args.every, grow_loss=args.grow_loss, freeze_after=args.freeze_after)
+    cfg = DynamicExpertsConfig(every=args.every, freeze_after=args.freeze_after)
     rows, verdicts = [], []
-    for start in args.start:
-        dyn = run_one(task, clusters_arch(task, num_experts=start), args.seconds, args.batch_size, args.lr,
-                      args.seed, dynamic=cfg)
-        history = dyn["expert_history"]
-        rows.append({"layer": f"dynamic from {start}", "path": " > ".join(map(str, history)), **dyn})
-        print(f"done: dynamic from {start} -> {dyn['experts']}", flush=True)
-        fixed = run_one(task, clusters_arch(task, num_experts=dyn["experts"]), args.seconds, args.batch_size,
-                        args.lr, args.seed)
-        rows.append({"layer": f"fixed {dyn['experts']}", "path": str(dyn["experts"]), **fixed})
-        print(f"done: fixed {dyn['experts']}", flush=True)
-        direction = "more" if start < task.num_domains else "fewer"
-        moved = dyn["experts"] > start if direction == "more" else dyn["experts"] < start
-        kept = dyn["routing_accuracy"] >= fixed["routing_accuracy"]
-        verdicts.append(f"from {start}: ended with {dyn['experts']} ({direction} wanted: {'yes' if moved else 'NO'}), "
-                        f"routing accuracy {dyn['routing_accuracy']:.3f} vs fixed {fixed['routing_accuracy']:.3f} "
-                        f"({'no worse' if kept else 'WORSE'})")
+    for seed in args.seeds:
+        for start in args.start:
+            dyn = run_one(task, clusters_arch(task, num_experts=start), args.seconds, args.batch_size, args.lr,
+                          seed, dynamic=cfg, steps=args.steps)
+            history = dyn["expert_history"]
+            rows.append({"seed": seed, "layer": f"dynamic from {start}", "path": " > ".join(map(str, history)), **dyn})
+            print(f"done: seed {seed}, dynamic from {start} -> {dyn['experts']}", flush=True)
+            fixed = run_one(task, clusters_arch(task, num_experts=dyn["experts"]), args.seconds, args.batch_size,
+                            args.lr, seed, steps=args.steps)
+            rows.append({"seed": seed, "layer": f"fixed {dyn['experts']}", "path": str(dyn["experts"]), **fixed})
+            print(f"done: seed {seed}, fixed {dyn['experts']}", flush=True)
+            direction = "more" if start < task.num_domains else "fewer"
+            moved = dyn["experts"] > start if direction == "more" else dyn["experts"] < start
+            kept = dyn["routing_accuracy"] >= fixed["routing_accuracy"]
+            verdicts.append(f"seed {seed}, from {start}: ended with {dyn['experts']} ({direction} wanted: "
+                            f"{'yes' if moved else 'NO'}), routing accuracy {dyn['routing_accuracy']:.3f} vs fixed "
+                            f"{fixed['routing_accuracy']:.3f} ({'no worse' if kept else 'WORSE'})")
+    budget = f"{args.steps} steps" if args.steps else f"{args.seconds:.0f} s of training"
     print(f"\nclusters ({task.num_domains} domains), dynamic expert scaling (check every {cfg.every} steps, frozen "
-          f"after {cfg.freeze_after:.0%} of the budget) vs fixed layers, {args.seconds:.0f} s of training each, "
-          f"{_device_line()}\n")
-    print(_table(rows, ["layer", "path", "steps", "loss", "accuracy", "routing_accuracy", "load_balance"]))
+          f"after {cfg.freeze_after:.0%} of the budget) vs fixed layers, {budget} each, {_device_line()}\n")
+    print(_table(rows, ["seed", "layer", "path", "steps", "train_seconds", "loss", "accuracy", "routing_accuracy",
+                        "load_balance"]))
     print()
     print("\n".join(verdicts))
     _dump(args, rows)
@@ -166,7 +172,8 @@ def dynamic_main(args: argparse.Namespace) -> int:
 def _dump(args: argparse.Namespace, rows: list[dict]) -> None:
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": _device_line(), "seconds": args.seconds, "rows": rows}, f, indent=2)
+            json.dump({"device": _device_line(), "seconds": args.seconds, "steps": getattr(args, "steps", None),
+                       "rows": rows}, f, indent=2)
 
 
 THREADS_HELP = ("torch CPU threads (0: torch's default). The clusters model is tiny: one thread runs it "
@@ -187,16 +194,15 @@ def add_parsers(sub) -> None:
     p.set_defaults(run=clusters_main)
     p = sub.add_parser("dynamic", help="dynamic expert scaling on clusters from 4 and 32 experts vs fixed layers")
     p.add_argument("--seconds", type=float, default=60.0, help="training budget of each of the runs")
+    p.add_argument("--steps", type=int, help="a step budget instead of --seconds (the same for every run)")
     p.add_argument("--start", type=int, nargs="+", default=[4, 32], help="initial expert counts")
     defaults = DynamicExpertsConfig()
     p.add_argument("--every", type=int, default=defaults.every, help="steps between rescaling checks")
-    p.add_argument("--grow-loss", type=float, default=defaults.grow_loss,
-                   help="a stalled loss above this adds an expert")
     p.add_argument("--freeze-after", type=float, default=defaults.freeze_after,
                    help="share of the budget after which the expert set stays fixed")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--json")
     p.set_defaults(run=dynamic_main)

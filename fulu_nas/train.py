@@ -252,7 +252,7 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
             optimizer.step()
             model.update_expert_biases(out.moe_stats)
             if dynamic is not None:
-                dynamic.observe(out.moe_stats, value, batch)
+                dynamic.observe(out.moe_stats, batch)
                 dynamic.maybe_rescale(step, progress)
 
             result.steps, result.final_loss = step, value

@@ -169,15 +169,17 @@ def test_dynamic_plan_removes_idle_and_splits_the_busiest():
     model = clusters_model(task, num_experts=4)
     dyn = DynamicExperts(model, torch.optim.AdamW(model.parameters()),
                          DynamicExpertsConfig(min_experts=2, max_experts=6, remove_below=0.1, add_above=1.5))
-    assert dyn.plan(torch.tensor([100.0, 0.0, 50, 50]), top_k=2, stalled=False) == [0, 2, 3, 0]
-    assert dyn.plan(torch.tensor([25.0, 25, 25, 25]), top_k=2, stalled=False) == [0, 1, 2, 3]
-    assert dyn.plan(torch.tensor([26.0, 25, 25, 24]), top_k=2, stalled=True) == [0, 1, 2, 3, 0]
-    assert dyn.plan(torch.tensor([100.0, 0, 0, 0]), top_k=2, stalled=False) == [0, 1, 0]  # floor of 2 kept
+    assert dyn.plan(torch.tensor([100.0, 0.0, 50, 50]), top_k=2).source == [0, 2, 3, 0]
+    assert dyn.plan(torch.tensor([25.0, 25, 25, 25]), top_k=2).source == [0, 1, 2, 3]
+    assert dyn.plan(torch.tensor([100.0, 0, 0, 0]), top_k=2).source == [0, 1, 0]  # floor of 2 kept
 
 
-def _probe(groups: list[int], spread: float, T: int = 400, seed: int = 0) -> Probe:
+def _probe(groups: list[int], spread: float, T: int = 400, seed: int = 0, mixed: dict[int, float] | None = None,
+           D: int = 32) -> Probe:
     """Tokens of kind k go to the experts of group k; each token's probability is split between
-    its group's experts (``spread`` of it on the group's other experts) and a little elsewhere."""
+    its group's experts (``spread`` of it on the group's other experts) and a little elsewhere.
+    Router inputs: each expert's tokens are one blob around a centre of its own, except for the
+    experts in ``mixed``: ``mixed[e]`` of expert e's tokens lie around a second, distant centre."""
     g = torch.Generator().manual_seed(seed)
     E = len(groups)
     top1 = torch.randint(0, E, (T,), generator=g)
@@ -188,8 +190,13 @@ def _probe(groups: list[int], spread: float, T: int = 400, seed: int = 0) -> Pro
         for m in mates:
             probs[t, m] = spread
     probs = probs / probs.sum(1, keepdim=True)
-    loss = torch.rand(T, generator=g)
-    return Probe(probs, top1, loss, torch.ones(T, dtype=torch.bool))
+    centres = 8 * torch.randn(2 * E, D, generator=g) / D**0.5  # |centre| ~ 8, like the RMS-normed states
+    share_E = torch.zeros(E)
+    for e, share in (mixed or {}).items():
+        share_E[e] = share
+    which = torch.where(torch.rand(T, generator=g) < share_E[top1], top1 + E, top1)
+    x = centres[which] + 0.3 * torch.randn(T, D, generator=g)
+    return Probe(x, probs, top1)
 
 
 def test_dynamic_merges_experts_that_serve_the_same_tokens():
@@ -199,25 +206,52 @@ def test_dynamic_merges_experts_that_serve_the_same_tokens():
     load = torch.tensor([30.0, 20, 25, 25])
     # experts 0 and 1 share one kind of token: the less loaded (1) goes; 2 and 3 are distinct
     assert dyn.redundant(_probe([0, 0, 1, 2], spread=0.8), load, [0, 1, 2, 3]) == [1]
-    assert dyn.plan(load, top_k=1, stalled=False, probe=_probe([0, 0, 1, 2], 0.8), ages=[5] * 4) == [0, 2, 3]
+    plan = dyn.plan(load, top_k=1, probe=_probe([0, 0, 1, 2], 0.8), ages=[5] * 4)
+    assert plan.source == [0, 2, 3] and plan.merged
     # all distinct: nothing merges; routing not yet differentiated (every pair alike): nothing merges
     assert dyn.redundant(_probe([0, 1, 2, 3], spread=0.8), load, [0, 1, 2, 3]) == []
     assert dyn.redundant(_probe([0, 0, 0, 0], spread=1.0), load, [0, 1, 2, 3]) == []
     # a fresh clone (age below merge_after) is not merged back into its original
-    assert dyn.plan(load, top_k=1, stalled=False, probe=_probe([0, 0, 1, 2], 0.8), ages=[5, 0, 5, 5]) == [0, 1, 2, 3]
+    assert dyn.plan(load, top_k=1, probe=_probe([0, 0, 1, 2], 0.8), ages=[5, 0, 5, 5]).source == [0, 1, 2, 3]
 
 
-def test_dynamic_splits_the_worst_served_expert_and_stops_growing_after_a_merge():
+def test_dynamic_splits_an_expert_serving_two_kinds_of_token_and_parts_their_routing():
     task = small_clusters()
-    model = clusters_model(task, num_experts=4)
-    dyn = DynamicExperts(model, torch.optim.AdamW(model.parameters()), DynamicExpertsConfig(min_experts=2))
-    probe = _probe([0, 1, 2, 3], spread=0.0)
-    probe.loss_T[probe.top1_T == 2] += 5.0  # expert 2's tokens are served worst
+    model = clusters_model(task, num_experts=4, top_k=1)
+    layer = model.moe_layers()[0]
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(next(task.train_batches(4, 0)).tokens).logits.sum().backward()
+    optimizer.step()  # Adam state to follow the experts
+    cfg = DynamicExpertsConfig(min_experts=2, noise=0.05)
+    dyn = DynamicExperts(model, optimizer, cfg)
     load = torch.tensor([25.0, 25, 25, 25])
-    assert dyn.plan(load, top_k=1, stalled=True, probe=probe, ages=[5] * 4) == [0, 1, 2, 3, 2]
-    assert not dyn.merged
-    dyn.plan(load, top_k=1, stalled=False, probe=_probe([0, 0, 1, 2], 0.8), ages=[5] * 4)
-    assert dyn.merged  # maybe_rescale then marks the layer saturated: a stalled loss grows it no more
+    # expert 2's tokens are two blobs, expert 3's are two blobs but one holds only 5% of them, the
+    # others one blob each: only expert 2 is split, and nothing merges (routing is distinct)
+    probe = _probe([0, 1, 2, 3], spread=0.0, mixed={2: 0.5, 3: 0.05}, T=800)
+    plan = dyn.plan(load, top_k=1, probe=probe, ages=[5] * 4)
+    assert plan.source == [0, 1, 2, 3, 2] and list(plan.centres) == [2] and not plan.merged
+    # a layer that merged grows no more (maybe_rescale passes grow=False), nor in the check that merges
+    assert dyn.plan(load, top_k=1, probe=probe, ages=[5] * 4, grow=False).source == [0, 1, 2, 3]
+    merging = _probe([0, 0, 1, 2], spread=0.8, mixed={2: 0.5}, T=800)
+    assert dyn.plan(load, top_k=1, probe=merging, ages=[5] * 4).source == [0, 2, 3]
+    assert dyn.plan(load, top_k=1, probe=_probe([0, 1, 2, 3], spread=0.0), ages=[5] * 4).source == [0, 1, 2, 3]
+
+    old_w13 = layer.experts.w13_EDF2.detach().clone()
+    old_moment = optimizer.state[layer.experts.w13_EDF2]["exp_avg"].clone()
+    dyn._apply(layer, plan)
+    assert layer.cfg.num_experts == 5
+    assert torch.equal(layer.experts.w13_EDF2[4], old_w13[2])  # the clone copies the expert ...
+    assert torch.equal(optimizer.state[layer.experts.w13_EDF2]["exp_avg"][4], old_moment[2])  # ... and its moments
+    # the router now tells the two blobs apart: each goes to its own copy, by the margin at the centres
+    x2 = probe.x_TD[probe.top1_T == 2]
+    a, b = plan.centres[2]
+    logits = x2 @ layer.router.gate.weight.detach().T
+    first = (x2 - a).pow(2).sum(1) < (x2 - b).pow(2).sum(1)
+    assert first.float().mean().item() == pytest.approx(0.5, abs=0.1)
+    assert (logits[first, 2] > logits[first, 4]).all() and (logits[~first, 4] > logits[~first, 2]).all()
+    centre_logits = torch.stack([a, b]) @ layer.router.gate.weight.detach().T
+    gap = centre_logits[:, 2] - centre_logits[:, 4]
+    assert gap[0] == pytest.approx(cfg.split_margin, abs=0.2) and gap[1] == pytest.approx(-cfg.split_margin, abs=0.2)
 
 
 def test_dynamic_experts_freeze_after_a_share_of_the_budget():
@@ -226,25 +260,30 @@ def test_dynamic_experts_freeze_after_a_share_of_the_budget():
     dyn = DynamicExperts(model, torch.optim.AdamW(model.parameters()),
                          DynamicExpertsConfig(every=10, min_experts=2, max_experts=6, freeze_after=0.5))
     idle = {"tokens_per_expert": torch.tensor([100.0, 0.0, 50, 50])}
-    dyn.observe([idle], 1.0)
+    dyn.observe([idle])
     assert not dyn.maybe_rescale(10, progress=0.5)  # frozen: the expert set stays
     assert model.moe_layers()[0].cfg.num_experts == 4
-    dyn.observe([idle], 1.0)
+    dyn.observe([idle])
     assert dyn.maybe_rescale(10, progress=0.4)  # before the freeze the idle expert goes
     assert model.moe_layers()[0].cfg.num_experts == 3
 
 
 def test_dynamic_mode_grows_and_shrinks_during_training():
+    from fulu_nas.bench_tasks import clusters_arch
+
+    # two experts for four planted domains: once attention carries the domain into the hidden
+    # states, each expert's tokens form two clusters of router inputs and the experts split
     task = small_clusters()
-    grow = clusters_model(task, num_experts=2, top_k=1)
-    cfg = DynamicExpertsConfig(every=10, min_experts=1, max_experts=6, plateau=10.0, grow_loss=0.0, freeze_after=1.0)
-    result = train(grow, task, TrainConfig(steps=40, dynamic_experts=cfg, **FAST))
+    torch.manual_seed(0)
+    grow = PiMoETransformer(clusters_arch(task, num_experts=2))
+    cfg = DynamicExpertsConfig(every=25, min_experts=1, max_experts=6, freeze_after=1.0)
+    result = train(grow, task, TrainConfig(steps=300, dynamic_experts=cfg, **{**FAST, "batch_size": 32}))
     assert grow.moe_layers()[0].cfg.num_experts > 2
-    assert result.expert_counts[-1][0] == grow.moe_layers()[0].cfg.num_experts
+    assert result.expert_counts[0] == [2] and result.expert_counts[-1][0] == grow.moe_layers()[0].cfg.num_experts
     # an expert the router never picks (a large negative bias) is removed
     shrink = clusters_model(task, num_experts=6, top_k=1, bias_update_rate=1e-9)
     shrink.moe_layers()[0].router.expert_bias[5] = -100.0
-    cfg = DynamicExpertsConfig(every=10, min_experts=2, max_experts=6, add_above=100.0, plateau=0.0, freeze_after=1.0)
+    cfg = DynamicExpertsConfig(every=10, min_experts=2, max_experts=6, add_above=100.0, freeze_after=1.0)
     train(shrink, task, TrainConfig(steps=20, dynamic_experts=cfg, **FAST))
     assert shrink.moe_layers()[0].cfg.num_experts < 6
     assert torch.isfinite(shrink(next(task.train_batches(2, 0)).tokens).logits).all()
