@@ -206,7 +206,7 @@ def test_a_callback_that_raises_stops_the_ranks_mid_run(tmp_path):
 
     from fulu_nas.models import ArchConfig
     from fulu_nas.moe import MoEConfig
-    from fulu_nas.search.ep_trial import train_expert_parallel
+    from fulu_nas.train_parallel import train_expert_parallel
 
     arch = ArchConfig(vocab_size=64, max_seq_len=16, num_layers=1, hidden_size=32, num_heads=2, dense_ffn_size=64,
                       num_classes=4, moe=MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=32, top_k=2))

@@ -15,14 +15,14 @@ expert weights. A forward pass:
 2. sorts the kept assignments by expert (stable: token order inside an expert);
 3. exchanges the per-expert counts first (one ``all_gather`` of a small vector that also carries
    the routing statistics; the split sizes are read on the host, the one sync of the pass);
-4. all-to-alls the rows (only the hidden states: the routing weight is applied on the token's own
-   rank, step 6, since an expert's output is linear in it);
-5. runs the local experts on the received rows with the same kernels as ``PiMoELayer`` (the
-   Triton experts read the rows through the regrouping permutation and write their outputs back
-   in received order; the grouped-GEMM path gathers in and scatters out with ``index_copy``, so
-   the backward has no accumulating scatter), then sends the results back with the inverse
-   all-to-all;
-6. weights each token's rows by its routing weights and sums them in fp32.
+4. all-to-alls the rows and, separately, their routing weights (a weight column would break the
+   rows' 16-byte alignment that the grouped GEMMs need);
+5. runs the local experts on the received rows with the same kernels as ``PiMoELayer``, the
+   weight applied where :meth:`GroupedExperts.forward_grouped` applies it (the Triton experts read
+   the rows through the regrouping permutation and write their outputs back in received order;
+   the grouped-GEMM path gathers in and scatters out with ``index_copy``, so the backward has no
+   accumulating scatter), then sends the results back with the inverse all-to-all;
+6. sums each token's rows with fp32 accumulation, as ``PiMoELayer`` does.
 
 The all-to-alls are autograd functions (the backward is the inverse all-to-all), so an expert
 receives the gradients of its rows from every rank. Replicated parameters receive local gradients;
@@ -77,6 +77,27 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group=Non
     """Send rows ``in_splits[s]`` of ``x`` to rank s, receive ``out_splits[s]`` rows from rank s
     (concatenated by source rank). Differentiable."""
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+class _SumSlots(torch.autograd.Function):
+    """``out[t] = sum_k y[row of slot t*K+k]`` (0 for a dropped slot) from the kept rows ``y_SD`` and
+    their flat slots, accumulated in fp32. The backward is one gather: each row's gradient is its
+    token's."""
+
+    @staticmethod
+    def forward(ctx, y_SD: Tensor, slot_S: Tensor, T: int, K: int) -> Tensor:
+        ctx.save_for_backward(slot_S)
+        ctx.K = K
+        full = slot_S.shape[0] == T * K  # every slot kept: each is written, no zeros needed
+        y_TKD = (y_SD.new_empty if full else y_SD.new_zeros)((T * K, y_SD.shape[1]))
+        y_TKD.index_copy_(0, slot_S, y_SD)
+        # torch's sum of a bf16/fp16 tensor accumulates in fp32 and rounds once, as PiMoELayer.
+        return y_TKD.view(T, K, -1).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor):
+        (slot_S,) = ctx.saved_tensors
+        return grad_TD[slot_S // ctx.K], None, None, None
 
 
 def shard_experts(experts: GroupedExperts, start: int, stop: int) -> GroupedExperts:
@@ -155,7 +176,7 @@ class ExpertParallelMoE(PiMoELayer):
         cfg = self.cfg
         x_TD, routing = self._route(x, token_ids)
         if cfg.token_choice:
-            token_S, counts_E, slot_S, dropped, active = self._dispatch_token_choice(routing)
+            token_S, weight_S, counts_E, slot_S, dropped, active = self._dispatch_token_choice(routing)
         else:
             token_S, weight_S, counts_E, dropped, active = self._dispatch_expert_choice(x_TD, routing)
         entropy = _entropy_sum(routing.probs_TE, x_TD) if with_stats else x_TD.new_zeros((), dtype=torch.float32)
@@ -166,21 +187,13 @@ class ExpertParallelMoE(PiMoELayer):
         gathered_PE4 = torch.stack(self._all_gather(local_E4))
         counts_PE = gathered_PE4[:, :cfg.num_experts].long().tolist()  # the one host sync
 
-        y_SD = self._exchange_and_compute(x_TD, token_S, counts_PE, impl or cfg.impl)
-        # The routing weight is applied here, on the token's rank (the expert's output is linear in
-        # it), so only the rows travel and the weight's gradient stays local.
-        if cfg.token_choice:
-            # Each token's K slots (dropped ones stay 0), weighted and summed in fp32 in slot order.
+        y_SD = self._exchange_and_compute(x_TD, token_S, weight_S, counts_PE, impl or cfg.impl)
+        if cfg.token_choice:  # each token's K slots (dropped ones 0), summed with fp32 accumulation
             T, K = routing.expert_TK.shape
-            y_TKD = y_SD.new_zeros((T * K, cfg.hidden_size)).index_copy_(0, slot_S, y_SD).view(T, K, -1)
-            w_TK = routing.weight_TK.float()
-            out_TD = y_TKD[:, 0].float() * w_TK[:, 0, None]
-            for k in range(1, K):
-                out_TD = out_TD + y_TKD[:, k].float() * w_TK[:, k, None]
-            out_TD = out_TD.to(x_TD.dtype)
+            out_TD = _SumSlots.apply(y_SD, slot_S, T, K)
         else:  # a token may be taken by several experts: accumulate in fp32
             out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device).index_add_(
-                0, token_S, y_SD.float() * weight_S.float()[:, None]).to(x_TD.dtype)
+                0, token_S, y_SD.float()).to(x_TD.dtype)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         if not with_stats:
@@ -188,7 +201,7 @@ class ExpertParallelMoE(PiMoELayer):
         return out_TD.view(x.shape), self._global_stats(routing, gathered_PE4)
 
     def _dispatch_token_choice(self, r: Routing):
-        """Kept assignments sorted by expert: token, per-expert counts, flat slot."""
+        """Kept assignments sorted by expert: token, weight, per-expert counts, flat slot."""
         E = self.cfg.num_experts
         T, K = r.expert_TK.shape
         expert_N = r.expert_TK.reshape(-1)
@@ -204,8 +217,9 @@ class ExpertParallelMoE(PiMoELayer):
         slot_S = order_N[keep_sorted_N]  # inactive (top-p) and dropped slots are not sent
         kept_E = torch.searchsorted(expert_N[slot_S], torch.arange(E + 1, device=expert_N.device))
         counts_E = kept_E[1:] - kept_E[:-1]  # the kept rows are sorted by expert
+        weight_S = r.weight_TK.reshape(-1)[slot_S]
         dropped = (active_sorted_N & ~keep_sorted_N).float().sum()
-        return slot_S // K, counts_E, slot_S, dropped, active_N.float().sum()
+        return slot_S // K, weight_S, counts_E, slot_S, dropped, active_N.float().sum()
 
     def _dispatch_expert_choice(self, x_TD: Tensor, r: Routing):
         """Expert choice is grouped by expert already: every expert takes C rows."""
@@ -217,14 +231,17 @@ class ExpertParallelMoE(PiMoELayer):
         untaken = (taken_T == 0).float().sum()
         return token_S, r.weight_EC.reshape(-1), counts_E, untaken, taken_T.new_tensor(float(x_TD.shape[0]))
 
-    def _exchange_and_compute(self, x_TD: Tensor, token_S: Tensor, counts_PE: list[list[int]], impl: str) -> Tensor:
-        """Send each row to its expert's rank, compute it there (unweighted), send the results
-        back: returns the S rows' expert outputs in ``token_S`` order."""
+    def _exchange_and_compute(self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, counts_PE: list[list[int]],
+                              impl: str) -> Tensor:
+        """Send each row and its routing weight to its expert's rank, compute it there, send the
+        weighted results back: returns the S rows' outputs in ``token_S`` order."""
         P, L, rank, D = self.world_size, self.local_experts, self.rank, self.cfg.hidden_size
         send_splits = [sum(counts_PE[rank][s * L:(s + 1) * L]) for s in range(P)]
         recv_PL = [counts_PE[s][rank * L:(rank + 1) * L] for s in range(P)]
         recv_splits = [sum(c) for c in recv_PL]
+        # Rows and weights travel separately: a weight column would break the rows' 16-byte alignment.
         recv_RD = all_to_all(x_TD[token_S], recv_splits, send_splits, self.group)
+        weight_R = all_to_all(weight_S.float(), recv_splits, send_splits, self.group)
 
         # Received rows come grouped by source rank, then local expert; the experts want them
         # grouped by local expert: order_R[n] is the received row that is expert row n.
@@ -235,33 +252,32 @@ class ExpertParallelMoE(PiMoELayer):
         order_R = torch.argsort(local_R.to(torch.int32), stable=True)
         R = recv_RD.shape[0]
         if R == 0:
-            # No rows for this rank's experts: compute one zero row (grouped GEMMs of no rows are
-            # not supported everywhere); it keeps the backward exchange in the graph and gives the
-            # idle experts exact zero gradients, as PiMoELayer does.
+            # No rows for this rank's experts: compute one zero-weight zero row (grouped GEMMs of
+            # no rows are not supported everywhere); it keeps the backward exchange in the graph
+            # and gives the idle experts exact zero gradients, as PiMoELayer does.
             recv_RD = torch.cat([recv_RD, recv_RD.new_zeros((1, D))])
+            weight_R = torch.cat([weight_R, weight_R.new_zeros(1)])
             order_R = torch.zeros(1, dtype=order_R.dtype, device=device)
             local_R = torch.full((1,), L - 1, dtype=local_R.dtype, device=device)
             counts_L[-1] += 1
-        y_RD = self._local_experts(recv_RD, order_R, local_R, counts_L, impl)
+        y_RD = self._local_experts(recv_RD, weight_R, order_R, local_R, counts_L, impl)
         return all_to_all(y_RD[:R], send_splits, recv_splits, self.group)
 
-    def _local_experts(self, recv_RD: Tensor, order_R: Tensor, local_R: Tensor, counts_L: list[int],
-                       impl: str) -> Tensor:
+    def _local_experts(self, recv_RD: Tensor, weight_R: Tensor, order_R: Tensor, local_R: Tensor,
+                       counts_L: list[int], impl: str) -> Tensor:
         """This rank's experts on the received rows (expert row n is received row ``order_R[n]``),
-        unweighted; returns the outputs in received order. The regrouping is a gather going in and
-        a scatter coming out (``index_copy``), so in the backward each is the other: no
-        accumulating scatter."""
-        device, n = recv_RD.device, recv_RD.shape[0]
-        ends_L = torch.tensor(counts_L, device=device).cumsum(0).to(torch.int32)
+        weighted; returns the outputs in received order. The regrouping is a gather going in and a
+        scatter coming out (``index_copy``), so in the backward each is the other: no accumulating
+        scatter."""
+        ends_L = torch.tensor(counts_L, device=recv_RD.device).cumsum(0).to(torch.int32)
         if self._triton_applies(recv_RD, impl):
             # The Triton experts read row order_R[n] and write its output back to row order_R[n].
-            ones = torch.ones(n, dtype=torch.float32, device=device)
-            return self._triton_experts(recv_RD, order_R, ones, ends_L, 1, True, True)
-        x_ND = recv_RD[order_R]
+            return self._triton_experts(recv_RD, order_R, weight_R, ends_L, 1, False, True)
+        x_ND, w_N = recv_RD[order_R], weight_R[order_R]
         if impl in ("sorted", "loop"):
-            y_ND = self.experts.forward_sorted(x_ND, torch.tensor(counts_L))
+            y_ND = self.experts.forward_sorted(x_ND, torch.tensor(counts_L)) * w_N[:, None].to(x_ND.dtype)
         else:
-            y_ND = self.experts.forward_grouped(x_ND, ends_L, local_R[order_R], None)
+            y_ND = self.experts.forward_grouped(x_ND, ends_L, local_R[order_R], w_N)
         return torch.empty_like(y_ND).index_copy_(0, order_R, y_ND)
 
     def _all_gather(self, t: Tensor) -> list[Tensor]:

@@ -252,9 +252,11 @@ moe_experts_train.register_autograd(_experts_backward, setup_context=_setup_cont
 ACT_BACKWARD_CONFIG = (16, 256, 4)
 
 
+@torch.library.custom_op("fulu_nas::moe_act_backward", mutates_args=())
 def launch_act_backward(dact_NF: Tensor, pre_NW: Tensor, weight: Tensor, order_N: Tensor, swiglu: bool,
                         weight_sorted: bool) -> tuple[Tensor, Tensor]:  # pragma: no cover
-    """``(d pre, d weight by sorted row)`` of ``act = act_fn(pre) * weight`` (see the kernel)."""
+    """``(d pre, d weight by sorted row)`` of ``act = act_fn(pre) * weight`` (see the kernel). A
+    custom op, so that torch.compile traces the backward around it."""
     N, F = dact_NF.shape
     dpre_NW = torch.empty_like(pre_NW)
     dweight_N = torch.empty((N,), dtype=torch.float32, device=dact_NF.device)
@@ -268,6 +270,11 @@ def launch_act_backward(dact_NF: Tensor, pre_NW: Tensor, weight: Tensor, order_N
         SWIGLU=swiglu, WEIGHT_SORTED=weight_sorted, BLOCK_R=br, BLOCK_F=_pow2_at_most(F, bf),
         num_warps=warps)
     return dpre_NW, dweight_N
+
+
+@launch_act_backward.register_fake
+def _(dact_NF, pre_NW, weight, order_N, swiglu, weight_sorted):
+    return torch.empty_like(pre_NW), dact_NF.new_empty((dact_NF.shape[0],), dtype=torch.float32)
 
 
 def topk_usable(scores_TE: Tensor, k: int) -> bool:

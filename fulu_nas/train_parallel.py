@@ -1,10 +1,11 @@
-"""A trial trained over P devices (``trainer.expert_parallel=P``): the parent side launches it, the
-rank side trains it.
+"""Training over P devices with expert parallelism (a search trial's ``trainer.expert_parallel=P``):
+the parent side launches it, the rank side trains it. Needs torch and safetensors only (no search
+dependencies), so it runs wherever the model trains.
 
-The objective calls :func:`train_expert_parallel`, which writes a spec (architecture, task,
+The search objective calls :func:`train_expert_parallel`, which writes a spec (architecture, task,
 training budget) to a scratch folder and runs::
 
-    python -m torch.distributed.run --standalone --nproc-per-node=P -m fulu_nas.search.ep_trial spec.json
+    python -m torch.distributed.run --standalone --nproc-per-node=P -m fulu_nas.train_parallel spec.json
 
 (torchrun: a free rendezvous port, and every rank is torn down when one fails). Each rank
 initialises the process group (NCCL with one GPU per local rank when the trainer's device is not
@@ -38,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from ..models import ArchConfig, PiMoETransformer
-from ..train import StepReport, StoppedByRankZero, TrainConfig, TrainingDiverged, TrainResult, resolve_device, train
+from .models import ArchConfig, PiMoETransformer
+from .train import StepReport, StoppedByRankZero, TrainConfig, TrainingDiverged, TrainResult, resolve_device, train
 
 
 class ExpertParallelTrialError(RuntimeError):
@@ -74,10 +75,10 @@ def train_expert_parallel(arch: ArchConfig, task_name: str, task_params: dict, c
         env = dict(os.environ)
         env["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // P))
         # the ranks run this very fulu_nas, whatever the interpreter's own path would find
-        root = str(Path(__file__).resolve().parents[2])
+        root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={P}",
-                   "-m", "fulu_nas.search.ep_trial", str(folder / "spec.json")]
+                   "-m", "fulu_nas.train_parallel", str(folder / "spec.json")]
         log_path = folder / "launch.log"
         reports = _ReportReader(folder / "reports.jsonl")
         history: list[StepReport] = []
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from safetensors.torch import save_model
 
-    from ..distributed import expert_parallel, gather_experts, init_from_env
-    from ..tasks import build_task
+    from .distributed import expert_parallel, gather_experts, init_from_env
+    from .tasks import build_task
 
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
