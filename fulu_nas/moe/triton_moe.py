@@ -200,50 +200,74 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _experts_backward(ctx, grad_out: Tensor, _grad_pre, _grad_act):  # pragma: no cover
-    """Gradients of x, the routing weights, w13, w2 (and the biases). The four GEMMs are
-    ``torch._grouped_mm`` (transposed weights for the data gradients; the weight gradients group
-    the reduction dimension by expert); the activation's backward and the weight gradient are one
-    Triton pass (:func:`fulu_nas.moe._triton_kernels.act_backward_kernel`); each token sums its
-    K rows' input gradients through the inverse permutation (no atomics) for token choice."""
+    x, order, weight, ends, w13, w2, b13, b2, pre, act = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    dx, dweight, dw13, dw2, db13, db2 = moe_experts_backward(
+        grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, ctx.k_slots, ctx.swiglu,
+        ctx.weight_sorted, ctx.combine, need_dx)
+    return (dx if need_dx else None, None, dweight, None, dw13, dw2, db13 if b13 is not None else None,
+            db2 if b2 is not None else None, None, None, None, None)
+
+
+# One opaque op for the whole backward: under torch.compile, inductor would otherwise be free to
+# lay out the transposed GEMM operands contiguously, which puts the per-expert row counts on a
+# contiguous dimension where grouped_mm needs them to be multiples of 16 bytes.
+@torch.library.custom_op("fulu_nas::moe_experts_backward", mutates_args=())
+def moe_experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Tensor, ends: Tensor, w13: Tensor,
+                         w2: Tensor, b13: Optional[Tensor], b2: Optional[Tensor], pre: Tensor,  # noqa: UP045
+                         act: Tensor, k_slots: int, swiglu: bool, weight_sorted: bool, combine: bool,
+                         need_dx: bool) -> list[Tensor]:  # pragma: no cover
+    """Gradients ``[dx, dweight, dw13, dw2, db13, db2]`` of :func:`moe_experts_train` (a missing bias
+    and an unneeded dx give empty tensors). The four GEMMs are ``torch._grouped_mm`` (transposed
+    weights for the data gradients; the weight gradients group the reduction dimension by
+    expert); the activation's backward and the routing-weight gradient are one Triton pass
+    (:func:`launch_act_backward`); for token choice each token sums its K rows' input gradients
+    through the inverse permutation (no atomics)."""
     from .experts import _grouped_mm
 
-    x, order, weight, ends, w13, w2, b13, b2, pre, act = ctx.saved_tensors
-    K, N, dtype = ctx.k_slots, order.shape[0], x.dtype
+    K, N, dtype = k_slots, order.shape[0], x.dtype
     token_N = order // K
     # out[t] sums the rows written to slots t*K..t*K+K-1: row n's output gradient is its token's.
-    dy_ND = (grad_out[token_N] if ctx.combine else grad_out).to(dtype).contiguous()
+    dy_ND = (grad_out[token_N] if combine else grad_out).to(dtype).contiguous()
     w13c, w2c = w13.to(dtype), w2.to(dtype)
     dact_NF = _grouped_mm(dy_ND, w2c.transpose(-2, -1), offs=ends)
-    dw2 = _grouped_mm(act.t(), dy_ND, offs=ends)
-    dpre_NW, dweight_N = launch_act_backward(dact_NF, pre, weight, order, ctx.swiglu, ctx.weight_sorted)
-    dw13 = _grouped_mm(x[token_N].t(), dpre_NW, offs=ends)
-    dx = None
-    if ctx.needs_input_grad[0]:
+    dw2 = _grouped_mm(act.t(), dy_ND, offs=ends).to(w2.dtype)
+    dpre_NW, dweight_N = launch_act_backward(dact_NF, pre, weight, order, swiglu, weight_sorted)
+    dw13 = _grouped_mm(x[token_N].t(), dpre_NW, offs=ends).to(w13.dtype)
+    dx = x.new_empty(0)
+    if need_dx:
         dx_ND = _grouped_mm(dpre_NW, w13c.transpose(-2, -1), offs=ends)
-        if ctx.combine:  # every slot holds one row: sum each token's K rows in fp32, in slot order
+        if combine:  # every slot holds one row: sum each token's K rows in fp32, in slot order
             inverse_TK = torch.empty_like(order).index_put_((order,), torch.arange(N, device=order.device)).view(-1, K)
-            dx = dx_ND[inverse_TK[:, 0]].float()
+            acc = dx_ND[inverse_TK[:, 0]].float()
             for k in range(1, K):
-                dx = dx + dx_ND[inverse_TK[:, k]].float()
+                acc = acc + dx_ND[inverse_TK[:, k]].float()
         else:  # expert choice: a token may be in several rows
-            dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_N, dx_ND.float())
-        dx = dx.to(dtype)
-    db13 = db2 = None
+            acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_N, dx_ND.float())
+        dx = acc.to(dtype)
+    db13, db2 = x.new_empty(0), x.new_empty(0)
     if b13 is not None or b2 is not None:
-        E = w13.shape[0]
         counts_E = torch.diff(ends, prepend=ends.new_zeros(1))
-        expert_N = torch.repeat_interleave(torch.arange(E, device=x.device), counts_E, output_size=N)
+        expert_N = torch.repeat_interleave(torch.arange(w13.shape[0], device=x.device), counts_E, output_size=N)
         if b13 is not None:
             db13 = torch.zeros(b13.shape, dtype=torch.float32, device=x.device).index_add_(
                 0, expert_N, dpre_NW.float()).to(b13.dtype)
         if b2 is not None:  # y = act @ w2 + b2 * weight
-            wt_N = weight if ctx.weight_sorted else weight[order]
+            wt_N = weight if weight_sorted else weight[order]
             db2 = torch.zeros(b2.shape, dtype=torch.float32, device=x.device).index_add_(
                 0, expert_N, dy_ND.float() * wt_N[:, None].float()).to(b2.dtype)
             dweight_N = dweight_N + (dy_ND.float() * b2.float()[expert_N]).sum(-1)
-    dweight = dweight_N if ctx.weight_sorted else torch.empty_like(dweight_N).index_put_((order,), dweight_N)
-    return (dx, None, dweight.to(weight.dtype), None, dw13.to(w13.dtype), dw2.to(w2.dtype),
-            db13, db2, None, None, None, None)
+    dweight = dweight_N if weight_sorted else torch.empty_like(dweight_N).index_put_((order,), dweight_N)
+    return [dx, dweight.to(weight.dtype), dw13, dw2, db13, db2]
+
+
+@moe_experts_backward.register_fake
+def _(grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, k_slots, swiglu, weight_sorted, combine,
+      need_dx):
+    def like(t):
+        return torch.empty_like(t) if t is not None else x.new_empty(0)
+
+    return [like(x) if need_dx else x.new_empty(0), like(weight), like(w13), like(w2), like(b13), like(b2)]
 
 
 moe_experts_train.register_autograd(_experts_backward, setup_context=_setup_context)
