@@ -39,7 +39,7 @@ def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
 
 
 # A path: (module, impl, how it runs). "compile" = torch.compile(fullgraph=True); "graphs" = the same
-# plus CUDA graphs (mode="reduce-overhead"), forward only. "grouped" is the layer's default (Triton
+# plus CUDA graphs (mode="reduce-overhead"). "grouped" is the layer's default (Triton
 # experts where preferred, else grouped_mm); "grouped_mm" and "triton" force one of them (triton
 # needs CUDA).
 PATHS = {
@@ -56,6 +56,8 @@ def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor
         call = torch.compile(call, fullgraph=True, dynamic=False, mode="reduce-overhead" if how == "graphs" else None)
 
     def forward():
+        if how == "graphs":  # a new step: cudagraph trees may reuse the previous step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         out = call(x)
         return out[0] if isinstance(out, tuple) else out
 
