@@ -50,8 +50,9 @@ PATHS = {
 }
 
 
-def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor, backward: bool):
-    call = module if impl is None else (lambda t: module(t, impl=impl))
+def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor, backward: bool,
+            with_stats: bool = True):
+    call = module if impl is None else (lambda t: module(t, impl=impl, with_stats=with_stats))
     if how != "eager":
         call = torch.compile(call, fullgraph=True, dynamic=False, mode="reduce-overhead" if how == "graphs" else None)
 
@@ -78,7 +79,7 @@ def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor
 
 def bench_layer(cfg: MoEConfig, tokens: list[int], device: torch.device, dtype: torch.dtype,
                 paths: tuple[str, ...] = ("grouped", "sorted", "loop"), min_run_time: float = 0.5,
-                seed: int = 0, backward: bool = False) -> list[dict]:
+                seed: int = 0, backward: bool = False, with_stats: bool = True) -> list[dict]:
     """tok/s of each path, and of the dense FFN run the same way (eager/compiled/graphed) as the
     ceiling, for each token count."""
     torch.manual_seed(seed)
@@ -91,7 +92,7 @@ def bench_layer(cfg: MoEConfig, tokens: list[int], device: torch.device, dtype: 
         row: dict = {"tokens": n}
         for path in paths:
             _, impl, how = PATHS[path]
-            row[path] = n / median_seconds(_runner(layer, impl, how, x, backward), min_run_time)
+            row[path] = n / median_seconds(_runner(layer, impl, how, x, backward, with_stats), min_run_time)
         for how in hows:
             row["dense" if how == "eager" else f"dense+{how}"] = n / median_seconds(
                 _runner(dense, None, how, x, backward), min_run_time)
@@ -125,8 +126,10 @@ def _layer_main(args: argparse.Namespace) -> int:
         if device.type != "cuda" or not triton_moe.HAS_TRITON:
             print("error: the triton paths need CUDA and triton", file=sys.stderr)
             return 2
-    rows = bench_layer(cfg, args.tokens, device, dtype, paths, args.min_run_time, backward=args.backward)
-    print(f"PiMoE layer {'forward + backward' if args.backward else 'forward'}, {device_name(device)}, "
+    rows = bench_layer(cfg, args.tokens, device, dtype, paths, args.min_run_time, backward=args.backward,
+                       with_stats=not args.no_stats)
+    print(f"PiMoE layer {'forward + backward' if args.backward else 'forward'}"
+          f"{', no statistics' if args.no_stats else ''}, {device_name(device)}, "
           f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}")
     print(f"hidden {cfg.hidden_size}, {cfg.num_experts} experts, FFN {cfg.expert_ffn_size} "
           f"({cfg.activation}), top-{cfg.top_k}, router {cfg.router}; dense = FFN of width "
@@ -252,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", nargs="+", choices=tuple(PATHS), default=["grouped", "sorted", "loop"],
                    help="compile/graphs variants are meant for CUDA")
     p.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
+    p.add_argument("--no-stats", action="store_true",
+                   help="the layer's inference call, layer(x, with_stats=False): no routing statistics")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per cell")
