@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     ids = torch.randint(0, 1 << 20, (args.tokens,), device=info.device)
     if not args.no_check:
         with torch.no_grad():
-            ref, _ = layer(x, token_ids=ids, impl="grouped_mm")
-            out, _ = ep(x, token_ids=ids)
+            ref, _ = layer(x, token_ids=ids, impl=args.impl)  # the same kernels: only the layout differs
+            out, _ = ep(x, token_ids=ids, impl=args.impl)
         err = torch.tensor((out.float() - ref.float()).abs().max().item(), device=info.device)
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
         if info.rank == 0:
