@@ -11,8 +11,9 @@ The forward path has static shapes and no host syncs (no ``.item()``, ``.tolist(
 Expert paths: ``grouped_mm`` gathers the rows into a sorted (N, D) buffer and runs
 ``torch._grouped_mm`` (CUTLASS on Hopper; any device, autograd). ``triton`` runs the experts as
 two Triton kernels that read tokens through the sort order and write outputs back in token
-order (:mod:`fulu_nas.moe.triton_moe`): CUDA and inference only; when a gradient is needed, or
-without CUDA/triton, it takes ``grouped_mm``. ``grouped`` (the default) picks per call:
+order (:mod:`fulu_nas.moe.triton_moe`; with a gradient, the training op that keeps the
+pre-activation for its backward): CUDA only; without CUDA/triton it takes ``grouped_mm``.
+``grouped`` (the default) picks per call:
 ``triton`` where it applies and was measured faster (:func:`prefer_triton`), else ``grouped_mm``.
 """
 
@@ -36,8 +37,10 @@ from .stats import load_statistics, router_entropy
 def prefer_triton(cfg: MoEConfig, num_tokens: int, x: Tensor) -> bool:
     """Whether ``impl="grouped"`` takes the Triton experts (given that they apply): where they
     were measured faster than ``torch._grouped_mm``. On H200 in bf16 that was every shape tried
-    (seed and fine-grained at 4,096 and 32,768 tokens, 256 experts, 1-64-token latency; see
-    BENCHMARKS.md); fp16 takes the same kernels. fp32 stays on grouped_mm (exact fp32 dots in
+    for inference (seed and fine-grained at 4,096 and 32,768 tokens, 256 experts, 1-64-token
+    latency; see BENCHMARKS.md) and for training at 32,768 tokens (seed, with torch.compile or CUDA
+    graphs; fine-grained, compiled; the eager seed step at 4,096 tokens is 6% slower, within the
+    launch overhead); fp16 takes the same kernels. fp32 stays on grouped_mm (exact fp32 dots in
     Triton are slow)."""
     return x.dtype in (torch.bfloat16, torch.float16)
 

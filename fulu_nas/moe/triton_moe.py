@@ -1,15 +1,17 @@
-"""Triton MoE experts for inference on CUDA: gather fused into the first grouped GEMM's loads,
-SwiGLU and the routing weight into its epilogue, the un-permute into the second's stores.
+"""Triton MoE experts on CUDA: gather fused into the first grouped GEMM's loads, SwiGLU and the
+routing weight into its epilogue, the un-permute into the second's stores.
 
 Depends on torch and the standard library: triton is imported only when a kernel first runs
 (:mod:`fulu_nas.moe._triton_kernels`), so this module imports anywhere and nothing changes on the
 CPU. The kernels are wrapped as ``torch.library`` custom ops (``fulu_nas::moe_experts``,
+``fulu_nas::moe_experts_train``, ``fulu_nas::moe_experts_backward``, ``fulu_nas::moe_act_backward``,
 ``fulu_nas::topk_indices``) with fake implementations, so ``torch.compile(fullgraph=True)`` keeps
 them in its graph and CUDA graphs capture them (no host syncs inside).
 
-Inference only: the experts op has no derivative. :class:`~fulu_nas.moe.PiMoELayer` takes it only
-when no gradient is needed (``torch.no_grad``/``inference_mode``, or nothing requires grad) and
-takes the ``torch._grouped_mm`` path for training. The top-k op returns indices only (no
+Inference takes ``moe_experts``. Training takes ``moe_experts_train``: the same kernels, the first
+one also storing the pre-activation (gate and up), with a registered backward
+(``moe_experts_backward``, one opaque op: four ``torch._grouped_mm`` GEMMs and one Triton pass for
+the activation's and the routing weight's gradients). The top-k op returns indices only (no
 gradient flows through a selection), so the routers use it in training too.
 
 Shape suffixes as in :mod:`fulu_nas.moe.layer`.
