@@ -263,3 +263,16 @@ def test_topk_uses_torch_on_the_cpu():
     scores = torch.randn(5, 8)
     assert not triton_moe.topk_usable(scores, 2) or triton_moe.INTERPRET
     torch.testing.assert_close(topk_indices(scores, 2), torch.topk(scores, 2).indices)
+
+
+def test_preference_follows_the_measurements():
+    """Inference in bf16/fp16 takes the Triton experts at any size; training from
+    TRITON_TRAINING_MIN_TOKENS tokens (measured slower at 4,096, faster at 32,768); fp32 never."""
+    from fulu_nas.moe.layer import TRITON_TRAINING_MIN_TOKENS
+
+    cfg = make_layer("topk").cfg
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    assert prefer_triton(cfg, 16, bf16) and prefer_triton(cfg, 32768, bf16)
+    assert not prefer_triton(cfg, 4096, bf16, training=True) and prefer_triton(cfg, 32768, bf16, training=True)
+    assert 4096 < TRITON_TRAINING_MIN_TOKENS <= 32768
+    assert not prefer_triton(cfg, 32768, fp32) and not prefer_triton(cfg, 32768, fp32, training=True)

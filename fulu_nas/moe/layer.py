@@ -33,15 +33,21 @@ from .routers import ScoreRouter, build_router
 from .routing import Routing
 from .stats import load_statistics, router_entropy
 
+# Training steps of fewer tokens take grouped_mm (see prefer_triton).
+TRITON_TRAINING_MIN_TOKENS = 16384
 
-def prefer_triton(cfg: MoEConfig, num_tokens: int, x: Tensor) -> bool:
+
+def prefer_triton(cfg: MoEConfig, num_tokens: int, x: Tensor, training: bool = False) -> bool:
     """Whether ``impl="grouped"`` takes the Triton experts (given that they apply): where they
     were measured faster than ``torch._grouped_mm``. On H200 in bf16 that was every shape tried
     for inference (seed and fine-grained at 4,096 and 32,768 tokens, 256 experts, 1-64-token
-    latency; see BENCHMARKS.md) and for training at 32,768 tokens (seed, with torch.compile or CUDA
-    graphs; fine-grained, compiled; the eager seed step at 4,096 tokens is 6% slower, within the
-    launch overhead); fp16 takes the same kernels. fp32 stays on grouped_mm (exact fp32 dots in
-    Triton are slow)."""
+    latency; see BENCHMARKS.md). For training (forward + backward) it was 32,768 tokens (seed:
+    eager, compiled and with CUDA graphs; fine-grained, compiled) but not 4,096 (seed: 6-16%
+    slower, more launches per step): training takes them from ``TRITON_TRAINING_MIN_TOKENS``
+    tokens, a threshold between the two measured sizes. fp16 takes the same kernels. fp32 stays
+    on grouped_mm (exact fp32 dots in Triton are slow)."""
+    if training and num_tokens < TRITON_TRAINING_MIN_TOKENS:
+        return False
     return x.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -95,12 +101,15 @@ class PiMoELayer(nn.Module):
         x_TD = x.reshape(-1, self.cfg.hidden_size)
         return x_TD, self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
 
+    def _needs_grad(self, x_TD: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters()))
+
     def _triton_applies(self, x_TD: Tensor, impl: str) -> bool:
         """The Triton experts for this call: ``impl`` asks for them (``triton``, or ``grouped`` where
         :func:`prefer_triton` says so) and they can run on the device."""
         if impl not in ("triton", "grouped") or not triton_moe.usable(x_TD):
             return False
-        return impl == "triton" or prefer_triton(self.cfg, x_TD.shape[0], x_TD)
+        return impl == "triton" or prefer_triton(self.cfg, x_TD.shape[0], x_TD, self._needs_grad(x_TD))
 
     def _triton_experts(self, x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, k_slots: int,
                         weight_sorted: bool, combine: bool) -> Tensor:
@@ -109,8 +118,7 @@ class PiMoELayer(nn.Module):
         e = self.experts
         args = (x_TD, order_N, weight.float().contiguous(), ends_E, e.w13_EDF2, e.w2_EFD, e.b13_EF2, e.b2_ED,
                 k_slots, e.activation == "swiglu", weight_sorted, combine)
-        if torch.is_grad_enabled() and (x_TD.requires_grad or weight.requires_grad
-                                        or any(p.requires_grad for p in e.parameters())):
+        if self._needs_grad(x_TD) or (torch.is_grad_enabled() and weight.requires_grad):
             return triton_moe.moe_experts_train(*args)[0]
         return triton_moe.moe_experts(*args)
 
