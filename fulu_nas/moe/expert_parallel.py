@@ -266,14 +266,17 @@ class ExpertParallelMoE(PiMoELayer):
     def _local_experts(self, recv_RD: Tensor, weight_R: Tensor, order_R: Tensor, local_R: Tensor,
                        counts_L: list[int], impl: str) -> Tensor:
         """This rank's experts on the received rows (expert row n is received row ``order_R[n]``),
-        weighted; returns the outputs in received order. The regrouping is a gather going in and a
-        scatter coming out (``index_copy``), so in the backward each is the other: no accumulating
-        scatter."""
+        weighted; returns the outputs in received order."""
         ends_L = torch.tensor(counts_L, device=recv_RD.device).cumsum(0).to(torch.int32)
         if self._triton_applies(recv_RD, impl):
             # The Triton experts read row order_R[n] and write its output back to row order_R[n].
             return self._triton_experts(recv_RD, order_R, weight_R, ends_L, 1, False, True)
-        x_ND, w_N = recv_RD[order_R], weight_R[order_R]
+        # Both regroupings are permutations written with index_copy, whose backward is a gather
+        # (indexing with order_R would have an accumulating scatter as its backward).
+        inverse_R = torch.empty_like(order_R).index_put_((order_R,), torch.arange(order_R.shape[0],
+                                                                                  device=order_R.device))
+        x_ND = torch.empty_like(recv_RD).index_copy_(0, inverse_R, recv_RD)
+        w_N = torch.empty_like(weight_R).index_copy_(0, inverse_R, weight_R)
         if impl in ("sorted", "loop"):
             y_ND = self.experts.forward_sorted(x_ND, torch.tensor(counts_L)) * w_N[:, None].to(x_ND.dtype)
         else:
