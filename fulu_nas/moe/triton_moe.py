@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .experts import _grouped_mm
+
 # FULU_NAS_TRITON=0 switches the Triton kernels off (the grouped_mm path and torch.topk: the code
 # before them, for before/after benchmarks in one run).
 HAS_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("FULU_NAS_TRITON", "1") != "0"
@@ -225,8 +227,6 @@ def moe_experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Ten
     expert); the activation's backward and the routing-weight gradient are one Triton pass
     (:func:`launch_act_backward`); for token choice each token sums its K rows' input gradients
     through the inverse permutation (no atomics)."""
-    from .experts import _grouped_mm
-
     K, N, dtype = k_slots, order.shape[0], x.dtype
     token_N = order // K
     # out[t] sums the rows written to slots t*K..t*K+K-1: row n's output gradient is its token's.
