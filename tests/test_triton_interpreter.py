@@ -83,6 +83,12 @@ layer = make_layer("topk", hidden_size=32, expert_ffn_size=48, num_experts=8, to
 x = torch.randn(41, 32)
 results["compiled"] = compare(run(layer, x, None, "triton", compiled=True), run(layer, x, None, "loop"))
 
+# The persistent form of the second GEMM (several tiles a program), with biases and idle experts.
+triton_moe.PERSISTENT_DOWN = (2, True)
+layer = make_layer("topk", hidden_size=32, expert_ffn_size=48, num_experts=32, top_k=2, expert_bias=True).train()
+results["persistent_down"] = compare(run(layer, x, None, "triton"), run(layer, x, None, "loop"))
+triton_moe.PERSISTENT_DOWN = None
+
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=0, world_size=1)
 layer = make_layer("topk", hidden_size=32, expert_ffn_size=48, num_experts=8, top_k=2).train()
@@ -105,7 +111,7 @@ def results() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", [*CASES, "compiled", "expert_parallel"])
+@pytest.mark.parametrize("name", [*CASES, "compiled", "persistent_down", "expert_parallel"])
 def test_triton_experts_equal_the_loop_forward_and_backward(results, name):
     """Output, input gradient and every parameter's gradient (router included, through the routing
     weights' gradient) of the Triton path equal the loop's in fp32."""

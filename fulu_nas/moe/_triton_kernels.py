@@ -124,21 +124,14 @@ def gather_up_kernel(  # pragma: no cover
 
 
 @triton.jit
-def down_scatter_kernel(  # pragma: no cover
-    h_ptr, order_ptr, weight_ptr, ends_ptr, w_ptr, b_ptr, out_ptr,
-    N, F, D, E,
+def _down_tile(  # pragma: no cover
+    h_ptr, order_ptr, weight_ptr, w_ptr, b_ptr, out_ptr, e, row0, row_end, pid_n, N, F, D,
     stride_hn, stride_we, stride_wf, stride_be, stride_on,
     HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr, WEIGHT_SORTED: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(D, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    e, row0, row_end = _expert_block(pid_m, ends_ptr, E, BLOCK_M, E_POW2)
-    if e >= E:
-        return
+    """One (row block, column block) tile of ``down_scatter_kernel``: rows [row0, row_end) of expert e."""
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     # Rows past the group read a valid row (clamped) and are never stored.
@@ -177,6 +170,59 @@ def down_scatter_kernel(  # pragma: no cover
         acc += wt[:, None] * bias[None, :]
     out_ptrs = out_ptr + dest[:, None] * stride_on + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def down_scatter_kernel(  # pragma: no cover
+    h_ptr, order_ptr, weight_ptr, ends_ptr, w_ptr, b_ptr, out_ptr,
+    N, F, D, E,
+    stride_hn, stride_we, stride_wf, stride_be, stride_on,
+    HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr, WEIGHT_SORTED: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(D, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    e, row0, row_end = _expert_block(pid_m, ends_ptr, E, BLOCK_M, E_POW2)
+    if e >= E:
+        return
+    _down_tile(h_ptr, order_ptr, weight_ptr, w_ptr, b_ptr, out_ptr, e, row0, row_end, pid_n, N, F, D,
+               stride_hn, stride_we, stride_wf, stride_be, stride_on, HAS_BIAS, SCATTER, WEIGHT_SORTED,
+               EVEN_K, EVEN_N, FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def down_scatter_persistent_kernel(  # pragma: no cover
+    h_ptr, order_ptr, weight_ptr, ends_ptr, w_ptr, b_ptr, out_ptr,
+    N, F, D, E,
+    stride_hn, stride_we, stride_wf, stride_be, stride_on,
+    HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr, WEIGHT_SORTED: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    """``down_scatter_kernel`` with a fixed number of programs, each looping over tiles, so the
+    compiler can pipeline the next tile's loads behind the current tile's (``FLATTEN``)."""
+    num_n = tl.cdiv(D, BLOCK_N)
+    idx = tl.arange(0, E_POW2)
+    valid = idx < E
+    ends = tl.load(ends_ptr + idx, mask=valid, other=0).to(tl.int32)
+    starts = tl.load(ends_ptr + idx - 1, mask=valid & (idx > 0), other=0).to(tl.int32)
+    blocks = tl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    cum = tl.cumsum(blocks, 0)
+    num_tiles = tl.sum(blocks, 0) * num_n
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+        pid_m = tile // num_n
+        pid_n = tile % num_n
+        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        first_block = tl.sum(tl.where(idx == e, cum - blocks, 0), 0)
+        row0 = tl.sum(tl.where(idx == e, starts, 0), 0) + (pid_m - first_block) * BLOCK_M
+        row_end = tl.sum(tl.where(idx == e, ends, 0), 0)
+        _down_tile(h_ptr, order_ptr, weight_ptr, w_ptr, b_ptr, out_ptr, e, row0, row_end, pid_n, N, F, D,
+                   stride_hn, stride_we, stride_wf, stride_be, stride_on, HAS_BIAS, SCATTER, WEIGHT_SORTED,
+                   EVEN_K, EVEN_N, FP32, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
