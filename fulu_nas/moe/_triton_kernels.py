@@ -31,19 +31,38 @@ import triton.language as tl
 
 
 @triton.jit
-def _expert_block(pid_m, ends_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):  # pragma: no cover
-    """(expert, first row, end row) of row block ``pid_m``; expert >= E means no work."""
+def _group_table(ends_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):  # pragma: no cover
+    """Per expert (lanes < E): its first row, end row, row blocks and cumulative row blocks."""
     idx = tl.arange(0, E_POW2)
     valid = idx < E
     ends = tl.load(ends_ptr + idx, mask=valid, other=0).to(tl.int32)
     starts = tl.load(ends_ptr + idx - 1, mask=valid & (idx > 0), other=0).to(tl.int32)
     blocks = tl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
-    cum = tl.cumsum(blocks, 0)
+    return starts, ends, blocks, tl.cumsum(blocks, 0)
+
+
+@triton.jit
+def _locate(pid_m, starts, ends, blocks, cum, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):  # pragma: no cover
+    """(expert, first row, end row) of row block ``pid_m`` in a :func:`_group_table`; expert >= E
+    means no work."""
+    idx = tl.arange(0, E_POW2)
     e = tl.sum((cum <= pid_m).to(tl.int32), 0)
     first_block = tl.sum(tl.where(idx == e, cum - blocks, 0), 0)
     start = tl.sum(tl.where(idx == e, starts, 0), 0)
     end = tl.sum(tl.where(idx == e, ends, 0), 0)
     return e, start + (pid_m - first_block) * BLOCK_M, end
+
+
+@triton.jit
+def _program_tile(ends_ptr, E, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # pragma: no cover
+                  E_POW2: tl.constexpr):
+    """This program's tile of a grouped GEMM with one tile a program: (expert, first row, end row,
+    column block); expert >= E means no work."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(num_cols, BLOCK_N)
+    starts, ends, blocks, cum = _group_table(ends_ptr, E, BLOCK_M, E_POW2)
+    e, row0, row_end = _locate(pid // num_n, starts, ends, blocks, cum, BLOCK_M, E_POW2)
+    return e, row0, row_end, pid % num_n
 
 
 @triton.jit
@@ -55,11 +74,7 @@ def gather_up_kernel(  # pragma: no cover
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(F, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    e, row0, row_end = _expert_block(pid_m, ends_ptr, E, BLOCK_M, E_POW2)
+    e, row0, row_end, pid_n = _program_tile(ends_ptr, E, F, BLOCK_M, BLOCK_N, E_POW2)
     if e >= E:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -180,49 +195,26 @@ def down_scatter_kernel(  # pragma: no cover
     HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr, WEIGHT_SORTED: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(D, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    e, row0, row_end = _expert_block(pid_m, ends_ptr, E, BLOCK_M, E_POW2)
-    if e >= E:
-        return
-    _down_tile(h_ptr, order_ptr, weight_ptr, w_ptr, b_ptr, out_ptr, e, row0, row_end, pid_n, N, F, D,
-               stride_hn, stride_we, stride_wf, stride_be, stride_on, HAS_BIAS, SCATTER, WEIGHT_SORTED,
-               EVEN_K, EVEN_N, FP32, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def down_scatter_persistent_kernel(  # pragma: no cover
-    h_ptr, order_ptr, weight_ptr, ends_ptr, w_ptr, b_ptr, out_ptr,
-    N, F, D, E,
-    stride_hn, stride_we, stride_wf, stride_be, stride_on,
-    HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr, WEIGHT_SORTED: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
 ):
-    """``down_scatter_kernel`` with a fixed number of programs, each looping over tiles, so the
-    compiler can pipeline the next tile's loads behind the current tile's (``FLATTEN``)."""
-    num_n = tl.cdiv(D, BLOCK_N)
-    idx = tl.arange(0, E_POW2)
-    valid = idx < E
-    ends = tl.load(ends_ptr + idx, mask=valid, other=0).to(tl.int32)
-    starts = tl.load(ends_ptr + idx - 1, mask=valid & (idx > 0), other=0).to(tl.int32)
-    blocks = tl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
-    cum = tl.cumsum(blocks, 0)
-    num_tiles = tl.sum(blocks, 0) * num_n
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
-        pid_m = tile // num_n
-        pid_n = tile % num_n
-        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
-        first_block = tl.sum(tl.where(idx == e, cum - blocks, 0), 0)
-        row0 = tl.sum(tl.where(idx == e, starts, 0), 0) + (pid_m - first_block) * BLOCK_M
-        row_end = tl.sum(tl.where(idx == e, ends, 0), 0)
-        _down_tile(h_ptr, order_ptr, weight_ptr, w_ptr, b_ptr, out_ptr, e, row0, row_end, pid_n, N, F, D,
-                   stride_hn, stride_we, stride_wf, stride_be, stride_on, HAS_BIAS, SCATTER, WEIGHT_SORTED,
-                   EVEN_K, EVEN_N, FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+    """One tile a program (``NUM_PROGRAMS`` 0), or persistent: ``NUM_PROGRAMS`` programs each
+    looping over tiles, so the compiler can pipeline the next tile's loads behind the current
+    tile's (``FLATTEN``)."""
+    if NUM_PROGRAMS == 0:
+        e, row0, row_end, pid_n = _program_tile(ends_ptr, E, D, BLOCK_M, BLOCK_N, E_POW2)
+        if e < E:
+            _down_tile(h_ptr, order_ptr, weight_ptr, w_ptr, b_ptr, out_ptr, e, row0, row_end, pid_n, N, F, D,
+                       stride_hn, stride_we, stride_wf, stride_be, stride_on, HAS_BIAS, SCATTER, WEIGHT_SORTED,
+                       EVEN_K, EVEN_N, FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        num_n = tl.cdiv(D, BLOCK_N)
+        starts, ends, blocks, cum = _group_table(ends_ptr, E, BLOCK_M, E_POW2)
+        num_tiles = tl.sum(blocks, 0) * num_n
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+            e, row0, row_end = _locate(tile // num_n, starts, ends, blocks, cum, BLOCK_M, E_POW2)
+            _down_tile(h_ptr, order_ptr, weight_ptr, w_ptr, b_ptr, out_ptr, e, row0, row_end, tile % num_n, N, F,
+                       D, stride_hn, stride_we, stride_wf, stride_be, stride_on, HAS_BIAS, SCATTER, WEIGHT_SORTED,
+                       EVEN_K, EVEN_N, FP32, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit

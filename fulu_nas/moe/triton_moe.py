@@ -159,11 +159,11 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
                 EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, FP32=fp32,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
     if PERSISTENT_DOWN is None:
-        kern.down_scatter_kernel[(tiles,)](*args, **meta)
+        kern.down_scatter_kernel[(tiles,)](*args, **meta, NUM_PROGRAMS=0, FLATTEN=False)
     else:
         per_sm, flatten = PERSISTENT_DOWN
         programs = min(tiles, per_sm * _multiprocessors(x_TD.device))
-        kern.down_scatter_persistent_kernel[(programs,)](*args, **meta, NUM_PROGRAMS=programs, FLATTEN=flatten)
+        kern.down_scatter_kernel[(programs,)](*args, **meta, NUM_PROGRAMS=programs, FLATTEN=flatten)
     if out is not y_ND:
         T = out.shape[0]
         bt, bd = SUM_CONFIG
