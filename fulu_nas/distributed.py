@@ -141,23 +141,19 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
     replicated gradient once (call :func:`average_replicated_gradients` first, so they agree on
     every rank) and every rank's expert shards. Returns the total norm (the same on every rank)."""
     shards = {id(p) for p in expert_shard_parameters(model)}
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
-    replicated_sq = torch.zeros((), dtype=torch.float32, device=device)
-    shard_sq = torch.zeros((), dtype=torch.float32, device=device)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().float().square().sum()
-        if id(p) in shards:
-            shard_sq += sq
-        else:
-            replicated_sq += sq
+    params = [p for p in model.parameters() if p.grad is not None]
+    device = params[0].grad.device if params else torch.device("cpu")
+
+    def norm(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), device=device)
+        return torch.nn.utils.get_total_norm([g.float() for g in grads]).to(device)
+
+    replicated = norm([p.grad for p in params if id(p) not in shards])
+    shard_sq = norm([p.grad for p in params if id(p) in shards]).square()
     dist.all_reduce(shard_sq, group=group)
-    total = (replicated_sq + shard_sq).sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
+    total = (replicated.square() + shard_sq).sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
 

@@ -133,6 +133,34 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
+class _OneProcess:
+    """What ``train`` does where distributed training needs collectives (:class:`_Ranks`), for a
+    single process."""
+
+    rank = 0
+    start = 0.0  # train's clock origin, set when the first step is about to run
+
+    def elapsed_before_step(self) -> float:
+        return time.perf_counter() - self.start
+
+    def elapsed_after_step(self, timed: bool) -> float:
+        return time.perf_counter() - self.start
+
+    def mean(self, loss: Tensor) -> float:
+        return loss.item()
+
+    def step_gradients(self, model: PiMoETransformer, grad_clip: float) -> None:
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+
+    def global_layers(self, layers: list[dict]) -> list[dict]:
+        return layers
+
+    def call_on_rank_zero(self, callback: Callable[[StepReport], None] | None, report: StepReport) -> None:
+        if callback is not None:
+            callback(report)
+
+
 class _Ranks:
     """The collectives distributed training needs (module doc); one instance per ``train`` call."""
 
@@ -145,13 +173,23 @@ class _Ranks:
                              f"layers (fulu_nas.distributed.expert_parallel(model) before train); MoE layers "
                              f"{not_ep} are not")
         self.rank, self.world_size, self.device = dist.get_rank(), dist.get_world_size(), device
+        self.start = 0.0  # train's clock origin, set when the first step is about to run
         self.elapsed = 0.0  # the slowest rank's clock at the end of the last step
 
     @staticmethod
-    def current(model: PiMoETransformer, device: torch.device) -> _Ranks | None:
+    def current(model: PiMoETransformer, device: torch.device) -> _Ranks | _OneProcess:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return None
+            return _OneProcess()
         return _Ranks(model, device)
+
+    def elapsed_before_step(self) -> float:
+        return self.elapsed
+
+    def elapsed_after_step(self, timed: bool) -> float:
+        """The slowest rank's clock (a collective, so only under a time budget: ``timed``)."""
+        if timed:
+            self.elapsed = self.slowest(time.perf_counter() - self.start)
+        return self.elapsed
 
     def mean(self, loss: Tensor) -> float:
         t = loss.detach().float().reshape(1).clone()
@@ -206,8 +244,8 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     """
     device = resolve_device(cfg.device)
     ranks = _Ranks.current(model, device)
-    rank = 0 if ranks is None else ranks.rank
-    if ranks is not None and cfg.dynamic_experts:
+    rank = ranks.rank
+    if isinstance(ranks, _Ranks) and cfg.dynamic_experts:
         raise ValueError("dynamic experts (growing/shrinking the expert count) are not supported in distributed "
                          "expert-parallel training; train on one device or drop trainer.dynamic_experts")
     torch.manual_seed(cfg.seed + rank)
@@ -219,11 +257,11 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     batches = task.train_batches(cfg.batch_size, seed=cfg.seed + rank)
     result = TrainResult(steps=0, seconds=0.0, final_loss=float("nan"), stop_reason="steps")
     first_loss = None
-    start = time.perf_counter()
+    start = ranks.start = time.perf_counter()
     bar = tqdm(total=cfg.steps, disable=not cfg.progress or rank != 0, desc="train", leave=False)
     try:
         for step in range(1, cfg.steps + 1):
-            elapsed = time.perf_counter() - start if ranks is None else ranks.elapsed
+            elapsed = ranks.elapsed_before_step()
             progress = step / cfg.steps
             if cfg.max_seconds:
                 progress = max(progress, elapsed / cfg.max_seconds)
@@ -236,7 +274,7 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
                 out = model(batch.tokens)
             loss = task_loss(out.logits, batch)
             # one sync per step: cheap next to the step, and catches NaN at once
-            value = loss.item() if ranks is None else ranks.mean(loss)
+            value = ranks.mean(loss)
             first_loss = value if first_loss is None else first_loss
             if not math.isfinite(value):
                 raise TrainingDiverged(step, value, "not finite")
@@ -245,10 +283,7 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
 
             optimizer.zero_grad(set_to_none=True)
             (loss + out.balance_loss).backward()
-            if ranks is not None:
-                ranks.step_gradients(model, cfg.grad_clip)
-            elif cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            ranks.step_gradients(model, cfg.grad_clip)
             optimizer.step()
             model.update_expert_biases(out.moe_stats)
             if dynamic is not None:
@@ -257,23 +292,14 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
 
             result.steps, result.final_loss = step, value
             bar.update(1)
-            if ranks is None:
-                last = step == cfg.steps or (cfg.max_seconds and time.perf_counter() - start >= cfg.max_seconds)
-            else:
-                if cfg.max_seconds:
-                    ranks.elapsed = ranks.slowest(time.perf_counter() - start)
-                last = step == cfg.steps or (cfg.max_seconds and ranks.elapsed >= cfg.max_seconds)
+            elapsed = ranks.elapsed_after_step(timed=bool(cfg.max_seconds))
+            last = step == cfg.steps or (cfg.max_seconds and elapsed >= cfg.max_seconds)
             if step % cfg.report_every == 0 or last:
-                layers = host_layer_stats(out.moe_stats)
-                if ranks is not None:
-                    layers = ranks.global_layers(layers)
+                layers = ranks.global_layers(host_layer_stats(out.moe_stats))
                 report = StepReport(step, value, lr, time.perf_counter() - start, layers)
                 result.history.append(report)
                 bar.set_postfix(loss=f"{value:.4f}", balance=f"{report.load_balance:.3f}")
-                if ranks is not None:
-                    ranks.call_on_rank_zero(callback, report)
-                elif callback is not None:
-                    callback(report)
+                ranks.call_on_rank_zero(callback, report)
             if last and step < cfg.steps:
                 result.stop_reason = "time"
                 break

@@ -68,8 +68,8 @@ class MoEConfig:
     Execution
         ``impl``: ``grouped`` (the fast path: ``triton`` where it applies and was measured faster,
         else ``grouped_mm``), ``grouped_mm`` (gather + ``torch._grouped_mm``; any device, autograd),
-        ``triton`` (Triton kernels with the gather and un-permute fused; CUDA inference only, else
-        ``grouped_mm``), ``sorted`` (sorted dispatch with a matmul per expert, syncs once per
+        ``triton`` (Triton kernels with the gather and un-permute fused, with a backward; CUDA
+        only, else ``grouped_mm``), ``sorted`` (sorted dispatch with a matmul per expert, syncs once per
         forward) or ``loop`` (per-expert masks, the test reference and benchmark baseline).
     """
 

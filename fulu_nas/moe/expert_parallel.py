@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .experts import GroupedExperts
+from .experts import GroupedExperts, inverse_permutation
 from .layer import PiMoELayer
 from .routing import Routing
 from .stats import load_statistics
@@ -273,8 +273,7 @@ class ExpertParallelMoE(PiMoELayer):
             return self._triton_experts(recv_RD, order_R, weight_R, ends_L, 1, False, True)
         # Both regroupings are permutations written with index_copy, whose backward is a gather
         # (indexing with order_R would have an accumulating scatter as its backward).
-        inverse_R = torch.empty_like(order_R).index_put_((order_R,), torch.arange(order_R.shape[0],
-                                                                                  device=order_R.device))
+        inverse_R = inverse_permutation(order_R)
         x_ND = torch.empty_like(recv_RD).index_copy_(0, inverse_R, recv_RD)
         w_N = torch.empty_like(weight_R).index_copy_(0, inverse_R, weight_R)
         if impl in ("sorted", "loop"):

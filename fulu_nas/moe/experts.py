@@ -57,6 +57,23 @@ def grouped_mm(x_ND: Tensor, w_EXY: Tensor, offsets_E: Tensor) -> Tensor:
     return _grouped_mm(x_ND, w_EXY.to(x_ND.dtype), offs=offsets_E)
 
 
+def inverse_permutation(order_N: Tensor) -> Tensor:
+    """``inverse[order[n]] = n`` for a permutation ``order`` of ``0..N-1``."""
+    return torch.empty_like(order_N).index_put_((order_N,), torch.arange(order_N.shape[0], device=order_N.device))
+
+
+def sum_slots(rows_ND: Tensor, order_N: Tensor, k: int) -> Tensor:
+    """Rows sorted by expert back to tokens: row n holds flat slot ``order[n]`` (token
+    ``order[n] // k``); each token's k rows are gathered through the inverse permutation and added
+    in fp32, in slot order (deterministic, no atomics; under torch.compile one pointwise kernel
+    with k coalesced row loads). Returns (N // k, D) in fp32."""
+    inverse_TK = inverse_permutation(order_N).view(-1, k)
+    out_TD = rows_ND[inverse_TK[:, 0]].float()
+    for j in range(1, k):
+        out_TD = out_TD + rows_ND[inverse_TK[:, j]].float()
+    return out_TD
+
+
 def activate(h_NF: Tensor, activation: str, scale_N1: Tensor | None = None) -> Tensor:
     """GELU(h) or SwiGLU (silu(gate) * up, gate and up side by side in h), times ``scale_N1``.
 

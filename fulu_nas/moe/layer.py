@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import triton_moe
 from .balancing import load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
-from .experts import GroupedExperts, SharedExperts
+from .experts import GroupedExperts, SharedExperts, sum_slots
 from .routers import ScoreRouter, build_router
 from .routing import Routing
 from .stats import load_statistics, router_entropy
@@ -118,7 +118,7 @@ class PiMoELayer(nn.Module):
         e = self.experts
         args = (x_TD, order_N, weight.float().contiguous(), ends_E, e.w13_EDF2, e.w2_EFD, e.b13_EF2, e.b2_ED,
                 k_slots, e.activation == "swiglu", weight_sorted, combine)
-        if self._needs_grad(x_TD) or (torch.is_grad_enabled() and weight.requires_grad):
+        if self._needs_grad(x_TD):  # the routing weights come from x and the router's parameters
             return triton_moe.moe_experts_train(*args)[0]
         return triton_moe.moe_experts(*args)
 
@@ -139,7 +139,6 @@ class PiMoELayer(nn.Module):
 
         # Stable sort keeps each expert's rows in token order (the capacity priority); int32 keys
         # sort faster. Group ends come from a binary search of the sorted ids (no atomics).
-        N = expert_N.shape[0]
         order_N = torch.argsort(expert_N.to(torch.int32), stable=True)
         expert_sorted_N = expert_N[order_N]
         ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=x_TD.device))
@@ -164,12 +163,7 @@ class PiMoELayer(nn.Module):
             weighted_ND = self.experts.forward_sorted(x_sorted_ND, rows_E) * w_sorted_N[:, None].to(x_TD.dtype)
         else:
             weighted_ND = self.experts.forward_grouped(x_sorted_ND, ends_E.to(torch.int32), expert_sorted_N, w_sorted_N)
-        # Un-permute: gather each token's K rows through the inverse permutation and add them
-        # (deterministic; under torch.compile one pointwise kernel with K coalesced row loads).
-        inverse_TK = torch.empty_like(order_N).index_put_((order_N,), torch.arange(N, device=x_TD.device)).view(T, K)
-        out_TD = weighted_ND[inverse_TK[:, 0]].float()
-        for k in range(1, K):
-            out_TD = out_TD + weighted_ND[inverse_TK[:, k]].float()
+        out_TD = sum_slots(weighted_ND, order_N, K)
         kept_before_N = F.pad(keep_sorted_N.long().cumsum(0), (1, 0))  # kept rows before position n
         counts_E = (kept_before_N[ends_E] - kept_before_N[starts_E]).float()
         return out_TD.to(x_TD.dtype), counts_E, self._dropped_share(active_sorted_N, keep_sorted_N)

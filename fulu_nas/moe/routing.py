@@ -79,9 +79,11 @@ def normalised_probs(scores_TE: Tensor, score_func: str) -> Tensor:
 
 def topk_indices(selection_TE: Tensor, k: int) -> Tensor:
     """Indices of the k largest selection scores per token, largest first. On CUDA a Triton
-    kernel (one pass over the scores; torch.topk over a few hundred experts is slower than the
-    whole router GEMM, see BENCHMARKS.md); indices carry no gradient, so training uses it too."""
-    if triton_moe.topk_usable(selection_TE, k) and triton_moe.prefer_topk(selection_TE, k):
+    kernel: one pass over the scores, faster than torch.topk at every shape measured (H200, fp32
+    scores; 16 or 32,768 tokens x 8, 128, 256 experts: 1.2-12x, e.g. 0.029 vs 0.234 ms at
+    32,768 x 128, k=8; torch.topk over a few hundred experts is slower than the whole router
+    GEMM). Indices carry no gradient, so training uses it too."""
+    if triton_moe.topk_usable(selection_TE, k):
         return triton_moe.topk_indices(selection_TE.detach().contiguous(), k)
     return torch.topk(selection_TE, k, dim=-1).indices
 

@@ -4,9 +4,9 @@ routing weight into its epilogue, the un-permute into the second's stores.
 Depends on torch and the standard library: triton is imported only when a kernel first runs
 (:mod:`fulu_nas.moe._triton_kernels`), so this module imports anywhere and nothing changes on the
 CPU. The kernels are wrapped as ``torch.library`` custom ops (``fulu_nas::moe_experts``,
-``fulu_nas::moe_experts_train``, ``fulu_nas::moe_experts_backward``, ``fulu_nas::moe_act_backward``,
-``fulu_nas::topk_indices``) with fake implementations, so ``torch.compile(fullgraph=True)`` keeps
-them in its graph and CUDA graphs capture them (no host syncs inside).
+``fulu_nas::moe_experts_train``, ``fulu_nas::moe_experts_backward``, ``fulu_nas::topk_indices``)
+with fake implementations, so ``torch.compile(fullgraph=True)`` keeps them in its graph and CUDA
+graphs capture them (no host syncs inside).
 
 Inference takes ``moe_experts``. Training takes ``moe_experts_train``: the same kernels, the first
 one also storing the pre-activation (gate and up), with a registered backward
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .experts import _grouped_mm
+from .experts import _grouped_mm, sum_slots
 
 # FULU_NAS_TRITON=0 switches the Triton kernels off (the grouped_mm path and torch.topk: the code
 # before them, for before/after benchmarks in one run).
@@ -254,11 +254,8 @@ def moe_experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Ten
     dx = x.new_empty(0)
     if need_dx:
         dx_ND = _grouped_mm(dpre_NW, w13c.transpose(-2, -1), offs=ends)
-        if combine:  # every slot holds one row: sum each token's K rows in fp32, in slot order
-            inverse_TK = torch.empty_like(order).index_put_((order,), torch.arange(N, device=order.device)).view(-1, K)
-            acc = dx_ND[inverse_TK[:, 0]].float()
-            for k in range(1, K):
-                acc = acc + dx_ND[inverse_TK[:, k]].float()
+        if combine:  # every slot holds one row: each token sums its K rows
+            acc = sum_slots(dx_ND, order, K)
         else:  # expert choice: a token may be in several rows
             acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_N, dx_ND.float())
         dx = acc.to(dtype)
@@ -293,11 +290,10 @@ moe_experts_train.register_autograd(_experts_backward, setup_context=_setup_cont
 ACT_BACKWARD_CONFIG = (16, 256, 4)
 
 
-@torch.library.custom_op("fulu_nas::moe_act_backward", mutates_args=())
 def launch_act_backward(dact_NF: Tensor, pre_NW: Tensor, weight: Tensor, order_N: Tensor, swiglu: bool,
                         weight_sorted: bool) -> tuple[Tensor, Tensor]:  # pragma: no cover
-    """``(d pre, d weight by sorted row)`` of ``act = act_fn(pre) * weight`` (see the kernel). A
-    custom op, so that torch.compile traces the backward around it."""
+    """``(d pre, d weight by sorted row)`` of ``act = act_fn(pre) * weight`` (see the kernel); runs
+    inside the opaque backward op."""
     N, F = dact_NF.shape
     dpre_NW = torch.empty_like(pre_NW)
     dweight_N = torch.empty((N,), dtype=torch.float32, device=dact_NF.device)
@@ -311,11 +307,6 @@ def launch_act_backward(dact_NF: Tensor, pre_NW: Tensor, weight: Tensor, order_N
         SWIGLU=swiglu, WEIGHT_SORTED=weight_sorted, BLOCK_R=br, BLOCK_F=_pow2_at_most(F, bf),
         num_warps=warps)
     return dpre_NW, dweight_N
-
-
-@launch_act_backward.register_fake
-def _(dact_NF, pre_NW, weight, order_N, swiglu, weight_sorted):
-    return torch.empty_like(pre_NW), dact_NF.new_empty((dact_NF.shape[0],), dtype=torch.float32)
 
 
 def topk_usable(scores_TE: Tensor, k: int) -> bool:
@@ -343,8 +334,3 @@ def _(scores, k):
     return scores.new_empty((scores.shape[0], k), dtype=torch.int64)
 
 
-def prefer_topk(scores_TE: Tensor, k: int) -> bool:
-    """Where the Triton top-k was measured faster than torch.topk: everywhere tried (H200, fp32
-    scores; 16 or 32,768 tokens x 8, 128, 256 experts: 1.2-12x, e.g. 0.029 vs 0.234 ms at
-    32,768 x 128, k=8)."""
-    return True
