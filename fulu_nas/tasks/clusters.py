@@ -41,6 +41,9 @@ from fulu_nas.tasks._common import (
 )
 from fulu_nas.tasks.base import IGNORE, NO_DOMAIN, Batch, Task
 
+# Class scores this close to the best count as tied (float64 sums of a few dozen weights).
+TIE_TOLERANCE = 1e-9
+
 
 class ClustersTask(Task):
     """Planted per-domain linear classifiers over running value counts; metric ``accuracy``."""
@@ -74,7 +77,11 @@ class ClustersTask(Task):
         """Class of each value token: domain ``domain_N[n]``'s classifier on the counts of
         ``values_NT[n, :t+1]`` (value indices in ``[0, values)``, not token ids)."""
         counts_NTM = F.one_hot(values_NT, self.values).to(torch.float64).cumsum(1)
-        return torch.einsum("ntm,ncm->ntc", counts_NTM, self.weights_KCM[domain_N]).argmax(-1)
+        scores_NTC = torch.einsum("ntm,ncm->ntc", counts_NTM, self.weights_KCM[domain_N])
+        # Ties go to the lowest class: equal counts of every value give every class the same score
+        # (each class's weights sum to zero), which rounding would otherwise break at random.
+        best_NT1 = scores_NTC.amax(-1, keepdim=True)
+        return (scores_NTC >= best_NT1 - TIE_TOLERANCE).long().argmax(-1)
 
     def _sample(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         k_N = torch.randint(self.num_domains, (n,), generator=g)
