@@ -38,10 +38,11 @@ def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
-# A path: (module, impl, how it runs). "compile" = torch.compile(fullgraph=True); "graphs" = the same
-# plus CUDA graphs (mode="reduce-overhead"). "grouped" is the layer's default (Triton
-# experts where preferred, else grouped_mm); "grouped_mm" and "triton" force one of them (triton
-# needs CUDA).
+# A path: (module, impl, how it runs). "compile" = torch.compile(fullgraph=True); "graphs" = the same,
+# then the whole call (forward, or forward and backward) captured in one CUDA graph and replayed:
+# the input is the graph's own buffer, as for a layer inside a captured model (no copy in, no host
+# work per call). "grouped" is the layer's default (Triton experts where preferred, else
+# grouped_mm); "grouped_mm" and "triton" force one of them (triton needs CUDA).
 PATHS = {
     "loop": ("moe", "loop", "eager"),
     "sorted": ("moe", "sorted", "eager"),
@@ -50,15 +51,28 @@ PATHS = {
 }
 
 
+def captured(step: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """``step`` (CUDA work without host syncs) captured in one CUDA graph after ``warmup`` calls on a
+    side stream (compilation, autotuning, allocator warm-up); returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor, backward: bool,
             with_stats: bool = True):
     call = module if impl is None else (lambda t: module(t, impl=impl, with_stats=with_stats))
     if how != "eager":
-        call = torch.compile(call, fullgraph=True, dynamic=False, mode="reduce-overhead" if how == "graphs" else None)
+        call = torch.compile(call, fullgraph=True, dynamic=False)
 
     def forward():
-        if how == "graphs":  # a new step: cudagraph trees may reuse the previous step's output memory
-            torch.compiler.cudagraph_mark_step_begin()
         out = call(x)
         return out[0] if isinstance(out, tuple) else out
 
@@ -66,15 +80,19 @@ def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor
         def run():
             with torch.inference_mode():
                 return forward()
-        return run
-    # The input needs its gradient too, as every MoE layer's input does inside a model.
-    x = x.detach().requires_grad_(True)
-    grad = torch.randn_like(x)
+    else:
+        # The input needs its gradient too, as every MoE layer's input does inside a model.
+        x = x.detach().requires_grad_(True)
+        grad = torch.randn_like(x)
+        params = [p for p in module.parameters() if p.requires_grad]
 
-    def run_backward():
-        forward().backward(grad)
-        x.grad = None
-    return run_backward
+        def run():
+            # Fresh gradients each step (inside a graph: allocated from its pool, rewritten by each replay).
+            x.grad = None
+            for p in params:
+                p.grad = None
+            forward().backward(grad)
+    return captured(run) if how == "graphs" else run
 
 
 def bench_layer(cfg: MoEConfig, tokens: list[int], device: torch.device, dtype: torch.dtype,
@@ -146,23 +164,18 @@ def graph_latency_ms(step: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
                      replays: int = 50) -> float:
     """Device time of one ``step`` (CUDA): ``repeat`` chained steps are captured in one CUDA graph,
     replayed, timed with CUDA events; the median per step. No Python or launch overhead."""
+    def chain():
+        y = x
+        for _ in range(repeat):
+            y = step(y)
+
     with torch.inference_mode():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                step(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = x
-            for _ in range(repeat):
-                y = step(y)
+        replay = captured(chain, warmup=1)
         times = []
         for _ in range(replays):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            graph.replay()
+            replay()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / repeat)

@@ -89,6 +89,17 @@ layer = make_layer("topk", hidden_size=32, expert_ffn_size=48, num_experts=32, t
 results["persistent_down"] = compare(run(layer, x, None, "triton"), run(layer, x, None, "loop"))
 triton_moe.PERSISTENT_DOWN = None
 
+# The second GEMM as torch._grouped_mm, rows in expert order, combined through the inverse
+# permutation: token choice (k = 2 with idle experts, k = 1) and expert choice.
+triton_moe.GROUPED_MM_SECOND = True
+for name, router, kw in (("grouped_mm_second", "topk", {"num_experts": 32}), ("grouped_mm_second_k1", "topk", {"top_k": 1, "renormalize": False}),
+                         ("grouped_mm_second_expert_choice", "expert_choice", {})):
+    args = dict(hidden_size=32, expert_ffn_size=48, num_experts=8, top_k=2)
+    args.update(kw)
+    layer = make_layer(router, **args).train()
+    results[name] = compare(run(layer, x, None, "triton"), run(layer, x, None, "loop"))
+triton_moe.GROUPED_MM_SECOND = None
+
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=0, world_size=1)
 layer = make_layer("topk", hidden_size=32, expert_ffn_size=48, num_experts=8, top_k=2).train()
@@ -111,7 +122,8 @@ def results() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", [*CASES, "compiled", "persistent_down", "expert_parallel"])
+@pytest.mark.parametrize("name", [*CASES, "compiled", "persistent_down", "grouped_mm_second", "grouped_mm_second_k1",
+                                  "grouped_mm_second_expert_choice", "expert_parallel"])
 def test_triton_experts_equal_the_loop_forward_and_backward(results, name):
     """Output, input gradient and every parameter's gradient (router included, through the routing
     weights' gradient) of the Triton path equal the loop's in fp32."""

@@ -74,6 +74,21 @@ def test_triton_matches_fp32_loop(router, option, shape):
 
 
 @needs_triton
+@pytest.mark.parametrize("grouped_mm_second", [True, False], ids=["grouped_mm", "triton"])
+@pytest.mark.parametrize(("router", "top_k"), [("topk", 2), ("topk", 1), ("expert_choice", 2)])
+def test_both_second_gemms_match_the_loop(monkeypatch, grouped_mm_second, router, top_k):
+    """The second GEMM as torch._grouped_mm (rows in expert order, gathered by the combine) and as
+    the Triton kernel (rows written to slot order) both equal the fp32 loop; 64 experts for 300
+    tokens, so group sizes vary and some may be empty."""
+    monkeypatch.setattr(triton_moe, "GROUPED_MM_SECOND", grouped_mm_second)
+    fast, ref = bf16_and_reference(router, hidden_size=256, expert_ffn_size=128, num_experts=64, top_k=top_k,
+                                   renormalize=False)
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    out, expected, _ = run_pair(fast, ref, x)
+    assert relative_error(out, expected) < 1e-2
+
+
+@needs_triton
 @pytest.mark.parametrize("router", ROUTERS)
 def test_experts_without_tokens(router):
     """64 experts, 5 tokens: most groups are empty (and, for expert choice, capacity 1)."""

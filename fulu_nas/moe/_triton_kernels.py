@@ -10,9 +10,11 @@ flat expert ids): sorted row n is flat slot ``order_N[n]`` = token ``order_N[n] 
   SwiGLU's gate and up halves are two accumulators of one program, so the (N, 2F) pre-activation
   never reaches memory in inference (training stores it for the backward: ``STORE_PRE``).
 - ``down_scatter_kernel``: ``y[order[n]] = act[n] @ w2[e] + b2[e] * weight[n]``: the output rows are
-  written in token-slot order, so the combine is a contiguous sum over K (``sum_slots_kernel``,
-  fp32, deterministic; torch's reduction over the middle dimension took 0.20 ms where this reads
-  the same 512 MB in about 0.13, fine-grained config at 32,768 tokens).
+  written in token-slot order, so the combine is a contiguous sum over K.
+- ``sum_slots_kernel``: each token's K rows summed in fp32 (deterministic), read in slot order or
+  gathered through the inverse permutation (after a ``torch._grouped_mm`` second GEMM, which
+  writes rows in expert order); torch's reduction over the middle dimension took 0.20 ms where
+  this reads the same 512 MB in about 0.14 (fine-grained config, 32,768 tokens).
 - ``act_backward_kernel``: the activation's and routing weight's backward in one pass over the rows
   (training): from ``d act`` and the stored pre-activation, ``d pre`` and each row's ``d weight``
   (a full row per program, so the weight gradient is summed without atomics: deterministic).
@@ -218,16 +220,22 @@ def down_scatter_kernel(  # pragma: no cover
 
 
 @triton.jit
-def sum_slots_kernel(y_ptr, out_ptr, T, D, K: tl.constexpr,  # pragma: no cover
+def sum_slots_kernel(y_ptr, row_ptr, out_ptr, T, D, K: tl.constexpr, GATHER: tl.constexpr,  # pragma: no cover
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``out[t] = sum_k y[t*K + k]`` in fp32 (the combine after ``down_scatter_kernel``)."""
+    """``out[t] = sum_k y[r(t*K + k)]`` in fp32, in slot order: the combine after the second GEMM.
+    ``r`` is the identity (rows already in slot order, ``down_scatter_kernel``), or with ``GATHER``
+    the slot's row ``row_ptr[t*K + k]`` (rows in expert order: the inverse permutation)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (rows < T)[:, None] & (cols < D)[None, :]
-    base = y_ptr + rows.to(tl.int64)[:, None] * (K * D) + cols[None, :]
+    rmask = rows < T
+    mask = rmask[:, None] & (cols < D)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for k in tl.static_range(K):
-        acc += tl.load(base + k * D, mask=mask, other=0.0).to(tl.float32)
+        if GATHER:
+            src = tl.load(row_ptr + rows * K + k, mask=rmask, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64) * K + k
+        acc += tl.load(y_ptr + src[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .experts import GroupedExperts, inverse_permutation
+from .experts import GroupedExperts, inverse_permutation, sort_by_expert
 from .layer import PiMoELayer
 from .routing import Routing
 from .stats import load_statistics
@@ -206,7 +206,7 @@ class ExpertParallelMoE(PiMoELayer):
         T, K = r.expert_TK.shape
         expert_N = r.expert_TK.reshape(-1)
         active_N = r.active_TK.reshape(-1)
-        order_N = torch.argsort(expert_N.to(torch.int32), stable=True)
+        order_N = sort_by_expert(expert_N, E)
         expert_sorted_N = expert_N[order_N]
         active_sorted_N = active_N[order_N]
         keep_sorted_N = active_sorted_N
@@ -249,7 +249,7 @@ class ExpertParallelMoE(PiMoELayer):
         counts_L = [sum(recv_PL[s][e] for s in range(P)) for e in range(L)]
         local_R = torch.repeat_interleave(torch.arange(L, device=device).repeat(P),
                                           torch.tensor([c for row in recv_PL for c in row], device=device))
-        order_R = torch.argsort(local_R.to(torch.int32), stable=True)
+        order_R = sort_by_expert(local_R, L)
         R = recv_RD.shape[0]
         if R == 0:
             # No rows for this rank's experts: compute one zero-weight zero row (grouped GEMMs of

@@ -57,6 +57,14 @@ def grouped_mm(x_ND: Tensor, w_EXY: Tensor, offsets_E: Tensor) -> Tensor:
     return _grouped_mm(x_ND, w_EXY.to(x_ND.dtype), offs=offsets_E)
 
 
+def sort_by_expert(expert_N: Tensor, num_experts: int) -> Tensor:
+    """The stable argsort of the expert ids (each expert's rows stay in slot order: the capacity
+    priority). The keys take the narrowest integer type that holds them: the GPU radix sort makes
+    one pass per key byte (H200, 262,144 keys: uint8 0.024 ms, int16 0.033, int32 0.051)."""
+    key = torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 2**15 else torch.int32
+    return torch.argsort(expert_N.to(key), stable=True)
+
+
 def inverse_permutation(order_N: Tensor) -> Tensor:
     """``inverse[order[n]] = n`` for a permutation ``order`` of ``0..N-1``."""
     return torch.empty_like(order_N).index_put_((order_N,), torch.arange(order_N.shape[0], device=order_N.device))

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import triton_moe
 from .balancing import load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
-from .experts import GroupedExperts, SharedExperts, sum_slots
+from .experts import GroupedExperts, SharedExperts, sort_by_expert, sum_slots
 from .routers import ScoreRouter, build_router
 from .routing import Routing
 from .stats import load_statistics, router_entropy
@@ -137,9 +137,8 @@ class PiMoELayer(nn.Module):
             counts_E = torch.zeros(E, device=x_TD.device).index_add_(0, expert_N, keep_N.float())
             return out_TD, counts_E, self._dropped_share(active_N, keep_N)
 
-        # Stable sort keeps each expert's rows in token order (the capacity priority); int32 keys
-        # sort faster. Group ends come from a binary search of the sorted ids (no atomics).
-        order_N = torch.argsort(expert_N.to(torch.int32), stable=True)
+        # Group ends come from a binary search of the sorted ids (no atomics).
+        order_N = sort_by_expert(expert_N, E)
         expert_sorted_N = expert_N[order_N]
         ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=x_TD.device))
         starts_E = F.pad(ends_E[:-1], (1, 0))
