@@ -92,7 +92,8 @@ triton_moe.PERSISTENT_DOWN = None
 # The second GEMM as torch._grouped_mm, rows in expert order, combined through the inverse
 # permutation: token choice (k = 2 with idle experts, k = 1) and expert choice.
 triton_moe.GROUPED_MM_SECOND = True
-for name, router, kw in (("grouped_mm_second", "topk", {"num_experts": 32}), ("grouped_mm_second_k1", "topk", {"top_k": 1, "renormalize": False}),
+for name, router, kw in (("grouped_mm_second", "topk", {"num_experts": 32}),
+                         ("grouped_mm_second_k1", "topk", {"top_k": 1, "renormalize": False}),
                          ("grouped_mm_second_expert_choice", "expert_choice", {})):
     args = dict(hidden_size=32, expert_ffn_size=48, num_experts=8, top_k=2)
     args.update(kw)
