@@ -141,14 +141,17 @@ def gather_up_kernel(  # pragma: no cover
 
 
 @triton.jit
-def _down_tile(  # pragma: no cover
-    h_ptr, order_ptr, weight_ptr, w_ptr, b_ptr, out_ptr, e, row0, row_end, pid_n, N, F, D,
+def down_scatter_kernel(  # pragma: no cover
+    h_ptr, order_ptr, weight_ptr, ends_ptr, w_ptr, b_ptr, out_ptr,
+    N, F, D, E,
     stride_hn, stride_we, stride_wf, stride_be, stride_on,
     HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr, WEIGHT_SORTED: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
 ):
-    """One (row block, column block) tile of ``down_scatter_kernel``: rows [row0, row_end) of expert e."""
+    e, row0, row_end, pid_n = _program_tile(ends_ptr, E, D, BLOCK_M, BLOCK_N, E_POW2)
+    if e >= E:
+        return
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     # Rows past the group read a valid row (clamped) and are never stored.
@@ -187,36 +190,6 @@ def _down_tile(  # pragma: no cover
         acc += wt[:, None] * bias[None, :]
     out_ptrs = out_ptr + dest[:, None] * stride_on + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def down_scatter_kernel(  # pragma: no cover
-    h_ptr, order_ptr, weight_ptr, ends_ptr, w_ptr, b_ptr, out_ptr,
-    N, F, D, E,
-    stride_hn, stride_we, stride_wf, stride_be, stride_on,
-    HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr, WEIGHT_SORTED: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
-):
-    """One tile a program (``NUM_PROGRAMS`` 0), or persistent: ``NUM_PROGRAMS`` programs each
-    looping over tiles, so the compiler can pipeline the next tile's loads behind the current
-    tile's (``FLATTEN``)."""
-    if NUM_PROGRAMS == 0:
-        e, row0, row_end, pid_n = _program_tile(ends_ptr, E, D, BLOCK_M, BLOCK_N, E_POW2)
-        if e < E:
-            _down_tile(h_ptr, order_ptr, weight_ptr, w_ptr, b_ptr, out_ptr, e, row0, row_end, pid_n, N, F, D,
-                       stride_hn, stride_we, stride_wf, stride_be, stride_on, HAS_BIAS, SCATTER, WEIGHT_SORTED,
-                       EVEN_K, EVEN_N, FP32, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        num_n = tl.cdiv(D, BLOCK_N)
-        starts, ends, blocks, cum = _group_table(ends_ptr, E, BLOCK_M, E_POW2)
-        num_tiles = tl.sum(blocks, 0) * num_n
-        for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
-            e, row0, row_end = _locate(tile // num_n, starts, ends, blocks, cum, BLOCK_M, E_POW2)
-            _down_tile(h_ptr, order_ptr, weight_ptr, w_ptr, b_ptr, out_ptr, e, row0, row_end, tile % num_n, N, F,
-                       D, stride_hn, stride_we, stride_wf, stride_be, stride_on, HAS_BIAS, SCATTER, WEIGHT_SORTED,
-                       EVEN_K, EVEN_N, FP32, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit

@@ -10,9 +10,10 @@ The forward path has static shapes and no host syncs (no ``.item()``, ``.tolist(
 
 Expert paths: ``grouped_mm`` gathers the rows into a sorted (N, D) buffer and runs
 ``torch._grouped_mm`` (CUTLASS on Hopper; any device, autograd). ``triton`` runs the experts as
-two Triton kernels that read tokens through the sort order and write outputs back in token
-order (:mod:`fulu_nas.moe.triton_moe`; with a gradient, the training op that keeps the
-pre-activation for its backward): CUDA only; without CUDA/triton it takes ``grouped_mm``.
+Triton kernels that read tokens through the sort order and write outputs back in token order
+(for large groups the second GEMM is ``torch._grouped_mm`` and the slot sum gathers its rows;
+:mod:`fulu_nas.moe.triton_moe`; with a gradient, the training op that keeps the pre-activation
+for its backward): CUDA only; without CUDA/triton it takes ``grouped_mm``.
 ``grouped`` (the default) picks per call:
 ``triton`` where it applies and was measured faster (:func:`prefer_triton`), else ``grouped_mm``.
 """

@@ -1,5 +1,6 @@
 """Triton MoE experts on CUDA: gather fused into the first grouped GEMM's loads, SwiGLU and the
-routing weight into its epilogue, the un-permute into the second's stores.
+routing weight into its epilogue, the un-permute into the second's stores (or, for large groups,
+the second GEMM as ``torch._grouped_mm`` and the un-permute into the slot sum's loads).
 
 Depends on torch and the standard library: triton is imported only when a kernel first runs
 (:mod:`fulu_nas.moe._triton_kernels`), so this module imports anywhere and nothing changes on the
@@ -97,19 +98,6 @@ def down_config(n_rows: int, experts: int, ffn: int, hidden: int) -> tuple[int, 
 # Overrides for experiments (benchmark sweeps): None, or a 5-tuple as above.
 UP_CONFIG: tuple | None = None
 DOWN_CONFIG: tuple | None = None
-# The second GEMM as a persistent kernel: None (one tile per program), or (programs per
-# multiprocessor, flatten the tile and reduction loops so the compiler pipelines the next tile's
-# loads behind the current one). Measured on H200, 32,768 tokens, device time: fine-grained (FFN
-# 256) 1.3245 -> 1.3088 ms with (3, True) (1-3 programs within 0.1%; unflattened 1.318); seed (FFN
-# 2048) 0.97-0.99 -> 0.992 ms. Off by default: checked against the default kernel on that one
-# shape on the GPU (identical outputs) and in the interpreter tests, not yet through the GPU suite.
-PERSISTENT_DOWN: tuple | None = None
-
-
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 # Override of second_gemm_by_grouped_mm (tests, sweeps): None, True or False.
 GROUPED_MM_SECOND: bool | None = None
 
@@ -186,18 +174,13 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
     # Rows written in slot order: each token's rows are contiguous (with one slot, they are out).
     y_ND = torch.empty((N, D), dtype=dtype, device=x_TD.device) if combine and k_slots > 1 else out
     bm, bn, bk, warps, stages = DOWN_CONFIG or down_config(N, E, F, D)
-    tiles = (_cdiv(N, bm) + E) * _cdiv(D, bn)  # an upper bound: the group ends are on the device
-    args = (act_NF, order_N, weight, ends_E, w2, b2 if b2 is not None else w2, y_ND, N, F, D, E,
-            act_NF.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, y_ND.stride(0))
-    meta = dict(HAS_BIAS=b2 is not None, SCATTER=combine, WEIGHT_SORTED=weight_sorted,
-                EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, FP32=fp32,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
-    if PERSISTENT_DOWN is None:
-        kern.down_scatter_kernel[(tiles,)](*args, **meta, NUM_PROGRAMS=0, FLATTEN=False)
-    else:
-        per_sm, flatten = PERSISTENT_DOWN
-        programs = min(tiles, per_sm * _multiprocessors(x_TD.device))
-        kern.down_scatter_kernel[(programs,)](*args, **meta, NUM_PROGRAMS=programs, FLATTEN=flatten)
+    grid = ((_cdiv(N, bm) + E) * _cdiv(D, bn),)  # an upper bound: the group ends are on the device
+    kern.down_scatter_kernel[grid](
+        act_NF, order_N, weight, ends_E, w2, b2 if b2 is not None else w2, y_ND, N, F, D, E,
+        act_NF.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, y_ND.stride(0),
+        HAS_BIAS=b2 is not None, SCATTER=combine, WEIGHT_SORTED=weight_sorted,
+        EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, FP32=fp32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
     if y_ND is not out:
         _sum_slots(y_ND, None, out, k_slots)
     return (out, pre_NW, act_NF) if save_for_backward else out
