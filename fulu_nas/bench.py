@@ -138,6 +138,9 @@ def _layer_main(args: argparse.Namespace) -> int:
     cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
                     top_k=args.top_k, router=args.router, activation=args.activation)
     paths = tuple(args.paths)
+    if device.type != "cuda" and any(PATHS[p][2] == "graphs" for p in paths):
+        print("error: the +graphs paths need CUDA (they capture CUDA graphs)", file=sys.stderr)
+        return 2
     if any(PATHS[p][1] == "triton" for p in paths):
         from .moe import triton_moe
 

@@ -26,6 +26,11 @@ def test_bench_refuses_an_impossible_layer(capsys):
     assert "hidden_size" in capsys.readouterr().err
 
 
+def test_bench_refuses_cuda_graphs_without_cuda(capsys):
+    assert bench.main(["layer", "--device", "cpu", "--paths", "grouped+graphs", "--min-run-time", "0.01"]) == 2
+    assert "+graphs paths need CUDA" in capsys.readouterr().err
+
+
 def test_cli_dispatches_and_rejects_unknown_commands(capsys):
     assert cli.main(["--help"]) == 0
     assert "bench" in capsys.readouterr().out

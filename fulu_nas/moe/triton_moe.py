@@ -100,6 +100,7 @@ UP_CONFIG: tuple | None = None
 DOWN_CONFIG: tuple | None = None
 # Override of second_gemm_by_grouped_mm (tests, sweeps): None, True or False.
 GROUPED_MM_SECOND: bool | None = None
+GROUPED_MM_SECOND_MIN_ROWS_PER_EXPERT = 2048
 
 
 def second_gemm_by_grouped_mm(act_NF: Tensor, w2_EFD: Tensor, b2_ED: Tensor | None) -> bool:
@@ -121,9 +122,6 @@ def second_gemm_by_grouped_mm(act_NF: Tensor, w2_EFD: Tensor, b2_ED: Tensor | No
     return (act_NF.is_cuda and act_NF.dtype == torch.bfloat16 and F % 8 == 0 and D % 8 == 0
             and act_NF.shape[0] >= GROUPED_MM_SECOND_MIN_ROWS_PER_EXPERT * E
             and torch.cuda.get_device_capability(act_NF.device) >= (9, 0))
-
-
-GROUPED_MM_SECOND_MIN_ROWS_PER_EXPERT = 2048
 
 
 def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, w13_EDW: Tensor,
