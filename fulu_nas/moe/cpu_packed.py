@@ -53,19 +53,22 @@ class PackedExperts:
     """Per expert, ``w13`` and ``w2`` transposed to (out, in) and packed for oneDNN."""
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
+        self._packed_from: tuple = ()  # (weak reference, storage, version) of each weight packed
         self.w13: list[Tensor] = []
         self.w2: list[Tensor] = []
 
     def refresh(self, experts: GroupedExperts) -> None:
         weights = (experts.w13_EDF2, experts.w2_EFD)
-        key = tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in weights)
-        if key == self._key:
+        # The same tensor objects (a replaced parameter may reuse a freed address), the same
+        # storage (``module.to`` swaps ``.data``) and no in-place change since.
+        if len(self._packed_from) == len(weights) and all(
+                ref() is w and ptr == w.data_ptr() and version == w._version
+                for (ref, ptr, version), w in zip(self._packed_from, weights, strict=True)):
             return
         with torch.no_grad():
             self.w13, self.w2 = ([torch.ops.mkldnn._reorder_linear_weight(w[e].t().contiguous(), _BATCH_HINT)
                                   for e in range(w.shape[0])] for w in weights)
-        self._key = key
+        self._packed_from = tuple((weakref.ref(w), w.data_ptr(), w._version) for w in weights)
 
 
 _PACKED: weakref.WeakKeyDictionary[GroupedExperts, PackedExperts] = weakref.WeakKeyDictionary()
