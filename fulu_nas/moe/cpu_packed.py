@@ -13,7 +13,8 @@ The packed copy is kept per :class:`~fulu_nas.moe.experts.GroupedExperts` module
 it never travels with the module's state, copies or pickles) and is rebuilt when a weight is
 replaced or changed in place through autograd-visible operations (an optimizer step,
 ``load_state_dict``): it is keyed on each weight's storage and version counter. Writes through
-``.data`` bypass the version counter and are not seen.
+``.data`` bypass the version counter and are not seen. The copy costs the expert weights' size
+once more, for as long as the module lives.
 
 Shape suffixes as in :mod:`fulu_nas.moe.layer`.
 """
