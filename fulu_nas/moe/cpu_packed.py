@@ -51,7 +51,7 @@ def _linear(x_ND: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class PackedExperts:
-    """Per expert, ``w13`` and ``w2`` transposed to (out, in) and packed for oneDNN."""
+    """Per expert, ``w13`` and ``w2`` transposed to (out, in), in fp32, packed for oneDNN."""
 
     def __init__(self) -> None:
         self._packed_from: tuple = ()  # (weak reference, storage, version) of each weight packed
@@ -67,7 +67,7 @@ class PackedExperts:
                 for (ref, ptr, version), w in zip(self._packed_from, weights, strict=True)):
             return
         with torch.no_grad():
-            self.w13, self.w2 = ([torch.ops.mkldnn._reorder_linear_weight(w[e].t().contiguous(), _BATCH_HINT)
+            self.w13, self.w2 = ([torch.ops.mkldnn._reorder_linear_weight(w[e].t().float().contiguous(), _BATCH_HINT)
                                   for e in range(w.shape[0])] for w in weights)
         self._packed_from = tuple((weakref.ref(w), w.data_ptr(), w._version) for w in weights)
 
@@ -85,7 +85,7 @@ def forward_packed(experts: GroupedExperts, x_ND: Tensor, counts: list[int], wei
     for e, (x_e, w_e) in enumerate(zip(x_ND.split(counts), weight_N.split(counts), strict=True)):
         if x_e.shape[0] == 0:
             continue
-        h = _linear(x_e, packed.w13[e], b13[e] if b13 is not None else None)
+        h = _linear(x_e, packed.w13[e], b13[e].float() if b13 is not None else None)
         y = _linear(activate(h, experts.activation, scale_N1=w_e[:, None]), packed.w2[e], None)
         if b2 is not None:
             y = y + b2[e] * w_e[:, None]
