@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fulu_nas.moe import cpu_packed
+from fulu_nas.moe import GroupedExperts, cpu_packed
 
 from .helpers import make_layer
 
@@ -24,13 +24,13 @@ OPTIONS = {
 def packed_calls(monkeypatch) -> list[int]:
     """How many times the packed experts ran (rows per call)."""
     calls: list[int] = []
-    original = cpu_packed.forward_packed
+    original = GroupedExperts._forward_packed
 
     def spy(experts, x_ND, counts, weight_N):
         calls.append(x_ND.shape[0])
         return original(experts, x_ND, counts, weight_N)
 
-    monkeypatch.setattr(cpu_packed, "forward_packed", spy)
+    monkeypatch.setattr(GroupedExperts, "_forward_packed", spy)
     return calls
 
 

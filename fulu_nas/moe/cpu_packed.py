@@ -9,7 +9,9 @@ uses. Measured on the 2-core CI machine (seed config, 8 experts, fp32, experts o
 6.0 ms against 14.2 ms for the loop layer; 64 tokens 11.0 against 21.0 ms for plain matmuls; 256
 tokens 31.9 against 45.0; 1,024 tokens 121.7 against 142.0.
 
-The packed copy is kept per :class:`~fulu_nas.moe.experts.GroupedExperts` module (in a weak map, so
+:meth:`GroupedExperts.forward_grouped <fulu_nas.moe.experts.GroupedExperts.forward_grouped>` takes
+this path where it applies, so every caller of the grouped experts gets it. The packed copy is kept
+per :class:`~fulu_nas.moe.experts.GroupedExperts` module (in a weak map, so
 it never travels with the module's state, copies or pickles) and is rebuilt when a weight is
 replaced or changed in place through autograd-visible operations (an optimizer step,
 ``load_state_dict``): it is keyed on each weight's storage and version counter. Writes through
@@ -26,8 +28,6 @@ import weakref
 import torch
 from torch import Tensor
 
-from .experts import GroupedExperts, activate
-
 # The row count oneDNN is told to expect when it picks the blocked layout (any count works).
 _BATCH_HINT = 16
 
@@ -39,27 +39,29 @@ def available() -> bool:
             and hasattr(mkldnn, "_linear_pointwise"))
 
 
-def applies(x_TD: Tensor, needs_grad: bool) -> bool:
+def applies(x_ND: Tensor, needs_grad: bool) -> bool:
     """fp32 inference on the CPU, run eagerly (the per-expert row counts are read on the host, so
     not under torch.compile or torch.export)."""
-    return (x_TD.device.type == "cpu" and x_TD.dtype == torch.float32 and not needs_grad
+    return (x_ND.device.type == "cpu" and x_ND.dtype == torch.float32 and not needs_grad
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and available())
 
 
-def _linear(x_ND: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+def linear(x_ND: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ W^T + bias`` with ``W`` packed by :class:`PackedExperts`."""
     return torch.ops.mkldnn._linear_pointwise(x_ND, packed, bias, "none", [None], "")
 
 
 class PackedExperts:
-    """Per expert, ``w13`` and ``w2`` transposed to (out, in), in fp32, packed for oneDNN."""
+    """Per expert, two stacked weights (E, in, out) transposed to (out, in), in fp32, packed for
+    oneDNN."""
 
     def __init__(self) -> None:
         self._packed_from: tuple = ()  # (weak reference, storage, version) of each weight packed
         self.w13: list[Tensor] = []
         self.w2: list[Tensor] = []
 
-    def refresh(self, experts: GroupedExperts) -> None:
-        weights = (experts.w13_EDF2, experts.w2_EFD)
+    def refresh(self, w13_EDW: Tensor, w2_EFD: Tensor) -> None:
+        weights = (w13_EDW, w2_EFD)
         # The same tensor objects (a replaced parameter may reuse a freed address), the same
         # storage (``module.to`` swaps ``.data``) and no in-place change since.
         if len(self._packed_from) == len(weights) and all(
@@ -72,22 +74,11 @@ class PackedExperts:
         self._packed_from = tuple((weakref.ref(w), w.data_ptr(), w._version) for w in weights)
 
 
-_PACKED: weakref.WeakKeyDictionary[GroupedExperts, PackedExperts] = weakref.WeakKeyDictionary()
+_PACKED: weakref.WeakKeyDictionary[object, PackedExperts] = weakref.WeakKeyDictionary()
 
 
-def forward_packed(experts: GroupedExperts, x_ND: Tensor, counts: list[int], weight_N: Tensor) -> Tensor:
-    """:meth:`GroupedExperts.forward_grouped` on the CPU: rows sorted by expert, ``counts`` rows per
-    expert, each output row scaled by its routing weight."""
-    packed = _PACKED.setdefault(experts, PackedExperts())
-    packed.refresh(experts)
-    b13, b2 = experts.b13_EF2, experts.b2_ED
-    outs = []
-    for e, (x_e, w_e) in enumerate(zip(x_ND.split(counts), weight_N.split(counts), strict=True)):
-        if x_e.shape[0] == 0:
-            continue
-        h = _linear(x_e, packed.w13[e], b13[e].float() if b13 is not None else None)
-        y = _linear(activate(h, experts.activation, scale_N1=w_e[:, None]), packed.w2[e], None)
-        if b2 is not None:
-            y = y + b2[e] * w_e[:, None]
-        outs.append(y)
-    return torch.cat(outs) if outs else x_ND.new_zeros((0, experts.w2_EFD.shape[2]))
+def packed_weights(owner: object, w13_EDW: Tensor, w2_EFD: Tensor) -> PackedExperts:
+    """The packed copy of ``owner``'s expert weights, packed again if they changed."""
+    packed = _PACKED.setdefault(owner, PackedExperts())
+    packed.refresh(w13_EDW, w2_EFD)
+    return packed

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_packed
 from .config import MoEConfig
 
 # torch >= 2.10 exposes the public op; older releases only the private one (same semantics).
@@ -143,7 +144,11 @@ class GroupedExperts(nn.Module):
         """Rows sorted by expert (``offsets_E``: int32 cumulative counts), each output row scaled by
         its routing weight (``None``: unweighted). No host sync. The weight multiplies the
         activation (before the down projection, which is linear), where it fuses with the
-        activation's elementwise pass."""
+        activation's elementwise pass. fp32 inference on the CPU runs through oneDNN with the
+        weights packed once (:mod:`fulu_nas.moe.cpu_packed`; the counts are read there, in host
+        memory)."""
+        if cpu_packed.applies(x_ND, self._needs_grad(x_ND, weight_N)):
+            return self._forward_packed(x_ND, torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist(), weight_N)
         h = grouped_mm(x_ND, self.w13_EDF2, offsets_E)
         if self.b13_EF2 is not None:
             h = h + self.b13_EF2.to(h.dtype)[expert_N]
@@ -153,6 +158,26 @@ class GroupedExperts(nn.Module):
             b2 = self.b2_ED.to(y.dtype)[expert_N]
             y = y + (b2 if w_N1 is None else b2 * w_N1)
         return y
+
+    def _needs_grad(self, x_ND: Tensor, weight_N: Tensor | None) -> bool:
+        return torch.is_grad_enabled() and (x_ND.requires_grad or (weight_N is not None and weight_N.requires_grad)
+                                            or any(p.requires_grad for p in self.parameters()))
+
+    def _forward_packed(self, x_ND: Tensor, counts: list[int], weight_N: Tensor | None) -> Tensor:
+        """:meth:`forward_grouped` through oneDNN with prepacked weights, one expert at a time."""
+        packed = cpu_packed.packed_weights(self, self.w13_EDF2, self.w2_EFD)
+        weights = weight_N.split(counts) if weight_N is not None else [None] * len(counts)
+        outs = []
+        for e, (x_e, w_e) in enumerate(zip(x_ND.split(counts), weights, strict=True)):
+            if x_e.shape[0] == 0:
+                continue
+            w_e1 = None if w_e is None else w_e[:, None]
+            h = cpu_packed.linear(x_e, packed.w13[e], self.b13_EF2[e].float() if self.b13_EF2 is not None else None)
+            y = cpu_packed.linear(activate(h, self.activation, scale_N1=w_e1), packed.w2[e], None)
+            if self.b2_ED is not None:
+                y = y + (self.b2_ED[e] if w_e1 is None else self.b2_ED[e] * w_e1)
+            outs.append(y)
+        return torch.cat(outs) if outs else x_ND.new_zeros((0, self.w2_EFD.shape[2]))
 
     def forward_sorted(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """Rows sorted by expert, one matmul pair per expert (reads the counts on the host)."""

@@ -16,8 +16,8 @@ Triton kernels that read tokens through the sort order and write outputs back in
 for its backward): CUDA only; without CUDA/triton it takes ``grouped_mm``.
 ``grouped`` (the default) picks per call:
 ``triton`` where it applies and was measured faster (:func:`prefer_triton`), else ``grouped_mm``;
-fp32 inference on the CPU runs the experts through oneDNN with weights packed once
-(:mod:`fulu_nas.moe.cpu_packed`; it reads the per-expert counts on the host, so eagerly only).
+in fp32 inference on the CPU the grouped experts run through oneDNN with weights packed once
+(:meth:`GroupedExperts.forward_grouped`, :mod:`fulu_nas.moe.cpu_packed`; eagerly only).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_packed, triton_moe
+from . import triton_moe
 from .balancing import load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
 from .experts import GroupedExperts, SharedExperts, sort_by_expert, sum_slots
@@ -163,8 +163,6 @@ class PiMoELayer(nn.Module):
         if impl == "sorted":
             rows_E = ends_E - starts_E
             weighted_ND = self.experts.forward_sorted(x_sorted_ND, rows_E) * w_sorted_N[:, None].to(x_TD.dtype)
-        elif impl == "grouped" and cpu_packed.applies(x_TD, self._needs_grad(x_TD)):
-            weighted_ND = cpu_packed.forward_packed(self.experts, x_sorted_ND, (ends_E - starts_E).tolist(), w_sorted_N)
         else:
             weighted_ND = self.experts.forward_grouped(x_sorted_ND, ends_E.to(torch.int32), expert_sorted_N, w_sorted_N)
         out_TD = sum_slots(weighted_ND, order_N, K)
@@ -210,8 +208,6 @@ class PiMoELayer(nn.Module):
             elif impl == "sorted":
                 x_sorted_ND = x_TD[token_N]
                 y_ND = self.experts.forward_sorted(x_sorted_ND, torch.full((E,), C)) * weight_N[:, None].to(x_TD.dtype)
-            elif impl == "grouped" and cpu_packed.applies(x_TD, self._needs_grad(x_TD)):
-                y_ND = cpu_packed.forward_packed(self.experts, x_TD[token_N], [C] * E, weight_N)
             else:
                 x_sorted_ND = x_TD[token_N]
                 offsets_E = torch.arange(1, E + 1, device=x_TD.device, dtype=torch.int32) * C

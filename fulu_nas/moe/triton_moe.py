@@ -144,8 +144,8 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
     b2 = b2_ED.contiguous() if b2_ED is not None else None
     act_NF = torch.empty((N, F), dtype=dtype, device=x_TD.device)
     pre_NW = torch.empty((N, w13.shape[2] if save_for_backward else 0), dtype=dtype, device=x_TD.device)
-    out = torch.empty((N // k_slots if combine else N, D), dtype=dtype, device=x_TD.device)
     if N == 0:
+        out = torch.empty((0, D), dtype=dtype, device=x_TD.device)
         return (out, pre_NW, act_NF) if save_for_backward else out
     e_pow2 = max(2, kern.next_power_of_2(E))
     fp32 = dtype == torch.float32
@@ -163,35 +163,33 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
 
     if second_gemm_by_grouped_mm(act_NF, w2, b2):
         y_ND = _grouped_mm(act_NF, w2, offs=ends_E)  # rows in expert order
-        if not combine:
-            out = y_ND
-        else:
-            _sum_slots(y_ND, inverse_permutation(order_N), out, k_slots)
-        return (out, pre_NW, act_NF) if save_for_backward else out
-
-    # Rows written in slot order: each token's rows are contiguous (with one slot, they are out).
-    y_ND = torch.empty((N, D), dtype=dtype, device=x_TD.device) if combine and k_slots > 1 else out
-    bm, bn, bk, warps, stages = DOWN_CONFIG or down_config(N, E, F, D)
-    grid = ((_cdiv(N, bm) + E) * _cdiv(D, bn),)  # an upper bound: the group ends are on the device
-    kern.down_scatter_kernel[grid](
-        act_NF, order_N, weight, ends_E, w2, b2 if b2 is not None else w2, y_ND, N, F, D, E,
-        act_NF.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, y_ND.stride(0),
-        HAS_BIAS=b2 is not None, SCATTER=combine, WEIGHT_SORTED=weight_sorted,
-        EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, FP32=fp32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
-    if y_ND is not out:
-        _sum_slots(y_ND, None, out, k_slots)
+        out = _sum_slots(y_ND, inverse_permutation(order_N), k_slots) if combine else y_ND
+    else:
+        # Rows written in slot order: each token's rows are contiguous (one slot: that is the output).
+        y_ND = torch.empty((N, D), dtype=dtype, device=x_TD.device)
+        bm, bn, bk, warps, stages = DOWN_CONFIG or down_config(N, E, F, D)
+        grid = ((_cdiv(N, bm) + E) * _cdiv(D, bn),)  # an upper bound: the group ends are on the device
+        kern.down_scatter_kernel[grid](
+            act_NF, order_N, weight, ends_E, w2, b2 if b2 is not None else w2, y_ND, N, F, D, E,
+            act_NF.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, y_ND.stride(0),
+            HAS_BIAS=b2 is not None, SCATTER=combine, WEIGHT_SORTED=weight_sorted,
+            EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, FP32=fp32,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
+        out = _sum_slots(y_ND, None, k_slots) if combine and k_slots > 1 else y_ND
     return (out, pre_NW, act_NF) if save_for_backward else out
 
 
-def _sum_slots(y_ND: Tensor, row_N: Tensor | None, out: Tensor, k_slots: int) -> None:  # pragma: no cover
-    """``out[t] = sum_k y[row(t*k_slots + k)]`` in fp32: rows in slot order (``row_N`` None), or
-    gathered through ``row_N`` (the inverse permutation of the sort)."""
-    T, D = out.shape
+def _sum_slots(y_ND: Tensor, row_N: Tensor | None, k_slots: int) -> Tensor:  # pragma: no cover
+    """``out[t] = sum_k y[row(t*k_slots + k)]`` in fp32, returned in ``y``'s dtype: rows in slot
+    order (``row_N`` None), or gathered through ``row_N`` (the inverse permutation of the sort)."""
+    N, D = y_ND.shape
+    T = N // k_slots
+    out = y_ND.new_empty((T, D))
     bt, bd = SUM_CONFIG
     _kernels().sum_slots_kernel[(_cdiv(T, bt), _cdiv(D, bd))](
         y_ND, row_N if row_N is not None else y_ND, out, T, D, K=k_slots, GATHER=row_N is not None,
         BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+    return out
 
 
 # (BLOCK_T, BLOCK_D) of the combine.
