@@ -34,8 +34,10 @@ def device_name(device: torch.device) -> str:
 
 
 def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
-    """Median wall time of ``fn()`` after torch.utils.benchmark's own warm-up."""
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    """Median wall time of ``fn()`` after torch.utils.benchmark's own warm-up, with torch's whole
+    intra-op thread pool (the Timer's default is one thread, which would time a 1-core CPU)."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 # A path: (module, impl, how it runs). "compile" = torch.compile(fullgraph=True); "graphs" = the same,
