@@ -26,9 +26,9 @@ def packed_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = GroupedExperts._forward_packed
 
-    def spy(experts, x_ND, counts, weight_N):
+    def spy(experts, x_ND, counts, expert_N, weight_N):
         calls.append(x_ND.shape[0])
-        return original(experts, x_ND, counts, weight_N)
+        return original(experts, x_ND, counts, expert_N, weight_N)
 
     monkeypatch.setattr(GroupedExperts, "_forward_packed", spy)
     return calls
@@ -88,3 +88,13 @@ def test_packed_path_only_for_fp32_inference_on_the_cpu():
     assert not cpu_packed.applies(x.double(), needs_grad=False)
     assert not cpu_packed.applies(x.bfloat16(), needs_grad=False)
 
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
+def test_packed_linear_equals_the_product(rows):
+    """Few rows are padded for oneDNN's faster kernel; the result has exactly the rows given."""
+    w_OI, b_O, x_NI = torch.randn(48, 32), torch.randn(48), torch.randn(rows, 32)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w_OI, 16)
+    out = cpu_packed.linear(x_NI, packed, b_O)
+    assert out.shape == (rows, 48)
+    torch.testing.assert_close(out, x_NI @ w_OI.T + b_O, rtol=1e-5, atol=1e-5)
