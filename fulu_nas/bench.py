@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 from collections.abc import Callable
 
@@ -99,9 +100,12 @@ def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor
 
 def bench_layer(cfg: MoEConfig, tokens: list[int], device: torch.device, dtype: torch.dtype,
                 paths: tuple[str, ...] = ("grouped", "sorted", "loop"), min_run_time: float = 0.5,
-                seed: int = 0, backward: bool = False, with_stats: bool = True) -> list[dict]:
+                seed: int = 0, backward: bool = False, with_stats: bool = True, rounds: int = 1) -> list[dict]:
     """tok/s of each path, and of the dense FFN run the same way (eager/compiled/graphed) as the
-    ceiling, for each token count."""
+    ceiling, for each token count. With ``rounds`` > 1 every path is timed once per round, the
+    paths taking turns, and each figure is the median over the rounds: on shared machines the speed
+    drifts by tens of percent within a minute, and taking turns puts the drift into every path
+    alike instead of into the ratios between them."""
     torch.manual_seed(seed)
     layer = PiMoELayer(cfg).to(device=device, dtype=dtype).eval()
     dense = FeedForward(cfg.hidden_size, cfg.top_k * cfg.expert_ffn_size, cfg.activation).to(device=device, dtype=dtype)
@@ -109,14 +113,14 @@ def bench_layer(cfg: MoEConfig, tokens: list[int], device: torch.device, dtype: 
     rows = []
     for n in tokens:
         x = torch.randn(n, cfg.hidden_size, device=device, dtype=dtype)
-        row: dict = {"tokens": n}
-        for path in paths:
-            _, impl, how = PATHS[path]
-            row[path] = n / median_seconds(_runner(layer, impl, how, x, backward, with_stats), min_run_time)
+        runners = {path: _runner(layer, PATHS[path][1], PATHS[path][2], x, backward, with_stats) for path in paths}
         for how in hows:
-            row["dense" if how == "eager" else f"dense+{how}"] = n / median_seconds(
-                _runner(dense, None, how, x, backward), min_run_time)
-        rows.append(row)
+            runners["dense" if how == "eager" else f"dense+{how}"] = _runner(dense, None, how, x, backward)
+        samples: dict[str, list[float]] = {key: [] for key in runners}
+        for _ in range(rounds):
+            for key, run in runners.items():
+                samples[key].append(n / median_seconds(run, min_run_time))
+        rows.append({"tokens": n, **{key: statistics.median(v) for key, v in samples.items()}})
     return rows
 
 
@@ -150,18 +154,20 @@ def _layer_main(args: argparse.Namespace) -> int:
             print("error: the triton paths need CUDA and triton", file=sys.stderr)
             return 2
     rows = bench_layer(cfg, args.tokens, device, dtype, paths, args.min_run_time, backward=args.backward,
-                       with_stats=not args.no_stats)
+                       with_stats=not args.no_stats, rounds=args.rounds)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    rounds = f", medians of {args.rounds} interleaved rounds" if args.rounds > 1 else ""
     print(f"PiMoE layer {'forward + backward' if args.backward else 'forward'}"
-          f"{', no statistics' if args.no_stats else ''}, {device_name(device)}, "
-          f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}")
+          f"{', no statistics' if args.no_stats else ''}, {device_name(device)}{threads}, "
+          f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}{rounds}")
     print(f"hidden {cfg.hidden_size}, {cfg.num_experts} experts, FFN {cfg.expert_ffn_size} "
           f"({cfg.activation}), top-{cfg.top_k}, router {cfg.router}; dense = FFN of width "
           f"{cfg.top_k * cfg.expert_ffn_size} (same FLOPs)\n")
     print(format_layer_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name(device), "torch": torch.__version__,
-                       "dtype": str(dtype), "config": cfg.to_dict(), "rows": rows}, f, indent=2)
+            json.dump({"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "rounds": args.rounds, "dtype": str(dtype), "config": cfg.to_dict(), "rows": rows}, f, indent=2)
     return 0
 
 
@@ -258,6 +264,13 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", choices=ROUTERS, default="topk")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fulu_nas.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per cell")
+    p.add_argument("--rounds", type=_positive_int, default=1,
+                   help="time every path this many times, taking turns, and report medians")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=_layer_main)
     p = sub.add_parser("latency", help="per-layer device latency from CUDA-graph replays (CUDA only)")

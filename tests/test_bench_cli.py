@@ -6,17 +6,23 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from fulu_nas import bench, cli
 
 
 def test_bench_layer_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "layer.json"
     code = bench.main(["layer", "--tokens", "4", "32", "--hidden", "32", "--experts", "4", "--ffn", "64",
-                       "--min-run-time", "0.01", "--json", str(out)])
+                       "--min-run-time", "0.01", "--rounds", "2", "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     assert "grouped tok/s" in text and "dense tok/s" in text and "hidden 32, 4 experts" in text
-    rows = json.loads(out.read_text())["rows"]
+    assert "medians of 2 interleaved rounds" in text
+    result = json.loads(out.read_text())
+    assert result["rounds"] == 2 and result["threads"] == torch.get_num_threads()
+    rows = result["rows"]
     assert [r["tokens"] for r in rows] == [4, 32]
     assert all(r[k] > 0 for r in rows for k in ("grouped", "sorted", "loop", "dense"))
 
@@ -24,6 +30,13 @@ def test_bench_layer_prints_a_table_and_writes_json(tmp_path, capsys):
 def test_bench_refuses_an_impossible_layer(capsys):
     assert bench.main(["layer", "--hidden", "30", "--min-run-time", "0.01"]) == 2
     assert "hidden_size" in capsys.readouterr().err
+
+
+def test_bench_refuses_zero_rounds(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["layer", "--rounds", "0"])
+    assert exit_info.value.code == 2
+    assert "--rounds: must be at least 1" in capsys.readouterr().err
 
 
 def test_bench_refuses_cuda_graphs_without_cuda(capsys):
