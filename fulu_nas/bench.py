@@ -155,10 +155,9 @@ def _layer_main(args: argparse.Namespace) -> int:
             return 2
     rows = bench_layer(cfg, args.tokens, device, dtype, paths, args.min_run_time, backward=args.backward,
                        with_stats=not args.no_stats, rounds=args.rounds)
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     rounds = f", medians of {args.rounds} interleaved rounds" if args.rounds > 1 else ""
     print(f"PiMoE layer {'forward + backward' if args.backward else 'forward'}"
-          f"{', no statistics' if args.no_stats else ''}, {device_name(device)}{threads}, "
+          f"{', no statistics' if args.no_stats else ''}, {device_name(device)}, "
           f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}{rounds}")
     print(f"hidden {cfg.hidden_size}, {cfg.num_experts} experts, FFN {cfg.expert_ffn_size} "
           f"({cfg.activation}), top-{cfg.top_k}, router {cfg.router}; dense = FFN of width "

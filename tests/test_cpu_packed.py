@@ -26,9 +26,9 @@ def packed_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = GroupedExperts._forward_packed
 
-    def spy(experts, x_ND, counts, expert_N, weight_N):
+    def spy(experts, x_ND, counts, weight_N):
         calls.append(x_ND.shape[0])
-        return original(experts, x_ND, counts, expert_N, weight_N)
+        return original(experts, x_ND, counts, weight_N)
 
     monkeypatch.setattr(GroupedExperts, "_forward_packed", spy)
     return calls

@@ -148,8 +148,7 @@ class GroupedExperts(nn.Module):
         weights packed once (:mod:`fulu_nas.moe.cpu_packed`; the counts are read there, in host
         memory)."""
         if cpu_packed.applies(x_ND, self._needs_grad(x_ND, weight_N)):
-            return self._forward_packed(x_ND, torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist(),
-                                        expert_N, weight_N)
+            return self._forward_packed(x_ND, torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist(), weight_N)
         h = grouped_mm(x_ND, self.w13_EDF2, offsets_E)
         if self.b13_EF2 is not None:
             h = h + self.b13_EF2.to(h.dtype)[expert_N]
@@ -164,23 +163,21 @@ class GroupedExperts(nn.Module):
         return torch.is_grad_enabled() and (x_ND.requires_grad or (weight_N is not None and weight_N.requires_grad)
                                             or any(p.requires_grad for p in self.parameters()))
 
-    def _forward_packed(self, x_ND: Tensor, counts: list[int], expert_N: Tensor, weight_N: Tensor | None) -> Tensor:
-        """:meth:`forward_grouped` through oneDNN with prepacked weights: one GEMM per expert with
-        rows, and the elementwise work (activation, routing weight, output bias) once over all rows
-        (per expert it cost more than a 4-row GEMM's overhead: eight times ~6 small ops at 16 tokens)."""
+    def _forward_packed(self, x_ND: Tensor, counts: list[int], weight_N: Tensor | None) -> Tensor:
+        """:meth:`forward_grouped` through oneDNN with prepacked weights, one expert at a time."""
         packed = cpu_packed.packed_weights(self, self.w13_EDF2, self.w2_EFD)
-        rows = [(e, x_e) for e, x_e in enumerate(x_ND.split(counts)) if x_e.shape[0]]
-        if not rows:
-            return x_ND.new_zeros((0, self.w2_EFD.shape[2]))
-        b13 = self.b13_EF2.float() if self.b13_EF2 is not None else None
-        h = torch.cat([cpu_packed.linear(x_e, packed.w13[e], None if b13 is None else b13[e]) for e, x_e in rows])
-        w_N1 = None if weight_N is None else weight_N[:, None].float()
-        act = activate(h, self.activation, scale_N1=w_N1).split([x_e.shape[0] for _, x_e in rows])
-        y = torch.cat([cpu_packed.linear(a_e, packed.w2[e], None) for (e, _), a_e in zip(rows, act, strict=True)])
-        if self.b2_ED is not None:
-            b2 = self.b2_ED.float()[expert_N]
-            y = y + (b2 if w_N1 is None else b2 * w_N1)
-        return y
+        weights = weight_N.split(counts) if weight_N is not None else [None] * len(counts)
+        outs = []
+        for e, (x_e, w_e) in enumerate(zip(x_ND.split(counts), weights, strict=True)):
+            if x_e.shape[0] == 0:
+                continue
+            w_e1 = None if w_e is None else w_e[:, None]
+            h = cpu_packed.linear(x_e, packed.w13[e], self.b13_EF2[e].float() if self.b13_EF2 is not None else None)
+            y = cpu_packed.linear(activate(h, self.activation, scale_N1=w_e1), packed.w2[e], None)
+            if self.b2_ED is not None:
+                y = y + (self.b2_ED[e] if w_e1 is None else self.b2_ED[e] * w_e1)
+            outs.append(y)
+        return torch.cat(outs) if outs else x_ND.new_zeros((0, self.w2_EFD.shape[2]))
 
     def forward_sorted(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """Rows sorted by expert, one matmul pair per expert (reads the counts on the host)."""
