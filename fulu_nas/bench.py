@@ -308,8 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES))
     p.add_argument("--rows", type=int, default=25)
     p.set_defaults(run=_profile_main)
+    from .bench_levels import add_parser
     from .bench_tasks import add_parsers
 
+    add_parser(sub, _positive_int)
     add_parsers(sub)
     return parser
 

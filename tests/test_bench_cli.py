@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fulu_nas import bench, cli
+from fulu_nas.bench_levels import DENSE_ROW
 
 
 def test_bench_layer_prints_a_table_and_writes_json(tmp_path, capsys):
@@ -30,6 +31,36 @@ def test_bench_layer_prints_a_table_and_writes_json(tmp_path, capsys):
 def test_bench_refuses_an_impossible_layer(capsys):
     assert bench.main(["layer", "--hidden", "30", "--min-run-time", "0.01"]) == 2
     assert "hidden_size" in capsys.readouterr().err
+
+
+def test_bench_levels_measures_the_spec_table(tmp_path, capsys):
+    out = tmp_path / "levels.json"
+    code = bench.main(["levels", "--hidden", "32", "--experts", "4", "--ffn", "64", "--tokens", "64",
+                       "--train-steps", "30", "--train-batch", "16", "--lr", "3e-3", "--iterations", "2",
+                       "--warmup", "1", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "| level | dtype | latency (ms) | throughput (tokens/s) | memory (MB) |" in text
+    result = json.loads(out.read_text())
+    assert result["training"]["train_steps"] == 30 and 0 <= result["training"]["task_accuracy"] <= 1
+    rows = {r["level"]: r for r in result["rows"]}
+    assert list(rows) == ["BASIC", "ENHANCED", "ADVANCED", "EXTREME", DENSE_ROW]
+    for r in rows.values():
+        assert r["latency_ms"] > 0
+        assert abs(r["throughput_tokens_per_s"] - 64 / (r["latency_ms"] / 1e3)) < 1e-6 * r["throughput_tokens_per_s"]
+    assert rows[DENSE_ROW]["of_dense"] == 1.0
+    moe_rows = [r for name, r in rows.items() if name != DENSE_ROW]
+    expert_weights_mb = 4 * 3 * 32 * 64 * 4 / 2**20
+    for r in moe_rows:
+        assert r["memory_mb"] > expert_weights_mb  # weights, input and workspace
+        assert 0 < r["expert_utilisation"] <= 1 and 0 <= r["load_balance"] <= 1
+    # Every level routes the same trained weights the same way (fp32 on the CPU).
+    assert len({(r["expert_utilisation"], r["load_balance"]) for r in moe_rows}) == 1
+
+
+def test_bench_levels_refuses_partial_sequences(capsys):
+    assert bench.main(["levels", "--tokens", "50"]) == 2
+    assert "--tokens must be a multiple of the clusters sequence length 16, got 50" in capsys.readouterr().err
 
 
 def test_bench_refuses_zero_rounds(capsys):
@@ -63,13 +94,15 @@ def test_module_runs_with_torch_alone(tmp_path):
         "        raise ImportError('blocked ' + name)\n"
         "    return real(name, *a, **k)\n"
         "builtins.__import__ = guard\n"
-        "import fulu_nas, fulu_nas.moe, fulu_nas.bench, fulu_nas.system\n"
-        "sys.exit(fulu_nas.bench.main(['layer', '--tokens', '8', '--hidden', '16', '--experts', '2',"
-        " '--ffn', '16', '--min-run-time', '0.01', '--paths', 'grouped']))\n"
+        "import fulu_nas, fulu_nas.moe, fulu_nas.bench, fulu_nas.bench_levels, fulu_nas.system\n"
+        "assert fulu_nas.bench.main(['layer', '--tokens', '8', '--hidden', '16', '--experts', '2',"
+        " '--ffn', '16', '--min-run-time', '0.01', '--paths', 'grouped']) == 0\n"
+        "sys.exit(fulu_nas.bench.main(['levels', '--hidden', '16', '--experts', '2', '--ffn', '16',"
+        " '--tokens', '32', '--train-steps', '2', '--iterations', '1', '--warmup', '1']))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "grouped tok/s" in result.stdout
+    assert "grouped tok/s" in result.stdout and "| EXTREME |" in result.stdout
 
 
 def test_task_benchmarks_run_end_to_end(tmp_path, capsys):
