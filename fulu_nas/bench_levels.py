@@ -166,23 +166,29 @@ def bench_levels(args: argparse.Namespace, device: torch.device) -> tuple[list[d
     del model
     rows = []
     for name in args.levels:
-        level = OptimizationLevel[name.upper()]
-        system = _system(args, level, device)
-        system.layer.load_state_dict(trained)
-        system.optimize_for_inference()
-        row = {"level": level.name, "dtype": str(system.dtype).removeprefix("torch.")}
-        row.update(measure_level(lambda s=system: s(x, token_ids=token_ids), system, x, args, device))
-        _, info = system(x, return_comprehensive_info=True, token_ids=token_ids)
-        row["expert_utilisation"] = info["routing_info"]["utilisation"]
-        row["load_balance"] = info["routing_info"]["load_balance"]
-        rows.append(row)
-        del system, info
+        rows.append(_level_row(args, OptimizationLevel[name.upper()], trained, x, token_ids, device))
         _release(device)
     rows.append(_dense_row(args, x, device))
     dense = rows[-1]["throughput_tokens_per_s"]
     for row in rows:
         row["of_dense"] = row["throughput_tokens_per_s"] / dense
     return rows, training
+
+
+def _level_row(args: argparse.Namespace, level: OptimizationLevel, trained: dict[str, Tensor], x: Tensor,
+               token_ids: Tensor, device: torch.device) -> dict:
+    """One level's row: the system with the trained weights, optimised for inference, measured."""
+    system = _system(args, level, device)
+    system.layer.load_state_dict(trained)
+    system.optimize_for_inference()
+    # The input in the level's dtype, as the previous layer would hand it over (no cast per call).
+    x = x.to(system.dtype)
+    row = {"level": level.name, "dtype": str(system.dtype).removeprefix("torch.")}
+    row.update(measure_level(lambda: system(x, token_ids=token_ids), system, x, args, device))
+    _, info = system(x, return_comprehensive_info=True, token_ids=token_ids)
+    row["expert_utilisation"] = info["routing_info"]["utilisation"]
+    row["load_balance"] = info["routing_info"]["load_balance"]
+    return row
 
 
 def _dense_row(args: argparse.Namespace, x: Tensor, device: torch.device) -> dict:
