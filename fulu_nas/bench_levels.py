@@ -164,6 +164,7 @@ def bench_levels(args: argparse.Namespace, device: torch.device) -> tuple[list[d
     x, token_ids = layer_inputs(model, args, device)
     trained = {k: v.detach().to("cpu") for k, v in model.moe_layers()[0].state_dict().items()}
     del model
+    _release(device)
     rows = []
     for name in args.levels:
         rows.append(_level_row(args, OptimizationLevel[name.upper()], trained, x, token_ids, device))
