@@ -19,6 +19,7 @@ import torch
 from torch.utils import benchmark
 
 from .moe import ROUTERS, FeedForward, MoEConfig, PiMoELayer
+from .moe.cuda_graphs import capture
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,16 +57,8 @@ PATHS = {
 
 def captured(step: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
     """``step`` (CUDA work without host syncs) captured in one CUDA graph after ``warmup`` calls on a
-    side stream (compilation, autotuning, allocator warm-up); returns the graph's replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    side stream (:func:`fulu_nas.moe.cuda_graphs.capture`); returns the graph's replay."""
+    graph, _ = capture(step, warmup)
     return graph.replay
 
 

@@ -7,9 +7,10 @@ FLOPs (width ``top_k * ffn``: the ceiling) in the same run, at the spec's shapes
 utilisation, load balance.
 
 - BASIC: per-expert loop, fp32. ENHANCED: sorted dispatch, one matmul pair per expert, fp32.
-  ADVANCED: grouped GEMM (the Triton experts on CUDA), bf16 on CUDA (hardware optimisation).
-  EXTREME: ADVANCED plus ``torch.compile`` with CUDA graphs on CUDA. On the CPU, ADVANCED and
-  EXTREME both run the eager forward with oneDNN-packed experts, as the system does there.
+  ADVANCED: grouped GEMM (the Triton experts on CUDA), bf16 on CUDA (hardware optimisation),
+  eager. EXTREME: ADVANCED compiled, replayed from one CUDA graph per input shape on CUDA. On the
+  CPU, ADVANCED and EXTREME both run the eager forward with oneDNN-packed experts, as the system
+  does there.
 - Latency: median of per-call times after warm-up (CUDA events on CUDA, the wall clock on the
   CPU); throughput = tokens / median latency.
 - Memory: on CUDA the allocator's peak over the level's calls (warm-up, compilation and graph
@@ -40,6 +41,7 @@ from torch import Tensor
 
 from .models import ArchConfig, PiMoETransformer
 from .moe import ROUTERS, FeedForward
+from .moe.cuda_graphs import GraphedForward
 from .system import OptimizationLevel, create_ultimate_pimoe_system
 
 COLUMNS = ("level", "dtype", "latency_ms", "throughput_tokens_per_s", "memory_mb", "expert_utilisation",
@@ -193,13 +195,13 @@ def _level_row(args: argparse.Namespace, level: OptimizationLevel, trained: dict
 
 
 def _dense_row(args: argparse.Namespace, x: Tensor, device: torch.device) -> dict:
-    """The ceiling: a SwiGLU FFN of width top_k * ffn, run as EXTREME runs (bf16, compiled with CUDA
-    graphs on CUDA; eager fp32 on the CPU)."""
+    """The ceiling: a SwiGLU FFN of width top_k * ffn, run as EXTREME runs (bf16, compiled and
+    replayed from a CUDA graph on CUDA; eager fp32 on the CPU)."""
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     dense = FeedForward(args.hidden, args.top_k * args.ffn, "swiglu").to(device=device, dtype=dtype).eval()
     x_in = x.to(dtype)
-    step = torch.compile(dense, mode="reduce-overhead", fullgraph=True) if cuda else dense
+    step = GraphedForward(torch.compile(lambda h, _ids=None: dense(h), fullgraph=True)) if cuda else dense
 
     def run():
         with torch.inference_mode():

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .moe import MoEConfig, PiMoELayer
+from .moe.cuda_graphs import GraphedForward
 
 
 class RoutingStrategy(str, Enum):
@@ -146,7 +147,9 @@ class UltimatePiMoESystem(nn.Module):
         if self._inference:
             with torch.inference_mode():
                 out, self.last_stats = self._runner(x, token_ids)
-                return out.clone()  # outside CUDA-graph-owned memory
+                # Out of CUDA-graph-owned memory, which the next call rewrites (the statistics stay
+                # there: they are the last call's).
+                return out.clone()
         out, self.last_stats = self._runner(x, token_ids)
         return out
 
@@ -175,6 +178,7 @@ class UltimatePiMoESystem(nn.Module):
             "optimization_level": self.optimization_level.name,
             "impl": self.config.impl,
             "compiled": self._runner is not self.layer,
+            "cuda_graphs": self._runner.num_graphs if isinstance(self._runner, GraphedForward) else 0,
             "inference_optimized": self._inference,
             "features": {name: on for name, on in self.features.items()},
             "forward_calls": self._calls,
@@ -185,19 +189,23 @@ class UltimatePiMoESystem(nn.Module):
         return {"moe": self.config.to_dict(), "optimization_level": self.optimization_level.value}
 
     def optimize_for_inference(self) -> UltimatePiMoESystem:
-        """Eval mode, no autograd; on CUDA bf16 (hardware optimisation) and, from ADVANCED up,
-        a compiled forward with CUDA graphs. On the CPU, from ADVANCED up, the eager forward, whose
-        experts run through oneDNN with prepacked weights (:mod:`fulu_nas.moe.cpu_packed`): it was
-        faster than EXTREME's compiled forward (2 cores, 512 hidden, 8 experts: 7.7 vs 13.4 ms at
-        16 tokens, 516 vs 678 ms at 4,096)."""
+        """Eval mode, no autograd; on CUDA bf16 (hardware optimisation), and for EXTREME the compiled
+        forward replayed from one CUDA graph per input shape
+        (:class:`~fulu_nas.moe.cuda_graphs.GraphedForward`: less host work per call than
+        cudagraph trees). ADVANCED runs the eager forward (the Triton experts on CUDA). On the CPU,
+        ADVANCED and EXTREME both run the eager forward, whose experts go through oneDNN with
+        prepacked weights (:mod:`fulu_nas.moe.cpu_packed`): it was faster than EXTREME's compiled
+        forward (2 cores, 512 hidden, 8 experts: 7.7 vs 13.4 ms at 16 tokens, 516 vs 678 ms at
+        4,096)."""
         self.eval()
         self.requires_grad_(False)
         cuda = self.device.type == "cuda"
         if cuda and self.features["hardware_optimization"]:
             self.to(torch.bfloat16)
-        if self.optimization_level in (OptimizationLevel.ADVANCED, OptimizationLevel.EXTREME):
-            self._runner = (torch.compile(self.layer, mode="reduce-overhead", fullgraph=True) if cuda
-                            else self.layer)
+        if cuda and self.optimization_level is OptimizationLevel.EXTREME:
+            self._runner = GraphedForward(torch.compile(self.layer, fullgraph=True))
+        elif self.optimization_level in (OptimizationLevel.ADVANCED, OptimizationLevel.EXTREME):
+            self._runner = self.layer
         self._inference = True
         return self
 

@@ -89,6 +89,27 @@ def test_bf16_training_step_has_finite_gradients(router):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def test_extreme_system_replays_one_cuda_graph_per_input_shape():
+    from fulu_nas import create_ultimate_pimoe_system
+
+    torch.manual_seed(0)
+    system = create_ultimate_pimoe_system(hidden_size=256, num_experts=8, expert_ffn_size=512,
+                                          optimization_level="extreme", enable_hardware_optimization=True,
+                                          device="cuda")
+    xs = [torch.randn(2, 64, 256, device="cuda") for _ in range(2)] + [torch.randn(1, 16, 256, device="cuda")]
+    system.optimize_for_inference()
+    with torch.inference_mode():
+        refs = [system.layer(x.bfloat16())[0].float() for x in xs]
+    outs = [system(x) for x in xs]
+    for _ in range(2):  # replays: each call's input is copied in, and earlier outputs stay as they were
+        outs_again = [system(x) for x in xs]
+    for out, again, ref in zip(outs, outs_again, refs, strict=True):
+        assert relative_error(out, ref) < 1e-2 and torch.equal(out, again)
+    _, info = system(xs[2], return_comprehensive_info=True)
+    assert sum(info["routing_info"]["tokens_per_expert"]) == 16 * 2  # the last call's statistics
+    assert info["system_stats"]["compiled"] and info["system_stats"]["cuda_graphs"] == 2
+
+
 def test_spec_system_optimized_for_inference_on_cuda():
     from fulu_nas import create_ultimate_pimoe_system
 
