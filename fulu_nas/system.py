@@ -91,11 +91,16 @@ class UltimatePiMoESystem(nn.Module):
         self.features = features
         self.layer = PiMoELayer(config)
         self.last_stats: dict[str, Tensor] = {}
-        self._runner = self.layer
+        self._set_runner(torch.compile(self.layer, fullgraph=True) if level is OptimizationLevel.EXTREME
+                         else self.layer)
         self._inference = False
         self._calls = 0
-        if level is OptimizationLevel.EXTREME:
-            self._runner = torch.compile(self.layer, fullgraph=True)
+
+    def _set_runner(self, runner) -> None:
+        """What runs the layer: the layer itself, its compiled form or a CUDA-graph replay of that.
+        A plain attribute, not a submodule, so that the layer's parameters appear once (as
+        ``layer.*``) in ``state_dict`` whatever the level."""
+        object.__setattr__(self, "_runner", runner)
 
     @property
     def device(self) -> torch.device:
@@ -203,9 +208,9 @@ class UltimatePiMoESystem(nn.Module):
         if cuda and self.features["hardware_optimization"]:
             self.to(torch.bfloat16)
         if cuda and self.optimization_level is OptimizationLevel.EXTREME:
-            self._runner = GraphedForward(torch.compile(self.layer, fullgraph=True))
+            self._set_runner(GraphedForward(torch.compile(self.layer, fullgraph=True)))
         elif self.optimization_level in (OptimizationLevel.ADVANCED, OptimizationLevel.EXTREME):
-            self._runner = self.layer
+            self._set_runner(self.layer)
         self._inference = True
         return self
 

@@ -56,6 +56,17 @@ def test_spec_example_hierarchical_extreme_with_flags():
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_state_dict_holds_the_layer_once_at_every_level():
+    basic = small(optimization_level="basic")
+    layer_keys = [f"layer.{k}" for k in basic.layer.state_dict()]
+    for level in ("basic", "extreme"):
+        assert list(small(optimization_level=level).state_dict()) == layer_keys
+    extreme = small(optimization_level="extreme")
+    extreme.load_state_dict(basic.state_dict())
+    x = torch.randn(2, 8, 64)
+    torch.testing.assert_close(extreme(x), basic(x), rtol=1e-4, atol=1e-5)
+
+
 def test_levels_compute_the_same_function():
     x = torch.randn(2, 6, 64)
     outs = []
