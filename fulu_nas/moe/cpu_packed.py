@@ -47,9 +47,10 @@ def applies(x_ND: Tensor, needs_grad: bool) -> bool:
 
 
 # oneDNN's kernels for 1-3 rows stream the weights slower than its 4-row kernel (2-core AVX-512
-# EPYC, all 16 GEMMs of the seed config with 1 / 2 / 3 / 4 rows each: 3.55 / 3.64 / 3.16 / 2.96 ms),
-# so fewer rows are padded to 4: the extra rows' multiply-adds are free next to the weight reads
-# (the 16-token expert counts 6,6,5,4,4,1,1,5: 3.03 -> 2.93 ms, in five runs out of five).
+# EPYC, all 16 GEMMs of the seed config with 1 / 2 / 4 rows each: 3.76 / 3.62 / 2.99 ms; 3 rows
+# 3.16 against 2.97 in another run), so fewer rows are padded to 4: the extra rows' multiply-adds
+# are free next to the weight reads (the 16-token expert counts 6,6,5,4,4,1,1,5: 3.03 -> 2.93 ms,
+# in five runs out of five).
 _MIN_ROWS = 4
 
 
