@@ -39,6 +39,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from .evaluate import cpu_peak_bytes
 from .models import ArchConfig, PiMoETransformer
 from .moe import ROUTERS, FeedForward
 from .moe.cuda_graphs import GraphedForward
@@ -71,23 +72,6 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iter
         end.record()
     torch.cuda.synchronize(device)
     return [start.elapsed_time(end) / 1e3 for start, end in events]
-
-
-def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of live tensor memory allocated while ``fn()`` runs on the CPU, from torch.profiler's
-    allocation events (allocations and frees in time order, cumulative)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # Each op's own allocations (self usage, so nested ops count once) and the frees ("[memory]"
-    # events, negative), in time order.
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 def _tensor_bytes(module: torch.nn.Module) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -138,13 +139,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _cpu_peak_bytes(model: PiMoETransformer, tokens: Tensor) -> int:
-    """Peak of live tensor memory allocated during one CPU forward, from torch.profiler's
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of live tensor memory allocated while ``fn()`` runs on the CPU, from torch.profiler's
     allocation events (allocations and frees in time order, cumulative)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(tokens)
+        fn()
     # Each op's own allocations (self usage, so nested ops count once) and the frees ("[memory]"
     # events, negative), in time order.
     events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
@@ -185,7 +186,7 @@ def measure_cost(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], w
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device) - base
         else:
-            peak = _cpu_peak_bytes(model, tokens)
+            peak = cpu_peak_bytes(lambda tokens=tokens: model(tokens))
         p50 = statistics.median(times)
         shapes.append({"batch": batch, "seq": seq, "latency_p50_ms": p50 * 1e3,
                        "latency_p95_ms": _percentile(times, 0.95) * 1e3,
