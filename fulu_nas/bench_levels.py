@@ -32,6 +32,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -48,6 +49,7 @@ from .system import OptimizationLevel, create_ultimate_pimoe_system
 COLUMNS = ("level", "dtype", "latency_ms", "throughput_tokens_per_s", "memory_mb", "expert_utilisation",
            "load_balance", "of_dense")
 DENSE_ROW = "dense FFN (same FLOPs)"
+SEQ_LEN = 16  # clusters sequences: the benchmark input is a whole number of them
 HEADINGS = ("level", "dtype", "latency (ms)", "throughput (tokens/s)", "memory (MB)", "expert utilisation",
             "load balance", "throughput / dense")
 
@@ -84,7 +86,7 @@ def train_on_clusters(args: argparse.Namespace, device: torch.device) -> tuple[P
     from .tasks import ClustersTask
     from .train import TrainConfig, train
 
-    task = ClustersTask(num_domains=args.experts)
+    task = ClustersTask(num_domains=args.experts, seq_len=SEQ_LEN)
     layer_cfg = _system(args, OptimizationLevel.ADVANCED, device="cpu").config
     # Auxiliary-loss-free balancing (DeepSeek-V3) while training; it changes no parameter shape.
     arch = ArchConfig(vocab_size=task.vocab_size, num_classes=task.num_classes, max_seq_len=task.seq_len,
@@ -110,7 +112,7 @@ def layer_inputs(model: PiMoETransformer, args: argparse.Namespace, device: torc
     token ids (for the hash router), for ``tokens`` tokens of clusters validation sequences."""
     from .tasks import ClustersTask
 
-    task = ClustersTask(num_domains=args.experts, val_sequences=-(-args.tokens // 16), seq_len=16)
+    task = ClustersTask(num_domains=args.experts, val_sequences=args.tokens // SEQ_LEN, seq_len=SEQ_LEN)
     captured: list[Tensor] = []
     hook = model.moe_layers()[0].register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
     tokens = torch.cat([b.tokens for b in task.val_batches(256)]).to(device)
@@ -146,6 +148,7 @@ def measure_level(run: Callable[[], object], module: torch.nn.Module, x: Tensor,
 
 
 def bench_levels(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
+    _say(f"training the layer on clusters for {args.train_steps} steps ({device.type})")
     model, training = train_on_clusters(args, device)
     x, token_ids = layer_inputs(model, args, device)
     trained = {k: v.detach().to("cpu") for k, v in model.moe_layers()[0].state_dict().items()}
@@ -153,8 +156,10 @@ def bench_levels(args: argparse.Namespace, device: torch.device) -> tuple[list[d
     _release(device)
     rows = []
     for name in args.levels:
+        _say(f"measuring {name.upper()}")
         rows.append(_level_row(args, OptimizationLevel[name.upper()], trained, x, token_ids, device))
         _release(device)
+    _say("measuring the dense FFN")
     rows.append(_dense_row(args, x, device))
     dense = rows[-1]["throughput_tokens_per_s"]
     for row in rows:
@@ -197,6 +202,10 @@ def _dense_row(args: argparse.Namespace, x: Tensor, device: torch.device) -> dic
     return row
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -221,8 +230,8 @@ def levels_main(args: argparse.Namespace) -> int:
     from .bench import device_name
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.tokens % 16:
-        raise ValueError(f"--tokens must be a multiple of the clusters sequence length 16, got {args.tokens}")
+    if args.tokens % SEQ_LEN:
+        raise ValueError(f"--tokens must be a multiple of the clusters sequence length {SEQ_LEN}, got {args.tokens}")
     rows, training = bench_levels(args, device)
     print(f"The spec's table, measured: {device_name(device)}, torch {torch.__version__}")
     print(f"hidden {args.hidden}, {args.experts} experts, FFN {args.ffn} (swiglu), top-{args.top_k}, router "
@@ -256,6 +265,6 @@ def add_parser(sub, positive_int: Callable[[str], int]) -> None:
     p.add_argument("--warmup", type=positive_int, default=3)
     p.add_argument("--iterations", type=positive_int, default=20)
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--progress", action="store_true", help="show the training progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the training progress bar")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=levels_main)

@@ -37,7 +37,7 @@ def test_bench_levels_measures_the_spec_table(tmp_path, capsys):
     out = tmp_path / "levels.json"
     code = bench.main(["levels", "--hidden", "32", "--experts", "4", "--ffn", "64", "--tokens", "64",
                        "--train-steps", "30", "--train-batch", "16", "--lr", "3e-3", "--iterations", "2",
-                       "--warmup", "1", "--json", str(out)])
+                       "--warmup", "1", "--no-progress", "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     assert "| level | dtype | latency (ms) | throughput (tokens/s) | memory (MB) |" in text
