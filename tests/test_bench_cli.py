@@ -35,7 +35,7 @@ def test_bench_refuses_an_impossible_layer(capsys):
 
 def test_bench_levels_measures_the_spec_table(tmp_path, capsys):
     out = tmp_path / "levels.json"
-    code = bench.main(["levels", "--hidden", "32", "--experts", "4", "--ffn", "64", "--tokens", "64",
+    code = bench.main(["levels", "--device", "cpu", "--hidden", "32", "--experts", "4", "--ffn", "64", "--tokens", "64",
                        "--train-steps", "30", "--train-batch", "16", "--lr", "3e-3", "--iterations", "2",
                        "--warmup", "1", "--no-progress", "--json", str(out)])
     assert code == 0
