@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 from torch.utils import benchmark
 
+from .cuda_graphs import capture
 from .moe import ROUTERS, FeedForward, MoEConfig, PiMoELayer
-from .moe.cuda_graphs import capture
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,7 +57,7 @@ PATHS = {
 
 def captured(step: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
     """``step`` (CUDA work without host syncs) captured in one CUDA graph after ``warmup`` calls on a
-    side stream (:func:`fulu_nas.moe.cuda_graphs.capture`); returns the graph's replay."""
+    side stream (:func:`fulu_nas.cuda_graphs.capture`); returns the graph's replay."""
     graph, _ = capture(step, warmup)
     return graph.replay
 

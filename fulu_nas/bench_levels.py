@@ -40,10 +40,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from .cuda_graphs import GraphedForward
 from .evaluate import cpu_peak_bytes
 from .models import ArchConfig, PiMoETransformer
 from .moe import ROUTERS, FeedForward
-from .moe.cuda_graphs import GraphedForward
 from .system import OptimizationLevel, create_ultimate_pimoe_system
 
 COLUMNS = ("level", "dtype", "latency_ms", "throughput_tokens_per_s", "memory_mb", "expert_utilisation",

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .cuda_graphs import GraphedForward
 from .moe import MoEConfig, PiMoELayer
-from .moe.cuda_graphs import GraphedForward
 
 
 class RoutingStrategy(str, Enum):
@@ -196,7 +196,7 @@ class UltimatePiMoESystem(nn.Module):
     def optimize_for_inference(self) -> UltimatePiMoESystem:
         """Eval mode, no autograd; on CUDA bf16 (hardware optimisation), and for EXTREME the compiled
         forward replayed from one CUDA graph per input shape
-        (:class:`~fulu_nas.moe.cuda_graphs.GraphedForward`: less host work per call than
+        (:class:`~fulu_nas.cuda_graphs.GraphedForward`: less host work per call than
         cudagraph trees). ADVANCED runs the eager forward (the Triton experts on CUDA). On the CPU,
         ADVANCED and EXTREME both run the eager forward, whose experts go through oneDNN with
         prepacked weights (:mod:`fulu_nas.moe.cpu_packed`): it was faster than EXTREME's compiled
