@@ -197,7 +197,9 @@ class UltimatePiMoESystem(nn.Module):
         """Eval mode, no autograd; on CUDA bf16 (hardware optimisation), and for EXTREME the compiled
         forward replayed from one CUDA graph per input shape
         (:class:`~fulu_nas.cuda_graphs.GraphedForward`: less host work per call than
-        cudagraph trees). ADVANCED runs the eager forward (the Triton experts on CUDA). On the CPU,
+        cudagraph trees; each new input shape is compiled and captured once and keeps its graph's
+        memory, so bucket variable sizes). ADVANCED runs the eager forward (the Triton experts on
+        CUDA). On the CPU,
         ADVANCED and EXTREME both run the eager forward, whose experts go through oneDNN with
         prepacked weights (:mod:`fulu_nas.moe.cpu_packed`): it was faster than EXTREME's compiled
         forward (2 cores, 512 hidden, 8 experts: 7.7 vs 13.4 ms at 16 tokens, 516 vs 678 ms at
