@@ -35,6 +35,20 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def bench_device(name: str | None) -> torch.device:
+    """``--device``: default cuda if available, else cpu; ValueError (exit 2) for a device this
+    machine does not have."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: the benchmarks run on cpu or cuda")
+    return device
+
+
 def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
     """Median wall time of ``fn()`` after torch.utils.benchmark's own warm-up, with torch's whole
     intra-op thread pool (the Timer's default is one thread, which would time a 1-core CPU)."""
@@ -132,7 +146,7 @@ def format_layer_table(rows: list[dict]) -> str:
 
 
 def _layer_main(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
                     top_k=args.top_k, router=args.router, activation=args.activation)
@@ -226,7 +240,7 @@ def _latency_main(args: argparse.Namespace) -> int:
 def _profile_main(args: argparse.Namespace) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
                     top_k=args.top_k, router=args.router)

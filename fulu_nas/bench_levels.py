@@ -227,9 +227,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def levels_main(args: argparse.Namespace) -> int:
-    from .bench import device_name
+    from .bench import bench_device, device_name
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench_device(args.device)
     if args.tokens % SEQ_LEN:
         raise ValueError(f"--tokens must be a multiple of the clusters sequence length {SEQ_LEN}, got {args.tokens}")
     rows, training = bench_levels(args, device)

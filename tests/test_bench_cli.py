@@ -63,6 +63,18 @@ def test_bench_levels_refuses_partial_sequences(capsys):
     assert "--tokens must be a multiple of the clusters sequence length 16, got 50" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("command", ["layer", "levels"])
+def test_bench_refuses_cuda_without_cuda(command, capsys):
+    assert bench.main([command, "--device", "cuda", "--tokens", "16"]) == 2
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_bench_refuses_an_unknown_device(capsys):
+    assert bench.main(["layer", "--device", "gpu0"]) == 2
+    assert "--device 'gpu0'" in capsys.readouterr().err
+
+
 def test_bench_refuses_zero_rounds(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["layer", "--rounds", "0"])
