@@ -131,18 +131,23 @@ def bench_layer(cfg: MoEConfig, tokens: list[int], device: torch.device, dtype: 
     return rows
 
 
+def markdown_table(head: list[str], body: list[list[str]], text_columns: int = 0) -> str:
+    """A Markdown table: the first ``text_columns`` columns left-aligned, the rest right-aligned."""
+    rule = "|" + "---|" * text_columns + "---:|" * (len(head) - text_columns)
+    return "\n".join(["| " + " | ".join(head) + " |", rule, *("| " + " | ".join(cells) + " |" for cells in body)])
+
+
 def format_layer_table(rows: list[dict]) -> str:
     """Every measured path, then the best MoE path over the best dense path, and over the loop."""
     keys = [k for k in rows[0] if k != "tokens"]
     head = ["tokens", *(f"{k} tok/s" for k in keys), "best MoE / best dense", "best MoE / loop"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    body = []
     for r in rows:
         moe = max(r[k] for k in keys if not k.startswith("dense"))
         dense = max(r[k] for k in keys if k.startswith("dense"))
-        cells = [str(r["tokens"]), *(f"{r[k]:,.0f}" for k in keys), f"{moe / dense:.2f}",
-                 f"{moe / r['loop']:.1f}x" if "loop" in r else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append([str(r["tokens"]), *(f"{r[k]:,.0f}" for k in keys), f"{moe / dense:.2f}",
+                     f"{moe / r['loop']:.1f}x" if "loop" in r else "-"])
+    return markdown_table(head, body)
 
 
 def _layer_main(args: argparse.Namespace) -> int:

@@ -213,6 +213,8 @@ def _release(device: torch.device) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
+    from .bench import markdown_table
+
     def cell(key: str, value) -> str:
         if value is None:
             return "-"
@@ -221,9 +223,7 @@ def format_table(rows: list[dict]) -> str:
         return {"throughput_tokens_per_s": f"{value:,.0f}", "latency_ms": f"{value:.3f}",
                 "memory_mb": f"{value:,.1f}"}.get(key, f"{value:.2f}")
 
-    lines = ["| " + " | ".join(HEADINGS) + " |", "|---|---|" + "---:|" * (len(HEADINGS) - 2)]
-    lines += ["| " + " | ".join(cell(k, r[k]) for k in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(list(HEADINGS), [[cell(k, r[k]) for k in COLUMNS] for r in rows], text_columns=2)
 
 
 def levels_main(args: argparse.Namespace) -> int:

@@ -77,10 +77,10 @@ def run_one(task, arch: ArchConfig, seconds: float, batch_size: int, lr: float, 
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |")
-    return "\n".join(lines)
+    from .bench import markdown_table
+
+    return markdown_table(columns, [[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
+                                    for r in rows])
 
 
 def _device_line() -> str:

@@ -83,6 +83,12 @@ def sum_slots(rows_ND: Tensor, order_N: Tensor, k: int) -> Tensor:
     return out_TD
 
 
+def needs_grad(module: nn.Module, *inputs: Tensor | None) -> bool:
+    """Whether a call of ``module`` on ``inputs`` (``None`` entries skipped) builds an autograd graph."""
+    return torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in inputs)
+                                        or any(p.requires_grad for p in module.parameters()))
+
+
 def activate(h_NF: Tensor, activation: str, scale_N1: Tensor | None = None) -> Tensor:
     """GELU(h) or SwiGLU (silu(gate) * up, gate and up side by side in h), times ``scale_N1``.
 
@@ -147,7 +153,7 @@ class GroupedExperts(nn.Module):
         activation's elementwise pass. fp32 inference on the CPU runs through oneDNN with the
         weights packed once (:mod:`fulu_nas.moe.cpu_packed`; the counts are read there, in host
         memory)."""
-        if cpu_packed.applies(x_ND, self._needs_grad(x_ND, weight_N)):
+        if cpu_packed.applies(x_ND, needs_grad(self, x_ND, weight_N)):
             return self._forward_packed(x_ND, torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist(), weight_N)
         h = grouped_mm(x_ND, self.w13_EDF2, offsets_E)
         if self.b13_EF2 is not None:
@@ -158,10 +164,6 @@ class GroupedExperts(nn.Module):
             b2 = self.b2_ED.to(y.dtype)[expert_N]
             y = y + (b2 if w_N1 is None else b2 * w_N1)
         return y
-
-    def _needs_grad(self, x_ND: Tensor, weight_N: Tensor | None) -> bool:
-        return torch.is_grad_enabled() and (x_ND.requires_grad or (weight_N is not None and weight_N.requires_grad)
-                                            or any(p.requires_grad for p in self.parameters()))
 
     def _forward_packed(self, x_ND: Tensor, counts: list[int], weight_N: Tensor | None) -> Tensor:
         """:meth:`forward_grouped` through oneDNN with prepacked weights, one expert at a time."""

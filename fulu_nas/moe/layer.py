@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import triton_moe
 from .balancing import load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
-from .experts import GroupedExperts, SharedExperts, sort_by_expert, sum_slots
+from .experts import GroupedExperts, SharedExperts, needs_grad, sort_by_expert, sum_slots
 from .routers import ScoreRouter, build_router
 from .routing import Routing
 from .stats import load_statistics, router_entropy
@@ -104,15 +104,12 @@ class PiMoELayer(nn.Module):
         x_TD = x.reshape(-1, self.cfg.hidden_size)
         return x_TD, self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
 
-    def _needs_grad(self, x_TD: Tensor) -> bool:
-        return torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters()))
-
     def _triton_applies(self, x_TD: Tensor, impl: str) -> bool:
         """The Triton experts for this call: ``impl`` asks for them (``triton``, or ``grouped`` where
         :func:`prefer_triton` says so) and they can run on the device."""
         if impl not in ("triton", "grouped") or not triton_moe.usable(x_TD):
             return False
-        return impl == "triton" or prefer_triton(self.cfg, x_TD.shape[0], x_TD, self._needs_grad(x_TD))
+        return impl == "triton" or prefer_triton(self.cfg, x_TD.shape[0], x_TD, needs_grad(self, x_TD))
 
     def _triton_experts(self, x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, k_slots: int,
                         weight_sorted: bool, combine: bool) -> Tensor:
@@ -121,7 +118,7 @@ class PiMoELayer(nn.Module):
         e = self.experts
         args = (x_TD, order_N, weight.float().contiguous(), ends_E, e.w13_EDF2, e.w2_EFD, e.b13_EF2, e.b2_ED,
                 k_slots, e.activation == "swiglu", weight_sorted, combine)
-        if self._needs_grad(x_TD):  # the routing weights come from x and the router's parameters
+        if needs_grad(self, x_TD):  # the routing weights come from x and the router's parameters
             return triton_moe.moe_experts_train(*args)[0]
         return triton_moe.moe_experts(*args)
 
