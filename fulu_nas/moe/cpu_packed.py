@@ -24,9 +24,13 @@ Shape suffixes as in :mod:`fulu_nas.moe.layer`.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 # The row count oneDNN is told to expect when it picks the blocked layout (any count works).
 _BATCH_HINT = 16
@@ -62,34 +66,38 @@ def linear(x_ND: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x_ND, packed, bias, "none", [None], "")
 
 
-class PackedExperts:
-    """Per expert, two stacked weights (E, in, out) transposed to (out, in), in fp32, packed for
-    oneDNN."""
+class PackedExperts(NamedTuple):
+    """Per expert, the two stacked weights (E, in, out) transposed to (out, in), in fp32, packed
+    for oneDNN."""
 
-    def __init__(self) -> None:
-        self._packed_from: tuple = ()  # (weak reference, storage, version) of each weight packed
-        self.w13: list[Tensor] = []
-        self.w2: list[Tensor] = []
-
-    def refresh(self, w13_EDW: Tensor, w2_EFD: Tensor) -> None:
-        weights = (w13_EDW, w2_EFD)
-        # The same tensor objects (a replaced parameter may reuse a freed address), the same
-        # storage (``module.to`` swaps ``.data``) and no in-place change since.
-        if len(self._packed_from) == len(weights) and all(
-                ref() is w and ptr == w.data_ptr() and version == w._version
-                for (ref, ptr, version), w in zip(self._packed_from, weights, strict=True)):
-            return
-        with torch.no_grad():
-            self.w13, self.w2 = ([torch.ops.mkldnn._reorder_linear_weight(w[e].t().float().contiguous(), _BATCH_HINT)
-                                  for e in range(w.shape[0])] for w in weights)
-        self._packed_from = tuple((weakref.ref(w), w.data_ptr(), w._version) for w in weights)
+    w13: list[Tensor]
+    w2: list[Tensor]
 
 
-_PACKED: weakref.WeakKeyDictionary[object, PackedExperts] = weakref.WeakKeyDictionary()
+def pack(w13_EDW: Tensor, w2_EFD: Tensor) -> PackedExperts:
+    with torch.no_grad():
+        return PackedExperts(*([torch.ops.mkldnn._reorder_linear_weight(w[e].t().float().contiguous(), _BATCH_HINT)
+                                for e in range(w.shape[0])] for w in (w13_EDW, w2_EFD)))
 
 
-def packed_weights(owner: object, w13_EDW: Tensor, w2_EFD: Tensor) -> PackedExperts:
-    """The packed copy of ``owner``'s expert weights, packed again if they changed."""
-    packed = _PACKED.setdefault(owner, PackedExperts())
-    packed.refresh(w13_EDW, w2_EFD)
-    return packed
+# owner -> {kind: (signature of the weights packed, packed copy)}
+_PACKED: weakref.WeakKeyDictionary[object, dict[str, tuple[tuple, object]]] = weakref.WeakKeyDictionary()
+
+
+def _unchanged(signature: tuple, weights: tuple[Tensor | None, ...]) -> bool:
+    # The same tensor objects (a replaced parameter may reuse a freed address), the same storage
+    # (``module.to`` swaps ``.data``) and no in-place change since.
+    return len(signature) == len(weights) and all(
+        (w is None and s is None) or (w is not None and s is not None and s[0]() is w and s[1:] == (w.data_ptr(), w._version))
+        for s, w in zip(signature, weights, strict=True))
+
+
+def cached(owner: object, kind: str, weights: tuple[Tensor | None, ...], make: Callable[[], T]) -> T:
+    """``owner``'s packed copy of ``weights`` in layout ``kind``, made again by ``make()`` if a
+    weight was replaced or changed in place since."""
+    entries = _PACKED.setdefault(owner, {})
+    entry = entries.get(kind)
+    if entry is None or not _unchanged(entry[0], weights):
+        signature = tuple(None if w is None else (weakref.ref(w), w.data_ptr(), w._version) for w in weights)
+        entries[kind] = entry = (signature, make())
+    return entry[1]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_packed
+from . import cpu_packed, cpu_stream
 from .config import MoEConfig
 
 # torch >= 2.10 exposes the public op; older releases only the private one (same semantics).
@@ -166,8 +166,16 @@ class GroupedExperts(nn.Module):
         return y
 
     def _forward_packed(self, x_ND: Tensor, counts: list[int], weight_N: Tensor | None) -> Tensor:
-        """:meth:`forward_grouped` through oneDNN with prepacked weights, one expert at a time."""
-        packed = cpu_packed.packed_weights(self, self.w13_EDF2, self.w2_EFD)
+        """:meth:`forward_grouped` on the CPU with weights packed once: a few rows per expert through
+        the streaming kernel (:mod:`fulu_nas.moe.cpu_stream`), more through oneDNN, one expert
+        at a time."""
+        swiglu = self.activation == "swiglu"
+        if cpu_stream.applies(counts):
+            panels = cpu_packed.cached(self, "stream", (self.w13_EDF2, self.b13_EF2, self.w2_EFD),
+                                       lambda: cpu_stream.pack(self.w13_EDF2, self.b13_EF2, self.w2_EFD, swiglu))
+            return cpu_stream.experts(x_ND, counts, panels, self.b2_ED, weight_N, swiglu)
+        packed = cpu_packed.cached(self, "onednn", (self.w13_EDF2, self.w2_EFD),
+                                   lambda: cpu_packed.pack(self.w13_EDF2, self.w2_EFD))
         weights = weight_N.split(counts) if weight_N is not None else [None] * len(counts)
         outs = []
         for e, (x_e, w_e) in enumerate(zip(x_ND.split(counts), weights, strict=True)):
