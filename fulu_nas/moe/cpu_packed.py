@@ -84,12 +84,15 @@ def pack(w13_EDW: Tensor, w2_EFD: Tensor) -> PackedExperts:
 _PACKED: weakref.WeakKeyDictionary[object, dict[str, tuple[tuple, object]]] = weakref.WeakKeyDictionary()
 
 
+def _fingerprint(w: Tensor | None) -> tuple | None:
+    return None if w is None else (w.data_ptr(), w._version)
+
+
 def _unchanged(signature: tuple, weights: tuple[Tensor | None, ...]) -> bool:
     # The same tensor objects (a replaced parameter may reuse a freed address), the same storage
     # (``module.to`` swaps ``.data``) and no in-place change since.
-    return len(signature) == len(weights) and all(
-        (w is None and s is None) or (w is not None and s is not None and s[0]() is w and s[1:] == (w.data_ptr(), w._version))
-        for s, w in zip(signature, weights, strict=True))
+    return all((ref is None) == (w is None) and (ref is None or ref() is w) and fingerprint == _fingerprint(w)
+               for (ref, fingerprint), w in zip(signature, weights, strict=True))
 
 
 def cached(owner: object, kind: str, weights: tuple[Tensor | None, ...], make: Callable[[], T]) -> T:
@@ -98,6 +101,6 @@ def cached(owner: object, kind: str, weights: tuple[Tensor | None, ...], make: C
     entries = _PACKED.setdefault(owner, {})
     entry = entries.get(kind)
     if entry is None or not _unchanged(entry[0], weights):
-        signature = tuple(None if w is None else (weakref.ref(w), w.data_ptr(), w._version) for w in weights)
+        signature = tuple((None if w is None else weakref.ref(w), _fingerprint(w)) for w in weights)
         entries[kind] = entry = (signature, make())
     return entry[1]

@@ -49,8 +49,10 @@ def _build() -> object:
 
     isa = torch.backends.cpu.get_cpu_capability()
     log.info("compiling the CPU streaming experts kernel for %s (once per machine)", isa)
+    # -fopenmp: at::parallel_for is inline and needs it to run on torch's OpenMP threads at all.
+    flags = ["-O3", "-fopenmp", "-mtune=native", "-ffp-contract=fast", *_ISA_FLAGS.get(isa, [])]
     cpp_extension.load(name=f"fulu_nas_cpu_stream_{isa.lower()}", sources=[str(_SOURCE)], is_python_module=False,
-                       extra_cflags=["-O3", "-ffp-contract=fast", *_ISA_FLAGS.get(isa, [])], verbose=False)
+                       extra_cflags=flags, verbose=False)
     return torch.ops.fulu_nas_cpu.stream_experts
 
 
@@ -77,9 +79,9 @@ def applies(counts: list[int]) -> bool:
 class Panels(NamedTuple):
     """Expert weights in the kernel's layout (see ``csrc/cpu_stream.cpp``)."""
 
-    w13_EPDB: Tensor
-    b13_EPB: Tensor | None
-    w2_EPFB: Tensor
+    w13_PEDB: Tensor
+    b13_PEB: Tensor | None
+    w2_PEFB: Tensor
 
 
 def _pad_to(t: Tensor, dim: int, multiple: int) -> Tensor:
@@ -91,9 +93,10 @@ def _pad_to(t: Tensor, dim: int, multiple: int) -> Tensor:
 
 
 def _panels(w_EKC: Tensor) -> Tensor:
-    """(E, K, C) with C a multiple of 64 -> (E, C/64, K, 64): panel p holds columns 64p..64p+63."""
+    """(E, K, C) with C a multiple of 64 -> (C/64, E, K, 64): panel p of expert e holds columns
+    64p..64p+63 (panel-major: the kernel's task order)."""
     E, K, C = w_EKC.shape
-    return w_EKC.reshape(E, K, C // BLOCK, BLOCK).permute(0, 2, 1, 3).contiguous()
+    return w_EKC.reshape(E, K, C // BLOCK, BLOCK).permute(2, 0, 1, 3).contiguous()
 
 
 def pack(w13_EDW: Tensor, b13_EW: Tensor | None, w2_EFD: Tensor, swiglu: bool) -> Panels:
@@ -113,10 +116,10 @@ def pack(w13_EDW: Tensor, b13_EW: Tensor | None, w2_EFD: Tensor, swiglu: bool) -
             gate, up = (_pad_to(part, 2, half).reshape(E, K, -1, half) for part in w_EKW.chunk(2, dim=-1))
             return torch.cat([gate, up], dim=-1).reshape(E, K, -1)
 
-        w13_EPDB = _panels(columns(w13))
-        b13_EPB = None if b13 is None else _panels(columns(b13)).squeeze(2).contiguous()
+        w13_PEDB = _panels(columns(w13))
+        b13_PEB = None if b13 is None else _panels(columns(b13)).squeeze(2).contiguous()
         w2 = _pad_to(_pad_to(w2_EFD.detach().float(), 1, half), 2, BLOCK)
-        return Panels(w13_EPDB, b13_EPB, _panels(w2))
+        return Panels(w13_PEDB, b13_PEB, _panels(w2))
 
 
 def experts(x_ND: Tensor, counts: list[int], panels: Panels, b2_ED: Tensor | None, weight_N: Tensor | None,
@@ -126,4 +129,4 @@ def experts(x_ND: Tensor, counts: list[int], panels: Panels, b2_ED: Tensor | Non
     op = kernel()
     b2 = None if b2_ED is None else b2_ED.detach().float().contiguous()
     weight = None if weight_N is None else weight_N.float().contiguous()
-    return op(x_ND.contiguous(), counts, panels.w13_EPDB, panels.b13_EPB, panels.w2_EPFB, b2, weight, swiglu)
+    return op(x_ND.contiguous(), counts, panels.w13_PEDB, panels.b13_PEB, panels.w2_PEFB, b2, weight, swiglu)
