@@ -1,12 +1,13 @@
-"""CPU inference through oneDNN with prepacked expert weights (fulu_nas.moe.cpu_packed): equal to
-the per-expert loop, taken only where it applies, and following weight updates."""
+"""CPU inference with prepacked expert weights (fulu_nas.moe.cpu_packed: oneDNN, and the streaming
+kernel of cpu_stream for few rows per expert): equal to the per-expert loop, taken only where it
+applies, and following weight updates."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fulu_nas.moe import GroupedExperts, cpu_packed
+from fulu_nas.moe import GroupedExperts, cpu_packed, cpu_stream
 
 from .helpers import make_layer
 
@@ -20,8 +21,19 @@ OPTIONS = {
 }
 
 
+@pytest.fixture(params=["onednn", "stream"])
+def cpu_path(request, monkeypatch) -> str:
+    """Both packed paths: oneDNN (the streaming kernel's row limit at 0) and, where it builds here,
+    the streaming kernel (these tests' few rows per expert are within its limit)."""
+    if request.param == "onednn":
+        monkeypatch.setattr(cpu_stream, "MAX_MEAN_ROWS", 0)
+    elif cpu_stream.kernel() is None:
+        pytest.skip("the streaming kernel does not build here")
+    return request.param
+
+
 @pytest.fixture
-def packed_calls(monkeypatch) -> list[int]:
+def packed_calls(monkeypatch, cpu_path) -> list[int]:
     """How many times the packed experts ran (rows per call)."""
     calls: list[int] = []
     original = GroupedExperts._forward_packed
