@@ -172,3 +172,14 @@ def test_grouped_experts_module_uses_it_directly():
         out = experts.forward_grouped(x, offsets, expert_N, w)
         ref = torch.cat([experts.expert(e, rows) for e, rows in enumerate(x.split(counts))]) * w[:, None]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_panels_start_on_huge_page_boundaries():
+    """Panels of 2 MB or more are allocated at a 2 MB boundary (advised as huge pages) and hold the
+    values copied in; small ones are ordinary tensors."""
+    w = torch.randn(4, 256, 1024)  # 4 MB
+    panels = cpu_stream._panels(w)
+    assert panels.data_ptr() % (2 << 20) == 0 and panels.is_contiguous()
+    assert torch.equal(panels, w.reshape(4, 256, 16, 64).permute(2, 0, 1, 3))
+    w_small = torch.randn(2, 8, 64)
+    assert torch.equal(cpu_stream._panels(w_small), w_small[None])

@@ -19,9 +19,12 @@ Shape suffixes as in :mod:`fulu_nas.moe.experts`; ``P`` counts panels.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import math
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -97,11 +100,38 @@ def _pad_to(t: Tensor, dim: int, multiple: int) -> Tensor:
     return torch.nn.functional.pad(t, widths)
 
 
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _madvise_huge_pages(address: int, length: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), ctypes.c_int(_MADV_HUGEPAGE))
+    except (OSError, AttributeError):  # no madvise here: ordinary pages
+        pass
+
+
+def _empty_on_huge_pages(shape: tuple[int, ...]) -> Tensor:
+    """An empty fp32 tensor whose whole 2 MB pages are advised to be huge pages (Linux THP, which
+    often serves only memory so advised). Streaming the weights from 2 MB pages was measured
+    faster (seed config, 16 tokens, 2 cores, six rounds: kernel 2.53 against 2.69 ms; a plain sum
+    of 100 MB 2.37 against 2.80 ms); elsewhere the advice is ignored."""
+    nbytes = math.prod(shape) * 4
+    if nbytes < _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return torch.empty(shape)
+    buffer = torch.empty(nbytes + _HUGE_PAGE, dtype=torch.uint8)  # untouched: no page is mapped yet
+    start = -buffer.data_ptr() % _HUGE_PAGE
+    _madvise_huge_pages(buffer.data_ptr() + start, nbytes // _HUGE_PAGE * _HUGE_PAGE)
+    return buffer[start:start + nbytes].view(torch.float32).view(shape)  # the view keeps the buffer
+
+
 def _panels(w_EKC: Tensor) -> Tensor:
     """(E, K, C) with C a multiple of 64 -> (C/64, E, K, 64): panel p of expert e holds columns
     64p..64p+63 (panel-major: the kernel's task order)."""
     E, K, C = w_EKC.shape
-    return w_EKC.reshape(E, K, C // BLOCK, BLOCK).permute(2, 0, 1, 3).contiguous()
+    panels = w_EKC.reshape(E, K, C // BLOCK, BLOCK).permute(2, 0, 1, 3)
+    return _empty_on_huge_pages(tuple(panels.shape)).copy_(panels)
 
 
 def pack(w13_EDW: Tensor, b13_EW: Tensor | None, w2_EFD: Tensor, swiglu: bool) -> Panels:
