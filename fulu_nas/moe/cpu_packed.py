@@ -7,16 +7,19 @@ layout (``torch.ops.mkldnn._reorder_linear_weight``, once) and skip the repackin
 (``torch.ops.mkldnn._linear_pointwise``, per call): the operators inductor's CPU weight freezing
 uses. Measured on the 2-core CI machine (seed config, 8 experts, fp32, experts only): 16 tokens
 6.0 ms against 14.2 ms for the loop layer; 64 tokens 11.0 against 21.0 ms for plain matmuls; 256
-tokens 31.9 against 45.0; 1,024 tokens 121.7 against 142.0.
+tokens 31.9 against 45.0; 1,024 tokens 121.7 against 142.0. For up to
+:data:`~fulu_nas.moe.cpu_stream.MAX_MEAN_ROWS` rows per expert the streaming kernel of
+:mod:`fulu_nas.moe.cpu_stream` reads the weights faster still and takes those calls.
 
 :meth:`GroupedExperts.forward_grouped <fulu_nas.moe.experts.GroupedExperts.forward_grouped>` takes
-this path where it applies, so every caller of the grouped experts gets it. The packed copy is kept
-per :class:`~fulu_nas.moe.experts.GroupedExperts` module (in a weak map, so
-it never travels with the module's state, copies or pickles) and is rebuilt when a weight is
-replaced or changed in place through autograd-visible operations (an optimizer step,
-``load_state_dict``): it is keyed on each weight's storage and version counter. Writes through
-``.data`` bypass the version counter and are not seen. The copy costs the expert weights' size
-once more, for as long as the module lives.
+these paths where they apply, so every caller of the grouped experts gets them. Each packed copy
+(:func:`cached`: oneDNN's, the kernel's panels) is kept per
+:class:`~fulu_nas.moe.experts.GroupedExperts` module (in a weak map, so it never travels with the
+module's state, copies or pickles) and is rebuilt when a weight is replaced or changed in place
+through autograd-visible operations (an optimizer step, ``load_state_dict``): it is keyed on each
+weight's storage and version counter. Writes through ``.data`` bypass the version counter and are
+not seen. Each copy costs the expert weights' size once more, for as long as the module lives
+(a workload with both few and many rows per expert holds both).
 
 Shape suffixes as in :mod:`fulu_nas.moe.layer`.
 """

@@ -1,17 +1,20 @@
 """fp32 CPU inference for a few rows per expert: a C++ kernel that streams each weight once.
 
-At decode sizes (a few tokens per expert) the experts' GEMMs only read weights. oneDNN's kernels
-for a handful of rows read them at 55-65% of the rate this kernel reaches (2-core AVX-512 EPYC,
-seed config, 16 tokens, all 16 GEMMs: 3.2-4.1 ms against 2.3-3.4 ms in the same runs): it packs
-each expert's weights once into panels of 64 output columns that every thread reads as one
-sequential stream, keeps 6 rows x 64 columns of sums in registers, and applies the activation,
-the routing weight and the biases as each panel finishes (``csrc/cpu_stream.cpp``). With more
-rows per expert the work turns compute-bound and oneDNN's blocked GEMM is faster (measured
-crossover at 32-64 rows per expert), so :func:`applies` takes it up to :data:`MAX_MEAN_ROWS`.
+At decode sizes (a few tokens per expert) the experts' GEMMs do little but read weights: 100 MB
+per call in the seed config (hidden 512, 8 experts, FFN 2048). oneDNN's kernels for a handful of
+rows read them at 60-85% of the rate of a plain sum over the same bytes; this kernel reads them at
+that rate (2-core AVX-512 EPYC, 16 tokens, expert rows 6,6,5,4,4,1,1,5: 2.5-3.1 ms for the experts
+against 2.5-3.0 ms for ``torch.sum`` over 100 MB, in the same runs). It packs each expert's
+weights once into panels of 64 output columns stored in the order the threads read them, so each
+thread reads one sequential stream; it keeps 6 rows x 64 columns of sums in registers and applies
+the activation, the routing weight and the biases as each panel finishes (``csrc/cpu_stream.cpp``).
+With more rows per expert the work turns compute-bound and oneDNN's blocked GEMM catches up
+(crossover at 32-64 rows per expert in the seed config), so :func:`applies` takes the kernel up to
+:data:`MAX_MEAN_ROWS`.
 
-The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja;
-about 20 s once per machine, cached in ``TORCH_EXTENSIONS_DIR``) for this CPU's vector ISA as
-torch reports it. Where that fails the experts take oneDNN (:mod:`fulu_nas.moe.cpu_packed`) and
+The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja)
+for this CPU's vector ISA as torch reports it: about 10 s, once per machine, torch release and ISA,
+cached in ``TORCH_EXTENSIONS_DIR``. Where that fails the experts take oneDNN (:mod:`fulu_nas.moe.cpu_packed`) and
 one warning says why; ``FULU_NAS_CPU_STREAM=0`` turns the kernel off.
 
 Shape suffixes as in :mod:`fulu_nas.moe.experts`; ``P`` counts panels.

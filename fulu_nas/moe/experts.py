@@ -150,9 +150,8 @@ class GroupedExperts(nn.Module):
         """Rows sorted by expert (``offsets_E``: int32 cumulative counts), each output row scaled by
         its routing weight (``None``: unweighted). No host sync. The weight multiplies the
         activation (before the down projection, which is linear), where it fuses with the
-        activation's elementwise pass. fp32 inference on the CPU runs through oneDNN with the
-        weights packed once (:mod:`fulu_nas.moe.cpu_packed`; the counts are read there, in host
-        memory)."""
+        activation's elementwise pass. fp32 inference on the CPU runs with the weights packed once
+        (:meth:`_forward_packed`; the counts are read there, in host memory)."""
         if cpu_packed.applies(x_ND, needs_grad(self, x_ND, weight_N)):
             return self._forward_packed(x_ND, torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist(), weight_N)
         h = grouped_mm(x_ND, self.w13_EDF2, offsets_E)
