@@ -142,11 +142,14 @@ def _run_case(name: str, rank: int) -> dict:
     averaged = {n: p.grad.clone() for n, p in ep.named_parameters() if p.grad is not None}
     with torch.no_grad():
         out_sorted, _ = ep(x, token_ids=part(ids_all, rank), impl="sorted")
+        # inference (the CPU's packed experts), with and without the statistics
+        out_inference, _ = ep(x, token_ids=part(ids_all, rank))
         out_nostats, nostats = ep(x, token_ids=part(ids_all, rank), with_stats=False)
     gathered = ep.gather_layer()
     return {
         "out": out.detach(), "stats": {k: v.detach() for k, v in stats.items()}, "x_grad": x.grad,
         "grads": grads, "averaged": averaged, "out_sorted": out_sorted, "out_nostats": out_nostats,
+        "out_inference": out_inference,
         "nostats": nostats, "original": original, "gathered": gathered.state_dict(),
         "gathered_type": type(gathered), "expert_range": ep.expert_range,
         "parameter_counts": ep.parameter_counts(), "layer_parameter_counts": layer.parameter_counts(),
@@ -242,7 +245,8 @@ def test_output_equals_single_layer_on_each_rank_input(ranks, name):
         ref, _, _, _ = single(layer, part(x, r), part(up, r), part(ids, r))
         torch.testing.assert_close(res["out"], ref, **TOL, msg=f"rank {r} output")
         torch.testing.assert_close(res["out_sorted"], ref, **TOL, msg=f"rank {r} impl=sorted output")
-        torch.testing.assert_close(res["out_nostats"], res["out"], rtol=0, atol=0)
+        torch.testing.assert_close(res["out_inference"], ref, **TOL, msg=f"rank {r} inference output")
+        torch.testing.assert_close(res["out_nostats"], res["out_inference"], rtol=0, atol=0)
         assert res["nostats"] == {}
 
 
