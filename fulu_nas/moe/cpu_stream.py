@@ -129,35 +129,35 @@ def _empty_on_huge_pages(shape: tuple[int, ...]) -> Tensor:
     return buffer[start:start + nbytes].view(torch.float32).view(shape)  # the view keeps the buffer
 
 
-def _panels(w_EKC: Tensor) -> Tensor:
-    """(E, K, C) with C a multiple of 64 -> (C/64, E, K, 64): panel p of expert e holds columns
-    64p..64p+63 (panel-major: the kernel's task order)."""
-    E, K, C = w_EKC.shape
-    panels = w_EKC.reshape(E, K, C // BLOCK, BLOCK).permute(2, 0, 1, 3)
-    return _empty_on_huge_pages(tuple(panels.shape)).copy_(panels)
+def _panels(*parts_EKC: Tensor) -> Tensor:
+    """Column groups side by side in panels of 64 columns, (P, E, K, 64), panel-major (the
+    kernel's task order). With one part (E, K, C), panel p holds its columns 64p..64p+63; with two
+    (SwiGLU's gate and up), columns 32p..32p+31 of each. Columns are zero-padded to whole panels.
+    Copied straight into place: packing needs no temporary copy of the weights."""
+    width = BLOCK // len(parts_EKC)
+    parts = [_pad_to(part, 2, width) for part in parts_EKC]
+    E, K, C = parts[0].shape
+    P = C // width
+    panels_PEKB = _empty_on_huge_pages((P, E, K, BLOCK))
+    groups = panels_PEKB.view(P, E, K, len(parts), width)
+    for i, part in enumerate(parts):
+        groups[:, :, :, i].copy_(part.reshape(E, K, P, width).permute(2, 0, 1, 3))
+    return panels_PEKB
 
 
 def pack(w13_EDW: Tensor, b13_EW: Tensor | None, w2_EFD: Tensor, swiglu: bool) -> Panels:
     """Pack the stacked expert weights (``W`` = 2F for SwiGLU, gate then up; F for GELU) into
-    fp32 panels. SwiGLU interleaves 32 gate and 32 up columns per panel so a panel yields finished
-    activations; F is padded with zero columns to whole panels (zero activations), and so is D in
-    the down projection."""
+    fp32 panels. SwiGLU puts 32 gate and 32 up columns in each panel, so a panel yields finished
+    activations; F is padded with zero columns to whole panels (zero activations), and the down
+    projection's rows and D columns alike."""
     with torch.no_grad():
-        w13 = w13_EDW.detach().float()
-        b13 = None if b13_EW is None else b13_EW.detach().float()[:, None, :]  # (E, 1, W): packed like a row
+        def split(w_EKW: Tensor) -> tuple[Tensor, ...]:
+            return w_EKW.detach().float().chunk(2, dim=-1) if swiglu else (w_EKW.detach().float(),)
+
+        w13_PEDB = _panels(*split(w13_EDW))
+        b13_PEB = None if b13_EW is None else _panels(*split(b13_EW[:, None, :])).squeeze(2)
         half = BLOCK // 2 if swiglu else BLOCK
-
-        def columns(w_EKW: Tensor) -> Tensor:
-            if not swiglu:
-                return _pad_to(w_EKW, 2, BLOCK)
-            E, K, W = w_EKW.shape
-            gate, up = (_pad_to(part, 2, half).reshape(E, K, -1, half) for part in w_EKW.chunk(2, dim=-1))
-            return torch.cat([gate, up], dim=-1).reshape(E, K, -1)
-
-        w13_PEDB = _panels(columns(w13))
-        b13_PEB = None if b13 is None else _panels(columns(b13)).squeeze(2).contiguous()
-        w2 = _pad_to(_pad_to(w2_EFD.detach().float(), 1, half), 2, BLOCK)
-        return Panels(w13_PEDB, b13_PEB, _panels(w2))
+        return Panels(w13_PEDB, b13_PEB, _panels(_pad_to(w2_EFD.detach().float(), 1, half)))
 
 
 def experts(x_ND: Tensor, counts: list[int], panels: Panels, b2_ED: Tensor | None, weight_N: Tensor | None,
