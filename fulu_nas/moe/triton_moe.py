@@ -101,6 +101,8 @@ DOWN_CONFIG: tuple | None = None
 # Override of second_gemm_by_grouped_mm (tests, sweeps): None, True or False.
 GROUPED_MM_SECOND: bool | None = None
 GROUPED_MM_SECOND_MIN_ROWS_PER_EXPERT = 2048
+# ... or from half that per expert when the call has this many rows (a large grid of tiles)
+GROUPED_MM_SECOND_LARGE_CALL_ROWS = 131072
 
 
 def second_gemm_by_grouped_mm(act_NF: Tensor, w2_EFD: Tensor, b2_ED: Tensor | None) -> bool:
@@ -111,16 +113,22 @@ def second_gemm_by_grouped_mm(act_NF: Tensor, w2_EFD: Tensor, b2_ED: Tensor | No
     Measured on H200 in bf16 (layer device time, ``down_scatter_kernel`` -> grouped_mm):
     fine-grained (128 experts, FFN 256, top-8) at 32,768 tokens 1.277 -> 1.169 ms, at 4,096 0.273
     -> 0.271; seed (8 experts, FFN 2048, top-2) at 32,768 0.960 -> 0.944, at 4,096 0.220 -> 0.227,
-    at 16 tokens 0.071-0.083 -> 0.093. So grouped_mm from 2,048 rows per expert (bf16 only, on
-    Hopper or later). ``GROUPED_MM_SECOND`` overrides the rule. The bias term
-    ``b2[e] * weight[n]`` lives in the Triton kernel's epilogue, so a bias keeps that kernel."""
+    at 16 tokens 0.071-0.083 -> 0.093. On H100 (bench throughput, compiled and graphed, scatter
+    -> grouped_mm): 256 experts (FFN 512, top-8) at 32,768 tokens, 1,024 rows per expert and
+    262,144 in all, 23.4 -> 24.3 M tok/s; the seed config at 4,096 tokens (1,024 rows per expert,
+    8,192 in all) 21.7 -> 20.2; 256 experts at 4,096 tokens 11.4 -> 10.9. So grouped_mm from
+    2,048 rows per expert, or from 1,024 in calls of at least 131,072 rows (bf16 only, on Hopper or
+    later). ``GROUPED_MM_SECOND`` overrides the rule. The bias term ``b2[e] * weight[n]`` lives in
+    the Triton kernel's epilogue, so a bias keeps that kernel."""
     if b2_ED is not None:
         return False
     if GROUPED_MM_SECOND is not None:
         return GROUPED_MM_SECOND
     E, F, D = w2_EFD.shape
-    return (act_NF.is_cuda and act_NF.dtype == torch.bfloat16 and F % 8 == 0 and D % 8 == 0
-            and act_NF.shape[0] >= GROUPED_MM_SECOND_MIN_ROWS_PER_EXPERT * E
+    N = act_NF.shape[0]
+    large = N >= GROUPED_MM_SECOND_MIN_ROWS_PER_EXPERT * E or (
+        N >= GROUPED_MM_SECOND_LARGE_CALL_ROWS and N >= GROUPED_MM_SECOND_MIN_ROWS_PER_EXPERT // 2 * E)
+    return (act_NF.is_cuda and act_NF.dtype == torch.bfloat16 and F % 8 == 0 and D % 8 == 0 and large
             and torch.cuda.get_device_capability(act_NF.device) >= (9, 0))
 
 
