@@ -275,7 +275,8 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", choices=ROUTERS, default="topk")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per cell")
-    p.add_argument("--rounds", type=_positive_int, default=1,
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="time every path this many times, taking turns, and report medians")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=_layer_main)
@@ -323,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench_levels import add_parser
     from .bench_tasks import add_parsers
 
-    add_parser(sub, _positive_int)
+    add_parser(sub)
     add_parsers(sub)
     return parser
 

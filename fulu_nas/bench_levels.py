@@ -9,14 +9,14 @@ utilisation, load balance.
 - BASIC: per-expert loop, fp32. ENHANCED: sorted dispatch, one matmul pair per expert, fp32.
   ADVANCED: grouped GEMM (the Triton experts on CUDA), bf16 on CUDA (hardware optimisation),
   eager. EXTREME: ADVANCED compiled, replayed from one CUDA graph per input shape on CUDA. On the
-  CPU, ADVANCED and EXTREME both run the eager forward with oneDNN-packed experts, as the system
-  does there.
+  CPU, ADVANCED and EXTREME both run the eager forward with packed experts (the streaming kernel
+  for few rows per expert, oneDNN above), as the system does there.
 - Latency: median of per-call times after warm-up (CUDA events on CUDA, the wall clock on the
   CPU); throughput = tokens / median latency.
 - Memory: on CUDA the allocator's peak over the level's calls (warm-up, compilation and graph
   capture included), weights and input included. On the CPU the weights and input plus the
   peak of live tensor allocations over the first two calls (torch.profiler's allocation events;
-  the first call packs the oneDNN weights).
+  the first call packs the experts' weights).
 - Utilisation and balance: the routing statistics of the measured call
   (:mod:`fulu_nas.moe.stats`). An untrained router says little, so the layer is first trained
   for a short run on ``clusters`` (inside a one-block model of width 512, 8 planted domains), and
@@ -40,6 +40,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from .bench import bench_device, device_name, markdown_table, positive_int
 from .cuda_graphs import GraphedForward
 from .evaluate import cpu_peak_bytes
 from .models import ArchConfig, PiMoETransformer
@@ -213,8 +214,6 @@ def _release(device: torch.device) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    from .bench import markdown_table
-
     def cell(key: str, value) -> str:
         if value is None:
             return "-"
@@ -227,8 +226,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def levels_main(args: argparse.Namespace) -> int:
-    from .bench import bench_device, device_name
-
     device = bench_device(args.device)
     if args.tokens % SEQ_LEN:
         raise ValueError(f"--tokens must be a multiple of the clusters sequence length {SEQ_LEN}, got {args.tokens}")
@@ -247,7 +244,7 @@ def levels_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub, positive_int: Callable[[str], int]) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("levels", help="the spec's table: latency, throughput, memory, utilisation and balance "
                                       "per optimisation level, beside a dense FFN")
     p.add_argument("--hidden", type=int, default=512)

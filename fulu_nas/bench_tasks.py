@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from .bench import device_name, markdown_table
 from .models import ArchConfig, PiMoETransformer
 from .moe import BALANCING_METHODS, ROUTERS, MoEConfig
 
@@ -77,15 +78,11 @@ def run_one(task, arch: ArchConfig, seconds: float, batch_size: int, lr: float, 
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
-    from .bench import markdown_table
-
     return markdown_table(columns, [[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
                                     for r in rows])
 
 
 def _device_line() -> str:
-    from .bench import device_name
-
     return f"{device_name(torch.device('cpu'))}, torch {torch.__version__}, float32"
 
 

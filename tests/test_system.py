@@ -49,7 +49,7 @@ def test_spec_example_hierarchical_extreme_with_flags():
     eager, _ = system.layer(x)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
     assert system.architecture()["moe"]["router"] == "hierarchical"
-    # CPU inference drops the compiled forward for the eager one (oneDNN-packed experts, faster)
+    # CPU inference drops the compiled forward for the eager one (packed experts, faster)
     system.optimize_for_inference()
     out, info = system(x, return_comprehensive_info=True)
     assert not info["system_stats"]["compiled"] and info["system_stats"]["cuda_graphs"] == 0

@@ -23,6 +23,7 @@ Shape suffixes as in :mod:`fulu_nas.moe.experts`; ``P`` counts panels.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -51,7 +52,6 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
     "AVX2": ["-mavx2", "-mfma"],
 }
-_kernel: dict[str, object] = {}  # "op": the loaded operator, or "error": why it is not there
 
 
 def _build() -> object:
@@ -67,18 +67,23 @@ def _build() -> object:
     return torch.ops.fulu_nas_cpu.stream_experts
 
 
+@functools.cache
+def _loaded() -> object | None:
+    """The operator, built once per process; None (and one warning) where the build fails."""
+    try:
+        return _build()
+    except Exception as exc:  # no compiler, no ninja, a failed build: oneDNN serves instead
+        reason = f"{type(exc).__name__}: {exc}".strip()[:500]
+        warnings.warn(f"fulu_nas: the CPU streaming experts kernel could not be built, using oneDNN for "
+                      f"few-token inference instead ({reason})", RuntimeWarning, stacklevel=3)
+        return None
+
+
 def kernel() -> object | None:
     """The compiled operator, or None where it cannot be built here (warned once) or is turned off."""
     if os.environ.get("FULU_NAS_CPU_STREAM", "1") == "0":
         return None
-    if not _kernel:
-        try:
-            _kernel["op"] = _build()
-        except Exception as exc:  # no compiler, no ninja, a failed build: oneDNN serves instead
-            _kernel["error"] = f"{type(exc).__name__}: {exc}".strip()
-            warnings.warn(f"fulu_nas: the CPU streaming experts kernel could not be built, using oneDNN for "
-                          f"few-token inference instead ({_kernel['error'][:500]})", RuntimeWarning, stacklevel=2)
-    return _kernel.get("op")
+    return _loaded()
 
 
 def applies(counts: list[int]) -> bool:
