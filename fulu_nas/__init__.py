@@ -3,8 +3,8 @@
 The layer library (``fulu_nas.moe``) and the spec's entry point need torch only.
 """
 
-from .export import load  # an exported model directory -> nn.Module (safetensors + YAML, no pickle)
-from .migrate import migrate_from_electra  # torch only: transformers is imported when loading a directory
+from .deploy.export import load  # an exported model directory -> nn.Module (safetensors + YAML, no pickle)
+from .interop import migrate_from_electra  # torch only: transformers is imported when loading a directory
 from .moe import MoEConfig, PiMoELayer
 from .system import OptimizationLevel, RoutingStrategy, UltimatePiMoESystem, create_ultimate_pimoe_system
 

@@ -30,17 +30,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return export_trial.main(rest)
     if command == "ui":
-        from . import ui
+        from .dashboard import ui
 
         return ui.main(rest)
     if command == "dashboard":
-        from . import dashboard
+        from .dashboard import render
 
-        return dashboard.main(rest)
+        return render.main(rest)
     if command == "bench":
-        from . import bench
+        from .bench import cli
 
-        return bench.main(rest)
+        return cli.main(rest)
     print(f"error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

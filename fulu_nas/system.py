@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .cuda_graphs import GraphedForward
+from .deploy.cuda_graphs import GraphedForward
 from .moe import MoEConfig, PiMoELayer
 
 
@@ -196,7 +196,7 @@ class UltimatePiMoESystem(nn.Module):
     def optimize_for_inference(self) -> UltimatePiMoESystem:
         """Eval mode, no autograd; on CUDA bf16 (hardware optimisation), and for EXTREME the compiled
         forward replayed from one CUDA graph per input shape
-        (:class:`~fulu_nas.cuda_graphs.GraphedForward`: less host work per call than
+        (:class:`~fulu_nas.deploy.cuda_graphs.GraphedForward`: less host work per call than
         cudagraph trees; each new input shape is compiled and captured once and keeps its graph's
         memory, so bucket variable sizes). ADVANCED runs the eager forward (the Triton experts on
         CUDA). On the CPU, ADVANCED and EXTREME both run the eager forward, whose experts run

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from fulu_nas import bench, cli
-from fulu_nas.bench_levels import DENSE_ROW
+from fulu_nas import cli
+from fulu_nas.bench import cli as bench
+from fulu_nas.bench.levels import DENSE_ROW
 
 
 def test_bench_layer_prints_a_table_and_writes_json(tmp_path, capsys):
@@ -106,10 +107,10 @@ def test_module_runs_with_torch_alone(tmp_path):
         "        raise ImportError('blocked ' + name)\n"
         "    return real(name, *a, **k)\n"
         "builtins.__import__ = guard\n"
-        "import fulu_nas, fulu_nas.moe, fulu_nas.bench, fulu_nas.bench_levels, fulu_nas.system\n"
-        "assert fulu_nas.bench.main(['layer', '--tokens', '8', '--hidden', '16', '--experts', '2',"
+        "import fulu_nas, fulu_nas.moe, fulu_nas.bench.cli, fulu_nas.bench.levels, fulu_nas.system\n"
+        "assert fulu_nas.bench.cli.main(['layer', '--tokens', '8', '--hidden', '16', '--experts', '2',"
         " '--ffn', '16', '--min-run-time', '0.01', '--paths', 'grouped']) == 0\n"
-        "sys.exit(fulu_nas.bench.main(['levels', '--hidden', '16', '--experts', '2', '--ffn', '16',"
+        "sys.exit(fulu_nas.bench.cli.main(['levels', '--hidden', '16', '--experts', '2', '--ffn', '16',"
         " '--tokens', '32', '--train-steps', '2', '--iterations', '1', '--warmup', '1']))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

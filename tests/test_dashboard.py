@@ -15,8 +15,8 @@ import mlflow
 import optuna
 import pytest
 
-from fulu_nas import dashboard
 from fulu_nas.cli import main
+from fulu_nas.dashboard import render as dashboard
 from fulu_nas.errors import FuluConfigError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from fulu_nas.cli import main
 from fulu_nas.tasks import IGNORE, NO_DOMAIN, Batch, Task
-from fulu_nas.train import TrainConfig, train
+from fulu_nas.training.train import TrainConfig, train
 
 from .helpers import spawn_ranks
 
@@ -67,9 +67,9 @@ def tiny_model():
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from fulu_nas.distributed import expert_parallel, gather_experts, init_from_env
-    from fulu_nas.dynamic_experts import DynamicExpertsConfig
-    from fulu_nas.train import StoppedByRankZero
+    from fulu_nas.training.distributed import expert_parallel, gather_experts, init_from_env
+    from fulu_nas.training.dynamic_experts import DynamicExpertsConfig
+    from fulu_nas.training.train import StoppedByRankZero
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(P), MASTER_ADDR="127.0.0.1",
@@ -206,7 +206,7 @@ def test_a_callback_that_raises_stops_the_ranks_mid_run(tmp_path):
 
     from fulu_nas.models import ArchConfig
     from fulu_nas.moe import MoEConfig
-    from fulu_nas.train_parallel import train_expert_parallel
+    from fulu_nas.training.parallel import train_expert_parallel
 
     arch = ArchConfig(vocab_size=64, max_seq_len=16, num_layers=1, hidden_size=32, num_heads=2, dense_ffn_size=64,
                       num_classes=4, moe=MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=32, top_k=2))

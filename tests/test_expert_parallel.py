@@ -126,8 +126,8 @@ def train(model, batches, sync=None) -> list[float]:
 # -- the ranks --------------------------------------------------------------------------------------
 
 def _run_case(name: str, rank: int) -> dict:
-    from fulu_nas.distributed import average_replicated_gradients
     from fulu_nas.moe.expert_parallel import ExpertParallelMoE
+    from fulu_nas.training.distributed import average_replicated_gradients
 
     layer = build(name)
     original = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -157,14 +157,14 @@ def _run_case(name: str, rank: int) -> dict:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from fulu_nas.distributed import (
+    from fulu_nas.moe.expert_parallel import ExpertParallelMoE
+    from fulu_nas.training.distributed import (
         average_replicated_gradients,
         clip_grad_norm_,
         expert_parallel,
         gather_experts,
         init_from_env,
     )
-    from fulu_nas.moe.expert_parallel import ExpertParallelMoE
 
     torch.set_num_threads(1)
     # as torchrun would set it up
@@ -349,8 +349,8 @@ def single_rank_group():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_a_one_rank_group_equals_the_layer(single_rank_group, name):
-    from fulu_nas.distributed import average_replicated_gradients, clip_grad_norm_, expert_shard_parameters
     from fulu_nas.moe.expert_parallel import ExpertParallelMoE
+    from fulu_nas.training.distributed import average_replicated_gradients, clip_grad_norm_, expert_shard_parameters
 
     layer = build(name)
     ep = ExpertParallelMoE.from_layer(build(name))

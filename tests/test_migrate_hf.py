@@ -1,5 +1,5 @@
-"""Hugging Face interop: ELECTRA/BERT sparse upcycling (fulu_nas.migrate) and MoE block import
-(fulu_nas.moe.hf_import). Tiny random models built from config classes; nothing is downloaded."""
+"""Hugging Face interop: ELECTRA/BERT sparse upcycling (fulu_nas.interop.migrate) and MoE block import
+(fulu_nas.interop.hf_import). Tiny random models built from config classes; nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBl
 
 from fulu_nas import RoutingStrategy, migrate_from_electra  # noqa: E402
 from fulu_nas.errors import FuluConfigError  # noqa: E402
-from fulu_nas.migrate import (  # noqa: E402
+from fulu_nas.interop.hf_import import from_deepseek_v3, from_hf, from_mixtral, from_qwen2_moe, hf_family, to_hf  # noqa: E402
+from fulu_nas.interop.migrate import (  # noqa: E402
     PiMoEOutput,
     TaskModel,
     balance_loss,
@@ -39,7 +40,6 @@ from fulu_nas.migrate import (  # noqa: E402
     update_expert_biases,
 )
 from fulu_nas.moe import MoEConfig, PiMoELayer  # noqa: E402
-from fulu_nas.moe.hf_import import from_deepseek_v3, from_hf, from_mixtral, from_qwen2_moe, hf_family, to_hf  # noqa: E402
 
 EXACT_ROUTERS = ["topk", "hash", "hierarchical", "attention"]
 ATOL = 1e-5
@@ -269,9 +269,9 @@ def test_short_fine_tune_lowers_the_loss_and_separates_the_experts():
 
 
 def test_fine_tune_on_a_fulu_nas_task_with_the_trainer():
-    from fulu_nas.evaluate import evaluate
     from fulu_nas.tasks import ClustersTask
-    from fulu_nas.train import TrainConfig, train
+    from fulu_nas.training.evaluate import evaluate
+    from fulu_nas.training.train import TrainConfig, train
 
     task = ClustersTask(num_domains=4, values=8, seq_len=16, val_sequences=32)
     torch.manual_seed(0)

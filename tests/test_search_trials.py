@@ -18,7 +18,7 @@ import torch
 
 import fulu_nas.search.objective as objective_module
 from fulu_nas.cli import main
-from fulu_nas.train import TrainingDiverged
+from fulu_nas.training.train import TrainingDiverged
 
 from .helpers import free_port
 from .test_search_e2e import _cli, load_study, run_search

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from fulu_nas.dynamic_experts import DynamicExperts, DynamicExpertsConfig, Probe
-from fulu_nas.evaluate import evaluate, match_experts_to_domains, measure_cost, routing_accuracy
+from fulu_nas.bench.cost import measure_cost
 from fulu_nas.models import ArchConfig, PiMoETransformer
 from fulu_nas.moe import MoEConfig
 from fulu_nas.tasks import ClustersTask, PiMoEMixTask
-from fulu_nas.train import TrainConfig, TrainingDiverged, lr_factor, train
+from fulu_nas.training.dynamic_experts import DynamicExperts, DynamicExpertsConfig, Probe
+from fulu_nas.training.evaluate import evaluate, match_experts_to_domains, routing_accuracy
+from fulu_nas.training.train import TrainConfig, TrainingDiverged, lr_factor, train
 
 
 def clusters_model(task, seed=0, **moe):
@@ -75,7 +76,7 @@ def test_seeded_training_is_reproducible():
 
 
 def test_short_clusters_run_improves_loss_routing_and_reports_progress():
-    from fulu_nas.bench_tasks import clusters_arch
+    from fulu_nas.bench.tasks import clusters_arch
 
     task = small_clusters()
     torch.manual_seed(0)
@@ -269,7 +270,7 @@ def test_dynamic_experts_freeze_after_a_share_of_the_budget():
 
 
 def test_dynamic_mode_grows_and_shrinks_during_training():
-    from fulu_nas.bench_tasks import clusters_arch
+    from fulu_nas.bench.tasks import clusters_arch
 
     # two experts for four planted domains: once attention carries the domain into the hidden
     # states, each expert's tokens form two clusters of router inputs and the experts split

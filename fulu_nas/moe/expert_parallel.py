@@ -26,7 +26,7 @@ expert weights. A forward pass:
 
 The all-to-alls are autograd functions (the backward is the inverse all-to-all), so an expert
 receives the gradients of its rows from every rank. Replicated parameters receive local gradients;
-average them over the data-parallel group (:func:`fulu_nas.distributed.average_replicated_gradients`).
+average them over the data-parallel group (:func:`fulu_nas.training.distributed.average_replicated_gradients`).
 Every rank must call forward and backward the same number of times, in the same order.
 
 Statistics: ``tokens_per_expert`` is the global load (summed over ranks), so ``load_balance``,
@@ -124,7 +124,7 @@ class ExpertParallelMoE(PiMoELayer):
     Same ``forward(x, token_ids=None, impl=None, with_stats=True) -> (out, stats)`` contract as
     ``PiMoELayer``: each rank passes its own tokens and gets its own tokens' outputs. It is a
     ``PiMoELayer`` subclass so models that look for their MoE layers by type keep working after
-    :func:`fulu_nas.distributed.expert_parallel` swaps it in; :meth:`parameter_counts` counts all
+    :func:`fulu_nas.training.distributed.expert_parallel` swaps it in; :meth:`parameter_counts` counts all
     experts, :meth:`remap_experts` is not supported (gather first).
 
     ``impl``: the local experts run as one grouped GEMM (``torch._grouped_mm``) for ``grouped``,

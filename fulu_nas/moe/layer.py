@@ -23,6 +23,7 @@ streaming C++ kernel for few rows per expert or oneDNN above (:meth:`GroupedExpe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -74,13 +75,18 @@ class PiMoELayer(nn.Module):
         self.experts = GroupedExperts(cfg)
         self.shared = SharedExperts(cfg) if cfg.num_shared_experts else None
 
+    # The Hugging Face importer, registered by fulu_nas.interop.hf_import when it is imported (``import
+    # fulu_nas`` does): the knowledge of foreign blocks stays out of the layer library, which imports
+    # nothing above itself.
+    hf_importer: Callable[..., PiMoELayer] | None = None
+
     @classmethod
     def from_hf(cls, block: nn.Module, **overrides) -> PiMoELayer:
         """A layer equal to a Hugging Face transformers MoE block (Mixtral, Qwen2-MoE, DeepSeek-V3);
-        see :mod:`fulu_nas.moe.hf_import`. ``overrides`` set fields the block does not fix."""
-        from .hf_import import from_hf
-
-        return from_hf(block, **overrides)
+        see :mod:`fulu_nas.interop.hf_import`. ``overrides`` set fields the block does not fix."""
+        if cls.hf_importer is None:
+            raise RuntimeError("PiMoELayer.from_hf needs fulu_nas.interop.hf_import; import fulu_nas first")
+        return cls.hf_importer(block, **overrides)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, impl: str | None = None,
                 with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:

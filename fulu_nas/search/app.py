@@ -1,5 +1,5 @@
-"""``fulu-nas search``: a Hydra app over ``conf/`` (groups task, search_space, study, trainer,
-tracking; ``search_spaces/`` is the ``search_space`` group).
+"""``fulu-nas search``: a Hydra app over ``fulu_nas/conf/`` (groups task, search_space, study, trainer,
+tracking, experiment).
 
 Before Hydra runs the job (and creates its output folder) the same overrides are composed with
 Hydra's compose API and validated: a malformed space or config, an unknown group option, a wrong
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import FuluConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Shipped inside the package (the top-level conf/ of a checkout links here), so a wheel install finds it.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BAD_INPUT = 2
 # Flags after which Hydra prints or sweeps instead of running one job: no pre-flight for these.
 _HYDRA_ONLY = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",

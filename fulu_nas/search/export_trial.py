@@ -1,7 +1,7 @@
 """``fulu-nas export study.name=NAME [trial=best] [retrain=false] [out=DIR] [name=MODEL]``:
 pick a trial of a finished (or running) study, get its weights (saved during the search, or
 retrained with a longer budget), measure it, and write the export directory
-(:mod:`fulu_nas.export`); the MLflow model is registered as ``name`` with the alias ``champion``.
+(:mod:`fulu_nas.deploy.export`); the MLflow model is registered as ``name`` with the alias ``champion``.
 
 ``trial``: ``best`` (single-objective studies), a trial number, ``pareto:<i>`` (the i-th
 Pareto-optimal trial, ordered by the first objective) or ``fastest_within:<pct>`` (the lowest
@@ -71,7 +71,7 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
     from safetensors.torch import load_model
 
     from ..models import ArchConfig, PiMoETransformer
-    from ..train import train
+    from ..training.train import train
 
     arch = ArchConfig.from_dict(trial.user_attrs["arch"])
     torch.manual_seed(s.train.seed)
@@ -138,8 +138,8 @@ The architecture is in `config.yaml`; the full configuration in `architecture` r
 def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     import mlflow
 
-    from ..evaluate import evaluate
-    from ..export import FORMAT_VERSION, write_export
+    from ..deploy.export import FORMAT_VERSION, PYFUNC_CODE, write_export
+    from ..training.evaluate import evaluate
     from .tracking import PARENT_RUN_ATTR
 
     retrain = options["retrain"].lower() in ("1", "true", "yes")
@@ -184,7 +184,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
                           run_name=f"export trial {trial.number}", tags=tags):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
                             and not isinstance(v, bool)})
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).parents[1] / "export_pyfunc.py"),
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
                                        artifacts={"program": str(out / "model.pt2")},
                                        registered_model_name=name, pip_requirements=str(out / "requirements.txt"))
     version = info.registered_model_version

@@ -12,7 +12,7 @@ How a trial ends, and what the study keeps of it (user attributes on the Optuna 
   the heartbeat check and retried (see :mod:`.storage`).
 
 With ``trainer.expert_parallel=P > 1`` the training step runs over P ranks in a torchrun launch
-(:mod:`fulu_nas.train_parallel`; a num_experts not divisible by P makes the trial infeasible); its reports stream
+(:mod:`fulu_nas.training.parallel`; a num_experts not divisible by P makes the trial infeasible); its reports stream
 back to the pruner and MLflow, and the gathered single-device model is evaluated, measured and
 logged here exactly as a one-device trial's.
 """
@@ -29,11 +29,12 @@ from dataclasses import asdict
 import optuna
 import torch
 
+from ..bench.cost import measure_cost
 from ..errors import FuluConfigError
-from ..evaluate import evaluate, measure_cost
 from ..models import PiMoETransformer
-from ..train import StepReport, TrainingDiverged, train
-from ..train_parallel import train_expert_parallel
+from ..training.evaluate import evaluate
+from ..training.parallel import train_expert_parallel
+from ..training.train import StepReport, TrainingDiverged, train
 from .settings import SearchSettings
 from .tracking import Tracker
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import FuluConfigError
 from ..tasks import Task, build_task
-from ..train import TrainConfig
+from ..training.train import TrainConfig
 from .space import SearchSpace, parse_space
 from .storage import check_storage_url, check_tracking_uri
 

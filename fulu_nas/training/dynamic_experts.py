@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .moe import PiMoELayer
+from ..moe import PiMoELayer
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,8 @@ class DynamicExperts:
     def probe(self) -> list[Probe] | None:
         """Each MoE layer's view of the latest batch (see :class:`Probe`); None without a batch or
         for routers without per-token scores."""
+        from ..tasks import IGNORE
         from .evaluate import top1_expert
-        from .tasks import IGNORE
 
         if self.batch is None:
             return None

@@ -57,8 +57,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import MoEConfig
-from .layer import PiMoELayer
+from ..moe.config import MoEConfig
+from ..moe.layer import PiMoELayer
 
 FAMILIES = {
     "MixtralSparseMoeBlock": "mixtral",
@@ -395,3 +395,6 @@ def to_hf(layer: PiMoELayer, block: nn.Module, family: str | None = None) -> nn.
     if spec.shared_gate_weight is not None:
         spec.shared_gate_weight.copy_(layer.shared.gate.weight)
     return block
+
+
+PiMoELayer.hf_importer = staticmethod(from_hf)

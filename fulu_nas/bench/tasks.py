@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from .bench import device_name, markdown_table
-from .models import ArchConfig, PiMoETransformer
-from .moe import BALANCING_METHODS, ROUTERS, MoEConfig
+from ..models import ArchConfig, PiMoETransformer
+from ..moe import BALANCING_METHODS, ROUTERS, MoEConfig
+from .common import device_name, markdown_table
 
 BALANCING = {name: BALANCING_METHODS[name] for name in ("aux_loss", "aux_free", "none")}
 
@@ -61,8 +61,8 @@ def run_one(task, arch: ArchConfig, seconds: float, batch_size: int, lr: float, 
     """Train a fresh model of ``arch`` for ``seconds``, or for ``steps`` when given (``dynamic``: a
     DynamicExpertsConfig) and evaluate it; ``experts`` is the final expert count of the (first)
     MoE layer."""
-    from .evaluate import evaluate
-    from .train import TrainConfig, train
+    from ..training.evaluate import evaluate
+    from ..training.train import TrainConfig, train
 
     torch.manual_seed(seed)
     model = PiMoETransformer(arch)
@@ -92,7 +92,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def clusters_main(args: argparse.Namespace) -> int:
-    from .tasks import ClustersTask
+    from ..tasks import ClustersTask
 
     _set_threads(args)
     task = ClustersTask()
@@ -109,7 +109,7 @@ def clusters_main(args: argparse.Namespace) -> int:
 
 
 def routers_main(args: argparse.Namespace) -> int:
-    from .tasks import PiMoEMixTask
+    from ..tasks import PiMoEMixTask
 
     _set_threads(args)
     task = PiMoEMixTask()
@@ -131,8 +131,8 @@ def dynamic_main(args: argparse.Namespace) -> int:
     grow, from 32 shrink, with routing accuracy no worse than the fixed layer of the final size.
     ``--steps`` gives every run the same number of steps (a comparison that another process on
     the same cores cannot skew); otherwise each run gets ``--seconds`` of wall-clock."""
-    from .dynamic_experts import DynamicExpertsConfig
-    from .tasks import ClustersTask
+    from ..tasks import ClustersTask
+    from ..training.dynamic_experts import DynamicExpertsConfig
 
     _set_threads(args)
     task = ClustersTask()
@@ -178,7 +178,7 @@ THREADS_HELP = ("torch CPU threads (0: torch's default). The clusters model is t
 
 
 def add_parsers(sub) -> None:
-    from .dynamic_experts import DynamicExpertsConfig
+    from ..training.dynamic_experts import DynamicExpertsConfig
 
     p = sub.add_parser("clusters", help="routing accuracy and balance on clusters within a time budget")
     p.add_argument("--seconds", type=float, default=60.0)

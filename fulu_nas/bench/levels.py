@@ -40,12 +40,12 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .bench import bench_device, device_name, markdown_table, positive_int
-from .cuda_graphs import GraphedForward
-from .evaluate import cpu_peak_bytes
-from .models import ArchConfig, PiMoETransformer
-from .moe import ROUTERS, FeedForward
-from .system import OptimizationLevel, create_ultimate_pimoe_system
+from ..deploy.cuda_graphs import GraphedForward
+from ..models import ArchConfig, PiMoETransformer
+from ..moe import ROUTERS, FeedForward
+from ..system import OptimizationLevel, create_ultimate_pimoe_system
+from .common import bench_device, device_name, markdown_table, positive_int
+from .cost import cpu_peak_bytes
 
 COLUMNS = ("level", "dtype", "latency_ms", "throughput_tokens_per_s", "memory_mb", "expert_utilisation",
            "load_balance", "of_dense")
@@ -84,8 +84,8 @@ def _tensor_bytes(module: torch.nn.Module) -> int:
 def train_on_clusters(args: argparse.Namespace, device: torch.device) -> tuple[PiMoETransformer, dict]:
     """A one-block model of width ``hidden`` whose FFN is the spec layer, trained on ``clusters``
     for ``train_steps`` steps; returns it and a summary (steps, seconds, loss, task accuracy)."""
-    from .tasks import ClustersTask
-    from .train import TrainConfig, train
+    from ..tasks import ClustersTask
+    from ..training.train import TrainConfig, train
 
     task = ClustersTask(num_domains=args.experts, seq_len=SEQ_LEN)
     layer_cfg = _system(args, OptimizationLevel.ADVANCED, device="cpu").config
@@ -111,7 +111,7 @@ def train_on_clusters(args: argparse.Namespace, device: torch.device) -> tuple[P
 def layer_inputs(model: PiMoETransformer, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, Tensor]:
     """The hidden states entering the model's MoE layer, (sequences, seq_len, hidden), and the
     token ids (for the hash router), for ``tokens`` tokens of clusters validation sequences."""
-    from .tasks import ClustersTask
+    from ..tasks import ClustersTask
 
     task = ClustersTask(num_domains=args.experts, val_sequences=args.tokens // SEQ_LEN, seq_len=SEQ_LEN)
     captured: list[Tensor] = []

@@ -1,4 +1,4 @@
-"""Benchmarks that need torch alone: ``python -m fulu_nas.bench layer``.
+"""``fulu-nas bench layer | latency | profile``: one PiMoE layer, torch alone.
 
 ``layer`` times one PiMoE layer's forward for each execution path (grouped GEMM, sorted dispatch,
 per-expert loop) beside a dense FFN doing the same FLOPs (width ``top_k * ffn``: the ceiling the
@@ -10,51 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from collections.abc import Callable
 
 import torch
-from torch.utils import benchmark
 
-from .cuda_graphs import capture
-from .moe import ROUTERS, FeedForward, MoEConfig, PiMoELayer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def bench_device(name: str | None) -> torch.device:
-    """``--device``: default cuda if available, else cpu; ValueError (exit 2) for a device this
-    machine does not have."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: the benchmarks run on cpu or cuda")
-    return device
-
-
-def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
-    """Median wall time of ``fn()`` after torch.utils.benchmark's own warm-up, with torch's whole
-    intra-op thread pool (the Timer's default is one thread, which would time a 1-core CPU)."""
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
+from ..moe import ROUTERS, FeedForward, MoEConfig, PiMoELayer
+from .common import DTYPES, bench_device, captured, device_name, markdown_table, median_seconds, positive_int
 
 # A path: (module, impl, how it runs). "compile" = torch.compile(fullgraph=True); "graphs" = the same,
 # then the whole call (forward, or forward and backward) captured in one CUDA graph and replayed:
@@ -67,13 +30,6 @@ PATHS = {
     **{f"{impl}{suffix}": ("moe", impl, how) for impl in ("grouped", "grouped_mm", "triton")
        for suffix, how in (("", "eager"), ("+compile", "compile"), ("+graphs", "graphs"))},
 }
-
-
-def captured(step: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
-    """``step`` (CUDA work without host syncs) captured in one CUDA graph after ``warmup`` calls on a
-    side stream (:func:`fulu_nas.cuda_graphs.capture`); returns the graph's replay."""
-    graph, _ = capture(step, warmup)
-    return graph.replay
 
 
 def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor, backward: bool,
@@ -131,12 +87,6 @@ def bench_layer(cfg: MoEConfig, tokens: list[int], device: torch.device, dtype: 
     return rows
 
 
-def markdown_table(head: list[str], body: list[list[str]], text_columns: int = 0) -> str:
-    """A Markdown table: the first ``text_columns`` columns left-aligned, the rest right-aligned."""
-    rule = "|" + "---|" * text_columns + "---:|" * (len(head) - text_columns)
-    return "\n".join(["| " + " | ".join(head) + " |", rule, *("| " + " | ".join(cells) + " |" for cells in body)])
-
-
 def format_layer_table(rows: list[dict]) -> str:
     """Every measured path, then the best MoE path over the best dense path, and over the loop."""
     keys = [k for k in rows[0] if k != "tokens"]
@@ -160,7 +110,7 @@ def _layer_main(args: argparse.Namespace) -> int:
         print("error: the +graphs paths need CUDA (they capture CUDA graphs)", file=sys.stderr)
         return 2
     if any(PATHS[p][1] == "triton" for p in paths):
-        from .moe import triton_moe
+        from ..moe import triton_moe
 
         if device.type != "cuda" or not triton_moe.HAS_TRITON:
             print("error: the triton paths need CUDA and triton", file=sys.stderr)
@@ -275,18 +225,8 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", choices=ROUTERS, default="topk")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fulu_nas.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
+def add_parsers(sub) -> None:
+    """The ``layer``, ``latency`` and ``profile`` subcommands."""
     p = sub.add_parser("layer", help="tokens/s of one PiMoE layer: grouped vs sorted vs loop vs dense")
     p.add_argument("--tokens", type=int, nargs="+", default=[16, 256, 4096])
     p.add_argument("--hidden", type=int, default=512)
@@ -321,23 +261,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES))
     p.add_argument("--rows", type=int, default=25)
     p.set_defaults(run=_profile_main)
-    from .bench_levels import add_parser
-    from .bench_tasks import add_parsers
-
-    add_parser(sub)
-    add_parsers(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except ValueError as e:  # an impossible configuration
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,10 +5,10 @@ The schedule runs on *progress* = max(step / steps, elapsed / max_seconds), so a
 budget gets a complete warm-up and decay just as a step budget does.
 
 Under ``torchrun`` (an initialised ``torch.distributed`` group of more than one rank, the model's
-MoE layers made expert-parallel with :func:`fulu_nas.distributed.expert_parallel`) the same
+MoE layers made expert-parallel with :func:`fulu_nas.training.distributed.expert_parallel`) the same
 ``train`` is data + expert parallel: every rank draws its own stream of ``batch_size`` sequences
 (seed ``seed + rank``: ``batch_size`` is per rank), the replicated gradients are averaged and the
-clipping norm is the whole model's (:mod:`fulu_nas.distributed`), and every decision that could
+clipping norm is the whole model's (:mod:`fulu_nas.training.distributed`), and every decision that could
 split the ranks is taken on global values: the loss is the mean over ranks (reports, divergence),
 the wall clock is the slowest rank's (schedule, time budget). Only rank 0 shows progress and calls
 ``callback``; when it raises, every rank stops (the others raise :class:`StoppedByRankZero`).
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..models import PiMoETransformer
+from ..tasks import IGNORE, Batch, Task
 from .dynamic_experts import DynamicExperts, DynamicExpertsConfig
-from .models import PiMoETransformer
-from .tasks import IGNORE, Batch, Task
 
 
 class StoppedByRankZero(RuntimeError):
@@ -165,12 +165,12 @@ class _Ranks:
     """The collectives distributed training needs (module doc); one instance per ``train`` call."""
 
     def __init__(self, model: PiMoETransformer, device: torch.device):
-        from .moe.expert_parallel import ExpertParallelMoE
+        from ..moe.expert_parallel import ExpertParallelMoE
 
         not_ep = [i for i, layer in enumerate(model.moe_layers()) if not isinstance(layer, ExpertParallelMoE)]
         if not_ep:
             raise ValueError(f"distributed training over {dist.get_world_size()} ranks needs expert-parallel MoE "
-                             f"layers (fulu_nas.distributed.expert_parallel(model) before train); MoE layers "
+                             f"layers (fulu_nas.training.distributed.expert_parallel(model) before train); MoE layers "
                              f"{not_ep} are not")
         self.rank, self.world_size, self.device = dist.get_rank(), dist.get_world_size(), device
         self.start = 0.0  # train's clock origin, set when the first step is about to run

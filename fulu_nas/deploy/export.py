@@ -27,12 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FuluConfigError
-from .models import ArchConfig, PiMoETransformer
+from ..errors import FuluConfigError
+from ..models import ArchConfig, PiMoETransformer
 
 CHECKSUMS = "checksums.json"
 VERIFIED_FILES = ("config.yaml", "model.safetensors", "model.pt2", "metrics.json", "MLmodel")
 FORMAT_VERSION = 1
+# The pyfunc is "models from code": MLflow copies this file into the model and runs it when loading.
+PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 
 
 class LogitsOnly(nn.Module):
@@ -82,7 +84,7 @@ def save_pyfunc(directory: Path, program_path: Path, arch: ArchConfig) -> None:
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, classes))]))
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "pyfunc"
-        mlflow.pyfunc.save_model(path=str(staged), python_model=str(Path(__file__).with_name("export_pyfunc.py")),
+        mlflow.pyfunc.save_model(path=str(staged), python_model=str(PYFUNC_CODE),
                                  artifacts={"program": str(program_path)}, signature=signature,
                                  input_example=np.zeros((1, 4), dtype=np.int64),
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",

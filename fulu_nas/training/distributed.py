@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .moe.expert_parallel import ExpertParallelMoE
-from .moe.layer import PiMoELayer
+from ..moe.expert_parallel import ExpertParallelMoE
+from ..moe.layer import PiMoELayer
 
 
 @dataclass(frozen=True)
@@ -158,15 +158,15 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``torchrun --nproc-per-node=P -m fulu_nas.distributed [options]``: check that the
+    """``torchrun --nproc-per-node=P -m fulu_nas.training.distributed [options]``: check that the
     expert-parallel layer equals the single-device layer on each rank's input, then time its
     forward+backward (tokens/s per rank and in total). Prints from rank 0."""
     import argparse
     import time
 
-    from .moe import MoEConfig
+    from ..moe import MoEConfig
 
-    ap = argparse.ArgumentParser(prog="python -m fulu_nas.distributed")
+    ap = argparse.ArgumentParser(prog="python -m fulu_nas.training.distributed")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--ffn", type=int, default=512)

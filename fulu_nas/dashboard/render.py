@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FuluConfigError
-from .search.report import format_value
+from ..errors import FuluConfigError
+from ..search.report import format_value
 
-DASHBOARDS_DIR = Path(__file__).resolve().parents[1] / "dashboards"
+LAYOUTS_DIR = Path(__file__).resolve().parent / "layouts"
 BAD_INPUT = 2
 OPTIONS = {"layout": "default", "out": ""}
 ARTIFACT = "dashboard.html"
@@ -64,7 +64,7 @@ class Layout:
 
 
 def available_layouts() -> list[str]:
-    return sorted(p.stem for p in DASHBOARDS_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in LAYOUTS_DIR.glob("*.yaml"))
 
 
 def load_layout(name: str) -> Layout:
@@ -74,9 +74,9 @@ def load_layout(name: str) -> Layout:
     if name.endswith((".yaml", ".yml")) or "/" in name:
         path = Path(name)
     else:
-        path = DASHBOARDS_DIR / f"{name}.yaml"
+        path = LAYOUTS_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise FuluConfigError(f"layout: no layout {name!r} (layouts in {DASHBOARDS_DIR}: "
+        raise FuluConfigError(f"layout: no layout {name!r} (layouts in {LAYOUTS_DIR}: "
                               f"{', '.join(available_layouts()) or 'none'}; or pass a path to a .yaml file)")
     try:
         data = yaml.safe_load(path.read_text())
@@ -612,8 +612,8 @@ def render(ctx: Context, layout: Layout) -> str:
 
 def build(argv: list[str]) -> tuple[str, Path, Context, Layout, str | None]:
     """Validate, locate the study, render: (page, where to write it, context, layout, parent run)."""
-    from .search.locate import load_study, locate_study, search_settings, split_options
-    from .search.tracking import PARENT_RUN_ATTR
+    from ..search.locate import load_study, locate_study, search_settings, split_options
+    from ..search.tracking import PARENT_RUN_ATTR
 
     own, overrides = split_options(argv, OPTIONS)
     layout = load_layout(own["layout"] or "default")

@@ -5,15 +5,15 @@ dependencies), so it runs wherever the model trains.
 The search objective calls :func:`train_expert_parallel`, which writes a spec (architecture, task,
 training budget) to a scratch folder and runs::
 
-    python -m torch.distributed.run --standalone --nproc-per-node=P -m fulu_nas.train_parallel spec.json
+    python -m torch.distributed.run --standalone --nproc-per-node=P -m fulu_nas.training.parallel spec.json
 
 (torchrun: a free rendezvous port, and every rank is torn down when one fails). Each rank
 initialises the process group (NCCL with one GPU per local rank when the trainer's device is not
 ``cpu`` and CUDA is visible, else Gloo on the CPU), builds the same model from the same seed, makes
-its MoE layers expert-parallel and runs the ordinary :func:`fulu_nas.train.train` (data + expert
-parallel, ``batch_size`` per rank). Rank 0 appends every :class:`~fulu_nas.train.StepReport` to
+its MoE layers expert-parallel and runs the ordinary :func:`fulu_nas.training.train.train` (data + expert
+parallel, ``batch_size`` per rank). Rank 0 appends every :class:`~fulu_nas.training.train.StepReport` to
 ``reports.jsonl`` as it goes; at the end the experts are gathered
-(:func:`fulu_nas.distributed.gather_experts`) and rank 0 saves the ordinary single-device weights
+(:func:`fulu_nas.training.distributed.gather_experts`) and rank 0 saves the ordinary single-device weights
 (``model.safetensors``) and ``result.json``. The parent streams the reports into the objective's
 callback while the ranks train (MLflow steps, Optuna intermediate values, pruning), loads the
 weights into a plain :class:`~fulu_nas.models.PiMoETransformer` and goes on exactly as for one
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .models import ArchConfig, PiMoETransformer
+from ..models import ArchConfig, PiMoETransformer
 from .train import StepReport, StoppedByRankZero, TrainConfig, TrainingDiverged, TrainResult, resolve_device, train
 
 
@@ -55,7 +55,7 @@ def train_expert_parallel(arch: ArchConfig, task_name: str, task_params: dict, c
     """Train ``arch`` on the task over ``cfg.expert_parallel`` ranks (module doc); returns the
     single-device model (on ``cfg.device``) and the training result. ``on_report`` is called in
     this process for every report, in order; when it raises, the ranks are stopped and the
-    exception is re-raised. Raises :class:`~fulu_nas.train.TrainingDiverged` as ``train`` would."""
+    exception is re-raised. Raises :class:`~fulu_nas.training.train.TrainingDiverged` as ``train`` would."""
     P = cfg.expert_parallel
     if cfg.dynamic_experts is not None:
         raise ValueError("dynamic experts are not supported with expert_parallel > 1")
@@ -75,10 +75,10 @@ def train_expert_parallel(arch: ArchConfig, task_name: str, task_params: dict, c
         env = dict(os.environ)
         env["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // P))
         # the ranks run this very fulu_nas, whatever the interpreter's own path would find
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={P}",
-                   "-m", "fulu_nas.train_parallel", str(folder / "spec.json")]
+                   "-m", "fulu_nas.training.parallel", str(folder / "spec.json")]
         log_path = folder / "launch.log"
         reports = _ReportReader(folder / "reports.jsonl")
         history: list[StepReport] = []
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from safetensors.torch import save_model
 
+    from ..tasks import build_task
     from .distributed import expert_parallel, gather_experts, init_from_env
-    from .tasks import build_task
 
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())

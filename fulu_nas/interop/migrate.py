@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import FuluConfigError
-from .moe import MoEConfig, PiMoELayer
-from .moe.routers import ScoreRouter
-from .system import RoutingStrategy, enum_member
+from ..errors import FuluConfigError
+from ..moe import MoEConfig, PiMoELayer
+from ..moe.routers import ScoreRouter
+from ..system import RoutingStrategy, enum_member
 
 __all__ = [
     "MigrationInfo", "PiMoEOutput", "TaskModel", "balance_loss", "equivalence_problems", "migrate_from_electra",
@@ -432,8 +432,8 @@ def update_expert_biases(model: nn.Module) -> None:
 
 class TaskModel(nn.Module):
     """A migrated model with a token-level head (e.g. ``ElectraForTokenClassification`` with
-    ``num_labels=task.num_classes``) in the shape :func:`fulu_nas.train.train` and
-    :func:`fulu_nas.evaluate.evaluate` expect: ``forward(tokens)`` returns a
+    ``num_labels=task.num_classes``) in the shape :func:`fulu_nas.training.train.train` and
+    :func:`fulu_nas.training.evaluate.evaluate` expect: ``forward(tokens)`` returns a
     :class:`~fulu_nas.models.ModelOutput`. ``gradient_checkpointing`` is accepted and ignored
     (use the Hugging Face model's own switch)."""
 
@@ -446,7 +446,7 @@ class TaskModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, tokens_BS: Tensor):
-        from .models import ModelOutput
+        from ..models import ModelOutput
 
         out = self.model(input_ids=tokens_BS)
         logits = out.logits if hasattr(out, "logits") else out[0]

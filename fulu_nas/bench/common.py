@@ -1,0 +1,67 @@
+"""What every benchmark shares: the device and its name, timing, CUDA-graph capture, tables, argparse types."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from collections.abc import Callable
+
+import torch
+from torch.utils import benchmark
+
+from ..deploy.cuda_graphs import capture
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def bench_device(name: str | None) -> torch.device:
+    """``--device``: default cuda if available, else cpu; ValueError (exit 2) for a device this
+    machine does not have."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: the benchmarks run on cpu or cuda")
+    return device
+
+
+def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median wall time of ``fn()`` after torch.utils.benchmark's own warm-up, with torch's whole
+    intra-op thread pool (the Timer's default is one thread, which would time a 1-core CPU)."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def captured(step: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """``step`` (CUDA work without host syncs) captured in one CUDA graph after ``warmup`` calls on a
+    side stream (:func:`fulu_nas.deploy.cuda_graphs.capture`); returns the graph's replay."""
+    graph, _ = capture(step, warmup)
+    return graph.replay
+
+
+def markdown_table(head: list[str], body: list[list[str]], text_columns: int = 0) -> str:
+    """A Markdown table: the first ``text_columns`` columns left-aligned, the rest right-aligned."""
+    rule = "|" + "---|" * text_columns + "---:|" * (len(head) - text_columns)
+    return "\n".join(["| " + " | ".join(head) + " |", rule, *("| " + " | ".join(cells) + " |" for cells in body)])
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
