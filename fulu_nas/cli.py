@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return ui.main(rest)
     if command == "dashboard":
-        from .dashboard import render
+        from .dashboard import command as dashboard
 
-        return render.main(rest)
+        return dashboard.main(rest)
     if command == "bench":
         from .bench import cli
 

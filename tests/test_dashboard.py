@@ -16,22 +16,24 @@ import optuna
 import pytest
 
 from fulu_nas.cli import main
-from fulu_nas.dashboard import render as dashboard
+from fulu_nas.dashboard.context import describe_arch
+from fulu_nas.dashboard.layout import available_layouts, load_layout
+from fulu_nas.dashboard.panels import PANELS
 from fulu_nas.errors import FuluConfigError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
-DEFAULT_PANELS = [p.name for p in dashboard.load_layout("default").panels]
+DEFAULT_PANELS = [p.name for p in load_layout("default").panels]
 
 
 # ---------------------------------------------------------------- layouts (fast)
 
 
 def test_every_shipped_layout_is_valid():
-    assert "default" in dashboard.available_layouts()
-    for name in dashboard.available_layouts():
-        layout = dashboard.load_layout(name)
-        assert layout.panels and all(p.name in dashboard.PANELS for p in layout.panels)
+    assert "default" in available_layouts()
+    for name in available_layouts():
+        layout = load_layout(name)
+        assert layout.panels and all(p.name in PANELS for p in layout.panels)
     assert {"objective", "importances", "parallel", "expert_load", "routing_matrix", "top_trials"} <= set(
         DEFAULT_PANELS)
 
@@ -40,12 +42,12 @@ def test_layout_problems_are_all_listed(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("title: x\nextra: 1\npanels: [objective, bogus, {panel: top_trials, rows: 0, colour: red}]\n")
     with pytest.raises(FuluConfigError) as e:
-        dashboard.load_layout(str(bad))
+        load_layout(str(bad))
     text = "\n".join(e.value.problems)
     assert len(e.value.problems) == 4
     assert "'extra'" in text and "unknown panel 'bogus'" in text and "'colour'" in text and "rows=0" in text
     with pytest.raises(FuluConfigError, match="no layout 'nope'.*default"):
-        dashboard.load_layout("nope")
+        load_layout("nope")
 
 
 def test_bad_input_exits_2_before_anything_is_read(tmp_path, monkeypatch, capsys):
@@ -64,10 +66,10 @@ def test_describe_arch_is_one_line():
     arch = {"num_layers": 2, "hidden_size": 64, "moe": {"router": "hierarchical", "num_experts": 8, "top_k": 2,
                                                         "expert_ffn_size": 32, "hierarchy_depth": 2,
                                                         "num_shared_experts": 1}}
-    text = dashboard.describe_arch(arch, {})
+    text = describe_arch(arch, {})
     assert text == "2 layers x 64 hidden; hierarchical router, 8 experts, top-2, expert ffn 32, hierarchy depth 2, " \
                    "1 shared"
-    assert dashboard.describe_arch(None, {"router": "topk"}) == "router=topk"
+    assert describe_arch(None, {"router": "topk"}) == "router=topk"
 
 
 # ---------------------------------------------------------------- a real study (slow)

@@ -1,0 +1,86 @@
+"""``fulu-nas dashboard``: one self-contained interactive HTML page of a study.
+
+``fulu-nas dashboard study.name=NAME [layout=default] [out=FILE]`` (plus the overrides that locate
+the study when the search used them: ``study.storage=``, ``tracking.uri=``, ``hydra.run.dir=``)
+draws the panels of a layout (``dashboards/<layout>.yaml``: a title and a list of panels) with
+``optuna.visualization`` and plotly, inlines plotly.js (the page works offline and inside the
+MLflow UI's sandboxed iframe), writes it to ``out`` (default ``<output folder>/dashboard.html``)
+and logs it to the study's parent MLflow run, where the MLflow UI shows it inline.
+
+The page is a snapshot: a study that is still running (trials running, waiting, failed, pruned,
+or none complete yet) gives a page that says so, with whatever can be drawn. Bad input (unknown
+study, layout or panel) is one message and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import FuluConfigError
+from .context import Context
+from .layout import Layout, available_layouts, load_layout
+from .page import render
+from .panels import PANELS
+
+BAD_INPUT = 2
+OPTIONS = {"layout": "default", "out": ""}
+ARTIFACT = "dashboard.html"
+USAGE = """usage: fulu-nas dashboard study.name=NAME [layout=default|NAME|FILE.yaml] [out=FILE] [overrides ...]
+
+Renders one self-contained HTML page of a study (plotly; works offline) from a layout in
+dashboards/, writes it to out (default: <the search's output folder>/dashboard.html) and logs it
+to the study's parent MLflow run (open it with `fulu-nas ui <output folder>`). Pass the overrides
+that locate the study when the search used them: study.storage=..., tracking.uri=...,
+hydra.run.dir=...
+"""
+
+
+def build(argv: list[str]) -> tuple[str, Path, Context, Layout, str | None]:
+    """Validate, locate the study, render: (page, where to write it, context, layout, parent run)."""
+    from ..search.locate import load_study, locate_study, search_settings, split_options
+    from ..search.tracking import PARENT_RUN_ATTR
+
+    own, overrides = split_options(argv, OPTIONS)
+    layout = load_layout(own["layout"] or "default")
+    location = locate_study(overrides)
+    study = load_study(location)
+    settings = search_settings(location, study)
+    if own["out"]:
+        out = Path(own["out"])
+        if out.is_dir() or own["out"].endswith("/"):
+            out = out / artifact_name(layout)
+    else:
+        out = location.output_dir / artifact_name(layout)
+    ctx = Context(study, settings, location.tracking_uri)
+    return render(ctx, layout), out, ctx, layout, study.user_attrs.get(PARENT_RUN_ATTR)
+
+
+def artifact_name(layout: Layout) -> str:
+    return ARTIFACT if layout.name == "default" else f"dashboard-{layout.name}.html"
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\nlayouts: " + ", ".join(available_layouts()) + "\npanels: " + ", ".join(PANELS))
+        return 0
+    try:
+        page, out, ctx, layout, parent = build(argv)
+    except FuluConfigError as e:
+        print("error: invalid dashboard request:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
+        return BAD_INPUT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    print(f"dashboard: {out}  ({len(ctx.complete)} complete of {len(ctx.trials)} trials, layout {layout.name})")
+    if not parent:
+        print("not logged to MLflow: the study has no parent run", file=sys.stderr)
+        return 0
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(ctx.tracking_uri).log_text(parent, page, artifact_name(layout))
+    except Exception as e:  # the page is written; say why it is not in MLflow
+        print(f"warning: could not log the dashboard to MLflow run {parent}: {e}", file=sys.stderr)
+        return 1
+    print(f"logged to MLflow run {parent} as {artifact_name(layout)}  (fulu-nas ui {ctx.s.output_dir})")
+    return 0

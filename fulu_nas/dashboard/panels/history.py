@@ -1,0 +1,53 @@
+"""The objective over the trials: the Pareto front of a multi-objective study, else the optimization
+history."""
+
+from __future__ import annotations
+
+from ..context import Context, describe_arch
+from .blocks import needs_complete, note, quiet, untitled
+
+
+def panel_objective(ctx: Context, opts: dict) -> list:
+    return panel_pareto_front(ctx, opts) if ctx.multi else panel_history(ctx, opts)
+
+
+def panel_pareto_front(ctx: Context, opts: dict) -> list:
+    from optuna.visualization import plot_pareto_front
+
+    if not ctx.multi:
+        return [note(f"A single-objective study ({ctx.objectives[0]}) has no Pareto front.")]
+    if blocks := needs_complete(ctx):
+        return blocks
+    names = ctx.objectives
+    if len(names) > 3:  # optuna draws 2 or 3 axes: the first two objectives
+        fig = quiet(plot_pareto_front, ctx.plot_study, target_names=names[:2],
+                    targets=lambda t: (t.values[0], t.values[1]))
+    else:
+        fig = quiet(plot_pareto_front, ctx.plot_study, target_names=names)
+    blocks = [untitled(fig)]
+    front = ctx.pareto()
+    blocks.append(note(f"{len(front)} trial(s) on the front: " + ", ".join(str(t.number) for t in front)
+                       + ". Hover a point for its architecture."))
+    return blocks
+
+
+def panel_history(ctx: Context, opts: dict) -> list:
+    from optuna.visualization import plot_optimization_history
+
+    if blocks := needs_complete(ctx):
+        return blocks
+    hover = {t.number: describe_arch(t.user_attrs.get("arch"), t.params)
+             + (" (reference)" if t.user_attrs.get("reference") else "")
+             + (f" (reuses trial {t.user_attrs['cached_from']})" if "cached_from" in t.user_attrs else "")
+             for t in ctx.trials}
+    blocks = []
+    for i, (name, direction) in enumerate(zip(ctx.objectives, ctx.directions, strict=True)):
+        kwargs = {"target": (lambda t, i=i: t.values[i]), "target_name": name} if ctx.multi else \
+            {"target_name": name}
+        fig = quiet(plot_optimization_history, ctx.plot_study, **kwargs)
+        for trace in fig.data:
+            if trace.mode == "markers" and trace.x is not None:
+                trace.text = [hover.get(int(x), "") for x in trace.x]
+                trace.hovertemplate = f"trial %{{x}}<br>{name}: %{{y:.4g}}<br>%{{text}}<extra></extra>"
+        blocks.append(untitled(fig, f"{name} ({direction})" if ctx.multi else None))
+    return blocks
