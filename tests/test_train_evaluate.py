@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fulu_nas.bench.cost import measure_cost
+from fulu_nas.deploy.cost import measure_cost
 from fulu_nas.models import ArchConfig, PiMoETransformer
 from fulu_nas.moe import MoEConfig
 from fulu_nas.tasks import ClustersTask, PiMoEMixTask

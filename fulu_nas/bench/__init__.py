@@ -1,2 +1,2 @@
-"""Benchmarks: the layer's execution paths (torch alone), the original spec's optimisation levels, the
-tasks, and the cost measurement every trial runs. ``fulu-nas bench --help`` lists them."""
+"""Benchmarks: the layer's execution paths (torch alone), the original spec's optimisation levels, and the
+tasks. ``fulu-nas bench --help`` lists them."""

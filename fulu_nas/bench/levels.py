@@ -40,12 +40,12 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from ..deploy.cost import cpu_peak_bytes
 from ..deploy.cuda_graphs import GraphedForward
 from ..models import ArchConfig, PiMoETransformer
 from ..moe import ROUTERS, FeedForward
 from ..system import OptimizationLevel, create_ultimate_pimoe_system
 from .common import bench_device, device_name, markdown_table, positive_int
-from .cost import cpu_peak_bytes
 
 COLUMNS = ("level", "dtype", "latency_ms", "throughput_tokens_per_s", "memory_mb", "expert_utilisation",
            "load_balance", "of_dense")

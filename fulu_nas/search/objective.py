@@ -29,7 +29,7 @@ from dataclasses import asdict
 import optuna
 import torch
 
-from ..bench.cost import measure_cost
+from ..deploy.cost import measure_cost
 from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..training.evaluate import evaluate
