@@ -13,7 +13,7 @@ from fulu_nas.moe import MoEConfig
 from fulu_nas.tasks import ClustersTask, PiMoEMixTask
 from fulu_nas.training.dynamic_experts import DynamicExperts, DynamicExpertsConfig, Probe
 from fulu_nas.training.evaluate import evaluate, match_experts_to_domains, routing_accuracy
-from fulu_nas.training.train import TrainConfig, TrainingDiverged, lr_factor, train
+from fulu_nas.training.train import BudgetCapReached, TrainConfig, TrainingDiverged, lr_factor, train
 
 
 def clusters_model(task, seed=0, **moe):
@@ -312,3 +312,18 @@ def test_measure_cost_reports_real_figures():
         assert s["peak_memory_mb"] > 0
     assert cost["shapes"][1]["peak_memory_mb"] > cost["shapes"][0]["peak_memory_mb"]
     assert 0 < cost["active_params"] < cost["total_params"] and cost["flops_per_token"] > 0
+
+
+def test_seconds_cap_is_a_safety_stop_outside_the_schedule():
+    """A step budget's result does not depend on the cap (the schedule never reads it); a training
+    still running at the cap raises instead of returning a shorter result."""
+    task = small_clusters()
+    losses = []
+    for cap in (None, 1e6):
+        torch.manual_seed(0)
+        result = train(clusters_model(task), task, TrainConfig(steps=30, seconds_cap=cap, **FAST))
+        losses.append([(r.step, r.loss, r.lr) for r in result.history])
+    assert losses[0] == losses[1]
+    with pytest.raises(BudgetCapReached) as e:
+        train(clusters_model(task), task, TrainConfig(steps=100_000, seconds_cap=0.5, **FAST))
+    assert 1 <= e.value.step < 100_000 and e.value.seconds >= 0.5 and e.value.cap == 0.5

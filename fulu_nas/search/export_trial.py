@@ -78,7 +78,7 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
     model = PiMoETransformer(arch)
     if retrain:
         budget = replace(s.train, steps=int(s.train.steps * factor), progress=True, device="auto",
-                         max_seconds=s.train.max_seconds * factor if s.train.max_seconds else None)
+                         seconds_cap=s.train.seconds_cap * factor if s.train.seconds_cap else None)
         result = train(model, s.task, budget)
         return model.cpu().float(), {"retrained": True, "retrain_steps": result.steps,
                                      "retrain_seconds": result.seconds}

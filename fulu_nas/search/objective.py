@@ -34,7 +34,7 @@ from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..training.evaluate import evaluate
 from ..training.parallel import train_expert_parallel
-from ..training.train import StepReport, TrainingDiverged, train
+from ..training.train import BudgetCapReached, StepReport, TrainingDiverged, train
 from .settings import SearchSettings
 from .tracking import Tracker
 
@@ -81,7 +81,8 @@ def measure_trial_cost(model, s: SearchSettings) -> tuple[dict, dict[str, float]
 
 def cache_key(settings: SearchSettings, arch_hash: str) -> str:
     """Identical architecture + task + budget + cost protocol -> identical key."""
-    train = {k: v for k, v in asdict(settings.train).items() if k not in ("progress", "device", "report_every")}
+    skip = ("progress", "device", "report_every", "seconds_cap")  # none of these changes a trial's result
+    train = {k: v for k, v in asdict(settings.train).items() if k not in skip}
     if train["expert_parallel"] == 1:  # the default: keys from before the setting stay valid
         del train["expert_parallel"]
     blob = json.dumps({"arch": arch_hash, "task": [settings.task_name, settings.task_params], "train": train,
@@ -259,6 +260,8 @@ class Objective:
 def _reason(e: BaseException) -> str:
     if isinstance(e, TrainingDiverged):
         return f"diverged: {e}"
+    if isinstance(e, BudgetCapReached):
+        return f"budget cap (trainer.max_seconds): {e}"
     if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
         return f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if isinstance(e, TrialFailed):

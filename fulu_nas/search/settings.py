@@ -30,7 +30,8 @@ OBJECTIVES: dict[str, str | None] = {
 # Quantities a study may bound from above (Optuna trial constraints: feasible when value <= bound).
 CONSTRAINABLE = ("loss", "latency_ms", "peak_memory_mb", "active_params", "total_params")
 _SECTIONS = {"task", "search_space", "study", "trainer", "tracking"}
-_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"progress", "dynamic_experts"}
+# trainer.max_seconds is the search's safety cap (TrainConfig.seconds_cap): a trial's budget is its steps alone.
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"progress", "dynamic_experts", "seconds_cap"}
 _COST_FIELDS = {"cost_shapes", "cost_iterations"}
 
 
@@ -103,7 +104,9 @@ class SearchSettings:
         keep = {k: self.raw[k] for k in ("task", "search_space", "trainer")}
         keep["objectives"] = list(self.study.objectives)
         keep["constraints"] = list(self.study.constraints)
-        keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in ("device", "report_every")}
+        # the safety cap may change on resume: results depend on the steps alone
+        free = ("device", "report_every", "max_seconds")
+        keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in free}
         if keep["trainer"].get("expert_parallel") == 1:  # the default: studies from before the key resume
             del keep["trainer"]["expert_parallel"]
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -270,7 +273,9 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
         problems.append(f"trainer.device: expected auto, cpu, cuda or cuda:N, got {device!r}")
     if len(problems) > n0:
         return None, None
-    train = TrainConfig(**{k: v for k, v in d.items() if k in _TRAIN_FIELDS}, progress=False)
+    options = {k: v for k, v in d.items() if k in _TRAIN_FIELDS}
+    cap = options.pop("max_seconds", None)
+    train = TrainConfig(**options, seconds_cap=cap, progress=False)
     return train, CostSettings(tuple((int(b), int(s)) for b, s in shapes), iterations)
 
 

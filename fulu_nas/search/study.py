@@ -22,6 +22,7 @@ from pathlib import Path
 import optuna
 
 from ..errors import FuluConfigError
+from ..moe import cpu_stream
 from .objective import Objective, TrialFailed, counts_toward_total
 from .report import print_summary, summarize
 from .settings import SearchSettings
@@ -54,7 +55,10 @@ def make_pruner(s: SearchSettings) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner(n_startup_trials=s.study.startup_trials,
                                            n_warmup_steps=2 * s.train.report_every)
     if s.study.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=s.train.report_every)
+        # The resource is the training step (what the objective reports): from one report up to the
+        # whole step budget, so the last rung of every bracket trains a trial to completion.
+        return optuna.pruners.HyperbandPruner(min_resource=s.train.report_every, max_resource=s.train.steps,
+                                              reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -156,9 +160,19 @@ def describe_trial(t: optuna.trial.FrozenTrial, s: SearchSettings) -> str:
     return f"trial {t.number} failed: {t.user_attrs.get('fail_reason', 'worker stopped')} | {params}"
 
 
+def warm_up(s: SearchSettings) -> None:
+    """One-time costs before the first trial, so that no trial pays them: the CPU streaming experts
+    kernel is compiled (or loaded from torch's extension cache) for CPU inference."""
+    from ..training.train import resolve_device
+
+    if resolve_device(s.train.device).type == "cpu":
+        cpu_stream.kernel()
+
+
 def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) -> int:
     """Run trials until the study has ``n_trials`` finished ones (counting every worker's).
     Returns 0, or 130 when interrupted (the current trial is failed and queued again)."""
+    warm_up(s)
     with _quiet_optuna():
         study = open_study(s, worker_index)
         tracker = Tracker(s)

@@ -40,7 +40,16 @@ from pathlib import Path
 import torch
 
 from ..models import ArchConfig, PiMoETransformer
-from .train import StepReport, StoppedByRankZero, TrainConfig, TrainingDiverged, TrainResult, resolve_device, train
+from .train import (
+    BudgetCapReached,
+    StepReport,
+    StoppedByRankZero,
+    TrainConfig,
+    TrainingDiverged,
+    TrainResult,
+    resolve_device,
+    train,
+)
 
 
 class ExpertParallelTrialError(RuntimeError):
@@ -55,7 +64,8 @@ def train_expert_parallel(arch: ArchConfig, task_name: str, task_params: dict, c
     """Train ``arch`` on the task over ``cfg.expert_parallel`` ranks (module doc); returns the
     single-device model (on ``cfg.device``) and the training result. ``on_report`` is called in
     this process for every report, in order; when it raises, the ranks are stopped and the
-    exception is re-raised. Raises :class:`~fulu_nas.training.train.TrainingDiverged` as ``train`` would."""
+    exception is re-raised. Raises :class:`~fulu_nas.training.train.TrainingDiverged` and
+    :class:`~fulu_nas.training.train.BudgetCapReached` as ``train`` would."""
     P = cfg.expert_parallel
     if cfg.dynamic_experts is not None:
         raise ValueError("dynamic experts are not supported with expert_parallel > 1")
@@ -142,6 +152,8 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> None:
 def _failure(returncode: int | None, outcome: dict | None, log_path: Path) -> Exception:
     if outcome is not None and outcome.get("status") == "diverged":
         return TrainingDiverged(outcome["step"], outcome["value"], outcome["reason"])
+    if outcome is not None and outcome.get("status") == "capped":
+        return BudgetCapReached(outcome["step"], outcome["steps"], outcome["seconds"], outcome["cap"])
     if outcome is not None and outcome.get("status") == "error":
         return ExpertParallelTrialError(f"rank 0: {outcome['type']}: {outcome['message']}")
     tail = log_path.read_text(errors="replace").strip().splitlines()[-15:] if log_path.exists() else []
@@ -190,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                        stop_reason=result.stop_reason, expert_counts=result.expert_counts)
     except TrainingDiverged as e:
         outcome = {"status": "diverged", "step": e.step, "value": e.value, "reason": e.reason}
+    except BudgetCapReached as e:
+        outcome = {"status": "capped", "step": e.step, "steps": e.steps, "seconds": e.seconds, "cap": e.cap}
     except (_StopRequested, StoppedByRankZero) as e:
         outcome = {"status": "stopped", "message": str(e)}
     except Exception as e:
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
     if info.rank == 0:
         (folder / "result.json").write_text(json.dumps(outcome))
-    if outcome["status"] in ("ok", "stopped", "diverged"):
+    if outcome["status"] in ("ok", "stopped", "diverged", "capped"):
         # Every rank got here by the same decisions; tearing Gloo down while a peer still sends
         # aborts that peer ("Connection reset"), so leave together.
         dist.barrier()

@@ -2,7 +2,11 @@
 bf16 autocast on CUDA, the MoE balancing losses and bias updates, divergence detection, progress.
 
 The schedule runs on *progress* = max(step / steps, elapsed / max_seconds), so a wall-clock
-budget gets a complete warm-up and decay just as a step budget does.
+budget gets a complete warm-up and decay just as a step budget does. A step budget alone makes
+the result a function of the steps, not of the machine's speed or load: that is what a search
+compares architectures by. ``seconds_cap`` is a safety stop for such a budget: the schedule never
+looks at it, and a training that reaches it raises :class:`BudgetCapReached` instead of returning a
+shorter, load-dependent result.
 
 Under ``torchrun`` (an initialised ``torch.distributed`` group of more than one rank, the model's
 MoE layers made expert-parallel with :func:`fulu_nas.training.distributed.expert_parallel`) the same
@@ -37,6 +41,14 @@ class StoppedByRankZero(RuntimeError):
     """Distributed training: rank 0's callback raised (e.g. to prune), so this rank stops too."""
 
 
+class BudgetCapReached(RuntimeError):
+    """Training passed ``seconds_cap`` before its step budget ran out."""
+
+    def __init__(self, step: int, steps: int, seconds: float, cap: float):
+        self.step, self.steps, self.seconds, self.cap = step, steps, seconds, cap
+        super().__init__(f"safety cap of {cap:g} s reached after {step} of {steps} steps ({seconds:.1f} s)")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf or exploded; carries the step and the value."""
 
@@ -49,6 +61,7 @@ class TrainingDiverged(RuntimeError):
 class TrainConfig:
     steps: int = 500
     max_seconds: float | None = None
+    seconds_cap: float | None = None
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.01
@@ -235,7 +248,8 @@ class _Ranks:
 
 def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
           callback: Callable[[StepReport], None] | None = None) -> TrainResult:
-    """Train ``model`` on ``task`` until ``cfg.steps`` or ``cfg.max_seconds`` runs out.
+    """Train ``model`` on ``task`` until ``cfg.steps`` or ``cfg.max_seconds`` runs out (``seconds_cap``:
+    see the module doc).
 
     ``callback`` gets a :class:`StepReport` every ``report_every`` steps and at the end; it may
     raise to stop training (a search uses that to prune). Raises :class:`TrainingDiverged` on a
@@ -292,7 +306,9 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
 
             result.steps, result.final_loss = step, value
             bar.update(1)
-            elapsed = ranks.elapsed_after_step(timed=bool(cfg.max_seconds))
+            elapsed = ranks.elapsed_after_step(timed=bool(cfg.max_seconds or cfg.seconds_cap))
+            if cfg.seconds_cap and elapsed >= cfg.seconds_cap and step < cfg.steps:
+                raise BudgetCapReached(step, cfg.steps, elapsed, cfg.seconds_cap)
             last = step == cfg.steps or (cfg.max_seconds and elapsed >= cfg.max_seconds)
             if step % cfg.report_every == 0 or last:
                 layers = ranks.global_layers(host_layer_stats(out.moe_stats))

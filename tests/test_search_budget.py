@@ -1,0 +1,53 @@
+"""Trial budgets in work (training steps), not wall-clock time: the same study gives the same values
+on an idle and on a loaded machine; the time limit is only a safety cap that fails a trial."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from .test_search_e2e import load_study, run_search
+
+pytestmark = pytest.mark.slow
+TrialState = optuna.trial.TrialState
+
+
+def _trial_outcomes(out) -> list[tuple]:
+    return [(t.number, t.state, t.params, t.values, t.user_attrs.get("pruned_at_step"),
+             t.user_attrs.get("metrics", {}).get("train_steps")) for t in load_study(out).trials]
+
+
+def _busy_processes(n: int) -> list[subprocess.Popen]:
+    """CPU hogs in their own process groups (stopped by the test that started them)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
+
+
+def test_identical_trial_values_with_and_without_competing_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ("study.n_trials=5", "study.startup_trials=2")
+    assert run_search(tmp_path / "idle", *common) == 0
+    hogs = _busy_processes(2)
+    try:
+        assert run_search(tmp_path / "loaded", *common) == 0
+    finally:
+        for p in hogs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    idle, loaded = _trial_outcomes(tmp_path / "idle"), _trial_outcomes(tmp_path / "loaded")
+    assert sum(o[1] == TrialState.COMPLETE for o in idle) >= 2
+    assert all(o[5] in (None, 60.0) for o in idle)  # every completed trial trained the whole budget
+    assert loaded == idle
+
+
+def test_a_trial_past_the_safety_cap_fails_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=1", "trainer.steps=100000", "trainer.max_seconds=1") == 0
+    (trial,) = load_study(out).trials
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"].startswith("budget cap (trainer.max_seconds): safety cap of 1 s reached")
