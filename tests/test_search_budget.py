@@ -51,3 +51,23 @@ def test_a_trial_past_the_safety_cap_fails_with_its_reason(tmp_path, monkeypatch
     (trial,) = load_study(out).trials
     assert trial.state == TrialState.FAIL
     assert trial.user_attrs["fail_reason"].startswith("budget cap (trainer.max_seconds): safety cap of 1 s reached")
+
+
+def test_hyperband_over_steps_gives_promising_trials_the_whole_budget(tmp_path, monkeypatch):
+    """study.pruner=hyperband: rungs at 10, 30 and 90 of 90 steps (reduction factor 3). A trial stops
+    early only at a rung where a better trial went on; the trials that go on train all 90 steps."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.pruner=hyperband", "study.n_trials=12", "trainer.steps=90",
+                      "trainer.report_every=10") == 0
+    trials = [t for t in load_study(out).trials if "cached_from" not in t.user_attrs]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert pruned and len(complete) >= 2
+    assert all(t.user_attrs["metrics"]["train_steps"] == 90 for t in complete)
+    for t in pruned:
+        step = t.user_attrs["pruned_at_step"]
+        assert step in (10, 30) and max(t.intermediate_values) == step
+        better = [u for u in trials if u is not t and u.intermediate_values.get(step, float("inf"))
+                  < t.intermediate_values[step] and max(u.intermediate_values) > step]
+        assert better, f"trial {t.number} was stopped at step {step} though no better trial went on"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fulu_nas.deploy.cost import measure_cost
+from fulu_nas.deploy.cost import measure_cost, robust_spread
 from fulu_nas.models import ArchConfig, PiMoETransformer
 from fulu_nas.moe import MoEConfig
 from fulu_nas.tasks import ClustersTask, PiMoEMixTask
@@ -312,6 +312,29 @@ def test_measure_cost_reports_real_figures():
         assert s["peak_memory_mb"] > 0
     assert cost["shapes"][1]["peak_memory_mb"] > cost["shapes"][0]["peak_memory_mb"]
     assert 0 < cost["active_params"] < cost["total_params"] and cost["flops_per_token"] > 0
+
+
+def test_cost_times_the_served_forward_in_rounds_beside_a_reference():
+    task = small_clusters()
+    model, reference = clusters_model(task), clusters_model(task, seed=1, num_experts=2)
+    seen = []
+    for m in (model, reference):
+        m.register_forward_hook(lambda mod, args, out: seen.append((mod.training, torch.is_inference_mode_enabled())))
+    model.train()
+    cost = measure_cost(model, [(2, 16)], warmup=1, iterations=3, rounds=4, reference=reference)
+    assert set(seen) == {(False, True)}  # eval mode, inference mode: what the export serves
+    assert len(seen) == 2 * (1 + 4 * 3) + 1  # warm-up, 4 rounds of 3 calls each, one more for the memory peak
+    assert model.training  # restored
+    (shape,) = cost["shapes"]
+    assert shape["latency_ratio"] > 0 and shape["reference_latency_ms"] > 0
+    assert shape["latency_spread"] >= 0 and shape["latency_ratio_spread"] >= 0
+    assert cost["rounds"] == 4 and cost["iterations"] == 3
+
+
+def test_robust_spread_is_the_interquartile_range_over_the_median():
+    assert robust_spread([1.0]) == 0.0
+    assert robust_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4 - 2) / 3)
+    assert robust_spread([2.0, 2.0, 2.0, 100.0]) == pytest.approx(24.5 / 2)  # one outlier moves the top quartile
 
 
 def test_seconds_cap_is_a_safety_stop_outside_the_schedule():

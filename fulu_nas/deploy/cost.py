@@ -1,5 +1,14 @@
-"""Cost of a model: latency, throughput and peak memory per input shape, parameter counts and
-analytic FLOPs per token."""
+"""Cost of a model as it is deployed: latency, throughput and peak memory per input shape, parameter
+counts and analytic FLOPs per token.
+
+What is timed is the forward the export serves (:class:`~fulu_nas.deploy.export.LogitsOnly`: tokens ->
+logits, eval and inference mode); on CUDA it is replayed from one CUDA graph per shape and timed with
+CUDA events. A shared machine's speed drifts by tens of percent within a minute, so the timing runs in
+interleaved rounds: each round times the model and, when given, a fixed reference model back to back,
+and the figures are medians over the rounds (``*_spread``: their interquartile range over the median).
+``latency_ratio`` (model / reference, the median of the rounds' ratios) cancels the drift that both
+share: that is the load-robust figure to compare architectures by.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,8 @@ from collections.abc import Callable
 import torch
 
 from ..models import PiMoETransformer
+from .cuda_graphs import capture
+from .export import LogitsOnly
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -34,43 +45,91 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
-@torch.no_grad()
+def robust_spread(values: list[float]) -> float:
+    """Interquartile range over the median (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(values)
+
+
+def deployed_forward(model: PiMoETransformer, tokens: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One call of the served forward on ``tokens``: eager on the CPU, a CUDA-graph replay on CUDA
+    (captured after warm-up calls; the graph owns its input buffer)."""
+    served = LogitsOnly(model).eval()
+    if tokens.device.type != "cuda":
+        return lambda: served(tokens)
+    static = tokens.clone()
+    graph, out = capture(lambda: served(static))
+    return lambda: (graph.replay(), out)[1]
+
+
+def _timings(call: Callable[[], object], iterations: int, cuda: bool) -> list[float]:
+    """Seconds per call: CUDA events around each replay on CUDA, the wall clock on the CPU."""
+    if cuda:
+        event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+        pairs = [(event(), event()) for _ in range(iterations)]
+        for start, end in pairs:
+            start.record()
+            call()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) / 1e3 for start, end in pairs]
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@torch.inference_mode()
 def measure_cost(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmup: int = 3,
-                 iterations: int = 20) -> dict:
-    """Latency p50/p95, throughput and peak memory per (batch, seq) shape, plus parameter counts
-    and analytic FLOPs per token. Timings are synchronised wall-clock after warm-up."""
+                 iterations: int = 10, rounds: int = 5, reference: PiMoETransformer | None = None) -> dict:
+    """Per (batch, seq) shape: latency (median over ``rounds`` of each round's median of ``iterations``
+    calls; p95 over every call), its spread, throughput, peak memory, and with a ``reference`` model
+    (same device) timed in the same rounds: ``latency_ratio`` and its spread. Plus parameter counts and
+    analytic FLOPs per token."""
     device = next(model.parameters()).device
     was_training = model.training
-    model.eval()
     cuda = device.type == "cuda"
     shapes = []
     for batch, seq in batch_shapes:
         tokens = torch.randint(0, model.arch.vocab_size, (batch, seq), device=device)
-        for _ in range(warmup):
-            model(tokens)
-        times = []
-        for _ in range(iterations):
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(tokens)
-            if cuda:
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
+        calls = {"model": deployed_forward(model, tokens)}
+        if reference is not None:
+            calls["reference"] = deployed_forward(reference, tokens)
+        for call in calls.values():
+            for _ in range(warmup):
+                call()
+        per_round: dict[str, list[float]] = {name: [] for name in calls}
+        every_call: list[float] = []
+        for _ in range(rounds):
+            for name, call in calls.items():
+                times = _timings(call, iterations, cuda)
+                per_round[name].append(statistics.median(times))
+                if name == "model":
+                    every_call += times
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            model(tokens)
+            calls["model"]()
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device) - base
         else:
-            peak = cpu_peak_bytes(lambda tokens=tokens: model(tokens))
-        p50 = statistics.median(times)
-        shapes.append({"batch": batch, "seq": seq, "latency_p50_ms": p50 * 1e3,
-                       "latency_p95_ms": _percentile(times, 0.95) * 1e3,
-                       "throughput_tokens_per_s": batch * seq / p50, "peak_memory_mb": peak / 2**20})
+            peak = cpu_peak_bytes(calls["model"])
+        p50 = statistics.median(per_round["model"])
+        shape = {"batch": batch, "seq": seq, "latency_p50_ms": p50 * 1e3,
+                 "latency_p95_ms": _percentile(every_call, 0.95) * 1e3,
+                 "latency_spread": robust_spread(per_round["model"]),
+                 "throughput_tokens_per_s": batch * seq / p50, "peak_memory_mb": peak / 2**20}
+        if reference is not None:
+            ratios = [m / r for m, r in zip(per_round["model"], per_round["reference"], strict=True)]
+            shape.update(reference_latency_ms=statistics.median(per_round["reference"]) * 1e3,
+                         latency_ratio=statistics.median(ratios), latency_ratio_spread=robust_spread(ratios))
+        shapes.append(shape)
     model.train(was_training)
     params = model.parameter_counts()
     return {"shapes": shapes, "total_params": params["total"], "active_params": params["active"],
             "flops_per_token": model.flops_per_token(max(s for _, s in batch_shapes)),
-            "device": str(device)}
+            "device": str(device), "rounds": rounds, "iterations": iterations}

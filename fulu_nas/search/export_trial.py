@@ -19,7 +19,7 @@ import optuna
 
 from ..errors import FuluConfigError
 from .locate import StudyLocation, load_study, locate_study, search_settings, split_options
-from .objective import is_feasible, measure_trial_cost
+from .objective import is_feasible, measure_trial_cost, reference_model
 from .settings import SearchSettings
 from .storage import mask_url
 
@@ -59,7 +59,10 @@ def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.tr
             raise FuluConfigError(f"trial: fastest_within:<pct> needs a number, got {arg!r}") from None
         best_loss = min(t.user_attrs["metrics"]["loss"] for t in feasible)
         close = [t for t in feasible if t.user_attrs["metrics"]["loss"] <= best_loss * (1 + pct / 100)]
-        return min(close, key=lambda t: t.user_attrs["metrics"]["latency_ms"])
+        # latency_ratio (beside the reference, in the same rounds) is robust to the machine's load; studies
+        # measured before it existed have latency_ms only.
+        key = "latency_ratio" if all("latency_ratio" in t.user_attrs["metrics"] for t in close) else "latency_ms"
+        return min(close, key=lambda t: t.user_attrs["metrics"][key])
     raise FuluConfigError(f"trial: expected best, a trial number, pareto:<i> or fastest_within:<pct>, got {spec!r}")
 
 
@@ -159,7 +162,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
 
     model, provenance = trial_model(location, s, trial, retrain, factor)
     quality = evaluate(model, s.task)
-    cost, cost_metrics = measure_trial_cost(model, s)
+    cost, cost_metrics = measure_trial_cost(model, s, reference_model(s, next(model.parameters()).device))
     metrics = {k: v for k, v in quality.items() if isinstance(v, (int, float))}
     metrics.update(cost_metrics, device=cost["device"], **provenance)
     config = {"format": FORMAT_VERSION, "architecture": model.arch.to_dict(),

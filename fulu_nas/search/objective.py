@@ -66,13 +66,26 @@ def is_feasible(t: optuna.trial.FrozenTrial) -> bool:
     return all(c <= 0 for c in t.constraints.values())
 
 
-def measure_trial_cost(model, s: SearchSettings) -> tuple[dict, dict[str, float]]:
+def reference_model(s: SearchSettings, device: torch.device) -> PiMoETransformer | None:
+    """The space's reference architecture (initial weights, the study's seed) on ``device``: the fixed
+    model every trial's latency is measured beside (``latency_ratio``). None without a reference."""
+    if s.space.reference is None:
+        return None
+    torch.manual_seed(s.train.seed)
+    return PiMoETransformer(s.space.arch(s.space.reference, s.task)).to(device)
+
+
+def measure_trial_cost(model, s: SearchSettings, reference: PiMoETransformer | None = None
+                       ) -> tuple[dict, dict[str, float]]:
     """The study's cost protocol on ``model``: :func:`measure_cost` at the configured shapes (sequences
-    capped at the task's length), and its figures as flat metrics (latency from the first shape)."""
+    capped at the task's length) in interleaved rounds beside ``reference``, and its figures as flat
+    metrics (latency from the first shape)."""
     shapes = [(b, min(seq, s.task.seq_len)) for b, seq in s.cost.shapes]
-    cost = measure_cost(model, shapes, iterations=s.cost.iterations)
+    cost = measure_cost(model, shapes, iterations=s.cost.iterations, rounds=s.cost.rounds, reference=reference)
     first = cost["shapes"][0]
+    ratio = {k: first[k] for k in ("latency_ratio", "latency_ratio_spread", "reference_latency_ms") if k in first}
     return cost, {"latency_ms": first["latency_p50_ms"], "latency_p95_ms": first["latency_p95_ms"],
+                  "latency_spread": first["latency_spread"], **ratio,
                   "throughput": max(x["throughput_tokens_per_s"] for x in cost["shapes"]),
                   "peak_memory_mb": max(x["peak_memory_mb"] for x in cost["shapes"]),
                   "active_params": float(cost["active_params"]), "total_params": float(cost["total_params"]),
@@ -100,6 +113,7 @@ class Objective:
         self.on_progress = on_progress or (lambda *a: None)
         self.prune = settings.study.pruner != "none"
         self.started: set[int] = set()  # trial numbers this worker ran
+        self._reference_model: PiMoETransformer | None = None
 
     def __call__(self, trial: optuna.Trial):
         self.started.add(trial.number)
@@ -149,7 +163,8 @@ class Objective:
             self.on_progress(trial.number, report.step, report.loss)
             if not self.s.study.multi_objective:  # Optuna keeps no intermediate values for several objectives
                 trial.report(ema, report.step)
-                if self.prune and trial.should_prune():
+                # A trial that trained its whole budget is evaluated, not pruned on its last report.
+                if self.prune and report.step < self.s.train.steps and trial.should_prune():
                     trial.set_user_attr("pruned_at_step", report.step)
                     raise optuna.TrialPruned(f"pruned at step {report.step} (smoothed loss {ema:.4g})")
 
@@ -162,7 +177,7 @@ class Objective:
                 model = PiMoETransformer(arch)
                 result = train(model, self.s.task, self.s.train, callback=on_report)
             quality = evaluate(model, self.s.task)
-            cost, cost_metrics = measure_trial_cost(model, self.s)
+            cost, cost_metrics = measure_trial_cost(model, self.s, self._reference(model))
             metrics = self._metrics(quality, cost_metrics, result)
             if not math.isfinite(metrics["loss"]):
                 raise TrialFailed("validation loss is not finite")
@@ -205,6 +220,13 @@ class Objective:
              "train_seconds": result.seconds, "final_train_loss": result.final_loss}
         m["routing_accuracy"] = quality.get("routing_accuracy", float("nan"))
         return m
+
+    def _reference(self, model: PiMoETransformer) -> PiMoETransformer | None:
+        """The reference model, built once per worker on the trials' device."""
+        device = next(model.parameters()).device
+        if self._reference_model is None or next(self._reference_model.parameters()).device != device:
+            self._reference_model = reference_model(self.s, device)
+        return self._reference_model
 
     # -- reuse --------------------------------------------------------------------------------
     def _identical(self, trial: optuna.Trial, key: str):

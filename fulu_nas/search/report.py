@@ -9,7 +9,7 @@ from .objective import counts_toward_total, is_feasible
 from .settings import SearchSettings
 
 TrialState = optuna.trial.TrialState
-_COLUMNS = ("loss", "metric", "routing_accuracy", "load_balance", "latency_ms", "active_params")
+_COLUMNS = ("loss", "metric", "routing_accuracy", "load_balance", "latency_ms", "latency_ratio", "active_params")
 
 
 def _row(t: optuna.trial.FrozenTrial) -> dict:

@@ -24,15 +24,15 @@ PRUNERS = ("median", "hyperband", "none")
 # Objective -> direction (None: the task's metric decides).
 OBJECTIVES: dict[str, str | None] = {
     "loss": "minimize", "metric": None, "routing_accuracy": "maximize", "load_balance": "maximize",
-    "latency_ms": "minimize", "throughput": "maximize", "peak_memory_mb": "minimize",
+    "latency_ms": "minimize", "latency_ratio": "minimize", "throughput": "maximize", "peak_memory_mb": "minimize",
     "active_params": "minimize", "total_params": "minimize",
 }
 # Quantities a study may bound from above (Optuna trial constraints: feasible when value <= bound).
-CONSTRAINABLE = ("loss", "latency_ms", "peak_memory_mb", "active_params", "total_params")
+CONSTRAINABLE = ("loss", "latency_ms", "latency_ratio", "peak_memory_mb", "active_params", "total_params")
 _SECTIONS = {"task", "search_space", "study", "trainer", "tracking"}
 # trainer.max_seconds is the search's safety cap (TrainConfig.seconds_cap): a trial's budget is its steps alone.
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"progress", "dynamic_experts", "seconds_cap"}
-_COST_FIELDS = {"cost_shapes", "cost_iterations"}
+_COST_FIELDS = {"cost_shapes", "cost_iterations", "cost_rounds"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class TrackingSettings:
 class CostSettings:
     shapes: tuple[tuple[int, int], ...]
     iterations: int
+    rounds: int = 5
 
 
 @dataclass(frozen=True)
@@ -259,8 +260,10 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
                                                               for v in s) for s in shapes)
     if not ok_shapes:
         problems.append(f"trainer.cost_shapes: expected a list of [batch, seq] positive integer pairs, got {shapes!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        problems.append(f"trainer.cost_iterations: expected an integer >= 1, got {iterations!r}")
+    rounds = d.pop("cost_rounds", 5)
+    for key, v in (("cost_iterations", iterations), ("cost_rounds", rounds)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            problems.append(f"trainer.{key}: expected an integer >= 1, got {v!r}")
     for key in ("steps", "batch_size", "report_every", "expert_parallel"):
         if key in d:
             _int(d, key, "trainer", problems, 1)
@@ -276,7 +279,7 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
     options = {k: v for k, v in d.items() if k in _TRAIN_FIELDS}
     cap = options.pop("max_seconds", None)
     train = TrainConfig(**options, seconds_cap=cap, progress=False)
-    return train, CostSettings(tuple((int(b), int(s)) for b, s in shapes), iterations)
+    return train, CostSettings(tuple((int(b), int(s)) for b, s in shapes), iterations, rounds)
 
 
 def _tracking(d: dict, problems: list[str]) -> TrackingSettings | None:

@@ -9,7 +9,8 @@ from ..context import Context, describe_arch
 from .blocks import needs_complete, note
 
 # Metrics shown beside the objectives in the table of trials.
-TABLE_METRICS = ("loss", "metric", "routing_accuracy", "load_balance", "latency_ms", "throughput", "active_params")
+TABLE_METRICS = ("loss", "metric", "routing_accuracy", "load_balance", "latency_ms", "latency_ratio", "throughput",
+                 "active_params")
 
 
 def panel_top_trials(ctx: Context, opts: dict) -> list:
