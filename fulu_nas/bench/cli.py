@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import layer, levels, tasks
+from . import cost_stability, layer, levels, nas_table, sampler_bench, tasks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_parsers(sub)
     levels.add_parser(sub)
     tasks.add_parsers(sub)
+    nas_table.add_parser(sub)
+    sampler_bench.add_parser(sub)
+    cost_stability.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,94 @@
+"""``fulu-nas bench nas-table --summary FILE``: what a table says about its space.
+
+- the best architectures by mean validation loss over seeds, and how much seeds move a result
+  compared with how much architectures differ;
+- rank correlation of the validation loss across seeds (Kendall's tau, Spearman's rho for each
+  pair of seeds over all architectures): how reproducible one trial's ranking is;
+- rank correlation between the table's budget and ``budget_factor`` times it over the subset
+  trained at both (means over seeds): whether a short trial predicts a long one here, the
+  question NAS-Bench-201 answers across epochs before low-fidelity search is trusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+from .common import markdown_table
+from .finite_space import INACTIVE, architecture_keys
+from .nas_settings import product_settings
+from .nas_table_file import NasTable, read_table
+
+
+def rank_correlation(x: list[float], y: list[float]) -> dict[str, float]:
+    from scipy.stats import kendalltau, spearmanr
+
+    return {"kendall_tau": float(kendalltau(x, y).statistic), "spearman_rho": float(spearmanr(x, y).statistic)}
+
+
+def seed_correlations(table: NasTable) -> list[dict]:
+    """For each pair of seeds: both correlations of the loss over every architecture."""
+    base = table.by_arch(1)
+    loss = {seed: [next(r["loss"] for r in rows if r["seed"] == seed) for rows in base.values()]
+            for seed in table.seeds}
+    return [{"seeds": (a, b), **rank_correlation(loss[a], loss[b])} for a, b in itertools.combinations(table.seeds, 2)]
+
+
+def budget_correlation(table: NasTable, factor: int) -> dict:
+    """Both correlations of the mean loss at budget factor 1 and ``factor`` over the architectures
+    trained at both, and where the long budget's best sits in the short budget's ranking."""
+    short, long = table.means(1), table.means(factor)
+    keys = [k for k in short if k in long]
+    result = rank_correlation([short[k]["loss"] for k in keys], [long[k]["loss"] for k in keys])
+    by_short = sorted(keys, key=lambda k: short[k]["loss"])
+    best_long = min(keys, key=lambda k: long[k]["loss"])
+    return {"factor": factor, "architectures": len(keys), **result, "best_long": best_long,
+            "best_long_rank_at_short": by_short.index(best_long) + 1, "best_short": by_short[0]}
+
+
+def _name(table_params: list[str], key: tuple[str, ...]) -> str:
+    return ", ".join(f"{n}={v}" for n, v in zip(table_params, key, strict=True) if v != INACTIVE)
+
+
+def summary_main(args: argparse.Namespace) -> int:
+    s = product_settings(args.space, args.task)
+    table = read_table(args.summary, s.space, architecture_keys(s.space, s.task))
+    names = [p.name for p in s.space.params]
+    base, means = table.by_arch(1), table.means(1)
+    steps = sorted({r["steps"] for rows in base.values() for r in rows})
+    print(f"{table.path}: {len(base)} architectures of search space {s.space.name!r} x seeds {table.seeds} at "
+          f"{'/'.join(map(str, steps))} steps ({len(table.rows)} rows)")
+    for key in ("task", "trainer", "device", "date", "command"):
+        if key in table.header:
+            print(f"  {key}: {table.header[key]}")
+    ranked = sorted(means, key=lambda k: means[k]["loss"])
+    print("\nbest and worst architectures by mean validation loss over seeds:\n")
+    body = []
+    for i in sorted(set(range(min(5, len(ranked)))) | {len(ranked) - 1}):
+        k = ranked[i]
+        losses = [r["loss"] for r in base[k]]
+        sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        body.append([str(i + 1), _name(names, k), f"{means[k]['loss']:.4f} ± {sd:.4f}", f"{means[k]['metric']:.3f}",
+                     f"{means[k]['routing_accuracy']:.3f}", f"{means[k]['active_params']:.0f}"])
+    print(markdown_table(["rank", "architecture", "loss (mean ± sd)", "metric", "routing acc.", "active params"], body,
+                         text_columns=2))
+    if len(table.seeds) > 1:
+        noise = statistics.median(statistics.stdev(r["loss"] for r in rows) for rows in base.values())
+        spread = statistics.stdev(m["loss"] for m in means.values())
+        print(f"\nseed noise: median over architectures of the loss's sd over seeds {noise:.4f}; sd of the mean loss "
+              f"across architectures {spread:.4f}")
+        print("\nrank correlation of the validation loss between seeds (all architectures):\n")
+        pairs = seed_correlations(table)
+        rows = [[f"{p['seeds'][0]} vs {p['seeds'][1]}", f"{p['kendall_tau']:.3f}", f"{p['spearman_rho']:.3f}"]
+                for p in pairs]
+        rows.append(["mean", f"{statistics.fmean(p['kendall_tau'] for p in pairs):.3f}",
+                     f"{statistics.fmean(p['spearman_rho'] for p in pairs):.3f}"])
+        print(markdown_table(["seeds", "Kendall tau", "Spearman rho"], rows, text_columns=1))
+    for factor in table.budget_factors[1:]:
+        b = budget_correlation(table, factor)
+        print(f"\nshort vs long budget (mean loss over seeds, {b['architectures']} architectures at {steps[0]} and "
+              f"{factor}x steps): Kendall tau {b['kendall_tau']:.3f}, Spearman rho {b['spearman_rho']:.3f}")
+        print(f"  best at {factor}x: {_name(names, b['best_long'])} (rank {b['best_long_rank_at_short']} of "
+              f"{b['architectures']} at 1x); best at 1x: {_name(names, b['best_short'])}")
+    return 0
