@@ -127,3 +127,14 @@ def test_task_benchmarks_run_end_to_end(tmp_path, capsys):
     assert [r["router"] for r in rows] == ["topk", "hash"] and all(r["steps"] > 0 for r in rows)
     assert bench.main(["clusters", "--seconds", "1", "--balancing", "aux_loss"]) == 0
     assert "routing_accuracy" in capsys.readouterr().out
+
+
+def test_bench_cost_repeats_the_search_cost_protocol(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    assert bench.main(["cost", "+experiment=tiny", "--params", "router=hash", "--repeat", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "latency_ratio" in text and "relative range over 2 repetitions" in text
+    result = json.loads(out.read_text())
+    assert result["architecture"]["router"] == "hash" and len(result["rows"]) == 2
+    assert all(r["latency_ratio"] > 0 and r["latency_ms"] > 0 for r in result["rows"])
+    assert bench.main(["cost", "+experiment=tiny", "--params", "router=nonsense"]) == 2

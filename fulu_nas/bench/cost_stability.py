@@ -1,0 +1,97 @@
+"""``fulu-nas bench cost``: how stable the search's cost figures are on a shared machine.
+
+One architecture of a search space is measured ``--repeat`` times with exactly the protocol a trial
+uses (the study's cost shapes, interleaved rounds beside the space's reference model), optionally
+while ``--load`` busy processes compete for the CPU. Prints each repetition's ``latency_ms`` and
+``latency_ratio`` and their relative range ((max - min) / median): the ratio is what a search should
+compare architectures by when the machine is not its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+
+import torch
+
+from ..models import PiMoETransformer
+from ..search.app import compose_config
+from ..search.objective import measure_trial_cost, reference_model
+from ..search.settings import load_settings
+from .common import device_name, markdown_table, positive_int
+
+
+def _busy_processes(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
+
+
+def _parse_values(pairs: list[str]) -> dict:
+    import yaml
+
+    values = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq:
+            raise ValueError(f"--params: expected key=value, got {pair!r}")
+        values[key] = yaml.safe_load(text)
+    return values
+
+
+def relative_range(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def cost_main(args: argparse.Namespace) -> int:
+    from ..errors import FuluConfigError
+
+    try:
+        s = load_settings(*compose_config(args.overrides))
+        values = {**(s.space.reference or {}), **_parse_values(args.params)}
+        arch = s.space.arch(values, s.task)
+    except FuluConfigError as e:
+        raise ValueError("; ".join(e.problems)) from None
+    torch.manual_seed(s.train.seed)
+    model = PiMoETransformer(arch)
+    reference = reference_model(s, torch.device("cpu"))
+    hogs = _busy_processes(args.load)
+    rows = []
+    try:
+        for _ in range(args.repeat):
+            _, metrics = measure_trial_cost(model, s, reference)
+            rows.append(metrics)
+    finally:
+        for p in hogs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    latency = [r["latency_ms"] for r in rows]
+    ratio = [r["latency_ratio"] for r in rows]
+    print(f"cost protocol of the search, {device_name(torch.device('cpu'))}, torch {torch.__version__}, "
+          f"{args.load} competing busy processes; shapes {list(s.cost.shapes)}, {s.cost.rounds} rounds of "
+          f"{s.cost.iterations} calls; architecture {values}\n")
+    body = [[str(i + 1), f"{r['latency_ms']:.3f}", f"{r['latency_spread']:.2f}", f"{r['reference_latency_ms']:.3f}",
+             f"{r['latency_ratio']:.3f}", f"{r['latency_ratio_spread']:.2f}"] for i, r in enumerate(rows)]
+    print(markdown_table(["repetition", "latency_ms", "spread", "reference ms", "latency_ratio", "spread"], body))
+    print(f"\nrelative range over {args.repeat} repetitions: latency_ms {relative_range(latency):.1%}, "
+          f"latency_ratio {relative_range(ratio):.1%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name(torch.device("cpu")), "torch": torch.__version__, "load": args.load,
+                       "architecture": values, "rows": rows}, f, indent=2)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("cost", help="repeat one architecture's cost measurement (the search's protocol), "
+                                    "optionally under competing CPU load")
+    p.add_argument("overrides", nargs="*", help="search config overrides, e.g. search_space=routers task=clusters")
+    p.add_argument("--params", nargs="*", default=["router=hierarchical", "num_experts=16", "hierarchy_depth=2"],
+                   help="architecture parameters over the space's reference (key=value)")
+    p.add_argument("--repeat", type=positive_int, default=5)
+    p.add_argument("--load", type=int, default=0, help="busy processes competing for the CPU while measuring")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(run=cost_main)
