@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import layer, levels, nas_table, sampler_bench, tasks
+from . import cost_stability, layer, levels, nas_table, sampler_bench, tasks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_parsers(sub)
     nas_table.add_parser(sub)
     sampler_bench.add_parser(sub)
+    cost_stability.add_parser(sub)
     return parser
 
 
