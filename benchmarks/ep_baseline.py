@@ -1,4 +1,4 @@
-"""Single-GPU baseline of the expert-parallel benchmark (BENCHMARKS.md, issue 8): the same per-rank
+"""Single-GPU baseline of the expert-parallel benchmark (BENCHMARKS.md, expert parallelism): the same per-rank
 work without communication, i.e. a layer of E/P experts on the tokens of one rank.
 
     python3 benchmarks/ep_baseline.py HIDDEN EXPERTS FFN TOP_K TOKENS STEPS [IMPL [PROFILE_FILE]]

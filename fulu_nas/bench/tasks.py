@@ -1,4 +1,4 @@
-"""Task benchmarks (issue 3's targets): train on a wall-clock budget, evaluate, print a table.
+"""Task benchmarks: train on a wall-clock or step budget, evaluate, print a table.
 
 ``python -m fulu_nas.bench clusters``  - the default top-k layer on ``clusters`` (8 experts, 8
 domains), with each balancing method: routing accuracy, load balance, task accuracy.
@@ -127,7 +127,7 @@ def routers_main(args: argparse.Namespace) -> int:
 
 def dynamic_main(args: argparse.Namespace) -> int:
     """Dynamic expert scaling from each start size, then a fixed layer of the size it ended with
-    (same budget, seed and settings otherwise), for each seed; the issue's target: from 4 it must
+    (same budget, seed and settings otherwise), for each seed; the target: from 4 it must
     grow, from 32 shrink, with routing accuracy no worse than the fixed layer of the final size.
     ``--steps`` gives every run the same number of steps (a comparison that another process on
     the same cores cannot skew); otherwise each run gets ``--seconds`` of wall-clock."""
