@@ -127,3 +127,29 @@ def test_spec_system_optimized_for_inference_on_cuda():
     assert relative_error(fast, eager) < 2e-2
     results = system.benchmark_system(x, num_iterations=10, warmup=2)
     assert results["throughput"] > 0 and results["peak_memory_mb"] > 0
+
+
+def test_trial_cost_on_cuda_replays_the_served_forward_beside_the_reference():
+    """The search's cost protocol on a GPU: the served forward captured in a CUDA graph per shape,
+    timed with CUDA events in rounds beside the reference model; the graph's logits equal eager's."""
+    from fulu_nas.deploy.cost import deployed_forward, measure_cost
+    from fulu_nas.models import ArchConfig, PiMoETransformer
+    from fulu_nas.moe import MoEConfig
+
+    def model(experts, seed):
+        torch.manual_seed(seed)
+        arch = ArchConfig(vocab_size=64, max_seq_len=32, num_layers=2, hidden_size=64, num_heads=4, moe_every=2,
+                          dense_ffn_size=128, moe=MoEConfig(hidden_size=64, num_experts=experts, expert_ffn_size=64))
+        return PiMoETransformer(arch).cuda().eval()
+
+    trial, reference = model(16, 0), model(8, 1)
+    tokens = torch.randint(0, 64, (4, 32), device="cuda")
+    with torch.inference_mode():
+        replay = deployed_forward(trial, tokens)
+        # the served copy is bf16: equal to the fp32 model's logits to bf16 rounding
+        torch.testing.assert_close(replay().float(), trial(tokens).logits, rtol=0.05, atol=0.05)
+    cost = measure_cost(trial, [(1, 32), (8, 32)], iterations=5, rounds=3, reference=reference)
+    for shape in cost["shapes"]:
+        assert 0 < shape["latency_p50_ms"] <= shape["latency_p95_ms"] and shape["latency_ratio"] > 0
+        assert shape["peak_memory_mb"] >= 0
+    assert cost["device"].startswith("cuda")

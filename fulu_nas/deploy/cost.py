@@ -2,16 +2,20 @@
 counts and analytic FLOPs per token.
 
 What is timed is the forward the export serves (:class:`~fulu_nas.deploy.export.LogitsOnly`: tokens ->
-logits, eval and inference mode); on CUDA it is replayed from one CUDA graph per shape and timed with
-CUDA events. A shared machine's speed drifts by tens of percent within a minute, so the timing runs in
-interleaved rounds: each round times the model and, when given, a fixed reference model back to back,
-and the figures are medians over the rounds (``*_spread``: their interquartile range over the median).
+logits, eval and inference mode; fp32 on the CPU as exported). On CUDA the model is served in bf16 (the
+grouped GEMM's fast path; fp32 takes a fallback that synchronises with the host), replayed from one
+CUDA graph per shape and timed with CUDA events.
+
+A shared machine's speed drifts by tens of percent within a minute, so the timing runs in interleaved
+rounds: each round times the model and, when given, a fixed reference model back to back, and the
+figures are medians over the rounds (``*_spread``: their interquartile range over the median).
 ``latency_ratio`` (model / reference, the median of the rounds' ratios) cancels the drift that both
 share: that is the load-robust figure to compare architectures by.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -54,11 +58,12 @@ def robust_spread(values: list[float]) -> float:
 
 
 def deployed_forward(model: PiMoETransformer, tokens: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One call of the served forward on ``tokens``: eager on the CPU, a CUDA-graph replay on CUDA
-    (captured after warm-up calls; the graph owns its input buffer)."""
-    served = LogitsOnly(model).eval()
+    """One call of the served forward on ``tokens``: eager on the CPU; on CUDA a bf16 copy of the model
+    replayed from a CUDA graph (captured after warm-up calls; the graph owns its input buffer)."""
     if tokens.device.type != "cuda":
+        served = LogitsOnly(model).eval()
         return lambda: served(tokens)
+    served = LogitsOnly(copy.deepcopy(model).to(torch.bfloat16)).eval()
     static = tokens.clone()
     graph, out = capture(lambda: served(static))
     return lambda: (graph.replay(), out)[1]
