@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "search": "run or resume a search (Hydra app): fulu-nas search [key=value ...] | --help | --cfg job",
+    "confirm": "train the best architectures again (seeds, longer budget): fulu-nas confirm study.name=NAME [top_k=8]",
     "export": "write a trial as a deployable model: fulu-nas export study.name=NAME [trial=best] [out=DIR]",
     "ui": "open the MLflow UI of a search on 127.0.0.1: fulu-nas ui [OUTPUT_DIR | --tracking-uri URI]",
     "dashboard": "HTML dashboard of a study, logged to MLflow: fulu-nas dashboard study.name=NAME [layout=..] [out=..]",
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from .search import app
 
         return app.main(rest)
+    if command == "confirm":
+        from .search import confirm_command
+
+        return confirm_command.main(rest)
     if command == "export":
         from .search import export_trial
 

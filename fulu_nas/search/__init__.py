@@ -2,7 +2,9 @@
 
 ``space`` parses and samples declarative spaces, ``settings`` validates the composed config,
 ``objective`` is one trial's protocol, ``study`` drives the study and its workers, ``tracking``
-writes MLflow runs, ``report`` summarises, ``app`` is the Hydra entry point of ``fulu-nas search``.
+writes MLflow runs, ``report`` summarises, ``app`` is the Hydra entry point of ``fulu-nas search``;
+``confirm`` trains the chosen architectures again (``confirm_summary``: its statistics,
+``confirm_command``: ``fulu-nas confirm``).
 Optuna, MLflow and Hydra are imported here and above, never in ``fulu_nas.moe``.
 """
 

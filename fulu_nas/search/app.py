@@ -1,5 +1,6 @@
 """``fulu-nas search``: a Hydra app over ``fulu_nas/conf/`` (groups task, search_space, study, trainer,
-tracking, experiment).
+tracking, experiment). With ``study.confirm.enabled=true`` the finished study is confirmed
+(:mod:`.confirm`) before the job ends.
 
 Before Hydra runs the job (and creates its output folder) the same overrides are composed with
 Hydra's compose API and validated: a malformed space or config, an unknown group option, a wrong
@@ -105,12 +106,15 @@ def _job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from .confirm import confirm_after_search
     from .settings import load_settings
     from .study import run_search
 
     try:
         settings = load_settings(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir)
         code = run_search(settings)
+        if not code and settings.study.confirm.enabled:
+            code = confirm_after_search(settings)
     except FuluConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(BAD_INPUT)

@@ -3,9 +3,11 @@ pick a trial of a finished (or running) study, get its weights (saved during the
 retrained with a longer budget), measure it, and write the export directory
 (:mod:`fulu_nas.deploy.export`); the MLflow model is registered as ``name`` with the alias ``champion``.
 
-``trial``: ``best`` (single-objective studies), a trial number, ``pareto:<i>`` (the i-th
+``trial``: ``best`` (single-objective studies: the winner of the study's confirmation, ``fulu-nas
+confirm``, when it has one, else the search's best trial), a trial number, ``pareto:<i>`` (the i-th
 Pareto-optimal trial, ordered by the first objective) or ``fastest_within:<pct>`` (the lowest
-latency among trials whose loss is within pct % of the best loss).
+latency among trials whose loss is within pct % of the best loss). Which trial was taken, and why,
+is printed and kept in the export (``selected_by`` in metrics.json and in config.yaml's source).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import optuna
 
 from ..errors import FuluConfigError
+from .confirm_summary import confirmed_winner, describe_winner
 from .locate import StudyLocation, load_study, locate_study, search_settings, split_options
 from .objective import is_feasible, measure_trial_cost, reference_model
 from .settings import SearchSettings
@@ -64,6 +67,16 @@ def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.tr
         key = "latency_ratio" if all("latency_ratio" in t.user_attrs["metrics"] for t in close) else "latency_ms"
         return min(close, key=lambda t: t.user_attrs["metrics"][key])
     raise FuluConfigError(f"trial: expected best, a trial number, pareto:<i> or fastest_within:<pct>, got {spec!r}")
+
+
+def choose_trial(study: optuna.Study, s: SearchSettings, spec: str) -> tuple[optuna.trial.FrozenTrial, str]:
+    """:func:`select_trial`, except that ``best`` takes the confirmed winner when the study was confirmed
+    (its mean over seeds at the longer budget is the better estimate); and how it was chosen, in words."""
+    winner = confirmed_winner(study) if spec == "best" else None
+    if winner is None:
+        trial = select_trial(study, s, spec)
+        return trial, f"trial={spec}" + (" (the best trial of the search; no confirmation)" if spec == "best" else "")
+    return select_trial(study, s, str(winner["trial"])), f"trial=best: {describe_winner(winner)}"
 
 
 def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.FrozenTrial, retrain: bool,
@@ -115,7 +128,7 @@ task `{s.task_name}`.
 ## How it was found
 Study `{s.study.name}` ({mask_url(location.storage_url)}), search space `{s.space.name}`, sampler
 `{s.study.sampler}`, objectives {', '.join(s.study.objectives)}; trial {trial.number}: {values}.
-Parameters: {', '.join(f'{k}={v}' for k, v in trial.params.items())}.
+Parameters: {', '.join(f'{k}={v}' for k, v in trial.params.items())}. Selected by {metrics['selected_by']}.
 {'Retrained with a longer budget before export.' if metrics.get('retrained') else
  'Weights are the trial own, saved during the search.'}
 
@@ -154,23 +167,24 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         raise FuluConfigError(f"retrain_factor: expected a number, got {options['retrain_factor']!r}") from None
     study = load_study(location)
     s = search_settings(location, study)
-    trial = select_trial(study, s, options["trial"])
+    trial, selected_by = choose_trial(study, s, options["trial"])
     name = options["name"] or f"{s.study.name}"
     out = Path(options["out"] or location.output_dir / f"export-trial{trial.number}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder")
 
+    print(f"exporting trial {trial.number}: {selected_by}")
     model, provenance = trial_model(location, s, trial, retrain, factor)
     quality = evaluate(model, s.task)
     cost, cost_metrics = measure_trial_cost(model, s, reference_model(s, next(model.parameters()).device))
     metrics = {k: v for k, v in quality.items() if isinstance(v, (int, float))}
-    metrics.update(cost_metrics, device=cost["device"], **provenance)
+    metrics.update(cost_metrics, device=cost["device"], selected_by=selected_by, **provenance)
     config = {"format": FORMAT_VERSION, "architecture": model.arch.to_dict(),
               "task": {"name": s.task_name, **s.task_params},
               "source": {"study": s.study.name, "storage": mask_url(location.storage_url), "trial": trial.number,
                          "params": dict(trial.params), "objectives": list(s.study.objectives),
                          "values": list(trial.values), "search_space": s.space.name,
-                         "mlflow_run_id": trial.user_attrs.get("mlflow_run_id")},
+                         "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"), "selected_by": selected_by},
               "registered_model": name, "torch_version": str(__import__("torch").__version__)}
     card = model_card(s, location, trial, config, metrics, name)
     write_export(out, model, config, metrics, card)

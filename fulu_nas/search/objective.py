@@ -15,6 +15,10 @@ With ``trainer.expert_parallel=P > 1`` the training step runs over P ranks in a 
 (:mod:`fulu_nas.training.parallel`; a num_experts not divisible by P makes the trial infeasible); its reports stream
 back to the pruner and MLflow, and the gathered single-device model is evaluated, measured and
 logged here exactly as a one-device trial's.
+
+The protocol's steps (:func:`train_architecture`, :func:`evaluate_and_measure`, :class:`TrainingLog`,
+:class:`ReferenceModels`) are functions of their own: the confirmation (:mod:`.confirm`) trains and
+measures the chosen architectures again with exactly these.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import hashlib
 import json
 import math
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import optuna
 import torch
@@ -34,7 +38,7 @@ from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..training.evaluate import evaluate
 from ..training.parallel import train_expert_parallel
-from ..training.train import BudgetCapReached, StepReport, TrainingDiverged, train
+from ..training.train import BudgetCapReached, StepReport, TrainConfig, TrainingDiverged, TrainResult, train
 from .settings import SearchSettings
 from .tracking import Tracker
 
@@ -92,6 +96,91 @@ def measure_trial_cost(model, s: SearchSettings, reference: PiMoETransformer | N
                   "flops_per_token": float(cost["flops_per_token"])}
 
 
+class ReferenceModels:
+    """The reference model (:func:`reference_model`), built once and kept on the device of the models
+    measured beside it."""
+
+    def __init__(self, s: SearchSettings):
+        self.s = s
+        self._model: PiMoETransformer | None = None
+
+    def beside(self, model: PiMoETransformer) -> PiMoETransformer | None:
+        device = next(model.parameters()).device
+        if self._model is None or next(self._model.parameters()).device != device:
+            self._model = reference_model(self.s, device)
+        return self._model
+
+
+class TrainingLog:
+    """A training run's reports as they arrive: step metrics on its MLflow run (the loss and its moving
+    average, the learning rate, each MoE layer's routing), each layer's tokens per expert for the
+    ``routing_history.json`` artifact, and ``on_progress(step, loss)`` for a progress display."""
+
+    def __init__(self, tracker: Tracker, run_id: str, on_progress):
+        self.tracker, self.run_id, self.on_progress = tracker, run_id, on_progress
+        self.smoothed: list[float] = []
+        self.routing_history: list[dict] = []
+
+    def __call__(self, report: StepReport) -> float:
+        """Record ``report``; returns the smoothed loss (what a pruner compares)."""
+        ema = report.loss if not self.smoothed else 0.8 * self.smoothed[-1] + 0.2 * report.loss
+        self.smoothed.append(ema)
+        step_metrics = {"train/loss": report.loss, "train/loss_smoothed": ema, "train/lr": report.lr,
+                        "train/load_balance": report.load_balance}
+        for i, layer in enumerate(report.layers):
+            for k in ("load_balance", "max_vio", "cv", "router_entropy", "utilisation", "dropped_share"):
+                step_metrics[f"train/layer{i}/{k}"] = layer[k]
+        self.tracker.log_step(self.run_id, report.step, step_metrics)
+        self.routing_history.append({"step": report.step, "tokens_per_expert": [layer["tokens_per_expert"]
+                                                                                for layer in report.layers]})
+        self.on_progress(report.step, report.loss)
+        return ema
+
+
+def train_architecture(arch, s: SearchSettings, cfg: TrainConfig, on_report) -> tuple[PiMoETransformer, TrainResult]:
+    """``arch`` trained on the study's task with ``cfg``, whose seed also draws the initial weights: over
+    ``cfg.expert_parallel`` ranks when it is > 1 (the gathered single-device model comes back), else here."""
+    if cfg.expert_parallel > 1:
+        return train_expert_parallel(arch, s.task_name, s.task_params, cfg, on_report=on_report,
+                                     workdir=s.output_dir)
+    torch.manual_seed(cfg.seed)
+    model = PiMoETransformer(arch)
+    return model, train(model, s.task, cfg, callback=on_report)
+
+
+@dataclass
+class Measured:
+    """A trained model's evaluation (quality and routing), its cost beside the reference, and the flat
+    metrics its run records (the objectives are read from these)."""
+
+    quality: dict
+    cost: dict
+    metrics: dict[str, float]
+
+    def artifacts(self, arch, routing_history: list[dict]) -> dict:
+        """The run's artifacts by file name (weights aside)."""
+        return {"arch.yaml": arch.to_yaml(), "evaluation.json": self.quality, "cost.json": self.cost,
+                "routing_history.json": routing_history}
+
+
+def evaluate_and_measure(model: PiMoETransformer, s: SearchSettings, reference: PiMoETransformer | None,
+                         result: TrainResult) -> Measured:
+    """Evaluate ``model`` on the task, measure its cost beside ``reference``; a non-finite validation
+    loss fails it (:class:`TrialFailed`)."""
+    quality = evaluate(model, s.task)
+    cost, cost_metrics = measure_trial_cost(model, s, reference)
+    task = s.task
+    m = {"loss": quality["loss"], "metric": quality[task.metric_name], task.metric_name: quality[task.metric_name],
+         "load_balance": quality["load_balance"], "utilisation": quality["utilisation"],
+         "max_vio": quality["max_vio"], "cv": quality["cv"], "dropped_share": quality["dropped_share"],
+         **cost_metrics, "train_steps": float(result.steps),
+         "train_seconds": result.seconds, "final_train_loss": result.final_loss}
+    m["routing_accuracy"] = quality.get("routing_accuracy", float("nan"))
+    if not math.isfinite(m["loss"]):
+        raise TrialFailed("validation loss is not finite")
+    return Measured(quality, cost, m)
+
+
 def cache_key(settings: SearchSettings, arch_hash: str) -> str:
     """Identical architecture + task + budget + cost protocol -> identical key."""
     skip = ("progress", "device", "report_every", "seconds_cap")  # none of these changes a trial's result
@@ -113,7 +202,7 @@ class Objective:
         self.on_progress = on_progress or (lambda *a: None)
         self.prune = settings.study.pruner != "none"
         self.started: set[int] = set()  # trial numbers this worker ran
-        self._reference_model: PiMoETransformer | None = None
+        self.references = ReferenceModels(settings)
 
     def __call__(self, trial: optuna.Trial):
         self.started.add(trial.number)
@@ -146,21 +235,10 @@ class Objective:
                                           {"fulu.reference": reference, "fulu.arch_hash": arch.content_hash()})
         trial.set_user_attr("mlflow_run_id", run_id)
         model = None
-        smoothed: list[float] = []
-        routing_history: list[dict] = []  # per report: each MoE layer's tokens per expert
+        log = TrainingLog(self.tracker, run_id, lambda step, loss: self.on_progress(trial.number, step, loss))
 
         def on_report(report: StepReport) -> None:
-            ema = report.loss if not smoothed else 0.8 * smoothed[-1] + 0.2 * report.loss
-            smoothed.append(ema)
-            step_metrics = {"train/loss": report.loss, "train/loss_smoothed": ema, "train/lr": report.lr,
-                            "train/load_balance": report.load_balance}
-            for i, layer in enumerate(report.layers):
-                for k in ("load_balance", "max_vio", "cv", "router_entropy", "utilisation", "dropped_share"):
-                    step_metrics[f"train/layer{i}/{k}"] = layer[k]
-            self.tracker.log_step(run_id, report.step, step_metrics)
-            routing_history.append({"step": report.step, "tokens_per_expert": [layer["tokens_per_expert"]
-                                                                               for layer in report.layers]})
-            self.on_progress(trial.number, report.step, report.loss)
+            ema = log(report)
             if not self.s.study.multi_objective:  # Optuna keeps no intermediate values for several objectives
                 trial.report(ema, report.step)
                 # A trial that trained its whole budget is evaluated, not pruned on its last report.
@@ -169,27 +247,17 @@ class Objective:
                     raise optuna.TrialPruned(f"pruned at step {report.step} (smoothed loss {ema:.4g})")
 
         try:
-            if self.s.train.expert_parallel > 1:  # P ranks train it; back here as an ordinary model
-                model, result = train_expert_parallel(arch, self.s.task_name, self.s.task_params, self.s.train,
-                                                      on_report=on_report, workdir=self.s.output_dir)
-            else:
-                torch.manual_seed(self.s.train.seed)
-                model = PiMoETransformer(arch)
-                result = train(model, self.s.task, self.s.train, callback=on_report)
-            quality = evaluate(model, self.s.task)
-            cost, cost_metrics = measure_trial_cost(model, self.s, self._reference(model))
-            metrics = self._metrics(quality, cost_metrics, result)
-            if not math.isfinite(metrics["loss"]):
-                raise TrialFailed("validation loss is not finite")
+            # over P ranks with trainer.expert_parallel > 1; back here as an ordinary model
+            model, result = train_architecture(arch, self.s, self.s.train, on_report)
+            measured = evaluate_and_measure(model, self.s, self.references.beside(model), result)
+            metrics = measured.metrics
             for name, bound in self.s.study.constraints:
                 trial.set_constraint(name, metrics[name] - bound)
             objectives = [metrics[o] for o in self.s.study.objectives]
             trial.set_user_attr("metrics", metrics)
             trial.set_user_attr("weights_run_id", run_id)
             self.tracker.log_metrics(run_id, metrics)
-            self.tracker.log_files(run_id, {"arch.yaml": arch.to_yaml(), "evaluation.json": quality,
-                                            "cost.json": cost, "routing_history.json": routing_history},
-                                   weights=model)
+            self.tracker.log_files(run_id, measured.artifacts(arch, log.routing_history), weights=model)
             self.tracker.end_trial(run_id, "FINISHED")
             return objectives[0] if len(objectives) == 1 else objectives
         except optuna.TrialPruned as e:
@@ -200,7 +268,7 @@ class Objective:
             self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted"})
             raise
         except Exception as e:
-            reason = _reason(e)
+            reason = failure_reason(e)
             trial.set_user_attr("fail_reason", reason)
             self.tracker.end_trial(run_id, "FAILED", {"fulu.state": "failed", "fulu.reason": reason,
                                                       "fulu.traceback": traceback.format_exc()[-4000:]})
@@ -210,23 +278,6 @@ class Objective:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-    def _metrics(self, quality: dict, cost_metrics: dict[str, float], result) -> dict[str, float]:
-        task = self.s.task
-        m = {"loss": quality["loss"], "metric": quality[task.metric_name], task.metric_name: quality[task.metric_name],
-             "load_balance": quality["load_balance"], "utilisation": quality["utilisation"],
-             "max_vio": quality["max_vio"], "cv": quality["cv"], "dropped_share": quality["dropped_share"],
-             **cost_metrics, "train_steps": float(result.steps),
-             "train_seconds": result.seconds, "final_train_loss": result.final_loss}
-        m["routing_accuracy"] = quality.get("routing_accuracy", float("nan"))
-        return m
-
-    def _reference(self, model: PiMoETransformer) -> PiMoETransformer | None:
-        """The reference model, built once per worker on the trials' device."""
-        device = next(model.parameters()).device
-        if self._reference_model is None or next(self._reference_model.parameters()).device != device:
-            self._reference_model = reference_model(self.s, device)
-        return self._reference_model
 
     # -- reuse --------------------------------------------------------------------------------
     def _identical(self, trial: optuna.Trial, key: str):
@@ -279,7 +330,8 @@ class Objective:
                                                          else {})})
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
+    """Why a training run failed, in one line (recorded on the trial and its MLflow run)."""
     if isinstance(e, TrainingDiverged):
         return f"diverged: {e}"
     if isinstance(e, BudgetCapReached):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,6 +37,17 @@ _COST_FIELDS = {"cost_shapes", "cost_iterations", "cost_rounds"}
 
 
 @dataclass(frozen=True)
+class ConfirmSettings:
+    """``study.confirm``: the final evaluation of the study's best architectures (:mod:`.confirm`);
+    ``enabled`` runs it at the end of ``fulu-nas search``, the rest are ``fulu-nas confirm``'s defaults."""
+
+    enabled: bool = False
+    top_k: int = 8
+    budget_factor: float = 4.0
+    seeds: int = 3
+
+
+@dataclass(frozen=True)
 class StudySettings:
     name: str
     n_trials: int
@@ -51,6 +63,7 @@ class StudySettings:
     heartbeat_interval: int
     grace_period: int
     max_retry: int
+    confirm: ConfirmSettings = ConfirmSettings()
 
     @property
     def multi_objective(self) -> bool:
@@ -242,11 +255,38 @@ def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | N
     storage = d.get("storage")
     if storage is not None:
         _collect(problems, lambda: check_storage_url(storage))
+    confirm = d.get("confirm")
+    if confirm is not None and not isinstance(confirm, Mapping):
+        problems.append(f"study.confirm: expected a mapping (enabled, top_k, budget_factor, seeds), got {confirm!r}")
+        confirm = None
+    # Studies searched before the key existed have no study.confirm: they take the defaults.
+    confirm = confirm_settings(confirm or {}, "study.confirm.", problems)
     if len(problems) > n0:
         return None
     return StudySettings(name=name, storage=storage, sampler=sampler, pruner=pruner, objectives=tuple(objectives),
                          directions=tuple(directions), constraints=tuple((k, float(v)) for k, v in constraints.items()),
-                         **ints)
+                         confirm=confirm, **ints)
+
+
+def confirm_settings(d: Mapping[str, Any], prefix: str, problems: list[str],
+                     defaults: ConfirmSettings = ConfirmSettings()) -> ConfirmSettings:
+    """``d`` validated over ``defaults`` (keys it lacks keep their default); ``prefix`` names the keys
+    in messages: ``study.confirm.`` in the config, nothing for ``fulu-nas confirm``'s own options."""
+    known = {f.name for f in fields(ConfirmSettings)}
+    for key in sorted(set(d) - known):
+        problems.append(f"{prefix}{key}: unknown key (keys: {', '.join(sorted(known))})")
+    values = {k: d.get(k, getattr(defaults, k)) for k in known}
+    if not isinstance(values["enabled"], bool):
+        problems.append(f"{prefix}enabled: expected true or false, got {values['enabled']!r}")
+    for key in ("top_k", "seeds"):
+        v = values[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            problems.append(f"{prefix}{key}: expected an integer >= 1, got {v!r}")
+    factor = values["budget_factor"]
+    # The confirmation trains budget_factor x trainer.steps: a longer budget than the search's, never a shorter one.
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 1:
+        problems.append(f"{prefix}budget_factor: expected a finite number >= 1, got {factor!r}")
+    return ConfirmSettings(**values)
 
 
 def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSettings | None]:

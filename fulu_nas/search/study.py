@@ -91,7 +91,7 @@ def finished_count(study: optuna.Study) -> int:
 
 
 @contextmanager
-def _quiet_optuna():
+def quiet_optuna():
     """Our own one-line-per-trial output replaces Optuna's log (which repeats tracebacks of
     failures whose reasons we record)."""
     level = optuna.logging.get_verbosity()
@@ -173,7 +173,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) 
     """Run trials until the study has ``n_trials`` finished ones (counting every worker's).
     Returns 0, or 130 when interrupted (the current trial is failed and queued again)."""
     warm_up(s)
-    with _quiet_optuna():
+    with quiet_optuna():
         study = open_study(s, worker_index)
         tracker = Tracker(s)
         parent = tracker.parent_run(study)
@@ -235,7 +235,7 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
         code = run_worker(s, 0, progress=progress)
     else:
         code = _run_worker_processes(s, progress)
-    with _quiet_optuna():
+    with quiet_optuna():
         study = open_study(s)
         summary = summarize(study, s)
         tracker = Tracker(s)
@@ -277,7 +277,7 @@ def _worker_env(index: int, n_workers: int, gpus_per_worker: int = 1) -> dict[st
 
 def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
     # Create the study, its reference trial and the MLflow parent run once, before workers race.
-    with _quiet_optuna():
+    with quiet_optuna():
         study = open_study(s)
         Tracker(s).parent_run(study)
     config = s.output_dir / "search_config.json"

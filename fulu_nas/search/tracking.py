@@ -1,4 +1,5 @@
-"""MLflow tracking of a study: one parent run per study, one nested run per trial.
+"""MLflow tracking of a study: one parent run per study, one nested run per trial (and per
+confirmation run, :mod:`.confirm`).
 
 Everything goes through an explicit :class:`mlflow.MlflowClient` and run ids (no fluent "active
 run" state), so trials run by other processes or hosts nest under the same parent: its id is
@@ -86,11 +87,28 @@ class Tracker:
 
     # -- trials -------------------------------------------------------------------------------
     def start_trial(self, parent_id: str, number: int, params: dict, arch: dict, tags: dict) -> str:
+        return self._start_child(parent_id, f"trial {number}", "trial", number, tags,
+                                 {**{f"param.{k}": v for k, v in params.items()}, **flatten(arch)})
+
+    def start_confirmation(self, parent_id: str, trial: int, seed: int, steps: int, arch: dict, tags: dict) -> str:
+        """A confirmation run (:mod:`.confirm`) of ``trial``'s architecture: its params are the architecture."""
+        return self._start_child(parent_id, f"confirm trial {trial} seed {seed}", "confirmation", trial,
+                                 {"fulu.seed": seed, "fulu.steps": steps, **tags}, flatten(arch))
+
+    def open_children(self, parent_id: str, kind: str) -> list[str]:
+        """The ids of ``parent_id``'s runs of ``kind`` still RUNNING (a process that wrote them was killed,
+        or is still at work)."""
+        runs = self.client.search_runs([self.experiment_id], max_results=1000, filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_id}' and tags.`fulu.kind` = '{kind}' and "
+            "attributes.status = 'RUNNING'"))
+        return [r.info.run_id for r in runs]
+
+    def _start_child(self, parent_id: str, name: str, kind: str, trial: int, tags: dict, params: dict) -> str:
         run = self.client.create_run(
-            self.experiment_id, run_name=f"trial {number}",
-            tags={"mlflow.parentRunId": parent_id, "fulu.kind": "trial", "fulu.trial": str(number),
+            self.experiment_id, run_name=name,
+            tags={"mlflow.parentRunId": parent_id, "fulu.kind": kind, "fulu.trial": str(trial),
                   "fulu.study": self.settings.study.name, **{k: str(v) for k, v in tags.items()}})
-        self._log_params(run.info.run_id, {**{f"param.{k}": v for k, v in params.items()}, **flatten(arch)})
+        self._log_params(run.info.run_id, params)
         return run.info.run_id
 
     def log_step(self, run_id: str, step: int, values: dict[str, float]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .confirmation import panel_confirmation
 from .history import panel_history, panel_objective, panel_pareto_front
 from .importances import panel_importances
 from .parallel import panel_parallel
@@ -34,6 +35,7 @@ PANELS: dict[str, PanelSpec] = {
     "training_curves": PanelSpec(panel_training_curves, "Training curves"),
     "expert_load": PanelSpec(panel_expert_load, "Expert load over training (best trial)"),
     "routing_matrix": PanelSpec(panel_routing_matrix, "Domain x expert routing (best trial)"),
+    "confirmation": PanelSpec(panel_confirmation, "Confirmation: search rank vs confirmed rank"),
     "top_trials": PanelSpec(panel_top_trials, "Top trials", {"rows": _positive_int},
                             {"rows": "a positive integer"}),
 }

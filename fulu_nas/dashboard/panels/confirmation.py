@@ -1,0 +1,91 @@
+"""The study's confirmation (``fulu-nas confirm``): does the search's ranking hold when its best
+architectures are trained again with several seeds and a longer budget, and which of them beat the
+reference beyond the seeds' noise?"""
+
+from __future__ import annotations
+
+from ...search.confirm_summary import SUMMARY_ATTR, TEST
+from ..context import Context
+from .blocks import note
+
+_CANDIDATE, _REFERENCE = "#1f77b4", "#d62728"
+
+
+def panel_confirmation(ctx: Context, opts: dict) -> list:
+    summary = ctx.study.user_attrs.get(SUMMARY_ATTR)
+    if not isinstance(summary, dict):
+        return [note(f"This study has not been confirmed yet: `fulu-nas confirm study.name={ctx.study.study_name}` "
+                     "trains its best architectures again with several seeds and a longer budget, and this panel "
+                     "then compares the two rankings.")]
+    rows = [r for r in summary["architectures"] if r["mean"] is not None]
+    if not rows:
+        return [note("Every run of the confirmation failed: see confirmation.json for the reasons.")]
+    return [_figure(summary, rows), note(_caption(summary))]
+
+
+def _label(r: dict) -> str:
+    return f"trial {r['trial']}" + (" (reference)" if r["reference"] else "")
+
+
+def _figure(summary: dict, rows: list[dict]):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    objectives = summary["objectives"]
+    fig = make_subplots(rows=1, cols=1 + len(objectives), horizontal_spacing=0.08,
+                        subplot_titles=["search rank vs confirmed rank",
+                                        *(f"{o}: mean +- sd over seeds" for o in objectives)])
+    ranked = [r for r in rows if r["search_rank"] is not None]
+    top = max([r["search_rank"] for r in ranked] + [r["confirmed_rank"] for r in rows])
+    fig.add_trace(go.Scatter(x=[1, top], y=[1, top], mode="lines", line=dict(dash="dot", color="#999"),
+                             name="same rank", hoverinfo="skip"), row=1, col=1)
+    for reference, color in ((False, _CANDIDATE), (True, _REFERENCE)):
+        group = [r for r in rows if r["reference"] == reference]
+        name = "reference" if reference else "confirmed architectures"
+        fig.add_trace(go.Scatter(
+            x=[r["search_rank"] for r in group if r["search_rank"] is not None],
+            y=[r["confirmed_rank"] for r in group if r["search_rank"] is not None],
+            text=[_label(r) for r in group if r["search_rank"] is not None], mode="markers+text",
+            textposition="top center", marker=dict(size=11, color=color, symbol="diamond" if reference else "circle"),
+            name=name, legendgroup=name,
+            hovertemplate="%{text}<br>search rank %{x}, confirmed rank %{y}<extra></extra>"), row=1, col=1)
+        for i, o in enumerate(objectives):
+            fig.add_trace(go.Scatter(
+                x=[_label(r) for r in group], y=[r["mean"][i] for r in group],
+                error_y=dict(type="data", array=[r["sd"][i] if r["sd"] else 0.0 for r in group], visible=True),
+                mode="markers", marker=dict(size=10, color=color, symbol="diamond" if reference else "circle"),
+                name=name, legendgroup=name, showlegend=False,
+                hovertemplate=f"%{{x}}<br>{o} mean %{{y:.4g}} +- %{{error_y.array:.2g}}<extra></extra>"),
+                row=1, col=2 + i)
+    for i, o in enumerate(objectives):
+        fig.add_trace(go.Scatter(
+            x=[_label(r) for r in rows], y=[r["search_values"][i] for r in rows], mode="markers",
+            marker=dict(size=9, color="#555", symbol="x-thin", line=dict(width=2, color="#555")),
+            name="value in the search", legendgroup="search", showlegend=i == 0,
+            hovertemplate=f"%{{x}}<br>{o} in the search %{{y:.4g}}<extra></extra>"), row=1, col=2 + i)
+        fig.update_yaxes(title_text=f"{o} ({summary['directions'][i][:3]})", row=1, col=2 + i)
+    # Rank 1 at the top left; half a rank of margin keeps the labels of the last points inside.
+    fig.update_xaxes(title_text="search rank", dtick=1, range=[0.5, top + 0.7], row=1, col=1)
+    fig.update_yaxes(title_text="confirmed rank", dtick=1, range=[top + 0.5, 0.5], row=1, col=1)
+    fig.update_layout(height=460, margin=dict(t=50), legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def _caption(summary: dict) -> str:
+    seeds = summary["seeds"]
+    parts = [f"{len(summary['architectures'])} architectures x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) "
+             f"at {summary['steps']} steps, {summary['budget_factor']:g} x the search's {summary['search_steps']}; "
+             f"seed {seeds[0]} is the search's own seed."]
+    tau = summary["kendall_tau"]
+    parts.append(f"Kendall's tau between the rankings: {tau['tau']:+.2f} over {tau['n']} architectures "
+                 f"(p={tau['p_value']:.3g})." if tau["tau"] is not None else f"Kendall's tau: {tau['note']}.")
+    verdicts = [f"trial {r['trial']}: {'; '.join(v['verdict'] for v in r['vs_reference'])}"
+                for r in summary["architectures"] if r["vs_reference"]]
+    if verdicts:
+        parts.append(f"Against the reference (trial {summary['reference']}; {TEST}, alpha "
+                     f"{summary['test']['alpha']}): " + "; ".join(verdicts) + ".")
+    if summary["winner"]:
+        parts.append(f"Confirmed winner: trial {summary['winner']['trial']} (export with trial=best takes it).")
+    if summary["failed_runs"]:
+        parts.append(f"{len(summary['failed_runs'])} run(s) failed (see confirmation.json).")
+    return " ".join(parts)

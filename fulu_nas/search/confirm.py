@@ -1,0 +1,274 @@
+"""Confirmation: the final evaluation of a study's chosen architectures with the search's own
+pipeline, several seeds and a longer budget (``fulu-nas confirm``, or ``study.confirm.enabled=true``
+at the end of ``fulu-nas search``).
+
+What is trained: the ``top_k`` best distinct architectures (complete, feasible trials, distinct by
+their ``arch_hash``; one objective: by its value; several: the Pareto front ordered by the first
+objective), and the study's reference trial (when it is not one of them). How: exactly as a trial
+(:func:`.objective.train_architecture`, :func:`.objective.evaluate_and_measure` beside the reference
+model), for ``budget_factor`` x ``trainer.steps`` steps, once per seed ``trainer.seed + i``,
+i < ``seeds``. The search trained every trial with ``trainer.seed``, so seed index 0 repeats the
+search's own seed at the longer budget; the other seeds are new.
+
+Each run is an MLflow run nested under the study's parent run (``fulu.kind=confirmation``, the
+source trial, seed and steps as tags, the architecture as params). Its result is written on the
+study (a user attribute per architecture, seed and step budget) once the run is done, so a
+confirmation that was interrupted, run again, trains only what is missing; a run left RUNNING by a
+killed process is closed first (KILLED, or FINISHED when its result had been recorded). The
+statistics are :mod:`.confirm_summary`'s.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import traceback
+from dataclasses import dataclass, replace
+
+import optuna
+import torch
+
+from ..errors import FuluConfigError
+from ..models import ArchConfig
+from .confirm_summary import SUMMARY_ATTR, print_confirmation, summarize_confirmation
+from .objective import (
+    ReferenceModels,
+    TrainingLog,
+    evaluate_and_measure,
+    failure_reason,
+    is_feasible,
+    train_architecture,
+)
+from .settings import ConfirmSettings, SearchSettings
+from .study import INTERRUPTED, open_study, quiet_optuna
+from .tracking import Tracker
+
+TrialState = optuna.trial.TrialState
+RESULT_PREFIX = "confirm:"  # study user attributes holding each finished run's result
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An architecture to confirm: the best trial that has it, and its rank in the search."""
+
+    trial: optuna.trial.FrozenTrial
+    arch: ArchConfig
+    arch_hash: str
+    search_rank: int | None  # 1 = the search's best; None: the reference, outside the search's ranking
+    reference: bool
+    feasible: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    candidates: tuple[Candidate, ...]
+    options: ConfirmSettings
+    steps: int
+    seeds: tuple[int, ...]
+    ranked: int  # distinct architectures in the search's ranking
+
+    def runs(self) -> list[tuple[Candidate, int]]:
+        return [(c, seed) for c in self.candidates for seed in self.seeds]
+
+
+def result_key(arch_hash: str, seed: int, steps: int) -> str:
+    return f"{RESULT_PREFIX}{arch_hash}:seed{seed}:steps{steps}"
+
+
+def plan_confirmation(study: optuna.Study, s: SearchSettings, options: ConfirmSettings) -> Plan:
+    """What to train. A study with no complete feasible trial, or whose architectures cannot be rebuilt,
+    raises :class:`FuluConfigError` listing every problem; nothing is written here."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise FuluConfigError(f"study.name: study {s.study.name!r} has no complete trial: nothing to confirm")
+    sign = 1 if s.study.directions[0] == "minimize" else -1
+    pool = study.best_trials if s.study.multi_objective else complete
+    pool = sorted((t for t in pool if is_feasible(t)), key=lambda t: (sign * t.values[0], t.number))
+    if not pool:
+        raise FuluConfigError(f"study.name: no complete trial of study {s.study.name!r} meets its constraints: "
+                              "nothing to confirm")
+    problems: list[str] = []
+    ranks: dict[str, int] = {}  # arch hash -> search rank
+    firsts: list[optuna.trial.FrozenTrial] = []  # the best trial of each distinct architecture
+    for t in pool:
+        h = _arch_hash(t, problems)
+        if h is not None and h not in ranks:
+            ranks[h] = len(ranks) + 1
+            firsts.append(t)
+    reference = next((t for t in complete if t.user_attrs.get("reference")), None)
+    ref_hash = _arch_hash(reference, problems) if reference is not None else None
+    candidates = [Candidate(t, _rebuild(t, problems), t.user_attrs["arch_hash"], ranks[t.user_attrs["arch_hash"]],
+                            t.user_attrs["arch_hash"] == ref_hash, True) for t in firsts[:options.top_k]]
+    if reference is not None and ref_hash not in {c.arch_hash for c in candidates}:
+        candidates.append(Candidate(reference, _rebuild(reference, problems), ref_hash, ranks.get(ref_hash), True,
+                                    is_feasible(reference)))
+    if problems:
+        raise FuluConfigError(problems)
+    return Plan(tuple(candidates), options, steps=round(options.budget_factor * s.train.steps),
+                seeds=tuple(s.train.seed + i for i in range(options.seeds)), ranked=len(ranks))
+
+
+def _arch_hash(t: optuna.trial.FrozenTrial, problems: list[str]) -> str | None:
+    h = t.user_attrs.get("arch_hash")
+    if not isinstance(h, str):
+        problems.append(f"trial {t.number}: has no arch_hash attribute, so its architecture cannot be told apart")
+        return None
+    return h
+
+
+def _rebuild(t: optuna.trial.FrozenTrial, problems: list[str]) -> ArchConfig | None:
+    try:
+        return ArchConfig.from_dict(t.user_attrs["arch"])
+    except KeyError:
+        problems.append(f"trial {t.number}: has no arch attribute: its architecture cannot be rebuilt")
+    except (FuluConfigError, TypeError, ValueError, AttributeError) as e:
+        problems.append(f"trial {t.number}: its architecture (the arch attribute) cannot be rebuilt: {e}")
+    return None
+
+
+class RunProgress:
+    """A bar over the confirmation's runs: done / total, and the running one's step and loss."""
+
+    def __init__(self, name: str, total: int, done: int, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=done, desc=f"confirm {name}", unit="run", disable=not enabled,
+                        dynamic_ncols=True)
+
+    def on_step(self, trial: int, seed: int, step: int, loss: float) -> None:
+        self.bar.set_postfix_str(f"trial {trial} seed {seed}: step {step} loss {loss:.4f}", refresh=True)
+
+    def finished(self, line: str) -> None:
+        self.bar.write(line)
+        self.bar.update(1)
+        self.bar.set_postfix_str("", refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Confirmation:
+    """Runs a plan on a study: the runs not yet recorded, then the summary."""
+
+    def __init__(self, study: optuna.Study, s: SearchSettings, plan: Plan, progress: bool = True):
+        self.study, self.s, self.plan, self.progress = study, s, plan, progress
+        self.tracker = Tracker(s)
+        self.parent = self.tracker.parent_run(study)
+        self.references = ReferenceModels(s)
+
+    def recorded(self) -> dict[str, dict]:
+        keys = {result_key(c.arch_hash, seed, self.plan.steps) for c, seed in self.plan.runs()}
+        return {k: v for k, v in self.study.user_attrs.items() if k in keys}
+
+    def run(self) -> int:
+        """0 with the summary written; 130 when interrupted (the finished runs stay recorded)."""
+        done = self.recorded()
+        self._close_stale(done)
+        todo = [(c, seed) for c, seed in self.plan.runs()
+                if result_key(c.arch_hash, seed, self.plan.steps) not in done]
+        bar = RunProgress(self.s.study.name, len(self.plan.runs()), len(self.plan.runs()) - len(todo), self.progress)
+        failures = []
+        try:
+            for c, seed in todo:
+                failure = self._run(c, seed, bar)
+                if failure:
+                    failures.append(failure)
+        except KeyboardInterrupt:
+            bar.close()
+            print("interrupted: the finished runs are recorded; run the same command to resume", file=sys.stderr)
+            return INTERRUPTED
+        finally:
+            bar.close()
+        self._summarize(failures)
+        return 0
+
+    def _close_stale(self, done: dict[str, dict]) -> None:
+        """Runs a killed process left RUNNING: FINISHED when their result was recorded (the process died
+        between recording it and closing the run), else KILLED (they are trained again)."""
+        recorded_runs = {r.get("mlflow_run_id") for r in done.values()}
+        for run_id in self.tracker.open_children(self.parent, "confirmation"):
+            if run_id in recorded_runs:
+                self.tracker.end_trial(run_id, "FINISHED")
+            else:
+                self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted"})
+
+    def _run(self, c: Candidate, seed: int, bar: RunProgress) -> dict | None:
+        """One architecture, one seed: trained, evaluated, measured, recorded. A failure is returned
+        (and recorded on its MLflow run), not raised: the other runs go on."""
+        s, steps, factor = self.s, self.plan.steps, self.plan.options.budget_factor
+        cfg = replace(s.train, steps=steps, seed=seed,
+                      seconds_cap=s.train.seconds_cap * factor if s.train.seconds_cap else None)
+        run_id = self.tracker.start_confirmation(
+            self.parent, c.trial.number, seed, steps, c.arch.to_dict(),
+            {"fulu.arch_hash": c.arch_hash, "fulu.reference": c.reference, "fulu.search_rank": c.search_rank,
+             "fulu.budget_factor": factor})
+        log = TrainingLog(self.tracker, run_id, lambda step, loss: bar.on_step(c.trial.number, seed, step, loss))
+        model = None
+        try:
+            model, result = train_architecture(c.arch, s, cfg, log)
+            measured = evaluate_and_measure(model, s, self.references.beside(model), result)
+            values = [measured.metrics[o] for o in s.study.objectives]
+            self.tracker.log_metrics(run_id, measured.metrics)
+            self.tracker.log_files(run_id, measured.artifacts(c.arch, log.routing_history))
+            # Recorded before the run is closed: a process killed in between leaves a RUNNING run whose
+            # result is known, which the next invocation closes as FINISHED instead of training it again.
+            self.study.set_user_attr(result_key(c.arch_hash, seed, steps), {
+                "trial": c.trial.number, "arch_hash": c.arch_hash, "seed": seed, "steps": steps, "values": values,
+                "metrics": measured.metrics, "mlflow_run_id": run_id})
+            self.tracker.end_trial(run_id, "FINISHED")
+            shown = ", ".join(f"{o}={v:.4g}" for o, v in zip(s.study.objectives, values, strict=True))
+            bar.finished(f"trial {c.trial.number} seed {seed}: {shown} ({steps} steps)")
+            return None
+        except KeyboardInterrupt:
+            self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted"})
+            raise
+        except Exception as e:
+            reason = failure_reason(e)
+            self.tracker.end_trial(run_id, "FAILED", {"fulu.state": "failed", "fulu.reason": reason,
+                                                      "fulu.traceback": traceback.format_exc()[-4000:]})
+            bar.finished(f"trial {c.trial.number} seed {seed} failed: {reason}")
+            return {"trial": c.trial.number, "seed": seed, "reason": reason}
+        finally:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _summarize(self, failures: list[dict]) -> None:
+        s, plan = self.s, self.plan
+        results = self.recorded()
+        rows = []
+        for c in plan.candidates:
+            runs = [results[k] for seed in plan.seeds if (k := result_key(c.arch_hash, seed, plan.steps)) in results]
+            rows.append({"trial": c.trial.number, "arch_hash": c.arch_hash, "search_rank": c.search_rank,
+                         "reference": c.reference, "feasible": c.feasible, "search_values": list(c.trial.values),
+                         "params": ", ".join(f"{k}={v}" for k, v in c.trial.params.items()),
+                         "runs": [{"seed": r["seed"], "values": r["values"], "mlflow_run_id": r["mlflow_run_id"]}
+                                  for r in runs]})
+        header = {"study": s.study.name, "objectives": list(s.study.objectives),
+                  "directions": list(s.study.directions), "top_k": plan.options.top_k,
+                  "ranked_architectures": plan.ranked, "budget_factor": plan.options.budget_factor,
+                  "search_steps": s.train.steps, "steps": plan.steps, "seeds": list(plan.seeds),
+                  "failed_runs": failures}
+        summary = summarize_confirmation(header, rows, list(s.study.directions))
+        path = s.output_dir / "confirmation.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2, default=str))
+        self.tracker.log_files(self.parent, {"confirmation.json": summary})
+        self.study.set_user_attr(SUMMARY_ATTR, summary)
+        print_confirmation(summary, path)
+
+
+def confirm_study(study: optuna.Study, s: SearchSettings, options: ConfirmSettings, progress: bool = True) -> int:
+    """Plan (bad input raises before anything is written), then run."""
+    with quiet_optuna():
+        plan = plan_confirmation(study, s, options)
+        return Confirmation(study, s, plan, progress).run()
+
+
+def confirm_after_search(s: SearchSettings) -> int:
+    """``study.confirm.enabled=true``: the confirmation at the end of ``fulu-nas search``."""
+    with quiet_optuna():
+        study = open_study(s)
+    return confirm_study(study, s, s.study.confirm)

@@ -1,0 +1,71 @@
+"""``fulu-nas confirm``: the command line of :mod:`.confirm`."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import FuluConfigError
+from .settings import ConfirmSettings, confirm_settings
+
+BAD_INPUT = 2
+OPTIONS = {"top_k": "", "budget_factor": "", "seeds": ""}  # "": the study's study.confirm value
+USAGE = """usage: fulu-nas confirm study.name=NAME [top_k=K] [budget_factor=F] [seeds=N] [overrides ...]
+
+Trains the study's top_k best distinct architectures and its reference architecture again with the
+search's own pipeline, for budget_factor x trainer.steps steps, once per seed trainer.seed + i
+(i = 0 .. seeds-1), each run nested under the study's MLflow parent run. The search trained with
+trainer.seed, so seed index 0 repeats the search's seed at the longer budget.
+
+Writes confirmation.json in the search's output folder (and on the MLflow parent run), and prints
+per architecture its search rank, its confirmed rank (by the mean over seeds), the mean +- sd of
+each objective, Kendall's tau between the two rankings, and whether it beats the reference
+(Welch's t-test, one-sided, alpha 0.05; with one seed there is no test). Runs already recorded for
+the same architecture, seed and step budget are not repeated: run the same command again to resume.
+
+Options default to the study's study.confirm values (top_k 8, budget_factor 4, seeds 3 unless the
+search set others). Pass the overrides that locate the study when the search used them:
+study.storage=..., tracking.uri=..., hydra.run.dir=...
+"""
+
+
+def command_options(given: dict[str, str], defaults: ConfirmSettings) -> ConfirmSettings:
+    """The command's ``key=value`` options over the study's ``study.confirm``; every bad value listed."""
+    problems: list[str] = []
+    options = confirm_settings({k: _number(v) for k, v in given.items() if v != ""}, "", problems, defaults)
+    if problems:
+        raise FuluConfigError(problems)
+    return options
+
+
+def _number(text: str) -> int | float | str:
+    """``"4"`` -> 4, ``"1.5"`` -> 1.5; anything else stays text (and is refused by the validation)."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    from .confirm import confirm_study
+    from .locate import load_study, locate_study, search_settings, split_options
+    from .study import quiet_optuna
+
+    given, overrides = split_options(argv, OPTIONS)
+    try:
+        nested = sorted(o.partition("=")[0] for o in overrides if o.startswith("study.confirm."))
+        if nested:
+            raise FuluConfigError(f"{nested[0]}: the search's study.confirm sets the defaults; give this "
+                                  "command top_k=, budget_factor=, seeds= instead")
+        with quiet_optuna():
+            location = locate_study(overrides)
+            study = load_study(location)
+            s = search_settings(location, study)
+        return confirm_study(study, s, command_options(given, s.study.confirm))
+    except FuluConfigError as e:
+        print("error: cannot confirm:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
+        return BAD_INPUT

@@ -1,0 +1,160 @@
+"""The statistics of a confirmation (:mod:`.confirm`), as a plain dict (``confirmation.json``, the
+study's ``confirmation`` attribute, the MLflow parent run) and as a table on the terminal.
+
+Per architecture: the mean and sample standard deviation of each objective over its seeds, and its
+confirmed rank (by the mean of the first objective). Over the architectures: Kendall's tau between
+the search's ranking and the confirmed one (do the search's low-budget results order the
+architectures as the longer, repeated training does?). Against the reference: Welch's t-test
+(``scipy.stats.ttest_ind(equal_var=False)``, one-sided in the objective's direction): an architecture
+"beats the reference" only when p < alpha, i.e. when its difference is beyond the seeds' noise;
+with a single seed there is no noise estimate, so no test.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import warnings
+
+SUMMARY_ATTR = "confirmation"  # the study user attribute holding the latest summary
+ALPHA = 0.05
+TEST = "Welch's t-test (scipy.stats.ttest_ind, equal_var=False), one-sided in the objective's direction"
+
+
+def summarize_confirmation(header: dict, rows: list[dict], directions: list[str]) -> dict:
+    """``header`` (study, objectives, budget, seeds, ...) plus the statistics of ``rows``: one per
+    architecture with ``trial``, ``search_rank`` (None off the search's ranking), ``reference``,
+    ``feasible``, ``search_values`` and ``runs`` (each with the ``values`` of the objectives)."""
+    signs = [1 if d == "minimize" else -1 for d in directions]
+    rows = [dict(r) for r in rows]
+    for r in rows:
+        per_objective = list(zip(*(run["values"] for run in r["runs"]), strict=True)) if r["runs"] else []
+        r["n"] = len(r["runs"])
+        r["mean"] = [statistics.fmean(v) for v in per_objective] or None
+        r["sd"] = [statistics.stdev(v) for v in per_objective] if r["n"] >= 2 else None
+    measured = sorted((r for r in rows if r["n"]), key=lambda r: (signs[0] * r["mean"][0], _rank_key(r), r["trial"]))
+    for rank, r in enumerate(measured, start=1):
+        r["confirmed_rank"] = rank
+    for r in rows:
+        r.setdefault("confirmed_rank", None)
+    reference = next((r for r in rows if r["reference"]), None)
+    for r in rows:
+        r["vs_reference"] = None if r is reference or reference is None or not r["n"] else [
+            compare(r, reference, i, signs[i]) for i in range(len(directions))]
+    rows.sort(key=lambda r: (r["confirmed_rank"] is None, r["confirmed_rank"] or 0, _rank_key(r)))
+    summary = {**header, "test": {"name": TEST, "alpha": ALPHA}, "architectures": rows,
+               "kendall_tau": kendall(rows), "reference": None if reference is None else reference["trial"]}
+    candidates = [r for r in measured if r["feasible"]]
+    summary["winner"] = None if len(directions) > 1 or not candidates else {
+        k: candidates[0][k] for k in ("trial", "arch_hash", "search_rank", "mean", "sd", "n")}
+    return summary
+
+
+def _rank_key(r: dict) -> float:
+    return r["search_rank"] if r["search_rank"] is not None else math.inf
+
+
+def compare(r: dict, reference: dict, i: int, sign: int) -> dict:
+    """Does ``r`` beat ``reference`` on objective ``i`` beyond the seeds' noise?"""
+    a = [run["values"][i] for run in r["runs"]]
+    b = [run["values"][i] for run in reference["runs"]]
+    if min(len(a), len(b)) < 2:
+        return {"test": None, "p_value": None, "beats": None,
+                "verdict": "one seed: no test (the seeds' noise is unknown)"}
+    from scipy.stats import ttest_ind
+
+    with warnings.catch_warnings():  # identical values on every seed: scipy warns, the verdict below says so
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(ttest_ind(a, b, equal_var=False, alternative="less" if sign > 0 else "greater").pvalue)
+    if math.isnan(p):
+        return {"test": TEST, "p_value": None, "beats": False,
+                "verdict": "not distinguishable from the reference (identical on every seed)"}
+    beats = p < ALPHA
+    verdict = (f"beats the reference (Welch's t-test, one-sided, p={p:.3g})" if beats
+               else f"not distinguishable from the reference (p={p:.3g})")
+    return {"test": TEST, "p_value": p, "beats": beats, "verdict": verdict}
+
+
+def kendall(rows: list[dict]) -> dict:
+    """Kendall's tau between the search ranks and the confirmed ranks of the architectures that have both."""
+    pairs = [(r["search_rank"], r["confirmed_rank"]) for r in rows
+             if r["search_rank"] is not None and r["confirmed_rank"] is not None]
+    if len(pairs) < 2:
+        return {"tau": None, "p_value": None, "n": len(pairs), "note": "needs two ranked architectures"}
+    from scipy.stats import kendalltau
+
+    result = kendalltau(*zip(*pairs, strict=True))
+    return {"tau": float(result.statistic), "p_value": float(result.pvalue), "n": len(pairs)}
+
+
+def confirmed_winner(study) -> dict | None:
+    """The winner of the study's latest confirmation (see :func:`winner`); None without one."""
+    return winner(study.user_attrs.get(SUMMARY_ATTR))
+
+
+def winner(summary: dict | None) -> dict | None:
+    """The summary's winner (best mean of a single objective, among architectures feasible in the search)
+    with the budget it was confirmed at; None without one."""
+    if not isinstance(summary, dict) or not summary.get("winner"):
+        return None
+    return {**summary["winner"], "objective": summary["objectives"][0], "steps": summary["steps"],
+            "seeds": summary["seeds"]}
+
+
+def describe_winner(w: dict) -> str:
+    sd = f" +- {w['sd'][0]:.4g}" if w["sd"] else ""
+    return (f"the confirmed winner, trial {w['trial']} (best mean {w['objective']} {w['mean'][0]:.4g}{sd} over "
+            f"{w['n']} seed(s) at {w['steps']} steps; search rank {w['search_rank'] or '-'})")
+
+
+def print_confirmation(summary: dict, path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .report import format_value
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    objectives, directions = summary["objectives"], summary["directions"]
+    table = Table(title=f"Confirmation of study {summary['study']}: {len(summary['architectures'])} architectures x "
+                        f"{len(summary['seeds'])} seed(s), {summary['steps']} steps ({summary['budget_factor']:g} x "
+                        f"the search's {summary['search_steps']})")
+    table.add_column("trial", justify="right")
+    table.add_column("search rank", justify="right")
+    table.add_column("confirmed rank", justify="right")
+    for o, d in zip(objectives, directions, strict=True):
+        table.add_column(f"{o} ({d[:3]}) mean +- sd", justify="right")
+        table.add_column(f"{o} in the search", justify="right")
+    for o in objectives:
+        table.add_column("vs reference" + (f" ({o})" if len(objectives) > 1 else ""))
+    table.add_column("architecture")
+    for r in summary["architectures"]:
+        cells = [f"{r['trial']}" + (" (reference)" if r["reference"] else ""), format_value(r["search_rank"]),
+                 format_value(r["confirmed_rank"])]
+        for i in range(len(objectives)):
+            if r["mean"] is None:
+                cells.append("failed")
+            else:
+                cells.append(format_value(r["mean"][i]) + (f" +- {r['sd'][i]:.2g}" if r["sd"] else ""))
+            cells.append(format_value(r["search_values"][i]))
+        for i in range(len(objectives)):
+            cells.append("reference" if r["reference"] else "-" if r["vs_reference"] is None
+                         else r["vs_reference"][i]["verdict"])
+        cells.append(r["params"])
+        table.add_row(*cells)
+    console.print(table)
+    tau = summary["kendall_tau"]
+    if tau["tau"] is None:
+        console.print(f"Kendall's tau (search rank vs confirmed rank): not computed, {tau['note']}")
+    else:
+        console.print(f"Kendall's tau (search rank vs confirmed rank): {tau['tau']:+.2f} over {tau['n']} "
+                      f"architectures (p={tau['p_value']:.3g})")
+    if summary["reference"] is None:
+        console.print("the study has no complete reference trial: nothing to compare against")
+    else:
+        console.print(f"beats the reference: {TEST}, alpha {ALPHA}; otherwise not distinguishable from it")
+    for f in summary["failed_runs"]:
+        console.print(f"failed: trial {f['trial']} seed {f['seed']}: {f['reason']} (run the command again to retry)")
+    if (w := winner(summary)) is not None:
+        console.print(f"winner: {describe_winner(w)}; `fulu-nas export` with trial=best takes it")
+    console.print(f"confirmation: {path}")
