@@ -63,10 +63,20 @@ def deployed_forward(model: PiMoETransformer, tokens: torch.Tensor) -> Callable[
     if tokens.device.type != "cuda":
         served = LogitsOnly(model).eval()
         return lambda: served(tokens)
-    served = LogitsOnly(copy.deepcopy(model).to(torch.bfloat16)).eval()
-    static = tokens.clone()
-    graph, out = capture(lambda: served(static))
-    return lambda: (graph.replay(), out)[1]
+    return _GraphReplay(LogitsOnly(copy.deepcopy(model).to(torch.bfloat16)).eval(), tokens)
+
+
+class _GraphReplay:
+    """A forward captured in a CUDA graph. It holds the model and the input buffer: the graph reads
+    their memory, which must outlive it."""
+
+    def __init__(self, served: torch.nn.Module, tokens: torch.Tensor):
+        self.served, self.tokens = served, tokens.clone()
+        self.graph, self.out = capture(lambda: self.served(self.tokens))
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out
 
 
 def _timings(call: Callable[[], object], iterations: int, cuda: bool) -> list[float]:
