@@ -62,6 +62,8 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Plan:
+    """What a confirmation trains: every candidate once per seed, for ``steps`` steps."""
+
     candidates: tuple[Candidate, ...]
     options: ConfirmSettings
     steps: int
@@ -98,8 +100,10 @@ def plan_confirmation(study: optuna.Study, s: SearchSettings, options: ConfirmSe
             firsts.append(t)
     reference = next((t for t in complete if t.user_attrs.get("reference")), None)
     ref_hash = _arch_hash(reference, problems) if reference is not None else None
-    candidates = [Candidate(t, _rebuild(t, problems), t.user_attrs["arch_hash"], ranks[t.user_attrs["arch_hash"]],
-                            t.user_attrs["arch_hash"] == ref_hash, True) for t in firsts[:options.top_k]]
+    candidates = []
+    for t in firsts[:options.top_k]:
+        h = t.user_attrs["arch_hash"]
+        candidates.append(Candidate(t, _rebuild(t, problems), h, ranks[h], h == ref_hash, True))
     if reference is not None and ref_hash not in {c.arch_hash for c in candidates}:
         candidates.append(Candidate(reference, _rebuild(reference, problems), ref_hash, ranks.get(ref_hash), True,
                                     is_feasible(reference)))
@@ -164,7 +168,7 @@ class Confirmation:
     def run(self) -> int:
         """0 with the summary written; 130 when interrupted (the finished runs stay recorded)."""
         done = self.recorded()
-        self._close_stale(done)
+        self._close_stale()
         todo = [(c, seed) for c, seed in self.plan.runs()
                 if result_key(c.arch_hash, seed, self.plan.steps) not in done]
         bar = RunProgress(self.s.study.name, len(self.plan.runs()), len(self.plan.runs()) - len(todo), self.progress)
@@ -183,10 +187,11 @@ class Confirmation:
         self._summarize(failures)
         return 0
 
-    def _close_stale(self, done: dict[str, dict]) -> None:
+    def _close_stale(self) -> None:
         """Runs a killed process left RUNNING: FINISHED when their result was recorded (the process died
         between recording it and closing the run), else KILLED (they are trained again)."""
-        recorded_runs = {r.get("mlflow_run_id") for r in done.values()}
+        recorded_runs = {v.get("mlflow_run_id") for k, v in self.study.user_attrs.items()
+                         if k.startswith(RESULT_PREFIX) and isinstance(v, dict)}
         for run_id in self.tracker.open_children(self.parent, "confirmation"):
             if run_id in recorded_runs:
                 self.tracker.end_trial(run_id, "FINISHED")

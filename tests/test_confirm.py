@@ -1,0 +1,302 @@
+"""Confirmation (``fulu-nas confirm``): the chosen architectures and the reference trained again with
+several seeds and a longer budget, nested in MLflow, summarised (ranks, Kendall's tau, Welch's
+t-test against the reference); resuming after an interruption; ``study.confirm.enabled`` in a search;
+export and dashboard reading the confirmation; bad input refused with nothing written."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+from itertools import combinations
+from types import SimpleNamespace
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from scipy.stats import ttest_ind
+
+import fulu_nas.search.confirm as confirm_module
+from fulu_nas.cli import main
+from fulu_nas.dashboard.panels.confirmation import panel_confirmation
+from fulu_nas.search.app import compose_config
+from fulu_nas.search.export_trial import choose_trial
+
+from .test_export import settings_for
+from .test_search_e2e import load_study, run_search
+
+TrialState = optuna.trial.TrialState
+CONFIRM = ["confirm", "study.name=tiny-clusters"]
+
+
+def confirmation_runs(out, steps: int | None = None):
+    """The study's confirmation runs in MLflow (those of one step budget when given)."""
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-clusters")
+    runs = client.search_runs([experiment.experiment_id], "tags.`fulu.kind` = 'confirmation'", max_results=1000)
+    return client, [r for r in runs if steps is None or r.data.tags["fulu.steps"] == str(steps)]
+
+
+def recorded(out, steps: int) -> dict[str, dict]:
+    return {k: v for k, v in load_study(out).user_attrs.items() if k.startswith("confirm:") and v["steps"] == steps}
+
+
+def expected_architectures(study: optuna.Study, top_k: int) -> set[str]:
+    """The top_k distinct architectures by loss, and the reference's."""
+    complete = sorted((t for t in study.trials if t.state == TrialState.COMPLETE),
+                      key=lambda t: (t.values[0], t.number))
+    hashes = list(dict.fromkeys(t.user_attrs["arch_hash"] for t in complete))[:top_k]
+    reference = next(t for t in complete if t.user_attrs.get("reference"))
+    return set(hashes) | {reference.user_attrs["arch_hash"]}
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A finished tiny search of 4 trials whose study.confirm asks for 2 seeds."""
+    root = tmp_path_factory.mktemp("confirm")
+    out = root / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert run_search(out, "study.n_trials=4", "study.pruner=none", "study.confirm.seeds=2") == 0
+    return SimpleNamespace(root=root, out=out)
+
+
+@pytest.fixture(scope="module")
+def confirmed(searched):
+    """The tiny search confirmed: top 2 and the reference, budget x2, the study's 2 seeds."""
+    text = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(text):
+        mp.chdir(searched.root)
+        code = main([*CONFIRM, f"hydra.run.dir={searched.out}", "top_k=2", "budget_factor=2"])
+    assert code == 0
+    summary = json.loads((searched.out / "confirmation.json").read_text())
+    return SimpleNamespace(**vars(searched), summary=summary, text=text.getvalue())
+
+
+# ---------------------------------------------------------------- the command, end to end
+
+
+@pytest.mark.slow
+def test_confirm_end_to_end(confirmed):
+    out, summary = confirmed.out, confirmed.summary
+    study = load_study(out)
+    assert summary == study.user_attrs["confirmation"]
+    expected = expected_architectures(study, 2)
+    assert {a["arch_hash"] for a in summary["architectures"]} == expected
+    assert (summary["top_k"], summary["budget_factor"], summary["steps"], summary["seeds"]) == (2, 2, 120, [0, 1])
+    assert summary["failed_runs"] == []
+
+    # (top_k + the reference) x seeds runs, nested under the study's parent run and tagged.
+    client, runs = confirmation_runs(out)
+    assert len(runs) == len(expected) * 2
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted((r.data.tags["fulu.arch_hash"], r.data.tags["fulu.seed"]) for r in runs) == sorted(
+        (h, s) for h in expected for s in ("0", "1"))
+    assert {r.data.tags["fulu.steps"] for r in runs} == {"120"}
+    by_id = {r.info.run_id: r for r in runs}
+    for a in summary["architectures"]:
+        trial = study.trials[a["trial"]]
+        assert trial.user_attrs["arch_hash"] == a["arch_hash"] and a["search_values"] == trial.values
+        assert len(a["runs"]) == 2
+        for run in a["runs"]:
+            logged = by_id[run["mlflow_run_id"]]
+            assert logged.data.tags["fulu.trial"] == str(a["trial"])
+            assert logged.data.params["moe.router"] == trial.params["router"]  # params: the architecture
+            assert logged.data.metrics["loss"] == pytest.approx(run["values"][0])
+            assert logged.data.metrics["train_steps"] == 120
+    assert "confirmation.json" in {f.path for f in client.list_artifacts(parent)}
+
+    # Ranks: the search's among distinct architectures, the confirmed one by the mean over seeds.
+    measured = [a for a in summary["architectures"] if a["confirmed_rank"] is not None]
+    assert sorted(a["search_rank"] for a in measured if not a["reference"]) == [1, 2]
+    by_mean = sorted(measured, key=lambda a: sum(r["values"][0] for r in a["runs"]))
+    assert [a["confirmed_rank"] for a in by_mean] == list(range(1, len(measured) + 1))
+    for a in measured:
+        losses = [r["values"][0] for r in a["runs"]]
+        assert a["mean"][0] == pytest.approx(sum(losses) / 2)
+        assert a["sd"][0] == pytest.approx(abs(losses[0] - losses[1]) / math.sqrt(2))
+
+    # Kendall's tau by hand: (concordant - discordant pairs) / pairs.
+    pairs = [(a["search_rank"], a["confirmed_rank"]) for a in measured if a["search_rank"] is not None]
+    signs = [(x1 - x2) * (y1 - y2) > 0 for (x1, y1), (x2, y2) in combinations(pairs, 2)]
+    assert summary["kendall_tau"]["tau"] == pytest.approx((2 * sum(signs) - len(signs)) / len(signs))
+
+    # Beats the reference: scipy's one-sided Welch test on the recorded values.
+    reference = next(a for a in summary["architectures"] if a["reference"])
+    ref_losses = [r["values"][0] for r in reference["runs"]]
+    assert reference["vs_reference"] is None and summary["reference"] == reference["trial"]
+    for a in summary["architectures"]:
+        if a["reference"]:
+            continue
+        p = ttest_ind([r["values"][0] for r in a["runs"]], ref_losses, equal_var=False, alternative="less").pvalue
+        verdict = a["vs_reference"][0]
+        assert verdict["p_value"] == pytest.approx(p) and verdict["beats"] == (p < 0.05)
+        assert verdict["verdict"] == (f"beats the reference (Welch's t-test, one-sided, p={p:.3g})" if p < 0.05
+                                      else f"not distinguishable from the reference (p={p:.3g})")
+        assert f"(p={p:.3g})" in confirmed.text  # the table's cell (wrapped, so not the whole sentence)
+    winner = min((a for a in measured), key=lambda a: a["mean"][0])
+    assert summary["winner"]["trial"] == winner["trial"]
+    assert "Kendall's tau (search rank vs confirmed rank)" in confirmed.text
+    assert "Welch's t-test (scipy.stats.ttest_ind, equal_var=False), one-sided" in confirmed.text
+
+
+@pytest.mark.slow
+def test_an_interrupted_confirmation_resumes_without_repeating_runs(searched, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(searched.out, out)
+    monkeypatch.chdir(tmp_path)
+    real, trained, stop_at = confirm_module.train_architecture, [], [2]
+
+    def ctrl_c_during_the_second_run(arch, s, cfg, on_report):
+        trained.append((arch.content_hash(), cfg.seed))
+        if len(trained) in stop_at:
+            raise KeyboardInterrupt
+        return real(arch, s, cfg, on_report)
+
+    monkeypatch.setattr(confirm_module, "train_architecture", ctrl_c_during_the_second_run)
+    args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=1", "seeds=2"]
+    assert main(args) == 130
+    assert "run the same command to resume" in capsys.readouterr().err
+    first = recorded(out, 60)
+    assert len(first) == 1
+    client, runs = confirmation_runs(out, 60)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+
+    # A process killed outright leaves its run RUNNING: one whose result was never recorded, and (killed
+    # between recording and closing) the recorded one.
+    study = load_study(out)
+    orphan = client.create_run(runs[0].info.experiment_id, tags={
+        "mlflow.parentRunId": study.user_attrs["mlflow_parent_run_id"], "fulu.kind": "confirmation",
+        "fulu.steps": "60"}).info.run_id
+    (done,) = first.values()
+    client.update_run(done["mlflow_run_id"], status="RUNNING")
+
+    stop_at.clear()
+    trained.clear()
+    assert main(args) == 0
+    total = len(expected_architectures(study, 1)) * 2
+    assert len(trained) == total - 1  # only the runs that were not recorded
+    assert (done["arch_hash"], done["seed"]) not in trained
+    everything = recorded(out, 60)
+    assert len(everything) == total and everything[next(iter(first))] == done
+    _, runs = confirmation_runs(out, 60)
+    status = {r.info.run_id: r.info.status for r in runs}
+    assert status[orphan] == "KILLED" and status[done["mlflow_run_id"]] == "FINISHED"
+    assert sum(s == "FINISHED" for s in status.values()) == total
+    summary = json.loads((out / "confirmation.json").read_text())
+    assert sum(len(a["runs"]) for a in summary["architectures"]) == total
+
+
+@pytest.mark.slow
+def test_a_search_with_confirm_enabled_confirms_at_the_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=2", "study.pruner=none", "study.confirm.enabled=true",
+                      "study.confirm.top_k=2", "study.confirm.seeds=1", "study.confirm.budget_factor=1") == 0
+    text = capsys.readouterr().out
+    study = load_study(out)
+    summary = json.loads((out / "confirmation.json").read_text())
+    assert summary == study.user_attrs["confirmation"]
+    assert (summary["steps"], summary["seeds"]) == (60, [0])
+    assert {a["arch_hash"] for a in summary["architectures"]} == expected_architectures(study, 2)
+    _, runs = confirmation_runs(out)
+    assert len(runs) == len(summary["architectures"])
+    for a in summary["architectures"]:
+        # Seed index 0 at the search's own budget repeats the search's training: the same validation loss.
+        assert a["runs"][0]["values"][0] == pytest.approx(a["search_values"][0], rel=1e-5)
+        if not a["reference"]:
+            assert a["vs_reference"][0]["test"] is None and a["vs_reference"][0]["beats"] is None
+    assert "one seed: no test" in text
+
+
+# ---------------------------------------------------------------- what reads a confirmation
+
+
+@pytest.mark.slow
+def test_export_best_takes_the_confirmed_winner(confirmed, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "model"
+    assert main(["export", "study.name=tiny-clusters", f"hydra.run.dir={confirmed.out}", f"out={target}"]) == 0
+    winner = confirmed.summary["winner"]["trial"]
+    said = f"trial=best: the confirmed winner, trial {winner} (best mean loss "
+    assert f"exporting trial {winner}: {said}" in capsys.readouterr().out
+    metrics = json.loads((target / "metrics.json").read_text())
+    config = yaml.safe_load((target / "config.yaml").read_text())
+    assert metrics["selected_by"].startswith(said) and config["source"]["selected_by"] == metrics["selected_by"]
+    assert config["source"]["trial"] == winner
+    # Any other selection is the search's, as before.
+    trial, how = choose_trial(load_study(confirmed.out), settings_for(["loss"], ["minimize"]), "0")
+    assert (trial.number, how) == (0, "trial=0")
+
+
+@pytest.mark.slow
+def test_dashboard_draws_the_confirmation(confirmed, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    page = tmp_path / "dashboard.html"
+    assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={confirmed.out}", f"out={page}"]) == 0
+    section = page.read_text().split('<section id="panel-confirmation"')[1].split("</section>")[0]
+    assert section.count('class="plotly-graph-div"') == 1
+    assert "search rank vs confirmed rank" in section and "loss: mean +- sd over seeds" in section
+    assert "(reference)" in section and "Kendall&#x27;s tau between the rankings" in section
+
+
+def test_the_panel_says_when_there_is_no_confirmation():
+    blocks = panel_confirmation(SimpleNamespace(study=SimpleNamespace(user_attrs={}, study_name="s")), {})
+    assert len(blocks) == 1 and "fulu-nas confirm study.name=s" in blocks[0]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def hand_made_study(folder, trial) -> optuna.Study:
+    """A study named tiny-clusters in ``folder`` with the tiny search's configuration and one trial."""
+    folder.mkdir()
+    cfg, _ = compose_config(["+experiment=tiny"])
+    (folder / "search_config.json").write_text(json.dumps({"config": cfg}))
+    study = optuna.create_study(study_name="tiny-clusters", storage=f"sqlite:///{folder / 'optuna.db'}")
+    study.add_trial(trial)
+    return study
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(CONFIRM) == 2
+    assert "no study database" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+    dist = {"top_k": optuna.distributions.CategoricalDistribution([1, 2])}
+    failed = optuna.trial.create_trial(state=TrialState.FAIL, params={"top_k": 1}, distributions=dist)
+    broken = optuna.trial.create_trial(values=[1.0], params={"top_k": 1}, distributions=dist,
+                                       user_attrs={"arch": {"bogus": 1}, "arch_hash": "x", "reference": True})
+    cases = [(tmp_path / "none", failed, [], "study.name: study 'tiny-clusters' has no complete trial"),
+             (tmp_path / "broken", broken, [],
+              "trial 0: its architecture (the arch attribute) cannot be rebuilt: unknown architecture keys: bogus"),
+             (tmp_path / "options", broken, ["top_k=0", "budget_factor=inf", "seeds=two"],
+              "top_k: expected an integer >= 1, got 0\n  - seeds: expected an integer >= 1, got 'two'\n"
+              "  - budget_factor: expected a finite number >= 1, got inf"),
+             (tmp_path / "nested", broken, ["study.confirm.top_k=3"],
+              "study.confirm.top_k: the search's study.confirm sets the defaults")]
+    for folder, trial, extra, message in cases:
+        study = hand_made_study(folder, trial)
+        before = sorted(p.name for p in folder.iterdir())
+        assert main([*CONFIRM, f"hydra.run.dir={folder}", *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(p.name for p in folder.iterdir()) == before  # no confirmation.json, no MLflow database
+        assert study.user_attrs == {} and len(study.trials) == 1
+
+
+def test_bad_confirm_settings_in_a_search_name_the_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for override, message in (("study.confirm.top_k=0", "study.confirm.top_k: expected an integer >= 1, got 0"),
+                              ("study.confirm.budget_factor=nan", "study.confirm.budget_factor: expected a finite"),
+                              ("study.confirm.seeds=1.5", "study.confirm.seeds: expected an integer >= 1, got 1.5"),
+                              ("study.confirm.enabled=maybe", "study.confirm.enabled: expected true or false")):
+        assert run_search(tmp_path / "out", override) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n  - ") == 1, err
+    assert list(tmp_path.iterdir()) == []
