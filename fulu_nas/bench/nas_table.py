@@ -85,16 +85,16 @@ def _run(space: str, task: str, job: Job) -> dict:
     return train_and_evaluate(product_settings(space, task), job)
 
 
-def _one_thread() -> None:
-    # The models are tiny: one thread per job is fastest, keeps jobs from competing for cores, and
-    # makes the float reductions the same in every process.
+def one_torch_thread() -> None:
+    # The models (and a replay's GP fits) are tiny: one thread per process is fastest, keeps processes
+    # from competing for cores, and makes the float reductions the same in every process.
     torch.set_num_threads(1)
 
 
 @contextmanager
 def _one_thread_here() -> Iterator[None]:
     threads = torch.get_num_threads()
-    _one_thread()
+    one_torch_thread()
     try:
         yield
     finally:
@@ -110,7 +110,7 @@ def job_runner(space: str, task: str, processes: int) -> Iterator[Callable[[list
         with _one_thread_here():
             yield partial(map, work)
         return
-    with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=one_torch_thread) as pool:
         yield partial(pool.map, work)
 
 

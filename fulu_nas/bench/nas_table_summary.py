@@ -37,14 +37,11 @@ def seed_correlations(table: NasTable) -> list[dict]:
 
 def budget_correlation(table: NasTable, factor: int) -> dict:
     """Both correlations of the mean loss at budget factor 1 and ``factor`` over the architectures
-    trained at both, and where the long budget's best sits in the short budget's ranking."""
+    trained at both."""
     short, long = table.means(1), table.means(factor)
     keys = [k for k in short if k in long]
-    result = rank_correlation([short[k]["loss"] for k in keys], [long[k]["loss"] for k in keys])
-    by_short = sorted(keys, key=lambda k: short[k]["loss"])
-    best_long = min(keys, key=lambda k: long[k]["loss"])
-    return {"factor": factor, "architectures": len(keys), **result, "best_long": best_long,
-            "best_long_rank_at_short": by_short.index(best_long) + 1, "best_short": by_short[0]}
+    return {"factor": factor, "architectures": len(keys),
+            **rank_correlation([short[k]["loss"] for k in keys], [long[k]["loss"] for k in keys])}
 
 
 def _name(table_params: list[str], key: tuple[str, ...]) -> str:
@@ -87,8 +84,14 @@ def summary_main(args: argparse.Namespace) -> int:
         print(markdown_table(["seeds", "Kendall tau", "Spearman rho"], rows, text_columns=1))
     for factor in table.budget_factors[1:]:
         b = budget_correlation(table, factor)
-        print(f"\nshort vs long budget (mean loss over seeds, {b['architectures']} architectures at {steps[0]} and "
-              f"{factor}x steps): Kendall tau {b['kendall_tau']:.3f}, Spearman rho {b['spearman_rho']:.3f}")
-        print(f"  best at {factor}x: {_name(names, b['best_long'])} (rank {b['best_long_rank_at_short']} of "
-              f"{b['architectures']} at 1x); best at 1x: {_name(names, b['best_short'])}")
+        print(f"\nshort vs long budget (mean loss over seeds, the {b['architectures']} architectures trained at "
+              f"{steps[0]} and {factor * steps[0]} steps): Kendall tau {b['kendall_tau']:.3f}, Spearman rho "
+              f"{b['spearman_rho']:.3f}\n")
+        short, long = table.means(1), table.means(factor)
+        by_short = sorted(long, key=lambda k: short[k]["loss"])
+        body = [[_name(names, k), str(i + 1), str(by_short.index(k) + 1), f"{long[k]['loss']:.4f}",
+                 f"{short[k]['loss']:.4f}", f"{long[k]['routing_accuracy']:.3f}"]
+                for i, k in enumerate(sorted(long, key=lambda k: long[k]["loss"]))]
+        print(markdown_table(["architecture", f"rank at {factor}x", "rank at 1x (of these)", f"loss at {factor}x",
+                              "loss at 1x", f"routing acc. at {factor}x"], body, text_columns=1))
     return 0

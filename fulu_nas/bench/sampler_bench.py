@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import FuluConfigError
 from .common import positive_int
-from .nas_table import DEFAULT_TABLE
+from .nas_table import DEFAULT_TABLE, one_torch_thread
 from .replay_report import BASELINE, format_table, summarize, write_html, write_json
 from .sampler_replay import SAMPLERS, load_replay
 
@@ -36,12 +36,6 @@ def _repetition(space: str, task: str, table: str, objectives: tuple[str, ...], 
                 sampler_and_seed: tuple[str, int]) -> list[float]:
     sampler, seed = sampler_and_seed
     return load_replay(space, task, table, objectives).run(sampler, seed, trials)
-
-
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # GP fits with torch: one thread per process, processes share the cores
 
 
 def samplers_of(args: argparse.Namespace) -> list[str]:
@@ -64,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     if args.jobs == 1:
         results = list(map(work, pairs))
     else:
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=one_torch_thread) as pool:
             results = list(pool.map(work, pairs))
     seconds = time.perf_counter() - start
     curves = {name: [r for (n, _), r in zip(pairs, results, strict=True) if n == name] for name in samplers}
