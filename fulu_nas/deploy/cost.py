@@ -6,11 +6,11 @@ logits, eval and inference mode; fp32 on the CPU as exported). On CUDA the model
 grouped GEMM's fast path; fp32 takes a fallback that synchronises with the host), replayed from one
 CUDA graph per shape and timed with CUDA events.
 
-A shared machine's speed drifts by tens of percent within a minute, so the timing runs in interleaved
-rounds: each round times the model and, when given, a fixed reference model back to back, and the
-figures are medians over the rounds (``*_spread``: their interquartile range over the median).
-``latency_ratio`` (model / reference, the median of the rounds' ratios) cancels the drift that both
-share: that is the load-robust figure to compare architectures by.
+A shared machine's speed drifts by tens of percent within a minute, so the timing runs in rounds, and
+in each round the model and, when given, a fixed reference model take turns call by call; the figures
+are medians over the rounds (``*_spread``: their interquartile range over the median).
+``latency_ratio`` (each round's median of the model / reference ratio of a call pair; the median over
+the rounds) cancels the drift that both share: that is the load-robust figure to compare architectures by.
 """
 
 from __future__ import annotations
@@ -79,22 +79,27 @@ class _GraphReplay:
         return self.out
 
 
-def _timings(call: Callable[[], object], iterations: int, cuda: bool) -> list[float]:
-    """Seconds per call: CUDA events around each replay on CUDA, the wall clock on the CPU."""
-    if cuda:
-        event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
-        pairs = [(event(), event()) for _ in range(iterations)]
-        for start, end in pairs:
-            start.record()
-            call()
-            end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) / 1e3 for start, end in pairs]
-    times = []
+def _timings(calls: dict[str, Callable[[], object]], iterations: int, cuda: bool) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls``, ``iterations`` times, the calls taking turns call by call
+    (a burst of load then falls on both of a pair alike): CUDA events around each replay on CUDA, the
+    wall clock on the CPU."""
+    times: dict[str, list] = {name: [] for name in calls}
+    event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
     for _ in range(iterations):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+        for name, call in calls.items():
+            if cuda:
+                start, end = event(), event()
+                start.record()
+                call()
+                end.record()
+                times[name].append((start, end))
+            else:
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    if cuda:
+        torch.cuda.synchronize()
+        return {name: [start.elapsed_time(end) / 1e3 for start, end in pairs] for name, pairs in times.items()}
     return times
 
 
@@ -118,13 +123,16 @@ def measure_cost(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], w
             for _ in range(warmup):
                 call()
         per_round: dict[str, list[float]] = {name: [] for name in calls}
+        round_ratios: list[float] = []  # each round's median of the model / reference ratio per call pair
         every_call: list[float] = []
         for _ in range(rounds):
-            for name, call in calls.items():
-                times = _timings(call, iterations, cuda)
-                per_round[name].append(statistics.median(times))
-                if name == "model":
-                    every_call += times
+            times = _timings(calls, iterations, cuda)
+            for name, t in times.items():
+                per_round[name].append(statistics.median(t))
+            every_call += times["model"]
+            if reference is not None:
+                round_ratios.append(statistics.median(m / r for m, r in zip(times["model"], times["reference"],
+                                                                             strict=True)))
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -139,9 +147,9 @@ def measure_cost(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], w
                  "latency_spread": robust_spread(per_round["model"]),
                  "throughput_tokens_per_s": batch * seq / p50, "peak_memory_mb": peak / 2**20}
         if reference is not None:
-            ratios = [m / r for m, r in zip(per_round["model"], per_round["reference"], strict=True)]
             shape.update(reference_latency_ms=statistics.median(per_round["reference"]) * 1e3,
-                         latency_ratio=statistics.median(ratios), latency_ratio_spread=robust_spread(ratios))
+                         latency_ratio=statistics.median(round_ratios),
+                         latency_ratio_spread=robust_spread(round_ratios))
         shapes.append(shape)
     model.train(was_training)
     params = model.parameter_counts()
