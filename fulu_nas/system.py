@@ -1,7 +1,7 @@
 """The original spec's entry point: ``create_ultimate_pimoe_system(...)``.
 
 A thin, honest wrapper around :class:`fulu_nas.moe.PiMoELayer`. Each keyword of the spec maps to a
-real mechanism (see ``FEATURES`` and README "The original spec's API"); every figure the system
+real mechanism (see ``FEATURES`` and docs/system.md); every figure the system
 reports is measured on the call that reports it.
 """
 

@@ -126,6 +126,17 @@ def test_migration_is_exact_across_options(options):
     assert (moe is original) == options.get("inplace", False)
 
 
+def test_migrating_a_model_in_eval_mode_gives_a_model_in_eval_mode():
+    """The new modules take the mode of the layer they replace: a model in eval mode computes its
+    original outputs right after migration, without another .eval()."""
+    original = electra(seed=5, hidden_dropout_prob=0.3)  # built in eval mode
+    ids, mask = inputs(seed=6)
+    before = outputs(original, ids, mask)
+    moe = migrate_from_electra(original, routing_strategy="topk")
+    assert not any(m.training for m in moe.modules())
+    torch.testing.assert_close(outputs(moe, ids, mask), before, rtol=0, atol=ATOL)
+
+
 def test_training_mode_keeps_the_dropout_and_layer_norm_in_place():
     # With the same seed the dropout masks are drawn in the same order: the migrated model's
     # training-mode forward is the original's (the top-k router draws no random numbers).

@@ -382,10 +382,10 @@ def migrate_from_electra(
                                   f"{dense_in.out_features}->{dense_out.out_features}; every migrated layer needs "
                                   f"{hidden}->{ffn}->{hidden}")
         new_output = PiMoEOutput(_upcycle(cfg, dense_in, dense_out, init_std), layer.output.dropout,
-                                 layer.output.LayerNorm, token_ids)
+                                 layer.output.LayerNorm, token_ids).train(layer.output.training)
         if verify and not inexact:
             _verify(i, layer.intermediate, layer.output, new_output)
-        layer.intermediate = nn.Identity()
+        layer.intermediate = nn.Identity().train(layer.training)
         layer.output = new_output
 
     model.fulu_migration = MigrationInfo(
