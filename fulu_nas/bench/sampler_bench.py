@@ -25,15 +25,18 @@ from pathlib import Path
 from ..errors import FuluConfigError
 from .common import positive_int
 from .nas_table import DEFAULT_TABLE, one_torch_thread
-from .replay_report import BASELINE, format_table, summarize, write_html, write_json
-from .sampler_replay import SAMPLERS, load_replay
 
+# The product's samplers (study.sampler) a replay can run, and QMC, which is not one of them. The replay
+# itself (Optuna, plotly) is imported when it runs: ``fulu-nas bench`` works with torch alone.
+SAMPLERS = ("tpe", "gp", "random", "nsga2", "qmc")
 SINGLE_OBJECTIVE_SAMPLERS = ("tpe", "gp", "random", "qmc")
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "random")
 
 
 def _repetition(space: str, task: str, table: str, objectives: tuple[str, ...], trials: int,
                 sampler_and_seed: tuple[str, int]) -> list[float]:
+    from .sampler_replay import load_replay
+
     sampler, seed = sampler_and_seed
     return load_replay(space, task, table, objectives).run(sampler, seed, trials)
 
@@ -44,10 +47,15 @@ def samplers_of(args: argparse.Namespace) -> list[str]:
     unknown = [n for n in names if n not in SAMPLERS]
     if unknown:
         raise FuluConfigError(f"--samplers: unknown sampler {unknown[0]!r} (known: {', '.join(SAMPLERS)})")
+    from .replay_report import BASELINE
+
     return list(dict.fromkeys(names)) + ([BASELINE] if BASELINE not in names else [])
 
 
 def main(args: argparse.Namespace) -> int:
+    from .replay_report import format_table, summarize, write_html, write_json
+    from .sampler_replay import load_replay
+
     objectives = tuple(args.objectives)
     samplers = samplers_of(args)
     table = str(args.table)
@@ -66,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
     facts = {"table": table, "space": replay.settings.space.name, "task": args.task, "objectives": list(objectives),
              "directions": list(replay.directions), "repetitions": args.repetitions, "trials": args.trials,
              "query": "the architecture's mean over the table's seeds", "seeds": replay.table.seeds,
-             "samplers_built_by": "fulu_nas.search.study.make_sampler (qmc: optuna.samplers.QMCSampler(seed))",
+             "samplers_built_by": "fulu_nas.search.study.make_sampler; qmc: QMCSampler(scramble=True, seed)",
              "startup_trials": replay.settings.study.startup_trials, "seconds": round(seconds, 1)}
     if replay.best is not None:
         facts["table_best"] = replay.best

@@ -33,8 +33,6 @@ from .finite_space import architecture_keys, cells
 from .nas_settings import product_settings
 from .nas_table_file import NasTable, read_table
 
-# The product's samplers (study.sampler) a replay can run, and QMC, which is not one of them.
-SAMPLERS = ("tpe", "gp", "random", "nsga2", "qmc")
 # Table columns a replay can optimise, with the product's directions (fulu_nas.search.settings.OBJECTIVES).
 OBJECTIVES = ("loss", "metric", "routing_accuracy", "load_balance", "active_params", "total_params")
 # The hypervolume reference point sits this share of each objective's range beyond the table's worst value.
@@ -57,9 +55,11 @@ def quiet_optuna() -> Iterator[None]:
 
 def build_sampler(s: SearchSettings, name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "qmc":
-        # Not a product sampler. QMC places numerical parameters only; on a space of categorical ones
-        # it samples every parameter with its independent sampler, RandomSampler(seed).
-        return optuna.samplers.QMCSampler(seed=seed)
+        # Not a product sampler. Scrambled: unscrambled Sobol points ignore the seed, so every repetition
+        # would replay one sequence. It places the first trial's parameters (a categorical as one
+        # coordinate in [0, choices)); a parameter outside that trial's space (a `when` it did not
+        # meet) comes from its independent sampler, RandomSampler(seed).
+        return optuna.samplers.QMCSampler(scramble=True, seed=seed)
     return make_sampler(replace(s, study=replace(s.study, sampler=name, seed=seed)))
 
 

@@ -1,0 +1,128 @@
+"""The tabular benchmark: the nasbench space enumerates exactly, ``bench nas-table`` writes the rows it
+promises and the same numbers every time (in one process or two), ``bench search`` replays samplers
+against the committed table with honest regret curves, and bad input stops with one message and
+nothing written."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from collections import Counter
+
+import optuna
+import pytest
+
+from fulu_nas.bench import cli as bench
+from fulu_nas.bench.finite_space import architecture_keys, enumerate_space
+from fulu_nas.bench.nas_settings import product_settings
+from fulu_nas.bench.nas_table import DEFAULT_TABLE
+from fulu_nas.bench.nas_table_file import RESULT_COLUMNS
+
+PARAMS = ["router", "hierarchy_depth", "num_experts", "top_k", "num_shared_experts", "balancing"]
+
+
+def _data_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def test_the_space_enumerates_to_108_architectures_that_all_build():
+    s = product_settings("nasbench", "clusters")
+    archs = enumerate_space(s.space, s.task)
+    # 4 learned routers x 3 expert counts x 2 top-k x 2 shared x 2 balancing, and the hash router without balancing
+    assert len(archs) == 4 * 3 * 2 * 2 * 2 + 3 * 2 * 2 == 108
+    assert Counter(v["router"] for v in archs) == {"topk": 24, "expert_choice": 24, "hierarchical": 24,
+                                                   "attention": 24, "hash": 12}
+    assert len(set(architecture_keys(s.space, s.task))) == 108
+    hashes = {s.space.arch(s.space.with_derived(v), s.task).content_hash() for v in archs}  # raises if impossible
+    assert len(hashes) == 108
+    assert all(("balancing" in v) != (v["router"] == "hash") for v in archs)
+    assert all(("hierarchy_depth" in v) == (v["router"] == "hierarchical") for v in archs)
+
+
+def test_nas_table_writes_the_promised_rows_and_the_same_numbers_in_one_process_or_two(tmp_path, capsys):
+    runs = []
+    for jobs in (1, 2):
+        out = tmp_path / f"table{jobs}.csv"
+        assert bench.main(["nas-table", "--out", str(out), "--limit", "3", "--seeds", "2", "--steps", "6",
+                           "--factor-subset", "2", "--factor", "2", "--jobs", str(jobs)]) == 0
+        runs.append(_data_rows(out))
+    rows = runs[0]
+    assert list(rows[0]) == PARAMS + list(RESULT_COLUMNS)
+    base = [r for r in rows if r["budget_factor"] == "1"]
+    longer = [r for r in rows if r["budget_factor"] == "2"]
+    assert len(base) == 3 * 2 and len(longer) == 2 * 2
+    assert {r["steps"] for r in base} == {"6"} and {r["steps"] for r in longer} == {"12"}
+    assert [r["seed"] for r in base] == ["0", "1"] * 3
+    # The subset spans the loss ranking: the best and the worst of the three architectures.
+    mean = {h: sum(float(r["loss"]) for r in base if r["arch_hash"] == h) / 2 for h in {r["arch_hash"] for r in base}}
+    ranked = sorted(mean, key=mean.get)
+    assert {r["arch_hash"] for r in longer} == {ranked[0], ranked[-1]}
+    assert all(float(r["active_params"]) <= float(r["total_params"]) for r in rows)
+    timeless = [[{k: v for k, v in r.items() if k != "train_seconds"} for r in run] for run in runs]
+    assert timeless[0] == timeless[1]
+    assert "wrote 10 rows" in capsys.readouterr().out
+
+
+def test_the_committed_table_covers_the_space_and_its_summary_reports_the_correlations(capsys):
+    rows = _data_rows(DEFAULT_TABLE)
+    assert DEFAULT_TABLE.stat().st_size < 1_000_000
+    assert len([r for r in rows if r["budget_factor"] == "1"]) == 108 * 3
+    assert bench.main(["nas-table", "--summary", str(DEFAULT_TABLE)]) == 0
+    text = capsys.readouterr().out
+    assert "Kendall tau" in text and "short vs long budget" in text
+
+
+def test_bench_search_replays_samplers_with_non_negative_non_increasing_regret(tmp_path, capsys):
+    out = tmp_path / "replay"
+    assert bench.main(["search", "--repetitions", "3", "--trials", "20", "--samplers", "tpe", "random", "qmc",
+                       "--out", str(out)]) == 0
+    page = (out / "replay.html").read_text()
+    assert page.lower().startswith("<!doctype html>") and '"name":"tpe"' in page and "plotly.js" in page
+    result = json.loads((out / "replay.json").read_text())
+    assert list(result["samplers"]) == ["tpe", "random", "qmc"]
+    for sampler in result["samplers"].values():
+        assert len(sampler["regret"]) == 3
+        for regret in sampler["regret"]:
+            assert len(regret) == 20 and min(regret) >= 0
+            assert all(b <= a for a, b in itertools.pairwise(regret))
+    assert "trials to random's 20-trial median" in capsys.readouterr().out
+
+    # By hand: Optuna's RandomSampler(seed=0) through the space's own sampling, looked up in the CSV.
+    s = product_settings("nasbench", "clusters")
+    losses: dict[tuple, list[float]] = {}
+    for r in _data_rows(DEFAULT_TABLE):
+        if r["budget_factor"] == "1":
+            losses.setdefault(tuple(r[p] for p in PARAMS), []).append(float(r["loss"]))
+    mean = {k: sum(v) / len(v) for k, v in losses.items()}
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: mean[tuple(str(s.space.sample(t).get(p, "")) for p in PARAMS)], n_trials=20)
+    best = [min(t.value for t in study.trials[:i + 1]) for i in range(20)]
+    assert result["table_best"] == pytest.approx(min(mean.values()))
+    assert result["samplers"]["random"]["regret"][0] == pytest.approx([b - min(mean.values()) for b in best])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--table", "missing.csv"], "no such file"),
+    (["--samplers", "tpe", "annealing"], "unknown sampler 'annealing'"),
+    (["--objectives", "latency_ms"], "--objectives"),
+    (["--table", "BAD"], "do not match search space 'nasbench'"),
+])
+def test_bench_search_refuses_bad_input_with_one_message_and_writes_nothing(tmp_path, capsys, args, message):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("router,experts,loss\ntopk,4,1.0\n")
+    args = [str(bad) if a == "BAD" else str(tmp_path / a) if a == "missing.csv" else a for a in args]
+    out = tmp_path / "replay"
+    assert bench.main(["search", *args, "--repetitions", "1", "--trials", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_nas_table_refuses_a_subset_larger_than_the_table_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "table.csv"
+    assert bench.main(["nas-table", "--out", str(out), "--limit", "2", "--factor-subset", "3"]) == 2
+    assert "--factor-subset 3" in capsys.readouterr().err
+    assert not out.exists()
