@@ -20,9 +20,6 @@ import sys
 import torch
 
 from ..models import PiMoETransformer
-from ..search.app import compose_config
-from ..search.objective import measure_trial_cost, reference_model
-from ..search.settings import load_settings
 from .common import device_name, markdown_table, positive_int
 
 
@@ -47,7 +44,11 @@ def relative_range(values: list[float]) -> float:
 
 
 def cost_main(args: argparse.Namespace) -> int:
+    # The search's modules need optuna, hydra and mlflow; the bench command line loads with torch alone.
     from ..errors import FuluConfigError
+    from ..search.app import compose_config
+    from ..search.objective import measure_trial_cost, reference_model
+    from ..search.settings import load_settings
 
     try:
         s = load_settings(*compose_config(args.overrides))

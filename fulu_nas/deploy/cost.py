@@ -82,7 +82,7 @@ class _GraphReplay:
 def _timings(calls: dict[str, Callable[[], object]], iterations: int, cuda: bool) -> dict[str, list[float]]:
     """Seconds per call of each of ``calls``, ``iterations`` times, the calls taking turns call by call
     (a burst of load then falls on both of a pair alike): CUDA events around each replay on CUDA, the
-    wall clock on the CPU."""
+    calling thread's CPU time on the CPU (see :func:`measure_cost`)."""
     times: dict[str, list] = {name: [] for name in calls}
     event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
     for _ in range(iterations):
@@ -94,9 +94,9 @@ def _timings(calls: dict[str, Callable[[], object]], iterations: int, cuda: bool
                 end.record()
                 times[name].append((start, end))
             else:
-                start = time.perf_counter()
+                start = time.thread_time()
                 call()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(time.thread_time() - start)
     if cuda:
         torch.cuda.synchronize()
         return {name: [start.elapsed_time(end) / 1e3 for start, end in pairs] for name, pairs in times.items()}
@@ -109,10 +109,27 @@ def measure_cost(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], w
     """Per (batch, seq) shape: latency (median over ``rounds`` of each round's median of ``iterations``
     calls; p95 over every call), its spread, throughput, peak memory, and with a ``reference`` model
     (same device) timed in the same rounds: ``latency_ratio`` and its spread. Plus parameter counts and
-    analytic FLOPs per token."""
+    analytic FLOPs per token.
+
+    On the CPU a call is timed on one intra-op thread by its CPU time: what the forward costs, not
+    how long it waited for a core. With several threads, other processes on the cores make the threads
+    wait for each other at every parallel region and a call's time jumps 10-100x at random (measured
+    on a 2-core machine under load), which no number of repetitions averages out."""
     device = next(model.parameters()).device
     was_training = model.training
     cuda = device.type == "cuda"
+    threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(1)
+    try:
+        return _measure(model, batch_shapes, warmup, iterations, rounds, reference, device, cuda)
+    finally:
+        torch.set_num_threads(threads)
+        model.train(was_training)
+
+
+def _measure(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmup: int, iterations: int,
+             rounds: int, reference: PiMoETransformer | None, device: torch.device, cuda: bool) -> dict:
     shapes = []
     for batch, seq in batch_shapes:
         tokens = torch.randint(0, model.arch.vocab_size, (batch, seq), device=device)
@@ -151,8 +168,8 @@ def measure_cost(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], w
                          latency_ratio=statistics.median(round_ratios),
                          latency_ratio_spread=robust_spread(round_ratios))
         shapes.append(shape)
-    model.train(was_training)
     params = model.parameter_counts()
     return {"shapes": shapes, "total_params": params["total"], "active_params": params["active"],
             "flops_per_token": model.flops_per_token(max(s for _, s in batch_shapes)),
-            "device": str(device), "rounds": rounds, "iterations": iterations}
+            "device": str(device), "rounds": rounds, "iterations": iterations,
+            "timing": "CUDA events, one CUDA graph per shape" if cuda else "CPU time of one thread"}
