@@ -19,16 +19,13 @@ Hypervolumes come from Optuna's public ``optuna.visualization.plot_hypervolume_h
 from __future__ import annotations
 
 import functools
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import optuna
 
 from ..errors import FuluConfigError
 from ..search.settings import SearchSettings
-from ..search.study import make_sampler
+from ..search.study import make_sampler, quiet_optuna
 from .finite_space import architecture_keys, cells
 from .nas_settings import product_settings
 from .nas_table_file import NasTable, read_table
@@ -37,20 +34,6 @@ from .nas_table_file import NasTable, read_table
 OBJECTIVES = ("loss", "metric", "routing_accuracy", "load_balance", "active_params", "total_params")
 # The hypervolume reference point sits this share of each objective's range beyond the table's worst value.
 REFERENCE_MARGIN = 0.1
-
-
-@contextmanager
-def quiet_optuna() -> Iterator[None]:
-    """No per-trial log lines, and no warnings about experimental options (group=True, QMC) or
-    parameters GP samples independently: the replay reports what matters in its own output."""
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            yield
-    finally:
-        optuna.logging.set_verbosity(level)
 
 
 def build_sampler(s: SearchSettings, name: str, seed: int) -> optuna.samplers.BaseSampler:
