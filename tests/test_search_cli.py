@@ -81,7 +81,7 @@ def test_help_lists_commands_and_hydra_groups(tmp_path, monkeypatch, capsys):
         assert f"  {command} " in out
     assert main(["search", "--help"]) == 0
     out = capsys.readouterr().out
-    for group in ("search_space: default, routers, scaling, tiny", "study:", "task:", "trainer:", "tracking:"):
+    for group in ("search_space: default, nasbench, routers, scaling, tiny", "study:", "task:", "trainer:", "tracking:"):
         assert group in out, out
 
 
