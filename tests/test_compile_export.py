@@ -86,3 +86,41 @@ def test_reference_paths_show_their_syncs(impl):
     # Positive control: the baselines read counts / masks on the host, and the check sees it.
     program = torch.export.export(WithImpl(make_layer("topk"), impl), (torch.randn(24, 32),))
     assert data_dependent_parts(program)
+
+
+def test_split_bf16_weight_survives_inductor():
+    """The router weight's bf16 high/low split (CUDA bf16 inference) must not be folded away by the
+    compiler: ``w.to(bf16).float()`` is an identity to Inductor, which made the low part zero."""
+    from fulu_nas.moe.routing import split_bf16
+
+    torch._dynamo.reset()
+    w = torch.randn(64, 128)
+    hi, lo = split_bf16(w)
+    chi, clo = torch.compile(split_bf16, fullgraph=True)(w)
+    assert torch.equal(hi, chi) and torch.equal(lo, clo)
+    assert lo.abs().max() > 0
+    # hi + lo carries about 16 significant bits: far closer to w than bf16 alone
+    err = (hi.float() + lo.float() - w).abs() / w.abs()
+    assert err.max() < 2**-15
+    assert (hi.float() + lo.float() - w).abs().max() < 0.01 * (w.to(torch.bfloat16).float() - w).abs().max()
+
+
+def test_compiled_inference_routes_like_eager(router):
+    """Inductor-compiled inference chooses the same experts as eager for every router."""
+    torch._dynamo.reset()
+    layer = make_layer(router, num_experts=16, top_k=2).eval()
+    x = torch.randn(4, 64, 32)
+    token_ids = torch.randint(0, 1000, (4, 64)) if router == "hash" else None
+    with torch.inference_mode():
+        expected = layer.router(x.reshape(-1, 32), token_ids=token_ids, batch_shape=(4, 64))
+        routing = torch.compile(layer.router, fullgraph=True)(x.reshape(-1, 32), token_ids=token_ids,
+                                                              batch_shape=(4, 64))
+        out, stats = torch.compile(layer, fullgraph=True)(x, token_ids)
+        ref, ref_stats = layer(x, token_ids)
+    chosen, ref_chosen = ((r.expert_TK, r.token_EC) for r in (routing, expected))
+    for got, want in zip(chosen, ref_chosen, strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    assert torch.equal(stats["tokens_per_expert"], ref_stats["tokens_per_expert"])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

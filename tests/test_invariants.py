@@ -159,3 +159,30 @@ def test_weights_sum_to_one_with_renormalisation(router):
     layer = make_layer(router)
     r = layer.router(torch.randn(20, 32), token_ids=torch.arange(20))
     torch.testing.assert_close(r.weight_TK.sum(-1), torch.ones(20))
+
+
+ZERO_TOKEN_OPTIONS = [{}, {"capacity_factor": 1.25}, {"top_p": 0.7},
+                      {"num_shared_experts": 1, "shared_expert_gate": True},
+                      {"aux_loss_coef": 0.0, "z_loss_coef": 0.0}, {"aux_loss_coef": 0.01, "z_loss_coef": 0.001}]
+
+
+@settings(max_examples=40, deadline=None)
+@given(router=st.sampled_from(["topk", "expert_choice", "hash", "hierarchical", "attention"]),
+       options=st.sampled_from(ZERO_TOKEN_OPTIONS), shape=st.sampled_from([(0, 32), (0, 5, 32), (3, 0, 32)]),
+       impl=st.sampled_from(["grouped", "sorted", "loop"]), training=st.booleans())
+def test_zero_tokens_give_an_empty_output_and_zero_losses(router, options, shape, impl, training):
+    """An empty batch (no tokens, or sequences of length 0) is a valid input: the output is empty and
+    every statistic and loss is finite, the losses zero, and the backward pass runs."""
+    if router in ("expert_choice", "hash") and "top_p" in options:
+        options = {}
+    layer = make_layer(router, **options).train(training)
+    x = torch.randn(shape, requires_grad=True)
+    token_ids = torch.zeros(shape[:-1], dtype=torch.long) if router == "hash" else None
+    out, stats = layer(x, token_ids=token_ids, impl=impl)
+    assert out.shape == x.shape
+    for name, value in stats.items():
+        assert torch.isfinite(value).all(), f"{name} = {value}"
+    for name in ("balance_loss", "aux_loss", "z_loss"):
+        assert stats[name].item() == 0.0, name
+    (out.sum() + stats["balance_loss"]).backward()
+    assert x.grad.shape == x.shape

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .stats import token_mean
+
 
 def load_balancing_loss(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
     """Switch/GShard auxiliary loss ``E * sum_e f_e * P_e``.
@@ -17,12 +19,12 @@ def load_balancing_loss(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
     loss counts f per token instead of per assignment and so equals ``top_k`` times this.
     """
     f_E = counts_E.detach() / counts_E.sum().clamp_min(1)
-    return probs_TE.shape[-1] * (f_E * probs_TE.mean(0)).sum()
+    return probs_TE.shape[-1] * (f_E * token_mean(probs_TE)).sum()
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return token_mean(torch.logsumexp(logits_TE.float(), dim=-1).square())
 
 
 @torch.no_grad()

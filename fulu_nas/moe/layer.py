@@ -36,7 +36,7 @@ from .config import MoEConfig
 from .experts import GroupedExperts, SharedExperts, needs_grad, sort_by_expert, sum_slots
 from .routers import ScoreRouter, build_router
 from .routing import Routing
-from .stats import load_statistics, router_entropy
+from .stats import load_statistics, router_entropy, token_mean
 
 # Training steps of fewer tokens take grouped_mm (see prefer_triton).
 TRITON_TRAINING_MIN_TOKENS = 16384
@@ -178,8 +178,9 @@ class PiMoELayer(nn.Module):
         """Rows sorted by expert: keep an active row if fewer than `capacity` active rows
         precede it within its expert."""
         before_N = active_N.long().cumsum(0) - active_N.long()
-        # Experts without rows may start at N; their entry is never looked up.
-        base_E = before_N[starts_E.clamp_max(before_N.shape[0] - 1)]
+        # Experts without rows start at N (every expert, when there are no rows): one padding
+        # entry keeps that lookup in range; its value is never used.
+        base_E = F.pad(before_N, (0, 1))[starts_E]
         position_N = before_N - base_E[expert_N]
         return active_N & (position_N < self.cfg.expert_capacity(T))
 
@@ -221,7 +222,7 @@ class PiMoELayer(nn.Module):
                 0, token_N, y_ND.float()).to(x_TD.dtype)
         counts_E = torch.ones(E, device=x_TD.device) * C  # C may be symbolic under export
         taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).index_add_(0, token_N, torch.ones_like(weight_N))
-        return out_TD, counts_E, (taken_T == 0).float().mean()
+        return out_TD, counts_E, token_mean((taken_T == 0).float())
 
     # -- statistics and balancing ---------------------------------------------------------------
 

@@ -131,8 +131,9 @@ class AttentionRouter(ScoreRouter):
 
     def _context(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Tensor:
         H, Dh = self.cfg.attention_heads, self.head_dim
-        S = batch_shape[-1] if batch_shape else x_TD.shape[0]
-        q, k, v = self.context_qkv(x_TD).view(-1, S, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+        # Sizes from the batch shape, not view(-1, S, ...): -1 is ambiguous when a dimension is 0.
+        B, S = (math.prod(batch_shape[:-1]), batch_shape[-1]) if batch_shape else (1, x_TD.shape[0])
+        q, k, v = self.context_qkv(x_TD).view(B, S, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
         ctx_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.context_out(ctx_BHSD.transpose(1, 2).reshape(x_TD.shape))
 

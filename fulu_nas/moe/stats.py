@@ -23,6 +23,12 @@ STAT_KEYS = ("tokens_per_expert", "utilisation", "load_balance", "max_vio", "cv"
              "router_entropy", "dropped_share", "aux_loss", "z_loss", "balance_loss")
 
 
+def token_mean(x_T: Tensor) -> Tensor:
+    """Mean over the token dimension (dim 0), zero for no tokens (``mean`` would give NaN, which
+    an empty batch must not feed into the losses even with a zero coefficient: 0 * NaN is NaN)."""
+    return x_T.sum(0) / torch.sym_max(x_T.shape[0], 1)
+
+
 def load_statistics(counts_E: Tensor) -> dict[str, Tensor]:
     """Utilisation, balance, MaxVio and CV of a load vector."""
     c = counts_E.float()
@@ -44,4 +50,4 @@ def router_entropy(probs_TE: Tensor | None, like: Tensor) -> Tensor:
     """Mean per-token entropy of the router distribution (0 for a fixed assignment)."""
     if probs_TE is None:
         return torch.zeros((), device=like.device)
-    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum(-1).mean()
+    return token_mean(-(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum(-1))
