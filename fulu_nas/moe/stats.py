@@ -26,7 +26,7 @@ STAT_KEYS = ("tokens_per_expert", "utilisation", "load_balance", "max_vio", "cv"
 def token_mean(x_T: Tensor) -> Tensor:
     """Mean over the token dimension (dim 0), zero for no tokens (``mean`` would give NaN, which
     an empty batch must not feed into the losses even with a zero coefficient: 0 * NaN is NaN)."""
-    return x_T.sum(0) / torch.sym_max(x_T.shape[0], 1)
+    return x_T.sum(0) / max(x_T.shape[0], 1)
 
 
 def load_statistics(counts_E: Tensor) -> dict[str, Tensor]:
