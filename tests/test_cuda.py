@@ -180,3 +180,45 @@ def test_compiled_inference_routes_like_eager_and_is_as_accurate(router):
             assert torch.equal(got.sort(-1).values, want.sort(-1).values), name
     eager_error = relative_error(eager, ref)
     assert relative_error(compiled, ref) <= max(1.25 * eager_error, 1e-3)
+
+
+@pytest.mark.parametrize("activation, configs", [("swiglu", []), ("gelu", ["seed-fwd", "seed-fwd-bwd"])])
+def test_bench_peers_quick_on_cuda(tmp_path, activation, configs):
+    """``fulu-nas bench peers --quick`` on the GPU: every row, the graphed bounds and best path timed,
+    every MoE implementation close to the fp32 loop, compiled routing identical to eager; ScatterMoE
+    measured where ./.peers (or --peers-path) holds it, else n/a with the import error."""
+    import importlib.util
+    import json
+    import math
+
+    from fulu_nas.bench import cli as bench
+    from fulu_nas.bench import peers
+
+    out = tmp_path / "peers.json"
+    argv = ["peers", "--device", "cuda", "--quick", "--quiet", "--rounds", "2", "--activation", activation,
+            "--json", str(out)]
+    assert bench.main(argv + (["--configs", *configs] if configs else [])) == 0
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "torch.bfloat16"
+    assert [c["name"] for c in result["configs"]] == (configs or list(peers.CONFIGS))
+    scattermoe_importable = result["peers_path"] is not None and importlib.util.find_spec("triton") is not None
+    for c in result["configs"]:
+        for s in c["shapes"]:
+            impls = s["impls"]
+            measured = ["dense", "gemm", "plain", "fulu", "fulu_best"]
+            if activation == "swiglu" and importlib.util.find_spec("transformers") is not None:
+                measured.append("hf")
+            if scattermoe_importable:
+                measured.append("scattermoe")
+            for key in measured:
+                d = impls[key]
+                assert d["available"] and not d["failed"], (key, d["reason"])
+                assert d["ms"] > 0 and math.isfinite(d["ms"]), key
+            for key in set(impls) - set(measured):
+                assert impls[key]["reason"], key
+            assert set(impls["dense"]["ms_by_variant"]) == {"eager", "graph"}
+            assert set(impls["gemm"]["ms_by_variant"]) == {"eager", "graph"}
+            assert list(impls["fulu_best"]["ms_by_variant"]) == ["graph"]
+            for key in set(measured) & set(peers.MOE_IMPLS):
+                assert impls[key]["rel_error"] < 2e-2, (key, impls[key]["rel_error"])
+            assert s["compiled_routing"]["identical"], s["compiled_routing"]

@@ -1,8 +1,9 @@
 """``fulu-nas bench``: the benchmarks' command line (``python -m fulu_nas.bench`` as well).
 
-``layer``, ``latency`` and ``profile`` time one PiMoE layer (torch alone); ``levels`` measures the
-original spec's optimisation levels; ``routers``, ``clusters``, ``dynamic`` and friends train small
-models on the tasks.
+``layer``, ``latency`` and ``profile`` time one PiMoE layer (torch alone); ``peers`` times it beside
+other MoE implementations (a plain grouped_mm one, Hugging Face Mixtral, ScatterMoE); ``levels``
+measures the original spec's optimisation levels; ``routers``, ``clusters``, ``dynamic`` and friends
+train small models on the tasks.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cost_stability, layer, levels, nas_table, sampler_bench, tasks
+from . import cost_stability, layer, levels, nas_table, peers, sampler_bench, tasks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     layer.add_parsers(sub)
+    peers.add_parser(sub)
     levels.add_parser(sub)
     tasks.add_parsers(sub)
     nas_table.add_parser(sub)
@@ -28,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as typed, for the reports that print it
     try:
         return args.run(args)
     except ValueError as e:  # an impossible configuration

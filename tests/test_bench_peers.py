@@ -1,0 +1,216 @@
+"""``fulu-nas bench peers``: the plain grouped_mm peer is an independent, correct MoE; the quick run
+on the CPU fills every row, and says why each column it cannot fill is n/a."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fulu_nas.bench import cli as bench
+from fulu_nas.bench import peers
+
+from .helpers import make_layer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    # The quick run checks the invariants, not speed: one thread keeps it from waiting on the other
+    # core of a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_plain_grouped_mm_peer_equals_the_fp32_loop(activation):
+    """The plain peer, fed the layer's routing, computes what the per-expert loop computes; with its
+    own router (fp32, as the layer's) it routes the same way."""
+    layer = make_layer(num_experts=8, top_k=3, activation=activation).eval()
+    x = torch.randn(96, 32)
+    with torch.no_grad():
+        routing = layer.router(x)
+        ref, _ = layer(x, impl="loop")
+        out = peers.plain_experts(x, routing.weight_TK, routing.expert_TK, layer.experts.w13_EDF2,
+                                  layer.experts.w2_EFD, activation)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        plain = peers.PlainGroupedMM(layer)
+        weight_TK, expert_TK = plain.route(x)
+        assert torch.equal(expert_TK, routing.expert_TK)
+        torch.testing.assert_close(weight_TK, routing.weight_TK)
+        torch.testing.assert_close(plain(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_peer_has_gradients_like_the_layer():
+    layer = make_layer(num_experts=4, activation="swiglu")
+    plain = peers.PlainGroupedMM(layer)
+    x = torch.randn(40, 32)
+    grad = torch.randn(40, 32)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    layer(x1, impl="loop")[0].backward(grad)
+    plain(x2).backward(grad)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(plain.w13_EDF.grad, layer.experts.w13_EDF2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(plain.gate_ED.grad, layer.router.gate.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+class _ParallelExperts(nn.Module):
+    """ScatterMoE's weight convention, in torch: (E, out, in)."""
+
+    def __init__(self, num_experts, input_size, output_size):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, output_size, input_size))
+
+    def apply_to(self, x_ND, expert_N):
+        return torch.einsum("nd,nod->no", x_ND, self.weight[expert_N])
+
+
+class _MLP(nn.Module):
+    """ScatterMoE's MLP / GLUMLP semantics (``forward(x, expert_p, expert_idxs)``) without its kernels."""
+
+    glu = False
+
+    def __init__(self, input_size, hidden_size, num_experts, top_k, activation):
+        super().__init__()
+        width = 2 * hidden_size if self.glu else hidden_size
+        self.experts = _ParallelExperts(num_experts, input_size, width)
+        self.output_experts = _ParallelExperts(num_experts, hidden_size, input_size)
+        self.top_k, self.activation = top_k, activation
+
+    def forward(self, x, expert_p, expert_idxs):
+        T, K = expert_idxs.shape
+        expert_N = expert_idxs.reshape(-1)
+        h = self.experts.apply_to(x.repeat_interleave(K, 0), expert_N)
+        if self.glu:
+            h, gates = h.chunk(2, dim=-1)
+            h = self.activation(gates) * h
+        else:
+            h = self.activation(h)
+        y = self.output_experts.apply_to(h, expert_N).view(T, K, -1)
+        return (expert_p.unsqueeze(-1) * y).sum(1)
+
+
+class _GLUMLP(_MLP):
+    glu = True
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_scattermoe_peer_loads_our_weights_in_its_layout(activation):
+    """Our (E, in, out) weights, transposed, and SwiGLU's [gate | up] reordered to ScatterMoE's
+    [h | gates], give the layer's output under ScatterMoE's documented semantics."""
+    layer = make_layer(num_experts=6, top_k=2, activation=activation).eval()
+    peer = peers.ScatterMoEPeer(layer, (_MLP, _GLUMLP))
+    assert isinstance(peer.mlp, _GLUMLP if activation == "swiglu" else _MLP)
+    x = torch.randn(50, 32)
+    with torch.no_grad():
+        ref, _ = layer(x, impl="loop")
+        torch.testing.assert_close(peer(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def _run_quick(tmp_path, *extra: str) -> tuple[dict, str]:
+    out = tmp_path / "peers.json"
+    code = bench.main(["peers", "--device", "cpu", "--quick", "--quiet", "--rounds", "2", "--json", str(out), *extra])
+    assert code == 0
+    return json.loads(out.read_text()), str(out)
+
+
+def _check_measured(d: dict, key: str) -> None:
+    assert d["available"] and not d["failed"], (key, d["reason"])
+    assert d["ms"] > 0 and math.isfinite(d["ms"]), key
+    assert all(len(v) == 2 and all(ms > 0 and math.isfinite(ms) for ms in v) for v in d["rounds_ms"].values()), key
+    assert d["of_dense"] > 0 and d["of_gemm"] > 0
+
+
+def test_bench_peers_quick_on_cpu(tmp_path, capsys, one_thread):
+    result, path = _run_quick(tmp_path)
+    text = capsys.readouterr().out
+    assert result["dtype"] == "torch.float32" and result["activation"] == "gelu" and result["rounds"] == 2
+    assert result["command"] == f"fulu-nas bench peers --device cpu --quick --quiet --rounds 2 --json {path}"
+    assert result["command"] in text and "torch " + torch.__version__ in text
+    configs = {c["name"]: c for c in result["configs"]}
+    assert list(configs) == list(peers.CONFIGS)
+    for name, c in configs.items():
+        assert c["label"] in text
+        assert len(c["shapes"]) == (2 if name == "e-scaling" else 1)
+        assert c["backward"] == (name == "seed-fwd-bwd")
+        for s in c["shapes"]:
+            impls = s["impls"]
+            for key in ("dense", "gemm", "plain", "fulu"):
+                _check_measured(impls[key], key)
+            # An independent reference and the layer agree with the fp32 loop.
+            assert impls["plain"]["rel_error"] < 1e-4 and impls["fulu"]["rel_error"] < 1e-4
+            assert impls["plain"]["routing_differs_share"] == 0 and impls["fulu"]["routing_differs_share"] == 0
+            for key, reason in (("hf", "SwiGLU"), ("scattermoe", "needs CUDA"), ("fulu_best", "needs CUDA")):
+                assert not impls[key]["available"] and not impls[key]["failed"] and impls[key]["ms"] is None
+                assert reason in impls[key]["reason"]
+            assert s["compiled_routing"] is None  # no --cpu-compile
+            assert list(impls["dense"]["ms_by_variant"]) == ["eager"]  # no CUDA graphs on the CPU
+    assert configs["seed-latency"]["shapes"][0]["shape"]["tokens"] == 16
+    ratio = configs["e-scaling"]["ratio"]
+    assert ratio["plain"] > 0 and ratio["fulu"] > 0 and ratio["hf"] is None
+    assert "n/a" in text and "Mixtral's experts are SwiGLU" in text and "needs CUDA" in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_bench_peers_fills_the_mixtral_column_with_swiglu(tmp_path, one_thread):
+    result, _ = _run_quick(tmp_path, "--activation", "swiglu", "--configs", "seed-fwd", "seed-fwd-bwd")
+    assert [c["name"] for c in result["configs"]] == ["seed-fwd", "seed-fwd-bwd"]
+    for c in result["configs"]:
+        impls = c["shapes"][0]["impls"]
+        _check_measured(impls["hf"], "hf")
+        # fp32 on the CPU: its experts on the reference routing match the loop, its own router agrees.
+        assert impls["hf"]["rel_error"] < 1e-4 and impls["hf"]["routing_differs_share"] == 0
+        assert any("experts_implementation=grouped_mm" in note for note in impls["hf"]["notes"])
+        assert impls["plain"]["rel_error"] < 1e-4 and impls["fulu"]["rel_error"] < 1e-4
+
+
+def test_bench_peers_imports_and_runs_without_transformers(tmp_path):
+    """The module imports with torch alone; without transformers the Mixtral column is n/a, saying why."""
+    code = (
+        "import builtins, json, sys\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name.split('.')[0] in {'transformers', 'scattermoe', 'optuna', 'hydra', 'mlflow'}:\n"
+        "        raise ImportError('blocked ' + name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "import torch; torch.set_num_threads(1)\n"
+        "from fulu_nas.bench import cli\n"
+        f"code = cli.main(['peers', '--device', 'cpu', '--quick', '--quiet', '--rounds', '1', '--activation', 'swiglu',"
+        f" '--configs', 'seed-latency', '--json', {str(tmp_path / 'p.json')!r}])\n"
+        "sys.exit(code)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr
+    hf = json.loads((tmp_path / "p.json").read_text())["configs"][0]["shapes"][0]["impls"]["hf"]
+    assert hf["reason"].startswith("transformers is not installed") and hf["ms"] is None
+
+
+def test_bench_peers_refuses_a_bad_tokens_scale(capsys):
+    assert bench.main(["peers", "--device", "cpu", "--quick", "--tokens-scale", "0"]) == 2
+    assert "--tokens-scale must be > 0" in capsys.readouterr().err
+
+
+def test_tokens_scale_shrinks_the_throughput_rows_only():
+    configs = peers.selected_configs(list(peers.CONFIGS), quick=False, tokens_scale=0.25)
+    assert configs["seed-fwd"].shapes[0].tokens == 8192 and configs["seed-latency"].shapes[0].tokens == 16
+    assert [s.experts for s in configs["e-scaling"].shapes] == [256, 8]
+    assert configs["e-scaling"].label == "E-scaling E=256 / E=8"
+
+
+def test_cells_name_the_faster_variant_and_the_ratios():
+    d = {"ms": 1.0, "ms_by_variant": {"eager": 2.0, "graph": 1.0}, "variant": "graph", "of_dense": 0.5,
+         "of_gemm": 0.25, "failed": False}
+    assert peers._time_cell(d) == "1.000 ms graph (0.50/0.25)"
+    assert peers._time_cell({"ms": None, "failed": False}) == "n/a"
+    assert peers._time_cell({"ms": None, "failed": True}) == "FAILED"
