@@ -135,6 +135,7 @@ def test_bench_peers_quick_on_cpu(tmp_path, capsys, one_thread):
     result, path = _run_quick(tmp_path)
     text = capsys.readouterr().out
     assert result["dtype"] == "torch.float32" and result["activation"] == "gelu" and result["rounds"] == 2
+    assert result["complete"]
     assert result["command"] == f"fulu-nas bench peers --device cpu --quick --quiet --rounds 2 --json {path}"
     assert result["command"] in text and "torch " + torch.__version__ in text
     configs = {c["name"]: c for c in result["configs"]}

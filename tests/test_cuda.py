@@ -216,7 +216,7 @@ def test_bench_peers_quick_on_cuda(tmp_path, activation, configs):
                 assert d["ms"] > 0 and math.isfinite(d["ms"]), key
             for key in set(impls) - set(measured):
                 assert impls[key]["reason"], key
-            assert set(impls["dense"]["ms_by_variant"]) == {"eager", "graph"}
+            assert set(impls["dense"]["ms_by_variant"]) == {"eager", "graph", "compiled+graph"}
             assert set(impls["gemm"]["ms_by_variant"]) == {"eager", "graph"}
             assert list(impls["fulu_best"]["ms_by_variant"]) == ["graph"]
             for key in set(measured) & set(peers.MOE_IMPLS):

@@ -4,7 +4,8 @@ For each configuration (a shape; forward in inference mode, or forward + backwar
 implementation runs on the same expert weights, in one process on one device:
 
 - dense ceiling: ``FeedForward(H, k*F, activation)`` over the same T rows (the experts' FLOPs in one
-  dense FFN), eager and captured in a CUDA graph; the faster counts.
+  dense FFN), eager, eager in a CUDA graph, and compiled (the activation fused) in a CUDA graph;
+  the fastest counts.
 - GEMM-only bound: the experts' two grouped GEMMs alone (``torch._grouped_mm`` on rows already
   sorted by expert, with the real routing's offsets; no gather, activation or combine), eager and
   graphed; the faster counts. With backward: their four gradient GEMMs too.
@@ -386,13 +387,18 @@ def measure_shape(shape: Shape, backward: bool, opts: Options, log: Callable[[st
 
     results = {key: Result(key) for key in IMPLS}
 
-    # dense ceiling
+    # dense ceiling: eager, eager in a CUDA graph, compiled in a CUDA graph (the activation fused)
     def setup_dense() -> None:
         dense = FeedForward(shape.hidden, shape.top_k * shape.ffn, opts.activation).to(device=device, dtype=dtype)
-        step = make_step(dense, x_TD, list(dense.parameters()), backward)
-        results["dense"].runs["eager"] = step
+        params = list(dense.parameters())
+        runs = results["dense"].runs
+        runs["eager"] = make_step(dense, x_TD, params, backward)
+        compiled = torch.compile(dense, fullgraph=True, dynamic=False)
         if _graphs(opts):
-            results["dense"].runs["graph"] = captured(make_step(dense, x_TD, list(dense.parameters()), backward))
+            runs["graph"] = captured(make_step(dense, x_TD, params, backward))
+            runs["compiled+graph"] = captured(make_step(compiled, x_TD, params, backward))
+        elif opts.cpu_compile:
+            runs["compiled"] = make_step(compiled, x_TD, params, backward)
 
     # GEMM-only bound: the two grouped GEMMs on rows already sorted by expert, the real offsets.
     def setup_gemm() -> None:
@@ -707,7 +713,18 @@ def peers_main(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(message, file=sys.stderr, flush=True)
 
-    results = [measure_config(name, config, opts, log) for name, config in configs.items()]
+    def write_json(results: list[dict], complete: bool) -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": device_name(device), "torch": torch.__version__, "dtype": str(dtype),
+                           "activation": args.activation, "rounds": args.rounds, "min_time_s": opts.min_time,
+                           "command": command, "impls": IMPLS, "peers_path": peers_path, "complete": complete,
+                           "configs": results}, f, indent=2)
+
+    results: list[dict] = []
+    for name, config in configs.items():
+        results.append(measure_config(name, config, opts, log))
+        write_json(results, complete=False)  # what is measured survives an interrupted run
     header = (f"MoE layer implementations side by side: {device_name(device)}, torch {torch.__version__}, "
               f"{str(dtype).removeprefix('torch.')}, {args.activation}, {args.rounds} interleaved rounds\n"
               f"command: {command}\n")
@@ -715,12 +732,7 @@ def peers_main(args: argparse.Namespace) -> int:
                        + (", forward + backward" if c.backward else ", forward (inference mode)")
                        for c in configs.values())
     print(header + "\n" + shapes + "\n\n" + format_tables(results, opts))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name(device), "torch": torch.__version__, "dtype": str(dtype),
-                       "activation": args.activation, "rounds": args.rounds, "min_time_s": opts.min_time,
-                       "command": command, "impls": IMPLS, "peers_path": peers_path, "configs": results},
-                      f, indent=2)
+    write_json(results, complete=True)
     failed = sorted({IMPLS[k] for c in results for s in c["shapes"] for k, d in s["impls"].items() if d["failed"]})
     if failed:
         print(f"error: failed: {', '.join(failed)}", file=sys.stderr)
