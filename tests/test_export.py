@@ -3,20 +3,28 @@ checksums, and trial selection."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
+import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import optuna
 import pytest
 import torch
+import yaml
 
 import fulu_nas
 from fulu_nas.cli import main
@@ -67,8 +75,18 @@ def test_export_directory_and_load(exported):
     assert f"trial {best.number}" in card and "mlflow models serve" in card
 
 
+def card_snippet(model_dir: Path) -> str:
+    """The model card's lines that load model.pt2 with torch alone."""
+    card = (model_dir / "README.md").read_text()
+    section = card[card.index("## Loading model.pt2 with torch alone"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
 @pytest.mark.slow
 def test_program_runs_with_torch_alone_and_matches(exported, tmp_path):
+    """The model card's torch-only lines load the program (checking its SHA-256 first) without fulu_nas,
+    and refuse a changed file."""
     model = fulu_nas.load(exported.model_dir)
     x = tokens(vocab=model.arch.vocab_size)
     np.save(tmp_path / "x.npy", x.numpy())
@@ -76,7 +94,9 @@ def test_program_runs_with_torch_alone_and_matches(exported, tmp_path):
         import sys
         sys.modules["fulu_nas"] = None          # make any import of fulu_nas fail
         import numpy as np, torch
-        program = torch.export.load({str(exported.model_dir / "model.pt2")!r})
+        namespace = {{}}
+        exec(sys.stdin.read(), namespace)
+        program = namespace["program"]
         x = torch.from_numpy(np.load({str(tmp_path / "x.npy")!r}))
         with torch.no_grad():
             np.save({str(tmp_path / "y.npy")!r}, program.module()(x).numpy())
@@ -87,13 +107,53 @@ def test_program_runs_with_torch_alone_and_matches(exported, tmp_path):
         except ImportError:
             print("fulu_nas not importable")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    snippet = card_snippet(exported.model_dir)
+    result = subprocess.run([sys.executable, "-c", script], input=snippet, capture_output=True, text=True,
+                            cwd=exported.model_dir)
     assert result.returncode == 0, result.stderr
     assert "fulu_nas not importable" in result.stdout
     with torch.no_grad():
         expected = model(x).logits
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), expected, rtol=1e-5, atol=1e-5)
 
+    copy = tmp_path / "copy"
+    shutil.copytree(exported.model_dir, copy)
+    flip_byte(copy / "model.pt2")
+    result = subprocess.run([sys.executable, "-c", script], input=snippet, capture_output=True, text=True, cwd=copy)
+    assert result.returncode != 0 and "model.pt2 is not the exported file" in result.stderr
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path):
+    """``mlflow models serve`` of ``model_dir`` on a free port; yields ``post(payload) -> (status, json)``."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir),
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def post(payload):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:  # an answer, with an error status
+            return e.code, json.loads(e.read())
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, "mlflow models serve exited"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=10).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "the server did not answer"
+                time.sleep(1)
+        yield post
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -109,35 +169,187 @@ def test_mlflow_serves_the_model_and_the_registry_resolves_champion(exported):
     registered = mlflow.pyfunc.load_model("models:/tiny-clusters@champion")
     np.testing.assert_allclose(registered.predict(x.numpy()), expected, rtol=1e-5, atol=1e-5)
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(exported.model_dir),
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        answer = None
-        deadline = time.time() + 120
-        while answer is None and time.time() < deadline:
-            time.sleep(1)
-            assert server.poll() is None, "mlflow models serve exited"
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                             data=json.dumps({"inputs": x.tolist()}).encode(),
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    answer = json.loads(response.read())
-            except OSError:
-                continue
-        assert answer is not None, "the server did not answer"
-        np.testing.assert_allclose(np.asarray(answer["predictions"]), expected, rtol=1e-5, atol=1e-5)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    with serving(exported.model_dir) as post:
+        status, answer = post({"inputs": x.tolist()})
+    assert status == 200
+    np.testing.assert_allclose(np.asarray(answer["predictions"]), expected, rtol=1e-5, atol=1e-5)
+
+
+def bad_inputs(vocab: int, max_seq_len: int) -> list[tuple[np.ndarray, str]]:
+    """Inputs the model cannot take, each with words its error message must contain."""
+    return [(np.array([[1.5, 2.0]]), "dtype"),
+            (np.zeros((1, 2, 3), dtype=np.int64), "shape"),
+            (np.array([[0, vocab]], dtype=np.int64), f"0..{vocab - 1}"),
+            (np.array([[-1, 0]], dtype=np.int64), f"0..{vocab - 1}"),
+            (np.zeros((1, max_seq_len + 1), dtype=np.int64), f"at most {max_seq_len}")]
+
+
+@pytest.mark.slow
+def test_the_champion_is_the_signed_model_of_the_folder_and_both_refuse_bad_input(exported):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(f"sqlite:///{exported.out / 'mlflow.db'}")
+    champion = "models:/tiny-clusters@champion"
+    folder = mlflow.models.get_model_info(str(exported.model_dir))
+    assert folder.signature is not None
+    assert mlflow.models.get_model_info(champion).signature == folder.signature
+    arch = fulu_nas.load(exported.model_dir).arch
+    for uri in (str(exported.model_dir), champion):
+        model = mlflow.pyfunc.load_model(uri)
+        for bad, words in bad_inputs(arch.vocab_size, arch.max_seq_len):
+            with pytest.raises(MlflowException) as raised:
+                model.predict(bad)
+            message = raised.value.message
+            assert words in message, (uri, bad.shape, message)
+            assert raised.value.error_code == "INVALID_PARAMETER_VALUE", (uri, bad.shape, message)
+            assert "Traceback" not in message and len(message) < 500, message
+
+
+@pytest.mark.slow
+def test_served_bad_input_is_a_short_json_error(exported):
+    arch = fulu_nas.load(exported.model_dir).arch
+    with serving(exported.model_dir) as post:
+        for payload, words in (({"inputs": [[0, arch.vocab_size]]}, f"0..{arch.vocab_size - 1}"),
+                               ({"inputs": [[0] * (arch.max_seq_len + 1)]}, f"at most {arch.max_seq_len}"),
+                               ({"inputs": [[[0, 1]]]}, "shape")):
+            status, answer = post(payload)
+            assert status == 400, answer
+            assert "stack_trace" not in answer and len(answer["message"]) < 500, answer
+            assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and words in answer["message"], answer
+
+
+def flip_byte(archive: Path, record_suffix: str = "data/weights/weight_0") -> None:
+    """Change one byte inside a record of a zip archive (stored uncompressed, as torch writes them)."""
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(record_suffix))
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    data[info.header_offset + 30 + name_len + extra_len + 3] ^= 0x40
+    archive.write_bytes(bytes(data))
+
+
+class RunsCode:
+    """A pickle that runs ``code`` when it is loaded."""
+
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+def rewrite_archive(src: Path, dst: Path, records: dict[str, bytes]) -> None:
+    """A copy of the zip ``src`` with ``records`` (names below its root folder) replaced or added."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        root = zin.namelist()[0].split("/")[0]
+        for info in zin.infolist():
+            name = info.filename.split("/", 1)[1]
+            zout.writestr(info.filename, records.get(name, zin.read(info)))
+        for name in records.keys() - {i.filename.split("/", 1)[1] for i in zin.infolist()}:
+            zout.writestr(f"{root}/{name}", records[name])
+
+
+def craft_archive(src: Path, dst: Path, marker: Path, where: str) -> None:
+    """A copy of the program ``src`` with a pickle that creates ``marker`` when torch.export.load reads it:
+    ``use_pickle`` a weight flagged as pickled (as torch.export.save writes tensors it cannot store raw), or
+    ``sample_inputs`` the example inputs replaced (torch retries them with ``weights_only=False``)."""
+    payload = pickle.dumps(RunsCode(f"open({str(marker)!r}, 'w').close()"))
+    if where == "sample_inputs":
+        rewrite_archive(src, dst, {"data/sample_inputs/model.pt": payload})
+        return
+    with zipfile.ZipFile(src) as z:
+        config_name = next(n for n in z.namelist() if n.endswith("data/weights/model_weights_config.json"))
+        config = json.loads(z.read(config_name))
+    target = next(iter(config["config"].values()))["path_name"]
+    for meta in config["config"].values():  # every weight stored in that record (tied ones share it)
+        meta["use_pickle"] = meta["use_pickle"] or meta["path_name"] == target
+    rewrite_archive(src, dst, {"data/weights/model_weights_config.json": json.dumps(config).encode(),
+                               f"data/weights/{target}": payload})
+
+
+def test_the_archive_check_refuses_what_torch_export_load_would_unpickle(tmp_path):
+    from fulu_nas.deploy.pt2_check import archive_problems
+
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(3, 2), (torch.randn(4, 3),)), str(clean))
+    assert archive_problems(clean.read_bytes()) == []
+    marker = tmp_path / "code-ran"
+    cases = {"use_pickle": "pickled", "sample_inputs": "weights_only=True"}  # name -> words of the refusal
+    for where in cases:
+        craft_archive(clean, tmp_path / f"{where}.pt2", marker, where)
+    constants = {"config": {"obj": {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": False,
+                                    "tensor_meta": None}}}
+    for name, records, words in (
+            ("opaque", {"data/constants/model_constants_config.json": json.dumps(constants).encode(),
+                        "data/constants/opaque_obj_0": pickle.dumps(RunsCode("pass"))}, "not a plain tensor"),
+            ("aoti", {"data/aotinductor/model/model.so": b"\x7fELF"}, "shared library"),
+            ("legacy", {"data/weights/model.pt": pickle.dumps(RunsCode("pass"))}, "may unpickle")):
+        rewrite_archive(clean, tmp_path / f"{name}.pt2", records)
+        cases[name] = words
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    cases["junk"] = "not a torch.export archive"
+    for name, words in cases.items():
+        problems = archive_problems((tmp_path / f"{name}.pt2").read_bytes())
+        assert any(words in p for p in problems), (name, problems)
+    assert not marker.exists()
+
+
+def forge_checksums(folder: Path) -> None:
+    """What someone who swaps files of a folder also does: record the new files' SHA-256 wherever the
+    folder records them (checksums.json, the pyfunc's configuration in MLmodel)."""
+    program = hashlib.sha256((folder / "artifacts" / "model.pt2").read_bytes()).hexdigest()
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    config = mlmodel["flavors"]["python_function"].get("config") or {}
+    if "program_sha256" in config:
+        config["program_sha256"] = program
+        (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    listing = json.loads((folder / "checksums.json").read_text())
+    (folder / "checksums.json").write_text(json.dumps(
+        {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in listing}))
+
+
+@pytest.mark.slow
+def test_a_changed_byte_of_the_served_program_is_refused(exported, tmp_path):
+    import mlflow
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported.model_dir, copy)
+    flip_byte(copy / "artifacts" / "model.pt2")
+    with pytest.raises(FuluConfigError, match="artifacts/model.pt2: checksum mismatch"):
+        fulu_nas.load(copy)
+    with pytest.raises(Exception, match="artifacts/model.pt2: checksum mismatch"):
+        mlflow.pyfunc.load_model(str(copy))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["use_pickle", "sample_inputs"])
+def test_a_program_that_would_unpickle_is_refused_and_runs_nothing(exported, tmp_path, where):
+    import mlflow
+
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.pt2"
+    craft_archive(exported.model_dir / "model.pt2", crafted, marker, where)
+    with contextlib.suppress(Exception):  # the exploit is real: torch.export.load runs the pickle
+        torch.export.load(str(crafted))
+    assert marker.exists()
+    marker.unlink()
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported.model_dir, copy)
+    for name in ("model.pt2", "artifacts/model.pt2"):
+        shutil.copyfile(crafted, copy / name)
+    forge_checksums(copy)
+    with pytest.raises(FuluConfigError, match="model.pt2: refused.*unpickle"):
+        fulu_nas.load(copy)
+    with pytest.raises(Exception, match="model.pt2: refused.*unpickle"):
+        mlflow.pyfunc.load_model(str(copy))
+    assert not marker.exists()
 
 
 @pytest.mark.slow
 def test_tampered_or_missing_files_are_refused(exported, tmp_path):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(exported.model_dir, copy)
     weights = copy / "model.safetensors"
@@ -148,6 +360,11 @@ def test_tampered_or_missing_files_are_refused(exported, tmp_path):
         fulu_nas.load(copy)
     (copy / "model.pt2").unlink()
     with pytest.raises(FuluConfigError, match="model.pt2: missing"):
+        fulu_nas.load(copy)
+    shutil.copytree(exported.model_dir, copy, dirs_exist_ok=True)
+    (copy / "code").mkdir(exist_ok=True)  # MLflow puts the model's code/ first on sys.path
+    (copy / "code" / "sitecustomize.py").write_text("print('hello')\n")
+    with pytest.raises(FuluConfigError, match="sitecustomize.py: not listed in checksums.json"):
         fulu_nas.load(copy)
     with pytest.raises(FuluConfigError, match="not an export directory"):
         fulu_nas.load(tmp_path / "nowhere")

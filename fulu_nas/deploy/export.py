@@ -5,11 +5,14 @@ An export directory holds:
 - ``config.yaml``: the architecture, the task it was found for, and where it came from;
 - ``model.safetensors``: the weights (never a pickle);
 - ``model.pt2``: a ``torch.export`` program returning logits, with dynamic batch and sequence
-  dimensions; ``torch.export.load("model.pt2").module()(tokens)`` runs with torch alone;
-- ``MLmodel`` + environment files + ``artifacts/model.pt2``: an MLflow pyfunc over the program
-  (``mlflow models serve -m DIR --env-manager local``), built from code, not pickled;
-- ``metrics.json``, ``README.md`` (model card) and ``checksums.json`` (SHA-256 of the files
-  above, verified by :func:`load`).
+  dimensions; it runs with torch alone, loaded as the model card shows (SHA-256 first:
+  ``torch.export.load`` unpickles, see :mod:`.pt2_check`);
+- ``MLmodel`` + environment files + ``pyfunc.py`` + ``code/pt2_check.py`` + ``artifacts/model.pt2``:
+  an MLflow pyfunc over the program (``mlflow models serve -m DIR --env-manager local``), built
+  from code, not pickled; it checks the program's SHA-256 (in MLmodel's config) before loading it;
+- ``metrics.json``, ``README.md`` (model card) and ``checksums.json``: the SHA-256 of every other
+  file, verified by :func:`verify` (and so :func:`load`), which also refuses programs that
+  ``torch.export.load`` would unpickle.
 
 The directory is assembled under a temporary name next to ``out`` and renamed at the end, so a
 failure leaves nothing half-written.
@@ -29,12 +32,15 @@ from torch import nn
 
 from ..errors import FuluConfigError
 from ..models import ArchConfig, PiMoETransformer
+from .pt2_check import UnsafeProgramError, check_archive
 
 CHECKSUMS = "checksums.json"
-VERIFIED_FILES = ("config.yaml", "model.safetensors", "model.pt2", "metrics.json", "MLmodel")
 FORMAT_VERSION = 1
-# The pyfunc is "models from code": MLflow copies this file into the model and runs it when loading.
+MAX_BATCH = 4096  # the program's largest batch (a dynamic dimension needs a bound)
+# The pyfunc is "models from code": MLflow copies this file into the model and runs it when loading;
+# it imports the archive check, shipped beside it as code (the serving side has no fulu_nas).
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
+PT2_CHECK_CODE = Path(__file__).with_name("pt2_check.py")
 
 
 class LogitsOnly(nn.Module):
@@ -56,7 +62,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_program(model: PiMoETransformer, path: Path, max_batch: int = 4096) -> torch.export.ExportedProgram:
+def export_program(model: PiMoETransformer, path: Path, max_batch: int = MAX_BATCH) -> torch.export.ExportedProgram:
     """``torch.export`` the model (eval mode, fp32, CPU) with dynamic batch and sequence; checks the
     program against the module before saving it."""
     arch = model.arch
@@ -72,8 +78,9 @@ def export_program(model: PiMoETransformer, path: Path, max_batch: int = 4096) -
     return program
 
 
-def save_pyfunc(directory: Path, program_path: Path, arch: ArchConfig) -> None:
-    """Write the MLflow pyfunc (MLmodel, environment files, code, artifacts) into ``directory``."""
+def pyfunc_arguments(program_path: Path, arch: ArchConfig) -> dict[str, Any]:
+    """What ``mlflow.pyfunc.save_model`` and ``log_model`` take, the same for the export folder and the
+    registered model, so that both have one signature, one configuration and accept the same input."""
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -82,15 +89,42 @@ def save_pyfunc(directory: Path, program_path: Path, arch: ArchConfig) -> None:
     classes = arch.num_classes or arch.vocab_size
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, classes))]))
+    return dict(python_model=str(PYFUNC_CODE), code_paths=[str(PT2_CHECK_CODE)],
+                artifacts={"program": str(program_path)}, signature=signature,
+                input_example=np.zeros((1, 4), dtype=np.int64),
+                model_config={"program_sha256": sha256(program_path), "vocab_size": arch.vocab_size,
+                              "max_seq_len": arch.max_seq_len, "max_batch": MAX_BATCH},
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                                  "numpy"])
+
+
+def save_pyfunc(directory: Path, program_path: Path, arch: ArchConfig) -> None:
+    """Write the MLflow pyfunc (MLmodel, environment files, code, artifacts) into ``directory``."""
+    import mlflow
+
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "pyfunc"
-        mlflow.pyfunc.save_model(path=str(staged), python_model=str(PYFUNC_CODE),
-                                 artifacts={"program": str(program_path)}, signature=signature,
-                                 input_example=np.zeros((1, 4), dtype=np.int64),
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                   f"mlflow=={mlflow.__version__}", "numpy"])
+        mlflow.pyfunc.save_model(path=str(staged), **pyfunc_arguments(program_path, arch))
         for item in staged.iterdir():
             shutil.move(str(item), directory / item.name)
+
+
+def torch_only_loading(program_sha256: str, vocab_size: int) -> str:
+    """The model card's section on loading ``model.pt2`` with torch alone, SHA-256 first."""
+    return f"""
+## Loading model.pt2 with torch alone
+`torch.export.load` unpickles parts of an archive and evaluates expressions stored in it: run it
+only on a file whose SHA-256 is the one exported. `model.pt2` (and its copy `artifacts/model.pt2`):
+`{program_sha256}`.
+```python
+import hashlib, io, torch
+data = open("model.pt2", "rb").read()
+if hashlib.sha256(data).hexdigest() != "{program_sha256}":
+    raise SystemExit("model.pt2 is not the exported file: not loading it")
+program = torch.export.load(io.BytesIO(data))     # the bytes just checked
+logits = program.module()(torch.randint(0, {vocab_size}, (2, 16)))
+```
+"""
 
 
 def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], metrics: dict[str, Any],
@@ -112,8 +146,11 @@ def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], met
         (partial / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (partial / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         save_pyfunc(partial, partial / "model.pt2", model.arch)
-        (partial / "README.md").write_text(model_card)
-        checksums = {name: sha256(partial / name) for name in VERIFIED_FILES}
+        card = model_card + torch_only_loading(sha256(partial / "model.pt2"), model.arch.vocab_size)
+        (partial / "README.md").write_text(card)
+        # Every file, not only those fulu_nas reads: MLflow and torch-only users read the others.
+        checksums = {path.relative_to(partial).as_posix(): sha256(path)
+                     for path in sorted(partial.rglob("*")) if path.is_file()}
         (partial / CHECKSUMS).write_text(json.dumps(checksums, indent=2))
         partial.chmod(0o755)  # mkdtemp's 0700 would hide the model from a serving user
         for path in partial.rglob("*"):
@@ -128,7 +165,9 @@ def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], met
 
 
 def verify(directory: str | Path) -> dict[str, str]:
-    """Check every file listed in ``checksums.json``; FuluConfigError names a missing or changed one."""
+    """Check that ``checksums.json`` lists every other file of the directory with its SHA-256 and that no
+    program in it would be unpickled by ``torch.export.load``; FuluConfigError names each file that is
+    missing, changed, added or refused."""
     directory = Path(directory)
     listing = directory / CHECKSUMS
     if not directory.is_dir():
@@ -143,14 +182,24 @@ def verify(directory: str | Path) -> dict[str, str]:
             problems.append(f"{path}: missing")
         elif sha256(path) != expected:
             problems.append(f"{path}: checksum mismatch (the file was modified after export)")
+        elif path.suffix == ".pt2":
+            try:
+                check_archive(path.read_bytes(), path)
+            except UnsafeProgramError as e:
+                problems.append(str(e))
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_file() and name != CHECKSUMS and name not in checksums:
+            problems.append(f"{path}: not listed in {CHECKSUMS} (added after export, or exported by an older "
+                            "fulu-nas: export again)")
     if problems:
         raise FuluConfigError(problems)
     return checksums
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> PiMoETransformer:
-    """The exported model as an ``nn.Module`` (eval mode), after verifying the checksums. Reads YAML
-    and safetensors only: nothing is unpickled."""
+    """The exported model as an ``nn.Module`` (eval mode), after :func:`verify`. Reads YAML and
+    safetensors only: nothing is unpickled."""
     import yaml
     from safetensors.torch import load_model
 

@@ -1,23 +1,56 @@
 """The MLflow pyfunc of an exported model ("models from code": MLflow copies this file into the
-model and runs it when loading, so nothing is unpickled). Needs torch, numpy and mlflow only.
+model and runs it when loading, so nothing is unpickled). Needs torch, numpy and mlflow only;
+``pt2_check`` is shipped beside it in the model's ``code/`` folder.
 
-Input: token ids, shape (batch, seq) (or (seq,) for one sequence). Output: logits
-(batch, seq, classes) from the ``torch.export`` program ``model.pt2``.
+Input: token ids, an integer array of shape (batch, seq). Output: logits (batch, seq, classes)
+from the ``torch.export`` program ``artifacts/model.pt2``, loaded only after its SHA-256 matches
+the one in the model's configuration and nothing in it would be unpickled. Bad input is refused
+with one short ``MlflowException`` (the scoring server answers it as JSON, without a stack trace).
 """
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+
+def bad_input(message: str) -> MlflowException:
+    return MlflowException(f"tokens: {message}", error_code=INVALID_PARAMETER_VALUE)
 
 
 class ExportedProgramModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        self.module = torch.export.load(context.artifacts["program"]).module()
+        # Imported here: MLflow puts the model's code/ folder on sys.path only when it loads the saved
+        # model, after it has run this file once to save it.
+        from pt2_check import load_program
+
+        config = context.model_config or {}
+        if "program_sha256" not in config:
+            raise MlflowException("this model has no program_sha256 in its configuration (exported by an "
+                                  "older fulu-nas): export it again", error_code=INVALID_PARAMETER_VALUE)
+        self.vocab_size, self.max_seq_len, self.max_batch = (config["vocab_size"], config["max_seq_len"],
+                                                             config["max_batch"])
+        self.module = load_program(context.artifacts["program"], config["program_sha256"]).module()
+
+    def tokens(self, model_input) -> torch.Tensor:
+        """The input as a (batch, seq) int64 tensor, or one message naming what is wrong with it."""
+        array = np.asarray(model_input)
+        if array.dtype.kind not in "iu":
+            raise bad_input(f"expected integer token ids, got dtype {array.dtype}")
+        if array.ndim != 2:
+            raise bad_input(f"expected shape (batch, seq), got shape {array.shape}")
+        batch, seq = array.shape
+        if not (1 <= batch <= self.max_batch and 1 <= seq <= self.max_seq_len):
+            raise bad_input(f"expected at most {self.max_batch} sequences of at most {self.max_seq_len} tokens, "
+                            f"none empty, got shape {array.shape}")
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= self.vocab_size:
+            raise bad_input(f"token ids must be in 0..{self.vocab_size - 1} (the vocabulary), got {low}..{high}")
+        return torch.as_tensor(array, dtype=torch.long)
 
     def predict(self, context, model_input, params=None):
-        tokens = torch.as_tensor(np.asarray(model_input), dtype=torch.long)
-        if tokens.dim() == 1:
-            tokens = tokens[None]
+        tokens = self.tokens(model_input)
         with torch.no_grad():
             return self.module(tokens).float().numpy()
 

@@ -139,22 +139,20 @@ Parameters: {', '.join(f'{k}={v}' for k, v in trial.params.items())}. Selected b
 
 ## Use it
 ```python
-import torch
-program = torch.export.load("model.pt2")          # torch alone
-logits = program.module()(torch.randint(0, {arch['vocab_size']}, (2, 16)))
 import fulu_nas
-model = fulu_nas.load(".")                        # nn.Module; verifies checksums.json
+model = fulu_nas.load(".")     # nn.Module; verifies checksums.json and refuses pickles first
 ```
 Serve: `mlflow models serve -m . --env-manager local --host 127.0.0.1 --port 5001`, then POST
 `{{"inputs": [[1, 2, 3]]}}` to `/invocations`; the registered model is `models:/{name}@champion`.
 The architecture is in `config.yaml`; the full configuration in `architecture` rebuilds the module.
+With torch alone, load `model.pt2` as the last section shows.
 """
 
 
 def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     import mlflow
 
-    from ..deploy.export import FORMAT_VERSION, PYFUNC_CODE, write_export
+    from ..deploy.export import FORMAT_VERSION, pyfunc_arguments, write_export
     from ..training.evaluate import evaluate
     from .tracking import PARENT_RUN_ATTR
 
@@ -201,9 +199,9 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
                           run_name=f"export trial {trial.number}", tags=tags):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
                             and not isinstance(v, bool)})
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
-                                       artifacts={"program": str(out / "model.pt2")},
-                                       registered_model_name=name, pip_requirements=str(out / "requirements.txt"))
+        # The folder's arguments: the same signature, configuration (program SHA-256) and checks.
+        info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
+                                       **pyfunc_arguments(out / "model.pt2", model.arch))
     version = info.registered_model_version
     client.set_registered_model_alias(name, "champion", str(version))
     print(f"exported trial {trial.number} of study {s.study.name} to {out}\n"
