@@ -23,6 +23,16 @@ GROUP_MASK_FILLS = ("-inf", "zero")
 ALIGNMENT = 8
 
 
+def _max(a, b):
+    """max of ints or symbolic ints (torch.export's dynamic sizes). Plain ints take Python's max:
+    torch 2.11's torch.compile cannot trace torch.sym_max on two ints."""
+    return max(a, b) if isinstance(a, int) and isinstance(b, int) else torch.sym_max(a, b)
+
+
+def _min(a, b):
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else torch.sym_min(a, b)
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Configuration of one :class:`~fulu_nas.moe.PiMoELayer`.
@@ -136,8 +146,8 @@ class MoEConfig:
             factor, slots = self.capacity_factor, num_tokens * self.top_k
         ratio = Fraction(factor).limit_denominator(1000)
         denominator = ratio.denominator * self.num_experts
-        capacity = torch.sym_max(1, (ratio.numerator * slots + denominator - 1) // denominator)
-        return torch.sym_min(num_tokens, capacity) if self.router == "expert_choice" else capacity
+        capacity = _max(1, (ratio.numerator * slots + denominator - 1) // denominator)
+        return _min(num_tokens, capacity) if self.router == "expert_choice" else capacity
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -36,7 +36,7 @@ from .config import MoEConfig
 from .experts import GroupedExperts, SharedExperts, needs_grad, sort_by_expert, sum_slots
 from .routers import ScoreRouter, build_router
 from .routing import Routing
-from .stats import load_statistics, router_entropy, token_mean
+from .stats import LazyStats, load_statistics, once, router_entropy, token_mean
 
 # Training steps of fewer tokens take grouped_mm (see prefer_triton).
 TRITON_TRAINING_MIN_TOKENS = 16384
@@ -94,14 +94,18 @@ class PiMoELayer(nn.Module):
         x_TD, routing = self._route(x, token_ids)
         impl = impl or cfg.impl
         if cfg.token_choice:
-            out_TD, counts_E, dropped_share = self._token_choice(x_TD, routing, impl)
+            out_TD, load = self._token_choice(x_TD, routing, impl)
         else:
-            out_TD, counts_E, dropped_share = self._expert_choice(x_TD, routing, impl)
+            out_TD, load = self._expert_choice(x_TD, routing, impl)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        if not with_stats:  # inference: under torch.compile the unused statistics are never computed
+        if not with_stats:  # inference: the load and the statistics are never computed
             return out_TD.view(x.shape), {}
-        return out_TD.view(x.shape), self._stats(routing, counts_E, dropped_share)
+        stats = self._stats(routing, once(load))
+        # Eagerly, each statistic is computed when first read (a training step reads the balance
+        # loss, and the load when balancing without it; the rest only at logging steps): ~50 small
+        # launches of host time a step does not pay. A traced graph returns them all.
+        return out_TD.view(x.shape), dict(stats) if torch.compiler.is_compiling() else stats
 
     def _route(self, x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, Routing]:
         """The input as (T, D) rows and the router's decision for them."""
@@ -127,7 +131,7 @@ class PiMoELayer(nn.Module):
                 k_slots, e.activation == "swiglu", weight_sorted, combine)
         if needs_grad(self, x_TD):  # the routing weights come from x and the router's parameters
             return triton_moe.moe_experts_train(*args)[0]
-        return triton_moe.moe_experts(*args)
+        return (triton_moe.launch_experts if triton_moe.direct_call() else triton_moe.moe_experts)(*args)
 
     # -- token choice --------------------------------------------------------------------------
 
@@ -141,38 +145,47 @@ class PiMoELayer(nn.Module):
             keep_N = self._capacity_keep_reference(expert_N, active_N, T)
             token_N = torch.arange(T, device=x_TD.device).repeat_interleave(K)
             out_TD = self.experts.forward_loop(x_TD, expert_N, token_N, weight_N * keep_N)
-            counts_E = torch.zeros(E, device=x_TD.device).index_add_(0, expert_N, keep_N.float())
-            return out_TD, counts_E, self._dropped_share(active_N, keep_N)
+            return out_TD, lambda: (torch.zeros(E, device=x_TD.device).index_add_(0, expert_N, keep_N.float()),
+                                    self._dropped_share(active_N, keep_N))
 
         # Group ends come from a binary search of the sorted ids (no atomics).
         order_N = sort_by_expert(expert_N, E)
         expert_sorted_N = expert_N[order_N]
         ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=x_TD.device))
         starts_E = F.pad(ends_E[:-1], (1, 0))
-        active_sorted_N = active_N[order_N]
-        keep_sorted_N = active_sorted_N
+        # Rows to keep: only a capacity drops rows (inactive top-p slots already have weight 0).
+        keep_sorted_N = None
         if self.cfg.capacity_factor is not None:
-            keep_sorted_N = self._capacity_keep_sorted(active_sorted_N, expert_sorted_N, starts_E, T)
+            keep_sorted_N = self._capacity_keep_sorted(active_N[order_N], expert_sorted_N, starts_E, T)
         if self._triton_applies(x_TD, impl):
             # Tokens are read through order_N inside the first GEMM; the second writes row n to
             # flat slot order_N[n], so each token's K rows are contiguous for the (fused) sum.
-            weight_sorted = self.cfg.capacity_factor is not None
+            weight_sorted = keep_sorted_N is not None
             weight = (weight_N[order_N] * keep_sorted_N) if weight_sorted else weight_N
             out_TD = self._triton_experts(x_TD, order_N, weight, ends_E.to(torch.int32), K, weight_sorted, True)
-            kept_before_N = F.pad(keep_sorted_N.long().cumsum(0), (1, 0))
+        else:
+            out_TD = self._grouped_experts(x_TD, order_N, weight_N, keep_sorted_N, expert_sorted_N, ends_E,
+                                           starts_E, K, impl)
+
+        def load() -> tuple[Tensor, Tensor]:
+            active_sorted_N = active_N[order_N]
+            keep_N = active_sorted_N if keep_sorted_N is None else keep_sorted_N
+            kept_before_N = F.pad(keep_N.long().cumsum(0), (1, 0))  # kept rows before position n
             counts_E = (kept_before_N[ends_E] - kept_before_N[starts_E]).float()
-            return out_TD, counts_E, self._dropped_share(active_sorted_N, keep_sorted_N)
+            return counts_E, self._dropped_share(active_sorted_N, keep_N)
+        return out_TD, load
+
+    def _grouped_experts(self, x_TD: Tensor, order_N: Tensor, weight_N: Tensor, keep_sorted_N: Tensor | None,
+                         expert_sorted_N: Tensor, ends_E: Tensor, starts_E: Tensor, K: int, impl: str) -> Tensor:
+        """The token-choice experts by grouped GEMM or sorted matmuls, back in token order."""
         x_sorted_ND = x_TD[order_N // K]
-        w_sorted_N = weight_N[order_N] * keep_sorted_N
+        w_sorted_N = weight_N[order_N] if keep_sorted_N is None else weight_N[order_N] * keep_sorted_N
         if impl == "sorted":
             rows_E = ends_E - starts_E
             weighted_ND = self.experts.forward_sorted(x_sorted_ND, rows_E) * w_sorted_N[:, None].to(x_TD.dtype)
         else:
             weighted_ND = self.experts.forward_grouped(x_sorted_ND, ends_E.to(torch.int32), expert_sorted_N, w_sorted_N)
-        out_TD = sum_slots(weighted_ND, order_N, K)
-        kept_before_N = F.pad(keep_sorted_N.long().cumsum(0), (1, 0))  # kept rows before position n
-        counts_E = (kept_before_N[ends_E] - kept_before_N[starts_E]).float()
-        return out_TD.to(x_TD.dtype), counts_E, self._dropped_share(active_sorted_N, keep_sorted_N)
+        return sum_slots(weighted_ND, order_N, K).to(x_TD.dtype)
 
     def _capacity_keep_sorted(self, active_N: Tensor, expert_N: Tensor, starts_E: Tensor, T: int) -> Tensor:
         """Rows sorted by expert: keep an active row if fewer than `capacity` active rows
@@ -220,17 +233,39 @@ class PiMoELayer(nn.Module):
             # A token may be taken by several experts: accumulate in fp32.
             out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device).index_add_(
                 0, token_N, y_ND.float()).to(x_TD.dtype)
-        counts_E = torch.ones(E, device=x_TD.device) * C  # C may be symbolic under export
-        taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).index_add_(0, token_N, torch.ones_like(weight_N))
-        return out_TD, counts_E, token_mean((taken_T == 0).float())
+
+        def load() -> tuple[Tensor, Tensor]:
+            counts_E = torch.ones(E, device=x_TD.device) * C  # C may be symbolic under export
+            taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).index_add_(0, token_N, torch.ones_like(weight_N))
+            return counts_E, token_mean((taken_T == 0).float())
+        return out_TD, load
 
     # -- statistics and balancing ---------------------------------------------------------------
 
-    def _stats(self, r: Routing, counts_E: Tensor, dropped_share: Tensor) -> dict[str, Tensor]:
-        stats = load_statistics(counts_E.detach())
-        stats["router_entropy"] = router_entropy(r.probs_TE, counts_E).detach()
-        stats["dropped_share"] = dropped_share.detach()
-        return self._add_balance_losses(stats, r, counts_E)
+    def _stats(self, r: Routing, load: Callable[[], tuple[Tensor, Tensor]]) -> LazyStats:
+        """The statistics, each computed when first read. ``load()``: (assignments per expert,
+        dropped share)."""
+        counts = lambda: load()[0]  # noqa: E731
+        zero = lambda: torch.zeros((), device=r.expert_TK.device if r.expert_TK is not None  # noqa: E731
+                                   else r.token_EC.device)
+        aux = once(lambda: load_balancing_loss(r.probs_TE, counts()) if r.probs_TE is not None else zero())
+        z = once(lambda: router_z_loss(r.logits_TE) if r.logits_TE is not None else zero())
+        cfg = self.cfg
+
+        def balance() -> Tensor:
+            # A zero coefficient skips its loss (and its launches); the sum is the same.
+            terms = [c * f() for c, f in ((cfg.aux_loss_coef, aux), (cfg.z_loss_coef, z)) if c]
+            return sum(terms[1:], terms[0]) if terms else zero()
+
+        return LazyStats([
+            (("tokens_per_expert", "utilisation", "load_balance", "max_vio", "cv"),
+             lambda: load_statistics(counts().detach())),
+            (("router_entropy",), lambda: {"router_entropy": router_entropy(r.probs_TE, counts()).detach()}),
+            (("dropped_share",), lambda: {"dropped_share": load()[1].detach()}),
+            (("aux_loss",), lambda: {"aux_loss": aux()}),
+            (("z_loss",), lambda: {"z_loss": z()}),
+            (("balance_loss",), lambda: {"balance_loss": balance()}),
+        ])
 
     def _add_balance_losses(self, stats: dict[str, Tensor], r: Routing, counts_E: Tensor) -> dict[str, Tensor]:
         """``aux_loss``, ``z_loss`` and their weighted sum ``balance_loss`` (``counts_E``: the load

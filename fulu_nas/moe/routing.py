@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import triton_moe
 
@@ -43,6 +44,9 @@ def jitter(x_TD: Tensor, eps: float, training: bool) -> Tensor:
     return x_TD * torch.empty_like(x_TD).uniform_(1 - eps, 1 + eps)
 
 
+SPLIT_GEMM_MIN_MACS = 2**24
+
+
 def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     """fp32 router logits ``x @ W^T`` from fp32 weights.
 
@@ -52,12 +56,14 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     (bf16) input, about 2^-16 relative error in the weight, at bf16 speed (H200, 32,768 x 1024 x
     128: 0.032 ms, against 0.066 for two GEMMs and an add). ``torch.mm(..., out_dtype=)`` has no
     derivative, so anything that needs gradients (training) takes the plain fp32 GEMM, as does the
-    CPU.
+    CPU, and so do small products (below ``SPLIT_GEMM_MIN_MACS`` multiply-adds: a few hundred
+    tokens), where the fp32 GEMM is a few microseconds and the ``out_dtype`` GEMM's host time
+    (~60 us per call, H200) is what counts.
     """
     needs_grad = torch.is_grad_enabled() and (x_TD.requires_grad or weight_ED.requires_grad)
-    if x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and not needs_grad:
-        hi, lo = split_bf16(weight_ED.float())
-        both_T2E = torch.mm(x_TD, torch.cat([hi, lo]).t(), out_dtype=torch.float32)
+    if (x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and not needs_grad
+            and x_TD.shape[0] * x_TD.shape[1] * weight_ED.shape[0] >= SPLIT_GEMM_MIN_MACS):
+        both_T2E = torch.mm(x_TD, _split_weight(weight_ED).t(), out_dtype=torch.float32)
         hi_TE, lo_TE = both_T2E.chunk(2, dim=-1)
         return hi_TE + lo_TE
     return F.linear(x_TD.float(), weight_ED.float())
@@ -74,6 +80,25 @@ def split_bf16(w: Tensor) -> tuple[Tensor, Tensor]:
     """
     hi_fp32 = ((w.view(torch.int32) + 0x8000) & -0x10000).view(torch.float32)
     return hi_fp32.to(torch.bfloat16), (w - hi_fp32).to(torch.bfloat16)
+
+
+def _split_weight(weight_ED: Tensor) -> Tensor:
+    """``cat([hi, lo])`` of the router weight (:func:`split_bf16`), kept for the weight between
+    eager calls until it changes (its version counter moves with every in-place update): the
+    split is six small launches, a noticeable share of a small batch's eager call."""
+    if torch.compiler.is_compiling() or weight_ED.is_inference():
+        # compiled: part of the graph, fused by the compiler; an inference tensor (made under
+        # inference_mode) has no version counter that would tell when it changes
+        return torch.cat(split_bf16(weight_ED.float()))
+    key = (weight_ED.data_ptr(), weight_ED._version)
+    cached = _SPLIT_WEIGHTS.get(weight_ED)
+    if cached is None or cached[0] != key:
+        cached = _SPLIT_WEIGHTS[weight_ED] = (key, torch.cat(split_bf16(weight_ED.float())))
+    return cached[1]
+
+
+# Router weight -> ((data pointer, version), its split); an entry goes with its weight.
+_SPLIT_WEIGHTS = WeakIdKeyDictionary()
 
 
 def scores_from_logits(logits_TE: Tensor, score_func: str) -> Tensor:
@@ -98,7 +123,8 @@ def topk_indices(selection_TE: Tensor, k: int) -> Tensor:
     32,768 x 128, k=8; torch.topk over a few hundred experts is slower than the whole router
     GEMM). Indices carry no gradient, so training uses it too."""
     if triton_moe.topk_usable(selection_TE, k):
-        return triton_moe.topk_indices(selection_TE.detach().contiguous(), k)
+        op = triton_moe.launch_topk if triton_moe.direct_call() else triton_moe.topk_indices
+        return op(selection_TE.detach().contiguous(), k)
     return torch.topk(selection_TE, k, dim=-1).indices
 
 

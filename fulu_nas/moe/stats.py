@@ -15,6 +15,7 @@ Definitions (c_e = assignments expert e received, mean over experts):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -51,3 +52,41 @@ def router_entropy(probs_TE: Tensor | None, like: Tensor) -> Tensor:
     if probs_TE is None:
         return torch.zeros((), device=like.device)
     return token_mean(-(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum(-1))
+
+
+def once(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` called at most once; later calls return the first result."""
+    cell: list[object] = []
+
+    def get():
+        if not cell:
+            cell.append(fn())
+        return cell[0]
+    return get
+
+
+class LazyStats(Mapping[str, Tensor]):
+    """The statistics of one layer call, each computed when it is first read.
+
+    ``groups``: (names, compute) pairs; ``compute()`` returns a dict with those names, all of which
+    are kept when any one of them is read. Reading every key (``dict(stats)``) gives what an
+    eager computation would have.
+    """
+
+    def __init__(self, groups: list[tuple[tuple[str, ...], Callable[[], dict[str, Tensor]]]]):
+        self._group_of = {name: compute for names, compute in groups for name in names}
+        self._values: dict[str, Tensor] = {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._values:
+            self._values.update(self._group_of[name]())
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._group_of)
+
+    def __len__(self) -> int:
+        return len(self._group_of)
+
+    def __repr__(self) -> str:
+        return f"LazyStats({dict(self)!r})"

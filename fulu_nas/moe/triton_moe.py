@@ -53,6 +53,13 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
 
 
+def direct_call() -> bool:
+    """Whether an eager caller may launch the kernels itself rather than through their custom op.
+    Eagerly, the op's dispatch (schema check, autograd and fake-tensor wrappers) costs more host
+    time than the kernels' launches; torch.compile needs the op (its graph holds it)."""
+    return not torch.compiler.is_compiling()
+
+
 def usable(x: Tensor) -> bool:
     """Whether the Triton kernels can run on ``x``'s device (CUDA, or the interpreter)."""
     return HAS_TRITON and (x.is_cuda or INTERPRET) and not _exporting()
@@ -345,6 +352,11 @@ def topk_usable(scores_TE: Tensor, k: int) -> bool:
 def topk_indices(scores: Tensor, k: int) -> Tensor:  # pragma: no cover
     """``torch.topk(scores, k, dim=-1).indices`` of a 2-D tensor, largest first; equal scores go to
     the lower index."""
+    return launch_topk(scores, k)
+
+
+def launch_topk(scores: Tensor, k: int) -> Tensor:  # pragma: no cover
+    """The top-k kernel itself (what :func:`topk_indices` runs)."""
     kern = _kernels()
     T, E = scores.shape
     out = torch.empty((T, k), dtype=torch.int64, device=scores.device)
