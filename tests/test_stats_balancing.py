@@ -148,3 +148,30 @@ def test_parameter_counts():
     shared = 32 * 96 + 48 * 32
     assert counts["total"] == 8 * expert + router + shared
     assert counts["active"] == 2 * expert + router + shared
+
+
+def test_statistics_are_computed_when_first_read(monkeypatch):
+    """An eager call computes no statistic until one is read, then only that one's group; reading
+    them all gives what a traced (compiled) call returns as a plain dict."""
+    import fulu_nas.moe.layer as layer_module
+
+    calls = []
+    for name in ("load_statistics", "router_entropy", "load_balancing_loss", "router_z_loss"):
+        real = getattr(layer_module, name)
+        monkeypatch.setattr(layer_module, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    layer = make_layer("topk", aux_loss_coef=0.01, z_loss_coef=0.0)
+    x = torch.randn(2, 9, 32)
+    out, stats = layer(x)
+    assert calls == [] and set(stats) == set(STAT_KEYS)
+    stats["balance_loss"]
+    assert calls == ["load_balancing_loss"]  # z_loss_coef 0: its loss is not needed for the sum
+    stats["load_balance"], stats["cv"]
+    assert calls == ["load_balancing_loss", "load_statistics"]
+    everything = dict(stats)
+    assert sorted(calls) == ["load_balancing_loss", "load_statistics", "router_entropy", "router_z_loss"]
+    torch._dynamo.reset()
+    compiled_out, compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    assert type(compiled) is dict and compiled.keys() == everything.keys()
+    for key, value in everything.items():
+        torch.testing.assert_close(compiled[key], value)
+    torch.testing.assert_close(compiled_out, out)
