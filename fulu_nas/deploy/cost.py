@@ -16,6 +16,7 @@ the rounds) cancels the drift that both share: that is the load-robust figure to
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -34,9 +35,15 @@ def _percentile(values: list[float], q: float) -> float:
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak of live tensor memory allocated while ``fn()`` runs on the CPU, from torch.profiler's
-    allocation events (allocations and frees in time order, cumulative)."""
+    allocation events (allocations and frees in time order, cumulative).
+
+    Kineto, the profiler's C++ backend, writes "USDT: ... profiler_start" and "profiler_stop" lines to
+    the process's stderr on every profile at any log level below 6, which breaks a progress bar. Its
+    own switch, ``KINETO_LOG_LEVEL``, is read once, when the process first profiles: it is set to 6
+    (silent) here unless the user chose a level."""
     from torch.profiler import ProfilerActivity, profile
 
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # Each op's own allocations (self usage, so nested ops count once) and the frees ("[memory]"
