@@ -4,8 +4,12 @@ per expert, and replaced by oneDNN with one warning where it cannot be built."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,3 +194,63 @@ def test_panels_start_on_huge_page_boundaries():
     assert torch.equal(panels, w.reshape(4, 256, 16, 64).permute(2, 0, 1, 3))
     w_small = torch.randn(2, 8, 64)
     assert torch.equal(cpu_stream._panels(w_small), w_small[None])
+
+
+def _checkout(root: Path, comment: str | None = None) -> Path:
+    """A copy of the fulu_nas package under ``root`` (another checkout on the same machine), with
+    ``comment`` added to the kernel's source when given (another version of it)."""
+    package = Path(cpu_stream.__file__).parents[1]
+    shutil.copytree(package, root / "fulu_nas", ignore=shutil.ignore_patterns("__pycache__"))
+    if comment is not None:
+        source = root / "fulu_nas" / "moe" / "csrc" / "cpu_stream.cpp"
+        source.write_text(f"// {comment}\n" + source.read_text())
+    return root
+
+
+def _load_kernel_from(checkout: Path, extensions: Path) -> None:
+    """Load the kernel in a fresh process that imports fulu_nas from ``checkout``."""
+    env = {**os.environ, "PYTHONPATH": str(checkout), "TORCH_EXTENSIONS_DIR": str(extensions)}
+    env.pop("FULU_NAS_CPU_STREAM", None)
+    code = ("import sys; from fulu_nas.moe import cpu_stream; "
+            "assert cpu_stream.__file__.startswith(sys.argv[1]), cpu_stream.__file__; "
+            "assert cpu_stream.kernel() is not None")
+    result = subprocess.run([sys.executable, "-c", code, str(checkout)], env=env, capture_output=True, text=True,
+                            cwd=checkout)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _built_libraries(extensions: Path) -> dict[Path, int]:
+    return {so: so.stat().st_mtime_ns for so in extensions.rglob("*.so")}
+
+
+@pytest.mark.slow
+def test_each_kernel_source_has_its_own_build_and_reuses_it(tmp_path):
+    """Two versions of the kernel's source on one machine build once each, in their own folders, and
+    the same source (in another checkout too) loads the build it already has."""
+    extensions = tmp_path / "torch_extensions"
+    first, changed = _checkout(tmp_path / "a"), _checkout(tmp_path / "b", comment="another version")
+    same = _checkout(tmp_path / "c")
+
+    _load_kernel_from(first, extensions)
+    built = _built_libraries(extensions)
+    assert len(built) == 1
+
+    _load_kernel_from(changed, extensions)
+    both = _built_libraries(extensions)
+    assert len(both) == 2 and len({so.parent for so in both}) == 2
+    assert {so: both[so] for so in built} == built, "the other source's build was rebuilt or replaced"
+
+    _load_kernel_from(same, extensions)
+    _load_kernel_from(first, extensions)
+    _load_kernel_from(changed, extensions)
+    assert _built_libraries(extensions) == both, "a source that was built already was built again"
+
+
+def test_the_build_name_follows_the_source_and_flags():
+    source = cpu_stream._SOURCE.read_bytes()
+    flags = ["-O3", "-mavx2"]
+    name = cpu_stream.build_name(source, "AVX2", flags)
+    assert cpu_stream.build_name(bytes(source), "AVX2", list(flags)) == name
+    assert cpu_stream.build_name(b"// another version\n" + source, "AVX2", flags) != name
+    assert cpu_stream.build_name(source, "AVX2", ["-O2", "-mavx2"]) != name
+    assert cpu_stream.build_name(source, "AVX512", flags) != name

@@ -13,9 +13,10 @@ With more rows per expert the work turns compute-bound and oneDNN's blocked GEMM
 :data:`MAX_MEAN_ROWS`.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja)
-for this CPU's vector ISA as torch reports it: about 10 s, once per machine, torch release and ISA,
-cached in ``TORCH_EXTENSIONS_DIR``. Where that fails the experts take oneDNN (:mod:`fulu_nas.moe.cpu_packed`) and
-one warning says why; ``FULU_NAS_CPU_STREAM=0`` turns the kernel off.
+for this CPU's vector ISA as torch reports it: about 10 s, once per machine, torch release, ISA and
+version of the source and flags (:func:`build_name`), cached in ``TORCH_EXTENSIONS_DIR``. Where that
+fails the experts take oneDNN (:mod:`fulu_nas.moe.cpu_packed`) and one warning says why;
+``FULU_NAS_CPU_STREAM=0`` turns the kernel off.
 
 Shape suffixes as in :mod:`fulu_nas.moe.experts`; ``P`` counts panels.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -54,16 +56,37 @@ _ISA_FLAGS = {
 }
 
 
-def _build() -> object:
+def _flags(isa: str) -> list[str]:
+    # -fopenmp: at::parallel_for is inline and needs it to run on torch's OpenMP threads at all.
+    return ["-O3", "-fopenmp", "-mtune=native", "-ffp-contract=fast", *_ISA_FLAGS.get(isa, [])]
+
+
+def build_name(source: bytes, isa: str, flags: list[str]) -> str:
+    """The extension's name, which is also its build folder's: one build per vector ISA, torch release
+    (a build against another torch's headers must not load) and content of the source and flags (two
+    checkouts or versions on one machine each keep their own build instead of rebuilding in turn)."""
+    digest = hashlib.sha256(b"\0".join([source, *(f.encode() for f in flags)])).hexdigest()[:16]
+    return re.sub(r"\W", "_", f"fulu_nas_cpu_stream_{isa}_torch{torch.__version__}_{digest}".lower())
+
+
+def _build(source: Path = _SOURCE) -> object:
     from torch.utils import cpp_extension
 
     isa = torch.backends.cpu.get_cpu_capability()
-    log.info("compiling the CPU streaming experts kernel for %s (once per machine)", isa)
-    # -fopenmp: at::parallel_for is inline and needs it to run on torch's OpenMP threads at all.
-    flags = ["-O3", "-fopenmp", "-mtune=native", "-ffp-contract=fast", *_ISA_FLAGS.get(isa, [])]
-    # One build per ISA and torch release: a build against another torch's headers must not load.
-    name = re.sub(r"\W", "_", f"fulu_nas_cpu_stream_{isa}_torch{torch.__version__}".lower())
-    cpp_extension.load(name=name, sources=[str(_SOURCE)], is_python_module=False, extra_cflags=flags, verbose=False)
+    flags, text = _flags(isa), source.read_bytes()
+    name = build_name(text, isa, flags)
+    # torch's own cache folder for this name (TORCH_EXTENSIONS_DIR or its default).
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    # Compiled from a copy in the build folder: ninja rebuilds when a source's path or modification
+    # time changes, so the same source from two checkouts would otherwise be compiled again each time.
+    copy = build_dir / source.name
+    if not copy.is_file() or copy.read_bytes() != text:
+        partial = copy.with_name(f"{copy.name}.{os.getpid()}.partial")
+        partial.write_bytes(text)
+        partial.replace(copy)  # atomic: a worker starting at the same time reads a whole file
+    log.info("loading the CPU streaming experts kernel for %s (compiled once per version of its source)", isa)
+    cpp_extension.load(name=name, sources=[str(copy)], is_python_module=False, extra_cflags=flags,
+                       build_directory=str(build_dir), verbose=False)
     return torch.ops.fulu_nas_cpu.stream_experts
 
 
