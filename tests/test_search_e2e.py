@@ -1,5 +1,5 @@
-"""End-to-end searches in temp dirs: the study, its MLflow runs, resume, the duplicate cache,
-a worker killed mid-trial, and two workers sharing a study on PostgreSQL."""
+"""End-to-end searches in temp dirs: the study, its MLflow runs, resume, the duplicate cache, a worker
+killed mid-trial (SQLite and PostgreSQL), and two workers sharing a study on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -125,36 +126,61 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from fulu_nas.cli import main; sys.exit(main())", *args]
 
 
-def test_a_worker_killed_mid_trial_is_recovered_on_resume(tmp_path):
-    out = tmp_path / "out"
-    args = _cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=2", "study.pruner=none",
-                "trainer.max_seconds=null", "trainer.steps=400", "study.heartbeat_interval=1",
-                "study.grace_period=2")
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    storage = f"sqlite:///{out / 'optuna.db'}"
-    deadline = time.time() + 120
-    killed = None
-    while time.time() < deadline and killed is None and proc.poll() is None:
-        time.sleep(0.2)
-        try:
-            study = optuna.load_study(study_name="tiny-clusters", storage=storage)
-        except Exception:  # not created yet
-            continue
-        running = [t for t in study.trials if t.state == TrialState.RUNNING and t.intermediate_values]
-        if running:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = running[0].number
-    proc.wait()
-    assert killed is not None, "no trial was seen running"
-    assert optuna.load_study(study_name="tiny-clusters", storage=storage).trials[killed].state == TrialState.RUNNING
+@contextmanager
+def _stores(backend: str, out: Path):
+    """The study storage, tracking URI and search overrides of ``backend``: the embedded SQLite files
+    in ``out`` (the defaults), or two databases of a throwaway PostgreSQL server."""
+    if backend == "sqlite":
+        yield f"sqlite:///{out / 'optuna.db'}", f"sqlite:///{out / 'mlflow.db'}", []
+        return
+    if not postgres.available():
+        pytest.skip("PostgreSQL is not installed")
+    with postgres.postgres_server(("optuna", "mlflow")) as urls:
+        yield urls["optuna"], urls["mlflow"], [f"study.storage={urls['optuna']}", f"tracking.uri={urls['mlflow']}"]
 
-    assert subprocess.run(args, cwd=tmp_path, capture_output=True).returncode == 0
-    study = optuna.load_study(study_name="tiny-clusters", storage=storage)
-    assert study.trials[killed].state == TrialState.FAIL
-    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
-    assert retries[0].params == study.trials[killed].params
-    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_worker_killed_mid_trial_is_recovered_on_resume(backend, tmp_path):
+    out = tmp_path / "out"
+    with _stores(backend, out) as (storage, tracking, overrides):
+        args = _cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=2", "study.pruner=none",
+                    "trainer.max_seconds=null", "trainer.steps=400", "study.heartbeat_interval=1",
+                    "study.grace_period=2", *overrides)
+        proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        killed = None
+        while time.time() < deadline and killed is None and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                study = optuna.load_study(study_name="tiny-clusters", storage=storage)
+            except Exception:  # not created yet
+                continue
+            running = [t for t in study.trials if t.state == TrialState.RUNNING and t.intermediate_values]
+            if running:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = running[0].number
+        proc.wait()
+        assert killed is not None, "no trial was seen running"
+        assert optuna.load_study(study_name="tiny-clusters", storage=storage).trials[killed].state == \
+            TrialState.RUNNING
+
+        result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        study = optuna.load_study(study_name="tiny-clusters", storage=storage)
+        assert study.trials[killed].state == TrialState.FAIL
+        retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+        assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+        assert retries[0].params == study.trials[killed].params
+        assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
+
+        # The killed trial's MLflow run is closed with the reason; nothing of the study is left RUNNING.
+        _, parents, runs = mlflow_runs(tracking, "tiny-clusters")
+        assert [r.info.status for r in parents + runs if r.info.status == "RUNNING"] == []
+        closed = [r for r in runs if r.data.tags["fulu.trial"] == str(killed)]
+        assert len(closed) == 1 and closed[0].info.status == "KILLED"
+        assert "heartbeat" in closed[0].data.tags["fulu.reason"]
+        retried = [r for r in runs if r.data.tags["fulu.trial"] == str(retries[0].number)]
+        assert [r.info.status for r in retried] == ["FINISHED"]
 
 
 @pytest.mark.skipif(not postgres.available(), reason="PostgreSQL is not installed")

@@ -128,10 +128,11 @@ def _probe_database(url: str, key: str) -> None:
 
 
 def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                       max_retry: int = 0):
+                       max_retry: int = 0, on_stale=None):
     """Optuna storage for ``url``: an RDB storage, with heartbeats when ``heartbeat_interval`` is
-    given (a killed worker's trial is then failed and retried by the next worker), or a journal
-    file (no heartbeats: no retry of killed workers)."""
+    given (a killed worker's trial is then failed and retried by the next worker, and
+    ``on_stale(study, trial)`` runs on the failed trial), or a journal file (no heartbeats: no retry
+    of killed workers)."""
     import warnings
 
     import optuna
@@ -145,8 +146,15 @@ def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_pe
     engine_kwargs = {"connect_args": {"timeout": 60}} if _scheme(url) == "sqlite" else {"pool_pre_ping": True}
     heartbeat = {}
     if heartbeat_interval:
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+        def stale(study, trial) -> None:
+            retry(study, trial)
+            if on_stale is not None:
+                on_stale(study, trial)
+
         heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
-                     "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=max_retry)}
+                     "heartbeat_stale_trial_callback": stale}
     try:
         with warnings.catch_warnings():
             # Heartbeats and their retry callback are marked experimental; we rely on them knowingly.

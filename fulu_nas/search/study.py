@@ -9,6 +9,7 @@ on other hosts join by running the same command against the same ``study.storage
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -65,7 +66,7 @@ def make_pruner(s: SearchSettings) -> optuna.pruners.BasePruner:
 def open_study(s: SearchSettings, worker_index: int = 0) -> optuna.Study:
     """Create the study or load it; a study created with another space, task or budget is refused."""
     storage = open_study_storage(s.storage_url, s.study.heartbeat_interval, s.study.grace_period,
-                                 s.study.max_retry)
+                                 s.study.max_retry, on_stale=functools.partial(_close_stale_run, s))
     study = optuna.create_study(study_name=s.study.name, storage=storage, sampler=make_sampler(s, worker_index),
                                 pruner=make_pruner(s), directions=list(s.study.directions), load_if_exists=True)
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in s.study.directions]:
@@ -84,6 +85,15 @@ def open_study(s: SearchSettings, worker_index: int = 0) -> optuna.Study:
         # The hand-picked default goes first, so every study can say whether the search beat it.
         study.enqueue_trial(s.space.reference, user_attrs={"reference": True}, skip_if_exists=True)
     return study
+
+
+def _close_stale_run(s: SearchSettings, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """The MLflow run of a trial failed by the heartbeat check is closed (:meth:`Tracker.close_stale_trial`)."""
+    try:
+        Tracker(s).close_stale_trial(study, trial)
+    except Exception as e:  # the trial is failed and queued again already: a tracking error must not stop this worker
+        print(f"warning: the MLflow run of failed trial {trial.number} stays open: {type(e).__name__}: {e}",
+              file=sys.stderr)
 
 
 def finished_count(study: optuna.Study) -> int:

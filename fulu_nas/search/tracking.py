@@ -95,13 +95,25 @@ class Tracker:
         return self._start_child(parent_id, f"confirm trial {trial} seed {seed}", "confirmation", trial,
                                  {"fulu.seed": seed, "fulu.steps": steps, **tags}, flatten(arch))
 
-    def open_children(self, parent_id: str, kind: str) -> list[str]:
-        """The ids of ``parent_id``'s runs of ``kind`` still RUNNING (a process that wrote them was killed,
-        or is still at work)."""
+    def open_children(self, parent_id: str, kind: str, trial: int | None = None) -> list[str]:
+        """The ids of ``parent_id``'s runs of ``kind`` (of trial number ``trial`` when given) still
+        RUNNING (a process that wrote them was killed, or is still at work)."""
+        of_trial = "" if trial is None else f" and tags.`fulu.trial` = '{trial}'"
         runs = self.client.search_runs([self.experiment_id], max_results=1000, filter_string=(
             f"tags.mlflow.parentRunId = '{parent_id}' and tags.`fulu.kind` = '{kind}' and "
-            "attributes.status = 'RUNNING'"))
+            f"attributes.status = 'RUNNING'{of_trial}"))
         return [r.info.run_id for r in runs]
+
+    def close_stale_trial(self, study, trial) -> None:
+        """Optuna's heartbeat check failed ``trial`` (its worker was killed or cut off from the storage):
+        its MLflow run, which that worker cannot close any more, ends KILLED with the reason."""
+        parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if not parent_id:
+            return
+        reason = (f"worker stopped: no heartbeat for {self.settings.study.grace_period} s (killed, or cut off from "
+                  "the study's storage); Optuna failed the trial and queues it again up to study.max_retry times")
+        for run_id in self.open_children(parent_id, "trial", trial.number):
+            self.end_trial(run_id, "KILLED", {"fulu.state": "failed", "fulu.reason": reason})
 
     def _start_child(self, parent_id: str, name: str, kind: str, trial: int, tags: dict, params: dict) -> str:
         run = self.client.create_run(
