@@ -1,5 +1,6 @@
-"""End-to-end searches in temp dirs: the study, its MLflow runs, resume, the duplicate cache, a worker
-killed mid-trial (SQLite and PostgreSQL), and two workers sharing a study on PostgreSQL."""
+"""End-to-end searches in temp dirs: the study, its MLflow runs, resume, the duplicate cache, what
+optuna-dashboard shows, a worker killed mid-trial (SQLite and PostgreSQL), and two workers sharing a
+study on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -86,6 +87,23 @@ def test_tiny_search_end_to_end_then_resume(tmp_path, monkeypatch):
     _, parents, trials = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
     assert [p.info.run_id for p in parents] == [parent.info.run_id]
     assert len(trials) == len([t for t in study.trials if "infeasible" not in t.user_attrs])
+
+
+def test_the_study_names_its_objectives_and_keeps_each_metric_as_an_attribute(tmp_path, monkeypatch):
+    """What optuna-dashboard shows: the objectives by name, and each trial's metrics as flat user
+    attributes it can sort trials by."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study=multi_objective", "study.n_trials=2") == 0
+    study = load_study(out)
+    assert study.metric_names == ["loss", "latency_ms"]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert complete
+    for t in complete:
+        assert [t.user_attrs["loss"], t.user_attrs["latency_ms"]] == pytest.approx(t.values)
+        assert isinstance(t.user_attrs["latency_ratio"], float)
+        for name, value in t.user_attrs["metrics"].items():
+            assert t.user_attrs[name] == pytest.approx(value, nan_ok=True)
 
 
 def test_resuming_with_another_space_is_refused(tmp_path, monkeypatch, capsys):

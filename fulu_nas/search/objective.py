@@ -3,8 +3,9 @@ it within the budget (reporting to the pruner and MLflow as it goes), evaluate q
 routing, measure cost, record everything, return the objectives.
 
 How a trial ends, and what the study keeps of it (user attributes on the Optuna trial):
-- COMPLETE: objective values; ``metrics``, ``arch``, ``mlflow_run_id``, ``weights_run_id``
-  (``cached_from`` when an identical architecture's result was reused).
+- COMPLETE: objective values; ``metrics``, and each metric as an attribute of its own (``loss``,
+  ``latency_ratio``, ...: optuna-dashboard sorts trials by these), ``arch``, ``mlflow_run_id``,
+  ``weights_run_id`` (``cached_from`` when an identical architecture's result was reused).
 - PRUNED: by the pruner (``pruned_at_step``), or ``infeasible`` (a constraint of the space or an
   impossible architecture: never trained, not counted toward ``n_trials``).
 - FAIL: ``fail_reason`` (diverged, out of memory, an error). ``interrupted`` trials (Ctrl-C)
@@ -254,7 +255,7 @@ class Objective:
             for name, bound in self.s.study.constraints:
                 trial.set_constraint(name, metrics[name] - bound)
             objectives = [metrics[o] for o in self.s.study.objectives]
-            trial.set_user_attr("metrics", metrics)
+            record_metrics(trial, metrics)
             trial.set_user_attr("weights_run_id", run_id)
             self.tracker.log_metrics(run_id, metrics)
             self.tracker.log_files(run_id, measured.artifacts(arch, log.routing_history), weights=model)
@@ -299,7 +300,7 @@ class Objective:
         self.tracker.end_trial(run_id, "FINISHED")
         for name, bound in self.s.study.constraints:
             trial.set_constraint(name, metrics[name] - bound)
-        trial.set_user_attr("metrics", metrics)
+        record_metrics(trial, metrics)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("weights_run_id", earlier.user_attrs.get("weights_run_id"))
         return earlier.values[0] if len(earlier.values) == 1 else list(earlier.values)
@@ -328,6 +329,15 @@ class Objective:
         trial.study.enqueue_trial(params, user_attrs={"retry_of": trial.number,
                                                       **({"reference": True} if trial.user_attrs.get("reference")
                                                          else {})})
+
+
+def record_metrics(trial: optuna.Trial, metrics: dict[str, float]) -> None:
+    """``metrics`` on the trial: as one ``metrics`` attribute (what fulu-nas reads), and each number as an
+    attribute of its own, which optuna-dashboard shows as a column to sort trials by."""
+    trial.set_user_attr("metrics", metrics)
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            trial.set_user_attr(name, float(value))
 
 
 def failure_reason(e: BaseException) -> str:

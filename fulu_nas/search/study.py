@@ -81,6 +81,9 @@ def open_study(s: SearchSettings, worker_index: int = 0) -> optuna.Study:
         raise FuluConfigError(f"study.name: study {s.study.name!r} in {mask_url(s.storage_url)} was created with "
                               "another search space, task, budget or objectives; choose another study.name to "
                               "start a new study, or the original settings to resume it")
+    if study.metric_names != list(s.study.objectives):
+        # Optuna's plots and optuna-dashboard name the objectives by these (else "Objective 0").
+        study.set_metric_names(list(s.study.objectives))
     if s.space.reference is not None and not study.get_trials(deepcopy=False):
         # The hand-picked default goes first, so every study can say whether the search beat it.
         study.enqueue_trial(s.space.reference, user_attrs={"reference": True}, skip_if_exists=True)
