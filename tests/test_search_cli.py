@@ -3,10 +3,18 @@ And the Hydra conveniences (``--cfg job``, ``--help``) that must not run a study
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
 from fulu_nas.cli import main
+from fulu_nas.search import app
+
+CONF = Path(app.__file__).resolve().parents[1] / "conf"
 
 BAD_SPACE = {"name": "mine", "params": {"num_experts": {"type": "int", "low": 16, "high": 4}}}
 
@@ -45,15 +53,171 @@ def test_bad_input_exits_2_naming_the_key_and_writes_nothing(overrides, key, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_users_own_space_outside_the_repo_is_validated_the_same_way(tmp_path, monkeypatch, capsys):
+def users_space(tmp_path: Path, name: str, space: dict | str) -> tuple[Path, list[str]]:
+    """``space`` (a mapping, or YAML text as it is) saved as search space ``name`` of a config folder of
+    the user's own; returns an empty working folder and the arguments that select the space."""
     spaces = tmp_path / "my_conf" / "search_space"
-    spaces.mkdir(parents=True)
-    (spaces / "mine.yaml").write_text(yaml.safe_dump(BAD_SPACE))
+    spaces.mkdir(parents=True, exist_ok=True)
+    (spaces / f"{name}.yaml").write_text(space if isinstance(space, str) else yaml.safe_dump(space))
     work = tmp_path / "work"
-    work.mkdir()
+    work.mkdir(exist_ok=True)
+    return work, ["--config-dir", str(tmp_path / "my_conf"), f"search_space={name}"]
+
+
+def problems_in(err: str) -> list[str]:
+    """The listed problems of an ``error: invalid search configuration`` message (nothing else may be printed)."""
+    lines = err.strip().splitlines()
+    assert lines[0] == "error: invalid search configuration:", err
+    assert all(line.startswith("  - ") for line in lines[1:]), err
+    return [line[4:] for line in lines[1:]]
+
+
+def test_a_users_own_space_outside_the_repo_is_validated_the_same_way(tmp_path, monkeypatch, capsys):
+    work, args = users_space(tmp_path, "mine", BAD_SPACE)
     monkeypatch.chdir(work)
-    assert main(["search", "--config-dir", str(tmp_path / "my_conf"), "search_space=mine"]) == 2
+    assert main(["search", *args]) == 2
     assert "search_space.params.num_experts: low (16) > high (4)" in capsys.readouterr().err
+    assert list(work.iterdir()) == []
+
+
+def test_malformed_yaml_is_one_message_naming_the_file_and_line(tmp_path, monkeypatch, capsys):
+    # the flow mapping of line 3 is never closed
+    text = ("name: broken\nparams:\n  router: {type: categorical, choices: [topk, hash]\n"
+            "  top_k: {type: int, low: 1, high: 2}\n")
+    work, args = users_space(tmp_path, "broken", text)
+    monkeypatch.chdir(work)
+    assert main(["search", *args]) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert str(tmp_path / "my_conf" / "search_space" / "broken.yaml") in problem and "line 3" in problem, problem
+    assert list(work.iterdir()) == []
+
+
+# Fixed fields of one small block, for the spaces below.
+BLOCK = {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "moe_every": 1, "dense_ffn_size": 64}
+
+
+def categorical(*choices, **spec) -> dict:
+    return {"type": "categorical", "choices": list(choices), **spec}
+
+
+ROUTER = categorical("topk", "hash")
+# Spaces of which no sample, or no sample with one of the choices, is a feasible architecture; and
+# what the one message must say.
+INFEASIBLE = {
+    "unknown fixed router": ({"base": {**BLOCK, "moe": {"router": "nonsense"}},
+                              "params": {"num_experts": categorical(2, 4)}},
+                             ["search_space.base.moe.router", "'nonsense'"]),
+    "fixed top_k above num_experts": ({"base": {**BLOCK, "moe": {"top_k": 4, "num_experts": 2}},
+                                       "params": {"router": ROUTER}},
+                                      ["search_space.base.moe.top_k", "search_space.base.moe.num_experts"]),
+    "only unknown routers": ({"base": BLOCK, "params": {"router": categorical("nonsense", "bogus")}},
+                             ["search_space.params.router.choices", "'nonsense'"]),
+    "a typo among routers": ({"base": BLOCK, "params": {"router": categorical("topk", "hsah")}},
+                             ["search_space.params.router.choices", "'hsah'"]),
+    "a choice its condition makes impossible": (
+        {"base": BLOCK, "params": {"router": ROUTER, "top_p": categorical(None, 0.5, when={"router": "hash"})}},
+        ["search_space.params.top_p.choices", "0.5"]),
+    "a constraint nothing meets": ({"base": BLOCK, "params": {"router": ROUTER,
+                                                              "top_k": {"type": "int", "low": 1, "high": 2}},
+                                    "constraints": ["top_k > 2"]},
+                                   ["search_space", "top_k > 2"]),
+}
+
+
+@pytest.mark.parametrize("case", INFEASIBLE)
+def test_a_space_without_feasible_architectures_is_refused(case, tmp_path, monkeypatch, capsys):
+    space, texts = INFEASIBLE[case]
+    work, args = users_space(tmp_path, "mine", {"name": "mine", **space})
+    monkeypatch.chdir(work)
+    # a tiny budget, so that a space wrongly accepted fails this test in seconds
+    assert main(["search", *args, "task=clusters", "trainer=tiny", "study.n_trials=1"]) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert all(text in problem for text in texts), problem
+    assert list(work.iterdir()) == []
+
+
+SHIPPED = [f"search_space={p.stem}" for p in sorted((CONF / "search_space").glob("*.yaml"))] + [
+    f"+experiment={p.stem}" for p in sorted((CONF / "experiment").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("override", SHIPPED)
+def test_every_shipped_space_and_preset_passes_validation(override, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app.preflight([override])
+    assert list(tmp_path.iterdir()) == []
+
+
+# Numbers of every section: each (key, value) is not finite or out of range. Keys the shipped config
+# does not set are added with a "+".
+NUMBERS = [
+    *[(f"trainer.{k}", v) for k in ("lr", "max_seconds") for v in ("nan", "inf", "-1")], ("trainer.lr", "0"),
+    *[(f"trainer.{k}", v) for k in ("grad_clip", "weight_decay") for v in ("nan", "inf")],
+    *[(f"trainer.{k}", v) for k in ("warmup_fraction", "min_lr_ratio") for v in ("nan", "1.5")],
+    *[("+trainer.divergence_factor", v) for v in ("nan", "0.5")],
+    *[(f"{'+' * (k == 'cost_rounds')}trainer.{k}", v) for k in ("steps", "batch_size", "report_every",
+                                                                 "expert_parallel", "cost_iterations", "cost_rounds")
+      for v in ("inf", "0")],
+    *[("trainer.seed", v) for v in ("nan", "-1", str(2**64))],
+    ("trainer.cost_shapes", "[[1,inf]]"), ("trainer.gradient_checkpointing", "2"),
+    *[(f"study.{k}", v) for k in ("n_trials", "n_workers", "heartbeat_interval", "grace_period") for v in ("inf", "0")],
+    *[(f"study.{k}", v) for k in ("startup_trials", "max_retry") for v in ("nan", "-1")],
+    *[("study.seed", v) for v in ("nan", str(2**32))],
+    *[("study.constraints.latency_ms", v) for v in ("nan", "inf")],
+    *[("study.confirm.budget_factor", v) for v in ("nan", "inf")], ("study.confirm.top_k", "inf"),
+    ("study.confirm.seeds", "nan"),
+    ("task.seq_len", "inf"), ("task.max_operand", "nan"), ("task.expression_rate", "nan"), ("task.data_seed", "nan"),
+    ("search_space.base.hidden_size", "nan"), ("+search_space.base.norm_eps", "inf"),
+    ("+search_space.base.moe.aux_loss_coef", "nan"), ("search_space.params.top_k.high", "inf"),
+]
+
+
+@pytest.mark.parametrize("key,value", NUMBERS, ids=[f"{k}={v}" for k, v in NUMBERS])
+def test_numbers_must_be_finite_and_in_range(key, value, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    overrides = ["trainer=tiny", "study.n_trials=1", f"{key}={value}"]
+    if key.startswith("study.constraints"):  # the shipped constraints are null: set the mapping whole
+        overrides[-1] = f"study.constraints={{{key.rsplit('.', 1)[1]}:{value}}}"
+    assert main(["search", *overrides]) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert problem.startswith(key.lstrip("+")), problem
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["under a file", "under /proc"])
+def test_an_output_folder_that_cannot_be_made_is_one_message(where, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    folder = str(tmp_path / "a_file" / "out") if where == "under a file" else "/proc/fulu-nas/out"
+    assert main(["search", "trainer=tiny", "study.n_trials=1", f"hydra.run.dir={folder}"]) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert problem.startswith("hydra.run.dir") and folder in problem, problem
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+    assert not Path("/proc/fulu-nas").exists()
+
+
+def _limit_memory() -> None:
+    # A guard, not the behaviour under test: an unbounded string repetition fails with MemoryError
+    # here instead of taking the machine's memory.
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+# Expressions whose value is too large to compute; each in its own process, whose timeout is only a
+# guard against the hang this refusal prevents.
+HUGE = {"a power tower": ("derived", {"expert_ffn_size": "9**9**9**9"}, "search_space.derived.expert_ffn_size"),
+        "a string repetition": ("constraints", ["'ab' * 10**10 != ''"], "search_space.constraints[0]")}
+
+
+@pytest.mark.parametrize("case", HUGE)
+def test_expressions_too_large_to_evaluate_are_refused(case, tmp_path):
+    section, value, key = HUGE[case]
+    work, args = users_space(tmp_path, "huge", {"name": "huge", "base": BLOCK, "params": {"router": ROUTER},
+                                                section: value})
+    result = subprocess.run([sys.executable, "-c", "import sys; from fulu_nas.cli import main; sys.exit(main())",
+                             "search", *args, "task=clusters", "trainer=tiny", "study.n_trials=1"],
+                            cwd=work, capture_output=True, text=True, timeout=300, preexec_fn=_limit_memory)
+    assert result.returncode == 2, result.stderr[-2000:]
+    [problem] = problems_in(result.stderr)
+    assert problem.startswith(key) and "too large" in problem, problem
     assert list(work.iterdir()) == []
 
 

@@ -29,7 +29,7 @@ def problems_of(data) -> list[str]:
     return e.value.problems
 
 
-@pytest.mark.parametrize("name", ["default", "routers", "scaling", "tiny"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in SPACES.glob("*.yaml")))
 def test_shipped_spaces_parse_and_their_reference_builds(name):
     space = parse_space(load(name))
     assert space.name == name and space.reference is not None
@@ -143,6 +143,15 @@ MALFORMED = [
     ({"params": {"top_k": {"type": "int", "low": 1, "high": 10, "step": 4}}}, "params.top_k.step"),
     ({"base": {"hidden_size": 60, "num_heads": 4}, "params": {"top_k": {"type": "int", "low": 1, "high": 2}},
       "reference": {"top_k": 1}}, "reference"),
+    # fixed values and choices of the wrong type for their field
+    ({"base": {"norm_eps": float("nan")}}, "base.norm_eps"),
+    ({"base": {"moe": {"top_k": 1.5}}}, "base.moe.top_k"),
+    ({"base": {"moe": {"router": ["topk"]}}}, "base.moe.router"),
+    ({"params": {"num_experts": {"type": "categorical", "choices": [4, 4.5]}}}, "params.num_experts.choices"),
+    ({"params": {"attention_context": {"type": "categorical", "choices": [0, 1]}}}, "params.attention_context.choices"),
+    # evaluating the reference meets a value too large to compute
+    ({"params": {"top_k": {"type": "int", "low": 1, "high": 2}}, "derived": {"expert_ffn_size": "2 ** 100"},
+      "reference": {"top_k": 1}}, "derived.expert_ffn_size"),
 ]
 
 
@@ -164,6 +173,26 @@ def test_expressions_are_arithmetic_only():
     for bad in ("open('x')", "x.__class__", "[1, 2]", "lambda: 1", "", 3):
         with pytest.raises(ExpressionError):
             parse_expression(bad)
+
+
+@pytest.mark.parametrize("text", ["2 ** 65", "(2 ** 40) * (2 ** 40)", "-(2 ** 64)", "'ab' * 600",
+                                  "'ab' * 300 + 'ab' * 300", "9999999999999999999999"])
+def test_expression_values_are_bounded(text):
+    with pytest.raises(ExpressionError, match="too large"):
+        parse_expression(text)({})
+    assert parse_expression("2 ** 63 + (2 ** 63 - 1)")({}) == 2**64 - 1  # 64 bits: the largest integer
+    assert parse_expression("'ab' * 250")({}) == "ab" * 250
+
+
+def test_expressions_compute_rather_than_format_strings():
+    with pytest.raises(TypeError):  # what '%09999999999d' % 1 would be: gigabytes of zeros
+        parse_expression("'%05d' % top_k")({"top_k": 3})
+    assert parse_expression("num_experts % 4")({"num_experts": 10}) == 2
+
+
+def test_long_expressions_are_refused_before_they_are_walked():
+    with pytest.raises(ExpressionError, match="characters"):
+        parse_expression("+".join(["top_k"] * 200))
 
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True), st.text(max_size=6))

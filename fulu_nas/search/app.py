@@ -3,9 +3,10 @@ tracking, experiment). With ``study.confirm.enabled=true`` the finished study is
 (:mod:`.confirm`) before the job ends.
 
 Before Hydra runs the job (and creates its output folder) the same overrides are composed with
-Hydra's compose API and validated: a malformed space or config, an unknown group option, a wrong
-storage URL all end here with one message listing every problem and exit code 2, with nothing
-written. Hydra's own flags (``--help``, ``--cfg job``, ``--info``, ``-m``) go straight to Hydra.
+Hydra's compose API and validated: a file that is not YAML, a malformed or infeasible space or
+config, an unknown group option, a wrong storage URL, an output folder that cannot be made all end
+here with one message listing every problem and exit code 2, with nothing written. Hydra's own
+flags (``--help``, ``--cfg job``, ``--info``, ``-m``) go straight to Hydra.
 """
 
 from __future__ import annotations
@@ -74,11 +75,12 @@ def compose_config(overrides: list[str], config_dir: str | None = None, config_n
 
 def preflight(argv: list[str]):
     """Compose and validate without writing anything; FuluConfigError lists the problems."""
+    import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from .settings import load_settings
-    from .storage import probe_storage, probe_tracking
+    from .storage import check_output_dir, probe_storage, probe_tracking
 
     overrides, flags = _split(argv)
     config_dir = flags.get("--config-dir") or flags.get("-cd")
@@ -90,10 +92,34 @@ def preflight(argv: list[str]):
     except (HydraException, OmegaConfBaseException) as e:
         message = str(e).strip().replace("\n", " ")
         raise FuluConfigError(f"configuration: {message}") from None
-    settings = load_settings(cfg, output_dir)
+    except yaml.YAMLError as e:  # a config file (a space of the user's own, say) that is not YAML
+        raise FuluConfigError(_yaml_problem(e)) from None
+    problems = []  # the output folder's and the settings', listed together
+    try:
+        check_output_dir(output_dir)
+    except FuluConfigError as e:
+        problems = e.problems
+    try:
+        settings = load_settings(cfg, output_dir)
+    except FuluConfigError as e:
+        raise FuluConfigError(problems + e.problems) from None
+    if problems:
+        raise FuluConfigError(problems)
     probe_storage(settings.storage_url)
     probe_tracking(settings.tracking_uri)
     return settings
+
+
+def _yaml_problem(e) -> str:
+    """A YAML parser's error as one line naming the file and line (PyYAML's own spans several)."""
+    mark, context_mark = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    if mark is None:
+        return f"malformed YAML: {str(e).strip().replace(chr(10), ' ')}"
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    problem = f"{mark.name}: malformed YAML at {where}: {getattr(e, 'problem', None) or 'cannot parse'}"
+    if context_mark is not None and getattr(e, "context", None):
+        problem += f" ({e.context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return problem
 
 
 _job_started = False

@@ -35,12 +35,12 @@ import optuna
 import torch
 
 from ..deploy.cost import measure_cost
-from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..training.evaluate import evaluate
 from ..training.parallel import train_expert_parallel
 from ..training.train import BudgetCapReached, StepReport, TrainConfig, TrainingDiverged, TrainResult, train
 from .settings import SearchSettings
+from .space import Infeasible
 from .tracking import Tracker
 
 
@@ -209,13 +209,10 @@ class Objective:
         self.started.add(trial.number)
         self._check_surplus(trial)
         values = self.s.space.sample(trial)
-        broken = self.s.space.violations(values)
-        if broken:
-            self._infeasible(trial, f"violates {', '.join(broken)}")
         try:
-            arch = self.s.space.arch(values, self.s.task)
-        except FuluConfigError as e:
-            self._infeasible(trial, f"impossible architecture: {'; '.join(e.problems)}")
+            arch = self.s.space.feasible_arch(values, self.s.task)
+        except Infeasible as e:
+            self._infeasible(trial, str(e))
         P = self.s.train.expert_parallel
         if arch.moe.num_experts % P:
             self._infeasible(trial, f"num_experts={arch.moe.num_experts} is not divisible by "

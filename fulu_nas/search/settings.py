@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FuluConfigError
-from ..tasks import Task, build_task
+from ..tasks import TASKS, Task, build_task, task_parameters
 from ..training.train import TrainConfig
+from .feasibility import check_feasible
+from .field_types import is_finite_number
 from .space import SearchSpace, parse_space
 from .storage import check_storage_url, check_tracking_uri
 
@@ -34,6 +36,15 @@ _SECTIONS = {"task", "search_space", "study", "trainer", "tracking"}
 # trainer.max_seconds is the search's safety cap (TrainConfig.seconds_cap): a trial's budget is its steps alone.
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"progress", "dynamic_experts", "seconds_cap"}
 _COST_FIELDS = {"cost_shapes", "cost_iterations", "cost_rounds"}
+# Seeds reach numpy (Optuna's samplers), whose seeds are 32-bit.
+SEED_MAX = 2**32 - 1
+# The trainer's numbers, each finite and within (low, high, whether low itself is excluded);
+# max_seconds may also be null (no cap). Integers: (low, high or None).
+_TRAINER_NUMBERS = {"lr": (0, math.inf, True), "max_seconds": (0, math.inf, False), "grad_clip": (0, math.inf, False),
+                    "weight_decay": (0, math.inf, False), "warmup_fraction": (0, 1, False),
+                    "min_lr_ratio": (0, 1, False), "divergence_factor": (1, math.inf, False)}
+_TRAINER_INTS = {"steps": (1, None), "batch_size": (1, None), "report_every": (1, None), "expert_parallel": (1, None),
+                 "seed": (0, SEED_MAX)}
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,8 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSetti
         _collect(problems, space.grid)
     if train is not None and space is not None and train.expert_parallel > 1:
         _check_expert_parallel(space, train.expert_parallel, problems)
+    if space is not None and task is not None:
+        _collect(problems, lambda: check_feasible(space, task))
     if problems:
         raise FuluConfigError(problems)
     return SearchSettings(task_name, task_params, space, study, train, cost, tracking, Path(output_dir),
@@ -184,21 +197,51 @@ def _task(d: dict, problems: list[str]) -> tuple[Task | None, str, dict]:
         problems.append(f"task.name: expected a task name, got {name!r}")
         return None, "", {}
 
+    known = set(task_parameters(name)) if name in TASKS else set()
+
     def build():
         try:
             return build_task(name, **d)
         except FuluConfigError as e:
-            raise FuluConfigError([p if p.startswith("task") else f"task: {p}" for p in e.problems]) from None
+            raise FuluConfigError([_task_problem(p, known) for p in e.problems]) from None
 
     return _collect(problems, build), name, d
 
 
-def _int(d: dict, key: str, section: str, problems: list[str], low: int = 0) -> int:
+def _check_int(name: str, v: object, problems: list[str], low: int, high: int | None = None) -> bool:
+    """Whether ``v`` is an integer (not a bool) in ``[low, high]``; if not, the problem names ``name``."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high):
+        return True
+    problems.append(f"{name}: expected an integer {'>= ' + str(low) if high is None else f'in [{low}, {high}]'}, "
+                    f"got {v!r}")
+    return False
+
+
+def _check_number(name: str, v: object, problems: list[str], low: float, high: float = math.inf,
+                 low_open: bool = False) -> bool:
+    """Whether ``v`` is a finite number (not a bool) from ``low`` (excluded if ``low_open``) to ``high``;
+    NaN and infinities never are: a study of them would only fail its trials."""
+    if is_finite_number(v) and (v > low if low_open else v >= low) and v <= high:
+        return True
+    if high < math.inf:
+        bounds = f" in [{low}, {high}]"
+    else:
+        bounds = f" {'>' if low_open else '>='} {low}" if low > -math.inf else ""
+    problems.append(f"{name}: expected a finite number{bounds}, got {v!r}")
+    return False
+
+
+def _task_problem(problem: str, parameters: set[str]) -> str:
+    """A task's message keyed like the rest: it begins with the parameter it is about, if any."""
+    if problem.startswith("task"):
+        return problem
+    first, _, rest = problem.partition(" ")
+    return f"task.{first}: {rest}" if first in parameters else f"task: {problem}"
+
+
+def _int(d: dict, key: str, section: str, problems: list[str], low: int = 0, high: int | None = None) -> int:
     v = d.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        problems.append(f"{section}.{key}: expected an integer >= {low}, got {v!r}")
-        return low
-    return v
+    return v if _check_int(f"{section}.{key}", v, problems, low, high) else low
 
 
 def _choice(d: dict, key: str, section: str, options: tuple[str, ...], problems: list[str]) -> str:
@@ -216,9 +259,9 @@ def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | N
     name = d.get("name")
     if not isinstance(name, str) or not name.strip() or "/" in name:
         problems.append(f"study.name: expected a non-empty name without '/', got {name!r}")
-    ints = {k: _int(d, k, "study", problems, low) for k, low in
-            (("n_trials", 1), ("n_workers", 1), ("seed", 0), ("startup_trials", 0), ("heartbeat_interval", 1),
-             ("grace_period", 1), ("max_retry", 0))}
+    ints = {k: _int(d, k, "study", problems, *bounds) for k, bounds in
+            (("n_trials", (1,)), ("n_workers", (1,)), ("seed", (0, SEED_MAX)), ("startup_trials", (0,)),
+             ("heartbeat_interval", (1,)), ("grace_period", (1,)), ("max_retry", (0,)))}
     sampler = _choice(d, "sampler", "study", SAMPLERS, problems)
     pruner = _choice(d, "pruner", "study", PRUNERS, problems)
     objectives = d.get("objectives")
@@ -250,8 +293,8 @@ def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | N
     for key, bound in constraints.items():
         if key not in CONSTRAINABLE:
             problems.append(f"study.constraints.{key}: cannot be bounded (choose from {', '.join(CONSTRAINABLE)})")
-        elif isinstance(bound, bool) or not isinstance(bound, (int, float)):
-            problems.append(f"study.constraints.{key}: expected a number, got {bound!r}")
+        else:
+            _check_number(f"study.constraints.{key}", bound, problems, -math.inf)
     storage = d.get("storage")
     if storage is not None:
         _collect(problems, lambda: check_storage_url(storage))
@@ -279,13 +322,9 @@ def confirm_settings(d: Mapping[str, Any], prefix: str, problems: list[str],
     if not isinstance(values["enabled"], bool):
         problems.append(f"{prefix}enabled: expected true or false, got {values['enabled']!r}")
     for key in ("top_k", "seeds"):
-        v = values[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            problems.append(f"{prefix}{key}: expected an integer >= 1, got {v!r}")
-    factor = values["budget_factor"]
+        _check_int(f"{prefix}{key}", values[key], problems, 1)
     # The confirmation trains budget_factor x trainer.steps: a longer budget than the search's, never a shorter one.
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 1:
-        problems.append(f"{prefix}budget_factor: expected a finite number >= 1, got {factor!r}")
+    _check_number(f"{prefix}budget_factor", values["budget_factor"], problems, 1)
     return ConfirmSettings(**values)
 
 
@@ -302,15 +341,15 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
         problems.append(f"trainer.cost_shapes: expected a list of [batch, seq] positive integer pairs, got {shapes!r}")
     rounds = d.pop("cost_rounds", 5)
     for key, v in (("cost_iterations", iterations), ("cost_rounds", rounds)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            problems.append(f"trainer.{key}: expected an integer >= 1, got {v!r}")
-    for key in ("steps", "batch_size", "report_every", "expert_parallel"):
+        _check_int(f"trainer.{key}", v, problems, 1)
+    for key, bounds in _TRAINER_INTS.items():
         if key in d:
-            _int(d, key, "trainer", problems, 1)
-    for key in ("lr", "max_seconds", "grad_clip", "weight_decay", "warmup_fraction", "min_lr_ratio"):
-        v = d.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
-            problems.append(f"trainer.{key}: expected a number >= 0, got {v!r}")
+            _check_int(f"trainer.{key}", d[key], problems, *bounds)
+    for key, bounds in _TRAINER_NUMBERS.items():
+        if key in d and not (key == "max_seconds" and d[key] is None):
+            _check_number(f"trainer.{key}", d[key], problems, *bounds)
+    if not isinstance(d.get("gradient_checkpointing", False), bool):
+        problems.append(f"trainer.gradient_checkpointing: expected true or false, got {d['gradient_checkpointing']!r}")
     device = d.get("device", "auto")
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         problems.append(f"trainer.device: expected auto, cpu, cuda or cuda:N, got {device!r}")

@@ -34,7 +34,8 @@ from typing import Any
 from ..errors import FuluConfigError
 from ..models import ArchConfig
 from ..moe import BALANCING_METHODS, MoEConfig
-from .expressions import Expression, ExpressionError, parse_expression
+from .expressions import Expression, ExpressionError, ExpressionTooLarge, parse_expression
+from .field_types import is_finite_number, type_problem
 
 PARAM_TYPES = ("categorical", "int", "float")
 _SPACE_KEYS = {"name", "description", "base", "params", "derived", "constraints", "reference"}
@@ -46,12 +47,13 @@ _TASK_FIELDS = {"vocab_size", "num_classes", "max_seq_len"}
 TARGETS = (_ARCH_FIELDS - _TASK_FIELDS) | _MOE_FIELDS | {"balancing"}
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _is_choice(v: object) -> bool:
-    return v is None or isinstance(v, (bool, str)) or _is_number(v)
+    return v is None or isinstance(v, (bool, str)) or is_finite_number(v)
+
+
+class Infeasible(Exception):
+    """A sample that is no architecture to train: it breaks a constraint of the space, or its
+    fields contradict each other. The message says which."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class Param:
     def contains(self, value: Any) -> bool:
         if self.kind == "categorical":
             return any(value == c and type(value) is type(c) for c in self.choices)
-        if not _is_number(value) or (self.kind == "int" and not float(value).is_integer()):
+        if not is_finite_number(value) or (self.kind == "int" and not float(value).is_integer()):
             return False
         if not self.low <= value <= self.high:
             return False
@@ -116,11 +118,15 @@ class SearchSpace:
         return self.with_derived(values)
 
     def with_derived(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` and the derived values computed from them. A value too large to compute is the
+        expression's fault, not the sample's: FuluConfigError naming it."""
         out = dict(values)
         for name, expr in self.derived:
             if expr.names <= out.keys():
                 try:
                     out[name] = expr(out)
+                except ExpressionTooLarge as e:
+                    raise FuluConfigError(f"search_space.derived.{name}: {e}") from None
                 except (ArithmeticError, TypeError, ValueError):
                     pass  # left unset; the resulting architecture is checked as a whole
         return out
@@ -128,15 +134,28 @@ class SearchSpace:
     def violations(self, values: Mapping[str, Any]) -> list[str]:
         """The constraints ``values`` break (constraints naming an inactive parameter don't apply)."""
         broken = []
-        for c in self.constraints:
+        for i, c in enumerate(self.constraints):
             if c.names <= values.keys():
                 try:
                     ok = bool(c(values))
+                except ExpressionTooLarge as e:
+                    raise FuluConfigError(f"search_space.constraints[{i}]: {e}") from None
                 except (ArithmeticError, TypeError, ValueError):
                     ok = False
                 if not ok:
                     broken.append(c.text)
         return broken
+
+    def feasible_arch(self, values: Mapping[str, Any], task) -> ArchConfig:
+        """The architecture for sampled ``values`` (derived values included) on ``task``, or
+        :class:`Infeasible` saying why there is none."""
+        broken = self.violations(values)
+        if broken:
+            raise Infeasible(f"violates {', '.join(broken)}")
+        try:
+            return self.arch(values, task)
+        except FuluConfigError as e:
+            raise Infeasible(f"impossible architecture: {'; '.join(e.problems)}") from None
 
     def arch(self, values: Mapping[str, Any], task) -> ArchConfig:
         """The architecture for sampled ``values`` on ``task`` (FuluConfigError if impossible)."""
@@ -183,6 +202,7 @@ def parse_space(data: object, name: str = "space") -> SearchSpace:
     base = dict(base)
     for key in sorted(set(map(str, base)) - _ARCH_FIELDS - {"moe"}):
         problems.append(f"search_space.base.{key}: not an architecture field")
+    _check_types(base, _ARCH_FIELDS - _TASK_FIELDS, "search_space.base", problems)
     for key in sorted(_TASK_FIELDS & set(base)):
         problems.append(f"search_space.base.{key}: set from the task, not by the space")
     base_moe = base.get("moe") or {}
@@ -191,14 +211,18 @@ def parse_space(data: object, name: str = "space") -> SearchSpace:
         base_moe = {}
     for key in sorted(set(map(str, base_moe)) - _MOE_FIELDS):
         problems.append(f"search_space.base.moe.{key}: not an MoE layer field")
+    _check_types(base_moe, _MOE_FIELDS, "search_space.base.moe", problems)
     base["moe"] = dict(base_moe)
 
     params = _parse_params(data.get("params"), problems)
-    known = {p.name for p in params}
+    # Every parameter declared, valid or not: a bad definition is reported once, not again by each
+    # expression and reference entry that names it.
+    declared = set(map(str, data["params"])) & TARGETS if isinstance(data.get("params"), Mapping) else set()
+    known = {p.name for p in params} | declared
     derived = _parse_derived(data.get("derived"), known, problems)
     known |= {n for n, _ in derived}
     constraints = _parse_constraints(data.get("constraints"), known, problems)
-    reference = _parse_reference(data.get("reference"), params, problems)
+    reference = _parse_reference(data.get("reference"), params, declared, problems)
     description = data.get("description", "")
     if not isinstance(description, str):
         problems.append("search_space.description: expected a string")
@@ -211,6 +235,13 @@ def parse_space(data: object, name: str = "space") -> SearchSpace:
     if reference is not None:
         _check_reference_arch(space)
     return space
+
+
+def _check_types(fixed: Mapping, names: set[str], key: str, problems: list[str]) -> None:
+    for name in sorted(set(fixed) & names):
+        problem = type_problem(name, fixed[name])
+        if problem:
+            problems.append(f"{key}.{name}: {problem}")
 
 
 def _parse_params(raw: object, problems: list[str]) -> tuple[Param, ...]:
@@ -251,6 +282,10 @@ def _parse_params(raw: object, problems: list[str]) -> tuple[Param, ...]:
                 if unknown:
                     problems.append(f"{key}.choices: unknown balancing method {unknown[0]!r} "
                                     f"(known: {', '.join(BALANCING_METHODS)})")
+            elif not bad:
+                mistyped = next(filter(None, (type_problem(name, c) for c in choices)), None)
+                if mistyped:
+                    problems.append(f"{key}.choices: {mistyped}")
             for extra in ("low", "high", "log", "step"):
                 if extra in spec:
                     problems.append(f"{key}.{extra}: not allowed for a categorical parameter")
@@ -263,11 +298,12 @@ def _parse_params(raw: object, problems: list[str]) -> tuple[Param, ...]:
         if name == "balancing":
             problems.append(f"{key}.type: balancing is categorical")
         for bound, v in (("low", low), ("high", high)):
-            if not _is_number(v) or (kind == "int" and not float(v).is_integer()):
+            if not is_finite_number(v) or (kind == "int" and not float(v).is_integer()):
                 problems.append(f"{key}.{bound}: expected {'an integer' if kind == 'int' else 'a number'}, got {v!r}")
         if not isinstance(log, bool):
             problems.append(f"{key}.log: expected true or false, got {log!r}")
-        if step is not None and (not _is_number(step) or step <= 0 or (kind == "int" and not float(step).is_integer())):
+        if step is not None and (not is_finite_number(step) or step <= 0
+                                 or (kind == "int" and not float(step).is_integer())):
             problems.append(f"{key}.step: expected a positive {'integer' if kind == 'int' else 'number'}, got {step!r}")
             step = None
         if len(problems) > n_before:
@@ -360,7 +396,7 @@ def _expression(text: object, key: str, known: set[str], problems: list[str]) ->
     return expr
 
 
-def _parse_reference(raw: object, params: tuple[Param, ...], problems: list[str]) -> dict | None:
+def _parse_reference(raw: object, params: tuple[Param, ...], declared: set[str], problems: list[str]) -> dict | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
@@ -368,7 +404,7 @@ def _parse_reference(raw: object, params: tuple[Param, ...], problems: list[str]
         return None
     by_name = {p.name: p for p in params}
     for name in raw:
-        if name not in by_name:
+        if name not in by_name and name not in declared:
             problems.append(f"search_space.reference.{name}: not a parameter of this space")
     values: dict[str, Any] = {}
     for p in params:
@@ -389,11 +425,7 @@ class _ProbeTask:
 
 
 def _check_reference_arch(space: SearchSpace) -> None:
-    values = space.with_derived(space.reference or {})
-    broken = space.violations(values)
-    if broken:
-        raise FuluConfigError([f"search_space.reference: violates constraint {c!r}" for c in broken])
     try:
-        space.arch(values, _ProbeTask)
-    except FuluConfigError as e:
-        raise FuluConfigError([f"search_space.reference: impossible architecture: {p}" for p in e.problems]) from None
+        space.feasible_arch(space.with_derived(space.reference or {}), _ProbeTask)
+    except Infeasible as e:
+        raise FuluConfigError(f"search_space.reference: {e}") from None

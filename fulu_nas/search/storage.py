@@ -7,6 +7,8 @@ before a study or run is created. Passwords never appear in messages or tracked 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 from ..errors import FuluConfigError
@@ -86,6 +88,30 @@ def check_tracking_uri(uri: object) -> None:
         raise FuluConfigError(f"tracking.uri: unsupported scheme {scheme!r} (use {', '.join(_TRACKING_SCHEMES)})")
     if not scheme.startswith("http"):
         _check_rdb_url(uri, "tracking.uri")
+
+
+def check_output_dir(path: str, key: str = "hydra.run.dir") -> None:
+    """FuluConfigError unless the folder ``path`` exists and is writable or can be made. Where it must
+    be made, its first missing folder is made and removed again: only trying tells, since root passes
+    every permission check and a folder such as /proc refuses new entries whatever the permissions."""
+    target = Path(path).absolute()
+    # os.path.exists, unlike Path.exists, says False rather than raising where a folder cannot be read
+    existing = next(p for p in (target, *target.parents) if os.path.exists(p))
+    if not existing.is_dir():
+        raise FuluConfigError(f"{key}: cannot make the folder {path!r}: {str(existing)!r} is a file, not a folder")
+    if existing == target:
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise FuluConfigError(f"{key}: the folder {path!r} is not writable")
+        return
+    first = existing / target.relative_to(existing).parts[0]
+    try:
+        first.mkdir()
+    except FileExistsError:  # made meanwhile (another worker of the study)
+        return
+    except OSError as e:
+        raise FuluConfigError(f"{key}: cannot make the folder {path!r}: {e.strerror} ({str(first)!r})") from None
+    with contextlib.suppress(OSError):  # not empty: another process has begun to use it
+        first.rmdir()
 
 
 def probe_storage(url: str) -> None:

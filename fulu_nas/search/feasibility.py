@@ -1,0 +1,141 @@
+"""Whether a search space yields architectures to train at all, checked before a study starts.
+
+A space in which every sample is infeasible (an unknown fixed router, a fixed ``top_k`` above
+``num_experts``, a constraint nothing meets) would give a study of infeasible trials only, and a
+categorical choice that is never feasible (a typo in a router name) would silently shrink the
+space. So the space is sampled here as a study samples it, with a fixed seed (the verdict is the
+same every time), and :data:`DRAWS` random draws must find a feasible architecture: for the space,
+and for each choice of each categorical parameter (pinned, with the parents of its ``when``
+pinned to values that make it active). When the whole space fails, each fixed value, parameter
+and derived value is put back to the field's default in turn; those whose default makes the space
+feasible are named as the cause.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Callable
+
+from ..errors import FuluConfigError
+from ..models import ArchConfig
+from ..moe import MoEConfig
+from .space import Infeasible, Param, SearchSpace
+
+DRAWS = 200
+
+
+def _defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+_ARCH_DEFAULTS, _MOE_DEFAULTS = _defaults(ArchConfig), _defaults(MoEConfig)
+
+
+class _RandomTrial:
+    """Answers :meth:`SearchSpace.sample`'s ``suggest_*`` calls with random draws, or with the
+    pinned value of a parameter: the space is sampled through its own code, without a study."""
+
+    def __init__(self, rng: random.Random, pins: dict):
+        self.rng, self.pins = rng, pins
+
+    def suggest_categorical(self, name, choices):
+        return self.pins[name] if name in self.pins else self.rng.choice(choices)
+
+    def suggest_int(self, name, low, high, step=1, log=False):
+        if name in self.pins:
+            return self.pins[name]
+        if log:
+            return min(high, max(low, round(math.exp(self.rng.uniform(math.log(low), math.log(high))))))
+        return self.rng.randrange(low, high + 1, step)
+
+    def suggest_float(self, name, low, high, step=None, log=False):
+        if name in self.pins:
+            return self.pins[name]
+        if step:
+            return low + step * self.rng.randint(0, round((high - low) / step))
+        if log:
+            return math.exp(self.rng.uniform(math.log(low), math.log(high)))
+        return self.rng.uniform(low, high)
+
+
+def check_feasible(space: SearchSpace, task, draws: int = DRAWS) -> None:
+    """FuluConfigError naming what makes ``space`` yield no feasible architecture on ``task``, or a
+    categorical choice that never gives one."""
+    rng = random.Random(0)
+    reason = _failure(space, task, rng, draws, dict)
+    if reason is not None:
+        raise FuluConfigError(_whole_space_problem(space, task, rng, draws, reason))
+    by_name = {p.name: p for p in space.params}
+    problems = []
+    for p in space.params:
+        for choice in p.choices if p.kind == "categorical" else ():
+            reason = _failure(space, task, rng, draws, lambda p=p, c=choice: _pins(p, c, by_name, rng), p.name)
+            if reason is not None:
+                problems.append(f"search_space.params.{p.name}.choices: {choice!r} gives no feasible architecture "
+                                f"in {draws} random draws (first: {reason})")
+    if problems:
+        raise FuluConfigError(problems)
+
+
+def _failure(space: SearchSpace, task, rng: random.Random, draws: int, pins: Callable[[], dict],
+             needs: str | None = None) -> str | None:
+    """None once a draw is feasible, else why the first draw was not. ``needs``: a parameter that
+    must be active in a draw for it to count."""
+    first = None
+    for _ in range(draws if space.params else 1):  # without parameters every draw is the same
+        values = space.sample(_RandomTrial(rng, pins()))
+        if needs is not None and needs not in values:
+            first = first or "its conditions never hold together"
+            continue
+        try:
+            space.feasible_arch(values, task)
+            return None
+        except Infeasible as e:
+            first = first or str(e)
+    return first
+
+
+def _pins(param: Param, choice, by_name: dict[str, Param], rng: random.Random) -> dict:
+    """``param`` pinned to ``choice``, and the parents its ``when`` names (theirs too) to allowed values."""
+    pins, todo = {param.name: choice}, list(param.when)
+    while todo:
+        parent, allowed = todo.pop()
+        if parent not in pins:
+            pins[parent] = rng.choice(allowed)
+            todo.extend(by_name[parent].when)
+    return pins
+
+
+def _whole_space_problem(space: SearchSpace, task, rng: random.Random, draws: int, reason: str) -> str:
+    causes = [cause for cause, variant, pins in _defaults_instead(space)
+              if _failure(variant, task, rng, draws, lambda pins=pins: dict(pins)) is None]
+    if not causes:
+        return f"search_space: no feasible architecture in {draws} random draws (first: {reason})"
+    these = "this setting" if len(causes) == 1 else "these settings"
+    return (f"{', '.join(causes)}: no architecture of the space is feasible with {these} ({draws} random draws; "
+            f"first: {reason})")
+
+
+def _defaults_instead(space: SearchSpace):
+    """(what is changed, the space with it changed, pins): each fixed value, parameter and derived
+    value of ``space`` in turn replaced by its field's default."""
+    defined = {p.name for p in space.params} | {name for name, _ in space.derived}
+    moe = space.base.get("moe") or {}
+    for name, value in space.base.items():
+        if name in _ARCH_DEFAULTS and name not in defined:
+            yield (f"search_space.base.{name} ({value!r})",
+                   dataclasses.replace(space, base={**space.base, name: _ARCH_DEFAULTS[name]}), {})
+    for name, value in moe.items():
+        if name in _MOE_DEFAULTS and name not in defined:
+            base = {**space.base, "moe": {**moe, name: _MOE_DEFAULTS[name]}}
+            yield f"search_space.base.moe.{name} ({value!r})", dataclasses.replace(space, base=base), {}
+    for p in space.params:
+        defaults = _ARCH_DEFAULTS if p.name in _ARCH_DEFAULTS else _MOE_DEFAULTS
+        if p.name in defaults:
+            what = f".choices ({list(p.choices)!r})" if p.kind == "categorical" else f" ({p.low}..{p.high})"
+            yield f"search_space.params.{p.name}{what}", space, {p.name: defaults[p.name]}
+    for name, expr in space.derived:
+        rest = tuple((n, e) for n, e in space.derived if n != name)
+        yield f"search_space.derived.{name} ({expr.text!r})", dataclasses.replace(space, derived=rest), {}
