@@ -193,6 +193,43 @@ def test_an_interrupted_confirmation_resumes_without_repeating_runs(searched, tm
 
 
 @pytest.mark.slow
+def test_a_confirmation_on_two_workers_records_what_one_process_does(searched, tmp_path, monkeypatch, capsys):
+    """n_workers=2 shares the runs between two processes: every run is recorded once, with the values
+    a sequential confirmation records (CPU training is deterministic), and the summary is the same."""
+    monkeypatch.chdir(tmp_path)
+    outs = {n: tmp_path / f"out{n}" for n in (1, 2)}
+    results, summaries = {}, {}
+    for n, out in outs.items():
+        shutil.copytree(searched.out, out)
+        assert main([*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=3", f"n_workers={n}"]) == 0
+        console = capsys.readouterr().out
+        results[n] = recorded(out, 180)
+        summaries[n] = json.loads((out / "confirmation.json").read_text())
+        for result in results[n].values():
+            assert f"trial {result['trial']} seed {result['seed']}: loss={result['values'][0]:.4g}" in console
+        _, runs = confirmation_runs(out, 180)
+        assert len(runs) == len(results[n]) and {r.info.status for r in runs} == {"FINISHED"}
+    assert results[2].keys() == results[1].keys() and len(results[1]) == 2 * 2  # (top 1 + reference) x 2 seeds
+    assert {k: v["values"] for k, v in results[2].items()} == {k: v["values"] for k, v in results[1].items()}
+    assert sorted(p.name for p in outs[2].glob("confirm-worker-*.log")) == ["confirm-worker-0.log",
+                                                                             "confirm-worker-1.log"]
+    assert not list(outs[1].glob("confirm-worker-*.log"))
+    assert [a["mean"] for a in summaries[2]["architectures"]] == [a["mean"] for a in summaries[1]["architectures"]]
+
+
+def test_n_workers_must_be_a_positive_whole_number(searched, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(searched.out, out)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in out.iterdir())
+    for bad in ("0", "two", "1.5"):
+        assert main([*CONFIRM, f"hydra.run.dir={out}", f"n_workers={bad}"]) == 2
+        err = capsys.readouterr().err
+        assert "n_workers: must be a whole number of at least 1" in err and err.count("\n") == 2
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.slow
 def test_a_search_with_confirm_enabled_confirms_at_the_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 import traceback
 from dataclasses import dataclass, replace
 
@@ -46,6 +47,7 @@ from .tracking import Tracker
 
 TrialState = optuna.trial.TrialState
 RESULT_PREFIX = "confirm:"  # study user attributes holding each finished run's result
+FAILURE_PREFIX = "confirm-failed:"  # ... and each failed run's reason (until it is run again and succeeds)
 
 
 @dataclass(frozen=True)
@@ -161,31 +163,69 @@ class Confirmation:
         self.parent = self.tracker.parent_run(study)
         self.references = ReferenceModels(s)
 
+    def key(self, c: Candidate, seed: int) -> str:
+        return result_key(c.arch_hash, seed, self.plan.steps)
+
     def recorded(self) -> dict[str, dict]:
-        keys = {result_key(c.arch_hash, seed, self.plan.steps) for c, seed in self.plan.runs()}
+        keys = {self.key(c, seed) for c, seed in self.plan.runs()}
         return {k: v for k, v in self.study.user_attrs.items() if k in keys}
 
-    def run(self) -> int:
-        """0 with the summary written; 130 when interrupted (the finished runs stay recorded)."""
+    def todo(self) -> list[tuple[Candidate, int]]:
         done = self.recorded()
+        return [(c, seed) for c, seed in self.plan.runs() if self.key(c, seed) not in done]
+
+    def run(self, n_workers: int = 1) -> int:
+        """0 with the summary written; 130 when interrupted (the finished runs stay recorded). With
+        ``n_workers`` > 1 the runs are shared among that many processes (:mod:`.confirm_workers`)."""
         self._close_stale()
-        todo = [(c, seed) for c, seed in self.plan.runs()
-                if result_key(c.arch_hash, seed, self.plan.steps) not in done]
+        todo = self.todo()
         bar = RunProgress(self.s.study.name, len(self.plan.runs()), len(self.plan.runs()) - len(todo), self.progress)
-        failures = []
         try:
-            for c, seed in todo:
-                failure = self._run(c, seed, bar)
-                if failure:
-                    failures.append(failure)
+            if n_workers > 1 and len(todo) > 1:
+                from .confirm_workers import run_in_workers
+
+                code = run_in_workers(self, todo, min(n_workers, len(todo)), bar)
+                if code == INTERRUPTED:
+                    raise KeyboardInterrupt
+            else:
+                for c, seed in todo:
+                    self._run(c, seed, bar)
         except KeyboardInterrupt:
             bar.close()
             print("interrupted: the finished runs are recorded; run the same command to resume", file=sys.stderr)
             return INTERRUPTED
         finally:
             bar.close()
-        self._summarize(failures)
+        self._summarize()
         return 0
+
+    def run_share(self, share: set[str]) -> int:
+        """A worker's part of :meth:`run`: the runs whose keys are in ``share`` (and not yet recorded)."""
+        bar = RunProgress(self.s.study.name, 0, 0, enabled=False)
+        try:
+            for c, seed in self.todo():
+                if self.key(c, seed) in share:
+                    self._run(c, seed, bar)
+        except KeyboardInterrupt:
+            return INTERRUPTED
+        return 0
+
+    def finished_lines(self, keys: dict[str, tuple[Candidate, int]], since: float) -> list[tuple[str, str]]:
+        """``(key, line)`` for each of ``keys`` whose run has finished by now: recorded, or failed
+        after ``since`` (a time.time(); older failures are of earlier attempts)."""
+        attrs = self.study.user_attrs
+        lines = []
+        for key, (c, seed) in keys.items():
+            failure = attrs.get(FAILURE_PREFIX + key)
+            if key in attrs:
+                lines.append((key, self._result_line(c, seed, attrs[key]["values"])))
+            elif failure and failure.get("at", 0) >= since:
+                lines.append((key, f"trial {c.trial.number} seed {seed} failed: {failure['reason']}"))
+        return lines
+
+    def _result_line(self, c: Candidate, seed: int, values: list[float]) -> str:
+        shown = ", ".join(f"{o}={v:.4g}" for o, v in zip(self.s.study.objectives, values, strict=True))
+        return f"trial {c.trial.number} seed {seed}: {shown} ({self.plan.steps} steps)"
 
     def _close_stale(self) -> None:
         """Runs a killed process left RUNNING: FINISHED when their result was recorded (the process died
@@ -198,9 +238,9 @@ class Confirmation:
             else:
                 self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted"})
 
-    def _run(self, c: Candidate, seed: int, bar: RunProgress) -> dict | None:
-        """One architecture, one seed: trained, evaluated, measured, recorded. A failure is returned
-        (and recorded on its MLflow run), not raised: the other runs go on."""
+    def _run(self, c: Candidate, seed: int, bar: RunProgress) -> None:
+        """One architecture, one seed: trained, evaluated, measured, recorded. A failure is recorded
+        (on the study and its MLflow run), not raised: the other runs go on."""
         s, steps, factor = self.s, self.plan.steps, self.plan.options.budget_factor
         cfg = replace(s.train, steps=steps, seed=seed,
                       seconds_cap=s.train.seconds_cap * factor if s.train.seconds_cap else None)
@@ -222,9 +262,7 @@ class Confirmation:
                 "trial": c.trial.number, "arch_hash": c.arch_hash, "seed": seed, "steps": steps, "values": values,
                 "metrics": measured.metrics, "mlflow_run_id": run_id})
             self.tracker.end_trial(run_id, "FINISHED")
-            shown = ", ".join(f"{o}={v:.4g}" for o, v in zip(s.study.objectives, values, strict=True))
-            bar.finished(f"trial {c.trial.number} seed {seed}: {shown} ({steps} steps)")
-            return None
+            bar.finished(self._result_line(c, seed, values))
         except KeyboardInterrupt:
             self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted"})
             raise
@@ -232,17 +270,21 @@ class Confirmation:
             reason = failure_reason(e)
             self.tracker.end_trial(run_id, "FAILED", {"fulu.state": "failed", "fulu.reason": reason,
                                                       "fulu.traceback": traceback.format_exc()[-4000:]})
+            self.study.set_user_attr(FAILURE_PREFIX + self.key(c, seed),
+                                     {"trial": c.trial.number, "seed": seed, "reason": reason, "at": time.time()})
             bar.finished(f"trial {c.trial.number} seed {seed} failed: {reason}")
-            return {"trial": c.trial.number, "seed": seed, "reason": reason}
         finally:
             del model
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _summarize(self, failures: list[dict]) -> None:
+    def _summarize(self) -> None:
         s, plan = self.s, self.plan
         results = self.recorded()
+        attrs = self.study.user_attrs
+        failures = [attrs[FAILURE_PREFIX + self.key(c, seed)] for c, seed in plan.runs()
+                    if self.key(c, seed) not in results and FAILURE_PREFIX + self.key(c, seed) in attrs]
         rows = []
         for c in plan.candidates:
             runs = [results[k] for seed in plan.seeds if (k := result_key(c.arch_hash, seed, plan.steps)) in results]
@@ -265,11 +307,13 @@ class Confirmation:
         print_confirmation(summary, path)
 
 
-def confirm_study(study: optuna.Study, s: SearchSettings, options: ConfirmSettings, progress: bool = True) -> int:
-    """Plan (bad input raises before anything is written), then run."""
+def confirm_study(study: optuna.Study, s: SearchSettings, options: ConfirmSettings, progress: bool = True,
+                  n_workers: int | None = None) -> int:
+    """Plan (bad input raises before anything is written), then run on ``n_workers`` processes (by
+    default the study's ``study.n_workers``)."""
     with quiet_optuna():
         plan = plan_confirmation(study, s, options)
-        return Confirmation(study, s, plan, progress).run()
+        return Confirmation(study, s, plan, progress).run(n_workers or s.study.n_workers)
 
 
 def confirm_after_search(s: SearchSettings) -> int:

@@ -8,8 +8,8 @@ from ..errors import FuluConfigError
 from .settings import ConfirmSettings, confirm_settings
 
 BAD_INPUT = 2
-OPTIONS = {"top_k": "", "budget_factor": "", "seeds": ""}  # "": the study's study.confirm value
-USAGE = """usage: fulu-nas confirm study.name=NAME [top_k=K] [budget_factor=F] [seeds=N] [overrides ...]
+OPTIONS = {"top_k": "", "budget_factor": "", "seeds": "", "n_workers": ""}  # "": the study's value
+USAGE = """usage: fulu-nas confirm study.name=NAME [top_k=K] [budget_factor=F] [seeds=N] [n_workers=W] [overrides ...]
 
 Trains the study's top_k best distinct architectures and its reference architecture again with the
 search's own pipeline, for budget_factor x trainer.steps steps, once per seed trainer.seed + i
@@ -22,8 +22,10 @@ each objective, Kendall's tau between the two rankings, and whether it beats the
 (Welch's t-test, one-sided, alpha 0.05; with one seed there is no test). Runs already recorded for
 the same architecture, seed and step budget are not repeated: run the same command again to resume.
 
-Options default to the study's study.confirm values (top_k 8, budget_factor 4, seeds 3 unless the
-search set others). Pass the overrides that locate the study when the search used them:
+The runs are independent: n_workers=W shares them among W processes (each with its share of the CPU
+threads, or its own GPU), as the search's study.n_workers does; the default is the study's
+study.n_workers. Options default to the study's study.confirm values (top_k 8, budget_factor 4,
+seeds 3 unless the search set others). Pass the overrides that locate the study when the search used them:
 study.storage=..., tracking.uri=..., hydra.run.dir=...
 """
 
@@ -35,6 +37,16 @@ def command_options(given: dict[str, str], defaults: ConfirmSettings) -> Confirm
     if problems:
         raise FuluConfigError(problems)
     return options
+
+
+def worker_count(text: str) -> int | None:
+    """``n_workers=``: a whole number of at least 1 (None: not given)."""
+    if text == "":
+        return None
+    value = _number(text)
+    if not isinstance(value, int) or value < 1:
+        raise FuluConfigError(f"n_workers: must be a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _number(text: str) -> int | float | str:
@@ -65,7 +77,8 @@ def main(argv: list[str]) -> int:
             location = locate_study(overrides)
             study = load_study(location)
             s = search_settings(location, study)
-        return confirm_study(study, s, command_options(given, s.study.confirm))
+        n_workers = worker_count(given.pop("n_workers", ""))
+        return confirm_study(study, s, command_options(given, s.study.confirm), n_workers=n_workers)
     except FuluConfigError as e:
         print("error: cannot confirm:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
         return BAD_INPUT

@@ -1,0 +1,26 @@
+"""A confirmation worker started by ``fulu-nas confirm ... n_workers=N`` (:mod:`.confirm_workers`):
+``python -m fulu_nas.search.confirm_worker <output dir>/confirm_config.json <worker index>``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .confirm import Confirmation, plan_confirmation
+from .settings import ConfirmSettings
+from .study import load_worker_settings, open_study, quiet_optuna
+
+
+def main(argv: list[str]) -> int:
+    config, index = argv[0], int(argv[1])
+    s = load_worker_settings(config)
+    data = json.loads(Path(config).read_text())
+    with quiet_optuna():
+        study = open_study(s)
+        plan = plan_confirmation(study, s, ConfirmSettings(**data["options"]))
+        return Confirmation(study, s, plan, progress=False).run_share(set(data["shares"][index]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

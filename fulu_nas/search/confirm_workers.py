@@ -1,0 +1,64 @@
+"""A confirmation on several worker processes (``fulu-nas confirm ... n_workers=N``; by default the
+study's ``study.n_workers``).
+
+The runs of a confirmation are independent and each is deterministic, so N processes
+(:mod:`.confirm_worker`) take every N-th one, each with its share of the CPU threads or its own
+GPU, as the search's workers do. Each records its results on the study
+as a sequential confirmation does; this process shows them as they come and writes the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+from .settings import SearchSettings
+from .study import INTERRUPTED, _worker_env
+
+CONFIG_FILE = "confirm_config.json"
+
+
+def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
+    """Runs ``todo`` (``(candidate, seed)`` pairs of ``confirmation``'s plan) on ``n_workers``
+    processes; 0, or :data:`INTERRUPTED` when interrupted (the finished runs stay recorded)."""
+    s: SearchSettings = confirmation.s
+    config = s.output_dir / CONFIG_FILE
+    config.parent.mkdir(parents=True, exist_ok=True)
+    keys = {confirmation.key(c, seed): (c, seed) for c, seed in todo}
+    # Each worker's runs, fixed here: a worker that works out its share when it starts could see
+    # another's first result already recorded, and the shares would overlap or leave a gap.
+    shares = [list(keys)[i::n_workers] for i in range(n_workers)]
+    config.write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir), "shares": shares,
+                                  "options": asdict(confirmation.plan.options)}, indent=2, default=str))
+    since = time.time()
+    procs = []
+    for i in range(n_workers):
+        log = open(s.output_dir / f"confirm-worker-{i}.log", "w")
+        command = [sys.executable, "-m", "fulu_nas.search.confirm_worker", str(config), str(i)]
+        procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                       env=_worker_env(i, n_workers, s.train.expert_parallel)), log))
+    try:
+        while keys:
+            running = any(p.poll() is None for p, _ in procs)
+            for key, line in confirmation.finished_lines(keys, since):
+                keys.pop(key)
+                bar.finished(line)
+            if not running:
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        for p, _ in procs:
+            p.wait()
+        return INTERRUPTED
+    finally:
+        for p, log in procs:
+            p.wait()
+            log.close()
+    failed = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, INTERRUPTED)]
+    for i in failed:
+        print(f"confirmation worker {i} exited with {procs[i][0].returncode}; see "
+              f"{s.output_dir / f'confirm-worker-{i}.log'}", file=sys.stderr)
+    return 0
