@@ -19,6 +19,7 @@ from .settings import SearchSettings
 from .study import INTERRUPTED, _worker_env
 
 CONFIG_FILE = "confirm_config.json"
+POLL_SECONDS = 5.0  # reading the study's results takes a noticeable share of a core when done every second
 
 
 def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
@@ -48,7 +49,7 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
                 bar.finished(line)
             if not running:
                 break
-            time.sleep(1.0)
+            time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
         for p, _ in procs:
             p.wait()
