@@ -55,3 +55,18 @@ def test_expert_choice_capacity_defaults_to_top_k():
     assert cfg.expert_capacity(64) == 16
     assert MoEConfig(router="expert_choice", num_experts=8, capacity_factor=100.0).expert_capacity(10) == 10
     assert MoEConfig(capacity_factor=1.25, num_experts=8, top_k=2).expert_capacity(64) == 20
+
+
+def test_a_huge_expert_count_is_refused_at_once():
+    """Validation must not hang on absurd sizes: the hierarchy's factorisation used to try every
+    divisor up to num_experts (10**12 experts: hours)."""
+    import subprocess
+    import sys
+
+    code = ("from fulu_nas.moe import MoEConfig\n"
+            "try:\n    MoEConfig(router='hierarchical', hierarchy_depth=2, num_experts=10**12)\n"
+            "except ValueError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "num_experts must be >= 1 and at most 16777216" in done.stdout
+    cfg = MoEConfig(router="hierarchical", hierarchy_depth=3, num_experts=2**24, top_k=2)
+    assert cfg.hierarchy_groups == (256, 256)

@@ -23,6 +23,11 @@ GROUP_MASK_FILLS = ("-inf", "zero")
 ALIGNMENT = 8
 
 
+# More experts than any layer trains (PEER's product keys reach 2^20): a bound that keeps validation
+# and the hierarchy's factorisation instant for absurd inputs.
+MAX_EXPERTS = 2**24
+
+
 def _max(a, b):
     """max of ints or symbolic ints (torch.export's dynamic sizes). Plain ints take Python's max:
     torch 2.11's torch.compile cannot trace torch.sym_max on two ints."""
@@ -186,7 +191,8 @@ class MoEConfig:
         if self.num_shared_experts:
             need(self.shared_ffn_size % ALIGNMENT == 0,
                  f"shared_expert_ffn_size must be a multiple of {ALIGNMENT}, got {self.shared_ffn_size}")
-        need(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
+        need(1 <= self.num_experts <= MAX_EXPERTS,
+             f"num_experts must be >= 1 and at most {MAX_EXPERTS}, got {self.num_experts}")
         need(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
         if self.token_choice:
             need(self.top_k <= self.num_experts,
@@ -240,6 +246,12 @@ def _hierarchy_problems(c: MoEConfig) -> list[str]:
     return p
 
 
+def _divisors(n: int) -> list[int]:
+    """The divisors of ``n``, by trial division up to its square root."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
+
+
 def default_hierarchy(c: MoEConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Fill in missing hierarchy groups: near-equal branching, keeping half the nodes per level.
 
@@ -253,7 +265,7 @@ def default_hierarchy(c: MoEConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
         remaining, out = c.num_experts, []
         for left in range(c.hierarchy_depth, 1, -1):
             target = remaining ** (1 / left)
-            divisors = [d for d in range(2, remaining) if remaining % d == 0 and remaining // d >= 2]
+            divisors = [d for d in _divisors(remaining) if 2 <= d and remaining // d >= 2]
             if not divisors:
                 raise ValueError(
                     f"invalid MoE config: hierarchy_depth={c.hierarchy_depth} cannot split "
