@@ -55,8 +55,9 @@ def test_a_failing_trial_records_its_reason_and_the_study_goes_on(error, reason,
 
 def test_ctrl_c_fails_the_running_trial_and_the_study_resumes(tmp_path):
     out = tmp_path / "out"
+    steps = 2000  # long enough that the trial seen running is still running when the signal lands
     args = _cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=2", "study.pruner=none",
-                "trainer.max_seconds=null", "trainer.steps=400")
+                "trainer.max_seconds=null", f"trainer.steps={steps}")
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     storage = f"sqlite:///{out / 'optuna.db'}"
     interrupted = None
@@ -67,7 +68,8 @@ def test_ctrl_c_fails_the_running_trial_and_the_study_resumes(tmp_path):
             study = optuna.load_study(study_name="tiny-clusters", storage=storage)
         except Exception:
             continue
-        running = [t for t in study.trials if t.state == TrialState.RUNNING and t.intermediate_values]
+        running = [t for t in study.trials if t.state == TrialState.RUNNING and t.intermediate_values
+                   and max(t.intermediate_values) <= steps // 4]
         if running:
             proc.send_signal(signal.SIGINT)
             interrupted = running[0].number
