@@ -55,10 +55,13 @@ def test_a_failing_trial_records_its_reason_and_the_study_goes_on(error, reason,
 
 def test_ctrl_c_fails_the_running_trial_and_the_study_resumes(tmp_path):
     out = tmp_path / "out"
-    steps = 2000  # long enough that the trial seen running is still running when the signal lands
+    steps = 1000  # long enough that the trial seen running is still running when the signal lands
     args = _cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=2", "study.pruner=none",
                 "trainer.max_seconds=null", f"trainer.steps={steps}")
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a test run started in the background (a shell without job
+    # control) would otherwise pass on an ignored SIGINT, and the search would never see the signal.
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     storage = f"sqlite:///{out / 'optuna.db'}"
     interrupted = None
     deadline = time.time() + 120
