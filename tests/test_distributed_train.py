@@ -146,18 +146,18 @@ def test_every_rank_takes_the_same_decisions(ranks):
 # -- search ----------------------------------------------------------------------------------------
 
 def test_workers_get_disjoint_gpu_sets(monkeypatch):
-    from fulu_nas.search.study import _worker_env
+    from fulu_nas.search.study import worker_env
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert [_worker_env(i, 4, 2)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0,1", "2,3", "0,1", "2,3"]
-    assert [_worker_env(i, 2, 4)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["0,1,2,3"] * 2
-    assert [_worker_env(i, 2, 1)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["0", "1"]
+    assert [worker_env(i, 4, 2)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0,1", "2,3", "0,1", "2,3"]
+    assert [worker_env(i, 2, 4)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["0,1,2,3"] * 2
+    assert [worker_env(i, 2, 1)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7,8")
-    assert [_worker_env(i, 3, 2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["4,5", "6,7", "4,5"]
+    assert [worker_env(i, 3, 2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["4,5", "6,7", "4,5"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    assert _worker_env(0, 1, 2)["CUDA_VISIBLE_DEVICES"] == "3"  # too few: the trial fails, saying so
+    assert worker_env(0, 1, 2)["CUDA_VISIBLE_DEVICES"] == "3"  # too few: the trial fails, saying so
 
 
 @pytest.mark.parametrize("value,text", [("0", "expected an integer >= 1"), ("3", "divisible by 3")])

@@ -242,15 +242,15 @@ def test_journal_storage_with_two_local_workers(tmp_path):
 def test_local_workers_are_pinned_one_per_gpu(monkeypatch):
     import torch
 
-    from fulu_nas.search.study import _worker_env
+    from fulu_nas.search.study import worker_env
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert [_worker_env(i, 4)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0", "1", "0", "1"]
+    assert [worker_env(i, 4)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0", "1", "0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    assert [_worker_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["4", "6"]
+    assert [worker_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["4", "6"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    env = _worker_env(0, 2)
+    env = worker_env(0, 2)
     assert "CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] == "4,6"
     assert int(env["OMP_NUM_THREADS"]) >= 1

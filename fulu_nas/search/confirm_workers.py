@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 
 from .settings import SearchSettings
-from .study import INTERRUPTED, _worker_env
+from .study import INTERRUPTED, worker_env
 
 CONFIG_FILE = "confirm_config.json"
 POLL_SECONDS = 5.0  # reading the study's results takes a noticeable share of a core when done every second
@@ -40,7 +40,7 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
         log = open(s.output_dir / f"confirm-worker-{i}.log", "w")
         command = [sys.executable, "-m", "fulu_nas.search.confirm_worker", str(config), str(i)]
         procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       env=_worker_env(i, n_workers, s.train.expert_parallel)), log))
+                                       env=worker_env(i, n_workers, s.train.expert_parallel)), log))
     try:
         while keys:
             running = any(p.poll() is None for p, _ in procs)

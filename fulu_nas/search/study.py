@@ -258,7 +258,7 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
     return code
 
 
-def _worker_env(index: int, n_workers: int, gpus_per_worker: int = 1) -> dict[str, str]:
+def worker_env(index: int, n_workers: int, gpus_per_worker: int = 1) -> dict[str, str]:
     """Worker ``index``'s environment: its share of the CPU threads and, on a GPU host, its own
     ``gpus_per_worker`` GPUs (``trainer.expert_parallel``): the visible GPUs are cut into groups
     ``[g*P, (g+1)*P)`` and worker i takes group ``i % groups`` (disjoint sets while there are
@@ -298,7 +298,7 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
     for i in range(s.study.n_workers):
         log = open(s.output_dir / f"worker-{i}.log", "w")
         command = [sys.executable, "-m", "fulu_nas.search.worker", str(config), str(i)]
-        env = _worker_env(i, s.study.n_workers, s.train.expert_parallel)
+        env = worker_env(i, s.study.n_workers, s.train.expert_parallel)
         procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     bar = TrialProgress(s, study, enabled=progress)
     seen: set[int] = set()
