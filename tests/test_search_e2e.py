@@ -71,6 +71,16 @@ def test_tiny_search_end_to_end_then_resume(tmp_path, monkeypatch):
             assert key in run.data.metrics
         assert run.data.params["moe.router"] == t.params["router"]
         if "cached_from" not in t.user_attrs:
+            # Where the trial's time went: phases that add up to no more than the trial, training the largest.
+            assert run.data.params["train_step"] == "eager"  # auto: eager on the CPU
+            phases = {k: v for k, v in run.data.metrics.items() if k.startswith("phase/")}
+            assert set(phases) == {f"phase/{p}_s" for p in ("sample", "train", "report", "evaluate", "cost", "log")}
+            assert all(v >= 0 for v in phases.values()) and max(phases, key=phases.get) == "phase/train_s"
+            assert sum(phases.values()) <= run.info.end_time / 1000 - run.info.start_time / 1000 + 1.0
+            share = run.data.metrics["overhead_share"]
+            assert share == pytest.approx(1 - phases["phase/train_s"] / sum(phases.values()))
+            assert 0 < run.data.metrics["train/first_step_s"] < phases["phase/train_s"]
+            assert "gpu_utilisation" not in run.data.metrics  # no GPU here
             history = client.get_metric_history(run.info.run_id, "train/loss")
             assert history and sorted(m.step for m in history) == [m.step for m in history]
             assert client.get_metric_history(run.info.run_id, "train/layer0/load_balance")
@@ -136,6 +146,9 @@ def test_identical_architectures_are_trained_once(tmp_path, monkeypatch):
             source = study.trials[t.user_attrs["cached_from"]]
             assert source.params == t.params and source.values == t.values
             assert t.user_attrs["weights_run_id"] == source.user_attrs["weights_run_id"]
+            # the quality and cost are copied; how the earlier trial's run went is its own
+            assert not any(k.startswith("phase/") for k in t.user_attrs["metrics"])
+            assert any(k.startswith("phase/") for k in source.user_attrs["metrics"])
     _, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "one-clusters")
     assert sum("fulu.cached_from_trial" in r.data.tags for r in runs) == 3
 

@@ -163,6 +163,34 @@ def test_gradient_checkpointing_trains_the_same():
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_compiled_training_step_trains_the_same_and_leaves_an_eager_model():
+    task = small_clusters()
+    results, models = {}, {}
+    for kind in ("eager", "compiled"):
+        models[kind] = clusters_model(task)
+        results[kind] = train(models[kind], task, TrainConfig(steps=6, compile=kind, **FAST))
+        assert results[kind].step_kind == kind
+    losses = {k: [r.loss for r in r_.history] for k, r_ in results.items()}
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    for a, b in zip(models["eager"].parameters(), models["compiled"].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # Adam magnifies rounding in its first steps
+    # the blocks are plain modules again: evaluation, cost and export see the eager model
+    assert all(block._compiled_call_impl is None for block in models["compiled"].blocks)
+    assert set(models["compiled"].state_dict()) == set(models["eager"].state_dict())
+
+
+def test_auto_step_is_eager_on_the_cpu_and_bad_values_are_refused():
+    from fulu_nas.training.train import COMPILE_MIN_STEPS, step_kind
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert step_kind(TrainConfig(steps=10_000), cpu, distributed=False) == "eager"
+    assert step_kind(TrainConfig(steps=COMPILE_MIN_STEPS), cuda, distributed=False) == "compiled"
+    assert step_kind(TrainConfig(steps=COMPILE_MIN_STEPS - 1), cuda, distributed=False) == "eager"
+    assert step_kind(TrainConfig(steps=10_000, compile="compiled"), cuda, distributed=True) == "eager"
+    with pytest.raises(ValueError, match="trainer.compile"):
+        step_kind(TrainConfig(compile="yes"), cpu, distributed=False)
+
+
 # -- dynamic expert scaling ------------------------------------------------------------------------
 
 def test_dynamic_plan_removes_idle_and_splits_the_busiest():

@@ -28,6 +28,7 @@ import gc
 import hashlib
 import json
 import math
+import time
 import traceback
 from dataclasses import asdict, dataclass
 
@@ -121,13 +122,25 @@ class TrainingLog:
         self.tracker, self.run_id, self.on_progress = tracker, run_id, on_progress
         self.smoothed: list[float] = []
         self.routing_history: list[dict] = []
+        self.gpu_utilisation: list[float] = []
+        self.seconds = 0.0  # spent recording: a trial's overhead, not its training
 
     def __call__(self, report: StepReport) -> float:
         """Record ``report``; returns the smoothed loss (what a pruner compares)."""
+        start = time.perf_counter()
+        try:
+            return self._record(report)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _record(self, report: StepReport) -> float:
         ema = report.loss if not self.smoothed else 0.8 * self.smoothed[-1] + 0.2 * report.loss
         self.smoothed.append(ema)
         step_metrics = {"train/loss": report.loss, "train/loss_smoothed": ema, "train/lr": report.lr,
                         "train/load_balance": report.load_balance}
+        if report.gpu_utilisation is not None:
+            step_metrics["train/gpu_utilisation"] = report.gpu_utilisation
+            self.gpu_utilisation.append(report.gpu_utilisation)
         for i, layer in enumerate(report.layers):
             for k in ("load_balance", "max_vio", "cv", "router_entropy", "utilisation", "dropped_share"):
                 step_metrics[f"train/layer{i}/{k}"] = layer[k]
@@ -152,11 +165,12 @@ def train_architecture(arch, s: SearchSettings, cfg: TrainConfig, on_report) -> 
 @dataclass
 class Measured:
     """A trained model's evaluation (quality and routing), its cost beside the reference, and the flat
-    metrics its run records (the objectives are read from these)."""
+    metrics its run records (the objectives are read from these); ``seconds``: each phase's time."""
 
     quality: dict
     cost: dict
     metrics: dict[str, float]
+    seconds: dict[str, float]
 
     def artifacts(self, arch, routing_history: list[dict]) -> dict:
         """The run's artifacts by file name (weights aside)."""
@@ -168,8 +182,11 @@ def evaluate_and_measure(model: PiMoETransformer, s: SearchSettings, reference: 
                          result: TrainResult) -> Measured:
     """Evaluate ``model`` on the task, measure its cost beside ``reference``; a non-finite validation
     loss fails it (:class:`TrialFailed`)."""
+    start = time.perf_counter()
     quality = evaluate(model, s.task)
+    evaluated = time.perf_counter()
     cost, cost_metrics = measure_trial_cost(model, s, reference)
+    seconds = {"evaluate": evaluated - start, "cost": time.perf_counter() - evaluated}
     task = s.task
     m = {"loss": quality["loss"], "metric": quality[task.metric_name], task.metric_name: quality[task.metric_name],
          "load_balance": quality["load_balance"], "utilisation": quality["utilisation"],
@@ -179,12 +196,35 @@ def evaluate_and_measure(model: PiMoETransformer, s: SearchSettings, reference: 
     m["routing_accuracy"] = quality.get("routing_accuracy", float("nan"))
     if not math.isfinite(m["loss"]):
         raise TrialFailed("validation loss is not finite")
-    return Measured(quality, cost, m)
+    return Measured(quality, cost, m, seconds)
+
+
+# Metrics of how a trial's own run went (phase_metrics): a trial that reuses an identical earlier result
+# copies that trial's quality and cost, not these.
+RUN_METRICS = ("phase/", "train/first_step_s", "gpu_utilisation")
+
+
+def phase_metrics(seconds: dict[str, float], result: TrainResult, log: TrainingLog) -> dict[str, float]:
+    """Where a trial's time went, as metrics: ``phase/<name>_s`` for sampling, training (the steps alone),
+    step reports (MLflow and the pruner), evaluation, cost measurement and logging (the weights' upload
+    included); ``overhead_share``: the share of the trial spent outside training steps; the first step's
+    time (with the compiled step, mostly its compilation) and the GPU's utilisation during training."""
+    phases = {"train": seconds["train"] - log.seconds, "report": log.seconds,
+              **{k: v for k, v in seconds.items() if k != "train"}}
+    total = sum(phases.values())
+    out = {f"phase/{k}_s": v for k, v in phases.items()}
+    out["overhead_share"] = 1 - phases["train"] / total if total > 0 else 0.0
+    out["train/first_step_s"] = result.first_step_seconds
+    busy = log.gpu_utilisation[1:]  # the first report's period holds the compilation
+    if busy:
+        out["gpu_utilisation"] = sum(busy) / len(busy)
+    return out
 
 
 def cache_key(settings: SearchSettings, arch_hash: str) -> str:
     """Identical architecture + task + budget + cost protocol -> identical key."""
-    skip = ("progress", "device", "report_every", "seconds_cap")  # none of these changes a trial's result
+    # none of these changes a trial's result (beyond floating-point rounding: device, compile)
+    skip = ("progress", "device", "compile", "report_every", "seconds_cap")
     train = {k: v for k, v in asdict(settings.train).items() if k not in skip}
     if train["expert_parallel"] == 1:  # the default: keys from before the setting stay valid
         del train["expert_parallel"]
@@ -206,6 +246,7 @@ class Objective:
         self.references = ReferenceModels(settings)
 
     def __call__(self, trial: optuna.Trial):
+        started = time.perf_counter()
         self.started.add(trial.number)
         self._check_surplus(trial)
         values = self.s.space.sample(trial)
@@ -224,14 +265,17 @@ class Objective:
         earlier = self._identical(trial, key)
         if earlier is not None:
             return self._reuse(trial, earlier, values, arch)
-        return self._train(trial, values, arch)
+        return self._train(trial, values, arch, started)
 
     # -- the protocol -------------------------------------------------------------------------
-    def _train(self, trial: optuna.Trial, values: dict, arch):
+    def _train(self, trial: optuna.Trial, values: dict, arch, started: float):
         reference = bool(trial.user_attrs.get("reference"))
+        seconds = {"sample": time.perf_counter() - started}
+        clock = time.perf_counter()
         run_id = self.tracker.start_trial(self.parent_run_id, trial.number, values, arch.to_dict(),
                                           {"fulu.reference": reference, "fulu.arch_hash": arch.content_hash()})
         trial.set_user_attr("mlflow_run_id", run_id)
+        seconds["log"] = time.perf_counter() - clock
         model = None
         log = TrainingLog(self.tracker, run_id, lambda step, loss: self.on_progress(trial.number, step, loss))
 
@@ -246,16 +290,23 @@ class Objective:
 
         try:
             # over P ranks with trainer.expert_parallel > 1; back here as an ordinary model
+            clock = time.perf_counter()
             model, result = train_architecture(arch, self.s, self.s.train, on_report)
+            seconds["train"] = time.perf_counter() - clock
             measured = evaluate_and_measure(model, self.s, self.references.beside(model), result)
             metrics = measured.metrics
             for name, bound in self.s.study.constraints:
                 trial.set_constraint(name, metrics[name] - bound)
             objectives = [metrics[o] for o in self.s.study.objectives]
-            record_metrics(trial, metrics)
-            trial.set_user_attr("weights_run_id", run_id)
+            clock = time.perf_counter()
+            self.tracker.log_params(run_id, {"train_step": result.step_kind})
             self.tracker.log_metrics(run_id, metrics)
             self.tracker.log_files(run_id, measured.artifacts(arch, log.routing_history), weights=model)
+            seconds["log"] += time.perf_counter() - clock
+            phases = phase_metrics({**seconds, **measured.seconds}, result, log)
+            self.tracker.log_metrics(run_id, phases)
+            record_metrics(trial, {**metrics, **phases})
+            trial.set_user_attr("weights_run_id", run_id)
             self.tracker.end_trial(run_id, "FINISHED")
             return objectives[0] if len(objectives) == 1 else objectives
         except optuna.TrialPruned as e:
@@ -289,7 +340,7 @@ class Objective:
         trial.set_user_attr("cached_from", earlier.number)
         if earlier.state == TrialState.PRUNED:
             raise optuna.TrialPruned(f"identical to trial {earlier.number}, which was pruned")
-        metrics = earlier.user_attrs["metrics"]
+        metrics = {k: v for k, v in earlier.user_attrs["metrics"].items() if not k.startswith(RUN_METRICS)}
         run_id = self.tracker.start_trial(self.parent_run_id, trial.number, values, arch.to_dict(),
                                           {"fulu.cached_from_trial": earlier.number,
                                            "fulu.weights_run_id": earlier.user_attrs.get("weights_run_id")})

@@ -63,7 +63,7 @@ class Tracker:
                   **{f"task.{k}": v for k, v in s.task_params.items()},
                   **{f"trainer.{k}": v for k, v in flatten(s.raw["trainer"]).items()},
                   **{f"constraint.{k}": v for k, v in s.study.constraints}}
-        self._log_params(run.info.run_id, params)
+        self.log_params(run.info.run_id, params)
         with tempfile.TemporaryDirectory() as tmp:
             _write_json(Path(tmp) / "search_config.json", s.raw)
             self.client.log_artifact(run.info.run_id, str(Path(tmp) / "search_config.json"))
@@ -120,7 +120,7 @@ class Tracker:
             self.experiment_id, run_name=name,
             tags={"mlflow.parentRunId": parent_id, "fulu.kind": kind, "fulu.trial": str(trial),
                   "fulu.study": self.settings.study.name, **{k: str(v) for k, v in tags.items()}})
-        self._log_params(run.info.run_id, params)
+        self.log_params(run.info.run_id, params)
         return run.info.run_id
 
     def log_step(self, run_id: str, step: int, values: dict[str, float]) -> None:
@@ -152,7 +152,7 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     # -- helpers ------------------------------------------------------------------------------
-    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]

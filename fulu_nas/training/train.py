@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +78,9 @@ class TrainConfig:
     # Devices (ranks) per trial in a search: expert-parallel training under a torchrun-style launch
     # (read by the search; ``train`` follows the process group it finds, see the module doc).
     expert_parallel: int = 1
+    # The training step: "compiled" (every block through torch.compile), "eager", or "auto" (see
+    # :func:`step_kind`). Either gives the same model up to floating-point rounding.
+    compile: str = "auto"
 
 
 @dataclass
@@ -89,6 +92,9 @@ class StepReport:
     lr: float
     elapsed: float
     layers: list[dict[str, float | list[float]]]
+    # Percent of the last sampling period (1/6 s to 1 s) in which a kernel ran on the training GPU (NVML,
+    # as nvidia-smi reports it); None off CUDA or without NVML.
+    gpu_utilisation: float | None = None
 
     @property
     def load_balance(self) -> float:
@@ -101,6 +107,8 @@ class TrainResult:
     seconds: float
     final_loss: float
     stop_reason: str
+    step_kind: str = "eager"  # "compiled" or "eager": the training step that ran (:func:`step_kind`)
+    first_step_seconds: float = 0.0  # the first step alone: with the compiled step, mostly its compilation
     history: list[StepReport] = field(default_factory=list)
     expert_counts: list[list[int]] = field(default_factory=list)
 
@@ -109,6 +117,50 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+# Below this many steps the compiled step does not pay for its compilation (a new architecture compiles
+# anew): on an H200, the GPU preset's blocks compile in about COMPILE_NOTE and save about STEP_NOTE.
+COMPILE_MIN_STEPS = 200
+
+
+def step_kind(cfg: TrainConfig, device: torch.device, distributed: bool) -> str:
+    """The training step to run: ``cfg.compile`` when it names one; for "auto", compiled on CUDA for
+    budgets of at least :data:`COMPILE_MIN_STEPS` steps, eager elsewhere (on the CPU, compiling takes
+    longer than the small models a CPU trains save with it). Expert-parallel layers (their all-to-all)
+    and dynamic experts (modules change between steps) train eagerly."""
+    if cfg.compile not in ("auto", "compiled", "eager"):
+        raise ValueError(f"trainer.compile must be auto, compiled or eager, not {cfg.compile!r}")
+    if cfg.compile == "auto":
+        compiled = device.type == "cuda" and cfg.steps >= COMPILE_MIN_STEPS
+    else:
+        compiled = cfg.compile == "compiled"
+    return "compiled" if compiled and not distributed and not cfg.dynamic_experts else "eager"
+
+
+@contextmanager
+def compiled_blocks(model: PiMoETransformer):
+    """Every transformer block compiled (regional compilation: identical blocks share one compiled graph,
+    so compile time does not grow with depth), for the duration of the ``with``; the blocks are plain
+    modules again afterwards, so evaluation, cost measurement and export see the eager model."""
+    torch._dynamo.reset()  # a search compiles one architecture after another: never hit the recompile limit
+    for block in model.blocks:
+        block.compile(dynamic=False)
+    try:
+        yield
+    finally:
+        for block in model.blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set: back to the module's own forward
+
+
+def gpu_utilisation(device: torch.device) -> float | None:
+    """NVML's utilisation of ``device`` (see :attr:`StepReport.gpu_utilisation`), or None."""
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # no NVML bindings (pynvml) or no permission: the figure is optional
+        return None
 
 
 def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
@@ -269,59 +321,66 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     dynamic = DynamicExperts(model, optimizer, cfg.dynamic_experts) if cfg.dynamic_experts else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     batches = task.train_batches(cfg.batch_size, seed=cfg.seed + rank)
-    result = TrainResult(steps=0, seconds=0.0, final_loss=float("nan"), stop_reason="steps")
+    kind = step_kind(cfg, device, distributed=isinstance(ranks, _Ranks))
+    result = TrainResult(steps=0, seconds=0.0, final_loss=float("nan"), stop_reason="steps", step_kind=kind)
     first_loss = None
     start = ranks.start = time.perf_counter()
     bar = tqdm(total=cfg.steps, disable=not cfg.progress or rank != 0, desc="train", leave=False)
-    try:
-        for step in range(1, cfg.steps + 1):
-            elapsed = ranks.elapsed_before_step()
-            progress = step / cfg.steps
-            if cfg.max_seconds:
-                progress = max(progress, elapsed / cfg.max_seconds)
-            lr = cfg.lr * lr_factor(progress, cfg.warmup_fraction, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    # The compiled blocks live as long as training: evaluation and export see the eager model.
+    with compiled_blocks(model) if kind == "compiled" else nullcontext():
+        try:
+            for step in range(1, cfg.steps + 1):
+                elapsed = ranks.elapsed_before_step()
+                progress = step / cfg.steps
+                if cfg.max_seconds:
+                    progress = max(progress, elapsed / cfg.max_seconds)
+                lr = cfg.lr * lr_factor(progress, cfg.warmup_fraction, cfg.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            batch = next(batches).to(device)
-            with autocast:
-                out = model(batch.tokens)
-            loss = task_loss(out.logits, batch)
-            # one sync per step: cheap next to the step, and catches NaN at once
-            value = ranks.mean(loss)
-            first_loss = value if first_loss is None else first_loss
-            if not math.isfinite(value):
-                raise TrainingDiverged(step, value, "not finite")
-            if value > cfg.divergence_factor * max(first_loss, 1e-3) and step > 1:
-                raise TrainingDiverged(step, value, f"above {cfg.divergence_factor}x the first loss {first_loss:.4g}")
+                batch = next(batches).to(device)
+                with autocast:
+                    out = model(batch.tokens)
+                loss = task_loss(out.logits, batch)
+                # one sync per step: cheap next to the step, and catches NaN at once
+                value = ranks.mean(loss)
+                first_loss = value if first_loss is None else first_loss
+                if not math.isfinite(value):
+                    raise TrainingDiverged(step, value, "not finite")
+                if value > cfg.divergence_factor * max(first_loss, 1e-3) and step > 1:
+                    raise TrainingDiverged(step, value,
+                                           f"above {cfg.divergence_factor}x the first loss {first_loss:.4g}")
 
-            optimizer.zero_grad(set_to_none=True)
-            (loss + out.balance_loss).backward()
-            ranks.step_gradients(model, cfg.grad_clip)
-            optimizer.step()
-            model.update_expert_biases(out.moe_stats)
-            if dynamic is not None:
-                dynamic.observe(out.moe_stats, batch)
-                dynamic.maybe_rescale(step, progress)
+                optimizer.zero_grad(set_to_none=True)
+                (loss + out.balance_loss).backward()
+                ranks.step_gradients(model, cfg.grad_clip)
+                optimizer.step()
+                model.update_expert_biases(out.moe_stats)
+                if dynamic is not None:
+                    dynamic.observe(out.moe_stats, batch)
+                    dynamic.maybe_rescale(step, progress)
 
-            result.steps, result.final_loss = step, value
-            bar.update(1)
-            elapsed = ranks.elapsed_after_step(timed=bool(cfg.max_seconds or cfg.seconds_cap))
-            if cfg.seconds_cap and elapsed >= cfg.seconds_cap and step < cfg.steps:
-                raise BudgetCapReached(step, cfg.steps, elapsed, cfg.seconds_cap)
-            last = step == cfg.steps or (cfg.max_seconds and elapsed >= cfg.max_seconds)
-            if step % cfg.report_every == 0 or last:
-                layers = ranks.global_layers(host_layer_stats(out.moe_stats))
-                report = StepReport(step, value, lr, time.perf_counter() - start, layers)
-                result.history.append(report)
-                bar.set_postfix(loss=f"{value:.4f}", balance=f"{report.load_balance:.3f}")
-                ranks.call_on_rank_zero(callback, report)
-            if last and step < cfg.steps:
-                result.stop_reason = "time"
-                break
-    finally:
-        bar.close()
-        result.seconds = time.perf_counter() - start
+                result.steps, result.final_loss = step, value
+                if step == 1:
+                    result.first_step_seconds = time.perf_counter() - start
+                bar.update(1)
+                elapsed = ranks.elapsed_after_step(timed=bool(cfg.max_seconds or cfg.seconds_cap))
+                if cfg.seconds_cap and elapsed >= cfg.seconds_cap and step < cfg.steps:
+                    raise BudgetCapReached(step, cfg.steps, elapsed, cfg.seconds_cap)
+                last = step == cfg.steps or (cfg.max_seconds and elapsed >= cfg.max_seconds)
+                if step % cfg.report_every == 0 or last:
+                    layers = ranks.global_layers(host_layer_stats(out.moe_stats))
+                    report = StepReport(step, value, lr, time.perf_counter() - start, layers,
+                                        gpu_utilisation(device) if rank == 0 else None)
+                    result.history.append(report)
+                    bar.set_postfix(loss=f"{value:.4f}", balance=f"{report.load_balance:.3f}")
+                    ranks.call_on_rank_zero(callback, report)
+                if last and step < cfg.steps:
+                    result.stop_reason = "time"
+                    break
+        finally:
+            bar.close()
+            result.seconds = time.perf_counter() - start
     result.expert_counts = [[layer.cfg.num_experts for layer in model.moe_layers()]]
     if dynamic is not None:
         result.expert_counts = dynamic.history
