@@ -2,7 +2,8 @@
 
 ``layer``, ``latency`` and ``profile`` time one PiMoE layer (torch alone); ``peers`` times it beside
 other MoE implementations (a plain grouped_mm one, Hugging Face Mixtral, ScatterMoE); ``levels``
-measures the original spec's optimisation levels; ``routers``, ``clusters``, ``dynamic`` and friends
+measures the original spec's optimisation levels; ``train-step`` times the eager and the compiled
+training step; ``routers``, ``clusters``, ``dynamic`` and friends
 train small models on the tasks.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cost_stability, layer, levels, nas_table, peers, sampler_bench, tasks
+from . import cost_stability, layer, levels, nas_table, peers, sampler_bench, tasks, train_step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     nas_table.add_parser(sub)
     sampler_bench.add_parser(sub)
     cost_stability.add_parser(sub)
+    train_step.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,67 @@
+"""The GPU preset (``+experiment=gpu``) end to end on a GPU (skipped without CUDA), shrunk to seconds:
+the study, each trial's MLflow run (the training step it used, where its time went, the GPU's
+utilisation, cost timed with CUDA events), and the exported winner loaded with torch alone on the GPU."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import mlflow
+import optuna
+import pytest
+import torch
+
+from fulu_nas.cli import main
+
+pytestmark = [pytest.mark.cuda, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SHRUNK = ("+experiment=gpu", "study.n_trials=3", "study.startup_trials=2", "trainer.steps=40",
+          "trainer.report_every=10", "trainer.cost_iterations=3")
+STUDY = "gpu-textlm"
+
+
+def test_gpu_preset_searches_logs_and_exports_a_model_torch_loads_on_the_gpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["search", *SHRUNK, f"hydra.run.dir={out}"]) == 0
+
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'optuna.db'}")
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                       optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == 3
+    assert study.trials[0].user_attrs["reference"] and study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    arch = study.trials[0].user_attrs["arch"]
+    assert (arch["num_layers"], arch["hidden_size"], arch["max_seq_len"]) == (4, 512, 256)
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(STUDY).experiment_id])
+    trained = {int(r.data.tags["fulu.trial"]): r for r in runs
+               if r.data.tags.get("fulu.kind") == "trial" and r.info.status == "FINISHED"
+               and "fulu.cached_from_trial" not in r.data.tags}
+    assert 0 in trained
+    for run in trained.values():
+        m = run.data.metrics
+        assert run.data.params["train_step"] == "eager"  # auto: 40 steps do not pay for a compilation
+        assert 0 <= m["gpu_utilisation"] <= 100
+        assert 0 < m["overhead_share"] < 1 and m["phase/train_s"] > 0
+        cost = json.loads(open(client.download_artifacts(run.info.run_id, "cost.json", str(tmp_path))).read())
+        assert cost["timing"] == "CUDA events, one CUDA graph per shape"
+        assert [(s["batch"], s["seq"]) for s in cost["shapes"]] == [(1, 256), (32, 256)]
+
+    target = tmp_path / "model"
+    assert main(["export", f"study.name={STUDY}", f"hydra.run.dir={out}", f"out={target}"]) == 0
+    import fulu_nas
+
+    model = fulu_nas.load(target, map_location="cuda")
+    data = (target / "model.pt2").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == json.loads((target / "checksums.json").read_text())["model.pt2"]
+    program = torch.export.passes.move_to_device_pass(torch.export.load(io.BytesIO(data)), "cuda")
+    tokens = torch.randint(0, 256, (2, 256), device="cuda")
+    with torch.no_grad():
+        expected = model(tokens).logits
+        got = program.module()(tokens)
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16 tolerance
