@@ -129,3 +129,22 @@ def test_without_stats_the_output_is_the_same(router):
     out, stats = layer(x, with_stats=False)
     assert stats == {}
     torch.testing.assert_close(out, layer(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_under_autocast_the_experts_run_in_its_dtype_and_the_router_in_the_inputs(router):
+    """As nn.Linear does under autocast: a trainer's fp32 residual stream reaches the layer as fp32, and the
+    experts must run in bf16 (on CUDA, fp32 grouped GEMMs sync with the host), while the routing decisions
+    stay those of the fp32 input. Gradients reach the fp32 parameters."""
+    layer = make_layer(router, num_shared_experts=1)
+    x = torch.randn(2, 24, layer.cfg.hidden_size)
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        reference, ref_stats = layer(x, token_ids=ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, stats = layer(x, token_ids=ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(stats["tokens_per_expert"], ref_stats["tokens_per_expert"])  # same routing
+    torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.experts.parameters())

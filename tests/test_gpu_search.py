@@ -12,6 +12,7 @@ import mlflow
 import optuna
 import pytest
 import torch
+from torch.export.passes import move_to_device_pass
 
 from fulu_nas.cli import main
 
@@ -58,7 +59,7 @@ def test_gpu_preset_searches_logs_and_exports_a_model_torch_loads_on_the_gpu(tmp
     model = fulu_nas.load(target, map_location="cuda")
     data = (target / "model.pt2").read_bytes()
     assert hashlib.sha256(data).hexdigest() == json.loads((target / "checksums.json").read_text())["model.pt2"]
-    program = torch.export.passes.move_to_device_pass(torch.export.load(io.BytesIO(data)), "cuda")
+    program = move_to_device_pass(torch.export.load(io.BytesIO(data)), "cuda")
     tokens = torch.randint(0, 256, (2, 256), device="cuda")
     with torch.no_grad():
         expected = model(tokens).logits

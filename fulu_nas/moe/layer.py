@@ -42,6 +42,14 @@ from .stats import LazyStats, load_statistics, once, router_entropy, token_mean
 TRITON_TRAINING_MIN_TOKENS = 16384
 
 
+def autocast_input(x: Tensor) -> Tensor:
+    """``x`` in the autocast dtype of its device where autocast is on there, else ``x``."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def prefer_triton(cfg: MoEConfig, num_tokens: int, x: Tensor, training: bool = False) -> bool:
     """Whether ``impl="grouped"`` takes the Triton experts (given that they apply): where they
     were measured faster than ``torch._grouped_mm``. On H200 in bf16 that was every shape tried
@@ -92,6 +100,10 @@ class PiMoELayer(nn.Module):
                 with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         x_TD, routing = self._route(x, token_ids)
+        # Under autocast the experts run in its dtype, as nn.Linear does (a trainer's residual stream and
+        # norms stay fp32, so the layer's input is fp32): fp32 grouped GEMMs take a slow path that syncs
+        # with the host every call. The router keeps the input's precision.
+        x_TD = autocast_input(x_TD)
         impl = impl or cfg.impl
         if cfg.token_choice:
             out_TD, load = self._token_choice(x_TD, routing, impl)
@@ -236,7 +248,8 @@ class PiMoELayer(nn.Module):
 
         def load() -> tuple[Tensor, Tensor]:
             counts_E = torch.ones(E, device=x_TD.device) * C  # C may be symbolic under export
-            taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).index_add_(0, token_N, torch.ones_like(weight_N))
+            taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).index_add_(
+                0, token_N, torch.ones(token_N.shape, device=x_TD.device))
             return counts_E, token_mean((taken_T == 0).float())
         return out_TD, load
 

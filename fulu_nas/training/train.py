@@ -119,9 +119,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# Below this many steps the compiled step does not pay for its compilation (a new architecture compiles
-# anew): on an H200, the GPU preset's blocks compile in about COMPILE_NOTE and save about STEP_NOTE.
-COMPILE_MIN_STEPS = 200
+# Below this many steps the compiled step does not pay for its compilation (each architecture compiles
+# anew). `fulu-nas bench train-step +experiment=gpu` on an H200 (BENCHMARKS.md): the compiled step's
+# first step takes 8-14 s longer and later steps save 10-25%, paying back after 850-1,900 steps.
+COMPILE_MIN_STEPS = 2000
 
 
 def step_kind(cfg: TrainConfig, device: torch.device, distributed: bool) -> str:
