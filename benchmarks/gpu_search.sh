@@ -3,7 +3,9 @@
 #   bash benchmarks/gpu_search.sh OUT_DIR [n_trials] [worker counts...]
 # 1. `fulu-nas search +experiment=gpu` (n_trials, default 12) with nvidia-smi sampling the GPU's
 #    utilisation every 0.5 s, then the export of its winner and a torch-only load on the GPU;
-# 2. the same search with each worker count (default: 2 4) sharing the GPU, each its own study, for
+# 2. with CONFIRM set (e.g. CONFIRM="top_k=3 budget_factor=2 n_workers=3"), `fulu-nas confirm` of that
+#    search with those options (3 seeds);
+# 3. the same search with each worker count (default: 2 4) sharing the GPU, each its own study, for
 #    trials per hour. Every search's summary, study and MLflow database land in OUT_DIR.
 # fulu-nas must be importable (installed, or the checkout on PYTHONPATH: `python3 -m fulu_nas`).
 set -euo pipefail
@@ -61,4 +63,10 @@ print(f"torch-only program on {torch.cuda.get_device_name()}: relative error {er
       f"bf16 module vs fp32: {((bf16 - want).norm() / want.norm()).item():.2e}")
 assert err < 1e-2
 PY
+if [ -n "${CONFIRM:-}" ]; then
+  # shellcheck disable=SC2086  # CONFIRM holds several key=value options
+  fulu confirm study.name=gpu-w1 hydra.run.dir=outputs/gpu-w1 $CONFIRM
+  cp outputs/gpu-w1/confirmation.json "$out/gpu-w1-confirmation.json"
+  cp outputs/gpu-w1/optuna.db "$out/gpu-w1-optuna.db"
+fi
 for n in "${workers[@]}"; do search "gpu-w$n" "$n"; done

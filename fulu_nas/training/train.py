@@ -121,8 +121,8 @@ def resolve_device(name: str) -> torch.device:
 
 # Below this many steps the compiled step does not pay for its compilation (each architecture compiles
 # anew). `fulu-nas bench train-step +experiment=gpu` on an H200 (BENCHMARKS.md): the compiled step's
-# first step takes 8-14 s longer and later steps save 10-25%, paying back after 850-1,900 steps.
-COMPILE_MIN_STEPS = 2000
+# first step takes 8-16 s longer and later steps save 22-34%, paying back after 790-3,100 steps.
+COMPILE_MIN_STEPS = 3000
 
 
 def step_kind(cfg: TrainConfig, device: torch.device, distributed: bool) -> str:
