@@ -74,7 +74,8 @@ def test_tiny_search_end_to_end_then_resume(tmp_path, monkeypatch):
             # Where the trial's time went: phases that add up to no more than the trial, training the largest.
             assert run.data.params["train_step"] == "eager"  # auto: eager on the CPU
             phases = {k: v for k, v in run.data.metrics.items() if k.startswith("phase/")}
-            assert set(phases) == {f"phase/{p}_s" for p in ("sample", "train", "report", "evaluate", "cost", "log")}
+            names = ("sample", "build", "train", "report", "evaluate", "cost", "log")
+            assert set(phases) == {f"phase/{p}_s" for p in names}
             assert all(v >= 0 for v in phases.values()) and max(phases, key=phases.get) == "phase/train_s"
             assert sum(phases.values()) <= run.info.end_time / 1000 - run.info.start_time / 1000 + 1.0
             share = run.data.metrics["overhead_share"]

@@ -205,11 +205,13 @@ RUN_METRICS = ("phase/", "train/first_step_s", "gpu_utilisation")
 
 
 def phase_metrics(seconds: dict[str, float], result: TrainResult, log: TrainingLog) -> dict[str, float]:
-    """Where a trial's time went, as metrics: ``phase/<name>_s`` for sampling, training (the steps alone),
-    step reports (MLflow and the pruner), evaluation, cost measurement and logging (the weights' upload
-    included); ``overhead_share``: the share of the trial spent outside training steps; the first step's
-    time (with the compiled step, mostly its compilation) and the GPU's utilisation during training."""
-    phases = {"train": seconds["train"] - log.seconds, "report": log.seconds,
+    """Where a trial's time went, as metrics: ``phase/<name>_s`` for sampling, building the model (and moving
+    it to the device, the optimizer; with expert parallelism, starting the ranks), training (the steps
+    alone), step reports (MLflow and the pruner), evaluation, cost measurement and logging (the weights'
+    upload included); ``overhead_share``: the share of the trial spent outside training steps; the first
+    step's time (with the compiled step, mostly its compilation) and the GPU's utilisation during training."""
+    steps = min(result.seconds, seconds["train"]) - log.seconds  # the reports run inside the training loop
+    phases = {"train": steps, "report": log.seconds, "build": seconds["train"] - steps - log.seconds,
               **{k: v for k, v in seconds.items() if k != "train"}}
     total = sum(phases.values())
     out = {f"phase/{k}_s": v for k, v in phases.items()}
