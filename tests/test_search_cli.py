@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fulu_nas.cli import main
@@ -36,6 +37,8 @@ BAD = [
     (["trainer.lr=-1"], "trainer.lr"),
     (["trainer.cost_shapes=[[1]]"], "trainer.cost_shapes"),
     (["trainer.device=tpu"], "trainer.device"),
+    (["trainer.device=cuda:99"], "trainer.device: cuda:99"),  # no such GPU (none at all on a CPU machine)
+    (["trainer.compile=yes"], "trainer.compile"),
     (["task=textlm", "task.path=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["study.sampler=grid", "search_space=default", "+search_space.params.router_jitter={type:float,low:0,high:1}",
       "+search_space.reference.router_jitter=0.0"],
@@ -253,3 +256,13 @@ def test_help_lists_commands_and_hydra_groups(tmp_path, monkeypatch, capsys):
 def test_ui_refuses_a_folder_without_a_tracking_database(tmp_path, capsys):
     assert main(["ui", str(tmp_path)]) == 2
     assert "no MLflow database" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_the_gpu_preset_without_a_gpu_exits_2_naming_cuda(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "+experiment=gpu"]) == 2
+    assert problems_in(capsys.readouterr().err) == [
+        f"trainer.device: cuda asks for a CUDA GPU, but torch sees none here (torch {torch.__version__}; use "
+        "trainer.device=auto or cpu)"]
+    assert list(tmp_path.iterdir()) == []

@@ -355,12 +355,28 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
     device = d.get("device", "auto")
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         problems.append(f"trainer.device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    elif device.startswith("cuda"):
+        _check_cuda_device(device, problems)
     if len(problems) > n0:
         return None, None
     options = {k: v for k, v in d.items() if k in _TRAIN_FIELDS}
     cap = options.pop("max_seconds", None)
     train = TrainConfig(**options, seconds_cap=cap, progress=False)
     return train, CostSettings(tuple((int(b), int(s)) for b, s in shapes), iterations, rounds)
+
+
+def _check_cuda_device(device: str, problems: list[str]) -> None:
+    """A CUDA ``trainer.device`` needs that GPU here (a GPU preset on a machine without one must not quietly
+    train on the CPU)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = device.partition(":")[2]
+    if not count:
+        problems.append(f"trainer.device: {device} asks for a CUDA GPU, but torch sees none here "
+                        f"(torch {torch.__version__}; use trainer.device=auto or cpu)")
+    elif index and (not index.isdigit() or int(index) >= count):
+        problems.append(f"trainer.device: {device} is not a CUDA device here (visible: cuda:0 to cuda:{count - 1})")
 
 
 def _tracking(d: dict, problems: list[str]) -> TrackingSettings | None:
