@@ -244,3 +244,22 @@ def test_compiled_training_step_trains_like_the_eager_one_on_cuda(router):
         losses[kind] = [r.loss for r in result.history]
         assert all(r.gpu_utilisation is None or 0 <= r.gpu_utilisation <= 100 for r in result.history)
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-2)  # bf16: the same curve, not the same bits
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_a_model_is_built_on_the_gpu_directly_and_trains(router):
+    """A search trial's model, built on the GPU (every tensor created there), with the CPU's hash; it trains."""
+    from fulu_nas.models import ArchConfig, seeded_model
+    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.training.train import TrainConfig, train
+
+    moe = make_layer(router, hidden_size=128, expert_ffn_size=128, num_experts=8, top_k=2).cfg
+    arch = ArchConfig(vocab_size=256, max_seq_len=64, num_layers=2, hidden_size=128, num_heads=4, moe=moe)
+    model = seeded_model(arch, 0, "cuda")
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cuda"}
+    on_cpu = seeded_model(arch, 0, "cpu")
+    for (name, a), (_, b) in zip(model.named_buffers(), on_cpu.named_buffers(), strict=True):
+        torch.testing.assert_close(a.cpu(), b, msg=name)  # the hash planes and the like: the same everywhere
+    result = train(model, TextLMTask(seq_len=64, max_bytes=200_000),
+                   TrainConfig(steps=3, batch_size=8, report_every=1, progress=False, device="cuda"))
+    assert result.steps == 3 and all(r.loss == r.loss for r in result.history)

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from fulu_nas.errors import FuluConfigError
-from fulu_nas.models import ArchConfig, PiMoETransformer
+from fulu_nas.models import ArchConfig, PiMoETransformer, seeded_model
 from fulu_nas.moe import MoEConfig
+
+from .helpers import make_config
 
 
 def arch(**kw) -> ArchConfig:
@@ -128,3 +130,18 @@ def test_remap_experts_moves_weights_router_rows_and_bias():
     assert out.moe_stats[0]["tokens_per_expert"].shape == (3,)
     with pytest.raises(ValueError, match="top_k"):
         layer.remap_experts([0])
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice", "hash", "hierarchical", "attention"])
+def test_seeded_model_is_built_on_the_device_it_is_given(router):
+    """Every parameter and buffer is created on the device (nothing built on the CPU and moved: that is
+    what made a GPU trial's model take seconds to build); on the CPU, the seed's usual weights."""
+    moe = make_config(router, hidden_size=32, expert_ffn_size=16, num_experts=8, top_k=2)
+    arch = ArchConfig(vocab_size=64, max_seq_len=16, num_layers=2, hidden_size=32, num_heads=2, moe=moe)
+    on_meta = seeded_model(arch, 0, "meta")
+    assert {t.device.type for t in [*on_meta.parameters(), *on_meta.buffers()]} == {"meta"}
+    torch.manual_seed(0)
+    expected = PiMoETransformer(arch)
+    got = seeded_model(arch, 0)
+    for (name, a), (_, b) in zip(expected.state_dict().items(), got.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

@@ -190,11 +190,14 @@ class HashRouter(Fp32Router):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
+        # Drawn on the CPU whatever the device the layer is built on (a `with torch.device(...)`): the same
+        # hash on every device.
         g = torch.Generator().manual_seed(cfg.hash_seed)
-        self.a, self.b = (int(v) for v in torch.randint(1, _HASH_PRIME, (2,), generator=g))
+        self.a, self.b = (int(v) for v in torch.randint(1, _HASH_PRIME, (2,), generator=g, device="cpu"))
         bits = min(62, max(8, math.ceil(math.log2(cfg.num_experts)) + 8))
+        planes_DB = torch.randn(cfg.hidden_size, bits, generator=g, device="cpu").to(torch.get_default_device())
         # Not persistent: it is a pure function of the seed, rebuilt on construction.
-        self.register_buffer("planes_DB", torch.randn(cfg.hidden_size, bits, generator=g), persistent=False)
+        self.register_buffer("planes_DB", planes_DB, persistent=False)
         self.register_buffer("powers_B", 2 ** torch.arange(bits, dtype=torch.int64), persistent=False)
 
     def forward(self, x_TD: Tensor, token_ids: Tensor | None = None,

@@ -83,21 +83,20 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
                 factor: float):
     """The trial's model with its saved weights, or retrained for ``factor`` times the search budget."""
     import mlflow
-    import torch
     from safetensors.torch import load_model
 
-    from ..models import ArchConfig, PiMoETransformer
-    from ..training.train import train
+    from ..models import ArchConfig, PiMoETransformer, seeded_model
+    from ..training.train import resolve_device, train
 
     arch = ArchConfig.from_dict(trial.user_attrs["arch"])
-    torch.manual_seed(s.train.seed)
-    model = PiMoETransformer(arch)
     if retrain:
         budget = replace(s.train, steps=int(s.train.steps * factor), progress=True, device="auto",
                          seconds_cap=s.train.seconds_cap * factor if s.train.seconds_cap else None)
+        model = seeded_model(arch, s.train.seed, resolve_device(budget.device))
         result = train(model, s.task, budget)
         return model.cpu().float(), {"retrained": True, "retrain_steps": result.steps,
                                      "retrain_seconds": result.seconds}
+    model = PiMoETransformer(arch)  # the trial's weights replace the initial ones
     run_id = trial.user_attrs.get("weights_run_id")
     client = mlflow.MlflowClient(location.tracking_uri)
     try:

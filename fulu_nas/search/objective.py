@@ -36,10 +36,18 @@ import optuna
 import torch
 
 from ..deploy.cost import measure_cost
-from ..models import PiMoETransformer
+from ..models import PiMoETransformer, seeded_model
 from ..training.evaluate import evaluate
 from ..training.parallel import train_expert_parallel
-from ..training.train import BudgetCapReached, StepReport, TrainConfig, TrainingDiverged, TrainResult, train
+from ..training.train import (
+    BudgetCapReached,
+    StepReport,
+    TrainConfig,
+    TrainingDiverged,
+    TrainResult,
+    resolve_device,
+    train,
+)
 from .settings import SearchSettings
 from .space import Infeasible
 from .tracking import Tracker
@@ -77,8 +85,7 @@ def reference_model(s: SearchSettings, device: torch.device) -> PiMoETransformer
     model every trial's latency is measured beside (``latency_ratio``). None without a reference."""
     if s.space.reference is None:
         return None
-    torch.manual_seed(s.train.seed)
-    return PiMoETransformer(s.space.arch(s.space.reference, s.task)).to(device)
+    return seeded_model(s.space.arch(s.space.reference, s.task), s.train.seed, device)
 
 
 def measure_trial_cost(model, s: SearchSettings, reference: PiMoETransformer | None = None
@@ -157,8 +164,7 @@ def train_architecture(arch, s: SearchSettings, cfg: TrainConfig, on_report) -> 
     if cfg.expert_parallel > 1:
         return train_expert_parallel(arch, s.task_name, s.task_params, cfg, on_report=on_report,
                                      workdir=s.output_dir)
-    torch.manual_seed(cfg.seed)
-    model = PiMoETransformer(arch)
+    model = seeded_model(arch, cfg.seed, resolve_device(cfg.device))
     return model, train(model, s.task, cfg, callback=on_report)
 
 

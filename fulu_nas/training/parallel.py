@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import ArchConfig, PiMoETransformer
+from ..models import ArchConfig, PiMoETransformer, seeded_model
 from .train import (
     BudgetCapReached,
     StepReport,
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         task = build_task(spec["task"]["name"], **spec["task"]["params"])
         arch = ArchConfig.from_dict(spec["arch"])
-        torch.manual_seed(cfg.seed)  # the same model on every rank, as the one-device trial builds it
-        model = expert_parallel(PiMoETransformer(arch).to(info.device))
+        # the same model on every rank, as the one-device trial builds it
+        model = expert_parallel(seeded_model(arch, cfg.seed, info.device))
         result = train(model, task, cfg, callback=_reporter(folder) if info.rank == 0 else None)
         model = gather_experts(model)
         if info.rank == 0:
