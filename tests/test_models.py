@@ -145,3 +145,28 @@ def test_seeded_model_is_built_on_the_device_it_is_given(router):
     got = seeded_model(arch, 0)
     for (name, a), (_, b) in zip(expected.state_dict().items(), got.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_every_architecture_of_the_gpu_space_is_built_on_the_device_it_is_given():
+    """The GPU preset's space, sampled through its own code (every router and option it holds), built on
+    the meta device: no tensor of any of them is made on the CPU first."""
+    import random
+
+    from fulu_nas.search.app import compose_config
+    from fulu_nas.search.feasibility import _RandomTrial
+    from fulu_nas.search.settings import load_settings
+    from fulu_nas.search.space import Infeasible
+
+    s = load_settings(*compose_config(["search_space=gpu", "task=textlm", "task.seq_len=256"]))
+    rng, built = random.Random(0), set()
+    for _ in range(200):
+        try:
+            arch = s.space.feasible_arch(s.space.sample(_RandomTrial(rng, {})), s.task)
+        except Infeasible:
+            continue
+        model = seeded_model(arch, 0, "meta")
+        assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}, arch
+        m = arch.moe
+        built.add((m.router, m.num_shared_experts > 0))
+    assert {router for router, _ in built} == {"topk", "expert_choice", "hash", "hierarchical", "attention"}
+    assert {shared for _, shared in built} == {True, False}
