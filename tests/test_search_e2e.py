@@ -263,6 +263,11 @@ def test_local_workers_are_pinned_one_per_gpu(monkeypatch):
     assert [worker_env(i, 4)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0", "1", "0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     assert [worker_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["4", "6"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = worker_env(0, 2)
+    assert "CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] == "4,6"
+    assert int(env["OMP_NUM_THREADS"]) >= 1
     # one GPU: every worker shares it (each process its own CUDA context), with its share of the CPU threads
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
@@ -270,8 +275,3 @@ def test_local_workers_are_pinned_one_per_gpu(monkeypatch):
     envs = [worker_env(i, 4) for i in range(4)]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3"] * 4
     assert {e["OMP_NUM_THREADS"] for e in envs} == {str(max(1, (os.cpu_count() or 1) // 4))}
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    env = worker_env(0, 2)
-    assert "CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] == "4,6"
-    assert int(env["OMP_NUM_THREADS"]) >= 1
