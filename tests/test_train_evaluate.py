@@ -189,6 +189,10 @@ def test_auto_step_is_eager_on_the_cpu_and_bad_values_are_refused():
     assert step_kind(TrainConfig(steps=10_000, compile="compiled"), cuda, distributed=True) == "eager"
     with pytest.raises(ValueError, match="trainer.compile"):
         step_kind(TrainConfig(compile="yes"), cpu, distributed=False)
+    # a model without transformer blocks to compile (an upcycled Hugging Face encoder) trains eagerly
+    assert step_kind(TrainConfig(steps=10_000), cuda, distributed=False, has_blocks=False) == "eager"
+    with pytest.raises(ValueError, match="has none"):
+        step_kind(TrainConfig(compile="compiled"), cuda, distributed=False, has_blocks=False)
 
 
 # -- dynamic expert scaling ------------------------------------------------------------------------

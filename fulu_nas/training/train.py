@@ -125,18 +125,22 @@ def resolve_device(name: str) -> torch.device:
 COMPILE_MIN_STEPS = 3000
 
 
-def step_kind(cfg: TrainConfig, device: torch.device, distributed: bool) -> str:
+def step_kind(cfg: TrainConfig, device: torch.device, distributed: bool, has_blocks: bool = True) -> str:
     """The training step to run: ``cfg.compile`` when it names one; for "auto", compiled on CUDA for
     budgets of at least :data:`COMPILE_MIN_STEPS` steps, eager elsewhere (on the CPU, compiling takes
     longer than the small models a CPU trains save with it). Expert-parallel layers (their all-to-all)
-    and dynamic experts (modules change between steps) train eagerly."""
+    and dynamic experts (modules change between steps) train eagerly; so do models without a
+    ``blocks`` list to compile (``has_blocks``: e.g. an upcycled Hugging Face encoder)."""
     if cfg.compile not in ("auto", "compiled", "eager"):
         raise ValueError(f"trainer.compile must be auto, compiled or eager, not {cfg.compile!r}")
+    if cfg.compile == "compiled" and not has_blocks:
+        raise ValueError("trainer.compile=compiled compiles a PiMoETransformer's blocks; this model has none "
+                         "(use auto or eager)")
     if cfg.compile == "auto":
         compiled = device.type == "cuda" and cfg.steps >= COMPILE_MIN_STEPS
     else:
         compiled = cfg.compile == "compiled"
-    return "compiled" if compiled and not distributed and not cfg.dynamic_experts else "eager"
+    return "compiled" if compiled and has_blocks and not distributed and not cfg.dynamic_experts else "eager"
 
 
 @contextmanager
@@ -322,7 +326,8 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     dynamic = DynamicExperts(model, optimizer, cfg.dynamic_experts) if cfg.dynamic_experts else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     batches = task.train_batches(cfg.batch_size, seed=cfg.seed + rank)
-    kind = step_kind(cfg, device, distributed=isinstance(ranks, _Ranks))
+    kind = step_kind(cfg, device, distributed=isinstance(ranks, _Ranks),
+                     has_blocks=isinstance(getattr(model, "blocks", None), torch.nn.ModuleList))
     result = TrainResult(steps=0, seconds=0.0, final_loss=float("nan"), stop_reason="steps", step_kind=kind)
     first_loss = None
     start = ranks.start = time.perf_counter()
