@@ -52,7 +52,7 @@ from ..system import RoutingStrategy, enum_member
 
 __all__ = [
     "MigrationInfo", "PiMoEOutput", "TaskModel", "balance_loss", "equivalence_problems", "migrate_from_electra",
-    "moe_outputs", "pimoe_layers", "routing_stats", "update_expert_biases",
+    "moe_outputs", "pimoe_layers", "routing_stats", "shared_units", "update_expert_biases", "upcycled_moe_config",
 ]
 
 EXPECTED = ("a Hugging Face ELECTRA/BERT-family encoder (ElectraModel, BertModel, RobertaModel, ... or a model "
