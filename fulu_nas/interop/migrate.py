@@ -51,8 +51,9 @@ from ..moe.routers import ScoreRouter
 from ..system import RoutingStrategy, enum_member
 
 __all__ = [
-    "MigrationInfo", "PiMoEOutput", "TaskModel", "balance_loss", "equivalence_problems", "migrate_from_electra",
-    "moe_outputs", "pimoe_layers", "routing_stats", "shared_units", "update_expert_biases", "upcycled_moe_config",
+    "MigrationInfo", "PiMoEOutput", "TaskModel", "balance_loss", "encoder_root", "equivalence_problems",
+    "migrate_from_electra", "moe_outputs", "pimoe_layers", "routing_stats", "shared_units", "update_expert_biases",
+    "upcycled_moe_config",
 ]
 
 EXPECTED = ("a Hugging Face ELECTRA/BERT-family encoder (ElectraModel, BertModel, RobertaModel, ... or a model "
@@ -161,7 +162,7 @@ def equivalence_problems(cfg: MoEConfig, split_shared: bool = False) -> list[str
 # -- locating the FFNs ---------------------------------------------------------------------------
 
 
-def _encoder_root(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+def encoder_root(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     """The headless encoder model and its layer list, or FuluConfigError saying what was expected."""
     root = getattr(model, "base_model", model)
     layers = getattr(getattr(root, "encoder", None), "layer", None)
@@ -403,10 +404,10 @@ def migrate_from_electra(
         inplace = True
     if not isinstance(model, nn.Module):
         raise FuluConfigError(f"migrate_from_electra: expected {EXPECTED}; got a {type(model).__name__}")
-    _encoder_root(model)  # validate before copying
+    encoder_root(model)  # validate before copying
     if not inplace:
         model = copy.deepcopy(model)
-    root, encoder_layers = _encoder_root(model)
+    root, encoder_layers = encoder_root(model)
 
     n = len(encoder_layers)
     if layers is None:
