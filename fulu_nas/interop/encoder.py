@@ -84,7 +84,7 @@ class DenseEncoder:
 
     def __init__(self, path: str | os.PathLike | None, seed: int = 0):
         if path is None or (isinstance(path, str) and not path.strip()):
-            raise FuluConfigError("model is not set: pass model=PATH, the save_pretrained folder of your encoder")
+            raise FuluConfigError("model not set: pass model=PATH, the save_pretrained folder of your encoder")
         if not isinstance(path, str | os.PathLike):
             raise FuluConfigError(f"model must be a folder path, got {path!r}")
         folder = Path(path).expanduser()

@@ -102,8 +102,8 @@ class UpcycleTask(Task):
     def _choose_tokenizer(self, choice: str) -> str:
         has = bool(self.encoder.tokenizer_files)
         if choice == "model" and not has:
-            raise FuluConfigError(f"tokenizer=model: model {self.model_path!r} has no tokenizer (none of "
-                                  f"{', '.join(TOKENIZER_FILES)}); save it there with "
+            raise FuluConfigError(f"tokenizer=model needs the folder's tokenizer: model {self.model_path!r} has none "
+                                  f"(none of {', '.join(TOKENIZER_FILES)}); save it there with "
                                   "tokenizer.save_pretrained(PATH), or use task.tokenizer=bytes for a byte-level "
                                   "model")
         if choice == "model" or (choice == "auto" and has):
