@@ -175,3 +175,25 @@ def test_the_upcycle_space_covers_every_router_and_is_feasible(task):
         parse_space({"base": {"moe": {"expert_ffn_size": 64}}}, family=UPCYCLE)
     with pytest.raises(FuluConfigError, match="search_space.params.layers: not a searchable field"):
         parse_space({"params": {"layers": {"type": "categorical", "choices": ["all"]}}})
+
+
+def test_the_benchmark_encoder_script_pretrains_a_byte_level_bert(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "encoder"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "upcycle_encoder.py"), str(out), "--hidden", "32",
+                           "--layers", "2", "--steps", "40", "--seq-len", "32", "--batch", "8", "--max-bytes",
+                           "100000"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["steps"] == 40 and report["val_loss_after"] < report["val_loss_before"] - 0.3
+    # the folder is a byte-level encoder that the upcycle task reads with its byte fallback
+    task = build_task("upcycle", model=str(out), seq_len=32, max_bytes=100000)
+    assert task.tokenizer_kind == "bytes" and task.vocab_size == BYTE_MASK_ID + 1
+    assert task.encoder.head == "pretrained" and task.encoder.shape.num_layers == 2
