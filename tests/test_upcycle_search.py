@@ -168,6 +168,18 @@ def test_a_trial_that_fails_records_its_reason_and_the_study_goes_on(tmp_path, m
     assert run.info.status == "FAILED" and run.data.tags["fulu.reason"].startswith("diverged")
 
 
+def test_resuming_on_another_checkpoint_at_the_same_path_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    bert, corpus, out = save_encoder(tmp_path / "bert"), write_corpus(tmp_path / "corpus"), tmp_path / "out"
+    short = ("study.n_trials=1", "trainer.steps=5", "trainer.report_every=5")
+    assert search(out, bert, corpus, *short) == 0
+    save_encoder(bert, seed=9)  # the user retrained their model in place
+    capsys.readouterr()
+    assert search(out, bert, corpus, *short[1:], "study.n_trials=2") == 2
+    assert "study.name: study 'upcycle-tiny'" in capsys.readouterr().err
+    assert len(optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'optuna.db'}").trials) == 1
+
+
 @pytest.mark.parametrize("case, words", [
     ("no model", "task.model: not set: pass model=PATH"),
     ("missing", "task.model: '.*missing' is not a folder"),

@@ -97,6 +97,11 @@ class UpcycleTask(Task):
                                   f"of seq_len={self.seq_len}; use more data, val_fraction or a shorter seq_len")
         self._val: tuple[Tensor, Tensor, Tensor] | None = None
 
+    @property
+    def model_sha256(self) -> str:
+        """The dense checkpoint's fingerprint (:class:`~.encoder.DenseEncoder`)."""
+        return self.encoder.sha256
+
     # -- tokens ----------------------------------------------------------------------------------
 
     def _choose_tokenizer(self, choice: str) -> str:
@@ -204,6 +209,6 @@ class UpcycleTask(Task):
         return {"masked_accuracy": accuracy_counts(logits, batch.targets)}
 
     def describe(self) -> dict:
-        return {**super().describe(), "model": self.model_path, "model_sha256": self.encoder.sha256,
+        return {**super().describe(), "model": self.model_path, "model_sha256": self.model_sha256,
                 "tokenizer": self.tokenizer_kind, "mlm_head": self.encoder.head,
                 "train_tokens": self.train_ids_N.numel(), "val_tokens": self.val_ids_N.numel()}

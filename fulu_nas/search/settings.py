@@ -137,6 +137,10 @@ class SearchSettings:
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in free}
         if keep["trainer"].get("expert_parallel") == 1:  # the default: studies from before the key resume
             del keep["trainer"]["expert_parallel"]
+        # A task that starts from a model on disk (upcycle): another checkpoint at the same path is another study.
+        model_sha256 = getattr(self.task, "model_sha256", None)
+        if model_sha256:
+            keep["model_sha256"] = model_sha256
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
