@@ -261,12 +261,11 @@ def upcycled_moe_config(hidden: int, ffn: int, heads: int, num_experts: int = 8,
                               aux_loss_coef=AUX_LOSS_COEF)
     if shared:
         kw.update(num_shared_experts=1, shared_expert_ffn_size=shared)
-    advanced = enable_advanced_routing
     if strategy is RoutingStrategy.HIERARCHICAL:
         kw["hierarchy_depth"] = 2
     if strategy is RoutingStrategy.ATTENTION_BASED:
         kw["attention_heads"] = math.gcd(int(heads), hidden)
-    if advanced and strategy in (RoutingStrategy.TOP_K, RoutingStrategy.HIERARCHICAL,
+    if enable_advanced_routing and strategy in (RoutingStrategy.TOP_K, RoutingStrategy.HIERARCHICAL,
                                  RoutingStrategy.ATTENTION_BASED):
         kw.update(bias_update_rate=BIAS_UPDATE_RATE, z_loss_coef=Z_LOSS_COEF)
     kw.update(overrides)
@@ -276,6 +275,13 @@ def upcycled_moe_config(hidden: int, ffn: int, heads: int, num_experts: int = 8,
         raise FuluConfigError(f"migrate_from_electra: {e}") from None
     except ValueError as e:
         raise FuluConfigError(f"migrate_from_electra: {e}") from None
+
+
+def _copy_or_zero(target: Tensor, source: Tensor | None) -> None:
+    if source is None:
+        target.zero_()
+    else:
+        target.copy_(source)
 
 
 @torch.no_grad()
@@ -290,23 +296,15 @@ def _upcycle(cfg: MoEConfig, dense_in: nn.Linear, dense_out: nn.Linear, init_std
     moe.experts.w13_EDF2.copy_(dense_in.weight[S:].t().expand(E, -1, -1))
     moe.experts.w2_EFD.copy_(dense_out.weight[:, S:].t().expand(E, -1, -1))
     # With a shared expert the output bias is added once, by it: the routed weights need not sum to one for it.
-    routed_out_bias = None if S else dense_out.bias
     in_bias = None if dense_in.bias is None else dense_in.bias[S:]
-    for bias, source in ((moe.experts.b13_EF2, in_bias), (moe.experts.b2_ED, routed_out_bias)):
-        if source is None:
-            bias.zero_()
-        else:
-            bias.copy_(source.expand(E, -1))
+    _copy_or_zero(moe.experts.b13_EF2, None if in_bias is None else in_bias.expand(E, -1))
+    _copy_or_zero(moe.experts.b2_ED, None if S or dense_out.bias is None else dense_out.bias.expand(E, -1))
     if S:
         shared = moe.shared.ffn
         shared.w13.weight.copy_(dense_in.weight[:S])
         shared.w2.weight.copy_(dense_out.weight[:, :S])
-        for bias, source in ((shared.w13.bias, None if dense_in.bias is None else dense_in.bias[:S]),
-                             (shared.w2.bias, dense_out.bias)):
-            if source is None:
-                bias.zero_()
-            else:
-                bias.copy_(source)
+        _copy_or_zero(shared.w13.bias, None if dense_in.bias is None else dense_in.bias[:S])
+        _copy_or_zero(shared.w2.bias, dense_out.bias)
     gate = getattr(moe.router, "gate", None)
     if gate is not None:  # small logits: near-uniform routing to start, as the encoder's own init
         gate.weight.normal_(0.0, init_std)
