@@ -78,6 +78,9 @@ class UpcycleArch:
             raise FuluConfigError(problems)
         self.moe  # noqa: B018 - computing it validates the migration's arguments
 
+    def __hash__(self) -> int:  # the migration's dict is not hashable; its content is
+        return hash(self.content_hash())
+
     @property
     def moe(self) -> MoEConfig | None:
         """The configuration of the PiMoE layers (None for the dense model); FuluConfigError if there is none."""
