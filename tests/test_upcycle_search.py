@@ -85,9 +85,18 @@ def test_the_study_has_the_dense_reference_first_and_every_trial_starts_from_the
     assert summary["reference"]["number"] == 0 and summary["n_complete"] == 3
 
 
-def test_export_writes_a_save_pretrained_folder_that_loads_back_with_the_same_outputs(searched, tmp_path):
+def trial_model(out: Path, trial: optuna.trial.FrozenTrial, task, tmp: Path):
+    """The trial's model with the weights the search saved in its MLflow run (eval mode)."""
     from safetensors.torch import load_model
 
+    model = build_upcycled(UpcycleArch.from_dict(trial.user_attrs["arch"]), task.encoder)
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    load_model(model, client.download_artifacts(trial.user_attrs["weights_run_id"], "model.safetensors", str(tmp)),
+               strict=True)
+    return model.eval()
+
+
+def test_export_writes_a_save_pretrained_folder_that_loads_back_with_the_same_outputs(searched, tmp_path):
     best = min(searched.study.trials, key=lambda t: t.values[0])
     folder = tmp_path / "upcycled"
     assert main(["export", f"study.name={STUDY}", f"hydra.run.dir={searched.out}", f"trial={best.number}",
@@ -105,13 +114,10 @@ def test_export_writes_a_save_pretrained_folder_that_loads_back_with_the_same_ou
     assert getattr(getattr(model, "fulu_migration", None), "layers", ()) == layers
     # the trial's own weights, as the search saved them, give the same logits
     task = build_task("upcycle", model=str(searched.bert), path=str(searched.corpus), seq_len=32)
-    trained = build_upcycled(UpcycleArch.from_dict(best.user_attrs["arch"]), task.encoder)
-    client = mlflow.MlflowClient(f"sqlite:///{searched.out / 'mlflow.db'}")
-    load_model(trained, client.download_artifacts(best.user_attrs["weights_run_id"], "model.safetensors",
-                                                  str(tmp_path)), strict=True)
+    trained = trial_model(searched.out, best, task, tmp_path)
     tokens = task.val_batches(8)[0].tokens
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=tokens).logits, trained.eval()(tokens).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(input_ids=tokens).logits, trained(tokens).logits, rtol=0, atol=1e-6)
 
     # a changed byte is refused before anything is read as weights
     weights = folder / "model.safetensors"
@@ -152,20 +158,35 @@ def test_a_changed_checkpoint_is_refused_at_export(searched, tmp_path, capsys):
         (searched.out / "search_config.json").write_text(json.dumps(config))
 
 
-def test_a_trial_that_fails_records_its_reason_and_the_study_goes_on(tmp_path, monkeypatch):
+def test_an_electra_without_tokenizer_failing_trials_and_a_dense_export(tmp_path, monkeypatch):
+    """A byte-level ELECTRA saved without a tokenizer: at learning rates that make the loss explode each trial
+    fails with its reason and the study goes on; at a sane one the dense reference exports and loads."""
     monkeypatch.chdir(tmp_path)
-    bert, corpus, out = save_encoder(tmp_path / "bert"), write_corpus(tmp_path / "corpus"), tmp_path / "out"
-    # the reference (trial 0) at a learning rate that makes the loss explode: it fails, and trial 1 runs
-    assert search(out, bert, corpus, "study.n_trials=2", "search_space.params.lr.high=30",
-                  "search_space.reference.lr=30", "study.name=fails") == 0
+    electra = save_encoder(tmp_path / "electra", family="electra", tokenizer=False, vocab_size=300)
+    corpus, out = write_corpus(tmp_path / "corpus"), tmp_path / "out"
+    assert search(out, electra, corpus, "study.n_trials=2", "search_space.params.lr.low=20",
+                  "search_space.params.lr.high=30", "search_space.reference.lr=20", "study.name=fails") == 0
     study = optuna.load_study(study_name="fails", storage=f"sqlite:///{out / 'optuna.db'}")
-    reference = study.trials[0]
-    assert reference.state == TrialState.FAIL and reference.user_attrs["fail_reason"].startswith("diverged")
-    assert len(study.trials) == 2 and study.trials[1].state.is_finished()
-    run = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}").search_runs(
-        [mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_experiment_by_name("fails").experiment_id],
-        filter_string="tags.`fulu.trial` = '0' and tags.`fulu.kind` = 'trial'")[0]
-    assert run.info.status == "FAILED" and run.data.tags["fulu.reason"].startswith("diverged")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all(t.user_attrs["fail_reason"].startswith("diverged") for t in study.trials)
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fails").experiment_id],
+                              filter_string="tags.`fulu.kind` = 'trial'")
+    assert len(runs) == 2 and all(r.info.status == "FAILED" and r.data.tags["fulu.reason"].startswith("diverged")
+                                  for r in runs)
+
+    assert search(out, electra, corpus, "study.n_trials=1", "study.name=dense") == 0
+    folder = tmp_path / "exported"
+    assert main(["export", "study.name=dense", f"hydra.run.dir={out}", f"out={folder}"]) == 0
+    assert not (folder / "tokenizer.json").exists() and (folder / "upcycling.yaml").is_file()
+    model = fulu_nas.load(folder)
+    assert type(model).__name__ == "ElectraForMaskedLM" and not hasattr(model, "fulu_migration")
+    task = build_task("upcycle", model=str(electra), path=str(corpus), seq_len=32)
+    dense = optuna.load_study(study_name="dense", storage=f"sqlite:///{out / 'optuna.db'}").trials[0]
+    trained = trial_model(out, dense, task, tmp_path)
+    tokens = task.val_batches(4)[0].tokens
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, trained(tokens).logits, rtol=0, atol=1e-6)
 
 
 def test_resuming_on_another_checkpoint_at_the_same_path_is_refused(tmp_path, monkeypatch, capsys):
