@@ -3,12 +3,28 @@
 The layer library (``fulu_nas.moe``) and the spec's entry point need torch only.
 """
 
-from .deploy.export import load  # an exported model directory -> nn.Module (safetensors + YAML, no pickle)
+from pathlib import Path as _Path
+
+from .deploy.export import load as _load_searched
 from .interop import migrate_from_electra  # torch only: transformers is imported when loading a directory
+from .interop.upcycle_export import is_upcycled_export as _is_upcycled_export
+from .interop.upcycle_export import load_upcycled as _load_upcycled
 from .moe import MoEConfig, PiMoELayer
 from .system import OptimizationLevel, RoutingStrategy, UltimatePiMoESystem, create_ultimate_pimoe_system
 
 __version__ = "0.1.0"
+
+
+def load(directory: str | _Path, map_location="cpu"):
+    """An exported model directory (``fulu-nas export``) as an ``nn.Module`` in eval mode, after verifying
+    every file's SHA-256; reads YAML and safetensors only, nothing is unpickled. A searched model comes back
+    as a ``PiMoETransformer``; an upcycled encoder (task ``upcycle``) as its transformers model with the
+    PiMoE layers (``fulu_nas.interop.upcycle_export.load_upcycled``)."""
+    if _is_upcycled_export(directory):
+        return _load_upcycled(directory, map_location)
+    return _load_searched(directory, map_location)
+
+
 __all__ = [
     "MoEConfig", "OptimizationLevel", "PiMoELayer", "RoutingStrategy", "UltimatePiMoESystem",
     "create_ultimate_pimoe_system", "load", "migrate_from_electra",

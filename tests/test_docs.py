@@ -16,7 +16,8 @@ Blocks, by info string:
     ``--cfg``/``--help``) and sets no ``+experiment=`` gets ``+experiment=tiny study.n_trials=1``
     appended: the tiny task, space and budget and one trial, while the groups and keys the line
     sets itself still apply (command-line groups win over the experiment's). The default
-    ``fulu-nas search`` thus runs as the tiny search. ``fulu-nas bench`` lines get tiny shapes and
+    ``fulu-nas search`` thus runs as the tiny search. A search of ``task=upcycle`` gets that task's own
+    preset instead (``+experiment=upcycle_tiny study.n_trials=1``). ``fulu-nas bench`` lines get tiny shapes and
     budgets appended (``BENCH_SHRINK``); ``-m fulu_nas.training.distributed`` lines likewise
     (``LINE_SHRINK``).
   - Servers (``fulu-nas ui``, ``optuna-dashboard``, ``mlflow models serve``, ``mlflow ui``/``server``)
@@ -77,6 +78,8 @@ TIMEOUT_S = 300
 SERVER_START_S = 120
 FIXTURE_SEARCH = "fulu-nas search +experiment=tiny"
 SEARCH_SHRINK = ["+experiment=tiny", "study.n_trials=1"]
+# The tiny preset is another task's: an upcycling search takes its own.
+UPCYCLE_SHRINK = ["+experiment=upcycle_tiny", "study.n_trials=1"]
 # Appended to `fulu-nas bench <what> ...`: argparse keeps the last value of an option.
 BENCH_SHRINK = {
     "layer": "--tokens 4 32 --hidden 32 --experts 4 --ffn 64 --min-run-time 0.01",
@@ -405,7 +408,7 @@ def shell_operators(line: str) -> bool:
 def shrink(args: list[str]) -> list[str]:
     if args[:1] == ["search"] and not any(a.startswith("+experiment=") or a in ("--cfg", "--help", "-h", "--info")
                                           for a in args):
-        return args + SEARCH_SHRINK
+        return args + (UPCYCLE_SHRINK if "task=upcycle" in args else SEARCH_SHRINK)
     if args[:1] == ["bench"] and len(args) > 1 and args[1] in BENCH_SHRINK:
         return args + BENCH_SHRINK[args[1]].split()
     return args

@@ -126,6 +126,33 @@ def test_migration_is_exact_across_options(options):
     assert (moe is original) == options.get("inplace", False)
 
 
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("router", EXACT_ROUTERS)
+def test_a_shared_expert_cut_out_of_the_ffn_keeps_the_outputs(family, router):
+    original = MODELS[family](seed=5)
+    ids, mask = inputs(seed=6)
+    before = outputs(original, ids, mask)
+    moe = migrate_from_electra(original, num_experts=4, routing_strategy=router, top_k=2, shared_fraction=0.25).eval()
+    torch.testing.assert_close(outputs(moe, ids, mask), before, rtol=0, atol=ATOL)
+    layer = pimoe_layers(moe)[0]
+    cfg = layer.cfg
+    assert (cfg.num_shared_experts, cfg.shared_expert_ffn_size, cfg.expert_ffn_size) == (1, 16, 48)
+    assert moe.fulu_migration.exact
+    dense = original.base_model.encoder.layer[0]
+    # the shared expert is the FFN's first 16 units with the output bias; each routed expert the other 48
+    torch.testing.assert_close(layer.shared.ffn.w13.weight, dense.intermediate.dense.weight[:16], rtol=0, atol=0)
+    torch.testing.assert_close(layer.shared.ffn.w2.bias, dense.output.dense.bias, rtol=0, atol=0)
+    torch.testing.assert_close(layer.experts.w2_EFD[3], dense.output.dense.weight[:, 16:].t(), rtol=0, atol=0)
+    assert layer.experts.b2_ED.abs().max() == 0
+    # a shared expert added beside the copies is not exact; a split leaving fewer than 8 units is refused
+    with pytest.raises(FuluConfigError, match="shared experts add to the upcycled FFN's output"):
+        migrate_from_electra(original, num_experts=4, num_shared_experts=1)
+    with pytest.raises(FuluConfigError, match="shared_fraction=0.95 of an FFN of 64 units gives 64"):
+        migrate_from_electra(original, shared_fraction=0.95)
+    with pytest.raises(FuluConfigError, match="shared_fraction must be a number in"):
+        migrate_from_electra(original, shared_fraction=1.5)
+
+
 def test_migrating_a_model_in_eval_mode_gives_a_model_in_eval_mode():
     """The new modules take the mode of the layer they replace: a model in eval mode computes its
     original outputs right after migration, without another .eval()."""

@@ -29,7 +29,8 @@ def problems_of(data) -> list[str]:
     return e.value.problems
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in SPACES.glob("*.yaml")))
+# The upcycle space is for task=upcycle's models (tests/test_upcycle_search.py parses and builds it).
+@pytest.mark.parametrize("name", sorted(p.stem for p in SPACES.glob("*.yaml") if p.stem != "upcycle"))
 def test_shipped_spaces_parse_and_their_reference_builds(name):
     space = parse_space(load(name))
     assert space.name == name and space.reference is not None

@@ -406,11 +406,12 @@ def test_textlm_bad_paths(tmp_path):
 # --- build_task --------------------------------------------------------------------------------
 
 def test_build_task_registry_and_errors():
-    assert set(TASKS) == {"clusters", "pimoe_mix", "textlm"}
+    # upcycle is registered by fulu_nas.interop (it reads a Hugging Face model: tests/test_upcycle_task.py)
+    assert set(TASKS) == {"clusters", "pimoe_mix", "textlm", "upcycle"}
     task = build_task("clusters", num_domains=2, values=4, seq_len=8)
     assert isinstance(task, ClustersTask) and task.vocab_size == 6 and task.name == "clusters"
     assert isinstance(build_task("pimoe_mix"), PiMoEMixTask)
-    with pytest.raises(FuluConfigError, match="unknown task 'nope'.*clusters, pimoe_mix, textlm"):
+    with pytest.raises(FuluConfigError, match="unknown task 'nope'.*clusters, pimoe_mix, textlm, upcycle"):
         build_task("nope")
     with pytest.raises(FuluConfigError, match="no parameter 'num_experts'"):
         build_task("clusters", num_experts=4)

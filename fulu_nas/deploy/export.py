@@ -24,6 +24,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,27 +128,18 @@ logits = program.module()(torch.randint(0, {vocab_size}, (2, 16)))
 """
 
 
-def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], metrics: dict[str, Any],
-                 model_card: str) -> Path:
-    """Assemble the export directory at ``out`` (which must not exist or be empty)."""
-    from safetensors.torch import save_model
-
+def assemble(out: Path, fill: Callable[[Path], None]) -> Path:
+    """Write the folder ``out`` (which must not exist or be empty) all at once: ``fill(folder)`` writes the
+    files into a temporary folder next to ``out``; then :data:`CHECKSUMS` lists the SHA-256 of each of them,
+    the permissions let a serving user read them, and the folder is renamed to ``out``. A failure
+    leaves nothing behind."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        import yaml
-
-        model = model.cpu().float().eval()
-        save_model(model, str(partial / "model.safetensors"))  # handles the tied embedding / LM head
-        export_program(model, partial / "model.pt2")
-        (partial / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (partial / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        save_pyfunc(partial, partial / "model.pt2", model.arch)
-        card = model_card + torch_only_loading(sha256(partial / "model.pt2"), model.arch.vocab_size)
-        (partial / "README.md").write_text(card)
+        fill(partial)
         # Every file, not only those fulu_nas reads: MLflow and torch-only users read the others.
         checksums = {path.relative_to(partial).as_posix(): sha256(path)
                      for path in sorted(partial.rglob("*")) if path.is_file()}
@@ -162,6 +154,26 @@ def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], met
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return out
+
+
+def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], metrics: dict[str, Any],
+                 model_card: str) -> Path:
+    """Assemble the export directory at ``out`` (which must not exist or be empty)."""
+    from safetensors.torch import save_model
+
+    def fill(folder: Path) -> None:
+        import yaml
+
+        cpu = model.cpu().float().eval()
+        save_model(cpu, str(folder / "model.safetensors"))  # handles the tied embedding / LM head
+        export_program(cpu, folder / "model.pt2")
+        (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        save_pyfunc(folder, folder / "model.pt2", cpu.arch)
+        card = model_card + torch_only_loading(sha256(folder / "model.pt2"), cpu.arch.vocab_size)
+        (folder / "README.md").write_text(card)
+
+    return assemble(out, fill)
 
 
 def verify(directory: str | Path) -> dict[str, str]:

@@ -20,7 +20,13 @@ router             right after migration
 =================  ================================================================================
 
 Overrides that break the guarantee (``renormalize=False``, ``routed_scaling_factor != 1``, a
-``capacity_factor``, shared experts) are refused the same way; see :func:`equivalence_problems`.
+``capacity_factor``, added shared experts) are refused the same way; see :func:`equivalence_problems`.
+
+A shared expert stays exact when it is cut out of the FFN rather than added to it
+(``shared_fraction``): the FFN's hidden units are split, the first ones become one always-on shared
+expert (with the output bias), and every routed expert starts as a copy of the others. The sum of the
+two parts is the FFN, so the guarantee above holds with the routed experts narrower
+(DeepSeekMoE's shared expert, at the dense model's size).
 
 transformers is needed only to load a ``save_pretrained`` directory; it is imported lazily.
 """
@@ -40,12 +46,14 @@ from torch import Tensor, nn
 
 from ..errors import FuluConfigError
 from ..moe import MoEConfig, PiMoELayer
+from ..moe.config import ALIGNMENT
 from ..moe.routers import ScoreRouter
 from ..system import RoutingStrategy, enum_member
 
 __all__ = [
-    "MigrationInfo", "PiMoEOutput", "TaskModel", "balance_loss", "equivalence_problems", "migrate_from_electra",
-    "moe_outputs", "pimoe_layers", "routing_stats", "update_expert_biases",
+    "MigrationInfo", "PiMoEOutput", "TaskModel", "balance_loss", "encoder_root", "equivalence_problems",
+    "migrate_from_electra", "moe_outputs", "pimoe_layers", "routing_stats", "shared_units", "update_expert_biases",
+    "upcycled_moe_config",
 ]
 
 EXPECTED = ("a Hugging Face ELECTRA/BERT-family encoder (ElectraModel, BertModel, RobertaModel, ... or a model "
@@ -132,8 +140,10 @@ class MigrationInfo:
                 "features": dict(self.features)}
 
 
-def equivalence_problems(cfg: MoEConfig) -> list[str]:
-    """Why a PiMoE layer of identical experts would *not* reproduce the dense FFN (empty: it does)."""
+def equivalence_problems(cfg: MoEConfig, split_shared: bool = False) -> list[str]:
+    """Why a PiMoE layer of identical experts would *not* reproduce the dense FFN (empty: it does).
+    ``split_shared``: the shared experts are the part of the FFN the routed experts lack
+    (``shared_fraction``), not an addition to it."""
     p = []
     if cfg.router == "expert_choice":
         p.append("router 'expert_choice': each expert takes its top-C tokens, so a token can get no expert "
@@ -144,15 +154,15 @@ def equivalence_problems(cfg: MoEConfig) -> list[str]:
         p.append(f"routed_scaling_factor={cfg.routed_scaling_factor} scales the FFN output")
     if cfg.capacity_factor is not None and cfg.token_choice:
         p.append("capacity_factor drops the tokens over an expert's capacity")
-    if cfg.num_shared_experts:
-        p.append("shared experts add to the upcycled FFN's output")
+    if cfg.num_shared_experts and not split_shared:
+        p.append("shared experts add to the upcycled FFN's output (shared_fraction cuts an exact one out of it)")
     return p
 
 
 # -- locating the FFNs ---------------------------------------------------------------------------
 
 
-def _encoder_root(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+def encoder_root(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     """The headless encoder model and its layer list, or FuluConfigError saying what was expected."""
     root = getattr(model, "base_model", model)
     layers = getattr(getattr(root, "encoder", None), "layer", None)
@@ -209,21 +219,53 @@ def _load(path: str | os.PathLike) -> nn.Module:
 # -- building the layers -------------------------------------------------------------------------
 
 
-def _moe_config(model: nn.Module, hidden: int, ffn: int, strategy: RoutingStrategy, num_experts: int,
-                top_k: int, advanced: bool, performance: bool, overrides: dict[str, Any]) -> MoEConfig:
+def shared_units(ffn: int, shared_fraction: float) -> int:
+    """How many of an FFN's ``ffn`` hidden units ``shared_fraction`` cuts out as the shared expert: the
+    nearest multiple of 8 (the grouped GEMM's alignment), leaving at least 8 to the routed experts;
+    0 for 0. FuluConfigError when no such split exists."""
+    if isinstance(shared_fraction, bool) or not isinstance(shared_fraction, int | float) or not (
+            0 <= shared_fraction < 1):
+        raise FuluConfigError(f"migrate_from_electra: shared_fraction must be a number in [0, 1), got "
+                              f"{shared_fraction!r}")
+    if not shared_fraction:
+        return 0
+    units = round(ffn * shared_fraction / ALIGNMENT) * ALIGNMENT
+    if not ALIGNMENT <= units <= ffn - ALIGNMENT:
+        raise FuluConfigError(f"migrate_from_electra: shared_fraction={shared_fraction} of an FFN of {ffn} units "
+                              f"gives {units}; the shared and the routed part need at least {ALIGNMENT} each")
+    return units
+
+
+def upcycled_moe_config(hidden: int, ffn: int, heads: int, num_experts: int = 8,
+                        routing_strategy: RoutingStrategy | str = RoutingStrategy.TOP_K, top_k: int = 2, *,
+                        enable_advanced_routing: bool = True, enable_performance_optimization: bool = True,
+                        shared_fraction: float = 0.0, **overrides: Any) -> MoEConfig:
+    """The PiMoE layer configuration :func:`migrate_from_electra` gives an encoder of width ``hidden``,
+    FFN width ``ffn`` and ``heads`` attention heads, for the same keyword arguments (FuluConfigError
+    when there is none): what a search checks before it migrates anything."""
+    try:
+        strategy = enum_member(RoutingStrategy, routing_strategy, "routing_strategy")
+    except ValueError as e:
+        raise FuluConfigError(f"migrate_from_electra: {e}") from None
     fixed = sorted(set(overrides) & set(_FROM_MODEL))
     if fixed:
         raise FuluConfigError(f"migrate_from_electra: {', '.join(fixed)} come from the model's feed-forward "
                               f"layers and cannot be overridden")
-    kw: dict[str, Any] = dict(hidden_size=hidden, expert_ffn_size=ffn, activation="gelu", expert_bias=True,
+    shared = shared_units(ffn, shared_fraction)
+    if shared and overrides.get("num_shared_experts"):
+        raise FuluConfigError("migrate_from_electra: shared_fraction cuts the shared expert out of the FFN; "
+                              "num_shared_experts cannot be set with it")
+    kw: dict[str, Any] = dict(hidden_size=hidden, expert_ffn_size=ffn - shared, activation="gelu", expert_bias=True,
                               num_experts=num_experts, top_k=top_k, router=strategy.value,
-                              impl="grouped" if performance else "loop", aux_loss_coef=AUX_LOSS_COEF)
+                              impl="grouped" if enable_performance_optimization else "loop",
+                              aux_loss_coef=AUX_LOSS_COEF)
+    if shared:
+        kw.update(num_shared_experts=1, shared_expert_ffn_size=shared)
     if strategy is RoutingStrategy.HIERARCHICAL:
         kw["hierarchy_depth"] = 2
     if strategy is RoutingStrategy.ATTENTION_BASED:
-        heads = getattr(getattr(model, "config", None), "num_attention_heads", 4) or 4
         kw["attention_heads"] = math.gcd(int(heads), hidden)
-    if advanced and strategy in (RoutingStrategy.TOP_K, RoutingStrategy.HIERARCHICAL,
+    if enable_advanced_routing and strategy in (RoutingStrategy.TOP_K, RoutingStrategy.HIERARCHICAL,
                                  RoutingStrategy.ATTENTION_BASED):
         kw.update(bias_update_rate=BIAS_UPDATE_RATE, z_loss_coef=Z_LOSS_COEF)
     kw.update(overrides)
@@ -235,19 +277,34 @@ def _moe_config(model: nn.Module, hidden: int, ffn: int, strategy: RoutingStrate
         raise FuluConfigError(f"migrate_from_electra: {e}") from None
 
 
+def _copy_or_zero(target: Tensor, source: Tensor | None) -> None:
+    if source is None:
+        target.zero_()
+    else:
+        target.copy_(source)
+
+
 @torch.no_grad()
-def _upcycle(cfg: MoEConfig, dense_in: nn.Linear, dense_out: nn.Linear, init_std: float) -> PiMoELayer:
-    """A PiMoE layer whose every expert is the FFN ``dense_out(gelu(dense_in(x)))``."""
+def _upcycle(cfg: MoEConfig, dense_in: nn.Linear, dense_out: nn.Linear, init_std: float,
+             split_shared: bool) -> PiMoELayer:
+    """A PiMoE layer whose every expert is the FFN ``dense_out(gelu(dense_in(x)))``; with ``split_shared``
+    the shared expert is its first hidden units (and the output bias), each routed expert the rest."""
     w = dense_in.weight
     moe = PiMoELayer(cfg).to(device=w.device, dtype=w.dtype)  # the router stays fp32
     E = cfg.num_experts
-    moe.experts.w13_EDF2.copy_(dense_in.weight.t().expand(E, -1, -1))
-    moe.experts.w2_EFD.copy_(dense_out.weight.t().expand(E, -1, -1))
-    for bias, source in ((moe.experts.b13_EF2, dense_in.bias), (moe.experts.b2_ED, dense_out.bias)):
-        if source is None:
-            bias.zero_()
-        else:
-            bias.copy_(source.expand(E, -1))
+    S = cfg.num_shared_experts * cfg.shared_ffn_size if split_shared else 0
+    moe.experts.w13_EDF2.copy_(dense_in.weight[S:].t().expand(E, -1, -1))
+    moe.experts.w2_EFD.copy_(dense_out.weight[:, S:].t().expand(E, -1, -1))
+    # With a shared expert the output bias is added once, by it: the routed weights need not sum to one for it.
+    in_bias = None if dense_in.bias is None else dense_in.bias[S:]
+    _copy_or_zero(moe.experts.b13_EF2, None if in_bias is None else in_bias.expand(E, -1))
+    _copy_or_zero(moe.experts.b2_ED, None if S or dense_out.bias is None else dense_out.bias.expand(E, -1))
+    if S:
+        shared = moe.shared.ffn
+        shared.w13.weight.copy_(dense_in.weight[:S])
+        shared.w2.weight.copy_(dense_out.weight[:, :S])
+        _copy_or_zero(shared.w13.bias, None if dense_in.bias is None else dense_in.bias[:S])
+        _copy_or_zero(shared.w2.bias, dense_out.bias)
     gate = getattr(moe.router, "gate", None)
     if gate is not None:  # small logits: near-uniform routing to start, as the encoder's own init
         gate.weight.normal_(0.0, init_std)
@@ -293,6 +350,7 @@ def migrate_from_electra(
     enable_advanced_routing: bool = True,
     enable_performance_optimization: bool = True,
     layers: list[int] | tuple[int, ...] | None = None,
+    shared_fraction: float = 0.0,
     require_exact: bool = True,
     hash_on_token_ids: bool = True,
     inplace: bool = False,
@@ -321,6 +379,10 @@ def migrate_from_electra(
     - ``enable_performance_optimization``: grouped-GEMM dispatch (``impl="grouped"``); off, the
       per-expert loop (``impl="loop"``), the reference.
 
+    ``shared_fraction``: cut that fraction of each FFN's hidden units (rounded to a multiple of 8) out
+    as one always-on shared expert; the routed experts are copies of the remaining units (exact, see
+    the module doc). 0: no shared expert.
+
     ``require_exact``: refuse (FuluConfigError) a router or override whose outputs would differ from
     the dense model's right after migration (see :func:`equivalence_problems`); with False it is
     migrated with a warning. ``hash_on_token_ids``: the hash router hashes the ``input_ids`` of the
@@ -340,10 +402,10 @@ def migrate_from_electra(
         inplace = True
     if not isinstance(model, nn.Module):
         raise FuluConfigError(f"migrate_from_electra: expected {EXPECTED}; got a {type(model).__name__}")
-    _encoder_root(model)  # validate before copying
+    encoder_root(model)  # validate before copying
     if not inplace:
         model = copy.deepcopy(model)
-    root, encoder_layers = _encoder_root(model)
+    root, encoder_layers = encoder_root(model)
 
     n = len(encoder_layers)
     if layers is None:
@@ -356,9 +418,13 @@ def migrate_from_electra(
 
     first = encoder_layers[chosen[0]]
     hidden, ffn = first.intermediate.dense.in_features, first.intermediate.dense.out_features
-    cfg = _moe_config(model, hidden, ffn, strategy, num_experts, top_k, enable_advanced_routing,
-                      enable_performance_optimization, moe_overrides)
-    inexact = equivalence_problems(cfg)
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", 4) or 4
+    cfg = upcycled_moe_config(hidden, ffn, heads, num_experts, strategy, top_k,
+                              enable_advanced_routing=enable_advanced_routing,
+                              enable_performance_optimization=enable_performance_optimization,
+                              shared_fraction=shared_fraction, **moe_overrides)
+    split_shared = bool(shared_fraction)
+    inexact = equivalence_problems(cfg, split_shared)
     if inexact and require_exact:
         raise FuluConfigError([f"migrate_from_electra: the migrated model would not compute the original's "
                                f"outputs ({'; '.join(inexact)}); pass require_exact=False to migrate anyway"])
@@ -381,7 +447,7 @@ def migrate_from_electra(
             raise FuluConfigError(f"migrate_from_electra: encoder.layer[{i}]'s FFN is {dense_in.in_features}->"
                                   f"{dense_in.out_features}->{dense_out.out_features}; every migrated layer needs "
                                   f"{hidden}->{ffn}->{hidden}")
-        new_output = PiMoEOutput(_upcycle(cfg, dense_in, dense_out, init_std), layer.output.dropout,
+        new_output = PiMoEOutput(_upcycle(cfg, dense_in, dense_out, init_std, split_shared), layer.output.dropout,
                                  layer.output.LayerNorm, token_ids).train(layer.output.training)
         if verify and not inexact:
             _verify(i, layer.intermediate, layer.output, new_output)
@@ -435,11 +501,12 @@ class TaskModel(nn.Module):
     ``num_labels=task.num_classes``) in the shape :func:`fulu_nas.training.train.train` and
     :func:`fulu_nas.training.evaluate.evaluate` expect: ``forward(tokens)`` returns a
     :class:`~fulu_nas.models.ModelOutput`. ``gradient_checkpointing`` is accepted and ignored
-    (use the Hugging Face model's own switch)."""
+    (use the Hugging Face model's own switch). ``require_moe=False`` accepts a model with no PiMoE
+    layer (the dense model, trained the same way as a reference)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, require_moe: bool = True):
         super().__init__()
-        if not moe_outputs(model):
+        if require_moe and not moe_outputs(model):
             raise FuluConfigError("TaskModel: the model has no PiMoE layers; migrate it with "
                                   "migrate_from_electra first")
         self.model = model

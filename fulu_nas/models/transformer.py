@@ -132,13 +132,7 @@ class PiMoETransformer(nn.Module):
         for block in self.blocks:
             ffn = block.ffn
             if isinstance(ffn, PiMoELayer):
-                c = ffn.cfg
-                mats = 3 if c.activation == "swiglu" else 2
-                routed = c.top_k * mats * D * c.expert_ffn_size
-                if c.router == "expert_choice":
-                    routed = c.expert_capacity(S) * c.num_experts * mats * D * c.expert_ffn_size / S
-                shared = c.num_shared_experts * mats * D * c.shared_ffn_size
-                total += 2 * (D * c.num_experts * (c.router != "hash") + routed + shared)
+                total += ffn.flops_per_token(S)
             else:
                 mats = 3 if a.moe.activation == "swiglu" else 2
                 total += 2 * mats * D * a.dense_ffn_size

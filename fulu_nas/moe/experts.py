@@ -223,11 +223,13 @@ class FeedForward(nn.Module):
 
 class SharedExperts(nn.Module):
     """Always-on experts whose output is added to the routed output; optional sigmoid gate
-    per token (Qwen2-MoE's ``sigmoid(Linear(D, 1)(x)) * shared_expert(x)``)."""
+    per token (Qwen2-MoE's ``sigmoid(Linear(D, 1)(x)) * shared_expert(x)``). With ``expert_bias``
+    they have biases too (an upcycled BERT FFN's shared part carries its biases)."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
-        self.ffn = FeedForward(cfg.hidden_size, cfg.num_shared_experts * cfg.shared_ffn_size, cfg.activation)
+        self.ffn = FeedForward(cfg.hidden_size, cfg.num_shared_experts * cfg.shared_ffn_size, cfg.activation,
+                               bias=cfg.expert_bias)
         self.gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
 
     def forward(self, x_TD: Tensor) -> Tensor:

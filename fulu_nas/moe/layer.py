@@ -339,6 +339,17 @@ class PiMoELayer(nn.Module):
         self.router.cfg = self.cfg
         return swaps
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Analytic forward FLOPs per token (2 per multiply-add): the router, the experts a token
+        uses (expert choice: the capacity of ``seq_len`` tokens, shared out) and the shared experts."""
+        c, D = self.cfg, self.cfg.hidden_size
+        mats = 3 if c.activation == "swiglu" else 2
+        routed = c.top_k * mats * D * c.expert_ffn_size
+        if c.router == "expert_choice":
+            routed = c.expert_capacity(seq_len) * c.num_experts * mats * D * c.expert_ffn_size / seq_len
+        shared = c.num_shared_experts * mats * D * c.shared_ffn_size
+        return 2 * (D * c.num_experts * (c.router != "hash") + routed + shared)
+
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters, and parameters a token activates (router, shared, top_k experts)."""
         total = sum(p.numel() for p in self.parameters())

@@ -105,9 +105,9 @@ def plan_confirmation(study: optuna.Study, s: SearchSettings, options: ConfirmSe
     candidates = []
     for t in firsts[:options.top_k]:
         h = t.user_attrs["arch_hash"]
-        candidates.append(Candidate(t, _rebuild(t, problems), h, ranks[h], h == ref_hash, True))
+        candidates.append(Candidate(t, _rebuild(t, s, problems), h, ranks[h], h == ref_hash, True))
     if reference is not None and ref_hash not in {c.arch_hash for c in candidates}:
-        candidates.append(Candidate(reference, _rebuild(reference, problems), ref_hash, ranks.get(ref_hash), True,
+        candidates.append(Candidate(reference, _rebuild(reference, s, problems), ref_hash, ranks.get(ref_hash), True,
                                     is_feasible(reference)))
     if problems:
         raise FuluConfigError(problems)
@@ -123,9 +123,9 @@ def _arch_hash(t: optuna.trial.FrozenTrial, problems: list[str]) -> str | None:
     return h
 
 
-def _rebuild(t: optuna.trial.FrozenTrial, problems: list[str]) -> ArchConfig | None:
+def _rebuild(t: optuna.trial.FrozenTrial, s: SearchSettings, problems: list[str]) -> ArchConfig | None:
     try:
-        return ArchConfig.from_dict(t.user_attrs["arch"])
+        return s.space.family.arch_from_dict(t.user_attrs["arch"])
     except KeyError:
         problems.append(f"trial {t.number}: has no arch attribute: its architecture cannot be rebuilt")
     except (FuluConfigError, TypeError, ValueError, AttributeError) as e:

@@ -21,10 +21,12 @@ import optuna
 
 from ..errors import FuluConfigError
 from .confirm_summary import confirmed_winner, describe_winner
+from .family import UPCYCLE
 from .locate import StudyLocation, load_study, locate_study, search_settings, split_options
 from .objective import is_feasible, measure_trial_cost, reference_model
 from .settings import SearchSettings
 from .storage import mask_url
+from .tracking import export_run
 
 TrialState = optuna.trial.TrialState
 OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "4", "out": "", "name": ""}
@@ -85,18 +87,18 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
     import mlflow
     from safetensors.torch import load_model
 
-    from ..models import ArchConfig, PiMoETransformer, seeded_model
     from ..training.train import resolve_device, train
 
-    arch = ArchConfig.from_dict(trial.user_attrs["arch"])
+    family = s.space.family
+    arch = family.arch_from_dict(trial.user_attrs["arch"])
     if retrain:
         budget = replace(s.train, steps=int(s.train.steps * factor), progress=True, device="auto",
                          seconds_cap=s.train.seconds_cap * factor if s.train.seconds_cap else None)
-        model = seeded_model(arch, s.train.seed, resolve_device(budget.device))
-        result = train(model, s.task, budget)
+        model = family.build(arch, s.task, s.train.seed, resolve_device(budget.device))
+        result = train(model, s.task, family.train_config(arch, budget))
         return model.cpu().float(), {"retrained": True, "retrain_steps": result.steps,
                                      "retrain_seconds": result.seconds}
-    model = PiMoETransformer(arch)  # the trial's weights replace the initial ones
+    model = family.build(arch, s.task, s.train.seed)  # the trial's weights replace the initial ones
     run_id = trial.user_attrs.get("weights_run_id")
     client = mlflow.MlflowClient(location.tracking_uri)
     try:
@@ -153,7 +155,6 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
 
     from ..deploy.export import FORMAT_VERSION, pyfunc_arguments, write_export
     from ..training.evaluate import evaluate
-    from .tracking import PARENT_RUN_ATTR
 
     retrain = options["retrain"].lower() in ("1", "true", "yes")
     if options["retrain"].lower() not in ("0", "1", "true", "false", "yes", "no"):
@@ -183,26 +184,20 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
                          "values": list(trial.values), "search_space": s.space.name,
                          "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"), "selected_by": selected_by},
               "registered_model": name, "torch_version": str(__import__("torch").__version__)}
+    if s.space.family is UPCYCLE:  # a transformers folder with the PiMoE layers, not a PiMoETransformer
+        from .export_upcycled import export_upcycled
+
+        return export_upcycled(location, s, study, trial, model, config, metrics, out)
     card = model_card(s, location, trial, config, metrics, name)
     write_export(out, model, config, metrics, card)
 
     # Register the same pyfunc in the study's MLflow, nested under the study's parent run.
-    mlflow.set_tracking_uri(location.tracking_uri)
-    client = mlflow.MlflowClient(location.tracking_uri)
-    experiment = client.get_experiment_by_name(s.tracking.experiment)
-    parent = study.user_attrs.get(PARENT_RUN_ATTR)
-    tags = {"fulu.kind": "export", "fulu.trial": str(trial.number)}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(experiment_id=experiment.experiment_id if experiment else None,
-                          run_name=f"export trial {trial.number}", tags=tags):
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
-                            and not isinstance(v, bool)})
+    with export_run(location.tracking_uri, s.tracking.experiment, study, trial.number, metrics):
         # The folder's arguments: the same signature, configuration (program SHA-256) and checks.
         info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
                                        **pyfunc_arguments(out / "model.pt2", model.arch))
     version = info.registered_model_version
-    client.set_registered_model_alias(name, "champion", str(version))
+    mlflow.MlflowClient(location.tracking_uri).set_registered_model_alias(name, "champion", str(version))
     print(f"exported trial {trial.number} of study {s.study.name} to {out}\n"
           f"registered as models:/{name}@champion (version {version})")
     return out

@@ -62,7 +62,13 @@ class _RandomTrial:
 
 def check_feasible(space: SearchSpace, task, draws: int = DRAWS) -> None:
     """FuluConfigError naming what makes ``space`` yield no feasible architecture on ``task``, or a
-    categorical choice that never gives one."""
+    categorical choice that never gives one; and the space's reference when only the task can tell
+    whether it is an architecture (a family without a probe, :mod:`.family`)."""
+    if space.reference is not None and not space.family.probe:
+        try:
+            space.feasible_arch(space.with_derived(space.reference), task)
+        except Infeasible as e:
+            raise FuluConfigError(f"search_space.reference: {e}") from None
     rng = random.Random(0)
     reason = _failure(space, task, rng, draws, dict)
     if reason is not None:

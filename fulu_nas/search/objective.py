@@ -36,7 +36,7 @@ import optuna
 import torch
 
 from ..deploy.cost import measure_cost
-from ..models import PiMoETransformer, seeded_model
+from ..models import PiMoETransformer
 from ..training.evaluate import evaluate
 from ..training.parallel import train_expert_parallel
 from ..training.train import (
@@ -85,7 +85,7 @@ def reference_model(s: SearchSettings, device: torch.device) -> PiMoETransformer
     model every trial's latency is measured beside (``latency_ratio``). None without a reference."""
     if s.space.reference is None:
         return None
-    return seeded_model(s.space.arch(s.space.reference, s.task), s.train.seed, device)
+    return s.space.family.build(s.space.arch(s.space.reference, s.task), s.task, s.train.seed, device)
 
 
 def measure_trial_cost(model, s: SearchSettings, reference: PiMoETransformer | None = None
@@ -159,12 +159,14 @@ class TrainingLog:
 
 
 def train_architecture(arch, s: SearchSettings, cfg: TrainConfig, on_report) -> tuple[PiMoETransformer, TrainResult]:
-    """``arch`` trained on the study's task with ``cfg``, whose seed also draws the initial weights: over
-    ``cfg.expert_parallel`` ranks when it is > 1 (the gathered single-device model comes back), else here."""
+    """``arch`` trained on the study's task with ``cfg`` (as the space's family sets it for ``arch``: an
+    upcycling's own learning rate), whose seed also draws the initial weights: over ``cfg.expert_parallel``
+    ranks when it is > 1 (the gathered single-device model comes back), else here."""
+    cfg = s.space.family.train_config(arch, cfg)
     if cfg.expert_parallel > 1:
         return train_expert_parallel(arch, s.task_name, s.task_params, cfg, on_report=on_report,
                                      workdir=s.output_dir)
-    model = seeded_model(arch, cfg.seed, resolve_device(cfg.device))
+    model = s.space.family.build(arch, s.task, cfg.seed, resolve_device(cfg.device))
     return model, train(model, s.task, cfg, callback=on_report)
 
 
@@ -200,6 +202,8 @@ def evaluate_and_measure(model: PiMoETransformer, s: SearchSettings, reference: 
          **cost_metrics, "train_steps": float(result.steps),
          "train_seconds": result.seconds, "final_train_loss": result.final_loss}
     m["routing_accuracy"] = quality.get("routing_accuracy", float("nan"))
+    if "perplexity" in quality:
+        m["perplexity"] = quality["perplexity"]
     if not math.isfinite(m["loss"]):
         raise TrialFailed("validation loss is not finite")
     return Measured(quality, cost, m, seconds)
@@ -263,7 +267,7 @@ class Objective:
         except Infeasible as e:
             self._infeasible(trial, str(e))
         P = self.s.train.expert_parallel
-        if arch.moe.num_experts % P:
+        if P > 1 and arch.moe.num_experts % P:
             self._infeasible(trial, f"num_experts={arch.moe.num_experts} is not divisible by "
                                     f"trainer.expert_parallel={P}")
         key = cache_key(self.s, arch.content_hash())

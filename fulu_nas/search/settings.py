@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import FuluConfigError
 from ..tasks import TASKS, Task, build_task, task_parameters
 from ..training.train import TrainConfig
+from .family import PIMOE, family_for
 from .feasibility import check_feasible
 from .field_types import is_finite_number
 from .space import SearchSpace, parse_space
@@ -33,6 +34,8 @@ OBJECTIVES: dict[str, str | None] = {
 # Quantities a study may bound from above (Optuna trial constraints: feasible when value <= bound).
 CONSTRAINABLE = ("loss", "latency_ms", "latency_ratio", "peak_memory_mb", "active_params", "total_params")
 _SECTIONS = {"task", "search_space", "study", "trainer", "tracking"}
+# Top-level shorthands a task's config defines for one of its own keys (task=upcycle: model=PATH is task.model).
+_SHORTHANDS = {"model"}
 # trainer.max_seconds is the search's safety cap (TrainConfig.seconds_cap): a trial's budget is its steps alone.
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"progress", "dynamic_experts", "seconds_cap"}
 _COST_FIELDS = {"cost_shapes", "cost_iterations", "cost_rounds"}
@@ -134,13 +137,17 @@ class SearchSettings:
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in free}
         if keep["trainer"].get("expert_parallel") == 1:  # the default: studies from before the key resume
             del keep["trainer"]["expert_parallel"]
+        # A task that starts from a model on disk (upcycle): another checkpoint at the same path is another study.
+        model_sha256 = getattr(self.task, "model_sha256", None)
+        if model_sha256:
+            keep["model_sha256"] = model_sha256
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSettings:
     """Validate a composed config (a plain, resolved mapping) into :class:`SearchSettings`."""
     problems: list[str] = []
-    for key in sorted(set(cfg) - _SECTIONS - {"hydra"}):
+    for key in sorted(set(cfg) - _SECTIONS - _SHORTHANDS - {"hydra"}):
         problems.append(f"{key}: unknown top-level key (sections: {', '.join(sorted(_SECTIONS))})")
     sections = {}
     for name in sorted(_SECTIONS):
@@ -152,14 +159,19 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSetti
 
     raw = copy.deepcopy(sections)  # the parsers below consume their sections
     task, task_name, task_params = _task(sections["task"], problems)
-    space = _collect(problems, lambda: parse_space(sections["search_space"]))
+    family = family_for(task_name)
+    space = _collect(problems, lambda: parse_space(sections["search_space"], family=family))
     train, cost = _trainer(sections["trainer"], problems)
     study = _study(sections["study"], task, problems)
     tracking = _tracking(sections["tracking"], problems)
     if study is not None and space is not None and study.sampler == "grid":
         _collect(problems, space.grid)
     if train is not None and space is not None and train.expert_parallel > 1:
-        _check_expert_parallel(space, train.expert_parallel, problems)
+        if family is not PIMOE:
+            problems.append(f"trainer.expert_parallel: task {task_name} fine-tunes a Hugging Face model on one "
+                            f"device; set trainer.expert_parallel=1")
+        else:
+            _check_expert_parallel(space, train.expert_parallel, problems)
     if space is not None and task is not None:
         _collect(problems, lambda: check_feasible(space, task))
     if problems:

@@ -18,7 +18,8 @@ A space (see ``search_spaces/*.yaml``)::
     reference: {router: topk, num_experts: 8}   # the hand-picked default, trained first
 
 A parameter or derived value names an ``ArchConfig`` field, an ``MoEConfig`` field, or
-``balancing`` (one of :data:`~fulu_nas.moe.BALANCING_METHODS`). ``when`` makes a parameter
+``balancing`` (one of :data:`~fulu_nas.moe.BALANCING_METHODS`); for task ``upcycle`` the fields of
+its model family instead (:mod:`.family`). ``when`` makes a parameter
 conditional on earlier categorical parameters, so Optuna only samples it where it means
 something (``hierarchy_depth`` only for the hierarchical router). :func:`parse_space` lists every
 problem, each naming its key, in one :class:`~fulu_nas.errors.FuluConfigError`.
@@ -28,23 +29,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FuluConfigError
-from ..models import ArchConfig
-from ..moe import BALANCING_METHODS, MoEConfig
+from ..moe import BALANCING_METHODS
 from .expressions import Expression, ExpressionError, ExpressionTooLarge, parse_expression
+from .family import PIMOE, Family
 from .field_types import is_finite_number, type_problem
 
 PARAM_TYPES = ("categorical", "int", "float")
 _SPACE_KEYS = {"name", "description", "base", "params", "derived", "constraints", "reference"}
 _PARAM_KEYS = {"type", "choices", "low", "high", "log", "step", "when"}
-_ARCH_FIELDS = {f.name for f in fields(ArchConfig)} - {"moe"}
-_MOE_FIELDS = {f.name for f in fields(MoEConfig)} - {"hidden_size"}
-# Set from the task, not searched.
-_TASK_FIELDS = {"vocab_size", "num_classes", "max_seq_len"}
-TARGETS = (_ARCH_FIELDS - _TASK_FIELDS) | _MOE_FIELDS | {"balancing"}
 
 
 def _is_choice(v: object) -> bool:
@@ -108,6 +104,7 @@ class SearchSpace:
     derived: tuple[tuple[str, Expression], ...]
     constraints: tuple[Expression, ...]
     reference: dict | None
+    family: Family = PIMOE
 
     def sample(self, trial) -> dict[str, Any]:
         """Suggest every active parameter through ``trial``; returns them plus the derived values."""
@@ -146,9 +143,9 @@ class SearchSpace:
                     broken.append(c.text)
         return broken
 
-    def feasible_arch(self, values: Mapping[str, Any], task) -> ArchConfig:
-        """The architecture for sampled ``values`` (derived values included) on ``task``, or
-        :class:`Infeasible` saying why there is none."""
+    def feasible_arch(self, values: Mapping[str, Any], task):
+        """The architecture for sampled ``values`` (derived values included) on ``task`` (see :meth:`arch`),
+        or :class:`Infeasible` saying why there is none."""
         broken = self.violations(values)
         if broken:
             raise Infeasible(f"violates {', '.join(broken)}")
@@ -157,20 +154,10 @@ class SearchSpace:
         except FuluConfigError as e:
             raise Infeasible(f"impossible architecture: {'; '.join(e.problems)}") from None
 
-    def arch(self, values: Mapping[str, Any], task) -> ArchConfig:
-        """The architecture for sampled ``values`` on ``task`` (FuluConfigError if impossible)."""
-        d = {k: v for k, v in self.base.items() if k != "moe"}
-        moe = dict(self.base.get("moe") or {})
-        for name, value in values.items():
-            if name == "balancing":
-                moe.update(BALANCING_METHODS[value])
-            elif name in _ARCH_FIELDS:
-                d[name] = value
-            else:
-                moe[name] = value
-        d.update(vocab_size=task.vocab_size, num_classes=task.num_classes, max_seq_len=task.seq_len)
-        d["moe"] = moe
-        return ArchConfig.from_dict(d)
+    def arch(self, values: Mapping[str, Any], task):
+        """The architecture for sampled ``values`` on ``task`` (FuluConfigError if impossible): an
+        :class:`ArchConfig`, or what the space's family makes (:mod:`.family`)."""
+        return self.family.arch(self.base, dict(values), task)
 
     def grid(self) -> dict[str, list]:
         grid = {}
@@ -187,9 +174,11 @@ class SearchSpace:
         return grid
 
 
-def parse_space(data: object, name: str = "space") -> SearchSpace:
-    """Validate a space given as a plain mapping (parsed YAML); every problem names its key."""
+def parse_space(data: object, name: str = "space", family: Family = PIMOE) -> SearchSpace:
+    """Validate a space given as a plain mapping (parsed YAML) for the models of ``family`` (the task's);
+    every problem names its key."""
     problems: list[str] = []
+    targets = family.targets
     if not isinstance(data, Mapping):
         raise FuluConfigError(f"search_space: expected a mapping, got {type(data).__name__}")
     for key in sorted(set(map(str, data)) - _SPACE_KEYS):
@@ -200,26 +189,28 @@ def parse_space(data: object, name: str = "space") -> SearchSpace:
         problems.append("search_space.base: expected a mapping of architecture fields")
         base = {}
     base = dict(base)
-    for key in sorted(set(map(str, base)) - _ARCH_FIELDS - {"moe"}):
-        problems.append(f"search_space.base.{key}: not an architecture field")
-    _check_types(base, _ARCH_FIELDS - _TASK_FIELDS, "search_space.base", problems)
-    for key in sorted(_TASK_FIELDS & set(base)):
+    for key in sorted(set(map(str, base)) - family.base_fields - {"moe"}):
+        problems.append(f"search_space.base.{key}: not an architecture field"
+                        + ("" if family is PIMOE else f" of the {family.name} family ({family.what})"))
+    _check_types(base, family.base_fields - family.task_fields, "search_space.base", problems)
+    for key in sorted(family.task_fields & set(base)):
         problems.append(f"search_space.base.{key}: set from the task, not by the space")
     base_moe = base.get("moe") or {}
     if not isinstance(base_moe, Mapping):
         problems.append("search_space.base.moe: expected a mapping of MoE layer fields")
         base_moe = {}
-    for key in sorted(set(map(str, base_moe)) - _MOE_FIELDS):
-        problems.append(f"search_space.base.moe.{key}: not an MoE layer field")
-    _check_types(base_moe, _MOE_FIELDS, "search_space.base.moe", problems)
+    for key in sorted(set(map(str, base_moe)) - family.moe_fields):
+        problems.append(f"search_space.base.moe.{key}: not an MoE layer field"
+                        + ("" if family is PIMOE else f" the {family.name} family sets"))
+    _check_types(base_moe, family.moe_fields, "search_space.base.moe", problems)
     base["moe"] = dict(base_moe)
 
-    params = _parse_params(data.get("params"), problems)
+    params = _parse_params(data.get("params"), problems, family)
     # Every parameter declared, valid or not: a bad definition is reported once, not again by each
     # expression and reference entry that names it.
-    declared = set(map(str, data["params"])) & TARGETS if isinstance(data.get("params"), Mapping) else set()
+    declared = set(map(str, data["params"])) & targets if isinstance(data.get("params"), Mapping) else set()
     known = {p.name for p in params} | declared
-    derived = _parse_derived(data.get("derived"), known, problems)
+    derived = _parse_derived(data.get("derived"), known, problems, targets)
     known |= {n for n, _ in derived}
     constraints = _parse_constraints(data.get("constraints"), known, problems)
     reference = _parse_reference(data.get("reference"), params, declared, problems)
@@ -231,8 +222,8 @@ def parse_space(data: object, name: str = "space") -> SearchSpace:
         problems.append("search_space.name: expected a non-empty string")
     if problems:
         raise FuluConfigError(problems)
-    space = SearchSpace(space_name, description, base, params, derived, constraints, reference)
-    if reference is not None:
+    space = SearchSpace(space_name, description, base, params, derived, constraints, reference, family)
+    if reference is not None and family.probe:
         _check_reference_arch(space)
     return space
 
@@ -244,7 +235,7 @@ def _check_types(fixed: Mapping, names: set[str], key: str, problems: list[str])
             problems.append(f"{key}.{name}: {problem}")
 
 
-def _parse_params(raw: object, problems: list[str]) -> tuple[Param, ...]:
+def _parse_params(raw: object, problems: list[str], family: Family) -> tuple[Param, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, Mapping):
@@ -253,8 +244,8 @@ def _parse_params(raw: object, problems: list[str]) -> tuple[Param, ...]:
     params: list[Param] = []
     for name, spec in raw.items():
         key = f"search_space.params.{name}"
-        if not isinstance(name, str) or name not in TARGETS:
-            problems.append(f"{key}: not a searchable field (architecture or MoE layer field, or 'balancing')")
+        if not isinstance(name, str) or name not in family.targets:
+            problems.append(f"{key}: not a searchable field ({family.what})")
             continue
         if not isinstance(spec, Mapping):
             problems.append(f"{key}: expected a mapping with a 'type'")
@@ -343,7 +334,7 @@ def _parse_when(raw: object, key: str, earlier: list[Param], problems: list[str]
     return tuple(out)
 
 
-def _parse_derived(raw: object, known: set[str], problems: list[str]) -> tuple:
+def _parse_derived(raw: object, known: set[str], problems: list[str], targets: frozenset[str]) -> tuple:
     if raw is None:
         return ()
     if not isinstance(raw, Mapping):
@@ -352,7 +343,7 @@ def _parse_derived(raw: object, known: set[str], problems: list[str]) -> tuple:
     out = []
     for name, text in raw.items():
         key = f"search_space.derived.{name}"
-        if not isinstance(name, str) or name not in TARGETS or name == "balancing":
+        if not isinstance(name, str) or name not in targets or name == "balancing":
             problems.append(f"{key}: not an architecture or MoE layer field")
             continue
         if name in known:

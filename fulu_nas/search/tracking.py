@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,23 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+@contextmanager
+def export_run(tracking_uri: str, experiment: str, study, trial: int, metrics: dict[str, Any]):
+    """``fulu-nas export``'s MLflow run of trial ``trial`` (active inside the block, for what the export
+    logs), nested under the study's parent run, with the metrics measured on the exported weights."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    found = mlflow.MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    tags = {"fulu.kind": "export", "fulu.trial": str(trial)}
+    if study.user_attrs.get(PARENT_RUN_ATTR):
+        tags["mlflow.parentRunId"] = study.user_attrs[PARENT_RUN_ATTR]
+    with mlflow.start_run(experiment_id=found.experiment_id if found else None, run_name=f"export trial {trial}",
+                          tags=tags):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
+        yield
 
 
 def _is_number(v: object) -> bool:

@@ -18,6 +18,13 @@ from fulu_nas.tasks.textlm import TextLMTask
 TASKS: dict[str, type[Task]] = {"clusters": ClustersTask, "pimoe_mix": PiMoEMixTask, "textlm": TextLMTask}
 
 
+def register_task(cls: type[Task]) -> type[Task]:
+    """Add a task defined in a layer above this one (``upcycle``, which reads a Hugging Face model, is
+    registered by :mod:`fulu_nas.interop` when ``fulu_nas`` is imported)."""
+    TASKS[cls.name] = cls
+    return cls
+
+
 def task_parameters(name: str) -> dict[str, object]:
     """The constructor parameters of task ``name`` and their defaults."""
     return {p.name: p.default for p in inspect.signature(TASKS[name]).parameters.values()}
@@ -35,4 +42,4 @@ def build_task(name: str, **params) -> Task:
 
 
 __all__ = ["IGNORE", "NO_DOMAIN", "TASKS", "Batch", "ClustersTask", "PiMoEMixTask", "Task", "TextLMTask",
-           "build_task", "task_parameters"]
+           "build_task", "register_task", "task_parameters"]

@@ -79,6 +79,37 @@ def _hash_unit(data_seed: int, rel: str) -> float:
     return int.from_bytes(digest[:8], "little") / 2**64
 
 
+def read_split_corpus(path: str | None, max_bytes: int, val_fraction: float, data_seed: int
+                      ) -> tuple[list[str], list[str], bytes, bytes]:
+    """Read the corpus and split it (the module doc's rules): (training file names, validation file
+    names, training bytes, validation bytes). Also the corpus of the ``upcycle`` task."""
+    if path is None:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        corpus = _read_corpus(_list_files(stdlib, ".py", SKIPPED_DIRS | {"site-packages"}), max_bytes)
+    else:
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise FuluConfigError(f"path {path!r} does not exist")
+        files = [(root.name, root)] if root.is_file() else _list_files(root) if root.is_dir() else []
+        corpus = _read_corpus(files, max_bytes)
+        if not corpus:
+            raise FuluConfigError(f"path {path!r} has no usable bytes (no non-empty, non-binary file)")
+    if len(corpus) == 1:
+        rel, data = corpus[0]
+        cut = len(data) - max(1, math.floor(len(data) * val_fraction))
+        return [rel], [rel], data[:cut], data[cut:]
+    units = [_hash_unit(data_seed, rel) for rel, _ in corpus]
+    is_val = [u < val_fraction for u in units]
+    if not any(is_val):
+        is_val[units.index(min(units))] = True
+    if all(is_val):
+        is_val[units.index(max(units))] = False
+    train = [(rel, data) for (rel, data), v in zip(corpus, is_val, strict=True) if not v]
+    val = [(rel, data) for (rel, data), v in zip(corpus, is_val, strict=True) if v]
+    return ([r for r, _ in train], [r for r, _ in val], b"\n".join(d for _, d in train),
+            b"\n".join(d for _, d in val))
+
+
 class TextLMTask(Task):
     """Byte LM (``vocab_size = 256``, no domains); metric ``bits_per_byte`` (lower is better)."""
 
@@ -103,7 +134,8 @@ class TextLMTask(Task):
         self.path = None if path is None else str(path)
         self.seq_len, self.max_bytes, self.val_fraction = int(seq_len), int(max_bytes), float(val_fraction)
         self.max_val_tokens, self.data_seed = int(max_val_tokens), int(data_seed)
-        self.train_files, self.val_files, train, val = self._load()
+        self.train_files, self.val_files, train, val = read_split_corpus(self.path, self.max_bytes,
+                                                                         self.val_fraction, self.data_seed)
         where = "the standard library's .py files" if self.path is None else f"path {self.path!r}"
         if len(train) < self.seq_len + 1:
             raise FuluConfigError(f"seq_len={self.seq_len} is too long for {where}: only {len(train)} training "
@@ -113,34 +145,6 @@ class TextLMTask(Task):
         self.train_bytes_N = torch.frombuffer(bytearray(train), dtype=torch.uint8).to(torch.int64)
         self.val_bytes_N = torch.frombuffer(bytearray(val[:self.max_val_tokens + 1]), dtype=torch.uint8)
         self._val: tuple[Tensor, Tensor, Tensor] | None = None
-
-    def _load(self) -> tuple[list[str], list[str], bytes, bytes]:
-        """Read the corpus and split it: (train file names, val file names, train bytes, val bytes)."""
-        if self.path is None:
-            stdlib = Path(sysconfig.get_paths()["stdlib"])
-            corpus = _read_corpus(_list_files(stdlib, ".py", SKIPPED_DIRS | {"site-packages"}), self.max_bytes)
-        else:
-            root = Path(self.path).expanduser()
-            if not root.exists():
-                raise FuluConfigError(f"path {self.path!r} does not exist")
-            files = [(root.name, root)] if root.is_file() else _list_files(root) if root.is_dir() else []
-            corpus = _read_corpus(files, self.max_bytes)
-            if not corpus:
-                raise FuluConfigError(f"path {self.path!r} has no usable bytes (no non-empty, non-binary file)")
-        if len(corpus) == 1:
-            rel, data = corpus[0]
-            cut = len(data) - max(1, math.floor(len(data) * self.val_fraction))
-            return [rel], [rel], data[:cut], data[cut:]
-        units = [_hash_unit(self.data_seed, rel) for rel, _ in corpus]
-        is_val = [u < self.val_fraction for u in units]
-        if not any(is_val):
-            is_val[units.index(min(units))] = True
-        if all(is_val):
-            is_val[units.index(max(units))] = False
-        train = [(rel, data) for (rel, data), v in zip(corpus, is_val, strict=True) if not v]
-        val = [(rel, data) for (rel, data), v in zip(corpus, is_val, strict=True) if v]
-        return ([r for r, _ in train], [r for r, _ in val], b"\n".join(d for _, d in train),
-                b"\n".join(d for _, d in val))
 
     def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         check_batch_size(batch_size)

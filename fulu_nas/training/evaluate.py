@@ -1,4 +1,5 @@
-"""Evaluation of a trained model: loss, task metric and routing quality.
+"""Evaluation of a trained model: loss (and, for language modelling, its perplexity), task metric and
+routing quality.
 
 Routing accuracy: the confusion matrix ``C[k, e]`` counts tokens of ground-truth domain k whose
 top-1 expert is e. Experts are matched to domains optimally (Hungarian, scipy's
@@ -10,6 +11,7 @@ tokens / all labelled tokens.
 
 from __future__ import annotations
 
+import math
 import statistics
 from contextlib import contextmanager
 
@@ -114,6 +116,8 @@ def evaluate(model: PiMoETransformer, task: Task, batch_size: int = 64) -> dict:
     model.train(was_training)
 
     result: dict = {"loss": loss_sum / max(1, loss_count)}
+    if task.num_classes == 0:  # language modelling: the loss in nats per token, and its perplexity
+        result["perplexity"] = math.exp(min(result["loss"], 700.0))
     result.update({name: num / max(den, 1e-12) for name, (num, den) in metric_sums.items()})
     per_layer = []
     for i in range(len(layers)):

@@ -1,0 +1,178 @@
+"""The user's dense encoder: a ``save_pretrained`` folder of a BERT-family model (BERT, RoBERTa,
+ELECTRA, ...), checked and loaded once with a masked-language-model head, the starting point of every
+upcycling trial.
+
+:class:`DenseEncoder` refuses, with one :class:`~fulu_nas.errors.FuluConfigError` naming the folder and
+what was expected: a path that is not a folder, a folder without ``config.json`` or without safetensors
+weights (nothing is unpickled), a model type without a masked-language-model class in transformers
+(GPT-2, T5, ...), and an encoder whose feed-forward blocks :func:`~.migrate.migrate_from_electra` cannot
+upcycle. A folder saved without the MLM head (``BertModel``, ``ElectraForPreTraining``) gets a new head,
+drawn from a fixed seed so that every trial starts from the same weights (``head`` says which).
+
+The folder's tokenizer is its own when it has tokenizer files (:data:`TOKENIZER_FILES`); transformers
+would otherwise hand back an empty tokenizer of the model type without complaint, so the files decide.
+``sha256`` fingerprints the files read (configuration, weights, tokenizer): a trial's architecture
+records it, and an export refuses a folder that changed since the search.
+
+transformers is imported when a folder is loaded, not with this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import FuluConfigError
+from .migrate import encoder_root
+
+# Files that hold a tokenizer's vocabulary (tokenizer_config.json alone holds none).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "merges.txt", "added_tokens.json")
+EXPECTED = ("a save_pretrained folder of a BERT-family encoder (BERT, RoBERTa, ELECTRA, ...): config.json and "
+            "safetensors weights")
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """The sizes an upcycling reads from the dense model."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_size: int
+    num_heads: int
+    vocab_size: int
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' loading report and progress bars off (our own messages say what matters)."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _sha256(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class DenseEncoder:
+    """The encoder in ``path`` with a masked-language-model head (fp32, CPU, eval mode), and what a task
+    and an upcycling need to know about it. ``seed`` draws a missing head."""
+
+    def __init__(self, path: str | os.PathLike | None, seed: int = 0):
+        if path is None or (isinstance(path, str) and not path.strip()):
+            raise FuluConfigError("model not set: pass model=PATH, the save_pretrained folder of your encoder")
+        if not isinstance(path, str | os.PathLike):
+            raise FuluConfigError(f"model must be a folder path, got {path!r}")
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise FuluConfigError(f"model {os.fspath(path)!r} is not a folder; expected {EXPECTED}")
+        if not (folder / "config.json").is_file():
+            raise FuluConfigError(f"model {os.fspath(path)!r} has no config.json: not a save_pretrained model folder; "
+                                  f"expected {EXPECTED}")
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights:
+            others = sorted(p.name for p in folder.glob("*.bin"))
+            raise FuluConfigError(f"model {os.fspath(path)!r} has no safetensors weights"
+                                  + (f" (only {', '.join(others)}: pickles, which fulu-nas does not load)" if others
+                                     else "")
+                                  + "; save it with save_pretrained (safetensors is its default)")
+        self.path = str(folder.resolve())
+        self.tokenizer_files = tuple(sorted(n for n in TOKENIZER_FILES if (folder / n).is_file()))
+        extras = [folder / n for n in TOKENIZER_EXTRAS if (folder / n).is_file()] if self.tokenizer_files else []
+        read = [folder / "config.json", *weights, *(folder / n for n in self.tokenizer_files), *extras]
+        self.sha256 = _sha256(read)
+        self.model, self.head = self._load(path, seed)
+        self.config = self.model.config
+        try:
+            _, layers = encoder_root(self.model)
+        except FuluConfigError as e:
+            raise FuluConfigError([f"model {os.fspath(path)!r}: {p}" for p in e.problems]) from None
+        dense = layers[0].intermediate.dense
+        self.shape = EncoderShape(num_layers=len(layers), hidden_size=dense.in_features, ffn_size=dense.out_features,
+                                  num_heads=int(getattr(self.config, "num_attention_heads", 4) or 4),
+                                  vocab_size=int(self.config.vocab_size))
+
+    @staticmethod
+    def _load(path, seed: int) -> tuple[nn.Module, str]:
+        try:
+            import transformers
+        except ImportError:
+            raise FuluConfigError("model: loading a Hugging Face model needs transformers: "
+                                  "pip install 'fulu-nas[hf]'") from None
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+        with quiet_transformers():
+            try:
+                config = transformers.AutoConfig.from_pretrained(path)
+            except (OSError, ValueError, KeyError) as e:
+                raise FuluConfigError(f"model {os.fspath(path)!r}: its config.json cannot be read: "
+                                      f"{str(e).splitlines()[0]}") from None
+            if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+                saved = ", ".join(config.architectures or []) or config.model_type
+                raise FuluConfigError(f"model {os.fspath(path)!r} is a {config.model_type} model ({saved}), which "
+                                      f"has no masked-language-model head in transformers; expected {EXPECTED}")
+            # The same new head for every trial, without touching the caller's random state.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                try:
+                    model, info = transformers.AutoModelForMaskedLM.from_pretrained(
+                        path, use_safetensors=True, dtype=torch.float32, output_loading_info=True)
+                except (OSError, ValueError, RuntimeError) as e:
+                    raise FuluConfigError(f"model {os.fspath(path)!r} cannot be loaded: "
+                                          f"{str(e).splitlines()[0]}") from None
+        base = getattr(model, "base_model_prefix", "")
+        missing = sorted(info["missing_keys"])
+        body = [k for k in missing if k.startswith(f"{base}.")]
+        if body:
+            raise FuluConfigError(f"model {os.fspath(path)!r}: its weights lack {len(body)} of the encoder's tensors "
+                                  f"({', '.join(body[:3])}{', ...' if len(body) > 3 else ''}): they are not the "
+                                  f"model its config.json describes")
+        return model.eval(), "new" if missing else "pretrained"
+
+    def copy(self) -> nn.Module:
+        """A copy of the pristine dense model (every trial starts from one)."""
+        return copy.deepcopy(self.model)
+
+    def tokenizer(self):
+        """The folder's own tokenizer, or None when it has none."""
+        if not self.tokenizer_files:
+            return None
+        from transformers import AutoTokenizer
+
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(self.path)
+
+    @torch.no_grad()
+    def check_length(self, seq_len: int) -> None:
+        """FuluConfigError when the model cannot run on sequences of ``seq_len`` tokens (its position
+        embeddings end earlier)."""
+        try:
+            self.model(input_ids=torch.zeros(1, seq_len, dtype=torch.long))
+        except (IndexError, RuntimeError, ValueError) as e:
+            limit = getattr(self.config, "max_position_embeddings", None)
+            why = f"its max_position_embeddings is {limit}" if limit else str(e).splitlines()[0]
+            raise FuluConfigError(f"seq_len={seq_len} is too long for model {self.path!r}: {why}") from None

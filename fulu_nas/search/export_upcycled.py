@@ -1,0 +1,79 @@
+"""``fulu-nas export`` of an upcycling search's trial (task ``upcycle``): the model card, the folder in the
+``save_pretrained`` layout (:mod:`fulu_nas.interop.upcycle_export`), and the export's MLflow run (its
+metrics, ``upcycling.yaml`` and the card; the folder itself is not registered as an MLflow model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from .locate import StudyLocation
+from .settings import SearchSettings
+from .storage import mask_url
+from .tracking import export_run
+
+
+def upcycled_card(s: SearchSettings, location: StudyLocation, trial: optuna.trial.FrozenTrial, arch: dict,
+                  metrics: dict, reference: dict | None) -> str:
+    moe = arch["moe"]
+    if moe is None:
+        what = "no layer upcycled (the dense reference itself), fine-tuned"
+    else:
+        shared = (f", plus a shared expert of {moe['shared_expert_ffn_size']} units cut out of the FFN"
+                  if moe["num_shared_experts"] else "")
+        what = (f"encoder layers {', '.join(map(str, arch['layers']))} upcycled into PiMoE layers routing each "
+                f"token to {moe['top_k']} of {moe['num_experts']} experts of {moe['expert_ffn_size']} units "
+                f"(router `{moe['router']}`{shared}), then fine-tuned")
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                     for k, v in metrics.items() if isinstance(v, (int, float)))
+    versus = ""
+    if reference is not None:
+        versus = (f"\nThe dense reference (trial {reference['number']}) reached a validation MLM loss of "
+                  f"{reference['loss']:.4g} with the same fine-tuning budget.\n")
+    return f"""# Upcycled {arch['num_layers']}-layer encoder (trial {trial.number} of study {s.study.name})
+
+The dense encoder `{s.task_params.get('model')}` (SHA-256 `{arch['source_sha256'][:16]}...`) with {what}
+with masked-language modelling for {s.train.steps} steps (learning rate {arch['lr'] or s.train.lr:g}).
+Found by fulu-nas: study `{s.study.name}` ({mask_url(location.storage_url)}), search space
+`{s.space.name}`, selected by {metrics['selected_by']}.
+{versus}
+## Metrics (measured again on the exported weights, {metrics.get('device', 'cpu')})
+| metric | value |
+|---|---|
+{rows}
+
+## Use it
+```python
+import fulu_nas
+from transformers import AutoTokenizer
+
+model = fulu_nas.load(".")       # verifies checksums.json; the transformers model with its PiMoE layers
+tokenizer = AutoTokenizer.from_pretrained(".")   # when the search used the model's tokenizer
+```
+`config.json` alone loads the dense model without the experts: the PiMoE layers are rebuilt from
+`upcycling.yaml` by fulu-nas.
+"""
+
+
+def export_upcycled(location: StudyLocation, s: SearchSettings, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                    model, config: dict, metrics: dict, out: Path) -> Path:
+    """Write ``model`` (the trial's :class:`~fulu_nas.interop.upcycle.UpcycledMLM`, measured into ``metrics``)
+    to ``out`` and record the export in the study's MLflow."""
+    import mlflow
+
+    from ..interop.upcycle_export import UPCYCLING, write_upcycled
+
+    reference = next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                      if t.user_attrs.get("reference")), None)
+    ref = {"number": reference.number, "loss": reference.user_attrs["metrics"]["loss"]} if reference else None
+    arch = model.arch.to_dict()
+    card = upcycled_card(s, location, trial, arch, metrics, ref)
+    tokenizer = s.task.model_path if s.task.tokenizer_kind == "model" else None
+    record = {key: config[key] for key in ("task", "source", "torch_version")}
+    write_upcycled(out, model, tokenizer, record, metrics, card)
+    with export_run(location.tracking_uri, s.tracking.experiment, study, trial.number, metrics):
+        for name in (UPCYCLING, "README.md", "metrics.json"):
+            mlflow.log_artifact(str(out / name))
+    print(f"exported trial {trial.number} of study {s.study.name} to {out} (load it with fulu_nas.load)")
+    return out

@@ -1,0 +1,233 @@
+"""An upcycling search end to end in temp dirs (fulu-nas search task=upcycle model=PATH): the study and
+its MLflow runs with the dense reference as trial 0, the confirmation, the export in the save_pretrained
+layout loaded back with the same outputs, and bad input refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import optuna
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import fulu_nas  # noqa: E402
+from fulu_nas.cli import main  # noqa: E402
+from fulu_nas.errors import FuluConfigError  # noqa: E402
+from fulu_nas.interop.encoder import DenseEncoder  # noqa: E402
+from fulu_nas.interop.upcycle import UpcycleArch, build_upcycled  # noqa: E402
+from fulu_nas.tasks import build_task  # noqa: E402
+
+from .hf_models import save_encoder, save_gpt2, write_corpus  # noqa: E402
+
+TrialState = optuna.trial.TrialState
+STUDY = "upcycle-tiny"
+
+
+def search(out: Path, model: Path, corpus: Path, *overrides: str) -> int:
+    return main(["search", "+experiment=upcycle_tiny", f"model={model}", f"task.path={corpus}",
+                 f"hydra.run.dir={out}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A 3-trial upcycling search of a tiny BERT (with its tokenizer), shared by the tests below."""
+    root = tmp_path_factory.mktemp("upcycle")
+    bert, corpus, out = save_encoder(root / "bert"), write_corpus(root / "corpus"), root / "out"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert search(out, bert, corpus) == 0
+    finally:
+        os.chdir(cwd)
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'optuna.db'}")
+    return SimpleNamespace(root=root, bert=bert, corpus=corpus, out=out, study=study)
+
+
+def test_the_study_has_the_dense_reference_first_and_every_trial_starts_from_the_checkpoint(searched):
+    trials = searched.study.trials
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    reference = trials[0]
+    assert reference.user_attrs["reference"] and reference.params == {"layers": "dense", "lr": 1e-4}
+    assert reference.user_attrs["arch"]["layers"] == [] and reference.user_attrs["arch"]["moe"] is None
+    sha = DenseEncoder(searched.bert).sha256
+    assert {t.user_attrs["arch"]["source_sha256"] for t in trials} == {sha}
+    upcycled = [t for t in trials if t.user_attrs["arch"]["layers"]]
+    assert upcycled, "the sampler drew only the dense model"
+    for t in trials:
+        m = t.user_attrs["metrics"]
+        assert m["perplexity"] == pytest.approx(math.exp(m["loss"])) and 0 <= m["masked_accuracy"] <= 1
+        assert m["train_steps"] == 60 and m["active_params"] <= m["total_params"]
+    for t in upcycled:
+        m = t.user_attrs["metrics"]
+        assert 0 < m["utilisation"] <= 1 and 0 <= m["load_balance"] <= 1 and math.isfinite(m["max_vio"])
+        assert m["active_params"] > reference.user_attrs["metrics"]["active_params"]
+
+    client = mlflow.MlflowClient(f"sqlite:///{searched.out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(STUDY)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parent = [r for r in runs if r.data.tags.get("fulu.kind") == "study"]
+    children = {int(r.data.tags["fulu.trial"]): r for r in runs if r.data.tags.get("fulu.kind") == "trial"}
+    assert len(parent) == 1 and parent[0].data.params["task"] == "upcycle" and sorted(children) == [0, 1, 2]
+    for number, run in children.items():
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert run.data.metrics["loss"] == pytest.approx(trials[number].values[0])
+        assert {"perplexity", "masked_accuracy", "latency_ratio", "active_params"} <= run.data.metrics.keys()
+        assert {"arch.yaml", "model.safetensors", "evaluation.json"} <= {a.path for a in
+                                                                          client.list_artifacts(run.info.run_id)}
+    summary = json.loads((searched.out / "summary.json").read_text())
+    assert summary["reference"]["number"] == 0 and summary["n_complete"] == 3
+
+
+def trial_model(out: Path, trial: optuna.trial.FrozenTrial, task, tmp: Path):
+    """The trial's model with the weights the search saved in its MLflow run (eval mode)."""
+    from safetensors.torch import load_model
+
+    model = build_upcycled(UpcycleArch.from_dict(trial.user_attrs["arch"]), task.encoder)
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    load_model(model, client.download_artifacts(trial.user_attrs["weights_run_id"], "model.safetensors", str(tmp)),
+               strict=True)
+    return model.eval()
+
+
+def test_export_writes_a_save_pretrained_folder_that_loads_back_with_the_same_outputs(searched, tmp_path):
+    best = min(searched.study.trials, key=lambda t: t.values[0])
+    folder = tmp_path / "upcycled"
+    assert main(["export", f"study.name={STUDY}", f"hydra.run.dir={searched.out}", f"trial={best.number}",
+                 f"out={folder}"]) == 0
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "upcycling.yaml", "metrics.json", "README.md",
+            "checksums.json"} <= names
+    assert set(json.loads((folder / "checksums.json").read_text())) == names - {"checksums.json"}
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["loss"] == pytest.approx(best.values[0], rel=1e-5)
+
+    model = fulu_nas.load(folder)
+    assert type(model).__name__ == "BertForMaskedLM" and not model.training
+    layers = tuple(best.user_attrs["arch"]["layers"])  # () for the dense model: nothing migrated
+    assert getattr(getattr(model, "fulu_migration", None), "layers", ()) == layers
+    # the trial's own weights, as the search saved them, give the same logits
+    task = build_task("upcycle", model=str(searched.bert), path=str(searched.corpus), seq_len=32)
+    trained = trial_model(searched.out, best, task, tmp_path)
+    tokens = task.val_batches(8)[0].tokens
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, trained(tokens).logits, rtol=0, atol=1e-6)
+
+    # a changed byte is refused before anything is read as weights
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(FuluConfigError, match="model.safetensors: checksum mismatch"):
+        fulu_nas.load(folder)
+
+
+def test_confirm_trains_the_best_and_the_dense_reference_again(searched):
+    assert main(["confirm", f"study.name={STUDY}", f"hydra.run.dir={searched.out}", "top_k=1", "seeds=2",
+                 "budget_factor=1"]) == 0
+    summary = json.loads((searched.out / "confirmation.json").read_text())
+    rows = {row["trial"]: row for row in summary["architectures"]}
+    assert rows[0]["reference"] and len(rows) in (1, 2)
+    assert all(len(row["runs"]) == 2 for row in rows.values())
+    # seed 0 at the search's budget repeats the search's trial exactly
+    for number, row in rows.items():
+        seed0 = next(r for r in row["runs"] if r["seed"] == 0)
+        assert seed0["values"][0] == pytest.approx(searched.study.trials[number].values[0], rel=1e-6)
+
+
+def test_a_changed_checkpoint_is_refused_at_export(searched, tmp_path, capsys):
+    moved = tmp_path / "bert-copy"
+    save_encoder(moved, seed=3)  # another model at the searched path
+    config = json.loads((searched.out / "search_config.json").read_text())
+    config["config"]["task"]["model"] = str(moved)
+    (searched.out / "search_config.json").write_text(json.dumps(config))
+    try:
+        capsys.readouterr()
+        assert main(["export", f"study.name={STUDY}", f"hydra.run.dir={searched.out}", "trial=1",
+                     f"out={tmp_path / 'x'}"]) == 2
+        assert "not the checkpoint this architecture was searched on" in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+    finally:
+        config["config"]["task"]["model"] = str(searched.bert)
+        (searched.out / "search_config.json").write_text(json.dumps(config))
+
+
+def test_an_electra_without_tokenizer_failing_trials_and_a_dense_export(tmp_path, monkeypatch):
+    """A byte-level ELECTRA saved without a tokenizer: at learning rates that make the loss explode each trial
+    fails with its reason and the study goes on; at a sane one the dense reference exports and loads."""
+    monkeypatch.chdir(tmp_path)
+    electra = save_encoder(tmp_path / "electra", family="electra", tokenizer=False, vocab_size=300)
+    corpus, out = write_corpus(tmp_path / "corpus"), tmp_path / "out"
+    assert search(out, electra, corpus, "study.n_trials=2", "search_space.params.lr.low=20",
+                  "search_space.params.lr.high=30", "search_space.reference.lr=20", "study.name=fails") == 0
+    study = optuna.load_study(study_name="fails", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all(t.user_attrs["fail_reason"].startswith("diverged") for t in study.trials)
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fails").experiment_id],
+                              filter_string="tags.`fulu.kind` = 'trial'")
+    assert len(runs) == 2 and all(r.info.status == "FAILED" and r.data.tags["fulu.reason"].startswith("diverged")
+                                  for r in runs)
+
+    assert search(out, electra, corpus, "study.n_trials=1", "study.name=dense") == 0
+    folder = tmp_path / "exported"
+    assert main(["export", "study.name=dense", f"hydra.run.dir={out}", f"out={folder}"]) == 0
+    assert not (folder / "tokenizer.json").exists() and (folder / "upcycling.yaml").is_file()
+    model = fulu_nas.load(folder)
+    assert type(model).__name__ == "ElectraForMaskedLM" and not hasattr(model, "fulu_migration")
+    task = build_task("upcycle", model=str(electra), path=str(corpus), seq_len=32)
+    dense = optuna.load_study(study_name="dense", storage=f"sqlite:///{out / 'optuna.db'}").trials[0]
+    trained = trial_model(out, dense, task, tmp_path)
+    tokens = task.val_batches(4)[0].tokens
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, trained(tokens).logits, rtol=0, atol=1e-6)
+
+
+def test_resuming_on_another_checkpoint_at_the_same_path_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    bert, corpus, out = save_encoder(tmp_path / "bert"), write_corpus(tmp_path / "corpus"), tmp_path / "out"
+    short = ("study.n_trials=1", "trainer.steps=5", "trainer.report_every=5")
+    assert search(out, bert, corpus, *short) == 0
+    save_encoder(bert, seed=9)  # the user retrained their model in place
+    capsys.readouterr()
+    assert search(out, bert, corpus, *short[1:], "study.n_trials=2") == 2
+    assert "study.name: study 'upcycle-tiny'" in capsys.readouterr().err
+    assert len(optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'optuna.db'}").trials) == 1
+
+
+@pytest.mark.parametrize("case, words", [
+    ("no model", "task.model: not set: pass model=PATH"),
+    ("missing", "task.model: '.*missing' is not a folder"),
+    ("not a model", "task.model: '.*corpus' has no config.json"),
+    ("gpt2", "task.model: '.*gpt2' is a gpt2 model"),
+    ("no tokenizer", "task: tokenizer=model needs the folder's tokenizer: model '.*electra' has none"),
+    ("another space", "search_space.params.num_experts: not a searchable field|"
+                      "search_space.base.num_layers: not an architecture field of the upcycle family"),
+    ("model without the task", "configuration: Could not override 'model'"),
+])
+def test_bad_input_is_one_clear_message_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, case, words):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(tmp_path / "corpus")
+    electra = save_encoder(tmp_path / "electra", family="electra", tokenizer=False, vocab_size=300)
+    gpt2 = save_gpt2(tmp_path / "gpt2")
+    args = {"no model": ["+experiment=upcycle_tiny"],
+            "missing": ["+experiment=upcycle_tiny", f"model={tmp_path / 'missing'}"],
+            "not a model": ["+experiment=upcycle_tiny", f"model={corpus}"],
+            "gpt2": ["+experiment=upcycle_tiny", f"model={gpt2}"],
+            "no tokenizer": ["+experiment=upcycle_tiny", f"model={electra}", "task.tokenizer=model"],
+            "another space": ["+experiment=upcycle_tiny", f"model={electra}", "search_space=tiny"],
+            "model without the task": ["+experiment=tiny", f"model={electra}"]}[case]
+    capsys.readouterr()
+    assert main(["search", *args, f"task.path={corpus}" if "upcycle" in args[0] else "study.n_trials=1"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(words, err), err
+    assert err.startswith("error: invalid search configuration:")
+    assert not (tmp_path / "outputs").exists() and not list(tmp_path.rglob("*.db"))
