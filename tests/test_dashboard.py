@@ -72,6 +72,18 @@ def test_describe_arch_is_one_line():
     assert describe_arch(None, {"router": "topk"}) == "router=topk"
 
 
+def test_describe_arch_says_which_layers_of_an_encoder_were_upcycled():
+    from fulu_nas.interop.upcycle import UpcycleArch
+
+    fields = dict(source_sha256="0" * 64, hidden_size=32, ffn_size=64, num_layers=4, num_heads=2, vocab_size=100,
+                  max_seq_len=16)
+    dense = UpcycleArch(**fields).to_dict()
+    assert describe_arch(dense, {"layers": "dense"}) == "the dense model (4 layers, none upcycled)"
+    upcycled = UpcycleArch(**fields, layers=(1, 3), migration={"num_experts": 8, "top_k": 2}).to_dict()
+    text = describe_arch(upcycled, {})
+    assert text.startswith("4 layers x 32 hidden, layers 1, 3 upcycled; topk router, 8 experts, top-2, expert ffn 64")
+
+
 # ---------------------------------------------------------------- a real study (slow)
 
 

@@ -118,7 +118,10 @@ class Context:
 
 
 def describe_arch(arch: dict | None, params: dict) -> str:
-    """One line: the MoE layer's shape and routing (from the trial's ArchConfig), else its parameters."""
+    """One line: the MoE layer's shape and routing (from the trial's ArchConfig; for an upcycled encoder,
+    which of its layers became MoE layers), else its parameters."""
+    if isinstance(arch, dict) and arch.get("family") == "upcycle" and not arch.get("layers"):
+        return f"the dense model ({arch.get('num_layers')} layers, none upcycled)"
     if not isinstance(arch, dict) or not isinstance(arch.get("moe"), dict):
         return ", ".join(f"{k}={v}" for k, v in params.items()) or "-"
     m = arch["moe"]
@@ -140,4 +143,6 @@ def describe_arch(arch: dict | None, params: dict) -> str:
         parts.append("aux-free balancing")
     n = arch.get("num_layers")
     layers = f"{n} layer{'' if n == 1 else 's'} x {arch.get('hidden_size')} hidden"
+    if arch.get("family") == "upcycle":
+        layers += f", layer{'' if len(arch['layers']) == 1 else 's'} {', '.join(map(str, arch['layers']))} upcycled"
     return f"{layers}; " + ", ".join(parts)
