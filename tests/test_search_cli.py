@@ -262,7 +262,8 @@ def test_help_lists_commands_and_hydra_groups(tmp_path, monkeypatch, capsys):
         assert f"  {command} " in out
     assert main(["search", "--help"]) == 0
     out = capsys.readouterr().out
-    groups = ("search_space: default, nasbench, routers, scaling, tiny", "study:", "task:", "trainer:", "tracking:")
+    groups = ("search_space: default, gpu, nasbench, routers, scaling, tiny, upcycle", "experiment: gpu, tiny",
+              "study:", "task:", "trainer: default, gpu, tiny", "tracking:")
     for group in groups:
         assert group in out, out
 
