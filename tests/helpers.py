@@ -43,3 +43,10 @@ def spawn_ranks(worker, nprocs: int, out_dir) -> list[dict]:
 
     mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=nprocs, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
+def flip_last_byte(path, mask: int = 0xFF) -> None:
+    """Tamper with the file at ``path``: its last byte XOR ``mask``."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= mask
+    path.write_bytes(bytes(data))

@@ -31,7 +31,7 @@ from fulu_nas.cli import main
 from fulu_nas.errors import FuluConfigError
 from fulu_nas.search.export_trial import select_trial
 
-from .helpers import free_port
+from .helpers import flip_last_byte, free_port
 from .test_search_e2e import load_study, run_search
 
 TrialState = optuna.trial.TrialState
@@ -353,9 +353,7 @@ def test_tampered_or_missing_files_are_refused(exported, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(exported.model_dir, copy)
     weights = copy / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_last_byte(weights)
     with pytest.raises(FuluConfigError, match="model.safetensors: checksum mismatch"):
         fulu_nas.load(copy)
     (copy / "model.pt2").unlink()

@@ -24,6 +24,7 @@ from fulu_nas.interop.encoder import DenseEncoder  # noqa: E402
 from fulu_nas.interop.upcycle import UpcycleArch, build_upcycled  # noqa: E402
 from fulu_nas.tasks import build_task  # noqa: E402
 
+from .helpers import flip_last_byte  # noqa: E402
 from .hf_models import save_encoder, save_gpt2, write_corpus  # noqa: E402
 
 TrialState = optuna.trial.TrialState
@@ -121,9 +122,7 @@ def test_export_writes_a_save_pretrained_folder_that_loads_back_with_the_same_ou
 
     # a changed byte is refused before anything is read as weights
     weights = folder / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    flip_last_byte(weights, 1)
     with pytest.raises(FuluConfigError, match="model.safetensors: checksum mismatch"):
         fulu_nas.load(folder)
 

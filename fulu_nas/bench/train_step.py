@@ -19,7 +19,8 @@ import shlex
 
 import torch
 
-from ..models import PiMoETransformer
+from ..models import seeded_model
+from ..training.train import resolve_device, train
 from .common import device_name, markdown_table, positive_int
 
 # A fine-grained and a hierarchical variant beside the reference: the shapes a search samples that
@@ -43,10 +44,7 @@ def _values(text: str) -> dict:
 def time_steps(arch, task, cfg, kind: str) -> dict[str, float]:
     """``cfg.steps`` steps of ``arch`` with the ``kind`` step: the first step's and the later steps' mean
     seconds (the trainer synchronises once a step, on the loss)."""
-    from ..training.train import train
-
-    torch.manual_seed(cfg.seed)
-    model = PiMoETransformer(arch)
+    model = seeded_model(arch, cfg.seed, resolve_device(cfg.device))
     result = train(model, task, dataclasses.replace(cfg, compile=kind, progress=False))
     later = (result.seconds - result.first_step_seconds) / max(1, result.steps - 1)
     return {"first_step_s": result.first_step_seconds, "step_ms": 1e3 * later, "final_loss": result.final_loss}
@@ -65,7 +63,7 @@ def train_step_main(args: argparse.Namespace) -> int:
     except FuluConfigError as e:
         raise ValueError("; ".join(e.problems)) from None
     cfg = dataclasses.replace(s.train, steps=args.steps, seconds_cap=None, max_seconds=None)
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     rows = []
     for name, arch in archs:
         eager, compiled = (time_steps(arch, s.task, cfg, kind) for kind in ("eager", "compiled"))

@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import FuluConfigError
+from ..models.transformer import parameter_counts
 from ..moe import MoEConfig
 from .encoder import DenseEncoder
 from .migrate import TaskModel, equivalence_problems, migrate_from_electra, pimoe_layers, upcycled_moe_config
@@ -153,9 +154,7 @@ class UpcycledMLM(TaskModel):
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters, and those one token activates (all but the experts it is not routed to)."""
-        total = sum(p.numel() for p in self.parameters())
-        inactive = sum(c["total"] - c["active"] for c in (layer.parameter_counts() for layer in self.moe_layers()))
-        return {"total": total, "active": total - inactive}
+        return parameter_counts(self, self.moe_layers())
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Analytic forward FLOPs per token (2 per multiply-add) at ``seq_len`` (default ``max_seq_len``):

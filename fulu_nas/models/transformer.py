@@ -115,12 +115,7 @@ class PiMoETransformer(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters, and those one token activates (all dense parts + active experts)."""
-        total = sum(p.numel() for p in self.parameters())
-        inactive = 0
-        for layer in self.moe_layers():
-            counts = layer.parameter_counts()
-            inactive += counts["total"] - counts["active"]
-        return {"total": total, "active": total - inactive}
+        return parameter_counts(self, self.moe_layers())
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Analytic forward FLOPs per token (2 per multiply-add), at sequence length ``seq_len``
@@ -138,6 +133,14 @@ class PiMoETransformer(nn.Module):
                 total += 2 * mats * D * a.dense_ffn_size
         head = a.num_classes or a.vocab_size
         return int(total + 2 * D * head)
+
+
+def parameter_counts(model: nn.Module, moe_layers: list[PiMoELayer]) -> dict[str, int]:
+    """``model``'s total parameters, and those one token activates: all but the experts of ``moe_layers``
+    (its PiMoE layers) it is not routed to."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = sum(c["total"] - c["active"] for c in (layer.parameter_counts() for layer in moe_layers))
+    return {"total": total, "active": total - inactive}
 
 
 def seeded_model(arch: ArchConfig, seed: int, device: torch.device | str = "cpu") -> PiMoETransformer:
