@@ -263,3 +263,39 @@ def test_a_model_is_built_on_the_gpu_directly_and_trains(router):
     result = train(model, TextLMTask(seq_len=64, max_bytes=200_000),
                    TrainConfig(steps=3, batch_size=8, report_every=1, progress=False, device="cuda"))
     assert result.steps == 3 and all(r.loss == r.loss for r in result.history)
+
+
+def test_training_steps_between_loss_checks_do_not_wait_for_the_gpu():
+    """Between the trainer's loss checks (step 1, every report) nothing in a step synchronises with the
+    host: batches copied without blocking, the loss kept on the GPU, the MoE layers sync-free, so the
+    host queues the next step while the GPU runs this one."""
+    import warnings
+
+    from fulu_nas.models import ArchConfig, seeded_model
+    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.training.train import TrainConfig, train
+
+    task = TextLMTask(seq_len=64, max_bytes=200_000)
+    moe = make_layer("topk", hidden_size=128, expert_ffn_size=128, num_experts=8, top_k=2).cfg
+    arch = ArchConfig(vocab_size=256, max_seq_len=64, num_layers=2, hidden_size=128, num_heads=4, moe=moe)
+    model = seeded_model(arch, 0, "cuda")
+    drawn = []  # warnings so far when each batch is drawn
+    original = task.train_batches
+
+    def batches(batch_size, seed):
+        for batch in original(batch_size, seed):
+            drawn.append(len(caught))
+            yield batch
+
+    task.train_batches = batches
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = train(model, task, TrainConfig(steps=12, batch_size=8, report_every=10, progress=False,
+                                                    device="cuda"))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert result.steps == 12 and result.final_loss == result.final_loss
+    syncs = [str(w.message) for w in caught[drawn[1]:drawn[9]]]
+    assert drawn[1] > 0 and syncs == []  # step 1's check synchronised; steps 2-9 did not

@@ -114,6 +114,36 @@ def test_planted_nan_stops_training_with_the_step():
     assert e.value.step == 4 and math.isnan(e.value.value)
 
 
+def test_a_deferred_loss_check_still_names_the_step_that_diverged(monkeypatch):
+    """On CUDA the losses are read every report (loss_check_interval): a NaN at step 4 is caught at the
+    step-5 check, with step 4, and training does not run past that check."""
+    import fulu_nas.training.train as train_module
+
+    monkeypatch.setattr(train_module, "loss_check_interval", lambda cfg, device, dynamic: cfg.report_every)
+    task = small_clusters()
+    model = clusters_model(task)
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 4 else output
+
+    model.blocks[0].attn.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged) as e:
+        train(model, task, TrainConfig(steps=20, **FAST))
+    assert e.value.step == 4 and math.isnan(e.value.value)
+    assert calls["n"] == 5  # stopped at the check after step 5's forward
+
+
+def test_the_loss_is_checked_every_step_but_on_a_gpu():
+    from fulu_nas.training.train import loss_check_interval
+
+    cfg = TrainConfig(report_every=50)
+    assert loss_check_interval(cfg, torch.device("cuda"), dynamic_experts=False) == 50
+    assert loss_check_interval(cfg, torch.device("cuda"), dynamic_experts=True) == 1
+    assert loss_check_interval(cfg, torch.device("cpu"), dynamic_experts=False) == 1
+
+
 def test_exploding_loss_is_caught():
     task = small_clusters()
     model = clusters_model(task)

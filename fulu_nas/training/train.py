@@ -216,8 +216,8 @@ class _OneProcess:
     def elapsed_after_step(self, timed: bool) -> float:
         return time.perf_counter() - self.start
 
-    def mean(self, loss: Tensor) -> float:
-        return loss.item()
+    def means(self, losses: Tensor) -> list[float]:
+        return losses.tolist()
 
     def step_gradients(self, model: PiMoETransformer, grad_clip: float) -> None:
         if grad_clip:
@@ -261,10 +261,10 @@ class _Ranks:
             self.elapsed = self.slowest(time.perf_counter() - self.start)
         return self.elapsed
 
-    def mean(self, loss: Tensor) -> float:
-        t = loss.detach().float().reshape(1).clone()
+    def means(self, losses: Tensor) -> list[float]:
+        t = losses.clone()
         dist.all_reduce(t)
-        return float(t) / self.world_size
+        return (t / self.world_size).tolist()
 
     def slowest(self, seconds: float) -> float:
         t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
@@ -303,6 +303,49 @@ class _Ranks:
             raise StoppedByRankZero(f"stopped at step {report.step}: rank 0's callback raised")
 
 
+def loss_check_interval(cfg: TrainConfig, device: torch.device, dynamic_experts: bool) -> int:
+    """Every how many steps the losses are read on the host and checked for divergence (besides the
+    first step and every report). Reading a loss waits for the GPU: once a step, the host could never
+    queue the next step's kernels while the GPU runs this one's, and a launch-bound step (a search's
+    small models) leaves the GPU idle for that time. So on CUDA the check comes with the reports: a
+    diverged run is caught up to ``report_every`` steps late, with the step it diverged at. On the CPU
+    reading costs nothing and the check is every step; so it is with dynamic experts, whose expert
+    counts follow the statistics of each step."""
+    return cfg.report_every if device.type == "cuda" and not dynamic_experts else 1
+
+
+class _LossCheck:
+    """The training losses, kept on the device until :meth:`check` reads them (see
+    :func:`loss_check_interval`): their mean over ranks, and :class:`TrainingDiverged` for the first
+    step whose loss is not finite or above ``factor`` times the first step's."""
+
+    def __init__(self, ranks: _Ranks | _OneProcess, factor: float):
+        self.ranks, self.factor = ranks, factor
+        self.pending: list[Tensor] = []
+        self.first: float | None = None
+        self.checked = 0  # steps read so far
+        self.last = float("nan")  # the last step's loss read
+
+    def append(self, loss: Tensor) -> None:
+        self.pending.append(loss)
+
+    def check(self) -> float:
+        """Read and check the losses appended since the last check; returns the latest."""
+        if self.pending:
+            values = self.ranks.means(torch.stack(self.pending))
+            self.pending.clear()
+            for value in values:
+                self.checked += 1
+                self.first = value if self.first is None else self.first
+                if not math.isfinite(value):
+                    raise TrainingDiverged(self.checked, value, "not finite")
+                if self.checked > 1 and value > self.factor * max(self.first, 1e-3):
+                    raise TrainingDiverged(self.checked, value,
+                                           f"above {self.factor}x the first loss {self.first:.4g}")
+                self.last = value
+        return self.last
+
+
 def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
           callback: Callable[[StepReport], None] | None = None) -> TrainResult:
     """Train ``model`` on ``task`` until ``cfg.steps`` or ``cfg.max_seconds`` runs out (``seconds_cap``:
@@ -329,7 +372,8 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     kind = step_kind(cfg, device, distributed=isinstance(ranks, _Ranks),
                      has_blocks=isinstance(getattr(model, "blocks", None), torch.nn.ModuleList))
     result = TrainResult(steps=0, seconds=0.0, final_loss=float("nan"), stop_reason="steps", step_kind=kind)
-    first_loss = None
+    check_every = loss_check_interval(cfg, device, dynamic is not None)
+    losses = _LossCheck(ranks, cfg.divergence_factor)
     start = ranks.start = time.perf_counter()
     bar = tqdm(total=cfg.steps, disable=not cfg.progress or rank != 0, desc="train", leave=False)
     # The compiled blocks live as long as training: evaluation and export see the eager model.
@@ -348,14 +392,9 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
                 with autocast:
                     out = model(batch.tokens)
                 loss = task_loss(out.logits, batch)
-                # one sync per step: cheap next to the step, and catches NaN at once
-                value = ranks.mean(loss)
-                first_loss = value if first_loss is None else first_loss
-                if not math.isfinite(value):
-                    raise TrainingDiverged(step, value, "not finite")
-                if value > cfg.divergence_factor * max(first_loss, 1e-3) and step > 1:
-                    raise TrainingDiverged(step, value,
-                                           f"above {cfg.divergence_factor}x the first loss {first_loss:.4g}")
+                losses.append(loss.detach().float())
+                if step == 1 or step % check_every == 0:  # before the step's update when the check is due
+                    result.final_loss = losses.check()
 
                 optimizer.zero_grad(set_to_none=True)
                 (loss + out.balance_loss).backward()
@@ -366,15 +405,18 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
                     dynamic.observe(out.moe_stats, batch)
                     dynamic.maybe_rescale(step, progress)
 
-                result.steps, result.final_loss = step, value
+                result.steps = step
+                elapsed = ranks.elapsed_after_step(timed=bool(cfg.max_seconds or cfg.seconds_cap))
+                last = step == cfg.steps or (cfg.max_seconds and elapsed >= cfg.max_seconds)
+                reporting = step % cfg.report_every == 0 or last
+                if reporting:
+                    result.final_loss = value = losses.check()
                 if step == 1:
                     result.first_step_seconds = time.perf_counter() - start
                 bar.update(1)
-                elapsed = ranks.elapsed_after_step(timed=bool(cfg.max_seconds or cfg.seconds_cap))
                 if cfg.seconds_cap and elapsed >= cfg.seconds_cap and step < cfg.steps:
                     raise BudgetCapReached(step, cfg.steps, elapsed, cfg.seconds_cap)
-                last = step == cfg.steps or (cfg.max_seconds and elapsed >= cfg.max_seconds)
-                if step % cfg.report_every == 0 or last:
+                if reporting:
                     layers = ranks.global_layers(host_layer_stats(out.moe_stats))
                     report = StepReport(step, value, lr, time.perf_counter() - start, layers,
                                         gpu_utilisation(device) if rank == 0 else None)
