@@ -21,7 +21,7 @@ from fulu_nas.cli import main
 from fulu_nas.training.train import TrainingDiverged
 
 from .helpers import free_port
-from .test_search_e2e import _cli, load_study, run_search
+from .test_search_e2e import _cli, load_study, mlflow_runs, run_search
 
 pytestmark = pytest.mark.slow
 TrialState = optuna.trial.TrialState
@@ -51,6 +51,92 @@ def test_a_failing_trial_records_its_reason_and_the_study_goes_on(error, reason,
     assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_failed"] == 1 and summary["n_finished"] == 3
+
+
+def test_a_trials_weights_upload_while_the_next_trial_trains(tmp_path, monkeypatch):
+    """A trial returns its objective before its artifacts are written: the upload runs in the background
+    and its run ends FINISHED once the weights are stored; the search ends every run before it exits."""
+    import threading
+
+    from fulu_nas.search.tracking import Tracker
+
+    out = tmp_path / "out"
+    real_log_files, real_train = Tracker.log_files, objective_module.train
+    released = threading.Event()
+    first_run_while_trial_1_trains = []
+
+    def held_log_files(self, run_id, files, weights=None):
+        released.wait(60)  # trial 0's upload is held until trial 1 trains
+        return real_log_files(self, run_id, files, weights)
+
+    def train(model, task, cfg, callback=None):
+        if trained:
+            _, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+            first_run_while_trial_1_trains.extend(r.info.status for r in runs if r.data.tags["fulu.trial"] == "0")
+            released.set()
+        trained.append(1)
+        return real_train(model, task, cfg, callback)
+
+    trained = []
+    monkeypatch.setattr(objective_module, "train", train)
+    monkeypatch.setattr(Tracker, "log_files", held_log_files)
+    monkeypatch.chdir(tmp_path)
+    assert run_search(out, "study.n_trials=2", "study.pruner=none") == 0
+    assert first_run_while_trial_1_trains == ["RUNNING"]  # complete in Optuna, its weights still uploading
+    client, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    for r in runs:
+        assert {"model.safetensors", "arch.yaml", "cost.json"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert r.data.metrics["upload_s"] >= 0
+
+
+def test_a_failed_upload_fails_the_run_with_its_reason_and_export_says_so(tmp_path, monkeypatch, capsys):
+    from fulu_nas.search.tracking import Tracker
+
+    def broken(self, run_id, files, weights=None):
+        raise OSError("artifact store unreachable")
+
+    monkeypatch.setattr(Tracker, "log_files", broken)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=2", "study.pruner=none") == 0
+    assert sum(t.state == TrialState.COMPLETE for t in load_study(out).trials) == 2  # the objectives stand
+    _, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
+    assert {r.data.tags["fulu.reason"] for r in runs} == {"artifact upload failed: OSError: artifact store unreachable"}
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["export", "study.name=tiny-clusters", f"hydra.run.dir={out}", f"out={tmp_path / 'model'}"]) == 2
+    assert "no saved weights" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+    client, _, _ = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    for r in runs:  # as while the search is still uploading
+        client.update_run(r.info.run_id, "RUNNING")
+    assert main(["export", "study.name=tiny-clusters", f"hydra.run.dir={out}", f"out={tmp_path / 'model'}"]) == 2
+    assert "still being uploaded" in capsys.readouterr().err
+
+
+def test_a_run_left_open_by_a_killed_uploader_is_closed_when_the_study_resumes(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=3", "study.pruner=none") == 0
+    client, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    workers = {"0": f"{host}:{dead.pid}", "1": f"{host}:{os.getpid()}", "2": f"elsewhere:{dead.pid}"}
+    for r in runs:  # as a killed worker left them: trial complete, run still open
+        client.update_run(r.info.run_id, "RUNNING")
+        client.set_tag(r.info.run_id, "fulu.worker", workers[r.data.tags["fulu.trial"]])
+    assert run_search(out, "study.n_trials=3", "study.pruner=none") == 0  # nothing left to run
+    _, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    status = {r.data.tags["fulu.trial"]: r.info.status for r in runs}
+    assert status == {"0": "KILLED", "1": "RUNNING", "2": "RUNNING"}  # a live process's, another host's: left
+    killed = next(r for r in runs if r.data.tags["fulu.trial"] == "0")
+    assert "uploading" in killed.data.tags["fulu.reason"]
 
 
 def test_ctrl_c_fails_the_running_trial_and_the_study_resumes(tmp_path):

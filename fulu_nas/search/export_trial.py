@@ -108,8 +108,11 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
                 raise FileNotFoundError
             load_model(model, path, strict=True)
     except (FileNotFoundError, OSError, mlflow.exceptions.MlflowException):
-        raise FuluConfigError(f"trial: trial {trial.number} has no saved weights (was tracking.log_weights false?); "
-                              "pass retrain=true to train it again") from None
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            raise FuluConfigError(f"trial: trial {trial.number}'s weights are still being uploaded by the search "
+                                  f"(its MLflow run {run_id} is open); export it once that run has ended") from None
+        raise FuluConfigError(f"trial: trial {trial.number} has no saved weights (was tracking.log_weights false, or "
+                              "did their upload fail?); pass retrain=true to train it again") from None
     return model, {"retrained": False, "weights_run_id": run_id}
 
 

@@ -313,13 +313,13 @@ class Objective:
             clock = time.perf_counter()
             self.tracker.log_params(run_id, {"train_step": result.step_kind})
             self.tracker.log_metrics(run_id, metrics)
-            self.tracker.log_files(run_id, measured.artifacts(arch, log.routing_history), weights=model)
-            seconds["log"] += time.perf_counter() - clock
-            phases = phase_metrics({**seconds, **measured.seconds}, result, log)
+            phases = phase_metrics({**seconds, "log": seconds["log"] + time.perf_counter() - clock,
+                                    **measured.seconds}, result, log)
             self.tracker.log_metrics(run_id, phases)
             record_metrics(trial, {**metrics, **phases})
             trial.set_user_attr("weights_run_id", run_id)
-            self.tracker.end_trial(run_id, "FINISHED")
+            # the artifacts and weights upload while the next trial trains; the run ends after them
+            self.tracker.finish_trial_in_background(run_id, measured.artifacts(arch, log.routing_history), model)
             return objectives[0] if len(objectives) == 1 else objectives
         except optuna.TrialPruned as e:
             self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "pruned", "fulu.reason": str(e)})

@@ -190,6 +190,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) 
         study = open_study(s, worker_index)
         tracker = Tracker(s)
         parent = tracker.parent_run(study)
+        tracker.close_orphaned_uploads(study)
         bar = TrialProgress(s, study, enabled=progress)
         objective = Objective(s, tracker, parent, on_progress=bar.on_step)
         # Optuna has no public accessor; this is what its own optimize loop asks.
@@ -232,6 +233,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) 
             return INTERRUPTED
         finally:
             bar.close()
+            tracker.wait_for_uploads()
     return 0
 
 

@@ -9,8 +9,11 @@ stored on the Optuna study (``mlflow_parent_run_id``) and every worker reads it 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,8 @@ class Tracker:
                 self.experiment_id = self.client.get_experiment_by_name(settings.tracking.experiment).experiment_id
         else:
             self.experiment_id = experiment.experiment_id
+        self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulu-upload")
+        self._uploads: list[Future] = []
 
     # -- the study's parent run ---------------------------------------------------------------
     def parent_run(self, study) -> str:
@@ -116,11 +121,30 @@ class Tracker:
         for run_id in self.open_children(parent_id, "trial", trial.number):
             self.end_trial(run_id, "KILLED", {"fulu.state": "failed", "fulu.reason": reason})
 
+    def close_orphaned_uploads(self, study) -> None:
+        """Runs of finished trials still open because the worker process uploading their artifacts
+        (:meth:`finish_trial_in_background`) was killed: those that a process of this host wrote and
+        that process is gone end KILLED with the reason (another host's runs are left to that host)."""
+        parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if not parent_id:
+            return
+        finished = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+        for run in self.client.search_runs([self.experiment_id], max_results=1000, filter_string=(
+                f"tags.mlflow.parentRunId = '{parent_id}' and tags.`fulu.kind` = 'trial' and "
+                "attributes.status = 'RUNNING'")):
+            host, _, pid = run.data.tags.get("fulu.worker", "").rpartition(":")
+            if (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+                    and int(run.data.tags["fulu.trial"]) in finished):
+                self.end_trial(run.info.run_id, "KILLED", {
+                    "fulu.reason": "its worker stopped while uploading the trial's artifacts; the weights may be "
+                                   "missing (fulu-nas export retrain=true trains them again)"})
+
     def _start_child(self, parent_id: str, name: str, kind: str, trial: int, tags: dict, params: dict) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=name,
             tags={"mlflow.parentRunId": parent_id, "fulu.kind": kind, "fulu.trial": str(trial),
-                  "fulu.study": self.settings.study.name, **{k: str(v) for k, v in tags.items()}})
+                  "fulu.study": self.settings.study.name, "fulu.worker": f"{socket.gethostname()}:{os.getpid()}",
+                  **{k: str(v) for k, v in tags.items()}})
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -129,6 +153,35 @@ class Tracker:
 
     def log_metrics(self, run_id: str, values: dict[str, Any]) -> None:
         self._log_metrics(run_id, {k: v for k, v in values.items() if _is_number(v)})
+
+    def finish_trial_in_background(self, run_id: str, files: dict[str, Any], weights) -> None:
+        """A trained trial's artifacts (:meth:`log_files`, ``weights`` among them), then its run ended
+        FINISHED, on a background thread: writing and uploading up to a gigabyte of weights overlaps the
+        next trial instead of adding to this one. ``weights`` moves to the CPU here (the trial is done
+        with it). A failed upload ends the run FAILED with the reason. At most one upload waits behind
+        the running one (each holds a model's weights in memory); :meth:`wait_for_uploads` ends them
+        all, and every worker calls it before it exits."""
+        if weights is not None:
+            weights.to("cpu")
+        while len(self._uploads) >= 2:
+            self._uploads.pop(0).result()
+        self._uploads.append(self._uploader.submit(self._finish_trial, run_id, files, weights))
+
+    def _finish_trial(self, run_id: str, files: dict[str, Any], weights) -> None:
+        start = time.perf_counter()
+        try:
+            self.log_files(run_id, files, weights)
+            self._log_metrics(run_id, {"upload_s": time.perf_counter() - start})
+        except Exception as e:  # noqa: BLE001 - recorded on the run, which must not stay open
+            self.end_trial(run_id, "FAILED", {"fulu.state": "failed",
+                                              "fulu.reason": f"artifact upload failed: {type(e).__name__}: {e}"})
+            return
+        self.end_trial(run_id, "FINISHED")
+
+    def wait_for_uploads(self) -> None:
+        """Every background upload done and its run ended."""
+        while self._uploads:
+            self._uploads.pop(0).result()
 
     def log_files(self, run_id: str, files: dict[str, Any], weights=None) -> None:
         """Text/JSON artifacts by file name, plus the model's weights as safetensors."""
@@ -184,6 +237,16 @@ def export_run(tracking_uri: str, experiment: str, study, trial: int, metrics: d
                           tags=tags):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
         yield
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _is_number(v: object) -> bool:
