@@ -138,3 +138,18 @@ def test_bench_cost_repeats_the_search_cost_protocol(tmp_path, capsys):
     assert result["architecture"]["router"] == "hash" and len(result["rows"]) == 2
     assert all(r["latency_ratio"] > 0 and r["latency_ms"] > 0 for r in result["rows"])
     assert bench.main(["cost", "+experiment=tiny", "--params", "router=nonsense"]) == 2
+
+
+def test_bench_train_step_times_each_step_kind(tmp_path, capsys):
+    """On the CPU the graphed kinds run eagerly (no capture); the table and JSON hold every kind."""
+    out = tmp_path / "steps.json"
+    code = bench.main(["train-step", "+experiment=tiny", "--steps", "3", "--arch", "", "num_experts=8",
+                       "--kinds", "eager", "eager+graph", "--json", str(out)])
+    assert code == 0
+    assert "| reference | eager+graph |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["arch"], r["kind"]) for r in rows] == [("reference", "eager"), ("reference", "eager+graph"),
+                                                       ("num_experts=8", "eager"), ("num_experts=8", "eager+graph")]
+    assert all(r["step_ms"] > 0 and r["capture_s"] == 0 and not r["graphed"] for r in rows)
+    # the same seed and steps: the same run
+    assert rows[0]["final_loss"] == rows[1]["final_loss"]

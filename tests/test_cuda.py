@@ -265,15 +265,16 @@ def test_a_model_is_built_on_the_gpu_directly_and_trains(router):
     assert result.steps == 3 and all(r.loss == r.loss for r in result.history)
 
 
-def test_training_steps_between_loss_checks_do_not_wait_for_the_gpu():
+@pytest.mark.parametrize("graphed", [False, True])
+def test_training_steps_between_loss_checks_do_not_wait_for_the_gpu(graphed):
     """Between the trainer's loss checks (step 1, every report) nothing in a step synchronises with the
     host: batches copied without blocking, the loss kept on the GPU, the MoE layers sync-free, so the
-    host queues the next step while the GPU runs this one."""
+    host queues the next step while the GPU runs this one (graphed: after the warm-up and the capture)."""
     import warnings
 
     from fulu_nas.models import ArchConfig, seeded_model
     from fulu_nas.tasks import TextLMTask
-    from fulu_nas.training.train import TrainConfig, train
+    from fulu_nas.training.train import GRAPH_WARMUP_STEPS, TrainConfig, train
 
     task = TextLMTask(seq_len=64, max_bytes=200_000)
     moe = make_layer("topk", hidden_size=128, expert_ffn_size=128, num_experts=8, top_k=2).cfg
@@ -293,9 +294,55 @@ def test_training_steps_between_loss_checks_do_not_wait_for_the_gpu():
         torch.cuda.set_sync_debug_mode("warn")
         try:
             result = train(model, task, TrainConfig(steps=12, batch_size=8, report_every=10, progress=False,
-                                                    device="cuda"))
+                                                    device="cuda", cuda_graph=graphed))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert result.steps == 12 and result.final_loss == result.final_loss
-    syncs = [str(w.message) for w in caught[drawn[1]:drawn[9]]]
-    assert drawn[1] > 0 and syncs == []  # step 1's check synchronised; steps 2-9 did not
+    assert result.steps == 12 and result.final_loss == result.final_loss and result.cuda_graph == graphed
+    first = GRAPH_WARMUP_STEPS + 1 if graphed else 1  # the capture synchronises once
+    syncs = [str(w.message) for w in caught[drawn[first]:drawn[9]]]
+    assert drawn[1] > 0 and syncs == []  # step 1's check synchronised; the steps after it did not
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_the_graphed_training_step_trains_like_the_eager_one(router):
+    """The training step replayed from a CUDA graph gives the eager step's losses (the same kernels) and
+    fresh routing statistics at every report, for every router (with a shared expert and top-p where
+    the router has it)."""
+    from fulu_nas.models import ArchConfig, seeded_model
+    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.training.train import TrainConfig, train
+
+    task = TextLMTask(seq_len=128, max_bytes=400_000)
+    extra = {"top_p": 0.8} if router in ("topk", "hierarchical", "attention") else {}
+    moe = make_layer(router, hidden_size=256, expert_ffn_size=256, num_experts=16, top_k=2, num_shared_experts=1,
+                     **extra).cfg
+    arch = ArchConfig(vocab_size=256, max_seq_len=128, num_layers=2, hidden_size=256, num_heads=4, moe=moe)
+    results = {}
+    for graphed in (False, True):
+        model = seeded_model(arch, 0, "cuda")
+        results[graphed] = train(model, task, TrainConfig(steps=30, batch_size=16, report_every=5, progress=False,
+                                                          device="cuda", cuda_graph=graphed))
+        assert results[graphed].cuda_graph == graphed
+        assert all(p.grad is None for p in model.parameters())  # the graph's memory is given back
+    eager, graphed = ([r.loss for r in results[g].history] for g in (False, True))
+    assert graphed == pytest.approx(eager, rel=1e-2)
+    counts = [r.layers[0]["tokens_per_expert"] for r in results[True].history]
+    assert len({tuple(c) for c in counts}) > 1  # each report reads that step's statistics
+
+
+def test_the_compiled_step_replays_from_a_cuda_graph_too():
+    from fulu_nas.models import ArchConfig, seeded_model
+    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.training.train import TrainConfig, step_description, train
+
+    task = TextLMTask(seq_len=128, max_bytes=400_000)
+    moe = make_layer("topk", hidden_size=256, expert_ffn_size=256, num_experts=16, top_k=2).cfg
+    arch = ArchConfig(vocab_size=256, max_seq_len=128, num_layers=2, hidden_size=256, num_heads=4, moe=moe)
+    losses = {}
+    for compile_as in ("eager", "compiled"):
+        result = train(seeded_model(arch, 0, "cuda"), task,
+                       TrainConfig(steps=20, batch_size=16, report_every=5, progress=False, device="cuda",
+                                   compile=compile_as))
+        assert step_description(result) == f"{compile_as} + CUDA graph"
+        losses[compile_as] = [r.loss for r in result.history]
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-2)

@@ -144,6 +144,26 @@ def test_the_loss_is_checked_every_step_but_on_a_gpu():
     assert loss_check_interval(cfg, torch.device("cpu"), dynamic_experts=False) == 1
 
 
+def test_the_step_is_replayed_from_a_cuda_graph_wherever_it_can_be_captured():
+    from fulu_nas.training.dynamic_experts import DynamicExpertsConfig
+    from fulu_nas.training.train import GRAPH_MIN_STEPS, uses_cuda_graph
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uses_cuda_graph(TrainConfig(steps=400), cuda, distributed=False)
+    assert uses_cuda_graph(TrainConfig(steps=400, compile="compiled"), cuda, distributed=False)
+    assert not uses_cuda_graph(TrainConfig(steps=GRAPH_MIN_STEPS - 1), cuda, distributed=False)
+    assert not uses_cuda_graph(TrainConfig(steps=400), cpu, distributed=False)
+    assert not uses_cuda_graph(TrainConfig(steps=400), cuda, distributed=True)
+    assert not uses_cuda_graph(TrainConfig(steps=400, gradient_checkpointing=True), cuda, distributed=False)
+    assert not uses_cuda_graph(TrainConfig(steps=400, dynamic_experts=DynamicExpertsConfig()), cuda, distributed=False)
+    assert not uses_cuda_graph(TrainConfig(steps=400), cuda, distributed=False, has_blocks=False)
+    assert not uses_cuda_graph(TrainConfig(steps=400, cuda_graph=False), cuda, distributed=False)
+    with pytest.raises(ValueError, match="impossible here: it needs a CUDA device"):
+        uses_cuda_graph(TrainConfig(cuda_graph=True), cpu, distributed=False)
+    with pytest.raises(ValueError, match="auto, true or false"):
+        uses_cuda_graph(TrainConfig(cuda_graph="yes"), cuda, distributed=False)
+
+
 def test_exploding_loss_is_caught():
     task = small_clusters()
     model = clusters_model(task)

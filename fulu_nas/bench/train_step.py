@@ -1,12 +1,15 @@
-"""``fulu-nas bench train-step``: when the compiled training step pays for its compilation.
+"""``fulu-nas bench train-step``: which training step a trial should take, and from how many steps
+compiling pays.
 
 Each architecture (the space's reference and ``--arch`` variants) trains ``--steps`` steps of the
-search's trainer twice from the same initial weights, once with the eager step and once with the
-compiled one (``trainer.compile``). Reported per architecture: the first step (the compiled step's
-compilation is in it), the mean step after it, and the break-even budget: the steps after which the
-compiled step's saving has paid for its longer first step. ``trainer.compile=auto`` compiles budgets
-of at least :data:`fulu_nas.training.train.COMPILE_MIN_STEPS` steps on a GPU; this is the measurement
-that number comes from.
+search's trainer from the same initial weights with each step kind: ``eager``, ``eager+graph`` (the
+eager step replayed from one CUDA graph, ``trainer.cuda_graph``), ``compiled`` (every block through
+torch.compile, ``trainer.compile``) and ``compiled+graph``. Reported per architecture and kind: the
+first step (a compilation is in it), the capture of the graph, the mean step after the first, and
+the break-even budget against ``eager+graph``: the steps after which a compiled kind's saving has
+paid for its longer start. ``trainer.compile=auto`` compiles budgets of at least
+:data:`fulu_nas.training.train.COMPILE_MIN_STEPS` steps on a GPU; this is the measurement that
+number comes from.
 """
 
 from __future__ import annotations
@@ -41,13 +44,21 @@ def _values(text: str) -> dict:
     return values
 
 
+KINDS = {"eager": ("eager", False), "eager+graph": ("eager", True), "compiled": ("compiled", False),
+         "compiled+graph": ("compiled", True)}
+
+
 def time_steps(arch, task, cfg, kind: str) -> dict[str, float]:
-    """``cfg.steps`` steps of ``arch`` with the ``kind`` step: the first step's and the later steps' mean
-    seconds (the trainer synchronises once a step, on the loss)."""
-    model = seeded_model(arch, cfg.seed, resolve_device(cfg.device))
-    result = train(model, task, dataclasses.replace(cfg, compile=kind, progress=False))
-    later = (result.seconds - result.first_step_seconds) / max(1, result.steps - 1)
-    return {"first_step_s": result.first_step_seconds, "step_ms": 1e3 * later, "final_loss": result.final_loss}
+    """``cfg.steps`` steps of ``arch`` with the ``kind`` step (:data:`KINDS`): the first step's, the graph
+    capture's and the later steps' mean seconds (the capture left out)."""
+    compile_as, graph = KINDS[kind]
+    device = resolve_device(cfg.device)
+    model = seeded_model(arch, cfg.seed, device)
+    result = train(model, task, dataclasses.replace(cfg, compile=compile_as, cuda_graph=graph and device.type == "cuda",
+                                                    progress=False))
+    later = (result.seconds - result.first_step_seconds - result.capture_seconds) / max(1, result.steps - 1)
+    return {"first_step_s": result.first_step_seconds, "capture_s": result.capture_seconds,
+            "step_ms": 1e3 * later, "final_loss": result.final_loss, "graphed": result.cuda_graph}
 
 
 def train_step_main(args: argparse.Namespace) -> int:
@@ -66,19 +77,20 @@ def train_step_main(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     rows = []
     for name, arch in archs:
-        eager, compiled = (time_steps(arch, s.task, cfg, kind) for kind in ("eager", "compiled"))
-        saved_ms = eager["step_ms"] - compiled["step_ms"]
-        extra_s = compiled["first_step_s"] - eager["first_step_s"]
-        rows.append({"arch": name, "eager": eager, "compiled": compiled, "saved_ms_per_step": saved_ms,
-                     "compile_extra_s": extra_s,
-                     "break_even_steps": 1e3 * extra_s / saved_ms if saved_ms > 0 else math.inf})
+        timed = {kind: time_steps(arch, s.task, cfg, kind) for kind in args.kinds}
+        for kind, t in timed.items():
+            base = timed.get("eager+graph") or timed.get("eager")
+            saved_ms = base["step_ms"] - t["step_ms"]
+            extra_s = t["first_step_s"] + t["capture_s"] - base["first_step_s"] - base["capture_s"]
+            rows.append({"arch": name, "kind": kind, **t, "speed_up": timed.get("eager", t)["step_ms"] / t["step_ms"],
+                         "break_even_steps": (1e3 * extra_s / saved_ms if saved_ms > 0 else math.inf)
+                         if extra_s > 0 else 0})
     print(f"training step, {device_name(device)}, torch {torch.__version__}; {args.steps} steps of batch "
           f"{cfg.batch_size} x {s.task.seq_len} tokens; command: fulu-nas bench {shlex.join(args.argv)}\n")
-    body = [[r["arch"], f"{r['eager']['step_ms']:.2f}", f"{r['compiled']['step_ms']:.2f}",
-             f"{r['eager']['step_ms'] / r['compiled']['step_ms']:.2f}x", f"{r['eager']['first_step_s']:.1f}",
-             f"{r['compiled']['first_step_s']:.1f}", f"{r['break_even_steps']:.0f}"] for r in rows]
-    print(markdown_table(["architecture", "eager ms/step", "compiled ms/step", "speed-up", "eager first step s",
-                          "compiled first step s", "break-even steps"], body))
+    body = [[r["arch"], r["kind"], f"{r['step_ms']:.2f}", f"{r['speed_up']:.2f}x", f"{r['first_step_s']:.2f}",
+             f"{r['capture_s']:.2f}", f"{r['break_even_steps']:.0f}"] for r in rows]
+    print(markdown_table(["architecture", "step", "ms/step", "vs eager", "first step s", "graph capture s",
+                          "break-even steps vs the graphed eager step"], body))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(device), "torch": torch.__version__, "steps": args.steps,
@@ -87,11 +99,13 @@ def train_step_main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train-step", help="the eager and the compiled training step side by side, and the budget "
-                                          "from which compiling pays")
+    p = sub.add_parser("train-step", help="the training step kinds side by side (eager, CUDA graph, compiled), and the "
+                                          "budget from which compiling pays")
     p.add_argument("overrides", nargs="*", help="search config overrides, e.g. +experiment=gpu")
     p.add_argument("--arch", nargs="*", default=list(DEFAULT_ARCHS),
                    help="architectures as key=value,... over the space's reference ('' is the reference)")
     p.add_argument("--steps", type=positive_int, default=60)
+    p.add_argument("--kinds", nargs="*", choices=list(KINDS), default=list(KINDS),
+                   help="the step kinds to time (a graph needs CUDA: off it the graphed kinds run eagerly)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=train_step_main)

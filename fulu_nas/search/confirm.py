@@ -32,6 +32,7 @@ import torch
 
 from ..errors import FuluConfigError
 from ..models import ArchConfig
+from ..training.train import step_description
 from .confirm_summary import SUMMARY_ATTR, print_confirmation, summarize_confirmation
 from .objective import (
     ReferenceModels,
@@ -254,7 +255,7 @@ class Confirmation:
             model, result = train_architecture(c.arch, s, cfg, log)
             measured = evaluate_and_measure(model, s, self.references.beside(model), result)
             values = [measured.metrics[o] for o in s.study.objectives]
-            self.tracker.log_params(run_id, {"train_step": result.step_kind})
+            self.tracker.log_params(run_id, {"train_step": step_description(result)})
             self.tracker.log_metrics(run_id, measured.metrics)
             self.tracker.log_files(run_id, measured.artifacts(c.arch, log.routing_history))
             # Recorded before the run is closed: a process killed in between leaves a RUNNING run whose

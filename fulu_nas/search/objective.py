@@ -46,6 +46,7 @@ from ..training.train import (
     TrainingDiverged,
     TrainResult,
     resolve_device,
+    step_description,
     train,
 )
 from .settings import SearchSettings
@@ -227,6 +228,8 @@ def phase_metrics(seconds: dict[str, float], result: TrainResult, log: TrainingL
     out = {f"phase/{k}_s": v for k, v in phases.items()}
     out["overhead_share"] = 1 - phases["train"] / total if total > 0 else 0.0
     out["train/first_step_s"] = result.first_step_seconds
+    if result.cuda_graph:
+        out["train/capture_s"] = result.capture_seconds
     busy = log.gpu_utilisation[1:]  # the first report's period holds the compilation
     if busy:
         out["gpu_utilisation"] = sum(busy) / len(busy)
@@ -236,7 +239,7 @@ def phase_metrics(seconds: dict[str, float], result: TrainResult, log: TrainingL
 def cache_key(settings: SearchSettings, arch_hash: str) -> str:
     """Identical architecture + task + budget + cost protocol -> identical key."""
     # none of these changes a trial's result (beyond floating-point rounding: device, compile)
-    skip = ("progress", "device", "compile", "report_every", "seconds_cap")
+    skip = ("progress", "device", "compile", "cuda_graph", "report_every", "seconds_cap")
     train = {k: v for k, v in asdict(settings.train).items() if k not in skip}
     if train["expert_parallel"] == 1:  # the default: keys from before the setting stay valid
         del train["expert_parallel"]
@@ -311,7 +314,7 @@ class Objective:
                 trial.set_constraint(name, metrics[name] - bound)
             objectives = [metrics[o] for o in self.s.study.objectives]
             clock = time.perf_counter()
-            self.tracker.log_params(run_id, {"train_step": result.step_kind})
+            self.tracker.log_params(run_id, {"train_step": step_description(result)})
             self.tracker.log_metrics(run_id, metrics)
             phases = phase_metrics({**seconds, "log": seconds["log"] + time.perf_counter() - clock,
                                     **measured.seconds}, result, log)

@@ -133,7 +133,7 @@ class SearchSettings:
         keep["objectives"] = list(self.study.objectives)
         keep["constraints"] = list(self.study.constraints)
         # the safety cap may change on resume: results depend on the steps alone
-        free = ("device", "compile", "report_every", "max_seconds")
+        free = ("device", "compile", "cuda_graph", "report_every", "max_seconds")
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in free}
         if keep["trainer"].get("expert_parallel") == 1:  # the default: studies from before the key resume
             del keep["trainer"]["expert_parallel"]
@@ -364,6 +364,8 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
         problems.append(f"trainer.gradient_checkpointing: expected true or false, got {d['gradient_checkpointing']!r}")
     if d.get("compile", "auto") not in ("auto", "compiled", "eager"):
         problems.append(f"trainer.compile: expected auto, compiled or eager, got {d['compile']!r}")
+    if d.get("cuda_graph", "auto") not in ("auto", True, False):
+        problems.append(f"trainer.cuda_graph: expected auto, true or false, got {d['cuda_graph']!r}")
     device = d.get("device", "auto")
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         problems.append(f"trainer.device: expected auto, cpu, cuda or cuda:N, got {device!r}")

@@ -81,6 +81,9 @@ class TrainConfig:
     # The training step: "compiled" (every block through torch.compile), "eager", or "auto" (see
     # :func:`step_kind`). Either gives the same model up to floating-point rounding.
     compile: str = "auto"
+    # Replay the training step from one CUDA graph (:func:`uses_cuda_graph`): "auto" (wherever the step
+    # can be captured), True or False.
+    cuda_graph: bool | str = "auto"
 
 
 @dataclass
@@ -108,6 +111,8 @@ class TrainResult:
     final_loss: float
     stop_reason: str
     step_kind: str = "eager"  # "compiled" or "eager": the training step that ran (:func:`step_kind`)
+    cuda_graph: bool = False  # the steps after the warm-up were replayed from one CUDA graph
+    capture_seconds: float = 0.0  # capturing that graph
     first_step_seconds: float = 0.0  # the first step alone: with the compiled step, mostly its compilation
     history: list[StepReport] = field(default_factory=list)
     expert_counts: list[list[int]] = field(default_factory=list)
@@ -141,6 +146,38 @@ def step_kind(cfg: TrainConfig, device: torch.device, distributed: bool, has_blo
     else:
         compiled = cfg.compile == "compiled"
     return "compiled" if compiled and has_blocks and not distributed and not cfg.dynamic_experts else "eager"
+
+
+# Steps run eagerly before the CUDA graph is captured: the first calls autotune the Triton kernels and
+# create the optimizer's state, neither of which a capture may do.
+GRAPH_WARMUP_STEPS = 3
+# Below this many steps a graph is not worth capturing.
+GRAPH_MIN_STEPS = 10
+
+
+def uses_cuda_graph(cfg: TrainConfig, device: torch.device, distributed: bool, has_blocks: bool = True) -> bool:
+    """Whether the training step is replayed from one CUDA graph: the forward, the loss, the backward, the
+    clipping, the optimizer step and the balancing biases' update as one launch, so that a step costs its
+    GPU time and not the host's time to launch its kernels one by one (a search's models are small enough
+    that the host's launches set the pace of an eager step). Possible on CUDA for a PiMoETransformer
+    trained in one process with static shapes (every MoE layer's are) and no host synchronisation inside
+    a step; not with dynamic experts (the modules change between steps), gradient checkpointing or
+    expert-parallel ranks. ``cfg.cuda_graph``: "auto" where possible, True (an error where impossible),
+    False."""
+    if cfg.cuda_graph not in ("auto", True, False):
+        raise ValueError(f"trainer.cuda_graph must be auto, true or false, not {cfg.cuda_graph!r}")
+    blockers = [why for why, present in (
+        ("it needs a CUDA device", device.type != "cuda"), ("expert-parallel ranks", distributed),
+        ("dynamic experts", bool(cfg.dynamic_experts)), ("gradient checkpointing", cfg.gradient_checkpointing),
+        ("a model without transformer blocks", not has_blocks)) if present]
+    if cfg.cuda_graph is True and blockers:
+        raise ValueError(f"trainer.cuda_graph=true is impossible here: {', '.join(blockers)}")
+    return cfg.cuda_graph is not False and not blockers and cfg.steps >= GRAPH_MIN_STEPS
+
+
+def step_description(result: TrainResult) -> str:
+    """The step that ran, as a trial's MLflow param ``train_step`` records it."""
+    return f"{result.step_kind} + CUDA graph" if result.cuda_graph else result.step_kind
 
 
 @contextmanager
@@ -196,11 +233,25 @@ def _decays(name: str, p: torch.Tensor) -> bool:
     return p.dim() >= 2 and not name.startswith("pos.") and ".router." not in name
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, capturable: bool = False) -> torch.optim.Optimizer:
+    """AdamW; ``capturable``: its step inside a CUDA graph, the learning rate a tensor the schedule fills
+    (a float would be frozen into the graph)."""
     decay = [p for n, p in model.named_parameters() if _decays(n, p)]
     rest = [p for n, p in model.named_parameters() if not _decays(n, p)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    lr = torch.tensor(cfg.lr, device=decay[0].device) if capturable else cfg.lr
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if capturable:  # one tensor per group: the optimizer may not share it between groups
+        for group in groups:
+            group["lr"] = lr.clone()
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), capturable=capturable)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 class _OneProcess:
@@ -346,6 +397,32 @@ class _LossCheck:
         return self.last
 
 
+class _GraphedStep:
+    """One training step (``forward`` then ``update``, :func:`train`'s) captured in a CUDA graph on the
+    batch it is built with, then replayed: :meth:`load` copies the next batch into that batch's memory.
+    ``loss`` and ``out`` (the logits, every layer's statistics) are the graph's outputs, rewritten by
+    each replay. Every statistic is computed inside the graph: a statistic read lazily after a replay
+    would be cached on ``out`` and never computed again."""
+
+    def __init__(self, forward, update, batch: Batch):
+        self.batch = batch
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            loss, out = forward(batch)
+            update(loss, out)
+            for stats in out.moe_stats:
+                dict(stats)
+        self.loss, self.out = loss.detach().float(), out
+
+    def load(self, batch: Batch) -> None:
+        for static, new in ((self.batch.tokens, batch.tokens), (self.batch.targets, batch.targets),
+                            (self.batch.domains, batch.domains)):
+            static.copy_(new.pin_memory() if new.device.type == "cpu" else new, non_blocking=True)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
 def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
           callback: Callable[[StepReport], None] | None = None) -> TrainResult:
     """Train ``model`` on ``task`` until ``cfg.steps`` or ``cfg.max_seconds`` runs out (``seconds_cap``:
@@ -365,15 +442,33 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     torch.manual_seed(cfg.seed + rank)
     model.to(device).train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    optimizer = _optimizer(model, cfg)
+    has_blocks = isinstance(getattr(model, "blocks", None), torch.nn.ModuleList)
+    kind = step_kind(cfg, device, distributed=isinstance(ranks, _Ranks), has_blocks=has_blocks)
+    graphed = uses_cuda_graph(cfg, device, distributed=isinstance(ranks, _Ranks), has_blocks=has_blocks)
+    optimizer = _optimizer(model, cfg, capturable=graphed)
     dynamic = DynamicExperts(model, optimizer, cfg.dynamic_experts) if cfg.dynamic_experts else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    # A graph replays the casts it captured: autocast's cache of cast weights would hold stale copies.
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed) if device.type == "cuda"
+                else nullcontext())
     batches = task.train_batches(cfg.batch_size, seed=cfg.seed + rank)
-    kind = step_kind(cfg, device, distributed=isinstance(ranks, _Ranks),
-                     has_blocks=isinstance(getattr(model, "blocks", None), torch.nn.ModuleList))
     result = TrainResult(steps=0, seconds=0.0, final_loss=float("nan"), stop_reason="steps", step_kind=kind)
     check_every = loss_check_interval(cfg, device, dynamic is not None)
     losses = _LossCheck(ranks, cfg.divergence_factor)
+
+    def forward(batch: Batch):
+        with autocast:
+            out = model(batch.tokens)
+        return task_loss(out.logits, batch), out
+
+    def update(loss: Tensor, out) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        (loss + out.balance_loss).backward()
+        ranks.step_gradients(model, cfg.grad_clip)
+        optimizer.step()
+        model.update_expert_biases(out.moe_stats)
+
+    graph: _GraphedStep | None = None
+    side = torch.cuda.Stream(device) if graphed else None  # the warm-up steps run there, as capture needs
     start = ranks.start = time.perf_counter()
     bar = tqdm(total=cfg.steps, disable=not cfg.progress or rank != 0, desc="train", leave=False)
     # The compiled blocks live as long as training: evaluation and export see the eager model.
@@ -385,25 +480,36 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
                 if cfg.max_seconds:
                     progress = max(progress, elapsed / cfg.max_seconds)
                 lr = cfg.lr * lr_factor(progress, cfg.warmup_fraction, cfg.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                _set_lr(optimizer, lr)
 
-                batch = next(batches).to(device)
-                with autocast:
-                    out = model(batch.tokens)
-                loss = task_loss(out.logits, batch)
-                losses.append(loss.detach().float())
-                if step == 1 or step % check_every == 0:  # before the step's update when the check is due
-                    result.final_loss = losses.check()
-
-                optimizer.zero_grad(set_to_none=True)
-                (loss + out.balance_loss).backward()
-                ranks.step_gradients(model, cfg.grad_clip)
-                optimizer.step()
-                model.update_expert_biases(out.moe_stats)
-                if dynamic is not None:
-                    dynamic.observe(out.moe_stats, batch)
-                    dynamic.maybe_rescale(step, progress)
+                if graphed and step > GRAPH_WARMUP_STEPS:
+                    if graph is None:
+                        torch.cuda.current_stream(device).wait_stream(side)
+                        clock = time.perf_counter()
+                        graph = _GraphedStep(forward, update, next(batches).to(device))
+                        result.cuda_graph, result.capture_seconds = True, time.perf_counter() - clock
+                    else:
+                        graph.load(next(batches))
+                    graph.replay()
+                    loss, out = graph.loss.clone(), graph.out
+                    losses.append(loss)
+                    if step % check_every == 0:
+                        result.final_loss = losses.check()
+                else:
+                    if side is not None:  # the learning rate was set on the current stream
+                        side.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(side) if side is not None else nullcontext():
+                        batch = next(batches).to(device)
+                        loss, out = forward(batch)
+                        losses.append(loss.detach().float())
+                        if step == 1 or step % check_every == 0:  # before the update when the check is due
+                            result.final_loss = losses.check()
+                        update(loss, out)
+                    if side is not None:  # what reads this step's outputs runs on the current stream
+                        torch.cuda.current_stream(device).wait_stream(side)
+                    if dynamic is not None:
+                        dynamic.observe(out.moe_stats, batch)
+                        dynamic.maybe_rescale(step, progress)
 
                 result.steps = step
                 elapsed = ranks.elapsed_after_step(timed=bool(cfg.max_seconds or cfg.seconds_cap))
@@ -428,6 +534,9 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
                     break
         finally:
             bar.close()
+            if graphed:  # the gradients live in the graph's memory: give it back with the graph
+                optimizer.zero_grad(set_to_none=True)
+                del graph
             result.seconds = time.perf_counter() - start
     result.expert_counts = [[layer.cfg.num_experts for layer in model.moe_layers()]]
     if dynamic is not None:
