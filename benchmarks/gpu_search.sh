@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU search's figures (BENCHMARKS.md, "The search on a GPU"), on a machine with one GPU:
 #   bash benchmarks/gpu_search.sh OUT_DIR [n_trials] [worker counts...]
-# 1. `fulu-nas search +experiment=gpu` (n_trials, default 12) with nvidia-smi sampling the GPU's
-#    utilisation every 0.5 s, then the export of its winner and a torch-only load on the GPU;
+# nvidia-smi samples the GPU's utilisation every 0.5 s throughout; each search's row (searches.jsonl)
+# has the median and mean of the samples taken while it ran.
+# 1. `fulu-nas search +experiment=gpu` (n_trials, default 12), then the export of its winner and a
+#    torch-only load on the GPU;
 # 2. with CONFIRM set (e.g. CONFIRM="top_k=3 budget_factor=2 n_workers=3"), `fulu-nas confirm` of that
 #    search with those options (3 seeds);
 # 3. the same search with each worker count (default: 2 4) sharing the GPU, each its own study, for
@@ -22,12 +24,20 @@ search() {  # name n_workers
   fulu search +experiment=gpu study.name="$1" study.n_workers="$2" study.n_trials="$n_trials" hydra.run.dir="outputs/$1"
   end=$(date +%s.%N)
   python3 - "$1" "$2" "$start" "$end" "$out" <<'PY'
-import json, sys
+import json, statistics, sys
+from datetime import datetime
 name, workers, start, end, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 summary = json.load(open(f"outputs/{name}/summary.json"))
 hours = (end - start) / 3600
+busy = []  # nvidia-smi's utilisation samples (local time stamps) while this search ran
+for line in open(f"{out}/nvidia-smi.csv"):
+    stamp, util, _ = (x.strip() for x in line.split(","))
+    if start <= datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp() <= end:
+        busy.append(float(util.split()[0]))
 row = {"study": name, "workers": workers, "seconds": end - start, "finished": summary["n_finished"],
-       "trials_per_hour": summary["n_finished"] / hours}
+       "trials_per_hour": summary["n_finished"] / hours,
+       "gpu_utilisation_median": statistics.median(busy) if busy else None,
+       "gpu_utilisation_mean": statistics.mean(busy) if busy else None, "samples": len(busy)}
 print(json.dumps(row))
 with open(f"{out}/searches.jsonl", "a") as f:
     f.write(json.dumps(row) + "\n")
@@ -39,8 +49,8 @@ PY
 
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 >"$out/nvidia-smi.csv" &
 smi=$!
+trap 'kill "$smi"' EXIT
 search gpu-w1 1
-kill "$smi"
 fulu export study.name=gpu-w1 hydra.run.dir=outputs/gpu-w1 out="$work/model"
 python3 - "$work/model" <<'PY' | tee "$out/export-check.txt"
 # The exported program with torch alone on the GPU, against the fulu_nas module on the GPU.

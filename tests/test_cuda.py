@@ -148,11 +148,24 @@ def test_trial_cost_on_cuda_replays_the_served_forward_beside_the_reference():
         replay = deployed_forward(trial, tokens)
         # the served copy is bf16: equal to the fp32 model's logits to bf16 rounding
         torch.testing.assert_close(replay().float(), trial(tokens).logits, rtol=0.05, atol=0.05)
-    cost = measure_cost(trial, [(1, 32), (8, 32)], iterations=5, rounds=3, reference=reference)
-    for shape in cost["shapes"]:
-        assert 0 < shape["latency_p50_ms"] <= shape["latency_p95_ms"] and shape["latency_ratio"] > 0
-        assert shape["peak_memory_mb"] >= 0
-    assert cost["device"].startswith("cuda")
+    served: dict = {}  # the reference's replays, kept from one trial's measurement to the next
+    for measured in (trial, model(4, 2)):
+        cost = measure_cost(measured, [(1, 32), (8, 32)], iterations=5, rounds=3, reference=reference,
+                            reference_served=served)
+        for shape in cost["shapes"]:
+            assert 0 < shape["latency_p50_ms"] <= shape["latency_p95_ms"] and shape["latency_ratio"] > 0
+            assert shape["peak_memory_mb"] >= 0
+        assert cost["device"].startswith("cuda")
+        if measured is trial:
+            kept = dict(served)
+    assert sorted(served) == [(1, 32), (8, 32)] and all(served[k] is kept[k] for k in served)
+    # a kept replay serves new tokens: they are copied into its graph's input
+    from fulu_nas.deploy.cost import served_reference
+
+    other = torch.randint(0, 64, (8, 32), device="cuda")
+    with torch.inference_mode():
+        torch.testing.assert_close(served_reference(reference, other, served)().float(), reference(other).logits,
+                                   rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -323,9 +336,10 @@ def test_the_graphed_training_step_trains_like_the_eager_one(router):
         results[graphed] = train(model, task, TrainConfig(steps=30, batch_size=16, report_every=5, progress=False,
                                                           device="cuda", cuda_graph=graphed))
         assert results[graphed].cuda_graph == graphed
-        assert all(p.grad is None for p in model.parameters())  # the graph's memory is given back
+        if graphed:
+            assert all(p.grad is None for p in model.parameters())  # the graph's memory is given back
     eager, graphed = ([r.loss for r in results[g].history] for g in (False, True))
-    assert graphed == pytest.approx(eager, rel=1e-2)
+    assert graphed == pytest.approx(eager, rel=2e-2)  # bf16: the same curve, not the same bits
     counts = [r.layers[0]["tokens_per_expert"] for r in results[True].history]
     assert len({tuple(c) for c in counts}) > 1  # each report reads that step's statistics
 

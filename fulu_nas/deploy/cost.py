@@ -73,6 +73,21 @@ def deployed_forward(model: PiMoETransformer, tokens: torch.Tensor) -> Callable[
     return _GraphReplay(LogitsOnly(copy.deepcopy(model).to(torch.bfloat16)).eval(), tokens)
 
 
+def served_reference(reference: PiMoETransformer, tokens: torch.Tensor,
+                     cache: dict | None) -> Callable[[], torch.Tensor]:
+    """:func:`deployed_forward` of the fixed ``reference`` model on ``tokens``, kept in ``cache`` (one per
+    reference model) on CUDA: later calls at the same shape copy their tokens into the captured graph's
+    input instead of copying the model and capturing again (a search measures every trial beside it)."""
+    if cache is None or tokens.device.type != "cuda":
+        return deployed_forward(reference, tokens)
+    replay = cache.get(tuple(tokens.shape))
+    if replay is None:
+        replay = cache[tuple(tokens.shape)] = deployed_forward(reference, tokens)
+    else:
+        replay.tokens.copy_(tokens)
+    return replay
+
+
 class _GraphReplay:
     """A forward captured in a CUDA graph. It holds the model and the input buffer: the graph reads
     their memory, which must outlive it."""
@@ -112,11 +127,13 @@ def _timings(calls: dict[str, Callable[[], object]], iterations: int, cuda: bool
 
 @torch.inference_mode()
 def measure_cost(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmup: int = 3,
-                 iterations: int = 10, rounds: int = 5, reference: PiMoETransformer | None = None) -> dict:
+                 iterations: int = 10, rounds: int = 5, reference: PiMoETransformer | None = None,
+                 reference_served: dict | None = None) -> dict:
     """Per (batch, seq) shape: latency (median over ``rounds`` of each round's median of ``iterations``
     calls; p95 over every call), its spread, throughput, peak memory, and with a ``reference`` model
     (same device) timed in the same rounds: ``latency_ratio`` and its spread. Plus parameter counts and
-    analytic FLOPs per token.
+    analytic FLOPs per token. ``reference_served``: a cache of the reference's served forward
+    (:func:`served_reference`), for a caller measuring many models beside one reference.
 
     On the CPU a call is timed on one intra-op thread by its CPU time: what the forward costs, not
     how long it waited for a core. With several threads, other processes on the cores make the threads
@@ -129,20 +146,21 @@ def measure_cost(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], w
     if not cuda:
         torch.set_num_threads(1)
     try:
-        return _measure(model, batch_shapes, warmup, iterations, rounds, reference, device, cuda)
+        return _measure(model, batch_shapes, warmup, iterations, rounds, reference, reference_served, device, cuda)
     finally:
         torch.set_num_threads(threads)
         model.train(was_training)
 
 
 def _measure(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmup: int, iterations: int,
-             rounds: int, reference: PiMoETransformer | None, device: torch.device, cuda: bool) -> dict:
+             rounds: int, reference: PiMoETransformer | None, reference_served: dict | None, device: torch.device,
+             cuda: bool) -> dict:
     shapes = []
     for batch, seq in batch_shapes:
         tokens = torch.randint(0, model.arch.vocab_size, (batch, seq), device=device)
         calls = {"model": deployed_forward(model, tokens)}
         if reference is not None:
-            calls["reference"] = deployed_forward(reference, tokens)
+            calls["reference"] = served_reference(reference, tokens, reference_served)
         for call in calls.values():
             for _ in range(warmup):
                 call()

@@ -253,7 +253,7 @@ class Confirmation:
         model = None
         try:
             model, result = train_architecture(c.arch, s, cfg, log)
-            measured = evaluate_and_measure(model, s, self.references.beside(model), result)
+            measured = evaluate_and_measure(model, s, self.references, result)
             values = [measured.metrics[o] for o in s.study.objectives]
             self.tracker.log_params(run_id, {"train_step": step_description(result)})
             self.tracker.log_metrics(run_id, measured.metrics)

@@ -89,13 +89,14 @@ def reference_model(s: SearchSettings, device: torch.device) -> PiMoETransformer
     return s.space.family.build(s.space.arch(s.space.reference, s.task), s.task, s.train.seed, device)
 
 
-def measure_trial_cost(model, s: SearchSettings, reference: PiMoETransformer | None = None
-                       ) -> tuple[dict, dict[str, float]]:
+def measure_trial_cost(model, s: SearchSettings, reference: PiMoETransformer | None = None,
+                       reference_served: dict | None = None) -> tuple[dict, dict[str, float]]:
     """The study's cost protocol on ``model``: :func:`measure_cost` at the configured shapes (sequences
-    capped at the task's length) in interleaved rounds beside ``reference``, and its figures as flat
-    metrics (latency from the first shape)."""
+    capped at the task's length) in interleaved rounds beside ``reference`` (its served forward cached in
+    ``reference_served``), and its figures as flat metrics (latency from the first shape)."""
     shapes = [(b, min(seq, s.task.seq_len)) for b, seq in s.cost.shapes]
-    cost = measure_cost(model, shapes, iterations=s.cost.iterations, rounds=s.cost.rounds, reference=reference)
+    cost = measure_cost(model, shapes, iterations=s.cost.iterations, rounds=s.cost.rounds, reference=reference,
+                        reference_served=reference_served)
     first = cost["shapes"][0]
     ratio = {k: first[k] for k in ("latency_ratio", "latency_ratio_spread", "reference_latency_ms") if k in first}
     return cost, {"latency_ms": first["latency_p50_ms"], "latency_p95_ms": first["latency_p95_ms"],
@@ -108,16 +109,19 @@ def measure_trial_cost(model, s: SearchSettings, reference: PiMoETransformer | N
 
 class ReferenceModels:
     """The reference model (:func:`reference_model`), built once and kept on the device of the models
-    measured beside it."""
+    measured beside it, with its served forward per input shape (``served``, see
+    :func:`~fulu_nas.deploy.cost.served_reference`)."""
 
     def __init__(self, s: SearchSettings):
         self.s = s
         self._model: PiMoETransformer | None = None
+        self.served: dict = {}
 
     def beside(self, model: PiMoETransformer) -> PiMoETransformer | None:
         device = next(model.parameters()).device
         if self._model is None or next(self._model.parameters()).device != device:
             self._model = reference_model(self.s, device)
+            self.served = {}
         return self._model
 
 
@@ -187,14 +191,14 @@ class Measured:
                 "routing_history.json": routing_history}
 
 
-def evaluate_and_measure(model: PiMoETransformer, s: SearchSettings, reference: PiMoETransformer | None,
+def evaluate_and_measure(model: PiMoETransformer, s: SearchSettings, references: ReferenceModels,
                          result: TrainResult) -> Measured:
-    """Evaluate ``model`` on the task, measure its cost beside ``reference``; a non-finite validation
+    """Evaluate ``model`` on the task, measure its cost beside the reference; a non-finite validation
     loss fails it (:class:`TrialFailed`)."""
     start = time.perf_counter()
     quality = evaluate(model, s.task)
     evaluated = time.perf_counter()
-    cost, cost_metrics = measure_trial_cost(model, s, reference)
+    cost, cost_metrics = measure_trial_cost(model, s, references.beside(model), references.served)
     seconds = {"evaluate": evaluated - start, "cost": time.perf_counter() - evaluated}
     task = s.task
     m = {"loss": quality["loss"], "metric": quality[task.metric_name], task.metric_name: quality[task.metric_name],
@@ -308,7 +312,7 @@ class Objective:
             clock = time.perf_counter()
             model, result = train_architecture(arch, self.s, self.s.train, on_report)
             seconds["train"] = time.perf_counter() - clock
-            measured = evaluate_and_measure(model, self.s, self.references.beside(model), result)
+            measured = evaluate_and_measure(model, self.s, self.references, result)
             metrics = measured.metrics
             for name, bound in self.s.study.constraints:
                 trial.set_constraint(name, metrics[name] - bound)
