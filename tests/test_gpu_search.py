@@ -58,6 +58,7 @@ def test_gpu_preset_searches_logs_and_exports_a_model_torch_loads_on_the_gpu(tmp
     assert main(["export", f"study.name={STUDY}", f"hydra.run.dir={out}", f"out={target}"]) == 0
     import fulu_nas
 
+    assert json.loads((target / "metrics.json").read_text())["device"].startswith("cuda")  # as its trials were
     model = fulu_nas.load(target, map_location="cuda")
     data = (target / "model.pt2").read_bytes()
     assert hashlib.sha256(data).hexdigest() == json.loads((target / "checksums.json").read_text())["model.pt2"]

@@ -158,6 +158,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
 
     from ..deploy.export import FORMAT_VERSION, pyfunc_arguments, write_export
     from ..training.evaluate import evaluate
+    from ..training.train import resolve_device
 
     retrain = options["retrain"].lower() in ("1", "true", "yes")
     if options["retrain"].lower() not in ("0", "1", "true", "false", "yes", "no"):
@@ -176,8 +177,13 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
 
     print(f"exporting trial {trial.number}: {selected_by}")
     model, provenance = trial_model(location, s, trial, retrain, factor)
+    # Measured as the search measured its trials: on the search's device (the GPU preset's cost is the
+    # bf16 forward replayed from CUDA graphs; a CPU would take minutes for it and measure something else).
+    device = resolve_device(s.train.device)
+    model.to(device)
     quality = evaluate(model, s.task)
-    cost, cost_metrics = measure_trial_cost(model, s, reference_model(s, next(model.parameters()).device))
+    cost, cost_metrics = measure_trial_cost(model, s, reference_model(s, device))
+    model.cpu()
     metrics = {k: v for k, v in quality.items() if isinstance(v, (int, float))}
     metrics.update(cost_metrics, device=cost["device"], selected_by=selected_by, **provenance)
     config = {"format": FORMAT_VERSION, "architecture": model.arch.to_dict(),
