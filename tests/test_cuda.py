@@ -159,13 +159,15 @@ def test_trial_cost_on_cuda_replays_the_served_forward_beside_the_reference():
         if measured is trial:
             kept = dict(served)
     assert sorted(served) == [(1, 32), (8, 32)] and all(served[k] is kept[k] for k in served)
-    # a kept replay serves new tokens: they are copied into its graph's input
+    # a kept replay serves new tokens: they are copied into its graph's input, and it computes what a
+    # fresh capture on them does (the same bf16 copy and kernels; against the fp32 model a bf16 copy
+    # routes some tokens elsewhere)
     from fulu_nas.deploy.cost import served_reference
 
     other = torch.randint(0, 64, (8, 32), device="cuda")
     with torch.inference_mode():
-        torch.testing.assert_close(served_reference(reference, other, served)().float(), reference(other).logits,
-                                   rtol=0.05, atol=0.05)
+        kept_out = served_reference(reference, other, served)().clone()
+        torch.testing.assert_close(kept_out, deployed_forward(reference, other)())
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -340,8 +342,10 @@ def test_the_graphed_training_step_trains_like_the_eager_one(router):
             assert all(p.grad is None for p in model.parameters())  # the graph's memory is given back
     eager, graphed = ([r.loss for r in results[g].history] for g in (False, True))
     assert graphed == pytest.approx(eager, rel=2e-2)  # bf16: the same curve, not the same bits
-    counts = [r.layers[0]["tokens_per_expert"] for r in results[True].history]
-    assert len({tuple(c) for c in counts}) > 1  # each report reads that step's statistics
+    # each report reads that step's statistics (expert choice's counts are fixed by design, a hash
+    # router's entropy is zero: one of the two moves for every router)
+    seen = {(tuple(r.layers[0]["tokens_per_expert"]), r.layers[0]["router_entropy"]) for r in results[True].history}
+    assert len(seen) == len(results[True].history)
 
 
 def test_the_compiled_step_replays_from_a_cuda_graph_too():

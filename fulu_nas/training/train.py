@@ -125,8 +125,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 # Below this many steps the compiled step does not pay for its compilation (each architecture compiles
-# anew). `fulu-nas bench train-step +experiment=gpu` on an H200 (BENCHMARKS.md): the compiled step's
-# first step takes 8-16 s longer and later steps save 22-34%, paying back after 790-3,100 steps.
+# anew). `fulu-nas bench train-step +experiment=gpu` on an H200 (BENCHMARKS.md), both steps replayed
+# from a CUDA graph: the compiled step saves 3.6-4.7 ms of the eager step's 9.9-12.8 ms, and its
+# compilation takes 5.5-16 s, paying back after 1,200-4,200 steps.
 COMPILE_MIN_STEPS = 3000
 
 
