@@ -146,7 +146,15 @@ def _run_case(name: str, rank: int) -> dict:
         out_inference, _ = ep(x, token_ids=part(ids_all, rank))
         out_nostats, nostats = ep(x, token_ids=part(ids_all, rank), with_stats=False)
     gathered = ep.gather_layer()
+    # the same in 3 chunks of tokens, each chunk's exchanges in flight while another's experts run
+    chunked = ExpertParallelMoE.from_layer(build(name), chunks=3)
+    x_chunked = part(x_all, rank).clone().requires_grad_(True)
+    out_chunked, stats_chunked = chunked(x_chunked, token_ids=part(ids_all, rank))
+    ((out_chunked * part(up_all, rank)).mean() + stats_chunked["balance_loss"]).backward()
     return {
+        "chunked": {"out": out_chunked.detach(), "stats": {k: v.detach() for k, v in stats_chunked.items()},
+                    "x_grad": x_chunked.grad, "repr": repr(chunked),
+                    "grads": {n: p.grad.clone() for n, p in chunked.named_parameters() if p.grad is not None}},
         "out": out.detach(), "stats": {k: v.detach() for k, v in stats.items()}, "x_grad": x.grad,
         "grads": grads, "averaged": averaged, "out_sorted": out_sorted, "out_nostats": out_nostats,
         "out_inference": out_inference,
@@ -178,6 +186,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             ExpertParallelMoE.from_layer(make_layer("topk", num_experts=5))
         except ValueError as e:
             results["indivisible"] = str(e)
+        try:
+            ExpertParallelMoE.from_layer(make_layer("topk"), chunks=0)
+        except ValueError as e:
+            results["no_chunks"] = str(e)
 
         model = expert_parallel(tiny_model())
         batches = [t.chunk(P)[rank] for t in train_batches()]
@@ -287,6 +299,21 @@ def test_gradients_equal_single_layer(ranks, name):
             torch.testing.assert_close(sum(res["grads"][n] for res in ranks) / P, mean[n], **TOL, msg=n)
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_exchanging_in_chunks_gives_the_same_outputs_statistics_and_gradients(ranks, name):
+    for r, res in enumerate(res[name] for res in ranks):
+        chunked = res["chunked"]
+        assert "chunks=3" in chunked["repr"]
+        torch.testing.assert_close(chunked["out"], res["out"], **TOL, msg=f"rank {r} output")
+        torch.testing.assert_close(chunked["x_grad"], res["x_grad"], **TOL, msg=f"rank {r} input gradient")
+        assert chunked["stats"].keys() == res["stats"].keys()
+        for key, value in res["stats"].items():
+            torch.testing.assert_close(chunked["stats"][key], value, **TOL, msg=key)
+        assert chunked["grads"].keys() == res["grads"].keys()
+        for n, g in res["grads"].items():
+            torch.testing.assert_close(chunked["grads"][n], g, **TOL, msg=f"rank {r} {n}")
+
+
 def test_a_rank_whose_experts_get_no_tokens(ranks):
     ranks = [res["idle_rank"] for res in ranks]
     counts = ranks[0]["stats"]["tokens_per_expert"]
@@ -312,6 +339,7 @@ def test_gather_layer_round_trips_exactly(ranks, name):
 def test_indivisible_expert_count_is_a_clear_error(ranks):
     assert "num_experts divisible by 2" in ranks[0]["indivisible"]
     assert "num_experts=5" in ranks[0]["indivisible"]
+    assert ranks[0]["no_chunks"] == "chunks must be a positive integer, got 0"
 
 
 def test_distributed_training_matches_single_process(ranks):

@@ -24,6 +24,11 @@ expert weights. A forward pass:
    accumulating scatter), then sends the results back with the inverse all-to-all;
 6. sums each token's rows with fp32 accumulation, as ``PiMoELayer`` does.
 
+With ``chunks=N`` the kept rows are ordered chunk by chunk of local tokens (by expert within a
+chunk), step 3 exchanges the per-chunk counts (still one host sync), and steps 4-5 run per chunk,
+pipelined: every chunk's all-to-alls are issued at once (``async_op``) and each chunk's experts run
+as soon as its rows have arrived, so the exchanges overlap the expert GEMMs (the backward mirrors it).
+
 The all-to-alls are autograd functions (the backward is the inverse all-to-all), so an expert
 receives the gradients of its rows from every rank. Replicated parameters receive local gradients;
 average them over the data-parallel group (:func:`fulu_nas.training.distributed.average_replicated_gradients`).
@@ -77,6 +82,59 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group=Non
     """Send rows ``in_splits[s]`` of ``x`` to rank s, receive ``out_splits[s]`` rows from rank s
     (concatenated by source rank). Differentiable."""
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+class _Exchange:
+    """An all-to-all in flight (``async_op``): :func:`exchange_start` issues it and returns its output
+    buffer, :func:`exchange_wait` makes the output's readers wait for it. The backward mirrors the
+    pair: the wait's backward issues the inverse exchange of the gradient, the start's backward
+    waits for it, so work between the two (another chunk's experts) overlaps the exchange in both
+    directions."""
+
+    def __init__(self, out_splits: list[int], in_splits: list[int], group):
+        self.out_splits, self.in_splits, self.group = list(out_splits), list(in_splits), group
+        self.work = self.grad_work = self.grad = None
+
+
+class _ExchangeStart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, exchange: _Exchange) -> Tensor:
+        ctx.exchange = exchange
+        out = x.new_empty((sum(exchange.out_splits), *x.shape[1:]))
+        exchange.work = dist.all_to_all_single(out, x.contiguous(), exchange.out_splits, exchange.in_splits,
+                                               group=exchange.group, async_op=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, _grad_token: Tensor):
+        ctx.exchange.grad_work.wait()  # the inverse exchange issued by the wait's backward
+        return ctx.exchange.grad, None
+
+
+class _ExchangeWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out: Tensor, exchange: _Exchange) -> Tensor:
+        ctx.exchange = exchange
+        exchange.work.wait()
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        e = ctx.exchange
+        e.grad = grad_out.new_empty((sum(e.in_splits), *grad_out.shape[1:]))
+        e.grad_work = dist.all_to_all_single(e.grad, grad_out.contiguous(), e.in_splits, e.out_splits,
+                                             group=e.group, async_op=True)
+        return grad_out, None  # a token: the start's backward returns the exchanged gradient
+
+
+def exchange_start(x: Tensor, out_splits: list[int], in_splits: list[int], group=None) -> tuple[Tensor, _Exchange]:
+    """:func:`all_to_all` issued without waiting: the output may be read only after :func:`exchange_wait`."""
+    exchange = _Exchange(out_splits, in_splits, group)
+    return _ExchangeStart.apply(x, exchange), exchange
+
+
+def exchange_wait(out: Tensor, exchange: _Exchange) -> Tensor:
+    return _ExchangeWait.apply(out, exchange)
 
 
 class _SumSlots(torch.autograd.Function):
@@ -133,8 +191,10 @@ class ExpertParallelMoE(PiMoELayer):
     ``torch.compile(fullgraph=True)``, CUDA graphs or ``torch.export`` (gather the layer first).
     """
 
-    def __init__(self, layer: PiMoELayer, group: dist.ProcessGroup | None = None):
+    def __init__(self, layer: PiMoELayer, group: dist.ProcessGroup | None = None, chunks: int = 1):
         nn.Module.__init__(self)
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+            raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ExpertParallelMoE needs an initialised torch.distributed process group")
         if isinstance(layer, ExpertParallelMoE):
@@ -148,17 +208,23 @@ class ExpertParallelMoE(PiMoELayer):
         self.cfg = layer.cfg
         self.group = group
         self.rank, self.world_size, self.local_experts = rank, P, L
+        self.chunks = chunks
         self.router = layer.router
         self.experts = shard_experts(layer.experts, rank * L, (rank + 1) * L)
         self.shared = layer.shared
         self.train(layer.training)
 
     @classmethod
-    def from_layer(cls, layer: PiMoELayer, group: dist.ProcessGroup | None = None) -> ExpertParallelMoE:
+    def from_layer(cls, layer: PiMoELayer, group: dist.ProcessGroup | None = None,
+                   chunks: int = 1) -> ExpertParallelMoE:
         """The expert-parallel form of ``layer`` on this rank of ``group`` (default: the world).
         Shares ``layer``'s router and shared experts; copies this rank's slice of its experts.
-        ``layer`` must be identical on every rank (same seed, or broadcast it first)."""
-        return cls(layer, group)
+        ``layer`` must be identical on every rank (same seed, or broadcast it first).
+
+        ``chunks``: the local tokens are exchanged in that many chunks, each chunk's all-to-alls in
+        flight while another chunk's rows are in the experts (:meth:`_exchange_chunks`); the result
+        is the same as one exchange's up to floating-point rounding."""
+        return cls(layer, group, chunks)
 
     @property
     def expert_range(self) -> tuple[int, int]:
@@ -167,7 +233,8 @@ class ExpertParallelMoE(PiMoELayer):
 
     def extra_repr(self) -> str:
         start, stop = self.expert_range
-        return f"rank={self.rank}/{self.world_size}, experts=[{start}, {stop}) of {self.cfg.num_experts}"
+        chunks = f", chunks={self.chunks}" if self.chunks > 1 else ""
+        return f"rank={self.rank}/{self.world_size}, experts=[{start}, {stop}) of {self.cfg.num_experts}{chunks}"
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -175,19 +242,30 @@ class ExpertParallelMoE(PiMoELayer):
                 with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         x_TD, routing = self._route(x, token_ids)
+        slot_S = None
         if cfg.token_choice:
             token_S, weight_S, counts_E, slot_S, dropped, active = self._dispatch_token_choice(routing)
         else:
             token_S, weight_S, counts_E, dropped, active = self._dispatch_expert_choice(x_TD, routing)
         entropy = _entropy_sum(routing.probs_TE, x_TD) if with_stats else x_TD.new_zeros((), dtype=torch.float32)
-        # Counts first: every rank learns every rank's per-expert counts (split sizes and global load).
-        local_E4 = torch.cat([counts_E.double(),
+        E, C = cfg.num_experts, self.chunks
+        if C > 1:  # the rows in chunks of tokens (chunk-major, by expert within a chunk): counts per chunk
+            token_S, weight_S, slot_S, counts_E = self._rows_by_chunk(x_TD.shape[0], token_S, weight_S,
+                                                                      slot_S if cfg.token_choice else None, counts_E)
+        # Counts first: every rank learns every rank's per-chunk, per-expert counts (split sizes and
+        # global load).
+        local_E4 = torch.cat([counts_E.reshape(-1).double(),
                               torch.stack([entropy.double(), entropy.new_tensor(float(x_TD.shape[0])).double(),
                                            dropped.double(), active.double()])])
-        gathered_PE4 = torch.stack(self._all_gather(local_E4))
-        counts_PE = gathered_PE4[:, :cfg.num_experts].long().tolist()  # the one host sync
+        gathered = torch.stack(self._all_gather(local_E4))
+        counts_PCE = gathered[:, :C * E].long().view(-1, C, E).tolist()  # the one host sync
+        gathered_PE4 = torch.cat([gathered[:, :C * E].view(-1, C, E).sum(1), gathered[:, C * E:]], 1)
 
-        y_SD = self._exchange_and_compute(x_TD, token_S, weight_S, counts_PE, impl or cfg.impl)
+        if C > 1:
+            y_SD = self._exchange_chunks(x_TD, token_S, weight_S, counts_PCE, impl or cfg.impl)
+        else:
+            y_SD = self._exchange_and_compute(x_TD, token_S, weight_S, [c[0] for c in counts_PCE],
+                                              impl or cfg.impl)
         if cfg.token_choice:  # each token's K slots (dropped ones 0), summed with fp32 accumulation
             T, K = routing.expert_TK.shape
             out_TD = _SumSlots.apply(y_SD, slot_S, T, K)
@@ -231,21 +309,61 @@ class ExpertParallelMoE(PiMoELayer):
         untaken = (taken_T == 0).float().sum()
         return token_S, r.weight_EC.reshape(-1), counts_E, untaken, taken_T.new_tensor(float(x_TD.shape[0]))
 
+    def _rows_by_chunk(self, T: int, token_S: Tensor, weight_S: Tensor, slot_S: Tensor | None, counts_E: Tensor):
+        """The kept rows (sorted by expert) reordered chunk by chunk (chunk c: tokens ``[c*T/C, (c+1)*T/C)``),
+        still by expert within a chunk; and the (C, E) counts."""
+        C, E = self.chunks, self.cfg.num_experts
+        expert_S = torch.repeat_interleave(torch.arange(E, device=token_S.device), counts_E)
+        chunk_S = token_S * C // max(T, 1)
+        order_S = torch.sort(chunk_S, stable=True).indices
+        counts_CE = torch.bincount(chunk_S * E + expert_S, minlength=C * E).view(C, E)
+        return (token_S[order_S], weight_S[order_S], None if slot_S is None else slot_S[order_S], counts_CE)
+
+    def _plan(self, counts_PE: list[list[int]]) -> tuple[list[int], list[list[int]], list[int]]:
+        """From every rank's per-expert counts: the rows this rank sends to each rank, the rows it
+        receives from each rank per local expert, and their sums."""
+        P, L, rank = self.world_size, self.local_experts, self.rank
+        send_splits = [sum(counts_PE[rank][s * L:(s + 1) * L]) for s in range(P)]
+        recv_PL = [counts_PE[s][rank * L:(rank + 1) * L] for s in range(P)]
+        return send_splits, recv_PL, [sum(c) for c in recv_PL]
+
     def _exchange_and_compute(self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, counts_PE: list[list[int]],
                               impl: str) -> Tensor:
         """Send each row and its routing weight to its expert's rank, compute it there, send the
         weighted results back: returns the S rows' outputs in ``token_S`` order."""
-        P, L, rank, D = self.world_size, self.local_experts, self.rank, self.cfg.hidden_size
-        send_splits = [sum(counts_PE[rank][s * L:(s + 1) * L]) for s in range(P)]
-        recv_PL = [counts_PE[s][rank * L:(rank + 1) * L] for s in range(P)]
-        recv_splits = [sum(c) for c in recv_PL]
+        send_splits, recv_PL, recv_splits = self._plan(counts_PE)
         # Rows and weights travel separately: a weight column would break the rows' 16-byte alignment.
         recv_RD = all_to_all(x_TD[token_S], recv_splits, send_splits, self.group)
         weight_R = all_to_all(weight_S.float(), recv_splits, send_splits, self.group)
+        y_RD = self._compute_received(recv_RD, weight_R, recv_PL, impl)
+        return all_to_all(y_RD, send_splits, recv_splits, self.group)
 
+    def _exchange_chunks(self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, counts_PCE: list[list[list[int]]],
+                         impl: str) -> Tensor:
+        """:meth:`_exchange_and_compute` chunk by chunk, pipelined: every chunk's rows are sent at once;
+        chunk c's experts run as soon as its rows have arrived, while the later chunks' rows travel
+        and the earlier chunks' results travel back. Returns the rows' outputs in ``token_S`` order."""
+        P, C = self.world_size, self.chunks
+        plans = [self._plan([counts_PCE[s][c] for s in range(P)]) for c in range(C)]
+        rows_C = [sum(counts_PCE[self.rank][c]) for c in range(C)]
+        sent = []
+        for (send_splits, _, recv_splits), token_s, weight_s in zip(plans, token_S.split(rows_C),
+                                                                    weight_S.split(rows_C), strict=True):
+            sent.append((exchange_start(x_TD[token_s], recv_splits, send_splits, self.group),
+                         exchange_start(weight_s.float(), recv_splits, send_splits, self.group)))
+        back = []
+        for (send_splits, recv_PL, recv_splits), (rows, weights) in zip(plans, sent, strict=True):
+            y_RD = self._compute_received(exchange_wait(*rows), exchange_wait(*weights), recv_PL, impl)
+            back.append(exchange_start(y_RD, send_splits, recv_splits, self.group))
+        return torch.cat([exchange_wait(*returned) for returned in back])
+
+    def _compute_received(self, recv_RD: Tensor, weight_R: Tensor, recv_PL: list[list[int]], impl: str) -> Tensor:
+        """This rank's experts on the rows it received (grouped by source rank, then local expert),
+        weighted: their outputs in received order."""
+        P, L, D = self.world_size, self.local_experts, self.cfg.hidden_size
         # Received rows come grouped by source rank, then local expert; the experts want them
         # grouped by local expert: order_R[n] is the received row that is expert row n.
-        device = x_TD.device
+        device = recv_RD.device
         counts_L = [sum(recv_PL[s][e] for s in range(P)) for e in range(L)]
         local_R = torch.repeat_interleave(torch.arange(L, device=device).repeat(P),
                                           torch.tensor([c for row in recv_PL for c in row], device=device))
@@ -260,8 +378,7 @@ class ExpertParallelMoE(PiMoELayer):
             order_R = torch.zeros(1, dtype=order_R.dtype, device=device)
             local_R = torch.full((1,), L - 1, dtype=local_R.dtype, device=device)
             counts_L[-1] += 1
-        y_RD = self._local_experts(recv_RD, weight_R, order_R, local_R, counts_L, impl)
-        return all_to_all(y_RD[:R], send_splits, recv_splits, self.group)
+        return self._local_experts(recv_RD, weight_R, order_R, local_R, counts_L, impl)[:R]
 
     def _local_experts(self, recv_RD: Tensor, weight_R: Tensor, order_R: Tensor, local_R: Tensor,
                        counts_L: list[int], impl: str) -> Tensor:

@@ -75,11 +75,11 @@ def broadcast_module(module: nn.Module, src: int = 0, group: dist.ProcessGroup |
         dist.broadcast(t.data, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
 
 
-def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None, chunks: int = 1) -> nn.Module:
     """Replace every :class:`PiMoELayer` inside ``model`` (or ``model`` itself) by its
-    :class:`ExpertParallelMoE` on this rank of ``group``, in place; returns the model. The
-    layers must be identical on every rank (same seed, or :func:`broadcast_module` first)."""
-    return _swap(model, lambda layer: ExpertParallelMoE.from_layer(layer, group), want_ep=False)
+    :class:`ExpertParallelMoE` on this rank of ``group`` (exchanging in ``chunks``), in place; returns
+    the model. The layers must be identical on every rank (same seed, or :func:`broadcast_module` first)."""
+    return _swap(model, lambda layer: ExpertParallelMoE.from_layer(layer, group, chunks), want_ep=False)
 
 
 def gather_experts(model: nn.Module) -> nn.Module:
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--impl", choices=("grouped", "grouped_mm", "triton", "sorted"),
                     help="the experts' kernels (default: the layer's, grouped)")
+    ap.add_argument("--chunks", type=int, default=1,
+                    help="exchange the tokens in this many chunks, overlapping the all-to-alls with the experts")
     ap.add_argument("--no-check", action="store_true", help="skip the equivalence check (needs the full layer)")
     ap.add_argument("--profile", help="write rank 0's torch.profiler table of 3 timed steps to this file")
     args = ap.parse_args(argv)
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                     top_k=args.top_k, router=args.router)
     torch.manual_seed(0)
     layer = PiMoELayer(cfg).to(info.device, dtype)
-    ep = ExpertParallelMoE.from_layer(layer)
+    ep = ExpertParallelMoE.from_layer(layer, chunks=args.chunks)
     torch.manual_seed(1 + info.rank)
     x = torch.randn(args.tokens, args.hidden, device=info.device, dtype=dtype)
     ids = torch.randint(0, 1 << 20, (args.tokens,), device=info.device)
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     if info.rank == 0:
         print(f"{info.world_size} ranks ({info.backend}, {info.device.type}), torch {torch.__version__}: "
               f"{args.tokens} tokens/rank, E={args.experts}, D={args.hidden}, F={args.ffn}, top-{args.top_k}, "
-              f"{args.dtype}, impl {args.impl or cfg.impl}: {seconds * 1e3:.2f} ms per forward+backward, "
+              f"{args.dtype}, impl {args.impl or cfg.impl}, {args.chunks} chunk(s): {seconds * 1e3:.2f} ms per "
+              "forward+backward, "
               f"{args.tokens / seconds:,.0f} tokens/s per rank, "
               f"{args.tokens * info.world_size / seconds:,.0f} tokens/s total", flush=True)
     dist.destroy_process_group()
