@@ -82,6 +82,9 @@ def test_tiny_search_end_to_end_then_resume(tmp_path, monkeypatch):
             assert share == pytest.approx(1 - phases["phase/train_s"] / sum(phases.values()))
             assert 0 < run.data.metrics["train/first_step_s"] < phases["phase/train_s"]
             assert "gpu_utilisation" not in run.data.metrics  # no GPU here
+            # the cost phase's parts: serving the models, the timed rounds, the memory peak
+            parts = [run.data.metrics[f"cost/{p}_s"] for p in ("prepare", "timing", "memory")]
+            assert all(v >= 0 for v in parts) and sum(parts) <= phases["phase/cost_s"]
             history = client.get_metric_history(run.info.run_id, "train/loss")
             assert history and sorted(m.step for m in history) == [m.step for m in history]
             assert client.get_metric_history(run.info.run_id, "train/layer0/load_balance")
@@ -148,8 +151,8 @@ def test_identical_architectures_are_trained_once(tmp_path, monkeypatch):
             assert source.params == t.params and source.values == t.values
             assert t.user_attrs["weights_run_id"] == source.user_attrs["weights_run_id"]
             # the quality and cost are copied; how the earlier trial's run went is its own
-            assert not any(k.startswith("phase/") for k in t.user_attrs["metrics"])
-            assert any(k.startswith("phase/") for k in source.user_attrs["metrics"])
+            assert not any(k.startswith(("phase/", "cost/")) for k in t.user_attrs["metrics"])
+            assert any(k.startswith("cost/") for k in source.user_attrs["metrics"])
     _, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "one-clusters")
     assert sum("fulu.cached_from_trial" in r.data.tags for r in runs) == 3
 

@@ -164,6 +164,20 @@ def test_the_step_is_replayed_from_a_cuda_graph_wherever_it_can_be_captured():
         uses_cuda_graph(TrainConfig(cuda_graph="yes"), cuda, distributed=False)
 
 
+def test_a_graphed_step_refuses_a_batch_of_another_shape():
+    """The graph's input buffers take the next batch by copy: a batch of another shape is an error, not
+    a broadcast into the captured shape."""
+    from fulu_nas.tasks import Batch
+    from fulu_nas.training.train import _GraphedStep
+
+    step = object.__new__(_GraphedStep)  # its buffers only: capturing needs a GPU
+    step.batch = Batch(*(torch.zeros(4, 8, dtype=torch.long) for _ in range(3)))
+    step.load(Batch(*(torch.full((4, 8), i) for i in range(3))))
+    assert [int(t[0, 0]) for t in (step.batch.tokens, step.batch.targets, step.batch.domains)] == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"shape \(4, 8\), got \(1, 8\).*cuda_graph=false"):
+        step.load(Batch(*(torch.zeros(1, 8, dtype=torch.long) for _ in range(3))))
+
+
 def test_exploding_loss_is_caught():
     task = small_clusters()
     model = clusters_model(task)

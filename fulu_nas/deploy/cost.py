@@ -101,6 +101,20 @@ class _GraphReplay:
         return self.out
 
 
+class _Clock:
+    """Seconds since the last lap, the GPU's queued work included (``device``: synchronise it first)."""
+
+    def __init__(self, device: torch.device | None):
+        self.device, self.last = device, time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
 def _timings(calls: dict[str, Callable[[], object]], iterations: int, cuda: bool) -> dict[str, list[float]]:
     """Seconds per call of each of ``calls``, ``iterations`` times, the calls taking turns call by call
     (a burst of load then falls on both of a pair alike): CUDA events around each replay on CUDA, the
@@ -156,6 +170,10 @@ def _measure(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmu
              rounds: int, reference: PiMoETransformer | None, reference_served: dict | None, device: torch.device,
              cuda: bool) -> dict:
     shapes = []
+    # Wall-clock seconds of the protocol's parts, summed over the shapes: serving the models (a bf16
+    # copy and its graph capture on CUDA) with the warm-up calls, the timed rounds, the memory peak.
+    seconds = {"prepare": 0.0, "timing": 0.0, "memory": 0.0}
+    clock = _Clock(device if cuda else None)
     for batch, seq in batch_shapes:
         tokens = torch.randint(0, model.arch.vocab_size, (batch, seq), device=device)
         calls = {"model": deployed_forward(model, tokens)}
@@ -164,6 +182,7 @@ def _measure(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmu
         for call in calls.values():
             for _ in range(warmup):
                 call()
+        seconds["prepare"] += clock.lap()
         per_round: dict[str, list[float]] = {name: [] for name in calls}
         round_ratios: list[float] = []  # each round's median of the model / reference ratio per call pair
         every_call: list[float] = []
@@ -175,6 +194,7 @@ def _measure(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmu
             if reference is not None:
                 round_ratios.append(statistics.median(m / r for m, r in zip(times["model"], times["reference"],
                                                                              strict=True)))
+        seconds["timing"] += clock.lap()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -183,6 +203,7 @@ def _measure(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmu
             peak = torch.cuda.max_memory_allocated(device) - base
         else:
             peak = cpu_peak_bytes(calls["model"])
+        seconds["memory"] += clock.lap()
         p50 = statistics.median(per_round["model"])
         shape = {"batch": batch, "seq": seq, "latency_p50_ms": p50 * 1e3,
                  "latency_p95_ms": _percentile(every_call, 0.95) * 1e3,
@@ -196,5 +217,5 @@ def _measure(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmu
     params = model.parameter_counts()
     return {"shapes": shapes, "total_params": params["total"], "active_params": params["active"],
             "flops_per_token": model.flops_per_token(max(s for _, s in batch_shapes)),
-            "device": str(device), "rounds": rounds, "iterations": iterations,
+            "device": str(device), "rounds": rounds, "iterations": iterations, "seconds": seconds,
             "timing": "CUDA events, one CUDA graph per shape" if cuda else "CPU time of one thread"}

@@ -216,7 +216,7 @@ def evaluate_and_measure(model: PiMoETransformer, s: SearchSettings, references:
 
 # Metrics of how a trial's own run went (phase_metrics): a trial that reuses an identical earlier result
 # copies that trial's quality and cost, not these.
-RUN_METRICS = ("phase/", "train/first_step_s", "gpu_utilisation")
+RUN_METRICS = ("phase/", "cost/", "train/first_step_s", "train/capture_s", "gpu_utilisation")
 
 
 def phase_metrics(seconds: dict[str, float], result: TrainResult, log: TrainingLog) -> dict[str, float]:
@@ -322,6 +322,8 @@ class Objective:
             self.tracker.log_metrics(run_id, metrics)
             phases = phase_metrics({**seconds, "log": seconds["log"] + time.perf_counter() - clock,
                                     **measured.seconds}, result, log)
+            # the cost phase's parts: serving the models (a copy, graph captures), the timed rounds, memory
+            phases.update({f"cost/{k}_s": v for k, v in measured.cost["seconds"].items()})
             self.tracker.log_metrics(run_id, phases)
             record_metrics(trial, {**metrics, **phases})
             trial.set_user_attr("weights_run_id", run_id)

@@ -418,7 +418,11 @@ class _GraphedStep:
     def load(self, batch: Batch) -> None:
         for static, new in ((self.batch.tokens, batch.tokens), (self.batch.targets, batch.targets),
                             (self.batch.domains, batch.domains)):
-            static.copy_(new.pin_memory() if new.device.type == "cpu" else new, non_blocking=True)
+            if new.shape != static.shape:  # copy_ would broadcast a smaller batch without a word
+                raise ValueError(f"the CUDA graph of the training step was captured for batches of shape "
+                                 f"{tuple(static.shape)}, got {tuple(new.shape)}: a task with batches of "
+                                 "varying shape needs trainer.cuda_graph=false")
+            static.copy_(new.pin_memory() if static.is_cuda and new.device.type == "cpu" else new, non_blocking=True)
 
     def replay(self) -> None:
         self.graph.replay()
