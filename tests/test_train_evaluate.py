@@ -99,16 +99,22 @@ def test_short_clusters_run_improves_loss_routing_and_reports_progress():
     assert 0 < after["routing_accuracy"] <= 1
 
 
-def test_planted_nan_stops_training_with_the_step():
-    task = small_clusters()
-    model = clusters_model(task)
+def nan_at_forward(model, at: int) -> dict:
+    """Make the model's ``at``-th forward produce NaN; returns the call counter."""
     calls = {"n": 0}
 
     def poison(module, args, output):
         calls["n"] += 1
-        return output * float("nan") if calls["n"] == 4 else output
+        return output * float("nan") if calls["n"] == at else output
 
     model.blocks[0].attn.register_forward_hook(poison)
+    return calls
+
+
+def test_planted_nan_stops_training_with_the_step():
+    task = small_clusters()
+    model = clusters_model(task)
+    nan_at_forward(model, 4)
     with pytest.raises(TrainingDiverged) as e:
         train(model, task, TrainConfig(steps=10, **FAST))
     assert e.value.step == 4 and math.isnan(e.value.value)
@@ -122,13 +128,7 @@ def test_a_deferred_loss_check_still_names_the_step_that_diverged(monkeypatch):
     monkeypatch.setattr(train_module, "loss_check_interval", lambda cfg, device, dynamic: cfg.report_every)
     task = small_clusters()
     model = clusters_model(task)
-    calls = {"n": 0}
-
-    def poison(module, args, output):
-        calls["n"] += 1
-        return output * float("nan") if calls["n"] == 4 else output
-
-    model.blocks[0].attn.register_forward_hook(poison)
+    calls = nan_at_forward(model, 4)
     with pytest.raises(TrainingDiverged) as e:
         train(model, task, TrainConfig(steps=20, **FAST))
     assert e.value.step == 4 and math.isnan(e.value.value)
