@@ -104,11 +104,13 @@ class Tracker:
     def open_children(self, parent_id: str, kind: str, trial: int | None = None) -> list[str]:
         """The ids of ``parent_id``'s runs of ``kind`` (of trial number ``trial`` when given) still
         RUNNING (a process that wrote them was killed, or is still at work)."""
+        return [r.info.run_id for r in self._open_runs(parent_id, kind, trial)]
+
+    def _open_runs(self, parent_id: str, kind: str, trial: int | None = None) -> list:
         of_trial = "" if trial is None else f" and tags.`fulu.trial` = '{trial}'"
-        runs = self.client.search_runs([self.experiment_id], max_results=1000, filter_string=(
+        return self.client.search_runs([self.experiment_id], max_results=1000, filter_string=(
             f"tags.mlflow.parentRunId = '{parent_id}' and tags.`fulu.kind` = '{kind}' and "
             f"attributes.status = 'RUNNING'{of_trial}"))
-        return [r.info.run_id for r in runs]
 
     def close_stale_trial(self, study, trial) -> None:
         """Optuna's heartbeat check failed ``trial`` (its worker was killed or cut off from the storage):
@@ -129,9 +131,7 @@ class Tracker:
         if not parent_id:
             return
         finished = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-        for run in self.client.search_runs([self.experiment_id], max_results=1000, filter_string=(
-                f"tags.mlflow.parentRunId = '{parent_id}' and tags.`fulu.kind` = 'trial' and "
-                "attributes.status = 'RUNNING'")):
+        for run in self._open_runs(parent_id, "trial"):
             host, _, pid = run.data.tags.get("fulu.worker", "").rpartition(":")
             if (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
                     and int(run.data.tags["fulu.trial"]) in finished):
