@@ -16,6 +16,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,6 +205,19 @@ def test_the_champion_is_the_signed_model_of_the_folder_and_both_refuse_bad_inpu
             assert words in message, (uri, bad.shape, message)
             assert raised.value.error_code == "INVALID_PARAMETER_VALUE", (uri, bad.shape, message)
             assert "Traceback" not in message and len(message) < 500, message
+
+
+@pytest.mark.slow
+def test_loading_the_pyfunc_asks_nothing_of_the_console(exported):
+    """MLflow runs the model's code on every load; it warns about a predict without type hints."""
+    import mlflow
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = mlflow.pyfunc.load_model(str(exported.model_dir))
+    assert not [str(w.message) for w in caught if "type hint" in str(w.message).lower()]
+    arch = fulu_nas.load(exported.model_dir).arch
+    assert model.predict(np.zeros((1, arch.max_seq_len), dtype=np.int64)).shape[:2] == (1, arch.max_seq_len)
 
 
 @pytest.mark.slow

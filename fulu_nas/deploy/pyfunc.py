@@ -49,7 +49,9 @@ class ExportedProgramModel(mlflow.pyfunc.PythonModel):
             raise bad_input(f"token ids must be in 0..{self.vocab_size - 1} (the vocabulary), got {low}..{high}")
         return torch.as_tensor(array, dtype=torch.long)
 
-    def predict(self, context, model_input, params=None):
+    # Annotated so that MLflow infers nothing from the hint and does not ask for one each time the model is
+    # saved or loaded; tokens() validates the input (a DataFrame from the scoring server becomes an array).
+    def predict(self, context, model_input: np.ndarray, params=None):
         tokens = self.tokens(model_input)
         with torch.no_grad():
             return self.module(tokens).float().numpy()
