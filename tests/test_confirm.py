@@ -153,11 +153,11 @@ def test_an_interrupted_confirmation_resumes_without_repeating_runs(searched, tm
     monkeypatch.chdir(tmp_path)
     real, trained, stop_at = confirm_module.train_architecture, [], [2]
 
-    def ctrl_c_during_the_second_run(arch, s, cfg, on_report):
+    def ctrl_c_during_the_second_run(arch, s, cfg, on_report, kernels=None):
         trained.append((arch.content_hash(), cfg.seed))
         if len(trained) in stop_at:
             raise KeyboardInterrupt
-        return real(arch, s, cfg, on_report)
+        return real(arch, s, cfg, on_report, kernels)
 
     monkeypatch.setattr(confirm_module, "train_architecture", ctrl_c_during_the_second_run)
     args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=1", "seeds=2"]

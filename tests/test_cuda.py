@@ -3,6 +3,10 @@ and no host synchronisation in the forward."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -346,6 +350,51 @@ def test_the_graphed_training_step_trains_like_the_eager_one(router):
     # router's entropy is zero: one of the two moves for every router)
     seen = {(tuple(r.layers[0]["tokens_per_expert"]), r.layers[0]["router_entropy"]) for r in results[True].history}
     assert len(seen) == len(results[True].history)
+
+
+def test_served_kernels_compile_beside_a_graphed_training_without_changing_it():
+    """The served forward's kernels compile on a thread and stream of their own (ServedKernelWarmup)
+    while the model trains, its step captured and replayed meanwhile: the losses are a run's without
+    it, and the warm-up ends without an error."""
+    from fulu_nas.deploy.cost import ServedKernelWarmup
+    from fulu_nas.models import ArchConfig, seeded_model
+    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.training.train import TrainConfig, train
+
+    task = TextLMTask(seq_len=128, max_bytes=400_000)
+    # an expert count and top-k no other test serves: the warm-up has kernels to compile
+    moe = make_layer("topk", hidden_size=256, expert_ffn_size=256, num_experts=24, top_k=3).cfg
+    arch = ArchConfig(vocab_size=256, max_seq_len=128, num_layers=2, hidden_size=256, num_heads=4, moe=moe)
+    losses = {}
+    for warm in (False, True):
+        model = seeded_model(arch, 0, "cuda")
+        warmup = ServedKernelWarmup(model, [(1, 128), (16, 128)]) if warm else None
+        result = train(model, task, TrainConfig(steps=30, batch_size=16, report_every=5, progress=False,
+                                                device="cuda", cuda_graph=True))
+        assert result.cuda_graph
+        if warmup is not None:
+            assert warmup.wait() >= 0 and warmup.error is None
+        losses[warm] = [r.loss for r in result.history]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_the_graphed_training_step_warns_nothing():
+    """Capturing the step after warm-up steps on a side stream: nothing of theirs (the autograd graph the
+    last one's outputs hold) reaches the capture, whose gradient accumulators would then be on another
+    stream than the gradients (torch warns once per process, so a fresh one trains here)."""
+    code = textwrap.dedent("""
+        from fulu_nas.models import ArchConfig, seeded_model
+        from fulu_nas.moe import MoEConfig
+        from fulu_nas.tasks import TextLMTask
+        from fulu_nas.training.train import TrainConfig, train
+        moe = MoEConfig(hidden_size=128, num_experts=8, expert_ffn_size=128, top_k=2)
+        arch = ArchConfig(vocab_size=256, max_seq_len=64, num_layers=2, hidden_size=128, num_heads=4, moe=moe)
+        result = train(seeded_model(arch, 0, "cuda"), TextLMTask(seq_len=64, max_bytes=100_000),
+                       TrainConfig(steps=12, batch_size=8, report_every=6, progress=False, device="cuda"))
+        assert result.cuda_graph
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr[-3000:]
 
 
 def test_the_compiled_step_replays_from_a_cuda_graph_too():

@@ -49,6 +49,7 @@ def test_gpu_preset_searches_logs_and_exports_a_model_torch_loads_on_the_gpu(tmp
         assert run.data.params["train_step"] == "eager + CUDA graph"
         assert 0 <= m["gpu_utilisation"] <= 100 and 0 < m["train/capture_s"] < m["phase/train_s"]
         assert run.data.metrics["upload_s"] >= 0  # the weights were uploaded, then the run ended
+        assert m["cost/kernel_wait_s"] >= 0 and m["cost/prepare_s"] > 0  # compiled while it trained
         assert 0 < m["overhead_share"] < 1 and m["phase/train_s"] > 0
         cost = json.loads(open(client.download_artifacts(run.info.run_id, "cost.json", str(tmp_path))).read())
         assert cost["timing"] == "CUDA events, one CUDA graph per shape"

@@ -177,6 +177,7 @@ NUMBERS = [
       for v in ("inf", "0")],
     *[("trainer.seed", v) for v in ("nan", "-1", str(2**64))],
     ("trainer.cost_shapes", "[[1,inf]]"), ("trainer.gradient_checkpointing", "2"),
+    ("trainer.cost_compile_while_training", "2"),
     *[(f"study.{k}", v) for k in ("n_trials", "n_workers", "heartbeat_interval", "grace_period") for v in ("inf", "0")],
     *[(f"study.{k}", v) for k in ("startup_trials", "max_retry") for v in ("nan", "-1")],
     *[("study.seed", v) for v in ("nan", str(2**32))],

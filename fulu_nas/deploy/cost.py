@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -86,6 +87,47 @@ def served_reference(reference: PiMoETransformer, tokens: torch.Tensor,
     else:
         replay.tokens.copy_(tokens)
     return replay
+
+
+class ServedKernelWarmup:
+    """:func:`deployed_forward`'s served copy of ``model`` (bf16) called once per ``(batch, seq)`` shape on a
+    background thread and a stream of its own, started while ``model`` trains: the GPU kernels the served
+    forward needs are then compiled before its cost is measured. Triton compiles its kernels on first use
+    for each new combination of expert count, top-k and tile sizes, which took 0.1-1.9 s per architecture
+    of the GPU preset on an H200, most of the cost phase; training leaves the host idle while the GPU
+    replays its steps. The copy is taken here, from the untrained weights: the kernels depend on the
+    shapes alone. Its outputs are thrown away, and so is a failure: the measurement meets it again."""
+
+    def __init__(self, model: PiMoETransformer, shapes: list[tuple[int, int]]):
+        device = next(model.parameters()).device
+        self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        generator = torch.Generator(device).manual_seed(0)  # the training's random stream stays untouched
+        with torch.cuda.stream(self.stream), torch.no_grad():
+            served = LogitsOnly(copy.deepcopy(model).to(torch.bfloat16)).eval()
+            batches = [torch.randint(0, model.arch.vocab_size, shape, device=device, generator=generator)
+                       for shape in shapes]
+        # training's next steps update the weights in place: only after the copy has read them
+        torch.cuda.current_stream(device).wait_stream(self.stream)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(served, batches), daemon=True,
+                                        name="fulu-served-kernel-warmup")
+        self._thread.start()
+
+    def _run(self, served: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+        try:
+            with torch.inference_mode(), torch.cuda.stream(self.stream):
+                for tokens in batches:
+                    served(tokens)
+            self.stream.synchronize()
+        except Exception as e:  # the cost measurement meets it again and fails the trial with it
+            self.error = e
+
+    def wait(self) -> float:
+        """Seconds spent waiting for the thread to finish."""
+        start = time.perf_counter()
+        self._thread.join()
+        return time.perf_counter() - start
 
 
 class _GraphReplay:

@@ -36,6 +36,7 @@ from ..training.train import step_description
 from .confirm_summary import SUMMARY_ATTR, print_confirmation, summarize_confirmation
 from .objective import (
     ReferenceModels,
+    ServedKernels,
     TrainingLog,
     evaluate_and_measure,
     failure_reason,
@@ -251,9 +252,10 @@ class Confirmation:
              "fulu.budget_factor": factor})
         log = TrainingLog(self.tracker, run_id, lambda step, loss: bar.on_step(c.trial.number, seed, step, loss))
         model = None
+        kernels = ServedKernels(s)
         try:
-            model, result = train_architecture(c.arch, s, cfg, log)
-            measured = evaluate_and_measure(model, s, self.references, result)
+            model, result = train_architecture(c.arch, s, cfg, log, kernels)
+            measured = evaluate_and_measure(model, s, self.references, result, kernels)
             values = [measured.metrics[o] for o in s.study.objectives]
             self.tracker.log_params(run_id, {"train_step": step_description(result)})
             self.tracker.log_metrics(run_id, measured.metrics)
@@ -276,6 +278,7 @@ class Confirmation:
                                      {"trial": c.trial.number, "seed": seed, "reason": reason, "at": time.time()})
             bar.finished(f"trial {c.trial.number} seed {seed} failed: {reason}")
         finally:
+            kernels.wait()
             del model
             gc.collect()
             if torch.cuda.is_available():

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import optuna
 import torch
 
-from ..deploy.cost import measure_cost
+from ..deploy.cost import ServedKernelWarmup, measure_cost
 from ..models import PiMoETransformer
 from ..training.evaluate import evaluate
 from ..training.parallel import train_expert_parallel
@@ -89,13 +89,17 @@ def reference_model(s: SearchSettings, device: torch.device) -> PiMoETransformer
     return s.space.family.build(s.space.arch(s.space.reference, s.task), s.task, s.train.seed, device)
 
 
+def cost_shapes(s: SearchSettings) -> list[tuple[int, int]]:
+    """The study's cost shapes, sequences capped at the task's length."""
+    return [(b, min(seq, s.task.seq_len)) for b, seq in s.cost.shapes]
+
+
 def measure_trial_cost(model, s: SearchSettings, reference: PiMoETransformer | None = None,
                        reference_served: dict | None = None) -> tuple[dict, dict[str, float]]:
     """The study's cost protocol on ``model``: :func:`measure_cost` at the configured shapes (sequences
     capped at the task's length) in interleaved rounds beside ``reference`` (its served forward cached in
     ``reference_served``), and its figures as flat metrics (latency from the first shape)."""
-    shapes = [(b, min(seq, s.task.seq_len)) for b, seq in s.cost.shapes]
-    cost = measure_cost(model, shapes, iterations=s.cost.iterations, rounds=s.cost.rounds, reference=reference,
+    cost = measure_cost(model, cost_shapes(s), iterations=s.cost.iterations, rounds=s.cost.rounds, reference=reference,
                         reference_served=reference_served)
     first = cost["shapes"][0]
     ratio = {k: first[k] for k in ("latency_ratio", "latency_ratio_spread", "reference_latency_ms") if k in first}
@@ -163,15 +167,37 @@ class TrainingLog:
         return ema
 
 
-def train_architecture(arch, s: SearchSettings, cfg: TrainConfig, on_report) -> tuple[PiMoETransformer, TrainResult]:
+class ServedKernels:
+    """The served forward's GPU kernels, compiled while a trial's model trains
+    (:class:`~fulu_nas.deploy.cost.ServedKernelWarmup`) where its cost is measured on CUDA and
+    ``trainer.cost_compile_while_training`` is on; :meth:`wait` before measuring the cost."""
+
+    def __init__(self, s: SearchSettings):
+        self.s = s
+        self._warmup: ServedKernelWarmup | None = None
+
+    def start(self, model: PiMoETransformer) -> None:
+        if self.s.cost.compile_while_training and next(model.parameters()).is_cuda:
+            self._warmup = ServedKernelWarmup(model, cost_shapes(self.s))
+
+    def wait(self) -> float:
+        """Seconds waited for the compilation (0 where none runs)."""
+        return self._warmup.wait() if self._warmup is not None else 0.0
+
+
+def train_architecture(arch, s: SearchSettings, cfg: TrainConfig, on_report,
+                       kernels: ServedKernels | None = None) -> tuple[PiMoETransformer, TrainResult]:
     """``arch`` trained on the study's task with ``cfg`` (as the space's family sets it for ``arch``: an
     upcycling's own learning rate), whose seed also draws the initial weights: over ``cfg.expert_parallel``
-    ranks when it is > 1 (the gathered single-device model comes back), else here."""
+    ranks when it is > 1 (the gathered single-device model comes back), else here, where ``kernels``
+    starts compiling the served forward's kernels as training starts."""
     cfg = s.space.family.train_config(arch, cfg)
     if cfg.expert_parallel > 1:
         return train_expert_parallel(arch, s.task_name, s.task_params, cfg, on_report=on_report,
                                      workdir=s.output_dir)
     model = s.space.family.build(arch, s.task, cfg.seed, resolve_device(cfg.device))
+    if kernels is not None:
+        kernels.start(model)
     return model, train(model, s.task, cfg, callback=on_report)
 
 
@@ -192,13 +218,15 @@ class Measured:
 
 
 def evaluate_and_measure(model: PiMoETransformer, s: SearchSettings, references: ReferenceModels,
-                         result: TrainResult) -> Measured:
-    """Evaluate ``model`` on the task, measure its cost beside the reference; a non-finite validation
-    loss fails it (:class:`TrialFailed`)."""
+                         result: TrainResult, kernels: ServedKernels | None = None) -> Measured:
+    """Evaluate ``model`` on the task, measure its cost beside the reference (once ``kernels`` are
+    compiled); a non-finite validation loss fails it (:class:`TrialFailed`)."""
     start = time.perf_counter()
     quality = evaluate(model, s.task)
     evaluated = time.perf_counter()
+    waited = kernels.wait() if kernels is not None else 0.0
     cost, cost_metrics = measure_trial_cost(model, s, references.beside(model), references.served)
+    cost["seconds"] = {"kernel_wait": waited, **cost["seconds"]}
     seconds = {"evaluate": evaluated - start, "cost": time.perf_counter() - evaluated}
     task = s.task
     m = {"loss": quality["loss"], "metric": quality[task.metric_name], task.metric_name: quality[task.metric_name],
@@ -247,8 +275,10 @@ def cache_key(settings: SearchSettings, arch_hash: str) -> str:
     train = {k: v for k, v in asdict(settings.train).items() if k not in skip}
     if train["expert_parallel"] == 1:  # the default: keys from before the setting stay valid
         del train["expert_parallel"]
+    cost = asdict(settings.cost)
+    del cost["compile_while_training"]  # when the kernels compile, not what is measured
     blob = json.dumps({"arch": arch_hash, "task": [settings.task_name, settings.task_params], "train": train,
-                       "cost": asdict(settings.cost)}, sort_keys=True, default=str)
+                       "cost": cost}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -296,6 +326,7 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", run_id)
         seconds["log"] = time.perf_counter() - clock
         model = None
+        kernels = ServedKernels(self.s)
         log = TrainingLog(self.tracker, run_id, lambda step, loss: self.on_progress(trial.number, step, loss))
 
         def on_report(report: StepReport) -> None:
@@ -310,9 +341,9 @@ class Objective:
         try:
             # over P ranks with trainer.expert_parallel > 1; back here as an ordinary model
             clock = time.perf_counter()
-            model, result = train_architecture(arch, self.s, self.s.train, on_report)
+            model, result = train_architecture(arch, self.s, self.s.train, on_report, kernels)
             seconds["train"] = time.perf_counter() - clock
-            measured = evaluate_and_measure(model, self.s, self.references, result)
+            measured = evaluate_and_measure(model, self.s, self.references, result, kernels)
             metrics = measured.metrics
             for name, bound in self.s.study.constraints:
                 trial.set_constraint(name, metrics[name] - bound)
@@ -344,6 +375,7 @@ class Objective:
                                                       "fulu.traceback": traceback.format_exc()[-4000:]})
             raise TrialFailed(reason) from e
         finally:
+            kernels.wait()  # a failed trial's compilation: its copy of the model leaves with it
             del model
             gc.collect()
             if torch.cuda.is_available():

@@ -38,7 +38,7 @@ _SECTIONS = {"task", "search_space", "study", "trainer", "tracking"}
 _SHORTHANDS = {"model"}
 # trainer.max_seconds is the search's safety cap (TrainConfig.seconds_cap): a trial's budget is its steps alone.
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"progress", "dynamic_experts", "seconds_cap"}
-_COST_FIELDS = {"cost_shapes", "cost_iterations", "cost_rounds"}
+_COST_FIELDS = {"cost_shapes", "cost_iterations", "cost_rounds", "cost_compile_while_training"}
 # Seeds reach numpy (Optuna's samplers), whose seeds are 32-bit.
 SEED_MAX = 2**32 - 1
 # The trainer's numbers, each finite and within (low, high, whether low itself is excluded);
@@ -96,6 +96,8 @@ class CostSettings:
     shapes: tuple[tuple[int, int], ...]
     iterations: int
     rounds: int = 5
+    # on CUDA, compile the served forward's kernels while the trial trains (deploy.cost.ServedKernelWarmup)
+    compile_while_training: bool = True
 
 
 @dataclass(frozen=True)
@@ -354,6 +356,9 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
     rounds = d.pop("cost_rounds", 5)
     for key, v in (("cost_iterations", iterations), ("cost_rounds", rounds)):
         _check_int(f"trainer.{key}", v, problems, 1)
+    compile_while_training = d.pop("cost_compile_while_training", True)
+    if not isinstance(compile_while_training, bool):
+        problems.append(f"trainer.cost_compile_while_training: expected true or false, got {compile_while_training!r}")
     for key, bounds in _TRAINER_INTS.items():
         if key in d:
             _check_int(f"trainer.{key}", d[key], problems, *bounds)
@@ -376,7 +381,8 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
     options = {k: v for k, v in d.items() if k in _TRAIN_FIELDS}
     cap = options.pop("max_seconds", None)
     train = TrainConfig(**options, seconds_cap=cap, progress=False)
-    return train, CostSettings(tuple((int(b), int(s)) for b, s in shapes), iterations, rounds)
+    return train, CostSettings(tuple((int(b), int(s)) for b, s in shapes), iterations, rounds,
+                               compile_while_training)
 
 
 def _check_cuda_device(device: str, problems: list[str]) -> None:

@@ -408,7 +408,9 @@ class _GraphedStep:
     def __init__(self, forward, update, batch: Batch):
         self.batch = batch
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the served forward's kernels may be compiling on another thread meanwhile
+        # (deploy.cost.ServedKernelWarmup); the capture checks this thread's calls alone.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             loss, out = forward(batch)
             update(loss, out)
             for stats in out.moe_stats:
@@ -490,6 +492,9 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
                 if graphed and step > GRAPH_WARMUP_STEPS:
                     if graph is None:
                         torch.cuda.current_stream(device).wait_stream(side)
+                        # The last warm-up step's outputs hold its autograd graph, whose gradient
+                        # accumulators belong to the side stream: the capture must make its own.
+                        loss = out = None
                         clock = time.perf_counter()
                         graph = _GraphedStep(forward, update, next(batches).to(device))
                         result.cuda_graph, result.capture_seconds = True, time.perf_counter() - clock
