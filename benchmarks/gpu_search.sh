@@ -8,7 +8,8 @@
 # 2. with CONFIRM set (e.g. CONFIRM="top_k=3 budget_factor=2 n_workers=3"), `fulu-nas confirm` of that
 #    search with those options (3 seeds);
 # 3. the same search with each worker count (default: 2 4) sharing the GPU, each its own study, for
-#    trials per hour. Every search's summary, study and MLflow database land in OUT_DIR.
+#    trials per hour (a count of 1 adds none: step 1 is one worker's). Every search's summary, study and
+#    MLflow database land in OUT_DIR. OVERRIDES adds Hydra overrides to every search (e.g. trainer.steps=400).
 # fulu-nas must be importable (installed, or the checkout on PYTHONPATH: `python3 -m fulu_nas`).
 set -euo pipefail
 out=$(realpath -m "$1"); n_trials=${2:-12}; shift $(( $# >= 2 ? 2 : $# ))
@@ -21,7 +22,9 @@ fulu() { python3 -m fulu_nas "$@"; }
 search() {  # name n_workers
   local start end
   start=$(date +%s.%N)
-  fulu search +experiment=gpu study.name="$1" study.n_workers="$2" study.n_trials="$n_trials" hydra.run.dir="outputs/$1"
+  # shellcheck disable=SC2086  # OVERRIDES holds several key=value overrides
+  fulu search +experiment=gpu study.name="$1" study.n_workers="$2" study.n_trials="$n_trials" hydra.run.dir="outputs/$1" \
+    ${OVERRIDES:-}
   end=$(date +%s.%N)
   python3 - "$1" "$2" "$start" "$end" "$out" <<'PY'
 import json, statistics, sys
@@ -79,4 +82,4 @@ if [ -n "${CONFIRM:-}" ]; then
   cp outputs/gpu-w1/confirmation.json "$out/gpu-w1-confirmation.json"
   cp outputs/gpu-w1/optuna.db "$out/gpu-w1-optuna.db"
 fi
-for n in "${workers[@]}"; do search "gpu-w$n" "$n"; done
+for n in "${workers[@]}"; do [ "$n" = 1 ] || search "gpu-w$n" "$n"; done
