@@ -221,6 +221,30 @@ def test_loading_the_pyfunc_asks_nothing_of_the_console(exported):
 
 
 @pytest.mark.slow
+def test_the_console_carries_the_commands_own_lines_alone(tmp_path):
+    """A fresh process, as a user runs it: no library's log lines, download bars or notices between
+    the search's progress and results and the export's own three lines."""
+    def fulu(*args):
+        done = subprocess.run([sys.executable, "-m", "fulu_nas", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    out = tmp_path / "out"
+    searched = fulu("search", "+experiment=tiny", "study.n_trials=2", f"hydra.run.dir={out}")
+    exported = fulu("export", "study.name=tiny-clusters", f"hydra.run.dir={out}", f"out={tmp_path / 'model'}")
+    for console in (searched, exported):
+        for noise in (" INFO ", "[INFO]", "Warning", "Downloading artifacts", "Successfully registered",
+                      "Created version"):
+            assert noise not in console, console
+    best = load_study(out).best_trial.number
+    assert exported.splitlines() == [
+        f"exporting trial {best}: trial=best (the best trial of the search; no confirmation)",
+        f"exported trial {best} of study tiny-clusters to {tmp_path / 'model'}",
+        "registered as models:/tiny-clusters@champion (version 1)"]
+
+
+@pytest.mark.slow
 def test_served_bad_input_is_a_short_json_error(exported):
     arch = fulu_nas.load(exported.model_dir).arch
     with serving(exported.model_dir) as post:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -137,4 +138,8 @@ def load_program(path: str | Path, expected_sha256: str) -> torch.export.Exporte
     """``torch.export.load`` of ``path`` after checking its SHA-256 and refusing pickles."""
     data = read_verified(path, expected_sha256)
     check_archive(data, path)
-    return torch.export.load(io.BytesIO(data))  # the bytes that were checked, not the path again
+    with warnings.catch_warnings():
+        # The weights are read from the archive's (immutable) bytes, of which torch warns that tensors
+        # over them are not writable; nothing writes to a loaded program's weights.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return torch.export.load(io.BytesIO(data))  # the bytes that were checked, not the path again

@@ -151,6 +151,9 @@ def _job(cfg) -> None:
 def main(argv: list[str]) -> int:
     import hydra
 
+    from .tracking import quiet_mlflow
+
+    quiet_mlflow()
     if not set(a.partition("=")[0] for a in argv) & _HYDRA_ONLY:
         try:
             preflight(argv)

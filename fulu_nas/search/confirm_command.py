@@ -66,7 +66,9 @@ def main(argv: list[str]) -> int:
     from .confirm import confirm_study
     from .locate import load_study, locate_study, search_settings, split_options
     from .study import quiet_optuna
+    from .tracking import quiet_mlflow
 
+    quiet_mlflow()
     given, overrides = split_options(argv, OPTIONS)
     try:
         nested = sorted(o.partition("=")[0] for o in overrides if o.startswith("study.confirm."))

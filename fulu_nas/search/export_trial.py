@@ -12,6 +12,8 @@ is printed and kept in the export (``selected_by`` in metrics.json and in config
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import tempfile
 from dataclasses import replace
@@ -26,7 +28,7 @@ from .locate import StudyLocation, load_study, locate_study, search_settings, sp
 from .objective import is_feasible, measure_trial_cost, reference_model
 from .settings import SearchSettings
 from .storage import mask_url
-from .tracking import export_run
+from .tracking import export_run, quiet_mlflow
 
 TrialState = optuna.trial.TrialState
 OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "4", "out": "", "name": ""}
@@ -203,8 +205,10 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     # Register the same pyfunc in the study's MLflow, nested under the study's parent run.
     with export_run(location.tracking_uri, s.tracking.experiment, study, trial.number, metrics):
         # The folder's arguments: the same signature, configuration (program SHA-256) and checks.
-        info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
-                                       **pyfunc_arguments(out / "model.pt2", model.arch))
+        # MLflow prints its own two lines on registering; the line below says it, with the alias.
+        with contextlib.redirect_stderr(io.StringIO()):
+            info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
+                                           **pyfunc_arguments(out / "model.pt2", model.arch))
     version = info.registered_model_version
     mlflow.MlflowClient(location.tracking_uri).set_registered_model_alias(name, "champion", str(version))
     print(f"exported trial {trial.number} of study {s.study.name} to {out}\n"
@@ -217,6 +221,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     options, overrides = split_options(argv, OPTIONS)
+    quiet_mlflow()
     try:
         export_trial(locate_study(overrides), options)
     except FuluConfigError as e:

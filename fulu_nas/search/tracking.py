@@ -9,6 +9,7 @@ stored on the Optuna study (``mlflow_parent_run_id``) and every worker reads it 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -36,10 +37,21 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def quiet_mlflow() -> None:
+    """Keep MLflow's INFO log (database migrations, input-example validation) and its artifact download
+    bars off the console, which carries the command's own progress and results; its warnings still
+    show. MLflow configures its logger when imported, so this imports it first."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow  # noqa: F401
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 class Tracker:
     def __init__(self, settings: SearchSettings):
         import mlflow
 
+        quiet_mlflow()  # a worker process starts here
         self.settings = settings
         self.client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
         experiment = self.client.get_experiment_by_name(settings.tracking.experiment)
