@@ -283,3 +283,18 @@ def test_the_gpu_preset_without_a_gpu_exits_2_naming_cuda(tmp_path, monkeypatch,
         f"trainer.device: cuda asks for a CUDA GPU, but torch sees none here (torch {torch.__version__}; use "
         "trainer.device=auto or cpu)"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_when_the_served_kernels_compile_does_not_change_a_trials_cache_key(tmp_path):
+    """Whether the kernels compile beside training or during the measurement, a resumed study reuses
+    the same trials; the cost protocol itself (rounds) is part of the key."""
+    from fulu_nas.search.objective import cache_key
+    from fulu_nas.search.settings import load_settings
+
+    def key(*overrides):
+        s = load_settings(*app.compose_config(["+experiment=tiny", f"hydra.run.dir={tmp_path}", *overrides]))
+        assert s.cost.compile_while_training == ("trainer.cost_compile_while_training=false" not in overrides)
+        return cache_key(s, "an-architecture")
+
+    assert key() == key("trainer.cost_compile_while_training=false")
+    assert key() != key("+trainer.cost_rounds=3")
