@@ -18,6 +18,15 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+def text_lm(moe):
+    """A 2-layer byte-level language model of width 256 around ``moe``, and its task (sequences of 128)."""
+    from fulu_nas.models import ArchConfig
+    from fulu_nas.tasks import TextLMTask
+
+    return (TextLMTask(seq_len=128, max_bytes=400_000),
+            ArchConfig(vocab_size=256, max_seq_len=128, num_layers=2, hidden_size=256, num_heads=4, moe=moe))
+
+
 def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -246,13 +255,11 @@ def test_bench_peers_quick_on_cuda(tmp_path, activation, configs):
 @pytest.mark.parametrize("router", ["topk", "hierarchical"])
 def test_compiled_training_step_trains_like_the_eager_one_on_cuda(router):
     """The trainer's compiled step (bf16 autocast, every block compiled) follows the eager step's losses."""
-    from fulu_nas.models import ArchConfig, PiMoETransformer
-    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.models import PiMoETransformer
     from fulu_nas.training.train import TrainConfig, train
 
-    task = TextLMTask(seq_len=128, max_bytes=400_000)
     moe = make_layer(router, hidden_size=256, expert_ffn_size=256, num_experts=16, top_k=2).cfg
-    arch = ArchConfig(vocab_size=256, max_seq_len=128, num_layers=2, hidden_size=256, num_heads=4, moe=moe)
+    task, arch = text_lm(moe)
     losses = {}
     for kind in ("eager", "compiled"):
         torch.manual_seed(0)
@@ -327,15 +334,13 @@ def test_the_graphed_training_step_trains_like_the_eager_one(router):
     """The training step replayed from a CUDA graph gives the eager step's losses (the same kernels) and
     fresh routing statistics at every report, for every router (with a shared expert and top-p where
     the router has it)."""
-    from fulu_nas.models import ArchConfig, seeded_model
-    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.models import seeded_model
     from fulu_nas.training.train import TrainConfig, train
 
-    task = TextLMTask(seq_len=128, max_bytes=400_000)
     extra = {"top_p": 0.8} if router in ("topk", "hierarchical", "attention") else {}
     moe = make_layer(router, hidden_size=256, expert_ffn_size=256, num_experts=16, top_k=2, num_shared_experts=1,
                      **extra).cfg
-    arch = ArchConfig(vocab_size=256, max_seq_len=128, num_layers=2, hidden_size=256, num_heads=4, moe=moe)
+    task, arch = text_lm(moe)
     results = {}
     for graphed in (False, True):
         model = seeded_model(arch, 0, "cuda")
@@ -357,14 +362,12 @@ def test_served_kernels_compile_beside_a_graphed_training_without_changing_it():
     while the model trains, its step captured and replayed meanwhile: the losses are a run's without
     it, and the warm-up ends without an error."""
     from fulu_nas.deploy.cost import ServedKernelWarmup
-    from fulu_nas.models import ArchConfig, seeded_model
-    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.models import seeded_model
     from fulu_nas.training.train import TrainConfig, train
 
-    task = TextLMTask(seq_len=128, max_bytes=400_000)
     # an expert count and top-k no other test serves: the warm-up has kernels to compile
     moe = make_layer("topk", hidden_size=256, expert_ffn_size=256, num_experts=24, top_k=3).cfg
-    arch = ArchConfig(vocab_size=256, max_seq_len=128, num_layers=2, hidden_size=256, num_heads=4, moe=moe)
+    task, arch = text_lm(moe)
     losses = {}
     for warm in (False, True):
         model = seeded_model(arch, 0, "cuda")
@@ -398,13 +401,11 @@ def test_the_graphed_training_step_warns_nothing():
 
 
 def test_the_compiled_step_replays_from_a_cuda_graph_too():
-    from fulu_nas.models import ArchConfig, seeded_model
-    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.models import seeded_model
     from fulu_nas.training.train import TrainConfig, step_description, train
 
-    task = TextLMTask(seq_len=128, max_bytes=400_000)
     moe = make_layer("topk", hidden_size=256, expert_ffn_size=256, num_experts=16, top_k=2).cfg
-    arch = ArchConfig(vocab_size=256, max_seq_len=128, num_layers=2, hidden_size=256, num_heads=4, moe=moe)
+    task, arch = text_lm(moe)
     losses = {}
     for compile_as in ("eager", "compiled"):
         result = train(seeded_model(arch, 0, "cuda"), task,

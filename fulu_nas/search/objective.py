@@ -186,7 +186,7 @@ class ServedKernels:
 
 
 def train_architecture(arch, s: SearchSettings, cfg: TrainConfig, on_report,
-                       kernels: ServedKernels | None = None) -> tuple[PiMoETransformer, TrainResult]:
+                       kernels: ServedKernels) -> tuple[PiMoETransformer, TrainResult]:
     """``arch`` trained on the study's task with ``cfg`` (as the space's family sets it for ``arch``: an
     upcycling's own learning rate), whose seed also draws the initial weights: over ``cfg.expert_parallel``
     ranks when it is > 1 (the gathered single-device model comes back), else here, where ``kernels``
@@ -196,8 +196,7 @@ def train_architecture(arch, s: SearchSettings, cfg: TrainConfig, on_report,
         return train_expert_parallel(arch, s.task_name, s.task_params, cfg, on_report=on_report,
                                      workdir=s.output_dir)
     model = s.space.family.build(arch, s.task, cfg.seed, resolve_device(cfg.device))
-    if kernels is not None:
-        kernels.start(model)
+    kernels.start(model)
     return model, train(model, s.task, cfg, callback=on_report)
 
 
@@ -218,13 +217,13 @@ class Measured:
 
 
 def evaluate_and_measure(model: PiMoETransformer, s: SearchSettings, references: ReferenceModels,
-                         result: TrainResult, kernels: ServedKernels | None = None) -> Measured:
+                         result: TrainResult, kernels: ServedKernels) -> Measured:
     """Evaluate ``model`` on the task, measure its cost beside the reference (once ``kernels`` are
     compiled); a non-finite validation loss fails it (:class:`TrialFailed`)."""
     start = time.perf_counter()
     quality = evaluate(model, s.task)
     evaluated = time.perf_counter()
-    waited = kernels.wait() if kernels is not None else 0.0
+    waited = kernels.wait()
     cost, cost_metrics = measure_trial_cost(model, s, references.beside(model), references.served)
     cost["seconds"] = {"kernel_wait": waited, **cost["seconds"]}
     seconds = {"evaluate": evaluated - start, "cost": time.perf_counter() - evaluated}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from .objective import Objective, TrialFailed, counts_toward_total
 from .report import print_summary, summarize
 from .settings import SearchSettings
 from .storage import mask_url, open_study_storage
-from .tracking import Tracker
+from .tracking import Tracker, quiet_mlflow
 
 TrialState = optuna.trial.TrialState
 FINGERPRINT_ATTR = "fulu_fingerprint"
@@ -109,7 +108,7 @@ def quiet_optuna():
     failures whose reasons we record)."""
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    quiet_mlflow()
     try:
         with warnings.catch_warnings():
             # group=True, heartbeats and stale-trial retries are marked experimental; we rely on them knowingly.
