@@ -20,6 +20,10 @@ flat expert ids): sorted row n is flat slot ``order_N[n]`` = token ``order_N[n] 
   (a full row per program, so the weight gradient is summed without atomics: deterministic).
 - ``topk_kernel``: indices of the k largest entries of each row (descending, ties to the lower
   index), for the routers' selection.
+- ``route_kernel``: a token-choice router's whole selection from its logits (or, for a few tokens,
+  from ``x`` and the gate) in one pass, with each block's expert counts; ``place_kernel`` turns
+  those counts into the stable sort of the slots by expert and the group ends (a counting sort):
+  two launches where the eager torch ops took about twenty, whose host time the GPU waited on.
 
 Every program of the grouped GEMMs finds its (expert, row block) from the group ends alone
 (prefix sum of per-expert block counts), so the grid is a static upper bound (``cdiv(N, BM) + E``
@@ -274,3 +278,116 @@ def topk_kernel(s_ptr, out_ptr, T, E, stride_t,  # pragma: no cover
 
 def next_power_of_2(n: int) -> int:  # pragma: no cover
     return triton.next_power_of_2(n)
+
+
+@triton.jit
+def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, active_ptr, probs_ptr,
+                 logits_out_ptr, counts_ptr, T, E, D, stride_lt, stride_xt, scaling, top_p,  # pragma: no cover
+                 K: tl.constexpr, K_POW2: tl.constexpr, FUSED_LOGITS: tl.constexpr, SIGMOID: tl.constexpr,
+                 RENORMALIZE: tl.constexpr, HAS_TOP_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_D: tl.constexpr, E_POW2: tl.constexpr):
+    """Token-choice routing of BLOCK_T tokens in one pass, as :func:`fulu_nas.moe.routing.select_experts`
+    computes it from the logits: scores (softmax or sigmoid), the top K of ``scores + bias``
+    (descending, ties to the lower index, NaN as +inf), their scores as weights (top-p masking,
+    renormalisation, scaling), the normalised probabilities, and how many of the block's
+    BLOCK_T*K slots chose each expert (``counts[block, e]``, for :func:`place_kernel`).
+    ``FUSED_LOGITS``: the logits ``x @ gate^T`` are computed here in fp32 (small batches) and
+    stored; otherwise read from ``logits_ptr``."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    cols = tl.arange(0, E_POW2)
+    cmask = cols < E
+    mask = rmask[:, None] & cmask[None, :]
+    if FUSED_LOGITS:
+        acc = tl.zeros((BLOCK_T, E_POW2), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dmask = dd < D
+            xv = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xt + dd[None, :],
+                         mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(gate_ptr + cols[:, None] * D + dd[None, :], mask=cmask[:, None] & dmask[None, :],
+                         other=0.0).to(tl.float32)
+            acc += tl.sum(xv[:, None, :] * wv[None, :, :], axis=2)
+        logits = tl.where(cmask[None, :], acc, float("-inf"))
+        tl.store(logits_out_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], logits, mask=mask)
+    else:
+        logits = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_lt + cols[None, :], mask=mask,
+                         other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        scores = 1.0 / (1.0 + tl.exp(-logits))
+        scores = tl.where(cmask[None, :], scores, 0.0)
+        probs = scores / tl.maximum(tl.sum(scores, 1), 1e-20)[:, None]
+    else:
+        shifted = tl.exp(logits - tl.max(logits, 1)[:, None])
+        scores = shifted / tl.sum(shifted, 1)[:, None]
+        probs = scores
+    tl.store(probs_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], probs, mask=mask)
+    bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    sel = scores + bias[None, :]
+    sel = tl.where(sel != sel, float("inf"), sel)
+    taken = (cols[None, :] >= E) | (rows[:, None] < 0)  # padding columns are never chosen
+    slots = tl.arange(0, K_POW2)
+    expert_TK = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int32)
+    weight_TK = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
+    active_TK = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int1)
+    mass = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for j in tl.static_range(K):
+        m = tl.max(tl.where(taken, float("-inf"), sel), 1)
+        idx = tl.min(tl.where((sel == m[:, None]) & ~taken, cols[None, :], E_POW2), 1)
+        chosen = cols[None, :] == idx[:, None]
+        w = tl.sum(tl.where(chosen, scores, 0.0), 1)
+        if HAS_TOP_P:
+            active = mass < top_p  # slot 0 has mass 0 before it: always active
+            mass += w
+            w = tl.where(active, w, 0.0)
+        else:
+            active = rows >= 0
+        expert_TK = tl.where(slots[None, :] == j, idx[:, None], expert_TK)
+        weight_TK = tl.where(slots[None, :] == j, w[:, None], weight_TK)
+        active_TK = tl.where(slots[None, :] == j, active[:, None], active_TK)
+        counts += tl.sum((chosen & rmask[:, None]).to(tl.int32), 0)
+        taken = taken | chosen
+    if RENORMALIZE:
+        weight_TK = weight_TK / tl.maximum(tl.sum(weight_TK, 1), 1e-20)[:, None]
+    weight_TK = weight_TK * scaling
+    out = rows.to(tl.int64)[:, None] * K + slots[None, :]
+    omask = rmask[:, None] & (slots < K)[None, :]
+    tl.store(expert_ptr + out, expert_TK.to(tl.int64), mask=omask)
+    tl.store(weight_ptr + out, weight_TK, mask=omask)
+    tl.store(active_ptr + out, active_TK, mask=omask)
+    tl.store(counts_ptr + pid * E + cols, counts, mask=cmask)
+
+
+@triton.jit
+def place_kernel(expert_ptr, counts_ptr, order_ptr, ends_ptr, N, E, num_blocks, ROWS,  # pragma: no cover
+                 ROWS_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The stable argsort of the flat expert ids by counting (``order[p] = n`` for the slot n at
+    sorted position p), from the per-block counts of :func:`route_kernel` (block b holds slots
+    b*ROWS .. b*ROWS + ROWS - 1): a slot's position is its expert's start, plus the same expert's
+    slots in earlier blocks, plus its rank among them in its own block. Program 0 also writes the
+    int32 group ends (cumulative counts per expert)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, E_POW2)
+    cmask = cols < E
+    total = tl.zeros((E_POW2,), dtype=tl.int32)
+    before = tl.zeros((E_POW2,), dtype=tl.int32)
+    for b0 in range(0, num_blocks, BLOCK_B):
+        blocks = b0 + tl.arange(0, BLOCK_B)
+        c = tl.load(counts_ptr + blocks[:, None] * E + cols[None, :],
+                    mask=(blocks < num_blocks)[:, None] & cmask[None, :], other=0)
+        total += tl.sum(c, 0)
+        before += tl.sum(tl.where((blocks < pid)[:, None], c, 0), 0)
+    ends = tl.cumsum(total, 0)
+    if pid == 0:
+        tl.store(ends_ptr + cols, ends, mask=cmask)
+    local = tl.arange(0, ROWS_POW2)
+    n = pid * ROWS + local
+    nmask = (n < N) & (local < ROWS)
+    e = tl.load(expert_ptr + n, mask=nmask, other=E_POW2).to(tl.int32)
+    onehot = (e[:, None] == cols[None, :]).to(tl.int32)
+    rank = tl.sum(onehot * tl.cumsum(onehot, 0), 1) - 1
+    base = ends - total + before
+    position = tl.sum(onehot * base[None, :], 1) + rank
+    tl.store(order_ptr + position, n.to(tl.int64), mask=nmask)

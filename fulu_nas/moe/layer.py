@@ -160,15 +160,12 @@ class PiMoELayer(nn.Module):
             return out_TD, lambda: (torch.zeros(E, device=x_TD.device).index_add_(0, expert_N, keep_N.float()),
                                     self._dropped_share(active_N, keep_N))
 
-        # Group ends come from a binary search of the sorted ids (no atomics).
-        order_N = sort_by_expert(expert_N, E)
-        expert_sorted_N = expert_N[order_N]
-        ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=x_TD.device))
-        starts_E = F.pad(ends_E[:-1], (1, 0))
+        order_N, ends_E, expert_sorted_N = self._sort_slots(x_TD, r, expert_N, impl)
+        starts_E = once(lambda: F.pad(ends_E[:-1], (1, 0)))
         # Rows to keep: only a capacity drops rows (inactive top-p slots already have weight 0).
         keep_sorted_N = None
         if self.cfg.capacity_factor is not None:
-            keep_sorted_N = self._capacity_keep_sorted(active_N[order_N], expert_sorted_N, starts_E, T)
+            keep_sorted_N = self._capacity_keep_sorted(active_N[order_N], expert_sorted_N, starts_E(), T)
         if self._triton_applies(x_TD, impl):
             # Tokens are read through order_N inside the first GEMM; the second writes row n to
             # flat slot order_N[n], so each token's K rows are contiguous for the (fused) sum.
@@ -177,15 +174,32 @@ class PiMoELayer(nn.Module):
             out_TD = self._triton_experts(x_TD, order_N, weight, ends_E.to(torch.int32), K, weight_sorted, True)
         else:
             out_TD = self._grouped_experts(x_TD, order_N, weight_N, keep_sorted_N, expert_sorted_N, ends_E,
-                                           starts_E, K, impl)
+                                           starts_E(), K, impl)
 
         def load() -> tuple[Tensor, Tensor]:
             active_sorted_N = active_N[order_N]
             keep_N = active_sorted_N if keep_sorted_N is None else keep_sorted_N
             kept_before_N = F.pad(keep_N.long().cumsum(0), (1, 0))  # kept rows before position n
-            counts_E = (kept_before_N[ends_E] - kept_before_N[starts_E]).float()
+            counts_E = (kept_before_N[ends_E] - kept_before_N[starts_E()]).float()
             return counts_E, self._dropped_share(active_sorted_N, keep_N)
         return out_TD, load
+
+    def _sort_slots(self, x_TD: Tensor, r: Routing, expert_N: Tensor,
+                    impl: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(order_N, ends_E, expert_sorted_N)``: the stable sort of the flat slots by expert, the
+        group ends, and the sorted expert ids (``None`` where nothing reads them: no capacity, no
+        expert biases). From the routing kernel's block counts by a counting sort where it left
+        them (eager CUDA), else torch's argsort and a binary search of the sorted ids for the
+        ends (no atomics). Both give the same order."""
+        E = self.cfg.num_experts
+        needs_ids = self.cfg.capacity_factor is not None or self.experts.b13_EF2 is not None or impl == "sorted"
+        if r.counts_BE is not None and not needs_ids and triton_moe.place_usable(r.counts_BE):
+            order_N, ends_E = triton_moe.launch_place(expert_N, r.counts_BE, r.rows_per_block)
+            return order_N, ends_E, None
+        order_N = sort_by_expert(expert_N, E)
+        expert_sorted_N = expert_N[order_N]
+        ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=x_TD.device))
+        return order_N, ends_E, expert_sorted_N
 
     def _grouped_experts(self, x_TD: Tensor, order_N: Tensor, weight_N: Tensor, keep_sorted_N: Tensor | None,
                          expert_sorted_N: Tensor, ends_E: Tensor, starts_E: Tensor, K: int, impl: str) -> Tensor:

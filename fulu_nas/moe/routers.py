@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import triton_moe
 from .config import MoEConfig
-from .routing import Routing, jitter, normalised_probs, router_logits, scores_from_logits, select_experts
+from .experts import needs_grad
+from .routing import (Routing, jitter, normalised_probs, router_logits, scores_from_logits, select_experts,
+                      selected_weights)
 
 
 class Fp32Router(nn.Module):
@@ -51,10 +54,17 @@ class ScoreRouter(Fp32Router):
         """Selection scores after any structural masking (the hierarchy overrides this)."""
         return selection_TE
 
+    def gate_weight(self) -> Tensor | None:
+        """The (E, D) weight when the logits are ``x @ W^T`` (the routing kernel may then compute them)."""
+        return None
+
     def forward(self, x_TD: Tensor, token_ids: Tensor | None = None,
                 batch_shape: tuple[int, ...] = ()) -> Routing:
         cfg = self.cfg
         x_TD = jitter(x_TD, cfg.router_jitter, self.training)
+        if (triton_moe.direct_call() and type(self).group_mask is ScoreRouter.group_mask
+                and triton_moe.route_usable(x_TD, cfg.top_k, cfg.num_experts)):
+            return self._route_by_kernel(x_TD, batch_shape)
         logits_TE = self.logits(x_TD, batch_shape).float()
         scores_TE = scores_from_logits(logits_TE, cfg.score_func)
         selection_TE = self.group_mask(scores_TE + self.expert_bias)
@@ -63,6 +73,31 @@ class ScoreRouter(Fp32Router):
             scaling=cfg.routed_scaling_factor, top_p=cfg.top_p)
         return Routing(expert_TK=expert_TK, weight_TK=weight_TK, active_TK=active_TK,
                        probs_TE=normalised_probs(scores_TE, cfg.score_func), logits_TE=logits_TE)
+
+    def _route_by_kernel(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Routing:
+        """The same selection through the Triton routing kernel, eagerly on CUDA: one launch where
+        the torch ops take about ten (and the block counts the layer's counting sort needs). With
+        a gradient the weights and probabilities are recomputed by torch ops from the kernel's
+        choice, so that they carry the router's gradient; without one, for a few tokens, the kernel
+        also computes the logits."""
+        cfg = self.cfg
+        grad = needs_grad(self, x_TD)
+        gate = self.gate_weight()
+        logits_TE = None
+        if grad or gate is None or not triton_moe.fuses_logits(x_TD, cfg.num_experts):
+            logits_TE = self.logits(x_TD, batch_shape).float()
+        r = triton_moe.launch_route(logits_TE, x_TD, gate, self.expert_bias, cfg.top_k, cfg.score_func,
+                                    cfg.renormalize, cfg.routed_scaling_factor, cfg.top_p)
+        routing = Routing(expert_TK=r["expert_TK"], weight_TK=r["weight_TK"], active_TK=r["active_TK"],
+                          probs_TE=r["probs_TE"], logits_TE=r["logits_TE"], counts_BE=r["counts_BE"],
+                          rows_per_block=r["rows_per_block"])
+        if grad:
+            scores_TE = scores_from_logits(logits_TE, cfg.score_func)
+            routing.weight_TK, routing.active_TK = selected_weights(
+                scores_TE, routing.expert_TK, renormalize=cfg.renormalize, scaling=cfg.routed_scaling_factor,
+                top_p=cfg.top_p)
+            routing.probs_TE = normalised_probs(scores_TE, cfg.score_func)
+        return routing
 
 
 class TopKRouter(ScoreRouter):
@@ -76,6 +111,9 @@ class TopKRouter(ScoreRouter):
         # fp32 logits, as DeepSeek-V3 computes them: routing decisions should not flip with the
         # model's compute dtype.
         return router_logits(x_TD, self.gate.weight)
+
+    def gate_weight(self) -> Tensor:
+        return self.gate.weight
 
 
 class HierarchicalRouter(TopKRouter):

@@ -25,7 +25,8 @@ class Routing:
     unused top-p slots and carry weight 0). Expert-choice fills ``token_EC`` / ``weight_EC``
     (expert e takes tokens ``token_EC[e]``). ``probs_TE`` are the normalised router
     probabilities and ``logits_TE`` the raw logits (both ``None`` for the parameter-free hash
-    router); they feed the balancing losses and the router-entropy statistic.
+    router); they feed the balancing losses and the router-entropy statistic. ``counts_BE`` and
+    ``rows_per_block``: see :func:`fulu_nas.moe.triton_moe.launch_place`.
     """
 
     expert_TK: Tensor | None = None
@@ -35,6 +36,10 @@ class Routing:
     weight_EC: Tensor | None = None
     probs_TE: Tensor | None = None
     logits_TE: Tensor | None = None
+    # From the Triton routing kernel (eager, CUDA): how many slots of each block of
+    # ``rows_per_block`` flat slots chose each expert, for the layer's counting sort.
+    counts_BE: Tensor | None = None
+    rows_per_block: int = 0
 
 
 def jitter(x_TD: Tensor, eps: float, training: bool) -> Tensor:
@@ -145,6 +150,14 @@ def select_experts(
     and ``active`` False. Returns ``(expert_TK, weight_TK, active_TK)``.
     """
     expert_TK = topk_indices(selection_TE, k)
+    return (expert_TK, *selected_weights(scores_TE, expert_TK, renormalize=renormalize, scaling=scaling,
+                                         top_p=top_p))
+
+
+def selected_weights(scores_TE: Tensor, expert_TK: Tensor, *, renormalize: bool, scaling: float = 1.0,
+                     top_p: float | None = None) -> tuple[Tensor, Tensor]:
+    """``(weight_TK, active_TK)`` of the chosen experts ``expert_TK`` (best first): see
+    :func:`select_experts`."""
     weight_TK = scores_TE.gather(-1, expert_TK)
     if top_p is not None:
         mass_before_TK = weight_TK.cumsum(-1) - weight_TK
@@ -156,4 +169,4 @@ def select_experts(
         weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
     if scaling != 1.0:
         weight_TK = weight_TK * scaling
-    return expert_TK, weight_TK, active_TK
+    return weight_TK, active_TK

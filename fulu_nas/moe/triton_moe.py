@@ -344,6 +344,103 @@ def launch_act_backward(dact_NF: Tensor, pre_NW: Tensor, weight: Tensor, order_N
     return dpre_NW, dweight_N
 
 
+# The routing kernel computes the logits itself (fp32 products of x and the fp32 gate) for batches of
+# at most this many tokens whose (tokens per program x experts) tile is small: below a few hundred
+# tokens the router's GEMM is microseconds of device time and its launches (an fp32 copy of x and
+# cuBLAS, ~100 us of host time on an H200 host) are what the call waits on.
+FUSED_LOGITS_MAX_TOKENS = 64
+# The counting sort reads every block's counts in each program: it runs where there are at most
+# this many (blocks x experts) counts, else the layer takes torch's stable argsort (the counts
+# grow with tokens x experts: at 32,768 tokens the seed config's 8 experts stay inside, 128 do not).
+PLACE_MAX_COUNTS = 2**15
+
+
+def route_usable(x_TD: Tensor, k: int, num_experts: int) -> bool:
+    """Whether :func:`launch_route` can route ``x_TD`` (eager callers: it has no custom op)."""
+    return usable(x_TD) and x_TD.dim() == 2 and 1 <= k <= num_experts <= TOPK_MAX_EXPERTS
+
+
+def fuses_logits(x_TD: Tensor, num_experts: int) -> bool:
+    """Whether the routing kernel should compute the logits of ``x_TD`` itself (a few tokens)."""
+    return x_TD.shape[0] <= FUSED_LOGITS_MAX_TOKENS and _route_block(x_TD.shape[0], num_experts, True)[0] > 0
+
+
+def _route_block(tokens: int, num_experts: int, fused_logits: bool) -> tuple[int, int]:
+    """(tokens per program, hidden columns per step) of the routing kernel; (0, 0) where the
+    fused logits' (tokens x experts) tile would not fit a program."""
+    e_pow2 = max(16, _next_pow2(num_experts))
+    if not fused_logits:
+        return max(1, min(64, 2048 // e_pow2)), 0  # 2048 scores a program, as the top-k kernel
+    block_t = max(4, min(16, _next_pow2(tokens)))
+    if block_t * e_pow2 > 1024:
+        return 0, 0
+    return block_t, 8192 // (block_t * e_pow2)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None, bias_E: Tensor, k: int,
+                 score_func: str, renormalize: bool, scaling: float,
+                 top_p: float | None) -> dict[str, Tensor | int]:  # pragma: no cover
+    """Token-choice selection in one kernel (:func:`fulu_nas.moe.routing.select_experts` on the
+    scores of ``logits_TE``, or with ``logits_TE=None`` of ``x_TD @ gate_ED^T`` computed in the
+    kernel). Returns ``expert_TK`` (int64), ``weight_TK``, ``active_TK``, ``probs_TE``,
+    ``logits_TE`` (fp32), and ``counts_BE`` with ``rows_per_block``: how many of each block's
+    slots chose each expert, for :func:`launch_place`."""
+    T, D = x_TD.shape
+    E = bias_E.shape[0]
+    fused = logits_TE is None
+    block_t, block_d = _route_block(T, E, fused)
+    dev = x_TD.device
+    blocks = _cdiv(T, block_t)
+    out = {"expert_TK": torch.empty((T, k), dtype=torch.int64, device=dev),
+           "weight_TK": torch.empty((T, k), dtype=torch.float32, device=dev),
+           "active_TK": torch.empty((T, k), dtype=torch.bool, device=dev),
+           "probs_TE": torch.empty((T, E), dtype=torch.float32, device=dev),
+           "logits_TE": torch.empty((T, E), dtype=torch.float32, device=dev) if fused else logits_TE,
+           "counts_BE": torch.empty((blocks, E), dtype=torch.int32, device=dev),
+           "rows_per_block": block_t * k}
+    if T == 0:
+        return out
+    if fused:
+        x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+        gate_ED = gate_ED.contiguous()
+    elif logits_TE.stride(-1) != 1:
+        out["logits_TE"] = logits_TE.contiguous()
+    source = out["logits_TE"]
+    _kernels().route_kernel[(blocks,)](
+        source, x_TD, gate_ED if fused else source, bias_E, out["expert_TK"], out["weight_TK"], out["active_TK"],
+        out["probs_TE"], source, out["counts_BE"], T, E, D, source.stride(0), x_TD.stride(0), float(scaling),
+        float(top_p) if top_p is not None else 1.0,
+        K=k, K_POW2=max(2, _next_pow2(k)), FUSED_LOGITS=fused, SIGMOID=score_func == "sigmoid",
+        RENORMALIZE=renormalize, HAS_TOP_P=top_p is not None, BLOCK_T=block_t, BLOCK_D=max(block_d, 1),
+        E_POW2=max(16, _next_pow2(E)), num_warps=4)
+    return out
+
+
+def place_usable(counts_BE: Tensor) -> bool:
+    return counts_BE.shape[0] * max(16, _next_pow2(counts_BE.shape[1])) <= PLACE_MAX_COUNTS
+
+
+def launch_place(expert_N: Tensor, counts_BE: Tensor, rows_per_block: int) -> tuple[Tensor, Tensor]:  # pragma: no cover
+    """``(order_N, ends_E)``: the stable argsort of the flat expert ids ``expert_N`` (int64) and the
+    int32 group ends, by counting from :func:`launch_route`'s block counts (equal to
+    :func:`fulu_nas.moe.experts.sort_by_expert` and ``searchsorted`` on the sorted ids)."""
+    N = expert_N.shape[0]
+    B, E = counts_BE.shape
+    order_N = torch.empty(N, dtype=torch.int64, device=expert_N.device)
+    if N == 0:
+        return order_N, torch.zeros(E, dtype=torch.int32, device=expert_N.device)
+    ends_E = torch.empty(E, dtype=torch.int32, device=expert_N.device)
+    e_pow2 = max(16, _next_pow2(E))
+    _kernels().place_kernel[(B,)](expert_N, counts_BE, order_N, ends_E, N, E, B, rows_per_block,
+                                  ROWS_POW2=max(16, _next_pow2(rows_per_block)), E_POW2=e_pow2,
+                                  BLOCK_B=max(1, 4096 // e_pow2), num_warps=4)
+    return order_N, ends_E
+
+
 def topk_usable(scores_TE: Tensor, k: int) -> bool:
     return usable(scores_TE) and scores_TE.dim() == 2 and 1 <= k <= scores_TE.shape[1] <= TOPK_MAX_EXPERTS
 
