@@ -15,8 +15,15 @@ from torch import Tensor, nn
 from . import triton_moe
 from .config import MoEConfig
 from .experts import needs_grad
-from .routing import (Routing, jitter, normalised_probs, router_logits, scores_from_logits, select_experts,
-                      selected_weights)
+from .routing import (
+    Routing,
+    jitter,
+    normalised_probs,
+    router_logits,
+    scores_from_logits,
+    select_experts,
+    selected_weights,
+)
 
 
 class Fp32Router(nn.Module):
