@@ -50,3 +50,54 @@ def flip_last_byte(path, mask: int = 0xFF) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= mask
     path.write_bytes(bytes(data))
+
+
+# Routing-kernel cases: (tokens, experts, top_k, router options); the interpreter runs the small ones.
+ROUTE_CASES = {
+    "softmax": (37, 8, 2, {}),
+    "one_token": (1, 8, 2, {}),
+    "top_p_k3": (50, 6, 3, {"top_p": 0.6}),
+    "sigmoid_scaled": (40, 20, 4, {"score_func": "sigmoid", "renormalize": False, "routed_scaling_factor": 2.5}),
+    "many_blocks": (300, 8, 2, {}),
+    "fine_grained": (70, 128, 8, {}),
+}
+
+
+def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, device: str,
+                              dtype: torch.dtype, seed: int = 0) -> list[str]:
+    """What differs between the Triton routing kernel with its counting sort and the torch ops
+    they replace (:func:`select_experts` on the kernel's logits, the stable argsort, bincount),
+    for the logits given and, where the kernel computes them itself, for ``x`` and the gate."""
+    from fulu_nas.moe import triton_moe
+    from fulu_nas.moe.experts import sort_by_expert
+    from fulu_nas.moe.routing import normalised_probs, scores_from_logits, select_experts
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(tokens, 96, device=device, generator=gen).to(dtype)
+    gate = torch.randn(experts, 96, device=device, generator=gen) / 10
+    bias = torch.randn(experts, device=device, generator=gen) * 0.05
+    score, renorm = options.get("score_func", "softmax"), options.get("renormalize", True)
+    scaling, top_p = options.get("routed_scaling_factor", 1.0), options.get("top_p")
+    logits = x.float() @ gate.t()
+    problems = []
+    for given in (logits, None) if triton_moe.logits_in_kernel(x, experts) else (logits,):
+        how = "given logits" if given is not None else f"logits mode {triton_moe.logits_in_kernel(x, experts)}"
+        r = triton_moe.launch_route(given, x, gate, bias, k, score, renorm, scaling, top_p)
+        if not torch.allclose(r["logits_TE"], logits, rtol=1e-4, atol=1e-4):
+            problems.append(f"{how}: logits")
+        scores = scores_from_logits(r["logits_TE"], score)
+        expert, weight, active = select_experts(scores, scores + bias, k, renormalize=renorm, scaling=scaling,
+                                                top_p=top_p)
+        flat = expert.reshape(-1)
+        order, ends = triton_moe.launch_place(flat, r["counts_BE"], r["rows_per_block"])
+        checks = {
+            "experts": torch.equal(r["expert_TK"], expert),
+            "weights": torch.allclose(r["weight_TK"], weight, rtol=1e-5, atol=1e-6),
+            "active": torch.equal(r["active_TK"], active),
+            "probs": torch.allclose(r["probs_TE"], normalised_probs(scores, score), rtol=1e-5, atol=1e-7),
+            "counts": torch.equal(r["counts_BE"].sum(0).long(), torch.bincount(flat, minlength=experts)),
+            "order": torch.equal(order, sort_by_expert(flat, experts)),
+            "ends": torch.equal(ends.long(), torch.bincount(flat, minlength=experts).cumsum(0)),
+        }
+        problems += [f"{how}: {name}" for name, ok in checks.items() if not ok]
+    return problems

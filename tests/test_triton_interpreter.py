@@ -1,7 +1,7 @@
 """The Triton experts' arithmetic on the CPU, through Triton's interpreter (``TRITON_INTERPRET=1``):
 the same kernels and custom ops the GPU runs, forward and backward, against the per-expert loop in
-fp32. Runs where triton is installed (the dev extra installs it); the interpreter is switched on in
-a subprocess because :mod:`fulu_nas.moe.triton_moe` reads it at import. GPU timings and bf16 live
+fp32, and the routing kernel and counting sort against the torch ops they replace. Runs where
+triton is installed (the dev extra installs it); the interpreter is switched on in a subprocess because :mod:`fulu_nas.moe.triton_moe` reads it at import. GPU timings and bf16 live
 in tests/test_triton_moe.py."""
 
 from __future__ import annotations
@@ -102,6 +102,11 @@ ep = ExpertParallelMoE.from_layer(make_layer("topk", hidden_size=32, expert_ffn_
 ep.load_state_dict(layer.state_dict())
 results["expert_parallel"] = compare(run(ep, x, None, "triton"), run(layer, x, None, "loop"))
 dist.destroy_process_group()
+
+# The routing kernel and the counting sort against the torch ops they replace.
+from tests.helpers import ROUTE_CASES, routing_kernel_mismatches
+results["routing"] = {name: routing_kernel_mismatches(*case, device="cpu", dtype=torch.float32)
+                      for name, case in ROUTE_CASES.items()}
 print(json.dumps(results))
 """
 
@@ -115,6 +120,13 @@ def results() -> dict:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_routing_kernel_and_counting_sort_equal_the_torch_ops(results):
+    """Experts, weights, top-p activity, probabilities and the counting sort's order and group ends
+    equal :func:`select_experts`, the stable argsort and bincount (softmax, sigmoid with scaling, top-p,
+    one token, several blocks, 128 experts; logits given and computed in the kernel)."""
+    assert results["routing"] == {name: [] for name in results["routing"]}
 
 
 @pytest.mark.parametrize("name", [*CASES, "compiled", "grouped_mm_second", "grouped_mm_second_k1",

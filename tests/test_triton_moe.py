@@ -10,7 +10,7 @@ import torch
 from fulu_nas.moe import ROUTERS, triton_moe
 from fulu_nas.moe.layer import prefer_triton
 
-from .helpers import make_layer
+from .helpers import ROUTE_CASES, make_layer, routing_kernel_mismatches
 
 _skip = pytest.mark.skipif(not (torch.cuda.is_available() and triton_moe.HAS_TRITON),
                            reason="needs a CUDA GPU and triton")
@@ -117,6 +117,49 @@ def test_triton_topk_matches_torch(tokens, experts, k):
     torch.testing.assert_close(scores.gather(1, got), expected.values, equal_nan=True, rtol=0, atol=0)
     assert (got.sort(-1).values.diff(dim=-1) > 0).all() and got.max() < experts
     assert got[-1, 0] == 1
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [*ROUTE_CASES, "seed_32768", "e256_4096", "e300_1000"])
+def test_routing_kernel_and_counting_sort_match_torch(case, dtype):
+    """The routing kernel (logits given, or computed by fp32 products or the bf16 split) and the
+    counting sort give the torch ops' experts, weights, probabilities, sort order and group ends."""
+    shapes = {"seed_32768": (32768, 8, 2, {}), "e256_4096": (4096, 256, 8, {}), "e300_1000": (1000, 300, 2, {})}
+    tokens, experts, k, options = ROUTE_CASES.get(case) or shapes[case]
+    assert routing_kernel_mismatches(tokens, experts, k, options, "cuda", dtype) == []
+
+
+@needs_triton
+@pytest.mark.parametrize("tokens", [16, 4096])
+@pytest.mark.parametrize("option", ["plain", "top_p", "sigmoid"])
+def test_default_call_through_the_routing_kernel_equals_torch_routing(monkeypatch, tokens, option):
+    """The default eager call (routing kernel, counting sort) gives the torch-routed call's experts,
+    output, statistics and, in training, gradients."""
+    fast, _ = bf16_and_reference("topk", hidden_size=256, expert_ffn_size=512, num_experts=16,
+                                 **OPTIONS[option])
+    x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+
+    def call(kernel: bool):
+        with monkeypatch.context() as m:
+            if not kernel:
+                m.setattr(triton_moe, "route_usable", lambda *args: False)
+            with torch.inference_mode():
+                routing = fast.router(x)
+                out, stats = fast(x)
+                stats = {name: stats[name] for name in ("tokens_per_expert", "dropped_share", "balance_loss")}
+            fast.train()
+            trained = forward_backward(fast, x.float(), None)
+            fast.eval()
+        return routing, out, stats, trained
+
+    (r_kernel, out_kernel, stats_kernel, train_kernel), (r_torch, out_torch, stats_torch, train_torch) = \
+        call(True), call(False)
+    assert r_kernel.counts_BE is not None and r_torch.counts_BE is None
+    assert torch.equal(r_kernel.expert_TK, r_torch.expert_TK)
+    torch.testing.assert_close(out_kernel, out_torch, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(stats_kernel, stats_torch)
+    torch.testing.assert_close(train_kernel, train_torch, rtol=1e-2, atol=1e-3)
 
 
 @needs_triton

@@ -283,7 +283,7 @@ def next_power_of_2(n: int) -> int:  # pragma: no cover
 @triton.jit
 def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, active_ptr, probs_ptr,
                  logits_out_ptr, counts_ptr, T, E, D, stride_lt, stride_xt, scaling, top_p,  # pragma: no cover
-                 K: tl.constexpr, K_POW2: tl.constexpr, FUSED_LOGITS: tl.constexpr, SIGMOID: tl.constexpr,
+                 K: tl.constexpr, K_POW2: tl.constexpr, LOGITS: tl.constexpr, SIGMOID: tl.constexpr,
                  RENORMALIZE: tl.constexpr, HAS_TOP_P: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_D: tl.constexpr, E_POW2: tl.constexpr):
     """Token-choice routing of BLOCK_T tokens in one pass, as :func:`fulu_nas.moe.routing.select_experts`
@@ -291,29 +291,37 @@ def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, 
     (descending, ties to the lower index, NaN as +inf), their scores as weights (top-p masking,
     renormalisation, scaling), the normalised probabilities, and how many of the block's
     BLOCK_T*K slots chose each expert (``counts[block, e]``, for :func:`place_kernel`).
-    ``FUSED_LOGITS``: the logits ``x @ gate^T`` are computed here in fp32 (small batches) and
-    stored; otherwise read from ``logits_ptr``."""
+    ``LOGITS``: 0 reads them from ``logits_ptr``; otherwise ``x @ gate^T`` is computed here and
+    stored, 1 by fp32 products (a few tokens), 2 for bf16 ``x`` as
+    :func:`fulu_nas.moe.routing.router_logits` does: the fp32 gate split into bf16 high and low
+    parts, two tensor-core products accumulated in fp32."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
     cols = tl.arange(0, E_POW2)
     cmask = cols < E
     mask = rmask[:, None] & cmask[None, :]
-    if FUSED_LOGITS:
+    if LOGITS == 0:
+        logits = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_lt + cols[None, :], mask=mask,
+                         other=float("-inf")).to(tl.float32)
+    else:
         acc = tl.zeros((BLOCK_T, E_POW2), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             dmask = dd < D
             xv = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xt + dd[None, :],
-                         mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                         mask=rmask[:, None] & dmask[None, :], other=0.0)
             wv = tl.load(gate_ptr + cols[:, None] * D + dd[None, :], mask=cmask[:, None] & dmask[None, :],
                          other=0.0).to(tl.float32)
-            acc += tl.sum(xv[:, None, :] * wv[None, :, :], axis=2)
+            if LOGITS == 1:
+                acc += tl.sum(xv.to(tl.float32)[:, None, :] * wv[None, :, :], axis=2)
+            else:
+                hi = wv.to(tl.bfloat16)
+                lo = (wv - hi.to(tl.float32)).to(tl.bfloat16)
+                acc = tl.dot(xv, tl.trans(hi), acc)
+                acc = tl.dot(xv, tl.trans(lo), acc)
         logits = tl.where(cmask[None, :], acc, float("-inf"))
         tl.store(logits_out_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], logits, mask=mask)
-    else:
-        logits = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_lt + cols[None, :], mask=mask,
-                         other=float("-inf")).to(tl.float32)
     if SIGMOID:
         scores = 1.0 / (1.0 + tl.exp(-logits))
         scores = tl.where(cmask[None, :], scores, 0.0)

@@ -85,13 +85,13 @@ class ScoreRouter(Fp32Router):
         """The same selection through the Triton routing kernel, eagerly on CUDA: one launch where
         the torch ops take about ten (and the block counts the layer's counting sort needs). With
         a gradient the weights and probabilities are recomputed by torch ops from the kernel's
-        choice, so that they carry the router's gradient; without one, for a few tokens, the kernel
-        also computes the logits."""
+        choice, so that they carry the router's gradient; without one the kernel also computes the
+        logits (:func:`fulu_nas.moe.triton_moe.logits_in_kernel`)."""
         cfg = self.cfg
         grad = needs_grad(self, x_TD)
         gate = self.gate_weight()
         logits_TE = None
-        if grad or gate is None or not triton_moe.fuses_logits(x_TD, cfg.num_experts):
+        if grad or gate is None or not triton_moe.logits_in_kernel(x_TD, cfg.num_experts):
             logits_TE = self.logits(x_TD, batch_shape).float()
         r = triton_moe.launch_route(logits_TE, x_TD, gate, self.expert_bias, cfg.top_k, cfg.score_func,
                                     cfg.renormalize, cfg.routed_scaling_factor, cfg.top_p)

@@ -69,6 +69,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _pow2_at_most(n: int, cap: int) -> int:
     p = 16
     while p * 2 <= min(n, cap):
@@ -344,11 +348,14 @@ def launch_act_backward(dact_NF: Tensor, pre_NW: Tensor, weight: Tensor, order_N
     return dpre_NW, dweight_N
 
 
-# The routing kernel computes the logits itself (fp32 products of x and the fp32 gate) for batches of
-# at most this many tokens whose (tokens per program x experts) tile is small: below a few hundred
-# tokens the router's GEMM is microseconds of device time and its launches (an fp32 copy of x and
-# cuBLAS, ~100 us of host time on an H200 host) are what the call waits on.
-FUSED_LOGITS_MAX_TOKENS = 64
+# Without a gradient the routing kernel computes the logits itself: for at most this many tokens
+# by fp32 products of x and the fp32 gate (below a few hundred tokens the router's GEMM is
+# microseconds of device time and its launches, an fp32 copy of x and cuBLAS, ~100 us of host time
+# on an H200 host, are what the call waits on); for more tokens in bf16 by the bf16 split of
+# :func:`fulu_nas.moe.routing.router_logits` on tensor cores (its ``out_dtype`` GEMM took ~150 us
+# of host time per call, H200, 32,768 tokens).
+FMA_LOGITS_MAX_TOKENS = 64
+SPLIT_LOGITS_MAX_EXPERTS = 256
 # The counting sort reads every block's counts in each program: it runs where there are at most
 # this many (blocks x experts) counts, else the layer takes torch's stable argsort (the counts
 # grow with tokens x experts: at 32,768 tokens the seed config's 8 experts stay inside, 128 do not).
@@ -360,25 +367,28 @@ def route_usable(x_TD: Tensor, k: int, num_experts: int) -> bool:
     return usable(x_TD) and x_TD.dim() == 2 and 1 <= k <= num_experts <= TOPK_MAX_EXPERTS
 
 
-def fuses_logits(x_TD: Tensor, num_experts: int) -> bool:
-    """Whether the routing kernel should compute the logits of ``x_TD`` itself (a few tokens)."""
-    return x_TD.shape[0] <= FUSED_LOGITS_MAX_TOKENS and _route_block(x_TD.shape[0], num_experts, True)[0] > 0
+def logits_in_kernel(x_TD: Tensor, num_experts: int) -> int:
+    """How the routing kernel computes the logits of ``x_TD`` itself (no gradient): 1 by fp32
+    products (a few tokens), 2 by the bf16 split on tensor cores (bf16 input); 0: it reads them."""
+    if x_TD.shape[0] <= FMA_LOGITS_MAX_TOKENS and _route_block(x_TD.shape[0], num_experts, 1)[0]:
+        return 1
+    if x_TD.dtype == torch.bfloat16 and num_experts <= SPLIT_LOGITS_MAX_EXPERTS:
+        return 2
+    return 0
 
 
-def _route_block(tokens: int, num_experts: int, fused_logits: bool) -> tuple[int, int]:
-    """(tokens per program, hidden columns per step) of the routing kernel; (0, 0) where the
-    fused logits' (tokens x experts) tile would not fit a program."""
+def _route_block(tokens: int, num_experts: int, logits: int) -> tuple[int, int]:
+    """(tokens per program, hidden columns per step) of the routing kernel for its ``LOGITS`` mode;
+    (0, 0) where the fp32 products' (tokens x experts) tile would not fit a program."""
     e_pow2 = max(16, _next_pow2(num_experts))
-    if not fused_logits:
+    if logits == 0:
         return max(1, min(64, 2048 // e_pow2)), 0  # 2048 scores a program, as the top-k kernel
+    if logits == 2:
+        return max(16, min(64, 2048 // e_pow2)), 64  # tensor-core tiles: at least 16 rows
     block_t = max(4, min(16, _next_pow2(tokens)))
     if block_t * e_pow2 > 1024:
         return 0, 0
     return block_t, 8192 // (block_t * e_pow2)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None, bias_E: Tensor, k: int,
@@ -386,13 +396,15 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
                  top_p: float | None) -> dict[str, Tensor | int]:  # pragma: no cover
     """Token-choice selection in one kernel (:func:`fulu_nas.moe.routing.select_experts` on the
     scores of ``logits_TE``, or with ``logits_TE=None`` of ``x_TD @ gate_ED^T`` computed in the
-    kernel). Returns ``expert_TK`` (int64), ``weight_TK``, ``active_TK``, ``probs_TE``,
-    ``logits_TE`` (fp32), and ``counts_BE`` with ``rows_per_block``: how many of each block's
+    kernel, as :func:`logits_in_kernel` says). Returns ``expert_TK`` (int64), ``weight_TK``,
+    ``active_TK``, ``probs_TE``, ``logits_TE`` (fp32), and ``counts_BE`` with ``rows_per_block``: how many of each block's
     slots chose each expert, for :func:`launch_place`."""
     T, D = x_TD.shape
     E = bias_E.shape[0]
-    fused = logits_TE is None
-    block_t, block_d = _route_block(T, E, fused)
+    mode = logits_in_kernel(x_TD, E) if logits_TE is None else 0
+    assert logits_TE is not None or mode, "launch_route: logits needed (see logits_in_kernel)"
+    fused = mode > 0
+    block_t, block_d = _route_block(T, E, mode)
     dev = x_TD.device
     blocks = _cdiv(T, block_t)
     out = {"expert_TK": torch.empty((T, k), dtype=torch.int64, device=dev),
@@ -414,7 +426,7 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
         source, x_TD, gate_ED if fused else source, bias_E, out["expert_TK"], out["weight_TK"], out["active_TK"],
         out["probs_TE"], source, out["counts_BE"], T, E, D, source.stride(0), x_TD.stride(0), float(scaling),
         float(top_p) if top_p is not None else 1.0,
-        K=k, K_POW2=max(2, _next_pow2(k)), FUSED_LOGITS=fused, SIGMOID=score_func == "sigmoid",
+        K=k, K_POW2=max(2, _next_pow2(k)), LOGITS=mode, SIGMOID=score_func == "sigmoid",
         RENORMALIZE=renormalize, HAS_TOP_P=top_p is not None, BLOCK_T=block_t, BLOCK_D=max(block_d, 1),
         E_POW2=max(16, _next_pow2(E)), num_warps=4)
     return out
