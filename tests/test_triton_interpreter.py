@@ -1,8 +1,9 @@
 """The Triton experts' arithmetic on the CPU, through Triton's interpreter (``TRITON_INTERPRET=1``):
 the same kernels and custom ops the GPU runs, forward and backward, against the per-expert loop in
 fp32, and the routing kernel and counting sort against the torch ops they replace. Runs where
-triton is installed (the dev extra installs it); the interpreter is switched on in a subprocess because :mod:`fulu_nas.moe.triton_moe` reads it at import. GPU timings and bf16 live
-in tests/test_triton_moe.py."""
+triton is installed (the dev extra installs it); the interpreter is switched on in a subprocess
+because :mod:`fulu_nas.moe.triton_moe` reads it at import. GPU timings and bf16 live in
+tests/test_triton_moe.py."""
 
 from __future__ import annotations
 

@@ -397,8 +397,8 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
     """Token-choice selection in one kernel (:func:`fulu_nas.moe.routing.select_experts` on the
     scores of ``logits_TE``, or with ``logits_TE=None`` of ``x_TD @ gate_ED^T`` computed in the
     kernel, as :func:`logits_in_kernel` says). Returns ``expert_TK`` (int64), ``weight_TK``,
-    ``active_TK``, ``probs_TE``, ``logits_TE`` (fp32), and ``counts_BE`` with ``rows_per_block``: how many of each block's
-    slots chose each expert, for :func:`launch_place`."""
+    ``active_TK``, ``probs_TE``, ``logits_TE`` (fp32), and ``counts_BE`` with ``rows_per_block``:
+    how many of each block's slots chose each expert, for :func:`launch_place`."""
     T, D = x_TD.shape
     E = bias_E.shape[0]
     mode = logits_in_kernel(x_TD, E) if logits_TE is None else 0
