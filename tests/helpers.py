@@ -89,15 +89,18 @@ def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, 
         expert, weight, active = select_experts(scores, scores + bias, k, renormalize=renorm, scaling=scaling,
                                                 top_p=top_p)
         flat = expert.reshape(-1)
-        order, ends = triton_moe.launch_place(flat, r["counts_BE"], r["rows_per_block"])
+        sorts = [triton_moe.launch_place(flat, r["counts_BE"], r["rows_per_block"])]
+        if r["sorted_slots"] is not None:  # one program: the routing kernel sorted them too
+            sorts.append(r["sorted_slots"])
+        order, ends = (torch.stack([s[i].long() for s in sorts]) for i in (0, 1))
         checks = {
             "experts": torch.equal(r["expert_TK"], expert),
             "weights": torch.allclose(r["weight_TK"], weight, rtol=1e-5, atol=1e-6),
             "active": torch.equal(r["active_TK"], active),
             "probs": torch.allclose(r["probs_TE"], normalised_probs(scores, score), rtol=1e-5, atol=1e-7),
             "counts": torch.equal(r["counts_BE"].sum(0).long(), torch.bincount(flat, minlength=experts)),
-            "order": torch.equal(order, sort_by_expert(flat, experts)),
-            "ends": torch.equal(ends.long(), torch.bincount(flat, minlength=experts).cumsum(0)),
+            "order": (order == sort_by_expert(flat, experts)).all().item(),
+            "ends": (ends == torch.bincount(flat, minlength=experts).cumsum(0)).all().item(),
         }
         problems += [f"{how}: {name}" for name, ok in checks.items() if not ok]
     return problems

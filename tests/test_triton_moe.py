@@ -157,9 +157,14 @@ def test_default_call_through_the_routing_kernel_equals_torch_routing(monkeypatc
         call(True), call(False)
     assert r_kernel.counts_BE is not None and r_torch.counts_BE is None
     assert torch.equal(r_kernel.expert_TK, r_torch.expert_TK)
-    torch.testing.assert_close(out_kernel, out_torch, rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(stats_kernel, stats_torch)
-    torch.testing.assert_close(train_kernel, train_torch, rtol=1e-2, atol=1e-3)
+    # The weights may differ in the last fp32 bit (the kernel's softmax), which can round a few
+    # bf16 outputs to the neighbouring value.
+    assert relative_error(out_kernel, out_torch) < 1e-3
+    (out_k, dx_k, grads_k), (out_t, dx_t, grads_t) = train_kernel, train_torch
+    assert sorted(grads_k) == sorted(grads_t)
+    for got, want in [(out_k, out_t), (dx_k, dx_t), *((grads_k[n], grads_t[n]) for n in grads_t)]:
+        assert relative_error(got, want) < 1e-3
 
 
 @needs_triton

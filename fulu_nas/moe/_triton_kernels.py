@@ -282,10 +282,10 @@ def next_power_of_2(n: int) -> int:  # pragma: no cover
 
 @triton.jit
 def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, active_ptr, probs_ptr,
-                 logits_out_ptr, counts_ptr, T, E, D, stride_lt, stride_xt, scaling, top_p,  # pragma: no cover
-                 K: tl.constexpr, K_POW2: tl.constexpr, LOGITS: tl.constexpr, SIGMOID: tl.constexpr,
-                 RENORMALIZE: tl.constexpr, HAS_TOP_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_D: tl.constexpr, E_POW2: tl.constexpr):
+                 logits_out_ptr, counts_ptr, order_ptr, ends_ptr, T, E, D, stride_lt, stride_xt,  # pragma: no cover
+                 scaling, top_p, K: tl.constexpr, K_POW2: tl.constexpr, LOGITS: tl.constexpr,
+                 SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_TOP_P: tl.constexpr,
+                 PLACE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, E_POW2: tl.constexpr):
     """Token-choice routing of BLOCK_T tokens in one pass, as :func:`fulu_nas.moe.routing.select_experts`
     computes it from the logits: scores (softmax or sigmoid), the top K of ``scores + bias``
     (descending, ties to the lower index, NaN as +inf), their scores as weights (top-p masking,
@@ -294,7 +294,8 @@ def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, 
     ``LOGITS``: 0 reads them from ``logits_ptr``; otherwise ``x @ gate^T`` is computed here and
     stored, 1 by fp32 products (a few tokens), 2 for bf16 ``x`` as
     :func:`fulu_nas.moe.routing.router_logits` does: the fp32 gate split into bf16 high and low
-    parts, two tensor-core products accumulated in fp32."""
+    parts, two tensor-core products accumulated in fp32. ``PLACE`` (one program, all tokens): also
+    the counting sort of :func:`place_kernel` (``order``, ``ends``), saving its launch."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
@@ -366,6 +367,16 @@ def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, 
     tl.store(weight_ptr + out, weight_TK, mask=omask)
     tl.store(active_ptr + out, active_TK, mask=omask)
     tl.store(counts_ptr + pid * E + cols, counts, mask=cmask)
+    if PLACE:  # as place_kernel, over this program's slots in flat order
+        flat_n = tl.reshape(out, [BLOCK_T * K_POW2])
+        flat_valid = tl.reshape(omask, [BLOCK_T * K_POW2])
+        flat_e = tl.reshape(tl.where(omask, expert_TK, E_POW2), [BLOCK_T * K_POW2])
+        onehot = (flat_e[:, None] == cols[None, :]).to(tl.int32)
+        rank = tl.sum(onehot * tl.cumsum(onehot, 0), 1) - 1
+        ends = tl.cumsum(counts, 0)
+        position = tl.sum(onehot * (ends - counts)[None, :], 1) + rank
+        tl.store(order_ptr + position, flat_n, mask=flat_valid)
+        tl.store(ends_ptr + cols, ends, mask=cmask)
 
 
 @triton.jit

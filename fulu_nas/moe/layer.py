@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from . import triton_moe
 from .balancing import load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
-from .experts import GroupedExperts, SharedExperts, needs_grad, sort_by_expert, sum_slots
+from .experts import GroupedExperts, SharedExperts, needs_grad, sort_by_expert
 from .routers import ScoreRouter, build_router
 from .routing import Routing
 from .stats import LazyStats, load_statistics, once, router_entropy, token_mean
@@ -188,30 +188,22 @@ class PiMoELayer(nn.Module):
                     impl: str) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(order_N, ends_E, expert_sorted_N)``: the stable sort of the flat slots by expert, the
         group ends, and the sorted expert ids (``None`` where nothing reads them: no capacity, no
-        expert biases). From the routing kernel's block counts by a counting sort where it left
-        them (eager CUDA), else torch's argsort and a binary search of the sorted ids for the
-        ends (no atomics). Both give the same order."""
+        expert biases). Eagerly on CUDA the routing kernel sorted them already (one program) or
+        left its block counts for a counting sort (:func:`fulu_nas.moe.triton_moe.launch_place`);
+        else torch's stable argsort, and a binary search of the sorted ids for the ends (no
+        atomics). All give the same order."""
         E = self.cfg.num_experts
         needs_ids = self.cfg.capacity_factor is not None or self.experts.b13_EF2 is not None or impl == "sorted"
-        if r.counts_BE is not None and not needs_ids and triton_moe.place_usable(r.counts_BE):
+        if r.sorted_slots is not None:
+            order_N, ends_E = r.sorted_slots
+        elif r.counts_BE is not None and triton_moe.place_usable(r.counts_BE):
             order_N, ends_E = triton_moe.launch_place(expert_N, r.counts_BE, r.rows_per_block)
-            return order_N, ends_E, None
-        order_N = sort_by_expert(expert_N, E)
-        expert_sorted_N = expert_N[order_N]
-        ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=x_TD.device))
-        return order_N, ends_E, expert_sorted_N
-
-    def _grouped_experts(self, x_TD: Tensor, order_N: Tensor, weight_N: Tensor, keep_sorted_N: Tensor | None,
-                         expert_sorted_N: Tensor, ends_E: Tensor, starts_E: Tensor, K: int, impl: str) -> Tensor:
-        """The token-choice experts by grouped GEMM or sorted matmuls, back in token order."""
-        x_sorted_ND = x_TD[order_N // K]
-        w_sorted_N = weight_N[order_N] if keep_sorted_N is None else weight_N[order_N] * keep_sorted_N
-        if impl == "sorted":
-            rows_E = ends_E - starts_E
-            weighted_ND = self.experts.forward_sorted(x_sorted_ND, rows_E) * w_sorted_N[:, None].to(x_TD.dtype)
         else:
-            weighted_ND = self.experts.forward_grouped(x_sorted_ND, ends_E.to(torch.int32), expert_sorted_N, w_sorted_N)
-        return sum_slots(weighted_ND, order_N, K).to(x_TD.dtype)
+            order_N = sort_by_expert(expert_N, E)
+            expert_sorted_N = expert_N[order_N]
+            ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=x_TD.device))
+            return order_N, ends_E, expert_sorted_N
+        return order_N, ends_E, expert_N[order_N] if needs_ids else None
 
     def _capacity_keep_sorted(self, active_N: Tensor, expert_N: Tensor, starts_E: Tensor, T: int) -> Tensor:
         """Rows sorted by expert: keep an active row if fewer than `capacity` active rows

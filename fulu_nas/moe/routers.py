@@ -97,7 +97,7 @@ class ScoreRouter(Fp32Router):
                                     cfg.renormalize, cfg.routed_scaling_factor, cfg.top_p)
         routing = Routing(expert_TK=r["expert_TK"], weight_TK=r["weight_TK"], active_TK=r["active_TK"],
                           probs_TE=r["probs_TE"], logits_TE=r["logits_TE"], counts_BE=r["counts_BE"],
-                          rows_per_block=r["rows_per_block"])
+                          rows_per_block=r["rows_per_block"], sorted_slots=r["sorted_slots"])
         if grad:
             scores_TE = scores_from_logits(logits_TE, cfg.score_func)
             routing.weight_TK, routing.active_TK = selected_weights(

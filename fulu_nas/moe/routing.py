@@ -25,8 +25,8 @@ class Routing:
     unused top-p slots and carry weight 0). Expert-choice fills ``token_EC`` / ``weight_EC``
     (expert e takes tokens ``token_EC[e]``). ``probs_TE`` are the normalised router
     probabilities and ``logits_TE`` the raw logits (both ``None`` for the parameter-free hash
-    router); they feed the balancing losses and the router-entropy statistic. ``counts_BE`` and
-    ``rows_per_block``: see :func:`fulu_nas.moe.triton_moe.launch_place`.
+    router); they feed the balancing losses and the router-entropy statistic. ``counts_BE``,
+    ``rows_per_block`` and ``sorted_slots``: see :func:`fulu_nas.moe.triton_moe.launch_route`.
     """
 
     expert_TK: Tensor | None = None
@@ -40,6 +40,8 @@ class Routing:
     # ``rows_per_block`` flat slots chose each expert, for the layer's counting sort.
     counts_BE: Tensor | None = None
     rows_per_block: int = 0
+    # ... or that sort itself, ``(order_N, ends_E)``, where one program routed every token.
+    sorted_slots: tuple[Tensor, Tensor] | None = None
 
 
 def jitter(x_TD: Tensor, eps: float, training: bool) -> Tensor:

@@ -397,8 +397,9 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
     """Token-choice selection in one kernel (:func:`fulu_nas.moe.routing.select_experts` on the
     scores of ``logits_TE``, or with ``logits_TE=None`` of ``x_TD @ gate_ED^T`` computed in the
     kernel, as :func:`logits_in_kernel` says). Returns ``expert_TK`` (int64), ``weight_TK``,
-    ``active_TK``, ``probs_TE``, ``logits_TE`` (fp32), and ``counts_BE`` with ``rows_per_block``:
-    how many of each block's slots chose each expert, for :func:`launch_place`."""
+    ``active_TK``, ``probs_TE``, ``logits_TE`` (fp32), ``counts_BE`` with ``rows_per_block``: how
+    many of each block's slots chose each expert, for :func:`launch_place`; and ``sorted_slots``,
+    that sort's ``(order_N, ends_E)`` already done where one program routed every token, else None."""
     T, D = x_TD.shape
     E = bias_E.shape[0]
     mode = logits_in_kernel(x_TD, E) if logits_TE is None else 0
@@ -407,13 +408,16 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
     block_t, block_d = _route_block(T, E, mode)
     dev = x_TD.device
     blocks = _cdiv(T, block_t)
+    place = blocks == 1  # one program sees every slot: it sorts them too
     out = {"expert_TK": torch.empty((T, k), dtype=torch.int64, device=dev),
            "weight_TK": torch.empty((T, k), dtype=torch.float32, device=dev),
            "active_TK": torch.empty((T, k), dtype=torch.bool, device=dev),
            "probs_TE": torch.empty((T, E), dtype=torch.float32, device=dev),
            "logits_TE": torch.empty((T, E), dtype=torch.float32, device=dev) if fused else logits_TE,
            "counts_BE": torch.empty((blocks, E), dtype=torch.int32, device=dev),
-           "rows_per_block": block_t * k}
+           "rows_per_block": block_t * k,
+           "sorted_slots": (torch.empty(T * k, dtype=torch.int64, device=dev),
+                            torch.empty(E, dtype=torch.int32, device=dev)) if place else None}
     if T == 0:
         return out
     if fused:
@@ -422,12 +426,13 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
     elif logits_TE.stride(-1) != 1:
         out["logits_TE"] = logits_TE.contiguous()
     source = out["logits_TE"]
+    order_N, ends_E = out["sorted_slots"] or (source, source)
     _kernels().route_kernel[(blocks,)](
         source, x_TD, gate_ED if fused else source, bias_E, out["expert_TK"], out["weight_TK"], out["active_TK"],
-        out["probs_TE"], source, out["counts_BE"], T, E, D, source.stride(0), x_TD.stride(0), float(scaling),
-        float(top_p) if top_p is not None else 1.0,
+        out["probs_TE"], source, out["counts_BE"], order_N, ends_E, T, E, D, source.stride(0), x_TD.stride(0),
+        float(scaling), float(top_p) if top_p is not None else 1.0,
         K=k, K_POW2=max(2, _next_pow2(k)), LOGITS=mode, SIGMOID=score_func == "sigmoid",
-        RENORMALIZE=renormalize, HAS_TOP_P=top_p is not None, BLOCK_T=block_t, BLOCK_D=max(block_d, 1),
+        RENORMALIZE=renormalize, HAS_TOP_P=top_p is not None, PLACE=place, BLOCK_T=block_t, BLOCK_D=max(block_d, 1),
         E_POW2=max(16, _next_pow2(E)), num_warps=4)
     return out
 
