@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from . import triton_moe
 from .balancing import load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
-from .experts import GroupedExperts, SharedExperts, needs_grad, sort_by_expert
+from .experts import GroupedExperts, SharedExperts, needs_grad, sort_by_expert, sum_slots
 from .routers import ScoreRouter, build_router
 from .routing import Routing
 from .stats import LazyStats, load_statistics, once, router_entropy, token_mean
@@ -204,6 +204,18 @@ class PiMoELayer(nn.Module):
             ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=x_TD.device))
             return order_N, ends_E, expert_sorted_N
         return order_N, ends_E, expert_N[order_N] if needs_ids else None
+
+    def _grouped_experts(self, x_TD: Tensor, order_N: Tensor, weight_N: Tensor, keep_sorted_N: Tensor | None,
+                         expert_sorted_N: Tensor | None, ends_E: Tensor, starts_E: Tensor, K: int, impl: str) -> Tensor:
+        """The token-choice experts by grouped GEMM or sorted matmuls, back in token order."""
+        x_sorted_ND = x_TD[order_N // K]
+        w_sorted_N = weight_N[order_N] if keep_sorted_N is None else weight_N[order_N] * keep_sorted_N
+        if impl == "sorted":
+            rows_E = ends_E - starts_E
+            weighted_ND = self.experts.forward_sorted(x_sorted_ND, rows_E) * w_sorted_N[:, None].to(x_TD.dtype)
+        else:
+            weighted_ND = self.experts.forward_grouped(x_sorted_ND, ends_E.to(torch.int32), expert_sorted_N, w_sorted_N)
+        return sum_slots(weighted_ND, order_N, K).to(x_TD.dtype)
 
     def _capacity_keep_sorted(self, active_N: Tensor, expert_N: Tensor, starts_E: Tensor, T: int) -> Tensor:
         """Rows sorted by expert: keep an active row if fewer than `capacity` active rows
