@@ -68,7 +68,7 @@ def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, 
     """What differs between the Triton routing kernel with its counting sort and the torch ops
     they replace (:func:`select_experts` on the kernel's logits, the stable argsort, bincount),
     for the logits given and, where the kernel computes them itself, for ``x`` and the gate."""
-    from fulu_nas.moe import triton_moe
+    from fulu_nas.moe import triton_routing
     from fulu_nas.moe.experts import sort_by_expert
     from fulu_nas.moe.routing import normalised_probs, scores_from_logits, select_experts
 
@@ -80,16 +80,16 @@ def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, 
     scaling, top_p = options.get("routed_scaling_factor", 1.0), options.get("top_p")
     logits = x.float() @ gate.t()
     problems = []
-    for given in (logits, None) if triton_moe.logits_in_kernel(x, experts) else (logits,):
-        how = "given logits" if given is not None else f"logits mode {triton_moe.logits_in_kernel(x, experts)}"
-        r = triton_moe.launch_route(given, x, gate, bias, k, score, renorm, scaling, top_p)
+    for given in (logits, None) if triton_routing.logits_in_kernel(x, experts) else (logits,):
+        how = "given logits" if given is not None else f"logits mode {triton_routing.logits_in_kernel(x, experts)}"
+        r = triton_routing.launch_route(given, x, gate, bias, k, score, renorm, scaling, top_p)
         if not torch.allclose(r["logits_TE"], logits, rtol=1e-4, atol=1e-4):
             problems.append(f"{how}: logits")
         scores = scores_from_logits(r["logits_TE"], score)
         expert, weight, active = select_experts(scores, scores + bias, k, renormalize=renorm, scaling=scaling,
                                                 top_p=top_p)
         flat = expert.reshape(-1)
-        sorts = [triton_moe.launch_place(flat, r["counts_BE"], r["rows_per_block"])]
+        sorts = [triton_routing.launch_place(flat, r["counts_BE"], r["rows_per_block"])]
         if r["sorted_slots"] is not None:  # one program: the routing kernel sorted them too
             sorts.append(r["sorted_slots"])
         order, ends = (torch.stack([s[i].long() for s in sorts]) for i in (0, 1))

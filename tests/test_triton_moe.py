@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fulu_nas.moe import ROUTERS, triton_moe
+from fulu_nas.moe import ROUTERS, triton_moe, triton_routing
 from fulu_nas.moe.layer import prefer_triton
 
 from .helpers import ROUTE_CASES, make_layer, routing_kernel_mismatches
@@ -143,7 +143,7 @@ def test_default_call_through_the_routing_kernel_equals_torch_routing(monkeypatc
     def call(kernel: bool):
         with monkeypatch.context() as m:
             if not kernel:
-                m.setattr(triton_moe, "route_usable", lambda *args: False)
+                m.setattr(triton_routing, "route_usable", lambda *args: False)
             with torch.inference_mode():
                 routing = fast.router(x)
                 out, stats = fast(x)

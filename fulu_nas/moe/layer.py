@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import triton_moe
+from . import triton_moe, triton_routing
 from .balancing import load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
 from .experts import GroupedExperts, SharedExperts, needs_grad, sort_by_expert, sum_slots
@@ -189,15 +189,15 @@ class PiMoELayer(nn.Module):
         """``(order_N, ends_E, expert_sorted_N)``: the stable sort of the flat slots by expert, the
         group ends, and the sorted expert ids (``None`` where nothing reads them: no capacity, no
         expert biases). Eagerly on CUDA the routing kernel sorted them already (one program) or
-        left its block counts for a counting sort (:func:`fulu_nas.moe.triton_moe.launch_place`);
+        left its block counts for a counting sort (:func:`fulu_nas.moe.triton_routing.launch_place`);
         else torch's stable argsort, and a binary search of the sorted ids for the ends (no
         atomics). All give the same order."""
         E = self.cfg.num_experts
         needs_ids = self.cfg.capacity_factor is not None or self.experts.b13_EF2 is not None or impl == "sorted"
         if r.sorted_slots is not None:
             order_N, ends_E = r.sorted_slots
-        elif r.counts_BE is not None and triton_moe.place_usable(r.counts_BE):
-            order_N, ends_E = triton_moe.launch_place(expert_N, r.counts_BE, r.rows_per_block)
+        elif r.counts_BE is not None and triton_routing.place_usable(r.counts_BE):
+            order_N, ends_E = triton_routing.launch_place(expert_N, r.counts_BE, r.rows_per_block)
         else:
             order_N = sort_by_expert(expert_N, E)
             expert_sorted_N = expert_N[order_N]

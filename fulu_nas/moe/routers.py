@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import triton_moe
+from . import triton_moe, triton_routing
 from .config import MoEConfig
 from .experts import needs_grad
 from .routing import (
@@ -70,7 +70,7 @@ class ScoreRouter(Fp32Router):
         cfg = self.cfg
         x_TD = jitter(x_TD, cfg.router_jitter, self.training)
         if (triton_moe.direct_call() and type(self).group_mask is ScoreRouter.group_mask
-                and triton_moe.route_usable(x_TD, cfg.top_k, cfg.num_experts)):
+                and triton_routing.route_usable(x_TD, cfg.top_k, cfg.num_experts)):
             return self._route_by_kernel(x_TD, batch_shape)
         logits_TE = self.logits(x_TD, batch_shape).float()
         scores_TE = scores_from_logits(logits_TE, cfg.score_func)
@@ -86,14 +86,14 @@ class ScoreRouter(Fp32Router):
         the torch ops take about ten (and the block counts the layer's counting sort needs). With
         a gradient the weights and probabilities are recomputed by torch ops from the kernel's
         choice, so that they carry the router's gradient; without one the kernel also computes the
-        logits (:func:`fulu_nas.moe.triton_moe.logits_in_kernel`)."""
+        logits (:func:`fulu_nas.moe.triton_routing.logits_in_kernel`)."""
         cfg = self.cfg
         grad = needs_grad(self, x_TD)
         gate = self.gate_weight()
         logits_TE = None
-        if grad or gate is None or not triton_moe.logits_in_kernel(x_TD, cfg.num_experts):
+        if grad or gate is None or not triton_routing.logits_in_kernel(x_TD, cfg.num_experts):
             logits_TE = self.logits(x_TD, batch_shape).float()
-        r = triton_moe.launch_route(logits_TE, x_TD, gate, self.expert_bias, cfg.top_k, cfg.score_func,
+        r = triton_routing.launch_route(logits_TE, x_TD, gate, self.expert_bias, cfg.top_k, cfg.score_func,
                                     cfg.renormalize, cfg.routed_scaling_factor, cfg.top_p)
         routing = Routing(expert_TK=r["expert_TK"], weight_TK=r["weight_TK"], active_TK=r["active_TK"],
                           probs_TE=r["probs_TE"], logits_TE=r["logits_TE"], counts_BE=r["counts_BE"],

@@ -26,7 +26,7 @@ class Routing:
     (expert e takes tokens ``token_EC[e]``). ``probs_TE`` are the normalised router
     probabilities and ``logits_TE`` the raw logits (both ``None`` for the parameter-free hash
     router); they feed the balancing losses and the router-entropy statistic. ``counts_BE``,
-    ``rows_per_block`` and ``sorted_slots``: see :func:`fulu_nas.moe.triton_moe.launch_route`.
+    ``rows_per_block`` and ``sorted_slots``: see :func:`fulu_nas.moe.triton_routing.launch_route`.
     """
 
     expert_TK: Tensor | None = None

@@ -1,0 +1,125 @@
+"""The eager routing fast path on CUDA: a token-choice router's selection in one Triton kernel and
+the stable sort of the slots by expert by counting (``route_kernel`` and ``place_kernel`` in
+:mod:`fulu_nas.moe._triton_kernels`).
+
+Eagerly, a layer call waits on its host: the torch ops of the selection (softmax, bias, top-k,
+gather, renormalisation) and of the sort (argsort, gather of the sorted ids, binary search of the
+group ends) are about twenty small launches; these are two (one for a few tokens). The results are
+the torch ops' (same experts, order and ends; weights to the last fp32 bit). There are no custom
+ops here: torch.compile keeps the torch ops, which it fuses. Launchers only; nothing here imports
+triton (:func:`fulu_nas.moe.triton_moe._kernels` does, at the first launch).
+"""
+
+import torch
+from torch import Tensor
+
+from .triton_moe import TOPK_MAX_EXPERTS, _cdiv, _kernels, _next_pow2, usable
+
+# Without a gradient the routing kernel computes the logits itself: for at most this many tokens
+# by fp32 products of x and the fp32 gate (below a few hundred tokens the router's GEMM is
+# microseconds of device time and its launches, an fp32 copy of x and cuBLAS, ~100 us of host time
+# on an H200 host, are what the call waits on); for more tokens in bf16 by the bf16 split of
+# :func:`fulu_nas.moe.routing.router_logits` on tensor cores (its ``out_dtype`` GEMM took ~150 us
+# of host time per call, H200, 32,768 tokens).
+FMA_LOGITS_MAX_TOKENS = 64
+SPLIT_LOGITS_MAX_EXPERTS = 256
+# The counting sort reads every block's counts in each program: it runs where there are at most
+# this many (blocks x experts) counts, else the layer takes torch's stable argsort (the counts
+# grow with tokens x experts: at 32,768 tokens the seed config's 8 experts stay inside, 128 do not).
+PLACE_MAX_COUNTS = 2**15
+
+
+def route_usable(x_TD: Tensor, k: int, num_experts: int) -> bool:
+    """Whether :func:`launch_route` can route ``x_TD`` (eager callers: it has no custom op)."""
+    return usable(x_TD) and x_TD.dim() == 2 and 1 <= k <= num_experts <= TOPK_MAX_EXPERTS
+
+
+def logits_in_kernel(x_TD: Tensor, num_experts: int) -> int:
+    """How the routing kernel computes the logits of ``x_TD`` itself (no gradient): 1 by fp32
+    products (a few tokens), 2 by the bf16 split on tensor cores (bf16 input); 0: it reads them."""
+    if x_TD.shape[0] <= FMA_LOGITS_MAX_TOKENS and _route_block(x_TD.shape[0], num_experts, 1)[0]:
+        return 1
+    if x_TD.dtype == torch.bfloat16 and num_experts <= SPLIT_LOGITS_MAX_EXPERTS:
+        return 2
+    return 0
+
+
+def _route_block(tokens: int, num_experts: int, logits: int) -> tuple[int, int]:
+    """(tokens per program, hidden columns per step) of the routing kernel for its ``LOGITS`` mode;
+    (0, 0) where the fp32 products' (tokens x experts) tile would not fit a program."""
+    e_pow2 = max(16, _next_pow2(num_experts))
+    if logits == 0:
+        return max(1, min(64, 2048 // e_pow2)), 0  # 2048 scores a program, as the top-k kernel
+    if logits == 2:
+        return max(16, min(64, 2048 // e_pow2)), 64  # tensor-core tiles: at least 16 rows
+    block_t = max(4, min(16, _next_pow2(tokens)))
+    if block_t * e_pow2 > 1024:
+        return 0, 0
+    return block_t, 8192 // (block_t * e_pow2)
+
+
+def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None, bias_E: Tensor, k: int,
+                 score_func: str, renormalize: bool, scaling: float,
+                 top_p: float | None) -> dict[str, Tensor | int]:  # pragma: no cover
+    """Token-choice selection in one kernel (:func:`fulu_nas.moe.routing.select_experts` on the
+    scores of ``logits_TE``, or with ``logits_TE=None`` of ``x_TD @ gate_ED^T`` computed in the
+    kernel, as :func:`logits_in_kernel` says). Returns ``expert_TK`` (int64), ``weight_TK``,
+    ``active_TK``, ``probs_TE``, ``logits_TE`` (fp32), ``counts_BE`` with ``rows_per_block``: how
+    many of each block's slots chose each expert, for :func:`launch_place`; and ``sorted_slots``,
+    that sort's ``(order_N, ends_E)`` already done where one program routed every token, else None."""
+    T, D = x_TD.shape
+    E = bias_E.shape[0]
+    mode = logits_in_kernel(x_TD, E) if logits_TE is None else 0
+    assert logits_TE is not None or mode, "launch_route: logits needed (see logits_in_kernel)"
+    fused = mode > 0
+    block_t, block_d = _route_block(T, E, mode)
+    dev = x_TD.device
+    blocks = _cdiv(T, block_t)
+    place = blocks == 1  # one program sees every slot: it sorts them too
+    out = {"expert_TK": torch.empty((T, k), dtype=torch.int64, device=dev),
+           "weight_TK": torch.empty((T, k), dtype=torch.float32, device=dev),
+           "active_TK": torch.empty((T, k), dtype=torch.bool, device=dev),
+           "probs_TE": torch.empty((T, E), dtype=torch.float32, device=dev),
+           "logits_TE": torch.empty((T, E), dtype=torch.float32, device=dev) if fused else logits_TE,
+           "counts_BE": torch.empty((blocks, E), dtype=torch.int32, device=dev),
+           "rows_per_block": block_t * k,
+           "sorted_slots": (torch.empty(T * k, dtype=torch.int64, device=dev),
+                            torch.empty(E, dtype=torch.int32, device=dev)) if place else None}
+    if T == 0:
+        return out
+    if fused:
+        x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+        gate_ED = gate_ED.contiguous()
+    elif logits_TE.stride(-1) != 1:
+        out["logits_TE"] = logits_TE.contiguous()
+    source = out["logits_TE"]
+    order_N, ends_E = out["sorted_slots"] or (source, source)
+    _kernels().route_kernel[(blocks,)](
+        source, x_TD, gate_ED if fused else source, bias_E, out["expert_TK"], out["weight_TK"], out["active_TK"],
+        out["probs_TE"], source, out["counts_BE"], order_N, ends_E, T, E, D, source.stride(0), x_TD.stride(0),
+        float(scaling), float(top_p) if top_p is not None else 1.0,
+        K=k, K_POW2=max(2, _next_pow2(k)), LOGITS=mode, SIGMOID=score_func == "sigmoid",
+        RENORMALIZE=renormalize, HAS_TOP_P=top_p is not None, PLACE=place, BLOCK_T=block_t, BLOCK_D=max(block_d, 1),
+        E_POW2=max(16, _next_pow2(E)), num_warps=4)
+    return out
+
+
+def place_usable(counts_BE: Tensor) -> bool:
+    return counts_BE.shape[0] * max(16, _next_pow2(counts_BE.shape[1])) <= PLACE_MAX_COUNTS
+
+
+def launch_place(expert_N: Tensor, counts_BE: Tensor, rows_per_block: int) -> tuple[Tensor, Tensor]:  # pragma: no cover
+    """``(order_N, ends_E)``: the stable argsort of the flat expert ids ``expert_N`` (int64) and the
+    int32 group ends, by counting from :func:`launch_route`'s block counts (equal to
+    :func:`fulu_nas.moe.experts.sort_by_expert` and ``searchsorted`` on the sorted ids)."""
+    N = expert_N.shape[0]
+    B, E = counts_BE.shape
+    order_N = torch.empty(N, dtype=torch.int64, device=expert_N.device)
+    if N == 0:
+        return order_N, torch.zeros(E, dtype=torch.int32, device=expert_N.device)
+    ends_E = torch.empty(E, dtype=torch.int32, device=expert_N.device)
+    e_pow2 = max(16, _next_pow2(E))
+    _kernels().place_kernel[(B,)](expert_N, counts_BE, order_N, ends_E, N, E, B, rows_per_block,
+                                  ROWS_POW2=max(16, _next_pow2(rows_per_block)), E_POW2=e_pow2,
+                                  BLOCK_B=max(1, 4096 // e_pow2), num_warps=4)
+    return order_N, ends_E
