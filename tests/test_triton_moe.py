@@ -311,13 +311,26 @@ def test_triton_impl_falls_back_without_cuda():
 
 
 @pytest.mark.parametrize(("rows", "experts", "hidden", "ffn"),
-                         [(32, 8, 512, 2048), (400, 8, 512, 2048), (8192, 8, 512, 2048), (65536, 8, 512, 2048),
+                         [(32, 8, 512, 2048), (200, 8, 512, 2048), (400, 8, 512, 2048), (8192, 8, 512, 2048),
+                          (65536, 8, 512, 2048),
                           (262144, 128, 1024, 256), (24, 4, 40, 24), (3000, 64, 8, 8)])
 def test_tile_configs_fit_the_shapes(rows, experts, hidden, ffn):
     for bm, bn, bk, warps, stages in (triton_moe.up_config(rows, experts, hidden, ffn),
                                       triton_moe.down_config(rows, experts, ffn, hidden)):
         assert all(v >= 16 and v & (v - 1) == 0 for v in (bm, bn, bk))  # tl.dot needs powers of 2 >= 16
         assert bn <= max(16, 2 * max(hidden, ffn)) and warps in (4, 8) and stages >= 2
+
+
+def test_second_gemm_rule(monkeypatch):
+    """The second GEMM is ``torch._grouped_mm`` only for large bf16 groups on a Hopper-class GPU, never
+    with an expert bias (its term lives in the Triton epilogue); ``GROUPED_MM_SECOND`` overrides."""
+    act = torch.empty(65536, 2048, dtype=torch.bfloat16, device="meta")
+    w2 = torch.empty(8, 2048, 512, dtype=torch.bfloat16, device="meta")
+    assert not triton_moe.second_gemm_by_grouped_mm(act, w2, None)  # large, but not on CUDA
+    assert not triton_moe.second_gemm_by_grouped_mm(act, w2, torch.empty(8, 512, device="meta"))
+    monkeypatch.setattr(triton_moe, "GROUPED_MM_SECOND", True)
+    assert triton_moe.second_gemm_by_grouped_mm(act[:16], w2, None)
+    assert not triton_moe.second_gemm_by_grouped_mm(act, w2, torch.empty(8, 512, device="meta"))
 
 
 def test_topk_uses_torch_on_the_cpu():

@@ -1,0 +1,115 @@
+"""The eager routing fast path's decisions and plumbing on the CPU.
+
+The kernels themselves are checked against the torch ops on CUDA (tests/test_triton_moe.py) and in
+Triton's interpreter (tests/test_triton_interpreter.py). Here: which logits mode and tile each
+shape gets, and that the routers and the layer use what the kernels return (the kernel's choice,
+its block counts or its finished sort; with a gradient, weights recomputed by torch ops) exactly
+as the torch path would. The launchers are replaced by torch implementations of their contract.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fulu_nas.moe import triton_routing
+from fulu_nas.moe.experts import sort_by_expert
+from fulu_nas.moe.routing import normalised_probs, scores_from_logits, select_experts
+
+from .helpers import make_layer
+
+
+@pytest.mark.parametrize(("tokens", "experts", "dtype", "mode"), [
+    (16, 8, torch.bfloat16, 1), (64, 8, torch.float32, 1), (1, 128, torch.bfloat16, 1),
+    (16, 128, torch.bfloat16, 2), (65, 8, torch.bfloat16, 2), (32768, 256, torch.bfloat16, 2),
+    (65, 8, torch.float32, 0), (32768, 257, torch.bfloat16, 0), (16, 300, torch.float32, 0)])
+def test_logits_mode_and_tiles_follow_the_shape(tokens, experts, dtype, mode):
+    """fp32 products for up to 64 tokens while their (tokens x experts) tile fits a program; the
+    bf16 split on tensor cores (at least 16 rows a program) for bf16 input up to 256 experts; else
+    the logits are read. Every tile fits: at most 8,192 products a step."""
+    x = torch.empty(tokens, 32, dtype=dtype)
+    assert triton_routing.logits_in_kernel(x, experts) == mode
+    block_t, block_d = triton_routing._route_block(tokens, experts, mode)
+    e_pow2 = max(16, 1 << (experts - 1).bit_length())
+    assert block_t >= 1 and block_t & (block_t - 1) == 0
+    if mode == 1:
+        assert block_t * e_pow2 * block_d == 8192 and block_t * e_pow2 <= 1024
+    if mode == 2:
+        assert block_t >= 16 and block_d == 64
+    if mode == 0:
+        assert block_t * e_pow2 <= 2048
+
+
+def test_only_cuda_or_the_interpreter_routes_by_kernel():
+    assert not triton_routing.route_usable(torch.zeros(4, 32), 2, 8)
+
+
+def test_the_counting_sort_runs_while_the_counts_stay_small():
+    assert triton_routing.place_usable(torch.zeros(512, 8, dtype=torch.int32))  # seed, 32,768 tokens
+    assert not triton_routing.place_usable(torch.zeros(2048, 128, dtype=torch.int32))  # fine-grained
+
+
+def torch_route(logits_TE, x_TD, gate_ED, bias_E, k, score_func, renormalize, scaling, top_p):
+    """:func:`triton_routing.launch_route`'s contract by torch ops (16 tokens a block)."""
+    T, E = x_TD.shape[0], bias_E.shape[0]
+    if logits_TE is None:
+        logits_TE = F.linear(x_TD.float(), gate_ED.float())  # as router_logits on the CPU
+    scores = scores_from_logits(logits_TE, score_func)
+    expert, weight, active = select_experts(scores, scores + bias_E, k, renormalize=renormalize,
+                                            scaling=scaling, top_p=top_p)
+    rows = 16 * k
+    flat = expert.reshape(-1)
+    counts = torch.stack([torch.bincount(block, minlength=E) for block in flat.split(rows)]).int()
+    one_block = T <= 16
+    sorted_slots = (sort_by_expert(flat, E), flat.bincount(minlength=E).cumsum(0).int()) if one_block else None
+    return {"expert_TK": expert, "weight_TK": weight.detach(), "active_TK": active,
+            "probs_TE": normalised_probs(scores, score_func).detach(), "logits_TE": logits_TE.detach(),
+            "counts_BE": counts, "rows_per_block": rows, "sorted_slots": sorted_slots}
+
+
+def torch_place(expert_N, counts_BE, rows_per_block):
+    E = counts_BE.shape[1]
+    return sort_by_expert(expert_N, E), expert_N.bincount(minlength=E).cumsum(0).int()
+
+
+def forward_backward(layer, x):
+    x = x.clone().requires_grad_(True)
+    out, stats = layer(x)
+    probe = torch.linspace(-1, 1, out.numel()).view_as(out)
+    ((out * probe).sum() + stats["balance_loss"]).backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad(set_to_none=True)
+    return out.detach(), x.grad, grads, stats["tokens_per_expert"].detach(), stats["dropped_share"].detach()
+
+
+@pytest.mark.parametrize("tokens", [8, 100])
+@pytest.mark.parametrize(("router", "options"), [
+    ("topk", {}), ("topk", {"top_p": 0.6, "top_k": 3}), ("topk", {"capacity_factor": 0.75}),
+    ("topk", {"score_func": "sigmoid", "renormalize": False, "routed_scaling_factor": 2.5}),
+    ("topk", {"activation": "gelu", "expert_bias": True, "num_shared_experts": 1}), ("attention", {})])
+def test_the_layer_uses_what_the_routing_kernel_returns(monkeypatch, router, options, tokens):
+    """Through the kernel path (its finished sort for one block, the counting sort from its block
+    counts for more; capacity and expert biases read the sorted ids), inference and training give
+    the torch path's output, gradients and statistics."""
+    layer = make_layer(router, **options)
+    x = torch.randn(tokens, 32)
+    calls = []
+
+    def expected():
+        layer.eval()
+        with torch.no_grad():
+            inference = layer(x)[0]
+        layer.train()
+        return inference, forward_backward(layer, x)
+
+    want = expected()
+    monkeypatch.setattr(triton_routing, "route_usable", lambda *args: True)
+    monkeypatch.setattr(triton_routing, "launch_route", lambda *args: calls.append("route") or torch_route(*args))
+    monkeypatch.setattr(triton_routing, "launch_place", lambda *args: calls.append("place") or torch_place(*args))
+    got = expected()
+    assert calls.count("route") == 2
+    assert ("place" in calls) == (tokens > 16)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for g, w in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
