@@ -83,22 +83,22 @@ def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, 
     for given in (logits, None) if triton_routing.logits_in_kernel(x, experts) else (logits,):
         how = "given logits" if given is not None else f"logits mode {triton_routing.logits_in_kernel(x, experts)}"
         r = triton_routing.launch_route(given, x, gate, bias, k, score, renorm, scaling, top_p)
-        if not torch.allclose(r["logits_TE"], logits, rtol=1e-4, atol=1e-4):
+        if not torch.allclose(r.logits_TE, logits, rtol=1e-4, atol=1e-4):
             problems.append(f"{how}: logits")
-        scores = scores_from_logits(r["logits_TE"], score)
+        scores = scores_from_logits(r.logits_TE, score)
         expert, weight, active = select_experts(scores, scores + bias, k, renormalize=renorm, scaling=scaling,
                                                 top_p=top_p)
         flat = expert.reshape(-1)
-        sorts = [triton_routing.launch_place(flat, r["counts_BE"], r["rows_per_block"])]
-        if r["sorted_slots"] is not None:  # one program: the routing kernel sorted them too
-            sorts.append(r["sorted_slots"])
+        sorts = [triton_routing.launch_place(flat, r.counts_BE, r.rows_per_block)]
+        if r.sorted_slots is not None:  # one program: the routing kernel sorted them too
+            sorts.append(r.sorted_slots)
         order, ends = (torch.stack([s[i].long() for s in sorts]) for i in (0, 1))
         checks = {
-            "experts": torch.equal(r["expert_TK"], expert),
-            "weights": torch.allclose(r["weight_TK"], weight, rtol=1e-5, atol=1e-6),
-            "active": torch.equal(r["active_TK"], active),
-            "probs": torch.allclose(r["probs_TE"], normalised_probs(scores, score), rtol=1e-5, atol=1e-7),
-            "counts": torch.equal(r["counts_BE"].sum(0).long(), torch.bincount(flat, minlength=experts)),
+            "experts": torch.equal(r.expert_TK, expert),
+            "weights": torch.allclose(r.weight_TK, weight, rtol=1e-5, atol=1e-6),
+            "active": torch.equal(r.active_TK, active),
+            "probs": torch.allclose(r.probs_TE, normalised_probs(scores, score), rtol=1e-5, atol=1e-7),
+            "counts": torch.equal(r.counts_BE.sum(0).long(), torch.bincount(flat, minlength=experts)),
             "order": (order == sort_by_expert(flat, experts)).all().item(),
             "ends": (ends == torch.bincount(flat, minlength=experts).cumsum(0)).all().item(),
         }

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fulu_nas.moe import triton_routing
 from fulu_nas.moe.experts import sort_by_expert
-from fulu_nas.moe.routing import normalised_probs, scores_from_logits, select_experts
+from fulu_nas.moe.routing import Routing, normalised_probs, scores_from_logits, select_experts
 
 from .helpers import make_layer
 
@@ -63,9 +63,9 @@ def torch_route(logits_TE, x_TD, gate_ED, bias_E, k, score_func, renormalize, sc
     counts = torch.stack([torch.bincount(block, minlength=E) for block in flat.split(rows)]).int()
     one_block = T <= 16
     sorted_slots = (sort_by_expert(flat, E), flat.bincount(minlength=E).cumsum(0).int()) if one_block else None
-    return {"expert_TK": expert, "weight_TK": weight.detach(), "active_TK": active,
-            "probs_TE": normalised_probs(scores, score_func).detach(), "logits_TE": logits_TE.detach(),
-            "counts_BE": counts, "rows_per_block": rows, "sorted_slots": sorted_slots}
+    return Routing(expert_TK=expert, weight_TK=weight.detach(), active_TK=active,
+                   probs_TE=normalised_probs(scores, score_func).detach(), logits_TE=logits_TE.detach(),
+                   counts_BE=counts, rows_per_block=rows, sorted_slots=sorted_slots)
 
 
 def torch_place(expert_N, counts_BE, rows_per_block):

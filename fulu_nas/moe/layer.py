@@ -160,7 +160,7 @@ class PiMoELayer(nn.Module):
             return out_TD, lambda: (torch.zeros(E, device=x_TD.device).index_add_(0, expert_N, keep_N.float()),
                                     self._dropped_share(active_N, keep_N))
 
-        order_N, ends_E, expert_sorted_N = self._sort_slots(x_TD, r, expert_N, impl)
+        order_N, ends_E, expert_sorted_N = self._sort_slots(r, expert_N, impl)
         starts_E = once(lambda: F.pad(ends_E[:-1], (1, 0)))
         # Rows to keep: only a capacity drops rows (inactive top-p slots already have weight 0).
         keep_sorted_N = None
@@ -184,8 +184,7 @@ class PiMoELayer(nn.Module):
             return counts_E, self._dropped_share(active_sorted_N, keep_N)
         return out_TD, load
 
-    def _sort_slots(self, x_TD: Tensor, r: Routing, expert_N: Tensor,
-                    impl: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _sort_slots(self, r: Routing, expert_N: Tensor, impl: str) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(order_N, ends_E, expert_sorted_N)``: the stable sort of the flat slots by expert, the
         group ends, and the sorted expert ids (``None`` where nothing reads them: no capacity, no
         expert biases). Eagerly on CUDA the routing kernel sorted them already (one program) or
@@ -201,7 +200,7 @@ class PiMoELayer(nn.Module):
         else:
             order_N = sort_by_expert(expert_N, E)
             expert_sorted_N = expert_N[order_N]
-            ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=x_TD.device))
+            ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=expert_N.device))
             return order_N, ends_E, expert_sorted_N
         return order_N, ends_E, expert_N[order_N] if needs_ids else None
 

@@ -93,11 +93,8 @@ class ScoreRouter(Fp32Router):
         logits_TE = None
         if grad or gate is None or not triton_routing.logits_in_kernel(x_TD, cfg.num_experts):
             logits_TE = self.logits(x_TD, batch_shape).float()
-        r = triton_routing.launch_route(logits_TE, x_TD, gate, self.expert_bias, cfg.top_k, cfg.score_func,
-                                       cfg.renormalize, cfg.routed_scaling_factor, cfg.top_p)
-        routing = Routing(expert_TK=r["expert_TK"], weight_TK=r["weight_TK"], active_TK=r["active_TK"],
-                          probs_TE=r["probs_TE"], logits_TE=r["logits_TE"], counts_BE=r["counts_BE"],
-                          rows_per_block=r["rows_per_block"], sorted_slots=r["sorted_slots"])
+        routing = triton_routing.launch_route(logits_TE, x_TD, gate, self.expert_bias, cfg.top_k, cfg.score_func,
+                                              cfg.renormalize, cfg.routed_scaling_factor, cfg.top_p)
         if grad:
             scores_TE = scores_from_logits(logits_TE, cfg.score_func)
             routing.weight_TK, routing.active_TK = selected_weights(

@@ -13,6 +13,7 @@ triton (:func:`fulu_nas.moe.triton_moe._kernels` does, at the first launch).
 import torch
 from torch import Tensor
 
+from .routing import Routing
 from .triton_moe import TOPK_MAX_EXPERTS, _cdiv, _kernels, _next_pow2, usable
 
 # Without a gradient the routing kernel computes the logits itself: for at most this many tokens
@@ -44,10 +45,15 @@ def logits_in_kernel(x_TD: Tensor, num_experts: int) -> int:
     return 0
 
 
+def _experts_pow2(num_experts: int) -> int:
+    """The kernels' expert lanes: a power of two, at least 16."""
+    return max(16, _next_pow2(num_experts))
+
+
 def _route_block(tokens: int, num_experts: int, logits: int) -> tuple[int, int]:
     """(tokens per program, hidden columns per step) of the routing kernel for its ``LOGITS`` mode;
     (0, 0) where the fp32 products' (tokens x experts) tile would not fit a program."""
-    e_pow2 = max(16, _next_pow2(num_experts))
+    e_pow2 = _experts_pow2(num_experts)
     if logits == 0:
         return max(1, min(64, 2048 // e_pow2)), 0  # 2048 scores a program, as the top-k kernel
     if logits == 2:
@@ -60,13 +66,14 @@ def _route_block(tokens: int, num_experts: int, logits: int) -> tuple[int, int]:
 
 def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None, bias_E: Tensor, k: int,
                  score_func: str, renormalize: bool, scaling: float,
-                 top_p: float | None) -> dict[str, Tensor | int]:  # pragma: no cover
+                 top_p: float | None) -> Routing:  # pragma: no cover
     """Token-choice selection in one kernel (:func:`fulu_nas.moe.routing.select_experts` on the
     scores of ``logits_TE``, or with ``logits_TE=None`` of ``x_TD @ gate_ED^T`` computed in the
-    kernel, as :func:`logits_in_kernel` says). Returns ``expert_TK`` (int64), ``weight_TK``,
-    ``active_TK``, ``probs_TE``, ``logits_TE`` (fp32), ``counts_BE`` with ``rows_per_block``: how
-    many of each block's slots chose each expert, for :func:`launch_place`; and ``sorted_slots``,
-    that sort's ``(order_N, ends_E)`` already done where one program routed every token, else None."""
+    kernel, as :func:`logits_in_kernel` says): a :class:`Routing` with ``expert_TK`` (int64),
+    ``weight_TK``, ``active_TK``, ``probs_TE``, ``logits_TE`` (fp32), ``counts_BE`` with
+    ``rows_per_block`` (how many of each block's slots chose each expert, for
+    :func:`launch_place`), and ``sorted_slots``, that sort's ``(order_N, ends_E)`` already done
+    where one program routed every token, else None."""
     T, D = x_TD.shape
     E = bias_E.shape[0]
     mode = logits_in_kernel(x_TD, E) if logits_TE is None else 0
@@ -76,36 +83,34 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
     dev = x_TD.device
     blocks = _cdiv(T, block_t)
     place = blocks == 1  # one program sees every slot: it sorts them too
-    out = {"expert_TK": torch.empty((T, k), dtype=torch.int64, device=dev),
-           "weight_TK": torch.empty((T, k), dtype=torch.float32, device=dev),
-           "active_TK": torch.empty((T, k), dtype=torch.bool, device=dev),
-           "probs_TE": torch.empty((T, E), dtype=torch.float32, device=dev),
-           "logits_TE": torch.empty((T, E), dtype=torch.float32, device=dev) if fused else logits_TE,
-           "counts_BE": torch.empty((blocks, E), dtype=torch.int32, device=dev),
-           "rows_per_block": block_t * k,
-           "sorted_slots": (torch.empty(T * k, dtype=torch.int64, device=dev),
-                            torch.empty(E, dtype=torch.int32, device=dev)) if place else None}
-    if T == 0:
-        return out
     if fused:
+        logits_TE = torch.empty((T, E), dtype=torch.float32, device=dev)
         x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
         gate_ED = gate_ED.contiguous()
     elif logits_TE.stride(-1) != 1:
-        out["logits_TE"] = logits_TE.contiguous()
-    source = out["logits_TE"]
-    order_N, ends_E = out["sorted_slots"] or (source, source)
+        logits_TE = logits_TE.contiguous()
+    r = Routing(expert_TK=torch.empty((T, k), dtype=torch.int64, device=dev),
+                weight_TK=torch.empty((T, k), dtype=torch.float32, device=dev),
+                active_TK=torch.empty((T, k), dtype=torch.bool, device=dev),
+                probs_TE=torch.empty((T, E), dtype=torch.float32, device=dev), logits_TE=logits_TE,
+                counts_BE=torch.empty((blocks, E), dtype=torch.int32, device=dev), rows_per_block=block_t * k,
+                sorted_slots=(torch.empty(T * k, dtype=torch.int64, device=dev),
+                              torch.empty(E, dtype=torch.int32, device=dev)) if place else None)
+    if T == 0:
+        return r
+    order_N, ends_E = r.sorted_slots or (logits_TE, logits_TE)
     _kernels().route_kernel[(blocks,)](
-        source, x_TD, gate_ED if fused else source, bias_E, out["expert_TK"], out["weight_TK"], out["active_TK"],
-        out["probs_TE"], source, out["counts_BE"], order_N, ends_E, T, E, D, source.stride(0), x_TD.stride(0),
+        logits_TE, x_TD, gate_ED if fused else logits_TE, bias_E, r.expert_TK, r.weight_TK, r.active_TK,
+        r.probs_TE, logits_TE, r.counts_BE, order_N, ends_E, T, E, D, logits_TE.stride(0), x_TD.stride(0),
         float(scaling), float(top_p) if top_p is not None else 1.0,
         K=k, K_POW2=max(2, _next_pow2(k)), LOGITS=mode, SIGMOID=score_func == "sigmoid",
         RENORMALIZE=renormalize, HAS_TOP_P=top_p is not None, PLACE=place, BLOCK_T=block_t, BLOCK_D=max(block_d, 1),
-        E_POW2=max(16, _next_pow2(E)), num_warps=4)
-    return out
+        E_POW2=_experts_pow2(E), num_warps=4)
+    return r
 
 
 def place_usable(counts_BE: Tensor) -> bool:
-    return counts_BE.shape[0] * max(16, _next_pow2(counts_BE.shape[1])) <= PLACE_MAX_COUNTS
+    return counts_BE.shape[0] * _experts_pow2(counts_BE.shape[1]) <= PLACE_MAX_COUNTS
 
 
 def launch_place(expert_N: Tensor, counts_BE: Tensor, rows_per_block: int) -> tuple[Tensor, Tensor]:  # pragma: no cover
@@ -118,7 +123,7 @@ def launch_place(expert_N: Tensor, counts_BE: Tensor, rows_per_block: int) -> tu
     if N == 0:
         return order_N, torch.zeros(E, dtype=torch.int32, device=expert_N.device)
     ends_E = torch.empty(E, dtype=torch.int32, device=expert_N.device)
-    e_pow2 = max(16, _next_pow2(E))
+    e_pow2 = _experts_pow2(E)
     _kernels().place_kernel[(B,)](expert_N, counts_BE, order_N, ends_E, N, E, B, rows_per_block,
                                   ROWS_POW2=max(16, _next_pow2(rows_per_block)), E_POW2=e_pow2,
                                   BLOCK_B=max(1, 4096 // e_pow2), num_warps=4)
