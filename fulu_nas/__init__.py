@@ -3,7 +3,14 @@
 The layer library (``fulu_nas.moe``) and the spec's entry point need torch only.
 """
 
+import os as _os
 from pathlib import Path as _Path
+
+# MKL's GEMMs split some products across threads in ways that change the rounding with the thread count,
+# so a trial trained on a lone worker's threads and one trained on a worker's share of them could differ
+# (e.g. a search with 1 worker vs 2). Strict conditional-numerical-reproducibility mode makes them
+# bit-identical for any thread count. MKL reads it once, when torch first loads it: so before torch.
+_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from .deploy.export import load as _load_searched
 from .interop import migrate_from_electra  # torch only: transformers is imported when loading a directory
