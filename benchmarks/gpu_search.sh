@@ -67,7 +67,7 @@ data = open(f"{folder}/model.pt2", "rb").read()
 assert hashlib.sha256(data).hexdigest() == json.load(open(f"{folder}/checksums.json"))["model.pt2"]
 program = move_to_device_pass(torch.export.load(io.BytesIO(data)), "cuda").module()
 model = fulu_nas.load(folder, map_location="cuda")
-tokens = torch.randint(0, 256, (4, 256), device="cuda")
+tokens = torch.randint(0, model.embed.num_embeddings, (4, model.pos.num_embeddings), device="cuda")  # the task's
 with torch.no_grad():
     want, got = model(tokens).logits, program(tokens)
     bf16 = model.to(torch.bfloat16)(tokens).logits.float()

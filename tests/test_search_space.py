@@ -42,7 +42,8 @@ def test_shipped_spaces_parse_and_their_reference_builds(name):
 def test_default_space_covers_what_the_issue_lists():
     space = parse_space(load("default"))
     params = {p.name: p for p in space.params}
-    assert set(params["router"].choices) == {"topk", "expert_choice", "hash", "hierarchical", "attention"}
+    # every router but expert choice, which is not causal (the default task is a language model)
+    assert set(params["router"].choices) == {"topk", "hash", "hierarchical", "attention"}
     assert (params["num_experts"].low, params["num_experts"].high) == (4, 64)
     assert (params["hierarchy_depth"].low, params["hierarchy_depth"].high) == (1, 3)
     assert {"top_k", "top_p", "num_shared_experts", "expert_ffn_size", "balancing"} <= params.keys()
@@ -75,7 +76,28 @@ def test_conditional_parameters_are_sampled_only_when_their_condition_holds():
         assert ("attention_context" in v) == (v["router"] == "attention")
         assert ("top_p" in v) == (v["router"] in ("topk", "hierarchical", "attention"))
         assert v["num_experts"] % 4 == 0 and 4 <= v["num_experts"] <= 64
-    assert {v["router"] for v in samples} == {"topk", "expert_choice", "hash", "hierarchical", "attention"}
+    assert {v["router"] for v in samples} == {"topk", "hash", "hierarchical", "attention"}
+
+
+@pytest.mark.parametrize("task_name", ["pimoe_mix", "textlm"])
+def test_a_language_model_space_with_expert_choice_is_refused_naming_why(task_name):
+    """Expert choice reads later tokens (tests/test_models.py): on a next-token task the space's
+    expert_choice choice is named before a study starts; a token-classification task keeps it."""
+    from fulu_nas.search.feasibility import check_feasible
+    from fulu_nas.search.space import Infeasible
+
+    space = parse_space(load("routers"))
+    assert "expert_choice" in next(p for p in space.params if p.name == "router").choices
+    with pytest.raises(FuluConfigError) as e:
+        check_feasible(space, build_task(task_name), draws=20)
+    assert e.value.problems == [
+        "search_space.params.router.choices: 'expert_choice' gives no feasible architecture in 20 random draws "
+        "(first: impossible architecture: router expert_choice is not causal: each expert picks its tokens from "
+        "the whole batch, so a token's output depends on the tokens after it, which a next-token language model "
+        "predicts (use it on a token-classification task))"]
+    with pytest.raises(Infeasible, match="not causal"):
+        space.feasible_arch(space.with_derived({**space.reference, "router": "expert_choice"}), build_task(task_name))
+    check_feasible(space, build_task("clusters"), draws=20)
 
 
 def test_constraints_flag_violations_and_skip_inactive_names():

@@ -73,10 +73,24 @@ class Family:
         return cfg
 
 
+# Why expert choice cannot be a next-token language model's router. Each expert takes its top tokens
+# of the whole batch, so whether (and how) token t is processed depends on the scores of the tokens
+# after it: the logits at t read the future, the very tokens they are trained and evaluated to predict.
+# A search rewards that leak (BENCHMARKS.md, "The search on a GPU": on pimoe_mix, expert choice with
+# 36-52 experts reached 0.73-0.81 exact match on the sums, no causal router more than 0.58), and a
+# model that uses it cannot generate text one token at a time. Token classification may see the
+# whole sequence, so it keeps the router.
+NOT_CAUSAL = ("router expert_choice is not causal: each expert picks its tokens from the whole batch, so "
+              "a token's output depends on the tokens after it, which a next-token language model "
+              "predicts (use it on a token-classification task)")
+
+
 class _PiMoE(Family):
     def arch(self, base: dict, values: dict[str, Any], task) -> ArchConfig:
         own, moe = self.split(base, values)
         own.update(vocab_size=task.vocab_size, num_classes=task.num_classes, max_seq_len=task.seq_len)
+        if task.num_classes == 0 and moe.get("router") == "expert_choice":
+            raise FuluConfigError(NOT_CAUSAL)
         return ArchConfig.from_dict({**own, "moe": moe})
 
     def arch_from_dict(self, d: dict[str, Any]) -> ArchConfig:
