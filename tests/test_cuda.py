@@ -411,6 +411,28 @@ def test_the_compiled_step_replays_from_a_cuda_graph_too():
         result = train(seeded_model(arch, 0, "cuda"), task,
                        TrainConfig(steps=20, batch_size=16, report_every=5, progress=False, device="cuda",
                                    compile=compile_as))
-        assert step_description(result) == f"{compile_as} + CUDA graph"
+        assert step_description(result) == f"{compile_as} + CUDA graph, deterministic"
         losses[compile_as] = [r.loss for r in result.history]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-2)
+
+
+@pytest.mark.parametrize("compile_as", ["eager", "compiled"])
+def test_training_twice_gives_identical_weights(compile_as):
+    """Deterministic training (the default on a GPU): one architecture trained twice, every step
+    replayed from a CUDA graph, ends with bit-identical weights and losses; the trainer restores
+    torch's global deterministic setting afterwards."""
+    from fulu_nas.models import seeded_model
+    from fulu_nas.training.train import TrainConfig, step_description, train
+
+    moe = make_layer("topk", hidden_size=256, expert_ffn_size=256, num_experts=16, top_k=2).cfg
+    task, arch = text_lm(moe)
+    runs = []
+    for _ in range(2):
+        model = seeded_model(arch, 0, "cuda")
+        result = train(model, task, TrainConfig(steps=30, batch_size=16, report_every=10, progress=False,
+                                                device="cuda", compile=compile_as))
+        assert step_description(result) == f"{compile_as} + CUDA graph, deterministic"
+        runs.append(([r.loss for r in result.history], [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+    assert not torch.are_deterministic_algorithms_enabled()

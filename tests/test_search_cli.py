@@ -40,6 +40,7 @@ BAD = [
     (["trainer.device=cuda:99"], "trainer.device: cuda:99"),  # no such GPU (none at all on a CPU machine)
     (["trainer.compile=yes"], "trainer.compile"),
     (["trainer.cuda_graph=maybe"], "trainer.cuda_graph"),
+    (["trainer.deterministic=sometimes"], "trainer.deterministic"),
     (["task=textlm", "task.path=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["study.sampler=grid", "search_space=default", "+search_space.params.router_jitter={type:float,low:0,high:1}",
       "+search_space.reference.router_jitter=0.0"],

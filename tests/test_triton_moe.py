@@ -232,6 +232,29 @@ def test_triton_training_in_bf16_with_idle_experts(router):
 
 
 @needs_triton
+def test_training_op_backward_writes_no_gradient_for_its_saved_outputs():
+    """``pre`` and ``act``, the training op's outputs kept for its backward, are not differentiable: autograd
+    must not fill zero gradients for them (N rows each) before the backward runs."""
+    T, D, F, E, K = 512, 128, 256, 8, 2
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    expert_N = torch.randint(0, E, (T * K,), device="cuda")
+    order = torch.argsort(expert_N, stable=True)
+    ends = torch.bincount(expert_N, minlength=E).cumsum(0).to(torch.int32)
+    weight = torch.rand(T * K, device="cuda", requires_grad=True)
+    w13 = (torch.randn(E, D, F, device="cuda") / D**0.5).requires_grad_()
+    w2 = (torch.randn(E, F, D, device="cuda") / F**0.5).requires_grad_()
+    out, _, _ = triton_moe.moe_experts_train(x, order, weight, ends, w13, w2, None, None, K, False, False, True)
+    grad = torch.randn_like(out)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out.backward(grad)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert kernels and not [k for k in kernels if "Fill" in k], kernels
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, weight, w13, w2))
+
+
+@needs_triton
 def test_triton_training_compiles():
     """A compiled training step keeps the Triton ops (forward and the opaque backward) and gives the
     eager gradients; group sizes that are not multiples of 8 rows (which the backward's grouped

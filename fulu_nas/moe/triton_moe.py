@@ -255,9 +255,14 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, order, weight, ends, w13, w2, b13, b2, pre, act)
     ctx.k_slots, ctx.swiglu, ctx.weight_sorted, ctx.combine = k_slots, swiglu, weight_sorted, combine
     ctx.mark_non_differentiable(pre, act)
+    # Autograd would otherwise fill a zero gradient for ``pre`` and ``act``, which nothing reads: two
+    # writes of N rows each (80 us apiece at the seed config on an H200).
+    ctx.set_materialize_grads(False)
 
 
-def _experts_backward(ctx, grad_out: Tensor, _grad_pre, _grad_act):  # pragma: no cover
+def _experts_backward(ctx, grad_out: Tensor | None, _grad_pre, _grad_act):  # pragma: no cover
+    if grad_out is None:  # the loss does not depend on the output
+        return (None,) * 12
     x, order, weight, ends, w13, w2, b13, b2, pre, act = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     dx, dweight, dw13, dw2, db13, db2 = moe_experts_backward(

@@ -269,8 +269,8 @@ def phase_metrics(seconds: dict[str, float], result: TrainResult, log: TrainingL
 
 def cache_key(settings: SearchSettings, arch_hash: str) -> str:
     """Identical architecture + task + budget + cost protocol -> identical key."""
-    # none of these changes a trial's result (beyond floating-point rounding: device, compile)
-    skip = ("progress", "device", "compile", "cuda_graph", "report_every", "seconds_cap")
+    # none of these changes a trial's result (beyond floating-point rounding: device, compile, deterministic)
+    skip = ("progress", "device", "compile", "cuda_graph", "deterministic", "report_every", "seconds_cap")
     train = {k: v for k, v in asdict(settings.train).items() if k not in skip}
     if train["expert_parallel"] == 1:  # the default: keys from before the setting stay valid
         del train["expert_parallel"]

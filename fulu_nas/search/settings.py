@@ -135,7 +135,7 @@ class SearchSettings:
         keep["objectives"] = list(self.study.objectives)
         keep["constraints"] = list(self.study.constraints)
         # the safety cap may change on resume: results depend on the steps alone
-        free = ("device", "compile", "cuda_graph", "report_every", "max_seconds")
+        free = ("device", "compile", "cuda_graph", "deterministic", "report_every", "max_seconds")
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in free}
         if keep["trainer"].get("expert_parallel") == 1:  # the default: studies from before the key resume
             del keep["trainer"]["expert_parallel"]
@@ -365,8 +365,9 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
     for key, bounds in _TRAINER_NUMBERS.items():
         if key in d and not (key == "max_seconds" and d[key] is None):
             _check_number(f"trainer.{key}", d[key], problems, *bounds)
-    if not isinstance(d.get("gradient_checkpointing", False), bool):
-        problems.append(f"trainer.gradient_checkpointing: expected true or false, got {d['gradient_checkpointing']!r}")
+    for key in ("gradient_checkpointing", "deterministic"):
+        if not isinstance(d.get(key, False), bool):
+            problems.append(f"trainer.{key}: expected true or false, got {d[key]!r}")
     if d.get("compile", "auto") not in ("auto", "compiled", "eager"):
         problems.append(f"trainer.compile: expected auto, compiled or eager, got {d['compile']!r}")
     if d.get("cuda_graph", "auto") not in ("auto", True, False):

@@ -84,6 +84,10 @@ class TrainConfig:
     # Replay the training step from one CUDA graph (:func:`uses_cuda_graph`): "auto" (wherever the step
     # can be captured), True or False.
     cuda_graph: bool | str = "auto"
+    # On a GPU, train with deterministic algorithms only (:func:`deterministic_training`): the same
+    # architecture, seed and steps give bit-identical weights from run to run and worker to worker. The
+    # CPU's training is deterministic already (``MKL_CBWR``, set in ``fulu_nas/__init__``).
+    deterministic: bool = True
 
 
 @dataclass
@@ -112,6 +116,7 @@ class TrainResult:
     stop_reason: str
     step_kind: str = "eager"  # "compiled" or "eager": the training step that ran (:func:`step_kind`)
     cuda_graph: bool = False  # the steps after the warm-up were replayed from one CUDA graph
+    deterministic: bool = False  # trained on a GPU with deterministic algorithms only
     capture_seconds: float = 0.0  # capturing that graph
     first_step_seconds: float = 0.0  # the first step alone: with the compiled step, mostly its compilation
     history: list[StepReport] = field(default_factory=list)
@@ -178,7 +183,38 @@ def uses_cuda_graph(cfg: TrainConfig, device: torch.device, distributed: bool, h
 
 def step_description(result: TrainResult) -> str:
     """The step that ran, as a trial's MLflow param ``train_step`` records it."""
-    return f"{result.step_kind} + CUDA graph" if result.cuda_graph else result.step_kind
+    step = f"{result.step_kind} + CUDA graph" if result.cuda_graph else result.step_kind
+    return f"{step}, deterministic" if result.deterministic else step
+
+
+@contextmanager
+def deterministic_training(enabled: bool, device: torch.device):
+    """On a GPU (``enabled``), deterministic algorithms only for the duration of the ``with``: without them
+    two runs of one architecture differ from the first steps on (atomic adds in the backward of indexing
+    and attention), and on ``pimoe_mix`` a search's trial scored 0.39 to 0.94 exact match from run to run.
+    Uninitialised memory is not filled: no kernel reads it, and the fills cost 12 ms of a 108 ms profile
+    of ten steps (H200, GPU preset). Inductor skips the on-device benchmarks whose choice changes the
+    numerics. An operation without a deterministic implementation raises, naming the way out."""
+    if not enabled or device.type != "cuda":
+        yield False
+        return
+    import torch._inductor.config as inductor_config
+    import torch.utils.deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        with inductor_config.patch(deterministic=True):
+            yield True
+    except RuntimeError as e:
+        if "deterministic" not in str(e):
+            raise
+        raise RuntimeError(f"{e}\n(trainer.deterministic=false trains with it, not reproducibly)") from e
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 
 @contextmanager
@@ -479,7 +515,8 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     start = ranks.start = time.perf_counter()
     bar = tqdm(total=cfg.steps, disable=not cfg.progress or rank != 0, desc="train", leave=False)
     # The compiled blocks live as long as training: evaluation and export see the eager model.
-    with compiled_blocks(model) if kind == "compiled" else nullcontext():
+    with (compiled_blocks(model) if kind == "compiled" else nullcontext(),
+          deterministic_training(cfg.deterministic, device) as result.deterministic):
         try:
             for step in range(1, cfg.steps + 1):
                 elapsed = ranks.elapsed_before_step()
