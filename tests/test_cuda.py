@@ -269,7 +269,10 @@ def test_compiled_training_step_trains_like_the_eager_one_on_cuda(router):
         assert result.step_kind == kind
         losses[kind] = [r.loss for r in result.history]
         assert all(r.gpu_utilisation is None or 0 <= r.gpu_utilisation <= 100 for r in result.history)
-    assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-2)  # bf16: the same curve, not the same bits
+    # bf16: the same curve, not the same bits. Rounding flips some of the hierarchy's routing choices,
+    # which moves an early report by up to 3% (step 10 of the hierarchical router on an H200: 3.03 against
+    # 3.12); a step that does not train (or trains another model) is off by far more.
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=5e-2)
 
 
 @pytest.mark.parametrize("router", ROUTERS)
