@@ -132,7 +132,8 @@ def resolve_device(name: str) -> torch.device:
 # Below this many steps the compiled step does not pay for its compilation (each architecture compiles
 # anew). `fulu-nas bench train-step +experiment=gpu` on an H200 (BENCHMARKS.md), both steps replayed
 # from a CUDA graph: the compiled step saves 3.6-4.7 ms of the eager step's 9.9-12.8 ms, and its
-# compilation takes 5.5-16 s, paying back after 1,200-4,200 steps.
+# compilation takes 5.5-16 s, paying back after 1,200-4,200 steps. With deterministic training (the
+# default) the reference's compiled step pays back after 3,828 steps instead of 2,635 (same card).
 COMPILE_MIN_STEPS = 3000
 
 
@@ -192,8 +193,9 @@ def deterministic_training(enabled: bool, device: torch.device):
     """On a GPU (``enabled``), deterministic algorithms only for the duration of the ``with``: without them
     two runs of one architecture differ from the first steps on (atomic adds in the backward of indexing
     and attention), and on ``pimoe_mix`` a search's trial scored 0.39 to 0.94 exact match from run to run.
-    Uninitialised memory is not filled: no kernel reads it, and the fills cost 12 ms of a 108 ms profile
-    of ten steps (H200, GPU preset). Inductor skips the on-device benchmarks whose choice changes the
+    Uninitialised memory is not filled: no kernel reads it, and the fills cost 12.7 ms of a 108 ms profile
+    of ten eager steps (H200, GPU preset); what remains costs 6% of a graphed eager step, 26% of a
+    compiled one (BENCHMARKS.md). Inductor skips the on-device benchmarks whose choice changes the
     numerics. An operation without a deterministic implementation raises, naming the way out."""
     if not enabled or device.type != "cuda":
         yield False
