@@ -70,3 +70,23 @@ def test_gpu_preset_searches_logs_and_exports_a_model_torch_loads_on_the_gpu(tmp
         got = program.module()(tokens)
     assert got.device.type == "cuda"
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16 tolerance
+
+
+def test_an_architecture_gets_the_same_loss_from_one_worker_or_two_sharing_the_gpu(tmp_path, monkeypatch):
+    """Deterministic training (the default, ``trainer.deterministic``): the reference, which both studies
+    train first, ends with the same loss to the bit whether one worker or two (each its own process and
+    CUDA context) share the GPU; so does any other architecture both studies happen to sample."""
+    monkeypatch.chdir(tmp_path)
+    losses = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        assert main(["search", *SHRUNK, "study.pruner=none", f"study.n_workers={workers}",
+                     f"hydra.run.dir={out}"]) == 0
+        study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'optuna.db'}")
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        losses[workers] = {t.user_attrs["arch_hash"]: t.values[0] for t in complete}
+        reference = [t.user_attrs["arch_hash"] for t in complete if t.user_attrs.get("reference")]
+    shared = losses[1].keys() & losses[2].keys()
+    assert reference and reference[0] in shared
+    for arch in shared:
+        assert losses[2][arch] == losses[1][arch], arch
