@@ -90,3 +90,39 @@ def test_an_architecture_gets_the_same_loss_from_one_worker_or_two_sharing_the_g
     assert reference and reference[0] in shared
     for arch in shared:
         assert losses[2][arch] == losses[1][arch], arch
+
+
+# The dimensions that change which operations a training step runs (the others change shapes alone).
+OPERATION_DIMENSIONS = ("hierarchy_depth", "attention_context", "top_p", "num_shared_experts", "balancing")
+
+
+def test_every_router_and_option_of_the_gpu_space_trains_deterministically():
+    """Deterministic training (the default) refuses any operation without a deterministic CUDA
+    implementation. Every router of the GPU space with every value of each option, one at a time over
+    the reference, trains: top-p's probability mass was a floating-point cumsum, which has none."""
+    from fulu_nas.models import seeded_model
+    from fulu_nas.search.app import compose_config
+    from fulu_nas.search.settings import load_settings
+    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.training.train import TrainConfig, train
+
+    s = load_settings(*compose_config(["+experiment=gpu", "task.seq_len=64", "trainer.device=auto"]))
+    params = {p.name: p for p in s.space.params}
+    defaults = {"hierarchy_depth": 2, "attention_context": False}
+    task = TextLMTask(seq_len=64, max_bytes=200_000)
+    trained = set()
+    for router in params["router"].choices:
+        base = {**s.space.reference, "router": router}
+        base.update({k: v for k, v in defaults.items() if params[k].active(base)})
+        for name in OPERATION_DIMENSIONS:
+            if not params[name].active(base):
+                continue
+            for value in params[name].grid_values():
+                values = s.space.with_derived({**base, name: value})
+                arch = s.space.feasible_arch(values, s.task)
+                result = train(seeded_model(arch, 0, "cuda"), task,
+                               TrainConfig(steps=2, batch_size=4, report_every=1, progress=False, device="cuda"))
+                assert result.deterministic and all(r.loss == r.loss for r in result.history), (router, name, value)
+                trained.add((router, name, repr(value)))
+    assert {("hierarchical", "top_p", "0.5"), ("attention", "attention_context", "True"),
+            ("hash", "balancing", "'aux_loss+z_loss'")} <= trained

@@ -162,8 +162,15 @@ def selected_weights(scores_TE: Tensor, expert_TK: Tensor, *, renormalize: bool,
     :func:`select_experts`."""
     weight_TK = scores_TE.gather(-1, expert_TK)
     if top_p is not None:
-        mass_before_TK = weight_TK.cumsum(-1) - weight_TK
-        active_TK = mass_before_TK < top_p  # slot 0 has mass 0 before it: always active
+        # The mass before each slot summed slot by slot, in the routing kernel's order (the same bits on
+        # every path), not by cumsum: a floating-point cumsum has no deterministic CUDA implementation,
+        # and deterministic training refuses it.
+        mass_T = torch.zeros_like(weight_TK[..., 0]).detach()
+        active = []
+        for k in range(weight_TK.shape[-1]):
+            active.append(mass_T < top_p)  # slot 0 has mass 0 before it: always active
+            mass_T = mass_T + weight_TK[..., k].detach()
+        active_TK = torch.stack(active, -1)
         weight_TK = weight_TK * active_TK
     else:
         active_TK = torch.ones_like(expert_TK, dtype=torch.bool)
