@@ -281,6 +281,16 @@ def next_power_of_2(n: int) -> int:  # pragma: no cover
 
 
 @triton.jit
+def _sorted_positions(e, cols, base):  # pragma: no cover
+    """Where the stable order by expert puts each of these slots (expert ``e``, in slot order; a lane
+    past the experts for none): its expert's ``base`` (the position of the first of this program's
+    slots of that expert) plus its rank among them."""
+    onehot = (e[:, None] == cols[None, :]).to(tl.int32)
+    rank = tl.sum(onehot * tl.cumsum(onehot, 0), 1) - 1
+    return tl.sum(onehot * base[None, :], 1) + rank
+
+
+@triton.jit
 def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, active_ptr, probs_ptr,
                  logits_out_ptr, counts_ptr, order_ptr, ends_ptr, T, E, D, stride_lt, stride_xt,  # pragma: no cover
                  scaling, top_p, K: tl.constexpr, K_POW2: tl.constexpr, LOGITS: tl.constexpr,
@@ -371,11 +381,8 @@ def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, 
         flat_n = tl.reshape(out, [BLOCK_T * K_POW2])
         flat_valid = tl.reshape(omask, [BLOCK_T * K_POW2])
         flat_e = tl.reshape(tl.where(omask, expert_TK, E_POW2), [BLOCK_T * K_POW2])
-        onehot = (flat_e[:, None] == cols[None, :]).to(tl.int32)
-        rank = tl.sum(onehot * tl.cumsum(onehot, 0), 1) - 1
         ends = tl.cumsum(counts, 0)
-        position = tl.sum(onehot * (ends - counts)[None, :], 1) + rank
-        tl.store(order_ptr + position, flat_n, mask=flat_valid)
+        tl.store(order_ptr + _sorted_positions(flat_e, cols, ends - counts), flat_n, mask=flat_valid)
         tl.store(ends_ptr + cols, ends, mask=cmask)
 
 
@@ -405,8 +412,4 @@ def place_kernel(expert_ptr, counts_ptr, order_ptr, ends_ptr, N, E, num_blocks, 
     n = pid * ROWS + local
     nmask = (n < N) & (local < ROWS)
     e = tl.load(expert_ptr + n, mask=nmask, other=E_POW2).to(tl.int32)
-    onehot = (e[:, None] == cols[None, :]).to(tl.int32)
-    rank = tl.sum(onehot * tl.cumsum(onehot, 0), 1) - 1
-    base = ends - total + before
-    position = tl.sum(onehot * base[None, :], 1) + rank
-    tl.store(order_ptr + position, n.to(tl.int64), mask=nmask)
+    tl.store(order_ptr + _sorted_positions(e, cols, ends - total + before), n.to(tl.int64), mask=nmask)

@@ -73,6 +73,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def scores_block_tokens(e_pow2: int) -> int:
+    """Tokens per program of the kernels that take a token's top k from its ``e_pow2`` score lanes (the
+    top-k and routing kernels): 2048 scores a program, the fastest of 1024-8192 (H200)."""
+    return max(1, min(64, 2048 // e_pow2))
+
+
 def _pow2_at_most(n: int, cap: int) -> int:
     p = 16
     while p * 2 <= min(n, cap):
@@ -372,7 +378,7 @@ def launch_topk(scores: Tensor, k: int) -> Tensor:  # pragma: no cover
     if T == 0:
         return out
     e_pow2 = max(16, kern.next_power_of_2(E))
-    block_t = max(1, min(64, 2048 // e_pow2))  # 2048 scores a program: fastest of 1024-8192 (H200)
+    block_t = scores_block_tokens(e_pow2)
     kern.topk_kernel[(_cdiv(T, block_t),)](scores, out, T, E, scores.stride(0),
                                             K=k, BLOCK_T=block_t, E_POW2=e_pow2, num_warps=4)
     return out

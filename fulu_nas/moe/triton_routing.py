@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .routing import Routing
-from .triton_moe import TOPK_MAX_EXPERTS, _cdiv, _kernels, _next_pow2, usable
+from .triton_moe import TOPK_MAX_EXPERTS, _cdiv, _kernels, _next_pow2, scores_block_tokens, usable
 
 # Without a gradient the routing kernel computes the logits itself: for at most this many tokens
 # by fp32 products of x and the fp32 gate (below a few hundred tokens the router's GEMM is
@@ -55,7 +55,7 @@ def _route_block(tokens: int, num_experts: int, logits: int) -> tuple[int, int]:
     (0, 0) where the fp32 products' (tokens x experts) tile would not fit a program."""
     e_pow2 = _experts_pow2(num_experts)
     if logits == 0:
-        return max(1, min(64, 2048 // e_pow2)), 0  # 2048 scores a program, as the top-k kernel
+        return scores_block_tokens(e_pow2), 0
     if logits == 2:
         return max(16, min(64, 2048 // e_pow2)), 64  # tensor-core tiles: at least 16 rows
     block_t = max(4, min(16, _next_pow2(tokens)))
