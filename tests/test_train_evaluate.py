@@ -446,3 +446,23 @@ def test_seconds_cap_is_a_safety_stop_outside_the_schedule():
     with pytest.raises(BudgetCapReached) as e:
         train(clusters_model(task), task, TrainConfig(steps=100_000, seconds_cap=0.5, **FAST))
     assert 1 <= e.value.step < 100_000 and e.value.seconds >= 0.5 and e.value.cap == 0.5
+
+
+def test_deterministic_training_refuses_an_operation_without_a_deterministic_version_and_restores_torch():
+    """On a GPU the trainer turns on torch's deterministic algorithms for the loop: an operation that has no
+    deterministic implementation stops training with torch's message and the setting that lifts it, and
+    torch's global settings are what they were afterwards (the CPU trains deterministically as it is).
+    ``put_`` without accumulation has none on any device, so the CUDA branch runs here on the CPU."""
+    import torch.utils.deterministic
+
+    from fulu_nas.training.train import deterministic_training
+
+    with pytest.raises(RuntimeError, match=r"put_(.|\n)*trainer\.deterministic=false"):
+        with deterministic_training(True, torch.device("cuda")) as on:
+            assert on and torch.are_deterministic_algorithms_enabled()
+            assert not torch.utils.deterministic.fill_uninitialized_memory  # nothing reads unwritten memory
+            torch.zeros(3).put_(torch.tensor([0]), torch.ones(1))
+    assert not torch.are_deterministic_algorithms_enabled() and torch.utils.deterministic.fill_uninitialized_memory
+    for enabled, device in ((True, "cpu"), (False, "cuda")):
+        with deterministic_training(enabled, torch.device(device)) as on:
+            assert not on and not torch.are_deterministic_algorithms_enabled()
