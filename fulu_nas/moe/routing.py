@@ -165,11 +165,10 @@ def selected_weights(scores_TE: Tensor, expert_TK: Tensor, *, renormalize: bool,
         # The mass before each slot summed slot by slot, in the routing kernel's order (the same bits on
         # every path), not by cumsum: a floating-point cumsum has no deterministic CUDA implementation,
         # and deterministic training refuses it.
-        mass_T = torch.zeros_like(weight_TK[..., 0]).detach()
-        active = []
-        for k in range(weight_TK.shape[-1]):
+        mass_T, active = torch.zeros_like(weight_TK[..., 0]), []
+        for w_T in weight_TK.detach().unbind(-1):
             active.append(mass_T < top_p)  # slot 0 has mass 0 before it: always active
-            mass_T = mass_T + weight_TK[..., k].detach()
+            mass_T = mass_T + w_T
         active_TK = torch.stack(active, -1)
         weight_TK = weight_TK * active_TK
     else:

@@ -57,7 +57,7 @@ def _route_block(tokens: int, num_experts: int, logits: int) -> tuple[int, int]:
     if logits == 0:
         return scores_block_tokens(e_pow2), 0
     if logits == 2:
-        return max(16, min(64, 2048 // e_pow2)), 64  # tensor-core tiles: at least 16 rows
+        return max(16, scores_block_tokens(e_pow2)), 64  # tensor-core tiles: at least 16 rows
     block_t = max(4, min(16, _next_pow2(tokens)))
     if block_t * e_pow2 > 1024:
         return 0, 0
