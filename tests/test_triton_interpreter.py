@@ -96,6 +96,24 @@ for name, router, kw in (("grouped_mm_second", "topk", {"num_experts": 32}),
     results[name] = compare(run(layer, x, None, "triton"), run(layer, x, None, "loop"))
 triton_moe.GROUPED_MM_SECOND = None
 
+# The first GEMM as torch._grouped_mm over the gathered rows, the activation as its own pass (and the
+# gathered rows reused by the backward): SwiGLU and GELU, k = 1, expert choice, compiled.
+triton_moe.GROUPED_MM_FIRST = True
+for name, router, kw in (("grouped_mm_first", "topk", {"num_experts": 32}),
+                         ("grouped_mm_first_gelu_k1", "topk", {"top_k": 1, "activation": "gelu", "renormalize": False}),
+                         ("grouped_mm_first_expert_choice", "expert_choice", {})):
+    args = dict(hidden_size=32, expert_ffn_size=48, num_experts=8, top_k=2)
+    args.update(kw)
+    layer = make_layer(router, **args).train()
+    results[name] = compare(run(layer, x, None, "triton"), run(layer, x, None, "loop"))
+    with torch.no_grad():
+        fast, ref = (layer(x, impl=impl)[0] for impl in ("triton", "loop"))
+        results[name]["inference"] = rel(fast, ref)
+layer = make_layer("topk", hidden_size=32, expert_ffn_size=48, num_experts=8, top_k=2).train()
+results["grouped_mm_first_compiled"] = compare(run(layer, x, None, "triton", compiled=True),
+                                               run(layer, x, None, "loop"))
+triton_moe.GROUPED_MM_FIRST = None
+
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=0, world_size=1)
 layer = make_layer("topk", hidden_size=32, expert_ffn_size=48, num_experts=8, top_k=2).train()
@@ -131,7 +149,9 @@ def test_routing_kernel_and_counting_sort_equal_the_torch_ops(results):
 
 
 @pytest.mark.parametrize("name", [*CASES, "compiled", "grouped_mm_second", "grouped_mm_second_k1",
-                                  "grouped_mm_second_expert_choice", "expert_parallel"])
+                                  "grouped_mm_second_expert_choice", "grouped_mm_first", "grouped_mm_first_gelu_k1",
+                                  "grouped_mm_first_expert_choice", "grouped_mm_first_compiled",
+                                  "expert_parallel"])
 def test_triton_experts_equal_the_loop_forward_and_backward(results, name):
     """Output, input gradient and every parameter's gradient (router included, through the routing
     weights' gradient) of the Triton path equal the loop's in fp32."""

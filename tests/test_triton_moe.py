@@ -243,7 +243,7 @@ def test_training_op_backward_writes_no_gradient_for_its_saved_outputs():
     weight = torch.rand(T * K, device="cuda", requires_grad=True)
     w13 = (torch.randn(E, D, F, device="cuda") / D**0.5).requires_grad_()
     w2 = (torch.randn(E, F, D, device="cuda") / F**0.5).requires_grad_()
-    out, _, _ = triton_moe.moe_experts_train(x, order, weight, ends, w13, w2, None, None, K, False, False, True)
+    out, *_ = triton_moe.moe_experts_train(x, order, weight, ends, w13, w2, None, None, K, False, False, True)
     grad = torch.randn_like(out)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

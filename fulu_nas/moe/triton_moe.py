@@ -149,6 +149,32 @@ def second_gemm_by_grouped_mm(act_NF: Tensor, w2_EFD: Tensor, b2_ED: Tensor | No
             and torch.cuda.get_device_capability(act_NF.device) >= (9, 0))
 
 
+# Override of first_gemm_by_grouped_mm (tests, sweeps): None, True or False.
+GROUPED_MM_FIRST: bool | None = None
+GROUPED_MM_FIRST_MIN_ROWS_PER_EXPERT = 2048
+
+
+def first_gemm_by_grouped_mm(x_TD: Tensor, n_rows: int, w13_EDW: Tensor, b13_EW: Tensor | None,
+                             training: bool) -> bool:
+    """Whether the first GEMM runs as ``torch._grouped_mm`` over a gathered copy of the rows (and the
+    activation as its own pass, :func:`launch_act_forward`) rather than ``gather_up_kernel``.
+
+    ``gather_up_kernel`` reads each token's row through the sort order inside its A-tile loads,
+    which cannot use Hopper's TMA: at the seed config (65,536 rows, 8 experts) it ran at about 124
+    TFLOP/s where CUTLASS runs the same GEMM from contiguous rows at about 310 (H200). Training keeps
+    the gathered copy for the backward's weight gradient, which gathers the same rows anyway. Chosen
+    for training calls from 2,048 rows per expert (bf16, Hopper or later, no expert bias);
+    ``GROUPED_MM_FIRST`` overrides the rule (except the bias, which lives in the Triton epilogue)."""
+    if b13_EW is not None:
+        return False
+    if GROUPED_MM_FIRST is not None:
+        return GROUPED_MM_FIRST
+    E, D, W = w13_EDW.shape
+    return (training and x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and D % 8 == 0 and W % 8 == 0
+            and n_rows >= GROUPED_MM_FIRST_MIN_ROWS_PER_EXPERT * E
+            and torch.cuda.get_device_capability(x_TD.device) >= (9, 0))
+
+
 def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, w13_EDW: Tensor,
                    w2_EFD: Tensor, b13_EW: Tensor | None, b2_ED: Tensor | None, k_slots: int,
                    swiglu: bool, weight_sorted: bool, combine: bool,
@@ -156,8 +182,9 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
     """Both grouped GEMMs. With ``combine`` (token choice) each token's ``k_slots`` rows are summed
     (the row of sorted position n is flat slot ``order[n]``): returns (N // k_slots, D). Without,
     returns (N, D) in sorted order (expert choice combines with index_add). With
-    ``save_for_backward`` returns ``(out, pre_NW, act_NF)``: also the pre-activation (gate and up)
-    and the weighted activation, which the backward needs."""
+    ``save_for_backward`` returns ``(out, pre_NW, act_NF, x_ND)``: also the pre-activation (gate and
+    up), the weighted activation and, where the first GEMM ran from a gathered copy of the rows
+    (:func:`first_gemm_by_grouped_mm`), that copy (else ``(0, D)``), which the backward needs."""
     kern = _kernels()
     N, D = order_N.shape[0], x_TD.shape[1]
     E, F = w2_EFD.shape[0], w2_EFD.shape[1]
@@ -167,24 +194,32 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
     w2 = w2_EFD.to(dtype).contiguous()
     b13 = b13_EW.contiguous() if b13_EW is not None else None
     b2 = b2_ED.contiguous() if b2_ED is not None else None
-    act_NF = torch.empty((N, F), dtype=dtype, device=x_TD.device)
-    pre_NW = torch.empty((N, w13.shape[2] if save_for_backward else 0), dtype=dtype, device=x_TD.device)
+    x_ND = x_TD.new_empty((0, D))
     if N == 0:
-        out = torch.empty((0, D), dtype=dtype, device=x_TD.device)
-        return (out, pre_NW, act_NF) if save_for_backward else out
+        empty = torch.empty((0, D), dtype=dtype, device=x_TD.device)
+        return (empty, x_TD.new_empty((0, w13.shape[2])), x_TD.new_empty((0, F)), x_ND) if save_for_backward else empty
     e_pow2 = max(2, kern.next_power_of_2(E))
     fp32 = dtype == torch.float32
 
-    bm, bn, bk, warps, stages = UP_CONFIG or up_config(N, E, D, F)
-    grid = ((_cdiv(N, bm) + E) * _cdiv(F, bn),)
-    kern.gather_up_kernel[grid](
-        x_TD, order_N, weight, ends_E, w13, b13 if b13 is not None else w13, act_NF, pre_NW,
-        N, D, F, E, k_slots,
-        x_TD.stride(0), w13.stride(0), w13.stride(1), b13.stride(0) if b13 is not None else 0, act_NF.stride(0),
-        pre_NW.stride(0), HAS_BIAS=b13 is not None, SWIGLU=swiglu, WEIGHT_SORTED=weight_sorted,
-        STORE_PRE=save_for_backward,
-        EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, FP32=fp32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
+    if first_gemm_by_grouped_mm(x_TD, N, w13, b13, save_for_backward):
+        x_ND = x_TD[order_N // k_slots]
+        pre_NW = _grouped_mm(x_ND, w13, offs=ends_E)
+        act_NF = launch_act_forward(pre_NW, weight, order_N, swiglu, weight_sorted)
+        if not save_for_backward:
+            x_ND = x_TD.new_empty((0, D))
+    else:
+        act_NF = torch.empty((N, F), dtype=dtype, device=x_TD.device)
+        pre_NW = torch.empty((N, w13.shape[2] if save_for_backward else 0), dtype=dtype, device=x_TD.device)
+        bm, bn, bk, warps, stages = UP_CONFIG or up_config(N, E, D, F)
+        grid = ((_cdiv(N, bm) + E) * _cdiv(F, bn),)
+        kern.gather_up_kernel[grid](
+            x_TD, order_N, weight, ends_E, w13, b13 if b13 is not None else w13, act_NF, pre_NW,
+            N, D, F, E, k_slots,
+            x_TD.stride(0), w13.stride(0), w13.stride(1), b13.stride(0) if b13 is not None else 0,
+            act_NF.stride(0), pre_NW.stride(0), HAS_BIAS=b13 is not None, SWIGLU=swiglu,
+            WEIGHT_SORTED=weight_sorted, STORE_PRE=save_for_backward,
+            EVEN_K=D % bk == 0, EVEN_N=F % bn == 0, FP32=fp32,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
 
     if second_gemm_by_grouped_mm(act_NF, w2, b2):
         y_ND = _grouped_mm(act_NF, w2, offs=ends_E)  # rows in expert order
@@ -201,7 +236,7 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
             EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, FP32=fp32,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
         out = _sum_slots(y_ND, None, k_slots) if combine and k_slots > 1 else y_ND
-    return (out, pre_NW, act_NF) if save_for_backward else out
+    return (out, pre_NW, act_NF, x_ND) if save_for_backward else out
 
 
 def _sum_slots(y_ND: Tensor, row_N: Tensor | None, k_slots: int) -> Tensor:  # pragma: no cover
@@ -241,9 +276,9 @@ def _(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, 
 @torch.library.custom_op("fulu_nas::moe_experts_train", mutates_args=())
 def moe_experts_train(x: Tensor, order: Tensor, weight: Tensor, ends: Tensor, w13: Tensor, w2: Tensor,
                       b13: Optional[Tensor], b2: Optional[Tensor], k_slots: int, swiglu: bool,  # noqa: UP045
-                      weight_sorted: bool, combine: bool) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
-    """:func:`moe_experts` for training: returns ``(out, pre, act)``; only ``out`` is differentiable
-    (the backward, :func:`_experts_backward`, reads the other two)."""
+                      weight_sorted: bool, combine: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # pragma: no cover
+    """:func:`moe_experts` for training: returns ``(out, pre, act, x_rows)``; only ``out`` is
+    differentiable (the backward, :func:`_experts_backward`, reads the others)."""
     return launch_experts(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine,
                           save_for_backward=True)
 
@@ -252,27 +287,29 @@ def moe_experts_train(x: Tensor, order: Tensor, weight: Tensor, ends: Tensor, w1
 def _(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine):
     N = order.shape[0]
     rows = N // k_slots if combine else N
-    return x.new_empty((rows, x.shape[1])), x.new_empty((N, w13.shape[2])), x.new_empty((N, w2.shape[1]))
+    gathered = N if N and first_gemm_by_grouped_mm(x, N, w13, b13, True) else 0
+    return (x.new_empty((rows, x.shape[1])), x.new_empty((N, w13.shape[2])), x.new_empty((N, w2.shape[1])),
+            x.new_empty((gathered, x.shape[1])))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine = inputs
-    _, pre, act = output
-    ctx.save_for_backward(x, order, weight, ends, w13, w2, b13, b2, pre, act)
+    _, pre, act, x_rows = output
+    ctx.save_for_backward(x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows)
     ctx.k_slots, ctx.swiglu, ctx.weight_sorted, ctx.combine = k_slots, swiglu, weight_sorted, combine
-    ctx.mark_non_differentiable(pre, act)
-    # Autograd would otherwise fill a zero gradient for ``pre`` and ``act``, which nothing reads: two
-    # writes of N rows each (80 us apiece at the seed config on an H200).
+    ctx.mark_non_differentiable(pre, act, x_rows)
+    # Autograd would otherwise fill a zero gradient for ``pre``, ``act`` and ``x_rows``, which nothing
+    # reads: writes of N rows each (80 us apiece at the seed config on an H200).
     ctx.set_materialize_grads(False)
 
 
-def _experts_backward(ctx, grad_out: Tensor | None, _grad_pre, _grad_act):  # pragma: no cover
+def _experts_backward(ctx, grad_out: Tensor | None, _grad_pre, _grad_act, _grad_x_rows):  # pragma: no cover
     if grad_out is None:  # the loss does not depend on the output
         return (None,) * 12
-    x, order, weight, ends, w13, w2, b13, b2, pre, act = ctx.saved_tensors
+    x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     dx, dweight, dw13, dw2, db13, db2 = moe_experts_backward(
-        grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, ctx.k_slots, ctx.swiglu,
+        grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows, ctx.k_slots, ctx.swiglu,
         ctx.weight_sorted, ctx.combine, need_dx)
     return (dx if need_dx else None, None, dweight, None, dw13, dw2, db13 if b13 is not None else None,
             db2 if b2 is not None else None, None, None, None, None)
@@ -284,14 +321,15 @@ def _experts_backward(ctx, grad_out: Tensor | None, _grad_pre, _grad_act):  # pr
 @torch.library.custom_op("fulu_nas::moe_experts_backward", mutates_args=())
 def moe_experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Tensor, ends: Tensor, w13: Tensor,
                          w2: Tensor, b13: Optional[Tensor], b2: Optional[Tensor], pre: Tensor,  # noqa: UP045
-                         act: Tensor, k_slots: int, swiglu: bool, weight_sorted: bool, combine: bool,
-                         need_dx: bool) -> list[Tensor]:  # pragma: no cover
+                         act: Tensor, x_rows: Tensor, k_slots: int, swiglu: bool, weight_sorted: bool,
+                         combine: bool, need_dx: bool) -> list[Tensor]:  # pragma: no cover
     """Gradients ``[dx, dweight, dw13, dw2, db13, db2]`` of :func:`moe_experts_train` (a missing bias
     and an unneeded dx give empty tensors). The four GEMMs are ``torch._grouped_mm`` (transposed
     weights for the data gradients; the weight gradients group the reduction dimension by
     expert); the activation's backward and the routing-weight gradient are one Triton pass
     (:func:`launch_act_backward`); for token choice each token sums its K rows' input gradients
-    through the inverse permutation (no atomics)."""
+    through the inverse permutation (no atomics). ``x_rows``: the forward's gathered rows, or empty
+    (the weight gradient then gathers them)."""
     K, N, dtype = k_slots, order.shape[0], x.dtype
     token_N = order // K
     # out[t] sums the rows written to slots t*K..t*K+K-1: row n's output gradient is its token's.
@@ -300,7 +338,8 @@ def moe_experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Ten
     dact_NF = _grouped_mm(dy_ND, w2c.transpose(-2, -1), offs=ends)
     dw2 = _grouped_mm(act.t(), dy_ND, offs=ends).to(w2.dtype)
     dpre_NW, dweight_N = launch_act_backward(dact_NF, pre, weight, order, swiglu, weight_sorted)
-    dw13 = _grouped_mm(x[token_N].t(), dpre_NW, offs=ends).to(w13.dtype)
+    x_ND = x_rows if x_rows.shape[0] == N else x[token_N]
+    dw13 = _grouped_mm(x_ND.t(), dpre_NW, offs=ends).to(w13.dtype)
     dx = x.new_empty(0)
     if need_dx:
         dx_ND = _grouped_mm(dpre_NW, w13c.transpose(-2, -1), offs=ends)
@@ -326,8 +365,8 @@ def moe_experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Ten
 
 
 @moe_experts_backward.register_fake
-def _(grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, k_slots, swiglu, weight_sorted, combine,
-      need_dx):
+def _(grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows, k_slots, swiglu, weight_sorted,
+      combine, need_dx):
     def like(t):
         return torch.empty_like(t) if t is not None else x.new_empty(0)
 
@@ -335,6 +374,24 @@ def _(grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, k_slots, swi
 
 
 moe_experts_train.register_autograd(_experts_backward, setup_context=_setup_context)
+
+# (BLOCK_R, BLOCK_F, num_warps) of the activation's forward pass (after a grouped_mm first GEMM).
+ACT_FORWARD_CONFIG = (16, 256, 4)
+
+
+def launch_act_forward(pre_NW: Tensor, weight: Tensor, order_N: Tensor, swiglu: bool,
+                       weight_sorted: bool) -> Tensor:  # pragma: no cover
+    """``act = act_fn(pre) * weight`` by sorted row (SwiGLU: ``silu(gate) * up`` of ``pre``'s halves)."""
+    N, W = pre_NW.shape
+    F = W // 2 if swiglu else W
+    act_NF = pre_NW.new_empty((N, F))
+    br, bf, warps = ACT_FORWARD_CONFIG
+    bf = _pow2_at_most(F, bf)
+    _kernels().act_forward_kernel[(_cdiv(N, br), _cdiv(F, bf))](
+        pre_NW, weight, order_N, act_NF, N, F, pre_NW.stride(0), act_NF.stride(0),
+        SWIGLU=swiglu, WEIGHT_SORTED=weight_sorted, BLOCK_R=br, BLOCK_F=bf, num_warps=warps)
+    return act_NF
+
 
 # (BLOCK_R, BLOCK_F, num_warps) of the activation's backward.
 ACT_BACKWARD_CONFIG = (16, 256, 4)
