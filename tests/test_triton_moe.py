@@ -210,10 +210,13 @@ def test_triton_training_matches_the_loop_in_fp32(router, option):
 
 
 @needs_triton
+@pytest.mark.parametrize("first_gemm", [False, True], ids=["gather_up_kernel", "grouped_mm"])
 @pytest.mark.parametrize("router", ["topk", "expert_choice"])
-def test_triton_training_in_bf16_with_idle_experts(router):
+def test_triton_training_in_bf16_with_idle_experts(monkeypatch, router, first_gemm):
     """bf16 training through the Triton op against the bf16 loop (the same routing); 64 experts
-    and 24 tokens, so most experts get no rows and must get exactly zero gradients."""
+    and 24 tokens, so most experts get no rows and must get exactly zero gradients; the first GEMM
+    fused with the gather, and as grouped_mm over gathered rows."""
+    monkeypatch.setattr(triton_moe, "GROUPED_MM_FIRST", first_gemm)
     kw = dict(hidden_size=128, expert_ffn_size=256, num_experts=64, top_k=2)
     if router == "expert_choice":
         kw["capacity_factor"] = 0.2
@@ -232,9 +235,11 @@ def test_triton_training_in_bf16_with_idle_experts(router):
 
 
 @needs_triton
-def test_training_op_backward_writes_no_gradient_for_its_saved_outputs():
+@pytest.mark.parametrize("entry", ["op", "eager_function"])
+def test_training_op_backward_writes_no_gradient_for_its_saved_outputs(entry):
     """``pre`` and ``act``, the training op's outputs kept for its backward, are not differentiable: autograd
-    must not fill zero gradients for them (N rows each) before the backward runs."""
+    must not fill zero gradients for them (N rows each) before the backward runs; through the custom op
+    (what compiled graphs hold) and the eager autograd Function alike."""
     T, D, F, E, K = 512, 128, 256, 8, 2
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     expert_N = torch.randint(0, E, (T * K,), device="cuda")
@@ -243,7 +248,8 @@ def test_training_op_backward_writes_no_gradient_for_its_saved_outputs():
     weight = torch.rand(T * K, device="cuda", requires_grad=True)
     w13 = (torch.randn(E, D, F, device="cuda") / D**0.5).requires_grad_()
     w2 = (torch.randn(E, F, D, device="cuda") / F**0.5).requires_grad_()
-    out, *_ = triton_moe.moe_experts_train(x, order, weight, ends, w13, w2, None, None, K, False, False, True)
+    args = (x, order, weight, ends, w13, w2, None, None, K, False, False, True)
+    out = triton_moe.moe_experts_train(*args)[0] if entry == "op" else triton_moe.experts_train(*args)
     grad = torch.randn_like(out)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -354,6 +360,30 @@ def test_second_gemm_rule(monkeypatch):
     monkeypatch.setattr(triton_moe, "GROUPED_MM_SECOND", True)
     assert triton_moe.second_gemm_by_grouped_mm(act[:16], w2, None)
     assert not triton_moe.second_gemm_by_grouped_mm(act, w2, torch.empty(8, 512, device="meta"))
+
+
+def test_first_gemm_rule(monkeypatch):
+    """The first GEMM runs from gathered rows as ``torch._grouped_mm`` only in training, for large bf16
+    groups on a Hopper-class GPU, never with an expert bias; ``GROUPED_MM_FIRST`` overrides."""
+    x = torch.empty(32768, 512, dtype=torch.bfloat16, device="meta")
+    w13 = torch.empty(8, 512, 2048, dtype=torch.bfloat16, device="meta")
+    bias = torch.empty(8, 2048, device="meta")
+    assert not triton_moe.first_gemm_by_grouped_mm(x, 65536, w13, None, True)  # large, but not on CUDA
+    monkeypatch.setattr(triton_moe, "GROUPED_MM_FIRST", True)
+    assert triton_moe.first_gemm_by_grouped_mm(x, 16, w13, None, False)
+    assert not triton_moe.first_gemm_by_grouped_mm(x, 65536, w13, bias, True)
+
+
+@needs_triton
+def test_first_gemm_rule_on_the_gpu():
+    """Where the rule applies: training calls from 2,048 rows per expert (on Hopper or later), not
+    inference, not smaller calls."""
+    x = torch.empty(32768, 512, dtype=torch.bfloat16, device="cuda")
+    w13 = torch.empty(8, 512, 2048, dtype=torch.bfloat16, device="cuda")
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert triton_moe.first_gemm_by_grouped_mm(x, 65536, w13, None, True) == hopper
+    assert not triton_moe.first_gemm_by_grouped_mm(x, 65536, w13, None, False)
+    assert not triton_moe.first_gemm_by_grouped_mm(x, 8 * 2047, w13, None, True)
 
 
 def test_topk_uses_torch_on_the_cpu():

@@ -142,7 +142,7 @@ class PiMoELayer(nn.Module):
         args = (x_TD, order_N, weight.float().contiguous(), ends_E, e.w13_EDF2, e.w2_EFD, e.b13_EF2, e.b2_ED,
                 k_slots, e.activation == "swiglu", weight_sorted, combine)
         if needs_grad(self, x_TD):  # the routing weights come from x and the router's parameters
-            return triton_moe.moe_experts_train(*args)[0]
+            return triton_moe.experts_train(*args)
         return (triton_moe.launch_experts if triton_moe.direct_call() else triton_moe.moe_experts)(*args)
 
     # -- token choice --------------------------------------------------------------------------

@@ -297,6 +297,7 @@ def _setup_context(ctx, inputs, output) -> None:
     _, pre, act, x_rows = output
     ctx.save_for_backward(x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows)
     ctx.k_slots, ctx.swiglu, ctx.weight_sorted, ctx.combine = k_slots, swiglu, weight_sorted, combine
+    ctx.direct = False  # the backward through its op (see :class:`_ExpertsTrainEager`)
     ctx.mark_non_differentiable(pre, act, x_rows)
     # Autograd would otherwise fill a zero gradient for ``pre``, ``act`` and ``x_rows``, which nothing
     # reads: writes of N rows each (80 us apiece at the seed config on an H200).
@@ -308,7 +309,7 @@ def _experts_backward(ctx, grad_out: Tensor | None, _grad_pre, _grad_act, _grad_
         return (None,) * 12
     x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    dx, dweight, dw13, dw2, db13, db2 = moe_experts_backward(
+    dx, dweight, dw13, dw2, db13, db2 = (experts_backward if ctx.direct else moe_experts_backward)(
         grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows, ctx.k_slots, ctx.swiglu,
         ctx.weight_sorted, ctx.combine, need_dx)
     return (dx if need_dx else None, None, dweight, None, dw13, dw2, db13 if b13 is not None else None,
@@ -323,6 +324,15 @@ def moe_experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Ten
                          w2: Tensor, b13: Optional[Tensor], b2: Optional[Tensor], pre: Tensor,  # noqa: UP045
                          act: Tensor, x_rows: Tensor, k_slots: int, swiglu: bool, weight_sorted: bool,
                          combine: bool, need_dx: bool) -> list[Tensor]:  # pragma: no cover
+    """:func:`experts_backward` as an op (what a compiled backward graph holds)."""
+    return experts_backward(grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows, k_slots, swiglu,
+                            weight_sorted, combine, need_dx)
+
+
+def experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Tensor, ends: Tensor, w13: Tensor,
+                     w2: Tensor, b13: Tensor | None, b2: Tensor | None, pre: Tensor, act: Tensor, x_rows: Tensor,
+                     k_slots: int, swiglu: bool, weight_sorted: bool, combine: bool,
+                     need_dx: bool) -> list[Tensor]:  # pragma: no cover
     """Gradients ``[dx, dweight, dw13, dw2, db13, db2]`` of :func:`moe_experts_train` (a missing bias
     and an unneeded dx give empty tensors). The four GEMMs are ``torch._grouped_mm`` (transposed
     weights for the data gradients; the weight gradients group the reduction dimension by
@@ -374,6 +384,34 @@ def _(grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows, k_sl
 
 
 moe_experts_train.register_autograd(_experts_backward, setup_context=_setup_context)
+
+
+class _ExpertsTrainEager(torch.autograd.Function):
+    """:func:`moe_experts_train` and its backward for eager callers, launching the kernels directly:
+    the custom ops' dispatch (schema checks, the autograd and fake-tensor wrappers) costs more host
+    time a training step than an autograd Function (about 100 us per forward and backward on a slow
+    host), and an eager step is bound by host time at small shapes. Same saved tensors, same
+    backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # pragma: no cover
+        outputs = launch_experts(*inputs, save_for_backward=True)
+        _setup_context(ctx, inputs, outputs)
+        ctx.direct = True
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):  # pragma: no cover
+        return _experts_backward(ctx, *grads)
+
+
+def experts_train(x: Tensor, order: Tensor, weight: Tensor, ends: Tensor, w13: Tensor, w2: Tensor,
+                  b13: Tensor | None, b2: Tensor | None, k_slots: int, swiglu: bool, weight_sorted: bool,
+                  combine: bool) -> Tensor:  # pragma: no cover
+    """The training experts' output: through :class:`_ExpertsTrainEager` eagerly, through the
+    :func:`moe_experts_train` op where torch.compile traces (its graph holds the op)."""
+    args = (x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine)
+    return (_ExpertsTrainEager.apply(*args) if direct_call() else moe_experts_train(*args))[0]
 
 # (BLOCK_R, BLOCK_F, num_warps) of the activation's forward pass (after a grouped_mm first GEMM).
 ACT_FORWARD_CONFIG = (16, 256, 4)
