@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .experts import _grouped_mm, inverse_permutation, sum_slots
+from .experts import _grouped_mm, inverse_permutation
 
 # FULU_NAS_TRITON=0 switches the Triton kernels off (the grouped_mm path and torch.topk: the code
 # before them, for before/after benchmarks in one run).
@@ -353,11 +353,11 @@ def experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Tensor,
     dx = x.new_empty(0)
     if need_dx:
         dx_ND = _grouped_mm(dpre_NW, w13c.transpose(-2, -1), offs=ends)
-        if combine:  # every slot holds one row: each token sums its K rows
-            acc = sum_slots(dx_ND, order, K)
+        if combine:  # every slot holds one row: each token sums its K rows in fp32, in one kernel
+            dx = _sum_slots(dx_ND, inverse_permutation(order), K)
         else:  # expert choice: a token may be in several rows
-            acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_N, dx_ND.float())
-        dx = acc.to(dtype)
+            dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(
+                0, token_N, dx_ND.float()).to(dtype)
     db13, db2 = x.new_empty(0), x.new_empty(0)
     if b13 is not None or b2 is not None:
         counts_E = torch.diff(ends, prepend=ends.new_zeros(1))
