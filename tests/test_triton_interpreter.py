@@ -28,6 +28,9 @@ CASES = {
     "expert_choice": ("expert_choice", {}),
     "hash": ("hash", {}),
     "idle_experts": ("topk", {"num_experts": 32}),
+    "sigmoid_renormalized": ("topk", {"score_func": "sigmoid", "routed_scaling_factor": 2.5}),
+    "sigmoid_raw": ("topk", {"score_func": "sigmoid", "renormalize": False, "routed_scaling_factor": 2.5}),
+    "top_p_raw": ("topk", {"renormalize": False, "top_p": 0.5, "top_k": 3}),
 }
 
 # Runs in the subprocess: every case's relative errors (triton vs loop) as JSON on stdout.
