@@ -126,19 +126,27 @@ class _RouteWeightsGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weight_TK, grad_probs_TE):  # pragma: no cover
         logits_TE, expert_TK, active_TK = ctx.saved_tensors
-        sigmoid, renormalize, scaling = ctx.options
-        T, E = logits_TE.shape
-        K = expert_TK.shape[1]
-        dlogits_TE = torch.empty((T, E), dtype=torch.float32, device=logits_TE.device)
-        if T:
-            block_t = scores_block_tokens(_experts_pow2(E))
-            gw = grad_weight_TK.contiguous() if grad_weight_TK is not None else dlogits_TE
-            gp = grad_probs_TE.contiguous() if grad_probs_TE is not None else dlogits_TE
-            _kernels().route_backward_kernel[(_cdiv(T, block_t),)](
-                logits_TE, expert_TK, active_TK, gw, gp, dlogits_TE, T, E, logits_TE.stride(0), float(scaling),
-                K=K, SIGMOID=sigmoid, RENORMALIZE=renormalize, HAS_GW=grad_weight_TK is not None,
-                HAS_GP=grad_probs_TE is not None, BLOCK_T=block_t, E_POW2=_experts_pow2(E), num_warps=4)
+        dlogits_TE = launch_route_backward(logits_TE, expert_TK, active_TK, grad_weight_TK, grad_probs_TE,
+                                           *ctx.options)
         return dlogits_TE, None, None, None, None, None, None, None
+
+
+def launch_route_backward(logits_TE: Tensor, expert_TK: Tensor, active_TK: Tensor, grad_weight_TK: Tensor | None,
+                          grad_probs_TE: Tensor | None, sigmoid: bool, renormalize: bool,
+                          scaling: float) -> Tensor:  # pragma: no cover
+    """The logits' fp32 gradient from the gradients of :func:`launch_route`'s weights and
+    probabilities (either may be None): ``route_backward_kernel``."""
+    T, E = logits_TE.shape
+    dlogits_TE = torch.empty((T, E), dtype=torch.float32, device=logits_TE.device)
+    if T:
+        block_t = scores_block_tokens(_experts_pow2(E))
+        gw = grad_weight_TK.contiguous() if grad_weight_TK is not None else dlogits_TE
+        gp = grad_probs_TE.contiguous() if grad_probs_TE is not None else dlogits_TE
+        _kernels().route_backward_kernel[(_cdiv(T, block_t),)](
+            logits_TE, expert_TK, active_TK, gw, gp, dlogits_TE, T, E, logits_TE.stride(0), float(scaling),
+            K=expert_TK.shape[1], SIGMOID=sigmoid, RENORMALIZE=renormalize, HAS_GW=grad_weight_TK is not None,
+            HAS_GP=grad_probs_TE is not None, BLOCK_T=block_t, E_POW2=_experts_pow2(E), num_warps=4)
+    return dlogits_TE
 
 
 def with_logits_gradient(routing: Routing, score_func: str, renormalize: bool, scaling: float) -> None:
