@@ -9,8 +9,11 @@ CPU. The kernels are wrapped as ``torch.library`` custom ops (``fulu_nas::moe_ex
 with fake implementations, so ``torch.compile(fullgraph=True)`` keeps them in its graph and CUDA
 graphs capture them (no host syncs inside).
 
-Inference takes ``moe_experts``. Training takes ``moe_experts_train``: the same kernels, the first
-one also storing the pre-activation (gate and up), with a registered backward
+Inference takes ``moe_experts``. Training takes ``moe_experts_train`` (eagerly the autograd
+Function ``_ExpertsTrainEager``, which launches the same kernels without the ops' dispatch): the
+same kernels, the first one also storing the pre-activation (gate and up), or at large groups the
+first GEMM as ``torch._grouped_mm`` over gathered rows (:func:`first_gemm_by_grouped_mm`), with a
+registered backward
 (``moe_experts_backward``, one opaque op: four ``torch._grouped_mm`` GEMMs and one Triton pass for
 the activation's and the routing weight's gradients). The top-k op returns indices only (no
 gradient flows through a selection), so the routers use it in training too.
