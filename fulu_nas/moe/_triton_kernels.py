@@ -219,6 +219,16 @@ def sum_slots_kernel(y_ptr, row_ptr, out_ptr, T, D, K: tl.constexpr, GATHER: tl.
 
 
 @triton.jit
+def _row_weights(weight_ptr, order_ptr, rows, rmask, WEIGHT_SORTED: tl.constexpr):  # pragma: no cover
+    """fp32 routing weights of sorted rows ``rows``: stored by sorted row, or by flat slot (read
+    through the sort order)."""
+    if WEIGHT_SORTED:
+        return tl.load(weight_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    src = tl.load(order_ptr + rows, mask=rmask, other=0)
+    return tl.load(weight_ptr + src, mask=rmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def act_forward_kernel(pre_ptr, weight_ptr, order_ptr, act_ptr, N, F, stride_pn, stride_an,  # pragma: no cover
                        SWIGLU: tl.constexpr, WEIGHT_SORTED: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
@@ -229,11 +239,7 @@ def act_forward_kernel(pre_ptr, weight_ptr, order_ptr, act_ptr, N, F, stride_pn,
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     rmask = rows < N
     mask = rmask[:, None] & (cols < F)[None, :]
-    if WEIGHT_SORTED:
-        wt = tl.load(weight_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    else:
-        src = tl.load(order_ptr + rows, mask=rmask, other=0)
-        wt = tl.load(weight_ptr + src, mask=rmask, other=0.0).to(tl.float32)
+    wt = _row_weights(weight_ptr, order_ptr, rows, rmask, WEIGHT_SORTED)
     r64 = rows.to(tl.int64)[:, None]
     g = tl.load(pre_ptr + r64 * stride_pn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if SWIGLU:
@@ -253,11 +259,7 @@ def act_backward_kernel(dact_ptr, pre_ptr, weight_ptr, order_ptr, dpre_ptr, dwei
     SwiGLU) and ``dweight[n] = sum_f dact[n, f] * act_fn(pre)[n, f]`` (fp32, by sorted row)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
-    if WEIGHT_SORTED:
-        wt = tl.load(weight_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    else:
-        src = tl.load(order_ptr + rows, mask=rmask, other=0)
-        wt = tl.load(weight_ptr + src, mask=rmask, other=0.0).to(tl.float32)
+    wt = _row_weights(weight_ptr, order_ptr, rows, rmask, WEIGHT_SORTED)
     r64 = rows.to(tl.int64)[:, None]
     dw = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for f0 in range(0, F, BLOCK_F):

@@ -200,19 +200,18 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
     w2 = w2_EFD.to(dtype).contiguous()
     b13 = b13_EW.contiguous() if b13_EW is not None else None
     b2 = b2_ED.contiguous() if b2_ED is not None else None
-    x_ND = x_TD.new_empty((0, D))
+    no_rows = x_TD.new_empty((0, D))  # the gathered rows kept for the backward, where there are none
     if N == 0:
-        empty = torch.empty((0, D), dtype=dtype, device=x_TD.device)
-        return (empty, x_TD.new_empty((0, w13.shape[2])), x_TD.new_empty((0, F)), x_ND) if save_for_backward else empty
+        return (no_rows, x_TD.new_empty((0, w13.shape[2])), x_TD.new_empty((0, F)), no_rows) if save_for_backward \
+            else no_rows
     e_pow2 = max(2, kern.next_power_of_2(E))
     fp32 = dtype == torch.float32
 
+    x_ND = no_rows
     if first_gemm_by_grouped_mm(x_TD, N, w13, b13, save_for_backward):
         x_ND = x_TD[order_N // k_slots]
         pre_NW = _grouped_mm(x_ND, w13, offs=ends_E)
         act_NF = launch_act_forward(pre_NW, weight, order_N, swiglu, weight_sorted)
-        if not save_for_backward:
-            x_ND = x_TD.new_empty((0, D))
     else:
         act_NF = torch.empty((N, F), dtype=dtype, device=x_TD.device)
         pre_NW = torch.empty((N, w13.shape[2] if save_for_backward else 0), dtype=dtype, device=x_TD.device)
