@@ -3,7 +3,7 @@
 The kernels themselves are checked against the torch ops on CUDA (tests/test_triton_moe.py) and in
 Triton's interpreter (tests/test_triton_interpreter.py). Here: which logits mode and tile each
 shape gets, and that the routers and the layer use what the kernels return (the kernel's choice,
-its block counts or its finished sort; with a gradient, weights recomputed by torch ops) exactly
+its block counts or its finished sort; with a gradient, the logits' gradient from its backward) exactly
 as the torch path would. The launchers are replaced by torch implementations of their contract.
 """
 
@@ -64,8 +64,24 @@ def torch_route(logits_TE, x_TD, gate_ED, bias_E, k, score_func, renormalize, sc
     one_block = T <= 16
     sorted_slots = (sort_by_expert(flat, E), flat.bincount(minlength=E).cumsum(0).int()) if one_block else None
     return Routing(expert_TK=expert, weight_TK=weight.detach(), active_TK=active,
-                   probs_TE=normalised_probs(scores, score_func).detach(), logits_TE=logits_TE.detach(),
+                   probs_TE=normalised_probs(scores, score_func).detach(), logits_TE=logits_TE,
                    counts_BE=counts, rows_per_block=rows, sorted_slots=sorted_slots)
+
+
+def torch_route_backward(logits_TE, expert_TK, active_TK, grad_weight_TK, grad_probs_TE, sigmoid, renormalize,
+                         scaling):
+    """:func:`triton_routing.launch_route_backward`'s contract: autograd through the torch ops of the
+    selected weights and the probabilities."""
+    score_func = "sigmoid" if sigmoid else "softmax"
+    with torch.enable_grad():
+        logits = logits_TE.detach().requires_grad_(True)
+        scores = scores_from_logits(logits, score_func)
+        weight = scores.gather(-1, expert_TK) * active_TK
+        if renormalize:
+            weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-20)
+        outputs = [(weight * scaling, grad_weight_TK), (normalised_probs(scores, score_func), grad_probs_TE)]
+        outs, grads = zip(*[(o, g) for o, g in outputs if g is not None], strict=True)
+        return torch.autograd.grad(outs, logits, grads)[0]
 
 
 def torch_place(expert_N, counts_BE, rows_per_block):
@@ -107,8 +123,10 @@ def test_the_layer_uses_what_the_routing_kernel_returns(monkeypatch, router, opt
     monkeypatch.setattr(triton_routing, "route_usable", lambda *args: True)
     monkeypatch.setattr(triton_routing, "launch_route", lambda *args: calls.append("route") or torch_route(*args))
     monkeypatch.setattr(triton_routing, "launch_place", lambda *args: calls.append("place") or torch_place(*args))
+    monkeypatch.setattr(triton_routing, "launch_route_backward",
+                        lambda *args: calls.append("backward") or torch_route_backward(*args))
     got = expected()
-    assert calls.count("route") == 2
+    assert calls.count("route") == 2 and calls.count("backward") == 1
     assert ("place" in calls) == (tokens > 16)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     for g, w in zip(got[1], want[1], strict=True):

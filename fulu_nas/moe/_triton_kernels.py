@@ -26,6 +26,8 @@ flat expert ids): sorted row n is flat slot ``order_N[n]`` = token ``order_N[n] 
   from ``x`` and the gate) in one pass, with each block's expert counts; ``place_kernel`` turns
   those counts into the stable sort of the slots by expert and the group ends (a counting sort):
   two launches where the eager torch ops took about twenty, whose host time the GPU waited on.
+  ``route_backward_kernel``: in training, the logits' gradient through those weights and
+  probabilities in one pass (where torch's autograd ran a dozen small kernels).
 
 Every program of the grouped GEMMs finds its (expert, row block) from the group ends alone
 (prefix sum of per-expert block counts), so the grid is a static upper bound (``cdiv(N, BM) + E``
@@ -414,6 +416,72 @@ def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, 
         ends = tl.cumsum(counts, 0)
         tl.store(order_ptr + _sorted_positions(flat_e, cols, ends - counts), flat_n, mask=flat_valid)
         tl.store(ends_ptr + cols, ends, mask=cmask)
+
+
+@triton.jit
+def route_backward_kernel(logits_ptr, expert_ptr, active_ptr, gw_ptr, gp_ptr, dlogits_ptr, T, E,  # pragma: no cover
+                          stride_lt, scaling, K: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
+                          HAS_GW: tl.constexpr, HAS_GP: tl.constexpr, BLOCK_T: tl.constexpr,
+                          E_POW2: tl.constexpr):
+    """Gradient of the logits through :func:`route_kernel`'s weights and probabilities, for BLOCK_T
+    tokens: with scores ``s`` (softmax or sigmoid), ``w0[k] = s[e_k] * active[k]``, weights
+    ``scaling * w0 / max(sum(w0), 1e-20)`` (renormalised) or ``scaling * w0``, probabilities ``s``
+    (softmax) or ``s / max(sum(s), 1e-20)`` (sigmoid); ``gw`` (T, K) and ``gp`` (T, E) are the
+    incoming gradients (either may be absent). The selection itself carries no gradient."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    cols = tl.arange(0, E_POW2)
+    cmask = cols < E
+    mask = rmask[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)
+    logits = tl.load(logits_ptr + r64[:, None] * stride_lt + cols[None, :], mask=mask,
+                     other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        s = tl.where(cmask[None, :], 1.0 / (1.0 + tl.exp(-logits)), 0.0)
+    else:
+        shifted = tl.exp(logits - tl.max(logits, 1)[:, None])
+        s = shifted / tl.sum(shifted, 1)[:, None]
+    gs = tl.zeros((BLOCK_T, E_POW2), dtype=tl.float32)
+    if HAS_GW:
+        # the selected scores w0 and their sum, slot by slot (as the forward)
+        z = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        gz = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            e = tl.load(expert_ptr + r64 * K + j, mask=rmask, other=0)
+            a = tl.load(active_ptr + r64 * K + j, mask=rmask, other=0).to(tl.float32)
+            g = tl.load(gw_ptr + r64 * K + j, mask=rmask, other=0.0).to(tl.float32)
+            w0 = tl.sum(tl.where(cols[None, :] == e[:, None], s, 0.0), 1) * a
+            z += w0
+            gz += g * w0
+        if RENORMALIZE:
+            big = z >= 1e-20
+            zc = tl.maximum(z, 1e-20)
+            for j in tl.static_range(K):
+                e = tl.load(expert_ptr + r64 * K + j, mask=rmask, other=0)
+                a = tl.load(active_ptr + r64 * K + j, mask=rmask, other=0).to(tl.float32)
+                g = tl.load(gw_ptr + r64 * K + j, mask=rmask, other=0.0).to(tl.float32)
+                g0 = scaling * (g / zc - tl.where(big, gz / (zc * zc), 0.0)) * a
+                gs += tl.where(cols[None, :] == e[:, None], g0[:, None], 0.0)
+        else:
+            for j in tl.static_range(K):
+                e = tl.load(expert_ptr + r64 * K + j, mask=rmask, other=0)
+                a = tl.load(active_ptr + r64 * K + j, mask=rmask, other=0).to(tl.float32)
+                g = tl.load(gw_ptr + r64 * K + j, mask=rmask, other=0.0).to(tl.float32)
+                gs += tl.where(cols[None, :] == e[:, None], (scaling * g * a)[:, None], 0.0)
+    if HAS_GP:
+        gp = tl.load(gp_ptr + r64[:, None] * E + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if SIGMOID:
+            total = tl.sum(s, 1)
+            sc = tl.maximum(total, 1e-20)
+            dot = tl.sum(gp * s, 1)
+            gs += gp / sc[:, None] - tl.where(total >= 1e-20, dot / (sc * sc), 0.0)[:, None]
+        else:
+            gs += gp
+    if SIGMOID:
+        dl = gs * s * (1.0 - s)
+    else:
+        dl = s * (gs - tl.sum(gs * s, 1)[:, None])
+    tl.store(dlogits_ptr + r64[:, None] * E + cols[None, :], dl, mask=mask)
 
 
 @triton.jit

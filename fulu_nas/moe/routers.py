@@ -22,7 +22,6 @@ from .routing import (
     router_logits,
     scores_from_logits,
     select_experts,
-    selected_weights,
 )
 
 
@@ -84,9 +83,10 @@ class ScoreRouter(Fp32Router):
     def _route_by_kernel(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Routing:
         """The same selection through the Triton routing kernel, eagerly on CUDA: one launch where
         the torch ops take about ten (and the block counts the layer's counting sort needs). With
-        a gradient the weights and probabilities are recomputed by torch ops from the kernel's
-        choice, so that they carry the router's gradient; without one the kernel also computes the
-        logits (:func:`fulu_nas.moe.triton_routing.logits_in_kernel`)."""
+        a gradient the kernel reads the logits, and its weights and probabilities carry their
+        gradient through one backward kernel (:func:`fulu_nas.moe.triton_routing.with_logits_gradient`);
+        without one the kernel also computes the logits
+        (:func:`fulu_nas.moe.triton_routing.logits_in_kernel`)."""
         cfg = self.cfg
         grad = needs_grad(self, x_TD)
         gate = self.gate_weight()
@@ -96,11 +96,7 @@ class ScoreRouter(Fp32Router):
         routing = triton_routing.launch_route(logits_TE, x_TD, gate, self.expert_bias, cfg.top_k, cfg.score_func,
                                               cfg.renormalize, cfg.routed_scaling_factor, cfg.top_p)
         if grad:
-            scores_TE = scores_from_logits(logits_TE, cfg.score_func)
-            routing.weight_TK, routing.active_TK = selected_weights(
-                scores_TE, routing.expert_TK, renormalize=cfg.renormalize, scaling=cfg.routed_scaling_factor,
-                top_p=cfg.top_p)
-            routing.probs_TE = normalised_probs(scores_TE, cfg.score_func)
+            triton_routing.with_logits_gradient(routing, cfg.score_func, cfg.renormalize, cfg.routed_scaling_factor)
         return routing
 
 

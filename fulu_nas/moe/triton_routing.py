@@ -109,6 +109,54 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
     return r
 
 
+class _RouteWeightsGrad(torch.autograd.Function):
+    """The routing kernel's weights and probabilities as functions of the logits, for training: the
+    forward returns the kernel's outputs, the backward is one kernel (``route_backward_kernel``)
+    where recomputing them with torch ops for autograd took about six launches forward and a dozen
+    backward, each waited on by the GPU in an eager step."""
+
+    @staticmethod
+    def forward(ctx, logits_TE, weight_TK, probs_TE, expert_TK, active_TK, sigmoid, renormalize,
+                scaling):  # pragma: no cover
+        ctx.save_for_backward(logits_TE, expert_TK, active_TK)
+        ctx.options = (sigmoid, renormalize, scaling)
+        ctx.set_materialize_grads(False)
+        return weight_TK, probs_TE
+
+    @staticmethod
+    def backward(ctx, grad_weight_TK, grad_probs_TE):  # pragma: no cover
+        logits_TE, expert_TK, active_TK = ctx.saved_tensors
+        dlogits_TE = launch_route_backward(logits_TE, expert_TK, active_TK, grad_weight_TK, grad_probs_TE,
+                                           *ctx.options)
+        return dlogits_TE, None, None, None, None, None, None, None
+
+
+def launch_route_backward(logits_TE: Tensor, expert_TK: Tensor, active_TK: Tensor, grad_weight_TK: Tensor | None,
+                          grad_probs_TE: Tensor | None, sigmoid: bool, renormalize: bool,
+                          scaling: float) -> Tensor:  # pragma: no cover
+    """The logits' fp32 gradient from the gradients of :func:`launch_route`'s weights and
+    probabilities (either may be None): ``route_backward_kernel``."""
+    T, E = logits_TE.shape
+    dlogits_TE = torch.empty((T, E), dtype=torch.float32, device=logits_TE.device)
+    if T:
+        block_t = scores_block_tokens(_experts_pow2(E))
+        gw = grad_weight_TK.contiguous() if grad_weight_TK is not None else dlogits_TE
+        gp = grad_probs_TE.contiguous() if grad_probs_TE is not None else dlogits_TE
+        _kernels().route_backward_kernel[(_cdiv(T, block_t),)](
+            logits_TE, expert_TK, active_TK, gw, gp, dlogits_TE, T, E, logits_TE.stride(0), float(scaling),
+            K=expert_TK.shape[1], SIGMOID=sigmoid, RENORMALIZE=renormalize, HAS_GW=grad_weight_TK is not None,
+            HAS_GP=grad_probs_TE is not None, BLOCK_T=block_t, E_POW2=_experts_pow2(E), num_warps=4)
+    return dlogits_TE
+
+
+def with_logits_gradient(routing: Routing, score_func: str, renormalize: bool, scaling: float) -> None:
+    """Make ``routing``'s weights and probabilities (from :func:`launch_route` on logits that need a
+    gradient) differentiable with respect to those logits."""
+    routing.weight_TK, routing.probs_TE = _RouteWeightsGrad.apply(
+        routing.logits_TE, routing.weight_TK, routing.probs_TE, routing.expert_TK, routing.active_TK,
+        score_func == "sigmoid", renormalize, scaling)
+
+
 def place_usable(counts_BE: Tensor) -> bool:
     return counts_BE.shape[0] * _experts_pow2(counts_BE.shape[1]) <= PLACE_MAX_COUNTS
 
