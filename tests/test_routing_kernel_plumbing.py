@@ -54,7 +54,8 @@ def torch_route(logits_TE, x_TD, gate_ED, bias_E, k, score_func, renormalize, sc
     """:func:`triton_routing.launch_route`'s contract by torch ops (16 tokens a block)."""
     T, E = x_TD.shape[0], bias_E.shape[0]
     if logits_TE is None:
-        logits_TE = F.linear(x_TD.float(), gate_ED.float())  # as router_logits on the CPU
+        with torch.no_grad():  # the kernel's output carries no gradient
+            logits_TE = F.linear(x_TD.float(), gate_ED.float())  # as router_logits on the CPU
     scores = scores_from_logits(logits_TE, score_func)
     expert, weight, active = select_experts(scores, scores + bias_E, k, renormalize=renormalize,
                                             scaling=scaling, top_p=top_p)
@@ -131,3 +132,40 @@ def test_the_layer_uses_what_the_routing_kernel_returns(monkeypatch, router, opt
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     for g, w in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tokens", [8, 100])
+@pytest.mark.parametrize("options", [{}, {"score_func": "sigmoid", "renormalize": False, "routed_scaling_factor": 2.5},
+                                     {"top_p": 0.6, "top_k": 3, "activation": "gelu"}])
+def test_bf16_training_takes_the_kernels_logits_and_their_gradient(monkeypatch, options, tokens):
+    """bf16 training lets the routing kernel compute the logits too: its forward equals the torch
+    path's (the same fp32 logits), and the gradients of the input, the gate (with the z-loss's part
+    of it) and the experts match the torch path's within bf16 rounding of the logits' gradient."""
+    layer = make_layer("topk", z_loss_coef=1e-2, **options).to(torch.bfloat16)
+    x = torch.randn(tokens, 32).to(torch.bfloat16)
+    calls = []
+
+    def run():
+        x_in = x.clone().requires_grad_(True)
+        out, stats = layer(x_in)
+        probe = torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)
+        ((out * probe).float().sum() + stats["balance_loss"]).backward()
+        grads = {n: p.grad.float().clone() for n, p in layer.named_parameters() if p.grad is not None}
+        layer.zero_grad(set_to_none=True)
+        return out.detach(), x_in.grad.float(), grads
+
+    layer.train()
+    want = run()
+    monkeypatch.setattr(triton_routing, "route_usable", lambda *args: True)
+    monkeypatch.setattr(triton_routing, "launch_route",
+                        lambda *args: calls.append("route" if args[0] is not None else "route+logits")
+                        or torch_route(*args))
+    monkeypatch.setattr(triton_routing, "launch_place", torch_place)
+    monkeypatch.setattr(triton_routing, "launch_route_backward", torch_route_backward)
+    got = run()
+    assert calls == ["route+logits"]
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-3)
+    assert got[2].keys() == want[2].keys() and "router.gate.weight" in got[2]
+    for name, g in got[2].items():
+        assert (g - want[2][name]).norm() <= 1e-2 * want[2][name].norm(), name

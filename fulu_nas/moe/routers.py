@@ -82,20 +82,23 @@ class ScoreRouter(Fp32Router):
 
     def _route_by_kernel(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Routing:
         """The same selection through the Triton routing kernel, eagerly on CUDA: one launch where
-        the torch ops take about ten (and the block counts the layer's counting sort needs). With
-        a gradient the kernel reads the logits, and its weights and probabilities carry their
-        gradient through one backward kernel (:func:`fulu_nas.moe.triton_routing.with_logits_gradient`);
-        without one the kernel also computes the logits
-        (:func:`fulu_nas.moe.triton_routing.logits_in_kernel`)."""
+        the torch ops take about ten (and the block counts the layer's counting sort needs). The
+        kernel computes the logits itself where :func:`fulu_nas.moe.triton_routing.logits_in_kernel`
+        says it can (with a gradient only for bf16 input: their gradient then takes two bf16 GEMMs,
+        :func:`fulu_nas.moe.triton_routing.with_input_gradient`), else reads them; with a gradient
+        its weights and probabilities carry it through one backward kernel
+        (:func:`fulu_nas.moe.triton_routing.with_logits_gradient`)."""
         cfg = self.cfg
         grad = needs_grad(self, x_TD)
         gate = self.gate_weight()
-        logits_TE = None
-        if grad or gate is None or not triton_routing.logits_in_kernel(x_TD, cfg.num_experts):
-            logits_TE = self.logits(x_TD, batch_shape).float()
+        in_kernel = gate is not None and bool(triton_routing.logits_in_kernel(x_TD, cfg.num_experts)) and (
+            not grad or x_TD.dtype == torch.bfloat16)
+        logits_TE = None if in_kernel else self.logits(x_TD, batch_shape).float()
         routing = triton_routing.launch_route(logits_TE, x_TD, gate, self.expert_bias, cfg.top_k, cfg.score_func,
                                               cfg.renormalize, cfg.routed_scaling_factor, cfg.top_p)
         if grad:
+            if in_kernel:
+                triton_routing.with_input_gradient(routing, x_TD, gate)
             triton_routing.with_logits_gradient(routing, cfg.score_func, cfg.renormalize, cfg.routed_scaling_factor)
         return routing
 
