@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fulu_nas.moe import STAT_KEYS, load_balancing_loss, load_statistics, router_z_loss, update_selection_bias
+from fulu_nas.moe.balancing import balance_loss
 
 from .helpers import make_layer
 
@@ -156,7 +157,7 @@ def test_statistics_are_computed_when_first_read(monkeypatch):
     import fulu_nas.moe.layer as layer_module
 
     calls = []
-    for name in ("load_statistics", "router_entropy", "load_balancing_loss", "router_z_loss"):
+    for name in ("load_statistics", "router_entropy", "load_balancing_loss", "router_z_loss", "balance_loss"):
         real = getattr(layer_module, name)
         monkeypatch.setattr(layer_module, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
     layer = make_layer("topk", aux_loss_coef=0.01, z_loss_coef=0.0)
@@ -164,14 +165,43 @@ def test_statistics_are_computed_when_first_read(monkeypatch):
     out, stats = layer(x)
     assert calls == [] and set(stats) == set(STAT_KEYS)
     stats["balance_loss"]
-    assert calls == ["load_balancing_loss"]  # z_loss_coef 0: its loss is not needed for the sum
+    assert calls == ["balance_loss"]  # one fused loss (z_loss_coef 0: its term is left out)
     stats["load_balance"], stats["cv"]
-    assert calls == ["load_balancing_loss", "load_statistics"]
+    assert calls == ["balance_loss", "load_statistics"]
     everything = dict(stats)
-    assert sorted(calls) == ["load_balancing_loss", "load_statistics", "router_entropy", "router_z_loss"]
+    assert sorted(calls) == ["balance_loss", "load_balancing_loss", "load_statistics", "router_entropy",
+                             "router_z_loss"]
     torch._dynamo.reset()
     compiled_out, compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     assert type(compiled) is dict and compiled.keys() == everything.keys()
     for key, value in everything.items():
         torch.testing.assert_close(compiled[key], value)
     torch.testing.assert_close(compiled_out, out)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 37])
+@pytest.mark.parametrize(("aux_coef", "z_coef"), [(0.01, 0.0), (0.0, 1e-3), (0.3, 0.7)])
+def test_fused_balance_loss_equals_the_two_losses_and_their_gradients(aux_coef, z_coef, tokens):
+    """The eager balance loss (one autograd node with a closed-form backward) against autograd
+    through :func:`load_balancing_loss` and :func:`router_z_loss`: value and both gradients."""
+    torch.manual_seed(tokens)
+    logits = (torch.randn(tokens, 6, dtype=torch.float64) * 3).float()
+    counts = torch.randint(0, 9, (6,)).float()
+
+    def run(fused: bool):
+        lg = logits.clone().requires_grad_(True)
+        probs = torch.softmax(lg, -1)
+        probs.retain_grad()
+        if fused:
+            loss = balance_loss(probs, lg, counts, aux_coef, z_coef)
+        else:
+            loss = aux_coef * load_balancing_loss(probs, counts) + z_coef * router_z_loss(lg)
+        (3.0 * loss).backward()
+        # a left-out term gives no gradient where the two losses' sum gives zeros
+        return loss.detach(), lg.grad, probs.grad if probs.grad is not None else torch.zeros_like(probs)
+
+    got, want = run(True), run(False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+    if tokens:
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-7)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import triton_moe, triton_routing
-from .balancing import load_balancing_loss, router_z_loss, update_selection_bias
+from .balancing import balance_loss, load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
 from .experts import GroupedExperts, SharedExperts, needs_grad, sort_by_expert, sum_slots
 from .routers import ScoreRouter, build_router
@@ -177,6 +177,9 @@ class PiMoELayer(nn.Module):
                                            starts_E(), K, impl)
 
         def load() -> tuple[Tensor, Tensor]:
+            if keep_sorted_N is None and self.cfg.top_p is None:
+                # Every slot is active and none is dropped: the groups' sizes are the load.
+                return (ends_E - starts_E()).float(), torch.zeros((), device=x_TD.device)
             active_sorted_N = active_N[order_N]
             keep_N = active_sorted_N if keep_sorted_N is None else keep_sorted_N
             kept_before_N = F.pad(keep_N.long().cumsum(0), (1, 0))  # kept rows before position n
@@ -283,9 +286,12 @@ class PiMoELayer(nn.Module):
         cfg = self.cfg
 
         def balance() -> Tensor:
-            # A zero coefficient skips its loss (and its launches); the sum is the same.
-            terms = [c * f() for c, f in ((cfg.aux_loss_coef, aux), (cfg.z_loss_coef, z)) if c]
-            return sum(terms[1:], terms[0]) if terms else zero()
+            # A zero coefficient skips its loss (and its launches), and nothing reads the load then.
+            if not ((cfg.aux_loss_coef and r.probs_TE is not None) or (cfg.z_loss_coef and r.logits_TE is not None)):
+                return zero()
+            with_aux = bool(cfg.aux_loss_coef) and r.probs_TE is not None
+            return balance_loss(r.probs_TE, r.logits_TE, counts() if with_aux else None, cfg.aux_loss_coef,
+                                cfg.z_loss_coef)
 
         return LazyStats([
             (("tokens_per_expert", "utilisation", "load_balance", "max_vio", "cv"),

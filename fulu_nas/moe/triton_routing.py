@@ -175,7 +175,7 @@ class _KernelLogitsGrad(torch.autograd.Function):
         d_TE = dlogits_TE.to(x_TD.dtype)
         dx_TD = torch.mm(d_TE, gate_ED.to(x_TD.dtype)) if ctx.needs_input_grad[0] else None
         dgate_ED = None
-        if ctx.needs_input_grad[1]:  # fp32 accumulation and result (the CPU, for Triton's interpreter, has no out_dtype)
+        if ctx.needs_input_grad[1]:  # fp32 accumulation and result (the CPU, for the interpreter, has no out_dtype)
             dgate_ED = (torch.mm(d_TE.t(), x_TD, out_dtype=torch.float32) if x_TD.is_cuda
                         else torch.mm(d_TE.t().float(), x_TD.float())).to(gate_ED.dtype)
         return dx_TD, dgate_ED, None
