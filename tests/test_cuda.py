@@ -91,6 +91,32 @@ def test_split_bf16_router_logits_are_near_fp32():
     assert err < 1e-4 and err < 100 * max(fp32_err, 1e-7)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_split_router_logits_train_like_the_fp32_gemm(compiled):
+    """With a gradient the bf16 split logits (eager, and traced by torch.compile) give the fp32
+    GEMM's logits and, within bf16 rounding of the logits' gradient, its gradients."""
+    from fulu_nas.moe.routing import router_logits
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 512, device="cuda").to(torch.bfloat16)
+    w = torch.randn(64, 512, device="cuda") * 0.05
+    probe = torch.randn(4096, 64, device="cuda")
+
+    def run(split: bool):
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        f = router_logits if split else (lambda a, b: torch.nn.functional.linear(a.float(), b))
+        if compiled:
+            torch._dynamo.reset()
+            f = torch.compile(f, fullgraph=True)
+        logits = f(xi, wi)
+        (logits * probe).sum().backward()
+        return logits.detach().double(), xi.grad.double(), wi.grad.double()
+
+    got, want = run(True), run(False)
+    assert relative_error(got[0], want[0]) < 1e-4
+    assert relative_error(got[1], want[1]) < 1e-2 and relative_error(got[2], want[2]) < 1e-2
+
+
 @pytest.mark.parametrize("router", ROUTERS)
 def test_bf16_training_step_has_finite_gradients(router):
     layer = make_layer(router, hidden_size=256, expert_ffn_size=512, num_experts=16).cuda().to(torch.bfloat16)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fulu_nas.moe import triton_routing
 from fulu_nas.moe.experts import sort_by_expert
-from fulu_nas.moe.routing import Routing, normalised_probs, scores_from_logits, select_experts
+from fulu_nas.moe.routing import Routing, SplitLogits, normalised_probs, scores_from_logits, select_experts
 
 from .helpers import make_layer
 
@@ -169,3 +169,26 @@ def test_bf16_training_takes_the_kernels_logits_and_their_gradient(monkeypatch, 
     assert got[2].keys() == want[2].keys() and "router.gate.weight" in got[2]
     for name, g in got[2].items():
         assert (g - want[2][name]).norm() <= 1e-2 * want[2][name].norm(), name
+
+
+def test_split_logits_and_their_gradient_match_the_fp32_gemm():
+    """:class:`SplitLogits` (what bf16 training on CUDA takes for the router's logits, shared with the
+    kernel's logits): the fp32 GEMM's logits to ~2^-16 of the weight, and its gradients within bf16
+    rounding of the logits' gradient; the weight's gradient stays fp32. On the CPU its GEMMs run in
+    fp32 on the same bf16-rounded operands."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 48).to(torch.bfloat16)
+    w = torch.randn(12, 48) * 0.1
+    probe = torch.randn(300, 12)
+
+    def run(split: bool):
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        logits = SplitLogits.apply(xi, wi) if split else F.linear(xi.float(), wi)
+        (logits * probe).sum().backward()
+        return logits.detach(), xi.grad, wi.grad
+
+    (lg, dx, dw), (ref_lg, ref_dx, ref_dw) = run(True), run(False)
+    assert dw.dtype == torch.float32 and dx.dtype == torch.bfloat16
+    assert (lg - ref_lg).norm() <= 1e-5 * ref_lg.norm()
+    assert (dx.float() - ref_dx.float()).norm() <= 1e-2 * ref_dx.float().norm()
+    assert 0 < (dw - ref_dw).norm() <= 1e-2 * ref_dw.norm()  # the logits' gradient was rounded to bf16

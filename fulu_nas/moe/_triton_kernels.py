@@ -258,7 +258,8 @@ def act_backward_kernel(dact_ptr, pre_ptr, weight_ptr, order_ptr, dpre_ptr, dwei
                         SWIGLU: tl.constexpr, WEIGHT_SORTED: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     """Backward of ``act = act_fn(pre) * weight`` for BLOCK_R rows: ``dpre`` (gate and up halves for
-    SwiGLU) and ``dweight[n] = sum_f dact[n, f] * act_fn(pre)[n, f]`` (fp32, by sorted row)."""
+    SwiGLU) and ``dweight = sum_f dact[n, f] * act_fn(pre)[n, f]`` (fp32), stored where the weight
+    is read: by sorted row, or at the row's flat slot ``order[n]``."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     wt = _row_weights(weight_ptr, order_ptr, rows, rmask, WEIGHT_SORTED)
@@ -285,7 +286,8 @@ def act_backward_kernel(dact_ptr, pre_ptr, weight_ptr, order_ptr, dpre_ptr, dwei
             dgelu = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
             tl.store(dpre_ptr + r64 * stride_gn + cols[None, :],
                      (da * wt[:, None] * dgelu).to(dpre_ptr.dtype.element_ty), mask=mask)
-    tl.store(dweight_ptr + rows, dw, mask=rmask)
+    dst = rows if WEIGHT_SORTED else tl.load(order_ptr + rows, mask=rmask, other=0)
+    tl.store(dweight_ptr + dst, dw, mask=rmask)
 
 
 @triton.jit

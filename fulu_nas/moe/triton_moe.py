@@ -374,9 +374,9 @@ def experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Tensor,
             wt_N = weight if weight_sorted else weight[order]
             db2 = torch.zeros(b2.shape, dtype=torch.float32, device=x.device).index_add_(
                 0, expert_N, dy_ND.float() * wt_N[:, None].float()).to(b2.dtype)
-            dweight_N = dweight_N + (dy_ND.float() * b2.float()[expert_N]).sum(-1)
-    dweight = dweight_N if weight_sorted else torch.empty_like(dweight_N).index_put_((order,), dweight_N)
-    return [dx, dweight.to(weight.dtype), dw13, dw2, db13, db2]
+            bias_N = (dy_ND.float() * b2.float()[expert_N]).sum(-1)  # by sorted row
+            dweight_N = dweight_N + (bias_N if weight_sorted else torch.empty_like(bias_N).index_put_((order,), bias_N))
+    return [dx, dweight_N.to(weight.dtype), dw13, dw2, db13, db2]
 
 
 @moe_experts_backward.register_fake
@@ -443,8 +443,8 @@ ACT_BACKWARD_CONFIG = (16, 256, 4)
 
 def launch_act_backward(dact_NF: Tensor, pre_NW: Tensor, weight: Tensor, order_N: Tensor, swiglu: bool,
                         weight_sorted: bool) -> tuple[Tensor, Tensor]:  # pragma: no cover
-    """``(d pre, d weight by sorted row)`` of ``act = act_fn(pre) * weight`` (see the kernel); runs
-    inside the opaque backward op."""
+    """``(d pre, d weight)`` of ``act = act_fn(pre) * weight`` (see the kernel): the weight's gradient
+    laid out as the weight is (by sorted row with ``weight_sorted``, else by flat slot)."""
     N, F = dact_NF.shape
     dpre_NW = torch.empty_like(pre_NW)
     dweight_N = torch.empty((N,), dtype=torch.float32, device=dact_NF.device)

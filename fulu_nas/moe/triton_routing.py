@@ -13,7 +13,7 @@ triton (:func:`fulu_nas.moe.triton_moe._kernels` does, at the first launch).
 import torch
 from torch import Tensor
 
-from .routing import Routing
+from .routing import Routing, logits_backward
 from .triton_moe import TOPK_MAX_EXPERTS, _cdiv, _kernels, _next_pow2, scores_block_tokens, usable
 
 # Without a gradient the routing kernel computes the logits itself: for at most this many tokens
@@ -159,10 +159,8 @@ def with_logits_gradient(routing: Routing, score_func: str, renormalize: bool, s
 
 class _KernelLogitsGrad(torch.autograd.Function):
     """The logits the routing kernel computed from bf16 ``x`` and the fp32 gate, as a function of
-    both, for training: the backward is two bf16 GEMMs on the logits' gradient (rounded to bf16),
-    the gate's with an fp32 result. The torch path instead copies ``x`` to fp32 for an fp32 GEMM
-    each way (SIMT, no tensor cores) and casts the input's gradient back: about 0.2 ms of device
-    time per forward + backward at 32,768 tokens of width 512 (H200), in six launches."""
+    both, for training: the backward of :class:`fulu_nas.moe.routing.SplitLogits`, which computes
+    the same logits outside the kernel."""
 
     @staticmethod
     def forward(ctx, x_TD, gate_ED, logits_TE):  # pragma: no cover
@@ -172,13 +170,7 @@ class _KernelLogitsGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlogits_TE):  # pragma: no cover
         x_TD, gate_ED = ctx.saved_tensors
-        d_TE = dlogits_TE.to(x_TD.dtype)
-        dx_TD = torch.mm(d_TE, gate_ED.to(x_TD.dtype)) if ctx.needs_input_grad[0] else None
-        dgate_ED = None
-        if ctx.needs_input_grad[1]:  # fp32 accumulation and result (the CPU, for the interpreter, has no out_dtype)
-            dgate_ED = (torch.mm(d_TE.t(), x_TD, out_dtype=torch.float32) if x_TD.is_cuda
-                        else torch.mm(d_TE.t().float(), x_TD.float())).to(gate_ED.dtype)
-        return dx_TD, dgate_ED, None
+        return *logits_backward(dlogits_TE, x_TD, gate_ED, *ctx.needs_input_grad[:2]), None
 
 
 def with_input_gradient(routing: Routing, x_TD: Tensor, gate_ED: Tensor) -> None:
