@@ -62,12 +62,10 @@ class _BalanceLoss(torch.autograd.Function):
 
 def balance_loss(probs_TE: Tensor | None, logits_TE: Tensor | None, counts_E: Tensor | None, aux_coef: float,
                  z_coef: float) -> Tensor:
-    """``aux_coef * load_balancing_loss(probs_TE, counts_E) + z_coef * router_z_loss(logits_TE)``
-    (a term whose coefficient is 0 or whose input is None is left out; ``counts_E`` is read only
-    with the auxiliary loss). Eagerly one autograd
-    node with few launches; traced, the two losses' ops, which the compiler fuses."""
-    aux_coef = aux_coef if probs_TE is not None and counts_E is not None else 0.0
-    z_coef = z_coef if logits_TE is not None else 0.0
+    """``aux_coef * load_balancing_loss(probs_TE, counts_E) + z_coef * router_z_loss(logits_TE)``,
+    at least one coefficient nonzero; a term whose coefficient is 0 is left out, and its inputs may
+    be None. Eagerly one autograd node with few launches; traced, the two losses' ops, which the
+    compiler fuses."""
     assert aux_coef or z_coef, "balance_loss: no term (the caller returns zero)"
     if torch.compiler.is_compiling():
         terms = [c * f() for c, f in ((aux_coef, lambda: load_balancing_loss(probs_TE, counts_E)),

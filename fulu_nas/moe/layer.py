@@ -286,12 +286,13 @@ class PiMoELayer(nn.Module):
         cfg = self.cfg
 
         def balance() -> Tensor:
-            # A zero coefficient skips its loss (and its launches), and nothing reads the load then.
-            if not ((cfg.aux_loss_coef and r.probs_TE is not None) or (cfg.z_loss_coef and r.logits_TE is not None)):
+            # A term with a zero coefficient or without its input is left out (with its launches, and
+            # the load's when it is the auxiliary loss).
+            aux_coef = cfg.aux_loss_coef if r.probs_TE is not None else 0.0
+            z_coef = cfg.z_loss_coef if r.logits_TE is not None else 0.0
+            if not (aux_coef or z_coef):
                 return zero()
-            with_aux = bool(cfg.aux_loss_coef) and r.probs_TE is not None
-            return balance_loss(r.probs_TE, r.logits_TE, counts() if with_aux else None, cfg.aux_loss_coef,
-                                cfg.z_loss_coef)
+            return balance_loss(r.probs_TE, r.logits_TE, counts() if aux_coef else None, aux_coef, z_coef)
 
         return LazyStats([
             (("tokens_per_expert", "utilisation", "load_balance", "max_vio", "cv"),
