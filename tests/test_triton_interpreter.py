@@ -31,6 +31,9 @@ CASES = {
     "sigmoid_renormalized": ("topk", {"score_func": "sigmoid", "routed_scaling_factor": 2.5}),
     "sigmoid_raw": ("topk", {"score_func": "sigmoid", "renormalize": False, "routed_scaling_factor": 2.5}),
     "top_p_raw": ("topk", {"renormalize": False, "top_p": 0.5, "top_k": 3}),
+    # the balance loss's gradients: the probabilities' (one row broadcast over the tokens) through the
+    # routing kernel's backward, the logits' from the z-loss
+    "aux_z_losses": ("topk", {"aux_loss_coef": 0.3, "z_loss_coef": 0.1}),
 }
 
 # Runs in the subprocess: every case's relative errors (triton vs loop) as JSON on stdout.
