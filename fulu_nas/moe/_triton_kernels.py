@@ -422,13 +422,14 @@ def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, 
 
 @triton.jit
 def route_backward_kernel(logits_ptr, expert_ptr, active_ptr, gw_ptr, gp_ptr, dlogits_ptr, T, E,  # pragma: no cover
-                          stride_lt, scaling, K: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
-                          HAS_GW: tl.constexpr, HAS_GP: tl.constexpr, BLOCK_T: tl.constexpr,
+                          stride_lt, stride_gp, scaling, K: tl.constexpr, SIGMOID: tl.constexpr,
+                          RENORMALIZE: tl.constexpr, HAS_GW: tl.constexpr, HAS_GP: tl.constexpr, BLOCK_T: tl.constexpr,
                           E_POW2: tl.constexpr):
     """Gradient of the logits through :func:`route_kernel`'s weights and probabilities, for BLOCK_T
     tokens: with scores ``s`` (softmax or sigmoid), ``w0[k] = s[e_k] * active[k]``, weights
     ``scaling * w0 / max(sum(w0), 1e-20)`` (renormalised) or ``scaling * w0``, probabilities ``s``
-    (softmax) or ``s / max(sum(s), 1e-20)`` (sigmoid); ``gw`` (T, K) and ``gp`` (T, E) are the
+    (softmax) or ``s / max(sum(s), 1e-20)`` (sigmoid); ``gw`` (T, K) and ``gp`` (T, E, rows
+    ``stride_gp`` apart: 0 for one row broadcast over the tokens, as the auxiliary loss's) are the
     incoming gradients (either may be absent). The selection itself carries no gradient."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
@@ -471,7 +472,7 @@ def route_backward_kernel(logits_ptr, expert_ptr, active_ptr, gw_ptr, gp_ptr, dl
                 g = tl.load(gw_ptr + r64 * K + j, mask=rmask, other=0.0).to(tl.float32)
                 gs += tl.where(cols[None, :] == e[:, None], (scaling * g * a)[:, None], 0.0)
     if HAS_GP:
-        gp = tl.load(gp_ptr + r64[:, None] * E + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gp = tl.load(gp_ptr + r64[:, None] * stride_gp + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if SIGMOID:
             total = tl.sum(s, 1)
             sc = tl.maximum(total, 1e-20)

@@ -181,17 +181,44 @@ def first_gemm_by_grouped_mm(x_TD: Tensor, n_rows: int, w13_EDW: Tensor, b13_EW:
             and torch.cuda.get_device_capability(x_TD.device) >= (9, 0))
 
 
+class SortIndex:
+    """Indices derived from the sort order ``order_N`` (row n holds flat slot ``order[n]``), each
+    computed once when first needed: the forward and the backward of one eager training call share
+    them (each is a launch or three of host time an eager step waits on)."""
+
+    def __init__(self, order_N: Tensor, k_slots: int):
+        self.order_N, self.k_slots = order_N, k_slots
+        self._token_N: Tensor | None = None
+        self._inverse_N: Tensor | None = None
+
+    @property
+    def token_N(self) -> Tensor:
+        """Row n's token, ``order[n] // k_slots``."""
+        if self._token_N is None:
+            self._token_N = self.order_N // self.k_slots
+        return self._token_N
+
+    @property
+    def inverse_N(self) -> Tensor:
+        """The inverse permutation: slot s is row ``inverse[s]``."""
+        if self._inverse_N is None:
+            self._inverse_N = inverse_permutation(self.order_N)
+        return self._inverse_N
+
+
 def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, w13_EDW: Tensor,
                    w2_EFD: Tensor, b13_EW: Tensor | None, b2_ED: Tensor | None, k_slots: int,
                    swiglu: bool, weight_sorted: bool, combine: bool,
-                   save_for_backward: bool = False):  # pragma: no cover
+                   save_for_backward: bool = False, index: SortIndex | None = None):  # pragma: no cover
     """Both grouped GEMMs. With ``combine`` (token choice) each token's ``k_slots`` rows are summed
     (the row of sorted position n is flat slot ``order[n]``): returns (N // k_slots, D). Without,
     returns (N, D) in sorted order (expert choice combines with index_add). With
     ``save_for_backward`` returns ``(out, pre_NW, act_NF, x_ND)``: also the pre-activation (gate and
     up), the weighted activation and, where the first GEMM ran from a gathered copy of the rows
-    (:func:`first_gemm_by_grouped_mm`), that copy (else ``(0, D)``), which the backward needs."""
+    (:func:`first_gemm_by_grouped_mm`), that copy (else ``(0, D)``), which the backward needs.
+    ``index``: the sort's derived indices, shared with the backward (else computed here)."""
     kern = _kernels()
+    index = index or SortIndex(order_N, k_slots)
     N, D = order_N.shape[0], x_TD.shape[1]
     E, F = w2_EFD.shape[0], w2_EFD.shape[1]
     dtype = x_TD.dtype
@@ -209,7 +236,7 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
 
     x_ND = no_rows
     if first_gemm_by_grouped_mm(x_TD, N, w13, b13, save_for_backward):
-        x_ND = x_TD[order_N // k_slots]
+        x_ND = x_TD[index.token_N]
         pre_NW = _grouped_mm(x_ND, w13, offs=ends_E)
         act_NF = launch_act_forward(pre_NW, weight, order_N, swiglu, weight_sorted)
     else:
@@ -228,7 +255,7 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
 
     if second_gemm_by_grouped_mm(act_NF, w2, b2):
         y_ND = _grouped_mm(act_NF, w2, offs=ends_E)  # rows in expert order
-        out = _sum_slots(y_ND, inverse_permutation(order_N), k_slots) if combine else y_ND
+        out = _sum_slots(y_ND, index.inverse_N, k_slots) if combine else y_ND
     else:
         # Rows written in slot order: each token's rows are contiguous (one slot: that is the output).
         y_ND = torch.empty((N, D), dtype=dtype, device=x_TD.device)
@@ -314,9 +341,10 @@ def _experts_backward(ctx, grad_out: Tensor | None, _grad_pre, _grad_act, _grad_
         return (None,) * 12
     x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    dx, dweight, dw13, dw2, db13, db2 = (experts_backward if ctx.direct else moe_experts_backward)(
-        grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows, ctx.k_slots, ctx.swiglu,
-        ctx.weight_sorted, ctx.combine, need_dx)
+    args = (grad_out, x, order, weight, ends, w13, w2, b13, b2, pre, act, x_rows, ctx.k_slots, ctx.swiglu,
+            ctx.weight_sorted, ctx.combine, need_dx)
+    dx, dweight, dw13, dw2, db13, db2 = (experts_backward(*args, index=ctx.index) if ctx.direct
+                                         else moe_experts_backward(*args))
     return (dx if need_dx else None, None, dweight, None, dw13, dw2, db13 if b13 is not None else None,
             db2 if b2 is not None else None, None, None, None, None)
 
@@ -337,7 +365,7 @@ def moe_experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Ten
 def experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Tensor, ends: Tensor, w13: Tensor,
                      w2: Tensor, b13: Tensor | None, b2: Tensor | None, pre: Tensor, act: Tensor, x_rows: Tensor,
                      k_slots: int, swiglu: bool, weight_sorted: bool, combine: bool,
-                     need_dx: bool) -> list[Tensor]:  # pragma: no cover
+                     need_dx: bool, index: SortIndex | None = None) -> list[Tensor]:  # pragma: no cover
     """Gradients ``[dx, dweight, dw13, dw2, db13, db2]`` of :func:`moe_experts_train` (a missing bias
     and an unneeded dx give empty tensors). The four GEMMs are ``torch._grouped_mm`` (transposed
     weights for the data gradients; the weight gradients group the reduction dimension by
@@ -346,7 +374,8 @@ def experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Tensor,
     through the inverse permutation (no atomics). ``x_rows``: the forward's gathered rows, or empty
     (the weight gradient then gathers them)."""
     K, N, dtype = k_slots, order.shape[0], x.dtype
-    token_N = order // K
+    index = index or SortIndex(order, K)
+    token_N = index.token_N
     # out[t] sums the rows written to slots t*K..t*K+K-1: row n's output gradient is its token's.
     dy_ND = (grad_out[token_N] if combine else grad_out).to(dtype).contiguous()
     w13c, w2c = w13.to(dtype), w2.to(dtype)
@@ -359,7 +388,7 @@ def experts_backward(grad_out: Tensor, x: Tensor, order: Tensor, weight: Tensor,
     if need_dx:
         dx_ND = _grouped_mm(dpre_NW, w13c.transpose(-2, -1), offs=ends)
         if combine:  # every slot holds one row: each token sums its K rows in fp32, in one kernel
-            dx = _sum_slots(dx_ND, inverse_permutation(order), K)
+            dx = _sum_slots(dx_ND, index.inverse_N, K)
         else:  # expert choice: a token may be in several rows
             dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(
                 0, token_N, dx_ND.float()).to(dtype)
@@ -400,9 +429,10 @@ class _ExpertsTrainEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):  # pragma: no cover
-        outputs = launch_experts(*inputs, save_for_backward=True)
+        index = SortIndex(inputs[1], inputs[8])
+        outputs = launch_experts(*inputs, save_for_backward=True, index=index)
         _setup_context(ctx, inputs, outputs)
-        ctx.direct = True
+        ctx.direct, ctx.index = True, index
         return outputs
 
     @staticmethod

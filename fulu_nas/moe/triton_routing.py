@@ -141,9 +141,12 @@ def launch_route_backward(logits_TE: Tensor, expert_TK: Tensor, active_TK: Tenso
     if T:
         block_t = scores_block_tokens(_experts_pow2(E))
         gw = grad_weight_TK.contiguous() if grad_weight_TK is not None else dlogits_TE
-        gp = grad_probs_TE.contiguous() if grad_probs_TE is not None else dlogits_TE
+        gp = dlogits_TE
+        if grad_probs_TE is not None:  # a broadcast row (stride 0) is read as it is
+            gp = grad_probs_TE if grad_probs_TE.stride(-1) == 1 else grad_probs_TE.contiguous()
         _kernels().route_backward_kernel[(_cdiv(T, block_t),)](
-            logits_TE, expert_TK, active_TK, gw, gp, dlogits_TE, T, E, logits_TE.stride(0), float(scaling),
+            logits_TE, expert_TK, active_TK, gw, gp, dlogits_TE, T, E, logits_TE.stride(0), gp.stride(0),
+            float(scaling),
             K=expert_TK.shape[1], SIGMOID=sigmoid, RENORMALIZE=renormalize, HAS_GW=grad_weight_TK is not None,
             HAS_GP=grad_probs_TE is not None, BLOCK_T=block_t, E_POW2=_experts_pow2(E), num_warps=4)
     return dlogits_TE
