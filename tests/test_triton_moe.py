@@ -261,6 +261,25 @@ def test_training_op_backward_writes_no_gradient_for_its_saved_outputs(entry):
 
 
 @needs_triton
+def test_cached_launches_keep_tritons_specialisation(monkeypatch):
+    """Eager launches reuse a compiled kernel only for arguments of its signature: a second call of
+    a signature skips Triton's dispatch, and an input 2 bytes past a 16-byte boundary after aligned
+    ones gets a kernel of its own and the right sums (the aligned kernel's vector loads would fault)."""
+    launcher = triton_moe._kernels().sum_slots_kernel
+    dispatched = []
+    run = launcher.fn.run
+    monkeypatch.setattr(launcher.fn, "run", lambda *a, **k: dispatched.append(1) or run(*a, **k))
+    T, K, D = 37, 2, 512
+    for offset in (0, 0, 1, 1):
+        buf = torch.randn(T * K * D + 1, device="cuda", dtype=torch.bfloat16)
+        y = buf[offset:offset + T * K * D].view(T * K, D)
+        out = triton_moe._sum_slots(y, None, K)
+        torch.testing.assert_close(out, y.float().view(T, K, D).sum(1).to(torch.bfloat16))
+    assert len(dispatched) <= 2  # at most once per signature (the aligned one may be cached already)
+    assert any(not key[1][0][1] for key in launcher._compiled)  # the misaligned signature's own kernel
+
+
+@needs_triton
 def test_triton_training_compiles():
     """A compiled training step keeps the Triton ops (forward and the opaque backward) and gives the
     eager gradients; group sizes that are not multiples of 8 rows (which the backward's grouped

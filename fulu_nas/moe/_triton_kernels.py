@@ -39,6 +39,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._triton_launch import CachedLauncher
+
 
 @triton.jit
 def _group_table(ends_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):  # pragma: no cover
@@ -310,10 +312,6 @@ def topk_kernel(s_ptr, out_ptr, T, E, stride_t,  # pragma: no cover
         taken = taken | (cols[None, :] == idx[:, None])
 
 
-def next_power_of_2(n: int) -> int:  # pragma: no cover
-    return triton.next_power_of_2(n)
-
-
 @triton.jit
 def _sorted_positions(e, cols, base):  # pragma: no cover
     """Where the stable order by expert puts each of these slots (expert ``e``, in slot order; a lane
@@ -514,3 +512,13 @@ def place_kernel(expert_ptr, counts_ptr, order_ptr, ends_ptr, N, E, num_blocks, 
     nmask = (n < N) & (local < ROWS)
     e = tl.load(expert_ptr + n, mask=nmask, other=E_POW2).to(tl.int32)
     tl.store(order_ptr + _sorted_positions(e, cols, ends - total + before), n.to(tl.int64), mask=nmask)
+
+
+# The kernels the launchers call, launched through their compiled launchers after the first call of
+# each signature (see _triton_launch); in Triton's interpreter they stay as they are.
+if isinstance(route_kernel, triton.runtime.JITFunction):  # pragma: no cover
+    (gather_up_kernel, down_scatter_kernel, sum_slots_kernel, act_forward_kernel, act_backward_kernel, topk_kernel,
+     route_kernel, route_backward_kernel, place_kernel) = (
+        CachedLauncher(k) for k in (gather_up_kernel, down_scatter_kernel, sum_slots_kernel, act_forward_kernel,
+                                    act_backward_kernel, topk_kernel, route_kernel, route_backward_kernel,
+                                    place_kernel))

@@ -21,6 +21,7 @@ gradient flows through a selection), so the routers use it in training too.
 Shape suffixes as in :mod:`fulu_nas.moe.layer`.
 """
 
+import functools
 import importlib.util
 import os
 from typing import Optional
@@ -92,6 +93,8 @@ def _pow2_at_most(n: int, cap: int) -> int:
 # Tile shapes: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen by rows per expert
 # (the M of each group): small groups (decode) are bound by reading the weights and want small M
 # tiles and many programs; large groups want 128-row tiles. Measured on H200 (BENCHMARKS.md).
+# Cached, as the routing kernel's block rule: they run on every eager launch (host time).
+@functools.lru_cache(maxsize=4096)
 def up_config(n_rows: int, experts: int, hidden: int, ffn: int) -> tuple[int, int, int, int, int]:
     per_expert = n_rows / max(experts, 1)
     if per_expert <= 16:
@@ -103,6 +106,7 @@ def up_config(n_rows: int, experts: int, hidden: int, ffn: int) -> tuple[int, in
     return 128, _pow2_at_most(ffn, 128), 32, 8, 5
 
 
+@functools.lru_cache(maxsize=4096)
 def down_config(n_rows: int, experts: int, ffn: int, hidden: int) -> tuple[int, int, int, int, int]:
     per_expert = n_rows / max(experts, 1)
     if per_expert <= 16:
@@ -227,21 +231,23 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
     w2 = w2_EFD.to(dtype).contiguous()
     b13 = b13_EW.contiguous() if b13_EW is not None else None
     b2 = b2_ED.contiguous() if b2_ED is not None else None
-    no_rows = x_TD.new_empty((0, D))  # the gathered rows kept for the backward, where there are none
     if N == 0:
+        no_rows = x_TD.new_empty((0, D))
         return (no_rows, x_TD.new_empty((0, w13.shape[2])), x_TD.new_empty((0, F)), no_rows) if save_for_backward \
             else no_rows
-    e_pow2 = max(2, kern.next_power_of_2(E))
+    e_pow2 = max(2, _next_pow2(E))
     fp32 = dtype == torch.float32
 
-    x_ND = no_rows
+    x_ND = None  # the gathered rows kept for the backward, where the first GEMM gathered them
     if first_gemm_by_grouped_mm(x_TD, N, w13, b13, save_for_backward):
         x_ND = x_TD[index.token_N]
         pre_NW = _grouped_mm(x_ND, w13, offs=ends_E)
         act_NF = launch_act_forward(pre_NW, weight, order_N, swiglu, weight_sorted)
     else:
         act_NF = torch.empty((N, F), dtype=dtype, device=x_TD.device)
-        pre_NW = torch.empty((N, w13.shape[2] if save_for_backward else 0), dtype=dtype, device=x_TD.device)
+        # Inference stores no pre-activation (STORE_PRE off): the kernel gets the activation's
+        # pointer in its place, which it never writes through.
+        pre_NW = torch.empty((N, w13.shape[2]), dtype=dtype, device=x_TD.device) if save_for_backward else act_NF
         bm, bn, bk, warps, stages = UP_CONFIG or up_config(N, E, D, F)
         grid = ((_cdiv(N, bm) + E) * _cdiv(F, bn),)
         kern.gather_up_kernel[grid](
@@ -268,7 +274,9 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
             EVEN_K=F % bk == 0, EVEN_N=D % bn == 0, FP32=fp32,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, E_POW2=e_pow2, num_warps=warps, num_stages=stages)
         out = _sum_slots(y_ND, None, k_slots) if combine and k_slots > 1 else y_ND
-    return (out, pre_NW, act_NF, x_ND) if save_for_backward else out
+    if not save_for_backward:
+        return out
+    return out, pre_NW, act_NF, x_ND if x_ND is not None else x_TD.new_empty((0, D))
 
 
 def _sum_slots(y_ND: Tensor, row_N: Tensor | None, k_slots: int) -> Tensor:  # pragma: no cover
@@ -508,7 +516,7 @@ def launch_topk(scores: Tensor, k: int) -> Tensor:  # pragma: no cover
     out = torch.empty((T, k), dtype=torch.int64, device=scores.device)
     if T == 0:
         return out
-    e_pow2 = max(16, kern.next_power_of_2(E))
+    e_pow2 = max(16, _next_pow2(E))
     block_t = scores_block_tokens(e_pow2)
     kern.topk_kernel[(_cdiv(T, block_t),)](scores, out, T, E, scores.stride(0),
                                             K=k, BLOCK_T=block_t, E_POW2=e_pow2, num_warps=4)

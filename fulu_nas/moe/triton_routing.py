@@ -10,6 +10,8 @@ ops here: torch.compile keeps the torch ops, which it fuses. Launchers only; not
 triton (:func:`fulu_nas.moe.triton_moe._kernels` does, at the first launch).
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -45,11 +47,14 @@ def logits_in_kernel(x_TD: Tensor, num_experts: int) -> int:
     return 0
 
 
+# Cached: these run several times in every eager call (host time).
+@functools.lru_cache(maxsize=4096)
 def _experts_pow2(num_experts: int) -> int:
     """The kernels' expert lanes: a power of two, at least 16."""
     return max(16, _next_pow2(num_experts))
 
 
+@functools.lru_cache(maxsize=4096)
 def _route_block(tokens: int, num_experts: int, logits: int) -> tuple[int, int]:
     """(tokens per program, hidden columns per step) of the routing kernel for its ``LOGITS`` mode;
     (0, 0) where the fp32 products' (tokens x experts) tile would not fit a program."""
