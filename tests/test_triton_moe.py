@@ -74,6 +74,19 @@ def test_triton_matches_fp32_loop(router, option, shape):
 
 
 @needs_triton
+@pytest.mark.parametrize("hidden", [512, 1024])
+def test_gelu_inference_tiles_match_the_loop(hidden):
+    """GELU inference's own tiles for large groups (see ``up_config``), both hidden-size branches."""
+    fast, ref = bf16_and_reference("topk", hidden_size=hidden, expert_ffn_size=512, num_experts=8, top_k=2,
+                                   activation="gelu")
+    x = torch.randn(2, 1024, hidden, device="cuda", dtype=torch.bfloat16)
+    tiles = triton_moe.up_config(4096, 8, hidden, 512, single_accumulator=True)
+    assert tiles != triton_moe.up_config(4096, 8, hidden, 512)
+    out, expected, _ = run_pair(fast, ref, x)
+    assert relative_error(out, expected) < 1e-2
+
+
+@needs_triton
 @pytest.mark.parametrize("grouped_mm_second", [True, False], ids=["grouped_mm", "triton"])
 @pytest.mark.parametrize(("router", "top_k"), [("topk", 2), ("topk", 1), ("expert_choice", 2)])
 def test_both_second_gemms_match_the_loop(monkeypatch, grouped_mm_second, router, top_k):
@@ -360,10 +373,11 @@ def test_triton_impl_falls_back_without_cuda():
 
 @pytest.mark.parametrize(("rows", "experts", "hidden", "ffn"),
                          [(32, 8, 512, 2048), (200, 8, 512, 2048), (400, 8, 512, 2048), (8192, 8, 512, 2048),
-                          (65536, 8, 512, 2048),
+                          (65536, 8, 512, 2048), (65536, 256, 1024, 512),
                           (262144, 128, 1024, 256), (24, 4, 40, 24), (3000, 64, 8, 8)])
 def test_tile_configs_fit_the_shapes(rows, experts, hidden, ffn):
     for bm, bn, bk, warps, stages in (triton_moe.up_config(rows, experts, hidden, ffn),
+                                      triton_moe.up_config(rows, experts, hidden, ffn, single_accumulator=True),
                                       triton_moe.down_config(rows, experts, ffn, hidden)):
         assert all(v >= 16 and v & (v - 1) == 0 for v in (bm, bn, bk))  # tl.dot needs powers of 2 >= 16
         assert bn <= max(16, 2 * max(hidden, ffn)) and warps in (4, 8) and stages >= 2

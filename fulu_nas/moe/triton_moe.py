@@ -95,7 +95,14 @@ def _pow2_at_most(n: int, cap: int) -> int:
 # tiles and many programs; large groups want 128-row tiles. Measured on H200 (BENCHMARKS.md).
 # Cached, as the routing kernel's block rule: they run on every eager launch (host time).
 @functools.lru_cache(maxsize=4096)
-def up_config(n_rows: int, experts: int, hidden: int, ffn: int) -> tuple[int, int, int, int, int]:
+def up_config(n_rows: int, experts: int, hidden: int, ffn: int, single_accumulator: bool = False
+              ) -> tuple[int, int, int, int, int]:
+    """``single_accumulator``: GELU inference (one accumulator, no pre-activation store), where
+    large groups took other tiles: H200, bf16, 32,768 tokens, the experts alone, against
+    (128, 128, 32, 8, 5): hidden 512 (8 experts, FFN 2048) 0.794 -> 0.721 ms with (64, 128, 32,
+    4, 5); hidden 1024 with (128, 256, 64, 8, 4): 8 experts (FFN 512) 0.418 -> 0.395, 256 experts
+    0.572 -> 0.509, 128 experts (FFN 256, top-8) 0.990 -> 0.906. SwiGLU kept its tiles (0.860
+    against 0.865-0.866 for the best others); training was not swept."""
     per_expert = n_rows / max(experts, 1)
     if per_expert <= 16:
         return 16, _pow2_at_most(ffn, 128), 64, 4, 4
@@ -103,6 +110,8 @@ def up_config(n_rows: int, experts: int, hidden: int, ffn: int) -> tuple[int, in
         return 32, _pow2_at_most(ffn, 64), 128, 4, 3
     if per_expert <= 64:
         return 64, _pow2_at_most(ffn, 64), 64, 4, 3
+    if single_accumulator:
+        return (64, _pow2_at_most(ffn, 128), 32, 4, 5) if hidden <= 512 else (128, _pow2_at_most(ffn, 256), 64, 8, 4)
     return 128, _pow2_at_most(ffn, 128), 32, 8, 5
 
 
@@ -248,7 +257,7 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
         # Inference stores no pre-activation (STORE_PRE off): the kernel gets the activation's
         # pointer in its place, which it never writes through.
         pre_NW = torch.empty((N, w13.shape[2]), dtype=dtype, device=x_TD.device) if save_for_backward else act_NF
-        bm, bn, bk, warps, stages = UP_CONFIG or up_config(N, E, D, F)
+        bm, bn, bk, warps, stages = UP_CONFIG or up_config(N, E, D, F, not (swiglu or save_for_backward))
         grid = ((_cdiv(N, bm) + E) * _cdiv(F, bn),)
         kern.gather_up_kernel[grid](
             x_TD, order_N, weight, ends_E, w13, b13 if b13 is not None else w13, act_NF, pre_NW,
