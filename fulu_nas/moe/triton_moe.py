@@ -201,22 +201,16 @@ class SortIndex:
 
     def __init__(self, order_N: Tensor, k_slots: int):
         self.order_N, self.k_slots = order_N, k_slots
-        self._token_N: Tensor | None = None
-        self._inverse_N: Tensor | None = None
 
-    @property
+    @functools.cached_property
     def token_N(self) -> Tensor:
         """Row n's token, ``order[n] // k_slots``."""
-        if self._token_N is None:
-            self._token_N = self.order_N // self.k_slots
-        return self._token_N
+        return self.order_N // self.k_slots
 
-    @property
+    @functools.cached_property
     def inverse_N(self) -> Tensor:
         """The inverse permutation: slot s is row ``inverse[s]``."""
-        if self._inverse_N is None:
-            self._inverse_N = inverse_permutation(self.order_N)
-        return self._inverse_N
+        return inverse_permutation(self.order_N)
 
 
 def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, w13_EDW: Tensor,
