@@ -30,6 +30,9 @@ def test_key_separates_what_triton_specialises_on():
     assert len({specialization_key((v,)) for v in ints}) == len(ints)  # ==1, %16, other; i32/i64/u64
     assert specialization_key((17,)) == specialization_key((19,))
     assert specialization_key((2,)) != specialization_key((2.0,)) != specialization_key((True,))
+    assert specialization_key((2.0,)) == specialization_key((3.5,))  # floats are not specialised
+    np = pytest.importorskip("numpy")
+    assert specialization_key((np.int64(16),)) != specialization_key((np.int64(32),))  # by value
 
 
 class _Param:

@@ -8,7 +8,7 @@ Triton's own ``run`` chose for it and launches it directly on later calls with t
 
 The signature (:func:`specialization_key`) is at least as fine as what Triton compiles a kernel
 for, so a cached kernel is only reused for arguments Triton would have given it: each tensor's
-dtype and whether its address is 16-byte aligned, each integer's class (equal to 1, a multiple of
+dtype and its address modulo 16, each integer's class (equal to 1, a multiple of
 16, or neither) and width (32 or 64 bits), the type of every other argument, the keyword arguments
 (constexprs and launch options) by name and value, and the device. Anything else (a launch hook
 installed by a profiler, a grid given as a function, a constexpr passed positionally) takes
@@ -21,20 +21,18 @@ import torch
 from triton import knobs
 from triton.runtime import driver
 
-_INT32 = range(-(2**31), 2**31)
 
-
-def specialization_key(args: tuple) -> tuple:
-    """What the compiled kernel for positional runtime ``args`` depends on (see the module)."""
-    key = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif type(a) is int:
-            key.append((a == 1, a % 16 == 0, a in _INT32, a < 2**63))
-        else:
-            key.append(type(a))
-    return tuple(key)
+def specialization_key(args: tuple, Tensor=torch.Tensor, int=int, type=type, isinstance=isinstance) -> tuple:
+    """What the compiled kernel for positional runtime ``args`` depends on (see the module): a
+    tensor's dtype and address modulo 16; an integer's class (2: equal to 1, 1: a multiple of 16,
+    0: neither) plus its width (0: 32 bits, 4: 64, 8: unsigned 64); a float's type (Triton does not
+    specialise on its value); anything else (a bool, None, a numpy integer) by type and value.
+    One comprehension, names bound as defaults: it runs on every launch (about 4 us for 22
+    arguments on a 2-core CPU, against 7 for a loop)."""
+    return tuple([(2 if a == 1 else not a & 15) + (0 if -2147483648 <= a < 2147483648 else
+                                                   4 if a < 9223372036854775808 else 8) if type(a) is int
+                  else (a.dtype, a.data_ptr() & 15) if isinstance(a, Tensor)
+                  else float if type(a) is float else (type(a), a) for a in args])
 
 
 class CachedLauncher:
