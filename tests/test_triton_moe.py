@@ -293,30 +293,6 @@ def test_cached_launches_keep_tritons_specialisation(monkeypatch):
 
 
 @needs_triton
-def test_compiled_small_batch_routes_in_one_kernel():
-    """Compiled bf16 inference of 16 tokens routes through the routing kernel's op (selection and sort
-    in one program: no router GEMM, top-k or sort kernels in the graph) and returns the eager call's
-    output to the bit."""
-    torch._dynamo.reset()
-    layer = make_layer("topk", hidden_size=512, expert_ffn_size=1024, num_experts=8, top_k=2,
-                       activation="gelu").cuda().to(torch.bfloat16).eval()
-    x = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
-    compiled = torch.compile(layer, fullgraph=True)
-    cuda = torch.profiler.ProfilerActivity.CUDA
-    with torch.no_grad():
-        eager = layer(x, with_stats=False)[0]
-        compiled(x, with_stats=False)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[cuda]) as prof:
-            out = compiled(x, with_stats=False)[0]
-            torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert any("route_kernel" in k for k in kernels), kernels
-    assert not [k for k in kernels if any(s in k.lower() for s in ("gemm", "topk", "sort"))], kernels
-    assert torch.equal(out, eager)
-
-
-@needs_triton
 def test_triton_training_compiles():
     """A compiled training step keeps the Triton ops (forward and the opaque backward) and gives the
     eager gradients; group sizes that are not multiples of 8 rows (which the backward's grouped

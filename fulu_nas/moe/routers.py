@@ -68,14 +68,9 @@ class ScoreRouter(Fp32Router):
                 batch_shape: tuple[int, ...] = ()) -> Routing:
         cfg = self.cfg
         x_TD = jitter(x_TD, cfg.router_jitter, self.training)
-        if (type(self).group_mask is ScoreRouter.group_mask
+        if (triton_moe.direct_call() and type(self).group_mask is ScoreRouter.group_mask
                 and triton_routing.route_usable(x_TD, cfg.top_k, cfg.num_experts)):
-            if triton_moe.direct_call():
-                return self._route_by_kernel(x_TD, batch_shape)
-            gate = self.gate_weight()
-            if gate is not None and not needs_grad(self, x_TD) and triton_routing.one_program_routes(
-                    x_TD, cfg.num_experts):
-                return self._route_small_batch(x_TD, gate)
+            return self._route_by_kernel(x_TD, batch_shape)
         logits_TE = self.logits(x_TD, batch_shape).float()
         scores_TE = scores_from_logits(logits_TE, cfg.score_func)
         selection_TE = self.group_mask(scores_TE + self.expert_bias)
@@ -106,19 +101,6 @@ class ScoreRouter(Fp32Router):
                 triton_routing.with_input_gradient(routing, x_TD, gate)
             triton_routing.with_logits_gradient(routing, cfg.score_func, cfg.renormalize, cfg.routed_scaling_factor)
         return routing
-
-
-    def _route_small_batch(self, x_TD: Tensor, gate_ED: Tensor) -> Routing:
-        """Compiled, a small batch without a gradient: the eager call's routing kernel (one program:
-        selection and sort) as one op of the graph
-        (:func:`fulu_nas.moe.triton_routing.route_small_batch`), so the compiled call routes
-        exactly as the eager one."""
-        cfg = self.cfg
-        expert_TK, weight_TK, active_TK, probs_TE, logits_TE, order_N, ends_E = triton_routing.route_small_batch(
-            x_TD, gate_ED, self.expert_bias, cfg.top_k, cfg.score_func, cfg.renormalize,
-            float(cfg.routed_scaling_factor), float(cfg.top_p) if cfg.top_p is not None else None)
-        return Routing(expert_TK=expert_TK, weight_TK=weight_TK, active_TK=active_TK, probs_TE=probs_TE,
-                       logits_TE=logits_TE, sorted_slots=(order_N, ends_E))
 
 
 class TopKRouter(ScoreRouter):

@@ -5,17 +5,12 @@ the stable sort of the slots by expert by counting (``route_kernel`` and ``place
 Eagerly, a layer call waits on its host: the torch ops of the selection (softmax, bias, top-k,
 gather, renormalisation) and of the sort (argsort, gather of the sorted ids, binary search of the
 group ends) are about twenty small launches; these are two (one for a few tokens). The results are
-the torch ops' (same experts, order and ends; weights to the last fp32 bit). Under torch.compile the
-torch ops stay (the compiler fuses them), except for a small batch routed without a gradient: there
-the fused ops were still about eight kernels (the router GEMM, its split-K reduction, the top-k and
-five fused selection and sort kernels), a third of a 16-token forward's device time, where one
-routing program does it all (:func:`route_small_batch`, a custom op the compiled graph keeps). Launchers
-only; nothing here imports triton (:func:`fulu_nas.moe.triton_moe._kernels` does, at the first
-launch).
+the torch ops' (same experts, order and ends; weights to the last fp32 bit). There are no custom
+ops here: torch.compile keeps the torch ops, which it fuses. Launchers only; nothing here imports
+triton (:func:`fulu_nas.moe.triton_moe._kernels` does, at the first launch).
 """
 
 import functools
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -117,39 +112,6 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
         RENORMALIZE=renormalize, HAS_TOP_P=top_p is not None, PLACE=place, BLOCK_T=block_t, BLOCK_D=max(block_d, 1),
         E_POW2=_experts_pow2(E), num_warps=4)
     return r
-
-
-def one_program_routes(x_TD: Tensor, num_experts: int) -> bool:
-    """Whether one routing program routes and sorts every token of ``x_TD`` with the logits computed
-    in the kernel (a small batch: see :func:`logits_in_kernel` and :func:`_route_block`), the case
-    :func:`route_small_batch` takes under torch.compile. Static shapes only (a symbolic token
-    count takes the torch ops)."""
-    T = x_TD.shape[0]
-    if not isinstance(T, int) or T == 0:
-        return False
-    mode = logits_in_kernel(x_TD, num_experts)
-    return mode > 0 and _cdiv(T, _route_block(T, num_experts, mode)[0]) == 1
-
-
-# typing.Optional (not ``X | None``), as for the experts' ops: torch's schema inference reads it.
-@torch.library.custom_op("fulu_nas::route_small_batch", mutates_args=())
-def route_small_batch(x_TD: Tensor, gate_ED: Tensor, bias_E: Tensor, k: int, score_func: str, renormalize: bool,
-                      scaling: float, top_p: Optional[float]  # noqa: UP045
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # pragma: no cover
-    """:func:`launch_route` of a small batch without a gradient (:func:`one_program_routes`), as
-    one op for compiled graphs: ``(expert_TK, weight_TK, active_TK, probs_TE, logits_TE, order_N,
-    ends_E)``, the same kernel and so the same choices as the eager call."""
-    r = launch_route(None, x_TD, gate_ED, bias_E, k, score_func, renormalize, scaling, top_p)
-    return r.expert_TK, r.weight_TK, r.active_TK, r.probs_TE, r.logits_TE, *r.sorted_slots
-
-
-@route_small_batch.register_fake
-def _(x_TD, gate_ED, bias_E, k, score_func, renormalize, scaling, top_p):
-    T, E = x_TD.shape[0], gate_ED.shape[0]
-    f32 = dict(dtype=torch.float32, device=x_TD.device)
-    return (x_TD.new_empty((T, k), dtype=torch.int64), x_TD.new_empty((T, k), **f32),
-            x_TD.new_empty((T, k), dtype=torch.bool), x_TD.new_empty((T, E), **f32), x_TD.new_empty((T, E), **f32),
-            x_TD.new_empty((T * k,), dtype=torch.int64), x_TD.new_empty((E,), dtype=torch.int32))
 
 
 class _RouteWeightsGrad(torch.autograd.Function):
