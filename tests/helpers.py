@@ -60,6 +60,8 @@ ROUTE_CASES = {
     "sigmoid_scaled": (40, 20, 4, {"score_func": "sigmoid", "renormalize": False, "routed_scaling_factor": 2.5}),
     "many_blocks": (300, 8, 2, {}),
     "fine_grained": (70, 128, 8, {}),
+    # logits with fp32 accuracy at the most experts that take them, one program sorting its slots
+    "few_tokens_32_experts": (16, 32, 4, {}),
 }
 
 

@@ -90,6 +90,37 @@ layer = make_layer("topk", hidden_size=32, expert_ffn_size=48, num_experts=8, to
 x = torch.randn(41, 32)
 results["compiled"] = compare(run(layer, x, None, "triton", compiled=True), run(layer, x, None, "loop"))
 
+# Compiled inference of a few tokens routes through the routing kernel's op (one op in the graph,
+# where the torch ops were about ten kernels): the eager call's experts, order and output.
+from fulu_nas.moe import triton_routing
+
+small = {}
+for tokens in (16, 48):
+    layer = make_layer("topk", hidden_size=32, expert_ffn_size=48, num_experts=8, top_k=2).eval()
+    xs = torch.randn(tokens, 32)
+    with torch.no_grad():
+        eager_r = layer.router(xs)
+        seen = []
+
+        def record(gm, example_inputs):
+            seen.extend(str(n.target) for n in gm.graph.nodes)
+            return gm.forward
+
+        compiled_r = torch.compile(layer.router, fullgraph=True, backend=record)(xs)
+        eager_out, eager_stats = layer(xs, impl="triton")
+        torch._dynamo.reset()
+        out, stats = torch.compile(lambda t: layer(t, impl="triton"), fullgraph=True)(xs)
+        torch._dynamo.reset()
+    small[str(tokens)] = {
+        "op_in_graph": any("route_small" in t for t in seen),
+        "experts": torch.equal(compiled_r.expert_TK, eager_r.expert_TK),
+        "order": torch.equal(compiled_r.sorted_slots[0], eager_r.sorted_slots[0])
+        if eager_r.sorted_slots is not None else None,
+        "out": rel(out, eager_out),
+        "load": torch.equal(stats["tokens_per_expert"], eager_stats["tokens_per_expert"]),
+    }
+results["compiled_small_batch"] = small
+
 # The second GEMM as torch._grouped_mm, rows in expert order, combined through the inverse
 # permutation: token choice (k = 2 with idle experts, k = 1) and expert choice.
 triton_moe.GROUPED_MM_SECOND = True
@@ -152,6 +183,15 @@ def test_routing_kernel_and_counting_sort_equal_the_torch_ops(results):
     equal :func:`select_experts`, the stable argsort and bincount (softmax, sigmoid with scaling, top-p,
     one token, several blocks, 128 experts; logits given and computed in the kernel)."""
     assert results["routing"] == {name: [] for name in results["routing"]}
+
+
+def test_compiled_small_batch_routes_through_the_routing_kernel(results):
+    """Compiled inference of 16 and 48 tokens holds the routing op (:func:`route_small`) in its graph
+    and chooses the eager call's experts, in its order, with its output and load."""
+    for tokens, res in results["compiled_small_batch"].items():
+        assert res["op_in_graph"], tokens
+        assert res["experts"] and res["order"] in (True, None) and res["load"], (tokens, res)
+        assert res["out"] < 1e-6, (tokens, res)
 
 
 @pytest.mark.parametrize("name", [*CASES, "compiled", "grouped_mm_second", "grouped_mm_second_k1",

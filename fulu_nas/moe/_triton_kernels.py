@@ -334,7 +334,7 @@ def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, 
     renormalisation, scaling), the normalised probabilities, and how many of the block's
     BLOCK_T*K slots chose each expert (``counts[block, e]``, for :func:`place_kernel`).
     ``LOGITS``: 0 reads them from ``logits_ptr``; otherwise ``x @ gate^T`` is computed here and
-    stored, 1 by fp32 products (a few tokens), 2 for bf16 ``x`` as
+    stored, 1 with fp32 accuracy (a few tokens; tf32x3 tensor-core products), 2 for bf16 ``x`` as
     :func:`fulu_nas.moe.routing.router_logits` does: the fp32 gate split into bf16 high and low
     parts, two tensor-core products accumulated in fp32. ``PLACE`` (one program, all tokens): also
     the counting sort of :func:`place_kernel` (``order``, ``ends``), saving its launch."""
@@ -348,7 +348,11 @@ def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, 
         logits = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_lt + cols[None, :], mask=mask,
                          other=float("-inf")).to(tl.float32)
     else:
+        # LOGITS 1: a few tokens in one program, where the (BLOCK_T x E) tile is one warp's mma and a
+        # loop over D would be one dependent chain of products: each of the four warps takes a
+        # quarter of every D step (a batched dot), summed at the end; tf32x3 keeps fp32 accuracy.
         acc = tl.zeros((BLOCK_T, E_POW2), dtype=tl.float32)
+        acc4 = tl.zeros((4, BLOCK_T, E_POW2), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             dmask = dd < D
@@ -357,12 +361,16 @@ def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, 
             wv = tl.load(gate_ptr + cols[:, None] * D + dd[None, :], mask=cmask[:, None] & dmask[None, :],
                          other=0.0).to(tl.float32)
             if LOGITS == 1:
-                acc += tl.sum(xv.to(tl.float32)[:, None, :] * wv[None, :, :], axis=2)
+                xq = tl.permute(tl.reshape(xv.to(tl.float32), [BLOCK_T, 4, BLOCK_D // 4]), [1, 0, 2])
+                wq = tl.permute(tl.reshape(wv, [E_POW2, 4, BLOCK_D // 4]), [1, 2, 0])
+                acc4 = tl.dot(xq, wq, acc4, input_precision="tf32x3")
             else:
                 hi = wv.to(tl.bfloat16)
                 lo = (wv - hi.to(tl.float32)).to(tl.bfloat16)
                 acc = tl.dot(xv, tl.trans(hi), acc)
                 acc = tl.dot(xv, tl.trans(lo), acc)
+        if LOGITS == 1:
+            acc = tl.sum(acc4, 0)
         logits = tl.where(cmask[None, :], acc, float("-inf"))
         tl.store(logits_out_ptr + rows.to(tl.int64)[:, None] * E + cols[None, :], logits, mask=mask)
     if SIGMOID:

@@ -71,6 +71,12 @@ class ScoreRouter(Fp32Router):
         if (triton_moe.direct_call() and type(self).group_mask is ScoreRouter.group_mask
                 and triton_routing.route_usable(x_TD, cfg.top_k, cfg.num_experts)):
             return self._route_by_kernel(x_TD, batch_shape)
+        if self._routes_small_compiled(x_TD):
+            expert_TK, weight_TK, active_TK, probs_TE, logits_TE, order_N, ends_E = triton_routing.route_small(
+                x_TD, self.gate_weight(), self.expert_bias, cfg.top_k, cfg.score_func, cfg.renormalize,
+                cfg.routed_scaling_factor, cfg.top_p)
+            return Routing(expert_TK=expert_TK, weight_TK=weight_TK, active_TK=active_TK, probs_TE=probs_TE,
+                           logits_TE=logits_TE, sorted_slots=(order_N, ends_E))
         logits_TE = self.logits(x_TD, batch_shape).float()
         scores_TE = scores_from_logits(logits_TE, cfg.score_func)
         selection_TE = self.group_mask(scores_TE + self.expert_bias)
@@ -79,6 +85,13 @@ class ScoreRouter(Fp32Router):
             scaling=cfg.routed_scaling_factor, top_p=cfg.top_p)
         return Routing(expert_TK=expert_TK, weight_TK=weight_TK, active_TK=active_TK,
                        probs_TE=normalised_probs(scores_TE, cfg.score_func), logits_TE=logits_TE)
+
+    def _routes_small_compiled(self, x_TD: Tensor) -> bool:
+        """Whether a compiled call without a gradient routes ``x_TD`` through the routing kernel's op
+        (:func:`fulu_nas.moe.triton_routing.route_small`: a few tokens, a linear gate, no group mask)."""
+        return (type(self).group_mask is ScoreRouter.group_mask and self.gate_weight() is not None
+                and not needs_grad(self, x_TD)
+                and triton_routing.route_small_applies(x_TD, self.cfg.top_k, self.cfg.num_experts))
 
     def _route_by_kernel(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Routing:
         """The same selection through the Triton routing kernel, eagerly on CUDA: one launch where

@@ -5,12 +5,16 @@ the stable sort of the slots by expert by counting (``route_kernel`` and ``place
 Eagerly, a layer call waits on its host: the torch ops of the selection (softmax, bias, top-k,
 gather, renormalisation) and of the sort (argsort, gather of the sorted ids, binary search of the
 group ends) are about twenty small launches; these are two (one for a few tokens). The results are
-the torch ops' (same experts, order and ends; weights to the last fp32 bit). There are no custom
-ops here: torch.compile keeps the torch ops, which it fuses. Launchers only; nothing here imports
-triton (:func:`fulu_nas.moe.triton_moe._kernels` does, at the first launch).
+the torch ops' (same experts, order and ends; weights to the last fp32 bit). Under torch.compile
+the torch ops stay (Inductor fuses them), except for a few tokens without a gradient, where the
+routing and its sort are one custom op (:func:`route_small`): at 16 tokens a compiled call's
+routing was about ten small kernels, longer on the device than the whole routing kernel. Launchers
+only; nothing here imports triton (:func:`fulu_nas.moe.triton_moe._kernels` does, at the first
+launch).
 """
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -18,13 +22,18 @@ from torch import Tensor
 from .routing import Routing, logits_backward
 from .triton_moe import TOPK_MAX_EXPERTS, _cdiv, _kernels, _next_pow2, scores_block_tokens, usable
 
-# Without a gradient the routing kernel computes the logits itself: for at most this many tokens
-# by fp32 products of x and the fp32 gate (below a few hundred tokens the router's GEMM is
-# microseconds of device time and its launches, an fp32 copy of x and cuBLAS, ~100 us of host time
-# on an H200 host, are what the call waits on); for more tokens in bf16 by the bf16 split of
-# :func:`fulu_nas.moe.routing.router_logits` on tensor cores (its ``out_dtype`` GEMM took ~150 us
-# of host time per call, H200, 32,768 tokens).
-FMA_LOGITS_MAX_TOKENS = 64
+# Without a gradient the routing kernel computes the logits itself: for a few tokens (at most
+# ``SMALL_LOGITS_MAX_TOKENS``, up to ``SMALL_LOGITS_MAX_EXPERTS`` experts) with fp32 accuracy (tf32x3
+# products, each warp a quarter of the hidden width: H200, 16 tokens, hidden 512, 8 experts, the
+# whole routing kernel 5.2 us, against 13.1 with one warp's chain of products and 24.4 with fp32
+# broadcast products; the router GEMM's launches, an fp32 copy of x and cuBLAS, cost ~100 us of host
+# time on an H200 host); for more tokens (or experts) and bf16 input by the bf16 split of
+# :func:`fulu_nas.moe.routing.router_logits` on tensor cores (its ``out_dtype`` GEMM took ~150 us of
+# host time per call, H200, 32,768 tokens); fp16 and fp32 input keep the fp32 products up to
+# ``FP32_LOGITS_MAX_TOKENS`` tokens (16 a program).
+SMALL_LOGITS_MAX_TOKENS = 16
+SMALL_LOGITS_MAX_EXPERTS = 32
+FP32_LOGITS_MAX_TOKENS = 64
 SPLIT_LOGITS_MAX_EXPERTS = 256
 # The counting sort reads every block's counts in each program: it runs where there are at most
 # this many (blocks x experts) counts, else the layer takes torch's stable argsort (the counts
@@ -38,13 +47,14 @@ def route_usable(x_TD: Tensor, k: int, num_experts: int) -> bool:
 
 
 def logits_in_kernel(x_TD: Tensor, num_experts: int) -> int:
-    """How the routing kernel computes the logits of ``x_TD`` itself (no gradient): 1 by fp32
-    products (a few tokens), 2 by the bf16 split on tensor cores (bf16 input); 0: it reads them."""
-    if x_TD.shape[0] <= FMA_LOGITS_MAX_TOKENS and _route_block(x_TD.shape[0], num_experts, 1)[0]:
+    """How the routing kernel computes the logits of ``x_TD`` itself (no gradient): 1 with fp32
+    accuracy (a few tokens), 2 by the bf16 split on tensor cores (bf16 input); 0: it reads them."""
+    tokens, few_experts = x_TD.shape[0], num_experts <= SMALL_LOGITS_MAX_EXPERTS
+    if few_experts and tokens <= SMALL_LOGITS_MAX_TOKENS:
         return 1
     if x_TD.dtype == torch.bfloat16 and num_experts <= SPLIT_LOGITS_MAX_EXPERTS:
         return 2
-    return 0
+    return 1 if few_experts and tokens <= FP32_LOGITS_MAX_TOKENS else 0
 
 
 # Cached: these run several times in every eager call (host time).
@@ -56,17 +66,13 @@ def _experts_pow2(num_experts: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _route_block(tokens: int, num_experts: int, logits: int) -> tuple[int, int]:
-    """(tokens per program, hidden columns per step) of the routing kernel for its ``LOGITS`` mode;
-    (0, 0) where the fp32 products' (tokens x experts) tile would not fit a program."""
+    """(tokens per program, hidden columns per step) of the routing kernel for its ``LOGITS`` mode."""
     e_pow2 = _experts_pow2(num_experts)
     if logits == 0:
         return scores_block_tokens(e_pow2), 0
     if logits == 2:
         return max(16, scores_block_tokens(e_pow2)), 64  # tensor-core tiles: at least 16 rows
-    block_t = max(4, min(16, _next_pow2(tokens)))
-    if block_t * e_pow2 > 1024:
-        return 0, 0
-    return block_t, 8192 // (block_t * e_pow2)
+    return 16, 128  # four warps' quarters of 128 columns: each a product of depth 32
 
 
 def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None, bias_E: Tensor, k: int,
@@ -206,3 +212,38 @@ def launch_place(expert_N: Tensor, counts_BE: Tensor, rows_per_block: int) -> tu
                                   ROWS_POW2=max(16, _next_pow2(rows_per_block)), E_POW2=e_pow2,
                                   BLOCK_B=max(1, 4096 // e_pow2), num_warps=4)
     return order_N, ends_E
+
+
+# A compiled call of at most this many tokens routes through :func:`route_small`.
+ROUTE_SMALL_MAX_TOKENS = 64
+
+
+def route_small_applies(x_TD: Tensor, k: int, num_experts: int) -> bool:
+    """Whether a compiled call without a gradient routes ``x_TD`` through :func:`route_small`: a few
+    tokens whose logits the kernel computes, as an eager call's are (so both choose the same experts).
+    H200, the seed layer (GELU) compiled and replayed from a CUDA graph, 16 tokens: 25.7-27.5 us a
+    call, against 35.6-37.1 with the torch ops (about ten kernels)."""
+    return (x_TD.shape[0] <= ROUTE_SMALL_MAX_TOKENS and route_usable(x_TD, k, num_experts)
+            and logits_in_kernel(x_TD, num_experts) > 0)
+
+
+# typing.Optional (not ``X | None``): the schema inference of torch 2.11 reads it for sure.
+@torch.library.custom_op("fulu_nas::route_small", mutates_args=())
+def route_small(x: Tensor, gate: Tensor, bias: Tensor, k: int, score_func: str, renormalize: bool, scaling: float,
+                top_p: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # noqa: UP045  # pragma: no cover
+    """:func:`launch_route` computing the logits itself, then its sort: ``(expert_TK, weight_TK,
+    active_TK, probs_TE, logits_TE, order_N, ends_E)`` (see :class:`fulu_nas.moe.routing.Routing`),
+    for compiled inference on a few tokens (:func:`route_small_applies`): the same choices as an
+    eager call."""
+    r = launch_route(None, x, gate, bias, k, score_func, renormalize, scaling, top_p)
+    order_N, ends_E = r.sorted_slots or launch_place(r.expert_TK.reshape(-1), r.counts_BE, r.rows_per_block)
+    return r.expert_TK, r.weight_TK, r.active_TK, r.probs_TE, r.logits_TE, order_N, ends_E
+
+
+@route_small.register_fake
+def _(x, gate, bias, k, score_func, renormalize, scaling, top_p):
+    T, E = x.shape[0], gate.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty((T, k), dtype=torch.int64), x.new_empty((T, k), **f32), x.new_empty((T, k), dtype=torch.bool),
+            x.new_empty((T, E), **f32), x.new_empty((T, E), **f32), x.new_empty((T * k,), dtype=torch.int64),
+            x.new_empty((E,), dtype=torch.int32))
