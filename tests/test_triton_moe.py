@@ -334,9 +334,8 @@ def test_triton_path_compiles_captures_and_does_not_sync():
                                  backend=recording_inductor)
         for _ in range(3):
             out = compiled(x)
-        assert "fulu_nas.moe_experts" in graphs[0] and "fulu_nas.topk_indices" in graphs[0]
-        # Inductor fuses the router's fp32 math differently: bf16 outputs may differ in the last bit
-        # (measured 3e-3 on H200).
+        # 64 tokens: the routing kernel's op (an eager call's routing), then the experts' op
+        assert "fulu_nas.moe_experts" in graphs[0] and "fulu_nas.route_small" in graphs[0]
         assert relative_error(out, expected) < 1e-2
         torch._dynamo.reset()
         graphed = torch.compile(lambda t: fast(t, impl="triton", with_stats=False)[0], fullgraph=True,
@@ -380,7 +379,7 @@ def test_tile_configs_fit_the_shapes(rows, experts, hidden, ffn):
                                       triton_moe.up_config(rows, experts, hidden, ffn, single_accumulator=True),
                                       triton_moe.down_config(rows, experts, ffn, hidden)):
         assert all(v >= 16 and v & (v - 1) == 0 for v in (bm, bn, bk))  # tl.dot needs powers of 2 >= 16
-        assert bn <= max(16, 2 * max(hidden, ffn)) and warps in (4, 8) and stages >= 2
+        assert bn <= max(16, 2 * max(hidden, ffn)) and warps in (2, 4, 8) and stages >= 2
 
 
 def test_second_gemm_rule(monkeypatch):
