@@ -241,25 +241,22 @@ def test_compiled_inference_routes_like_eager_and_is_as_accurate(router):
 def test_compiled_small_batch_routes_through_the_kernel_like_eager(tokens, dtype):
     """Compiled inference of a few tokens (decode) holds the routing kernel's op and chooses exactly
     the eager call's experts in its order; the output equals the eager call's, graphed too."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
     from fulu_nas.deploy.cuda_graphs import capture
 
     torch._dynamo.reset()
     layer = make_layer("topk", hidden_size=256, expert_ffn_size=512, num_experts=8, top_k=2,
                        activation="gelu").cuda().to(dtype).eval()
     x = torch.randn(tokens, 256, device="cuda", dtype=dtype)
-    seen = []
-
-    def record(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes)
-        return gm.forward
-
+    recorded = EagerAndRecordGraphs()
     with torch.inference_mode():
         eager_r = layer.router(x)
-        compiled_r = torch.compile(layer.router, fullgraph=True, backend=record)(x)
+        compiled_r = torch.compile(layer.router, fullgraph=True, backend=recorded)(x)
         eager, _ = layer(x, with_stats=False)
         compiled_layer = torch.compile(layer, fullgraph=True)
         compiled, _ = compiled_layer(x, with_stats=False)
-    assert any("route_small" in t for t in seen)
+    assert any("route_small" in str(n.target) for g in recorded.graphs for n in g.graph.nodes)
     assert torch.equal(compiled_r.expert_TK, eager_r.expert_TK)
     eager_order = eager_r.sorted_slots[0] if eager_r.sorted_slots is not None else None
     if eager_order is not None:

@@ -92,7 +92,7 @@ results["compiled"] = compare(run(layer, x, None, "triton", compiled=True), run(
 
 # Compiled inference of a few tokens routes through the routing kernel's op (one op in the graph,
 # where the torch ops were about ten kernels): the eager call's experts, order and output.
-from fulu_nas.moe import triton_routing
+from torch._dynamo.testing import EagerAndRecordGraphs
 
 small = {}
 for tokens in (16, 48):
@@ -100,19 +100,14 @@ for tokens in (16, 48):
     xs = torch.randn(tokens, 32)
     with torch.no_grad():
         eager_r = layer.router(xs)
-        seen = []
-
-        def record(gm, example_inputs):
-            seen.extend(str(n.target) for n in gm.graph.nodes)
-            return gm.forward
-
-        compiled_r = torch.compile(layer.router, fullgraph=True, backend=record)(xs)
+        recorded = EagerAndRecordGraphs()
+        compiled_r = torch.compile(layer.router, fullgraph=True, backend=recorded)(xs)
         eager_out, eager_stats = layer(xs, impl="triton")
         torch._dynamo.reset()
         out, stats = torch.compile(lambda t: layer(t, impl="triton"), fullgraph=True)(xs)
         torch._dynamo.reset()
     small[str(tokens)] = {
-        "op_in_graph": any("route_small" in t for t in seen),
+        "op_in_graph": any("route_small" in str(n.target) for g in recorded.graphs for n in g.graph.nodes),
         "experts": torch.equal(compiled_r.expert_TK, eager_r.expert_TK),
         "order": torch.equal(compiled_r.sorted_slots[0], eager_r.sorted_slots[0])
         if eager_r.sorted_slots is not None else None,

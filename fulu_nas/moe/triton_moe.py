@@ -105,8 +105,9 @@ def up_config(n_rows: int, experts: int, hidden: int, ffn: int, single_accumulat
     against 0.865-0.866 for the best others); training was not swept."""
     per_expert = n_rows / max(experts, 1)
     if per_expert <= 16:
-        # GELU decode (H200, seed layer, 16 tokens, both expert GEMMs graphed): 17.5 -> 16.7 us
-        return (16, _pow2_at_most(ffn, 128), 128 if single_accumulator else 64, 4, 5 if single_accumulator else 4)
+        if single_accumulator:  # GELU decode (H200, seed layer, 16 tokens, both GEMMs graphed): 17.5 -> 16.7 us
+            return 16, _pow2_at_most(ffn, 128), 128, 4, 5
+        return 16, _pow2_at_most(ffn, 128), 64, 4, 4
     if per_expert <= 32:
         return 32, _pow2_at_most(ffn, 64), 128, 4, 3
     if per_expert <= 64:
