@@ -81,8 +81,9 @@ def _program_tile(ends_ptr, E, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 def _normal_cdf(x):  # pragma: no cover
     """The standard normal CDF Phi(x) = erfc(-x / sqrt 2) / 2 in fp32, from erfc of |x| by the Chebyshev
     fit of Numerical Recipes (``erfcc``, fractional error < 1.2e-7 everywhere), with the fast
-    reciprocal and ``exp2``. Cheaper than ``0.5 * (1 + erf(x / sqrt 2))`` through libdevice's ``erf``,
-    and more accurate for negative x, where ``1 + erf`` cancels: against a float64 GELU, bf16 results
+    reciprocal and ``exp2``, in place of ``0.5 * (1 + erf(x / sqrt 2))`` through libdevice's ``erf``:
+    cheaper with large tiles (H200, seed first GEMM with GELU, 128x128x64 tiles: 547 -> 435 us), and
+    more accurate for negative x, where ``1 + erf`` cancels: against a float64 GELU, bf16 results
     differ for 1.2e-5 of N(0, 1) inputs (8.9e-5 with the erf form) and 8.4e-5 of N(0, 2^2) ones (1.8e-2)."""
     z = tl.abs(x) * 0.7071067811865476
     t = tl.fdiv(tl.full(z.shape, 1.0, tl.float32), 1.0 + 0.5 * z, ieee_rounding=False)
