@@ -101,10 +101,10 @@ def up_config(n_rows: int, experts: int, hidden: int, ffn: int, single_accumulat
     large groups took other tiles: H200, bf16, 32,768 tokens, the experts alone, against
     (128, 128, 32, 8, 5): hidden 1024 with (128, 256, 64, 8, 4): 8 experts (FFN 512) 0.418 ->
     0.395 ms, 256 experts 0.572 -> 0.509, 128 experts (FFN 256, top-8) 0.990 -> 0.906. Hidden 512
-    (8 experts, FFN 2048): (64, 128, 32, 4, 5) with the erf GELU (0.794 -> 0.721), (128, 128, 64, 8,
-    3) with the erfc one (``_normal_cdf`` in the kernels; 0.754 -> 0.680 against the tile before, the best of 12;
-    hidden 1024 kept its tile, still the best of 12). SwiGLU kept its tiles (0.860 against
-    0.865-0.866 for the best others); training was not swept."""
+    (8 experts, FFN 2048): (64, 128, 32, 4, 5) with the erf GELU (0.794 -> 0.721), then
+    (128, 128, 64, 8, 3) with the kernels' erfc GELU (``_normal_cdf``; 0.754 -> 0.680, the best of
+    12 tiles; at hidden 1024 the tile above stayed the best of 12). SwiGLU kept its tiles (0.860
+    against 0.865-0.866 for the best others); training was not swept."""
     per_expert = n_rows / max(experts, 1)
     if per_expert <= 16:
         if single_accumulator:  # GELU decode (H200, seed layer, 16 tokens, both GEMMs graphed): 17.5 -> 16.7 us
