@@ -29,6 +29,17 @@ def test_bench_layer_prints_a_table_and_writes_json(tmp_path, capsys):
     assert all(r[k] > 0 for r in rows for k in ("grouped", "sorted", "loop", "dense"))
 
 
+@pytest.mark.parametrize("activation,op", [("gelu", "aten::gelu"), ("swiglu", "aten::silu")])
+def test_bench_profile_profiles_the_chosen_activation(activation, op, capsys):
+    code = bench.main(["profile", "--tokens", "16", "--hidden", "32", "--experts", "4", "--ffn", "64",
+                       "--path", "sorted", "--activation", activation, "--no-stats", "--rows", "60"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert op in table
+    other = "aten::silu" if op == "aten::gelu" else "aten::gelu"
+    assert other not in table
+
+
 def test_bench_refuses_an_impossible_layer(capsys):
     assert bench.main(["layer", "--hidden", "30", "--min-run-time", "0.01"]) == 2
     assert "hidden_size" in capsys.readouterr().err

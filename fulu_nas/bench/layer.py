@@ -198,12 +198,12 @@ def _profile_main(args: argparse.Namespace) -> int:
     device = bench_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
-                    top_k=args.top_k, router=args.router)
+                    top_k=args.top_k, router=args.router, activation=args.activation)
     torch.manual_seed(0)
     layer = PiMoELayer(cfg).to(device=device, dtype=dtype).eval()
     _, impl, how = PATHS[args.path]
     run = _runner(layer, impl, how, torch.randn(args.tokens, cfg.hidden_size, device=device, dtype=dtype),
-                  args.backward)
+                  args.backward, with_stats=not args.no_stats)
     for _ in range(5):
         run()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -256,7 +256,9 @@ def add_parsers(sub) -> None:
     _shape_args(p)
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--path", choices=tuple(PATHS), default="grouped")
+    p.add_argument("--activation", choices=("gelu", "swiglu"), default="swiglu")
     p.add_argument("--backward", action="store_true")
+    p.add_argument("--no-stats", action="store_true", help="the inference call: no routing statistics")
     p.add_argument("--device")
     p.add_argument("--dtype", choices=tuple(DTYPES))
     p.add_argument("--rows", type=int, default=25)
