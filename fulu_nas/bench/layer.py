@@ -225,21 +225,22 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", choices=ROUTERS, default="topk")
 
 
+def _call_args(p: argparse.ArgumentParser) -> None:
+    """The experts' activation and whether the call computes the routing statistics."""
+    p.add_argument("--activation", choices=("gelu", "swiglu"), default="swiglu")
+    p.add_argument("--no-stats", action="store_true",
+                   help="the layer's inference call, layer(x, with_stats=False): no routing statistics")
+
+
 def add_parsers(sub) -> None:
     """The ``layer``, ``latency`` and ``profile`` subcommands."""
     p = sub.add_parser("layer", help="tokens/s of one PiMoE layer: grouped vs sorted vs loop vs dense")
     p.add_argument("--tokens", type=int, nargs="+", default=[16, 256, 4096])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=2048)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--router", choices=ROUTERS, default="topk")
-    p.add_argument("--activation", choices=("gelu", "swiglu"), default="swiglu")
+    _shape_args(p)
+    _call_args(p)
     p.add_argument("--paths", nargs="+", choices=tuple(PATHS), default=["grouped", "sorted", "loop"],
                    help="compile/graphs variants are meant for CUDA")
     p.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
-    p.add_argument("--no-stats", action="store_true",
-                   help="the layer's inference call, layer(x, with_stats=False): no routing statistics")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per cell")
@@ -256,9 +257,8 @@ def add_parsers(sub) -> None:
     _shape_args(p)
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--path", choices=tuple(PATHS), default="grouped")
-    p.add_argument("--activation", choices=("gelu", "swiglu"), default="swiglu")
+    _call_args(p)
     p.add_argument("--backward", action="store_true")
-    p.add_argument("--no-stats", action="store_true", help="the inference call: no routing statistics")
     p.add_argument("--device")
     p.add_argument("--dtype", choices=tuple(DTYPES))
     p.add_argument("--rows", type=int, default=25)
