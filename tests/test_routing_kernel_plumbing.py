@@ -23,13 +23,16 @@ from .helpers import make_layer
 @pytest.mark.parametrize(("tokens", "experts", "dtype", "mode"), [
     (16, 8, torch.bfloat16, 1), (16, 32, torch.float32, 1), (64, 8, torch.float32, 1), (17, 8, torch.bfloat16, 2),
     (1, 128, torch.bfloat16, 2), (16, 64, torch.float32, 0), (65, 8, torch.bfloat16, 2),
+    (32768, 8, torch.bfloat16, 2), (32768, 16, torch.bfloat16, 2), (32768, 32, torch.bfloat16, 2),
+    (4096, 48, torch.bfloat16, 2),
     (32768, 256, torch.bfloat16, 2), (65, 8, torch.float32, 0), (32768, 257, torch.bfloat16, 0),
     (16, 300, torch.float32, 0)])
 def test_logits_mode_and_tiles_follow_the_shape(tokens, experts, dtype, mode):
     """fp32 accuracy for up to 16 tokens and 32 experts (any dtype; fp16 and fp32 up to 64 tokens), 16
     tokens a program; the bf16 split on tensor cores (at least 16 rows a program) for bf16 input up
     to 256 experts; else the logits are read. A compiled call routes through the kernel's op exactly
-    where an eager call of at most 64 tokens has the kernel compute its logits."""
+    where the kernel computes the logits and the call has at most 64 tokens, or at most 32 experts
+    and 128 experts x slots."""
     x = torch.empty(tokens, 32, dtype=dtype)
     assert triton_routing.logits_in_kernel(x, experts) == mode
     block_t, block_d = triton_routing._route_block(tokens, experts, mode)
@@ -43,7 +46,9 @@ def test_logits_mode_and_tiles_follow_the_shape(tokens, experts, dtype, mode):
         assert block_t * e_pow2 <= 2048
     with pytest.MonkeyPatch.context() as m:
         m.setattr(triton_routing, "route_usable", lambda *args: True)
-        assert triton_routing.route_small_applies(x, 2, experts) == (mode > 0 and tokens <= 64)
+        for k in (1, 2, 4, 8):
+            few = experts <= 32 and experts * k <= 128
+            assert triton_routing.route_op_applies(x, k, experts) == (mode > 0 and (tokens <= 64 or few)), k
 
 
 def test_only_cuda_or_the_interpreter_routes_by_kernel():

@@ -71,8 +71,8 @@ class ScoreRouter(Fp32Router):
         if (triton_moe.direct_call() and type(self).group_mask is ScoreRouter.group_mask
                 and triton_routing.route_usable(x_TD, cfg.top_k, cfg.num_experts)):
             return self._route_by_kernel(x_TD, batch_shape)
-        if self._routes_small_compiled(x_TD):
-            expert_TK, weight_TK, active_TK, probs_TE, logits_TE, order_N, ends_E = triton_routing.route_small(
+        if self._routes_by_op_compiled(x_TD):
+            expert_TK, weight_TK, active_TK, probs_TE, logits_TE, order_N, ends_E = triton_routing.route_op(
                 x_TD, self.gate_weight(), self.expert_bias, cfg.top_k, cfg.score_func, cfg.renormalize,
                 cfg.routed_scaling_factor, cfg.top_p)
             return Routing(expert_TK=expert_TK, weight_TK=weight_TK, active_TK=active_TK, probs_TE=probs_TE,
@@ -86,12 +86,13 @@ class ScoreRouter(Fp32Router):
         return Routing(expert_TK=expert_TK, weight_TK=weight_TK, active_TK=active_TK,
                        probs_TE=normalised_probs(scores_TE, cfg.score_func), logits_TE=logits_TE)
 
-    def _routes_small_compiled(self, x_TD: Tensor) -> bool:
+    def _routes_by_op_compiled(self, x_TD: Tensor) -> bool:
         """Whether a compiled call without a gradient routes ``x_TD`` through the routing kernel's op
-        (:func:`fulu_nas.moe.triton_routing.route_small`: a few tokens, a linear gate, no group mask)."""
+        (:func:`fulu_nas.moe.triton_routing.route_op`: a linear gate, no group mask, and a few tokens or
+        experts: :func:`fulu_nas.moe.triton_routing.route_op_applies`)."""
         return (type(self).group_mask is ScoreRouter.group_mask and self.gate_weight() is not None
                 and not needs_grad(self, x_TD)
-                and triton_routing.route_small_applies(x_TD, self.cfg.top_k, self.cfg.num_experts))
+                and triton_routing.route_op_applies(x_TD, self.cfg.top_k, self.cfg.num_experts))
 
     def _route_by_kernel(self, x_TD: Tensor, batch_shape: tuple[int, ...]) -> Routing:
         """The same selection through the Triton routing kernel, eagerly on CUDA: one launch where

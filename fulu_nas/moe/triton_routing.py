@@ -6,9 +6,10 @@ Eagerly, a layer call waits on its host: the torch ops of the selection (softmax
 gather, renormalisation) and of the sort (argsort, gather of the sorted ids, binary search of the
 group ends) are about twenty small launches; these are two (one for a few tokens). The results are
 the torch ops' (same experts, order and ends; weights to the last fp32 bit). Under torch.compile
-the torch ops stay (Inductor fuses them), except for a few tokens without a gradient, where the
-routing and its sort are one custom op (:func:`route_small`): at 16 tokens a compiled call's
-routing was about ten small kernels, longer on the device than the whole routing kernel. Launchers
+the torch ops stay (Inductor fuses them), except without a gradient for a few tokens or a few
+experts (:func:`route_op_applies`), where the routing and its sort are one custom op
+(:func:`route_op`): there a compiled call's routing was about ten kernels, longer on the device than
+the routing kernel and its sort, and the op chooses exactly the eager call's experts. Launchers
 only; nothing here imports triton (:func:`fulu_nas.moe.triton_moe._kernels` does, at the first
 launch).
 """
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .experts import sort_by_expert
 from .routing import Routing, logits_backward
 from .triton_moe import TOPK_MAX_EXPERTS, _cdiv, _kernels, _next_pow2, scores_block_tokens, usable
 
@@ -214,33 +216,55 @@ def launch_place(expert_N: Tensor, counts_BE: Tensor, rows_per_block: int) -> tu
     return order_N, ends_E
 
 
-# A compiled call of at most this many tokens routes through :func:`route_small`.
-ROUTE_SMALL_MAX_TOKENS = 64
+def sorted_slots(r: Routing) -> tuple[Tensor, Tensor]:  # pragma: no cover
+    """``(order_N, ends_E)`` of :func:`launch_route`'s choices where its programs did not sort them:
+    the counting sort where its counts fit (:func:`place_usable`), else torch's stable argsort."""
+    expert_N = r.expert_TK.reshape(-1)
+    if place_usable(r.counts_BE):
+        return launch_place(expert_N, r.counts_BE, r.rows_per_block)
+    order_N = sort_by_expert(expert_N, r.counts_BE.shape[1])
+    ends_E = torch.searchsorted(expert_N[order_N], torch.arange(1, r.counts_BE.shape[1] + 1, device=expert_N.device))
+    return order_N, ends_E.to(torch.int32)
 
 
-def route_small_applies(x_TD: Tensor, k: int, num_experts: int) -> bool:
-    """Whether a compiled call without a gradient routes ``x_TD`` through :func:`route_small`: a few
-    tokens whose logits the kernel computes, as an eager call's are (so both choose the same experts).
-    H200, the seed layer (GELU) compiled and replayed from a CUDA graph, 16 tokens: 25.7-27.5 us a
-    call, against 35.6-37.1 with the torch ops (about ten kernels)."""
-    return (x_TD.shape[0] <= ROUTE_SMALL_MAX_TOKENS and route_usable(x_TD, k, num_experts)
-            and logits_in_kernel(x_TD, num_experts) > 0)
+# A compiled call without a gradient routes through :func:`route_op` (where the kernel computes the
+# logits) when it has at most ``ROUTE_OP_MAX_TOKENS`` tokens, or at any size with at most
+# ``ROUTE_OP_MAX_EXPERTS`` experts and ``ROUTE_OP_MAX_SLOT_LANES`` experts x slots: there the kernel
+# and its sort took less device time than the torch ops Inductor fuses (about ten kernels). H200,
+# GELU layers, 32,768 tokens, compiled and replayed from one CUDA graph, us a call: 8 experts top-2
+# (hidden 512) 702.5 against 727.3, top-1 374.5 / 401.9, top-4 755.8 / 778.6; hidden 1024: 16
+# experts top-4 705.6 / 742.4, 32 experts top-4 739.9 / 757.7, 16 experts top-8 (hidden 512) 831.8 /
+# 849.1; slower with 48 experts top-2 (495.6 / 475.0), 32 top-8 (902.0 / 887.6), 128 top-8
+# (1100.7 / 977.0), where the kernel's logits (every expert's gate columns in every program) cost more.
+ROUTE_OP_MAX_TOKENS = 64
+ROUTE_OP_MAX_EXPERTS = 32
+ROUTE_OP_MAX_SLOT_LANES = 128
+
+
+def route_op_applies(x_TD: Tensor, k: int, num_experts: int) -> bool:
+    """Whether a compiled call without a gradient routes ``x_TD`` through :func:`route_op`, as an
+    eager call does (so both choose the same experts in the same order): logits the kernel computes,
+    and a few tokens, or few experts and slots. H200, the seed layer (GELU) compiled and replayed
+    from a CUDA graph, 16 tokens: 25.7-27.5 us a call against 35.6-37.1 with the torch ops."""
+    if not (route_usable(x_TD, k, num_experts) and logits_in_kernel(x_TD, num_experts) > 0):
+        return False
+    return x_TD.shape[0] <= ROUTE_OP_MAX_TOKENS or (
+        num_experts <= ROUTE_OP_MAX_EXPERTS and num_experts * k <= ROUTE_OP_MAX_SLOT_LANES)
 
 
 # typing.Optional (not ``X | None``): the schema inference of torch 2.11 reads it for sure.
-@torch.library.custom_op("fulu_nas::route_small", mutates_args=())
-def route_small(x: Tensor, gate: Tensor, bias: Tensor, k: int, score_func: str, renormalize: bool, scaling: float,
+@torch.library.custom_op("fulu_nas::route", mutates_args=())
+def route_op(x: Tensor, gate: Tensor, bias: Tensor, k: int, score_func: str, renormalize: bool, scaling: float,
                 top_p: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # noqa: UP045  # pragma: no cover
     """:func:`launch_route` computing the logits itself, then its sort: ``(expert_TK, weight_TK,
     active_TK, probs_TE, logits_TE, order_N, ends_E)`` (see :class:`fulu_nas.moe.routing.Routing`),
-    for compiled inference on a few tokens (:func:`route_small_applies`): the same choices as an
-    eager call."""
+    for compiled inference (:func:`route_op_applies`): the same choices as an eager call."""
     r = launch_route(None, x, gate, bias, k, score_func, renormalize, scaling, top_p)
-    order_N, ends_E = r.sorted_slots or launch_place(r.expert_TK.reshape(-1), r.counts_BE, r.rows_per_block)
+    order_N, ends_E = r.sorted_slots or sorted_slots(r)
     return r.expert_TK, r.weight_TK, r.active_TK, r.probs_TE, r.logits_TE, order_N, ends_E
 
 
-@route_small.register_fake
+@route_op.register_fake
 def _(x, gate, bias, k, score_func, renormalize, scaling, top_p):
     T, E = x.shape[0], gate.shape[0]
     f32 = dict(dtype=torch.float32)
