@@ -24,15 +24,15 @@ from .helpers import make_layer
     (16, 8, torch.bfloat16, 1), (16, 32, torch.float32, 1), (64, 8, torch.float32, 1), (17, 8, torch.bfloat16, 2),
     (1, 128, torch.bfloat16, 2), (16, 64, torch.float32, 0), (65, 8, torch.bfloat16, 2),
     (32768, 8, torch.bfloat16, 2), (32768, 16, torch.bfloat16, 2), (32768, 32, torch.bfloat16, 2),
-    (4096, 48, torch.bfloat16, 2),
-    (32768, 256, torch.bfloat16, 2), (65, 8, torch.float32, 0), (32768, 257, torch.bfloat16, 0),
-    (16, 300, torch.float32, 0)])
+    (4096, 48, torch.bfloat16, 2), (32768, 128, torch.bfloat16, 2), (16384, 256, torch.bfloat16, 2),
+    (16385, 256, torch.bfloat16, 0), (32768, 256, torch.bfloat16, 0), (2**20, 32, torch.bfloat16, 2),
+    (65, 8, torch.float32, 0), (32768, 257, torch.bfloat16, 0), (16, 300, torch.float32, 0)])
 def test_logits_mode_and_tiles_follow_the_shape(tokens, experts, dtype, mode):
     """fp32 accuracy for up to 16 tokens and 32 experts (any dtype; fp16 and fp32 up to 64 tokens), 16
     tokens a program; the bf16 split on tensor cores (at least 16 rows a program) for bf16 input up
-    to 256 experts; else the logits are read. A compiled call routes through the kernel's op exactly
-    where the kernel computes the logits and the call has at most 64 tokens, or at most 32 experts
-    and 128 experts x slots."""
+    to 256 experts (past 32 experts up to 2^22 tokens x experts); else the logits are read. A
+    compiled call routes through the kernel's op exactly where the kernel computes the logits and
+    the call has at most 64 tokens, or at most 32 experts and 128 experts x slots."""
     x = torch.empty(tokens, 32, dtype=dtype)
     assert triton_routing.logits_in_kernel(x, experts) == mode
     block_t, block_d = triton_routing._route_block(tokens, experts, mode)

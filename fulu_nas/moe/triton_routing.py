@@ -37,6 +37,15 @@ SMALL_LOGITS_MAX_TOKENS = 16
 SMALL_LOGITS_MAX_EXPERTS = 32
 FP32_LOGITS_MAX_TOKENS = 64
 SPLIT_LOGITS_MAX_EXPERTS = 256
+# ... but past ``SPLIT_LOGITS_ANY_TOKENS_MAX_EXPERTS`` experts only up to
+# ``SPLIT_LOGITS_MAX_TOKEN_EXPERTS`` tokens x experts: each program splits and multiplies every
+# expert's gate columns for its few tokens, which at many tokens and experts costs more device time
+# than the split GEMM outside the kernel, whose launches cost host time (what counts below). H200,
+# the eager GELU layer (hidden 1024, FFN 512, top-2), us a call: 256 experts, 32,768 tokens 1069 in
+# the kernel against 807 outside; 8,192 tokens 513 against 568; 128 experts, 32,768 tokens 683
+# against 722 (top-8, FFN 256: 1199 against 1165); 64 experts 633-790 against 706-748.
+SPLIT_LOGITS_ANY_TOKENS_MAX_EXPERTS = 32
+SPLIT_LOGITS_MAX_TOKEN_EXPERTS = 2**22
 # The counting sort reads every block's counts in each program: it runs where there are at most
 # this many (blocks x experts) counts, else the layer takes torch's stable argsort (the counts
 # grow with tokens x experts: at 32,768 tokens the seed config's 8 experts stay inside, 128 do not).
@@ -54,7 +63,9 @@ def logits_in_kernel(x_TD: Tensor, num_experts: int) -> int:
     tokens, few_experts = x_TD.shape[0], num_experts <= SMALL_LOGITS_MAX_EXPERTS
     if few_experts and tokens <= SMALL_LOGITS_MAX_TOKENS:
         return 1
-    if x_TD.dtype == torch.bfloat16 and num_experts <= SPLIT_LOGITS_MAX_EXPERTS:
+    few_for_split = (num_experts <= SPLIT_LOGITS_ANY_TOKENS_MAX_EXPERTS
+                     or tokens * num_experts <= SPLIT_LOGITS_MAX_TOKEN_EXPERTS)
+    if x_TD.dtype == torch.bfloat16 and num_experts <= SPLIT_LOGITS_MAX_EXPERTS and few_for_split:
         return 2
     return 1 if few_experts and tokens <= FP32_LOGITS_MAX_TOKENS else 0
 
