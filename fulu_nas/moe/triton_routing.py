@@ -266,7 +266,7 @@ def route_op_applies(x_TD: Tensor, k: int, num_experts: int) -> bool:
 # typing.Optional (not ``X | None``): the schema inference of torch 2.11 reads it for sure.
 @torch.library.custom_op("fulu_nas::route", mutates_args=())
 def route_op(x: Tensor, gate: Tensor, bias: Tensor, k: int, score_func: str, renormalize: bool, scaling: float,
-                top_p: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # noqa: UP045  # pragma: no cover
+             top_p: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # noqa: UP045  # pragma: no cover
     """:func:`launch_route` computing the logits itself, then its sort: ``(expert_TK, weight_TK,
     active_TK, probs_TE, logits_TE, order_N, ends_E)`` (see :class:`fulu_nas.moe.routing.Routing`),
     for compiled inference (:func:`route_op_applies`): the same choices as an eager call."""
