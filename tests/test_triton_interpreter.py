@@ -97,8 +97,15 @@ from torch._dynamo.testing import EagerAndRecordGraphs
 from fulu_nas.moe import triton_routing
 
 small = {}
-for tokens, dtype in ((16, torch.float32), (48, torch.float32), (200, torch.bfloat16)):
-    layer = make_layer("topk", hidden_size=32, expert_ffn_size=48, num_experts=8, top_k=2).eval().to(dtype)
+# (many tokens: also top-p, sigmoid scores, scaling and the selection bias through the op)
+top_p = {"top_p": 0.6, "top_k": 3, "routed_scaling_factor": 2.5}
+sigmoid = {"score_func": "sigmoid", "routed_scaling_factor": 2.5}
+for name, tokens, dtype, kw in (("16", 16, torch.float32, {}), ("48", 48, torch.float32, {}),
+                                ("200", 200, torch.bfloat16, {}), ("200 top-p", 200, torch.bfloat16, top_p),
+                                ("200 sigmoid", 200, torch.bfloat16, sigmoid)):
+    layer = make_layer("topk", **{"hidden_size": 32, "expert_ffn_size": 48, "num_experts": 8, "top_k": 2} | kw)
+    layer = layer.eval().to(dtype)
+    layer.router.expert_bias.copy_(torch.randn(8) * 0.1 if kw else torch.zeros(8))  # the bias shifts choices
     xs = torch.randn(tokens, 32, dtype=dtype)
     with torch.no_grad():
         eager_r = layer.router(xs)
@@ -109,9 +116,10 @@ for tokens, dtype in ((16, torch.float32), (48, torch.float32), (200, torch.bflo
         out, stats = torch.compile(lambda t: layer(t, impl="triton"), fullgraph=True)(xs)
         torch._dynamo.reset()
         eager_order = (eager_r.sorted_slots or triton_routing.sorted_slots(eager_r))[0]
-    small[str(tokens)] = {
+    small[name] = {
         "op_in_graph": any("fulu_nas.route" in str(n.target) for g in recorded.graphs for n in g.graph.nodes),
-        "experts": torch.equal(compiled_r.expert_TK, eager_r.expert_TK),
+        "experts": all(torch.equal(getattr(compiled_r, f), getattr(eager_r, f))
+                       for f in ("expert_TK", "weight_TK", "active_TK")),
         "order": torch.equal(compiled_r.sorted_slots[0], eager_order),
         "out": rel(out.float(), eager_out.float()),
         "load": torch.equal(stats["tokens_per_expert"], eager_stats["tokens_per_expert"]),
@@ -196,9 +204,10 @@ def test_gelu_normal_cdf_is_accurate_where_the_erf_form_cancels(results):
 
 
 def test_compiled_inference_routes_through_the_routing_kernel(results):
-    """Compiled inference of 16 and 48 tokens, and of 200 bf16 tokens over 8 experts, holds the routing
-    op (:func:`route_op`) in its graph and chooses the eager call's experts, in its order, with its
-    output and load."""
+    """Compiled inference of 16 and 48 tokens, and of 200 bf16 tokens over 8 experts (softmax top-2;
+    top-3 with top-p; sigmoid; both scaled and with a selection bias), holds the routing op (:func:`route_op`)
+    in its graph and chooses the eager call's experts and weights, in its order, with its output and
+    load."""
     for tokens, res in results["compiled_routing_op"].items():
         assert res["op_in_graph"], tokens
         assert res["experts"] and res["order"] and res["load"], (tokens, res)
