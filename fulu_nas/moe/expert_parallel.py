@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .experts import GroupedExperts, inverse_permutation, sort_by_expert
+from .experts import GroupedExperts, group_ends, inverse_permutation, sort_by_expert
 from .layer import PiMoELayer
 from .routing import Routing
 from .stats import load_statistics
@@ -289,7 +289,7 @@ class ExpertParallelMoE(PiMoELayer):
         active_sorted_N = active_N[order_N]
         keep_sorted_N = active_sorted_N
         if self.cfg.capacity_factor is not None:  # PiMoELayer's rule, on this rank's T tokens
-            ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=expert_N.device))
+            ends_E = group_ends(expert_sorted_N, E)
             starts_E = torch.nn.functional.pad(ends_E[:-1], (1, 0))
             keep_sorted_N = self._capacity_keep_sorted(active_sorted_N, expert_sorted_N, starts_E, T)
         slot_S = order_N[keep_sorted_N]  # inactive (top-p) and dropped slots are not sent

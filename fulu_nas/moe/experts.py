@@ -66,6 +66,12 @@ def sort_by_expert(expert_N: Tensor, num_experts: int) -> Tensor:
     return torch.argsort(expert_N.to(key), stable=True)
 
 
+def group_ends(expert_sorted_N: Tensor, num_experts: int) -> Tensor:
+    """Where each expert's rows end in ids sorted by expert: a binary search of the sorted ids (no
+    atomics)."""
+    return torch.searchsorted(expert_sorted_N, torch.arange(1, num_experts + 1, device=expert_sorted_N.device))
+
+
 def inverse_permutation(order_N: Tensor) -> Tensor:
     """``inverse[order[n]] = n`` for a permutation ``order`` of ``0..N-1``."""
     return torch.empty_like(order_N).index_put_((order_N,), torch.arange(order_N.shape[0], device=order_N.device))

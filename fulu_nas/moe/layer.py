@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from . import triton_moe, triton_routing
 from .balancing import balance_loss, load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
-from .experts import GroupedExperts, SharedExperts, needs_grad, sort_by_expert, sum_slots
+from .experts import GroupedExperts, SharedExperts, group_ends, needs_grad, sort_by_expert, sum_slots
 from .routers import ScoreRouter, build_router
 from .routing import Routing
 from .stats import LazyStats, load_statistics, once, router_entropy, token_mean
@@ -198,13 +198,12 @@ class PiMoELayer(nn.Module):
         needs_ids = self.cfg.capacity_factor is not None or self.experts.b13_EF2 is not None or impl == "sorted"
         if r.sorted_slots is not None:
             order_N, ends_E = r.sorted_slots
-        elif r.counts_BE is not None and triton_routing.place_usable(r.counts_BE):
-            order_N, ends_E = triton_routing.launch_place(expert_N, r.counts_BE, r.rows_per_block)
+        elif r.counts_BE is not None:
+            order_N, ends_E = triton_routing.sorted_slots(r)
         else:
             order_N = sort_by_expert(expert_N, E)
             expert_sorted_N = expert_N[order_N]
-            ends_E = torch.searchsorted(expert_sorted_N, torch.arange(1, E + 1, device=expert_N.device))
-            return order_N, ends_E, expert_sorted_N
+            return order_N, group_ends(expert_sorted_N, E), expert_sorted_N
         return order_N, ends_E, expert_N[order_N] if needs_ids else None
 
     def _grouped_experts(self, x_TD: Tensor, order_N: Tensor, weight_N: Tensor, keep_sorted_N: Tensor | None,

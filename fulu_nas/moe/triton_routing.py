@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .experts import sort_by_expert
+from .experts import group_ends, sort_by_expert
 from .routing import Routing, logits_backward
 from .triton_moe import TOPK_MAX_EXPERTS, _cdiv, _kernels, _next_pow2, scores_block_tokens, usable
 
@@ -227,15 +227,15 @@ def launch_place(expert_N: Tensor, counts_BE: Tensor, rows_per_block: int) -> tu
     return order_N, ends_E
 
 
-def sorted_slots(r: Routing) -> tuple[Tensor, Tensor]:  # pragma: no cover
+def sorted_slots(r: Routing) -> tuple[Tensor, Tensor]:
     """``(order_N, ends_E)`` of :func:`launch_route`'s choices where its programs did not sort them:
     the counting sort where its counts fit (:func:`place_usable`), else torch's stable argsort."""
     expert_N = r.expert_TK.reshape(-1)
     if place_usable(r.counts_BE):
         return launch_place(expert_N, r.counts_BE, r.rows_per_block)
-    order_N = sort_by_expert(expert_N, r.counts_BE.shape[1])
-    ends_E = torch.searchsorted(expert_N[order_N], torch.arange(1, r.counts_BE.shape[1] + 1, device=expert_N.device))
-    return order_N, ends_E.to(torch.int32)
+    num_experts = r.counts_BE.shape[1]
+    order_N = sort_by_expert(expert_N, num_experts)
+    return order_N, group_ends(expert_N[order_N], num_experts).to(torch.int32)
 
 
 # A compiled call without a gradient routes through :func:`route_op` (where the kernel computes the
