@@ -71,7 +71,7 @@ def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, 
     they replace (:func:`select_experts` on the kernel's logits, the stable argsort, bincount),
     for the logits given and, where the kernel computes them itself, for ``x`` and the gate."""
     from fulu_nas.moe import triton_routing
-    from fulu_nas.moe.experts import sort_by_expert
+    from fulu_nas.moe.experts import inverse_permutation, sort_by_expert
     from fulu_nas.moe.routing import normalised_probs, scores_from_logits, select_experts
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -94,7 +94,7 @@ def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, 
         sorts = [triton_routing.launch_place(flat, r.counts_BE, r.rows_per_block)]
         if r.sorted_slots is not None:  # one program: the routing kernel sorted them too
             sorts.append(r.sorted_slots)
-        order, ends = (torch.stack([s[i].long() for s in sorts]) for i in (0, 1))
+        order, ends, inverse = (torch.stack([s[i].long() for s in sorts]) for i in (0, 1, 2))
         checks = {
             "experts": torch.equal(r.expert_TK, expert),
             "weights": torch.allclose(r.weight_TK, weight, rtol=1e-5, atol=1e-6),
@@ -103,6 +103,7 @@ def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, 
             "counts": torch.equal(r.counts_BE.sum(0).long(), torch.bincount(flat, minlength=experts)),
             "order": (order == sort_by_expert(flat, experts)).all().item(),
             "ends": (ends == torch.bincount(flat, minlength=experts).cumsum(0)).all().item(),
+            "inverse": (inverse == inverse_permutation(sort_by_expert(flat, experts))).all().item(),
         }
         problems += [f"{how}: {name}" for name, ok in checks.items() if not ok]
     return problems

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fulu_nas.moe import triton_routing
-from fulu_nas.moe.experts import sort_by_expert
+from fulu_nas.moe.experts import inverse_permutation, sort_by_expert
 from fulu_nas.moe.routing import Routing, SplitLogits, normalised_probs, scores_from_logits, select_experts
 
 from .helpers import make_layer
@@ -73,7 +73,7 @@ def torch_route(logits_TE, x_TD, gate_ED, bias_E, k, score_func, renormalize, sc
     flat = expert.reshape(-1)
     counts = torch.stack([torch.bincount(block, minlength=E) for block in flat.split(rows)]).int()
     one_block = T <= 16
-    sorted_slots = (sort_by_expert(flat, E), flat.bincount(minlength=E).cumsum(0).int()) if one_block else None
+    sorted_slots = torch_place(flat, counts, rows) if one_block else None
     return Routing(expert_TK=expert, weight_TK=weight.detach(), active_TK=active,
                    probs_TE=normalised_probs(scores, score_func).detach(), logits_TE=logits_TE,
                    counts_BE=counts, rows_per_block=rows, sorted_slots=sorted_slots)
@@ -97,7 +97,8 @@ def torch_route_backward(logits_TE, expert_TK, active_TK, grad_weight_TK, grad_p
 
 def torch_place(expert_N, counts_BE, rows_per_block):
     E = counts_BE.shape[1]
-    return sort_by_expert(expert_N, E), expert_N.bincount(minlength=E).cumsum(0).int()
+    order_N = sort_by_expert(expert_N, E)
+    return order_N, expert_N.bincount(minlength=E).cumsum(0).int(), inverse_permutation(order_N)
 
 
 def forward_backward(layer, x):

@@ -136,6 +136,9 @@ for name, router, kw in (("grouped_mm_second", "topk", {"num_experts": 32}),
     args.update(kw)
     layer = make_layer(router, **args).train()
     results[name] = compare(run(layer, x, None, "triton"), run(layer, x, None, "loop"))
+    with torch.no_grad():  # inference: combined through the counting sort's inverse permutation
+        fast, ref = (layer(x, impl=impl)[0] for impl in ("triton", "loop"))
+        results[name]["inference"] = rel(fast, ref)
 triton_moe.GROUPED_MM_SECOND = None
 
 # The first GEMM as torch._grouped_mm over the gathered rows, the activation as its own pass (and the

@@ -347,8 +347,8 @@ def _sorted_positions(e, cols, base):  # pragma: no cover
 
 @triton.jit
 def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, active_ptr, probs_ptr,
-                 logits_out_ptr, counts_ptr, order_ptr, ends_ptr, T, E, D, stride_lt, stride_xt,  # pragma: no cover
-                 scaling, top_p, K: tl.constexpr, K_POW2: tl.constexpr, LOGITS: tl.constexpr,
+                 logits_out_ptr, counts_ptr, order_ptr, inverse_ptr, ends_ptr, T, E, D, stride_lt,  # pragma: no cover
+                 stride_xt, scaling, top_p, K: tl.constexpr, K_POW2: tl.constexpr, LOGITS: tl.constexpr,
                  SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_TOP_P: tl.constexpr,
                  PLACE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, E_POW2: tl.constexpr):
     """Token-choice routing of BLOCK_T tokens in one pass, as :func:`fulu_nas.moe.routing.select_experts`
@@ -360,7 +360,7 @@ def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, 
     stored, 1 with fp32 accuracy (a few tokens; tf32x3 tensor-core products), 2 for bf16 ``x`` as
     :func:`fulu_nas.moe.routing.router_logits` does: the fp32 gate split into bf16 high and low
     parts, two tensor-core products accumulated in fp32. ``PLACE`` (one program, all tokens): also
-    the counting sort of :func:`place_kernel` (``order``, ``ends``), saving its launch."""
+    the counting sort of :func:`place_kernel` (``order``, ``inverse``, ``ends``), saving its launch."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
@@ -445,7 +445,9 @@ def route_kernel(logits_ptr, x_ptr, gate_ptr, bias_ptr, expert_ptr, weight_ptr, 
         flat_valid = tl.reshape(omask, [BLOCK_T * K_POW2])
         flat_e = tl.reshape(tl.where(omask, expert_TK, E_POW2), [BLOCK_T * K_POW2])
         ends = tl.cumsum(counts, 0)
-        tl.store(order_ptr + _sorted_positions(flat_e, cols, ends - counts), flat_n, mask=flat_valid)
+        position = _sorted_positions(flat_e, cols, ends - counts).to(tl.int64)
+        tl.store(order_ptr + position, flat_n, mask=flat_valid)
+        tl.store(inverse_ptr + flat_n, position, mask=flat_valid)
         tl.store(ends_ptr + cols, ends, mask=cmask)
 
 
@@ -517,13 +519,13 @@ def route_backward_kernel(logits_ptr, expert_ptr, active_ptr, gw_ptr, gp_ptr, dl
 
 
 @triton.jit
-def place_kernel(expert_ptr, counts_ptr, order_ptr, ends_ptr, N, E, num_blocks, ROWS,  # pragma: no cover
+def place_kernel(expert_ptr, counts_ptr, order_ptr, inverse_ptr, ends_ptr, N, E, num_blocks, ROWS,  # pragma: no cover
                  ROWS_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_B: tl.constexpr):
     """The stable argsort of the flat expert ids by counting (``order[p] = n`` for the slot n at
-    sorted position p), from the per-block counts of :func:`route_kernel` (block b holds slots
-    b*ROWS .. b*ROWS + ROWS - 1): a slot's position is its expert's start, plus the same expert's
-    slots in earlier blocks, plus its rank among them in its own block. Program 0 also writes the
-    int32 group ends (cumulative counts per expert)."""
+    sorted position p, and its inverse permutation ``inverse[n] = p``), from the per-block counts of
+    :func:`route_kernel` (block b holds slots b*ROWS .. b*ROWS + ROWS - 1): a slot's position is its
+    expert's start, plus the same expert's slots in earlier blocks, plus its rank among them in its
+    own block. Program 0 also writes the int32 group ends (cumulative counts per expert)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, E_POW2)
     cmask = cols < E
@@ -542,7 +544,9 @@ def place_kernel(expert_ptr, counts_ptr, order_ptr, ends_ptr, N, E, num_blocks, 
     n = pid * ROWS + local
     nmask = (n < N) & (local < ROWS)
     e = tl.load(expert_ptr + n, mask=nmask, other=E_POW2).to(tl.int32)
-    tl.store(order_ptr + _sorted_positions(e, cols, ends - total + before), n.to(tl.int64), mask=nmask)
+    position = _sorted_positions(e, cols, ends - total + before).to(tl.int64)
+    tl.store(order_ptr + position, n.to(tl.int64), mask=nmask)
+    tl.store(inverse_ptr + n, position, mask=nmask)
 
 
 # The kernels the launchers call, launched through their compiled launchers after the first call of

@@ -77,12 +77,12 @@ def inverse_permutation(order_N: Tensor) -> Tensor:
     return torch.empty_like(order_N).index_put_((order_N,), torch.arange(order_N.shape[0], device=order_N.device))
 
 
-def sum_slots(rows_ND: Tensor, order_N: Tensor, k: int) -> Tensor:
+def sum_slots(rows_ND: Tensor, order_N: Tensor, k: int, inverse_N: Tensor | None = None) -> Tensor:
     """Rows sorted by expert back to tokens: row n holds flat slot ``order[n]`` (token
-    ``order[n] // k``); each token's k rows are gathered through the inverse permutation and added
-    in fp32, in slot order (deterministic, no atomics; under torch.compile one pointwise kernel
-    with k coalesced row loads). Returns (N // k, D) in fp32."""
-    inverse_TK = inverse_permutation(order_N).view(-1, k)
+    ``order[n] // k``); each token's k rows are gathered through the inverse permutation (given, or
+    computed here) and added in fp32, in slot order (deterministic, no atomics; under torch.compile
+    one pointwise kernel with k coalesced row loads). Returns (N // k, D) in fp32."""
+    inverse_TK = (inverse_permutation(order_N) if inverse_N is None else inverse_N).view(-1, k)
     out_TD = rows_ND[inverse_TK[:, 0]].float()
     for j in range(1, k):
         out_TD = out_TD + rows_ND[inverse_TK[:, j]].float()

@@ -135,15 +135,18 @@ class PiMoELayer(nn.Module):
         return impl == "triton" or prefer_triton(self.cfg, x_TD.shape[0], x_TD, needs_grad(self, x_TD))
 
     def _triton_experts(self, x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, k_slots: int,
-                        weight_sorted: bool, combine: bool) -> Tensor:
-        """The Triton experts op: the inference one, or with a gradient the training one (which
-        also keeps the pre-activation for its backward)."""
+                        weight_sorted: bool, combine: bool, inverse_N: Tensor | None = None) -> Tensor:
+        """The Triton experts op: the inference one (given the sort's inverse permutation where
+        the sort wrote it), or with a gradient the training one (which also keeps the
+        pre-activation for its backward)."""
         e = self.experts
         args = (x_TD, order_N, weight.float().contiguous(), ends_E, e.w13_EDF2, e.w2_EFD, e.b13_EF2, e.b2_ED,
                 k_slots, e.activation == "swiglu", weight_sorted, combine)
         if needs_grad(self, x_TD):  # the routing weights come from x and the router's parameters
             return triton_moe.experts_train(*args)
-        return (triton_moe.launch_experts if triton_moe.direct_call() else triton_moe.moe_experts)(*args)
+        if triton_moe.direct_call():
+            return triton_moe.launch_experts(*args, index=triton_moe.SortIndex(order_N, k_slots, inverse_N))
+        return triton_moe.moe_experts(*args, inverse_N)
 
     # -- token choice --------------------------------------------------------------------------
 
@@ -160,7 +163,7 @@ class PiMoELayer(nn.Module):
             return out_TD, lambda: (torch.zeros(E, device=x_TD.device).index_add_(0, expert_N, keep_N.float()),
                                     self._dropped_share(active_N, keep_N))
 
-        order_N, ends_E, expert_sorted_N = self._sort_slots(r, expert_N, impl)
+        order_N, ends_E, expert_sorted_N, inverse_N = self._sort_slots(r, expert_N, impl)
         starts_E = once(lambda: F.pad(ends_E[:-1], (1, 0)))
         # Rows to keep: only a capacity drops rows (inactive top-p slots already have weight 0).
         keep_sorted_N = None
@@ -171,10 +174,11 @@ class PiMoELayer(nn.Module):
             # flat slot order_N[n], so each token's K rows are contiguous for the (fused) sum.
             weight_sorted = keep_sorted_N is not None
             weight = (weight_N[order_N] * keep_sorted_N) if weight_sorted else weight_N
-            out_TD = self._triton_experts(x_TD, order_N, weight, ends_E.to(torch.int32), K, weight_sorted, True)
+            out_TD = self._triton_experts(x_TD, order_N, weight, ends_E.to(torch.int32), K, weight_sorted, True,
+                                          inverse_N)
         else:
             out_TD = self._grouped_experts(x_TD, order_N, weight_N, keep_sorted_N, expert_sorted_N, ends_E,
-                                           starts_E(), K, impl)
+                                           starts_E(), K, impl, inverse_N)
 
         def load() -> tuple[Tensor, Tensor]:
             if keep_sorted_N is None and self.cfg.top_p is None:
@@ -187,27 +191,31 @@ class PiMoELayer(nn.Module):
             return counts_E, self._dropped_share(active_sorted_N, keep_N)
         return out_TD, load
 
-    def _sort_slots(self, r: Routing, expert_N: Tensor, impl: str) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(order_N, ends_E, expert_sorted_N)``: the stable sort of the flat slots by expert, the
-        group ends, and the sorted expert ids (``None`` where nothing reads them: no capacity, no
-        expert biases). Eagerly on CUDA the routing kernel sorted them already (one program) or
-        left its block counts for a counting sort (:func:`fulu_nas.moe.triton_routing.launch_place`);
-        else torch's stable argsort, and a binary search of the sorted ids for the ends (no
-        atomics). All give the same order."""
+    def _sort_slots(self, r: Routing, expert_N: Tensor,
+                    impl: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(order_N, ends_E, expert_sorted_N, inverse_N)``: the stable sort of the flat slots by
+        expert, the group ends, the sorted expert ids (``None`` where nothing reads them: no
+        capacity, no expert biases) and the inverse permutation where the sort gave it (else
+        ``None``: whoever needs it computes it). Eagerly on CUDA the routing kernel sorted them
+        already (one program) or left its block counts for a counting sort
+        (:func:`fulu_nas.moe.triton_routing.launch_place`), both writing the inverse too; else
+        torch's stable argsort, and a binary search of the sorted ids for the ends (no atomics). All
+        give the same order."""
         E = self.cfg.num_experts
         needs_ids = self.cfg.capacity_factor is not None or self.experts.b13_EF2 is not None or impl == "sorted"
         if r.sorted_slots is not None:
-            order_N, ends_E = r.sorted_slots
+            order_N, ends_E, inverse_N = r.sorted_slots
         elif r.counts_BE is not None:
-            order_N, ends_E = triton_routing.sorted_slots(r)
+            order_N, ends_E, inverse_N = triton_routing.sorted_slots(r)
         else:
             order_N = sort_by_expert(expert_N, E)
             expert_sorted_N = expert_N[order_N]
-            return order_N, group_ends(expert_sorted_N, E), expert_sorted_N
-        return order_N, ends_E, expert_N[order_N] if needs_ids else None
+            return order_N, group_ends(expert_sorted_N, E), expert_sorted_N, None
+        return order_N, ends_E, expert_N[order_N] if needs_ids else None, inverse_N
 
     def _grouped_experts(self, x_TD: Tensor, order_N: Tensor, weight_N: Tensor, keep_sorted_N: Tensor | None,
-                         expert_sorted_N: Tensor | None, ends_E: Tensor, starts_E: Tensor, K: int, impl: str) -> Tensor:
+                         expert_sorted_N: Tensor | None, ends_E: Tensor, starts_E: Tensor, K: int, impl: str,
+                         inverse_N: Tensor | None) -> Tensor:
         """The token-choice experts by grouped GEMM or sorted matmuls, back in token order."""
         x_sorted_ND = x_TD[order_N // K]
         w_sorted_N = weight_N[order_N] if keep_sorted_N is None else weight_N[order_N] * keep_sorted_N
@@ -216,7 +224,7 @@ class PiMoELayer(nn.Module):
             weighted_ND = self.experts.forward_sorted(x_sorted_ND, rows_E) * w_sorted_N[:, None].to(x_TD.dtype)
         else:
             weighted_ND = self.experts.forward_grouped(x_sorted_ND, ends_E.to(torch.int32), expert_sorted_N, w_sorted_N)
-        return sum_slots(weighted_ND, order_N, K).to(x_TD.dtype)
+        return sum_slots(weighted_ND, order_N, K, inverse_N).to(x_TD.dtype)
 
     def _capacity_keep_sorted(self, active_N: Tensor, expert_N: Tensor, starts_E: Tensor, T: int) -> Tensor:
         """Rows sorted by expert: keep an active row if fewer than `capacity` active rows

@@ -72,11 +72,11 @@ class ScoreRouter(Fp32Router):
                 and triton_routing.route_usable(x_TD, cfg.top_k, cfg.num_experts)):
             return self._route_by_kernel(x_TD, batch_shape)
         if self._routes_by_op_compiled(x_TD):
-            expert_TK, weight_TK, active_TK, probs_TE, logits_TE, order_N, ends_E = triton_routing.route_op(
+            expert_TK, weight_TK, active_TK, probs_TE, logits_TE, *sort = triton_routing.route_op(
                 x_TD, self.gate_weight(), self.expert_bias, cfg.top_k, cfg.score_func, cfg.renormalize,
                 cfg.routed_scaling_factor, cfg.top_p)
             return Routing(expert_TK=expert_TK, weight_TK=weight_TK, active_TK=active_TK, probs_TE=probs_TE,
-                           logits_TE=logits_TE, sorted_slots=(order_N, ends_E))
+                           logits_TE=logits_TE, sorted_slots=tuple(sort))
         logits_TE = self.logits(x_TD, batch_shape).float()
         scores_TE = scores_from_logits(logits_TE, cfg.score_func)
         selection_TE = self.group_mask(scores_TE + self.expert_bias)

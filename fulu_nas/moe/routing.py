@@ -40,8 +40,8 @@ class Routing:
     # ``rows_per_block`` flat slots chose each expert, for the layer's counting sort.
     counts_BE: Tensor | None = None
     rows_per_block: int = 0
-    # ... or that sort itself, ``(order_N, ends_E)``, where one program routed every token.
-    sorted_slots: tuple[Tensor, Tensor] | None = None
+    # ... or that sort itself, ``(order_N, ends_E, inverse_N)``, where one program routed every token.
+    sorted_slots: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def jitter(x_TD: Tensor, eps: float, training: bool) -> Tensor:

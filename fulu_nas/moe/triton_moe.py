@@ -203,8 +203,10 @@ class SortIndex:
     computed once when first needed: the forward and the backward of one eager training call share
     them (each is a launch or three of host time an eager step waits on)."""
 
-    def __init__(self, order_N: Tensor, k_slots: int):
+    def __init__(self, order_N: Tensor, k_slots: int, inverse_N: Tensor | None = None):
         self.order_N, self.k_slots = order_N, k_slots
+        if inverse_N is not None:  # the counting sort wrote it: set in place of the cached property
+            self.inverse_N = inverse_N
 
     @functools.cached_property
     def token_N(self) -> Tensor:
@@ -307,15 +309,17 @@ SUM_CONFIG = (16, 256)
 @torch.library.custom_op("fulu_nas::moe_experts", mutates_args=())
 def moe_experts(x: Tensor, order: Tensor, weight: Tensor, ends: Tensor, w13: Tensor, w2: Tensor,
                 b13: Optional[Tensor], b2: Optional[Tensor], k_slots: int, swiglu: bool,  # noqa: UP045
-                weight_sorted: bool, combine: bool) -> Tensor:  # pragma: no cover
+                weight_sorted: bool, combine: bool, inverse: Optional[Tensor] = None) -> Tensor:  # noqa: UP045  # pragma: no cover
     """Sorted-dispatch experts (see :func:`launch_experts`). ``order``: sorted row -> flat slot
     (token = slot // k_slots); ``weight``: routing weights, by sorted row (``weight_sorted``) or
-    by flat slot; ``ends``: int32 cumulative rows per expert."""
-    return launch_experts(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine)
+    by flat slot; ``ends``: int32 cumulative rows per expert; ``inverse``: ``order``'s inverse
+    permutation where the sort wrote it (else computed where needed)."""
+    return launch_experts(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine,
+                          index=SortIndex(order, k_slots, inverse))
 
 
 @moe_experts.register_fake
-def _(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine):
+def _(x, order, weight, ends, w13, w2, b13, b2, k_slots, swiglu, weight_sorted, combine, inverse=None):
     rows = order.shape[0] // k_slots if combine else order.shape[0]
     return x.new_empty((rows, x.shape[1]))
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .experts import group_ends, sort_by_expert
+from .experts import group_ends, inverse_permutation, sort_by_expert
 from .routing import Routing, logits_backward
 from .triton_moe import TOPK_MAX_EXPERTS, _cdiv, _kernels, _next_pow2, scores_block_tokens, usable
 
@@ -96,8 +96,8 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
     kernel, as :func:`logits_in_kernel` says): a :class:`Routing` with ``expert_TK`` (int64),
     ``weight_TK``, ``active_TK``, ``probs_TE``, ``logits_TE`` (fp32), ``counts_BE`` with
     ``rows_per_block`` (how many of each block's slots chose each expert, for
-    :func:`launch_place`), and ``sorted_slots``, that sort's ``(order_N, ends_E)`` already done
-    where one program routed every token, else None."""
+    :func:`launch_place`), and ``sorted_slots``, that sort's ``(order_N, ends_E, inverse_N)`` already
+    done where one program routed every token, else None."""
     T, D = x_TD.shape
     E = bias_E.shape[0]
     mode = logits_in_kernel(x_TD, E) if logits_TE is None else 0
@@ -119,13 +119,14 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
                 probs_TE=torch.empty((T, E), dtype=torch.float32, device=dev), logits_TE=logits_TE,
                 counts_BE=torch.empty((blocks, E), dtype=torch.int32, device=dev), rows_per_block=block_t * k,
                 sorted_slots=(torch.empty(T * k, dtype=torch.int64, device=dev),
-                              torch.empty(E, dtype=torch.int32, device=dev)) if place else None)
+                              torch.empty(E, dtype=torch.int32, device=dev),
+                              torch.empty(T * k, dtype=torch.int64, device=dev)) if place else None)
     if T == 0:
         return r
-    order_N, ends_E = r.sorted_slots or (logits_TE, logits_TE)
+    order_N, ends_E, inverse_N = r.sorted_slots or (logits_TE,) * 3
     _kernels().route_kernel[(blocks,)](
         logits_TE, x_TD, gate_ED if fused else logits_TE, bias_E, r.expert_TK, r.weight_TK, r.active_TK,
-        r.probs_TE, logits_TE, r.counts_BE, order_N, ends_E, T, E, D, logits_TE.stride(0), x_TD.stride(0),
+        r.probs_TE, logits_TE, r.counts_BE, order_N, inverse_N, ends_E, T, E, D, logits_TE.stride(0), x_TD.stride(0),
         float(scaling), float(top_p) if top_p is not None else 1.0,
         K=k, K_POW2=max(2, _next_pow2(k)), LOGITS=mode, SIGMOID=score_func == "sigmoid",
         RENORMALIZE=renormalize, HAS_TOP_P=top_p is not None, PLACE=place, BLOCK_T=block_t, BLOCK_D=max(block_d, 1),
@@ -210,32 +211,37 @@ def place_usable(counts_BE: Tensor) -> bool:
     return counts_BE.shape[0] * _experts_pow2(counts_BE.shape[1]) <= PLACE_MAX_COUNTS
 
 
-def launch_place(expert_N: Tensor, counts_BE: Tensor, rows_per_block: int) -> tuple[Tensor, Tensor]:  # pragma: no cover
-    """``(order_N, ends_E)``: the stable argsort of the flat expert ids ``expert_N`` (int64) and the
-    int32 group ends, by counting from :func:`launch_route`'s block counts (equal to
-    :func:`fulu_nas.moe.experts.sort_by_expert` and ``searchsorted`` on the sorted ids)."""
+def launch_place(expert_N: Tensor, counts_BE: Tensor,
+                 rows_per_block: int) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
+    """``(order_N, ends_E, inverse_N)``: the stable argsort of the flat expert ids ``expert_N``
+    (int64), the int32 group ends and the inverse permutation (slot n is sorted row ``inverse[n]``),
+    by counting from :func:`launch_route`'s block counts (equal to
+    :func:`fulu_nas.moe.experts.sort_by_expert`, ``searchsorted`` on the sorted ids and
+    :func:`fulu_nas.moe.experts.inverse_permutation`)."""
     N = expert_N.shape[0]
     B, E = counts_BE.shape
     order_N = torch.empty(N, dtype=torch.int64, device=expert_N.device)
+    inverse_N = torch.empty_like(order_N)
     if N == 0:
-        return order_N, torch.zeros(E, dtype=torch.int32, device=expert_N.device)
+        return order_N, torch.zeros(E, dtype=torch.int32, device=expert_N.device), inverse_N
     ends_E = torch.empty(E, dtype=torch.int32, device=expert_N.device)
     e_pow2 = _experts_pow2(E)
-    _kernels().place_kernel[(B,)](expert_N, counts_BE, order_N, ends_E, N, E, B, rows_per_block,
+    _kernels().place_kernel[(B,)](expert_N, counts_BE, order_N, inverse_N, ends_E, N, E, B, rows_per_block,
                                   ROWS_POW2=max(16, _next_pow2(rows_per_block)), E_POW2=e_pow2,
                                   BLOCK_B=max(1, 4096 // e_pow2), num_warps=4)
-    return order_N, ends_E
+    return order_N, ends_E, inverse_N
 
 
-def sorted_slots(r: Routing) -> tuple[Tensor, Tensor]:
-    """``(order_N, ends_E)`` of :func:`launch_route`'s choices where its programs did not sort them:
-    the counting sort where its counts fit (:func:`place_usable`), else torch's stable argsort."""
+def sorted_slots(r: Routing) -> tuple[Tensor, Tensor, Tensor]:
+    """``(order_N, ends_E, inverse_N)`` of :func:`launch_route`'s choices where its programs did not
+    sort them: the counting sort where its counts fit (:func:`place_usable`), else torch's stable
+    argsort."""
     expert_N = r.expert_TK.reshape(-1)
     if place_usable(r.counts_BE):
         return launch_place(expert_N, r.counts_BE, r.rows_per_block)
     num_experts = r.counts_BE.shape[1]
     order_N = sort_by_expert(expert_N, num_experts)
-    return order_N, group_ends(expert_N[order_N], num_experts).to(torch.int32)
+    return order_N, group_ends(expert_N[order_N], num_experts).to(torch.int32), inverse_permutation(order_N)
 
 
 # A compiled call without a gradient routes through :func:`route_op` (where the kernel computes the
@@ -266,13 +272,13 @@ def route_op_applies(x_TD: Tensor, k: int, num_experts: int) -> bool:
 # typing.Optional (not ``X | None``): the schema inference of torch 2.11 reads it for sure.
 @torch.library.custom_op("fulu_nas::route", mutates_args=())
 def route_op(x: Tensor, gate: Tensor, bias: Tensor, k: int, score_func: str, renormalize: bool, scaling: float,
-             top_p: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # noqa: UP045  # pragma: no cover
+             top_p: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # noqa: UP045  # pragma: no cover
     """:func:`launch_route` computing the logits itself, then its sort: ``(expert_TK, weight_TK,
-    active_TK, probs_TE, logits_TE, order_N, ends_E)`` (see :class:`fulu_nas.moe.routing.Routing`),
-    for compiled inference (:func:`route_op_applies`): the same choices as an eager call."""
+    active_TK, probs_TE, logits_TE, order_N, ends_E, inverse_N)`` (see
+    :class:`fulu_nas.moe.routing.Routing`), for compiled inference (:func:`route_op_applies`): the
+    same choices as an eager call."""
     r = launch_route(None, x, gate, bias, k, score_func, renormalize, scaling, top_p)
-    order_N, ends_E = r.sorted_slots or sorted_slots(r)
-    return r.expert_TK, r.weight_TK, r.active_TK, r.probs_TE, r.logits_TE, order_N, ends_E
+    return r.expert_TK, r.weight_TK, r.active_TK, r.probs_TE, r.logits_TE, *(r.sorted_slots or sorted_slots(r))
 
 
 @route_op.register_fake
@@ -281,4 +287,4 @@ def _(x, gate, bias, k, score_func, renormalize, scaling, top_p):
     f32 = dict(dtype=torch.float32)
     return (x.new_empty((T, k), dtype=torch.int64), x.new_empty((T, k), **f32), x.new_empty((T, k), dtype=torch.bool),
             x.new_empty((T, E), **f32), x.new_empty((T, E), **f32), x.new_empty((T * k,), dtype=torch.int64),
-            x.new_empty((E,), dtype=torch.int32))
+            x.new_empty((E,), dtype=torch.int32), x.new_empty((T * k,), dtype=torch.int64))
