@@ -128,7 +128,7 @@ def _check_measured(d: dict, key: str) -> None:
     assert d["available"] and not d["failed"], (key, d["reason"])
     assert d["ms"] > 0 and math.isfinite(d["ms"]), key
     assert all(len(v) == 2 and all(ms > 0 and math.isfinite(ms) for ms in v) for v in d["rounds_ms"].values()), key
-    assert d["of_dense"] > 0 and d["of_gemm"] > 0
+    assert d["of_dense"] > 0 and d["of_gemm"] > 0 and d["of_dense_wide"] > 0
 
 
 def test_bench_peers_quick_on_cpu(tmp_path, capsys, one_thread):
@@ -146,8 +146,13 @@ def test_bench_peers_quick_on_cpu(tmp_path, capsys, one_thread):
         assert c["backward"] == (name == "seed-fwd-bwd")
         for s in c["shapes"]:
             impls = s["impls"]
-            for key in ("dense", "gemm", "plain", "fulu"):
+            for key in ("dense", "dense_wide", "gemm", "plain", "fulu"):
                 _check_measured(impls[key], key)
+            # The bounds' ratios are their own times over the implementation's.
+            fulu = impls["fulu"]
+            for ratio, bound in (("of_dense", "dense"), ("of_gemm", "gemm"), ("of_dense_wide", "dense_wide")):
+                assert fulu[ratio] == pytest.approx(impls[bound]["ms"] / fulu["ms"])
+            assert impls["dense"]["of_dense"] == pytest.approx(1.0)
             # An independent reference and the layer agree with the fp32 loop.
             assert impls["plain"]["rel_error"] < 1e-4 and impls["fulu"]["rel_error"] < 1e-4
             assert impls["plain"]["routing_differs_share"] == 0 and impls["fulu"]["routing_differs_share"] == 0
@@ -155,7 +160,8 @@ def test_bench_peers_quick_on_cpu(tmp_path, capsys, one_thread):
                 assert not impls[key]["available"] and not impls[key]["failed"] and impls[key]["ms"] is None
                 assert reason in impls[key]["reason"]
             assert s["compiled_routing"] is None  # no --cpu-compile
-            assert list(impls["dense"]["ms_by_variant"]) == ["eager"]  # no CUDA graphs on the CPU
+            for key in ("dense", "dense_wide"):
+                assert list(impls[key]["ms_by_variant"]) == ["eager"]  # no CUDA graphs on the CPU
     assert configs["seed-latency"]["shapes"][0]["shape"]["tokens"] == 16
     ratio = configs["e-scaling"]["ratio"]
     assert ratio["plain"] > 0 and ratio["fulu"] > 0 and ratio["hf"] is None
@@ -211,7 +217,7 @@ def test_tokens_scale_shrinks_the_throughput_rows_only():
 
 def test_cells_name_the_faster_variant_and_the_ratios():
     d = {"ms": 1.0, "ms_by_variant": {"eager": 2.0, "graph": 1.0}, "variant": "graph", "of_dense": 0.5,
-         "of_gemm": 0.25, "failed": False}
-    assert peers._time_cell(d) == "1.000 ms graph (0.50/0.25)"
+         "of_gemm": 0.25, "of_dense_wide": 0.4, "failed": False}
+    assert peers._time_cell(d) == "1.000 ms graph (0.50/0.25/0.40)"
     assert peers._time_cell({"ms": None, "failed": False}) == "n/a"
     assert peers._time_cell({"ms": None, "failed": True}) == "FAILED"
