@@ -293,7 +293,7 @@ def test_bench_peers_quick_on_cuda(tmp_path, activation, configs):
     for c in result["configs"]:
         for s in c["shapes"]:
             impls = s["impls"]
-            measured = ["dense", "gemm", "plain", "fulu", "fulu_best"]
+            measured = ["dense", "dense_wide", "gemm", "plain", "fulu", "fulu_best"]
             if activation == "swiglu" and importlib.util.find_spec("transformers") is not None:
                 measured.append("hf")
             if scattermoe_importable:
@@ -304,7 +304,8 @@ def test_bench_peers_quick_on_cuda(tmp_path, activation, configs):
                 assert d["ms"] > 0 and math.isfinite(d["ms"]), key
             for key in set(impls) - set(measured):
                 assert impls[key]["reason"], key
-            assert set(impls["dense"]["ms_by_variant"]) == {"eager", "graph", "compiled+graph"}
+            for key in ("dense", "dense_wide"):
+                assert set(impls[key]["ms_by_variant"]) == {"eager", "graph", "compiled+graph"}
             assert set(impls["gemm"]["ms_by_variant"]) == {"eager", "graph"}
             assert list(impls["fulu_best"]["ms_by_variant"]) == ["graph"]
             for key in set(measured) & set(peers.MOE_IMPLS):

@@ -100,9 +100,14 @@ small = {}
 # (many tokens: also top-p, sigmoid scores, scaling and the selection bias through the op)
 top_p = {"top_p": 0.6, "top_k": 3, "routed_scaling_factor": 2.5}
 sigmoid = {"score_func": "sigmoid", "routed_scaling_factor": 2.5}
+place_max_counts = triton_routing.PLACE_MAX_COUNTS
 for name, tokens, dtype, kw in (("16", 16, torch.float32, {}), ("48", 48, torch.float32, {}),
                                 ("200", 200, torch.bfloat16, {}), ("200 top-p", 200, torch.bfloat16, top_p),
-                                ("200 sigmoid", 200, torch.bfloat16, sigmoid)):
+                                ("200 sigmoid", 200, torch.bfloat16, sigmoid),
+                                ("200 argsort", 200, torch.bfloat16, {})):
+    # "argsort": the block counts do not fit the counting sort, so the eager call and the op sort by
+    # torch's argsort, and the op computes the inverse permutation the counting sort would write.
+    triton_routing.PLACE_MAX_COUNTS = 0 if name.endswith("argsort") else place_max_counts
     layer = make_layer("topk", **{"hidden_size": 32, "expert_ffn_size": 48, "num_experts": 8, "top_k": 2} | kw)
     layer = layer.eval().to(dtype)
     layer.router.expert_bias.copy_(torch.randn(8) * 0.1 if kw else torch.zeros(8))  # the bias shifts choices
@@ -123,7 +128,10 @@ for name, tokens, dtype, kw in (("16", 16, torch.float32, {}), ("48", 48, torch.
         "order": torch.equal(compiled_r.sorted_slots[0], eager_order),
         "out": rel(out.float(), eager_out.float()),
         "load": torch.equal(stats["tokens_per_expert"], eager_stats["tokens_per_expert"]),
+        "inverse": bool(compiled_r.sorted_slots[2][compiled_r.sorted_slots[0]].equal(
+            torch.arange(compiled_r.sorted_slots[0].shape[0]))),
     }
+triton_routing.PLACE_MAX_COUNTS = place_max_counts
 results["compiled_routing_op"] = small
 
 # The second GEMM as torch._grouped_mm, rows in expert order, combined through the inverse
@@ -208,12 +216,14 @@ def test_gelu_normal_cdf_is_accurate_where_the_erf_form_cancels(results):
 
 def test_compiled_inference_routes_through_the_routing_kernel(results):
     """Compiled inference of 16 and 48 tokens, and of 200 bf16 tokens over 8 experts (softmax top-2;
-    top-3 with top-p; sigmoid; both scaled and with a selection bias), holds the routing op (:func:`route_op`)
-    in its graph and chooses the eager call's experts and weights, in its order, with its output and
-    load."""
+    top-3 with top-p; sigmoid; both scaled and with a selection bias; sorted by argsort where the
+    block counts do not fit the counting sort), holds the routing op (:func:`route_op`) in its graph
+    and chooses the eager call's experts and weights, in its order (with its inverse permutation),
+    with its output and load."""
+    assert "200 argsort" in results["compiled_routing_op"]
     for tokens, res in results["compiled_routing_op"].items():
         assert res["op_in_graph"], tokens
-        assert res["experts"] and res["order"] and res["load"], (tokens, res)
+        assert res["experts"] and res["order"] and res["inverse"] and res["load"], (tokens, res)
         assert res["out"] < 1e-6, (tokens, res)
 
 

@@ -232,16 +232,17 @@ def launch_place(expert_N: Tensor, counts_BE: Tensor,
     return order_N, ends_E, inverse_N
 
 
-def sorted_slots(r: Routing) -> tuple[Tensor, Tensor, Tensor]:
+def sorted_slots(r: Routing) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(order_N, ends_E, inverse_N)`` of :func:`launch_route`'s choices where its programs did not
-    sort them: the counting sort where its counts fit (:func:`place_usable`), else torch's stable
-    argsort."""
+    sort them: the counting sort where its counts fit (:func:`place_usable`), which writes the
+    inverse permutation too; else torch's stable argsort, the inverse left to whoever needs it
+    (``None``: the second GEMM that writes its rows in slot order does not)."""
     expert_N = r.expert_TK.reshape(-1)
     if place_usable(r.counts_BE):
         return launch_place(expert_N, r.counts_BE, r.rows_per_block)
     num_experts = r.counts_BE.shape[1]
     order_N = sort_by_expert(expert_N, num_experts)
-    return order_N, group_ends(expert_N[order_N], num_experts).to(torch.int32), inverse_permutation(order_N)
+    return order_N, group_ends(expert_N[order_N], num_experts).to(torch.int32), None
 
 
 # A compiled call without a gradient routes through :func:`route_op` (where the kernel computes the
@@ -278,7 +279,10 @@ def route_op(x: Tensor, gate: Tensor, bias: Tensor, k: int, score_func: str, ren
     :class:`fulu_nas.moe.routing.Routing`), for compiled inference (:func:`route_op_applies`): the
     same choices as an eager call."""
     r = launch_route(None, x, gate, bias, k, score_func, renormalize, scaling, top_p)
-    return r.expert_TK, r.weight_TK, r.active_TK, r.probs_TE, r.logits_TE, *(r.sorted_slots or sorted_slots(r))
+    order_N, ends_E, inverse_N = r.sorted_slots or sorted_slots(r)
+    if inverse_N is None:  # an op returns tensors: the argsort's inverse, computed here
+        inverse_N = inverse_permutation(order_N)
+    return r.expert_TK, r.weight_TK, r.active_TK, r.probs_TE, r.logits_TE, order_N, ends_E, inverse_N
 
 
 @route_op.register_fake
