@@ -109,6 +109,9 @@ IMPLS = {
     "fulu": "fulu-nas default `out, stats = layer(x)`",
     "fulu_best": "fulu-nas best: compiled + one CUDA graph, no stats",
 }
+# Each timing's throughput ratio to a bound (key in a result -> the bound's implementation), in the
+# order the table's cells print them.
+BOUND_RATIOS = {"of_dense": "dense", "of_gemm": "gemm", "of_dense_wide": "dense_wide"}
 # Implementations whose output is the MoE layer's (the bounds compute something else).
 MOE_IMPLS = ("plain", "hf", "scattermoe", "fulu", "fulu_best")
 
@@ -586,10 +589,9 @@ def measure_shape(shape: Shape, backward: bool, opts: Options, log: Callable[[st
            "impls": {key: r.to_dict() for key, r in results.items()},
            "compiled_routing": compiled_routing or None,
            "eager_routing_differs_from_reference_share": results["fulu"].routing_differs}
-    bounds = {"of_dense": "dense", "of_gemm": "gemm", "of_dense_wide": "dense_wide"}
     for d in out["impls"].values():
         if d["ms"]:
-            for ratio, key in bounds.items():
+            for ratio, key in BOUND_RATIOS.items():
                 bound_ms = out["impls"][key]["ms"]
                 d[ratio] = bound_ms / d["ms"] if bound_ms else None
     return out
@@ -624,7 +626,7 @@ def _time_cell(d: dict) -> str:
     if d["ms"] is None:
         return _na(d)
     variant = f" {d['variant']}" if len(d["ms_by_variant"]) > 1 else ""
-    ratios = "/".join(f"{d[k]:.2f}" if d.get(k) else "-" for k in ("of_dense", "of_gemm", "of_dense_wide"))
+    ratios = "/".join(f"{d[k]:.2f}" if d.get(k) else "-" for k in BOUND_RATIOS)
     return f"{d['ms']:.3f} ms{variant} ({ratios})"
 
 
