@@ -35,13 +35,15 @@ def test_logits_mode_and_tiles_follow_the_shape(tokens, experts, dtype, mode):
     the call has at most 64 tokens, or at most 32 experts and 128 experts x slots."""
     x = torch.empty(tokens, 32, dtype=dtype)
     assert triton_routing.logits_in_kernel(x, experts) == mode
-    block_t, block_d = triton_routing._route_block(tokens, experts, mode)
+    block_t, block_d, warps, stages = triton_routing._route_block(tokens, experts, mode)
     e_pow2 = max(16, 1 << (experts - 1).bit_length())
-    assert block_t >= 1 and block_t & (block_t - 1) == 0
+    assert block_t >= 1 and block_t & (block_t - 1) == 0 and warps in (1, 2, 4, 8) and stages >= 1
     if mode == 1:
         assert block_t == 16 and block_d % 64 == 0 and e_pow2 <= 32
     if mode == 2:
         assert block_t >= 16 and block_d == 64
+        wide = experts > 64 and tokens >= triton_routing.SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS
+        assert (block_t, stages) == ((32, 2) if wide else (block_t, 3))
     if mode == 0:
         assert block_t * e_pow2 <= 2048
     with pytest.MonkeyPatch.context() as m:
