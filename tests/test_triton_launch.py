@@ -146,11 +146,12 @@ def test_hook_chain_with_a_hook_counts_as_hooked():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
-def test_host_time_benchmark_needs_cuda():
+@pytest.mark.parametrize("name", ["eager_host_time.py", "routing_kernel.py"])
+def test_gpu_benchmark_scripts_need_cuda(name):
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eager_host_time.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "needs CUDA" in done.stderr and not done.stdout

@@ -49,9 +49,9 @@ SPLIT_LOGITS_MAX_TOKEN_EXPERTS = 2**22
 # With the logits in the kernel, each program multiplies every expert's gate columns: from 128
 # experts and ``SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS`` tokens a program takes 32 tokens (not 16) in two
 # pipeline stages (not three), reading the gate half as often. H200, hidden 1024, the routing alone
-# (device time, us): 128 experts top-2 at 8,192 / 32,768 tokens 44.6 -> 30.6 / 150.1 -> 131.0, top-8
-# 53.3 -> 37.4 / 180.7 -> 160.1; 256 experts top-2 116.7 -> 54.0 / 462.3 -> 221.1, top-8 127.6 ->
-# 73.9; at 2,048 tokens the 16-token tiles stay the faster.
+# (device time, us, benchmarks/routing_kernel.py): 128 experts top-2 at 8,192 / 32,768 tokens 44.8 ->
+# 30.5 / 149.4 -> 132.0, top-8 53.3 -> 37.1 / 179.8 -> 160.1; 256 experts top-2 116.9 -> 54.1 /
+# 461.7 -> 219.7, top-8 126.6 -> 71.5; at 2,048 tokens the 16-token tiles stay the faster.
 SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS = 8192
 # The counting sort reads every block's counts in each program: it runs where there are at most
 # this many (blocks x experts) counts, else the layer takes torch's stable argsort (the counts
