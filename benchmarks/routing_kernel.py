@@ -16,62 +16,45 @@ import sys
 
 import torch
 
+from fulu_nas.bench.common import captured
+from fulu_nas.bench.levels import time_calls
+from fulu_nas.bench.peers import time_each_call
 from fulu_nas.moe import MoEConfig, PiMoELayer, triton_routing
 from fulu_nas.moe.routing import split_logits
 
 RULE = triton_routing._route_block  # the routing kernel's tile rule, before any swap below
+CUDA = torch.device("cuda")
 
 
 def graphed_us(fn, n: int = 20, rounds: int = 5) -> float:
-    for _ in range(3):
-        fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """Device time of one ``fn()``: ``n`` calls captured in one CUDA graph, the median of ``rounds``
+    replays."""
+    def chain():
         for _ in range(n):
             fn()
+
+    replay = captured(chain)
     times = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        replay()
         end.record()
-        torch.cuda.synchronize()
+        end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / n)
     return statistics.median(times)
 
 
 def per_call_us(fn, n: int = 40) -> float:
+    """Median of ``n`` calls each timed by itself with a sync after it (host time counts)."""
     for _ in range(5):
         fn()
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_each_call(fn, CUDA, 0.0, min_calls=n)) * 1e3
 
 
 def back_to_back_us(fn, n: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / n
+    """Mean of ``n`` calls issued back to back (no sync between them)."""
+    return sum(time_calls(fn, CUDA, 3, n)) / n * 1e6
 
 
 def main() -> int:
@@ -97,41 +80,38 @@ def narrow_tiles(tokens: int, experts: int, mode: int) -> tuple[int, int, int, i
     return RULE(min(tokens, triton_routing.SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS - 1), experts, mode)
 
 
-def with_narrow_tiles(fn):
-    """``fn()`` with the routing kernel's 16-token tiles, and the logits in the kernel at any size."""
-    limit = triton_routing.SPLIT_LOGITS_MAX_TOKEN_EXPERTS
-    triton_routing._route_block, triton_routing.SPLIT_LOGITS_MAX_TOKEN_EXPERTS = narrow_tiles, 2**40
+def patched(fn, **settings):
+    """``fn()`` with ``triton_routing``'s attributes set to ``settings``, restored after."""
+    saved = {name: getattr(triton_routing, name) for name in settings}
+    for name, value in settings.items():
+        setattr(triton_routing, name, value)
     try:
         return fn()
     finally:
-        triton_routing._route_block, triton_routing.SPLIT_LOGITS_MAX_TOKEN_EXPERTS = RULE, limit
+        for name, value in saved.items():
+            setattr(triton_routing, name, value)
+
+
+def with_narrow_tiles(fn):
+    """``fn()`` with the routing kernel's 16-token tiles, and the logits in the kernel at any size."""
+    return patched(fn, _route_block=narrow_tiles, SPLIT_LOGITS_MAX_TOKEN_EXPERTS=2**40)
 
 
 def with_logits_outside(fn):
     """``fn()`` with the split GEMM outside the kernel at any size (the kernel reads its logits)."""
-    limit = triton_routing.SPLIT_LOGITS_MAX_TOKEN_EXPERTS
-    triton_routing.SPLIT_LOGITS_MAX_TOKEN_EXPERTS = 0
-    try:
-        return fn()
-    finally:
-        triton_routing.SPLIT_LOGITS_MAX_TOKEN_EXPERTS = limit
+    return patched(fn, SPLIT_LOGITS_MAX_TOKEN_EXPERTS=0)
 
 
 def with_logits_in_kernel(fn):
     """``fn()`` with the logits in the kernel at any size (the rule's tiles)."""
-    limit = triton_routing.SPLIT_LOGITS_MAX_TOKEN_EXPERTS
-    triton_routing.SPLIT_LOGITS_MAX_TOKEN_EXPERTS = 2**40
-    try:
-        return fn()
-    finally:
-        triton_routing.SPLIT_LOGITS_MAX_TOKEN_EXPERTS = limit
+    return patched(fn, SPLIT_LOGITS_MAX_TOKEN_EXPERTS=2**40)
 
 
 def routing_row(experts: int, k: int, tokens: int) -> None:
     torch.manual_seed(0)
-    x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
-    gate = torch.randn(experts, 1024, device="cuda") / 32
-    args = (torch.zeros(experts, device="cuda"), k, "softmax", True, 1.0, None)
+    x = torch.randn(tokens, 1024, device=CUDA, dtype=torch.bfloat16)
+    gate = torch.randn(experts, 1024, device=CUDA) / 32
+    args = (torch.zeros(experts, device=CUDA), k, "softmax", True, 1.0, None)
 
     def inside():
         return triton_routing.launch_route(None, x, gate, *args)
@@ -150,8 +130,8 @@ def layer_row(experts: int, ffn: int, k: int, tokens: int) -> None:
     cfg = MoEConfig(hidden_size=1024, num_experts=experts, expert_ffn_size=ffn, top_k=k, router="topk",
                     activation="gelu")
     torch.manual_seed(0)
-    layer = PiMoELayer(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
-    x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
+    layer = PiMoELayer(cfg).to(device=CUDA, dtype=torch.bfloat16).eval()
+    x = torch.randn(tokens, 1024, device=CUDA, dtype=torch.bfloat16)
 
     def both():
         return per_call_us(lambda: layer(x)), back_to_back_us(lambda: layer(x))
