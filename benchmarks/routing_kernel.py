@@ -65,7 +65,7 @@ def main() -> int:
     print("routing alone (device): experts, top-k, tokens | logits in the kernel: tiles of the rule, "
           "16-token tiles | split GEMM outside, the kernel reading them | same experts")
     for experts, k in ((128, 2), (128, 8), (256, 2), (256, 8)):
-        for tokens in (2048, 8192, 32768):
+        for tokens in (2048, 8192, 16384, 32768):
             routing_row(experts, k, tokens)
     print("eager layer, GELU, bf16, statistics on: experts, FFN, top-k, tokens | per call / back to back, "
           "the layer's rule | logits in the kernel, 16-token tiles | split GEMM outside")
@@ -75,9 +75,9 @@ def main() -> int:
     return 0
 
 
-def narrow_tiles(tokens: int, experts: int, mode: int) -> tuple[int, int, int, int]:
+def narrow_tiles(tokens: int, experts: int, mode: int, k: int) -> tuple[int, int, int, int]:
     """The tiles before the wide ones: 16 tokens a program, three stages."""
-    return RULE(min(tokens, triton_routing.SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS - 1), experts, mode)
+    return RULE(min(tokens, triton_routing.SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS - 1), experts, mode, k)
 
 
 def patched(fn, **settings):

@@ -25,6 +25,7 @@ from .helpers import make_layer
     (1, 128, torch.bfloat16, 2), (16, 64, torch.float32, 0), (65, 8, torch.bfloat16, 2),
     (32768, 8, torch.bfloat16, 2), (32768, 16, torch.bfloat16, 2), (32768, 32, torch.bfloat16, 2),
     (4096, 48, torch.bfloat16, 2), (32768, 128, torch.bfloat16, 2), (16384, 256, torch.bfloat16, 2),
+    (8192, 256, torch.bfloat16, 2), (16384, 128, torch.bfloat16, 2),
     (16385, 256, torch.bfloat16, 0), (32768, 256, torch.bfloat16, 0), (2**20, 32, torch.bfloat16, 2),
     (65, 8, torch.float32, 0), (32768, 257, torch.bfloat16, 0), (16, 300, torch.float32, 0)])
 def test_logits_mode_and_tiles_follow_the_shape(tokens, experts, dtype, mode):
@@ -35,17 +36,24 @@ def test_logits_mode_and_tiles_follow_the_shape(tokens, experts, dtype, mode):
     the call has at most 64 tokens, or at most 32 experts and 128 experts x slots."""
     x = torch.empty(tokens, 32, dtype=dtype)
     assert triton_routing.logits_in_kernel(x, experts) == mode
-    block_t, block_d, warps, stages = triton_routing._route_block(tokens, experts, mode)
     e_pow2 = max(16, 1 << (experts - 1).bit_length())
-    assert block_t >= 1 and block_t & (block_t - 1) == 0 and warps in (1, 2, 4, 8) and stages >= 1
-    if mode == 1:
-        assert block_t == 16 and block_d % 64 == 0 and e_pow2 <= 32
-    if mode == 2:
-        assert block_t >= 16 and block_d == 64
-        wide = experts > 64 and tokens >= triton_routing.SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS
-        assert (block_t, stages) == ((32, 2) if wide else (block_t, 3))
-    if mode == 0:
-        assert block_t * e_pow2 <= 2048
+    for k in (1, 2, 4, 8):
+        block_t, block_d, warps, stages = triton_routing._route_block(tokens, experts, mode, k)
+        assert block_t >= 1 and block_t & (block_t - 1) == 0 and warps in (1, 2, 4, 8) and stages >= 1
+        if mode == 1:
+            assert block_t == 16 and block_d % 64 == 0 and e_pow2 <= 32
+        if mode == 2:
+            assert block_t >= 16 and block_d == 64
+            wide = experts > 64 and tokens >= triton_routing.SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS
+            wider = wide and tokens >= triton_routing.SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS and e_pow2 == 128
+            if wider and k <= 2:
+                assert (block_t, warps, stages) == (64, 4, 2), k
+            elif wider and k >= 8:
+                assert (block_t, warps, stages) == (32, 4, 3), k
+            else:
+                assert (block_t, warps, stages) == ((32, 4, 2) if wide else (block_t, 4, 3)), k
+        if mode == 0:
+            assert block_t * e_pow2 <= 2048
     with pytest.MonkeyPatch.context() as m:
         m.setattr(triton_routing, "route_usable", lambda *args: True)
         for k in (1, 2, 4, 8):
@@ -58,8 +66,19 @@ def test_only_cuda_or_the_interpreter_routes_by_kernel():
 
 
 def test_the_counting_sort_runs_while_the_counts_stay_small():
-    assert triton_routing.place_usable(torch.zeros(512, 8, dtype=torch.int32))  # seed, 32,768 tokens
-    assert not triton_routing.place_usable(torch.zeros(2048, 128, dtype=torch.int32))  # fine-grained
+    assert triton_routing.place_usable(torch.zeros(512, 8, dtype=torch.int32), 128)  # seed, 32,768 tokens
+    assert not triton_routing.place_usable(torch.zeros(2048, 128, dtype=torch.int32), 128)  # fine-grained
+
+
+def test_the_counting_sort_runs_while_its_ranking_tile_fits_in_shared_memory():
+    """A program ranks its slots by a cumulative sum over a (slots x expert lanes) tile in shared
+    memory: 256 slots of 256 experts asked the H200 for more than a block has, so top-16 of 256
+    experts sorts by torch's argsort, where top-8 (128 slots a block) still counts."""
+    few_blocks = torch.zeros(64, 256, dtype=torch.int32)
+    assert triton_routing.place_usable(few_blocks, 16 * 8)
+    assert not triton_routing.place_usable(few_blocks, 16 * 16)
+    assert triton_routing.place_usable(torch.zeros(4, 128, dtype=torch.int32), 32 * 8)
+    assert triton_routing.place_tile_fits(16 * 2, 8) and not triton_routing.place_tile_fits(16 * 16, 256)
 
 
 def torch_route(logits_TE, x_TD, gate_ED, bias_E, k, score_func, renormalize, scaling, top_p):

@@ -145,13 +145,15 @@ def test_triton_topk_matches_torch(tokens, experts, k):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [*ROUTE_CASES, "seed_32768", "e256_4096", "e300_1000", "e128_8192",
-                                  "e256_16384"])
+                                  "e256_16384", "e128_16384", "e128_16384_top8", "e256_16384_top8"])
 def test_routing_kernel_and_counting_sort_match_torch(case, dtype):
     """The routing kernel (logits given, or computed by fp32 products or the bf16 split) and the
     counting sort give the torch ops' experts, weights, probabilities, sort order and group ends."""
     shapes = {"seed_32768": (32768, 8, 2, {}), "e256_4096": (4096, 256, 8, {}), "e300_1000": (1000, 300, 2, {}),
-              # the wider tiles of the logits in the kernel (from 128 experts and 8,192 tokens)
-              "e128_8192": (8192, 128, 8, {}), "e256_16384": (16384, 256, 2, {})}
+              # the wider tiles of the logits in the kernel (from 128 experts and 8,192 tokens), and
+              # from 16,384 tokens at 128 experts those chosen by the slots a token takes
+              "e128_8192": (8192, 128, 8, {}), "e256_16384": (16384, 256, 2, {}), "e128_16384": (16384, 128, 2, {}),
+              "e128_16384_top8": (16384, 128, 8, {}), "e256_16384_top8": (16384, 256, 8, {})}
     tokens, experts, k, options = ROUTE_CASES.get(case) or shapes[case]
     assert routing_kernel_mismatches(tokens, experts, k, options, "cuda", dtype) == []
 

@@ -53,10 +53,21 @@ SPLIT_LOGITS_MAX_TOKEN_EXPERTS = 2**22
 # 30.5 / 149.4 -> 132.0, top-8 53.3 -> 37.1 / 179.8 -> 160.1; 256 experts top-2 116.9 -> 54.1 /
 # 461.7 -> 219.7, top-8 126.6 -> 71.5; at 2,048 tokens the 16-token tiles stay the faster.
 SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS = 8192
+# From ``SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS`` tokens and up to 128 experts the best tile depends on
+# the slots a token takes: at top-2 a program takes 64 tokens, at top-8 three stages. H200, hidden
+# 1024, the routing alone (us, 24 tiles swept): top-2 at 16,384 / 32,768 tokens 67.5 -> 50.4 /
+# 130.5 -> 97.9; top-8 83.0 -> 73.0 / 160.3 -> 141.8. At 256 experts top-2, and top-8 at 8,192
+# tokens, the tile they had was the fastest (top-8 at 16,384 tokens: 8 warps and 3 stages took
+# 157.5 us against 191.1, not yet through the GPU tests).
+SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS = 16384
 # The counting sort reads every block's counts in each program: it runs where there are at most
 # this many (blocks x experts) counts, else the layer takes torch's stable argsort (the counts
 # grow with tokens x experts: at 32,768 tokens the seed config's 8 experts stay inside, 128 do not).
 PLACE_MAX_COUNTS = 2**15
+# ... and where a program's slots x expert lanes stay at most this many: the rank of each slot among
+# its expert's is a cumulative sum over a (slots x lanes) one-hot tile, which Triton scans through
+# shared memory (H200: 256 slots x 256 lanes asked for 262,144 bytes of the 232,448 a block has).
+PLACE_MAX_TILE = 2**15
 
 
 def route_usable(x_TD: Tensor, k: int, num_experts: int) -> bool:
@@ -85,14 +96,19 @@ def _experts_pow2(num_experts: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _route_block(tokens: int, num_experts: int, logits: int) -> tuple[int, int, int, int]:
+def _route_block(tokens: int, num_experts: int, logits: int, k: int) -> tuple[int, int, int, int]:
     """(tokens per program, hidden columns per step, warps, pipeline stages) of the routing kernel
-    for its ``LOGITS`` mode."""
+    for its ``LOGITS`` mode and ``k`` slots a token."""
     e_pow2 = _experts_pow2(num_experts)
     if logits == 0:
         return scores_block_tokens(e_pow2), 0, 4, 3
     if logits == 2:
         if e_pow2 >= 128 and tokens >= SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS:
+            if tokens >= SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS and e_pow2 == 128:
+                if k <= 2:
+                    return 64, 64, 4, 2
+                if k >= 8:
+                    return 32, 64, 4, 3
             return 32, 64, 4, 2
         return max(16, scores_block_tokens(e_pow2)), 64, 4, 3  # tensor-core tiles: at least 16 rows
     return 16, 128, 4, 3  # four warps' quarters of 128 columns: each a product of depth 32
@@ -113,10 +129,11 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
     mode = logits_in_kernel(x_TD, E) if logits_TE is None else 0
     assert logits_TE is not None or mode, "launch_route: logits needed (see logits_in_kernel)"
     fused = mode > 0
-    block_t, block_d, warps, stages = _route_block(T, E, mode)
+    block_t, block_d, warps, stages = _route_block(T, E, mode, k)
     dev = x_TD.device
     blocks = _cdiv(T, block_t)
-    place = blocks == 1  # one program sees every slot: it sorts them too
+    # One program sees every slot: it sorts them too, where its ranking tile fits.
+    place = blocks == 1 and place_tile_fits(block_t * max(2, _next_pow2(k)), E)
     if fused:
         logits_TE = torch.empty((T, E), dtype=torch.float32, device=dev)
         x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
@@ -217,8 +234,17 @@ def with_input_gradient(routing: Routing, x_TD: Tensor, gate_ED: Tensor) -> None
     routing.logits_TE = _KernelLogitsGrad.apply(x_TD, gate_ED, routing.logits_TE)
 
 
-def place_usable(counts_BE: Tensor) -> bool:
-    return counts_BE.shape[0] * _experts_pow2(counts_BE.shape[1]) <= PLACE_MAX_COUNTS
+def place_tile_fits(slots: int, num_experts: int) -> bool:
+    """Whether one program can rank ``slots`` slots among ``num_experts`` experts (see
+    ``PLACE_MAX_TILE``)."""
+    return max(16, _next_pow2(slots)) * _experts_pow2(num_experts) <= PLACE_MAX_TILE
+
+
+def place_usable(counts_BE: Tensor, rows_per_block: int) -> bool:
+    """Whether the counting sort (:func:`launch_place`) runs on these block counts of
+    ``rows_per_block`` slots each, else torch's stable argsort."""
+    B, E = counts_BE.shape
+    return B * _experts_pow2(E) <= PLACE_MAX_COUNTS and place_tile_fits(rows_per_block, E)
 
 
 def launch_place(expert_N: Tensor, counts_BE: Tensor,
@@ -248,7 +274,7 @@ def sorted_slots(r: Routing) -> tuple[Tensor, Tensor, Tensor | None]:
     inverse permutation too; else torch's stable argsort, the inverse left to whoever needs it
     (``None``: the second GEMM that writes its rows in slot order does not)."""
     expert_N = r.expert_TK.reshape(-1)
-    if place_usable(r.counts_BE):
+    if place_usable(r.counts_BE, r.rows_per_block):
         return launch_place(expert_N, r.counts_BE, r.rows_per_block)
     num_experts = r.counts_BE.shape[1]
     order_N = sort_by_expert(expert_N, num_experts)
