@@ -224,3 +224,19 @@ def test_split_logits_and_their_gradient_match_the_fp32_gemm():
     assert (lg - ref_lg).norm() <= 1e-5 * ref_lg.norm()
     assert (dx.float() - ref_dx.float()).norm() <= 1e-2 * ref_dx.float().norm()
     assert 0 < (dw - ref_dw).norm() <= 1e-2 * ref_dw.norm()  # the logits' gradient was rounded to bf16
+
+
+def test_routing_benchmark_swaps_in_the_tiles_before_the_wide_ones():
+    """benchmarks/routing_kernel.py times the rule against the 16-token tiles through a stand-in
+    for ``_route_block`` with its signature: the stand-in gives the rule's tiles below 8,192 tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "routing_kernel.py"
+    spec = importlib.util.spec_from_file_location("routing_kernel_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for tokens, experts, k in ((32768, 128, 2), (16384, 128, 8), (8192, 256, 8)):
+        assert bench.narrow_tiles(tokens, experts, 2, k) == triton_routing._route_block(2048, experts, 2, k)
+        assert bench.narrow_tiles(tokens, experts, 2, k)[0] == 16
+        assert bench.RULE(tokens, experts, 2, k) == triton_routing._route_block(tokens, experts, 2, k)
