@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from fulu_nas.bench.common import captured
+from fulu_nas.bench.layer import graph_latency_ms
 from fulu_nas.bench.levels import time_calls
 from fulu_nas.bench.peers import time_each_call
 from fulu_nas.moe import MoEConfig, PiMoELayer, triton_routing
@@ -28,21 +28,9 @@ CUDA = torch.device("cuda")
 
 def graphed_us(fn, n: int = 20, rounds: int = 5) -> float:
     """Device time of one ``fn()``: ``n`` calls captured in one CUDA graph, the median of ``rounds``
-    replays."""
-    def chain():
-        for _ in range(n):
-            fn()
-
-    replay = captured(chain)
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / n)
-    return statistics.median(times)
+    replays (:func:`fulu_nas.bench.layer.graph_latency_ms`, each step passing its input through)."""
+    anchor = torch.empty(0, device=CUDA)
+    return graph_latency_ms(lambda y: (fn(), y)[1], anchor, repeat=n, replays=rounds) * 1e3
 
 
 def per_call_us(fn, n: int = 40) -> float:

@@ -103,12 +103,12 @@ def _route_block(tokens: int, num_experts: int, logits: int, k: int) -> tuple[in
     if logits == 0:
         return scores_block_tokens(e_pow2), 0, 4, 3
     if logits == 2:
+        wider = e_pow2 == 128 and tokens >= SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS
+        if wider and k <= 2:
+            return 64, 64, 4, 2
+        if wider and k >= 8:
+            return 32, 64, 4, 3
         if e_pow2 >= 128 and tokens >= SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS:
-            if tokens >= SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS and e_pow2 == 128:
-                if k <= 2:
-                    return 64, 64, 4, 2
-                if k >= 8:
-                    return 32, 64, 4, 3
             return 32, 64, 4, 2
         return max(16, scores_block_tokens(e_pow2)), 64, 4, 3  # tensor-core tiles: at least 16 rows
     return 16, 128, 4, 3  # four warps' quarters of 128 columns: each a product of depth 32
@@ -132,8 +132,9 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
     block_t, block_d, warps, stages = _route_block(T, E, mode, k)
     dev = x_TD.device
     blocks = _cdiv(T, block_t)
+    k_pow2 = max(2, _next_pow2(k))
     # One program sees every slot: it sorts them too, where its ranking tile fits.
-    place = blocks == 1 and place_tile_fits(block_t * max(2, _next_pow2(k)), E)
+    place = blocks == 1 and place_tile_fits(block_t * k_pow2, E)
     if fused:
         logits_TE = torch.empty((T, E), dtype=torch.float32, device=dev)
         x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
@@ -155,7 +156,7 @@ def launch_route(logits_TE: Tensor | None, x_TD: Tensor, gate_ED: Tensor | None,
         logits_TE, x_TD, gate_ED if fused else logits_TE, bias_E, r.expert_TK, r.weight_TK, r.active_TK,
         r.probs_TE, logits_TE, r.counts_BE, order_N, inverse_N, ends_E, T, E, D, logits_TE.stride(0), x_TD.stride(0),
         float(scaling), float(top_p) if top_p is not None else 1.0,
-        K=k, K_POW2=max(2, _next_pow2(k)), LOGITS=mode, SIGMOID=score_func == "sigmoid",
+        K=k, K_POW2=k_pow2, LOGITS=mode, SIGMOID=score_func == "sigmoid",
         RENORMALIZE=renormalize, HAS_TOP_P=top_p is not None, PLACE=place, BLOCK_T=block_t, BLOCK_D=max(block_d, 1),
         E_POW2=_experts_pow2(E), num_warps=warps, num_stages=stages)
     return r
