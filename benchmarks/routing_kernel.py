@@ -57,7 +57,7 @@ def main() -> int:
             routing_row(experts, k, tokens)
     print("eager layer, GELU, bf16, statistics on: experts, FFN, top-k, tokens | per call / back to back, "
           "the layer's rule | logits in the kernel, 16-token tiles | split GEMM outside")
-    for experts, ffn, k in ((128, 256, 8), (128, 512, 2), (256, 512, 2)):
+    for experts, ffn, k in ((128, 256, 8), (128, 512, 2), (256, 512, 2), (256, 512, 8)):
         for tokens in (8192, 16384, 32768):
             layer_row(experts, ffn, k, tokens)
     return 0

@@ -64,6 +64,9 @@ ROUTE_CASES = {
     "few_tokens_32_experts": (16, 32, 4, {}),
     # one program whose slots x experts do not fit the counting sort's tile: sorted by argsort
     "top16_of_256": (16, 256, 16, {}),
+    # equal scores (given logits on a coarse grid, no bias; rows with fewer finite logits than
+    # slots): ties go to the lower expert, as torch.topk's stable order gives them
+    "ties": (48, 16, 4, {"ties": True}),
 }
 
 
@@ -83,8 +86,15 @@ def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, 
     score, renorm = options.get("score_func", "softmax"), options.get("renormalize", True)
     scaling, top_p = options.get("routed_scaling_factor", 1.0), options.get("top_p")
     logits = x.float() @ gate.t()
+    ties = options.get("ties", False)
+    if ties:
+        logits = (logits * 20).round() / 2
+        logits[:3, 2:] = float("-inf")  # two finite scores, the other slots among zeros
+        logits[3:6, ::3] = logits[3:6, :1]
+        bias = torch.zeros_like(bias)
     problems = []
-    for given in (logits, None) if triton_routing.logits_in_kernel(x, experts) else (logits,):
+    in_kernel = triton_routing.logits_in_kernel(x, experts) and not ties
+    for given in (logits, None) if in_kernel else (logits,):
         how = "given logits" if given is not None else f"logits mode {triton_routing.logits_in_kernel(x, experts)}"
         r = triton_routing.launch_route(given, x, gate, bias, k, score, renorm, scaling, top_p)
         if not torch.allclose(r.logits_TE, logits, rtol=1e-4, atol=1e-4):

@@ -25,7 +25,7 @@ from .helpers import make_layer
     (1, 128, torch.bfloat16, 2), (16, 64, torch.float32, 0), (65, 8, torch.bfloat16, 2),
     (32768, 8, torch.bfloat16, 2), (32768, 16, torch.bfloat16, 2), (32768, 32, torch.bfloat16, 2),
     (4096, 48, torch.bfloat16, 2), (32768, 128, torch.bfloat16, 2), (16384, 256, torch.bfloat16, 2),
-    (8192, 256, torch.bfloat16, 2), (16384, 128, torch.bfloat16, 2),
+    (8192, 256, torch.bfloat16, 2), (16384, 128, torch.bfloat16, 2), (16384, 200, torch.bfloat16, 2),
     (16385, 256, torch.bfloat16, 0), (32768, 256, torch.bfloat16, 0), (2**20, 32, torch.bfloat16, 2),
     (65, 8, torch.float32, 0), (32768, 257, torch.bfloat16, 0), (16, 300, torch.float32, 0)])
 def test_logits_mode_and_tiles_follow_the_shape(tokens, experts, dtype, mode):
@@ -46,10 +46,14 @@ def test_logits_mode_and_tiles_follow_the_shape(tokens, experts, dtype, mode):
             assert block_t >= 16 and block_d == 64
             wide = experts > 64 and tokens >= triton_routing.SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS
             wider = wide and tokens >= triton_routing.SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS and e_pow2 == 128
+            eight_warps = (e_pow2 == 256 and k >= 8
+                           and tokens >= triton_routing.SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS)
             if wider and k <= 2:
                 assert (block_t, warps, stages) == (64, 4, 2), k
             elif wider and k >= 8:
                 assert (block_t, warps, stages) == (32, 4, 3), k
+            elif eight_warps:
+                assert (block_t, warps, stages) == (32, 8, 3), k
             else:
                 assert (block_t, warps, stages) == ((32, 4, 2) if wide else (block_t, 4, 3)), k
         if mode == 0:

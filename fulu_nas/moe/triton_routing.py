@@ -53,12 +53,13 @@ SPLIT_LOGITS_MAX_TOKEN_EXPERTS = 2**22
 # 30.5 / 149.4 -> 132.0, top-8 53.3 -> 37.1 / 179.8 -> 160.1; 256 experts top-2 116.9 -> 54.1 /
 # 461.7 -> 219.7, top-8 126.6 -> 71.5; at 2,048 tokens the 16-token tiles stay the faster.
 SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS = 8192
-# From ``SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS`` tokens and up to 128 experts the best tile depends on
+# From ``SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS`` tokens the best tile at 128 expert lanes depends on
 # the slots a token takes: at top-2 a program takes 64 tokens, at top-8 three stages. H200, hidden
 # 1024, the routing alone (us, 24 tiles swept): top-2 at 16,384 / 32,768 tokens 67.5 -> 50.4 /
-# 130.5 -> 97.9; top-8 83.0 -> 73.0 / 160.3 -> 141.8. At 256 experts top-2, and top-8 at 8,192
-# tokens, the tile they had was the fastest (top-8 at 16,384 tokens: 8 warps and 3 stages took
-# 157.5 us against 191.1, not yet through the GPU tests).
+# 130.5 -> 97.9; top-8 83.0 -> 73.0 / 160.3 -> 141.8. At 256 expert lanes, top-8 (or more), a
+# program takes its 32 tokens in 8 warps and 3 stages: 16,384 tokens 220.9 -> 158.3 us (192 experts
+# 177.5 -> 164.6; the eager GELU layer, FFN 512, 1137 -> 1101 us a call); at top-4 (125.6 against
+# 131.5) and at 8,192 tokens (72.8 against 79.5) the 4-warp tile stays the faster.
 SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS = 16384
 # The counting sort reads every block's counts in each program: it runs where there are at most
 # this many (blocks x experts) counts, else the layer takes torch's stable argsort (the counts
@@ -108,6 +109,8 @@ def _route_block(tokens: int, num_experts: int, logits: int, k: int) -> tuple[in
             return 64, 64, 4, 2
         if wider and k >= 8:
             return 32, 64, 4, 3
+        if e_pow2 == 256 and k >= 8 and tokens >= SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS:
+            return 32, 64, 8, 3
         if e_pow2 >= 128 and tokens >= SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS:
             return 32, 64, 4, 2
         return max(16, scores_block_tokens(e_pow2)), 64, 4, 3  # tensor-core tiles: at least 16 rows
