@@ -90,7 +90,7 @@ def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, 
     if ties:
         logits = (logits * 20).round() / 2
         logits[:3, 2:] = float("-inf")  # two finite scores, the other slots among zeros
-        logits[3:6, ::3] = logits[3:6, :1]
+        logits[3:6, ::3] = logits[3:6, :1]  # one score at every third expert
         bias = torch.zeros_like(bias)
     problems = []
     in_kernel = triton_routing.logits_in_kernel(x, experts) and not ties

@@ -201,7 +201,7 @@ def results() -> dict:
 def test_routing_kernel_and_counting_sort_equal_the_torch_ops(results):
     """Experts, weights, top-p activity, probabilities and the counting sort's order and group ends
     equal :func:`select_experts`, the stable argsort and bincount (softmax, sigmoid with scaling, top-p,
-    one token, several blocks, 128 experts; logits given and computed in the kernel)."""
+    one token, several blocks, 128 experts, tied scores; logits given and computed in the kernel)."""
     assert results["routing"] == {name: [] for name in results["routing"]}
 
 
