@@ -93,9 +93,9 @@ def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, 
         logits[3:6, ::3] = logits[3:6, :1]  # one score at every third expert
         bias = torch.zeros_like(bias)
     problems = []
-    in_kernel = triton_routing.logits_in_kernel(x, experts) and not ties
-    for given in (logits, None) if in_kernel else (logits,):
-        how = "given logits" if given is not None else f"logits mode {triton_routing.logits_in_kernel(x, experts)}"
+    mode = triton_routing.logits_in_kernel(x, experts)
+    for given in (logits, None) if mode and not ties else (logits,):
+        how = "given logits" if given is not None else f"logits mode {mode}"
         r = triton_routing.launch_route(given, x, gate, bias, k, score, renorm, scaling, top_p)
         if not torch.allclose(r.logits_TE, logits, rtol=1e-4, atol=1e-4):
             problems.append(f"{how}: logits")

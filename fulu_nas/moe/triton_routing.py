@@ -104,13 +104,13 @@ def _route_block(tokens: int, num_experts: int, logits: int, k: int) -> tuple[in
     if logits == 0:
         return scores_block_tokens(e_pow2), 0, 4, 3
     if logits == 2:
-        wider = e_pow2 == 128 and tokens >= SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS
-        if wider and k <= 2:
-            return 64, 64, 4, 2
-        if wider and k >= 8:
-            return 32, 64, 4, 3
-        if e_pow2 == 256 and k >= 8 and tokens >= SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS:
-            return 32, 64, 8, 3
+        if tokens >= SPLIT_LOGITS_WIDER_TILE_MIN_TOKENS:
+            if e_pow2 == 128 and k <= 2:
+                return 64, 64, 4, 2
+            if e_pow2 == 128 and k >= 8:
+                return 32, 64, 4, 3
+            if e_pow2 == 256 and k >= 8:
+                return 32, 64, 8, 3
         if e_pow2 >= 128 and tokens >= SPLIT_LOGITS_WIDE_TILE_MIN_TOKENS:
             return 32, 64, 4, 2
         return max(16, scores_block_tokens(e_pow2)), 64, 4, 3  # tensor-core tiles: at least 16 rows
