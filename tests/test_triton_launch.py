@@ -155,3 +155,25 @@ def test_gpu_benchmark_scripts_need_cuda(name):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "needs CUDA" in done.stderr and not done.stdout
+
+
+def test_python_time_benchmark_takes_the_gpu_path_on_the_cpu():
+    """benchmarks/eager_python_time.py times the CUDA path's Python on the CPU: a call launches the
+    routing kernel, both expert GEMMs and the slot sum, each through the cached launcher's signature
+    and lookup, and every row is a time."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eager_python_time.py"
+    done = subprocess.run([sys.executable, str(script), "--calls", "20", "--rounds", "2"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == ("launches per call: down_scatter_kernel 1, gather_up_kernel 1, route_kernel 1, "
+                         "sum_slots_kernel 1")
+    for name in ("layer(x)", "layer(x, with_stats=False)", "router(x)", "torch.empty((16, 2), int64)"):
+        row = next(line for line in lines if line.startswith(name + " "))
+        low, median = map(float, re.fullmatch(r".* min +([\d.]+) +median +([\d.]+)", row).groups())
+        assert 0 < low <= median

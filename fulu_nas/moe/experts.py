@@ -89,6 +89,12 @@ def sum_slots(rows_ND: Tensor, order_N: Tensor, k: int, inverse_N: Tensor | None
     return out_TD
 
 
+def as_contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype).contiguous()``, but ``t`` itself without a dispatch where it already is one
+    (each dispatch is host time that a small eager call waits on)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 def needs_grad(module: nn.Module, *inputs: Tensor | None) -> bool:
     """Whether a call of ``module`` on ``inputs`` (``None`` entries skipped) builds an autograd graph."""
     return torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in inputs)

@@ -33,10 +33,14 @@ from torch import Tensor, nn
 from . import triton_moe, triton_routing
 from .balancing import balance_loss, load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
-from .experts import GroupedExperts, SharedExperts, group_ends, needs_grad, sort_by_expert, sum_slots
+from .experts import GroupedExperts, SharedExperts, as_contiguous, group_ends, needs_grad, sort_by_expert, sum_slots
 from .routers import ScoreRouter, build_router
 from .routing import Routing
-from .stats import LazyStats, load_statistics, once, router_entropy, token_mean
+from .stats import LazyStats, load_statistics, once, router_entropy, stats_layout, token_mean
+
+# The statistics a call returns, in the groups computed together (PiMoELayer._stats).
+STATS_LAYOUT = stats_layout((("tokens_per_expert", "utilisation", "load_balance", "max_vio", "cv"),
+                             ("router_entropy",), ("dropped_share",), ("aux_loss",), ("z_loss",), ("balance_loss",)))
 
 # Training steps of fewer tokens take grouped_mm (see prefer_triton).
 TRITON_TRAINING_MIN_TOKENS = 16384
@@ -111,13 +115,15 @@ class PiMoELayer(nn.Module):
             out_TD, load = self._expert_choice(x_TD, routing, impl)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
+        # (T, D) input: the output as it is (a view costs host time a small eager call waits on)
+        out = out_TD if x.dim() == 2 else out_TD.view(x.shape)
         if not with_stats:  # inference: the load and the statistics are never computed
-            return out_TD.view(x.shape), {}
+            return out, {}
         stats = self._stats(routing, once(load))
         # Eagerly, each statistic is computed when first read (a training step reads the balance
         # loss, and the load when balancing without it; the rest only at logging steps): ~50 small
         # launches of host time a step does not pay. A traced graph returns them all.
-        return out_TD.view(x.shape), dict(stats) if torch.compiler.is_compiling() else stats
+        return out, dict(stats) if torch.compiler.is_compiling() else stats
 
     def _route(self, x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, Routing]:
         """The input as (T, D) rows and the router's decision for them."""
@@ -140,8 +146,8 @@ class PiMoELayer(nn.Module):
         the sort wrote it), or with a gradient the training one (which also keeps the
         pre-activation for its backward)."""
         e = self.experts
-        args = (x_TD, order_N, weight.float().contiguous(), ends_E, e.w13_EDF2, e.w2_EFD, e.b13_EF2, e.b2_ED,
-                k_slots, e.activation == "swiglu", weight_sorted, combine)
+        args = (x_TD, order_N, as_contiguous(weight, torch.float32), as_contiguous(ends_E, torch.int32),
+                e.w13_EDF2, e.w2_EFD, e.b13_EF2, e.b2_ED, k_slots, e.activation == "swiglu", weight_sorted, combine)
         if needs_grad(self, x_TD):  # the routing weights come from x and the router's parameters
             return triton_moe.experts_train(*args)
         if triton_moe.direct_call():
@@ -153,29 +159,27 @@ class PiMoELayer(nn.Module):
     def _token_choice(self, x_TD: Tensor, r: Routing, impl: str) -> tuple[Tensor, Tensor, Tensor]:
         E = self.cfg.num_experts
         T, K = r.expert_TK.shape
-        expert_N = r.expert_TK.reshape(-1)
         weight_N = r.weight_TK.reshape(-1)
-        active_N = r.active_TK.reshape(-1)
         if impl == "loop":
+            expert_N, active_N = r.expert_TK.reshape(-1), r.active_TK.reshape(-1)
             keep_N = self._capacity_keep_reference(expert_N, active_N, T)
             token_N = torch.arange(T, device=x_TD.device).repeat_interleave(K)
             out_TD = self.experts.forward_loop(x_TD, expert_N, token_N, weight_N * keep_N)
             return out_TD, lambda: (torch.zeros(E, device=x_TD.device).index_add_(0, expert_N, keep_N.float()),
                                     self._dropped_share(active_N, keep_N))
 
-        order_N, ends_E, expert_sorted_N, inverse_N = self._sort_slots(r, expert_N, impl)
+        order_N, ends_E, expert_sorted_N, inverse_N = self._sort_slots(r, impl)
         starts_E = once(lambda: F.pad(ends_E[:-1], (1, 0)))
         # Rows to keep: only a capacity drops rows (inactive top-p slots already have weight 0).
         keep_sorted_N = None
         if self.cfg.capacity_factor is not None:
-            keep_sorted_N = self._capacity_keep_sorted(active_N[order_N], expert_sorted_N, starts_E(), T)
+            keep_sorted_N = self._capacity_keep_sorted(r.active_TK.reshape(-1)[order_N], expert_sorted_N, starts_E(), T)
         if self._triton_applies(x_TD, impl):
             # Tokens are read through order_N inside the first GEMM; the second writes row n to
             # flat slot order_N[n], so each token's K rows are contiguous for the (fused) sum.
             weight_sorted = keep_sorted_N is not None
             weight = (weight_N[order_N] * keep_sorted_N) if weight_sorted else weight_N
-            out_TD = self._triton_experts(x_TD, order_N, weight, ends_E.to(torch.int32), K, weight_sorted, True,
-                                          inverse_N)
+            out_TD = self._triton_experts(x_TD, order_N, weight, ends_E, K, weight_sorted, True, inverse_N)
         else:
             out_TD = self._grouped_experts(x_TD, order_N, weight_N, keep_sorted_N, expert_sorted_N, ends_E,
                                            starts_E(), K, impl, inverse_N)
@@ -184,15 +188,14 @@ class PiMoELayer(nn.Module):
             if keep_sorted_N is None and self.cfg.top_p is None:
                 # Every slot is active and none is dropped: the groups' sizes are the load.
                 return (ends_E - starts_E()).float(), torch.zeros((), device=x_TD.device)
-            active_sorted_N = active_N[order_N]
+            active_sorted_N = r.active_TK.reshape(-1)[order_N]
             keep_N = active_sorted_N if keep_sorted_N is None else keep_sorted_N
             kept_before_N = F.pad(keep_N.long().cumsum(0), (1, 0))  # kept rows before position n
             counts_E = (kept_before_N[ends_E] - kept_before_N[starts_E()]).float()
             return counts_E, self._dropped_share(active_sorted_N, keep_N)
         return out_TD, load
 
-    def _sort_slots(self, r: Routing, expert_N: Tensor,
-                    impl: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    def _sort_slots(self, r: Routing, impl: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """``(order_N, ends_E, expert_sorted_N, inverse_N)``: the stable sort of the flat slots by
         expert, the group ends, the sorted expert ids (``None`` where nothing reads them: no
         capacity, no expert biases) and the inverse permutation where the sort gave it (else
@@ -201,17 +204,18 @@ class PiMoELayer(nn.Module):
         (:func:`fulu_nas.moe.triton_routing.launch_place`), both writing the inverse too; else
         torch's stable argsort, and a binary search of the sorted ids for the ends (no atomics). All
         give the same order."""
-        E = self.cfg.num_experts
-        needs_ids = self.cfg.capacity_factor is not None or self.experts.b13_EF2 is not None or impl == "sorted"
+        cfg = self.cfg
         if r.sorted_slots is not None:
             order_N, ends_E, inverse_N = r.sorted_slots
         elif r.counts_BE is not None:
             order_N, ends_E, inverse_N = triton_routing.sorted_slots(r)
         else:
-            order_N = sort_by_expert(expert_N, E)
+            expert_N = r.expert_TK.reshape(-1)
+            order_N = sort_by_expert(expert_N, cfg.num_experts)
             expert_sorted_N = expert_N[order_N]
-            return order_N, group_ends(expert_sorted_N, E), expert_sorted_N, None
-        return order_N, ends_E, expert_N[order_N] if needs_ids else None, inverse_N
+            return order_N, group_ends(expert_sorted_N, cfg.num_experts), expert_sorted_N, None
+        needs_ids = cfg.capacity_factor is not None or self.experts.b13_EF2 is not None or impl == "sorted"
+        return order_N, ends_E, r.expert_TK.reshape(-1)[order_N] if needs_ids else None, inverse_N
 
     def _grouped_experts(self, x_TD: Tensor, order_N: Tensor, weight_N: Tensor, keep_sorted_N: Tensor | None,
                          expert_sorted_N: Tensor | None, ends_E: Tensor, starts_E: Tensor, K: int, impl: str,
@@ -301,15 +305,14 @@ class PiMoELayer(nn.Module):
                 return zero()
             return balance_loss(r.probs_TE, r.logits_TE, counts() if aux_coef else None, aux_coef, z_coef)
 
-        return LazyStats([
-            (("tokens_per_expert", "utilisation", "load_balance", "max_vio", "cv"),
-             lambda: load_statistics(counts().detach())),
-            (("router_entropy",), lambda: {"router_entropy": router_entropy(r.probs_TE, counts()).detach()}),
-            (("dropped_share",), lambda: {"dropped_share": load()[1].detach()}),
-            (("aux_loss",), lambda: {"aux_loss": aux()}),
-            (("z_loss",), lambda: {"z_loss": z()}),
-            (("balance_loss",), lambda: {"balance_loss": balance()}),
-        ])
+        return LazyStats(STATS_LAYOUT, (  # in the order of STATS_LAYOUT's groups
+            lambda: load_statistics(counts().detach()),
+            lambda: {"router_entropy": router_entropy(r.probs_TE, counts()).detach()},
+            lambda: {"dropped_share": load()[1].detach()},
+            lambda: {"aux_loss": aux()},
+            lambda: {"z_loss": z()},
+            lambda: {"balance_loss": balance()},
+        ))
 
     def _add_balance_losses(self, stats: dict[str, Tensor], r: Routing, counts_E: Tensor) -> dict[str, Tensor]:
         """``aux_loss``, ``z_loss`` and their weighted sum ``balance_loss`` (``counts_E``: the load

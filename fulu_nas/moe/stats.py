@@ -15,7 +15,7 @@ Definitions (c_e = assignments expert e received, mean over experts):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -65,28 +65,34 @@ def once(fn: Callable[[], object]) -> Callable[[], object]:
     return get
 
 
+def stats_layout(groups: Sequence[Sequence[str]]) -> dict[str, int]:
+    """Each name of ``groups`` mapped to its group's index: a :class:`LazyStats` layout."""
+    return {name: i for i, names in enumerate(groups) for name in names}
+
+
 class LazyStats(Mapping[str, Tensor]):
     """The statistics of one layer call, each computed when it is first read.
 
-    ``groups``: (names, compute) pairs; ``compute()`` returns a dict with those names, all of which
-    are kept when any one of them is read. Reading every key (``dict(stats)``) gives what an
-    eager computation would have.
+    ``layout`` (from :func:`stats_layout`, built once and shared by every call) maps each name to
+    its group, an index into ``computes``; ``computes[i]()`` returns a dict with group i's names,
+    all of which are kept when any one of them is read. Reading every key (``dict(stats)``) gives
+    what an eager computation would have.
     """
 
-    def __init__(self, groups: list[tuple[tuple[str, ...], Callable[[], dict[str, Tensor]]]]):
-        self._group_of = {name: compute for names, compute in groups for name in names}
+    def __init__(self, layout: Mapping[str, int], computes: Sequence[Callable[[], dict[str, Tensor]]]):
+        self._layout, self._computes = layout, computes
         self._values: dict[str, Tensor] = {}
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self._values:
-            self._values.update(self._group_of[name]())
+            self._values.update(self._computes[self._layout[name]]())
         return self._values[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._group_of)
+        return iter(self._layout)
 
     def __len__(self) -> int:
-        return len(self._group_of)
+        return len(self._layout)
 
     def __repr__(self) -> str:
         return f"LazyStats({dict(self)!r})"

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .experts import _grouped_mm, inverse_permutation
+from .experts import _grouped_mm, as_contiguous, inverse_permutation
 
 # FULU_NAS_TRITON=0 switches the Triton kernels off (the grouped_mm path and torch.topk: the code
 # before them, for before/after benchmarks in one run).
@@ -236,8 +236,8 @@ def launch_experts(x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor
     E, F = w2_EFD.shape[0], w2_EFD.shape[1]
     dtype = x_TD.dtype
     x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
-    w13 = w13_EDW.to(dtype).contiguous()
-    w2 = w2_EFD.to(dtype).contiguous()
+    w13 = as_contiguous(w13_EDW, dtype)
+    w2 = as_contiguous(w2_EFD, dtype)
     b13 = b13_EW.contiguous() if b13_EW is not None else None
     b2 = b2_ED.contiguous() if b2_ED is not None else None
     if N == 0:
