@@ -23,35 +23,42 @@ from collections import Counter
 
 import torch
 
-KERNELS = ("gather_up_kernel", "down_scatter_kernel", "sum_slots_kernel", "act_forward_kernel",
-           "act_backward_kernel", "topk_kernel", "route_kernel", "route_backward_kernel", "place_kernel")
-
 
 def stub_launches(launches: Counter) -> None:
-    """Route the Triton path's launches to stand-ins that do what the cached launcher does on a
-    repeated signature (the signature, the lookup, the call) but launch nothing; ``launches``
-    counts them by kernel."""
-    from fulu_nas.moe import _triton_launch, triton_moe
+    """Give the Triton path's kernels launchers that run the project's cached launcher as shipped
+    (:class:`fulu_nas.moe._triton_launch.CachedLauncher`: signature, lookup, the call of the compiled
+    kernel) over stand-ins for the JIT function (the real kernel's parameters), the compiled kernel
+    (whose C launch does nothing) and Triton's driver (device 0, a fixed stream); ``launches``
+    counts the launches by kernel."""
+    from fulu_nas.moe import _triton_kernels, _triton_launch, triton_moe
 
-    class Launcher(_triton_launch.CachedLauncher):
+    class Compiled:  # what Triton's compile returns, as the launcher uses it
+        function = packed_metadata = None
+
         def __init__(self, name: str):
             self.name = name
-            self._compiled = {}
 
-        def launch(self, grid, args, kwargs):
+        def run(self, *args):
             launches[self.name] += 1
-            key = (0, _triton_launch.specialization_key(args), tuple(kwargs.items()))
-            entry = self._compiled.get(key)
-            if entry is None:
-                entry = self._compiled[key] = (types.SimpleNamespace(run=lambda *a: None, function=None,
-                                                                     packed_metadata=None), tuple(kwargs.values()))
-            kernel, constexprs = entry
-            grid = grid + (1, 1)
-            kernel.run(grid[0], grid[1], grid[2], 0, kernel.function, kernel.packed_metadata, None, None, None,
-                       *args, *constexprs)
 
+    class JitFunction:  # what @triton.jit returns, as the launcher uses it
+        def __init__(self, kernel):
+            self.params, self.compiled = kernel.params, Compiled(kernel.__name__)
+
+        def run(self, *args, grid, warmup, **kwargs):  # Triton's path: the first call of a signature
+            launches[self.compiled.name] += 1
+            return self.compiled
+
+    class Driver:
+        class active:  # noqa: N801 (triton.runtime.driver.active)
+            get_current_device = staticmethod(lambda: 0)
+            get_current_stream = staticmethod(lambda device: 0)
+
+    kernels = [getattr(_triton_kernels, name) for name in dir(_triton_kernels) if name.endswith("_kernel")]
+    _triton_launch.driver = Driver
     triton_moe.HAS_TRITON = triton_moe.INTERPRET = True  # the CUDA path, on CPU tensors
-    triton_moe._KERNELS = types.SimpleNamespace(**{name: Launcher(name) for name in KERNELS})
+    triton_moe._KERNELS = types.SimpleNamespace(**{k.fn.__name__: _triton_launch.CachedLauncher(JitFunction(k.fn))
+                                                   for k in kernels if isinstance(k, _triton_launch.CachedLauncher)})
 
 
 def per_call_us(fn, calls: int, rounds: int) -> tuple[float, float]:
