@@ -130,7 +130,8 @@ class PiMoELayer(nn.Module):
         if x.dim() < 2 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"input must have shape (..., hidden_size={self.cfg.hidden_size}), "
                              f"got {tuple(x.shape)}")
-        x_TD = x.reshape(-1, self.cfg.hidden_size)
+        # A (T, D) input as it is: a reshape costs host time a small eager call waits on
+        x_TD = x if x.dim() == 2 else x.reshape(-1, self.cfg.hidden_size)
         return x_TD, self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
 
     def _triton_applies(self, x_TD: Tensor, impl: str) -> bool:
@@ -146,11 +147,16 @@ class PiMoELayer(nn.Module):
         the sort wrote it), or with a gradient the training one (which also keeps the
         pre-activation for its backward)."""
         e = self.experts
+        grad = needs_grad(self, x_TD)  # the routing weights come from x and the router's parameters
+        direct = not grad and triton_moe.direct_call()
+        # The kernels read the weights by flat slot whatever their shape; autograd and the op want
+        # them flat, a direct launch takes the router's (T, K) as it is (a view is host time).
+        weight = weight if direct else weight.reshape(-1)
         args = (x_TD, order_N, as_contiguous(weight, torch.float32), as_contiguous(ends_E, torch.int32),
                 e.w13_EDF2, e.w2_EFD, e.b13_EF2, e.b2_ED, k_slots, e.activation == "swiglu", weight_sorted, combine)
-        if needs_grad(self, x_TD):  # the routing weights come from x and the router's parameters
+        if grad:
             return triton_moe.experts_train(*args)
-        if triton_moe.direct_call():
+        if direct:
             return triton_moe.launch_experts(*args, index=triton_moe.SortIndex(order_N, k_slots, inverse_N))
         return triton_moe.moe_experts(*args, inverse_N)
 
@@ -159,8 +165,8 @@ class PiMoELayer(nn.Module):
     def _token_choice(self, x_TD: Tensor, r: Routing, impl: str) -> tuple[Tensor, Tensor, Tensor]:
         E = self.cfg.num_experts
         T, K = r.expert_TK.shape
-        weight_N = r.weight_TK.reshape(-1)
         if impl == "loop":
+            weight_N = r.weight_TK.reshape(-1)
             expert_N, active_N = r.expert_TK.reshape(-1), r.active_TK.reshape(-1)
             keep_N = self._capacity_keep_reference(expert_N, active_N, T)
             token_N = torch.arange(T, device=x_TD.device).repeat_interleave(K)
@@ -178,11 +184,11 @@ class PiMoELayer(nn.Module):
             # Tokens are read through order_N inside the first GEMM; the second writes row n to
             # flat slot order_N[n], so each token's K rows are contiguous for the (fused) sum.
             weight_sorted = keep_sorted_N is not None
-            weight = (weight_N[order_N] * keep_sorted_N) if weight_sorted else weight_N
+            weight = (r.weight_TK.reshape(-1)[order_N] * keep_sorted_N) if weight_sorted else r.weight_TK
             out_TD = self._triton_experts(x_TD, order_N, weight, ends_E, K, weight_sorted, True, inverse_N)
         else:
-            out_TD = self._grouped_experts(x_TD, order_N, weight_N, keep_sorted_N, expert_sorted_N, ends_E,
-                                           starts_E(), K, impl, inverse_N)
+            out_TD = self._grouped_experts(x_TD, order_N, r.weight_TK.reshape(-1), keep_sorted_N, expert_sorted_N,
+                                           ends_E, starts_E(), K, impl, inverse_N)
 
         def load() -> tuple[Tensor, Tensor]:
             if keep_sorted_N is None and self.cfg.top_p is None:
