@@ -67,7 +67,7 @@ def tiny_model():
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from fulu_nas.training.distributed import expert_parallel, gather_experts, init_from_env
+    from fulu_nas.training.distributed import broadcast_module, expert_parallel, gather_experts, init_from_env
     from fulu_nas.training.dynamic_experts import DynamicExpertsConfig
     from fulu_nas.training.train import StoppedByRankZero
 
@@ -77,6 +77,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     init_from_env(backend="gloo", timeout_s=60)
     out: dict = {}
     try:
+        # broadcast_module: every rank ends with rank 0's parameters and buffers
+        differing = tiny_model()
+        with torch.no_grad():
+            for t in [*differing.parameters(), *differing.buffers()]:
+                if t.is_floating_point():
+                    t.add_(rank)
+        broadcast_module(differing)
+        out["broadcast"] = differing.state_dict()
+
         model = expert_parallel(tiny_model())
         seen = []
         result = train(model, ShardedTask(), CFG, callback=seen.append)
@@ -115,6 +124,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     return spawn_ranks(_worker, P, tmp_path_factory.mktemp("distributed_train"))
+
+
+def test_broadcast_module_gives_every_rank_the_layers_of_rank_zero(ranks):
+    reference = tiny_model().state_dict()
+    for r in ranks:
+        assert r["broadcast"].keys() == reference.keys()
+        for name, t in reference.items():
+            torch.testing.assert_close(r["broadcast"][name], t, rtol=0, atol=0, msg=name)
 
 
 def test_distributed_train_matches_single_process_step_for_step(ranks):

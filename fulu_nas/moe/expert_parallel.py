@@ -172,7 +172,6 @@ def shard_experts(experts: GroupedExperts, start: int, stop: int) -> GroupedExpe
             raise ValueError(f"expert parameter {name} has no leading expert dimension: {tuple(p.shape)}")
         shard._parameters[name] = None if p is None else nn.Parameter(
             p.detach()[start:stop].clone(), requires_grad=p.requires_grad)
-    shard.first_expert = start
     return shard
 
 
