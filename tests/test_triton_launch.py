@@ -146,7 +146,7 @@ def test_hook_chain_with_a_hook_counts_as_hooked():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
-@pytest.mark.parametrize("name", ["eager_host_time.py", "routing_kernel.py"])
+@pytest.mark.parametrize("name", ["eager_host_time.py", "eager_host_history.py", "routing_kernel.py"])
 def test_gpu_benchmark_scripts_need_cuda(name):
     import subprocess
     import sys
