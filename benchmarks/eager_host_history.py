@@ -15,23 +15,9 @@ own speed at that moment: it runs none of the layer's code), the call's host tim
 import gc
 import statistics
 import sys
-import time
 
 import torch
-
-
-def per_call_us(fn, n: int = 2000) -> tuple[float, float]:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    rounds = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        rounds.append((time.perf_counter() - t0) / n * 1e6)
-        torch.cuda.synchronize()
-    return min(rounds), statistics.median(rounds)
+from eager_host_time import per_call_us, seed_layer  # this folder: the script's own path comes first
 
 
 def main() -> int:
@@ -40,13 +26,9 @@ def main() -> int:
               file=sys.stderr)
         return 2
     from fulu_nas.bench.peers import time_each_call
-    from fulu_nas.moe import MoEConfig, PiMoELayer
 
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    cfg = MoEConfig(hidden_size=512, num_experts=8, expert_ffn_size=2048, top_k=2, router="topk", activation="gelu")
-    layer = PiMoELayer(cfg).to(device=dev, dtype=torch.bfloat16).eval()
-    small = torch.randn(16, 512, device=dev, dtype=torch.bfloat16)
+    layer, small = seed_layer(dev)
     large = torch.randn(32768, 512, device=dev, dtype=torch.bfloat16)
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; seed layer, 16 tokens, bf16, GELU")

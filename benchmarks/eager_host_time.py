@@ -30,17 +30,25 @@ def per_call_us(fn, n: int = 2000) -> tuple[float, float]:
     return min(rounds), statistics.median(rounds)
 
 
+def seed_layer(device: torch.device):
+    """``(layer, x)``: the seed layer (hidden 512, 8 experts, FFN 2048, top-2, GELU) in bf16 and eval
+    mode on ``device``, and a 16-token input: the call the eager benchmarks time."""
+    from fulu_nas.moe import MoEConfig, PiMoELayer
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=512, num_experts=8, expert_ffn_size=2048, top_k=2, router="topk", activation="gelu")
+    layer = PiMoELayer(cfg).to(device=device, dtype=torch.bfloat16).eval()
+    return layer, torch.randn(16, 512, device=device, dtype=torch.bfloat16)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("eager_host_time: needs CUDA (the Triton kernels' launches are what it times)", file=sys.stderr)
         return 2
-    from fulu_nas.moe import MoEConfig, PiMoELayer, triton_moe
+    from fulu_nas.moe import triton_moe
 
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    cfg = MoEConfig(hidden_size=512, num_experts=8, expert_ffn_size=2048, top_k=2, router="topk", activation="gelu")
-    layer = PiMoELayer(cfg).to(device=dev, dtype=torch.bfloat16).eval()
-    x = torch.randn(16, 512, device=dev, dtype=torch.bfloat16)
+    layer, x = seed_layer(dev)
     rows = []
     with torch.no_grad():
         for r in range(3):

@@ -22,6 +22,7 @@ import types
 from collections import Counter
 
 import torch
+from eager_host_time import seed_layer  # this folder: the script's own path comes first
 
 
 def stub_launches(launches: Counter) -> None:
@@ -78,14 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=3000, help="calls per round")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
-    from fulu_nas.moe import MoEConfig, PiMoELayer
-
     launches: Counter = Counter()
     stub_launches(launches)
-    torch.manual_seed(0)
-    cfg = MoEConfig(hidden_size=512, num_experts=8, expert_ffn_size=2048, top_k=2, router="topk", activation="gelu")
-    layer = PiMoELayer(cfg).to(dtype=torch.bfloat16).eval()
-    x = torch.randn(16, 512, dtype=torch.bfloat16)
+    layer, x = seed_layer(torch.device("cpu"))
     rows = []
     with torch.no_grad():
         layer(x)
