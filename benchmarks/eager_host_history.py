@@ -25,7 +25,7 @@ def main() -> int:
         print("eager_host_history: needs CUDA (the small call's host time on a GPU is what it times)",
               file=sys.stderr)
         return 2
-    from fulu_nas.bench.peers import time_each_call
+    from fulu_nas.bench.peers.timing import time_each_call
 
     dev = torch.device("cuda")
     layer, small = seed_layer(dev)

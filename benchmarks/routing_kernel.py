@@ -18,7 +18,7 @@ import torch
 
 from fulu_nas.bench.layer import graph_latency_ms
 from fulu_nas.bench.levels import time_calls
-from fulu_nas.bench.peers import time_each_call
+from fulu_nas.bench.peers.timing import time_each_call
 from fulu_nas.moe import MoEConfig, PiMoELayer, triton_routing
 from fulu_nas.moe.routing import split_logits
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from fulu_nas.bench import cli as bench
-from fulu_nas.bench import peers
+from fulu_nas.bench.peers import configs as peer_configs
+from fulu_nas.bench.peers import implementations, report
 
 from .helpers import make_layer
 
@@ -41,10 +42,10 @@ def test_plain_grouped_mm_peer_equals_the_fp32_loop(activation):
     with torch.no_grad():
         routing = layer.router(x)
         ref, _ = layer(x, impl="loop")
-        out = peers.plain_experts(x, routing.weight_TK, routing.expert_TK, layer.experts.w13_EDF2,
+        out = implementations.plain_experts(x, routing.weight_TK, routing.expert_TK, layer.experts.w13_EDF2,
                                   layer.experts.w2_EFD, activation)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-        plain = peers.PlainGroupedMM(layer)
+        plain = implementations.PlainGroupedMM(layer)
         weight_TK, expert_TK = plain.route(x)
         assert torch.equal(expert_TK, routing.expert_TK)
         torch.testing.assert_close(weight_TK, routing.weight_TK)
@@ -53,7 +54,7 @@ def test_plain_grouped_mm_peer_equals_the_fp32_loop(activation):
 
 def test_plain_peer_has_gradients_like_the_layer():
     layer = make_layer(num_experts=4, activation="swiglu")
-    plain = peers.PlainGroupedMM(layer)
+    plain = implementations.PlainGroupedMM(layer)
     x = torch.randn(40, 32)
     grad = torch.randn(40, 32)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -109,7 +110,7 @@ def test_scattermoe_peer_loads_our_weights_in_its_layout(activation):
     """Our (E, in, out) weights, transposed, and SwiGLU's [gate | up] reordered to ScatterMoE's
     [h | gates], give the layer's output under ScatterMoE's documented semantics."""
     layer = make_layer(num_experts=6, top_k=2, activation=activation).eval()
-    peer = peers.ScatterMoEPeer(layer, (_MLP, _GLUMLP))
+    peer = implementations.ScatterMoEPeer(layer, (_MLP, _GLUMLP))
     assert isinstance(peer.mlp, _GLUMLP if activation == "swiglu" else _MLP)
     x = torch.randn(50, 32)
     with torch.no_grad():
@@ -139,7 +140,7 @@ def test_bench_peers_quick_on_cpu(tmp_path, capsys, one_thread):
     assert result["command"] == f"fulu-nas bench peers --device cpu --quick --quiet --rounds 2 --json {path}"
     assert result["command"] in text and "torch " + torch.__version__ in text
     configs = {c["name"]: c for c in result["configs"]}
-    assert list(configs) == list(peers.CONFIGS)
+    assert list(configs) == list(peer_configs.CONFIGS)
     for name, c in configs.items():
         assert c["label"] in text
         assert len(c["shapes"]) == (2 if name == "e-scaling" else 1)
@@ -209,7 +210,7 @@ def test_bench_peers_refuses_a_bad_tokens_scale(capsys):
 
 
 def test_tokens_scale_shrinks_the_throughput_rows_only():
-    configs = peers.selected_configs(list(peers.CONFIGS), quick=False, tokens_scale=0.25)
+    configs = peer_configs.selected_configs(list(peer_configs.CONFIGS), quick=False, tokens_scale=0.25)
     assert configs["seed-fwd"].shapes[0].tokens == 8192 and configs["seed-latency"].shapes[0].tokens == 16
     assert [s.experts for s in configs["e-scaling"].shapes] == [256, 8]
     assert configs["e-scaling"].label == "E-scaling E=256 / E=8"
@@ -218,6 +219,6 @@ def test_tokens_scale_shrinks_the_throughput_rows_only():
 def test_cells_name_the_faster_variant_and_the_ratios():
     d = {"ms": 1.0, "ms_by_variant": {"eager": 2.0, "graph": 1.0}, "variant": "graph", "of_dense": 0.5,
          "of_gemm": 0.25, "of_dense_wide": 0.4, "failed": False}
-    assert peers._time_cell(d) == "1.000 ms graph (0.50/0.25/0.40)"
-    assert peers._time_cell({"ms": None, "failed": False}) == "n/a"
-    assert peers._time_cell({"ms": None, "failed": True}) == "FAILED"
+    assert report.time_cell(d) == "1.000 ms graph (0.50/0.25/0.40)"
+    assert report.time_cell({"ms": None, "failed": False}) == "n/a"
+    assert report.time_cell({"ms": None, "failed": True}) == "FAILED"

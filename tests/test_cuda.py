@@ -280,7 +280,7 @@ def test_bench_peers_quick_on_cuda(tmp_path, activation, configs):
     import math
 
     from fulu_nas.bench import cli as bench
-    from fulu_nas.bench import peers
+    from fulu_nas.bench.peers import configs as peer_configs
 
     out = tmp_path / "peers.json"
     argv = ["peers", "--device", "cuda", "--quick", "--quiet", "--rounds", "2", "--activation", activation,
@@ -288,7 +288,7 @@ def test_bench_peers_quick_on_cuda(tmp_path, activation, configs):
     assert bench.main(argv + (["--configs", *configs] if configs else [])) == 0
     result = json.loads(out.read_text())
     assert result["dtype"] == "torch.bfloat16"
-    assert [c["name"] for c in result["configs"]] == (configs or list(peers.CONFIGS))
+    assert [c["name"] for c in result["configs"]] == (configs or list(peer_configs.CONFIGS))
     scattermoe_importable = result["peers_path"] is not None and importlib.util.find_spec("triton") is not None
     for c in result["configs"]:
         for s in c["shapes"]:
@@ -308,7 +308,7 @@ def test_bench_peers_quick_on_cuda(tmp_path, activation, configs):
                 assert set(impls[key]["ms_by_variant"]) == {"eager", "graph", "compiled+graph"}
             assert set(impls["gemm"]["ms_by_variant"]) == {"eager", "graph"}
             assert list(impls["fulu_best"]["ms_by_variant"]) == ["graph"]
-            for key in set(measured) & set(peers.MOE_IMPLS):
+            for key in set(measured) & set(peer_configs.MOE_IMPLS):
                 assert impls[key]["rel_error"] < 2e-2, (key, impls[key]["rel_error"])
             assert s["compiled_routing"]["identical"], s["compiled_routing"]
 
