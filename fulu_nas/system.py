@@ -199,9 +199,10 @@ class UltimatePiMoESystem(nn.Module):
         (:class:`~fulu_nas.deploy.cuda_graphs.GraphedForward`: less host work per call than
         cudagraph trees; each new input shape is compiled and captured once and keeps its graph's
         memory, so bucket variable sizes). ADVANCED runs the eager forward (the Triton experts on
-        CUDA). On the CPU, ADVANCED and EXTREME both run the eager forward, whose experts run
-        with prepacked weights (:mod:`fulu_nas.moe.cpu_stream` for few rows per expert,
-        :mod:`fulu_nas.moe.cpu_packed` above): the oneDNN path alone was already faster than
+        CUDA). On the CPU, ADVANCED and EXTREME both run the eager forward, whose experts take the
+        CPU's paths (:mod:`fulu_nas.moe.cpu_stream` for few rows per expert, above that
+        :mod:`fulu_nas.moe.cpu_packed`'s oneDNN for large experts, chunked grouped GEMMs for small
+        ones): the oneDNN path alone was already faster than
         EXTREME's compiled forward (2 cores, 512 hidden, 8 experts: 7.7 vs 13.4 ms at 16 tokens,
         516 vs 678 ms at 4,096)."""
         self.eval()

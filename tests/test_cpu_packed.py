@@ -1,6 +1,8 @@
-"""CPU inference with prepacked expert weights (fulu_nas.moe.cpu_packed: oneDNN, and the streaming
-kernel of cpu_stream for few rows per expert): equal to the per-expert loop, taken only where it
-applies, and following weight updates."""
+"""fp32 CPU inference with the rows per expert read on the host (GroupedExperts._forward_cpu): the
+streaming kernel of cpu_stream for few rows per expert, else oneDNN with prepacked weights
+(fulu_nas.moe.cpu_packed) for large experts or torch's grouped GEMM in chunks of experts for
+small ones. Each equals the per-expert loop, is taken only where it applies, and follows weight
+updates."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from fulu_nas.moe import GroupedExperts, cpu_packed, cpu_stream
+from fulu_nas.moe import experts as experts_module
 
 from .helpers import make_layer
 
@@ -21,29 +24,52 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(params=["onednn", "stream"])
+@pytest.fixture(params=["onednn", "chunked", "stream"])
 def cpu_path(request, monkeypatch) -> str:
-    """Both packed paths: oneDNN (the streaming kernel's row limit at 0) and, where it builds here,
-    the streaming kernel (these tests' few rows per expert are within its limit)."""
-    if request.param == "onednn":
+    """The three CPU paths: oneDNN (the streaming kernel's row limit at 0, every expert size taken
+    as large), grouped GEMMs in chunks (no expert large; chunks of about 24 rows here, so that a
+    call makes several) and, where it builds here, the streaming kernel (these tests' few rows per
+    expert are within its limit)."""
+    if request.param in ("onednn", "chunked"):
         monkeypatch.setattr(cpu_stream, "MAX_MEAN_ROWS", 0)
+        large = request.param == "onednn"
+        monkeypatch.setattr(experts_module, "ONEDNN_MIN_WEIGHT", 0 if large else 2**62)
+        monkeypatch.setattr(experts_module, "CHUNK_ELEMENTS", 24 * 128)
     elif cpu_stream.kernel() is None:
         pytest.skip("the streaming kernel does not build here")
     return request.param
 
 
 @pytest.fixture
-def packed_calls(monkeypatch, cpu_path) -> list[int]:
-    """How many times the packed experts ran (rows per call)."""
-    calls: list[int] = []
-    original = GroupedExperts._forward_packed
+def path_calls(monkeypatch) -> dict[str, list[int]]:
+    """The rows of each call of the CPU experts, and of its chunked and oneDNN paths."""
+    calls: dict[str, list[int]] = {"cpu": [], "chunked": [], "grouped_gemms": [], "onednn": []}
 
-    def spy(experts, x_ND, counts, weight_N):
-        calls.append(x_ND.shape[0])
-        return original(experts, x_ND, counts, weight_N)
+    def spy(name, original):
+        def wrapped(experts, x_ND, *args, **kwargs):
+            calls[name].append(x_ND.shape[0])
+            return original(experts, x_ND, *args, **kwargs)
+        return wrapped
 
-    monkeypatch.setattr(GroupedExperts, "_forward_packed", spy)
+    for name, method in (("cpu", "_forward_cpu"), ("chunked", "_forward_chunked"), ("grouped_gemms", "_grouped_gemms")):
+        monkeypatch.setattr(GroupedExperts, method, spy(name, getattr(GroupedExperts, method)))
+    linear = cpu_packed.linear
+
+    def spy_linear(x_ND, *args):
+        calls["onednn"].append(x_ND.shape[0])
+        return linear(x_ND, *args)
+
+    monkeypatch.setattr(cpu_packed, "linear", spy_linear)
     return calls
+
+
+@pytest.fixture
+def packed_calls(path_calls, cpu_path) -> list[int]:
+    """How many times the CPU experts ran (rows per call), after checking that each call took
+    ``cpu_path``."""
+    yield path_calls["cpu"]
+    took = {"onednn": bool(path_calls["onednn"]), "chunked": bool(path_calls["chunked"])}
+    assert took == {"onednn": cpu_path == "onednn", "chunked": cpu_path == "chunked"}, took
 
 
 def relative_error(a, b):
@@ -110,3 +136,73 @@ def test_packed_linear_equals_the_product(rows):
     out = cpu_packed.linear(x_NI, packed, b_O)
     assert out.shape == (rows, 48)
     torch.testing.assert_close(out, x_NI @ w_OI.T + b_O, rtol=1e-5, atol=1e-5)
+
+
+def _experts(activation: str, bias: bool, num_experts: int = 6, hidden: int = 32, ffn: int = 48) -> GroupedExperts:
+    from fulu_nas.moe import MoEConfig
+
+    experts = GroupedExperts(MoEConfig(hidden_size=hidden, num_experts=num_experts, expert_ffn_size=ffn,
+                                       activation=activation, expert_bias=bias))
+    if bias:
+        torch.nn.init.normal_(experts.b13_EF2)
+        torch.nn.init.normal_(experts.b2_ED)
+    return experts.eval()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_rows", [1, 5, 40, 10**6])
+def test_chunked_grouped_gemms_equal_each_expert(monkeypatch, activation, bias, chunk_rows):
+    """Chunks of one expert, of several, an expert larger than a chunk, experts without rows (first,
+    inside, last) and one chunk for all: the rows each expert computes, times their weights."""
+    experts = _experts(activation, bias)
+    monkeypatch.setattr(experts_module, "CHUNK_ELEMENTS", chunk_rows * experts.w13_EDF2.shape[2])
+    counts = [0, 7, 0, 30, 3, 0]
+    x_ND, weight_N = torch.randn(sum(counts), 32), torch.rand(sum(counts))
+    expert_N = torch.repeat_interleave(torch.arange(6), torch.tensor(counts))
+    with torch.inference_mode():
+        out = experts._forward_chunked(x_ND, counts, expert_N if bias else None, weight_N)
+        ref = torch.cat([experts.expert(e, rows) for e, rows in enumerate(x_ND.split(counts))]) * weight_N[:, None]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_grouped_gemms_without_rows():
+    experts = _experts("gelu", False)
+    with torch.inference_mode():
+        out = experts._forward_chunked(torch.empty(0, 32), [0] * 6, None, torch.empty(0))
+    assert out.shape == (0, 32)
+
+
+@pytest.mark.parametrize(("hidden", "ffn", "path"), [(64, 96, "chunked"), (512, 2048, "onednn")])
+def test_large_experts_take_onednn_and_small_ones_the_chunks(path_calls, hidden, ffn, path):
+    """Past the streaming kernel's rows, experts of hidden x width >= ONEDNN_MIN_WEIGHT run through
+    oneDNN, smaller ones through the chunked grouped GEMMs; both equal each expert's rows."""
+    experts = _experts("gelu", False, num_experts=2, hidden=hidden, ffn=ffn)
+    counts = [cpu_stream.MAX_MEAN_ROWS + 8] * 2
+    x_ND = torch.randn(sum(counts), hidden)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    with torch.inference_mode():
+        out = experts.forward_grouped(x_ND, offsets, None, None)
+        ref = torch.cat([experts.expert(e, rows) for e, rows in enumerate(x_ND.split(counts))])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert bool(path_calls["onednn"]) == (path == "onednn") and bool(path_calls["chunked"]) == (path == "chunked")
+
+
+def test_cpu_paths_benchmark_times_every_path_and_names_the_rules_pick():
+    """benchmarks/cpu_experts_paths.py: every path of a shape is a time (each checked against the
+    loop first), the streaming kernel only up to 64 rows per expert, and the rule's pick named."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_experts_paths.py"
+    done = subprocess.run([sys.executable, str(script), "--rounds", "1", "--min-ms", "1",
+                           "--shapes", "32,4,16,2,256", "32,4,16,2,16"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| H=")]
+    assert len(rows) == 2
+    many, few = ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)
+    assert many[1] == "128" and many[2] == "-" and re.fullmatch(r"[\d.]+ \(chunked\)", many[6])
+    assert few[1] == "8" and re.fullmatch(r"[\d.]+ \((stream|chunked)\)", few[6])
+    assert all(float(cell) > 0 for cell in many[3:6] + few[3:6])

@@ -101,15 +101,21 @@ def paths_taken(monkeypatch) -> list[str]:
         taken.append("onednn")
         return onednn(*args, **kwargs)
 
+    def spy_chunked(*args, **kwargs):
+        taken.append("chunked")
+        return chunked(*args, **kwargs)
+
+    chunked = GroupedExperts._forward_chunked
     monkeypatch.setattr(cpu_stream, "experts", spy_stream)
     monkeypatch.setattr(cpu_packed, "linear", spy_onednn)
+    monkeypatch.setattr(GroupedExperts, "_forward_chunked", spy_chunked)
     return taken
 
 
-@pytest.mark.parametrize("tokens, path", [(4, "stream"), (400, "onednn")])
+@pytest.mark.parametrize("tokens, path", [(4, "stream"), (400, "chunked")])
 def test_layer_takes_the_kernel_for_few_rows(tokens, path, paths_taken):
-    """8 experts, top-2: 4 tokens are 1 row per expert (the kernel), 400 are 100 (oneDNN); both
-    equal the per-expert loop."""
+    """8 experts, top-2: 4 tokens are 1 row per expert (the kernel), 400 are 100 (these small
+    experts: grouped GEMMs in chunks); both equal the per-expert loop."""
     layer = make_layer("topk", activation="gelu", expert_bias=True).eval()
     torch.nn.init.normal_(layer.experts.b13_EF2)
     torch.nn.init.normal_(layer.experts.b2_ED)
@@ -144,7 +150,7 @@ def fresh_kernel_load():
     cpu_stream._loaded.cache_clear()
 
 
-def test_without_the_kernel_onednn_serves_and_one_warning_says_why(monkeypatch, fresh_kernel_load, paths_taken):
+def test_without_the_kernel_the_chunks_serve_and_one_warning_says_why(monkeypatch, fresh_kernel_load, paths_taken):
     def no_compiler():
         raise RuntimeError("no C++ compiler here")
 
@@ -157,7 +163,7 @@ def test_without_the_kernel_onednn_serves_and_one_warning_says_why(monkeypatch, 
         warnings.simplefilter("error")  # said once, not per call
         again = layer(x)[0]
         ref = layer(x, impl="loop")[0]
-    assert set(paths_taken) == {"onednn"}
+    assert set(paths_taken) == {"chunked"}  # these experts are small (oneDNN takes large ones)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, ref, rtol=1e-5, atol=1e-5)
 
@@ -168,7 +174,7 @@ def test_switched_off_by_the_environment(monkeypatch, paths_taken):
     layer = make_layer("topk").eval()
     with torch.inference_mode():
         layer(torch.randn(4, 32))
-    assert set(paths_taken) == {"onednn"}
+    assert set(paths_taken) == {"chunked"}
 
 
 def test_grouped_experts_module_uses_it_directly():

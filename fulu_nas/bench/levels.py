@@ -9,8 +9,9 @@ utilisation, load balance.
 - BASIC: per-expert loop, fp32. ENHANCED: sorted dispatch, one matmul pair per expert, fp32.
   ADVANCED: grouped GEMM (the Triton experts on CUDA), bf16 on CUDA (hardware optimisation),
   eager. EXTREME: ADVANCED compiled, replayed from one CUDA graph per input shape on CUDA. On the
-  CPU, ADVANCED and EXTREME both run the eager forward with packed experts (the streaming kernel
-  for few rows per expert, oneDNN above), as the system does there.
+  CPU, ADVANCED and EXTREME both run the eager forward with the CPU's expert paths (the streaming
+  kernel for few rows per expert, above that oneDNN for large experts, chunked grouped GEMMs for
+  small ones), as the system does there.
 - Latency: median of per-call times after warm-up (CUDA events on CUDA, the wall clock on the
   CPU); throughput = tokens / median latency.
 - Memory: on CUDA the allocator's peak over the level's calls (warm-up, compilation and graph

@@ -11,8 +11,11 @@ tokens 31.9 against 45.0; 1,024 tokens 121.7 against 142.0. For up to
 :data:`~fulu_nas.moe.cpu_stream.MAX_MEAN_ROWS` rows per expert the streaming kernel of
 :mod:`fulu_nas.moe.cpu_stream` reads the weights faster still and takes those calls.
 
-:meth:`GroupedExperts.forward_grouped <fulu_nas.moe.experts.GroupedExperts.forward_grouped>` takes
-these paths where they apply, so every caller of the grouped experts gets them. Each packed copy
+:meth:`GroupedExperts._forward_cpu <fulu_nas.moe.experts.GroupedExperts._forward_cpu>` takes
+these paths where they apply (oneDNN for experts of at least
+:data:`~fulu_nas.moe.experts.ONEDNN_MIN_WEIGHT` weight elements: for smaller ones its cost per call
+exceeds the product, and grouped GEMMs in chunks of experts serve them), so every caller of the
+grouped experts gets them. Each packed copy
 (:func:`cached`: oneDNN's, the kernel's panels) is kept per
 :class:`~fulu_nas.moe.experts.GroupedExperts` module (in a weak map, so it never travels with the
 module's state, copies or pickles) and is rebuilt when a weight is replaced or changed in place

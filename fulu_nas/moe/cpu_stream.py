@@ -15,7 +15,8 @@ With more rows per expert the work turns compute-bound and oneDNN's blocked GEMM
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja)
 for this CPU's vector ISA as torch reports it: about 10 s, once per machine, torch release, ISA and
 version of the source and flags (:func:`build_name`), cached in ``TORCH_EXTENSIONS_DIR``. Where that
-fails the experts take oneDNN (:mod:`fulu_nas.moe.cpu_packed`) and one warning says why;
+fails the experts take the CPU's other paths (oneDNN for large experts, :mod:`fulu_nas.moe.cpu_packed`,
+else grouped GEMMs; :meth:`fulu_nas.moe.experts.GroupedExperts._forward_cpu`) and one warning says why;
 ``FULU_NAS_CPU_STREAM=0`` turns the kernel off.
 
 Shape suffixes as in :mod:`fulu_nas.moe.experts`; ``P`` counts panels.
@@ -95,10 +96,10 @@ def _loaded() -> object | None:
     """The operator, built once per process; None (and one warning) where the build fails."""
     try:
         return _build()
-    except Exception as exc:  # no compiler, no ninja, a failed build: oneDNN serves instead
+    except Exception as exc:  # no compiler, no ninja, a failed build: the other CPU paths serve instead
         reason = f"{type(exc).__name__}: {exc}".strip()[:500]
-        warnings.warn(f"fulu_nas: the CPU streaming experts kernel could not be built, using oneDNN for "
-                      f"few-token inference instead ({reason})", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"fulu_nas: the CPU streaming experts kernel could not be built, using oneDNN or "
+                      f"grouped GEMMs for few-token inference instead ({reason})", RuntimeWarning, stacklevel=3)
         return None
 
 

@@ -122,6 +122,19 @@ def activate(h_NF: Tensor, activation: str, scale_N1: Tensor | None = None) -> T
     return act.mul_(scale_N1) if scale_N1 is not None else act
 
 
+# fp32 inference on the CPU past the streaming kernel's rows per expert (GroupedExperts._forward_cpu):
+# experts whose first weight has at least this many elements run one at a time through oneDNN with
+# packed weights, smaller ones through torch's grouped GEMM in chunks of experts whose first GEMM
+# writes at most CHUNK_ELEMENTS values. On a 2-core Xeon (the layer's call; BENCHMARKS.md, "The CPU
+# experts past the streaming kernel") oneDNN's cost per call (about 10 us beyond the product, two an
+# expert, plus an activation) made the default search space's layers (hidden 64) 1.13-1.97x slower
+# than the chunks; for the seed layer's experts (hidden 512 x 2,048: 2^20 elements) the two are
+# within noise. One grouped GEMM pair for all experts loses where its temporaries pass a few MB:
+# glibc returns them to the system after each call and the next faults them back in.
+ONEDNN_MIN_WEIGHT = 2**20
+CHUNK_ELEMENTS = 2**18
+
+
 def _uniform_(t: Tensor, fan_in: int) -> Tensor:
     # nn.Linear's default scale: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     bound = 1 / math.sqrt(fan_in)
@@ -158,33 +171,47 @@ class GroupedExperts(nn.Module):
             y = y + self.b2_ED[e].to(y.dtype)
         return y
 
-    def forward_grouped(self, x_ND: Tensor, offsets_E: Tensor, expert_N: Tensor, weight_N: Tensor | None) -> Tensor:
+    def forward_grouped(self, x_ND: Tensor, offsets_E: Tensor, expert_N: Tensor | None,
+                        weight_N: Tensor | None) -> Tensor:
         """Rows sorted by expert (``offsets_E``: int32 cumulative counts), each output row scaled by
-        its routing weight (``None``: unweighted). No host sync. The weight multiplies the
-        activation (before the down projection, which is linear), where it fuses with the
-        activation's elementwise pass. fp32 inference on the CPU runs with the weights packed once
-        (:meth:`_forward_packed`; the counts are read there, in host memory)."""
+        its routing weight (``None``: unweighted); ``expert_N``: each row's expert (read with expert
+        biases only). No host sync. The weight multiplies the activation (before the down
+        projection, which is linear), where it fuses with the activation's elementwise pass. fp32
+        inference on the CPU reads the counts on the host and takes the path measured fastest for
+        them (:meth:`_forward_cpu`)."""
         if cpu_packed.applies(x_ND, needs_grad(self, x_ND, weight_N)):
-            return self._forward_packed(x_ND, torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist(), weight_N)
-        h = grouped_mm(x_ND, self.w13_EDF2, offsets_E)
+            counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
+            return self._forward_cpu(x_ND, counts, expert_N, weight_N)
+        return self._grouped_gemms(x_ND, offsets_E, expert_N, weight_N)
+
+    def _grouped_gemms(self, x_ND: Tensor, offsets_E: Tensor, expert_N: Tensor | None, weight_N: Tensor | None,
+                       experts: slice = slice(None)) -> Tensor:
+        """Both GEMMs of the experts ``experts`` by ``torch._grouped_mm`` (``offsets_E`` counted from
+        the first of them; the biases are looked up by ``expert_N``, the global ids)."""
+        h = grouped_mm(x_ND, self.w13_EDF2[experts], offsets_E)
         if self.b13_EF2 is not None:
             h = h + self.b13_EF2.to(h.dtype)[expert_N]
         w_N1 = None if weight_N is None else weight_N[:, None].to(h.dtype)
-        y = grouped_mm(activate(h, self.activation, scale_N1=w_N1), self.w2_EFD, offsets_E)
+        y = grouped_mm(activate(h, self.activation, scale_N1=w_N1), self.w2_EFD[experts], offsets_E)
         if self.b2_ED is not None:
             b2 = self.b2_ED.to(y.dtype)[expert_N]
             y = y + (b2 if w_N1 is None else b2 * w_N1)
         return y
 
-    def _forward_packed(self, x_ND: Tensor, counts: list[int], weight_N: Tensor | None) -> Tensor:
-        """:meth:`forward_grouped` on the CPU with weights packed once: a few rows per expert through
-        the streaming kernel (:mod:`fulu_nas.moe.cpu_stream`), more through oneDNN, one expert
-        at a time."""
+    def _forward_cpu(self, x_ND: Tensor, counts: list[int], expert_N: Tensor | None,
+                     weight_N: Tensor | None) -> Tensor:
+        """:meth:`forward_grouped` in fp32 inference on the CPU, with the rows per expert known on
+        the host: a few rows per expert through the streaming kernel (:mod:`fulu_nas.moe.cpu_stream`),
+        more through oneDNN with packed weights one expert at a time where the experts are large
+        (:data:`ONEDNN_MIN_WEIGHT`), else through ``torch._grouped_mm`` in chunks of experts
+        (:meth:`_forward_chunked`)."""
         swiglu = self.activation == "swiglu"
         if cpu_stream.applies(counts):
             panels = cpu_packed.cached(self, "stream", (self.w13_EDF2, self.b13_EF2, self.w2_EFD),
                                        lambda: cpu_stream.pack(self.w13_EDF2, self.b13_EF2, self.w2_EFD, swiglu))
             return cpu_stream.experts(x_ND, counts, panels, self.b2_ED, weight_N, swiglu)
+        if self.w13_EDF2[0].numel() < ONEDNN_MIN_WEIGHT:
+            return self._forward_chunked(x_ND, counts, expert_N, weight_N)
         packed = cpu_packed.cached(self, "onednn", (self.w13_EDF2, self.w2_EFD),
                                    lambda: cpu_packed.pack(self.w13_EDF2, self.w2_EFD))
         weights = weight_N.split(counts) if weight_N is not None else [None] * len(counts)
@@ -199,6 +226,34 @@ class GroupedExperts(nn.Module):
                 y = y + (self.b2_ED[e] if w_e1 is None else self.b2_ED[e] * w_e1)
             outs.append(y)
         return torch.cat(outs) if outs else x_ND.new_zeros((0, self.w2_EFD.shape[2]))
+
+    def _forward_chunked(self, x_ND: Tensor, counts: list[int], expert_N: Tensor | None,
+                         weight_N: Tensor | None) -> Tensor:
+        """:meth:`_grouped_gemms` over consecutive experts whose first GEMM writes at most
+        :data:`CHUNK_ELEMENTS` values (an expert with more takes a chunk alone): two GEMM calls and
+        an activation per chunk, and temporaries small enough for the allocator to reuse."""
+        width = self.w13_EDF2.shape[2]
+        chunks: list[tuple[int, int]] = []  # [first expert, end) of each chunk
+        first = rows = 0
+        for e, count in enumerate(counts):
+            if rows and (rows + count) * width > CHUNK_ELEMENTS:
+                chunks.append((first, e))
+                first, rows = e, 0
+            rows += count
+        chunks.append((first, len(counts)))
+        outs, start = [], 0
+        for a, b in chunks:
+            n = sum(counts[a:b])
+            if n == 0:
+                continue
+            rows_n = slice(start, start + n)
+            offsets = torch.tensor(counts[a:b], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            outs.append(self._grouped_gemms(x_ND[rows_n], offsets, None if expert_N is None else expert_N[rows_n],
+                                            None if weight_N is None else weight_N[rows_n], slice(a, b)))
+            start += n
+        if not outs:
+            return x_ND.new_zeros((0, self.w2_EFD.shape[2]))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def forward_sorted(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """Rows sorted by expert, one matmul pair per expert (reads the counts on the host)."""

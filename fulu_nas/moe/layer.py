@@ -16,9 +16,11 @@ Triton kernels that read tokens through the sort order and write outputs back in
 for its backward): CUDA only; without CUDA/triton it takes ``grouped_mm``.
 ``grouped`` (the default) picks per call:
 ``triton`` where it applies and was measured faster (:func:`prefer_triton`), else ``grouped_mm``;
-in fp32 inference on the CPU the grouped experts run with weights packed once, through a
-streaming C++ kernel for few rows per expert or oneDNN above (:meth:`GroupedExperts.forward_grouped`,
-:mod:`fulu_nas.moe.cpu_stream`, :mod:`fulu_nas.moe.cpu_packed`; eagerly only).
+in fp32 inference on the CPU the grouped experts read their rows per expert on the host and run
+through a streaming C++ kernel for few rows per expert, above that oneDNN with packed weights for
+large experts or grouped GEMMs in chunks of experts for small ones
+(:meth:`GroupedExperts._forward_cpu`, :mod:`fulu_nas.moe.cpu_stream`, :mod:`fulu_nas.moe.cpu_packed`;
+eagerly only).
 """
 
 from __future__ import annotations
