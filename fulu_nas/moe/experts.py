@@ -138,7 +138,7 @@ def sum_slots(rows_ND: Tensor, order_N: Tensor, k: int, inverse_N: Tensor | None
     float64 rows). Its backward
     gathers too (:class:`_SumSlots`)."""
     inverse_N = inverse_permutation(order_N) if inverse_N is None else inverse_N
-    if torch.is_grad_enabled() and rows_ND.requires_grad:
+    if _gather_backward(rows_ND):
         return _SumSlots.apply(rows_ND, order_N, inverse_N, k)
     return _add_slots(rows_ND, inverse_N, k)
 
@@ -148,9 +148,18 @@ def token_rows(x_TD: Tensor, order_N: Tensor, k: int, inverse_N: Tensor | None =
     ``order[n]``). The adjoint of :func:`sum_slots`: its backward adds each token's k row gradients
     by gathers through the inverse permutation (given, or computed here where a gradient is
     needed) (:class:`_TokenRows`)."""
-    if torch.is_grad_enabled() and x_TD.requires_grad:
+    if _gather_backward(x_TD):
         return _TokenRows.apply(x_TD, order_N, inverse_permutation(order_N) if inverse_N is None else inverse_N, k)
     return x_TD[order_N // k]
+
+
+def _gather_backward(t: Tensor) -> bool:
+    """Whether a gradient flows through ``t`` in an eager call: there the gather backwards replace
+    autograd's. A compiled step keeps autograd's, which Inductor generates itself: with the gather
+    backwards, the trainer's compiled bf16 step on an H200 trained away from the eager one (2026-12-04,
+    ``tests/test_cuda.py::test_compiled_training_step_trains_like_the_eager_one_on_cuda``; the CPU's
+    compiled fp32 step matched the eager one to the bit)."""
+    return torch.is_grad_enabled() and t.requires_grad and not torch.compiler.is_compiling()
 
 
 def as_contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
