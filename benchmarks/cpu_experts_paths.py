@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -44,33 +45,23 @@ PATHS = {
 @contextlib.contextmanager
 def forced(path: str):
     """The rule's constants set so that calls take ``path`` (restored after)."""
-    saved = {"MAX_MEAN_ROWS": cpu_stream.MAX_MEAN_ROWS, "ONEDNN_MIN_WEIGHT": experts_module.ONEDNN_MIN_WEIGHT,
-             "CHUNK_ELEMENTS": experts_module.CHUNK_ELEMENTS}
-    for name, value in (PATHS[path] or {}).items():
-        setattr(cpu_stream if name == "MAX_MEAN_ROWS" else experts_module, name, value)
-    try:
+    with contextlib.ExitStack() as stack:
+        for name, value in (PATHS[path] or {}).items():
+            stack.enter_context(mock.patch.object(cpu_stream if name == "MAX_MEAN_ROWS" else experts_module,
+                                                  name, value))
         yield
-    finally:
-        cpu_stream.MAX_MEAN_ROWS = saved["MAX_MEAN_ROWS"]
-        experts_module.ONEDNN_MIN_WEIGHT = saved["ONEDNN_MIN_WEIGHT"]
-        experts_module.CHUNK_ELEMENTS = saved["CHUNK_ELEMENTS"]
 
 
 def taken_path(layer: PiMoELayer, x: torch.Tensor) -> str:
     """The path the shipped rule takes for this call."""
-    seen: list[str] = []
     experts = layer.experts
-    stream, chunked, linear = cpu_stream.experts, experts._forward_chunked, experts_module.cpu_packed.linear
-    cpu_stream.experts = lambda *a, **k: seen.append("stream") or stream(*a, **k)
-    experts._forward_chunked = lambda *a, **k: seen.append("chunked") or chunked(*a, **k)
-    experts_module.cpu_packed.linear = lambda *a, **k: seen.append("onednn") or linear(*a, **k)
-    try:
-        with torch.inference_mode():
-            layer(x, with_stats=False)
-    finally:
-        cpu_stream.experts, experts_module.cpu_packed.linear = stream, linear
-        del experts._forward_chunked
-    return seen[0] if seen else "none"
+    with (mock.patch.object(cpu_stream, "experts", wraps=cpu_stream.experts) as stream,
+          mock.patch.object(experts, "_forward_chunked", wraps=experts._forward_chunked) as chunked,
+          mock.patch.object(experts_module.cpu_packed, "linear", wraps=experts_module.cpu_packed.linear) as onednn,
+          torch.inference_mode()):
+        layer(x, with_stats=False)
+    return next((name for name, spy in (("stream", stream), ("chunked", chunked), ("onednn", onednn))
+                 if spy.called), "none")
 
 
 def measure(spec: str, rounds: int, min_ms: float) -> dict[str, float | str]:

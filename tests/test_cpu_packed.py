@@ -43,7 +43,7 @@ def cpu_path(request, monkeypatch) -> str:
 @pytest.fixture
 def path_calls(monkeypatch) -> dict[str, list[int]]:
     """The rows of each call of the CPU experts, and of its chunked and oneDNN paths."""
-    calls: dict[str, list[int]] = {"cpu": [], "chunked": [], "grouped_gemms": [], "onednn": []}
+    calls: dict[str, list[int]] = {"cpu": [], "chunked": [], "onednn": []}
 
     def spy(name, original):
         def wrapped(experts, x_ND, *args, **kwargs):
@@ -51,7 +51,7 @@ def path_calls(monkeypatch) -> dict[str, list[int]]:
             return original(experts, x_ND, *args, **kwargs)
         return wrapped
 
-    for name, method in (("cpu", "_forward_cpu"), ("chunked", "_forward_chunked"), ("grouped_gemms", "_grouped_gemms")):
+    for name, method in (("cpu", "_forward_cpu"), ("chunked", "_forward_chunked")):
         monkeypatch.setattr(GroupedExperts, method, spy(name, getattr(GroupedExperts, method)))
     linear = cpu_packed.linear
 

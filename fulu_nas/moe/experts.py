@@ -233,17 +233,15 @@ class GroupedExperts(nn.Module):
         :data:`CHUNK_ELEMENTS` values (an expert with more takes a chunk alone): two GEMM calls and
         an activation per chunk, and temporaries small enough for the allocator to reuse."""
         width = self.w13_EDF2.shape[2]
-        chunks: list[tuple[int, int]] = []  # [first expert, end) of each chunk
-        first = rows = 0
+        chunks = [[0, 0, 0]]  # [first expert, end, rows] of each chunk
         for e, count in enumerate(counts):
-            if rows and (rows + count) * width > CHUNK_ELEMENTS:
-                chunks.append((first, e))
-                first, rows = e, 0
-            rows += count
-        chunks.append((first, len(counts)))
+            last = chunks[-1]
+            if last[2] and (last[2] + count) * width > CHUNK_ELEMENTS:
+                last = [e, e, 0]
+                chunks.append(last)
+            last[1], last[2] = e + 1, last[2] + count
         outs, start = [], 0
-        for a, b in chunks:
-            n = sum(counts[a:b])
+        for a, b, n in chunks:
             if n == 0:
                 continue
             rows_n = slice(start, start + n)
