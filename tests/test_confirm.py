@@ -107,7 +107,7 @@ def test_confirm_end_to_end(confirmed):
             logged = by_id[run["mlflow_run_id"]]
             assert logged.data.tags["fulu.trial"] == str(a["trial"])
             assert logged.data.params["moe.router"] == trial.params["router"]  # params: the architecture
-            assert logged.data.params["train_step"] == "eager"  # auto: eager on the CPU
+            assert logged.data.params["train_step"] == "eager, deterministic"  # auto: eager on the CPU
             assert logged.data.metrics["loss"] == pytest.approx(run["values"][0])
             assert logged.data.metrics["train_steps"] == 120
     assert "confirmation.json" in {f.path for f in client.list_artifacts(parent)}

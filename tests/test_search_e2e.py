@@ -72,7 +72,7 @@ def test_tiny_search_end_to_end_then_resume(tmp_path, monkeypatch):
         assert run.data.params["moe.router"] == t.params["router"]
         if "cached_from" not in t.user_attrs:
             # Where the trial's time went: phases that add up to no more than the trial, training the largest.
-            assert run.data.params["train_step"] == "eager"  # auto: eager on the CPU
+            assert run.data.params["train_step"] == "eager, deterministic"  # auto: eager on the CPU
             phases = {k: v for k, v in run.data.metrics.items() if k.startswith("phase/")}
             names = ("sample", "build", "train", "report", "evaluate", "cost", "log")
             assert set(phases) == {f"phase/{p}_s" for p in names}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils import benchmark
@@ -12,6 +12,21 @@ from torch.utils import benchmark
 from ..deploy.cuda_graphs import capture
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def space_values(pairs: Iterable[str], option: str) -> dict:
+    """A search space's parameter values from ``key=value`` pairs (values parsed as YAML, so
+    ``top_p=0.5`` is a number and ``top_p=null`` None); ValueError (exit 2) naming ``option`` for a
+    pair without ``=``."""
+    import yaml
+
+    values = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq:
+            raise ValueError(f"{option}: expected key=value, got {pair!r}")
+        values[key.strip()] = yaml.safe_load(text)
+    return values
 
 
 def device_name(device: torch.device) -> str:

@@ -20,23 +20,11 @@ import sys
 import torch
 
 from ..models import PiMoETransformer
-from .common import device_name, markdown_table, positive_int
+from .common import device_name, markdown_table, positive_int, space_values
 
 
 def _busy_processes(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
-
-
-def _parse_values(pairs: list[str]) -> dict:
-    import yaml
-
-    values = {}
-    for pair in pairs:
-        key, eq, text = pair.partition("=")
-        if not eq:
-            raise ValueError(f"--params: expected key=value, got {pair!r}")
-        values[key] = yaml.safe_load(text)
-    return values
 
 
 def relative_range(values: list[float]) -> float:
@@ -52,7 +40,7 @@ def cost_main(args: argparse.Namespace) -> int:
 
     try:
         s = load_settings(*compose_config(args.overrides))
-        values = {**(s.space.reference or {}), **_parse_values(args.params)}
+        values = {**(s.space.reference or {}), **space_values(args.params, "--params")}
         arch = s.space.arch(values, s.task)
     except FuluConfigError as e:
         raise ValueError("; ".join(e.problems)) from None

@@ -24,24 +24,12 @@ import torch
 
 from ..models import seeded_model
 from ..training.train import resolve_device, train
-from .common import device_name, markdown_table, positive_int
+from .common import device_name, markdown_table, positive_int, space_values
 
 # A fine-grained and a hierarchical variant beside the reference: the shapes a search samples that
 # compile most differently (many small experts; two-level routing).
 DEFAULT_ARCHS = ("", "num_experts=64,top_k=4,expert_ffn_size=256",
                  "router=hierarchical,num_experts=16,hierarchy_depth=2,top_k=2,expert_ffn_size=512")
-
-
-def _values(text: str) -> dict:
-    import yaml
-
-    values = {}
-    for pair in filter(None, text.split(",")):
-        key, eq, value = pair.partition("=")
-        if not eq:
-            raise ValueError(f"--arch: expected key=value[,key=value...], got {text!r}")
-        values[key.strip()] = yaml.safe_load(value)
-    return values
 
 
 # compiled+graph before compiled: the first compiled kind of an architecture pays its compilation in
@@ -71,7 +59,9 @@ def train_step_main(args: argparse.Namespace) -> int:
 
     try:
         s = load_settings(*compose_config(args.overrides))
-        archs = [(text or "reference", s.space.arch({**(s.space.reference or {}), **_values(text)}, s.task))
+        archs = [(text or "reference",
+                  s.space.arch({**(s.space.reference or {}), **space_values(filter(None, text.split(",")), "--arch")},
+                               s.task))
                  for text in args.arch]
     except FuluConfigError as e:
         raise ValueError("; ".join(e.problems)) from None

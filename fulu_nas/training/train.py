@@ -84,9 +84,9 @@ class TrainConfig:
     # Replay the training step from one CUDA graph (:func:`uses_cuda_graph`): "auto" (wherever the step
     # can be captured), True or False.
     cuda_graph: bool | str = "auto"
-    # On a GPU, train with deterministic algorithms only (:func:`deterministic_training`): the same
-    # architecture, seed and steps give bit-identical weights from run to run and worker to worker. The
-    # CPU's training is deterministic already (``MKL_CBWR``, set in ``fulu_nas/__init__``).
+    # Train with deterministic algorithms only (:func:`deterministic_training`): the same architecture,
+    # seed and steps give bit-identical weights from run to run and worker to worker (on the CPU with any
+    # thread count, with ``MKL_CBWR`` set in ``fulu_nas/__init__`` for the GEMMs' rounding).
     deterministic: bool = True
 
 
@@ -189,15 +189,19 @@ def step_description(result: TrainResult) -> str:
 
 
 @contextmanager
-def deterministic_training(enabled: bool, device: torch.device):
-    """On a GPU (``enabled``), deterministic algorithms only for the duration of the ``with``: without them
-    two runs of one architecture differ from the first steps on (atomic adds in the backward of indexing
-    and attention), and on ``pimoe_mix`` a search's trial scored 0.39 to 0.94 exact match from run to run.
-    Uninitialised memory is not filled: no kernel reads it, and the fills cost 12.7 ms of a 108 ms profile
-    of ten eager steps (H200, GPU preset); what remains costs 6% of a graphed eager step, 26% of a
-    compiled one (BENCHMARKS.md). Inductor skips the on-device benchmarks whose choice changes the
-    numerics. An operation without a deterministic implementation raises, naming the way out."""
-    if not enabled or device.type != "cuda":
+def deterministic_training(enabled: bool):
+    """Deterministic algorithms only (``enabled``) for the duration of the ``with``, on every device:
+    without them two runs of one architecture differ from the first steps on. On a GPU atomic adds in
+    the backward of indexing and attention accumulate in a varying order (on ``pimoe_mix`` a search's
+    trial scored 0.39 to 0.94 exact match from run to run); on the CPU the backward of indexing (the
+    experts' dispatch, the embedding) adds with atomics from several threads, so the weights varied
+    with the run and with the thread count (BENCHMARKS.md), and torch's deterministic version is
+    faster there too. Uninitialised memory is not filled: no kernel reads it, and the fills cost 12.7 ms
+    of a 108 ms profile of ten eager steps (H200, GPU preset); what remains costs 6% of a graphed eager
+    step, 26% of a compiled one (BENCHMARKS.md). Inductor skips the on-device benchmarks whose choice
+    changes the numerics. An operation without a deterministic implementation raises, naming the way
+    out."""
+    if not enabled:
         yield False
         return
     import torch._inductor.config as inductor_config
@@ -518,7 +522,7 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     bar = tqdm(total=cfg.steps, disable=not cfg.progress or rank != 0, desc="train", leave=False)
     # The compiled blocks live as long as training: evaluation and export see the eager model.
     with (compiled_blocks(model) if kind == "compiled" else nullcontext(),
-          deterministic_training(cfg.deterministic, device) as result.deterministic):
+          deterministic_training(cfg.deterministic) as result.deterministic):
         try:
             for step in range(1, cfg.steps + 1):
                 elapsed = ranks.elapsed_before_step()
