@@ -186,3 +186,32 @@ def test_zero_tokens_give_an_empty_output_and_zero_losses(router, options, shape
         assert stats[name].item() == 0.0, name
     (out.sum() + stats["balance_loss"]).backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("experts", [8, 17, 24, 56, 64])
+def test_the_routers_softmax_has_torchs_gradient_and_rounds_it_the_same_with_any_thread_count(experts):
+    """``expert_softmax``: torch's softmax values and (to rounding; float64 by gradcheck) its gradient;
+    on the CPU with a gradient its backward gives the same bits with one thread and with two, where
+    torch's CPU softmax backward over 17-63 experts (not a multiple of 16) does not."""
+    from fulu_nas.moe.routing import _ExpertSoftmax, expert_softmax
+
+    logits = torch.randn(2048, experts, generator=torch.Generator().manual_seed(experts)).requires_grad_(True)
+    upstream = torch.randn(2048, experts, generator=torch.Generator().manual_seed(1))
+    probs = expert_softmax(logits)
+    assert type(probs.grad_fn).__name__ == _ExpertSoftmax.__name__ + "Backward"
+    assert torch.equal(probs, torch.softmax(logits, -1))
+    threads = torch.get_num_threads()
+    grads = {}
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            (grads[n],) = torch.autograd.grad(expert_softmax(logits), logits, upstream)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[2], grads[1])
+    (torchs,) = torch.autograd.grad(torch.softmax(logits, -1), logits, upstream)
+    torch.testing.assert_close(grads[1], torchs, rtol=1e-5, atol=1e-7)
+    small = torch.randn(6, experts, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(expert_softmax, (small,))
+    with torch.no_grad():
+        assert expert_softmax(logits).grad_fn is None

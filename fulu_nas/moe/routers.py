@@ -17,6 +17,7 @@ from .config import MoEConfig
 from .experts import needs_grad
 from .routing import (
     Routing,
+    expert_softmax,
     jitter,
     normalised_probs,
     router_logits,
@@ -219,7 +220,7 @@ class ExpertChoiceRouter(Fp32Router):
                 batch_shape: tuple[int, ...] = ()) -> Routing:
         x_TD = jitter(x_TD, self.cfg.router_jitter, self.training)
         logits_TE = router_logits(x_TD, self.gate.weight)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TE = expert_softmax(logits_TE)
         capacity = self.cfg.expert_capacity(x_TD.shape[0])
         # A full sort then a slice (not topk(capacity)): keeps the capacity symbolic under
         # torch.export with a dynamic token count.

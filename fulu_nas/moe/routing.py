@@ -146,11 +146,41 @@ def _split_weight(weight_ED: Tensor) -> Tensor:
 _SPLIT_WEIGHTS = WeakIdKeyDictionary()
 
 
+class _ExpertSoftmax(torch.autograd.Function):
+    """``torch.softmax`` over the experts with its backward written out, ``p * (g - sum(g * p))``:
+    torch's CPU softmax backward over a last dimension that is not a multiple of 16 (17-63 experts
+    measured, torch 2.13) rounds differently with one thread and with two, so an architecture that
+    a search's worker trained with its share of the cores ended with other weights than in a run
+    alone. The written-out ops round the same with any thread count."""
+
+    @staticmethod
+    def forward(logits_TE: Tensor) -> Tensor:
+        return torch.softmax(logits_TE, dim=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_TE: Tensor) -> Tensor:
+        (probs_TE,) = ctx.saved_tensors
+        return probs_TE * (grad_TE - (grad_TE * probs_TE).sum(-1, keepdim=True))
+
+
+def expert_softmax(logits_TE: Tensor) -> Tensor:
+    """Softmax over the experts (the last dimension); in eager CPU calls with a gradient through
+    :class:`_ExpertSoftmax`, whose backward rounds the same with any number of threads."""
+    if (logits_TE.device.type == "cpu" and torch.is_grad_enabled() and logits_TE.requires_grad
+            and not torch.compiler.is_compiling()):
+        return _ExpertSoftmax.apply(logits_TE)
+    return torch.softmax(logits_TE, dim=-1)
+
+
 def scores_from_logits(logits_TE: Tensor, score_func: str) -> Tensor:
     """fp32 routing scores: softmax over experts, or an independent sigmoid per expert."""
     logits_TE = logits_TE.float()
     if score_func == "softmax":
-        return torch.softmax(logits_TE, dim=-1)
+        return expert_softmax(logits_TE)
     return torch.sigmoid(logits_TE)
 
 
