@@ -256,6 +256,41 @@ def test_journal_storage_with_two_local_workers(tmp_path):
     assert len(parents) == 1 and len(runs) >= 4
 
 
+def _ask_once(url: str, start, asked) -> None:
+    from fulu_nas.search.storage import open_study_storage
+
+    study = optuna.load_study(study_name="race", storage=open_study_storage(url))
+    start.wait()
+    asked.put(study.ask().number)
+
+
+def test_workers_sharing_a_sqlite_study_never_take_the_same_queued_trial(tmp_path):
+    """Workers on one SQLite file take queued trials (the reference, a killed worker's retried trial)
+    one each. pysqlite opens a transaction only at the first write and SQLite has no SELECT ... FOR
+    UPDATE, so two workers could both read a trial as waiting and both run it: the second then failed
+    with "Cannot tell a COMPLETE trial" (a two-worker search, 2026-12-04)."""
+    import multiprocessing
+
+    from fulu_nas.search.storage import open_study_storage
+
+    fork = multiprocessing.get_context("fork")
+    for round_ in range(6):
+        url = f"sqlite:///{tmp_path / f'race{round_}.db'}"
+        study = optuna.create_study(study_name="race", storage=open_study_storage(url))
+        for x in range(3):
+            study.enqueue_trial({"x": x})
+        del study
+        start, asked = fork.Barrier(4), fork.Queue()
+        workers = [fork.Process(target=_ask_once, args=(url, start, asked)) for _ in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=120)
+        assert [w.exitcode for w in workers] == [0] * 4
+        numbers = sorted(asked.get(timeout=10) for _ in workers)
+        assert numbers == [0, 1, 2, 3], f"round {round_}: trials taken {numbers}"
+
+
 def test_an_architecture_gets_the_same_result_from_one_worker_or_two(tmp_path):
     """A trial depends on its architecture, seed and budget only: whichever of two workers trains an
     architecture (with its share of the CPU threads), it gets what a lone worker gets. The reference

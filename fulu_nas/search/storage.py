@@ -185,8 +185,30 @@ def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_pe
         with warnings.catch_warnings():
             # Heartbeats and their retry callback are marked experimental; we rely on them knowingly.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except Exception as e:  # connection or schema errors from SQLAlchemy/alembic
         if isinstance(e, optuna.exceptions.OptunaError) or "sqlalchemy" in type(e).__module__:
             raise FuluConfigError(f"study.storage: cannot open {mask_url(url)}: {e}") from None
         raise
+    if _scheme(url) == "sqlite":
+        _begin_immediate(storage.engine)
+    return storage
+
+
+def _begin_immediate(engine) -> None:
+    """Every transaction on ``engine`` takes SQLite's write lock when it begins (SQLAlchemy's recipe
+    for pysqlite). pysqlite begins a transaction only at the first write, and SQLite ignores the
+    ``SELECT ... FOR UPDATE`` with which Optuna takes a queued trial: two workers could both read the
+    reference (or a killed worker's retried trial) as waiting, both mark it running and both train
+    it, the second failing at the end ("Cannot tell a COMPLETE trial")."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_pysqlite_transactions(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners (the schema check) keep pysqlite's way
