@@ -309,8 +309,8 @@ def test_an_architecture_gets_the_same_result_from_one_worker_or_two(tmp_path):
                            if t.state == TrialState.COMPLETE}
     shared = values[1].keys() & values[2].keys()
     assert "172aa26d82d76855" in shared  # the reference
-    for arch in shared:
-        assert values[2][arch] == pytest.approx(values[1][arch], rel=1e-5)
+    for arch in shared:  # to the bit (tests/test_train_evaluate.py: the same with 2 threads and 1)
+        assert values[2][arch] == values[1][arch]
 
 
 def test_local_workers_are_pinned_one_per_gpu(monkeypatch):
