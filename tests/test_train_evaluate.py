@@ -515,3 +515,42 @@ def test_deterministic_training_benchmark_times_both_settings_and_counts_the_wei
         assert row[4].endswith("/ 1")
         deterministic_losses = row[5].split(" / ")[1]
         assert deterministic_losses.count(",") == 0 and float(deterministic_losses.strip("[]")) > 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_trainers_layer_norm_has_torchs_gradients_and_the_same_with_any_thread_count(bias):
+    """``fulu_nas.training.layer_norm``: torch's output and input gradient to the bit, its weight and
+    bias gradients to rounding (float64 by gradcheck), those the same with one thread and two (torch's
+    are not); outside the trainer's ``with`` the module is torch's again."""
+    from fulu_nas.training.layer_norm import _LayerNorm, layer_norm, thread_invariant_layer_norms
+
+    norm = torch.nn.LayerNorm(96, bias=bias)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(16, 128, 96, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    params = [x, *norm.parameters()]
+    threads = torch.get_num_threads()
+    ours = {}
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            out = layer_norm(norm, x)
+            ours[n] = torch.autograd.grad(out, params, upstream)
+    finally:
+        torch.set_num_threads(threads)
+    torchs = torch.autograd.grad(norm(x), params, upstream)
+    assert torch.equal(out, norm(x)) and torch.equal(ours[1][0], torchs[0])
+    for a, b, t in zip(ours[2], ours[1], torchs, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, t, rtol=1e-4, atol=1e-4)  # fp32 sums of 2,048 rows in another order
+    small = torch.nn.LayerNorm(5, bias=bias).double()
+    torch.nn.init.normal_(small.weight)
+    torch.autograd.gradcheck(lambda t, *p: _LayerNorm.apply(t, (5,), *p, *([None] if not bias else []), 1e-5)[0],
+                             (torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True), *small.parameters()))
+    model = torch.nn.Sequential(norm, torch.nn.LayerNorm(96, elementwise_affine=False))
+    with thread_invariant_layer_norms(model):
+        assert type(norm(x).grad_fn).__name__ == _LayerNorm.__name__ + "Backward"
+        assert "forward" in vars(norm) and "forward" not in vars(model[1])  # nothing to learn: torch's own
+        with torch.no_grad():
+            assert torch.equal(norm(x), torch.nn.LayerNorm.forward(norm, x))
+    assert "forward" not in vars(norm)

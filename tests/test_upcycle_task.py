@@ -197,3 +197,28 @@ def test_the_benchmark_encoder_script_pretrains_a_byte_level_bert(tmp_path):
     task = build_task("upcycle", model=str(out), seq_len=32, max_bytes=100000)
     assert task.tokenizer_kind == "bytes" and task.vocab_size == BYTE_MASK_ID + 1
     assert task.encoder.head == "pretrained" and task.encoder.shape.num_layers == 2
+
+
+def test_an_upcycled_encoder_trains_to_the_same_weights_with_any_thread_count(task):
+    """The encoder's LayerNorms: torch's CPU backward adds their weight and bias gradients in
+    per-thread sums, so one thread and two trained the same upcycled trial to other weights; the
+    trainer sums them over the rows instead (fulu_nas.training.layer_norm)."""
+    from fulu_nas.training.train import TrainConfig, train
+
+    arch = upcycle_arch(task.encoder, task.seq_len, lr=1e-3, layers="all", moe={"router": "topk", "num_experts": 4})
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for n in (2, 2, 1):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            model = build_upcycled(arch, task.encoder)
+            train(model, task, TrainConfig(steps=4, batch_size=32, lr=1e-3, progress=False, report_every=2))
+            weights.append({k: v.detach().clone() for k, v in model.named_parameters()})
+            assert all(type(m).forward is torch.nn.LayerNorm.forward and "forward" not in vars(m)
+                       for m in model.modules() if isinstance(m, torch.nn.LayerNorm))  # restored after training
+    finally:
+        torch.set_num_threads(threads)
+    assert any("LayerNorm" in name for name in weights[0])
+    for other in weights[1:]:
+        assert [k for k, v in weights[0].items() if not torch.equal(v, other[k])] == []

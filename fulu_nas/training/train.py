@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..models import PiMoETransformer
 from ..tasks import IGNORE, Batch, Task
 from .dynamic_experts import DynamicExperts, DynamicExpertsConfig
+from .layer_norm import thread_invariant_layer_norms
 
 
 class StoppedByRankZero(RuntimeError):
@@ -521,8 +522,11 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     start = ranks.start = time.perf_counter()
     bar = tqdm(total=cfg.steps, disable=not cfg.progress or rank != 0, desc="train", leave=False)
     # The compiled blocks live as long as training: evaluation and export see the eager model.
+    # On the CPU a LayerNorm's parameter gradients round by the thread count unless summed another way.
+    cpu_norms = device.type == "cpu" and kind == "eager" and cfg.deterministic
     with (compiled_blocks(model) if kind == "compiled" else nullcontext(),
-          deterministic_training(cfg.deterministic) as result.deterministic):
+          deterministic_training(cfg.deterministic) as result.deterministic,
+          thread_invariant_layer_norms(model) if cpu_norms else nullcontext()):
         try:
             for step in range(1, cfg.steps + 1):
                 elapsed = ranks.elapsed_before_step()
