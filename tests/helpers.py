@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -28,6 +30,29 @@ def make_config(router: str = "topk", **overrides) -> MoEConfig:
 def make_layer(router: str = "topk", seed: int = 0, **overrides) -> PiMoELayer:
     torch.manual_seed(seed)
     return PiMoELayer(make_config(router, **overrides))
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the duration of the ``with``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def weights_trained_with_threads(train_once: Callable[[], torch.nn.Module],
+                                 counts: tuple[int, ...] = (2, 2, 1)) -> list[dict[str, torch.Tensor]]:
+    """The parameters of the module ``train_once()`` returns, called after ``torch.manual_seed(0)`` with
+    each thread count of ``counts``."""
+    weights = []
+    for n in counts:
+        with torch_threads(n):
+            torch.manual_seed(0)
+            weights.append({k: v.detach().clone() for k, v in train_once().named_parameters()})
+    return weights
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .helpers import make_layer
+from .helpers import make_layer, torch_threads
 
 
 @settings(max_examples=15, deadline=None)
@@ -200,14 +200,10 @@ def test_the_routers_softmax_has_torchs_gradient_and_rounds_it_the_same_with_any
     probs = expert_softmax(logits)
     assert type(probs.grad_fn).__name__ == _ExpertSoftmax.__name__ + "Backward"
     assert torch.equal(probs, torch.softmax(logits, -1))
-    threads = torch.get_num_threads()
     grads = {}
-    try:
-        for n in (2, 1):
-            torch.set_num_threads(n)
+    for n in (2, 1):
+        with torch_threads(n):
             (grads[n],) = torch.autograd.grad(expert_softmax(logits), logits, upstream)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(grads[2], grads[1])
     (torchs,) = torch.autograd.grad(torch.softmax(logits, -1), logits, upstream)
     torch.testing.assert_close(grads[1], torchs, rtol=1e-5, atol=1e-7)

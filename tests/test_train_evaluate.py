@@ -15,7 +15,7 @@ from fulu_nas.training.dynamic_experts import DynamicExperts, DynamicExpertsConf
 from fulu_nas.training.evaluate import evaluate, match_experts_to_domains, routing_accuracy
 from fulu_nas.training.train import BudgetCapReached, TrainConfig, TrainingDiverged, lr_factor, train
 
-from .helpers import ROUTER_EXTRAS
+from .helpers import ROUTER_EXTRAS, torch_threads, weights_trained_with_threads
 
 
 def clusters_model(task, seed=0, **moe):
@@ -461,18 +461,14 @@ def test_an_architecture_trained_twice_on_the_cpu_gets_the_same_weights_whatever
     moe = MoEConfig(hidden_size=64, num_experts=24, expert_ffn_size=64, top_k=4, router=router, **ROUTER_EXTRAS[router])
     arch = ArchConfig(vocab_size=task.vocab_size, num_classes=task.num_classes, max_seq_len=task.seq_len,
                       num_layers=2, hidden_size=64, num_heads=2, moe_every=2, moe=moe)
-    threads = torch.get_num_threads()
-    weights = []
-    try:
-        for n in (2, 2, 1):
-            torch.set_num_threads(n)
-            torch.manual_seed(0)
-            model = PiMoETransformer(arch)
-            result = train(model, task, TrainConfig(steps=6, batch_size=64, progress=False, report_every=5))
-            assert result.deterministic
-            weights.append(dict(model.named_parameters()))
-    finally:
-        torch.set_num_threads(threads)
+
+    def train_once() -> PiMoETransformer:
+        model = PiMoETransformer(arch)
+        result = train(model, task, TrainConfig(steps=6, batch_size=64, progress=False, report_every=5))
+        assert result.deterministic
+        return model
+
+    weights = weights_trained_with_threads(train_once)
     for other in weights[1:]:
         for name, value in weights[0].items():
             assert torch.equal(value, other[name]), name
@@ -529,15 +525,11 @@ def test_the_trainers_layer_norm_has_torchs_gradients_and_the_same_with_any_thre
     x = torch.randn(16, 128, 96, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     params = [x, *norm.parameters()]
-    threads = torch.get_num_threads()
     ours = {}
-    try:
-        for n in (2, 1):
-            torch.set_num_threads(n)
+    for n in (2, 1):
+        with torch_threads(n):
             out = layer_norm(norm, x)
             ours[n] = torch.autograd.grad(out, params, upstream)
-    finally:
-        torch.set_num_threads(threads)
     torchs = torch.autograd.grad(norm(x), params, upstream)
     assert torch.equal(out, norm(x)) and torch.equal(ours[1][0], torchs[0])
     for a, b, t in zip(ours[2], ours[1], torchs, strict=True):

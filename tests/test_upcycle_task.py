@@ -21,6 +21,7 @@ from fulu_nas.search.feasibility import check_feasible  # noqa: E402
 from fulu_nas.search.space import parse_space  # noqa: E402
 from fulu_nas.tasks import IGNORE, TASKS, build_task  # noqa: E402
 
+from .helpers import weights_trained_with_threads  # noqa: E402
 from .hf_models import VOCAB, save_encoder, save_gpt2, write_corpus  # noqa: E402
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "upcycle.yaml"
@@ -206,19 +207,15 @@ def test_an_upcycled_encoder_trains_to_the_same_weights_with_any_thread_count(ta
     from fulu_nas.training.train import TrainConfig, train
 
     arch = upcycle_arch(task.encoder, task.seq_len, lr=1e-3, layers="all", moe={"router": "topk", "num_experts": 4})
-    threads = torch.get_num_threads()
-    weights = []
-    try:
-        for n in (2, 2, 1):
-            torch.set_num_threads(n)
-            torch.manual_seed(0)
-            model = build_upcycled(arch, task.encoder)
-            train(model, task, TrainConfig(steps=4, batch_size=32, lr=1e-3, progress=False, report_every=2))
-            weights.append({k: v.detach().clone() for k, v in model.named_parameters()})
-            assert all(type(m).forward is torch.nn.LayerNorm.forward and "forward" not in vars(m)
-                       for m in model.modules() if isinstance(m, torch.nn.LayerNorm))  # restored after training
-    finally:
-        torch.set_num_threads(threads)
+
+    def train_once():
+        model = build_upcycled(arch, task.encoder)
+        train(model, task, TrainConfig(steps=4, batch_size=32, lr=1e-3, progress=False, report_every=2))
+        assert all(type(m).forward is torch.nn.LayerNorm.forward and "forward" not in vars(m)
+                   for m in model.modules() if isinstance(m, torch.nn.LayerNorm))  # restored after training
+        return model
+
+    weights = weights_trained_with_threads(train_once)
     assert any("LayerNorm" in name for name in weights[0])
     for other in weights[1:]:
         assert [k for k, v in weights[0].items() if not torch.equal(v, other[k])] == []
