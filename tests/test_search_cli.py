@@ -275,6 +275,17 @@ def test_help_lists_commands_and_hydra_groups(tmp_path, monkeypatch, capsys):
         assert group in out, out
 
 
+def test_confirm_and_export_help_list_their_options_wherever_help_stands(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for argv, options in ((["confirm", "--help"], ("top_k=", "budget_factor=", "seeds=", "n_workers=")),
+                          (["export", "study.name=x", "--help"], ("trial=", "retrain=", "retrain_factor=", "out=",
+                                                                   "name="))):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert all(option in out for option in options), (argv, out)
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_ui_refuses_a_folder_without_a_tracking_database(tmp_path, capsys):
     assert main(["ui", str(tmp_path)]) == 2
     assert "no MLflow database" in capsys.readouterr().err

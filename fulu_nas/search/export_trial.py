@@ -1,4 +1,4 @@
-"""``fulu-nas export study.name=NAME [trial=best] [retrain=false] [out=DIR] [name=MODEL]``:
+"""``fulu-nas export study.name=NAME [trial=best] [retrain=false] [retrain_factor=4] [out=DIR] [name=MODEL]``:
 pick a trial of a finished (or running) study, get its weights (saved during the search, or
 retrained with a longer budget), measure it, and write the export directory
 (:mod:`fulu_nas.deploy.export`); the MLflow model is registered as ``name`` with the alias ``champion``.
@@ -217,7 +217,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
+    if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
     options, overrides = split_options(argv, OPTIONS)

@@ -117,7 +117,7 @@ class TrainResult:
     stop_reason: str
     step_kind: str = "eager"  # "compiled" or "eager": the training step that ran (:func:`step_kind`)
     cuda_graph: bool = False  # the steps after the warm-up were replayed from one CUDA graph
-    deterministic: bool = False  # trained on a GPU with deterministic algorithms only
+    deterministic: bool = False  # trained with deterministic algorithms only (any device)
     capture_seconds: float = 0.0  # capturing that graph
     first_step_seconds: float = 0.0  # the first step alone: with the compiled step, mostly its compilation
     history: list[StepReport] = field(default_factory=list)
