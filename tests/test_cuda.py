@@ -3,6 +3,7 @@ and no host synchronisation in the forward."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -500,3 +501,19 @@ def test_training_twice_gives_identical_weights(compile_as):
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_expert_parallel_baseline_script_times_a_step_and_writes_its_profile(tmp_path):
+    """``benchmarks/ep_baseline.py`` (BENCHMARKS.md, "Expert parallelism"): the per-rank work of the
+    expert-parallel benchmark on one GPU, a time per forward+backward and a profiler table."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    profile = tmp_path / "profile.txt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "ep_baseline.py"), "256", "8", "512", "2",
+                           "4096", "5", "grouped", str(profile)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ms per forward+backward" in done.stdout and "tokens, E=8, D=256" in done.stdout
+    table = profile.read_text()
+    assert "Name" in table and "aten::" in table

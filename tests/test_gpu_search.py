@@ -126,3 +126,26 @@ def test_every_router_and_option_of_the_gpu_space_trains_deterministically():
                 trained.add((router, name, repr(value)))
     assert {("hierarchical", "top_p", "0.5"), ("attention", "attention_context", "True"),
             ("hash", "balancing", "'aux_loss+z_loss'")} <= trained
+
+
+def test_the_gpu_search_benchmark_script_writes_its_rows_and_checks_the_export(tmp_path):
+    """``benchmarks/gpu_search.sh`` (BENCHMARKS.md, "The search on a GPU"), shrunk: one search of two
+    trials with one worker, then a second with two, each a row of trials per hour and the GPU's
+    utilisation while it ran; the winner exported and loaded with torch alone on the GPU."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           "OVERRIDES": " ".join(SHRUNK[2:]).replace("study.startup_trials=2", "study.startup_trials=1")}
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_search.sh"), str(out), "2", "2"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "searches.jsonl").read_text().splitlines()]
+    assert [(r["study"], r["workers"], r["finished"]) for r in rows] == [("gpu-w1", 1, 2), ("gpu-w2", 2, 2)]
+    assert all(r["trials_per_hour"] > 0 and r["samples"] > 0 and 0 <= r["gpu_utilisation_median"] <= 100
+               for r in rows)
+    assert "torch-only program on" in (out / "export-check.txt").read_text()
+    assert (out / "gpu-w1-summary.json").exists() and (out / "gpu-w2-optuna.db").exists()
