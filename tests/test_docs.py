@@ -1,4 +1,4 @@
-"""Every fenced code block of README.md and docs/*.md is run here, or names the test that runs it.
+"""Every fenced code block of README.md, BENCHMARKS.md and docs/*.md is run here, or names the test that runs it.
 
 A page's blocks run in order, in the page's own workspace: a temporary folder holding a copy of the
 checkout's tracked files and the finished study of one tiny search (``outputs/tiny-clusters``, made
@@ -71,7 +71,7 @@ import pytest
 from .helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]
+PAGES = ["README.md", "BENCHMARKS.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]
 RUN = {"bash", "python"}
 NOT_RUN = {"yaml", "text", "json"}
 TIMEOUT_S = 300
@@ -203,7 +203,8 @@ def test_the_readme_is_a_front_door_and_the_links_resolve():
         text = (ROOT / page).read_text()
         if re.search(r"\bsessions?\b", text, re.IGNORECASE):
             problems.append(f"{page}: says 'session'")
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        prose = re.sub(r"`[^`\n]*`", "", text)  # `kernel[grid](...)` is code, not a link
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", prose):
             if "://" not in target and not (ROOT / page).parent.joinpath(target).exists():
                 problems.append(f"{page}: link to {target}, which does not exist")
     assert not problems, "\n".join(problems)
