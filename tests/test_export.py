@@ -334,6 +334,58 @@ def test_the_archive_check_refuses_what_torch_export_load_would_unpickle(tmp_pat
     assert not marker.exists()
 
 
+def edit_graph(src: Path, dst: Path, edit) -> None:
+    """A copy of the program ``src`` whose graph (``models/model.json``) ``edit`` changed in place."""
+    with zipfile.ZipFile(src) as z:
+        graph = json.loads(z.read(next(n for n in z.namelist() if n.endswith("models/model.json"))))
+    edit(graph)
+    rewrite_archive(src, dst, {"models/model.json": json.dumps(graph).encode()})
+
+
+def test_the_archive_check_refuses_graphs_that_run_code_without_any_pickle(tmp_path):
+    """Three ways a pickle-free program runs code: sympy evaluates its shape expressions on load,
+    ``module()`` executes its guards code, and a node may call any function under ``torch``."""
+    from fulu_nas.deploy.pt2_check import archive_problems
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(torch.nn.Linear(3, 2), (torch.randn(4, 3),), dynamic_shapes=({0: batch},))
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(program, str(clean))
+    assert archive_problems(clean.read_bytes()) == []
+    marker = tmp_path / "code-ran"
+    run = f"open({str(marker)!r}, 'w').close()"
+
+    def expression(graph):  # every shape expression of the graph made to run code as sympy parses it
+        def walk(value):
+            for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+                if key == "expr_str":
+                    value[key] = f"__import__('builtins').exec({run!r}) or {item}"
+                elif isinstance(item, (dict, list)):
+                    walk(item)
+        walk(graph)
+
+    def guards(graph):
+        graph["guards_code"] = [f"exec({run!r}) is None"]
+
+    def target(graph):
+        node = next(n for n in graph["graph_module"]["graph"]["nodes"] if n["target"].startswith("torch.ops.aten"))
+        node["target"] = "torch.hub.load"
+
+    for edit, words, how in ((expression, "shape expression naming '__import__'", "load"),
+                             (guards, "guards code", "module"), (target, "'torch.hub.load'", None)):
+        crafted = tmp_path / f"{edit.__name__}.pt2"
+        edit_graph(clean, crafted, edit)
+        problems = archive_problems(crafted.read_bytes())
+        assert any(words in p for p in problems), (edit.__name__, problems)
+        if how:  # the exploit is real: torch runs the code
+            with contextlib.suppress(Exception):
+                loaded = torch.export.load(str(crafted))
+                if how == "module":
+                    loaded.module()
+            assert marker.exists(), edit.__name__
+            marker.unlink()
+
+
 def forge_checksums(folder: Path) -> None:
     """What someone who swaps files of a folder also does: record the new files' SHA-256 wherever the
     folder records them (checksums.json, the pyfunc's configuration in MLmodel)."""

@@ -13,11 +13,16 @@ unpickler, which runs whatever code the pickle names:
 - the pre-2.8 layout (``version``, ``serialized_*.pt``) that torch falls back to, with Python's
   ``zipfile``, when the archive does not load;
 
-and ``data/aotinductor/`` holds compiled shared libraries that it loads (native code).
+and ``data/aotinductor/`` holds compiled shared libraries that it loads (native code). The graph
+(``models/<model>.json``) runs code too: the loader parses every shape expression (``expr_str``) with
+sympy, which ``eval``s it; ``ExportedProgram.module()`` ``exec``s the ``guards_code`` strings; and a
+node's ``target`` names any attribute path under ``torch``, ``math`` or ``_operator``, called when the
+program runs.
+
 :func:`archive_problems` accepts only what ``torch.export.save`` writes for a program of plain
-tensors. Refusing pickles is not enough on its own: the graph names Python callables and holds
-shape expressions that the loader parses with sympy (``eval``), so a file is safe to load when its
-SHA-256 is the one recorded at export; :func:`load_program` checks both.
+tensors whose graph calls ATen operators (and the few Python operators shape arithmetic uses), whose
+shape expressions are sympy arithmetic over shape symbols and which has no guards code. Even so, a
+file is loaded only when its SHA-256 is the one recorded at export; :func:`load_program` checks both.
 
 This file is shipped inside the MLflow model (``code/pt2_check.py``), which runs with torch, numpy
 and MLflow only: it imports torch and the standard library, nothing from fulu_nas.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -41,8 +47,28 @@ HOUSEKEEPING = {pt2.ARCHIVE_FORMAT_PATH, pt2.ARCHIVE_VERSION_PATH, "byteorder", 
                 ".data/serialization_id"}
 
 
+# What a shape expression may contain: sympy arithmetic over shape symbols, as torch.export writes it
+# (e.g. "Mul(Integer(2), Symbol('s6', positive=True, integer=True))"). No attribute access, no
+# subscripts, no other names: sympify evaluates the string.
+EXPRESSION_NAMES = frozenset({
+    "Symbol", "Integer", "Float", "Rational", "Add", "Mul", "Pow", "Min", "Max", "Abs", "Mod", "Eq", "Ne",
+    "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "true", "false", "True", "False", "FloorDiv", "CeilDiv",
+    "CleanDiv", "PythonMod", "ModularIndexing", "Where", "FloorToInt", "CeilToInt", "TruncToInt", "RoundToInt",
+    "TruncToFloat", "ToFloat", "IntTrueDiv", "FloatTrueDiv", "PowByNatural", "FloatPow", "LShift", "RShift",
+    "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite"})
+EXPRESSION_TOKEN = re.compile(r"\s+|'[a-z]+\d+'|[A-Za-z_]\w*|\d+(?:\.\d+)?(?:e[+-]?\d+)?|[(),=+\-*/]")
+# The callables a node may name: ATen operators (not the one that reads a file), and the Python
+# operators and torch.sym_* functions that shape arithmetic uses.
+ATEN_TARGET = re.compile(r"torch\.ops\.aten\.(?!from_file\b)\w+\.\w+")
+PYTHON_TARGETS = frozenset({f"_operator.{name}" for name in (
+    "getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "eq", "ne", "lt", "le", "gt",
+    "ge", "and_", "or_", "not_")} | {f"torch.sym_{name}" for name in ("int", "float", "max", "min", "not", "sqrt",
+                                                                    "ite")} | {"math.ceil", "math.floor",
+                                                                               "math.trunc", "math.sqrt"})
+
+
 class UnsafeProgramError(ValueError):
-    """A ``.pt2`` file that is not the exported one, or that ``torch.export.load`` would unpickle."""
+    """A ``.pt2`` file that is not the exported one, or from which ``torch.export.load`` would run code."""
 
 
 def read_verified(path: str | Path, expected_sha256: str) -> bytes:
@@ -77,8 +103,50 @@ def _payloads(reader: PT2ArchiveReader, config_name: str, folder: str, prefix: s
     return names
 
 
+def expression_problem(expression: object) -> str | None:
+    """Why sympy must not evaluate this shape expression; None when it is arithmetic over symbols."""
+    if not isinstance(expression, str):
+        return f"a shape expression that is not a string ({type(expression).__name__})"
+    position = 0
+    while position < len(expression):
+        token = EXPRESSION_TOKEN.match(expression, position)
+        if token is None:
+            return f"a shape expression with {expression[position:position + 20]!r}"
+        word = token.group()
+        if (word[0].isalpha() or word[0] == "_") and word not in EXPRESSION_NAMES:
+            return f"a shape expression naming {word!r}"
+        position = token.end()
+    return None
+
+
+def graph_problems(program: object, record: str) -> list[str]:
+    """What in a program's graph (``models/<model>.json``, parsed) would run code other than the
+    arithmetic and ATen operators of a model: shape expressions beyond sympy arithmetic, guards code,
+    and node targets outside ATen and shape arithmetic."""
+    problems: set[str] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "expr_str" and (problem := expression_problem(item)):
+                    problems.add(f"{record}: {problem}, which sympy would evaluate")
+                elif key == "guards_code" and item:
+                    problems.add(f"{record}: guards code, which ExportedProgram.module() would execute")
+                elif key == "target" and isinstance(item, str) and not (
+                        ATEN_TARGET.fullmatch(item) or item in PYTHON_TARGETS):
+                    problems.add(f"{record}: a node calling {item[:80]!r}, not an ATen operator")
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(program)
+    return sorted(problems)
+
+
 def archive_problems(data: bytes) -> list[str]:
-    """Why ``torch.export.load`` would unpickle (or load native code from) this archive; [] when nothing."""
+    """Why ``torch.export.load`` (or the loaded program) would run code from this archive: pickles, native
+    code, a graph beyond arithmetic and ATen operators; [] when nothing."""
     try:
         reader = PT2ArchiveReader(io.BytesIO(data))  # torch's own zip reader: what it lists is what it loads
         records = set(reader.get_file_names())
@@ -99,7 +167,14 @@ def archive_problems(data: bytes) -> list[str]:
     if not models:
         problems.append(f"no program ({pt2.MODELS_DIR}*.json)")
     for model in sorted(models):
-        allowed.add(pt2.MODELS_FILENAME_FORMAT.format(model))
+        program_record = pt2.MODELS_FILENAME_FORMAT.format(model)
+        allowed.add(program_record)
+        try:
+            program = json.loads(reader.read_string(program_record))
+        except (ValueError, UnicodeDecodeError) as e:
+            problems.append(f"{program_record}: not a JSON graph ({e})")
+        else:
+            problems += graph_problems(program, program_record)
         for config_format, folder, prefix in (
                 (pt2.WEIGHTS_CONFIG_FILENAME_FORMAT, pt2.WEIGHTS_DIR, pt2.WEIGHT_FILENAME_PREFIX),
                 (pt2.CONSTANTS_CONFIG_FILENAME_FORMAT, pt2.CONSTANTS_DIR, pt2.TENSOR_CONSTANT_FILENAME_PREFIX)):
@@ -126,16 +201,16 @@ def archive_problems(data: bytes) -> list[str]:
 
 
 def check_archive(data: bytes, name: str | Path) -> None:
-    """Raise :class:`UnsafeProgramError` naming ``name`` if ``torch.export.load`` would unpickle ``data``."""
+    """Raise :class:`UnsafeProgramError` naming ``name`` if ``torch.export.load`` would run code from ``data``."""
     problems = archive_problems(data)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise UnsafeProgramError(f"{name}: refused: torch.export.load would unpickle it, which can run any "
-                                 f"code: {shown}")
+        raise UnsafeProgramError(f"{name}: refused: torch.export.load would run code from it (unpickle, load "
+                                 f"native code or evaluate what it holds): {shown}")
 
 
 def load_program(path: str | Path, expected_sha256: str) -> torch.export.ExportedProgram:
-    """``torch.export.load`` of ``path`` after checking its SHA-256 and refusing pickles."""
+    """``torch.export.load`` of ``path`` after checking its SHA-256 and :func:`check_archive`."""
     data = read_verified(path, expected_sha256)
     check_archive(data, path)
     with warnings.catch_warnings():
