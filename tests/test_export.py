@@ -343,8 +343,8 @@ def edit_graph(src: Path, dst: Path, edit) -> None:
 
 
 def test_the_archive_check_refuses_graphs_that_run_code_without_any_pickle(tmp_path):
-    """Three ways a pickle-free program runs code: sympy evaluates its shape expressions on load,
-    ``module()`` executes its guards code, and a node may call any function under ``torch``."""
+    """Three ways a pickle-free program runs code: sympy evaluates its shape expressions on load, the
+    module executes its guards code on every call, and a node may call any function under ``torch``."""
     from fulu_nas.deploy.pt2_check import archive_problems
 
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -365,14 +365,14 @@ def test_the_archive_check_refuses_graphs_that_run_code_without_any_pickle(tmp_p
         walk(graph)
 
     def guards(graph):
-        graph["guards_code"] = [f"exec({run!r}) is None"]
+        graph["guards_code"] = [f"exec(bytes.fromhex('{run.encode().hex()}').decode()) is None"]  # no quotes inside
 
     def target(graph):
         node = next(n for n in graph["graph_module"]["graph"]["nodes"] if n["target"].startswith("torch.ops.aten"))
         node["target"] = "torch.hub.load"
 
     for edit, words, how in ((expression, "shape expression naming '__import__'", "load"),
-                             (guards, "guards code", "module"), (target, "'torch.hub.load'", None)):
+                             (guards, "guards code", "call"), (target, "'torch.hub.load'", None)):
         crafted = tmp_path / f"{edit.__name__}.pt2"
         edit_graph(clean, crafted, edit)
         problems = archive_problems(crafted.read_bytes())
@@ -380,8 +380,8 @@ def test_the_archive_check_refuses_graphs_that_run_code_without_any_pickle(tmp_p
         if how:  # the exploit is real: torch runs the code
             with contextlib.suppress(Exception):
                 loaded = torch.export.load(str(crafted))
-                if how == "module":
-                    loaded.module()
+                if how == "call":
+                    loaded.module()(torch.randn(2, 3))
             assert marker.exists(), edit.__name__
             marker.unlink()
 

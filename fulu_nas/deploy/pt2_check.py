@@ -15,9 +15,9 @@ unpickler, which runs whatever code the pickle names:
 
 and ``data/aotinductor/`` holds compiled shared libraries that it loads (native code). The graph
 (``models/<model>.json``) runs code too: the loader parses every shape expression (``expr_str``) with
-sympy, which ``eval``s it; ``ExportedProgram.module()`` ``exec``s the ``guards_code`` strings; and a
-node's ``target`` names any attribute path under ``torch``, ``math`` or ``_operator``, called when the
-program runs.
+sympy, which ``eval``s it; the module of ``ExportedProgram.module()`` ``exec``s the ``guards_code``
+strings on every call; and a node's ``target`` names any attribute path under ``torch``, ``math`` or
+``_operator``, called when the program runs.
 
 :func:`archive_problems` accepts only what ``torch.export.save`` writes for a program of plain
 tensors whose graph calls ATen operators (and the few Python operators shape arithmetic uses), whose
@@ -131,7 +131,7 @@ def graph_problems(program: object, record: str) -> list[str]:
                 if key == "expr_str" and (problem := expression_problem(item)):
                     problems.add(f"{record}: {problem}, which sympy would evaluate")
                 elif key == "guards_code" and item:
-                    problems.add(f"{record}: guards code, which ExportedProgram.module() would execute")
+                    problems.add(f"{record}: guards code, which the loaded module would execute on every call")
                 elif key == "target" and isinstance(item, str) and not (
                         ATEN_TARGET.fullmatch(item) or item in PYTHON_TARGETS):
                     problems.add(f"{record}: a node calling {item[:80]!r}, not an ATen operator")
