@@ -22,14 +22,15 @@ from .system import OptimizationLevel, RoutingStrategy, UltimatePiMoESystem, cre
 __version__ = "0.1.0"
 
 
-def load(directory: str | _Path, map_location="cpu"):
+def load(directory: str | _Path, map_location="cpu", expected_sha256: str | None = None):
     """An exported model directory (``fulu-nas export``) as an ``nn.Module`` in eval mode, after verifying
-    every file's SHA-256; reads YAML and safetensors only, nothing is unpickled. A searched model comes back
-    as a ``PiMoETransformer``; an upcycled encoder (task ``upcycle``) as its transformers model with the
+    every file's SHA-256, and with ``expected_sha256`` (the fingerprint ``fulu-nas export`` printed) that the
+    folder is the exported one; reads YAML and safetensors only, nothing is unpickled. A searched model comes
+    back as a ``PiMoETransformer``; an upcycled encoder (task ``upcycle``) as its transformers model with the
     PiMoE layers (``fulu_nas.interop.upcycle_export.load_upcycled``)."""
     if _is_upcycled_export(directory):
-        return _load_upcycled(directory, map_location)
-    return _load_searched(directory, map_location)
+        return _load_upcycled(directory, map_location, expected_sha256)
+    return _load_searched(directory, map_location, expected_sha256)
 
 
 __all__ = [

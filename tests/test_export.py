@@ -459,6 +459,73 @@ def test_tampered_or_missing_files_are_refused(exported, tmp_path):
 
 
 @pytest.mark.slow
+def test_links_and_names_outside_the_folder_are_refused(exported, tmp_path):
+    """Only regular files inside the folder count: a link passes a check by pointing at the exported
+    bytes and can point elsewhere by the time a loader (or MLflow, which puts code/ on sys.path) reads it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copyfile(exported.model_dir / "model.safetensors", outside / "model.safetensors")
+    (outside / "evil.py").write_text("raise SystemExit('ran')\n")
+    cases = {"weights": lambda c: ((c / "model.safetensors").unlink(),
+                                   (c / "model.safetensors").symlink_to(outside / "model.safetensors")),
+             "code folder": lambda c: (c / "code" / "more").symlink_to(outside, target_is_directory=True),
+             "dangling": lambda c: (c / "gone").symlink_to(tmp_path / "nothing")}
+    for name, change in cases.items():
+        copy = tmp_path / name.replace(" ", "-")
+        shutil.copytree(exported.model_dir, copy)
+        change(copy)
+        with pytest.raises(FuluConfigError, match="symbolic link"):
+            fulu_nas.load(copy)
+    copy = tmp_path / "escape"
+    shutil.copytree(exported.model_dir, copy)
+    listing = json.loads((copy / "checksums.json").read_text())
+    listing["../outside/model.safetensors"] = listing["model.safetensors"]
+    (copy / "checksums.json").write_text(json.dumps(listing))
+    with pytest.raises(FuluConfigError, match="is not a file inside the folder"):
+        fulu_nas.load(copy)
+
+
+@pytest.mark.slow
+def test_the_fingerprint_refuses_a_folder_whose_files_and_checksums_were_both_replaced(exported, tmp_path):
+    from fulu_nas.deploy.export import fingerprint
+
+    exported_fingerprint = fingerprint(exported.model_dir)
+    assert fulu_nas.load(exported.model_dir, expected_sha256=exported_fingerprint).arch is not None
+    copy = tmp_path / "copy"
+    shutil.copytree(exported.model_dir, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["architecture"]["norm_eps"] = 1e6
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    forge_checksums(copy)
+    assert fulu_nas.load(copy).arch.norm_eps == 1e6  # self-consistent: only the fingerprint tells
+    with pytest.raises(FuluConfigError, match="checksums.json: its SHA-256 is not the expected"):
+        fulu_nas.load(copy, expected_sha256=exported_fingerprint)
+
+
+@pytest.mark.slow
+def test_unreadable_checksums_and_configs_that_do_not_fit_the_weights_are_clear_errors(exported, tmp_path):
+    """Each a FuluConfigError naming the file; a configuration asking for huge tensors is compared with
+    the weights' header before anything of that size is allocated."""
+    cases = {"not json": ("checksums.json", "{", "not valid JSON"),
+             "a list": ("checksums.json", "[1, 2]", "expected an object"),
+             "a bad hash": ("checksums.json", json.dumps({"config.yaml": "abc"}), "is not a SHA-256"),
+             "no architecture": ("config.yaml", yaml.safe_dump({"format": 1, "architecture": [1]}), "no architecture"),
+             "huge vocabulary": ("config.yaml", None, "does not describe these weights")}
+    for name, (file, text, words) in cases.items():
+        copy = tmp_path / name.replace(" ", "-")
+        shutil.copytree(exported.model_dir, copy)
+        if text is None:
+            config = yaml.safe_load((copy / "config.yaml").read_text())
+            config["architecture"]["vocab_size"] = 10**12  # 10^12 x width floats: refused, not allocated
+            text = yaml.safe_dump(config)
+        (copy / file).write_text(text)
+        if file != "checksums.json":
+            forge_checksums(copy)
+        with pytest.raises(FuluConfigError, match=words):
+            fulu_nas.load(copy)
+
+
+@pytest.mark.slow
 def test_export_refuses_bad_input_and_writes_nothing(exported, monkeypatch, capsys):
     monkeypatch.chdir(exported.root)
     before = sorted(p.name for p in exported.root.iterdir())

@@ -20,11 +20,12 @@ failure leaves nothing half-written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from torch import nn
 
 from ..errors import FuluConfigError
 from ..models import ArchConfig, PiMoETransformer
+from .files import checked_copy, parse_manifest
+from .files import sha256_file as sha256
 from .pt2_check import UnsafeProgramError, check_archive
 
 CHECKSUMS = "checksums.json"
@@ -53,14 +56,6 @@ class LogitsOnly(nn.Module):
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         return self.model(tokens_BS).logits
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_program(model: PiMoETransformer, path: Path, max_batch: int = MAX_BATCH) -> torch.export.ExportedProgram:
@@ -176,50 +171,99 @@ def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], met
     return assemble(out, fill)
 
 
-def verify(directory: str | Path) -> dict[str, str]:
-    """Check that ``checksums.json`` lists every other file of the directory with its SHA-256 and that no
-    program in it would be unpickled by ``torch.export.load``; FuluConfigError names each file that is
-    missing, changed, added or refused."""
+def fingerprint(directory: str | Path) -> str:
+    """The SHA-256 of the folder's ``checksums.json``: one hash for every file of an export (printed by
+    ``fulu-nas export``, recorded in MLflow). Check a folder against it with ``expected_sha256=``."""
+    return sha256(Path(directory) / CHECKSUMS)
+
+
+def check_folder(directory: str | Path, expected_sha256: str | None = None, into: Path | None = None) -> dict[str, str]:
+    """Check that ``checksums.json`` lists every other file of the directory with its SHA-256, that they
+    are regular files, and that no program in it would run code when ``torch.export.load`` reads it;
+    with ``expected_sha256`` (the export's :func:`fingerprint`), that ``checksums.json`` is the exported
+    one, so that a folder whose files and checksums were both replaced is refused too. ``into``: copy
+    the files there in the same read (a private folder to load from). FuluConfigError names each file
+    that is missing, changed, added or refused."""
     directory = Path(directory)
     listing = directory / CHECKSUMS
     if not directory.is_dir():
         raise FuluConfigError(f"{directory}: not an export directory (no such folder)")
-    if not listing.is_file():
+    if listing.is_symlink() or not listing.is_file():
         raise FuluConfigError(f"{directory}: not an export directory (no {CHECKSUMS})")
-    checksums = json.loads(listing.read_text())
-    problems = []
-    for name, expected in checksums.items():
-        path = directory / name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif sha256(path) != expected:
-            problems.append(f"{path}: checksum mismatch (the file was modified after export)")
-        elif path.suffix == ".pt2":
-            try:
-                check_archive(path.read_bytes(), path)
-            except UnsafeProgramError as e:
-                problems.append(str(e))
-    for path in sorted(directory.rglob("*")):
-        name = path.relative_to(directory).as_posix()
-        if path.is_file() and name != CHECKSUMS and name not in checksums:
-            problems.append(f"{path}: not listed in {CHECKSUMS} (added after export, or exported by an older "
-                            "fulu-nas: export again)")
+    text = listing.read_bytes()
+    if expected_sha256 is not None and hashlib.sha256(text).hexdigest() != expected_sha256.strip().lower():
+        raise FuluConfigError(f"{listing}: its SHA-256 is not the expected {expected_sha256} (not the exported "
+                              "folder, or its files and checksums were replaced)")
+    checksums = parse_manifest(text, str(listing))
+    problems = checked_copy(directory, checksums, CHECKSUMS, ignore=(CHECKSUMS,), into=into)
+    if into is not None:
+        (into / CHECKSUMS).write_bytes(text)
+    if not problems:
+        for name in checksums:
+            if name.endswith(".pt2"):
+                try:
+                    check_archive(((into or directory) / name).read_bytes(), directory / name)
+                except UnsafeProgramError as e:
+                    problems.append(str(e))
     if problems:
         raise FuluConfigError(problems)
     return checksums
 
 
-def load(directory: str | Path, map_location: str | torch.device = "cpu") -> PiMoETransformer:
-    """The exported model as an ``nn.Module`` (eval mode), after :func:`verify`. Reads YAML and
+def verify(directory: str | Path, expected_sha256: str | None = None) -> dict[str, str]:
+    """:func:`check_folder` without a copy."""
+    return check_folder(directory, expected_sha256)
+
+
+@contextlib.contextmanager
+def checked_folder(directory: str | Path, expected_sha256: str | None = None) -> Iterator[Path]:
+    """A private copy of the export folder, made in the same read that checks it (:func:`check_folder`),
+    removed on exit: what a loader reads is what was checked."""
+    with tempfile.TemporaryDirectory(prefix="fulu-nas-checked-") as tmp:
+        copy = Path(tmp) / "model"
+        copy.mkdir()
+        check_folder(directory, expected_sha256, into=copy)
+        yield copy
+
+
+def check_weights_fit(arch: ArchConfig, weights: Path, source: Path) -> None:
+    """The configuration's tensor shapes against the safetensors header, before a module of that size is
+    allocated (a configuration can ask for any size)."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in PiMoETransformer(arch).state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wrong = [f"{k}: {stored[k]} stored, {expected[k]} configured" for k in stored
+             if k in expected and stored[k] != expected[k]]
+    unknown = sorted(stored.keys() - expected.keys())
+    if wrong or unknown:
+        raise FuluConfigError(f"{source}: config.yaml does not describe these weights: "
+                              + "; ".join(wrong[:3] + [f"no parameter {k}" for k in unknown[:3]]))
+
+
+def load(directory: str | Path, map_location: str | torch.device = "cpu",
+         expected_sha256: str | None = None) -> PiMoETransformer:
+    """The exported model as an ``nn.Module`` (eval mode), read from a copy made as the folder is checked
+    (:func:`checked_folder`; ``expected_sha256``: the export's :func:`fingerprint`). Reads YAML and
     safetensors only: nothing is unpickled."""
     import yaml
     from safetensors.torch import load_model
 
     directory = Path(directory)
-    verify(directory)
-    config = yaml.safe_load((directory / "config.yaml").read_text())
-    if config.get("format") != FORMAT_VERSION:
-        raise FuluConfigError(f"{directory / 'config.yaml'}: unknown export format {config.get('format')!r}")
-    model = PiMoETransformer(ArchConfig.from_dict(config["architecture"]))
-    load_model(model, str(directory / "model.safetensors"), strict=True, device=str(map_location))
+    with checked_folder(directory, expected_sha256) as copy:
+        config = yaml.safe_load((copy / "config.yaml").read_text())
+        if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION:
+            found = config.get("format") if isinstance(config, dict) else config
+            raise FuluConfigError(f"{directory / 'config.yaml'}: unknown export format {found!r}")
+        if not isinstance(config.get("architecture"), dict):
+            raise FuluConfigError(f"{directory / 'config.yaml'}: no architecture mapping")
+        try:
+            arch = ArchConfig.from_dict(config["architecture"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise FuluConfigError(f"{directory / 'config.yaml'}: not a valid architecture ({e})") from None
+        check_weights_fit(arch, copy / "model.safetensors", directory / "model.safetensors")
+        model = PiMoETransformer(arch)
+        load_model(model, str(copy / "model.safetensors"), strict=True, device=str(map_location))
     return model.to(map_location).eval()

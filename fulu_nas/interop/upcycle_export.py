@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deploy.export import assemble, verify
+from ..deploy.export import assemble, checked_folder
 from ..errors import FuluConfigError
 from .encoder import TOKENIZER_EXTRAS, TOKENIZER_FILES, quiet_transformers
 from .migrate import migrate_from_electra
@@ -68,29 +68,32 @@ def is_upcycled_export(directory: str | Path) -> bool:
     return (Path(directory) / UPCYCLING).is_file()
 
 
-def load_upcycled(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The exported model (a transformers masked-language model with its PiMoE layers, eval mode) after
-    :func:`~fulu_nas.deploy.export.verify`. ``model.fulu_migration`` says what was upcycled."""
+def load_upcycled(directory: str | Path, map_location: str | torch.device = "cpu",
+                  expected_sha256: str | None = None) -> nn.Module:
+    """The exported model (a transformers masked-language model with its PiMoE layers, eval mode), read
+    from a copy made as the folder is checked (:func:`~fulu_nas.deploy.export.checked_folder`;
+    ``expected_sha256``: the export's fingerprint). ``model.fulu_migration`` says what was upcycled."""
     import yaml
 
     directory = Path(directory)
-    verify(directory)
-    record = yaml.safe_load((directory / UPCYCLING).read_text())
-    if record.get("format") != FORMAT_VERSION:
-        raise FuluConfigError(f"{directory / UPCYCLING}: unknown export format {record.get('format')!r}")
-    arch = UpcycleArch.from_dict(record["architecture"])
-    try:
-        import transformers
-    except ImportError:
-        raise FuluConfigError("loading an upcycled model needs transformers: pip install 'fulu-nas[hf]'") from None
-    from safetensors.torch import load_model
+    with checked_folder(directory, expected_sha256) as copy:
+        record = yaml.safe_load((copy / UPCYCLING).read_text())
+        if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
+            found = record.get("format") if isinstance(record, dict) else record
+            raise FuluConfigError(f"{directory / UPCYCLING}: unknown export format {found!r}")
+        arch = UpcycleArch.from_dict(record["architecture"])
+        try:
+            import transformers
+        except ImportError:
+            raise FuluConfigError("loading an upcycled model needs transformers: pip install 'fulu-nas[hf]'") from None
+        from safetensors.torch import load_model
 
-    with quiet_transformers(), torch.random.fork_rng(devices=[]):  # the initial weights are replaced below
-        config = transformers.AutoConfig.from_pretrained(directory)
-        model = transformers.AutoModelForMaskedLM.from_config(config)
-    if arch.layers:
-        with warnings.catch_warnings():  # an inexact start (expert choice) was the searched architecture's
-            warnings.simplefilter("ignore", UserWarning)
-            model = migrate_from_electra(model, layers=arch.layers, inplace=True, verify=False, **arch.migration)
-    load_model(model, str(directory / "model.safetensors"), strict=True, device=str(map_location))
+        with quiet_transformers(), torch.random.fork_rng(devices=[]):  # the initial weights are replaced below
+            config = transformers.AutoConfig.from_pretrained(copy)
+            model = transformers.AutoModelForMaskedLM.from_config(config)
+        if arch.layers:
+            with warnings.catch_warnings():  # an inexact start (expert choice) was the searched architecture's
+                warnings.simplefilter("ignore", UserWarning)
+                model = migrate_from_electra(model, layers=arch.layers, inplace=True, verify=False, **arch.migration)
+        load_model(model, str(copy / "model.safetensors"), strict=True, device=str(map_location))
     return model.to(map_location).eval()
