@@ -8,6 +8,7 @@ COMMANDS = {
     "search": "run or resume a search (Hydra app): fulu-nas search [key=value ...] | --help | --cfg job",
     "confirm": "train the best architectures again (seeds, longer budget): fulu-nas confirm study.name=NAME [top_k=8]",
     "export": "write a trial as a deployable model: fulu-nas export study.name=NAME [trial=best] [out=DIR]",
+    "serve": "serve an exported model over HTTP after checking its files: fulu-nas serve models:/NAME@champion",
     "ui": "open the MLflow UI of a search on 127.0.0.1: fulu-nas ui [OUTPUT_DIR | --tracking-uri URI]",
     "dashboard": "HTML dashboard of a study, logged to MLflow: fulu-nas dashboard study.name=NAME [layout=..] [out=..]",
     "bench": "benchmarks (torch only): fulu-nas bench layer --help",
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from .search import export_trial
 
         return export_trial.main(rest)
+    if command == "serve":
+        from .deploy import serve
+
+        return serve.main(rest)
     if command == "ui":
         from .dashboard import ui
 

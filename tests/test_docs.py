@@ -20,7 +20,8 @@ Blocks, by info string:
     preset instead (``+experiment=upcycle_tiny study.n_trials=1``). ``fulu-nas bench`` lines get tiny shapes and
     budgets appended (``BENCH_SHRINK``); ``-m fulu_nas.training.distributed`` lines likewise
     (``LINE_SHRINK``).
-  - Servers (``fulu-nas ui``, ``optuna-dashboard``, ``mlflow models serve``, ``mlflow ui``/``server``)
+  - Servers (``fulu-nas ui``, ``fulu-nas serve``, ``optuna-dashboard``, ``mlflow models serve``,
+    ``mlflow ui``/``server``)
     start in the background on 127.0.0.1 and a free port (put in place of the port the block names,
     in every line of the block), must answer HTTP, serve the rest of the block, and are stopped at
     its end.
@@ -94,7 +95,8 @@ BENCH_SHRINK = {
 # Appended to shell lines that contain the key.
 LINE_SHRINK = {"-m fulu_nas.training.distributed": " --hidden 32 --ffn 64 --tokens 64 --steps 2"}
 # Server commands (after any VAR=value prefix) and the port each listens on by default.
-SERVERS = {("fulu-nas", "ui"): 5000, ("optuna-dashboard",): 8080, ("mlflow", "models", "serve"): 5000,
+SERVERS = {("fulu-nas", "ui"): 5000, ("fulu-nas", "serve"): 5001, ("optuna-dashboard",): 8080,
+           ("mlflow", "models", "serve"): 5000,
            ("mlflow", "ui"): 5000, ("mlflow", "server"): 5000}
 # pip's words when the index cannot be reached (a machine offline): the page is skipped, not failed.
 OFFLINE = ("Could not find a version that satisfies", "No matching distribution found", "NewConnectionError",

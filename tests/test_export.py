@@ -73,7 +73,7 @@ def test_export_directory_and_load(exported):
     assert isinstance(model, torch.nn.Module) and not model.training
     assert model.arch.to_dict() == best.user_attrs["arch"]
     card = (d / "README.md").read_text()
-    assert f"trial {best.number}" in card and "mlflow models serve" in card
+    assert f"trial {best.number}" in card and "fulu-nas serve" in card
 
 
 def card_snippet(model_dir: Path) -> str:
@@ -125,12 +125,13 @@ def test_program_runs_with_torch_alone_and_matches(exported, tmp_path):
 
 
 @contextlib.contextmanager
-def serving(model_dir: Path):
-    """``mlflow models serve`` of ``model_dir`` on a free port; yields ``post(payload) -> (status, json)``."""
+def serving(model: Path | str, *options: str, tracking_uri: str | None = None):
+    """``fulu-nas serve`` of ``model`` (a folder or a registered model URI) on a free port; yields
+    ``post(payload) -> (status, json)``."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir),
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {**os.environ, **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {})}
+    server = subprocess.Popen([sys.executable, "-m", "fulu_nas", "serve", str(model), *options, "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
 
     def post(payload):
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
@@ -144,7 +145,7 @@ def serving(model_dir: Path):
     try:
         deadline = time.time() + 120
         while True:
-            assert server.poll() is None, "mlflow models serve exited"
+            assert server.poll() is None, "fulu-nas serve exited"
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=10).close()
                 break
@@ -166,14 +167,22 @@ def test_mlflow_serves_the_model_and_the_registry_resolves_champion(exported):
     with torch.no_grad():
         expected = model(x).logits.numpy()
 
-    mlflow.set_tracking_uri(f"sqlite:///{exported.out / 'mlflow.db'}")
+    from fulu_nas.deploy.export import fingerprint
+    from fulu_nas.deploy.serve import load_pyfunc
+
+    tracking = f"sqlite:///{exported.out / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking)
     registered = mlflow.pyfunc.load_model("models:/tiny-clusters@champion")
     np.testing.assert_allclose(registered.predict(x.numpy()), expected, rtol=1e-5, atol=1e-5)
+    checked = load_pyfunc("models:/tiny-clusters@champion", tracking_uri=tracking)
+    np.testing.assert_allclose(checked.predict(x.numpy()), expected, rtol=1e-5, atol=1e-5)
 
-    with serving(exported.model_dir) as post:
-        status, answer = post({"inputs": x.tolist()})
-    assert status == 200
-    np.testing.assert_allclose(np.asarray(answer["predictions"]), expected, rtol=1e-5, atol=1e-5)
+    for source, options in (("models:/tiny-clusters@champion", ()),
+                            (exported.model_dir, ("--sha256", fingerprint(exported.model_dir)))):
+        with serving(source, *options, tracking_uri=tracking) as post:
+            status, answer = post({"inputs": x.tolist()})
+        assert status == 200, source
+        np.testing.assert_allclose(np.asarray(answer["predictions"]), expected, rtol=1e-5, atol=1e-5)
 
 
 def bad_inputs(vocab: int, max_seq_len: int) -> list[tuple[np.ndarray, str]]:
@@ -237,11 +246,20 @@ def test_the_console_carries_the_commands_own_lines_alone(tmp_path):
         for noise in (" INFO ", "[INFO]", "Warning", "Downloading artifacts", "Successfully registered",
                       "Created version"):
             assert noise not in console, console
+    import mlflow
+
+    from fulu_nas.deploy.export import fingerprint
+    from fulu_nas.deploy.files import manifest_digest
+
     best = load_study(out).best_trial.number
+    version = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_model_version("tiny-clusters", "1")
+    files = manifest_digest(json.loads(version.tags["fulu.files"]))
+    assert version.tags["fulu.fingerprint"] == fingerprint(tmp_path / "model")
     assert exported.splitlines() == [
         f"exporting trial {best}: trial=best (the best trial of the search; no confirmation)",
-        f"exported trial {best} of study tiny-clusters to {tmp_path / 'model'}",
-        "registered as models:/tiny-clusters@champion (version 1)"]
+        f"exported trial {best} of study tiny-clusters to {tmp_path / 'model'} (fingerprint "
+        f"{fingerprint(tmp_path / 'model')})",
+        f"registered as models:/tiny-clusters@champion (version 1, files {files})"]
 
 
 @pytest.mark.slow
@@ -386,6 +404,46 @@ def test_the_archive_check_refuses_graphs_that_run_code_without_any_pickle(tmp_p
             marker.unlink()
 
 
+@pytest.mark.slow
+def test_serving_checks_the_registered_files_against_the_registry_before_mlflow_runs_them(exported, tmp_path, capsys):
+    """MLflow runs a model's pyfunc.py as it loads it: someone who can write to the artifact store runs
+    code in every server of the model. fulu-nas serve (and load_pyfunc) check each file against the
+    SHA-256 values that fulu-nas export recorded as the version's tag, in the tracking database."""
+    import mlflow
+
+    from fulu_nas.deploy.serve import load_pyfunc
+
+    tracking = f"sqlite:///{exported.out / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking)
+    version = client.get_model_version_by_alias("tiny-clusters", "champion")
+    stored = Path(client.get_model_version_download_uri("tiny-clusters", version.version).removeprefix("file://"))
+    assert (stored / "pyfunc.py").is_file(), stored
+    backup = tmp_path / "backup"
+    shutil.copytree(stored, backup)
+    marker = tmp_path / "code-ran"
+    try:
+        with open(stored / "pyfunc.py", "a") as f:
+            f.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+        mlflow.set_tracking_uri(tracking)
+        mlflow.pyfunc.load_model("models:/tiny-clusters@champion")
+        assert marker.exists()  # the exploit is real: MLflow ran the added line
+        marker.unlink()
+        with pytest.raises(FuluConfigError, match="pyfunc.py: checksum mismatch"):
+            load_pyfunc("models:/tiny-clusters@champion", tracking_uri=tracking)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+        result = subprocess.run([sys.executable, "-m", "fulu_nas", "serve", "models:/tiny-clusters@champion",
+                                 "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 2 and "pyfunc.py: checksum mismatch" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not marker.exists()
+    finally:
+        shutil.rmtree(stored)
+        shutil.copytree(backup, stored)
+    for uri, words in (("models:/nothing@champion", "not found in the model registry"),
+                       ("models:/tiny-clusters/x", "models:/NAME@ALIAS or models:/NAME/VERSION")):
+        assert main(["serve", uri, "--tracking-uri", tracking]) == 2
+        assert words in capsys.readouterr().err
+
+
 def forge_checksums(folder: Path) -> None:
     """What someone who swaps files of a folder also does: record the new files' SHA-256 wherever the
     folder records them (checksums.json, the pyfunc's configuration in MLmodel)."""
@@ -523,6 +581,28 @@ def test_unreadable_checksums_and_configs_that_do_not_fit_the_weights_are_clear_
             forge_checksums(copy)
         with pytest.raises(FuluConfigError, match=words):
             fulu_nas.load(copy)
+
+
+@pytest.mark.slow
+def test_export_refuses_trial_weights_changed_in_the_artifact_store(exported, monkeypatch, capsys):
+    """A trial's weights are checked against the SHA-256 the search recorded on its run (in the tracking
+    database) before they are exported, measured and registered as that trial's."""
+    import mlflow
+
+    monkeypatch.chdir(exported.root)
+    best = max((t for t in exported.study.trials if t.state == TrialState.COMPLETE), key=lambda t: -t.values[0])
+    client = mlflow.MlflowClient(f"sqlite:///{exported.out / 'mlflow.db'}")
+    run = client.get_run(best.user_attrs["weights_run_id"])
+    weights = Path(run.info.artifact_uri.removeprefix("file://")) / "model.safetensors"
+    original = weights.read_bytes()
+    try:
+        flip_last_byte(weights)
+        assert main(["export", "study.name=tiny-clusters", f"hydra.run.dir={exported.out}", f"trial={best.number}",
+                     "out=poisoned"]) == 2
+        assert "are not the ones the search uploaded" in capsys.readouterr().err
+        assert not (exported.root / "poisoned").exists()
+    finally:
+        weights.write_bytes(original)
 
 
 @pytest.mark.slow

@@ -8,11 +8,12 @@ An export directory holds:
   dimensions; it runs with torch alone, loaded as the model card shows (SHA-256 first:
   ``torch.export.load`` unpickles, see :mod:`.pt2_check`);
 - ``MLmodel`` + environment files + ``pyfunc.py`` + ``code/pt2_check.py`` + ``artifacts/model.pt2``:
-  an MLflow pyfunc over the program (``mlflow models serve -m DIR --env-manager local``), built
-  from code, not pickled; it checks the program's SHA-256 (in MLmodel's config) before loading it;
+  an MLflow pyfunc over the program (``fulu-nas serve DIR``, :mod:`.serve`), built from code, not
+  pickled; it checks the program's SHA-256 (in MLmodel's config) before loading it;
 - ``metrics.json``, ``README.md`` (model card) and ``checksums.json``: the SHA-256 of every other
-  file, verified by :func:`verify` (and so :func:`load`), which also refuses programs that
-  ``torch.export.load`` would unpickle.
+  file, verified by :func:`verify` (and so :func:`load`), which also refuses programs from which
+  ``torch.export.load`` would run code. The SHA-256 of ``checksums.json`` is the export's
+  :func:`fingerprint`.
 
 The directory is assembled under a temporary name next to ``out`` and renamed at the end, so a
 failure leaves nothing half-written.

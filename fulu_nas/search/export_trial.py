@@ -21,6 +21,7 @@ from pathlib import Path
 
 import optuna
 
+from ..deploy.files import sha256_file
 from ..errors import FuluConfigError
 from .confirm_summary import confirmed_winner, describe_winner
 from .family import UPCYCLE
@@ -28,7 +29,7 @@ from .locate import StudyLocation, load_study, locate_study, search_settings, sp
 from .objective import is_feasible, measure_trial_cost, reference_model
 from .settings import SearchSettings
 from .storage import mask_url
-from .tracking import export_run, quiet_mlflow
+from .tracking import WEIGHTS_SHA256_TAG, export_run, quiet_mlflow
 
 TrialState = optuna.trial.TrialState
 OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "4", "out": "", "name": ""}
@@ -108,6 +109,14 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
             path = client.download_artifacts(run_id, "model.safetensors", tmp) if run_id else None
             if path is None:
                 raise FileNotFoundError
+            recorded = client.get_run(run_id).data.tags.get(WEIGHTS_SHA256_TAG)
+            if recorded != sha256_file(Path(path)):
+                raise FuluConfigError(
+                    f"trial: trial {trial.number}'s weights in MLflow (run {run_id}) "
+                    + ("are not the ones the search uploaded (their SHA-256 differs from the run's "
+                       f"{WEIGHTS_SHA256_TAG} tag)" if recorded else
+                       f"have no recorded SHA-256 ({WEIGHTS_SHA256_TAG}: searched by an older fulu-nas)")
+                    + "; pass retrain=true to train the architecture again")
             load_model(model, path, strict=True)
     except (FileNotFoundError, OSError, mlflow.exceptions.MlflowException):
         if run_id and client.get_run(run_id).info.status == "RUNNING":
@@ -146,10 +155,11 @@ Parameters: {', '.join(f'{k}={v}' for k, v in trial.params.items())}. Selected b
 ## Use it
 ```python
 import fulu_nas
-model = fulu_nas.load(".")     # nn.Module; verifies checksums.json and refuses pickles first
+model = fulu_nas.load(".", expected_sha256="FINGERPRINT")  # nn.Module; every file checked first
 ```
-Serve: `mlflow models serve -m . --env-manager local --host 127.0.0.1 --port 5001`, then POST
-`{{"inputs": [[1, 2, 3]]}}` to `/invocations`; the registered model is `models:/{name}@champion`.
+Serve: `fulu-nas serve . --sha256 FINGERPRINT --port 5001` (the fingerprint `fulu-nas export` printed:
+every file is checked before MLflow runs any of them), then POST `{{"inputs": [[1, 2, 3]]}}` to
+`/invocations`; the registered model is `models:/{name}@champion` (`fulu-nas serve models:/{name}@champion`).
 The architecture is in `config.yaml`; the full configuration in `architecture` rebuilds the module.
 With torch alone, load `model.pt2` as the last section shows.
 """
@@ -158,7 +168,8 @@ With torch alone, load `model.pt2` as the last section shows.
 def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     import mlflow
 
-    from ..deploy.export import FORMAT_VERSION, pyfunc_arguments, write_export
+    from ..deploy.export import FORMAT_VERSION, fingerprint, pyfunc_arguments, write_export
+    from ..deploy.serve import record_registered_files
     from ..training.evaluate import evaluate
     from ..training.train import resolve_device
 
@@ -209,10 +220,14 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         with contextlib.redirect_stderr(io.StringIO()):
             info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
                                            **pyfunc_arguments(out / "model.pt2", model.arch))
-    version = info.registered_model_version
-    mlflow.MlflowClient(location.tracking_uri).set_registered_model_alias(name, "champion", str(version))
-    print(f"exported trial {trial.number} of study {s.study.name} to {out}\n"
-          f"registered as models:/{name}@champion (version {version})")
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient(location.tracking_uri)
+    # The registered files' SHA-256 in the tracking database, which `fulu-nas serve` checks them against.
+    registered = record_registered_files(client, name, version, location.tracking_uri)
+    client.set_model_version_tag(name, version, "fulu.fingerprint", fingerprint(out))  # the folder's
+    client.set_registered_model_alias(name, "champion", version)
+    print(f"exported trial {trial.number} of study {s.study.name} to {out} (fingerprint {fingerprint(out)})\n"
+          f"registered as models:/{name}@champion (version {version}, files {registered})")
     return out
 
 

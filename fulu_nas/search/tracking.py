@@ -19,10 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..deploy.files import sha256_file
 from .settings import SearchSettings
 from .storage import mask_url
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+WEIGHTS_SHA256_TAG = "fulu.weights_sha256"  # a trial's model.safetensors, as it was uploaded
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -210,6 +212,8 @@ class Tracker:
 
                 path = Path(tmp) / "model.safetensors"
                 save_model(weights, str(path))  # handles the tied embedding / LM head
+                # in the tracking database, apart from the artifact store: export checks the file against it
+                self.client.set_tag(run_id, WEIGHTS_SHA256_TAG, sha256_file(path))
                 self.client.log_artifact(run_id, str(path))
 
     def end_trial(self, run_id: str, status: str, tags: dict | None = None) -> None:

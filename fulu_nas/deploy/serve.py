@@ -1,0 +1,158 @@
+"""``fulu-nas serve``: serve an exported model over HTTP with MLflow, after checking every file of it.
+
+An MLflow model is code (``pyfunc.py``, ``code/``) and configuration (``MLmodel``) that MLflow runs as it
+loads the model, before any check the model itself makes; ``mlflow models serve`` on a model whose
+files someone replaced runs their code. So ``fulu-nas serve`` first makes a private copy of the model
+and checks it against SHA-256 values recorded where the model's files are not:
+
+- a registered model (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, in the tracking server of
+  ``MLFLOW_TRACKING_URI`` or ``--tracking-uri``): ``fulu-nas export`` records the SHA-256 of every
+  file of the version it registers as the version's tag ``fulu.files``, in the tracking database, not
+  in the artifact store that holds the files;
+- an export folder: its ``checksums.json``, and with ``--sha256`` that this file is the exported one
+  (the fingerprint ``fulu-nas export`` printed), else only that the folder agrees with itself.
+
+Then ``mlflow models serve`` serves the copy (``--env-manager local``, on 127.0.0.1 by default), with
+MLflow's pickle loading switched off. :func:`load_pyfunc` does the same for
+``mlflow.pyfunc.load_model`` in Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import FuluConfigError
+from .files import checked_copy, folder_entries, manifest_digest, parse_manifest, sha256_file
+
+BAD_INPUT = 2
+FILES_TAG = "fulu.files"  # a registered version's files: JSON, relative name -> SHA-256
+NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+# MLflow's note of a version's name and number, which it writes into a local artifact store when a
+# model is loaded by its models:/ URI; data it never runs, so not checked and not served.
+REGISTRY_NOTE = "registered_model_meta"
+
+
+def _download(client, name: str, version: str, into: Path, tracking_uri: str | None) -> Path:
+    """The files of a registered version, downloaded as ``mlflow models serve`` would fetch them."""
+    import mlflow
+
+    with contextlib.redirect_stderr(open(os.devnull, "w")):  # MLflow's download progress bar
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(name, version), dst_path=str(into),
+            tracking_uri=tracking_uri))
+
+
+def record_registered_files(client, name: str, version: str, tracking_uri: str) -> str:
+    """Tag the registered version ``name``/``version`` with the SHA-256 of every file of its model
+    (:data:`FILES_TAG`), read back from the artifact store it was just logged to; the manifest's digest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _download(client, name, version, Path(tmp), tracking_uri)
+        files, problems = folder_entries(local)
+        if problems:
+            raise FuluConfigError(problems)
+        manifest = {f: sha256_file(local / f) for f in files if f != REGISTRY_NOTE}
+    client.set_model_version_tag(name, version, FILES_TAG, json.dumps(manifest, sort_keys=True, separators=(",", ":")))
+    return manifest_digest(manifest)
+
+
+def _registered(uri: str, tracking_uri: str | None):
+    """The model version ``uri`` names, or FuluConfigError."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    reference = uri[len("models:/"):]
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            return client, client.get_model_version_by_alias(name, alias)
+        name, _, version = reference.partition("/")
+        if not version.isdigit():
+            raise FuluConfigError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        return client, client.get_model_version(name, version)
+    except MlflowException as e:
+        raise FuluConfigError(f"{uri}: not found in the model registry at "
+                              f"{tracking_uri or mlflow.get_tracking_uri()} ({e.message.splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def checked_model(source: str, expected_sha256: str | None = None,
+                  tracking_uri: str | None = None) -> Iterator[Path]:
+    """A private copy of the MLflow model ``source`` (a registered model URI or an export folder), made as
+    it is checked; removed on exit. FuluConfigError names what is wrong."""
+    with tempfile.TemporaryDirectory(prefix="fulu-nas-serve-") as tmp:
+        copy = Path(tmp) / "model"
+        if source.startswith("models:/"):
+            client, version = _registered(source, tracking_uri)
+            if FILES_TAG not in version.tags:
+                raise FuluConfigError(f"{source}: version {version.version} has no {FILES_TAG} tag (registered "
+                                      "by an older fulu-nas, or not by fulu-nas export): export it again")
+            manifest = parse_manifest(version.tags[FILES_TAG], f"{source} (tag {FILES_TAG})")
+            if expected_sha256 is not None and manifest_digest(manifest) != expected_sha256.strip().lower():
+                raise FuluConfigError(f"{source}: the files recorded for version {version.version} are not the "
+                                      f"expected {expected_sha256}")
+            downloaded = Path(tmp) / "download"
+            downloaded.mkdir()
+            local = _download(client, version.name, version.version, downloaded, tracking_uri)
+            copy.mkdir()
+            problems = checked_copy(local, manifest, f"the {FILES_TAG} tag of {source}", ignore=(REGISTRY_NOTE,),
+                                    into=copy)
+            if problems:
+                raise FuluConfigError([f"{source}: {p}" for p in problems])
+            shutil.rmtree(downloaded)
+        else:
+            from .export import check_folder
+
+            copy.mkdir()
+            check_folder(source, expected_sha256, into=copy)
+        yield copy
+
+
+def load_pyfunc(source: str, expected_sha256: str | None = None, tracking_uri: str | None = None):
+    """``mlflow.pyfunc.load_model`` of ``source`` (a registered model URI or an export folder) after
+    checking every file of it (:func:`checked_model`); MLflow's pickle loading is off meanwhile."""
+    import mlflow
+
+    previous = {k: os.environ.get(k) for k in NO_PICKLES}
+    with checked_model(source, expected_sha256, tracking_uri) as copy:
+        os.environ.update(NO_PICKLES)
+        try:
+            return mlflow.pyfunc.load_model(str(copy))  # the program is read into memory as it loads
+        finally:
+            for k, v in previous.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def main(argv: list[str]) -> int:
+    from .server_process import run_server
+
+    parser = argparse.ArgumentParser(prog="fulu-nas serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or an export folder")
+    parser.add_argument("--sha256", help="the fingerprint fulu-nas export printed for this model")
+    parser.add_argument("--tracking-uri", help="the registry's tracking URI (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5001)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return BAD_INPUT if e.code else 0
+    try:
+        with checked_model(args.model, args.sha256, args.tracking_uri) as copy:
+            print(f"serving {args.model} (every file checked) at http://{args.host}:{args.port}/invocations  "
+                  "(Ctrl-C stops it)", flush=True)
+            command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(copy), "--env-manager", "local",
+                       "--host", args.host, "--port", str(args.port)]
+            quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # it copies the checked copy again
+            return run_server(command, env={**os.environ, **NO_PICKLES, **quiet})
+    except FuluConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT

@@ -1,0 +1,58 @@
+"""Running a server (MLflow's UI, MLflow's scoring server) as a child of a command until it is stopped.
+
+SIGINT (Ctrl-C), SIGTERM or SIGHUP to the command stops the whole server: MLflow serves from child
+processes of its own, which outlive a signal to the process that started them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+GRACE_S = 15.0  # for the server's processes to exit after the signal, before they are killed
+
+
+def run_server(command: list[str], env: dict[str, str] | None = None) -> int:
+    """Run ``command`` in a session (and process group) of its own until it exits, or until one of
+    :data:`STOP_SIGNALS` comes to this process: the signal is passed to the whole group (the terminal's
+    signals no longer reach it directly) and every process of it is waited for. 0 when stopped by a
+    signal, else its exit status."""
+    server = subprocess.Popen(command, start_new_session=True, env=env)
+    stopped_by: list[int] = []
+
+    def stop(signum: int, _frame) -> None:
+        stopped_by.append(signum)
+        _signal_group(server.pid, signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        code = server.wait()
+        if not stopped_by:  # it ended by itself: its children must not serve on
+            _signal_group(server.pid, signal.SIGTERM)
+        _wait_for_group(server.pid)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if stopped_by else code
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:  # the group has ended
+        pass
+
+
+def _wait_for_group(pgid: int) -> None:
+    """Until no process of group ``pgid`` is left, for up to :data:`GRACE_S`; then SIGKILL to the rest."""
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
