@@ -273,6 +273,28 @@ def test_export_best_takes_the_confirmed_winner(confirmed, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
+def test_export_best_refuses_a_confirmation_that_trials_added_since_have_outranked(confirmed, tmp_path):
+    """A study extended after its confirmation: trial=best took the old confirmed winner without a word,
+    though a new architecture now ranked among the search's best."""
+    import shutil
+
+    from fulu_nas.errors import FuluConfigError
+
+    shutil.copyfile(confirmed.out / "optuna.db", tmp_path / "optuna.db")
+    study = optuna.load_study(study_name="tiny-clusters", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    settings = settings_for(["loss"], ["minimize"])
+    assert choose_trial(study, settings, "best")[0].number == confirmed.summary["winner"]["trial"]
+    template = next(t for t in study.trials if t.state == TrialState.COMPLETE)
+    best = min(t.values[0] for t in study.trials if t.state == TrialState.COMPLETE)
+    study.add_trial(optuna.trial.create_trial(
+        params=template.params, distributions=template.distributions, value=best - 0.1,
+        user_attrs={**template.user_attrs, "arch_hash": "a-new-architecture", "reference": False}))
+    with pytest.raises(FuluConfigError, match="confirmation is out of date: trial.s. 4 ranked among"):
+        choose_trial(study, settings, "best")
+    assert choose_trial(study, settings, "4")[0].number == 4  # a named trial is still taken
+
+
+@pytest.mark.slow
 def test_dashboard_draws_the_confirmation(confirmed, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     page = tmp_path / "dashboard.html"

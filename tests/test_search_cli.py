@@ -46,6 +46,12 @@ BAD = [
       "+search_space.reference.router_jitter=0.0"],
      "params.router_jitter"),
     (["search_space.params.top_k.high=0"], "search_space.params.top_k"),
+    # numbers no trial could measure: trials failed without a reason, and were not counted, so the study ran on
+    (["task=textlm", "study.objectives=[routing_accuracy]", "study.pruner=none"], "labelled domains"),
+    (["search_space=tiny", "~search_space.reference", "study.objectives=[latency_ratio]", "study.pruner=none"],
+     "reference architecture"),
+    (["search_space=tiny", "~search_space.reference", "study.constraints={latency_ratio:1.5}"],
+     "reference architecture"),
 ]
 
 

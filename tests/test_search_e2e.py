@@ -120,6 +120,19 @@ def test_the_study_names_its_objectives_and_keeps_each_metric_as_an_attribute(tm
             assert t.user_attrs[name] == pytest.approx(value, nan_ok=True)
 
 
+def test_an_extended_study_draws_new_architectures_rather_than_its_first_ones_again(tmp_path, monkeypatch):
+    """The sampler was seeded with study.seed on every run, so extending a study (or resuming one after
+    an interruption) replayed its first draws: trials 3 and 4 were trials 1 and 2 again."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    options = ("study.sampler=random", "study.pruner=none", "trainer.steps=10", "trainer.report_every=5")
+    assert run_search(out, *options, "study.n_trials=3") == 0
+    assert run_search(out, *options, "study.n_trials=5") == 0
+    trials = load_study(out).trials
+    assert len(trials) == 5
+    assert [t.params for t in trials[3:5]] != [t.params for t in trials[1:3]]
+
+
 def test_resuming_with_another_space_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"

@@ -3,9 +3,11 @@ Ctrl-C, the samplers, multi-objective Pareto fronts, constraints, and the MLflow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -51,6 +53,30 @@ def test_a_failing_trial_records_its_reason_and_the_study_goes_on(error, reason,
     assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_failed"] == 1 and summary["n_finished"] == 3
+
+
+def test_a_non_finite_objective_fails_its_trial_with_a_reason_and_counts(tmp_path, monkeypatch):
+    """Optuna failed a trial whose objective was NaN itself, without a reason: the trial did not count
+    toward n_trials (the study trained on and on) and its MLflow run said FINISHED."""
+    real_cost = objective_module.measure_trial_cost
+    calls = []
+
+    def nan_latency(*args, **kwargs):
+        cost, metrics = real_cost(*args, **kwargs)
+        calls.append(1)
+        return cost, {**metrics, "latency_ms": float("nan")} if len(calls) == 2 else metrics
+
+    monkeypatch.setattr(objective_module, "measure_trial_cost", nan_latency)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=3", "study.pruner=none", "study.objectives=[latency_ms]") == 0
+    study = load_study(out)
+    assert len(study.trials) == 3
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["fail_reason"] == "latency_ms is not finite (nan)"
+    _, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    statuses = {int(r.data.tags["fulu.trial"]): r.info.status for r in runs}
+    assert statuses[failed[0].number] == "FAILED"
 
 
 def test_a_trials_weights_upload_while_the_next_trial_trains(tmp_path, monkeypatch):
@@ -139,7 +165,9 @@ def test_a_run_left_open_by_a_killed_uploader_is_closed_when_the_study_resumes(t
     assert "uploading" in killed.data.tags["fulu.reason"]
 
 
-def test_ctrl_c_fails_the_running_trial_and_the_study_resumes(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_fails_the_running_trial_and_the_study_resumes(stop, tmp_path):
+    """SIGTERM (timeout, docker stop, a scheduler) as Ctrl-C: it left the trial and its runs RUNNING."""
     out = tmp_path / "out"
     steps = 1000  # long enough that the trial seen running is still running when the signal lands
     args = _cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=2", "study.pruner=none",
@@ -153,17 +181,20 @@ def test_ctrl_c_fails_the_running_trial_and_the_study_resumes(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and interrupted is None and proc.poll() is None:
         time.sleep(0.2)
+        # Read-only SQL: Optuna's load_study on a database the search is still creating races it to
+        # create the schema (and the search then fails on alembic_version).
         try:
-            study = optuna.load_study(study_name="tiny-clusters", storage=storage)
-        except Exception:
+            with contextlib.closing(sqlite3.connect(f"file:{out / 'optuna.db'}?mode=ro", uri=True)) as db:
+                running = db.execute(
+                    "SELECT t.number FROM trials t JOIN trial_intermediate_values v ON v.trial_id = t.trial_id "
+                    "WHERE t.state = 'RUNNING' GROUP BY t.trial_id HAVING MAX(v.step) <= ?", (steps // 4,)).fetchall()
+        except sqlite3.Error:
             continue
-        running = [t for t in study.trials if t.state == TrialState.RUNNING and t.intermediate_values
-                   and max(t.intermediate_values) <= steps // 4]
         if running:
-            proc.send_signal(signal.SIGINT)
-            interrupted = running[0].number
+            proc.send_signal(stop)
+            interrupted = running[0][0]
     _, err = proc.communicate(timeout=120)
-    assert interrupted is not None
+    assert interrupted is not None, err[-3000:]
     assert proc.returncode == 130, err
     assert "run the same command to resume" in err
     study = optuna.load_study(study_name="tiny-clusters", storage=storage)
@@ -171,6 +202,8 @@ def test_ctrl_c_fails_the_running_trial_and_the_study_resumes(tmp_path):
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
     queued = [t for t in study.trials if t.state == TrialState.WAITING]
     assert len(queued) == 1 and queued[0].system_attrs["fixed_params"] == stopped.params
+    _, parents, trial_runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    assert not [r.info.run_name for r in parents + trial_runs if r.info.status == "RUNNING"]
 
     assert subprocess.run(args, cwd=tmp_path, capture_output=True).returncode == 0
     study = optuna.load_study(study_name="tiny-clusters", storage=storage)
@@ -215,7 +248,10 @@ def test_constraints_mark_trials_infeasible_and_the_ui_serves_the_runs(tmp_path,
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     assert run_search(out, "study.n_trials=2", "study.constraints={active_params:100}") == 0
-    assert "no feasible complete trial" in capsys.readouterr().out
+    console = capsys.readouterr()
+    assert "no feasible complete trial" in console.out
+    assert console.out.count("[infeasible: over active_params]") == 2, console.out  # each trial's line says so
+    assert json.loads((out / "summary.json").read_text())["n_infeasible"] == 2  # was 0
     study = load_study(out)
     for t in study.trials:
         assert t.state == TrialState.COMPLETE

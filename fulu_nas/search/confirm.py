@@ -82,26 +82,37 @@ def result_key(arch_hash: str, seed: int, steps: int) -> str:
     return f"{RESULT_PREFIX}{arch_hash}:seed{seed}:steps{steps}"
 
 
+def search_ranking(study: optuna.Study, s: SearchSettings) -> list[optuna.trial.FrozenTrial]:
+    """The best trial of each distinct architecture (by ``arch_hash``), best first: complete trials that
+    meet the study's constraints, by the first objective (a multi-objective study: its Pareto front)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = 1 if s.study.directions[0] == "minimize" else -1
+    pool = study.best_trials if s.study.multi_objective else complete
+    seen: set[str] = set()
+    firsts = []
+    for t in sorted((t for t in pool if is_feasible(t)), key=lambda t: (sign * t.values[0], t.number)):
+        h = t.user_attrs.get("arch_hash")
+        if h is not None and h not in seen:
+            seen.add(h)
+            firsts.append(t)
+    return firsts
+
+
 def plan_confirmation(study: optuna.Study, s: SearchSettings, options: ConfirmSettings) -> Plan:
     """What to train. A study with no complete feasible trial, or whose architectures cannot be rebuilt,
     raises :class:`FuluConfigError` listing every problem; nothing is written here."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise FuluConfigError(f"study.name: study {s.study.name!r} has no complete trial: nothing to confirm")
-    sign = 1 if s.study.directions[0] == "minimize" else -1
-    pool = study.best_trials if s.study.multi_objective else complete
-    pool = sorted((t for t in pool if is_feasible(t)), key=lambda t: (sign * t.values[0], t.number))
-    if not pool:
+    if not any(is_feasible(t) for t in complete):
         raise FuluConfigError(f"study.name: no complete trial of study {s.study.name!r} meets its constraints: "
                               "nothing to confirm")
     problems: list[str] = []
-    ranks: dict[str, int] = {}  # arch hash -> search rank
-    firsts: list[optuna.trial.FrozenTrial] = []  # the best trial of each distinct architecture
-    for t in pool:
-        h = _arch_hash(t, problems)
-        if h is not None and h not in ranks:
-            ranks[h] = len(ranks) + 1
-            firsts.append(t)
+    for t in complete:
+        if is_feasible(t):
+            _arch_hash(t, problems)
+    firsts = search_ranking(study, s)  # the best trial of each distinct architecture
+    ranks = {t.user_attrs["arch_hash"]: rank for rank, t in enumerate(firsts, 1)}  # arch hash -> search rank
     reference = next((t for t in complete if t.user_attrs.get("reference")), None)
     ref_hash = _arch_hash(reference, problems) if reference is not None else None
     candidates = []

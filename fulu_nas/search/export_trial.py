@@ -23,7 +23,8 @@ import optuna
 
 from ..deploy.files import sha256_file
 from ..errors import FuluConfigError
-from .confirm_summary import confirmed_winner, describe_winner
+from .confirm import search_ranking
+from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner
 from .family import UPCYCLE
 from .locate import StudyLocation, load_study, locate_study, search_settings, split_options
 from .objective import is_feasible, measure_trial_cost, reference_model
@@ -81,6 +82,15 @@ def choose_trial(study: optuna.Study, s: SearchSettings, spec: str) -> tuple[opt
     if winner is None:
         trial = select_trial(study, s, spec)
         return trial, f"trial={spec}" + (" (the best trial of the search; no confirmation)" if spec == "best" else "")
+    confirmation = study.user_attrs[SUMMARY_ATTR]
+    confirmed = {a["arch_hash"] for a in confirmation["architectures"]}
+    newer = [t.number for t in search_ranking(study, s)[:confirmation["top_k"]]
+             if t.user_attrs["arch_hash"] not in confirmed]
+    if newer:  # trials added since: the confirmation no longer holds the search's best architectures
+        raise FuluConfigError(
+            f"trial: the study's confirmation is out of date: trial(s) {', '.join(map(str, newer))} ranked among the "
+            f"search's best {confirmation['top_k']} architectures after it ran; run fulu-nas confirm "
+            f"study.name={s.study.name} again, or name a trial (trial=N)")
     return select_trial(study, s, str(winner["trial"])), f"trial=best: {describe_winner(winner)}"
 
 

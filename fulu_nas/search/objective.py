@@ -238,6 +238,9 @@ def evaluate_and_measure(model: PiMoETransformer, s: SearchSettings, references:
         m["perplexity"] = quality["perplexity"]
     if not math.isfinite(m["loss"]):
         raise TrialFailed("validation loss is not finite")
+    for name in (*s.study.objectives, *(name for name, _ in s.study.constraints)):
+        if not math.isfinite(m.get(name, math.nan)):  # Optuna would fail the trial without a reason
+            raise TrialFailed(f"{name} is {'not finite' if name in m else 'not measured'} ({m.get(name)})")
     return Measured(quality, cost, m, seconds)
 
 

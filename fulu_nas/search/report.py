@@ -27,7 +27,8 @@ def summarize(study: optuna.Study, s: SearchSettings) -> dict:
         "n_trials_requested": s.study.n_trials, "n_finished": sum(counts_toward_total(t) for t in trials),
         "n_complete": len(complete),
         "n_pruned": sum(t.state == TrialState.PRUNED and "infeasible" not in t.user_attrs for t in trials),
-        "n_infeasible": sum("infeasible" in t.user_attrs for t in trials),
+        # not trained (outside the space's constraints), or trained and over a study constraint
+        "n_infeasible": sum("infeasible" in t.user_attrs for t in trials) + sum(not is_feasible(t) for t in complete),
         "n_failed": sum(t.state == TrialState.FAIL and counts_toward_total(t) for t in trials),
         "n_reused": sum("cached_from" in t.user_attrs for t in complete),
     }

@@ -176,10 +176,25 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSetti
             _check_expert_parallel(space, train.expert_parallel, problems)
     if space is not None and task is not None:
         _collect(problems, lambda: check_feasible(space, task))
+    if study is not None:
+        _check_measurable(study, space, task, task_name, problems)
     if problems:
         raise FuluConfigError(problems)
     return SearchSettings(task_name, task_params, space, study, train, cost, tracking, Path(output_dir),
                           raw=raw, task=task)
+
+
+def _check_measurable(study: StudySettings, space: SearchSpace | None, task, task_name: str,
+                      problems: list[str]) -> None:
+    """Every objective and constraint is a number each trial can measure: routing accuracy needs a task
+    with labelled domains, the latency ratio a reference architecture to time beside each trial."""
+    used = {*study.objectives, *(name for name, _ in study.constraints)}
+    if "routing_accuracy" in used and task is not None and not task.domain_names:
+        problems.append(f"study.objectives: routing_accuracy needs a task whose tokens have labelled domains; "
+                        f"task {task_name} has none (clusters and pimoe_mix have)")
+    if "latency_ratio" in used and space is not None and space.reference is None:
+        problems.append(f"study: latency_ratio is measured beside the search space's reference architecture, and "
+                        f"space {space.name} has none; use latency_ms, or give the space a reference")
 
 
 def _check_expert_parallel(space: SearchSpace, P: int, problems: list[str]) -> None:

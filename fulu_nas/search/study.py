@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import optuna
 
 from ..errors import FuluConfigError
 from ..moe import cpu_stream
-from .objective import Objective, TrialFailed, counts_toward_total
+from .objective import Objective, TrialFailed, counts_toward_total, is_feasible
 from .report import print_summary, summarize
 from .settings import SearchSettings
 from .storage import mask_url, open_study_storage
@@ -34,9 +39,13 @@ FINGERPRINT_ATTR = "fulu_fingerprint"
 INTERRUPTED = 130
 
 
-def make_sampler(s: SearchSettings, worker_index: int = 0) -> optuna.samplers.BaseSampler:
-    # Workers of one study get different seeds, or their random start-up trials would coincide.
+def make_sampler(s: SearchSettings, worker_index: int = 0, trials_before: int = 0) -> optuna.samplers.BaseSampler:
+    # Workers of one study get different seeds, or their random start-up trials would coincide; so does
+    # each resumption of a study (by the trials it already holds), or a resumed or extended study would
+    # draw its first trials again.
     seed = s.study.seed + 1000 * worker_index
+    if trials_before:
+        seed = int(np.random.SeedSequence([s.study.seed, worker_index, trials_before]).generate_state(1)[0])
     startup = s.study.startup_trials
     if s.study.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
@@ -83,7 +92,9 @@ def open_study(s: SearchSettings, worker_index: int = 0) -> optuna.Study:
     if study.metric_names != list(s.study.objectives):
         # Optuna's plots and optuna-dashboard name the objectives by these (else "Objective 0").
         study.set_metric_names(list(s.study.objectives))
-    if s.space.reference is not None and not study.get_trials(deepcopy=False):
+    if trials_before := len(study.get_trials(deepcopy=False)):
+        study.sampler = make_sampler(s, worker_index, trials_before)
+    if s.space.reference is not None and not trials_before:
         # The hand-picked default goes first, so every study can say whether the search beat it.
         study.enqueue_trial(s.space.reference, user_attrs={"reference": True}, skip_if_exists=True)
     return study
@@ -139,7 +150,7 @@ class TrialProgress:
         trials = self.study.get_trials(deepcopy=False)
         done = min(sum(counts_toward_total(t) for t in trials), self.s.study.n_trials)
         self.bar.update(done - self.bar.n)
-        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        complete = [t for t in trials if t.state == TrialState.COMPLETE and is_feasible(t)]  # as the summary
         if complete and not self.s.study.multi_objective:
             pick = min if self.s.study.directions[0] == "minimize" else max
             best = pick(complete, key=lambda t: t.values[0])
@@ -164,6 +175,9 @@ def describe_trial(t: optuna.trial.FrozenTrial, s: SearchSettings) -> str:
         values = ", ".join(f"{o}={v:.4g}" for o, v in zip(s.study.objectives, t.values, strict=True))
         note = f" (reused trial {t.user_attrs['cached_from']})" if "cached_from" in t.user_attrs else ""
         note += " [reference]" if t.user_attrs.get("reference") else ""
+        over = [name for name, bound in s.study.constraints
+                if t.user_attrs.get("metrics", {}).get(name, -math.inf) > bound]
+        note += f" [infeasible: over {', '.join(over)}]" if over else ""
         return f"trial {t.number} complete: {values}{note} | {params}"
     if t.state == TrialState.PRUNED:
         if "infeasible" in t.user_attrs:
@@ -240,15 +254,37 @@ def _surplus(t: optuna.trial.FrozenTrial) -> bool:
     return t.user_attrs.get("fail_reason", "").startswith("surplus")
 
 
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM (``timeout``, ``docker stop``, a batch scheduler's polite stop) stops the search as Ctrl-C
+    does: the running trial failed and queued again, its runs ended, the summary written. Yields the
+    signals received. Only the main thread can take signals; elsewhere nothing changes."""
+    received: list[int] = []
+
+    def interrupt(signum: int, _frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_search(s: SearchSettings, progress: bool = True) -> int:
     """The ``fulu-nas search`` job: run the study here or with N worker processes, then summarise."""
     s.output_dir.mkdir(parents=True, exist_ok=True)
     (s.output_dir / "search_config.json").write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir)},
                                                                 indent=2, default=str))
-    if s.study.n_workers == 1:
-        code = run_worker(s, 0, progress=progress)
-    else:
-        code = _run_worker_processes(s, progress)
+    with sigterm_as_interrupt() as received:
+        if s.study.n_workers == 1:
+            code = run_worker(s, 0, progress=progress)
+        else:
+            code = _run_worker_processes(s, progress, received)
     with quiet_optuna():
         study = open_study(s)
         summary = summarize(study, s)
@@ -289,7 +325,7 @@ def worker_env(index: int, n_workers: int, gpus_per_worker: int = 1) -> dict[str
     return env
 
 
-def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
+def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]) -> int:
     # Create the study, its reference trial and the MLflow parent run once, before workers race.
     with quiet_optuna():
         study = open_study(s)
@@ -313,6 +349,9 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
                         bar.write(describe_trial(t, s))
             bar.refresh()
     except KeyboardInterrupt:
+        for p, _ in procs:
+            if received and p.poll() is None:  # a SIGTERM to this process alone (Ctrl-C reaches them all)
+                p.send_signal(signal.SIGTERM)
         for p, _ in procs:
             p.wait()
         return INTERRUPTED

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import sys
 
-from .study import load_worker_settings, run_worker
+from .study import load_worker_settings, run_worker, sigterm_as_interrupt
 
 
 def main(argv: list[str]) -> int:
     config, index = argv
-    return run_worker(load_worker_settings(config), int(index), progress=False)
+    with sigterm_as_interrupt():
+        return run_worker(load_worker_settings(config), int(index), progress=False)
 
 
 if __name__ == "__main__":
