@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return export_trial.main(rest)
     if command == "serve":
-        from .deploy import serve
+        from .search import serve_command
 
-        return serve.main(rest)
+        return serve_command.main(rest)
     if command == "ui":
         from .dashboard import ui
 

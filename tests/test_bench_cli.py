@@ -94,6 +94,20 @@ def test_bench_refuses_zero_rounds(capsys):
     assert "--rounds: must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["layer", "--tokens", "0"], "--tokens: must be at least 1"),  # a traceback before
+    (["profile", "--tokens", "-1"], "--tokens: must be at least 1"),
+    (["layer", "--min-run-time", "nan"], "--min-run-time: must be a finite number above 0"),  # timed forever
+    (["clusters", "--seconds", "nan"], "--seconds: must be a finite number above 0"),  # trained forever
+    (["routers", "--seconds", "inf"], "--seconds: must be a finite number above 0"),
+    (["dynamic", "--lr", "inf"], "--lr: must be a finite number above 0")])
+def test_bench_refuses_numbers_that_would_crash_or_never_end(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert words in capsys.readouterr().err
+
+
 def test_bench_refuses_cuda_graphs_without_cuda(capsys):
     assert bench.main(["layer", "--device", "cpu", "--paths", "grouped+graphs", "--min-run-time", "0.01"]) == 2
     assert "+graphs paths need CUDA" in capsys.readouterr().err

@@ -442,6 +442,13 @@ def test_serving_checks_the_registered_files_against_the_registry_before_mlflow_
                        ("models:/tiny-clusters/x", "models:/NAME@ALIAS or models:/NAME/VERSION")):
         assert main(["serve", uri, "--tracking-uri", tracking]) == 2
         assert words in capsys.readouterr().err
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    for options, words in ((["--tracking-uri", "foo://x"], "unsupported scheme"),
+                           (["--tracking-uri", f"sqlite:///{missing}"], "no such database"),
+                           (["--tracking-uri", tracking, "--port", "99999"], "port number in 1..65535")):
+        assert main(["serve", "models:/tiny-clusters@champion", *options]) == 2
+        assert words in capsys.readouterr().err
+    assert not missing.parent.exists()  # MLflow would have made the folder and an empty database
 
 
 def forge_checksums(folder: Path) -> None:
@@ -615,7 +622,15 @@ def test_export_refuses_bad_input_and_writes_nothing(exported, monkeypatch, caps
                       [["study.name=tiny-clusters", f"hydra.run.dir={out}", "trial=pareto:7", "out=x2"], "pareto"],
                       [["study.name=tiny-clusters", f"hydra.run.dir={out}", f"out={exported.model_dir}"],
                        "not empty"],
-                      [["study.name=tiny-clusters", f"hydra.run.dir={out}", "retrain=maybe", "out=x3"], "retrain"]):
+                      [["study.name=tiny-clusters", f"hydra.run.dir={out}", "retrain=maybe", "out=x3"], "retrain"],
+                      # 0 exported an untrained model as the champion; nan and inf ended in a traceback
+                      *[[["study.name=tiny-clusters", f"hydra.run.dir={out}", "retrain=true", f"retrain_factor={f}",
+                          "out=x4"], "retrain_factor: expected a finite number > 0"]
+                        for f in ("0", "-1", "nan", "inf")],
+                      *[[["study.name=tiny-clusters", f"hydra.run.dir={out}", f"trial=fastest_within:{pct}", "out=x5"],
+                         "finite percentage"] for pct in ("nan", "-500")],
+                      # MLflow refused the name only after the whole folder was written
+                      [["study.name=tiny-clusters", f"hydra.run.dir={out}", "name=a/b", "out=x6"], "name: 'a/b'"]):
         assert main(["export", *args]) == 2
         assert key in capsys.readouterr().err
     assert sorted(p.name for p in exported.root.iterdir()) == before

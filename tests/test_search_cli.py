@@ -295,6 +295,13 @@ def test_confirm_and_export_help_list_their_options_wherever_help_stands(tmp_pat
 def test_ui_refuses_a_folder_without_a_tracking_database(tmp_path, capsys):
     assert main(["ui", str(tmp_path)]) == 2
     assert "no MLflow database" in capsys.readouterr().err
+    # each of these printed a traceback, or created a folder and an empty database, and exited 0 or 1
+    for argv, words in ((["--tracking-uri", "foo://x"], "unsupported scheme"),
+                        (["--tracking-uri", f"sqlite:///{tmp_path}/nowhere/x.db"], "does not exist"),
+                        ([str(tmp_path), "--port", "99999"], "port number in 1..65535")):
+        assert main(["ui", *argv]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

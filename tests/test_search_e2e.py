@@ -138,9 +138,12 @@ def test_resuming_with_another_space_is_refused(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert run_search(out, "study.n_trials=1") == 0
     capsys.readouterr()
+    config = (out / "search_config.json").read_text()
     assert run_search(out, "study.n_trials=2", "search_space.base.hidden_size=64") == 2
     assert "study.name" in capsys.readouterr().err
     assert len(load_study(out).trials) == 1
+    # export, dashboard and confirm read the study's settings from it: the refused run must not rewrite it
+    assert (out / "search_config.json").read_text() == config
 
 
 def test_identical_architectures_are_trained_once(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 from collections.abc import Callable, Iterable
 
@@ -72,6 +73,14 @@ def markdown_table(head: list[str], body: list[list[str]], text_columns: int = 0
     """A Markdown table: the first ``text_columns`` columns left-aligned, the rest right-aligned."""
     rule = "|" + "---|" * text_columns + "---:|" * (len(head) - text_columns)
     return "\n".join(["| " + " | ".join(head) + " |", rule, *("| " + " | ".join(cells) + " |" for cells in body)])
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (a NaN or infinite time budget never ends)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -17,7 +17,16 @@ from collections.abc import Callable
 import torch
 
 from ..moe import ROUTERS, FeedForward, MoEConfig, PiMoELayer
-from .common import DTYPES, bench_device, captured, device_name, markdown_table, median_seconds, positive_int
+from .common import (
+    DTYPES,
+    bench_device,
+    captured,
+    device_name,
+    markdown_table,
+    median_seconds,
+    positive_float,
+    positive_int,
+)
 
 # A path: (module, impl, how it runs). "compile" = torch.compile(fullgraph=True); "graphs" = the same,
 # then the whole call (forward, or forward and backward) captured in one CUDA graph and replayed:
@@ -235,7 +244,7 @@ def _call_args(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub) -> None:
     """The ``layer``, ``latency`` and ``profile`` subcommands."""
     p = sub.add_parser("layer", help="tokens/s of one PiMoE layer: grouped vs sorted vs loop vs dense")
-    p.add_argument("--tokens", type=int, nargs="+", default=[16, 256, 4096])
+    p.add_argument("--tokens", type=positive_int, nargs="+", default=[16, 256, 4096])
     _shape_args(p)
     _call_args(p)
     p.add_argument("--paths", nargs="+", choices=tuple(PATHS), default=["grouped", "sorted", "loop"],
@@ -243,19 +252,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per cell")
+    p.add_argument("--min-run-time", type=positive_float, default=0.5, help="seconds of timing per cell")
     p.add_argument("--rounds", type=positive_int, default=1,
                    help="time every path this many times, taking turns, and report medians")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=_layer_main)
     p = sub.add_parser("latency", help="per-layer device latency from CUDA-graph replays (CUDA only)")
     _shape_args(p)
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 16, 64])
     p.add_argument("--impls", nargs="+", choices=("grouped", "grouped_mm", "triton"), default=["grouped"])
     p.set_defaults(run=_latency_main)
     p = sub.add_parser("profile", help="torch.profiler table of one path (10 calls after warm-up)")
     _shape_args(p)
-    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--tokens", type=positive_int, default=32768)
     p.add_argument("--path", choices=tuple(PATHS), default="grouped")
     _call_args(p)
     p.add_argument("--backward", action="store_true")

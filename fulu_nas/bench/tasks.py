@@ -18,7 +18,7 @@ import torch
 
 from ..models import ArchConfig, PiMoETransformer
 from ..moe import BALANCING_METHODS, ROUTERS, MoEConfig
-from .common import device_name, markdown_table
+from .common import device_name, markdown_table, positive_float
 
 BALANCING = {name: BALANCING_METHODS[name] for name in ("aux_loss", "aux_free", "none")}
 
@@ -181,16 +181,16 @@ def add_parsers(sub) -> None:
     from ..training.dynamic_experts import DynamicExpertsConfig
 
     p = sub.add_parser("clusters", help="routing accuracy and balance on clusters within a time budget")
-    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--seconds", type=positive_float, default=60.0)
     p.add_argument("--balancing", nargs="+", choices=tuple(BALANCING), default=["aux_free", "aux_loss"])
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--json")
     p.set_defaults(run=clusters_main)
     p = sub.add_parser("dynamic", help="dynamic expert scaling on clusters from 4 and 32 experts vs fixed layers")
-    p.add_argument("--seconds", type=float, default=60.0, help="training budget of each of the runs")
+    p.add_argument("--seconds", type=positive_float, default=60.0, help="training budget of each of the runs")
     p.add_argument("--steps", type=int, help="a step budget instead of --seconds (the same for every run)")
     p.add_argument("--start", type=int, nargs="+", default=[4, 32], help="initial expert counts")
     defaults = DynamicExpertsConfig()
@@ -198,17 +198,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--freeze-after", type=float, default=defaults.freeze_after,
                    help="share of the budget after which the expert set stays fixed")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--json")
     p.set_defaults(run=dynamic_main)
     p = sub.add_parser("routers", help="the five routers compared on pimoe_mix within a time budget each")
-    p.add_argument("--seconds", type=float, default=300.0)
+    p.add_argument("--seconds", type=positive_float, default=300.0)
     p.add_argument("--routers", nargs="+", choices=ROUTERS, default=list(ROUTERS))
     p.add_argument("--balancing-method", choices=tuple(BALANCING), default="aux_free")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
     p.set_defaults(run=routers_main)

@@ -14,7 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..deploy.server_process import run_server
+from ..deploy.server_process import port, run_server
+from ..errors import FuluConfigError
+from ..search.storage import check_tracking_uri, probe_tracking
 
 BAD_INPUT = 2
 
@@ -22,6 +24,10 @@ BAD_INPUT = 2
 def build_command(args: argparse.Namespace) -> list[str]:
     if args.tracking_uri:
         uri = args.tracking_uri
+        check_tracking_uri(uri)
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+            raise FileNotFoundError(f"no MLflow database at {uri.removeprefix('sqlite:///')}")
+        probe_tracking(uri)
     else:
         db = Path(args.output_dir) / "mlflow.db"
         if not db.is_file():
@@ -38,13 +44,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("output_dir", nargs="?", default=".", help="a search's output folder (default: .)")
     parser.add_argument("--tracking-uri", help="an MLflow backend store URI instead of <output_dir>/mlflow.db")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--port", type=port, default=5000)
     try:
         args = parser.parse_args(argv)
         command = build_command(args)
     except SystemExit as e:
         return BAD_INPUT if e.code else 0
-    except FileNotFoundError as e:
+    except (FileNotFoundError, FuluConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
     print(f"MLflow UI: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)

@@ -1,4 +1,4 @@
-"""``fulu-nas serve``: serve an exported model over HTTP with MLflow, after checking every file of it.
+"""Serving and loading an exported model with MLflow after checking every file of it (``fulu-nas serve``).
 
 An MLflow model is code (``pyfunc.py``, ``code/``) and configuration (``MLmodel``) that MLflow runs as it
 loads the model, before any check the model itself makes; ``mlflow models serve`` on a model whose
@@ -19,12 +19,10 @@ MLflow's pickle loading switched off. :func:`load_pyfunc` does the same for
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +30,6 @@ from pathlib import Path
 from ..errors import FuluConfigError
 from .files import checked_copy, folder_entries, manifest_digest, parse_manifest, sha256_file
 
-BAD_INPUT = 2
 FILES_TAG = "fulu.files"  # a registered version's files: JSON, relative name -> SHA-256
 NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
 # MLflow's note of a version's name and number, which it writes into a local artifact store when a
@@ -91,6 +88,7 @@ def checked_model(source: str, expected_sha256: str | None = None,
     with tempfile.TemporaryDirectory(prefix="fulu-nas-serve-") as tmp:
         copy = Path(tmp) / "model"
         if source.startswith("models:/"):
+            tracking_uri = registry_uri(tracking_uri)
             client, version = _registered(source, tracking_uri)
             if FILES_TAG not in version.tags:
                 raise FuluConfigError(f"{source}: version {version.version} has no {FILES_TAG} tag (registered "
@@ -116,6 +114,18 @@ def checked_model(source: str, expected_sha256: str | None = None,
         yield copy
 
 
+def registry_uri(tracking_uri: str | None) -> str:
+    """The tracking server or database that holds the registry: ``tracking_uri``, else
+    ``MLFLOW_TRACKING_URI``; a SQLite database must exist (MLflow would create an empty one)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise FuluConfigError("tracking URI: name the registry's tracking server or database with --tracking-uri "
+                              "or MLFLOW_TRACKING_URI (e.g. sqlite:///outputs/STUDY/mlflow.db)")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise FuluConfigError(f"tracking URI: {uri}: no such database (is it a search's outputs/STUDY/mlflow.db?)")
+    return uri
+
+
 def load_pyfunc(source: str, expected_sha256: str | None = None, tracking_uri: str | None = None):
     """``mlflow.pyfunc.load_model`` of ``source`` (a registered model URI or an export folder) after
     checking every file of it (:func:`checked_model`); MLflow's pickle loading is off meanwhile."""
@@ -129,30 +139,3 @@ def load_pyfunc(source: str, expected_sha256: str | None = None, tracking_uri: s
         finally:
             for k, v in previous.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-def main(argv: list[str]) -> int:
-    from .server_process import run_server
-
-    parser = argparse.ArgumentParser(prog="fulu-nas serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or an export folder")
-    parser.add_argument("--sha256", help="the fingerprint fulu-nas export printed for this model")
-    parser.add_argument("--tracking-uri", help="the registry's tracking URI (default: MLFLOW_TRACKING_URI)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5001)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return BAD_INPUT if e.code else 0
-    try:
-        with checked_model(args.model, args.sha256, args.tracking_uri) as copy:
-            print(f"serving {args.model} (every file checked) at http://{args.host}:{args.port}/invocations  "
-                  "(Ctrl-C stops it)", flush=True)
-            command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(copy), "--env-manager", "local",
-                       "--host", args.host, "--port", str(args.port)]
-            quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # it copies the checked copy again
-            return run_server(command, env={**os.environ, **NO_PICKLES, **quiet})
-    except FuluConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return BAD_INPUT

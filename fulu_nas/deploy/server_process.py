@@ -6,12 +6,21 @@ processes of its own, which outlive a signal to the process that started them.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
 import time
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port number."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {value}")
+    return value
 GRACE_S = 15.0  # for the server's processes to exit after the signal, before they are killed
 
 

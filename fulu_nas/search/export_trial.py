@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
+import re
 import sys
 import tempfile
 from dataclasses import replace
@@ -29,10 +31,12 @@ from .family import UPCYCLE
 from .locate import StudyLocation, load_study, locate_study, search_settings, split_options
 from .objective import is_feasible, measure_trial_cost, reference_model
 from .settings import SearchSettings
-from .storage import mask_url
+from .storage import check_output_dir, mask_url
 from .tracking import WEIGHTS_SHA256_TAG, export_run, quiet_mlflow
 
 TrialState = optuna.trial.TrialState
+# The names MLflow's registry takes (it refuses '/', ':', '.', '%' and quotes), checked before anything is written.
+REGISTERED_NAME = re.compile(r"[A-Za-z0-9_\- ]+")
 OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "4", "out": "", "name": ""}
 BAD_INPUT = 2
 
@@ -65,7 +69,9 @@ def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.tr
         try:
             pct = float(arg)
         except ValueError:
-            raise FuluConfigError(f"trial: fastest_within:<pct> needs a number, got {arg!r}") from None
+            pct = math.nan
+        if not (math.isfinite(pct) and pct >= 0):
+            raise FuluConfigError(f"trial: fastest_within:<pct> needs a finite percentage >= 0, got {arg!r}")
         best_loss = min(t.user_attrs["metrics"]["loss"] for t in feasible)
         close = [t for t in feasible if t.user_attrs["metrics"]["loss"] <= best_loss * (1 + pct / 100)]
         # latency_ratio (beside the reference, in the same rounds) is robust to the machine's load; studies
@@ -189,14 +195,21 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     try:
         factor = float(options["retrain_factor"])
     except ValueError:
-        raise FuluConfigError(f"retrain_factor: expected a number, got {options['retrain_factor']!r}") from None
+        factor = math.nan
+    if not (math.isfinite(factor) and factor > 0):  # 0 exported an untrained model as the champion
+        raise FuluConfigError(f"retrain_factor: expected a finite number > 0 (times the search's budget), got "
+                              f"{options['retrain_factor']!r}")
     study = load_study(location)
     s = search_settings(location, study)
     trial, selected_by = choose_trial(study, s, options["trial"])
     name = options["name"] or f"{s.study.name}"
+    if not REGISTERED_NAME.fullmatch(name):
+        raise FuluConfigError(f"name: {name!r} cannot name an MLflow registered model (letters, digits, '-', '_' "
+                              "and spaces; no '/', ':', '.', '%' or quotes): pass name=")
     out = Path(options["out"] or location.output_dir / f"export-trial{trial.number}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder")
+    check_output_dir(str(out.parent), "out")
 
     print(f"exporting trial {trial.number}: {selected_by}")
     model, provenance = trial_model(location, s, trial, retrain, factor)

@@ -278,6 +278,8 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
 def run_search(s: SearchSettings, progress: bool = True) -> int:
     """The ``fulu-nas search`` job: run the study here or with N worker processes, then summarise."""
     s.output_dir.mkdir(parents=True, exist_ok=True)
+    with quiet_optuna():
+        open_study(s)  # a resume with other settings is refused here, before the study's config is rewritten
     (s.output_dir / "search_config.json").write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir)},
                                                                 indent=2, default=str))
     with sigterm_as_interrupt() as received:

@@ -1,0 +1,48 @@
+"""``fulu-nas serve MODEL``: serve an exported model over HTTP, every file checked first
+(:mod:`fulu_nas.deploy.serve`). MODEL: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` (in the registry
+of ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``) or an export folder (``--sha256``: the fingerprint
+``fulu-nas export`` printed). MLflow's scoring server answers on 127.0.0.1 unless ``--host`` says
+otherwise; Ctrl-C stops it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..deploy.serve import NO_PICKLES, checked_model, registry_uri
+from ..deploy.server_process import port, run_server
+from ..errors import FuluConfigError
+from .storage import check_tracking_uri, probe_tracking
+
+BAD_INPUT = 2
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fulu-nas serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or an export folder")
+    parser.add_argument("--sha256", help="the fingerprint fulu-nas export printed for this model")
+    parser.add_argument("--tracking-uri", help="the registry's tracking URI (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=port, default=5001)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return BAD_INPUT if e.code else 0
+    try:
+        tracking_uri = None
+        if args.model.startswith("models:/"):
+            tracking_uri = registry_uri(args.tracking_uri)
+            check_tracking_uri(tracking_uri)
+            probe_tracking(tracking_uri)
+        with checked_model(args.model, args.sha256, tracking_uri) as copy:
+            print(f"serving {args.model} (every file checked) at http://{args.host}:{args.port}/invocations  "
+                  "(Ctrl-C stops it)", flush=True)
+            command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(copy), "--env-manager", "local",
+                       "--host", args.host, "--port", str(args.port)]
+            quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # it copies the checked copy again
+            return run_server(command, env={**os.environ, **NO_PICKLES, **quiet})
+    except FuluConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
