@@ -147,6 +147,47 @@ def test_a_space_without_feasible_architectures_is_refused(case, tmp_path, monke
     assert list(work.iterdir()) == []
 
 
+# Spaces whose values reached the model with the wrong type or not at all: every trial failed (or a
+# derived value was dropped) and the search exited 0.
+MISTYPED = {
+    "a float parameter for an int field": ({"num_experts": {"type": "float", "low": 2, "high": 4}}, {},
+                                           ["search_space.params.num_experts.type", "use type: int"]),
+    "a derived value that is a fraction": ({"num_experts": categorical(2, 4)}, {"top_k": "num_experts / 2"},
+                                           ["search_space.derived.top_k", "expected an integer"]),
+    "a derived value that is infinite": ({"num_experts": categorical(2, 4)},
+                                         {"routed_scaling_factor": "num_experts * 1e308 * 10"},
+                                         ["search_space.derived.routed_scaling_factor", "NaN and infinities"]),
+    "a derived value divided by zero": ({"num_experts": categorical(2, 4)}, {"top_k": "num_experts // 0"},
+                                        ["search_space.derived.top_k", "ZeroDivisionError"]),
+}
+
+
+@pytest.mark.parametrize("case", MISTYPED)
+def test_a_space_whose_values_have_the_wrong_type_is_refused(case, tmp_path, monkeypatch, capsys):
+    params, derived, texts = MISTYPED[case]
+    work, args = users_space(tmp_path, "mine", {"name": "mine", "base": BLOCK,
+                                                "params": {"router": ROUTER, **params}, "derived": derived})
+    monkeypatch.chdir(work)
+    assert main(["search", *args, "task=clusters", "trainer=tiny", "study.n_trials=1"]) == 2
+    err = capsys.readouterr().err
+    assert all(text in err for text in texts), err
+    assert list(work.iterdir()) == []
+
+
+def test_a_reference_value_of_the_wrong_type_or_an_empty_space_is_refused(tmp_path, monkeypatch, capsys):
+    for name, space, words in (
+            ("ref", {"name": "ref", "base": BLOCK, "params": {"router": ROUTER, "num_experts": categorical(2, 4),
+                                                              "top_k": {"type": "int", "low": 1, "high": 2}},
+                     "reference": {"router": "topk", "num_experts": 4, "top_k": 2.0}},
+             "search_space.reference.top_k: 2.0"),
+            ("empty", "", "search_space.params: a space needs at least one parameter")):
+        work, args = users_space(tmp_path / name, name, space)
+        monkeypatch.chdir(work)
+        assert main(["search", *args, "task=clusters", "trainer=tiny", "study.n_trials=1"]) == 2
+        assert words in capsys.readouterr().err
+        assert list(work.iterdir()) == []
+
+
 SHIPPED = [f"search_space={p.stem}" for p in sorted((CONF / "search_space").glob("*.yaml"))] + [
     f"+experiment={p.stem}" for p in sorted((CONF / "experiment").glob("*.yaml"))]
 

@@ -77,8 +77,8 @@ class Param:
     def contains(self, value: Any) -> bool:
         if self.kind == "categorical":
             return any(value == c and type(value) is type(c) for c in self.choices)
-        if not is_finite_number(value) or (self.kind == "int" and not float(value).is_integer()):
-            return False
+        if not is_finite_number(value) or (self.kind == "int" and not isinstance(value, int)):
+            return False  # 3.0 is not an int parameter's value: it would reach the model as a float
         if not self.low <= value <= self.high:
             return False
         return self.step is None or math.isclose((value - self.low) / self.step, round((value - self.low) / self.step))
@@ -121,11 +121,21 @@ class SearchSpace:
         for name, expr in self.derived:
             if expr.names <= out.keys():
                 try:
-                    out[name] = expr(out)
+                    value = expr(out)
                 except ExpressionTooLarge as e:
                     raise FuluConfigError(f"search_space.derived.{name}: {e}") from None
-                except (ArithmeticError, TypeError, ValueError):
-                    pass  # left unset; the resulting architecture is checked as a whole
+                except ArithmeticError as e:  # e.g. a division by zero: the expression's fault
+                    raise FuluConfigError(f"search_space.derived.{name}: cannot be computed for "
+                                          f"{dict(values)} ({type(e).__name__}: {e})") from None
+                except (TypeError, ValueError):
+                    continue  # left unset; the resulting architecture is checked as a whole
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise FuluConfigError(f"search_space.derived.{name}: {value} for {dict(values)}: NaN and "
+                                          "infinities are no setting")
+                if problem := type_problem(name, value):
+                    raise FuluConfigError(f"search_space.derived.{name}: {problem} for {dict(values)} (use // for "
+                                          "whole numbers)")
+                out[name] = value
         return out
 
     def violations(self, values: Mapping[str, Any]) -> list[str]:
@@ -183,6 +193,8 @@ def parse_space(data: object, name: str = "space", family: Family = PIMOE) -> Se
         raise FuluConfigError(f"search_space: expected a mapping, got {type(data).__name__}")
     for key in sorted(set(map(str, data)) - _SPACE_KEYS):
         problems.append(f"search_space.{key}: unknown key (allowed: {', '.join(sorted(_SPACE_KEYS))})")
+    if not data.get("params"):  # an empty file searched the configs' defaults, one architecture
+        problems.append("search_space.params: a space needs at least one parameter to search")
 
     base = data.get("base") or {}
     if not isinstance(base, Mapping):
@@ -291,6 +303,9 @@ def _parse_params(raw: object, problems: list[str], family: Family) -> tuple[Par
         for bound, v in (("low", low), ("high", high)):
             if not is_finite_number(v) or (kind == "int" and not float(v).is_integer()):
                 problems.append(f"{key}.{bound}: expected {'an integer' if kind == 'int' else 'a number'}, got {v!r}")
+        if kind == "float" and is_finite_number(low) and (mistyped := type_problem(name, float(low))):
+            problems.append(f"{key}.type: float samples fractions, and {name} takes whole numbers ({mistyped}); "
+                            "use type: int")
         if not isinstance(log, bool):
             problems.append(f"{key}.log: expected true or false, got {log!r}")
         if step is not None and (not is_finite_number(step) or step <= 0
