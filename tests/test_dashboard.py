@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -20,6 +21,8 @@ from fulu_nas.dashboard.context import describe_arch
 from fulu_nas.dashboard.layout import available_layouts, load_layout
 from fulu_nas.dashboard.panels import PANELS
 from fulu_nas.errors import FuluConfigError
+
+from .helpers import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
@@ -178,6 +181,21 @@ def test_bad_layout_on_a_real_study_exits_2_and_writes_nothing(tiny, tmp_path, m
     err = capsys.readouterr().err
     assert "no layout 'nope'" in err and "unknown panel 'histogram'" in err
     assert {a.path for a in client.list_artifacts(_parent_run(tiny))} == before
+
+
+@pytest.mark.slow
+def test_a_wrong_tracking_uri_is_one_message_and_makes_nothing(tiny, tmp_path, monkeypatch, capsys):
+    """An unreachable server was waited on for minutes without a word; a SQLite database in a missing
+    folder was created (folder and all) before the page was drawn."""
+    monkeypatch.chdir(tmp_path)
+    port = free_port()  # nothing listens there
+    for uri, words in ((f"http://127.0.0.1:{port}", "cannot reach the MLflow server"),
+                       (f"sqlite:///{tmp_path}/nowhere/mlflow.db", "does not exist")):
+        started = time.perf_counter()
+        assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}", f"tracking.uri={uri}",
+                     f"out={tmp_path / 'x.html'}"]) == 2
+        assert words in capsys.readouterr().err and time.perf_counter() - started < 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import FuluConfigError
 from .settings import SearchSettings, load_settings
-from .storage import mask_url
+from .storage import check_tracking_uri, mask_url, probe_tracking
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def locate_study(overrides: list[str]) -> StudyLocation:
     try:
         cfg, output_dir = compose_config([o for o in overrides if not o.startswith("-")])
     except (HydraException, OmegaConfBaseException) as e:
-        raise FuluConfigError(f"configuration: {str(e).strip()}") from None
+        raise FuluConfigError(f"configuration: {' '.join(str(e).split())}") from None
     name = cfg["study"]["name"]
     output_dir = Path(output_dir)
     storage = cfg["study"].get("storage") or f"sqlite:///{(output_dir / 'optuna.db').resolve()}"
@@ -60,6 +60,10 @@ def locate_study(overrides: list[str]) -> StudyLocation:
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
         raise FuluConfigError(f"study.name: no study database at {storage[len('sqlite:///'):]} (is {name!r} the "
                               "study name? pass study.storage=... or hydra.run.dir=... if the search used them)")
+    # A wrong tracking.uri must not make a folder and a database (MLflow would) or wait on an unreachable
+    # server for minutes.
+    check_tracking_uri(tracking)
+    probe_tracking(tracking)
     return StudyLocation(name, storage, tracking, output_dir)
 
 
