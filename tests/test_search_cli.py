@@ -64,6 +64,20 @@ def test_bad_input_exits_2_naming_the_key_and_writes_nothing(overrides, key, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_damaged_database_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """A file that is not a SQLite database (or a folder) as the study's or the tracking database failed
+    only after the search had written its folder; the tracking one with a traceback, exit 1."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "damaged.db").write_bytes(b"not a database" * 100)
+    (tmp_path / "a_folder").mkdir()
+    for override in ("study.storage=sqlite:///damaged.db", "tracking.uri=sqlite:///damaged.db",
+                     "study.storage=sqlite:///a_folder"):
+        assert main(["search", "+experiment=tiny", override]) == 2
+        err = capsys.readouterr().err
+        assert "is not a SQLite database" in err and "[SQL:" not in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder", "damaged.db"]
+
+
 def users_space(tmp_path: Path, name: str, space: dict | str) -> tuple[Path, list[str]]:
     """``space`` (a mapping, or YAML text as it is) saved as search space ``name`` of a config folder of
     the user's own; returns an empty working folder and the arguments that select the space."""

@@ -114,17 +114,36 @@ def check_output_dir(path: str, key: str = "hydra.run.dir") -> None:
         first.rmdir()
 
 
+def _probe_sqlite_file(url: str, key: str) -> None:
+    """An existing SQLite file must be a database (a damaged one, or a folder, failed only once the
+    search had written its folder); one that does not exist yet is created by the search."""
+    import sqlite3
+
+    path = Path(url[len("sqlite:///"):])
+    if not path.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as e:
+        raise FuluConfigError(f"{key}: {path} is not a SQLite database ({e})") from None
+
+
 def probe_storage(url: str) -> None:
-    """Connect to a remote study storage (no-op for SQLite files and journals)."""
-    if _scheme(url) in ("sqlite", "journal"):
+    """Connect to a remote study storage; an existing SQLite file must be a database (no-op for journals)."""
+    if _scheme(url) == "sqlite":
+        _probe_sqlite_file(url, "study.storage")
+        return
+    if _scheme(url) == "journal":
         return
     _probe_database(url, "study.storage")
 
 
 def probe_tracking(uri: str) -> None:
-    """Reach a tracking server or database (no-op for SQLite files)."""
+    """Reach a tracking server or database; an existing SQLite file must be a database."""
     scheme = _scheme(uri)
     if scheme == "sqlite":
+        _probe_sqlite_file(uri, "tracking.uri")
         return
     if scheme.startswith("http"):
         import urllib.error
@@ -188,7 +207,8 @@ def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_pe
             storage = RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except Exception as e:  # connection or schema errors from SQLAlchemy/alembic
         if isinstance(e, optuna.exceptions.OptunaError) or "sqlalchemy" in type(e).__module__:
-            raise FuluConfigError(f"study.storage: cannot open {mask_url(url)}: {e}") from None
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]  # not SQLAlchemy's [SQL: ...] lines
+            raise FuluConfigError(f"study.storage: cannot open {mask_url(url)}: {reason}") from None
         raise
     if _scheme(url) == "sqlite":
         _begin_immediate(storage.engine)
