@@ -204,6 +204,9 @@ def test_ctrl_c_or_sigterm_fails_the_running_trial_and_the_study_resumes(stop, t
     assert len(queued) == 1 and queued[0].system_attrs["fixed_params"] == stopped.params
     _, parents, trial_runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
     assert not [r.info.run_name for r in parents + trial_runs if r.info.status == "RUNNING"]
+    [killed] = [r for r in trial_runs if r.data.tags["fulu.trial"] == str(interrupted)]
+    assert killed.info.status == "KILLED" and killed.data.tags.get("fulu.reason", "").startswith("interrupted"), \
+        killed.data.tags
 
     assert subprocess.run(args, cwd=tmp_path, capture_output=True).returncode == 0
     study = optuna.load_study(study_name="tiny-clusters", storage=storage)

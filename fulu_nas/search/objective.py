@@ -368,7 +368,8 @@ class Objective:
             raise
         except KeyboardInterrupt:
             self._requeue(trial, values, "interrupted")
-            self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted"})
+            self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted", "fulu.reason": (
+                "interrupted (Ctrl-C or SIGTERM); the trial was queued again and resumes with the same command")})
             raise
         except Exception as e:
             reason = failure_reason(e)
