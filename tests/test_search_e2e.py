@@ -43,10 +43,13 @@ def mlflow_runs(tracking_uri: str, experiment: str):
     return client, parents, trials
 
 
-def test_tiny_search_end_to_end_then_resume(tmp_path, monkeypatch):
+def test_tiny_search_end_to_end_then_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     assert run_search(out, "study.n_trials=4") == 0
+    # the verdict on the reference is one run of each: it says so, and what tests it
+    assert "the reference architecture on loss" in (printed := capsys.readouterr().out)
+    assert "in one run at 60 steps; fulu-nas confirm study.name=tiny-clusters" in printed
     study = load_study(out)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len([t for t in finished if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 4

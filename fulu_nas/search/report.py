@@ -89,8 +89,11 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
     if "beats_reference" in summary:
         verdict = "beats" if summary["beats_reference"] else "does not beat"
         gain = summary.get("improvement_over_reference")
+        # One run each at the search's budget: a difference of a few percent is often the seed's.
         console.print(f"best trial {summary['best_trial']} {verdict} the reference architecture on "
-                      f"{summary['objectives'][0]}" + (f" ({gain:+.1%})" if gain is not None else ""))
+                      f"{summary['objectives'][0]}" + (f" ({gain:+.1%})" if gain is not None else "")
+                      + f" in one run at {s.train.steps} steps; fulu-nas confirm study.name={s.study.name} trains "
+                      "both again with several seeds")
     console.print(f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}")
 
 
