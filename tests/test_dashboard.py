@@ -184,7 +184,7 @@ def test_bad_layout_on_a_real_study_exits_2_and_writes_nothing(tiny, tmp_path, m
 
 
 @pytest.mark.slow
-def test_a_wrong_tracking_uri_is_one_message_and_makes_nothing(tiny, tmp_path, monkeypatch, capsys):
+def test_a_wrong_tracking_uri_or_out_is_one_message_and_makes_nothing(tiny, tmp_path, monkeypatch, capsys):
     """An unreachable server was waited on for minutes without a word; a SQLite database in a missing
     folder was created (folder and all) before the page was drawn."""
     monkeypatch.chdir(tmp_path)
@@ -196,6 +196,10 @@ def test_a_wrong_tracking_uri_is_one_message_and_makes_nothing(tiny, tmp_path, m
                      f"out={tmp_path / 'x.html'}"]) == 2
         assert words in capsys.readouterr().err and time.perf_counter() - started < 60
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "a_file").write_text("")  # an out= that cannot be written: a traceback after drawing the page
+    assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}",
+                 f"out={tmp_path / 'a_file' / 'd.html'}"]) == 2
+    assert "out:" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ hydra.run.dir=...
 def build(argv: list[str]) -> tuple[str, Path, Context, Layout, str | None]:
     """Validate, locate the study, render: (page, where to write it, context, layout, parent run)."""
     from ..search.locate import load_study, locate_study, search_settings, split_options
+    from ..search.storage import check_output_dir
     from ..search.tracking import PARENT_RUN_ATTR
 
     own, overrides = split_options(argv, OPTIONS)
@@ -52,6 +53,9 @@ def build(argv: list[str]) -> tuple[str, Path, Context, Layout, str | None]:
             out = out / artifact_name(layout)
     else:
         out = location.output_dir / artifact_name(layout)
+    check_output_dir(str(out.parent), "out")  # before the page is drawn, not a traceback after
+    if out.is_dir():
+        raise FuluConfigError(f"out: {out} is a folder")
     ctx = Context(study, settings, location.tracking_uri)
     return render(ctx, layout), out, ctx, layout, study.user_attrs.get(PARENT_RUN_ATTR)
 
@@ -80,7 +84,8 @@ def main(argv: list[str]) -> int:
     try:
         mlflow.MlflowClient(ctx.tracking_uri).log_text(parent, page, artifact_name(layout))
     except Exception as e:  # the page is written; say why it is not in MLflow
-        print(f"warning: could not log the dashboard to MLflow run {parent}: {e}", file=sys.stderr)
+        reason = " ".join(str(e).split())[:300]
+        print(f"warning: could not log the dashboard to MLflow run {parent}: {reason}", file=sys.stderr)
         return 1
     print(f"logged to MLflow run {parent} as {artifact_name(layout)}  (fulu-nas ui {ctx.s.output_dir})")
     return 0
