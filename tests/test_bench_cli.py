@@ -163,6 +163,12 @@ def test_bench_cost_repeats_the_search_cost_protocol(tmp_path, capsys):
     assert result["architecture"]["router"] == "hash" and len(result["rows"]) == 2
     assert all(r["latency_ratio"] > 0 and r["latency_ms"] > 0 for r in result["rows"])
     assert bench.main(["cost", "+experiment=tiny", "--params", "router=nonsense"]) == 2
+    # a message naming the key (it was "'<=' not supported between ..."), or a traceback for 4.0
+    for value, words in (("abc", "--params: num_experts: expected an integer, got 'abc'"),
+                         ("4.0", "--params: num_experts: expected an integer, got 4.0")):
+        capsys.readouterr()
+        assert bench.main(["cost", "+experiment=tiny", "--params", f"num_experts={value}"]) == 2
+        assert words in capsys.readouterr().err
 
 
 def test_bench_train_step_times_each_step_kind(tmp_path, capsys):

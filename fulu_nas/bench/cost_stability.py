@@ -41,7 +41,7 @@ def cost_main(args: argparse.Namespace) -> int:
     try:
         s = load_settings(*compose_config(args.overrides))
         values = {**(s.space.reference or {}), **space_values(args.params, "--params")}
-        arch = s.space.arch(values, s.task)
+        arch = s.space.given_arch(values, s.task, "--params")
     except FuluConfigError as e:
         raise ValueError("; ".join(e.problems)) from None
     torch.manual_seed(s.train.seed)

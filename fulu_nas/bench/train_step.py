@@ -60,8 +60,8 @@ def train_step_main(args: argparse.Namespace) -> int:
     try:
         s = load_settings(*compose_config(args.overrides))
         archs = [(text or "reference",
-                  s.space.arch({**(s.space.reference or {}), **space_values(filter(None, text.split(",")), "--arch")},
-                               s.task))
+                  s.space.given_arch({**(s.space.reference or {}),
+                                      **space_values(filter(None, text.split(",")), "--arch")}, s.task, "--arch"))
                  for text in args.arch]
     except FuluConfigError as e:
         raise ValueError("; ".join(e.problems)) from None

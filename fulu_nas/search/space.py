@@ -169,6 +169,16 @@ class SearchSpace:
         :class:`ArchConfig`, or what the space's family makes (:mod:`.family`)."""
         return self.family.arch(self.base, dict(values), task)
 
+    def given_arch(self, values: Mapping[str, Any], task, option: str):
+        """The architecture for values a user gave (a benchmark's ``key=value`` options, which may leave the
+        space's ranges): each value must have its field's type, and the derived values are computed;
+        FuluConfigError naming ``option`` and the key otherwise."""
+        problems = [f"{option}: {name}: {problem}" for name, value in values.items()
+                    if (problem := type_problem(name, value))]
+        if problems:
+            raise FuluConfigError(problems)
+        return self.arch(self.with_derived(values), task)
+
     def grid(self) -> dict[str, list]:
         grid = {}
         continuous = []
