@@ -204,12 +204,16 @@ def test_ctrl_c_or_sigterm_fails_the_running_trial_and_the_study_resumes(stop, t
     assert len(queued) == 1 and queued[0].system_attrs["fixed_params"] == stopped.params
     _, parents, trial_runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
     assert not [r.info.run_name for r in parents + trial_runs if r.info.status == "RUNNING"]
+    assert [(r.info.status, r.data.tags["fulu.state"]) for r in parents] == [("KILLED", "incomplete")]
     [killed] = [r for r in trial_runs if r.data.tags["fulu.trial"] == str(interrupted)]
     assert killed.info.status == "KILLED" and killed.data.tags.get("fulu.reason", "").startswith("interrupted"), \
         killed.data.tags
 
-    assert subprocess.run(args, cwd=tmp_path, capture_output=True).returncode == 0
+    resumed = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+    assert resumed.returncode == 0
     study = optuna.load_study(study_name="tiny-clusters", storage=storage)
+    _, parents, _ = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    assert [(r.info.status, r.data.tags["fulu.state"]) for r in parents] == [("FINISHED", "complete")]
     assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
     assert any(t.user_attrs.get("retry_of") == interrupted and t.state == TrialState.COMPLETE for t in study.trials)
 

@@ -65,6 +65,8 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
         console.print(f"results: {s.output_dir}")
         return
     title = "Pareto front" if "pareto_front" in summary else "Best trial"
+    if summary["n_finished"] < summary["n_trials_requested"]:  # stopped short: say so above the table
+        title += f" so far ({summary['n_finished']} of {summary['n_trials_requested']} trials)"
     table = Table(title=f"{title} of study {summary['study']} ({summary['n_complete']} complete, "
                         f"{summary['n_pruned']} pruned, {summary['n_failed']} failed, "
                         f"{summary['n_infeasible']} infeasible, {summary['n_reused']} reused)")

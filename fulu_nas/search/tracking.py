@@ -95,15 +95,21 @@ class Tracker:
         return winner
 
     def finish_study(self, parent_id: str, summary: dict) -> None:
+        """The summary on the study's parent run, which ends FINISHED once the study has its trials and
+        KILLED when the search stopped short (interrupted, or out of attempts; the same command resumes it)."""
         metrics = {f"best.{k}": v for k, v in summary.get("best_metrics", {}).items() if _is_number(v)}
         self._log_metrics(parent_id, metrics)
-        for key in ("best_trial", "n_complete", "n_pruned", "n_failed"):
+        # n_trials_requested as a tag: the run's n_trials parameter is the first search's (parameters are fixed)
+        for key in ("best_trial", "n_complete", "n_pruned", "n_failed", "n_infeasible", "n_reused",
+                    "n_trials_requested", "n_finished"):
             if key in summary:
                 self.client.set_tag(parent_id, f"fulu.{key}", str(summary[key]))
         with tempfile.TemporaryDirectory() as tmp:
             _write_json(Path(tmp) / "summary.json", summary)
             self.client.log_artifact(parent_id, str(Path(tmp) / "summary.json"))
-        self.client.set_terminated(parent_id, status="FINISHED")
+        done = summary["n_finished"] >= summary["n_trials_requested"]
+        self.client.set_tag(parent_id, "fulu.state", "complete" if done else "incomplete")
+        self.client.set_terminated(parent_id, status="FINISHED" if done else "KILLED")
 
     # -- trials -------------------------------------------------------------------------------
     def start_trial(self, parent_id: str, number: int, params: dict, arch: dict, tags: dict) -> str:
