@@ -50,6 +50,8 @@ def test_tiny_search_end_to_end_then_resume(tmp_path, monkeypatch, capsys):
     # the verdict on the reference is one run of each: it says so, and what tests it
     assert "the reference architecture on loss" in (printed := capsys.readouterr().out)
     assert "in one run at 60 steps; fulu-nas confirm study.name=tiny-clusters" in printed
+    logged = (out / "search.log").read_text()  # the log keeps each trial's outcome, as the console showed it
+    assert all(f"trial {n} " in logged for n in range(4)) and "trial 0 complete: loss=" in logged
     study = load_study(out)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len([t for t in finished if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 4

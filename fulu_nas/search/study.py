@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import signal
@@ -35,6 +36,7 @@ from .storage import mask_url, open_study_storage
 from .tracking import Tracker, quiet_mlflow
 
 TrialState = optuna.trial.TrialState
+log = logging.getLogger(__name__)  # the run folder's search.log (the console shows WARNING and above)
 FINGERPRINT_ATTR = "fulu_fingerprint"
 INTERRUPTED = 130
 
@@ -236,7 +238,8 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) 
                     if t.number in objective.started - reported and t.state.is_finished():
                         reported.add(t.number)
                         if not _surplus(t):
-                            bar.write(describe_trial(t, s))
+                            bar.write(line := describe_trial(t, s))
+                            log.info(line)
                 bar.current = ""
                 bar.refresh()
         except KeyboardInterrupt:
@@ -348,7 +351,8 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
                 if t.state.is_finished() and t.number not in seen:
                     seen.add(t.number)
                     if not _surplus(t):
-                        bar.write(describe_trial(t, s))
+                        bar.write(line := describe_trial(t, s))
+                        log.info(line)
             bar.refresh()
     except KeyboardInterrupt:
         for p, _ in procs:
