@@ -4,6 +4,7 @@ And the Hydra conveniences (``--cfg job``, ``--help``) that must not run a study
 from __future__ import annotations
 
 import resource
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -357,6 +358,13 @@ def test_ui_refuses_a_folder_without_a_tracking_database(tmp_path, capsys):
         assert main(["ui", *argv]) == 2
         assert words in capsys.readouterr().err
     assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    with socket.socket() as taken:  # a port in use: the server printed a traceback and the command exited 0
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for command in (["ui", str(tmp_path)], ["serve", str(tmp_path)]):
+            assert main([*command, "--port", str(taken.getsockname()[1])]) == 2
+            assert "--port: cannot listen on 127.0.0.1:" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

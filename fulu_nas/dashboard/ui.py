@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..deploy.server_process import port, run_server
+from ..deploy.server_process import check_port_free, port, run_server
 from ..errors import FuluConfigError
 from ..search.storage import check_tracking_uri, probe_tracking
 
@@ -48,6 +48,7 @@ def main(argv: list[str]) -> int:
     try:
         args = parser.parse_args(argv)
         command = build_command(args)
+        check_port_free(args.host, args.port)
     except SystemExit as e:
         return BAD_INPUT if e.code else 0
     except (FileNotFoundError, FuluConfigError) as e:

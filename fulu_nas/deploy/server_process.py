@@ -9,10 +9,23 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import time
 
+from ..errors import FuluConfigError
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def check_port_free(host: str, number: int) -> None:
+    """FuluConfigError when nothing can listen on ``host:number`` (in use, or not an address here): the
+    servers print their own traceback for it and exit 0."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, number))
+    except OSError as e:
+        raise FuluConfigError(f"--port: cannot listen on {host}:{number} ({e.strerror or e})") from None
 
 
 def port(text: str) -> int:

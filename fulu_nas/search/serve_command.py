@@ -11,7 +11,7 @@ import os
 import sys
 
 from ..deploy.serve import NO_PICKLES, checked_model, registry_uri
-from ..deploy.server_process import port, run_server
+from ..deploy.server_process import check_port_free, port, run_server
 from ..errors import FuluConfigError
 from .storage import check_tracking_uri, probe_tracking
 
@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:
         return BAD_INPUT if e.code else 0
     try:
+        check_port_free(args.host, args.port)
         tracking_uri = None
         if args.model.startswith("models:/"):
             tracking_uri = registry_uri(args.tracking_uri)
