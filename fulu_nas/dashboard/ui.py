@@ -35,7 +35,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
                                     "search? it is printed at the end of `fulu-nas search`)")
         uri = f"sqlite:///{db.resolve()}"
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-            "--port", str(args.port)]
+            "--port", str(args.port), "--uvicorn-opts", "--log-level warning"]  # not a line per request
 
 
 def main(argv: list[str]) -> int:

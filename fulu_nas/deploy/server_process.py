@@ -42,7 +42,10 @@ def run_server(command: list[str], env: dict[str, str] | None = None) -> int:
     :data:`STOP_SIGNALS` comes to this process: the signal is passed to the whole group (the terminal's
     signals no longer reach it directly) and every process of it is waited for. 0 when stopped by a
     signal, else its exit status."""
-    server = subprocess.Popen(command, start_new_session=True, env=env)
+    # The console carries the server's address and its errors: not MLflow's INFO lines nor the deprecation
+    # warnings of the web stack it runs on.
+    quiet = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore"}
+    server = subprocess.Popen(command, start_new_session=True, env={**quiet, **(os.environ if env is None else env)})
     stopped_by: list[int] = []
 
     def stop(signum: int, _frame) -> None:
