@@ -67,6 +67,9 @@ def _serves(port: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_ui_stops_its_server(signum, tmp_path):
+    import mlflow
+
+    mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # an (empty) tracking database
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "fulu_nas.cli", "ui", "--tracking-uri",
                            f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)],
