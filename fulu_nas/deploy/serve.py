@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import FuluConfigError
+from .export import check_folder
 from .files import checked_copy, folder_entries, manifest_digest, parse_manifest, sha256_file
 
 FILES_TAG = "fulu.files"  # a registered version's files: JSON, relative name -> SHA-256
@@ -41,7 +42,7 @@ def _download(client, name: str, version: str, into: Path, tracking_uri: str | N
     """The files of a registered version, downloaded as ``mlflow models serve`` would fetch them."""
     import mlflow
 
-    with contextlib.redirect_stderr(open(os.devnull, "w")):  # MLflow's download progress bar
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # MLflow's download progress bar
         return Path(mlflow.artifacts.download_artifacts(
             artifact_uri=client.get_model_version_download_uri(name, version), dst_path=str(into),
             tracking_uri=tracking_uri))
@@ -107,8 +108,6 @@ def checked_model(source: str, expected_sha256: str | None = None,
                 raise FuluConfigError([f"{source}: {p}" for p in problems])
             shutil.rmtree(downloaded)
         else:
-            from .export import check_folder
-
             copy.mkdir()
             check_folder(source, expected_sha256, into=copy)
         yield copy
@@ -131,11 +130,20 @@ def load_pyfunc(source: str, expected_sha256: str | None = None, tracking_uri: s
     checking every file of it (:func:`checked_model`); MLflow's pickle loading is off meanwhile."""
     import mlflow
 
-    previous = {k: os.environ.get(k) for k in NO_PICKLES}
-    with checked_model(source, expected_sha256, tracking_uri) as copy:
-        os.environ.update(NO_PICKLES)
-        try:
-            return mlflow.pyfunc.load_model(str(copy))  # the program is read into memory as it loads
-        finally:
-            for k, v in previous.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with checked_model(source, expected_sha256, tracking_uri) as copy, _environment(NO_PICKLES):
+        return mlflow.pyfunc.load_model(str(copy))  # the program is read into memory as it loads
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in ``os.environ`` inside the block, the previous values (or none) after it."""
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
