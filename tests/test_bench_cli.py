@@ -108,6 +108,15 @@ def test_bench_refuses_numbers_that_would_crash_or_never_end(argv, words, capsys
     assert words in capsys.readouterr().err
 
 
+def test_bench_refuses_an_output_it_could_not_write_before_running(tmp_path, capsys):
+    """It was a traceback once the whole benchmark had run."""
+    (tmp_path / "a_file").write_text("")
+    for argv in (["layer", "--tokens", "4", "--json", str(tmp_path / "a_file" / "x.json")],
+                 ["nas-table", "--out", str(tmp_path / "a_file" / "t.csv"), "--limit", "1"]):
+        assert bench.main(argv) == 2
+        assert "is not a folder" in capsys.readouterr().err
+
+
 def test_bench_refuses_cuda_graphs_without_cuda(capsys):
     assert bench.main(["layer", "--device", "cpu", "--paths", "grouped+graphs", "--min-run-time", "0.01"]) == 2
     assert "+graphs paths need CUDA" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from . import cost_stability, layer, levels, nas_table, peers, sampler_bench, tasks, train_step
+from .common import check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # the command as typed, for the reports that print it
     try:
+        for option in ("json", "out"):
+            if getattr(args, option, None):
+                check_writable(getattr(args, option), f"--{option}")
         return args.run(args)
     except ValueError as e:  # an impossible configuration
         print(f"error: {e}", file=sys.stderr)

@@ -75,6 +75,24 @@ def markdown_table(head: list[str], body: list[list[str]], text_columns: int = 0
     return "\n".join(["| " + " | ".join(head) + " |", rule, *("| " + " | ".join(cells) + " |" for cells in body)])
 
 
+def check_writable(path: str, option: str) -> None:
+    """ValueError (exit 2) naming ``option`` unless a file or folder can be written at ``path``: tried in
+    its nearest existing folder before a benchmark runs, rather than found out after it."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path).absolute()
+    existing = next(p for p in target.parents if os.path.exists(p))
+    if not existing.is_dir():
+        raise ValueError(f"{option}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option}: cannot write in {existing} ({e.strerror or e})") from None
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number above 0 (a NaN or infinite time budget never ends)."""
     value = float(text)
