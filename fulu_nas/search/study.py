@@ -94,9 +94,11 @@ def open_study(s: SearchSettings, worker_index: int = 0) -> optuna.Study:
     if study.metric_names != list(s.study.objectives):
         # Optuna's plots and optuna-dashboard name the objectives by these (else "Objective 0").
         study.set_metric_names(list(s.study.objectives))
-    if trials_before := len(study.get_trials(deepcopy=False)):
+    # Trials already sampled or run (not those only queued, such as the reference of a study just created).
+    trials_before = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    if trials_before:
         study.sampler = make_sampler(s, worker_index, trials_before)
-    if s.space.reference is not None and not trials_before:
+    if s.space.reference is not None and not study.get_trials(deepcopy=False):
         # The hand-picked default goes first, so every study can say whether the search beat it.
         study.enqueue_trial(s.space.reference, user_attrs={"reference": True}, skip_if_exists=True)
     return study
