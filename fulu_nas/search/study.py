@@ -36,7 +36,7 @@ from .storage import mask_url, open_study_storage
 from .tracking import Tracker, quiet_mlflow
 
 TrialState = optuna.trial.TrialState
-log = logging.getLogger(__name__)  # the run folder's search.log (the console shows WARNING and above)
+logger = logging.getLogger(__name__)  # the run folder's search.log (the console shows WARNING and above)
 FINGERPRINT_ATTR = "fulu_fingerprint"
 INTERRUPTED = 130
 
@@ -241,7 +241,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) 
                         reported.add(t.number)
                         if not _surplus(t):
                             bar.write(line := describe_trial(t, s))
-                            log.info(line)
+                            logger.info(line)
                 bar.current = ""
                 bar.refresh()
         except KeyboardInterrupt:
@@ -354,7 +354,7 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
                     seen.add(t.number)
                     if not _surplus(t):
                         bar.write(line := describe_trial(t, s))
-                        log.info(line)
+                        logger.info(line)
             bar.refresh()
     except KeyboardInterrupt:
         for p, _ in procs:
