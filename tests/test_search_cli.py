@@ -29,6 +29,7 @@ BAD = [
     (["study.objectives=[loss,speed]", "study.pruner=none"], "study.objectives"),
     (["study.pruner=median", "study.objectives=[latency_ms]"], "study.pruner"),
     (["study.n_trials=0"], "study.n_trials"),
+    (["study.name=nan"], "YAML read it as float nan: quote it"),
     (["+study.n_trial=5"], "study.n_trial"),
     (["study.storage=oracle://host/db"], "study.storage"),
     (["study.storage=sqlite:////nonexistent/dir/optuna.db"], "study.storage"),
@@ -327,7 +328,7 @@ def test_help_lists_commands_and_hydra_groups(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("search", "ui", "bench"):
+    for command in ("search", "confirm", "export", "serve", "ui", "dashboard", "bench"):
         assert f"  {command} " in out
     assert main(["search", "--help"]) == 0
     out = capsys.readouterr().out
