@@ -288,7 +288,7 @@ def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | N
     name = d.get("name")
     if not isinstance(name, str) or not name.strip() or "/" in name:
         read_as = "" if isinstance(name, str) or name is None else \
-            f" (YAML read it as {type(name).__name__} {name!r}: quote it, study.name='{name}')"
+            f" (YAML read it as {type(name).__name__} {name!r}: quote it for Hydra, \"study.name='{name}'\")"
         problems.append(f"study.name: expected a non-empty name without '/', got {name!r}{read_as}")
     ints = {k: _int(d, k, "study", problems, *bounds) for k, bounds in
             (("n_trials", (1,)), ("n_workers", (1,)), ("seed", (0, SEED_MAX)), ("startup_trials", (0,)),
