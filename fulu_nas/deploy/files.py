@@ -30,9 +30,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_json(manifest: dict[str, str]) -> str:
+    """A manifest (name -> SHA-256) written canonically, as recorded and as hashed."""
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+
+
 def manifest_digest(manifest: dict[str, str]) -> str:
-    """The SHA-256 of a manifest (name -> SHA-256) written canonically: one hash for a whole folder."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """The SHA-256 of a manifest's canonical text: one hash for a whole folder."""
+    return hashlib.sha256(manifest_json(manifest).encode()).hexdigest()
 
 
 def folder_entries(directory: Path) -> tuple[list[str], list[str]]:
@@ -51,7 +56,6 @@ def folder_entries(directory: Path) -> tuple[list[str], list[str]]:
                 files.append(relative)
             elif not stat.S_ISDIR(mode):
                 problems.append(f"{path}: not a regular file")
-        folders[:] = [f for f in folders if not (Path(root) / f).is_symlink()]
     return sorted(files), problems
 
 

@@ -20,7 +20,6 @@ MLflow's pickle loading switched off. :func:`load_pyfunc` does the same for
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from ..errors import FuluConfigError
 from .export import check_folder
-from .files import checked_copy, folder_entries, manifest_digest, parse_manifest, sha256_file
+from .files import checked_copy, folder_entries, manifest_digest, manifest_json, parse_manifest, sha256_file
 
 FILES_TAG = "fulu.files"  # a registered version's files: JSON, relative name -> SHA-256
 NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
@@ -57,7 +56,7 @@ def record_registered_files(client, name: str, version: str, tracking_uri: str) 
         if problems:
             raise FuluConfigError(problems)
         manifest = {f: sha256_file(local / f) for f in files if f != REGISTRY_NOTE}
-    client.set_model_version_tag(name, version, FILES_TAG, json.dumps(manifest, sort_keys=True, separators=(",", ":")))
+    client.set_model_version_tag(name, version, FILES_TAG, manifest_json(manifest))
     return manifest_digest(manifest)
 
 
