@@ -148,3 +148,41 @@ def test_under_autocast_the_experts_run_in_its_dtype_and_the_router_in_the_input
     torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2)
     out.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.experts.parameters())
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("given_inverse", [False, True])
+def test_token_rows_and_sum_slots_backward_as_autograd_indexing(k, given_inverse):
+    """The dispatch to sorted rows and the combine back to tokens take gathers in their backwards
+    (no accumulating scatter): the same values and gradients as autograd through plain indexing, in
+    float64 by gradcheck, and bf16 gradients summed in fp32."""
+    from fulu_nas.moe.experts import _SumSlots, _TokenRows, inverse_permutation, sum_slots, token_rows
+
+    T, D = 7, 5
+    order = torch.randperm(T * k, generator=torch.Generator().manual_seed(k))
+    inverse = inverse_permutation(order) if given_inverse else None
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(T * k, D, dtype=torch.float64, requires_grad=True)
+    assert type(token_rows(x, order, k, inverse).grad_fn).__name__ == _TokenRows.__name__ + "Backward"
+    assert type(sum_slots(rows, order, k, inverse).grad_fn).__name__ == _SumSlots.__name__ + "Backward"
+    torch.autograd.gradcheck(lambda t: token_rows(t, order, k, inverse), (x,))
+    torch.autograd.gradcheck(lambda t: sum_slots(t, order, k, inverse), (rows,))
+
+    def plain_sum(t):  # each token's rows, by autograd's own indexing
+        return torch.zeros(T, D, dtype=t.dtype).index_add(0, order // k, t)
+
+    upstream_rows, upstream_tokens = torch.randn(T * k, D, dtype=torch.float64), torch.randn(T, D, dtype=torch.float64)
+    cases = ((lambda t: token_rows(t, order, k, inverse), lambda t: t[order // k], x, upstream_rows),
+             (lambda t: sum_slots(t, order, k, inverse), plain_sum, rows, upstream_tokens))
+    for fast, plain, inp, up in cases:
+        (g_fast,) = torch.autograd.grad(fast(inp), inp, up)
+        (g_plain,) = torch.autograd.grad(plain(inp), inp, up)
+        torch.testing.assert_close(fast(inp), plain(inp))
+        torch.testing.assert_close(g_fast, g_plain)
+    x16 = x.detach().bfloat16().requires_grad_(True)
+    (g16,) = torch.autograd.grad(token_rows(x16, order, k, inverse), x16, upstream_rows.bfloat16())
+    assert g16.dtype == torch.bfloat16
+    expected = plain_sum(upstream_rows.bfloat16().float()).bfloat16()  # fp32 sums, rounded once
+    assert torch.equal(g16, expected)
+    with torch.no_grad():  # without a gradient: plain indexing, no autograd node
+        assert token_rows(x, order, k).grad_fn is None and sum_slots(rows, order, k).grad_fn is None

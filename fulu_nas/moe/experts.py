@@ -77,16 +77,89 @@ def inverse_permutation(order_N: Tensor) -> Tensor:
     return torch.empty_like(order_N).index_put_((order_N,), torch.arange(order_N.shape[0], device=order_N.device))
 
 
+def _add_slots(rows_ND: Tensor, inverse_N: Tensor, k: int) -> Tensor:
+    """``out[t] = sum_j rows[inverse[t*k + j]]`` in slot order, in fp32 (float64 rows in float64)."""
+    inverse_TK = inverse_N.view(-1, k)
+    acc = torch.promote_types(rows_ND.dtype, torch.float32)
+    out_TD = rows_ND[inverse_TK[:, 0]].to(acc)
+    for j in range(1, k):
+        out_TD = out_TD + rows_ND[inverse_TK[:, j]].to(acc)
+    return out_TD
+
+
+class _SumSlots(torch.autograd.Function):
+    """:func:`sum_slots` with the gradient of row n read from its token, ``grad[order[n] // k]``: a
+    gather, where autograd's backward of the gathers would scatter-add into zeros (``index_put_``
+    with accumulation: several times a gather on the CPU, a sort on a GPU with deterministic
+    algorithms)."""
+
+    @staticmethod
+    def forward(rows_ND: Tensor, order_N: Tensor, inverse_N: Tensor, k: int) -> Tensor:
+        return _add_slots(rows_ND, inverse_N, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        rows_ND, order_N, _, ctx.k = inputs
+        ctx.rows_dtype = rows_ND.dtype
+        ctx.save_for_backward(order_N)
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor):
+        (order_N,) = ctx.saved_tensors
+        return grad_TD[order_N // ctx.k].to(ctx.rows_dtype), None, None, None
+
+
+class _TokenRows(torch.autograd.Function):
+    """:func:`token_rows` with the gradient of token t the sum of its k rows' gradients, gathered
+    through the inverse permutation (:func:`_add_slots`, in fp32), where autograd would scatter-add
+    them (see :class:`_SumSlots`)."""
+
+    @staticmethod
+    def forward(x_TD: Tensor, order_N: Tensor, inverse_N: Tensor, k: int) -> Tensor:
+        return x_TD[order_N // k]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x_TD, _, inverse_N, ctx.k = inputs
+        ctx.x_dtype = x_TD.dtype
+        ctx.save_for_backward(inverse_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND: Tensor):
+        (inverse_N,) = ctx.saved_tensors
+        return _add_slots(grad_ND, inverse_N, ctx.k).to(ctx.x_dtype), None, None, None
+
+
 def sum_slots(rows_ND: Tensor, order_N: Tensor, k: int, inverse_N: Tensor | None = None) -> Tensor:
     """Rows sorted by expert back to tokens: row n holds flat slot ``order[n]`` (token
     ``order[n] // k``); each token's k rows are gathered through the inverse permutation (given, or
     computed here) and added in fp32, in slot order (deterministic, no atomics; under torch.compile
-    one pointwise kernel with k coalesced row loads). Returns (N // k, D) in fp32."""
-    inverse_TK = (inverse_permutation(order_N) if inverse_N is None else inverse_N).view(-1, k)
-    out_TD = rows_ND[inverse_TK[:, 0]].float()
-    for j in range(1, k):
-        out_TD = out_TD + rows_ND[inverse_TK[:, j]].float()
-    return out_TD
+    one pointwise kernel with k coalesced row loads). Returns (N // k, D) in fp32 (float64 for
+    float64 rows). Its backward
+    gathers too (:class:`_SumSlots`)."""
+    inverse_N = inverse_permutation(order_N) if inverse_N is None else inverse_N
+    if _gather_backward(rows_ND):
+        return _SumSlots.apply(rows_ND, order_N, inverse_N, k)
+    return _add_slots(rows_ND, inverse_N, k)
+
+
+def token_rows(x_TD: Tensor, order_N: Tensor, k: int, inverse_N: Tensor | None = None) -> Tensor:
+    """``x[order // k]``: each dispatched row's token, in sorted order (row n holds flat slot
+    ``order[n]``). The adjoint of :func:`sum_slots`: its backward adds each token's k row gradients
+    by gathers through the inverse permutation (given, or computed here where a gradient is
+    needed) (:class:`_TokenRows`)."""
+    if _gather_backward(x_TD):
+        return _TokenRows.apply(x_TD, order_N, inverse_permutation(order_N) if inverse_N is None else inverse_N, k)
+    return x_TD[order_N // k]
+
+
+def _gather_backward(t: Tensor) -> bool:
+    """Whether a gradient flows through ``t`` in an eager call: there the gather backwards replace
+    autograd's. A compiled step keeps autograd's, which Inductor generates itself: with the gather
+    backwards, the trainer's compiled bf16 step on an H200 trained away from the eager one (2026-12-04,
+    ``tests/test_cuda.py::test_compiled_training_step_trains_like_the_eager_one_on_cuda``; the CPU's
+    compiled fp32 step matched the eager one to the bit)."""
+    return torch.is_grad_enabled() and t.requires_grad and not torch.compiler.is_compiling()
 
 
 def as_contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:

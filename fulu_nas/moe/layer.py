@@ -35,7 +35,17 @@ from torch import Tensor, nn
 from . import triton_moe, triton_routing
 from .balancing import balance_loss, load_balancing_loss, router_z_loss, update_selection_bias
 from .config import MoEConfig
-from .experts import GroupedExperts, SharedExperts, as_contiguous, group_ends, needs_grad, sort_by_expert, sum_slots
+from .experts import (
+    GroupedExperts,
+    SharedExperts,
+    as_contiguous,
+    group_ends,
+    inverse_permutation,
+    needs_grad,
+    sort_by_expert,
+    sum_slots,
+    token_rows,
+)
 from .routers import ScoreRouter, build_router
 from .routing import Routing
 from .stats import LazyStats, load_statistics, once, router_entropy, stats_layout, token_mean
@@ -229,7 +239,9 @@ class PiMoELayer(nn.Module):
                          expert_sorted_N: Tensor | None, ends_E: Tensor, starts_E: Tensor, K: int, impl: str,
                          inverse_N: Tensor | None) -> Tensor:
         """The token-choice experts by grouped GEMM or sorted matmuls, back in token order."""
-        x_sorted_ND = x_TD[order_N // K]
+        if inverse_N is None and needs_grad(self, x_TD):  # both backwards gather through it
+            inverse_N = inverse_permutation(order_N)
+        x_sorted_ND = token_rows(x_TD, order_N, K, inverse_N)
         w_sorted_N = weight_N[order_N] if keep_sorted_N is None else weight_N[order_N] * keep_sorted_N
         if impl == "sorted":
             rows_E = ends_E - starts_E
