@@ -277,6 +277,37 @@ def test_journal_storage_with_two_local_workers(tmp_path):
     assert len(parents) == 1 and len(runs) >= 4
 
 
+def test_a_search_whose_best_is_the_reference_says_so(tmp_path, monkeypatch, capsys):
+    """With the reference the best trial, the verdict used to read "best trial 0 does not beat the
+    reference architecture (+0.0%)" of the reference itself."""
+    monkeypatch.chdir(tmp_path)
+    assert run_search(tmp_path / "out", "study.n_trials=1", "trainer.steps=20") == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the best trial, 0, is the reference architecture: no other architecture beat it on loss in one run " \
+           "at 20 steps" in printed
+    assert "does not beat" not in printed
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["best_is_reference"] is True
+
+
+def test_two_workers_show_their_running_trials_step_and_loss(tmp_path):
+    """With workers, the console's bar shows each worker's running trial, its step and loss (read from
+    the small files the workers replace at each report), as one process's bar shows its own; the files
+    are gone when the search ends."""
+    import re
+
+    out = tmp_path / "out"
+    result = subprocess.run(_cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=2",
+                                 "study.n_workers=2", "study.pruner=none", "trainer.steps=400"),
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = re.findall(r"trial (\d+): step (\d+) loss (\d+\.\d{4})", result.stderr)
+    assert {number for number, _, _ in shown} == {"0", "1"}, result.stderr[-2000:]
+    assert all(0 < int(step) <= 400 for _, step, _ in shown)
+    final = {t.number: t.values[0] for t in load_study(out).trials}
+    assert set(final) == {0, 1}
+    assert not list(out.glob(".*progress*"))
+
+
 def _ask_once(url: str, start, asked) -> None:
     from fulu_nas.search.storage import open_study_storage
 

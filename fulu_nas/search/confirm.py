@@ -46,6 +46,7 @@ from .objective import (
 from .settings import ConfirmSettings, SearchSettings
 from .study import INTERRUPTED, open_study, quiet_optuna
 from .tracking import Tracker
+from .worker_progress import ProgressFile
 
 TrialState = optuna.trial.TrialState
 RESULT_PREFIX = "confirm:"  # study user attributes holding each finished run's result
@@ -149,16 +150,23 @@ def _rebuild(t: optuna.trial.FrozenTrial, s: SearchSettings, problems: list[str]
 class RunProgress:
     """A bar over the confirmation's runs: done / total, and the running one's step and loss."""
 
-    def __init__(self, name: str, total: int, done: int, enabled: bool = True):
+    def __init__(self, name: str, total: int, done: int, enabled: bool = True, report_to: ProgressFile | None = None):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, initial=done, desc=f"confirm {name}", unit="run", disable=not enabled,
                         dynamic_ncols=True)
+        self.report_to = report_to or ProgressFile(None)  # a worker's file for the parent's bar
 
     def on_step(self, trial: int, seed: int, step: int, loss: float) -> None:
         self.bar.set_postfix_str(f"trial {trial} seed {seed}: step {step} loss {loss:.4f}", refresh=True)
+        self.report_to.report(f"trial {trial} seed {seed}", step, loss)
+
+    def show_running(self, lines: list[str]) -> None:
+        """The worker processes' running runs (their step and loss)."""
+        self.bar.set_postfix_str(" | ".join(lines), refresh=True)
 
     def finished(self, line: str) -> None:
+        self.report_to.clear()
         self.bar.write(line)
         self.bar.update(1)
         self.bar.set_postfix_str("", refresh=True)
@@ -212,15 +220,18 @@ class Confirmation:
         self._summarize()
         return 0
 
-    def run_share(self, share: set[str]) -> int:
-        """A worker's part of :meth:`run`: the runs whose keys are in ``share`` (and not yet recorded)."""
-        bar = RunProgress(self.s.study.name, 0, 0, enabled=False)
+    def run_share(self, share: set[str], report_to: ProgressFile | None = None) -> int:
+        """A worker's part of :meth:`run`: the runs whose keys are in ``share`` (and not yet recorded),
+        each training report also to ``report_to`` (for the parent's bar)."""
+        bar = RunProgress(self.s.study.name, 0, 0, enabled=False, report_to=report_to)
         try:
             for c, seed in self.todo():
                 if self.key(c, seed) in share:
                     self._run(c, seed, bar)
         except KeyboardInterrupt:
             return INTERRUPTED
+        finally:
+            bar.report_to.clear()
         return 0
 
     def finished_lines(self, keys: dict[str, tuple[Candidate, int]], since: float) -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from .confirm import Confirmation, plan_confirmation
 from .settings import ConfirmSettings
 from .study import load_worker_settings, open_study, quiet_optuna
+from .worker_progress import ProgressFile, progress_path
 
 
 def main(argv: list[str]) -> int:
@@ -19,7 +20,8 @@ def main(argv: list[str]) -> int:
     with quiet_optuna():
         study = open_study(s)
         plan = plan_confirmation(study, s, ConfirmSettings(**data["options"]))
-        return Confirmation(study, s, plan, progress=False).run_share(set(data["shares"][index]))
+        report_to = ProgressFile(progress_path(s.output_dir, "confirm-worker", index))
+        return Confirmation(study, s, plan, progress=False).run_share(set(data["shares"][index]), report_to)
 
 
 if __name__ == "__main__":

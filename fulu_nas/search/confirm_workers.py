@@ -17,9 +17,11 @@ from dataclasses import asdict
 
 from .settings import SearchSettings
 from .study import INTERRUPTED, worker_env
+from .worker_progress import progress_path, remove_all, running_lines
 
 CONFIG_FILE = "confirm_config.json"
-POLL_SECONDS = 5.0  # reading the study's results takes a noticeable share of a core when done every second
+POLL_SECONDS = 5.0  # reading the study's results takes a noticeable share of a core when done every second;
+# the workers' running steps (small files) are read every second
 
 
 def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
@@ -41,15 +43,20 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
         command = [sys.executable, "-m", "fulu_nas.search.confirm_worker", str(config), str(i)]
         procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                        env=worker_env(i, n_workers, s.train.expert_parallel)), log))
+    reports = [progress_path(s.output_dir, "confirm-worker", i) for i in range(n_workers)]
     try:
+        read_at = -POLL_SECONDS
         while keys:
             running = any(p.poll() is None for p, _ in procs)
-            for key, line in confirmation.finished_lines(keys, since):
-                keys.pop(key)
-                bar.finished(line)
+            if not running or time.monotonic() - read_at >= POLL_SECONDS:
+                read_at = time.monotonic()
+                for key, line in confirmation.finished_lines(keys, since):
+                    keys.pop(key)
+                    bar.finished(line)
             if not running:
                 break
-            time.sleep(POLL_SECONDS)
+            bar.show_running(running_lines(reports))
+            time.sleep(1.0)
     except KeyboardInterrupt:
         for p, _ in procs:
             p.wait()
@@ -58,6 +65,7 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
         for p, log in procs:
             p.wait()
             log.close()
+        remove_all(reports)
     failed = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, INTERRUPTED)]
     for i in failed:
         print(f"confirmation worker {i} exited with {procs[i][0].returncode}; see "

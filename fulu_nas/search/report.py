@@ -48,6 +48,7 @@ def summarize(study: optuna.Study, s: SearchSettings) -> dict:
         ref, got = reference.values[0], best.values[0]
         summary["beats_reference"] = sign * (got - ref) < 0
         summary["improvement_over_reference"] = (ref - got) * sign / abs(ref) if ref else None
+        summary["best_is_reference"] = best.user_attrs.get("arch_hash") == reference.user_attrs.get("arch_hash")
     return summary
 
 
@@ -88,7 +89,10 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
         arch = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         table.add_row(label, *cells, arch)
     console.print(table)
-    if "beats_reference" in summary:
+    if summary.get("best_is_reference"):
+        console.print(f"the best trial, {summary['best_trial']}, is the reference architecture: no other architecture "
+                      f"beat it on {summary['objectives'][0]} in one run at {s.train.steps} steps")
+    elif "beats_reference" in summary:
         verdict = "beats" if summary["beats_reference"] else "does not beat"
         gain = summary.get("improvement_over_reference")
         # One run each at the search's budget: a difference of a few percent is often the seed's.

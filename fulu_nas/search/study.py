@@ -34,6 +34,7 @@ from .report import print_summary, summarize
 from .settings import SearchSettings
 from .storage import mask_url, open_study_storage
 from .tracking import Tracker, quiet_mlflow
+from .worker_progress import ProgressFile, progress_path, remove_all, running_lines
 
 TrialState = optuna.trial.TrialState
 logger = logging.getLogger(__name__)  # the run folder's search.log (the console shows WARNING and above)
@@ -136,10 +137,12 @@ def quiet_optuna():
 class TrialProgress:
     """A bar over trials: done / total, best so far, and the running trial's step and loss."""
 
-    def __init__(self, s: SearchSettings, study: optuna.Study, enabled: bool = True):
+    def __init__(self, s: SearchSettings, study: optuna.Study, enabled: bool = True,
+                 report_to: ProgressFile | None = None):
         from tqdm.auto import tqdm
 
         self.s, self.study = s, study
+        self.report_to = report_to or ProgressFile(None)  # a worker's file for the parent's bar
         self.bar = tqdm(total=s.study.n_trials, initial=min(finished_count(study), s.study.n_trials),
                         desc=f"study {s.study.name}", unit="trial", disable=not enabled, dynamic_ncols=True)
         self.best = ""
@@ -148,7 +151,16 @@ class TrialProgress:
 
     def on_step(self, number: int, step: int, loss: float) -> None:
         self.current = f"trial {number}: step {step} loss {loss:.4f}"
+        self.report_to.report(f"trial {number}", step, loss)
         self._show()
+
+    def trial_ended(self) -> None:
+        self.current = ""
+        self.report_to.clear()
+
+    def show_running(self, lines: list[str]) -> None:
+        """The running trials of the worker processes (their step and loss)."""
+        self.current = " | ".join(lines)
 
     def refresh(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
@@ -199,8 +211,10 @@ def warm_up(s: SearchSettings) -> None:
         cpu_stream.kernel()
 
 
-def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) -> int:
-    """Run trials until the study has ``n_trials`` finished ones (counting every worker's).
+def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
+               report_to: ProgressFile | None = None) -> int:
+    """Run trials until the study has ``n_trials`` finished ones (counting every worker's), each
+    training report also to ``report_to`` (a worker process's, for its parent's bar).
     Returns 0, or 130 when interrupted (the current trial is failed and queued again)."""
     warm_up(s)
     with quiet_optuna():
@@ -208,7 +222,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) 
         tracker = Tracker(s)
         parent = tracker.parent_run(study)
         tracker.close_orphaned_uploads(study)
-        bar = TrialProgress(s, study, enabled=progress)
+        bar = TrialProgress(s, study, enabled=progress, report_to=report_to)
         objective = Objective(s, tracker, parent, on_progress=bar.on_step)
         # Optuna has no public accessor; this is what its own optimize loop asks.
         from optuna.storages._heartbeat import is_heartbeat_enabled
@@ -242,7 +256,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) 
                         if not _surplus(t):
                             bar.write(line := describe_trial(t, s))
                             logger.info(line)
-                bar.current = ""
+                bar.trial_ended()
                 bar.refresh()
         except KeyboardInterrupt:
             bar.close()
@@ -250,6 +264,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True) 
                   file=sys.stderr)
             return INTERRUPTED
         finally:
+            bar.trial_ended()
             bar.close()
             tracker.wait_for_uploads()
     return 0
@@ -345,6 +360,7 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
         env = worker_env(i, s.study.n_workers, s.train.expert_parallel)
         procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     bar = TrialProgress(s, study, enabled=progress)
+    running = [progress_path(s.output_dir, "worker", i) for i in range(s.study.n_workers)]
     seen: set[int] = set()
     try:
         while any(p.poll() is None for p, _ in procs):
@@ -355,6 +371,7 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
                     if not _surplus(t):
                         bar.write(line := describe_trial(t, s))
                         logger.info(line)
+            bar.show_running(running_lines(running))
             bar.refresh()
     except KeyboardInterrupt:
         for p, _ in procs:
@@ -365,6 +382,7 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
         return INTERRUPTED
     finally:
         bar.close()
+        remove_all(running)
         for _, log in procs:
             log.close()
     failed = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, INTERRUPTED)]

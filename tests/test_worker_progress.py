@@ -1,0 +1,27 @@
+"""The files through which worker processes show their running work on their parent's bar."""
+
+from __future__ import annotations
+
+from fulu_nas.search.worker_progress import ProgressFile, progress_path, remove_all, running_lines
+
+
+def test_a_report_replaces_the_last_and_the_parent_reads_each_running_worker(tmp_path):
+    paths = [progress_path(tmp_path, "worker", i) for i in range(3)]
+    first, second = ProgressFile(paths[0]), ProgressFile(paths[1])
+    first.report("trial 3", 100, 2.5)
+    first.report("trial 3", 200, 2.25)
+    second.report("trial 4 seed 1", 50, 3.0)
+    paths[2].write_text('{"label": "trial 5", "st')  # a file not written by ProgressFile: skipped
+    assert running_lines(paths) == ["trial 3: step 200 loss 2.2500", "trial 4 seed 1: step 50 loss 3.0000"]
+    first.clear()
+    assert running_lines(paths) == ["trial 4 seed 1: step 50 loss 3.0000"]
+    assert not list(tmp_path.glob("*.partial"))
+    remove_all(paths)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_lone_process_reports_nowhere(tmp_path):
+    lone = ProgressFile(None)
+    lone.report("trial 0", 10, 1.0)
+    lone.clear()
+    assert not list(tmp_path.iterdir())
