@@ -149,3 +149,24 @@ def routing_kernel_mismatches(tokens: int, experts: int, k: int, options: dict, 
             }
         problems += [f"{how}: {name}" for name, ok in checks.items() if not ok]
     return problems
+
+
+@contextmanager
+def read_only_copy(source, where):
+    """A copy of the folder ``source`` at ``where`` on a read-only file system (a tmpfs mounted,
+    filled, then remounted read-only): as root, permissions refuse nothing. Skips the test where
+    mounting is not allowed."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    where.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("needs to mount a tmpfs (root with CAP_SYS_ADMIN)")
+    try:
+        shutil.copytree(source, where, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True, capture_output=True)
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -196,19 +196,25 @@ def test_an_interrupted_confirmation_resumes_without_repeating_runs(searched, tm
 @pytest.mark.slow
 def test_a_confirmation_on_two_workers_records_what_one_process_does(searched, tmp_path, monkeypatch, capsys):
     """n_workers=2 shares the runs between two processes: every run is recorded once, with the values
-    a sequential confirmation records (CPU training is deterministic), and the summary is the same."""
+    a sequential confirmation records (CPU training is deterministic), and the summary is the same.
+    The bar shows the workers' running runs, their step and loss, as one process's shows its own."""
+    import re
+
     monkeypatch.chdir(tmp_path)
     outs = {n: tmp_path / f"out{n}" for n in (1, 2)}
     results, summaries = {}, {}
     for n, out in outs.items():
         shutil.copytree(searched.out, out)
-        assert main([*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=3", f"n_workers={n}"]) == 0
-        console = capsys.readouterr().out
-        results[n] = recorded(out, 180)
+        assert main([*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=6", f"n_workers={n}"]) == 0
+        console, bar = capsys.readouterr()
+        shown = re.findall(r"trial \d+ seed \d+: step (\d+) loss \d+\.\d{4}", bar)
+        assert shown and all(0 < int(step) <= 360 for step in shown), bar[-2000:]
+        assert not list(out.glob(".*progress*"))
+        results[n] = recorded(out, 360)
         summaries[n] = json.loads((out / "confirmation.json").read_text())
         for result in results[n].values():
             assert f"trial {result['trial']} seed {result['seed']}: loss={result['values'][0]:.4g}" in console
-        _, runs = confirmation_runs(out, 180)
+        _, runs = confirmation_runs(out, 360)
         assert len(runs) == len(results[n]) and {r.info.status for r in runs} == {"FINISHED"}
     assert results[2].keys() == results[1].keys() and len(results[1]) == 2 * 2  # (top 1 + reference) x 2 seeds
     assert {k: v["values"] for k, v in results[2].items()} == {k: v["values"] for k, v in results[1].items()}
@@ -216,6 +222,21 @@ def test_a_confirmation_on_two_workers_records_what_one_process_does(searched, t
                                                                              "confirm-worker-1.log"]
     assert not list(outs[1].glob("confirm-worker-*.log"))
     assert [a["mean"] for a in summaries[2]["architectures"]] == [a["mean"] for a in summaries[1]["architectures"]]
+
+
+def test_a_study_that_cannot_be_written_is_refused_before_any_run(searched, tmp_path, monkeypatch, capsys):
+    """A confirmation records its runs in the study's databases and writes confirmation.json beside
+    them: on a read-only study folder it used to train, then end in an MLflow error line and a
+    SQLAlchemy traceback ("attempt to write a readonly database")."""
+    from .helpers import read_only_copy
+
+    monkeypatch.chdir(tmp_path)
+    with read_only_copy(searched.out, tmp_path / "ro") as out:
+        code = main([*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "seeds=1"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith("error: cannot confirm:\n  - ") and err.count("\n") == 2, err
+        assert "read-only" in err and str(out) in err
 
 
 def test_n_workers_must_be_a_positive_whole_number(searched, tmp_path, monkeypatch, capsys):

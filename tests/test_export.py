@@ -636,6 +636,21 @@ def test_export_refuses_bad_input_and_writes_nothing(exported, monkeypatch, caps
     assert sorted(p.name for p in exported.root.iterdir()) == before
 
 
+def test_export_from_a_study_that_cannot_be_written_is_refused_before_its_work(exported, tmp_path, monkeypatch,
+                                                                               capsys):
+    """The export registers the model in the study's MLflow database: on a read-only study folder it
+    used to evaluate, measure and write the whole export folder, then fail registering it."""
+    from .helpers import read_only_copy
+
+    monkeypatch.chdir(tmp_path)
+    with read_only_copy(exported.out, tmp_path / "ro") as out:
+        code = main(["export", "study.name=tiny-clusters", f"hydra.run.dir={out}", f"out={tmp_path / 'model'}"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"tracking.uri: cannot write to {out / 'mlflow.db'}: it is read-only" in err and err.count("\n") == 2
+    assert not (tmp_path / "model").exists()
+
+
 @pytest.mark.slow
 def test_retrain_exports_a_longer_trained_model(exported, monkeypatch):
     monkeypatch.chdir(exported.root)

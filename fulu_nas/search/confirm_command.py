@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         print(USAGE)
         return 0
     from .confirm import confirm_study
-    from .locate import load_study, locate_study, search_settings, split_options
+    from .locate import check_recordable, load_study, locate_study, search_settings, split_options
     from .study import quiet_optuna
     from .tracking import quiet_mlflow
 
@@ -78,6 +78,7 @@ def main(argv: list[str]) -> int:
         with quiet_optuna():
             location = locate_study(overrides)
             study = load_study(location)
+            check_recordable(location)
             s = search_settings(location, study)
         n_workers = worker_count(given.pop("n_workers", ""))
         return confirm_study(study, s, command_options(given, s.study.confirm), n_workers=n_workers)

@@ -28,7 +28,7 @@ from ..errors import FuluConfigError
 from .confirm import search_ranking
 from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner
 from .family import UPCYCLE
-from .locate import StudyLocation, load_study, locate_study, search_settings, split_options
+from .locate import StudyLocation, check_recordable, load_study, locate_study, search_settings, split_options
 from .objective import is_feasible, measure_trial_cost, reference_model
 from .settings import SearchSettings
 from .storage import check_output_dir, mask_url
@@ -210,6 +210,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder")
     check_output_dir(str(out.parent), "out")
+    check_recordable(location, study_database=False)  # the registered model, its run and artifacts
 
     print(f"exporting trial {trial.number}: {selected_by}")
     model, provenance = trial_model(location, s, trial, retrain, factor)

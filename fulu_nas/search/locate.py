@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import FuluConfigError
 from .settings import SearchSettings, load_settings
-from .storage import check_tracking_uri, mask_url, probe_tracking
+from .storage import check_output_dir, check_sqlite_writable, check_tracking_uri, mask_url, probe_tracking
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,16 @@ def locate_study(overrides: list[str]) -> StudyLocation:
     check_tracking_uri(tracking)
     probe_tracking(tracking)
     return StudyLocation(name, storage, tracking, output_dir)
+
+
+def check_recordable(location: StudyLocation, study_database: bool = True) -> None:
+    """FuluConfigError unless what a command records can be written: the study's and the tracking
+    SQLite databases (``study_database``: the study's too) and the study's folder, where MLflow keeps
+    the artifacts and confirmation.json goes. Before the command's work, not a traceback after it."""
+    if study_database:
+        check_sqlite_writable(location.storage_url, "study.storage")
+    check_sqlite_writable(location.tracking_uri, "tracking.uri")
+    check_output_dir(str(location.output_dir))
 
 
 def load_study(location: StudyLocation):

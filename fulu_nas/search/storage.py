@@ -129,6 +129,27 @@ def _probe_sqlite_file(url: str, key: str) -> None:
         raise FuluConfigError(f"{key}: {path} is not a SQLite database ({e})") from None
 
 
+def check_sqlite_writable(url: str, key: str) -> None:
+    """FuluConfigError unless the SQLite database of ``url`` (when it is one, and exists) can take a
+    write: on a read-only file system or file a command that records into it failed only at its first
+    write, after its work. Only trying tells (root passes every permission check): a write transaction
+    is begun and rolled back. A database busy with another writer (a running search) passes."""
+    import sqlite3
+
+    if _scheme(url) != "sqlite" or not (path := Path(url[len("sqlite:///"):])).is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=5, isolation_level=None)) as db:
+            db.execute("BEGIN IMMEDIATE")  # takes the write lock, but writes nothing yet
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            db.execute(f"PRAGMA user_version = {int(version)}")  # a write of the header, undone below
+            db.execute("ROLLBACK")
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            return
+        raise FuluConfigError(f"{key}: cannot write to {path}: it is read-only ({e})") from None
+
+
 def probe_storage(url: str) -> None:
     """Connect to a remote study storage; an existing SQLite file must be a database (no-op for journals)."""
     if _scheme(url) == "sqlite":
