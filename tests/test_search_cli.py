@@ -66,6 +66,22 @@ def test_bad_input_exits_2_naming_the_key_and_writes_nothing(overrides, key, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("sweep,message", [
+    (["study.n_trials=abc"], "study.n_trials: expected an integer >= 1, got 'abc'"),
+    (["study.n_trials=2,abc", "trainer.lr=1e-3,2e-3"], "job 2 (+experiment=tiny study.n_trials=abc trainer.lr=0.001): "
+                                                       "study.n_trials: expected an integer >= 1"),
+    (["trainer.lr=interval(0,1)"], "does not support sweep type : INTERVAL_SWEEP"),
+])
+def test_a_multirun_with_bad_input_is_refused_before_hydra_writes_a_job(sweep, message, tmp_path, monkeypatch, capsys):
+    """``-m`` sweeps: every job of the sweep is checked first (Hydra used to write multirun/ and the
+    first job's .hydra/ before the job refused its input)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "-m", "+experiment=tiny", *sweep]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid search configuration:\n  - ") and message in err and err.count("\n") == 2, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_damaged_database_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """A file that is not a SQLite database (or a folder) as the study's or the tracking database failed
     only after the search had written its folder; the tracking one with a traceback, exit 1."""

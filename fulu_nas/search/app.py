@@ -21,7 +21,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BAD_INPUT = 2
 # Flags after which Hydra prints or sweeps instead of running one job: no pre-flight for these.
 _HYDRA_ONLY = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
-               "--multirun", "-m", "--version"}
+               "--version"}
+_MULTIRUN = {"--multirun", "-m"}  # a sweep: every job is checked before Hydra writes any
 _WITH_VALUE = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--package", "-p",
                "--experimental-rerun"}
 
@@ -53,6 +54,22 @@ def _split(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         elif not arg.startswith("-"):
             overrides.append(arg)
     return overrides, flags
+
+
+def sweep_jobs(argv: list[str]) -> list[list[str]]:
+    """The arguments of each job of a multirun (``-m``): the cross product of the sweeps' values, as
+    Hydra's basic sweeper runs them (its own split), with the flags of ``argv``."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides, _ = _split(argv)
+    flags = [a for a in _flags_first(argv) if a not in overrides and a not in _MULTIRUN]
+    try:
+        jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
+    except HydraException as e:
+        raise FuluConfigError(f"configuration: {' '.join(str(e).split())}") from None
+    return [[*flags, *job] for job in jobs]
 
 
 def compose_config(overrides: list[str], config_dir: str | None = None, config_name: str = "config"):
@@ -154,9 +171,18 @@ def main(argv: list[str]) -> int:
     from .tracking import quiet_mlflow
 
     quiet_mlflow()
-    if not set(a.partition("=")[0] for a in argv) & _HYDRA_ONLY:
+    flags = set(a.partition("=")[0] for a in argv)
+    if not flags & _HYDRA_ONLY:
         try:
-            preflight(argv)
+            jobs = sweep_jobs(argv) if flags & _MULTIRUN else [argv]
+            for n, job in enumerate(jobs):
+                try:
+                    preflight(job)
+                except FuluConfigError as e:
+                    if len(jobs) == 1:
+                        raise
+                    job_overrides = " ".join(_split(job)[0])
+                    raise FuluConfigError([f"job {n} ({job_overrides}): {p}" for p in e.problems]) from None
         except FuluConfigError as e:
             print("error: invalid search configuration:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
             return BAD_INPUT
