@@ -40,6 +40,17 @@ def test_bench_profile_profiles_the_chosen_activation(activation, op, capsys):
     assert other not in table
 
 
+def test_bench_profile_prints_the_table_and_nothing_of_the_profilers_own(tmp_path):
+    """Kineto, torch.profiler's backend, wrote "USDT: ... profiler_start" lines to the process's
+    stderr (a new process: the library reads its log level once)."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "fulu_nas.bench", "profile", "--tokens", "16", "--hidden", "32",
+                           "--experts", "4", "--ffn", "64", "--path", "sorted"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0 and "aten::mm" in done.stdout
+    assert done.stderr == ""
+
+
 def test_bench_refuses_an_impossible_layer(capsys):
     assert bench.main(["layer", "--hidden", "30", "--min-run-time", "0.01"]) == 2
     assert "hidden_size" in capsys.readouterr().err

@@ -34,7 +34,9 @@ def build_command(args: argparse.Namespace) -> list[str]:
             raise FileNotFoundError(f"no MLflow database at {db} (is {args.output_dir!r} the output folder of a "
                                     "search? it is printed at the end of `fulu-nas search`)")
         uri = f"sqlite:///{db.resolve()}"
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+    # The registry store named (the same database), or MLflow prints that it chose it.
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
+            "--host", args.host,
             "--port", str(args.port), "--uvicorn-opts", "--log-level warning"]  # not a line per request
 
 

@@ -40,7 +40,7 @@ GRACE_S = 15.0  # for the server's processes to exit after the signal, before th
 def run_server(command: list[str], env: dict[str, str] | None = None) -> int:
     """Run ``command`` in a session (and process group) of its own until it exits, or until one of
     :data:`STOP_SIGNALS` comes to this process: the signal is passed to the whole group (the terminal's
-    signals no longer reach it directly) and every process of it is waited for. 0 when stopped by a
+    signals no longer reach it directly) as a SIGTERM, and every process of it is waited for. 0 when stopped by a
     signal, else its exit status."""
     # The console carries the server's address and its errors: not MLflow's INFO lines nor the deprecation
     # warnings of the web stack it runs on.
@@ -50,7 +50,10 @@ def run_server(command: list[str], env: dict[str, str] | None = None) -> int:
 
     def stop(signum: int, _frame) -> None:
         stopped_by.append(signum)
-        _signal_group(server.pid, signum)
+        # SIGTERM whatever the signal: a SIGINT makes every Python process of the server that is still
+        # importing (MLflow starts a dozen) print a KeyboardInterrupt traceback; the servers stop on
+        # SIGTERM as on SIGINT.
+        _signal_group(server.pid, signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:

@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if info.device.type == "cuda" else [])
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # no "USDT: profiler_start" lines (deploy/cost.py)
         with profile(activities=activities) as prof:
             for _ in range(3):
                 step()
