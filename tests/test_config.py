@@ -1,8 +1,13 @@
-"""MoEConfig validation: impossible architectures are refused, naming the field."""
+"""MoEConfig validation: impossible architectures are refused, naming the field; the layer refuses
+inputs it cannot take, naming them."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
+import torch
 
 from fulu_nas.moe import MoEConfig
 
@@ -27,6 +32,26 @@ from fulu_nas.moe import MoEConfig
     ({"impl": "magic"}, "impl"),
     ({"aux_loss_coef": -1}, "aux_loss_coef"),
     ({"num_shared_experts": 1, "shared_expert_ffn_size": 12}, "shared_expert_ffn_size"),
+    # each of these was accepted, then failed inside torch or gave non-finite outputs
+    ({"num_shared_experts": 1, "shared_expert_ffn_size": -8}, "shared_expert_ffn_size must be a positive multiple"),
+    ({"capacity_factor": math.inf}, "capacity_factor must be a finite number or null, got inf"),
+    ({"router_jitter": math.inf}, "router_jitter must be a finite number"),
+    ({"routed_scaling_factor": math.inf}, "routed_scaling_factor must be a finite number"),
+    ({"aux_loss_coef": math.inf}, "aux_loss_coef must be a finite number"),
+    ({"z_loss_coef": math.inf}, "z_loss_coef must be a finite number"),
+    ({"bias_update_rate": math.inf}, "bias_update_rate must be a finite number"),
+    ({"router": "hierarchical", "hierarchy_groups": (2,)}, "hierarchy_groups and hierarchy_topk_groups need "
+                                                           "hierarchy_depth > 1"),
+    ({"hidden_size": "16"}, "hidden_size must be an integer, got '16'"),
+    ({"hidden_size": 16.0}, "hidden_size must be an integer, got 16.0"),
+    ({"top_k": 1.5}, "top_k must be an integer, got 1.5"),
+    ({"num_experts": None}, "num_experts must be an integer, got None"),
+    ({"hierarchy_groups": ("a",)}, "hierarchy_groups must be a list of integers"),
+    ({"hierarchy_groups": None}, "hierarchy_groups must be a list of integers"),
+    ({"hash_seed": 2**70}, r"hash_seed must be in \[0, 2\*\*63\)"),
+    ({"hash_seed": 1.5}, "hash_seed must be an integer"),
+    ({"renormalize": "no"}, "renormalize must be true or false, got 'no'"),  # was taken as true
+    ({"router": 3}, "router must be a string"),
 ])
 def test_impossible_configs_name_the_field(kwargs, named):
     with pytest.raises(ValueError, match=named):
@@ -70,3 +95,50 @@ def test_a_huge_expert_count_is_refused_at_once():
     assert "num_experts must be >= 1 and at most 16777216" in done.stdout
     cfg = MoEConfig(router="hierarchical", hierarchy_depth=3, num_experts=2**24, top_k=2)
     assert cfg.hierarchy_groups == (256, 256)
+
+
+def test_numpy_integers_are_taken_as_ints():
+    cfg = MoEConfig(hidden_size=np.int64(16), num_experts=np.int32(4), expert_ffn_size=16, top_k=np.int64(2))
+    assert (cfg.hidden_size, cfg.num_experts, cfg.top_k) == (16, 4, 2)
+    assert all(type(v) is int for v in (cfg.hidden_size, cfg.num_experts, cfg.top_k))
+
+
+def test_the_layer_names_what_it_cannot_take():
+    """Each used to fail deep inside torch or to pass silently."""
+    from fulu_nas.moe import PiMoELayer
+
+    layer = PiMoELayer(MoEConfig(hidden_size=16, num_experts=4, expert_ffn_size=16))
+    x = torch.randn(2, 5, 16)
+    for bad in (x.long(), x.bool(), x.to(torch.complex64)):  # "Expected mat_a to be Float32 ..." before
+        with pytest.raises(TypeError, match=f"input must be a floating-point tensor .* got {bad.dtype}"):
+            layer(bad)
+    with pytest.raises(TypeError, match="got ndarray"):
+        layer(x.numpy())
+    with pytest.raises(ValueError, match="impl must be one of"):  # ran the default path
+        layer(x, impl="bogus")
+    for counts in (torch.tensor(3.0), torch.ones(3), {"tokens_per_expert": torch.ones(4)}):  # a no-op or torch errors
+        with pytest.raises(ValueError, match=r"update_expert_bias takes stats\['tokens_per_expert'\], a tensor of "
+                                             r"shape \(4,\)"):
+            layer.update_expert_bias(counts)
+    hashed = PiMoELayer(MoEConfig(hidden_size=16, num_experts=4, expert_ffn_size=16, router="hash"))
+    ids = torch.randint(0, 100, (2, 5))
+    for bad in (ids.t(), ids[:, :4], ids.float()):  # a transposed one routed each token by another's id
+        with pytest.raises(ValueError, match=r"token_ids must be integer ids of shape \(2, 5\)"):
+            hashed(x, token_ids=bad)
+    assert hashed(x, token_ids=ids)[0].shape == x.shape
+
+
+@pytest.mark.parametrize("impl", ["grouped", "grouped_mm", "triton", "sorted", "loop"])
+def test_a_float64_layer_runs_on_every_path_and_matches_the_loop(impl):
+    """float64 (a numerical check, a ``.double()`` model) failed in the grouped GEMMs, which take fp32,
+    bf16 and fp16 only; those paths now run it by sorted matmuls."""
+    from fulu_nas.moe import PiMoELayer
+
+    torch.manual_seed(0)
+    layer = PiMoELayer(MoEConfig(hidden_size=16, num_experts=4, expert_ffn_size=16, top_k=2)).double()
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    out, stats = layer(x, impl=impl)
+    want, _ = layer(x, impl="loop")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-7)  # the router's scores are fp32 on every path
+    assert torch.isfinite(stats["balance_loss"])

@@ -39,7 +39,7 @@ BAD = [
     (["trainer.lr=-1"], "trainer.lr"),
     (["trainer.cost_shapes=[[1]]"], "trainer.cost_shapes"),
     (["trainer.device=tpu"], "trainer.device"),
-    (["trainer.device=cuda:99"], "trainer.device: cuda:99"),  # no such GPU (none at all on a CPU machine)
+    (["trainer.device=cuda:99"], "trainer.device: 'cuda:99'"),  # no such GPU (none at all on a CPU machine)
     (["trainer.compile=yes"], "trainer.compile"),
     (["trainer.cuda_graph=maybe"], "trainer.cuda_graph"),
     (["trainer.deterministic=sometimes"], "trainer.deterministic"),
@@ -389,8 +389,7 @@ def test_the_gpu_preset_without_a_gpu_exits_2_naming_cuda(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     assert main(["search", "+experiment=gpu"]) == 2
     assert problems_in(capsys.readouterr().err) == [
-        f"trainer.device: cuda asks for a CUDA GPU, but torch sees none here (torch {torch.__version__}; use "
-        "trainer.device=auto or cpu)"]
+        f"trainer.device: 'cuda': torch {torch.__version__} sees no CUDA device here; use trainer.device=auto or cpu"]
     assert list(tmp_path.iterdir()) == []
 
 

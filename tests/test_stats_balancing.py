@@ -205,3 +205,42 @@ def test_fused_balance_loss_equals_the_two_losses_and_their_gradients(aux_coef, 
     if tokens:
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reader", ["no_grad", "inference_mode"])
+def test_statistics_read_first_without_gradients_still_train_the_router(router, reader):
+    """Logging the statistics under no_grad before the loss is built used to cache a balancing loss
+    without a gradient: the backward ran and the router silently got no balancing gradient."""
+    grads = {}
+    for logged_first in (False, True):
+        layer = make_layer(router, aux_loss_coef=0.1, z_loss_coef=0.01).train()
+        x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(1))
+        out, stats = layer(x)
+        if logged_first:
+            with torch.no_grad() if reader == "no_grad" else torch.inference_mode():
+                logged = {k: v.float().mean().item() for k, v in stats.items()}
+            assert math.isfinite(logged["balance_loss"])
+        loss = out.float().pow(2).mean() + stats["balance_loss"]
+        assert stats["balance_loss"].requires_grad == any(p.requires_grad for p in layer.router.parameters())
+        loss.backward()
+        grads[logged_first] = [p.grad.clone() for p in layer.router.parameters() if p.grad is not None]
+    assert len(grads[True]) == len(grads[False])
+    for with_log, without in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(with_log, without, rtol=0, atol=0)
+
+
+def test_statistics_pickle_as_their_values():
+    """A module keeping its last statistics (the spec's system, a migrated model) could not be saved
+    whole: the statistics' computations are closures over the call."""
+    import io
+
+    layer = make_layer("topk").train()
+    _, stats = layer(torch.randn(2, 5, 32))
+    layer.last_stats = stats  # as such a module keeps them
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)  # a whole module: loaded with weights_only=False, from a trusted file only
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False).last_stats
+    assert type(loaded) is dict and loaded.keys() == set(STAT_KEYS)
+    for key in STAT_KEYS:
+        torch.testing.assert_close(loaded[key], stats[key].detach())
+        assert not loaded[key].requires_grad

@@ -245,7 +245,7 @@ def test_compiled_training_step_trains_the_same_and_leaves_an_eager_model():
     assert set(models["compiled"].state_dict()) == set(models["eager"].state_dict())
 
 
-def test_auto_step_is_eager_on_the_cpu_and_bad_values_are_refused():
+def test_auto_step_is_eager_on_the_cpu_and_compiling_a_model_without_blocks_is_refused():
     from fulu_nas.training.train import COMPILE_MIN_STEPS, step_kind
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -253,12 +253,66 @@ def test_auto_step_is_eager_on_the_cpu_and_bad_values_are_refused():
     assert step_kind(TrainConfig(steps=COMPILE_MIN_STEPS), cuda, distributed=False) == "compiled"
     assert step_kind(TrainConfig(steps=COMPILE_MIN_STEPS - 1), cuda, distributed=False) == "eager"
     assert step_kind(TrainConfig(steps=10_000, compile="compiled"), cuda, distributed=True) == "eager"
-    with pytest.raises(ValueError, match="trainer.compile"):
-        step_kind(TrainConfig(compile="yes"), cpu, distributed=False)
     # a model without transformer blocks to compile (an upcycled Hugging Face encoder) trains eagerly
     assert step_kind(TrainConfig(steps=10_000), cuda, distributed=False, has_blocks=False) == "eager"
     with pytest.raises(ValueError, match="has none"):
         step_kind(TrainConfig(compile="compiled"), cuda, distributed=False, has_blocks=False)
+
+
+BAD_TRAIN_CONFIGS = [
+    # a negative clip multiplied the gradients by a negative factor: training went uphill without a word
+    ({"grad_clip": -1.0}, "grad_clip: expected a finite number >= 0"),
+    ({"steps": 0}, "steps: expected an integer >= 1"),  # returned a loss of nan
+    ({"steps": 2.5}, "steps: expected an integer >= 1"),
+    ({"report_every": 0}, "report_every: expected an integer >= 1"),  # ZeroDivisionError
+    ({"warmup_fraction": 2}, "warmup_fraction: expected a finite number in [0, 1]"),
+    ({"min_lr_ratio": -1}, "min_lr_ratio: expected a finite number in [0, 1]"),  # a negative learning rate
+    ({"max_seconds": 0}, "max_seconds: expected a finite number > 0"),  # ignored as if unset
+    ({"seconds_cap": 0}, "seconds_cap: expected a finite number > 0"),
+    ({"lr": math.inf}, "lr: expected a finite number > 0"),  # reported as a diverged training
+    ({"weight_decay": math.nan}, "weight_decay: expected a finite number >= 0"),
+    ({"divergence_factor": 0}, "divergence_factor: expected a finite number >= 1"),
+    ({"device": "tpu"}, "device: expected auto, cpu, cuda or cuda:N"),
+    ({"compile": "yes"}, "compile: expected auto, compiled or eager"),
+    ({"cuda_graph": "maybe"}, "cuda_graph: expected auto, true or false"),
+    ({"deterministic": "no"}, "deterministic: expected true or false"),
+]
+
+
+@pytest.mark.parametrize("values,message", BAD_TRAIN_CONFIGS, ids=[m.split(":")[0] for _, m in BAD_TRAIN_CONFIGS])
+def test_a_train_config_with_a_bad_value_is_refused_naming_it(values, message):
+    from fulu_nas.errors import FuluConfigError
+
+    with pytest.raises(FuluConfigError) as refused:
+        TrainConfig(**values)
+    assert refused.value.problems == [f"{message}, got {next(iter(values.values()))!r}"]
+
+
+def test_training_refuses_a_gpu_it_does_not_have_and_a_task_the_model_does_not_fit():
+    from fulu_nas.errors import FuluConfigError
+
+    task = small_clusters()
+    if not torch.cuda.is_available():  # torch's own AssertionError ("Torch not compiled with CUDA enabled") before
+        with pytest.raises(FuluConfigError, match="device: 'cuda': torch .* sees no CUDA device here"):
+            train(clusters_model(task), task, TrainConfig(steps=2, device="cuda", **FAST))
+    small = clusters_model(ClustersTask(num_domains=2, values=4, seq_len=16))  # a smaller vocabulary
+    assert small.arch.vocab_size < task.vocab_size
+    with pytest.raises(FuluConfigError, match=rf"the task's vocabulary \({task.vocab_size} ids\) does not fit the "
+                                              rf"model's vocab_size \({small.arch.vocab_size}\)"):
+        train(small, task, TrainConfig(steps=2, device="cpu", **FAST))  # an IndexError from the embedding before
+
+
+def test_the_model_names_tokens_it_cannot_read():
+    task = small_clusters()
+    model = clusters_model(task).eval()
+    vocab = model.arch.vocab_size
+    for tokens, message in ((torch.tensor([[vocab]]), rf"ids must be in \[0, {vocab}\) \(vocab_size\), got {vocab}"),
+                            (torch.tensor([[-1, 0]]), "got -1"),
+                            (torch.zeros(5, dtype=torch.long), r"a \(batch, sequence\) tensor of integer ids"),
+                            (torch.zeros(1, 5), "torch.float32")):
+        with pytest.raises(ValueError, match=message):
+            model(tokens)
+    assert model(torch.zeros(1, 5, dtype=torch.int32)).logits.shape[0] == 1
 
 
 # -- dynamic expert scaling ------------------------------------------------------------------------

@@ -89,9 +89,18 @@ class PiMoETransformer(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, PiMoELayer)]
 
     def forward(self, tokens_BS: Tensor) -> ModelOutput:
+        if tokens_BS.dim() != 2 or tokens_BS.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens: expected a (batch, sequence) tensor of integer ids, got shape "
+                             f"{tuple(tokens_BS.shape)} and {tokens_BS.dtype}")
         B, S = tokens_BS.shape
         if S > self.arch.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds max_seq_len={self.arch.max_seq_len}")
+        if tokens_BS.device.type == "cpu" and tokens_BS.numel() and not torch.compiler.is_compiling():
+            # The embedding's own error does not say which ids; on a GPU this check would wait for the device.
+            low, high = tokens_BS.min().item(), tokens_BS.max().item()
+            if low < 0 or high >= self.arch.vocab_size:
+                raise ValueError(f"tokens: ids must be in [0, {self.arch.vocab_size}) (vocab_size), got "
+                                 f"{low if low < 0 else high}")
         x = self.embed(tokens_BS) + self.pos(torch.arange(S, device=tokens_BS.device))
         hidden, stats = [], []
         for block in self.blocks:

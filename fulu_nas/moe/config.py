@@ -6,11 +6,16 @@ the offending field, so that a bad architecture fails before any tensor is alloc
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 
 import torch
+
+from .field_types import describe, fits
 
 ROUTERS = ("topk", "expert_choice", "hash", "hierarchical", "attention")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -117,9 +122,14 @@ class MoEConfig:
     impl: str = "grouped"
 
     def __post_init__(self) -> None:
+        # Each field of its annotated type first: the checks below do arithmetic on them, and a string
+        # or an infinity there failed later inside torch (or silently gave non-finite outputs).
+        problems = _type_problems(self)
+        if problems:
+            raise ValueError("invalid MoE config: " + "; ".join(problems))
         # Lists from YAML/JSON become tuples so the config stays hashable.
         for name in ("hierarchy_groups", "hierarchy_topk_groups"):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.router == "hierarchical" and self.hierarchy_depth > 1:
             groups, keep = default_hierarchy(self)
             object.__setattr__(self, "hierarchy_groups", groups)
@@ -189,8 +199,8 @@ class MoEConfig:
             need(v > 0 and v % ALIGNMENT == 0,
                  f"{name} must be a positive multiple of {ALIGNMENT} (grouped GEMM alignment), got {v}")
         if self.num_shared_experts:
-            need(self.shared_ffn_size % ALIGNMENT == 0,
-                 f"shared_expert_ffn_size must be a multiple of {ALIGNMENT}, got {self.shared_ffn_size}")
+            need(self.shared_ffn_size > 0 and self.shared_ffn_size % ALIGNMENT == 0,
+                 f"shared_expert_ffn_size must be a positive multiple of {ALIGNMENT}, got {self.shared_ffn_size}")
         need(1 <= self.num_experts <= MAX_EXPERTS,
              f"num_experts must be >= 1 and at most {MAX_EXPERTS}, got {self.num_experts}")
         need(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
@@ -210,6 +220,10 @@ class MoEConfig:
         if self.capacity_factor is not None:
             need(self.capacity_factor > 0, f"capacity_factor must be > 0, got {self.capacity_factor}")
         need(self.hierarchy_depth >= 1, f"hierarchy_depth must be >= 1, got {self.hierarchy_depth}")
+        if self.router == "hierarchical" and self.hierarchy_depth == 1:
+            need(not (self.hierarchy_groups or self.hierarchy_topk_groups),
+                 "hierarchy_groups and hierarchy_topk_groups need hierarchy_depth > 1 (one level has no groups)")
+        need(0 <= self.hash_seed < 2**63, f"hash_seed must be in [0, 2**63), got {self.hash_seed}")
         if self.router == "hierarchical" and self.hierarchy_depth > 1 and not p:
             p.extend(_hierarchy_problems(self))
         if self.router == "attention":
@@ -220,6 +234,25 @@ class MoEConfig:
         if self.router == "hash":
             need(self.top_p is None, "the hash router has no scores for top_p")
         return p
+
+
+@functools.cache
+def _hints() -> dict[str, object]:
+    return typing.get_type_hints(MoEConfig)
+
+
+def _type_problems(c: MoEConfig) -> list[str]:
+    """A problem for each field whose value is not of its annotated type. numpy's integers (which
+    ``range`` over an array gives) are taken as ints."""
+    problems = []
+    for f in fields(c):
+        value, hint = getattr(c, f.name), _hints()[f.name]
+        if hint in (int, int | None) and not isinstance(value, (int, type(None))) and hasattr(value, "__index__"):
+            value = operator.index(value)
+            object.__setattr__(c, f.name, value)
+        if not fits(value, hint):
+            problems.append(f"{f.name} must be {describe(hint)}, got {value!r}")
+    return problems
 
 
 def _hierarchy_problems(c: MoEConfig) -> list[str]:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import triton_moe, triton_routing
 from .balancing import balance_loss, load_balancing_loss, router_z_loss, update_selection_bias
-from .config import MoEConfig
+from .config import IMPLS, MoEConfig
 from .experts import (
     GroupedExperts,
     SharedExperts,
@@ -80,6 +80,9 @@ def prefer_triton(cfg: MoEConfig, num_tokens: int, x: Tensor, training: bool = F
     return x.dtype in (torch.bfloat16, torch.float16)
 
 
+# The paths through grouped GEMMs, which take fp32, bf16 and fp16 only.
+GROUPED_GEMM_IMPLS = ("grouped", "grouped_mm", "triton")
+
 class PiMoELayer(nn.Module):
     """A Mixture-of-Experts feed-forward layer.
 
@@ -121,6 +124,10 @@ class PiMoELayer(nn.Module):
         # with the host every call. The router keeps the input's precision.
         x_TD = autocast_input(x_TD)
         impl = impl or cfg.impl
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if x_TD.dtype == torch.float64 and impl in GROUPED_GEMM_IMPLS:
+            impl = "sorted"  # the grouped GEMMs take fp32, bf16 and fp16 only: a float64 layer (a check) runs matmuls
         if cfg.token_choice:
             out_TD, load = self._token_choice(x_TD, routing, impl)
         else:
@@ -139,9 +146,17 @@ class PiMoELayer(nn.Module):
 
     def _route(self, x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, Routing]:
         """The input as (T, D) rows and the router's decision for them."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor (float32, bfloat16, float16 or float64), got "
+                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
         if x.dim() < 2 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"input must have shape (..., hidden_size={self.cfg.hidden_size}), "
                              f"got {tuple(x.shape)}")
+        if token_ids is not None and (tuple(token_ids.shape) != tuple(x.shape[:-1]) or token_ids.is_floating_point()
+                                      or token_ids.is_complex()):
+            # A transposed (S, B) tensor has as many ids, but each token would be routed by another's id.
+            raise ValueError(f"token_ids must be integer ids of shape {tuple(x.shape[:-1])} (the input's leading "
+                             f"shape), got {token_ids.dtype} of shape {tuple(token_ids.shape)}")
         # A (T, D) input as it is: a reshape costs host time a small eager call waits on
         x_TD = x if x.dim() == 2 else x.reshape(-1, self.cfg.hidden_size)
         return x_TD, self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
@@ -312,8 +327,8 @@ class PiMoELayer(nn.Module):
         counts = lambda: load()[0]  # noqa: E731
         zero = lambda: torch.zeros((), device=r.expert_TK.device if r.expert_TK is not None  # noqa: E731
                                    else r.token_EC.device)
-        aux = once(lambda: load_balancing_loss(r.probs_TE, counts()) if r.probs_TE is not None else zero())
-        z = once(lambda: router_z_loss(r.logits_TE) if r.logits_TE is not None else zero())
+        aux = lambda: load_balancing_loss(r.probs_TE, counts()) if r.probs_TE is not None else zero()  # noqa: E731
+        z = lambda: router_z_loss(r.logits_TE) if r.logits_TE is not None else zero()  # noqa: E731
         cfg = self.cfg
 
         def balance() -> Tensor:
@@ -345,8 +360,13 @@ class PiMoELayer(nn.Module):
         return stats
 
     def update_expert_bias(self, tokens_per_expert: Tensor) -> None:
-        """Auxiliary-loss-free balancing step (call after each optimizer step). No-op unless
-        ``bias_update_rate > 0`` and the router scores experts."""
+        """Auxiliary-loss-free balancing step (call after each optimizer step) from the statistics'
+        ``tokens_per_expert``. No-op unless ``bias_update_rate > 0`` and the router scores experts."""
+        counts = tokens_per_expert
+        if not isinstance(counts, Tensor) or tuple(counts.shape) != (self.cfg.num_experts,):
+            got = tuple(counts.shape) if isinstance(counts, Tensor) else type(counts).__name__
+            raise ValueError(f"update_expert_bias takes stats['tokens_per_expert'], a tensor of shape "
+                             f"({self.cfg.num_experts},), got {got}")
         if self.cfg.bias_update_rate > 0 and isinstance(self.router, ScoreRouter):
             update_selection_bias(self.router.expert_bias, tokens_per_expert, self.cfg.bias_update_rate)
 

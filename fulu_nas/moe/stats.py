@@ -81,12 +81,24 @@ class LazyStats(Mapping[str, Tensor]):
 
     def __init__(self, layout: Mapping[str, int], computes: Sequence[Callable[[], dict[str, Tensor]]]):
         self._layout, self._computes = layout, computes
-        self._values: dict[str, Tensor] = {}
+        self._with_grad: dict[str, Tensor] = {}
+        self._without_grad: dict[str, Tensor] = {}  # read under no_grad or inference_mode
 
     def __getitem__(self, name: str) -> Tensor:
-        if name not in self._values:
-            self._values.update(self._computes[self._layout[name]]())
-        return self._values[name]
+        # A value first read under no_grad (a log line, say) has no gradient: a later read with
+        # gradients on computes it again, or the balancing loss would silently train nothing.
+        grad = torch.is_grad_enabled()
+        if name in self._with_grad:
+            return self._with_grad[name]
+        values = self._with_grad if grad else self._without_grad
+        if name not in values:
+            values.update(self._computes[self._layout[name]]())
+        return values[name]
+
+    def __reduce__(self):
+        """Pickled (``torch.save`` of a module that keeps its last statistics) as a plain dict of the
+        values, detached: the computations are closures over the call."""
+        return dict, ({name: value.detach() for name, value in self.items()},)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layout)

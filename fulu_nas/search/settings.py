@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_int, check_number, device_problem
 from ..errors import FuluConfigError
 from ..tasks import TASKS, Task, build_task, task_parameters
-from ..training.train import TrainConfig
+from ..training.train import SEED_MAX, TrainConfig, config_problems
 from .family import PIMOE, family_for
 from .feasibility import check_feasible
-from .field_types import is_finite_number
 from .space import SearchSpace, parse_space
 from .storage import check_storage_url, check_tracking_uri
 
@@ -39,15 +39,6 @@ _SHORTHANDS = {"model"}
 # trainer.max_seconds is the search's safety cap (TrainConfig.seconds_cap): a trial's budget is its steps alone.
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"progress", "dynamic_experts", "seconds_cap"}
 _COST_FIELDS = {"cost_shapes", "cost_iterations", "cost_rounds", "cost_compile_while_training"}
-# Seeds reach numpy (Optuna's samplers), whose seeds are 32-bit.
-SEED_MAX = 2**32 - 1
-# The trainer's numbers, each finite and within (low, high, whether low itself is excluded);
-# max_seconds may also be null (no cap). Integers: (low, high or None).
-_TRAINER_NUMBERS = {"lr": (0, math.inf, True), "max_seconds": (0, math.inf, False), "grad_clip": (0, math.inf, False),
-                    "weight_decay": (0, math.inf, False), "warmup_fraction": (0, 1, False),
-                    "min_lr_ratio": (0, 1, False), "divergence_factor": (1, math.inf, False)}
-_TRAINER_INTS = {"steps": (1, None), "batch_size": (1, None), "report_every": (1, None), "expert_parallel": (1, None),
-                 "seed": (0, SEED_MAX)}
 
 
 @dataclass(frozen=True)
@@ -237,29 +228,6 @@ def _task(d: dict, problems: list[str]) -> tuple[Task | None, str, dict]:
     return _collect(problems, build), name, d
 
 
-def _check_int(name: str, v: object, problems: list[str], low: int, high: int | None = None) -> bool:
-    """Whether ``v`` is an integer (not a bool) in ``[low, high]``; if not, the problem names ``name``."""
-    if isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high):
-        return True
-    problems.append(f"{name}: expected an integer {'>= ' + str(low) if high is None else f'in [{low}, {high}]'}, "
-                    f"got {v!r}")
-    return False
-
-
-def _check_number(name: str, v: object, problems: list[str], low: float, high: float = math.inf,
-                 low_open: bool = False) -> bool:
-    """Whether ``v`` is a finite number (not a bool) from ``low`` (excluded if ``low_open``) to ``high``;
-    NaN and infinities never are: a study of them would only fail its trials."""
-    if is_finite_number(v) and (v > low if low_open else v >= low) and v <= high:
-        return True
-    if high < math.inf:
-        bounds = f" in [{low}, {high}]"
-    else:
-        bounds = f" {'>' if low_open else '>='} {low}" if low > -math.inf else ""
-    problems.append(f"{name}: expected a finite number{bounds}, got {v!r}")
-    return False
-
-
 def _task_problem(problem: str, parameters: set[str]) -> str:
     """A task's message keyed like the rest: it begins with the parameter it is about, if any."""
     if problem.startswith("task"):
@@ -270,7 +238,7 @@ def _task_problem(problem: str, parameters: set[str]) -> str:
 
 def _int(d: dict, key: str, section: str, problems: list[str], low: int = 0, high: int | None = None) -> int:
     v = d.get(key)
-    return v if _check_int(f"{section}.{key}", v, problems, low, high) else low
+    return v if check_int(f"{section}.{key}", v, problems, low, high) else low
 
 
 def _choice(d: dict, key: str, section: str, options: tuple[str, ...], problems: list[str]) -> str:
@@ -325,7 +293,7 @@ def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | N
         if key not in CONSTRAINABLE:
             problems.append(f"study.constraints.{key}: cannot be bounded (choose from {', '.join(CONSTRAINABLE)})")
         else:
-            _check_number(f"study.constraints.{key}", bound, problems, -math.inf)
+            check_number(f"study.constraints.{key}", bound, problems, -math.inf)
     storage = d.get("storage")
     if storage is not None:
         _collect(problems, lambda: check_storage_url(storage))
@@ -353,9 +321,9 @@ def confirm_settings(d: Mapping[str, Any], prefix: str, problems: list[str],
     if not isinstance(values["enabled"], bool):
         problems.append(f"{prefix}enabled: expected true or false, got {values['enabled']!r}")
     for key in ("top_k", "seeds"):
-        _check_int(f"{prefix}{key}", values[key], problems, 1)
+        check_int(f"{prefix}{key}", values[key], problems, 1)
     # The confirmation trains budget_factor x trainer.steps: a longer budget than the search's, never a shorter one.
-    _check_number(f"{prefix}budget_factor", values["budget_factor"], problems, 1)
+    check_number(f"{prefix}budget_factor", values["budget_factor"], problems, 1)
     return ConfirmSettings(**values)
 
 
@@ -372,28 +340,15 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
         problems.append(f"trainer.cost_shapes: expected a list of [batch, seq] positive integer pairs, got {shapes!r}")
     rounds = d.pop("cost_rounds", 5)
     for key, v in (("cost_iterations", iterations), ("cost_rounds", rounds)):
-        _check_int(f"trainer.{key}", v, problems, 1)
+        check_int(f"trainer.{key}", v, problems, 1)
     compile_while_training = d.pop("cost_compile_while_training", True)
     if not isinstance(compile_while_training, bool):
         problems.append(f"trainer.cost_compile_while_training: expected true or false, got {compile_while_training!r}")
-    for key, bounds in _TRAINER_INTS.items():
-        if key in d:
-            _check_int(f"trainer.{key}", d[key], problems, *bounds)
-    for key, bounds in _TRAINER_NUMBERS.items():
-        if key in d and not (key == "max_seconds" and d[key] is None):
-            _check_number(f"trainer.{key}", d[key], problems, *bounds)
-    for key in ("gradient_checkpointing", "deterministic"):
-        if not isinstance(d.get(key, False), bool):
-            problems.append(f"trainer.{key}: expected true or false, got {d[key]!r}")
-    if d.get("compile", "auto") not in ("auto", "compiled", "eager"):
-        problems.append(f"trainer.compile: expected auto, compiled or eager, got {d['compile']!r}")
-    if d.get("cuda_graph", "auto") not in ("auto", True, False):
-        problems.append(f"trainer.cuda_graph: expected auto, true or false, got {d['cuda_graph']!r}")
+    problems += config_problems({k: v for k, v in d.items() if k in _TRAIN_FIELDS}, "trainer.")
     device = d.get("device", "auto")
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
-        problems.append(f"trainer.device: expected auto, cpu, cuda or cuda:N, got {device!r}")
-    elif device.startswith("cuda"):
-        _check_cuda_device(device, problems)
+    if isinstance(device, str) and device.startswith("cuda"):
+        if problem := device_problem(device, "trainer.device"):
+            problems.append(f"{problem}; use trainer.device=auto or cpu")
     if len(problems) > n0:
         return None, None
     options = {k: v for k, v in d.items() if k in _TRAIN_FIELDS}
@@ -401,20 +356,6 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
     train = TrainConfig(**options, seconds_cap=cap, progress=False)
     return train, CostSettings(tuple((int(b), int(s)) for b, s in shapes), iterations, rounds,
                                compile_while_training)
-
-
-def _check_cuda_device(device: str, problems: list[str]) -> None:
-    """A CUDA ``trainer.device`` needs that GPU here (a GPU preset on a machine without one must not quietly
-    train on the CPU)."""
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = device.partition(":")[2]
-    if not count:
-        problems.append(f"trainer.device: {device} asks for a CUDA GPU, but torch sees none here "
-                        f"(torch {torch.__version__}; use trainer.device=auto or cpu)")
-    elif index and (not index.isdigit() or int(index) >= count):
-        problems.append(f"trainer.device: {device} is not a CUDA device here (visible: cuda:0 to cuda:{count - 1})")
 
 
 def _tracking(d: dict, problems: list[str]) -> TrackingSettings | None:

@@ -32,11 +32,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import is_finite_number
 from ..errors import FuluConfigError
 from ..moe import BALANCING_METHODS
 from .expressions import Expression, ExpressionError, ExpressionTooLarge, parse_expression
 from .family import PIMOE, Family
-from .field_types import is_finite_number, type_problem
+from .field_types import type_problem
 
 PARAM_TYPES = ("categorical", "int", "float")
 _SPACE_KEYS = {"name", "description", "base", "params", "derived", "constraints", "reference"}

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..checks import check_int, check_number, device_problem
+from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..tasks import IGNORE, Batch, Task
 from .dynamic_experts import DynamicExperts, DynamicExpertsConfig
@@ -90,6 +92,46 @@ class TrainConfig:
     # thread count, with ``MKL_CBWR`` set in ``fulu_nas/__init__`` for the GEMMs' rounding).
     deterministic: bool = True
 
+    def __post_init__(self) -> None:
+        problems = config_problems({f.name: getattr(self, f.name) for f in fields(self)})
+        if problems:  # a negative grad_clip, say, trained uphill without a word
+            raise FuluConfigError(problems)
+
+
+# Seeds reach numpy (the search's samplers), whose seeds are 32-bit.
+SEED_MAX = 2**32 - 1
+# The numbers of a TrainConfig: finite, within (low, high, whether low itself is excluded); the time
+# limits may also be None (no limit). grad_clip 0 turns clipping off. Integers: (low, high or None).
+NUMBER_BOUNDS = {"lr": (0, math.inf, True), "max_seconds": (0, math.inf, True), "seconds_cap": (0, math.inf, True),
+                 "grad_clip": (0, math.inf, False), "weight_decay": (0, math.inf, False),
+                 "warmup_fraction": (0, 1, False), "min_lr_ratio": (0, 1, False),
+                 "divergence_factor": (1, math.inf, False)}
+INT_BOUNDS = {"steps": (1, None), "batch_size": (1, None), "report_every": (1, None), "expert_parallel": (1, None),
+              "seed": (0, SEED_MAX)}
+
+
+def config_problems(values: Mapping[str, object], prefix: str = "") -> list[str]:
+    """What is wrong with ``values`` (some or all of a TrainConfig's fields), each problem naming its
+    key (``prefix`` + field: ``trainer.`` in a search's settings)."""
+    problems: list[str] = []
+    for key, bounds in INT_BOUNDS.items():
+        if key in values:
+            check_int(prefix + key, values[key], problems, *bounds)
+    for key, bounds in NUMBER_BOUNDS.items():
+        if key in values and not (key in ("max_seconds", "seconds_cap") and values[key] is None):
+            check_number(prefix + key, values[key], problems, *bounds)
+    for key in ("gradient_checkpointing", "deterministic", "progress"):
+        if not isinstance(values.get(key, False), bool):
+            problems.append(f"{prefix}{key}: expected true or false, got {values[key]!r}")
+    if values.get("compile", "auto") not in ("auto", "compiled", "eager"):
+        problems.append(f"{prefix}compile: expected auto, compiled or eager, got {values['compile']!r}")
+    if values.get("cuda_graph", "auto") not in ("auto", True, False):
+        problems.append(f"{prefix}cuda_graph: expected auto, true or false, got {values['cuda_graph']!r}")
+    device = values.get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        problems.append(f"{prefix}device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    return problems
+
 
 @dataclass
 class StepReport:
@@ -127,6 +169,8 @@ class TrainResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if problem := device_problem(name, "device"):
+        raise FuluConfigError(problem)
     return torch.device(name)
 
 
@@ -144,8 +188,6 @@ def step_kind(cfg: TrainConfig, device: torch.device, distributed: bool, has_blo
     longer than the small models a CPU trains save with it). Expert-parallel layers (their all-to-all)
     and dynamic experts (modules change between steps) train eagerly; so do models without a
     ``blocks`` list to compile (``has_blocks``: e.g. an upcycled Hugging Face encoder)."""
-    if cfg.compile not in ("auto", "compiled", "eager"):
-        raise ValueError(f"trainer.compile must be auto, compiled or eager, not {cfg.compile!r}")
     if cfg.compile == "compiled" and not has_blocks:
         raise ValueError("trainer.compile=compiled compiles a PiMoETransformer's blocks; this model has none "
                          "(use auto or eager)")
@@ -172,8 +214,6 @@ def uses_cuda_graph(cfg: TrainConfig, device: torch.device, distributed: bool, h
     a step; not with dynamic experts (the modules change between steps), gradient checkpointing or
     expert-parallel ranks. ``cfg.cuda_graph``: "auto" where possible, True (an error where impossible),
     False."""
-    if cfg.cuda_graph not in ("auto", True, False):
-        raise ValueError(f"trainer.cuda_graph must be auto, true or false, not {cfg.cuda_graph!r}")
     blockers = [why for why, present in (
         ("it needs a CUDA device", device.type != "cuda"), ("expert-parallel ranks", distributed),
         ("dynamic experts", bool(cfg.dynamic_experts)), ("gradient checkpointing", cfg.gradient_checkpointing),
@@ -484,6 +524,10 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     the module doc (dynamic experts are single-device only).
     """
     device = resolve_device(cfg.device)
+    embed = getattr(model, "embed", None)
+    if isinstance(embed, torch.nn.Embedding) and task.vocab_size > embed.num_embeddings:
+        raise FuluConfigError(f"the task's vocabulary ({task.vocab_size} ids) does not fit the model's vocab_size "
+                              f"({embed.num_embeddings})")
     ranks = _Ranks.current(model, device)
     rank = ranks.rank
     if isinstance(ranks, _Ranks) and cfg.dynamic_experts:

@@ -1,0 +1,56 @@
+"""Checks of user-given numbers shared by the layers (the trainer's configuration, the search's
+settings): each failed check appends one problem naming its key, so that a caller can list every
+problem at once in a :class:`~fulu_nas.errors.FuluConfigError`."""
+
+from __future__ import annotations
+
+import math
+
+from .moe.field_types import is_finite_number
+
+
+def check_int(name: str, v: object, problems: list[str], low: int, high: int | None = None) -> bool:
+    """Whether ``v`` is an integer (not a bool) in ``[low, high]``; if not, the problem names ``name``."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high):
+        return True
+    problems.append(f"{name}: expected an integer {'>= ' + str(low) if high is None else f'in [{low}, {high}]'}, "
+                    f"got {v!r}")
+    return False
+
+
+def check_number(name: str, v: object, problems: list[str], low: float, high: float = math.inf,
+                 low_open: bool = False) -> bool:
+    """Whether ``v`` is a finite number (not a bool) from ``low`` (excluded if ``low_open``) to ``high``;
+    NaN and infinities never are: a study of them would only fail its trials."""
+    if is_finite_number(v) and (v > low if low_open else v >= low) and v <= high:
+        return True
+    if high < math.inf:
+        bounds = f" in [{low}, {high}]"
+    else:
+        bounds = f" {'>' if low_open else '>='} {low}" if low > -math.inf else ""
+    problems.append(f"{name}: expected a finite number{bounds}, got {v!r}")
+    return False
+
+
+def device_problem(spec: object, key: str) -> str | None:
+    """Why ``spec`` names no device of this machine (None: it does, or it is the CPU or meta): a GPU
+    setting on a machine without that GPU must not quietly run on the CPU, nor fail inside torch in its
+    own words (an AssertionError, a list of every device type torch knows)."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        return f"{key}: {spec!r}: not a device (e.g. 'cpu', 'cuda', 'cuda:1')"
+    if device.type in ("cpu", "meta"):
+        return None
+    try:
+        backend = torch.get_device_module(device)  # torch.cuda, torch.mps, torch.xpu, ...
+    except RuntimeError:  # a type this torch build has no backend for
+        backend = None
+    if backend is None or not backend.is_available():
+        return f"{key}: {spec!r}: torch {torch.__version__} sees no {device.type.upper()} device here"
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
+        return f"{key}: {spec!r}: not a device here (visible: {device.type}:0 to {device.type}:{count - 1})"
+    return None
