@@ -7,15 +7,18 @@ reports is measured on the call that reports it.
 
 from __future__ import annotations
 
+import operator
 import resource
 import statistics
 import time
+from dataclasses import fields
 from enum import Enum
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .checks import device_problem
 from .deploy.cuda_graphs import GraphedForward
 from .moe import MoEConfig, PiMoELayer
 
@@ -72,6 +75,28 @@ def enum_member(enum: type[Enum], value: Enum | str, argument: str):
         raise ValueError(f"{argument} must be one of {names}, got {value!r}") from None
 
 
+def _int_argument(value: Any, argument: str, minimum: int = 1) -> int:
+    """``value`` as an int (any integer type but bool) of at least ``minimum`` (1: a size; 0: a
+    count that may be zero), or ValueError naming ``argument``."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{argument} must be {kind}, got {value!r}")
+    return number
+
+
+def _resolve_device(device: str | torch.device | int | None) -> torch.device:
+    """``device`` (None: the CPU) as a device this machine has, or ValueError naming ``device``."""
+    if device is None:
+        return torch.device("cpu")
+    if problem := device_problem(device, "device"):
+        raise ValueError(problem)
+    return torch.device(device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -112,6 +137,12 @@ class UltimatePiMoESystem(nn.Module):
 
     def forward(self, input_tensor: Tensor, return_comprehensive_info: bool = False,
                 token_ids: Tensor | None = None):
+        if not isinstance(input_tensor, Tensor):
+            raise TypeError(f"input_tensor must be a torch.Tensor, got {type(input_tensor).__name__}")
+        if not input_tensor.is_floating_point():
+            # The output comes back in the input's dtype: integers would round it to zeros.
+            raise TypeError(f"input_tensor must be a floating-point tensor (float32, float64, "
+                            f"float16 or bfloat16), got {input_tensor.dtype}")
         if input_tensor.dim() != 3:
             raise ValueError(f"input_tensor must have rank 3 (batch, seq, hidden), got shape "
                              f"{tuple(input_tensor.shape)}")
@@ -168,6 +199,8 @@ class UltimatePiMoESystem(nn.Module):
     @property
     def balance_loss(self) -> Tensor:
         """The last forward's weighted auxiliary losses, to add to a training loss."""
+        if "balance_loss" not in self.last_stats:
+            raise RuntimeError("balance_loss is the last forward's, and no forward has run yet")
         return self.last_stats["balance_loss"]
 
     def update_after_step(self) -> None:
@@ -221,6 +254,8 @@ class UltimatePiMoESystem(nn.Module):
     def benchmark_system(self, input_tensor: Tensor, num_iterations: int = 100,
                          warmup: int = 10) -> dict[str, float]:
         """Time ``num_iterations`` forwards after ``warmup`` (seconds; tokens = batch * seq)."""
+        num_iterations = _int_argument(num_iterations, "num_iterations")
+        warmup = _int_argument(warmup, "warmup", minimum=0)
         device = self.device
         for _ in range(warmup):
             self(input_tensor)
@@ -275,8 +310,20 @@ def create_ultimate_pimoe_system(
     """
     strategy = enum_member(RoutingStrategy, routing_strategy, "routing_strategy")
     level = enum_member(OptimizationLevel, optimization_level, "optimization_level")
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    hidden_size = _int_argument(hidden_size, "hidden_size")
+    num_experts = _int_argument(num_experts, "num_experts")
+    top_k = _int_argument(top_k, "top_k")
+    if expert_ffn_size is not None:
+        expert_ffn_size = _int_argument(expert_ffn_size, "expert_ffn_size")
+    attention_heads = _int_argument(attention_heads, "attention_heads")
+    hierarchy_depth = _int_argument(hierarchy_depth, "hierarchy_depth")
+    unknown = sorted(set(moe_overrides) - {f.name for f in fields(MoEConfig)})
+    if unknown:
+        raise ValueError(f"unknown keyword(s) {', '.join(unknown)}: neither an argument of "
+                         f"create_ultimate_pimoe_system nor a MoEConfig field")
+    target = _resolve_device(device)
+    # Expert choice reads top_k as a capacity (each expert takes top_k * tokens / num_experts
+    # tokens), which may exceed num_experts.
     if top_k > num_experts and strategy is not RoutingStrategy.EXPERT_CHOICE:
         raise ValueError(f"top_k ({top_k}) must be <= num_experts ({num_experts})")
     if strategy is RoutingStrategy.ATTENTION_BASED and hidden_size % attention_heads:
@@ -302,7 +349,7 @@ def create_ultimate_pimoe_system(
     features["adaptive_learning"] &= score_based
     kw: dict[str, Any] = dict(
         hidden_size=hidden_size, num_experts=num_experts, top_k=top_k,
-        expert_ffn_size=expert_ffn_size or 4 * hidden_size, router=strategy.value,
+        expert_ffn_size=4 * hidden_size if expert_ffn_size is None else expert_ffn_size, router=strategy.value,
         impl=_IMPL[level] if enable_performance_optimization else "loop",
     )
     if strategy is RoutingStrategy.ATTENTION_BASED:
@@ -316,12 +363,7 @@ def create_ultimate_pimoe_system(
     if features["adaptive_learning"]:
         kw["bias_update_rate"] = 1e-3
     kw.update(moe_overrides)
-    try:
-        config = MoEConfig(**kw)
-    except TypeError as e:  # an unknown keyword
-        raise ValueError(str(e)) from None
-    system = UltimatePiMoESystem(config, level, features)
-    target = torch.device(device) if device is not None else torch.device("cpu")
+    system = UltimatePiMoESystem(MoEConfig(**kw), level, features)
     system.to(target)
     if target.type == "cuda" and features["hardware_optimization"]:
         torch.backends.cuda.matmul.allow_tf32 = True

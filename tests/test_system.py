@@ -128,3 +128,96 @@ def test_wrong_input_rank_or_width_is_refused():
         system(torch.randn(10, 64))
     with pytest.raises(ValueError, match="hidden_size=64"):
         system(torch.randn(1, 10, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_a_non_floating_point_input_is_refused_with_a_type_error(dtype):
+    system = small()
+    x = torch.ones(2, 4, 64, dtype=dtype)
+    with pytest.raises(TypeError, match=rf"input_tensor.*floating-point.*{str(dtype).removeprefix('torch.')}"):
+        system(x)
+    with pytest.raises(TypeError, match="input_tensor"):
+        system(x, return_comprehensive_info=True)
+    with pytest.raises(TypeError, match="input_tensor must be a torch.Tensor"):
+        system([[[0.0] * 64]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_floating_point_input_keeps_its_dtype(dtype):
+    system = small()
+    x = torch.randn(2, 4, 64).to(dtype)
+    out = system(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), system(x.float()), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"routing_strategy": "attention", "attention_heads": 0}, "attention_heads must be a positive int, got 0"),
+    ({"routing_strategy": "attention", "attention_heads": -8}, "attention_heads must be a positive int, got -8"),
+    ({"routing_strategy": "attention", "hidden_size": "32"}, "hidden_size must be a positive int, got '32'"),
+    ({"hidden_size": "32"}, "hidden_size must be a positive int, got '32'"),
+    ({"hidden_size": 64.0}, "hidden_size must be a positive int, got 64.0"),
+    ({"num_experts": "8"}, "num_experts must be a positive int, got '8'"),
+    ({"top_k": 0}, "top_k must be a positive int, got 0"),
+    ({"top_k": True}, "top_k must be a positive int, got True"),
+    ({"expert_ffn_size": 0}, "expert_ffn_size must be a positive int, got 0"),
+    ({"routing_strategy": "hierarchical", "hierarchy_depth": 0}, "hierarchy_depth must be a positive int, got 0"),
+])
+def test_a_size_that_is_not_a_positive_int_is_named(kwargs, named):
+    with pytest.raises(ValueError, match=named) as raised:
+        small(**kwargs)
+    assert ";" not in str(raised.value)  # one message, not a list of knock-on problems
+
+
+def test_an_expert_choice_top_k_may_exceed_num_experts():
+    system = small(routing_strategy="expert_choice", num_experts=4, top_k=6)
+    assert system.config.top_k == 6
+    assert system(torch.randn(1, 8, 64)).shape == (1, 8, 64)
+
+
+def test_balance_loss_before_any_forward_says_so():
+    system = small()
+    with pytest.raises(RuntimeError, match="no forward has run yet"):
+        _ = system.balance_loss
+    system(torch.randn(1, 4, 64))
+    assert system.balance_loss.dim() == 0
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"num_iterations": 0}, "num_iterations must be a positive int, got 0"),
+    ({"num_iterations": -3}, "num_iterations must be a positive int, got -3"),
+    ({"num_iterations": 2.5}, "num_iterations must be a positive int, got 2.5"),
+    ({"warmup": -1}, "warmup must be an int >= 0, got -1"),
+    ({"warmup": "1"}, "warmup must be an int >= 0, got '1'"),
+])
+def test_benchmark_counts_are_checked(kwargs, named):
+    system = small()
+    with pytest.raises(ValueError, match=named):
+        system.benchmark_system(torch.randn(1, 4, 64), **kwargs)
+    assert system.system_stats()["forward_calls"] == 0  # refused before any forward
+
+
+def test_benchmark_without_warmup():
+    results = small().benchmark_system(torch.randn(1, 4, 64), num_iterations=1, warmup=0)
+    assert results["num_iterations"] == 1 and results["min_time"] == results["max_time"] > 0
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine without an accelerator")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "mps"])
+def test_an_accelerator_this_machine_lacks_is_named(device):
+    kind = device.split(":")[0].upper()
+    with pytest.raises(ValueError, match=rf"device: '{device}': torch .* sees no {kind} device here"):
+        small(device=device)
+
+
+def test_unknown_device_is_named():
+    with pytest.raises(ValueError, match="device: 'bogus': not a device") as raised:
+        small(device="bogus")
+    assert len(str(raised.value)) < 200  # not torch's list of every device type
+    with pytest.raises(ValueError, match="device: 3.5: not a device"):
+        small(device=3.5)
+
+
+def test_cpu_device_by_name_or_object():
+    assert small(device="cpu").device == torch.device("cpu")
+    assert small(device=torch.device("cpu")).device == torch.device("cpu")
