@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -588,6 +589,75 @@ def test_unreadable_checksums_and_configs_that_do_not_fit_the_weights_are_clear_
             forge_checksums(copy)
         with pytest.raises(FuluConfigError, match=words):
             fulu_nas.load(copy)
+
+
+def assert_one_clear_line(error: pytest.ExceptionInfo, folder: Path) -> None:
+    """The message of a FuluConfigError from loading ``folder``: one line naming the user's folder, not the
+    private copy it was read from."""
+    message = str(error.value)
+    assert "\n" not in message and str(folder) in message and "fulu-nas-checked-" not in message, message
+
+
+@pytest.mark.slow
+def test_damaged_or_missing_files_with_regenerated_checksums_are_clear_errors(exported, tmp_path):
+    """Files replaced along with their checksums still pass the check, so the loader reads them with care:
+    each case is one FuluConfigError naming the file and the problem (they were raw errors from torch,
+    safetensors, PyYAML or the file system, naming the private copy)."""
+    weights = (exported.model_dir / "model.safetensors").read_bytes()
+    config = yaml.safe_load((exported.model_dir / "config.yaml").read_text())
+    layers = config["architecture"]["num_layers"]
+    deeper = {**config, "architecture": {**config["architecture"], "num_layers": layers + 1}}
+
+    def unlisted(folder: Path, name: str) -> None:  # gone, and gone from checksums.json too
+        (folder / name).unlink()
+        listing = json.loads((folder / "checksums.json").read_text())
+        del listing[name]
+        (folder / "checksums.json").write_text(json.dumps(listing))
+
+    cases = {"one layer more": (lambda c: (c / "config.yaml").write_text(yaml.safe_dump(deeper)),
+                                rf"model.safetensors: config.yaml does not describe these weights: no tensor "
+                                rf"blocks\.{layers}\..*\(and \d+ more\)"),  # the first few, and how many more
+             "truncated weights": (lambda c: (c / "model.safetensors").write_bytes(weights[:len(weights) // 2]),
+                                   "model.safetensors: not a safetensors file"),
+             "empty weights": (lambda c: (c / "model.safetensors").write_bytes(b""),
+                               "model.safetensors: not a safetensors file"),
+             "not yaml": (lambda c: (c / "config.yaml").write_text("format: 1\narchitecture: {num_layers: [\n"),
+                          r"config.yaml: not valid YAML \(.* at line 3, column 1\)"),
+             "not utf-8": (lambda c: (c / "config.yaml").write_bytes(b"format: \xff\n"),
+                           "config.yaml: not valid YAML"),
+             "a nul character": (lambda c: (c / "config.yaml").write_text("format: 1\x00\n"),
+                                 "config.yaml: not valid YAML"),
+             "no config": (lambda c: unlisted(c, "config.yaml"), "config.yaml: missing"),
+             "no weights": (lambda c: unlisted(c, "model.safetensors"), "model.safetensors: missing")}
+    for name, (damage, words) in cases.items():
+        copy = tmp_path / name.replace(" ", "-")
+        shutil.copytree(exported.model_dir, copy)
+        damage(copy)
+        if not name.startswith("no "):
+            forge_checksums(copy)
+        with pytest.raises(FuluConfigError, match=words) as raised:
+            fulu_nas.load(copy)
+        assert_one_clear_line(raised, copy)
+
+
+@pytest.mark.slow
+def test_bad_arguments_to_load_are_named(exported):
+    """expected_sha256 is a fingerprint (64 hex digits); map_location a device of this machine that holds
+    data. Each was a raw AttributeError, SafetensorError or RuntimeError from deep inside the load."""
+    from fulu_nas.deploy.export import fingerprint, verify
+
+    folder = exported.model_dir
+    for value in (123, "abc", "g" * 64, b"0" * 64):
+        for check in (fulu_nas.load, verify):
+            with pytest.raises(FuluConfigError, match=f"expected_sha256: {re.escape(repr(value))} is not a SHA-256"):
+                check(folder, expected_sha256=value)
+    absent = [f"cuda:{torch.cuda.device_count()}"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device, words in (("gpu0", "not a device"), (None, "not a device"), ("meta", "holds no data"),
+                          *[(d, "(torch .* sees no CUDA device here|not a device here)") for d in absent]):
+        with pytest.raises(FuluConfigError, match=f"map_location: {re.escape(repr(device))}: {words}"):
+            fulu_nas.load(folder, map_location=device)
+    model = fulu_nas.load(folder, map_location=torch.device("cpu"), expected_sha256=fingerprint(folder).upper())
+    assert next(model.parameters()).device.type == "cpu"
 
 
 @pytest.mark.slow

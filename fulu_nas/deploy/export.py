@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -33,9 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import device_problem
 from ..errors import FuluConfigError
 from ..models import ArchConfig, PiMoETransformer
-from .files import checked_copy, parse_manifest
+from .files import SHA256, checked_copy, parse_manifest
 from .files import sha256_file as sha256
 from .pt2_check import UnsafeProgramError, check_archive
 
@@ -178,13 +180,19 @@ def fingerprint(directory: str | Path) -> str:
     return sha256(Path(directory) / CHECKSUMS)
 
 
-def check_folder(directory: str | Path, expected_sha256: str | None = None, into: Path | None = None) -> dict[str, str]:
+def check_folder(directory: str | Path, expected_sha256: str | None = None, into: Path | None = None,
+                 required: tuple[str, ...] = ()) -> dict[str, str]:
     """Check that ``checksums.json`` lists every other file of the directory with its SHA-256, that they
     are regular files, and that no program in it would run code when ``torch.export.load`` reads it;
     with ``expected_sha256`` (the export's :func:`fingerprint`), that ``checksums.json`` is the exported
     one, so that a folder whose files and checksums were both replaced is refused too. ``into``: copy
-    the files there in the same read (a private folder to load from). FuluConfigError names each file
-    that is missing, changed, added or refused."""
+    the files there in the same read (a private folder to load from). ``required``: the files the caller
+    reads, which must be there even if ``checksums.json`` does not list them. FuluConfigError names each
+    file that is missing, changed, added or refused."""
+    if expected_sha256 is not None and not (isinstance(expected_sha256, str)
+                                            and SHA256.fullmatch(expected_sha256.strip().lower())):
+        raise FuluConfigError(f"expected_sha256: {expected_sha256!r} is not a SHA-256 (64 hex digits: the "
+                              "fingerprint fulu-nas export printed)")
     directory = Path(directory)
     listing = directory / CHECKSUMS
     if not directory.is_dir():
@@ -197,6 +205,10 @@ def check_folder(directory: str | Path, expected_sha256: str | None = None, into
                               "folder, or its files and checksums were replaced)")
     checksums = parse_manifest(text, str(listing))
     problems = checked_copy(directory, checksums, CHECKSUMS, ignore=(CHECKSUMS,), into=into)
+    # A file gone from the folder and from its checksums passes the check above (one still there is named
+    # as not listed): the caller would fail on it later, in the private copy's name.
+    problems += [f"{directory / name}: missing" for name in required
+                 if name not in checksums and not os.path.lexists(directory / name)]
     if into is not None:
         (into / CHECKSUMS).write_bytes(text)
     if not problems:
@@ -217,31 +229,54 @@ def verify(directory: str | Path, expected_sha256: str | None = None) -> dict[st
 
 
 @contextlib.contextmanager
-def checked_folder(directory: str | Path, expected_sha256: str | None = None) -> Iterator[Path]:
+def checked_folder(directory: str | Path, expected_sha256: str | None = None,
+                   required: tuple[str, ...] = ()) -> Iterator[Path]:
     """A private copy of the export folder, made in the same read that checks it (:func:`check_folder`),
     removed on exit: what a loader reads is what was checked."""
     with tempfile.TemporaryDirectory(prefix="fulu-nas-checked-") as tmp:
         copy = Path(tmp) / "model"
         copy.mkdir()
-        check_folder(directory, expected_sha256, into=copy)
+        check_folder(directory, expected_sha256, into=copy, required=required)
         yield copy
+
+
+def first_few(names: list[str], n: int = 3) -> str:
+    """The first ``n`` names, and how many more (a configuration can be off by any number of tensors)."""
+    return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
 def check_weights_fit(arch: ArchConfig, weights: Path, source: Path) -> None:
     """The configuration's tensor shapes against the safetensors header, before a module of that size is
     allocated (a configuration can ask for any size)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in PiMoETransformer(arch).state_dict().items()}
-    with safe_open(str(weights), framework="pt") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    wrong = [f"{k}: {stored[k]} stored, {expected[k]} configured" for k in stored
-             if k in expected and stored[k] != expected[k]]
-    unknown = sorted(stored.keys() - expected.keys())
-    if wrong or unknown:
-        raise FuluConfigError(f"{source}: config.yaml does not describe these weights: "
-                              + "; ".join(wrong[:3] + [f"no parameter {k}" for k in unknown[:3]]))
+    try:  # the checksums say the file is the listed one, not that it is whole (they can be rewritten with it)
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as e:
+        raise FuluConfigError(f"{source}: not a safetensors file ({e})") from None
+    problems = [f"{k}: {stored[k]} stored, {expected[k]} configured" for k in stored
+                if k in expected and stored[k] != expected[k]][:3]
+    if unknown := sorted(stored.keys() - expected.keys()):
+        problems.append(f"no parameter {first_few(unknown)}")
+    if missing := sorted(expected.keys() - stored.keys()):  # load_state_dict's error would list them all
+        problems.append(f"no tensor {first_few(missing)} in the file")
+    if problems:
+        raise FuluConfigError(f"{source}: config.yaml does not describe these weights: " + "; ".join(problems))
+
+
+def load_device(map_location: str | torch.device) -> torch.device:
+    """``map_location`` as a device of this machine that can hold the weights (safetensors and torch refuse
+    any other deep inside the load, in their own words)."""
+    if problem := device_problem(map_location, "map_location"):
+        raise FuluConfigError(problem)
+    device = torch.device(map_location)
+    if device.type == "meta":
+        raise FuluConfigError(f"map_location: {map_location!r}: holds no data (a meta tensor is a shape alone): "
+                              "name a device such as 'cpu' or 'cuda'")
+    return device
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu",
@@ -252,9 +287,16 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
     import yaml
     from safetensors.torch import load_model
 
+    device = load_device(map_location)
     directory = Path(directory)
-    with checked_folder(directory, expected_sha256) as copy:
-        config = yaml.safe_load((copy / "config.yaml").read_text())
+    with checked_folder(directory, expected_sha256, required=("config.yaml", "model.safetensors")) as copy:
+        try:
+            config = yaml.safe_load((copy / "config.yaml").read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:  # PyYAML's message spans lines and names no file
+            mark = getattr(e, "problem_mark", None)
+            problem = (f"{getattr(e, 'problem', None)} at line {mark.line + 1}, column {mark.column + 1}" if mark
+                       else " ".join(str(e).split()))
+            raise FuluConfigError(f"{directory / 'config.yaml'}: not valid YAML ({problem})") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION:
             found = config.get("format") if isinstance(config, dict) else config
             raise FuluConfigError(f"{directory / 'config.yaml'}: unknown export format {found!r}")
@@ -266,5 +308,5 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
             raise FuluConfigError(f"{directory / 'config.yaml'}: not a valid architecture ({e})") from None
         check_weights_fit(arch, copy / "model.safetensors", directory / "model.safetensors")
         model = PiMoETransformer(arch)
-        load_model(model, str(copy / "model.safetensors"), strict=True, device=str(map_location))
-    return model.to(map_location).eval()
+        load_model(model, str(copy / "model.safetensors"), strict=True, device=str(device))
+    return model.to(device).eval()
