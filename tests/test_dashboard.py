@@ -87,6 +87,145 @@ def test_describe_arch_says_which_layers_of_an_encoder_were_upcycled():
     assert text.startswith("4 layers x 32 hidden, layers 1, 3 upcycled; topk router, 8 experts, top-2, expert ffn 64")
 
 
+# ---------------------------------------------------------------- panels of in-memory studies (fast)
+
+
+def _settings(tmp_path: Path, *overrides: str):
+    """The real settings of a tiny search (composed only: nothing is run or written)."""
+    from fulu_nas.search.app import compose_config
+    from fulu_nas.search.settings import load_settings
+
+    return load_settings(*compose_config(["+experiment=tiny", f"hydra.run.dir={tmp_path}", *overrides]))
+
+
+def _trial(state: str = "COMPLETE", values=None, params=None, curve=None, constraints=None, **attrs):
+    params = params if params is not None else {"a": 0}
+    return optuna.trial.create_trial(
+        state=optuna.trial.TrialState[state], values=values, params=params,
+        distributions={k: optuna.distributions.IntDistribution(0, 9) for k in params},
+        user_attrs=attrs, intermediate_values=curve or {}, constraints=constraints)
+
+
+def _context(s, trials: list, **study_attrs):
+    from fulu_nas.dashboard.context import Context
+
+    study = optuna.create_study(directions=list(s.study.directions), study_name=s.study.name)
+    for t in trials:
+        study.add_trial(t)
+    for k, v in study_attrs.items():
+        study.set_user_attr(k, v)
+    return Context(study, s, tracking_uri="")
+
+
+@pytest.fixture(scope="module")
+def maximised(tmp_path_factory):
+    """A multi-objective study that maximises `metric` (and minimises latency_ms): a high metric takes
+    a=9, whatever b; a low metric comes from a high b, whatever a."""
+    s = _settings(tmp_path_factory.mktemp("max"), "study=multi_objective", "study.objectives=[metric,latency_ms]")
+    assert s.study.directions == ("maximize", "minimize")
+    trials = [_trial(values=[10.0 if a == 9 else -float(b), 1.0 + (7 * a + 3 * b) % 10], params={"a": a, "b": b})
+              for a in range(10) for b in range(10)]
+    return _context(s, trials)
+
+
+def _traces(blocks: list, objective: str) -> list:
+    """The traces of one objective: its own figure's, or those named after it in a shared figure."""
+    figures = [b for b in blocks if not isinstance(b, str)]
+    own = [f for f in figures if (f.layout.title.text or "").split(" (")[0] == objective]
+    return list(own[0].data) if own else [tr for f in figures for tr in f.data if tr.name == objective]
+
+
+def test_importances_of_a_maximised_objective_rank_the_parameters_for_high_values(maximised):
+    from fulu_nas.dashboard.panels.importances import panel_importances
+
+    bars = _traces(panel_importances(maximised, {}), "metric")[0]
+    shown = dict(zip(bars.y, bars.x, strict=True))
+    assert max(shown, key=shown.get) == "a", shown  # a high metric needs a=9; b only makes it low
+    # what optuna's documentation says to do for a maximised objective: negate it in `target`
+    with pytest.warns(UserWarning, match="low `target` values"):
+        expected = optuna.importance.get_param_importances(maximised.plot_study, target=lambda t: -t.values[0])
+    assert shown == pytest.approx(expected)
+
+
+def _brightness(colour: str) -> int:
+    return sum(int(c) for c in re.findall(r"\d+", colour))
+
+
+def test_parallel_coordinates_draw_the_best_value_of_each_objective_darkest(maximised):
+    from fulu_nas.dashboard.panels.parallel import panel_parallel
+
+    blocks = panel_parallel(maximised, {})
+    for objective, direction in zip(maximised.objectives, maximised.directions, strict=True):
+        lines = [tr for tr in _traces(blocks, objective) if tr.mode == "lines" and tr.y and tr.y[0] is not None]
+        # y[0] is the objective's axis, scaled 0 (lowest value) .. 1 (highest)
+        top = {_brightness(tr.line.color) for tr in lines if tr.y[0] == 1.0}
+        bottom = {_brightness(tr.line.color) for tr in lines if tr.y[0] == 0.0}
+        best, worst = (top, bottom) if direction == "maximize" else (bottom, top)
+        assert max(best) < min(worst), f"{objective} ({direction}): the best trials are not the darkest lines"
+
+
+def test_header_counts_trials_as_the_search_summary_does(tmp_path):
+    from fulu_nas.dashboard.layout import Layout
+    from fulu_nas.dashboard.page import render
+    from fulu_nas.search.report import summarize
+
+    s = _settings(tmp_path, "study.constraints={active_params:1.0e4}")
+    ctx = _context(s, [
+        _trial(values=[1.3], constraints={"active_params": 1876.0}, reference=True),  # over the bound
+        _trial(values=[1.2], params={"a": 1}, constraints={"active_params": -100.0}),
+        _trial(values=[1.2], params={"a": 1}, constraints={"active_params": -100.0}, cached_from=1),
+        _trial("PRUNED", params={"a": 2}, infeasible="top_k >= num_experts"),  # never trained
+        _trial("PRUNED", params={"a": 3}, curve={10: 1.5}, pruned_at_step=10),
+        _trial("FAIL", params={"a": 4}, curve={10: 1.4}, fail_reason="over the time budget"),
+    ])
+    summary = summarize(ctx.study, s)
+    assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"], summary["n_infeasible"],
+            summary["n_reused"]) == (3, 1, 1, 2, 1)
+    facts = re.findall(r'<p class="facts">trials: (.*?)</p>', render(ctx, Layout("bare", "{study}", ())))
+    assert facts == ["3 complete, 1 pruned, 1 failed, 2 infeasible, 1 reused"]
+
+
+def test_training_curves_include_the_failed_trials_that_reported_a_loss(tmp_path):
+    from fulu_nas.dashboard.panels.training import panel_training_curves
+
+    ctx = _context(_settings(tmp_path), [
+        _trial(values=[1.2], curve={10: 1.5, 20: 1.3}),
+        _trial("PRUNED", params={"a": 1}, curve={10: 1.6}),
+        _trial("FAIL", params={"a": 2}, curve={10: 1.55, 20: 1.45}, fail_reason="over the time budget"),
+        _trial("FAIL", params={"a": 3}, fail_reason="diverged before its first report"),
+    ])
+    blocks = panel_training_curves(ctx, {})
+    fig = next(b for b in blocks if not isinstance(b, str))
+    curves = {int(re.match(r"Trial(\d+)", tr.name).group(1)): tr for tr in fig.data}
+    assert sorted(curves) == [0, 1, 2]  # every trial with a reported loss; trial 3 reported none
+    assert list(curves[2].y) == [1.55, 1.45] and "failed" in curves[2].name
+    assert any("failed" in b for b in blocks if isinstance(b, str))
+
+
+def test_confirmation_rank_plot_ranks_both_axes_among_the_confirmed_architectures(tmp_path):
+    """The search ranked 6 architectures, the confirmation 3 of them: the reference, last in both,
+    lies on the diagonal at (3, 3), not at (6, 3)."""
+    from fulu_nas.dashboard.panels.confirmation import panel_confirmation
+    from fulu_nas.search.confirm_summary import SUMMARY_ATTR, summarize_confirmation
+
+    def arch(trial, rank, runs, reference=False):
+        return {"trial": trial, "search_rank": rank, "reference": reference, "feasible": True, "arch_hash": str(trial),
+                "search_values": [runs[0]], "runs": [{"values": [v]} for v in runs]}
+
+    header = {"study": "tiny-clusters", "objectives": ["loss"], "directions": ["minimize"], "seeds": [0, 1],
+              "steps": 100, "budget_factor": 1.0, "search_steps": 100, "failed_runs": []}
+    summary = summarize_confirmation(header, [arch(2, 1, [1.28, 1.30]), arch(7, 2, [1.30, 1.31]),
+                                              arch(0, 6, [1.31, 1.33], reference=True)], ["minimize"])
+    ctx = _context(_settings(tmp_path), [_trial(values=[1.3])], **{SUMMARY_ATTR: summary})
+    fig = next(b for b in panel_confirmation(ctx, {}) if not isinstance(b, str))
+    points = {tr.name: list(zip(tr.x, tr.y, strict=True)) for tr in fig.data
+              if tr.xaxis == "x" and tr.mode == "markers+text"}
+    assert points == {"confirmed architectures": [(1, 1), (2, 2)], "reference": [(3, 3)]}
+    diagonal = next(tr for tr in fig.data if tr.name == "same rank")
+    assert list(diagonal.x) == [1, 3] and list(diagonal.y) == [1, 3]
+    assert "among" in fig.layout.xaxis.title.text and "among" in fig.layout.yaxis.title.text
+
+
 # ---------------------------------------------------------------- a real study (slow)
 
 

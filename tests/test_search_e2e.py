@@ -387,3 +387,30 @@ def test_local_workers_are_pinned_one_per_gpu(monkeypatch):
     envs = [worker_env(i, 4) for i in range(4)]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3"] * 4
     assert {e["OMP_NUM_THREADS"] for e in envs} == {str(max(1, (os.cpu_count() or 1) // 4))}
+
+
+def test_the_summary_says_when_the_reference_breaks_a_study_constraint(tmp_path, capsys):
+    """A best trial 'beats the reference' is qualified when the reference is itself infeasible, in
+    summary.json and on the console (the table row and the verdict line)."""
+    from fulu_nas.search.app import compose_config
+    from fulu_nas.search.report import print_summary, summarize
+    from fulu_nas.search.settings import load_settings
+
+    s = load_settings(*compose_config(["+experiment=tiny", f"hydra.run.dir={tmp_path}",
+                                       "study.constraints={active_params:1.0e4}"]))
+    study = optuna.create_study(direction="minimize")
+    dist = {"a": optuna.distributions.IntDistribution(0, 9)}
+    for a, loss, over in ((0, 1.31, 1876.0), (1, 1.30, -50.0)):  # trial 0, the reference, is over the bound
+        study.add_trial(optuna.trial.create_trial(values=[loss], params={"a": a}, distributions=dist,
+                                                  user_attrs={"reference": a == 0, "arch_hash": str(a)},
+                                                  constraints={"active_params": over}))
+    summary = summarize(study, s)
+    assert summary["beats_reference"] and summary["best_trial"] == 1
+    assert summary["reference"]["feasible"] is False and summary["reference"]["violated_constraints"] == [
+        "active_params"]
+    assert summary["best"]["feasible"] is True
+    print_summary(summary, s)
+    out = capsys.readouterr().out
+    assert "0 (reference, infeasible)" in out, out
+    words = " ".join(out.split())  # the console wraps the verdict line
+    assert "best trial 1 beats the reference architecture (infeasible: over active_params) on loss" in words, out

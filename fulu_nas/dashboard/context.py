@@ -26,19 +26,21 @@ class Context:
         self.trials = study.get_trials(deepcopy=True)
         self.by_number = {t.number: t for t in self.trials}
         self.complete = [t for t in self.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        self.plot_study = self._plot_study()
+        self.plot_study = self._plot_study(self.directions)
+        self._objective_studies: dict[int, Any] = {}
         self._artifacts: dict[str, Any] = {}
         self.best = self._best()
 
-    def _plot_study(self):
+    def _plot_study(self, directions: list[str], objective: int | None = None):
         """An in-memory copy for ``optuna.visualization``: its hover text shows the trial's
-        architecture in a line instead of every user attribute (the full config, every metric)."""
+        architecture in a line instead of every user attribute (the full config, every metric).
+        With ``objective``, a single-objective copy holding only that objective's values."""
         import optuna
 
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            plot = optuna.create_study(directions=self.directions, study_name=self.study.study_name)
+            plot = optuna.create_study(directions=directions, study_name=self.study.study_name)
             for t in self.trials:
                 t2 = copy.copy(t)
                 attrs = {"architecture": describe_arch(t.user_attrs.get("arch"), t.params)}
@@ -47,10 +49,25 @@ class Context:
                 if "cached_from" in t.user_attrs:
                     attrs["reused_from_trial"] = t.user_attrs["cached_from"]
                 t2.user_attrs = attrs
+                if objective is not None and t.values is not None:
+                    t2.values = [t.values[objective]]
                 plot.add_trial(t2)
         finally:
             optuna.logging.set_verbosity(verbosity)
         return plot
+
+    def objective_study(self, i: int):
+        """The plot study as a single-objective study of objective ``i``, with its direction.
+
+        ``optuna.visualization`` takes an objective's direction from a single-objective study only:
+        given a ``target`` (how a multi-objective study names one objective) it treats lower as
+        better, so PED-ANOVA importances would rank the parameters for a *low* value of a maximised
+        objective, and parallel coordinates would colour its worst trials darkest."""
+        if not self.multi:
+            return self.plot_study
+        if i not in self._objective_studies:
+            self._objective_studies[i] = self._plot_study([self.directions[i]], objective=i)
+        return self._objective_studies[i]
 
     def feasible(self, t) -> bool:
         return all(c <= 0 for c in (t.constraints or {}).values())

@@ -7,6 +7,7 @@ import datetime as dt
 import html
 from collections import Counter
 
+from ..search.report import count_trials, describe_counts
 from .context import Context
 from .layout import Layout
 from .panels import PANELS
@@ -48,10 +49,11 @@ def render(ctx: Context, layout: Layout) -> str:
 
     states = Counter(t.state for t in ctx.trials)
     TS = optuna.trial.TrialState
-    words = {TS.COMPLETE: "complete", TS.PRUNED: "pruned", TS.FAIL: "failed", TS.RUNNING: "running",
-             TS.WAITING: "waiting"}
-    counts = ", ".join(f"{states[s]} {word}" for s, word in words.items() if states[s])
-    infeasible = sum("infeasible" in t.user_attrs for t in ctx.trials)
+    # The finished trials counted as the search's summary counts them (an infeasible trial is not
+    # "pruned", though optuna stores one that was never trained so), then those still to finish.
+    finished = describe_counts(count_trials(ctx.trials), zeros=False)
+    pending = [f"{states[st]} {word}" for st, word in ((TS.RUNNING, "running"), (TS.WAITING, "waiting")) if states[st]]
+    counts = ", ".join(part for part in (finished, *pending) if part)
     s = ctx.s
     objectives = ", ".join(f"{o} ({d})" for o, d in zip(ctx.objectives, ctx.directions, strict=True))
     title = layout.title.replace("{study}", ctx.study.study_name)
@@ -59,8 +61,7 @@ def render(ctx: Context, layout: Layout) -> str:
             f'<p class="facts">study <b>{html.escape(ctx.study.study_name)}</b>: task {html.escape(s.task_name)}, '
             f"search space {html.escape(str(s.space.name))}, objectives {html.escape(objectives)}, "
             f"{s.study.n_trials} trials requested.</p>",
-            f'<p class="facts">trials: {html.escape(counts or "none yet")}'
-            + (f" ({infeasible} infeasible, not trained)" if infeasible else "") + "</p>"]
+            f'<p class="facts">trials: {html.escape(counts or "none yet")}</p>']
     banners = []
     if states[TS.RUNNING] or states[TS.WAITING]:
         banners.append(f"The study is still running ({states[TS.RUNNING]} running, {states[TS.WAITING]} waiting): "

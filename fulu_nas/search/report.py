@@ -10,13 +10,36 @@ from .settings import SearchSettings
 
 TrialState = optuna.trial.TrialState
 _COLUMNS = ("loss", "metric", "routing_accuracy", "load_balance", "latency_ms", "latency_ratio", "active_params")
+# The counts of count_trials, in the order and words of the console's summary.
+_COUNT_WORDS = (("n_complete", "complete"), ("n_pruned", "pruned"), ("n_failed", "failed"),
+                ("n_infeasible", "infeasible"), ("n_reused", "reused"))
 
 
 def _row(t: optuna.trial.FrozenTrial) -> dict:
     return {"number": t.number, "values": list(t.values or []), "params": dict(t.params),
             "metrics": dict(t.user_attrs.get("metrics", {})), "reference": bool(t.user_attrs.get("reference")),
+            "feasible": is_feasible(t), "violated_constraints": [k for k, c in t.constraints.items() if c > 0],
             "cached_from": t.user_attrs.get("cached_from"), "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
             "weights_run_id": t.user_attrs.get("weights_run_id")}
+
+
+def count_trials(trials: list[optuna.trial.FrozenTrial]) -> dict:
+    """The trials by outcome (summary.json, the MLflow tags, the console and the dashboard's header)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return {
+        "n_finished": sum(counts_toward_total(t) for t in trials),
+        "n_complete": len(complete),
+        "n_pruned": sum(t.state == TrialState.PRUNED and "infeasible" not in t.user_attrs for t in trials),
+        # not trained (outside the space's constraints), or trained and over a study constraint
+        "n_infeasible": sum("infeasible" in t.user_attrs for t in trials) + sum(not is_feasible(t) for t in complete),
+        "n_failed": sum(t.state == TrialState.FAIL and counts_toward_total(t) for t in trials),
+        "n_reused": sum("cached_from" in t.user_attrs for t in complete),
+    }
+
+
+def describe_counts(counts: dict, zeros: bool = True) -> str:
+    """'3 complete, 1 pruned, ...' from :func:`count_trials`; ``zeros=False`` leaves out the zeros."""
+    return ", ".join(f"{counts[k]} {word}" for k, word in _COUNT_WORDS if zeros or counts[k])
 
 
 def summarize(study: optuna.Study, s: SearchSettings) -> dict:
@@ -24,13 +47,7 @@ def summarize(study: optuna.Study, s: SearchSettings) -> dict:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     summary: dict = {
         "study": s.study.name, "objectives": list(s.study.objectives), "directions": list(s.study.directions),
-        "n_trials_requested": s.study.n_trials, "n_finished": sum(counts_toward_total(t) for t in trials),
-        "n_complete": len(complete),
-        "n_pruned": sum(t.state == TrialState.PRUNED and "infeasible" not in t.user_attrs for t in trials),
-        # not trained (outside the space's constraints), or trained and over a study constraint
-        "n_infeasible": sum("infeasible" in t.user_attrs for t in trials) + sum(not is_feasible(t) for t in complete),
-        "n_failed": sum(t.state == TrialState.FAIL and counts_toward_total(t) for t in trials),
-        "n_reused": sum("cached_from" in t.user_attrs for t in complete),
+        "n_trials_requested": s.study.n_trials, **count_trials(trials),
     }
     reference = next((t for t in complete if t.user_attrs.get("reference")), None)
     summary["reference"] = _row(reference) if reference else None
@@ -68,9 +85,7 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
     title = "Pareto front" if "pareto_front" in summary else "Best trial"
     if summary["n_finished"] < summary["n_trials_requested"]:  # stopped short: say so above the table
         title += f" so far ({summary['n_finished']} of {summary['n_trials_requested']} trials)"
-    table = Table(title=f"{title} of study {summary['study']} ({summary['n_complete']} complete, "
-                        f"{summary['n_pruned']} pruned, {summary['n_failed']} failed, "
-                        f"{summary['n_infeasible']} infeasible, {summary['n_reused']} reused)")
+    table = Table(title=f"{title} of study {summary['study']} ({describe_counts(summary)})")
     table.add_column("trial", justify="right")
     for o, d in zip(summary["objectives"], summary["directions"], strict=True):
         table.add_column(f"{o} ({d[:3]})", justify="right")
@@ -83,7 +98,8 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
     if ref and all(r["number"] != ref["number"] for r in rows):
         shown.append(ref)
     for r in shown:
-        label = f"{r['number']}" + (" (reference)" if r["reference"] else "")
+        marks = [m for m, on in (("reference", r["reference"]), ("infeasible", not r["feasible"])) if on]
+        label = f"{r['number']}" + (f" ({', '.join(marks)})" if marks else "")
         cells = [format_value(v) for v in r["values"]]
         cells += [format_value(r["metrics"].get(c)) for c in _COLUMNS if c not in summary["objectives"]]
         arch = ", ".join(f"{k}={v}" for k, v in r["params"].items())
@@ -95,8 +111,11 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
     elif "beats_reference" in summary:
         verdict = "beats" if summary["beats_reference"] else "does not beat"
         gain = summary.get("improvement_over_reference")
+        # A reference over a study constraint is no architecture the study would pick: say so.
+        over = ref["violated_constraints"]
+        infeasible = f" (infeasible: over {', '.join(over)})" if over else ""
         # One run each at the search's budget: a difference of a few percent is often the seed's.
-        console.print(f"best trial {summary['best_trial']} {verdict} the reference architecture on "
+        console.print(f"best trial {summary['best_trial']} {verdict} the reference architecture{infeasible} on "
                       f"{summary['objectives'][0]}" + (f" ({gain:+.1%})" if gain is not None else "")
                       + f" in one run at {s.train.steps} steps; fulu-nas confirm study.name={s.study.name} trains "
                       "both again with several seeds")

@@ -16,10 +16,24 @@ def note(text: str) -> str:
 def quiet(fn, *args, **kwargs):
     import optuna
 
-    with warnings.catch_warnings():  # experimental-API and PED-ANOVA direction notices: not the user's concern
+    with warnings.catch_warnings():  # experimental-API notices: not the user's concern
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", UserWarning)
         return fn(*args, **kwargs)
+
+
+def per_objective(ctx: Context, plot, what: str) -> list:
+    """One figure of ``plot`` (an ``optuna.visualization`` function) per objective, each drawn from
+    the objective's single-objective study (:meth:`Context.objective_study`) so that optuna knows
+    whether it is minimised or maximised; a note for an objective it cannot be drawn for yet."""
+    blocks = []
+    for i, (name, direction) in enumerate(zip(ctx.objectives, ctx.directions, strict=True)):
+        try:
+            fig = quiet(plot, ctx.objective_study(i), target_name=name)
+        except Exception as e:  # too few distinct values, a single parameter, ...
+            blocks.append(note(f"{what} for {name} could not be drawn yet ({type(e).__name__}: {e})."))
+            continue
+        blocks.append(untitled(fig, f"{name} ({direction})" if ctx.multi else None))
+    return blocks
 
 
 def needs_complete(ctx: Context, n: int = 1) -> list | None:

@@ -32,23 +32,24 @@ def _figure(summary: dict, rows: list[dict]):
     from plotly.subplots import make_subplots
 
     objectives = summary["objectives"]
+    ranks = _ranks_among_confirmed(rows)
+    k = max(len(ranks), 1)
     fig = make_subplots(rows=1, cols=1 + len(objectives), horizontal_spacing=0.08,
-                        subplot_titles=["search rank vs confirmed rank",
+                        subplot_titles=[f"search rank vs confirmed rank ({k} architectures)",
                                         *(f"{o}: mean +- sd over seeds" for o in objectives)])
-    ranked = [r for r in rows if r["search_rank"] is not None]
-    top = max([r["search_rank"] for r in ranked] + [r["confirmed_rank"] for r in rows])
-    fig.add_trace(go.Scatter(x=[1, top], y=[1, top], mode="lines", line=dict(dash="dot", color="#999"),
+    fig.add_trace(go.Scatter(x=[1, k], y=[1, k], mode="lines", line=dict(dash="dot", color="#999"),
                              name="same rank", hoverinfo="skip"), row=1, col=1)
     for reference, color in ((False, _CANDIDATE), (True, _REFERENCE)):
         group = [r for r in rows if r["reference"] == reference]
         name = "reference" if reference else "confirmed architectures"
+        placed = [r for r in group if r["trial"] in ranks]
         fig.add_trace(go.Scatter(
-            x=[r["search_rank"] for r in group if r["search_rank"] is not None],
-            y=[r["confirmed_rank"] for r in group if r["search_rank"] is not None],
-            text=[_label(r) for r in group if r["search_rank"] is not None], mode="markers+text",
+            x=[ranks[r["trial"]][0] for r in placed], y=[ranks[r["trial"]][1] for r in placed],
+            text=[_label(r) for r in placed], customdata=[r["search_rank"] for r in placed], mode="markers+text",
             textposition="top center", marker=dict(size=11, color=color, symbol="diamond" if reference else "circle"),
             name=name, legendgroup=name,
-            hovertemplate="%{text}<br>search rank %{x}, confirmed rank %{y}<extra></extra>"), row=1, col=1)
+            hovertemplate=f"%{{text}}<br>search rank %{{x}} of these {k} (%{{customdata}} in the whole search), "
+                          f"confirmed rank %{{y}} of {k}<extra></extra>"), row=1, col=1)
         for i, o in enumerate(objectives):
             fig.add_trace(go.Scatter(
                 x=[_label(r) for r in group], y=[r["mean"][i] for r in group],
@@ -65,10 +66,20 @@ def _figure(summary: dict, rows: list[dict]):
             hovertemplate=f"%{{x}}<br>{o} in the search %{{y:.4g}}<extra></extra>"), row=1, col=2 + i)
         fig.update_yaxes(title_text=f"{o} ({summary['directions'][i][:3]})", row=1, col=2 + i)
     # Rank 1 at the top left; half a rank of margin keeps the labels of the last points inside.
-    fig.update_xaxes(title_text="search rank", dtick=1, range=[0.5, top + 0.7], row=1, col=1)
-    fig.update_yaxes(title_text="confirmed rank", dtick=1, range=[top + 0.5, 0.5], row=1, col=1)
+    fig.update_xaxes(title_text=f"search rank among these {k}", dtick=1, range=[0.5, k + 0.7], row=1, col=1)
+    fig.update_yaxes(title_text=f"confirmed rank among these {k}", dtick=1, range=[k + 0.5, 0.5], row=1, col=1)
     fig.update_layout(height=460, margin=dict(t=50), legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+def _ranks_among_confirmed(rows: list[dict]) -> dict[int, tuple[int, int]]:
+    """trial -> (search rank, confirmed rank), both counted 1..K among the K confirmed architectures
+    that the search ranked: the search ranks all its trials and the confirmation only these, so their
+    raw ranks are on two scales that one "same rank" diagonal cannot compare."""
+    ranked = [r for r in rows if r["search_rank"] is not None]
+    by_search = [r["trial"] for r in sorted(ranked, key=lambda r: r["search_rank"])]
+    by_confirmed = [r["trial"] for r in sorted(ranked, key=lambda r: r["confirmed_rank"])]
+    return {t: (by_search.index(t) + 1, by_confirmed.index(t) + 1) for t in by_search}
 
 
 def _caption(summary: dict) -> str:

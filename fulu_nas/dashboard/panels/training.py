@@ -8,6 +8,8 @@ from .blocks import note, quiet, untitled
 
 
 def panel_training_curves(ctx: Context, opts: dict) -> list:
+    import plotly.graph_objects as go
+    from optuna.trial import TrialState
     from optuna.visualization import plot_intermediate_values
 
     if ctx.multi:
@@ -17,7 +19,18 @@ def panel_training_curves(ctx: Context, opts: dict) -> list:
         return [note("No trial has reported its training loss yet.")]
     fig = quiet(plot_intermediate_values, ctx.plot_study)
     fig.update_layout(xaxis_title="step", yaxis_title="smoothed training loss")
-    return [untitled(fig)]
+    # optuna draws complete, pruned and running trials only; a failed trial's loss up to its failure
+    # (over the time budget, diverged) is part of "every trial" too.
+    failed = [t for t in ctx.trials if t.state == TrialState.FAIL and t.intermediate_values]
+    for t in failed:
+        steps = sorted(t.intermediate_values)
+        fig.add_trace(go.Scatter(x=steps, y=[t.intermediate_values[k] for k in steps], mode="lines+markers",
+                                 line=dict(dash="dot"), marker=dict(maxdisplayed=10), name=f"Trial{t.number} (failed)"))
+    blocks = [untitled(fig)]
+    if failed:
+        blocks.append(note(f"Dotted: the failed trial(s) {', '.join(str(t.number) for t in failed)}, up to their "
+                           "failure."))
+    return blocks
 
 
 def panel_expert_load(ctx: Context, opts: dict) -> list:
