@@ -466,6 +466,16 @@ def forge_checksums(folder: Path) -> None:
         {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in listing}))
 
 
+def test_serving_refuses_a_malformed_fingerprint_before_reading_anything(exported):
+    """``expected_sha256`` from Python: an AttributeError (".strip") on the registry path before."""
+    from fulu_nas.deploy.serve import checked_model
+
+    for source in ("models:/tiny-clusters@champion", str(exported.model_dir)):
+        with pytest.raises(FuluConfigError, match="expected_sha256: 123 is not a SHA-256"):
+            with checked_model(source, 123, f"sqlite:///{exported.out / 'mlflow.db'}"):
+                pass
+
+
 @pytest.mark.slow
 def test_a_changed_byte_of_the_served_program_is_refused(exported, tmp_path):
     import mlflow

@@ -4,9 +4,11 @@ layout loaded back with the same outputs, and bad input refused before anything 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -119,6 +121,22 @@ def test_export_writes_a_save_pretrained_folder_that_loads_back_with_the_same_ou
     tokens = task.val_batches(8)[0].tokens
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=tokens).logits, trained(tokens).logits, rtol=0, atol=1e-6)
+
+    # bad arguments and a damaged record behind rewritten checksums: one message naming them (a raw
+    # safetensors or PyYAML error before)
+    for device in ("gpu0", "meta"):
+        with pytest.raises(FuluConfigError, match=f"map_location: '{device}': "):
+            fulu_nas.load(folder, map_location=device)
+    with pytest.raises(FuluConfigError, match="expected_sha256: 123 is not a SHA-256"):
+        fulu_nas.load(folder, expected_sha256=123)
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "upcycling.yaml").write_text("format: [1\n")
+    listing = json.loads((broken / "checksums.json").read_text())
+    (broken / "checksums.json").write_text(json.dumps(
+        {name: hashlib.sha256((broken / name).read_bytes()).hexdigest() for name in listing}))
+    with pytest.raises(FuluConfigError, match=r"broken/upcycling.yaml: not valid YAML \(.* at line 2"):
+        fulu_nas.load(broken)
 
     # a changed byte is refused before anything is read as weights
     weights = folder / "model.safetensors"

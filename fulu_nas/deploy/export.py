@@ -37,7 +37,7 @@ from torch import nn
 from ..checks import device_problem
 from ..errors import FuluConfigError
 from ..models import ArchConfig, PiMoETransformer
-from .files import SHA256, checked_copy, parse_manifest
+from .files import checked_copy, expected_digest, parse_manifest
 from .files import sha256_file as sha256
 from .pt2_check import UnsafeProgramError, check_archive
 
@@ -189,10 +189,7 @@ def check_folder(directory: str | Path, expected_sha256: str | None = None, into
     the files there in the same read (a private folder to load from). ``required``: the files the caller
     reads, which must be there even if ``checksums.json`` does not list them. FuluConfigError names each
     file that is missing, changed, added or refused."""
-    if expected_sha256 is not None and not (isinstance(expected_sha256, str)
-                                            and SHA256.fullmatch(expected_sha256.strip().lower())):
-        raise FuluConfigError(f"expected_sha256: {expected_sha256!r} is not a SHA-256 (64 hex digits: the "
-                              "fingerprint fulu-nas export printed)")
+    expected = expected_digest(expected_sha256)
     directory = Path(directory)
     listing = directory / CHECKSUMS
     if not directory.is_dir():
@@ -200,7 +197,7 @@ def check_folder(directory: str | Path, expected_sha256: str | None = None, into
     if listing.is_symlink() or not listing.is_file():
         raise FuluConfigError(f"{directory}: not an export directory (no {CHECKSUMS})")
     text = listing.read_bytes()
-    if expected_sha256 is not None and hashlib.sha256(text).hexdigest() != expected_sha256.strip().lower():
+    if expected is not None and hashlib.sha256(text).hexdigest() != expected:
         raise FuluConfigError(f"{listing}: its SHA-256 is not the expected {expected_sha256} (not the exported "
                               "folder, or its files and checksums were replaced)")
     checksums = parse_manifest(text, str(listing))
@@ -279,24 +276,31 @@ def load_device(map_location: str | torch.device) -> torch.device:
     return device
 
 
+def read_yaml(path: Path, shown: Path) -> object:
+    """The YAML file ``path`` (a checked private copy), FuluConfigError naming ``shown`` (the user's
+    file) in one line if it is not YAML: PyYAML's message spans lines and names no file."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = (f"{getattr(e, 'problem', None)} at line {mark.line + 1}, column {mark.column + 1}" if mark
+                   else " ".join(str(e).split()))
+        raise FuluConfigError(f"{shown}: not valid YAML ({problem})") from None
+
+
 def load(directory: str | Path, map_location: str | torch.device = "cpu",
          expected_sha256: str | None = None) -> PiMoETransformer:
     """The exported model as an ``nn.Module`` (eval mode), read from a copy made as the folder is checked
     (:func:`checked_folder`; ``expected_sha256``: the export's :func:`fingerprint`). Reads YAML and
     safetensors only: nothing is unpickled."""
-    import yaml
     from safetensors.torch import load_model
 
     device = load_device(map_location)
     directory = Path(directory)
     with checked_folder(directory, expected_sha256, required=("config.yaml", "model.safetensors")) as copy:
-        try:
-            config = yaml.safe_load((copy / "config.yaml").read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:  # PyYAML's message spans lines and names no file
-            mark = getattr(e, "problem_mark", None)
-            problem = (f"{getattr(e, 'problem', None)} at line {mark.line + 1}, column {mark.column + 1}" if mark
-                       else " ".join(str(e).split()))
-            raise FuluConfigError(f"{directory / 'config.yaml'}: not valid YAML ({problem})") from None
+        config = read_yaml(copy / "config.yaml", directory / "config.yaml")
         if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION:
             found = config.get("format") if isinstance(config, dict) else config
             raise FuluConfigError(f"{directory / 'config.yaml'}: unknown export format {found!r}")

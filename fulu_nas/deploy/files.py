@@ -22,6 +22,17 @@ CHUNK = 1 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+
+def expected_digest(expected_sha256: object) -> str | None:
+    """A fingerprint a user gave (``expected_sha256``), in lower case; None for none. FuluConfigError
+    for anything that is not 64 hex digits (an int, bytes, a truncated copy)."""
+    if expected_sha256 is None:
+        return None
+    if not (isinstance(expected_sha256, str) and SHA256.fullmatch(expected_sha256.strip().lower())):
+        raise FuluConfigError(f"expected_sha256: {expected_sha256!r} is not a SHA-256 (64 hex digits: the "
+                              "fingerprint fulu-nas export printed)")
+    return expected_sha256.strip().lower()
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -28,7 +28,15 @@ from pathlib import Path
 
 from ..errors import FuluConfigError
 from .export import check_folder
-from .files import checked_copy, folder_entries, manifest_digest, manifest_json, parse_manifest, sha256_file
+from .files import (
+    checked_copy,
+    expected_digest,
+    folder_entries,
+    manifest_digest,
+    manifest_json,
+    parse_manifest,
+    sha256_file,
+)
 
 FILES_TAG = "fulu.files"  # a registered version's files: JSON, relative name -> SHA-256
 NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
@@ -85,6 +93,7 @@ def checked_model(source: str, expected_sha256: str | None = None,
                   tracking_uri: str | None = None) -> Iterator[Path]:
     """A private copy of the MLflow model ``source`` (a registered model URI or an export folder), made as
     it is checked; removed on exit. FuluConfigError names what is wrong."""
+    expected = expected_digest(expected_sha256)
     with tempfile.TemporaryDirectory(prefix="fulu-nas-serve-") as tmp:
         copy = Path(tmp) / "model"
         if source.startswith("models:/"):
@@ -94,7 +103,7 @@ def checked_model(source: str, expected_sha256: str | None = None,
                 raise FuluConfigError(f"{source}: version {version.version} has no {FILES_TAG} tag (registered "
                                       "by an older fulu-nas, or not by fulu-nas export): export it again")
             manifest = parse_manifest(version.tags[FILES_TAG], f"{source} (tag {FILES_TAG})")
-            if expected_sha256 is not None and manifest_digest(manifest) != expected_sha256.strip().lower():
+            if expected is not None and manifest_digest(manifest) != expected:
                 raise FuluConfigError(f"{source}: the files recorded for version {version.version} are not the "
                                       f"expected {expected_sha256}")
             downloaded = Path(tmp) / "download"

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deploy.export import assemble, checked_folder
+from ..deploy.export import assemble, checked_folder, load_device, read_yaml
 from ..errors import FuluConfigError
 from .encoder import TOKENIZER_EXTRAS, TOKENIZER_FILES, quiet_transformers
 from .migrate import migrate_from_electra
@@ -73,11 +73,10 @@ def load_upcycled(directory: str | Path, map_location: str | torch.device = "cpu
     """The exported model (a transformers masked-language model with its PiMoE layers, eval mode), read
     from a copy made as the folder is checked (:func:`~fulu_nas.deploy.export.checked_folder`;
     ``expected_sha256``: the export's fingerprint). ``model.fulu_migration`` says what was upcycled."""
-    import yaml
-
+    device = load_device(map_location)
     directory = Path(directory)
-    with checked_folder(directory, expected_sha256) as copy:
-        record = yaml.safe_load((copy / UPCYCLING).read_text())
+    with checked_folder(directory, expected_sha256, required=(UPCYCLING, "model.safetensors")) as copy:
+        record = read_yaml(copy / UPCYCLING, directory / UPCYCLING)
         if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
             found = record.get("format") if isinstance(record, dict) else record
             raise FuluConfigError(f"{directory / UPCYCLING}: unknown export format {found!r}")
@@ -95,5 +94,5 @@ def load_upcycled(directory: str | Path, map_location: str | torch.device = "cpu
             with warnings.catch_warnings():  # an inexact start (expert choice) was the searched architecture's
                 warnings.simplefilter("ignore", UserWarning)
                 model = migrate_from_electra(model, layers=arch.layers, inplace=True, verify=False, **arch.migration)
-        load_model(model, str(copy / "model.safetensors"), strict=True, device=str(map_location))
-    return model.to(map_location).eval()
+        load_model(model, str(copy / "model.safetensors"), strict=True, device=str(device))
+    return model.to(device).eval()
