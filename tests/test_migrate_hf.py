@@ -372,8 +372,14 @@ def test_bad_arguments_are_clear_errors():
         migrate_from_electra(model, num_experts=2, top_k=3)
     with pytest.raises(FuluConfigError, match="unexpected keyword"):
         migrate_from_electra(model, nonsense=1)
-    with pytest.raises(FuluConfigError, match=r"layers must be distinct indices in \[0, 2\)"):
-        migrate_from_electra(model, layers=[2])
+    for layers in ([2], [0, 0], [0.7], [True]):  # [0, 0] and [0.7] used to migrate layer 0 quietly
+        with pytest.raises(FuluConfigError, match=r"layers must be distinct indices in \[0, 2\)"):
+            migrate_from_electra(model, layers=layers)
+    # a number that is not an int, or not finite, is named (a comparison TypeError, or inf taken, before)
+    with pytest.raises(FuluConfigError, match="num_experts must be an integer, got '8'"):
+        migrate_from_electra(model, num_experts="8")
+    with pytest.raises(FuluConfigError, match="aux_loss_coef must be a finite number, got inf"):
+        migrate_from_electra(model, aux_loss_coef=float("inf"))
     with pytest.raises(FuluConfigError, match="hidden_size must be a positive multiple of 8"):
         migrate_from_electra(bert(hidden_size=36, num_attention_heads=2))
     with pytest.raises(FuluConfigError, match="no PiMoE layers"):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import os
 import warnings
 from contextlib import contextmanager
@@ -410,9 +411,12 @@ def migrate_from_electra(
     n = len(encoder_layers)
     if layers is None:
         layers = range(n) if enable_ultimate_pimoe else range(1, n, 2)
-    chosen = tuple(sorted({int(i) for i in layers}))
+    layers = list(layers)
+    # Whole, distinct indices: int(0.7) would quietly migrate layer 0, and a repeated index once.
+    whole = [i for i in layers if not isinstance(i, bool) and hasattr(i, "__index__")]
+    chosen = tuple(sorted({operator.index(i) for i in whole}))
     bad = [i for i in chosen if not 0 <= i < n]
-    if bad or not chosen:
+    if bad or not chosen or len(whole) != len(layers) or len(chosen) != len(layers):
         raise FuluConfigError(f"migrate_from_electra: layers must be distinct indices in [0, {n}), got "
                               f"{list(layers)}")
 
