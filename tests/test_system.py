@@ -221,3 +221,19 @@ def test_unknown_device_is_named():
 def test_cpu_device_by_name_or_object():
     assert small(device="cpu").device == torch.device("cpu")
     assert small(device=torch.device("cpu")).device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("level", ["basic", "advanced", "extreme"])
+def test_a_system_saved_whole_after_a_forward_loads_with_its_last_statistics(level):
+    """``torch.save(system)`` failed after a forward at the BASIC and ADVANCED levels: the kept
+    statistics were closures over the call."""
+    import io
+
+    system = small(optimization_level=level)
+    x = torch.randn(1, 4, 64)
+    want = system(x)
+    buffer = io.BytesIO()
+    torch.save(system, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)  # a whole module: a trusted file only
+    torch.testing.assert_close(loaded.balance_loss, system.balance_loss.detach())
+    torch.testing.assert_close(loaded(x), want)
