@@ -406,3 +406,22 @@ def test_when_the_served_kernels_compile_does_not_change_a_trials_cache_key(tmp_
 
     assert key() == key("trainer.cost_compile_while_training=false")
     assert key() != key("+trainer.cost_rounds=3")
+
+
+@pytest.mark.slow
+def test_the_searchs_own_config_dir_and_space_locate_its_study_for_every_command(tmp_path, monkeypatch, capsys):
+    """A search of a space of the user's own, then dashboard, export and confirm given the same
+    arguments: ``--config-dir`` was a Hydra grammar error for them (and without it the space did not
+    compose)."""
+    tiny = yaml.safe_load((Path(__file__).resolve().parents[1] / "fulu_nas" / "conf" / "search_space" /
+                           "tiny.yaml").read_text())
+    work, args = users_space(tmp_path, "mine", tiny)
+    monkeypatch.chdir(work)
+    base = ["+experiment=tiny", "study.n_trials=2", "study.name=mine", *args]
+    assert main(["search", *base]) == 0
+    assert main(["dashboard", *base]) == 0
+    assert main(["export", *base, f"out={tmp_path / 'model'}"]) == 0
+    assert main(["confirm", *base, "top_k=1", "seeds=1", "budget_factor=1"]) == 0
+    capsys.readouterr()
+    assert main(["dashboard", "study.name=mine", "--config-dir", str(tmp_path / "nowhere")]) == 2
+    assert "--config-dir: " in capsys.readouterr().err

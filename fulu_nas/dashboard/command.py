@@ -32,7 +32,7 @@ Renders one self-contained HTML page of a study (plotly; works offline) from a l
 dashboards/, writes it to out (default: <the search's output folder>/dashboard.html) and logs it
 to the study's parent MLflow run (open it with `fulu-nas ui <output folder>`). Pass the overrides
 that locate the study when the search used them: study.storage=..., tracking.uri=...,
-hydra.run.dir=...
+hydra.run.dir=..., and --config-dir DIR with its search_space=...
 """
 
 

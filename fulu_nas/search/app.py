@@ -43,7 +43,7 @@ def _flags_first(argv: list[str]) -> list[str]:
     return flags + overrides
 
 
-def _split(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+def split_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """Overrides, and the flags with values (``--config-dir DIR`` or ``--config-dir=DIR``)."""
     overrides, flags = [], {}
     it = iter(argv)
@@ -63,7 +63,7 @@ def sweep_jobs(argv: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    overrides, _ = _split(argv)
+    overrides, _ = split_flags(argv)
     flags = [a for a in _flags_first(argv) if a not in overrides and a not in _MULTIRUN]
     try:
         jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
@@ -99,7 +99,7 @@ def preflight(argv: list[str]):
     from .settings import load_settings
     from .storage import check_output_dir, probe_storage, probe_tracking
 
-    overrides, flags = _split(argv)
+    overrides, flags = split_flags(argv)
     config_dir = flags.get("--config-dir") or flags.get("-cd")
     if config_dir and not Path(config_dir).is_dir():
         raise FuluConfigError(f"--config-dir: {config_dir!r} is not a folder")
@@ -181,7 +181,7 @@ def main(argv: list[str]) -> int:
                 except FuluConfigError as e:
                     if len(jobs) == 1:
                         raise
-                    job_overrides = " ".join(_split(job)[0])
+                    job_overrides = " ".join(split_flags(job)[0])
                     raise FuluConfigError([f"job {n} ({job_overrides}): {p}" for p in e.problems]) from None
         except FuluConfigError as e:
             print("error: invalid search configuration:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)

@@ -26,7 +26,7 @@ The runs are independent: n_workers=W shares them among W processes (each with i
 threads, or its own GPU), as the search's study.n_workers does; the default is the study's
 study.n_workers. Options default to the study's study.confirm values (top_k 8, budget_factor 4,
 seeds 3 unless the search set others). Pass the overrides that locate the study when the search used them:
-study.storage=..., tracking.uri=..., hydra.run.dir=...
+study.storage=..., tracking.uri=..., hydra.run.dir=..., and --config-dir DIR with its search_space=...
 """
 
 

@@ -8,6 +8,9 @@ confirm``, when it has one, else the search's best trial), a trial number, ``par
 Pareto-optimal trial, ordered by the first objective) or ``fastest_within:<pct>`` (the lowest
 latency among trials whose loss is within pct % of the best loss). Which trial was taken, and why,
 is printed and kept in the export (``selected_by`` in metrics.json and in config.yaml's source).
+
+Pass the overrides that locate the study when the search used them: ``study.storage=...``,
+``tracking.uri=...``, ``hydra.run.dir=...``, and ``--config-dir DIR`` with its ``search_space=...``.
 """
 
 from __future__ import annotations

@@ -45,12 +45,17 @@ def locate_study(overrides: list[str]) -> StudyLocation:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .app import compose_config
+    from .app import compose_config, split_flags
 
     if not any(o.startswith("study.name=") for o in overrides):
         raise FuluConfigError("study.name: which study? pass study.name=NAME (the name `fulu-nas search` printed)")
     try:
-        cfg, output_dir = compose_config([o for o in overrides if not o.startswith("-")])
+        # The search's own --config-dir (a space of the user's, say), so that its overrides compose here too.
+        overrides, flags = split_flags(overrides)
+        config_dir = flags.get("--config-dir") or flags.get("-cd")
+        if config_dir and not Path(config_dir).is_dir():
+            raise FuluConfigError(f"--config-dir: {config_dir!r} is not a folder")
+        cfg, output_dir = compose_config(overrides, config_dir)
     except (HydraException, OmegaConfBaseException) as e:
         raise FuluConfigError(f"configuration: {' '.join(str(e).split())}") from None
     name = cfg["study"]["name"]
