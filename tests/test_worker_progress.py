@@ -25,3 +25,12 @@ def test_a_lone_process_reports_nowhere(tmp_path):
     lone.report("trial 0", 10, 1.0)
     lone.clear()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_report_that_cannot_be_written_does_not_stop_the_worker(tmp_path):
+    """The file only feeds the parent's bar: a write that fails (a full disk, a folder gone) must not
+    fail the trial that reports."""
+    gone = ProgressFile(tmp_path / "missing-folder" / ".worker-0.progress.json")
+    gone.report("trial 1", 10, 2.0)
+    gone.clear()
+    assert running_lines([gone.path]) == []

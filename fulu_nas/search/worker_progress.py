@@ -9,6 +9,7 @@ it started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -29,12 +30,16 @@ class ProgressFile:
         if self.path is None:
             return
         partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps({"label": label, "step": step, "loss": loss}))
-        os.replace(partial, self.path)  # a reader sees the last report or the one before, never half of one
+        try:
+            partial.write_text(json.dumps({"label": label, "step": step, "loss": loss}))
+            os.replace(partial, self.path)  # a reader sees the last report or the one before, never half of one
+        except OSError:  # a full disk, say: the parent's bar misses a report, the trial goes on
+            pass
 
     def clear(self) -> None:
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
 
 
 def running_lines(paths: list[Path]) -> list[str]:
