@@ -73,13 +73,15 @@ def locate_study(overrides: list[str]) -> StudyLocation:
 
 
 def check_recordable(location: StudyLocation, study_database: bool = True) -> None:
-    """FuluConfigError unless what a command records can be written: the study's and the tracking
-    SQLite databases (``study_database``: the study's too) and the study's folder, where MLflow keeps
-    the artifacts and confirmation.json goes. Before the command's work, not a traceback after it."""
+    """FuluConfigError unless what a command records can be written, before its work rather than a
+    traceback after it: the tracking SQLite database and, with ``study_database`` (a confirmation), the
+    study's too; the study's folder where confirmation.json goes, or where MLflow keeps the artifacts
+    (unless a tracking server keeps them)."""
     if study_database:
         check_sqlite_writable(location.storage_url, "study.storage")
     check_sqlite_writable(location.tracking_uri, "tracking.uri")
-    check_output_dir(str(location.output_dir))
+    if study_database or not location.tracking_uri.startswith(("http://", "https://")):  # a server keeps its own
+        check_output_dir(str(location.output_dir))
 
 
 def load_study(location: StudyLocation):
