@@ -204,9 +204,12 @@ def test_bench_peers_imports_and_runs_without_transformers(tmp_path):
     assert hf["reason"].startswith("transformers is not installed") and hf["ms"] is None
 
 
-def test_bench_peers_refuses_a_bad_tokens_scale(capsys):
-    assert bench.main(["peers", "--device", "cpu", "--quick", "--tokens-scale", "0"]) == 2
-    assert "--tokens-scale must be > 0" in capsys.readouterr().err
+@pytest.mark.parametrize("scale", ["0", "inf", "nan"])  # inf was an OverflowError, nan "cannot convert"
+def test_bench_peers_refuses_a_bad_tokens_scale(scale, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["peers", "--device", "cpu", "--quick", "--tokens-scale", scale])
+    assert exit_info.value.code == 2
+    assert "--tokens-scale: must be a finite number above 0" in capsys.readouterr().err
 
 
 def test_tokens_scale_shrinks_the_throughput_rows_only():
@@ -222,3 +225,22 @@ def test_cells_name_the_faster_variant_and_the_ratios():
     assert report.time_cell(d) == "1.000 ms graph (0.50/0.25/0.40)"
     assert report.time_cell({"ms": None, "failed": False}) == "n/a"
     assert report.time_cell({"ms": None, "failed": True}) == "FAILED"
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--hf-experts", "eager"], "--hf-experts: the Mixtral column needs --activation swiglu"),
+    (["--configs", "seed-latency", "--tokens-scale", "0.5"], "--tokens-scale: no throughput row"),
+    (["--peers-path", "/nonexistent"], "--peers-path: /nonexistent is not a folder")])
+def test_bench_peers_refuses_options_it_would_ignore(extra, words, capsys):
+    """Accepted without effect before (audit item 18)."""
+    assert bench.main(["peers", "--device", "cpu", "--quick", "--quiet", *extra]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_bench_peers_refuses_cpu_compile_on_cuda(monkeypatch, capsys):
+    """On CUDA the compiled layer is timed in a graph anyway: --cpu-compile did nothing (item 18)."""
+    from fulu_nas.bench.peers import command
+
+    monkeypatch.setattr(command, "bench_device", lambda name: torch.device("cuda"))
+    assert bench.main(["peers", "--quick", "--quiet", "--cpu-compile"]) == 2
+    assert "--cpu-compile: for the CPU" in capsys.readouterr().err

@@ -126,3 +126,22 @@ def test_nas_table_refuses_a_subset_larger_than_the_table_and_writes_nothing(tmp
     assert bench.main(["nas-table", "--out", str(out), "--limit", "2", "--factor-subset", "3"]) == 2
     assert "--factor-subset 3" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--summary", str(DEFAULT_TABLE), "--jobs", "4", "--seeds", "9"], "--summary reads a table: --seeds, --jobs"),
+    (["--out", "{out}", "--limit", "1", "--factor", "8"], "--factor without --factor-subset"),
+    (["--out", "{out}", "--limit", "1", "--factor", "0"], "--factor without --factor-subset")])
+def test_nas_table_refuses_options_it_would_ignore(extra, words, tmp_path, capsys):
+    """They were accepted and ignored (audit item 21)."""
+    out = tmp_path / "table.csv"
+    assert bench.main(["nas-table", *(a.replace("{out}", str(out)) for a in extra)]) == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_search_out_may_be_a_new_folder_but_not_a_file(tmp_path, capsys):
+    """``bench search --out`` names a folder it creates (the other --out/--json name files)."""
+    (tmp_path / "a_file").write_text("")
+    assert bench.main(["search", "--repetitions", "1", "--trials", "1", "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

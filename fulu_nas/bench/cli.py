@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for option in ("json", "out"):
             if getattr(args, option, None):
-                check_writable(getattr(args, option), f"--{option}")
+                check_writable(getattr(args, option), f"--{option}", option in getattr(args, "folders", ()))
         return args.run(args)
     except ValueError as e:  # an impossible configuration
         print(f"error: {e}", file=sys.stderr)

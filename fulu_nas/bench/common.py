@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import statistics
 from collections.abc import Callable, Iterable
 
 import torch
@@ -75,22 +76,32 @@ def markdown_table(head: list[str], body: list[list[str]], text_columns: int = 0
     return "\n".join(["| " + " | ".join(head) + " |", rule, *("| " + " | ".join(cells) + " |" for cells in body)])
 
 
-def check_writable(path: str, option: str) -> None:
-    """ValueError (exit 2) naming ``option`` unless a file or folder can be written at ``path``: tried in
-    its nearest existing folder before a benchmark runs, rather than found out after it."""
+def check_writable(path: str, option: str, folder: bool = False) -> None:
+    """ValueError (exit 2) naming ``option`` unless ``path`` can be written: a file (``folder``: a
+    folder, created with its parents) whose own folder exists, is writable and which is no folder
+    itself; checked before a benchmark runs, rather than found out after it."""
     import os
     import tempfile
     from pathlib import Path
 
     target = Path(path).absolute()
-    existing = next(p for p in target.parents if os.path.exists(p))
-    if not existing.is_dir():
-        raise ValueError(f"{option}: {existing} is not a folder")
+    if folder:
+        parent = next(p for p in target.parents if os.path.exists(p))
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"{option}: {target} is a file, not a folder")
+    else:
+        parent = target.parent
+        if target.is_dir():
+            raise ValueError(f"{option}: {target} is a folder: give a file name")
+        if not parent.exists():  # most writers open the file without creating its folder
+            raise ValueError(f"{option}: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise ValueError(f"{option}: {parent} is not a folder")
     try:
-        with tempfile.TemporaryFile(dir=existing):
+        with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as e:
-        raise ValueError(f"{option}: cannot write in {existing} ({e.strerror or e})") from None
+        raise ValueError(f"{option}: cannot write in {parent} ({e.strerror or e})") from None
 
 
 def positive_float(text: str) -> float:
@@ -98,6 +109,29 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def round_median(values: list[float]) -> float:
+    """The median of per-round figures, always one measured round: for an even count the lower
+    middle one, where statistics.median would average the two (so one disturbed round of two moved
+    the figure by half its excess)."""
+    return statistics.median_low(values)
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a share, from 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 

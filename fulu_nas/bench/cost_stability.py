@@ -20,7 +20,7 @@ import sys
 import torch
 
 from ..models import PiMoETransformer
-from .common import device_name, markdown_table, positive_int, space_values
+from .common import device_name, markdown_table, non_negative_int, positive_int, space_values
 
 
 def _busy_processes(n: int) -> list[subprocess.Popen]:
@@ -60,12 +60,15 @@ def cost_main(args: argparse.Namespace) -> int:
     latency = [r["latency_ms"] for r in rows]
     ratio = [r["latency_ratio"] for r in rows]
     print(f"cost protocol of the search, {device_name(torch.device('cpu'))}, torch {torch.__version__}, "
-          f"{args.load} competing busy processes; shapes {list(s.cost.shapes)}, {s.cost.rounds} rounds of "
-          f"{s.cost.iterations} calls; architecture {values}\n")
+          f"{args.load} competing busy processes; shapes {list(s.cost.shapes)} (the figures of the first shape, as "
+          f"a trial's), {s.cost.rounds} rounds of {s.cost.iterations} calls; architecture {values}\n")
     body = [[str(i + 1), f"{r['latency_ms']:.3f}", f"{r['latency_spread']:.2f}", f"{r['reference_latency_ms']:.3f}",
              f"{r['latency_ratio']:.3f}", f"{r['latency_ratio_spread']:.2f}"] for i, r in enumerate(rows)]
     print(markdown_table(["repetition", "latency_ms", "spread", "reference ms", "latency_ratio", "spread"], body))
-    print(f"\nrelative range over {args.repeat} repetitions: latency_ms {relative_range(latency):.1%}, "
+    print("\nlatency_ms and reference ms: the median over the rounds of each round's median call; latency_ratio: the "
+          "median over the rounds of each round's median ratio of a call to the reference call beside it (the drift "
+          "cancels call by call: not latency_ms / reference ms); spread: interquartile range / median over the rounds")
+    print(f"relative range over {args.repeat} repetitions: latency_ms {relative_range(latency):.1%}, "
           f"latency_ratio {relative_range(ratio):.1%}")
     if args.json:
         with open(args.json, "w") as f:
@@ -81,6 +84,7 @@ def add_parser(sub) -> None:
     p.add_argument("--params", nargs="*", default=["router=hierarchical", "num_experts=16", "hierarchy_depth=2"],
                    help="architecture parameters over the space's reference (key=value)")
     p.add_argument("--repeat", type=positive_int, default=5)
-    p.add_argument("--load", type=int, default=0, help="busy processes competing for the CPU while measuring")
+    p.add_argument("--load", type=non_negative_int, default=0,
+                   help="busy processes competing for the CPU while measuring")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=cost_main)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ from .common import (
     median_seconds,
     positive_float,
     positive_int,
+    round_median,
 )
 
 # A path: (module, impl, how it runs). "compile" = torch.compile(fullgraph=True); "graphs" = the same,
@@ -40,6 +40,18 @@ PATHS = {
     **{f"{impl}{suffix}": ("moe", impl, how) for impl in ("grouped", "grouped_mm", "triton")
        for suffix, how in (("", "eager"), ("+compile", "compile"), ("+graphs", "graphs"))},
 }
+
+
+def check_paths(paths: tuple[str, ...], device: torch.device) -> None:
+    """ValueError (exit 2) for a path this device cannot run (off CUDA a graph capture is a traceback,
+    and a triton path would quietly time the CPU's own path)."""
+    if device.type != "cuda" and any(PATHS[p][2] == "graphs" for p in paths):
+        raise ValueError("the +graphs paths need CUDA (they capture CUDA graphs)")
+    if any(PATHS[p][1] == "triton" for p in paths):
+        from ..moe import triton_moe
+
+        if device.type != "cuda" or not triton_moe.HAS_TRITON:
+            raise ValueError("the triton paths need CUDA and triton")
 
 
 def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor, backward: bool,
@@ -76,9 +88,9 @@ def bench_layer(cfg: MoEConfig, tokens: list[int], device: torch.device, dtype: 
                 seed: int = 0, backward: bool = False, with_stats: bool = True, rounds: int = 1) -> list[dict]:
     """tok/s of each path, and of the dense FFN run the same way (eager/compiled/graphed) as the
     ceiling, for each token count. With ``rounds`` > 1 every path is timed once per round, the
-    paths taking turns, and each figure is the median over the rounds: on shared machines the speed
-    drifts by tens of percent within a minute, and taking turns puts the drift into every path
-    alike instead of into the ratios between them."""
+    paths taking turns, and each figure is from the median time over the rounds
+    (:func:`round_median`): on shared machines the speed drifts by tens of percent within a minute,
+    and taking turns puts the drift into every path alike instead of into the ratios between them."""
     torch.manual_seed(seed)
     layer = PiMoELayer(cfg).to(device=device, dtype=dtype).eval()
     dense = FeedForward(cfg.hidden_size, cfg.top_k * cfg.expert_ffn_size, cfg.activation).to(device=device, dtype=dtype)
@@ -89,11 +101,11 @@ def bench_layer(cfg: MoEConfig, tokens: list[int], device: torch.device, dtype: 
         runners = {path: _runner(layer, PATHS[path][1], PATHS[path][2], x, backward, with_stats) for path in paths}
         for how in hows:
             runners["dense" if how == "eager" else f"dense+{how}"] = _runner(dense, None, how, x, backward)
-        samples: dict[str, list[float]] = {key: [] for key in runners}
+        seconds: dict[str, list[float]] = {key: [] for key in runners}
         for _ in range(rounds):
             for key, run in runners.items():
-                samples[key].append(n / median_seconds(run, min_run_time))
-        rows.append({"tokens": n, **{key: statistics.median(v) for key, v in samples.items()}})
+                seconds[key].append(median_seconds(run, min_run_time))
+        rows.append({"tokens": n, **{key: n / round_median(v) for key, v in seconds.items()}})
     return rows
 
 
@@ -116,29 +128,21 @@ def _layer_main(args: argparse.Namespace) -> int:
     cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
                     top_k=args.top_k, router=args.router, activation=args.activation)
     paths = tuple(args.paths)
-    if device.type != "cuda" and any(PATHS[p][2] == "graphs" for p in paths):
-        print("error: the +graphs paths need CUDA (they capture CUDA graphs)", file=sys.stderr)
-        return 2
-    if any(PATHS[p][1] == "triton" for p in paths):
-        from ..moe import triton_moe
-
-        if device.type != "cuda" or not triton_moe.HAS_TRITON:
-            print("error: the triton paths need CUDA and triton", file=sys.stderr)
-            return 2
+    check_paths(paths, device)
     rows = bench_layer(cfg, args.tokens, device, dtype, paths, args.min_run_time, backward=args.backward,
                        with_stats=not args.no_stats, rounds=args.rounds)
     rounds = f", medians of {args.rounds} interleaved rounds" if args.rounds > 1 else ""
     print(f"PiMoE layer {'forward + backward' if args.backward else 'forward'}"
           f"{', no statistics' if args.no_stats else ''}, {device_name(device)}, "
           f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}{rounds}")
-    print(f"hidden {cfg.hidden_size}, {cfg.num_experts} experts, FFN {cfg.expert_ffn_size} "
-          f"({cfg.activation}), top-{cfg.top_k}, router {cfg.router}; dense = FFN of width "
-          f"{cfg.top_k * cfg.expert_ffn_size} (same FLOPs)\n")
+    print(f"{_shape_line(cfg)}; dense = FFN of width {cfg.top_k * cfg.expert_ffn_size} (same FLOPs)\n")
     print(format_layer_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "rounds": args.rounds, "dtype": str(dtype), "config": cfg.to_dict(), "rows": rows}, f, indent=2)
+                       "rounds": args.rounds, "dtype": str(dtype).removeprefix("torch."), "paths": list(paths),
+                       "backward": args.backward, "with_stats": not args.no_stats,
+                       "min_run_time_s": args.min_run_time, "config": cfg.to_dict(), "rows": rows}, f, indent=2)
     return 0
 
 
@@ -170,7 +174,7 @@ def _latency_main(args: argparse.Namespace) -> int:
         return 2
     device, dtype = torch.device("cuda"), torch.bfloat16
     cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
-                    top_k=args.top_k, router=args.router)
+                    top_k=args.top_k, router=args.router, activation=args.activation)
     torch.manual_seed(0)
     layer = PiMoELayer(cfg).to(device=device, dtype=dtype).eval()
     dense = FeedForward(cfg.hidden_size, cfg.top_k * cfg.expert_ffn_size, cfg.activation).to(device=device, dtype=dtype)
@@ -183,8 +187,8 @@ def _latency_main(args: argparse.Namespace) -> int:
     bandwidth = 2 * big.numel() / (copy_ms / 1e3)  # bytes read + written per second
     print(f"latency per layer forward (CUDA graph of 20 chained calls, median of 50 replays), "
           f"{device_name(device)}, torch {torch.__version__}, bf16")
-    print(f"hidden {cfg.hidden_size}, {cfg.num_experts} experts, FFN {cfg.expert_ffn_size}, top-{cfg.top_k}; "
-          f"reading all expert weights once at the measured copy bandwidth ({bandwidth / 1e12:.2f} TB/s) takes "
+    print(f"{_shape_line(cfg)}; reading all expert weights once at the measured copy bandwidth "
+          f"({bandwidth / 1e12:.2f} TB/s) takes "
           f"{weight_bytes / bandwidth * 1e3:.4f} ms\n")
     impls = tuple(args.impls)
     head = ["tokens", *(f"{i}{suffix} ms" for i in impls for suffix in ("", "+compile", "+compile, no stats")),
@@ -209,6 +213,7 @@ def _profile_main(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
                     top_k=args.top_k, router=args.router, activation=args.activation)
+    check_paths((args.path,), device)
     torch.manual_seed(0)
     layer = PiMoELayer(cfg).to(device=device, dtype=dtype).eval()
     _, impl, how = PATHS[args.path]
@@ -226,8 +231,18 @@ def _profile_main(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
     sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"torch.profiler, path {args.path} {'forward + backward' if args.backward else 'forward'}"
+          f"{', no statistics' if args.no_stats else ''}, 10 calls of {args.tokens} tokens, {device_name(device)}, "
+          f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}")
+    print(_shape_line(cfg) + "\n")
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
     return 0
+
+
+def _shape_line(cfg: MoEConfig) -> str:
+    """The layer's shape as the headers print it."""
+    return (f"hidden {cfg.hidden_size}, {cfg.num_experts} experts, FFN {cfg.expert_ffn_size} ({cfg.activation}), "
+            f"top-{cfg.top_k}, router {cfg.router}")
 
 
 def _shape_args(p: argparse.ArgumentParser) -> None:
@@ -236,11 +251,11 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--router", choices=ROUTERS, default="topk")
+    p.add_argument("--activation", choices=("gelu", "swiglu"), default="swiglu", help="the experts' activation")
 
 
 def _call_args(p: argparse.ArgumentParser) -> None:
-    """The experts' activation and whether the call computes the routing statistics."""
-    p.add_argument("--activation", choices=("gelu", "swiglu"), default="swiglu")
+    """Whether the call computes the routing statistics."""
     p.add_argument("--no-stats", action="store_true",
                    help="the layer's inference call, layer(x, with_stats=False): no routing statistics")
 
@@ -274,5 +289,5 @@ def add_parsers(sub) -> None:
     p.add_argument("--backward", action="store_true")
     p.add_argument("--device")
     p.add_argument("--dtype", choices=tuple(DTYPES))
-    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--rows", type=positive_int, default=25, help="table rows (operators) to print")
     p.set_defaults(run=_profile_main)

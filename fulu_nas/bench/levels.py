@@ -52,7 +52,7 @@ COLUMNS = ("level", "dtype", "latency_ms", "throughput_tokens_per_s", "memory_mb
            "load_balance", "of_dense")
 DENSE_ROW = "dense FFN (same FLOPs)"
 SEQ_LEN = 16  # clusters sequences: the benchmark input is a whole number of them
-HEADINGS = ("level", "dtype", "latency (ms)", "throughput (tokens/s)", "memory (MB)", "expert utilisation",
+HEADINGS = ("level", "dtype", "latency (ms)", "throughput (tokens/s)", "memory (MiB)", "expert utilisation",
             "load balance", "throughput / dense")
 
 
@@ -157,7 +157,7 @@ def bench_levels(args: argparse.Namespace, device: torch.device) -> tuple[list[d
     del model
     _release(device)
     rows = []
-    for name in args.levels:
+    for name in dict.fromkeys(args.levels):  # a level named twice is measured once
         _say(f"measuring {name.upper()}")
         rows.append(_level_row(args, OptimizationLevel[name.upper()], trained, x, token_ids, device))
         _release(device)

@@ -148,6 +148,8 @@ def generate(args: argparse.Namespace) -> int:
                               "being trained)")
     if args.factor_subset and args.factor < 2:
         raise FuluConfigError(f"--factor {args.factor}: a longer budget needs a factor of at least 2")
+    if not args.factor_subset and _given(args, "--factor"):
+        raise FuluConfigError("--factor without --factor-subset: no architecture is trained longer")
     seeds = range(args.seeds)
     out = Path(args.out)
     total = len(archs) * args.seeds + args.factor_subset * args.seeds
@@ -187,8 +189,19 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# The options of a generation run, which --summary (reading a finished table) would ignore.
+GENERATION_OPTIONS = ("--seeds", "--steps", "--jobs", "--factor-subset", "--factor", "--limit")
+
+
+def _given(args: argparse.Namespace, option: str) -> bool:
+    """Whether ``option`` was typed (the parser's default cannot tell a typed default from none)."""
+    return any(a == option or a.startswith(option + "=") for a in getattr(args, "argv", ()))
+
+
 def main(args: argparse.Namespace) -> int:
     if args.summary:
+        if ignored := [o for o in GENERATION_OPTIONS if _given(args, o)]:
+            raise ValueError(f"--summary reads a table: {', '.join(ignored)} only apply to generating one (--out)")
         from .nas_table_summary import summary_main
 
         return summary_main(args)

@@ -112,4 +112,4 @@ def add_parser(sub) -> None:
                    "hypervolume)")
     p.add_argument("--jobs", type=positive_int, default=1, help="processes (GP is the slow one)")
     p.add_argument("--out", default="outputs/bench-search", help="folder for replay.json and replay.html")
-    p.set_defaults(run=main)
+    p.set_defaults(run=main, folders=("out",))  # --out: a folder the command creates, not a file

@@ -18,8 +18,9 @@ import torch
 
 from ..models import ArchConfig, PiMoETransformer
 from ..moe import BALANCING_METHODS, ROUTERS, MoEConfig
-from .common import device_name, markdown_table, positive_float
+from .common import device_name, markdown_table, non_negative_int, positive_float, positive_int, unit_float
 
+DYNAMIC_SECONDS = 60.0
 BALANCING = {name: BALANCING_METHODS[name] for name in ("aux_loss", "aux_free", "none")}
 
 
@@ -83,7 +84,13 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 
 def _device_line() -> str:
-    return f"{device_name(torch.device('cpu'))}, torch {torch.__version__}, float32"
+    """The device and precision run_one trains with: its TrainConfig's device "auto" (CUDA where
+    there is one, with bf16 autocast)."""
+    from ..training.train import resolve_device
+
+    device = resolve_device("auto")
+    precision = "bf16 autocast" if device.type == "cuda" else "float32"
+    return f"{device_name(device)}, torch {torch.__version__}, {precision}"
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -101,7 +108,7 @@ def clusters_main(args: argparse.Namespace) -> int:
         row = run_one(task, clusters_arch(task, "topk", balancing), args.seconds, args.batch_size, args.lr, args.seed)
         rows.append({"balancing": balancing, **row})
         print(f"done: {balancing}", flush=True)
-    print(f"\nclusters (8 domains), top-k layer of 8 experts (top-1, GELU FFN 32), {args.seconds:.0f} s of training, "
+    print(f"\nclusters (8 domains), top-k layer of 8 experts (top-1, GELU FFN 32), {args.seconds:g} s of training, "
           f"{_device_line()}\n")
     print(_table(rows, ["balancing", "steps", "loss", "accuracy", "routing_accuracy", "load_balance", "max_vio"]))
     _dump(args, rows)
@@ -118,7 +125,7 @@ def routers_main(args: argparse.Namespace) -> int:
         rows.append(run_one(task, pimoe_mix_arch(task, router, args.balancing_method), args.seconds, args.batch_size,
                             args.lr, args.seed))
         print(f"done: {router}", flush=True)
-    print(f"\npimoe_mix, 8 experts top-2 ({args.balancing_method}), {args.seconds:.0f} s of training per router, "
+    print(f"\npimoe_mix, 8 experts top-2 ({args.balancing_method}), {args.seconds:g} s of training per router, "
           f"{_device_line()}\n")
     print(_table(rows, ["router", "steps", "loss", "exact_match", "routing_accuracy", "load_balance", "max_vio"]))
     _dump(args, rows)
@@ -134,6 +141,9 @@ def dynamic_main(args: argparse.Namespace) -> int:
     from ..tasks import ClustersTask
     from ..training.dynamic_experts import DynamicExpertsConfig
 
+    if args.steps and args.seconds:
+        raise ValueError("give --steps or --seconds, not both (a step budget ignores the clock)")
+    args.seconds = None if args.steps else args.seconds or DYNAMIC_SECONDS
     _set_threads(args)
     task = ClustersTask()
     cfg = DynamicExpertsConfig(every=args.every, freeze_after=args.freeze_after)
@@ -155,7 +165,7 @@ def dynamic_main(args: argparse.Namespace) -> int:
             verdicts.append(f"seed {seed}, from {start}: ended with {dyn['experts']} ({direction} wanted: "
                             f"{'yes' if moved else 'NO'}), routing accuracy {dyn['routing_accuracy']:.3f} vs fixed "
                             f"{fixed['routing_accuracy']:.3f} ({'no worse' if kept else 'WORSE'})")
-    budget = f"{args.steps} steps" if args.steps else f"{args.seconds:.0f} s of training"
+    budget = f"{args.steps} steps" if args.steps else f"{args.seconds:g} s of training"
     print(f"\nclusters ({task.num_domains} domains), dynamic expert scaling (check every {cfg.every} steps, frozen "
           f"after {cfg.freeze_after:.0%} of the budget) vs fixed layers, {budget} each, {_device_line()}\n")
     print(_table(rows, ["seed", "layer", "path", "steps", "train_seconds", "loss", "accuracy", "routing_accuracy",
@@ -186,21 +196,22 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--threads", type=non_negative_int, default=1, help=THREADS_HELP)
     p.add_argument("--json")
     p.set_defaults(run=clusters_main)
     p = sub.add_parser("dynamic", help="dynamic expert scaling on clusters from 4 and 32 experts vs fixed layers")
-    p.add_argument("--seconds", type=positive_float, default=60.0, help="training budget of each of the runs")
-    p.add_argument("--steps", type=int, help="a step budget instead of --seconds (the same for every run)")
+    p.add_argument("--seconds", type=positive_float,
+                   help=f"training budget of each of the runs (default {DYNAMIC_SECONDS:g})")
+    p.add_argument("--steps", type=positive_int, help="a step budget instead of --seconds (the same for every run)")
     p.add_argument("--start", type=int, nargs="+", default=[4, 32], help="initial expert counts")
     defaults = DynamicExpertsConfig()
-    p.add_argument("--every", type=int, default=defaults.every, help="steps between rescaling checks")
-    p.add_argument("--freeze-after", type=float, default=defaults.freeze_after,
+    p.add_argument("--every", type=positive_int, default=defaults.every, help="steps between rescaling checks")
+    p.add_argument("--freeze-after", type=unit_float, default=defaults.freeze_after,
                    help="share of the budget after which the expert set stays fixed")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--threads", type=non_negative_int, default=1, help=THREADS_HELP)
     p.add_argument("--json")
     p.set_defaults(run=dynamic_main)
     p = sub.add_parser("routers", help="the five routers compared on pimoe_mix within a time budget each")

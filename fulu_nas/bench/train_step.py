@@ -6,10 +6,10 @@ search's trainer from the same initial weights with each step kind: ``eager``, `
 eager step replayed from one CUDA graph, ``trainer.cuda_graph``), ``compiled`` (every block through
 torch.compile, ``trainer.compile``) and ``compiled+graph``. Reported per architecture and kind: the
 first step (a compilation is in it), the capture of the graph, the mean step after the first, and
-the break-even budget against ``eager+graph``: the steps after which a compiled kind's saving has
-paid for its longer start. ``trainer.compile=auto`` compiles budgets of at least
+the break-even budget against ``eager+graph`` (``eager`` where that is not timed): the steps after
+which a compiled kind's saving has paid for its longer start. ``trainer.compile=auto`` compiles budgets of at least
 :data:`fulu_nas.training.train.COMPILE_MIN_STEPS` steps on a GPU; this is the measurement that
-number comes from.
+number comes from. Without CUDA the graphed kinds are left out (they would be the eager steps again).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shlex
 
 import torch
@@ -57,6 +56,8 @@ def train_step_main(args: argparse.Namespace) -> int:
     from ..search.app import compose_config
     from ..search.settings import load_settings
 
+    if not args.arch:
+        raise ValueError("--arch: give at least one architecture ('' is the space's reference)")
     try:
         s = load_settings(*compose_config(args.overrides))
         archs = [(text or "reference",
@@ -67,27 +68,48 @@ def train_step_main(args: argparse.Namespace) -> int:
         raise ValueError("; ".join(e.problems)) from None
     cfg = dataclasses.replace(s.train, steps=args.steps, seconds_cap=None, max_seconds=None)
     device = resolve_device(cfg.device)
+    kinds, no_graph = timed_kinds(args.kinds, device)
+    base = next(k for k in ("eager+graph", "eager") if k in kinds)
     rows = []
     for name, arch in archs:
-        timed = {kind: time_steps(arch, s.task, cfg, kind) for kind in args.kinds}
+        timed = {kind: time_steps(arch, s.task, cfg, kind) for kind in kinds}
         for kind, t in timed.items():
-            base = timed.get("eager+graph") or timed.get("eager")
-            saved_ms = base["step_ms"] - t["step_ms"]
-            extra_s = t["first_step_s"] + t["capture_s"] - base["first_step_s"] - base["capture_s"]
-            rows.append({"arch": name, "kind": kind, **t, "speed_up": timed.get("eager", t)["step_ms"] / t["step_ms"],
-                         "break_even_steps": (1e3 * extra_s / saved_ms if saved_ms > 0 else math.inf)
+            saved_ms = timed[base]["step_ms"] - t["step_ms"]
+            extra_s = t["first_step_s"] + t["capture_s"] - timed[base]["first_step_s"] - timed[base]["capture_s"]
+            # None (JSON null, "never" in the table): the kind saves nothing per step, so never pays back.
+            rows.append({"arch": name, "kind": kind, **t,
+                         "speed_up": timed["eager"]["step_ms"] / t["step_ms"] if "eager" in timed else None,
+                         "break_even_steps": (1e3 * extra_s / saved_ms if saved_ms > 0 else None)
                          if extra_s > 0 else 0})
     print(f"training step, {device_name(device)}, torch {torch.__version__}; {args.steps} steps of batch "
-          f"{cfg.batch_size} x {s.task.seq_len} tokens; command: fulu-nas bench {shlex.join(args.argv)}\n")
-    body = [[r["arch"], r["kind"], f"{r['step_ms']:.2f}", f"{r['speed_up']:.2f}x", f"{r['first_step_s']:.2f}",
-             f"{r['capture_s']:.2f}", f"{r['break_even_steps']:.0f}"] for r in rows]
+          f"{cfg.batch_size} x {s.task.seq_len} tokens; command: fulu-nas bench {shlex.join(args.argv)}"
+          + (f"\nno CUDA: {', '.join(no_graph)} not timed (without a graph they are the step without '+graph')"
+             if no_graph else "") + "\n")
+    body = [[r["arch"], r["kind"], f"{r['step_ms']:.2f}", "-" if r["speed_up"] is None else f"{r['speed_up']:.2f}x",
+             f"{r['first_step_s']:.2f}", f"{r['capture_s']:.2f}",
+             "never" if r["break_even_steps"] is None else f"{r['break_even_steps']:.0f}"] for r in rows]
     print(markdown_table(["architecture", "step", "ms/step", "vs eager", "first step s", "graph capture s",
-                          "break-even steps vs the graphed eager step"], body))
+                          f"break-even steps vs {base}"], body))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(device), "torch": torch.__version__, "steps": args.steps,
-                       "batch_size": cfg.batch_size, "seq_len": s.task.seq_len, "rows": rows}, f, indent=2)
+                       "batch_size": cfg.batch_size, "seq_len": s.task.seq_len, "baseline": base, "rows": rows},
+                      f, indent=2)
     return 0
+
+
+def timed_kinds(asked: list[str], device: torch.device) -> tuple[list[str], list[str]]:
+    """The kinds to time, and the graphed kinds left out because ``device`` is no GPU (they would run
+    the same step as their ungraphed kind, and a difference between the two would be noise);
+    ValueError without an eager kind, the baseline of the break-even column."""
+    kinds = list(dict.fromkeys(asked))
+    no_graph = [k for k in kinds if KINDS[k][1]] if device.type != "cuda" else []
+    kinds = [k for k in kinds if k not in no_graph]
+    if not {"eager", "eager+graph"} & set(kinds):
+        raise ValueError(f"--kinds {' '.join(asked)}: add eager"
+                         + ("" if no_graph else " or eager+graph") + ", the baseline the compiled kinds are measured "
+                         "against" + (" (without CUDA the graphed kinds are not timed)" if no_graph else ""))
+    return kinds, no_graph
 
 
 def add_parser(sub) -> None:
@@ -98,6 +120,7 @@ def add_parser(sub) -> None:
                    help="architectures as key=value,... over the space's reference ('' is the reference)")
     p.add_argument("--steps", type=positive_int, default=60)
     p.add_argument("--kinds", nargs="*", choices=list(KINDS), default=list(KINDS),
-                   help="the step kinds to time (a graph needs CUDA: off it the graphed kinds run eagerly)")
+                   help="the step kinds to time, eager or eager+graph among them (a graph needs CUDA: off it the "
+                        "graphed kinds are left out)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=train_step_main)

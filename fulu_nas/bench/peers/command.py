@@ -46,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from ..common import DTYPES, bench_device, device_name, positive_int
-from .configs import CONFIGS, IMPLS, selected_configs
+from ..common import DTYPES, bench_device, device_name, positive_float, positive_int
+from .configs import CONFIGS, IMPLS, LATENCY_CONFIGS, selected_configs
 from .measure import Options, measure_config
 from .report import format_tables
 
@@ -59,15 +59,29 @@ def _peers_path(given: str | None) -> str | None:
     return str(Path(".peers").resolve()) if Path(".peers").is_dir() else None
 
 
+def check_options(args: argparse.Namespace, device: torch.device) -> None:
+    """ValueError (exit 2) for an option the run would ignore, which would print figures as if it
+    had applied."""
+    if args.hf_experts and args.activation != "swiglu":
+        raise ValueError("--hf-experts: the Mixtral column needs --activation swiglu (it is n/a with "
+                         f"{args.activation})")
+    if args.tokens_scale != 1 and set(args.configs) <= set(LATENCY_CONFIGS):
+        raise ValueError(f"--tokens-scale: no throughput row among --configs {' '.join(args.configs)} "
+                         "(the latency rows keep their token counts)")
+    if args.cpu_compile and device.type == "cuda":
+        raise ValueError("--cpu-compile: for the CPU (on CUDA the compiled layer is timed in a CUDA graph already)")
+    if args.peers_path is not None and not Path(args.peers_path).is_dir():
+        raise ValueError(f"--peers-path: {args.peers_path} is not a folder")
+
+
 def peers_main(args: argparse.Namespace) -> int:
     device = bench_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    if args.tokens_scale <= 0:
-        raise ValueError(f"--tokens-scale must be > 0, got {args.tokens_scale}")
+    check_options(args, device)
     peers_path = _peers_path(args.peers_path)
     opts = Options(device=device, dtype=dtype, activation=args.activation, rounds=args.rounds,
                    min_time=args.min_time if args.min_time is not None else 0.01 if args.quick else 0.2,
-                   peers_path=peers_path, hf_experts=args.hf_experts,
+                   peers_path=peers_path, hf_experts=args.hf_experts or "grouped_mm",
                    cpu_compile=args.cpu_compile, seed=args.seed)
     configs = selected_configs(list(dict.fromkeys(args.configs)), args.quick, args.tokens_scale)
     command = "fulu-nas bench " + shlex.join(getattr(args, "argv", None) or ["peers"])
@@ -114,18 +128,18 @@ def add_parser(sub) -> None:
     p.add_argument("--activation", choices=("gelu", "swiglu"), default="gelu",
                    help="the experts' activation (the Hugging Face Mixtral column needs swiglu)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (seconds on a CPU): checks, not figures")
-    p.add_argument("--tokens-scale", type=float, default=1.0,
+    p.add_argument("--tokens-scale", type=positive_float, default=1.0,
                    help="multiply the token counts of the throughput rows (not the latency row)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--min-time", type=float,
+    p.add_argument("--min-time", type=positive_float,
                    help="seconds of timed calls per implementation and round, at least 5 calls (default 0.2; "
                         "0.01 with --quick)")
     p.add_argument("--peers-path", help="folder holding scattermoe/ (default: ./.peers if it exists)")
-    p.add_argument("--hf-experts", choices=("grouped_mm", "eager", "batched_mm"), default="grouped_mm",
-                   help="the Mixtral block's experts_implementation (transformers 5's default for models: "
-                        "grouped_mm)")
+    p.add_argument("--hf-experts", choices=("grouped_mm", "eager", "batched_mm"),
+                   help="the Mixtral block's experts_implementation, with --activation swiglu (default: "
+                        "grouped_mm, transformers 5's default for models)")
     p.add_argument("--cpu-compile", action="store_true",
                    help="on the CPU, also time the compiled layer (no graph) and check its routing: "
                         "tens of seconds of compilation per shape")

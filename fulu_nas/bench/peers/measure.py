@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ...moe import FeedForward, MoEConfig, PiMoELayer
-from ..common import captured
+from ..common import captured, round_median
 from .configs import BOUND_RATIOS, IMPLS, Config, Shape
 from .implementations import PlainGroupedMM, ScatterMoEPeer, hf_forward, hf_mixtral_block, hf_route, import_scattermoe
 from .timing import make_step, time_each_call
@@ -35,7 +35,7 @@ class Result:
 
     @property
     def ms_by_variant(self) -> dict[str, float]:
-        return {v: statistics.median(ms) for v, ms in self.rounds_ms.items() if ms}
+        return {v: round_median(ms) for v, ms in self.rounds_ms.items() if ms}
 
     @property
     def best(self) -> tuple[str, float] | None:

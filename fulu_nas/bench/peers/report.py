@@ -58,7 +58,8 @@ def format_tables(results: list[dict]) -> str:
                         notes.setdefault(f"{IMPLS[key]}: {note}", []).append(label)
             routing.append(_routing_line(label, s))
     parts = [
-        "Milliseconds per call (median over the rounds of each round's median), and in brackets the "
+        "Milliseconds per call (median over the rounds of each round's median; of an even number of rounds "
+        "the lower middle one), and in brackets the "
         "throughput relative to the dense ceiling / to the GEMM-only bound / to the wide dense FFN "
         "(1.00 = as fast). "
         "E-scaling: each implementation's throughput at the larger expert count over the smaller "
