@@ -1,4 +1,5 @@
-"""The files through which worker processes show their running work on their parent's bar."""
+"""The files through which worker processes show their running work on their parent's bar, and the
+interrupts that wait for a block of database writes."""
 
 from __future__ import annotations
 
@@ -34,3 +35,26 @@ def test_a_report_that_cannot_be_written_does_not_stop_the_worker(tmp_path):
     gone.report("trial 1", 10, 2.0)
     gone.clear()
     assert running_lines([gone.path]) == []
+
+
+def test_a_signal_inside_a_block_of_database_writes_is_raised_when_the_block_ends():
+    """A KeyboardInterrupt inside an MLflow write once left its SQLite database locked: the search then
+    failed ending the interrupted trial's runs and exited 1 with a traceback."""
+    import os
+    import signal
+
+    import pytest
+
+    from fulu_nas.search.interrupts import between_writes
+    from fulu_nas.search.study import sigterm_as_interrupt
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        done = []
+        with sigterm_as_interrupt() as received, pytest.raises(KeyboardInterrupt):
+            with between_writes():
+                os.kill(os.getpid(), signum)
+                done.append("the write finished")
+        assert done == ["the write finished"]
+        assert received == ([signal.SIGTERM] if signum == signal.SIGTERM else [])
+    with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):  # outside a write: at once
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -49,6 +49,7 @@ from ..training.train import (
     step_description,
     train,
 )
+from .interrupts import between_writes
 from .settings import SearchSettings
 from .space import Infeasible
 from .tracking import Tracker
@@ -332,9 +333,11 @@ class Objective:
         log = TrainingLog(self.tracker, run_id, lambda step, loss: self.on_progress(trial.number, step, loss))
 
         def on_report(report: StepReport) -> None:
-            ema = log(report)
-            if not self.s.study.multi_objective:  # Optuna keeps no intermediate values for several objectives
-                trial.report(ema, report.step)
+            with between_writes():  # MLflow's and Optuna's: a Ctrl-C waits for them
+                ema = log(report)
+                if not self.s.study.multi_objective:  # Optuna keeps no intermediate values for several objectives
+                    trial.report(ema, report.step)
+            if not self.s.study.multi_objective:
                 # A trial that trained its whole budget is evaluated, not pruned on its last report.
                 if self.prune and report.step < self.s.train.steps and trial.should_prune():
                     trial.set_user_attr("pruned_at_step", report.step)

@@ -29,6 +29,7 @@ import optuna
 
 from ..errors import FuluConfigError
 from ..moe import cpu_stream
+from .interrupts import interrupt
 from .objective import Objective, TrialFailed, counts_toward_total, is_feasible
 from .report import print_summary, summarize
 from .settings import SearchSettings
@@ -281,18 +282,21 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
     signals received. Only the main thread can take signals; elsewhere nothing changes."""
     received: list[int] = []
 
-    def interrupt(signum: int, _frame) -> None:
+    def on_sigterm(signum: int, frame) -> None:
         received.append(signum)
-        raise KeyboardInterrupt
+        interrupt(signum, frame)
 
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # Ctrl-C too, so that neither lands inside a database write (:mod:`.interrupts`).
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
+                signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
     try:
         yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_search(s: SearchSettings, progress: bool = True) -> int:

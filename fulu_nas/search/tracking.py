@@ -8,6 +8,7 @@ stored on the Optuna study (``mlflow_parent_run_id``) and every worker reads it 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..deploy.files import sha256_file
+from .interrupts import between_writes
 from .settings import SearchSettings
 from .storage import mask_url
 
@@ -49,6 +51,16 @@ def quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+def writes(method):
+    """A Tracker method that writes to the tracking database: a Ctrl-C waits until it is done
+    (:func:`~fulu_nas.search.interrupts.between_writes`)."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with between_writes():
+            return method(*args, **kwargs)
+    return run
+
+
 class Tracker:
     def __init__(self, settings: SearchSettings):
         import mlflow
@@ -69,6 +81,7 @@ class Tracker:
         self._uploads: list[Future] = []
 
     # -- the study's parent run ---------------------------------------------------------------
+    @writes
     def parent_run(self, study) -> str:
         """The study's parent run, created on first use and shared through the study."""
         run_id = study.user_attrs.get(PARENT_RUN_ATTR)
@@ -94,6 +107,7 @@ class Tracker:
             self.client.delete_run(run.info.run_id)
         return winner
 
+    @writes
     def finish_study(self, parent_id: str, summary: dict) -> None:
         """The summary on the study's parent run, which ends FINISHED once the study has its trials and
         KILLED when the search stopped short (interrupted, or out of attempts; the same command resumes it)."""
@@ -112,10 +126,12 @@ class Tracker:
         self.client.set_terminated(parent_id, status="FINISHED" if done else "KILLED")
 
     # -- trials -------------------------------------------------------------------------------
+    @writes
     def start_trial(self, parent_id: str, number: int, params: dict, arch: dict, tags: dict) -> str:
         return self._start_child(parent_id, f"trial {number}", "trial", number, tags,
                                  {**{f"param.{k}": v for k, v in params.items()}, **flatten(arch)})
 
+    @writes
     def start_confirmation(self, parent_id: str, trial: int, seed: int, steps: int, arch: dict, tags: dict) -> str:
         """A confirmation run (:mod:`.confirm`) of ``trial``'s architecture: its params are the architecture."""
         return self._start_child(parent_id, f"confirm trial {trial} seed {seed}", "confirmation", trial,
@@ -132,6 +148,7 @@ class Tracker:
             f"tags.mlflow.parentRunId = '{parent_id}' and tags.`fulu.kind` = '{kind}' and "
             f"attributes.status = 'RUNNING'{of_trial}"))
 
+    @writes
     def close_stale_trial(self, study, trial) -> None:
         """Optuna's heartbeat check failed ``trial`` (its worker was killed or cut off from the storage):
         its MLflow run, which that worker cannot close any more, ends KILLED with the reason."""
@@ -143,6 +160,7 @@ class Tracker:
         for run_id in self.open_children(parent_id, "trial", trial.number):
             self.end_trial(run_id, "KILLED", {"fulu.state": "failed", "fulu.reason": reason})
 
+    @writes
     def close_orphaned_uploads(self, study) -> None:
         """Runs of finished trials still open because the worker process uploading their artifacts
         (:meth:`finish_trial_in_background`) was killed: those that a process of this host wrote and
@@ -159,6 +177,7 @@ class Tracker:
                     "fulu.reason": "its worker stopped while uploading the trial's artifacts; the weights may be "
                                    "missing (fulu-nas export retrain=true trains them again)"})
 
+    @writes
     def _start_child(self, parent_id: str, name: str, kind: str, trial: int, tags: dict, params: dict) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=name,
@@ -168,9 +187,11 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    @writes
     def log_step(self, run_id: str, step: int, values: dict[str, float]) -> None:
         self._log_metrics(run_id, values, step=step)
 
+    @writes
     def log_metrics(self, run_id: str, values: dict[str, Any]) -> None:
         self._log_metrics(run_id, {k: v for k, v in values.items() if _is_number(v)})
 
@@ -203,6 +224,7 @@ class Tracker:
         while self._uploads:
             self._uploads.pop(0).result()
 
+    @writes
     def log_files(self, run_id: str, files: dict[str, Any], weights=None) -> None:
         """Text/JSON artifacts by file name, plus the model's weights as safetensors."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -222,12 +244,14 @@ class Tracker:
                 self.client.set_tag(run_id, WEIGHTS_SHA256_TAG, sha256_file(path))
                 self.client.log_artifact(run_id, str(path))
 
+    @writes
     def end_trial(self, run_id: str, status: str, tags: dict | None = None) -> None:
         for k, v in (tags or {}).items():
             self.client.set_tag(run_id, k, str(v)[:5000])
         self.client.set_terminated(run_id, status=status)
 
     # -- helpers ------------------------------------------------------------------------------
+    @writes
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -235,6 +259,7 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
 
+    @writes
     def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
