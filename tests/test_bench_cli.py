@@ -223,7 +223,7 @@ def _refused(argv, words, capsys):
     ["train-step", "--arch", "", "--kinds", "eager", "--json", "{tmp}"],
     ["nas-table", "--out", "{tmp}", "--limit", "1"]])
 def test_bench_refuses_a_json_or_out_into_a_missing_folder_or_onto_a_folder(argv, tmp_path, capsys):
-    """A FileNotFoundError / IsADirectoryError once the whole benchmark had run (audit item 1)."""
+    """Checked before the run, not a FileNotFoundError / IsADirectoryError once the whole benchmark has run."""
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     _refused(argv, "--", capsys)
 
@@ -325,3 +325,19 @@ def test_bench_latency_takes_the_activation(capsys):
     """``latency`` timed SwiGLU only, beside `peers`' GELU figures (item 23)."""
     assert bench.main(["latency", "--activation", "gelu"]) == 2
     assert "latency needs CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["bench", "nas-table", "--summary", "t.csv", "--job", "4"], "--job"),
+    (["bench", "layer", "--tok", "4"], "--tok"),
+    (["serve", "x", "--sha", "0" * 64], "--sha"),
+    (["ui", ".", "--track", "sqlite:///x.db"], "--track")])
+def test_an_abbreviated_option_is_refused_not_read_as_the_full_one(argv, option, capsys):
+    """An abbreviation slipped past the checks that name options as typed (``--summary`` refusing
+    the generation options): each option must be spelled out."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    assert code == 2
+    assert f"unrecognized arguments: {option}" in capsys.readouterr().err

@@ -232,7 +232,7 @@ def test_cells_name_the_faster_variant_and_the_ratios():
     (["--configs", "seed-latency", "--tokens-scale", "0.5"], "--tokens-scale: no throughput row"),
     (["--peers-path", "/nonexistent"], "--peers-path: /nonexistent is not a folder")])
 def test_bench_peers_refuses_options_it_would_ignore(extra, words, capsys):
-    """Accepted without effect before (audit item 18)."""
+    """Refused, not accepted without effect."""
     assert bench.main(["peers", "--device", "cpu", "--quick", "--quiet", *extra]) == 2
     assert words in capsys.readouterr().err
 

@@ -133,7 +133,7 @@ def test_nas_table_refuses_a_subset_larger_than_the_table_and_writes_nothing(tmp
     (["--out", "{out}", "--limit", "1", "--factor", "8"], "--factor without --factor-subset"),
     (["--out", "{out}", "--limit", "1", "--factor", "0"], "--factor without --factor-subset")])
 def test_nas_table_refuses_options_it_would_ignore(extra, words, tmp_path, capsys):
-    """They were accepted and ignored (audit item 21)."""
+    """Refused, not accepted and ignored."""
     out = tmp_path / "table.csv"
     assert bench.main(["nas-table", *(a.replace("{out}", str(out)) for a in extra)]) == 2
     assert words in capsys.readouterr().err

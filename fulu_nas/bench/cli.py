@@ -10,6 +10,7 @@ train small models on the tasks.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from . import cost_stability, layer, levels, nas_table, peers, sampler_bench, tasks, train_step
@@ -17,9 +18,12 @@ from .common import check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fulu-nas bench", description=__doc__,
+    # Options are spelled out: checks that read the command as typed (--summary refusing the
+    # generation options) would miss an abbreviation argparse expands.
+    parser = argparse.ArgumentParser(prog="fulu-nas bench", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
+    sub = parser.add_subparsers(dest="what", required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
     layer.add_parsers(sub)
     peers.add_parser(sub)
     levels.add_parser(sub)

@@ -41,7 +41,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fulu-nas ui", description=__doc__,
+    parser = argparse.ArgumentParser(prog="fulu-nas ui", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", nargs="?", default=".", help="a search's output folder (default: .)")
     parser.add_argument("--tracking-uri", help="an MLflow backend store URI instead of <output_dir>/mlflow.db")

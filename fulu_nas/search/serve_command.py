@@ -19,7 +19,7 @@ BAD_INPUT = 2
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fulu-nas serve", description=__doc__,
+    parser = argparse.ArgumentParser(prog="fulu-nas serve", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or an export folder")
     parser.add_argument("--sha256", help="the fingerprint fulu-nas export printed for this model")

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from ..moe import MoEConfig
 
-    ap = argparse.ArgumentParser(prog="python -m fulu_nas.training.distributed")
+    ap = argparse.ArgumentParser(prog="python -m fulu_nas.training.distributed", allow_abbrev=False)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--ffn", type=int, default=512)
