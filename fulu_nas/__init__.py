@@ -12,12 +12,14 @@ from pathlib import Path as _Path
 # bit-identical for any thread count. MKL reads it once, when torch first loads it: so before torch.
 _os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-from .deploy.export import load as _load_searched
-from .interop import migrate_from_electra  # torch only: transformers is imported when loading a directory
-from .interop.upcycle_export import is_upcycled_export as _is_upcycled_export
-from .interop.upcycle_export import load_upcycled as _load_upcycled
-from .moe import MoEConfig, PiMoELayer
-from .system import OptimizationLevel, RoutingStrategy, UltimatePiMoESystem, create_ultimate_pimoe_system
+# The public names load on first use (PEP 562): the ``fulu-nas`` entry point imports this package, and a
+# command that needs no torch (``--help``, a refused argument) should not wait for it; nor should a
+# Ctrl-C in its first second land inside torch's import, before the command can handle it.
+_PUBLIC = {
+    "MoEConfig": ".moe", "PiMoELayer": ".moe", "migrate_from_electra": ".interop",
+    "OptimizationLevel": ".system", "RoutingStrategy": ".system", "UltimatePiMoESystem": ".system",
+    "create_ultimate_pimoe_system": ".system",
+}
 
 __version__ = "0.1.0"
 
@@ -28,9 +30,27 @@ def load(directory: str | _Path, map_location="cpu", expected_sha256: str | None
     folder is the exported one; reads YAML and safetensors only, nothing is unpickled. A searched model comes
     back as a ``PiMoETransformer``; an upcycled encoder (task ``upcycle``) as its transformers model with the
     PiMoE layers (``fulu_nas.interop.upcycle_export.load_upcycled``)."""
-    if _is_upcycled_export(directory):
-        return _load_upcycled(directory, map_location, expected_sha256)
-    return _load_searched(directory, map_location, expected_sha256)
+    from .deploy.export import load as load_searched
+    from .interop.upcycle_export import is_upcycled_export, load_upcycled
+
+    if is_upcycled_export(directory):
+        return load_upcycled(directory, map_location, expected_sha256)
+    return load_searched(directory, map_location, expected_sha256)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    importlib.import_module(".interop", __name__)  # its registrations: the upcycle task, PiMoELayer.from_hf
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value  # later reads skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
 
 
 __all__ = [

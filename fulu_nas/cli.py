@@ -16,7 +16,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_command(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # before the command handles its own (a search's), e.g. while torch loads
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run_command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: fulu-nas <command> [args]\n\ncommands:")
         for name, text in COMMANDS.items():

@@ -112,3 +112,25 @@ def test_imports_point_down():
     upward = [f"{name} -> {target}" for name, targets in GRAPH.items() for target in targets
               if _layer(target) > _layer(name)]
     assert upward == []
+
+
+def test_the_package_loads_its_public_names_on_first_use_with_their_registrations():
+    """``import fulu_nas`` (what the console entry point does) loads no torch; the first public name
+    read loads the API as a whole, the Hugging Face importer and the upcycle task registered."""
+    import subprocess
+
+    code = ("import sys, fulu_nas\n"
+            "assert 'torch' not in sys.modules\n"
+            "from fulu_nas import PiMoELayer\n"
+            "from fulu_nas.tasks import TASKS\n"
+            "assert PiMoELayer.hf_importer is not None and 'upcycle' in TASKS\n"
+            "assert set(fulu_nas.__all__) <= set(dir(fulu_nas))\n"
+            "assert all(getattr(fulu_nas, name) is not None for name in fulu_nas.__all__)\n"
+            "try:\n"
+            "    fulu_nas.no_such_name\n"
+            "except AttributeError as e:\n"
+            "    assert 'no_such_name' in str(e)\n"
+            "else:\n"
+            "    raise SystemExit('an unknown name was found')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -425,3 +425,24 @@ def test_the_searchs_own_config_dir_and_space_locate_its_study_for_every_command
     capsys.readouterr()
     assert main(["dashboard", "study.name=mine", "--config-dir", str(tmp_path / "nowhere")]) == 2
     assert "--config-dir: " in capsys.readouterr().err
+
+
+def test_the_command_starts_without_torch_and_a_ctrl_c_while_torch_loads_stops_it_quietly(tmp_path):
+    """A Ctrl-C in a command's first second, while Python imports torch, printed Python's traceback:
+    the entry point imports nothing heavy, and an interrupt before a command handles its own is exit
+    130 with one line."""
+    script = tmp_path / "interrupt_torch_import.py"
+    script.write_text(
+        "import importlib.abc, sys\n"
+        "class Interrupt(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from fulu_nas.cli import main\n"  # what the console script does
+        "assert 'torch' not in sys.modules\n"
+        "sys.exit(main(['bench', 'layer', '--tokens', '4']))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.strip() == "interrupted"
+    assert done.stdout == ""

@@ -102,9 +102,9 @@ class PiMoELayer(nn.Module):
         self.experts = GroupedExperts(cfg)
         self.shared = SharedExperts(cfg) if cfg.num_shared_experts else None
 
-    # The Hugging Face importer, registered by fulu_nas.interop.hf_import when it is imported (``import
-    # fulu_nas`` does): the knowledge of foreign blocks stays out of the layer library, which imports
-    # nothing above itself.
+    # The Hugging Face importer, registered by fulu_nas.interop.hf_import when it is imported (reading
+    # any public name of ``fulu_nas`` does): the knowledge of foreign blocks stays out of the layer
+    # library, which imports nothing above itself.
     hf_importer: Callable[..., PiMoELayer] | None = None
 
     @classmethod
@@ -112,7 +112,8 @@ class PiMoELayer(nn.Module):
         """A layer equal to a Hugging Face transformers MoE block (Mixtral, Qwen2-MoE, DeepSeek-V3);
         see :mod:`fulu_nas.interop.hf_import`. ``overrides`` set fields the block does not fix."""
         if cls.hf_importer is None:
-            raise RuntimeError("PiMoELayer.from_hf needs fulu_nas.interop.hf_import; import fulu_nas first")
+            raise RuntimeError("PiMoELayer.from_hf needs fulu_nas.interop.hf_import: import it first "
+                               "(or any public name of fulu_nas, e.g. `from fulu_nas import PiMoELayer`)")
         return cls.hf_importer(block, **overrides)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, impl: str | None = None,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .. import interop  # noqa: F401  (registers the upcycle task among TASKS)
 from ..checks import check_int, check_number, device_problem
 from ..errors import FuluConfigError
 from ..tasks import TASKS, Task, build_task, task_parameters

@@ -20,7 +20,8 @@ TASKS: dict[str, type[Task]] = {"clusters": ClustersTask, "pimoe_mix": PiMoEMixT
 
 def register_task(cls: type[Task]) -> type[Task]:
     """Add a task defined in a layer above this one (``upcycle``, which reads a Hugging Face model, is
-    registered by :mod:`fulu_nas.interop` when ``fulu_nas`` is imported)."""
+    registered by :mod:`fulu_nas.interop` when it is imported: the search's settings and any public name of
+    ``fulu_nas`` import it)."""
     TASKS[cls.name] = cls
     return cls
 
