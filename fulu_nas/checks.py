@@ -1,6 +1,6 @@
-"""Checks of user-given numbers shared by the layers (the trainer's configuration, the search's
-settings): each failed check appends one problem naming its key, so that a caller can list every
-problem at once in a :class:`~fulu_nas.errors.FuluConfigError`."""
+"""Checks of user input shared by the layers (the trainer's configuration, the search's settings, the
+export's loader): each failed number check appends one problem naming its key, so that a caller can list
+every problem at once in a :class:`~fulu_nas.errors.FuluConfigError`."""
 
 from __future__ import annotations
 
@@ -54,3 +54,15 @@ def device_problem(spec: object, key: str) -> str | None:
     if device.index is not None and device.index >= count:
         return f"{key}: {spec!r}: not a device here (visible: {device.type}:0 to {device.type}:{count - 1})"
     return None
+
+
+def yaml_problem(error: Exception) -> str:
+    """A YAML parser's error in one line: its problem and where (PyYAML's own message spans several
+    lines and quotes the text); the caller names the file."""
+    mark, context_mark = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
+    if mark is None:
+        return " ".join(str(error).split())
+    problem = f"{getattr(error, 'problem', None) or 'cannot parse'} at line {mark.line + 1}, column {mark.column + 1}"
+    if context_mark is not None and getattr(error, "context", None):
+        problem += f" ({error.context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return problem

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import device_problem
+from ..checks import device_problem, yaml_problem
 from ..errors import FuluConfigError
 from ..models import ArchConfig, PiMoETransformer
 from .files import checked_copy, expected_digest, parse_manifest
@@ -284,10 +284,7 @@ def read_yaml(path: Path, shown: Path) -> object:
     try:
         return yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = (f"{getattr(e, 'problem', None)} at line {mark.line + 1}, column {mark.column + 1}" if mark
-                   else " ".join(str(e).split()))
-        raise FuluConfigError(f"{shown}: not valid YAML ({problem})") from None
+        raise FuluConfigError(f"{shown}: not valid YAML ({yaml_problem(e)})") from None
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu",

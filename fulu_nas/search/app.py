@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..checks import yaml_problem
 from ..errors import FuluConfigError
 
 # Shipped inside the package (the top-level conf/ of a checkout links here), so a wheel install finds it.
@@ -128,15 +129,9 @@ def preflight(argv: list[str]):
 
 
 def _yaml_problem(e) -> str:
-    """A YAML parser's error as one line naming the file and line (PyYAML's own spans several)."""
-    mark, context_mark = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
-    if mark is None:
-        return f"malformed YAML: {str(e).strip().replace(chr(10), ' ')}"
-    where = f"line {mark.line + 1}, column {mark.column + 1}"
-    problem = f"{mark.name}: malformed YAML at {where}: {getattr(e, 'problem', None) or 'cannot parse'}"
-    if context_mark is not None and getattr(e, "context", None):
-        problem += f" ({e.context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
-    return problem
+    """A YAML parser's error as one line naming the file (Hydra's loader names it in the error's mark)."""
+    mark = getattr(e, "problem_mark", None)
+    return f"{mark.name + ': ' if mark is not None else ''}malformed YAML: {yaml_problem(e)}"
 
 
 _job_started = False
