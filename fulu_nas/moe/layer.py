@@ -328,8 +328,6 @@ class PiMoELayer(nn.Module):
         counts = lambda: load()[0]  # noqa: E731
         zero = lambda: torch.zeros((), device=r.expert_TK.device if r.expert_TK is not None  # noqa: E731
                                    else r.token_EC.device)
-        aux = lambda: load_balancing_loss(r.probs_TE, counts()) if r.probs_TE is not None else zero()  # noqa: E731
-        z = lambda: router_z_loss(r.logits_TE) if r.logits_TE is not None else zero()  # noqa: E731
         cfg = self.cfg
 
         def balance() -> Tensor:
@@ -345,8 +343,8 @@ class PiMoELayer(nn.Module):
             lambda: load_statistics(counts().detach()),
             lambda: {"router_entropy": router_entropy(r.probs_TE, counts()).detach()},
             lambda: {"dropped_share": load()[1].detach()},
-            lambda: {"aux_loss": aux()},
-            lambda: {"z_loss": z()},
+            lambda: {"aux_loss": load_balancing_loss(r.probs_TE, counts()) if r.probs_TE is not None else zero()},
+            lambda: {"z_loss": router_z_loss(r.logits_TE) if r.logits_TE is not None else zero()},
             lambda: {"balance_loss": balance()},
         ))
 

@@ -276,10 +276,11 @@ def _surplus(t: optuna.trial.FrozenTrial) -> bool:
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[list[int]]:
-    """SIGTERM (``timeout``, ``docker stop``, a batch scheduler's polite stop) stops the search as Ctrl-C
-    does: the running trial failed and queued again, its runs ended, the summary written. Yields the
-    signals received. Only the main thread can take signals; elsewhere nothing changes."""
+def stop_signals_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM (``timeout``, ``docker stop``, a batch scheduler's polite stop) and Ctrl-C stop the search
+    alike: between database writes (:mod:`.interrupts`), the running trial failed and queued again, its
+    runs ended, the summary written. Yields the SIGTERMs received. Only the main thread can take
+    signals; elsewhere nothing changes."""
     received: list[int] = []
 
     def on_sigterm(signum: int, frame) -> None:
@@ -289,7 +290,6 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    # Ctrl-C too, so that neither lands inside a database write (:mod:`.interrupts`).
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
                 signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
     try:
@@ -306,7 +306,7 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
         open_study(s)  # a resume with other settings is refused here, before the study's config is rewritten
     (s.output_dir / "search_config.json").write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir)},
                                                                 indent=2, default=str))
-    with sigterm_as_interrupt() as received:
+    with stop_signals_as_interrupt() as received:
         if s.study.n_workers == 1:
             code = run_worker(s, 0, progress=progress)
         else:

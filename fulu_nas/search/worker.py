@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import sys
 
-from .study import load_worker_settings, run_worker, sigterm_as_interrupt
+from .study import load_worker_settings, run_worker, stop_signals_as_interrupt
 from .worker_progress import ProgressFile, progress_path
 
 
 def main(argv: list[str]) -> int:
     config, index = argv
     s = load_worker_settings(config)
-    with sigterm_as_interrupt():
+    with stop_signals_as_interrupt():
         return run_worker(s, int(index), progress=False,
                           report_to=ProgressFile(progress_path(s.output_dir, "worker", int(index))))
 
