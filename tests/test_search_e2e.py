@@ -64,6 +64,8 @@ def test_tiny_search_end_to_end_then_resume(tmp_path, monkeypatch, capsys):
     parent = parents[0]
     assert parent.data.params["search_space"] == "tiny" and parent.data.params["task"] == "clusters"
     assert parent.data.params["sampler"] == "tpe" and parent.data.params["storage"].startswith("sqlite:///")
+    # the tiny trainer's cost shape [1, 32] is measured at the task's 16 positions: the run says both
+    assert parent.data.params["trainer.cost_shapes"] == "[[1, 32]]" and parent.data.params["cost.shapes"] == "[[1, 16]]"
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     by_number = {int(r.data.tags["fulu.trial"]): r for r in trials}

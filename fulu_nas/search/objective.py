@@ -90,17 +90,12 @@ def reference_model(s: SearchSettings, device: torch.device) -> PiMoETransformer
     return s.space.family.build(s.space.arch(s.space.reference, s.task), s.task, s.train.seed, device)
 
 
-def cost_shapes(s: SearchSettings) -> list[tuple[int, int]]:
-    """The study's cost shapes, sequences capped at the task's length."""
-    return [(b, min(seq, s.task.seq_len)) for b, seq in s.cost.shapes]
-
-
 def measure_trial_cost(model, s: SearchSettings, reference: PiMoETransformer | None = None,
                        reference_served: dict | None = None) -> tuple[dict, dict[str, float]]:
     """The study's cost protocol on ``model``: :func:`measure_cost` at the configured shapes (sequences
     capped at the task's length) in interleaved rounds beside ``reference`` (its served forward cached in
     ``reference_served``), and its figures as flat metrics (latency from the first shape)."""
-    cost = measure_cost(model, cost_shapes(s), iterations=s.cost.iterations, rounds=s.cost.rounds, reference=reference,
+    cost = measure_cost(model, s.cost_shapes, iterations=s.cost.iterations, rounds=s.cost.rounds, reference=reference,
                         reference_served=reference_served)
     first = cost["shapes"][0]
     ratio = {k: first[k] for k in ("latency_ratio", "latency_ratio_spread", "reference_latency_ms") if k in first}
@@ -179,7 +174,7 @@ class ServedKernels:
 
     def start(self, model: PiMoETransformer) -> None:
         if self.s.cost.compile_while_training and next(model.parameters()).is_cuda:
-            self._warmup = ServedKernelWarmup(model, cost_shapes(self.s))
+            self._warmup = ServedKernelWarmup(model, self.s.cost_shapes)
 
     def wait(self) -> float:
         """Seconds waited for the compilation (0 where none runs)."""

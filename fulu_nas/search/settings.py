@@ -106,6 +106,12 @@ class SearchSettings:
     task: Task = field(compare=False, repr=False)
 
     @property
+    def cost_shapes(self) -> list[tuple[int, int]]:
+        """The shapes the cost is measured at: the configured ones, sequences capped at the task's length
+        (a model has no positions past it)."""
+        return [(b, min(seq, self.task.seq_len)) for b, seq in self.cost.shapes]
+
+    @property
     def storage_url(self) -> str:
         return self.study.storage or f"sqlite:///{(self.output_dir / 'optuna.db').resolve()}"
 

@@ -95,6 +95,7 @@ class Tracker:
                   "objectives": ",".join(s.study.objectives), "n_trials": s.study.n_trials,
                   **{f"task.{k}": v for k, v in s.task_params.items()},
                   **{f"trainer.{k}": v for k, v in flatten(s.raw["trainer"]).items()},
+                  "cost.shapes": [list(shape) for shape in s.cost_shapes],  # as measured: trainer.cost_shapes capped
                   **{f"constraint.{k}": v for k, v in s.study.constraints}}
         self.log_params(run.info.run_id, params)
         with tempfile.TemporaryDirectory() as tmp:
