@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -302,6 +304,56 @@ def test_training_refuses_a_gpu_it_does_not_have_and_a_task_the_model_does_not_f
         train(small, task, TrainConfig(steps=2, device="cpu", **FAST))  # an IndexError from the embedding before
 
 
+
+@pytest.mark.parametrize("classes,task_classes,words", [
+    (0, 4, "the task labels each token with one of 4 classes, the model's head predicts the next token"),
+    (3, 4, "the task labels each token with one of 4 classes, the model's head predicts one of 3 classes"),
+    (64, 4, "the task labels each token with one of 4 classes, the model's head predicts one of 64 classes")])
+def test_training_refuses_a_model_whose_head_does_not_predict_the_tasks_targets(classes, task_classes, words):
+    """A language-model head on a classification task read the class ids as token ids and trained on
+    another problem without a word; too few classes failed in torch ("Target 3 is out of bounds")."""
+    from fulu_nas.errors import FuluConfigError
+
+    task = small_clusters()
+    assert task.num_classes == task_classes
+    model = clusters_model(task)
+    model.arch = dataclasses.replace(model.arch, num_classes=classes)
+    model.classifier = torch.nn.Linear(32, classes) if classes else None
+    with pytest.raises(FuluConfigError, match=re.escape(words) + r": build the model with num_classes=4"):
+        train(model, task, TrainConfig(steps=2, device="cpu", **FAST))
+    lm_task = PiMoEMixTask(seq_len=16, val_sequences=16)
+    lm = clusters_model(lm_task)
+    lm.classifier = torch.nn.Linear(32, 4)
+    with pytest.raises(FuluConfigError, match="the task predicts the next token, the model's head predicts one of "
+                                              "4 classes: build the model with num_classes=0"):
+        train(lm, lm_task, TrainConfig(steps=2, device="cpu", **FAST))
+
+
+def test_weight_decay_falls_on_weight_matrices_only():
+    """Not on the experts' biases (a dense FFN's 1-D bias, once upcycled into experts, is a matrix of
+    them), nor on routers and gates, norms, or positions (a Hugging Face encoder's too)."""
+    from transformers import BertConfig, BertModel
+
+    from fulu_nas.training.train import _optimizer
+
+    task = small_clusters()
+    model = clusters_model(task, expert_bias=True, num_shared_experts=1, shared_expert_gate=True)
+    decayed, rest = (group["params"] for group in _optimizer(model, TrainConfig(**FAST)).param_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = sorted(names[id(p)] for p in decayed)
+    assert not [n for n in decayed_names if any(part in n for part in ("b13_EF2", "b2_ED", "router", "gate", "norm",
+                                                                       "pos."))], decayed_names
+    assert {"embed.weight", "blocks.1.ffn.experts.w13_EDF2", "blocks.1.ffn.experts.w2_EFD"} <= set(decayed_names)
+    assert all(p.dim() >= 2 for p in decayed) and len(decayed) + len(rest) == len(names)
+    encoder = BertModel(BertConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=32))
+    decayed = _optimizer(encoder, TrainConfig(**FAST)).param_groups[0]["params"]
+    names = {id(p): n for n, p in encoder.named_parameters()}
+    assert sorted(names[id(p)] for p in decayed) == sorted(
+        n for n, p in encoder.named_parameters() if p.dim() >= 2 and "position_embeddings" not in n
+        and "token_type_embeddings" not in n)
+
+
 def test_the_model_names_tokens_it_cannot_read():
     task = small_clusters()
     model = clusters_model(task).eval()
@@ -316,6 +368,24 @@ def test_the_model_names_tokens_it_cannot_read():
 
 
 # -- dynamic expert scaling ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"every": 0}, "dynamic_experts.every: expected an integer >= 1, got 0"),
+    ({"remove_below": math.nan}, "dynamic_experts.remove_below: expected a finite number >= 0, got nan"),
+    ({"freeze_after": 1.5}, "dynamic_experts.freeze_after: expected a finite number in [0, 1], got 1.5"),
+    ({"split_min_tokens": 1}, "dynamic_experts.split_min_tokens: expected an integer >= 2, got 1"),
+    ({"min_experts": 10, "max_experts": 2}, "dynamic_experts.max_experts: expected at least min_experts (10), got 2"),
+    ({"add_above": 0}, "dynamic_experts.add_above: expected a finite number > 0, got 0")])
+def test_a_dynamic_experts_config_with_a_bad_value_is_refused_naming_it(values, message):
+    """every=0 divided by zero in training; remove_below=nan removed experts down to the floor."""
+    from fulu_nas.errors import FuluConfigError
+
+    with pytest.raises(FuluConfigError) as refused:
+        DynamicExpertsConfig(**values)
+    assert refused.value.problems == [message]
+    with pytest.raises(FuluConfigError, match=r"dynamic_experts: expected None or a DynamicExpertsConfig, got \{"):
+        TrainConfig(dynamic_experts={"every": 5})  # an AttributeError in training
 
 def test_dynamic_plan_removes_idle_and_splits_the_busiest():
     task = small_clusters()
@@ -444,6 +514,19 @@ def test_dynamic_mode_grows_and_shrinks_during_training():
 
 
 # -- evaluation and cost ---------------------------------------------------------------------------
+
+
+def test_evaluate_counts_the_dropped_assignments_of_the_whole_validation_set():
+    """Batches of 36 and 1 sequences: the share of all assignments dropped, not the mean of the two
+    batches' shares (0.172 where 0.216 were dropped)."""
+    task = ClustersTask(num_domains=3, seq_len=8, val_sequences=37)
+    model = clusters_model(task, seed=1, num_experts=4, top_k=2, capacity_factor=1.0)
+    result = evaluate(model, task, batch_size=36)
+    for layer in result["layers"]:
+        assignments = 37 * 8 * 2
+        kept = sum(layer["tokens_per_expert"])
+        assert 0 < kept < assignments
+        assert layer["dropped_share"] == pytest.approx((assignments - kept) / assignments, rel=1e-6)
 
 def test_evaluate_on_pimoe_mix_reports_domains_and_exact_match():
     task = PiMoEMixTask(seq_len=32, val_sequences=16)

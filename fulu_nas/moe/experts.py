@@ -217,6 +217,10 @@ def _uniform_(t: Tensor, fan_in: int) -> Tensor:
 class GroupedExperts(nn.Module):
     """E experts with stacked weights; computed by grouped GEMM, sorted matmuls or a loop."""
 
+    # Biases, though stacked into matrices: a trainer's weight decay leaves them out (an upcycled dense
+    # FFN's 1-D bias, undecayed there, becomes one row of them).
+    no_weight_decay_params = ("b13_EF2", "b2_ED")
+
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         E, D, Fw = cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_size
@@ -363,6 +367,10 @@ class SharedExperts(nn.Module):
     """Always-on experts whose output is added to the routed output; optional sigmoid gate
     per token (Qwen2-MoE's ``sigmoid(Linear(D, 1)(x)) * shared_expert(x)``). With ``expert_bias``
     they have biases too (an upcycled BERT FFN's shared part carries its biases)."""
+
+    # The gate is a router's kind of weight: decayed, its logits would shrink once the task loss stops
+    # pulling on them.
+    no_weight_decay_params = ("gate.weight",)
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()

@@ -34,11 +34,14 @@ Shape suffixes: T tokens, D hidden, E experts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ..checks import check_int, check_number
+from ..errors import FuluConfigError
 from ..moe import PiMoELayer
 
 
@@ -85,6 +88,27 @@ class DynamicExpertsConfig:
     freeze_after: float = 0.5
     merge_above: float = 0.2
     merge_after: int = 3
+
+    def __post_init__(self) -> None:
+        # Unchecked, every=0 divided by zero and remove_below=nan removed every expert it could.
+        problems: list[str] = []
+        for name, low in _INT_LOWS.items():
+            check_int(name, getattr(self, name), problems, low)
+        for name, (low, high, low_open) in _NUMBER_BOUNDS.items():
+            check_number(name, getattr(self, name), problems, low, high, low_open)
+        if not problems and self.max_experts < self.min_experts:
+            problems.append(f"max_experts: expected at least min_experts ({self.min_experts}), got {self.max_experts}")
+        if problems:
+            raise FuluConfigError([f"dynamic_experts.{p}" for p in problems])
+
+
+# DynamicExpertsConfig's bounds: integers' lowest values; numbers' (low, high, low excluded). A 2-means
+# needs two tokens; a share is at most 1.
+_INT_LOWS = {"every": 1, "min_experts": 1, "max_experts": 1, "split_min_tokens": 2, "merge_after": 0}
+_NUMBER_BOUNDS = {"remove_below": (0, math.inf, False), "add_above": (0, math.inf, True),
+                  "split_separation": (0, math.inf, False), "split_min_share": (0, 1, False),
+                  "split_margin": (0, math.inf, False), "noise": (0, math.inf, False),
+                  "freeze_after": (0, 1, False), "merge_above": (0, 1, False)}
 
 
 @dataclass

@@ -90,7 +90,8 @@ def evaluate(model: PiMoETransformer, task: Task, batch_size: int = 64) -> dict:
     metric_sums: dict[str, list[float]] = {}
     load = [torch.zeros(layer.cfg.num_experts, device=device) for layer in layers]
     confusion = [torch.zeros(K, layer.cfg.num_experts, device=device) for layer in layers]
-    dropped = [0.0 for _ in layers]
+    dropped = [0.0 for _ in layers]  # dropped assignments' shares, each batch's weighted by its tokens
+    tokens = 0
     batches = task.val_batches(batch_size)
     for batch in batches:
         batch = batch.to(device)
@@ -104,11 +105,12 @@ def evaluate(model: PiMoETransformer, task: Task, batch_size: int = 64) -> dict:
             acc = metric_sums.setdefault(name, [0.0, 0.0])
             acc[0] += num
             acc[1] += den
+        tokens += batch.tokens.numel()
         domains = batch.domains.flatten()
         labelled = domains != NO_DOMAIN
         for i, stats in enumerate(out.moe_stats):
             load[i] += stats["tokens_per_expert"]
-            dropped[i] += float(stats["dropped_share"])
+            dropped[i] += float(stats["dropped_share"]) * batch.tokens.numel()
             if K:
                 top1 = top1_expert(routed[i][-1])
                 confusion[i].index_put_((domains[labelled], top1[labelled]),
@@ -123,7 +125,7 @@ def evaluate(model: PiMoETransformer, task: Task, batch_size: int = 64) -> dict:
     for i in range(len(layers)):
         s = {k: float(v) for k, v in load_statistics(load[i]).items() if v.dim() == 0}
         s["tokens_per_expert"] = load[i].tolist()
-        s["dropped_share"] = dropped[i] / max(1, len(batches))
+        s["dropped_share"] = dropped[i] / max(1, tokens)  # a last, smaller batch counts for its size
         if K:
             acc, per_domain, mapping = routing_accuracy(confusion[i].cpu())
             s.update(routing_accuracy=acc, routing_accuracy_per_domain=dict(zip(task.domain_names, per_domain,

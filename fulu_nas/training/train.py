@@ -127,6 +127,9 @@ def config_problems(values: Mapping[str, object], prefix: str = "") -> list[str]
         problems.append(f"{prefix}compile: expected auto, compiled or eager, got {values['compile']!r}")
     if values.get("cuda_graph", "auto") not in ("auto", True, False):
         problems.append(f"{prefix}cuda_graph: expected auto, true or false, got {values['cuda_graph']!r}")
+    dynamic = values.get("dynamic_experts")
+    if dynamic is not None and not isinstance(dynamic, DynamicExpertsConfig):
+        problems.append(f"{prefix}dynamic_experts: expected None or a DynamicExpertsConfig, got {dynamic!r}")
     device = values.get("device", "auto")
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         problems.append(f"{prefix}device: expected auto, cpu, cuda or cuda:N, got {device!r}")
@@ -311,17 +314,29 @@ def host_layer_stats(moe_stats: list[dict[str, Tensor]]) -> list[dict[str, float
     return out
 
 
-def _decays(name: str, p: torch.Tensor) -> bool:
+# Positions: this package's model's (``pos.``), a Hugging Face encoder's (an upcycled one's).
+_POSITIONS = ("pos.", "position_embeddings.", "token_type_embeddings.")
+
+
+def _decays(name: str, p: torch.Tensor, kept: set[str]) -> bool:
     # Weight decay on matrices only: not on norms, biases or positions, and not on the router,
-    # whose logits would shrink once the task loss stops pulling, letting routing drift.
-    return p.dim() >= 2 and not name.startswith("pos.") and ".router." not in name
+    # whose logits would shrink once the task loss stops pulling, letting routing drift. ``kept``:
+    # the parameters their modules keep out of it (``no_weight_decay_params``: stacked biases, gates).
+    return (p.dim() >= 2 and ".router." not in name and name not in kept
+            and not any(name.startswith(pos) or f".{pos}" in name for pos in _POSITIONS))
+
+
+def _kept_from_decay(model: torch.nn.Module) -> set[str]:
+    return {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+            for name in getattr(module, "no_weight_decay_params", ())}
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, capturable: bool = False) -> torch.optim.Optimizer:
     """AdamW; ``capturable``: its step inside a CUDA graph, the learning rate a tensor the schedule fills
     (a float would be frozen into the graph)."""
-    decay = [p for n, p in model.named_parameters() if _decays(n, p)]
-    rest = [p for n, p in model.named_parameters() if not _decays(n, p)]
+    kept = _kept_from_decay(model)
+    decay = [p for n, p in model.named_parameters() if _decays(n, p, kept)]
+    rest = [p for n, p in model.named_parameters() if not _decays(n, p, kept)]
     lr = torch.tensor(cfg.lr, device=decay[0].device) if capturable else cfg.lr
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if capturable:  # one tensor per group: the optimizer may not share it between groups
@@ -513,6 +528,25 @@ class _GraphedStep:
         self.graph.replay()
 
 
+def head_problem(model: torch.nn.Module, task: Task) -> str | None:
+    """Why ``model``'s head does not predict ``task``'s targets (None: it does, or the model is not this
+    package's transformer): a language-model head on a classification task would read the class ids
+    as token ids and train on another problem without a word."""
+    if not hasattr(model, "classifier"):
+        return None
+    classes = model.classifier.out_features if model.classifier is not None else 0
+    if classes == task.num_classes:
+        return None
+
+    def predicts(n: int) -> str:
+        return f"one of {n} classes" if n else "the next token"
+
+    wanted = (f"labels each token with {predicts(task.num_classes)}" if task.num_classes else
+              f"predicts {predicts(0)}")
+    return (f"the task {wanted}, the model's head predicts {predicts(classes)}: build the model with "
+            f"num_classes={task.num_classes}")
+
+
 def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
           callback: Callable[[StepReport], None] | None = None) -> TrainResult:
     """Train ``model`` on ``task`` until ``cfg.steps`` or ``cfg.max_seconds`` runs out (``seconds_cap``:
@@ -528,6 +562,8 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     if isinstance(embed, torch.nn.Embedding) and task.vocab_size > embed.num_embeddings:
         raise FuluConfigError(f"the task's vocabulary ({task.vocab_size} ids) does not fit the model's vocab_size "
                               f"({embed.num_embeddings})")
+    if problem := head_problem(model, task):
+        raise FuluConfigError(problem)
     ranks = _Ranks.current(model, device)
     rank = ranks.rank
     if isinstance(ranks, _Ranks) and cfg.dynamic_experts:
