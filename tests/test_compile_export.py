@@ -124,3 +124,19 @@ def test_compiled_inference_routes_like_eager(router):
             assert torch.equal(got.sort(-1).values, want.sort(-1).values)
     assert torch.equal(stats["tokens_per_expert"], ref_stats["tokens_per_expert"])
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_inductor_compiles_a_call_of_one_or_two_tokens(router, tokens):
+    """A one-token expert-choice call crashed inductor's CPU code generation (the statistics'
+    count of taken tokens, an index_add_ into a one-element buffer)."""
+    torch._dynamo.reset()
+    layer = make_layer(router).eval()
+    x = torch.randn(tokens, 32)
+    token_ids = torch.randint(0, 1000, (tokens,)) if router == "hash" else None
+    with torch.no_grad():
+        out, stats = torch.compile(layer, fullgraph=True)(x, token_ids)
+        ref, ref_stats = layer(x, token_ids)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for key in ("tokens_per_expert", "dropped_share", "load_balance"):
+        torch.testing.assert_close(stats[key], ref_stats[key])

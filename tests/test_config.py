@@ -142,3 +142,25 @@ def test_a_float64_layer_runs_on_every_path_and_matches_the_loop(impl):
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-7)  # the router's scores are fp32 on every path
     assert torch.isfinite(stats["balance_loss"])
+
+
+@pytest.mark.parametrize("layer_dtype,input_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                     (torch.float32, torch.float64), (torch.bfloat16, torch.float32)])
+def test_shared_experts_take_an_input_of_another_dtype_as_the_routed_experts_do(layer_dtype, input_dtype):
+    """The routed experts cast their weights to the input's dtype; the shared experts (plain linear
+    layers) failed with a dtype mismatch in the matmul."""
+    from fulu_nas.moe import PiMoELayer
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=16, num_experts=4, expert_ffn_size=16, top_k=2, num_shared_experts=1,
+                    shared_expert_gate=True)
+    layer = PiMoELayer(cfg).to(layer_dtype).eval()
+    x = torch.randn(3, 5, 16, dtype=input_dtype)
+    out, _ = layer(x)
+    assert out.dtype == input_dtype
+    # the same weights in the input's dtype: the layer cast whole
+    same = PiMoELayer(cfg).to(layer_dtype)
+    same.load_state_dict(layer.state_dict())
+    want, _ = same.to(input_dtype).eval()(x, impl="loop")
+    tolerance = 1e-5 if torch.finfo(input_dtype).bits >= 32 else 2e-2
+    torch.testing.assert_close(out.float(), want.float(), rtol=tolerance, atol=tolerance)

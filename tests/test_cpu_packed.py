@@ -119,6 +119,22 @@ def test_packed_weights_follow_updates(packed_calls):
     assert len(packed_calls) == before + 3
 
 
+
+def test_a_layer_made_under_inference_mode_takes_its_packed_paths(packed_calls):
+    """Weights created under ``torch.inference_mode()`` (a model built or loaded there to serve) have
+    no version counter: the packed copies' key read it and every packed path raised."""
+    with torch.inference_mode():
+        layer = make_layer("topk").eval()
+        x = torch.randn(16, 32)
+        assert layer.experts.w13_EDF2.is_inference()
+        fast, ref = layer(x)[0], layer(x, impl="loop")[0]
+        assert relative_error(fast, ref) < 1e-5
+        assert packed_calls, "the packed path ran"
+        # a replaced weight is seen (the key is the tensor itself and its storage)
+        layer.experts.w2_EFD = torch.nn.Parameter(layer.experts.w2_EFD * 2, requires_grad=False)
+        assert relative_error(layer(x)[0], layer(x, impl="loop")[0]) < 1e-5
+        assert relative_error(layer(x)[0], fast) > 0.1
+
 def test_packed_path_only_for_fp32_inference_on_the_cpu():
     x = torch.randn(4, 32)
     assert cpu_packed.applies(x, needs_grad=False)

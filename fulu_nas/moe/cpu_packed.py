@@ -21,8 +21,10 @@ grouped experts gets them. Each packed copy
 module's state, copies or pickles) and is rebuilt when a weight is replaced or changed in place
 through autograd-visible operations (an optimizer step, ``load_state_dict``): it is keyed on each
 weight's storage and version counter. Writes through ``.data`` bypass the version counter and are
-not seen. Each copy costs the expert weights' size once more, for as long as the module lives
-(a workload with both few and many rows per expert holds both).
+not seen, nor are in-place writes (``load_state_dict`` too) to weights made under
+``torch.inference_mode()``, which have no version counter: replace such a weight instead. Each
+copy costs the expert weights' size once more, for as long as the module lives (a workload with
+both few and many rows per expert holds both).
 
 Shape suffixes as in :mod:`fulu_nas.moe.layer`.
 """
@@ -91,7 +93,8 @@ _PACKED: weakref.WeakKeyDictionary[object, dict[str, tuple[tuple, object]]] = we
 
 
 def _fingerprint(w: Tensor | None) -> tuple | None:
-    return None if w is None else (w.data_ptr(), w._version)
+    # An inference tensor (made under torch.inference_mode) has no version counter: its storage alone.
+    return None if w is None else (w.data_ptr(), None if w.is_inference() else w._version)
 
 
 def _unchanged(signature: tuple, weights: tuple[Tensor | None, ...]) -> bool:

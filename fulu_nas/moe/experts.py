@@ -360,7 +360,14 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(width, hidden, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(activate(self.w13(x), self.activation))
+        return linear_as_input(activate(linear_as_input(x, self.w13), self.activation), self.w2)
+
+
+def linear_as_input(x: Tensor, linear: nn.Linear) -> Tensor:
+    """``linear(x)`` in ``x``'s dtype, as the routed experts compute (their weights cast to the input's):
+    a float32 layer's shared experts take bfloat16 or float64 input as its routed ones do."""
+    bias = linear.bias
+    return F.linear(x, linear.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 class SharedExperts(nn.Module):
@@ -381,5 +388,5 @@ class SharedExperts(nn.Module):
     def forward(self, x_TD: Tensor) -> Tensor:
         y = self.ffn(x_TD)
         if self.gate is not None:
-            y = torch.sigmoid(self.gate(x_TD)) * y
+            y = torch.sigmoid(linear_as_input(x_TD, self.gate)) * y
         return y

@@ -315,7 +315,9 @@ class PiMoELayer(nn.Module):
 
         def load() -> tuple[Tensor, Tensor]:
             counts_E = torch.ones(E, device=x_TD.device) * C  # C may be symbolic under export
-            taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).index_add_(
+            # scatter_add_, not index_add_: inductor's CPU code for index_add_ into a one-element
+            # buffer fails (torch 2.13), so a compiled one-token call did.
+            taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).scatter_add_(
                 0, token_N, torch.ones(token_N.shape, device=x_TD.device))
             return counts_E, token_mean((taken_T == 0).float())
         return out_TD, load
