@@ -240,3 +240,34 @@ def test_a_callback_that_raises_stops_the_ranks_mid_run(tmp_path):
         train_expert_parallel(arch, "clusters", {"seq_len": 16}, cfg, on_report=prune, workdir=tmp_path)
     assert time.perf_counter() - start < 40 and seen == [2]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_two_rank_trial_records_the_step_that_ran_and_its_timing(tmp_path, monkeypatch):
+    """The ranks' whole training result reaches the trial's and the confirmation's MLflow runs: the step
+    that ran (deterministic, as on one device), the first step's time as rank 0 measured it, and the
+    ranks' training time as phase/train_s (the parent records the reports while the ranks train)."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    base = ["study.name=tiny-clusters", f"hydra.run.dir={out}"]
+    assert main(["search", "+experiment=tiny", *base, "study.n_trials=1", "trainer.expert_parallel=2",
+                 "trainer.steps=20", "study.pruner=none"]) == 0
+    assert main(["confirm", *base, "top_k=1", "seeds=1", "budget_factor=1"]) == 0
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-clusters")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    [trial] = [r for r in runs if r.data.tags.get("fulu.kind") == "trial"]
+    [confirmation] = [r for r in runs if r.data.tags.get("fulu.kind") == "confirmation"]
+    for run in (trial, confirmation):
+        assert run.data.params["train_step"] == "eager, deterministic"
+    m = trial.data.metrics
+    assert 0 < m["train/first_step_s"] < m["phase/train_s"]
+    assert m["phase/train_s"] == pytest.approx(m["train_seconds"])
+    phases = {k: v for k, v in m.items() if k.startswith("phase/")}
+    assert all(v >= 0 for v in phases.values())
+    # the reports are recorded while the ranks train: the trial's time is the phases but for that overlap
+    elapsed = sum(phases.values()) - phases["phase/report_s"]
+    assert elapsed <= trial.info.end_time / 1000 - trial.info.start_time / 1000 + 1.0
+    assert m["overhead_share"] == pytest.approx(1 - phases["phase/train_s"] / elapsed)

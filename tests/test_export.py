@@ -742,6 +742,22 @@ def test_retrain_exports_a_longer_trained_model(exported, monkeypatch):
     assert fulu_nas.load(target).arch.to_dict() == exported.study.trials[0].user_attrs["arch"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_retraining_at_the_searchs_budget_reproduces_the_trial(ranks, tmp_path, monkeypatch):
+    """The retraining trains the configuration the search measured, over trainer.expert_parallel ranks
+    (batch_size per rank): at factor 1 and the trial's seed it gives the trial's model again."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=1", "trainer.steps=20", f"trainer.expert_parallel={ranks}") == 0
+    assert main(["export", "study.name=tiny-clusters", f"hydra.run.dir={out}", "trial=0", "retrain=true",
+                 "retrain_factor=1", f"out={tmp_path / 'model'}"]) == 0
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert metrics["retrained"] is True and metrics["retrain_steps"] == 20
+    assert metrics["loss"] == load_study(out).trials[0].values[0]
+    assert not list(out.glob("ep-trial-*"))  # the ranks' scratch folder is gone
+
+
 def fake_study(directions, rows):
     study = optuna.create_study(directions=directions)
     for values, loss, latency in rows:

@@ -393,6 +393,30 @@ def test_the_gpu_preset_without_a_gpu_exits_2_naming_cuda(tmp_path, monkeypatch,
     assert list(tmp_path.iterdir()) == []
 
 
+# The trainer's own message for a step that cannot be replayed from a CUDA graph, before the reasons.
+NO_GRAPH = "trainer.cuda_graph=true is impossible here: "
+
+
+@pytest.mark.parametrize("override,reason", [("trainer.device=cpu", "it needs a CUDA device"),
+                                             ("trainer.expert_parallel=2", "expert-parallel ranks"),
+                                             ("trainer.gradient_checkpointing=true", "gradient checkpointing")])
+def test_a_cuda_graph_that_no_trial_could_capture_is_refused(override, reason, tmp_path, monkeypatch, capsys):
+    """Every trial failed with the trainer's error, and the search exited 0 with its folder written."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "+experiment=tiny", "trainer.cuda_graph=true", override]) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert problem.startswith(NO_GRAPH) and reason in problem, problem
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_cuda_graph_true_without_a_gpu_exits_2_naming_cuda(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "+experiment=tiny", "trainer.cuda_graph=true"]) == 2
+    assert problems_in(capsys.readouterr().err) == [NO_GRAPH + "it needs a CUDA device"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_when_the_served_kernels_compile_does_not_change_a_trials_cache_key(tmp_path):
     """Whether the kernels compile beside training or during the measurement, a resumed study reuses
     the same trials; the cost protocol itself (rounds) is part of the key."""

@@ -227,6 +227,9 @@ def test_resuming_on_another_checkpoint_at_the_same_path_is_refused(tmp_path, mo
     ("another space", "search_space.params.num_experts: not a searchable field|"
                       "search_space.base.num_layers: not an architecture field of the upcycle family"),
     ("model without the task", "configuration: Could not override 'model'"),
+    # an encoder has no transformer blocks of this package's to compile or capture
+    ("compiled", "trainer.compile=compiled compiles a PiMoETransformer's blocks; this model has none"),
+    ("cuda graph", "trainer.cuda_graph=true is impossible here: .*a model without transformer blocks"),
 ])
 def test_bad_input_is_one_clear_message_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, case, words):
     import re
@@ -241,7 +244,9 @@ def test_bad_input_is_one_clear_message_exit_2_and_nothing_written(tmp_path, mon
             "gpt2": ["+experiment=upcycle_tiny", f"model={gpt2}"],
             "no tokenizer": ["+experiment=upcycle_tiny", f"model={electra}", "task.tokenizer=model"],
             "another space": ["+experiment=upcycle_tiny", f"model={electra}", "search_space=tiny"],
-            "model without the task": ["+experiment=tiny", f"model={electra}"]}[case]
+            "model without the task": ["+experiment=tiny", f"model={electra}"],
+            "compiled": ["+experiment=upcycle_tiny", f"model={electra}", "trainer.compile=compiled"],
+            "cuda graph": ["+experiment=upcycle_tiny", f"model={electra}", "trainer.cuda_graph=true"]}[case]
     capsys.readouterr()
     assert main(["search", *args, f"task.path={corpus}" if "upcycle" in args[0] else "study.n_trials=1"]) == 2
     err = capsys.readouterr().err

@@ -32,7 +32,7 @@ from .confirm import search_ranking
 from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner
 from .family import UPCYCLE
 from .locate import StudyLocation, check_recordable, load_study, locate_study, search_settings, split_options
-from .objective import is_feasible, measure_trial_cost, reference_model
+from .objective import ServedKernels, is_feasible, measure_trial_cost, reference_model, train_architecture
 from .settings import SearchSettings
 from .storage import check_output_dir, mask_url
 from .tracking import WEIGHTS_SHA256_TAG, export_run, quiet_mlflow
@@ -105,19 +105,21 @@ def choose_trial(study: optuna.Study, s: SearchSettings, spec: str) -> tuple[opt
 
 def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.FrozenTrial, retrain: bool,
                 factor: float):
-    """The trial's model with its saved weights, or retrained for ``factor`` times the search budget."""
+    """The trial's model with its saved weights, or retrained for ``factor`` times the search budget (as the
+    search and the confirmation train: over ``trainer.expert_parallel`` ranks when it is > 1)."""
     import mlflow
     from safetensors.torch import load_model
-
-    from ..training.train import resolve_device, train
 
     family = s.space.family
     arch = family.arch_from_dict(trial.user_attrs["arch"])
     if retrain:
         budget = replace(s.train, steps=int(s.train.steps * factor), progress=True, device="auto",
                          seconds_cap=s.train.seconds_cap * factor if s.train.seconds_cap else None)
-        model = family.build(arch, s.task, s.train.seed, resolve_device(budget.device))
-        result = train(model, s.task, family.train_config(arch, budget))
+        kernels = ServedKernels(s)  # the cost measured next uses the served forward's kernels compiled meanwhile
+        try:
+            model, result = train_architecture(arch, s, budget, None, kernels)
+        finally:
+            kernels.wait()
         return model.cpu().float(), {"retrained": True, "retrain_steps": result.steps,
                                      "retrain_seconds": result.seconds}
     model = family.build(arch, s.task, s.train.seed)  # the trial's weights replace the initial ones

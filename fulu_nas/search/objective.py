@@ -245,19 +245,25 @@ def evaluate_and_measure(model: PiMoETransformer, s: SearchSettings, references:
 RUN_METRICS = ("phase/", "cost/", "train/first_step_s", "train/capture_s", "gpu_utilisation")
 
 
-def phase_metrics(seconds: dict[str, float], result: TrainResult, log: TrainingLog) -> dict[str, float]:
+def phase_metrics(seconds: dict[str, float], result: TrainResult, log: TrainingLog,
+                  ranks: bool = False) -> dict[str, float]:
     """Where a trial's time went, as metrics: ``phase/<name>_s`` for sampling, building the model (and moving
-    it to the device, the optimizer; with expert parallelism, starting the ranks), training (the steps
-    alone), step reports (MLflow and the pruner), evaluation, cost measurement and logging (the weights'
-    upload included); ``overhead_share``: the share of the trial spent outside training steps; the first
-    step's time (with the compiled step, mostly its compilation) and the GPU's utilisation during training."""
-    steps = min(result.seconds, seconds["train"]) - log.seconds  # the reports run inside the training loop
-    phases = {"train": steps, "report": log.seconds, "build": seconds["train"] - steps - log.seconds,
+    it to the device, the optimizer; with expert parallelism, starting the ranks and gathering their
+    weights), training (the steps alone), step reports (MLflow and the pruner), evaluation, cost measurement
+    and logging (the weights' upload included); ``overhead_share``: the share of the trial spent outside
+    training steps; the first step's time (with the compiled step, mostly its compilation) and the GPU's
+    utilisation during training. ``ranks``: trained over expert-parallel ranks, while this process recorded
+    their reports, so the report phase overlaps the training instead of interrupting it."""
+    loop = min(result.seconds, seconds["train"])
+    # in one process the reports run inside the training loop; beside the ranks they take none of it
+    steps = loop if ranks else loop - log.seconds
+    phases = {"train": steps, "report": log.seconds, "build": seconds["train"] - loop,
               **{k: v for k, v in seconds.items() if k != "train"}}
-    total = sum(phases.values())
+    total = sum(phases.values()) - (log.seconds if ranks else 0.0)  # the trial's time
     out = {f"phase/{k}_s": v for k, v in phases.items()}
     out["overhead_share"] = 1 - phases["train"] / total if total > 0 else 0.0
-    out["train/first_step_s"] = result.first_step_seconds
+    if result.first_step_seconds > 0:  # 0 is the default of a result that did not measure it
+        out["train/first_step_s"] = result.first_step_seconds
     if result.cuda_graph:
         out["train/capture_s"] = result.capture_seconds
     busy = log.gpu_utilisation[1:]  # the first report's period holds the compilation
@@ -352,7 +358,7 @@ class Objective:
             self.tracker.log_params(run_id, {"train_step": step_description(result)})
             self.tracker.log_metrics(run_id, metrics)
             phases = phase_metrics({**seconds, "log": seconds["log"] + time.perf_counter() - clock,
-                                    **measured.seconds}, result, log)
+                                    **measured.seconds}, result, log, ranks=self.s.train.expert_parallel > 1)
             # the cost phase's parts: serving the models (a copy, graph captures), the timed rounds, memory
             phases.update({f"cost/{k}_s": v for k, v in measured.cost["seconds"].items()})
             self.tracker.log_metrics(run_id, phases)

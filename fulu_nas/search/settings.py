@@ -18,7 +18,7 @@ from .. import interop  # noqa: F401  (registers the upcycle task among TASKS)
 from ..checks import check_int, check_number, device_problem
 from ..errors import FuluConfigError
 from ..tasks import TASKS, Task, build_task, task_parameters
-from ..training.train import SEED_MAX, TrainConfig, config_problems
+from ..training.train import SEED_MAX, TrainConfig, config_problems, resolve_device, step_kind, uses_cuda_graph
 from .family import PIMOE, family_for
 from .feasibility import check_feasible
 from .space import SearchSpace, parse_space
@@ -162,6 +162,8 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSetti
     family = family_for(task_name)
     space = _collect(problems, lambda: parse_space(sections["search_space"], family=family))
     train, cost = _trainer(sections["trainer"], problems)
+    if train is not None:
+        problems += _step_problems(train, has_blocks=family is PIMOE)
     study = _study(sections["study"], task, problems)
     tracking = _tracking(sections["tracking"], problems)
     if study is not None and space is not None and study.sampler == "grid":
@@ -193,6 +195,22 @@ def _check_measurable(study: StudySettings, space: SearchSpace | None, task, tas
     if "latency_ratio" in used and space is not None and space.reference is None:
         problems.append(f"study: latency_ratio is measured beside the search space's reference architecture, and "
                         f"space {space.name} has none; use latency_ms, or give the space a reference")
+
+
+def _step_problems(train: TrainConfig, has_blocks: bool) -> list[str]:
+    """The trainer's own refusals of a training step (``trainer.compile=compiled`` of a model without
+    PiMoETransformer blocks, ``trainer.cuda_graph=true`` where the step cannot be captured), asked with what
+    every trial will have: the device, expert-parallel ranks or one process, and ``has_blocks`` (the family
+    trains a PiMoETransformer; an upcycled encoder has no blocks). The trainer would raise them in every
+    trial, after the study's folder and runs were written."""
+    device, ranks = resolve_device(train.device), train.expert_parallel > 1
+    problems = []
+    for check in (step_kind, uses_cuda_graph):
+        try:
+            check(train, device, distributed=ranks, has_blocks=has_blocks)
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
 
 
 def _check_expert_parallel(space: SearchSpace, P: int, problems: list[str]) -> None:

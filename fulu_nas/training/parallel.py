@@ -14,10 +14,12 @@ its MoE layers expert-parallel and runs the ordinary :func:`fulu_nas.training.tr
 parallel, ``batch_size`` per rank). Rank 0 appends every :class:`~fulu_nas.training.train.StepReport` to
 ``reports.jsonl`` as it goes; at the end the experts are gathered
 (:func:`fulu_nas.training.distributed.gather_experts`) and rank 0 saves the ordinary single-device weights
-(``model.safetensors``) and ``result.json``. The parent streams the reports into the objective's
-callback while the ranks train (MLflow steps, Optuna intermediate values, pruning), loads the
-weights into a plain :class:`~fulu_nas.models.PiMoETransformer` and goes on exactly as for one
-device, so exports have the same format whatever P was.
+(``model.safetensors``) and ``result.json`` (its whole :class:`~fulu_nas.training.train.TrainResult` but the
+reports). The parent streams the reports into the objective's callback while the ranks train (MLflow
+steps, Optuna intermediate values, pruning), loads the weights into a plain
+:class:`~fulu_nas.models.PiMoETransformer` and goes on exactly as for one device, so exports have the
+same format whatever P was; the training result it returns is rank 0's (the step that ran, its
+timings) with the streamed reports as its history.
 
 Pruning acts on the streamed reports: when the pruner says stop, the parent creates ``stop`` in the
 scratch folder; rank 0 sees it at its next report and every rank stops (so a pruned P-device trial
@@ -34,7 +36,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +56,10 @@ from .train import (
 
 class ExpertParallelTrialError(RuntimeError):
     """The ranks failed (the message carries the rank-0 error or the launcher's last lines)."""
+
+
+# What rank 0 sends of its TrainResult: all of it but the reports, which the parent has read as they came.
+_RESULT_FIELDS = tuple(f.name for f in fields(TrainResult) if f.name != "history")
 
 
 # -- parent side ------------------------------------------------------------------------------------
@@ -118,9 +124,7 @@ def train_expert_parallel(arch: ArchConfig, task_name: str, task_params: dict, c
         from safetensors.torch import load_model
 
         load_model(model, str(folder / "model.safetensors"))
-    result = TrainResult(steps=outcome["steps"], seconds=outcome["seconds"], final_loss=outcome["final_loss"],
-                         stop_reason=outcome["stop_reason"], history=history,
-                         expert_counts=outcome["expert_counts"])
+    result = TrainResult(**{name: outcome["result"][name] for name in _RESULT_FIELDS}, history=history)
     return model.to(resolve_device(cfg.device)), result
 
 
@@ -198,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         model = gather_experts(model)
         if info.rank == 0:
             save_model(model.cpu(), str(folder / "model.safetensors"))
-        outcome.update(steps=result.steps, seconds=result.seconds, final_loss=result.final_loss,
-                       stop_reason=result.stop_reason, expert_counts=result.expert_counts)
+        outcome["result"] = {name: getattr(result, name) for name in _RESULT_FIELDS}
     except TrainingDiverged as e:
         outcome = {"status": "diverged", "step": e.step, "value": e.value, "reason": e.reason}
     except BudgetCapReached as e:
