@@ -82,6 +82,15 @@ def test_expert_choice_capacity_defaults_to_top_k():
     assert MoEConfig(capacity_factor=1.25, num_experts=8, top_k=2).expert_capacity(64) == 20
 
 
+@pytest.mark.parametrize("factor,tokens,want", [(1.0005, 32768, 8197), (0.0004, 32768, 4), (0.0004, 262144, 27),
+                                                 (1 / 3, 30, 3), (2.5, 10, 7)])
+def test_the_capacity_is_the_documented_ceiling(factor, tokens, want):
+    """ceil(cf * T * k / E): the factor was rounded to a fraction of denominator 1,000 at most, so
+    1.0005 acted as 1.0 and 0.0004 as 0 (capacity 1)."""
+    assert want == math.ceil(factor * tokens * 2 / 8 - 1e-9)
+    assert MoEConfig(capacity_factor=factor, num_experts=8, top_k=2).expert_capacity(tokens) == want
+
+
 def test_a_huge_expert_count_is_refused_at_once():
     """Validation must not hang on absurd sizes: the hierarchy's factorisation used to try every
     divisor up to num_experts (10**12 experts: hours)."""
@@ -164,3 +173,25 @@ def test_shared_experts_take_an_input_of_another_dtype_as_the_routed_experts_do(
     want, _ = same.to(input_dtype).eval()(x, impl="loop")
     tolerance = 1e-5 if torch.finfo(input_dtype).bits >= 32 else 2e-2
     torch.testing.assert_close(out.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_a_hash_layer_built_on_the_meta_device_routes_as_the_original_once_loaded():
+    """The usual way to build a large model without allocating it twice: on the meta device, then
+    ``to_empty`` and ``load_state_dict``. The hash router's projections (not in the state dict, a
+    function of the seed) stayed uninitialised memory and routed tokens elsewhere."""
+    from fulu_nas.moe import PiMoELayer
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=16, num_experts=8, expert_ffn_size=16, router="hash")
+    layer = PiMoELayer(cfg).eval()
+    with torch.device("meta"):
+        meta = PiMoELayer(cfg)
+    meta = meta.to_empty(device="cpu")
+    meta.load_state_dict(layer.state_dict())
+    x = torch.randn(64, 16)
+    (out, stats), (want, want_stats) = meta.eval()(x), layer(x)
+    assert torch.equal(meta.router.planes_DB, layer.router.planes_DB)
+    assert torch.equal(stats["tokens_per_expert"], want_stats["tokens_per_expert"])
+    torch.testing.assert_close(out, want)
+    moved = PiMoELayer(cfg).to(torch.bfloat16)  # moves keep the projections (fp32, as every router's)
+    assert torch.equal(moved.router.planes_DB, layer.router.planes_DB)

@@ -159,7 +159,9 @@ class MoEConfig:
         else:
             assert self.capacity_factor is not None
             factor, slots = self.capacity_factor, num_tokens * self.top_k
-        ratio = Fraction(factor).limit_denominator(1000)
+        # The nearest fraction of denominator up to 10**6: exact for a factor of six decimals, and the
+        # products stay far inside int64 for a symbolic token count.
+        ratio = Fraction(factor).limit_denominator(10**6)
         denominator = ratio.denominator * self.num_experts
         capacity = _max(1, (ratio.numerator * slots + denominator - 1) // denominator)
         return _min(num_tokens, capacity) if self.router == "expert_choice" else capacity

@@ -250,11 +250,28 @@ class HashRouter(Fp32Router):
         # hash on every device.
         g = torch.Generator().manual_seed(cfg.hash_seed)
         self.a, self.b = (int(v) for v in torch.randint(1, _HASH_PRIME, (2,), generator=g, device="cpu"))
-        bits = min(62, max(8, math.ceil(math.log2(cfg.num_experts)) + 8))
-        planes_DB = torch.randn(cfg.hidden_size, bits, generator=g, device="cpu").to(torch.get_default_device())
-        # Not persistent: it is a pure function of the seed, rebuilt on construction.
+        planes_DB, powers_B = self._lsh(torch.get_default_device())
+        # Not persistent: a pure function of the seed, made on construction and again wherever the
+        # module is moved (see _apply).
         self.register_buffer("planes_DB", planes_DB, persistent=False)
-        self.register_buffer("powers_B", 2 ** torch.arange(bits, dtype=torch.int64), persistent=False)
+        self.register_buffer("powers_B", powers_B, persistent=False)
+
+    def _lsh(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The locality-sensitive code's projections and bit weights, drawn on the CPU from the seed
+        whatever the device (the same hash on every device)."""
+        g = torch.Generator().manual_seed(self.cfg.hash_seed)
+        torch.randint(1, _HASH_PRIME, (2,), generator=g, device="cpu")  # a and b come first
+        bits = min(62, max(8, math.ceil(math.log2(self.cfg.num_experts)) + 8))
+        planes_DB = torch.randn(self.cfg.hidden_size, bits, generator=g, device="cpu")
+        return planes_DB.to(device), (2 ** torch.arange(bits, dtype=torch.int64)).to(device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # A layer built on the meta device and materialised with to_empty() would keep uninitialised
+        # memory here (load_state_dict does not carry non-persistent buffers): remake them.
+        if self.planes_DB.device.type != "meta":
+            self.planes_DB, self.powers_B = self._lsh(self.planes_DB.device)
+        return self
 
     def forward(self, x_TD: Tensor, token_ids: Tensor | None = None,
                 batch_shape: tuple[int, ...] = ()) -> Routing:
