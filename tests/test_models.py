@@ -126,6 +126,27 @@ def test_parameter_counts_and_flops_by_hand():
     assert model.flops_per_token(S) == int(attention + moe + head)
 
 
+
+@pytest.mark.parametrize("router,extra", [("topk", {}), ("hierarchical", {}), ("expert_choice", {}),
+                                          ("attention", {}), ("attention", {"attention_context": True})])
+def test_a_layers_flops_are_what_torch_counts(router, extra):
+    """The attention router's query projection, and with context its projections and the causal
+    attention over the sequence, were left out (41% of the layer at hidden 64, sequence 64)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fulu_nas.moe import PiMoELayer
+
+    B, S, D, H = 2, 64, 64, 4
+    layer = PiMoELayer(MoEConfig(hidden_size=D, num_experts=8, expert_ffn_size=128, top_k=2, router=router,
+                                 attention_heads=H, **extra)).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        layer(torch.randn(B, S, D), impl="sorted", with_stats=False)
+    counted = counter.get_total_flops() / (B * S)
+    if extra.get("attention_context"):  # the CPU's attention kernel is not counted: its multiply-adds by hand
+        keys = sum(i + 1 for i in range(S)) / S  # causal: token i attends to i + 1 keys
+        counted += 2 * 2 * H * keys * (D // H)  # q . k and the weighted sum of v, per head
+    assert layer.flops_per_token(S) == pytest.approx(counted, rel=1e-6)
+
 def test_remap_experts_moves_weights_router_rows_and_bias():
     model = PiMoETransformer(arch(moe=MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=32,
                                                 bias_update_rate=0.1)))

@@ -423,7 +423,12 @@ class PiMoELayer(nn.Module):
         if c.router == "expert_choice":
             routed = c.expert_capacity(seq_len) * c.num_experts * mats * D * c.expert_ffn_size / seq_len
         shared = c.num_shared_experts * mats * D * c.shared_ffn_size
-        return 2 * (D * c.num_experts * (c.router != "hash") + routed + shared)
+        router = D * c.num_experts * (c.router != "hash")  # the gate, or the attention router's expert keys
+        if c.router == "attention":
+            router += D * D + c.attention_heads * c.num_experts  # the query projection, the heads' mixing
+            if c.attention_context:  # its q, k, v and out projections, and causal attention over the sequence
+                router += 4 * D * D + D * (seq_len + 1)  # (S + 1) / 2 keys a token on average, QK and AV
+        return 2 * (router + routed + shared)
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters, and parameters a token activates (router, shared, top_k experts)."""
