@@ -36,7 +36,8 @@ def test_the_space_enumerates_to_108_architectures_that_all_build():
                                                    "attention": 24, "hash": 12}
     assert len(set(architecture_keys(s.space, s.task))) == 108
     hashes = {s.space.arch(s.space.with_derived(v), s.task).content_hash() for v in archs}  # raises if impossible
-    assert len(hashes) == 108
+    # expert choice's two balancing names are one model (its load is balanced by construction): 96 to train
+    assert len(hashes) == 108 - 12
     assert all(("balancing" in v) != (v["router"] == "hash") for v in archs)
     assert all(("hierarchy_depth" in v) == (v["router"] == "hierarchical") for v in archs)
 

@@ -123,6 +123,47 @@ def test_sampled_values_become_the_architecture():
     assert (arch.hidden_size, arch.num_layers, arch.num_classes) == (64, 2, task.num_classes)
 
 
+
+@pytest.mark.parametrize("router,same", [("hash", ["aux_free", "aux_loss", "aux_loss+z_loss", "none"]),
+                                         ("expert_choice", ["aux_free", "aux_loss", "none"])])
+def test_balancing_methods_a_router_cannot_use_are_one_architecture(router, same):
+    """The hash router learns no routing, and expert choice's load is balanced by construction (its
+    auxiliary loss is a constant, it has no selection bias): the methods named apart trained the same
+    model under several names, so a search or a NAS table spent trainings on copies."""
+    import torch
+
+    from fulu_nas.moe import PiMoELayer
+
+    space = parse_space(load("nasbench"))
+    task = build_task("clusters")
+    values = {"router": router, "num_experts": 8, "top_k": 2, "num_shared_experts": 0}
+    archs = [space.arch({**values, "balancing": b}, task) for b in same]
+    assert len({a.content_hash() for a in archs}) == 1, [a.moe for a in archs]
+    # an independent check that they train alike: the layers, configured as the methods say, after a
+    # few steps of SGD on the same batches
+    from fulu_nas.moe import BALANCING_METHODS, MoEConfig
+
+    def trained(method):
+        torch.manual_seed(0)
+        layer = PiMoELayer(MoEConfig(hidden_size=32, num_experts=8, expert_ffn_size=32, top_k=2, router=router,
+                                     **BALANCING_METHODS[method]))
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        for step in range(5):
+            x = torch.randn(64, 32, generator=torch.Generator().manual_seed(step))
+            out, stats = layer(x)
+            (out.square().mean() + stats["balance_loss"]).backward()
+            opt.step()
+            opt.zero_grad()
+            layer.update_expert_bias(stats["tokens_per_expert"])
+        return [p.detach() for p in layer.parameters()]
+
+    first = trained(same[0])
+    for method in same[1:]:
+        for a, b in zip(first, trained(method), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    kept = space.arch({**values, "router": "topk", "balancing": "aux_loss"}, task)
+    assert kept.moe.aux_loss_coef == 0.01  # a router that uses it keeps it
+
 def test_impossible_architecture_is_a_config_error():
     space = parse_space(load("default"))
     with pytest.raises(FuluConfigError, match="hierarchy"):

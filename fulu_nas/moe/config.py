@@ -10,12 +10,16 @@ import functools
 import math
 import operator
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 
 import torch
 
 from .field_types import describe, fits
+
+# The options each router cannot act on (MoEConfig.without_inert_options).
+_INERT_OPTIONS = {"hash": ("router_jitter", "aux_loss_coef", "z_loss_coef", "bias_update_rate"),
+                  "expert_choice": ("aux_loss_coef", "bias_update_rate")}
 
 ROUTERS = ("topk", "expert_choice", "hash", "hierarchical", "attention")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -146,6 +150,15 @@ class MoEConfig:
     @property
     def shared_ffn_size(self) -> int:
         return self.shared_expert_ffn_size or self.expert_ffn_size
+
+    def without_inert_options(self) -> MoEConfig:
+        """This configuration with the options that cannot act for its router set to 0: the hash router
+        learns no routing (jitter, the auxiliary loss, the z-loss and the selection bias do nothing);
+        expert choice balances its load by construction (its auxiliary loss is a constant, and it has
+        no selection bias). Two configurations that train the same layer then compare equal: a
+        search reuses one's result for the other instead of training it again under another name."""
+        inert = _INERT_OPTIONS.get(self.router, ())
+        return replace(self, **{name: 0.0 for name in inert}) if any(getattr(self, n) for n in inert) else self
 
     def expert_capacity(self, num_tokens: int) -> int:
         """Per-expert capacity for ``num_tokens`` tokens (see the class docstring).

@@ -91,7 +91,9 @@ class _PiMoE(Family):
         own.update(vocab_size=task.vocab_size, num_classes=task.num_classes, max_seq_len=task.seq_len)
         if task.num_classes == 0 and moe.get("router") == "expert_choice":
             raise FuluConfigError(NOT_CAUSAL)
-        return ArchConfig.from_dict({**own, "moe": moe})
+        arch = ArchConfig.from_dict({**own, "moe": moe})
+        # a balancing method the router cannot use is no other architecture (see without_inert_options)
+        return replace(arch, moe=arch.moe.without_inert_options())
 
     def arch_from_dict(self, d: dict[str, Any]) -> ArchConfig:
         return ArchConfig.from_dict(d)
