@@ -94,7 +94,9 @@ class MoEConfig:
         else ``grouped_mm``), ``grouped_mm`` (gather + ``torch._grouped_mm``; any device, autograd),
         ``triton`` (Triton kernels with the gather and un-permute fused, with a backward; CUDA
         only, else ``grouped_mm``), ``sorted`` (sorted dispatch with a matmul per expert, syncs once per
-        forward) or ``loop`` (per-expert masks, the test reference and benchmark baseline).
+        forward) or ``loop`` (per-expert masks, the test reference and benchmark baseline). In fp32
+        inference on the CPU the three grouped impls take the CPU experts' paths alike (the streaming
+        kernel, oneDNN or grouped GEMMs in chunks; docs/layer.md, "CPU").
     """
 
     hidden_size: int = 512
