@@ -26,6 +26,11 @@ from fulu_nas.moe import MoEConfig
     ({"top_p": 0.5, "score_func": "sigmoid"}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"router": "hash", "top_p": 0.5}, "top_p"),
+    # accepted and without effect: the layer was the one without them
+    ({"router": "topk", "hierarchy_depth": 3}, "hierarchy_depth, hierarchy_groups and hierarchy_topk_groups "
+                                               "apply to the hierarchical router, not 'topk'"),
+    ({"router": "expert_choice", "attention_context": True}, "attention_context applies to the attention "
+                                                             "router, not 'expert_choice'"),
     ({"capacity_factor": 0}, "capacity_factor"),
     ({"activation": "relu"}, "activation"),
     ({"score_func": "tanh"}, "score_func"),

@@ -241,6 +241,13 @@ class MoEConfig:
             need(not (self.hierarchy_groups or self.hierarchy_topk_groups),
                  "hierarchy_groups and hierarchy_topk_groups need hierarchy_depth > 1 (one level has no groups)")
         need(0 <= self.hash_seed < 2**63, f"hash_seed must be in [0, 2**63), got {self.hash_seed}")
+        # Another router's structure would be accepted and do nothing: the layer without it.
+        if self.router != "hierarchical":
+            need(self.hierarchy_depth == 1 and not (self.hierarchy_groups or self.hierarchy_topk_groups),
+                 "hierarchy_depth, hierarchy_groups and hierarchy_topk_groups apply to the hierarchical router, "
+                 f"not {self.router!r}")
+        if self.router != "attention":
+            need(not self.attention_context, f"attention_context applies to the attention router, not {self.router!r}")
         if self.router == "hierarchical" and self.hierarchy_depth > 1 and not p:
             p.extend(_hierarchy_problems(self))
         if self.router == "attention":
