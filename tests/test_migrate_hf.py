@@ -655,15 +655,67 @@ def test_export_refuses_a_layer_that_routes_differently():
         to_hf(layer, mixtral(), family="llama")
 
 
+@pytest.mark.parametrize("name, make", [
+    ("deepseek_v3", lambda seed: deepseek_v3(seed, n_shared_experts=0)),
+    ("qwen2_moe", lambda seed: qwen2_moe(seed, shared_expert_intermediate_size=0)),
+])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_block_without_a_shared_expert_imports_without_one(name, make):
+    """A width-0 shared expert adds 0 (Qwen2-MoE's gate multiplies an empty MLP's zero): the layer has none."""
+    block = make(1)
+    layer = from_hf(block).eval()
+    assert layer.cfg.num_shared_experts == 0 and layer.shared is None and not layer.cfg.shared_expert_gate
+    ref = assert_block_equal(layer, block, seed=2)
+    assert ref.abs().max() > 1.0  # the routed experts are there
+    with torch.no_grad():  # drift, then back into a block of the same kind
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert_block_equal(layer, to_hf(layer, make(3)), seed=4)
+    # a layer with a shared expert does not fit a block without one
+    with pytest.raises(ValueError, match=r"shared_width: layer (32|40), block 0"):
+        to_hf(from_hf(BLOCKS[name](seed=5)), make(6))
+
+
+def test_an_importer_refuses_a_block_of_another_family():
+    """The explicit importers read the attributes they know; a block of another known family has them too and
+    would import as a different layer (Qwen2-MoE's shared expert dropped, its weights renormalised)."""
+    qwen, deepseek, mix = qwen2_moe(seed=1), deepseek_v3(seed=1), mixtral(seed=1)
+    with pytest.raises(TypeError, match="from_mixtral: Qwen2MoeSparseMoeBlock is a qwen2_moe block, not a "
+                                        "MixtralSparseMoeBlock; use from_qwen2_moe or from_hf"):
+        from_mixtral(qwen)
+    with pytest.raises(TypeError, match="from_mixtral: DeepseekV3MoE is a deepseek_v3 block.*from_deepseek_v3"):
+        from_mixtral(deepseek)
+    with pytest.raises(TypeError, match="from_qwen2_moe: DeepseekV3MoE is a deepseek_v3 block"):
+        from_qwen2_moe(deepseek)
+    with pytest.raises(TypeError, match="from_deepseek_v3: MixtralSparseMoeBlock is a mixtral block"):
+        from_deepseek_v3(mix)
+    # export: an explicit family must be the block's; nothing is written into the block
+    layer = from_mixtral(mixtral(seed=2, intermediate_size=16, num_experts_per_tok=3))
+    before = copy.deepcopy(qwen.state_dict())
+    with pytest.raises(ValueError, match="to_hf: family='mixtral', but Qwen2MoeSparseMoeBlock is a qwen2_moe "
+                                         "block; leave family out or pass 'qwen2_moe'"):
+        to_hf(layer, qwen, family="mixtral")
+    assert all(torch.equal(t, before[k]) for k, t in qwen.state_dict().items())
+    # a block's own family still imports and exports, the family named or not
+    assert_block_equal(from_qwen2_moe(qwen).eval(), qwen, seed=3)
+    mixed = from_mixtral(mix).eval()
+    assert_block_equal(mixed, to_hf(mixed, mixtral(seed=4), family="mixtral"), seed=5)
+
+
 # -- importer errors -----------------------------------------------------------------------------
 
 def test_importer_errors_name_what_was_expected():
     with pytest.raises(TypeError, match="unsupported Hugging Face MoE block Linear: expected one of "
                                         "MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, DeepseekV3MoE"):
         from_hf(nn.Linear(4, 4))
+    # a block of no known class is read by its attributes: the missing ones are named
+    duck = nn.Module()
+    duck.gate, duck.experts = nn.Linear(32, 8, bias=False), mixtral().experts
     with pytest.raises(TypeError, match="has no gate.e_score_correction_bias.*DeepseekV3MoE"):
-        from_deepseek_v3(mixtral())
+        from_deepseek_v3(duck)
     with pytest.raises(TypeError, match="has no shared_expert, shared_expert_gate.weight.*Qwen2MoeSparseMoeBlock"):
+        from_qwen2_moe(duck)
+    with pytest.raises(TypeError, match="MixtralSparseMoeBlock is a mixtral block, not a Qwen2MoeSparseMoeBlock"):
         from_qwen2_moe(mixtral())
     gelu = mixtral()
     gelu.experts.act_fn = nn.GELU()

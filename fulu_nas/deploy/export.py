@@ -42,6 +42,7 @@ from .files import sha256_file as sha256
 from .pt2_check import UnsafeProgramError, check_archive
 
 CHECKSUMS = "checksums.json"
+UPCYCLING = "upcycling.yaml"  # what marks an upcycled encoder's export (fulu_nas.interop.upcycle_export)
 FORMAT_VERSION = 1
 MAX_BATCH = 4096  # the program's largest batch (a dynamic dimension needs a bound)
 # The pyfunc is "models from code": MLflow copies this file into the model and runs it when loading;

@@ -10,7 +10,9 @@ and checks it against SHA-256 values recorded where the model's files are not:
   file of the version it registers as the version's tag ``fulu.files``, in the tracking database, not
   in the artifact store that holds the files;
 - an export folder: its ``checksums.json``, and with ``--sha256`` that this file is the exported one
-  (the fingerprint ``fulu-nas export`` printed), else only that the folder agrees with itself.
+  (the fingerprint ``fulu-nas export`` printed), else only that the folder agrees with itself. An
+  upcycled encoder's export (task ``upcycle``) is no MLflow model: it is refused, pointing to
+  ``fulu_nas.load``.
 
 Then ``mlflow models serve`` serves the copy (``--env-manager local``, on 127.0.0.1 by default), with
 MLflow's pickle loading switched off. :func:`load_pyfunc` does the same for
@@ -116,9 +118,26 @@ def checked_model(source: str, expected_sha256: str | None = None,
                 raise FuluConfigError([f"{source}: {p}" for p in problems])
             shutil.rmtree(downloaded)
         else:
+            _check_servable(Path(source))
             copy.mkdir()
             check_folder(source, expected_sha256, into=copy)
+            if not (copy / "MLmodel").is_file():
+                raise FuluConfigError(f"{source}: no MLmodel file, so not an MLflow model; fulu-nas serve serves the "
+                                      "folders fulu-nas export writes for a searched model")
         yield copy
+
+
+def _check_servable(folder: Path) -> None:
+    """FuluConfigError for an export folder MLflow cannot serve: an upcycled encoder's is a transformers
+    model whose PiMoE layers are fulu-nas code, not an MLflow model (MLflow would fail on it after the
+    server announced itself)."""
+    from .export import UPCYCLING
+
+    if (folder / UPCYCLING).is_file():
+        raise FuluConfigError(f"{folder} is an upcycled encoder ({UPCYCLING}), a transformers model rather than an "
+                              "MLflow model, so fulu-nas serve cannot serve it: load it with "
+                              "fulu_nas.load(FOLDER, expected_sha256=FINGERPRINT) and serve it from Python (for "
+                              "example with a transformers pipeline)")
 
 
 def registry_uri(tracking_uri: str | None) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import FuluConfigError
-from .migrate import encoder_root
+from .migrate import encoder_root, quiet_transformers
 
 # Files that hold a tokenizer's vocabulary (tokenizer_config.json alone holds none).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
@@ -49,23 +48,6 @@ class EncoderShape:
     ffn_size: int
     num_heads: int
     vocab_size: int
-
-
-@contextmanager
-def quiet_transformers():
-    """transformers' loading report and progress bars off (our own messages say what matters)."""
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    bars = logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def _sha256(files: list[Path]) -> str:

@@ -3,7 +3,9 @@
 ``from_hf(block)`` dispatches on the block's class to :func:`from_mixtral`
 (``MixtralSparseMoeBlock``), :func:`from_qwen2_moe` (``Qwen2MoeSparseMoeBlock``) or
 :func:`from_deepseek_v3` (``DeepseekV3MoE``). The imported layer computes what the block computes
-(fp32: to rounding); :func:`to_hf` writes a layer's weights into a block of the same shape.
+(fp32: to rounding); :func:`to_hf` writes a layer's weights into a block of the same shape. An explicit
+importer, and ``to_hf`` with an explicit ``family``, refuse a block whose class is another family's: it
+has the attributes they read, and would import as a layer that computes something else.
 
 This module never imports transformers: it reads the blocks' attributes (duck typing), so
 ``fulu_nas.moe`` keeps depending on torch alone.
@@ -22,12 +24,14 @@ Routing, per family (all in fp32, as the blocks compute it):
 
 - Mixtral: softmax over all experts, top-k, renormalised. ``router="topk"``.
 - Qwen2-MoE: softmax, top-k, renormalised only if ``norm_topk_prob``; plus a shared expert scaled by
-  ``sigmoid(shared_expert_gate(x))``. ``num_shared_experts=1, shared_expert_gate=True``.
+  ``sigmoid(shared_expert_gate(x))``. ``num_shared_experts=1, shared_expert_gate=True``
+  (``num_shared_experts=0`` for ``shared_expert_intermediate_size=0``, whose shared term is 0).
 - DeepSeek-V3: sigmoid scores; selection on scores + ``e_score_correction_bias``; groups scored by
   the sum of their two best biased scores, ``topk_group`` of ``n_group`` kept; top-k inside; weights
   from the unbiased scores, renormalised if ``norm_topk_prob``, times ``routed_scaling_factor``;
-  plus ungated shared experts. ``router="hierarchical"`` with ``hierarchy_depth=2`` (plain
-  ``"topk"`` when ``n_group == 1``); the bias is the router's ``expert_bias`` buffer.
+  plus ungated shared experts (none for ``n_shared_experts=0``). ``router="hierarchical"`` with
+  ``hierarchy_depth=2`` (plain ``"topk"`` when ``n_group == 1``); the bias is the router's
+  ``expert_bias`` buffer.
 
 Where Hugging Face and the published models differ:
 
@@ -103,6 +107,20 @@ def _need(block: nn.Module, family: str, *paths: str) -> None:
     if missing:
         raise TypeError(f"{family} import: {type(block).__name__} has no {', '.join(missing)}; expected a "
                         f"transformers {_CLASS_OF[family]} (or a block with the same attributes)")
+
+
+def _known_family(block: nn.Module) -> str | None:
+    """The family of a block whose class (or a base class) is a known transformers MoE block, else None."""
+    return next((FAMILIES[c.__name__] for c in type(block).__mro__ if c.__name__ in FAMILIES), None)
+
+
+def _check_family(block: nn.Module, family: str) -> None:
+    """TypeError when ``block`` is a known block of another family: it has the attributes an importer reads
+    (a gate, experts), so it would import as a layer that computes something else."""
+    other = _known_family(block)
+    if other is not None and other != family:
+        raise TypeError(f"from_{family}: {type(block).__name__} is a {other} block, not a {_CLASS_OF[family]}; "
+                        f"use from_{other} or from_hf")
 
 
 def _first(obj: Any, *names: str) -> Any:
@@ -223,6 +241,7 @@ def _routed(family: str, gate_weight: Tensor, experts_module: nn.Module, **parts
 
 
 def _spec_mixtral(block: nn.Module) -> _BlockSpec:
+    _check_family(block, "mixtral")
     _need(block, "mixtral", "gate.weight", "experts")
     spec = _routed("mixtral", block.gate.weight, block.experts,
                    soft_config={"router_jitter": float(getattr(block, "jitter_noise", 0.0) or 0.0)})
@@ -234,45 +253,57 @@ def _spec_mixtral(block: nn.Module) -> _BlockSpec:
 
 def _spec_qwen2_moe(block: nn.Module) -> _BlockSpec:
     where = "from_qwen2_moe"
+    _check_family(block, "qwen2_moe")
     _need(block, "qwen2_moe", "gate.weight", "experts", "shared_expert", "shared_expert_gate.weight")
-    spec = _routed("qwen2_moe", block.gate.weight, block.experts, shared=block.shared_expert,
-                   shared_gate_weight=block.shared_expert_gate.weight)
+    w13_shared, _ = _mlp_weights(block.shared_expert, where)
+    shared_width = w13_shared.shape[0] // 2
+    # shared_expert_intermediate_size=0: the gate scales an empty MLP's zero, so the block has no shared term.
+    spec = _routed("qwen2_moe", block.gate.weight, block.experts, shared=block.shared_expert if shared_width else None,
+                   shared_gate_weight=block.shared_expert_gate.weight if shared_width else None)
     # transformers >= 5 keeps top_k / norm_topk_prob on the router, 4.x on the block.
     top_k = getattr(block.gate, "top_k", None) or _first(block, "top_k")
     norm = getattr(block.gate, "norm_topk_prob", None)
     norm = _first(block, "norm_topk_prob") if norm is None else norm
-    w13_shared, _ = _mlp_weights(block.shared_expert, where)
     spec.config.update(top_k=int(top_k), router="topk", score_func="softmax", renormalize=bool(norm),
-                       routed_scaling_factor=1.0, num_shared_experts=1,
-                       shared_expert_ffn_size=w13_shared.shape[0] // 2, shared_expert_gate=True)
+                       routed_scaling_factor=1.0, **_shared_fields(1 if shared_width else 0, shared_width, gate=True))
     return spec
 
 
 def _spec_deepseek_v3(block: nn.Module) -> _BlockSpec:
     where = "from_deepseek_v3"
+    _check_family(block, "deepseek_v3")
     _need(block, "deepseek_v3", "gate.weight", "gate.e_score_correction_bias", "experts", "shared_experts")
     gate = block.gate
-    spec = _routed("deepseek_v3", gate.weight, block.experts, shared=block.shared_experts,
+    w13_shared, _ = _mlp_weights(block.shared_experts, where)
+    shared_width = w13_shared.shape[0] // 2
+    # n_shared_experts=0 gives an MLP of width 0, whose output is 0: no shared term.
+    spec = _routed("deepseek_v3", gate.weight, block.experts, shared=block.shared_experts if shared_width else None,
                    expert_bias=gate.e_score_correction_bias)
     config = spec.config
     n_group = int(_first(gate, "num_group", "n_group"))
     topk_group = int(_first(gate, "topk_group"))
-    w13_shared, _ = _mlp_weights(block.shared_experts, where)
-    shared_width = w13_shared.shape[0] // 2
+    # The width is what the weights say; the count, from the config, only splits it into equal experts.
     n_shared = int(getattr(getattr(block, "config", None), "n_shared_experts", 1) or 1)
     if shared_width % n_shared:
         n_shared = 1
     config.update(top_k=int(_first(gate, "top_k")), score_func="sigmoid",
                   renormalize=bool(_first(gate, "norm_topk_prob")),
                   routed_scaling_factor=float(_first(gate, "routed_scaling_factor")),
-                  num_shared_experts=n_shared, shared_expert_ffn_size=shared_width // n_shared,
-                  shared_expert_gate=False)
+                  **_shared_fields(n_shared if shared_width else 0, shared_width, gate=False))
     if n_group > 1:
         config.update(router="hierarchical", hierarchy_depth=2, hierarchy_groups=(n_group,),
                       hierarchy_topk_groups=(topk_group,))
     else:  # one group: group-limited routing is plain top-k
         config.update(router="topk")
     return spec
+
+
+def _shared_fields(count: int, width: int, gate: bool) -> dict[str, Any]:
+    """The MoEConfig fields of ``count`` shared experts of total width ``width``. Without any, no width: a
+    width of 0 would mean the routed experts' width to MoEConfig."""
+    if not count:
+        return {"num_shared_experts": 0, "shared_expert_gate": False}
+    return {"num_shared_experts": count, "shared_expert_ffn_size": width // count, "shared_expert_gate": gate}
 
 
 _SPECS = {"mixtral": _spec_mixtral, "qwen2_moe": _spec_qwen2_moe, "deepseek_v3": _spec_deepseek_v3}
@@ -282,9 +313,9 @@ _CLASS_OF = {family: name for name, family in FAMILIES.items()}
 def hf_family(block: nn.Module) -> str:
     """The family (``"mixtral"``, ``"qwen2_moe"``, ``"deepseek_v3"``) of a transformers MoE block,
     from its class or a base class; TypeError naming the supported classes otherwise."""
-    for cls in type(block).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
+    family = _known_family(block)
+    if family is not None:
+        return family
     raise TypeError(f"unsupported Hugging Face MoE block {type(block).__name__}: expected one of "
                     f"{', '.join(FAMILIES)} (or call from_mixtral / from_qwen2_moe / from_deepseek_v3 "
                     f"directly on a block with the same layout)")
@@ -372,6 +403,10 @@ def to_hf(layer: PiMoELayer, block: nn.Module, family: str | None = None) -> nn.
     block's class. ValueError listing every setting where the block would route differently."""
     if family is not None and family not in _SPECS:
         raise ValueError(f"to_hf: family must be one of {', '.join(_SPECS)}, got {family!r}")
+    known = _known_family(block)
+    if family is not None and known is not None and known != family:
+        raise ValueError(f"to_hf: family={family!r}, but {type(block).__name__} is a {known} block; leave family out "
+                         f"or pass {known!r}")
     spec = _SPECS[family or hf_family(block)](block)
     mismatches = [f"{name}: layer {_setting(layer.cfg, name)!r}, block {value!r}"
                   for name, value in _normalised(spec.config).items() if _setting(layer.cfg, name) != value]

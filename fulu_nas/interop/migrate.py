@@ -34,12 +34,15 @@ transformers is needed only to load a ``save_pretrained`` directory; it is impor
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import operator
 import os
 import warnings
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,6 +72,23 @@ _FROM_MODEL = ("hidden_size", "expert_ffn_size", "activation", "expert_bias")
 AUX_LOSS_COEF = 0.01  # Switch Transformer's load-balancing loss
 Z_LOSS_COEF = 1e-3  # ST-MoE router z-loss (advanced routing)
 BIAS_UPDATE_RATE = 1e-3  # DeepSeek-V3 auxiliary-loss-free bias (advanced routing)
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' loading report and progress bars off (our own messages say what matters)."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 class _TokenIds:
@@ -157,10 +177,25 @@ def equivalence_problems(cfg: MoEConfig, split_shared: bool = False) -> list[str
         p.append("capacity_factor drops the tokens over an expert's capacity")
     if cfg.num_shared_experts and not split_shared:
         p.append("shared experts add to the upcycled FFN's output (shared_fraction cuts an exact one out of it)")
+    if cfg.num_shared_experts and split_shared and cfg.shared_expert_gate:
+        p.append("shared_expert_gate=True scales the shared expert cut out of the FFN by sigmoid(gate(x)), so the "
+                 "two parts no longer sum to the FFN")
     return p
 
 
 # -- locating the FFNs ---------------------------------------------------------------------------
+
+
+# What a BERT-family layer's output block holds: LayerNorm(dropout(dense(h)) + residual). X-MOD adds language
+# adapters (adapter_modules, and a lang_ids argument), which a PiMoEOutput in its place would drop.
+_OUTPUT_PARTS = frozenset({"dense", "dropout", "LayerNorm"})
+
+
+def _required_arguments(module: nn.Module) -> int:
+    """How many arguments ``module``'s forward needs (its defaults aside)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    return sum(p.default is p.empty and p.kind in kinds for p in inspect.signature(module.forward).parameters.values())
 
 
 def encoder_root(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -186,6 +221,16 @@ def encoder_root(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
         if missing:
             problems.append(f"encoder.layer[{i}] ({type(layer).__name__}) lacks {', '.join(missing)}")
             continue
+        extra = sorted(set(dict(output.named_children())) - _OUTPUT_PARTS)
+        if extra or _required_arguments(output) != 2:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            raise FuluConfigError(
+                f"migrate_from_electra: {type(model).__name__}"
+                + (f" (model_type {model_type!r})" if isinstance(model_type, str) else "")
+                + f" is not supported: encoder.layer[{i}].output ({type(output).__name__}) does more than "
+                f"LayerNorm(dropout(dense(h)) + residual)"
+                + (f" (it has {', '.join(extra)})" if extra else " (its forward takes other arguments)")
+                + f", which an upcycled layer would drop; expected {EXPECTED}")
         act = intermediate.intermediate_act_fn
         exact_gelu = type(act).__name__ == "GELUActivation" or (
             isinstance(act, nn.GELU) and act.approximate == "none")
@@ -199,22 +244,77 @@ def encoder_root(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     return root, layers
 
 
+def unreadable_weights(folder: str | os.PathLike) -> list[str]:
+    """Each safetensors file in ``folder`` whose header does not read (not safetensors, cut short), with
+    why; safetensors' own error names no file and is no FuluConfigError. The header lists every tensor's
+    extent, so a readable one also means the file is whole."""
+    from safetensors import SafetensorError, safe_open
+
+    problems = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            problems.append(f"{path.name} is not a safetensors file ({str(e).splitlines()[0]})")
+    return problems
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _load(path: str | os.PathLike) -> nn.Module:
-    if not os.path.isdir(path):
-        raise FuluConfigError(f"migrate_from_electra: {os.fspath(path)!r} is not a directory; expected a model "
-                              f"instance or a directory written by save_pretrained")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FuluConfigError(f"migrate_from_electra: {os.fspath(path)!r} has no config.json; expected a directory "
-                              f"written by save_pretrained")
+    """The model saved in ``path`` (as the class it was saved from), read from safetensors only, or one
+    FuluConfigError naming the folder and what is wrong with it."""
+    where = f"migrate_from_electra: {os.fspath(path)!r}"
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FuluConfigError(f"{where} is not a directory; expected a model instance or a directory written by "
+                              f"save_pretrained")
+    if not (folder / "config.json").is_file():
+        raise FuluConfigError(f"{where} has no config.json; expected a directory written by save_pretrained")
+    if not list(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        raise FuluConfigError(f"{where} has no safetensors weights"
+                              + (f" (only {', '.join(pickles)}: pickles, which fulu-nas does not load)" if pickles
+                                 else "")
+                              + "; save it with save_pretrained (safetensors is its default)")
+    if problems := unreadable_weights(folder):
+        raise FuluConfigError(f"{where}: {'; '.join(problems)}")
     try:
         import transformers
     except ImportError:
         raise ImportError("loading a model directory needs transformers: pip install 'fulu-nas[hf]'") from None
-    config = transformers.AutoConfig.from_pretrained(path)
-    # The class the directory was saved from (keeps its head), else the headless model.
-    names = [n for n in (config.architectures or []) if hasattr(transformers, n)]
-    cls = getattr(transformers, names[0]) if names else transformers.AutoModel
-    return cls.from_pretrained(path)
+    with quiet_transformers():  # its loading report and bars; the checks below say what matters
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FuluConfigError(f"{where}: its config.json cannot be read: {_first_line(e)}") from None
+        # The class the directory was saved from (keeps its head), else the headless model.
+        names = [n for n in (config.architectures or []) if hasattr(transformers, n)]
+        cls = getattr(transformers, names[0]) if names else transformers.AutoModel
+        try:
+            # Sizes that differ are reported below, by name, rather than in transformers' report.
+            model, info = cls.from_pretrained(folder, use_safetensors=True, output_loading_info=True,
+                                              ignore_mismatched_sizes=True)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise FuluConfigError(f"{where} cannot be loaded: {_first_line(e)}") from None
+    mismatched = sorted(info["mismatched_keys"])
+    if mismatched:
+        shapes = [f"{key}: {tuple(stored)} stored, {tuple(configured)} configured"
+                  for key, stored, configured in mismatched[:3]]
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        raise FuluConfigError(f"{where}: its weights do not fit its config.json: {'; '.join(shapes)}{more}")
+    # transformers starts every tensor the file lacks at random; the encoder's own would make a random model.
+    headless = getattr(model, "base_model", model) is model
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    body = sorted(k for k in info["missing_keys"] if headless or k.startswith(prefix))
+    if body:
+        raise FuluConfigError(f"{where}: its weights lack {len(body)} of the encoder's tensors ({', '.join(body[:3])}"
+                              f"{', ...' if len(body) > 3 else ''}): they are not the model its config.json "
+                              f"describes")
+    return model
 
 
 # -- building the layers -------------------------------------------------------------------------
@@ -244,6 +344,9 @@ def upcycled_moe_config(hidden: int, ffn: int, heads: int, num_experts: int = 8,
     """The PiMoE layer configuration :func:`migrate_from_electra` gives an encoder of width ``hidden``,
     FFN width ``ffn`` and ``heads`` attention heads, for the same keyword arguments (FuluConfigError
     when there is none): what a search checks before it migrates anything."""
+    if problems := _flag_problems(enable_advanced_routing=enable_advanced_routing,
+                                  enable_performance_optimization=enable_performance_optimization):
+        raise FuluConfigError(problems)
     try:
         strategy = enum_member(RoutingStrategy, routing_strategy, "routing_strategy")
     except ValueError as e:
@@ -253,9 +356,11 @@ def upcycled_moe_config(hidden: int, ffn: int, heads: int, num_experts: int = 8,
         raise FuluConfigError(f"migrate_from_electra: {', '.join(fixed)} come from the model's feed-forward "
                               f"layers and cannot be overridden")
     shared = shared_units(ffn, shared_fraction)
-    if shared and overrides.get("num_shared_experts"):
-        raise FuluConfigError("migrate_from_electra: shared_fraction cuts the shared expert out of the FFN; "
-                              "num_shared_experts cannot be set with it")
+    given = [f"{name}={overrides[name]!r}" for name in ("num_shared_experts", "shared_expert_ffn_size")
+             if name in overrides]
+    if shared and given:  # even 0 or None: either would replace what the fraction gives
+        raise FuluConfigError(f"migrate_from_electra: shared_fraction cuts the shared expert out of the FFN (one "
+                              f"expert, as wide as the units cut out); {', '.join(given)} cannot be set with it")
     kw: dict[str, Any] = dict(hidden_size=hidden, expert_ffn_size=ffn - shared, activation="gelu", expert_bias=True,
                               num_experts=num_experts, top_k=top_k, router=strategy.value,
                               impl="grouped" if enable_performance_optimization else "loop",
@@ -276,6 +381,13 @@ def upcycled_moe_config(hidden: int, ffn: int, heads: int, num_experts: int = 8,
         raise FuluConfigError(f"migrate_from_electra: {e}") from None
     except ValueError as e:
         raise FuluConfigError(f"migrate_from_electra: {e}") from None
+
+
+def _flag_problems(**flags: Any) -> list[str]:
+    """A message for each flag that is not a bool: a string such as "false" is truthy, and would turn on what
+    it names."""
+    return [f"migrate_from_electra: {name} must be true or false, got {value!r}" for name, value in flags.items()
+            if not isinstance(value, bool)]
 
 
 def _copy_or_zero(target: Tensor, source: Tensor | None) -> None:
@@ -392,8 +504,21 @@ def migrate_from_electra(
     ``moe_overrides``: any other :class:`~fulu_nas.moe.MoEConfig` field (``aux_loss_coef``,
     ``top_p``, ``hierarchy_depth``, ``attention_context``, ...).
 
-    Unsupported models raise FuluConfigError naming what was expected.
+    Unsupported models raise FuluConfigError naming what was expected, before anything is changed; so do
+    flags that are not bools and a ``layers`` that is not a list. A directory is read from its safetensors
+    weights only (a folder with only ``pytorch_model.bin``, a pickle, is refused), and refused when they do
+    not fit its ``config.json`` or lack the encoder's tensors.
     """
+    problems = _flag_problems(enable_ultimate_pimoe=enable_ultimate_pimoe,
+                              enable_advanced_routing=enable_advanced_routing,
+                              enable_performance_optimization=enable_performance_optimization,
+                              require_exact=require_exact, hash_on_token_ids=hash_on_token_ids, inplace=inplace,
+                              verify=verify)
+    if layers is not None and (isinstance(layers, str | bytes | Mapping) or not isinstance(layers, Iterable)):
+        problems.append(f"migrate_from_electra: layers must be a list of layer indices (or None: the flag "
+                        f"enable_ultimate_pimoe chooses), got {layers!r}")
+    if problems:
+        raise FuluConfigError(problems)
     try:
         strategy = enum_member(RoutingStrategy, routing_strategy, "routing_strategy")
     except ValueError as e:
@@ -410,6 +535,10 @@ def migrate_from_electra(
 
     n = len(encoder_layers)
     if layers is None:
+        if not enable_ultimate_pimoe and n < 2:
+            raise FuluConfigError(f"migrate_from_electra: enable_ultimate_pimoe=False upcycles every other layer (the "
+                                  f"second, fourth, ...), and the model has {n} layer: pass layers=[0] to upcycle it, "
+                                  f"or enable_ultimate_pimoe=True")
         layers = range(n) if enable_ultimate_pimoe else range(1, n, 2)
     layers = list(layers)
     # Whole, distinct indices: int(0.7) would quietly migrate layer 0, and a repeated index once.

@@ -1,7 +1,8 @@
 """``upcycle``: masked-language-model fine-tuning of the user's dense encoder on a text corpus, the task of
 an upcycling search (``fulu-nas search task=upcycle model=PATH``).
 
-The model: :class:`~.encoder.DenseEncoder` (``model``: its ``save_pretrained`` folder). The corpus:
+The model: :class:`~.encoder.DenseEncoder` (``model``: its ``save_pretrained`` folder, whose safetensors
+files are checked to read as such first; ``model_path`` is the folder resolved to an absolute path). The corpus:
 ``textlm``'s (``path``: None for the running Python's standard library, a file or a folder; split into
 training and validation by file, :func:`~fulu_nas.tasks.textlm.read_split_corpus`), decoded as UTF-8.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -45,11 +47,24 @@ from ..tasks._common import (
 from ..tasks.base import IGNORE, NO_DOMAIN, Batch, Task
 from ..tasks.textlm import read_split_corpus
 from .encoder import TOKENIZER_FILES, DenseEncoder, quiet_transformers
+from .migrate import unreadable_weights
 
 TOKENIZERS = ("auto", "model", "bytes")
 BYTE_MASK_ID = 256  # the byte-level fallback's mask token, after the 256 byte values
 # Characters per tokenizer call: a corpus is encoded in pieces cut at line ends.
 _CHUNK_CHARS = 1 << 16
+
+
+def _check_weights(model: object) -> None:
+    """FuluConfigError when a safetensors file of the model folder does not read as one (corrupt, cut short);
+    transformers would fail on it with safetensors' own error. Other problems with the folder are
+    :class:`~.encoder.DenseEncoder`'s to name."""
+    if not isinstance(model, str | os.PathLike):
+        return
+    folder = Path(model).expanduser()
+    if (folder / "config.json").is_file() and (problems := unreadable_weights(folder)):
+        raise FuluConfigError(f"model {os.fspath(model)!r}: {'; '.join(problems)}; save the model again with "
+                              "save_pretrained")
 
 
 class UpcycleTask(Task):
@@ -77,6 +92,7 @@ class UpcycleTask(Task):
         check_int(problems, "max_val_tokens", max_val_tokens, 1)
         check_int(problems, "data_seed", data_seed, 0, 2**63 - 1)
         raise_problems(problems)
+        _check_weights(model)
         self.encoder = DenseEncoder(model, seed=data_seed)
         self.model_path = self.encoder.path
         self.vocab_size = self.encoder.shape.vocab_size

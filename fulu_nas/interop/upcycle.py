@@ -30,6 +30,25 @@ from .migrate import TaskModel, equivalence_problems, migrate_from_electra, pimo
 LAYER_CHOICES = ("dense", "all", "every_other", "last_n")
 
 
+def _shared_expert_conflicts(migration: dict[str, Any]) -> list[str]:
+    """The problem (a list of one, or empty) with shared-expert settings beside ``shared_fraction`` in
+    ``migration``: the shared expert the fraction cuts out of each FFN is one expert of the FFN's first hidden
+    units, ungated, so that the two parts sum to the FFN. A gate would scale that part by
+    ``sigmoid(gate(x))``, and a count or width of its own (even 0 or ``None``, which would replace the
+    fraction's) would not fit the units cut out."""
+    fraction = migration.get("shared_fraction") if isinstance(migration, dict) else None
+    if not fraction:
+        return []
+    named = [f"{name}={migration[name]!r}" for name in ("num_shared_experts", "shared_expert_ffn_size")
+             if name in migration]
+    if migration.get("shared_expert_gate", False) is not False:
+        named.insert(0, f"shared_expert_gate={migration['shared_expert_gate']!r}")
+    if not named:
+        return []
+    return [f"shared_fraction={fraction!r} cuts the shared expert out of each FFN (one expert of its first hidden "
+            f"units, ungated, so that the upcycled model starts exact); {', '.join(named)} cannot be set with it"]
+
+
 def choose_layers(choice: str, num_layers: int, last_n: int | None = None) -> tuple[int, ...]:
     """The encoder layers a choice of :data:`LAYER_CHOICES` upcycles (FuluConfigError when it cannot)."""
     if choice == "dense":
@@ -75,6 +94,7 @@ class UpcycleArch:
             problems.append(f"layers must be distinct indices in [0, {self.num_layers}), got {list(self.layers)}")
         if not self.layers and self.migration:
             problems.append("the dense model (no layer upcycled) takes no migration arguments")
+        problems += _shared_expert_conflicts(self.migration)
         if problems:
             raise FuluConfigError(problems)
         self.moe  # noqa: B018 - computing it validates the migration's arguments
@@ -134,6 +154,8 @@ def upcycle_arch(encoder: DenseEncoder, seq_len: int, lr: float | None = None, l
         if "router" in options:
             options["routing_strategy"] = options.pop("router")
         migration = {"enable_advanced_routing": False, "aux_loss_coef": 0.0, **options}
+        if problems := _shared_expert_conflicts(migration):
+            raise FuluConfigError(problems)
         probe = upcycled_moe_config(encoder.shape.hidden_size, encoder.shape.ffn_size, encoder.shape.num_heads,
                                     **migration)
         migration["require_exact"] = not equivalence_problems(probe, bool(migration.get("shared_fraction")))

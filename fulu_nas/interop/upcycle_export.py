@@ -12,8 +12,11 @@ The folder (written at once and checksummed by :func:`fulu_nas.deploy.export.ass
 transformers alone would load ``config.json`` as the dense model and drop the experts: the layers are
 fulu-nas code. :func:`load_upcycled` (what ``fulu_nas.load`` calls for such a folder) verifies every
 file's SHA-256, builds the model class from the configuration, migrates the same layers with the same
-arguments and loads the weights strictly (safetensors and YAML: nothing is unpickled). What comes back
-is the transformers model (``BertForMaskedLM``, ...), usable with its tokenizer and pipelines.
+arguments and loads the weights strictly (safetensors, JSON and YAML: nothing is unpickled). Checksums
+rewritten with the files prove nothing, so the files are also checked against each other first: the
+record's types, its sizes against ``config.json``, and the model (built on the meta device, no memory)
+against the safetensors header. What comes back is the transformers model (``BertForMaskedLM``, ...),
+usable with its tokenizer and pipelines.
 """
 
 from __future__ import annotations
@@ -27,13 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deploy.export import assemble, checked_folder, load_device, read_yaml
+from ..deploy.export import CHECKSUMS, UPCYCLING, assemble, checked_folder, first_few, load_device, read_yaml
 from ..errors import FuluConfigError
 from .encoder import TOKENIZER_EXTRAS, TOKENIZER_FILES, quiet_transformers
-from .migrate import migrate_from_electra
+from .migrate import encoder_root, migrate_from_electra
 from .upcycle import UpcycleArch, UpcycledMLM
 
-UPCYCLING = "upcycling.yaml"
 FORMAT_VERSION = 1
 
 
@@ -65,34 +67,166 @@ def write_upcycled(out: Path, model: UpcycledMLM, tokenizer_folder: str | None, 
 
 
 def is_upcycled_export(directory: str | Path) -> bool:
-    return (Path(directory) / UPCYCLING).is_file()
+    """Whether ``fulu_nas.load`` reads ``directory`` as an upcycled export: it has ``upcycling.yaml``, or no
+    searched export's ``config.yaml`` but a transformers ``config.json`` or a listing that names
+    ``upcycling.yaml``, so that a folder whose record was deleted is told that this record is missing."""
+    directory = Path(directory)
+    if (directory / UPCYCLING).is_file():
+        return True
+    if (directory / "config.yaml").exists():
+        return False
+    if (directory / "config.json").is_file():
+        return True
+    try:  # only which loader names the problems: the chosen one checks the listing
+        listed = json.loads((directory / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(listed, dict) and UPCYCLING in listed
+
+
+def _in_words(e: BaseException, copy: Path, directory: Path) -> str:
+    """An error's first line, naming the user's folder rather than the private copy read."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line.replace(str(copy), str(directory))
+
+
+def _read_architecture(path: Path, shown: Path) -> UpcycleArch:
+    """The architecture ``upcycling.yaml`` records, its types checked before any is used (``int("01")`` would
+    take a string for layer 1)."""
+    record = read_yaml(path, shown)
+    if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
+        found = record.get("format") if isinstance(record, dict) else record
+        raise FuluConfigError(f"{shown}: unknown export format {found!r}")
+    arch = record.get("architecture")
+    if not isinstance(arch, dict):
+        raise FuluConfigError(f"{shown}: no architecture mapping")
+    layers = arch.get("layers", [])
+    if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise FuluConfigError(f"{shown}: architecture.layers must be a list of layer indices, got {layers!r}")
+    migration = arch.get("migration", {})
+    if not isinstance(migration, dict):
+        raise FuluConfigError(f"{shown}: architecture.migration must be a mapping, got {migration!r}")
+    try:
+        return UpcycleArch.from_dict(arch)
+    except FuluConfigError as e:
+        raise FuluConfigError(f"{shown}: not a valid architecture ({'; '.join(e.problems)})") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise FuluConfigError(f"{shown}: not a valid architecture ({e})") from None
+
+
+def _read_config(copy: Path, directory: Path):
+    """The transformers configuration in ``config.json``, of a model type with a masked-language-model class."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    shown = directory / "config.json"
+    try:
+        data = json.loads((copy / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FuluConfigError(f"{shown}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FuluConfigError(f"{shown}: expected a JSON object (a transformers configuration)")
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise FuluConfigError(f"{shown}: model_type {model_type!r} has no masked-language-model class in "
+                              "transformers")
+    try:
+        with quiet_transformers():
+            return transformers.AutoConfig.from_pretrained(copy)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FuluConfigError(f"{shown}: not a transformers configuration ({_in_words(e, copy, directory)})") from None
+
+
+def _build(config, arch: UpcycleArch, copy: Path, directory: Path) -> nn.Module:
+    """The masked-language model of ``config`` with ``arch``'s layers migrated (random weights, replaced by the
+    caller); on the meta device when called under ``torch.device("meta")``. The dense model's sizes must be
+    the ones the architecture records."""
+    import transformers
+
+    try:
+        with quiet_transformers():
+            model = transformers.AutoModelForMaskedLM.from_config(config)
+    except (ValueError, TypeError, RuntimeError, AttributeError, KeyError) as e:
+        raise FuluConfigError(f"{directory / 'config.json'}: transformers cannot build its model "
+                              f"({_in_words(e, copy, directory)})") from None
+    try:
+        _, layers = encoder_root(model)
+    except FuluConfigError as e:
+        raise FuluConfigError(f"{directory / 'config.json'}: {'; '.join(e.problems)}") from None
+    dense = layers[0].intermediate.dense
+    found = {"num_layers": len(layers), "hidden_size": dense.in_features, "ffn_size": dense.out_features,
+             "vocab_size": config.vocab_size, "num_heads": int(getattr(config, "num_attention_heads", 4) or 4)}
+    differ = [f"{k} is {getattr(arch, k)!r} in {UPCYCLING}, {v!r} in config.json" for k, v in found.items()
+              if getattr(arch, k) != v]
+    if differ:
+        raise FuluConfigError(f"{directory}: {UPCYCLING} and config.json disagree: {'; '.join(differ)}")
+    if arch.layers:
+        with warnings.catch_warnings():  # an inexact start (expert choice) was the searched architecture's
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                model = migrate_from_electra(model, layers=arch.layers, inplace=True, verify=False, **arch.migration)
+            except FuluConfigError as e:
+                raise FuluConfigError(f"{directory}: {UPCYCLING} and config.json give no upcycled model "
+                                      f"({'; '.join(e.problems)})") from None
+    return model
+
+
+def _check_weights(model: nn.Module, weights: Path, directory: Path) -> None:
+    """The shapes of ``model`` (built on the meta device) against the safetensors header, before a model of that
+    size is allocated: the checksums say the files are the listed ones, not that they agree (both can be
+    rewritten), and a configuration can ask for any size."""
+    from safetensors import SafetensorError, safe_open
+
+    shown = directory / weights.name
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise FuluConfigError(f"{shown}: not a safetensors file ({_in_words(e, weights.parent, directory)})") from None
+    tensors = model.state_dict(keep_vars=True)
+    expected = {k: tuple(v.shape) for k, v in tensors.items()}
+    # Tied tensors (the MLM decoder and the word embeddings) are one tensor, saved under one of their names.
+    tied: dict[int, list[str]] = {}
+    for name, tensor in tensors.items():
+        tied.setdefault(id(tensor), []).append(name)
+    problems = [f"{k}: {stored[k]} stored, {expected[k]} configured" for k in sorted(stored)
+                if k in expected and stored[k] != expected[k]][:3]
+    if unknown := sorted(stored.keys() - expected.keys()):
+        problems.append(f"no parameter {first_few(unknown)}")
+    if missing := sorted(names[0] for names in tied.values() if not any(n in stored for n in names)):
+        problems.append(f"no tensor {first_few(missing)} in the file")
+    if problems:
+        raise FuluConfigError(f"{directory}: {UPCYCLING} and config.json do not describe the weights in "
+                              f"{weights.name}: " + "; ".join(problems))
 
 
 def load_upcycled(directory: str | Path, map_location: str | torch.device = "cpu",
                   expected_sha256: str | None = None) -> nn.Module:
     """The exported model (a transformers masked-language model with its PiMoE layers, eval mode), read
     from a copy made as the folder is checked (:func:`~fulu_nas.deploy.export.checked_folder`;
-    ``expected_sha256``: the export's fingerprint). ``model.fulu_migration`` says what was upcycled."""
+    ``expected_sha256``: the export's fingerprint). ``model.fulu_migration`` says what was upcycled.
+    FuluConfigError, naming the folder's file, when a file is not what an export writes or the files
+    disagree: the model is built on the meta device and checked against the weights' header first."""
     device = load_device(map_location)
     directory = Path(directory)
-    with checked_folder(directory, expected_sha256, required=(UPCYCLING, "model.safetensors")) as copy:
-        record = read_yaml(copy / UPCYCLING, directory / UPCYCLING)
-        if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
-            found = record.get("format") if isinstance(record, dict) else record
-            raise FuluConfigError(f"{directory / UPCYCLING}: unknown export format {found!r}")
-        arch = UpcycleArch.from_dict(record["architecture"])
+    required = (UPCYCLING, "config.json", "model.safetensors")
+    with checked_folder(directory, expected_sha256, required=required) as copy:
+        arch = _read_architecture(copy / UPCYCLING, directory / UPCYCLING)
         try:
-            import transformers
+            import transformers  # noqa: F401
         except ImportError:
             raise FuluConfigError("loading an upcycled model needs transformers: pip install 'fulu-nas[hf]'") from None
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
-        with quiet_transformers(), torch.random.fork_rng(devices=[]):  # the initial weights are replaced below
-            config = transformers.AutoConfig.from_pretrained(copy)
-            model = transformers.AutoModelForMaskedLM.from_config(config)
-        if arch.layers:
-            with warnings.catch_warnings():  # an inexact start (expert choice) was the searched architecture's
-                warnings.simplefilter("ignore", UserWarning)
-                model = migrate_from_electra(model, layers=arch.layers, inplace=True, verify=False, **arch.migration)
-        load_model(model, str(copy / "model.safetensors"), strict=True, device=str(device))
+        config = _read_config(copy, directory)
+        with torch.device("meta"):
+            _check_weights(_build(config, arch, copy, directory), copy / "model.safetensors", directory)
+        with torch.random.fork_rng(devices=[]):  # the initial weights are replaced below
+            model = _build(config, arch, copy, directory)
+        try:
+            load_model(model, str(copy / "model.safetensors"), strict=True, device=str(device))
+        except (RuntimeError, SafetensorError) as e:
+            raise FuluConfigError(f"{directory / 'model.safetensors'}: cannot be loaded "
+                                  f"({_in_words(e, copy, directory)})") from None
     return model.to(device).eval()

@@ -1,6 +1,9 @@
 """``fulu-nas export`` of an upcycling search's trial (task ``upcycle``): the model card, the folder in the
 ``save_pretrained`` layout (:mod:`fulu_nas.interop.upcycle_export`), and the export's MLflow run (its
-metrics, ``upcycling.yaml`` and the card; the folder itself is not registered as an MLflow model)."""
+metrics, ``upcycling.yaml`` and the card, and the folder's fingerprint as its tag ``fulu.fingerprint``;
+the folder itself is not registered as an MLflow model). The fingerprint is printed, as for a searched
+model: the SHA-256 of ``checksums.json`` (:func:`fulu_nas.deploy.export.fingerprint`), which
+``fulu_nas.load(..., expected_sha256=...)`` checks."""
 
 from __future__ import annotations
 
@@ -8,10 +11,14 @@ from pathlib import Path
 
 import optuna
 
+from ..deploy.export import fingerprint
 from .locate import StudyLocation
 from .settings import SearchSettings
 from .storage import mask_url
 from .tracking import export_run
+
+# The export run's tag with the folder's fingerprint (a searched export tags its registered version so).
+FINGERPRINT_TAG = "fulu.fingerprint"
 
 
 def upcycled_card(s: SearchSettings, location: StudyLocation, trial: optuna.trial.FrozenTrial, arch: dict,
@@ -33,7 +40,7 @@ def upcycled_card(s: SearchSettings, location: StudyLocation, trial: optuna.tria
                   f"{reference['loss']:.4g} with the same fine-tuning budget.\n")
     return f"""# Upcycled {arch['num_layers']}-layer encoder (trial {trial.number} of study {s.study.name})
 
-The dense encoder `{s.task_params.get('model')}` (SHA-256 `{arch['source_sha256'][:16]}...`) with {what}
+The dense encoder `{s.task.model_path}` (SHA-256 `{arch['source_sha256'][:16]}...`) with {what}
 with masked-language modelling for {s.train.steps} steps (learning rate {arch['lr'] or s.train.lr:g}).
 Found by fulu-nas: study `{s.study.name}` ({mask_url(location.storage_url)}), search space
 `{s.space.name}`, selected by {metrics['selected_by']}.
@@ -48,11 +55,13 @@ Found by fulu-nas: study `{s.study.name}` ({mask_url(location.storage_url)}), se
 import fulu_nas
 from transformers import AutoTokenizer
 
-model = fulu_nas.load(".")       # verifies checksums.json; the transformers model with its PiMoE layers
+model = fulu_nas.load(".", expected_sha256="FINGERPRINT")  # the transformers model with its PiMoE layers
 tokenizer = AutoTokenizer.from_pretrained(".")   # when the search used the model's tokenizer
 ```
-`config.json` alone loads the dense model without the experts: the PiMoE layers are rebuilt from
-`upcycling.yaml` by fulu-nas.
+`FINGERPRINT` is the fingerprint `fulu-nas export` printed (the SHA-256 of `checksums.json`): with it every
+file is checked against the exported ones before anything is read. `config.json` alone loads the dense model
+without the experts: the PiMoE layers are rebuilt from `upcycling.yaml` by fulu-nas. This folder is not an
+MLflow model: `fulu-nas serve` refuses it; serve the loaded model from Python (a transformers pipeline).
 """
 
 
@@ -71,9 +80,15 @@ def export_upcycled(location: StudyLocation, s: SearchSettings, study: optuna.St
     card = upcycled_card(s, location, trial, arch, metrics, ref)
     tokenizer = s.task.model_path if s.task.tokenizer_kind == "model" else None
     record = {key: config[key] for key in ("task", "source", "torch_version")}
+    # The folder the encoder was read from, wherever the search was started: a relative path names no folder
+    # for a reader elsewhere.
+    record["task"] = {**record["task"], "model": s.task.model_path}
     write_upcycled(out, model, tokenizer, record, metrics, card)
+    digest = fingerprint(out)
     with export_run(location.tracking_uri, s.tracking.experiment, study, trial.number, metrics):
+        mlflow.set_tag(FINGERPRINT_TAG, digest)
         for name in (UPCYCLING, "README.md", "metrics.json"):
             mlflow.log_artifact(str(out / name))
-    print(f"exported trial {trial.number} of study {s.study.name} to {out} (load it with fulu_nas.load)")
+    print(f"exported trial {trial.number} of study {s.study.name} to {out} (fingerprint {digest}; load it with "
+          f"fulu_nas.load(FOLDER, expected_sha256=FINGERPRINT))")
     return out
