@@ -78,3 +78,24 @@ def test_a_shared_count_or_width_beside_shared_fraction_is_refused(kw):
     name = next(iter(kw))
     with pytest.raises(FuluConfigError, match=f"{name}={kw[name]!r} cannot be set with it"):
         migrate_from_electra(bert(), num_experts=4, shared_fraction=0.25, **kw)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_the_balancing_losses_keep_their_gradient_or_say_why_not(reentrant):
+    """Under Hugging Face's reentrant gradient checkpointing the forward runs without gradients: the
+    balancing losses reached no router, without a word."""
+    from fulu_nas.interop.migrate import balance_loss, pimoe_layers
+
+    model = migrate_from_electra(bert(), num_experts=4).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model(input_ids=torch.randint(5, 64, (2, 10)))
+    if reentrant:
+        with pytest.raises(FuluConfigError, match="use_reentrant': False"):
+            balance_loss(model)
+        return
+    gates = [layer.router.gate.weight for layer in pimoe_layers(model)]
+    grads = torch.autograd.grad(balance_loss(model), gates)
+    assert all(g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():  # an evaluation needs no gradient
+        model(input_ids=torch.randint(5, 64, (2, 10)))
+        assert not balance_loss(model).requires_grad

@@ -613,11 +613,23 @@ def routing_stats(model: nn.Module) -> list[dict[str, Tensor]]:
 
 
 def balance_loss(model: nn.Module) -> Tensor:
-    """The last forward's weighted balancing losses, summed over layers: add to the task loss."""
+    """The last forward's weighted balancing losses, summed over layers: add to the task loss.
+
+    FuluConfigError where they should train the routers but carry no gradient: Hugging Face's
+    reentrant gradient checkpointing runs the forward without gradients (and again in the backward,
+    too late for this loss), so the routers would silently not be balanced."""
     stats = [s["balance_loss"].float() for s in routing_stats(model) if s]
     if not stats:
         return torch.zeros((), device=next(model.parameters()).device)
-    return torch.stack(stats).sum()
+    loss = torch.stack(stats).sum()
+    trained = [layer for layer in pimoe_layers(model) if (layer.cfg.aux_loss_coef or layer.cfg.z_loss_coef)
+               and any(p.requires_grad for p in layer.router.parameters())]
+    if torch.is_grad_enabled() and not loss.requires_grad and trained:
+        raise FuluConfigError("balance_loss: the last forward's balancing losses have no gradient, so they would "
+                              "not train the routers: the forward ran without gradients, as Hugging Face's "
+                              "reentrant gradient checkpointing runs it; enable it with model."
+                              "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+    return loss
 
 
 @torch.no_grad()
@@ -634,7 +646,7 @@ class TaskModel(nn.Module):
     ``num_labels=task.num_classes``) in the shape :func:`fulu_nas.training.train.train` and
     :func:`fulu_nas.training.evaluate.evaluate` expect: ``forward(tokens)`` returns a
     :class:`~fulu_nas.models.ModelOutput`. ``gradient_checkpointing`` is accepted and ignored
-    (use the Hugging Face model's own switch). ``require_moe=False`` accepts a model with no PiMoE
+    (use the Hugging Face model's own switch, non-reentrant: see :func:`balance_loss`). ``require_moe=False`` accepts a model with no PiMoE
     layer (the dense model, trained the same way as a reference)."""
 
     def __init__(self, model: nn.Module, require_moe: bool = True):
