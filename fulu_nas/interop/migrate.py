@@ -646,8 +646,9 @@ class TaskModel(nn.Module):
     ``num_labels=task.num_classes``) in the shape :func:`fulu_nas.training.train.train` and
     :func:`fulu_nas.training.evaluate.evaluate` expect: ``forward(tokens)`` returns a
     :class:`~fulu_nas.models.ModelOutput`. ``gradient_checkpointing`` is accepted and ignored
-    (use the Hugging Face model's own switch, non-reentrant: see :func:`balance_loss`). ``require_moe=False`` accepts a model with no PiMoE
-    layer (the dense model, trained the same way as a reference)."""
+    (use the Hugging Face model's own switch, non-reentrant: see :func:`balance_loss`).
+    ``require_moe=False`` accepts a model with no PiMoE layer (the dense model, trained the same way as
+    a reference)."""
 
     def __init__(self, model: nn.Module, require_moe: bool = True):
         super().__init__()
