@@ -342,8 +342,21 @@ def test_an_upcycled_export_prints_and_records_its_fingerprint(searched, tmp_pat
     assert [r.data.tags.get("fulu.fingerprint") for r in runs] == [printed.group(1)]
     card = (folder / "README.md").read_text()
     assert 'fulu_nas.load(".", expected_sha256="FINGERPRINT")' in card and "fulu-nas export` printed" in card
+    # trial 0 is the dense reference: its card says so, and does not compare it with itself
+    assert card.startswith("# Dense ") and "The dense reference (trial 0)" not in card
 
     # the encoder was named by a relative path: the export records where it is
     absolute = str(searched.bert.resolve())
     record = yaml.safe_load((folder / "upcycling.yaml").read_text())
     assert record["task"]["model"] == absolute and f"`{absolute}`" in card
+
+
+def test_a_retrained_upcycled_exports_card_gives_the_steps_it_was_trained_for(searched, tmp_path, monkeypatch,
+                                                                               capsys):
+    """The card said the search's budget (and nothing of the retraining) whatever retrain_factor was."""
+    monkeypatch.chdir(searched.root)
+    folder = tmp_path / "retrained"
+    assert main(["export", f"study.name={STUDY}", f"hydra.run.dir={searched.out}", "trial=0", f"out={folder}",
+                 "retrain=true", "retrain_factor=2"]) == 0
+    card = (folder / "README.md").read_text()
+    assert "for 10 steps (retrained for this export; the search's trials had 5)" in card, card

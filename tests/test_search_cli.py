@@ -44,6 +44,8 @@ BAD = [
     (["trainer.cuda_graph=maybe"], "trainer.cuda_graph"),
     (["trainer.deterministic=sometimes"], "trainer.deterministic"),
     (["task=textlm", "task.path=/nonexistent/corpus"], "/nonexistent/corpus"),
+    # what Hydra advises for model=PATH outside task=upcycle; the model was then ignored
+    (["task=clusters", "+model=/some/encoder"], "model: task 'clusters' takes no model"),
     (["study.sampler=grid", "search_space=default", "+search_space.params.router_jitter={type:float,low:0,high:1}",
       "+search_space.reference.router_jitter=0.0"],
      "params.router_jitter"),

@@ -35,13 +35,18 @@ def upcycled_card(s: SearchSettings, location: StudyLocation, trial: optuna.tria
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in metrics.items() if isinstance(v, (int, float)))
     versus = ""
-    if reference is not None:
+    if reference is not None and reference["number"] != trial.number:
         versus = (f"\nThe dense reference (trial {reference['number']}) reached a validation MLM loss of "
-                  f"{reference['loss']:.4g} with the same fine-tuning budget.\n")
-    return f"""# Upcycled {arch['num_layers']}-layer encoder (trial {trial.number} of study {s.study.name})
+                  f"{reference['loss']:.4g} with the search's fine-tuning budget ({s.train.steps} steps).\n")
+    # A retrained export was fine-tuned again, for its own budget: the card says so, and how long.
+    steps = metrics.get("retrain_steps", s.train.steps)
+    retrained = f" (retrained for this export; the search's trials had {s.train.steps})" if metrics.get(
+        "retrained") else ""
+    title = "Upcycled" if moe is not None else "Dense"
+    return f"""# {title} {arch['num_layers']}-layer encoder (trial {trial.number} of study {s.study.name})
 
 The dense encoder `{s.task.model_path}` (SHA-256 `{arch['source_sha256'][:16]}...`) with {what}
-with masked-language modelling for {s.train.steps} steps (learning rate {arch['lr'] or s.train.lr:g}).
+with masked-language modelling for {steps} steps{retrained} (learning rate {arch['lr'] or s.train.lr:g}).
 Found by fulu-nas: study `{s.study.name}` ({mask_url(location.storage_url)}), search space
 `{s.space.name}`, selected by {metrics['selected_by']}.
 {versus}

@@ -159,6 +159,9 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSetti
 
     raw = copy.deepcopy(sections)  # the parsers below consume their sections
     task, task_name, task_params = _task(sections["task"], problems)
+    for key in sorted(_SHORTHANDS & set(cfg)):  # +model=PATH beside a task without one was silently ignored
+        if cfg[key] is not None and key not in sections["task"]:
+            problems.append(f"{key}: task {task_name!r} takes no {key} (model=PATH goes with task=upcycle)")
     family = family_for(task_name)
     space = _collect(problems, lambda: parse_space(sections["search_space"], family=family))
     train, cost = _trainer(sections["trainer"], problems)
