@@ -97,7 +97,7 @@ def test_a_folder_without_the_mlm_head_gets_the_same_new_head_every_time(tmp_pat
     (dict(model="gpt2"), "is a gpt2 model \\(GPT2LMHeadModel\\), which has no masked-language-model head"),
     (dict(model="electra", tokenizer="model"), "tokenizer=model needs the folder's tokenizer: .*electra' has none"),
     (dict(model="small"), "has no tokenizer .* vocab_size \\(193\\) is too small for the byte-level fallback"),
-    (dict(model="bert", seq_len=100), "seq_len=100 is too long for model .*max_position_embeddings is 64"),
+    (dict(model="bert", seq_len=100), "seq_len=100 is too long for model .*runs on at most 64 tokens"),
     (dict(model="bert", tokenizer="words"), "tokenizer must be one of auto, model, bytes"),
     (dict(model="bin"), "has no safetensors weights \\(only pytorch_model.bin: pickles"),
 ])
@@ -112,6 +112,39 @@ def test_bad_models_and_missing_tokenizers_are_clear_errors(folders, tmp_path, k
     with pytest.raises(FuluConfigError, match=words):
         build_task("upcycle", path=str(folders["corpus"]), **kwargs)
 
+
+
+def test_a_roberta_encoders_longest_sequence_is_named(tmp_path):
+    """RoBERTa's positions start after its padding index: with max_position_embeddings 64 it runs on
+    62 tokens, and a seq_len of 63 was refused naming 64 as the limit."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from fulu_nas.interop.encoder import DenseEncoder
+
+    RobertaForMaskedLM(RobertaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "r")
+    encoder = DenseEncoder(tmp_path / "r")
+    encoder.check_length(62)
+    with pytest.raises(FuluConfigError, match=r"seq_len=63 is too long .*: it runs on at most 62 tokens "
+                                              r"\(max_position_embeddings 64\)"):
+        encoder.check_length(63)
+
+
+def test_an_encoder_whose_weights_do_not_fit_its_config_names_the_tensors(folders, tmp_path):
+    """transformers' refusal pointed to a report its silenced logging never printed."""
+    import json
+    import shutil
+
+    from fulu_nas.interop.encoder import DenseEncoder
+
+    folder = tmp_path / "resized"
+    shutil.copytree(folders["bert"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    with pytest.raises(FuluConfigError, match=r"its weights do not fit its config.json: .*intermediate.dense.weight: "
+                                              r"\(64, 32\) stored, \(48, 32\) configured") as refused:
+        DenseEncoder(folder)
+    assert "above report" not in str(refused.value)
 
 def test_an_upcycling_starts_from_the_dense_models_outputs(task):
     tokens = next(task.train_batches(4, seed=1)).tokens

@@ -121,11 +121,19 @@ class DenseEncoder:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 try:
+                    # Sizes that differ are named below (transformers' own report is silenced).
                     model, info = transformers.AutoModelForMaskedLM.from_pretrained(
-                        path, use_safetensors=True, dtype=torch.float32, output_loading_info=True)
+                        path, use_safetensors=True, dtype=torch.float32, output_loading_info=True,
+                        ignore_mismatched_sizes=True)
                 except (OSError, ValueError, RuntimeError) as e:
                     raise FuluConfigError(f"model {os.fspath(path)!r} cannot be loaded: "
                                           f"{str(e).splitlines()[0]}") from None
+        if mismatched := sorted(info["mismatched_keys"]):
+            shapes = [f"{key}: {tuple(stored)} stored, {tuple(configured)} configured"
+                      for key, stored, configured in mismatched[:3]]
+            more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+            raise FuluConfigError(f"model {os.fspath(path)!r}: its weights do not fit its config.json: "
+                                  f"{'; '.join(shapes)}{more}")
         base = getattr(model, "base_model_prefix", "")
         missing = sorted(info["missing_keys"])
         body = [k for k in missing if k.startswith(f"{base}.")]
@@ -152,9 +160,23 @@ class DenseEncoder:
     def check_length(self, seq_len: int) -> None:
         """FuluConfigError when the model cannot run on sequences of ``seq_len`` tokens (its position
         embeddings end earlier)."""
+        if (error := self._run_error(seq_len)) is None:
+            return
+        # The longest length it runs (bisected: RoBERTa's positions start after its padding index, so
+        # its max_position_embeddings is not the limit).
+        runs, fails = 0, seq_len
+        while fails - runs > 1:
+            middle = (runs + fails) // 2
+            runs, fails = (middle, fails) if self._run_error(middle) is None else (runs, middle)
+        limit = getattr(self.config, "max_position_embeddings", None)
+        why = (f"it runs on at most {runs} tokens" + (f" (max_position_embeddings {limit})" if limit else "")
+               if runs else error)
+        raise FuluConfigError(f"seq_len={seq_len} is too long for model {self.path!r}: {why}")
+
+    def _run_error(self, seq_len: int) -> str | None:
+        """Why the model fails on one sequence of ``seq_len`` tokens (None: it runs)."""
         try:
             self.model(input_ids=torch.zeros(1, seq_len, dtype=torch.long))
         except (IndexError, RuntimeError, ValueError) as e:
-            limit = getattr(self.config, "max_position_embeddings", None)
-            why = f"its max_position_embeddings is {limit}" if limit else str(e).splitlines()[0]
-            raise FuluConfigError(f"seq_len={seq_len} is too long for model {self.path!r}: {why}") from None
+            return str(e).splitlines()[0]
+        return None

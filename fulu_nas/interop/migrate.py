@@ -155,8 +155,9 @@ class MigrationInfo:
     features: dict[str, bool] = field(default_factory=dict)
 
     def architecture(self) -> dict[str, Any]:
-        """The configuration in search-space form (as ``UltimatePiMoESystem.architecture()``): a
-        starting point for a search over the upcycled layers."""
+        """What was migrated, as plain data (as ``UltimatePiMoESystem.architecture()``): the layers'
+        MoEConfig fields, the source, the layers and features. Its ``moe`` fields are the names a search
+        space's ``params`` and ``base.moe`` take (those the encoder fixes, such as ``hidden_size``, aside)."""
         return {"moe": self.moe.to_dict(), "source": self.source, "layers": list(self.layers),
                 "features": dict(self.features)}
 
