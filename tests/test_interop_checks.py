@@ -360,3 +360,36 @@ def test_a_retrained_upcycled_exports_card_gives_the_steps_it_was_trained_for(se
                  "retrain=true", "retrain_factor=2"]) == 0
     card = (folder / "README.md").read_text()
     assert "for 10 steps (retrained for this export; the search's trials had 5)" in card, card
+
+
+def test_a_study_of_an_encoder_named_by_a_relative_path_is_found_from_anywhere(searched, tmp_path, monkeypatch):
+    """The folder was kept as typed: export and confirm from another folder could not find it, and
+    resuming with its absolute path was refused as another study. It is kept absolute, and known by its
+    content in the study's fingerprint; a study fingerprinted with the path as typed still resumes."""
+    import optuna
+
+    from fulu_nas.search.locate import load_study, locate_study, search_settings
+    from fulu_nas.search.study import FINGERPRINT_ATTR
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["export", f"study.name={STUDY}", f"hydra.run.dir={searched.out}", "trial=0",
+                 f"out={tmp_path / 'exported'}"]) == 0
+    absolute = str(searched.bert.resolve())
+    resume = ["search", "+experiment=upcycle_tiny", f"model={absolute}", f"task.path={searched.corpus}",
+              f"hydra.run.dir={searched.out}", "study.n_trials=1", "trainer.steps=5", "trainer.report_every=5"]
+    assert main(resume) == 0
+    # a study whose fingerprint holds the path as typed (relative) resumes with that path
+    import dataclasses
+
+    monkeypatch.chdir(searched.root)
+    location = locate_study([f"study.name={STUDY}", f"hydra.run.dir={searched.out}"])
+    settings = search_settings(location, load_study(location))
+    assert settings.raw["task"]["model"] == absolute
+    legacy = dataclasses.replace(settings, typed_model="bert").fingerprint(model_as_typed=True)
+    assert legacy != settings.fingerprint()
+    optuna.load_study(study_name=STUDY, storage=location.storage_url).set_user_attr(FINGERPRINT_ATTR, legacy)
+    assert main([*resume[:2], "model=bert", *resume[3:]]) == 0
+    other = save_encoder(tmp_path / "other", seed=9)  # another encoder is another study, whatever its path
+    assert main([*resume[:2], f"model={other}", *resume[3:]]) == 2

@@ -104,6 +104,9 @@ class SearchSettings:
     output_dir: Path
     raw: dict = field(compare=False, repr=False)
     task: Task = field(compare=False, repr=False)
+    # A model folder as the command named it (raw holds its absolute path): studies fingerprinted with it
+    # before the path left the fingerprint still resume.
+    typed_model: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def cost_shapes(self) -> list[tuple[int, int]]:
@@ -127,9 +130,11 @@ class SearchSettings:
             return None
         return (self.output_dir / "mlartifacts").resolve().as_uri()
 
-    def fingerprint(self) -> str:
-        """What must not change when a study resumes: space, task, budget, objectives."""
-        keep = {k: self.raw[k] for k in ("task", "search_space", "trainer")}
+    def fingerprint(self, model_as_typed: bool = False) -> str:
+        """What must not change when a study resumes: space, task, budget, objectives. A model on disk is
+        known by its content, not its path (``model_as_typed``: the fingerprint as it was made with the
+        path as typed, which studies made so keep)."""
+        keep = {k: copy.deepcopy(self.raw[k]) for k in ("task", "search_space", "trainer")}
         keep["objectives"] = list(self.study.objectives)
         keep["constraints"] = list(self.study.constraints)
         # the safety cap may change on resume: results depend on the steps alone
@@ -141,6 +146,10 @@ class SearchSettings:
         model_sha256 = getattr(self.task, "model_sha256", None)
         if model_sha256:
             keep["model_sha256"] = model_sha256
+            if model_as_typed and self.typed_model is not None:
+                keep["task"]["model"] = self.typed_model
+            elif not model_as_typed:
+                keep["task"].pop("model", None)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -159,6 +168,11 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSetti
 
     raw = copy.deepcopy(sections)  # the parsers below consume their sections
     task, task_name, task_params = _task(sections["task"], problems)
+    typed_model = None
+    if isinstance(getattr(task, "model_path", None), str) and isinstance(raw["task"].get("model"), str):
+        # The folder by its absolute path: confirm and export, run from another folder, find it again.
+        typed_model = raw["task"]["model"]
+        raw["task"]["model"] = task_params["model"] = task.model_path
     for key in sorted(_SHORTHANDS & set(cfg)):  # +model=PATH beside a task without one was silently ignored
         if cfg[key] is not None and key not in sections["task"]:
             problems.append(f"{key}: task {task_name!r} takes no {key} (model=PATH goes with task=upcycle)")
@@ -184,7 +198,7 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSetti
     if problems:
         raise FuluConfigError(problems)
     return SearchSettings(task_name, task_params, space, study, train, cost, tracking, Path(output_dir),
-                          raw=raw, task=task)
+                          raw=raw, task=task, typed_model=typed_model)
 
 
 def _check_measurable(study: StudySettings, space: SearchSpace | None, task, task_name: str,
