@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 COMMANDS = {
@@ -16,6 +17,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch's C++ warnings (the memory profiler's note on blocks allocated before it started, in the
+    # middle of a progress bar) are not the console's business; read once, as torch loads. A user's
+    # own level stands.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     try:
         return run_command(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:  # before the command handles its own (a search's), e.g. while torch loads

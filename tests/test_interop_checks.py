@@ -393,3 +393,18 @@ def test_a_study_of_an_encoder_named_by_a_relative_path_is_found_from_anywhere(s
     assert main([*resume[:2], "model=bert", *resume[3:]]) == 0
     other = save_encoder(tmp_path / "other", seed=9)  # another encoder is another study, whatever its path
     assert main([*resume[:2], f"model={other}", *resume[3:]]) == 2
+
+
+def test_an_upcycling_search_prints_no_cpp_warning_in_its_progress(searched, tmp_path):
+    """The cost measurement's memory profiler printed a c10 warning ("Memory block of unknown size was
+    allocated before the profiling started") in the middle of the progress bar."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"}
+    command = [sys.executable, "-m", "fulu_nas", "search", "+experiment=upcycle_tiny", f"model={searched.bert}",
+               f"task.path={searched.corpus}", f"hydra.run.dir={tmp_path / 'out'}", "study.n_trials=2",
+               "trainer.steps=10"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "CPUAllocator" not in done.stderr and not re.search(r"^\[W", done.stderr, re.M), done.stderr
