@@ -758,6 +758,29 @@ def test_retraining_at_the_searchs_budget_reproduces_the_trial(ranks, tmp_path, 
     assert not list(out.glob("ep-trial-*"))  # the ranks' scratch folder is gone
 
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine must lack the GPU the study trained with")
+def test_a_study_searched_with_cuda_graphs_is_read_anywhere_and_trained_again_only_where_it_can(exported, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """A study searched on a GPU with trainer.cuda_graph=true: its dashboard and an export of its saved
+    weights were refused on a machine without CUDA once the settings checked the training step; a
+    retraining or a confirmation, which would train here, still are."""
+    study = tmp_path / "study"
+    shutil.copytree(exported.out, study)
+    config_file = study / "search_config.json"
+    data = json.loads(config_file.read_text())
+    data["config"]["trainer"]["cuda_graph"] = True
+    config_file.write_text(json.dumps(data))
+    monkeypatch.chdir(tmp_path)
+    where = ["study.name=tiny-clusters", f"hydra.run.dir={study}"]
+    assert main(["export", *where, f"out={tmp_path / 'model'}"]) == 0
+    assert main(["dashboard", *where, f"out={tmp_path / 'page.html'}"]) == 0
+    capsys.readouterr()
+    assert main(["export", *where, "retrain=true", f"out={tmp_path / 'again'}"]) == 2
+    assert "trainer.cuda_graph" in capsys.readouterr().err
+    assert main(["confirm", *where, "top_k=1", "seeds=1"]) == 2
+    assert "trainer.cuda_graph" in capsys.readouterr().err
+
 def fake_study(directions, rows):
     study = optuna.create_study(directions=directions)
     for values, loss, latency in rows:

@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
             location = locate_study(overrides)
             study = load_study(location)
             check_recordable(location)
-            s = search_settings(location, study)
+            s = search_settings(location, study, will_train=True)
         n_workers = worker_count(given.pop("n_workers", ""))
         return confirm_study(study, s, command_options(given, s.study.confirm), n_workers=n_workers)
     except FuluConfigError as e:

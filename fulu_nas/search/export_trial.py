@@ -205,7 +205,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         raise FuluConfigError(f"retrain_factor: expected a finite number > 0 (times the search's budget), got "
                               f"{options['retrain_factor']!r}")
     study = load_study(location)
-    s = search_settings(location, study)
+    s = search_settings(location, study, will_train=retrain)
     trial, selected_by = choose_trial(study, s, options["trial"])
     name = options["name"] or f"{s.study.name}"
     if not REGISTERED_NAME.fullmatch(name):

@@ -98,8 +98,9 @@ def load_study(location: StudyLocation):
                               f"(it has: {', '.join(names) or 'none'})") from None
 
 
-def search_settings(location: StudyLocation, study) -> SearchSettings:
-    """The configuration the study was searched with."""
+def search_settings(location: StudyLocation, study, will_train: bool = False) -> SearchSettings:
+    """The configuration the study was searched with (``will_train``: the caller trains with it here; see
+    :func:`~.settings.load_settings`)."""
     path = location.output_dir / "search_config.json"
     if path.is_file():
         data = json.loads(path.read_text())
@@ -115,4 +116,4 @@ def search_settings(location: StudyLocation, study) -> SearchSettings:
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.MlflowClient(location.tracking_uri).download_artifacts(parent, "search_config.json", tmp)
             data = {"config": json.loads(Path(local).read_text())}
-    return load_settings(data["config"], location.output_dir)
+    return load_settings(data["config"], location.output_dir, will_train)

@@ -153,8 +153,10 @@ class SearchSettings:
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSettings:
-    """Validate a composed config (a plain, resolved mapping) into :class:`SearchSettings`."""
+def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bool = True) -> SearchSettings:
+    """Validate a composed config (a plain, resolved mapping) into :class:`SearchSettings`. ``will_train``:
+    the caller trains with it here (a search, a confirmation), so a training step this machine cannot run
+    is refused; a dashboard or an export of saved weights reads a finished study's settings anywhere."""
     problems: list[str] = []
     for key in sorted(set(cfg) - _SECTIONS - _SHORTHANDS - {"hydra"}):
         problems.append(f"{key}: unknown top-level key (sections: {', '.join(sorted(_SECTIONS))})")
@@ -179,7 +181,7 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path) -> SearchSetti
     family = family_for(task_name)
     space = _collect(problems, lambda: parse_space(sections["search_space"], family=family))
     train, cost = _trainer(sections["trainer"], problems)
-    if train is not None:
+    if train is not None and will_train:
         problems += _step_problems(train, has_blocks=family is PIMOE)
     study = _study(sections["study"], task, problems)
     tracking = _tracking(sections["tracking"], problems)
