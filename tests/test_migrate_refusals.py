@@ -99,3 +99,17 @@ def test_the_balancing_losses_keep_their_gradient_or_say_why_not(reentrant):
     with torch.no_grad():  # an evaluation needs no gradient
         model(input_ids=torch.randint(5, 64, (2, 10)))
         assert not balance_loss(model).requires_grad
+
+
+def test_a_headless_encoder_saved_without_its_pooler_migrates(tmp_path):
+    """BertModel(add_pooling_layer=False) saves no pooler; the check that the weights are the model's own
+    took its absence for another model's weights."""
+    torch.manual_seed(0)
+    dense = BertModel(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4), add_pooling_layer=False).eval()
+    dense.save_pretrained(tmp_path / "no-pooler")
+    migrated = migrate_from_electra(str(tmp_path / "no-pooler"), num_experts=4).eval()
+    ids = torch.randint(5, 64, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(migrated(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)

@@ -310,7 +310,9 @@ def _load(path: str | os.PathLike) -> nn.Module:
     # transformers starts every tensor the file lacks at random; the encoder's own would make a random model.
     headless = getattr(model, "base_model", model) is model
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    body = sorted(k for k in info["missing_keys"] if headless or k.startswith(prefix))
+    # A pooler is optional (BertModel(add_pooling_layer=False) saves none; transformers starts it afresh).
+    body = sorted(k for k in info["missing_keys"] if (headless or k.startswith(prefix))
+                  and not k.removeprefix(prefix).startswith("pooler."))
     if body:
         raise FuluConfigError(f"{where}: its weights lack {len(body)} of the encoder's tensors ({', '.join(body[:3])}"
                               f"{', ...' if len(body) > 3 else ''}): they are not the model its config.json "
