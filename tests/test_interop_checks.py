@@ -391,6 +391,11 @@ def test_a_study_of_an_encoder_named_by_a_relative_path_is_found_from_anywhere(s
     assert legacy != settings.fingerprint()
     optuna.load_study(study_name=STUDY, storage=location.storage_url).set_user_attr(FINGERPRINT_ATTR, legacy)
     assert main([*resume[:2], "model=bert", *resume[3:]]) == 0
+    # so do its worker processes (study.n_workers, confirm's workers), which read the saved configuration
+    from fulu_nas.search.study import load_worker_settings
+
+    worker = load_worker_settings(searched.out / "search_config.json")
+    assert worker.raw["task"]["model"] == absolute and worker.fingerprint(model_as_typed=True) == legacy
     other = save_encoder(tmp_path / "other", seed=9)  # another encoder is another study, whatever its path
     assert main([*resume[:2], f"model={other}", *resume[3:]]) == 2
 

@@ -34,7 +34,8 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
     # Each worker's runs, fixed here: a worker that works out its share when it starts could see
     # another's first result already recorded, and the shares would overlap or leave a gap.
     shares = [list(keys)[i::n_workers] for i in range(n_workers)]
-    config.write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir), "shares": shares,
+    config.write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir), "typed_model": s.typed_model,
+                                  "shares": shares,
                                   "options": asdict(confirmation.plan.options)}, indent=2, default=str))
     since = time.time()
     procs = []

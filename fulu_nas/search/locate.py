@@ -116,4 +116,4 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.MlflowClient(location.tracking_uri).download_artifacts(parent, "search_config.json", tmp)
             data = {"config": json.loads(Path(local).read_text())}
-    return load_settings(data["config"], location.output_dir, will_train)
+    return load_settings(data["config"], location.output_dir, will_train, typed_model=data.get("typed_model"))

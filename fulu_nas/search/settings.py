@@ -153,10 +153,13 @@ class SearchSettings:
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bool = True) -> SearchSettings:
+def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bool = True,
+                  typed_model: str | None = None) -> SearchSettings:
     """Validate a composed config (a plain, resolved mapping) into :class:`SearchSettings`. ``will_train``:
     the caller trains with it here (a search, a confirmation), so a training step this machine cannot run
-    is refused; a dashboard or an export of saved weights reads a finished study's settings anywhere."""
+    is refused; a dashboard or an export of saved weights reads a finished study's settings anywhere.
+    ``typed_model``: the model folder as the search's command named it, where ``cfg`` was saved with it
+    resolved (:attr:`SearchSettings.typed_model`)."""
     problems: list[str] = []
     for key in sorted(set(cfg) - _SECTIONS - _SHORTHANDS - {"hydra"}):
         problems.append(f"{key}: unknown top-level key (sections: {', '.join(sorted(_SECTIONS))})")
@@ -170,10 +173,9 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bo
 
     raw = copy.deepcopy(sections)  # the parsers below consume their sections
     task, task_name, task_params = _task(sections["task"], problems)
-    typed_model = None
     if isinstance(getattr(task, "model_path", None), str) and isinstance(raw["task"].get("model"), str):
         # The folder by its absolute path: confirm and export, run from another folder, find it again.
-        typed_model = raw["task"]["model"]
+        typed_model = typed_model or raw["task"]["model"]
         raw["task"]["model"] = task_params["model"] = task.model_path
     for key in sorted(_SHORTHANDS & set(cfg)):  # +model=PATH beside a task without one was silently ignored
         if cfg[key] is not None and key not in sections["task"]:

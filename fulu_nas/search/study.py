@@ -304,7 +304,8 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
     s.output_dir.mkdir(parents=True, exist_ok=True)
     with quiet_optuna():
         open_study(s)  # a resume with other settings is refused here, before the study's config is rewritten
-    (s.output_dir / "search_config.json").write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir)},
+    (s.output_dir / "search_config.json").write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir),
+                                                                 "typed_model": s.typed_model},
                                                                 indent=2, default=str))
     with stop_signals_as_interrupt() as received:
         if s.study.n_workers == 1:
@@ -400,4 +401,4 @@ def load_worker_settings(config_path: str | Path) -> SearchSettings:
     from .settings import load_settings
 
     data = json.loads(Path(config_path).read_text())
-    return load_settings(data["config"], data["output_dir"])
+    return load_settings(data["config"], data["output_dir"], typed_model=data.get("typed_model"))
