@@ -134,3 +134,25 @@ def test_the_package_loads_its_public_names_on_first_use_with_their_registration
             "    raise SystemExit('an unknown name was found')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_task_registered_above_names_its_module_until_it_is_imported():
+    """Reading tasks directly (``from fulu_nas.tasks import build_task``) no longer imports the layers
+    that register tasks: the upcycle task was then an "unknown task"."""
+    import subprocess
+
+    code = ("from fulu_nas.errors import FuluConfigError\n"
+            "from fulu_nas.tasks import build_task\n"
+            "try:\n"
+            "    build_task('upcycle')\n"
+            "except FuluConfigError as e:\n"
+            "    assert \"task 'upcycle' is registered by fulu_nas.interop: import it first\" in str(e), str(e)\n"
+            "else:\n"
+            "    raise SystemExit('built')\n"
+            "import fulu_nas.interop\n"
+            "try:\n"
+            "    build_task('upcycle')\n"
+            "except FuluConfigError as e:\n"
+            "    assert 'model not set' in str(e), str(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -16,6 +16,8 @@ from fulu_nas.tasks.pimoe_mix import PiMoEMixTask
 from fulu_nas.tasks.textlm import TextLMTask
 
 TASKS: dict[str, type[Task]] = {"clusters": ClustersTask, "pimoe_mix": PiMoEMixTask, "textlm": TextLMTask}
+# The tasks layers above this one register (register_task), and the module that does.
+_REGISTERED_ABOVE = {"upcycle": "fulu_nas.interop"}
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -34,6 +36,9 @@ def task_parameters(name: str) -> dict[str, object]:
 def build_task(name: str, **params) -> Task:
     """The task ``name`` built from keyword ``params`` (FuluConfigError for anything unknown or invalid)."""
     if name not in TASKS:
+        if name in _REGISTERED_ABOVE:  # its module is not imported yet: say which, rather than "unknown"
+            raise FuluConfigError(f"task {name!r} is registered by {_REGISTERED_ABOVE[name]}: import it first (or "
+                                  f"any public name of fulu_nas, e.g. `from fulu_nas import load`)")
         raise FuluConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     known = task_parameters(name)
     unknown = sorted(set(params) - set(known))
