@@ -161,3 +161,16 @@ def test_every_top_k_the_upcycle_space_draws_lets_the_task_train_the_router(task
             assert g > 1e-5, (key, g)
     # top-1 score routers: nothing (rounding), three orders of magnitude below any drawn router's gradient
     assert gradients["topk", 1] < 1e-8 and gradients["attention", 1] < 1e-8
+
+
+@pytest.mark.parametrize("router,same", [("hash", ["aux_free", "aux_loss", "aux_loss+z_loss", "none"]),
+                                         ("expert_choice", ["aux_free", "aux_loss", "none"])])
+def test_an_upcycling_with_a_balancing_its_router_cannot_use_is_one_architecture(task, router, same):
+    """As in the PiMoE family: the hash router and expert choice trained the same upcycled model under
+    several balancing names, each a trial of its own."""
+    space = parse_space(yaml.safe_load(SPACE.read_text()), family=UPCYCLE)
+    values = {"layers": "all", "router": router, "num_experts": 4, "top_k": 2, "shared_fraction": 0.0, "lr": 1e-4}
+    archs = [space.arch({**values, "balancing": b}, task) for b in same]
+    assert len({a.content_hash() for a in archs}) == 1, [a.migration for a in archs]
+    kept = space.arch({**values, "router": "topk", "balancing": "aux_loss"}, task)
+    assert kept.moe.aux_loss_coef == 0.01

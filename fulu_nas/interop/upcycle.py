@@ -158,6 +158,14 @@ def upcycle_arch(encoder: DenseEncoder, seq_len: int, lr: float | None = None, l
             raise FuluConfigError(problems)
         probe = upcycled_moe_config(encoder.shape.hidden_size, encoder.shape.ffn_size, encoder.shape.num_heads,
                                     **migration)
+        # A balancing the router cannot use is no other upcycling (MoEConfig.without_inert_options).
+        inert = [k for k in options if k in MoEConfig.__dataclass_fields__
+                 and getattr(probe, k) != getattr(probe.without_inert_options(), k)]
+        if inert:
+            migration = {"enable_advanced_routing": False, "aux_loss_coef": 0.0,
+                         **{k: v for k, v in options.items() if k not in inert}}
+            probe = upcycled_moe_config(encoder.shape.hidden_size, encoder.shape.ffn_size, encoder.shape.num_heads,
+                                        **migration)
         migration["require_exact"] = not equivalence_problems(probe, bool(migration.get("shared_fraction")))
     s = encoder.shape
     return UpcycleArch(source_sha256=encoder.sha256, num_layers=s.num_layers, hidden_size=s.hidden_size,
