@@ -263,7 +263,7 @@ class HashRouter(Fp32Router):
         torch.randint(1, _HASH_PRIME, (2,), generator=g, device="cpu")  # a and b come first
         bits = min(62, max(8, math.ceil(math.log2(self.cfg.num_experts)) + 8))
         planes_DB = torch.randn(self.cfg.hidden_size, bits, generator=g, device="cpu")
-        return planes_DB.to(device), (2 ** torch.arange(bits, dtype=torch.int64)).to(device)
+        return planes_DB.to(device), (2 ** torch.arange(bits, dtype=torch.int64, device="cpu")).to(device)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
