@@ -21,8 +21,8 @@ grouped experts gets them. Each packed copy
 module's state, copies or pickles) and is rebuilt when a weight is replaced or changed in place
 through autograd-visible operations (an optimizer step, ``load_state_dict``): it is keyed on each
 weight's storage and version counter. Writes through ``.data`` bypass the version counter and are
-not seen, nor are in-place writes (``load_state_dict`` too) to weights made under
-``torch.inference_mode()``, which have no version counter: replace such a weight instead. Each
+not seen, nor are other in-place writes to weights made under ``torch.inference_mode()``, which have
+no version counter (``load_state_dict`` is: the experts drop their copies after a load, :func:`forget`). Each
 copy costs the expert weights' size once more, for as long as the module lives (a workload with
 both few and many rows per expert holds both).
 
@@ -113,3 +113,9 @@ def cached(owner: object, kind: str, weights: tuple[Tensor | None, ...], make: C
         signature = tuple((None if w is None else weakref.ref(w), _fingerprint(w)) for w in weights)
         entries[kind] = entry = (signature, make())
     return entry[1]
+
+
+def forget(owner: object, *_: object) -> None:
+    """Drop ``owner``'s packed copies (a ``load_state_dict`` post hook: a load into weights made under
+    ``torch.inference_mode()`` writes them in place, which their key cannot see)."""
+    _PACKED.pop(owner, None)

@@ -223,6 +223,8 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
+        # A load writes the weights in place: their packed CPU copies go (see cpu_packed.forget).
+        self.register_load_state_dict_post_hook(cpu_packed.forget)
         E, D, Fw = cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_size
         self.activation = cfg.activation
         width = 2 * Fw if cfg.activation == "swiglu" else Fw
