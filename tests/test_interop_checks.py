@@ -387,7 +387,7 @@ def test_a_study_of_an_encoder_named_by_a_relative_path_is_found_from_anywhere(s
     location = locate_study([f"study.name={STUDY}", f"hydra.run.dir={searched.out}"])
     settings = search_settings(location, load_study(location))
     assert settings.raw["task"]["model"] == absolute
-    legacy = dataclasses.replace(settings, typed_model="bert").fingerprint(model_as_typed=True)
+    legacy = dataclasses.replace(settings, typed_model="bert").fingerprint(legacy=True)
     assert legacy != settings.fingerprint()
     optuna.load_study(study_name=STUDY, storage=location.storage_url).set_user_attr(FINGERPRINT_ATTR, legacy)
     assert main([*resume[:2], "model=bert", *resume[3:]]) == 0
@@ -395,7 +395,14 @@ def test_a_study_of_an_encoder_named_by_a_relative_path_is_found_from_anywhere(s
     from fulu_nas.search.study import load_worker_settings
 
     worker = load_worker_settings(searched.out / "search_config.json")
-    assert worker.raw["task"]["model"] == absolute and worker.fingerprint(model_as_typed=True) == legacy
+    assert worker.raw["task"]["model"] == absolute and worker.fingerprint(legacy=True) == legacy
+    # a trial's cache key too knows the encoder by its content (the architecture's source_sha256), so a
+    # resume by either path reuses the trials; one made with the path as typed is found by that key
+    from fulu_nas.search.objective import cache_key
+
+    by_absolute = dataclasses.replace(settings, typed_model=absolute)
+    assert cache_key(settings, "an-architecture") == cache_key(by_absolute, "an-architecture")
+    assert cache_key(settings, "an-architecture", model_as_typed=True) != cache_key(settings, "an-architecture")
     other = save_encoder(tmp_path / "other", seed=9)  # another encoder is another study, whatever its path
     assert main([*resume[:2], f"model={other}", *resume[3:]]) == 2
 

@@ -416,3 +416,23 @@ def test_the_summary_says_when_the_reference_breaks_a_study_constraint(tmp_path,
     assert "0 (reference, infeasible)" in out, out
     words = " ".join(out.split())  # the console wraps the verdict line
     assert "best trial 1 beats the reference architecture (infeasible: over active_params) on loss" in words, out
+
+
+def test_a_study_resumes_after_its_spaces_description_changed_and_from_its_earlier_fingerprint(tmp_path,
+                                                                                                monkeypatch):
+    """The fingerprint held the space's description, prose: a reworded shipped space refused every study
+    of it on resume. Studies fingerprinted that way still resume."""
+    from fulu_nas.search.locate import load_study as located_study
+    from fulu_nas.search.locate import locate_study, search_settings
+    from fulu_nas.search.study import FINGERPRINT_ATTR
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=1", "trainer.steps=10") == 0
+    assert run_search(out, "study.n_trials=2", "trainer.steps=10", "search_space.description=reworded") == 0
+    assert run_search(out, "study.n_trials=2", "trainer.steps=20") == 2  # a budget is no description
+    location = locate_study(["study.name=tiny-clusters", f"hydra.run.dir={out}"])
+    settings = search_settings(location, located_study(location))
+    optuna.load_study(study_name="tiny-clusters", storage=location.storage_url).set_user_attr(
+        FINGERPRINT_ATTR, settings.fingerprint(legacy=True))
+    assert run_search(out, "study.n_trials=3", "trainer.steps=10", "search_space.description=reworded") == 0

@@ -272,8 +272,10 @@ def phase_metrics(seconds: dict[str, float], result: TrainResult, log: TrainingL
     return out
 
 
-def cache_key(settings: SearchSettings, arch_hash: str) -> str:
-    """Identical architecture + task + budget + cost protocol -> identical key."""
+def cache_key(settings: SearchSettings, arch_hash: str, model_as_typed: bool = False) -> str:
+    """Identical architecture + task + budget + cost protocol -> identical key. A model on disk is in the
+    architecture by its content (``source_sha256``), not by its path (``model_as_typed``: the key as it was
+    made with the path as typed, which earlier trials of a study keep)."""
     # none of these changes a trial's result (beyond floating-point rounding: device, compile, deterministic)
     skip = ("progress", "device", "compile", "cuda_graph", "deterministic", "report_every", "seconds_cap")
     train = {k: v for k, v in asdict(settings.train).items() if k not in skip}
@@ -281,7 +283,13 @@ def cache_key(settings: SearchSettings, arch_hash: str) -> str:
         del train["expert_parallel"]
     cost = asdict(settings.cost)
     del cost["compile_while_training"]  # when the kernels compile, not what is measured
-    blob = json.dumps({"arch": arch_hash, "task": [settings.task_name, settings.task_params], "train": train,
+    task_params = dict(settings.task_params)
+    if settings.typed_model is not None:
+        if model_as_typed:
+            task_params["model"] = settings.typed_model
+        else:
+            task_params.pop("model", None)
+    blob = json.dumps({"arch": arch_hash, "task": [settings.task_name, task_params], "train": train,
                        "cost": cost}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -315,7 +323,7 @@ class Objective:
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("arch_hash", arch.content_hash())
         trial.set_user_attr("cache_key", key)
-        earlier = self._identical(trial, key)
+        earlier = self._identical(trial, {key, cache_key(self.s, arch.content_hash(), model_as_typed=True)})
         if earlier is not None:
             return self._reuse(trial, earlier, values, arch)
         return self._train(trial, values, arch, started)
@@ -389,10 +397,10 @@ class Objective:
                 torch.cuda.empty_cache()
 
     # -- reuse --------------------------------------------------------------------------------
-    def _identical(self, trial: optuna.Trial, key: str):
+    def _identical(self, trial: optuna.Trial, keys: set[str]):
         states = (TrialState.COMPLETE, TrialState.PRUNED)
         for t in trial.study.get_trials(deepcopy=False, states=states):
-            if t.number != trial.number and t.user_attrs.get("cache_key") == key and "infeasible" not in t.user_attrs:
+            if t.number != trial.number and t.user_attrs.get("cache_key") in keys and "infeasible" not in t.user_attrs:
                 return t
         return None
 

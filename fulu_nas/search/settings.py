@@ -130,11 +130,13 @@ class SearchSettings:
             return None
         return (self.output_dir / "mlartifacts").resolve().as_uri()
 
-    def fingerprint(self, model_as_typed: bool = False) -> str:
-        """What must not change when a study resumes: space, task, budget, objectives. A model on disk is
-        known by its content, not its path (``model_as_typed``: the fingerprint as it was made with the
-        path as typed, which studies made so keep)."""
+    def fingerprint(self, legacy: bool = False) -> str:
+        """What must not change when a study resumes: space, task, budget, objectives. Not the space's
+        description (prose), nor the path of a model on disk, which is known by its content. ``legacy``:
+        the fingerprint as studies made before kept it, with both (the model's path as typed)."""
         keep = {k: copy.deepcopy(self.raw[k]) for k in ("task", "search_space", "trainer")}
+        if not legacy:
+            keep["search_space"].pop("description", None)
         keep["objectives"] = list(self.study.objectives)
         keep["constraints"] = list(self.study.constraints)
         # the safety cap may change on resume: results depend on the steps alone
@@ -146,9 +148,9 @@ class SearchSettings:
         model_sha256 = getattr(self.task, "model_sha256", None)
         if model_sha256:
             keep["model_sha256"] = model_sha256
-            if model_as_typed and self.typed_model is not None:
+            if legacy and self.typed_model is not None:
                 keep["task"]["model"] = self.typed_model
-            elif not model_as_typed:
+            elif not legacy:
                 keep["task"].pop("model", None)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

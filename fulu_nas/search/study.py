@@ -89,7 +89,7 @@ def open_study(s: SearchSettings, worker_index: int = 0) -> optuna.Study:
         study.set_user_attr(FINGERPRINT_ATTR, s.fingerprint())
         study.set_user_attr("search_space", s.space.name)
         study.set_user_attr("task", s.task_name)
-    elif fingerprint not in (s.fingerprint(), s.fingerprint(model_as_typed=True)):
+    elif fingerprint not in (s.fingerprint(), s.fingerprint(legacy=True)):
         raise FuluConfigError(f"study.name: study {s.study.name!r} in {mask_url(s.storage_url)} was created with "
                               "another search space, task, budget or objectives; choose another study.name to "
                               "start a new study, or the original settings to resume it")
