@@ -117,8 +117,6 @@ def test_imports_point_down():
 def test_the_package_loads_its_public_names_on_first_use_with_their_registrations():
     """``import fulu_nas`` (what the console entry point does) loads no torch; the first public name
     read loads the API as a whole, the Hugging Face importer and the upcycle task registered."""
-    import subprocess
-
     code = ("import sys, fulu_nas\n"
             "assert 'torch' not in sys.modules\n"
             "from fulu_nas import PiMoELayer\n"
@@ -132,15 +130,12 @@ def test_the_package_loads_its_public_names_on_first_use_with_their_registration
             "    assert 'no_such_name' in str(e)\n"
             "else:\n"
             "    raise SystemExit('an unknown name was found')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    in_a_fresh_python(code)
 
 
 def test_a_task_registered_above_names_its_module_until_it_is_imported():
     """Reading tasks directly (``from fulu_nas.tasks import build_task``) no longer imports the layers
     that register tasks: the upcycle task was then an "unknown task"."""
-    import subprocess
-
     code = ("from fulu_nas.errors import FuluConfigError\n"
             "from fulu_nas.tasks import build_task\n"
             "try:\n"
@@ -154,5 +149,12 @@ def test_a_task_registered_above_names_its_module_until_it_is_imported():
             "    build_task('upcycle')\n"
             "except FuluConfigError as e:\n"
             "    assert 'model not set' in str(e), str(e)\n")
+    in_a_fresh_python(code)
+
+
+def in_a_fresh_python(code: str) -> None:
+    """Run ``code`` in a new interpreter (what it imports is not what this test session already has)."""
+    import subprocess
+
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
