@@ -300,13 +300,12 @@ class ExpertParallelMoE(PiMoELayer):
 
     def _dispatch_expert_choice(self, x_TD: Tensor, r: Routing):
         """Expert choice is grouped by expert already: every expert takes C rows."""
-        E, C = r.token_EC.shape
-        token_S = r.token_EC.reshape(-1)
+        E, C, token_S = self.cfg.num_experts, r.capacity, r.token_N
         taken_T = torch.zeros(x_TD.shape[0], device=x_TD.device).index_add_(
             0, token_S, torch.ones(token_S.shape, device=x_TD.device))
         counts_E = torch.full((E,), C, dtype=torch.long, device=x_TD.device)
         untaken = (taken_T == 0).float().sum()
-        return token_S, r.weight_EC.reshape(-1), counts_E, untaken, taken_T.new_tensor(float(x_TD.shape[0]))
+        return token_S, r.weight_N, counts_E, untaken, taken_T.new_tensor(float(x_TD.shape[0]))
 
     def _rows_by_chunk(self, T: int, token_S: Tensor, weight_S: Tensor, slot_S: Tensor | None, counts_E: Tensor):
         """The kept rows (sorted by expert) reordered chunk by chunk (chunk c: tokens ``[c*T/C, (c+1)*T/C)``),

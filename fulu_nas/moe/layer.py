@@ -291,10 +291,8 @@ class PiMoELayer(nn.Module):
     # -- expert choice ---------------------------------------------------------------------------
 
     def _expert_choice(self, x_TD: Tensor, r: Routing, impl: str) -> tuple[Tensor, Tensor, Tensor]:
-        E, C = r.token_EC.shape
-        token_N = r.token_EC.reshape(-1)
-        weight_N = r.weight_EC.reshape(-1)
-        expert_N = torch.arange(E, device=x_TD.device).repeat_interleave(C)
+        E, C, token_N, weight_N = self.cfg.num_experts, r.capacity, r.token_N, r.weight_N
+        expert_N = torch.arange(E * C, device=x_TD.device) // C  # C may be symbolic under export
         if impl == "loop":
             out_TD = self.experts.forward_loop(x_TD, expert_N, token_N, weight_N)
         else:
@@ -329,7 +327,7 @@ class PiMoELayer(nn.Module):
         dropped share)."""
         counts = lambda: load()[0]  # noqa: E731
         zero = lambda: torch.zeros((), device=r.expert_TK.device if r.expert_TK is not None  # noqa: E731
-                                   else r.token_EC.device)
+                                   else r.token_N.device)
         cfg = self.cfg
 
         def balance() -> Tensor:

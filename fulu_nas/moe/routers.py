@@ -225,9 +225,19 @@ class ExpertChoiceRouter(Fp32Router):
         # A full sort then a slice (not topk(capacity)): keeps the capacity symbolic under
         # torch.export with a dynamic token count.
         weight_ET, token_ET = probs_TE.t().sort(dim=-1, descending=True, stable=True)
-        weight_EC, token_EC = weight_ET[:, :capacity], token_ET[:, :capacity]
-        return Routing(token_EC=token_EC, weight_EC=weight_EC * self.cfg.routed_scaling_factor,
-                       probs_TE=probs_TE, logits_TE=logits_TE)
+        slots_N = first_columns(probs_TE.shape[1], probs_TE.shape[0], capacity, probs_TE.device)
+        return Routing(token_N=token_ET.reshape(-1)[slots_N],
+                       weight_N=weight_ET.reshape(-1)[slots_N] * self.cfg.routed_scaling_factor,
+                       capacity=capacity, probs_TE=probs_TE, logits_TE=logits_TE)
+
+
+def first_columns(rows: int, columns: int, taken: int, device: torch.device) -> Tensor:
+    """Flat indices of the first ``taken`` columns of each row of a contiguous (rows, columns)
+    tensor, row by row: ``a.reshape(-1)[first_columns(...)]`` is ``a[:, :taken].reshape(-1)`` without
+    the strided slice, whose flattening asks whether ``taken`` is 1; torch.export then specialised
+    an expert-choice program on a capacity of at least 2 and refused every smaller input."""
+    n_N = torch.arange(rows * taken, device=device)
+    return n_N // taken * columns + n_N % taken
 
 
 _HASH_PRIME = 2_147_483_647  # 2^31 - 1: products with 31-bit multipliers stay inside int64

@@ -22,18 +22,21 @@ class Routing:
 
     Token-choice routers fill ``expert_TK`` / ``weight_TK`` / ``active_TK`` (slot k of token t goes
     to expert ``expert_TK[t, k]`` with combine weight ``weight_TK[t, k]``; inactive slots are
-    unused top-p slots and carry weight 0). Expert-choice fills ``token_EC`` / ``weight_EC``
-    (expert e takes tokens ``token_EC[e]``). ``probs_TE`` are the normalised router
-    probabilities and ``logits_TE`` the raw logits (both ``None`` for the parameter-free hash
-    router); they feed the balancing losses and the router-entropy statistic. ``counts_BE``,
-    ``rows_per_block`` and ``sorted_slots``: see :func:`fulu_nas.moe.triton_routing.launch_route`.
+    unused top-p slots and carry weight 0). Expert-choice fills ``token_N`` / ``weight_N``
+    grouped by expert, ``capacity`` (C) slots each (expert e takes tokens ``token_EC[e]``).
+    ``probs_TE`` are the normalised router probabilities and ``logits_TE`` the raw logits (both
+    ``None`` for the parameter-free hash router); they feed the balancing losses and the
+    router-entropy statistic. ``counts_BE``, ``rows_per_block`` and ``sorted_slots``: see
+    :func:`fulu_nas.moe.triton_routing.launch_route`.
     """
 
     expert_TK: Tensor | None = None
     weight_TK: Tensor | None = None
     active_TK: Tensor | None = None
-    token_EC: Tensor | None = None
-    weight_EC: Tensor | None = None
+    # Expert choice, flat: expert e takes tokens ``token_N[e * capacity:(e + 1) * capacity]``.
+    token_N: Tensor | None = None
+    weight_N: Tensor | None = None
+    capacity: int = 0
     probs_TE: Tensor | None = None
     logits_TE: Tensor | None = None
     # From the Triton routing kernel (eager, CUDA): how many slots of each block of
@@ -42,6 +45,16 @@ class Routing:
     rows_per_block: int = 0
     # ... or that sort itself, ``(order_N, ends_E, inverse_N)``, where one program routed every token.
     sorted_slots: tuple[Tensor, Tensor, Tensor] | None = None
+
+    # Flat, not (E, C): flattening a (E, C) tensor asks whether C is 1, and torch.export then
+    # specialised the program on a capacity of at least 2.
+    @property
+    def token_EC(self) -> Tensor | None:
+        return None if self.token_N is None else self.token_N.view(-1, self.capacity)
+
+    @property
+    def weight_EC(self) -> Tensor | None:
+        return None if self.weight_N is None else self.weight_N.view(-1, self.capacity)
 
 
 def jitter(x_TD: Tensor, eps: float, training: bool) -> Tensor:
