@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import FuluConfigError
-from .migrate import encoder_root, quiet_transformers
+from .migrate import encoder_root, loading_problem, quiet_transformers
 
 # Files that hold a tokenizer's vocabulary (tokenizer_config.json alone holds none).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
@@ -128,20 +128,9 @@ class DenseEncoder:
                 except (OSError, ValueError, RuntimeError) as e:
                     raise FuluConfigError(f"model {os.fspath(path)!r} cannot be loaded: "
                                           f"{str(e).splitlines()[0]}") from None
-        if mismatched := sorted(info["mismatched_keys"]):
-            shapes = [f"{key}: {tuple(stored)} stored, {tuple(configured)} configured"
-                      for key, stored, configured in mismatched[:3]]
-            more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
-            raise FuluConfigError(f"model {os.fspath(path)!r}: its weights do not fit its config.json: "
-                                  f"{'; '.join(shapes)}{more}")
-        base = getattr(model, "base_model_prefix", "")
-        missing = sorted(info["missing_keys"])
-        body = [k for k in missing if k.startswith(f"{base}.")]
-        if body:
-            raise FuluConfigError(f"model {os.fspath(path)!r}: its weights lack {len(body)} of the encoder's tensors "
-                                  f"({', '.join(body[:3])}{', ...' if len(body) > 3 else ''}): they are not the "
-                                  f"model its config.json describes")
-        return model.eval(), "new" if missing else "pretrained"
+        if problem := loading_problem(model, info):
+            raise FuluConfigError(f"model {os.fspath(path)!r}: {problem}")
+        return model.eval(), "new" if info["missing_keys"] else "pretrained"  # a head the files lack
 
     def copy(self) -> nn.Module:
         """A copy of the pristine dense model (every trial starts from one)."""

@@ -265,6 +265,27 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def loading_problem(model: nn.Module, info: Mapping[str, Any]) -> str | None:
+    """What is wrong with weights transformers loaded into ``model`` (``info``: its
+    ``output_loading_info``, loaded with ``ignore_mismatched_sizes=True``), or None: sizes that do not
+    fit the config, or encoder tensors the files lack (transformers starts those at random, which
+    would make a random model; the pooler is optional: ``BertModel(add_pooling_layer=False)`` saves
+    none)."""
+    if mismatched := sorted(info["mismatched_keys"]):
+        shapes = [f"{key}: {tuple(stored)} stored, {tuple(configured)} configured"
+                  for key, stored, configured in mismatched[:3]]
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        return f"its weights do not fit its config.json: {'; '.join(shapes)}{more}"
+    headless = getattr(model, "base_model", model) is model
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    body = sorted(k for k in info["missing_keys"] if (headless or k.startswith(prefix))
+                  and not k.removeprefix(prefix).startswith("pooler."))
+    if body:
+        return (f"its weights lack {len(body)} of the encoder's tensors ({', '.join(body[:3])}"
+                f"{', ...' if len(body) > 3 else ''}): they are not the model its config.json describes")
+    return None
+
+
 def _load(path: str | os.PathLike) -> nn.Module:
     """The model saved in ``path`` (as the class it was saved from), read from safetensors only, or one
     FuluConfigError naming the folder and what is wrong with it."""
@@ -301,22 +322,8 @@ def _load(path: str | os.PathLike) -> nn.Module:
                                               ignore_mismatched_sizes=True)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
             raise FuluConfigError(f"{where} cannot be loaded: {_first_line(e)}") from None
-    mismatched = sorted(info["mismatched_keys"])
-    if mismatched:
-        shapes = [f"{key}: {tuple(stored)} stored, {tuple(configured)} configured"
-                  for key, stored, configured in mismatched[:3]]
-        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
-        raise FuluConfigError(f"{where}: its weights do not fit its config.json: {'; '.join(shapes)}{more}")
-    # transformers starts every tensor the file lacks at random; the encoder's own would make a random model.
-    headless = getattr(model, "base_model", model) is model
-    prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    # A pooler is optional (BertModel(add_pooling_layer=False) saves none; transformers starts it afresh).
-    body = sorted(k for k in info["missing_keys"] if (headless or k.startswith(prefix))
-                  and not k.removeprefix(prefix).startswith("pooler."))
-    if body:
-        raise FuluConfigError(f"{where}: its weights lack {len(body)} of the encoder's tensors ({', '.join(body[:3])}"
-                              f"{', ...' if len(body) > 3 else ''}): they are not the model its config.json "
-                              f"describes")
+    if problem := loading_problem(model, info):
+        raise FuluConfigError(f"{where}: {problem}")
     return model
 
 

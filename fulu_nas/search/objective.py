@@ -283,12 +283,7 @@ def cache_key(settings: SearchSettings, arch_hash: str, model_as_typed: bool = F
         del train["expert_parallel"]
     cost = asdict(settings.cost)
     del cost["compile_while_training"]  # when the kernels compile, not what is measured
-    task_params = dict(settings.task_params)
-    if settings.typed_model is not None:
-        if model_as_typed:
-            task_params["model"] = settings.typed_model
-        else:
-            task_params.pop("model", None)
+    task_params = settings.task_identity(settings.task_params, model_as_typed)
     blob = json.dumps({"arch": arch_hash, "task": [settings.task_name, task_params], "train": train,
                        "cost": cost}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -130,6 +130,18 @@ class SearchSettings:
             return None
         return (self.output_dir / "mlartifacts").resolve().as_uri()
 
+    def task_identity(self, task_params: Mapping[str, Any], model_as_typed: bool = False) -> dict:
+        """``task_params`` as a study's fingerprint and a trial's cache key hold them: a model on disk is
+        known by its content, so its path is left out; ``model_as_typed``: as identities made before
+        held them, with the path as the command named it."""
+        params = dict(task_params)
+        if self.typed_model is not None:
+            if model_as_typed:
+                params["model"] = self.typed_model
+            else:
+                params.pop("model", None)
+        return params
+
     def fingerprint(self, legacy: bool = False) -> str:
         """What must not change when a study resumes: space, task, budget, objectives. Not the space's
         description (prose), nor the path of a model on disk, which is known by its content. ``legacy``:
@@ -148,10 +160,7 @@ class SearchSettings:
         model_sha256 = getattr(self.task, "model_sha256", None)
         if model_sha256:
             keep["model_sha256"] = model_sha256
-            if legacy and self.typed_model is not None:
-                keep["task"]["model"] = self.typed_model
-            elif not legacy:
-                keep["task"].pop("model", None)
+        keep["task"] = self.task_identity(keep["task"], model_as_typed=legacy)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
