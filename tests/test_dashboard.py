@@ -65,6 +65,29 @@ def test_bad_input_exits_2_before_anything_is_read(tmp_path, monkeypatch, capsys
     assert main(["dashboard", "--help"]) == 0
 
 
+def test_a_wrong_study_storage_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys):
+    """A command that reads a study must not write: Optuna opening the MLflow database beside the study
+    created its tables there (then failed with a traceback), a journal URL created its file."""
+    import sqlite3
+
+    monkeypatch.chdir(tmp_path)
+    tracking = tmp_path / "mlflow.db"
+    with sqlite3.connect(tracking) as db:
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER)")
+    before = tracking.read_bytes()
+    run = ["dashboard", "study.name=x", f"hydra.run.dir={tmp_path}"]
+    cases = [(f"sqlite:///{tracking}", "is an MLflow tracking database"),
+             (f"journal:///{tmp_path}/study.log", "no journal file"),
+             (f"journal:///{tmp_path}/absent/study.log", "folder of journal file"),
+             ("mysql://u:p@127.0.0.1:1/db", "needs the Python module")]
+    for storage, message in cases:
+        assert main([*run, f"study.storage={storage}"]) == 2, storage
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert tracking.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+
+
 def test_describe_arch_is_one_line():
     arch = {"num_layers": 2, "hidden_size": 64, "moe": {"router": "hierarchical", "num_experts": 8, "top_k": 2,
                                                         "expert_ffn_size": 32, "hierarchy_depth": 2,

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from ..errors import FuluConfigError
 from .settings import SearchSettings, load_settings
-from .storage import check_output_dir, check_sqlite_writable, check_tracking_uri, mask_url, probe_tracking
+from .storage import (
+    check_output_dir,
+    check_sqlite_writable,
+    check_study_storage_exists,
+    check_tracking_uri,
+    mask_url,
+    probe_tracking,
+)
 
 
 @dataclass(frozen=True)
@@ -62,9 +69,7 @@ def locate_study(overrides: list[str]) -> StudyLocation:
     output_dir = Path(output_dir)
     storage = cfg["study"].get("storage") or f"sqlite:///{(output_dir / 'optuna.db').resolve()}"
     tracking = cfg["tracking"].get("uri") or f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
-        raise FuluConfigError(f"study.name: no study database at {storage[len('sqlite:///'):]} (is {name!r} the "
-                              "study name? pass study.storage=... or hydra.run.dir=... if the search used them)")
+    check_study_storage_exists(storage, name)
     # A wrong tracking.uri must not make a folder and a database (MLflow would) or wait on an unreachable
     # server for minutes.
     check_tracking_uri(tracking)

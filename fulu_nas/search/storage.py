@@ -160,6 +160,34 @@ def probe_storage(url: str) -> None:
     _probe_database(url, "study.storage")
 
 
+def check_study_storage_exists(url: str, study_name: str) -> None:
+    """FuluConfigError unless ``url`` holds a study storage already, for the commands that read one:
+    Optuna opening a SQLite file creates its tables there (a wrong ``study.storage``, the MLflow
+    database beside it say, gained Optuna's schema) and a journal URL creates its file."""
+    import sqlite3
+
+    hint = (f"(is {study_name!r} the study name? pass study.storage=... or hydra.run.dir=... if the search "
+            f"used them)")
+    if isinstance(url, str) and url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise FuluConfigError(f"study.name: no study database at {url[len('sqlite:///'):]} {hint}")
+    check_storage_url(url)
+    if _scheme(url) == "journal":
+        if not journal_path(url).is_file():
+            raise FuluConfigError(f"study.storage: no journal file {str(journal_path(url))!r} {hint}")
+        return
+    if _scheme(url) != "sqlite":
+        probe_storage(url)
+        return
+    path = Path(url[len("sqlite:///"):])
+    _probe_sqlite_file(url, "study.storage")
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not {"studies", "trials", "version_info"} <= tables:
+        what = "an MLflow tracking database" if "experiments" in tables else "not an Optuna study database"
+        raise FuluConfigError(f"study.storage: {path} is {what}, not the study's (a search keeps its study in "
+                              f"optuna.db)")
+
+
 def probe_tracking(uri: str) -> None:
     """Reach a tracking server or database; an existing SQLite file must be a database."""
     scheme = _scheme(uri)
