@@ -61,6 +61,9 @@ def test_bad_input_exits_2_before_anything_is_read(tmp_path, monkeypatch, capsys
     assert "study.name" in capsys.readouterr().err
     assert main(["dashboard", "study.name=missing"]) == 2
     assert "no study database" in capsys.readouterr().err
+    # an option Hydra would drop: the default layout was drawn and written in its place
+    assert main(["dashboard", "study.name=missing", "--layout=compact"]) == 2
+    assert "--layout=compact: unknown option" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert main(["dashboard", "--help"]) == 0
 

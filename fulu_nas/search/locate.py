@@ -48,6 +48,10 @@ def split_options(argv: list[str], options: dict[str, str]) -> tuple[dict[str, s
     return own, rest
 
 
+# The flags of a search that change where its configuration is read from.
+STUDY_FLAGS = ("--config-dir", "-cd")
+
+
 def locate_study(overrides: list[str]) -> StudyLocation:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -58,6 +62,10 @@ def locate_study(overrides: list[str]) -> StudyLocation:
         raise FuluConfigError("study.name: which study? pass study.name=NAME (the name `fulu-nas search` printed)")
     try:
         # The search's own --config-dir (a space of the user's, say), so that its overrides compose here too.
+        if unknown := [a for a in overrides if a.startswith("-") and a.partition("=")[0] not in STUDY_FLAGS]:
+            # Hydra would drop them: --layout=compact drew and wrote the default layout without a word
+            raise FuluConfigError(f"{unknown[0]}: unknown option (this command takes key=value settings, such as "
+                                  f"study.name=NAME, and --config-dir DIR)")
         overrides, flags = split_flags(overrides)
         config_dir = flags.get("--config-dir") or flags.get("-cd")
         if config_dir and not Path(config_dir).is_dir():
