@@ -377,7 +377,14 @@ def test_ui_refuses_a_folder_without_a_tracking_database(tmp_path, capsys):
         assert main(["ui", *argv]) == 2
         assert words in capsys.readouterr().err
     assert not (tmp_path / "nowhere").exists()
+    # a damaged database in the folder: the address, then the server's 66-line traceback, exit 1
+    (tmp_path / "mlflow.db").write_text("not a database")
+    assert main(["ui", str(tmp_path)]) == 2
+    assert "is not a SQLite database" in capsys.readouterr().err
     (tmp_path / "mlflow.db").write_bytes(b"")
+    for command in (["ui", str(tmp_path)], ["serve", str(tmp_path)]):  # it named --port
+        assert main([*command, "--host", "999.1.1.1"]) == 2
+        assert "--host: cannot listen on 999.1.1.1:" in capsys.readouterr().err
     with socket.socket() as taken:  # a port in use: the server printed a traceback and the command exited 0
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -55,9 +55,13 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _serves(port: int) -> bool:
+def _serves(port: int, host: str | None = None) -> bool:
+    """Whether the server answers 200 (``host``: the page, as the Host header the request carries; MLflow
+    answers its health check whatever the host)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/{'' if host else 'health'}",
+                                     headers={"Host": host} if host else {})
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status == 200
     except OSError:
         return False
@@ -72,8 +76,9 @@ def test_a_signal_to_the_ui_stops_its_server(signum, tmp_path):
     mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # an (empty) tracking database
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "fulu_nas.cli", "ui", "--tracking-uri",
-                           f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)],
-                          cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port),
+                           "--allowed-hosts", f"fulu.test:{port}"],
+                          cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     server: set[int] = set()
     try:
         deadline = time.time() + 120
@@ -83,9 +88,13 @@ def test_a_signal_to_the_ui_stops_its_server(signum, tmp_path):
         assert _serves(port), "the MLflow UI did not answer"
         server = _descendants(ui.pid)
         assert server, "the MLflow server runs in child processes"
+        # --allowed-hosts: the name other machines reach it by (MLflow answered them 403)
+        assert _serves(port, host=f"fulu.test:{port}") and not _serves(port, host=f"other.test:{port}")
 
         ui.send_signal(signum)
         assert ui.wait(timeout=60) == 0
+        # MLflow's notice of its security middleware named options fulu-nas ui did not have
+        assert "Security middleware" not in ui.stderr.read()
         assert [pid for pid in server if _alive(pid)] == []
         assert _port_is_free(port)
     finally:

@@ -34,10 +34,13 @@ def build_command(args: argparse.Namespace) -> list[str]:
             raise FileNotFoundError(f"no MLflow database at {db} (is {args.output_dir!r} the output folder of a "
                                     "search? it is printed at the end of `fulu-nas search`)")
         uri = f"sqlite:///{db.resolve()}"
+        probe_tracking(uri)  # a damaged database: one message, not the server's traceback after the address
     # The registry store named (the same database), or MLflow prints that it chose it.
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
-            "--host", args.host,
-            "--port", str(args.port), "--uvicorn-opts", "--log-level warning"]  # not a line per request
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
+               "--host", args.host, "--port", str(args.port), "--uvicorn-opts", "--log-level warning"]
+    if args.allowed_hosts:
+        command += ["--allowed-hosts", args.allowed_hosts]
+    return command
 
 
 def main(argv: list[str]) -> int:
@@ -47,6 +50,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tracking-uri", help="an MLflow backend store URI instead of <output_dir>/mlflow.db")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=port, default=5000)
+    parser.add_argument("--allowed-hosts", metavar="HOSTS",
+                        help="the Host headers the server answers, comma-separated, e.g. myhost:5000 (MLflow's "
+                             "guard against DNS rebinding; default: localhost and private addresses)")
     try:
         args = parser.parse_args(argv)
         command = build_command(args)
