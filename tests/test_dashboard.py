@@ -51,6 +51,9 @@ def test_layout_problems_are_all_listed(tmp_path):
     assert "'extra'" in text and "unknown panel 'bogus'" in text and "'colour'" in text and "rows=0" in text
     with pytest.raises(FuluConfigError, match="no layout 'nope'.*default"):
         load_layout("nope")
+    bad.write_bytes('title: "R\xe9sultats"\npanels: [objective]\n'.encode("latin-1"))  # was a traceback
+    with pytest.raises(FuluConfigError, match="bad.yaml is not UTF-8 text"):
+        load_layout(str(bad))
 
 
 def test_bad_input_exits_2_before_anything_is_read(tmp_path, monkeypatch, capsys):

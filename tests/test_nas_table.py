@@ -105,7 +105,24 @@ def test_bench_search_replays_samplers_with_non_negative_non_increasing_regret(t
     assert result["samplers"]["random"]["regret"][0] == pytest.approx([b - min(mean.values()) for b in best])
 
 
+def test_bench_search_replays_two_objectives_by_hypervolume_regret(tmp_path, capsys):
+    """The second command of docs/nas-benchmark.md's replays, shrunk: the table's front and reference point
+    are the page's figures, and every sampler's hypervolume regret falls from at most 1 toward 0."""
+    out = tmp_path / "replay-mo"
+    assert bench.main(["search", "--repetitions", "2", "--trials", "12", "--objectives", "loss", "active_params",
+                       "--out", str(out)]) == 0
+    result = json.loads((out / "replay.json").read_text())
+    assert result["table_hypervolume"] == pytest.approx(1289.72, abs=0.01)
+    assert result["reference_point"] == pytest.approx([1.29777, 13851.6], rel=1e-5)
+    for sampler in result["samplers"].values():
+        for regret in sampler["regret"]:
+            assert len(regret) == 12 and all(0 <= r <= 1 for r in regret)
+            assert all(b <= a for a, b in itertools.pairwise(regret))
+    assert "hypervolume regret of (loss, active_params)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--table", "NAN"], "data row 1: metric is not finite"),  # was replayed: "best mean nan"
     (["--table", "missing.csv"], "no such file"),
     (["--samplers", "tpe", "annealing"], "unknown sampler 'annealing'"),
     (["--objectives", "latency_ms"], "--objectives"),
@@ -114,7 +131,14 @@ def test_bench_search_replays_samplers_with_non_negative_non_increasing_regret(t
 def test_bench_search_refuses_bad_input_with_one_message_and_writes_nothing(tmp_path, capsys, args, message):
     bad = tmp_path / "bad.csv"
     bad.write_text("router,experts,loss\ntopk,4,1.0\n")
-    args = [str(bad) if a == "BAD" else str(tmp_path / a) if a == "missing.csv" else a for a in args]
+    lines = DEFAULT_TABLE.read_text().splitlines(keepends=True)
+    header = [i for i, line in enumerate(lines) if not line.startswith("#")][0]
+    first = dict(zip(lines[header].strip().split(","), lines[header + 1].strip().split(","), strict=True))
+    first["metric"] = "nan"
+    lines[header + 1] = ",".join(first.values()) + "\n"
+    (tmp_path / "nan.csv").write_text("".join(lines))
+    named = {"BAD": str(bad), "NAN": str(tmp_path / "nan.csv"), "missing.csv": str(tmp_path / "missing.csv")}
+    args = [named.get(a, a) for a in args]
     out = tmp_path / "replay"
     assert bench.main(["search", *args, "--repetitions", "1", "--trials", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err

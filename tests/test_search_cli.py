@@ -135,6 +135,12 @@ def test_malformed_yaml_is_one_message_naming_the_file_and_line(tmp_path, monkey
     [problem] = problems_in(capsys.readouterr().err)
     assert str(tmp_path / "my_conf" / "search_space" / "broken.yaml") in problem and "line 3" in problem, problem
     assert list(work.iterdir()) == []
+    # a file in another encoding than UTF-8 (Latin-1 here) was Hydra's UnicodeDecodeError traceback
+    (tmp_path / "my_conf" / "search_space" / "broken.yaml").write_bytes('name: "R\xe9sum\xe9"\n'.encode("latin-1"))
+    assert main(["search", *args]) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert problem.startswith(f"{tmp_path / 'my_conf' / 'search_space' / 'broken.yaml'}: not UTF-8 text"), problem
+    assert list(work.iterdir()) == []
 
 
 # Fixed fields of one small block, for the spaces below.

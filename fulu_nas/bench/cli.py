@@ -48,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # an impossible configuration
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        # A machine with torch alone (a GPU host) runs the layer's benchmarks; the tasks' need scipy, the
+        # search's benchmarks the search's packages.
+        if not e.name or e.name.split(".")[0] == "fulu_nas":
+            raise
+        print(f"error: fulu-nas bench {args.what} needs the Python package {e.name.split('.')[0]!r}, which is not "
+              f"installed (pip install fulu-nas installs it)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -126,8 +126,9 @@ def _row(record: list[str], names: list[str], allowed: dict[str, set[str]], prob
             row[column] = int(text) if column in INT_COLUMNS else float(text) if column in FLOAT_COLUMNS else text
         except ValueError:
             problems.append(f"{where}: {column}={text!r} is not a number")
-    if "loss" in row and not math.isfinite(row["loss"]):
-        problems.append(f"{where}: loss is not finite")  # a replay's objective must be a number
+    # a replay's objectives, and the summary's ranks, must be numbers
+    problems += [f"{where}: {column} is not finite" for column in FLOAT_COLUMNS
+                 if column in row and not math.isfinite(row[column])]
     return row
 
 

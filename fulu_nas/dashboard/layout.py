@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checks import yaml_problem
 from ..errors import FuluConfigError
 from .panels import PANELS
 
@@ -43,9 +44,11 @@ def load_layout(name: str) -> Layout:
         raise FuluConfigError(f"layout: no layout {name!r} (layouts in {LAYOUTS_DIR}: "
                               f"{', '.join(available_layouts()) or 'none'}; or pass a path to a .yaml file)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise FuluConfigError(f"layout: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise FuluConfigError(f"layout: {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise FuluConfigError(f"layout: {path} is not valid YAML: {yaml_problem(e)}") from None
     problems: list[str] = []
     if not isinstance(data, dict):
         raise FuluConfigError(f"layout: {path} must be a mapping with `title` and `panels`")

@@ -112,6 +112,10 @@ def preflight(argv: list[str]):
         raise FuluConfigError(f"configuration: {message}") from None
     except yaml.YAMLError as e:  # a config file (a space of the user's own, say) that is not YAML
         raise FuluConfigError(_yaml_problem(e)) from None
+    except UnicodeDecodeError as e:  # ... or not text: Hydra's loader does not say which file
+        files = [str(p) for p in sorted(Path(config_dir or CONF_DIR).rglob("*.yaml")) if not _is_utf8(p)]
+        raise FuluConfigError(f"{', '.join(files) or 'a config file'}: not UTF-8 text ({e.reason} at byte "
+                              f"{e.start})") from None
     problems = []  # the output folder's and the settings', listed together
     try:
         check_output_dir(output_dir)
@@ -126,6 +130,14 @@ def preflight(argv: list[str]):
     probe_storage(settings.storage_url)
     probe_tracking(settings.tracking_uri)
     return settings
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+    except (UnicodeDecodeError, OSError):
+        return False
+    return True
 
 
 def _yaml_problem(e) -> str:
