@@ -19,6 +19,7 @@ import contextlib
 import io
 import math
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import replace
@@ -39,7 +40,10 @@ from .tracking import WEIGHTS_SHA256_TAG, export_run, quiet_mlflow
 
 TrialState = optuna.trial.TrialState
 # The names MLflow's registry takes (it refuses '/', ':', '.', '%' and quotes), checked before anything is written.
-REGISTERED_NAME = re.compile(r"[A-Za-z0-9_\- ]+")
+# MLflow also refuses a name of spaces; spaces around a name are refused too (a name that only looks right).
+REGISTERED_NAME = re.compile(r"[A-Za-z0-9_\-]([A-Za-z0-9_\- ]*[A-Za-z0-9_\-])?")
+# A trial number or Pareto index: ASCII digits only (str.isdigit() holds for '²', which int() refuses).
+NUMBER = re.compile(r"[0-9]+")
 OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "4", "out": "", "name": ""}
 BAD_INPUT = 2
 
@@ -48,12 +52,17 @@ def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.tr
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
         raise FuluConfigError(f"trial: study {s.study.name!r} has no complete trial yet")
-    feasible = [t for t in complete if is_feasible(t)] or complete
-    if spec.isdigit():
+    feasible = [t for t in complete if is_feasible(t)]
+    if NUMBER.fullmatch(spec):  # named: taken even if it breaks the constraints (the export says so)
         match = [t for t in complete if t.number == int(spec)]
         if not match:
             raise FuluConfigError(f"trial: trial {spec} of study {s.study.name!r} is not a complete trial")
         return match[0]
+    if not feasible and (spec == "best" or spec.partition(":")[0] in ("pareto", "fastest_within")):
+        bounds = ", ".join(f"{name} <= {bound:g}" for name, bound in s.study.constraints)
+        raise FuluConfigError(f"trial: no feasible trial: all {len(complete)} complete trials of study "
+                              f"{s.study.name!r} break study.constraints ({bounds}); name one with trial=N "
+                              f"(one of {', '.join(str(t.number) for t in complete)}) to export it anyway")
     if spec == "best":
         if s.study.multi_objective:
             raise FuluConfigError(f"trial: study {s.study.name!r} has {len(s.study.objectives)} objectives "
@@ -65,7 +74,7 @@ def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.tr
     if kind == "pareto":
         front = sorted(study.best_trials, key=lambda t: t.values[0]) if s.study.multi_objective else \
             [select_trial(study, s, "best")]
-        if not arg.isdigit() or int(arg) >= len(front):
+        if not NUMBER.fullmatch(arg) or int(arg) >= len(front):
             raise FuluConfigError(f"trial: pareto:<i> needs i in 0..{len(front) - 1}, got {arg!r}")
         return front[int(arg)]
     if kind == "fastest_within":
@@ -206,12 +215,27 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
                               f"{options['retrain_factor']!r}")
     study = load_study(location)
     s = search_settings(location, study, will_train=retrain)
+    steps = s.train.steps * factor
+    if retrain and not (math.isfinite(steps) and int(steps) >= 1):  # int(): as trial_model trains
+        raise FuluConfigError(f"retrain_factor: {options['retrain_factor']} times the search's {s.train.steps} "
+                              f"steps is {steps:g} steps, not a number of steps to train (at least 1)")
     trial, selected_by = choose_trial(study, s, options["trial"])
+    over = [key for key, value in trial.constraints.items() if value > 0]
+    if over:  # only a trial named by number can break them: said in the console, metrics.json and the card
+        selected_by += f"; it breaks study.constraints ({', '.join(over)})"
     name = options["name"] or f"{s.study.name}"
     if not REGISTERED_NAME.fullmatch(name):
         raise FuluConfigError(f"name: {name!r} cannot name an MLflow registered model (letters, digits, '-', '_' "
-                              "and spaces; no '/', ':', '.', '%' or quotes): pass name=")
+                              "and spaces, not at either end; no '/', ':', '.', '%' or quotes): pass name=")
     out = Path(options["out"] or location.output_dir / f"export-trial{trial.number}")
+    if out.is_symlink():
+        # Follow a link to its folder now: the final rename would fail on the link itself, after all the work.
+        try:
+            out = out.resolve(strict=True)
+        except (OSError, RuntimeError):  # dangling, or a loop
+            raise FuluConfigError(f"out: {out} is a symbolic link to nothing (a missing path or a loop); pass "
+                                  "the folder itself") from None
+    existed = out.is_dir()  # an empty folder given: left as it was if the registration fails
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder")
     check_output_dir(str(out.parent), "out")
@@ -242,19 +266,35 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     card = model_card(s, location, trial, config, metrics, name)
     write_export(out, model, config, metrics, card)
 
-    # Register the same pyfunc in the study's MLflow, nested under the study's parent run.
-    with export_run(location.tracking_uri, s.tracking.experiment, study, trial.number, metrics):
-        # The folder's arguments: the same signature, configuration (program SHA-256) and checks.
-        # MLflow prints its own two lines on registering; the line below says it, with the alias.
-        with contextlib.redirect_stderr(io.StringIO()):
-            info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
-                                           **pyfunc_arguments(out / "model.pt2", model.arch))
-    version = str(info.registered_model_version)
+    # Register the same pyfunc in the study's MLflow, nested under the study's parent run. Every step is in
+    # the run, so that a failure ends it FAILED; and it removes the folder and the new version, so that a
+    # failed export leaves nothing a re-run would trip on, nor a version `fulu-nas serve` cannot check.
     client = mlflow.MlflowClient(location.tracking_uri)
-    # The registered files' SHA-256 in the tracking database, which `fulu-nas serve` checks them against.
-    registered = record_registered_files(client, name, version, location.tracking_uri)
-    client.set_model_version_tag(name, version, "fulu.fingerprint", fingerprint(out))  # the folder's
-    client.set_registered_model_alias(name, "champion", version)
+    version = None
+    try:
+        with export_run(location.tracking_uri, s.tracking.experiment, study, trial.number, metrics):
+            # The folder's arguments: the same signature, configuration (program SHA-256) and checks.
+            # MLflow prints its own two lines on registering; the line below says it, with the alias.
+            with contextlib.redirect_stderr(io.StringIO()):
+                info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
+                                               **pyfunc_arguments(out / "model.pt2", model.arch))
+            version = str(info.registered_model_version)
+            # The registered files' SHA-256 in the tracking database, which `fulu-nas serve` checks them against.
+            registered = record_registered_files(client, name, version, location.tracking_uri)
+            client.set_model_version_tag(name, version, "fulu.fingerprint", fingerprint(out))  # the folder's
+            client.set_registered_model_alias(name, "champion", version)
+    except BaseException as e:
+        shutil.rmtree(out, ignore_errors=True)
+        if existed:
+            out.mkdir()
+        if version is not None:
+            with contextlib.suppress(Exception):  # best effort: the registry may be what failed
+                client.delete_model_version(name, version)
+        if isinstance(e, mlflow.exceptions.MlflowException):  # one line: the name refused, or the registry
+            option = "name" if e.error_code == "INVALID_PARAMETER_VALUE" else "tracking.uri"
+            raise FuluConfigError(f"{option}: registering {name!r} in {mask_url(location.tracking_uri)} failed, so "
+                                  f"nothing was exported: {(e.message or str(e)).splitlines()[0]}") from None
+        raise
     print(f"exported trial {trial.number} of study {s.study.name} to {out} (fingerprint {fingerprint(out)})\n"
           f"registered as models:/{name}@champion (version {version}, files {registered})")
     return out

@@ -1,0 +1,192 @@
+"""``fulu-nas export``: which trial it may take (a study whose every trial breaks its constraints), the
+option values it refuses before any work, and what a failed registration leaves behind (nothing)."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import optuna
+import pytest
+
+from fulu_nas.cli import main
+from fulu_nas.errors import FuluConfigError
+from fulu_nas.search.export_trial import select_trial
+
+from .test_search_e2e import run_search
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A tiny two-trial study bounded to active_params <= 1, so that both its complete trials are infeasible
+    (shared by the tests of this module; no test registers a model under its default name)."""
+    root = tmp_path_factory.mktemp("choices")
+    out = root / "out"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert run_search(out, "study.n_trials=2", "study.pruner=none", "study.constraints={active_params:1}") == 0
+    finally:
+        os.chdir(cwd)
+    return SimpleNamespace(root=root, out=out, tracking=f"sqlite:///{out / 'mlflow.db'}")
+
+
+def export(study, capsys, *args: str) -> tuple[int, str, str]:
+    """``fulu-nas export`` of the module's study: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main(["export", "study.name=tiny-clusters", f"hydra.run.dir={study.out}", *args])
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
+def registry_state(study) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The study's MLflow runs (id, status) and registered model versions (name, version)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(study.tracking)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = sorted((r.info.run_id, r.info.status) for r in client.search_runs(experiments, max_results=1000))
+    versions = sorted((v.name, v.version) for v in client.search_model_versions())
+    return runs, versions
+
+
+def refused_before_work(code: int, out: str, err: str, *phrases: str) -> None:
+    """Exit code 2, one message holding each of ``phrases``, and nothing evaluated, measured or written."""
+    assert code == 2, err
+    assert err.startswith("error: cannot export:\n  - ") and err.count("\n") == 2, err
+    assert all(p in err for p in phrases), err
+    assert "exporting trial" not in out
+
+
+def test_a_study_without_a_feasible_trial_has_no_best_fastest_or_pareto_trial(study, tmp_path, capsys):
+    """best, fastest_within and (single-objective) pareto exported an infeasible trial and moved `champion`
+    to it; they are refused, naming the way to export one anyway (trial=N)."""
+    before = registry_state(study)
+    for spec in ("best", "fastest_within:5", "pareto:0"):
+        refused_before_work(*export(study, capsys, f"trial={spec}", f"out={tmp_path / 'model'}"),
+                            "no feasible trial: all 2 complete trials of study 'tiny-clusters' break "
+                            "study.constraints (active_params <= 1)", "trial=N")
+    assert not (tmp_path / "model").exists()
+    assert registry_state(study) == before
+
+
+def test_an_infeasible_trial_named_by_number_is_exported_through_a_link_to_an_empty_folder(study, tmp_path, capsys):
+    """trial=N still exports an infeasible trial, and says it breaks the constraints (console, metrics.json,
+    model card). out= a link to an empty folder is followed: the export used to do all its work, then fail
+    on the link with a NotADirectoryError traceback."""
+    target = tmp_path / "empty"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    code, out, err = export(study, capsys, "trial=1", f"out={tmp_path / 'link'}", "name=infeasible-one")
+    assert code == 0, err
+    assert "breaks study.constraints (active_params)" in out
+    assert (tmp_path / "link").is_symlink() and (target / "checksums.json").is_file()
+    assert "breaks study.constraints (active_params)" in json.loads((target / "metrics.json").read_text())[
+        "selected_by"]
+    assert "breaks study.constraints (active_params)" in (target / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "link"]  # no partial folder left
+
+
+@pytest.mark.parametrize("where", ["dangling", "loop", "to_a_file", "to_a_full_folder"])
+def test_out_a_link_to_nothing_or_to_something_taken_is_refused_before_any_work(study, tmp_path, capsys, where):
+    link = tmp_path / "link"
+    target = {"dangling": tmp_path / "nowhere", "loop": link, "to_a_file": tmp_path / "file",
+              "to_a_full_folder": tmp_path / "full"}[where]
+    if where == "to_a_file":
+        target.write_text("x")
+    if where == "to_a_full_folder":
+        target.mkdir()
+        (target / "kept").write_text("x")
+    link.symlink_to(target)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    refused_before_work(*export(study, capsys, "trial=0", f"out={link}"), "out: ")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before and link.is_symlink()
+
+
+@pytest.mark.parametrize("name", ["   ", " lead", "trail ", "a b "])
+def test_a_name_of_spaces_or_with_spaces_around_it_is_refused_before_any_work(study, tmp_path, capsys, name):
+    """MLflow refuses a name of spaces only when registering: the whole folder was written first, and left."""
+    before = registry_state(study)
+    refused_before_work(*export(study, capsys, "trial=0", f"out={tmp_path / 'model'}", f"name={name}"),
+                        f"name: {name!r}")
+    assert not (tmp_path / "model").exists() and registry_state(study) == before
+
+
+def test_a_failed_registration_leaves_no_folder_no_open_run_and_no_version(study, tmp_path, capsys, monkeypatch):
+    """The folder was renamed into place before the model was registered; a registry failure left it (and a
+    re-run then said 'out: ... is not empty'). Here the registry refuses the last step, the alias."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    def refuse(self, name, alias, version):  # the registry failing: not the code under test
+        raise MlflowException("the registry is unavailable")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", refuse)
+    runs_before, versions_before = registry_state(study)
+    target = tmp_path / "empty"
+    target.mkdir()
+    code, out, err = export(study, capsys, "trial=0", f"out={target}", "name=unlucky")
+    assert code == 2, err
+    assert err.count("\n") == 2 and "tracking.uri: registering 'unlucky'" in err
+    assert "the registry is unavailable" in err
+    assert target.is_dir() and not any(target.iterdir())  # the empty folder it was given, as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    runs, versions = registry_state(study)
+    new = [status for run, status in runs if run not in dict(runs_before)]
+    assert new == ["FAILED"]  # the export's run is closed, not left RUNNING
+    assert versions == versions_before  # the version without its alias is removed
+
+
+@pytest.mark.parametrize("factor", ["1e308", "0.001", "1e-300"])
+def test_a_retrain_factor_that_gives_no_trainable_step_count_is_named(study, tmp_path, capsys, factor):
+    """1e308 ended in an OverflowError traceback; 0.001 was refused as 'steps: ... got 0', an option the
+    user never passed."""
+    refused_before_work(*export(study, capsys, "trial=0", "retrain=true", f"retrain_factor={factor}",
+                                f"out={tmp_path / 'model'}"), "retrain_factor: ")
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("spec", ["²", "٣", "1²"])
+def test_a_trial_number_in_other_than_ascii_digits_is_a_bad_choice(study, tmp_path, capsys, spec):
+    """str.isdigit() holds for '²', which int() refuses: a ValueError traceback."""
+    refused_before_work(*export(study, capsys, f"trial={spec}", f"out={tmp_path / 'model'}"),
+                        f"trial: expected best, a trial number, pareto:<i> or fastest_within:<pct>, got {spec!r}")
+
+
+def constrained_study(directions, rows):
+    """An in-memory study of complete trials (values, loss, latency, constraint: > 0 breaks it)."""
+    study = optuna.create_study(directions=directions)
+    for values, loss, latency, over in rows:
+        study.add_trial(optuna.trial.create_trial(values=values, system_attrs={"constraints:active_params": over},
+                                                  user_attrs={"metrics": {"loss": loss, "latency_ms": latency}}))
+    return study
+
+
+def settings_for(objectives):
+    return SimpleNamespace(study=SimpleNamespace(name="s", objectives=objectives, directions=["minimize"] * len(
+        objectives), multi_objective=len(objectives) > 1, constraints=(("active_params", 100.0),)))
+
+
+def test_selection_takes_feasible_trials_only_and_parses_ascii_digits_only():
+    # trial 1 has the lowest loss but breaks the bound: best and pareto:0 take trial 2, fastest_within trial 0
+    mixed = constrained_study(["minimize"], [([2.0], 2.0, 1.0, -1.0), ([1.0], 1.0, 0.1, 5.0),
+                                             ([1.5], 1.5, 5.0, 0.0)])
+    s = settings_for(["loss"])
+    assert select_trial(mixed, s, "best").number == 2
+    assert select_trial(mixed, s, "pareto:0").number == 2
+    assert select_trial(mixed, s, "fastest_within:50").number == 0
+    assert select_trial(mixed, s, "1").number == 1  # named: taken although infeasible
+    for spec in ("pareto:²", "pareto:١", "pareto:0²"):
+        with pytest.raises(FuluConfigError, match="pareto:<i> needs i in 0..0"):
+            select_trial(mixed, s, spec)
+
+    none = constrained_study(["minimize"], [([2.0], 2.0, 1.0, 1.0), ([1.0], 1.0, 0.1, 5.0)])
+    for spec in ("best", "pareto:0", "fastest_within:5"):
+        with pytest.raises(FuluConfigError, match=r"no feasible trial: all 2 complete trials .* trial=N"):
+            select_trial(none, s, spec)
+    multi = constrained_study(["minimize", "minimize"], [([2.0, 1.0], 2.0, 1.0, 1.0), ([1.0, 2.0], 1.0, 2.0, 1.0)])
+    m = settings_for(["loss", "latency_ms"])
+    for spec in ("pareto:0", "fastest_within:5"):
+        with pytest.raises(FuluConfigError, match="no feasible trial"):
+            select_trial(multi, m, spec)
