@@ -125,6 +125,25 @@ def test_program_runs_with_torch_alone_and_matches(exported, tmp_path):
     assert result.returncode != 0 and "model.pt2 is not the exported file" in result.stderr
 
 
+@pytest.mark.slow
+def test_the_program_takes_batches_up_to_the_documented_bound(exported):
+    """The docs said 'any batch'; the program has a bound (a dynamic dimension needs one): they say it now."""
+    from fulu_nas.deploy.export import MAX_BATCH
+    from fulu_nas.deploy.pt2_check import load_program
+
+    folder = exported.model_dir
+    program = load_program(folder / "model.pt2", json.loads((folder / "checksums.json").read_text())["model.pt2"])
+    with torch.no_grad():
+        assert program.module()(torch.zeros(MAX_BATCH, 1, dtype=torch.long)).shape[0] == MAX_BATCH
+        with pytest.raises(Exception, match="Guard failed"):
+            program.module()(torch.zeros(MAX_BATCH + 1, 1, dtype=torch.long))
+    docs = (Path(__file__).parents[1] / "docs" / "export.md").read_text()
+    card = (folder / "README.md").read_text()
+    for text in (docs, card):
+        assert f"up to {MAX_BATCH}" in text and "any batch" not in text
+    assert "dynamic batch and sequence" not in docs
+
+
 @contextlib.contextmanager
 def serving(model: Path | str, *options: str, tracking_uri: str | None = None):
     """``fulu-nas serve`` of ``model`` (a folder or a registered model URI) on a free port; yields
@@ -189,6 +208,8 @@ def test_mlflow_serves_the_model_and_the_registry_resolves_champion(exported):
 def bad_inputs(vocab: int, max_seq_len: int) -> list[tuple[np.ndarray, str]]:
     """Inputs the model cannot take, each with words its error message must contain."""
     return [(np.array([[1.5, 2.0]]), "dtype"),
+            (np.array([[True, False]]), "bool"),
+            (np.array([[1.5, 2]], dtype=object), "got 1.5 (float)"),  # JSON values as the scoring server passes them
             (np.zeros((1, 2, 3), dtype=np.int64), "shape"),
             (np.array([[0, vocab]], dtype=np.int64), f"0..{vocab - 1}"),
             (np.array([[-1, 0]], dtype=np.int64), f"0..{vocab - 1}"),
@@ -203,7 +224,8 @@ def test_the_champion_is_the_signed_model_of_the_folder_and_both_refuse_bad_inpu
     mlflow.set_tracking_uri(f"sqlite:///{exported.out / 'mlflow.db'}")
     champion = "models:/tiny-clusters@champion"
     folder = mlflow.models.get_model_info(str(exported.model_dir))
-    assert folder.signature is not None
+    assert folder.signature.inputs.input_names() == ["token_ids"]  # objects, checked by the model itself
+    assert folder.signature.outputs.inputs[0].type == np.float32
     assert mlflow.models.get_model_info(champion).signature == folder.signature
     arch = fulu_nas.load(exported.model_dir).arch
     for uri in (str(exported.model_dir), champion):
@@ -265,13 +287,26 @@ def test_the_console_carries_the_commands_own_lines_alone(tmp_path):
 
 @pytest.mark.slow
 def test_served_bad_input_is_a_short_json_error(exported):
-    arch = fulu_nas.load(exported.model_dir).arch
+    """Each refused with status 400 and one short message. Floats and booleans were answered 200, as the
+    ids 1 and 0: MLflow's scoring server cast the JSON to the signature's int64 before the model saw it."""
+    model = fulu_nas.load(exported.model_dir)
+    arch = model.arch
+    with torch.no_grad():
+        expected = model(torch.tensor([[1, 0]])).logits.numpy()
     with serving(exported.model_dir) as post:
-        for payload, words in (({"inputs": [[0, arch.vocab_size]]}, f"0..{arch.vocab_size - 1}"),
+        status, answer = post({"inputs": [[1, 0]]})  # integers work as before
+        assert status == 200, answer
+        np.testing.assert_allclose(np.asarray(answer["predictions"]), expected, rtol=1e-5, atol=1e-5)
+        for payload, words in (({"inputs": [[1.5, 2]]}, "expected integer token ids, got 1.5 (float)"),
+                               ({"inputs": [[1.9, 0.2]]}, "expected integer token ids, got 1.9 (float)"),
+                               ({"inputs": [[True, False]]}, "expected integer token ids, got True (bool)"),
+                               ({"inputs": [[0, "1"]]}, "expected integer token ids, got '1' (str)"),
+                               ({"inputs": [[0, arch.vocab_size]]}, f"0..{arch.vocab_size - 1}"),
                                ({"inputs": [[0] * (arch.max_seq_len + 1)]}, f"at most {arch.max_seq_len}"),
-                               ({"inputs": [[[0, 1]]]}, "shape")):
+                               ({"inputs": [[[0, 1]]]}, "shape"),
+                               ({"inputs": [[1, 2], [3]]}, "shape")):
             status, answer = post(payload)
-            assert status == 400, answer
+            assert status == 400, (payload, answer)
             assert "stack_trace" not in answer and len(answer["message"]) < 500, answer
             assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and words in answer["message"], answer
 
@@ -405,6 +440,33 @@ def test_the_archive_check_refuses_graphs_that_run_code_without_any_pickle(tmp_p
             marker.unlink()
 
 
+def test_the_archive_check_allows_only_real_aten_overloads(tmp_path):
+    """A node target 'torch.ops.aten.<a>.<b>' passed for any two words, dunder attributes included, which
+    torch's loader resolves with getattr: only real ATen operator overloads pass now."""
+    from fulu_nas.deploy.pt2_check import archive_problems
+
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(3, 2), (torch.randn(4, 3),)), str(clean))
+    assert archive_problems(clean.read_bytes()) == []
+    for target in ("torch.ops.aten.add.__setattr__", "torch.ops.aten.add.__class__", "torch.ops.aten.__class__.mro",
+                   "torch.ops.aten.__init__.__globals__", "torch.ops.aten._ops.default", "torch.ops.aten.add._op",
+                   "torch.ops.aten.no_such_operator.default", "torch.ops.aten.add.no_such_overload",
+                   "torch.ops.aten.from_file.default"):
+        def edit(graph, target=target):
+            node = next(n for n in graph["graph_module"]["graph"]["nodes"] if n["target"].startswith("torch.ops.aten"))
+            node["target"] = target
+
+        crafted = tmp_path / "crafted.pt2"
+        edit_graph(clean, crafted, edit)
+        problems = archive_problems(crafted.read_bytes())
+        assert any(f"calling {target!r}, not an ATen operator" in p for p in problems), (target, problems)
+    for real in ("torch.ops.aten.add.Tensor", "torch.ops.aten._to_copy.default", "torch.ops.aten.__and__.Tensor"):
+        edit_graph(clean, tmp_path / "real.pt2", lambda graph, real=real: next(
+            n for n in graph["graph_module"]["graph"]["nodes"] if n["target"].startswith("torch.ops.aten")
+        ).__setitem__("target", real))
+        assert archive_problems((tmp_path / "real.pt2").read_bytes()) == [], real
+
+
 @pytest.mark.slow
 def test_serving_checks_the_registered_files_against_the_registry_before_mlflow_runs_them(exported, tmp_path, capsys):
     """MLflow runs a model's pyfunc.py as it loads it: someone who can write to the artifact store runs
@@ -450,6 +512,93 @@ def test_serving_checks_the_registered_files_against_the_registry_before_mlflow_
         assert main(["serve", "models:/tiny-clusters@champion", *options]) == 2
         assert words in capsys.readouterr().err
     assert not missing.parent.exists()  # MLflow would have made the folder and an empty database
+
+
+@pytest.mark.slow
+def test_the_printed_fingerprint_checks_the_registered_model_and_a_tampered_one_is_still_refused(exported, tmp_path):
+    """``fulu-nas export`` prints the folder's fingerprint and tags the version with it; --sha256 /
+    expected_sha256 refused it for models:/ (only the files hash of the 'registered as' line passed).
+    Either is taken now, and every file is still checked against the registry's fulu.files."""
+    import mlflow
+
+    from fulu_nas.deploy.export import fingerprint
+    from fulu_nas.deploy.files import manifest_digest, manifest_json
+    from fulu_nas.deploy.serve import load_pyfunc
+
+    tracking = f"sqlite:///{exported.out / 'mlflow.db'}"
+    champion = "models:/tiny-clusters@champion"
+    client = mlflow.MlflowClient(tracking)
+    version = client.get_model_version_by_alias("tiny-clusters", "champion")
+    printed = fingerprint(exported.model_dir)
+    assert version.tags["fulu.fingerprint"] == printed
+    files = manifest_digest(json.loads(version.tags["fulu.files"]))
+    x = np.array([[1, 2, 3]])
+    for expected in (printed, printed.upper(), files):
+        assert load_pyfunc(champion, expected_sha256=expected, tracking_uri=tracking).predict(x).shape[:2] == (1, 3)
+    with pytest.raises(FuluConfigError, match="is not the expected 0{64}: neither the fingerprint"):
+        load_pyfunc(champion, expected_sha256="0" * 64, tracking_uri=tracking)
+
+    stored = Path(client.get_model_version_download_uri("tiny-clusters", version.version).removeprefix("file://"))
+    backup = tmp_path / "backup"
+    shutil.copytree(stored, backup)
+    marker = tmp_path / "code-ran"
+    try:
+        with open(stored / "pyfunc.py", "a") as f:
+            f.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+        for expected in (printed, files):  # files changed in the artifact store
+            with pytest.raises(FuluConfigError, match="pyfunc.py: checksum mismatch"):
+                load_pyfunc(champion, expected_sha256=expected, tracking_uri=tracking)
+        # ... and their new hashes written into the tracking database too: the files hash still tells
+        forged = {**json.loads(version.tags["fulu.files"]),
+                  "pyfunc.py": hashlib.sha256((stored / "pyfunc.py").read_bytes()).hexdigest()}
+        client.set_model_version_tag("tiny-clusters", version.version, "fulu.files", manifest_json(forged))
+        with pytest.raises(FuluConfigError, match="is not the expected"):
+            load_pyfunc(champion, expected_sha256=files, tracking_uri=tracking)
+        assert not marker.exists()
+    finally:
+        client.set_model_version_tag("tiny-clusters", version.version, "fulu.files", version.tags["fulu.files"])
+        shutil.rmtree(stored)
+        shutil.copytree(backup, stored)
+    assert "files hash" in subprocess.run([sys.executable, "-m", "fulu_nas", "serve", "--help"], capture_output=True,
+                                          text=True, timeout=120).stdout
+
+
+@pytest.mark.slow
+def test_load_pyfunc_takes_a_path(exported):
+    """A pathlib.Path was an AttributeError ('PosixPath' object has no attribute 'startswith')."""
+    from fulu_nas.deploy.export import fingerprint
+    from fulu_nas.deploy.serve import load_pyfunc
+
+    folder = Path(exported.model_dir)
+    model = load_pyfunc(folder, expected_sha256=fingerprint(folder))
+    assert model.predict(np.array([[1, 2]])).shape[:2] == (1, 2)
+    with pytest.raises(FuluConfigError, match="source: 123 is neither"):
+        load_pyfunc(123)
+
+
+@pytest.mark.slow
+def test_impossible_numbers_in_the_architecture_are_one_clear_error(exported, tmp_path):
+    """A folder that agrees with itself (checksums rewritten) loaded a NaN or negative norm_eps (every
+    logit NaN); ``vocab_size: true`` was a raw TypeError from torch."""
+    from fulu_nas.models import ArchConfig
+
+    cases = {"norm_eps": [float("nan"), -1.0, 0.0, float("inf"), True, "1e-6"],
+             "vocab_size": [True, 24.0, "24"], "num_layers": [1.0], "num_classes": [False]}
+    for field, values in cases.items():
+        for value in values:
+            copy = tmp_path / f"{field}-{values.index(value)}"
+            shutil.copytree(exported.model_dir, copy)
+            config = yaml.safe_load((copy / "config.yaml").read_text())
+            config["architecture"][field] = value
+            (copy / "config.yaml").write_text(yaml.safe_dump(config))
+            forge_checksums(copy)
+            words = "a finite number > 0" if field == "norm_eps" else "an integer"
+            with pytest.raises(FuluConfigError, match=rf"config.yaml: not a valid architecture \({field} must be "
+                                                      f"{words}, got ") as raised:
+                fulu_nas.load(copy)
+            assert_one_clear_line(raised, copy)
+            with pytest.raises(FuluConfigError, match=f"{field} must be {words}"):
+                ArchConfig(**{field: value})
 
 
 def forge_checksums(folder: Path) -> None:

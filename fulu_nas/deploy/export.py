@@ -4,9 +4,10 @@ An export directory holds:
 
 - ``config.yaml``: the architecture, the task it was found for, and where it came from;
 - ``model.safetensors``: the weights (never a pickle);
-- ``model.pt2``: a ``torch.export`` program returning logits, with dynamic batch and sequence
-  dimensions; it runs with torch alone, loaded as the model card shows (SHA-256 first:
-  ``torch.export.load`` unpickles, see :mod:`.pt2_check`);
+- ``model.pt2``: a ``torch.export`` program returning logits, with dynamic batch (up to
+  :data:`MAX_BATCH` sequences) and sequence (up to the model's length) dimensions; it runs with
+  torch alone, loaded as the model card shows (SHA-256 first: ``torch.export.load`` unpickles, see
+  :mod:`.pt2_check`);
 - ``MLmodel`` + environment files + ``pyfunc.py`` + ``code/pt2_check.py`` + ``artifacts/model.pt2``:
   an MLflow pyfunc over the program (``fulu-nas serve DIR``, :mod:`.serve`), built from code, not
   pickled; it checks the program's SHA-256 (in MLmodel's config) before loading it;
@@ -45,6 +46,7 @@ CHECKSUMS = "checksums.json"
 UPCYCLING = "upcycling.yaml"  # what marks an upcycled encoder's export (fulu_nas.interop.upcycle_export)
 FORMAT_VERSION = 1
 MAX_BATCH = 4096  # the program's largest batch (a dynamic dimension needs a bound)
+INPUT_NAME = "token_ids"  # the signature's one input (pyfunc.py takes {"token_ids": ids} and ids alike)
 # The pyfunc is "models from code": MLflow copies this file into the model and runs it when loading;
 # it imports the archive check, shipped beside it as code (the serving side has no fulu_nas).
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
@@ -63,8 +65,8 @@ class LogitsOnly(nn.Module):
 
 
 def export_program(model: PiMoETransformer, path: Path, max_batch: int = MAX_BATCH) -> torch.export.ExportedProgram:
-    """``torch.export`` the model (eval mode, fp32, CPU) with dynamic batch and sequence; checks the
-    program against the module before saving it."""
+    """``torch.export`` the model (eval mode, fp32, CPU) with dynamic batch (up to ``max_batch``) and
+    sequence; checks the program against the module before saving it."""
     arch = model.arch
     wrapped = LogitsOnly(model).eval()
     example = torch.randint(0, arch.vocab_size, (2, min(8, arch.max_seq_len)))
@@ -87,7 +89,11 @@ def pyfunc_arguments(program_path: Path, arch: ArchConfig) -> dict[str, Any]:
     from mlflow.types import Schema, TensorSpec
 
     classes = arch.num_classes or arch.vocab_size
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1))]),
+    # The input is declared as objects, not int64: MLflow's scoring server casts JSON to the declared dtype
+    # (1.9 -> 1, true -> 1) before the model sees it, and passes an object tensor through as it is, so the
+    # pyfunc checks the values as they were sent. Shape (-1,), not (-1, -1): with two dimensions MLflow
+    # refuses an int64 array from Python ("dtype of input int64 does not match expected dtype object").
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(object), (-1,), name=INPUT_NAME)]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, classes))]))
     return dict(python_model=str(PYFUNC_CODE), code_paths=[str(PT2_CHECK_CODE)],
                 artifacts={"program": str(program_path)}, signature=signature,
@@ -124,6 +130,8 @@ if hashlib.sha256(data).hexdigest() != "{program_sha256}":
 program = torch.export.load(io.BytesIO(data))     # the bytes just checked
 logits = program.module()(torch.randint(0, {vocab_size}, (2, 16)))
 ```
+The program takes a batch of up to {MAX_BATCH} sequences (its bound on the dynamic batch dimension), each
+up to the model's length; split larger batches.
 """
 
 
@@ -243,13 +251,16 @@ def first_few(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
-def check_weights_fit(arch: ArchConfig, weights: Path, source: Path) -> None:
+def check_weights_fit(arch: ArchConfig, weights: Path, source: Path, config: Path) -> None:
     """The configuration's tensor shapes against the safetensors header, before a module of that size is
-    allocated (a configuration can ask for any size)."""
+    allocated (a configuration can ask for any size). ``source``, ``config``: the user's files, for messages."""
     from safetensors import SafetensorError, safe_open
 
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in PiMoETransformer(arch).state_dict().items()}
+    try:  # a configuration ArchConfig takes can still be one the layers refuse, in their own words
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in PiMoETransformer(arch).state_dict().items()}
+    except (TypeError, ValueError) as e:
+        raise FuluConfigError(f"{config}: not a valid architecture ({str(e).splitlines()[0]})") from None
     try:  # the checksums say the file is the listed one, not that it is whole (they can be rewritten with it)
         with safe_open(str(weights), framework="pt") as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -308,7 +319,7 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
             arch = ArchConfig.from_dict(config["architecture"])
         except (TypeError, ValueError, KeyError) as e:
             raise FuluConfigError(f"{directory / 'config.yaml'}: not a valid architecture ({e})") from None
-        check_weights_fit(arch, copy / "model.safetensors", directory / "model.safetensors")
+        check_weights_fit(arch, copy / "model.safetensors", directory / "model.safetensors", directory / "config.yaml")
         model = PiMoETransformer(arch)
         load_model(model, str(copy / "model.safetensors"), strict=True, device=str(device))
     return model.to(device).eval()

@@ -57,14 +57,29 @@ EXPRESSION_NAMES = frozenset({
     "TruncToFloat", "ToFloat", "IntTrueDiv", "FloatTrueDiv", "PowByNatural", "FloatPow", "LShift", "RShift",
     "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite"})
 EXPRESSION_TOKEN = re.compile(r"\s+|'[a-z]+\d+'|[A-Za-z_]\w*|\d+(?:\.\d+)?(?:e[+-]?\d+)?|[(),=+\-*/]")
-# The callables a node may name: ATen operators (not the one that reads a file), and the Python
-# operators and torch.sym_* functions that shape arithmetic uses.
-ATEN_TARGET = re.compile(r"torch\.ops\.aten\.(?!from_file\b)\w+\.\w+")
+# The callables a node may name: ATen operator overloads (not the one that reads a file, see
+# aten_overload), and the Python operators and torch.sym_* functions that shape arithmetic uses.
+ATEN_TARGET = re.compile(r"torch\.ops\.aten\.(\w+)\.(\w+)")
 PYTHON_TARGETS = frozenset({f"_operator.{name}" for name in (
     "getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "eq", "ne", "lt", "le", "gt",
     "ge", "and_", "or_", "not_")} | {f"torch.sym_{name}" for name in ("int", "float", "max", "min", "not", "sqrt",
                                                                     "ite")} | {"math.ceil", "math.floor",
                                                                                "math.trunc", "math.sqrt"})
+
+
+def aten_overload(target: str) -> bool:
+    """Whether ``target`` names a real ATen operator overload, ``torch.ops.aten.<operator>.<overload>``
+    (not ``from_file``, which reads a file). torch's loader resolves a target with ``getattr``, so a name
+    of the same form can reach attributes that are no operator (``torch.ops.aten.add.__setattr__``)."""
+    match = ATEN_TARGET.fullmatch(target)
+    if match is None or match[1] == "from_file":
+        return False
+    operator, overload = match.groups()
+    try:
+        packet = getattr(torch.ops.aten, operator)  # torch looks the operator up by name; no code of the file's
+    except Exception:  # no such operator (torch raises AttributeError or RuntimeError, depending on the name)
+        return False
+    return isinstance(packet, torch._ops.OpOverloadPacket) and overload in packet.overloads()
 
 
 class UnsafeProgramError(ValueError):
@@ -133,7 +148,7 @@ def graph_problems(program: object, record: str) -> list[str]:
                 elif key == "guards_code" and item:
                     problems.add(f"{record}: guards code, which the loaded module would execute on every call")
                 elif key == "target" and isinstance(item, str) and not (
-                        ATEN_TARGET.fullmatch(item) or item in PYTHON_TARGETS):
+                        aten_overload(item) or item in PYTHON_TARGETS):
                     problems.add(f"{record}: a node calling {item[:80]!r}, not an ATen operator")
                 walk(item)
         elif isinstance(value, list):

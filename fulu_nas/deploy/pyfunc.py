@@ -2,9 +2,11 @@
 model and runs it when loading, so nothing is unpickled). Needs torch, numpy and mlflow only;
 ``pt2_check`` is shipped beside it in the model's ``code/`` folder.
 
-Input: token ids, an integer array of shape (batch, seq). Output: logits (batch, seq, classes)
-from the ``torch.export`` program ``artifacts/model.pt2``, loaded only after its SHA-256 matches
-the one in the model's configuration and nothing in it would be unpickled. Bad input is refused
+Input: token ids, an integer array of shape (batch, seq), or ``{"token_ids": ids}`` (how MLflow passes
+the signature's named input); JSON from the scoring server arrives uncast, and any value that is not an
+integer (a float, a boolean) is refused. Output: logits (batch, seq, classes) from the ``torch.export``
+program ``artifacts/model.pt2``, loaded only after its SHA-256 matches the one in the model's
+configuration and nothing in it would be unpickled. Bad input is refused
 with one short ``MlflowException`` (the scoring server answers it as JSON, without a stack trace).
 """
 
@@ -13,6 +15,8 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+INPUT_NAME = "token_ids"  # the signature's input (fulu_nas.deploy.export.INPUT_NAME; this file imports no fulu_nas)
 
 
 def bad_input(message: str) -> MlflowException:
@@ -35,11 +39,22 @@ class ExportedProgramModel(mlflow.pyfunc.PythonModel):
 
     def tokens(self, model_input) -> torch.Tensor:
         """The input as a (batch, seq) int64 tensor, or one message naming what is wrong with it."""
-        array = np.asarray(model_input)
-        if array.dtype.kind not in "iu":
-            raise bad_input(f"expected integer token ids, got dtype {array.dtype}")
+        if isinstance(model_input, dict) and list(model_input) == [INPUT_NAME]:
+            model_input = model_input[INPUT_NAME]  # MLflow's form of an input the signature names
+        try:
+            array = np.asarray(model_input)
+        except ValueError:  # a ragged list (numpy refuses to make it an array)
+            raise bad_input("expected shape (batch, seq), got rows of different lengths") from None
         if array.ndim != 2:
             raise bad_input(f"expected shape (batch, seq), got shape {array.shape}")
+        if array.dtype == object:
+            # JSON as MLflow's scoring server parses it for this model's object signature: the values as
+            # sent, not cast (a cast to int64 would truncate 1.9 and read true as 1). Integers only.
+            for value in array.flat:
+                if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                    raise bad_input(f"expected integer token ids, got {value!r:.40} ({type(value).__name__})")
+        elif array.dtype.kind not in "iu":
+            raise bad_input(f"expected integer token ids, got dtype {array.dtype}")
         batch, seq = array.shape
         if not (1 <= batch <= self.max_batch and 1 <= seq <= self.max_seq_len):
             raise bad_input(f"expected at most {self.max_batch} sequences of at most {self.max_seq_len} tokens, "
@@ -47,10 +62,10 @@ class ExportedProgramModel(mlflow.pyfunc.PythonModel):
         low, high = int(array.min()), int(array.max())
         if low < 0 or high >= self.vocab_size:
             raise bad_input(f"token ids must be in 0..{self.vocab_size - 1} (the vocabulary), got {low}..{high}")
-        return torch.as_tensor(array, dtype=torch.long)
+        return torch.as_tensor(array.astype(np.int64, copy=False), dtype=torch.long)
 
     # Annotated so that MLflow infers nothing from the hint and does not ask for one each time the model is
-    # saved or loaded; tokens() validates the input (a DataFrame from the scoring server becomes an array).
+    # saved or loaded; tokens() validates the input (an array, or MLflow's {"token_ids": array}).
     def predict(self, context, model_input: np.ndarray, params=None):
         tokens = self.tokens(model_input)
         with torch.no_grad():

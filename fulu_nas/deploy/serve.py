@@ -8,7 +8,10 @@ and checks it against SHA-256 values recorded where the model's files are not:
 - a registered model (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, in the tracking server of
   ``MLFLOW_TRACKING_URI`` or ``--tracking-uri``): ``fulu-nas export`` records the SHA-256 of every
   file of the version it registers as the version's tag ``fulu.files``, in the tracking database, not
-  in the artifact store that holds the files;
+  in the artifact store that holds the files. With ``--sha256``, the version must also be the one
+  registered by the export that printed that fingerprint (its tag ``fulu.fingerprint``), or its files
+  those of the files hash that export printed on its "registered as" line (a hash of the files
+  themselves, so it also catches a tracking database whose tags were rewritten);
 - an export folder: its ``checksums.json``, and with ``--sha256`` that this file is the exported one
   (the fingerprint ``fulu-nas export`` printed), else only that the folder agrees with itself. An
   upcycled encoder's export (task ``upcycle``) is no MLflow model: it is refused, pointing to
@@ -41,6 +44,7 @@ from .files import (
 )
 
 FILES_TAG = "fulu.files"  # a registered version's files: JSON, relative name -> SHA-256
+FINGERPRINT_TAG = "fulu.fingerprint"  # the fingerprint of the export folder the version was registered from
 NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
 # MLflow's note of a version's name and number, which it writes into a local artifact store when a
 # model is loaded by its models:/ URI; data it never runs, so not checked and not served.
@@ -90,11 +94,26 @@ def _registered(uri: str, tracking_uri: str | None):
                               f"{tracking_uri or mlflow.get_tracking_uri()} ({e.message.splitlines()[0]})") from None
 
 
+def _source(source: object) -> str:
+    """``source`` (a str or an os.PathLike such as a Path) as a string; FuluConfigError for anything else."""
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    if not isinstance(path, str):  # bytes, a number, None
+        raise FuluConfigError(f"source: {source!r} is neither a models:/ URI nor a folder")
+    return path
+
+
 @contextlib.contextmanager
-def checked_model(source: str, expected_sha256: str | None = None,
+def checked_model(source: str | os.PathLike, expected_sha256: str | None = None,
                   tracking_uri: str | None = None) -> Iterator[Path]:
     """A private copy of the MLflow model ``source`` (a registered model URI or an export folder), made as
-    it is checked; removed on exit. FuluConfigError names what is wrong."""
+    it is checked; removed on exit. FuluConfigError names what is wrong.
+
+    ``expected_sha256`` for a registered version: the fingerprint ``fulu-nas export`` printed (the
+    version's :data:`FINGERPRINT_TAG`: it is the version that export registered) or the files hash it
+    printed on its "registered as" line (the digest of :data:`FILES_TAG`, which also binds the files to
+    the hash, against a tracking database whose tags were rewritten). Either way every file is checked
+    against :data:`FILES_TAG`."""
+    source = _source(source)
     expected = expected_digest(expected_sha256)
     with tempfile.TemporaryDirectory(prefix="fulu-nas-serve-") as tmp:
         copy = Path(tmp) / "model"
@@ -105,9 +124,12 @@ def checked_model(source: str, expected_sha256: str | None = None,
                 raise FuluConfigError(f"{source}: version {version.version} has no {FILES_TAG} tag (registered "
                                       "by an older fulu-nas, or not by fulu-nas export): export it again")
             manifest = parse_manifest(version.tags[FILES_TAG], f"{source} (tag {FILES_TAG})")
-            if expected is not None and manifest_digest(manifest) != expected:
-                raise FuluConfigError(f"{source}: the files recorded for version {version.version} are not the "
-                                      f"expected {expected_sha256}")
+            if expected is not None and expected not in (manifest_digest(manifest),
+                                                         version.tags.get(FINGERPRINT_TAG, "").lower()):
+                raise FuluConfigError(f"{source}: version {version.version} is not the expected {expected_sha256}: "
+                                      "neither the fingerprint fulu-nas export printed for it (tag "
+                                      f"{FINGERPRINT_TAG}) nor the hash of its files ({FILES_TAG}, printed "
+                                      "as 'files ...' on the export's 'registered as' line)")
             downloaded = Path(tmp) / "download"
             downloaded.mkdir()
             local = _download(client, version.name, version.version, downloaded, tracking_uri)
@@ -152,7 +174,7 @@ def registry_uri(tracking_uri: str | None) -> str:
     return uri
 
 
-def load_pyfunc(source: str, expected_sha256: str | None = None, tracking_uri: str | None = None):
+def load_pyfunc(source: str | os.PathLike, expected_sha256: str | None = None, tracking_uri: str | None = None):
     """``mlflow.pyfunc.load_model`` of ``source`` (a registered model URI or an export folder) after
     checking every file of it (:func:`checked_model`); MLflow's pickle loading is off meanwhile."""
     import mlflow

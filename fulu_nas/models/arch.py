@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import FuluConfigError
 from ..moe import MoEConfig
+from ..moe.field_types import fits, is_finite_number
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,23 @@ class ArchConfig:
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(hidden_size=64, num_experts=8, expert_ffn_size=128))
 
     def __post_init__(self) -> None:
+        # Types first (a config file can hold anything): a bool is an int to Python but not to torch, a float
+        # size fails deep in torch, and a NaN or negative norm_eps makes every output NaN. As in MoEConfig,
+        # numpy's integers are taken as ints.
+        sizes = ("vocab_size", "max_seq_len", "num_layers", "hidden_size", "num_heads", "moe_every",
+                 "dense_ffn_size", "num_classes")
         problems = []
-        for name in ("vocab_size", "max_seq_len", "num_layers", "hidden_size", "num_heads", "moe_every",
-                     "dense_ffn_size"):
+        for name in sizes:
+            value = getattr(self, name)
+            if not isinstance(value, int) and hasattr(value, "__index__"):
+                object.__setattr__(self, name, operator.index(value))
+            elif not fits(value, int):
+                problems.append(f"{name} must be an integer, got {value!r}")
+        if not (is_finite_number(self.norm_eps) and self.norm_eps > 0):
+            problems.append(f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
+        if problems:
+            raise FuluConfigError(problems)
+        for name in sizes[:-1]:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 0:

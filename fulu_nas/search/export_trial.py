@@ -199,7 +199,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     import mlflow
 
     from ..deploy.export import FORMAT_VERSION, fingerprint, pyfunc_arguments, write_export
-    from ..deploy.serve import record_registered_files
+    from ..deploy.serve import FINGERPRINT_TAG, record_registered_files
     from ..training.evaluate import evaluate
     from ..training.train import resolve_device
 
@@ -281,7 +281,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
             version = str(info.registered_model_version)
             # The registered files' SHA-256 in the tracking database, which `fulu-nas serve` checks them against.
             registered = record_registered_files(client, name, version, location.tracking_uri)
-            client.set_model_version_tag(name, version, "fulu.fingerprint", fingerprint(out))  # the folder's
+            client.set_model_version_tag(name, version, FINGERPRINT_TAG, fingerprint(out))  # the folder's
             client.set_registered_model_alias(name, "champion", version)
     except BaseException as e:
         shutil.rmtree(out, ignore_errors=True)

@@ -1,7 +1,8 @@
 """``fulu-nas serve MODEL``: serve an exported model over HTTP, every file checked first
 (:mod:`fulu_nas.deploy.serve`). MODEL: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` (in the registry
-of ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``) or an export folder (``--sha256``: the fingerprint
-``fulu-nas export`` printed). MLflow's scoring server answers on 127.0.0.1 unless ``--host`` says
+of ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``) or an export folder. ``--sha256``: the fingerprint
+``fulu-nas export`` printed (for a registered model, also the files hash on its "registered as" line,
+which binds the files themselves). MLflow's scoring server answers on 127.0.0.1 unless ``--host`` says
 otherwise; Ctrl-C stops it."""
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fulu-nas serve", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or an export folder")
-    parser.add_argument("--sha256", help="the fingerprint fulu-nas export printed for this model")
+    parser.add_argument("--sha256", help="the fingerprint fulu-nas export printed for this model; for a registered "
+                        "model, also the files hash printed on its 'registered as' line")
     parser.add_argument("--tracking-uri", help="the registry's tracking URI (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=port, default=5001)
