@@ -257,15 +257,14 @@ def test_every_shipped_space_and_preset_passes_validation(override, tmp_path, tm
     assert list(tmp_path.iterdir()) == []
 
 
-# Numbers of every section: each (key, value) is not finite or out of range. Keys the shipped config
-# does not set are added with a "+".
+# Numbers of every section: each (key, value) is not finite or out of range.
 NUMBERS = [
     *[(f"trainer.{k}", v) for k in ("lr", "max_seconds") for v in ("nan", "inf", "-1")], ("trainer.lr", "0"),
     *[(f"trainer.{k}", v) for k in ("grad_clip", "weight_decay") for v in ("nan", "inf")],
     *[(f"trainer.{k}", v) for k in ("warmup_fraction", "min_lr_ratio") for v in ("nan", "1.5")],
-    *[("+trainer.divergence_factor", v) for v in ("nan", "0.5")],
-    *[(f"{'+' * (k == 'cost_rounds')}trainer.{k}", v) for k in ("steps", "batch_size", "report_every",
-                                                                 "expert_parallel", "cost_iterations", "cost_rounds")
+    *[("trainer.divergence_factor", v) for v in ("nan", "0.5")],
+    *[(f"trainer.{k}", v) for k in ("steps", "batch_size", "report_every", "expert_parallel", "cost_iterations",
+                                    "cost_rounds")
       for v in ("inf", "0")],
     *[("trainer.seed", v) for v in ("nan", "-1", str(2**64))],
     ("trainer.cost_shapes", "[[1,inf]]"), ("trainer.gradient_checkpointing", "2"),
@@ -444,7 +443,7 @@ def test_when_the_served_kernels_compile_does_not_change_a_trials_cache_key(tmp_
         return cache_key(s, "an-architecture")
 
     assert key() == key("trainer.cost_compile_while_training=false")
-    assert key() != key("+trainer.cost_rounds=3")
+    assert key() != key("trainer.cost_rounds=3")
 
 
 @pytest.mark.slow

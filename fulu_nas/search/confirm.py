@@ -16,6 +16,12 @@ study (a user attribute per architecture, seed and step budget) once the run is 
 confirmation that was interrupted, run again, trains only what is missing; a run left RUNNING by a
 killed process is closed first (KILLED, or FINISHED when its result had been recorded). The
 statistics are :mod:`.confirm_summary`'s.
+
+SIGTERM (``timeout``, ``docker stop``, a batch scheduler) stops a confirmation as Ctrl-C does: the
+running run ends KILLED, the finished ones stay recorded, the same command resumes. A confirmation
+whose runs did not all end with a result or a recorded failure (a worker process died: kill -9, an
+out-of-memory kill) exits 1: its summary lists them as missing, has no winner, and is not recorded on
+the study (so ``fulu-nas export trial=best`` does not take a winner from it).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from ..errors import FuluConfigError
 from ..models import ArchConfig
 from ..training.train import step_description
 from .confirm_summary import SUMMARY_ATTR, print_confirmation, summarize_confirmation
+from .interrupts import between_writes
 from .objective import (
     ReferenceModels,
     ServedKernels,
@@ -44,7 +51,7 @@ from .objective import (
     train_architecture,
 )
 from .settings import ConfirmSettings, SearchSettings
-from .study import INTERRUPTED, open_study, quiet_optuna
+from .study import INTERRUPTED, open_study, quiet_optuna, stop_signals_as_interrupt
 from .tracking import Tracker
 from .worker_progress import ProgressFile
 
@@ -183,6 +190,8 @@ class Confirmation:
         self.tracker = Tracker(s)
         self.parent = self.tracker.parent_run(study)
         self.references = ReferenceModels(s)
+        self.sigterms: list[int] = []  # the SIGTERMs this process received while it ran (run_in_workers passes
+        # them on to the workers)
 
     def key(self, c: Candidate, seed: int) -> str:
         return result_key(c.arch_hash, seed, self.plan.steps)
@@ -196,11 +205,25 @@ class Confirmation:
         return [(c, seed) for c, seed in self.plan.runs() if self.key(c, seed) not in done]
 
     def run(self, n_workers: int = 1) -> int:
-        """0 with the summary written; 130 when interrupted (the finished runs stay recorded). With
-        ``n_workers`` > 1 the runs are shared among that many processes (:mod:`.confirm_workers`)."""
-        self._close_stale()
+        """0 with the summary written; 130 when interrupted (Ctrl-C or SIGTERM; the finished runs stay
+        recorded); 1 when a worker process died: the summary lists the runs it left without a result as
+        missing, has no winner and is not recorded on the study. With ``n_workers`` > 1 the runs are
+        shared among that many processes (:mod:`.confirm_workers`)."""
+        # SIGTERM too (`timeout`, `docker stop`, a batch scheduler; also the confirmation at the end of a
+        # search, whose own handlers have ended): it killed the process with its running run left RUNNING.
+        with stop_signals_as_interrupt() as self.sigterms:
+            try:
+                return self._run_all(n_workers)
+            except KeyboardInterrupt:
+                print("interrupted: the finished runs are recorded; run the same command to resume", file=sys.stderr)
+                return INTERRUPTED
+
+    def _run_all(self, n_workers: int) -> int:
+        self.close_stale()
         todo = self.todo()
+        since = time.time()  # failures recorded from now on are this invocation's
         bar = RunProgress(self.s.study.name, len(self.plan.runs()), len(self.plan.runs()) - len(todo), self.progress)
+        code = 0
         try:
             if n_workers > 1 and len(todo) > 1:
                 from .confirm_workers import run_in_workers
@@ -211,20 +234,17 @@ class Confirmation:
             else:
                 for c, seed in todo:
                     self._run(c, seed, bar)
-        except KeyboardInterrupt:
-            bar.close()
-            print("interrupted: the finished runs are recorded; run the same command to resume", file=sys.stderr)
-            return INTERRUPTED
         finally:
             bar.close()
-        self._summarize()
-        return 0
+        with between_writes():
+            missing = self._summarize(since)
+        return 1 if missing or code else 0
 
     def run_share(self, share: set[str], report_to: ProgressFile | None = None) -> int:
         """A worker's part of :meth:`run`: the runs whose keys are in ``share`` (and not yet recorded),
         each training report also to ``report_to`` (for the parent's bar)."""
         bar = RunProgress(self.s.study.name, 0, 0, enabled=False, report_to=report_to)
-        try:
+        try:  # (the worker's signal handlers: confirm_worker's)
             for c, seed in self.todo():
                 if self.key(c, seed) in share:
                     self._run(c, seed, bar)
@@ -251,16 +271,24 @@ class Confirmation:
         shown = ", ".join(f"{o}={v:.4g}" for o, v in zip(self.s.study.objectives, values, strict=True))
         return f"trial {c.trial.number} seed {seed}: {shown} ({self.plan.steps} steps)"
 
-    def _close_stale(self) -> None:
+    def close_stale(self, reasons: dict[str, str] | None = None) -> None:
         """Runs a killed process left RUNNING: FINISHED when their result was recorded (the process died
-        between recording it and closing the run), else KILLED (they are trained again)."""
+        between recording it and closing the run), else KILLED (they are trained again), with the
+        reason ``reasons`` gives for the run's key (a worker that died) when it has one."""
         recorded_runs = {v.get("mlflow_run_id") for k, v in self.study.user_attrs.items()
                          if k.startswith(RESULT_PREFIX) and isinstance(v, dict)}
-        for run_id in self.tracker.open_children(self.parent, "confirmation"):
+        for run in self.tracker._open_runs(self.parent, "confirmation"):
+            run_id, tags = run.info.run_id, run.data.tags
             if run_id in recorded_runs:
                 self.tracker.end_trial(run_id, "FINISHED")
-            else:
-                self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted"})
+                continue
+            try:
+                key = result_key(tags["fulu.arch_hash"], int(tags["fulu.seed"]), int(tags["fulu.steps"]))
+            except (KeyError, ValueError):
+                key = None
+            reason = (reasons or {}).get(key)
+            self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "worker died", "fulu.reason": reason}
+                                   if reason else {"fulu.state": "interrupted"})
 
     def _run(self, c: Candidate, seed: int, bar: RunProgress) -> None:
         """One architecture, one seed: trained, evaluated, measured, recorded. A failure is recorded
@@ -306,12 +334,25 @@ class Confirmation:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _summarize(self) -> None:
+    def _summarize(self, since: float = 0.0) -> int:
+        """The summary of the plan's recorded runs (``confirmation.json``, printed); the number of
+        planned runs that have neither a result nor a failure recorded since ``since`` (a worker died
+        before it ended them). With none the summary is also recorded on the study and its parent run
+        (``fulu-nas export trial=best`` takes its winner); otherwise it lists them as missing and has no
+        winner, and the study keeps its last complete confirmation (if any)."""
         s, plan = self.s, self.plan
         results = self.recorded()
         attrs = self.study.user_attrs
-        failures = [attrs[FAILURE_PREFIX + self.key(c, seed)] for c, seed in plan.runs()
-                    if self.key(c, seed) not in results and FAILURE_PREFIX + self.key(c, seed) in attrs]
+        failures, missing = [], []
+        for c, seed in plan.runs():
+            key = self.key(c, seed)
+            if key in results:
+                continue
+            failure = attrs.get(FAILURE_PREFIX + key)
+            if isinstance(failure, dict) and failure.get("at", 0) >= since:
+                failures.append(failure)
+            else:
+                missing.append({"trial": c.trial.number, "arch_hash": c.arch_hash, "seed": seed})
         rows = []
         for c in plan.candidates:
             runs = [results[k] for seed in plan.seeds if (k := result_key(c.arch_hash, seed, plan.steps)) in results]
@@ -324,14 +365,20 @@ class Confirmation:
                   "directions": list(s.study.directions), "top_k": plan.options.top_k,
                   "ranked_architectures": plan.ranked, "budget_factor": plan.options.budget_factor,
                   "search_steps": s.train.steps, "steps": plan.steps, "seeds": list(plan.seeds),
-                  "failed_runs": failures}
+                  "failed_runs": failures, "complete": not missing, "missing_runs": missing}
         summary = summarize_confirmation(header, rows, list(s.study.directions))
         path = s.output_dir / "confirmation.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2, default=str))
-        self.tracker.log_files(self.parent, {"confirmation.json": summary})
-        self.study.set_user_attr(SUMMARY_ATTR, summary)
+        if not missing:
+            self.tracker.log_files(self.parent, {"confirmation.json": summary})
+            self.study.set_user_attr(SUMMARY_ATTR, summary)
         print_confirmation(summary, path)
+        if missing:
+            print(f"incomplete: {len(missing)} of {len(plan.runs())} runs have no result (a worker process died; "
+                  "see above), so no winner is recorded and the study keeps its previous confirmation, if any; "
+                  "run the same command again to train the missing runs", file=sys.stderr)
+        return len(missing)
 
 
 def confirm_study(study: optuna.Study, s: SearchSettings, options: ConfirmSettings, progress: bool = True,

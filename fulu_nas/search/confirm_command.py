@@ -9,6 +9,9 @@ from .settings import ConfirmSettings, confirm_settings
 
 BAD_INPUT = 2
 OPTIONS = {"top_k": "", "budget_factor": "", "seeds": "", "n_workers": ""}  # "": the study's value
+# After naming an override that the command would ignore (it trains with the search's own settings).
+HINT = ("; what a confirmation trains is set by its own options: top_k= (how many architectures), budget_factor= "
+        "(budget_factor x the search's trainer.steps steps), seeds= (seeds trainer.seed + 0 .. seeds-1), n_workers=")
 USAGE = """usage: fulu-nas confirm study.name=NAME [top_k=K] [budget_factor=F] [seeds=N] [n_workers=W] [overrides ...]
 
 Trains the study's top_k best distinct architectures and its reference architecture again with the
@@ -27,6 +30,8 @@ threads, or its own GPU), as the search's study.n_workers does; the default is t
 study.n_workers. Options default to the study's study.confirm values (top_k 8, budget_factor 4,
 seeds 3 unless the search set others). Pass the overrides that locate the study when the search used them:
 study.storage=..., tracking.uri=..., hydra.run.dir=..., and --config-dir DIR with its search_space=...
+Any other override (trainer.steps=, trainer.seed=, ...) that differs from the search's setting is
+refused: the confirmation trains with the search's own settings.
 """
 
 
@@ -76,7 +81,7 @@ def main(argv: list[str]) -> int:
             raise FuluConfigError(f"{nested[0]}: the search's study.confirm sets the defaults; give this "
                                   "command top_k=, budget_factor=, seeds= instead")
         with quiet_optuna():
-            location = locate_study(overrides)
+            location = locate_study(overrides, HINT)
             study = load_study(location)
             check_recordable(location)
             s = search_settings(location, study, will_train=True)

@@ -46,7 +46,9 @@ def summarize_confirmation(header: dict, rows: list[dict], directions: list[str]
     summary = {**header, "test": {"name": TEST, "alpha": ALPHA}, "architectures": rows,
                "kendall_tau": kendall(rows), "reference": None if reference is None else reference["trial"]}
     candidates = [r for r in measured if r["feasible"]]
-    summary["winner"] = None if len(directions) > 1 or not candidates else {
+    # No winner from an incomplete confirmation (runs without a result: a worker died): the missing runs
+    # could change it, and export's trial=best would take it.
+    summary["winner"] = None if len(directions) > 1 or not candidates or header.get("complete") is False else {
         k: candidates[0][k] for k in ("trial", "arch_hash", "search_rank", "mean", "sd", "n")}
     return summary
 
@@ -95,8 +97,8 @@ def confirmed_winner(study) -> dict | None:
 
 def winner(summary: dict | None) -> dict | None:
     """The summary's winner (best mean of a single objective, among architectures feasible in the search)
-    with the budget it was confirmed at; None without one."""
-    if not isinstance(summary, dict) or not summary.get("winner"):
+    with the budget it was confirmed at; None without one (an incomplete confirmation has none)."""
+    if not isinstance(summary, dict) or not summary.get("winner") or summary.get("complete") is False:
         return None
     return {**summary["winner"], "objective": summary["objectives"][0], "steps": summary["steps"],
             "seeds": summary["seeds"]}
@@ -155,6 +157,9 @@ def print_confirmation(summary: dict, path) -> None:
         console.print(f"beats the reference: {TEST}, alpha {ALPHA}; otherwise not distinguishable from it")
     for f in summary["failed_runs"]:
         console.print(f"failed: trial {f['trial']} seed {f['seed']}: {f['reason']} (run the command again to retry)")
+    for m in summary.get("missing_runs", []):
+        console.print(f"missing: trial {m['trial']} seed {m['seed']}: no result (its worker died; run the command "
+                      "again to train it)")
     if (w := winner(summary)) is not None:
         console.print(f"winner: {describe_winner(w)}; `fulu-nas export` with trial=best takes it")
     console.print(f"confirmation: {path}")

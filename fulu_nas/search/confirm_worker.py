@@ -9,19 +9,24 @@ from pathlib import Path
 
 from .confirm import Confirmation, plan_confirmation
 from .settings import ConfirmSettings
-from .study import load_worker_settings, open_study, quiet_optuna
+from .study import INTERRUPTED, load_worker_settings, open_study, quiet_optuna, stop_signals_as_interrupt
 from .worker_progress import ProgressFile, progress_path
 
 
 def main(argv: list[str]) -> int:
+    """0, or 130 when stopped by Ctrl-C or SIGTERM (the running run ended KILLED)."""
     config, index = argv[0], int(argv[1])
-    s = load_worker_settings(config)
-    data = json.loads(Path(config).read_text())
-    with quiet_optuna():
-        study = open_study(s)
-        plan = plan_confirmation(study, s, ConfirmSettings(**data["options"]))
-        report_to = ProgressFile(progress_path(s.output_dir, "confirm-worker", index))
-        return Confirmation(study, s, plan, progress=False).run_share(set(data["shares"][index]), report_to)
+    with stop_signals_as_interrupt():  # SIGTERM as Ctrl-C: the running run ends KILLED
+        try:
+            s = load_worker_settings(config)
+            data = json.loads(Path(config).read_text())
+            with quiet_optuna():
+                study = open_study(s)
+                plan = plan_confirmation(study, s, ConfirmSettings(**data["options"]))
+                report_to = ProgressFile(progress_path(s.output_dir, "confirm-worker", index))
+                return Confirmation(study, s, plan, progress=False).run_share(set(data["shares"][index]), report_to)
+        except KeyboardInterrupt:
+            return INTERRUPTED
 
 
 if __name__ == "__main__":

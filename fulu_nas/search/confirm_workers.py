@@ -10,6 +10,7 @@ as a sequential confirmation does; this process shows them as they come and writ
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,9 @@ POLL_SECONDS = 5.0  # reading the study's results takes a noticeable share of a 
 
 def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
     """Runs ``todo`` (``(candidate, seed)`` pairs of ``confirmation``'s plan) on ``n_workers``
-    processes; 0, or :data:`INTERRUPTED` when interrupted (the finished runs stay recorded)."""
+    processes; 0, :data:`INTERRUPTED` when interrupted (the finished runs stay recorded), or 1 when a
+    worker died (killed outright, out of memory, an error): its runs without a result are the
+    confirmation's missing runs, and the run it left RUNNING is ended KILLED with the reason."""
     s: SearchSettings = confirmation.s
     config = s.output_dir / CONFIG_FILE
     config.parent.mkdir(parents=True, exist_ok=True)
@@ -39,13 +42,14 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
                                   "options": asdict(confirmation.plan.options)}, indent=2, default=str))
     since = time.time()
     procs = []
-    for i in range(n_workers):
-        log = open(s.output_dir / f"confirm-worker-{i}.log", "w")
-        command = [sys.executable, "-m", "fulu_nas.search.confirm_worker", str(config), str(i)]
-        procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       env=worker_env(i, n_workers, s.train.expert_parallel)), log))
     reports = [progress_path(s.output_dir, "confirm-worker", i) for i in range(n_workers)]
+    interrupted = False
     try:
+        for i in range(n_workers):
+            log = open(s.output_dir / f"confirm-worker-{i}.log", "w")
+            command = [sys.executable, "-m", "fulu_nas.search.confirm_worker", str(config), str(i)]
+            procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                           env=worker_env(i, n_workers, s.train.expert_parallel)), log))
         read_at = -POLL_SECONDS
         while keys:
             running = any(p.poll() is None for p, _ in procs)
@@ -59,16 +63,42 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
             bar.show_running(running_lines(reports))
             time.sleep(1.0)
     except KeyboardInterrupt:
+        interrupted = True
+        # A Ctrl-C at the terminal reaches the workers too; a SIGTERM may have reached this process alone
+        # (`kill PID`, `docker stop`), so it is passed on (a worker ignores the signals after its first).
         for p, _ in procs:
-            p.wait()
-        return INTERRUPTED
+            if confirmation.sigterms and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
     finally:
         for p, log in procs:
             p.wait()
             log.close()
         remove_all(reports)
-    failed = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, INTERRUPTED)]
+    stopped = (0, INTERRUPTED, *((-signal.SIGTERM, -signal.SIGINT) if interrupted else ()))  # a worker stopped
+    # by the interrupt before it could take signals
+    failed = [i for i, (p, _) in enumerate(procs) if p.returncode not in stopped]
+    reasons = {}
     for i in failed:
-        print(f"confirmation worker {i} exited with {procs[i][0].returncode}; see "
-              f"{s.output_dir / f'confirm-worker-{i}.log'}", file=sys.stderr)
-    return 0
+        how = exit_description(procs[i][0].returncode)
+        print(f"confirmation worker {i} exited with {how}; see {s.output_dir / f'confirm-worker-{i}.log'}",
+              file=sys.stderr)
+        reasons.update({key: f"confirmation worker {i} exited with {how} during this run; it has no result: run "
+                             "the same command again to train it" for key in shares[i]})
+    # Every worker has exited: a run still RUNNING is one a dead worker could not end.
+    confirmation.close_stale(reasons)
+    if interrupted:
+        return INTERRUPTED
+    return 1 if failed else 0
+
+
+def exit_description(code: int) -> str:
+    """``-9 (SIGKILL: ...)`` for a worker's exit code."""
+    if code >= 0:
+        return f"{code} (an error)"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"{code} (signal {-code})"
+    if -code == signal.SIGKILL:
+        return f"{code} ({name}: killed outright, as the kernel's out-of-memory killer does)"
+    return f"{code} ({name})"

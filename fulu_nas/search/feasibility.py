@@ -9,11 +9,18 @@ and for each choice of each categorical parameter (pinned, with the parents of i
 pinned to values that make it active). When the whole space fails, each fixed value, parameter
 and derived value is put back to the field's default in turn; those whose default makes the space
 feasible are named as the cause.
+
+A derived value or constraint that cannot be evaluated for some samples (``64 // (num_experts - 5)``)
+is refused as well, naming it and a sample that breaks it: every random draw is evaluated, as a trial
+evaluates it (not only those up to the first feasible one), and so is every combination of the
+values of the parameters the expressions read, where they are discrete and few
+(:data:`ALL_VALUES_UP_TO`): otherwise the study stopped at the first trial to draw such a sample.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 from collections.abc import Callable
@@ -24,6 +31,10 @@ from ..moe import MoEConfig
 from .space import Infeasible, Param, SearchSpace
 
 DRAWS = 200
+# The derived values and constraints are evaluated on every combination of the values of the parameters
+# they read when these are discrete and give at most this many (a fraction of a second): a value that
+# random draws rarely meet (num_experts=317 of 2..400) is tried too.
+ALL_VALUES_UP_TO = 4096
 
 
 def _defaults(cls) -> dict:
@@ -69,6 +80,7 @@ def check_feasible(space: SearchSpace, task, draws: int = DRAWS) -> None:
             space.feasible_arch(space.with_derived(space.reference), task)
         except Infeasible as e:
             raise FuluConfigError(f"search_space.reference: {e}") from None
+    _check_expressions(space, task, draws)
     rng = random.Random(0)
     reason = _failure(space, task, rng, draws, dict)
     if reason is not None:
@@ -83,6 +95,47 @@ def check_feasible(space: SearchSpace, task, draws: int = DRAWS) -> None:
                                 f"in {draws} random draws (first: {reason})")
     if problems:
         raise FuluConfigError(problems)
+
+
+def _check_expressions(space: SearchSpace, task, draws: int) -> None:
+    """FuluConfigError (one problem: the derived value or constraint, the values it fails for) when an
+    expression of the space cannot be evaluated for values a trial may draw: on every combination of
+    the values the expressions read (:func:`_expression_inputs`), then on ``draws`` random samples,
+    each made into its architecture as a trial makes it (an infeasible one is no error)."""
+    for values in _expression_inputs(space):
+        space.violations(space.with_derived(values))
+    rng = random.Random(0)
+    for _ in range(draws if space.params else 1):
+        values = space.sample(_RandomTrial(rng, {}))  # computes the derived values
+        try:
+            space.feasible_arch(values, task)  # evaluates the constraints
+        except Infeasible:
+            pass
+
+
+def _expression_inputs(space: SearchSpace):
+    """Every combination of the values of the parameters that the derived values and constraints read
+    (through other derived values too), and of those their ``when`` names, each with the active ones
+    only; nothing when one of them is continuous or there are more than :data:`ALL_VALUES_UP_TO`."""
+    derived, by_name = dict(space.derived), {p.name: p for p in space.params}
+    todo = [name for expr in (*space.constraints, *derived.values()) for name in expr.names]
+    read: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in read:
+            read.add(name)
+            todo.extend(derived[name].names if name in derived else
+                        [parent for parent, _ in by_name[name].when] if name in by_name else ())
+    params = [p for p in space.params if p.name in read]
+    grids = [p.grid_values() for p in params]
+    if not params or None in grids or math.prod(map(len, grids)) > ALL_VALUES_UP_TO:
+        return
+    for combination in itertools.product(*grids):
+        values: dict = {}
+        for p, value in zip(params, combination, strict=True):
+            if p.active(values):
+                values[p.name] = value
+        yield values
 
 
 def _failure(space: SearchSpace, task, rng: random.Random, draws: int, pins: Callable[[], dict],

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM stop a search between database writes, never inside one.
+"""Ctrl-C and SIGTERM stop a search between database writes, never inside one, and only once.
 
 A KeyboardInterrupt raised inside an MLflow or Optuna write (a SQLAlchemy session on the SQLite
 file) could leave that database locked: ending the interrupted trial's runs then failed with
@@ -6,10 +6,19 @@ file) could leave that database locked: ending the interrupted trial's runs then
 queuing it again. Blocks of writes run under :func:`between_writes`; a signal arriving inside one
 is raised as KeyboardInterrupt when the block ends. Signals reach the main thread only; elsewhere
 nothing is deferred.
+
+The first interrupt stops the search; the signals after it are ignored while the search stops
+(:func:`interrupt`): handling the first one fails the running trial, queues it again and ends its
+runs, and a second KeyboardInterrupt in the middle of that left the trial without its reason, never
+queued again, its run RUNNING. A second signal is common: ``timeout``, ``kill -- -PGID`` or a batch
+scheduler signal every process of a search with ``study.n_workers`` > 1, and its parent forwards
+SIGTERM to its workers as well (it cannot tell a SIGTERM sent to it alone, as ``docker stop`` sends
+it). :func:`reset` starts afresh (each search installing the handlers calls it).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,14 +27,45 @@ from contextlib import contextmanager
 class _Deferral:
     depth = 0  # blocks of writes the main thread is inside
     pending = False  # a signal came during one
+    stopping = False  # the first interrupt was raised (or the search is ending): signals are ignored
+    told = False  # the console was told that a signal was ignored
 
 
 def interrupt(_signum: int, _frame) -> None:
     """The handler of SIGINT and SIGTERM while a search runs."""
+    if _Deferral.stopping:
+        _tell_ignored()
+        return
     if _Deferral.depth:
         _Deferral.pending = True
         return
+    _stop()
+
+
+def _stop() -> None:
+    _Deferral.stopping = True
     raise KeyboardInterrupt
+
+
+def _tell_ignored() -> None:
+    if not _Deferral.told:
+        _Deferral.told = True
+        # os.write, not print: a signal handler printing while the main thread prints to the same
+        # stream raises RuntimeError (a reentrant call to its buffer)
+        os.write(2, b"already stopping: the running trial is being failed and queued again, and its runs "
+                    b"ended; wait for it\n")
+
+
+def ignore_signals() -> None:
+    """From here on the search is ending (its summary written, its runs closed): signals are ignored
+    until :func:`reset`. No-op outside the main thread."""
+    if threading.current_thread() is threading.main_thread():
+        _Deferral.stopping = True
+
+
+def reset() -> None:
+    """No signal pending, none ignored: the state of a search that has not been interrupted."""
+    _Deferral.pending = _Deferral.stopping = _Deferral.told = False
 
 
 @contextmanager
@@ -41,4 +81,5 @@ def between_writes() -> Iterator[None]:
         _Deferral.depth -= 1
         if not _Deferral.depth and _Deferral.pending:
             _Deferral.pending = False
-            raise KeyboardInterrupt
+            if not _Deferral.stopping:
+                _stop()

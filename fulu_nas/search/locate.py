@@ -1,19 +1,25 @@
 """Find an existing study from command-line overrides, for the commands that read one
-(``fulu-nas export``, ``fulu-nas dashboard``).
+(``fulu-nas export``, ``fulu-nas dashboard``, ``fulu-nas confirm``).
 
 ``study.name=NAME`` (plus ``study.storage=``, ``tracking.uri=`` or ``hydra.run.dir=`` when the
 search used them) is composed with the same Hydra config as ``fulu-nas search``, so a study is
 found where the search put it: ``outputs/NAME/optuna.db`` by default. The search's full
 configuration comes back too (from ``search_config.json`` in its folder, or the parent MLflow
 run's artifact when the study lives on a server), as :class:`~fulu_nas.search.SearchSettings`.
+
+These commands work with the search's own settings, so any other override would be ignored. One
+is taken only when it repeats the search's setting (the search's own command line, a group choice
+such as ``search_space=`` that ``--config-dir`` needs, pass as they are); one that differs from it
+(``trainer.steps=40`` for a 60-step study) is refused by :func:`search_settings`, naming it.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import FuluConfigError
 from .settings import SearchSettings, load_settings
@@ -26,6 +32,14 @@ from .storage import (
     probe_tracking,
 )
 
+# The overrides that say where the study is: always taken (hydra.run.dir: its folder).
+LOCATING = ("study.name", "study.storage", "tracking.uri", "hydra.run.dir")
+# Top-level shorthands of the config and the key they set (model=PATH: task.model).
+SHORTHANDS = {"model": "task.model"}
+DEFAULT_HINT = ("; only the overrides that locate the study are taken (study.name=, study.storage=, "
+                "tracking.uri=, hydra.run.dir=, --config-dir DIR with its search_space=), and others only when "
+                "they repeat the search's own settings")
+
 
 @dataclass(frozen=True)
 class StudyLocation:
@@ -33,6 +47,11 @@ class StudyLocation:
     storage_url: str
     tracking_uri: str
     output_dir: Path
+    # The other overrides, each with the config paths it sets and the composed config: checked against
+    # the search's own settings by search_settings (an override that differs would be ignored).
+    requested: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    composed: dict[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
+    hint: str = DEFAULT_HINT
 
 
 def split_options(argv: list[str], options: dict[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -52,7 +71,9 @@ def split_options(argv: list[str], options: dict[str, str]) -> tuple[dict[str, s
 STUDY_FLAGS = ("--config-dir", "-cd")
 
 
-def locate_study(overrides: list[str]) -> StudyLocation:
+def locate_study(overrides: list[str], hint: str = DEFAULT_HINT) -> StudyLocation:
+    """Where the study is. ``hint``: what to say after naming an override the command would ignore (the
+    command's own options, say)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -71,6 +92,7 @@ def locate_study(overrides: list[str]) -> StudyLocation:
         if config_dir and not Path(config_dir).is_dir():
             raise FuluConfigError(f"--config-dir: {config_dir!r} is not a folder")
         cfg, output_dir = compose_config(overrides, config_dir)
+        requested = _requested(overrides, config_dir, cfg)
     except (HydraException, OmegaConfBaseException) as e:
         raise FuluConfigError(f"configuration: {' '.join(str(e).split())}") from None
     name = cfg["study"]["name"]
@@ -82,7 +104,105 @@ def locate_study(overrides: list[str]) -> StudyLocation:
     # server for minutes.
     check_tracking_uri(tracking)
     probe_tracking(tracking)
-    return StudyLocation(name, storage, tracking, output_dir)
+    return StudyLocation(name, storage, tracking, output_dir, requested, cfg, hint)
+
+
+def _requested(overrides: list[str], config_dir: str | None, cfg: dict) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Each override that does not locate the study, with the config paths it sets: its key (a value
+    override); a group choice: the group's node, or (a group of ``@package _global_``, such as
+    ``+experiment=``) the paths whose value it changes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .app import CONF_DIR, compose_config
+
+    requested = []
+    for i, o in enumerate(OverridesParser.create().parse_overrides(overrides)):
+        key = o.key_or_group
+        if key in LOCATING:
+            continue
+        if key.startswith("hydra."):
+            requested.append((o.input_line, ()))  # nothing of the search's settings: never used here
+            continue
+        folders = [CONF_DIR, *([Path(config_dir)] if config_dir else [])]
+        if not any((f / key).is_dir() for f in folders):  # a value: key.path=value, +key=, ~key
+            requested.append((o.input_line, (SHORTHANDS.get(key, key),)))
+            continue
+        node = (o.package or key).replace("/", ".")
+        if o.package != "_global_" and _select(cfg, node) is not None:
+            requested.append((o.input_line, (node,)))
+            continue
+        without, _ = compose_config(overrides[:i] + overrides[i + 1:], config_dir)
+        with_it, without = _leaves(cfg), _leaves(without)
+        requested.append((o.input_line, tuple(sorted(p for p in with_it.keys() | without.keys()
+                                                     if with_it.get(p, _ABSENT) != without.get(p, _ABSENT)))))
+    return tuple(requested)
+
+
+_ABSENT = object()
+
+
+def _select(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every value that is not a mapping (an empty mapping is a value)."""
+    if not isinstance(data, dict) or not data:
+        return {prefix: data} if prefix else {}
+    out = {}
+    for k, v in data.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _under(leaves: dict[str, Any], path: str) -> dict[str, Any]:
+    return {p: v for p, v in leaves.items() if (p == path or p.startswith(path + ".")) and p not in LOCATING}
+
+
+def _same(path: str, given: Any, searched: Any, typed_model: str | None) -> bool:
+    if given == searched:
+        return True
+    if path == "task.model" and isinstance(given, str) and isinstance(searched, str):
+        # the search kept the model folder by its absolute path (and the text it was given as typed_model)
+        return given == typed_model or Path(given).expanduser().resolve() == Path(searched).resolve()
+    return False
+
+
+def check_overrides_are_used(location: StudyLocation, config: dict, typed_model: str | None = None) -> None:
+    """FuluConfigError naming each override of ``location`` that differs from the search's own settings
+    (``config``, as the search saved it): the command works with those, so it would ignore the override."""
+    if location.composed is None:
+        return
+    given, searched = _leaves(location.composed), _leaves(config)
+    problems = []
+    for text, paths in location.requested:
+        if not paths and text.partition("=")[0].lstrip("+~").startswith("hydra."):
+            problems.append(f"{text}: not used: of Hydra's settings this command takes hydra.run.dir only (the "
+                            "study's folder)")
+            continue
+        for path in paths:
+            mine, theirs = _under(given, path), _under(searched, path)
+            differ = sorted((p for p in mine.keys() | theirs.keys()
+                             if not _same(p, mine.get(p, _ABSENT), theirs.get(p, _ABSENT), typed_model)),
+                            key=lambda p: (p not in mine, p))  # what the override sets, first
+            if differ:
+                p = differ[0]
+                was = f"is {_show(theirs[p])}" if p in theirs else "is not set"
+                now = f"{_show(mine[p])} here" if p in mine else "removed here"
+                problems.append(f"{text}: not used: this command works with the search's own settings, where {p} "
+                                f"{was} ({now})")
+                break
+    if problems:
+        problems[-1] += location.hint  # once, after the last
+        raise FuluConfigError(problems)
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else repr(value)
 
 
 def check_recordable(location: StudyLocation, study_database: bool = True) -> None:
@@ -129,4 +249,5 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.MlflowClient(location.tracking_uri).download_artifacts(parent, "search_config.json", tmp)
             data = {"config": json.loads(Path(local).read_text())}
+    check_overrides_are_used(location, data["config"], data.get("typed_model"))
     return load_settings(data["config"], location.output_dir, will_train, typed_model=data.get("typed_model"))

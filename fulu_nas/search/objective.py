@@ -8,9 +8,10 @@ How a trial ends, and what the study keeps of it (user attributes on the Optuna 
   ``weights_run_id`` (``cached_from`` when an identical architecture's result was reused).
 - PRUNED: by the pruner (``pruned_at_step``), or ``infeasible`` (a constraint of the space or an
   impossible architecture: never trained, not counted toward ``n_trials``).
-- FAIL: ``fail_reason`` (diverged, out of memory, an error). ``interrupted`` trials (Ctrl-C)
-  are queued again and not counted; a FAIL with no reason is a killed worker's trial, failed by
-  the heartbeat check and retried (see :mod:`.storage`).
+- FAIL: ``fail_reason`` (diverged, out of memory, an error, a space whose derived values cannot be
+  computed for the trial's sample). ``interrupted`` trials (Ctrl-C or SIGTERM, wherever it lands in
+  the trial: :func:`requeue_interrupted`) are queued again and not counted; a FAIL with no reason is
+  a killed worker's trial, failed by the heartbeat check and retried (see :mod:`.storage`).
 
 With ``trainer.expert_parallel=P > 1`` the training step runs over P ranks in a torchrun launch
 (:mod:`fulu_nas.training.parallel`; a num_experts not divisible by P makes the trial infeasible); its reports stream
@@ -36,6 +37,7 @@ import optuna
 import torch
 
 from ..deploy.cost import ServedKernelWarmup, measure_cost
+from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..training.evaluate import evaluate
 from ..training.parallel import train_expert_parallel
@@ -75,6 +77,23 @@ def counts_toward_total(t: optuna.trial.FrozenTrial) -> bool:
     if t.state == TrialState.FAIL:
         return t.user_attrs.get("fail_reason") is not None and not t.user_attrs.get("not_counted")
     return False
+
+
+INTERRUPTED_REASON = "interrupted (Ctrl-C or SIGTERM); the trial was queued again and resumes with the same command"
+
+
+def requeue_interrupted(study: optuna.Study, trial_id: int) -> None:
+    """Trial ``trial_id``, stopped by Ctrl-C or SIGTERM, failed with the reason ``interrupted`` (not
+    counted toward ``n_trials``) and queued again: with the parameters it has (a queued trial's fixed
+    ones, the reference's among them, before it sampled them all) and its ``reference`` flag. Its
+    state is the caller's to set (Optuna's tell)."""
+    storage = study._storage  # the trial's id, not a Trial: it may never have reached the objective
+    t = storage.get_trial(trial_id)
+    storage.set_trial_user_attr(trial_id, "fail_reason", "interrupted")
+    storage.set_trial_user_attr(trial_id, "not_counted", True)
+    params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+    study.enqueue_trial(params, user_attrs={"retry_of": t.number,
+                                            **({"reference": True} if t.user_attrs.get("reference") else {})})
 
 
 def is_feasible(t: optuna.trial.FrozenTrial) -> bool:
@@ -300,16 +319,42 @@ class Objective:
         self.prune = settings.study.pruner != "none"
         self.started: set[int] = set()  # trial numbers this worker ran
         self.references = ReferenceModels(settings)
+        self._run: str | None = None  # the running trial's MLflow run, while this objective has to end it
 
     def __call__(self, trial: optuna.Trial):
+        """Ctrl-C or SIGTERM anywhere in the trial (checking, sampling, reusing, creating its run,
+        training) fails it as ``interrupted``, queues it again and ends its run KILLED."""
+        self._run = None
+        try:
+            return self._run_trial(trial)
+        except KeyboardInterrupt:
+            requeue_interrupted(trial.study, trial._trial_id)
+            if self._run is not None:
+                self.tracker.end_trial(self._run, "KILLED", {"fulu.state": "interrupted",
+                                                             "fulu.reason": INTERRUPTED_REASON})
+                self._run = None
+            raise
+
+    def _start_run(self, trial: optuna.Trial, values: dict, arch, tags: dict) -> str:
+        """The trial's MLflow run, kept in ``self._run`` before a Ctrl-C that arrived while it was being
+        created is raised (at the end of the block), so that the interrupted trial's run is ended."""
+        with between_writes():
+            self._run = self.tracker.start_trial(self.parent_run_id, trial.number, values, arch.to_dict(), tags)
+            return self._run
+
+    def _run_trial(self, trial: optuna.Trial):
         started = time.perf_counter()
         self.started.add(trial.number)
         self._check_surplus(trial)
-        values = self.s.space.sample(trial)
         try:
+            values = self.s.space.sample(trial)
             arch = self.s.space.feasible_arch(values, self.s.task)
         except Infeasible as e:
             self._infeasible(trial, str(e))
+        except FuluConfigError as e:  # the space's fault for this sample (a derived value that cannot be computed)
+            reason = "; ".join(e.problems)
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason) from None
         P = self.s.train.expert_parallel
         if P > 1 and arch.moe.num_experts % P:
             self._infeasible(trial, f"num_experts={arch.moe.num_experts} is not divisible by "
@@ -328,8 +373,8 @@ class Objective:
         reference = bool(trial.user_attrs.get("reference"))
         seconds = {"sample": time.perf_counter() - started}
         clock = time.perf_counter()
-        run_id = self.tracker.start_trial(self.parent_run_id, trial.number, values, arch.to_dict(),
-                                          {"fulu.reference": reference, "fulu.arch_hash": arch.content_hash()})
+        run_id = self._start_run(trial, values, arch, {"fulu.reference": reference,
+                                                       "fulu.arch_hash": arch.content_hash()})
         trial.set_user_attr("mlflow_run_id", run_id)
         seconds["log"] = time.perf_counter() - clock
         model = None
@@ -367,22 +412,22 @@ class Objective:
             self.tracker.log_metrics(run_id, phases)
             record_metrics(trial, {**metrics, **phases})
             trial.set_user_attr("weights_run_id", run_id)
-            # the artifacts and weights upload while the next trial trains; the run ends after them
-            self.tracker.finish_trial_in_background(run_id, measured.artifacts(arch, log.routing_history), model)
+            # the artifacts and weights upload while the next trial trains; the run ends after them (a
+            # Ctrl-C meanwhile leaves it to the upload)
+            with between_writes():
+                self.tracker.finish_trial_in_background(run_id, measured.artifacts(arch, log.routing_history), model)
+                self._run = None
             return objectives[0] if len(objectives) == 1 else objectives
         except optuna.TrialPruned as e:
             self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "pruned", "fulu.reason": str(e)})
-            raise
-        except KeyboardInterrupt:
-            self._requeue(trial, values, "interrupted")
-            self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted", "fulu.reason": (
-                "interrupted (Ctrl-C or SIGTERM); the trial was queued again and resumes with the same command")})
+            self._run = None
             raise
         except Exception as e:
             reason = failure_reason(e)
             trial.set_user_attr("fail_reason", reason)
             self.tracker.end_trial(run_id, "FAILED", {"fulu.state": "failed", "fulu.reason": reason,
                                                       "fulu.traceback": traceback.format_exc()[-4000:]})
+            self._run = None
             raise TrialFailed(reason) from e
         finally:
             kernels.wait()  # a failed trial's compilation: its copy of the model leaves with it
@@ -404,11 +449,11 @@ class Objective:
         if earlier.state == TrialState.PRUNED:
             raise optuna.TrialPruned(f"identical to trial {earlier.number}, which was pruned")
         metrics = {k: v for k, v in earlier.user_attrs["metrics"].items() if not k.startswith(RUN_METRICS)}
-        run_id = self.tracker.start_trial(self.parent_run_id, trial.number, values, arch.to_dict(),
-                                          {"fulu.cached_from_trial": earlier.number,
-                                           "fulu.weights_run_id": earlier.user_attrs.get("weights_run_id")})
+        run_id = self._start_run(trial, values, arch, {"fulu.cached_from_trial": earlier.number,
+                                                       "fulu.weights_run_id": earlier.user_attrs.get("weights_run_id")})
         self.tracker.log_metrics(run_id, metrics)
         self.tracker.end_trial(run_id, "FINISHED")
+        self._run = None
         for name, bound in self.s.study.constraints:
             trial.set_constraint(name, metrics[name] - bound)
         record_metrics(trial, metrics)
@@ -432,14 +477,6 @@ class Objective:
             trial.set_user_attr("fail_reason", "surplus: the requested trials were already taken by other workers")
             trial.set_user_attr("not_counted", True)
             raise SurplusTrial("surplus trial")
-
-    def _requeue(self, trial: optuna.Trial, values: dict, why: str) -> None:
-        trial.set_user_attr("fail_reason", why)
-        trial.set_user_attr("not_counted", True)
-        params = {k: v for k, v in trial.params.items()}
-        trial.study.enqueue_trial(params, user_attrs={"retry_of": trial.number,
-                                                      **({"reference": True} if trial.user_attrs.get("reference")
-                                                         else {})})
 
 
 def record_metrics(trial: optuna.Trial, metrics: dict[str, float]) -> None:

@@ -105,7 +105,11 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
         arch = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         table.add_row(label, *cells, arch)
     console.print(table)
-    if summary.get("best_is_reference"):
+    if summary.get("best_is_reference") and _only_the_reference_trained(summary):
+        console.print(f"trial {summary['best_trial']} is the reference architecture; no other architecture has been "
+                      f"trained yet ({summary['n_finished']} of {summary['n_trials_requested']} trials): run the same "
+                      "command to resume the search")
+    elif summary.get("best_is_reference"):
         console.print(f"the best trial, {summary['best_trial']}, is the reference architecture: no other architecture "
                       f"beat it on {summary['objectives'][0]} in one run at {s.train.steps} steps")
     elif "beats_reference" in summary:
@@ -120,6 +124,13 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
                       + f" in one run at {s.train.steps} steps; fulu-nas confirm study.name={s.study.name} trains "
                       "both again with several seeds")
     console.print(f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}")
+
+
+def _only_the_reference_trained(summary: dict) -> bool:
+    """A search stopped short (interrupted) before it finished any trial but the reference's (and
+    trials that reused its result): nothing else has had a chance to beat the reference."""
+    return (summary["n_finished"] < summary["n_trials_requested"]
+            and summary["n_finished"] - summary["n_reused"] <= 1)
 
 
 def format_value(v) -> str:

@@ -92,6 +92,14 @@ class CostSettings:
     compile_while_training: bool = True
 
 
+# Trainer keys the trainer configs gained after studies were made without them (expert_parallel: with the
+# key's introduction; cost_rounds and divergence_factor: set before only as +trainer.KEY=...), and their
+# defaults (conf/trainer/default.yaml's, the code's): at these values they stay out of a study's
+# fingerprint, so that the studies made before them still resume.
+_LATER_TRAINER_KEYS = {"expert_parallel": 1, "cost_rounds": CostSettings.rounds, "divergence_factor":
+                       TrainConfig.divergence_factor}
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     task_name: str
@@ -142,10 +150,12 @@ class SearchSettings:
                 params.pop("model", None)
         return params
 
-    def fingerprint(self, legacy: bool = False) -> str:
+    def fingerprint(self, legacy: bool = False, given: frozenset[str] = frozenset()) -> str:
         """What must not change when a study resumes: space, task, budget, objectives. Not the space's
         description (prose), nor the path of a model on disk, which is known by its content. ``legacy``:
-        the fingerprint as studies made before kept it, with both (the model's path as typed)."""
+        the fingerprint as studies made before kept it, with both (the model's path as typed). A trainer
+        key the trainer configs gained later is left out at its default (:data:`_LATER_TRAINER_KEYS`),
+        so that the studies made before still resume, unless it is in ``given`` (:meth:`fingerprints`)."""
         keep = {k: copy.deepcopy(self.raw[k]) for k in ("task", "search_space", "trainer")}
         if not legacy:
             keep["search_space"].pop("description", None)
@@ -154,14 +164,25 @@ class SearchSettings:
         # the safety cap may change on resume: results depend on the steps alone
         free = ("device", "compile", "cuda_graph", "deterministic", "report_every", "max_seconds")
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in free}
-        if keep["trainer"].get("expert_parallel") == 1:  # the default: studies from before the key resume
-            del keep["trainer"]["expert_parallel"]
+        for key, default in _LATER_TRAINER_KEYS.items():
+            if key in keep["trainer"] and key not in given and keep["trainer"][key] == default:
+                del keep["trainer"][key]
         # A task that starts from a model on disk (upcycle): another checkpoint at the same path is another study.
         model_sha256 = getattr(self.task, "model_sha256", None)
         if model_sha256:
             keep["model_sha256"] = model_sha256
         keep["task"] = self.task_identity(keep["task"], model_as_typed=legacy)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def fingerprints(self) -> set[str]:
+        """The fingerprints a study of these settings may hold (:meth:`fingerprint`): as it is made now, as
+        studies made before made it, and with each later trainer key at its default as given (before the
+        trainer configs held ``cost_rounds`` and ``divergence_factor``, ``+trainer.cost_rounds=5`` was the
+        way to give one, and went into the fingerprint)."""
+        at_default = [k for k, v in _LATER_TRAINER_KEYS.items() if k != "expert_parallel"
+                      and self.raw["trainer"].get(k, object()) == v]
+        subsets = [frozenset(k for i, k in enumerate(at_default) if n >> i & 1) for n in range(2 ** len(at_default))]
+        return {self.fingerprint(legacy, given) for legacy in (False, True) for given in subsets}
 
 
 def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bool = True,
@@ -318,6 +339,14 @@ def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | N
     ints = {k: _int(d, k, "study", problems, *bounds) for k, bounds in
             (("n_trials", (1,)), ("n_workers", (1,)), ("seed", (0, SEED_MAX)), ("startup_trials", (0,)),
              ("heartbeat_interval", (1,)), ("grace_period", (1,)), ("max_retry", (0,)))}
+    heartbeat, grace = d.get("heartbeat_interval"), d.get("grace_period")
+    if (heartbeat, grace) == (ints["heartbeat_interval"], ints["grace_period"]) and type(heartbeat) is int \
+            and type(grace) is int and grace <= heartbeat:  # both valid, the grace too short
+        # Optuna fails a RUNNING trial whose last heartbeat is grace_period old: one still training, beating
+        # every heartbeat_interval, would be failed as stale and trained again (Optuna's default is twice it).
+        problems.append(f"study.grace_period: {grace} must be above study.heartbeat_interval ({heartbeat}): a "
+                        f"trial still training would be failed as stale between two of its heartbeats (e.g. "
+                        f"study.grace_period={4 * heartbeat})")
     sampler = _choice(d, "sampler", "study", SAMPLERS, problems)
     pruner = _choice(d, "pruner", "study", PRUNERS, problems)
     objectives = d.get("objectives")
@@ -395,7 +424,7 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
                                                               for v in s) for s in shapes)
     if not ok_shapes:
         problems.append(f"trainer.cost_shapes: expected a list of [batch, seq] positive integer pairs, got {shapes!r}")
-    rounds = d.pop("cost_rounds", 5)
+    rounds = d.pop("cost_rounds", CostSettings.rounds)
     for key, v in (("cost_iterations", iterations), ("cost_rounds", rounds)):
         check_int(f"trainer.{key}", v, problems, 1)
     compile_while_training = d.pop("cost_compile_while_training", True)

@@ -126,16 +126,16 @@ class SearchSpace:
                 except ExpressionTooLarge as e:
                     raise FuluConfigError(f"search_space.derived.{name}: {e}") from None
                 except ArithmeticError as e:  # e.g. a division by zero: the expression's fault
-                    raise FuluConfigError(f"search_space.derived.{name}: cannot be computed for "
+                    raise FuluConfigError(f"search_space.derived.{name}: {expr.text!r} cannot be computed for "
                                           f"{dict(values)} ({type(e).__name__}: {e})") from None
                 except (TypeError, ValueError):
                     continue  # left unset; the resulting architecture is checked as a whole
                 if isinstance(value, float) and not math.isfinite(value):
-                    raise FuluConfigError(f"search_space.derived.{name}: {value} for {dict(values)}: NaN and "
-                                          "infinities are no setting")
+                    raise FuluConfigError(f"search_space.derived.{name}: {expr.text!r} gives {value} for "
+                                          f"{dict(values)}: NaN and infinities are no setting")
                 if problem := type_problem(name, value):
-                    raise FuluConfigError(f"search_space.derived.{name}: {problem} for {dict(values)} (use // for "
-                                          "whole numbers)")
+                    raise FuluConfigError(f"search_space.derived.{name}: {expr.text!r} gives {value!r} for "
+                                          f"{dict(values)}: {problem} (use // for whole numbers)")
                 out[name] = value
         return out
 

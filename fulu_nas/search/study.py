@@ -29,12 +29,13 @@ import optuna
 
 from ..errors import FuluConfigError
 from ..moe import cpu_stream
-from .interrupts import interrupt
-from .objective import Objective, TrialFailed, counts_toward_total, is_feasible
+from . import interrupts
+from .interrupts import between_writes, interrupt
+from .objective import Objective, TrialFailed, counts_toward_total, is_feasible, requeue_interrupted
 from .report import print_summary, summarize
 from .settings import SearchSettings
 from .storage import mask_url, open_study_storage
-from .tracking import Tracker, quiet_mlflow
+from .tracking import PARENT_RUN_ATTR, Tracker, quiet_mlflow
 from .worker_progress import ProgressFile, progress_path, remove_all, running_lines
 
 TrialState = optuna.trial.TrialState
@@ -81,18 +82,11 @@ def open_study(s: SearchSettings, worker_index: int = 0) -> optuna.Study:
                                  s.study.max_retry, on_stale=functools.partial(_close_stale_run, s))
     study = optuna.create_study(study_name=s.study.name, storage=storage, sampler=make_sampler(s, worker_index),
                                 pruner=make_pruner(s), directions=list(s.study.directions), load_if_exists=True)
-    if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in s.study.directions]:
-        raise FuluConfigError(f"study.objectives: study {s.study.name!r} in {mask_url(s.storage_url)} was created "
-                              "with other objectives; choose another study.name")
-    fingerprint = study.user_attrs.get(FINGERPRINT_ATTR)
-    if fingerprint is None:
+    check_resumable(study, s)
+    if study.user_attrs.get(FINGERPRINT_ATTR) is None:
         study.set_user_attr(FINGERPRINT_ATTR, s.fingerprint())
         study.set_user_attr("search_space", s.space.name)
         study.set_user_attr("task", s.task_name)
-    elif fingerprint not in (s.fingerprint(), s.fingerprint(legacy=True)):
-        raise FuluConfigError(f"study.name: study {s.study.name!r} in {mask_url(s.storage_url)} was created with "
-                              "another search space, task, budget or objectives; choose another study.name to "
-                              "start a new study, or the original settings to resume it")
     if study.metric_names != list(s.study.objectives):
         # Optuna's plots and optuna-dashboard name the objectives by these (else "Objective 0").
         study.set_metric_names(list(s.study.objectives))
@@ -104,6 +98,20 @@ def open_study(s: SearchSettings, worker_index: int = 0) -> optuna.Study:
         # The hand-picked default goes first, so every study can say whether the search beat it.
         study.enqueue_trial(s.space.reference, user_attrs={"reference": True}, skip_if_exists=True)
     return study
+
+
+def check_resumable(study: optuna.Study, s: SearchSettings) -> None:
+    """FuluConfigError when ``study`` (created, or loaded as it is) was created with other objectives, or
+    another space, task or budget (its fingerprint) than ``s``: :func:`open_study`, and the search's
+    pre-flight before anything is written (:func:`fulu_nas.search.app.preflight`)."""
+    if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in s.study.directions]:
+        raise FuluConfigError(f"study.objectives: study {s.study.name!r} in {mask_url(s.storage_url)} was created "
+                              "with other objectives; choose another study.name")
+    fingerprint = study.user_attrs.get(FINGERPRINT_ATTR)
+    if fingerprint is not None and fingerprint not in s.fingerprints():
+        raise FuluConfigError(f"study.name: study {s.study.name!r} in {mask_url(s.storage_url)} was created with "
+                              "another search space, task, budget or objectives; choose another study.name to "
+                              "start a new study, or the original settings to resume it")
 
 
 def _close_stale_run(s: SearchSettings, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -212,6 +220,36 @@ def warm_up(s: SearchSettings) -> None:
         cpu_stream.kernel()
 
 
+def record_asks(study: optuna.Study, asked: list[int]) -> None:
+    """``study.ask`` (what Optuna's optimize calls to create each trial) with the id of every trial it
+    creates added to ``asked``, and a Ctrl-C that arrives while it runs raised at its end, once the id
+    is there: a trial interrupted before the objective took it is still known to have been this
+    worker's (:func:`requeue_unfinished`)."""
+    ask = study.ask
+
+    def recorded_ask(*args, **kwargs):
+        with between_writes():
+            trial = ask(*args, **kwargs)
+            asked.append(trial._trial_id)
+        return trial
+
+    study.ask = recorded_ask
+
+
+def requeue_unfinished(study: optuna.Study, asked: list[int]) -> None:
+    """The trials of ``asked`` still RUNNING, which a Ctrl-C stopped before the objective took them (or
+    after it returned, before Optuna recorded the result): failed as ``interrupted`` and queued again
+    (:func:`requeue_interrupted`). No other worker would: such a trial may have no heartbeat yet, and
+    the heartbeat check fails only trials with one (the same command then waited for it forever)."""
+    for trial_id in asked:
+        t = study._storage.get_trial(trial_id)
+        if t.state != TrialState.RUNNING:
+            continue
+        if t.user_attrs.get("fail_reason") != "interrupted":
+            requeue_interrupted(study, trial_id)
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
 def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
                report_to: ProgressFile | None = None) -> int:
     """Run trials until the study has ``n_trials`` finished ones (counting every worker's), each
@@ -231,6 +269,8 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
         heartbeat = is_heartbeat_enabled(study._storage)
         attempts, limit = 0, 10 * s.study.n_trials + 50
         reported: set[int] = set()
+        asked: list[int] = []  # the trial this worker is running (its id), once Optuna has created it
+        record_asks(study, asked)
         try:
             while True:
                 trials = study.get_trials(deepcopy=False)
@@ -250,6 +290,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
                     bar.write(f"stopping: {limit} trials started without reaching {s.study.n_trials} finished ones "
                               "(is most of the space infeasible?)")
                     break
+                asked.clear()
                 study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
                 for t in study.get_trials(deepcopy=False):
                     if t.number in objective.started - reported and t.state.is_finished():
@@ -260,6 +301,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
                 bar.trial_ended()
                 bar.refresh()
         except KeyboardInterrupt:
+            requeue_unfinished(study, asked)
             bar.close()
             print("interrupted: the running trial was failed and queued again; run the same command to resume",
                   file=sys.stderr)
@@ -279,8 +321,8 @@ def _surplus(t: optuna.trial.FrozenTrial) -> bool:
 def stop_signals_as_interrupt() -> Iterator[list[int]]:
     """SIGTERM (``timeout``, ``docker stop``, a batch scheduler's polite stop) and Ctrl-C stop the search
     alike: between database writes (:mod:`.interrupts`), the running trial failed and queued again, its
-    runs ended, the summary written. Yields the SIGTERMs received. Only the main thread can take
-    signals; elsewhere nothing changes."""
+    runs ended, the summary written; the signals after the first are ignored. Yields the SIGTERMs
+    received. Only the main thread can take signals; elsewhere nothing changes."""
     received: list[int] = []
 
     def on_sigterm(signum: int, frame) -> None:
@@ -290,6 +332,7 @@ def stop_signals_as_interrupt() -> Iterator[list[int]]:
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
+    interrupts.reset()
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
                 signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
     try:
@@ -297,6 +340,7 @@ def stop_signals_as_interrupt() -> Iterator[list[int]]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        interrupts.reset()
 
 
 def run_search(s: SearchSettings, progress: bool = True) -> int:
@@ -308,18 +352,41 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
                                                                  "typed_model": s.typed_model},
                                                                 indent=2, default=str))
     with stop_signals_as_interrupt() as received:
-        if s.study.n_workers == 1:
-            code = run_worker(s, 0, progress=progress)
-        else:
-            code = _run_worker_processes(s, progress, received)
+        try:
+            if s.study.n_workers == 1:
+                code = run_worker(s, 0, progress=progress)
+            else:
+                code = _run_worker_processes(s, progress, received)
+        except KeyboardInterrupt:  # before a trial ran (opening the study, compiling a kernel, starting workers)
+            print("interrupted: run the same command to resume", file=sys.stderr)
+            code = INTERRUPTED
+        except BaseException as e:
+            # whatever ends the search, its parent run ends (FAILED, with the error) and the summary is written
+            interrupts.ignore_signals()
+            try:
+                _finish_study(s, error=f"{type(e).__name__}: {e}")
+            except Exception as closing:  # the error that ended the search is the one to report
+                print(f"warning: the study's MLflow run and summary.json were not written: "
+                      f"{type(closing).__name__}: {closing}", file=sys.stderr)
+            raise
+        interrupts.ignore_signals()  # the search is ending: a Ctrl-C now would leave its parent run open
+        summary = _finish_study(s)
+    print_summary(summary, s)
+    return code
+
+
+def _finish_study(s: SearchSettings, error: str | None = None) -> dict:
+    """The study's summary on its MLflow parent run, which ends (FAILED with ``error`` when given), and in
+    summary.json; returns the summary."""
     with quiet_optuna():
         study = open_study(s)
         summary = summarize(study, s)
         tracker = Tracker(s)
-        tracker.finish_study(tracker.parent_run(study), summary)
+        parent = tracker.parent_run(study) if error is None else study.user_attrs.get(PARENT_RUN_ATTR)
+        if parent:
+            tracker.finish_study(parent, summary, error=error)
     (s.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print_summary(summary, s)
-    return code
+    return summary
 
 
 def worker_env(index: int, n_workers: int, gpus_per_worker: int = 1) -> dict[str, str]:
@@ -359,15 +426,15 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
         Tracker(s).parent_run(study)
     config = s.output_dir / "search_config.json"
     procs = []
-    for i in range(s.study.n_workers):
-        log = open(s.output_dir / f"worker-{i}.log", "w")
-        command = [sys.executable, "-m", "fulu_nas.search.worker", str(config), str(i)]
-        env = worker_env(i, s.study.n_workers, s.train.expert_parallel)
-        procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     bar = TrialProgress(s, study, enabled=progress)
     running = [progress_path(s.output_dir, "worker", i) for i in range(s.study.n_workers)]
     seen: set[int] = set()
     try:
+        for i in range(s.study.n_workers):
+            log = open(s.output_dir / f"worker-{i}.log", "w")
+            command = [sys.executable, "-m", "fulu_nas.search.worker", str(config), str(i)]
+            env = worker_env(i, s.study.n_workers, s.train.expert_parallel)
+            procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         while any(p.poll() is None for p, _ in procs):
             time.sleep(1.0)
             for t in study.get_trials(deepcopy=False):
@@ -380,7 +447,11 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
             bar.refresh()
     except KeyboardInterrupt:
         for p, _ in procs:
-            if received and p.poll() is None:  # a SIGTERM to this process alone (Ctrl-C reaches them all)
+            # A SIGTERM may have come to this process alone (docker stop): forwarded. Sent to the whole
+            # process group (timeout, kill -- -PGID, a scheduler), the workers got it already: this
+            # second one, which no process can tell apart, is ignored by them (:mod:`.interrupts`).
+            # Ctrl-C reaches them all.
+            if received and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p, _ in procs:
             p.wait()

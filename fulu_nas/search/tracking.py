@@ -109,9 +109,10 @@ class Tracker:
         return winner
 
     @writes
-    def finish_study(self, parent_id: str, summary: dict) -> None:
+    def finish_study(self, parent_id: str, summary: dict, error: str | None = None) -> None:
         """The summary on the study's parent run, which ends FINISHED once the study has its trials and
-        KILLED when the search stopped short (interrupted, or out of attempts; the same command resumes it)."""
+        KILLED when the search stopped short (interrupted, or out of attempts; the same command resumes it);
+        FAILED, with ``error`` as its reason, when an error ended the search."""
         metrics = {f"best.{k}": v for k, v in summary.get("best_metrics", {}).items() if _is_number(v)}
         self._log_metrics(parent_id, metrics)
         # n_trials_requested as a tag: the run's n_trials parameter is the first search's (parameters are fixed)
@@ -124,7 +125,10 @@ class Tracker:
             self.client.log_artifact(parent_id, str(Path(tmp) / "summary.json"))
         done = summary["n_finished"] >= summary["n_trials_requested"]
         self.client.set_tag(parent_id, "fulu.state", "complete" if done else "incomplete")
-        self.client.set_terminated(parent_id, status="FINISHED" if done else "KILLED")
+        if error is not None:
+            self.client.set_tag(parent_id, "fulu.reason", error[:5000])
+        status = "FAILED" if error is not None else "FINISHED" if done else "KILLED"
+        self.client.set_terminated(parent_id, status=status)
 
     # -- trials -------------------------------------------------------------------------------
     @writes

@@ -1,0 +1,224 @@
+"""``fulu-nas confirm`` when things go wrong: a worker process that dies (kill -9, an OOM kill), a SIGTERM
+(``timeout``, ``docker stop``, a batch scheduler), and overrides that the command would ignore (it trains
+with the search's own settings) -- the latter also for ``fulu-nas export`` and ``fulu-nas dashboard``,
+which find the study the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from fulu_nas.cli import main
+
+from .test_confirm import CONFIRM, confirmation_runs, recorded
+from .test_confirm import searched as searched  # noqa: F401  (the module's fixture: a finished tiny search)
+from .test_search_e2e import load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Imported by every Python process started with the hook's folder on PYTHONPATH (the confirmation's worker
+# processes inherit it): the run of seed FULU_TEST_SEED does FULU_TEST_ACTION once its MLflow run is open.
+HOOK = textwrap.dedent("""
+    import os
+    import signal
+
+    if os.environ.get("FULU_TEST_ACTION"):
+        import fulu_nas.search.confirm as confirm
+
+        real = confirm.train_architecture
+
+        def train_architecture(arch, s, cfg, log, kernels=None):
+            if cfg.seed == int(os.environ["FULU_TEST_SEED"]):
+                action = os.environ["FULU_TEST_ACTION"]
+                if action == "kill":  # as the kernel's OOM killer does
+                    os.kill(os.getpid(), signal.SIGKILL)
+                elif action == "term":  # this process alone, as `kill PID` does
+                    os.kill(os.getpid(), signal.SIGTERM)
+                elif action == "term-parent":  # the confirmation's main process alone
+                    os.kill(os.getppid(), signal.SIGTERM)
+            return real(arch, s, cfg, log, kernels)
+
+        confirm.train_architecture = train_architecture
+""")
+
+
+def with_hook(tmp_path: Path, monkeypatch, action: str, seed: int) -> dict[str, str]:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(HOOK)
+    env = {"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT)]), "FULU_TEST_ACTION": action,
+           "FULU_TEST_SEED": str(seed)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return {**os.environ, **env}
+
+
+def run_statuses(out: Path, steps: int) -> dict[str, tuple[str, dict]]:
+    _, runs = confirmation_runs(out, steps)
+    return {r.info.run_id: (r.info.status, r.data.tags) for r in runs}
+
+
+def copy_study(searched, tmp_path: Path) -> Path:  # noqa: F811
+    out = tmp_path / "out"
+    shutil.copytree(searched.out, out)
+    return out
+
+
+# ---------------------------------------------------------------- a worker that dies
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_fails_the_confirmation_and_records_no_winner(searched, tmp_path,  # noqa: F811
+                                                                             monkeypatch, capsys):
+    """Worker 1 (the seed-1 runs) is killed with SIGKILL in its first run. It exited 0 with a summary and
+    a winner (which export trial=best took) from the runs that finished, its run stayed RUNNING, and the
+    missing runs were not mentioned."""
+    out = copy_study(searched, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with_hook(tmp_path, monkeypatch, "kill", seed=1)
+    args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=1", "seeds=2", "n_workers=2"]
+    assert main(args) == 1
+    console, err = capsys.readouterr()
+
+    first = recorded(out, 60)
+    planned = {(a, s) for a in {v["arch_hash"] for v in first.values()} for s in (0, 1)}
+    assert {v["seed"] for v in first.values()} == {0}  # worker 0 finished its share
+    assert all(v["seed"] == 0 for v in first.values())
+    # The dead worker's run is closed, with the reason; nothing stays RUNNING.
+    statuses = run_statuses(out, 60)
+    killed = [tags for status, tags in statuses.values() if status != "FINISHED"]
+    assert all(status != "RUNNING" for status, _ in statuses.values())
+    assert len(killed) == 1 and killed[0]["fulu.seed"] == "1"
+    assert "confirmation worker 1" in killed[0]["fulu.reason"] and "SIGKILL" in killed[0]["fulu.reason"]
+    # The summary says what is missing; no winner is recorded for export to take.
+    summary = json.loads((out / "confirmation.json").read_text())
+    assert summary["complete"] is False and summary["winner"] is None
+    missing = summary["missing_runs"]
+    assert len(missing) == len(planned) - len(first) and {m["seed"] for m in missing} == {1}
+    assert "confirmation" not in load_study(out).user_attrs
+    assert "winner:" not in console
+    assert "confirmation worker 1 exited with -9 (SIGKILL" in err
+    assert f"incomplete: {len(missing)} of {len(planned)} runs have no result" in err
+    for m in missing:
+        assert f"missing: trial {m['trial']} seed 1" in console
+
+    # The same command again (no kill) trains only the missing runs and completes the confirmation.
+    monkeypatch.setenv("FULU_TEST_ACTION", "")
+    assert main(args) == 0
+    everything = recorded(out, 60)
+    assert len(everything) == len(planned) and all(everything[k] == v for k, v in first.items())
+    summary = json.loads((out / "confirmation.json").read_text())
+    assert summary["complete"] is True and summary["missing_runs"] == [] and summary["winner"] is not None
+    assert load_study(out).user_attrs["confirmation"] == summary
+    statuses = run_statuses(out, 60)
+    assert sorted(status for status, _ in statuses.values()) == ["FINISHED"] * len(planned) + ["KILLED"]
+
+
+# ---------------------------------------------------------------- SIGTERM
+
+
+def confirm_in_a_process(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fulu_nas.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=400)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_confirmation_as_ctrl_c_does(searched, tmp_path, monkeypatch):  # noqa: F811
+    """A SIGTERM killed the command with its running run left RUNNING (exit -15)."""
+    out = copy_study(searched, tmp_path)
+    env = with_hook(tmp_path, monkeypatch, "term", seed=1)
+    args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=1", "seeds=2", "n_workers=1"]
+    done = confirm_in_a_process(env, *args)
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert "run the same command to resume" in done.stderr
+    statuses = run_statuses(out, 60)
+    assert sorted(status for status, _ in statuses.values()) == ["FINISHED", "KILLED"]
+    assert not (out / "confirmation.json").exists()
+    # resumable: the same command trains what is missing
+    env["FULU_TEST_ACTION"] = ""
+    done = confirm_in_a_process(env, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "confirmation.json").read_text())["complete"] is True
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_main_process_stops_its_workers_runs(searched, tmp_path, monkeypatch):  # noqa: F811
+    """`kill PID` of a confirmation on two workers: the workers' runs are ended KILLED, exit 130."""
+    out = copy_study(searched, tmp_path)
+    env = with_hook(tmp_path, monkeypatch, "term-parent", seed=1)
+    args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=1", "seeds=2", "n_workers=2"]
+    done = confirm_in_a_process(env, *args)
+    assert done.returncode == 130, done.stderr[-3000:]
+    statuses = run_statuses(out, 60)
+    assert "KILLED" in {status for status, _ in statuses.values()}
+    assert all(status in ("FINISHED", "KILLED") for status, _ in statuses.values()), statuses
+    assert not (out / "confirmation.json").exists()
+    for i in (0, 1):
+        assert "Traceback" not in (out / f"confirm-worker-{i}.log").read_text()
+
+
+# ---------------------------------------------------------------- overrides the command would ignore
+
+
+def snapshot(out: Path) -> tuple:
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-clusters")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return (sorted(p.name for p in out.rglob("*") if p.suffix != ".db"), len(runs),
+            dict(load_study(out).user_attrs))
+
+
+def test_confirm_refuses_training_overrides_it_would_ignore(searched, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """trainer.steps=40 and trainer.seed=7 were dropped without a word: 60 steps and seed 0 were trained."""
+    out = copy_study(searched, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(out)
+    where = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "seeds=1", "budget_factor=1"]
+    assert main([*where, "trainer.steps=40", "trainer.seed=7"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[0] == "error: cannot confirm:" and len(lines) == 3, err
+    assert lines[1].startswith("  - trainer.steps=40: ") and lines[2].startswith("  - trainer.seed=7: ")
+    assert "trainer.steps is 60 (40 here)" in lines[1] and "trainer.seed is 0 (7 here)" in lines[2]
+    assert "budget_factor=" in lines[2] and "seeds=" in lines[2]  # the options to use instead
+    for bad in ("+trainer.extra_key=3", "search_space=routers", "study.n_trials=9", "tracking.experiment=other"):
+        assert main([*where, bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot confirm:\n  - {bad}: ") and err.count("\n") == 2, err
+        assert "top_k=" in err
+    assert snapshot(out) == before
+
+
+def test_export_and_dashboard_refuse_overrides_they_would_ignore(searched, tmp_path, monkeypatch,  # noqa: F811
+                                                                 capsys):
+    out = copy_study(searched, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(out)
+    where = ["study.name=tiny-clusters", f"hydra.run.dir={out}"]
+    assert main(["export", *where, "trainer.steps=40", f"out={tmp_path / 'model'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot export:\n  - trainer.steps=40: ") and err.count("\n") == 2, err
+    assert main(["dashboard", *where, "trainer.seed=7", f"out={tmp_path / 'page.html'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid dashboard request:\n  - trainer.seed=7: ") and err.count("\n") == 2, err
+    assert list(tmp_path.iterdir()) == [out] and snapshot(out) == before
+
+
+def test_overrides_that_repeat_the_searchs_settings_are_taken(searched, tmp_path, monkeypatch):  # noqa: F811
+    """The search's own command line (as the --config-dir example of docs/search.md passes it to every
+    command) still locates the study: those overrides are not ignored, they are the study's settings."""
+    out = copy_study(searched, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    search_args = ["+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=4", "study.pruner=none",
+                   "trainer.steps=60", "search_space=tiny"]
+    assert main(["dashboard", "study.name=tiny-clusters", *search_args, f"out={tmp_path / 'page.html'}"]) == 0
+    assert main(["export", "study.name=tiny-clusters", *search_args, f"out={tmp_path / 'model'}"]) == 0
+    assert main([*CONFIRM, *search_args, "top_k=1", "seeds=1", "budget_factor=1"]) == 0

@@ -1,0 +1,276 @@
+"""Ctrl-C and SIGTERM at the awkward moments of a search (a second signal while the first is handled,
+a trial being created, a trial's MLflow run being created), a space's error inside a trial, and the
+study's parent run closed whatever ends the search.
+
+Each signal is sent in-process at the exact point (a wrapped method sends it to this process), so
+nothing here depends on timing. What every interrupt must leave: the trial failed with the reason
+``interrupted`` and not counted, queued again (its ``reference`` flag kept), its MLflow run KILLED,
+no trial RUNNING and no run RUNNING; the same command then finishes the study."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import mlflow
+import optuna
+import pytest
+
+import fulu_nas.search.objective as objective_module
+from fulu_nas.errors import FuluConfigError
+from fulu_nas.search import study as study_module
+from fulu_nas.search.space import SearchSpace
+from fulu_nas.search.tracking import Tracker
+
+from .test_search_e2e import load_study, mlflow_runs, run_search
+
+pytestmark = pytest.mark.slow
+TrialState = optuna.trial.TrialState
+FAST = ("trainer.steps=10", "trainer.report_every=5", "study.pruner=none")
+
+
+def _search(out, n_trials: int = 2) -> int:
+    return run_search(out, f"study.n_trials={n_trials}", *FAST)
+
+
+def _runs(out) -> tuple[list, list]:
+    _, parents, trials = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    return parents, trials
+
+
+def _assert_stopped_cleanly(out, number: int, reference: bool, run_made: bool = True) -> None:
+    """Trial ``number`` failed as interrupted and queued again; nothing left RUNNING."""
+    study = load_study(out)
+    states = {t.number: t.state.name for t in study.trials}
+    assert not [n for n, s in states.items() if s == "RUNNING"], states
+    stopped = study.trials[number]
+    assert stopped.state == TrialState.FAIL, states
+    assert stopped.user_attrs.get("fail_reason") == "interrupted" and stopped.user_attrs.get("not_counted"), \
+        stopped.user_attrs
+    assert bool(stopped.user_attrs.get("reference")) == reference
+    queued = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert [t.user_attrs.get("retry_of") for t in queued] == [number], [t.user_attrs for t in queued]
+    assert bool(queued[0].user_attrs.get("reference")) == reference
+    if reference:
+        assert queued[0].system_attrs["fixed_params"] == study.trials[number].system_attrs["fixed_params"]
+    parents, trials = _runs(out)
+    assert [r.info.run_name for r in parents + trials if r.info.status == "RUNNING"] == []
+    assert [(r.info.status, r.data.tags.get("fulu.state")) for r in parents] == [("KILLED", "incomplete")]
+    mine = [r for r in trials if r.data.tags["fulu.trial"] == str(number)]
+    if run_made:
+        assert [(r.info.status, r.data.tags.get("fulu.state")) for r in mine] == [("KILLED", "interrupted")]
+    else:
+        assert mine == []
+
+
+def _assert_resumes(out, n_trials: int = 2) -> None:
+    assert _search(out, n_trials) == 0
+    study = load_study(out)
+    assert not [t.number for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert sum(objective_module.counts_toward_total(t) for t in study.trials) == n_trials
+    assert any(t.user_attrs.get("reference") and t.state == TrialState.COMPLETE for t in study.trials)
+    parents, trials = _runs(out)
+    assert [r.info.run_name for r in parents + trials if r.info.status == "RUNNING"] == []
+    assert [(r.info.status, r.data.tags.get("fulu.state")) for r in parents] == [("FINISHED", "complete")]
+
+
+def _signal(signum: int = signal.SIGINT) -> None:
+    os.kill(os.getpid(), signum)
+
+
+# -- 1. a second signal while the first is handled ---------------------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_second_signal_while_the_first_is_handled_loses_nothing(signum, tmp_path, monkeypatch):
+    """With study.n_workers>1, `timeout` or a scheduler signal the whole process group and the parent
+    forwards SIGTERM too: each worker gets two. The second cut the handling of the first short: the
+    trial (the reference) was neither given its reason nor queued again and its run stayed RUNNING."""
+    sent: list[str] = []
+    real_train, real_enqueue, real_end = (objective_module.train_architecture, optuna.Study.enqueue_trial,
+                                          Tracker.end_trial)
+
+    def train_architecture(arch, s, cfg, on_report, kernels):
+        def report(r):
+            on_report(r)
+            if r.step == 5 and not sent:
+                sent.append("first")
+                _signal(signum)  # mid-training of trial 0
+        return real_train(arch, s, cfg, report, kernels)
+
+    def enqueue_trial(self, *args, **kwargs):
+        if sent == ["first"]:
+            sent.append("second")
+            _signal(signum)  # while the trial is queued again
+        return real_enqueue(self, *args, **kwargs)
+
+    def end_trial(self, run_id, status, tags=None):
+        if sent == ["first", "second"]:
+            sent.append("third")
+            _signal(signum)  # while its run is ended
+        return real_end(self, run_id, status, tags)
+
+    monkeypatch.setattr(objective_module, "train_architecture", train_architecture)
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", enqueue_trial)
+    monkeypatch.setattr(Tracker, "end_trial", end_trial)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert _search(out) == 130
+    assert sent == ["first", "second", "third"]
+    _assert_stopped_cleanly(out, 0, reference=True)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    _assert_resumes(out)
+
+
+# -- 2. a trial being created --------------------------------------------------------------------------
+@pytest.mark.parametrize("where,number", [("ask", 0), ("ask", 1), ("heartbeat", 1)])
+def test_ctrl_c_as_optuna_creates_a_trial_fails_and_queues_it(where, number, tmp_path, monkeypatch):
+    """Ctrl-C inside study.ask, or before the trial's heartbeat exists, left the trial RUNNING with
+    no heartbeat: no worker ever failed it, and the same command then waited for it forever."""
+    sent: list[int] = []
+    if where == "ask":
+        real_ask = optuna.Study.ask
+
+        def ask(self, *args, **kwargs):
+            trial = real_ask(self, *args, **kwargs)
+            if trial.number == number and not sent:
+                sent.append(number)
+                _signal()
+            return trial
+
+        monkeypatch.setattr(optuna.Study, "ask", ask)
+    else:
+        import optuna.study._optimize as optimize
+
+        real_heartbeat = optimize.get_heartbeat_thread
+        asked: list[int] = []
+
+        def get_heartbeat_thread(trial_id, storage):
+            asked.append(trial_id)
+            if len(asked) == number + 1 and not sent:
+                sent.append(number)
+                _signal()
+            return real_heartbeat(trial_id, storage)
+
+        monkeypatch.setattr(optimize, "get_heartbeat_thread", get_heartbeat_thread)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert _search(out) == 130
+    assert sent == [number]
+    _assert_stopped_cleanly(out, number, reference=number == 0, run_made=False)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    _assert_resumes(out)
+
+
+# -- 3. a trial's MLflow run being created, or its architecture sampled --------------------------------
+@pytest.mark.parametrize("where,number", [("start_trial", 0), ("sample", 1)])
+def test_ctrl_c_before_a_trial_trains_fails_and_queues_it(where, number, tmp_path, monkeypatch):
+    """Ctrl-C while the trial's MLflow run was created (deferred to the end of that write, outside the
+    objective's try) failed the trial with no reason: never queued again (the reference lost for
+    good), its run left RUNNING."""
+    sent: list[int] = []
+    if where == "start_trial":
+        real_create = mlflow.MlflowClient.create_run
+
+        def create_run(self, *args, run_name=None, **kwargs):
+            run = real_create(self, *args, run_name=run_name, **kwargs)
+            if run_name == f"trial {number}" and not sent:
+                sent.append(number)
+                _signal()  # inside Tracker.start_trial's write: raised as it returns
+            return run
+
+        monkeypatch.setattr(mlflow.MlflowClient, "create_run", create_run)
+    else:
+        real_sample = SearchSpace.sample
+
+        def sample(self, trial):
+            values = real_sample(self, trial)
+            if isinstance(trial, optuna.Trial) and trial.number == number and not sent:
+                sent.append(number)
+                _signal()
+            return values
+
+        monkeypatch.setattr(SearchSpace, "sample", sample)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert _search(out) == 130
+    assert sent == [number]
+    _assert_stopped_cleanly(out, number, reference=number == 0, run_made=where == "start_trial")
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    _assert_resumes(out)
+
+
+# -- 4. a space's error inside a trial -------------------------------------------------------------------
+def test_a_space_error_in_a_trial_fails_that_trial_and_the_study_goes_on(tmp_path, monkeypatch):
+    """A derived expression that cannot be computed for one sample (64 // (num_experts - 5) at 5) raised
+    FuluConfigError inside the trial: the search stopped with exit 2, its parent run left RUNNING and
+    no summary."""
+    real_sample = SearchSpace.sample
+    message = ("search_space.derived.expert_ffn_size: cannot be computed for {'num_experts': 5} "
+               "(ZeroDivisionError: integer division or modulo by zero)")
+
+    def sample(self, trial):
+        values = real_sample(self, trial)
+        if isinstance(trial, optuna.Trial) and trial.number == 1:
+            raise FuluConfigError(message)
+        return values
+
+    monkeypatch.setattr(SearchSpace, "sample", sample)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert _search(out, 3) == 0
+    study = load_study(out)
+    failed = study.trials[1]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == message
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_failed"] == 1 and summary["n_finished"] == 3
+    parents, trials = _runs(out)
+    assert [r.info.run_name for r in parents + trials if r.info.status == "RUNNING"] == []
+    assert [(r.info.status, r.data.tags.get("fulu.state")) for r in parents] == [("FINISHED", "complete")]
+    assert "trial 1 failed: search_space.derived" in (out / "search.log").read_text()
+
+
+def test_the_parent_run_is_closed_whatever_ends_the_search(tmp_path, monkeypatch, capsys):
+    """An error that ends the search (here, a bug after trial 0) must not leave the study's parent run
+    RUNNING: it ends FAILED with the error, and the summary so far is written."""
+    real_describe = study_module.describe_trial
+
+    def describe_trial(t, s):
+        if t.number == 1:
+            raise RuntimeError("a bug after trial 1")
+        return real_describe(t, s)
+
+    monkeypatch.setattr(study_module, "describe_trial", describe_trial)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert _search(out, 3) == 1
+    assert "a bug after trial 1" in capsys.readouterr().err
+    parents, trials = _runs(out)
+    assert [r.info.run_name for r in parents + trials if r.info.status == "RUNNING"] == []
+    [parent] = parents
+    assert (parent.info.status, parent.data.tags.get("fulu.state")) == ("FAILED", "incomplete")
+    assert "RuntimeError: a bug after trial 1" in parent.data.tags["fulu.reason"]
+    assert json.loads((out / "summary.json").read_text())["n_finished"] == 2
+
+
+# -- the console's verdict on a study stopped after its reference ------------------------------------------
+def test_a_search_stopped_after_its_reference_says_nothing_else_was_trained(tmp_path, monkeypatch, capsys):
+    """"no other architecture beat it" of a search interrupted after the reference alone, which nothing
+    else had been trained to beat."""
+    real_ask = optuna.Study.ask
+
+    def ask(self, *args, **kwargs):
+        trial = real_ask(self, *args, **kwargs)
+        if trial.number == 1:
+            _signal()
+        return trial
+
+    monkeypatch.setattr(optuna.Study, "ask", ask)
+    monkeypatch.chdir(tmp_path)
+    assert _search(tmp_path / "out", 3) == 130
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "beat it" not in printed
+    assert "no other architecture has been trained yet" in printed
