@@ -130,14 +130,21 @@ def confirm_in_a_process(env: dict[str, str], *args: str) -> subprocess.Complete
                           timeout=400)
 
 
+def stopped_by_sigterm(searched, tmp_path, monkeypatch, action: str, workers: int):  # noqa: F811
+    """A copy of the study confirmed (top-1, two seeds) in a process whose hook sends SIGTERM (``action``)
+    at seed 1: ``(folder, environment, arguments, the finished process)``, its exit status checked (130)."""
+    out = copy_study(searched, tmp_path)
+    env = with_hook(tmp_path, monkeypatch, action, seed=1)
+    args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=1", "seeds=2", f"n_workers={workers}"]
+    done = confirm_in_a_process(env, *args)
+    assert done.returncode == 130, done.stderr[-3000:]
+    return out, env, args, done
+
+
 @pytest.mark.slow
 def test_sigterm_stops_a_confirmation_as_ctrl_c_does(searched, tmp_path, monkeypatch):  # noqa: F811
     """A SIGTERM killed the command with its running run left RUNNING (exit -15)."""
-    out = copy_study(searched, tmp_path)
-    env = with_hook(tmp_path, monkeypatch, "term", seed=1)
-    args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=1", "seeds=2", "n_workers=1"]
-    done = confirm_in_a_process(env, *args)
-    assert done.returncode == 130, done.stderr[-3000:]
+    out, env, args, done = stopped_by_sigterm(searched, tmp_path, monkeypatch, "term", workers=1)
     assert "run the same command to resume" in done.stderr
     statuses = run_statuses(out, 60)
     assert sorted(status for status, _ in statuses.values()) == ["FINISHED", "KILLED"]
@@ -152,11 +159,7 @@ def test_sigterm_stops_a_confirmation_as_ctrl_c_does(searched, tmp_path, monkeyp
 @pytest.mark.slow
 def test_sigterm_to_the_main_process_stops_its_workers_runs(searched, tmp_path, monkeypatch):  # noqa: F811
     """`kill PID` of a confirmation on two workers: the workers' runs are ended KILLED, exit 130."""
-    out = copy_study(searched, tmp_path)
-    env = with_hook(tmp_path, monkeypatch, "term-parent", seed=1)
-    args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=1", "seeds=2", "n_workers=2"]
-    done = confirm_in_a_process(env, *args)
-    assert done.returncode == 130, done.stderr[-3000:]
+    out, _, _, done = stopped_by_sigterm(searched, tmp_path, monkeypatch, "term-parent", workers=2)
     statuses = run_statuses(out, 60)
     assert "KILLED" in {status for status, _ in statuses.values()}
     assert all(status in ("FINISHED", "KILLED") for status, _ in statuses.values()), statuses

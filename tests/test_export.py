@@ -467,6 +467,25 @@ def test_the_archive_check_allows_only_real_aten_overloads(tmp_path):
         assert archive_problems((tmp_path / "real.pt2").read_bytes()) == [], real
 
 
+@contextlib.contextmanager
+def code_added_to_the_champion(client, version, tmp_path):
+    """The version's pyfunc.py in the artifact store with a line added that makes a marker file (what
+    someone who can write there would do): yields ``(the stored folder, the marker)``; the files are put
+    back after."""
+    stored = Path(client.get_model_version_download_uri(version.name, version.version).removeprefix("file://"))
+    assert (stored / "pyfunc.py").is_file(), stored
+    backup = tmp_path / "backup"
+    shutil.copytree(stored, backup)
+    marker = tmp_path / "code-ran"
+    try:
+        with open(stored / "pyfunc.py", "a") as f:
+            f.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+        yield stored, marker
+    finally:
+        shutil.rmtree(stored)
+        shutil.copytree(backup, stored)
+
+
 @pytest.mark.slow
 def test_serving_checks_the_registered_files_against_the_registry_before_mlflow_runs_them(exported, tmp_path, capsys):
     """MLflow runs a model's pyfunc.py as it loads it: someone who can write to the artifact store runs
@@ -479,14 +498,7 @@ def test_serving_checks_the_registered_files_against_the_registry_before_mlflow_
     tracking = f"sqlite:///{exported.out / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking)
     version = client.get_model_version_by_alias("tiny-clusters", "champion")
-    stored = Path(client.get_model_version_download_uri("tiny-clusters", version.version).removeprefix("file://"))
-    assert (stored / "pyfunc.py").is_file(), stored
-    backup = tmp_path / "backup"
-    shutil.copytree(stored, backup)
-    marker = tmp_path / "code-ran"
-    try:
-        with open(stored / "pyfunc.py", "a") as f:
-            f.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+    with code_added_to_the_champion(client, version, tmp_path) as (_, marker):
         mlflow.set_tracking_uri(tracking)
         mlflow.pyfunc.load_model("models:/tiny-clusters@champion")
         assert marker.exists()  # the exploit is real: MLflow ran the added line
@@ -498,9 +510,6 @@ def test_serving_checks_the_registered_files_against_the_registry_before_mlflow_
                                  "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=120)
         assert result.returncode == 2 and "pyfunc.py: checksum mismatch" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and not marker.exists()
-    finally:
-        shutil.rmtree(stored)
-        shutil.copytree(backup, stored)
     for uri, words in (("models:/nothing@champion", "not found in the model registry"),
                        ("models:/tiny-clusters/x", "models:/NAME@ALIAS or models:/NAME/VERSION")):
         assert main(["serve", uri, "--tracking-uri", tracking]) == 2
@@ -538,27 +547,20 @@ def test_the_printed_fingerprint_checks_the_registered_model_and_a_tampered_one_
     with pytest.raises(FuluConfigError, match="is not the expected 0{64}: neither the fingerprint"):
         load_pyfunc(champion, expected_sha256="0" * 64, tracking_uri=tracking)
 
-    stored = Path(client.get_model_version_download_uri("tiny-clusters", version.version).removeprefix("file://"))
-    backup = tmp_path / "backup"
-    shutil.copytree(stored, backup)
-    marker = tmp_path / "code-ran"
-    try:
-        with open(stored / "pyfunc.py", "a") as f:
-            f.write(f"\nopen({str(marker)!r}, 'w').close()\n")
-        for expected in (printed, files):  # files changed in the artifact store
-            with pytest.raises(FuluConfigError, match="pyfunc.py: checksum mismatch"):
-                load_pyfunc(champion, expected_sha256=expected, tracking_uri=tracking)
-        # ... and their new hashes written into the tracking database too: the files hash still tells
-        forged = {**json.loads(version.tags["fulu.files"]),
-                  "pyfunc.py": hashlib.sha256((stored / "pyfunc.py").read_bytes()).hexdigest()}
-        client.set_model_version_tag("tiny-clusters", version.version, "fulu.files", manifest_json(forged))
-        with pytest.raises(FuluConfigError, match="is not the expected"):
-            load_pyfunc(champion, expected_sha256=files, tracking_uri=tracking)
-        assert not marker.exists()
-    finally:
-        client.set_model_version_tag("tiny-clusters", version.version, "fulu.files", version.tags["fulu.files"])
-        shutil.rmtree(stored)
-        shutil.copytree(backup, stored)
+    with code_added_to_the_champion(client, version, tmp_path) as (stored, marker):
+        try:
+            for expected in (printed, files):  # files changed in the artifact store
+                with pytest.raises(FuluConfigError, match="pyfunc.py: checksum mismatch"):
+                    load_pyfunc(champion, expected_sha256=expected, tracking_uri=tracking)
+            # ... and their new hashes written into the tracking database too: the files hash still tells
+            forged = {**json.loads(version.tags["fulu.files"]),
+                      "pyfunc.py": hashlib.sha256((stored / "pyfunc.py").read_bytes()).hexdigest()}
+            client.set_model_version_tag("tiny-clusters", version.version, "fulu.files", manifest_json(forged))
+            with pytest.raises(FuluConfigError, match="is not the expected"):
+                load_pyfunc(champion, expected_sha256=files, tracking_uri=tracking)
+            assert not marker.exists()
+        finally:
+            client.set_model_version_tag("tiny-clusters", version.version, "fulu.files", version.tags["fulu.files"])
     assert "files hash" in subprocess.run([sys.executable, "-m", "fulu_nas", "serve", "--help"], capture_output=True,
                                           text=True, timeout=120).stdout
 

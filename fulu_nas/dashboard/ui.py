@@ -27,14 +27,13 @@ def build_command(args: argparse.Namespace) -> list[str]:
         check_tracking_uri(uri)
         if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
             raise FileNotFoundError(f"no MLflow database at {uri.removeprefix('sqlite:///')}")
-        probe_tracking(uri)
     else:
         db = Path(args.output_dir) / "mlflow.db"
         if not db.is_file():
             raise FileNotFoundError(f"no MLflow database at {db} (is {args.output_dir!r} the output folder of a "
                                     "search? it is printed at the end of `fulu-nas search`)")
         uri = f"sqlite:///{db.resolve()}"
-        probe_tracking(uri)  # a damaged database: one message, not the server's traceback after the address
+    probe_tracking(uri)  # a damaged database or an unreachable server: one message, not the server's traceback
     # The registry store named (the same database), or MLflow prints that it chose it.
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
                "--host", args.host, "--port", str(args.port), "--uvicorn-opts", "--log-level warning"]

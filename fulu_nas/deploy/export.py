@@ -45,6 +45,7 @@ from .pt2_check import UnsafeProgramError, check_archive
 CHECKSUMS = "checksums.json"
 UPCYCLING = "upcycling.yaml"  # what marks an upcycled encoder's export (fulu_nas.interop.upcycle_export)
 FORMAT_VERSION = 1
+FINGERPRINT_TAG = "fulu.fingerprint"  # the folder's fingerprint, as a registered version's or export run's tag
 MAX_BATCH = 4096  # the program's largest batch (a dynamic dimension needs a bound)
 INPUT_NAME = "token_ids"  # the signature's one input (pyfunc.py takes {"token_ids": ids} and ids alike)
 # The pyfunc is "models from code": MLflow copies this file into the model and runs it when loading;

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import FuluConfigError
-from .export import check_folder
+from .export import FINGERPRINT_TAG, check_folder
 from .files import (
     checked_copy,
     expected_digest,
@@ -44,7 +44,6 @@ from .files import (
 )
 
 FILES_TAG = "fulu.files"  # a registered version's files: JSON, relative name -> SHA-256
-FINGERPRINT_TAG = "fulu.fingerprint"  # the fingerprint of the export folder the version was registered from
 NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
 # MLflow's note of a version's name and number, which it writes into a local artifact store when a
 # model is loaded by its models:/ URI; data it never runs, so not checked and not served.

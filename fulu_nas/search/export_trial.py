@@ -198,8 +198,8 @@ With torch alone, load `model.pt2` as the last section shows.
 def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     import mlflow
 
-    from ..deploy.export import FORMAT_VERSION, fingerprint, pyfunc_arguments, write_export
-    from ..deploy.serve import FINGERPRINT_TAG, record_registered_files
+    from ..deploy.export import FINGERPRINT_TAG, FORMAT_VERSION, fingerprint, pyfunc_arguments, write_export
+    from ..deploy.serve import record_registered_files
     from ..training.evaluate import evaluate
     from ..training.train import resolve_device
 

@@ -11,14 +11,11 @@ from pathlib import Path
 
 import optuna
 
-from ..deploy.export import fingerprint
+from ..deploy.export import FINGERPRINT_TAG, fingerprint
 from .locate import StudyLocation
 from .settings import SearchSettings
 from .storage import mask_url
 from .tracking import export_run
-
-# The export run's tag with the folder's fingerprint (a searched export tags its registered version so).
-FINGERPRINT_TAG = "fulu.fingerprint"
 
 
 def upcycled_card(s: SearchSettings, location: StudyLocation, trial: optuna.trial.FrozenTrial, arch: dict,

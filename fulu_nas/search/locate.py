@@ -31,6 +31,7 @@ from .storage import (
     mask_url,
     probe_tracking,
 )
+from .tracking import flatten
 
 # The overrides that say where the study is: always taken (hydra.run.dir: its folder).
 LOCATING = ("study.name", "study.storage", "tracking.uri", "hydra.run.dir")
@@ -132,7 +133,7 @@ def _requested(overrides: list[str], config_dir: str | None, cfg: dict) -> tuple
             requested.append((o.input_line, (node,)))
             continue
         without, _ = compose_config(overrides[:i] + overrides[i + 1:], config_dir)
-        with_it, without = _leaves(cfg), _leaves(without)
+        with_it, without = flatten(cfg), flatten(without)
         requested.append((o.input_line, tuple(sorted(p for p in with_it.keys() | without.keys()
                                                      if with_it.get(p, _ABSENT) != without.get(p, _ABSENT)))))
     return tuple(requested)
@@ -147,16 +148,6 @@ def _select(data: Any, path: str) -> Any:
             return None
         data = data[part]
     return data
-
-
-def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": value}`` for every value that is not a mapping (an empty mapping is a value)."""
-    if not isinstance(data, dict) or not data:
-        return {prefix: data} if prefix else {}
-    out = {}
-    for k, v in data.items():
-        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _under(leaves: dict[str, Any], path: str) -> dict[str, Any]:
@@ -177,7 +168,7 @@ def check_overrides_are_used(location: StudyLocation, config: dict, typed_model:
     (``config``, as the search saved it): the command works with those, so it would ignore the override."""
     if location.composed is None:
         return
-    given, searched = _leaves(location.composed), _leaves(config)
+    given, searched = flatten(location.composed), flatten(config)
     problems = []
     for text, paths in location.requested:
         if not paths and text.partition("=")[0].lstrip("+~").startswith("hydra."):

@@ -221,6 +221,41 @@ def _probe_database(url: str, key: str) -> None:
         engine.dispose()
 
 
+def open_existing_storage(url: str):
+    """The Optuna storage at ``url`` opened read-only, or None when it holds no study yet (a SQLite file or
+    journal that does not exist, a database without Optuna's tables) or cannot be read here without a
+    write (a SQLite file with a killed writer's journal to roll back): the search's own opening checks it."""
+    import optuna
+    import sqlalchemy
+    from optuna.storages import RDBStorage
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    scheme = _scheme(url)
+    if scheme == "journal":
+        # Reads the file; the backend makes it only where it does not exist
+        return JournalStorage(JournalFileBackend(str(journal_path(url)))) if journal_path(url).is_file() else None
+    given, engine_kwargs = url, {}
+    if scheme == "sqlite":
+        path = Path(url[len("sqlite:///"):])
+        if not path.is_file():
+            return None
+        # SQLite's read-only mode: nothing below can write to the file, whatever Optuna tries
+        url, engine_kwargs = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true", {"connect_args": {"timeout": 60}}
+    try:
+        engine = sqlalchemy.create_engine(url, **engine_kwargs)
+        try:
+            if not {"studies", "version_info", "alembic_version"} <= set(sqlalchemy.inspect(engine).get_table_names()):
+                return None  # the search makes Optuna's tables
+        finally:
+            engine.dispose()
+        # skip_table_creation: the tables are there; with them Optuna's version check only reads
+        return RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True)
+    except RuntimeError as e:  # tables of another Optuna version: the search would stop with a traceback
+        raise FuluConfigError(f"study.storage: cannot open {mask_url(given)}: {str(e).strip()}") from None
+    except (optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError):
+        return None
+
+
 def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
                        max_retry: int = 0, on_stale=None):
     """Optuna storage for ``url``: an RDB storage, with heartbeats when ``heartbeat_interval`` is
