@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
+from types import SimpleNamespace
 
 import mlflow
 import optuna
@@ -277,3 +279,30 @@ def test_a_search_stopped_after_its_reference_says_nothing_else_was_trained(tmp_
     printed = " ".join(capsys.readouterr().out.split())
     assert "beat it" not in printed
     assert "no other architecture has been trained yet" in printed
+
+
+# -- a worker killed as Optuna created its trial -----------------------------------------------------------
+def test_a_trial_left_without_a_heartbeat_is_failed_and_trained_again(tmp_path, monkeypatch):
+    """A worker killed (SIGKILL) in the instant Optuna created its trial left it RUNNING without a
+    heartbeat; Optuna's check fails only trials with one, so the same command resumed waited for it
+    forever. It is now failed as stale and queued again, and the resumed search finishes the study."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    beat = ("study.heartbeat_interval=1", "study.grace_period=2")
+    assert run_search(out, "study.n_trials=1", *FAST, *beat) == 0
+    orphan = load_study(out).ask()  # no heartbeat: what the killed worker left
+    sleeps: list[float] = []
+
+    def sleep(seconds):  # the test fails, rather than hangs, where the wait never ends
+        sleeps.append(seconds)
+        assert len(sleeps) < 60, "the resumed search still waits for the trial without a heartbeat"
+        time.sleep(seconds)
+
+    monkeypatch.setattr(study_module, "time", SimpleNamespace(sleep=sleep))
+    assert run_search(out, "study.n_trials=2", *FAST, *beat) == 0
+    study = load_study(out)
+    retried = optuna.storages.RetryFailedTrialCallback.retried_trial_number
+    states = [(t.number, t.state.name, retried(t)) for t in study.trials]
+    assert states == [(0, "COMPLETE", None), (orphan.number, "FAIL", None), (2, "COMPLETE", orphan.number)], states
+    parents, trials = _runs(out)
+    assert [r.info.run_name for r in parents + trials if r.info.status == "RUNNING"] == []

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +251,23 @@ def requeue_unfinished(study: optuna.Study, asked: list[int]) -> None:
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
+def beat_for_trials_without_heartbeat(study: optuna.Study, grace_period: int, given: set[int]) -> None:
+    """Give a RUNNING trial older than ``grace_period`` a heartbeat, once (``given`` holds the ids).
+
+    Optuna's check fails only trials that have a heartbeat, and a worker killed (SIGKILL, a crash) in
+    the instant Optuna created its trial, before the heartbeat thread started, left one without: the
+    other workers, and the same command resumed, waited for it forever. With the heartbeat given here
+    it is failed as stale one grace period later and queued again. A live trial's worker keeps beating
+    anyway, so this changes nothing for it; a dead trial's recent heartbeat is renewed once at most."""
+    now = datetime.now()  # Optuna stamps datetime_start with the local clock too
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t._trial_id in given or t.datetime_start is None:
+            continue
+        if (now - t.datetime_start).total_seconds() > grace_period:
+            study._storage.record_heartbeat(t._trial_id)
+            given.add(t._trial_id)
+
+
 def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
                report_to: ProgressFile | None = None) -> int:
     """Run trials until the study has ``n_trials`` finished ones (counting every worker's), each
@@ -269,6 +287,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
         heartbeat = is_heartbeat_enabled(study._storage)
         attempts, limit = 0, 10 * s.study.n_trials + 50
         reported: set[int] = set()
+        beat_given: set[int] = set()
         asked: list[int] = []  # the trial this worker is running (its id), once Optuna has created it
         record_asks(study, asked)
         try:
@@ -283,6 +302,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
                     # fail a killed worker's trial, which is then queued again).
                     time.sleep(1.0)
                     optuna.storages.fail_stale_trials(study)
+                    beat_for_trials_without_heartbeat(study, s.study.grace_period, beat_given)
                     bar.refresh()
                     continue
                 attempts += 1
