@@ -311,6 +311,38 @@ def test_served_bad_input_is_a_short_json_error(exported):
             assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and words in answer["message"], answer
 
 
+def test_an_export_with_the_older_integer_signature_is_served_with_a_warning(exported, tmp_path, monkeypatch, capsys):
+    """Exports made before the signature declared the token ids as objects keep their int64 signature, for
+    which MLflow's scoring server casts 1.9 to the id 1 before the model can refuse it: serving or loading
+    one says so (and to export again); the current export is served without a word."""
+    from fulu_nas.deploy.serve import load_pyfunc
+    from fulu_nas.search import serve_command
+
+    older = tmp_path / "older"
+    shutil.copytree(exported.model_dir, older)
+    mlmodel = yaml.safe_load((older / "MLmodel").read_text())
+    mlmodel["signature"]["inputs"] = json.dumps(
+        [{"type": "tensor", "tensor-spec": {"dtype": "int64", "shape": [-1, -1]}, "name": "token_ids"}])
+    (older / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    checksums = json.loads((older / "checksums.json").read_text())
+    checksums["MLmodel"] = hashlib.sha256((older / "MLmodel").read_bytes()).hexdigest()
+    (older / "checksums.json").write_text(json.dumps(checksums))
+
+    with pytest.warns(UserWarning, match="export the model again"):
+        model = load_pyfunc(older)
+    assert model.predict(np.array([[1, 0]], dtype=np.int64)).shape[:2] == (1, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_pyfunc(exported.model_dir)
+    assert not [w for w in caught if "token ids as integers" in str(w.message)]
+
+    monkeypatch.setattr(serve_command, "run_server", lambda command, env: 0)  # the checks, not the server
+    for folder, warned in ((older, True), (exported.model_dir, False)):
+        assert main(["serve", str(folder), "--port", str(free_port())]) == 0
+        err = capsys.readouterr().err
+        assert ("warning: this model's signature declares its token ids as integers" in err) == warned, err
+
+
 def flip_byte(archive: Path, record_suffix: str = "data/weights/weight_0") -> None:
     """Change one byte inside a record of a zip archive (stored uncompressed, as torch writes them)."""
     data = bytearray(archive.read_bytes())

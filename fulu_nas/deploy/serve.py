@@ -28,6 +28,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,6 +162,21 @@ def _check_servable(folder: Path) -> None:
                               "example with a transformers pipeline)")
 
 
+def casting_signature(model: Path) -> str | None:
+    """A warning for a model (the checked copy) whose signature declares its token ids as integers: an
+    export made before the signature took objects, whose JSON input MLflow's scoring server casts to
+    int64 before the model sees it (1.9 and true are served as the ids 1 and 1, not refused)."""
+    import mlflow
+
+    signature = mlflow.models.Model.load(str(model / "MLmodel")).signature
+    inputs = signature.inputs.inputs if signature is not None else []
+    if inputs and getattr(inputs[0], "type", None) is not None and getattr(inputs[0].type, "kind", "O") in "iu":
+        return ("this model's signature declares its token ids as integers (an export made before they were "
+                "declared as objects): MLflow's scoring server casts what it is sent to int64, so 1.9 or true "
+                "are served as token ids rather than refused; export the model again to have them refused")
+    return None
+
+
 def registry_uri(tracking_uri: str | None) -> str:
     """The tracking server or database that holds the registry: ``tracking_uri``, else
     ``MLFLOW_TRACKING_URI``; a SQLite database must exist (MLflow would create an empty one)."""
@@ -179,6 +195,8 @@ def load_pyfunc(source: str | os.PathLike, expected_sha256: str | None = None, t
     import mlflow
 
     with checked_model(source, expected_sha256, tracking_uri) as copy, _environment(NO_PICKLES):
+        if warning := casting_signature(copy):
+            warnings.warn(warning, stacklevel=2)
         return mlflow.pyfunc.load_model(str(copy))  # the program is read into memory as it loads
 
 

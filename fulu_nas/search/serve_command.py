@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from ..deploy.serve import NO_PICKLES, checked_model, registry_uri
+from ..deploy.serve import NO_PICKLES, casting_signature, checked_model, registry_uri
 from ..deploy.server_process import check_port_free, port, run_server
 from ..errors import FuluConfigError
 from .storage import check_tracking_uri, probe_tracking
@@ -40,6 +40,8 @@ def main(argv: list[str]) -> int:
             check_tracking_uri(tracking_uri)
             probe_tracking(tracking_uri)
         with checked_model(args.model, args.sha256, tracking_uri) as copy:
+            if warning := casting_signature(copy):
+                print(f"warning: {warning}", file=sys.stderr)
             print(f"serving {args.model} (every file checked) at http://{args.host}:{args.port}/invocations  "
                   "(Ctrl-C stops it)", flush=True)
             command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(copy), "--env-manager", "local",
