@@ -98,7 +98,7 @@ def preflight(argv: list[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     from .settings import load_settings
-    from .storage import check_output_dir, probe_storage, probe_tracking
+    from .storage import check_output_dir, check_separate_databases, probe_storage, probe_tracking
 
     overrides, flags = split_flags(argv)
     config_dir = flags.get("--config-dir") or flags.get("-cd")
@@ -129,6 +129,7 @@ def preflight(argv: list[str]):
         raise FuluConfigError(problems)
     probe_storage(settings.storage_url)
     probe_tracking(settings.tracking_uri)
+    check_separate_databases(settings.storage_url, settings.tracking_uri)
     check_existing_study(settings)
     return settings
 

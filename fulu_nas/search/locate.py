@@ -25,6 +25,7 @@ from ..errors import FuluConfigError
 from .settings import SearchSettings, load_settings
 from .storage import (
     check_output_dir,
+    check_separate_databases,
     check_sqlite_writable,
     check_study_storage_exists,
     check_tracking_uri,
@@ -105,6 +106,7 @@ def locate_study(overrides: list[str], hint: str = DEFAULT_HINT) -> StudyLocatio
     # server for minutes.
     check_tracking_uri(tracking)
     probe_tracking(tracking)
+    check_separate_databases(storage, tracking)
     return StudyLocation(name, storage, tracking, output_dir, requested, cfg, hint)
 
 

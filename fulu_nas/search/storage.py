@@ -49,7 +49,10 @@ def check_storage_url(url: object) -> None:
     scheme = _scheme(url)
     if scheme == "journal":
         path = journal_path(url)
-        if not str(path) or not path.parent.is_dir():
+        if str(path) in ("", ".") or path.is_dir():
+            raise FuluConfigError(f"study.storage: {url!r} names a folder, not a journal file (e.g. "
+                                  "journal:///path/study.log)")
+        if not path.parent.is_dir():
             raise FuluConfigError(f"study.storage: the folder of journal file {str(path)!r} does not exist")
         return
     if scheme not in _RDB_SCHEMES:
@@ -92,8 +95,9 @@ def check_tracking_uri(uri: object) -> None:
 
 def check_output_dir(path: str, key: str = "hydra.run.dir") -> None:
     """FuluConfigError unless the folder ``path`` exists and is writable or can be made. Where it must
-    be made, its first missing folder is made and removed again: only trying tells, since root passes
-    every permission check and a folder such as /proc refuses new entries whatever the permissions."""
+    be made, its missing folders are made and removed again: only trying tells, since root passes every
+    permission check, a folder such as /proc refuses new entries whatever the permissions, and a name
+    too long for the file system fails only where it is made."""
     target = Path(path).absolute()
     # os.path.exists, unlike Path.exists, says False rather than raising where a folder cannot be read
     existing = next(p for p in (target, *target.parents) if os.path.exists(p))
@@ -103,15 +107,22 @@ def check_output_dir(path: str, key: str = "hydra.run.dir") -> None:
         if not os.access(target, os.W_OK | os.X_OK):
             raise FuluConfigError(f"{key}: the folder {path!r} is not writable")
         return
-    first = existing / target.relative_to(existing).parts[0]
+    made: list[Path] = []
     try:
-        first.mkdir()
-    except FileExistsError:  # made meanwhile (another worker of the study)
-        return
+        folder = existing
+        for part in target.relative_to(existing).parts:
+            folder = folder / part
+            try:
+                folder.mkdir()
+            except FileExistsError:  # made meanwhile (another worker of the study)
+                continue
+            made.append(folder)
     except OSError as e:
-        raise FuluConfigError(f"{key}: cannot make the folder {path!r}: {e.strerror} ({str(first)!r})") from None
-    with contextlib.suppress(OSError):  # not empty: another process has begun to use it
-        first.rmdir()
+        raise FuluConfigError(f"{key}: cannot make the folder {path!r}: {e.strerror} ({str(folder)!r})") from None
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):  # not empty: another process has begun to use it
+                folder.rmdir()
 
 
 def _probe_sqlite_file(url: str, key: str) -> None:
@@ -151,21 +162,99 @@ def check_sqlite_writable(url: str, key: str) -> None:
 
 
 def probe_storage(url: str) -> None:
-    """Connect to a remote study storage; an existing SQLite file must be a database (no-op for journals)."""
+    """Connect to a remote study storage; an existing SQLite file must be a database, an existing journal
+    file a journal."""
     if _scheme(url) == "sqlite":
         _probe_sqlite_file(url, "study.storage")
         return
     if _scheme(url) == "journal":
+        if journal_path(url).is_file():
+            _check_journal_file(journal_path(url))
         return
     _probe_database(url, "study.storage")
+
+
+def _check_journal_file(path: Path) -> None:
+    """FuluConfigError unless every line of ``path`` is one of Optuna's journal records (a JSON object with
+    an ``op_code``). Optuna skips a last line it cannot read (a write cut short) and appends after it, so
+    a file of something else, a log of one line say, was taken as an empty journal and written into."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if not (isinstance(record, dict) and "op_code" in record):
+                    raise FuluConfigError(f"study.storage: {str(path)!r} is not an Optuna journal file (line "
+                                          f"{number} is no journal record)")
+    except OSError as e:
+        raise FuluConfigError(f"study.storage: cannot read the journal file {str(path)!r}: {e.strerror}") from None
+
+
+def open_journal(url: str):
+    """Optuna's journal storage of ``url`` (its file made where it does not exist); FuluConfigError for a
+    file that cannot be read or is not a journal, where Optuna raises its reader's JSON or OS error."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path = journal_path(url)
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as e:
+        raise FuluConfigError(f"study.storage: cannot open the journal file {str(path)!r}: {e.strerror}") from None
+    except ValueError as e:  # json.JSONDecodeError among them: a file of something else
+        raise FuluConfigError(f"study.storage: {str(path)!r} is not an Optuna journal file ({e})") from None
+
+
+_OPTUNA_TABLES = {"studies", "trials", "version_info"}
+_MLFLOW_TABLES = {"experiments"}
+
+
+def _sqlite_tables(url: str) -> set[str]:
+    """The tables of the SQLite database of ``url``; none where there is no such file yet."""
+    import sqlite3
+
+    path = Path(url[len("sqlite:///"):])
+    if _scheme(url) != "sqlite" or not path.is_file():
+        return set()
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _same_database(a: str, b: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    if _scheme(a) == "sqlite" and _scheme(b) == "sqlite":
+        return Path(a[len("sqlite:///"):]).resolve() == Path(b[len("sqlite:///"):]).resolve()
+    try:
+        x, y = make_url(a), make_url(b)
+    except Exception:  # an http tracking server, a journal: never the same database as the other
+        return False
+    return (x.get_backend_name(), x.host, x.port, x.database) == (y.get_backend_name(), y.host, y.port, y.database)
+
+
+def check_separate_databases(storage_url: str, tracking_uri: str) -> None:
+    """FuluConfigError where the study's storage and the tracking store are one database, or either
+    names the other's kind of database: Optuna and MLflow each make their tables in what they are given
+    (MLflow's went into the user's optuna.db, then both failed on the other's schema version)."""
+    if _same_database(storage_url, tracking_uri):
+        raise FuluConfigError(f"study.storage and tracking.uri: both name the database {mask_url(storage_url)}; "
+                              "Optuna and MLflow each need their own (a search's defaults: optuna.db and mlflow.db)")
+    if _OPTUNA_TABLES <= _sqlite_tables(tracking_uri):
+        raise FuluConfigError(f"tracking.uri: {mask_url(tracking_uri)} is an Optuna study database, not an MLflow "
+                              "one (a search keeps its runs in mlflow.db)")
+    tables = _sqlite_tables(storage_url)
+    if _MLFLOW_TABLES <= tables and not _OPTUNA_TABLES <= tables:
+        raise FuluConfigError(f"study.storage: {mask_url(storage_url)} is an MLflow tracking database, not the "
+                              "study's (a search keeps its study in optuna.db)")
 
 
 def check_study_storage_exists(url: str, study_name: str) -> None:
     """FuluConfigError unless ``url`` holds a study storage already, for the commands that read one:
     Optuna opening a SQLite file creates its tables there (a wrong ``study.storage``, the MLflow
     database beside it say, gained Optuna's schema) and a journal URL creates its file."""
-    import sqlite3
-
     hint = (f"(is {study_name!r} the study name? pass study.storage=... or hydra.run.dir=... if the search "
             f"used them)")
     if isinstance(url, str) and url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
@@ -174,16 +263,16 @@ def check_study_storage_exists(url: str, study_name: str) -> None:
     if _scheme(url) == "journal":
         if not journal_path(url).is_file():
             raise FuluConfigError(f"study.storage: no journal file {str(journal_path(url))!r} {hint}")
+        probe_storage(url)
         return
     if _scheme(url) != "sqlite":
         probe_storage(url)
         return
     path = Path(url[len("sqlite:///"):])
     _probe_sqlite_file(url, "study.storage")
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if not {"studies", "trials", "version_info"} <= tables:
-        what = "an MLflow tracking database" if "experiments" in tables else "not an Optuna study database"
+    tables = _sqlite_tables(url)
+    if not _OPTUNA_TABLES <= tables:
+        what = "an MLflow tracking database" if _MLFLOW_TABLES <= tables else "not an Optuna study database"
         raise FuluConfigError(f"study.storage: {path} is {what}, not the study's (a search keeps its study in "
                               f"optuna.db)")
 
@@ -228,12 +317,11 @@ def open_existing_storage(url: str):
     import optuna
     import sqlalchemy
     from optuna.storages import RDBStorage
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     scheme = _scheme(url)
     if scheme == "journal":
         # Reads the file; the backend makes it only where it does not exist
-        return JournalStorage(JournalFileBackend(str(journal_path(url)))) if journal_path(url).is_file() else None
+        return open_journal(url) if journal_path(url).is_file() else None
     given, engine_kwargs = url, {}
     if scheme == "sqlite":
         path = Path(url[len("sqlite:///"):])
@@ -268,9 +356,7 @@ def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_pe
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     if _scheme(url) == "journal":
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        return JournalStorage(JournalFileBackend(str(journal_path(url))))
+        return open_journal(url)
     # SQLite serialises writers: wait for the lock instead of failing when workers share a file.
     engine_kwargs = {"connect_args": {"timeout": 60}} if _scheme(url) == "sqlite" else {"pool_pre_ping": True}
     heartbeat = {}

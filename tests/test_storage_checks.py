@@ -1,0 +1,112 @@
+"""Where a study and its runs are kept: the study's storage and the tracking store must be two
+databases of their own kinds, a journal URL must name a journal file, and an output folder must be
+one the file system can make. Each refused with exit code 2, one message, nothing written or changed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from fulu_nas.cli import main
+
+from .test_search_e2e import run_search
+
+FAST = ("study.n_trials=1", "trainer.steps=5", "trainer.report_every=5", "study.pruner=none")
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> Path:
+    """The folder of a finished tiny search: its optuna.db and mlflow.db."""
+    root = tmp_path_factory.mktemp("searched")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert run_search(root / "out", *FAST) == 0
+    finally:
+        os.chdir(cwd)
+    return root / "out"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _refused(capsys, argv: list[str], words: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err, err
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("kind", ["optuna.db as tracking", "mlflow.db as storage", "one file for both"])
+def test_the_study_and_its_runs_need_two_databases_of_their_own_kinds(kind, searched, tmp_path, monkeypatch,
+                                                                      capsys):
+    """MLflow made its tables in the user's optuna.db (then failed on Optuna's schema version, exit 1 and
+    a traceback, the output folder half-written); an mlflow.db as the study's storage was Optuna's
+    RuntimeError; one new file for both was MLflow's migration error."""
+    optuna_db, mlflow_db = searched / "optuna.db", searched / "mlflow.db"
+    overrides, words = {
+        "optuna.db as tracking": ([f"tracking.uri=sqlite:///{optuna_db}"],
+                                  "tracking.uri: sqlite:///" + str(optuna_db) + " is an Optuna study database"),
+        "mlflow.db as storage": ([f"study.storage=sqlite:///{mlflow_db}"],
+                                 "study.storage: sqlite:///" + str(mlflow_db) + " is an MLflow tracking database"),
+        "one file for both": ([f"study.storage=sqlite:///{tmp_path / 'both.db'}",
+                               f"tracking.uri=sqlite:///{tmp_path / 'both.db'}"],
+                              "study.storage and tracking.uri: both name the database"),
+    }[kind]
+    before = _digests(searched)
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, ["search", "+experiment=tiny", f"hydra.run.dir={tmp_path / 'new'}", *overrides], words)
+    assert _digests(searched) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["confirm", "export"])
+def test_a_command_reading_a_study_refuses_its_optuna_db_as_tracking_store(command, searched, tmp_path,
+                                                                            monkeypatch, capsys):
+    """confirm and export record runs: the study's optuna.db given as tracking.uri would have gained MLflow's
+    tables."""
+    before = _digests(searched)
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, [command, "study.name=tiny-clusters", f"hydra.run.dir={searched}",
+                      f"tracking.uri=sqlite:///{searched / 'optuna.db'}"], "both name the database")
+    assert _digests(searched) == before
+
+
+@pytest.mark.parametrize("url,words", [
+    ("journal:///{tmp}", "names a folder, not a journal file"),
+    ("journal:", "names a folder, not a journal file"),
+    ("journal:///{tmp}/notes.log", "is not an Optuna journal file (line 1 is no journal record)"),
+])
+def test_a_journal_url_names_a_journal_file(url, words, tmp_path, monkeypatch, capsys):
+    """A folder (or no path) was an IsADirectoryError traceback after Hydra wrote .hydra/ and search.log; a
+    file of something else Optuna's JSONDecodeError."""
+    (tmp_path / "notes.log").write_text("not a journal\n")
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, ["search", "+experiment=tiny", f"hydra.run.dir={tmp_path / 'out'}",
+                      "study.storage=" + url.format(tmp=tmp_path)], words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.log"]
+    assert (tmp_path / "notes.log").read_text() == "not a journal\n"
+
+
+def test_confirm_refuses_a_file_that_is_no_journal(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.log").write_text("not a journal\n")
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, ["confirm", "study.name=tiny-clusters", f"hydra.run.dir={tmp_path}",
+                      f"study.storage=journal:///{tmp_path}/notes.log"], "is not an Optuna journal file")
+    assert (tmp_path / "notes.log").read_text() == "not a journal\n"
+
+
+@pytest.mark.parametrize("where", ["hydra.run.dir", "study.name"])
+def test_an_output_folder_whose_name_is_too_long_is_refused_before_anything_is_made(where, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Only the first missing folder was tried: a name too long deeper down was Hydra's traceback, and
+    the folders above it were left behind."""
+    long = "n" * 300
+    monkeypatch.chdir(tmp_path)
+    override = f"hydra.run.dir={tmp_path}/a/b/{long}" if where == "hydra.run.dir" else f"study.name={long}"
+    _refused(capsys, ["search", "+experiment=tiny", override], "File name too long")
+    assert list(tmp_path.iterdir()) == []
