@@ -34,11 +34,12 @@ def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _refused(capsys, argv: list[str], words: str) -> None:
+def _refused(capsys, argv: list[str], words: str) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert words in err, err
     assert "Traceback" not in err, err
+    return err
 
 
 @pytest.mark.parametrize("kind", ["optuna.db as tracking", "mlflow.db as storage", "one file for both"])
@@ -110,3 +111,29 @@ def test_an_output_folder_whose_name_is_too_long_is_refused_before_anything_is_m
     override = f"hydra.run.dir={tmp_path}/a/b/{long}" if where == "hydra.run.dir" else f"study.name={long}"
     _refused(capsys, ["search", "+experiment=tiny", override], "File name too long")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the composition's own errors, as one line naming the key or the file ------------------------------------
+@pytest.mark.parametrize("command,override,words", [
+    ("search", "task=nosuch", "task: no option 'nosuch' (options: clusters, pimoe_mix, textlm, upcycle)"),
+    ("search", "search_space=nosuch", "search_space: no option 'nosuch' (options: default, gpu, nasbench,"),
+    ("confirm", "trainer=nosuch", "trainer: no option 'nosuch' (options: default, gpu, tiny)"),
+])
+def test_an_unknown_group_option_is_named_with_the_groups_options(command, override, words, tmp_path, monkeypatch,
+                                                                   capsys):
+    """Hydra's text: the options between tabs, then its config search path."""
+    monkeypatch.chdir(tmp_path)
+    argv = [command, *(["study.name=x"] if command == "confirm" else []), override]
+    assert "search path" not in _refused(capsys, argv, words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_file_that_is_a_list_is_named(tmp_path, monkeypatch, capsys):
+    """OmegaConf's error named only the key it failed to resolve (``hydra.run.dir``), not the file."""
+    space = tmp_path / "conf" / "search_space" / "listed.yaml"
+    space.parent.mkdir(parents=True)
+    space.write_text("- num_experts\n- top_k\n")
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, ["search", "--config-dir", str(tmp_path / "conf"), "search_space=listed"],
+             f"{space}: a config file must map keys to values (its top level is a list)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]

@@ -108,8 +108,7 @@ def preflight(argv: list[str]):
         cfg, output_dir = compose_config(overrides, config_dir, flags.get("--config-name") or flags.get("-cn")
                                          or "config")
     except (HydraException, OmegaConfBaseException) as e:
-        message = str(e).strip().replace("\n", " ")
-        raise FuluConfigError(f"configuration: {message}") from None
+        raise FuluConfigError(composition_problem(e, config_dir)) from None
     except yaml.YAMLError as e:  # a config file (a space of the user's own, say) that is not YAML
         raise FuluConfigError(_yaml_problem(e)) from None
     except UnicodeDecodeError as e:  # ... or not text: Hydra's loader does not say which file
@@ -154,6 +153,35 @@ def check_existing_study(settings) -> None:
         except KeyError:  # no study of this name yet
             return
         check_resumable(study, settings)
+
+
+def composition_problem(e: Exception, config_dir: str | None) -> str:
+    """Hydra's or OmegaConf's error composing the configuration, as one line: an unknown group option
+    with the group's options (Hydra's text lists them between tabs, with its search path); a config file
+    whose top level is not a mapping, named (OmegaConf's error names only the key it failed to resolve)."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(e, MissingConfigException) and e.options and e.missing_cfg_file and "/" in e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return f"{group.replace('/', '.')}: no option {option!r} (options: {', '.join(sorted(e.options))})"
+    if not_mappings := _files_not_mappings(config_dir):
+        return "; ".join(f"{f}: a config file must map keys to values (its top level is a {kind})"
+                         for f, kind in not_mappings)
+    return f"configuration: {' '.join(str(e).split())}"
+
+
+def _files_not_mappings(config_dir: str | None) -> list[tuple[str, str]]:
+    import yaml
+
+    found = []
+    for path in sorted(Path(config_dir).rglob("*.yaml")) if config_dir else []:
+        try:
+            top = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            continue  # reported by the composition's own error
+        if top is not None and not isinstance(top, dict):
+            found.append((str(path), type(top).__name__))
+    return found
 
 
 def _is_utf8(path: Path) -> bool:

@@ -79,7 +79,7 @@ def locate_study(overrides: list[str], hint: str = DEFAULT_HINT) -> StudyLocatio
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .app import compose_config, split_flags
+    from .app import compose_config, composition_problem, split_flags
 
     if not any(o.startswith("study.name=") for o in overrides):
         raise FuluConfigError("study.name: which study? pass study.name=NAME (the name `fulu-nas search` printed)")
@@ -96,7 +96,7 @@ def locate_study(overrides: list[str], hint: str = DEFAULT_HINT) -> StudyLocatio
         cfg, output_dir = compose_config(overrides, config_dir)
         requested = _requested(overrides, config_dir, cfg)
     except (HydraException, OmegaConfBaseException) as e:
-        raise FuluConfigError(f"configuration: {' '.join(str(e).split())}") from None
+        raise FuluConfigError(composition_problem(e, config_dir)) from None
     name = cfg["study"]["name"]
     output_dir = Path(output_dir)
     storage = cfg["study"].get("storage") or f"sqlite:///{(output_dir / 'optuna.db').resolve()}"
