@@ -67,12 +67,24 @@ FEATURES = {
 
 
 def enum_member(enum: type[Enum], value: Enum | str, argument: str):
-    """``value`` as a member of ``enum`` (by value or member), or ValueError naming ``argument``."""
-    try:
-        return enum(value.value if isinstance(value, Enum) else value)
-    except ValueError:
-        names = ", ".join(m.name for m in enum)
-        raise ValueError(f"{argument} must be one of {names}, got {value!r}") from None
+    """``value`` as a member of ``enum``: a member, or a member's value or name in any case
+    (``"topk"``, ``"TOP_K"``), or ValueError naming ``argument`` and listing both."""
+    wanted = value.value if isinstance(value, Enum) else value
+    if isinstance(wanted, str):
+        for member in enum:
+            if wanted.lower() in (member.value.lower(), member.name.lower()):
+                return member
+    # Names first: the spec writes RoutingStrategy.TOP_K; the value is what a config file holds.
+    choices = ", ".join(f"{m.name} ({m.value!r})" for m in enum)
+    raise ValueError(f"{argument} must be one of {choices}, got {value!r}")
+
+
+def _flag_problems(flags: dict[str, Any], unset_allowed: tuple[str, ...] = ()) -> list[str]:
+    """A message for each flag that is not a bool (nor None, for those of ``unset_allowed``): a string
+    such as "false" is truthy, and would switch on what it names."""
+    return [f"{name} must be true or false{' (or None)' if name in unset_allowed else ''}, got {value!r}"
+            for name, value in flags.items()
+            if not (isinstance(value, bool) or (value is None and name in unset_allowed))]
 
 
 def _int_argument(value: Any, argument: str, minimum: int = 1) -> int:
@@ -120,6 +132,10 @@ class UltimatePiMoESystem(nn.Module):
                          else self.layer)
         self._inference = False
         self._calls = 0
+        # What optimize_for_inference switched off and train(True) restores: the training runner and
+        # each parameter's requires_grad.
+        object.__setattr__(self, "_training_runner", None)
+        self._requires_grad_before_inference: dict[str, bool] = {}
 
     def _set_runner(self, runner) -> None:
         """What runs the layer: the layer itself, its compiled form or a CUDA-graph replay of that.
@@ -139,6 +155,8 @@ class UltimatePiMoESystem(nn.Module):
                 token_ids: Tensor | None = None):
         if not isinstance(input_tensor, Tensor):
             raise TypeError(f"input_tensor must be a torch.Tensor, got {type(input_tensor).__name__}")
+        if problems := _flag_problems({"return_comprehensive_info": return_comprehensive_info}):
+            raise ValueError(problems[0])
         if not input_tensor.is_floating_point():
             # The output comes back in the input's dtype: integers would round it to zeros.
             raise TypeError(f"input_tensor must be a floating-point tensor (float32, float64, "
@@ -237,7 +255,10 @@ class UltimatePiMoESystem(nn.Module):
         :mod:`fulu_nas.moe.cpu_packed`'s oneDNN for large experts, chunked grouped GEMMs for small
         ones): the oneDNN path alone was already faster than
         EXTREME's compiled forward (2 cores, 512 hidden, 8 experts: 7.7 vs 13.4 ms at 16 tokens,
-        516 vs 678 ms at 4,096)."""
+        516 vs 678 ms at 4,096). ``train()`` undoes it (see :meth:`train`)."""
+        if not self._inference:
+            object.__setattr__(self, "_training_runner", self._runner)
+            self._requires_grad_before_inference = {name: p.requires_grad for name, p in self.named_parameters()}
         self.eval()
         self.requires_grad_(False)
         cuda = self.device.type == "cuda"
@@ -249,6 +270,21 @@ class UltimatePiMoESystem(nn.Module):
             self._set_runner(self.layer)
         self._inference = True
         return self
+
+    def train(self, mode: bool = True) -> UltimatePiMoESystem:
+        """``nn.Module.train``; ``train(True)`` after :meth:`optimize_for_inference` also leaves
+        inference: forwards run with autograd again, through the runner they had before (not a CUDA
+        graph), and each parameter's ``requires_grad`` is restored. A bf16 cast on CUDA stays."""
+        if mode and self._inference:
+            self._leave_inference()
+        return super().train(mode)
+
+    def _leave_inference(self) -> None:
+        """Undo :meth:`optimize_for_inference`'s switches (see :meth:`train`)."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(self._requires_grad_before_inference[name])
+        self._set_runner(self._training_runner)
+        self._inference = False
 
     @torch.no_grad()
     def benchmark_system(self, input_tensor: Tensor, num_iterations: int = 100,
@@ -306,8 +342,18 @@ def create_ultimate_pimoe_system(
     """Build a PiMoE system. Flags left as ``None`` follow ``enable_all_features``.
 
     ``expert_ffn_size`` defaults to ``4 * hidden_size``; any other :class:`MoEConfig` field can be
-    passed through ``moe_overrides``. Impossible input raises ``ValueError`` naming the argument.
+    passed through ``moe_overrides``. Impossible input raises ``ValueError`` naming the argument (a
+    flag that is neither a bool nor, where it follows ``enable_all_features``, None, among them).
     """
+    follows_all_features = dict(enable_dynamic_scaling=enable_dynamic_scaling,
+                                enable_cross_expert_communication=enable_cross_expert_communication,
+                                enable_neural_architecture_search=enable_neural_architecture_search,
+                                enable_adaptive_learning=enable_adaptive_learning,
+                                enable_hardware_optimization=enable_hardware_optimization)
+    if problems := _flag_problems(dict(enable_all_features=enable_all_features,
+                                       enable_performance_optimization=enable_performance_optimization,
+                                       **follows_all_features), unset_allowed=tuple(follows_all_features)):
+        raise ValueError("; ".join(problems))
     strategy = enum_member(RoutingStrategy, routing_strategy, "routing_strategy")
     level = enum_member(OptimizationLevel, optimization_level, "optimization_level")
     hidden_size = _int_argument(hidden_size, "hidden_size")

@@ -17,9 +17,14 @@ import torch
 
 from .field_types import describe, fits
 
-# The options each router cannot act on (MoEConfig.without_inert_options).
-_INERT_OPTIONS = {"hash": ("router_jitter", "aux_loss_coef", "z_loss_coef", "bias_update_rate"),
-                  "expert_choice": ("aux_loss_coef", "bias_update_rate")}
+# The options each router cannot act on (MoEConfig.without_inert_options). Neither scores experts
+# through score_func: expert choice takes a softmax over the tokens, the hash router no scores.
+_INERT_OPTIONS = {"hash": ("router_jitter", "aux_loss_coef", "z_loss_coef", "bias_update_rate", "score_func"),
+                  "expert_choice": ("aux_loss_coef", "bias_update_rate", "score_func")}
+# The options of a part of the layer that only some configurations have: the group mask of the
+# hierarchical router, and the width and gate of shared experts.
+_HIERARCHY_OPTIONS = ("group_mask_fill",)
+_SHARED_EXPERT_OPTIONS = ("shared_expert_gate", "shared_expert_ffn_size")
 
 ROUTERS = ("topk", "expert_choice", "hash", "hierarchical", "attention")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -87,8 +92,8 @@ class MoEConfig:
     Experts
         ``expert_ffn_size`` is each expert's hidden width, ``activation`` GELU or SwiGLU,
         ``expert_bias`` adds per-expert biases (needed to upcycle BERT-style FFNs).
-        ``num_shared_experts`` always-on experts of width ``shared_expert_ffn_size`` (defaults
-        to ``expert_ffn_size``), optionally scaled by a sigmoid gate (Qwen2-MoE).
+        ``num_shared_experts`` always-on experts of width ``shared_expert_ffn_size`` (``None``, the
+        default, or 0: ``expert_ffn_size``), optionally scaled by a sigmoid gate (Qwen2-MoE).
     Execution
         ``impl``: ``grouped`` (the fast path: ``triton`` where it applies and was measured faster,
         else ``grouped_mm``), ``grouped_mm`` (gather + ``torch._grouped_mm``; any device, autograd),
@@ -153,14 +158,26 @@ class MoEConfig:
     def shared_ffn_size(self) -> int:
         return self.shared_expert_ffn_size or self.expert_ffn_size
 
-    def without_inert_options(self) -> MoEConfig:
-        """This configuration with the options that cannot act for its router set to 0: the hash router
-        learns no routing (jitter, the auxiliary loss, the z-loss and the selection bias do nothing);
+    def inert_options(self) -> tuple[str, ...]:
+        """The options this configuration accepts but cannot act on: the hash router learns no routing
+        (jitter, the auxiliary loss, the z-loss and the selection bias do nothing) and has no scores;
         expert choice balances its load by construction (its auxiliary loss is a constant, and it has
-        no selection bias). Two configurations that train the same layer then compare equal: a
-        search reuses one's result for the other instead of training it again under another name."""
+        no selection bias) and always takes a softmax; only the hierarchical router masks groups; and
+        without shared experts their width and gate do nothing."""
         inert = _INERT_OPTIONS.get(self.router, ())
-        return replace(self, **{name: 0.0 for name in inert}) if any(getattr(self, n) for n in inert) else self
+        if self.router != "hierarchical":
+            inert += _HIERARCHY_OPTIONS
+        if not self.num_shared_experts:
+            inert += _SHARED_EXPERT_OPTIONS
+        return inert
+
+    def without_inert_options(self) -> MoEConfig:
+        """This configuration with its :meth:`inert_options` at their defaults. Two configurations that
+        train the same layer then compare equal: a search reuses one's result for the other instead of
+        training it again under another name."""
+        defaults = {f.name: f.default for f in fields(self)}
+        changed = {name: defaults[name] for name in self.inert_options() if getattr(self, name) != defaults[name]}
+        return replace(self, **changed) if changed else self
 
     def expert_capacity(self, num_tokens: int) -> int:
         """Per-expert capacity for ``num_tokens`` tokens (see the class docstring).
@@ -279,8 +296,17 @@ def _type_problems(c: MoEConfig) -> list[str]:
     return problems
 
 
+def _group_count_problems(c: MoEConfig) -> list[str]:
+    """A problem for each of ``hierarchy_groups`` below 2 (a level that splits nothing)."""
+    return [f"hierarchy_groups[{level}] must be >= 2, got {g}" for level, g in enumerate(c.hierarchy_groups) if g < 2]
+
+
 def _hierarchy_problems(c: MoEConfig) -> list[str]:
-    p = []
+    # The checks below multiply and divide by the group counts: with a count below 2 they would
+    # divide by zero or report bounds computed from it, so that count is the one problem.
+    p = _group_count_problems(c)
+    if p:
+        return p
     levels = c.hierarchy_depth - 1
     if len(c.hierarchy_groups) != levels or len(c.hierarchy_topk_groups) != levels:
         return [f"hierarchy_groups and hierarchy_topk_groups need {levels} entries for "
@@ -289,8 +315,6 @@ def _hierarchy_problems(c: MoEConfig) -> list[str]:
     for level, (g, keep) in enumerate(zip(c.hierarchy_groups, c.hierarchy_topk_groups, strict=True)):
         nodes *= g
         candidates *= g
-        if g < 2:
-            p.append(f"hierarchy_groups[{level}] must be >= 2, got {g}")
         if not 1 <= keep <= candidates:
             p.append(f"hierarchy_topk_groups[{level}] ({keep}) must be in [1, {candidates}]")
         candidates = keep
@@ -332,7 +356,8 @@ def default_hierarchy(c: MoEConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
             remaining //= g
         groups = tuple(out)
     keep = c.hierarchy_topk_groups
-    if not keep and len(groups) == levels:
+    # Kept counts are derived from valid groups only: _hierarchy_problems reports the others.
+    if not keep and len(groups) == levels and not _group_count_problems(c):
         out, candidates, nodes = [], 1, 1
         for g in groups:
             candidates *= g

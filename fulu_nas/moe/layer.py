@@ -25,7 +25,8 @@ eagerly only).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import torch
@@ -46,7 +47,7 @@ from .experts import (
     sum_slots,
     token_rows,
 )
-from .routers import ScoreRouter, build_router
+from .routers import HashRouter, ScoreRouter, build_router
 from .routing import Routing
 from .stats import LazyStats, load_statistics, once, router_entropy, stats_layout, token_mean
 
@@ -82,6 +83,27 @@ def prefer_triton(cfg: MoEConfig, num_tokens: int, x: Tensor, training: bool = F
 
 # The paths through grouped GEMMs, which take fp32, bf16 and fp16 only.
 GROUPED_GEMM_IMPLS = ("grouped", "grouped_mm", "triton")
+
+
+def _expert_indices(source: object, num_experts: int) -> list[int]:
+    """``source`` (remap_experts' argument) as a list of ints in ``[0, num_experts)``, or one ValueError
+    naming it and that range: torch would index out of range (or with a float) deep inside."""
+    items = list(source) if isinstance(source, Iterable) and not isinstance(source, str | bytes) else None
+    if items is None or not all(_is_index(i, num_experts) for i in items):
+        raise ValueError(f"remap_experts: source must be a list of expert indices in [0, {num_experts}), "
+                         f"got {source!r}")
+    return [operator.index(i) for i in items]
+
+
+def _is_index(value: object, num_experts: int) -> bool:
+    """An integer (not a bool; numpy's and 0-d integer tensors count) in ``[0, num_experts)``."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return 0 <= operator.index(value) < num_experts
+    except TypeError:
+        return False
+
 
 class PiMoELayer(nn.Module):
     """A Mixture-of-Experts feed-forward layer.
@@ -153,6 +175,8 @@ class PiMoELayer(nn.Module):
         if x.dim() < 2 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"input must have shape (..., hidden_size={self.cfg.hidden_size}), "
                              f"got {tuple(x.shape)}")
+        if token_ids is not None and not isinstance(token_ids, Tensor):
+            raise TypeError(f"token_ids must be a tensor of integer ids, got {type(token_ids).__name__}")
         if token_ids is not None and (tuple(token_ids.shape) != tuple(x.shape[:-1]) or token_ids.is_floating_point()
                                       or token_ids.is_complex()):
             # A transposed (S, B) tensor has as many ids, but each token would be routed by another's id.
@@ -380,9 +404,10 @@ class PiMoELayer(nn.Module):
         """
         if self.cfg.router == "hierarchical":
             raise ValueError("remap_experts: the hierarchical router's group structure fixes num_experts")
+        source = _expert_indices(source, self.cfg.num_experts)
         if len(source) < self.cfg.top_k:
             raise ValueError(f"remap_experts: {len(source)} experts is fewer than top_k={self.cfg.top_k}")
-        index = torch.tensor(source, device=self.experts.w13_EDF2.device)
+        index = torch.tensor(source, dtype=torch.long, device=self.experts.w13_EDF2.device)
         clones = torch.tensor([i for i, e in enumerate(source) if e in source[:i]], dtype=torch.long,
                               device=index.device)
         swaps: list[tuple[nn.Parameter, nn.Parameter, int]] = []
@@ -410,6 +435,8 @@ class PiMoELayer(nn.Module):
             self.router.expert_bias = self.router.expert_bias.index_select(0, index)
         self.cfg = replace(self.cfg, num_experts=len(source))
         self.router.cfg = self.cfg
+        if isinstance(self.router, HashRouter):
+            self.router.remake_lsh()
         return swaps
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -275,12 +275,18 @@ class HashRouter(Fp32Router):
         planes_DB = torch.randn(self.cfg.hidden_size, bits, generator=g, device="cpu")
         return planes_DB.to(device), (2 ** torch.arange(bits, dtype=torch.int64, device="cpu")).to(device)
 
+    def remake_lsh(self) -> None:
+        """Draw the locality-sensitive code again for ``self.cfg``, on the buffers' device: its width
+        follows ``num_experts``, so a layer whose experts were remapped needs the code a layer built
+        with the new config has (the buffers are not in the state dict to carry it)."""
+        self.planes_DB, self.powers_B = self._lsh(self.planes_DB.device)
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         # A layer built on the meta device and materialised with to_empty() would keep uninitialised
         # memory here (load_state_dict does not carry non-persistent buffers): remake them.
         if self.planes_DB.device.type != "meta":
-            self.planes_DB, self.powers_B = self._lsh(self.planes_DB.device)
+            self.remake_lsh()
         return self
 
     def forward(self, x_TD: Tensor, token_ids: Tensor | None = None,

@@ -15,6 +15,7 @@ Definitions (c_e = assignments expert e received, mean over experts):
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -96,9 +97,11 @@ class LazyStats(Mapping[str, Tensor]):
         return values[name]
 
     def __reduce__(self):
-        """Pickled (``torch.save`` of a module that keeps its last statistics) as a plain dict of the
-        values, detached: the computations are closures over the call."""
-        return dict, ({name: value.detach() for name, value in self.items()},)
+        """Pickled (``torch.save`` of the statistics, or of a module that keeps its last ones) as an
+        ``OrderedDict`` of the values, detached: the computations are closures over the call. Not a
+        plain dict: ``builtins.dict`` is no global torch.load's default weights-only unpickler
+        allows, ``collections.OrderedDict`` (a state dict's type) is."""
+        return OrderedDict, ({name: value.detach() for name, value in self.items()},)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layout)
