@@ -119,6 +119,18 @@ def test_bench_refuses_numbers_that_would_crash_or_never_end(argv, words, capsys
     assert words in capsys.readouterr().err
 
 
+def test_bench_routers_leaves_out_expert_choice_on_its_next_token_task(capsys):
+    """Expert choice reads later tokens: training refuses it on pimoe_mix, so the benchmark offers the four
+    causal routers (it stopped with the refusal after training the others)."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["routers", "--routers", "expert_choice", "--seconds", "1"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'expert_choice'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["routers", "--help"])
+    assert "not expert_choice" in " ".join(capsys.readouterr().out.split())
+
+
 def test_bench_refuses_an_output_it_could_not_write_before_running(tmp_path, capsys):
     """It was a traceback once the whole benchmark had run."""
     (tmp_path / "a_file").write_text("")

@@ -4,8 +4,9 @@
 domains), with each balancing method: routing accuracy, load balance, task accuracy.
 ``python -m fulu_nas.bench dynamic``   - dynamic expert scaling on ``clusters`` from 4 and from 32
 experts, each against a fixed layer of the size it ended with.
-``python -m fulu_nas.bench routers``   - the five routers on ``pimoe_mix`` at equal settings:
-loss, exact match on computed results, routing accuracy, balance.
+``python -m fulu_nas.bench routers``   - the causal routers on ``pimoe_mix`` at equal settings:
+loss, exact match on computed results, routing accuracy, balance. Not expert choice: its outputs read
+later tokens, which training refuses on a next-token task (``training.train.NOT_CAUSAL``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ..models import ArchConfig, PiMoETransformer
 from ..moe import BALANCING_METHODS, ROUTERS, MoEConfig
 from .common import device_name, markdown_table, non_negative_int, positive_float, positive_int, unit_float
 
+# pimoe_mix is a next-token task, on which training refuses expert choice (it reads later tokens).
+CAUSAL_ROUTERS = tuple(r for r in ROUTERS if r != "expert_choice")
 DYNAMIC_SECONDS = 60.0
 BALANCING = {name: BALANCING_METHODS[name] for name in ("aux_loss", "aux_free", "none")}
 
@@ -214,9 +217,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=non_negative_int, default=1, help=THREADS_HELP)
     p.add_argument("--json")
     p.set_defaults(run=dynamic_main)
-    p = sub.add_parser("routers", help="the five routers compared on pimoe_mix within a time budget each")
+    p = sub.add_parser("routers", help="the causal routers compared on pimoe_mix within a time budget each "
+                                       "(not expert_choice: it reads later tokens)")
     p.add_argument("--seconds", type=positive_float, default=300.0)
-    p.add_argument("--routers", nargs="+", choices=ROUTERS, default=list(ROUTERS))
+    p.add_argument("--routers", nargs="+", choices=CAUSAL_ROUTERS, default=list(CAUSAL_ROUTERS),
+                   help="the routers to compare (not expert_choice: it reads later tokens, which training refuses "
+                        "on this next-token task)")
     p.add_argument("--balancing-method", choices=tuple(BALANCING), default="aux_free")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=positive_float, default=3e-3)

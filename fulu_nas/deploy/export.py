@@ -254,14 +254,16 @@ def first_few(names: list[str], n: int = 3) -> str:
 
 def check_weights_fit(arch: ArchConfig, weights: Path, source: Path, config: Path) -> None:
     """The configuration's tensor shapes against the safetensors header, before a module of that size is
-    allocated (a configuration can ask for any size). ``source``, ``config``: the user's files, for messages."""
+    allocated (a configuration can ask for any size); then each tensor's type, the one :func:`write_export`
+    stores, and its values, finite. ``source``, ``config``: the user's files, for messages."""
     from safetensors import SafetensorError, safe_open
 
     try:  # a configuration ArchConfig takes can still be one the layers refuse, in their own words
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in PiMoETransformer(arch).state_dict().items()}
+            configured = PiMoETransformer(arch).state_dict()
     except (TypeError, ValueError) as e:
         raise FuluConfigError(f"{config}: not a valid architecture ({str(e).splitlines()[0]})") from None
+    expected = {k: tuple(v.shape) for k, v in configured.items()}
     try:  # the checksums say the file is the listed one, not that it is whole (they can be rewritten with it)
         with safe_open(str(weights), framework="pt") as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -275,6 +277,33 @@ def check_weights_fit(arch: ArchConfig, weights: Path, source: Path, config: Pat
         problems.append(f"no tensor {first_few(missing)} in the file")
     if problems:
         raise FuluConfigError(f"{source}: config.yaml does not describe these weights: " + "; ".join(problems))
+    # Loading casts what it reads into the model's parameters without a word, NaN and inf included: weights
+    # of another type (int32, float16), or not finite, are not what an export wrote.
+    wrong_type, not_finite = [], []
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for k in sorted(stored):
+                tensor, written = f.get_tensor(k), _written_dtype(configured[k])
+                if tensor.dtype != written:
+                    wrong_type.append(f"{k} ({_dtype_name(tensor.dtype)} stored, an export writes "
+                                      f"{_dtype_name(written)})")
+                elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    not_finite.append(k)
+    except SafetensorError as e:
+        raise FuluConfigError(f"{source}: not a safetensors file ({e})") from None
+    problems = ([f"tensors of another type: {first_few(wrong_type)}"] if wrong_type else []) + (
+        [f"NaN or infinite values in {first_few(not_finite)}"] if not_finite else [])
+    if problems:
+        raise FuluConfigError(f"{source}: not the exported weights: " + "; ".join(problems))
+
+
+def _written_dtype(parameter: torch.Tensor) -> torch.dtype:
+    """The type :func:`write_export` stores ``parameter`` as: it saves the model in float32."""
+    return torch.float32 if parameter.is_floating_point() else parameter.dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def load_device(map_location: str | torch.device) -> torch.device:

@@ -100,7 +100,8 @@ def checked_copy(directory: Path, manifest: dict[str, str], listed_in: str, igno
     for name, expected in manifest.items():
         source = directory / name
         if name not in present:
-            problems.append(f"{source}: missing" if not source.is_symlink() else f"{source}: a symbolic link")
+            if not source.is_symlink():  # a link: folder_entries named it (or the linked folder it is in)
+                problems.append(f"{source}: missing")
             continue
         target = into / name if into is not None else None
         if target is not None:

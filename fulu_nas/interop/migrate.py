@@ -436,14 +436,16 @@ def _upcycle(cfg: MoEConfig, dense_in: nn.Linear, dense_out: nn.Linear, init_std
 
 @contextmanager
 def _eval_mode(*modules: nn.Module):
-    flags = [m.training for m in modules]
+    """``modules`` in eval mode for the ``with``; then every submodule's own flag back (``train(flag)`` would
+    give a module's children its flag, changing the dense model's modes before anything is migrated)."""
+    flags = [(m, m.training) for top in modules for m in top.modules()]
     for m in modules:
         m.eval()
     try:
         yield
     finally:
-        for m, flag in zip(modules, flags, strict=True):
-            m.train(flag)
+        for m, flag in flags:
+            m.training = flag
 
 
 @torch.no_grad()
@@ -515,7 +517,9 @@ def migrate_from_electra(
     ``top_p``, ``hierarchy_depth``, ``attention_context``, ...).
 
     Unsupported models raise FuluConfigError naming what was expected, before anything is changed; so do
-    flags that are not bools and a ``layers`` that is not a list. A directory is read from its safetensors
+    flags that are not bools and a ``layers`` that is not a list. With ``inplace`` a failure (a layer of
+    another FFN size, a block that fails ``verify``) leaves the model as it was: every new block is built
+    and verified before any is swapped in. A directory is read from its safetensors
     weights only (a folder with only ``pytorch_model.bin``, a pickle, is refused), and refused when they do
     not fit its ``config.json`` or lack the encoder's tensors.
     """
@@ -575,27 +579,39 @@ def migrate_from_electra(
         warnings.warn("migrate_from_electra: the migrated model does not compute the original's outputs: "
                       + "; ".join(inexact), stacklevel=2)
 
-    token_ids = None
-    if cfg.router == "hash" and hash_on_token_ids:
-        token_ids = _TokenIds()
-        root.register_forward_pre_hook(_CaptureTokenIds(token_ids), with_kwargs=True)
-        root.register_forward_hook(_ForgetTokenIds(token_ids), always_call=True)
-
-    init_std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02) or 0.02)
+    # Every layer is checked and its replacement built (and verified) before any is swapped in: a failure
+    # leaves an ``inplace`` model as it was, not half-migrated.
+    mismatched = []
     for i in chosen:
-        layer = encoder_layers[i]
-        dense_in, dense_out = layer.intermediate.dense, layer.output.dense
+        dense_in, dense_out = encoder_layers[i].intermediate.dense, encoder_layers[i].output.dense
         if (dense_in.in_features, dense_in.out_features) != (hidden, ffn) or (
                 dense_out.in_features, dense_out.out_features) != (ffn, hidden):
-            raise FuluConfigError(f"migrate_from_electra: encoder.layer[{i}]'s FFN is {dense_in.in_features}->"
-                                  f"{dense_in.out_features}->{dense_out.out_features}; every migrated layer needs "
-                                  f"{hidden}->{ffn}->{hidden}")
-        new_output = PiMoEOutput(_upcycle(cfg, dense_in, dense_out, init_std, split_shared), layer.output.dropout,
-                                 layer.output.LayerNorm, token_ids).train(layer.output.training)
+            mismatched.append(f"encoder.layer[{i}]'s FFN is {dense_in.in_features}->{dense_in.out_features}->"
+                              f"{dense_out.out_features}")
+    if mismatched:
+        raise FuluConfigError(f"migrate_from_electra: {'; '.join(mismatched)}; every migrated layer needs "
+                              f"{hidden}->{ffn}->{hidden}")
+
+    token_ids = _TokenIds() if cfg.router == "hash" and hash_on_token_ids else None
+    init_std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02) or 0.02)
+    new_outputs = []
+    for i in chosen:
+        layer = encoder_layers[i]
+        new_output = PiMoEOutput(_upcycle(cfg, layer.intermediate.dense, layer.output.dense, init_std, split_shared),
+                                 layer.output.dropout, layer.output.LayerNorm, token_ids)
         if verify and not inexact:
             _verify(i, layer.intermediate, layer.output, new_output)
+        new_outputs.append(new_output)
+
+    for i, new_output in zip(chosen, new_outputs, strict=True):
+        layer = encoder_layers[i]
+        # the mode of the output it replaces (and, as before, of the dropout and LayerNorm it keeps)
+        new_output.train(layer.output.training)
         layer.intermediate = nn.Identity().train(layer.training)
         layer.output = new_output
+    if token_ids is not None:
+        root.register_forward_pre_hook(_CaptureTokenIds(token_ids), with_kwargs=True)
+        root.register_forward_hook(_ForgetTokenIds(token_ids), always_call=True)
 
     model.fulu_migration = MigrationInfo(
         source=type(model).__name__, layers=chosen, moe=cfg, exact=not inexact, not_exact_because=tuple(inexact),

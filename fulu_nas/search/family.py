@@ -22,7 +22,7 @@ import torch
 from ..errors import FuluConfigError
 from ..models import ArchConfig, PiMoETransformer, seeded_model
 from ..moe import BALANCING_METHODS, MoEConfig
-from ..training.train import TrainConfig
+from ..training.train import NOT_CAUSAL, TrainConfig
 
 _MOE_FIELDS = frozenset(f.name for f in fields(MoEConfig)) - {"hidden_size"}
 
@@ -71,18 +71,6 @@ class Family:
     def train_config(self, arch, cfg: TrainConfig) -> TrainConfig:
         """The training configuration of ``arch`` under the study's ``cfg``."""
         return cfg
-
-
-# Why expert choice cannot be a next-token language model's router. Each expert takes its top tokens
-# of the whole batch, so whether (and how) token t is processed depends on the scores of the tokens
-# after it: the logits at t read the future, the very tokens they are trained and evaluated to predict.
-# A search rewards that leak (BENCHMARKS.md, "The search on a GPU": on pimoe_mix, expert choice with
-# 36-52 experts reached 0.73-0.81 exact match on the sums, no causal router more than 0.58), and a
-# model that uses it cannot generate text one token at a time. Token classification may see the
-# whole sequence, so it keeps the router.
-NOT_CAUSAL = ("router expert_choice is not causal: each expert picks its tokens from the whole batch, so "
-              "a token's output depends on the tokens after it, which a next-token language model "
-              "predicts (use it on a token-classification task)")
 
 
 class _PiMoE(Family):

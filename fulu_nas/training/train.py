@@ -528,6 +528,19 @@ class _GraphedStep:
         self.graph.replay()
 
 
+# Why expert choice cannot be a next-token language model's router. Each expert takes its top tokens
+# of the whole batch, so whether (and how) token t is processed depends on the scores of the tokens
+# after it: the logits at t read the future, the very tokens they are trained and evaluated to predict.
+# A search rewards that leak (BENCHMARKS.md, "The search on a GPU": on pimoe_mix, expert choice with
+# 36-52 experts reached 0.73-0.81 exact match on the sums, no causal router more than 0.58), and a
+# model that uses it cannot generate text one token at a time. Token classification may see the
+# whole sequence, so it keeps the router. The search refuses such an architecture before a study
+# (fulu_nas.search.family); :func:`train` refuses such a model, whoever built it.
+NOT_CAUSAL = ("router expert_choice is not causal: each expert picks its tokens from the whole batch, so "
+              "a token's output depends on the tokens after it, which a next-token language model "
+              "predicts (use it on a token-classification task)")
+
+
 def head_problem(model: torch.nn.Module, task: Task) -> str | None:
     """Why ``model``'s head does not predict ``task``'s targets (None: it does, or the model is not this
     package's transformer): a language-model head on a classification task would read the class ids
@@ -564,6 +577,11 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
                               f"({embed.num_embeddings})")
     if problem := head_problem(model, task):
         raise FuluConfigError(problem)
+    # This package's decoder on a next-token task; an upcycled encoder's masked-LM task (also without
+    # classes) reads the whole sequence by design, and predicts no later token.
+    if task.num_classes == 0 and isinstance(model, PiMoETransformer) and any(
+            layer.cfg.router == "expert_choice" for layer in model.moe_layers()):
+        raise FuluConfigError(NOT_CAUSAL)
     ranks = _Ranks.current(model, device)
     rank = ranks.rank
     if isinstance(ranks, _Ranks) and cfg.dynamic_experts:
