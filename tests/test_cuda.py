@@ -20,12 +20,15 @@ pytestmark = [pytest.mark.cuda,
 
 
 def text_lm(moe):
-    """A 2-layer byte-level language model of width 256 around ``moe``, and its task (sequences of 128)."""
+    """A 2-layer byte-level language model of width 256 around ``moe``, and its task (sequences of 128);
+    for expert choice, which training refuses on next-token tasks (it is not causal), a token classifier
+    of the same width and its task (``clusters``)."""
     from fulu_nas.models import ArchConfig
-    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.tasks import ClustersTask, TextLMTask
 
-    return (TextLMTask(seq_len=128, max_bytes=400_000),
-            ArchConfig(vocab_size=256, max_seq_len=128, num_layers=2, hidden_size=256, num_heads=4, moe=moe))
+    task = ClustersTask() if moe.router == "expert_choice" else TextLMTask(seq_len=128, max_bytes=400_000)
+    return task, ArchConfig(vocab_size=task.vocab_size, max_seq_len=task.seq_len, num_layers=2, hidden_size=256,
+                            num_heads=4, num_classes=task.num_classes, moe=moe)
 
 
 def relative_error(a, b):
@@ -339,20 +342,22 @@ def test_compiled_training_step_trains_like_the_eager_one_on_cuda(router):
 
 @pytest.mark.parametrize("router", ROUTERS)
 def test_a_model_is_built_on_the_gpu_directly_and_trains(router):
-    """A search trial's model, built on the GPU (every tensor created there), with the CPU's hash; it trains."""
+    """A search trial's model, built on the GPU (every tensor created there), with the CPU's hash; it trains
+    (expert choice, not causal, on a token-classification task; the others on next-token text)."""
     from fulu_nas.models import ArchConfig, seeded_model
-    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.tasks import ClustersTask, TextLMTask
     from fulu_nas.training.train import TrainConfig, train
 
+    task = ClustersTask() if router == "expert_choice" else TextLMTask(seq_len=64, max_bytes=200_000)
     moe = make_layer(router, hidden_size=128, expert_ffn_size=128, num_experts=8, top_k=2).cfg
-    arch = ArchConfig(vocab_size=256, max_seq_len=64, num_layers=2, hidden_size=128, num_heads=4, moe=moe)
+    arch = ArchConfig(vocab_size=task.vocab_size, max_seq_len=task.seq_len, num_layers=2, hidden_size=128,
+                      num_heads=4, num_classes=task.num_classes, moe=moe)
     model = seeded_model(arch, 0, "cuda")
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cuda"}
     on_cpu = seeded_model(arch, 0, "cpu")
     for (name, a), (_, b) in zip(model.named_buffers(), on_cpu.named_buffers(), strict=True):
         torch.testing.assert_close(a.cpu(), b, msg=name)  # the hash planes and the like: the same everywhere
-    result = train(model, TextLMTask(seq_len=64, max_bytes=200_000),
-                   TrainConfig(steps=3, batch_size=8, report_every=1, progress=False, device="cuda"))
+    result = train(model, task, TrainConfig(steps=3, batch_size=8, report_every=1, progress=False, device="cuda"))
     assert result.steps == 3 and all(r.loss == r.loss for r in result.history)
 
 
