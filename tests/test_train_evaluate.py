@@ -273,7 +273,7 @@ BAD_TRAIN_CONFIGS = [
     ({"seconds_cap": 0}, "seconds_cap: expected a finite number > 0"),
     ({"lr": math.inf}, "lr: expected a finite number > 0"),  # reported as a diverged training
     ({"weight_decay": math.nan}, "weight_decay: expected a finite number >= 0"),
-    ({"divergence_factor": 0}, "divergence_factor: expected a finite number >= 1"),
+    ({"divergence_factor": 0}, "divergence_factor: expected a finite number > 1"),
     ({"device": "tpu"}, "device: expected auto, cpu, cuda or cuda:N"),
     ({"compile": "yes"}, "compile: expected auto, compiled or eager"),
     ({"cuda_graph": "maybe"}, "cuda_graph: expected auto, true or false"),

@@ -5,19 +5,20 @@ from __future__ import annotations
 import sys
 
 from ..errors import FuluConfigError
-from .settings import ConfirmSettings, confirm_settings
+from .settings import CONFIRM_MAX, SEED_MAX, ConfirmSettings, confirm_settings
 
 BAD_INPUT = 2
 OPTIONS = {"top_k": "", "budget_factor": "", "seeds": "", "n_workers": ""}  # "": the study's value
 # After naming an override that the command would ignore (it trains with the search's own settings).
 HINT = ("; what a confirmation trains is set by its own options: top_k= (how many architectures), budget_factor= "
         "(budget_factor x the search's trainer.steps steps), seeds= (seeds trainer.seed + 0 .. seeds-1), n_workers=")
-USAGE = """usage: fulu-nas confirm study.name=NAME [top_k=K] [budget_factor=F] [seeds=N] [n_workers=W] [overrides ...]
+USAGE = f"""usage: fulu-nas confirm study.name=NAME [top_k=K] [budget_factor=F] [seeds=N] [n_workers=W] [overrides ...]
 
 Trains the study's top_k best distinct architectures and its reference architecture again with the
 search's own pipeline, for budget_factor x trainer.steps steps, once per seed trainer.seed + i
 (i = 0 .. seeds-1), each run nested under the study's MLflow parent run. The search trained with
-trainer.seed, so seed index 0 repeats the search's seed at the longer budget.
+trainer.seed, so seed index 0 repeats the search's seed at the longer budget. top_k and seeds are at
+most {CONFIRM_MAX}, and the last seed, trainer.seed + seeds - 1, at most {SEED_MAX}.
 
 Writes confirmation.json in the search's output folder (and on the MLflow parent run), and prints
 per architecture its search rank, its confirmed rank (by the mean over seeds), the mean +- sd of
@@ -35,10 +36,12 @@ refused: the confirmation trains with the search's own settings.
 """
 
 
-def command_options(given: dict[str, str], defaults: ConfirmSettings) -> ConfirmSettings:
-    """The command's ``key=value`` options over the study's ``study.confirm``; every bad value listed."""
+def command_options(given: dict[str, str], defaults: ConfirmSettings, first_seed: int) -> ConfirmSettings:
+    """The command's ``key=value`` options over the study's ``study.confirm``, its seeds counted from
+    ``first_seed`` (the search's ``trainer.seed``); every bad value listed."""
     problems: list[str] = []
-    options = confirm_settings({k: _number(v) for k, v in given.items() if v != ""}, "", problems, defaults)
+    options = confirm_settings({k: _number(v) for k, v in given.items() if v != ""}, "", problems, defaults,
+                               first_seed)
     if problems:
         raise FuluConfigError(problems)
     return options
@@ -86,7 +89,7 @@ def main(argv: list[str]) -> int:
             check_recordable(location)
             s = search_settings(location, study, will_train=True)
         n_workers = worker_count(given.pop("n_workers", ""))
-        return confirm_study(study, s, command_options(given, s.study.confirm), n_workers=n_workers)
+        return confirm_study(study, s, command_options(given, s.study.confirm, s.train.seed), n_workers=n_workers)
     except FuluConfigError as e:
         print("error: cannot confirm:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
         return BAD_INPUT

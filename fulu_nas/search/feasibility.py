@@ -73,9 +73,9 @@ class _RandomTrial:
 
 def check_feasible(space: SearchSpace, task, draws: int = DRAWS) -> None:
     """FuluConfigError naming what makes ``space`` yield no feasible architecture on ``task``, or a
-    categorical choice that never gives one; and the space's reference when only the task can tell
-    whether it is an architecture (a family without a probe, :mod:`.family`)."""
-    if space.reference is not None and not space.family.probe:
+    categorical choice that never gives one; and the space's reference when it is no architecture on
+    ``task`` (reading the space checked it without the task, where a family has a probe: :mod:`.family`)."""
+    if space.reference is not None:
         try:
             space.feasible_arch(space.with_derived(space.reference), task)
         except Infeasible as e:
@@ -127,10 +127,10 @@ def _expression_inputs(space: SearchSpace):
             todo.extend(derived[name].names if name in derived else
                         [parent for parent, _ in by_name[name].when] if name in by_name else ())
     params = [p for p in space.params if p.name in read]
-    grids = [p.grid_values() for p in params]
-    if not params or None in grids or math.prod(map(len, grids)) > ALL_VALUES_UP_TO:
+    sizes = [p.grid_size() for p in params]  # counted first: an int parameter may span billions of values
+    if not params or None in sizes or math.prod(sizes) > ALL_VALUES_UP_TO:
         return
-    for combination in itertools.product(*grids):
+    for combination in itertools.product(*(p.grid_values() for p in params)):
         values: dict = {}
         for p, value in zip(params, combination, strict=True):
             if p.active(values):
@@ -168,13 +168,21 @@ def _pins(param: Param, choice, by_name: dict[str, Param], rng: random.Random) -
 
 
 def _whole_space_problem(space: SearchSpace, task, rng: random.Random, draws: int, reason: str) -> str:
-    causes = [cause for cause, variant, pins in _defaults_instead(space)
-              if _failure(variant, task, rng, draws, lambda pins=pins: dict(pins)) is None]
+    causes = [cause for cause, variant, pins in _defaults_instead(space) if _feasible(variant, task, rng, draws, pins)]
     if not causes:
         return f"search_space: no feasible architecture in {draws} random draws (first: {reason})"
     these = "this setting" if len(causes) == 1 else "these settings"
     return (f"{', '.join(causes)}: no architecture of the space is feasible with {these} ({draws} random draws; "
             f"first: {reason})")
+
+
+def _feasible(variant: SearchSpace, task, rng: random.Random, draws: int, pins: dict) -> bool:
+    """Whether a draw of ``variant`` with ``pins`` is feasible. A field's default that a derived value
+    cannot be computed from (a ``top_p`` of None in ``top_p * 2``) is no way out: not feasible."""
+    try:
+        return _failure(variant, task, rng, draws, lambda: dict(pins)) is None
+    except FuluConfigError:
+        return False
 
 
 def _defaults_instead(space: SearchSpace):

@@ -21,7 +21,7 @@ from ..tasks import TASKS, Task, build_task, task_parameters
 from ..training.train import SEED_MAX, TrainConfig, config_problems, resolve_device, step_kind, uses_cuda_graph
 from .family import PIMOE, family_for
 from .feasibility import check_feasible
-from .space import SearchSpace, parse_space
+from .space import Param, SearchSpace, parse_space
 from .storage import check_storage_url, check_tracking_uri
 
 SAMPLERS = ("tpe", "nsga2", "random", "grid", "gp")
@@ -40,6 +40,11 @@ _SHORTHANDS = {"model"}
 # trainer.max_seconds is the search's safety cap (TrainConfig.seconds_cap): a trial's budget is its steps alone.
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"progress", "dynamic_experts", "seconds_cap"}
 _COST_FIELDS = {"cost_shapes", "cost_iterations", "cost_rounds", "cost_compile_while_training"}
+# The most architectures (top_k) and seeds a confirmation takes. It trains (top_k + 1) x seeds runs, each
+# budget_factor times a trial's budget: a thousand of either is far past any confirmation (three seeds make
+# its t-tests worth reading, docs/confirm.md) and far below what its plan holds in memory (seeds=10**9 was
+# a tuple of a billion seeds, built before anything ran).
+CONFIRM_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,7 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bo
     train, cost = _trainer(sections["trainer"], problems)
     if train is not None and will_train:
         problems += _step_problems(train, has_blocks=family is PIMOE)
-    study = _study(sections["study"], task, problems)
+    study = _study(sections["study"], task, train.seed if train is not None and will_train else None, problems)
     tracking = _tracking(sections["tracking"], problems)
     if study is not None and space is not None and study.sampler == "grid":
         _collect(problems, space.grid)
@@ -231,6 +236,8 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bo
         _collect(problems, lambda: check_feasible(space, task))
     if study is not None:
         _check_measurable(study, space, task, task_name, problems)
+    if will_train:  # a dashboard or an export still reads a study searched before the check
+        _check_workers(raw["study"], problems)
     if problems:
         raise FuluConfigError(problems)
     return SearchSettings(task_name, task_params, space, study, train, cost, tracking, Path(output_dir),
@@ -270,15 +277,30 @@ def _check_expert_parallel(space: SearchSpace, P: int, problems: list[str]) -> N
     """A trial whose num_experts is not divisible by P is infeasible (see the objective); a space
     where no value is divisible would only produce such trials: refuse it up front."""
     param = next((p for p in space.params if p.name == "num_experts"), None)
-    if param is not None:
-        values = param.grid_values()
+    if param is None:
+        param = Param("num_experts", "categorical", ((space.base.get("moe") or {}).get("num_experts"),))
+    if param.kind == "int":  # counted and solved, not listed: the range may span billions of values
+        count = param.grid_size()
+        divisible = _has_multiple(int(param.low), int(param.step or 1), count, P)
+        shown = [param.grid_value(i) for i in range(min(count, 9))]
     else:
-        values = [(space.base.get("moe") or {}).get("num_experts")]
-    values = [v for v in values or [] if isinstance(v, int) and not isinstance(v, bool)]
-    if values and not any(v % P == 0 for v in values):
+        shown = [c for c in param.choices if isinstance(c, int) and not isinstance(c, bool)]
+        count, divisible = len(shown), any(v % P == 0 for v in shown)
+    if count and not divisible:
         problems.append(f"trainer.expert_parallel: {P} ranks need num_experts divisible by {P}, but the search "
-                        f"space's num_experts takes only {', '.join(map(str, values[:8]))}"
-                        f"{' ...' if len(values) > 8 else ''}")
+                        f"space's num_experts takes only {', '.join(map(str, shown[:8]))}"
+                        f"{' ...' if count > 8 else ''}")
+
+
+def _has_multiple(low: int, step: int, count: int, P: int) -> bool:
+    """Whether one of ``low + i * step``, i < ``count``, is a multiple of ``P``: i * step = -low (mod P) has a
+    solution where gcd(step, P) divides low, the least i being (-low / g) times the inverse of step / g,
+    modulo P / g."""
+    g = math.gcd(step, P)
+    if low % g:
+        return False
+    m = P // g
+    return (-low // g) * pow(step // g, -1, m) % m < count
 
 
 def _collect(problems: list[str], make):
@@ -326,16 +348,19 @@ def _choice(d: dict, key: str, section: str, options: tuple[str, ...], problems:
     return v
 
 
-def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | None:
+def _study(d: dict, task: Task | None, first_seed: int | None, problems: list[str]) -> StudySettings | None:
+    """``first_seed``: ``trainer.seed``, from which a confirmation's seeds count (None: not checked, as when
+    the settings are only read, or the seed is invalid)."""
     n0 = len(problems)
     known = {f.name for f in fields(StudySettings)} - {"directions"}
     for key in sorted(set(d) - known):
         problems.append(f"study.{key}: unknown key")
     name = d.get("name")
-    if not isinstance(name, str) or not name.strip() or "/" in name:
+    if not _is_folder_name(name):
         read_as = "" if isinstance(name, str) or name is None else \
             f" (YAML read it as {type(name).__name__} {name!r}: quote it for Hydra, \"study.name='{name}'\")"
-        problems.append(f"study.name: expected a non-empty name without '/', got {name!r}{read_as}")
+        problems.append(f"study.name: expected a plain folder name (not . or .., without / or \\), got "
+                        f"{name!r}{read_as}")
     ints = {k: _int(d, k, "study", problems, *bounds) for k, bounds in
             (("n_trials", (1,)), ("n_workers", (1,)), ("seed", (0, SEED_MAX)), ("startup_trials", (0,)),
              ("heartbeat_interval", (1,)), ("grace_period", (1,)), ("max_retry", (0,)))}
@@ -387,8 +412,12 @@ def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | N
     if confirm is not None and not isinstance(confirm, Mapping):
         problems.append(f"study.confirm: expected a mapping (enabled, top_k, budget_factor, seeds), got {confirm!r}")
         confirm = None
-    # Studies searched before the key existed have no study.confirm: they take the defaults.
-    confirm = confirm_settings(confirm or {}, "study.confirm.", problems)
+    # Studies searched before the key existed have no study.confirm: they take the defaults. Its seeds reach past
+    # trainer.seed only in the confirmation that ends the search; otherwise they are fulu-nas confirm's defaults,
+    # which it checks with its own options (seeds=1 confirms a search of the largest trainer.seed).
+    ends_search = isinstance(confirm, Mapping) and confirm.get("enabled") is True
+    confirm = confirm_settings(confirm or {}, "study.confirm.", problems,
+                               first_seed=first_seed if ends_search else None)
     if len(problems) > n0:
         return None
     return StudySettings(name=name, storage=storage, sampler=sampler, pruner=pruner, objectives=tuple(objectives),
@@ -396,21 +425,59 @@ def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | N
                          confirm=confirm, **ints)
 
 
+def _check_workers(study: Mapping[str, Any], problems: list[str]) -> None:
+    """At most one worker per trial: a worker trains one trial at a time, so the others would start, open
+    the study and find nothing to do. (Either number invalid: its own problem says so.)"""
+    n_trials, n_workers = study.get("n_trials"), study.get("n_workers")
+    if type(n_trials) is int and type(n_workers) is int and 1 <= n_trials < n_workers:
+        problems.append(f"study.n_workers: {n_workers} workers for study.n_trials={n_trials}: at most one worker "
+                        "per trial (workers on other hosts join the study with their own command)")
+
+
+def _is_folder_name(name: object) -> bool:
+    """Whether ``name`` names one folder inside another: the study's folder is ``outputs/<study.name>``,
+    and ``..`` or ``.`` put its optuna.db, mlflow.db and .hydra/ in the folder above or the current one,
+    a separator in a folder below (or, with \\, elsewhere on Windows)."""
+    return (isinstance(name, str) and bool(name.strip()) and name not in (".", "..")
+            and not any(c in name for c in "/\\\0"))
+
+
 def confirm_settings(d: Mapping[str, Any], prefix: str, problems: list[str],
-                     defaults: ConfirmSettings = ConfirmSettings()) -> ConfirmSettings:
+                     defaults: ConfirmSettings = ConfirmSettings(), first_seed: int | None = None) -> ConfirmSettings:
     """``d`` validated over ``defaults`` (keys it lacks keep their default); ``prefix`` names the keys
-    in messages: ``study.confirm.`` in the config, nothing for ``fulu-nas confirm``'s own options."""
+    in messages: ``study.confirm.`` in the config, nothing for ``fulu-nas confirm``'s own options.
+    ``first_seed``: the search's ``trainer.seed``, the first of the runs' seeds (None: not checked)."""
     known = {f.name for f in fields(ConfirmSettings)}
     for key in sorted(set(d) - known):
         problems.append(f"{prefix}{key}: unknown key (keys: {', '.join(sorted(known))})")
     values = {k: d.get(k, getattr(defaults, k)) for k in known}
     if not isinstance(values["enabled"], bool):
         problems.append(f"{prefix}enabled: expected true or false, got {values['enabled']!r}")
-    for key in ("top_k", "seeds"):
-        check_int(f"{prefix}{key}", values[key], problems, 1)
+    _check_confirm_size(f"{prefix}top_k", values["top_k"], problems)
+    if _check_confirm_size(f"{prefix}seeds", values["seeds"], problems) and first_seed is not None:
+        _check_last_seed(f"{prefix}seeds", values["seeds"], first_seed, problems)
     # The confirmation trains budget_factor x trainer.steps: a longer budget than the search's, never a shorter one.
     check_number(f"{prefix}budget_factor", values["budget_factor"], problems, 1)
     return ConfirmSettings(**values)
+
+
+def _check_confirm_size(key: str, value: object, problems: list[str]) -> bool:
+    """Whether ``value`` is an integer from 1 to :data:`CONFIRM_MAX` (top_k or seeds)."""
+    if not check_int(key, value, problems, 1):
+        return False
+    if value > CONFIRM_MAX:
+        problems.append(f"{key}: at most {CONFIRM_MAX}, got {value} (a confirmation trains (top_k + 1) x seeds runs)")
+        return False
+    return True
+
+
+def _check_last_seed(key: str, seeds: int, first_seed: int, problems: list[str]) -> None:
+    """The runs' seeds are ``first_seed`` + 0 .. ``seeds`` - 1, and the last must be a seed too: past it, the
+    confirmation refused it only after its first runs were trained and recorded."""
+    last = first_seed + seeds - 1
+    if last > SEED_MAX:
+        problems.append(f"{key}: {seeds} seeds from trainer.seed={first_seed} end at {last}, past the largest seed "
+                        f"{SEED_MAX}: at most {SEED_MAX - first_seed + 1} from this trainer.seed")
 
 
 def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSettings | None]:

@@ -42,6 +42,10 @@ from .field_types import type_problem
 PARAM_TYPES = ("categorical", "int", "float")
 _SPACE_KEYS = {"name", "description", "base", "params", "derived", "constraints", "reference"}
 _PARAM_KEYS = {"type", "choices", "low", "high", "log", "step", "when"}
+# The most combinations study.sampler=grid takes: Optuna's grid sampler makes a list of every one (a tuple
+# each) in every worker, 128 MB at this many of ten parameters; it is 4.7 times the default space's grid
+# (221,184), and a grid of billions took the machine's memory.
+GRID_MAX = 2**20
 
 
 def _is_choice(v: object) -> bool:
@@ -85,15 +89,26 @@ class Param:
         return self.step is None or math.isclose((value - self.low) / self.step, round((value - self.low) / self.step))
 
     def grid_values(self) -> list | None:
-        """Every value, for the grid sampler (None for a continuous float)."""
+        """Every value, for the grid sampler (None for a continuous float). Count them first
+        (:meth:`grid_size`): an int parameter may span billions."""
+        n = self.grid_size()
+        return None if n is None else [self.grid_value(i) for i in range(n)]
+
+    def grid_size(self) -> int | None:
+        """How many values :meth:`grid_values` gives, counted without making them (None: continuous)."""
         if self.kind == "categorical":
-            return list(self.choices)
+            return len(self.choices)
         if self.kind == "int":
-            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        if self.step is None:
-            return None
-        n = round((self.high - self.low) / self.step)
-        return [self.low + i * self.step for i in range(n + 1)]
+            return (int(self.high) - int(self.low)) // int(self.step or 1) + 1
+        return None if self.step is None else round((self.high - self.low) / self.step) + 1
+
+    def grid_value(self, i: int) -> Any:
+        """The ``i``-th of :meth:`grid_values`."""
+        if self.kind == "categorical":
+            return self.choices[i]
+        if self.kind == "int":
+            return int(self.low) + i * int(self.step or 1)
+        return self.low + i * self.step
 
 
 @dataclass(frozen=True)
@@ -116,8 +131,10 @@ class SearchSpace:
         return self.with_derived(values)
 
     def with_derived(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """``values`` and the derived values computed from them. A value too large to compute is the
-        expression's fault, not the sample's: FuluConfigError naming it."""
+        """``values`` and the derived values computed from them; a derived value reading a parameter the
+        sample lacks (inactive: its ``when`` does not hold) is left unset, so its field keeps its default.
+        An expression that cannot be computed for ``values`` is the expression's fault, not the sample's:
+        FuluConfigError naming it (the pre-flight refuses the space, a trial fails with it)."""
         out = dict(values)
         for name, expr in self.derived:
             if expr.names <= out.keys():
@@ -125,11 +142,11 @@ class SearchSpace:
                     value = expr(out)
                 except ExpressionTooLarge as e:
                     raise FuluConfigError(f"search_space.derived.{name}: {e}") from None
-                except ArithmeticError as e:  # e.g. a division by zero: the expression's fault
+                # A division by zero, or values of the wrong type for the operation (64 // router, abs('x'),
+                # min()): the expression's fault. Skipped, its field kept its default without a word.
+                except (ArithmeticError, TypeError, ValueError) as e:
                     raise FuluConfigError(f"search_space.derived.{name}: {expr.text!r} cannot be computed for "
                                           f"{dict(values)} ({type(e).__name__}: {e})") from None
-                except (TypeError, ValueError):
-                    continue  # left unset; the resulting architecture is checked as a whole
                 if isinstance(value, float) and not math.isfinite(value):
                     raise FuluConfigError(f"search_space.derived.{name}: {expr.text!r} gives {value} for "
                                           f"{dict(values)}: NaN and infinities are no setting")
@@ -181,18 +198,18 @@ class SearchSpace:
         return self.arch(self.with_derived(values), task)
 
     def grid(self) -> dict[str, list]:
-        grid = {}
-        continuous = []
-        for p in self.params:
-            values = p.grid_values()
-            if values is None:
-                continuous.append(p.name)
-            else:
-                grid[p.name] = values
+        """Every parameter's values, for the grid sampler: FuluConfigError for a continuous parameter, or
+        more than :data:`GRID_MAX` combinations (counted before any list is made)."""
+        continuous = [p.name for p in self.params if p.grid_size() is None]
         if continuous:
             raise FuluConfigError([f"study.sampler=grid needs discrete parameters: params.{n} is a float without "
                                    "a step" for n in continuous])
-        return grid
+        size = math.prod(p.grid_size() for p in self.params)
+        if size > GRID_MAX:
+            raise FuluConfigError(f"study.sampler=grid: the space's parameters make {size:,} combinations, more than "
+                                  f"{GRID_MAX:,} (the grid sampler holds every one in memory); use another sampler, "
+                                  "or fewer values (a step, fewer choices)")
+        return {p.name: p.grid_values() for p in self.params}
 
 
 def parse_space(data: object, name: str = "space", family: Family = PIMOE) -> SearchSpace:
@@ -438,7 +455,11 @@ def _parse_reference(raw: object, params: tuple[Param, ...], declared: set[str],
 
 
 class _ProbeTask:
-    vocab_size, num_classes, seq_len = 256, 0, 64
+    """The task a reference is checked on while the space is read, before the study's task is known: one
+    of token classification, which every router may serve, so that only a reference no task could train
+    is refused here; :func:`.feasibility.check_feasible` checks it on the study's task (a next-token task
+    refuses expert choice)."""
+    vocab_size, num_classes, seq_len = 256, 2, 64
 
 
 def _check_reference_arch(space: SearchSpace) -> None:

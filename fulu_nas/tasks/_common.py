@@ -9,6 +9,7 @@ the training stream of any seed and the validation set never share a generator.
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 
 import torch
@@ -16,6 +17,15 @@ from torch import Tensor
 
 from fulu_nas.errors import FuluConfigError
 from fulu_nas.tasks.base import IGNORE, Batch
+
+# The longest sequence a task makes: the model learns an embedding for each position and attends over all of
+# them. The presets use 16 to 256 positions; this is 256 times the longest.
+MAX_SEQ_LEN = 65_536
+# The most numbers one array a task makes may hold (clusters' planted weights and its validation set's value
+# counts, pimoe_mix's validation characters): 2**27, over 1,000 times the largest the defaults make (clusters'
+# 512 x 15 x 16 value counts) and a few GiB at most (1 GiB of float64), where a size of 10**9 took the
+# machine's memory while the task was being checked.
+MAX_ELEMENTS = 2**27
 
 
 def check_int(problems: list[str], name: str, value, minimum: int, maximum: int | None = None) -> None:
@@ -35,6 +45,15 @@ def check_float(problems: list[str], name: str, value, low: float, high: float, 
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         problems.append(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def check_elements(problems: list[str], name: str, what: str, sizes: dict[str, int]) -> None:
+    """Require an array of the valid integer ``sizes`` (each named by the task's parameters it comes from;
+    ``what`` the array holds) to have at most :data:`MAX_ELEMENTS` numbers; the problem names parameter ``name``."""
+    total = math.prod(sizes.values())
+    if total > MAX_ELEMENTS:
+        problems.append(f"{name} too large: {' x '.join(sizes)} = {' x '.join(map(str, sizes.values()))} = {total:,} "
+                        f"{what}, more than {MAX_ELEMENTS:,}")
 
 
 def raise_problems(problems: list[str]) -> None:

@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fulu_nas.tasks._common import (
+    MAX_SEQ_LEN,
     accuracy_counts,
     check_batch_size,
+    check_elements,
     check_int,
     make_generator,
     raise_problems,
@@ -43,6 +45,14 @@ from fulu_nas.tasks.base import IGNORE, NO_DOMAIN, Batch, Task
 
 # Class scores this close to the best count as tied (float64 sums of a few dozen weights).
 TIE_TOLERANCE = 1e-9
+# Each domain is a marker token, a planted classifier and a name under which every trial records its routing:
+# its routing accuracy and its row of the domains x experts confusion matrix of each MoE layer. 4,096 domains
+# make that 262,144 numbers a layer at 64 experts (the default space's most), and a validation set of
+# thousands of sequences (one domain each; 512 by default) to measure them at all.
+MAX_DOMAINS = 4096
+# Value tokens and classes: the model's vocabulary (with the markers) and its classification head, as large
+# as a large tokenizer's vocabulary at most.
+MAX_TOKENS = 65_536
 
 
 class ClustersTask(Task):
@@ -55,12 +65,17 @@ class ClustersTask(Task):
     def __init__(self, *, num_domains: int = 8, values: int = 16, classes: int = 4, seq_len: int = 16,
                  val_sequences: int = 512, data_seed: int = 0):
         problems: list[str] = []
-        check_int(problems, "num_domains", num_domains, 1)
-        check_int(problems, "values", values, 2)
-        check_int(problems, "classes", classes, 2)
-        check_int(problems, "seq_len", seq_len, 2)
+        check_int(problems, "num_domains", num_domains, 1, MAX_DOMAINS)
+        check_int(problems, "values", values, 2, MAX_TOKENS)
+        check_int(problems, "classes", classes, 2, MAX_TOKENS)
+        check_int(problems, "seq_len", seq_len, 2, MAX_SEQ_LEN)
         check_int(problems, "val_sequences", val_sequences, 1)
         check_int(problems, "data_seed", data_seed, -(2**63))
+        raise_problems(problems)
+        check_elements(problems, "values", "planted weights", {"num_domains": num_domains, "classes": classes,
+                                                                "values": values})
+        check_elements(problems, "val_sequences", "value counts of the validation set",
+                       {"val_sequences": val_sequences, "(seq_len - 1)": seq_len - 1, "values": values})
         raise_problems(problems)
         self.num_domains, self.values, self.seq_len = int(num_domains), int(values), int(seq_len)
         self.val_sequences, self.data_seed = int(val_sequences), int(data_seed)

@@ -27,9 +27,11 @@ import torch
 from torch import Tensor
 
 from fulu_nas.tasks._common import (
+    MAX_SEQ_LEN,
     TorchRandom,
     accuracy_counts,
     check_batch_size,
+    check_elements,
     check_float,
     check_int,
     make_generator,
@@ -108,11 +110,14 @@ class PiMoEMixTask(Task):
         check_int(problems, "max_operand", max_operand, 1, MAX_OPERAND_LIMIT)
         # The longest expression with its two surrounding spaces must fit in tokens + last target.
         min_len = len(f" {max_operand}+{max_operand}={2 * max_operand} ") - 1 if not problems else 2
-        check_int(problems, "seq_len", seq_len, min_len)
+        check_int(problems, "seq_len", seq_len, min_len, MAX_SEQ_LEN)
         check_float(problems, "expression_rate", expression_rate, 0.0, 1.0, low_open=True)
         check_int(problems, "val_sequences", val_sequences, 1)
         check_float(problems, "val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_int(problems, "data_seed", data_seed, -(2**63))
+        raise_problems(problems)
+        check_elements(problems, "val_sequences", "characters of the validation set",
+                       {"val_sequences": val_sequences, "(seq_len + 1)": seq_len + 1})
         raise_problems(problems)
         self.seq_len, self.max_operand = int(seq_len), int(max_operand)
         self.expression_rate, self.val_fraction = float(expression_rate), float(val_fraction)

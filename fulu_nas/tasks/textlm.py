@@ -31,6 +31,7 @@ from torch import Tensor
 
 from fulu_nas.errors import FuluConfigError
 from fulu_nas.tasks._common import (
+    MAX_SEQ_LEN,
     check_batch_size,
     check_float,
     check_int,
@@ -125,7 +126,7 @@ class TextLMTask(Task):
         problems: list[str] = []
         if path is not None and not isinstance(path, (str, os.PathLike)):
             problems.append(f"path must be a string or None, got {path!r}")
-        check_int(problems, "seq_len", seq_len, 1)
+        check_int(problems, "seq_len", seq_len, 1, MAX_SEQ_LEN)
         check_int(problems, "max_bytes", max_bytes, 2)
         check_float(problems, "val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_int(problems, "max_val_tokens", max_val_tokens, 1)

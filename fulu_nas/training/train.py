@@ -105,7 +105,7 @@ SEED_MAX = 2**32 - 1
 NUMBER_BOUNDS = {"lr": (0, math.inf, True), "max_seconds": (0, math.inf, True), "seconds_cap": (0, math.inf, True),
                  "grad_clip": (0, math.inf, False), "weight_decay": (0, math.inf, False),
                  "warmup_fraction": (0, 1, False), "min_lr_ratio": (0, 1, False),
-                 "divergence_factor": (1, math.inf, False)}
+                 "divergence_factor": (1, math.inf, True)}
 INT_BOUNDS = {"steps": (1, None), "batch_size": (1, None), "report_every": (1, None), "expert_parallel": (1, None),
               "seed": (0, SEED_MAX)}
 

@@ -1,0 +1,315 @@
+"""Limits of the search's input, each once silently ignored, refused too late (after work was done and
+recorded) or not at all:
+
+- a derived value that cannot be computed for a sample because of its values' types (``64 // router``)
+  was skipped, its field keeping its default; it is refused as a division by zero is, in the pre-flight
+  and in a trial (a derived value reading an inactive parameter is still left unset);
+- sizes without a bound took the machine's memory while the configuration was checked: a task's sizes,
+  an int parameter of a billion values read by an expression, the grid sampler's combinations, a
+  confirmation's seeds;
+- a confirmation's seeds past the largest seed were refused after its first run was trained and recorded;
+- a reference architecture the study's task allows was refused on a stand-in language-model task;
+- ``study.name=..`` wrote the study into the current folder;
+- more workers than trials, and a ``trainer.divergence_factor`` of 1 (every trial failed at step 2).
+
+Each refusal is one message naming its key, exit code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import optuna
+import pytest
+
+from fulu_nas.cli import main
+from fulu_nas.errors import FuluConfigError
+from fulu_nas.search import app
+from fulu_nas.search.app import compose_config
+from fulu_nas.search.feasibility import check_feasible
+from fulu_nas.search.settings import SEED_MAX, _check_expert_parallel, load_settings
+from fulu_nas.search.space import parse_space
+from fulu_nas.tasks import build_task
+
+from .test_confirm import confirmation_runs
+from .test_search_e2e import load_study, run_search
+from .test_search_preflight import BLOCK, QUICK, problems_in, users_space
+
+pytestmark = pytest.mark.slow
+TrialState = optuna.trial.TrialState
+ROUTER = {"type": "categorical", "choices": ["topk", "hash"]}
+TWO_EXPERTS = {"type": "categorical", "choices": [2, 4]}
+
+
+def refused(argv: list[str], folder: Path, capsys) -> str:
+    """The one problem ``fulu-nas`` (run in ``folder``) refuses ``argv`` with, exit code 2, nothing written."""
+    assert main(argv) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert list(folder.iterdir()) == []
+    return problem
+
+
+def peak_bytes(call) -> int:
+    """The most memory Python held at once while ``call()`` ran, above what it held before."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# --- 1. a derived value of the wrong type -------------------------------------------------------------
+
+@pytest.mark.parametrize("expression", ["64 // router", "min()", "abs('x')", "router + 1"])
+def test_a_derived_value_of_the_wrong_type_is_refused_before_the_study(expression, tmp_path, monkeypatch, capsys):
+    """Both trials completed with expert_ffn_size 2048, the field's default: the TypeError was skipped."""
+    work, args = users_space(tmp_path, {"base": BLOCK, "params": {"router": ROUTER, "num_experts": TWO_EXPERTS},
+                                        "derived": {"expert_ffn_size": expression}})
+    monkeypatch.chdir(work)
+    problem = refused(["search", *args, "task=clusters", "trainer=tiny", "study.n_trials=2",
+                       f"hydra.run.dir={work / 'out'}"], work, capsys)
+    assert problem.startswith(f"search_space.derived.expert_ffn_size: {expression!r} cannot be computed for {{"), \
+        problem
+    assert "(TypeError: " in problem, problem
+
+
+def test_a_derived_value_of_the_wrong_type_fails_its_trial_with_the_reason(tmp_path, monkeypatch):
+    """A sample the pre-flight did not meet (here: no pre-flight) fails its trial, as a division by zero does."""
+    work, args = users_space(tmp_path, {"base": BLOCK, "params": {"router": ROUTER, "num_experts": TWO_EXPERTS},
+                                        "derived": {"expert_ffn_size": "64 // router"}})
+    monkeypatch.chdir(work)
+    monkeypatch.setattr("fulu_nas.search.settings.check_feasible", lambda space, task: None)
+    out = work / "out"
+    main(["search", *args, "task=clusters", "trainer=tiny", "study.n_trials=2", "trainer.steps=5",
+          "study.pruner=none", f"hydra.run.dir={out}"])
+    study = load_study(out, "mine-clusters")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    for t in study.trials:
+        reason = t.user_attrs["fail_reason"]
+        assert reason.startswith("search_space.derived.expert_ffn_size: '64 // router' cannot be computed for {"), \
+            reason
+        assert f"'router': {t.params['router']!r}" in reason and "(TypeError: " in reason, reason
+
+
+def test_a_derived_value_reading_an_inactive_parameter_keeps_the_fields_default():
+    """What the skipped TypeError was thought to be for: a parameter absent from a sample (its ``when`` does not
+    hold) leaves the derived values that read it unset, before any evaluation."""
+    space = parse_space({"base": BLOCK, "params": {
+        "router": {"type": "categorical", "choices": ["topk", "hierarchical"]},
+        "hierarchy_depth": {"type": "int", "low": 1, "high": 2, "when": {"router": "hierarchical"}}},
+        "derived": {"expert_ffn_size": "32 * hierarchy_depth"}})
+    check_feasible(space, build_task("clusters"), draws=20)
+    assert space.with_derived({"router": "topk"}) == {"router": "topk"}
+    assert space.with_derived({"router": "hierarchical", "hierarchy_depth": 2})["expert_ffn_size"] == 64
+
+
+def test_a_field_default_a_derived_value_cannot_use_is_no_cause_of_an_infeasible_space():
+    """An infeasible space's causes are found by putting each setting back to its field's default: top_p's
+    default None cannot be computed with (top_p * 2), which is no error of the space; the cause is still named."""
+    space = parse_space({"base": {**BLOCK, "moe": {"num_experts": 2, "top_k": 4}},
+                         "params": {"top_p": {"type": "categorical", "choices": [0.5, 0.8]}},
+                         "derived": {"routed_scaling_factor": "top_p * 2"}})
+    with pytest.raises(FuluConfigError) as e:
+        check_feasible(space, build_task("clusters"), draws=20)
+    assert e.value.problems[0].startswith("search_space.base.moe.num_experts (2), search_space.base.moe.top_k (4): "
+                                          "no architecture of the space is feasible"), e.value.problems
+
+
+# --- 2. sizes without a bound -------------------------------------------------------------------------
+
+TASK = ["trainer=tiny", "study.n_trials=1", "search_space=tiny"]
+TASK_SIZES = {
+    "a billion domains": (["task=clusters", "task.num_domains=1000000000"],
+                          "task.num_domains: must be an integer in [1, 4096]"),
+    "a hundred million values": (["task=clusters", "+task.values=100000000"],
+                                 "task.values: must be an integer in [2, 65536]"),
+    "as many classes": (["task=clusters", "+task.classes=100000000"], "task.classes: must be an integer in [2, 65536]"),
+    "a long sequence": (["task=clusters", "+task.seq_len=100000000"], "task.seq_len: must be an integer in [2, 65536]"),
+    "a billion planted weights": (["task=clusters", "task.num_domains=4096", "+task.classes=2048", "+task.values=128"],
+                                  "task.values: too large: num_domains x classes x values = 4096 x 2048 x 128 = "
+                                  "1,073,741,824 planted weights, more than 134,217,728"),
+    "a validation set of 10**10 counts": (["task=clusters", "+task.val_sequences=10000000", "+task.values=64"],
+                                          "task.val_sequences: too large: val_sequences x (seq_len - 1) x values = "
+                                          "10000000 x 15 x 64 = 9,600,000,000 value counts of the validation set"),
+    "a long pimoe_mix sequence": (["task=pimoe_mix", "task.seq_len=100000000"],
+                                  "task.seq_len: must be an integer in [10, 65536]"),
+    "a billion pimoe_mix characters": (["task=pimoe_mix", "+task.val_sequences=100000000"],
+                                       "task.val_sequences: too large: val_sequences x (seq_len + 1) = 100000000 x 65"),
+    "a long textlm sequence": (["task=textlm", "task.seq_len=100000000"],
+                               "task.seq_len: must be an integer in [1, 65536]"),
+}
+
+
+@pytest.mark.parametrize("case", TASK_SIZES)
+def test_task_sizes_beyond_what_the_task_can_use_are_refused(case, tmp_path, monkeypatch, capsys):
+    """task.num_domains=1000000000 built a tuple of a billion domain names, +task.values=100000000 planted
+    weights of 13 GB, while the configuration was checked: a traceback, or the machine's memory gone."""
+    overrides, message = TASK_SIZES[case]
+    monkeypatch.chdir(tmp_path)
+    problem = refused(["search", *TASK, *overrides], tmp_path, capsys)
+    assert problem.startswith(message), problem
+
+
+def test_task_sizes_up_to_their_bounds_are_taken():
+    assert len(build_task("clusters", num_domains=4096).domain_names) == 4096
+    assert build_task("clusters", num_domains=1, values=65_536, classes=2, val_sequences=2).vocab_size == 65_537
+    assert build_task("pimoe_mix", seq_len=65_536, val_sequences=2).seq_len == 65_536
+
+
+def wide_space(**extra) -> dict:
+    """A space whose expert_ffn_size spans 4 million values, read by a constraint and a derived value."""
+    return {"base": BLOCK, "params": {"expert_ffn_size": {"type": "int", "low": 64, "high": 2**22, "log": True},
+                                      "router": ROUTER, "num_experts": TWO_EXPERTS},
+            "derived": {"top_k": "1 + (expert_ffn_size > 100000)"},
+            "constraints": ["expert_ffn_size <= 2**21"], **extra}
+
+
+def test_an_int_parameter_of_millions_of_values_is_counted_not_listed():
+    """Every combination of the values the expressions read is tried when they are at most 4,096: their lists
+    were made first (a billion values for {type: int, low: 64, high: 1073741824} took the machine's memory).
+    Here 4 million values: listing them takes over 100 MB."""
+    space = parse_space(wide_space())
+    assert peak_bytes(lambda: check_feasible(space, build_task("clusters"), draws=20)) < 20 * 2**20
+
+
+def test_expert_parallel_counts_the_num_experts_it_may_divide():
+    space = parse_space({"base": BLOCK, "params": {"num_experts": {"type": "int", "low": 3, "high": 2**22 + 1,
+                                                                   "step": 2}}})
+    problems: list[str] = []
+    assert peak_bytes(lambda: _check_expert_parallel(space, 2, problems)) < 20 * 2**20
+    assert problems == ["trainer.expert_parallel: 2 ranks need num_experts divisible by 2, but the search space's "
+                        "num_experts takes only 3, 5, 7, 9, 11, 13, 15, 17 ..."]
+    for P, divisible in ((3, True), (2**22 + 1, True), (2**22 + 3, False), (2**40, False)):
+        problems = []
+        _check_expert_parallel(space, P, problems)
+        assert (problems == []) == divisible, (P, problems)
+
+
+def test_a_grid_of_more_than_a_million_combinations_is_refused(tmp_path, monkeypatch, capsys):
+    """Optuna's grid sampler makes a list of every combination, in every worker: a grid of millions was
+    accepted, and its lists made in the pre-flight."""
+    work, args = users_space(tmp_path, {"base": BLOCK, "params": {
+        "expert_ffn_size": {"type": "int", "low": 64, "high": 2**22}, "router": ROUTER}})
+    monkeypatch.chdir(work)
+    problem = refused(["search", *args, *QUICK, "study.sampler=grid", f"hydra.run.dir={work / 'out'}"], work,
+                      capsys)
+    assert problem.startswith("study.sampler=grid: the space's parameters make 8,388,482 combinations, more than "
+                              "1,048,576"), problem
+
+
+# --- 2 and 3. a confirmation's seeds and architectures ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def last_seed_search(tmp_path_factory):
+    """A tiny search of two trials with the largest trainer.seed: valid, and so is confirming it with one seed."""
+    root = tmp_path_factory.mktemp("last_seed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert run_search(root / "out", "study.n_trials=2", "study.pruner=none", "trainer.steps=10",
+                          f"trainer.seed={SEED_MAX}") == 0
+    return root / "out"
+
+
+@pytest.mark.parametrize("options,message", [
+    (["top_k=1", "seeds=2"], f"seeds: 2 seeds from trainer.seed={SEED_MAX} end at {SEED_MAX + 1}, past the largest "
+                             f"seed {SEED_MAX}: at most 1 from this trainer.seed"),
+    (["top_k=1"], f"seeds: 3 seeds from trainer.seed={SEED_MAX} end at {SEED_MAX + 2}"),  # study.confirm.seeds
+    (["top_k=1", "seeds=1000000000"], "seeds: at most 1000, got 1000000000"),
+    (["top_k=1001", "seeds=1"], "top_k: at most 1000, got 1001"),
+])
+def test_a_confirmation_past_its_bounds_is_refused_before_any_run(options, message, last_seed_search, capsys):
+    """seeds=2 trained and recorded the run of the largest seed, then exited 2 with `seed: expected an integer in
+    [0, 4294967295], got 4294967296`; seeds=1000000000 made a tuple of a billion seeds."""
+    out = last_seed_search
+    before = (len(confirmation_runs(out)[1]), load_study(out).user_attrs, sorted(out.iterdir()))
+    assert main(["confirm", "study.name=tiny-clusters", f"hydra.run.dir={out}", "budget_factor=1", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot confirm:\n  - ") and err.count("\n  - ") == 1, err
+    assert f"  - {message}" in err, err
+    assert (len(confirmation_runs(out)[1]), load_study(out).user_attrs, sorted(out.iterdir())) == before
+
+
+def test_a_confirmation_of_the_largest_seed_with_one_seed_runs(last_seed_search):
+    out = last_seed_search
+    assert main(["confirm", "study.name=tiny-clusters", f"hydra.run.dir={out}", "top_k=1", "budget_factor=1",
+                 "seeds=1"]) == 0
+    assert {r.data.tags["fulu.seed"] for r in confirmation_runs(out)[1]} == {str(SEED_MAX)}
+
+
+def test_a_search_that_ends_with_a_confirmation_past_the_largest_seed_is_refused(tmp_path, monkeypatch, capsys):
+    """study.confirm.enabled=true confirms at the end of the search: its seeds are checked before the search."""
+    monkeypatch.chdir(tmp_path)
+    problem = refused(["search", *QUICK, f"trainer.seed={SEED_MAX}", "study.confirm.enabled=true",
+                       "study.confirm.seeds=2"], tmp_path, capsys)
+    assert problem == (f"study.confirm.seeds: 2 seeds from trainer.seed={SEED_MAX} end at {SEED_MAX + 1}, past the "
+                       f"largest seed {SEED_MAX}: at most 1 from this trainer.seed")
+    app.preflight([*QUICK, f"trainer.seed={SEED_MAX}", "study.confirm.enabled=true", "study.confirm.seeds=1"])
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- 4. the reference on the study's task -----------------------------------------------------------------
+
+def expert_choice_reference(tmp_path: Path) -> tuple[Path, list[str]]:
+    return users_space(tmp_path, {"base": BLOCK, "params": {
+        "router": {"type": "categorical", "choices": ["topk", "expert_choice"]}, "num_experts": TWO_EXPERTS},
+        "reference": {"router": "expert_choice", "num_experts": 4}})
+
+
+def test_a_reference_the_task_allows_is_taken(tmp_path, monkeypatch):
+    """Expert choice on token classification (task=clusters) was refused as not causal: the space's reference
+    was checked on a stand-in language-model task."""
+    work, args = expert_choice_reference(tmp_path)
+    monkeypatch.chdir(work)
+    settings = app.preflight([*args, "task=clusters", "trainer=tiny", f"hydra.run.dir={work / 'out'}"])
+    assert settings.space.reference == {"router": "expert_choice", "num_experts": 4}
+    assert list(work.iterdir()) == []
+
+
+def test_a_reference_a_next_token_task_cannot_train_is_still_refused(tmp_path, monkeypatch, capsys):
+    work, args = expert_choice_reference(tmp_path)
+    monkeypatch.chdir(work)
+    problem = refused(["search", *args, "task=pimoe_mix", "trainer=tiny", f"hydra.run.dir={work / 'out'}"], work,
+                      capsys)
+    assert problem.startswith("search_space.reference: impossible architecture: router expert_choice is not "
+                              "causal"), problem
+
+
+# --- 5 and 6. the study's folder, workers, divergence -----------------------------------------------------
+
+@pytest.mark.parametrize("override,message", [
+    ("study.name=..", "study.name: expected a plain folder name (not . or .., without / or \\), got '..'"),
+    ("study.name=.", "study.name: expected a plain folder name (not . or .., without / or \\), got '.'"),
+    ("study.name='a\\\\b'", "study.name: expected a plain folder name (not . or .., without / or \\), got 'a\\"),
+    ("study.n_workers=3", "study.n_workers: 3 workers for study.n_trials=1: at most one worker per trial (workers "
+                          "on other hosts join the study with their own command)"),
+    ("trainer.divergence_factor=1", "trainer.divergence_factor: expected a finite number > 1, got 1"),
+])
+def test_a_study_setting_that_cannot_work_is_refused(override, message, tmp_path, monkeypatch, capsys):
+    """study.name=.. wrote optuna.db, mlflow.db, mlartifacts/ and .hydra/ into the current folder;
+    study.n_workers=3 started three workers for one trial; trainer.divergence_factor=1 failed every trial at
+    step 2, whose loss, on another batch, was a little above the first."""
+    monkeypatch.chdir(tmp_path)
+    assert refused(["search", *QUICK, override], tmp_path, capsys).startswith(message)
+
+
+def test_study_settings_at_their_bounds_are_taken(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = app.preflight([*QUICK, "study.name=a.b", "study.n_trials=2", "study.n_workers=2",
+                              "trainer.divergence_factor=1.05"])
+    assert (settings.study.name, settings.study.n_workers, settings.train.divergence_factor) == ("a.b", 2, 1.05)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_study_searched_before_the_training_checks_is_still_read():
+    """Export and the dashboard read a finished study's settings (will_train=False): more workers than trials
+    or confirmation seeds past the largest seed refuse a run that trains, not them."""
+    for overrides, refused_keys in (
+            (["study.n_workers=3", f"trainer.seed={SEED_MAX}", "study.confirm.enabled=true"],
+             ["study.confirm.seeds", "study.n_workers"]),):
+        cfg, out = compose_config(["+experiment=tiny", "study.n_trials=2", *overrides])
+        load_settings(cfg, out, will_train=False)
+        with pytest.raises(FuluConfigError) as e:
+            load_settings(cfg, out)
+        assert [p.partition(":")[0] for p in e.value.problems] == refused_keys
