@@ -32,7 +32,8 @@ class Family:
     """A model family (module doc). ``base_fields``: the fixed values a space's ``base`` may set besides
     ``moe``; ``moe_fields``: the MoE fields it may set or search; ``targets``: every name a space may
     search or derive; ``task_fields``: fields set from the task, refused in ``base``; ``probe``: whether a
-    space's reference can be checked without the task (else it is checked with it, before a study)."""
+    space's reference is checked as the space is read, on a stand-in task (every family's is checked on
+    the study's task too, before the study)."""
 
     name: str
     base_fields: frozenset[str]
