@@ -143,7 +143,7 @@ class SearchSpace:
                 except ExpressionTooLarge as e:
                     raise FuluConfigError(f"search_space.derived.{name}: {e}") from None
                 # A division by zero, or values of the wrong type for the operation (64 // router, abs('x'),
-                # min()): the expression's fault. Skipped, its field kept its default without a word.
+                # min()): the expression's fault. Skipping it would leave its field at the default unsaid.
                 except (ArithmeticError, TypeError, ValueError) as e:
                     raise FuluConfigError(f"search_space.derived.{name}: {expr.text!r} cannot be computed for "
                                           f"{dict(values)} ({type(e).__name__}: {e})") from None
