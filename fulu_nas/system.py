@@ -79,7 +79,7 @@ def enum_member(enum: type[Enum], value: Enum | str, argument: str):
     raise ValueError(f"{argument} must be one of {choices}, got {value!r}")
 
 
-def _flag_problems(flags: dict[str, Any], unset_allowed: tuple[str, ...] = ()) -> list[str]:
+def flag_problems(flags: dict[str, Any], unset_allowed: tuple[str, ...] = ()) -> list[str]:
     """A message for each flag that is not a bool (nor None, for those of ``unset_allowed``): a string
     such as "false" is truthy, and would switch on what it names."""
     return [f"{name} must be true or false{' (or None)' if name in unset_allowed else ''}, got {value!r}"
@@ -155,7 +155,7 @@ class UltimatePiMoESystem(nn.Module):
                 token_ids: Tensor | None = None):
         if not isinstance(input_tensor, Tensor):
             raise TypeError(f"input_tensor must be a torch.Tensor, got {type(input_tensor).__name__}")
-        if problems := _flag_problems({"return_comprehensive_info": return_comprehensive_info}):
+        if problems := flag_problems({"return_comprehensive_info": return_comprehensive_info}):
             raise ValueError(problems[0])
         if not input_tensor.is_floating_point():
             # The output comes back in the input's dtype: integers would round it to zeros.
@@ -350,7 +350,7 @@ def create_ultimate_pimoe_system(
                                 enable_neural_architecture_search=enable_neural_architecture_search,
                                 enable_adaptive_learning=enable_adaptive_learning,
                                 enable_hardware_optimization=enable_hardware_optimization)
-    if problems := _flag_problems(dict(enable_all_features=enable_all_features,
+    if problems := flag_problems(dict(enable_all_features=enable_all_features,
                                        enable_performance_optimization=enable_performance_optimization,
                                        **follows_all_features), unset_allowed=tuple(follows_all_features)):
         raise ValueError("; ".join(problems))

@@ -252,10 +252,11 @@ def first_few(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
-def check_weights_fit(arch: ArchConfig, weights: Path, source: Path, config: Path) -> None:
-    """The configuration's tensor shapes against the safetensors header, before a module of that size is
-    allocated (a configuration can ask for any size); then each tensor's type, the one :func:`write_export`
-    stores, and its values, finite. ``source``, ``config``: the user's files, for messages."""
+def read_weights(arch: ArchConfig, weights: Path, source: Path, config: Path) -> dict[str, torch.Tensor]:
+    """The weights of ``weights``, read once: the configuration's tensor shapes are checked against the
+    safetensors header before anything is read or a module of that size allocated (a configuration can
+    ask for any size); then each tensor's type, the one :func:`write_export` stores, and its values,
+    finite. ``source``, ``config``: the user's files, for messages."""
     from safetensors import SafetensorError, safe_open
 
     try:  # a configuration ArchConfig takes can still be one the layers refuse, in their own words
@@ -267,34 +268,31 @@ def check_weights_fit(arch: ArchConfig, weights: Path, source: Path, config: Pat
     try:  # the checksums say the file is the listed one, not that it is whole (they can be rewritten with it)
         with safe_open(str(weights), framework="pt") as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            problems = [f"{k}: {stored[k]} stored, {expected[k]} configured" for k in stored
+                        if k in expected and stored[k] != expected[k]][:3]
+            if unknown := sorted(stored.keys() - expected.keys()):
+                problems.append(f"no parameter {first_few(unknown)}")
+            if missing := sorted(expected.keys() - stored.keys()):  # load_state_dict's error would list them all
+                problems.append(f"no tensor {first_few(missing)} in the file")
+            if problems:
+                raise FuluConfigError(f"{source}: config.yaml does not describe these weights: " + "; ".join(problems))
+            tensors = {k: f.get_tensor(k) for k in sorted(stored)}
     except SafetensorError as e:
         raise FuluConfigError(f"{source}: not a safetensors file ({e})") from None
-    problems = [f"{k}: {stored[k]} stored, {expected[k]} configured" for k in stored
-                if k in expected and stored[k] != expected[k]][:3]
-    if unknown := sorted(stored.keys() - expected.keys()):
-        problems.append(f"no parameter {first_few(unknown)}")
-    if missing := sorted(expected.keys() - stored.keys()):  # load_state_dict's error would list them all
-        problems.append(f"no tensor {first_few(missing)} in the file")
-    if problems:
-        raise FuluConfigError(f"{source}: config.yaml does not describe these weights: " + "; ".join(problems))
     # Loading casts what it reads into the model's parameters without a word, NaN and inf included: weights
     # of another type (int32, float16), or not finite, are not what an export wrote.
     wrong_type, not_finite = [], []
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for k in sorted(stored):
-                tensor, written = f.get_tensor(k), _written_dtype(configured[k])
-                if tensor.dtype != written:
-                    wrong_type.append(f"{k} ({_dtype_name(tensor.dtype)} stored, an export writes "
-                                      f"{_dtype_name(written)})")
-                elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    not_finite.append(k)
-    except SafetensorError as e:
-        raise FuluConfigError(f"{source}: not a safetensors file ({e})") from None
+    for k, tensor in tensors.items():
+        written = _written_dtype(configured[k])
+        if tensor.dtype != written:
+            wrong_type.append(f"{k} ({_dtype_name(tensor.dtype)} stored, an export writes {_dtype_name(written)})")
+        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            not_finite.append(k)
     problems = ([f"tensors of another type: {first_few(wrong_type)}"] if wrong_type else []) + (
         [f"NaN or infinite values in {first_few(not_finite)}"] if not_finite else [])
     if problems:
         raise FuluConfigError(f"{source}: not the exported weights: " + "; ".join(problems))
+    return tensors
 
 
 def _written_dtype(parameter: torch.Tensor) -> torch.dtype:
@@ -334,8 +332,6 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
     """The exported model as an ``nn.Module`` (eval mode), read from a copy made as the folder is checked
     (:func:`checked_folder`; ``expected_sha256``: the export's :func:`fingerprint`). Reads YAML and
     safetensors only: nothing is unpickled."""
-    from safetensors.torch import load_model
-
     device = load_device(map_location)
     directory = Path(directory)
     with checked_folder(directory, expected_sha256, required=("config.yaml", "model.safetensors")) as copy:
@@ -349,7 +345,8 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
             arch = ArchConfig.from_dict(config["architecture"])
         except (TypeError, ValueError, KeyError) as e:
             raise FuluConfigError(f"{directory / 'config.yaml'}: not a valid architecture ({e})") from None
-        check_weights_fit(arch, copy / "model.safetensors", directory / "model.safetensors", directory / "config.yaml")
+        weights = read_weights(arch, copy / "model.safetensors", directory / "model.safetensors",
+                               directory / "config.yaml")
         model = PiMoETransformer(arch)
-        load_model(model, str(copy / "model.safetensors"), strict=True, device=str(device))
+        model.load_state_dict(weights, strict=True)
     return model.to(device).eval()

@@ -52,7 +52,7 @@ from ..errors import FuluConfigError
 from ..moe import MoEConfig, PiMoELayer
 from ..moe.config import ALIGNMENT
 from ..moe.routers import ScoreRouter
-from ..system import RoutingStrategy, enum_member
+from ..system import RoutingStrategy, enum_member, flag_problems
 
 __all__ = [
     "MigrationInfo", "PiMoEOutput", "TaskModel", "balance_loss", "encoder_root", "equivalence_problems",
@@ -394,10 +394,7 @@ def upcycled_moe_config(hidden: int, ffn: int, heads: int, num_experts: int = 8,
 
 
 def _flag_problems(**flags: Any) -> list[str]:
-    """A message for each flag that is not a bool: a string such as "false" is truthy, and would turn on what
-    it names."""
-    return [f"migrate_from_electra: {name} must be true or false, got {value!r}" for name, value in flags.items()
-            if not isinstance(value, bool)]
+    return [f"migrate_from_electra: {problem}" for problem in flag_problems(flags)]
 
 
 def _copy_or_zero(target: Tensor, source: Tensor | None) -> None:

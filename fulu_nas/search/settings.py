@@ -279,10 +279,11 @@ def _check_expert_parallel(space: SearchSpace, P: int, problems: list[str]) -> N
     param = next((p for p in space.params if p.name == "num_experts"), None)
     if param is None:
         param = Param("num_experts", "categorical", ((space.base.get("moe") or {}).get("num_experts"),))
-    if param.kind == "int":  # counted and solved, not listed: the range may span billions of values
+    if param.kind == "int":  # not listed: the range may span billions of values
         count = param.grid_size()
-        divisible = _has_multiple(int(param.low), int(param.step or 1), count, P)
-        shown = [param.grid_value(i) for i in range(min(count, 9))]
+        # Equally spaced values repeat their remainders modulo P within P values: the first P tell
+        shown = [param.grid_value(i) for i in range(min(count, max(P, 9)))]
+        divisible = any(v % P == 0 for v in shown[:P])
     else:
         shown = [c for c in param.choices if isinstance(c, int) and not isinstance(c, bool)]
         count, divisible = len(shown), any(v % P == 0 for v in shown)
@@ -290,17 +291,6 @@ def _check_expert_parallel(space: SearchSpace, P: int, problems: list[str]) -> N
         problems.append(f"trainer.expert_parallel: {P} ranks need num_experts divisible by {P}, but the search "
                         f"space's num_experts takes only {', '.join(map(str, shown[:8]))}"
                         f"{' ...' if count > 8 else ''}")
-
-
-def _has_multiple(low: int, step: int, count: int, P: int) -> bool:
-    """Whether one of ``low + i * step``, i < ``count``, is a multiple of ``P``: i * step = -low (mod P) has a
-    solution where gcd(step, P) divides low, the least i being (-low / g) times the inverse of step / g,
-    modulo P / g."""
-    g = math.gcd(step, P)
-    if low % g:
-        return False
-    m = P // g
-    return (-low // g) * pow(step // g, -1, m) % m < count
 
 
 def _collect(problems: list[str], make):

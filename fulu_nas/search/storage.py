@@ -260,11 +260,8 @@ def check_study_storage_exists(url: str, study_name: str) -> None:
     if isinstance(url, str) and url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         raise FuluConfigError(f"study.name: no study database at {url[len('sqlite:///'):]} {hint}")
     check_storage_url(url)
-    if _scheme(url) == "journal":
-        if not journal_path(url).is_file():
-            raise FuluConfigError(f"study.storage: no journal file {str(journal_path(url))!r} {hint}")
-        probe_storage(url)
-        return
+    if _scheme(url) == "journal" and not journal_path(url).is_file():
+        raise FuluConfigError(f"study.storage: no journal file {str(journal_path(url))!r} {hint}")
     if _scheme(url) != "sqlite":
         probe_storage(url)
         return
