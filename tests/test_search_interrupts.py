@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import time
+import weakref
 from types import SimpleNamespace
 
 import mlflow
@@ -29,11 +30,11 @@ from .test_search_e2e import load_study, mlflow_runs, run_search
 
 pytestmark = pytest.mark.slow
 TrialState = optuna.trial.TrialState
-FAST = ("trainer.steps=10", "trainer.report_every=5", "study.pruner=none")
+FAST = ("trainer.report_every=5", "study.pruner=none")
 
 
-def _search(out, n_trials: int = 2) -> int:
-    return run_search(out, f"study.n_trials={n_trials}", *FAST)
+def _search(out, n_trials: int = 2, steps: int = 10) -> int:
+    return run_search(out, f"study.n_trials={n_trials}", f"trainer.steps={steps}", *FAST)
 
 
 def _runs(out) -> tuple[list, list]:
@@ -66,8 +67,8 @@ def _assert_stopped_cleanly(out, number: int, reference: bool, run_made: bool = 
         assert mine == []
 
 
-def _assert_resumes(out, n_trials: int = 2) -> None:
-    assert _search(out, n_trials) == 0
+def _assert_resumes(out, n_trials: int = 2, steps: int = 10) -> None:
+    assert _search(out, n_trials, steps) == 0
     study = load_study(out)
     assert not [t.number for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert sum(objective_module.counts_toward_total(t) for t in study.trials) == n_trials
@@ -122,6 +123,43 @@ def test_a_second_signal_while_the_first_is_handled_loses_nothing(signum, tmp_pa
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     _assert_resumes(out)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_handled_inside_a_finaliser_still_stops_the_trial(signum, tmp_path, monkeypatch, capsys):
+    """A signal handled while a weakref callback runs (SQLAlchemy's class registry runs one whenever the
+    garbage collector frees a mapped class): Python ignored the KeyboardInterrupt there, printing its
+    traceback, and the search, already stopping, ignored the signals after it: it trained to the end and
+    exited 0. The interrupt is raised at the trial's next training report instead."""
+    real_train = objective_module.train_architecture
+    steps: list[int] = []
+
+    class Collected:
+        pass
+
+    def train_architecture(arch, s, cfg, on_report, kernels):
+        def report(r):
+            steps.append(r.step)
+            on_report(r)
+            if r.step == 5:
+                doomed = Collected()
+                keep = weakref.ref(doomed, lambda _: _signal(signum))  # handled inside the callback
+                del doomed
+                assert keep() is None
+                _signal(signum)  # a second signal (the process group's): ignored, the search is stopping
+        return real_train(arch, s, cfg, report, kernels)
+
+    monkeypatch.setattr(objective_module, "train_architecture", train_architecture)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert _search(out, steps=40) == 130
+    assert steps == [5, 10], steps  # stopped at the next report, not at step 40
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    _assert_stopped_cleanly(out, 0, reference=True)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    _assert_resumes(out, steps=40)
 
 
 # -- 2. a trial being created --------------------------------------------------------------------------
@@ -289,7 +327,7 @@ def test_a_trial_left_without_a_heartbeat_is_failed_and_trained_again(tmp_path, 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     beat = ("study.heartbeat_interval=1", "study.grace_period=2")
-    assert run_search(out, "study.n_trials=1", *FAST, *beat) == 0
+    assert run_search(out, "study.n_trials=1", "trainer.steps=10", *FAST, *beat) == 0
     orphan = load_study(out).ask()  # no heartbeat: what the killed worker left
     sleeps: list[float] = []
 
@@ -299,7 +337,7 @@ def test_a_trial_left_without_a_heartbeat_is_failed_and_trained_again(tmp_path, 
         time.sleep(seconds)
 
     monkeypatch.setattr(study_module, "time", SimpleNamespace(sleep=sleep))
-    assert run_search(out, "study.n_trials=2", *FAST, *beat) == 0
+    assert run_search(out, "study.n_trials=2", "trainer.steps=10", *FAST, *beat) == 0
     study = load_study(out)
     retried = optuna.storages.RetryFailedTrialCallback.retried_trial_number
     states = [(t.number, t.state.name, retried(t)) for t in study.trials]

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict
 
+from .interrupts import raise_if_swallowed
 from .settings import SearchSettings
 from .study import INTERRUPTED, worker_env
 from .worker_progress import progress_path, remove_all, running_lines
@@ -62,6 +63,7 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
                 break
             bar.show_running(running_lines(reports))
             time.sleep(1.0)
+            raise_if_swallowed()
     except KeyboardInterrupt:
         interrupted = True
         # A Ctrl-C at the terminal reaches the workers too; a SIGTERM may have reached this process alone

@@ -14,11 +14,19 @@ queued again, its run RUNNING. A second signal is common: ``timeout``, ``kill --
 scheduler signal every process of a search with ``study.n_workers`` > 1, and its parent forwards
 SIGTERM to its workers as well (it cannot tell a SIGTERM sent to it alone, as ``docker stop`` sends
 it). :func:`reset` starts afresh (each search installing the handlers calls it).
+
+Python ignores an exception raised inside a finaliser (a weakref callback or ``__del__``, as SQLAlchemy's
+class registry runs one whenever the garbage collector frees a mapped class), printing "Exception ignored
+in ..." with its traceback. A signal handled there lost its interrupt, and the search, already stopping,
+ignored the signals after it: it ran to its end. While the handlers are installed such an interrupt is
+noted instead of printed (:func:`catching_swallowed_interrupts`) and raised at the next safe point: the end
+of a block of writes (a training report is one) or a check of a waiting loop (:func:`raise_if_swallowed`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +37,7 @@ class _Deferral:
     pending = False  # a signal came during one
     stopping = False  # the first interrupt was raised (or the search is ending): signals are ignored
     told = False  # the console was told that a signal was ignored
+    swallowed = False  # the interrupt raised came inside a finaliser, which Python ignored
 
 
 def interrupt(_signum: int, _frame) -> None:
@@ -65,7 +74,33 @@ def ignore_signals() -> None:
 
 def reset() -> None:
     """No signal pending, none ignored: the state of a search that has not been interrupted."""
-    _Deferral.pending = _Deferral.stopping = _Deferral.told = False
+    _Deferral.pending = _Deferral.stopping = _Deferral.told = _Deferral.swallowed = False
+
+
+def raise_if_swallowed() -> None:
+    """Raise the interrupt a finaliser swallowed, if one did (outside blocks of writes, main thread)."""
+    if _Deferral.swallowed and not _Deferral.depth and threading.current_thread() is threading.main_thread():
+        _Deferral.swallowed = False
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def catching_swallowed_interrupts() -> Iterator[None]:
+    """Within: a KeyboardInterrupt that Python ignores (raised inside a finaliser) is noted for
+    :func:`raise_if_swallowed` rather than printed; other ignored exceptions go to the hook before."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            _Deferral.swallowed = True
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 @contextmanager
@@ -83,3 +118,4 @@ def between_writes() -> Iterator[None]:
             _Deferral.pending = False
             if not _Deferral.stopping:
                 _stop()
+        raise_if_swallowed()

@@ -292,6 +292,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
         record_asks(study, asked)
         try:
             while True:
+                interrupts.raise_if_swallowed()
                 trials = study.get_trials(deepcopy=False)
                 done = sum(counts_toward_total(t) for t in trials)
                 running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -301,6 +302,7 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
                     # The rest are running elsewhere: wait for them (or for the heartbeat check to
                     # fail a killed worker's trial, which is then queued again).
                     time.sleep(1.0)
+                    interrupts.raise_if_swallowed()
                     optuna.storages.fail_stale_trials(study)
                     beat_for_trials_without_heartbeat(study, s.study.grace_period, beat_given)
                     bar.refresh()
@@ -356,7 +358,8 @@ def stop_signals_as_interrupt() -> Iterator[list[int]]:
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
                 signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
     try:
-        yield received
+        with interrupts.catching_swallowed_interrupts():
+            yield received
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -457,6 +460,7 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
             procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         while any(p.poll() is None for p, _ in procs):
             time.sleep(1.0)
+            interrupts.raise_if_swallowed()
             for t in study.get_trials(deepcopy=False):
                 if t.state.is_finished() and t.number not in seen:
                     seen.add(t.number)
