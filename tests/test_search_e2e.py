@@ -204,21 +204,30 @@ def test_a_worker_killed_mid_trial_is_recovered_on_resume(backend, tmp_path):
         args = _cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=2", "study.pruner=none",
                     "trainer.max_seconds=null", "trainer.steps=400", "study.heartbeat_interval=1",
                     "study.grace_period=2", *overrides)
-        proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        killed = None
+        log = tmp_path / "first.log"
+        with open(log, "w") as console:
+            proc = subprocess.Popen(args, cwd=tmp_path, stdout=console, stderr=subprocess.STDOUT)
+        # Generous: the loop ends as soon as a trial has reported; a loaded machine starts Python slowly.
+        deadline = time.time() + 300
+        killed, polled = None, None
         while time.time() < deadline and killed is None and proc.poll() is None:
-            time.sleep(0.2)
-            try:
-                study = optuna.load_study(study_name="tiny-clusters", storage=storage)
-            except Exception:  # not created yet
-                continue
+            time.sleep(0.5)
+            # Only once the search has made its storage and study (it writes its config after): opening
+            # the storage here while the search creates its tables raced with it, and one of the two
+            # creations failed.
+            if polled is None:
+                if not (out / "search_config.json").exists():
+                    continue
+                polled = optuna.storages.RDBStorage(storage)
+            study = optuna.load_study(study_name="tiny-clusters", storage=polled)
             running = [t for t in study.trials if t.state == TrialState.RUNNING and t.intermediate_values]
             if running:
                 os.kill(proc.pid, signal.SIGKILL)
                 killed = running[0].number
+        if proc.poll() is None and killed is None:
+            proc.kill()
         proc.wait()
-        assert killed is not None, "no trial was seen running"
+        assert killed is not None, f"no trial was seen running (exit {proc.returncode}):\n{log.read_text()[-3000:]}"
         assert optuna.load_study(study_name="tiny-clusters", storage=storage).trials[killed].state == \
             TrialState.RUNNING
 

@@ -137,3 +137,35 @@ def test_a_config_file_that_is_a_list_is_named(tmp_path, monkeypatch, capsys):
     _refused(capsys, ["search", "--config-dir", str(tmp_path / "conf"), "search_space=listed"],
              f"{space}: a config file must map keys to values (its top level is a list)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]
+
+
+def test_a_storage_another_process_makes_in_the_same_instant_is_opened(tmp_path):
+    """Hosts started at once on an empty database each make Optuna's tables: both found no schema version
+    and both stamped it, and the second stopped with "cannot open ...: UNIQUE constraint failed:
+    alembic_version.version_num" (exit 2). Here the other process stamps just before this one's stamp
+    is written, the moment of the race."""
+    import optuna
+    import sqlalchemy
+    from optuna.storages._rdb.storage import _VersionManager
+
+    from fulu_nas.search.storage import open_study_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    raced: list[str] = []
+
+    def before_execute(conn, cursor, statement: str, *args) -> None:
+        if statement.startswith("INSERT INTO alembic_version") and not raced:
+            raced.append(statement)
+            other = sqlalchemy.create_engine(url)  # the other process: its tables are there, it stamps
+            _VersionManager(url, other, sqlalchemy.orm.scoped_session(sqlalchemy.orm.sessionmaker(bind=other)))
+            other.dispose()
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", before_execute)
+    try:
+        storage = open_study_storage(url, heartbeat_interval=1, grace_period=2)
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", before_execute)
+    assert raced
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from ..errors import FuluConfigError
@@ -367,19 +368,45 @@ def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_pe
 
         heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
                      "heartbeat_stale_trial_callback": stale}
-    try:
-        with warnings.catch_warnings():
-            # Heartbeats and their retry callback are marked experimental; we rely on them knowingly.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-    except Exception as e:  # connection or schema errors from SQLAlchemy/alembic
-        if isinstance(e, optuna.exceptions.OptunaError) or "sqlalchemy" in type(e).__module__:
-            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]  # not SQLAlchemy's [SQL: ...] lines
-            raise FuluConfigError(f"study.storage: cannot open {mask_url(url)}: {reason}") from None
-        raise
+    for attempt in range(CREATION_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                # Heartbeats and their retry callback are marked experimental; we rely on them knowingly.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            break
+        except Exception as e:
+            if attempt + 1 < CREATION_ATTEMPTS and _lost_creation_race(e):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            _raise_cannot_open(url, e)
     if _scheme(url) == "sqlite":
         _begin_immediate(storage.engine)
     return storage
+
+
+# Optuna makes its tables and stamps their version on first use, checking first: processes opening a new
+# database in the same instant (the search's hosts started at once on an empty PostgreSQL database, each
+# with the same command) both find nothing and both create, and one fails on the other's rows. Opened
+# again, the tables are there and only read.
+CREATION_ATTEMPTS = 4
+
+
+def _lost_creation_race(e: Exception) -> bool:
+    import sqlalchemy
+
+    return isinstance(e, sqlalchemy.exc.IntegrityError) or (
+        isinstance(e, sqlalchemy.exc.DBAPIError) and "already exists" in str(getattr(e, "orig", e)))
+
+
+def _raise_cannot_open(url: str, e: Exception):
+    """One message for a connection or schema error from SQLAlchemy or alembic; anything else as it is."""
+    import optuna
+
+    if isinstance(e, optuna.exceptions.OptunaError) or "sqlalchemy" in type(e).__module__:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]  # not SQLAlchemy's [SQL: ...] lines
+        raise FuluConfigError(f"study.storage: cannot open {mask_url(url)}: {reason}") from None
+    raise e
 
 
 def _begin_immediate(engine) -> None:
