@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import FuluConfigError
@@ -370,7 +371,7 @@ def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_pe
                      "heartbeat_stale_trial_callback": stale}
     for attempt in range(CREATION_ATTEMPTS):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), first_use_lock(url):
                 # Heartbeats and their retry callback are marked experimental; we rely on them knowingly.
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
@@ -388,8 +389,30 @@ def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_pe
 # Optuna makes its tables and stamps their version on first use, checking first: processes opening a new
 # database in the same instant (the search's hosts started at once on an empty PostgreSQL database, each
 # with the same command) both find nothing and both create, and one fails on the other's rows. Opened
-# again, the tables are there and only read.
+# again, the tables are there and only read. (A SQLite file's openings are serialised: first_use_lock.)
 CREATION_ATTEMPTS = 4
+
+
+@contextlib.contextmanager
+def first_use_lock(url: str) -> Iterator[None]:
+    """Held while this process makes, or first checks, the tables of the SQLite database of ``url`` (no-op
+    for other URLs). Optuna and MLflow make their tables on first use, checking first, and processes doing
+    so at once on one new file collide: one fails, and an MLflow migration cut short that way left a
+    temporary table in the file on which every later opening failed. An exclusive ``flock`` on the file's
+    folder serialises them (SQLite's own locks are ``fcntl`` record locks, which ``flock`` does not see;
+    nothing is written for it)."""
+    import fcntl
+
+    folder = Path(url[len("sqlite:///"):].split("?", 1)[0]).parent if _scheme(url) == "sqlite" else None
+    if folder is None or not folder.is_dir():
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 def _lost_creation_race(e: Exception) -> bool:

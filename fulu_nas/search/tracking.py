@@ -23,7 +23,7 @@ from typing import Any
 from ..deploy.files import sha256_file
 from .interrupts import between_writes
 from .settings import SearchSettings
-from .storage import mask_url
+from .storage import first_use_lock, mask_url
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 WEIGHTS_SHA256_TAG = "fulu.weights_sha256"  # a trial's model.safetensors, as it was uploaded
@@ -61,22 +61,42 @@ def writes(method):
     return run
 
 
+# MLflow makes its tables and migrates them at a process's first contact with a database, checking first:
+# processes doing so at once (the search's hosts started together on an empty database) collide (a
+# column added twice, an alembic version row already moved) and the loser stopped with a traceback.
+# Once the winner is done, the tables are only read. (A SQLite file's first contacts are serialised.)
+FIRST_CONTACT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+
+
+def open_experiment(tracking_uri: str, name: str, artifact_location: str | None):
+    """A client of ``tracking_uri`` and the id of its experiment ``name``, created where it does not exist."""
+    import mlflow
+
+    for delay in (*FIRST_CONTACT_RETRY_DELAYS, None):
+        try:
+            with first_use_lock(tracking_uri):
+                client = mlflow.MlflowClient(tracking_uri=tracking_uri)  # makes a database's tables
+                experiment = client.get_experiment_by_name(name)
+            break
+        except Exception:
+            if delay is None or tracking_uri.startswith(("http:", "https:")):  # a server migrates alone
+                raise
+            time.sleep(delay)
+    if experiment is not None:
+        return client, experiment.experiment_id
+    try:
+        return client, client.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:  # another worker created it first
+        return client, client.get_experiment_by_name(name).experiment_id
+
+
 class Tracker:
     def __init__(self, settings: SearchSettings):
-        import mlflow
 
         quiet_mlflow()  # a worker process starts here
         self.settings = settings
-        self.client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
-        experiment = self.client.get_experiment_by_name(settings.tracking.experiment)
-        if experiment is None:
-            try:
-                self.experiment_id = self.client.create_experiment(settings.tracking.experiment,
-                                                                   artifact_location=settings.artifact_location)
-            except mlflow.exceptions.MlflowException:  # another worker created it first
-                self.experiment_id = self.client.get_experiment_by_name(settings.tracking.experiment).experiment_id
-        else:
-            self.experiment_id = experiment.experiment_id
+        self.client, self.experiment_id = open_experiment(settings.tracking_uri, settings.tracking.experiment,
+                                                          settings.artifact_location)
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulu-upload")
         self._uploads: list[Future] = []
 
