@@ -359,7 +359,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
               "trial 0: its architecture (the arch attribute) cannot be rebuilt: unknown architecture keys: bogus"),
              (tmp_path / "options", broken, ["top_k=0", "budget_factor=inf", "seeds=two"],
               "top_k: expected an integer >= 1, got 0\n  - seeds: expected an integer >= 1, got 'two'\n"
-              "  - budget_factor: expected a finite number >= 1, got inf"),
+              "  - budget_factor: expected a finite number in [1, 1000], got inf"),
              (tmp_path / "nested", broken, ["study.confirm.top_k=3"],
               "study.confirm.top_k: the search's study.confirm sets the defaults")]
     for folder, trial, extra, message in cases:

@@ -888,8 +888,8 @@ def test_export_refuses_bad_input_and_writes_nothing(exported, monkeypatch, caps
                       [["study.name=tiny-clusters", f"hydra.run.dir={out}", "retrain=maybe", "out=x3"], "retrain"],
                       # 0 exported an untrained model as the champion; nan and inf ended in a traceback
                       *[[["study.name=tiny-clusters", f"hydra.run.dir={out}", "retrain=true", f"retrain_factor={f}",
-                          "out=x4"], "retrain_factor: expected a finite number > 0"]
-                        for f in ("0", "-1", "nan", "inf")],
+                          "out=x4"], "retrain_factor: expected a number > 0 and at most 1000"]
+                        for f in ("0", "-1", "nan", "inf", "1001", "1e17")],
                       *[[["study.name=tiny-clusters", f"hydra.run.dir={out}", f"trial=fastest_within:{pct}", "out=x5"],
                          "finite percentage"] for pct in ("nan", "-500")],
                       # MLflow refused the name only after the whole folder was written

@@ -140,8 +140,8 @@ def test_a_failed_registration_leaves_no_folder_no_open_run_and_no_version(study
 
 @pytest.mark.parametrize("factor", ["1e308", "0.001", "1e-300"])
 def test_a_retrain_factor_that_gives_no_trainable_step_count_is_named(study, tmp_path, capsys, factor):
-    """1e308 ended in an OverflowError traceback; 0.001 was refused as 'steps: ... got 0', an option the
-    user never passed."""
+    """1e308 ended in an OverflowError traceback (now past the bound of 1000); 0.001 was refused as 'steps:
+    ... got 0', an option the user never passed."""
     refused_before_work(*export(study, capsys, "trial=0", "retrain=true", f"retrain_factor={factor}",
                                 f"out={tmp_path / 'model'}"), "retrain_factor: ")
     assert not (tmp_path / "model").exists()

@@ -231,6 +231,20 @@ def test_a_confirmation_past_its_bounds_is_refused_before_any_run(options, messa
     assert (len(confirmation_runs(out)[1]), load_study(out).user_attrs, sorted(out.iterdir())) == before
 
 
+@pytest.mark.parametrize("factor", ["1e308", "1001", "1e17"])
+def test_a_confirmation_budget_past_its_bound_is_refused_before_any_run(factor, last_seed_search, capsys):
+    """budget_factor=1e308 overflowed the step count to infinity (an OverflowError traceback); 1e17 trained
+    for ever."""
+    out = last_seed_search
+    before = (len(confirmation_runs(out)[1]), load_study(out).user_attrs, sorted(out.iterdir()))
+    assert main(["confirm", "study.name=tiny-clusters", f"hydra.run.dir={out}", "top_k=1", "seeds=1",
+                 f"budget_factor={factor}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot confirm:\n  - budget_factor: expected a finite number in [1, 1000], "
+                          "got ") and err.count("\n") == 2, err
+    assert (len(confirmation_runs(out)[1]), load_study(out).user_attrs, sorted(out.iterdir())) == before
+
+
 def test_a_confirmation_of_the_largest_seed_with_one_seed_runs(last_seed_search):
     out = last_seed_search
     assert main(["confirm", "study.name=tiny-clusters", f"hydra.run.dir={out}", "top_k=1", "budget_factor=1",

@@ -34,7 +34,7 @@ from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner
 from .family import UPCYCLE
 from .locate import StudyLocation, check_recordable, load_study, locate_study, search_settings, split_options
 from .objective import ServedKernels, is_feasible, measure_trial_cost, reference_model, train_architecture
-from .settings import SearchSettings
+from .settings import BUDGET_FACTOR_MAX, SearchSettings
 from .storage import check_output_dir, mask_url
 from .tracking import WEIGHTS_SHA256_TAG, export_run, quiet_mlflow
 
@@ -210,9 +210,9 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         factor = float(options["retrain_factor"])
     except ValueError:
         factor = math.nan
-    if not (math.isfinite(factor) and factor > 0):  # 0 exported an untrained model as the champion
-        raise FuluConfigError(f"retrain_factor: expected a finite number > 0 (times the search's budget), got "
-                              f"{options['retrain_factor']!r}")
+    if not (math.isfinite(factor) and 0 < factor <= BUDGET_FACTOR_MAX):  # 0 exported an untrained model
+        raise FuluConfigError(f"retrain_factor: expected a number > 0 and at most {BUDGET_FACTOR_MAX} (times the "
+                              f"search's budget), got {options['retrain_factor']!r}")
     study = load_study(location)
     s = search_settings(location, study, will_train=retrain)
     steps = s.train.steps * factor

@@ -45,6 +45,9 @@ _COST_FIELDS = {"cost_shapes", "cost_iterations", "cost_rounds", "cost_compile_w
 # its t-tests worth reading, docs/confirm.md) and far below what its plan holds in memory (seeds=10**9 was
 # a tuple of a billion seeds, built before anything ran).
 CONFIRM_MAX = 1000
+# The most times a trial's budget a confirmation (budget_factor) or an export (retrain_factor) trains: far
+# past any use, and a step count that exists (1e308 x trainer.steps overflowed to infinity, a traceback).
+BUDGET_FACTOR_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -447,7 +450,7 @@ def confirm_settings(d: Mapping[str, Any], prefix: str, problems: list[str],
     if _check_confirm_size(f"{prefix}seeds", values["seeds"], problems) and first_seed is not None:
         _check_last_seed(f"{prefix}seeds", values["seeds"], first_seed, problems)
     # The confirmation trains budget_factor x trainer.steps: a longer budget than the search's, never a shorter one.
-    check_number(f"{prefix}budget_factor", values["budget_factor"], problems, 1)
+    check_number(f"{prefix}budget_factor", values["budget_factor"], problems, 1, BUDGET_FACTOR_MAX)
     return ConfirmSettings(**values)
 
 
