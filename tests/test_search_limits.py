@@ -93,6 +93,37 @@ def test_a_derived_value_of_the_wrong_type_fails_its_trial_with_the_reason(tmp_p
         assert f"'router': {t.params['router']!r}" in reason and "(TypeError: " in reason, reason
 
 
+@pytest.mark.parametrize("constraint,error", [("64 % (num_experts - 4) == 0", "ZeroDivisionError"),
+                                               ("router > 2", "TypeError")])
+def test_a_constraint_that_cannot_be_computed_is_refused_before_the_study(constraint, error, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Such a sample counted as breaking the constraint: with num_experts 4 the space shrank to 2 experts
+    without a word, and `router > 2` made every sample infeasible, the message naming no error."""
+    work, args = users_space(tmp_path, {"base": BLOCK, "params": {"router": ROUTER, "num_experts": TWO_EXPERTS},
+                                        "constraints": [constraint]})
+    monkeypatch.chdir(work)
+    problem = refused(["search", *args, "task=clusters", "trainer=tiny", "study.n_trials=2",
+                       f"hydra.run.dir={work / 'out'}"], work, capsys)
+    assert problem.startswith(f"search_space.constraints[0]: {constraint!r} cannot be computed for {{"), problem
+    assert f"({error}: " in problem, problem
+
+
+def test_a_constraint_that_cannot_be_computed_fails_its_trial_with_the_reason(tmp_path, monkeypatch):
+    work, args = users_space(tmp_path, {"base": BLOCK, "params": {"router": ROUTER, "num_experts": TWO_EXPERTS},
+                                        "constraints": ["router > 2"]})
+    monkeypatch.chdir(work)
+    monkeypatch.setattr("fulu_nas.search.settings.check_feasible", lambda space, task: None)
+    out = work / "out"
+    main(["search", *args, "task=clusters", "trainer=tiny", "study.n_trials=2", "trainer.steps=5",
+          "study.pruner=none", f"hydra.run.dir={out}"])
+    study = load_study(out, "mine-clusters")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    for t in study.trials:
+        reason = t.user_attrs["fail_reason"]
+        assert reason.startswith("search_space.constraints[0]: 'router > 2' cannot be computed for {"), reason
+        assert "(TypeError: " in reason, reason
+
+
 def test_a_derived_value_reading_an_inactive_parameter_keeps_the_fields_default():
     """What the skipped TypeError was thought to be for: a parameter absent from a sample (its ``when`` does not
     hold) leaves the derived values that read it unset, before any evaluation."""

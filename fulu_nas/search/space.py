@@ -157,7 +157,8 @@ class SearchSpace:
         return out
 
     def violations(self, values: Mapping[str, Any]) -> list[str]:
-        """The constraints ``values`` break (constraints naming an inactive parameter don't apply)."""
+        """The constraints ``values`` break (constraints naming an inactive parameter don't apply);
+        FuluConfigError naming a constraint that cannot be computed for ``values``."""
         broken = []
         for i, c in enumerate(self.constraints):
             if c.names <= values.keys():
@@ -165,8 +166,11 @@ class SearchSpace:
                     ok = bool(c(values))
                 except ExpressionTooLarge as e:
                     raise FuluConfigError(f"search_space.constraints[{i}]: {e}") from None
-                except (ArithmeticError, TypeError, ValueError):
-                    ok = False
+                # As for a derived value: the constraint's fault, not the sample's (it was counted as broken,
+                # so a constraint that fails for some samples shrank the space without a word)
+                except (ArithmeticError, TypeError, ValueError) as e:
+                    raise FuluConfigError(f"search_space.constraints[{i}]: {c.text!r} cannot be computed for "
+                                          f"{dict(values)} ({type(e).__name__}: {e})") from None
                 if not ok:
                     broken.append(c.text)
         return broken
