@@ -148,6 +148,10 @@ def _output(cfg: MoEConfig) -> torch.Tensor:
     ("topk", {"shared_expert_gate": True}),
     ("topk", {"shared_expert_ffn_size": 24}),
     ("hash", {"shared_expert_ffn_size": 24, "shared_expert_gate": True, "group_mask_fill": "zero"}),
+    ("topk", {"attention_heads": 2}),
+    ("hierarchical", {"attention_heads": 8}),
+    ("topk", {"hash_seed": 7}),
+    ("attention", {"hash_seed": 7}),
 ])
 def test_an_option_the_layer_cannot_act_on_is_normalised_away(router, option):
     plain, given = make_config(router), make_config(router, **option)
@@ -162,11 +166,19 @@ def test_an_option_the_layer_cannot_act_on_is_normalised_away(router, option):
     ("hierarchical", {"group_mask_fill": "zero"}),
     ("topk", {"num_shared_experts": 1, "shared_expert_gate": True}),
     ("topk", {"num_shared_experts": 1, "shared_expert_ffn_size": 24}),
+    ("attention", {"attention_heads": 2}),
+    ("hash", {"hash_seed": 7}),
 ])
 def test_an_option_the_layer_acts_on_is_kept(router, option):
     given = make_config(router, **option)
     assert given.without_inert_options() == given
     assert not set(option) & set(given.inert_options())
+
+
+@pytest.mark.parametrize("router,option", [("attention", {"attention_heads": 2}), ("hash", {"hash_seed": 7})])
+def test_a_routers_own_option_changes_its_layer(router, option):
+    """The heads and the hash functions, normalised away off their routers, act on their own."""
+    assert not torch.equal(_output(make_config(router, **option)), _output(make_config(router)))
 
 
 def test_a_search_builds_inert_options_as_one_architecture():

@@ -25,6 +25,8 @@ _INERT_OPTIONS = {"hash": ("router_jitter", "aux_loss_coef", "z_loss_coef", "bia
 # hierarchical router, and the width and gate of shared experts.
 _HIERARCHY_OPTIONS = ("group_mask_fill",)
 _SHARED_EXPERT_OPTIONS = ("shared_expert_gate", "shared_expert_ffn_size")
+# The options of one router alone: the attention router's heads, the hash router's hash functions.
+_ROUTER_OPTIONS = {"attention_heads": "attention", "hash_seed": "hash"}
 
 ROUTERS = ("topk", "expert_choice", "hash", "hierarchical", "attention")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -162,13 +164,17 @@ class MoEConfig:
         """The options this configuration accepts but cannot act on: the hash router learns no routing
         (jitter, the auxiliary loss, the z-loss and the selection bias do nothing) and has no scores;
         expert choice balances its load by construction (its auxiliary loss is a constant, and it has
-        no selection bias) and always takes a softmax; only the hierarchical router masks groups; and
-        without shared experts their width and gate do nothing."""
+        no selection bias) and always takes a softmax; only the hierarchical router masks groups, only
+        the attention router has heads and only the hash router hash functions; and without shared
+        experts their width and gate do nothing."""
         inert = _INERT_OPTIONS.get(self.router, ())
         if self.router != "hierarchical":
             inert += _HIERARCHY_OPTIONS
         if not self.num_shared_experts:
             inert += _SHARED_EXPERT_OPTIONS
+        for option, router in _ROUTER_OPTIONS.items():
+            if self.router != router:
+                inert += (option,)
         return inert
 
     def without_inert_options(self) -> MoEConfig:
