@@ -4,8 +4,8 @@
 the study when the search used them: ``study.storage=``, ``tracking.uri=``, ``hydra.run.dir=``)
 draws the panels of a layout (``dashboards/<layout>.yaml``: a title and a list of panels) with
 ``optuna.visualization`` and plotly, inlines plotly.js (the page works offline and inside the
-MLflow UI's sandboxed iframe), writes it to ``out`` (default ``<output folder>/dashboard.html``)
-and logs it to the study's parent MLflow run, where the MLflow UI shows it inline.
+MLflow UI's sandboxed iframe), writes it to ``out`` (default ``<output folder>/dashboard.html``, or
+``dashboard-<layout>.html`` for another layout) and logs it to the study's parent MLflow run, where the MLflow UI shows it inline.
 
 The page is a snapshot: a study that is still running (trials running, waiting, failed, pruned,
 or none complete yet) gives a page that says so, with whatever can be drawn. Bad input (unknown
@@ -29,10 +29,11 @@ ARTIFACT = "dashboard.html"
 USAGE = """usage: fulu-nas dashboard study.name=NAME [layout=default|NAME|FILE.yaml] [out=FILE] [overrides ...]
 
 Renders one self-contained HTML page of a study (plotly; works offline) from a layout in
-dashboards/, writes it to out (default: <the search's output folder>/dashboard.html) and logs it
-to the study's parent MLflow run (open it with `fulu-nas ui <output folder>`). Pass the overrides
-that locate the study when the search used them: study.storage=..., tracking.uri=...,
-hydra.run.dir=..., and --config-dir DIR with its search_space=...
+dashboards/, writes it to out (default: <the search's output folder>/dashboard.html, or
+dashboard-<layout>.html for another layout; a folder: that name in it) and logs it to the study's
+parent MLflow run (open it with `fulu-nas ui <output folder>`). Pass the overrides that locate the
+study when the search used them: study.storage=..., tracking.uri=..., hydra.run.dir=..., and
+--config-dir DIR with its search_space=...
 """
 
 
