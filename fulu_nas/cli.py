@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the command handles its own (a search's), e.g. while torch loads
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`fulu-nas search --help | head`): no traceback, and none again as Python
+        # flushes stdout at exit (the recipe of Python's signal module documentation).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
 
 
 def run_command(argv: list[str]) -> int:

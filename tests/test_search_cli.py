@@ -361,6 +361,22 @@ def test_help_lists_commands_and_hydra_groups(tmp_path, monkeypatch, capsys):
         assert group in out, out
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["dashboard", "--help"], ["confirm", "--help"], ["search", "--help"]])
+def test_help_into_a_closed_pipe_ends_without_a_traceback(argv, tmp_path):
+    """`fulu-nas dashboard --help | head -1` printed a BrokenPipeError traceback once head had gone. Here the
+    pipe has no reader from the start, so every write fails."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-c", "import sys; from fulu_nas.cli import main; sys.exit(main())",
+                                 *argv], stdout=write, stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=300)
+    finally:
+        os.close(write)
+    assert result.returncode == 141 and result.stderr == "", result.stderr[-2000:]
+
+
 def test_confirm_and_export_help_list_their_options_wherever_help_stands(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for argv, options in ((["confirm", "--help"], ("top_k=", "budget_factor=", "seeds=", "n_workers=")),

@@ -5,7 +5,8 @@ the study when the search used them: ``study.storage=``, ``tracking.uri=``, ``hy
 draws the panels of a layout (``dashboards/<layout>.yaml``: a title and a list of panels) with
 ``optuna.visualization`` and plotly, inlines plotly.js (the page works offline and inside the
 MLflow UI's sandboxed iframe), writes it to ``out`` (default ``<output folder>/dashboard.html``, or
-``dashboard-<layout>.html`` for another layout) and logs it to the study's parent MLflow run, where the MLflow UI shows it inline.
+``dashboard-<layout>.html`` for another layout) and logs it to the study's parent MLflow run, where
+the MLflow UI shows it inline.
 
 The page is a snapshot: a study that is still running (trials running, waiting, failed, pruned,
 or none complete yet) gives a page that says so, with whatever can be drawn. Bad input (unknown
