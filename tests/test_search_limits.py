@@ -170,6 +170,14 @@ TASK_SIZES = {
                                        "task.val_sequences: too large: val_sequences x (seq_len + 1) = 100000000 x 65"),
     "a long textlm sequence": (["task=textlm", "task.seq_len=100000000"],
                                "task.seq_len: must be an integer in [1, 65536]"),
+    # a MemoryError traceback: the corpus file was read into a buffer of max_bytes
+    "a terabyte of textlm corpus": (["task=textlm", "+task.max_bytes=1000000000000"],
+                                    "task.max_bytes: must be an integer in [2, 1073741824]"),
+    # the batch was built for ever (a Python loop over 10**12 samples), or failed to allocate within the trial
+    "a trillion sequences a step": (["task=clusters", "trainer.batch_size=1000000000000"],
+                                    "trainer.batch_size: 1,000,000,000,000 sequences of the task's 16 tokens are "
+                                    "16,000,000,000,000 tokens a step, more than 16,777,216: at most 1,048,576 "
+                                    "sequences"),
 }
 
 
@@ -181,6 +189,27 @@ def test_task_sizes_beyond_what_the_task_can_use_are_refused(case, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     problem = refused(["search", *TASK, *overrides], tmp_path, capsys)
     assert problem.startswith(message), problem
+
+
+def test_a_batch_past_the_bound_is_refused_by_the_trainer_too():
+    """Training from Python (and `fulu-nas bench routers`) built the batch of a trillion sequences."""
+    from fulu_nas.models import ArchConfig, PiMoETransformer
+    from fulu_nas.moe import MoEConfig
+    from fulu_nas.training.train import TrainConfig, train
+
+    task = build_task("clusters")
+    model = PiMoETransformer(ArchConfig(num_layers=1, hidden_size=32, num_heads=2, vocab_size=task.vocab_size,
+                                        max_seq_len=task.seq_len, num_classes=task.num_classes,
+                                        moe=MoEConfig(hidden_size=32, num_experts=2, expert_ffn_size=32, top_k=1)))
+    with pytest.raises(FuluConfigError, match=r"^batch_size: 1,048,577 sequences of the task's 16 tokens"):
+        train(model, task, TrainConfig(steps=1, batch_size=2**20 + 1, progress=False))
+
+
+def test_the_upcycle_task_bounds_its_corpus_as_textlm_does():
+    import fulu_nas.interop  # noqa: F401  (registers the upcycle task)
+
+    with pytest.raises(FuluConfigError, match=r"max_bytes must be an integer in \[2, 1073741824\], got 10"):
+        build_task("upcycle", max_bytes=10**12)
 
 
 def test_task_sizes_up_to_their_bounds_are_taken():

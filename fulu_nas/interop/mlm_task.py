@@ -45,7 +45,7 @@ from ..tasks._common import (
     split_batches,
 )
 from ..tasks.base import IGNORE, NO_DOMAIN, Batch, Task
-from ..tasks.textlm import read_split_corpus
+from ..tasks.textlm import MAX_CORPUS_BYTES, read_split_corpus
 from .encoder import TOKENIZER_FILES, DenseEncoder, quiet_transformers
 from .migrate import unreadable_weights
 
@@ -87,7 +87,7 @@ class UpcycleTask(Task):
             problems.append(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
         check_int(problems, "seq_len", seq_len, 4)
         check_float(problems, "mask_rate", mask_rate, 0.0, 1.0, low_open=True)
-        check_int(problems, "max_bytes", max_bytes, 2)
+        check_int(problems, "max_bytes", max_bytes, 2, MAX_CORPUS_BYTES)
         check_float(problems, "val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_int(problems, "max_val_tokens", max_val_tokens, 1)
         check_int(problems, "data_seed", data_seed, 0, 2**63 - 1)

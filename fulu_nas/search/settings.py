@@ -18,7 +18,15 @@ from .. import interop  # noqa: F401  (registers the upcycle task among TASKS)
 from ..checks import check_int, check_number, device_problem
 from ..errors import FuluConfigError
 from ..tasks import TASKS, Task, build_task, task_parameters
-from ..training.train import SEED_MAX, TrainConfig, config_problems, resolve_device, step_kind, uses_cuda_graph
+from ..training.train import (
+    SEED_MAX,
+    TrainConfig,
+    batch_problem,
+    config_problems,
+    resolve_device,
+    step_kind,
+    uses_cuda_graph,
+)
 from .family import PIMOE, family_for
 from .feasibility import check_feasible
 from .space import Param, SearchSpace, parse_space
@@ -225,6 +233,9 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bo
     train, cost = _trainer(sections["trainer"], problems)
     if train is not None and will_train:
         problems += _step_problems(train, has_blocks=family is PIMOE)
+    if will_train and train is not None and task is not None and (
+            problem := batch_problem(train.batch_size, task.seq_len, "trainer.batch_size")):
+        problems.append(problem)
     study = _study(sections["study"], task, train.seed if train is not None and will_train else None, problems)
     tracking = _tracking(sections["tracking"], problems)
     if study is not None and space is not None and study.sampler == "grid":

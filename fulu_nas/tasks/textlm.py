@@ -57,6 +57,11 @@ def _list_files(root: Path, suffix: str | None = None, skip: set[str] = SKIPPED_
     return sorted(found)
 
 
+# The most corpus bytes a task reads (max_bytes): all of it is held in memory, as bytes and then as token
+# ids (a byte each here, several for a tokenizer); 1e12 was a MemoryError traceback.
+MAX_CORPUS_BYTES = 2**30
+
+
 def _read_corpus(files: list[tuple[str, Path]], max_bytes: int) -> list[tuple[str, bytes]]:
     """Non-empty, non-binary files in order, until ``max_bytes`` bytes in total."""
     out, total = [], 0
@@ -65,7 +70,8 @@ def _read_corpus(files: list[tuple[str, Path]], max_bytes: int) -> list[tuple[st
             break
         try:
             with open(full, "rb") as f:
-                data = f.read(max_bytes - total)
+                # no more than the file holds: read(n) sets aside n bytes before it reads any
+                data = f.read(min(max_bytes - total, os.fstat(f.fileno()).st_size))
         except OSError as e:
             raise FuluConfigError(f"cannot read corpus file {str(full)!r}: {e.strerror or e}") from e
         if data and b"\0" not in data[:BINARY_PROBE]:
@@ -127,7 +133,7 @@ class TextLMTask(Task):
         if path is not None and not isinstance(path, (str, os.PathLike)):
             problems.append(f"path must be a string or None, got {path!r}")
         check_int(problems, "seq_len", seq_len, 1, MAX_SEQ_LEN)
-        check_int(problems, "max_bytes", max_bytes, 2)
+        check_int(problems, "max_bytes", max_bytes, 2, MAX_CORPUS_BYTES)
         check_float(problems, "val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_int(problems, "max_val_tokens", max_val_tokens, 1)
         check_int(problems, "data_seed", data_seed, -(2**63))

@@ -541,6 +541,19 @@ NOT_CAUSAL = ("router expert_choice is not causal: each expert picks its tokens 
               "predicts (use it on a token-classification task)")
 
 
+# The most tokens a training step's batch may hold (batch_size x the task's seq_len): 16.8 million, past
+# any one device's step; a slip (batch_size=10**12) built its batch for ever or failed to allocate it.
+MAX_BATCH_TOKENS = 2**24
+
+
+def batch_problem(batch_size: int, seq_len: int, key: str = "batch_size") -> str | None:
+    """Why a batch of ``batch_size`` sequences of ``seq_len`` tokens is too large to train on (None: it is not)."""
+    if batch_size * seq_len <= MAX_BATCH_TOKENS:
+        return None
+    return (f"{key}: {batch_size:,} sequences of the task's {seq_len} tokens are {batch_size * seq_len:,} tokens a "
+            f"step, more than {MAX_BATCH_TOKENS:,}: at most {MAX_BATCH_TOKENS // seq_len:,} sequences")
+
+
 def head_problem(model: torch.nn.Module, task: Task) -> str | None:
     """Why ``model``'s head does not predict ``task``'s targets (None: it does, or the model is not this
     package's transformer): a language-model head on a classification task would read the class ids
@@ -575,7 +588,7 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     if isinstance(embed, torch.nn.Embedding) and task.vocab_size > embed.num_embeddings:
         raise FuluConfigError(f"the task's vocabulary ({task.vocab_size} ids) does not fit the model's vocab_size "
                               f"({embed.num_embeddings})")
-    if problem := head_problem(model, task):
+    if problem := head_problem(model, task) or batch_problem(cfg.batch_size, task.seq_len):
         raise FuluConfigError(problem)
     # This package's decoder on a next-token task; an upcycled encoder's masked-LM task (also without
     # classes) reads the whole sequence by design, and predicts no later token.
