@@ -368,6 +368,12 @@ def test_a_wrong_tracking_uri_or_out_is_one_message_and_makes_nothing(tiny, tmp_
     assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}",
                  f"out={tmp_path / 'a_file' / 'd.html'}"]) == 2
     assert "out:" in capsys.readouterr().err
+    # a folder that takes no new file whatever its permissions say (root passes every permission check):
+    # a FileNotFoundError traceback once the page was drawn
+    assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}", "out=/proc/d.html"]) == 2
+    err = capsys.readouterr().err
+    assert "out: cannot write in the folder '/proc' (making a file there failed: " in err, err
+    assert err.startswith("error: ") and "Traceback" not in err, err
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,8 +107,12 @@ def check_output_dir(path: str, key: str = "hydra.run.dir") -> None:
     if not existing.is_dir():
         raise FuluConfigError(f"{key}: cannot make the folder {path!r}: {str(existing)!r} is a file, not a folder")
     if existing == target:
-        if not os.access(target, os.W_OK | os.X_OK):
-            raise FuluConfigError(f"{key}: the folder {path!r} is not writable")
+        try:  # a file made and removed at once (os.access passes root, and /proc, whatever it refuses)
+            with tempfile.TemporaryFile(dir=target, prefix=".fulu-nas-probe-"):
+                pass
+        except OSError as e:
+            raise FuluConfigError(f"{key}: cannot write in the folder {path!r} (making a file there failed: "
+                                  f"{e.strerror})") from None
         return
     made: list[Path] = []
     try:
