@@ -717,6 +717,16 @@ def test_tampered_or_missing_files_are_refused(exported, tmp_path):
         fulu_nas.load(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("url", ["https://example.com/model", "s3://bucket/model", "runs:/0123/model"])
+def test_serve_names_a_url_it_does_not_take(url, tmp_path, monkeypatch, capsys):
+    """`https://example.com/model` was read as a folder: 'https:/example.com/model: not an export directory'."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", url, "--port", str(free_port())]) == 2
+    assert capsys.readouterr().err == (f"error: {url}: not a model fulu-nas serves (models:/NAME@ALIAS, "
+                                       "models:/NAME/VERSION, or an export folder on this machine)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_links_and_names_outside_the_folder_are_refused(exported, tmp_path):
     """Only regular files inside the folder count: a link passes a check by pointing at the exported

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from ..deploy.serve import NO_PICKLES, casting_signature, checked_model, registry_uri
@@ -33,6 +34,11 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:
         return BAD_INPUT if e.code else 0
     try:
+        # a URI other than the registry's was read as a folder ("https:/example.com/model: not an export ...")
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", args.model) and not args.model.startswith("models:/") \
+                and not os.path.exists(args.model):
+            raise FuluConfigError(f"{args.model}: not a model fulu-nas serves (models:/NAME@ALIAS, "
+                                  "models:/NAME/VERSION, or an export folder on this machine)")
         check_port_free(args.host, args.port)
         tracking_uri = None
         if args.model.startswith("models:/"):
