@@ -188,3 +188,24 @@ def test_searches_starting_at_once_on_a_new_tracking_database_share_its_experime
     assert [code for code, _, _ in results] == [0] * 6, [err[-2000:] for _, _, err in results]
     for i in range(3):
         assert results[2 * i][1] == results[2 * i + 1][1] != ""  # one experiment, found by both
+
+
+def test_a_folder_that_cannot_be_locked_still_opens_its_databases(tmp_path, monkeypatch):
+    """On NFS, flock is emulated by record locks, which a folder opened read-only cannot take (EBADF): the
+    first contact goes on unserialised rather than stopping the search."""
+    import errno
+    import fcntl
+
+    import optuna
+
+    from fulu_nas.search.storage import open_study_storage
+    from fulu_nas.search.tracking import open_experiment
+
+    def flock(fd, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    storage = open_study_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.create_study(study_name="s", storage=storage)
+    client, experiment_id = open_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "e", None)
+    assert client.get_experiment(experiment_id).name == "e"

@@ -414,7 +414,10 @@ def first_use_lock(url: str) -> Iterator[None]:
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # NFS emulates flock with record locks, which a folder opened read-only cannot take
+            pass  # unserialised then, as before, with the retries
         yield
     finally:
         os.close(fd)  # and with it the lock
