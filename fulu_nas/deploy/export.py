@@ -252,6 +252,19 @@ def first_few(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
+def header_problems(stored: dict[str, tuple], expected: dict[str, tuple], missing: list[str]) -> list[str]:
+    """Where a safetensors header (``stored``: tensor name to shape) disagrees with a configuration's tensors
+    (``expected``): at most three shapes, the names it has that the configuration lacks, and ``missing``,
+    the configuration's tensors the file lacks (counted by the caller: a tied tensor is saved once)."""
+    problems = [f"{k}: {stored[k]} stored, {expected[k]} configured" for k in sorted(stored)
+                if k in expected and stored[k] != expected[k]][:3]
+    if unknown := sorted(stored.keys() - expected.keys()):
+        problems.append(f"no parameter {first_few(unknown)}")
+    if missing:  # load_state_dict's error would list them all
+        problems.append(f"no tensor {first_few(sorted(missing))} in the file")
+    return problems
+
+
 def read_weights(arch: ArchConfig, weights: Path, source: Path, config: Path) -> dict[str, torch.Tensor]:
     """The weights of ``weights``, read once: the configuration's tensor shapes are checked against the
     safetensors header before anything is read or a module of that size allocated (a configuration can
@@ -268,13 +281,7 @@ def read_weights(arch: ArchConfig, weights: Path, source: Path, config: Path) ->
     try:  # the checksums say the file is the listed one, not that it is whole (they can be rewritten with it)
         with safe_open(str(weights), framework="pt") as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            problems = [f"{k}: {stored[k]} stored, {expected[k]} configured" for k in stored
-                        if k in expected and stored[k] != expected[k]][:3]
-            if unknown := sorted(stored.keys() - expected.keys()):
-                problems.append(f"no parameter {first_few(unknown)}")
-            if missing := sorted(expected.keys() - stored.keys()):  # load_state_dict's error would list them all
-                problems.append(f"no tensor {first_few(missing)} in the file")
-            if problems:
+            if problems := header_problems(stored, expected, list(expected.keys() - stored.keys())):
                 raise FuluConfigError(f"{source}: config.yaml does not describe these weights: " + "; ".join(problems))
             tensors = {k: f.get_tensor(k) for k in sorted(stored)}
     except SafetensorError as e:

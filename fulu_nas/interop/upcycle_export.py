@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deploy.export import CHECKSUMS, UPCYCLING, assemble, checked_folder, first_few, load_device, read_yaml
+from ..deploy.export import CHECKSUMS, UPCYCLING, assemble, checked_folder, header_problems, load_device, read_yaml
 from ..errors import FuluConfigError
 from .encoder import TOKENIZER_EXTRAS, TOKENIZER_FILES, quiet_transformers
 from .migrate import encoder_root, migrate_from_electra
@@ -189,13 +189,8 @@ def _check_weights(model: nn.Module, weights: Path, directory: Path) -> None:
     tied: dict[int, list[str]] = {}
     for name, tensor in tensors.items():
         tied.setdefault(id(tensor), []).append(name)
-    problems = [f"{k}: {stored[k]} stored, {expected[k]} configured" for k in sorted(stored)
-                if k in expected and stored[k] != expected[k]][:3]
-    if unknown := sorted(stored.keys() - expected.keys()):
-        problems.append(f"no parameter {first_few(unknown)}")
-    if missing := sorted(names[0] for names in tied.values() if not any(n in stored for n in names)):
-        problems.append(f"no tensor {first_few(missing)} in the file")
-    if problems:
+    missing = [names[0] for names in tied.values() if not any(n in stored for n in names)]
+    if problems := header_problems(stored, expected, missing):
         raise FuluConfigError(f"{directory}: {UPCYCLING} and config.json do not describe the weights in "
                               f"{weights.name}: " + "; ".join(problems))
 
