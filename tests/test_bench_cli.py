@@ -356,3 +356,176 @@ def test_an_abbreviated_option_is_refused_not_read_as_the_full_one(argv, option,
         code = stop.code
     assert code == 2
     assert f"unrecognized arguments: {option}" in capsys.readouterr().err
+
+
+# -- sizes, counts and seeds out of range: one message naming the option, exit 2, nothing written --------------
+
+_HAS_JSON = {"layer", "levels", "peers", "routers", "clusters", "dynamic", "train-step", "cost"}
+_TINY_LAYER = ["--hidden", "16", "--experts", "2", "--ffn", "16", "--min-run-time", "0.01"]
+_TOO_BIG = "1000000000000"
+
+
+def _refused_writing_nothing(argv, words, tmp_path, capsys, add_json=True):
+    """``argv`` (with ``--json`` into ``tmp_path`` where the command has one) ends with exit 2, one
+    ``error`` message holding ``words`` on stderr, no traceback, and no file written."""
+    out = tmp_path / "out.json"
+    if add_json and argv[0] in _HAS_JSON:
+        argv = [*argv, "--json", str(out)]
+    try:
+        code = bench.main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert words in err, err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,words", [
+    # D1: allocation tracebacks (DefaultCPUAllocator: can't allocate memory)
+    (["layer", "--tokens", _TOO_BIG, "--paths", "loop"], "--tokens: must be at least 1 and at most 16777216"),
+    (["layer", "--hidden", _TOO_BIG, "--tokens", "16"], "--hidden: must be at least 1 and at most 65536"),
+    (["layer", "--ffn", _TOO_BIG, "--tokens", "16"], "--ffn: must be at least 1 and at most 65536"),
+    (["layer", "--experts", "16777216", "--tokens", "16"], "--experts: must be at least 1 and at most 4096"),
+    (["layer", "--top-k", "16777216", "--tokens", "16"], "--top-k: must be at least 1 and at most 4096"),
+    (["profile", "--tokens", _TOO_BIG, "--path", "loop"], "--tokens: must be at least 1 and at most 16777216"),
+    (["profile", "--hidden", _TOO_BIG, "--tokens", "16"], "--hidden: must be at least 1 and at most 65536"),
+    (["latency", "--tokens", _TOO_BIG], "--tokens: must be at least 1 and at most 16777216"),
+    (["levels", "--hidden", _TOO_BIG, "--tokens", "16"], "--hidden: must be at least 1 and at most 65536"),
+    (["levels", "--experts", _TOO_BIG, "--tokens", "16"], "--experts: must be at least 1 and at most 4096"),
+    (["levels", "--ffn", _TOO_BIG, "--tokens", "16"], "--ffn: must be at least 1 and at most 65536"),
+    (["levels", "--tokens", "17179869184"], "--tokens: must be at least 1 and at most 16777216"),
+    # D2
+    (["peers", "--device", "cpu", "--quick", "--configs", "seed-fwd", "--tokens-scale", "1e12"],
+     "--tokens-scale: must be a finite number above 0 and at most 64"),
+    # D3: a hang building the samples, an allocation traceback
+    (["routers", "--seconds", "0.5", "--routers", "topk", "--batch-size", _TOO_BIG],
+     "--batch-size: must be at least 1 and at most 65536"),
+    (["clusters", "--seconds", "0.5", "--batch-size", _TOO_BIG], "--batch-size: must be at least 1 and at most 65536"),
+    (["dynamic", "--steps", "2", "--batch-size", "0"], "--batch-size: must be at least 1 and at most 65536"),
+    (["levels", "--train-batch", _TOO_BIG], "--train-batch: must be at least 1 and at most 65536"),
+    # D5: "error: Overflow when unpacking long long", naming no option
+    (["routers", "--seconds", "0.5", "--seed", "100000000000000000000000"],
+     "--seed: must be at least 0 and at most 4294967295"),
+    (["levels", "--seed", "100000000000000000000000"], "--seed: must be at least 0 and at most 4294967295"),
+    (["levels", "--seed", "-1"], "--seed: must be at least 0 and at most 4294967295"),
+    (["clusters", "--seed", "4294967296"], "--seed: must be at least 0 and at most 4294967295"),
+    (["dynamic", "--seeds", "0", "4294967296"], "--seeds: must be at least 0 and at most 4294967295"),
+    (["peers", "--device", "cpu", "--quick", "--seed", "4294967296"],
+     "--seed: must be at least 0 and at most 4294967295"),
+    # D7: time and count budgets that never end
+    (["layer", "--tokens", "16", "--paths", "loop", "--min-run-time", "1e12"],
+     "--min-run-time: must be a finite number above 0 and at most 3600"),
+    (["layer", "--tokens", "16", "--paths", "loop", "--rounds", _TOO_BIG],
+     "--rounds: must be at least 1 and at most 1000"),
+    (["levels", "--iterations", _TOO_BIG], "--iterations: must be at least 1 and at most 1000000"),
+    (["levels", "--train-steps", _TOO_BIG], "--train-steps: must be at least 1 and at most 1000000"),
+    (["levels", "--warmup", _TOO_BIG], "--warmup: must be at least 1 and at most 1000000"),
+    (["routers", "--seconds", "1e12"], "--seconds: must be a finite number above 0 and at most 3600"),
+    (["clusters", "--seconds", "1e12"], "--seconds: must be a finite number above 0 and at most 3600"),
+    (["dynamic", "--seconds", "1e12"], "--seconds: must be a finite number above 0 and at most 3600"),
+    (["dynamic", "--steps", _TOO_BIG], "--steps: must be at least 1 and at most 1000000"),
+    (["dynamic", "--steps", "2", "--start", _TOO_BIG], "--start: must be at least 1 and at most 4096"),
+    (["peers", "--device", "cpu", "--quick", "--rounds", _TOO_BIG], "--rounds: must be at least 1 and at most 1000"),
+    (["peers", "--device", "cpu", "--quick", "--min-time", "1e12"],
+     "--min-time: must be a finite number above 0 and at most 3600"),
+    (["train-step", "--arch", "", "--kinds", "eager", "--steps", _TOO_BIG],
+     "--steps: must be at least 1 and at most 1000000"),
+    (["cost", "--repeat", _TOO_BIG], "--repeat: must be at least 1 and at most 1000"),
+    # a typo here starts that many processes
+    (["cost", "--load", _TOO_BIG], "--load: must be at least 0 and at most 256"),
+    (["nas-table", "--out", "{tmp}/t.csv", "--jobs", _TOO_BIG], "--jobs: must be at least 1 and at most 256"),
+    (["search", "--out", "{tmp}/search", "--jobs", _TOO_BIG], "--jobs: must be at least 1 and at most 256"),
+    (["clusters", "--threads", _TOO_BIG], "--threads: must be at least 0 and at most 1024")])
+def test_bench_refuses_sizes_counts_and_seeds_out_of_range(argv, words, tmp_path, capsys):
+    """Allocation tracebacks, a hang, an overflow message naming no option, budgets that never end
+    (audit D1, D2, D3, D5, D7): argparse refuses them, naming the option and its range."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    _refused_writing_nothing(argv, words, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["layer", "--tokens", "16", "--hidden", "65536", "--experts", "4096", "--ffn", "65536", "--paths", "loop"],
+    ["layer", "--tokens", "16777216", "--hidden", "65536", "--experts", "2", "--ffn", "16", "--top-k", "1"],
+    ["profile", "--tokens", "16", "--hidden", "65536", "--experts", "4096", "--ffn", "65536", "--path", "loop"],
+    ["levels", "--tokens", "16", "--hidden", "65536", "--experts", "4096", "--ffn", "65536"],
+    ["levels", "--tokens", "16", "--hidden", "65536", "--experts", "2", "--ffn", "65536", "--top-k", "1",
+     "--train-batch", "65536"]])
+def test_bench_refuses_a_layer_larger_than_the_memory(argv, tmp_path, capsys):
+    """Sizes within their ranges whose weights or activations no machine holds: refused before
+    anything is allocated, naming the options (a DefaultCPUAllocator traceback before, D1)."""
+    _refused_writing_nothing(argv, "more than the", tmp_path, capsys)
+    capsys.readouterr()
+    try:
+        bench.main(argv)
+    except SystemExit:
+        pass
+    err = capsys.readouterr().err
+    assert "--hidden 65536" in err and "--tokens" in err and "--experts" in err and "--ffn" in err
+
+
+def test_bench_peers_refuses_scaled_shapes_larger_than_the_memory(monkeypatch, tmp_path, capsys):
+    """--tokens-scale 64 on a machine of 1 GiB: refused before the first shape is built."""
+    from fulu_nas.bench import common
+
+    monkeypatch.setattr(common, "memory_bytes", lambda device: 2**30)
+    _refused_writing_nothing(["peers", "--device", "cpu", "--configs", "seed-fwd", "--tokens-scale", "64"],
+                             "--tokens-scale 64", tmp_path, capsys)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 2048000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")])
+def test_bench_turns_an_allocation_failure_into_one_message(error, monkeypatch, tmp_path, capsys):
+    """The last resort for a configuration the estimate let through: exit 2 and one message naming
+    the size options, not a traceback (D1)."""
+    from fulu_nas.bench import layer
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(layer, "bench_layer", fail)
+    _refused_writing_nothing(["layer", "--tokens", "16", *_TINY_LAYER], "out of memory", tmp_path, capsys)
+    monkeypatch.setattr(layer, "bench_layer", fail)
+    bench.main(["layer", "--tokens", "16", *_TINY_LAYER])
+    err = capsys.readouterr().err
+    assert "--tokens" in err and "--hidden" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_lets_other_runtime_errors_through(monkeypatch):
+    """Only allocation failures are turned into a message: a bug stays a traceback."""
+    from fulu_nas.bench import layer
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(layer, "bench_layer", fail)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bench.main(["layer", "--tokens", "16", *_TINY_LAYER])
+
+
+@pytest.mark.parametrize("argv", [["layer", "--tokens", "4", "--paths", "loop", *_TINY_LAYER, "--json", ""],
+                                  ["nas-table", "--out", "", "--limit", "1"]])
+def test_bench_refuses_an_empty_output_path(argv, tmp_path, monkeypatch, capsys):
+    """``--json ""`` was silently ignored: the run printed its table and wrote nothing."""
+    monkeypatch.chdir(tmp_path)
+    option = argv[argv.index("") - 1]
+    _refused_writing_nothing(argv, f"{option}: an empty path", tmp_path, capsys, add_json=False)
+
+
+def test_bench_takes_the_largest_values_in_range():
+    """The bounds refuse typos, not real benchmarks: the largest values of each range parse."""
+    parser = bench.build_parser()
+    args = parser.parse_args(["layer", "--tokens", "16777216", "--hidden", "65536", "--ffn", "65536", "--experts",
+                              "4096", "--min-run-time", "3600", "--rounds", "1000"])
+    assert (args.tokens, args.hidden, args.ffn, args.experts, args.rounds) == ([2**24], 65536, 65536, 4096, 1000)
+    args = parser.parse_args(["levels", "--seed", "4294967295", "--train-batch", "65536", "--iterations", "1000000",
+                              "--train-steps", "1000000", "--warmup", "1000000"])
+    assert args.seed == 2**32 - 1 and args.train_batch == 65536 and args.iterations == 10**6
+    args = parser.parse_args(["peers", "--tokens-scale", "64", "--seed", "0", "--rounds", "1000", "--min-time", "3600"])
+    assert args.tokens_scale == 64 and args.rounds == 1000
+    args = parser.parse_args(["routers", "--seconds", "3600", "--batch-size", "65536", "--seed", "4294967295"])
+    assert args.seconds == 3600 and args.batch_size == 65536

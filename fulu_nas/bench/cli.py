@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 
 from . import cost_stability, layer, levels, nas_table, peers, sampler_bench, tasks, train_step
@@ -42,11 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # the command as typed, for the reports that print it
     try:
         for option in ("json", "out"):
-            if getattr(args, option, None):
+            if getattr(args, option, None) is not None:  # "" too: it was silently ignored
                 check_writable(getattr(args, option), f"--{option}", option in getattr(args, "folders", ()))
         return args.run(args)
     except ValueError as e:  # an impossible configuration
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # the last resort, for sizes the estimates let through
+        if not out_of_memory(e):
+            raise
+        print(f"error: {memory_message(e, args)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         # A machine with torch alone (a GPU host) runs the layer's benchmarks; the tasks' need scipy, the
@@ -56,6 +62,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: fulu-nas bench {args.what} needs the Python package {e.name.split('.')[0]!r}, which is not "
               f"installed (pip install fulu-nas installs it)", file=sys.stderr)
         return 2
+
+
+# The options that size a run's tensors, named in the out-of-memory message where the command has them.
+SIZE_OPTIONS = ("tokens", "tokens_scale", "hidden", "experts", "ffn", "top_k", "batch_size", "train_batch")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: MemoryError, torch's OutOfMemoryError (CUDA), or the
+    CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(e, (MemoryError, oom)) or "can't allocate memory" in str(e)
+
+
+def memory_message(e: BaseException, args: argparse.Namespace) -> str:
+    """One line: the command ran out of memory (how much it asked for, where the error says), and
+    the options that size it."""
+    asked = re.search(r"allocate (\d+) bytes", str(e))
+    if asked:
+        detail = f" (it tried to allocate {int(asked.group(1)) / 2**30:,.1f} GiB at once)"
+    else:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        detail = f" ({first})" if first else ""
+    options = [f"--{name.replace('_', '-')}" for name in SIZE_OPTIONS if hasattr(args, name)]
+    hint = f": choose smaller {', '.join(options)}" if options else ": choose a smaller run"
+    return f"fulu-nas bench {args.what} ran out of memory{detail}{hint}"
 
 
 if __name__ == "__main__":

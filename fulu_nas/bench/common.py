@@ -84,6 +84,8 @@ def check_writable(path: str, option: str, folder: bool = False) -> None:
     import tempfile
     from pathlib import Path
 
+    if not path:  # Path("") is the current folder: the option was silently ignored
+        raise ValueError(f"{option}: an empty path: give a {'folder' if folder else 'file'} name")
     target = Path(path).absolute()
     if folder:
         parent = next(p for p in target.parents if os.path.exists(p))
@@ -141,3 +143,114 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+# Upper bounds of the benchmarks' options: generous for real benchmarking, small enough that a typo
+# (a few zeros too many) is refused by argparse, naming the option and its range, instead of
+# hanging the machine, filling its memory or ending in an allocation traceback.
+MAX_TOKENS = 2**24  # tokens per call
+MAX_WIDTH = 65536  # --hidden, --ffn
+MAX_EXPERTS = 4096  # --experts, --top-k, dynamic's --start
+MAX_BATCH = 65536  # sequences per training step
+MAX_SECONDS = 3600.0  # time budgets: --seconds, --min-run-time, --min-time
+MAX_ROUNDS = 1000  # --rounds, --repeat
+MAX_STEPS = 1_000_000  # --steps, --train-steps, --iterations, --warmup, --every
+MAX_PROCESSES = 256  # processes started: --jobs, --load
+MAX_THREADS = 1024  # --threads
+MAX_TOKENS_SCALE = 64.0  # peers --tokens-scale
+# Seeds reach numpy, whose seeds are 32-bit (as fulu_nas.training.train.SEED_MAX; not imported from
+# there: the layer's benchmarks run with torch alone).
+SEED_MAX = 2**32 - 1
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: an integer from ``low`` to ``high``; the message names both ends."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be at least {low} and at most {high}, got {text}")
+        return value
+
+    parse.__name__ = "int"  # argparse's "invalid int value: 'x'" for a non-integer
+    return parse
+
+
+def positive_float_at_most(high: float) -> Callable[[str], float]:
+    """argparse type: a finite number above 0 and at most ``high``."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (math.isfinite(value) and 0 < value <= high):
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0 and at most {high:g}, got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+tokens_int = int_in(1, MAX_TOKENS)
+width_int = int_in(1, MAX_WIDTH)
+experts_int = int_in(1, MAX_EXPERTS)
+batch_int = int_in(1, MAX_BATCH)
+steps_int = int_in(1, MAX_STEPS)
+rounds_int = int_in(1, MAX_ROUNDS)
+processes_int = int_in(1, MAX_PROCESSES)
+threads_int = int_in(0, MAX_THREADS)
+seed_int = int_in(0, SEED_MAX)
+seconds_float = positive_float_at_most(MAX_SECONDS)
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory of ``device``: the GPU's, or the machine's physical memory; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def layer_bytes(hidden: int, experts: int, ffn: int, top_k: int, tokens: int, swiglu: bool = True,
+                element_size: int = 4, backward: bool = False) -> int:
+    """An estimate, on the low side, of the memory one MoE layer and a dense FFN of width
+    ``top_k * ffn`` take for a call of ``tokens`` tokens: their weights, the input, the rows sent to
+    the experts with their hidden activations, the output; with ``backward`` twice that (the
+    gradients). The workspaces of the kernels come on top."""
+    matrices = 3 if swiglu else 2
+    weights = (experts + top_k) * matrices * hidden * ffn + hidden * experts
+    activations = tokens * (hidden * (2 + top_k) + top_k * ffn * matrices)
+    return element_size * (weights + activations) * (2 if backward else 1)
+
+
+def check_memory(need: int, device: torch.device, options: dict[str, object], what: str) -> None:
+    """ValueError (exit 2) naming ``options`` (option -> value as given) when ``need`` bytes (an
+    estimate of ``what``) exceed the memory of ``device``: refused before anything is allocated,
+    rather than an allocation traceback, or the machine swapping, once the run is under way."""
+    have = memory_bytes(device)
+    if have is None or need <= have:
+        return
+    given = " ".join(f"{option} {value}" for option, value in options.items())
+    where = "the GPU" if device.type == "cuda" else "this machine"
+    raise ValueError(f"{given}: {what} need about {_size(need)}, more than the {_size(have)} of memory {where} "
+                     "has: choose smaller sizes")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "bytes" else f"{n:.0f} bytes"
+        n /= 1024
+    raise AssertionError
+
+
+def layer_memory_check(device: torch.device, dtype: torch.dtype, options: dict[str, object], hidden: int,
+                       experts: int, ffn: int, top_k: int, tokens: int, swiglu: bool = True,
+                       backward: bool = False, what: str = "the layer's weights and activations") -> None:
+    """:func:`check_memory` for a layer benchmark: on the device, the layer and the dense FFN in
+    ``dtype``; on a CUDA host besides, the layer's fp32 weights (it is built on the CPU first)."""
+    need = layer_bytes(hidden, experts, ffn, top_k, tokens, swiglu, dtype.itemsize, backward)
+    check_memory(need, device, options, what)
+    if device.type == "cuda":
+        check_memory(layer_bytes(hidden, experts, ffn, top_k, 0, swiglu, 4), torch.device("cpu"), options,
+                     "the layer's fp32 weights, built on the CPU first,")

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from ..models import PiMoETransformer
-from .common import device_name, markdown_table, non_negative_int, positive_int, space_values
+from .common import MAX_PROCESSES, device_name, int_in, markdown_table, rounds_int, space_values
 
 
 def _busy_processes(n: int) -> list[subprocess.Popen]:
@@ -83,8 +83,8 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help="search config overrides, e.g. search_space=routers task=clusters")
     p.add_argument("--params", nargs="*", default=["router=hierarchical", "num_experts=16", "hierarchy_depth=2"],
                    help="architecture parameters over the space's reference (key=value)")
-    p.add_argument("--repeat", type=positive_int, default=5)
-    p.add_argument("--load", type=non_negative_int, default=0,
+    p.add_argument("--repeat", type=rounds_int, default=5)
+    p.add_argument("--load", type=int_in(0, MAX_PROCESSES), default=0,
                    help="busy processes competing for the CPU while measuring")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=cost_main)

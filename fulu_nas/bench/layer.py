@@ -22,11 +22,16 @@ from .common import (
     bench_device,
     captured,
     device_name,
+    experts_int,
+    layer_memory_check,
     markdown_table,
     median_seconds,
-    positive_float,
     positive_int,
     round_median,
+    rounds_int,
+    seconds_float,
+    tokens_int,
+    width_int,
 )
 
 # A path: (module, impl, how it runs). "compile" = torch.compile(fullgraph=True); "graphs" = the same,
@@ -129,6 +134,7 @@ def _layer_main(args: argparse.Namespace) -> int:
                     top_k=args.top_k, router=args.router, activation=args.activation)
     paths = tuple(args.paths)
     check_paths(paths, device)
+    _check_memory(args, device, dtype, max(args.tokens), args.backward)
     rows = bench_layer(cfg, args.tokens, device, dtype, paths, args.min_run_time, backward=args.backward,
                        with_stats=not args.no_stats, rounds=args.rounds)
     rounds = f", medians of {args.rounds} interleaved rounds" if args.rounds > 1 else ""
@@ -175,6 +181,7 @@ def _latency_main(args: argparse.Namespace) -> int:
     device, dtype = torch.device("cuda"), torch.bfloat16
     cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
                     top_k=args.top_k, router=args.router, activation=args.activation)
+    _check_memory(args, device, dtype, max(args.tokens), False)
     torch.manual_seed(0)
     layer = PiMoELayer(cfg).to(device=device, dtype=dtype).eval()
     dense = FeedForward(cfg.hidden_size, cfg.top_k * cfg.expert_ffn_size, cfg.activation).to(device=device, dtype=dtype)
@@ -214,6 +221,7 @@ def _profile_main(args: argparse.Namespace) -> int:
     cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
                     top_k=args.top_k, router=args.router, activation=args.activation)
     check_paths((args.path,), device)
+    _check_memory(args, device, dtype, args.tokens, args.backward)
     torch.manual_seed(0)
     layer = PiMoELayer(cfg).to(device=device, dtype=dtype).eval()
     _, impl, how = PATHS[args.path]
@@ -245,11 +253,20 @@ def _shape_line(cfg: MoEConfig) -> str:
             f"top-{cfg.top_k}, router {cfg.router}")
 
 
+def _check_memory(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tokens: int,
+                  backward: bool) -> None:
+    """ValueError (exit 2) naming the shape options when the layer clearly does not fit in memory."""
+    options = {"--tokens": tokens, "--hidden": args.hidden, "--experts": args.experts, "--ffn": args.ffn,
+               "--top-k": args.top_k}
+    layer_memory_check(device, dtype, options, args.hidden, args.experts, args.ffn, args.top_k, tokens,
+                       args.activation == "swiglu", backward)
+
+
 def _shape_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=2048)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--hidden", type=width_int, default=512)
+    p.add_argument("--experts", type=experts_int, default=8)
+    p.add_argument("--ffn", type=width_int, default=2048)
+    p.add_argument("--top-k", type=experts_int, default=2)
     p.add_argument("--router", choices=ROUTERS, default="topk")
     p.add_argument("--activation", choices=("gelu", "swiglu"), default="swiglu", help="the experts' activation")
 
@@ -263,7 +280,7 @@ def _call_args(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub) -> None:
     """The ``layer``, ``latency`` and ``profile`` subcommands."""
     p = sub.add_parser("layer", help="tokens/s of one PiMoE layer: grouped vs sorted vs loop vs dense")
-    p.add_argument("--tokens", type=positive_int, nargs="+", default=[16, 256, 4096])
+    p.add_argument("--tokens", type=tokens_int, nargs="+", default=[16, 256, 4096])
     _shape_args(p)
     _call_args(p)
     p.add_argument("--paths", nargs="+", choices=tuple(PATHS), default=["grouped", "sorted", "loop"],
@@ -271,19 +288,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--min-run-time", type=positive_float, default=0.5, help="seconds of timing per cell")
-    p.add_argument("--rounds", type=positive_int, default=1,
+    p.add_argument("--min-run-time", type=seconds_float, default=0.5, help="seconds of timing per cell")
+    p.add_argument("--rounds", type=rounds_int, default=1,
                    help="time every path this many times, taking turns, and report medians")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(run=_layer_main)
     p = sub.add_parser("latency", help="per-layer device latency from CUDA-graph replays (CUDA only)")
     _shape_args(p)
-    p.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--tokens", type=tokens_int, nargs="+", default=[1, 16, 64])
     p.add_argument("--impls", nargs="+", choices=("grouped", "grouped_mm", "triton"), default=["grouped"])
     p.set_defaults(run=_latency_main)
     p = sub.add_parser("profile", help="torch.profiler table of one path (10 calls after warm-up)")
     _shape_args(p)
-    p.add_argument("--tokens", type=positive_int, default=32768)
+    p.add_argument("--tokens", type=tokens_int, default=32768)
     p.add_argument("--path", choices=tuple(PATHS), default="grouped")
     _call_args(p)
     p.add_argument("--backward", action="store_true")

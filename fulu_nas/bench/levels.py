@@ -46,7 +46,20 @@ from ..deploy.cuda_graphs import GraphedForward
 from ..models import ArchConfig, PiMoETransformer
 from ..moe import ROUTERS, FeedForward
 from ..system import OptimizationLevel, create_ultimate_pimoe_system
-from .common import bench_device, device_name, markdown_table, positive_int
+from .common import (
+    batch_int,
+    bench_device,
+    check_memory,
+    device_name,
+    experts_int,
+    layer_bytes,
+    markdown_table,
+    positive_float,
+    seed_int,
+    steps_int,
+    tokens_int,
+    width_int,
+)
 
 COLUMNS = ("level", "dtype", "latency_ms", "throughput_tokens_per_s", "memory_mb", "expert_utilisation",
            "load_balance", "of_dense")
@@ -230,6 +243,7 @@ def levels_main(args: argparse.Namespace) -> int:
     device = bench_device(args.device)
     if args.tokens % SEQ_LEN:
         raise ValueError(f"--tokens must be a multiple of the clusters sequence length {SEQ_LEN}, got {args.tokens}")
+    check_levels_memory(args, device)
     rows, training = bench_levels(args, device)
     print(f"The spec's table, measured: {device_name(device)}, torch {torch.__version__}")
     print(f"hidden {args.hidden}, {args.experts} experts, FFN {args.ffn} (swiglu), top-{args.top_k}, router "
@@ -245,23 +259,35 @@ def levels_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_levels_memory(args: argparse.Namespace, device: torch.device) -> None:
+    """ValueError (exit 2) naming the size options when the run clearly does not fit in memory: the
+    training (fp32 weights, their gradients and Adam's two moments; a batch's activations, forward
+    and backward) and the measured calls (the weights again, the input's activations)."""
+    shape = (args.hidden, args.experts, args.ffn, args.top_k)
+    training = layer_bytes(*shape, args.train_batch * SEQ_LEN, backward=True) + 2 * layer_bytes(*shape, 0)
+    need = training + layer_bytes(*shape, args.tokens)
+    options = {"--tokens": args.tokens, "--hidden": args.hidden, "--experts": args.experts, "--ffn": args.ffn,
+               "--top-k": args.top_k, "--train-batch": args.train_batch}
+    check_memory(need, device, options, "the layer's training and measured calls")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("levels", help="the spec's table: latency, throughput, memory, utilisation and balance "
                                       "per optimisation level, beside a dense FFN")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=2048)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--hidden", type=width_int, default=512)
+    p.add_argument("--experts", type=experts_int, default=8)
+    p.add_argument("--ffn", type=width_int, default=2048)
+    p.add_argument("--top-k", type=experts_int, default=2)
     p.add_argument("--router", choices=ROUTERS, default="topk")
-    p.add_argument("--tokens", type=positive_int, default=2048, help="tokens per call (a multiple of 16)")
+    p.add_argument("--tokens", type=tokens_int, default=2048, help="tokens per call (a multiple of 16)")
     p.add_argument("--levels", nargs="+", choices=[m.value for m in OptimizationLevel],
                    default=[m.value for m in OptimizationLevel])
-    p.add_argument("--train-steps", type=positive_int, default=300, help="training steps on clusters first")
-    p.add_argument("--train-batch", type=positive_int, default=64, help="sequences per training step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=positive_int, default=3)
-    p.add_argument("--iterations", type=positive_int, default=20)
+    p.add_argument("--train-steps", type=steps_int, default=300, help="training steps on clusters first")
+    p.add_argument("--train-batch", type=batch_int, default=64, help="sequences per training step")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--warmup", type=steps_int, default=3)
+    p.add_argument("--iterations", type=steps_int, default=20)
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the training progress bar")
     p.add_argument("--json", help="also write the results to this JSON file")

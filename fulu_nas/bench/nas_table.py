@@ -40,7 +40,7 @@ import torch
 from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..search.settings import SearchSettings
-from .common import device_name, positive_int
+from .common import device_name, positive_int, processes_int, rounds_int, steps_int
 from .finite_space import cells, enumerate_space
 from .nas_settings import product_settings
 from .nas_table_file import write_table
@@ -216,9 +216,9 @@ def add_parser(sub) -> None:
     what.add_argument("--summary", metavar="FILE", help="print a table's best architectures and rank correlations")
     p.add_argument("--space", default="nasbench", help="search space (fulu_nas/conf/search_space/NAME.yaml)")
     p.add_argument("--task", default="clusters", help="task (fulu_nas/conf/task/NAME.yaml)")
-    p.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 for every architecture")
-    p.add_argument("--steps", type=positive_int, help="training steps (default: the trainer config's steps)")
-    p.add_argument("--jobs", type=positive_int, default=1, help="processes, one torch thread each")
+    p.add_argument("--seeds", type=rounds_int, default=3, help="seeds 0..N-1 for every architecture")
+    p.add_argument("--steps", type=steps_int, help="training steps (default: the trainer config's steps)")
+    p.add_argument("--jobs", type=processes_int, default=1, help="processes, one torch thread each")
     p.add_argument("--factor-subset", type=int, default=0, metavar="K",
                    help="also train K architectures, evenly spread over the loss ranking, at --factor x the steps")
     p.add_argument("--factor", type=int, default=4, help="the subset's budget multiple")

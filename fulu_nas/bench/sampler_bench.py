@@ -23,7 +23,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from ..errors import FuluConfigError
-from .common import positive_int
+from .common import int_in, processes_int, rounds_int
 from .nas_table import DEFAULT_TABLE, one_torch_thread
 
 # The product's samplers (study.sampler) a replay can run, and QMC, which is not one of them. The replay
@@ -103,13 +103,13 @@ def add_parser(sub) -> None:
     p.add_argument("--table", default=DEFAULT_TABLE, help="the table (default: the committed clusters table)")
     p.add_argument("--space", default="nasbench", help="the search space the table covers")
     p.add_argument("--task", default="clusters", help="the task the table was trained on")
-    p.add_argument("--repetitions", type=positive_int, default=30, help="searches per sampler (seeds 0..N-1)")
-    p.add_argument("--trials", type=positive_int, default=100, help="trials per search")
+    p.add_argument("--repetitions", type=rounds_int, default=30, help="searches per sampler (seeds 0..N-1)")
+    p.add_argument("--trials", type=int_in(1, 100_000), default=100, help="trials per search")
     p.add_argument("--samplers", nargs="+",
                    help=f"of {', '.join(SAMPLERS)} (default: {' '.join(SINGLE_OBJECTIVE_SAMPLERS)}; with several "
                         f"objectives {' '.join(MULTI_OBJECTIVE_SAMPLERS)}); random, the baseline, is always run")
     p.add_argument("--objectives", nargs="+", default=["loss"], help="table columns to optimise (two or more: "
                    "hypervolume)")
-    p.add_argument("--jobs", type=positive_int, default=1, help="processes (GP is the slow one)")
+    p.add_argument("--jobs", type=processes_int, default=1, help="processes (GP is the slow one)")
     p.add_argument("--out", default="outputs/bench-search", help="folder for replay.json and replay.html")
     p.set_defaults(run=main, folders=("out",))  # --out: a folder the command creates, not a file

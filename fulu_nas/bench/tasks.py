@@ -19,7 +19,19 @@ import torch
 
 from ..models import ArchConfig, PiMoETransformer
 from ..moe import BALANCING_METHODS, ROUTERS, MoEConfig
-from .common import device_name, markdown_table, non_negative_int, positive_float, positive_int, unit_float
+from .common import (
+    MAX_EXPERTS,
+    batch_int,
+    device_name,
+    int_in,
+    markdown_table,
+    positive_float,
+    seconds_float,
+    seed_int,
+    steps_int,
+    threads_int,
+    unit_float,
+)
 
 # pimoe_mix is a next-token task, on which training refuses expert choice (it reads later tokens).
 CAUSAL_ROUTERS = tuple(r for r in ROUTERS if r != "expert_choice")
@@ -194,38 +206,38 @@ def add_parsers(sub) -> None:
     from ..training.dynamic_experts import DynamicExpertsConfig
 
     p = sub.add_parser("clusters", help="routing accuracy and balance on clusters within a time budget")
-    p.add_argument("--seconds", type=positive_float, default=60.0)
+    p.add_argument("--seconds", type=seconds_float, default=60.0)
     p.add_argument("--balancing", nargs="+", choices=tuple(BALANCING), default=["aux_free", "aux_loss"])
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=batch_int, default=128)
     p.add_argument("--lr", type=positive_float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=non_negative_int, default=1, help=THREADS_HELP)
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--threads", type=threads_int, default=1, help=THREADS_HELP)
     p.add_argument("--json")
     p.set_defaults(run=clusters_main)
     p = sub.add_parser("dynamic", help="dynamic expert scaling on clusters from 4 and 32 experts vs fixed layers")
-    p.add_argument("--seconds", type=positive_float,
+    p.add_argument("--seconds", type=seconds_float,
                    help=f"training budget of each of the runs (default {DYNAMIC_SECONDS:g})")
-    p.add_argument("--steps", type=positive_int, help="a step budget instead of --seconds (the same for every run)")
-    p.add_argument("--start", type=int, nargs="+", default=[4, 32], help="initial expert counts")
+    p.add_argument("--steps", type=steps_int, help="a step budget instead of --seconds (the same for every run)")
+    p.add_argument("--start", type=int_in(1, MAX_EXPERTS), nargs="+", default=[4, 32], help="initial expert counts")
     defaults = DynamicExpertsConfig()
-    p.add_argument("--every", type=positive_int, default=defaults.every, help="steps between rescaling checks")
+    p.add_argument("--every", type=steps_int, default=defaults.every, help="steps between rescaling checks")
     p.add_argument("--freeze-after", type=unit_float, default=defaults.freeze_after,
                    help="share of the budget after which the expert set stays fixed")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=batch_int, default=128)
     p.add_argument("--lr", type=positive_float, default=3e-3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--threads", type=non_negative_int, default=1, help=THREADS_HELP)
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0])
+    p.add_argument("--threads", type=threads_int, default=1, help=THREADS_HELP)
     p.add_argument("--json")
     p.set_defaults(run=dynamic_main)
     p = sub.add_parser("routers", help="the causal routers compared on pimoe_mix within a time budget each "
                                        "(not expert_choice: it reads later tokens)")
-    p.add_argument("--seconds", type=positive_float, default=300.0)
+    p.add_argument("--seconds", type=seconds_float, default=300.0)
     p.add_argument("--routers", nargs="+", choices=CAUSAL_ROUTERS, default=list(CAUSAL_ROUTERS),
                    help="the routers to compare (not expert_choice: it reads later tokens, which training refuses "
                         "on this next-token task)")
     p.add_argument("--balancing-method", choices=tuple(BALANCING), default="aux_free")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=batch_int, default=32)
     p.add_argument("--lr", type=positive_float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--json")
     p.set_defaults(run=routers_main)

@@ -23,7 +23,7 @@ import torch
 
 from ..models import seeded_model
 from ..training.train import resolve_device, train
-from .common import device_name, markdown_table, positive_int, space_values
+from .common import device_name, markdown_table, space_values, steps_int
 
 # A fine-grained and a hierarchical variant beside the reference: the shapes a search samples that
 # compile most differently (many small experts; two-level routing).
@@ -118,7 +118,7 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help="search config overrides, e.g. +experiment=gpu")
     p.add_argument("--arch", nargs="*", default=list(DEFAULT_ARCHS),
                    help="architectures as key=value,... over the space's reference ('' is the reference)")
-    p.add_argument("--steps", type=positive_int, default=60)
+    p.add_argument("--steps", type=steps_int, default=60)
     p.add_argument("--kinds", nargs="*", choices=list(KINDS), default=list(KINDS),
                    help="the step kinds to time, eager or eager+graph among them (a graph needs CUDA: off it the "
                         "graphed kinds are left out)")

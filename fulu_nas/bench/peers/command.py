@@ -46,7 +46,18 @@ from pathlib import Path
 
 import torch
 
-from ..common import DTYPES, bench_device, device_name, positive_float, positive_int
+from ..common import (
+    DTYPES,
+    MAX_TOKENS_SCALE,
+    bench_device,
+    check_memory,
+    device_name,
+    layer_bytes,
+    positive_float_at_most,
+    rounds_int,
+    seconds_float,
+    seed_int,
+)
 from .configs import CONFIGS, IMPLS, LATENCY_CONFIGS, selected_configs
 from .measure import Options, measure_config
 from .report import format_tables
@@ -74,6 +85,18 @@ def check_options(args: argparse.Namespace, device: torch.device) -> None:
         raise ValueError(f"--peers-path: {args.peers_path} is not a folder")
 
 
+def check_peers_memory(args: argparse.Namespace, configs: dict, device: torch.device, dtype: torch.dtype) -> None:
+    """ValueError (exit 2) naming --tokens-scale when a shape clearly does not fit in memory: the
+    layer and the bounds in ``dtype`` and the fp32 reference beside them (on CUDA the reference
+    and the layer's fp32 weights are on the GPU too; their host copy is the layer's weights)."""
+    for name, config in configs.items():
+        for s in config.shapes:
+            shape = (s.hidden, s.experts, s.ffn, s.top_k, s.tokens, args.activation == "swiglu")
+            need = layer_bytes(*shape, dtype.itemsize, config.backward) + layer_bytes(*shape, 4)
+            options = {"--tokens-scale": f"{args.tokens_scale:g}", "--configs": name}
+            check_memory(need, device, options, f"the {s.describe()} shape's layers and activations")
+
+
 def peers_main(args: argparse.Namespace) -> int:
     device = bench_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
@@ -84,6 +107,7 @@ def peers_main(args: argparse.Namespace) -> int:
                    peers_path=peers_path, hf_experts=args.hf_experts or "grouped_mm",
                    cpu_compile=args.cpu_compile, seed=args.seed)
     configs = selected_configs(list(dict.fromkeys(args.configs)), args.quick, args.tokens_scale)
+    check_peers_memory(args, configs, device, dtype)
     command = "fulu-nas bench " + shlex.join(getattr(args, "argv", None) or ["peers"])
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
@@ -128,12 +152,12 @@ def add_parser(sub) -> None:
     p.add_argument("--activation", choices=("gelu", "swiglu"), default="gelu",
                    help="the experts' activation (the Hugging Face Mixtral column needs swiglu)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (seconds on a CPU): checks, not figures")
-    p.add_argument("--tokens-scale", type=positive_float, default=1.0,
+    p.add_argument("--tokens-scale", type=positive_float_at_most(MAX_TOKENS_SCALE), default=1.0,
                    help="multiply the token counts of the throughput rows (not the latency row)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--min-time", type=positive_float,
+    p.add_argument("--rounds", type=rounds_int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--min-time", type=seconds_float,
                    help="seconds of timed calls per implementation and round, at least 5 calls (default 0.2; "
                         "0.01 with --quick)")
     p.add_argument("--peers-path", help="folder holding scattermoe/ (default: ./.peers if it exists)")
@@ -143,7 +167,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cpu-compile", action="store_true",
                    help="on the CPU, also time the compiled layer (no graph) and check its routing: "
                         "tens of seconds of compilation per shape")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--json", help="also write every figure to this JSON file")
     p.set_defaults(run=peers_main)
