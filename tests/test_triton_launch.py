@@ -161,14 +161,17 @@ def test_python_time_benchmark_takes_the_gpu_path_on_the_cpu():
     """benchmarks/eager_python_time.py times the CUDA path's Python on the CPU: a call launches the
     routing kernel, both expert GEMMs and the slot sum, each through the cached launcher's signature
     and lookup, and every row is a time."""
+    import os
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eager_python_time.py"
-    done = subprocess.run([sys.executable, str(script), "--calls", "20", "--rounds", "2"], capture_output=True,
-                          text=True, timeout=300)
+    root = Path(__file__).resolve().parents[1]
+    # the checkout, where the package is not installed (a GPU host with torch alone)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "eager_python_time.py"), "--calls", "20",
+                           "--rounds", "2"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1] == ("launches per call: down_scatter_kernel 1, gather_up_kernel 1, route_kernel 1, "
