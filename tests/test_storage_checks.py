@@ -12,6 +12,7 @@ import pytest
 
 from fulu_nas.cli import main
 
+from . import postgres
 from .test_search_e2e import run_search
 
 FAST = ("study.n_trials=1", "trainer.steps=5", "trainer.report_every=5", "study.pruner=none")
@@ -171,20 +172,40 @@ def test_a_storage_another_process_makes_in_the_same_instant_is_opened(tmp_path)
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 2
 
 
+def _open_together(runs: list[tuple[str, str]], folder: Path) -> list[tuple[int, str, str]]:
+    """Each ``(code, url)`` run in its own process with the URL as ``sys.argv[1]``: every process imports
+    what it needs, says it is ready, and waits for the others; then all go at once (a race at process start
+    was otherwise a matter of the machine's load). Their exit codes, outputs and errors."""
+    import subprocess
+    import sys
+    import time
+
+    ready = ("import pathlib, sys, time; here = pathlib.Path(sys.argv[2]); (here / sys.argv[3]).touch()\n"
+             "def go():\n    while not (here / 'go').exists(): time.sleep(0.001)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", ready + code, url, str(folder), f"ready-{i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (code, url) in enumerate(runs)]
+    deadline = time.monotonic() + 300
+    while len(list(folder.glob("ready-*"))) < len(runs) and time.monotonic() < deadline \
+            and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    (folder / "go").touch()
+    return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=300)]]
+
+
+MLFLOW_OPENS = ("from fulu_nas.search.tracking import open_experiment, quiet_mlflow; quiet_mlflow(); "
+                "import mlflow.store.tracking.sqlalchemy_store; go(); "
+                "print(open_experiment(sys.argv[1], 'e', None)[1])")
+OPTUNA_OPENS = ("from fulu_nas.search.storage import open_study_storage; import optuna.storages; go(); "
+                "open_study_storage(sys.argv[1])")
+
+
 def test_searches_starting_at_once_on_a_new_tracking_database_share_its_experiment(tmp_path):
     """Two processes making MLflow's tables in one new SQLite file at once collided (a column added twice,
     an alembic version row already moved, a migration's temporary table left in the file) and one or
-    both stopped with a traceback. Three pairs, each started together on a file of its own (before the
-    fix, at least one pair of three collided in every attempt on a 2-core machine)."""
-    import subprocess
-    import sys
-
-    script = ("import sys; from fulu_nas.search.tracking import open_experiment, quiet_mlflow; quiet_mlflow(); "
-              "print(open_experiment(sys.argv[1], 'e', None)[1])")
-    procs = [subprocess.Popen([sys.executable, "-c", script, f"sqlite:///{tmp_path / f'mlflow-{i}.db'}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(3) for _ in range(2)]
-    results = [(p.returncode, out, err) for p in procs for out, err in [p.communicate()]]
+    both stopped with a traceback. Three pairs, each on a file of its own."""
+    results = _open_together([(MLFLOW_OPENS, f"sqlite:///{tmp_path / f'mlflow-{i}.db'}") for i in range(3)
+                              for _ in range(2)], tmp_path)
     assert [code for code, _, _ in results] == [0] * 6, [err[-2000:] for _, _, err in results]
     for i in range(3):
         assert results[2 * i][1] == results[2 * i + 1][1] != ""  # one experiment, found by both
@@ -209,3 +230,14 @@ def test_a_folder_that_cannot_be_locked_still_opens_its_databases(tmp_path, monk
     optuna.create_study(study_name="s", storage=storage)
     client, experiment_id = open_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "e", None)
     assert client.get_experiment(experiment_id).name == "e"
+
+
+@pytest.mark.skipif(not postgres.available(), reason="PostgreSQL is not installed")
+def test_hosts_starting_at_once_on_new_postgresql_databases_all_open_them(tmp_path):
+    """`fulu-nas search` started on every host at once, as docs/search.md says to, on two new databases:
+    Optuna's and MLflow's table creations collided ('duplicate key value violates unique constraint
+    "pg_type_typname_nsp_index"', 'relation "studies" already exists') and a host stopped."""
+    with postgres.postgres_server(("optuna", "mlflow")) as urls:
+        results = _open_together([(MLFLOW_OPENS, urls["mlflow"])] * 3 + [(OPTUNA_OPENS, urls["optuna"])] * 3,
+                                 tmp_path)
+    assert [code for code, _, _ in results] == [0] * 6, [err[-1500:] for code, _, err in results if code]
