@@ -148,6 +148,8 @@ def _output(cfg: MoEConfig) -> torch.Tensor:
     ("topk", {"shared_expert_gate": True}),
     ("topk", {"shared_expert_ffn_size": 24}),
     ("hash", {"shared_expert_ffn_size": 24, "shared_expert_gate": True, "group_mask_fill": "zero"}),
+    ("expert_choice", {"renormalize": False}),
+    ("hash", {"renormalize": False}),
     ("topk", {"attention_heads": 2}),
     ("hierarchical", {"attention_heads": 8}),
     ("topk", {"hash_seed": 7}),
@@ -168,6 +170,7 @@ def test_an_option_the_layer_cannot_act_on_is_normalised_away(router, option):
     ("topk", {"num_shared_experts": 1, "shared_expert_ffn_size": 24}),
     ("attention", {"attention_heads": 2}),
     ("hash", {"hash_seed": 7}),
+    ("topk", {"renormalize": False}),
 ])
 def test_an_option_the_layer_acts_on_is_kept(router, option):
     given = make_config(router, **option)

@@ -18,9 +18,11 @@ import torch
 from .field_types import describe, fits
 
 # The options each router cannot act on (MoEConfig.without_inert_options). Neither scores experts
-# through score_func: expert choice takes a softmax over the tokens, the hash router no scores.
-_INERT_OPTIONS = {"hash": ("router_jitter", "aux_loss_coef", "z_loss_coef", "bias_update_rate", "score_func"),
-                  "expert_choice": ("aux_loss_coef", "bias_update_rate", "score_func")}
+# through score_func nor rescales a token's selected weights (renormalize): expert choice takes a softmax
+# over the tokens, the hash router no scores.
+_INERT_OPTIONS = {"hash": ("router_jitter", "aux_loss_coef", "z_loss_coef", "bias_update_rate", "score_func",
+                           "renormalize"),
+                  "expert_choice": ("aux_loss_coef", "bias_update_rate", "score_func", "renormalize")}
 # The options of a part of the layer that only some configurations have: the group mask of the
 # hierarchical router, and the width and gate of shared experts.
 _HIERARCHY_OPTIONS = ("group_mask_fill",)
