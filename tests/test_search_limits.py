@@ -75,10 +75,11 @@ def test_a_derived_value_of_the_wrong_type_is_refused_before_the_study(expressio
     assert "(TypeError: " in problem, problem
 
 
-def test_a_derived_value_of_the_wrong_type_fails_its_trial_with_the_reason(tmp_path, monkeypatch):
-    """A sample the pre-flight did not meet (here: no pre-flight) fails its trial, as a division by zero does."""
+def failed_trials_without_preflight(tmp_path, monkeypatch, expressions: dict) -> list:
+    """The trials of a two-trial search of a space with ``expressions`` (derived values or constraints), its
+    pre-flight skipped so that every sample reaches a trial; each must have failed."""
     work, args = users_space(tmp_path, {"base": BLOCK, "params": {"router": ROUTER, "num_experts": TWO_EXPERTS},
-                                        "derived": {"expert_ffn_size": "64 // router"}})
+                                        **expressions})
     monkeypatch.chdir(work)
     monkeypatch.setattr("fulu_nas.search.settings.check_feasible", lambda space, task: None)
     out = work / "out"
@@ -86,7 +87,12 @@ def test_a_derived_value_of_the_wrong_type_fails_its_trial_with_the_reason(tmp_p
           "study.pruner=none", f"hydra.run.dir={out}"])
     study = load_study(out, "mine-clusters")
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
-    for t in study.trials:
+    return study.trials
+
+
+def test_a_derived_value_of_the_wrong_type_fails_its_trial_with_the_reason(tmp_path, monkeypatch):
+    """A sample the pre-flight did not meet (here: no pre-flight) fails its trial, as a division by zero does."""
+    for t in failed_trials_without_preflight(tmp_path, monkeypatch, {"derived": {"expert_ffn_size": "64 // router"}}):
         reason = t.user_attrs["fail_reason"]
         assert reason.startswith("search_space.derived.expert_ffn_size: '64 // router' cannot be computed for {"), \
             reason
@@ -109,16 +115,7 @@ def test_a_constraint_that_cannot_be_computed_is_refused_before_the_study(constr
 
 
 def test_a_constraint_that_cannot_be_computed_fails_its_trial_with_the_reason(tmp_path, monkeypatch):
-    work, args = users_space(tmp_path, {"base": BLOCK, "params": {"router": ROUTER, "num_experts": TWO_EXPERTS},
-                                        "constraints": ["router > 2"]})
-    monkeypatch.chdir(work)
-    monkeypatch.setattr("fulu_nas.search.settings.check_feasible", lambda space, task: None)
-    out = work / "out"
-    main(["search", *args, "task=clusters", "trainer=tiny", "study.n_trials=2", "trainer.steps=5",
-          "study.pruner=none", f"hydra.run.dir={out}"])
-    study = load_study(out, "mine-clusters")
-    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
-    for t in study.trials:
+    for t in failed_trials_without_preflight(tmp_path, monkeypatch, {"constraints": ["router > 2"]}):
         reason = t.user_attrs["fail_reason"]
         assert reason.startswith("search_space.constraints[0]: 'router > 2' cannot be computed for {"), reason
         assert "(TypeError: " in reason, reason

@@ -111,6 +111,20 @@ class Param:
         return self.low + i * self.step
 
 
+def _evaluated(expr, values: Mapping[str, Any], key: str, shown: Mapping[str, Any]):
+    """``expr`` on ``values``; FuluConfigError under ``key`` (naming the sample ``shown``) where it cannot be
+    computed. A division by zero, or values of the wrong type for the operation (64 // router, abs('x'),
+    min()), is the expression's fault, not the sample's: skipping a derived value left its field at the
+    default unsaid, and counting a constraint as broken shrank the space without a word."""
+    try:
+        return expr(values)
+    except ExpressionTooLarge as e:
+        raise FuluConfigError(f"{key}: {e}") from None
+    except (ArithmeticError, TypeError, ValueError) as e:
+        raise FuluConfigError(f"{key}: {expr.text!r} cannot be computed for {dict(shown)} "
+                              f"({type(e).__name__}: {e})") from None
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     name: str
@@ -138,15 +152,7 @@ class SearchSpace:
         out = dict(values)
         for name, expr in self.derived:
             if expr.names <= out.keys():
-                try:
-                    value = expr(out)
-                except ExpressionTooLarge as e:
-                    raise FuluConfigError(f"search_space.derived.{name}: {e}") from None
-                # A division by zero, or values of the wrong type for the operation (64 // router, abs('x'),
-                # min()): the expression's fault. Skipping it would leave its field at the default unsaid.
-                except (ArithmeticError, TypeError, ValueError) as e:
-                    raise FuluConfigError(f"search_space.derived.{name}: {expr.text!r} cannot be computed for "
-                                          f"{dict(values)} ({type(e).__name__}: {e})") from None
+                value = _evaluated(expr, out, f"search_space.derived.{name}", dict(values))
                 if isinstance(value, float) and not math.isfinite(value):
                     raise FuluConfigError(f"search_space.derived.{name}: {expr.text!r} gives {value} for "
                                           f"{dict(values)}: NaN and infinities are no setting")
@@ -159,21 +165,8 @@ class SearchSpace:
     def violations(self, values: Mapping[str, Any]) -> list[str]:
         """The constraints ``values`` break (constraints naming an inactive parameter don't apply);
         FuluConfigError naming a constraint that cannot be computed for ``values``."""
-        broken = []
-        for i, c in enumerate(self.constraints):
-            if c.names <= values.keys():
-                try:
-                    ok = bool(c(values))
-                except ExpressionTooLarge as e:
-                    raise FuluConfigError(f"search_space.constraints[{i}]: {e}") from None
-                # As for a derived value: the constraint's fault, not the sample's (it was counted as broken,
-                # so a constraint that fails for some samples shrank the space without a word)
-                except (ArithmeticError, TypeError, ValueError) as e:
-                    raise FuluConfigError(f"search_space.constraints[{i}]: {c.text!r} cannot be computed for "
-                                          f"{dict(values)} ({type(e).__name__}: {e})") from None
-                if not ok:
-                    broken.append(c.text)
-        return broken
+        return [c.text for i, c in enumerate(self.constraints)
+                if c.names <= values.keys() and not _evaluated(c, values, f"search_space.constraints[{i}]", values)]
 
     def feasible_arch(self, values: Mapping[str, Any], task):
         """The architecture for sampled ``values`` (derived values included) on ``task`` (see :meth:`arch`),

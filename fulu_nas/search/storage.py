@@ -11,10 +11,13 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import FuluConfigError
+
+T = TypeVar("T")
 
 _RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+pymysql")
 _TRACKING_SCHEMES = ("http", "https", *_RDB_SCHEMES)
@@ -374,28 +377,39 @@ def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_pe
 
         heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
                      "heartbeat_stale_trial_callback": stale}
-    for attempt in range(CREATION_ATTEMPTS):
-        try:
-            with warnings.catch_warnings(), first_use_lock(url):
-                # Heartbeats and their retry callback are marked experimental; we rely on them knowingly.
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-            break
-        except Exception as e:
-            if attempt + 1 < CREATION_ATTEMPTS and _lost_creation_race(e):
-                time.sleep(0.5 * (attempt + 1))
-                continue
-            _raise_cannot_open(url, e)
+    try:
+        with warnings.catch_warnings():
+            # Heartbeats and their retry callback are marked experimental; we rely on them knowingly.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = first_contact(url, lambda: RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat),
+                                    _lost_creation_race)
+    except Exception as e:
+        _raise_cannot_open(url, e)
     if _scheme(url) == "sqlite":
         _begin_immediate(storage.engine)
     return storage
 
 
-# Optuna makes its tables and stamps their version on first use, checking first: processes opening a new
-# database in the same instant (the search's hosts started at once on an empty PostgreSQL database, each
-# with the same command) both find nothing and both create, and one fails on the other's rows. Opened
-# again, the tables are there and only read. (A SQLite file's openings are serialised: first_use_lock.)
-CREATION_ATTEMPTS = 4
+# Optuna and MLflow make their tables (and stamp or migrate their version) at a process's first contact with
+# a database, checking first: processes doing so at once on a new database (the search's hosts started
+# together, each with the same command) both find nothing and both create, and one fails on the other's
+# rows. A SQLite file's first contacts are serialised (first_use_lock); a database server's are retried:
+# once the winner is done, the tables are only read.
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+
+
+def first_contact(url: str, open_: Callable[[], T], lost_race: Callable[[Exception], bool]) -> T:
+    """``open_()``, this process's first contact with the database of ``url``: under :func:`first_use_lock`,
+    and again after a pause while it fails with an error ``lost_race`` takes for a collision."""
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            with first_use_lock(url):
+                return open_()
+        except Exception as e:
+            if delay is None or not lost_race(e):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from typing import Any
 from ..deploy.files import sha256_file
 from .interrupts import between_writes
 from .settings import SearchSettings
-from .storage import first_use_lock, mask_url
+from .storage import first_contact, mask_url
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 WEIGHTS_SHA256_TAG = "fulu.weights_sha256"  # a trial's model.safetensors, as it was uploaded
@@ -61,27 +61,18 @@ def writes(method):
     return run
 
 
-# MLflow makes its tables and migrates them at a process's first contact with a database, checking first:
-# processes doing so at once (the search's hosts started together on an empty database) collide (a
-# column added twice, an alembic version row already moved) and the loser stopped with a traceback.
-# Once the winner is done, the tables are only read. (A SQLite file's first contacts are serialised.)
-FIRST_CONTACT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
-
-
 def open_experiment(tracking_uri: str, name: str, artifact_location: str | None):
-    """A client of ``tracking_uri`` and the id of its experiment ``name``, created where it does not exist."""
+    """A client of ``tracking_uri`` and the id of its experiment ``name``, created where it does not exist.
+    The client makes a database's tables, which processes starting together race for (see
+    :func:`~.storage.first_contact`); a tracking server migrates alone."""
     import mlflow
 
-    for delay in (*FIRST_CONTACT_RETRY_DELAYS, None):
-        try:
-            with first_use_lock(tracking_uri):
-                client = mlflow.MlflowClient(tracking_uri=tracking_uri)  # makes a database's tables
-                experiment = client.get_experiment_by_name(name)
-            break
-        except Exception:
-            if delay is None or tracking_uri.startswith(("http:", "https:")):  # a server migrates alone
-                raise
-            time.sleep(delay)
+    def first() -> tuple[mlflow.MlflowClient, Any]:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        return client, client.get_experiment_by_name(name)
+
+    client, experiment = first_contact(tracking_uri, first,
+                                       lambda e: not tracking_uri.startswith(("http:", "https:")))
     if experiment is not None:
         return client, experiment.experiment_id
     try:
