@@ -150,6 +150,26 @@ def test_under_autocast_the_experts_run_in_its_dtype_and_the_router_in_the_input
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.experts.parameters())
 
 
+@pytest.mark.parametrize("router", ROUTERS)
+def test_under_autocast_the_router_computes_in_the_inputs_precision(router):
+    """Autocast lowers a linear layer's product to bf16 even for fp32 operands; the router's products
+    must not follow it: at a few thousand tokens bf16 logits (about 2^-8 relative) already send a few
+    percent of the tokens to other experts. Routing under autocast is the fp32 routing, to the bit."""
+    layer = make_layer(router, num_experts=16, top_k=2)
+    x = torch.randn(4096, layer.cfg.hidden_size)
+    ids = torch.randint(0, 1000, (4096,))
+    with torch.no_grad():
+        _, reference = layer._route(x, ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, routed = layer._route(x, ids)
+    for field in ("expert_TK", "weight_TK", "token_N", "weight_N", "probs_TE", "logits_TE"):
+        want, got = getattr(reference, field), getattr(routed, field)
+        assert (want is None) == (got is None), field
+        if want is not None:
+            assert got.dtype == want.dtype, field
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=field)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("given_inverse", [False, True])
 def test_token_rows_and_sum_slots_backward_as_autograd_indexing(k, given_inverse):
