@@ -57,6 +57,12 @@ from fulu_nas.moe import MoEConfig
     ({"hash_seed": 1.5}, "hash_seed must be an integer"),
     ({"renormalize": "no"}, "renormalize must be true or false, got 'no'"),  # was taken as true
     ({"router": 3}, "router must be a string"),
+    # accepted, then the forward overflowed (a capacity of 10**300 slots) or torch failed to allocate
+    ({"capacity_factor": 1e300}, r"capacity_factor must be > 0 and at most 1048576, got 1e\+300"),
+    ({"hidden_size": 2**70}, r"hidden_size must be a positive multiple of 8 \(.*\) and at most 1048576"),
+    ({"expert_ffn_size": 2**40}, r"expert_ffn_size must be a positive multiple of 8 \(.*\) and at most 1048576"),
+    ({"num_shared_experts": 1, "shared_expert_ffn_size": 2**40}, "shared_expert_ffn_size must be a positive "
+                                                                 "multiple of 8 and at most 1048576"),
 ])
 def test_impossible_configs_name_the_field(kwargs, named):
     with pytest.raises(ValueError, match=named):
@@ -94,6 +100,15 @@ def test_the_capacity_is_the_documented_ceiling(factor, tokens, want):
     1.0005 acted as 1.0 and 0.0004 as 0 (capacity 1)."""
     assert want == math.ceil(factor * tokens * 2 / 8 - 1e-9)
     assert MoEConfig(capacity_factor=factor, num_experts=8, top_k=2).expert_capacity(tokens) == want
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_the_capacity_never_exceeds_the_tokens(router):
+    """An expert takes a token once at most: a larger capacity drops nothing more (a factor of 10**6 with
+    8 experts asked for 250,000 slots of 10 tokens)."""
+    cfg = MoEConfig(router=router, num_experts=8, top_k=2, capacity_factor=2.0**20)
+    assert cfg.expert_capacity(10) == 10
+    assert cfg.expert_capacity(1) == 1
 
 
 def test_a_huge_expert_count_is_refused_at_once():

@@ -117,6 +117,27 @@ def test_remap_experts_refuses_a_source_outside_the_experts(source):
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
 
 
+def test_an_expert_choice_layer_remaps_to_fewer_experts_than_its_capacity_factor():
+    """Expert choice's top_k is a capacity factor and may exceed the expert count (the config allows
+    it): remapping such a layer, even to its own experts, was refused as "fewer experts than top_k"."""
+    layer = make_layer("expert_choice", hidden_size=16, num_experts=4, expert_ffn_size=16, top_k=6)
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+    before, _ = layer(x)
+    layer.remap_experts([0, 1, 2, 3])
+    torch.testing.assert_close(layer(x)[0], before, rtol=0, atol=0)
+    layer.remap_experts([2])
+    assert layer.cfg.num_experts == 1 and layer.cfg.top_k == 6
+    fresh = PiMoELayer(layer.cfg)
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x)[0], fresh(x)[0], rtol=0, atol=0)
+
+
+def test_a_token_choice_layer_keeps_at_least_top_k_experts():
+    layer = make_layer("topk", **SMALL)
+    with pytest.raises(ValueError, match="remap_experts: 1 experts is fewer than top_k=2"):
+        layer.remap_experts([0])
+
+
 # -- statistics saved -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("router", ["topk", "expert_choice", "hash"])
@@ -138,6 +159,16 @@ def _output(cfg: MoEConfig) -> torch.Tensor:
     torch.manual_seed(0)
     layer = PiMoELayer(cfg)
     return layer(torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(2)))[0]
+
+
+def test_group_mask_fill_is_inert_on_a_one_level_hierarchy():
+    """One level has no groups to mask: two such layers that differ only in the fill are one architecture."""
+    plain = make_config("hierarchical", hierarchy_depth=1, hierarchy_groups=(), hierarchy_topk_groups=())
+    given = make_config("hierarchical", hierarchy_depth=1, hierarchy_groups=(), hierarchy_topk_groups=(),
+                        group_mask_fill="zero")
+    torch.testing.assert_close(_output(given), _output(plain), rtol=0, atol=0)
+    assert "group_mask_fill" in given.inert_options()
+    assert given.without_inert_options() == plain
 
 
 @pytest.mark.parametrize("router,option", [

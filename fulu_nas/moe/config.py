@@ -41,6 +41,11 @@ GROUP_MASK_FILLS = ("-inf", "zero")
 ALIGNMENT = 8
 
 
+# Wider than any layer (hidden sizes reach tens of thousands) and a capacity factor past any that drops
+# tokens: bounds that refuse absurd values with a message where they failed inside torch.
+MAX_WIDTH = 2**20
+MAX_CAPACITY_FACTOR = 2**20
+
 # More experts than any layer trains (PEER's product keys reach 2^20): a bound that keeps validation
 # and the hierarchy's factorisation instant for absurd inputs.
 MAX_EXPERTS = 2**24
@@ -166,11 +171,11 @@ class MoEConfig:
         """The options this configuration accepts but cannot act on: the hash router learns no routing
         (jitter, the auxiliary loss, the z-loss and the selection bias do nothing) and has no scores;
         expert choice balances its load by construction (its auxiliary loss is a constant, and it has
-        no selection bias) and always takes a softmax; only the hierarchical router masks groups, only
-        the attention router has heads and only the hash router hash functions; and without shared
-        experts their width and gate do nothing."""
+        no selection bias) and always takes a softmax; only a hierarchical router of two levels or
+        more masks groups, only the attention router has heads and only the hash router hash
+        functions; and without shared experts their width and gate do nothing."""
         inert = _INERT_OPTIONS.get(self.router, ())
-        if self.router != "hierarchical":
+        if self.router != "hierarchical" or self.hierarchy_depth == 1:  # one level has no groups to mask
             inert += _HIERARCHY_OPTIONS
         if not self.num_shared_experts:
             inert += _SHARED_EXPERT_OPTIONS
@@ -204,7 +209,7 @@ class MoEConfig:
         ratio = Fraction(factor).limit_denominator(10**6)
         denominator = ratio.denominator * self.num_experts
         capacity = _max(1, (ratio.numerator * slots + denominator - 1) // denominator)
-        return _min(num_tokens, capacity) if self.router == "expert_choice" else capacity
+        return _min(num_tokens, capacity)  # an expert takes a token once at most
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -238,11 +243,13 @@ class MoEConfig:
              f"group_mask_fill must be one of {GROUP_MASK_FILLS}, got {self.group_mask_fill!r}")
         for name in ("hidden_size", "expert_ffn_size"):
             v = getattr(self, name)
-            need(v > 0 and v % ALIGNMENT == 0,
-                 f"{name} must be a positive multiple of {ALIGNMENT} (grouped GEMM alignment), got {v}")
+            need(0 < v <= MAX_WIDTH and v % ALIGNMENT == 0,
+                 f"{name} must be a positive multiple of {ALIGNMENT} (grouped GEMM alignment) and at most "
+                 f"{MAX_WIDTH}, got {v}")
         if self.num_shared_experts:
-            need(self.shared_ffn_size > 0 and self.shared_ffn_size % ALIGNMENT == 0,
-                 f"shared_expert_ffn_size must be a positive multiple of {ALIGNMENT}, got {self.shared_ffn_size}")
+            need(0 < self.shared_ffn_size <= MAX_WIDTH and self.shared_ffn_size % ALIGNMENT == 0,
+                 f"shared_expert_ffn_size must be a positive multiple of {ALIGNMENT} and at most {MAX_WIDTH}, "
+                 f"got {self.shared_ffn_size}")
         need(1 <= self.num_experts <= MAX_EXPERTS,
              f"num_experts must be >= 1 and at most {MAX_EXPERTS}, got {self.num_experts}")
         need(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
@@ -260,7 +267,8 @@ class MoEConfig:
             need(self.router in ("topk", "hierarchical", "attention"),
                  f"top_p applies to score-based token-choice routers, not {self.router!r}")
         if self.capacity_factor is not None:
-            need(self.capacity_factor > 0, f"capacity_factor must be > 0, got {self.capacity_factor}")
+            need(0 < self.capacity_factor <= MAX_CAPACITY_FACTOR,
+                 f"capacity_factor must be > 0 and at most {MAX_CAPACITY_FACTOR}, got {self.capacity_factor}")
         need(self.hierarchy_depth >= 1, f"hierarchy_depth must be >= 1, got {self.hierarchy_depth}")
         if self.router == "hierarchical" and self.hierarchy_depth == 1:
             need(not (self.hierarchy_groups or self.hierarchy_topk_groups),

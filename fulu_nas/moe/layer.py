@@ -411,7 +411,7 @@ class PiMoELayer(nn.Module):
         if self.cfg.router == "hierarchical":
             raise ValueError("remap_experts: the hierarchical router's group structure fixes num_experts")
         source = _expert_indices(source, self.cfg.num_experts)
-        if len(source) < self.cfg.top_k:
+        if self.cfg.token_choice and len(source) < self.cfg.top_k:  # expert choice's top_k is a capacity factor
             raise ValueError(f"remap_experts: {len(source)} experts is fewer than top_k={self.cfg.top_k}")
         index = torch.tensor(source, dtype=torch.long, device=self.experts.w13_EDF2.device)
         clones = torch.tensor([i for i, e in enumerate(source) if e in source[:i]], dtype=torch.long,

@@ -23,7 +23,7 @@ the hidden state entering the MoE layer, its router probabilities and its top-1 
   its tokens need and grows no more;
 - the busiest expert is also split (cloned, router row copied plus noise) when load is
   concentrated (above ``add_above`` x the mean, e.g. without balancing);
-always within ``[min_experts, max_experts]`` (and never below ``top_k``). Once training progress
+always within ``[min_experts, max_experts]`` (and, for token choice, never below ``top_k``). Once training progress
 (the fraction of the step or time budget, as the schedule counts it) reaches ``freeze_after``
 the expert set stays fixed, so the router and experts settle on it before training ends. The
 optimizer state of the affected parameters moves with the experts, so Adam's moments follow
@@ -212,7 +212,9 @@ class DynamicExperts:
         changed = False
         probes = self.probe()
         for i, layer in enumerate(self.layers):
-            plan = self.plan(self.load[i], layer.cfg.top_k, probes[i] if probes else None, self.ages[i],
+            # Token choice needs top_k experts; expert choice's top_k is a capacity factor.
+            floor = layer.cfg.top_k if layer.cfg.token_choice else 1
+            plan = self.plan(self.load[i], floor, probes[i] if probes else None, self.ages[i],
                              grow=not self.saturated[i])
             self.saturated[i] |= plan.merged
             source, old_ages = plan.source, self.ages[i]
