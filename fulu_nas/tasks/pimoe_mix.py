@@ -8,8 +8,9 @@ a random offset inside the first segment: ``tokens = c[0:S]``, ``targets = c[1:S
 Domains are those of the *input* characters: 1 ("computation") for every character of an
 expression, 0 ("text") for everything else, separating spaces included.
 
-Split by problem: a fixed random ``val_fraction`` of all operand pairs ``(a, b)`` (drawn from
-``data_seed``) appears only in validation, the rest only in training; the sentences are not split.
+Split by problem: a fixed random ``val_fraction`` of all problems, unordered operand pairs
+``{a, b}`` (drawn from ``data_seed``), appears only in validation, as ``a+b`` and ``b+a`` alike,
+the rest only in training; the sentences are not split.
 
 ``exact_match`` (teacher-forced) counts the *complete* expressions of a window: those whose
 whole left side is visible (the space before ``a`` lies in the window) and whose result digits
@@ -122,12 +123,17 @@ class PiMoEMixTask(Task):
         self.seq_len, self.max_operand = int(seq_len), int(max_operand)
         self.expression_rate, self.val_fraction = float(expression_rate), float(val_fraction)
         self.val_sequences, self.data_seed = int(val_sequences), int(data_seed)
-        n_pairs = (self.max_operand + 1) ** 2
-        n_val = min(max(round(self.val_fraction * n_pairs), 1), n_pairs - 1)
+        n = self.max_operand + 1
+        # A problem is an unordered pair: a+b and b+a have the same sum, so a held-out b+a whose a+b
+        # trains would be scored by recalling it. Problems {a, b}, a <= b, are split.
+        a_U, b_U = torch.triu_indices(n, n)
+        n_problems = a_U.numel()
+        n_val = min(max(round(self.val_fraction * n_problems), 1), n_problems - 1)
+        val_U = torch.randperm(n_problems, generator=make_generator("pimoe_mix", "problems", self.data_seed))[:n_val]
         # is_val_P[a * (max_operand + 1) + b] says whether the pair (a, b) belongs to validation.
-        order_P = torch.randperm(n_pairs, generator=make_generator("pimoe_mix", "pairs", self.data_seed))
-        self.is_val_P = torch.zeros(n_pairs, dtype=torch.bool)
-        self.is_val_P[order_P[:n_val]] = True
+        self.is_val_P = torch.zeros(n * n, dtype=torch.bool)
+        self.is_val_P[a_U[val_U] * n + b_U[val_U]] = True
+        self.is_val_P[b_U[val_U] * n + a_U[val_U]] = True
         self._train_pairs = torch.nonzero(~self.is_val_P).flatten().tolist()
         self._val_pairs = torch.nonzero(self.is_val_P).flatten().tolist()
         self._val: tuple[Tensor, Tensor, Tensor] | None = None
