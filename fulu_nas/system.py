@@ -7,6 +7,7 @@ reports is measured on the call that reports it.
 
 from __future__ import annotations
 
+import numbers
 import operator
 import resource
 import statistics
@@ -54,8 +55,9 @@ FEATURES = {
                        "its probability mass needs (Huang et al. 2024)",
     "cross_expert_communication": "a shared expert seen by every token, gated per token "
                                   "(Qwen2-MoE)",
-    "neural_architecture_search": "the architecture is recorded in search-space form "
-                                  "(system.architecture()) so a search can start from it",
+    "neural_architecture_search": "the architecture is recorded in search-space form in "
+                                  "info['system_stats']['architecture'] (system.architecture()) so "
+                                  "a search can start from it",
     "performance_optimization": "the optimisation level's dispatch (sorted / grouped GEMM) instead "
                                 "of the per-expert loop",
     "adaptive_learning": "auxiliary-loss-free balancing: a selection bias that adapts to the "
@@ -98,6 +100,27 @@ def _int_argument(value: Any, argument: str, minimum: int = 1) -> int:
         kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{argument} must be {kind}, got {value!r}")
     return number
+
+
+def _fraction_argument(value: Any, argument: str) -> float:
+    """``value`` as a float in (0, 1] (any real number but bool), or ValueError naming ``argument``."""
+    number = None if isinstance(value, bool) or not isinstance(value, numbers.Real) else float(value)
+    if number is None or not 0 < number <= 1:  # NaN fails the comparison too
+        raise ValueError(f"{argument} must be a number in (0, 1], got {value!r}")
+    return number
+
+
+# The MoEConfig fields the spec's arguments set: an override of one would contradict its argument (a
+# hash system with a top-k router, an ADVANCED system running the loop) or the features reported.
+SET_BY_ARGUMENTS = {
+    "router": "routing_strategy",
+    "attention_context": "routing_strategy",
+    "impl": "optimization_level and enable_performance_optimization",
+    "top_p": "enable_dynamic_scaling and dynamic_top_p",
+    "num_shared_experts": "enable_cross_expert_communication",
+    "shared_expert_gate": "enable_cross_expert_communication",
+    "bias_update_rate": "enable_adaptive_learning",
+}
 
 
 def _resolve_device(device: str | torch.device | int | None) -> torch.device:
@@ -238,6 +261,8 @@ class UltimatePiMoESystem(nn.Module):
             "inference_optimized": self._inference,
             "features": {name: on for name, on in self.features.items()},
             "forward_calls": self._calls,
+            # neural architecture search: the configuration in search-space form, in every report
+            **({"architecture": self.architecture()} if self.features["neural_architecture_search"] else {}),
         }
 
     def architecture(self) -> dict[str, Any]:
@@ -363,10 +388,14 @@ def create_ultimate_pimoe_system(
         expert_ffn_size = _int_argument(expert_ffn_size, "expert_ffn_size")
     attention_heads = _int_argument(attention_heads, "attention_heads")
     hierarchy_depth = _int_argument(hierarchy_depth, "hierarchy_depth")
+    dynamic_top_p = _fraction_argument(dynamic_top_p, "dynamic_top_p")
     unknown = sorted(set(moe_overrides) - {f.name for f in fields(MoEConfig)})
     if unknown:
         raise ValueError(f"unknown keyword(s) {', '.join(unknown)}: neither an argument of "
                          f"create_ultimate_pimoe_system nor a MoEConfig field")
+    if conflicting := sorted(SET_BY_ARGUMENTS.keys() & moe_overrides.keys()):
+        raise ValueError("; ".join(f"{field} is set by {SET_BY_ARGUMENTS[field]}" for field in conflicting)
+                         + ": pass those arguments, not MoEConfig overrides")
     target = _resolve_device(device)
     # Expert choice reads top_k as a capacity (each expert takes top_k * tokens / num_experts
     # tokens), which may exceed num_experts.

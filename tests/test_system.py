@@ -237,3 +237,40 @@ def test_a_system_saved_whole_after_a_forward_loads_with_its_last_statistics(lev
     loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)  # a whole module: a trusted file only
     torch.testing.assert_close(loaded.balance_loss, system.balance_loss.detach())
     torch.testing.assert_close(loaded(x), want)
+
+
+@pytest.mark.parametrize(("override", "argument"), [
+    ({"router": "topk"}, "routing_strategy"),
+    ({"impl": "loop"}, "optimization_level"),
+    ({"top_p": 0.3}, "dynamic_top_p"),
+    ({"attention_context": False}, "routing_strategy"),
+    ({"num_shared_experts": 2}, "enable_cross_expert_communication"),
+    ({"shared_expert_gate": False}, "enable_cross_expert_communication"),
+    ({"bias_update_rate": 0.0}, "enable_adaptive_learning"),
+])
+def test_a_layer_override_of_what_an_argument_sets_is_refused(override, argument):
+    """An override applied after the spec's arguments built a hash system with a top-k router whose
+    features were reported off, or an ADVANCED system running the loop: refused, naming the argument."""
+    field = next(iter(override))
+    with pytest.raises(ValueError, match=f"^{field} is set by [a-z_ ]*{argument}"):
+        small(routing_strategy="hash", enable_all_features=True, **override)
+
+
+@pytest.mark.parametrize("value", ["abc", 0.0, 1.5, float("nan"), True])
+def test_dynamic_top_p_is_checked_as_an_argument(value):
+    """Checked whether or not dynamic scaling is on ("abc" was accepted with it off), and named as the
+    argument (with it on, 1.5 was refused as MoEConfig's top_p, a field the caller never passed)."""
+    for scaling in (False, True):
+        with pytest.raises(ValueError, match=r"^dynamic_top_p must be a number in \(0, 1\]"):
+            small(enable_dynamic_scaling=scaling, dynamic_top_p=value)
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_the_architecture_search_flag_records_the_architecture_in_the_info(search):
+    system = small(enable_neural_architecture_search=search)
+    _, info = system(torch.randn(1, 4, 64), return_comprehensive_info=True)
+    assert info["system_stats"]["features"]["neural_architecture_search"] is search
+    if search:
+        assert info["system_stats"]["architecture"] == system.architecture()
+    else:
+        assert "architecture" not in info["system_stats"]
