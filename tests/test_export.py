@@ -888,6 +888,7 @@ def test_export_refuses_trial_weights_changed_in_the_artifact_store(exported, mo
 @pytest.mark.slow
 def test_export_refuses_bad_input_and_writes_nothing(exported, monkeypatch, capsys):
     monkeypatch.chdir(exported.root)
+    (exported.root / "afile").touch()
     before = sorted(p.name for p in exported.root.iterdir())
     out = exported.out
     for args, key in ([["study.name=nope"], "no study database"],
@@ -895,6 +896,9 @@ def test_export_refuses_bad_input_and_writes_nothing(exported, monkeypatch, caps
                       [["study.name=tiny-clusters", f"hydra.run.dir={out}", "trial=pareto:7", "out=x2"], "pareto"],
                       [["study.name=tiny-clusters", f"hydra.run.dir={out}", f"out={exported.model_dir}"],
                        "not empty"],
+                      # an empty file was said to be "not empty": it is a file, not a folder
+                      [["study.name=tiny-clusters", f"hydra.run.dir={out}", "out=afile"], "out: afile is a file, not a "
+                       "folder"],
                       [["study.name=tiny-clusters", f"hydra.run.dir={out}", "retrain=maybe", "out=x3"], "retrain"],
                       # 0 exported an untrained model as the champion; nan and inf ended in a traceback
                       *[[["study.name=tiny-clusters", f"hydra.run.dir={out}", "retrain=true", f"retrain_factor={f}",
@@ -1005,3 +1009,18 @@ def test_trial_selection_rules():
         select_trial(multi, m, "pareto:2")
     with pytest.raises(FuluConfigError, match="expected best"):
         select_trial(multi, m, "latest")
+
+
+def test_an_export_into_a_file_names_it_a_file_and_writes_nothing(tmp_path):
+    """An empty file given as out= was said to "exist and not be empty"."""
+    from fulu_nas.deploy.export import assemble
+
+    (tmp_path / "afile").touch()
+    with pytest.raises(FuluConfigError, match=r"out: .*afile is a file, not a folder; choose a folder") as e:
+        assemble(tmp_path / "afile", lambda folder: (folder / "x").write_text("x"))
+    assert len(e.value.problems) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_bytes() == b""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").touch()
+    with pytest.raises(FuluConfigError, match=r"out: .*full exists and is not empty; choose another folder"):
+        assemble(tmp_path / "full", lambda folder: None)

@@ -113,3 +113,105 @@ def test_a_headless_encoder_saved_without_its_pooler_migrates(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(migrated(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state,
                                    rtol=1e-5, atol=1e-5)
+
+
+# -- save_pretrained folders whose files disagree with what they claim to be ---------------------------
+
+
+def saved_electra(folder, **config):
+    """A tiny random ElectraForMaskedLM saved with save_pretrained (safetensors)."""
+    from transformers import ElectraConfig, ElectraForMaskedLM
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=64, embedding_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4)
+    ElectraForMaskedLM(ElectraConfig(**{**kw, **config})).save_pretrained(folder)
+    return folder
+
+
+def edit_weights(folder, edit) -> None:
+    """``edit(tensors)`` changes the folder's model.safetensors in place (a dict of name -> tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def edit_config(folder, **fields) -> None:
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+def refused(folder, words: str) -> FuluConfigError:
+    """migrate_from_electra(folder) raises one FuluConfigError matching ``words``."""
+    with pytest.raises(FuluConfigError, match=words) as e:
+        migrate_from_electra(str(folder), num_experts=4)
+    assert len(e.value.problems) == 1, e.value.problems
+    return e.value
+
+
+@pytest.mark.parametrize("name,value", [("electra.encoder.layer.0.intermediate.dense.weight", float("nan")),
+                                        ("electra.encoder.layer.0.attention.self.query.weight", float("inf"))])
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tmp_path, name, value):
+    """NaN in the FFN was blamed on the model's layout (a RuntimeError); elsewhere it migrated silently."""
+    folder = saved_electra(tmp_path / "m")
+    edit_weights(folder, lambda t: t[name].view(-1).__setitem__(0, value))
+    refused(folder, rf"model.safetensors holds non-finite values \({name}\)")
+
+
+def test_a_config_field_of_the_wrong_type_is_refused_naming_the_field(tmp_path):
+    """transformers 5 validates config.json with huggingface_hub's strict dataclasses, whose error is neither
+    a ValueError nor a TypeError: it escaped raw."""
+    folder = saved_electra(tmp_path / "m")
+    edit_config(folder, hidden_size="32")
+    refused(folder, r"config.json cannot be read: Field 'hidden_size' expected int, got str \(value: '32'\)")
+
+
+@pytest.mark.parametrize("extra", ["layer", "stray"])
+def test_a_checkpoint_with_tensors_its_config_does_not_use_is_refused_naming_them(tmp_path, extra):
+    """A third layer under a 2-layer config.json (or a stray key) was dropped silently: a truncated model."""
+    folder = saved_electra(tmp_path / "m")
+
+    def add(tensors):
+        if extra == "stray":
+            tensors["bogus.weight"] = torch.zeros(3)
+        else:
+            for key in [k for k in tensors if ".layer.1." in k]:
+                tensors[key.replace(".layer.1.", ".layer.2.")] = tensors[key].clone()
+
+    edit_weights(folder, add)
+    first = "bogus.weight" if extra == "stray" else "electra.encoder.layer.2.attention.output.LayerNorm.bias"
+    refused(folder, rf"its weights hold {1 if extra == 'stray' else 16} tensors? that its config.json does not use "
+                    rf"\({first}[,)]")
+
+
+@pytest.mark.parametrize("name", ["pipeline", "AutoTokenizer", "GPT2Model", "PreTrainedModel", "NoSuchClass"])
+def test_architectures_must_name_a_model_class_of_the_config(tmp_path, name):
+    """Any attribute of transformers was called with from_pretrained: a raw AttributeError for a function,
+    a tokenizer's unrelated error, or another model type's class blamed on the weights."""
+    folder = saved_electra(tmp_path / "m")
+    edit_config(folder, architectures=[name])
+    refused(folder, rf"config.json's architectures names {name!r}, which is not a transformers model class of "
+                    r"model_type 'electra'")
+
+
+def test_a_checkpoint_without_the_head_of_its_class_is_refused_naming_the_tensors(tmp_path):
+    """migration.md promises the class a folder was saved from, head included: a head the files lack was
+    drawn at random without a word."""
+    folder = saved_electra(tmp_path / "m")
+    edit_weights(folder, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("generator_")]])
+    refused(folder, r"its weights lack the head of ElectraForMaskedLM \(generator_lm_head.bias, "
+                    r"generator_predictions.LayerNorm.bias, generator_predictions.LayerNorm.weight, \.\.\.\)")
+    # the head of another class than the weights' one is missing too (and theirs unused)
+    folder = saved_electra(tmp_path / "other")
+    edit_config(folder, architectures=["ElectraForPreTraining"])
+    refused(folder, r"its weights lack the head of ElectraForPreTraining \(discriminator_predictions")
+
+
+def test_a_whole_checkpoint_of_its_class_still_migrates(tmp_path):
+    folder = saved_electra(tmp_path / "m")
+    migrated = migrate_from_electra(str(folder), num_experts=4)
+    assert type(migrated).__name__ == "ElectraForMaskedLM" and migrated.fulu_migration.exact

@@ -137,6 +137,16 @@ def test_export_writes_a_save_pretrained_folder_that_loads_back_with_the_same_ou
         {name: hashlib.sha256((broken / name).read_bytes()).hexdigest() for name in listing}))
     with pytest.raises(FuluConfigError, match=r"broken/upcycling.yaml: not valid YAML \(.* at line 2"):
         fulu_nas.load(broken)
+    # a config.json field of the wrong type: a raw huggingface_hub StrictDataclassFieldValidationError before
+    typed = tmp_path / "typed"
+    shutil.copytree(folder, typed)
+    config = json.loads((typed / "config.json").read_text())
+    (typed / "config.json").write_text(json.dumps({**config, "hidden_size": str(config["hidden_size"])}))
+    (typed / "checksums.json").write_text(json.dumps(
+        {name: hashlib.sha256((typed / name).read_bytes()).hexdigest() for name in listing}))
+    with pytest.raises(FuluConfigError, match=r"typed/config.json: not a transformers configuration \(Field "
+                                              r"'hidden_size' expected int, got str"):
+        fulu_nas.load(typed)
 
     # a changed byte is refused before anything is read as weights
     weights = folder / "model.safetensors"
@@ -252,4 +262,56 @@ def test_bad_input_is_one_clear_message_exit_2_and_nothing_written(tmp_path, mon
     err = capsys.readouterr().err
     assert re.search(words, err), err
     assert err.startswith("error: invalid search configuration:")
+    assert not (tmp_path / "outputs").exists() and not list(tmp_path.rglob("*.db"))
+
+
+def _set_first(name: str, value: float):
+    return lambda tensors: tensors[name].view(-1).__setitem__(0, value)
+
+
+def _add_layer_2(tensors) -> None:
+    for key in [k for k in tensors if ".layer.1." in k]:
+        tensors[key.replace(".layer.1.", ".layer.2.")] = tensors[key].clone()
+
+
+@pytest.mark.parametrize("case,words", [
+    # a study ran with every trial "diverging at step 1" (rc 0)
+    ("nan in the ffn", r"model.safetensors holds non-finite values \(bert.encoder.layer.0.intermediate.dense.weight\)"),
+    ("inf in attention", r"model.safetensors holds non-finite values \(bert.encoder.layer.0.attention.self.query."
+                         r"weight\)"),
+    # a traceback and rc 1 (huggingface_hub's StrictDataclassFieldValidationError)
+    ("string hidden_size", r"its config.json cannot be read: Field 'hidden_size' expected int, got str"),
+    # trained on the first 2 of 3 layers without a word
+    ("extra layer", r"its weights hold 16 tensors that its config.json does not use "
+                    r"\(bert.encoder.layer.2.attention.output.LayerNorm.bias, "),
+    # 19 lines blaming every choice of the search space
+    ("ffn 60", r"intermediate_size=60 is not a multiple of 8: PiMoE's grouped experts need"),
+    ("hidden 36", r"hidden_size=36 is not a multiple of 8: PiMoE's grouped experts need"),
+])
+def test_a_bad_checkpoint_is_one_clear_message_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, case,
+                                                                          words):
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(tmp_path / "corpus")
+    sizes = {"ffn 60": dict(intermediate_size=60), "hidden 36": dict(hidden_size=36)}.get(case, {})
+    model = save_encoder(tmp_path / "enc", **sizes)
+    edit = {"nan in the ffn": _set_first("bert.encoder.layer.0.intermediate.dense.weight", float("nan")),
+            "inf in attention": _set_first("bert.encoder.layer.0.attention.self.query.weight", float("inf")),
+            "extra layer": _add_layer_2}.get(case)
+    if edit:
+        tensors = load_file(model / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    if case == "string hidden_size":
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "hidden_size": "32"}))
+    capsys.readouterr()
+    assert main(["search", "+experiment=upcycle_tiny", f"model={model}", f"task.path={corpus}"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(words, err), err
+    assert err.startswith("error: invalid search configuration:") and err.count("\n") == 2, err
+    assert "Traceback" not in err
     assert not (tmp_path / "outputs").exists() and not list(tmp_path.rglob("*.db"))

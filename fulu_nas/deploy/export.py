@@ -136,14 +136,22 @@ up to the model's length; split larger batches.
 """
 
 
+def check_out_folder(out: Path) -> None:
+    """FuluConfigError unless ``out`` is a folder an export may fill: missing, or empty. A file, even an
+    empty one, is named as such (calling it "not empty" would point the user at the wrong fix)."""
+    if out.exists() and not out.is_dir():
+        raise FuluConfigError(f"out: {out} is a file, not a folder; choose a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder")
+
+
 def assemble(out: Path, fill: Callable[[Path], None]) -> Path:
     """Write the folder ``out`` (which must not exist or be empty) all at once: ``fill(folder)`` writes the
     files into a temporary folder next to ``out``; then :data:`CHECKSUMS` lists the SHA-256 of each of them,
     the permissions let a serving user read them, and the folder is renamed to ``out``. A failure
     leaves nothing behind."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder")
+    check_out_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

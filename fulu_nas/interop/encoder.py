@@ -5,9 +5,11 @@ upcycling trial.
 :class:`DenseEncoder` refuses, with one :class:`~fulu_nas.errors.FuluConfigError` naming the folder and
 what was expected: a path that is not a folder, a folder without ``config.json`` or without safetensors
 weights (nothing is unpickled), a model type without a masked-language-model class in transformers
-(GPT-2, T5, ...), and an encoder whose feed-forward blocks :func:`~.migrate.migrate_from_electra` cannot
-upcycle. A folder saved without the MLM head (``BertModel``, ``ElectraForPreTraining``) gets a new head,
-drawn from a fixed seed so that every trial starts from the same weights (``head`` says which).
+(GPT-2, T5, ...), weights that hold NaN or infinite values or tensors the configuration has no place for,
+and an encoder whose feed-forward blocks :func:`~.migrate.migrate_from_electra` cannot upcycle (an
+activation other than the exact GELU, sizes that are not multiples of 8). A folder saved without the MLM
+head (``BertModel``, ``ElectraForPreTraining``) gets a new head, drawn from a fixed seed so that every
+trial starts from the same weights (``head`` says which).
 
 The folder's tokenizer is its own when it has tokenizer files (:data:`TOKENIZER_FILES`); transformers
 would otherwise hand back an empty tokenizer of the model type without complaint, so the files decide.
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import FuluConfigError
-from .migrate import encoder_root, loading_problem, quiet_transformers
+from .migrate import alignment_problems, encoder_root, loading_problem, quiet_transformers, read_hf_config, saved_class
 
 # Files that hold a tokenizer's vocabulary (tokenizer_config.json alone holds none).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
@@ -48,6 +50,13 @@ class EncoderShape:
     ffn_size: int
     num_heads: int
     vocab_size: int
+
+
+def _state_keys(cls: type[nn.Module], config) -> frozenset[str]:
+    """The names of the tensors a ``cls`` of ``config`` saves, read from one built on the meta device (no
+    memory, no initialisation)."""
+    with quiet_transformers(), torch.device("meta"):
+        return frozenset(cls(config).state_dict())
 
 
 def _sha256(files: list[Path]) -> str:
@@ -94,6 +103,9 @@ class DenseEncoder:
         except FuluConfigError as e:
             raise FuluConfigError([f"model {os.fspath(path)!r}: {p}" for p in e.problems]) from None
         dense = layers[0].intermediate.dense
+        # Said here, once, rather than by every architecture of the search space failing on it.
+        if problems := alignment_problems(dense.in_features, dense.out_features):
+            raise FuluConfigError([f"model {os.fspath(path)!r}: {p}" for p in problems])
         self.shape = EncoderShape(num_layers=len(layers), hidden_size=dense.in_features, ffn_size=dense.out_features,
                                   num_heads=int(getattr(self.config, "num_attention_heads", 4) or 4),
                                   vocab_size=int(self.config.vocab_size))
@@ -107,16 +119,19 @@ class DenseEncoder:
                                   "pip install 'fulu-nas[hf]'") from None
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+        try:
+            config = read_hf_config(path)
+        except ValueError as e:
+            raise FuluConfigError(f"model {os.fspath(path)!r}: its config.json cannot be read: {e}") from None
+        if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            saved = ", ".join(config.architectures or []) or config.model_type
+            raise FuluConfigError(f"model {os.fspath(path)!r} is a {config.model_type} model ({saved}), which "
+                                  f"has no masked-language-model head in transformers; expected {EXPECTED}")
+        try:
+            saved_keys = _state_keys(saved_class(config), config)
+        except ValueError as e:
+            raise FuluConfigError(f"model {os.fspath(path)!r}: {e}") from None
         with quiet_transformers():
-            try:
-                config = transformers.AutoConfig.from_pretrained(path)
-            except (OSError, ValueError, KeyError) as e:
-                raise FuluConfigError(f"model {os.fspath(path)!r}: its config.json cannot be read: "
-                                      f"{str(e).splitlines()[0]}") from None
-            if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-                saved = ", ".join(config.architectures or []) or config.model_type
-                raise FuluConfigError(f"model {os.fspath(path)!r} is a {config.model_type} model ({saved}), which "
-                                      f"has no masked-language-model head in transformers; expected {EXPECTED}")
             # The same new head for every trial, without touching the caller's random state.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -128,7 +143,9 @@ class DenseEncoder:
                 except (OSError, ValueError, RuntimeError) as e:
                     raise FuluConfigError(f"model {os.fspath(path)!r} cannot be loaded: "
                                           f"{str(e).splitlines()[0]}") from None
-        if problem := loading_problem(model, info):
+        # A folder saved without the MLM head gets a new one (documented); the head of the class it was saved
+        # from (a pooler, ELECTRA's discriminator) is not the MLM model's to use, any other tensor is wrong.
+        if problem := loading_problem(model, info, new_head=True, saved_keys=saved_keys):
             raise FuluConfigError(f"model {os.fspath(path)!r}: {problem}")
         return model.eval(), "new" if info["missing_keys"] else "pretrained"  # a head the files lack
 

@@ -261,16 +261,98 @@ def unreadable_weights(folder: str | os.PathLike) -> list[str]:
     return problems
 
 
+def nonfinite_weights(folder: str | os.PathLike) -> list[str]:
+    """Each safetensors file in ``folder`` with NaN or infinite values, naming its tensors: such weights
+    would only show up later, as a "layout" mismatch at verification or as every trial diverging."""
+    from safetensors import safe_open
+
+    problems = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            bad = [name for name in f.keys() if _has_nonfinite(f.get_tensor(name))]
+        if bad:
+            problems.append(f"{path.name} holds non-finite values ({_some(bad)})")
+    return problems
+
+
+def _has_nonfinite(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+
+
+def weight_file_problems(folder: str | os.PathLike) -> list[str]:
+    """What is wrong with the safetensors files of ``folder`` as files: unreadable ones, else non-finite
+    values (only read once every header reads)."""
+    return unreadable_weights(folder) or nonfinite_weights(folder)
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``names``, and an ellipsis when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def read_hf_config(folder: str | os.PathLike):
+    """transformers' configuration in ``folder``/config.json, or ValueError saying in one line why it cannot be
+    read. transformers 5 checks the fields' types with huggingface_hub's strict dataclasses, whose errors
+    derive from Exception only; their first line names the field but not the problem, their cause both."""
+    import transformers
+
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: no strict validation
+        StrictDataclassError = ValueError  # noqa: N806
+    try:
+        with quiet_transformers():
+            return transformers.AutoConfig.from_pretrained(folder)
+    except StrictDataclassError as e:
+        raise ValueError(_first_line(e.__cause__ or e)) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(_first_line(e)) from None
+
+
+def saved_class(config) -> type[nn.Module]:
+    """The transformers model class ``config.json``'s ``architectures`` names (the class the folder was
+    saved from), or the headless model of its type when it names none; ValueError when the name is not a
+    model class of the config's type (a function, a tokenizer, another model type's class)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    names = config.architectures or []
+    if not names and type(config) in MODEL_MAPPING:
+        return MODEL_MAPPING[type(config)]
+    if not names:
+        raise ValueError(f"model_type {config.model_type!r} has no model class in transformers")
+    cls = getattr(transformers, names[0], None) if isinstance(names[0], str) else None
+    model_type = getattr(getattr(cls, "config_class", None), "model_type", None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+            and model_type == config.model_type):
+        raise ValueError(f"config.json's architectures names {names[0]!r}, which is not a transformers model class "
+                         f"of model_type {config.model_type!r}")
+    return cls
+
+
+def alignment_problems(hidden: int, ffn: int) -> list[str]:
+    """The encoder sizes an upcycling cannot take: PiMoE's grouped GEMMs need both multiples of
+    :data:`ALIGNMENT` (named with config.json's fields)."""
+    return [f"{name}={size} is not a multiple of {ALIGNMENT}: PiMoE's grouped experts need a hidden_size and an "
+            f"intermediate_size that are multiples of {ALIGNMENT}"
+            for name, size in (("hidden_size", hidden), ("intermediate_size", ffn)) if size % ALIGNMENT]
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def loading_problem(model: nn.Module, info: Mapping[str, Any]) -> str | None:
+def loading_problem(model: nn.Module, info: Mapping[str, Any], *, new_head: bool = False,
+                    saved_keys: Iterable[str] = ()) -> str | None:
     """What is wrong with weights transformers loaded into ``model`` (``info``: its
     ``output_loading_info``, loaded with ``ignore_mismatched_sizes=True``), or None: sizes that do not
-    fit the config, or encoder tensors the files lack (transformers starts those at random, which
-    would make a random model; the pooler is optional: ``BertModel(add_pooling_layer=False)`` saves
-    none)."""
+    fit the config, tensors the files lack (transformers starts those at random, which would make a random
+    model; the pooler is optional: ``BertModel(add_pooling_layer=False)`` saves none), and tensors the
+    config has no place for (transformers drops those, which would truncate the model silently).
+
+    ``new_head``: a head the files lack is wanted new (only the encoder's tensors are required).
+    ``saved_keys``: the tensors of the class the files were saved from, when ``model`` is of another
+    class: its head is not the files' business to match."""
     if mismatched := sorted(info["mismatched_keys"]):
         shapes = [f"{key}: {tuple(stored)} stored, {tuple(configured)} configured"
                   for key, stored, configured in mismatched[:3]]
@@ -278,11 +360,21 @@ def loading_problem(model: nn.Module, info: Mapping[str, Any]) -> str | None:
         return f"its weights do not fit its config.json: {'; '.join(shapes)}{more}"
     headless = getattr(model, "base_model", model) is model
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    body = sorted(k for k in info["missing_keys"] if (headless or k.startswith(prefix))
-                  and not k.removeprefix(prefix).startswith("pooler."))
+    missing = sorted(k for k in info["missing_keys"] if not k.removeprefix(prefix).startswith("pooler."))
+    body = [k for k in missing if headless or k.startswith(prefix)]
     if body:
-        return (f"its weights lack {len(body)} of the encoder's tensors ({', '.join(body[:3])}"
-                f"{', ...' if len(body) > 3 else ''}): they are not the model its config.json describes")
+        return (f"its weights lack {len(body)} of the encoder's tensors ({_some(body)}): they are not the model "
+                f"its config.json describes")
+    if missing and not new_head:
+        return (f"its weights lack the head of {type(model).__name__} ({_some(missing)}), which would be "
+                f"drawn at random: they are not the model its config.json describes")
+    # a key of the saved class may be named with or without the base model's prefix
+    saved = set(saved_keys)
+    unused = sorted(k for k in info["unexpected_keys"]
+                    if not {k, k.removeprefix(prefix), prefix + k} & saved)
+    if unused:
+        return (f"its weights hold {len(unused)} tensor{'s' if len(unused) > 1 else ''} that its config.json does "
+                f"not use ({_some(unused)}): they are not the model its config.json describes")
     return None
 
 
@@ -302,20 +394,21 @@ def _load(path: str | os.PathLike) -> nn.Module:
                               + (f" (only {', '.join(pickles)}: pickles, which fulu-nas does not load)" if pickles
                                  else "")
                               + "; save it with save_pretrained (safetensors is its default)")
-    if problems := unreadable_weights(folder):
+    if problems := weight_file_problems(folder):
         raise FuluConfigError(f"{where}: {'; '.join(problems)}")
     try:
-        import transformers
+        import transformers  # noqa: F401
     except ImportError:
         raise ImportError("loading a model directory needs transformers: pip install 'fulu-nas[hf]'") from None
+    try:
+        config = read_hf_config(folder)
+    except ValueError as e:
+        raise FuluConfigError(f"{where}: its config.json cannot be read: {e}") from None
+    try:
+        cls = saved_class(config)  # keeps the head the directory was saved with
+    except ValueError as e:
+        raise FuluConfigError(f"{where}: {e}") from None
     with quiet_transformers():  # its loading report and bars; the checks below say what matters
-        try:
-            config = transformers.AutoConfig.from_pretrained(folder)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise FuluConfigError(f"{where}: its config.json cannot be read: {_first_line(e)}") from None
-        # The class the directory was saved from (keeps its head), else the headless model.
-        names = [n for n in (config.architectures or []) if hasattr(transformers, n)]
-        cls = getattr(transformers, names[0]) if names else transformers.AutoModel
         try:
             # Sizes that differ are reported below, by name, rather than in transformers' report.
             model, info = cls.from_pretrained(folder, use_safetensors=True, output_loading_info=True,
@@ -518,7 +611,8 @@ def migrate_from_electra(
     another FFN size, a block that fails ``verify``) leaves the model as it was: every new block is built
     and verified before any is swapped in. A directory is read from its safetensors
     weights only (a folder with only ``pytorch_model.bin``, a pickle, is refused), and refused when they do
-    not fit its ``config.json`` or lack the encoder's tensors.
+    not fit its ``config.json``, hold NaN or infinite values, lack the encoder's tensors or the head of the
+    class ``architectures`` names, or hold tensors the config has no place for.
     """
     problems = _flag_problems(enable_ultimate_pimoe=enable_ultimate_pimoe,
                               enable_advanced_routing=enable_advanced_routing,

@@ -47,7 +47,7 @@ from ..tasks._common import (
 from ..tasks.base import IGNORE, NO_DOMAIN, Batch, Task
 from ..tasks.textlm import MAX_CORPUS_BYTES, read_split_corpus
 from .encoder import TOKENIZER_FILES, DenseEncoder, quiet_transformers
-from .migrate import unreadable_weights
+from .migrate import weight_file_problems
 
 TOKENIZERS = ("auto", "model", "bytes")
 BYTE_MASK_ID = 256  # the byte-level fallback's mask token, after the 256 byte values
@@ -56,13 +56,14 @@ _CHUNK_CHARS = 1 << 16
 
 
 def _check_weights(model: object) -> None:
-    """FuluConfigError when a safetensors file of the model folder does not read as one (corrupt, cut short);
-    transformers would fail on it with safetensors' own error. Other problems with the folder are
+    """FuluConfigError when a safetensors file of the model folder does not read as one (corrupt, cut short),
+    or holds NaN or infinite weights; transformers would fail on the first with safetensors' own error, and
+    the second would fail every trial of a study. Other problems with the folder are
     :class:`~.encoder.DenseEncoder`'s to name."""
     if not isinstance(model, str | os.PathLike):
         return
     folder = Path(model).expanduser()
-    if (folder / "config.json").is_file() and (problems := unreadable_weights(folder)):
+    if (folder / "config.json").is_file() and (problems := weight_file_problems(folder)):
         raise FuluConfigError(f"model {os.fspath(model)!r}: {'; '.join(problems)}; save the model again with "
                               "save_pretrained")
 

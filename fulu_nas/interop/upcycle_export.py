@@ -33,7 +33,7 @@ from torch import nn
 from ..deploy.export import CHECKSUMS, UPCYCLING, assemble, checked_folder, header_problems, load_device, read_yaml
 from ..errors import FuluConfigError
 from .encoder import TOKENIZER_EXTRAS, TOKENIZER_FILES, quiet_transformers
-from .migrate import encoder_root, migrate_from_electra
+from .migrate import encoder_root, migrate_from_electra, read_hf_config
 from .upcycle import UpcycleArch, UpcycledMLM
 
 FORMAT_VERSION = 1
@@ -116,7 +116,6 @@ def _read_architecture(path: Path, shown: Path) -> UpcycleArch:
 
 def _read_config(copy: Path, directory: Path):
     """The transformers configuration in ``config.json``, of a model type with a masked-language-model class."""
-    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     shown = directory / "config.json"
@@ -131,9 +130,8 @@ def _read_config(copy: Path, directory: Path):
         raise FuluConfigError(f"{shown}: model_type {model_type!r} has no masked-language-model class in "
                               "transformers")
     try:
-        with quiet_transformers():
-            return transformers.AutoConfig.from_pretrained(copy)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return read_hf_config(copy)
+    except ValueError as e:
         raise FuluConfigError(f"{shown}: not a transformers configuration ({_in_words(e, copy, directory)})") from None
 
 

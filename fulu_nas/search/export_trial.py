@@ -198,7 +198,14 @@ With torch alone, load `model.pt2` as the last section shows.
 def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     import mlflow
 
-    from ..deploy.export import FINGERPRINT_TAG, FORMAT_VERSION, fingerprint, pyfunc_arguments, write_export
+    from ..deploy.export import (
+        FINGERPRINT_TAG,
+        FORMAT_VERSION,
+        check_out_folder,
+        fingerprint,
+        pyfunc_arguments,
+        write_export,
+    )
     from ..deploy.serve import record_registered_files
     from ..training.evaluate import evaluate
     from ..training.train import resolve_device
@@ -236,8 +243,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
             raise FuluConfigError(f"out: {out} is a symbolic link to nothing (a missing path or a loop); pass "
                                   "the folder itself") from None
     existed = out.is_dir()  # an empty folder given: left as it was if the registration fails
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder")
+    check_out_folder(out)
     check_output_dir(str(out.parent), "out")
     check_recordable(location, study_database=False)  # the registered model, its run and artifacts
 
