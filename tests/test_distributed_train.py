@@ -177,6 +177,38 @@ def test_workers_get_disjoint_gpu_sets(monkeypatch):
     assert worker_env(0, 1, 2)["CUDA_VISIBLE_DEVICES"] == "3"  # too few: the trial fails, saying so
 
 
+BENCH = ["--hidden", "32", "--ffn", "32", "--steps", "1"]
+
+
+@pytest.mark.parametrize("options,rank,words", [
+    (["--tokens", "0"], "0", "argument --tokens: must be at least 1 and at most 16777216, got 0"),
+    (["--chunks", "0"], "0", "argument --chunks: must be at least 1 and at most 16777216, got 0"),
+    (["--steps", "x"], "0", "argument --steps: invalid int value: 'x'"),
+    (["--router", "nope"], "0", "argument --router: invalid choice: 'nope' (choose from 'topk', 'expert_choice', "
+                                "'hash', 'hierarchical', 'attention')"),
+    (["--experts", "3"], "0", "--experts 3: expert parallelism over 2 ranks needs a multiple of 2"),
+    (["--top-k", "9"], "0", "invalid MoE config: top_k (9) must be <= num_experts (8)"),
+    (["--profile", "/no/such/folder/p.txt"], "0", "--profile: the folder /no/such/folder does not exist"),
+    (["--tokens", "0"], "1", None)])  # every rank refuses; rank 0 alone says why
+def test_the_expert_parallel_benchmark_refuses_bad_options_before_starting(options, rank, words, monkeypatch,
+                                                                          capsys):
+    """They ended in a traceback from every rank (--tokens 0: "cannot reshape tensor of 0 elements"),
+    some only after the process group had started."""
+    from fulu_nas.training import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node=2 sets it
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(distributed, "init_from_env", lambda *a, **k: pytest.fail("the process group was started"))
+    with pytest.raises(SystemExit) as exited:
+        distributed.main(BENCH + options)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    if words is None:
+        assert err == ""
+    else:
+        assert err.splitlines()[-1] == f"python -m fulu_nas.training.distributed: error: {words}"
+
+
 @pytest.mark.parametrize("value,text", [("0", "expected an integer >= 1"), ("3", "divisible by 3")])
 def test_expert_parallel_is_validated(value, text, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -164,6 +164,16 @@ def _run_case(name: str, rank: int) -> dict:
     }
 
 
+def _run_float64(rank: int) -> dict:
+    """The layer in float64 (a gradient check's precision), with its default experts' kernels."""
+    from fulu_nas.moe.expert_parallel import ExpertParallelMoE
+
+    ep = ExpertParallelMoE.from_layer(build("topk").double())
+    x = part(inputs("topk")[0], rank).double()
+    out, _ = ep(x)
+    return {"impl": ep.cfg.impl, "out": out.detach()}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from fulu_nas.moe.expert_parallel import ExpertParallelMoE
     from fulu_nas.training.distributed import (
@@ -190,6 +200,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             ExpertParallelMoE.from_layer(make_layer("topk"), chunks=0)
         except ValueError as e:
             results["no_chunks"] = str(e)
+
+        results["float64"] = _run_float64(rank)
 
         model = expert_parallel(tiny_model())
         batches = [t.chunk(P)[rank] for t in train_batches()]
@@ -334,6 +346,18 @@ def test_gather_layer_round_trips_exactly(ranks, name):
         for k, v in res["original"].items():
             assert torch.equal(res["gathered"][k], v), k
         assert res["parameter_counts"] == res["layer_parameter_counts"]
+
+
+def test_float64_runs_as_the_single_layer_does(ranks):
+    """The single-device layer runs float64 by the sorted experts (the grouped GEMMs take fp32, bf16 and
+    fp16 only); the expert-parallel layer raised "Expected mat_a to be Float32, BFloat16 or Float16"."""
+    layer = build("topk").double()
+    x = inputs("topk")[0].double()
+    for r, res in enumerate(ranks):
+        assert res["float64"]["impl"] == "grouped"  # the default: the one float64 cannot take
+        ref, _ = layer(part(x, r))
+        assert res["float64"]["out"].dtype == torch.float64
+        torch.testing.assert_close(res["float64"]["out"], ref.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_indivisible_expert_count_is_a_clear_error(ranks):

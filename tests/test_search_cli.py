@@ -59,6 +59,16 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:-1", "cuda:"])
+def test_a_malformed_device_is_one_problem(device, tmp_path, monkeypatch, capsys):
+    """The trainer's settings and the machine's devices both look at trainer.device: a malformed one is
+    named once, not once by each."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", f"trainer.device={device}"]) == 2
+    named = [line for line in capsys.readouterr().err.splitlines() if "trainer.device" in line]
+    assert len(named) == 1 and "expected auto, cpu, cuda or cuda:N" in named[0], named
+
+
 @pytest.mark.parametrize("overrides,key", BAD, ids=[k for _, k in BAD])
 def test_bad_input_exits_2_naming_the_key_and_writes_nothing(overrides, key, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

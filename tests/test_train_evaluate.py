@@ -65,6 +65,56 @@ def test_routing_accuracy_fewer_experts_than_domains():
     assert mapping == [0, 1] and acc == pytest.approx(7 / 11) and per_domain[2] == 0
 
 
+def best_matching_accuracy(C: torch.Tensor) -> float:
+    """Routing accuracy by brute force over the domains with tokens: one-to-one (each expert its own
+    domain) when the experts are at most that many, else every such domain gets an expert."""
+    import itertools
+
+    present = [k for k in range(C.shape[0]) if C[k].sum() > 0]
+    E = C.shape[1]
+    if E <= len(present):
+        maps = itertools.permutations(present, E)
+    else:
+        maps = (m for m in itertools.product(present, repeat=E) if set(m) == set(present))
+    return max(sum(float(C[k, e]) for e, k in enumerate(m)) for m in maps) / float(C.sum())
+
+
+def test_routing_accuracy_leaves_out_a_domain_without_tokens():
+    """A perfect router lost an expert to a domain absent from the validation set (0.833 for 1.0), and
+    that domain was reported with an accuracy of 0."""
+    C = torch.tensor([[10.0, 0, 5, 0], [0, 10, 0, 5], [0, 0, 0, 0]])
+    acc, per_domain, mapping = routing_accuracy(C)
+    assert acc == 1.0 and mapping == [0, 1, 0, 1]
+    assert per_domain[:2] == [1.0, 1.0] and math.isnan(per_domain[2])
+    assert routing_accuracy(C[:2])[0] == acc  # the same routing without the empty row
+    # E <= K over all domains, E > K over those with tokens: many-to-one among the present ones
+    C = torch.tensor([[6.0, 1, 4], [0, 0, 0], [1, 7, 0], [0, 0, 0]])
+    acc, per_domain, mapping = routing_accuracy(C)
+    assert mapping == [0, 2, 0] and acc == pytest.approx(17 / 19) == best_matching_accuracy(C)
+    assert per_domain[0] == pytest.approx(10 / 11) and per_domain[2] == pytest.approx(7 / 8)
+    assert math.isnan(per_domain[1]) and math.isnan(per_domain[3])
+    g = torch.Generator().manual_seed(0)
+    for K, E in ((5, 3), (4, 4), (3, 5), (2, 4)):
+        for _ in range(5):
+            C = torch.randint(0, 9, (K, E), generator=g).float()
+            C[torch.randperm(K, generator=g)[: K // 2]] = 0  # some domains absent
+            assert routing_accuracy(C)[0] == pytest.approx(best_matching_accuracy(C))
+
+
+def test_evaluate_scores_routing_over_the_domains_in_the_validation_set():
+    task = ClustersTask(num_domains=8, val_sequences=4)
+    present = sorted({int(d) for b in task.val_batches(64) for d in b.domains.flatten() if d >= 0})
+    assert len(present) < 8  # domains 3, 5 and 6
+    result = evaluate(clusters_model(task, seed=1), task)
+    (layer,) = result["layers"]
+    assert set(layer["routing_accuracy_per_domain"]) == {task.domain_names[k] for k in present}
+    C = torch.tensor(layer["confusion"])
+    assert layer["routing_accuracy"] == pytest.approx(best_matching_accuracy(C))
+    for k in present:
+        hits = sum(C[k, e] for e, d in enumerate(layer["expert_domains"]) if d == k)
+        assert layer["routing_accuracy_per_domain"][task.domain_names[k]] == pytest.approx(float(hits / C[k].sum()))
+
+
 # -- training ---------------------------------------------------------------------------------------
 
 def test_seeded_training_is_reproducible():
@@ -275,6 +325,12 @@ BAD_TRAIN_CONFIGS = [
     ({"weight_decay": math.nan}, "weight_decay: expected a finite number >= 0"),
     ({"divergence_factor": 0}, "divergence_factor: expected a finite number > 1"),
     ({"device": "tpu"}, "device: expected auto, cpu, cuda or cuda:N"),
+    # malformed GPU indices: accepted when made, refused only when train() started
+    ({"device": "cuda:x"}, "device: expected auto, cpu, cuda or cuda:N"),
+    ({"device": "cuda:-1"}, "device: expected auto, cpu, cuda or cuda:N"),
+    ({"device": "cuda:"}, "device: expected auto, cpu, cuda or cuda:N"),
+    ({"device": "cuda:1.5"}, "device: expected auto, cpu, cuda or cuda:N"),
+    ({"device": "cuda:01"}, "device: expected auto, cpu, cuda or cuda:N"),
     ({"compile": "yes"}, "compile: expected auto, compiled or eager"),
     ({"cuda_graph": "maybe"}, "cuda_graph: expected auto, true or false"),
     ({"deterministic": "no"}, "deterministic: expected true or false"),
@@ -288,6 +344,11 @@ def test_a_train_config_with_a_bad_value_is_refused_naming_it(values, message):
     with pytest.raises(FuluConfigError) as refused:
         TrainConfig(**values)
     assert refused.value.problems == [f"{message}, got {next(iter(values.values()))!r}"]
+
+
+def test_a_train_config_takes_any_gpu_index_a_device_can_have():
+    # whether this machine has that GPU is train()'s question: a config may be made for another machine
+    assert [TrainConfig(device=d).device for d in ("cuda:0", "cuda:7", "cuda:12")] == ["cuda:0", "cuda:7", "cuda:12"]
 
 
 def test_training_refuses_a_gpu_it_does_not_have_and_a_task_the_model_does_not_fit():
@@ -327,6 +388,48 @@ def test_training_refuses_a_model_whose_head_does_not_predict_the_tasks_targets(
     with pytest.raises(FuluConfigError, match="the task predicts the next token, the model's head predicts one of "
                                               "4 classes: build the model with num_classes=0"):
         train(lm, lm_task, TrainConfig(steps=2, device="cpu", **FAST))
+
+
+def test_evaluate_refuses_the_model_task_pairs_train_refuses_with_the_same_message():
+    """An LM-head model evaluated on a classification task read the class ids as token ids and returned
+    numbers (loss 3.2, accuracy 0.025)."""
+    from fulu_nas.errors import FuluConfigError
+
+    task = ClustersTask(num_domains=4, values=8, seq_len=16, val_sequences=8)
+    lm_head = clusters_model(task)
+    lm_head.arch = dataclasses.replace(lm_head.arch, num_classes=0)
+    lm_head.classifier = None
+    small_vocab = clusters_model(ClustersTask(num_domains=2, values=4, seq_len=16))
+    for model, words in ((lm_head, "the task labels each token with one of 4 classes, the model's head predicts "
+                                    "the next token: build the model with num_classes=4"),
+                         (small_vocab, f"the task's vocabulary ({task.vocab_size} ids) does not fit the model's "
+                                       f"vocab_size ({small_vocab.arch.vocab_size})")):
+        with pytest.raises(FuluConfigError) as trained:
+            train(model, task, TrainConfig(steps=2, device="cpu", **FAST))
+        with pytest.raises(FuluConfigError) as evaluated:
+            evaluate(model, task)
+        assert trained.value.problems == evaluated.value.problems == [words]
+
+
+def test_a_model_shorter_than_the_tasks_sequences_is_refused_before_training():
+    """It failed in the first forward with the model's ValueError, after the setup, not as the other
+    model/task mismatches are refused."""
+    from fulu_nas.errors import FuluConfigError
+
+    task = small_clusters()  # sequences of 16 tokens
+    model = clusters_model(ClustersTask(num_domains=4, values=8, seq_len=8))
+    assert (model.arch.max_seq_len, model.arch.vocab_size) == (8, task.vocab_size)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    words = ("the task's sequences have 16 tokens, more than the model's max_seq_len (8): build the model with "
+             "max_seq_len=16")
+    with pytest.raises(FuluConfigError) as trained:
+        train(model, task, TrainConfig(steps=2, device="cpu", **FAST))
+    assert trained.value.problems == [words]
+    assert not model.training and all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    with pytest.raises(FuluConfigError) as evaluated:
+        evaluate(model, task)
+    assert evaluated.value.problems == [words]
 
 
 def test_weight_decay_falls_on_weight_matrices_only():
@@ -564,6 +667,26 @@ def test_cost_times_the_served_forward_in_rounds_beside_a_reference():
     assert shape["latency_ratio"] > 0 and shape["reference_latency_ms"] > 0
     assert shape["latency_spread"] >= 0 and shape["latency_ratio_spread"] >= 0
     assert cost["rounds"] == 4 and cost["iterations"] == 3
+
+
+@pytest.mark.parametrize("arguments,words", [
+    ({"batch_shapes": []}, "batch_shapes: expected a non-empty list of (batch, seq) pairs, got []"),
+    ({"batch_shapes": (2, 16)}, "batch_shapes: expected a non-empty list of (batch, seq) pairs, got (2, 16)"),
+    ({"batch_shapes": [(0, 8)]}, "batch_shapes[0] batch: expected an integer >= 1, got 0"),
+    ({"batch_shapes": [(1, 8), (2, 2.5)]}, "batch_shapes[1] seq: expected an integer in [1, 16], got 2.5"),
+    ({"batch_shapes": [(1, 64)]}, "batch_shapes[0] seq: expected an integer in [1, 16], got 64"),
+    ({"iterations": 0}, "iterations: expected an integer >= 1, got 0"),
+    ({"rounds": 0}, "rounds: expected an integer >= 1, got 0"),
+    ({"warmup": -1}, "warmup: expected an integer >= 0, got -1")],
+    ids=["no_shapes", "not_pairs", "no_batch", "float_seq", "seq_too_long", "iterations", "rounds", "warmup"])
+def test_measure_cost_refuses_bad_arguments_naming_them(arguments, words):
+    """An empty list raised "max() arg is an empty sequence", no iterations or rounds "no median for
+    empty data", and a batch of 0 sequences returned a measurement."""
+    model = clusters_model(small_clusters())  # max_seq_len 16
+    kw = {"batch_shapes": [(1, 8)], "warmup": 0, "iterations": 1, "rounds": 1} | arguments
+    with pytest.raises(ValueError) as raised:
+        measure_cost(model, **kw)
+    assert str(raised.value) == words
 
 
 def test_robust_spread_is_the_interquartile_range_over_the_median():

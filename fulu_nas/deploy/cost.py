@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..checks import check_int
+from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from .cuda_graphs import capture
 from .export import LogitsOnly
@@ -181,6 +183,25 @@ def _timings(calls: dict[str, Callable[[], object]], iterations: int, cuda: bool
     return times
 
 
+def cost_argument_problems(model: PiMoETransformer, batch_shapes: object, warmup: object, iterations: object,
+                           rounds: object) -> list[str]:
+    """What is wrong with :func:`measure_cost`'s arguments, each problem naming its argument: without
+    this an empty list or no iterations failed in ``max()`` or ``statistics.median`` in their words, and a
+    batch of no sequences returned a measurement."""
+    problems: list[str] = []
+    if not (isinstance(batch_shapes, (list, tuple)) and batch_shapes
+            and all(isinstance(shape, (list, tuple)) and len(shape) == 2 for shape in batch_shapes)):
+        problems.append(f"batch_shapes: expected a non-empty list of (batch, seq) pairs, got {batch_shapes!r}")
+    else:
+        for i, (batch, seq) in enumerate(batch_shapes):
+            check_int(f"batch_shapes[{i}] batch", batch, problems, 1)
+            check_int(f"batch_shapes[{i}] seq", seq, problems, 1, model.arch.max_seq_len)
+    check_int("warmup", warmup, problems, 0)
+    check_int("iterations", iterations, problems, 1)
+    check_int("rounds", rounds, problems, 1)
+    return problems
+
+
 @torch.inference_mode()
 def measure_cost(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmup: int = 3,
                  iterations: int = 10, rounds: int = 5, reference: PiMoETransformer | None = None,
@@ -195,6 +216,8 @@ def measure_cost(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], w
     how long it waited for a core. With several threads, other processes on the cores make the threads
     wait for each other at every parallel region and a call's time jumps 10-100x at random (measured
     on a 2-core machine under load), which no number of repetitions averages out."""
+    if problems := cost_argument_problems(model, batch_shapes, warmup, iterations, rounds):
+        raise FuluConfigError(problems)
     device = next(model.parameters()).device
     was_training = model.training
     cuda = device.type == "cuda"

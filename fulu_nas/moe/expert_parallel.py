@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .experts import GroupedExperts, group_ends, inverse_permutation, sort_by_expert
-from .layer import PiMoELayer
+from .layer import PiMoELayer, impl_for_dtype
 from .routing import Routing
 from .stats import load_statistics
 
@@ -260,11 +260,11 @@ class ExpertParallelMoE(PiMoELayer):
         counts_PCE = gathered[:, :C * E].long().view(-1, C, E).tolist()  # the one host sync
         gathered_PE4 = torch.cat([gathered[:, :C * E].view(-1, C, E).sum(1), gathered[:, C * E:]], 1)
 
+        impl = impl_for_dtype(impl or cfg.impl, x_TD.dtype)  # as PiMoELayer.forward
         if C > 1:
-            y_SD = self._exchange_chunks(x_TD, token_S, weight_S, counts_PCE, impl or cfg.impl)
+            y_SD = self._exchange_chunks(x_TD, token_S, weight_S, counts_PCE, impl)
         else:
-            y_SD = self._exchange_and_compute(x_TD, token_S, weight_S, [c[0] for c in counts_PCE],
-                                              impl or cfg.impl)
+            y_SD = self._exchange_and_compute(x_TD, token_S, weight_S, [c[0] for c in counts_PCE], impl)
         if cfg.token_choice:  # each token's K slots (dropped ones 0), summed with fp32 accumulation
             T, K = routing.expert_TK.shape
             out_TD = _SumSlots.apply(y_SD, slot_S, T, K)

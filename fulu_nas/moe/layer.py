@@ -85,6 +85,12 @@ def prefer_triton(cfg: MoEConfig, num_tokens: int, x: Tensor, training: bool = F
 GROUPED_GEMM_IMPLS = ("grouped", "grouped_mm", "triton")
 
 
+def impl_for_dtype(impl: str, dtype: torch.dtype) -> str:
+    """``impl``, or ``sorted`` (a matmul per expert) where the input is float64 and ``impl`` a grouped
+    GEMM path: a float64 layer (a check) runs matmuls."""
+    return "sorted" if dtype == torch.float64 and impl in GROUPED_GEMM_IMPLS else impl
+
+
 def _expert_indices(source: object, num_experts: int) -> list[int]:
     """``source`` (remap_experts' argument) as a list of ints in ``[0, num_experts)``, or one ValueError
     naming it and that range: torch would index out of range (or with a float) deep inside."""
@@ -149,8 +155,7 @@ class PiMoELayer(nn.Module):
         impl = impl or cfg.impl
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if x_TD.dtype == torch.float64 and impl in GROUPED_GEMM_IMPLS:
-            impl = "sorted"  # the grouped GEMMs take fp32, bf16 and fp16 only: a float64 layer (a check) runs matmuls
+        impl = impl_for_dtype(impl, x_TD.dtype)
         if cfg.token_choice:
             out_TD, load = self._token_choice(x_TD, routing, impl)
         else:

@@ -19,6 +19,7 @@ Then every gradient is the single-device gradient of the concatenated batch's me
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..moe import ROUTERS, MoEConfig
 from ..moe.expert_parallel import ExpertParallelMoE
 from ..moe.layer import PiMoELayer
 
@@ -157,35 +159,59 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
     return total
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``torchrun --nproc-per-node=P -m fulu_nas.training.distributed [options]``: check that the
-    expert-parallel layer equals the single-device layer on each rank's input, then time its
-    forward+backward (tokens/s per rank and in total). Prints from rank 0."""
-    import argparse
-    import time
+class _RanksParser(argparse.ArgumentParser):
+    """Under torchrun every rank parses the same options and refuses the same ones: rank 0 alone says why."""
 
-    from ..moe import MoEConfig
+    def error(self, message: str):
+        if int(os.environ.get("RANK", 0)) != 0:
+            self.exit(2)
+        super().error(message)
 
-    ap = argparse.ArgumentParser(prog="python -m fulu_nas.training.distributed", allow_abbrev=False)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--ffn", type=int, default=512)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--router", default="topk")
-    ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+
+def _benchmark_options(argv: list[str] | None) -> tuple[argparse.Namespace, MoEConfig]:
+    """The options of :func:`main` and the layer's config, each bad option refused the way argparse
+    refuses one (its message, exit 2) before any process group starts: they ended in a traceback from
+    every rank, some after the ranks had met."""
+    from ..bench.common import MAX_TOKENS, check_writable, experts_int, int_in, steps_int, tokens_int, width_int
+
+    ap = _RanksParser(prog="python -m fulu_nas.training.distributed", allow_abbrev=False)
+    ap.add_argument("--hidden", type=width_int, default=256)
+    ap.add_argument("--experts", type=experts_int, default=8)
+    ap.add_argument("--ffn", type=width_int, default=512)
+    ap.add_argument("--top-k", type=experts_int, default=2)
+    ap.add_argument("--router", default="topk", choices=ROUTERS)
+    ap.add_argument("--tokens", type=tokens_int, default=4096, help="tokens per rank")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=steps_int, default=10)
     ap.add_argument("--impl", choices=("grouped", "grouped_mm", "triton", "sorted"),
                     help="the experts' kernels (default: the layer's, grouped)")
-    ap.add_argument("--chunks", type=int, default=1,
+    ap.add_argument("--chunks", type=int_in(1, MAX_TOKENS), default=1,
                     help="exchange the tokens in this many chunks, overlapping the all-to-alls with the experts")
     ap.add_argument("--no-check", action="store_true", help="skip the equivalence check (needs the full layer)")
     ap.add_argument("--profile", help="write rank 0's torch.profiler table of 3 timed steps to this file")
     args = ap.parse_args(argv)
+    ranks = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's: the group is not started yet
+    if args.experts % ranks:
+        ap.error(f"--experts {args.experts}: expert parallelism over {ranks} ranks needs a multiple of {ranks}")
+    try:
+        if args.profile is not None:
+            check_writable(args.profile, "--profile")
+        cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
+                        top_k=args.top_k, router=args.router)
+    except ValueError as e:  # an impossible layer (top_k above the experts, ...), or nowhere to write
+        ap.error(str(e))
+    return args, cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc-per-node=P -m fulu_nas.training.distributed [options]``: check that the
+    expert-parallel layer equals the single-device layer on each rank's input, then time its
+    forward+backward (tokens/s per rank and in total). Prints from rank 0."""
+    import time
+
+    args, cfg = _benchmark_options(argv)
     info = init_from_env()
     dtype = getattr(torch, args.dtype)
-    cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, expert_ffn_size=args.ffn,
-                    top_k=args.top_k, router=args.router)
     torch.manual_seed(0)
     layer = PiMoELayer(cfg).to(info.device, dtype)
     ep = ExpertParallelMoE.from_layer(layer, chunks=args.chunks)

@@ -6,7 +6,8 @@ top-1 expert is e. Experts are matched to domains optimally (Hungarian, scipy's
 ``linear_sum_assignment``): one-to-one when E <= K (tokens of unmatched domains count as
 misrouted); when E > K every domain gets at least one expert and each remaining expert joins the
 domain it serves most (many-to-one), solved exactly as one assignment problem. Accuracy = matched
-tokens / all labelled tokens.
+tokens / all labelled tokens. K counts the domains with labelled tokens in the evaluation: a domain
+absent from it (a small validation set, many domains) takes no expert, and has no accuracy of its own.
 """
 
 from __future__ import annotations
@@ -19,13 +20,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..moe import PiMoELayer, Routing, load_statistics
 from ..tasks import IGNORE, NO_DOMAIN, Task
+from .train import model_task_problem
 
 
 def match_experts_to_domains(confusion_KE: Tensor) -> list[int]:
-    """The optimal domain of each expert (-1 for an expert left unmatched when E < K)."""
+    """The optimal domain of each expert (-1 for an expert left unmatched when E < K), among the
+    domains with tokens: an expert given to an empty domain would lose its tokens, so a perfect router
+    scored below 1 whenever a domain was missing from the evaluation."""
+    present = confusion_KE.sum(1).nonzero().flatten().tolist()
+    if not present:
+        return [-1] * confusion_KE.shape[1]
+    return [present[k] if k >= 0 else -1 for k in _match(confusion_KE[present])]
+
+
+def _match(confusion_KE: Tensor) -> list[int]:
+    """:func:`match_experts_to_domains` for a confusion matrix whose every domain has tokens."""
     from scipy.optimize import linear_sum_assignment
 
     C = confusion_KE.double().cpu().numpy()
@@ -47,15 +60,16 @@ def match_experts_to_domains(confusion_KE: Tensor) -> list[int]:
 
 
 def routing_accuracy(confusion_KE: Tensor) -> tuple[float, list[float], list[int]]:
-    """(overall accuracy, accuracy per domain, domain of each expert)."""
+    """(overall accuracy, accuracy per domain, domain of each expert); NaN for a domain without
+    tokens (and overall, for a matrix without any)."""
     domain_of = match_experts_to_domains(confusion_KE)
     K = confusion_KE.shape[0]
     hits = torch.zeros(K, dtype=torch.float64)
     for e, k in enumerate(domain_of):
         if k >= 0:
             hits[k] += confusion_KE[k, e]
-    per_domain = (hits / confusion_KE.sum(1).double().clamp_min(1)).tolist()
-    return float(hits.sum() / confusion_KE.sum().clamp_min(1)), per_domain, domain_of
+    per_domain = (hits / confusion_KE.sum(1).double()).tolist()  # 0 / 0: NaN, not a score of 0
+    return float(hits.sum() / confusion_KE.sum()), per_domain, domain_of
 
 
 def top1_expert(r: Routing) -> Tensor:
@@ -80,7 +94,10 @@ def capture_routing(model: PiMoETransformer):
 
 @torch.no_grad()
 def evaluate(model: PiMoETransformer, task: Task, batch_size: int = 64) -> dict:
-    """Validation loss, the task's metrics, and routing quality per MoE layer and overall."""
+    """Validation loss, the task's metrics, and routing quality per MoE layer and overall. Refuses a
+    model and task that :func:`~fulu_nas.training.train.train` refuses, in its words."""
+    if problem := model_task_problem(model, task):  # else, e.g., class ids were scored as token ids
+        raise FuluConfigError(problem)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -128,8 +145,8 @@ def evaluate(model: PiMoETransformer, task: Task, batch_size: int = 64) -> dict:
         s["dropped_share"] = dropped[i] / max(1, tokens)  # a last, smaller batch counts for its size
         if K:
             acc, per_domain, mapping = routing_accuracy(confusion[i].cpu())
-            s.update(routing_accuracy=acc, routing_accuracy_per_domain=dict(zip(task.domain_names, per_domain,
-                                                                                  strict=True)),
+            scored = {name: a for name, a in zip(task.domain_names, per_domain, strict=True) if not math.isnan(a)}
+            s.update(routing_accuracy=acc, routing_accuracy_per_domain=scored,  # the domains evaluated
                      expert_domains=mapping, confusion=confusion[i].cpu().tolist())
         per_layer.append(s)
     result["layers"] = per_layer

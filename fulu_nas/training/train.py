@@ -21,6 +21,7 @@ the wall clock is the slowest rank's (schedule, time budget). Only rank 0 shows 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager, nullcontext
@@ -130,10 +131,21 @@ def config_problems(values: Mapping[str, object], prefix: str = "") -> list[str]
     dynamic = values.get("dynamic_experts")
     if dynamic is not None and not isinstance(dynamic, DynamicExpertsConfig):
         problems.append(f"{prefix}dynamic_experts: expected None or a DynamicExpertsConfig, got {dynamic!r}")
-    device = values.get("device", "auto")
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
-        problems.append(f"{prefix}device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if problem := device_setting_problem(values.get("device", "auto"), prefix + "device"):
+        problems.append(problem)
     return problems
+
+
+# auto, cpu, cuda or cuda:N, N written as torch reads it (no sign, no leading zero: "cuda:01" is no device).
+_DEVICE_SETTING = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?")
+
+
+def device_setting_problem(device: object, key: str = "device") -> str | None:
+    """Why ``device`` is no device setting (None: it is one). Whether this machine has that GPU is asked
+    when training starts (:func:`resolve_device`): a config may be made for another machine."""
+    if isinstance(device, str) and _DEVICE_SETTING.fullmatch(device):
+        return None
+    return f"{key}: expected auto, cpu, cuda or cuda:N, got {device!r}"
 
 
 @dataclass
@@ -573,6 +585,42 @@ def head_problem(model: torch.nn.Module, task: Task) -> str | None:
             f"num_classes={task.num_classes}")
 
 
+def vocabulary_problem(model: torch.nn.Module, task: Task) -> str | None:
+    """Why ``model``'s embedding does not cover ``task``'s token ids (None: it does, or it has no such
+    embedding): an id past the table failed deep inside the forward."""
+    embed = getattr(model, "embed", None)
+    if isinstance(embed, torch.nn.Embedding) and task.vocab_size > embed.num_embeddings:
+        return (f"the task's vocabulary ({task.vocab_size} ids) does not fit the model's vocab_size "
+                f"({embed.num_embeddings})")
+    return None
+
+
+def sequence_problem(model: torch.nn.Module, task: Task) -> str | None:
+    """Why ``model`` cannot read ``task``'s sequences whole (None: it can, or it is not this package's
+    transformer): longer than its position table, they failed in the first forward."""
+    if not isinstance(model, PiMoETransformer) or task.seq_len <= model.arch.max_seq_len:
+        return None
+    return (f"the task's sequences have {task.seq_len} tokens, more than the model's max_seq_len "
+            f"({model.arch.max_seq_len}): build the model with max_seq_len={task.seq_len}")
+
+
+def causality_problem(model: torch.nn.Module, task: Task) -> str | None:
+    """:data:`NOT_CAUSAL` for this package's decoder with an expert-choice layer on a next-token task
+    (None otherwise). An upcycled encoder's masked-LM task (also without classes) reads the whole
+    sequence by design, and predicts no later token."""
+    if task.num_classes == 0 and isinstance(model, PiMoETransformer) and any(
+            layer.cfg.router == "expert_choice" for layer in model.moe_layers()):
+        return NOT_CAUSAL
+    return None
+
+
+def model_task_problem(model: torch.nn.Module, task: Task) -> str | None:
+    """Why ``model`` cannot be trained or evaluated on ``task`` (None: it can); the first problem found.
+    :func:`train` and :func:`~fulu_nas.training.evaluate.evaluate` refuse the same pairs in the same words."""
+    return (vocabulary_problem(model, task) or head_problem(model, task) or sequence_problem(model, task)
+            or causality_problem(model, task))
+
+
 def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
           callback: Callable[[StepReport], None] | None = None) -> TrainResult:
     """Train ``model`` on ``task`` until ``cfg.steps`` or ``cfg.max_seconds`` runs out (``seconds_cap``:
@@ -584,17 +632,8 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     the module doc (dynamic experts are single-device only).
     """
     device = resolve_device(cfg.device)
-    embed = getattr(model, "embed", None)
-    if isinstance(embed, torch.nn.Embedding) and task.vocab_size > embed.num_embeddings:
-        raise FuluConfigError(f"the task's vocabulary ({task.vocab_size} ids) does not fit the model's vocab_size "
-                              f"({embed.num_embeddings})")
-    if problem := head_problem(model, task) or batch_problem(cfg.batch_size, task.seq_len):
+    if problem := model_task_problem(model, task) or batch_problem(cfg.batch_size, task.seq_len):
         raise FuluConfigError(problem)
-    # This package's decoder on a next-token task; an upcycled encoder's masked-LM task (also without
-    # classes) reads the whole sequence by design, and predicts no later token.
-    if task.num_classes == 0 and isinstance(model, PiMoETransformer) and any(
-            layer.cfg.router == "expert_choice" for layer in model.moe_layers()):
-        raise FuluConfigError(NOT_CAUSAL)
     ranks = _Ranks.current(model, device)
     rank = ranks.rank
     if isinstance(ranks, _Ranks) and cfg.dynamic_experts:
