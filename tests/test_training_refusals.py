@@ -13,7 +13,8 @@ from fulu_nas.errors import FuluConfigError
 from fulu_nas.models import ArchConfig, PiMoETransformer
 from fulu_nas.moe import MoEConfig
 from fulu_nas.tasks import build_task
-from fulu_nas.training.train import NOT_CAUSAL, TrainConfig, train
+from fulu_nas.training.model_task import NOT_CAUSAL
+from fulu_nas.training.train import TrainConfig, train
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 TINY = TrainConfig(steps=2, batch_size=4, progress=False, report_every=1)

@@ -6,7 +6,7 @@ domains), with each balancing method: routing accuracy, load balance, task accur
 experts, each against a fixed layer of the size it ended with.
 ``python -m fulu_nas.bench routers``   - the causal routers on ``pimoe_mix`` at equal settings:
 loss, exact match on computed results, routing accuracy, balance. Not expert choice: its outputs read
-later tokens, which training refuses on a next-token task (``training.train.NOT_CAUSAL``).
+later tokens, which training refuses on a next-token task (``training.model_task.NOT_CAUSAL``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ import torch
 from ..errors import FuluConfigError
 from ..models import ArchConfig, PiMoETransformer, seeded_model
 from ..moe import BALANCING_METHODS, MoEConfig
-from ..training.train import NOT_CAUSAL, TrainConfig
+from ..training.model_task import NOT_CAUSAL
+from ..training.train import TrainConfig
 
 _MOE_FIELDS = frozenset(f.name for f in fields(MoEConfig)) - {"hidden_size"}
 

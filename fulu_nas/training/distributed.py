@@ -172,7 +172,7 @@ def _benchmark_options(argv: list[str] | None) -> tuple[argparse.Namespace, MoEC
     """The options of :func:`main` and the layer's config, each bad option refused the way argparse
     refuses one (its message, exit 2) before any process group starts: they ended in a traceback from
     every rank, some after the ranks had met."""
-    from ..bench.common import MAX_TOKENS, check_writable, experts_int, int_in, steps_int, tokens_int, width_int
+    from ..options import MAX_TOKENS, check_writable, experts_int, int_in, steps_int, tokens_int, width_int
 
     ap = _RanksParser(prog="python -m fulu_nas.training.distributed", allow_abbrev=False)
     ap.add_argument("--hidden", type=width_int, default=256)

@@ -24,7 +24,7 @@ from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..moe import PiMoELayer, Routing, load_statistics
 from ..tasks import IGNORE, NO_DOMAIN, Task
-from .train import model_task_problem
+from .model_task import model_task_problem
 
 
 def match_experts_to_domains(confusion_KE: Tensor) -> list[int]:

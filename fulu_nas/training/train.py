@@ -39,6 +39,7 @@ from ..models import PiMoETransformer
 from ..tasks import IGNORE, Batch, Task
 from .dynamic_experts import DynamicExperts, DynamicExpertsConfig
 from .layer_norm import thread_invariant_layer_norms
+from .model_task import model_task_problem
 
 
 class StoppedByRankZero(RuntimeError):
@@ -548,11 +549,6 @@ class _GraphedStep:
 # model that uses it cannot generate text one token at a time. Token classification may see the
 # whole sequence, so it keeps the router. The search refuses such an architecture before a study
 # (fulu_nas.search.family); :func:`train` refuses such a model, whoever built it.
-NOT_CAUSAL = ("router expert_choice is not causal: each expert picks its tokens from the whole batch, so "
-              "a token's output depends on the tokens after it, which a next-token language model "
-              "predicts (use it on a token-classification task)")
-
-
 # The most tokens a training step's batch may hold (batch_size x the task's seq_len): 16.8 million, past
 # any one device's step; a slip (batch_size=10**12) built its batch for ever or failed to allocate it.
 MAX_BATCH_TOKENS = 2**24
@@ -564,61 +560,6 @@ def batch_problem(batch_size: int, seq_len: int, key: str = "batch_size") -> str
         return None
     return (f"{key}: {batch_size:,} sequences of the task's {seq_len} tokens are {batch_size * seq_len:,} tokens a "
             f"step, more than {MAX_BATCH_TOKENS:,}: at most {MAX_BATCH_TOKENS // seq_len:,} sequences")
-
-
-def head_problem(model: torch.nn.Module, task: Task) -> str | None:
-    """Why ``model``'s head does not predict ``task``'s targets (None: it does, or the model is not this
-    package's transformer): a language-model head on a classification task would read the class ids
-    as token ids and train on another problem without a word."""
-    if not hasattr(model, "classifier"):
-        return None
-    classes = model.classifier.out_features if model.classifier is not None else 0
-    if classes == task.num_classes:
-        return None
-
-    def predicts(n: int) -> str:
-        return f"one of {n} classes" if n else "the next token"
-
-    wanted = (f"labels each token with {predicts(task.num_classes)}" if task.num_classes else
-              f"predicts {predicts(0)}")
-    return (f"the task {wanted}, the model's head predicts {predicts(classes)}: build the model with "
-            f"num_classes={task.num_classes}")
-
-
-def vocabulary_problem(model: torch.nn.Module, task: Task) -> str | None:
-    """Why ``model``'s embedding does not cover ``task``'s token ids (None: it does, or it has no such
-    embedding): an id past the table failed deep inside the forward."""
-    embed = getattr(model, "embed", None)
-    if isinstance(embed, torch.nn.Embedding) and task.vocab_size > embed.num_embeddings:
-        return (f"the task's vocabulary ({task.vocab_size} ids) does not fit the model's vocab_size "
-                f"({embed.num_embeddings})")
-    return None
-
-
-def sequence_problem(model: torch.nn.Module, task: Task) -> str | None:
-    """Why ``model`` cannot read ``task``'s sequences whole (None: it can, or it is not this package's
-    transformer): longer than its position table, they failed in the first forward."""
-    if not isinstance(model, PiMoETransformer) or task.seq_len <= model.arch.max_seq_len:
-        return None
-    return (f"the task's sequences have {task.seq_len} tokens, more than the model's max_seq_len "
-            f"({model.arch.max_seq_len}): build the model with max_seq_len={task.seq_len}")
-
-
-def causality_problem(model: torch.nn.Module, task: Task) -> str | None:
-    """:data:`NOT_CAUSAL` for this package's decoder with an expert-choice layer on a next-token task
-    (None otherwise). An upcycled encoder's masked-LM task (also without classes) reads the whole
-    sequence by design, and predicts no later token."""
-    if task.num_classes == 0 and isinstance(model, PiMoETransformer) and any(
-            layer.cfg.router == "expert_choice" for layer in model.moe_layers()):
-        return NOT_CAUSAL
-    return None
-
-
-def model_task_problem(model: torch.nn.Module, task: Task) -> str | None:
-    """Why ``model`` cannot be trained or evaluated on ``task`` (None: it can); the first problem found.
-    :func:`train` and :func:`~fulu_nas.training.evaluate.evaluate` refuse the same pairs in the same words."""
-    return (vocabulary_problem(model, task) or head_problem(model, task) or sequence_problem(model, task)
-            or causality_problem(model, task))
 
 
 def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
