@@ -215,3 +215,15 @@ def test_a_whole_checkpoint_of_its_class_still_migrates(tmp_path):
     folder = saved_electra(tmp_path / "m")
     migrated = migrate_from_electra(str(folder), num_experts=4)
     assert type(migrated).__name__ == "ElectraForMaskedLM" and migrated.fulu_migration.exact
+
+
+@pytest.mark.parametrize("name", ["intermediate.dense.weight", "output.dense.bias", "output.LayerNorm.weight"])
+def test_a_model_with_non_finite_ffn_weights_is_refused_naming_them(name):
+    """A model passed as an object (not a folder, whose files are checked when read): a NaN in an FFN was
+    blamed on the FFN's layout by the verification, and the model was left as it was."""
+    model = bert()
+    with torch.no_grad():
+        model.encoder.layer[1].get_parameter(name).view(-1)[0] = float("nan")
+    with pytest.raises(FuluConfigError, match=rf"encoder\.layer\[1\]\.{name} holds non-finite values"):
+        migrate_from_electra(model, num_experts=2, inplace=True)
+    assert type(model.encoder.layer[1].output).__name__ == "BertOutput"  # nothing migrated

@@ -607,7 +607,8 @@ def migrate_from_electra(
     ``top_p``, ``hierarchy_depth``, ``attention_context``, ...).
 
     Unsupported models raise FuluConfigError naming what was expected, before anything is changed; so do
-    flags that are not bools and a ``layers`` that is not a list. With ``inplace`` a failure (a layer of
+    flags that are not bools, a ``layers`` that is not a list, and FFN weights that hold NaN or infinite
+    values. With ``inplace`` a failure (a layer of
     another FFN size, a block that fails ``verify``) leaves the model as it was: every new block is built
     and verified before any is swapped in. A directory is read from its safetensors
     weights only (a folder with only ``pytorch_model.bin``, a pickle, is refused), and refused when they do
@@ -682,6 +683,12 @@ def migrate_from_electra(
     if mismatched:
         raise FuluConfigError(f"migrate_from_electra: {'; '.join(mismatched)}; every migrated layer needs "
                               f"{hidden}->{ffn}->{hidden}")
+    # A folder's files were checked when read; a model passed as an object is checked here, where its NaN
+    # would otherwise fail the verification as a layout the FFN does not have.
+    nonfinite = [f"encoder.layer[{i}].{part}.{name}" for i in chosen for part in ("intermediate", "output")
+                 for name, p in getattr(encoder_layers[i], part).named_parameters() if _has_nonfinite(p)]
+    if nonfinite:
+        raise FuluConfigError([f"migrate_from_electra: {name} holds non-finite values" for name in nonfinite])
 
     token_ids = _TokenIds() if cfg.router == "hash" and hash_on_token_ids else None
     init_std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02) or 0.02)
