@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -189,13 +190,11 @@ class PiMoELayer(nn.Module):
                              f"shape), got {token_ids.dtype} of shape {tuple(token_ids.shape)}")
         # A (T, D) input as it is: a reshape costs host time a small eager call waits on
         x_TD = x if x.dim() == 2 else x.reshape(-1, self.cfg.hidden_size)
-        batch_shape = tuple(x.shape[:-1])
-        if torch.is_autocast_enabled(x_TD.device.type):
-            # Autocast lowers a linear product to its dtype even from fp32 operands: bf16 logits send a
-            # few percent of the tokens to other experts. The router computes in the input's precision.
-            with torch.autocast(x_TD.device.type, enabled=False):
-                return x_TD, self.router(x_TD, token_ids=token_ids, batch_shape=batch_shape)
-        return x_TD, self.router(x_TD, token_ids=token_ids, batch_shape=batch_shape)
+        # Autocast lowers a linear product to its dtype even from fp32 operands: bf16 logits send a few
+        # percent of the tokens to other experts. The router computes in the input's precision.
+        device = x_TD.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+            return x_TD, self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
 
     def _triton_applies(self, x_TD: Tensor, impl: str) -> bool:
         """The Triton experts for this call: ``impl`` asks for them (``triton``, or ``grouped`` where

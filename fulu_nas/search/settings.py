@@ -23,6 +23,7 @@ from ..training.train import (
     TrainConfig,
     batch_problem,
     config_problems,
+    device_setting_problem,
     resolve_device,
     step_kind,
     uses_cuda_graph,
@@ -501,12 +502,10 @@ def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSett
     compile_while_training = d.pop("cost_compile_while_training", True)
     if not isinstance(compile_while_training, bool):
         problems.append(f"trainer.cost_compile_while_training: expected true or false, got {compile_while_training!r}")
-    trainer_problems = config_problems({k: v for k, v in d.items() if k in _TRAIN_FIELDS}, "trainer.")
-    problems += trainer_problems
+    problems += config_problems({k: v for k, v in d.items() if k in _TRAIN_FIELDS}, "trainer.")
     device = d.get("device", "auto")
     # A well-formed GPU setting is asked of this machine too (a malformed one is named above, once).
-    well_formed = not any(p.startswith("trainer.device:") for p in trainer_problems)
-    if well_formed and isinstance(device, str) and device.startswith("cuda"):
+    if device_setting_problem(device) is None and device.startswith("cuda"):
         if problem := device_problem(device, "trainer.device"):
             problems.append(f"{problem}; use trainer.device=auto or cpu")
     if len(problems) > n0:
