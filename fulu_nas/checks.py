@@ -5,8 +5,13 @@ every problem at once in a :class:`~fulu_nas.errors.FuluConfigError`."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .moe.field_types import is_finite_number
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def check_int(name: str, v: object, problems: list[str], low: int, high: int | None = None) -> bool:
@@ -54,6 +59,21 @@ def device_problem(spec: object, key: str) -> str | None:
     if device.index is not None and device.index >= count:
         return f"{key}: {spec!r}: not a device here (visible: {device.type}:0 to {device.type}:{count - 1})"
     return None
+
+
+def first_few(names: list[str], n: int = 3) -> str:
+    """The first ``n`` names, and how many more (a configuration can be off by any number of tensors)."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def nonfinite_tensors(named: Iterable[tuple[str, Tensor]]) -> list[str]:
+    """The names of the floating-point tensors among ``named`` (name, tensor pairs) that hold NaN or an
+    infinity: weights that load, train or export without a word and only show up later as garbage. A
+    meta tensor (a model built to be loaded into) holds no values and passes."""
+    import torch
+
+    return [name for name, tensor in named if tensor.is_floating_point() and not tensor.is_meta
+            and not bool(torch.isfinite(tensor).all())]
 
 
 def yaml_problem(error: Exception) -> str:

@@ -886,6 +886,39 @@ def test_export_refuses_trial_weights_changed_in_the_artifact_store(exported, mo
 
 
 @pytest.mark.slow
+def test_export_refuses_saved_trial_weights_that_are_not_finite(exported, monkeypatch, capsys):
+    """Weights the search uploaded with NaN in them (their recorded SHA-256 matching) were evaluated,
+    measured, written and registered, for fulu_nas.load to refuse them."""
+    import mlflow
+    from safetensors.torch import load_file, save_file
+
+    from fulu_nas.deploy.files import sha256_file
+    from fulu_nas.search.tracking import WEIGHTS_SHA256_TAG
+
+    monkeypatch.chdir(exported.root)
+    best = max((t for t in exported.study.trials if t.state == TrialState.COMPLETE), key=lambda t: -t.values[0])
+    client = mlflow.MlflowClient(f"sqlite:///{exported.out / 'mlflow.db'}")
+    run = client.get_run(best.user_attrs["weights_run_id"])
+    weights = Path(run.info.artifact_uri.removeprefix("file://")) / "model.safetensors"
+    original, recorded = weights.read_bytes(), run.data.tags[WEIGHTS_SHA256_TAG]
+    tensors = load_file(str(weights))
+    name = next(n for n in sorted(tensors) if "experts" in n)
+    tensors[name].view(-1)[-1] = float("inf")
+    try:
+        save_file(tensors, str(weights))
+        client.set_tag(run.info.run_id, WEIGHTS_SHA256_TAG, sha256_file(weights))
+        assert main(["export", "study.name=tiny-clusters", f"hydra.run.dir={exported.out}", f"trial={best.number}",
+                     "out=infinite", "name=tiny-infinite"]) == 2
+        assert (f"trial: trial {best.number}'s saved weights hold NaN or infinite values in {name}"
+                in capsys.readouterr().err)
+        assert not (exported.root / "infinite").exists()
+        assert not client.search_registered_models("name = 'tiny-infinite'")
+    finally:
+        weights.write_bytes(original)
+        client.set_tag(run.info.run_id, WEIGHTS_SHA256_TAG, recorded)
+
+
+@pytest.mark.slow
 def test_export_refuses_bad_input_and_writes_nothing(exported, monkeypatch, capsys):
     monkeypatch.chdir(exported.root)
     (exported.root / "afile").touch()
@@ -937,6 +970,49 @@ def test_retrain_exports_a_longer_trained_model(exported, monkeypatch):
     metrics = json.loads((target / "metrics.json").read_text())
     assert metrics["retrained"] is True and metrics["retrain_steps"] > 0
     assert fulu_nas.load(target).arch.to_dict() == exported.study.trials[0].user_attrs["arch"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outcome", ["diverges", "capped", "nan_weights"])
+def test_a_retraining_that_fails_exports_and_registers_nothing(exported, monkeypatch, capsys, outcome):
+    """A retraining that diverged ended the export in a traceback; one whose loss checks passed but
+    whose weights hold NaN (a check reads the loss every report_every steps) was exported and registered
+    as the champion, which fulu_nas.load then refused."""
+    import mlflow
+
+    from fulu_nas.search import export_trial
+    from fulu_nas.training.train import BudgetCapReached, TrainingDiverged
+
+    trained = export_trial.train_architecture
+    poisoned = []
+
+    def failing(*args, **kwargs):
+        model, result = trained(*args, **kwargs)
+        if outcome == "diverges":
+            raise TrainingDiverged(7, float("nan"), "not finite")
+        if outcome == "capped":
+            raise BudgetCapReached(30, 240, 61.0, 60.0)
+        name, weight = next((n, p) for n, p in model.named_parameters() if "experts" in n)
+        with torch.no_grad():
+            weight.view(-1)[0] = float("nan")
+        poisoned.append(name)
+        return model, result
+
+    monkeypatch.setattr(export_trial, "train_architecture", failing)
+    monkeypatch.chdir(exported.root)
+    client = mlflow.MlflowClient(f"sqlite:///{exported.out / 'mlflow.db'}")
+    name = f"tiny-failed-{outcome}"
+    code = main(["export", "study.name=tiny-clusters", f"hydra.run.dir={exported.out}", "trial=0", "retrain=true",
+                 f"out={exported.root / name}", f"name={name}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    expected = {"diverges": "retrain: retraining trial 0 diverged: training diverged at step 7",
+                "capped": "retrain: retraining trial 0 stopped: safety cap of 60 s reached after 30 of 240 steps",
+                "nan_weights": f"retrain: retraining trial 0 left NaN or infinite values in {poisoned and poisoned[0]}"}
+    problems = err.split("error: cannot export:\n")[-1]
+    assert expected[outcome] in problems and problems.count("\n") == 1, err
+    assert not (exported.root / name).exists()
+    assert not client.search_registered_models(f"name = '{name}'")
 
 
 @pytest.mark.slow

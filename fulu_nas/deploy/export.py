@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import device_problem, yaml_problem
+from ..checks import device_problem, first_few, nonfinite_tensors, yaml_problem
 from ..errors import FuluConfigError
 from ..models import ArchConfig, PiMoETransformer
 from .files import checked_copy, expected_digest, parse_manifest
@@ -255,11 +255,6 @@ def checked_folder(directory: str | Path, expected_sha256: str | None = None,
         yield copy
 
 
-def first_few(names: list[str], n: int = 3) -> str:
-    """The first ``n`` names, and how many more (a configuration can be off by any number of tensors)."""
-    return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
-
-
 def header_problems(stored: dict[str, tuple], expected: dict[str, tuple], missing: list[str]) -> list[str]:
     """Where a safetensors header (``stored``: tensor name to shape) disagrees with a configuration's tensors
     (``expected``): at most three shapes, the names it has that the configuration lacks, and ``missing``,
@@ -296,13 +291,9 @@ def read_weights(arch: ArchConfig, weights: Path, source: Path, config: Path) ->
         raise FuluConfigError(f"{source}: not a safetensors file ({e})") from None
     # Loading casts what it reads into the model's parameters without a word, NaN and inf included: weights
     # of another type (int32, float16), or not finite, are not what an export wrote.
-    wrong_type, not_finite = [], []
-    for k, tensor in tensors.items():
-        written = _written_dtype(configured[k])
-        if tensor.dtype != written:
-            wrong_type.append(f"{k} ({_dtype_name(tensor.dtype)} stored, an export writes {_dtype_name(written)})")
-        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            not_finite.append(k)
+    wrong_type = [f"{k} ({_dtype_name(tensor.dtype)} stored, an export writes {_dtype_name(written)})"
+                  for k, tensor in tensors.items() if tensor.dtype != (written := _written_dtype(configured[k]))]
+    not_finite = nonfinite_tensors(tensors.items())
     problems = ([f"tensors of another type: {first_few(wrong_type)}"] if wrong_type else []) + (
         [f"NaN or infinite values in {first_few(not_finite)}"] if not_finite else [])
     if problems:

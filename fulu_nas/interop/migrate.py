@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import first_few, nonfinite_tensors
 from ..errors import FuluConfigError
 from ..moe import MoEConfig, PiMoELayer
 from ..moe.config import ALIGNMENT
@@ -269,26 +270,16 @@ def nonfinite_weights(folder: str | os.PathLike) -> list[str]:
     problems = []
     for path in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            bad = [name for name in f.keys() if _has_nonfinite(f.get_tensor(name))]
+            bad = nonfinite_tensors((name, f.get_tensor(name)) for name in f.keys())
         if bad:
-            problems.append(f"{path.name} holds non-finite values ({_some(bad)})")
+            problems.append(f"{path.name} holds non-finite values ({first_few(bad)})")
     return problems
-
-
-def _has_nonfinite(tensor: Tensor) -> bool:
-    # a meta tensor (a model built to be loaded into) holds no values to check
-    return tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all())
 
 
 def weight_file_problems(folder: str | os.PathLike) -> list[str]:
     """What is wrong with the safetensors files of ``folder`` as files: unreadable ones, else non-finite
     values (only read once every header reads)."""
     return unreadable_weights(folder) or nonfinite_weights(folder)
-
-
-def _some(names: list[str], shown: int = 3) -> str:
-    """The first ``shown`` of ``names``, and an ellipsis when there are more."""
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def read_hf_config(folder: str | os.PathLike):
@@ -364,10 +355,10 @@ def loading_problem(model: nn.Module, info: Mapping[str, Any], *, new_head: bool
     missing = sorted(k for k in info["missing_keys"] if not k.removeprefix(prefix).startswith("pooler."))
     body = [k for k in missing if headless or k.startswith(prefix)]
     if body:
-        return (f"its weights lack {len(body)} of the encoder's tensors ({_some(body)}): they are not the model "
+        return (f"its weights lack {len(body)} of the encoder's tensors ({first_few(body)}): they are not the model "
                 f"its config.json describes")
     if missing and not new_head:
-        return (f"its weights lack the head of {type(model).__name__} ({_some(missing)}), which would be "
+        return (f"its weights lack the head of {type(model).__name__} ({first_few(missing)}), which would be "
                 f"drawn at random: they are not the model its config.json describes")
     # a key of the saved class may be named with or without the base model's prefix
     saved = set(saved_keys)
@@ -375,7 +366,7 @@ def loading_problem(model: nn.Module, info: Mapping[str, Any], *, new_head: bool
                     if not {k, k.removeprefix(prefix), prefix + k} & saved)
     if unused:
         return (f"its weights hold {len(unused)} tensor{'s' if len(unused) > 1 else ''} that its config.json does "
-                f"not use ({_some(unused)}): they are not the model its config.json describes")
+                f"not use ({first_few(unused)}): they are not the model its config.json describes")
     return None
 
 
@@ -686,8 +677,9 @@ def migrate_from_electra(
                               f"{hidden}->{ffn}->{hidden}")
     # A folder's files were checked when read; a model passed as an object is checked here, where its NaN
     # would otherwise fail the verification as a layout the FFN does not have.
-    nonfinite = [f"encoder.layer[{i}].{part}.{name}" for i in chosen for part in ("intermediate", "output")
-                 for name, p in getattr(encoder_layers[i], part).named_parameters() if _has_nonfinite(p)]
+    nonfinite = nonfinite_tensors((f"encoder.layer[{i}].{part}.{name}", p) for i in chosen
+                                  for part in ("intermediate", "output")
+                                  for name, p in getattr(encoder_layers[i], part).named_parameters())
     if nonfinite:
         raise FuluConfigError([f"migrate_from_electra: {name} holds non-finite values" for name in nonfinite])
 

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import optuna
 
+from ..checks import first_few, nonfinite_tensors
 from ..deploy.files import sha256_file
 from ..errors import FuluConfigError
+from ..training.train import BudgetCapReached, TrainingDiverged
 from .confirm import search_ranking
 from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner
 from .family import UPCYCLE
@@ -248,7 +250,19 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     check_recordable(location, study_database=False)  # the registered model, its run and artifacts
 
     print(f"exporting trial {trial.number}: {selected_by}")
-    model, provenance = trial_model(location, s, trial, retrain, factor)
+    try:
+        model, provenance = trial_model(location, s, trial, retrain, factor)
+    except (TrainingDiverged, BudgetCapReached) as e:  # a failed retraining: nothing to export
+        raise FuluConfigError(f"retrain: retraining trial {trial.number} "
+                              f"{'diverged' if isinstance(e, TrainingDiverged) else 'stopped'}: {e}; nothing was "
+                              "exported") from None
+    # Training checks the loss every report_every steps, not the weights: NaN weights would be evaluated,
+    # measured, written and registered as the champion, which fulu_nas.load then refuses.
+    if nonfinite := nonfinite_tensors(model.state_dict().items()):
+        whose = (f"retrain: retraining trial {trial.number} left" if retrain else
+                 f"trial: trial {trial.number}'s saved weights hold")
+        raise FuluConfigError(f"{whose} NaN or infinite values in {first_few(nonfinite)}; nothing was "
+                              "exported")
     # Measured as the search measured its trials: on the search's device (the GPU preset's cost is the
     # bf16 forward replayed from CUDA graphs; a CPU would take minutes for it and measure something else).
     device = resolve_device(s.train.device)
