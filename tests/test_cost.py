@@ -38,3 +38,31 @@ def test_cpu_peak_is_exact_and_prints_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (result.stdout, result.stderr) == ("", "")
     assert result_file.read_text().split() == [str(4 * MB)] * 2
+
+
+def test_the_latency_ratio_cancels_the_order_of_a_pair():
+    """Model and reference take turns call by call; a call that goes first in its pair can pay what
+    the second does not (caches, clocks after the loop's own work). With the model always first, two
+    identical calls measured a ratio of the first call's penalty; the order alternates, and each
+    ratio is taken over both orders."""
+    import time
+
+    from fulu_nas.deploy.cost import _timings, pair_ratio
+
+    made = []
+
+    def busy(seconds):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    def call(name):
+        def run():
+            busy(0.004 if len(made) % 2 == 0 else 0.002)  # the first of each pair pays twice the work
+            made.append(name)
+        return run
+
+    times = _timings({"model": call("model"), "reference": call("reference")}, 10, cuda=False)
+    assert made[:4] == ["model", "reference", "reference", "model"]
+    assert made.count("model") == made.count("reference") == 10
+    assert abs(pair_ratio(times["model"], times["reference"]) - 1) < 0.15

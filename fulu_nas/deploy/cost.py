@@ -7,10 +7,12 @@ grouped GEMM's fast path; fp32 takes a fallback that synchronises with the host)
 CUDA graph per shape and timed with CUDA events.
 
 A shared machine's speed drifts by tens of percent within a minute, so the timing runs in rounds, and
-in each round the model and, when given, a fixed reference model take turns call by call; the figures
-are medians over the rounds (``*_spread``: their interquartile range over the median).
-``latency_ratio`` (each round's median of the model / reference ratio of a call pair; the median over
-the rounds) cancels the drift that both share: that is the load-robust figure to compare architectures by.
+in each round the model and, when given, a fixed reference model take turns call by call, in the order
+model-reference then reference-model (what the first call of a pair pays, the second does not); the
+figures are medians over the rounds (``*_spread``: their interquartile range over the median).
+``latency_ratio`` (each round's median over consecutive pairs of both orders of the model's time over
+the reference's; the median over the rounds) cancels the drift that both share: that is the load-robust
+figure to compare architectures by.
 """
 
 from __future__ import annotations
@@ -161,12 +163,13 @@ class _Clock:
 
 def _timings(calls: dict[str, Callable[[], object]], iterations: int, cuda: bool) -> dict[str, list[float]]:
     """Seconds per call of each of ``calls``, ``iterations`` times, the calls taking turns call by call
-    (a burst of load then falls on both of a pair alike): CUDA events around each replay on CUDA, the
+    (a burst of load then falls on both of a pair alike), in the given order then the reverse, so that
+    each goes first as often (see :func:`pair_ratio`): CUDA events around each replay on CUDA, the
     calling thread's CPU time on the CPU (see :func:`measure_cost`)."""
     times: dict[str, list] = {name: [] for name in calls}
     event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
-    for _ in range(iterations):
-        for name, call in calls.items():
+    for i in range(iterations):
+        for name, call in list(calls.items())[::1 if i % 2 == 0 else -1]:
             if cuda:
                 start, end = event(), event()
                 start.record()
@@ -181,6 +184,14 @@ def _timings(calls: dict[str, Callable[[], object]], iterations: int, cuda: bool
         torch.cuda.synchronize()
         return {name: [start.elapsed_time(end) / 1e3 for start, end in pairs] for name, pairs in times.items()}
     return times
+
+
+def pair_ratio(model: list[float], reference: list[float]) -> float:
+    """The median over consecutive pairs of calls of :func:`_timings` (one in each order; an odd last
+    one alone) of the model's summed time over the reference's: one pair's ratio would carry whatever the
+    call going first pays and the second does not."""
+    ratios = [sum(model[i:i + 2]) / sum(reference[i:i + 2]) for i in range(0, len(model), 2)]
+    return statistics.median(ratios)
 
 
 def cost_argument_problems(model: PiMoETransformer, batch_shapes: object, warmup: object, iterations: object,
@@ -249,7 +260,7 @@ def _measure(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmu
                 call()
         seconds["prepare"] += clock.lap()
         per_round: dict[str, list[float]] = {name: [] for name in calls}
-        round_ratios: list[float] = []  # each round's median of the model / reference ratio per call pair
+        round_ratios: list[float] = []  # each round's pair_ratio
         every_call: list[float] = []
         for _ in range(rounds):
             times = _timings(calls, iterations, cuda)
@@ -257,8 +268,7 @@ def _measure(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmu
                 per_round[name].append(statistics.median(t))
             every_call += times["model"]
             if reference is not None:
-                round_ratios.append(statistics.median(m / r for m, r in zip(times["model"], times["reference"],
-                                                                             strict=True)))
+                round_ratios.append(pair_ratio(times["model"], times["reference"]))
         seconds["timing"] += clock.lap()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
