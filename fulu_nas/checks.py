@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .moe.field_types import is_finite_number
@@ -74,6 +75,12 @@ def nonfinite_tensors(named: Iterable[tuple[str, Tensor]]) -> list[str]:
 
     return [name for name, tensor in named if tensor.is_floating_point() and not tensor.is_meta
             and not bool(torch.isfinite(tensor).all())]
+
+
+def sqlite_file(url: str) -> Path:
+    """The file of a ``sqlite:///path`` URL, without the query SQLAlchemy hands the driver
+    (``?timeout=30``): a check reading ``path?timeout=30`` found no database where the search made one."""
+    return Path(url[len("sqlite:///"):].split("?", 1)[0])
 
 
 def yaml_problem(error: Exception) -> str:

@@ -427,6 +427,43 @@ def test_the_summary_says_when_the_reference_breaks_a_study_constraint(tmp_path,
     assert "best trial 1 beats the reference architecture (infeasible: over active_params) on loss" in words, out
 
 
+def test_a_study_resumes_with_its_constraints_in_any_order_and_a_refusal_names_what_changed(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """The fingerprint held the constraints in the order they were typed: the same bounds in another
+    order were refused as "another search space, task, budget or objectives", naming neither the
+    constraints nor what else had changed. A study fingerprinted that way resumes with its order, and
+    from then on with any."""
+    from fulu_nas.search.locate import load_study as located_study
+    from fulu_nas.search.locate import locate_study, search_settings
+    from fulu_nas.search.study import FINGERPRINT_ATTR, FINGERPRINT_PARTS_ATTR
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    fast = ("trainer.steps=10", "study.pruner=none")
+    typed = "study.constraints={latency_ms:100,active_params:1e6}"
+    reordered = "study.constraints={active_params:1e6,latency_ms:100}"
+    assert run_search(out, "study.n_trials=1", *fast, typed) == 0
+    location = locate_study(["study.name=tiny-clusters", f"hydra.run.dir={out}"])
+    legacy = search_settings(location, located_study(location)).fingerprint(constraints_as_typed=True)
+    study = optuna.load_study(study_name="tiny-clusters", storage=location.storage_url)
+    assert legacy != study.user_attrs[FINGERPRINT_ATTR]
+    study.set_user_attr(FINGERPRINT_ATTR, legacy)  # as the study was made before
+    study.set_user_attr(FINGERPRINT_PARTS_ATTR, None)
+    assert run_search(out, "study.n_trials=2", *fast, typed) == 0
+    assert run_search(out, "study.n_trials=3", *fast, reordered) == 0
+    assert len(load_study(out).trials) == 3
+    capsys.readouterr()
+    for changed, named in ((("study.constraints={active_params:1e6,latency_ms:50}", "trainer.steps=10"),
+                            "with other study.constraints"),
+                           ((reordered, "trainer.steps=20"), "with another trainer"),
+                           (("study.constraints={latency_ms:100}", "trainer.steps=20"),
+                            "with another trainer and other study.constraints")):
+        assert run_search(out, "study.n_trials=4", "study.pruner=none", *changed) == 2
+        err = capsys.readouterr().err
+        assert f"study 'tiny-clusters' in sqlite:///{out / 'optuna.db'} was created {named};" in err, err
+    assert len(load_study(out).trials) == 3
+
+
 def test_a_study_resumes_after_its_spaces_description_changed_and_from_its_earlier_fingerprint(tmp_path,
                                                                                                 monkeypatch):
     """The fingerprint held the space's description, prose: a reworded shipped space refused every study

@@ -177,9 +177,11 @@ def trials_of(storage: str) -> list[optuna.trial.FrozenTrial]:
 # --- refused resumes write nothing ---------------------------------------------------------------------
 
 REFUSED = {
-    "another budget": (["trainer.steps=6"], "study.name: study 'tiny-clusters'", "another search space, task, budget"),
-    "another space": (["search_space.base.hidden_size=64"], "study.name: study 'tiny-clusters'", "another search"),
-    "another cost_rounds": (["trainer.cost_rounds=3"], "study.name: study 'tiny-clusters'", "another search"),
+    "another budget": (["trainer.steps=6"], "study.name: study 'tiny-clusters'", "was created with another trainer;"),
+    "another space": (["search_space.base.hidden_size=64"], "study.name: study 'tiny-clusters'",
+                      "was created with another search_space;"),
+    "another cost_rounds": (["trainer.cost_rounds=3"], "study.name: study 'tiny-clusters'",
+                            "was created with another trainer;"),
     "other objectives": (["study.objectives=[loss,latency_ms]", "study.pruner=none"],
                          "study.objectives: study 'tiny-clusters'", "with other objectives"),
 }
@@ -291,5 +293,5 @@ def test_a_study_made_with_a_default_trainer_key_added_by_plus_resumes(tmp_path,
         open_study(made)  # what a search of these settings made first
     for given in (["trainer.cost_rounds=5", "trainer.divergence_factor=10.0"], ["trainer.cost_rounds=5"], []):
         app.preflight(["+experiment=tiny", storage, *given, f"hydra.run.dir={tmp_path}"])
-    with pytest.raises(FuluConfigError, match="another search space, task, budget"):
+    with pytest.raises(FuluConfigError, match="was created with another trainer;"):
         app.preflight(["+experiment=tiny", storage, "trainer.cost_rounds=3", f"hydra.run.dir={tmp_path}"])

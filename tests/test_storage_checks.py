@@ -66,6 +66,30 @@ def test_the_study_and_its_runs_need_two_databases_of_their_own_kinds(kind, sear
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_a_sqlite_url_with_a_query_names_the_same_file_everywhere(searched, tmp_path, monkeypatch, capsys):
+    """SQLAlchemy passes a URL's query to the driver (``?timeout=30``) and the search ran with it, but
+    every check of the file took ``study.db?timeout=30`` as its name: confirm and export found no study,
+    a refused resume rewrote the folder's .hydra/ first, and an MLflow database as the storage was not
+    refused (Optuna made its tables in it, then a traceback)."""
+    query = "?timeout=30"
+    storage = f"study.storage='sqlite:///{searched / 'optuna.db'}{query}'"  # quoted: Hydra's grammar
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "study.name=tiny-clusters", f"hydra.run.dir={searched}", storage,
+                 f"out={tmp_path / 'model'}", "name=tiny-query"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    hydra = {p.name: p.read_bytes() for p in (searched / ".hydra").iterdir()}
+    before = _digests(searched)
+    _refused(capsys, ["search", "+experiment=tiny", f"hydra.run.dir={searched}", *FAST[:1], "trainer.steps=6",
+                      "trainer.report_every=5", "study.pruner=none", storage], "created with another")
+    assert {p.name: p.read_bytes() for p in (searched / ".hydra").iterdir()} == hydra
+    mlflow_db = searched / "mlflow.db"
+    _refused(capsys, ["search", "+experiment=tiny", f"hydra.run.dir={tmp_path / 'new'}",
+                      f"study.storage='sqlite:///{mlflow_db}{query}'"],
+             f"study.storage: sqlite:///{mlflow_db}{query} is an MLflow tracking database")
+    assert _digests(searched) == before
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("command", ["confirm", "export"])
 def test_a_command_reading_a_study_refuses_its_optuna_db_as_tracking_store(command, searched, tmp_path,
                                                                             monkeypatch, capsys):

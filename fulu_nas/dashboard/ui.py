@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..checks import sqlite_file
 from ..deploy.server_process import check_port_free, port, run_server
 from ..errors import FuluConfigError
 from ..search.storage import check_tracking_uri, probe_tracking
@@ -25,8 +26,8 @@ def build_command(args: argparse.Namespace) -> list[str]:
     if args.tracking_uri:
         uri = args.tracking_uri
         check_tracking_uri(uri)
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-            raise FileNotFoundError(f"no MLflow database at {uri.removeprefix('sqlite:///')}")
+        if uri.startswith("sqlite:///") and not sqlite_file(uri).is_file():
+            raise FileNotFoundError(f"no MLflow database at {sqlite_file(uri)}")
     else:
         db = Path(args.output_dir) / "mlflow.db"
         if not db.is_file():

@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..checks import sqlite_file
 from ..errors import FuluConfigError
 from .export import FINGERPRINT_TAG, check_folder
 from .files import (
@@ -184,7 +185,7 @@ def registry_uri(tracking_uri: str | None) -> str:
     if not uri:
         raise FuluConfigError("tracking URI: name the registry's tracking server or database with --tracking-uri "
                               "or MLFLOW_TRACKING_URI (e.g. sqlite:///outputs/STUDY/mlflow.db)")
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if uri.startswith("sqlite:///") and not sqlite_file(uri).is_file():
         raise FuluConfigError(f"tracking URI: {uri}: no such database (is it a search's outputs/STUDY/mlflow.db?)")
     return uri
 

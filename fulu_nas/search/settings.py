@@ -167,17 +167,26 @@ class SearchSettings:
                 params.pop("model", None)
         return params
 
-    def fingerprint(self, legacy: bool = False, given: frozenset[str] = frozenset()) -> str:
-        """What must not change when a study resumes: space, task, budget, objectives. Not the space's
-        description (prose), nor the path of a model on disk, which is known by its content. ``legacy``:
-        the fingerprint as studies made before kept it, with both (the model's path as typed). A trainer
-        key the trainer configs gained later is left out at its default (:data:`_LATER_TRAINER_KEYS`),
-        so that the studies made before still resume, unless it is in ``given`` (:meth:`fingerprints`)."""
+    def fingerprint(self, legacy: bool = False, given: frozenset[str] = frozenset(),
+                    constraints_as_typed: bool = False) -> str:
+        """What must not change when a study resumes: space, task, budget, objectives, constraints. Not
+        the space's description (prose), nor the path of a model on disk, which is known by its content,
+        nor the order the constraints were typed in. ``legacy``: the fingerprint as studies made before
+        kept it, with both (the model's path as typed); ``constraints_as_typed``: with the constraints in
+        their typed order, as studies made before kept them. A trainer key the trainer configs gained
+        later is left out at its default (:data:`_LATER_TRAINER_KEYS`), so that the studies made before
+        still resume, unless it is in ``given`` (:meth:`fingerprints`)."""
+        return _digest(self.fingerprint_parts(legacy, given, constraints_as_typed))
+
+    def fingerprint_parts(self, legacy: bool = False, given: frozenset[str] = frozenset(),
+                          constraints_as_typed: bool = False) -> dict[str, Any]:
+        """What :meth:`fingerprint` digests, by part (``task``, ``search_space``, ``trainer``,
+        ``objectives``, ``constraints``, and ``model_sha256`` for a task starting from a model file)."""
         keep = {k: copy.deepcopy(self.raw[k]) for k in ("task", "search_space", "trainer")}
         if not legacy:
             keep["search_space"].pop("description", None)
         keep["objectives"] = list(self.study.objectives)
-        keep["constraints"] = list(self.study.constraints)
+        keep["constraints"] = list(self.study.constraints if constraints_as_typed else sorted(self.study.constraints))
         # the safety cap may change on resume: results depend on the steps alone
         free = ("device", "compile", "cuda_graph", "deterministic", "report_every", "max_seconds")
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in free}
@@ -189,7 +198,12 @@ class SearchSettings:
         if model_sha256:
             keep["model_sha256"] = model_sha256
         keep["task"] = self.task_identity(keep["task"], model_as_typed=legacy)
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return keep
+
+    def part_digests(self) -> dict[str, str]:
+        """Each part of the fingerprint as a study is made now, digested: kept with the study, so that a
+        refused resume can say which part changed."""
+        return {part: _digest(value) for part, value in self.fingerprint_parts().items()}
 
     def fingerprints(self) -> set[str]:
         """The fingerprints a study of these settings may hold (:meth:`fingerprint`): as it is made now, as
@@ -199,7 +213,12 @@ class SearchSettings:
         at_default = [k for k, v in _LATER_TRAINER_KEYS.items() if k != "expert_parallel"
                       and self.raw["trainer"].get(k, object()) == v]
         subsets = [frozenset(k for i, k in enumerate(at_default) if n >> i & 1) for n in range(2 ** len(at_default))]
-        return {self.fingerprint(legacy, given) for legacy in (False, True) for given in subsets}
+        return {self.fingerprint(legacy, given, typed) for legacy in (False, True) for given in subsets
+                for typed in (False, True)}
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bool = True,

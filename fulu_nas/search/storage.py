@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from ..checks import sqlite_file
 from ..errors import FuluConfigError
 
 T = TypeVar("T")
@@ -140,7 +141,7 @@ def _probe_sqlite_file(url: str, key: str) -> None:
     search had written its folder); one that does not exist yet is created by the search."""
     import sqlite3
 
-    path = Path(url[len("sqlite:///"):])
+    path = sqlite_file(url)
     if not path.exists():
         return
     try:
@@ -157,7 +158,7 @@ def check_sqlite_writable(url: str, key: str) -> None:
     is begun and rolled back. A database busy with another writer (a running search) passes."""
     import sqlite3
 
-    if _scheme(url) != "sqlite" or not (path := Path(url[len("sqlite:///"):])).is_file():
+    if _scheme(url) != "sqlite" or not (path := sqlite_file(url)).is_file():
         return
     try:
         with contextlib.closing(sqlite3.connect(path, timeout=5, isolation_level=None)) as db:
@@ -226,7 +227,7 @@ def _sqlite_tables(url: str) -> set[str]:
     """The tables of the SQLite database of ``url``; none where there is no such file yet."""
     import sqlite3
 
-    path = Path(url[len("sqlite:///"):])
+    path = sqlite_file(url)
     if _scheme(url) != "sqlite" or not path.is_file():
         return set()
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
@@ -237,7 +238,7 @@ def _same_database(a: str, b: str) -> bool:
     from sqlalchemy.engine import make_url
 
     if _scheme(a) == "sqlite" and _scheme(b) == "sqlite":
-        return Path(a[len("sqlite:///"):]).resolve() == Path(b[len("sqlite:///"):]).resolve()
+        return sqlite_file(a).resolve() == sqlite_file(b).resolve()
     try:
         x, y = make_url(a), make_url(b)
     except Exception:  # an http tracking server, a journal: never the same database as the other
@@ -267,15 +268,15 @@ def check_study_storage_exists(url: str, study_name: str) -> None:
     database beside it say, gained Optuna's schema) and a journal URL creates its file."""
     hint = (f"(is {study_name!r} the study name? pass study.storage=... or hydra.run.dir=... if the search "
             f"used them)")
-    if isinstance(url, str) and url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise FuluConfigError(f"study.name: no study database at {url[len('sqlite:///'):]} {hint}")
+    if isinstance(url, str) and url.startswith("sqlite:///") and not sqlite_file(url).is_file():
+        raise FuluConfigError(f"study.name: no study database at {sqlite_file(url)} {hint}")
     check_storage_url(url)
     if _scheme(url) == "journal" and not journal_path(url).is_file():
         raise FuluConfigError(f"study.storage: no journal file {str(journal_path(url))!r} {hint}")
     if _scheme(url) != "sqlite":
         probe_storage(url)
         return
-    path = Path(url[len("sqlite:///"):])
+    path = sqlite_file(url)
     _probe_sqlite_file(url, "study.storage")
     tables = _sqlite_tables(url)
     if not _OPTUNA_TABLES <= tables:
@@ -331,7 +332,7 @@ def open_existing_storage(url: str):
         return open_journal(url) if journal_path(url).is_file() else None
     given, engine_kwargs = url, {}
     if scheme == "sqlite":
-        path = Path(url[len("sqlite:///"):])
+        path = sqlite_file(url)
         if not path.is_file():
             return None
         # SQLite's read-only mode: nothing below can write to the file, whatever Optuna tries
@@ -422,7 +423,7 @@ def first_use_lock(url: str) -> Iterator[None]:
     nothing is written for it)."""
     import fcntl
 
-    folder = Path(url[len("sqlite:///"):].split("?", 1)[0]).parent if _scheme(url) == "sqlite" else None
+    folder = sqlite_file(url).parent if _scheme(url) == "sqlite" else None
     if folder is None or not folder.is_dir():
         yield
         return

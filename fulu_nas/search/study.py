@@ -42,6 +42,7 @@ from .worker_progress import ProgressFile, progress_path, remove_all, running_li
 TrialState = optuna.trial.TrialState
 logger = logging.getLogger(__name__)  # the run folder's search.log (the console shows WARNING and above)
 FINGERPRINT_ATTR = "fulu_fingerprint"
+FINGERPRINT_PARTS_ATTR = "fulu_fingerprint_parts"  # each part's digest: what a refused resume names
 INTERRUPTED = 130
 
 
@@ -85,9 +86,11 @@ def open_study(s: SearchSettings, worker_index: int = 0) -> optuna.Study:
                                 pruner=make_pruner(s), directions=list(s.study.directions), load_if_exists=True)
     check_resumable(study, s)
     if study.user_attrs.get(FINGERPRINT_ATTR) is None:
-        study.set_user_attr(FINGERPRINT_ATTR, s.fingerprint())
         study.set_user_attr("search_space", s.space.name)
         study.set_user_attr("task", s.task_name)
+    if study.user_attrs.get(FINGERPRINT_ATTR) != s.fingerprint():  # new, or resumed from an earlier form
+        study.set_user_attr(FINGERPRINT_ATTR, s.fingerprint())
+        study.set_user_attr(FINGERPRINT_PARTS_ATTR, s.part_digests())
     if study.metric_names != list(s.study.objectives):
         # Optuna's plots and optuna-dashboard name the objectives by these (else "Objective 0").
         study.set_metric_names(list(s.study.objectives))
@@ -110,9 +113,26 @@ def check_resumable(study: optuna.Study, s: SearchSettings) -> None:
                               "with other objectives; choose another study.name")
     fingerprint = study.user_attrs.get(FINGERPRINT_ATTR)
     if fingerprint is not None and fingerprint not in s.fingerprints():
-        raise FuluConfigError(f"study.name: study {s.study.name!r} in {mask_url(s.storage_url)} was created with "
-                              "another search space, task, budget or objectives; choose another study.name to "
-                              "start a new study, or the original settings to resume it")
+        raise FuluConfigError(f"study.name: study {s.study.name!r} in {mask_url(s.storage_url)} was created "
+                              f"{_changed(study.user_attrs.get(FINGERPRINT_PARTS_ATTR), s)}; choose another "
+                              "study.name to start a new study, or the original settings to resume it")
+
+
+_PARTS = {"task": "another task", "search_space": "another search_space", "trainer": "another trainer",
+          "objectives": "other study.objectives", "constraints": "other study.constraints",
+          "model_sha256": "another model file (task.model)"}
+
+
+def _changed(stored: object, s: SearchSettings) -> str:
+    """Which settings differ from the ones ``stored`` (a study's part digests; a study made before
+    they were kept has none, and is told apart as a whole)."""
+    current = s.part_digests()
+    if not isinstance(stored, dict):
+        return "with another search space, task, budget, objectives or constraints"
+    changed = [words for part, words in _PARTS.items() if stored.get(part) != current.get(part)]
+    if not changed:  # the digests agree where the fingerprint does not: say it as a whole
+        return "with other settings"
+    return "with " + (", ".join(changed[:-1]) + " and " + changed[-1] if len(changed) > 1 else changed[0])
 
 
 def _close_stale_run(s: SearchSettings, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
