@@ -47,3 +47,19 @@ def test_it_downloads_binary_wheels_for_the_gpu_machine_and_builds_the_source_on
     assert "cp312" in sqlalchemy and "x86_64" in sqlalchemy  # the machine's Python and platform, not this one's
     for wheel in wheels:
         assert zipfile.ZipFile(wheel).testzip() is None
+
+
+def test_the_documented_command_line_lists_the_wheels_it_would_write(tmp_path):
+    """The command gpu.md gives, run as a command (with --dry-run, which downloads nothing): its options
+    parse, and it lists the search stack pinned to the versions installed here."""
+    import subprocess
+    import sys
+
+    out = tmp_path / ".whl"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_wheels.py"), "--out", str(out), "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = dict(line.split("==") for line in done.stdout.split())
+    assert listed == load_script().needed("3.12")
+    assert {"optuna", "hydra-core", "mlflow-skinny"} <= set(listed)
+    assert not out.exists()

@@ -200,7 +200,7 @@ def test_the_loss_is_checked_every_step_but_on_a_gpu():
 
 def test_the_step_is_replayed_from_a_cuda_graph_wherever_it_can_be_captured():
     from fulu_nas.training.dynamic_experts import DynamicExpertsConfig
-    from fulu_nas.training.train import GRAPH_MIN_STEPS, uses_cuda_graph
+    from fulu_nas.training.train import GRAPH_MIN_STEPS, GRAPH_WARMUP_STEPS, uses_cuda_graph
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert uses_cuda_graph(TrainConfig(steps=400), cuda, distributed=False)
@@ -214,6 +214,11 @@ def test_the_step_is_replayed_from_a_cuda_graph_wherever_it_can_be_captured():
     assert not uses_cuda_graph(TrainConfig(steps=400, cuda_graph=False), cuda, distributed=False)
     with pytest.raises(ValueError, match="impossible here: it needs a CUDA device"):
         uses_cuda_graph(TrainConfig(cuda_graph=True), cpu, distributed=False)
+    # true below the budget auto needs was quietly eager: it replays wherever a step is left to replay
+    assert uses_cuda_graph(TrainConfig(steps=GRAPH_WARMUP_STEPS + 1, cuda_graph=True), cuda, distributed=False)
+    with pytest.raises(ValueError, match=f"impossible here: a budget of {GRAPH_WARMUP_STEPS} steps leaves none "
+                                         f"after the {GRAPH_WARMUP_STEPS} eager warm-up steps a capture needs"):
+        uses_cuda_graph(TrainConfig(steps=GRAPH_WARMUP_STEPS, cuda_graph=True), cuda, distributed=False)
     with pytest.raises(ValueError, match="auto, true or false"):
         uses_cuda_graph(TrainConfig(cuda_graph="yes"), cuda, distributed=False)
 

@@ -228,15 +228,19 @@ def uses_cuda_graph(cfg: TrainConfig, device: torch.device, distributed: bool, h
     that the host's launches set the pace of an eager step). Possible on CUDA for a PiMoETransformer
     trained in one process with static shapes (every MoE layer's are) and no host synchronisation inside
     a step; not with dynamic experts (the modules change between steps), gradient checkpointing or
-    expert-parallel ranks. ``cfg.cuda_graph``: "auto" where possible, True (an error where impossible),
-    False."""
+    expert-parallel ranks. ``cfg.cuda_graph``: "auto" where possible and from :data:`GRAPH_MIN_STEPS`
+    steps, True (wherever a step is left after the warm-up; an error where impossible), False."""
     blockers = [why for why, present in (
         ("it needs a CUDA device", device.type != "cuda"), ("expert-parallel ranks", distributed),
         ("dynamic experts", bool(cfg.dynamic_experts)), ("gradient checkpointing", cfg.gradient_checkpointing),
-        ("a model without transformer blocks", not has_blocks)) if present]
-    if cfg.cuda_graph is True and blockers:
-        raise ValueError(f"trainer.cuda_graph=true is impossible here: {', '.join(blockers)}")
-    return cfg.cuda_graph is not False and not blockers and cfg.steps >= GRAPH_MIN_STEPS
+        ("a model without transformer blocks", not has_blocks),
+        (f"a budget of {cfg.steps} steps leaves none after the {GRAPH_WARMUP_STEPS} eager warm-up steps a capture "
+         "needs", cfg.steps <= GRAPH_WARMUP_STEPS)) if present]
+    if cfg.cuda_graph is True:
+        if blockers:
+            raise ValueError(f"trainer.cuda_graph=true is impossible here: {', '.join(blockers)}")
+        return True
+    return cfg.cuda_graph == "auto" and not blockers and cfg.steps >= GRAPH_MIN_STEPS
 
 
 def step_description(result: TrainResult) -> str:
