@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -270,6 +271,36 @@ def test_two_workers_share_a_study_on_postgresql(tmp_path):
         assert len(parents) == 1
         assert sorted(int(r.data.tags["fulu.trial"]) for r in runs) == sorted(t.number for t in complete)
         assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+
+
+@pytest.mark.skipif(not postgres.available(), reason="PostgreSQL is not installed")
+def test_database_passwords_stay_out_of_mlflow_and_the_study_is_still_found_from_its_runs(tmp_path, monkeypatch):
+    """The search's configuration went to the study's MLflow run as it was typed, the storage's and the
+    tracking database's passwords in it, for whoever reads the runs; read back (a folder without
+    search_config.json), the URLs are the ones the command is given."""
+    from fulu_nas.search.locate import load_study as located_study
+    from fulu_nas.search.locate import locate_study, search_settings
+
+    monkeypatch.chdir(tmp_path)
+    out, secret = tmp_path / "out", "s3cret-pw"
+    with postgres.postgres_server(("optuna", "mlflow")) as urls:  # trust auth: any password is taken
+        storage, tracking = (urls[db].replace("fulu@", f"fulu:{secret}@") for db in ("optuna", "mlflow"))
+        assert run_search(out, "study.n_trials=1", "trainer.steps=10", f"study.storage={storage}",
+                          f"tracking.uri={tracking}") == 0
+        _, parents, runs = mlflow_runs(tracking, "tiny-clusters")
+        client = mlflow.MlflowClient(tracking)
+        for run in (*parents, *runs):
+            assert secret not in json.dumps([run.data.params, run.data.tags])
+            with tempfile.TemporaryDirectory() as tmp:
+                for artifact in client.list_artifacts(run.info.run_id):
+                    if not artifact.is_dir:
+                        assert secret not in Path(client.download_artifacts(run.info.run_id, artifact.path,
+                                                                            tmp)).read_text(errors="replace")
+        (out / "search_config.json").unlink()
+        location = locate_study(["study.name=tiny-clusters", f"hydra.run.dir={out}", f"study.storage={storage}",
+                                 f"tracking.uri={tracking}"])
+        settings = search_settings(location, located_study(location))
+        assert (settings.storage_url, settings.tracking_uri) == (storage, tracking)
 
 
 def test_journal_storage_with_two_local_workers(tmp_path):

@@ -233,7 +233,7 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
     else:
         import mlflow
 
-        from .tracking import PARENT_RUN_ATTR
+        from .tracking import PARENT_RUN_ATTR, URL_KEYS
 
         parent = study.user_attrs.get(PARENT_RUN_ATTR)
         if not parent:
@@ -242,5 +242,12 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.MlflowClient(location.tracking_uri).download_artifacts(parent, "search_config.json", tmp)
             data = {"config": json.loads(Path(local).read_text())}
+        # The run's copy has the URLs' passwords masked: the ones this command reached the study with
+        # are those URLs with theirs.
+        given = {"study": location.storage_url, "tracking": location.tracking_uri}
+        for section, key in URL_KEYS:
+            saved = data["config"].get(section, {}).get(key)
+            if isinstance(saved, str) and saved == mask_url(given[section]):
+                data["config"][section][key] = given[section]
     check_overrides_are_used(location, data["config"], data.get("typed_model"))
     return load_settings(data["config"], location.output_dir, will_train, typed_model=data.get("typed_model"))

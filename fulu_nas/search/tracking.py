@@ -8,6 +8,7 @@ stored on the Optuna study (``mlflow_parent_run_id``) and every worker reads it 
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -110,7 +111,7 @@ class Tracker:
                   **{f"constraint.{k}": v for k, v in s.study.constraints}}
         self.log_params(run.info.run_id, params)
         with tempfile.TemporaryDirectory() as tmp:
-            _write_json(Path(tmp) / "search_config.json", s.raw)
+            _write_json(Path(tmp) / "search_config.json", masked_config(s.raw))
             self.client.log_artifact(run.info.run_id, str(Path(tmp) / "search_config.json"))
         # Two workers starting at once may both get here: the first id stored wins.
         study.set_user_attr(PARENT_RUN_ATTR, study.user_attrs.get(PARENT_RUN_ATTR) or run.info.run_id)
@@ -314,6 +315,21 @@ def _alive(pid: int) -> bool:
 
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# The configuration's URLs, which may hold a password: the study's storage, the tracking store.
+URL_KEYS = (("study", "storage"), ("tracking", "uri"))
+
+
+def masked_config(raw: dict) -> dict:
+    """The search's configuration with the passwords of its database URLs masked (:func:`mask_url`): the
+    copy kept with its MLflow run, which whoever reads the runs can read. A command that reads it back
+    takes the URLs it was given (:func:`fulu_nas.search.locate.search_settings`)."""
+    config = copy.deepcopy(raw)
+    for section, key in URL_KEYS:
+        if isinstance(url := config.get(section, {}).get(key), str):
+            config[section][key] = mask_url(url)
+    return config
 
 
 def _write_json(path: Path, content: Any) -> None:
