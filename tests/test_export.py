@@ -819,7 +819,7 @@ def test_damaged_or_missing_files_with_regenerated_checksums_are_clear_errors(ex
 
     cases = {"one layer more": (lambda c: (c / "config.yaml").write_text(yaml.safe_dump(deeper)),
                                 rf"model.safetensors: config.yaml does not describe these weights: no tensor "
-                                rf"blocks\.{layers}\..*\(and \d+ more\)"),  # the first few, and how many more
+                                rf"blocks\.{layers}\..* and \d+ more in the file"),  # the first few, and how many more
              "truncated weights": (lambda c: (c / "model.safetensors").write_bytes(weights[:len(weights) // 2]),
                                    "model.safetensors: not a safetensors file"),
              "empty weights": (lambda c: (c / "model.safetensors").write_bytes(b""),
@@ -1100,3 +1100,51 @@ def test_an_export_into_a_file_names_it_a_file_and_writes_nothing(tmp_path):
     (tmp_path / "full" / "x").touch()
     with pytest.raises(FuluConfigError, match=r"out: .*full exists and is not empty; choose another folder"):
         assemble(tmp_path / "full", lambda folder: None)
+
+
+@pytest.fixture(scope="module")
+def short_export(tmp_path_factory):
+    """A model of 8 tokens at most written as `fulu-nas export` writes one, with a metric that does not apply
+    (NaN) and a count measured as a float (no search needed)."""
+    from fulu_nas.deploy.export import FORMAT_VERSION, write_export
+    from fulu_nas.models import ArchConfig, PiMoETransformer
+    from fulu_nas.moe import MoEConfig
+
+    arch = ArchConfig(vocab_size=24, max_seq_len=8, num_layers=1, hidden_size=32, num_heads=4,
+                      moe=MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=32))
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("short") / "model"
+    write_export(folder, PiMoETransformer(arch).eval(), {"format": FORMAT_VERSION, "architecture": arch.to_dict()},
+                 {"loss": 1.25, "active_params": 11812.0, "load_balance": float("nan")}, "# short\n")
+    return folder
+
+
+def test_the_cards_torch_only_lines_run_for_a_model_shorter_than_16_tokens(short_export):
+    """The card's example batch was (2, 16) whatever the model's length: a model of 8 tokens failed it
+    ("Guard failed: tokens_BS.size()[1] <= 8")."""
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(short_export)
+    try:
+        exec(card_snippet(short_export), namespace)
+    finally:
+        os.chdir(cwd)
+    assert tuple(namespace["logits"].shape) == (2, 8, 24)
+
+
+def test_metrics_json_is_strict_json(short_export):
+    """A metric that does not apply (NaN) was written as NaN, which no strict JSON parser reads: it is null."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    metrics = json.loads((short_export / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics == {"loss": 1.25, "active_params": 11812.0, "load_balance": None}
+
+
+@pytest.mark.slow
+def test_the_card_says_whose_weights_and_prints_counts_as_integers(exported):
+    card = (exported.model_dir / "README.md").read_text()
+    assert "Weights are the trial's own, saved during the search." in card
+    metrics = json.loads((exported.model_dir / "metrics.json").read_text())
+    assert f"| active_params | {int(metrics['active_params'])} |" in card  # 1.181e+04 for 11812
+    assert "e+0" not in card and "| nan |" not in card

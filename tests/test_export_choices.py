@@ -190,3 +190,58 @@ def test_selection_takes_feasible_trials_only_and_parses_ascii_digits_only():
     for spec in ("pareto:0", "fastest_within:5"):
         with pytest.raises(FuluConfigError, match="no feasible trial"):
             select_trial(multi, m, spec)
+
+
+class Escaped(BaseException):
+    """What the test's own SIGTERM handler raises: a SIGTERM that no handler of the export took."""
+
+
+@pytest.mark.parametrize("when", ["writing", "registering"])
+def test_sigterm_ends_the_export_as_ctrl_c_does(study, tmp_path, capsys, monkeypatch, when):
+    """SIGTERM (timeout, docker stop, a batch scheduler) killed the export: a complete-looking folder that was
+    never registered, or a hidden partial one, and the export's MLflow run left RUNNING. It is now undone as
+    a Ctrl-C is: nothing written, no new version, the run ended, exit code 130. The signal is sent from
+    inside the step, to this process, as a stop from outside would arrive."""
+    import signal
+
+    from fulu_nas.deploy import export as deploy_export
+    from fulu_nas.deploy import serve
+
+    def escaped(signum, frame):
+        raise Escaped  # without a handler of its own, the export would have died here
+
+    module, attribute = (deploy_export, "save_pyfunc") if when == "writing" else (serve, "record_registered_files")
+    step = getattr(module, attribute)
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(module, attribute, stopped)
+    previous = signal.signal(signal.SIGTERM, escaped)
+    try:
+        runs_before, versions_before = registry_state(study)
+        code, out, err = export(study, capsys, "trial=0", f"out={tmp_path / 'model'}", "name=stopped")
+        assert signal.getsignal(signal.SIGTERM) is escaped  # the export's handler is gone again
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a partial one
+    runs, versions = registry_state(study)
+    assert versions == versions_before
+    new = [status for run, status in runs if run not in dict(runs_before)]
+    assert "RUNNING" not in new and len(new) == (1 if when == "registering" else 0), new
+
+
+def test_out_the_current_folder_is_refused_before_any_work(study, tmp_path, capsys, monkeypatch):
+    """out=. (the empty current folder) did all the work, then failed on rmdir('.') with a traceback: the
+    folder is renamed into place, which the current folder (any process's in it) cannot take."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    before = registry_state(study)
+    for out in (".", str(here), "../here"):
+        refused_before_work(*export(study, capsys, "trial=0", f"out={out}"), f"out: {out} is the current folder")
+    assert list(tmp_path.iterdir()) == [here] and not any(here.iterdir())
+    assert registry_state(study) == before

@@ -315,3 +315,116 @@ def test_a_bad_checkpoint_is_one_clear_message_exit_2_and_nothing_written(tmp_pa
     assert err.startswith("error: invalid search configuration:") and err.count("\n") == 2, err
     assert "Traceback" not in err
     assert not (tmp_path / "outputs").exists() and not list(tmp_path.rglob("*.db"))
+
+
+def strict_json(text: str):
+    """JSON as every parser reads it: NaN and Infinity are not JSON (JavaScript's JSON.parse refuses them)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def dense_export(searched, tmp_path_factory):
+    """Trial 0, the dense reference, exported: a model with no routing, whose routing statistics are NaN."""
+    folder = tmp_path_factory.mktemp("dense") / "model"
+    assert main(["export", f"study.name={STUDY}", f"hydra.run.dir={searched.out}", "trial=0", f"out={folder}"]) == 0
+    return folder
+
+
+def test_the_dense_exports_metrics_are_json_and_its_card_lists_no_routing_statistics(searched, dense_export):
+    """metrics.json held NaN for the routing statistics of a model without routing (not JSON), and the card
+    listed them as `| utilisation | nan |`."""
+    metrics = strict_json((dense_export / "metrics.json").read_text())
+    assert math.isnan(searched.study.trials[0].user_attrs["metrics"]["utilisation"])
+    assert metrics["utilisation"] is None and metrics["load_balance"] is None
+    assert metrics["loss"] == pytest.approx(searched.study.trials[0].values[0], rel=1e-5)
+    card = (dense_export / "README.md").read_text()
+    assert "| loss |" in card and "utilisation" not in card and "nan" not in card.lower()
+
+
+def rewritten(folder: Path, into: Path, change) -> Path:
+    """A copy of the export whose weights ``change`` edits, with checksums.json rewritten to match."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, into)
+    tensors = load_file(into / "model.safetensors")
+    change(tensors)
+    save_file(tensors, into / "model.safetensors", metadata={"format": "pt"})
+    listing = json.loads((into / "checksums.json").read_text())
+    (into / "checksums.json").write_text(json.dumps(
+        {name: hashlib.sha256((into / name).read_bytes()).hexdigest() for name in listing}))
+    return into
+
+
+@pytest.mark.parametrize("case, words", [
+    ("nan", r"NaN or infinite values in bert.embeddings.LayerNorm.bias$"),
+    ("inf", r"NaN or infinite values in cls.predictions.bias$"),
+    ("float16", r"tensors of another type: bert.embeddings.LayerNorm.bias \(float16 stored, an export writes "
+                r"float32\), .* and \d+ more$"),
+])
+def test_loading_an_upcycled_export_refuses_weights_of_another_type_or_not_finite(dense_export, tmp_path, case,
+                                                                                   words):
+    """Without expected_sha256, weights rewritten with their checksums were cast into the model without a word
+    (NaN logits, or float16 silently widened), as the searched model's loader refuses them."""
+    def change(tensors):
+        if case == "float16":
+            tensors.update({k: v.half() for k, v in tensors.items()})
+        else:
+            name = "bert.embeddings.LayerNorm.bias" if case == "nan" else "cls.predictions.bias"
+            tensors[name].view(-1)[0] = float(case)
+
+    folder = rewritten(dense_export, tmp_path / "copy", change)
+    with pytest.raises(FuluConfigError, match=f"model.safetensors: not the exported weights: {words}") as raised:
+        fulu_nas.load(folder)
+    assert len(raised.value.problems) == 1 and str(folder) in str(raised.value)
+    assert "fulu-nas-checked-" not in str(raised.value)
+
+
+class Escaped(BaseException):
+    """What the test's own SIGTERM handler raises: a SIGTERM that no handler of the export took."""
+
+
+@pytest.mark.parametrize("failure", ["artifact store", "sigterm"])
+def test_an_upcycled_export_that_cannot_be_recorded_leaves_nothing(searched, tmp_path, capsys, monkeypatch, failure):
+    """The folder was written before the export's MLflow run recorded it: a failing artifact store left it,
+    with a traceback and exit code 1, and a SIGTERM left it and the run RUNNING. Now: one message and exit
+    code 2 (or 130 when stopped), no folder, the run ended."""
+    import signal
+
+    from mlflow.exceptions import MlflowException
+
+    def unavailable(*args, **kwargs):
+        if failure == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return None
+        raise MlflowException("artifact store unavailable")
+
+    def escaped(signum, frame):
+        raise Escaped  # without a handler of its own, the export would have died here
+
+    monkeypatch.setattr(mlflow, "log_artifact", unavailable)
+    client = mlflow.MlflowClient(f"sqlite:///{searched.out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(STUDY).experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment], max_results=1000)}
+    target = tmp_path / "empty"
+    target.mkdir()
+    previous = signal.signal(signal.SIGTERM, escaped)
+    try:
+        capsys.readouterr()
+        code = main(["export", f"study.name={STUDY}", f"hydra.run.dir={searched.out}", "trial=0", f"out={target}"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if failure == "sigterm":
+        assert code == 130 and "interrupted" in err, err
+    else:
+        assert code == 2, err
+        assert err.startswith("error: cannot export:\n  - tracking.uri: ") and err.count("\n") == 2, err
+        assert "artifact store unavailable" in err and "nothing was exported" in err
+    assert target.is_dir() and not any(target.iterdir())  # the empty folder it was given, as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    new = [r.info.status for r in client.search_runs([experiment], max_results=1000) if r.info.run_id not in before]
+    assert len(new) == 1 and new[0] != "RUNNING", new

@@ -25,10 +25,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,9 @@ def save_pyfunc(directory: Path, program_path: Path, arch: ArchConfig) -> None:
             shutil.move(str(item), directory / item.name)
 
 
-def torch_only_loading(program_sha256: str, vocab_size: int) -> str:
-    """The model card's section on loading ``model.pt2`` with torch alone, SHA-256 first."""
+def torch_only_loading(program_sha256: str, vocab_size: int, max_seq_len: int) -> str:
+    """The model card's section on loading ``model.pt2`` with torch alone, SHA-256 first. Its example batch
+    fits the model: the program refuses sequences longer than ``max_seq_len``."""
     return f"""
 ## Loading model.pt2 with torch alone
 `torch.export.load` unpickles parts of an archive and evaluates expressions stored in it: run it
@@ -129,7 +131,7 @@ data = open("model.pt2", "rb").read()
 if hashlib.sha256(data).hexdigest() != "{program_sha256}":
     raise SystemExit("model.pt2 is not the exported file: not loading it")
 program = torch.export.load(io.BytesIO(data))     # the bytes just checked
-logits = program.module()(torch.randint(0, {vocab_size}, (2, 16)))
+logits = program.module()(torch.randint(0, {vocab_size}, (2, {min(16, max_seq_len)})))
 ```
 The program takes a batch of up to {MAX_BATCH} sequences (its bound on the dynamic batch dimension), each
 up to the model's length; split larger batches.
@@ -137,12 +139,53 @@ up to the model's length; split larger batches.
 
 
 def check_out_folder(out: Path) -> None:
-    """FuluConfigError unless ``out`` is a folder an export may fill: missing, or empty. A file, even an
-    empty one, is named as such (calling it "not empty" would point the user at the wrong fix)."""
+    """FuluConfigError unless ``out`` is a folder an export may fill: missing, or empty, and not the current
+    folder. A file, even an empty one, is named as such (calling it "not empty" would point the user at the
+    wrong fix)."""
     if out.exists() and not out.is_dir():
         raise FuluConfigError(f"out: {out} is a file, not a folder; choose a folder")
     if out.is_dir() and any(out.iterdir()):
         raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder")
+    # The folder is assembled beside ``out`` and renamed into place (:func:`assemble`): the current folder
+    # would be removed and replaced under this process and any shell in it, which would see an empty,
+    # deleted folder.
+    with contextlib.suppress(OSError):
+        if out.is_dir() and os.path.samefile(out, os.curdir):
+            raise FuluConfigError(f"out: {out} is the current folder, which an export cannot replace (it is "
+                                  "written beside out and renamed into place); name a new folder, e.g. out=model")
+
+
+def metrics_json(metrics: Mapping[str, Any]) -> str:
+    """``metrics.json``'s text: strict JSON, every parser's. A metric that does not apply to the model (NaN:
+    the routing statistics of a model without routing) or is infinite is ``null``: NaN and Infinity are not
+    JSON (JavaScript's ``JSON.parse``, Go and serde_json refuse them)."""
+    def value(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: value(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [value(x) for x in v]
+        if v is None or isinstance(v, str | bool | int):
+            return v
+        number = float(v)  # a float, or a numpy or torch scalar
+        return number if math.isfinite(number) else None
+
+    return json.dumps(value(metrics), indent=2, allow_nan=False)
+
+
+def metric_rows(metrics: Mapping[str, Any]) -> str:
+    """The model card's table rows of the numeric metrics: counts as integers (a count measured as a float
+    read 1.181e+04 for 11812) and other numbers of 10^4 or more without a fraction (tokens per second), the
+    rest to 4 significant digits; a metric that does not apply (NaN) is left out."""
+    rows = []
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                continue
+            v = f"{v:.0f}" if v.is_integer() or abs(v) >= 1e4 else f"{v:.4g}"
+        rows.append(f"| {k} | {v} |")
+    return "\n".join(rows)
 
 
 def assemble(out: Path, fill: Callable[[Path], None]) -> Path:
@@ -184,9 +227,10 @@ def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], met
         save_model(cpu, str(folder / "model.safetensors"))  # handles the tied embedding / LM head
         export_program(cpu, folder / "model.pt2")
         (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        (folder / "metrics.json").write_text(metrics_json(metrics))
         save_pyfunc(folder, folder / "model.pt2", cpu.arch)
-        card = model_card + torch_only_loading(sha256(folder / "model.pt2"), cpu.arch.vocab_size)
+        card = model_card + torch_only_loading(sha256(folder / "model.pt2"), cpu.arch.vocab_size,
+                                               cpu.arch.max_seq_len)
         (folder / "README.md").write_text(card)
 
     return assemble(out, fill)
@@ -289,8 +333,16 @@ def read_weights(arch: ArchConfig, weights: Path, source: Path, config: Path) ->
             tensors = {k: f.get_tensor(k) for k in sorted(stored)}
     except SafetensorError as e:
         raise FuluConfigError(f"{source}: not a safetensors file ({e})") from None
-    # Loading casts what it reads into the model's parameters without a word, NaN and inf included: weights
-    # of another type (int32, float16), or not finite, are not what an export wrote.
+    check_written_weights(tensors, configured, source)
+    return tensors
+
+
+def check_written_weights(tensors: Mapping[str, torch.Tensor], configured: Mapping[str, torch.Tensor],
+                          source: Path) -> None:
+    """FuluConfigError naming ``source`` (the user's weights file) unless each stored tensor is of the type an
+    export writes for the configured one of its name (float32 for floating point) and finite. Loading casts
+    what it reads into the model's parameters without a word, NaN and inf included: weights of another
+    type (int32, float16), or not finite, are not what an export wrote."""
     wrong_type = [f"{k} ({_dtype_name(tensor.dtype)} stored, an export writes {_dtype_name(written)})"
                   for k, tensor in tensors.items() if tensor.dtype != (written := _written_dtype(configured[k]))]
     not_finite = nonfinite_tensors(tensors.items())
@@ -298,11 +350,10 @@ def read_weights(arch: ArchConfig, weights: Path, source: Path, config: Path) ->
         [f"NaN or infinite values in {first_few(not_finite)}"] if not_finite else [])
     if problems:
         raise FuluConfigError(f"{source}: not the exported weights: " + "; ".join(problems))
-    return tensors
 
 
 def _written_dtype(parameter: torch.Tensor) -> torch.dtype:
-    """The type :func:`write_export` stores ``parameter`` as: it saves the model in float32."""
+    """The type an export stores ``parameter`` as: it saves the model in float32."""
     return torch.float32 if parameter.is_floating_point() else parameter.dtype
 
 

@@ -15,8 +15,8 @@ file's SHA-256, builds the model class from the configuration, migrates the same
 arguments and loads the weights strictly (safetensors, JSON and YAML: nothing is unpickled). Checksums
 rewritten with the files prove nothing, so the files are also checked against each other first: the
 record's types, its sizes against ``config.json``, and the model (built on the meta device, no memory)
-against the safetensors header. What comes back is the transformers model (``BertForMaskedLM``, ...),
-usable with its tokenizer and pipelines.
+against the safetensors header, then the weights' types (the float32 written) and values (finite). What
+comes back is the transformers model (``BertForMaskedLM``, ...), usable with its tokenizer and pipelines.
 """
 
 from __future__ import annotations
@@ -30,7 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deploy.export import CHECKSUMS, UPCYCLING, assemble, checked_folder, header_problems, load_device, read_yaml
+from ..deploy.export import (
+    CHECKSUMS,
+    UPCYCLING,
+    assemble,
+    check_written_weights,
+    checked_folder,
+    header_problems,
+    load_device,
+    metrics_json,
+    read_yaml,
+)
 from ..errors import FuluConfigError
 from .encoder import TOKENIZER_EXTRAS, TOKENIZER_FILES, quiet_transformers
 from .migrate import encoder_root, migrate_from_electra, read_hf_config
@@ -60,7 +70,7 @@ def write_upcycled(out: Path, model: UpcycledMLM, tokenizer_folder: str | None, 
                     shutil.copyfile(source / name, folder / name)
         record = {"format": FORMAT_VERSION, "architecture": model.arch.to_dict(), **config}
         (folder / UPCYCLING).write_text(yaml.safe_dump(record, sort_keys=False))
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        (folder / "metrics.json").write_text(metrics_json(metrics))
         (folder / "README.md").write_text(model_card)
 
     return assemble(out, fill)
@@ -172,7 +182,9 @@ def _build(config, arch: UpcycleArch, copy: Path, directory: Path) -> nn.Module:
 def _check_weights(model: nn.Module, weights: Path, directory: Path) -> None:
     """The shapes of ``model`` (built on the meta device) against the safetensors header, before a model of that
     size is allocated: the checksums say the files are the listed ones, not that they agree (both can be
-    rewritten), and a configuration can ask for any size."""
+    rewritten), and a configuration can ask for any size. Then each tensor's type, the float32
+    :func:`write_upcycled` stores, and its values, finite: loading would cast any type into the model and
+    copy NaN and inf without a word."""
     from safetensors import SafetensorError, safe_open
 
     shown = directory / weights.name
@@ -191,6 +203,11 @@ def _check_weights(model: nn.Module, weights: Path, directory: Path) -> None:
     if problems := header_problems(stored, expected, missing):
         raise FuluConfigError(f"{directory}: {UPCYCLING} and config.json do not describe the weights in "
                               f"{weights.name}: " + "; ".join(problems))
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            check_written_weights({k: f.get_tensor(k) for k in sorted(stored)}, tensors, shown)
+    except (SafetensorError, OSError) as e:
+        raise FuluConfigError(f"{shown}: not a safetensors file ({_in_words(e, weights.parent, directory)})") from None
 
 
 def load_upcycled(directory: str | Path, map_location: str | torch.device = "cpu",
@@ -214,7 +231,9 @@ def load_upcycled(directory: str | Path, map_location: str | torch.device = "cpu
 
         config = _read_config(copy, directory)
         with torch.device("meta"):
-            _check_weights(_build(config, arch, copy, directory), copy / "model.safetensors", directory)
+            configured = _build(config, arch, copy, directory)
+        # Outside the meta device's context: the weights' values are read to be checked.
+        _check_weights(configured, copy / "model.safetensors", directory)
         with torch.random.fork_rng(devices=[]):  # the initial weights are replaced below
             model = _build(config, arch, copy, directory)
         try:

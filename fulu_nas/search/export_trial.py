@@ -34,10 +34,12 @@ from ..training.train import BudgetCapReached, TrainingDiverged
 from .confirm import search_ranking
 from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner
 from .family import UPCYCLE
+from .interrupts import between_writes
 from .locate import StudyLocation, check_recordable, load_study, locate_study, search_settings, split_options
 from .objective import ServedKernels, is_feasible, measure_trial_cost, reference_model, train_architecture
 from .settings import BUDGET_FACTOR_MAX, SearchSettings
 from .storage import check_output_dir, mask_url
+from .study import INTERRUPTED, stop_signals_as_interrupt
 from .tracking import WEIGHTS_SHA256_TAG, export_run, quiet_mlflow
 
 TrialState = optuna.trial.TrialState
@@ -160,11 +162,12 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
 
 
 def model_card(s: SearchSettings, location: StudyLocation, trial, config: dict, metrics: dict, name: str) -> str:
+    from ..deploy.export import metric_rows
+
     arch = config["architecture"]
     moe = arch["moe"]
     values = ", ".join(f"{o} = {v:.4g}" for o, v in zip(s.study.objectives, trial.values, strict=True))
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                     for k, v in metrics.items() if isinstance(v, (int, float)))
+    rows = metric_rows(metrics)
     return f"""# {name}: PiMoE model (trial {trial.number} of study {s.study.name})
 
 A {arch['num_layers']}-layer decoder of width {arch['hidden_size']} whose PiMoE layers route each
@@ -177,7 +180,7 @@ Study `{s.study.name}` ({mask_url(location.storage_url)}), search space `{s.spac
 `{s.study.sampler}`, objectives {', '.join(s.study.objectives)}; trial {trial.number}: {values}.
 Parameters: {', '.join(f'{k}={v}' for k, v in trial.params.items())}. Selected by {metrics['selected_by']}.
 {'Retrained with a longer budget before export.' if metrics.get('retrained') else
- 'Weights are the trial own, saved during the search.'}
+ "Weights are the trial's own, saved during the search."}
 
 ## Metrics (measured on the exported weights, {metrics.get('device', 'cpu')})
 | metric | value |
@@ -279,44 +282,60 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
                          "values": list(trial.values), "search_space": s.space.name,
                          "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"), "selected_by": selected_by},
               "registered_model": name, "torch_version": str(__import__("torch").__version__)}
-    if s.space.family is UPCYCLE:  # a transformers folder with the PiMoE layers, not a PiMoETransformer
-        from .export_upcycled import export_upcycled
-
-        return export_upcycled(location, s, study, trial, model, config, metrics, out)
-    card = model_card(s, location, trial, config, metrics, name)
-    write_export(out, model, config, metrics, card)
-
-    # Register the same pyfunc in the study's MLflow, nested under the study's parent run. Every step is in
-    # the run, so that a failure ends it FAILED; and it removes the folder and the new version, so that a
-    # failed export leaves nothing a re-run would trip on, nor a version `fulu-nas serve` cannot check.
+    upcycled = s.space.family is UPCYCLE  # a transformers folder with the PiMoE layers, not a PiMoETransformer
+    # The folder is written, then recorded in the study's MLflow: a searched model is registered (the same
+    # pyfunc, nested under the study's parent run), an upcycled one's run keeps its record and card. A
+    # failure, Ctrl-C or SIGTERM removes the folder and the new version and ends the run, so that a failed
+    # export leaves nothing a re-run would trip on, nor a version `fulu-nas serve` cannot check.
     client = mlflow.MlflowClient(location.tracking_uri)
-    version = None
+    version = run_id = None
     try:
-        with export_run(location.tracking_uri, s.tracking.experiment, study, trial.number, metrics):
-            # The folder's arguments: the same signature, configuration (program SHA-256) and checks.
-            # MLflow prints its own two lines on registering; the line below says it, with the alias.
-            with contextlib.redirect_stderr(io.StringIO()):
-                info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
-                                               **pyfunc_arguments(out / "model.pt2", model.arch))
-            version = str(info.registered_model_version)
-            # The registered files' SHA-256 in the tracking database, which `fulu-nas serve` checks them against.
-            registered = record_registered_files(client, name, version, location.tracking_uri)
-            client.set_model_version_tag(name, version, FINGERPRINT_TAG, fingerprint(out))  # the folder's
-            client.set_registered_model_alias(name, "champion", version)
+        if upcycled:
+            from .export_upcycled import RECORDED, write_upcycled_export
+
+            write_upcycled_export(location, s, study, trial, model, config, metrics, out)
+        else:
+            write_export(out, model, config, metrics, model_card(s, location, trial, config, metrics, name))
+        digest = fingerprint(out)
+        # A signal arriving inside is raised when the block ends, never inside a database write (which could
+        # leave the tracking database locked for the steps that undo the export below).
+        with between_writes(), export_run(location.tracking_uri, s.tracking.experiment, study, trial.number,
+                                          metrics):
+            run_id = mlflow.active_run().info.run_id
+            if upcycled:
+                mlflow.set_tag(FINGERPRINT_TAG, digest)
+                for file in RECORDED:
+                    mlflow.log_artifact(str(out / file))
+            else:
+                # The folder's arguments: the same signature, configuration (program SHA-256) and checks.
+                # MLflow prints its own two lines on registering; the line below says it, with the alias.
+                with contextlib.redirect_stderr(io.StringIO()):
+                    info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
+                                                   **pyfunc_arguments(out / "model.pt2", model.arch))
+                version = str(info.registered_model_version)
+                # The registered files' SHA-256 in the tracking database, which `fulu-nas serve` checks them
+                # against.
+                registered = record_registered_files(client, name, version, location.tracking_uri)
+                client.set_model_version_tag(name, version, FINGERPRINT_TAG, digest)  # the folder's
+                client.set_registered_model_alias(name, "champion", version)
     except BaseException as e:
         shutil.rmtree(out, ignore_errors=True)
         if existed:
             out.mkdir()
-        if version is not None:
-            with contextlib.suppress(Exception):  # best effort: the registry may be what failed
+        with contextlib.suppress(Exception):  # best effort: the registry may be what failed
+            if version is not None:
                 client.delete_model_version(name, version)
+            if run_id is not None:  # ended FINISHED when the signal was raised after its block
+                client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         if isinstance(e, mlflow.exceptions.MlflowException):  # one line: the name refused, or the registry
-            option = "name" if e.error_code == "INVALID_PARAMETER_VALUE" else "tracking.uri"
-            raise FuluConfigError(f"{option}: registering {name!r} in {mask_url(location.tracking_uri)} failed, so "
-                                  f"nothing was exported: {(e.message or str(e)).splitlines()[0]}") from None
+            option = "name" if e.error_code == "INVALID_PARAMETER_VALUE" and not upcycled else "tracking.uri"
+            what = "recording the export" if upcycled else f"registering {name!r}"
+            raise FuluConfigError(f"{option}: {what} in {mask_url(location.tracking_uri)} failed, so nothing was "
+                                  f"exported: {(e.message or str(e)).splitlines()[0]}") from None
         raise
-    print(f"exported trial {trial.number} of study {s.study.name} to {out} (fingerprint {fingerprint(out)})\n"
-          f"registered as models:/{name}@champion (version {version}, files {registered})")
+    print(f"exported trial {trial.number} of study {s.study.name} to {out} (fingerprint {digest}"
+          + ("; load it with fulu_nas.load(FOLDER, expected_sha256=FINGERPRINT))" if upcycled else
+             f")\nregistered as models:/{name}@champion (version {version}, files {registered})"))
     return out
 
 
@@ -327,8 +346,16 @@ def main(argv: list[str]) -> int:
     options, overrides = split_options(argv, OPTIONS)
     quiet_mlflow()
     try:
-        export_trial(locate_study(overrides), options)
+        # SIGTERM (`timeout`, `docker stop`, a batch scheduler) stops the export as Ctrl-C does: its default
+        # action would kill the process before anything is undone, leaving a folder that was never registered
+        # (or a partial one) and the export's MLflow run RUNNING.
+        with stop_signals_as_interrupt():
+            export_trial(locate_study(overrides), options)
     except FuluConfigError as e:
         print("error: cannot export:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
         return BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: nothing was exported (the folder, a new registered version and the export's run are "
+              "undone)", file=sys.stderr)
+        return INTERRUPTED
     return 0

@@ -1,9 +1,9 @@
-"""``fulu-nas export`` of an upcycling search's trial (task ``upcycle``): the model card, the folder in the
-``save_pretrained`` layout (:mod:`fulu_nas.interop.upcycle_export`), and the export's MLflow run (its
-metrics, ``upcycling.yaml`` and the card, and the folder's fingerprint as its tag ``fulu.fingerprint``;
-the folder itself is not registered as an MLflow model). The fingerprint is printed, as for a searched
-model: the SHA-256 of ``checksums.json`` (:func:`fulu_nas.deploy.export.fingerprint`), which
-``fulu_nas.load(..., expected_sha256=...)`` checks."""
+"""``fulu-nas export`` of an upcycling search's trial (task ``upcycle``): the model card and the folder in the
+``save_pretrained`` layout (:mod:`fulu_nas.interop.upcycle_export`). :mod:`.export_trial` records the export
+in an MLflow run, as for a searched model (its metrics, :data:`RECORDED` files and the folder's fingerprint
+as its tag ``fulu.fingerprint``; the folder itself is not registered as an MLflow model), and removes the
+folder when that fails. The fingerprint is printed: the SHA-256 of ``checksums.json``
+(:func:`fulu_nas.deploy.export.fingerprint`), which ``fulu_nas.load(..., expected_sha256=...)`` checks."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from pathlib import Path
 
 import optuna
 
-from ..deploy.export import FINGERPRINT_TAG, fingerprint
+from ..deploy.export import UPCYCLING, metric_rows
 from .locate import StudyLocation
 from .settings import SearchSettings
 from .storage import mask_url
-from .tracking import export_run
+
+# The folder's files the export's MLflow run keeps (the folder itself is not an MLflow model).
+RECORDED = (UPCYCLING, "README.md", "metrics.json")
 
 
 def upcycled_card(s: SearchSettings, location: StudyLocation, trial: optuna.trial.FrozenTrial, arch: dict,
@@ -29,8 +31,7 @@ def upcycled_card(s: SearchSettings, location: StudyLocation, trial: optuna.tria
         what = (f"encoder layers {', '.join(map(str, arch['layers']))} upcycled into PiMoE layers routing each "
                 f"token to {moe['top_k']} of {moe['num_experts']} experts of {moe['expert_ffn_size']} units "
                 f"(router `{moe['router']}`{shared}), then fine-tuned")
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                     for k, v in metrics.items() if isinstance(v, (int, float)))
+    rows = metric_rows(metrics)  # without the routing statistics of a model with no routing (NaN)
     versus = ""
     if reference is not None and reference["number"] != trial.number:
         versus = (f"\nThe dense reference (trial {reference['number']}) reached a validation MLM loss of "
@@ -67,13 +68,12 @@ MLflow model: `fulu-nas serve` refuses it; serve the loaded model from Python (a
 """
 
 
-def export_upcycled(location: StudyLocation, s: SearchSettings, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                    model, config: dict, metrics: dict, out: Path) -> Path:
+def write_upcycled_export(location: StudyLocation, s: SearchSettings, study: optuna.Study,
+                          trial: optuna.trial.FrozenTrial, model, config: dict, metrics: dict, out: Path) -> Path:
     """Write ``model`` (the trial's :class:`~fulu_nas.interop.upcycle.UpcycledMLM`, measured into ``metrics``)
-    to ``out`` and record the export in the study's MLflow."""
-    import mlflow
-
-    from ..interop.upcycle_export import UPCYCLING, write_upcycled
+    to ``out``, with its model card. The caller records the export in the study's MLflow (:data:`RECORDED`)
+    and removes the folder if that fails."""
+    from ..interop.upcycle_export import write_upcycled
 
     reference = next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                       if t.user_attrs.get("reference")), None)
@@ -85,12 +85,4 @@ def export_upcycled(location: StudyLocation, s: SearchSettings, study: optuna.St
     # The folder the encoder was read from, wherever the search was started: a relative path names no folder
     # for a reader elsewhere.
     record["task"] = {**record["task"], "model": s.task.model_path}
-    write_upcycled(out, model, tokenizer, record, metrics, card)
-    digest = fingerprint(out)
-    with export_run(location.tracking_uri, s.tracking.experiment, study, trial.number, metrics):
-        mlflow.set_tag(FINGERPRINT_TAG, digest)
-        for name in (UPCYCLING, "README.md", "metrics.json"):
-            mlflow.log_artifact(str(out / name))
-    print(f"exported trial {trial.number} of study {s.study.name} to {out} (fingerprint {digest}; load it with "
-          f"fulu_nas.load(FOLDER, expected_sha256=FINGERPRINT))")
-    return out
+    return write_upcycled(out, model, tokenizer, record, metrics, card)
