@@ -336,7 +336,7 @@ def test_an_export_with_the_older_integer_signature_is_served_with_a_warning(exp
         load_pyfunc(exported.model_dir)
     assert not [w for w in caught if "token ids as integers" in str(w.message)]
 
-    monkeypatch.setattr(serve_command, "run_server", lambda command, env: 0)  # the checks, not the server
+    monkeypatch.setattr(serve_command, "run_server", lambda command, **_: 0)  # the checks, not the server
     for folder, warned in ((older, True), (exported.model_dir, False)):
         assert main(["serve", str(folder), "--port", str(free_port())]) == 0
         err = capsys.readouterr().err

@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
             command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(copy), "--env-manager", "local",
                        "--host", args.host, "--port", str(args.port)]
             quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # it copies the checked copy again
-            return run_server(command, env={**os.environ, **NO_PICKLES, **quiet})
+            # the checked copy, should this command be killed outright (it is removed by checked_model else)
+            return run_server(command, env={**os.environ, **NO_PICKLES, **quiet}, remove_if_orphaned=copy.parent)
     except FuluConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
