@@ -344,3 +344,23 @@ def test_a_trial_left_without_a_heartbeat_is_failed_and_trained_again(tmp_path, 
     assert states == [(0, "COMPLETE", None), (orphan.number, "FAIL", None), (2, "COMPLETE", orphan.number)], states
     parents, trials = _runs(out)
     assert [r.info.run_name for r in parents + trials if r.info.status == "RUNNING"] == []
+
+
+@pytest.mark.parametrize("command", ["search", "confirm", "export"])
+def test_a_signal_while_stopping_says_what_that_command_is_doing(command, capfd):
+    """Every command stopping on a signal said the search's words to a second one: "the running trial
+    is being failed and queued again", of a confirmation or an export too."""
+    import signal
+
+    from fulu_nas.search import interrupts
+    from fulu_nas.search.confirm import CONFIRM_STOPPING
+    from fulu_nas.search.export_trial import EXPORT_STOPPING
+    from fulu_nas.search.study import stop_signals_as_interrupt
+
+    words = {"search": interrupts.SEARCH_STOPPING, "confirm": CONFIRM_STOPPING, "export": EXPORT_STOPPING}[command]
+    assert "trial is being failed and queued again" in words if command == "search" else "trial" not in words
+    with stop_signals_as_interrupt(words):
+        interrupts.ignore_signals()  # as after the first signal
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+    assert capfd.readouterr().err == f"already stopping: {words}; wait for it\n"

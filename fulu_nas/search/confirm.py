@@ -58,6 +58,7 @@ from .worker_progress import ProgressFile
 TrialState = optuna.trial.TrialState
 RESULT_PREFIX = "confirm:"  # study user attributes holding each finished run's result
 FAILURE_PREFIX = "confirm-failed:"  # ... and each failed run's reason (until it is run again and succeeds)
+CONFIRM_STOPPING = "the running seed's run is being ended KILLED"  # said to a signal while the confirmation stops
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ class Confirmation:
         shared among that many processes (:mod:`.confirm_workers`)."""
         # SIGTERM too (`timeout`, `docker stop`, a batch scheduler; also the confirmation at the end of a
         # search, whose own handlers have ended): it killed the process with its running run left RUNNING.
-        with stop_signals_as_interrupt() as self.sigterms:
+        with stop_signals_as_interrupt(CONFIRM_STOPPING) as self.sigterms:
             try:
                 return self._run_all(n_workers)
             except KeyboardInterrupt:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .confirm import Confirmation, plan_confirmation
+from .confirm import CONFIRM_STOPPING, Confirmation, plan_confirmation
 from .settings import ConfirmSettings
 from .study import INTERRUPTED, load_worker_settings, open_study, quiet_optuna, stop_signals_as_interrupt
 from .worker_progress import ProgressFile, progress_path
@@ -16,7 +16,7 @@ from .worker_progress import ProgressFile, progress_path
 def main(argv: list[str]) -> int:
     """0, or 130 when stopped by Ctrl-C or SIGTERM (the running run ended KILLED)."""
     config, index = argv[0], int(argv[1])
-    with stop_signals_as_interrupt():  # SIGTERM as Ctrl-C: the running run ends KILLED
+    with stop_signals_as_interrupt(CONFIRM_STOPPING):  # SIGTERM as Ctrl-C: the running run ends KILLED
         try:
             s = load_worker_settings(config)
             data = json.loads(Path(config).read_text())

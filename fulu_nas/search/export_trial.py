@@ -43,6 +43,7 @@ from .study import INTERRUPTED, stop_signals_as_interrupt
 from .tracking import WEIGHTS_SHA256_TAG, export_run, quiet_mlflow
 
 TrialState = optuna.trial.TrialState
+EXPORT_STOPPING = "what the export wrote or registered is being removed"  # said to a signal while it stops
 # The names MLflow's registry takes (it refuses '/', ':', '.', '%' and quotes), checked before anything is written.
 # MLflow also refuses a name of spaces; spaces around a name are refused too (a name that only looks right).
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9_\-]([A-Za-z0-9_\- ]*[A-Za-z0-9_\-])?")
@@ -349,7 +350,7 @@ def main(argv: list[str]) -> int:
         # SIGTERM (`timeout`, `docker stop`, a batch scheduler) stops the export as Ctrl-C does: its default
         # action would kill the process before anything is undone, leaving a folder that was never registered
         # (or a partial one) and the export's MLflow run RUNNING.
-        with stop_signals_as_interrupt():
+        with stop_signals_as_interrupt(EXPORT_STOPPING):
             export_trial(locate_study(overrides), options)
     except FuluConfigError as e:
         print("error: cannot export:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)

@@ -31,6 +31,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# What a search does once stopped, said to the signals that come meanwhile; other commands say theirs.
+SEARCH_STOPPING = "the running trial is being failed and queued again, and its runs ended"
+
 
 class _Deferral:
     depth = 0  # blocks of writes the main thread is inside
@@ -38,6 +41,7 @@ class _Deferral:
     stopping = False  # the first interrupt was raised (or the search is ending): signals are ignored
     told = False  # the console was told that a signal was ignored
     swallowed = False  # the interrupt raised came inside a finaliser, which Python ignored
+    stopping_words = SEARCH_STOPPING
 
 
 def interrupt(_signum: int, _frame) -> None:
@@ -61,8 +65,7 @@ def _tell_ignored() -> None:
         _Deferral.told = True
         # os.write, not print: a signal handler printing while the main thread prints to the same
         # stream raises RuntimeError (a reentrant call to its buffer)
-        os.write(2, b"already stopping: the running trial is being failed and queued again, and its runs "
-                    b"ended; wait for it\n")
+        os.write(2, f"already stopping: {_Deferral.stopping_words}; wait for it\n".encode())
 
 
 def ignore_signals() -> None:
@@ -72,9 +75,11 @@ def ignore_signals() -> None:
         _Deferral.stopping = True
 
 
-def reset() -> None:
-    """No signal pending, none ignored: the state of a search that has not been interrupted."""
+def reset(stopping_words: str = SEARCH_STOPPING) -> None:
+    """No signal pending, none ignored: the state of a command that has not been interrupted.
+    ``stopping_words``: what the command does once stopped, said to a signal that comes meanwhile."""
     _Deferral.pending = _Deferral.stopping = _Deferral.told = _Deferral.swallowed = False
+    _Deferral.stopping_words = stopping_words
 
 
 def raise_if_swallowed() -> None:

@@ -360,11 +360,12 @@ def _surplus(t: optuna.trial.FrozenTrial) -> bool:
 
 
 @contextmanager
-def stop_signals_as_interrupt() -> Iterator[list[int]]:
+def stop_signals_as_interrupt(stopping: str = interrupts.SEARCH_STOPPING) -> Iterator[list[int]]:
     """SIGTERM (``timeout``, ``docker stop``, a batch scheduler's polite stop) and Ctrl-C stop the search
     alike: between database writes (:mod:`.interrupts`), the running trial failed and queued again, its
-    runs ended, the summary written; the signals after the first are ignored. Yields the SIGTERMs
-    received. Only the main thread can take signals; elsewhere nothing changes."""
+    runs ended, the summary written; the signals after the first are ignored, told ``stopping`` (what the
+    command is doing meanwhile). Yields the SIGTERMs received. Only the main thread can take signals;
+    elsewhere nothing changes."""
     received: list[int] = []
 
     def on_sigterm(signum: int, frame) -> None:
@@ -374,7 +375,7 @@ def stop_signals_as_interrupt() -> Iterator[list[int]]:
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    interrupts.reset()
+    interrupts.reset(stopping)
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
                 signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
     try:
