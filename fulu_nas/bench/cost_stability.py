@@ -66,8 +66,9 @@ def cost_main(args: argparse.Namespace) -> int:
              f"{r['latency_ratio']:.3f}", f"{r['latency_ratio_spread']:.2f}"] for i, r in enumerate(rows)]
     print(markdown_table(["repetition", "latency_ms", "spread", "reference ms", "latency_ratio", "spread"], body))
     print("\nlatency_ms and reference ms: the median over the rounds of each round's median call; latency_ratio: the "
-          "median over the rounds of each round's median ratio of a call to the reference call beside it (the drift "
-          "cancels call by call: not latency_ms / reference ms); spread: interquartile range / median over the rounds")
+          "median over the rounds of each round's median ratio over pairs of calls taking turns with the reference's, "
+          "each first as often (the drift cancels call by call: not latency_ms / reference ms); spread: interquartile "
+          "range / median over the rounds")
     print(f"relative range over {args.repeat} repetitions: latency_ms {relative_range(latency):.1%}, "
           f"latency_ratio {relative_range(ratio):.1%}")
     if args.json:
