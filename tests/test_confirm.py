@@ -86,7 +86,8 @@ def test_confirm_end_to_end(confirmed):
     assert summary == study.user_attrs["confirmation"]
     expected = expected_architectures(study, 2)
     assert {a["arch_hash"] for a in summary["architectures"]} == expected
-    assert (summary["top_k"], summary["budget_factor"], summary["steps"], summary["seeds"]) == (2, 2, 120, [0, 1])
+    # Seeds after the search's trainer.seed (0), which the search selected its architectures on.
+    assert (summary["top_k"], summary["budget_factor"], summary["steps"], summary["seeds"]) == (2, 2, 120, [1, 2])
     assert summary["failed_runs"] == []
 
     # (top_k + the reference) x seeds runs, nested under the study's parent run and tagged.
@@ -96,7 +97,7 @@ def test_confirm_end_to_end(confirmed):
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent}
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert sorted((r.data.tags["fulu.arch_hash"], r.data.tags["fulu.seed"]) for r in runs) == sorted(
-        (h, s) for h in expected for s in ("0", "1"))
+        (h, s) for h in expected for s in ("1", "2"))
     assert {r.data.tags["fulu.steps"] for r in runs} == {"120"}
     by_id = {r.info.run_id: r for r in runs}
     for a in summary["architectures"]:
@@ -261,13 +262,15 @@ def test_a_search_with_confirm_enabled_confirms_at_the_end(tmp_path, monkeypatch
     study = load_study(out)
     summary = json.loads((out / "confirmation.json").read_text())
     assert summary == study.user_attrs["confirmation"]
-    assert (summary["steps"], summary["seeds"]) == (60, [0])
+    assert (summary["steps"], summary["seeds"]) == (60, [1])
     assert {a["arch_hash"] for a in summary["architectures"]} == expected_architectures(study, 2)
     _, runs = confirmation_runs(out)
     assert len(runs) == len(summary["architectures"])
     for a in summary["architectures"]:
-        # Seed index 0 at the search's own budget repeats the search's training: the same validation loss.
-        assert a["runs"][0]["values"][0] == pytest.approx(a["search_values"][0], rel=1e-5)
+        # At the search's own budget, a run of the search's seed was a copy of the trial the search selected
+        # (the same validation loss), counted as an independent sample; the confirmation's seed is a new draw.
+        assert a["runs"][0]["seed"] == 1
+        assert a["runs"][0]["values"][0] != pytest.approx(a["search_values"][0], rel=1e-5)
         if not a["reference"]:
             assert a["vs_reference"][0]["test"] is None and a["vs_reference"][0]["beats"] is None
     assert "one seed: no test" in text

@@ -78,37 +78,37 @@ def copy_study(searched, tmp_path: Path) -> Path:  # noqa: F811
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_fails_the_confirmation_and_records_no_winner(searched, tmp_path,  # noqa: F811
                                                                              monkeypatch, capsys):
-    """Worker 1 (the seed-1 runs) is killed with SIGKILL in its first run. It exited 0 with a summary and
+    """Worker 1 (the seed-2 runs) is killed with SIGKILL in its first run. It exited 0 with a summary and
     a winner (which export trial=best took) from the runs that finished, its run stayed RUNNING, and the
     missing runs were not mentioned."""
     out = copy_study(searched, tmp_path)
     monkeypatch.chdir(tmp_path)
-    with_hook(tmp_path, monkeypatch, "kill", seed=1)
+    with_hook(tmp_path, monkeypatch, "kill", seed=2)
     args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=1", "seeds=2", "n_workers=2"]
     assert main(args) == 1
     console, err = capsys.readouterr()
 
     first = recorded(out, 60)
-    planned = {(a, s) for a in {v["arch_hash"] for v in first.values()} for s in (0, 1)}
-    assert {v["seed"] for v in first.values()} == {0}  # worker 0 finished its share
-    assert all(v["seed"] == 0 for v in first.values())
+    planned = {(a, s) for a in {v["arch_hash"] for v in first.values()} for s in (1, 2)}
+    assert {v["seed"] for v in first.values()} == {1}  # worker 0 finished its share
+    assert all(v["seed"] == 1 for v in first.values())
     # The dead worker's run is closed, with the reason; nothing stays RUNNING.
     statuses = run_statuses(out, 60)
     killed = [tags for status, tags in statuses.values() if status != "FINISHED"]
     assert all(status != "RUNNING" for status, _ in statuses.values())
-    assert len(killed) == 1 and killed[0]["fulu.seed"] == "1"
+    assert len(killed) == 1 and killed[0]["fulu.seed"] == "2"
     assert "confirmation worker 1" in killed[0]["fulu.reason"] and "SIGKILL" in killed[0]["fulu.reason"]
     # The summary says what is missing; no winner is recorded for export to take.
     summary = json.loads((out / "confirmation.json").read_text())
     assert summary["complete"] is False and summary["winner"] is None
     missing = summary["missing_runs"]
-    assert len(missing) == len(planned) - len(first) and {m["seed"] for m in missing} == {1}
+    assert len(missing) == len(planned) - len(first) and {m["seed"] for m in missing} == {2}
     assert "confirmation" not in load_study(out).user_attrs
     assert "winner:" not in console
     assert "confirmation worker 1 exited with -9 (SIGKILL" in err
     assert f"incomplete: {len(missing)} of {len(planned)} runs have no result" in err
     for m in missing:
-        assert f"missing: trial {m['trial']} seed 1" in console
+        assert f"missing: trial {m['trial']} seed 2" in console
 
     # The same command again (no kill) trains only the missing runs and completes the confirmation.
     monkeypatch.setenv("FULU_TEST_ACTION", "")
@@ -132,9 +132,10 @@ def confirm_in_a_process(env: dict[str, str], *args: str) -> subprocess.Complete
 
 def stopped_by_sigterm(searched, tmp_path, monkeypatch, action: str, workers: int):  # noqa: F811
     """A copy of the study confirmed (top-1, two seeds) in a process whose hook sends SIGTERM (``action``)
-    at seed 1: ``(folder, environment, arguments, the finished process)``, its exit status checked (130)."""
+    at seed 2 (the second): ``(folder, environment, arguments, the finished process)``, its exit status checked
+    (130)."""
     out = copy_study(searched, tmp_path)
-    env = with_hook(tmp_path, monkeypatch, action, seed=1)
+    env = with_hook(tmp_path, monkeypatch, action, seed=2)
     args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=1", "seeds=2", f"n_workers={workers}"]
     done = confirm_in_a_process(env, *args)
     assert done.returncode == 130, done.stderr[-3000:]

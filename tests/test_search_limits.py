@@ -7,7 +7,8 @@ recorded) or not at all:
 - sizes without a bound took the machine's memory while the configuration was checked: a task's sizes,
   an int parameter of a billion values read by an expression, the grid sampler's combinations, a
   confirmation's seeds;
-- a confirmation's seeds past the largest seed were refused after its first run was trained and recorded;
+- a confirmation's seeds past the largest seed were refused after its first run was trained and recorded
+  (they now count on from 0, and a search that ends with a confirmation checks them before it starts);
 - a reference architecture the study's task allows was refused on a stand-in language-model task;
 - ``study.name=..`` wrote the study into the current folder;
 - more workers than trials, and a ``trainer.divergence_factor`` of 1 (every trial failed at step 2).
@@ -260,7 +261,7 @@ def test_a_grid_of_more_than_a_million_combinations_is_refused(tmp_path, monkeyp
 
 @pytest.fixture(scope="module")
 def last_seed_search(tmp_path_factory):
-    """A tiny search of two trials with the largest trainer.seed: valid, and so is confirming it with one seed."""
+    """A tiny search of two trials with the largest trainer.seed: valid, and so is confirming it."""
     root = tmp_path_factory.mktemp("last_seed")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -270,9 +271,6 @@ def last_seed_search(tmp_path_factory):
 
 
 @pytest.mark.parametrize("options,message", [
-    (["top_k=1", "seeds=2"], f"seeds: 2 seeds from trainer.seed={SEED_MAX} end at {SEED_MAX + 1}, past the largest "
-                             f"seed {SEED_MAX}: at most 1 from this trainer.seed"),
-    (["top_k=1"], f"seeds: 3 seeds from trainer.seed={SEED_MAX} end at {SEED_MAX + 2}"),  # study.confirm.seeds
     (["top_k=1", "seeds=1000000000"], "seeds: at most 1000, got 1000000000"),
     (["top_k=1001", "seeds=1"], "top_k: at most 1000, got 1001"),
 ])
@@ -302,11 +300,12 @@ def test_a_confirmation_budget_past_its_bound_is_refused_before_any_run(factor, 
     assert (len(confirmation_runs(out)[1]), load_study(out).user_attrs, sorted(out.iterdir())) == before
 
 
-def test_a_confirmation_of_the_largest_seed_with_one_seed_runs(last_seed_search):
+def test_a_confirmation_of_the_largest_seed_counts_its_seeds_on_from_0(last_seed_search):
+    """The seeds after the search's own: past the largest seed, 0, 1, ... (never the search's seed)."""
     out = last_seed_search
     assert main(["confirm", "study.name=tiny-clusters", f"hydra.run.dir={out}", "top_k=1", "budget_factor=1",
-                 "seeds=1"]) == 0
-    assert {r.data.tags["fulu.seed"] for r in confirmation_runs(out)[1]} == {str(SEED_MAX)}
+                 "seeds=2"]) == 0
+    assert {r.data.tags["fulu.seed"] for r in confirmation_runs(out)[1]} == {"0", "1"}
 
 
 def test_a_search_that_ends_with_a_confirmation_past_the_largest_seed_is_refused(tmp_path, monkeypatch, capsys):

@@ -6,9 +6,9 @@ What is trained: the ``top_k`` best distinct architectures (complete, feasible t
 their ``arch_hash``; one objective: by its value; several: the Pareto front ordered by the first
 objective), and the study's reference trial (when it is not one of them). How: exactly as a trial
 (:func:`.objective.train_architecture`, :func:`.objective.evaluate_and_measure` beside the reference
-model), for ``budget_factor`` x ``trainer.steps`` steps, once per seed ``trainer.seed + i``,
-i < ``seeds``. The search trained every trial with ``trainer.seed``, so seed index 0 repeats the
-search's own seed at the longer budget; the other seeds are new.
+model), for ``budget_factor`` x ``trainer.steps`` steps, once per seed ``trainer.seed + 1 + i``,
+i < ``seeds`` (modulo 2^32): seeds the search did not train with, hence did not select on
+(:func:`confirmation_seeds`).
 
 Each run is an MLflow run nested under the study's parent run (``fulu.kind=confirmation``, the
 source trial, seed and steps as tags, the architecture as params). Its result is written on the
@@ -50,7 +50,7 @@ from .objective import (
     is_feasible,
     train_architecture,
 )
-from .settings import ConfirmSettings, SearchSettings
+from .settings import SEED_MAX, ConfirmSettings, SearchSettings
 from .study import INTERRUPTED, open_study, quiet_optuna, stop_signals_as_interrupt
 from .tracking import Tracker
 from .worker_progress import ProgressFile
@@ -88,7 +88,18 @@ class Plan:
 
 
 def result_key(arch_hash: str, seed: int, steps: int) -> str:
+    # The seed itself, not its index: a result recorded under another numbering of the seeds (another
+    # seeds=, or the search's own seed, which no confirmation plans) is read only for that very seed.
     return f"{RESULT_PREFIX}{arch_hash}:seed{seed}:steps{steps}"
+
+
+def confirmation_seeds(search_seed: int, n: int) -> tuple[int, ...]:
+    """The ``n`` seeds of each architecture's runs: those after the search's ``trainer.seed``. Every trial
+    trained with that seed and the search chose its best architectures on that draw; run again, it would
+    be counted as an independent sample of what it was selected on, biasing the t-tests and Kendall's tau
+    toward agreeing with the search. Counted modulo 2^32 (after the largest seed comes 0), so a search of
+    any trainer.seed has ``n`` fresh seeds (n <= 1000, never a full turn back to trainer.seed)."""
+    return tuple((search_seed + 1 + i) % (SEED_MAX + 1) for i in range(n))
 
 
 def search_ranking(study: optuna.Study, s: SearchSettings) -> list[optuna.trial.FrozenTrial]:
@@ -134,7 +145,7 @@ def plan_confirmation(study: optuna.Study, s: SearchSettings, options: ConfirmSe
     if problems:
         raise FuluConfigError(problems)
     return Plan(tuple(candidates), options, steps=round(options.budget_factor * s.train.steps),
-                seeds=tuple(s.train.seed + i for i in range(options.seeds)), ranked=len(ranks))
+                seeds=confirmation_seeds(s.train.seed, options.seeds), ranked=len(ranks))
 
 
 def _arch_hash(t: optuna.trial.FrozenTrial, problems: list[str]) -> str | None:

@@ -5,26 +5,28 @@ from __future__ import annotations
 import sys
 
 from ..errors import FuluConfigError
-from .settings import CONFIRM_MAX, SEED_MAX, ConfirmSettings, confirm_settings
+from .settings import CONFIRM_MAX, ConfirmSettings, confirm_settings
 
 BAD_INPUT = 2
 OPTIONS = {"top_k": "", "budget_factor": "", "seeds": "", "n_workers": ""}  # "": the study's value
 # After naming an override that the command would ignore (it trains with the search's own settings).
 HINT = ("; what a confirmation trains is set by its own options: top_k= (how many architectures), budget_factor= "
-        "(budget_factor x the search's trainer.steps steps), seeds= (seeds trainer.seed + 0 .. seeds-1), n_workers=")
+        "(budget_factor x the search's trainer.steps steps), seeds= (seeds trainer.seed + 1 .. trainer.seed + seeds), "
+        "n_workers=")
 USAGE = f"""usage: fulu-nas confirm study.name=NAME [top_k=K] [budget_factor=F] [seeds=N] [n_workers=W] [overrides ...]
 
 Trains the study's top_k best distinct architectures and its reference architecture again with the
-search's own pipeline, for budget_factor x trainer.steps steps, once per seed trainer.seed + i
-(i = 0 .. seeds-1), each run nested under the study's MLflow parent run. The search trained with
-trainer.seed, so seed index 0 repeats the search's seed at the longer budget. top_k and seeds are at
-most {CONFIRM_MAX}, and the last seed, trainer.seed + seeds - 1, at most {SEED_MAX}.
+search's own pipeline, for budget_factor x trainer.steps steps, once per seed trainer.seed + 1,
+..., trainer.seed + seeds (modulo 2^32), each run nested under the study's MLflow parent run: seeds
+the search, which trained with trainer.seed, did not select its architectures on. top_k and seeds
+are at most {CONFIRM_MAX}.
 
 Writes confirmation.json in the search's output folder (and on the MLflow parent run), and prints
 per architecture its search rank, its confirmed rank (by the mean over seeds), the mean +- sd of
 each objective, Kendall's tau between the two rankings, and whether it beats the reference
-(Welch's t-test, one-sided, alpha 0.05; with one seed there is no test). Runs already recorded for
-the same architecture, seed and step budget are not repeated: run the same command again to resume.
+(Welch's t-test, one-sided, alpha 0.05; with one seed there is no test), and the winner (none while a
+run failed). Runs already recorded for the same architecture, seed and step budget are not repeated:
+run the same command again to resume, or to retry the failed runs.
 
 The runs are independent: n_workers=W shares them among W processes (each with its share of the CPU
 threads, or its own GPU), as the search's study.n_workers does; the default is the study's
@@ -36,12 +38,12 @@ refused: the confirmation trains with the search's own settings.
 """
 
 
-def command_options(given: dict[str, str], defaults: ConfirmSettings, first_seed: int) -> ConfirmSettings:
-    """The command's ``key=value`` options over the study's ``study.confirm``, its seeds counted from
-    ``first_seed`` (the search's ``trainer.seed``); every bad value listed."""
+def command_options(given: dict[str, str], defaults: ConfirmSettings) -> ConfirmSettings:
+    """The command's ``key=value`` options over the study's ``study.confirm``; every bad value listed.
+    Any number of seeds up to the bound is valid from any trainer.seed: they are counted modulo 2^32
+    (:func:`.confirm.confirmation_seeds`), so no last seed is checked."""
     problems: list[str] = []
-    options = confirm_settings({k: _number(v) for k, v in given.items() if v != ""}, "", problems, defaults,
-                               first_seed)
+    options = confirm_settings({k: _number(v) for k, v in given.items() if v != ""}, "", problems, defaults)
     if problems:
         raise FuluConfigError(problems)
     return options
@@ -89,7 +91,7 @@ def main(argv: list[str]) -> int:
             check_recordable(location)
             s = search_settings(location, study, will_train=True)
         n_workers = worker_count(given.pop("n_workers", ""))
-        return confirm_study(study, s, command_options(given, s.study.confirm, s.train.seed), n_workers=n_workers)
+        return confirm_study(study, s, command_options(given, s.study.confirm), n_workers=n_workers)
     except FuluConfigError as e:
         print("error: cannot confirm:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
         return BAD_INPUT

@@ -7,7 +7,9 @@ the search's ranking and the confirmed one (do the search's low-budget results o
 architectures as the longer, repeated training does?). Against the reference: Welch's t-test
 (``scipy.stats.ttest_ind(equal_var=False)``, one-sided in the objective's direction): an architecture
 "beats the reference" only when p < alpha, i.e. when its difference is beyond the seeds' noise;
-with a single seed there is no noise estimate, so no test.
+with a single seed there is no noise estimate, so no test; an objective that is the same on every seed
+(a parameter count) is compared exactly. No winner is named while a run failed: the means would be over
+different seeds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import warnings
 SUMMARY_ATTR = "confirmation"  # the study user attribute holding the latest summary
 ALPHA = 0.05
 TEST = "Welch's t-test (scipy.stats.ttest_ind, equal_var=False), one-sided in the objective's direction"
+EXACT = "exact: the same value on every seed"
 
 
 def summarize_confirmation(header: dict, rows: list[dict], directions: list[str]) -> dict:
@@ -33,9 +36,15 @@ def summarize_confirmation(header: dict, rows: list[dict], directions: list[str]
         r["n"] = len(r["runs"])
         r["mean"] = [statistics.fmean(v) for v in per_objective] or None
         r["sd"] = [statistics.stdev(v) for v in per_objective] if r["n"] >= 2 else None
+    failed = header.get("failed_runs") or []
+    for r in rows:
+        r["failed_seeds"] = sorted(f["seed"] for f in failed if f.get("trial") == r["trial"])
+    # The search rank orders equal means only for the winner's choice and the table; the confirmed rank of
+    # equal means is shared ("1, 1, 3"): a tie is no evidence for or against the search's order.
     measured = sorted((r for r in rows if r["n"]), key=lambda r: (signs[0] * r["mean"][0], _rank_key(r), r["trial"]))
-    for rank, r in enumerate(measured, start=1):
-        r["confirmed_rank"] = rank
+    for i, r in enumerate(measured):
+        tied = i > 0 and measured[i - 1]["mean"][0] == r["mean"][0]
+        r["confirmed_rank"] = measured[i - 1]["confirmed_rank"] if tied else i + 1
     for r in rows:
         r.setdefault("confirmed_rank", None)
     reference = next((r for r in rows if r["reference"]), None)
@@ -44,12 +53,19 @@ def summarize_confirmation(header: dict, rows: list[dict], directions: list[str]
             compare(r, reference, i, signs[i]) for i in range(len(directions))]
     rows.sort(key=lambda r: (r["confirmed_rank"] is None, r["confirmed_rank"] or 0, _rank_key(r)))
     summary = {**header, "test": {"name": TEST, "alpha": ALPHA}, "architectures": rows,
-               "kendall_tau": kendall(rows), "reference": None if reference is None else reference["trial"]}
+               "kendall_tau": kendall(rows, signs[0]), "reference": None if reference is None else reference["trial"]}
     candidates = [r for r in measured if r["feasible"]]
-    # No winner from an incomplete confirmation (runs without a result: a worker died): the missing runs
-    # could change it, and export's trial=best would take it.
-    summary["winner"] = None if len(directions) > 1 or not candidates or header.get("complete") is False else {
-        k: candidates[0][k] for k in ("trial", "arch_hash", "search_rank", "mean", "sd", "n")}
+    # No winner from an incomplete confirmation (runs without a result: a worker died), nor while a possible
+    # winner has failed runs (diverged, the safety cap): the missing or failed seeds could change it (an
+    # architecture that diverged on two seeds of three would win on its survivor), and export's trial=best
+    # would take it.
+    unfinished = [r for r in rows if r["feasible"] and r["failed_seeds"]]
+    summary["winner"] = None if len(directions) > 1 or not candidates or header.get("complete") is False \
+        or unfinished else {k: candidates[0][k] for k in ("trial", "arch_hash", "search_rank", "mean", "sd", "n")}
+    summary["winner_withheld"] = None if len(directions) > 1 or not candidates or not unfinished else (
+        "runs failed: " + "; ".join(f"trial {r['trial']} seed(s) {', '.join(map(str, r['failed_seeds']))}"
+                                    for r in unfinished)
+        + " (their means are over fewer seeds, and the failed seeds could change the winner)")
     return summary
 
 
@@ -61,9 +77,23 @@ def compare(r: dict, reference: dict, i: int, sign: int) -> dict:
     """Does ``r`` beat ``reference`` on objective ``i`` beyond the seeds' noise?"""
     a = [run["values"][i] for run in r["runs"]]
     b = [run["values"][i] for run in reference["runs"]]
+    if not b:
+        return {"test": None, "p_value": None, "beats": None,
+                "verdict": "no test: the reference has no result (its runs failed)"}
+    if len(b) < 2 <= len(a):
+        return {"test": None, "p_value": None, "beats": None,
+                "verdict": "no test: the reference has one result (its other runs failed; the seeds' noise is "
+                           "unknown)"}
     if min(len(a), len(b)) < 2:
         return {"test": None, "p_value": None, "beats": None,
                 "verdict": "one seed: no test (the seeds' noise is unknown)"}
+    if len(set(a)) == 1 and len(set(b)) == 1 and a[0] != b[0]:
+        # No noise on either side (a parameter count): the difference is certain, p = 0 in either
+        # direction. Welch's t is +-inf here, and its one-sided p of 1 for a worse value read as
+        # "not distinguishable" of two values that differ on every seed.
+        beats = sign * (a[0] - b[0]) < 0
+        return {"test": EXACT, "p_value": 0.0, "beats": beats,
+                "verdict": f"{'beats' if beats else 'worse than'} the reference ({EXACT}, p=0)"}
     from scipy.stats import ttest_ind
 
     with warnings.catch_warnings():  # identical values on every seed: scipy warns, the verdict below says so
@@ -78,15 +108,24 @@ def compare(r: dict, reference: dict, i: int, sign: int) -> dict:
     return {"test": TEST, "p_value": p, "beats": beats, "verdict": verdict}
 
 
-def kendall(rows: list[dict]) -> dict:
-    """Kendall's tau between the search ranks and the confirmed ranks of the architectures that have both."""
-    pairs = [(r["search_rank"], r["confirmed_rank"]) for r in rows
+def kendall(rows: list[dict], sign: int = 1) -> dict:
+    """Kendall's tau-b between the search ranks and the confirmed means (of the first objective, ``sign``
+    1: minimised, -1: maximised) of the architectures that have both. From the means, not the confirmed
+    ranks' tie-break: equal means are ties, which count neither as agreement nor as disagreement with
+    the search. Every mean equal: tau is undefined (None, with a note), not +1."""
+    pairs = [(r["search_rank"], sign * r["mean"][0]) for r in rows
              if r["search_rank"] is not None and r["confirmed_rank"] is not None]
     if len(pairs) < 2:
-        return {"tau": None, "p_value": None, "n": len(pairs), "note": "needs two ranked architectures"}
+        return {"tau": None, "p_value": None, "n": len(pairs), "note": "not computed: needs two ranked architectures"}
     from scipy.stats import kendalltau
 
-    result = kendalltau(*zip(*pairs, strict=True))
+    with warnings.catch_warnings():  # every mean tied: scipy warns and returns NaN, said below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = kendalltau(*zip(*pairs, strict=True), variant="b")
+    if math.isnan(result.statistic):
+        return {"tau": None, "p_value": None, "n": len(pairs),
+                "note": f"undefined: the {len(pairs)} architectures have the same confirmed mean (a tie is neither "
+                        "agreement nor disagreement with the search)"}
     return {"tau": float(result.statistic), "p_value": float(result.pvalue), "n": len(pairs)}
 
 
@@ -133,11 +172,13 @@ def print_confirmation(summary: dict, path) -> None:
     for r in summary["architectures"]:
         cells = [f"{r['trial']}" + (" (reference)" if r["reference"] else ""), format_value(r["search_rank"]),
                  format_value(r["confirmed_rank"])]
+        failed = r.get("failed_seeds") or []
         for i in range(len(objectives)):
             if r["mean"] is None:
                 cells.append("failed")
             else:
-                cells.append(format_value(r["mean"][i]) + (f" +- {r['sd'][i]:.2g}" if r["sd"] else ""))
+                cells.append(format_value(r["mean"][i]) + (f" +- {r['sd'][i]:.2g}" if r["sd"] else "")
+                             + (f" ({r['n']} seed(s); {len(failed)} failed)" if failed else ""))
             cells.append(format_value(r["search_values"][i]))
         for i in range(len(objectives)):
             cells.append("reference" if r["reference"] else "-" if r["vs_reference"] is None
@@ -147,7 +188,7 @@ def print_confirmation(summary: dict, path) -> None:
     console.print(table)
     tau = summary["kendall_tau"]
     if tau["tau"] is None:
-        console.print(f"Kendall's tau (search rank vs confirmed rank): not computed, {tau['note']}")
+        console.print(f"Kendall's tau (search rank vs confirmed rank): {tau['note']}")
     else:
         console.print(f"Kendall's tau (search rank vs confirmed rank): {tau['tau']:+.2f} over {tau['n']} "
                       f"architectures (p={tau['p_value']:.3g})")
@@ -162,4 +203,7 @@ def print_confirmation(summary: dict, path) -> None:
                       "again to train it)")
     if (w := winner(summary)) is not None:
         console.print(f"winner: {describe_winner(w)}; `fulu-nas export` with trial=best takes it")
+    elif summary.get("winner_withheld"):
+        console.print(f"no winner: {summary['winner_withheld']}; run the command again to retry the failed runs "
+                      "(`fulu-nas export` with trial=best takes the search's best trial meanwhile)")
     console.print(f"confirmation: {path}")
