@@ -217,3 +217,16 @@ def test_an_objective_the_same_on_every_seed_is_better_or_worse_exactly():
     rows = [row(3, 1, [[0.9]] * 3), row(0, 2, [[0.8]] * 3, reference=True)]
     summary = summarize_confirmation({**header(["metric"]), "directions": ["maximize"]}, rows, ["maximize"])
     assert summary["architectures"][0]["vs_reference"][0]["verdict"].startswith("beats the reference (exact")
+
+
+def test_export_says_why_the_confirmation_gave_it_no_winner():
+    """trial=best said "no confirmation" of a study whose confirmation withheld its winner (runs failed)
+    or was incomplete: export took the search's best for a reason it did not give."""
+    from fulu_nas.search.confirm_summary import why_no_winner
+
+    assert why_no_winner(None) == "no confirmation"
+    assert why_no_winner({"complete": False, "winner": None}) == ("its confirmation is incomplete: runs without a "
+                                                                   "result")
+    withheld = "runs failed: trial 7 seed(s) 1, 2 (their means are over fewer seeds, and the failed seeds could change"
+    assert why_no_winner({"complete": True, "winner": None, "winner_withheld": withheld}) == (
+        f"its confirmation named no winner: {withheld}")

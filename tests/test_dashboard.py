@@ -5,6 +5,7 @@ multi-objective study (Pareto panel) render too."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -253,6 +254,30 @@ def test_confirmation_rank_plot_ranks_both_axes_among_the_confirmed_architecture
     diagonal = next(tr for tr in fig.data if tr.name == "same rank")
     assert list(diagonal.x) == [1, 3] and list(diagonal.y) == [1, 3]
     assert "among" in fig.layout.xaxis.title.text and "among" in fig.layout.yaxis.title.text
+
+
+@pytest.mark.parametrize("made", ["fresh seeds", "before search_seed was kept"])
+def test_the_confirmation_caption_names_the_search_s_seed_only_where_a_run_used_it(made, tmp_path):
+    """The caption said "seed S is the search's own seed" of the first seed of every confirmation; a
+    confirmation's seeds are fresh ones now, and only one made before began with the search's."""
+    from fulu_nas.dashboard.panels.confirmation import panel_confirmation
+    from fulu_nas.search.confirm_summary import SUMMARY_ATTR, summarize_confirmation
+
+    seeds = [1, 2] if made == "fresh seeds" else [0, 1]
+    header = {"study": "tiny-clusters", "objectives": ["loss"], "directions": ["minimize"], "seeds": seeds,
+              "steps": 100, "budget_factor": 1.0, "search_steps": 100, "failed_runs": [],
+              **({"search_seed": 0} if made == "fresh seeds" else {})}
+    rows = [{"trial": t, "search_rank": r, "reference": t == 0, "feasible": True, "arch_hash": str(t),
+             "search_values": [v[0]], "runs": [{"values": [x]} for x in v]}
+            for t, r, v in ((2, 1, [1.28, 1.30]), (0, 2, [1.31, 1.33]))]
+    summary = summarize_confirmation(header, rows, ["minimize"])
+    ctx = _context(_settings(tmp_path), [_trial(values=[1.3])], **{SUMMARY_ATTR: summary})
+    text = html.unescape(" ".join(b for b in panel_confirmation(ctx, {}) if isinstance(b, str)))
+    assert f"2 seed(s) ({seeds[0]}, {seeds[1]})" in text
+    if made == "fresh seeds":
+        assert "the search's own seed" not in text, text
+    else:
+        assert "seed 0 is the search's own seed" in text, text
 
 
 # ---------------------------------------------------------------- a real study (slow)

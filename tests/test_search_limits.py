@@ -8,7 +8,7 @@ recorded) or not at all:
   an int parameter of a billion values read by an expression, the grid sampler's combinations, a
   confirmation's seeds;
 - a confirmation's seeds past the largest seed were refused after its first run was trained and recorded
-  (they now count on from 0, and a search that ends with a confirmation checks them before it starts);
+  (they now count on from 0);
 - a reference architecture the study's task allows was refused on a stand-in language-model task;
 - ``study.name=..`` wrote the study into the current folder;
 - more workers than trials, and a ``trainer.divergence_factor`` of 1 (every trial failed at step 2).
@@ -308,14 +308,14 @@ def test_a_confirmation_of_the_largest_seed_counts_its_seeds_on_from_0(last_seed
     assert {r.data.tags["fulu.seed"] for r in confirmation_runs(out)[1]} == {"0", "1"}
 
 
-def test_a_search_that_ends_with_a_confirmation_past_the_largest_seed_is_refused(tmp_path, monkeypatch, capsys):
-    """study.confirm.enabled=true confirms at the end of the search: its seeds are checked before the search."""
+def test_a_search_that_ends_with_a_confirmation_of_the_largest_seed_is_taken(tmp_path, monkeypatch):
+    """study.confirm.enabled=true confirms at the end of the search, with seeds counted on from 0 past the
+    largest: a confirmation of any number of seeds has seeds, so none is refused (it refused the seeds
+    past the largest when they counted from trainer.seed itself)."""
     monkeypatch.chdir(tmp_path)
-    problem = refused(["search", *QUICK, f"trainer.seed={SEED_MAX}", "study.confirm.enabled=true",
-                       "study.confirm.seeds=2"], tmp_path, capsys)
-    assert problem == (f"study.confirm.seeds: 2 seeds from trainer.seed={SEED_MAX} end at {SEED_MAX + 1}, past the "
-                       f"largest seed {SEED_MAX}: at most 1 from this trainer.seed")
-    app.preflight([*QUICK, f"trainer.seed={SEED_MAX}", "study.confirm.enabled=true", "study.confirm.seeds=1"])
+    settings = app.preflight([*QUICK, f"trainer.seed={SEED_MAX}", "study.confirm.enabled=true",
+                              "study.confirm.seeds=3"])
+    assert settings.study.confirm.seeds == 3
     assert list(tmp_path.iterdir()) == []
 
 
@@ -377,7 +377,7 @@ def test_a_study_searched_before_the_training_checks_is_still_read():
     or confirmation seeds past the largest seed refuse a run that trains, not them."""
     for overrides, refused_keys in (
             (["study.n_workers=3", f"trainer.seed={SEED_MAX}", "study.confirm.enabled=true"],
-             ["study.confirm.seeds", "study.n_workers"]),):
+             ["study.n_workers"]),):
         cfg, out = compose_config(["+experiment=tiny", "study.n_trials=2", *overrides])
         load_settings(cfg, out, will_train=False)
         with pytest.raises(FuluConfigError) as e:

@@ -376,7 +376,8 @@ class Confirmation:
         header = {"study": s.study.name, "objectives": list(s.study.objectives),
                   "directions": list(s.study.directions), "top_k": plan.options.top_k,
                   "ranked_architectures": plan.ranked, "budget_factor": plan.options.budget_factor,
-                  "search_steps": s.train.steps, "steps": plan.steps, "seeds": list(plan.seeds),
+                  "search_steps": s.train.steps, "search_seed": s.train.seed, "steps": plan.steps,
+                  "seeds": list(plan.seeds),
                   "failed_runs": failures, "complete": not missing, "missing_runs": missing}
         summary = summarize_confirmation(header, rows, list(s.study.directions))
         path = s.output_dir / "confirmation.json"

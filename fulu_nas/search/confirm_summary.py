@@ -143,6 +143,17 @@ def winner(summary: dict | None) -> dict | None:
             "seeds": summary["seeds"]}
 
 
+def why_no_winner(summary: dict | None) -> str:
+    """Why :func:`winner` finds none in ``summary`` (a study's latest confirmation, or None), in words."""
+    if not isinstance(summary, dict):
+        return "no confirmation"
+    if summary.get("complete") is False:
+        return "its confirmation is incomplete: runs without a result"
+    if summary.get("winner_withheld"):
+        return f"its confirmation named no winner: {summary['winner_withheld']}"
+    return "its confirmation named no winner"
+
+
 def describe_winner(w: dict) -> str:
     sd = f" +- {w['sd'][0]:.4g}" if w["sd"] else ""
     return (f"the confirmed winner, trial {w['trial']} (best mean {w['objective']} {w['mean'][0]:.4g}{sd} over "

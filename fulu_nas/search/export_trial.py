@@ -32,7 +32,7 @@ from ..deploy.files import sha256_file
 from ..errors import FuluConfigError
 from ..training.train import BudgetCapReached, TrainingDiverged
 from .confirm import search_ranking
-from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner
+from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner, why_no_winner
 from .family import UPCYCLE
 from .interrupts import between_writes
 from .locate import StudyLocation, check_recordable, load_study, locate_study, search_settings, split_options
@@ -104,7 +104,8 @@ def choose_trial(study: optuna.Study, s: SearchSettings, spec: str) -> tuple[opt
     winner = confirmed_winner(study) if spec == "best" else None
     if winner is None:
         trial = select_trial(study, s, spec)
-        return trial, f"trial={spec}" + (" (the best trial of the search; no confirmation)" if spec == "best" else "")
+        why = why_no_winner(study.user_attrs.get(SUMMARY_ATTR))
+        return trial, f"trial={spec}" + (f" (the best trial of the search; {why})" if spec == "best" else "")
     confirmation = study.user_attrs[SUMMARY_ATTR]
     confirmed = {a["arch_hash"] for a in confirmation["architectures"]}
     newer = [t.number for t in search_ranking(study, s)[:confirmation["top_k"]]

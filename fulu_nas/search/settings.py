@@ -256,7 +256,7 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bo
     if will_train and train is not None and task is not None and (
             problem := batch_problem(train.batch_size, task.seq_len, "trainer.batch_size")):
         problems.append(problem)
-    study = _study(sections["study"], task, train.seed if train is not None and will_train else None, problems)
+    study = _study(sections["study"], task, problems)
     tracking = _tracking(sections["tracking"], problems)
     if study is not None and space is not None and study.sampler == "grid":
         _collect(problems, space.grid)
@@ -372,9 +372,7 @@ def _choice(d: dict, key: str, section: str, options: tuple[str, ...], problems:
     return v
 
 
-def _study(d: dict, task: Task | None, first_seed: int | None, problems: list[str]) -> StudySettings | None:
-    """``first_seed``: ``trainer.seed``, from which a confirmation's seeds count (None: not checked, as when
-    the settings are only read, or the seed is invalid)."""
+def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | None:
     n0 = len(problems)
     known = {f.name for f in fields(StudySettings)} - {"directions"}
     for key in sorted(set(d) - known):
@@ -436,12 +434,8 @@ def _study(d: dict, task: Task | None, first_seed: int | None, problems: list[st
     if confirm is not None and not isinstance(confirm, Mapping):
         problems.append(f"study.confirm: expected a mapping (enabled, top_k, budget_factor, seeds), got {confirm!r}")
         confirm = None
-    # Studies searched before the key existed have no study.confirm: they take the defaults. Its seeds reach past
-    # trainer.seed only in the confirmation that ends the search; otherwise they are fulu-nas confirm's defaults,
-    # which it checks with its own options (seeds=1 confirms a search of the largest trainer.seed).
-    ends_search = isinstance(confirm, Mapping) and confirm.get("enabled") is True
-    confirm = confirm_settings(confirm or {}, "study.confirm.", problems,
-                               first_seed=first_seed if ends_search else None)
+    # Studies searched before the key existed have no study.confirm: they take the defaults.
+    confirm = confirm_settings(confirm or {}, "study.confirm.", problems)
     if len(problems) > n0:
         return None
     return StudySettings(name=name, storage=storage, sampler=sampler, pruner=pruner, objectives=tuple(objectives),
@@ -467,10 +461,10 @@ def _is_folder_name(name: object) -> bool:
 
 
 def confirm_settings(d: Mapping[str, Any], prefix: str, problems: list[str],
-                     defaults: ConfirmSettings = ConfirmSettings(), first_seed: int | None = None) -> ConfirmSettings:
+                     defaults: ConfirmSettings = ConfirmSettings()) -> ConfirmSettings:
     """``d`` validated over ``defaults`` (keys it lacks keep their default); ``prefix`` names the keys
-    in messages: ``study.confirm.`` in the config, nothing for ``fulu-nas confirm``'s own options.
-    ``first_seed``: the search's ``trainer.seed``, the first of the runs' seeds (None: not checked)."""
+    in messages: ``study.confirm.`` in the config, nothing for ``fulu-nas confirm``'s own options. The
+    runs' seeds count on from ``trainer.seed`` modulo 2^32, so any number of them is a seed."""
     known = {f.name for f in fields(ConfirmSettings)}
     for key in sorted(set(d) - known):
         problems.append(f"{prefix}{key}: unknown key (keys: {', '.join(sorted(known))})")
@@ -478,8 +472,7 @@ def confirm_settings(d: Mapping[str, Any], prefix: str, problems: list[str],
     if not isinstance(values["enabled"], bool):
         problems.append(f"{prefix}enabled: expected true or false, got {values['enabled']!r}")
     _check_confirm_size(f"{prefix}top_k", values["top_k"], problems)
-    if _check_confirm_size(f"{prefix}seeds", values["seeds"], problems) and first_seed is not None:
-        _check_last_seed(f"{prefix}seeds", values["seeds"], first_seed, problems)
+    _check_confirm_size(f"{prefix}seeds", values["seeds"], problems)
     # The confirmation trains budget_factor x trainer.steps: a longer budget than the search's, never a shorter one.
     check_number(f"{prefix}budget_factor", values["budget_factor"], problems, 1, BUDGET_FACTOR_MAX)
     return ConfirmSettings(**values)
@@ -493,15 +486,6 @@ def _check_confirm_size(key: str, value: object, problems: list[str]) -> bool:
         problems.append(f"{key}: at most {CONFIRM_MAX}, got {value} (a confirmation trains (top_k + 1) x seeds runs)")
         return False
     return True
-
-
-def _check_last_seed(key: str, seeds: int, first_seed: int, problems: list[str]) -> None:
-    """The runs' seeds are ``first_seed`` + 0 .. ``seeds`` - 1, and the last must be a seed too: past it, the
-    confirmation refused it only after its first runs were trained and recorded."""
-    last = first_seed + seeds - 1
-    if last > SEED_MAX:
-        problems.append(f"{key}: {seeds} seeds from trainer.seed={first_seed} end at {last}, past the largest seed "
-                        f"{SEED_MAX}: at most {SEED_MAX - first_seed + 1} from this trainer.seed")
 
 
 def _trainer(d: dict, problems: list[str]) -> tuple[TrainConfig | None, CostSettings | None]:

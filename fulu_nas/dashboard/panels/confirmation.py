@@ -84,9 +84,11 @@ def _ranks_among_confirmed(rows: list[dict]) -> dict[int, tuple[int, int]]:
 
 def _caption(summary: dict) -> str:
     seeds = summary["seeds"]
+    # A confirmation without search_seed was made when the runs began with the search's own seed.
+    own = summary.get("search_seed", seeds[0])
     parts = [f"{len(summary['architectures'])} architectures x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) "
-             f"at {summary['steps']} steps, {summary['budget_factor']:g} x the search's {summary['search_steps']}; "
-             f"seed {seeds[0]} is the search's own seed."]
+             f"at {summary['steps']} steps, {summary['budget_factor']:g} x the search's {summary['search_steps']}"
+             + (f"; seed {own} is the search's own seed, which the search selected on." if own in seeds else ".")]
     tau = summary["kendall_tau"]
     parts.append(f"Kendall's tau between the rankings: {tau['tau']:+.2f} over {tau['n']} architectures "
                  f"(p={tau['p_value']:.3g})." if tau["tau"] is not None else f"Kendall's tau: {tau['note']}.")
