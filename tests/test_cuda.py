@@ -427,6 +427,26 @@ def test_the_graphed_training_step_trains_like_the_eager_one(router):
     assert len(seen) == len(results[True].history)
 
 
+def test_cuda_graph_true_replays_a_budget_shorter_than_auto_takes():
+    """trainer.cuda_graph=true below the 10 steps auto needs trained eagerly without a word; it replays
+    every step after the warm-up, and trains as the eager step does."""
+    from fulu_nas.models import seeded_model
+    from fulu_nas.training.train import GRAPH_MIN_STEPS, GRAPH_WARMUP_STEPS, TrainConfig, train
+
+    moe = make_layer("topk", hidden_size=256, expert_ffn_size=256, num_experts=8, top_k=2).cfg
+    task, arch = text_lm(moe)
+    steps = GRAPH_WARMUP_STEPS + 2
+    assert steps < GRAPH_MIN_STEPS
+    losses = {}
+    for graphed in ("auto", True):
+        result = train(seeded_model(arch, 0, "cuda"), task, TrainConfig(steps=steps, batch_size=16, report_every=1,
+                                                                           progress=False, device="cuda",
+                                                                           cuda_graph=graphed))
+        assert result.cuda_graph is (graphed is True) and result.steps == steps
+        losses[graphed] = [r.loss for r in result.history]
+    assert losses[True] == pytest.approx(losses["auto"], rel=2e-2)
+
+
 def test_served_kernels_compile_beside_a_graphed_training_without_changing_it():
     """The served forward's kernels compile on a thread and stream of their own (ServedKernelWarmup)
     while the model trains, its step captured and replayed meanwhile: the losses are a run's without
