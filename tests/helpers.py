@@ -62,6 +62,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:``port``, binding as uvicorn does (SO_REUSEADDR: the
+    connections of a server just stopped may linger in TIME_WAIT)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        except OSError:
+            return False
+    return True
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (from /proc: a zombie has ended, only its exit status is left)."""
+    from pathlib import Path
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def kill_leftovers(pids) -> None:
+    """SIGKILL to each of ``pids`` (what a test started) that still runs: a failed test leaves no server."""
+    import os
+    import signal
+
+    for pid in pids:
+        if process_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def spawn_ranks(worker, nprocs: int, out_dir) -> list[dict]:
     """Run ``worker(rank, port, out_dir)`` in ``nprocs`` processes; each saves ``rank{r}.pt``."""
     import torch.multiprocessing as mp

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 from fulu_nas.deploy.server_process import check_port_free
 from fulu_nas.errors import FuluConfigError
 
-from .helpers import free_port
+from .helpers import free_port, kill_leftovers, port_is_free, process_alive
 
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from /proc")
 
@@ -57,13 +56,6 @@ def _time_wait_on(port: int) -> bool:
                for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")  # a zombie has ended
-
 
 def _answers(port: int) -> bool:
     try:
@@ -72,17 +64,6 @@ def _answers(port: int) -> bool:
     except OSError:
         return False
 
-
-def _port_is_free(port: int) -> bool:
-    """Whether a server (SO_REUSEADDR, as uvicorn's) could listen on 127.0.0.1:``port``."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            s.listen()
-        except OSError:
-            return False
-    return True
 
 
 def _until(condition, timeout: float) -> bool:
@@ -145,10 +126,7 @@ def _launched(tmp_path: Path, **options):
         assert _answers(port)
         yield launcher, port, server
     finally:
-        for pid in [launcher.pid, *server]:  # what this test started, should it still run
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        kill_leftovers([launcher.pid, *server])
         launcher.communicate(timeout=30)
 
 
@@ -159,10 +137,10 @@ def test_a_server_does_not_outlive_its_killed_launcher(tmp_path):
     with _launched(tmp_path) as (launcher, port, server):
         launcher.kill()
         launcher.wait(timeout=10)
-        assert _until(lambda: not any(_alive(pid) for pid in server), 10), \
-            [pid for pid in server if _alive(pid)]
+        assert _until(lambda: not any(process_alive(pid) for pid in server), 10), \
+            [pid for pid in server if process_alive(pid)]
         assert not _answers(port)
-        assert _port_is_free(port)
+        assert port_is_free(port)
 
 
 @LINUX_PROC
@@ -175,8 +153,8 @@ def test_a_killed_launcher_s_server_removes_the_folder_it_was_given(tmp_path):
     with _launched(tmp_path, remove_if_orphaned=str(folder)) as (launcher, port, server):
         launcher.kill()
         launcher.wait(timeout=10)
-        assert _until(lambda: not any(_alive(pid) for pid in server) and not folder.exists(), 10)
-        assert _port_is_free(port)
+        assert _until(lambda: not any(process_alive(pid) for pid in server) and not folder.exists(), 10)
+        assert port_is_free(port)
 
 
 @LINUX_PROC
@@ -188,8 +166,8 @@ def test_a_signal_to_the_launcher_stops_its_server_and_keeps_the_folder(signum, 
     with _launched(tmp_path, remove_if_orphaned=str(folder)) as (launcher, port, server):
         launcher.send_signal(signum)
         assert launcher.wait(timeout=30) == 0
-        assert not any(_alive(pid) for pid in server)
-        assert _port_is_free(port)
+        assert not any(process_alive(pid) for pid in server)
+        assert port_is_free(port)
         assert folder.is_dir()
 
 

@@ -3,10 +3,7 @@ of it, and frees the port."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import free_port
+from .helpers import free_port, kill_leftovers, port_is_free, process_alive
 
 
 def _descendants(pid: int) -> set[int]:
@@ -36,23 +33,6 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")  # a zombie has ended; only its exit status is left
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections just closed may linger in TIME_WAIT
-        try:
-            s.bind(("127.0.0.1", port))
-            s.listen()
-        except OSError:
-            return False
-    return True
 
 
 def _serves(port: int, host: str | None = None) -> bool:
@@ -95,13 +75,10 @@ def test_a_signal_to_the_ui_stops_its_server(signum, tmp_path):
         assert ui.wait(timeout=60) == 0
         # MLflow's notice of its security middleware named options fulu-nas ui did not have
         assert "Security middleware" not in ui.stderr.read()
-        assert [pid for pid in server if _alive(pid)] == []
-        assert _port_is_free(port)
+        assert [pid for pid in server if process_alive(pid)] == []
+        assert port_is_free(port)
     finally:
-        for pid in [ui.pid, *server]:  # what this test started, should it still run
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        kill_leftovers([ui.pid, *server])
         ui.wait(timeout=30)
 
 
@@ -128,7 +105,7 @@ def test_a_ui_stopped_while_its_server_starts_prints_its_address_alone(tmp_path)
         assert ui.returncode == 0
         assert out == f"MLflow UI: http://127.0.0.1:{port}  (Ctrl-C stops it)\n"
         assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
-        assert [pid for pid in server if _alive(pid)] == []
+        assert [pid for pid in server if process_alive(pid)] == []
     finally:
         if ui.poll() is None:
             ui.kill()
