@@ -129,10 +129,9 @@ def _changed(stored: object, s: SearchSettings) -> str:
     current = s.part_digests()
     if not isinstance(stored, dict):
         return "with another search space, task, budget, objectives or constraints"
-    changed = [words for part, words in _PARTS.items() if stored.get(part) != current.get(part)]
-    if not changed:  # the digests agree where the fingerprint does not: say it as a whole
-        return "with other settings"
-    return "with " + (", ".join(changed[:-1]) + " and " + changed[-1] if len(changed) > 1 else changed[0])
+    # At least one part differs: the fingerprint is the digest of the parts whose digests these are.
+    *rest, last = [words for part, words in _PARTS.items() if stored.get(part) != current.get(part)]
+    return "with " + (f"{', '.join(rest)} and {last}" if rest else last)
 
 
 def _close_stale_run(s: SearchSettings, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
