@@ -90,8 +90,11 @@ def test_gelu_inference_tiles_match_the_loop(hidden):
 def test_gelu_normal_cdf_on_the_gpu_matches_float64():
     """The kernels' Phi(x) with the GPU's fast reciprocal and exp2 (the interpreter's test, on the
     device): within 3e-5 relative of float64 over [-10, 10], 1e-5 over [-6, 6]."""
+    from fulu_nas.moe import _triton_kernels
+
     from .triton_probes import normal_cdf_errors
 
+    assert _triton_kernels._reciprocal is _triton_kernels._fast_reciprocal  # the SFU's, not a division
     err = normal_cdf_errors("cuda")
     assert err["phi"] < 3e-5 and err["gelu"] < 1e-5, err
 
