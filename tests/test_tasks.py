@@ -410,6 +410,19 @@ def test_textlm_bad_paths(tmp_path):
         TextLMTask(path=str(tmp_path / "short.txt"), seq_len=64)
 
 
+@pytest.mark.parametrize("path", ["", "  "])
+def test_textlm_empty_path_is_refused_not_read_as_the_working_directory(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("what happens to be in the folder a search runs in\n" * 50)
+    with pytest.raises(FuluConfigError, match="path: expected a file or folder, or None for the standard library"):
+        TextLMTask(path=path, seq_len=16)
+
+
+def test_textlm_path_of_an_unknown_users_home_is_refused_naming_it():
+    with pytest.raises(FuluConfigError, match=r"path '~no-such-user-fulu/corpus': its home folder is unknown"):
+        TextLMTask(path="~no-such-user-fulu/corpus")
+
+
 # --- build_task --------------------------------------------------------------------------------
 
 def test_build_task_registry_and_errors():

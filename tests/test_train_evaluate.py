@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 
 import pytest
 import torch
@@ -495,6 +496,22 @@ def test_a_dynamic_experts_config_with_a_bad_value_is_refused_naming_it(values, 
     with pytest.raises(FuluConfigError, match=r"dynamic_experts: expected None or a DynamicExpertsConfig, got \{"):
         TrainConfig(dynamic_experts={"every": 5})  # an AttributeError in training
 
+@pytest.mark.parametrize(("experts", "low", "high"), [(8, 2, 4), (8, 12, 16)])
+def test_a_model_outside_the_dynamic_range_is_refused_before_training(experts, low, high):
+    """The range bounds the expert count at every step: a model that starts outside it (which training
+    kept outside, or brought in one expert at a time) is refused, naming the layers' count and the range."""
+    from fulu_nas.errors import FuluConfigError
+
+    task = small_clusters()
+    model = clusters_model(task, num_experts=experts)
+    before = [p.clone() for p in model.parameters()]
+    dynamic = DynamicExpertsConfig(every=5, min_experts=low, max_experts=high)
+    with pytest.raises(FuluConfigError, match=rf"dynamic_experts: the model's MoE layers have {experts} experts, "
+                                              rf"outside min_experts={low} \.\. max_experts={high}"):
+        train(model, task, TrainConfig(steps=20, dynamic_experts=dynamic, **FAST))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_dynamic_plan_removes_idle_and_splits_the_busiest():
     task = small_clusters()
     model = clusters_model(task, num_experts=4)
@@ -713,6 +730,15 @@ def test_seconds_cap_is_a_safety_stop_outside_the_schedule():
     with pytest.raises(BudgetCapReached) as e:
         train(clusters_model(task), task, TrainConfig(steps=100_000, seconds_cap=0.5, **FAST))
     assert 1 <= e.value.step < 100_000 and e.value.seconds >= 0.5 and e.value.cap == 0.5
+
+
+def test_a_time_budget_that_ends_past_the_cap_ends_as_a_time_budget():
+    """The cap is a safety stop above the budget: a step that ends the time budget ends training
+    normally even when it also passes a larger cap (a slow step or a slow report's callback)."""
+    task = small_clusters()
+    cfg = TrainConfig(steps=1000, max_seconds=0.2, seconds_cap=0.4, **{**FAST, "report_every": 1})
+    result = train(clusters_model(task), task, cfg, callback=lambda report: time.sleep(0.5))
+    assert result.stop_reason == "time" and result.steps == 1
 
 
 @pytest.mark.parametrize("router", ROUTERS)

@@ -94,7 +94,10 @@ def read_split_corpus(path: str | None, max_bytes: int, val_fraction: float, dat
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         corpus = _read_corpus(_list_files(stdlib, ".py", SKIPPED_DIRS | {"site-packages"}), max_bytes)
     else:
-        root = Path(path).expanduser()
+        try:
+            root = Path(path).expanduser()
+        except RuntimeError:  # ~user of an unknown user
+            raise FuluConfigError(f"path {path!r}: its home folder is unknown") from None
         if not root.exists():
             raise FuluConfigError(f"path {path!r} does not exist")
         files = [(root.name, root)] if root.is_file() else _list_files(root) if root.is_dir() else []
@@ -132,6 +135,8 @@ class TextLMTask(Task):
         problems: list[str] = []
         if path is not None and not isinstance(path, (str, os.PathLike)):
             problems.append(f"path must be a string or None, got {path!r}")
+        elif path is not None and not str(path).strip():  # Path('') is the working directory
+            problems.append(f"path: expected a file or folder, or None for the standard library, got {path!r}")
         check_int(problems, "seq_len", seq_len, 1, MAX_SEQ_LEN)
         check_int(problems, "max_bytes", max_bytes, 2, MAX_CORPUS_BYTES)
         check_float(problems, "val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)

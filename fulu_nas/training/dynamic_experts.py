@@ -149,10 +149,22 @@ def separation(x_ND: Tensor, side_N: Tensor) -> float:
     return float((p_N[side_N].mean() - p_N[~side_N].mean()) / (within / len(p_N)).sqrt().clamp_min(1e-12))
 
 
+def check_expert_range(model, cfg: DynamicExpertsConfig) -> None:
+    """Refuse a model whose MoE layers start outside ``[min_experts, max_experts]``: the plan keeps a
+    count in the range, it does not bring one into it."""
+    outside = sorted({layer.cfg.num_experts for layer in model.moe_layers()
+                      if not cfg.min_experts <= layer.cfg.num_experts <= cfg.max_experts})
+    if outside:
+        counts = " or ".join(map(str, outside))
+        raise FuluConfigError(f"dynamic_experts: the model's MoE layers have {counts} experts, outside "
+                              f"min_experts={cfg.min_experts} .. max_experts={cfg.max_experts}")
+
+
 class DynamicExperts:
     def __init__(self, model, optimizer: torch.optim.Optimizer, cfg: DynamicExpertsConfig):
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
         self.layers: list[PiMoELayer] = model.moe_layers()
+        check_expert_range(model, cfg)
         self.load = [torch.zeros(layer.cfg.num_experts) for layer in self.layers]
         self.batch = None
         self.history: list[list[int]] = [[layer.cfg.num_experts for layer in self.layers]]

@@ -37,7 +37,7 @@ from ..checks import check_int, check_number, device_problem
 from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..tasks import IGNORE, Batch, Task
-from .dynamic_experts import DynamicExperts, DynamicExpertsConfig
+from .dynamic_experts import DynamicExperts, DynamicExpertsConfig, check_expert_range
 from .layer_norm import thread_invariant_layer_norms
 from .model_task import model_task_problem
 
@@ -584,6 +584,8 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     if isinstance(ranks, _Ranks) and cfg.dynamic_experts:
         raise ValueError("dynamic experts (growing/shrinking the expert count) are not supported in distributed "
                          "expert-parallel training; train on one device or drop trainer.dynamic_experts")
+    if cfg.dynamic_experts:
+        check_expert_range(model, cfg.dynamic_experts)
     torch.manual_seed(cfg.seed + rank)
     model.to(device).train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -672,7 +674,8 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
                 if step == 1:
                     result.first_step_seconds = time.perf_counter() - start
                 bar.update(1)
-                if cfg.seconds_cap and elapsed >= cfg.seconds_cap and step < cfg.steps:
+                # a step that ends the budget (steps or time) ends training, past the cap or not
+                if cfg.seconds_cap and elapsed >= cfg.seconds_cap and not last:
                     raise BudgetCapReached(step, cfg.steps, elapsed, cfg.seconds_cap)
                 if reporting:
                     layers = ranks.global_layers(host_layer_stats(out.moe_stats))
