@@ -132,6 +132,18 @@ def test_an_expert_choice_layer_remaps_to_fewer_experts_than_its_capacity_factor
     torch.testing.assert_close(layer(x)[0], fresh(x)[0], rtol=0, atol=0)
 
 
+def test_a_one_level_hierarchical_layer_remaps_as_topk_does():
+    """Depth 1 has no group structure to keep: remapping it was refused as the deeper levels are."""
+    layer = make_layer("hierarchical", hierarchy_depth=1, hierarchy_groups=(), hierarchy_topk_groups=(), **SMALL)
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+    before, _ = layer(x)
+    layer.remap_experts([3, 2, 1, 0])
+    torch.testing.assert_close(layer(x)[0], before, rtol=1e-6, atol=1e-6)
+    deeper = make_layer("hierarchical", hidden_size=16, num_experts=8, expert_ffn_size=16, hierarchy_depth=2)
+    with pytest.raises(ValueError, match="remap_experts: the hierarchical router's group structure fixes num_experts"):
+        deeper.remap_experts(list(range(8)) + [0])
+
+
 def test_a_token_choice_layer_keeps_at_least_top_k_experts():
     layer = make_layer("topk", **SMALL)
     with pytest.raises(ValueError, match="remap_experts: 1 experts is fewer than top_k=2"):
@@ -168,7 +180,7 @@ def test_group_mask_fill_is_inert_on_a_one_level_hierarchy():
                         group_mask_fill="zero")
     torch.testing.assert_close(_output(given), _output(plain), rtol=0, atol=0)
     assert "group_mask_fill" in given.inert_options()
-    assert given.without_inert_options() == plain
+    assert given.without_inert_options() == plain.without_inert_options()
 
 
 @pytest.mark.parametrize("router,option", [
@@ -192,6 +204,40 @@ def test_an_option_the_layer_cannot_act_on_is_normalised_away(router, option):
     torch.testing.assert_close(_output(given), _output(plain), rtol=0, atol=0)
     assert set(option) <= set(given.inert_options())
     assert given.without_inert_options() == plain
+
+
+@pytest.mark.parametrize("router", ["topk", "attention", "hierarchical"])
+def test_top_p_is_inert_with_one_slot(router):
+    """With top_k=1 a token's one slot is always kept, so top-p selects nothing: a search trained the
+    same layer once for each top_p it drew."""
+    plain, given = make_config(router, top_k=1), make_config(router, top_k=1, top_p=0.5)
+    torch.testing.assert_close(_output(given), _output(plain), rtol=0, atol=0)
+    assert "top_p" in given.inert_options()
+    assert given.without_inert_options() == plain.without_inert_options()
+    two = make_config(router, top_k=2, top_p=0.5)  # with two slots it drops the second of some tokens
+    assert "top_p" not in two.inert_options() and two.without_inert_options().top_p == 0.5
+
+
+def test_a_one_level_hierarchy_is_the_topk_router():
+    """Depth 1 has no groups: the same parameters and outputs as topk, so one architecture."""
+    one_level = make_config("hierarchical", hierarchy_depth=1, hierarchy_groups=(), hierarchy_topk_groups=())
+    topk = make_config("topk")
+    torch.testing.assert_close(_output(one_level), _output(topk), rtol=0, atol=0)
+    assert one_level.without_inert_options() == topk
+    assert (ArchConfig(hidden_size=32, moe=one_level.without_inert_options()).content_hash()
+            == ArchConfig(hidden_size=32, moe=topk).content_hash())
+
+
+def test_a_numpy_float_is_taken_as_a_float():
+    """np.float64 (a float subclass) passed validation and compared equal, then broke the trial's
+    arch.yaml (yaml cannot represent it); np.float32 was refused as not a number."""
+    import numpy as np
+
+    for value in (np.float64(1.5), np.float32(1.5)):
+        arch = ArchConfig().with_moe(capacity_factor=value)
+        assert type(arch.moe.capacity_factor) is float and arch.moe.capacity_factor == 1.5
+        assert arch == ArchConfig().with_moe(capacity_factor=1.5)
+        assert "capacity_factor: 1.5" in arch.to_yaml()
 
 
 @pytest.mark.parametrize("router,option", [

@@ -512,6 +512,18 @@ def test_a_model_outside_the_dynamic_range_is_refused_before_training(experts, l
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_dynamic_experts_on_a_grouped_hierarchical_router_are_refused_before_training():
+    """The groups fix the expert count: training ran until the first check changed the expert set,
+    then stopped with a traceback and lost the steps trained."""
+    from fulu_nas.errors import FuluConfigError
+
+    task = small_clusters()
+    model = clusters_model(task, num_experts=8, router="hierarchical", hierarchy_depth=2)
+    with pytest.raises(FuluConfigError, match=r"dynamic_experts: the hierarchical router of 2 levels fixes its "
+                                              r"expert count \(its groups\); take another router"):
+        train(model, task, TrainConfig(steps=20, dynamic_experts=DynamicExpertsConfig(every=5), **FAST))
+
+
 def test_dynamic_plan_removes_idle_and_splits_the_busiest():
     task = small_clusters()
     model = clusters_model(task, num_experts=4)
@@ -738,7 +750,7 @@ def test_a_time_budget_that_ends_past_the_cap_ends_as_a_time_budget():
     task = small_clusters()
     cfg = TrainConfig(steps=1000, max_seconds=0.2, seconds_cap=0.4, **{**FAST, "report_every": 1})
     result = train(clusters_model(task), task, cfg, callback=lambda report: time.sleep(0.5))
-    assert result.stop_reason == "time" and result.steps == 1
+    assert result.stop_reason == "time" and result.steps <= 2  # the step after the first slow report at the latest
 
 
 @pytest.mark.parametrize("router", ROUTERS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -179,6 +180,8 @@ class MoEConfig:
             inert += _HIERARCHY_OPTIONS
         if not self.num_shared_experts:
             inert += _SHARED_EXPERT_OPTIONS
+        if self.token_choice and self.top_k == 1:  # a token's one slot is always kept: top-p selects nothing
+            inert += ("top_p",)
         for option, router in _ROUTER_OPTIONS.items():
             if self.router != router:
                 inert += (option,)
@@ -190,6 +193,8 @@ class MoEConfig:
         training it again under another name."""
         defaults = {f.name: f.default for f in fields(self)}
         changed = {name: defaults[name] for name in self.inert_options() if getattr(self, name) != defaults[name]}
+        if self.router == "hierarchical" and self.hierarchy_depth == 1:  # one level, no groups: the topk router
+            changed["router"] = "topk"
         return replace(self, **changed) if changed else self
 
     def expert_capacity(self, num_tokens: int) -> int:
@@ -300,12 +305,17 @@ def _hints() -> dict[str, object]:
 
 def _type_problems(c: MoEConfig) -> list[str]:
     """A problem for each field whose value is not of its annotated type. numpy's integers (which
-    ``range`` over an array gives) are taken as ints."""
+    ``range`` over an array gives) are taken as ints, its floats and integers as floats where a
+    float is expected."""
     problems = []
     for f in fields(c):
         value, hint = getattr(c, f.name), _hints()[f.name]
         if hint in (int, int | None) and not isinstance(value, (int, type(None))) and hasattr(value, "__index__"):
             value = operator.index(value)
+            object.__setattr__(c, f.name, value)
+        elif hint in (float, float | None) and type(value).__module__ == "numpy" and isinstance(value, numbers.Real):
+            # np.float64 is a float subclass that yaml cannot write (the trial's arch.yaml)
+            value = float(value)
             object.__setattr__(c, f.name, value)
         if not fits(value, hint):
             problems.append(f"{f.name} must be {describe(hint)}, got {value!r}")

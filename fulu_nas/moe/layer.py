@@ -412,7 +412,7 @@ class PiMoELayer(nn.Module):
         dynamic expert scaling. Every parameter with an expert dimension is replaced by a new
         Parameter; returns ``(old, new, expert_dim)`` so the caller can move optimizer state.
         """
-        if self.cfg.router == "hierarchical":
+        if self.cfg.router == "hierarchical" and self.cfg.hierarchy_depth > 1:  # one level has no groups
             raise ValueError("remap_experts: the hierarchical router's group structure fixes num_experts")
         source = _expert_indices(source, self.cfg.num_experts)
         if self.cfg.token_choice and len(source) < self.cfg.top_k:  # expert choice's top_k is a capacity factor

@@ -149,9 +149,16 @@ def separation(x_ND: Tensor, side_N: Tensor) -> float:
     return float((p_N[side_N].mean() - p_N[~side_N].mean()) / (within / len(p_N)).sqrt().clamp_min(1e-12))
 
 
-def check_expert_range(model, cfg: DynamicExpertsConfig) -> None:
-    """Refuse a model whose MoE layers start outside ``[min_experts, max_experts]``: the plan keeps a
-    count in the range, it does not bring one into it."""
+def check_dynamic_experts(model, cfg: DynamicExpertsConfig) -> None:
+    """Refuse a model whose expert sets cannot change as ``cfg`` would change them: a hierarchical
+    router of two levels or more (its groups fix the count), or MoE layers that start outside
+    ``[min_experts, max_experts]`` (the plan keeps a count in the range, it does not bring one into it)."""
+    depths = sorted({layer.cfg.hierarchy_depth for layer in model.moe_layers()
+                     if layer.cfg.router == "hierarchical" and layer.cfg.hierarchy_depth > 1})
+    if depths:
+        levels = " or ".join(map(str, depths))
+        raise FuluConfigError(f"dynamic_experts: the hierarchical router of {levels} levels fixes its expert count "
+                              "(its groups); take another router or no dynamic_experts")
     outside = sorted({layer.cfg.num_experts for layer in model.moe_layers()
                       if not cfg.min_experts <= layer.cfg.num_experts <= cfg.max_experts})
     if outside:
@@ -164,7 +171,7 @@ class DynamicExperts:
     def __init__(self, model, optimizer: torch.optim.Optimizer, cfg: DynamicExpertsConfig):
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
         self.layers: list[PiMoELayer] = model.moe_layers()
-        check_expert_range(model, cfg)
+        check_dynamic_experts(model, cfg)
         self.load = [torch.zeros(layer.cfg.num_experts) for layer in self.layers]
         self.batch = None
         self.history: list[list[int]] = [[layer.cfg.num_experts for layer in self.layers]]

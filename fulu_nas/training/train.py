@@ -37,7 +37,7 @@ from ..checks import check_int, check_number, device_problem
 from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..tasks import IGNORE, Batch, Task
-from .dynamic_experts import DynamicExperts, DynamicExpertsConfig, check_expert_range
+from .dynamic_experts import DynamicExperts, DynamicExpertsConfig, check_dynamic_experts
 from .layer_norm import thread_invariant_layer_norms
 from .model_task import model_task_problem
 
@@ -585,7 +585,7 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
         raise ValueError("dynamic experts (growing/shrinking the expert count) are not supported in distributed "
                          "expert-parallel training; train on one device or drop trainer.dynamic_experts")
     if cfg.dynamic_experts:
-        check_expert_range(model, cfg.dynamic_experts)
+        check_dynamic_experts(model, cfg.dynamic_experts)
     torch.manual_seed(cfg.seed + rank)
     model.to(device).train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
