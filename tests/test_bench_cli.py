@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -212,7 +213,7 @@ def test_bench_train_step_times_each_step_kind(tmp_path, capsys):
     """The table and JSON hold every kind timed, per architecture; on the CPU the graphed kinds are
     left out (they would be the eager step again) and the header says so."""
     out = tmp_path / "steps.json"
-    code = bench.main(["train-step", "+experiment=tiny", "--steps", "3", "--arch", "", "num_experts=8",
+    code = bench.main(["train-step", "+experiment=tiny", "--steps", "3", "--arch", "", "--arch", "num_experts=8",
                        "--kinds", "eager", "eager+graph", "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
@@ -426,12 +427,12 @@ def _refused_writing_nothing(argv, words, tmp_path, capsys, add_json=True):
     (["clusters", "--seconds", "1e12"], "--seconds: must be a finite number above 0 and at most 3600"),
     (["dynamic", "--seconds", "1e12"], "--seconds: must be a finite number above 0 and at most 3600"),
     (["dynamic", "--steps", _TOO_BIG], "--steps: must be at least 1 and at most 1000000"),
-    (["dynamic", "--steps", "2", "--start", _TOO_BIG], "--start: must be at least 1 and at most 4096"),
+    (["dynamic", "--steps", "2", "--start", _TOO_BIG], "--start: must be at least 2 and at most 64"),
     (["peers", "--device", "cpu", "--quick", "--rounds", _TOO_BIG], "--rounds: must be at least 1 and at most 1000"),
     (["peers", "--device", "cpu", "--quick", "--min-time", "1e12"],
      "--min-time: must be a finite number above 0 and at most 3600"),
     (["train-step", "--arch", "", "--kinds", "eager", "--steps", _TOO_BIG],
-     "--steps: must be at least 1 and at most 1000000"),
+     "--steps: must be at least 2 and at most 1000000"),
     (["cost", "--repeat", _TOO_BIG], "--repeat: must be at least 1 and at most 1000"),
     # a typo here starts that many processes
     (["cost", "--load", _TOO_BIG], "--load: must be at least 0 and at most 256"),
@@ -529,3 +530,62 @@ def test_bench_takes_the_largest_values_in_range():
     assert args.tokens_scale == 64 and args.rounds == 1000
     args = parser.parse_args(["routers", "--seconds", "3600", "--batch-size", "65536", "--seed", "4294967295"])
     assert args.seconds == 3600 and args.batch_size == 65536
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["cost", "search_space=nosuch"], "search_space: no option 'nosuch' (options: default,"),
+    (["cost", "trainer=nosuch"], "trainer: no option 'nosuch' (options: default, gpu, tiny)"),
+    (["train-step", "nosuchkey=3", "--kinds", "eager"], "Could not override 'nosuchkey'")])
+def test_bench_cost_and_train_step_refuse_a_bad_override_with_one_message(argv, words, tmp_path, capsys):
+    """Hydra's and OmegaConf's errors were a traceback and exit 1, where nas-table's --space gave one line."""
+    _refused_writing_nothing(argv, words, tmp_path, capsys)
+
+
+def test_bench_cost_and_train_step_pass_the_overrides_after_an_architecture_to_the_config(tmp_path):
+    """``--params`` and ``--arch`` took every word after them, the overrides too ("unknown MoE config
+    keys: search_space, task"): each takes one value now, its parameters joined by commas."""
+    out = tmp_path / "cost.json"
+    assert bench.main(["cost", "--params", "router=hash,num_experts=2", "+experiment=tiny", "--repeat", "1",
+                       "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["architecture"] == {"router": "hash", "num_experts": 2, "top_k": 2,
+                                                            "expert_ffn_size": 32}
+    out = tmp_path / "steps.json"
+    assert bench.main(["train-step", "--arch", "", "--arch", "num_experts=2,top_k=1", "+experiment=tiny",
+                       "--steps", "2", "--kinds", "eager", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["arch"] for r in result["rows"]] == ["reference", "num_experts=2,top_k=1"]
+    assert result["seq_len"] == 16  # +experiment=tiny's clusters, not the default pimoe_mix
+
+
+def test_bench_train_step_refuses_a_budget_without_a_step_after_the_first(tmp_path, capsys):
+    """One step has no mean step after the first: it printed the teardown as ms/step, and speed-ups from it."""
+    _refused_writing_nothing(["train-step", "+experiment=tiny", "--arch", "", "--kinds", "eager", "--steps", "1"],
+                             "--steps: must be at least 2", tmp_path, capsys)
+
+
+def test_bench_dynamic_refuses_a_start_outside_the_expert_range_before_training(capsys):
+    """``--start 4 1`` trained both runs from 4, then stopped at 1 without a table."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["dynamic", "--steps", "20", "--every", "5", "--start", "4", "1"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "--start: must be at least 2 and at most 64, got 1" in captured.err and captured.out == ""
+
+
+def test_task_benchmarks_time_the_training_alone(monkeypatch):
+    """train_seconds was read after the evaluation too."""
+    from fulu_nas.bench.tasks import clusters_arch, run_one
+    from fulu_nas.tasks import ClustersTask
+    from fulu_nas.training import evaluate as evaluation
+
+    evaluate = evaluation.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        time.sleep(1.0)
+        return result
+
+    monkeypatch.setattr(evaluation, "evaluate", slow_evaluate)
+    task = ClustersTask()
+    row = run_one(task, clusters_arch(task), None, 16, 3e-3, 0, steps=2)
+    assert row["steps"] == 2 and row["train_seconds"] < 1.0

@@ -170,3 +170,55 @@ def test_search_out_may_be_a_new_folder_but_not_a_file(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     assert bench.main(["search", "--repetitions", "1", "--trials", "1", "--out", str(tmp_path / "a_file")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_table_of_a_task_without_domains_is_read_back_by_its_summary_and_replay(tmp_path, capsys):
+    """On textlm (no labelled domains) every row's routing_accuracy was nan, which the table's own
+    --summary and ``bench search --table`` refused: it is left empty now, shown as "-"."""
+    out = tmp_path / "textlm.csv"
+    assert bench.main(["nas-table", "--out", str(out), "--space", "tiny", "--task", "textlm", "--seeds", "1",
+                       "--steps", "1"]) == 0
+    rows = _data_rows(out)
+    assert len(rows) == 16 and {r["routing_accuracy"] for r in rows} == {""}
+    capsys.readouterr()
+    assert bench.main(["nas-table", "--summary", str(out), "--space", "tiny", "--task", "textlm"]) == 0
+    best = capsys.readouterr().out.split("| rank |", 1)[1].splitlines()[2]
+    assert best.split("|")[5].strip() == "-"
+    assert bench.main(["search", "--table", str(out), "--space", "tiny", "--task", "textlm", "--repetitions", "1",
+                       "--trials", "2", "--samplers", "random", "--out", str(tmp_path / "replay")]) == 0
+    # as earlier versions wrote it
+    old = out.with_name("nan.csv")
+    old.write_text(out.read_text().replace(",,", ",nan,"))
+    assert old.read_text().count(",nan,") == 16
+    assert bench.main(["nas-table", "--summary", str(old), "--space", "tiny", "--task", "textlm"]) == 0
+
+
+def _with_first_row(path, tmp_path, **cells) -> str:
+    """``path`` with the first data row's ``cells`` replaced, as a new file."""
+    lines = path.read_text().splitlines(keepends=True)
+    header = [i for i, line in enumerate(lines) if not line.startswith("#")][0]
+    first = dict(zip(lines[header].strip().split(","), lines[header + 1].rstrip("\n").split(","), strict=True))
+    lines[header + 1] = ",".join({**first, **cells}.values()) + "\n"
+    changed = tmp_path / f"changed-{len(list(tmp_path.iterdir()))}.csv"
+    changed.write_text("".join(lines))
+    return str(changed)
+
+
+@pytest.mark.parametrize("task,cells,words", [
+    ("clusters", {"routing_accuracy": ""}, "routing_accuracy is missing: task clusters labels domains"),
+    ("clusters", {"routing_accuracy": "nan"}, "routing_accuracy is not finite"),
+    ("textlm", {"routing_accuracy": "0.5"}, "routing_accuracy='0.5': task textlm labels no domains"),
+    ("textlm", {"routing_accuracy": "-1"}, "routing_accuracy='-1': task textlm labels no domains"),
+    ("textlm", {"loss": "nan"}, "loss is not finite"),
+    ("textlm", {"load_balance": ""}, "load_balance='' is not a number")])
+def test_a_tables_routing_accuracy_is_a_number_exactly_where_the_task_labels_domains(task, cells, words, tmp_path,
+                                                                                       capsys):
+    """Missing where the task has no domains, a finite number where it has; the other columns numbers always."""
+    source = tmp_path / "source.csv"
+    assert bench.main(["nas-table", "--out", str(source), "--space", "tiny", "--task", task, "--seeds", "1",
+                       "--steps", "1"]) == 0
+    changed = _with_first_row(source, tmp_path, **cells)
+    capsys.readouterr()
+    assert bench.main(["nas-table", "--summary", changed, "--space", "tiny", "--task", task]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err

@@ -17,6 +17,7 @@ from ..deploy.cuda_graphs import capture
 from ..options import (  # noqa: F401
     MAX_EXPERTS,
     MAX_PROCESSES,
+    MAX_STEPS,
     MAX_TOKENS_SCALE,
     batch_int,
     check_writable,
@@ -52,6 +53,12 @@ def space_values(pairs: Iterable[str], option: str) -> dict:
             raise ValueError(f"{option}: expected key=value, got {pair!r}")
         values[key.strip()] = yaml.safe_load(text)
     return values
+
+
+def arch_values(text: str, option: str) -> dict:
+    """A search space's parameter values from one ``key=value,...`` word (:func:`space_values`): one
+    word per option value, so that the Hydra overrides after the option stay overrides."""
+    return space_values(filter(None, text.split(",")), option)
 
 
 def device_name(device: torch.device) -> str:

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from ..models import PiMoETransformer
-from .common import MAX_PROCESSES, device_name, int_in, markdown_table, rounds_int, space_values
+from .common import MAX_PROCESSES, arch_values, device_name, int_in, markdown_table, rounds_int
 
 
 def _busy_processes(n: int) -> list[subprocess.Popen]:
@@ -33,17 +33,12 @@ def relative_range(values: list[float]) -> float:
 
 def cost_main(args: argparse.Namespace) -> int:
     # The search's modules need optuna, hydra and mlflow; the bench command line loads with torch alone.
-    from ..errors import FuluConfigError
-    from ..search.app import compose_config
     from ..search.objective import measure_trial_cost, reference_model
-    from ..search.settings import load_settings
+    from .nas_settings import composed_settings
 
-    try:
-        s = load_settings(*compose_config(args.overrides))
-        values = {**(s.space.reference or {}), **space_values(args.params, "--params")}
-        arch = s.space.given_arch(values, s.task, "--params")
-    except FuluConfigError as e:
-        raise ValueError("; ".join(e.problems)) from None
+    s = composed_settings(args.overrides)
+    values = {**(s.space.reference or {}), **arch_values(args.params, "--params")}
+    arch = s.space.given_arch(values, s.task, "--params")
     torch.manual_seed(s.train.seed)
     model = PiMoETransformer(arch)
     reference = reference_model(s, torch.device("cpu"))
@@ -82,8 +77,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("cost", help="repeat one architecture's cost measurement (the search's protocol), "
                                     "optionally under competing CPU load")
     p.add_argument("overrides", nargs="*", help="search config overrides, e.g. search_space=routers task=clusters")
-    p.add_argument("--params", nargs="*", default=["router=hierarchical", "num_experts=16", "hierarchy_depth=2"],
-                   help="architecture parameters over the space's reference (key=value)")
+    p.add_argument("--params", default="router=hierarchical,num_experts=16,hierarchy_depth=2",
+                   help="architecture parameters over the space's reference, as key=value,... (default: %(default)s)")
     p.add_argument("--repeat", type=rounds_int, default=5)
     p.add_argument("--load", type=int_in(0, MAX_PROCESSES), default=0,
                    help="busy processes competing for the CPU while measuring")

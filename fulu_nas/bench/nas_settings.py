@@ -1,30 +1,37 @@
-"""The product's own settings for a table benchmark: ``fulu_nas/conf`` composed by Hydra and validated
-exactly as ``fulu-nas search search_space=SPACE task=TASK ...`` would, with nothing written.
+"""The product's own settings for a benchmark: ``fulu_nas/conf`` composed by Hydra and validated
+exactly as ``fulu-nas search OVERRIDES`` would, with nothing written.
 
-A table trains every architecture with the trainer a search trial gets, and a replay samples with
-the study's sampler construction, so both start here rather than from settings of their own.
+A table trains every architecture with the trainer a search trial gets, a replay samples with the
+study's sampler construction, and ``bench cost`` and ``bench train-step`` measure as a trial does,
+so all start here rather than from settings of their own.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 from ..errors import FuluConfigError
 from ..search.settings import SearchSettings, load_settings
+
+
+def composed_settings(overrides: Sequence[str]) -> SearchSettings:
+    """The validated settings of ``fulu-nas search OVERRIDES``; FuluConfigError (exit 2) for any
+    problem, Hydra's and OmegaConf's too (an unknown group option or key), which are no ValueError."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..search.app import compose_config, composition_problem
+
+    try:
+        cfg, output_dir = compose_config(list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise FuluConfigError(composition_problem(e, None)) from None
+    return load_settings(cfg, output_dir)
 
 
 @functools.cache
 def product_settings(space: str, task: str, overrides: tuple[str, ...] = ()) -> SearchSettings:
     """The validated settings of a search over ``space`` on ``task`` (FuluConfigError for an unknown
     space or task, or any other problem). Cached: a worker process composes them once."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ..search.app import compose_config
-
-    try:
-        cfg, output_dir = compose_config([f"search_space={space}", f"task={task}", *overrides])
-    except (HydraException, OmegaConfBaseException) as e:
-        message = str(e).strip().splitlines()[0]
-        raise FuluConfigError(f"configuration (search_space={space}, task={task}): {message}") from None
-    return load_settings(cfg, output_dir)
+    return composed_settings([f"search_space={space}", f"task={task}", *overrides])

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -75,7 +74,7 @@ def train_and_evaluate(s: SearchSettings, job: Job) -> dict:
     counts = model.parameter_counts()
     return {"key": cells(s.space, job.values), "arch_hash": arch.content_hash(), "seed": job.seed,
             "budget_factor": job.budget_factor, "steps": result.steps, "loss": quality["loss"],
-            "metric": quality[s.task.metric_name], "routing_accuracy": quality.get("routing_accuracy", math.nan),
+            "metric": quality[s.task.metric_name], "routing_accuracy": quality.get("routing_accuracy"),
             "load_balance": quality["load_balance"], "active_params": counts["active"], "total_params": counts["total"],
             "flops_per_token": float(model.flops_per_token(s.task.seq_len)),
             "train_seconds": time.perf_counter() - start}

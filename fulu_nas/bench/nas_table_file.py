@@ -4,7 +4,9 @@ checked against the search space it claims to cover.
 Layout: ``# key: value`` comment lines (space, task, trainer, command, device, date), then a header
 row: the space's parameters in its order (empty where a ``when`` leaves one out), then
 :data:`RESULT_COLUMNS`. ``budget_factor`` is 1 for the table itself and F for the subset trained at
-F times the steps. Readers other than this module skip the comments (pandas: ``comment="#"``).
+F times the steps. ``routing_accuracy`` is empty for a task whose tokens have no labelled domains
+(``textlm``), and a number for every other. Readers other than this module skip the comments
+(pandas: ``comment="#"``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from ..errors import FuluConfigError
 from ..search.space import SearchSpace
+from ..tasks.base import Task
 from .finite_space import INACTIVE, cell
 
 RESULT_COLUMNS = ("arch_hash", "seed", "budget_factor", "steps", "loss", "metric", "routing_accuracy", "load_balance",
@@ -40,8 +43,8 @@ def write_table(path: Path, header: dict[str, str], space: SearchSpace, rows: It
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow([p.name for p in space.params] + list(RESULT_COLUMNS))
         for r in rows:
-            writer.writerow(list(r["key"]) + [_FLOAT_FORMAT.format(r[c]) if c in FLOAT_COLUMNS else r[c]
-                                              for c in RESULT_COLUMNS])
+            writer.writerow(list(r["key"]) + ["" if r[c] is None else _FLOAT_FORMAT.format(r[c])
+                                              if c in FLOAT_COLUMNS else r[c] for c in RESULT_COLUMNS])
 
 
 @dataclass(frozen=True)
@@ -67,15 +70,18 @@ class NasTable:
             out[r["key"]].append(r)
         return dict(out)
 
-    def means(self, budget_factor: int = 1) -> dict[tuple[str, ...], dict[str, float]]:
-        """Each architecture's result columns averaged over its seeds."""
-        return {key: {c: statistics.fmean(r[c] for r in rows) for c in INT_COLUMNS + FLOAT_COLUMNS}
+    def means(self, budget_factor: int = 1) -> dict[tuple[str, ...], dict[str, float | None]]:
+        """Each architecture's result columns averaged over its seeds (None for a routing accuracy
+        the task does not have)."""
+        return {key: {c: None if rows[0][c] is None else statistics.fmean(r[c] for r in rows)
+                      for c in INT_COLUMNS + FLOAT_COLUMNS}
                 for key, rows in self.by_arch(budget_factor).items()}
 
 
-def read_table(path: str | Path, space: SearchSpace, architectures: list[tuple[str, ...]]) -> NasTable:
+def read_table(path: str | Path, space: SearchSpace, architectures: list[tuple[str, ...]], task: Task) -> NasTable:
     """The table at ``path``, checked against ``space`` whose feasible ``architectures`` (their
-    cells, in enumeration order) it must cover at budget factor 1 with the same seeds for each;
+    cells, in enumeration order) it must cover at budget factor 1 with the same seeds for each, and
+    against ``task``, which has a routing accuracy if its tokens have labelled domains;
     FuluConfigError naming the file and every problem otherwise."""
     path = Path(path)
     if not path.is_file():
@@ -95,7 +101,7 @@ def read_table(path: str | Path, space: SearchSpace, architectures: list[tuple[s
     problems: list[str] = []
     rows = []
     for line, record in enumerate(records[1:], start=2):
-        row = _row(record, names, allowed, problems, f"table {path}, data row {line - 1}")
+        row = _row(record, names, allowed, task, problems, f"table {path}, data row {line - 1}")
         if row is not None:
             rows.append(row)
     if problems:
@@ -111,7 +117,7 @@ def _comment(line: str, header: dict[str, str]) -> bool:
     return True
 
 
-def _row(record: list[str], names: list[str], allowed: dict[str, set[str]], problems: list[str],
+def _row(record: list[str], names: list[str], allowed: dict[str, set[str]], task: Task, problems: list[str],
          where: str) -> dict | None:
     if len(record) != len(names) + len(RESULT_COLUMNS):
         problems.append(f"{where}: {len(record)} fields, expected {len(names) + len(RESULT_COLUMNS)}")
@@ -122,13 +128,23 @@ def _row(record: list[str], names: list[str], allowed: dict[str, set[str]], prob
             problems.append(f"{where}: {name}={text!r} is not one of the space's choices")
     row: dict = {"key": key}
     for column, text in zip(RESULT_COLUMNS, record[len(names):], strict=True):
+        if column == "routing_accuracy" and not task.domain_names:
+            # A number here belongs to another task's table; "nan" is how earlier versions left it out.
+            if text not in ("", "nan"):
+                problems.append(f"{where}: routing_accuracy={text!r}: task {task.name} labels no domains (the "
+                                "column is empty)")
+            row[column] = None
+            continue
+        if column == "routing_accuracy" and not text:
+            problems.append(f"{where}: routing_accuracy is missing: task {task.name} labels domains")
+            continue
         try:
             row[column] = int(text) if column in INT_COLUMNS else float(text) if column in FLOAT_COLUMNS else text
         except ValueError:
             problems.append(f"{where}: {column}={text!r} is not a number")
     # a replay's objectives, and the summary's ranks, must be numbers
     problems += [f"{where}: {column} is not finite" for column in FLOAT_COLUMNS
-                 if column in row and not math.isfinite(row[column])]
+                 if row.get(column) is not None and not math.isfinite(row[column])]
     return row
 
 

@@ -48,9 +48,14 @@ def _name(table_params: list[str], key: tuple[str, ...]) -> str:
     return ", ".join(f"{n}={v}" for n, v in zip(table_params, key, strict=True) if v != INACTIVE)
 
 
+def _accuracy(value: float | None) -> str:
+    """A routing accuracy, "-" where the task labels no domains."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def summary_main(args: argparse.Namespace) -> int:
     s = product_settings(args.space, args.task)
-    table = read_table(args.summary, s.space, architecture_keys(s.space, s.task))
+    table = read_table(args.summary, s.space, architecture_keys(s.space, s.task), s.task)
     names = [p.name for p in s.space.params]
     base, means = table.by_arch(1), table.means(1)
     steps = sorted({r["steps"] for rows in base.values() for r in rows})
@@ -67,7 +72,7 @@ def summary_main(args: argparse.Namespace) -> int:
         losses = [r["loss"] for r in base[k]]
         sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
         body.append([str(i + 1), _name(names, k), f"{means[k]['loss']:.4f} ± {sd:.4f}", f"{means[k]['metric']:.3f}",
-                     f"{means[k]['routing_accuracy']:.3f}", f"{means[k]['active_params']:.0f}"])
+                     _accuracy(means[k]["routing_accuracy"]), f"{means[k]['active_params']:.0f}"])
     print(markdown_table(["rank", "architecture", "loss (mean ± sd)", "metric", "routing acc.", "active params"], body,
                          text_columns=2))
     if len(table.seeds) > 1:
@@ -90,7 +95,7 @@ def summary_main(args: argparse.Namespace) -> int:
         short, long = table.means(1), table.means(factor)
         by_short = sorted(long, key=lambda k: short[k]["loss"])
         body = [[_name(names, k), str(i + 1), str(by_short.index(k) + 1), f"{long[k]['loss']:.4f}",
-                 f"{short[k]['loss']:.4f}", f"{long[k]['routing_accuracy']:.3f}"]
+                 f"{short[k]['loss']:.4f}", _accuracy(long[k]["routing_accuracy"])]
                 for i, k in enumerate(sorted(long, key=lambda k: long[k]["loss"]))]
         print(markdown_table(["architecture", f"rank at {factor}x", "rank at 1x (of these)", f"loss at {factor}x",
                               "loss at 1x", f"routing acc. at {factor}x"], body, text_columns=1))

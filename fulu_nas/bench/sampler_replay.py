@@ -110,7 +110,7 @@ def load_replay(space: str, task: str, table_path: str, objectives: tuple[str, .
         raise FuluConfigError(f"--objectives: choose distinct ones of {', '.join(OBJECTIVES)}, got "
                               f"{' '.join(objectives) or 'none'}")
     s = product_settings(space, task, (f"study.objectives=[{','.join(objectives)}]", "study.pruner=none"))
-    table = read_table(table_path, s.space, architecture_keys(s.space, s.task))
+    table = read_table(table_path, s.space, architecture_keys(s.space, s.task), s.task)
     means = table.means(1)
     lookup = {key: tuple(m[o] for o in objectives) for key, m in means.items()}
     signs = [1 if d == "minimize" else -1 for d in s.study.directions]

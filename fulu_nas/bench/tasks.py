@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from ..models import ArchConfig, PiMoETransformer
 from ..moe import BALANCING_METHODS, ROUTERS, MoEConfig
 from .common import (
-    MAX_EXPERTS,
     batch_int,
     device_name,
     int_in,
@@ -75,19 +73,18 @@ def _router_extras(router: str) -> dict:
 def run_one(task, arch: ArchConfig, seconds: float, batch_size: int, lr: float, seed: int,
             dynamic=None, steps: int | None = None) -> dict:
     """Train a fresh model of ``arch`` for ``seconds``, or for ``steps`` when given (``dynamic``: a
-    DynamicExpertsConfig) and evaluate it; ``experts`` is the final expert count of the (first)
-    MoE layer."""
+    DynamicExpertsConfig) and evaluate it; ``train_seconds`` is the training's alone (not the
+    evaluation's), ``experts`` the final expert count of the (first) MoE layer."""
     from ..training.evaluate import evaluate
     from ..training.train import TrainConfig, train
 
     torch.manual_seed(seed)
     model = PiMoETransformer(arch)
-    start = time.perf_counter()
     budget = dict(steps=steps, max_seconds=None) if steps else dict(steps=10**9, max_seconds=seconds)
     result = train(model, task, TrainConfig(**budget, batch_size=batch_size, lr=lr, seed=seed, progress=False,
                                             report_every=100, dynamic_experts=dynamic))
     ev = evaluate(model, task)
-    return {"router": arch.moe.router, "steps": result.steps, "train_seconds": round(time.perf_counter() - start, 1),
+    return {"router": arch.moe.router, "steps": result.steps, "train_seconds": round(result.seconds, 1),
             "experts": model.moe_layers()[0].cfg.num_experts,
             "expert_history": [counts[0] for counts in result.expert_counts],
             **{k: v for k, v in ev.items() if isinstance(v, float)}}
@@ -218,8 +215,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--seconds", type=seconds_float,
                    help=f"training budget of each of the runs (default {DYNAMIC_SECONDS:g})")
     p.add_argument("--steps", type=steps_int, help="a step budget instead of --seconds (the same for every run)")
-    p.add_argument("--start", type=int_in(1, MAX_EXPERTS), nargs="+", default=[4, 32], help="initial expert counts")
     defaults = DynamicExpertsConfig()
+    # Checked here, before the first run trains: training refuses a count outside the range only as that
+    # start's run begins.
+    p.add_argument("--start", type=int_in(defaults.min_experts, defaults.max_experts), nargs="+", default=[4, 32],
+                   help=f"initial expert counts ({defaults.min_experts} to {defaults.max_experts}: the dynamic "
+                        "layer's min_experts..max_experts)")
     p.add_argument("--every", type=steps_int, default=defaults.every, help="steps between rescaling checks")
     p.add_argument("--freeze-after", type=unit_float, default=defaults.freeze_after,
                    help="share of the budget after which the expert set stays fixed")

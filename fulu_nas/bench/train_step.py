@@ -1,13 +1,14 @@
 """``fulu-nas bench train-step``: which training step a trial should take, and from how many steps
 compiling pays.
 
-Each architecture (the space's reference and ``--arch`` variants) trains ``--steps`` steps of the
-search's trainer from the same initial weights with each step kind: ``eager``, ``eager+graph`` (the
-eager step replayed from one CUDA graph, ``trainer.cuda_graph``), ``compiled`` (every block through
-torch.compile, ``trainer.compile``) and ``compiled+graph``. Reported per architecture and kind: the
-first step (a compilation is in it), the capture of the graph, the mean step after the first, and
-the break-even budget against ``eager+graph`` (``eager`` where that is not timed): the steps after
-which a compiled kind's saving has paid for its longer start. ``trainer.compile=auto`` compiles budgets of at least
+Each architecture (the space's reference and the variants, one per ``--arch``) trains ``--steps``
+steps (at least 2) of the search's trainer from the same initial weights with each step kind:
+``eager``, ``eager+graph`` (the eager step replayed from one CUDA graph, ``trainer.cuda_graph``),
+``compiled`` (every block through torch.compile, ``trainer.compile``) and ``compiled+graph``.
+Reported per architecture and kind: the first step (a compilation is in it), the capture of the
+graph, the mean step after the first, and the break-even budget against ``eager+graph``
+(``eager`` where that is not timed): the steps after which a compiled kind's saving has paid for
+its longer start. ``trainer.compile=auto`` compiles budgets of at least
 :data:`fulu_nas.training.train.COMPILE_MIN_STEPS` steps on a GPU; this is the measurement that
 number comes from. Without CUDA the graphed kinds are left out (they would be the eager steps again).
 """
@@ -23,7 +24,7 @@ import torch
 
 from ..models import seeded_model
 from ..training.train import resolve_device, train
-from .common import device_name, markdown_table, space_values, steps_int
+from .common import MAX_STEPS, arch_values, device_name, int_in, markdown_table
 
 # A fine-grained and a hierarchical variant beside the reference: the shapes a search samples that
 # compile most differently (many small experts; two-level routing).
@@ -52,20 +53,12 @@ def time_steps(arch, task, cfg, kind: str) -> dict[str, float]:
 
 def train_step_main(args: argparse.Namespace) -> int:
     # The search's modules need optuna, hydra and mlflow; the bench command line loads with torch alone.
-    from ..errors import FuluConfigError
-    from ..search.app import compose_config
-    from ..search.settings import load_settings
+    from .nas_settings import composed_settings
 
-    if not args.arch:
-        raise ValueError("--arch: give at least one architecture ('' is the space's reference)")
-    try:
-        s = load_settings(*compose_config(args.overrides))
-        archs = [(text or "reference",
-                  s.space.given_arch({**(s.space.reference or {}),
-                                      **space_values(filter(None, text.split(",")), "--arch")}, s.task, "--arch"))
-                 for text in args.arch]
-    except FuluConfigError as e:
-        raise ValueError("; ".join(e.problems)) from None
+    s = composed_settings(args.overrides)
+    archs = [(text or "reference",
+              s.space.given_arch({**(s.space.reference or {}), **arch_values(text, "--arch")}, s.task, "--arch"))
+             for text in args.arch or DEFAULT_ARCHS]
     cfg = dataclasses.replace(s.train, steps=args.steps, seconds_cap=None, max_seconds=None)
     device = resolve_device(cfg.device)
     kinds, no_graph = timed_kinds(args.kinds, device)
@@ -116,9 +109,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train-step", help="the training step kinds side by side (eager, CUDA graph, compiled), and the "
                                           "budget from which compiling pays")
     p.add_argument("overrides", nargs="*", help="search config overrides, e.g. +experiment=gpu")
-    p.add_argument("--arch", nargs="*", default=list(DEFAULT_ARCHS),
-                   help="architectures as key=value,... over the space's reference ('' is the reference)")
-    p.add_argument("--steps", type=steps_int, default=60)
+    # One architecture per --arch, repeated for more: a list of them would take the overrides after it too.
+    p.add_argument("--arch", action="append",
+                   help="an architecture as key=value,... over the space's reference ('' is the reference); repeat "
+                        f"for several (default: {' '.join(repr(a) for a in DEFAULT_ARCHS)})")
+    p.add_argument("--steps", type=int_in(2, MAX_STEPS), default=60,
+                   help="steps per architecture and kind, at least 2: the mean step is taken after the first")
     p.add_argument("--kinds", nargs="*", choices=list(KINDS), default=list(KINDS),
                    help="the step kinds to time, eager or eager+graph among them (a graph needs CUDA: off it the "
                         "graphed kinds are left out)")
