@@ -109,6 +109,23 @@ def test_a_derived_value_computable_for_every_sample_still_passes(tmp_path, monk
     assert list(work.iterdir()) == []
 
 
+def test_the_latency_reference_is_the_reference_trials_architecture_derived_values_included(tmp_path,
+                                                                                               monkeypatch):
+    """The model every trial's latency_ratio divides by was built from the reference's sampled values
+    alone: in the scaling space (expert_ffn_size derived as 256 // top_k) it had FFN 2048 where the
+    reference trial trains 128, so the reference trial's own ratio read 0.48, not 1."""
+    import torch
+
+    from fulu_nas.search.objective import reference_model
+
+    monkeypatch.chdir(tmp_path)
+    s = app.preflight(["+experiment=tiny", "search_space=scaling", f"hydra.run.dir={tmp_path / 'out'}"])
+    trained = s.space.arch(s.space.with_derived(s.space.reference), s.task)  # as trial 0 trains it
+    assert trained.moe.expert_ffn_size == 128
+    model = reference_model(s, torch.device("cpu"))
+    assert model.arch == trained and model.arch.content_hash() == trained.content_hash()
+
+
 # --- heartbeats ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("heartbeat,grace", [(5, 5), (5, 1), (30, 20)])

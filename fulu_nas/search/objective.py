@@ -106,7 +106,9 @@ def reference_model(s: SearchSettings, device: torch.device) -> PiMoETransformer
     model every trial's latency is measured beside (``latency_ratio``). None without a reference."""
     if s.space.reference is None:
         return None
-    return s.space.family.build(s.space.arch(s.space.reference, s.task), s.task, s.train.seed, device)
+    # with the space's derived values, as the reference trial trains it (not the fields' defaults)
+    arch = s.space.arch(s.space.with_derived(s.space.reference), s.task)
+    return s.space.family.build(arch, s.task, s.train.seed, device)
 
 
 def measure_trial_cost(model, s: SearchSettings, reference: PiMoETransformer | None = None,
