@@ -1087,6 +1087,27 @@ def test_trial_selection_rules():
         select_trial(multi, m, "latest")
 
 
+def test_a_reused_result_is_one_point_of_the_pareto_front(tmp_path):
+    """A trial that reuses an identical architecture's result has its values, so Optuna puts both on
+    the front: the summary, the progress line and export's pareto:<i> counted the architecture twice."""
+    from fulu_nas.search.report import summarize
+    from fulu_nas.search.study import TrialProgress
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for values, arch, extra in [([1.0, 5.0], "a", {}), ([2.0, 1.0], "b", {}), ([1.0, 5.0], "a", {"cached_from": 0}),
+                                ([3.0, 3.0], "c", {})]:
+        study.add_trial(optuna.trial.create_trial(values=values, user_attrs={"arch_hash": arch, **extra}))
+    assert len(study.best_trials) == 3  # Optuna's front holds the copy
+    m = SimpleNamespace(study=SimpleNamespace(name="s", objectives=["loss", "latency_ms"],
+                                              directions=["minimize", "minimize"], multi_objective=True,
+                                              n_trials=4))
+    assert [row["number"] for row in summarize(study, m)["pareto_front"]] == [0, 1]
+    assert [select_trial(study, m, f"pareto:{i}").number for i in range(2)] == [0, 1]
+    with pytest.raises(FuluConfigError, match=r"pareto:<i> needs i in 0..1"):
+        select_trial(study, m, "pareto:2")
+    assert TrialProgress(m, study, enabled=False).best == "Pareto front: 2 trials"
+
+
 def test_an_export_into_a_file_names_it_a_file_and_writes_nothing(tmp_path):
     """An empty file given as out= was said to "exist and not be empty"."""
     from fulu_nas.deploy.export import assemble

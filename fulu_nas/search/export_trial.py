@@ -36,7 +36,7 @@ from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner, wh
 from .family import UPCYCLE
 from .interrupts import between_writes
 from .locate import StudyLocation, check_recordable, load_study, locate_study, search_settings, split_options
-from .objective import ServedKernels, is_feasible, measure_trial_cost, reference_model, train_architecture
+from .objective import ServedKernels, is_feasible, measure_trial_cost, pareto_front, reference_model, train_architecture
 from .settings import BUDGET_FACTOR_MAX, SearchSettings
 from .storage import check_output_dir, mask_url
 from .study import INTERRUPTED, stop_signals_as_interrupt
@@ -72,12 +72,12 @@ def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.tr
         if s.study.multi_objective:
             raise FuluConfigError(f"trial: study {s.study.name!r} has {len(s.study.objectives)} objectives "
                                   f"({', '.join(s.study.objectives)}), so there is no single best trial: choose "
-                                  f"trial=pareto:<i> (0..{len(study.best_trials) - 1}) or trial=fastest_within:<pct>")
+                                  f"trial=pareto:<i> (0..{len(pareto_front(study)) - 1}) or trial=fastest_within:<pct>")
         sign = 1 if s.study.directions[0] == "minimize" else -1
         return min(feasible, key=lambda t: sign * t.values[0])
     kind, _, arg = spec.partition(":")
     if kind == "pareto":
-        front = sorted(study.best_trials, key=lambda t: t.values[0]) if s.study.multi_objective else \
+        front = sorted(pareto_front(study), key=lambda t: t.values[0]) if s.study.multi_objective else \
             [select_trial(study, s, "best")]
         if not NUMBER.fullmatch(arg) or int(arg) >= len(front):
             raise FuluConfigError(f"trial: pareto:<i> needs i in 0..{len(front) - 1}, got {arg!r}")

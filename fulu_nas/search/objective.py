@@ -101,6 +101,20 @@ def is_feasible(t: optuna.trial.FrozenTrial) -> bool:
     return all(c <= 0 for c in t.constraints.values())
 
 
+def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Optuna's Pareto front (``best_trials``: feasible and non-dominated) with one trial per
+    architecture: a trial that reused another's result has its values, so Optuna keeps both; the
+    lower-numbered, which trained, stays."""
+    seen: set[str] = set()
+    front = []
+    for t in sorted(study.best_trials, key=lambda t: t.number):
+        h = t.user_attrs.get("arch_hash")
+        if h is None or h not in seen:
+            seen.add(h)
+            front.append(t)
+    return front
+
+
 def reference_model(s: SearchSettings, device: torch.device) -> PiMoETransformer | None:
     """The space's reference architecture (initial weights, the study's seed) on ``device``: the fixed
     model every trial's latency is measured beside (``latency_ratio``). None without a reference."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import optuna
 
-from .objective import counts_toward_total, is_feasible
+from .objective import counts_toward_total, is_feasible, pareto_front
 from .settings import SearchSettings
 
 TrialState = optuna.trial.TrialState
@@ -55,7 +55,7 @@ def summarize(study: optuna.Study, s: SearchSettings) -> dict:
     if not candidates:
         return summary
     if s.study.multi_objective:
-        summary["pareto_front"] = [_row(t) for t in study.best_trials]
+        summary["pareto_front"] = [_row(t) for t in pareto_front(study)]
         return summary
     sign = 1 if s.study.directions[0] == "minimize" else -1
     best = min(candidates, key=lambda t: sign * t.values[0])

@@ -32,7 +32,7 @@ from ..errors import FuluConfigError
 from ..moe import cpu_stream
 from . import interrupts
 from .interrupts import between_writes, interrupt
-from .objective import Objective, TrialFailed, counts_toward_total, is_feasible, requeue_interrupted
+from .objective import Objective, TrialFailed, counts_toward_total, is_feasible, pareto_front, requeue_interrupted
 from .report import print_summary, summarize
 from .settings import SearchSettings
 from .storage import mask_url, open_study_storage
@@ -201,7 +201,7 @@ class TrialProgress:
             best = pick(complete, key=lambda t: t.values[0])
             self.best = f"best {self.s.study.objectives[0]} {best.values[0]:.4g} (trial {best.number})"
         elif complete:
-            self.best = f"Pareto front: {len(self.study.best_trials)} trials"
+            self.best = f"Pareto front: {len(pareto_front(self.study))} trials"
         self._show()
 
     def write(self, line: str) -> None:
