@@ -199,6 +199,9 @@ REFUSED = {
                       "was created with another search_space;"),
     "another cost_rounds": (["trainer.cost_rounds=3"], "study.name: study 'tiny-clusters'",
                             "was created with another trainer;"),
+    # the pruner compares each report's smoothed loss, a moving average over the reports
+    "another report_every": (["trainer.report_every=1"], "study.name: study 'tiny-clusters'",
+                             "was created with another trainer;"),
     "other objectives": (["study.objectives=[loss,latency_ms]", "study.pruner=none"],
                          "study.objectives: study 'tiny-clusters'", "with other objectives"),
 }
@@ -294,6 +297,24 @@ def test_a_study_made_before_the_new_trainer_keys_resumes(made_before, tmp_path,
         assert main(["search", *QUICK, f"hydra.run.dir={out}", f"study.n_trials={n}", *given]) == 0
         assert len(trials_of(f"sqlite:///{out / 'optuna.db'}")) == n
     capsys.readouterr()
+
+
+def test_a_study_made_while_report_every_was_free_resumes_and_then_keeps_it(tmp_path, monkeypatch):
+    """Studies kept report_every out of their fingerprint: such a study resumes (with any report_every,
+    as it did), and holds the one it resumed with from then on."""
+    from fulu_nas.search.study import FINGERPRINT_ATTR, open_study, quiet_optuna
+
+    monkeypatch.chdir(tmp_path)
+    storage = f"study.storage=sqlite:///{tmp_path / 'optuna.db'}"
+    made = app.preflight(["+experiment=tiny", storage, "trainer.report_every=5", f"hydra.run.dir={tmp_path}"])
+    with quiet_optuna():
+        study = open_study(made)
+    study.set_user_attr(FINGERPRINT_ATTR, made.fingerprint(report_every_free=True))  # as it was kept then
+    resumed = app.preflight(["+experiment=tiny", storage, "trainer.report_every=2", f"hydra.run.dir={tmp_path}"])
+    with quiet_optuna():
+        open_study(resumed)
+    with pytest.raises(FuluConfigError, match="was created with another trainer;"):
+        app.preflight(["+experiment=tiny", storage, "trainer.report_every=5", f"hydra.run.dir={tmp_path}"])
 
 
 def test_a_study_made_with_a_default_trainer_key_added_by_plus_resumes(tmp_path, monkeypatch):

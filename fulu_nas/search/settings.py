@@ -168,18 +168,19 @@ class SearchSettings:
         return params
 
     def fingerprint(self, legacy: bool = False, given: frozenset[str] = frozenset(),
-                    constraints_as_typed: bool = False) -> str:
+                    constraints_as_typed: bool = False, report_every_free: bool = False) -> str:
         """What must not change when a study resumes: space, task, budget, objectives, constraints. Not
         the space's description (prose), nor the path of a model on disk, which is known by its content,
         nor the order the constraints were typed in. ``legacy``: the fingerprint as studies made before
         kept it, with both (the model's path as typed); ``constraints_as_typed``: with the constraints in
-        their typed order, as studies made before kept them. A trainer key the trainer configs gained
+        their typed order, as studies made before kept them; ``report_every_free``: without
+        ``trainer.report_every``, as studies made before kept it. A trainer key the trainer configs gained
         later is left out at its default (:data:`_LATER_TRAINER_KEYS`), so that the studies made before
         still resume, unless it is in ``given`` (:meth:`fingerprints`)."""
-        return _digest(self.fingerprint_parts(legacy, given, constraints_as_typed))
+        return _digest(self.fingerprint_parts(legacy, given, constraints_as_typed, report_every_free))
 
     def fingerprint_parts(self, legacy: bool = False, given: frozenset[str] = frozenset(),
-                          constraints_as_typed: bool = False) -> dict[str, Any]:
+                          constraints_as_typed: bool = False, report_every_free: bool = False) -> dict[str, Any]:
         """What :meth:`fingerprint` digests, by part (``task``, ``search_space``, ``trainer``,
         ``objectives``, ``constraints``, and ``model_sha256`` for a task starting from a model file)."""
         keep = {k: copy.deepcopy(self.raw[k]) for k in ("task", "search_space", "trainer")}
@@ -187,8 +188,10 @@ class SearchSettings:
             keep["search_space"].pop("description", None)
         keep["objectives"] = list(self.study.objectives)
         keep["constraints"] = list(self.study.constraints if constraints_as_typed else sorted(self.study.constraints))
-        # the safety cap may change on resume: results depend on the steps alone
-        free = ("device", "compile", "cuda_graph", "deterministic", "report_every", "max_seconds")
+        # The safety cap may change on resume: results depend on the steps alone. report_every may not:
+        # what a pruner compares at a step is a moving average over the reports before it.
+        free = ("device", "compile", "cuda_graph", "deterministic", "max_seconds",
+                *(("report_every",) if report_every_free else ()))
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k not in free}
         for key, default in _LATER_TRAINER_KEYS.items():
             if key in keep["trainer"] and key not in given and keep["trainer"][key] == default:
@@ -213,8 +216,8 @@ class SearchSettings:
         at_default = [k for k, v in _LATER_TRAINER_KEYS.items() if k != "expert_parallel"
                       and self.raw["trainer"].get(k, object()) == v]
         subsets = [frozenset(k for i, k in enumerate(at_default) if n >> i & 1) for n in range(2 ** len(at_default))]
-        return {self.fingerprint(legacy, given, typed) for legacy in (False, True) for given in subsets
-                for typed in (False, True)}
+        return {self.fingerprint(legacy, given, typed, free) for legacy in (False, True) for given in subsets
+                for typed in (False, True) for free in (False, True)}
 
 
 def _digest(value: object) -> str:
