@@ -535,7 +535,7 @@ def test_bench_takes_the_largest_values_in_range():
 @pytest.mark.parametrize("argv,words", [
     (["cost", "search_space=nosuch"], "search_space: no option 'nosuch' (options: default,"),
     (["cost", "trainer=nosuch"], "trainer: no option 'nosuch' (options: default, gpu, tiny)"),
-    (["train-step", "nosuchkey=3", "--kinds", "eager"], "Could not override 'nosuchkey'")])
+    (["train-step", "nosuchkey=3", "--kinds", "eager"], "nosuchkey: unknown key (check its spelling)")])
 def test_bench_cost_and_train_step_refuse_a_bad_override_with_one_message(argv, words, tmp_path, capsys):
     """Hydra's and OmegaConf's errors were a traceback and exit 1, where nas-table's --space gave one line."""
     _refused_writing_nothing(argv, words, tmp_path, capsys)

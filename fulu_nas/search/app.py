@@ -11,6 +11,7 @@ flags (``--help``, ``--cfg job``, ``--info``, ``-m``) go straight to Hydra.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -158,7 +159,8 @@ def check_existing_study(settings) -> None:
 def composition_problem(e: Exception, config_dir: str | None) -> str:
     """Hydra's or OmegaConf's error composing the configuration, as one line: an unknown group option
     with the group's options (Hydra's text lists them between tabs, with its search path); a config file
-    whose top level is not a mapping, named (OmegaConf's error names only the key it failed to resolve)."""
+    whose top level is not a mapping, named (OmegaConf's error names only the key it failed to resolve);
+    a key the configuration does not have."""
     from hydra.errors import MissingConfigException
 
     if isinstance(e, MissingConfigException) and e.options and e.missing_cfg_file and "/" in e.missing_cfg_file:
@@ -167,6 +169,9 @@ def composition_problem(e: Exception, config_dir: str | None) -> str:
     if not_mappings := _files_not_mappings(config_dir):
         return "; ".join(f"{f}: a config file must map keys to values (its top level is a {kind})"
                          for f, kind in not_mappings)
+    if unknown := re.match(r"Could not override '([^']+)'", str(e)):
+        # Hydra's advice, "+key=value" to append it, only moves the refusal: the settings know no such key.
+        return f"{unknown.group(1)}: unknown key (check its spelling)"
     return f"configuration: {' '.join(str(e).split())}"
 
 

@@ -254,7 +254,11 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     check_output_dir(str(out.parent), "out")
     check_recordable(location, study_database=False)  # the registered model, its run and artifacts
 
-    print(f"exporting trial {trial.number}: {selected_by}")
+    # Said once the trial's weights load and pass their checks, so that a refusal is the one message; a
+    # retraining (long) is said before it starts.
+    announce = f"exporting trial {trial.number}: {selected_by}"
+    if retrain:
+        print(announce)
     try:
         model, provenance = trial_model(location, s, trial, retrain, factor)
     except (TrainingDiverged, BudgetCapReached) as e:  # a failed retraining: nothing to export
@@ -268,6 +272,8 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
                  f"trial: trial {trial.number}'s saved weights hold")
         raise FuluConfigError(f"{whose} NaN or infinite values in {first_few(nonfinite)}; nothing was "
                               "exported")
+    if not retrain:
+        print(announce)
     # Measured as the search measured its trials: on the search's device (the GPU preset's cost is the
     # bf16 forward replayed from CUDA graphs; a CPU would take minutes for it and measure something else).
     device = resolve_device(s.train.device)
