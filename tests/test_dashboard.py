@@ -215,6 +215,34 @@ def test_header_counts_trials_as_the_search_summary_does(tmp_path):
     assert facts == ["3 complete, 1 pruned, 1 failed, 2 infeasible, 1 reused"]
 
 
+def test_a_reused_result_is_one_point_of_the_pareto_front(tmp_path):
+    """A trial that reused an identical architecture's result has its values, so Optuna keeps both on
+    the front: the panel, the table and the plot show the architecture once, as the summary does."""
+    from fulu_nas.dashboard.panels.history import panel_pareto_front
+    from fulu_nas.dashboard.panels.top_trials import panel_top_trials
+    from fulu_nas.search.objective import pareto_front
+
+    s = _settings(tmp_path, "study=multi_objective")
+    ctx = _context(s, [
+        _trial(values=[1.3, 2.0], reference=True, arch_hash="r"),
+        _trial(values=[1.2, 3.0], params={"a": 1}, arch_hash="x"),
+        _trial(values=[1.5, 1.0], params={"a": 2}, arch_hash="y"),
+        _trial(values=[1.2, 3.0], params={"a": 1}, arch_hash="x", cached_from=1),
+        _trial(values=[1.6, 3.5], params={"a": 3}, arch_hash="z"),  # dominated
+    ])
+    assert [t.number for t in ctx.pareto()] == [1, 0, 2]
+    assert {t.number for t in ctx.pareto()} == {t.number for t in pareto_front(ctx.study)}
+    blocks = panel_pareto_front(ctx, {})
+    assert any("3 trial(s) on the front: 1, 0, 2." in b for b in blocks if isinstance(b, str))
+    fig = next(b for b in blocks if not isinstance(b, str))
+    points = [(x, y) for tr in fig.data for x, y in zip(tr.x, tr.y, strict=True)]
+    assert sorted(points) == [(1.2, 3.0), (1.3, 2.0), (1.5, 1.0), (1.6, 3.5)]  # trial 3 drawn over 1 no more
+    table = next(b for b in panel_top_trials(ctx, {}) if b.startswith("<table"))
+    rows = re.findall(r"<tr(?: class=\"best\")?><td>(\d+)</td>.*?<td>([^<]*)</td></tr>", table)
+    notes = dict(rows)
+    assert notes["1"].startswith("Pareto front") and notes["3"] == "reuses trial 1"
+
+
 def test_training_curves_include_the_failed_trials_that_reported_a_loss(tmp_path):
     from fulu_nas.dashboard.panels.training import panel_training_curves
 

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..search.objective import one_per_architecture
+
 
 class Context:
     """A snapshot of the study (trials copied once, so a running study gives one consistent page),
@@ -28,13 +30,15 @@ class Context:
         self.complete = [t for t in self.trials if t.state == optuna.trial.TrialState.COMPLETE]
         self.plot_study = self._plot_study(self.directions)
         self._objective_studies: dict[int, Any] = {}
+        self._pareto_plot_study = None
         self._artifacts: dict[str, Any] = {}
         self.best = self._best()
 
-    def _plot_study(self, directions: list[str], objective: int | None = None):
+    def _plot_study(self, directions: list[str], objective: int | None = None, reused: bool = True):
         """An in-memory copy for ``optuna.visualization``: its hover text shows the trial's
         architecture in a line instead of every user attribute (the full config, every metric).
-        With ``objective``, a single-objective copy holding only that objective's values."""
+        With ``objective``, a single-objective copy holding only that objective's values; without
+        ``reused``, no trial that reused an identical architecture's result (the same point)."""
         import optuna
 
         verbosity = optuna.logging.get_verbosity()
@@ -42,6 +46,8 @@ class Context:
         try:
             plot = optuna.create_study(directions=directions, study_name=self.study.study_name)
             for t in self.trials:
+                if not reused and "cached_from" in t.user_attrs:
+                    continue
                 t2 = copy.copy(t)
                 attrs = {"architecture": describe_arch(t.user_attrs.get("arch"), t.params)}
                 if t.user_attrs.get("reference"):
@@ -84,11 +90,20 @@ class Context:
 
         return sorted(self.complete, key=key)
 
+    def pareto_plot_study(self):
+        """The plot study without reused results: Optuna would draw each over its original."""
+        if self._pareto_plot_study is None:
+            self._pareto_plot_study = self._plot_study(self.directions, reused=False)
+        return self._pareto_plot_study
+
     def pareto(self) -> list:
+        """The Pareto front, one trial per architecture (as the search's summary counts it), ordered
+        by the first objective."""
         if not self.multi or not self.complete:
             return []
         sign = 1 if self.directions[0] == "minimize" else -1
-        return sorted(self.plot_study.best_trials, key=lambda t: (sign * t.values[0], t.number))
+        front = one_per_architecture([self.by_number[t.number] for t in self.plot_study.best_trials])
+        return sorted(front, key=lambda t: (sign * t.values[0], t.number))
 
     def _best(self):
         ranked = self.ranked()

@@ -103,11 +103,16 @@ def is_feasible(t: optuna.trial.FrozenTrial) -> bool:
 
 def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Optuna's Pareto front (``best_trials``: feasible and non-dominated) with one trial per
-    architecture: a trial that reused another's result has its values, so Optuna keeps both; the
-    lower-numbered, which trained, stays."""
+    architecture."""
+    return one_per_architecture(study.best_trials)
+
+
+def one_per_architecture(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The trials by number, one per ``arch_hash``: a trial that reused another's result has its
+    values, so Optuna keeps both on a front; the lower-numbered, which trained, stays."""
     seen: set[str] = set()
     front = []
-    for t in sorted(study.best_trials, key=lambda t: t.number):
+    for t in sorted(trials, key=lambda t: t.number):
         h = t.user_attrs.get("arch_hash")
         if h is None or h not in seen:
             seen.add(h)

@@ -20,10 +20,10 @@ def panel_pareto_front(ctx: Context, opts: dict) -> list:
         return blocks
     names = ctx.objectives
     if len(names) > 3:  # optuna draws 2 or 3 axes: the first two objectives
-        fig = quiet(plot_pareto_front, ctx.plot_study, target_names=names[:2],
+        fig = quiet(plot_pareto_front, ctx.pareto_plot_study(), target_names=names[:2],
                     targets=lambda t: (t.values[0], t.values[1]))
     else:
-        fig = quiet(plot_pareto_front, ctx.plot_study, target_names=names)
+        fig = quiet(plot_pareto_front, ctx.pareto_plot_study(), target_names=names)
     blocks = [untitled(fig)]
     front = ctx.pareto()
     blocks.append(note(f"{len(front)} trial(s) on the front: " + ", ".join(str(t.number) for t in front)
