@@ -195,6 +195,59 @@ def test_an_interrupted_confirmation_resumes_without_repeating_runs(searched, tm
 
 
 @pytest.mark.slow
+def test_a_divergence_is_that_seeds_outcome_and_other_failures_are_retried(searched, tmp_path, monkeypatch,
+                                                                          capsys):
+    """The search's best diverges at one seed (training is seeded: it diverges again whenever it is run
+    again), another architecture hits the safety cap once. The divergence rules its architecture out
+    and is not trained again; the cap withholds the winner until a second invocation trains that run."""
+    from fulu_nas.training.train import BudgetCapReached, TrainingDiverged
+
+    out = tmp_path / "out"
+    shutil.copytree(searched.out, out)
+    monkeypatch.chdir(tmp_path)
+    study = load_study(out)
+    complete = sorted((t for t in study.trials if t.state == TrialState.COMPLETE),
+                      key=lambda t: (t.values[0], t.number))
+    ranked = list(dict.fromkeys(t.user_attrs["arch_hash"] for t in complete))
+    best, second = ranked[0], ranked[1]
+    real, trained, capped = confirm_module.train_architecture, [], []
+
+    def diverge_or_cap(arch, s, cfg, on_report, kernels=None):
+        key = (arch.content_hash(), cfg.seed)
+        trained.append(key)
+        if key[0] == best and cfg.seed == 2:
+            raise TrainingDiverged(17, float("nan"), "not finite")
+        if key[0] == second and cfg.seed == 1 and not capped:
+            capped.append(key)
+            raise BudgetCapReached("over the cap")
+        return real(arch, s, cfg, on_report, kernels)
+
+    monkeypatch.setattr(confirm_module, "train_architecture", diverge_or_cap)
+    args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=2", "budget_factor=1", "seeds=2"]
+    assert main(args) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    summary = json.loads((out / "confirmation.json").read_text())
+    by_hash = {a["arch_hash"]: a for a in summary["architectures"]}
+    assert by_hash[best]["diverged_seeds"] == [2] and by_hash[best]["failed_seeds"] == []
+    assert by_hash[second]["failed_seeds"] == [1] and by_hash[second]["diverged_seeds"] == []
+    assert summary["winner"] is None and summary["winner_withheld"].startswith(
+        f"runs failed: trial {by_hash[second]['trial']} seed(s) 1")
+    assert (f"diverged: trial {by_hash[best]['trial']} seed 2: diverged: training diverged at step 17" in text
+            and "not trained again" in text)
+
+    trained.clear()
+    assert main(args) == 0
+    assert trained == [(second, 1)]  # the capped run again; the divergence is not repeated
+    summary = json.loads((out / "confirmation.json").read_text())
+    by_hash = {a["arch_hash"]: a for a in summary["architectures"]}
+    assert by_hash[best]["diverged_seeds"] == [2] and by_hash[second]["failed_seeds"] == []
+    survivors = [a for a in summary["architectures"] if a["feasible"] and a["arch_hash"] != best]
+    expected = min(survivors, key=lambda a: (a["mean"][0], a["search_rank"] or math.inf))
+    assert summary["winner"]["trial"] == expected["trial"] != by_hash[best]["trial"]
+    assert load_study(out).user_attrs["confirmation"]["winner"]["trial"] == expected["trial"]
+
+
+@pytest.mark.slow
 def test_a_confirmation_on_two_workers_records_what_one_process_does(searched, tmp_path, monkeypatch, capsys):
     """n_workers=2 shares the runs between two processes: every run is recorded once, with the values
     a sequential confirmation records (CPU training is deterministic), and the summary is the same.

@@ -139,13 +139,17 @@ def test_tau_counts_tied_means_as_ties(direction, sign):
 # ---------------------------------------------------------------- failed runs
 
 
-FAILED_7 = [{"trial": 7, "seed": 1, "reason": "diverged: training diverged at step 410: loss nan (not finite)"},
-            {"trial": 7, "seed": 2, "reason": "diverged: training diverged at step 388: loss nan (not finite)"}]
+FAILED_7 = [{"trial": 7, "seed": 1, "reason": "budget cap (trainer.max_seconds): 412 s"},
+            {"trial": 7, "seed": 2, "reason": "out of memory: CUDA out of memory"}]
+DIVERGED_7 = [{"trial": 7, "seed": 1, "reason": "diverged: training diverged at step 410: loss nan (not finite)",
+               "diverged": True},
+              {"trial": 7, "seed": 2, "reason": "diverged: training diverged at step 388: loss nan (not finite)",
+               "diverged": True}]
 
 
 def test_no_winner_while_runs_of_an_architecture_failed(tmp_path):
-    """Trial 7 diverged on two of its three seeds and was crowned the winner (which export trial=best
-    took) on the mean of its surviving seed."""
+    """Trial 7 failed on two of its three seeds (the safety cap, memory: the next invocation retries
+    them) and was crowned the winner (which export trial=best took) on the mean of its surviving seed."""
     rows = [row(7, 1, [[0.931]]), row(4, 2, [[0.947], [0.951], [0.944]]),
             row(0, 3, [[0.962], [0.958], [0.965]], reference=True)]
     summary = summarize_confirmation(header(["loss"], FAILED_7), rows, ["minimize"])
@@ -163,6 +167,36 @@ def test_no_winner_while_runs_of_an_architecture_failed(tmp_path):
     rows[0] = row(7, 1, [[0.931], [0.940], [0.935]])
     summary = summarize_confirmation(header(["loss"]), rows, ["minimize"])
     assert summary["winner"]["trial"] == 7 and summary["winner_withheld"] is None
+
+
+def test_an_architecture_that_diverged_on_a_seed_cannot_win(tmp_path):
+    """Training is seeded, so a divergence repeats itself: it rules its architecture out (it would win on
+    its surviving seed) instead of withholding the winner for ever."""
+    rows = [row(7, 1, [[0.931]]), row(4, 2, [[0.947], [0.951], [0.944]]),
+            row(0, 3, [[0.962], [0.958], [0.965]], reference=True)]
+    summary = summarize_confirmation(header(["loss"], DIVERGED_7), rows, ["minimize"])
+    assert summary["winner"]["trial"] == 4 and summary["winner_withheld"] is None
+    by_trial = {r["trial"]: r for r in summary["architectures"]}
+    assert by_trial[7]["diverged_seeds"] == [1, 2] and by_trial[7]["failed_seeds"] == []
+    assert by_trial[7]["confirmed_rank"] == 1  # its surviving seed still ranks, for the table
+    text = printed(summary, tmp_path)
+    assert "(1 seed(s); 2 diverged)" in text and "winner: the confirmed winner, trial 4" in text
+    assert ("diverged: trial 7 seed 1: diverged: training diverged at step 410: loss nan (not finite) (training "
+            "is seeded: not trained again; the architecture cannot be the winner)") in text
+
+    # A divergence beside another failure of the same architecture: it cannot win, so nothing is withheld.
+    summary = summarize_confirmation(header(["loss"], [*DIVERGED_7[:1], FAILED_7[1]]), rows, ["minimize"])
+    assert summary["winner"]["trial"] == 4
+
+    # Every architecture that met the constraints diverged somewhere: no winner, and no retry is offered.
+    everyone = [*DIVERGED_7, {"trial": 4, "seed": 3, "reason": "diverged", "diverged": True},
+                {"trial": 0, "seed": 1, "reason": "diverged", "diverged": True}]
+    summary = summarize_confirmation(header(["loss"], everyone), rows, ["minimize"])
+    assert summary["winner"] is None
+    assert summary["winner_withheld"] == ("every architecture that met the constraints diverged on a seed: trial 7 "
+                                          "seed(s) 1, 2; trial 4 seed(s) 3; trial 0 seed(s) 1")
+    text = printed(summary, tmp_path)
+    assert "no winner: every architecture" in text and "retry" not in text
 
 
 def test_a_failed_run_of_an_architecture_that_cannot_win_does_not_withhold_the_winner():

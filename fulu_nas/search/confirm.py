@@ -38,7 +38,7 @@ import torch
 
 from ..errors import FuluConfigError
 from ..models import ArchConfig
-from ..training.train import step_description
+from ..training.train import TrainingDiverged, step_description
 from .confirm_summary import SUMMARY_ATTR, print_confirmation, summarize_confirmation
 from .interrupts import between_writes
 from .objective import (
@@ -57,7 +57,8 @@ from .worker_progress import ProgressFile
 
 TrialState = optuna.trial.TrialState
 RESULT_PREFIX = "confirm:"  # study user attributes holding each finished run's result
-FAILURE_PREFIX = "confirm-failed:"  # ... and each failed run's reason (until it is run again and succeeds)
+FAILURE_PREFIX = "confirm-failed:"  # ... and each failed run's reason (until it is run again and succeeds; a
+# divergence, marked "diverged", is that seed's outcome: training is seeded, so it is not run again)
 CONFIRM_STOPPING = "the running seed's run is being ended KILLED"  # said to a signal while the confirmation stops
 
 
@@ -212,9 +213,15 @@ class Confirmation:
         keys = {self.key(c, seed) for c, seed in self.plan.runs()}
         return {k: v for k, v in self.study.user_attrs.items() if k in keys}
 
+    def diverged(self, key: str) -> dict | None:
+        """The recorded divergence of run ``key``, if it diverged: its outcome, not a failure to retry."""
+        failure = self.study.user_attrs.get(FAILURE_PREFIX + key)
+        return failure if isinstance(failure, dict) and failure.get("diverged") else None
+
     def todo(self) -> list[tuple[Candidate, int]]:
         done = self.recorded()
-        return [(c, seed) for c, seed in self.plan.runs() if self.key(c, seed) not in done]
+        return [(c, seed) for c, seed in self.plan.runs()
+                if (key := self.key(c, seed)) not in done and self.diverged(key) is None]
 
     def run(self, n_workers: int = 1) -> int:
         """0 with the summary written; 130 when interrupted (Ctrl-C or SIGTERM; the finished runs stay
@@ -337,7 +344,8 @@ class Confirmation:
             self.tracker.end_trial(run_id, "FAILED", {"fulu.state": "failed", "fulu.reason": reason,
                                                       "fulu.traceback": traceback.format_exc()[-4000:]})
             self.study.set_user_attr(FAILURE_PREFIX + self.key(c, seed),
-                                     {"trial": c.trial.number, "seed": seed, "reason": reason, "at": time.time()})
+                                     {"trial": c.trial.number, "seed": seed, "reason": reason, "at": time.time(),
+                                      "diverged": isinstance(e, TrainingDiverged)})
             bar.finished(f"trial {c.trial.number} seed {seed} failed: {reason}")
         finally:
             kernels.wait()
@@ -361,7 +369,7 @@ class Confirmation:
             if key in results:
                 continue
             failure = attrs.get(FAILURE_PREFIX + key)
-            if isinstance(failure, dict) and failure.get("at", 0) >= since:
+            if isinstance(failure, dict) and (failure.get("at", 0) >= since or failure.get("diverged")):
                 failures.append(failure)
             else:
                 missing.append({"trial": c.trial.number, "arch_hash": c.arch_hash, "seed": seed})

@@ -8,8 +8,9 @@ architectures as the longer, repeated training does?). Against the reference: We
 (``scipy.stats.ttest_ind(equal_var=False)``, one-sided in the objective's direction): an architecture
 "beats the reference" only when p < alpha, i.e. when its difference is beyond the seeds' noise;
 with a single seed there is no noise estimate, so no test; an objective that is the same on every seed
-(a parameter count) is compared exactly. No winner is named while a run failed: the means would be over
-different seeds.
+(a parameter count) is compared exactly. An architecture that diverged on a seed cannot be the winner
+(training is seeded: the divergence is that seed's outcome); no winner is named while another run
+failed (the safety cap, an error): the means would be over different seeds, and it is retried.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def summarize_confirmation(header: dict, rows: list[dict], directions: list[str]
         r["sd"] = [statistics.stdev(v) for v in per_objective] if r["n"] >= 2 else None
     failed = header.get("failed_runs") or []
     for r in rows:
-        r["failed_seeds"] = sorted(f["seed"] for f in failed if f.get("trial") == r["trial"])
+        own = [f for f in failed if f.get("trial") == r["trial"]]
+        r["failed_seeds"] = sorted(f["seed"] for f in own if not f.get("diverged"))
+        r["diverged_seeds"] = sorted(f["seed"] for f in own if f.get("diverged"))
     # The search rank orders equal means only for the winner's choice and the table; the confirmed rank of
     # equal means is shared ("1, 1, 3"): a tie is no evidence for or against the search's order.
     measured = sorted((r for r in rows if r["n"]), key=lambda r: (signs[0] * r["mean"][0], _rank_key(r), r["trial"]))
@@ -54,18 +57,26 @@ def summarize_confirmation(header: dict, rows: list[dict], directions: list[str]
     rows.sort(key=lambda r: (r["confirmed_rank"] is None, r["confirmed_rank"] or 0, _rank_key(r)))
     summary = {**header, "test": {"name": TEST, "alpha": ALPHA}, "architectures": rows,
                "kendall_tau": kendall(rows, signs[0]), "reference": None if reference is None else reference["trial"]}
-    candidates = [r for r in measured if r["feasible"]]
-    # No winner from an incomplete confirmation (runs without a result: a worker died), nor while a possible
-    # winner has failed runs (diverged, the safety cap): the missing or failed seeds could change it (an
-    # architecture that diverged on two seeds of three would win on its survivor), and export's trial=best
+    # An architecture that diverged on a seed is out (it would otherwise win on the seeds that survived: one
+    # that diverged on two seeds of three, on its third). No winner from an incomplete confirmation (runs
+    # without a result: a worker died), nor while a possible winner has other failed runs (the safety cap,
+    # an error; retried by the next invocation): the failed seeds could change it, and export's trial=best
     # would take it.
-    unfinished = [r for r in rows if r["feasible"] and r["failed_seeds"]]
-    summary["winner"] = None if len(directions) > 1 or not candidates or header.get("complete") is False \
+    eligible = [r for r in rows if r["feasible"] and not r["diverged_seeds"]]
+    candidates = [r for r in measured if r in eligible]
+    unfinished = [r for r in eligible if r["failed_seeds"]]
+    single = len(directions) == 1
+    summary["winner"] = None if not single or not candidates or header.get("complete") is False \
         or unfinished else {k: candidates[0][k] for k in ("trial", "arch_hash", "search_rank", "mean", "sd", "n")}
-    summary["winner_withheld"] = None if len(directions) > 1 or not candidates or not unfinished else (
-        "runs failed: " + "; ".join(f"trial {r['trial']} seed(s) {', '.join(map(str, r['failed_seeds']))}"
-                                    for r in unfinished)
-        + " (their means are over fewer seeds, and the failed seeds could change the winner)")
+    summary["winner_withheld"] = None
+    if single and unfinished and candidates:
+        summary["winner_withheld"] = (
+            "runs failed: " + "; ".join(f"trial {r['trial']} seed(s) {', '.join(map(str, r['failed_seeds']))}"
+                                        for r in unfinished)
+            + " (their means are over fewer seeds, and the failed seeds could change the winner)")
+    elif single and not eligible and any(r["feasible"] for r in rows):
+        summary["winner_withheld"] = "every architecture that met the constraints diverged on a seed: " + "; ".join(
+            f"trial {r['trial']} seed(s) {', '.join(map(str, r['diverged_seeds']))}" for r in rows if r["feasible"])
     return summary
 
 
@@ -183,13 +194,14 @@ def print_confirmation(summary: dict, path) -> None:
     for r in summary["architectures"]:
         cells = [f"{r['trial']}" + (" (reference)" if r["reference"] else ""), format_value(r["search_rank"]),
                  format_value(r["confirmed_rank"])]
-        failed = r.get("failed_seeds") or []
+        failed, diverged = r.get("failed_seeds") or [], r.get("diverged_seeds") or []
+        lost = ", ".join([f"{len(failed)} failed"] * bool(failed) + [f"{len(diverged)} diverged"] * bool(diverged))
         for i in range(len(objectives)):
             if r["mean"] is None:
-                cells.append("failed")
+                cells.append("diverged" if diverged and not failed else "failed")
             else:
                 cells.append(format_value(r["mean"][i]) + (f" +- {r['sd'][i]:.2g}" if r["sd"] else "")
-                             + (f" ({r['n']} seed(s); {len(failed)} failed)" if failed else ""))
+                             + (f" ({r['n']} seed(s); {lost})" if lost else ""))
             cells.append(format_value(r["search_values"][i]))
         for i in range(len(objectives)):
             cells.append("reference" if r["reference"] else "-" if r["vs_reference"] is None
@@ -208,13 +220,21 @@ def print_confirmation(summary: dict, path) -> None:
     else:
         console.print(f"beats the reference: {TEST}, alpha {ALPHA}; otherwise not distinguishable from it")
     for f in summary["failed_runs"]:
-        console.print(f"failed: trial {f['trial']} seed {f['seed']}: {f['reason']} (run the command again to retry)")
+        if f.get("diverged"):
+            console.print(f"diverged: trial {f['trial']} seed {f['seed']}: {f['reason']} (training is seeded: not "
+                          "trained again; the architecture cannot be the winner)")
+        else:
+            console.print(f"failed: trial {f['trial']} seed {f['seed']}: {f['reason']} (run the command again to "
+                          "retry)")
     for m in summary.get("missing_runs", []):
         console.print(f"missing: trial {m['trial']} seed {m['seed']}: no result (its worker died; run the command "
                       "again to train it)")
     if (w := winner(summary)) is not None:
         console.print(f"winner: {describe_winner(w)}; `fulu-nas export` with trial=best takes it")
     elif summary.get("winner_withheld"):
-        console.print(f"no winner: {summary['winner_withheld']}; run the command again to retry the failed runs "
-                      "(`fulu-nas export` with trial=best takes the search's best trial meanwhile)")
+        retry = any(r.get("failed_seeds") for r in summary["architectures"])
+        console.print(f"no winner: {summary['winner_withheld']}; "
+                      + ("run the command again to retry the failed runs (`fulu-nas export` with trial=best takes "
+                         "the search's best trial meanwhile)" if retry else
+                         "`fulu-nas export` with trial=best takes the search's best trial"))
     console.print(f"confirmation: {path}")
