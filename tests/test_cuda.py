@@ -340,6 +340,30 @@ def test_compiled_training_step_trains_like_the_eager_one_on_cuda(router):
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=5e-2)
 
 
+@pytest.mark.parametrize("overrides", [{"activation": "gelu", "expert_bias": True, "z_loss_coef": 0.01},
+                                       {"z_loss_coef": 0.01, "aux_loss_coef": 0.02}])
+def test_inductor_trains_as_the_eager_layer_on_cuda(overrides):
+    """As tests/test_compile_export.py on the CPU, whose Inductor code lost every gradient through the
+    experts of this layer (GELU, expert biases, a z-loss): the compiled layer's gradients are the eager's."""
+    from fulu_nas.moe import MoEConfig, PiMoELayer
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = PiMoELayer(MoEConfig(hidden_size=64, num_experts=8, expert_ffn_size=64, top_k=2, **overrides)).cuda()
+    x = torch.randn(4, 32, 64, device="cuda")
+    grads = []
+    for fn in (layer, torch.compile(layer, fullgraph=True)):
+        layer.zero_grad()
+        out, stats = fn(x)
+        (out.square().mean() + stats["balance_loss"]).backward()
+        grads.append({n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
+    eager, compiled = grads
+    assert eager.keys() == compiled.keys() and "experts.w2_EFD" in eager
+    for name in eager:
+        assert eager[name].abs().sum() > 0, name
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("router", ROUTERS)
 def test_a_model_is_built_on_the_gpu_directly_and_trains(router):
     """A search trial's model, built on the GPU (every tensor created there), with the CPU's hash; it trains

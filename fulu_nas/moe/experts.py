@@ -154,12 +154,16 @@ def token_rows(x_TD: Tensor, order_N: Tensor, k: int, inverse_N: Tensor | None =
 
 
 def _gather_backward(t: Tensor) -> bool:
-    """Whether a gradient flows through ``t`` in an eager call: there the gather backwards replace
-    autograd's. A compiled step keeps autograd's, which Inductor generates itself: with the gather
-    backwards, the trainer's compiled bf16 step on an H200 trained away from the eager one (2026-12-04,
-    ``tests/test_cuda.py::test_compiled_training_step_trains_like_the_eager_one_on_cuda``; the CPU's
-    compiled fp32 step matched the eager one to the bit)."""
-    return torch.is_grad_enabled() and t.requires_grad and not torch.compiler.is_compiling()
+    """Whether a gradient flows through ``t`` in an eager call or a compiled one on the CPU: there the
+    gather backwards replace autograd's. A compiled GPU step keeps autograd's, which Inductor generates
+    itself: with the gather backwards, the trainer's compiled bf16 step on an H200 trained away from the
+    eager one (2026-12-04, ``tests/test_cuda.py::test_compiled_training_step_trains_like_the_eager_one_on_cuda``).
+    On the CPU, Inductor (torch 2.13) scheduled autograd's scatter-add after the kernel that read its
+    result in a layer with GELU, expert biases and a z-loss: every gradient through the experts was zero
+    (``tests/test_compile_export.py::test_inductor_trains_as_the_eager_layer``); with the gathers the
+    CPU's compiled step matches the eager one."""
+    return torch.is_grad_enabled() and t.requires_grad and (not torch.compiler.is_compiling()
+                                                            or t.device.type == "cpu")
 
 
 def as_contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
