@@ -59,6 +59,13 @@ from fulu_nas.moe import MoEConfig
     ({"router": 3}, "router must be a string"),
     # accepted, then the forward overflowed (a capacity of 10**300 slots) or torch failed to allocate
     ({"capacity_factor": 1e300}, r"capacity_factor must be > 0 and at most 1048576, got 1e\+300"),
+    # past fp32's range: the jitter failed inside torch naming no field, the output or the loss became inf
+    ({"router_jitter": 1e39}, r"router_jitter must be in \[0, 1\)"),
+    ({"router_jitter": 1.0}, r"router_jitter must be in \[0, 1\)"),  # a multiplier of 0 (or < 0 above 1)
+    ({"routed_scaling_factor": 1e39}, "routed_scaling_factor must be > 0 and at most 1048576"),
+    ({"z_loss_coef": 1e39}, "z_loss_coef must be >= 0 and at most 1048576"),
+    ({"aux_loss_coef": 1e39}, "aux_loss_coef must be >= 0 and at most 1048576"),
+    ({"bias_update_rate": 1e39}, "bias_update_rate must be >= 0 and at most 1048576"),
     ({"hidden_size": 2**70}, r"hidden_size must be a positive multiple of 8 \(.*\) and at most 1048576"),
     ({"expert_ffn_size": 2**40}, r"expert_ffn_size must be a positive multiple of 8 \(.*\) and at most 1048576"),
     ({"num_shared_experts": 1, "shared_expert_ffn_size": 2**40}, "shared_expert_ffn_size must be a positive "

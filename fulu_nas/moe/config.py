@@ -46,6 +46,9 @@ ALIGNMENT = 8
 # tokens: bounds that refuse absurd values with a message where they failed inside torch.
 MAX_WIDTH = 2**20
 MAX_CAPACITY_FACTOR = 2**20
+# Likewise for the routing weights' scale and the balancing coefficients (past fp32's range the output or
+# the loss became infinite).
+MAX_COEFFICIENT = 2**20
 
 # More experts than any layer trains (PEER's product keys reach 2^20): a bound that keeps validation
 # and the hierarchy's factorisation instant for absurd inputs.
@@ -262,10 +265,14 @@ class MoEConfig:
             need(self.top_k <= self.num_experts,
                  f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         need(self.num_shared_experts >= 0, "num_shared_experts must be >= 0")
-        need(self.router_jitter >= 0, "router_jitter must be >= 0")
-        need(self.routed_scaling_factor > 0, "routed_scaling_factor must be > 0")
+        # Switch's multiplicative noise U(1 - eps, 1 + eps): a multiplier that can reach 0 (or flip the input's
+        # sign) is no jitter
+        need(0 <= self.router_jitter < 1, f"router_jitter must be in [0, 1), got {self.router_jitter}")
+        need(0 < self.routed_scaling_factor <= MAX_COEFFICIENT,
+             f"routed_scaling_factor must be > 0 and at most {MAX_COEFFICIENT}, got {self.routed_scaling_factor}")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0")
+            v = getattr(self, name)
+            need(0 <= v <= MAX_COEFFICIENT, f"{name} must be >= 0 and at most {MAX_COEFFICIENT}, got {v}")
         if self.top_p is not None:
             need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
             need(self.score_func == "softmax", "top_p needs score_func='softmax' (a probability mass)")
