@@ -32,7 +32,6 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..checks import sqlite_file
 from ..errors import FuluConfigError
 from .export import FINGERPRINT_TAG, check_folder
 from .files import (
@@ -180,13 +179,15 @@ def casting_signature(model: Path) -> str | None:
 
 def registry_uri(tracking_uri: str | None) -> str:
     """The tracking server or database that holds the registry: ``tracking_uri``, else
-    ``MLFLOW_TRACKING_URI``; a SQLite database must exist (MLflow would create an empty one)."""
+    ``MLFLOW_TRACKING_URI``; a SQLite database must exist and be MLflow's (MLflow would create an empty one,
+    or make its tables in the study's optuna.db, before failing)."""
+    from ..search.storage import check_tracking_database_exists
+
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise FuluConfigError("tracking URI: name the registry's tracking server or database with --tracking-uri "
                               "or MLFLOW_TRACKING_URI (e.g. sqlite:///outputs/STUDY/mlflow.db)")
-    if uri.startswith("sqlite:///") and not sqlite_file(uri).is_file():
-        raise FuluConfigError(f"tracking URI: {uri}: no such database (is it a search's outputs/STUDY/mlflow.db?)")
+    check_tracking_database_exists(uri, "tracking URI")
     return uri
 
 

@@ -253,13 +253,33 @@ def check_separate_databases(storage_url: str, tracking_uri: str) -> None:
     if _same_database(storage_url, tracking_uri):
         raise FuluConfigError(f"study.storage and tracking.uri: both name the database {mask_url(storage_url)}; "
                               "Optuna and MLflow each need their own (a search's defaults: optuna.db and mlflow.db)")
-    if _OPTUNA_TABLES <= _sqlite_tables(tracking_uri):
-        raise FuluConfigError(f"tracking.uri: {mask_url(tracking_uri)} is an Optuna study database, not an MLflow "
-                              "one (a search keeps its runs in mlflow.db)")
+    _refuse_study_database(tracking_uri, "tracking.uri")
     tables = _sqlite_tables(storage_url)
     if _MLFLOW_TABLES <= tables and not _OPTUNA_TABLES <= tables:
         raise FuluConfigError(f"study.storage: {mask_url(storage_url)} is an MLflow tracking database, not the "
                               "study's (a search keeps its study in optuna.db)")
+
+
+def _refuse_study_database(tracking_uri: str, key: str) -> None:
+    if _OPTUNA_TABLES <= _sqlite_tables(tracking_uri):
+        raise FuluConfigError(f"{key}: {mask_url(tracking_uri)} is an Optuna study database, not an MLflow "
+                              "one (a search keeps its runs in mlflow.db)")
+
+
+def check_tracking_database_exists(uri: str, key: str = "tracking.uri") -> None:
+    """FuluConfigError unless a SQLite tracking URI names an existing MLflow database, for the commands that
+    read runs or the registry from it: MLflow opening a SQLite file makes its tables there first, so a
+    missing file became an empty database and a study's optuna.db gained MLflow's tables. Other URIs pass
+    (:func:`probe_tracking` reaches them)."""
+    if _scheme(uri) != "sqlite":
+        return
+    if not sqlite_file(uri).is_file():
+        raise FuluConfigError(f"{key}: {mask_url(uri)}: no such database (is it a search's outputs/STUDY/mlflow.db?)")
+    _probe_sqlite_file(uri, key)
+    _refuse_study_database(uri, key)
+    if not _MLFLOW_TABLES <= _sqlite_tables(uri):
+        raise FuluConfigError(f"{key}: {mask_url(uri)} is not an MLflow tracking database (a search keeps its "
+                              "runs in outputs/STUDY/mlflow.db)")
 
 
 def check_study_storage_exists(url: str, study_name: str) -> None:
