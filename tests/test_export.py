@@ -1169,3 +1169,57 @@ def test_the_card_says_whose_weights_and_prints_counts_as_integers(exported):
     metrics = json.loads((exported.model_dir / "metrics.json").read_text())
     assert f"| active_params | {int(metrics['active_params'])} |" in card  # 1.181e+04 for 11812
     assert "e+0" not in card and "| nan |" not in card
+
+
+def sqlite_tables(path: Path) -> list[str]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+
+
+@pytest.mark.slow
+def test_serving_from_a_database_that_is_not_mlflows_is_refused_and_writes_nothing(exported, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """The study's optuna.db as the registry: MLflow made its tables in it, then failed with an alembic
+    traceback (exit 1). Any SQLite file that is not an MLflow database is one message, exit 2, untouched."""
+    from fulu_nas.deploy.serve import load_pyfunc
+
+    study_db = exported.out / "optuna.db"
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    before = sqlite_tables(study_db)
+    champion = "models:/tiny-clusters@champion"
+    for database, words in ((study_db, "is an Optuna study database, not an MLflow one"),
+                            (empty, "is not an MLflow tracking database")):
+        uri = f"sqlite:///{database}"
+        assert main(["serve", champion, "--tracking-uri", uri, "--port", str(free_port())]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: tracking URI: ") and words in err and err.count("\n") == 1, err
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert main(["serve", champion, "--port", str(free_port())]) == 2
+        assert words in capsys.readouterr().err
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        with pytest.raises(FuluConfigError, match=words):
+            load_pyfunc(champion, tracking_uri=uri)
+    assert sqlite_tables(study_db) == before and empty.stat().st_size == 0
+
+
+@pytest.mark.slow
+def test_export_with_a_tracking_database_that_is_missing_or_lacks_the_trials_run_is_refused(exported, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """A tracking.uri naming no database ended in a traceback ('Run with id=... not found', exit 1) and left a
+    new, empty MLflow database behind; one without the trial's run did the same."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "new.db"
+    other = tmp_path / "other.db"
+    mlflow.MlflowClient(f"sqlite:///{other}").search_experiments()  # an MLflow database of no search
+    for database, words in ((missing, "no such database"), (other, "is not in")):
+        assert main(["export", "study.name=tiny-clusters", f"hydra.run.dir={exported.out}", "out=w",
+                     f"tracking.uri=sqlite:///{database}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot export:\n  - tracking.uri: ") and err.count("\n") == 2, err
+        assert words in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]

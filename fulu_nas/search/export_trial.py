@@ -38,7 +38,7 @@ from .interrupts import between_writes
 from .locate import StudyLocation, check_recordable, load_study, locate_study, search_settings, split_options
 from .objective import ServedKernels, is_feasible, measure_trial_cost, pareto_front, reference_model, train_architecture
 from .settings import BUDGET_FACTOR_MAX, SearchSettings
-from .storage import check_output_dir, mask_url
+from .storage import check_output_dir, check_tracking_database_exists, mask_url
 from .study import INTERRUPTED, stop_signals_as_interrupt
 from .tracking import WEIGHTS_SHA256_TAG, export_run, quiet_mlflow
 
@@ -141,11 +141,17 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
     run_id = trial.user_attrs.get("weights_run_id")
     client = mlflow.MlflowClient(location.tracking_uri)
     try:
+        run = client.get_run(run_id) if run_id else None
+    except mlflow.exceptions.MlflowException:  # another study's tracking database, or the run was removed
+        raise FuluConfigError(f"tracking.uri: trial {trial.number}'s MLflow run {run_id} is not in "
+                              f"{mask_url(location.tracking_uri)}; pass the search's tracking.uri= (or retrain=true "
+                              "to train the trial again)") from None
+    try:
         with tempfile.TemporaryDirectory() as tmp:
-            path = client.download_artifacts(run_id, "model.safetensors", tmp) if run_id else None
+            path = client.download_artifacts(run_id, "model.safetensors", tmp) if run else None
             if path is None:
                 raise FileNotFoundError
-            recorded = client.get_run(run_id).data.tags.get(WEIGHTS_SHA256_TAG)
+            recorded = run.data.tags.get(WEIGHTS_SHA256_TAG)
             if recorded != sha256_file(Path(path)):
                 raise FuluConfigError(
                     f"trial: trial {trial.number}'s weights in MLflow (run {run_id}) "
@@ -155,7 +161,7 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
                     + "; pass retrain=true to train the architecture again")
             load_model(model, path, strict=True)
     except (FileNotFoundError, OSError, mlflow.exceptions.MlflowException):
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
+        if run is not None and run.info.status == "RUNNING":
             raise FuluConfigError(f"trial: trial {trial.number}'s weights are still being uploaded by the search "
                                   f"(its MLflow run {run_id} is open); export it once that run has ended") from None
         raise FuluConfigError(f"trial: trial {trial.number} has no saved weights (was tracking.log_weights false, or "
@@ -227,6 +233,8 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     if not (math.isfinite(factor) and 0 < factor <= BUDGET_FACTOR_MAX):  # 0 exported an untrained model
         raise FuluConfigError(f"retrain_factor: expected a number > 0 and at most {BUDGET_FACTOR_MAX} (times the "
                               f"search's budget), got {options['retrain_factor']!r}")
+    # Before MLflow opens it: it would make a missing database (and then miss the trial's run in it).
+    check_tracking_database_exists(location.tracking_uri)
     study = load_study(location)
     s = search_settings(location, study, will_train=retrain)
     steps = s.train.steps * factor
