@@ -31,8 +31,10 @@ def load(directory: str | _Path, map_location="cpu", expected_sha256: str | None
     back as a ``PiMoETransformer``; an upcycled encoder (task ``upcycle``) as its transformers model with the
     PiMoE layers (``fulu_nas.interop.upcycle_export.load_upcycled``)."""
     from .deploy.export import load as load_searched
+    from .deploy.files import path_argument
     from .interop.upcycle_export import is_upcycled_export, load_upcycled
 
+    directory = path_argument(directory, "directory", "not a folder (a str or a path)")
     if is_upcycled_export(directory):
         return load_upcycled(directory, map_location, expected_sha256)
     return load_searched(directory, map_location, expected_sha256)

@@ -311,11 +311,15 @@ def test_served_bad_input_is_a_short_json_error(exported):
             assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and words in answer["message"], answer
 
 
-def test_an_export_with_the_older_integer_signature_is_served_with_a_warning(exported, tmp_path, monkeypatch, capsys):
+def test_an_export_with_the_older_integer_signature_is_served_with_the_current_one(exported, tmp_path, monkeypatch,
+                                                                                   capsys):
     """Exports made before the signature declared the token ids as objects keep their int64 signature, for
-    which MLflow's scoring server casts 1.9 to the id 1 before the model can refuse it: serving or loading
-    one says so (and to export again); the current export is served without a word."""
-    from fulu_nas.deploy.serve import load_pyfunc
+    which MLflow's scoring server casts 1.9 to the id 1 before the model can refuse it. A folder is served
+    with fulu-nas's own pyfunc and signature, so such input is refused; a registered version of that kind
+    is served with a warning saying so (and to export again)."""
+    from mlflow.exceptions import MlflowException
+
+    from fulu_nas.deploy.serve import casting_signature, load_pyfunc
     from fulu_nas.search import serve_command
 
     older = tmp_path / "older"
@@ -327,20 +331,19 @@ def test_an_export_with_the_older_integer_signature_is_served_with_a_warning(exp
     checksums = json.loads((older / "checksums.json").read_text())
     checksums["MLmodel"] = hashlib.sha256((older / "MLmodel").read_bytes()).hexdigest()
     (older / "checksums.json").write_text(json.dumps(checksums))
+    assert "export the model again" in casting_signature(older)  # what a registered version of it is told
 
-    with pytest.warns(UserWarning, match="export the model again"):
-        model = load_pyfunc(older)
-    assert model.predict(np.array([[1, 0]], dtype=np.int64)).shape[:2] == (1, 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        load_pyfunc(exported.model_dir)
+        model = load_pyfunc(older)
     assert not [w for w in caught if "token ids as integers" in str(w.message)]
+    assert model.predict(np.array([[1, 0]], dtype=np.int64)).shape[:2] == (1, 2)
+    with pytest.raises(MlflowException, match=r"got 1.5 \(float\)"):
+        model.predict(np.array([[1.5, 2]], dtype=object))
 
     monkeypatch.setattr(serve_command, "run_server", lambda command, **_: 0)  # the checks, not the server
-    for folder, warned in ((older, True), (exported.model_dir, False)):
-        assert main(["serve", str(folder), "--port", str(free_port())]) == 0
-        err = capsys.readouterr().err
-        assert ("warning: this model's signature declares its token ids as integers" in err) == warned, err
+    assert main(["serve", str(older), "--port", str(free_port())]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def flip_byte(archive: Path, record_suffix: str = "data/weights/weight_0") -> None:
@@ -535,7 +538,8 @@ def test_serving_checks_the_registered_files_against_the_registry_before_mlflow_
         mlflow.pyfunc.load_model("models:/tiny-clusters@champion")
         assert marker.exists()  # the exploit is real: MLflow ran the added line
         marker.unlink()
-        with pytest.raises(FuluConfigError, match="pyfunc.py: checksum mismatch"):
+        # named by its path within the model, not the private download (gone once the command ends)
+        with pytest.raises(FuluConfigError, match="^models:/tiny-clusters@champion: pyfunc.py: checksum mismatch"):
             load_pyfunc("models:/tiny-clusters@champion", tracking_uri=tracking)
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
         result = subprocess.run([sys.executable, "-m", "fulu_nas", "serve", "models:/tiny-clusters@champion",
@@ -1223,3 +1227,55 @@ def test_export_with_a_tracking_database_that_is_missing_or_lacks_the_trials_run
         assert err.startswith("error: cannot export:\n  - tracking.uri: ") and err.count("\n") == 2, err
         assert words in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
+
+
+@pytest.mark.slow
+def test_a_folder_is_served_by_fulu_nas_code_so_code_added_with_its_checksums_never_runs(exported, tmp_path,
+                                                                                      monkeypatch):
+    """A folder's pyfunc.py changed along with checksums.json ran in load_pyfunc and fulu-nas serve when no
+    fingerprint was given. A folder's own code is never run: its checked program and configuration are
+    served by the installed fulu-nas pyfunc."""
+    from fulu_nas.deploy.export import PYFUNC_CODE
+    from fulu_nas.deploy.serve import load_pyfunc
+    from fulu_nas.search import serve_command
+
+    evil = tmp_path / "evil"
+    shutil.copytree(exported.model_dir, evil)
+    marker = tmp_path / "code-ran"
+    for name in ("pyfunc.py", "code/pt2_check.py"):
+        with open(evil / name, "a") as f:
+            f.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+    forge_checksums(evil)
+    expected = fulu_nas.load(exported.model_dir)(torch.tensor([[1, 2]])).logits.detach().numpy()
+    np.testing.assert_allclose(load_pyfunc(evil).predict(np.array([[1, 2]])), expected, rtol=1e-5, atol=1e-5)
+    served = []
+    monkeypatch.setattr(serve_command, "run_server",
+                        lambda command, **_: served.append((Path(command[6]) / "pyfunc.py").read_text()) or 0)
+    assert main(["serve", str(evil), "--port", str(free_port())]) == 0
+    assert served == [PYFUNC_CODE.read_text()] and not marker.exists()
+
+
+@pytest.mark.slow
+def test_refusals_name_the_problem_as_the_user_gave_it(exported, tmp_path, capsys):
+    """A file was 'no such folder'; a bad --sha256 was named expected_sha256; an unlisted upcycling.yaml added
+    to a searched export made it 'an upcycled encoder'; fulu_nas.load(None) was a bare TypeError."""
+    folder = exported.model_dir
+    port = str(free_port())
+    assert main(["serve", str(folder / "MLmodel"), "--port", port]) == 2
+    assert capsys.readouterr().err == f"error: {folder / 'MLmodel'}: not an export directory (a file, not a folder)\n"
+    with pytest.raises(FuluConfigError, match=r"config.yaml: not an export directory \(a file, not a folder\)"):
+        fulu_nas.load(folder / "config.yaml")
+    assert main(["serve", str(folder), "--sha256", "abc", "--port", port]) == 2
+    assert capsys.readouterr().err.startswith("error: --sha256: 'abc' is not a SHA-256")
+    added = tmp_path / "added"
+    shutil.copytree(folder, added)
+    (added / "upcycling.yaml").write_text("format: 1\n")
+    assert main(["serve", str(added), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert f"{added / 'upcycling.yaml'}: not listed in checksums.json" in err and "upcycled" not in err, err
+    with pytest.raises(FuluConfigError, match="upcycling.yaml: not listed in checksums.json") as raised:
+        fulu_nas.load(added)
+    assert "config.json" not in str(raised.value)
+    for value in (None, 3, b"model"):
+        with pytest.raises(FuluConfigError, match=f"^directory: {re.escape(repr(value))} is not a folder"):
+            fulu_nas.load(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -180,6 +181,10 @@ def test_selection_takes_feasible_trials_only_and_parses_ascii_digits_only():
     for spec in ("pareto:²", "pareto:١", "pareto:0²"):
         with pytest.raises(FuluConfigError, match="pareto:<i> needs i in 0..0"):
             select_trial(mixed, s, spec)
+    assert select_trial(mixed, s, "fastest_within:50.0").number == 0
+    for spec in ("5_0", "1e1", " 50", "٥٠", "+50", "nan"):  # float() took '5_0' as 50
+        with pytest.raises(FuluConfigError, match="needs a finite percentage >= 0, a plain decimal number"):
+            select_trial(mixed, s, f"fastest_within:{spec}")
 
     none = constrained_study(["minimize"], [([2.0], 2.0, 1.0, 1.0), ([1.0], 1.0, 0.1, 5.0)])
     for spec in ("best", "pareto:0", "fastest_within:5"):
@@ -245,3 +250,58 @@ def test_out_the_current_folder_is_refused_before_any_work(study, tmp_path, caps
         refused_before_work(*export(study, capsys, "trial=0", f"out={out}"), f"out: {out} is the current folder")
     assert list(tmp_path.iterdir()) == [here] and not any(here.iterdir())
     assert registry_state(study) == before
+
+
+def registering_step_does(monkeypatch, action) -> None:
+    """``action(client, name, version)`` runs inside the export's registration, before its files are recorded."""
+    from fulu_nas.deploy import serve
+
+    step = serve.record_registered_files
+
+    def step_with_action(client, name, version, *args, **kwargs):
+        action(client, name, version)
+        return step(client, name, version, *args, **kwargs)
+
+    monkeypatch.setattr(serve, "record_registered_files", step_with_action)
+
+
+def test_an_export_interrupted_while_registering_leaves_the_registry_as_it_was(study, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the registration was raised once the alias had moved; undoing the new version then took
+    `champion` with it: the previous champion was no longer served, and the console said nothing changed."""
+    import signal
+
+    import mlflow
+
+    client = mlflow.MlflowClient(study.tracking)
+    assert export(study, capsys, "trial=0", f"out={tmp_path / 'first'}", "name=kept")[0] == 0
+    champion = client.get_model_version_by_alias("kept", "champion").version
+    registering_step_does(monkeypatch, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    runs_before, versions_before = registry_state(study)
+    for name in ("kept", "fresh"):
+        code, out, err = export(study, capsys, "trial=1", f"out={tmp_path / name}", f"name={name}")
+        assert code == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert client.get_model_version_by_alias("kept", "champion").version == champion
+    runs, versions = registry_state(study)
+    assert versions == versions_before
+    assert not client.search_registered_models("name = 'fresh'")  # made by the interrupted export: gone too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first"]
+
+
+def test_the_registered_files_are_the_ones_the_export_wrote(study, tmp_path, capsys, monkeypatch):
+    """The version's fulu.files tag hashed what the artifact store gave back: code written there during the
+    export was certified, and then served. The files read back must be the bytes the export wrote."""
+    import mlflow
+
+    def tamper(client, name, version):  # someone who can write to the artifact store, at the wrong moment
+        stored = Path(client.get_model_version_download_uri(name, version).removeprefix("file://"))
+        with open(stored / "pyfunc.py", "a") as f:
+            f.write("\nraise SystemExit('ran')\n")
+
+    registering_step_does(monkeypatch, tamper)
+    runs_before, versions_before = registry_state(study)
+    code, out, err = export(study, capsys, "trial=0", f"out={tmp_path / 'model'}", "name=tampered")
+    assert code == 2, err
+    assert err.count("\n") == 2 and "pyfunc.py: checksum mismatch" in err, err
+    assert "registered as" not in out and list(tmp_path.iterdir()) == []
+    assert registry_state(study)[1] == versions_before
+    assert not mlflow.MlflowClient(study.tracking).search_registered_models("name = 'tampered'")

@@ -295,16 +295,16 @@ def test_serve_refuses_an_upcycled_export_before_starting(exported, tmp_path, ca
                            "rather than an MLflow model, so fulu-nas serve cannot serve it: load it with "
                            "fulu_nas.load(FOLDER, expected_sha256=FINGERPRINT) and serve it from Python (for "
                            "example with a transformers pipeline)")
-    # any other checked folder without MLflow's MLmodel: refused too, not handed to MLflow
+    # any other checked folder without a searched export's configuration and program: refused too
     folder = tmp_path / "no-record"
     shutil.copytree(exported.folder, folder)
     (folder / "upcycling.yaml").unlink()
     forge_checksums(folder)
     assert main(["serve", str(folder), "--port", str(free_port())]) == 2
     out, err = capsys.readouterr()
-    assert "serving" not in out and err.strip().endswith(f"{folder}: no MLmodel file, so not an MLflow model; "
-                                                         "fulu-nas serve serves the folders fulu-nas export writes "
-                                                         "for a searched model")
+    assert "serving" not in out and err.strip().endswith(f"{folder}: no config.yaml or model.pt2, so not the export "
+                                                         "of a searched model; fulu-nas serve serves the folders "
+                                                         "fulu-nas export writes for a searched model")
 
 
 # -- fulu-nas export of an upcycling search ------------------------------------------------------

@@ -236,6 +236,17 @@ def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], met
     return assemble(out, fill)
 
 
+# What write_export writes beside the MLflow model's files (which save_pyfunc writes): not registered.
+FOLDER_ONLY = ("config.yaml", "model.safetensors", "model.pt2", "metrics.json", "README.md", CHECKSUMS)
+
+
+def pyfunc_manifest(directory: Path) -> dict[str, str]:
+    """The MLflow model's files in an export folder just written, with the SHA-256 its ``checksums.json``
+    lists for them: the bytes the export registers, and then expects the artifact store to give back."""
+    checksums = parse_manifest((directory / CHECKSUMS).read_bytes(), str(directory / CHECKSUMS))
+    return {name: digest for name, digest in checksums.items() if name not in FOLDER_ONLY}
+
+
 def fingerprint(directory: str | Path) -> str:
     """The SHA-256 of the folder's ``checksums.json``: one hash for every file of an export (printed by
     ``fulu-nas export``, recorded in MLflow). Check a folder against it with ``expected_sha256=``."""
@@ -255,7 +266,8 @@ def check_folder(directory: str | Path, expected_sha256: str | None = None, into
     directory = Path(directory)
     listing = directory / CHECKSUMS
     if not directory.is_dir():
-        raise FuluConfigError(f"{directory}: not an export directory (no such folder)")
+        what = "a file, not a folder" if os.path.lexists(directory) else "no such folder"
+        raise FuluConfigError(f"{directory}: not an export directory ({what})")
     if listing.is_symlink() or not listing.is_file():
         raise FuluConfigError(f"{directory}: not an export directory (no {CHECKSUMS})")
     text = listing.read_bytes()
@@ -384,6 +396,21 @@ def read_yaml(path: Path, shown: Path) -> object:
         raise FuluConfigError(f"{shown}: not valid YAML ({yaml_problem(e)})") from None
 
 
+def read_architecture(path: Path, shown: Path) -> ArchConfig:
+    """The architecture of the export's ``config.yaml`` (``path``, a checked private copy; ``shown``: the
+    user's file, for messages), its format and fields checked."""
+    config = read_yaml(path, shown)
+    if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION:
+        found = config.get("format") if isinstance(config, dict) else config
+        raise FuluConfigError(f"{shown}: unknown export format {found!r}")
+    if not isinstance(config.get("architecture"), dict):
+        raise FuluConfigError(f"{shown}: no architecture mapping")
+    try:
+        return ArchConfig.from_dict(config["architecture"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise FuluConfigError(f"{shown}: not a valid architecture ({e})") from None
+
+
 def load(directory: str | Path, map_location: str | torch.device = "cpu",
          expected_sha256: str | None = None) -> PiMoETransformer:
     """The exported model as an ``nn.Module`` (eval mode), read from a copy made as the folder is checked
@@ -392,16 +419,7 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
     device = load_device(map_location)
     directory = Path(directory)
     with checked_folder(directory, expected_sha256, required=("config.yaml", "model.safetensors")) as copy:
-        config = read_yaml(copy / "config.yaml", directory / "config.yaml")
-        if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION:
-            found = config.get("format") if isinstance(config, dict) else config
-            raise FuluConfigError(f"{directory / 'config.yaml'}: unknown export format {found!r}")
-        if not isinstance(config.get("architecture"), dict):
-            raise FuluConfigError(f"{directory / 'config.yaml'}: no architecture mapping")
-        try:
-            arch = ArchConfig.from_dict(config["architecture"])
-        except (TypeError, ValueError, KeyError) as e:
-            raise FuluConfigError(f"{directory / 'config.yaml'}: not a valid architecture ({e})") from None
+        arch = read_architecture(copy / "config.yaml", directory / "config.yaml")
         weights = read_weights(arch, copy / "model.safetensors", directory / "model.safetensors",
                                directory / "config.yaml")
         model = PiMoETransformer(arch)

@@ -13,9 +13,10 @@ and checks it against SHA-256 values recorded where the model's files are not:
   those of the files hash that export printed on its "registered as" line (a hash of the files
   themselves, so it also catches a tracking database whose tags were rewritten);
 - an export folder: its ``checksums.json``, and with ``--sha256`` that this file is the exported one
-  (the fingerprint ``fulu-nas export`` printed), else only that the folder agrees with itself. An
-  upcycled encoder's export (task ``upcycle``) is no MLflow model: it is refused, pointing to
-  ``fulu_nas.load``.
+  (the fingerprint ``fulu-nas export`` printed), else only that the folder agrees with itself. A
+  folder's own code is never run, since its checksums can be rewritten along with it: the installed
+  fulu-nas pyfunc serves its checked program and architecture. An upcycled encoder's export (task
+  ``upcycle``) is no MLflow model: it is refused, pointing to ``fulu_nas.load``.
 
 Then ``mlflow models serve`` serves the copy (``--env-manager local``, on 127.0.0.1 by default), with
 MLflow's pickle loading switched off. :func:`load_pyfunc` does the same for
@@ -37,11 +38,10 @@ from .export import FINGERPRINT_TAG, check_folder
 from .files import (
     checked_copy,
     expected_digest,
-    folder_entries,
     manifest_digest,
     manifest_json,
     parse_manifest,
-    sha256_file,
+    path_argument,
 )
 
 FILES_TAG = "fulu.files"  # a registered version's files: JSON, relative name -> SHA-256
@@ -61,15 +61,16 @@ def _download(client, name: str, version: str, into: Path, tracking_uri: str | N
             tracking_uri=tracking_uri))
 
 
-def record_registered_files(client, name: str, version: str, tracking_uri: str) -> str:
-    """Tag the registered version ``name``/``version`` with the SHA-256 of every file of its model
-    (:data:`FILES_TAG`), read back from the artifact store it was just logged to; the manifest's digest."""
+def record_registered_files(client, name: str, version: str, manifest: dict[str, str], tracking_uri: str) -> str:
+    """Tag the registered version ``name``/``version`` with ``manifest`` (:data:`FILES_TAG`: the SHA-256 of
+    the files the export wrote and uploaded) once the artifact store gives back exactly those bytes (the
+    store's own word would certify whatever it held by then); the manifest's digest."""
     with tempfile.TemporaryDirectory() as tmp:
         local = _download(client, name, version, Path(tmp), tracking_uri)
-        files, problems = folder_entries(local)
-        if problems:
-            raise FuluConfigError(problems)
-        manifest = {f: sha256_file(local / f) for f in files if f != REGISTRY_NOTE}
+        problems = checked_copy(local, manifest, "the files uploaded", ignore=(REGISTRY_NOTE,), shown=Path())
+    if problems:
+        raise FuluConfigError([f"registering {name!r}: the artifact store gave back other files than those "
+                               f"uploaded: {p}" for p in problems])
     client.set_model_version_tag(name, version, FILES_TAG, manifest_json(manifest))
     return manifest_digest(manifest)
 
@@ -94,26 +95,19 @@ def _registered(uri: str, tracking_uri: str | None):
                               f"{tracking_uri or mlflow.get_tracking_uri()} ({e.message.splitlines()[0]})") from None
 
 
-def _source(source: object) -> str:
-    """``source`` (a str or an os.PathLike such as a Path) as a string; FuluConfigError for anything else."""
-    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
-    if not isinstance(path, str):  # bytes, a number, None
-        raise FuluConfigError(f"source: {source!r} is neither a models:/ URI nor a folder")
-    return path
-
-
 @contextlib.contextmanager
 def checked_model(source: str | os.PathLike, expected_sha256: str | None = None,
                   tracking_uri: str | None = None) -> Iterator[Path]:
     """A private copy of the MLflow model ``source`` (a registered model URI or an export folder), made as
-    it is checked; removed on exit. FuluConfigError names what is wrong.
+    it is checked (for a folder, the model :func:`served_folder` makes of it); removed on exit.
+    FuluConfigError names what is wrong.
 
     ``expected_sha256`` for a registered version: the fingerprint ``fulu-nas export`` printed (the
     version's :data:`FINGERPRINT_TAG`: it is the version that export registered) or the files hash it
     printed on its "registered as" line (the digest of :data:`FILES_TAG`, which also binds the files to
     the hash, against a tracking database whose tags were rewritten). Either way every file is checked
     against :data:`FILES_TAG`."""
-    source = _source(source)
+    source = path_argument(source, "source", "neither a models:/ URI nor a folder")
     expected = expected_digest(expected_sha256)
     with tempfile.TemporaryDirectory(prefix="fulu-nas-serve-") as tmp:
         copy = Path(tmp) / "model"
@@ -134,32 +128,39 @@ def checked_model(source: str | os.PathLike, expected_sha256: str | None = None,
             downloaded.mkdir()
             local = _download(client, version.name, version.version, downloaded, tracking_uri)
             copy.mkdir()
+            # named by their paths within the model: the download is private, and gone once this returns
             problems = checked_copy(local, manifest, f"the {FILES_TAG} tag of {source}", ignore=(REGISTRY_NOTE,),
-                                    into=copy)
+                                    into=copy, shown=Path())
             if problems:
                 raise FuluConfigError([f"{source}: {p}" for p in problems])
             shutil.rmtree(downloaded)
         else:
-            _check_servable(Path(source))
-            copy.mkdir()
-            check_folder(source, expected_sha256, into=copy)
-            if not (copy / "MLmodel").is_file():
-                raise FuluConfigError(f"{source}: no MLmodel file, so not an MLflow model; fulu-nas serve serves the "
-                                      "folders fulu-nas export writes for a searched model")
+            served_folder(Path(source), expected_sha256, Path(tmp), copy)
         yield copy
 
 
-def _check_servable(folder: Path) -> None:
-    """FuluConfigError for an export folder MLflow cannot serve: an upcycled encoder's is a transformers
-    model whose PiMoE layers are fulu-nas code, not an MLflow model (MLflow would fail on it after the
-    server announced itself)."""
-    from .export import UPCYCLING
+def served_folder(folder: Path, expected_sha256: str | None, tmp: Path, into: Path) -> None:
+    """The MLflow model to serve for the export folder ``folder``, written at ``into``: fulu-nas's own pyfunc
+    (:func:`~.export.save_pyfunc`, the installed code) over the folder's program and architecture, once every
+    file is checked (``expected_sha256``: the export's fingerprint). Nothing of the folder runs: its
+    ``pyfunc.py``, ``code/`` and ``MLmodel`` are code and configuration MLflow would run, and a folder's
+    checksums can be rewritten with them; its program and configuration are data, checked before use."""
+    from .export import UPCYCLING, read_architecture, save_pyfunc
 
-    if (folder / UPCYCLING).is_file():
+    checked = tmp / "checked"
+    checked.mkdir()
+    check_folder(folder, expected_sha256, into=checked)
+    if (checked / UPCYCLING).is_file():
         raise FuluConfigError(f"{folder} is an upcycled encoder ({UPCYCLING}), a transformers model rather than an "
                               "MLflow model, so fulu-nas serve cannot serve it: load it with "
                               "fulu_nas.load(FOLDER, expected_sha256=FINGERPRINT) and serve it from Python (for "
                               "example with a transformers pipeline)")
+    if missing := [name for name in ("config.yaml", "model.pt2") if not (checked / name).is_file()]:
+        raise FuluConfigError(f"{folder}: no {' or '.join(missing)}, so not the export of a searched model; "
+                              "fulu-nas serve serves the folders fulu-nas export writes for a searched model")
+    arch = read_architecture(checked / "config.yaml", folder / "config.yaml")
+    into.mkdir()
+    save_pyfunc(into, checked / "model.pt2", arch)
 
 
 def casting_signature(model: Path) -> str | None:

@@ -77,21 +77,19 @@ def write_upcycled(out: Path, model: UpcycledMLM, tokenizer_folder: str | None, 
 
 
 def is_upcycled_export(directory: str | Path) -> bool:
-    """Whether ``fulu_nas.load`` reads ``directory`` as an upcycled export: it has ``upcycling.yaml``, or no
-    searched export's ``config.yaml`` but a transformers ``config.json`` or a listing that names
-    ``upcycling.yaml``, so that a folder whose record was deleted is told that this record is missing."""
+    """Whether ``fulu_nas.load`` reads ``directory`` as an upcycled export. Its ``checksums.json`` says which
+    files the export wrote: ``upcycling.yaml`` (or a transformers ``config.json``, without a searched
+    export's ``config.yaml``) makes it one, whatever else the folder holds, so that a record added to a
+    searched export is named as a file not listed, and a deleted record as missing. Without a readable
+    listing (the chosen loader names that), the files present decide."""
     directory = Path(directory)
-    if (directory / UPCYCLING).is_file():
-        return True
-    if (directory / "config.yaml").exists():
-        return False
-    if (directory / "config.json").is_file():
-        return True
-    try:  # only which loader names the problems: the chosen one checks the listing
+    try:
         listed = json.loads((directory / CHECKSUMS).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(listed, dict) and UPCYCLING in listed
+        listed = None
+    names = set(listed) if isinstance(listed, dict) else {
+        name for name in (UPCYCLING, "config.yaml", "config.json") if (directory / name).is_file()}
+    return UPCYCLING in names or ("config.json" in names and "config.yaml" not in names)
 
 
 def _in_words(e: BaseException, copy: Path, directory: Path) -> str:

@@ -49,8 +49,10 @@ EXPORT_STOPPING = "what the export wrote or registered is being removed"  # said
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9_\-]([A-Za-z0-9_\- ]*[A-Za-z0-9_\-])?")
 # A trial number or Pareto index: ASCII digits only (str.isdigit() holds for '²', which int() refuses).
 NUMBER = re.compile(r"[0-9]+")
+PERCENT = re.compile(r"[0-9]+(\.[0-9]+)?")  # fastest_within's: a plain decimal number, ASCII digits only
 OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "4", "out": "", "name": ""}
 BAD_INPUT = 2
+CHAMPION = "champion"  # the alias of the version an export registered last
 
 
 def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.trial.FrozenTrial:
@@ -83,12 +85,10 @@ def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.tr
             raise FuluConfigError(f"trial: pareto:<i> needs i in 0..{len(front) - 1}, got {arg!r}")
         return front[int(arg)]
     if kind == "fastest_within":
-        try:
-            pct = float(arg)
-        except ValueError:
-            pct = math.nan
-        if not (math.isfinite(pct) and pct >= 0):
-            raise FuluConfigError(f"trial: fastest_within:<pct> needs a finite percentage >= 0, got {arg!r}")
+        if not PERCENT.fullmatch(arg):  # float() also takes '5_0' (50), '1e1', 'nan' and ' 5'
+            raise FuluConfigError(f"trial: fastest_within:<pct> needs a finite percentage >= 0, a plain decimal "
+                                  f"number such as 5 or 2.5, got {arg!r}")
+        pct = float(arg)
         best_loss = min(t.user_attrs["metrics"]["loss"] for t in feasible)
         close = [t for t in feasible if t.user_attrs["metrics"]["loss"] <= best_loss * (1 + pct / 100)]
         # latency_ratio (beside the reference, in the same rounds) is robust to the machine's load; studies
@@ -208,6 +208,59 @@ With torch alone, load `model.pt2` as the last section shows.
 """
 
 
+def registry_before(client, name: str) -> tuple[bool, str | None]:
+    """Whether the registered model ``name`` exists, and the version its ``champion`` alias names (None for
+    none): what undoing a registration puts back."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return False, None
+    try:
+        return True, client.get_model_version_by_alias(name, CHAMPION).version
+    except MlflowException as e:
+        if e.error_code != "INVALID_PARAMETER_VALUE":  # MLflow's answer for an alias the model lacks
+            raise
+        return True, None
+
+
+def register_files(client, out: Path, manifest: dict[str, str], name: str) -> str:
+    """Register the MLflow model of the export folder ``out`` as a new version of ``name`` (in the active
+    run): the files of ``manifest`` themselves, copied as they are checked, so that the version holds the
+    bytes the export wrote (``log_model`` would save, and upload, a model of its own making). The version."""
+    import mlflow
+
+    from ..deploy.export import CHECKSUMS, FOLDER_ONLY
+    from ..deploy.files import checked_copy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "model"
+        if problems := checked_copy(out, manifest, CHECKSUMS, ignore=FOLDER_ONLY, into=staged):
+            raise FuluConfigError(problems)  # the folder changed while it was being registered
+        logged = mlflow.initialize_logged_model(name="model")
+        client.log_model_artifacts(logged.model_id, str(staged))
+    client.finalize_logged_model(logged.model_id, "READY")
+    with contextlib.redirect_stderr(io.StringIO()):  # MLflow's two lines; the export prints its own, with the alias
+        return str(mlflow.register_model(f"models:/{logged.model_id}", name).version)
+
+
+def undo_registration(client, name: str, version: str | None, before: tuple[bool, str | None]) -> None:
+    """Put the registry back as :func:`registry_before` found it: the new version gone (and the model, if the
+    export made it), ``champion`` on the version it named (deleting the new version removed its alias)."""
+    existed, champion = before
+    if not existed:
+        with contextlib.suppress(Exception):  # not made yet: the export stopped before registering
+            client.delete_registered_model(name)
+        return
+    if version is not None:
+        client.delete_model_version(name, version)
+    if champion is not None:
+        client.set_registered_model_alias(name, CHAMPION, champion)
+
+
 def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     import mlflow
 
@@ -216,7 +269,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         FORMAT_VERSION,
         check_out_folder,
         fingerprint,
-        pyfunc_arguments,
+        pyfunc_manifest,
         write_export,
     )
     from ..deploy.serve import record_registered_files
@@ -304,7 +357,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     # failure, Ctrl-C or SIGTERM removes the folder and the new version and ends the run, so that a failed
     # export leaves nothing a re-run would trip on, nor a version `fulu-nas serve` cannot check.
     client = mlflow.MlflowClient(location.tracking_uri)
-    version = run_id = None
+    version = run_id = before = None
     try:
         if upcycled:
             from .export_upcycled import RECORDED, write_upcycled_export
@@ -323,24 +376,21 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
                 for file in RECORDED:
                     mlflow.log_artifact(str(out / file))
             else:
-                # The folder's arguments: the same signature, configuration (program SHA-256) and checks.
-                # MLflow prints its own two lines on registering; the line below says it, with the alias.
-                with contextlib.redirect_stderr(io.StringIO()):
-                    info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
-                                                   **pyfunc_arguments(out / "model.pt2", model.arch))
-                version = str(info.registered_model_version)
+                before = registry_before(client, name)
+                manifest = pyfunc_manifest(out)
+                version = register_files(client, out, manifest, name)
                 # The registered files' SHA-256 in the tracking database, which `fulu-nas serve` checks them
-                # against.
-                registered = record_registered_files(client, name, version, location.tracking_uri)
+                # against: those the export wrote, once the artifact store gives them back.
+                registered = record_registered_files(client, name, version, manifest, location.tracking_uri)
                 client.set_model_version_tag(name, version, FINGERPRINT_TAG, digest)  # the folder's
-                client.set_registered_model_alias(name, "champion", version)
+                client.set_registered_model_alias(name, CHAMPION, version)
     except BaseException as e:
         shutil.rmtree(out, ignore_errors=True)
         if existed:
             out.mkdir()
         with contextlib.suppress(Exception):  # best effort: the registry may be what failed
-            if version is not None:
-                client.delete_model_version(name, version)
+            if before is not None:
+                undo_registration(client, name, version, before)
             if run_id is not None:  # ended FINISHED when the signal was raised after its block
                 client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         if isinstance(e, mlflow.exceptions.MlflowException):  # one line: the name refused, or the registry
@@ -371,7 +421,7 @@ def main(argv: list[str]) -> int:
         print("error: cannot export:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
         return BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted: nothing was exported (the folder, a new registered version and the export's run are "
-              "undone)", file=sys.stderr)
+        print("interrupted: nothing was exported (the folder and a new registered version are removed, the alias "
+              "champion is where it was, and the export's run is ended)", file=sys.stderr)
         return INTERRUPTED
     return 0

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 
+from ..deploy.files import expected_digest
 from ..deploy.serve import NO_PICKLES, casting_signature, checked_model, registry_uri
 from ..deploy.server_process import check_port_free, port, run_server
 from ..errors import FuluConfigError
@@ -39,6 +40,7 @@ def main(argv: list[str]) -> int:
                 and not os.path.exists(args.model):
             raise FuluConfigError(f"{args.model}: not a model fulu-nas serves (models:/NAME@ALIAS, "
                                   "models:/NAME/VERSION, or an export folder on this machine)")
+        expected_digest(args.sha256, "--sha256")  # named as given, before anything is read
         check_port_free(args.host, args.port)
         tracking_uri = None
         if args.model.startswith("models:/"):
