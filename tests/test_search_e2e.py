@@ -513,3 +513,112 @@ def test_a_study_resumes_after_its_spaces_description_changed_and_from_its_earli
     optuna.load_study(study_name="tiny-clusters", storage=location.storage_url).set_user_attr(
         FINGERPRINT_ATTR, settings.fingerprint(legacy=True))
     assert run_search(out, "study.n_trials=3", "trainer.steps=10", "search_space.description=reworded") == 0
+
+
+def _journal(path: Path) -> optuna.storages.BaseStorage:
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+JOURNAL_FAST = ("trainer.steps=10", "trainer.report_every=5", "study.pruner=none")
+
+
+def test_a_killed_workers_trial_is_failed_and_retried_on_a_journal_file(tmp_path, monkeypatch):
+    """The journal file has no heartbeats: the trial of a worker killed with kill -9 stayed RUNNING for good,
+    the same command counted it as taken, made surplus trials up to its attempt limit and exited 0 with
+    the study incomplete, the trial's MLflow run still RUNNING. A RUNNING trial whose worker (host:pid) is
+    a process of this host that is gone is failed with that reason, queued again and its run ended."""
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    out, journal = tmp_path / "out", tmp_path / "j.log"
+    options = (f"study.storage=journal://{journal}", *JOURNAL_FAST)
+    assert run_search(out, "study.n_trials=1", *options) == 0
+    study = load_study(out, storage=_journal(journal))
+    # What a worker killed while training a queued architecture (the reference's) leaves: its trial
+    # RUNNING, naming its worker, and the trial's MLflow run RUNNING.
+    study.enqueue_trial(study.trials[0].params)
+    killed = study.ask()
+    worker = f"{socket.gethostname()}:{_dead_pid()}"
+    killed.set_user_attr("worker", worker)
+    client, [parent], _ = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    client.create_run(parent.info.experiment_id, run_name=f"trial {killed.number}", tags={
+        "mlflow.parentRunId": parent.info.run_id, "fulu.kind": "trial", "fulu.trial": str(killed.number),
+        "fulu.study": "tiny-clusters", "fulu.worker": worker})
+
+    assert run_search(out, "study.n_trials=2", *options) == 0
+    study = load_study(out, storage=_journal(journal))
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+    states = [(t.number, t.state.name, retried(t)) for t in study.trials]
+    assert states == [(0, "COMPLETE", None), (1, "FAIL", None), (2, "COMPLETE", 1)], states
+    reason = study.trials[1].user_attrs["fail_reason"]
+    assert reason.startswith("worker stopped") and worker in reason and study.trials[1].user_attrs["not_counted"]
+    assert study.trials[2].params == study.trials[0].params and "fail_reason" not in study.trials[2].user_attrs
+    _, parents, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    assert [r.info.run_name for r in parents + runs if r.info.status == "RUNNING"] == []
+    [closed] = [r for r in runs if r.data.tags["fulu.trial"] == "1"]
+    assert closed.info.status == "KILLED" and closed.data.tags["fulu.reason"] == reason
+    assert [(r.info.status, r.data.tags["fulu.state"]) for r in parents] == [("FINISHED", "complete")]
+
+
+def test_trials_running_in_live_workers_or_on_other_hosts_are_waited_for_on_a_journal_file(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Without heartbeats the last trials running elsewhere were counted as taken and every trial the
+    worker started meanwhile was surplus (107 of them, then "is most of the space infeasible?"). It waits
+    for them, failing none: a live process's, or another host's, whose life it cannot see."""
+    import socket
+
+    from fulu_nas.search import study as study_module
+
+    monkeypatch.chdir(tmp_path)
+    out, journal = tmp_path / "out", tmp_path / "j.log"
+    options = (f"study.storage=journal://{journal}", *JOURNAL_FAST)
+    assert run_search(out, "study.n_trials=1", *options) == 0
+    study = load_study(out, storage=_journal(journal))
+    others = [study.ask(), study.ask()]
+    others[0].set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # this test's process: alive
+    others[1].set_user_attr("worker", f"elsewhere.example:{_dead_pid()}")
+    sleeps: list[float] = []
+
+    def sleep(seconds):  # the other workers finish their trials after a few seconds
+        sleeps.append(seconds)
+        assert [study.trials[t.number].state for t in others] == [TrialState.RUNNING] * 2
+        if len(sleeps) == 3:
+            for t in others:
+                study.tell(t, 1.0)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(study_module, "time", type("clock", (), {"sleep": staticmethod(sleep)}))
+    capsys.readouterr()
+    assert run_search(out, "study.n_trials=3", *options) == 0
+    assert len(sleeps) == 3
+    assert [t.state for t in load_study(out, storage=_journal(journal)).trials] == [TrialState.COMPLETE] * 3
+    printed = capsys.readouterr().out
+    assert f"waiting for trial 1 (worker {socket.gethostname()}:{os.getpid()})" in printed, printed
+    assert "waiting for trial 2 (worker elsewhere.example:" in printed
+
+
+def test_a_search_out_of_attempts_says_why_and_does_not_exit_0(tmp_path, monkeypatch, capsys):
+    """A search that stopped at its attempt limit without the requested finished trials exited 0, and
+    blamed an infeasible space whatever had made the trials not count."""
+    from fulu_nas.search import objective as objective_module
+
+    def surplus(self, trial):  # every trial started finds the requested ones taken by other workers
+        trial.set_user_attr("fail_reason", "surplus: the requested trials were already taken by other workers")
+        trial.set_user_attr("not_counted", True)
+        raise objective_module.SurplusTrial("surplus trial")
+
+    monkeypatch.setattr(objective_module.Objective, "_check_surplus", surplus)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=1", f"study.storage=journal://{tmp_path / 'j.log'}", *JOURNAL_FAST) == 1
+    printed = capsys.readouterr().out
+    assert "stopping after 60 trials started: 0 of the 1 requested trials finished (60 surplus" in printed, printed
+    assert "infeasible?" not in printed

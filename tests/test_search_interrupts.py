@@ -364,3 +364,43 @@ def test_a_signal_while_stopping_says_what_that_command_is_doing(command, capfd)
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGINT)
     assert capfd.readouterr().err == f"already stopping: {words}; wait for it\n"
+
+
+# -- a signal after the study's last trial -----------------------------------------------------------------
+@pytest.mark.parametrize("where", ["last trial told", "uploads"])
+def test_a_signal_after_the_last_trial_is_no_interrupted_trial(where, tmp_path, monkeypatch, capsys):
+    """Ctrl-C as the search left its loop after the last trial, or waited for the last uploads, printed
+    "the running trial was failed and queued again" and exited 130, with no trial running and the study
+    complete."""
+    sent: list[str] = []
+    if where == "uploads":
+        real_wait = Tracker.wait_for_uploads
+
+        def wait_for_uploads(self):
+            if not sent:
+                sent.append(where)
+                _signal()
+            return real_wait(self)
+
+        monkeypatch.setattr(Tracker, "wait_for_uploads", wait_for_uploads)
+    else:
+        real_describe = study_module.describe_trial
+
+        def describe_trial(t, s):
+            if t.number == 1 and not sent:
+                sent.append(where)
+                _signal()
+            return real_describe(t, s)
+
+        monkeypatch.setattr(study_module, "describe_trial", describe_trial)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert _search(out) == 0
+    assert sent == [where]
+    err = capsys.readouterr().err
+    assert "stopped after the study's last trial: the study is complete" in err and "interrupted" not in err, err
+    study = load_study(out)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    parents, trials = _runs(out)
+    assert [(r.info.status, r.data.tags.get("fulu.state")) for r in parents] == [("FINISHED", "complete")]
+    assert [r.info.status for r in trials] == ["FINISHED"] * 2

@@ -11,7 +11,9 @@ How a trial ends, and what the study keeps of it (user attributes on the Optuna 
 - FAIL: ``fail_reason`` (diverged, out of memory, an error, a space whose derived values cannot be
   computed for the trial's sample). ``interrupted`` trials (Ctrl-C or SIGTERM, wherever it lands in
   the trial: :func:`requeue_interrupted`) are queued again and not counted; a FAIL with no reason is
-  a killed worker's trial, failed by the heartbeat check and retried (see :mod:`.storage`).
+  a killed worker's trial, failed by the heartbeat check and retried (see :mod:`.storage`), and one
+  with the reason ``worker stopped`` likewise where the storage has no heartbeats (a journal file:
+  :func:`fulu_nas.search.study.fail_trials_of_gone_workers`).
 
 With ``trainer.expert_parallel=P > 1`` the training step runs over P ranks in a torchrun launch
 (:mod:`fulu_nas.training.parallel`; a num_experts not divisible by P makes the trial infeasible); its reports stream

@@ -36,7 +36,7 @@ from .objective import Objective, TrialFailed, counts_toward_total, is_feasible,
 from .report import print_summary, summarize
 from .settings import SearchSettings
 from .storage import mask_url, open_study_storage
-from .tracking import PARENT_RUN_ATTR, Tracker, quiet_mlflow
+from .tracking import PARENT_RUN_ATTR, Tracker, quiet_mlflow, this_worker, worker_is_gone
 from .worker_progress import ProgressFile, progress_path, remove_all, running_lines
 
 TrialState = optuna.trial.TrialState
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)  # the run folder's search.log (the console
 FINGERPRINT_ATTR = "fulu_fingerprint"
 FINGERPRINT_PARTS_ATTR = "fulu_fingerprint_parts"  # each part's digest: what a refused resume names
 INTERRUPTED = 130
+INCOMPLETE = 1  # the search stopped without the requested finished trials, not interrupted
+WORKER_ATTR = "worker"  # a trial's user attribute: the process that runs it (tracking.this_worker)
 
 
 def make_sampler(s: SearchSettings, worker_index: int = 0, trials_before: int = 0) -> optuna.samplers.BaseSampler:
@@ -134,10 +136,11 @@ def _changed(stored: object, s: SearchSettings) -> str:
     return "with " + (f"{', '.join(rest)} and {last}" if rest else last)
 
 
-def _close_stale_run(s: SearchSettings, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """The MLflow run of a trial failed by the heartbeat check is closed (:meth:`Tracker.close_stale_trial`)."""
+def _close_stale_run(s: SearchSettings, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                     reason: str | None = None) -> None:
+    """The MLflow run of a trial failed because its worker stopped is closed (:meth:`Tracker.close_stale_trial`)."""
     try:
-        Tracker(s).close_stale_trial(study, trial)
+        Tracker(s).close_stale_trial(study, trial, reason)
     except Exception as e:  # the trial is failed and queued again already: a tracking error must not stop this worker
         print(f"warning: the MLflow run of failed trial {trial.number} stays open: {type(e).__name__}: {e}",
               file=sys.stderr)
@@ -242,15 +245,17 @@ def warm_up(s: SearchSettings) -> None:
 
 def record_asks(study: optuna.Study, asked: list[int]) -> None:
     """``study.ask`` (what Optuna's optimize calls to create each trial) with the id of every trial it
-    creates added to ``asked``, and a Ctrl-C that arrives while it runs raised at its end, once the id
-    is there: a trial interrupted before the objective took it is still known to have been this
-    worker's (:func:`requeue_unfinished`)."""
+    creates added to ``asked`` and this process recorded on the trial (``worker``: where the storage has
+    no heartbeats, how another worker knows the trial's worker is gone, :func:`fail_trials_of_gone_workers`),
+    and a Ctrl-C that arrives while it runs raised at its end, once the id is there: a trial interrupted
+    before the objective took it is still known to have been this worker's (:func:`requeue_unfinished`)."""
     ask = study.ask
 
     def recorded_ask(*args, **kwargs):
         with between_writes():
             trial = ask(*args, **kwargs)
             asked.append(trial._trial_id)
+            trial.set_user_attr(WORKER_ATTR, this_worker())
         return trial
 
     study.ask = recorded_ask
@@ -287,11 +292,66 @@ def beat_for_trials_without_heartbeat(study: optuna.Study, grace_period: int, gi
             given.add(t._trial_id)
 
 
+def fail_trials_of_gone_workers(s: SearchSettings, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Where the storage has no heartbeats (a journal file), the RUNNING trials whose worker is known to be
+    gone (a process of this host that ended: ``kill -9``, a crash) failed as the heartbeat check fails a
+    stale trial: with the reason, queued again up to ``study.max_retry`` times (Optuna's retry callback, as
+    the heartbeat check's), their MLflow runs ended. Nothing else would ever end them, and every worker took
+    them for trials still running. Returns them, failed."""
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=s.study.max_retry)
+    failed = []
+    for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get(WORKER_ATTR, "")
+        if not worker_is_gone(worker):
+            continue
+        reason = (f"worker stopped: its process {worker} is gone (killed, or crashed); the trial was failed and "
+                  "queued again up to study.max_retry times")
+        with between_writes():  # a Ctrl-C meanwhile would leave the trial failed but not queued, or its run open
+            if _fail(study, t, reason):
+                # The queued copy names no worker until one takes it: taken, it would otherwise be this dead
+                # one's for an instant, which another worker could fail under the one now running it.
+                t.user_attrs = {k: v for k, v in t.user_attrs.items() if k != WORKER_ATTR}
+                retry(study, t)
+                _close_stale_run(s, study, t, reason)
+                failed.append(study._storage.get_trial(t._trial_id))
+    return failed
+
+
+def _fail(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> bool:
+    """Trial ``t`` failed with ``reason``, not counted; False where another worker failed it first."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        storage.set_trial_user_attr(t._trial_id, "not_counted", True)
+        return storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def _say_waiting(bar: TrialProgress, running: list[optuna.trial.FrozenTrial], told: set[int]) -> None:
+    """Each trial waited for, once, with its worker: without heartbeats the wait ends only when that
+    trial ends, or a search on its worker's host finds that worker gone."""
+    for t in running:
+        if t.number not in told:
+            told.add(t.number)
+            bar.write(line := f"waiting for trial {t.number} (worker {t.user_attrs.get(WORKER_ATTR, 'unknown')})")
+            logger.info(line)
+
+
+def _attempts_note(study: optuna.Study, started: set[int]) -> str:
+    """Why the trials this worker started did not count: what the attempt limit's message says."""
+    mine = [t for t in study.get_trials(deepcopy=False) if t.number in started]
+    infeasible = sum("infeasible" in t.user_attrs for t in mine)
+    note = f"{sum(map(_surplus, mine))} surplus: taken by other workers first, {infeasible} infeasible"
+    return note + ("; is most of the space infeasible?" if 2 * infeasible > len(mine) else "")
+
+
 def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
                report_to: ProgressFile | None = None) -> int:
     """Run trials until the study has ``n_trials`` finished ones (counting every worker's), each
     training report also to ``report_to`` (a worker process's, for its parent's bar).
-    Returns 0, or 130 when interrupted (the current trial is failed and queued again)."""
+    Returns 0; 130 when interrupted (the current trial is failed and queued again); 1 when it stopped at
+    its limit of attempts without the requested finished trials (the same command goes on)."""
     warm_up(s)
     with quiet_optuna():
         study = open_study(s, worker_index)
@@ -304,32 +364,42 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
         from optuna.storages._heartbeat import is_heartbeat_enabled
 
         heartbeat = is_heartbeat_enabled(study._storage)
-        attempts, limit = 0, 10 * s.study.n_trials + 50
+        attempts, limit, code = 0, 10 * s.study.n_trials + 50, 0
         reported: set[int] = set()
         beat_given: set[int] = set()
+        waited: set[int] = set()
         asked: list[int] = []  # the trial this worker is running (its id), once Optuna has created it
         record_asks(study, asked)
         try:
             while True:
                 interrupts.raise_if_swallowed()
+                if not heartbeat:
+                    for t in fail_trials_of_gone_workers(s, study):
+                        _report(bar, t, s)
                 trials = study.get_trials(deepcopy=False)
                 done = sum(counts_toward_total(t) for t in trials)
-                running = sum(t.state == TrialState.RUNNING for t in trials)
+                running = [t for t in trials if t.state == TrialState.RUNNING]
                 if done >= s.study.n_trials:
                     break
-                if heartbeat and done + running >= s.study.n_trials:
-                    # The rest are running elsewhere: wait for them (or for the heartbeat check to
-                    # fail a killed worker's trial, which is then queued again).
+                if done + len(running) >= s.study.n_trials:
+                    # The rest are running elsewhere: wait for them (a trial started meanwhile would be
+                    # surplus), or for a killed worker's trial to be failed and queued again: by the
+                    # heartbeat check, or without heartbeats once its worker is known to be gone.
+                    if not heartbeat:
+                        _say_waiting(bar, running, waited)
                     time.sleep(1.0)
                     interrupts.raise_if_swallowed()
-                    optuna.storages.fail_stale_trials(study)
-                    beat_for_trials_without_heartbeat(study, s.study.grace_period, beat_given)
+                    if heartbeat:
+                        optuna.storages.fail_stale_trials(study)
+                        beat_for_trials_without_heartbeat(study, s.study.grace_period, beat_given)
                     bar.refresh()
                     continue
                 attempts += 1
                 if attempts > limit:
-                    bar.write(f"stopping: {limit} trials started without reaching {s.study.n_trials} finished ones "
-                              "(is most of the space infeasible?)")
+                    bar.write(f"stopping after {limit} trials started: {done} of the {s.study.n_trials} requested "
+                              f"trials finished ({_attempts_note(study, objective.started)}); run the same "
+                              "command to go on")
+                    code = INCOMPLETE
                     break
                 asked.clear()
                 study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
@@ -337,20 +407,42 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
                     if t.number in objective.started - reported and t.state.is_finished():
                         reported.add(t.number)
                         if not _surplus(t):
-                            bar.write(line := describe_trial(t, s))
-                            logger.info(line)
+                            _report(bar, t, s)
                 bar.trial_ended()
                 bar.refresh()
+            # Here, not only below: a Ctrl-C while the last uploads finish comes after the last trial.
+            tracker.wait_for_uploads()
         except KeyboardInterrupt:
             requeue_unfinished(study, asked)
             bar.close()
-            print("interrupted: the running trial was failed and queued again; run the same command to resume",
-                  file=sys.stderr)
-            return INTERRUPTED
+            return _interrupted(s, study, asked)
         finally:
             bar.trial_ended()
             bar.close()
             tracker.wait_for_uploads()
+    return code
+
+
+def _report(bar: TrialProgress, t: optuna.trial.FrozenTrial, s: SearchSettings) -> None:
+    """A finished trial's line, on the console and in the log."""
+    bar.write(line := describe_trial(t, s))
+    logger.info(line)
+
+
+def _interrupted(s: SearchSettings, study: optuna.Study, asked: list[int]) -> int:
+    """What a Ctrl-C or SIGTERM stopped, told truly: 130, unless this worker was running no trial and the
+    study has its trials (the signal came as the search was ending: it ends as it would have, 0, unless
+    the confirmation was still to run)."""
+    stopped = any(study._storage.get_trial(i).user_attrs.get("fail_reason") == "interrupted" for i in asked)
+    if stopped or finished_count(study) < s.study.n_trials:
+        print("interrupted: " + ("the running trial was failed and queued again; " if stopped else "") +
+              "run the same command to resume", file=sys.stderr)
+        return INTERRUPTED
+    if s.study.confirm.enabled:
+        print("interrupted after the study's last trial: the study is complete, its confirmation did not run; "
+              "run the same command to run it", file=sys.stderr)
+        return INTERRUPTED
+    print("stopped after the study's last trial: the study is complete", file=sys.stderr)
     return 0
 
 
@@ -485,8 +577,7 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
                 if t.state.is_finished() and t.number not in seen:
                     seen.add(t.number)
                     if not _surplus(t):
-                        bar.write(line := describe_trial(t, s))
-                        logger.info(line)
+                        _report(bar, t, s)
             bar.show_running(running_lines(running))
             bar.refresh()
     except KeyboardInterrupt:

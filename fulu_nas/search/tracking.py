@@ -166,14 +166,16 @@ class Tracker:
             f"attributes.status = 'RUNNING'{of_trial}"))
 
     @writes
-    def close_stale_trial(self, study, trial) -> None:
-        """Optuna's heartbeat check failed ``trial`` (its worker was killed or cut off from the storage):
-        its MLflow run, which that worker cannot close any more, ends KILLED with the reason."""
+    def close_stale_trial(self, study, trial, reason: str | None = None) -> None:
+        """``trial`` was failed because its worker stopped (killed, or cut off from the storage): its MLflow
+        run, which that worker cannot close any more, ends KILLED with ``reason`` (by default the heartbeat
+        check's, which fails most such trials)."""
         parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
         if not parent_id:
             return
-        reason = (f"worker stopped: no heartbeat for {self.settings.study.grace_period} s (killed, or cut off from "
-                  "the study's storage); Optuna failed the trial and queues it again up to study.max_retry times")
+        reason = reason or (f"worker stopped: no heartbeat for {self.settings.study.grace_period} s (killed, or cut "
+                            "off from the study's storage); Optuna failed the trial and queues it again up to "
+                            "study.max_retry times")
         for run_id in self.open_children(parent_id, "trial", trial.number):
             self.end_trial(run_id, "KILLED", {"fulu.state": "failed", "fulu.reason": reason})
 
@@ -187,9 +189,7 @@ class Tracker:
             return
         finished = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         for run in self._open_runs(parent_id, "trial"):
-            host, _, pid = run.data.tags.get("fulu.worker", "").rpartition(":")
-            if (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
-                    and int(run.data.tags["fulu.trial"]) in finished):
+            if worker_is_gone(run.data.tags.get("fulu.worker", "")) and int(run.data.tags["fulu.trial"]) in finished:
                 self.end_trial(run.info.run_id, "KILLED", {
                     "fulu.reason": "its worker stopped while uploading the trial's artifacts; the weights may be "
                                    "missing (fulu-nas export retrain=true trains them again)"})
@@ -199,7 +199,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id, run_name=name,
             tags={"mlflow.parentRunId": parent_id, "fulu.kind": kind, "fulu.trial": str(trial),
-                  "fulu.study": self.settings.study.name, "fulu.worker": f"{socket.gethostname()}:{os.getpid()}",
+                  "fulu.study": self.settings.study.name, "fulu.worker": this_worker(),
                   **{k: str(v) for k, v in tags.items()}})
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -301,6 +301,19 @@ def export_run(tracking_uri: str, experiment: str, study, trial: int, metrics: d
                           tags=tags):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
         yield
+
+
+def this_worker() -> str:
+    """This process as the worker of a trial: ``host:pid`` (its runs' ``fulu.worker`` tag, and the ``worker``
+    attribute of the Optuna trials it runs)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_is_gone(worker: str) -> bool:
+    """Whether ``worker`` (:func:`this_worker` of some process) names a process of this host that has
+    ended. Another host's processes cannot be seen from here: never known to be gone."""
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:
