@@ -36,6 +36,11 @@ BAD = [
     (["study.storage=oracle://host/db"], "study.storage"),
     (["study.storage=sqlite:////nonexistent/dir/optuna.db"], "study.storage"),
     (["study.storage=journal:///nonexistent/dir/journal.log"], "study.storage"),
+    # a folder that takes no new file (as a read-only mount): refused only after Hydra wrote the output
+    # folder, and a tracking database there hung in MLflow's retries with the study already created
+    (["study.storage=sqlite:////proc/optuna.db"], "study.storage: cannot make /proc/optuna.db"),
+    (["study.storage=journal:///proc/journal.log"], "study.storage: cannot make /proc/journal.log"),
+    (["tracking.uri=sqlite:////proc/mlflow.db"], "tracking.uri: cannot make /proc/mlflow.db"),
     (["study.constraints={latency:1.0}"], "study.constraints.latency"),
     (["tracking.uri=/tmp/mlruns"], "tracking.uri"),
     (["trainer.lr=-1"], "trainer.lr"),

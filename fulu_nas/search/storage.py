@@ -111,12 +111,10 @@ def check_output_dir(path: str, key: str = "hydra.run.dir") -> None:
     if not existing.is_dir():
         raise FuluConfigError(f"{key}: cannot make the folder {path!r}: {str(existing)!r} is a file, not a folder")
     if existing == target:
-        try:  # a file made and removed at once (os.access passes root, and /proc, whatever it refuses)
-            with tempfile.TemporaryFile(dir=target, prefix=".fulu-nas-probe-"):
-                pass
-        except OSError as e:
+        problem = _file_cannot_be_made_in(target)
+        if problem:
             raise FuluConfigError(f"{key}: cannot write in the folder {path!r} (making a file there failed: "
-                                  f"{e.strerror})") from None
+                                  f"{problem})")
         return
     made: list[Path] = []
     try:
@@ -136,13 +134,35 @@ def check_output_dir(path: str, key: str = "hydra.run.dir") -> None:
                 folder.rmdir()
 
 
+def _file_cannot_be_made_in(folder: Path) -> str | None:
+    """Why no file can be made in ``folder`` (None when one can): a file made and removed at once,
+    since only trying tells (os.access passes root, and a read-only mount or /proc refuses whatever
+    the permissions)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".fulu-nas-probe-"):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
+def _check_file_can_be_made(path: Path, key: str) -> None:
+    """A database or journal file that does not exist yet is made by the command: its folder must take
+    one (else the command failed at its first write, after Hydra had written the output folder, and a
+    tracking database there hung in MLflow's retries with the study already created). A folder yet to be
+    made is the output folder's (check_output_dir), or one check_storage_url refuses."""
+    problem = _file_cannot_be_made_in(path.parent) if path.parent.is_dir() else None
+    if problem:
+        raise FuluConfigError(f"{key}: cannot make {path} (making a file in {str(path.parent)!r} failed: {problem})")
+
+
 def _probe_sqlite_file(url: str, key: str) -> None:
     """An existing SQLite file must be a database (a damaged one, or a folder, failed only once the
-    search had written its folder); one that does not exist yet is created by the search."""
+    search had written its folder); one that does not exist yet must be one the command can make."""
     import sqlite3
 
     path = sqlite_file(url)
     if not path.exists():
+        _check_file_can_be_made(path, key)
         return
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
@@ -181,6 +201,8 @@ def probe_storage(url: str) -> None:
     if _scheme(url) == "journal":
         if journal_path(url).is_file():
             _check_journal_file(journal_path(url))
+        else:
+            _check_file_can_be_made(journal_path(url), "study.storage")
         return
     _probe_database(url, "study.storage")
 
@@ -376,8 +398,8 @@ def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_pe
                        max_retry: int = 0, on_stale=None):
     """Optuna storage for ``url``: an RDB storage, with heartbeats when ``heartbeat_interval`` is
     given (a killed worker's trial is then failed and retried by the next worker, and
-    ``on_stale(study, trial)`` runs on the failed trial), or a journal file (no heartbeats: no retry
-    of killed workers)."""
+    ``on_stale(study, trial)`` runs on the failed trial), or a journal file (no heartbeats: the worker
+    loop fails and retries the trials of this host's workers that are gone, see ``study.run_worker``)."""
     import warnings
 
     import optuna
