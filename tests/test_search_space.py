@@ -273,3 +273,74 @@ def test_the_parser_raises_nothing_but_config_errors(data):
         parse_space(data)
     except FuluConfigError as e:
         assert e.problems and all(isinstance(p, str) and p for p in e.problems)
+
+
+SMALL = {"base": {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "moe_every": 1, "dense_ffn_size": 64}}
+TOP_K = {"top_k": {"type": "int", "low": 1, "high": 2}}
+
+
+@pytest.mark.parametrize("key,section", [("constraints[0]", {"constraints": ["top_k <= max"]}),
+                                         ("derived.expert_ffn_size", {"derived": {"expert_ffn_size": "abs"}}),
+                                         ("derived.expert_ffn_size", {"derived": {"expert_ffn_size": "min + 1"}})])
+def test_a_function_named_without_its_call_is_an_unknown_name(key, section):
+    """It was left out of the expression's names, so evaluating it raised KeyError (a traceback, exit 1)."""
+    [problem] = problems_of({**SMALL, "params": TOP_K, **section})
+    assert problem.startswith(f"search_space.{key}: unknown name "), problem
+    assert any(f"'{f}'" in problem for f in ("min", "max", "abs")), problem
+
+
+@pytest.mark.parametrize("params,base,places", [
+    # balancing sets aux_loss_coef: the sampled coefficient was dropped or kept by the order of the file
+    ({"aux_loss_coef": {"type": "float", "low": 0.05, "high": 0.5, "log": True},
+      "balancing": {"type": "categorical", "choices": ["aux_loss", "aux_free"]}}, {},
+     ["search_space.params.aux_loss_coef", "search_space.params.balancing"]),
+    ({"balancing": {"type": "categorical", "choices": ["aux_free", "none"]}}, {"bias_update_rate": 0.01},
+     ["search_space.base.moe.bias_update_rate", "search_space.params.balancing"]),
+    ({**TOP_K}, {"top_k": 1}, ["search_space.base.moe.top_k", "search_space.params.top_k"]),
+])
+def test_a_field_set_in_two_places_is_refused_naming_both(params, base, places):
+    [problem] = problems_of({"base": {**SMALL["base"], "moe": base}, "params": params})
+    assert all(place in problem for place in places), problem
+
+
+def test_a_derived_field_the_base_fixes_too_is_refused():
+    [problem] = problems_of({"base": {**SMALL["base"], "moe": {"expert_ffn_size": 32}}, "params": TOP_K,
+                             "derived": {"expert_ffn_size": "64 // top_k"}})
+    assert "search_space.base.moe.expert_ffn_size" in problem and "search_space.derived.expert_ffn_size" in problem
+
+
+@pytest.mark.parametrize("depth", [5, 1])
+def test_a_reference_value_for_a_parameter_it_leaves_inactive_is_refused(depth):
+    """It was dropped without a word, even out of range: the reference trained was not the one written."""
+    params = {"router": {"type": "categorical", "choices": ["topk", "hierarchical"]},
+              "num_experts": {"type": "categorical", "choices": [4, 8]},
+              "hierarchy_depth": {"type": "int", "low": 1, "high": 2, "when": {"router": "hierarchical"}}}
+    [problem] = problems_of({**SMALL, "params": params,
+                             "reference": {"router": "topk", "num_experts": 8, "hierarchy_depth": depth}})
+    assert problem.startswith("search_space.reference.hierarchy_depth: ") and "inactive" in problem, problem
+
+
+def test_an_int_step_is_checked_exactly_on_large_ranges():
+    """math.isclose took 500000000.5 steps for a whole number."""
+    seed = {"type": "int", "low": 0, "high": 1_000_000_001, "step": 2}
+    [problem] = problems_of({"base": {**SMALL["base"], "moe": {"router": "hash"}}, "params": {"hash_seed": seed}})
+    assert problem.startswith("search_space.params.hash_seed.step: "), problem
+    seed = {**seed, "high": 1_000_000_000}
+    [problem] = problems_of({"base": {**SMALL["base"], "moe": {"router": "hash"}}, "params": {"hash_seed": seed},
+                             "reference": {"hash_seed": 999_999_999}})
+    assert problem.startswith("search_space.reference.hash_seed: 999999999 is outside"), problem
+
+
+@pytest.mark.parametrize("where", ["derived", "base"])
+def test_balancing_outside_params_is_refused_saying_where_it_goes(where):
+    section = ({"derived": {"balancing": "'aux_free'"}} if where == "derived"
+               else {"base": {**SMALL["base"], "balancing": "aux_free"}})
+    [problem] = problems_of({**SMALL, "params": TOP_K, **section})
+    assert problem.startswith(f"search_space.{where}.balancing: ") and "params" in problem, problem
+    assert "not an architecture" not in problem, problem
+
+
+def test_a_space_without_a_name_is_named_as_its_study_is():
+    from fulu_nas.search.space import UNNAMED
+
+    assert parse_space({**SMALL, "params": TOP_K}).name == UNNAMED == "custom"

@@ -62,10 +62,13 @@ def parse_expression(text: object) -> Expression:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
         raise ExpressionError(f"cannot parse {text!r}: {e.msg}") from None
+    # Only the callee of a call is a function: ``max`` on its own is a name like any other, which the
+    # space then reports as unknown (leaving it out of the names made its evaluation a KeyError).
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
-            if node.id not in _FUNCTIONS:
+            if id(node) not in called:
                 names.add(node.id)
         elif isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS) or node.keywords:

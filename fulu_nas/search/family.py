@@ -60,6 +60,13 @@ class Family:
                 moe[name] = value
         return own, moe
 
+    def fields_set(self, name: str, choices: tuple = ()) -> set[tuple[str, str]]:
+        """The fields that :meth:`split` sets for a parameter or derived value ``name``, as (``own`` or
+        ``moe``, field): a balancing method's fields, for each of its ``choices``."""
+        if name == "balancing":
+            return {("moe", field) for choice in choices for field in BALANCING_METHODS.get(choice, {})}
+        return {("own" if name in self.base_fields else "moe", name)}
+
     def arch(self, base: dict, values: dict[str, Any], task):
         raise NotImplementedError
 

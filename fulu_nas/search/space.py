@@ -40,6 +40,13 @@ from .family import PIMOE, Family
 from .field_types import type_problem
 
 PARAM_TYPES = ("categorical", "int", "float")
+# The name of a space without ``name:``, as the study's default name (conf/study/default.yaml) calls it.
+UNNAMED = "custom"
+# balancing names a set of MoE fields (BALANCING_METHODS), so it is searched, never fixed or derived: a
+# fixed method is the fields it sets.
+_BALANCING_PARAM_ONLY = ("balancing is searched in params only; to fix a method, give base.moe the fields it sets ("
+                         + "; ".join(f"{m}: {', '.join(f'{k}={v}' for k, v in fields.items()) or 'none'}"
+                                     for m, fields in BALANCING_METHODS.items()) + ")")
 _SPACE_KEYS = {"name", "description", "base", "params", "derived", "constraints", "reference"}
 _PARAM_KEYS = {"type", "choices", "low", "high", "log", "step", "when"}
 # The most combinations study.sampler=grid takes: Optuna's grid sampler makes a list of every one (a tuple
@@ -86,7 +93,7 @@ class Param:
             return False  # 3.0 is not an int parameter's value: it would reach the model as a float
         if not self.low <= value <= self.high:
             return False
-        return self.step is None or math.isclose((value - self.low) / self.step, round((value - self.low) / self.step))
+        return self.step is None or _whole_steps(value - self.low, self.step, self.kind)
 
     def grid_values(self) -> list | None:
         """Every value, for the grid sampler (None for a continuous float). Count them first
@@ -109,6 +116,14 @@ class Param:
         if self.kind == "int":
             return int(self.low) + i * int(self.step or 1)
         return self.low + i * self.step
+
+
+def _whole_steps(span: float, step: float, kind: str) -> bool:
+    """Whether ``span`` is a whole number of ``step``: exactly for an int parameter (math.isclose took
+    500000000.5 steps for a whole number), within rounding for a float one."""
+    if kind == "int":
+        return int(span) % int(step) == 0
+    return math.isclose(span / step, round(span / step))
 
 
 def _evaluated(expr, values: Mapping[str, Any], key: str, shown: Mapping[str, Any]):
@@ -209,7 +224,7 @@ class SearchSpace:
         return {p.name: p.grid_values() for p in self.params}
 
 
-def parse_space(data: object, name: str = "space", family: Family = PIMOE) -> SearchSpace:
+def parse_space(data: object, name: str = UNNAMED, family: Family = PIMOE) -> SearchSpace:
     """Validate a space given as a plain mapping (parsed YAML) for the models of ``family`` (the task's);
     every problem names its key."""
     problems: list[str] = []
@@ -227,7 +242,8 @@ def parse_space(data: object, name: str = "space", family: Family = PIMOE) -> Se
         base = {}
     base = dict(base)
     for key in sorted(set(map(str, base)) - family.base_fields - {"moe"}):
-        problems.append(f"search_space.base.{key}: not an architecture field"
+        problems.append(f"search_space.base.{key}: {_BALANCING_PARAM_ONLY}" if key == "balancing" else
+                        f"search_space.base.{key}: not an architecture field"
                         + ("" if family is PIMOE else f" of the {family.name} family ({family.what})"))
     _check_types(base, family.base_fields - family.task_fields, "search_space.base", problems)
     for key in sorted(family.task_fields & set(base)):
@@ -249,6 +265,7 @@ def parse_space(data: object, name: str = "space", family: Family = PIMOE) -> Se
     known = {p.name for p in params} | declared
     derived = _parse_derived(data.get("derived"), known, problems, targets)
     known |= {n for n, _ in derived}
+    _check_set_once(base, params, derived, family, problems)
     constraints = _parse_constraints(data.get("constraints"), known, problems)
     reference = _parse_reference(data.get("reference"), params, declared, problems)
     description = data.get("description", "")
@@ -263,6 +280,24 @@ def parse_space(data: object, name: str = "space", family: Family = PIMOE) -> Se
     if reference is not None and family.probe:
         _check_reference_arch(space)
     return space
+
+
+def _check_set_once(base: dict, params: tuple[Param, ...], derived: tuple, family: Family,
+                    problems: list[str]) -> None:
+    """Each field set in one place. A model applies the fixed values, then the parameters and derived values
+    in the file's order (:meth:`.family.Family.split`), so a field set twice was settled by that order
+    without a word (a sampled value dropped), and the study's fingerprint does not see the order."""
+    setters = [(f"search_space.base.{n}", {("own", n)}) for n in base if n != "moe"]
+    setters += [(f"search_space.base.moe.{n}", {("moe", n)}) for n in base["moe"]]
+    setters += [(f"search_space.params.{p.name}", family.fields_set(p.name, p.choices)) for p in params]
+    setters += [(f"search_space.derived.{n}", family.fields_set(n)) for n, _ in derived]
+    places: dict[tuple[str, str], list[str]] = {}
+    for key, fields_ in setters:
+        for field in fields_:
+            places.setdefault(field, []).append(key)
+    for (_, field), where in places.items():
+        if len(where) > 1:
+            problems.append(f"{where[0]}: {field} is also set by {' and '.join(where[1:])}; set a field in one place")
 
 
 def _check_types(fixed: Mapping, names: set[str], key: str, problems: list[str]) -> None:
@@ -345,7 +380,7 @@ def _parse_params(raw: object, problems: list[str], family: Family) -> tuple[Par
             problems.append(f"{key}.low: must be > 0 with log: true, got {low}")
         if log is True and step is not None and (kind == "float" or step != 1):
             problems.append(f"{key}: step and log: true cannot be combined")
-        if step is not None and low <= high and not math.isclose((high - low) / step, round((high - low) / step)):
+        if step is not None and low <= high and not _whole_steps(high - low, step, kind):
             problems.append(f"{key}.step: high - low ({high - low}) is not a multiple of step ({step})")
         if len(problems) == n_before:
             params.append(Param(name, kind, low=low, high=high, log=log, step=step, when=when))
@@ -383,7 +418,10 @@ def _parse_derived(raw: object, known: set[str], problems: list[str], targets: f
     out = []
     for name, text in raw.items():
         key = f"search_space.derived.{name}"
-        if not isinstance(name, str) or name not in targets or name == "balancing":
+        if name == "balancing":
+            problems.append(f"{key}: {_BALANCING_PARAM_ONLY}")
+            continue
+        if not isinstance(name, str) or name not in targets:
             problems.append(f"{key}: not an architecture or MoE layer field")
             continue
         if name in known:
@@ -438,16 +476,24 @@ def _parse_reference(raw: object, params: tuple[Param, ...], declared: set[str],
         if name not in by_name and name not in declared:
             problems.append(f"search_space.reference.{name}: not a parameter of this space")
     values: dict[str, Any] = {}
+    refused: set[str] = set()
     for p in params:
         if not p.active(values):
+            # A value given would be dropped: the reference trained would not be the one written. Unless a
+            # parent's value was refused already, which is the problem to fix.
+            if p.name in raw and not refused & {parent for parent, _ in p.when}:
+                when = ", ".join(f"{parent} in {list(allowed)}" for parent, allowed in p.when)
+                problems.append(f"search_space.reference.{p.name}: the parameter is inactive for this reference "
+                                f"(its when: {when}); leave it out")
             continue
         if p.name not in raw:
             problems.append(f"search_space.reference.{p.name}: missing (the parameter is active)")
-            continue
-        if not p.contains(raw[p.name]):
+        elif not p.contains(raw[p.name]):
             problems.append(f"search_space.reference.{p.name}: {raw[p.name]!r} is outside the parameter's range")
+        else:
+            values[p.name] = raw[p.name]
             continue
-        values[p.name] = raw[p.name]
+        refused.add(p.name)
     return values
 
 
