@@ -55,6 +55,23 @@ def weights_trained_with_threads(train_once: Callable[[], torch.nn.Module],
     return weights
 
 
+def assert_compiled_trains_as_eager(layer: PiMoELayer, x: torch.Tensor, read_stats: bool = True, rtol: float = 1e-4,
+                                    atol: float = 1e-6) -> None:
+    """Inductor's compiled ``layer`` gives every parameter the eager layer's gradient (nonzero) for the
+    loss ``out^2`` (plus the balance loss when ``read_stats``)."""
+    grads = []
+    for fn in (layer, torch.compile(layer, fullgraph=True)):
+        layer.zero_grad()
+        out, stats = fn(x)
+        (out.square().mean() + (stats["balance_loss"] if read_stats else 0)).backward()
+        grads.append({n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
+    eager, compiled = grads
+    assert eager.keys() == compiled.keys() and "experts.w2_EFD" in eager
+    for name in eager:
+        assert eager[name].abs().sum() > 0, name
+        torch.testing.assert_close(compiled[name], eager[name], rtol=rtol, atol=atol, msg=name)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (for servers and process groups in tests)."""
     with socket.socket() as s:
