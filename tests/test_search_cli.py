@@ -517,3 +517,63 @@ def test_the_command_starts_without_torch_and_a_ctrl_c_while_torch_loads_stops_i
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr and done.stderr.strip() == "interrupted"
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("option", ["inf", "nan", "123", "true", "null"])
+def test_a_group_option_yaml_reads_as_no_string_is_one_message(option, tmp_path, monkeypatch, capsys):
+    """Hydra's ValueError ("Config group override must be a string") was a traceback and exit 1."""
+    work, args = users_space(tmp_path, option, (CONF / "search_space" / "tiny.yaml").read_text())
+    monkeypatch.chdir(work)
+    assert main(["search", *args, "+experiment=tiny"]) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert problem.startswith(f"search_space={option}: ") and f"\"search_space='{option}'\"" in problem, problem
+    assert list(work.iterdir()) == []
+
+
+def test_an_int_parameter_whose_condition_never_holds_is_refused(tmp_path, monkeypatch, capsys):
+    """The same condition on a categorical parameter was refused; on an int one, it was a dead dimension."""
+    params = {"router": categorical("topk", "attention"),
+              "attention_context": categorical(False, True, when={"router": "attention"}),
+              "attention_heads": {"type": "int", "low": 1, "high": 2,
+                                  "when": {"router": "topk", "attention_context": True}}}
+    space = yaml.safe_dump({"name": "mine", "base": BLOCK, "params": params}, sort_keys=False)  # parents first
+    work, args = users_space(tmp_path, "mine", space)
+    monkeypatch.chdir(work)
+    assert main(["search", *args, "task=clusters", "trainer=tiny", "study.n_trials=1"]) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert problem.startswith("search_space.params.attention_heads: ") and "never hold together" in problem, problem
+    assert list(work.iterdir()) == []
+
+
+def test_a_fixed_value_added_for_a_sampled_field_is_refused(tmp_path, monkeypatch, capsys):
+    """The sampled router was trained, the fixed one dropped without a word."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "+experiment=tiny", "+search_space.base.moe.router=hash"]) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert "search_space.base.moe.router" in problem and "search_space.params.router" in problem, problem
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("preset,override,advice", [
+    # a key the space's mapping may hold but does not yet: Hydra's "+" was the right advice
+    ("search_space=default", "search_space.params.hierarchy_depth.step=1",
+     "+search_space.params.hierarchy_depth.step=1"),
+    # an entry that exists (categorical in tiny): a mapping given for it is merged into it, so it is
+    # replaced by removing it first
+    ("+experiment=tiny", "search_space.params.top_k={type:int,low:1,high:2}", "~search_space.params.top_k"),
+])
+def test_a_key_a_space_may_hold_is_not_called_misspelt(preset, override, advice, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", preset, override]) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert problem.startswith(override.split("=")[0] + ": ") and advice in problem, problem
+    assert "spelling" not in problem, problem
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_space_without_a_name_gives_the_study_its_name(tmp_path, monkeypatch):
+    space = yaml.safe_load((CONF / "search_space" / "tiny.yaml").read_text())
+    del space["name"]
+    work, args = users_space(tmp_path, "noname", space)
+    settings = app.preflight([*args, "+experiment=tiny", f"hydra.run.dir={work / 'out'}"])
+    assert settings.study.name == f"{settings.space.name}-clusters", (settings.study.name, settings.space.name)

@@ -25,6 +25,8 @@ BAD_INPUT = 2
 _HYDRA_ONLY = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
                "--version"}
 _MULTIRUN = {"--multirun", "-m"}  # a sweep: every job is checked before Hydra writes any
+# Sections whose every key is in their shipped files: a key Hydra cannot set there is misspelt.
+_FIXED_SCHEMA = ("study.", "trainer.", "tracking.")
 _WITH_VALUE = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--package", "-p",
                "--experimental-rerun"}
 
@@ -80,6 +82,8 @@ def compose_config(overrides: list[str], config_dir: str | None = None, config_n
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
+    if unquoted := _unquoted_options(overrides, config_dir):
+        raise FuluConfigError(unquoted)
     if config_dir:
         overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"]
     GlobalHydra.instance().clear()
@@ -90,6 +94,23 @@ def compose_config(overrides: list[str], config_dir: str | None = None, config_n
     data.pop("hydra", None)
     resolved = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
     return resolved, output_dir
+
+
+def _unquoted_options(overrides: list[str], config_dir: str | None) -> list[str]:
+    """The group options that YAML reads as no string (``search_space=inf``, ``123``, ``true``, ``null``), each
+    with the quoting that makes it one: Hydra refuses them with a bare ValueError naming neither."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = {p.name for root in (CONF_DIR, config_dir) if root for p in Path(root).iterdir() if p.is_dir()}
+    problems = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        value = o.value()
+        if o.key_or_group in groups and not isinstance(value, (str, list)):
+            key, _, text = o.input_line.partition("=")
+            read = "null" if value is None else f"{type(value).__name__} {value!r}"
+            problems.append(f"{o.input_line}: YAML reads the option as {read}: quote it "
+                            f"for Hydra, \"{key}='{text}'\"")
+    return problems
 
 
 def preflight(argv: list[str]):
@@ -170,9 +191,23 @@ def composition_problem(e: Exception, config_dir: str | None) -> str:
         return "; ".join(f"{f}: a config file must map keys to values (its top level is a {kind})"
                          for f, kind in not_mappings)
     if unknown := re.match(r"Could not override '([^']+)'", str(e)):
-        # Hydra's advice, "+key=value" to append it, only moves the refusal: the settings know no such key.
-        return f"{unknown.group(1)}: unknown key (check its spelling)"
+        return _override_problem(unknown.group(1), e)
     return f"configuration: {' '.join(str(e).split())}"
+
+
+def _override_problem(key: str, e: Exception) -> str:
+    """A key Hydra could not set. In a section whose every key is in its shipped file it is misspelt: Hydra's
+    advice, ``+key=value``, only moved the refusal to the settings. Elsewhere (a space's free-form mappings, a
+    task's optional keys) it may only be absent, and then ``+`` adds it; or a mapping given for an existing
+    entry was merged into it and one of its keys is the one missing, so the entry is replaced: removed first."""
+    if key.startswith(_FIXED_SCHEMA):
+        return f"{key}: unknown key (check its spelling)"
+    added = str(e).partition("To append to your config use ")[2].strip() or f"+{key}=VALUE"
+    missing = getattr(e.__cause__, "full_key", key)
+    if missing != key:
+        return (f"{key}: a value given for an existing entry is merged into it, which has no {missing}; to replace "
+                f"the entry, remove it first: ~{key} '{added}'")
+    return f"{key}: not in the configuration yet; add it with {added}"
 
 
 def _files_not_mappings(config_dir: str | None) -> list[tuple[str, str]]:

@@ -5,10 +5,10 @@ A space in which every sample is infeasible (an unknown fixed router, a fixed ``
 categorical choice that is never feasible (a typo in a router name) would silently shrink the
 space. So the space is sampled here as a study samples it, with a fixed seed (the verdict is the
 same every time), and :data:`DRAWS` random draws must find a feasible architecture: for the space,
-and for each choice of each categorical parameter (pinned, with the parents of its ``when``
-pinned to values that make it active). When the whole space fails, each fixed value, parameter
-and derived value is put back to the field's default in turn; those whose default makes the space
-feasible are named as the cause.
+for each choice of each categorical parameter (pinned, with the parents of its ``when``
+pinned to values that make it active), and for each numeric parameter (its parents pinned so).
+When the whole space fails, each fixed value, parameter and derived value is put back to the
+field's default in turn; those whose default makes the space feasible are named as the cause.
 
 A derived value or constraint that cannot be evaluated for some samples (``64 // (num_experts - 5)``)
 is refused as well, naming it and a sample that breaks it: every random draw is evaluated, as a trial
@@ -88,11 +88,11 @@ def check_feasible(space: SearchSpace, task, draws: int = DRAWS) -> None:
     by_name = {p.name: p for p in space.params}
     problems = []
     for p in space.params:
-        for choice in p.choices if p.kind == "categorical" else ():
-            reason = _failure(space, task, rng, draws, lambda p=p, c=choice: _pins(p, c, by_name, rng), p.name)
+        for what, own in _checked_values(p):
+            reason = _failure(space, task, rng, draws, lambda p=p, own=own: _pins(p, own, by_name, rng), p.name)
             if reason is not None:
-                problems.append(f"search_space.params.{p.name}.choices: {choice!r} gives no feasible architecture "
-                                f"in {draws} random draws (first: {reason})")
+                problems.append(f"search_space.params.{p.name}{what} no feasible architecture in {draws} random "
+                                f"draws (first: {reason})")
     if problems:
         raise FuluConfigError(problems)
 
@@ -156,9 +156,18 @@ def _failure(space: SearchSpace, task, rng: random.Random, draws: int, pins: Cal
     return first
 
 
-def _pins(param: Param, choice, by_name: dict[str, Param], rng: random.Random) -> dict:
-    """``param`` pinned to ``choice``, and the parents its ``when`` names (theirs too) to allowed values."""
-    pins, todo = {param.name: choice}, list(param.when)
+def _checked_values(param: Param) -> list[tuple[str, dict]]:
+    """What of ``param`` must give a feasible draw, as (the problem's words, its pins): each choice of a
+    categorical parameter; a numeric one as a whole (whose ``when`` may never hold: a dead dimension)."""
+    if param.kind == "categorical":
+        return [(f".choices: {choice!r} gives", {param.name: choice}) for choice in param.choices]
+    return [(": its values give", {})]
+
+
+def _pins(param: Param, own: dict, by_name: dict[str, Param], rng: random.Random) -> dict:
+    """``own`` (``param`` pinned, or nothing), and the parents its ``when`` names (theirs too) pinned to
+    allowed values."""
+    pins, todo = dict(own), list(param.when)
     while todo:
         parent, allowed = todo.pop()
         if parent not in pins:
