@@ -4,11 +4,13 @@ every problem at once in a :class:`~fulu_nas.errors.FuluConfigError`."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import FuluConfigError
 from .moe.field_types import is_finite_number
 
 if TYPE_CHECKING:
@@ -81,6 +83,71 @@ def sqlite_file(url: str) -> Path:
     """The file of a ``sqlite:///path`` URL, without the query SQLAlchemy hands the driver
     (``?timeout=30``): a check reading ``path?timeout=30`` found no database where the search made one."""
     return Path(url[len("sqlite:///"):].split("?", 1)[0])
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    if url.startswith("journal:"):
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a database URL (http://...): mask user:pass@ by hand
+        scheme, sep, rest = url.partition("://")
+        if sep and "@" in rest.split("/", 1)[0]:
+            creds, host = rest.split("@", 1)
+            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+        return url
+
+
+def check_sqlite_database(path: Path, key: str) -> None:
+    """FuluConfigError unless the existing file ``path`` is a SQLite database (a damaged one, or a folder,
+    failed only once a command had written its folder)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as e:
+        raise FuluConfigError(f"{key}: {path} is not a SQLite database ({e})") from None
+
+
+OPTUNA_TABLES = {"studies", "trials", "version_info"}
+MLFLOW_TABLES = {"experiments"}
+
+
+def sqlite_tables(url: str) -> set[str]:
+    """The tables of the SQLite database of ``url``; none where there is no such file yet."""
+    import sqlite3
+
+    path = sqlite_file(url)
+    if not url.startswith("sqlite:") or not path.is_file():
+        return set()
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def refuse_study_database(tracking_uri: str, key: str) -> None:
+    if OPTUNA_TABLES <= sqlite_tables(tracking_uri):
+        raise FuluConfigError(f"{key}: {mask_url(tracking_uri)} is an Optuna study database, not an MLflow "
+                              "one (a search keeps its runs in mlflow.db)")
+
+
+def check_tracking_database_exists(uri: str, key: str = "tracking.uri") -> None:
+    """FuluConfigError unless a SQLite tracking URI names an existing MLflow database, for the commands that
+    read runs or the registry from it: MLflow opening a SQLite file makes its tables there first, so a
+    missing file became an empty database and a study's optuna.db gained MLflow's tables. Other URIs pass
+    (``search.storage.probe_tracking`` reaches them)."""
+    if not uri.startswith("sqlite:"):
+        return
+    if not sqlite_file(uri).is_file():
+        raise FuluConfigError(f"{key}: {mask_url(uri)}: no such database (is it a search's outputs/STUDY/mlflow.db?)")
+    check_sqlite_database(sqlite_file(uri), key)
+    refuse_study_database(uri, key)
+    if not MLFLOW_TABLES <= sqlite_tables(uri):
+        raise FuluConfigError(f"{key}: {mask_url(uri)} is not an MLflow tracking database (a search keeps its "
+                              "runs in outputs/STUDY/mlflow.db)")
 
 
 def yaml_problem(error: Exception) -> str:

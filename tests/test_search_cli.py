@@ -294,7 +294,8 @@ NUMBERS = [
     ("study.confirm.seeds", "nan"),
     ("task.seq_len", "inf"), ("task.max_operand", "nan"), ("task.expression_rate", "nan"), ("task.data_seed", "nan"),
     ("search_space.base.hidden_size", "nan"), ("+search_space.base.norm_eps", "inf"),
-    ("+search_space.base.moe.aux_loss_coef", "nan"), ("search_space.params.top_k.high", "inf"),
+    # (a field no parameter of the default space sets: aux_loss_coef is its balancing parameter's)
+    ("+search_space.base.moe.routed_scaling_factor", "nan"), ("search_space.params.top_k.high", "inf"),
 ]
 
 

@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..checks import check_tracking_database_exists
 from ..errors import FuluConfigError
 from .export import FINGERPRINT_TAG, check_folder
 from .files import (
@@ -182,8 +183,6 @@ def registry_uri(tracking_uri: str | None) -> str:
     """The tracking server or database that holds the registry: ``tracking_uri``, else
     ``MLFLOW_TRACKING_URI``; a SQLite database must exist and be MLflow's (MLflow would create an empty one,
     or make its tables in the study's optuna.db, before failing)."""
-    from ..search.storage import check_tracking_database_exists
-
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise FuluConfigError("tracking URI: name the registry's tracking server or database with --tracking-uri "

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import optuna
 
-from ..checks import first_few, nonfinite_tensors
+from ..checks import check_tracking_database_exists, first_few, nonfinite_tensors
 from ..deploy.files import sha256_file
 from ..errors import FuluConfigError
 from ..training.train import BudgetCapReached, TrainingDiverged
@@ -38,7 +38,7 @@ from .interrupts import between_writes
 from .locate import StudyLocation, check_recordable, load_study, locate_study, search_settings, split_options
 from .objective import ServedKernels, is_feasible, measure_trial_cost, pareto_front, reference_model, train_architecture
 from .settings import BUDGET_FACTOR_MAX, SearchSettings
-from .storage import check_output_dir, check_tracking_database_exists, mask_url
+from .storage import check_output_dir, mask_url
 from .study import INTERRUPTED, stop_signals_as_interrupt
 from .tracking import WEIGHTS_SHA256_TAG, export_run, quiet_mlflow
 

@@ -15,29 +15,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from ..checks import sqlite_file
+from ..checks import (
+    MLFLOW_TABLES,
+    OPTUNA_TABLES,
+    check_sqlite_database,
+    mask_url,
+    refuse_study_database,
+    sqlite_file,
+    sqlite_tables,
+)
 from ..errors import FuluConfigError
 
 T = TypeVar("T")
 
 _RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+pymysql")
 _TRACKING_SCHEMES = ("http", "https", *_RDB_SCHEMES)
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    if url.startswith("journal:"):
-        return url
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a database URL (http://...): mask user:pass@ by hand
-        scheme, sep, rest = url.partition("://")
-        if sep and "@" in rest.split("/", 1)[0]:
-            creds, host = rest.split("@", 1)
-            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-        return url
 
 
 def journal_path(url: str) -> Path:
@@ -158,17 +150,11 @@ def _check_file_can_be_made(path: Path, key: str) -> None:
 def _probe_sqlite_file(url: str, key: str) -> None:
     """An existing SQLite file must be a database (a damaged one, or a folder, failed only once the
     search had written its folder); one that does not exist yet must be one the command can make."""
-    import sqlite3
-
     path = sqlite_file(url)
     if not path.exists():
         _check_file_can_be_made(path, key)
         return
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            db.execute("PRAGMA schema_version").fetchone()
-    except sqlite3.Error as e:
-        raise FuluConfigError(f"{key}: {path} is not a SQLite database ({e})") from None
+    check_sqlite_database(path, key)
 
 
 def check_sqlite_writable(url: str, key: str) -> None:
@@ -241,21 +227,6 @@ def open_journal(url: str):
         raise FuluConfigError(f"study.storage: {str(path)!r} is not an Optuna journal file ({e})") from None
 
 
-_OPTUNA_TABLES = {"studies", "trials", "version_info"}
-_MLFLOW_TABLES = {"experiments"}
-
-
-def _sqlite_tables(url: str) -> set[str]:
-    """The tables of the SQLite database of ``url``; none where there is no such file yet."""
-    import sqlite3
-
-    path = sqlite_file(url)
-    if _scheme(url) != "sqlite" or not path.is_file():
-        return set()
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
 def _same_database(a: str, b: str) -> bool:
     from sqlalchemy.engine import make_url
 
@@ -275,33 +246,11 @@ def check_separate_databases(storage_url: str, tracking_uri: str) -> None:
     if _same_database(storage_url, tracking_uri):
         raise FuluConfigError(f"study.storage and tracking.uri: both name the database {mask_url(storage_url)}; "
                               "Optuna and MLflow each need their own (a search's defaults: optuna.db and mlflow.db)")
-    _refuse_study_database(tracking_uri, "tracking.uri")
-    tables = _sqlite_tables(storage_url)
-    if _MLFLOW_TABLES <= tables and not _OPTUNA_TABLES <= tables:
+    refuse_study_database(tracking_uri, "tracking.uri")
+    tables = sqlite_tables(storage_url)
+    if MLFLOW_TABLES <= tables and not OPTUNA_TABLES <= tables:
         raise FuluConfigError(f"study.storage: {mask_url(storage_url)} is an MLflow tracking database, not the "
                               "study's (a search keeps its study in optuna.db)")
-
-
-def _refuse_study_database(tracking_uri: str, key: str) -> None:
-    if _OPTUNA_TABLES <= _sqlite_tables(tracking_uri):
-        raise FuluConfigError(f"{key}: {mask_url(tracking_uri)} is an Optuna study database, not an MLflow "
-                              "one (a search keeps its runs in mlflow.db)")
-
-
-def check_tracking_database_exists(uri: str, key: str = "tracking.uri") -> None:
-    """FuluConfigError unless a SQLite tracking URI names an existing MLflow database, for the commands that
-    read runs or the registry from it: MLflow opening a SQLite file makes its tables there first, so a
-    missing file became an empty database and a study's optuna.db gained MLflow's tables. Other URIs pass
-    (:func:`probe_tracking` reaches them)."""
-    if _scheme(uri) != "sqlite":
-        return
-    if not sqlite_file(uri).is_file():
-        raise FuluConfigError(f"{key}: {mask_url(uri)}: no such database (is it a search's outputs/STUDY/mlflow.db?)")
-    _probe_sqlite_file(uri, key)
-    _refuse_study_database(uri, key)
-    if not _MLFLOW_TABLES <= _sqlite_tables(uri):
-        raise FuluConfigError(f"{key}: {mask_url(uri)} is not an MLflow tracking database (a search keeps its "
-                              "runs in outputs/STUDY/mlflow.db)")
 
 
 def check_study_storage_exists(url: str, study_name: str) -> None:
@@ -320,9 +269,9 @@ def check_study_storage_exists(url: str, study_name: str) -> None:
         return
     path = sqlite_file(url)
     _probe_sqlite_file(url, "study.storage")
-    tables = _sqlite_tables(url)
-    if not _OPTUNA_TABLES <= tables:
-        what = "an MLflow tracking database" if _MLFLOW_TABLES <= tables else "not an Optuna study database"
+    tables = sqlite_tables(url)
+    if not OPTUNA_TABLES <= tables:
+        what = "an MLflow tracking database" if MLFLOW_TABLES <= tables else "not an Optuna study database"
         raise FuluConfigError(f"study.storage: {path} is {what}, not the study's (a search keeps its study in "
                               f"optuna.db)")
 
