@@ -213,15 +213,12 @@ class Confirmation:
         keys = {self.key(c, seed) for c, seed in self.plan.runs()}
         return {k: v for k, v in self.study.user_attrs.items() if k in keys}
 
-    def diverged(self, key: str) -> dict | None:
-        """The recorded divergence of run ``key``, if it diverged: its outcome, not a failure to retry."""
-        failure = self.study.user_attrs.get(FAILURE_PREFIX + key)
-        return failure if isinstance(failure, dict) and failure.get("diverged") else None
-
     def todo(self) -> list[tuple[Candidate, int]]:
-        done = self.recorded()
+        """The planned runs without a result or a recorded divergence (that seed's outcome, not a failure
+        to retry); the study's attributes read once (each read is a query of the storage)."""
+        attrs = self.study.user_attrs
         return [(c, seed) for c, seed in self.plan.runs()
-                if (key := self.key(c, seed)) not in done and self.diverged(key) is None]
+                if (key := self.key(c, seed)) not in attrs and not _diverged(attrs.get(FAILURE_PREFIX + key))]
 
     def run(self, n_workers: int = 1) -> int:
         """0 with the summary written; 130 when interrupted (Ctrl-C or SIGTERM; the finished runs stay
@@ -369,7 +366,7 @@ class Confirmation:
             if key in results:
                 continue
             failure = attrs.get(FAILURE_PREFIX + key)
-            if isinstance(failure, dict) and (failure.get("at", 0) >= since or failure.get("diverged")):
+            if isinstance(failure, dict) and (failure.get("at", 0) >= since or _diverged(failure)):
                 failures.append(failure)
             else:
                 missing.append({"trial": c.trial.number, "arch_hash": c.arch_hash, "seed": seed})
@@ -400,6 +397,10 @@ class Confirmation:
                   "see above), so no winner is recorded and the study keeps its previous confirmation, if any; "
                   "run the same command again to train the missing runs", file=sys.stderr)
         return len(missing)
+
+
+def _diverged(failure: object) -> bool:
+    return isinstance(failure, dict) and bool(failure.get("diverged"))
 
 
 def confirm_study(study: optuna.Study, s: SearchSettings, options: ConfirmSettings, progress: bool = True,
