@@ -404,3 +404,63 @@ def test_a_signal_after_the_last_trial_is_no_interrupted_trial(where, tmp_path, 
     parents, trials = _runs(out)
     assert [(r.info.status, r.data.tags.get("fulu.state")) for r in parents] == [("FINISHED", "complete")]
     assert [r.info.status for r in trials] == ["FINISHED"] * 2
+
+
+def test_a_signal_to_the_workers_parent_after_the_last_trial_is_no_interrupted_search(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """With workers, Ctrl-C that reached the parent once it had told the study's last trial (the workers
+    ending their part) exited 130, printing nothing, with the study complete and every run finished."""
+    told: list[int] = []
+    real_report = study_module._report
+
+    def report(bar, t, s):
+        real_report(bar, t, s)
+        told.append(t.number)
+        if len(told) == 2:
+            _signal()
+
+    monkeypatch.setattr(study_module, "_report", report)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    code = run_search(out, "study.n_trials=2", "trainer.steps=10", "study.n_workers=2", *FAST)
+    assert sorted(told) == [0, 1]
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "stopped after the study's last trial: the study is complete" in err and "interrupted" not in err, err
+    study = load_study(out)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    parents, trials = _runs(out)
+    assert [(r.info.status, r.data.tags.get("fulu.state")) for r in parents] == [("FINISHED", "complete")]
+    assert [r.info.status for r in trials] == ["FINISHED"] * 2
+
+
+def test_a_sigterm_to_the_workers_parent_alone_stops_the_workers_and_the_study_resumes(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """SIGTERM to the parent of two workers alone (``docker stop``, ``kill PID``) mid-search: passed on to
+    the workers, whose running trials are failed and queued again; the parent says so and exits 130, and
+    the same command finishes the study."""
+    told: list[int] = []
+    real_report = study_module._report
+
+    def report(bar, t, s):
+        real_report(bar, t, s)
+        told.append(t.number)
+        if len(told) == 1:
+            _signal(signal.SIGTERM)
+
+    monkeypatch.setattr(study_module, "_report", report)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    workers = ("study.n_workers=2", *FAST)
+    assert run_search(out, "study.n_trials=6", "trainer.steps=10", *workers) == 130
+    assert "interrupted: run the same command to resume" in capsys.readouterr().err
+    study = load_study(out)
+    assert not [t.number for t in study.trials if t.state == TrialState.RUNNING]
+    assert sum(objective_module.counts_toward_total(t) for t in study.trials) < 6
+    parents, trials = _runs(out)
+    assert [r.info.run_name for r in parents + trials if r.info.status == "RUNNING"] == []
+    monkeypatch.setattr(study_module, "_report", real_report)
+    assert run_search(out, "study.n_trials=6", "trainer.steps=10", *workers) == 0
+    study = load_study(out)
+    assert sum(objective_module.counts_toward_total(t) for t in study.trials) == 6
+    assert not [t.number for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]

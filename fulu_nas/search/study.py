@@ -590,6 +590,11 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
                 p.send_signal(signal.SIGTERM)
         for p, _ in procs:
             p.wait()
+        if all(p.returncode == 0 for p, _ in procs):
+            # Every worker ended its part: the signal came as the search was ending.
+            return _interrupted(s, study, [])
+        print("interrupted: run the same command to resume (each worker's log says what it stopped)",
+              file=sys.stderr)
         return INTERRUPTED
     finally:
         bar.close()
