@@ -222,3 +222,24 @@ def test_a_tables_routing_accuracy_is_a_number_exactly_where_the_task_labels_dom
     assert bench.main(["nas-table", "--summary", changed, "--space", "tiny", "--task", task]) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+
+def test_a_rows_train_seconds_is_the_training_alone(monkeypatch):
+    """``train_seconds`` is the training's own time, as a search trial records it: it counted building
+    the model and the evaluation too."""
+    import dataclasses
+
+    from fulu_nas.bench import nas_table
+    from fulu_nas.training import train as train_module
+
+    real_train = train_module.train
+
+    def train(model, task, cfg):
+        return dataclasses.replace(real_train(model, task, cfg), seconds=12.5)
+
+    monkeypatch.setattr(train_module, "train", train)
+    s = product_settings("nasbench", "clusters")
+    values = enumerate_space(s.space, s.task)[0]
+    row = nas_table.train_and_evaluate(s, nas_table.Job(values=values, seed=0, budget_factor=1, steps=3))
+    assert row["train_seconds"] == 12.5 and row["steps"] == 3

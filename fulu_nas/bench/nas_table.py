@@ -66,7 +66,6 @@ def train_and_evaluate(s: SearchSettings, job: Job) -> dict:
     values = s.space.with_derived(job.values)
     arch = s.space.arch(values, s.task)
     cfg = replace(s.train, steps=job.steps, seed=job.seed, device="cpu", progress=False)
-    start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = PiMoETransformer(arch)
     result = train(model, s.task, cfg)
@@ -77,7 +76,7 @@ def train_and_evaluate(s: SearchSettings, job: Job) -> dict:
             "metric": quality[s.task.metric_name], "routing_accuracy": quality.get("routing_accuracy"),
             "load_balance": quality["load_balance"], "active_params": counts["active"], "total_params": counts["total"],
             "flops_per_token": float(model.flops_per_token(s.task.seq_len)),
-            "train_seconds": time.perf_counter() - start}
+            "train_seconds": result.seconds}
 
 
 def _run(space: str, task: str, job: Job) -> dict:
