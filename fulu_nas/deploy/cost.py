@@ -39,24 +39,32 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of live tensor memory allocated while ``fn()`` runs on the CPU, from torch.profiler's
-    allocation events (allocations and frees in time order, cumulative).
+    """Peak of live tensor memory allocated on the CPU while ``fn()`` runs, from torch.profiler's
+    allocation records: every allocation and free at its own time, cumulative. (Each op's net memory
+    summed at the op's start cancelled a temporary that the op freed before returning, such as
+    cross_entropy's log_softmax.)
 
     Kineto, the profiler's C++ backend, writes "USDT: ... profiler_start" and "profiler_stop" lines to
     the process's stderr on every profile at any log level below 6, which breaks a progress bar. Its
     own switch, ``KINETO_LOG_LEVEL``, is read once, when the process first profiles: it is set to 6
     (silent) here unless the user chose a level."""
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Each op's own allocations (self usage, so nested ops count once) and the frees ("[memory]"
-    # events, negative), in time order.
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    # The raw event tree (what torch's own memory profiler reads): allocations are leaves of the op
+    # that made them, a free is negative.
+    pending, allocations = list(prof.profiler.kineto_results.experimental_event_tree()), []
+    while pending:
+        event = pending.pop()
+        pending += event.children
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append(event)
     live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
+    for event in sorted(allocations, key=lambda e: e.start_time_ns):
+        live += event.extra_fields.alloc_size
         peak = max(peak, live)
     return peak
 
@@ -145,6 +153,19 @@ class _GraphReplay:
     def __call__(self) -> torch.Tensor:
         self.graph.replay()
         return self.out
+
+    def eager_peak_bytes(self) -> int:
+        """Peak memory of one eager call of the served copy above what was allocated before it: the
+        activations the graph's pool holds. A replay allocates nothing (the pool was taken at capture),
+        so a peak read around one was 0 for every model."""
+        device = self.tokens.device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        with torch.no_grad():
+            self.served(self.tokens)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
 
 
 class _Clock:
@@ -271,11 +292,7 @@ def _measure(model: PiMoETransformer, batch_shapes: list[tuple[int, int]], warmu
                 round_ratios.append(pair_ratio(times["model"], times["reference"]))
         seconds["timing"] += clock.lap()
         if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            calls["model"]()
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) - base
+            peak = calls["model"].eager_peak_bytes()
         else:
             peak = cpu_peak_bytes(calls["model"])
         seconds["memory"] += clock.lap()
