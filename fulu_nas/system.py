@@ -2,16 +2,17 @@
 
 A thin, honest wrapper around :class:`fulu_nas.moe.PiMoELayer`. Each keyword of the spec maps to a
 real mechanism (see ``FEATURES`` and docs/system.md); every figure the system
-reports is measured on the call that reports it.
+reports is measured on the call that reports it (CPU memory: on one more, untimed, forward of the same
+input; see ``UltimatePiMoESystem._memory``).
 """
 
 from __future__ import annotations
 
 import numbers
 import operator
-import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import fields
 from enum import Enum
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import device_problem
+from .deploy.cost import cpu_peak_bytes
 from .deploy.cuda_graphs import GraphedForward
 from .moe import MoEConfig, PiMoELayer
 
@@ -62,9 +64,9 @@ FEATURES = {
                                 "of the per-expert loop",
     "adaptive_learning": "auxiliary-loss-free balancing: a selection bias that adapts to the "
                          "load after every optimizer step (system.update_after_step())",
-    "hardware_optimization": "on CUDA: bf16 weights and activations (the grouped GEMM's tensor-core "
-                             "path) and TF32 for remaining fp32 matmuls; on CPU fp32 is already "
-                             "the fast path",
+    "hardware_optimization": "on CUDA: bf16 weights and activations at ADVANCED and EXTREME (the "
+                             "grouped GEMM's tensor-core path) and TF32 for remaining fp32 matmuls; "
+                             "on CPU fp32 is already the fast path",
 }
 
 
@@ -129,7 +131,19 @@ def _resolve_device(device: str | torch.device | int | None) -> torch.device:
         return torch.device("cpu")
     if problem := device_problem(device, "device"):
         raise ValueError(problem)
-    return torch.device(device)
+    target = torch.device(device)
+    if target.type == "meta":  # tensors without values: the first forward would fail inside torch
+        raise ValueError(f"device: {device!r}: a meta device holds no values and cannot run a "
+                         f"forward (use 'cpu' or 'cuda')")
+    return target
+
+
+def casts_to_bf16(device: torch.device, level: OptimizationLevel, hardware_optimization: bool) -> bool:
+    """Whether hardware optimisation makes the system bf16: on CUDA, for the grouped GEMM's tensor-core
+    path (ADVANCED, EXTREME) only; BASIC and ENHANCED stay fp32. The constructor and
+    ``optimize_for_inference`` both ask, so a system is served in the dtype it was built in."""
+    return (device.type == "cuda" and hardware_optimization
+            and level in (OptimizationLevel.ADVANCED, OptimizationLevel.EXTREME))
 
 
 def _sync(device: torch.device) -> None:
@@ -139,6 +153,15 @@ def _sync(device: torch.device) -> None:
 
 def _host_stat(t: Tensor) -> float | list[float]:
     return t.tolist() if t.dim() else float(t)
+
+
+def _tokens(input_tensor: Tensor) -> int:
+    """batch * seq of an input that is measured, or ValueError: a throughput of no tokens is no figure."""
+    tokens = input_tensor.shape[0] * input_tensor.shape[1]
+    if not tokens:
+        raise ValueError(f"input_tensor has no tokens (shape {tuple(input_tensor.shape)}): there is "
+                         f"nothing to measure")
+    return tokens
 
 
 class UltimatePiMoESystem(nn.Module):
@@ -176,23 +199,13 @@ class UltimatePiMoESystem(nn.Module):
 
     def forward(self, input_tensor: Tensor, return_comprehensive_info: bool = False,
                 token_ids: Tensor | None = None):
-        if not isinstance(input_tensor, Tensor):
-            raise TypeError(f"input_tensor must be a torch.Tensor, got {type(input_tensor).__name__}")
+        self._check_input(input_tensor)
         if problems := flag_problems({"return_comprehensive_info": return_comprehensive_info}):
             raise ValueError(problems[0])
-        if not input_tensor.is_floating_point():
-            # The output comes back in the input's dtype: integers would round it to zeros.
-            raise TypeError(f"input_tensor must be a floating-point tensor (float32, float64, "
-                            f"float16 or bfloat16), got {input_tensor.dtype}")
-        if input_tensor.dim() != 3:
-            raise ValueError(f"input_tensor must have rank 3 (batch, seq, hidden), got shape "
-                             f"{tuple(input_tensor.shape)}")
-        if input_tensor.shape[-1] != self.config.hidden_size:
-            raise ValueError(f"input_tensor's last dimension must be hidden_size="
-                             f"{self.config.hidden_size}, got {input_tensor.shape[-1]}")
         x = input_tensor.to(self.dtype)
         if not return_comprehensive_info:
             return self._forward(x, token_ids).to(input_tensor.dtype)
+        tokens = _tokens(input_tensor)
         device = self.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -201,13 +214,12 @@ class UltimatePiMoESystem(nn.Module):
         out = self._forward(x, token_ids)
         _sync(device)
         elapsed = time.perf_counter() - start
-        tokens = input_tensor.shape[0] * input_tensor.shape[1]
         info = {
             "performance_metrics": {
                 "latency_ms": elapsed * 1e3,
                 "throughput_tokens_per_s": tokens / elapsed,
                 "tokens": tokens,
-                **self._memory(device),
+                **self._memory(lambda: self._run(x, token_ids)),
             },
             "routing_info": {
                 "router": self.config.router,
@@ -219,23 +231,45 @@ class UltimatePiMoESystem(nn.Module):
         }
         return out.to(input_tensor.dtype), info
 
+    def _check_input(self, input_tensor: Tensor) -> None:
+        if not isinstance(input_tensor, Tensor):
+            raise TypeError(f"input_tensor must be a torch.Tensor, got {type(input_tensor).__name__}")
+        if not input_tensor.is_floating_point():
+            # The output comes back in the input's dtype: integers would round it to zeros.
+            raise TypeError(f"input_tensor must be a floating-point tensor (float32, float64, "
+                            f"float16 or bfloat16), got {input_tensor.dtype}")
+        if input_tensor.dim() != 3:
+            raise ValueError(f"input_tensor must have rank 3 (batch, seq, hidden), got shape "
+                             f"{tuple(input_tensor.shape)}")
+        if input_tensor.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"input_tensor's last dimension must be hidden_size="
+                             f"{self.config.hidden_size}, got {input_tensor.shape[-1]}")
+
     def _forward(self, x: Tensor, token_ids: Tensor | None) -> Tensor:
+        """One call of the system: its output, and its statistics kept as the last call's."""
         self._calls += 1
-        if self._inference:
-            with torch.inference_mode():
-                out, self.last_stats = self._runner(x, token_ids)
-                # Out of CUDA-graph-owned memory, which the next call rewrites (the statistics stay
-                # there: they are the last call's).
-                return out.clone()
-        out, self.last_stats = self._runner(x, token_ids)
+        out, self.last_stats = self._run(x, token_ids)
         return out
 
-    @staticmethod
-    def _memory(device: torch.device) -> dict[str, float]:
+    def _run(self, x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The runner's output and statistics, nothing recorded (what a memory measurement runs)."""
+        if self._inference:
+            with torch.inference_mode():
+                out, stats = self._runner(x, token_ids)
+                # Out of CUDA-graph-owned memory, which the next call rewrites (the statistics stay
+                # there: they are the last call's).
+                return out.clone(), stats
+        return self._runner(x, token_ids)
+
+    def _memory(self, run: Callable[[], object]) -> dict[str, float]:
+        """On CUDA the allocator's peak since the caller reset it. The CPU allocator keeps no peak:
+        torch.profiler's allocation events give the tensor memory one more call of ``run`` (a forward
+        of the measured input, in the same grad mode) allocates at its peak, as a search's trial
+        measures it; not the call that is timed, which the profiler would slow down."""
+        device = self.device
         if device.type == "cuda":
             return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
-        # The CPU allocator keeps no per-call peak; the process's peak resident set is measured.
-        return {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return {"forward_peak_memory_mb": cpu_peak_bytes(run) / 2**20}
 
     @property
     def balance_loss(self) -> Tensor:
@@ -270,7 +304,8 @@ class UltimatePiMoESystem(nn.Module):
         return {"moe": self.config.to_dict(), "optimization_level": self.optimization_level.value}
 
     def optimize_for_inference(self) -> UltimatePiMoESystem:
-        """Eval mode, no autograd; on CUDA bf16 (hardware optimisation), and for EXTREME the compiled
+        """Eval mode, no autograd; on CUDA ADVANCED and EXTREME in bf16 (hardware optimisation, as
+        :func:`casts_to_bf16` decides at build time too), and for EXTREME the compiled
         forward replayed from one CUDA graph per input shape
         (:class:`~fulu_nas.deploy.cuda_graphs.GraphedForward`: less host work per call than
         cudagraph trees; each new input shape is compiled and captured once and keeps its graph's
@@ -287,7 +322,7 @@ class UltimatePiMoESystem(nn.Module):
         self.eval()
         self.requires_grad_(False)
         cuda = self.device.type == "cuda"
-        if cuda and self.features["hardware_optimization"]:
+        if casts_to_bf16(self.device, self.optimization_level, self.features["hardware_optimization"]):
             self.to(torch.bfloat16)
         if cuda and self.optimization_level is OptimizationLevel.EXTREME:
             self._set_runner(GraphedForward(torch.compile(self.layer, fullgraph=True)))
@@ -314,9 +349,12 @@ class UltimatePiMoESystem(nn.Module):
     @torch.no_grad()
     def benchmark_system(self, input_tensor: Tensor, num_iterations: int = 100,
                          warmup: int = 10) -> dict[str, float]:
-        """Time ``num_iterations`` forwards after ``warmup`` (seconds; tokens = batch * seq)."""
+        """Time ``num_iterations`` forwards after ``warmup`` (seconds; tokens = batch * seq), and the
+        peak memory (see :meth:`_memory`: on CUDA over the timed forwards, on the CPU of one more)."""
         num_iterations = _int_argument(num_iterations, "num_iterations")
         warmup = _int_argument(warmup, "warmup", minimum=0)
+        self._check_input(input_tensor)
+        tokens = _tokens(input_tensor)
         device = self.device
         for _ in range(warmup):
             self(input_tensor)
@@ -329,7 +367,6 @@ class UltimatePiMoESystem(nn.Module):
             self(input_tensor)
             _sync(device)
             times.append(time.perf_counter() - start)
-        tokens = input_tensor.shape[0] * input_tensor.shape[1]
         average = statistics.fmean(times)
         return {
             "average_time": average,
@@ -339,7 +376,7 @@ class UltimatePiMoESystem(nn.Module):
             "throughput": tokens / average,
             "tokens": tokens,
             "num_iterations": num_iterations,
-            **self._memory(device),
+            **self._memory(lambda: self._run(input_tensor.to(self.dtype), None)),
         }
 
 
@@ -420,7 +457,8 @@ def create_ultimate_pimoe_system(
                                RoutingStrategy.ATTENTION_BASED)
     # Dynamic top-p and the adaptive bias need per-expert scores; expert choice is dynamic by
     # construction and hash routing is fixed, so for those the flags have nothing to switch.
-    features["dynamic_scaling"] &= score_based
+    # Top-p keeps a token's one slot whatever its mass: with top_k=1 it selects nothing.
+    features["dynamic_scaling"] &= score_based and top_k > 1
     features["adaptive_learning"] &= score_based
     kw: dict[str, Any] = dict(
         hidden_size=hidden_size, num_experts=num_experts, top_k=top_k,
@@ -442,6 +480,6 @@ def create_ultimate_pimoe_system(
     system.to(target)
     if target.type == "cuda" and features["hardware_optimization"]:
         torch.backends.cuda.matmul.allow_tf32 = True
-        if level in (OptimizationLevel.ADVANCED, OptimizationLevel.EXTREME):
-            system.to(torch.bfloat16)
+    if casts_to_bf16(target, level, features["hardware_optimization"]):
+        system.to(torch.bfloat16)
     return system

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ def test_spec_example_attention_advanced_all_features():
     perf = info["performance_metrics"]
     assert perf["latency_ms"] > 0 and perf["tokens"] == 20
     assert perf["throughput_tokens_per_s"] == pytest.approx(20 / (perf["latency_ms"] / 1e3))
-    assert perf["process_peak_rss_mb"] > 0
+    assert perf["forward_peak_memory_mb"] > 0
     routing = info["routing_info"]
     assert routing["router"] == "attention" and len(routing["tokens_per_expert"]) == 8
     assert 0 < routing["load_balance"] <= 1 and 0 < routing["utilisation"] <= 1
@@ -107,6 +109,22 @@ def test_flags_without_meaning_for_a_router_are_reported_off():
     assert not feats["dynamic_scaling"] and not feats["adaptive_learning"]
     assert feats["cross_expert_communication"]
     assert system(torch.randn(1, 4, 64)).shape == (1, 4, 64)
+
+
+@pytest.mark.parametrize("strategy", ["topk", "hierarchical", "attention"])
+def test_dynamic_scaling_with_one_expert_per_token_is_reported_off(strategy):
+    """Top-p keeps a token's one slot whatever its mass: with top_k=1 it selects nothing."""
+    x = torch.randn(1, 6, 64)
+    outs = []
+    for scaling in (True, False):
+        torch.manual_seed(0)
+        system = small(routing_strategy=strategy, top_k=1, enable_dynamic_scaling=scaling)
+        assert system.system_stats()["features"]["dynamic_scaling"] is False
+        assert system.config.top_p is None
+        outs.append(system(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert small(routing_strategy=strategy, top_k=2, enable_dynamic_scaling=True).system_stats()["features"][
+        "dynamic_scaling"]
 
 
 @pytest.mark.parametrize(("kwargs", "named"), [
@@ -218,6 +236,13 @@ def test_unknown_device_is_named():
         small(device=3.5)
 
 
+@pytest.mark.parametrize("device", ["meta", torch.device("meta")])
+def test_a_device_that_cannot_run_a_forward_is_refused(device):
+    with pytest.raises(ValueError, match=r"^device: .*meta.*: a meta device holds no values and cannot run a "
+                                         r"forward \(use 'cpu' or 'cuda'\)$"):
+        small(device=device)
+
+
 def test_cpu_device_by_name_or_object():
     assert small(device="cpu").device == torch.device("cpu")
     assert small(device=torch.device("cpu")).device == torch.device("cpu")
@@ -274,3 +299,65 @@ def test_the_architecture_search_flag_records_the_architecture_in_the_info(searc
         assert info["system_stats"]["architecture"] == system.architecture()
     else:
         assert "architecture" not in info["system_stats"]
+
+
+def test_the_cpu_memory_figure_is_the_peak_of_a_forward_of_that_input():
+    """Not the process's peak resident set, which any earlier allocation raises for good."""
+    from fulu_nas.deploy.cost import cpu_peak_bytes
+
+    system = small()
+    x = torch.randn(2, 16, 64)
+    _, info = system(x, return_comprehensive_info=True)
+    figure = info["performance_metrics"]["forward_peak_memory_mb"]
+    assert "process_peak_rss_mb" not in info["performance_metrics"]
+    assert figure == cpu_peak_bytes(lambda: system.layer(x)) / 2**20 > 0
+    unrelated = torch.ones(64 * 2**20 // 4)  # 64 MiB the system has nothing to do with
+    del unrelated
+    _, info = system(x, return_comprehensive_info=True)
+    assert info["performance_metrics"]["forward_peak_memory_mb"] == figure
+    _, info = system(torch.randn(8, 64, 64), return_comprehensive_info=True)
+    assert info["performance_metrics"]["forward_peak_memory_mb"] > figure
+    # The measuring forward is no call of the system's: the statistics and the count are the timed call's.
+    assert sum(info["routing_info"]["tokens_per_expert"]) == 8 * 64 * 2
+    assert info["system_stats"]["forward_calls"] == 3
+    results = system.benchmark_system(x, num_iterations=2, warmup=0)
+    with torch.no_grad():
+        assert results["forward_peak_memory_mb"] == cpu_peak_bytes(lambda: system.layer(x)) / 2**20 > 0
+    assert system.system_stats()["forward_calls"] == 5
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 64), (2, 0, 64)])
+def test_an_input_without_tokens_is_refused_where_throughput_is_reported(shape):
+    system = small()
+    x = torch.randn(shape)
+    for measure in (lambda: system(x, return_comprehensive_info=True),
+                    lambda: system.benchmark_system(x, num_iterations=2, warmup=1)):
+        with pytest.raises(ValueError, match=rf"^input_tensor has no tokens \(shape {re.escape(str(shape))}\)"):
+            measure()
+    assert system.system_stats()["forward_calls"] == 0
+    assert system(x).shape == shape  # a plain forward of no tokens is an empty output, not a measurement
+
+
+@pytest.mark.parametrize("level", list(OptimizationLevel))
+def test_serving_on_cuda_keeps_the_dtype_the_level_was_built_with(level, monkeypatch):
+    """Hardware optimisation makes ADVANCED and EXTREME bf16 when built on CUDA; BASIC and ENHANCED
+    stay fp32, and optimize_for_inference() must not cast them either. The device is faked: the cast
+    is decided by the device, the level and the flag."""
+    from fulu_nas.system import UltimatePiMoESystem
+
+    system = small(optimization_level=level, enable_hardware_optimization=True)
+    monkeypatch.setattr(UltimatePiMoESystem, "device", property(lambda self: torch.device("cuda")))
+    system.optimize_for_inference()
+    bf16 = level in (OptimizationLevel.ADVANCED, OptimizationLevel.EXTREME)
+    assert system.dtype == (torch.bfloat16 if bf16 else torch.float32)
+
+
+@pytest.mark.parametrize("level", list(OptimizationLevel))
+def test_build_and_serve_decide_the_bf16_cast_alike(level):
+    """The one decision both the constructor and optimize_for_inference() take."""
+    from fulu_nas.system import casts_to_bf16
+
+    cuda = torch.device("cuda")
+    assert casts_to_bf16(cuda, level, True) is (level in (OptimizationLevel.ADVANCED, OptimizationLevel.EXTREME))
+    assert not casts_to_bf16(cuda, level, False)
+    assert not casts_to_bf16(torch.device("cpu"), level, True)
