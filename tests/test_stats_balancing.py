@@ -244,3 +244,18 @@ def test_statistics_pickle_as_their_values():
     for key in STAT_KEYS:
         torch.testing.assert_close(loaded[key], stats[key].detach())
         assert not loaded[key].requires_grad
+
+
+@pytest.mark.parametrize("capacity_factor, experts", [(None, 2), (0.5, 0.5), (1.0, 1), (4.0, 4), (16.0, 8)])
+def test_expert_choice_active_parameters_follow_its_capacity(capacity_factor, experts):
+    """Under expert choice a token uses capacity_factor experts on average (top_k without one, all of
+    them at most), as its FLOPs count: the active count charged top_k whatever the factor."""
+    layer = make_layer("expert_choice", num_experts=8, top_k=2, capacity_factor=capacity_factor)
+    counts = layer.parameter_counts()
+    expert = 32 * 96 + 48 * 32
+    router = 8 * 32
+    assert counts["total"] == 8 * expert + router
+    assert counts["active"] == round(experts * expert) + router
+    seq = 64  # the capacity of 64 tokens over 8 experts is exact for every factor above
+    routed_flops = layer.flops_per_token(seq) - 2 * router
+    assert routed_flops == pytest.approx(2 * (counts["active"] - router))

@@ -219,6 +219,13 @@ class MoEConfig:
         capacity = _max(1, (ratio.numerator * slots + denominator - 1) // denominator)
         return _min(num_tokens, capacity)  # an expert takes a token once at most
 
+    def experts_per_token(self) -> float:
+        """The routed experts a token uses on average: ``top_k``; under expert choice the capacity
+        factor (``top_k`` without one), as the capacity shares the experts out, and all of them at most."""
+        per_token = self.capacity_factor if self.router == "expert_choice" and self.capacity_factor is not None \
+            else self.top_k
+        return min(per_token, self.num_experts)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["hierarchy_groups"] = list(self.hierarchy_groups)

@@ -439,7 +439,7 @@ class ExpertParallelMoE(PiMoELayer):
         per_expert = sum(p[0].numel() for p in self.experts.parameters())
         E = self.cfg.num_experts
         total = sum(p.numel() for p in self.parameters()) + per_expert * (E - self.local_experts)
-        active = total - per_expert * (E - min(self.cfg.top_k, E))
+        active = total - round(per_expert * (E - self.cfg.experts_per_token()))
         return {"total": total, "active": active}
 
     def remap_experts(self, source: list[int], noise: float = 0.0):

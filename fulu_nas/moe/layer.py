@@ -466,8 +466,9 @@ class PiMoELayer(nn.Module):
         return 2 * (router + routed + shared)
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total parameters, and parameters a token activates (router, shared, top_k experts)."""
+        """Total parameters, and parameters a token activates on average (router, shared, the experts
+        of :meth:`MoEConfig.experts_per_token`)."""
         total = sum(p.numel() for p in self.parameters())
         per_expert = sum(p[0].numel() for p in self.experts.parameters())
-        active = total - per_expert * (self.cfg.num_experts - min(self.cfg.top_k, self.cfg.num_experts))
+        active = total - round(per_expert * (self.cfg.num_experts - self.cfg.experts_per_token()))
         return {"total": total, "active": active}
