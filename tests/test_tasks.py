@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import re
 import string
+import sysconfig
 
 import pytest
 import torch
@@ -316,6 +319,19 @@ def test_pimoe_exact_match_generated():
 
 # --- textlm ------------------------------------------------------------------------------------
 
+
+@pytest.mark.parametrize("params", [dict(seq_len=10, val_sequences=4), dict(seq_len=12, val_sequences=2,
+                                                                          expression_rate=0.01)])
+def test_pimoe_a_validation_set_without_a_complete_expression_is_refused(params):
+    """exact_match would be 0 / 0: a measurement of nothing, which read as the worst score."""
+    with pytest.raises(FuluConfigError) as err:
+        PiMoEMixTask(**params)
+    [problem] = err.value.problems
+    assert problem.startswith("val_sequences too few: the validation set (") and "no complete expression" in problem
+    assert f"seq_len={params['seq_len']}" in problem and f"{params['val_sequences']} windows" in problem
+    assert PiMoEMixTask(seq_len=10, val_sequences=64).val_batches(64)  # more windows hold some
+
+
 def bits_per_byte(task: TextLMTask, logits_fn) -> float:
     num = den = 0.0
     for batch in task.val_batches(64):
@@ -422,6 +438,61 @@ def test_textlm_path_of_an_unknown_users_home_is_refused_naming_it():
     with pytest.raises(FuluConfigError, match=r"path '~no-such-user-fulu/corpus': its home folder is unknown"):
         TextLMTask(path="~no-such-user-fulu/corpus")
 
+
+
+def test_textlm_corpus_sha256_is_the_bytes_and_names_read_and_the_split(tmp_path):
+    """The corpus is known by its content: the same files in another folder are the same corpus; other
+    bytes, another name, another split or a cut elsewhere are another."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        root.mkdir()
+        write_corpus(root, n_files=4)
+    digest = TextLMTask(path=str(a), seq_len=16).corpus_sha256
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    assert TextLMTask(path=str(b), seq_len=16).corpus_sha256 == digest
+    others = {TextLMTask(path=str(a), seq_len=16, val_fraction=0.3).corpus_sha256,
+              TextLMTask(path=str(a), seq_len=16, data_seed=1).corpus_sha256,
+              TextLMTask(path=str(a), seq_len=16, max_bytes=500).corpus_sha256}
+    (b / "f1.txt").write_bytes(b"z" * 300)  # the same size, other bytes
+    others.add(TextLMTask(path=str(b), seq_len=16).corpus_sha256)
+    (b / "f1.txt").rename(b / "g1.txt")
+    others.add(TextLMTask(path=str(b), seq_len=16).corpus_sha256)
+    assert len(others) == 5 and digest not in others
+
+
+def test_textlm_relative_and_home_paths_are_resolved(tmp_path, monkeypatch):
+    """A path as typed would name another folder for a command run elsewhere (confirm, export, a worker)."""
+    (tmp_path / "corpus").mkdir()
+    write_corpus(tmp_path / "corpus", n_files=4)
+    absolute = str((tmp_path / "corpus").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert TextLMTask(path="corpus", seq_len=16).path == absolute
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert TextLMTask(path="~/corpus/../corpus", seq_len=16).path == absolute
+
+
+def test_textlm_reads_a_file_whose_name_is_not_utf8(tmp_path):
+    """A Latin-1 file name (older archives, copies from other systems): split by its name's bytes."""
+    (tmp_path / "a.txt").write_bytes(b"a" * 3000)
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"b" * 3000)
+    task = TextLMTask(path=str(tmp_path), seq_len=16, val_fraction=0.5)
+    names = task.train_files + task.val_files
+    assert sorted(names) == ["a.txt", "caf\udce9.txt"]
+    assert json.loads(json.dumps(names)) == names
+    unit = int.from_bytes(hashlib.sha256(b"0:caf\xe9.txt").digest()[:8], "little") / 2**64
+    a_unit = int.from_bytes(hashlib.sha256(b"0:a.txt").digest()[:8], "little") / 2**64
+    if (unit < 0.5) != (a_unit < 0.5):  # no fix-up needed: the rule applies as is
+        assert ("caf\udce9.txt" in task.val_files) == (unit < 0.5)
+
+
+def test_textlm_standard_library_without_py_files_is_refused_naming_it(tmp_path, monkeypatch):
+    """A Python installed without its sources (byte-code only, a zipped standard library)."""
+    paths = sysconfig.get_paths()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {**paths, "stdlib": str(tmp_path)})
+    with pytest.raises(FuluConfigError, match=re.escape(
+            f"path None reads the standard library's .py files, and {str(tmp_path)!r} has none")):
+        TextLMTask(seq_len=16)
 
 # --- build_task --------------------------------------------------------------------------------
 

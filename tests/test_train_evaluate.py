@@ -13,7 +13,8 @@ import torch
 from fulu_nas.deploy.cost import measure_cost, robust_spread
 from fulu_nas.models import ArchConfig, PiMoETransformer
 from fulu_nas.moe import ROUTERS, MoEConfig
-from fulu_nas.tasks import ClustersTask, PiMoEMixTask
+from fulu_nas.tasks import IGNORE, ClustersTask, PiMoEMixTask
+from fulu_nas.tasks._common import accuracy_counts
 from fulu_nas.training.dynamic_experts import DynamicExperts, DynamicExpertsConfig, Probe
 from fulu_nas.training.evaluate import evaluate, match_experts_to_domains, routing_accuracy
 from fulu_nas.training.train import BudgetCapReached, TrainConfig, TrainingDiverged, lr_factor, train
@@ -115,6 +116,24 @@ def test_evaluate_scores_routing_over_the_domains_in_the_validation_set():
         hits = sum(C[k, e] for e, d in enumerate(layer["expert_domains"]) if d == k)
         assert layer["routing_accuracy_per_domain"][task.domain_names[k]] == pytest.approx(float(hits / C[k].sum()))
 
+
+
+class ClustersWithDomainAccuracy(ClustersTask):
+    """Clusters with a second metric: token accuracy on the tokens of domain 0 alone."""
+
+    def metric_counts(self, logits, batch):
+        in_domain_0 = batch.targets.masked_fill(batch.domains != 0, IGNORE)
+        return {**super().metric_counts(logits, batch), "domain_0_accuracy": accuracy_counts(logits, in_domain_0)}
+
+
+def test_a_metric_measured_on_no_position_is_nan_not_zero():
+    """0 / 0 is no measurement: 0 read as the worst score (a study optimising it compared constants);
+    NaN fails a trial that optimises it, with its reason."""
+    task = ClustersWithDomainAccuracy(num_domains=8, val_sequences=4)
+    assert not any((b.domains == 0).any() for b in task.val_batches(64))  # 3, 5 and 6 only
+    result = evaluate(clusters_model(task, seed=1), task)
+    assert math.isnan(result["domain_0_accuracy"])
+    assert 0.0 <= result["accuracy"] <= 1.0
 
 # -- training ---------------------------------------------------------------------------------------
 

@@ -3,8 +3,9 @@ an upcycling search (``fulu-nas search task=upcycle model=PATH``).
 
 The model: :class:`~.encoder.DenseEncoder` (``model``: its ``save_pretrained`` folder, whose safetensors
 files are checked to read as such first; ``model_path`` is the folder resolved to an absolute path). The corpus:
-``textlm``'s (``path``: None for the running Python's standard library, a file or a folder; split into
-training and validation by file, :func:`~fulu_nas.tasks.textlm.read_split_corpus`), decoded as UTF-8.
+``textlm``'s (``path``: None for the running Python's standard library, a file or a folder, resolved to an
+absolute path; split into training and validation by file, :func:`~fulu_nas.tasks.textlm.read_split_corpus`;
+known by its content, ``corpus_sha256``), decoded as UTF-8.
 
 Tokens (``tokenizer``):
 
@@ -98,13 +99,15 @@ class UpcycleTask(Task):
         self.model_path = self.encoder.path
         self.vocab_size = self.encoder.shape.vocab_size
         self.seq_len, self.mask_rate, self.data_seed = int(seq_len), float(mask_rate), int(data_seed)
-        self.path = None if path is None else str(path)
         self.tokenizer_kind = self._choose_tokenizer(tokenizer)
         self.encoder.check_length(self.seq_len)
         self._set_tokens()
-        _, _, train, val = read_split_corpus(self.path, int(max_bytes), float(val_fraction), self.data_seed)
-        self.train_ids_N = self._encode(train)
-        self.val_ids_N = self._encode(val)[:int(max_val_tokens)]
+        corpus = read_split_corpus(None if path is None else str(path), int(max_bytes), float(val_fraction),
+                                   self.data_seed)
+        # the folder resolved, and the corpus known by its content (as textlm's: a search tells data apart by it)
+        self.path, self.corpus_sha256 = corpus.path, corpus.sha256
+        self.train_ids_N = self._encode(corpus.train)
+        self.val_ids_N = self._encode(corpus.val)[:int(max_val_tokens)]
         where = "the standard library's .py files" if self.path is None else f"path {self.path!r}"
         if self.train_ids_N.numel() < self.body_len + 1:
             raise FuluConfigError(f"seq_len={self.seq_len} is too long for {where}: only {self.train_ids_N.numel()} "
@@ -227,5 +230,6 @@ class UpcycleTask(Task):
 
     def describe(self) -> dict:
         return {**super().describe(), "model": self.model_path, "model_sha256": self.model_sha256,
+                "path": self.path, "corpus_sha256": self.corpus_sha256,
                 "tokenizer": self.tokenizer_kind, "mlm_head": self.encoder.head,
                 "train_tokens": self.train_ids_N.numel(), "val_tokens": self.val_ids_N.numel()}

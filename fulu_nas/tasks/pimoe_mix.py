@@ -16,7 +16,9 @@ the rest only in training; the sentences are not split.
 whole left side is visible (the space before ``a`` lies in the window) and whose result digits
 and following space are all among the targets. Such an expression is exact iff argmax is right
 at each target position where the target is a result digit or that space. Positions are
-recomputed from the characters (``c = tokens[0] + targets``): see :meth:`result_spans`.
+recomputed from the characters (``c = tokens[0] + targets``): see :meth:`result_spans`. A
+validation set without a complete expression (too few or too short windows) is refused: its
+exact match would be 0 / 0.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from fulu_nas.errors import FuluConfigError
 from fulu_nas.tasks._common import (
     MAX_SEQ_LEN,
     TorchRandom,
@@ -137,6 +140,13 @@ class PiMoEMixTask(Task):
         self._train_pairs = torch.nonzero(~self.is_val_P).flatten().tolist()
         self._val_pairs = torch.nonzero(self.is_val_P).flatten().tolist()
         self._val: tuple[Tensor, Tensor, Tensor] | None = None
+        # exact_match divides by the validation set's complete expressions: with none it measures nothing
+        if not any(self.result_spans(tokens_S, targets_S) for batch in self.val_batches(self.val_sequences)
+                   for tokens_S, targets_S in zip(batch.tokens.tolist(), batch.targets.tolist(), strict=True)):
+            raise FuluConfigError(f"val_sequences too few: the validation set ({self.val_sequences} windows of "
+                                  f"seq_len={self.seq_len} characters, expression_rate={self.expression_rate}) holds "
+                                  "no complete expression to score exact_match on; use more val_sequences, a longer "
+                                  "seq_len or a higher expression_rate")
 
     # --- characters -------------------------------------------------------------------------
     @staticmethod

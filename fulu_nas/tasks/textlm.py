@@ -6,7 +6,8 @@ file, used as is, or a folder, contributing every regular file below it except b
 (a NUL byte in the first 8 KB) and VCS metadata folders (``.git``, ``.hg``, ``.svn``). Files are
 read in sorted relative-path order until ``max_bytes`` bytes have been read (the last file cut).
 
-Split by file: a file is in validation iff ``sha256(f"{data_seed}:{relative path}")`` maps below
+Split by file: a file is in validation iff ``sha256(f"{data_seed}:{relative path}")`` (the path's bytes
+as the file system holds them, UTF-8 or not) maps below
 ``val_fraction``; with two or more files at least one lands on each side (the file hashed lowest
 is moved to validation, or the highest to training). A single file is split by position: its last
 ``val_fraction`` of bytes is validation. Each side is its files joined by a newline.
@@ -14,6 +15,10 @@ is moved to validation, or the highest to training). A single file is split by p
 Training windows start uniformly at random in the training bytes; validation is consecutive
 non-overlapping windows of the first ``max_val_tokens + 1`` validation bytes (the last window
 padded: token 0, target ``IGNORE``). The corpus is read in the constructor, so errors come early.
+
+The corpus is known by its content: ``corpus_sha256`` digests the relative names and bytes of the
+files read and the split settings, so a search can tell other data at the same path (and the same
+data at another path) apart; ``path`` is the folder or file resolved to an absolute path.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,19 +86,49 @@ def _read_corpus(files: list[tuple[str, Path]], max_bytes: int) -> list[tuple[st
     return out
 
 
+def _name_bytes(rel: str) -> bytes:
+    """A relative path's bytes as the file system holds them: a name that is not valid UTF-8 was decoded
+    with surrogate escapes (os.fsdecode), which strict UTF-8 cannot encode; a valid one encodes as before."""
+    return rel.encode("utf-8", "surrogateescape")
+
+
 def _hash_unit(data_seed: int, rel: str) -> float:
     """A stable hash of a relative path, uniform in [0, 1)."""
-    digest = hashlib.sha256(f"{data_seed}:{rel}".encode()).digest()
+    digest = hashlib.sha256(f"{data_seed}:".encode() + _name_bytes(rel)).digest()
     return int.from_bytes(digest[:8], "little") / 2**64
 
 
-def read_split_corpus(path: str | None, max_bytes: int, val_fraction: float, data_seed: int
-                      ) -> tuple[list[str], list[str], bytes, bytes]:
-    """Read the corpus and split it (the module doc's rules): (training file names, validation file
-    names, training bytes, validation bytes). Also the corpus of the ``upcycle`` task."""
+def _corpus_sha256(corpus: list[tuple[str, bytes]], val_fraction: float, data_seed: int) -> str:
+    """sha256 of the files read (each relative name and its bytes, length-prefixed so that no two corpora
+    run together the same) and of the settings that split them: the same digest, the same split."""
+    h = hashlib.sha256(f"textlm-corpus:{val_fraction!r}:{data_seed}:{len(corpus)}".encode())
+    for rel, data in corpus:
+        name = _name_bytes(rel)
+        h.update(len(name).to_bytes(8, "little") + name + len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+class SplitCorpus(NamedTuple):
+    """A corpus read and split (:func:`read_split_corpus`)."""
+
+    train_files: list[str]
+    val_files: list[str]
+    train: bytes
+    val: bytes
+    sha256: str  # the content read and the split settings (:func:`_corpus_sha256`)
+    path: str | None  # the file or folder read, absolute; None for the standard library
+
+
+def read_split_corpus(path: str | None, max_bytes: int, val_fraction: float, data_seed: int) -> SplitCorpus:
+    """Read the corpus and split it (the module doc's rules). Also the corpus of the ``upcycle`` task."""
     if path is None:
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         corpus = _read_corpus(_list_files(stdlib, ".py", SKIPPED_DIRS | {"site-packages"}), max_bytes)
+        if not corpus:  # a Python installed without its sources (byte-code only, a zipped standard library)
+            raise FuluConfigError(f"path None reads the standard library's .py files, and {str(stdlib)!r} has none; "
+                                  "give a file or folder")
+        root = None
     else:
         try:
             root = Path(path).expanduser()
@@ -100,14 +136,17 @@ def read_split_corpus(path: str | None, max_bytes: int, val_fraction: float, dat
             raise FuluConfigError(f"path {path!r}: its home folder is unknown") from None
         if not root.exists():
             raise FuluConfigError(f"path {path!r} does not exist")
+        # absolute, so that a command run from another folder (confirm, export, a worker) reads the same files
+        root = root.resolve()
         files = [(root.name, root)] if root.is_file() else _list_files(root) if root.is_dir() else []
         corpus = _read_corpus(files, max_bytes)
         if not corpus:
             raise FuluConfigError(f"path {path!r} has no usable bytes (no non-empty, non-binary file)")
+    digest, where = _corpus_sha256(corpus, val_fraction, data_seed), None if root is None else str(root)
     if len(corpus) == 1:
         rel, data = corpus[0]
         cut = len(data) - max(1, math.floor(len(data) * val_fraction))
-        return [rel], [rel], data[:cut], data[cut:]
+        return SplitCorpus([rel], [rel], data[:cut], data[cut:], digest, where)
     units = [_hash_unit(data_seed, rel) for rel, _ in corpus]
     is_val = [u < val_fraction for u in units]
     if not any(is_val):
@@ -116,8 +155,8 @@ def read_split_corpus(path: str | None, max_bytes: int, val_fraction: float, dat
         is_val[units.index(max(units))] = False
     train = [(rel, data) for (rel, data), v in zip(corpus, is_val, strict=True) if not v]
     val = [(rel, data) for (rel, data), v in zip(corpus, is_val, strict=True) if v]
-    return ([r for r, _ in train], [r for r, _ in val], b"\n".join(d for _, d in train),
-            b"\n".join(d for _, d in val))
+    return SplitCorpus([r for r, _ in train], [r for r, _ in val], b"\n".join(d for _, d in train),
+                       b"\n".join(d for _, d in val), digest, where)
 
 
 class TextLMTask(Task):
@@ -143,11 +182,12 @@ class TextLMTask(Task):
         check_int(problems, "max_val_tokens", max_val_tokens, 1)
         check_int(problems, "data_seed", data_seed, -(2**63))
         raise_problems(problems)
-        self.path = None if path is None else str(path)
         self.seq_len, self.max_bytes, self.val_fraction = int(seq_len), int(max_bytes), float(val_fraction)
         self.max_val_tokens, self.data_seed = int(max_val_tokens), int(data_seed)
-        self.train_files, self.val_files, train, val = read_split_corpus(self.path, self.max_bytes,
-                                                                         self.val_fraction, self.data_seed)
+        corpus = read_split_corpus(None if path is None else str(path), self.max_bytes, self.val_fraction,
+                                   self.data_seed)
+        self.path, self.corpus_sha256 = corpus.path, corpus.sha256
+        self.train_files, self.val_files, train, val = corpus.train_files, corpus.val_files, corpus.train, corpus.val
         where = "the standard library's .py files" if self.path is None else f"path {self.path!r}"
         if len(train) < self.seq_len + 1:
             raise FuluConfigError(f"seq_len={self.seq_len} is too long for {where}: only {len(train)} training "
@@ -185,6 +225,9 @@ class TextLMTask(Task):
             self._val = (tokens_NS.clamp(min=0), targets_NS.masked_fill(targets_NS < 0, IGNORE),
                          torch.full_like(tokens_NS, NO_DOMAIN))
         return split_batches(*self._val, batch_size)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "path": self.path, "corpus_sha256": self.corpus_sha256}
 
     def metric_counts(self, logits: Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
         targets_BS = batch.targets.to(logits.device)

@@ -137,7 +137,8 @@ def evaluate(model: PiMoETransformer, task: Task, batch_size: int = 64) -> dict:
     result: dict = {"loss": loss_sum / max(1, loss_count)}
     if task.num_classes == 0:  # language modelling: the loss in nats per token, and its perplexity
         result["perplexity"] = math.exp(min(result["loss"], 700.0))
-    result.update({name: num / max(den, 1e-12) for name, (num, den) in metric_sums.items()})
+    # A metric measured on no position (no complete expression to match) is no measurement: NaN, not a score of 0
+    result.update({name: num / den if den > 0 else math.nan for name, (num, den) in metric_sums.items()})
     per_layer = []
     for i in range(len(layers)):
         s = {k: float(v) for k, v in load_statistics(load[i]).items() if v.dim() == 0}
