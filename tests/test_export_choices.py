@@ -52,6 +52,15 @@ def registry_state(study) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]
     return runs, versions
 
 
+def logged_models(study) -> list[str]:
+    """The MLflow logged models of the study's experiments (each registration logs one)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(study.tracking)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return sorted(m.model_id for m in client.search_logged_models(experiments))
+
+
 def refused_before_work(code: int, out: str, err: str, *phrases: str) -> None:
     """Exit code 2, one message holding each of ``phrases``, and nothing evaluated, measured or written."""
     assert code == 2, err
@@ -277,6 +286,7 @@ def test_an_export_interrupted_while_registering_leaves_the_registry_as_it_was(s
     champion = client.get_model_version_by_alias("kept", "champion").version
     registering_step_does(monkeypatch, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     runs_before, versions_before = registry_state(study)
+    models_before = logged_models(study)
     for name in ("kept", "fresh"):
         code, out, err = export(study, capsys, "trial=1", f"out={tmp_path / name}", f"name={name}")
         assert code == 130 and "interrupted" in err and "Traceback" not in err, err
@@ -284,6 +294,7 @@ def test_an_export_interrupted_while_registering_leaves_the_registry_as_it_was(s
     runs, versions = registry_state(study)
     assert versions == versions_before
     assert not client.search_registered_models("name = 'fresh'")  # made by the interrupted export: gone too
+    assert logged_models(study) == models_before  # the logged model each registration made: gone too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first"]
 
 

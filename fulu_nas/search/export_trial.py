@@ -227,10 +227,11 @@ def registry_before(client, name: str) -> tuple[bool, str | None]:
         return True, None
 
 
-def register_files(client, out: Path, manifest: dict[str, str], name: str) -> str:
+def register_files(client, out: Path, manifest: dict[str, str], name: str, logged_ids: list[str]) -> str:
     """Register the MLflow model of the export folder ``out`` as a new version of ``name`` (in the active
     run): the files of ``manifest`` themselves, copied as they are checked, so that the version holds the
-    bytes the export wrote (``log_model`` would save, and upload, a model of its own making). The version."""
+    bytes the export wrote (``log_model`` would save, and upload, a model of its own making). The version;
+    the logged model it makes is added to ``logged_ids`` as soon as it exists (an undone export deletes it)."""
     import mlflow
 
     from ..deploy.export import CHECKSUMS, FOLDER_ONLY
@@ -241,24 +242,29 @@ def register_files(client, out: Path, manifest: dict[str, str], name: str) -> st
         if problems := checked_copy(out, manifest, CHECKSUMS, ignore=FOLDER_ONLY, into=staged):
             raise FuluConfigError(problems)  # the folder changed while it was being registered
         logged = mlflow.initialize_logged_model(name="model")
+        logged_ids.append(logged.model_id)
         client.log_model_artifacts(logged.model_id, str(staged))
     client.finalize_logged_model(logged.model_id, "READY")
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow's two lines; the export prints its own, with the alias
         return str(mlflow.register_model(f"models:/{logged.model_id}", name).version)
 
 
-def undo_registration(client, name: str, version: str | None, before: tuple[bool, str | None]) -> None:
+def undo_registration(client, name: str, version: str | None, before: tuple[bool, str | None],
+                      logged_ids: list[str]) -> None:
     """Put the registry back as :func:`registry_before` found it: the new version gone (and the model, if the
-    export made it), ``champion`` on the version it named (deleting the new version removed its alias)."""
+    export made it), ``champion`` on the version it named (deleting the new version removed its alias), and
+    the logged models the export made deleted (the experiment lists them beside its runs)."""
     existed, champion = before
     if not existed:
         with contextlib.suppress(Exception):  # not made yet: the export stopped before registering
             client.delete_registered_model(name)
-        return
-    if version is not None:
-        client.delete_model_version(name, version)
-    if champion is not None:
-        client.set_registered_model_alias(name, CHAMPION, champion)
+    else:
+        if version is not None:
+            client.delete_model_version(name, version)
+        if champion is not None:
+            client.set_registered_model_alias(name, CHAMPION, champion)
+    for model_id in logged_ids:
+        client.delete_logged_model(model_id)
 
 
 def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
@@ -358,6 +364,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     # export leaves nothing a re-run would trip on, nor a version `fulu-nas serve` cannot check.
     client = mlflow.MlflowClient(location.tracking_uri)
     version = run_id = before = None
+    logged_ids: list[str] = []
     try:
         if upcycled:
             from .export_upcycled import RECORDED, write_upcycled_export
@@ -378,7 +385,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
             else:
                 before = registry_before(client, name)
                 manifest = pyfunc_manifest(out)
-                version = register_files(client, out, manifest, name)
+                version = register_files(client, out, manifest, name, logged_ids)
                 # The registered files' SHA-256 in the tracking database, which `fulu-nas serve` checks them
                 # against: those the export wrote, once the artifact store gives them back.
                 registered = record_registered_files(client, name, version, manifest, location.tracking_uri)
@@ -390,7 +397,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
             out.mkdir()
         with contextlib.suppress(Exception):  # best effort: the registry may be what failed
             if before is not None:
-                undo_registration(client, name, version, before)
+                undo_registration(client, name, version, before, logged_ids)
             if run_id is not None:  # ended FINISHED when the signal was raised after its block
                 client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         if isinstance(e, mlflow.exceptions.MlflowException):  # one line: the name refused, or the registry
