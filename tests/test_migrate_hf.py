@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import types
 
 import pytest
@@ -202,7 +203,7 @@ def test_hash_router_hashes_the_input_ids():
     outputs(moe, ids, mask)
     assert seen[-1] is not None and torch.equal(seen[-1], ids)
     # the ids are forgotten after the forward, and a deep copy keeps its own hook and holder
-    assert moe.electra.encoder.layer[0].output._token_ids.ids is None
+    assert moe.electra.encoder.layer[0].output._token_ids.current() is None
     twin = copy.deepcopy(moe)
     seen_twin = []
     pimoe_layers(twin)[0].router.register_forward_pre_hook(lambda m, a, k: seen_twin.append(k["token_ids"]),
@@ -213,6 +214,34 @@ def test_hash_router_hashes_the_input_ids():
     with torch.no_grad():
         moe(inputs_embeds=moe.electra.embeddings.word_embeddings(ids))
     assert seen[-1] is None
+
+
+def test_hash_routing_on_token_ids_gives_each_call_its_own_ids_across_threads():
+    """All layers of a model read the ids from one holder the model's hooks set and cleared: a call made while
+    another thread's was in progress left that one's later layers hashing the hidden states."""
+    moe = migrate_from_electra(electra(), routing_strategy="hash", num_experts=4, top_k=1).eval()
+    with torch.no_grad():  # experts that differ, as after fine-tuning
+        for layer in pimoe_layers(moe):
+            layer.experts.w13_EDF2.add_(torch.randn_like(layer.experts.w13_EDF2))
+    (ids_a, mask), (ids_b, _) = inputs(seed=1), inputs(seed=2)
+    expected_a, expected_b = outputs(moe, ids_a, mask), outputs(moe, ids_b, mask)
+    in_layer_1, go_on = threading.Event(), threading.Event()
+
+    def pause(module, args):
+        if threading.current_thread() is worker:
+            in_layer_1.set()
+            go_on.wait(30)
+
+    moe.electra.encoder.layer[1].register_forward_pre_hook(pause)
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(a=outputs(moe, ids_a, mask)))
+    worker.start()
+    assert in_layer_1.wait(30)
+    got["b"] = outputs(moe, ids_b, mask)  # a whole call while the worker's is between its layers
+    go_on.set()
+    worker.join(30)
+    torch.testing.assert_close(got["a"], expected_a, rtol=0, atol=0)
+    torch.testing.assert_close(got["b"], expected_b, rtol=0, atol=0)
 
 
 def test_chunked_feed_forward_stays_exact():

@@ -41,6 +41,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,10 +94,33 @@ def quiet_transformers():
 
 
 class _TokenIds:
-    """The ``input_ids`` of the forward in progress, for hash routing on token ids."""
+    """The ``input_ids`` of the forwards in progress, for hash routing on token ids: the model's pre-hook
+    pushes a call's ids, its post-hook pops them, and the upcycled layers read the innermost.
+
+    transformers calls a layer's ``output(hidden_states, input_tensor)`` with nothing else, so the ids cannot
+    travel with the call; they are kept per thread (a :class:`contextvars.ContextVar`, also per asyncio task)
+    instead, so that calls of one model from several threads each hash their own ids, and a stack, so that a
+    nested call does not leave the outer one without its ids."""
 
     def __init__(self) -> None:
-        self.ids: Tensor | None = None
+        self._stack: ContextVar[tuple[Tensor | None, ...]] = ContextVar("fulu_token_ids", default=())
+
+    def push(self, ids: Tensor | None) -> None:
+        self._stack.set((*self._stack.get(), ids))
+
+    def pop(self) -> None:
+        self._stack.set(self._stack.get()[:-1])
+
+    def current(self) -> Tensor | None:
+        stack = self._stack.get()
+        return stack[-1] if stack else None
+
+    # A ContextVar neither copies nor pickles; a copied model starts with no call in progress.
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
 
 class _CaptureTokenIds:
@@ -108,7 +132,7 @@ class _CaptureTokenIds:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self.holder.ids = ids if isinstance(ids, Tensor) else None
+        self.holder.push(ids if isinstance(ids, Tensor) else None)
 
 
 class _ForgetTokenIds:
@@ -116,7 +140,7 @@ class _ForgetTokenIds:
         self.holder = holder
 
     def __call__(self, *_: Any) -> None:
-        self.holder.ids = None
+        self.holder.pop()
 
 
 class PiMoEOutput(nn.Module):
@@ -137,7 +161,7 @@ class PiMoEOutput(nn.Module):
         self.last_stats: dict[str, Tensor] = {}
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        ids = self._token_ids.ids if self._token_ids is not None else None
+        ids = self._token_ids.current() if self._token_ids is not None else None
         if ids is not None and tuple(ids.shape) != tuple(hidden_states.shape[:-1]):
             ids = None  # e.g. chunked feed-forward: fall back to hashing the hidden states
         y, self.last_stats = self.moe(hidden_states, token_ids=ids)
