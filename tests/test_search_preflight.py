@@ -333,3 +333,116 @@ def test_a_study_made_with_a_default_trainer_key_added_by_plus_resumes(tmp_path,
         app.preflight(["+experiment=tiny", storage, *given, f"hydra.run.dir={tmp_path}"])
     with pytest.raises(FuluConfigError, match="was created with another trainer;"):
         app.preflight(["+experiment=tiny", storage, "trainer.cost_rounds=3", f"hydra.run.dir={tmp_path}"])
+
+
+# --- a corpus known by its content ---------------------------------------------------------------------
+
+def write_text_corpus(root: Path) -> Path:
+    root.mkdir(parents=True)
+    for i in range(4):
+        (root / f"f{i}.txt").write_bytes(b"the quick brown fox " * 20 + bytes([65 + i]) * 400)
+    return root
+
+
+def textlm(tmp_path: Path, path: object, *more: str) -> list[str]:
+    return ["search_space=tiny", "trainer=tiny", "task=textlm", f"task.path={path}", "task.seq_len=16",
+            "study.name=text", f"study.storage=sqlite:///{tmp_path / 'optuna.db'}",
+            f"hydra.run.dir={tmp_path / 'out'}", *more]
+
+
+def test_a_textlm_study_is_tied_to_its_corpus_by_content_and_stores_its_path_resolved(tmp_path, monkeypatch):
+    """Other bytes at the same path resumed the study and were compared with trials on the old ones; a
+    relative path was stored as typed, and a command run from another folder read another corpus."""
+    from fulu_nas.search.objective import cache_key
+    from fulu_nas.search.settings import load_settings
+    from fulu_nas.search.study import open_study, quiet_optuna
+
+    monkeypatch.chdir(tmp_path)
+    write_text_corpus(tmp_path / "corpus")
+    made = app.preflight(textlm(tmp_path, "corpus"))
+    absolute = str((tmp_path / "corpus").resolve())
+    assert made.raw["task"]["path"] == made.task_params["path"] == absolute
+    with quiet_optuna():
+        open_study(made)
+    # the same files in another folder: the same study, the same trials
+    shutil.copytree(tmp_path / "corpus", tmp_path / "moved")
+    moved = app.preflight(textlm(tmp_path, tmp_path / "moved"))
+    assert cache_key(moved, "an-architecture") == cache_key(made, "an-architecture")
+    # other bytes at the same path: refused, naming the corpus alone; another trial key
+    (tmp_path / "corpus" / "f1.txt").write_bytes(b"0123456789+=" * 70)
+    with pytest.raises(FuluConfigError) as err:
+        app.preflight(textlm(tmp_path, "corpus"))
+    [problem] = err.value.problems
+    assert problem.startswith("study.name: study 'text'") and "was created with another corpus (" in problem
+    assert "another task" not in problem
+    changed = load_settings(*app.compose_config(textlm(tmp_path, "corpus")))
+    assert cache_key(changed, "an-architecture") != cache_key(made, "an-architecture")
+
+
+def test_a_textlm_study_made_before_its_corpus_was_digested_resumes_and_then_keeps_it(tmp_path, monkeypatch):
+    """Such a study kept its path as typed and no digest of the corpus: it resumes (what it read then is
+    unknown), and is tied to the corpus it resumed with from then on."""
+    from fulu_nas.search.settings import _digest
+    from fulu_nas.search.study import FINGERPRINT_ATTR, FINGERPRINT_PARTS_ATTR, open_study, quiet_optuna
+
+    monkeypatch.chdir(tmp_path)
+    write_text_corpus(tmp_path / "corpus")
+    made = app.preflight(textlm(tmp_path, "corpus"))
+    with quiet_optuna():
+        study = open_study(made)
+    before = made.fingerprint_parts(corpus_by_path=True)  # as it was kept then
+    assert before["task"]["path"] == "corpus" and "corpus_sha256" not in before
+    study.set_user_attr(FINGERPRINT_ATTR, made.fingerprint(corpus_by_path=True))
+    study.set_user_attr(FINGERPRINT_PARTS_ATTR, {part: _digest(value) for part, value in before.items()})
+    with pytest.raises(FuluConfigError, match="was created with another trainer;"):  # the corpus is not named
+        app.preflight(textlm(tmp_path, "corpus", "trainer.steps=7"))
+    with quiet_optuna():
+        open_study(app.preflight(textlm(tmp_path, "corpus")))
+    (tmp_path / "corpus" / "f1.txt").write_bytes(b"0123456789+=" * 70)
+    with pytest.raises(FuluConfigError, match=r"was created with another corpus \("):
+        app.preflight(textlm(tmp_path, "corpus"))
+
+
+def test_a_pimoe_mix_validation_set_without_a_complete_expression_is_refused(tmp_path, monkeypatch, capsys):
+    """Its exact_match would be 0 / 0, reported as 0: the worst score, for a measurement of nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "search_space=tiny", "trainer=tiny", "task=pimoe_mix", "task.seq_len=10",
+                 "+task.val_sequences=4"]) == 2
+    [problem] = problems_in(capsys.readouterr().err)
+    assert problem.startswith("task.val_sequences: too few: the validation set (4 windows of seq_len=10"), problem
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_textlm_search_records_its_corpus_and_later_commands_read_the_same_files(tmp_path, monkeypatch, capsys):
+    """search_config.json and the study's MLflow run hold the corpus's absolute path and its digest; a
+    command given the same relative task.path from another folder (which has its own folder of that name)
+    is told the override is not used, rather than reading those files."""
+    import json
+
+    import mlflow
+
+    from fulu_nas.search.locate import load_study, locate_study, search_settings
+    from fulu_nas.tasks import TextLMTask
+
+    monkeypatch.chdir(tmp_path)
+    write_text_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    given = textlm(tmp_path, "corpus", "trainer.steps=5", "trainer.report_every=5",
+                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")  # the search's own
+    assert main(["search", *given, "study.n_trials=1"]) == 0
+    absolute = str((tmp_path / "corpus").resolve())
+    assert json.loads((out / "search_config.json").read_text())["config"]["task"]["path"] == absolute
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [parent] = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if r.data.tags.get("fulu.kind") == "study"]
+    assert parent.data.params["task.path"] == absolute
+    assert parent.data.params["task.corpus_sha256"] == TextLMTask(path=absolute, seq_len=16).corpus_sha256
+    location = locate_study(given)
+    assert search_settings(location, load_study(location)).task_params["path"] == absolute
+    elsewhere = write_text_corpus(tmp_path / "elsewhere" / "corpus").parent
+    monkeypatch.chdir(elsewhere)
+    location = locate_study(given)
+    with pytest.raises(FuluConfigError, match=r"task.path=corpus: not used: .* where task.path is"):
+        search_settings(location, load_study(location))
+    capsys.readouterr()

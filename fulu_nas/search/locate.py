@@ -162,6 +162,9 @@ def _same(path: str, given: Any, searched: Any, typed_model: str | None) -> bool
     if path == "task.model" and isinstance(given, str) and isinstance(searched, str):
         # the search kept the model folder by its absolute path (and the text it was given as typed_model)
         return given == typed_model or Path(given).expanduser().resolve() == Path(searched).resolve()
+    if path == "task.path" and isinstance(given, str) and isinstance(searched, str):
+        # the search kept the corpus by its absolute path: the same text, run from another folder, names another
+        return Path(given).expanduser().resolve() == Path(searched).resolve()
     return False
 
 

@@ -317,7 +317,8 @@ def phase_metrics(seconds: dict[str, float], result: TrainResult, log: TrainingL
 def cache_key(settings: SearchSettings, arch_hash: str, model_as_typed: bool = False) -> str:
     """Identical architecture + task + budget + cost protocol -> identical key. A model on disk is in the
     architecture by its content (``source_sha256``), not by its path (``model_as_typed``: the key as it was
-    made with the path as typed, which earlier trials of a study keep)."""
+    made with the path as typed, which earlier trials of a study keep); a corpus on disk is in the task by
+    its content (``corpus_sha256``), not by its path: a trial on other data is not reused."""
     # none of these changes a trial's result (beyond floating-point rounding: device, compile, deterministic)
     skip = ("progress", "device", "compile", "cuda_graph", "deterministic", "report_every", "seconds_cap")
     train = {k: v for k, v in asdict(settings.train).items() if k not in skip}
@@ -326,6 +327,8 @@ def cache_key(settings: SearchSettings, arch_hash: str, model_as_typed: bool = F
     cost = asdict(settings.cost)
     del cost["compile_while_training"]  # when the kernels compile, not what is measured
     task_params = settings.task_identity(settings.task_params, model_as_typed)
+    if settings.corpus_sha256 is not None:
+        task_params["corpus_sha256"] = settings.corpus_sha256
     blob = json.dumps({"arch": arch_hash, "task": [settings.task_name, task_params], "train": train,
                        "cost": cost}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -132,6 +132,9 @@ class SearchSettings:
     # A model folder as the command named it (raw holds its absolute path): studies fingerprinted with it
     # before the path left the fingerprint still resume.
     typed_model: str | None = field(default=None, compare=False, repr=False)
+    # A corpus path as the command named it (raw holds it resolved): studies fingerprinted with it, before
+    # the corpus was known by its content, still resume.
+    typed_path: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def cost_shapes(self) -> list[tuple[int, int]]:
@@ -155,34 +158,52 @@ class SearchSettings:
             return None
         return (self.output_dir / "mlartifacts").resolve().as_uri()
 
-    def task_identity(self, task_params: Mapping[str, Any], model_as_typed: bool = False) -> dict:
-        """``task_params`` as a study's fingerprint and a trial's cache key hold them: a model on disk is
-        known by its content, so its path is left out; ``model_as_typed``: as identities made before
-        held them, with the path as the command named it."""
+    @property
+    def corpus_sha256(self) -> str | None:
+        """The digest of the corpus a task reads from disk (textlm, upcycle: the files' names and bytes and
+        the split settings), None for a task that makes its data."""
+        return getattr(self.task, "corpus_sha256", None)
+
+    def task_identity(self, task_params: Mapping[str, Any], model_as_typed: bool = False,
+                      corpus_by_path: bool = False) -> dict:
+        """``task_params`` as a study's fingerprint and a trial's cache key hold them: a model on disk and a
+        corpus are known by their content, so their paths are left out; ``model_as_typed``: as identities
+        made before held them, with the model's path as the command named it; ``corpus_by_path``: as
+        identities made before the corpus was digested held them, with its path as the command named it."""
         params = dict(task_params)
         if self.typed_model is not None:
             if model_as_typed:
                 params["model"] = self.typed_model
             else:
                 params.pop("model", None)
+        if self.corpus_sha256 is not None:
+            if not corpus_by_path:
+                params.pop("path", None)
+            elif self.typed_path is not None:
+                params["path"] = self.typed_path
         return params
 
     def fingerprint(self, legacy: bool = False, given: frozenset[str] = frozenset(),
-                    constraints_as_typed: bool = False, report_every_free: bool = False) -> str:
+                    constraints_as_typed: bool = False, report_every_free: bool = False,
+                    corpus_by_path: bool = False) -> str:
         """What must not change when a study resumes: space, task, budget, objectives, constraints. Not
         the space's description (prose), nor the path of a model on disk, which is known by its content,
         nor the order the constraints were typed in. ``legacy``: the fingerprint as studies made before
         kept it, with both (the model's path as typed); ``constraints_as_typed``: with the constraints in
         their typed order, as studies made before kept them; ``report_every_free``: without
-        ``trainer.report_every``, as studies made before kept it. A trainer key the trainer configs gained
-        later is left out at its default (:data:`_LATER_TRAINER_KEYS`), so that the studies made before
-        still resume, unless it is in ``given`` (:meth:`fingerprints`)."""
-        return _digest(self.fingerprint_parts(legacy, given, constraints_as_typed, report_every_free))
+        ``trainer.report_every``, as studies made before kept it; ``corpus_by_path``: with the corpus
+        path as typed and without the corpus's digest, as studies made before kept it. A trainer key the
+        trainer configs gained later is left out at its default (:data:`_LATER_TRAINER_KEYS`), so that the
+        studies made before still resume, unless it is in ``given`` (:meth:`fingerprints`)."""
+        return _digest(self.fingerprint_parts(legacy, given, constraints_as_typed, report_every_free,
+                                              corpus_by_path))
 
     def fingerprint_parts(self, legacy: bool = False, given: frozenset[str] = frozenset(),
-                          constraints_as_typed: bool = False, report_every_free: bool = False) -> dict[str, Any]:
+                          constraints_as_typed: bool = False, report_every_free: bool = False,
+                          corpus_by_path: bool = False) -> dict[str, Any]:
         """What :meth:`fingerprint` digests, by part (``task``, ``search_space``, ``trainer``,
-        ``objectives``, ``constraints``, and ``model_sha256`` for a task starting from a model file)."""
+        ``objectives``, ``constraints``, ``model_sha256`` for a task starting from a model file, and
+        ``corpus_sha256`` for a task reading a corpus from disk)."""
         keep = {k: copy.deepcopy(self.raw[k]) for k in ("task", "search_space", "trainer")}
         if not legacy:
             keep["search_space"].pop("description", None)
@@ -200,13 +221,18 @@ class SearchSettings:
         model_sha256 = getattr(self.task, "model_sha256", None)
         if model_sha256:
             keep["model_sha256"] = model_sha256
-        keep["task"] = self.task_identity(keep["task"], model_as_typed=legacy)
+        # A corpus on disk (textlm, upcycle): other files at the same path are another study, the same files
+        # at another path the same one (the stdlib corpus of another Python is another).
+        if self.corpus_sha256 is not None and not corpus_by_path:
+            keep["corpus_sha256"] = self.corpus_sha256
+        keep["task"] = self.task_identity(keep["task"], model_as_typed=legacy, corpus_by_path=corpus_by_path)
         return keep
 
-    def part_digests(self) -> dict[str, str]:
+    def part_digests(self, corpus_by_path: bool = False) -> dict[str, str]:
         """Each part of the fingerprint as a study is made now, digested: kept with the study, so that a
-        refused resume can say which part changed."""
-        return {part: _digest(value) for part, value in self.fingerprint_parts().items()}
+        refused resume can say which part changed (``corpus_by_path``: as a study made before the corpus
+        was digested kept them, to compare with one)."""
+        return {part: _digest(value) for part, value in self.fingerprint_parts(corpus_by_path=corpus_by_path).items()}
 
     def fingerprints(self) -> set[str]:
         """The fingerprints a study of these settings may hold (:meth:`fingerprint`): as it is made now, as
@@ -216,8 +242,11 @@ class SearchSettings:
         at_default = [k for k, v in _LATER_TRAINER_KEYS.items() if k != "expert_parallel"
                       and self.raw["trainer"].get(k, object()) == v]
         subsets = [frozenset(k for i, k in enumerate(at_default) if n >> i & 1) for n in range(2 ** len(at_default))]
-        return {self.fingerprint(legacy, given, typed, free) for legacy in (False, True) for given in subsets
-                for typed in (False, True) for free in (False, True)}
+        # A study made before the corpus was digested resumes: what it read then is unknown, and it holds the
+        # corpus it resumes with from then on (open_study stores the fingerprint as it is made now).
+        by_path = (False, True) if self.corpus_sha256 is not None else (False,)
+        return {self.fingerprint(legacy, given, typed, free, corpus) for legacy in (False, True) for given in subsets
+                for typed in (False, True) for free in (False, True) for corpus in by_path}
 
 
 def _digest(value: object) -> str:
@@ -243,11 +272,16 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bo
         sections[name] = dict(value)
 
     raw = copy.deepcopy(sections)  # the parsers below consume their sections
+    typed_path = None
     task, task_name, task_params = _task(sections["task"], problems)
     if isinstance(getattr(task, "model_path", None), str) and isinstance(raw["task"].get("model"), str):
         # The folder by its absolute path: confirm and export, run from another folder, find it again.
         typed_model = typed_model or raw["task"]["model"]
         raw["task"]["model"] = task_params["model"] = task.model_path
+    if isinstance(getattr(task, "path", None), str) and isinstance(raw["task"].get("path"), str):
+        # The corpus by its absolute path: search_config.json, workers, confirm and export read the same files.
+        typed_path = raw["task"]["path"]
+        raw["task"]["path"] = task_params["path"] = task.path
     for key in sorted(_SHORTHANDS & set(cfg)):  # +model=PATH beside a task without one was silently ignored
         if cfg[key] is not None and key not in sections["task"]:
             problems.append(f"{key}: task {task_name!r} takes no {key} (model=PATH goes with task=upcycle)")
@@ -278,7 +312,7 @@ def load_settings(cfg: Mapping[str, Any], output_dir: str | Path, will_train: bo
     if problems:
         raise FuluConfigError(problems)
     return SearchSettings(task_name, task_params, space, study, train, cost, tracking, Path(output_dir),
-                          raw=raw, task=task, typed_model=typed_model)
+                          raw=raw, task=task, typed_model=typed_model, typed_path=typed_path)
 
 
 def _check_measurable(study: StudySettings, space: SearchSpace | None, task, task_name: str,

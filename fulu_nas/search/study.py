@@ -122,15 +122,17 @@ def check_resumable(study: optuna.Study, s: SearchSettings) -> None:
 
 _PARTS = {"task": "another task", "search_space": "another search_space", "trainer": "another trainer",
           "objectives": "other study.objectives", "constraints": "other study.constraints",
-          "model_sha256": "another model file (task.model)"}
+          "model_sha256": "another model file (task.model)",
+          "corpus_sha256": "another corpus (the names or bytes of the files task.path reads)"}
 
 
 def _changed(stored: object, s: SearchSettings) -> str:
     """Which settings differ from the ones ``stored`` (a study's part digests; a study made before
     they were kept has none, and is told apart as a whole)."""
-    current = s.part_digests()
     if not isinstance(stored, dict):
         return "with another search space, task, budget, objectives or constraints"
+    # A study made before the corpus was digested kept its path as typed and no digest: compare like with like.
+    current = s.part_digests(corpus_by_path="corpus_sha256" not in stored)
     # At least one part differs: the fingerprint is the digest of the parts whose digests these are.
     *rest, last = [words for part, words in _PARTS.items() if stored.get(part) != current.get(part)]
     return "with " + (f"{', '.join(rest)} and {last}" if rest else last)

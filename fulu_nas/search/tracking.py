@@ -106,6 +106,7 @@ class Tracker:
                   "task": s.task_name, "sampler": s.study.sampler, "pruner": s.study.pruner,
                   "objectives": ",".join(s.study.objectives), "n_trials": s.study.n_trials,
                   **{f"task.{k}": v for k, v in s.task_params.items()},
+                  **({"task.corpus_sha256": s.corpus_sha256} if s.corpus_sha256 is not None else {}),
                   **{f"trainer.{k}": v for k, v in flatten(s.raw["trainer"]).items()},
                   "cost.shapes": [list(shape) for shape in s.cost_shapes],  # as measured: trainer.cost_shapes capped
                   **{f"constraint.{k}": v for k, v in s.study.constraints}}

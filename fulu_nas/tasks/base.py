@@ -60,7 +60,10 @@ class Task(ABC):
 
     @abstractmethod
     def val_batches(self, batch_size: int) -> list[Batch]:
-        """The fixed validation set (disjoint from training data), in batches."""
+        """The fixed validation set, in batches: drawn from a generator no training seed shares, and not
+        necessarily disjoint from training data. pimoe_mix holds out problems and textlm files (or the
+        end of a single file); clusters draws from the same distribution as training, so at small sizes
+        its validation sequences can appear in training too (it measures a planted function)."""
 
     @abstractmethod
     def metric_counts(self, logits: Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
