@@ -216,6 +216,14 @@ def _set(section: str | None, **values):
     return change
 
 
+def alias_bomb(levels: int) -> str:
+    """An upcycling.yaml of a few hundred bytes whose layers list, with its aliases expanded, holds
+    10**levels elements."""
+    lines = ["format: 1", "a0: &a0 [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join([*lines, f"architecture: {{layers: *a{levels - 1}}}"]) + "\n"
+
+
 TAMPERING = {
     "one layer fewer": (lambda f: edit_record(f, _set("architecture", layers=[0])),
                         r"upcycling.yaml and config.json do not describe the weights in model.safetensors: .*no "
@@ -252,6 +260,19 @@ TAMPERING = {
                                      edit_record(f, _set("architecture", vocab_size=3_000_000))),
                           r"do not describe the weights in model.safetensors: bert.embeddings.word_embeddings.weight: "
                           r"\(\d+, 32\) stored, \(3000000, 32\) configured"),
+    "config heads 0": (lambda f: edit_json(f / "config.json", num_attention_heads=0),
+                       r"config.json: num_attention_heads must be a whole number >= 1, got 0"),
+    "config hidden 0": (lambda f: edit_json(f / "config.json", hidden_size=0),
+                        r"config.json: hidden_size must be a whole number >= 1, got 0"),
+    "config vocabulary 0": (lambda f: edit_json(f / "config.json", vocab_size=0),
+                            r"config.json: vocab_size must be a whole number >= 1, got 0"),
+    "config padding id": (lambda f: edit_json(f / "config.json", pad_token_id=999),
+                          r"config.json: pad_token_id must be None or an id below vocab_size \(\d+\), got 999"),
+    "record of aliases": (lambda f: (f / "upcycling.yaml").write_text(alias_bomb(7)),
+                          r"upcycling.yaml: holds YAML aliases \(\*name\), which an export never writes"),
+    "record of a long list": (lambda f: edit_record(f, _set("architecture", layers=["x"] * 100_000)),
+                              r"upcycling.yaml: architecture.layers must be a list of layer indices, got \['x', "
+                              r"'x', 'x', 'x', 'x', \.\.\.\]$"),
     "weights cut short": (lambda f: half_file(f / "model.safetensors"),
                           r"model.safetensors: not a safetensors file"),
     "record gone": (lambda f: (f / "upcycling.yaml").unlink(), r"upcycling.yaml: missing"),

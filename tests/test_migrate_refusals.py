@@ -1,5 +1,6 @@
 """Encoders migrate_from_electra cannot upcycle exactly are refused, naming why: X-MOD (its language
-adapters), and shared_fraction beside the shared expert's own settings."""
+adapters), and shared_fraction beside the shared expert's own settings; save_pretrained folders whose files
+disagree with what they claim to be (for migrate_from_electra and the upcycle task's DenseEncoder)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from transformers import BertConfig, BertModel, XmodConfig, XmodForMaskedLM, Xmo
 from fulu_nas import migrate_from_electra  # noqa: E402
 from fulu_nas.cli import main  # noqa: E402
 from fulu_nas.errors import FuluConfigError  # noqa: E402
+from fulu_nas.interop.encoder import DenseEncoder  # noqa: E402
 
 from .hf_models import save_tokenizer, write_corpus  # noqa: E402
 
@@ -227,3 +229,147 @@ def test_a_model_with_non_finite_ffn_weights_is_refused_naming_them(name):
     with pytest.raises(FuluConfigError, match=rf"encoder\.layer\[1\]\.{name} holds non-finite values"):
         migrate_from_electra(model, num_experts=2, inplace=True)
     assert type(model.encoder.layer[1].output).__name__ == "BertOutput"  # nothing migrated
+
+
+# -- config.json sizes, weight types and sharded folders: checked before anything is built -----------
+
+@pytest.mark.parametrize("fields,words", [
+    (dict(vocab_size=0), r"config.json: vocab_size must be a whole number >= 1, got 0"),
+    (dict(vocab_size=-1), r"config.json: vocab_size must be a whole number >= 1, got -1"),
+    (dict(hidden_size=0), r"config.json: hidden_size must be a whole number >= 1, got 0"),
+    (dict(num_attention_heads=0), r"config.json: num_attention_heads must be a whole number >= 1, got 0"),
+    (dict(num_attention_heads=-2), r"config.json: num_attention_heads must be a whole number >= 1, got -2"),
+    (dict(intermediate_size=-64), r"config.json: intermediate_size must be a whole number >= 1, got -64"),
+    (dict(num_attention_heads=3), r"config.json: hidden_size \(32\) must be a multiple of num_attention_heads \(3\)"),
+    (dict(pad_token_id=999), r"config.json: pad_token_id must be None or an id below vocab_size \(64\), got 999"),
+    (dict(layer_norm_eps=-1.0), r"config.json: layer_norm_eps must be a number > 0, got -1.0"),
+])
+def test_impossible_sizes_in_config_json_are_refused_naming_the_field(tmp_path, fields, words):
+    """transformers raised ZeroDivisionError, IndexError or AssertionError for these (or migrated a model with
+    -2 heads that failed at its first forward)."""
+    folder = saved_electra(tmp_path / "m")
+    edit_config(folder, **fields)
+    refused(folder, words)
+    with pytest.raises(FuluConfigError, match=words) as e:
+        DenseEncoder(folder)
+    assert len(e.value.problems) == 1, e.value.problems
+
+
+def no_loading(monkeypatch) -> None:
+    """transformers' from_pretrained fails the test: it allocates the configured sizes before comparing them."""
+    from transformers import PreTrainedModel
+
+    def fail(*args, **kwargs):
+        raise AssertionError("from_pretrained was called before the sizes were compared")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(fail))
+
+
+def test_a_config_json_asking_for_huge_sizes_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
+    """A 14-byte edit made from_pretrained allocate and initialise 12.8 GB before the mismatch was found."""
+    folder = saved_electra(tmp_path / "m")
+    edit_config(folder, vocab_size=100_000_000)
+    no_loading(monkeypatch)
+    words = (r"its weights do not fit its config.json: electra.embeddings.word_embeddings.weight: \(64, 16\) stored, "
+             r"\(100000000, 16\) configured")
+    refused(folder, words)
+    with pytest.raises(FuluConfigError, match=words):
+        DenseEncoder(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.int64])
+def test_weights_of_a_non_floating_type_are_refused_naming_the_tensor(tmp_path, dtype):
+    """transformers casts any stored type into the model: a bool FFN weight became 0/1 without a word."""
+    folder = saved_electra(tmp_path / "m")
+    name = "electra.encoder.layer.0.intermediate.dense.weight"
+    edit_weights(folder, lambda t: t.update({name: (t[name] > 0).to(dtype)}))
+    kind = str(dtype).removeprefix("torch.")
+    words = rf"model.safetensors holds weights of a non-floating type \({name}: {kind}\)"
+    refused(folder, words)
+    with pytest.raises(FuluConfigError, match=words):
+        DenseEncoder(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_floating_weights_of_another_width_still_load(tmp_path, dtype):
+    folder = saved_electra(tmp_path / "m")
+    edit_weights(folder, lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
+    assert migrate_from_electra(str(folder), num_experts=4).fulu_migration.exact
+    assert DenseEncoder(folder).model.electra.embeddings.word_embeddings.weight.dtype == torch.float32
+
+
+def shard_into_subfolder(folder, name: str, edit=None) -> None:
+    """The folder's weights as two shards, the one holding ``name`` in sub/, with the index transformers follows;
+    ``edit(tensors)`` changes the second shard's tensors first."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    second = {name: tensors.pop(name)}
+    if edit:
+        edit(second)
+    save_file(tensors, folder / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    (folder / "sub").mkdir()
+    save_file(second, folder / "sub" / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    weight_map = {**{k: "model-00001-of-00002.safetensors" for k in tensors},
+                  name: "sub/model-00002-of-00002.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_a_shard_in_a_subfolder_is_checked_and_fingerprinted(tmp_path):
+    """The checks and the fingerprint read the folder's top-level files only: NaN in a shard under sub/ was
+    loaded, and changing its weights kept the encoder's SHA-256."""
+    name = "electra.encoder.layer.0.attention.self.query.weight"
+    folder = saved_electra(tmp_path / "m")
+    shard_into_subfolder(folder, name, lambda t: t[name].view(-1).__setitem__(0, float("nan")))
+    refused(folder, rf"sub/model-00002-of-00002.safetensors holds non-finite values \({name}\)")
+
+    folder = saved_electra(tmp_path / "fine")
+    shard_into_subfolder(folder, name)
+    assert migrate_from_electra(str(folder), num_experts=4).fulu_migration.exact
+    before = DenseEncoder(folder).sha256
+    shard = folder / "sub" / "model-00002-of-00002.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(shard)
+    tensors[name].mul_(2)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert DenseEncoder(folder).sha256 != before
+    # the index is part of what was read
+    index = folder / "model.safetensors.index.json"
+    index.write_text(index.read_text().replace('"metadata": {}', '"metadata": {"total_size": 1}'))
+    assert DenseEncoder(folder).sha256 != before
+
+
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(tmp_path):
+    import json
+
+    folder = saved_electra(tmp_path / "m")
+    name = "electra.encoder.layer.0.attention.self.query.weight"
+    shard_into_subfolder(folder, name)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"][name] = "../outside.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(folder, r"model.safetensors.index.json names '../outside.safetensors', which is not a file inside the "
+                    r"folder")
+
+
+def test_a_dense_block_whose_own_output_is_not_finite_is_named_as_such():
+    """A negative layer_norm_eps makes the dense layer's own output NaN: the verification blamed the FFN's layout
+    (a RuntimeError)."""
+    torch.manual_seed(0)
+    dense = BertModel(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, layer_norm_eps=-1.0)).eval()
+    with pytest.raises(FuluConfigError, match=r"encoder.layer\[0\]'s dense feed-forward block itself gives "
+                                              r"non-finite outputs on random inputs .*layer_norm_eps \(-1.0\)"):
+        migrate_from_electra(dense, num_experts=4)
+
+
+def test_an_encoder_folder_under_the_home_directory_loads(tmp_path, monkeypatch):
+    """'~/enc' was checked expanded but handed to transformers as written, which took it for a Hub repo id."""
+    saved_electra(tmp_path / "enc")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    encoder = DenseEncoder("~/enc")
+    assert encoder.path == str((tmp_path / "enc").resolve()) and encoder.shape.num_layers == 2

@@ -284,6 +284,8 @@ def _add_layer_2(tensors) -> None:
     # trained on the first 2 of 3 layers without a word
     ("extra layer", r"its weights hold 16 tensors that its config.json does not use "
                     r"\(bert.encoder.layer.2.attention.output.LayerNorm.bias, "),
+    # a traceback and rc 1 (transformers' RuntimeError building a model of -1 words)
+    ("vocab -1", r"config.json: vocab_size must be a whole number >= 1, got -1"),
     # 19 lines blaming every choice of the search space
     ("ffn 60", r"intermediate_size=60 is not a multiple of 8: PiMoE's grouped experts need"),
     ("hidden 36", r"hidden_size=36 is not a multiple of 8: PiMoE's grouped experts need"),
@@ -305,9 +307,10 @@ def test_a_bad_checkpoint_is_one_clear_message_exit_2_and_nothing_written(tmp_pa
         tensors = load_file(model / "model.safetensors")
         edit(tensors)
         save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
-    if case == "string hidden_size":
+    if case in ("string hidden_size", "vocab -1"):
         config = json.loads((model / "config.json").read_text())
-        (model / "config.json").write_text(json.dumps({**config, "hidden_size": "32"}))
+        field = {"string hidden_size": {"hidden_size": "32"}, "vocab -1": {"vocab_size": -1}}[case]
+        (model / "config.json").write_text(json.dumps({**config, **field}))
     capsys.readouterr()
     assert main(["search", "+experiment=upcycle_tiny", f"model={model}", f"task.path={corpus}"]) == 2
     err = capsys.readouterr().err

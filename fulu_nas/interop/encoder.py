@@ -5,7 +5,9 @@ upcycling trial.
 :class:`DenseEncoder` refuses, with one :class:`~fulu_nas.errors.FuluConfigError` naming the folder and
 what was expected: a path that is not a folder, a folder without ``config.json`` or without safetensors
 weights (nothing is unpickled), a model type without a masked-language-model class in transformers
-(GPT-2, T5, ...), weights that hold NaN or infinite values or tensors the configuration has no place for,
+(GPT-2, T5, ...), impossible sizes in ``config.json`` (:func:`~.migrate.config_problems`), weights of other
+sizes than the configured ones or of a non-floating type (compared in the safetensors headers before a model
+is allocated), weights that hold NaN or infinite values or tensors the configuration has no place for,
 and an encoder whose feed-forward blocks :func:`~.migrate.migrate_from_electra` cannot upcycle (an
 activation other than the exact GELU, sizes that are not multiples of 8). A folder saved without the MLM
 head (``BertModel``, ``ElectraForPreTraining``) gets a new head, drawn from a fixed seed so that every
@@ -13,7 +15,8 @@ trial starts from the same weights (``head`` says which).
 
 The folder's tokenizer is its own when it has tokenizer files (:data:`TOKENIZER_FILES`); transformers
 would otherwise hand back an empty tokenizer of the model type without complaint, so the files decide.
-``sha256`` fingerprints the files read (configuration, weights, tokenizer): a trial's architecture
+``sha256`` fingerprints the files read (configuration, the safetensors index and every weight file,
+:func:`~.migrate.weight_files`, tokenizer): a trial's architecture
 records it, and an export refuses a folder that changed since the search.
 
 transformers is imported when a folder is loaded, not with this module.
@@ -31,7 +34,18 @@ import torch
 from torch import nn
 
 from ..errors import FuluConfigError
-from .migrate import alignment_problems, encoder_root, loading_problem, quiet_transformers, read_hf_config, saved_class
+from .migrate import (
+    SAFETENSORS_INDEX,
+    alignment_problems,
+    config_problems,
+    encoder_root,
+    loading_problem,
+    quiet_transformers,
+    read_hf_config,
+    saved_class,
+    stored_weights_problem,
+    weight_files,
+)
 
 # Files that hold a tokenizer's vocabulary (tokenizer_config.json alone holds none).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
@@ -59,10 +73,11 @@ def _state_keys(cls: type[nn.Module], config) -> frozenset[str]:
         return frozenset(cls(config).state_dict())
 
 
-def _sha256(files: list[Path]) -> str:
+def _sha256(folder: Path, files: list[Path]) -> str:
+    """The files' names (relative to ``folder``: a shard may lie in a subfolder) and bytes."""
     h = hashlib.sha256()
     for path in files:
-        h.update(path.name.encode() + b"\0")
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -84,7 +99,10 @@ class DenseEncoder:
         if not (folder / "config.json").is_file():
             raise FuluConfigError(f"model {os.fspath(path)!r} has no config.json: not a save_pretrained model folder; "
                                   f"expected {EXPECTED}")
-        weights = sorted(folder.glob("*.safetensors"))
+        try:
+            weights = weight_files(folder)
+        except ValueError as e:
+            raise FuluConfigError(f"model {os.fspath(path)!r}: {e}") from None
         if not weights:
             others = sorted(p.name for p in folder.glob("*.bin"))
             raise FuluConfigError(f"model {os.fspath(path)!r} has no safetensors weights"
@@ -94,9 +112,11 @@ class DenseEncoder:
         self.path = str(folder.resolve())
         self.tokenizer_files = tuple(sorted(n for n in TOKENIZER_FILES if (folder / n).is_file()))
         extras = [folder / n for n in TOKENIZER_EXTRAS if (folder / n).is_file()] if self.tokenizer_files else []
-        read = [folder / "config.json", *weights, *(folder / n for n in self.tokenizer_files), *extras]
-        self.sha256 = _sha256(read)
-        self.model, self.head = self._load(path, seed)
+        index = [folder / SAFETENSORS_INDEX] if (folder / SAFETENSORS_INDEX).is_file() else []
+        read = [folder / "config.json", *index, *weights, *(folder / n for n in self.tokenizer_files), *extras]
+        self.sha256 = _sha256(folder, read)
+        # the folder as checked and hashed (transformers would take an unexpanded '~/enc' for a Hub repo id)
+        self.model, self.head = self._load(folder, os.fspath(path), seed)
         self.config = self.model.config
         try:
             _, layers = encoder_root(self.model)
@@ -111,42 +131,58 @@ class DenseEncoder:
                                   vocab_size=int(self.config.vocab_size))
 
     @staticmethod
-    def _load(path, seed: int) -> tuple[nn.Module, str]:
+    def _load(folder: Path, shown: str, seed: int) -> tuple[nn.Module, str]:
+        """The model of ``folder`` (``shown``: the path as the user gave it, for messages) with its MLM head,
+        and whether that head is the folder's or new."""
         try:
             import transformers
         except ImportError:
             raise FuluConfigError("model: loading a Hugging Face model needs transformers: "
                                   "pip install 'fulu-nas[hf]'") from None
-        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_MASKED_LM_MAPPING,
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        )
 
         try:
-            config = read_hf_config(path)
+            config = read_hf_config(folder)
         except ValueError as e:
-            raise FuluConfigError(f"model {os.fspath(path)!r}: its config.json cannot be read: {e}") from None
+            raise FuluConfigError(f"model {shown!r}: its config.json cannot be read: {e}") from None
         if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
             saved = ", ".join(config.architectures or []) or config.model_type
-            raise FuluConfigError(f"model {os.fspath(path)!r} is a {config.model_type} model ({saved}), which "
+            raise FuluConfigError(f"model {shown!r} is a {config.model_type} model ({saved}), which "
                                   f"has no masked-language-model head in transformers; expected {EXPECTED}")
+        if problems := config_problems(config):
+            raise FuluConfigError([f"model {shown!r}: config.json: {p}" for p in problems])
         try:
-            saved_keys = _state_keys(saved_class(config), config)
+            saved = saved_class(config)
         except ValueError as e:
-            raise FuluConfigError(f"model {os.fspath(path)!r}: {e}") from None
+            raise FuluConfigError(f"model {shown!r}: {e}") from None
+        if problem := stored_weights_problem(folder, MODEL_FOR_MASKED_LM_MAPPING[type(config)], config):
+            raise FuluConfigError(f"model {shown!r}: {problem}")
+        try:
+            saved_keys = _state_keys(saved, config)
+        except Exception as e:  # transformers' own checks of a configuration raise any type
+            line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FuluConfigError(f"model {shown!r}: transformers cannot build a {saved.__name__} of its "
+                                  f"config.json ({line})") from None
         with quiet_transformers():
             # The same new head for every trial, without touching the caller's random state.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 try:
-                    # Sizes that differ are named below (transformers' own report is silenced).
+                    # The sizes were compared above; should any still differ, loading_problem names them
+                    # (transformers' own report is silenced).
                     model, info = transformers.AutoModelForMaskedLM.from_pretrained(
-                        path, use_safetensors=True, dtype=torch.float32, output_loading_info=True,
+                        folder, use_safetensors=True, dtype=torch.float32, output_loading_info=True,
                         ignore_mismatched_sizes=True)
                 except (OSError, ValueError, RuntimeError) as e:
-                    raise FuluConfigError(f"model {os.fspath(path)!r} cannot be loaded: "
+                    raise FuluConfigError(f"model {shown!r} cannot be loaded: "
                                           f"{str(e).splitlines()[0]}") from None
         # A folder saved without the MLM head gets a new one (documented); the head of the class it was saved
         # from (a pooler, ELECTRA's discriminator) is not the MLM model's to use, any other tensor is wrong.
         if problem := loading_problem(model, info, new_head=True, saved_keys=saved_keys):
-            raise FuluConfigError(f"model {os.fspath(path)!r}: {problem}")
+            raise FuluConfigError(f"model {shown!r}: {problem}")
         return model.eval(), "new" if info["missing_keys"] else "pretrained"  # a head the files lack
 
     def copy(self) -> nn.Module:

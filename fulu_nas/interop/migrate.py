@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import operator
 import os
@@ -270,40 +271,156 @@ def encoder_root(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     return root, layers
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files of ``folder``: those at its top level and every shard its
+    ``model.safetensors.index.json`` names, which transformers reads wherever under the folder they lie
+    (``sub/shard.safetensors``). ValueError when the index is not one or names a file that is not inside
+    the folder."""
+    folder = Path(folder)
+    files = {p.resolve(): p for p in folder.glob("*.safetensors")}
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{SAFETENSORS_INDEX} is not a safetensors index (a JSON object whose weight_map maps "
+                             f"tensor names to file names)")
+        root = folder.resolve()
+        for name in sorted(set(weight_map.values())):
+            path = folder / name
+            if not path.resolve().is_relative_to(root) or not path.is_file():
+                raise ValueError(f"{SAFETENSORS_INDEX} names {name!r}, which is not a file inside the folder")
+            files.setdefault(path.resolve(), path)
+    return sorted(files.values())
+
+
+def _shown(path: Path, folder: Path) -> str:
+    return path.relative_to(folder).as_posix()
+
+
 def unreadable_weights(folder: str | os.PathLike) -> list[str]:
-    """Each safetensors file in ``folder`` whose header does not read (not safetensors, cut short), with
-    why; safetensors' own error names no file and is no FuluConfigError. The header lists every tensor's
-    extent, so a readable one also means the file is whole."""
+    """Each safetensors file of ``folder`` (:func:`weight_files`) whose header does not read (not
+    safetensors, cut short), with why; safetensors' own error names no file and is no FuluConfigError. The
+    header lists every tensor's extent, so a readable one also means the file is whole."""
     from safetensors import SafetensorError, safe_open
 
     problems = []
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    for path in weight_files(folder):
         try:
             with safe_open(str(path), framework="pt") as f:
                 f.keys()
         except (SafetensorError, OSError) as e:
-            problems.append(f"{path.name} is not a safetensors file ({str(e).splitlines()[0]})")
+            problems.append(f"{_shown(path, Path(folder))} is not a safetensors file ({str(e).splitlines()[0]})")
     return problems
 
 
 def nonfinite_weights(folder: str | os.PathLike) -> list[str]:
-    """Each safetensors file in ``folder`` with NaN or infinite values, naming its tensors: such weights
+    """Each safetensors file of ``folder`` with NaN or infinite values, naming its tensors: such weights
     would only show up later, as a "layout" mismatch at verification or as every trial diverging."""
     from safetensors import safe_open
 
     problems = []
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    for path in weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
             bad = nonfinite_tensors((name, f.get_tensor(name)) for name in f.keys())
         if bad:
-            problems.append(f"{path.name} holds non-finite values ({first_few(bad)})")
+            problems.append(f"{_shown(path, Path(folder))} holds non-finite values ({first_few(bad)})")
     return problems
 
 
 def weight_file_problems(folder: str | os.PathLike) -> list[str]:
-    """What is wrong with the safetensors files of ``folder`` as files: unreadable ones, else non-finite
-    values (only read once every header reads)."""
-    return unreadable_weights(folder) or nonfinite_weights(folder)
+    """What is wrong with the safetensors files of ``folder`` as files: an index naming files that are not
+    the folder's, unreadable ones, else non-finite values (only read once every header reads)."""
+    try:
+        return unreadable_weights(folder) or nonfinite_weights(folder)
+    except ValueError as e:
+        return [str(e)]
+
+
+# config.json's sizes, checked before transformers builds anything from them: it raises ZeroDivisionError,
+# IndexError or AssertionError for some impossible ones and builds a model that fails later for others.
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "embedding_size", "intermediate_size", "num_attention_heads",
+                   "num_hidden_layers", "max_position_embeddings")
+
+
+def config_problems(config) -> list[str]:
+    """The sizes of a transformers configuration no model can have, each naming its config.json field (the
+    fields a model type lacks are not checked). ``hidden_size`` must be a multiple of
+    ``num_attention_heads`` (the attention splits it into heads), ``pad_token_id`` an id of the vocabulary,
+    ``layer_norm_eps`` positive (a negative one makes LayerNorm's output NaN)."""
+    def whole(name: str, low: int) -> bool:
+        value = getattr(config, name, None)
+        if value is None:
+            return False
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{name} must be a whole number >= {low}, got {value!r}")
+            return False
+        return True
+
+    problems: list[str] = []
+    valid = {name: whole(name, 1) for name in _POSITIVE_SIZES}
+    whole("type_vocab_size", 0)
+    if valid["hidden_size"] and valid["num_attention_heads"] and config.hidden_size % config.num_attention_heads:
+        problems.append(f"hidden_size ({config.hidden_size}) must be a multiple of num_attention_heads "
+                        f"({config.num_attention_heads})")
+    pad = getattr(config, "pad_token_id", None)
+    if valid["vocab_size"] and pad is not None and (
+            isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < config.vocab_size):
+        problems.append(f"pad_token_id must be None or an id below vocab_size ({config.vocab_size}), got {pad!r}")
+    eps = getattr(config, "layer_norm_eps", None)
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < math.inf):
+        problems.append(f"layer_norm_eps must be a number > 0, got {eps!r}")
+    return problems
+
+
+# safetensors' names of the floating types, all of which transformers casts into the model's float32 (a
+# change of precision only); any other stored type (bool, integers) would be cast into meaningless weights.
+_FLOAT_TYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
+_TYPE_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+               "I32": "int32", "U64": "uint64", "I64": "int64", "C64": "complex64"}
+
+
+def stored_weights_problem(folder: str | os.PathLike, cls: type[nn.Module], config) -> str | None:
+    """What is wrong with the weights of ``folder`` for a ``cls`` of ``config``, read from the safetensors
+    headers alone, before transformers allocates and initialises a model of the configured sizes (which a
+    config.json can make any size): tensors whose shape is not the configured one, and tensors of a
+    non-floating type where the model's are floating. ``cls`` is built on the meta device (no memory). A
+    stored tensor the model has no place for is :func:`loading_problem`'s to name."""
+    from safetensors import safe_open
+
+    try:
+        with quiet_transformers(), torch.device("meta"):
+            configured = cls(config).state_dict()
+    except Exception as e:  # transformers' own checks of a configuration raise any type
+        return f"transformers cannot build a {cls.__name__} of its config.json ({_first_line(e)})"
+    prefix = f"{getattr(cls, 'base_model_prefix', '')}."
+    mismatched, not_floating = [], []
+    for path in weight_files(folder):
+        wrong_type = []
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                # a headless save read into a class with a head, or the other way round
+                key = next((k for k in (name, prefix + name, name.removeprefix(prefix)) if k in configured), None)
+                if key is None:
+                    continue
+                stored = f.get_slice(name)
+                shape = tuple(stored.get_shape())
+                if shape != tuple(configured[key].shape):
+                    mismatched.append(f"{name}: {shape} stored, {tuple(configured[key].shape)} configured")
+                elif configured[key].is_floating_point() and stored.get_dtype() not in _FLOAT_TYPES:
+                    wrong_type.append(f"{name}: {_TYPE_NAMES.get(stored.get_dtype(), stored.get_dtype())}")
+        if wrong_type:
+            not_floating.append(f"{_shown(path, Path(folder))} holds weights of a non-floating type "
+                                f"({first_few(sorted(wrong_type))})")
+    if mismatched:
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        return f"its weights do not fit its config.json: {'; '.join(sorted(mismatched)[:3])}{more}"
+    return "; ".join(not_floating) or None
 
 
 def read_hf_config(folder: str | os.PathLike):
@@ -404,14 +521,14 @@ def _load(path: str | os.PathLike) -> nn.Module:
                               f"save_pretrained")
     if not (folder / "config.json").is_file():
         raise FuluConfigError(f"{where} has no config.json; expected a directory written by save_pretrained")
-    if not list(folder.glob("*.safetensors")):
+    if problems := weight_file_problems(folder):
+        raise FuluConfigError(f"{where}: {'; '.join(problems)}")
+    if not weight_files(folder):
         pickles = sorted(p.name for p in folder.glob("*.bin"))
         raise FuluConfigError(f"{where} has no safetensors weights"
                               + (f" (only {', '.join(pickles)}: pickles, which fulu-nas does not load)" if pickles
                                  else "")
                               + "; save it with save_pretrained (safetensors is its default)")
-    if problems := weight_file_problems(folder):
-        raise FuluConfigError(f"{where}: {'; '.join(problems)}")
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -420,13 +537,18 @@ def _load(path: str | os.PathLike) -> nn.Module:
         config = read_hf_config(folder)
     except ValueError as e:
         raise FuluConfigError(f"{where}: its config.json cannot be read: {e}") from None
+    if problems := config_problems(config):
+        raise FuluConfigError([f"{where}: config.json: {p}" for p in problems])
     try:
         cls = saved_class(config)  # keeps the head the directory was saved with
     except ValueError as e:
         raise FuluConfigError(f"{where}: {e}") from None
+    if problem := stored_weights_problem(folder, cls, config):
+        raise FuluConfigError(f"{where}: {problem}")
     with quiet_transformers():  # its loading report and bars; the checks below say what matters
         try:
-            # Sizes that differ are reported below, by name, rather than in transformers' report.
+            # The sizes were compared above; should any still differ, loading_problem names them (transformers'
+            # own report is silenced).
             model, info = cls.from_pretrained(folder, use_safetensors=True, output_loading_info=True,
                                               ignore_mismatched_sizes=True)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
@@ -562,6 +684,13 @@ def _verify(index: int, intermediate: nn.Module, output: nn.Module, new_output: 
     x = torch.randn(2, 8, w.shape[1], generator=g).to(device=w.device, dtype=w.dtype)
     with _eval_mode(intermediate, output, new_output):
         ref = output(intermediate(x), x).float()
+        if not bool(torch.isfinite(ref).all()):
+            # Nothing to compare against, and not the upcycling's fault: the dense block itself is broken.
+            eps = getattr(getattr(output, "LayerNorm", None), "eps", None)
+            raise FuluConfigError(f"migrate_from_electra: encoder.layer[{index}]'s dense feed-forward block itself "
+                                  f"gives non-finite outputs on random inputs (its LayerNorm's layer_norm_eps "
+                                  f"({eps}) must be > 0, and its weights small enough not to overflow "
+                                  f"{w.dtype}): the dense model is broken, not its layout")
         got = new_output(x, x).float()
     tol = 1e-4 if w.dtype == torch.float32 else 5e-2
     err = (got - ref).abs().max().item()
@@ -627,9 +756,11 @@ def migrate_from_electra(
     values. With ``inplace`` a failure (a layer of
     another FFN size, a block that fails ``verify``) leaves the model as it was: every new block is built
     and verified before any is swapped in. A directory is read from its safetensors
-    weights only (a folder with only ``pytorch_model.bin``, a pickle, is refused), and refused when they do
-    not fit its ``config.json``, hold NaN or infinite values, lack the encoder's tensors or the head of the
-    class ``architectures`` names, or hold tensors the config has no place for.
+    weights only (a folder with only ``pytorch_model.bin``, a pickle, is refused; :func:`weight_files` says
+    which files), and refused when its ``config.json`` holds impossible sizes (:func:`config_problems`), when
+    the weights do not fit it or are of a non-floating type (compared in the safetensors headers, before a
+    model is allocated), hold NaN or infinite values, lack the encoder's tensors or the head of the class
+    ``architectures`` names, or hold tensors the config has no place for.
     """
     problems = _flag_problems(enable_ultimate_pimoe=enable_ultimate_pimoe,
                               enable_advanced_routing=enable_advanced_routing,

@@ -14,14 +14,16 @@ fulu-nas code. :func:`load_upcycled` (what ``fulu_nas.load`` calls for such a fo
 file's SHA-256, builds the model class from the configuration, migrates the same layers with the same
 arguments and loads the weights strictly (safetensors, JSON and YAML: nothing is unpickled). Checksums
 rewritten with the files prove nothing, so the files are also checked against each other first: the
-record's types, its sizes against ``config.json``, and the model (built on the meta device, no memory)
-against the safetensors header, then the weights' types (the float32 written) and values (finite). What
-comes back is the transformers model (``BertForMaskedLM``, ...), usable with its tokenizer and pipelines.
+record's types (its YAML without aliases), its sizes against ``config.json`` (and those against what a
+model can have), and the model (built on the meta device, no memory) against the safetensors header,
+then the weights' types (the float32 written) and values (finite). What comes back is the transformers
+model (``BertForMaskedLM``, ...), usable with its tokenizer and pipelines.
 """
 
 from __future__ import annotations
 
 import json
+import reprlib
 import shutil
 import warnings
 from pathlib import Path
@@ -43,7 +45,7 @@ from ..deploy.export import (
 )
 from ..errors import FuluConfigError
 from .encoder import TOKENIZER_EXTRAS, TOKENIZER_FILES, quiet_transformers
-from .migrate import encoder_root, migrate_from_electra, read_hf_config
+from .migrate import config_problems, encoder_root, migrate_from_electra, read_hf_config
 from .upcycle import UpcycleArch, UpcycledMLM
 
 FORMAT_VERSION = 1
@@ -61,6 +63,12 @@ def write_upcycled(out: Path, model: UpcycledMLM, tokenizer_folder: str | None, 
     def fill(folder: Path) -> None:
         import yaml
 
+        class NoAliases(yaml.SafeDumper):
+            """Writes a value two fields share twice: :func:`load_upcycled` refuses YAML aliases."""
+
+            def ignore_aliases(self, data) -> bool:
+                return True
+
         hf.config.to_json_file(str(folder / "config.json"))
         save_model(hf, str(folder / "model.safetensors"))  # handles the tied word embedding / MLM decoder
         if tokenizer_folder is not None:
@@ -69,7 +77,7 @@ def write_upcycled(out: Path, model: UpcycledMLM, tokenizer_folder: str | None, 
                 if (source / name).is_file():
                     shutil.copyfile(source / name, folder / name)
         record = {"format": FORMAT_VERSION, "architecture": model.arch.to_dict(), **config}
-        (folder / UPCYCLING).write_text(yaml.safe_dump(record, sort_keys=False))
+        (folder / UPCYCLING).write_text(yaml.dump(record, Dumper=NoAliases, sort_keys=False))
         (folder / "metrics.json").write_text(metrics_json(metrics))
         (folder / "README.md").write_text(model_card)
 
@@ -98,22 +106,43 @@ def _in_words(e: BaseException, copy: Path, directory: Path) -> str:
     return line.replace(str(copy), str(directory))
 
 
+# A rejected value as a message shows it: a few items and levels (a long list would make a long message).
+_SHOW = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 2, 5, 5, 80, 80
+
+
+def _refuse_aliases(path: Path, shown: Path) -> None:
+    """FuluConfigError when the YAML file holds an alias: a few hundred bytes of nested aliases stand for
+    billions of elements once anything walks them (a message showing the value, a check of each item), and
+    :func:`write_upcycled` writes none."""
+    import yaml
+
+    try:
+        events = yaml.parse(path.read_text(), Loader=yaml.SafeLoader)
+        if any(isinstance(event, yaml.AliasEvent) for event in events):
+            raise FuluConfigError(f"{shown}: holds YAML aliases (*name), which an export never writes")
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return  # not YAML: read_yaml names that
+
+
 def _read_architecture(path: Path, shown: Path) -> UpcycleArch:
     """The architecture ``upcycling.yaml`` records, its types checked before any is used (``int("01")`` would
     take a string for layer 1)."""
+    _refuse_aliases(path, shown)
     record = read_yaml(path, shown)
     if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
         found = record.get("format") if isinstance(record, dict) else record
-        raise FuluConfigError(f"{shown}: unknown export format {found!r}")
+        raise FuluConfigError(f"{shown}: unknown export format {_SHOW.repr(found)}")
     arch = record.get("architecture")
     if not isinstance(arch, dict):
         raise FuluConfigError(f"{shown}: no architecture mapping")
     layers = arch.get("layers", [])
     if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-        raise FuluConfigError(f"{shown}: architecture.layers must be a list of layer indices, got {layers!r}")
+        raise FuluConfigError(f"{shown}: architecture.layers must be a list of layer indices, got "
+                              f"{_SHOW.repr(layers)}")
     migration = arch.get("migration", {})
     if not isinstance(migration, dict):
-        raise FuluConfigError(f"{shown}: architecture.migration must be a mapping, got {migration!r}")
+        raise FuluConfigError(f"{shown}: architecture.migration must be a mapping, got {_SHOW.repr(migration)}")
     try:
         return UpcycleArch.from_dict(arch)
     except FuluConfigError as e:
@@ -138,9 +167,12 @@ def _read_config(copy: Path, directory: Path):
         raise FuluConfigError(f"{shown}: model_type {model_type!r} has no masked-language-model class in "
                               "transformers")
     try:
-        return read_hf_config(copy)
+        config = read_hf_config(copy)
     except ValueError as e:
         raise FuluConfigError(f"{shown}: not a transformers configuration ({_in_words(e, copy, directory)})") from None
+    if problems := config_problems(config):
+        raise FuluConfigError([f"{shown}: {p}" for p in problems])
+    return config
 
 
 def _build(config, arch: UpcycleArch, copy: Path, directory: Path) -> nn.Module:
@@ -152,7 +184,7 @@ def _build(config, arch: UpcycleArch, copy: Path, directory: Path) -> nn.Module:
     try:
         with quiet_transformers():
             model = transformers.AutoModelForMaskedLM.from_config(config)
-    except (ValueError, TypeError, RuntimeError, AttributeError, KeyError) as e:
+    except Exception as e:  # transformers' own checks of a configuration raise any type
         raise FuluConfigError(f"{directory / 'config.json'}: transformers cannot build its model "
                               f"({_in_words(e, copy, directory)})") from None
     try:
