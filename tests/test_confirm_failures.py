@@ -8,15 +8,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import mlflow
+import optuna
 import pytest
 
 from fulu_nas.cli import main
+from fulu_nas.search.confirm import result_key
 
 from .test_confirm import CONFIRM, confirmation_runs, recorded
 from .test_confirm import searched as searched  # noqa: F401  (the module's fixture: a finished tiny search)
@@ -167,6 +170,60 @@ def test_sigterm_to_the_main_process_stops_its_workers_runs(searched, tmp_path, 
     assert not (out / "confirmation.json").exists()
     for i in (0, 1):
         assert "Traceback" not in (out / f"confirm-worker-{i}.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,signum", [("result", signal.SIGINT), ("close", signal.SIGTERM)],
+                         ids=["ctrl-c-recording-the-result", "sigterm-closing-the-run"])
+def test_a_signal_while_a_finished_run_is_recorded_and_closed_leaves_it_finished(searched, tmp_path,  # noqa: F811
+                                                                                monkeypatch, capsys, where, signum):
+    """A signal sent in-process just after the first run's result is written on the study, or inside the write
+    that closes that run FINISHED: the run was re-closed KILLED ("interrupted") while its result stayed recorded
+    and counted by every later summary. Recording and closing are one step: the run stays FINISHED, the
+    confirmation stops before the next run, and the same command trains only what is missing."""
+    out = copy_study(searched, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    sent: list[str] = []
+    if where == "result":
+        real_set = optuna.Study.set_user_attr
+
+        def set_user_attr(self, key, value):
+            real_set(self, key, value)
+            if key.startswith("confirm:") and not sent:
+                sent.append(value["mlflow_run_id"])
+                os.kill(os.getpid(), signum)
+
+        monkeypatch.setattr(optuna.Study, "set_user_attr", set_user_attr)
+    else:
+        real_terminate = mlflow.MlflowClient.set_terminated
+
+        def set_terminated(self, run_id, status=None, end_time=None):
+            if status == "FINISHED" and not sent:
+                sent.append(run_id)
+                os.kill(os.getpid(), signum)  # inside Tracker.end_trial's write
+            return real_terminate(self, run_id, status, end_time)
+
+        monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", set_terminated)
+    args = [*CONFIRM, f"hydra.run.dir={out}", "top_k=1", "budget_factor=1", "seeds=1"]
+    assert main(args) == 130
+    assert "run the same command to resume" in capsys.readouterr().err
+    (result,) = recorded(out, 60).values()
+    assert sent == [result["mlflow_run_id"]]
+    statuses = run_statuses(out, 60)
+    assert list(statuses) == sent  # the confirmation stopped before the next run
+    status, tags = statuses[sent[0]]
+    assert status == "FINISHED" and "fulu.state" not in tags, (status, tags)
+
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 0
+    everything = recorded(out, 60)
+    statuses = run_statuses(out, 60)
+    assert len(everything) == 2 and everything[result_key(result["arch_hash"], result["seed"], 60)] == result
+    assert sorted(statuses) == sorted(v["mlflow_run_id"] for v in everything.values())
+    assert {status for status, _ in statuses.values()} == {"FINISHED"}
+    summary = json.loads((out / "confirmation.json").read_text())
+    assert sorted(r["mlflow_run_id"] for a in summary["architectures"] for r in a["runs"]) == sorted(statuses)
 
 
 # ---------------------------------------------------------------- overrides the command would ignore

@@ -319,6 +319,7 @@ class Confirmation:
         log = TrainingLog(self.tracker, run_id, lambda step, loss: bar.on_step(c.trial.number, seed, step, loss))
         model = None
         kernels = ServedKernels(s)
+        saved = False  # the result is on the study: the run is counted, so it must not end KILLED
         try:
             model, result = train_architecture(c.arch, s, cfg, log, kernels)
             measured = evaluate_and_measure(model, s, self.references, result, kernels)
@@ -326,23 +327,29 @@ class Confirmation:
             self.tracker.log_params(run_id, {"train_step": step_description(result)})
             self.tracker.log_metrics(run_id, measured.metrics)
             self.tracker.log_files(run_id, measured.artifacts(c.arch, log.routing_history))
-            # Recorded before the run is closed: a process killed in between leaves a RUNNING run whose
-            # result is known, which the next invocation closes as FINISHED instead of training it again.
-            self.study.set_user_attr(result_key(c.arch_hash, seed, steps), {
-                "trial": c.trial.number, "arch_hash": c.arch_hash, "seed": seed, "steps": steps, "values": values,
-                "metrics": measured.metrics, "mlflow_run_id": run_id})
-            self.tracker.end_trial(run_id, "FINISHED")
+            # One block of writes: a signal arriving meanwhile is raised once the run is closed FINISHED, not
+            # inside the study's write (which could leave its SQLite file locked). The result goes first: a
+            # process killed in between leaves a RUNNING run whose result is known, which the next invocation
+            # closes as FINISHED instead of training it again.
+            with between_writes():
+                self.study.set_user_attr(result_key(c.arch_hash, seed, steps), {
+                    "trial": c.trial.number, "arch_hash": c.arch_hash, "seed": seed, "steps": steps,
+                    "values": values, "metrics": measured.metrics, "mlflow_run_id": run_id})
+                saved = True
+                self.tracker.end_trial(run_id, "FINISHED")
             bar.finished(self._result_line(c, seed, values))
         except KeyboardInterrupt:
-            self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted"})
+            if not saved:
+                self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "interrupted"})
             raise
         except Exception as e:
             reason = failure_reason(e)
-            self.tracker.end_trial(run_id, "FAILED", {"fulu.state": "failed", "fulu.reason": reason,
-                                                      "fulu.traceback": traceback.format_exc()[-4000:]})
-            self.study.set_user_attr(FAILURE_PREFIX + self.key(c, seed),
-                                     {"trial": c.trial.number, "seed": seed, "reason": reason, "at": time.time(),
-                                      "diverged": isinstance(e, TrainingDiverged)})
+            with between_writes():  # the run's end and the failure it records, whole (as the result above)
+                self.tracker.end_trial(run_id, "FAILED", {"fulu.state": "failed", "fulu.reason": reason,
+                                                          "fulu.traceback": traceback.format_exc()[-4000:]})
+                self.study.set_user_attr(FAILURE_PREFIX + self.key(c, seed),
+                                         {"trial": c.trial.number, "seed": seed, "reason": reason,
+                                          "at": time.time(), "diverged": isinstance(e, TrainingDiverged)})
             bar.finished(f"trial {c.trial.number} seed {seed} failed: {reason}")
         finally:
             kernels.wait()
