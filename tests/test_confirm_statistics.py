@@ -169,6 +169,24 @@ def test_no_winner_while_runs_of_an_architecture_failed(tmp_path):
     assert summary["winner"]["trial"] == 7 and summary["winner_withheld"] is None
 
 
+def test_no_winner_and_the_reason_when_every_run_of_the_possible_winners_failed(tmp_path):
+    """Every run of trial 7 and of the reference hit the safety cap: no architecture had a result, and the
+    summary had no winner without a word why (winner_withheld empty, no "no winner:" line, export saying only
+    that the confirmation named none)."""
+    from fulu_nas.search.confirm_summary import why_no_winner
+
+    failed = [{"trial": t, "seed": s, "reason": "budget cap (trainer.max_seconds): 412 s"} for t in (7, 0)
+              for s in (1, 2)]
+    rows = [row(7, 1, []), row(0, 2, [], reference=True)]
+    summary = summarize_confirmation(header(["loss"], failed, seeds=(1, 2)), rows, ["minimize"])
+    assert summary["winner"] is None
+    assert summary["winner_withheld"].startswith("runs failed: trial 7 seed(s) 1, 2; trial 0 seed(s) 1, 2")
+    assert why_no_winner(summary) == f"its confirmation named no winner: {summary['winner_withheld']}"
+    text = printed(summary, tmp_path)
+    assert "no winner: runs failed: trial 7 seed(s) 1, 2; trial 0 seed(s) 1, 2" in text
+    assert "run the command again to retry the failed runs" in text
+
+
 def test_an_architecture_that_diverged_on_a_seed_cannot_win(tmp_path):
     """Training is seeded, so a divergence repeats itself: it rules its architecture out (it would win on
     its surviving seed) instead of withholding the winner for ever."""

@@ -69,11 +69,12 @@ def summarize_confirmation(header: dict, rows: list[dict], directions: list[str]
     summary["winner"] = None if not single or not candidates or header.get("complete") is False \
         or unfinished else {k: candidates[0][k] for k in ("trial", "arch_hash", "search_rank", "mean", "sd", "n")}
     summary["winner_withheld"] = None
-    if single and unfinished and candidates:
+    if single and unfinished:  # said also when those failures left no architecture with a result
         summary["winner_withheld"] = (
             "runs failed: " + "; ".join(f"trial {r['trial']} seed(s) {', '.join(map(str, r['failed_seeds']))}"
                                         for r in unfinished)
-            + " (their means are over fewer seeds, and the failed seeds could change the winner)")
+            + (" (their means are over fewer seeds, and the failed seeds could change the winner)" if candidates
+               else " (no architecture that could win has a result)"))
     elif single and not eligible and any(r["feasible"] for r in rows):
         summary["winner_withheld"] = "every architecture that met the constraints diverged on a seed: " + "; ".join(
             f"trial {r['trial']} seed(s) {', '.join(map(str, r['diverged_seeds']))}" for r in rows if r["feasible"])
