@@ -417,7 +417,8 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
               "top_k: expected an integer >= 1, got 0\n  - seeds: expected an integer >= 1, got 'two'\n"
               "  - budget_factor: expected a finite number in [1, 1000], got inf"),
              (tmp_path / "nested", broken, ["study.confirm.top_k=3"],
-              "study.confirm.top_k: the search's study.confirm sets the defaults")]
+              "study.confirm.top_k=3: not used: this command works with the search's own settings, where "
+              "study.confirm.top_k is 8 (3 here)")]
     for folder, trial, extra, message in cases:
         study = hand_made_study(folder, trial)
         before = sorted(p.name for p in folder.iterdir())

@@ -250,11 +250,17 @@ def test_confirm_refuses_training_overrides_it_would_ignore(searched, tmp_path, 
     assert lines[1].startswith("  - trainer.steps=40: ") and lines[2].startswith("  - trainer.seed=7: ")
     assert "trainer.steps is 60 (40 here)" in lines[1] and "trainer.seed is 0 (7 here)" in lines[2]
     assert "budget_factor=" in lines[2] and "seeds=" in lines[2]  # the options to use instead
-    for bad in ("+trainer.extra_key=3", "search_space=routers", "study.n_trials=9", "tracking.experiment=other"):
+    # study.confirm.seeds=3: the search's is 2 (the options set the confirmation: seeds=3). task.val_sequences=128:
+    # the search's experiment set it to 64; the advice was to add it with +, which was then refused for that.
+    for bad, differs in (("+trainer.extra_key=3", None), ("search_space=routers", None), ("study.n_trials=9", None),
+                         ("tracking.experiment=other", None), ("study.confirm.seeds=3", "study.confirm.seeds is 2"),
+                         ("task.val_sequences=128", "task.val_sequences is 64")):
         assert main([*where, bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: cannot confirm:\n  - {bad}: ") and err.count("\n") == 2, err
         assert "top_k=" in err
+        if differs:
+            assert f"not used: this command works with the search's own settings, where {differs} (" in err, err
     assert snapshot(out) == before
 
 
@@ -279,7 +285,10 @@ def test_overrides_that_repeat_the_searchs_settings_are_taken(searched, tmp_path
     out = copy_study(searched, tmp_path)
     monkeypatch.chdir(tmp_path)
     search_args = ["+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=4", "study.pruner=none",
-                   "trainer.steps=60", "search_space=tiny"]
+                   "study.confirm.seeds=2", "trainer.steps=60", "search_space=tiny"]
     assert main(["dashboard", "study.name=tiny-clusters", *search_args, f"out={tmp_path / 'page.html'}"]) == 0
     assert main(["export", "study.name=tiny-clusters", *search_args, f"out={tmp_path / 'model'}"]) == 0
     assert main([*CONFIRM, *search_args, "top_k=1", "seeds=1", "budget_factor=1"]) == 0
+    # A key only the search's experiment set, repeated without it: Hydra could not compose it, and advised +.
+    assert main([*CONFIRM, f"hydra.run.dir={out}", "task.val_sequences=64", "top_k=1", "seeds=1",
+                 "budget_factor=1"]) == 0
