@@ -14,7 +14,7 @@ from optuna.distributions import CategoricalDistribution
 from scipy.stats import kendalltau
 
 from fulu_nas.search.app import compose_config
-from fulu_nas.search.confirm import Confirmation, plan_confirmation, result_key
+from fulu_nas.search.confirm import Confirmation, plan_confirmation, result_key, run_tags
 from fulu_nas.search.confirm_summary import print_confirmation, summarize_confirmation, winner
 from fulu_nas.search.settings import SEED_MAX, ConfirmSettings, load_settings
 
@@ -100,6 +100,23 @@ def test_results_of_the_searchs_own_seed_are_not_counted_as_a_confirmation_seed(
     assert sorted(v["seed"] for v in recorded.values()) == [1] * len(plan.candidates)
     assert sorted((c.arch_hash, seed) for c, seed in confirmation.todo()) == sorted(
         (c.arch_hash, 2) for c in plan.candidates)
+
+
+def test_a_reference_outside_the_searchs_ranking_has_no_search_rank_tag(tmp_path):
+    """The reference missed the study's constraint, so it has no search rank: its runs were tagged
+    fulu.search_rank "None" (the text), which reads like a value."""
+    s = tiny_settings(tmp_path)
+    study = crafted_study(s, [1.3, 1.2, 1.1])
+    reference = study.trials[0]
+    infeasible = optuna.trial.create_trial(values=reference.values, params=reference.params,
+                                           distributions=reference.distributions, user_attrs=reference.user_attrs,
+                                           system_attrs={"constraints": [1.0]})
+    study = optuna.create_study(directions=list(s.study.directions))
+    study.add_trials([infeasible, *crafted_study(s, [1.3, 1.2, 1.1]).trials[1:]])
+    plan = plan_confirmation(study, s, ConfirmSettings(top_k=2, seeds=1, budget_factor=2))
+    tags = {c.trial.number: run_tags(c, plan.options.budget_factor) for c in plan.candidates}
+    assert tags[0] == {"fulu.arch_hash": "h0", "fulu.reference": True, "fulu.budget_factor": 2}
+    assert tags[2]["fulu.search_rank"] == 1 and tags[1]["fulu.search_rank"] == 2
 
 
 # ---------------------------------------------------------------- Kendall's tau with ties

@@ -312,10 +312,8 @@ class Confirmation:
         s, steps, factor = self.s, self.plan.steps, self.plan.options.budget_factor
         cfg = replace(s.train, steps=steps, seed=seed,
                       seconds_cap=s.train.seconds_cap * factor if s.train.seconds_cap else None)
-        run_id = self.tracker.start_confirmation(
-            self.parent, c.trial.number, seed, steps, c.arch.to_dict(),
-            {"fulu.arch_hash": c.arch_hash, "fulu.reference": c.reference, "fulu.search_rank": c.search_rank,
-             "fulu.budget_factor": factor})
+        run_id = self.tracker.start_confirmation(self.parent, c.trial.number, seed, steps, c.arch.to_dict(),
+                                                 run_tags(c, factor))
         log = TrainingLog(self.tracker, run_id, lambda step, loss: bar.on_step(c.trial.number, seed, step, loss))
         model = None
         kernels = ServedKernels(s)
@@ -404,6 +402,15 @@ class Confirmation:
                   "see above), so no winner is recorded and the study keeps its previous confirmation, if any; "
                   "run the same command again to train the missing runs", file=sys.stderr)
         return len(missing)
+
+
+def run_tags(c: Candidate, budget_factor: float) -> dict:
+    """The tags of ``c``'s confirmation runs (besides the trial, seed and steps). A reference outside the
+    search's ranking has no ``fulu.search_rank`` (it was logged as the text "None")."""
+    tags = {"fulu.arch_hash": c.arch_hash, "fulu.reference": c.reference, "fulu.budget_factor": budget_factor}
+    if c.search_rank is not None:
+        tags["fulu.search_rank"] = c.search_rank
+    return tags
 
 
 def _diverged(failure: object) -> bool:
