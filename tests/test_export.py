@@ -834,6 +834,13 @@ def test_damaged_or_missing_files_with_regenerated_checksums_are_clear_errors(ex
                            "config.yaml: not valid YAML"),
              "a nul character": (lambda c: (c / "config.yaml").write_text("format: 1\x00\n"),
                                  "config.yaml: not valid YAML"),
+             # a few hundred bytes standing for 10**6 list items (10**9 with three lines more): its message
+             # showed them all
+             "yaml aliases": (lambda c: (c / "config.yaml").write_text(
+                 "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                 + "".join(f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                           for p, n in zip("abcde", "bcdef", strict=True))
+                 + "format: *f\n"), "config.yaml: holds YAML aliases"),
              "no config": (lambda c: unlisted(c, "config.yaml"), "config.yaml: missing"),
              "no weights": (lambda c: unlisted(c, "model.safetensors"), "model.safetensors: missing")}
     for name, (damage, words) in cases.items():

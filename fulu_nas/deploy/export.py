@@ -221,12 +221,10 @@ def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], met
     from safetensors.torch import save_model
 
     def fill(folder: Path) -> None:
-        import yaml
-
         cpu = model.cpu().float().eval()
         save_model(cpu, str(folder / "model.safetensors"))  # handles the tied embedding / LM head
         export_program(cpu, folder / "model.pt2")
-        (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (folder / "config.yaml").write_text(dump_yaml(config))
         (folder / "metrics.json").write_text(metrics_json(metrics))
         save_pyfunc(folder, folder / "model.pt2", cpu.arch)
         card = model_card + torch_only_loading(sha256(folder / "model.pt2"), cpu.arch.vocab_size,
@@ -385,13 +383,30 @@ def load_device(map_location: str | torch.device) -> torch.device:
     return device
 
 
+def dump_yaml(data: object) -> str:
+    """``data`` as the YAML an export writes: a value two fields share is written twice, never as an
+    alias, which :func:`read_yaml` refuses."""
+    import yaml
+
+    class NoAliases(yaml.SafeDumper):
+        def ignore_aliases(self, data) -> bool:
+            return True
+
+    return yaml.dump(data, Dumper=NoAliases, sort_keys=False)
+
+
 def read_yaml(path: Path, shown: Path) -> object:
     """The YAML file ``path`` (a checked private copy), FuluConfigError naming ``shown`` (the user's
-    file) in one line if it is not YAML: PyYAML's message spans lines and names no file."""
+    file) in one line if it is not YAML (PyYAML's message spans lines and names no file) or holds an
+    alias: a few hundred bytes of nested aliases stand for billions of elements once anything walks
+    them (a message showing a value, a check of each item), and an export writes none."""
     import yaml
 
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text()
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise FuluConfigError(f"{shown}: holds YAML aliases (*name), which an export never writes")
+        return yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise FuluConfigError(f"{shown}: not valid YAML ({yaml_problem(e)})") from None
 

@@ -38,6 +38,7 @@ from ..deploy.export import (
     assemble,
     check_written_weights,
     checked_folder,
+    dump_yaml,
     header_problems,
     load_device,
     metrics_json,
@@ -61,14 +62,6 @@ def write_upcycled(out: Path, model: UpcycledMLM, tokenizer_folder: str | None, 
     hf = model.model.cpu().float().eval()
 
     def fill(folder: Path) -> None:
-        import yaml
-
-        class NoAliases(yaml.SafeDumper):
-            """Writes a value two fields share twice: :func:`load_upcycled` refuses YAML aliases."""
-
-            def ignore_aliases(self, data) -> bool:
-                return True
-
         hf.config.to_json_file(str(folder / "config.json"))
         save_model(hf, str(folder / "model.safetensors"))  # handles the tied word embedding / MLM decoder
         if tokenizer_folder is not None:
@@ -77,7 +70,7 @@ def write_upcycled(out: Path, model: UpcycledMLM, tokenizer_folder: str | None, 
                 if (source / name).is_file():
                     shutil.copyfile(source / name, folder / name)
         record = {"format": FORMAT_VERSION, "architecture": model.arch.to_dict(), **config}
-        (folder / UPCYCLING).write_text(yaml.dump(record, Dumper=NoAliases, sort_keys=False))
+        (folder / UPCYCLING).write_text(dump_yaml(record))
         (folder / "metrics.json").write_text(metrics_json(metrics))
         (folder / "README.md").write_text(model_card)
 
@@ -111,24 +104,9 @@ _SHOW = reprlib.Repr()  # (keyword arguments only from Python 3.12)
 _SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 2, 5, 5, 80, 80
 
 
-def _refuse_aliases(path: Path, shown: Path) -> None:
-    """FuluConfigError when the YAML file holds an alias: a few hundred bytes of nested aliases stand for
-    billions of elements once anything walks them (a message showing the value, a check of each item), and
-    :func:`write_upcycled` writes none."""
-    import yaml
-
-    try:
-        events = yaml.parse(path.read_text(), Loader=yaml.SafeLoader)
-        if any(isinstance(event, yaml.AliasEvent) for event in events):
-            raise FuluConfigError(f"{shown}: holds YAML aliases (*name), which an export never writes")
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return  # not YAML: read_yaml names that
-
-
 def _read_architecture(path: Path, shown: Path) -> UpcycleArch:
     """The architecture ``upcycling.yaml`` records, its types checked before any is used (``int("01")`` would
     take a string for layer 1)."""
-    _refuse_aliases(path, shown)
     record = read_yaml(path, shown)
     if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
         found = record.get("format") if isinstance(record, dict) else record
