@@ -97,6 +97,9 @@ def test_a_folder_without_the_mlm_head_gets_the_same_new_head_every_time(tmp_pat
     (dict(model="gpt2"), "is a gpt2 model \\(GPT2LMHeadModel\\), which has no masked-language-model head"),
     (dict(model="electra", tokenizer="model"), "tokenizer=model needs the folder's tokenizer: .*electra' has none"),
     (dict(model="small"), "has no tokenizer .* vocab_size \\(193\\) is too small for the byte-level fallback"),
+    # the folder has a tokenizer: the message said it had none
+    (dict(model="bert", tokenizer="bytes"), "tokenizer=bytes needs a vocab_size of at least 257 .*bert' has "
+                                            "\\d+; its folder has a tokenizer: use task.tokenizer=model"),
     (dict(model="bert", seq_len=100), "seq_len=100 is too long for model .*runs on at most 64 tokens"),
     (dict(model="bert", tokenizer="words"), "tokenizer must be one of auto, model, bytes"),
     (dict(model="bin"), "has no safetensors weights \\(only pytorch_model.bin: pickles"),

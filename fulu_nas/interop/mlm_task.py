@@ -133,6 +133,10 @@ class UpcycleTask(Task):
                                   "model")
         if choice == "model" or (choice == "auto" and has):
             return "model"
+        if self.vocab_size <= BYTE_MASK_ID and has:  # bytes chosen over the folder's own tokenizer
+            raise FuluConfigError(f"tokenizer=bytes needs a vocab_size of at least {BYTE_MASK_ID + 1} (bytes 0-255 "
+                                  f"and the mask token {BYTE_MASK_ID}); model {self.model_path!r} has "
+                                  f"{self.vocab_size}; its folder has a tokenizer: use task.tokenizer=model")
         if self.vocab_size <= BYTE_MASK_ID:
             raise FuluConfigError(f"tokenizer: model {self.model_path!r} has no tokenizer (none of "
                                   f"{', '.join(TOKENIZER_FILES)}) and its vocab_size ({self.vocab_size}) is too "
