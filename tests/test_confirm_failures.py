@@ -276,6 +276,14 @@ def test_export_and_dashboard_refuse_overrides_they_would_ignore(searched, tmp_p
     assert main(["dashboard", *where, "trainer.seed=7", f"out={tmp_path / 'page.html'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: invalid dashboard request:\n  - trainer.seed=7: ") and err.count("\n") == 2, err
+    # A key only the search's experiment set (to 64), given another value: Hydra's advice was to add it with +,
+    # which was then refused for differing from the search.
+    for command, extra, head in (("export", f"out={tmp_path / 'model'}", "error: cannot export:"),
+                                 ("dashboard", f"out={tmp_path / 'page.html'}", "error: invalid dashboard request:")):
+        assert main([command, *where, "task.val_sequences=128", extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{head}\n  - task.val_sequences=128: ") and err.count("\n") == 2, err
+        assert "where task.val_sequences is 64 (" in err and "+task" not in err, err
     assert list(tmp_path.iterdir()) == [out] and snapshot(out) == before
 
 
@@ -292,3 +300,5 @@ def test_overrides_that_repeat_the_searchs_settings_are_taken(searched, tmp_path
     # A key only the search's experiment set, repeated without it: Hydra could not compose it, and advised +.
     assert main([*CONFIRM, f"hydra.run.dir={out}", "task.val_sequences=64", "top_k=1", "seeds=1",
                  "budget_factor=1"]) == 0
+    assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={out}", "task.val_sequences=64",
+                 f"out={tmp_path / 'again.html'}"]) == 0

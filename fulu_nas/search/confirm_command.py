@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 
 from ..errors import FuluConfigError
 from .settings import CONFIRM_MAX, ConfirmSettings, confirm_settings
@@ -70,71 +69,12 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-def locate(overrides: list[str]):
-    """The study's location (:func:`.locate.locate_study`). A plain ``key=value`` of a key that the default
-    configuration lacks and only the search's own groups or ``+`` gave it (``task.val_sequences=128``, which
-    ``+experiment=tiny`` set to 64) cannot be composed, and Hydra's advice, ``+task.val_sequences=128``, was then
-    refused for differing from the search: such an override is compared with the search's setting at once,
-    refused when it differs, and taken when it repeats it (left out: the confirmation trains with the search's
-    settings anyway)."""
-    from .locate import check_overrides_are_used, locate_study
-
-    try:
-        return locate_study(overrides, HINT)
-    except FuluConfigError as failed:
-        found = _search_keys_given(overrides)
-        if found is None:
-            raise
-        where, searched, plain = found
-        composed: dict = {}
-        for o in plain:
-            *sections, leaf = o.key_or_group.split(".")
-            node = composed
-            for section in sections:
-                node = node.setdefault(section, {})
-            node[leaf] = o.value()
-        try:
-            check_overrides_are_used(replace(where, requested=tuple((o.input_line, (o.key_or_group,)) for o in plain),
-                                             composed=composed), searched.raw, searched.typed_model)
-        except FuluConfigError as differ:
-            named = {o.key_or_group for o in plain}
-            others = [p for p in failed.problems if p.partition(":")[0] not in named]
-            raise FuluConfigError([*differ.problems, *others]) from None
-        repeated = {o.input_line for o in plain}
-        return locate_study([o for o in overrides if o not in repeated], HINT)
-
-
-def _search_keys_given(overrides: list[str]):
-    """``(location, the search's settings, the plain key=value overrides of keys the search's configuration
-    has)``, found from the overrides that locate the study alone; None when there are none, or the study
-    cannot be read back or an override not parsed (the composition's own message then says what is wrong)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    from .app import split_flags
-    from .locate import LOCATING, load_study, locate_study, search_settings
-    from .tracking import flatten
-
-    rest, flags = split_flags(overrides)
-    try:
-        parsed = OverridesParser.create().parse_overrides(rest)
-        where = locate_study([*(f"{k}={v}" for k, v in flags.items()),
-                              *(o for o in rest if o.partition("=")[0] in LOCATING)], HINT)
-        searched = search_settings(where, load_study(where))
-    except (FuluConfigError, HydraException):
-        return None
-    leaves = flatten(searched.raw)
-    plain = [o for o in parsed if not (o.is_add() or o.is_delete() or o.is_force_add())
-             and o.key_or_group in leaves and o.key_or_group not in LOCATING]
-    return (where, searched, plain) if plain else None
-
-
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
     from .confirm import confirm_study
-    from .locate import check_recordable, load_study, search_settings, split_options
+    from .locate import check_recordable, load_study, locate_study, search_settings, split_options
     from .study import quiet_optuna
     from .tracking import quiet_mlflow
 
@@ -144,7 +84,7 @@ def main(argv: list[str]) -> int:
         # study.confirm.* is compared with the search's like any other setting: the search's own command line
         # (study.confirm.seeds=2 ...) is taken, a differing value refused with the options to use instead.
         with quiet_optuna():
-            location = locate(overrides)
+            location = locate_study(overrides, HINT)
             study = load_study(location)
             check_recordable(location)
             s = search_settings(location, study, will_train=True)

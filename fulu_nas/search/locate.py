@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,63 @@ STUDY_FLAGS = ("--config-dir", "-cd")
 
 def locate_study(overrides: list[str], hint: str = DEFAULT_HINT) -> StudyLocation:
     """Where the study is. ``hint``: what to say after naming an override the command would ignore (the
-    command's own options, say)."""
+    command's own options, say).
+
+    A plain ``key=value`` of a key that the default configuration lacks and only the search's own groups
+    or ``+`` gave it (``task.val_sequences=128``, which ``+experiment=tiny`` set to 64) cannot be composed,
+    and Hydra's advice, ``+task.val_sequences=128``, was then refused for differing from the search: such
+    an override is compared with the search's setting at once, refused when it differs, and taken when it
+    repeats it (left out: the command works with the search's settings anyway)."""
+    try:
+        return _compose_location(overrides, hint)
+    except FuluConfigError as failed:
+        found = _search_keys_given(overrides, hint)
+        if found is None:
+            raise
+        where, searched, plain = found
+        composed: dict = {}
+        for o in plain:
+            *sections, leaf = o.key_or_group.split(".")
+            node = composed
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = o.value()
+        try:
+            check_overrides_are_used(replace(where, requested=tuple((o.input_line, (o.key_or_group,)) for o in plain),
+                                             composed=composed), searched.raw, searched.typed_model)
+        except FuluConfigError as differ:
+            named = {o.key_or_group for o in plain}
+            others = [p for p in failed.problems if p.partition(":")[0] not in named]
+            raise FuluConfigError([*differ.problems, *others]) from None
+        repeated = {o.input_line for o in plain}
+        return _compose_location([o for o in overrides if o not in repeated], hint)
+
+
+def _search_keys_given(overrides: list[str], hint: str):
+    """``(location, the search's settings, the plain key=value overrides of keys the search's configuration
+    has)``, found from the overrides that locate the study alone; None when there are none, or the study
+    cannot be read back or an override not parsed (the composition's own message then says what is wrong)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from .app import split_flags
+
+    rest, flags = split_flags(overrides)
+    try:
+        parsed = OverridesParser.create().parse_overrides(rest)
+        where = _compose_location([*(f"{k}={v}" for k, v in flags.items()),
+                                   *(o for o in rest if o.partition("=")[0] in LOCATING)], hint)
+        searched = search_settings(where, load_study(where))
+    except (FuluConfigError, HydraException):
+        return None
+    leaves = flatten(searched.raw)
+    plain = [o for o in parsed if not (o.is_add() or o.is_delete() or o.is_force_add())
+             and o.key_or_group in leaves and o.key_or_group not in LOCATING]
+    return (where, searched, plain) if plain else None
+
+
+def _compose_location(overrides: list[str], hint: str) -> StudyLocation:
+    """Where the study is, the overrides composed as the search composed its own."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
