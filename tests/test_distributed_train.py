@@ -209,6 +209,22 @@ def test_the_expert_parallel_benchmark_refuses_bad_options_before_starting(optio
         assert err.splitlines()[-1] == f"python -m fulu_nas.training.distributed: error: {words}"
 
 
+@pytest.mark.parametrize("world_size", ["0", "abc", "-2"])
+def test_the_expert_parallel_benchmark_refuses_a_bad_world_size(world_size, monkeypatch, capsys):
+    """torchrun never sets these, a hand-made environment can: they ended in a ZeroDivisionError or a
+    ValueError traceback."""
+    from fulu_nas.training import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "init_from_env", lambda *a, **k: pytest.fail("the process group was started"))
+    with pytest.raises(SystemExit) as exited:
+        distributed.main(BENCH)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m fulu_nas.training.distributed: error: WORLD_SIZE must be a positive integer, got {world_size!r}")
+
+
 @pytest.mark.parametrize("value,text", [("0", "expected an integer >= 1"), ("3", "divisible by 3")])
 def test_expert_parallel_is_validated(value, text, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

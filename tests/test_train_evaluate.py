@@ -543,6 +543,45 @@ def test_dynamic_experts_on_a_grouped_hierarchical_router_are_refused_before_tra
         train(model, task, TrainConfig(steps=20, dynamic_experts=DynamicExpertsConfig(every=5), **FAST))
 
 
+def test_dynamic_experts_on_a_hash_router_are_refused_before_training():
+    """A token's expert is its id's hash modulo the expert count: a clone or a removal sent almost every
+    token to another expert, and the busy expert kept its tokens."""
+    from fulu_nas.errors import FuluConfigError
+
+    task = small_clusters()
+    model = clusters_model(task, num_experts=4, router="hash", top_k=1)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(FuluConfigError) as refused:
+        train(model, task, TrainConfig(steps=20, dynamic_experts=DynamicExpertsConfig(every=5), **FAST))
+    assert refused.value.problems == ["dynamic_experts: the hash router's assignment is fixed by num_experts (a "
+                                      "token's expert is its id's hash modulo the count); take another router or "
+                                      "no dynamic_experts"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_dynamic_plan_at_the_floor_keeps_the_busiest_of_the_underloaded():
+    """Experts 0 (load 0) and 1 (load 5) are both under remove_below; the floor of 3 keeps one of them:
+    the busier, 1 (the idle expert was kept)."""
+    task = small_clusters()
+    model = clusters_model(task, num_experts=4)
+    dyn = DynamicExperts(model, torch.optim.AdamW(model.parameters()),
+                         DynamicExpertsConfig(min_experts=3, max_experts=6, remove_below=0.5, add_above=2.0))
+    assert dyn.plan(torch.tensor([0.0, 5.0, 100.0, 100.0]), top_k=2).source == [1, 2, 3]
+    assert dyn.plan(torch.tensor([5.0, 0.0, 100.0, 100.0]), top_k=2).source == [0, 2, 3]
+
+
+def test_dynamic_experts_with_expert_parallel_are_refused_by_the_config():
+    """They were accepted here and refused only when the expert-parallel trial started, as a ValueError."""
+    from fulu_nas.errors import FuluConfigError
+
+    with pytest.raises(FuluConfigError) as refused:
+        TrainConfig(expert_parallel=2, dynamic_experts=DynamicExpertsConfig())
+    assert refused.value.problems == ["dynamic_experts: not supported with expert_parallel=2 (the expert count "
+                                      "is fixed by the split over the ranks); take expert_parallel=1 or no "
+                                      "dynamic_experts"]
+    assert TrainConfig(expert_parallel=1, dynamic_experts=DynamicExpertsConfig()).dynamic_experts is not None
+
+
 def test_dynamic_plan_removes_idle_and_splits_the_busiest():
     task = small_clusters()
     model = clusters_model(task, num_experts=4)

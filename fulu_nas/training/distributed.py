@@ -190,7 +190,11 @@ def _benchmark_options(argv: list[str] | None) -> tuple[argparse.Namespace, MoEC
     ap.add_argument("--no-check", action="store_true", help="skip the equivalence check (needs the full layer)")
     ap.add_argument("--profile", help="write rank 0's torch.profiler table of 3 timed steps to this file")
     args = ap.parse_args(argv)
-    ranks = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's: the group is not started yet
+    # torchrun's (the group is not started yet); a hand-made environment may hold anything
+    world = os.environ.get("WORLD_SIZE", "1")
+    ranks = int(world) if world.strip().isdecimal() else 0
+    if ranks < 1:
+        ap.error(f"WORLD_SIZE must be a positive integer, got {world!r}")
     if args.experts % ranks:
         ap.error(f"--experts {args.experts}: expert parallelism over {ranks} ranks needs a multiple of {ranks}")
     try:

@@ -151,8 +151,13 @@ def separation(x_ND: Tensor, side_N: Tensor) -> float:
 
 def check_dynamic_experts(model, cfg: DynamicExpertsConfig) -> None:
     """Refuse a model whose expert sets cannot change as ``cfg`` would change them: a hierarchical
-    router of two levels or more (its groups fix the count), or MoE layers that start outside
-    ``[min_experts, max_experts]`` (the plan keeps a count in the range, it does not bring one into it)."""
+    router of two levels or more (its groups fix the count), the hash router (a token's expert is its
+    id's hash modulo the count, so a clone or a removal would send almost every token to another
+    expert), or MoE layers that start outside ``[min_experts, max_experts]`` (the plan keeps a count in
+    the range, it does not bring one into it)."""
+    if any(layer.cfg.router == "hash" for layer in model.moe_layers()):
+        raise FuluConfigError("dynamic_experts: the hash router's assignment is fixed by num_experts (a token's "
+                              "expert is its id's hash modulo the count); take another router or no dynamic_experts")
     depths = sorted({layer.cfg.hierarchy_depth for layer in model.moe_layers()
                      if layer.cfg.router == "hierarchical" and layer.cfg.hierarchy_depth > 1})
     if depths:
@@ -253,8 +258,8 @@ class DynamicExperts:
         floor = max(cfg.min_experts, top_k)
         mean = load.mean().clamp_min(1e-9)
         keep = [e for e in range(E) if load[e] >= cfg.remove_below * mean]
-        # remove the least loaded first, never below the floor
-        for e in sorted(set(range(E)) - set(keep), key=lambda e: float(load[e])):
+        # remove the least loaded first, never below the floor: the floor takes back the busiest
+        for e in sorted(set(range(E)) - set(keep), key=lambda e: float(load[e]), reverse=True):
             if len(keep) >= floor:
                 break
             keep.append(e)

@@ -73,8 +73,6 @@ def train_expert_parallel(arch: ArchConfig, task_name: str, task_params: dict, c
     exception is re-raised. Raises :class:`~fulu_nas.training.train.TrainingDiverged` and
     :class:`~fulu_nas.training.train.BudgetCapReached` as ``train`` would."""
     P = cfg.expert_parallel
-    if cfg.dynamic_experts is not None:
-        raise ValueError("dynamic experts are not supported with expert_parallel > 1")
     if arch.moe.num_experts % P:
         raise ValueError(f"num_experts={arch.moe.num_experts} is not divisible by expert_parallel={P}")
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()

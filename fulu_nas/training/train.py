@@ -132,6 +132,10 @@ def config_problems(values: Mapping[str, object], prefix: str = "") -> list[str]
     dynamic = values.get("dynamic_experts")
     if dynamic is not None and not isinstance(dynamic, DynamicExpertsConfig):
         problems.append(f"{prefix}dynamic_experts: expected None or a DynamicExpertsConfig, got {dynamic!r}")
+    ranks = values.get("expert_parallel", 1)
+    if dynamic is not None and isinstance(ranks, int) and not isinstance(ranks, bool) and ranks > 1:
+        problems.append(f"{prefix}dynamic_experts: not supported with expert_parallel={ranks} (the expert count is "
+                        "fixed by the split over the ranks); take expert_parallel=1 or no dynamic_experts")
     if problem := device_setting_problem(values.get("device", "auto"), prefix + "device"):
         problems.append(problem)
     return problems
