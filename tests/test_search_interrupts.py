@@ -397,7 +397,11 @@ def test_a_signal_after_the_last_trial_is_no_interrupted_trial(where, tmp_path, 
     out = tmp_path / "out"
     assert _search(out) == 0
     assert sent == [where]
-    err = capsys.readouterr().err
+    _assert_ended_complete(out, capsys.readouterr().err)
+
+
+def _assert_ended_complete(out, err: str) -> None:
+    """A signal after the study's last trial: said so, nothing interrupted, every trial and run finished."""
     assert "stopped after the study's last trial: the study is complete" in err and "interrupted" not in err, err
     study = load_study(out)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
@@ -406,32 +410,34 @@ def test_a_signal_after_the_last_trial_is_no_interrupted_trial(where, tmp_path, 
     assert [r.info.status for r in trials] == ["FINISHED"] * 2
 
 
-def test_a_signal_to_the_workers_parent_after_the_last_trial_is_no_interrupted_search(tmp_path, monkeypatch,
-                                                                                       capsys):
-    """With workers, Ctrl-C that reached the parent once it had told the study's last trial (the workers
-    ending their part) exited 130, printing nothing, with the study complete and every run finished."""
+def _signal_at_report(monkeypatch, nth: int, signum: int = signal.SIGINT) -> list[int]:
+    """The parent of the workers sends ``signum`` to itself as it tells the ``nth`` finished trial; returns
+    the numbers of the trials it told."""
     told: list[int] = []
     real_report = study_module._report
 
     def report(bar, t, s):
         real_report(bar, t, s)
         told.append(t.number)
-        if len(told) == 2:
-            _signal()
+        if len(told) == nth:
+            _signal(signum)
 
     monkeypatch.setattr(study_module, "_report", report)
+    return told
+
+
+def test_a_signal_to_the_workers_parent_after_the_last_trial_is_no_interrupted_search(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """With workers, Ctrl-C that reached the parent once it had told the study's last trial (the workers
+    ending their part) exited 130, printing nothing, with the study complete and every run finished."""
+    told = _signal_at_report(monkeypatch, 2)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     code = run_search(out, "study.n_trials=2", "trainer.steps=10", "study.n_workers=2", *FAST)
     assert sorted(told) == [0, 1]
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "stopped after the study's last trial: the study is complete" in err and "interrupted" not in err, err
-    study = load_study(out)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
-    parents, trials = _runs(out)
-    assert [(r.info.status, r.data.tags.get("fulu.state")) for r in parents] == [("FINISHED", "complete")]
-    assert [r.info.status for r in trials] == ["FINISHED"] * 2
+    _assert_ended_complete(out, err)
 
 
 def test_a_sigterm_to_the_workers_parent_alone_stops_the_workers_and_the_study_resumes(tmp_path, monkeypatch,
@@ -439,16 +445,8 @@ def test_a_sigterm_to_the_workers_parent_alone_stops_the_workers_and_the_study_r
     """SIGTERM to the parent of two workers alone (``docker stop``, ``kill PID``) mid-search: passed on to
     the workers, whose running trials are failed and queued again; the parent says so and exits 130, and
     the same command finishes the study."""
-    told: list[int] = []
     real_report = study_module._report
-
-    def report(bar, t, s):
-        real_report(bar, t, s)
-        told.append(t.number)
-        if len(told) == 1:
-            _signal(signal.SIGTERM)
-
-    monkeypatch.setattr(study_module, "_report", report)
+    _signal_at_report(monkeypatch, 1, signal.SIGTERM)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     workers = ("study.n_workers=2", *FAST)
