@@ -155,6 +155,14 @@ def refused(folder, words: str) -> FuluConfigError:
     return e.value
 
 
+def refused_by_both(folder, words: str) -> None:
+    """migrate_from_electra(folder) and DenseEncoder(folder) each raise one FuluConfigError matching ``words``."""
+    refused(folder, words)
+    with pytest.raises(FuluConfigError, match=words) as e:
+        DenseEncoder(folder)
+    assert len(e.value.problems) == 1, e.value.problems
+
+
 @pytest.mark.parametrize("name,value", [("electra.encoder.layer.0.intermediate.dense.weight", float("nan")),
                                         ("electra.encoder.layer.0.attention.self.query.weight", float("inf"))])
 def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tmp_path, name, value):
@@ -249,10 +257,7 @@ def test_impossible_sizes_in_config_json_are_refused_naming_the_field(tmp_path, 
     -2 heads that failed at its first forward)."""
     folder = saved_electra(tmp_path / "m")
     edit_config(folder, **fields)
-    refused(folder, words)
-    with pytest.raises(FuluConfigError, match=words) as e:
-        DenseEncoder(folder)
-    assert len(e.value.problems) == 1, e.value.problems
+    refused_by_both(folder, words)
 
 
 def no_loading(monkeypatch) -> None:
@@ -272,9 +277,7 @@ def test_a_config_json_asking_for_huge_sizes_is_refused_before_anything_is_alloc
     no_loading(monkeypatch)
     words = (r"its weights do not fit its config.json: electra.embeddings.word_embeddings.weight: \(64, 16\) stored, "
              r"\(100000000, 16\) configured")
-    refused(folder, words)
-    with pytest.raises(FuluConfigError, match=words):
-        DenseEncoder(folder)
+    refused_by_both(folder, words)
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.int64])
@@ -285,9 +288,7 @@ def test_weights_of_a_non_floating_type_are_refused_naming_the_tensor(tmp_path, 
     edit_weights(folder, lambda t: t.update({name: (t[name] > 0).to(dtype)}))
     kind = str(dtype).removeprefix("torch.")
     words = rf"model.safetensors holds weights of a non-floating type \({name}: {kind}\)"
-    refused(folder, words)
-    with pytest.raises(FuluConfigError, match=words):
-        DenseEncoder(folder)
+    refused_by_both(folder, words)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
