@@ -386,6 +386,114 @@ def test_distributed_training_matches_single_process(ranks):
     assert bias and any(state[k].abs().sum() > 0 for k in bias)
 
 
+# -- edge cases, in 2 ranks of their own -----------------------------------------------------------
+# (a separate spawn: a case that fails in one rank must not leave the other waiting in a collective
+# of the main run)
+
+AUTOCAST_CASES = ("topk", "topk_shared", "expert_choice")
+
+
+def _edge_worker(rank: int, port: int, out_dir: str) -> None:
+    from fulu_nas.moe.expert_parallel import ExpertParallelMoE
+    from fulu_nas.training.distributed import expert_parallel, init_from_env
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(P), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    init_from_env(backend="gloo", timeout_s=60)
+    results = {}
+    try:
+        ep = ExpertParallelMoE.from_layer(build("topk"))
+        x = part(inputs("topk")[0], rank)
+        try:  # every rank refuses before the first collective, so none is left waiting
+            ep(x, impl="bogus")
+            results["bogus"] = "accepted"
+        except ValueError as e:
+            results["bogus"] = str(e)
+
+        results["model_counts"] = expert_parallel(tiny_model()).parameter_counts()
+
+        for name in AUTOCAST_CASES:
+            ep = ExpertParallelMoE.from_layer(build(name))
+            x = part(inputs(name)[0], rank).clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, _ = ep(x)
+            out.float().sum().backward()
+            results[f"autocast_{name}"] = {"out": out.detach(), "x_grad": x.grad}
+
+        # rank 1 has no tokens (an uneven last batch): it still takes part in every exchange
+        ep = ExpertParallelMoE.from_layer(build("topk"))
+        x_all, up_all, _ = inputs("topk")
+        x = (part(x_all, rank) if rank == 0 else x_all[:0]).clone().requires_grad_(True)
+        up = part(up_all, rank) if rank == 0 else up_all[:0]
+        out, stats = ep(x)
+        ((out * up).sum() + stats["balance_loss"]).backward()
+        results["empty"] = {"out": out.detach(), "x_grad": x.grad, "stats": {k: v.detach() for k, v in stats.items()},
+                            "grads": {n: p.grad.clone() for n, p in ep.named_parameters() if p.grad is not None},
+                            "expert_range": ep.expert_range}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def edge_ranks(tmp_path_factory) -> list[dict]:
+    return spawn_ranks(_edge_worker, P, tmp_path_factory.mktemp("expert_parallel_edges"))
+
+
+def test_an_unknown_impl_is_refused_as_the_single_layer_refuses_it(edge_ranks):
+    with pytest.raises(ValueError) as refused:
+        build("topk")(inputs("topk")[0], impl="bogus")
+    for res in edge_ranks:
+        assert res["bogus"] == str(refused.value)
+
+
+def test_the_model_counts_every_expert_on_every_rank(edge_ranks):
+    counts = tiny_model().parameter_counts()
+    for res in edge_ranks:
+        assert res["model_counts"] == counts
+
+
+@pytest.mark.parametrize("name", AUTOCAST_CASES)
+def test_under_autocast_the_experts_run_as_the_single_layers_do(edge_ranks, name):
+    """The expert-parallel layer ran its experts in fp32 where the single layer runs them in the autocast dtype."""
+    layer = build(name)
+    x_all = inputs(name)[0]
+    for r, res in enumerate(edge_ranks):
+        x = part(x_all, r).clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref, _ = layer(x)
+        ref.float().sum().backward()
+        got = res[f"autocast_{name}"]
+        assert got["out"].dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(got["out"], ref.detach(), rtol=0, atol=0, msg=f"rank {r} output")
+        if CASES[name][2] == "concat":  # the input gradient of a per-batch router sees the other rank's rows
+            torch.testing.assert_close(got["x_grad"], x.grad, rtol=1e-2, atol=1e-2, msg=f"rank {r} input gradient")
+
+
+def test_a_rank_without_tokens_takes_part_forward_and_backward(edge_ranks):
+    """The empty rank raised in the forward ("cannot reshape tensor of 0 elements") and the other waited
+    in the backward exchange. Reference: the single layer on rank 0's tokens, the only ones there are."""
+    x_all, up_all, _ = inputs("topk")
+    layer = build("topk")
+    x = part(x_all, 0).clone().requires_grad_(True)
+    ref, stats = layer(x)
+    ((ref * part(up_all, 0)).sum() + stats["balance_loss"]).backward()
+    full, empty = (res["empty"] for res in edge_ranks)
+    torch.testing.assert_close(full["out"], ref.detach(), **TOL)
+    torch.testing.assert_close(full["x_grad"], x.grad, **TOL)
+    assert empty["out"].shape == (0, S, 32) and empty["x_grad"].shape == (0, S, 32)
+    for res in (full, empty):
+        torch.testing.assert_close(res["stats"]["tokens_per_expert"], stats["tokens_per_expert"], rtol=0, atol=0)
+    grads = {n: p.grad for n, p in layer.named_parameters()}
+    for res in (full, empty):  # each expert shard's gradient: rank 0's rows, computed where the expert lives
+        start, stop = res["expert_range"]
+        for n, g in res["grads"].items():
+            if n.startswith("experts."):
+                torch.testing.assert_close(g, grads[n][start:stop], **TOL, msg=n)
+    assert all(torch.all(g == 0) for n, g in empty["grads"].items() if not n.startswith("experts."))
+
+
 # -- one rank, in this process ----------------------------------------------------------------------
 # The 2-rank tests above run in spawned processes, which coverage does not follow; with a group of
 # one rank the same code runs here (exchanges of one rank, no idle experts) and must equal the layer.

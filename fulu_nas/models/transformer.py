@@ -146,9 +146,12 @@ class PiMoETransformer(nn.Module):
 
 def parameter_counts(model: nn.Module, moe_layers: list[PiMoELayer]) -> dict[str, int]:
     """``model``'s total parameters, and those one token activates: all but the experts of ``moe_layers``
-    (its PiMoE layers) it is not routed to."""
-    total = sum(p.numel() for p in model.parameters())
-    inactive = sum(c["total"] - c["active"] for c in (layer.parameter_counts() for layer in moe_layers))
+    (its PiMoE layers) it is not routed to. Each MoE layer counts as its own ``parameter_counts`` says: an
+    expert-parallel layer holds only this rank's experts but counts the whole layer's."""
+    counts = [layer.parameter_counts() for layer in moe_layers]
+    held = sum(p.numel() for layer in moe_layers for p in layer.parameters())
+    total = sum(p.numel() for p in model.parameters()) - held + sum(c["total"] for c in counts)
+    inactive = sum(c["total"] - c["active"] for c in counts)
     return {"total": total, "active": total - inactive}
 
 

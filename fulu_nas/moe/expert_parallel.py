@@ -55,8 +55,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .config import IMPLS
 from .experts import GroupedExperts, group_ends, inverse_permutation, sort_by_expert
-from .layer import PiMoELayer, impl_for_dtype
+from .layer import PiMoELayer, autocast_input, impl_for_dtype
 from .routing import Routing
 from .stats import load_statistics
 
@@ -150,7 +151,8 @@ class _SumSlots(torch.autograd.Function):
         y_TKD = (y_SD.new_empty if full else y_SD.new_zeros)((T * K, y_SD.shape[1]))
         y_TKD.index_copy_(0, slot_S, y_SD)
         # torch's sum of a bf16/fp16 tensor accumulates in fp32 and rounds once, as PiMoELayer.
-        return y_TKD.view(T, K, -1).sum(1)
+        # The width spelled out: a rank without tokens (T == 0) has no size to infer it from.
+        return y_TKD.view(T, K, y_SD.shape[1]).sum(1)
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor):
@@ -241,6 +243,12 @@ class ExpertParallelMoE(PiMoELayer):
                 with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         x_TD, routing = self._route(x, token_ids)
+        # As PiMoELayer.forward: under autocast the experts (and so the exchanged rows) are in its dtype;
+        # torch._grouped_mm has no autocast rule of its own. The router kept the input's precision.
+        x_TD = autocast_input(x_TD)
+        impl = impl or cfg.impl
+        if impl not in IMPLS:  # refused on every rank before the first collective
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         slot_S = None
         if cfg.token_choice:
             token_S, weight_S, counts_E, slot_S, dropped, active = self._dispatch_token_choice(routing)
@@ -260,7 +268,7 @@ class ExpertParallelMoE(PiMoELayer):
         counts_PCE = gathered[:, :C * E].long().view(-1, C, E).tolist()  # the one host sync
         gathered_PE4 = torch.cat([gathered[:, :C * E].view(-1, C, E).sum(1), gathered[:, C * E:]], 1)
 
-        impl = impl_for_dtype(impl or cfg.impl, x_TD.dtype)  # as PiMoELayer.forward
+        impl = impl_for_dtype(impl, x_TD.dtype)  # as PiMoELayer.forward
         if C > 1:
             y_SD = self._exchange_chunks(x_TD, token_S, weight_S, counts_PCE, impl)
         else:
