@@ -39,6 +39,7 @@ from .migrate import (
     alignment_problems,
     config_problems,
     encoder_root,
+    first_line,
     loading_problem,
     quiet_transformers,
     read_hf_config,
@@ -163,9 +164,8 @@ class DenseEncoder:
         try:
             saved_keys = _state_keys(saved, config)
         except Exception as e:  # transformers' own checks of a configuration raise any type
-            line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise FuluConfigError(f"model {shown!r}: transformers cannot build a {saved.__name__} of its "
-                                  f"config.json ({line})") from None
+                                  f"config.json ({first_line(e)})") from None
         with quiet_transformers():
             # The same new head for every trial, without touching the caller's random state.
             with torch.random.fork_rng(devices=[]):

@@ -397,7 +397,7 @@ def stored_weights_problem(folder: str | os.PathLike, cls: type[nn.Module], conf
         with quiet_transformers(), torch.device("meta"):
             configured = cls(config).state_dict()
     except Exception as e:  # transformers' own checks of a configuration raise any type
-        return f"transformers cannot build a {cls.__name__} of its config.json ({_first_line(e)})"
+        return f"transformers cannot build a {cls.__name__} of its config.json ({first_line(e)})"
     prefix = f"{getattr(cls, 'base_model_prefix', '')}."
     mismatched, not_floating = [], []
     for path in weight_files(folder):
@@ -437,9 +437,9 @@ def read_hf_config(folder: str | os.PathLike):
         with quiet_transformers():
             return transformers.AutoConfig.from_pretrained(folder)
     except StrictDataclassError as e:
-        raise ValueError(_first_line(e.__cause__ or e)) from None
+        raise ValueError(first_line(e.__cause__ or e)) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(_first_line(e)) from None
+        raise ValueError(first_line(e)) from None
 
 
 def saved_class(config) -> type[nn.Module]:
@@ -471,7 +471,8 @@ def alignment_problems(hidden: int, ffn: int) -> list[str]:
             for name, size in (("hidden_size", hidden), ("intermediate_size", ffn)) if size % ALIGNMENT]
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An error's first line (its type's name when it has no message)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -552,7 +553,7 @@ def _load(path: str | os.PathLike) -> nn.Module:
             model, info = cls.from_pretrained(folder, use_safetensors=True, output_loading_info=True,
                                               ignore_mismatched_sizes=True)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise FuluConfigError(f"{where} cannot be loaded: {_first_line(e)}") from None
+            raise FuluConfigError(f"{where} cannot be loaded: {first_line(e)}") from None
     if problem := loading_problem(model, info):
         raise FuluConfigError(f"{where}: {problem}")
     return model

@@ -46,7 +46,7 @@ from ..deploy.export import (
 )
 from ..errors import FuluConfigError
 from .encoder import TOKENIZER_EXTRAS, TOKENIZER_FILES, quiet_transformers
-from .migrate import config_problems, encoder_root, migrate_from_electra, read_hf_config
+from .migrate import config_problems, encoder_root, first_line, migrate_from_electra, read_hf_config
 from .upcycle import UpcycleArch, UpcycledMLM
 
 FORMAT_VERSION = 1
@@ -95,8 +95,7 @@ def is_upcycled_export(directory: str | Path) -> bool:
 
 def _in_words(e: BaseException, copy: Path, directory: Path) -> str:
     """An error's first line, naming the user's folder rather than the private copy read."""
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line.replace(str(copy), str(directory))
+    return first_line(e).replace(str(copy), str(directory))
 
 
 # A rejected value as a message shows it: a few items and levels (a long list would make a long message).

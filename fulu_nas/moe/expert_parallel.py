@@ -55,9 +55,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .config import IMPLS
 from .experts import GroupedExperts, group_ends, inverse_permutation, sort_by_expert
-from .layer import PiMoELayer, autocast_input, impl_for_dtype
+from .layer import PiMoELayer
 from .routing import Routing
 from .stats import load_statistics
 
@@ -242,13 +241,9 @@ class ExpertParallelMoE(PiMoELayer):
     def forward(self, x: Tensor, token_ids: Tensor | None = None, impl: str | None = None,
                 with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        x_TD, routing = self._route(x, token_ids)
-        # As PiMoELayer.forward: under autocast the experts (and so the exchanged rows) are in its dtype;
-        # torch._grouped_mm has no autocast rule of its own. The router kept the input's precision.
-        x_TD = autocast_input(x_TD)
-        impl = impl or cfg.impl
-        if impl not in IMPLS:  # refused on every rank before the first collective
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        # As PiMoELayer.forward (under autocast the exchanged rows are in its dtype; a bad impl is refused
+        # on every rank before the first collective).
+        x_TD, routing, impl = self._routed_input(x, token_ids, impl)
         slot_S = None
         if cfg.token_choice:
             token_S, weight_S, counts_E, slot_S, dropped, active = self._dispatch_token_choice(routing)
@@ -268,7 +263,6 @@ class ExpertParallelMoE(PiMoELayer):
         counts_PCE = gathered[:, :C * E].long().view(-1, C, E).tolist()  # the one host sync
         gathered_PE4 = torch.cat([gathered[:, :C * E].view(-1, C, E).sum(1), gathered[:, C * E:]], 1)
 
-        impl = impl_for_dtype(impl, x_TD.dtype)  # as PiMoELayer.forward
         if C > 1:
             y_SD = self._exchange_chunks(x_TD, token_S, weight_S, counts_PCE, impl)
         else:

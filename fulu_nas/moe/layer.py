@@ -145,18 +145,23 @@ class PiMoELayer(nn.Module):
                                "(or any public name of fulu_nas, e.g. `from fulu_nas import PiMoELayer`)")
         return cls.hf_importer(block, **overrides)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None, impl: str | None = None,
-                with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg = self.cfg
+    def _routed_input(self, x: Tensor, token_ids: Tensor | None, impl: str | None) -> tuple[Tensor, Routing, str]:
+        """The input as the experts take it, its routing, and the experts' path (``impl`` checked), as
+        every forward of the layer (and its expert-parallel form) starts."""
         x_TD, routing = self._route(x, token_ids)
         # Under autocast the experts run in its dtype, as nn.Linear does (a trainer's residual stream and
         # norms stay fp32, so the layer's input is fp32): fp32 grouped GEMMs take a slow path that syncs
         # with the host every call. The router keeps the input's precision.
         x_TD = autocast_input(x_TD)
-        impl = impl or cfg.impl
+        impl = impl or self.cfg.impl
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        impl = impl_for_dtype(impl, x_TD.dtype)
+        return x_TD, routing, impl_for_dtype(impl, x_TD.dtype)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, impl: str | None = None,
+                with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        x_TD, routing, impl = self._routed_input(x, token_ids, impl)
         if cfg.token_choice:
             out_TD, load = self._token_choice(x_TD, routing, impl)
         else:
