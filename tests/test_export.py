@@ -1164,6 +1164,32 @@ def test_the_cards_torch_only_lines_run_for_a_model_shorter_than_16_tokens(short
     assert tuple(namespace["logits"].shape) == (2, 8, 24)
 
 
+def test_a_model_of_one_token_is_exported_and_its_program_runs(tmp_path):
+    """The program's sequence dimension was dynamic from 1 to max_seq_len: for a model of one token torch
+    refused it ("Cannot create Dim with inconsistent min=1, max=1") after the search had finished."""
+    from fulu_nas.deploy.export import FORMAT_VERSION, write_export
+    from fulu_nas.models import ArchConfig, PiMoETransformer
+    from fulu_nas.moe import MoEConfig
+
+    arch = ArchConfig(vocab_size=24, max_seq_len=1, num_layers=1, hidden_size=32, num_heads=4,
+                      moe=MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=32))
+    torch.manual_seed(0)
+    model = PiMoETransformer(arch).eval()
+    folder = tmp_path / "model"
+    write_export(folder, model, {"format": FORMAT_VERSION, "architecture": arch.to_dict()}, {"loss": 1.0}, "# one\n")
+    program = torch.export.load(str(folder / "model.pt2"))
+    x = torch.tensor([[3], [7], [11]])
+    torch.testing.assert_close(program.module()(x), model(x).logits)
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        exec(card_snippet(folder), namespace)
+    finally:
+        os.chdir(cwd)
+    assert tuple(namespace["logits"].shape) == (2, 1, 24)
+
+
 def test_metrics_json_is_strict_json(short_export):
     """A metric that does not apply (NaN) was written as NaN, which no strict JSON parser reads: it is null."""
     def refuse(constant):

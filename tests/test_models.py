@@ -48,6 +48,34 @@ def test_invalid_architectures_name_the_field(kw, named):
         arch(**kw)
 
 
+@pytest.mark.parametrize(("kw", "named"), [
+    ({"dense_ffn_size": 10**11}, "dense_ffn_size must be at most"),
+    ({"vocab_size": 10**15}, "vocab_size must be at most"),
+    ({"num_layers": 10**9}, "num_layers must be at most"),
+    ({"max_seq_len": 10**12}, "max_seq_len must be at most"),
+    ({"num_classes": 10**12}, "num_classes must be at most"),
+])
+def test_absurd_sizes_are_refused_before_anything_is_allocated(kw, named):
+    # They failed in each trial with the allocator's message, after the study and its runs were made.
+    with pytest.raises(FuluConfigError, match=named):
+        arch(**kw)
+
+
+def test_malformed_architecture_input_is_one_config_error():
+    import numpy as np
+
+    with pytest.raises(FuluConfigError, match="a mapping"):
+        ArchConfig.from_yaml("- 1")
+    with pytest.raises(FuluConfigError, match="moe must be a mapping"):
+        ArchConfig.from_dict({"moe": 5})
+    with pytest.raises(FuluConfigError, match="moe must be a MoEConfig"):
+        arch(moe={"num_experts": 4})
+    # numpy's floats are taken as floats, as its integers are taken as ints (and as MoEConfig takes both)
+    a = arch(norm_eps=np.float32(1e-5), num_layers=np.int64(2))
+    assert type(a.norm_eps) is float and a.norm_eps == pytest.approx(1e-5)
+    assert ArchConfig.from_yaml(a.to_yaml()) == a
+
+
 def test_from_dict_reports_unknown_keys_and_bad_moe():
     with pytest.raises(FuluConfigError, match="unknown architecture keys: depth"):
         ArchConfig.from_dict({"depth": 3})

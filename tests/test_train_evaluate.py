@@ -488,8 +488,9 @@ def test_the_model_names_tokens_it_cannot_read():
     vocab = model.arch.vocab_size
     for tokens, message in ((torch.tensor([[vocab]]), rf"ids must be in \[0, {vocab}\) \(vocab_size\), got {vocab}"),
                             (torch.tensor([[-1, 0]]), "got -1"),
-                            (torch.zeros(5, dtype=torch.long), r"a \(batch, sequence\) tensor of integer ids"),
-                            (torch.zeros(1, 5), "torch.float32")):
+                            (torch.zeros(5, dtype=torch.long), r"a \(batch, sequence\) tensor of int64 or int32 ids"),
+                            (torch.zeros(1, 5), "torch.float32"),
+                            (torch.zeros(1, 5, dtype=torch.uint8), r"int64 or int32 ids .*torch.uint8")):
         with pytest.raises(ValueError, match=message):
             model(tokens)
     assert model(torch.zeros(1, 5, dtype=torch.int32)).logits.shape[0] == 1

@@ -72,8 +72,9 @@ def export_program(model: PiMoETransformer, path: Path, max_batch: int = MAX_BAT
     arch = model.arch
     wrapped = LogitsOnly(model).eval()
     example = torch.randint(0, arch.vocab_size, (2, min(8, arch.max_seq_len)))
-    dynamic = {0: torch.export.Dim("batch", min=1, max=max_batch),
-               1: torch.export.Dim("seq", min=1, max=arch.max_seq_len)}
+    dynamic = {0: torch.export.Dim("batch", min=1, max=max_batch)}
+    if arch.max_seq_len > 1:  # a model of one token has a fixed length (torch refuses a Dim of min = max)
+        dynamic[1] = torch.export.Dim("seq", min=1, max=arch.max_seq_len)
     with torch.no_grad():
         program = torch.export.export(wrapped, (example,), dynamic_shapes=({**dynamic},))
         check = torch.randint(0, arch.vocab_size, (3, min(5, arch.max_seq_len)))

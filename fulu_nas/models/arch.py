@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import operator
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import FuluConfigError
 from ..moe import MoEConfig
+from ..moe.config import MAX_WIDTH
 from ..moe.field_types import fits, is_finite_number
+
+# Past any model's (vocabularies reach ~2^18 ids, contexts ~2^20 tokens, depths a few hundred layers): bounds
+# that refuse an absurd size with a message where each trial failed inside the allocator.
+MAX_SIZES = {"vocab_size": 2**24, "max_seq_len": 2**24, "num_layers": 2**12, "hidden_size": MAX_WIDTH,
+             "dense_ffn_size": MAX_WIDTH, "num_classes": 2**24}
 
 
 @dataclass(frozen=True)
@@ -48,13 +55,20 @@ class ArchConfig:
                 object.__setattr__(self, name, operator.index(value))
             elif not fits(value, int):
                 problems.append(f"{name} must be an integer, got {value!r}")
+        if type(self.norm_eps).__module__ == "numpy" and isinstance(self.norm_eps, numbers.Real):
+            object.__setattr__(self, "norm_eps", float(self.norm_eps))  # yaml cannot write np.float32
         if not (is_finite_number(self.norm_eps) and self.norm_eps > 0):
             problems.append(f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
+        if not isinstance(self.moe, MoEConfig):
+            problems.append(f"moe must be a MoEConfig (ArchConfig.from_dict takes a mapping), got {self.moe!r}")
         if problems:
             raise FuluConfigError(problems)
         for name in sizes[:-1]:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, most in MAX_SIZES.items():
+            if getattr(self, name) > most:
+                problems.append(f"{name} must be at most {most:,}, got {getattr(self, name):,}")
         if self.num_classes < 0:
             problems.append(f"num_classes must be >= 0, got {self.num_classes}")
         if self.num_heads >= 1 and self.hidden_size % self.num_heads:
@@ -78,12 +92,17 @@ class ArchConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArchConfig:
         """Build from a plain dict (e.g. parsed YAML). ``moe.hidden_size`` defaults to the model's."""
+        if not isinstance(d, dict):
+            raise FuluConfigError(f"an architecture must be a mapping of its fields, got {type(d).__name__}")
         d = dict(d)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise FuluConfigError(f"unknown architecture keys: {', '.join(unknown)}")
-        moe = dict(d.pop("moe", {}) or {})
+        moe = d.pop("moe", {}) or {}
+        if not isinstance(moe, dict):
+            raise FuluConfigError(f"moe must be a mapping of the layer's fields, got {moe!r}")
+        moe = dict(moe)
         moe.setdefault("hidden_size", d.get("hidden_size", cls.hidden_size))
         try:
             return cls(**d, moe=MoEConfig.from_dict(moe))

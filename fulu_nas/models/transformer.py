@@ -90,8 +90,8 @@ class PiMoETransformer(nn.Module):
 
     def forward(self, tokens_BS: Tensor) -> ModelOutput:
         if tokens_BS.dim() != 2 or tokens_BS.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens: expected a (batch, sequence) tensor of integer ids, got shape "
-                             f"{tuple(tokens_BS.shape)} and {tokens_BS.dtype}")
+            raise ValueError(f"tokens: expected a (batch, sequence) tensor of int64 or int32 ids (the embedding "
+                             f"takes no other type), got shape {tuple(tokens_BS.shape)} and {tokens_BS.dtype}")
         B, S = tokens_BS.shape
         if S > self.arch.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds max_seq_len={self.arch.max_seq_len}")
