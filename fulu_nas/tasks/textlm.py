@@ -13,8 +13,10 @@ is moved to validation, or the highest to training). A single file is split by p
 ``val_fraction`` of bytes is validation. Each side is its files joined by a newline.
 
 Training windows start uniformly at random in the training bytes; validation is consecutive
-non-overlapping windows of the first ``max_val_tokens + 1`` validation bytes (the last window
-padded: token 0, target ``IGNORE``). The corpus is read in the constructor, so errors come early.
+windows of the first ``max_val_tokens + 1`` validation bytes, each target scored once. There is no padding
+(it would be routed, and counted in the load statistics, as if it were text): the last window ends at the
+last byte, reading the targets it shares with the window before as context (target ``IGNORE``), and
+validation shorter than a window is one shorter window. The corpus is read in the constructor, so errors come early.
 
 The corpus is known by its content: ``corpus_sha256`` digests the relative names and bytes of the
 files read and the split settings, so a search can tell other data at the same path (and the same
@@ -217,13 +219,16 @@ class TextLMTask(Task):
         check_batch_size(batch_size)
         if self._val is None:
             n_targets = self.val_bytes_N.numel() - 1
-            n_windows = -(-n_targets // self.seq_len)
-            padded_N = torch.full((n_windows * self.seq_len + 1,), -1, dtype=torch.int64)
-            padded_N[:n_targets + 1] = self.val_bytes_N
-            tokens_NS = padded_N[:-1].reshape(n_windows, self.seq_len)
-            targets_NS = padded_N[1:].reshape(n_windows, self.seq_len)
-            self._val = (tokens_NS.clamp(min=0), targets_NS.masked_fill(targets_NS < 0, IGNORE),
-                         torch.full_like(tokens_NS, NO_DOMAIN))
+            S = min(self.seq_len, n_targets)
+            starts = list(range(0, n_targets - S + 1, S))
+            scored = starts[-1] + S
+            if scored < n_targets:
+                starts.append(n_targets - S)
+            windows_NW = self.val_bytes_N.to(torch.int64)[torch.tensor(starts)[:, None] + torch.arange(S + 1)]
+            tokens_NS, targets_NS = windows_NW[:, :-1], windows_NW[:, 1:].clone()
+            if scored < n_targets:
+                targets_NS[-1, :scored - starts[-1]] = IGNORE
+            self._val = (tokens_NS, targets_NS, torch.full_like(tokens_NS, NO_DOMAIN))
         return split_batches(*self._val, batch_size)
 
     def describe(self) -> dict:
