@@ -618,6 +618,36 @@ def _probe(groups: list[int], spread: float, T: int = 400, seed: int = 0, mixed:
     return Probe(x, probs, top1)
 
 
+def test_the_model_describes_the_experts_dynamic_scaling_left_it(tmp_path):
+    """model.arch kept the constructor's expert count after dynamic experts changed it: the architecture
+    every export writes did not fit the weights (the folder was refused at load). Layers left with different
+    counts, which one architecture cannot describe, are refused by the export, naming the counts."""
+    from fulu_nas.deploy.export import write_export
+    from fulu_nas.errors import FuluConfigError
+
+    task = small_clusters()
+    arch = clusters_model(task).arch
+    model = PiMoETransformer(dataclasses.replace(arch, num_layers=4))  # MoE layers 1 and 3
+    dyn = DynamicExperts(model, torch.optim.AdamW(model.parameters()),
+                         DynamicExpertsConfig(every=1, min_experts=2, max_experts=6, remove_below=0.1, add_above=1.5))
+    dyn.load = [torch.tensor([100.0, 0.0, 50, 50]), torch.tensor([100.0, 0.0, 50, 50])]
+    assert dyn.maybe_rescale(step=1)
+    assert [layer.cfg.num_experts for layer in model.moe_layers()] == [4, 4] and model.arch.moe.num_experts == 4
+    dyn.load = [torch.tensor([100.0, 0.0, 0.0, 50]), torch.tensor([25.0, 25, 25, 25])]
+    assert dyn.maybe_rescale(step=2)
+    assert [layer.cfg.num_experts for layer in model.moe_layers()] == [3, 4]
+    with pytest.raises(FuluConfigError, match=r"MoE layers have 3, 4 experts"):
+        write_export(tmp_path / "out", model, {"architecture": model.arch.to_dict()}, {}, "")
+    assert not (tmp_path / "out").exists()
+    dyn.load = [torch.tensor([25.0, 25, 25]), torch.tensor([100.0, 0.0, 0.0, 50])]
+    assert dyn.maybe_rescale(step=3)
+    assert model.arch.moe.num_experts == 3
+    again = PiMoETransformer(model.arch)
+    again.load_state_dict(model.state_dict())
+    x = next(task.train_batches(2, seed=0)).tokens
+    torch.testing.assert_close(again.eval()(x).logits, model.eval()(x).logits)
+
+
 def test_dynamic_merges_experts_that_serve_the_same_tokens():
     task = small_clusters()
     model = clusters_model(task, num_experts=4)

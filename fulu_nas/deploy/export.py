@@ -221,6 +221,11 @@ def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], met
     """Assemble the export directory at ``out`` (which must not exist or be empty)."""
     from safetensors.torch import save_model
 
+    counts = [layer.cfg.num_experts for layer in model.moe_layers()]
+    if any(n != model.arch.moe.num_experts for n in counts):  # dynamic experts, scaled layer by layer
+        raise FuluConfigError(f"the model's MoE layers have {', '.join(map(str, counts))} experts: one architecture "
+                              f"(config.yaml) describes a single count, so it cannot be exported")
+
     def fill(folder: Path) -> None:
         cpu = model.cpu().float().eval()
         save_model(cpu, str(folder / "model.safetensors"))  # handles the tied embedding / LM head

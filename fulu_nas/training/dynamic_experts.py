@@ -248,7 +248,10 @@ class DynamicExperts:
                 changed = True
             self.load[i] = torch.zeros(layer.cfg.num_experts)
         if changed:
-            self.history.append([layer.cfg.num_experts for layer in self.layers])
+            counts = [layer.cfg.num_experts for layer in self.layers]
+            self.history.append(counts)
+            if len(set(counts)) == 1:  # the model's architecture (what an export writes) follows its layers
+                self.model.arch = self.model.arch.with_moe(num_experts=counts[0])
         return changed
 
     def plan(self, load: Tensor, top_k: int, probe: Probe | None = None, ages: list[int] | None = None,
