@@ -110,3 +110,34 @@ def test_a_ui_stopped_while_its_server_starts_prints_its_address_alone(tmp_path)
         if ui.poll() is None:
             ui.kill()
             ui.communicate(timeout=30)
+
+
+def test_ui_refuses_a_database_that_is_not_mlflow_s_and_leaves_it_untouched(tmp_path, monkeypatch, capsys):
+    """A study's optuna.db given as --tracking-uri (or copied into a folder as mlflow.db) gained MLflow's
+    tables when `mlflow ui` started on it, then failed with its traceback; an empty file became an MLflow
+    database without a word. Each is one message, exit 2, the file as it was and no server started."""
+    import optuna
+
+    from fulu_nas.cli import main
+    from fulu_nas.dashboard import ui
+
+    started = []
+    monkeypatch.setattr(ui, "run_server", lambda command: started.append(command) or 0)
+    study_db = tmp_path / "optuna.db"
+    optuna.create_study(study_name="s", storage=f"sqlite:///{study_db}")
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    (folder / "mlflow.db").write_bytes(study_db.read_bytes())
+    capsys.readouterr()
+    cases = [(["--tracking-uri", f"sqlite:///{study_db}"], study_db, "is an Optuna study database"),
+             (["--tracking-uri", f"sqlite:///{empty}"], empty, "is not an MLflow tracking database"),
+             ([str(folder)], folder / "mlflow.db", "is an Optuna study database")]
+    for args, path, words in cases:
+        before = path.read_bytes()
+        assert main(["ui", *args, "--port", str(free_port())]) == 2, args
+        out, err = capsys.readouterr()
+        assert words in err and str(path) in err and err.count("\n") == 1, err
+        assert out == "" and path.read_bytes() == before
+    assert started == []

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..checks import sqlite_file
+from ..checks import check_tracking_database_exists, sqlite_file
 from ..deploy.server_process import check_port_free, port, run_server
 from ..errors import FuluConfigError
 from ..search.storage import check_tracking_uri, probe_tracking
@@ -34,6 +34,10 @@ def build_command(args: argparse.Namespace) -> list[str]:
             raise FileNotFoundError(f"no MLflow database at {db} (is {args.output_dir!r} the output folder of a "
                                     "search? it is printed at the end of `fulu-nas search`)")
         uri = f"sqlite:///{db.resolve()}"
+    # MLflow makes its tables in whatever SQLite file it opens: a study's optuna.db (given by mistake, or
+    # copied in as mlflow.db) gained them, then the server died on its schema; an empty file became an
+    # MLflow database. A viewer leaves the file as it was.
+    check_tracking_database_exists(uri, "--tracking-uri" if args.tracking_uri else "output_dir")
     probe_tracking(uri)  # a damaged database or an unreachable server: one message, not the server's traceback
     # The registry store named (the same database), or MLflow prints that it chose it.
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
