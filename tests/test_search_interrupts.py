@@ -462,3 +462,34 @@ def test_a_sigterm_to_the_workers_parent_alone_stops_the_workers_and_the_study_r
     study = load_study(out)
     assert sum(objective_module.counts_toward_total(t) for t in study.trials) == 6
     assert not [t.number for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_ctrl_c_while_mlflow_makes_its_tables_leaves_a_database_the_same_command_opens(tmp_path, monkeypatch):
+    """A first search interrupted while MLflow migrated its new database (alembic's steps, not one
+    transaction on SQLite) left it half-migrated, and every run of the same command after it failed with
+    "duplicate column name" or "table ... already exists". The migration is one block of writes: the
+    interrupt comes when it is done."""
+    import signal
+
+    import sqlalchemy
+
+    from fulu_nas.search.study import stop_signals_as_interrupt
+    from fulu_nas.search.tracking import open_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    statements = {"n": 0}
+    execute = sqlalchemy.engine.Connection.execute
+
+    def counting(self, *args, **kwargs):
+        statements["n"] += 1
+        if statements["n"] == 80:  # inside the migration (at this point it left "table datasets already exists")
+            signal.raise_signal(signal.SIGINT)
+        return execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(sqlalchemy.engine.Connection, "execute", counting)
+    with stop_signals_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        open_experiment(uri, "fulu-nas", None)
+    assert statements["n"] > 80  # the migration went on to its end
+    monkeypatch.setattr(sqlalchemy.engine.Connection, "execute", execute)
+    client, experiment_id = open_experiment(uri, "fulu-nas", None)
+    assert client.get_experiment(experiment_id).name == "fulu-nas"

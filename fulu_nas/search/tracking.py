@@ -72,8 +72,11 @@ def open_experiment(tracking_uri: str, name: str, artifact_location: str | None)
         client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         return client, client.get_experiment_by_name(name)
 
-    client, experiment = first_contact(tracking_uri, first,
-                                       lambda e: not tracking_uri.startswith(("http:", "https:")))
+    # MLflow migrates a new database step by step (not one transaction on SQLite): an interrupt in the
+    # middle left tables that made every later open fail ("table datasets already exists").
+    with between_writes():
+        client, experiment = first_contact(tracking_uri, first,
+                                           lambda e: not tracking_uri.startswith(("http:", "https:")))
     if experiment is not None:
         return client, experiment.experiment_id
     try:
