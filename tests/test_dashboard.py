@@ -429,6 +429,27 @@ def test_a_wrong_tracking_uri_or_out_is_one_message_and_makes_nothing(tiny, tmp_
     assert err.startswith("error: ") and "Traceback" not in err, err
 
 
+@pytest.mark.slow
+def test_a_missing_tracking_database_is_one_message_and_none_is_made(tiny, tmp_path, monkeypatch, capsys):
+    """The folder's mlflow.db deleted, or tracking.uri naming a file that is not there (a typo): MLflow made
+    an empty database there, printed its INFO logs, drew panels that said each run was not found and failed
+    to log the page (exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("optuna.db", "search_config.json"):
+        shutil.copy(tiny / name, out / name)
+    typo = tmp_path / "mlflw.db"
+    for extra, missing in (([], out / "mlflow.db"), ([f"tracking.uri=sqlite:///{typo}"], typo)):
+        assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={out}", *extra]) == 2
+        captured = capsys.readouterr()
+        assert f"tracking.uri: sqlite:///{missing}: no such database" in captured.err, captured.err
+        assert "Traceback" not in captured.err and "INFO" not in captured.err and captured.out == ""
+        assert not missing.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["optuna.db", "search_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 @pytest.fixture(scope="module")
 def running(tiny, tmp_path_factory) -> Path:
     """A study that is still running and has no complete trial: running (with a training curve so

@@ -40,6 +40,7 @@ study when the search used them: study.storage=..., tracking.uri=..., hydra.run.
 
 def build(argv: list[str]) -> tuple[str, Path, Context, Layout, str | None]:
     """Validate, locate the study, render: (page, where to write it, context, layout, parent run)."""
+    from ..checks import check_tracking_database_exists
     from ..search.locate import load_study, locate_study, search_settings, split_options
     from ..search.storage import check_output_dir
     from ..search.tracking import PARENT_RUN_ATTR
@@ -48,6 +49,11 @@ def build(argv: list[str]) -> tuple[str, Path, Context, Layout, str | None]:
     layout = load_layout(own["layout"] or "default")
     location = locate_study(overrides)
     study = load_study(location)
+    if uses_mlflow(study):
+        # MLflow opening a SQLite file that is not there makes an empty database (the runs then "not
+        # found"): a missing or wrong tracking database is one message. A study that has no run yet
+        # (no parent run, no trial run) is drawn without one.
+        check_tracking_database_exists(location.tracking_uri)
     settings = search_settings(location, study)
     if own["out"]:
         out = Path(own["out"])
@@ -60,6 +66,15 @@ def build(argv: list[str]) -> tuple[str, Path, Context, Layout, str | None]:
         raise FuluConfigError(f"out: {out} is a folder")
     ctx = Context(study, settings, location.tracking_uri)
     return render(ctx, layout), out, ctx, layout, study.user_attrs.get(PARENT_RUN_ATTR)
+
+
+def uses_mlflow(study) -> bool:
+    """Whether the page reads or writes MLflow runs of the study: its parent run, a trial's run."""
+    from ..search.tracking import PARENT_RUN_ATTR
+
+    return bool(study.user_attrs.get(PARENT_RUN_ATTR)) or any(
+        t.user_attrs.get("mlflow_run_id") or t.user_attrs.get("weights_run_id")
+        for t in study.get_trials(deepcopy=False))
 
 
 def artifact_name(layout: Layout) -> str:
