@@ -308,6 +308,27 @@ def test_the_confirmation_caption_names_the_search_s_seed_only_where_a_run_used_
         assert "seed 0 is the search's own seed" in text, text
 
 
+@pytest.mark.parametrize("command", ["dashboard", "export"])
+def test_a_damaged_search_config_is_one_message_naming_it(command, tmp_path, monkeypatch, capsys):
+    """search_config.json cut short, not a mapping, not UTF-8 or without its configuration: a
+    JSONDecodeError, TypeError or UnicodeDecodeError traceback (exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    optuna.create_study(study_name="tiny-clusters", storage=f"sqlite:///{out / 'optuna.db'}")
+    mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}").search_experiments()  # export reads runs: an empty one
+    config = out / "search_config.json"
+    for text, words in ((b'{"config": ', "is not valid JSON"), (b"[1, 2]", "is not a search configuration"),
+                        (b"\xff\xfe", "is not valid JSON"), (b'{"config": 5}', "is not a search configuration"),
+                        (b'{"typed_model": 3, "config": {}}', "is not a search configuration")):
+        config.write_bytes(text)
+        capsys.readouterr()
+        assert main([command, "study.name=tiny-clusters", f"hydra.run.dir={out}"]) == 2, text
+        err = capsys.readouterr().err
+        assert f"{config} {words}" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["mlflow.db", "optuna.db", "search_config.json"]
+
+
 # ---------------------------------------------------------------- a real study (slow)
 
 

@@ -288,7 +288,7 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
     :func:`~.settings.load_settings`)."""
     path = location.output_dir / "search_config.json"
     if path.is_file():
-        data = json.loads(path.read_text())
+        data = _read_search_config(path)
     else:
         import mlflow
 
@@ -300,7 +300,7 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
                                   f"{path} and no MLflow parent run)")
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.MlflowClient(location.tracking_uri).download_artifacts(parent, "search_config.json", tmp)
-            data = {"config": json.loads(Path(local).read_text())}
+            data = {"config": _read_search_config(Path(local), f"search_config.json of MLflow run {parent}")}
         # The run's copy has the URLs' passwords masked: the ones this command reached the study with
         # are those URLs with theirs.
         given = {"study": location.storage_url, "tracking": location.tracking_uri}
@@ -310,3 +310,23 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
                 data["config"][section][key] = given[section]
     check_overrides_are_used(location, data["config"], data.get("typed_model"))
     return load_settings(data["config"], location.output_dir, will_train, typed_model=data.get("typed_model"))
+
+
+def _read_search_config(path: Path, artifact: str = "") -> dict:
+    """The search configuration a search saved: its folder's ``search_config.json`` (``{"config": ...,
+    "typed_model": ...}``), or the parent run's artifact (``artifact`` names it; the configuration
+    itself), checked before use: a damaged file is one message naming it, not a traceback."""
+    shown = artifact or str(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FuluConfigError(f"study.name: {shown} is not valid JSON ({e})") from None
+    if artifact:
+        if not isinstance(data, dict):
+            raise FuluConfigError(f"study.name: {shown} is not a search configuration (a JSON object)")
+        return data
+    if not (isinstance(data, dict) and isinstance(data.get("config"), dict)
+            and isinstance(data.get("typed_model"), str | None)):
+        raise FuluConfigError(f"study.name: {shown} is not a search configuration (a JSON object with its "
+                              "\"config\" object, as `fulu-nas search` writes it)")
+    return data
