@@ -260,6 +260,36 @@ def test_training_curves_include_the_failed_trials_that_reported_a_loss(tmp_path
     assert any("failed" in b for b in blocks if isinstance(b, str))
 
 
+def _all_failed(tmp_path: Path):
+    """A finished study whose every trial failed, two over the time budget (one after reporting its loss)."""
+    return _context(_settings(tmp_path), [
+        _trial("FAIL", params={"a": 0}, curve={10: 1.55}, fail_reason="over the time budget"),
+        _trial("FAIL", params={"a": 1}, fail_reason="over the time budget"),
+        _trial("FAIL", params={"a": 2}, fail_reason="diverged: loss is nan"),
+    ])
+
+
+def test_optuna_logs_nothing_while_the_page_is_drawn(tmp_path):
+    """Failed trials alone with a reported loss: optuna logged "Study instance does not contain trials."
+    onto the console while drawing the training curves."""
+    import logging
+
+    from fulu_nas.dashboard.page import render
+
+    ctx = _all_failed(tmp_path)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("optuna")
+    logger.addHandler(handler)
+    try:
+        page = render(ctx, load_layout("default"))
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    assert page.count('class="plotly-graph-div"') == 1  # the failed trial's curve, dotted
+
+
 def test_confirmation_rank_plot_ranks_both_axes_among_the_confirmed_architectures(tmp_path):
     """The search ranked 6 architectures, the confirmation 3 of them: the reference, last in both,
     lies on the diagonal at (3, 3), not at (6, 3)."""

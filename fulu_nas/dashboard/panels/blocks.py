@@ -14,11 +14,19 @@ def note(text: str) -> str:
 
 
 def quiet(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` without optuna's experimental-API notices and log lines ("Study instance
+    does not contain trials." of a plot with nothing of its kind to draw): the console shows the result
+    only, and the page says what a panel could not draw."""
     import optuna
 
-    with warnings.catch_warnings():  # experimental-API notices: not the user's concern
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return fn(*args, **kwargs)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return fn(*args, **kwargs)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def per_objective(ctx: Context, plot, what: str) -> list:
