@@ -290,6 +290,19 @@ def test_optuna_logs_nothing_while_the_page_is_drawn(tmp_path):
     assert page.count('class="plotly-graph-div"') == 1  # the failed trial's curve, dotted
 
 
+def test_a_finished_study_whose_every_trial_failed_says_why(tmp_path):
+    """Nothing running or waiting and no complete trial: the page said "the plots appear once one has" and
+    "(none so far)", to a study that was over, and nowhere why its trials failed."""
+    from fulu_nas.dashboard.page import render
+
+    page = html.unescape(render(_all_failed(tmp_path), load_layout("default")))
+    banners = re.findall(r'<p class="banner">(.*?)</p>', page)
+    assert banners == ["The search finished with no complete trial (3 failed). Why the trials failed: over the time "
+                       "budget (2 trials); diverged: loss is nan (1 trial)."], banners
+    assert "appear once" not in page and "so far" not in page, page
+    assert "Needs at least 1 complete trial (none)." in page and "No complete feasible trial." in page
+
+
 def test_confirmation_rank_plot_ranks_both_axes_among_the_confirmed_architectures(tmp_path):
     """The search ranked 6 architectures, the confirmation 3 of them: the reference, last in both,
     lies on the diagonal at (3, 3), not at (6, 3)."""

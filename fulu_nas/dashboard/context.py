@@ -28,6 +28,9 @@ class Context:
         self.trials = study.get_trials(deepcopy=True)
         self.by_number = {t.number: t for t in self.trials}
         self.complete = [t for t in self.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        # trials still to finish: what the page may say is to come ("so far", "yet")
+        self.pending = [t for t in self.trials
+                        if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
         self.plot_study = self._plot_study(self.directions)
         self._objective_studies: dict[int, Any] = {}
         self._pareto_plot_study = None
@@ -131,7 +134,7 @@ class Context:
     def best_artifact(self, path: str):
         """(the best trial's artifact, None) or (None, a note why there is none)."""
         if self.best is None:
-            return None, "No complete feasible trial yet."
+            return None, "No complete feasible trial" + (" yet." if self.pending else ".")
         run_id = self.best.user_attrs.get("weights_run_id") or self.best.user_attrs.get("mlflow_run_id")
         if not run_id:
             return None, f"trial {self.best.number} has no MLflow run."

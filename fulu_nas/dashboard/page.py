@@ -42,6 +42,25 @@ def _default_title(ctx: Context, name: str) -> str:
     return PANELS[name].title
 
 
+def _no_complete_trial(ctx: Context, counts: str) -> str:
+    """A study over with no complete trial: its trials' outcomes and why they failed (each distinct
+    reason, the most frequent first, with how many trials it failed)."""
+    import optuna
+
+    reasons = Counter(t.user_attrs.get("fail_reason") or "worker stopped" for t in ctx.trials
+                      if t.state == optuna.trial.TrialState.FAIL)
+    text = f"The search finished with no complete trial ({counts or 'no trial'})."
+    if reasons:
+        shown = [f"{reason} ({n} trial{'s' if n > 1 else ''})" for reason, n in reasons.most_common(_REASONS)]
+        if len(reasons) > _REASONS:
+            shown.append(f"{len(reasons) - _REASONS} other reason(s): see each trial's fail_reason")
+        text += " Why the trials failed: " + "; ".join(shown) + "."
+    return text
+
+
+_REASONS = 5  # distinct failure reasons shown
+
+
 def render(ctx: Context, layout: Layout) -> str:
     """The page: a header (the study, its trials by state) and the layout's panels."""
     import optuna
@@ -66,8 +85,10 @@ def render(ctx: Context, layout: Layout) -> str:
     if states[TS.RUNNING] or states[TS.WAITING]:
         banners.append(f"The study is still running ({states[TS.RUNNING]} running, {states[TS.WAITING]} waiting): "
                        "this page is a snapshot; run `fulu-nas dashboard` again for a newer one.")
-    if not ctx.complete:
+    if not ctx.complete and ctx.pending:
         banners.append("No trial has completed yet: the plots appear once one has.")
+    elif not ctx.complete:
+        banners.append(_no_complete_trial(ctx, finished))
     elif ctx.best is not None:
         banners_best = ctx.best_label()
         head.append(f'<p class="facts">{html.escape(banners_best[0].upper() + banners_best[1:])}</p>')

@@ -46,7 +46,7 @@ def per_objective(ctx: Context, plot, what: str) -> list:
 
 def needs_complete(ctx: Context, n: int = 1) -> list | None:
     if len(ctx.complete) < n:
-        have = f"{len(ctx.complete)} so far" if ctx.complete else "none so far"
+        have = (str(len(ctx.complete)) if ctx.complete else "none") + (" so far" if ctx.pending else "")
         return [note(f"Needs at least {n} complete trial{'s' if n > 1 else ''} ({have}).")]
     return None
 

@@ -16,7 +16,8 @@ def panel_training_curves(ctx: Context, opts: dict) -> list:
         return [note("Multi-objective trials report no intermediate values (see each trial's MLflow run for "
                      "train/loss).")]
     if not any(t.intermediate_values for t in ctx.trials):
-        return [note("No trial has reported its training loss yet.")]
+        return [note("No trial has reported its training loss yet." if ctx.pending else
+                     "No trial reported its training loss.")]
     fig = quiet(plot_intermediate_values, ctx.plot_study)
     fig.update_layout(xaxis_title="step", yaxis_title="smoothed training loss")
     # optuna draws complete, pruned and running trials only; a failed trial's loss up to its failure
