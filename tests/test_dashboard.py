@@ -372,6 +372,27 @@ def test_a_damaged_search_config_is_one_message_naming_it(command, tmp_path, mon
     assert sorted(p.name for p in out.iterdir()) == ["mlflow.db", "optuna.db", "search_config.json"]
 
 
+def test_the_multi_objective_confirmation_caption_names_each_objective_s_verdict(tmp_path):
+    """One verdict per objective, joined without its name: "trial 2: beats the reference (p=...); not
+    distinguishable from the reference (p=...)" left the reader to guess which was which."""
+    from fulu_nas.dashboard.panels.confirmation import panel_confirmation
+    from fulu_nas.search.confirm_summary import SUMMARY_ATTR, summarize_confirmation
+
+    header = {"study": "tiny-clusters", "objectives": ["loss", "latency_ms"], "directions": ["minimize", "minimize"],
+              "seeds": [1, 2, 3], "search_seed": 0, "steps": 100, "budget_factor": 1.0, "search_steps": 100,
+              "failed_runs": []}
+    rows = [{"trial": t, "search_rank": r, "reference": t == 0, "feasible": True, "arch_hash": str(t),
+             "search_values": list(v[0]), "runs": [{"values": list(x)} for x in v]}
+            for t, r, v in ((2, 1, [(1.20, 2.0), (1.21, 2.2), (1.19, 1.9)]),
+                            (0, 2, [(1.31, 2.1), (1.33, 2.0), (1.32, 2.05)]))]
+    summary = summarize_confirmation(header, rows, ["minimize", "minimize"])
+    verdicts = [v["verdict"] for v in summary["architectures"][0]["vs_reference"]]
+    ctx = _context(_settings(tmp_path, "study=multi_objective"), [_trial(values=[1.3, 2.0])],
+                   **{SUMMARY_ATTR: summary})
+    text = html.unescape(" ".join(b for b in panel_confirmation(ctx, {}) if isinstance(b, str)))
+    assert f"trial 2: loss: {verdicts[0]}; latency_ms: {verdicts[1]}." in text, text
+
+
 # ---------------------------------------------------------------- a real study (slow)
 
 

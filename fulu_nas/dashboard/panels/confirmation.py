@@ -92,7 +92,10 @@ def _caption(summary: dict) -> str:
     tau = summary["kendall_tau"]
     parts.append(f"Kendall's tau between the rankings: {tau['tau']:+.2f} over {tau['n']} architectures "
                  f"(p={tau['p_value']:.3g})." if tau["tau"] is not None else f"Kendall's tau: {tau['note']}.")
-    verdicts = [f"trial {r['trial']}: {'; '.join(v['verdict'] for v in r['vs_reference'])}"
+    objectives = summary["objectives"]
+    # one verdict per objective: named when there are several (the console's table has a column each)
+    verdicts = [f"trial {r['trial']}: " + "; ".join(f"{o}: {v['verdict']}" if len(objectives) > 1 else v["verdict"]
+                                                     for o, v in zip(objectives, r["vs_reference"], strict=True))
                 for r in summary["architectures"] if r["vs_reference"]]
     if verdicts:
         parts.append(f"Against the reference (trial {summary['reference']}; {TEST}, alpha "
