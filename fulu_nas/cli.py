@@ -12,7 +12,7 @@ COMMANDS = {
     "serve": "serve an exported model over HTTP after checking its files: fulu-nas serve models:/NAME@champion",
     "ui": "open the MLflow UI of a search on 127.0.0.1: fulu-nas ui [OUTPUT_DIR | --tracking-uri URI]",
     "dashboard": "HTML dashboard of a study, logged to MLflow: fulu-nas dashboard study.name=NAME [layout=..] [out=..]",
-    "bench": "benchmarks (torch only): fulu-nas bench layer --help",
+    "bench": "benchmarks (the layer's need torch alone): fulu-nas bench layer --help",
 }
 
 

@@ -182,26 +182,51 @@ def test_bench_peers_fills_the_mixtral_column_with_swiglu(tmp_path, one_thread):
         assert impls["plain"]["rel_error"] < 1e-4 and impls["fulu"]["rel_error"] < 1e-4
 
 
-def test_bench_peers_imports_and_runs_without_transformers(tmp_path):
-    """The module imports with torch alone; without transformers the Mixtral column is n/a, saying why."""
+# Every package fulu-nas installs beside torch (and the peers' packages): a GPU host may have torch alone.
+NOT_TORCH = ("transformers", "scattermoe", "optuna", "hydra", "omegaconf", "mlflow", "tqdm", "rich", "yaml", "numpy",
+             "scipy", "plotly", "safetensors", "sqlalchemy", "psycopg", "ninja")
+
+
+def bench_with_torch_alone(args: list[str]) -> subprocess.CompletedProcess:
+    """``fulu-nas bench ARGS`` in a process where importing any package but torch fails."""
     code = (
-        "import builtins, json, sys\n"
+        "import builtins, sys, warnings\n"
+        "warnings.filterwarnings('ignore', 'Failed to initialize NumPy')  # numpy is there, but blocked\n"
         "real = builtins.__import__\n"
-        "def guard(name, *a, **k):\n"
-        "    if name.split('.')[0] in {'transformers', 'scattermoe', 'optuna', 'hydra', 'mlflow'}:\n"
-        "        raise ImportError('blocked ' + name)\n"
-        "    return real(name, *a, **k)\n"
+        "def guard(name, globals=None, locals=None, fromlist=(), level=0):\n"
+        f"    if level == 0 and name.split('.')[0] in {set(NOT_TORCH)!r}:  # not sympy's own .numpy\n"
+        "        raise ModuleNotFoundError('blocked ' + name, name=name)\n"
+        "    return real(name, globals, locals, fromlist, level)\n"
         "builtins.__import__ = guard\n"
         "import torch; torch.set_num_threads(1)\n"
         "from fulu_nas.bench import cli\n"
-        f"code = cli.main(['peers', '--device', 'cpu', '--quick', '--quiet', '--rounds', '1', '--activation', 'swiglu',"
-        f" '--configs', 'seed-latency', '--json', {str(tmp_path / 'p.json')!r}])\n"
-        "sys.exit(code)\n"
+        f"sys.exit(cli.main({args!r}))\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_bench_peers_imports_and_runs_without_transformers(tmp_path):
+    """The module imports with torch alone; without transformers the Mixtral column is n/a, saying why."""
+    run = bench_with_torch_alone(["peers", "--device", "cpu", "--quick", "--quiet", "--rounds", "1", "--activation",
+                                  "swiglu", "--configs", "seed-latency", "--json", str(tmp_path / "p.json")])
     assert run.returncode == 0, run.stderr
     hf = json.loads((tmp_path / "p.json").read_text())["configs"][0]["shapes"][0]["impls"]["hf"]
     assert hf["reason"].startswith("transformers is not installed") and hf["ms"] is None
+
+
+def test_the_layer_benchmark_runs_with_torch_alone_and_the_others_name_what_they_need(tmp_path):
+    """Every bench command failed with tqdm's ModuleNotFoundError (a traceback, exit 1) where torch was the only
+    package: the command line imported the search's modules to list the table and training commands."""
+    run = bench_with_torch_alone(["layer", "--tokens", "4", "--hidden", "32", "--experts", "4", "--ffn", "64",
+                                  "--min-run-time", "0.01", "--rounds", "1", "--json", str(tmp_path / "l.json")])
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "l.json").read_text())
+    assert bench_with_torch_alone(["nas-table", "--help"]).returncode == 0
+    for command in (["train-step"], ["nas-table", "--out", str(tmp_path / "t.csv")]):
+        run = bench_with_torch_alone(command)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.startswith(f"error: fulu-nas bench {command[0]} needs the Python package "), run.stderr
+    assert not (tmp_path / "t.csv").exists()
 
 
 @pytest.mark.parametrize("scale", ["0", "inf", "nan"])  # inf was an OverflowError, nan "cannot convert"

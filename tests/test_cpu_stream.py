@@ -252,6 +252,27 @@ def test_each_kernel_source_has_its_own_build_and_reuses_it(tmp_path):
     assert _built_libraries(extensions) == both, "a source that was built already was built again"
 
 
+def test_the_ninja_fulu_nas_installs_builds_the_kernel_without_the_environment_on_path(tmp_path):
+    """torch looks for ninja on PATH alone, and pip puts the ninja package's beside the interpreter: a fulu-nas run
+    by its full path without activating its environment (pipx, cron) skipped the kernel, warning to
+    "pip install ninja", which was installed."""
+    import ninja
+
+    system = tmp_path / "bin"  # the system's programs (the compiler), less any ninja of its own
+    system.mkdir()
+    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for program in Path(folder).iterdir() if Path(folder).is_dir() else ():
+            if program.name != "ninja" and not (system / program.name).exists():
+                (system / program.name).symlink_to(program)
+    assert Path(ninja.BIN_DIR, "ninja").exists()
+    env = {**os.environ, "PATH": str(system)}
+    env.pop("FULU_NAS_CPU_STREAM", None)
+    code = "from fulu_nas.moe import cpu_stream; assert cpu_stream.kernel() is not None"
+    result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], env=env, capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_the_build_name_follows_the_source_and_flags():
     source = cpu_stream._SOURCE.read_bytes()
     flags = ["-O3", "-mavx2"]

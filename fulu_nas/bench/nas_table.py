@@ -32,17 +32,20 @@ from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import FuluConfigError
 from ..models import PiMoETransformer
-from ..search.settings import SearchSettings
 from .common import device_name, positive_int, processes_int, rounds_int, steps_int
-from .finite_space import cells, enumerate_space
-from .nas_settings import product_settings
-from .nas_table_file import write_table
+
+if TYPE_CHECKING:
+    from ..search.settings import SearchSettings
+
+# The search's modules (and the packages they need: Hydra, Optuna, tqdm) are imported where a table is
+# made, not here: `fulu-nas bench` lists this command on a machine with torch alone, which runs the layer's
+# benchmarks, and this command then names the package it lacks.
 
 DEFAULT_TABLE = Path(__file__).parent / "data" / "nas_table_clusters.csv"
 
@@ -62,6 +65,7 @@ def train_and_evaluate(s: SearchSettings, job: Job) -> dict:
     latency measurement, which a shared machine's load would make noise), as a table row."""
     from ..training.evaluate import evaluate
     from ..training.train import train
+    from .finite_space import cells
 
     values = s.space.with_derived(job.values)
     arch = s.space.arch(values, s.task)
@@ -80,6 +84,8 @@ def train_and_evaluate(s: SearchSettings, job: Job) -> dict:
 
 
 def _run(space: str, task: str, job: Job) -> dict:
+    from .nas_settings import product_settings
+
     return train_and_evaluate(product_settings(space, task), job)
 
 
@@ -138,6 +144,10 @@ def command_line(args: argparse.Namespace, steps: int) -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
+    from .finite_space import cells, enumerate_space
+    from .nas_settings import product_settings
+    from .nas_table_file import write_table
+
     s = product_settings(args.space, args.task)
     steps = args.steps or s.train.steps
     archs = enumerate_space(s.space, s.task)[:args.limit]

@@ -23,7 +23,6 @@ import shlex
 import torch
 
 from ..models import seeded_model
-from ..training.train import resolve_device, train
 from .common import MAX_STEPS, arch_values, device_name, int_in, markdown_table
 
 # A fine-grained and a hierarchical variant beside the reference: the shapes a search samples that
@@ -41,6 +40,8 @@ KINDS = {"eager": ("eager", False), "eager+graph": ("eager", True), "compiled+gr
 def time_steps(arch, task, cfg, kind: str) -> dict[str, float]:
     """``cfg.steps`` steps of ``arch`` with the ``kind`` step (:data:`KINDS`): the first step's, the graph
     capture's and the later steps' mean seconds (the capture left out)."""
+    from ..training.train import resolve_device, train
+
     compile_as, graph = KINDS[kind]
     device = resolve_device(cfg.device)
     model = seeded_model(arch, cfg.seed, device)
@@ -52,7 +53,9 @@ def time_steps(arch, task, cfg, kind: str) -> dict[str, float]:
 
 
 def train_step_main(args: argparse.Namespace) -> int:
-    # The search's modules need optuna, hydra and mlflow; the bench command line loads with torch alone.
+    # The search's modules (and training's) need optuna, hydra, mlflow and tqdm; the bench command line
+    # loads with torch alone.
+    from ..training.train import resolve_device
     from .nas_settings import composed_settings
 
     s = composed_settings(args.overrides)

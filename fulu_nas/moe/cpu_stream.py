@@ -70,9 +70,27 @@ def build_name(source: bytes, isa: str, flags: list[str]) -> str:
     return re.sub(r"\W", "_", f"fulu_nas_cpu_stream_{isa}_torch{torch.__version__}_{digest}".lower())
 
 
+def _ninja_on_path() -> None:
+    """torch runs ninja from PATH alone, and pip puts the ninja package fulu-nas installs beside the
+    interpreter: a fulu-nas run by its full path without activating its environment (pipx, cron) had
+    none. That folder goes last on PATH, so that a ninja of the user's own comes first."""
+    import shutil
+
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # the package, not a dependency of the layer library (which imports torch alone)
+
+        folder = ninja.BIN_DIR
+    except ImportError:
+        folder = os.path.dirname(sys.executable)
+    os.environ["PATH"] = os.pathsep.join(p for p in (os.environ.get("PATH", ""), folder) if p)
+
+
 def _build(source: Path = _SOURCE) -> object:
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     isa = torch.backends.cpu.get_cpu_capability()
     flags, text = _flags(isa), source.read_bytes()
     name = build_name(text, isa, flags)
