@@ -393,6 +393,20 @@ def test_the_multi_objective_confirmation_caption_names_each_objective_s_verdict
     assert f"trial 2: loss: {verdicts[0]}; latency_ms: {verdicts[1]}." in text, text
 
 
+def test_a_wrong_study_name_with_its_storage_given_is_named_as_such(tmp_path, monkeypatch, capsys):
+    """study.name=nope with study.storage= given: the message blamed tracking.uri (the folder of
+    outputs/nope/mlflow.db does not exist) rather than the name the storage does not hold."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").mkdir()
+    storage = f"sqlite:///{tmp_path / 'kept' / 'optuna.db'}"
+    optuna.create_study(study_name="other", storage=storage)
+    capsys.readouterr()
+    assert main(["dashboard", "study.name=nope", f"study.storage={storage}"]) == 2
+    err = capsys.readouterr().err
+    assert f"study.name: no study 'nope' in {storage} (it has: other)" in err and "tracking.uri" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
 # ---------------------------------------------------------------- a real study (slow)
 
 

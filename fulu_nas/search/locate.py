@@ -160,10 +160,17 @@ def _compose_location(overrides: list[str], hint: str) -> StudyLocation:
     check_study_storage_exists(storage, name)
     # A wrong tracking.uri must not make a folder and a database (MLflow would) or wait on an unreachable
     # server for minutes.
-    check_tracking_uri(tracking)
-    probe_tracking(tracking)
-    check_separate_databases(storage, tracking)
-    return StudyLocation(name, storage, tracking, output_dir, requested, cfg, hint)
+    location = StudyLocation(name, storage, tracking, output_dir, requested, cfg, hint)
+    try:
+        check_tracking_uri(tracking)
+        probe_tracking(tracking)
+        check_separate_databases(storage, tracking)
+    except FuluConfigError:
+        # A name the storage does not hold is the problem to name: the tracking database defaults to
+        # the folder of the (wrong) name, which is then missing too.
+        load_study(location)
+        raise
+    return location
 
 
 def _requested(overrides: list[str], config_dir: str | None, cfg: dict) -> tuple[tuple[str, tuple[str, ...]], ...]:
