@@ -177,6 +177,37 @@ def test_importances_of_a_maximised_objective_rank_the_parameters_for_high_value
     assert shown == pytest.approx(expected)
 
 
+def test_importances_are_those_of_the_feasible_trials(tmp_path):
+    """Trials over a study constraint were counted: the lowest losses, over the bound, made the
+    parameter they share (b) look important, where among the trials that count only a matters."""
+    from fulu_nas.dashboard.panels.importances import panel_importances
+
+    s = _settings(tmp_path, "study.constraints={active_params:1.0e4}")
+    feasible = [_trial(values=[1.0 + n % 10 / 10], params={"a": n % 10, "b": 3 * (n // 2) % 10},
+                       constraints={"active_params": -1.0}) for n in range(20)]
+    over = [_trial(values=[0.5 + a / 100], params={"a": a, "b": 0}, constraints={"active_params": 10.0})
+            for a in range(10)]
+    ctx = _context(s, feasible + over)
+    blocks = panel_importances(ctx, {})
+    bars = _traces(blocks, "loss")[0]
+    shown = dict(zip(bars.y, bars.x, strict=True))
+    only = optuna.create_study(directions=["minimize"])
+    for t in feasible:
+        only.add_trial(t)
+    assert shown == pytest.approx(optuna.importance.get_param_importances(only))
+    assert max(shown, key=shown.get) == "a", shown
+    assert any("the 20 feasible complete trials (10 over a study constraint left out)" in b
+               for b in blocks if isinstance(b, str)), blocks
+    one = _context(s, feasible[:1] + over)
+    assert panel_importances(one, {}) == [note_html("Needs at least 2 complete feasible trials (1).")]
+
+
+def note_html(text: str) -> str:
+    from fulu_nas.dashboard.panels.blocks import note
+
+    return note(text)
+
+
 def _brightness(colour: str) -> int:
     return sum(int(c) for c in re.findall(r"\d+", colour))
 

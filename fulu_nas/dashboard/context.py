@@ -32,16 +32,18 @@ class Context:
         self.pending = [t for t in self.trials
                         if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
         self.plot_study = self._plot_study(self.directions)
-        self._objective_studies: dict[int, Any] = {}
+        self._objective_studies: dict[tuple[int, bool], Any] = {}
         self._pareto_plot_study = None
         self._artifacts: dict[str, Any] = {}
         self.best = self._best()
 
-    def _plot_study(self, directions: list[str], objective: int | None = None, reused: bool = True):
+    def _plot_study(self, directions: list[str], objective: int | None = None, reused: bool = True,
+                    infeasible: bool = True):
         """An in-memory copy for ``optuna.visualization``: its hover text shows the trial's
         architecture in a line instead of every user attribute (the full config, every metric).
         With ``objective``, a single-objective copy holding only that objective's values; without
-        ``reused``, no trial that reused an identical architecture's result (the same point)."""
+        ``reused``, no trial that reused an identical architecture's result (the same point); without
+        ``infeasible``, no complete trial over a study constraint."""
         import optuna
 
         verbosity = optuna.logging.get_verbosity()
@@ -50,6 +52,8 @@ class Context:
             plot = optuna.create_study(directions=directions, study_name=self.study.study_name)
             for t in self.trials:
                 if not reused and "cached_from" in t.user_attrs:
+                    continue
+                if not infeasible and t.state == optuna.trial.TrialState.COMPLETE and not self.feasible(t):
                     continue
                 t2 = copy.copy(t)
                 attrs = {"architecture": describe_arch(t.user_attrs.get("arch"), t.params)}
@@ -65,18 +69,23 @@ class Context:
             optuna.logging.set_verbosity(verbosity)
         return plot
 
-    def objective_study(self, i: int):
+    def objective_study(self, i: int, feasible_only: bool = False):
         """The plot study as a single-objective study of objective ``i``, with its direction.
 
         ``optuna.visualization`` takes an objective's direction from a single-objective study only:
         given a ``target`` (how a multi-objective study names one objective) it treats lower as
         better, so PED-ANOVA importances would rank the parameters for a *low* value of a maximised
-        objective, and parallel coordinates would colour its worst trials darkest."""
-        if not self.multi:
+        objective, and parallel coordinates would colour its worst trials darkest.
+
+        ``feasible_only``: without the complete trials over a study constraint (the importances: what
+        makes a good value among the trials that count)."""
+        if not self.multi and not feasible_only:
             return self.plot_study
-        if i not in self._objective_studies:
-            self._objective_studies[i] = self._plot_study([self.directions[i]], objective=i)
-        return self._objective_studies[i]
+        key = (i, feasible_only)
+        if key not in self._objective_studies:
+            self._objective_studies[key] = self._plot_study(
+                [self.directions[i]], objective=i if self.multi else None, infeasible=not feasible_only)
+        return self._objective_studies[key]
 
     def feasible(self, t) -> bool:
         return all(c <= 0 for c in (t.constraints or {}).values())

@@ -29,14 +29,14 @@ def quiet(fn, *args, **kwargs):
         optuna.logging.set_verbosity(verbosity)
 
 
-def per_objective(ctx: Context, plot, what: str) -> list:
+def per_objective(ctx: Context, plot, what: str, feasible_only: bool = False) -> list:
     """One figure of ``plot`` (an ``optuna.visualization`` function) per objective, each drawn from
     the objective's single-objective study (:meth:`Context.objective_study`) so that optuna knows
     whether it is minimised or maximised; a note for an objective it cannot be drawn for yet."""
     blocks = []
     for i, (name, direction) in enumerate(zip(ctx.objectives, ctx.directions, strict=True)):
         try:
-            fig = quiet(plot, ctx.objective_study(i), target_name=name)
+            fig = quiet(plot, ctx.objective_study(i, feasible_only), target_name=name)
         except Exception as e:  # too few distinct values, a single parameter, ...
             blocks.append(note(f"{what} for {name} could not be drawn yet ({type(e).__name__}: {e})."))
             continue
@@ -44,10 +44,14 @@ def per_objective(ctx: Context, plot, what: str) -> list:
     return blocks
 
 
-def needs_complete(ctx: Context, n: int = 1) -> list | None:
-    if len(ctx.complete) < n:
-        have = (str(len(ctx.complete)) if ctx.complete else "none") + (" so far" if ctx.pending else "")
-        return [note(f"Needs at least {n} complete trial{'s' if n > 1 else ''} ({have}).")]
+def needs_complete(ctx: Context, n: int = 1, feasible_only: bool = False) -> list | None:
+    """A note when fewer than ``n`` trials are complete (``feasible_only``: complete and within the study's
+    constraints), else None."""
+    have = [t for t in ctx.complete if ctx.feasible(t)] if feasible_only else ctx.complete
+    if len(have) < n:
+        count = (str(len(have)) if have else "none") + (" so far" if ctx.pending else "")
+        what = "complete feasible trial" if len(have) < len(ctx.complete) else "complete trial"
+        return [note(f"Needs at least {n} {what}{'s' if n > 1 else ''} ({count}).")]
     return None
 
 
