@@ -225,6 +225,40 @@ def test_parallel_coordinates_draw_the_best_value_of_each_objective_darkest(maxi
         assert max(best) < min(worst), f"{objective} ({direction}): the best trials are not the darkest lines"
 
 
+def test_throughput_and_metric_are_shown_with_what_they_measure(tmp_path):
+    """`throughput` (tokens/s) and `metric` (the task's own: accuracy here) had no unit or name in the
+    table of trials, nor on an objective's axis."""
+    from fulu_nas.dashboard.panels.history import panel_history
+    from fulu_nas.dashboard.panels.parallel import panel_parallel
+    from fulu_nas.dashboard.panels.top_trials import panel_top_trials
+
+    ctx = _context(_settings(tmp_path), [_trial(values=[1.3], params={"a": a}, metrics={"throughput": 1e4 + a})
+                                         for a in range(3)])
+    table = next(b for b in panel_top_trials(ctx, {}) if b.startswith("<table"))
+    assert "<th>metric (accuracy)</th>" in table and "<th>throughput (tokens/s)</th>" in table, table
+    ctx = _context(_settings(tmp_path, "study.objectives=[throughput]", "study.pruner=none"),
+                   [_trial(values=[1e4 + a], params={"a": a}) for a in range(3)])
+    assert "<th>throughput (tokens/s) (max)</th>" in next(b for b in panel_top_trials(ctx, {}) if b.startswith("<t"))
+    history = next(b for b in panel_history(ctx, {}) if not isinstance(b, str))
+    assert history.layout.yaxis.title.text == "throughput (tokens/s)"
+    parallel = next(b for b in panel_parallel(ctx, {}) if not isinstance(b, str))
+    assert parallel.layout.xaxis.ticktext[0] == "throughput (tokens/s)"
+
+
+def test_the_objective_axis_of_parallel_coordinates_has_distinct_tick_labels(tmp_path):
+    """Losses 0.02 apart: the five ticks read 1.29, 1.3, 1.3, 1.3, 1.31 (three significant digits)."""
+    from fulu_nas.dashboard.panels.parallel import panel_parallel
+
+    losses = [1.2912, 1.2987, 1.3034, 1.3101, 1.3113]
+    ctx = _context(_settings(tmp_path), [_trial(values=[v], params={"a": a}) for a, v in enumerate(losses)])
+    fig = next(b for b in panel_parallel(ctx, {}) if not isinstance(b, str))
+    ticks = [a.text for a in fig.layout.annotations if a.x == 0]
+    assert len(ticks) == 5 and len(set(ticks)) == 5, ticks
+    lo, hi = min(losses), max(losses)
+    for text, a in zip(ticks, [a for a in fig.layout.annotations if a.x == 0], strict=True):
+        assert float(text) == pytest.approx(lo + a.y * (hi - lo), abs=5e-4), ticks
+
+
 def test_header_counts_trials_as_the_search_summary_does(tmp_path):
     from fulu_nas.dashboard.layout import Layout
     from fulu_nas.dashboard.page import render

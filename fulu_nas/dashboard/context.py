@@ -11,6 +11,9 @@ from typing import Any
 
 from ..search.objective import one_per_architecture
 
+# The unit of a quantity whose name does not say it (latency_ms, peak_memory_mb do).
+UNITS = {"throughput": "tokens/s"}
+
 
 class Context:
     """A snapshot of the study (trials copied once, so a running study gives one consistent page),
@@ -86,6 +89,13 @@ class Context:
             self._objective_studies[key] = self._plot_study(
                 [self.directions[i]], objective=i if self.multi else None, infeasible=not feasible_only)
         return self._objective_studies[key]
+
+    def quantity(self, name: str) -> str:
+        """An objective's or metric's name with what it measures, for a column or an axis:
+        ``throughput (tokens/s)``, ``metric (accuracy)`` (the task's own metric)."""
+        if name == "metric" and getattr(self.s.task, "metric_name", None):
+            return f"metric ({self.s.task.metric_name})"
+        return f"{name} ({UNITS[name]})" if name in UNITS else name
 
     def feasible(self, t) -> bool:
         return all(c <= 0 for c in (t.constraints or {}).values())

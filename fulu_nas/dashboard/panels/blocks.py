@@ -36,7 +36,7 @@ def per_objective(ctx: Context, plot, what: str, feasible_only: bool = False) ->
     blocks = []
     for i, (name, direction) in enumerate(zip(ctx.objectives, ctx.directions, strict=True)):
         try:
-            fig = quiet(plot, ctx.objective_study(i, feasible_only), target_name=name)
+            fig = quiet(plot, ctx.objective_study(i, feasible_only), target_name=ctx.quantity(name))
         except Exception as e:  # too few distinct values, a single parameter, ...
             blocks.append(note(f"{what} for {name} could not be drawn yet ({type(e).__name__}: {e})."))
             continue

@@ -18,7 +18,7 @@ def panel_pareto_front(ctx: Context, opts: dict) -> list:
         return [note(f"A single-objective study ({ctx.objectives[0]}) has no Pareto front.")]
     if blocks := needs_complete(ctx):
         return blocks
-    names = ctx.objectives
+    names = [ctx.quantity(o) for o in ctx.objectives]
     if len(names) > 3:  # optuna draws 2 or 3 axes: the first two objectives
         fig = quiet(plot_pareto_front, ctx.pareto_plot_study(), target_names=names[:2],
                     targets=lambda t: (t.values[0], t.values[1]))
@@ -42,8 +42,8 @@ def panel_history(ctx: Context, opts: dict) -> list:
              for t in ctx.trials}
     blocks = []
     for i, (name, direction) in enumerate(zip(ctx.objectives, ctx.directions, strict=True)):
-        kwargs = {"target": (lambda t, i=i: t.values[i]), "target_name": name} if ctx.multi else \
-            {"target_name": name}
+        kwargs = {"target": (lambda t, i=i: t.values[i]), "target_name": ctx.quantity(name)} if ctx.multi else \
+            {"target_name": ctx.quantity(name)}
         fig = quiet(plot_optimization_history, ctx.plot_study, **kwargs)
         for trace in fig.data:
             if trace.mode == "markers" and trace.x is not None:

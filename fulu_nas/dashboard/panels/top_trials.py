@@ -24,8 +24,8 @@ def panel_top_trials(ctx: Context, opts: dict) -> list:
         shown.append(reference)
     front = {t.number for t in ctx.pareto()}
     metrics = [m for m in TABLE_METRICS if m not in ctx.objectives]
-    head = ["trial", *(f"{o} ({d[:3]})" for o, d in zip(ctx.objectives, ctx.directions, strict=True)), *metrics,
-            "architecture", "notes"]
+    head = ["trial", *(f"{ctx.quantity(o)} ({d[:3]})" for o, d in zip(ctx.objectives, ctx.directions, strict=True)),
+            *map(ctx.quantity, metrics), "architecture", "notes"]
     body = []
     for t in shown:
         m = t.user_attrs.get("metrics", {})
