@@ -316,3 +316,23 @@ def test_the_registered_files_are_the_ones_the_export_wrote(study, tmp_path, cap
     assert "registered as" not in out and list(tmp_path.iterdir()) == []
     assert registry_state(study)[1] == versions_before
     assert not mlflow.MlflowClient(study.tracking).search_registered_models("name = 'tampered'")
+
+
+def test_the_searchs_pareto_table_is_in_the_order_pareto_i_counts(capsys, tmp_path):
+    """The search's table (and summary.json) listed the front by trial number, and pareto:i counted by the first
+    objective: pareto:0 exported the table's second row. Both follow the first objective now, and the table
+    names each row's pareto:i."""
+    from fulu_nas.search.report import print_summary, summarize
+
+    front = constrained_study(["minimize", "minimize"], [([1.30, 1.0], 1.30, 1.0, 0.0), ([1.28, 2.0], 1.28, 2.0, 0.0),
+                                                         ([1.20, 3.0], 1.20, 3.0, 0.0), ([1.40, 4.0], 1.40, 4.0, 0.0)])
+    s = settings_for(["loss", "latency_ms"])
+    s.study.n_trials, s.output_dir = 4, tmp_path
+    summary = summarize(front, s)
+    numbers = [r["number"] for r in summary["pareto_front"]]
+    assert numbers == [2, 1, 0] == [select_trial(front, s, f"pareto:{i}").number for i in range(3)]
+    capsys.readouterr()
+    print_summary(summary, s)
+    rows = [line for line in capsys.readouterr().out.splitlines() if "pareto:" in line]
+    cells = [[cell.strip() for cell in row.split("│")[1:3]] for row in rows]
+    assert cells == [["trial=pareto:0", "2"], ["trial=pareto:1", "1"], ["trial=pareto:2", "0"]], rows

@@ -79,7 +79,7 @@ def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.tr
         return min(feasible, key=lambda t: sign * t.values[0])
     kind, _, arg = spec.partition(":")
     if kind == "pareto":
-        front = sorted(pareto_front(study), key=lambda t: t.values[0]) if s.study.multi_objective else \
+        front = pareto_front(study) if s.study.multi_objective else \
             [select_trial(study, s, "best")]
         if not NUMBER.fullmatch(arg) or int(arg) >= len(front):
             raise FuluConfigError(f"trial: pareto:<i> needs i in 0..{len(front) - 1}, got {arg!r}")

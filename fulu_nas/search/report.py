@@ -86,6 +86,9 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
     if summary["n_finished"] < summary["n_trials_requested"]:  # stopped short: say so above the table
         title += f" so far ({summary['n_finished']} of {summary['n_trials_requested']} trials)"
     table = Table(title=f"{title} of study {summary['study']} ({describe_counts(summary)})")
+    front = "pareto_front" in summary
+    if front:  # what to export each row by
+        table.add_column("export as")
     table.add_column("trial", justify="right")
     for o, d in zip(summary["objectives"], summary["directions"], strict=True):
         table.add_column(f"{o} ({d[:3]})", justify="right")
@@ -103,7 +106,8 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
         cells = [format_value(v) for v in r["values"]]
         cells += [format_value(r["metrics"].get(c)) for c in _COLUMNS if c not in summary["objectives"]]
         arch = ", ".join(f"{k}={v}" for k, v in r["params"].items())
-        table.add_row(label, *cells, arch)
+        on_front = [i for i, row in enumerate(rows) if row is r] if front else []
+        table.add_row(*([f"trial=pareto:{on_front[0]}" if on_front else ""] if front else []), label, *cells, arch)
     console.print(table)
     if summary.get("best_is_reference") and _only_the_reference_trained(summary):
         console.print(f"trial {summary['best_trial']} is the reference architecture; no other architecture has been "
