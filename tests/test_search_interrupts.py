@@ -464,7 +464,8 @@ def test_a_sigterm_to_the_workers_parent_alone_stops_the_workers_and_the_study_r
     assert not [t.number for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
 
-def test_ctrl_c_while_mlflow_makes_its_tables_leaves_a_database_the_same_command_opens(tmp_path, monkeypatch):
+def test_ctrl_c_while_mlflow_makes_its_tables_leaves_a_database_the_same_command_opens(tmp_path, monkeypatch,
+                                                                                       capsys):
     """A first search interrupted while MLflow migrated its new database (alembic's steps, not one
     transaction on SQLite) left it half-migrated, and every run of the same command after it failed with
     "duplicate column name" or "table ... already exists". The migration is one block of writes: the
@@ -493,3 +494,19 @@ def test_ctrl_c_while_mlflow_makes_its_tables_leaves_a_database_the_same_command
     monkeypatch.setattr(sqlalchemy.engine.Connection, "execute", execute)
     client, experiment_id = open_experiment(uri, "fulu-nas", None)
     assert client.get_experiment(experiment_id).name == "fulu-nas"
+
+    # A database left half-made all the same (a kill -9 or a power cut there, or made before) is one message
+    # naming it, exit 2: every search of the study printed SQLAlchemy's traceback and exited 1.
+    out = tmp_path / "out"
+    out.mkdir()
+    statements["n"] = 0
+    monkeypatch.setattr(sqlalchemy.engine.Connection, "execute", counting)
+    with pytest.raises(KeyboardInterrupt):  # no handler deferring it: the migration stops in the middle
+        open_experiment(f"sqlite:///{out / 'mlflow.db'}", "fulu-nas", None)
+    monkeypatch.setattr(sqlalchemy.engine.Connection, "execute", execute)
+    capsys.readouterr()
+    assert run_search(out, "study.n_trials=1") == 2
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f"error: tracking.uri: MLflow cannot open its database {out / 'mlflow.db'}: "), \
+        printed.err
+    assert printed.err.count("\n") == 1 and "Traceback" not in printed.err and "warning" not in printed.err

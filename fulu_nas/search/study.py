@@ -503,8 +503,9 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
             try:
                 _finish_study(s, error=f"{type(e).__name__}: {e}")
             except Exception as closing:  # the error that ended the search is the one to report
-                print(f"warning: the study's MLflow run and summary.json were not written: "
-                      f"{type(closing).__name__}: {closing}", file=sys.stderr)
+                if not (isinstance(e, FuluConfigError) and isinstance(closing, FuluConfigError)):  # not twice
+                    print(f"warning: the study's MLflow run and summary.json were not written: "
+                          f"{type(closing).__name__}: {closing}", file=sys.stderr)
             raise
         interrupts.ignore_signals()  # the search is ending: a Ctrl-C now would leave its parent run open
         summary = _finish_study(s)

@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..checks import sqlite_file
 from ..deploy.files import sha256_file
+from ..errors import FuluConfigError
 from .interrupts import between_writes
 from .settings import SearchSettings
 from .storage import first_contact, mask_url
@@ -74,9 +76,17 @@ def open_experiment(tracking_uri: str, name: str, artifact_location: str | None)
 
     # MLflow migrates a new database step by step (not one transaction on SQLite): an interrupt in the
     # middle left tables that made every later open fail ("table datasets already exists").
-    with between_writes():
-        client, experiment = first_contact(tracking_uri, first,
-                                           lambda e: not tracking_uri.startswith(("http:", "https:")))
+    remote = tracking_uri.startswith(("http:", "https:"))
+    try:
+        with between_writes():
+            client, experiment = first_contact(tracking_uri, first, lambda e: not remote)
+    except Exception as e:
+        if remote or not type(e).__module__.startswith(("sqlalchemy", "alembic", "mlflow")):
+            raise
+        # A database half-made (its migration killed) or of another MLflow: one message, not SQLAlchemy's trace.
+        where = sqlite_file(tracking_uri) if tracking_uri.startswith("sqlite:") else mask_url(tracking_uri)
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise FuluConfigError(f"tracking.uri: MLflow cannot open its database {where}: {reason}") from None
     if experiment is not None:
         return client, experiment.experiment_id
     try:
