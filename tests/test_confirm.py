@@ -293,6 +293,26 @@ def test_a_study_that_cannot_be_written_is_refused_before_any_run(searched, tmp_
         assert "read-only" in err and str(out) in err
 
 
+def test_the_tracking_uri_given_is_the_one_recorded_into(searched, tmp_path, monkeypatch, capsys):
+    """confirm took any tracking.uri= and recorded into the search's database all the same: a database moved
+    elsewhere was left without the runs, a misspelt one passed without a word (export and dashboard refuse it)."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    shutil.copytree(searched.out, out)
+    elsewhere.mkdir()
+    shutil.move(out / "mlflow.db", elsewhere / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    code = main([*CONFIRM, f"hydra.run.dir={out}", f"tracking.uri=sqlite:///{tmp_path / 'nope.db'}", "top_k=1",
+                 "seeds=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot confirm:\n  - tracking.uri: ") and err.count("\n") == 2, err
+    assert not (tmp_path / "nope.db").exists() and not (out / "mlflow.db").exists()
+    assert main([*CONFIRM, f"hydra.run.dir={out}", f"tracking.uri=sqlite:///{elsewhere / 'mlflow.db'}", "top_k=1",
+                 "seeds=1"]) == 0, capsys.readouterr().err
+    assert not (out / "mlflow.db").exists()
+    _, runs = confirmation_runs(elsewhere)
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+
+
 def test_n_workers_must_be_a_positive_whole_number(searched, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     shutil.copytree(searched.out, out)

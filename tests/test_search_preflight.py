@@ -446,3 +446,19 @@ def test_a_textlm_search_records_its_corpus_and_later_commands_read_the_same_fil
     with pytest.raises(FuluConfigError, match=r"task.path=corpus: not used: .* where task.path is"):
         search_settings(location, load_study(location))
     capsys.readouterr()
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    (["--info", "searchpath", "task=nope"], "task: no option 'nope' (options: clusters, pimoe_mix, textlm, upcycle)"),
+    (["+experiment=tiny", "--cfg", "job", "study.n_trial=3"], "study.n_trial: unknown key (check its spelling)"),
+])
+def test_the_flags_printing_the_configuration_compose_it_as_the_search_does(argv, problem, tmp_path, monkeypatch,
+                                                                          capsys):
+    """--cfg and --info skipped the pre-flight: an unknown option was a MissingConfigException traceback (exit 1),
+    a misspelt key Hydra's message advising `+study.n_trial=3`, which the search then refused."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", *argv]) == 2
+    assert problems_in(capsys.readouterr().err) == [problem]
+    assert main(["search", "+experiment=tiny", "--cfg", "job", "study.n_trials=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["study"]["n_trials"] == 3
+    assert list(tmp_path.iterdir()) == []

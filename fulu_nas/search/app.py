@@ -21,9 +21,12 @@ from ..errors import FuluConfigError
 # Shipped inside the package (the top-level conf/ of a checkout links here), so a wheel install finds it.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BAD_INPUT = 2
-# Flags after which Hydra prints or sweeps instead of running one job: no pre-flight for these.
+# Flags after which Hydra prints instead of running a job: no pre-flight for these, but the ones printing the
+# composed configuration compose it first as the search would, so that a misspelt key or option is one line
+# (Hydra's own message advised `+key=value`, which the search then refused, or was a traceback).
 _HYDRA_ONLY = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
                "--version"}
+_PRINTING_CONFIG = {"--cfg", "-c", "--info", "-i"}
 _MULTIRUN = {"--multirun", "-m"}  # a sweep: every job is checked before Hydra writes any
 # Sections whose every key is in their shipped files: a key Hydra cannot set there is misspelt.
 _FIXED_SCHEMA = ("study.", "trainer.", "tracking.")
@@ -38,7 +41,7 @@ def _flags_first(argv: list[str]) -> list[str]:
     for arg in it:
         if arg.startswith("-"):
             flags.append(arg)
-            if arg in _WITH_VALUE or arg in ("--cfg", "-c", "--info", "-i"):
+            if arg in _WITH_VALUE or arg in _PRINTING_CONFIG:
                 nxt = next(it, None)
                 if nxt is not None:
                     flags.append(nxt)
@@ -54,6 +57,8 @@ def split_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     for arg in it:
         name, eq, value = arg.partition("=")
         if name in _WITH_VALUE:
+            flags[name] = value if eq else next(it, "")
+        elif name in _PRINTING_CONFIG:  # its value (--cfg job, --info searchpath) is no override
             flags[name] = value if eq else next(it, "")
         elif not arg.startswith("-"):
             overrides.append(arg)
@@ -113,8 +118,9 @@ def _unquoted_options(overrides: list[str], config_dir: str | None) -> list[str]
     return problems
 
 
-def preflight(argv: list[str]):
-    """Compose and validate without writing anything; FuluConfigError lists the problems."""
+def preflight(argv: list[str], compose_only: bool = False):
+    """Compose and validate without writing anything (``compose_only``: compose, and check no more);
+    FuluConfigError lists the problems."""
     import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -137,6 +143,8 @@ def preflight(argv: list[str]):
         files = [str(p) for p in sorted(Path(config_dir or CONF_DIR).rglob("*.yaml")) if not _is_utf8(p)]
         raise FuluConfigError(f"{', '.join(files) or 'a config file'}: not UTF-8 text ({e.reason} at byte "
                               f"{e.start})") from None
+    if compose_only:
+        return None
     problems = []  # the output folder's and the settings', listed together
     try:
         check_output_dir(output_dir)
@@ -271,12 +279,13 @@ def main(argv: list[str]) -> int:
 
     quiet_mlflow()
     flags = set(a.partition("=")[0] for a in argv)
-    if not flags & _HYDRA_ONLY:
+    printing = bool(flags & _PRINTING_CONFIG)
+    if printing or not flags & _HYDRA_ONLY:
         try:
             jobs = sweep_jobs(argv) if flags & _MULTIRUN else [argv]
             for n, job in enumerate(jobs):
                 try:
-                    preflight(job)
+                    preflight(job, compose_only=printing)
                 except FuluConfigError as e:
                     if len(jobs) == 1:
                         raise

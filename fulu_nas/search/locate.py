@@ -299,7 +299,7 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
     else:
         import mlflow
 
-        from .tracking import PARENT_RUN_ATTR, URL_KEYS
+        from .tracking import PARENT_RUN_ATTR
 
         parent = study.user_attrs.get(PARENT_RUN_ATTR)
         if not parent:
@@ -308,13 +308,14 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.MlflowClient(location.tracking_uri).download_artifacts(parent, "search_config.json", tmp)
             data = {"config": _read_search_config(Path(local), f"search_config.json of MLflow run {parent}")}
-        # The run's copy has the URLs' passwords masked: the ones this command reached the study with
-        # are those URLs with theirs.
-        given = {"study": location.storage_url, "tracking": location.tracking_uri}
-        for section, key in URL_KEYS:
-            saved = data["config"].get(section, {}).get(key)
-            if isinstance(saved, str) and saved == mask_url(given[section]):
-                data["config"][section][key] = given[section]
+    # The databases are those this command reached the study with (a folder or database moved since the
+    # search, the passwords the parent run's copy masks): what it records goes there, not to the search's URLs.
+    from .tracking import URL_KEYS
+
+    given = {"study": location.storage_url, "tracking": location.tracking_uri}
+    for section, key in URL_KEYS:
+        if isinstance(data["config"].get(section), dict):
+            data["config"][section][key] = given[section]
     check_overrides_are_used(location, data["config"], data.get("typed_model"))
     return load_settings(data["config"], location.output_dir, will_train, typed_model=data.get("typed_model"))
 
