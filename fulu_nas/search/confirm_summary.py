@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import warnings
 
 SUMMARY_ATTR = "confirmation"  # the study user attribute holding the latest summary
@@ -172,26 +171,19 @@ def describe_winner(w: dict) -> str:
             f"{w['n']} seed(s) at {w['steps']} steps; search rank {w['search_rank'] or '-'})")
 
 
-def print_confirmation(summary: dict, path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def print_confirmation(summary: dict, path, console=None) -> None:
+    from .report import console_for_results, fits, format_value, say
 
-    from .report import format_value
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = console or console_for_results()
     objectives, directions = summary["objectives"], summary["directions"]
-    table = Table(title=f"Confirmation of study {summary['study']}: {len(summary['architectures'])} architectures x "
-                        f"{len(summary['seeds'])} seed(s), {summary['steps']} steps ({summary['budget_factor']:g} x "
-                        f"the search's {summary['search_steps']})")
-    table.add_column("trial", justify="right")
-    table.add_column("search rank", justify="right")
-    table.add_column("confirmed rank", justify="right")
+    title = (f"Confirmation of study {summary['study']}: {len(summary['architectures'])} architectures x "
+             f"{len(summary['seeds'])} seed(s), {summary['steps']} steps ({summary['budget_factor']:g} x "
+             f"the search's {summary['search_steps']})")
+    headers = [("trial", "right"), ("search rank", "right"), ("confirmed rank", "right")]
     for o, d in zip(objectives, directions, strict=True):
-        table.add_column(f"{o} ({d[:3]}) mean +- sd", justify="right")
-        table.add_column(f"{o} in the search", justify="right")
-    for o in objectives:
-        table.add_column("vs reference" + (f" ({o})" if len(objectives) > 1 else ""))
-    table.add_column("architecture")
+        headers += [(f"{o} ({d[:3]}) mean +- sd", "right"), (f"{o} in the search", "right")]
+    headers += [("vs reference" + (f" ({o})" if len(objectives) > 1 else ""), "left") for o in objectives]
+    rows = []
     for r in summary["architectures"]:
         cells = [f"{r['trial']}" + (" (reference)" if r["reference"] else ""), format_value(r["search_rank"]),
                  format_value(r["confirmed_rank"])]
@@ -207,35 +199,59 @@ def print_confirmation(summary: dict, path) -> None:
         for i in range(len(objectives)):
             cells.append("reference" if r["reference"] else "-" if r["vs_reference"] is None
                          else r["vs_reference"][i]["verdict"])
-        cells.append(r["params"])
-        table.add_row(*cells)
-    console.print(table)
+        rows.append(cells)
+    table = _table(title, headers, [[*cells, r["params"]] for cells, r in zip(rows, summary["architectures"],
+                                                                              strict=True)], "architecture")
+    if fits(console, table):
+        console.print(table)
+    else:  # 80 columns: the architectures under the table, no value cut to an ellipsis
+        console.print(_table(title, headers, rows, width=console.width))
+        for r in summary["architectures"]:
+            say(console, f"trial {r['trial']}: {r['params']}")
     tau = summary["kendall_tau"]
     if tau["tau"] is None:
-        console.print(f"Kendall's tau (search rank vs confirmed rank): {tau['note']}")
+        say(console, f"Kendall's tau (search rank vs confirmed rank): {tau['note']}")
     else:
-        console.print(f"Kendall's tau (search rank vs confirmed rank): {tau['tau']:+.2f} over {tau['n']} "
+        say(console, f"Kendall's tau (search rank vs confirmed rank): {tau['tau']:+.2f} over {tau['n']} "
                       f"architectures (p={tau['p_value']:.3g})")
     if summary["reference"] is None:
-        console.print("the study has no complete reference trial: nothing to compare against")
+        say(console, "the study has no complete reference trial: nothing to compare against")
     else:
-        console.print(f"beats the reference: {TEST}, alpha {ALPHA}; otherwise not distinguishable from it")
+        say(console, f"beats the reference: {TEST}, alpha {ALPHA}; otherwise not distinguishable from it")
     for f in summary["failed_runs"]:
         if f.get("diverged"):
-            console.print(f"diverged: trial {f['trial']} seed {f['seed']}: {f['reason']} (training is seeded: not "
+            say(console, f"diverged: trial {f['trial']} seed {f['seed']}: {f['reason']} (training is seeded: not "
                           "trained again; the architecture cannot be the winner)")
         else:
-            console.print(f"failed: trial {f['trial']} seed {f['seed']}: {f['reason']} (run the command again to "
+            say(console, f"failed: trial {f['trial']} seed {f['seed']}: {f['reason']} (run the command again to "
                           "retry)")
     for m in summary.get("missing_runs", []):
-        console.print(f"missing: trial {m['trial']} seed {m['seed']}: no result (its worker died; run the command "
+        say(console, f"missing: trial {m['trial']} seed {m['seed']}: no result (its worker died; run the command "
                       "again to train it)")
     if (w := winner(summary)) is not None:
-        console.print(f"winner: {describe_winner(w)}; `fulu-nas export` with trial=best takes it")
+        say(console, f"winner: {describe_winner(w)}; `fulu-nas export` with trial=best takes it")
     elif summary.get("winner_withheld"):
         retry = any(r.get("failed_seeds") for r in summary["architectures"])
-        console.print(f"no winner: {summary['winner_withheld']}; "
+        say(console, f"no winner: {summary['winner_withheld']}; "
                       + ("run the command again to retry the failed runs (`fulu-nas export` with trial=best takes "
                          "the search's best trial meanwhile)" if retry else
                          "`fulu-nas export` with trial=best takes the search's best trial"))
-    console.print(f"confirmation: {path}")
+    say(console, f"confirmation: {path}")
+
+
+def _table(title: str, headers: list[tuple[str, str]], rows: list[list[str]], *extra: str, width=None):
+    """The table; with ``width`` (the console's), its columns folded to that width."""
+    from rich.table import Table
+
+    from .report import column_widths
+
+    headers = [*headers, *((h, "left") for h in extra)]
+    widths = column_widths(width, [[h, *(cells[i] for cells in rows)] for i, (h, _) in enumerate(headers)]) \
+        if width else None
+    table = Table(title=title)
+    for i, (header, justify) in enumerate(headers):
+        table.add_column(header, justify=justify, overflow="fold" if width else "ellipsis",
+                         width=widths[i] if widths else None)
+    for cells in rows:
+        table.add_row(*cells)
+    return table

@@ -69,53 +69,117 @@ def summarize(study: optuna.Study, s: SearchSettings) -> dict:
     return summary
 
 
-def print_summary(summary: dict, s: SearchSettings) -> None:
+def console_for_results():
+    """The console the results are printed on: the terminal's width on a terminal, 160 columns in a log."""
     import sys
 
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def fits(console, table) -> bool:
+    """Does ``table`` fit ``console`` without cutting a word to an ellipsis (each column at least as wide as
+    its longest word)? Rich clamps a measurement to the width it is given, so it measures with room to spare."""
+    return console.measure(table, options=console.options.update_width(10**6)).minimum <= console.width
+
+
+def column_widths(width: int, columns: list[list[str]]) -> list[int] | None:
+    """Widths for the columns (each its header and cells) of a table ``width`` characters wide (rich's
+    default box and padding): each column first its longest word (a header's too where there is room), then
+    a character at a time to those not yet as wide as their longest line; where the words do not fit, the
+    first column folds (at least 8 wide). None where they do not fit even so. Rich's own shrinking evens
+    out the columns and cuts "(reference)" while a column of ranks has room to spare."""
+    room = width - 3 * len(columns) - 1
+    words = [[max((len(w) for w in text.split()), default=1) for text in column] for column in columns]
+    widths = [max(w[1:], default=1) for w in words]  # the cells'
+    if sum(widths) - widths[0] + 8 > room:
+        return None
+    if sum(widths) > room:  # the first column (what each row is) folds; the values stay whole
+        return [room - sum(widths[1:]), *widths[1:]]
+    for goal in ([max(w) for w in words], [max(len(line) for text in c for line in text.splitlines() or [""])
+                                           for c in columns]):
+        while sum(widths) < room and any(w < g for w, g in zip(widths, goal, strict=True)):
+            for i, g in enumerate(goal):
+                if widths[i] < g and sum(widths) < room:
+                    widths[i] += 1
+    return widths
+
+
+def say(console, text: str) -> None:
+    """A line of prose: one line however long (the terminal wraps it; a log keeps it whole), so that a
+    command in it is copied on one line; no rich markup read in it."""
+    console.print(text, soft_wrap=True, markup=False)
+
+
+def print_summary(summary: dict, s: SearchSettings, console=None) -> None:
+    console = console or console_for_results()
     rows = summary.get("pareto_front") or ([summary["best"]] if "best" in summary else [])
     if not rows:
-        console.print(f"study {summary['study']}: no feasible complete trial yet ({summary['n_failed']} failed, "
-                      f"{summary['n_pruned']} pruned, {summary['n_infeasible']} infeasible)")
-        console.print(f"results: {s.output_dir}")
+        say(console, f"study {summary['study']}: no feasible complete trial yet ({summary['n_failed']} failed, "
+                     f"{summary['n_pruned']} pruned, {summary['n_infeasible']} infeasible)")
+        say(console, f"results: {s.output_dir}")
         return
     title = "Pareto front" if "pareto_front" in summary else "Best trial"
     if summary["n_finished"] < summary["n_trials_requested"]:  # stopped short: say so above the table
         title += f" so far ({summary['n_finished']} of {summary['n_trials_requested']} trials)"
-    table = Table(title=f"{title} of study {summary['study']} ({describe_counts(summary)})")
+    title = f"{title} of study {summary['study']} ({describe_counts(summary)})"
     front = "pareto_front" in summary
-    if front:  # what to export each row by
-        table.add_column("export as")
-    table.add_column("trial", justify="right")
-    for o, d in zip(summary["objectives"], summary["directions"], strict=True):
-        table.add_column(f"{o} ({d[:3]})", justify="right")
-    for c in _COLUMNS:
-        if c not in summary["objectives"]:
-            table.add_column(c, justify="right")
-    table.add_column("architecture")
     shown = list(rows)
     ref = summary.get("reference")
     if ref and all(r["number"] != ref["number"] for r in rows):
         shown.append(ref)
+    headers = ([("export as", "left")] if front else []) + [("trial", "right")]
+    headers += [(f"{o} ({d[:3]})", "right") for o, d in zip(summary["objectives"], summary["directions"], strict=True)]
+    headers += [(c, "right") for c in _COLUMNS if c not in summary["objectives"]]
+    cells = []
     for r in shown:
         marks = [m for m, on in (("reference", r["reference"]), ("infeasible", not r["feasible"])) if on]
         label = f"{r['number']}" + (f" ({', '.join(marks)})" if marks else "")
-        cells = [format_value(v) for v in r["values"]]
-        cells += [format_value(r["metrics"].get(c)) for c in _COLUMNS if c not in summary["objectives"]]
-        arch = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         on_front = [i for i, row in enumerate(rows) if row is r] if front else []
-        table.add_row(*([f"trial=pareto:{on_front[0]}" if on_front else ""] if front else []), label, *cells, arch)
-    console.print(table)
+        cells.append(([f"trial=pareto:{on_front[0]}" if on_front else ""] if front else []) + [label]
+                     + [format_value(v) for v in r["values"]]
+                     + [format_value(r["metrics"].get(c)) for c in _COLUMNS if c not in summary["objectives"]])
+    console.print(_results_table(console, title, headers, cells, shown))
+    _print_verdict(console, summary, s, ref)
+    say(console, f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}")
+
+
+def _results_table(console, title: str, headers: list[tuple[str, str]], cells: list[list[str]], shown: list[dict]):
+    """One row a trial, its architecture in the last column; where that does not fit the console (80
+    columns), one column a trial: a row a value, a row a parameter of the architecture, nothing cut."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for header, justify in headers:
+        table.add_column(header, justify=justify)
+    table.add_column("architecture")
+    for r, row in zip(shown, cells, strict=True):
+        table.add_row(*row, ", ".join(f"{k}={v}" for k, v in r["params"].items()))
+    if fits(console, table):
+        return table
+    lines = [[header, *(row[i] for row in cells)] for i, (header, _) in enumerate(headers)]
+    if lines[0][0] == "export as":  # "export as trial=" | "pareto:0": a narrower column
+        lines[0] = ["export as trial=", *(c.removeprefix("trial=") for c in lines[0][1:])]
+    lines += [[name, *(format_value(r["params"].get(name)) for r in shown)]
+              for name in dict.fromkeys(k for r in shown for k in r["params"])]
+    widths = column_widths(console.width, [list(column) for column in zip(*lines, strict=True)])
+    table = Table(title=title, show_header=False)
+    for i in range(len(shown) + 1):
+        table.add_column(justify="right" if i else "left", overflow="fold", width=widths[i] if widths else None)
+    for i, line in enumerate(lines):  # the trial (export as, trial) | its values | its architecture
+        table.add_row(*line, end_section=line[0] == "trial" or i == len(headers) - 1)
+    return table
+
+
+def _print_verdict(console, summary: dict, s: SearchSettings, ref: dict | None) -> None:
     if summary.get("best_is_reference") and _only_the_reference_trained(summary):
-        console.print(f"trial {summary['best_trial']} is the reference architecture; no other architecture has been "
-                      f"trained yet ({summary['n_finished']} of {summary['n_trials_requested']} trials): run the same "
-                      "command to resume the search")
+        say(console, f"trial {summary['best_trial']} is the reference architecture; no other architecture has been "
+                     f"trained yet ({summary['n_finished']} of {summary['n_trials_requested']} trials): run the same "
+                     "command to resume the search")
     elif summary.get("best_is_reference"):
-        console.print(f"the best trial, {summary['best_trial']}, is the reference architecture: no other architecture "
-                      f"beat it on {summary['objectives'][0]} in one run at {s.train.steps} steps")
+        say(console, f"the best trial, {summary['best_trial']}, is the reference architecture: no other architecture "
+                     f"beat it on {summary['objectives'][0]} in one run at {s.train.steps} steps")
     elif "beats_reference" in summary:
         verdict = "beats" if summary["beats_reference"] else "does not beat"
         gain = summary.get("improvement_over_reference")
@@ -123,11 +187,10 @@ def print_summary(summary: dict, s: SearchSettings) -> None:
         over = ref["violated_constraints"]
         infeasible = f" (infeasible: over {', '.join(over)})" if over else ""
         # One run each at the search's budget: a difference of a few percent is often the seed's.
-        console.print(f"best trial {summary['best_trial']} {verdict} the reference architecture{infeasible} on "
-                      f"{summary['objectives'][0]}" + (f" ({gain:+.1%})" if gain is not None else "")
-                      + f" in one run at {s.train.steps} steps; fulu-nas confirm study.name={s.study.name} trains "
-                      "both again with several seeds")
-    console.print(f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}")
+        again = f"fulu-nas confirm study.name={s.study.name} trains both again with several seeds"
+        say(console, f"best trial {summary['best_trial']} {verdict} the reference architecture{infeasible} on "
+                     f"{summary['objectives'][0]}" + (f" ({gain:+.1%})" if gain is not None else "")
+                     + f" in one run at {s.train.steps} steps; {again}")
 
 
 def _only_the_reference_trained(summary: dict) -> bool:

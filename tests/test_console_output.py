@@ -1,0 +1,139 @@
+"""What the search and the confirmation print at the end: the tables whole on an 80-column terminal (no
+value or architecture cut to an ellipsis), and each line of prose on one line (a command in it is copied
+whole from a log)."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from rich.console import Console
+
+from fulu_nas.search.app import compose_config
+from fulu_nas.search.confirm_summary import print_confirmation
+from fulu_nas.search.report import format_value, print_summary
+from fulu_nas.search.settings import load_settings
+
+METRICS = {"loss": 1.2866661, "metric": 0.40104, "routing_accuracy": 0.2, "load_balance": 0.99993,
+           "latency_ms": 0.41273, "latency_ratio": 0.92074, "active_params": 11812.0}
+PARAMS = {"router": "expert_choice", "num_experts": 16, "top_k": 2, "expert_ffn_size": 128,
+          "capacity_factor": 1.25, "router_jitter": 0.01}
+
+
+def settings(tmp_path, *overrides):
+    out = tmp_path / "a-results-folder-with-a-rather-long-name" / "outputs" / "tiny-clusters"
+    cfg, _ = compose_config(["+experiment=tiny", f"hydra.run.dir={out}", *overrides])
+    return load_settings(cfg, out, will_train=False)
+
+
+def row(number: int, loss: float, reference=False, **params) -> dict:
+    return {"number": number, "values": [loss], "params": {**PARAMS, **params},
+            "metrics": {**METRICS, "loss": loss, "latency_ms": METRICS["latency_ms"] + number / 1000},
+            "reference": reference, "feasible": True, "violated_constraints": [], "cached_from": None}
+
+
+def search_summary(**extra) -> dict:
+    best, reference = row(2, 1.2866661), row(0, 1.309049, reference=True, router="topk", num_experts=4)
+    return {"study": "tiny-clusters", "objectives": ["loss"], "directions": ["minimize"], "n_trials_requested": 8,
+            "n_finished": 8, "n_complete": 7, "n_pruned": 1, "n_infeasible": 0, "n_failed": 0, "n_reused": 1,
+            "reference": reference, "best_trial": 2, "best_values": best["values"], "best": best,
+            "beats_reference": True, "improvement_over_reference": 0.017, "best_is_reference": False, **extra}
+
+
+def table_fits(lines: list[str]) -> bool:
+    """The table's lines (prose is one line however long: the terminal wraps it) are within 80 columns."""
+    return max(len(line) for line in lines if line[:1] in "┏┃┡│├└┌") <= 80
+
+
+def printed(width: int, show, *args) -> str:
+    console = Console(width=width, file=io.StringIO())
+    show(*args, console=console)
+    return console.file.getvalue()
+
+
+def test_the_searchs_table_is_whole_at_80_columns(tmp_path):
+    """At 80 columns rich cut the best trial's values and its architecture to ellipses ("0.92…", "rout…")."""
+    s = settings(tmp_path)
+    summary = search_summary()
+    text = printed(80, print_summary, summary, s)
+    lines = text.splitlines()
+    assert "…" not in text and table_fits(lines), text
+    for r in (summary["best"], summary["reference"]):
+        for v in [*r["values"], *r["metrics"].values()]:
+            assert format_value(v) in text, (v, text)
+    for k in PARAMS:  # a row a parameter: its name, the best trial's value, the reference's
+        best, ref = format_value(summary["best"]["params"][k]), format_value(summary["reference"]["params"][k])
+        assert any(re.search(rf"\b{k}\b.*\b{re.escape(best)}\b.*\b{re.escape(ref)}\b", line) for line in lines), text
+    # wide enough, one row a trial, its architecture in one column
+    wide = printed(400, print_summary, summary, s)
+    assert "router=expert_choice, num_experts=16, top_k=2, expert_ffn_size=128" in wide, wide
+
+
+def test_a_pareto_front_is_whole_at_80_columns(tmp_path):
+    s = settings(tmp_path, "study=multi_objective")
+    front = [row(n, loss, num_experts=e) for n, loss, e in ((3, 1.25, 8), (5, 1.27, 4), (1, 1.3, 2))]
+    for r, latency in zip(front, (0.5, 0.4, 0.3), strict=True):
+        r["values"] = [r["values"][0], latency]
+    summary = {**search_summary(), "objectives": ["loss", "latency_ms"], "directions": ["minimize", "minimize"],
+               "pareto_front": front}
+    summary["reference"]["values"] = [1.309049, 0.35]
+    for key in ("best", "best_trial", "beats_reference", "improvement_over_reference", "best_is_reference"):
+        summary.pop(key)
+    text = printed(80, print_summary, summary, s)
+    assert "…" not in text and table_fits(text.splitlines()), text
+    for i, r in enumerate(front):
+        assert f"pareto:{i}" in text and "export as" in text, text  # a row "export as trial=", or trial=pareto:i
+        shown = [v for k, v in r["metrics"].items() if k not in summary["objectives"]]  # the objectives: values
+        for v in [*r["values"], *shown, *r["params"].values()]:
+            assert format_value(v) in text, (v, text)
+
+
+def confirmation() -> dict:
+    arch = ", ".join(f"{k}={v}" for k, v in PARAMS.items())
+    rows = [(0, True, 3, 1, [1.277, 0.032], 1.309, "reference"),
+            (2, False, 1, 2, [1.278, 0.027], 1.287, "not distinguishable from the reference (p=0.511)"),
+            (1, False, 2, 3, [1.296, 0.0079], 1.304, "not distinguishable from the reference (p=0.725)")]
+    return {"study": "tiny-clusters", "objectives": ["loss"], "directions": ["minimize"], "steps": 120,
+            "budget_factor": 2, "search_steps": 60, "seeds": [1, 2], "failed_runs": [], "missing_runs": [],
+            "reference": 0, "kendall_tau": {"tau": -0.333, "p_value": 1.0, "n": 3}, "winner": None,
+            "architectures": [
+                {"trial": t, "reference": ref, "search_rank": sr, "confirmed_rank": cr, "mean": [m], "sd": [sd],
+                 "n": 2, "search_values": [sv], "params": arch.replace("16", str(16 + t)),
+                 "vs_reference": None if ref else [{"verdict": verdict}]}
+                for t, ref, sr, cr, (m, sd), sv, verdict in rows]}
+
+
+def test_the_confirmations_table_is_whole_at_80_columns(tmp_path):
+    summary = confirmation()
+    text = printed(80, print_confirmation, summary, tmp_path / "confirmation.json")
+    lines = text.splitlines()
+    assert "…" not in text and table_fits(lines), text
+    words = " ".join(text.split())
+    for a in summary["architectures"]:
+        assert f"trial {a['trial']}: {a['params']}" in lines, text  # the architecture whole, on its line
+        for v in (a["mean"][0], a["search_values"][0], a["search_rank"], a["confirmed_rank"]):
+            assert format_value(v) in text, (v, text)
+        assert a["reference"] or a["vs_reference"][0]["verdict"].split("(")[1] in words, text
+    wide = printed(400, print_confirmation, summary, tmp_path / "confirmation.json")
+    assert summary["architectures"][0]["params"] in wide and "trial 0: " not in wide, wide
+
+
+def test_a_line_with_a_command_is_printed_on_one_line(tmp_path, capsys):
+    """In a log (160 columns) the verdict was wrapped in the middle of its `fulu-nas confirm ...`
+    command, and at 80 columns the `fulu-nas ui PATH` hint was split."""
+    s = settings(tmp_path)
+    for width in (80, 160):
+        lines = printed(width, print_summary, search_summary(), s).splitlines()
+        assert any(line.startswith("best trial 2 beats the reference architecture on loss (+1.7%) in one run at ")
+                   and line.endswith("; fulu-nas confirm study.name=tiny-clusters trains both again with several "
+                                     "seeds") for line in lines), lines
+        assert f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}" in lines, lines
+    print_summary(search_summary(), s)  # not a terminal: a log's 160 columns
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.endswith("trains both again with several seeds") for line in out), out
+    assert f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}" in out, out
+    summary = confirmation()
+    summary["winner"] = {"trial": 0, "arch_hash": "h", "search_rank": 3, "mean": [1.277], "sd": [0.032], "n": 2}
+    lines = printed(80, print_confirmation, summary, tmp_path / "confirmation.json").splitlines()
+    assert any(line.startswith("winner: ") and line.endswith("`fulu-nas export` with trial=best takes it")
+               for line in lines), lines
