@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: fulu-nas <command> [args]\n\ncommands:")
+        width = max(map(len, COMMANDS))  # the names in one column, the longest (dashboard) too
         for name, text in COMMANDS.items():
-            print(f"  {name:8s} {text}")
+            print(f"  {name:{width}s}  {text}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "search":

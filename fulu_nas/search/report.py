@@ -186,8 +186,11 @@ def _print_verdict(console, summary: dict, s: SearchSettings, ref: dict | None) 
         # A reference over a study constraint is no architecture the study would pick: say so.
         over = ref["violated_constraints"]
         infeasible = f" (infeasible: over {', '.join(over)})" if over else ""
-        # One run each at the search's budget: a difference of a few percent is often the seed's.
-        again = f"fulu-nas confirm study.name={s.study.name} trains both again with several seeds"
+        # One run each at the search's budget: a difference of a few percent is often the seed's. With
+        # study.confirm.enabled the confirmation follows the search: no advice to run it.
+        again = ("the confirmation (study.confirm.enabled) trains both again with several seeds"
+                 if s.study.confirm.enabled else
+                 f"fulu-nas confirm study.name={s.study.name} trains both again with several seeds")
         say(console, f"best trial {summary['best_trial']} {verdict} the reference architecture{infeasible} on "
                      f"{summary['objectives'][0]}" + (f" ({gain:+.1%})" if gain is not None else "")
                      + f" in one run at {s.train.steps} steps; {again}")

@@ -206,7 +206,8 @@ class TrialProgress:
             best = pick(complete, key=lambda t: t.values[0])
             self.best = f"best {self.s.study.objectives[0]} {best.values[0]:.4g} (trial {best.number})"
         elif complete:
-            self.best = f"Pareto front: {len(pareto_front(self.study))} trials"
+            n = len(pareto_front(self.study))
+            self.best = f"Pareto front: {n} trial{'s' * (n != 1)}"
         self._show()
 
     def write(self, line: str) -> None:
@@ -484,7 +485,10 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
     """The ``fulu-nas search`` job: run the study here or with N worker processes, then summarise."""
     s.output_dir.mkdir(parents=True, exist_ok=True)
     with quiet_optuna():
-        open_study(s)  # a resume with other settings is refused here, before the study's config is rewritten
+        study = open_study(s)  # a resume with other settings is refused here, before the study's config is rewritten
+    if (done := finished_count(study)) >= s.study.n_trials:  # a resume with nothing left to train
+        print(f"study {s.study.name} already has {done} finished trial{'s' * (done != 1)} of the {s.study.n_trials} "
+              f"requested: nothing to train; study.n_trials=M (more than {done}) extends it")
     (s.output_dir / "search_config.json").write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir),
                                                                  "typed_model": s.typed_model},
                                                                 indent=2, default=str))
