@@ -137,3 +137,87 @@ def test_a_line_with_a_command_is_printed_on_one_line(tmp_path, capsys):
     lines = printed(80, print_confirmation, summary, tmp_path / "confirmation.json").splitlines()
     assert any(line.startswith("winner: ") and line.endswith("`fulu-nas export` with trial=best takes it")
                for line in lines), lines
+
+
+def test_a_multirun_prints_no_hydra_lines(tmp_path):
+    """``--multirun`` printed Hydra's "[HYDRA] Launching 1 jobs locally" and "#0 : ..." lines on stdout."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fulu_nas", "search", "--multirun", "+experiment=tiny",
+                           "study.n_trials=1", "trainer.steps=5"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "[HYDRA]" not in done.stdout + done.stderr and "Launching" not in done.stdout, done.stdout
+    assert "Best trial" in done.stdout, done.stdout
+
+
+def test_the_command_list_is_in_two_columns(capsys):
+    """``dashboard`` overflowed the names' column: its text started a column later than the others'."""
+    from fulu_nas.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.split()[:1] in ([c] for c in COMMANDS)]
+    assert len(lines) == len(COMMANDS)
+    starts = {line.index(COMMANDS[line.split()[0]]) for line in lines}
+    assert len(starts) == 1, lines
+
+
+def test_the_bar_counts_a_pareto_front_of_one_trial_in_the_singular(tmp_path):
+    import optuna
+
+    from fulu_nas.search.study import TrialProgress
+
+    s = settings(tmp_path, "study=multi_objective")
+    study = optuna.create_study(directions=list(s.study.directions))
+    dist = {"a": optuna.distributions.IntDistribution(0, 9)}
+    study.add_trial(optuna.trial.create_trial(values=[1.0, 1.0], params={"a": 0}, distributions=dist))
+    assert TrialProgress(s, study, enabled=False).best == "Pareto front: 1 trial"
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 2.0], params={"a": 1}, distributions=dist))
+    assert TrialProgress(s, study, enabled=False).best == "Pareto front: 2 trials"
+
+
+def test_a_resume_with_nothing_to_do_says_so(tmp_path):
+    """The same command again on a finished study printed only the full bar and the table."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "fulu_nas", "search", "+experiment=tiny", "study.n_trials=1", "trainer.steps=5"]
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0 and "already has" not in first.stdout, first.stderr
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert ("study tiny-clusters already has 1 finished trial of the 1 requested: nothing to train; study.n_trials=M "
+            "(more than 1) extends it") in again.stdout.splitlines(), again.stdout
+
+
+def test_the_help_texts_are_plain_text(capsys):
+    """export, serve and ui --help printed their docstrings' Sphinx markup (``x``, :mod:`...`, :func:`...`),
+    and export --help had no usage line."""
+    from fulu_nas.cli import main
+
+    for command in ("export", "serve", "ui", "dashboard"):
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: fulu-nas " + command), out
+        assert "``" not in out and not re.search(r":(mod|func|class|meth|attr):`", out), out
+
+
+def test_an_empty_name_or_layout_is_refused(tmp_path, monkeypatch, capsys):
+    """export name= and dashboard layout= fell back to the defaults silently."""
+    from fulu_nas.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv, named in ((["export", "study.name=tiny-clusters", "name="], "name: empty"),
+                        (["dashboard", "study.name=tiny-clusters", "layout="], "layout: empty")):
+        assert main(argv) == 2
+        printed = capsys.readouterr()
+        assert printed.out == "" and named in printed.err and printed.err.count("\n") == 2, printed.err
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_with_confirm_enabled_the_summary_does_not_advise_fulu_nas_confirm(tmp_path):
+    """With study.confirm.enabled the summary advised `fulu-nas confirm ...` right before the confirmation ran."""
+    s = settings(tmp_path, "study.confirm.enabled=true")
+    text = printed(160, print_summary, search_summary(), s)
+    assert "fulu-nas confirm" not in text and "the confirmation (study.confirm.enabled) trains both again" in text, text

@@ -85,6 +85,10 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\nlayouts: " + ", ".join(available_layouts()) + "\npanels: " + ", ".join(PANELS))
         return 0
+    if "layout=" in argv:  # an empty layout drew the default one, unasked
+        print("error: invalid dashboard request:\n  - layout: empty; give a layout (default, a name in dashboards/ "
+              "or a .yaml file), or leave layout= out for the default", file=sys.stderr)
+        return BAD_INPUT
     try:
         page, out, ctx, layout, parent = build(argv)
     except FuluConfigError as e:

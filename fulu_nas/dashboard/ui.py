@@ -1,11 +1,10 @@
-"""``fulu-nas ui``: the MLflow UI of a search, on 127.0.0.1.
+"""The MLflow UI of a search, on 127.0.0.1.
 
-``fulu-nas ui outputs/<study>`` opens the search's embedded tracking database
-(``<dir>/mlflow.db``); ``--tracking-uri`` opens any other backend store. The study itself can be
-browsed with optuna-dashboard: ``optuna-dashboard sqlite:///outputs/<study>/optuna.db``.
+fulu-nas ui outputs/<study> opens the search's embedded tracking database (<dir>/mlflow.db);
+--tracking-uri opens any other backend store. The study itself can be browsed with
+optuna-dashboard: optuna-dashboard sqlite:///outputs/<study>/optuna.db
 
-SIGINT (Ctrl-C), SIGTERM or SIGHUP to the command stops the whole server
-(:func:`~fulu_nas.deploy.server_process.run_server`).
+SIGINT (Ctrl-C), SIGTERM or SIGHUP to the command stops the whole server.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
-"""``fulu-nas export study.name=NAME [trial=best] [retrain=false] [retrain_factor=4] [out=DIR] [name=MODEL]``:
-pick a trial of a finished (or running) study, get its weights (saved during the search, or
-retrained with a longer budget), measure it, and write the export directory
-(:mod:`fulu_nas.deploy.export`); the MLflow model is registered as ``name`` with the alias ``champion``.
+"""usage: fulu-nas export study.name=NAME [trial=best] [retrain=false] [retrain_factor=4] [out=DIR] [name=MODEL]
+                       [overrides ...]
 
-``trial``: ``best`` (single-objective studies: the winner of the study's confirmation, ``fulu-nas
-confirm``, when it has one, else the search's best trial), a trial number, ``pareto:<i>`` (the i-th
-Pareto-optimal trial, ordered by the first objective) or ``fastest_within:<pct>`` (the lowest
-latency among trials whose loss is within pct % of the best loss). Which trial was taken, and why,
-is printed and kept in the export (``selected_by`` in metrics.json and in config.yaml's source).
+Picks a trial of a finished (or running) study, gets its weights (saved during the search, or
+retrained with a longer budget), measures it, and writes the export directory; the MLflow model is
+registered as name (default: the study's name) with the alias champion.
 
-Pass the overrides that locate the study when the search used them: ``study.storage=...``,
-``tracking.uri=...``, ``hydra.run.dir=...``, and ``--config-dir DIR`` with its ``search_space=...``.
+trial: best (single-objective studies: the winner of the study's confirmation, fulu-nas confirm,
+when it has one, else the search's best trial), a trial number, pareto:<i> (the i-th Pareto-optimal
+trial, ordered by the first objective) or fastest_within:<pct> (the lowest latency among trials
+whose loss is within pct % of the best loss). Which trial was taken, and why, is printed and kept in
+the export (selected_by in metrics.json and in config.yaml's source).
+
+Pass the overrides that locate the study when the search used them: study.storage=...,
+tracking.uri=..., hydra.run.dir=..., and --config-dir DIR with its search_space=...
 """
 
 from __future__ import annotations
@@ -416,6 +418,10 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    if "name=" in argv:  # an empty name registered the model under the study's name, unasked
+        print("error: cannot export:\n  - name: empty; give the registered model's name, or leave name= out for "
+              "the study's name", file=sys.stderr)
+        return BAD_INPUT
     options, overrides = split_options(argv, OPTIONS)
     quiet_mlflow()
     try:

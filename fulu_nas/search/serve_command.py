@@ -1,9 +1,8 @@
-"""``fulu-nas serve MODEL``: serve an exported model over HTTP, every file checked first
-(:mod:`fulu_nas.deploy.serve`). MODEL: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` (in the registry
-of ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``) or an export folder. ``--sha256``: the fingerprint
-``fulu-nas export`` printed (for a registered model, also the files hash on its "registered as" line,
-which binds the files themselves). MLflow's scoring server answers on 127.0.0.1 unless ``--host`` says
-otherwise; Ctrl-C stops it."""
+"""Serves an exported model over HTTP, every file checked first. MODEL: models:/NAME@ALIAS,
+models:/NAME/VERSION (in the registry of --tracking-uri or MLFLOW_TRACKING_URI) or an export
+folder. --sha256: the fingerprint fulu-nas export printed (for a registered model, also the files
+hash on its "registered as" line, which binds the files themselves). MLflow's scoring server answers
+on 127.0.0.1 unless --host says otherwise; Ctrl-C stops it."""
 
 from __future__ import annotations
 
