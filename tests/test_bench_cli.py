@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,6 +191,36 @@ def test_task_benchmarks_run_end_to_end(tmp_path, capsys):
     assert [r["router"] for r in rows] == ["topk", "hash"] and all(r["steps"] > 0 for r in rows)
     assert bench.main(["clusters", "--seconds", "1", "--balancing", "aux_loss"]) == 0
     assert "routing_accuracy" in capsys.readouterr().out
+
+
+def test_the_competing_load_ends_with_the_command_however_it_is_stopped():
+    """`bench cost --load N` left its N busy processes running for good when it was ended by a signal (timeout,
+    kill, a cancelled CI job): they ran in their own sessions and were stopped in a `finally` no signal reaches.
+    Each now ends once its parent is gone, however the parent ended (kill -9 here)."""
+    code = ("import time; from fulu_nas.bench.cost_stability import busy_processes; "
+            "print(*(p.pid for p in busy_processes(2)), flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        hogs = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(hogs) == 2 and all(Path(f"/proc/{pid}").exists() for pid in hogs)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_running(pid) for pid in hogs):
+        time.sleep(0.2)
+    left = [pid for pid in hogs if _running(pid)]
+    for pid in left:  # stopped by the test that started them, whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an exited child of init not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_bench_cost_repeats_the_search_cost_protocol(tmp_path, capsys):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import optuna
 import pytest
+
+from fulu_nas.bench.cost_stability import busy_processes
 
 from .test_search_e2e import load_study, run_search
 
@@ -22,16 +22,11 @@ def _trial_outcomes(out) -> list[tuple]:
              t.user_attrs.get("metrics", {}).get("train_steps")) for t in load_study(out).trials]
 
 
-def _busy_processes(n: int) -> list[subprocess.Popen]:
-    """CPU hogs in their own process groups (stopped by the test that started them)."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
-
-
 def test_identical_trial_values_with_and_without_competing_load(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     common = ("study.n_trials=5", "study.startup_trials=2")
     assert run_search(tmp_path / "idle", *common) == 0
-    hogs = _busy_processes(2)
+    hogs = busy_processes(2)  # stopped by this test, and with its process whatever ends it
     try:
         assert run_search(tmp_path / "loaded", *common) == 0
     finally:

@@ -22,9 +22,20 @@ import torch
 from ..models import PiMoETransformer
 from .common import MAX_PROCESSES, arch_values, device_name, int_in, markdown_table, rounds_int
 
+# A busy loop that ends once the process that started it is gone (it checks every ~10 ms of work): a command
+# ended by a signal or killed outright left its competitors running for good.
+_BUSY = """import os, sys
+parent = int(sys.argv[1])  # not its own getppid(): the parent may be gone before this line runs
+while os.getppid() == parent:
+    for _ in range(100_000):
+        pass
+"""
 
-def _busy_processes(n: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
+
+def busy_processes(n: int) -> list[subprocess.Popen]:
+    """``n`` processes competing for the CPU, each in a session of its own (a Ctrl-C at the terminal is the
+    command's to handle), each ending with this process."""
+    return [subprocess.Popen([sys.executable, "-c", _BUSY, str(os.getpid())], start_new_session=True) for _ in range(n)]
 
 
 def relative_range(values: list[float]) -> float:
@@ -42,13 +53,16 @@ def cost_main(args: argparse.Namespace) -> int:
     torch.manual_seed(s.train.seed)
     model = PiMoETransformer(arch)
     reference = reference_model(s, torch.device("cpu"))
-    hogs = _busy_processes(args.load)
+    hogs = busy_processes(args.load)
     rows = []
+    # SIGTERM (timeout, kill) ends the command through the finally below, as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         for _ in range(args.repeat):
             _, metrics = measure_trial_cost(model, s, reference)
             rows.append(metrics)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for p in hogs:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
