@@ -99,12 +99,13 @@ def compare(r: dict, reference: dict, i: int, sign: int) -> dict:
         return {"test": None, "p_value": None, "beats": None,
                 "verdict": "one seed: no test (the seeds' noise is unknown)"}
     if len(set(a)) == 1 and len(set(b)) == 1 and a[0] != b[0]:
-        # No noise on either side (a parameter count): the difference is certain, p = 0 in either
-        # direction. Welch's t is +-inf here, and its one-sided p of 1 for a worse value read as
-        # "not distinguishable" of two values that differ on every seed.
+        # No noise on either side (a parameter count): the difference is certain. The p-value is the
+        # one-sided one of beating the reference, as the t-test's: 0 when better, 1 when worse. The
+        # verdict says "worse than" rather than the t-test's "not distinguishable" of two values that
+        # differ on every seed.
         beats = sign * (a[0] - b[0]) < 0
-        return {"test": EXACT, "p_value": 0.0, "beats": beats,
-                "verdict": f"{'beats' if beats else 'worse than'} the reference ({EXACT}, p=0)"}
+        return {"test": EXACT, "p_value": 0.0 if beats else 1.0, "beats": beats,
+                "verdict": f"{'beats' if beats else 'worse than'} the reference ({EXACT}, p={0 if beats else 1})"}
     from scipy.stats import ttest_ind
 
     with warnings.catch_warnings():  # identical values on every seed: scipy warns, the verdict below says so
