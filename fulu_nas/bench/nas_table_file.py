@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +63,10 @@ class NasTable:
     def budget_factors(self) -> list[int]:
         return sorted({r["budget_factor"] for r in self.rows})
 
+    def steps(self, budget_factor: int = 1) -> int:
+        """The training steps of the rows at ``budget_factor`` (one value: :func:`read_table` checks it)."""
+        return next(r["steps"] for r in self.rows if r["budget_factor"] == budget_factor)
+
     def by_arch(self, budget_factor: int = 1) -> dict[tuple[str, ...], list[dict]]:
         """Each architecture's rows at ``budget_factor``, seeds in order, architectures in table order."""
         out: dict[tuple[str, ...], list[dict]] = defaultdict(list)
@@ -82,33 +86,65 @@ def read_table(path: str | Path, space: SearchSpace, architectures: list[tuple[s
     """The table at ``path``, checked against ``space`` whose feasible ``architectures`` (their
     cells, in enumeration order) it must cover at budget factor 1 with the same seeds for each, and
     against ``task``, which has a routing accuracy if its tokens have labelled domains;
-    FuluConfigError naming the file and every problem otherwise."""
+    FuluConfigError naming the file and every problem otherwise.
+
+    Each (architecture, seed, budget_factor) is one row; the rows of a budget have one ``steps``, F
+    times the table's at budget factor F (at least 2); an architecture trained at a longer budget is
+    an architecture of the space with the table's seeds there too."""
     path = Path(path)
+    if path.is_dir():
+        raise FuluConfigError(f"table {path} is a folder, not a file")
     if not path.is_file():
         raise FuluConfigError(f"table {path}: no such file")
     header: dict[str, str] = {}
     with open(path, newline="") as f:
         lines = [line for line in f if not (line.startswith("#") and _comment(line, header))]
+    _check_origin(path, header, space, task)
     records = list(csv.reader(lines))
     names = [p.name for p in space.params]
     expected = names + list(RESULT_COLUMNS)
     if not records or records[0] != expected:
-        found = records[0] if records else []
-        raise FuluConfigError(f"table {path}: its columns ({', '.join(found) or 'none'}) do not match search space "
-                              f"{space.name!r}: expected its parameters ({', '.join(names)}) then "
-                              f"{', '.join(RESULT_COLUMNS)}")
+        raise FuluConfigError(_column_problem(path, records[0] if records else [], expected, space))
     allowed = {p.name: {cell(c) for c in p.choices} | {INACTIVE} for p in space.params}
     problems: list[str] = []
-    rows = []
-    for line, record in enumerate(records[1:], start=2):
-        row = _row(record, names, allowed, task, problems, f"table {path}, data row {line - 1}")
+    rows, numbers = [], []
+    for number, record in enumerate(records[1:], start=1):
+        row = _row(record, names, allowed, task, problems, f"table {path}, data row {number}")
         if row is not None:
             rows.append(row)
+            numbers.append(number)
     if problems:
-        raise FuluConfigError(problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else []))
+        raise FuluConfigError(_at_most_five(problems))
     table = NasTable(path, header, tuple(rows))
+    _check_rows(table, numbers, space)
     _check_coverage(table, space, architectures)
     return table
+
+
+def _at_most_five(problems: list[str]) -> list[str]:
+    return problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+
+
+def _check_origin(path: Path, header: dict[str, str], space: SearchSpace, task: Task) -> None:
+    """A table whose ``# space:`` or ``# task:`` line names another space or task than the one it is
+    read for: refused, saying how to read it."""
+    made_space = header.get("space") or space.name
+    made_task = (header.get("task") or task.name).split(" ", 1)[0]
+    if (made_space, made_task) != (space.name, task.name):
+        raise FuluConfigError(f"table {path} is a table of search space {made_space!r} on task {made_task}: pass "
+                              f"--space {made_space} --task {made_task}")
+
+
+def _column_problem(path: Path, found: list[str], expected: list[str], space: SearchSpace) -> str:
+    if not found:
+        return f"table {path}: no header row: expected the columns {', '.join(expected)}"
+    missing = [c for c in expected if c not in found]
+    unknown = [c for c in found if c not in expected]
+    parts = [f"{what}{'s' if len(cs) > 1 else ''}: {', '.join(cs)}"
+             for what, cs in (("missing column", missing), ("unknown column", unknown)) if cs]
+    if not parts:
+        parts = [f"its columns are repeated or in another order: expected {', '.join(expected)}"]
+    return f"table {path}: its columns do not match search space {space.name!r}: {'; '.join(parts)}"
 
 
 def _comment(line: str, header: dict[str, str]) -> bool:
@@ -142,30 +178,89 @@ def _row(record: list[str], names: list[str], allowed: dict[str, set[str]], task
             row[column] = int(text) if column in INT_COLUMNS else float(text) if column in FLOAT_COLUMNS else text
         except ValueError:
             problems.append(f"{where}: {column}={text!r} is not a number")
+            continue
+        if column == "budget_factor" and row[column] < 1:
+            problems.append(f"{where}: budget_factor={text}: must be 1 (the table) or at least 2 (a longer budget)")
     # a replay's objectives, and the summary's ranks, must be numbers
     problems += [f"{where}: {column} is not finite" for column in FLOAT_COLUMNS
                  if row.get(column) is not None and not math.isfinite(row[column])]
     return row
 
 
+def _check_rows(table: NasTable, numbers: list[int], space: SearchSpace) -> None:
+    """Each (architecture, seed, budget_factor) once (a table appended to itself, or two runs in one
+    file, would be averaged together), and one ``steps`` per budget, the factor times the table's."""
+    problems = []
+    first: dict[tuple, int] = {}
+    repeated = []
+    for number, r in zip(numbers, table.rows, strict=True):
+        where = (r["key"], r["seed"], r["budget_factor"])
+        if where in first:
+            repeated.append((number, r, first[where]))
+        else:
+            first[where] = number
+    if repeated:
+        number, r, earlier = repeated[0]
+        more = f" ({len(repeated) - 1} more rows repeat an earlier one)" if len(repeated) > 1 else ""
+        problems.append(f"table {table.path}, data row {number}: architecture {_describe(space, r['key'])}, seed "
+                        f"{r['seed']}, budget_factor {r['budget_factor']} is already at data row {earlier}{more}")
+    steps: dict[int, set[int]] = defaultdict(set)
+    for r in table.rows:
+        steps[r["budget_factor"]].add(r["steps"])
+    for factor, values in sorted(steps.items()):
+        if len(values) > 1:
+            problems.append(f"table {table.path}: steps {' and '.join(map(str, sorted(values)))} at budget_factor "
+                            f"{factor} (the rows of a budget have one steps)")
+    if len(steps.get(1, ())) == 1:
+        (base,) = steps[1]
+        problems += [f"table {table.path}, budget_factor {factor}: steps {value}, expected {factor} x {base} = "
+                     f"{factor * base}" for factor, values in sorted(steps.items())
+                     if factor > 1 and len(values) == 1 and (value := next(iter(values))) != factor * base]
+    if problems:
+        raise FuluConfigError(problems)
+
+
+def _seeds(rows: list[dict]) -> list[int]:
+    return [r["seed"] for r in rows]
+
+
 def _check_coverage(table: NasTable, space: SearchSpace, architectures: list[tuple[str, ...]]) -> None:
     base = table.by_arch(1)
-    seeds = [r["seed"] for r in next(iter(base.values()), [])]
+    lists = Counter(tuple(_seeds(rows)) for rows in base.values())
+    seeds = list(lists.most_common(1)[0][0]) if lists else []
     problems = []
     missing = [k for k in architectures if k not in base]
     if missing:
         problems.append(f"table {table.path}: no rows for {len(missing)} of the {len(architectures)} architectures of "
                         f"search space {space.name!r} (first: {_describe(space, missing[0])})")
-    extra = sorted(set(base) - set(architectures))
+    known = set(architectures)
+    extra = sorted(set(base) - known)
     if extra:
         problems.append(f"table {table.path}: {len(extra)} architectures are not in search space {space.name!r} "
                         f"(first: {_describe(space, extra[0])})")
-    uneven = [k for k, rows in base.items() if [r["seed"] for r in rows] != seeds]
+    uneven = [k for k, rows in base.items() if _seeds(rows) != seeds]
     if uneven:
-        problems.append(f"table {table.path}: architectures have different seeds (seeds {seeds} for the first, "
-                        f"{[r['seed'] for r in base[uneven[0]]]} for {_describe(space, uneven[0])})")
+        problems.append(f"table {table.path}: architectures have different seeds: {seeds} for "
+                        f"{lists[tuple(seeds)]} of the {len(base)}, {_seeds(base[uneven[0]])} for "
+                        f"{_describe(space, uneven[0])}{_more(uneven)}")
+    for factor in table.budget_factors:
+        if factor == 1:
+            continue
+        longer = table.by_arch(factor)
+        extra = [k for k in longer if k not in known]
+        if extra:
+            problems.append(f"table {table.path}: {len(extra)} architectures at budget_factor {factor} are not in "
+                            f"search space {space.name!r} (first: {_describe(space, extra[0])})")
+        uneven = [k for k, rows in longer.items() if k in known and _seeds(rows) != seeds]
+        if uneven:
+            problems.append(f"table {table.path}: at budget_factor {factor}, seeds {_seeds(longer[uneven[0]])} for "
+                            f"{_describe(space, uneven[0])}, not the table's seeds {seeds}{_more(uneven)}")
     if problems:
         raise FuluConfigError(problems)
+
+
+def _more(found: list) -> str:
+    return f" (and {len(found) - 1} more)" if len(found) > 1 else ""
 
 
 def _describe(space: SearchSpace, key: tuple[str, ...]) -> str:

@@ -58,9 +58,8 @@ def summary_main(args: argparse.Namespace) -> int:
     table = read_table(args.summary, s.space, architecture_keys(s.space, s.task), s.task)
     names = [p.name for p in s.space.params]
     base, means = table.by_arch(1), table.means(1)
-    steps = sorted({r["steps"] for rows in base.values() for r in rows})
     print(f"{table.path}: {len(base)} architectures of search space {s.space.name!r} x seeds {table.seeds} at "
-          f"{'/'.join(map(str, steps))} steps ({len(table.rows)} rows)")
+          f"{table.steps(1)} steps ({len(table.rows)} rows)")
     for key in ("task", "trainer", "device", "date", "command"):
         if key in table.header:
             print(f"  {key}: {table.header[key]}")
@@ -90,7 +89,7 @@ def summary_main(args: argparse.Namespace) -> int:
     for factor in table.budget_factors[1:]:
         b = budget_correlation(table, factor)
         print(f"\nshort vs long budget (mean loss over seeds, the {b['architectures']} architectures trained at "
-              f"{steps[0]} and {factor * steps[0]} steps): Kendall tau {b['kendall_tau']:.3f}, Spearman rho "
+              f"{table.steps(1)} and {table.steps(factor)} steps): Kendall tau {b['kendall_tau']:.3f}, Spearman rho "
               f"{b['spearman_rho']:.3f}\n")
         short, long = table.means(1), table.means(factor)
         by_short = sorted(long, key=lambda k: short[k]["loss"])
