@@ -1,13 +1,17 @@
 """Reading a benchmark table back: a table whose rows repeat or mix runs, whose budgets are impossible,
 whose longer budget strays outside the space, or which is of another space, task or not a file at
-all, is refused with one message naming the problem (exit 2)."""
+all, is refused with one message naming the problem (exit 2); and random search's target in a replay
+is a result some repetition reached."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from fulu_nas.bench import cli as bench
 from fulu_nas.bench.nas_table import DEFAULT_TABLE
+from fulu_nas.bench.replay_report import summarize
 
 
 def _parts() -> tuple[list[str], str, list[str]]:
@@ -158,3 +162,34 @@ def test_a_folder_given_as_the_table_is_said_to_be_a_folder(tmp_path, capsys):
     err = _refused(capsys, "search", "--table", str(tmp_path), "--repetitions", "1", "--trials", "2",
                    "--out", str(tmp_path / "replay"))
     assert f"table {tmp_path} is a folder, not a file" in err
+
+
+def test_random_search_target_is_a_regret_some_repetition_reached():
+    """With an even number of repetitions the interpolated median (0.5 here) is a regret no repetition has,
+    and only half of random's repetitions reached it: its own row said "not reached"."""
+    curves = {"random": [[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [2.0, 2.0]], "tpe": [[0.0, 0.0]] * 4}
+    s = summarize(curves, baseline_trial=50)
+    assert s["target"]["regret"] in {rep[-1] for rep in curves["random"]}
+    assert s["samplers"]["random"]["trials_to_target"]["median"] is not None
+    assert s["samplers"]["random"]["trials_to_target"]["reached"] > 2
+
+
+def test_random_search_reaches_its_own_target_in_a_short_replay(tmp_path, capsys):
+    out = tmp_path / "replay"
+    assert bench.main(["search", "--repetitions", "6", "--trials", "30", "--samplers", "random", "--out",
+                       str(out)]) == 0
+    random = json.loads((out / "replay.json").read_text())["samplers"]["random"]["trials_to_target"]
+    assert random["median"] is not None and random["reached"] > 3
+
+
+def test_one_front_is_one_hypervolume_regret_whatever_the_order_it_was_reached_in(tmp_path):
+    """Optuna sums hypervolumes incrementally: one front reached in another order gave regrets 1e-16 apart
+    (0.05029216526026259, ...292; 2e-16 for the whole front), and whether a repetition reached random's
+    target depended on those last bits."""
+    out = tmp_path / "replay"
+    assert bench.main(["search", "--repetitions", "10", "--trials", "50", "--objectives", "loss", "active_params",
+                       "--samplers", "random", "--out", str(out)]) == 0
+    reps = json.loads((out / "replay.json").read_text())["samplers"]["random"]["regret"]
+    values = sorted({r for rep in reps for r in rep})
+    assert values[0] == 0.0
+    assert all(b - a > 1e-9 for a, b in zip(values, values[1:], strict=False))

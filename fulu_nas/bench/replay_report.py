@@ -3,7 +3,10 @@ random search's median result, a printed table, a JSON of the numbers and a plot
 
 Random search is the baseline (Lindauer & Hutter 2020: compare against it at the same budget). Its
 target is the median over repetitions of its regret after ``baseline_trial`` trials (50, or every
-trial of a shorter replay); a repetition reaches it at the first trial whose regret is no larger.
+trial of a shorter replay), for an even number of repetitions the higher of the two middle regrets:
+a regret some repetition reached (not a value between two that none has), which more than half of
+random search's repetitions reach by that trial. A repetition reaches it at the first trial whose
+regret is no larger.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ def summarize(curves: dict[str, list[list[float]]], baseline_trial: int = 50) ->
     at every trial, and the trials needed to reach the baseline's median regret after ``baseline_trial``."""
     trials = len(next(iter(curves.values()))[0])
     at = min(baseline_trial, trials)
-    target = quartiles([rep[at - 1] for rep in curves[BASELINE]])["median"]
+    # An order statistic, not interpolated: with an even count, the mean of the two middle regrets is
+    # a value no repetition has, reached by only half of random's own repetitions ("not reached").
+    target = float(np.percentile(np.asarray([rep[at - 1] for rep in curves[BASELINE]], dtype=float), 50,
+                                 method="higher"))
     out = {"target": {"sampler": BASELINE, "trial": at, "regret": target}, "samplers": {}}
     for name, reps in curves.items():
         reached = [first_reaching(rep, target) for rep in reps]

@@ -13,7 +13,9 @@ constraint, an impossible architecture) is not.
 The score of a repetition after t trials is its regret: one objective, the gap between its best
 value so far and the table's best mean; several, ``1 - HV_t / HV_table``, the share of the table's
 hypervolume (its whole Pareto front's, at a fixed reference point) that the trials so far miss.
-Hypervolumes come from Optuna's public ``optuna.visualization.plot_hypervolume_history``.
+Hypervolumes come from Optuna's public ``optuna.visualization.plot_hypervolume_history``; it sums
+incrementally, so one front reached in another order differs in the last bits: the regret is rounded
+to :data:`HV_REGRET_DECIMALS` places, so that one front is one regret (which reaches a target or not).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from .nas_table_file import NasTable, read_table
 OBJECTIVES = ("loss", "metric", "routing_accuracy", "load_balance", "active_params", "total_params")
 # The hypervolume reference point sits this share of each objective's range beyond the table's worst value.
 REFERENCE_MARGIN = 0.1
+# Far above the rounding of the incremental sums (about 1e-16), far below a regret worth reading.
+HV_REGRET_DECIMALS = 12
 
 
 def build_sampler(s: SearchSettings, name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -92,7 +96,7 @@ class Replay:
                 raise FuluConfigError(f"{sampler}: {trials} trials requested, only {len(done)} feasible samples in "
                                       f"{10 * trials + 50} attempts")
             if self.best is None:
-                return [max(0.0, 1 - hv / self.table_hypervolume)  # max: rounding of the incremental sums
+                return [max(0.0, round(1 - hv / self.table_hypervolume, HV_REGRET_DECIMALS))
                         for hv in hypervolume_history(study, self.reference_point)]
             sign = 1 if self.directions[0] == "minimize" else -1
             regret, best = [], float("inf")
