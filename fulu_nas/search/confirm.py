@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 import optuna
 import torch
 
+from ..checks import check_tracking_database_exists
 from ..errors import FuluConfigError
 from ..models import ArchConfig
 from ..training.train import TrainingDiverged, step_description
@@ -423,6 +424,9 @@ def confirm_study(study: optuna.Study, s: SearchSettings, options: ConfirmSettin
     default the study's ``study.n_workers``)."""
     with quiet_optuna():
         plan = plan_confirmation(study, s, options)
+        # The runs go to the tracking database given, which must be the search's kind (MLflow would make
+        # an empty one of a misspelt file); after the plan, whose refusals say more.
+        check_tracking_database_exists(s.tracking_uri)
         return Confirmation(study, s, plan, progress).run(n_workers or s.study.n_workers)
 
 

@@ -73,7 +73,6 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    from ..checks import check_tracking_database_exists
     from .confirm import confirm_study
     from .locate import check_recordable, load_study, locate_study, search_settings, split_options
     from .study import quiet_optuna
@@ -88,7 +87,6 @@ def main(argv: list[str]) -> int:
             location = locate_study(overrides, HINT)
             study = load_study(location)
             check_recordable(location)
-            check_tracking_database_exists(location.tracking_uri)  # not a new, empty one: the search's runs
             s = search_settings(location, study, will_train=True)
         n_workers = worker_count(given.pop("n_workers", ""))
         return confirm_study(study, s, command_options(given, s.study.confirm), n_workers=n_workers)
