@@ -77,6 +77,18 @@ def test_export_directory_and_load(exported):
     assert f"trial {best.number}" in card and "fulu-nas serve" in card
 
 
+def run_card_snippet(model_dir: Path) -> dict:
+    """The names the card's torch-only lines define, run in the export folder."""
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(model_dir)
+    try:
+        exec(card_snippet(model_dir), namespace)
+    finally:
+        os.chdir(cwd)
+    return namespace
+
+
 def card_snippet(model_dir: Path) -> str:
     """The model card's lines that load model.pt2 with torch alone."""
     card = (model_dir / "README.md").read_text()
@@ -1154,14 +1166,7 @@ def short_export(tmp_path_factory):
 def test_the_cards_torch_only_lines_run_for_a_model_shorter_than_16_tokens(short_export):
     """The card's example batch was (2, 16) whatever the model's length: a model of 8 tokens failed it
     ("Guard failed: tokens_BS.size()[1] <= 8")."""
-    namespace: dict = {}
-    cwd = os.getcwd()
-    os.chdir(short_export)
-    try:
-        exec(card_snippet(short_export), namespace)
-    finally:
-        os.chdir(cwd)
-    assert tuple(namespace["logits"].shape) == (2, 8, 24)
+    assert tuple(run_card_snippet(short_export)["logits"].shape) == (2, 8, 24)
 
 
 def test_a_model_of_one_token_is_exported_and_its_program_runs(tmp_path):
@@ -1180,14 +1185,7 @@ def test_a_model_of_one_token_is_exported_and_its_program_runs(tmp_path):
     program = torch.export.load(str(folder / "model.pt2"))
     x = torch.tensor([[3], [7], [11]])
     torch.testing.assert_close(program.module()(x), model(x).logits)
-    namespace: dict = {}
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        exec(card_snippet(folder), namespace)
-    finally:
-        os.chdir(cwd)
-    assert tuple(namespace["logits"].shape) == (2, 1, 24)
+    assert tuple(run_card_snippet(folder)["logits"].shape) == (2, 1, 24)
 
 
 def test_metrics_json_is_strict_json(short_export):
