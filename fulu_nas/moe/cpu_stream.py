@@ -71,20 +71,16 @@ def build_name(source: bytes, isa: str, flags: list[str]) -> str:
 
 
 def _ninja_on_path() -> None:
-    """torch runs ninja from PATH alone, and pip puts the ninja package fulu-nas installs beside the
-    interpreter: a fulu-nas run by its full path without activating its environment (pipx, cron) had
-    none. That folder goes last on PATH, so that a ninja of the user's own comes first."""
+    """torch runs ninja from PATH alone, and pip puts the ninja that fulu-nas installs among the
+    environment's scripts: a fulu-nas run by its full path without activating its environment (pipx,
+    cron) had none. Those folders go last on PATH, so that a ninja of the user's own comes first."""
     import shutil
+    import sysconfig
 
     if shutil.which("ninja"):
         return
-    try:
-        import ninja  # the package, not a dependency of the layer library (which imports torch alone)
-
-        folder = ninja.BIN_DIR
-    except ImportError:
-        folder = os.path.dirname(sys.executable)
-    os.environ["PATH"] = os.pathsep.join(p for p in (os.environ.get("PATH", ""), folder) if p)
+    folders = dict.fromkeys([sysconfig.get_path("scripts"), os.path.dirname(sys.executable)])
+    os.environ["PATH"] = os.pathsep.join(p for p in (os.environ.get("PATH", ""), *folders) if p)
 
 
 def _build(source: Path = _SOURCE) -> object:
