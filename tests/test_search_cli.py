@@ -3,8 +3,10 @@ And the Hydra conveniences (``--cfg job``, ``--help``) that must not run a study
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -420,7 +422,11 @@ def test_ui_refuses_a_folder_without_a_tracking_database(tmp_path, capsys):
     (tmp_path / "mlflow.db").write_text("not a database")
     assert main(["ui", str(tmp_path)]) == 2
     assert "is not a SQLite database" in capsys.readouterr().err
-    (tmp_path / "mlflow.db").write_bytes(b"")
+    (tmp_path / "mlflow.db").write_bytes(b"")  # an empty file would be made an MLflow database
+    assert main(["ui", str(tmp_path)]) == 2
+    assert "is not an MLflow tracking database" in capsys.readouterr().err
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:  # what the check reads of MLflow's
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER)")
     for command in (["ui", str(tmp_path)], ["serve", str(tmp_path)]):  # it named --port
         assert main([*command, "--host", "999.1.1.1"]) == 2
         assert "--host: cannot listen on 999.1.1.1:" in capsys.readouterr().err
