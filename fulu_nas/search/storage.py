@@ -303,7 +303,7 @@ def _probe_database(url: str, key: str) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        reason = database_error(e)
         raise FuluConfigError(f"{key}: cannot connect to {mask_url(url)}: {reason}") from None
     finally:
         engine.dispose()
@@ -390,6 +390,11 @@ def open_study_storage(url: str, heartbeat_interval: int | None = None, grace_pe
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
 
 
+def database_error(e: Exception) -> str:
+    """A database error's first line: the driver's own message, not SQLAlchemy's [SQL: ...] lines."""
+    return str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+
+
 def first_contact(url: str, open_: Callable[[], T], lost_race: Callable[[Exception], bool]) -> T:
     """``open_()``, this process's first contact with the database of ``url``: under :func:`first_use_lock`,
     and again after a pause while it fails with an error ``lost_race`` takes for a collision."""
@@ -441,7 +446,7 @@ def _raise_cannot_open(url: str, e: Exception):
     import optuna
 
     if isinstance(e, optuna.exceptions.OptunaError) or "sqlalchemy" in type(e).__module__:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]  # not SQLAlchemy's [SQL: ...] lines
+        reason = database_error(e)
         raise FuluConfigError(f"study.storage: cannot open {mask_url(url)}: {reason}") from None
     raise e
 

@@ -26,7 +26,7 @@ from ..deploy.files import sha256_file
 from ..errors import FuluConfigError
 from .interrupts import between_writes
 from .settings import SearchSettings
-from .storage import first_contact, mask_url
+from .storage import database_error, first_contact, mask_url
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 WEIGHTS_SHA256_TAG = "fulu.weights_sha256"  # a trial's model.safetensors, as it was uploaded
@@ -85,8 +85,7 @@ def open_experiment(tracking_uri: str, name: str, artifact_location: str | None)
             raise
         # A database half-made (its migration killed) or of another MLflow: one message, not SQLAlchemy's trace.
         where = sqlite_file(tracking_uri) if tracking_uri.startswith("sqlite:") else mask_url(tracking_uri)
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise FuluConfigError(f"tracking.uri: MLflow cannot open its database {where}: {reason}") from None
+        raise FuluConfigError(f"tracking.uri: MLflow cannot open its database {where}: {database_error(e)}") from None
     if experiment is not None:
         return client, experiment.experiment_id
     try:
