@@ -221,3 +221,19 @@ def test_with_confirm_enabled_the_summary_does_not_advise_fulu_nas_confirm(tmp_p
     s = settings(tmp_path, "study.confirm.enabled=true")
     text = printed(160, print_summary, search_summary(), s)
     assert "fulu-nas confirm" not in text and "the confirmation (study.confirm.enabled) trains both again" in text, text
+
+
+def test_large_and_small_values_are_printed_in_plain_digits():
+    """A throughput of 12,345.6 tok/s printed as "1.235e+04", an active-parameter count of 1,181,200 as
+    "1.181e+06": figures a reader compares by eye. Large values are whole numbers with thousands
+    separators; values between 1 and 10,000 keep 4 significant digits; tiny ones keep the exponent (a
+    p-value of 3e-07 is not 0)."""
+    assert format_value(12345.6) == "12,346"
+    assert format_value(1181200.0) == "1,181,200"
+    assert format_value(-25000.4) == "-25,000"
+    assert format_value(1234.56) == "1235"
+    assert format_value(0.92074) == "0.9207"
+    assert format_value(3e-07) == "3e-07"
+    assert format_value(0.0) == "0"
+    assert format_value(float("nan")) == "nan" and format_value(float("inf")) == "inf"
+    assert format_value(11812) == "11812" and format_value(None) == "-"

@@ -3,6 +3,8 @@ as a plain dict (summary.json, the MLflow parent run) and as a table on the term
 
 from __future__ import annotations
 
+import math
+
 import optuna
 
 from .objective import counts_toward_total, is_feasible, pareto_front
@@ -204,9 +206,10 @@ def _only_the_reference_trained(summary: dict) -> bool:
 
 
 def format_value(v) -> str:
-    """A table cell: 4 significant digits for floats, '-' for missing."""
+    """A table cell: '-' for missing; floats from 10,000 up as whole numbers with thousands separators
+    (a throughput or a parameter count read by eye, not as 1.235e+04), the rest to 4 significant digits."""
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:,.0f}" if math.isfinite(v) and abs(v) >= 1e4 else f"{v:.4g}"
     return str(v)
