@@ -244,6 +244,37 @@ def test_hash_routing_on_token_ids_gives_each_call_its_own_ids_across_threads():
     torch.testing.assert_close(got["b"], expected_b, rtol=0, atol=0)
 
 
+def test_a_nested_call_that_fails_in_a_pre_hook_leaves_the_outer_calls_ids():
+    """The hook that forgets a call's ids runs even when the call fails (always_call), also when it fails in a
+    forward pre-hook that ran before the hook that remembers them: it then forgot the ids of the call around
+    it, whose later layers hashed the hidden states instead."""
+    moe = migrate_from_electra(electra(), routing_strategy="hash", num_experts=4, top_k=1).eval()
+    with torch.no_grad():
+        for layer in pimoe_layers(moe):
+            layer.experts.w13_EDF2.add_(torch.randn_like(layer.experts.w13_EDF2))
+    (ids_a, mask), (ids_b, _) = inputs(seed=1), inputs(seed=2)
+    expected = outputs(moe, ids_a, mask)
+    failing = {"on": False}
+
+    def refuse(module, args, kwargs):  # a user's check, run before the model's own pre-hooks
+        if failing["on"]:
+            raise ValueError("refused")
+
+    moe.base_model.register_forward_pre_hook(refuse, with_kwargs=True, prepend=True)
+
+    def nested(module, args):  # between the outer call's layers, a call that fails
+        failing["on"] = True
+        with pytest.raises(ValueError, match="refused"):
+            outputs(moe, ids_b, mask)
+        failing["on"] = False
+
+    handle = moe.electra.encoder.layer[1].register_forward_pre_hook(nested)
+    got = outputs(moe, ids_a, mask)
+    handle.remove()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert moe.electra.encoder.layer[0].output._token_ids.current() is None
+
+
 def test_chunked_feed_forward_stays_exact():
     # transformers' chunk_size_feed_forward feeds the FFN slices of the sequence: the hash router
     # then hashes hidden states (the ids no longer line up) and the outputs are still the original's.

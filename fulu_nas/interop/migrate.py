@@ -109,8 +109,12 @@ class _TokenIds:
     def push(self, ids: Tensor | None) -> None:
         self._stack.set((*self._stack.get(), ids))
 
-    def pop(self) -> None:
-        self._stack.set(self._stack.get()[:-1])
+    def pop(self, ids: Tensor | None) -> None:
+        """Forget a call's ids, if they are the innermost: a call that failed in a forward pre-hook run
+        before the one that pushes them pushed nothing, and must not pop the ids of a call around it."""
+        stack = self._stack.get()
+        if stack and stack[-1] is ids:
+            self._stack.set(stack[:-1])
 
     def current(self) -> Tensor | None:
         stack = self._stack.get()
@@ -132,16 +136,22 @@ class _CaptureTokenIds:
         self.holder = holder
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self.holder.push(ids if isinstance(ids, Tensor) else None)
+        self.holder.push(_input_ids(args, kwargs))
 
 
 class _ForgetTokenIds:
+    """Forward hook (always called, also when the call fails): forgets the ids its call pushed."""
+
     def __init__(self, holder: _TokenIds):
         self.holder = holder
 
-    def __call__(self, *_: Any) -> None:
-        self.holder.pop()
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.holder.pop(_input_ids(args, kwargs))
+
+
+def _input_ids(args: tuple, kwargs: dict) -> Tensor | None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return ids if isinstance(ids, Tensor) else None
 
 
 class PiMoEOutput(nn.Module):
@@ -858,7 +868,7 @@ def migrate_from_electra(
         layer.output = new_output
     if token_ids is not None:
         root.register_forward_pre_hook(_CaptureTokenIds(token_ids), with_kwargs=True)
-        root.register_forward_hook(_ForgetTokenIds(token_ids), always_call=True)
+        root.register_forward_hook(_ForgetTokenIds(token_ids), with_kwargs=True, always_call=True)
 
     model.fulu_migration = MigrationInfo(
         source=type(model).__name__, layers=chosen, moe=cfg, exact=not inexact, not_exact_because=tuple(inexact),
