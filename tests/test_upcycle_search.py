@@ -236,7 +236,9 @@ def test_resuming_on_another_checkpoint_at_the_same_path_is_refused(tmp_path, mo
     ("no tokenizer", "task: tokenizer=model needs the folder's tokenizer: model '.*electra' has none"),
     ("another space", "search_space.params.num_experts: not a searchable field|"
                       "search_space.base.num_layers: not an architecture field of the upcycle family"),
-    ("model without the task", r"model: unknown key \(check its spelling\)"),
+    # "check its spelling" sent the user to a key spelt right
+    ("model without the task", r"model: a key of task=upcycle alone \(model=PATH names the encoder it upcycles\): "
+                               r"add task=upcycle or \+experiment=upcycle_tiny"),
     # an encoder has no transformer blocks of this package's to compile or capture
     ("compiled", "trainer.compile=compiled compiles a PiMoETransformer's blocks; this model has none"),
     ("cuda graph", "trainer.cuda_graph=true is impossible here: .*a model without transformer blocks"),

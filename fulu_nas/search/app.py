@@ -208,6 +208,9 @@ def _override_problem(key: str, e: Exception) -> str:
     advice, ``+key=value``, only moved the refusal to the settings. Elsewhere (a space's free-form mappings, a
     task's optional keys) it may only be absent, and then ``+`` adds it; or a mapping given for an existing
     entry was merged into it and one of its keys is the one missing, so the entry is replaced: removed first."""
+    if key == "model":  # the upcycle task's own key (task/upcycle.yaml), spelt right
+        return ("model: a key of task=upcycle alone (model=PATH names the encoder it upcycles): add task=upcycle or "
+                "+experiment=upcycle_tiny")
     if "." not in key or key.startswith(_FIXED_SCHEMA):  # the top level is a fixed schema too
         return f"{key}: unknown key (check its spelling)"
     added = str(e).partition("To append to your config use ")[2].strip() or f"+{key}=VALUE"
