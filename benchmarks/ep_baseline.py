@@ -7,6 +7,7 @@ IMPL: the experts' kernels (default: the layer's, grouped); PROFILE_FILE: also w
 torch.profiler table of 3 steps there.
 """
 
+import argparse
 import sys
 import time
 
@@ -14,13 +15,20 @@ import torch
 
 from fulu_nas.moe import MoEConfig, PiMoELayer
 
-D, E, F, K, T, steps = (int(a) for a in sys.argv[1:7])
-impl = sys.argv[7] if len(sys.argv) > 7 else None
-profile_file = sys.argv[8] if len(sys.argv) > 8 else None
+parser = argparse.ArgumentParser(description="The single-GPU baseline of the expert-parallel benchmark.")
+for name in ("hidden", "experts", "ffn", "top_k", "tokens", "steps"):
+    parser.add_argument(name, type=int)
+parser.add_argument("impl", nargs="?", default=None, help="the experts' kernels (default: the layer's)")
+parser.add_argument("profile_file", nargs="?", default=None, help="also write a torch.profiler table of 3 steps")
+args = parser.parse_args()
+if not torch.cuda.is_available():
+    print("ep_baseline: needs CUDA (it times one GPU's share of the expert-parallel step)", file=sys.stderr)
+    sys.exit(2)
+D, E, F, K, T, steps = args.hidden, args.experts, args.ffn, args.top_k, args.tokens, args.steps
+impl, profile_file = args.impl, args.profile_file
 torch.manual_seed(0)
 layer = PiMoELayer(MoEConfig(hidden_size=D, num_experts=E, expert_ffn_size=F, top_k=K)).cuda().to(torch.bfloat16)
 x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-
 
 def step() -> None:
     out, stats = layer(x, impl=impl)

@@ -146,15 +146,29 @@ def test_hook_chain_with_a_hook_counts_as_hooked():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
-@pytest.mark.parametrize("name", ["eager_host_time.py", "eager_host_history.py", "routing_kernel.py"])
+@pytest.mark.parametrize("name", ["eager_host_time.py", "eager_host_history.py", "routing_kernel.py",
+                                  "ep_baseline.py"])
 def test_gpu_benchmark_scripts_need_cuda(name):
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / name
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    arguments = ["256", "8", "512", "2", "64", "1"] if name == "ep_baseline.py" else []
+    done = subprocess.run([sys.executable, str(script), *arguments], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "needs CUDA" in done.stderr and not done.stdout
+
+
+def test_the_expert_parallel_baseline_names_its_arguments():
+    """It unpacked sys.argv: without its six numbers (or with --help) a ValueError traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ep_baseline.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "the following arguments are required: hidden, experts" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_python_time_benchmark_takes_the_gpu_path_on_the_cpu():
