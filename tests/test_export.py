@@ -1281,7 +1281,7 @@ def test_a_folder_is_served_by_fulu_nas_code_so_code_added_with_its_checksums_ne
     np.testing.assert_allclose(load_pyfunc(evil).predict(np.array([[1, 2]])), expected, rtol=1e-5, atol=1e-5)
     served = []
     monkeypatch.setattr(serve_command, "run_server",
-                        lambda command, **_: served.append((Path(command[6]) / "pyfunc.py").read_text()) or 0)
+                        lambda command, **_: served.append((Path(command[3]) / "pyfunc.py").read_text()) or 0)
     assert main(["serve", str(evil), "--port", str(free_port())]) == 0
     assert served == [PYFUNC_CODE.read_text()] and not marker.exists()
 

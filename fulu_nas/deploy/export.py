@@ -353,6 +353,29 @@ def read_weights(arch: ArchConfig, weights: Path, source: Path, config: Path) ->
     return tensors
 
 
+def check_program(program: Path, arch: ArchConfig, source: Path) -> None:
+    """FuluConfigError naming ``source`` (the user's folder) unless the tensors of the program ``program`` (a
+    checked copy) have the shapes ``arch`` gives them. A pyfunc over the program takes its limits (the
+    vocabulary, the length) from the architecture: a config.yaml edited along with the checksums let
+    through ids the program then failed on."""
+    from .pt2_check import load_program
+
+    try:
+        with torch.device("meta"):
+            configured = {f"model.{k}": tuple(v.shape) for k, v in PiMoETransformer(arch).state_dict().items()}
+    except (TypeError, ValueError) as e:
+        problem = str(e).splitlines()[0]
+        raise FuluConfigError(f"{source / 'config.yaml'}: not a valid architecture ({problem})") from None
+    try:
+        stored = {k: tuple(v.shape) for k, v in load_program(program, sha256(program)).state_dict.items()}
+    except UnsafeProgramError as e:
+        raise FuluConfigError(f"{source / 'model.pt2'}: {e}") from None
+    # the names the program lacks are not counted: it holds a tied tensor once
+    if problems := header_problems(stored, configured, []):
+        raise FuluConfigError(f"{source / 'config.yaml'} does not describe the program model.pt2: "
+                              + "; ".join(problems))
+
+
 def check_written_weights(tensors: Mapping[str, torch.Tensor], configured: Mapping[str, torch.Tensor],
                           source: Path) -> None:
     """FuluConfigError naming ``source`` (the user's weights file) unless each stored tensor is of the type an

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 INPUT_NAME = "token_ids"  # the signature's input (fulu_nas.deploy.export.INPUT_NAME; this file imports no fulu_nas)
 
@@ -69,7 +69,13 @@ class ExportedProgramModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: np.ndarray, params=None):
         tokens = self.tokens(model_input)
         with torch.no_grad():
-            return self.module(tokens).float().numpy()
+            try:
+                logits = self.module(tokens)
+            except Exception as e:  # noqa: BLE001 - one short message, not the program's traceback in the answer
+                problem = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                raise MlflowException(f"the model's program failed on this input ({type(e).__name__}: {problem})",
+                                      error_code=INTERNAL_ERROR) from None
+        return logits.float().numpy()
 
 
 mlflow.models.set_model(ExportedProgramModel())

@@ -146,7 +146,7 @@ def served_folder(folder: Path, expected_sha256: str | None, tmp: Path, into: Pa
     file is checked (``expected_sha256``: the export's fingerprint). Nothing of the folder runs: its
     ``pyfunc.py``, ``code/`` and ``MLmodel`` are code and configuration MLflow would run, and a folder's
     checksums can be rewritten with them; its program and configuration are data, checked before use."""
-    from .export import UPCYCLING, read_architecture, save_pyfunc
+    from .export import UPCYCLING, check_program, read_architecture, save_pyfunc
 
     checked = tmp / "checked"
     checked.mkdir()
@@ -160,6 +160,7 @@ def served_folder(folder: Path, expected_sha256: str | None, tmp: Path, into: Pa
         raise FuluConfigError(f"{folder}: no {' or '.join(missing)}, so not the export of a searched model; "
                               "fulu-nas serve serves the folders fulu-nas export writes for a searched model")
     arch = read_architecture(checked / "config.yaml", folder / "config.yaml")
+    check_program(checked / "model.pt2", arch, folder)
     into.mkdir()
     save_pyfunc(into, checked / "model.pt2", arch)
 

@@ -25,23 +25,39 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def check_port_free(host: str, number: int) -> None:
-    """FuluConfigError when nothing can listen on ``host:number`` (in use, or not an address here): the
-    servers print their own traceback for it and exit 0."""
+    """FuluConfigError when nothing can listen on ``host:number`` (in use, or not an address here), before
+    anything is started: MLflow's UI prints its own traceback for it and exits 0."""
     from ..errors import FuluConfigError  # here: the guard loads this file alone, outside its package
 
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            # As the servers (uvicorn) open theirs: a port whose last connections wait in TIME_WAIT (for a
-            # minute after a server stopped with a client connected) is free to them. On POSIX this still
-            # refuses a port another socket listens on; Windows' SO_REUSEADDR would take it over, so not there.
-            if os.name == "posix":
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, number))
-            probe.listen()  # where the port is used by a socket bound with SO_REUSEADDR, only listen() refuses
+        listen_on(host, number).close()
     except OSError as e:
-        # a port taken or reserved, else an address that does not resolve or is not this machine's
-        option = "--port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"
-        raise FuluConfigError(f"{option}: cannot listen on {host}:{number} ({e.strerror or e})") from None
+        raise FuluConfigError(listen_problem(host, number, e)) from None
+
+
+def listen_on(host: str, number: int) -> socket.socket:
+    """A socket listening on ``host:number``, opened as the servers (uvicorn) open theirs; OSError if it
+    cannot be."""
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        # A port whose last connections wait in TIME_WAIT (for a minute after a server stopped with a client
+        # connected) is free to the servers. On POSIX this still refuses a port another socket listens on;
+        # Windows' SO_REUSEADDR would take it over, so not there.
+        if os.name == "posix":
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, number))
+        listening.listen(2048)  # where the port is used by a socket bound with SO_REUSEADDR, only listen() refuses
+    except BaseException:
+        listening.close()
+        raise
+    return listening
+
+
+def listen_problem(host: str, number: int, error: OSError) -> str:
+    """What :func:`listen_on`'s ``error`` means, naming the option to change: a port taken or reserved,
+    else an address that does not resolve or is not this machine's."""
+    option = "--port" if error.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"
+    return f"{option}: cannot listen on {host}:{number} ({error.strerror or error})"
 
 
 def port(text: str) -> int:
@@ -50,6 +66,8 @@ def port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {value}")
     return value
+
+
 GRACE_S = 15.0  # for the server's processes to exit after the signal, before they are killed
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 
 from ..deploy.files import expected_digest
@@ -16,6 +17,7 @@ from ..deploy.serve import NO_PICKLES, casting_signature, checked_model, registr
 from ..deploy.server_process import check_port_free, port, run_server
 from ..errors import FuluConfigError
 from .storage import check_tracking_uri, probe_tracking
+from .tracking import quiet_mlflow
 
 BAD_INPUT = 2
 
@@ -33,6 +35,22 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return BAD_INPUT if e.code else 0
+    quiet_mlflow()  # checking a folder saves a pyfunc, which logs and shows download bars
+    # SIGTERM and SIGHUP before the server runs stop the checks as Ctrl-C does, and the private copy is removed
+    # (their default would end the process with the copy left behind); run_server then takes them.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _serve(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
         # a URI other than the registry's was read as a folder ("https:/example.com/model: not an export ...")
         if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", args.model) and not args.model.startswith("models:/") \
@@ -49,13 +67,11 @@ def main(argv: list[str]) -> int:
         with checked_model(args.model, args.sha256, tracking_uri) as copy:
             if warning := casting_signature(copy):
                 print(f"warning: {warning}", file=sys.stderr)
-            print(f"serving {args.model} (every file checked) at http://{args.host}:{args.port}/invocations  "
-                  "(Ctrl-C stops it)", flush=True)
-            command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(copy), "--env-manager", "local",
-                       "--host", args.host, "--port", str(args.port)]
-            quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # it copies the checked copy again
+            # The server says where it serves once it answers there (it takes the port before it loads the model).
+            command = [sys.executable, "-m", "fulu_nas.deploy.scoring_app", str(copy), "--host", args.host,
+                       "--port", str(args.port), "--shown", args.model]
             # the checked copy, should this command be killed outright (it is removed by checked_model else)
-            return run_server(command, env={**os.environ, **NO_PICKLES, **quiet}, remove_if_orphaned=copy.parent)
+            return run_server(command, env={**os.environ, **NO_PICKLES}, remove_if_orphaned=copy.parent)
     except FuluConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT

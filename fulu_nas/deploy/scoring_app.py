@@ -1,0 +1,140 @@
+"""The HTTP server of ``fulu-nas serve``: MLflow's scoring app (``/invocations``, ``/ping``, ``/health``,
+``/version``) for the checked copy of a model, run by uvicorn behind :class:`ShortErrors`.
+
+MLflow's app answers a few requests with a plain-text 500 and a traceback on the server's console (an
+integer past Python's 4,300 digits, JSON nested past the recursion limit, a POST without a Content-Type),
+and its 400s carry the server's stack trace and echo the whole request (megabytes for a large one). Here
+every error answer is JSON, ``error_code`` and a ``message`` of at most :data:`MAX_MESSAGE` characters,
+and a request that fails inside the server is one line on the console.
+
+Run as ``python -m fulu_nas.deploy.scoring_app MODEL --host H --port P --shown NAME``: it takes the port
+first (one message and exit 2 when it cannot), loads the model, says where it serves once it answers
+there, and serves until SIGTERM or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .server_process import listen_on, listen_problem, port
+
+MAX_MESSAGE = 400
+# MLflow's wrappers around the message that says what is wrong: the request echoed before it, or after it.
+_ECHOED_BEFORE = re.compile(r"^Failed to predict data '.*'\.\s*\nError: ", re.S)
+_ECHOED_AFTER = re.compile(r"\nInput: \n.*$", re.S)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def short_message(text: str) -> str:
+    """An error's message without the request MLflow echoes in it, cut to :data:`MAX_MESSAGE` characters."""
+    text = _ECHOED_AFTER.sub("", _ECHOED_BEFORE.sub("", text)).strip()
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + "…"
+
+
+def error_answer(status: int, body: bytes) -> dict[str, str]:
+    """The answer for MLflow's error answer ``body`` (JSON, or plain text): its error code and its message,
+    short, without ``stack_trace``."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        answer = {"message": body.decode("utf-8", "replace")}
+    code = answer.get("error_code") or ("INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
+    return {"error_code": str(code), "message": short_message(str(answer.get("message", "")))}
+
+
+class ShortErrors:
+    """ASGI middleware: answers of status 400 and above are rewritten by :func:`error_answer`; an exception
+    out of the app is an answer too (400 for input Python cannot read, else 500), logged in one line; a
+    POST without a Content-Type is refused before MLflow's app reads it (it fails on it)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "POST" and not any(name.lower() == b"content-type" for name, _ in scope["headers"]):
+            await _answer(send, 415, {"error_code": "BAD_REQUEST",
+                                      "message": "no Content-Type: send the input as application/json"})
+            return
+        started: list[Message] = []
+        held: list[bytes] = []
+
+        async def hold_errors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started.append(message)
+            if started and started[0]["status"] >= 400:
+                held.append(message.get("body", b""))
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_errors)
+        except Exception as e:  # noqa: BLE001 - every failure is an answer, never a traceback on the console
+            from starlette.requests import ClientDisconnect
+
+            if isinstance(e, ClientDisconnect) or (started and started[0]["status"] < 400):
+                return  # nobody to answer, or the answer is under way
+            readable = isinstance(e, (ValueError, RecursionError))  # a number too long, JSON nested too deep
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"serve: {scope['method']} {scope['path']} failed ({short_message(problem)})", file=sys.stderr,
+                  flush=True)
+            await _answer(send, 400 if readable else 500,
+                          {"error_code": "BAD_REQUEST" if readable else "INTERNAL_ERROR",
+                           "message": short_message(f"the request could not be read ({problem})" if readable
+                                                    else f"the server failed on this request ({problem})")})
+            return
+        if started and started[0]["status"] >= 400:
+            await _answer(send, started[0]["status"], error_answer(started[0]["status"], b"".join(held)))
+
+
+async def _answer(send: Send, status: int, answer: dict[str, str]) -> None:
+    body = json.dumps(answer).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fulu_nas.deploy.scoring_app")
+    parser.add_argument("model", help="the MLflow model to serve (fulu-nas serve's checked copy)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=port, default=5001)
+    parser.add_argument("--shown", help="the model as the user named it, for the line that says where it serves")
+    args = parser.parse_args(argv)
+    try:  # before the model loads: a port taken since fulu-nas serve checked it is one message, not a traceback
+        listening = listen_on(args.host, args.port)
+    except OSError as e:
+        print(f"error: {listen_problem(args.host, args.port, e)}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+    from mlflow.pyfunc import scoring_server
+
+    app = ShortErrors(scoring_server.init(scoring_server.load_model_with_mlflow_config(args.model)))
+    # MLflow's warnings while serving are about a request ("If using `instances` as input key ..."), which
+    # its answer tells the client; the console is the operator's.
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    # The port listens and the model is loaded: a request sent on reading this line is answered.
+    print(f"serving {args.shown or args.model} (every file checked) at http://{args.host}:{args.port}/invocations  "
+          "(Ctrl-C stops it)", flush=True)
+    server.run(sockets=[listening])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""``fulu-nas serve`` as a client and an operator meet it: every error answer short JSON without a stack
+trace, the console the command's own lines, the address printed once it answers, a port taken late or a
+SIGTERM during the checks handled like the other bad input and interrupts, and a configuration that does
+not describe the served program refused."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fulu_nas.errors import FuluConfigError
+
+from .helpers import free_port
+from .test_export import exported, forge_checksums  # noqa: F401 - the module's exported study and model
+
+pytestmark = pytest.mark.slow
+
+
+@contextlib.contextmanager
+def server(model: Path, tmp_path: Path):
+    """``fulu-nas serve model`` on a free port, its console in files; yields (port, the console's stdout, its
+    stderr), once the address line is printed."""
+    port = free_port()
+    out, err = tmp_path / "serve.out", tmp_path / "serve.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "fulu_nas", "serve", str(model), "--port", str(port)],
+                                   stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "serving" not in out.read_text():
+            assert process.poll() is None, err.read_text()
+            assert time.time() < deadline, "no address line"
+            time.sleep(0.2)
+        yield port, out, err
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def request(port: int, body: bytes, headers: dict[str, str] | None = None, method: str = "POST",
+            path: str = "/invocations") -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body=body,
+                           headers={"Content-Type": "application/json"} if headers is None else headers)
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
+
+
+def test_every_error_answer_is_short_json_and_the_console_carries_no_traceback(exported, tmp_path):  # noqa: F811
+    """MLflow's scoring server answered three of these with a plain-text 500 and a 95-line traceback on the
+    serve console (a 4,301-digit integer, JSON nested 100,000 deep, a POST without a Content-Type), CSV with a
+    400 holding the server's stack trace, and a 5 MB malformed body with a 5 MB error echoing it."""
+    import fulu_nas
+
+    with server(exported.model_dir, tmp_path) as (port, out, err):
+        # the address line comes once the server answers there
+        assert request(port, b"", method="GET", path="/ping")[0] == 200
+        cases = {
+            "a 4,301-digit id": (b'{"inputs": [[' + b"9" * 4301 + b", 2]]}", None, 400),
+            "nested 100,000 deep": (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, 400),
+            "no Content-Type": (b'{"inputs": [[1, 2]]}', {}, 415),
+            "CSV": (b"token_ids\n1\n2\n", {"Content-Type": "text/csv"}, 400),
+            "5 MB of malformed JSON": (b'{"inputs": [[1, 2' + b" " * 5_000_000, None, 400),
+            "a 1 MB string id": (json.dumps({"inputs": [["A" * 1_000_000, 1]]}).encode(), None, 400),
+        }
+        for name, (body, headers, status) in cases.items():
+            got, answer = request(port, body, headers)
+            assert got == status, (name, got, answer[:300])
+            error = json.loads(answer)
+            assert set(error) == {"error_code", "message"} and len(answer) < 600, (name, answer[:300])
+        assert "expected integer token ids, got 'AAAA" in json.loads(request(port, *cases["a 1 MB string id"][:2])[1])[
+            "message"]
+        # and it serves on
+        status, answer = request(port, json.dumps({"inputs": [[1, 2]]}).encode())
+        expected = fulu_nas.load(exported.model_dir)(torch.tensor([[1, 2]])).logits.detach().numpy()
+        assert status == 200
+        np.testing.assert_allclose(np.asarray(json.loads(answer)["predictions"]), expected, rtol=1e-5, atol=1e-5)
+        console = out.read_text() + err.read_text()
+    assert "Traceback" not in console, console
+    # the address, and a line for each request the server failed on (none: each was bad input)
+    assert out.read_text().splitlines() == [
+        f"serving {exported.model_dir} (every file checked) at http://127.0.0.1:{port}/invocations  (Ctrl-C stops it)"]
+    for noise in ("INFO", "Downloading artifacts", "WARNING", "If using"):
+        assert noise not in console, console
+
+
+def test_a_port_taken_after_the_check_is_one_message(exported):  # noqa: F811
+    """Two fulu-nas serve started at once on one port both passed the check: the second printed its address,
+    then MLflow's 30-line traceback, exit 1. The server takes the port before it loads the model."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "fulu_nas.deploy.scoring_app", str(exported.model_dir),
+                               "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr == f"error: --port: cannot listen on 127.0.0.1:{port} (Address already in use)\n"
+
+
+def test_a_sigterm_while_the_model_is_checked_removes_its_private_copy(exported, tmp_path):  # noqa: F811
+    """SIGTERM before the server ran ended the command at once (exit 143, no word) with two copies of the
+    model left in the temporary folder; Ctrl-C there removed them. SIGTERM now does what Ctrl-C does."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "fulu_nas", "serve", str(exported.model_dir), "--port",
+                                str(free_port())], env={**os.environ, "TMPDIR": str(tmp)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp.glob("fulu-nas-serve-*/checked")):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stdout, stderr) == (130, "", "interrupted\n")
+    assert not list(tmp.glob("fulu-nas-serve-*"))
+
+
+@pytest.mark.parametrize("field, value", [("vocab_size", 1000), ("max_seq_len", 64)])
+def test_a_configuration_that_does_not_describe_the_program_is_refused(exported, tmp_path, field, value):  # noqa: F811
+    """config.yaml edited with its checksums: served with the edited limits, a request inside them reached the
+    program, which failed (400 with its stack trace); fulu_nas.load refused the folder."""
+    from fulu_nas.deploy.serve import checked_model
+
+    folder = tmp_path / "edited"
+    shutil.copytree(exported.model_dir, folder)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["architecture"][field] = value
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    forge_checksums(folder)
+    with pytest.raises(FuluConfigError) as raised:
+        with checked_model(folder):
+            pass
+    message = str(raised.value)
+    assert message.startswith(f"{folder / 'config.yaml'} does not describe the program model.pt2: ") and \
+        "\n" not in message, message
+    assert ("embed.weight" if field == "vocab_size" else "pos.weight") in message
+
+
+def test_a_program_failure_is_a_short_error(exported):  # noqa: F811
+    """Whatever the program raises reaches the client as one short message, not its traceback."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(str(exported.model_dir))
+    inner = model.unwrap_python_model()
+    inner.vocab_size += 10  # limits the program does not have
+    with pytest.raises(MlflowException) as raised:
+        model.predict(np.array([[inner.vocab_size - 1, 0]], dtype=object))
+    message = raised.value.message
+    assert message.startswith("the model's program failed on this input (") and len(message) < 300, message
+    assert raised.value.error_code == "INTERNAL_ERROR"
