@@ -164,6 +164,23 @@ def _tokens(input_tensor: Tensor) -> int:
     return tokens
 
 
+class CompiledForward:
+    """``torch.compile(layer, fullgraph=True)``, called with torch's recompile limit raised to
+    :data:`RECOMPILE_LIMIT`. Every system's compiled forward is a compilation of the one
+    ``PiMoELayer.forward``, and torch keeps 8 of them by default: the spec's five routers compared at
+    EXTREME in one script (a training step and an evaluation each) failed on the fifth."""
+
+    RECOMPILE_LIMIT = 256
+
+    def __init__(self, layer: PiMoELayer):
+        self.compiled = torch.compile(layer, fullgraph=True)
+
+    def __call__(self, *args, **kwargs):
+        limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return self.compiled(*args, **kwargs)
+
+
 class UltimatePiMoESystem(nn.Module):
     """A PiMoE layer plus the spec's conveniences: info, inference optimisation, benchmarking."""
 
@@ -174,8 +191,7 @@ class UltimatePiMoESystem(nn.Module):
         self.features = features
         self.layer = PiMoELayer(config)
         self.last_stats: dict[str, Tensor] = {}
-        self._set_runner(torch.compile(self.layer, fullgraph=True) if level is OptimizationLevel.EXTREME
-                         else self.layer)
+        self._set_runner(CompiledForward(self.layer) if level is OptimizationLevel.EXTREME else self.layer)
         self._inference = False
         self._calls = 0
         # What optimize_for_inference switched off and train(True) restores: the training runner and
@@ -244,11 +260,14 @@ class UltimatePiMoESystem(nn.Module):
         if input_tensor.shape[-1] != self.config.hidden_size:
             raise ValueError(f"input_tensor's last dimension must be hidden_size="
                              f"{self.config.hidden_size}, got {input_tensor.shape[-1]}")
+        if input_tensor.device != self.device:  # else an error from deep inside the layer (autocast, a kernel)
+            raise ValueError(f"input_tensor is on {input_tensor.device}, the system on {self.device}: move it with "
+                             ".to(system.device)")
 
     def _forward(self, x: Tensor, token_ids: Tensor | None) -> Tensor:
         """One call of the system: its output, and its statistics kept as the last call's."""
-        self._calls += 1
         out, self.last_stats = self._run(x, token_ids)
+        self._calls += 1  # after the run: a call the layer refuses is not one
         return out
 
     def _run(self, x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -325,7 +344,7 @@ class UltimatePiMoESystem(nn.Module):
         if casts_to_bf16(self.device, self.optimization_level, self.features["hardware_optimization"]):
             self.to(torch.bfloat16)
         if cuda and self.optimization_level is OptimizationLevel.EXTREME:
-            self._set_runner(GraphedForward(torch.compile(self.layer, fullgraph=True)))
+            self._set_runner(GraphedForward(CompiledForward(self.layer)))
         elif self.optimization_level in (OptimizationLevel.ADVANCED, OptimizationLevel.EXTREME):
             self._set_runner(self.layer)
         self._inference = True
@@ -335,6 +354,8 @@ class UltimatePiMoESystem(nn.Module):
         """``nn.Module.train``; ``train(True)`` after :meth:`optimize_for_inference` also leaves
         inference: forwards run with autograd again, through the runner they had before (not a CUDA
         graph), and each parameter's ``requires_grad`` is restored. A bf16 cast on CUDA stays."""
+        if not isinstance(mode, bool):  # before anything changes (nn.Module's own check comes after)
+            raise ValueError("training mode is expected to be boolean")
         if mode and self._inference:
             self._leave_inference()
         return super().train(mode)
