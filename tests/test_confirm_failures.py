@@ -302,3 +302,7 @@ def test_overrides_that_repeat_the_searchs_settings_are_taken(searched, tmp_path
                  "budget_factor=1"]) == 0
     assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={out}", "task.val_sequences=64",
                  f"out={tmp_path / 'again.html'}"]) == 0
+    # ... and with the search's command line, whose study.n_trials=4 was then dropped with it: +experiment=tiny
+    # was refused as "not used: study.n_trials is 4 (6 here)"
+    assert main(["dashboard", "study.name=tiny-clusters", *search_args, "task.val_sequences=64",
+                 f"out={tmp_path / 'third.html'}"]) == 0

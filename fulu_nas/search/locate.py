@@ -103,8 +103,19 @@ def locate_study(overrides: list[str], hint: str = DEFAULT_HINT) -> StudyLocatio
             named = {o.key_or_group for o in plain}
             others = [p for p in failed.problems if p.partition(":")[0] not in named]
             raise FuluConfigError([*differ.problems, *others]) from None
-        repeated = {o.input_line for o in plain}
-        return _compose_location([o for o in overrides if o not in repeated], hint)
+        # Left out: those the composition refuses, one at a time (Hydra names the first). The others repeat
+        # the search too and stay: the groups' settings are compared with what they set (study.n_trials=4 beside
+        # +experiment=tiny, which sets 6).
+        repeated, kept = {o.input_line for o in plain}, list(overrides)
+        while True:
+            try:
+                return _compose_location(kept, hint)
+            except FuluConfigError as again:
+                named = {p.partition(":")[0] for p in again.problems}
+                refused = [o for o in kept if o in repeated and o.partition("=")[0] in named]
+                if not refused:
+                    return _compose_location([o for o in overrides if o not in repeated], hint)
+                kept = [o for o in kept if o not in refused]
 
 
 def _search_keys_given(overrides: list[str], hint: str):
