@@ -202,6 +202,28 @@ def test_importances_are_those_of_the_feasible_trials(tmp_path):
     assert panel_importances(one, {}) == [note_html("Needs at least 2 complete feasible trials (1).")]
 
 
+def test_optunas_warnings_on_the_importances_are_a_note_on_the_page_not_console_lines(tmp_path, recwarn):
+    """A conditional parameter seen in one trial: optuna warned "Some regimes for parameter `depth` have less
+    than 2 trials" three times on the dashboard's console; the page said nothing of it."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    from fulu_nas.dashboard.panels.importances import panel_importances
+
+    trials = []
+    for n in range(20):
+        router = ("topk", "hierarchical")[n % 2]
+        params = {"router": router, "a": n % 5, **({"depth": 2} if n == 1 else {})}
+        distributions = {"router": CategoricalDistribution(["topk", "hierarchical"]), "a": IntDistribution(0, 9),
+                         **({"depth": IntDistribution(2, 4)} if n == 1 else {})}
+        trials.append(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, values=[1.0 + (7 * n) % 10],
+                                                params=params, distributions=distributions))
+    blocks = panel_importances(_context(_settings(tmp_path), trials), {})
+    assert not [w for w in recwarn if "regimes" in str(w.message)], [str(w.message) for w in recwarn]
+    notes = [b for b in blocks if isinstance(b, str)]
+    assert notes == [note_html("optuna: Some regimes for parameter `depth` have less than 2 trials. The importance "
+                               "of the parameter may be inaccurate.")], notes
+
+
 def note_html(text: str) -> str:
     from fulu_nas.dashboard.panels.blocks import note
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import warnings
+from typing import Any
 
 from ..context import Context
 
@@ -14,33 +15,43 @@ def note(text: str) -> str:
 
 
 def quiet(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` without optuna's experimental-API notices and log lines ("Study instance
-    does not contain trials." of a plot with nothing of its kind to draw): the console shows the result
-    only, and the page says what a panel could not draw."""
+    """``fn(*args, **kwargs)`` with nothing on the console: see :func:`quiet_noting`."""
+    return quiet_noting(fn, *args, **kwargs)[0]
+
+
+def quiet_noting(fn, *args, **kwargs) -> tuple[Any, list[str]]:
+    """``fn(*args, **kwargs)`` and the warnings it gave (once each), without optuna's log lines ("Study
+    instance does not contain trials." of a plot with nothing of its kind to draw) or any warning on the
+    console: the console shows the result only, and the page says what a panel could not draw, or what
+    optuna warned of as it drew (its experimental-API notices aside)."""
     import optuna
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return fn(*args, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fn(*args, **kwargs)
     finally:
         optuna.logging.set_verbosity(verbosity)
+    said = [str(w.message) for w in caught if not issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+    return result, list(dict.fromkeys(said))
 
 
 def per_objective(ctx: Context, plot, what: str, feasible_only: bool = False) -> list:
     """One figure of ``plot`` (an ``optuna.visualization`` function) per objective, each drawn from
     the objective's single-objective study (:meth:`Context.objective_study`) so that optuna knows
-    whether it is minimised or maximised; a note for an objective it cannot be drawn for yet."""
+    whether it is minimised or maximised; a note for an objective it cannot be drawn for yet, and one for
+    each warning optuna gave drawing it."""
     blocks = []
     for i, (name, direction) in enumerate(zip(ctx.objectives, ctx.directions, strict=True)):
         try:
-            fig = quiet(plot, ctx.objective_study(i, feasible_only), target_name=ctx.quantity(name))
+            fig, said = quiet_noting(plot, ctx.objective_study(i, feasible_only), target_name=ctx.quantity(name))
         except Exception as e:  # too few distinct values, a single parameter, ...
             blocks.append(note(f"{what} for {name} could not be drawn yet ({type(e).__name__}: {e})."))
             continue
         blocks.append(untitled(fig, f"{name} ({direction})" if ctx.multi else None))
+        blocks += [note(f"optuna: {message}") for message in said]
     return blocks
 
 
