@@ -125,12 +125,12 @@ def test_a_line_with_a_command_is_printed_on_one_line(tmp_path, capsys):
     for width in (80, 160):
         lines = printed(width, print_summary, search_summary(), s).splitlines()
         assert any(line.startswith("best trial 2 beats the reference architecture on loss (+1.7%) in one run at ")
-                   and line.endswith("; fulu-nas confirm study.name=tiny-clusters trains both again with several "
-                                     "seeds") for line in lines), lines
+                   and line.endswith("; fulu-nas confirm study.name=tiny-clusters trains both again with 3 seeds")
+                   for line in lines), lines
         assert f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}" in lines, lines
     print_summary(search_summary(), s)  # not a terminal: a log's 160 columns
     out = capsys.readouterr().out.splitlines()
-    assert any(line.endswith("trains both again with several seeds") for line in out), out
+    assert any(line.endswith("trains both again with 3 seeds") for line in out), out
     assert f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}" in out, out
     summary = confirmation()
     summary["winner"] = {"trial": 0, "arch_hash": "h", "search_rank": 3, "mean": [1.277], "sd": [0.032], "n": 2}
@@ -221,6 +221,9 @@ def test_with_confirm_enabled_the_summary_does_not_advise_fulu_nas_confirm(tmp_p
     s = settings(tmp_path, "study.confirm.enabled=true")
     text = printed(160, print_summary, search_summary(), s)
     assert "fulu-nas confirm" not in text and "the confirmation (study.confirm.enabled) trains both again" in text, text
+    # "with several seeds", where it trained one
+    one = settings(tmp_path, "study.confirm.enabled=true", "study.confirm.seeds=1")
+    assert "trains both again with 1 seed\n" in printed(400, print_summary, search_summary(), one)
 
 
 def test_large_and_small_values_are_printed_in_plain_digits():
