@@ -18,9 +18,9 @@ and checks it against SHA-256 values recorded where the model's files are not:
   fulu-nas pyfunc serves its checked program and architecture. An upcycled encoder's export (task
   ``upcycle``) is no MLflow model: it is refused, pointing to ``fulu_nas.load``.
 
-Then ``mlflow models serve`` serves the copy (``--env-manager local``, on 127.0.0.1 by default), with
-MLflow's pickle loading switched off. :func:`load_pyfunc` does the same for
-``mlflow.pyfunc.load_model`` in Python.
+Then MLflow's scoring server serves the copy in this environment (:mod:`.scoring_app`: its app behind
+short JSON errors, on 127.0.0.1 by default), with MLflow's pickle loading switched off.
+:func:`load_pyfunc` does the same for ``mlflow.pyfunc.load_model`` in Python.
 """
 
 from __future__ import annotations
