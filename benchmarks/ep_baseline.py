@@ -13,8 +13,6 @@ import time
 
 import torch
 
-from fulu_nas.moe import MoEConfig, PiMoELayer
-
 parser = argparse.ArgumentParser(description="The single-GPU baseline of the expert-parallel benchmark.")
 for name in ("hidden", "experts", "ffn", "top_k", "tokens", "steps"):
     parser.add_argument(name, type=int)
@@ -24,6 +22,8 @@ args = parser.parse_args()
 if not torch.cuda.is_available():
     print("ep_baseline: needs CUDA (it times one GPU's share of the expert-parallel step)", file=sys.stderr)
     sys.exit(2)
+from fulu_nas.moe import MoEConfig, PiMoELayer  # noqa: E402 - after the arguments: --help needs no fulu_nas
+
 D, E, F, K, T, steps = args.hidden, args.experts, args.ffn, args.top_k, args.tokens, args.steps
 impl, profile_file = args.impl, args.profile_file
 torch.manual_seed(0)

@@ -166,7 +166,7 @@ def test_the_expert_parallel_baseline_names_its_arguments():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "ep_baseline.py"
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)  # no fulu_nas
     assert done.returncode == 2 and "the following arguments are required: hidden, experts" in done.stderr
     assert "Traceback" not in done.stderr
 
