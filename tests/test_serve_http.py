@@ -166,3 +166,69 @@ def test_a_program_failure_is_a_short_error(exported):  # noqa: F811
     message = raised.value.message
     assert message.startswith("the model's program failed on this input (") and len(message) < 300, message
     assert raised.value.error_code == "INTERNAL_ERROR"
+
+
+def asgi(app, method: str = "POST", body_parts: list[bytes] | None = None, headers=((b"content-type",
+                                                                                   b"application/json"),)):
+    """One request through the ASGI ``app``: its body in ``body_parts`` (None: a body that never ends); the
+    answer's status, headers and JSON."""
+    import asyncio
+
+    parts = list(body_parts) if body_parts is not None else None
+    sent: list[dict] = []
+
+    async def receive():
+        if parts is None:
+            await asyncio.Event().wait()
+        if parts:
+            return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": "/invocations", "headers": list(headers)}
+    asyncio.run(app(scope, receive, send))
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], dict(start["headers"]), json.loads(body)
+
+
+def fastapi_answer(status: int, detail: str, extra_headers=()):
+    async def app(scope, receive, send):
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), *extra_headers]})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
+def test_the_web_frameworks_own_errors_keep_their_words_and_headers():
+    """404 and 405 answered {"error_code": "BAD_REQUEST", "message": ""}: FastAPI says it in "detail"; the
+    405 lost its allow header."""
+    from fulu_nas.deploy.scoring_app import ShortErrors
+
+    status, headers, answer = asgi(ShortErrors(fastapi_answer(405, "Method Not Allowed", [(b"allow", b"POST")])),
+                                   method="GET")
+    assert (status, headers[b"allow"], answer) == (405, b"POST", {"error_code": "BAD_REQUEST",
+                                                                  "message": "Method Not Allowed"})
+
+
+def test_the_instances_form_is_refused_and_a_body_that_never_ends_gets_408(monkeypatch):
+    """MLflow's "instances" form dropped an instance without token_ids and answered 200 with fewer predictions
+    than instances; a body that never ended got uvicorn's plain-text 500 after MLflow's 60 s."""
+    from fulu_nas.deploy import scoring_app
+
+    called = []
+
+    async def app(scope, receive, send):
+        called.append(await receive())
+        await fastapi_answer(200, "ok")(scope, receive, send)
+
+    guarded = scoring_app.ShortErrors(app)
+    status, _, answer = asgi(guarded, body_parts=[b'{"instances": [{"token_ids": [1, 2]}, ', b'{"x": 1}]}'])
+    assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE" and '"inputs"' in answer["message"]
+    assert not called
+    status, _, _ = asgi(guarded, body_parts=[b'{"inputs": ', b"[[1, 2]]}"])  # read whole, and given to the app
+    assert status == 200 and called == [{"type": "http.request", "body": b'{"inputs": [[1, 2]]}', "more_body": False}]
+    monkeypatch.setattr(scoring_app, "BODY_S", 0.2)
+    assert asgi(guarded, body_parts=None)[:1] == (408,)

@@ -175,3 +175,13 @@ def test_a_server_that_exits_by_itself_gives_its_status(tmp_path):
     launcher = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps([sys.executable, "-c", "exit(3)"]), "{}"],
                               capture_output=True, text=True, timeout=60)
     assert launcher.returncode == 3, launcher.stderr
+
+
+def test_a_server_killed_by_a_signal_is_one_line_and_exit_1(tmp_path):
+    """The out-of-memory killer's SIGKILL to the server gave the guard's traceback (SIGKILL takes no handler) and
+    exit 1; a SIGTERM from elsewhere exit 241 (a status of -15) and no word."""
+    for name in ("SIGKILL", "SIGTERM"):
+        server = [sys.executable, "-c", f"import os, signal; os.kill(os.getpid(), signal.{name})"]
+        launcher = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps(server), "{}"], capture_output=True,
+                                  text=True, timeout=60)
+        assert (launcher.returncode, launcher.stderr) == (1, f"error: the server was stopped by {name}\n")

@@ -15,6 +15,7 @@ there, and serves until SIGTERM or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import re
@@ -25,6 +26,8 @@ from typing import Any
 from .server_process import listen_on, listen_problem, port
 
 MAX_MESSAGE = 400
+GRACEFUL_S = 5  # for the requests under way when the server is stopped
+BODY_S = 60  # for a request's body to arrive (MLflow's own limit on a request)
 # MLflow's wrappers around the message that says what is wrong: the request echoed before it, or after it.
 _ECHOED_BEFORE = re.compile(r"^Failed to predict data '.*'\.\s*\nError: ", re.S)
 _ECHOED_AFTER = re.compile(r"\nInput: \n.*$", re.S)
@@ -51,13 +54,15 @@ def error_answer(status: int, body: bytes) -> dict[str, str]:
     if not isinstance(answer, dict):
         answer = {"message": body.decode("utf-8", "replace")}
     code = answer.get("error_code") or ("INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
-    return {"error_code": str(code), "message": short_message(str(answer.get("message", "")))}
+    # FastAPI's own answers (404, 405) say it in "detail"
+    return {"error_code": str(code), "message": short_message(str(answer.get("message") or answer.get("detail") or ""))}
 
 
 class ShortErrors:
     """ASGI middleware: answers of status 400 and above are rewritten by :func:`error_answer`; an exception
     out of the app is an answer too (400 for input Python cannot read, else 500), logged in one line; a
-    POST without a Content-Type is refused before MLflow's app reads it (it fails on it)."""
+    POST without a Content-Type is refused before MLflow's app reads it (it fails on it), and so is MLflow's
+    ``instances`` form (it drops an instance without ``token_ids`` and answers for the others)."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]):
         self.app = app
@@ -70,6 +75,21 @@ class ShortErrors:
             await _answer(send, 415, {"error_code": "BAD_REQUEST",
                                       "message": "no Content-Type: send the input as application/json"})
             return
+        if scope["method"] == "POST":
+            try:
+                body, disconnected = await asyncio.wait_for(_read_body(receive), BODY_S)
+            except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+                await _answer(send, 408, {"error_code": "BAD_REQUEST",
+                                          "message": f"the request's body did not arrive within {BODY_S} s"})
+                return
+            if disconnected:
+                return  # nobody to answer
+            if _is_instances(body):
+                await _answer(send, 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": (
+                    'send the token ids as {"inputs": [[ids], ...]}: the "instances" form loses an instance '
+                    "that has no token_ids")})
+                return
+            receive = _replay(body, receive)
         started: list[Message] = []
         held: list[bytes] = []
 
@@ -84,10 +104,8 @@ class ShortErrors:
         try:
             await self.app(scope, receive, hold_errors)
         except Exception as e:  # noqa: BLE001 - every failure is an answer, never a traceback on the console
-            from starlette.requests import ClientDisconnect
-
-            if isinstance(e, ClientDisconnect) or (started and started[0]["status"] < 400):
-                return  # nobody to answer, or the answer is under way
+            if started and started[0]["status"] < 400:
+                return  # the answer is under way
             readable = isinstance(e, (ValueError, RecursionError))  # a number too long, JSON nested too deep
             problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"serve: {scope['method']} {scope['path']} failed ({short_message(problem)})", file=sys.stderr,
@@ -98,13 +116,54 @@ class ShortErrors:
                                                     else f"the server failed on this request ({problem})")})
             return
         if started and started[0]["status"] >= 400:
-            await _answer(send, started[0]["status"], error_answer(started[0]["status"], b"".join(held)))
+            # its headers but the body's own (an answer 405's allow, say)
+            kept = [(k, v) for k, v in started[0].get("headers", []) if k.lower() not in (b"content-type",
+                                                                                        b"content-length")]
+            await _answer(send, started[0]["status"], error_answer(started[0]["status"], b"".join(held)), kept)
 
 
-async def _answer(send: Send, status: int, answer: dict[str, str]) -> None:
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The request's whole body, and whether the client went away before it ended."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"", True
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks), False
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the app the body already read, then the client's own (its disconnect)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def _is_instances(body: bytes) -> bool:
+    """Whether ``body`` is a JSON object holding MLflow's ``instances`` (a cheap look before a full parse)."""
+    if b'"instances"' not in body:
+        return False
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return False  # MLflow's answer names what is wrong
+    return isinstance(value, dict) and "instances" in value
+
+
+async def _answer(send: Send, status: int, answer: dict[str, str], headers: list | None = None) -> None:
     body = json.dumps(answer).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [*(headers or []), (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -128,9 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's warnings while serving are about a request ("If using `instances` as input key ..."), which
     # its answer tells the client; the console is the operator's.
     logging.getLogger("mlflow").setLevel(logging.ERROR)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    # uvicorn's warnings are about a client's bytes (a malformed request, a websocket upgrade, which this server
+    # does not take); a stop waits for the requests under way, a few seconds at most.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", access_log=False, ws="none",
+                                           timeout_graceful_shutdown=GRACEFUL_S))
     # The port listens and the model is loaded: a request sent on reading this line is answered.
-    print(f"serving {args.shown or args.model} (every file checked) at http://{args.host}:{args.port}/invocations  "
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.shown or args.model} (every file checked) at http://{host}:{args.port}/invocations  "
           "(Ctrl-C stops it)", flush=True)
     server.run(sockets=[listening])
     return 0

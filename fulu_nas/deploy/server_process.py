@@ -125,7 +125,16 @@ def run_server(command: list[str], env: dict[str, str] | None = None,
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         os.close(alive)  # after the group has ended (or on an error here: then the guard stops it)
-    return 0 if stopped_by else code
+    if stopped_by:
+        return 0
+    if code < 0:  # the server was killed (the out-of-memory killer's SIGKILL, say): say so, not a status of -9
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        print(f"error: the server was stopped by {name}", file=sys.stderr)
+        return 1
+    return code
 
 
 def _guarded(command: list[str], watched: int, remove: str | os.PathLike | None) -> list[str]:
@@ -162,7 +171,8 @@ def _guard(argv: list[str]) -> int:
                 shutil.rmtree(remove, ignore_errors=True)
             return 0
     if server.returncode < 0:  # ended by a signal: end by it too, as the server would have without a guard
-        signal.signal(-server.returncode, signal.SIG_DFL)
+        if -server.returncode not in (signal.SIGKILL, signal.SIGSTOP):  # those two take no handler
+            signal.signal(-server.returncode, signal.SIG_DFL)
         os.kill(os.getpid(), -server.returncode)
     return server.returncode
 
