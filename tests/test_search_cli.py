@@ -103,6 +103,38 @@ def test_a_multirun_with_bad_input_is_refused_before_hydra_writes_a_job(sweep, m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_multirun_whose_jobs_share_one_study_is_refused_before_hydra_writes_a_job(tmp_path, monkeypatch, capsys):
+    """With study.storage= shared, every job opened the one default-named study: the second seed's job found
+    "nothing to train" (the first's trials) and ended in an MLflow traceback, exit 1."""
+    monkeypatch.chdir(tmp_path)
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert main(["search", "-m", "+experiment=tiny", f"study.storage={shared}", "study.seed=0,1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid search configuration:\n  - job 1 (+experiment=tiny ") and err.endswith(
+        f"study.seed=1): study.name: 'tiny-clusters' in {shared} is job 0's study too: give each job its own "
+        "study.name (sweep it too, or name the swept key in it, e.g. \"study.name=mine-${study.seed}\")\n"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_multirun_job_is_checked_in_its_own_folder(tmp_path, monkeypatch, capsys):
+    """Each job was checked in hydra.run.dir (outputs/NAME), where a sweep writes nothing: a study there with
+    other settings refused the sweep, and the sweep's own folders were never checked."""
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "outputs" / "tiny-clusters"
+    assert main(["search", "+experiment=tiny", "study.n_trials=1", "trainer.steps=10", "study.pruner=none",
+                 f"hydra.run.dir={other}"]) == 0
+    sweep = tmp_path / "sweep"
+    (sweep / "1").mkdir(parents=True)
+    (sweep / "1" / "optuna.db").write_bytes(b"not a database" * 100)  # the folder job 1 would write in
+    capsys.readouterr()
+    assert main(["search", "-m", "+experiment=tiny", "study.n_trials=1", "trainer.steps=20,30",
+                 f"hydra.sweep.dir={sweep}"]) == 2
+    err = capsys.readouterr().err
+    assert "job 1 (+experiment=tiny study.n_trials=1 trainer.steps=30" in err and "is not a SQLite database" in err
+    assert "job 0" not in err and "created with another" not in err, err
+    assert sorted(p.name for p in sweep.iterdir()) == ["1"]
+
+
 def test_a_damaged_database_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """A file that is not a SQLite database (or a folder) as the study's or the tracking database failed
     only after the search had written its folder; the tracking one with a traceback, exit 1."""

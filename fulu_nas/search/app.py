@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..checks import yaml_problem
+from ..checks import mask_url, yaml_problem
 from ..errors import FuluConfigError
 
 # Shipped inside the package (the top-level conf/ of a checkout links here), so a wheel install finds it.
@@ -81,8 +81,10 @@ def sweep_jobs(argv: list[str]) -> list[list[str]]:
     return [[*flags, *job] for job in jobs]
 
 
-def compose_config(overrides: list[str], config_dir: str | None = None, config_name: str = "config"):
-    """The composed config (resolved, as plain containers) and the run's output folder."""
+def compose_config(overrides: list[str], config_dir: str | None = None, config_name: str = "config",
+                   job_num: int | None = None):
+    """The composed config (resolved, as plain containers) and the run's output folder: ``hydra.run.dir``, or
+    for job ``job_num`` of a multirun its folder in the sweep's."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -91,10 +93,13 @@ def compose_config(overrides: list[str], config_dir: str | None = None, config_n
         raise FuluConfigError(unquoted)
     if config_dir:
         overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"]
+    if job_num is not None:
+        overrides = [*overrides, f"hydra.job.num={job_num}"]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    output_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    output_dir = (OmegaConf.select(cfg, "hydra.run.dir") if job_num is None else
+                  f"{OmegaConf.select(cfg, 'hydra.sweep.dir')}/{OmegaConf.select(cfg, 'hydra.sweep.subdir')}")
     data = OmegaConf.to_container(cfg, resolve=False)
     data.pop("hydra", None)
     resolved = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
@@ -118,9 +123,9 @@ def _unquoted_options(overrides: list[str], config_dir: str | None) -> list[str]
     return problems
 
 
-def preflight(argv: list[str], compose_only: bool = False):
+def preflight(argv: list[str], compose_only: bool = False, job_num: int | None = None):
     """Compose and validate without writing anything (``compose_only``: compose, and check no more);
-    FuluConfigError lists the problems."""
+    FuluConfigError lists the problems. ``job_num``: a multirun's job, checked in its own folder."""
     import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -134,7 +139,7 @@ def preflight(argv: list[str], compose_only: bool = False):
         raise FuluConfigError(f"--config-dir: {config_dir!r} is not a folder")
     try:
         cfg, output_dir = compose_config(overrides, config_dir, flags.get("--config-name") or flags.get("-cn")
-                                         or "config")
+                                         or "config", job_num)
     except (HydraException, OmegaConfBaseException) as e:
         raise FuluConfigError(composition_problem(e, config_dir)) from None
     except yaml.YAMLError as e:  # a config file (a space of the user's own, say) that is not YAML
@@ -285,15 +290,26 @@ def main(argv: list[str]) -> int:
     printing = bool(flags & _PRINTING_CONFIG)
     if printing or not flags & _HYDRA_ONLY:
         try:
-            jobs = sweep_jobs(argv) if flags & _MULTIRUN else [argv]
+            multirun = bool(flags & _MULTIRUN)
+            jobs = sweep_jobs(argv) if multirun else [argv]
+            studies: dict[tuple[str, str], int] = {}
             for n, job in enumerate(jobs):
+                job_overrides = " ".join(split_flags(job)[0])
                 try:
-                    preflight(job, compose_only=printing)
+                    settings = preflight(job, compose_only=printing, job_num=n if multirun else None)
                 except FuluConfigError as e:
                     if len(jobs) == 1:
                         raise
-                    job_overrides = " ".join(split_flags(job)[0])
                     raise FuluConfigError([f"job {n} ({job_overrides}): {p}" for p in e.problems]) from None
+                if settings is not None:  # two jobs of one study: the second resumed (or refused) the first's
+                    where = (settings.storage_url, settings.study.name)
+                    if where in studies:
+                        raise FuluConfigError(
+                            f"job {n} ({job_overrides}): study.name: {settings.study.name!r} in "
+                            f"{mask_url(settings.storage_url)} is job {studies[where]}'s study too: give each job its "
+                            "own study.name (sweep it too, or name the swept key in it, e.g. "
+                            "\"study.name=mine-${study.seed}\")")
+                    studies[where] = n
         except FuluConfigError as e:
             print("error: invalid search configuration:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
             return BAD_INPUT
