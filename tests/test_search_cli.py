@@ -135,6 +135,26 @@ def test_a_multirun_job_is_checked_in_its_own_folder(tmp_path, monkeypatch, caps
     assert sorted(p.name for p in sweep.iterdir()) == ["1"]
 
 
+def test_a_study_resumed_with_another_tracking_database_is_refused_before_anything_is_written(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """A shared study.storage resumed from another folder (its own mlflow.db): "nothing to train", then MLflow's
+    traceback (the study's parent run is not in that database), exit 1."""
+    monkeypatch.chdir(tmp_path)
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    common = ["+experiment=tiny", "study.n_trials=1", "trainer.steps=10", "study.pruner=none",
+              f"study.storage={shared}"]
+    assert main(["search", *common, f"hydra.run.dir={tmp_path / 'a'}"]) == 0
+    capsys.readouterr()
+    assert main(["search", *common, f"hydra.run.dir={tmp_path / 'b'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid search configuration:\n  - tracking.uri: study 'tiny-clusters' in "
+                          f"{shared} keeps its MLflow runs elsewhere: its parent run ") and err.endswith(
+        f"is not in sqlite:///{tmp_path / 'b' / 'mlflow.db'}; give the tracking.uri= it was searched with\n"), err
+    assert not (tmp_path / "b").exists()
+    assert main(["search", *common, f"hydra.run.dir={tmp_path / 'b'}",
+                 f"tracking.uri=sqlite:///{tmp_path / 'a' / 'mlflow.db'}"]) == 0  # with it, the study resumes
+
+
 def test_a_damaged_database_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """A file that is not a SQLite database (or a folder) as the study's or the tracking database failed
     only after the search had written its folder; the tracking one with a traceback, exit 1."""

@@ -252,7 +252,9 @@ def test_the_preflight_opens_studies_and_storages_without_writing(made_before, j
     for overrides in ([f"hydra.run.dir={out}", "study.n_trials=2"],  # the same study, extended
                       [f"hydra.run.dir={out}", "study.name=another", "trainer.steps=6"],
                       [f"study.storage=journal://{tmp_path / 'j.log'}", "study.name=another", "trainer.steps=6"],
-                      [f"study.storage=journal://{tmp_path / 'j.log'}", "study.n_trials=2"],
+                      # resumed with the tracking database its runs are in (another is refused: see test_search_cli)
+                      [f"study.storage=journal://{tmp_path / 'j.log'}", "study.n_trials=2",
+                       f"tracking.uri=sqlite:///{journal_study.parent / 'first' / 'mlflow.db'}"],
                       [f"study.storage=journal://{tmp_path / 'new.log'}"],
                       [f"study.storage=sqlite:///{tmp_path / 'new.db'}"],
                       [f"study.storage=sqlite:///{tmp_path / 'empty.db'}"]):

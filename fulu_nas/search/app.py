@@ -177,6 +177,7 @@ def check_existing_study(settings) -> None:
 
     from .storage import open_existing_storage
     from .study import check_resumable, quiet_optuna
+    from .tracking import PARENT_RUN_ATTR
 
     with quiet_optuna():
         storage = open_existing_storage(settings.storage_url)
@@ -188,6 +189,29 @@ def check_existing_study(settings) -> None:
         except KeyError:  # no study of this name yet
             return
         check_resumable(study, settings)
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent and not _tracking_has_run(settings.tracking_uri, parent):
+        # it would log the resumed study's summary to a run this tracking database lacks: MLflow's traceback
+        raise FuluConfigError(f"tracking.uri: study {settings.study.name!r} in {mask_url(settings.storage_url)} keeps "
+                              f"its MLflow runs elsewhere: its parent run {parent} is not in "
+                              f"{mask_url(settings.tracking_uri)}; give the tracking.uri= it was searched with")
+
+
+def _tracking_has_run(uri: str, run_id: str) -> bool:
+    """Whether the tracking store ``uri`` holds the run ``run_id``; a SQLite file is read only if it is an
+    MLflow database already (MLflow's client would make one)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from ..checks import MLFLOW_TABLES, sqlite_file, sqlite_tables
+
+    if uri.startswith("sqlite:///") and not (sqlite_file(uri).is_file() and MLFLOW_TABLES <= sqlite_tables(uri)):
+        return False
+    try:
+        mlflow.MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def composition_problem(e: Exception, config_dir: str | None) -> str:
