@@ -133,6 +133,9 @@ def test_a_multirun_job_is_checked_in_its_own_folder(tmp_path, monkeypatch, caps
     assert "job 1 (+experiment=tiny study.n_trials=1 trainer.steps=30" in err and "is not a SQLite database" in err
     assert "job 0" not in err and "created with another" not in err, err
     assert sorted(p.name for p in sweep.iterdir()) == ["1"]
+    # a sweep folder that cannot be made: Hydra's 24-line traceback
+    assert main(["search", "-m", "+experiment=tiny", "study.seed=0,1", "hydra.sweep.dir=/proc/nope"]) == 2
+    assert "hydra.sweep.dir: cannot make the folder '/proc/nope/0'" in capsys.readouterr().err
 
 
 def test_a_study_resumed_with_another_tracking_database_is_refused_before_anything_is_written(tmp_path, monkeypatch,

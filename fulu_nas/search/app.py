@@ -152,7 +152,7 @@ def preflight(argv: list[str], compose_only: bool = False, job_num: int | None =
         return None
     problems = []  # the output folder's and the settings', listed together
     try:
-        check_output_dir(output_dir)
+        check_output_dir(output_dir, "hydra.run.dir" if job_num is None else "hydra.sweep.dir")
     except FuluConfigError as e:
         problems = e.problems
     try:
