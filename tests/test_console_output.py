@@ -125,7 +125,8 @@ def test_a_line_with_a_command_is_printed_on_one_line(tmp_path, capsys):
     for width in (80, 160):
         lines = printed(width, print_summary, search_summary(), s).splitlines()
         assert any(line.startswith("best trial 2 beats the reference architecture on loss (+1.7%) in one run at ")
-                   and line.endswith("; fulu-nas confirm study.name=tiny-clusters trains both again with 3 seeds")
+                   and line.endswith(f"; fulu-nas confirm study.name=tiny-clusters hydra.run.dir={s.output_dir} "
+                                     "trains both again with 3 seeds")
                    for line in lines), lines
         assert f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}" in lines, lines
     print_summary(search_summary(), s)  # not a terminal: a log's 160 columns
@@ -226,6 +227,23 @@ def test_with_confirm_enabled_the_summary_does_not_advise_fulu_nas_confirm(tmp_p
     assert "trains both again with 1 seed\n" in printed(400, print_summary, search_summary(), one)
 
 
+def test_the_confirm_advice_locates_the_study_from_where_it_is_given(tmp_path, monkeypatch):
+    """It said `fulu-nas confirm study.name=NAME` alone, which looks in outputs/NAME: a study in another folder
+    (a multirun's job folder), or with its own storage or tracking database, was not found there."""
+    monkeypatch.chdir(tmp_path)
+    from fulu_nas.search.app import compose_config
+
+    def advice(*overrides):
+        cfg, out = compose_config(["+experiment=tiny", *overrides])
+        text = printed(400, print_summary, search_summary(), load_settings(cfg, out, will_train=False))
+        return text.partition("; fulu-nas confirm ")[2].partition(" trains both")[0]
+
+    assert advice() == "study.name=tiny-clusters"  # the default folder, outputs/tiny-clusters
+    assert advice("hydra.run.dir=multirun/x/1") == f"study.name=tiny-clusters hydra.run.dir={tmp_path}/multirun/x/1"
+    assert advice("study.storage=sqlite:///s.db", "tracking.uri=sqlite:///t.db") == (
+        "study.name=tiny-clusters study.storage=sqlite:///s.db tracking.uri=sqlite:///t.db")
+
+
 def test_large_and_small_values_are_printed_in_plain_digits():
     """A throughput of 12,345.6 tok/s printed as "1.235e+04", an active-parameter count of 1,181,200 as
     "1.181e+06": figures a reader compares by eye. Large values are whole numbers with thousands
@@ -240,3 +258,29 @@ def test_large_and_small_values_are_printed_in_plain_digits():
     assert format_value(0.0) == "0"
     assert format_value(float("nan")) == "nan" and format_value(float("inf")) == "inf"
     assert format_value(11812) == "11812" and format_value(None) == "-"
+
+
+def test_an_interrupted_multirun_job_says_how_to_resume_its_sweep(tmp_path):
+    """"run the same command to resume" started a new sweep in a new timestamped folder, training every job
+    again: the same command resumes the sweep with its folder given."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from fulu_nas.search.app import CONF_DIR
+    from fulu_nas.search.study import _in_this_sweep
+
+    assert _in_this_sweep() == ""  # no Hydra job (the API), or a single run:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for mode, said in (("RUN", ""), ("MULTIRUN", f" with hydra.sweep.dir={tmp_path / 'sweep'}")):
+            cfg = compose("config", overrides=["+experiment=tiny", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          return_hydra_config=True)
+            with open_dict(cfg):
+                cfg.hydra.mode = mode
+            HydraConfig.instance().set_config(cfg)
+            try:
+                assert _in_this_sweep() == said
+            finally:
+                HydraConfig.instance().cfg = None

@@ -193,7 +193,7 @@ def _print_verdict(console, summary: dict, s: SearchSettings, ref: dict | None) 
         seeds = f"{s.study.confirm.seeds} seed{'s' * (s.study.confirm.seeds != 1)}"
         again = (f"the confirmation (study.confirm.enabled) trains both again with {seeds}"
                  if s.study.confirm.enabled else
-                 f"fulu-nas confirm study.name={s.study.name} trains both again with {seeds}")
+                 f"fulu-nas confirm {' '.join(s.locating_overrides())} trains both again with {seeds}")
         say(console, f"best trial {summary['best_trial']} {verdict} the reference architecture{infeasible} on "
                      f"{summary['objectives'][0]}" + (f" ({gain:+.1%})" if gain is not None else "")
                      + f" in one run at {s.train.steps} steps; {again}")

@@ -150,6 +150,21 @@ class SearchSettings:
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{(self.output_dir / 'mlflow.db').resolve()}"
 
+    def locating_overrides(self) -> list[str]:
+        """The overrides that point ``fulu-nas confirm``, ``export`` or ``dashboard`` at this study from the
+        current folder: its name, and its folder and databases where they are not the default ones (a
+        multirun's job folder, say)."""
+        from ..checks import mask_url
+
+        found = [f"study.name={self.study.name}"]
+        if self.output_dir.resolve() != (Path("outputs") / self.study.name).resolve():
+            found.append(f"hydra.run.dir={self.output_dir.resolve()}")
+        if self.study.storage:
+            found.append(f"study.storage={mask_url(self.study.storage)}")
+        if self.tracking.uri:
+            found.append(f"tracking.uri={mask_url(self.tracking.uri)}")
+        return found
+
     @property
     def artifact_location(self) -> str | None:
         """Where a new experiment keeps artifacts: a tracking server decides its own; with a database

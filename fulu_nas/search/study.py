@@ -439,14 +439,25 @@ def _interrupted(s: SearchSettings, study: optuna.Study, asked: list[int]) -> in
     stopped = any(study._storage.get_trial(i).user_attrs.get("fail_reason") == "interrupted" for i in asked)
     if stopped or finished_count(study) < s.study.n_trials:
         print("interrupted: " + ("the running trial was failed and queued again; " if stopped else "") +
-              "run the same command to resume", file=sys.stderr)
+              f"run the same command{_in_this_sweep()} to resume", file=sys.stderr)
         return INTERRUPTED
     if s.study.confirm.enabled:
         print("interrupted after the study's last trial: the study is complete, its confirmation did not run; "
-              "run the same command to run it", file=sys.stderr)
+              f"run the same command{_in_this_sweep()} to run it", file=sys.stderr)
         return INTERRUPTED
     print("stopped after the study's last trial: the study is complete", file=sys.stderr)
     return 0
+
+
+def _in_this_sweep() -> str:
+    """In a multirun, what makes the same command resume its jobs rather than start a sweep in a new
+    folder (the default sweep folder is named after the time it started); elsewhere nothing."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""
+    return f" with hydra.sweep.dir={Path(HydraConfig.get().sweep.dir).resolve()}"
 
 
 def _surplus(t: optuna.trial.FrozenTrial) -> bool:
@@ -499,7 +510,7 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
             else:
                 code = _run_worker_processes(s, progress, received)
         except KeyboardInterrupt:  # before a trial ran (opening the study, compiling a kernel, starting workers)
-            print("interrupted: run the same command to resume", file=sys.stderr)
+            print(f"interrupted: run the same command{_in_this_sweep()} to resume", file=sys.stderr)
             code = INTERRUPTED
         except BaseException as e:
             # whatever ends the search, its parent run ends (FAILED, with the error) and the summary is written
@@ -600,8 +611,8 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
         if all(p.returncode == 0 for p, _ in procs):
             # Every worker ended its part: the signal came as the search was ending.
             return _interrupted(s, study, [])
-        print("interrupted: run the same command to resume (each worker's log says what it stopped)",
-              file=sys.stderr)
+        print(f"interrupted: run the same command{_in_this_sweep()} to resume (each worker's log says what it "
+              "stopped)", file=sys.stderr)
         return INTERRUPTED
     finally:
         bar.close()
