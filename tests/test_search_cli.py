@@ -158,6 +158,20 @@ def test_a_study_resumed_with_another_tracking_database_is_refused_before_anythi
                  f"tracking.uri=sqlite:///{tmp_path / 'a' / 'mlflow.db'}"]) == 0  # with it, the study resumes
 
 
+def test_a_sweep_without_multirun_and_multirun_with_cfg_are_one_message(tmp_path, monkeypatch, capsys):
+    """search_space=tiny,default without -m was told to quote the value (which then named no option); -m with
+    --cfg gave Hydra's ValueError traceback."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "+experiment=tiny", "search_space=tiny,default"]) == 2
+    assert capsys.readouterr().err == ("error: invalid search configuration:\n  - search_space=tiny,default: a sweep "
+                                       "over several options: add --multirun (-m) to run one search for each, or "
+                                       "give one option\n")
+    assert main(["search", "-m", "+experiment=tiny", "study.seed=0,1", "--cfg", "job"]) == 2
+    assert capsys.readouterr().err == ("error: Only one of --run, --multirun, --cfg, --info and --shell_completion "
+                                       "can be specified\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_damaged_database_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """A file that is not a SQLite database (or a folder) as the study's or the tracking database failed
     only after the search had written its folder; the tracking one with a traceback, exit 1."""

@@ -115,6 +115,10 @@ def _unquoted_options(overrides: list[str], config_dir: str | None) -> list[str]
     problems = []
     for o in OverridesParser.create().parse_overrides(overrides):
         value = o.value()
+        if o.key_or_group in groups and o.is_sweep_override():  # search_space=a,b without --multirun
+            problems.append(f"{o.input_line}: a sweep over several options: add --multirun (-m) to run one search "
+                            "for each, or give one option")
+            continue
         if o.key_or_group in groups and not isinstance(value, (str, list)):
             key, _, text = o.input_line.partition("=")
             read = "null" if value is None else f"{type(value).__name__} {value!r}"
@@ -338,10 +342,17 @@ def main(argv: list[str]) -> int:
             print("error: invalid search configuration:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
             return BAD_INPUT
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_job)
+    global _job_started
+    _job_started = False  # this call's (a process can search more than once: the API, tests)
     saved = sys.argv
     sys.argv = ["fulu-nas search", *_flags_first(argv)]
     try:
         app()
+    except ValueError as e:  # Hydra's refusal of two of its modes at once (--multirun with --cfg), a traceback
+        if _job_started or not str(e).startswith("Only one of"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return BAD_INPUT
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         # Hydra exits 1 on its own composition errors, before our job starts: that is bad input.
