@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 import yaml
@@ -170,6 +171,23 @@ def test_a_sweep_without_multirun_and_multirun_with_cfg_are_one_message(tmp_path
     assert capsys.readouterr().err == ("error: Only one of --run, --multirun, --cfg, --info and --shell_completion "
                                        "can be specified\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_runs_a_study_in_each_job_folder_and_resumes_in_it(tmp_path, monkeypatch, capsys):
+    """docs/search.md, "Sweeps": a study in each job's folder, each job's summary naming that folder, and the same
+    command with the sweep's folder resuming each job."""
+    monkeypatch.chdir(tmp_path)
+    command = ["search", "--multirun", "+experiment=tiny", "study.seed=0,1", "hydra.sweep.dir=sweeps/seeds",
+               "study.n_trials=1", "trainer.steps=5", "study.pruner=none"]
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    for job in ("0", "1"):
+        folder = tmp_path / "sweeps" / "seeds" / job
+        study = optuna.load_study(study_name="tiny-clusters", storage=f"sqlite:///{folder / 'optuna.db'}")
+        assert len(study.trials) == 1 and (folder / "mlflow.db").is_file()
+        assert f"results: {folder}  |  MLflow: fulu-nas ui {folder}" in out
+    assert main(command) == 0
+    assert capsys.readouterr().out.count("already has 1 finished trial of the 1 requested: nothing to train") == 2
 
 
 def test_a_damaged_database_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
