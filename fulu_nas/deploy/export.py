@@ -328,6 +328,16 @@ def header_problems(stored: dict[str, tuple], expected: dict[str, tuple], missin
     return problems
 
 
+def configured_tensors(arch: ArchConfig, config: Path) -> dict[str, torch.Tensor]:
+    """The state dict ``arch`` describes, on the meta device (shapes, no memory); ``config``: the user's file,
+    for the message when the layers refuse the architecture."""
+    try:  # a configuration ArchConfig takes can still be one the layers refuse, in their own words
+        with torch.device("meta"):
+            return PiMoETransformer(arch).state_dict()
+    except (TypeError, ValueError) as e:
+        raise FuluConfigError(f"{config}: not a valid architecture ({str(e).splitlines()[0]})") from None
+
+
 def read_weights(arch: ArchConfig, weights: Path, source: Path, config: Path) -> dict[str, torch.Tensor]:
     """The weights of ``weights``, read once: the configuration's tensor shapes are checked against the
     safetensors header before anything is read or a module of that size allocated (a configuration can
@@ -335,11 +345,7 @@ def read_weights(arch: ArchConfig, weights: Path, source: Path, config: Path) ->
     finite. ``source``, ``config``: the user's files, for messages."""
     from safetensors import SafetensorError, safe_open
 
-    try:  # a configuration ArchConfig takes can still be one the layers refuse, in their own words
-        with torch.device("meta"):
-            configured = PiMoETransformer(arch).state_dict()
-    except (TypeError, ValueError) as e:
-        raise FuluConfigError(f"{config}: not a valid architecture ({str(e).splitlines()[0]})") from None
+    configured = configured_tensors(arch, config)
     expected = {k: tuple(v.shape) for k, v in configured.items()}
     try:  # the checksums say the file is the listed one, not that it is whole (they can be rewritten with it)
         with safe_open(str(weights), framework="pt") as f:
@@ -360,12 +366,7 @@ def check_program(program: Path, arch: ArchConfig, source: Path) -> None:
     through ids the program then failed on."""
     from .pt2_check import load_program
 
-    try:
-        with torch.device("meta"):
-            configured = {f"model.{k}": tuple(v.shape) for k, v in PiMoETransformer(arch).state_dict().items()}
-    except (TypeError, ValueError) as e:
-        problem = str(e).splitlines()[0]
-        raise FuluConfigError(f"{source / 'config.yaml'}: not a valid architecture ({problem})") from None
+    configured = {f"model.{k}": tuple(v.shape) for k, v in configured_tensors(arch, source / "config.yaml").items()}
     try:
         stored = {k: tuple(v.shape) for k, v in load_program(program, sha256(program)).state_dict.items()}
     except UnsafeProgramError as e:

@@ -207,9 +207,11 @@ def _tracking_has_run(uri: str, run_id: str) -> bool:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from ..checks import MLFLOW_TABLES, sqlite_file, sqlite_tables
+    from ..checks import check_tracking_database_exists
 
-    if uri.startswith("sqlite:///") and not (sqlite_file(uri).is_file() and MLFLOW_TABLES <= sqlite_tables(uri)):
+    try:
+        check_tracking_database_exists(uri)
+    except FuluConfigError:
         return False
     try:
         mlflow.MlflowClient(uri).get_run(run_id)
