@@ -622,3 +622,36 @@ def test_a_search_out_of_attempts_says_why_and_does_not_exit_0(tmp_path, monkeyp
     printed = capsys.readouterr().out
     assert "stopping after 60 trials started: 0 of the 1 requested trials finished (60 surplus" in printed, printed
     assert "infeasible?" not in printed
+
+
+def test_a_study_whose_every_trial_failed_has_no_result_and_exits_1(tmp_path, monkeypatch, capsys):
+    """Every trial diverged: the search printed "no feasible complete trial yet" for a complete study and
+    exited 0, so a script went on to export; its parent run ended FINISHED. A later search that completes
+    trials ends the same parent run FINISHED, without the earlier reason."""
+    from fulu_nas.search import objective as objective_module
+
+    real = objective_module.train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an expert kernel failed")
+
+    monkeypatch.setattr(objective_module, "train", broken)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=2") == 1
+    printed = capsys.readouterr()
+    assert "no feasible complete trial (2 failed, 0 pruned, 0 infeasible)" in printed.out, printed.out
+    assert printed.err.strip().splitlines()[-1] == (
+        "error: no trial of study tiny-clusters completed (2 failed): the search has no result; each trial's reason "
+        "is above and on its MLflow run (tag fulu.reason)")
+    assert json.loads((out / "summary.json").read_text())["n_failed"] == 2
+    client, parents, trials = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    assert [p.info.status for p in parents] == ["FAILED"]
+    assert parents[0].data.tags["fulu.reason"].startswith("no trial of study tiny-clusters completed (2 failed)")
+    assert [t.info.status for t in trials] == ["FAILED"] * 2
+    assert all("an expert kernel failed" in t.data.tags["fulu.reason"] for t in trials)
+
+    monkeypatch.setattr(objective_module, "train", real)
+    assert run_search(out, "study.n_trials=3") == 0
+    client, parents, _ = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
+    assert [p.info.status for p in parents] == ["FINISHED"] and "fulu.reason" not in parents[0].data.tags

@@ -118,7 +118,8 @@ def print_summary(summary: dict, s: SearchSettings, console=None) -> None:
     console = console or console_for_results()
     rows = summary.get("pareto_front") or ([summary["best"]] if "best" in summary else [])
     if not rows:
-        say(console, f"study {summary['study']}: no feasible complete trial yet ({summary['n_failed']} failed, "
+        yet = " yet" if summary["n_finished"] < summary["n_trials_requested"] else ""
+        say(console, f"study {summary['study']}: no feasible complete trial{yet} ({summary['n_failed']} failed, "
                      f"{summary['n_pruned']} pruned, {summary['n_infeasible']} infeasible)")
         say(console, f"results: {s.output_dir}")
         return

@@ -33,7 +33,7 @@ from ..moe import cpu_stream
 from . import interrupts
 from .interrupts import between_writes, interrupt
 from .objective import Objective, TrialFailed, counts_toward_total, is_feasible, pareto_front, requeue_interrupted
-from .report import print_summary, summarize
+from .report import describe_counts, print_summary, summarize
 from .settings import SearchSettings
 from .storage import mask_url, open_study_storage
 from .tracking import PARENT_RUN_ATTR, Tracker, quiet_mlflow, this_worker, worker_is_gone
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)  # the run folder's search.log (the console
 FINGERPRINT_ATTR = "fulu_fingerprint"
 FINGERPRINT_PARTS_ATTR = "fulu_fingerprint_parts"  # each part's digest: what a refused resume names
 INTERRUPTED = 130
+NO_RESULT = 1  # every trial of a complete study failed (or was pruned or not trained)
 INCOMPLETE = 1  # the search stopped without the requested finished trials, not interrupted
 WORKER_ATTR = "worker"  # a trial's user attribute: the process that runs it (tracking.this_worker)
 
@@ -525,7 +526,19 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
         interrupts.ignore_signals()  # the search is ending: a Ctrl-C now would leave its parent run open
         summary = _finish_study(s)
     print_summary(summary, s)
+    if code == 0 and _untrained(summary):
+        print(f"error: {_untrained(summary)}", file=sys.stderr)
+        return NO_RESULT
     return code
+
+
+def _untrained(summary: dict) -> str | None:
+    """Why a study that has all its trials has no result (not one trial completed), or None. A script
+    running the search (``fulu-nas search && fulu-nas export``) learns it from the exit code."""
+    if summary["n_complete"] or summary["n_finished"] < summary["n_trials_requested"]:
+        return None
+    return (f"no trial of study {summary['study']} completed ({describe_counts(summary, zeros=False)}): the search "
+            "has no result; each trial's reason is above and on its MLflow run (tag fulu.reason)")
 
 
 def _finish_study(s: SearchSettings, error: str | None = None) -> dict:
@@ -537,7 +550,7 @@ def _finish_study(s: SearchSettings, error: str | None = None) -> dict:
         tracker = Tracker(s)
         parent = tracker.parent_run(study) if error is None else study.user_attrs.get(PARENT_RUN_ATTR)
         if parent:
-            tracker.finish_study(parent, summary, error=error)
+            tracker.finish_study(parent, summary, error=error or _untrained(summary))
     (s.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 

@@ -137,7 +137,7 @@ class Tracker:
     def finish_study(self, parent_id: str, summary: dict, error: str | None = None) -> None:
         """The summary on the study's parent run, which ends FINISHED once the study has its trials and
         KILLED when the search stopped short (interrupted, or out of attempts; the same command resumes it);
-        FAILED, with ``error`` as its reason, when an error ended the search."""
+        FAILED, with ``error`` as its reason, when an error ended the search or no trial of the study completed."""
         metrics = {f"best.{k}": v for k, v in summary.get("best_metrics", {}).items() if _is_number(v)}
         self._log_metrics(parent_id, metrics)
         # n_trials_requested as a tag: the run's n_trials parameter is the first search's (parameters are fixed)
@@ -152,6 +152,8 @@ class Tracker:
         self.client.set_tag(parent_id, "fulu.state", "complete" if done else "incomplete")
         if error is not None:
             self.client.set_tag(parent_id, "fulu.reason", error[:5000])
+        elif "fulu.reason" in self.client.get_run(parent_id).data.tags:  # an earlier search's, ended by an error
+            self.client.delete_tag(parent_id, "fulu.reason")
         status = "FAILED" if error is not None else "FINISHED" if done else "KILLED"
         self.client.set_terminated(parent_id, status=status)
 
