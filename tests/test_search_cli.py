@@ -190,6 +190,38 @@ def test_a_sweep_runs_a_study_in_each_job_folder_and_resumes_in_it(tmp_path, mon
     assert capsys.readouterr().out.count("already has 1 finished trial of the 1 requested: nothing to train") == 2
 
 
+def test_a_sweep_goes_on_past_a_job_without_result_and_lists_its_jobs(tmp_path, monkeypatch, capsys):
+    """A job whose every trial failed stopped the sweep (Hydra's launcher ends it at the first job that exits),
+    leaving the later jobs unrun; nothing listed the jobs' outcomes at the end."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "--multirun", "+experiment=tiny", "trainer.lr=1000,0.003", "hydra.sweep.dir=sweep",
+                 "study.n_trials=1", "trainer.steps=5", "study.pruner=none", "trainer.divergence_factor=1.01"]) == 1
+    out = capsys.readouterr().out
+    folder = tmp_path / "sweep"
+    study = optuna.load_study(study_name="tiny-clusters", storage=f"sqlite:///{folder / '1' / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+    loss = study.trials[0].values[0]
+    assert out.splitlines()[-3:] == [
+        f"sweep of 2 jobs in {folder}:",
+        f"  job 0 trainer.lr=1000: no trial completed (exit code 1)  ->  {folder / '0'}",
+        f"  job 1 trainer.lr=0.003: best trial 0: loss={loss:.4g}  ->  {folder / '1'}"]
+
+
+def test_an_interrupted_sweep_stops_and_lists_the_jobs_it_did_not_start(tmp_path, monkeypatch, capsys):
+    from fulu_nas.search import study
+
+    codes = iter([0, study.INTERRUPTED])
+    monkeypatch.setattr(study, "run_search", lambda settings: next(codes))
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "-m", "+experiment=tiny", "study.seed=0,1,2", "hydra.sweep.dir=sweep"]) == 130
+    folder = tmp_path / "sweep"
+    assert capsys.readouterr().out.splitlines()[-4:] == [
+        f"sweep of 3 jobs in {folder}:",
+        f"  job 0 study.seed=0: done  ->  {folder / '0'}",
+        f"  job 1 study.seed=1: interrupted (exit code 130)  ->  {folder / '1'}",
+        f"  1 job not started: run the same command with hydra.sweep.dir={folder} to resume the sweep"]
+
+
 def test_a_damaged_database_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """A file that is not a SQLite database (or a folder) as the study's or the tracking database failed
     only after the search had written its folder; the tracking one with a traceback, exit 1."""

@@ -292,11 +292,13 @@ def _job(cfg) -> None:
     global _job_started
     _job_started = True
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
+    from . import sweep
     from .confirm import confirm_after_search
     from .settings import load_settings
-    from .study import run_search
+    from .study import INTERRUPTED, run_search
 
     try:
         settings = load_settings(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir)
@@ -305,7 +307,11 @@ def _job(cfg) -> None:
             code = confirm_after_search(settings)
     except FuluConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(BAD_INPUT)
+        code = BAD_INPUT
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        sweep.record(HydraConfig.get(), code)
+        if code != INTERRUPTED:
+            return  # the sweep goes on: main ends it with the jobs' list and the first failure's code
     if code:
         sys.exit(code)
 
@@ -313,11 +319,13 @@ def _job(cfg) -> None:
 def main(argv: list[str]) -> int:
     import hydra
 
+    from . import sweep
     from .tracking import quiet_mlflow
 
     quiet_mlflow()
     flags = set(a.partition("=")[0] for a in argv)
     printing = bool(flags & _PRINTING_CONFIG)
+    jobs = [argv]
     if printing or not flags & _HYDRA_ONLY:
         try:
             multirun = bool(flags & _MULTIRUN)
@@ -346,6 +354,7 @@ def main(argv: list[str]) -> int:
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_job)
     global _job_started
     _job_started = False  # this call's (a process can search more than once: the API, tests)
+    sweep.start()
     saved = sys.argv
     sys.argv = ["fulu-nas search", *_flags_first(argv)]
     try:
@@ -357,8 +366,10 @@ def main(argv: list[str]) -> int:
         return BAD_INPUT
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        sweep.print_sweep(len(jobs))  # an interrupted sweep: the jobs that ran, and those left
         # Hydra exits 1 on its own composition errors, before our job starts: that is bad input.
         return BAD_INPUT if code == 1 and not _job_started else code
     finally:
         sys.argv = saved
-    return 0
+    sweep.print_sweep(len(jobs))
+    return sweep.exit_code()
