@@ -120,6 +120,41 @@ def test_packed_weights_follow_updates(packed_calls):
 
 
 
+
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
+def test_packed_weights_follow_a_fused_optimizer_step(packed_calls, optimizer):
+    """torch's fused optimizers (``fused=True``) write the parameters without moving their version
+    counters: after such a step the experts computed with the old weights (the router with the new),
+    a relative error near 1."""
+    layer = make_layer("topk")
+    opt = getattr(torch.optim, optimizer)(layer.parameters(), lr=0.1, fused=True)
+    x = torch.randn(16, 32)
+    for _ in range(2):  # packed, trained one fused step, packed again
+        layer.eval()
+        with torch.inference_mode():
+            assert relative_error(layer(x)[0], layer(x, impl="loop")[0]) < 1e-5
+        layer.train()
+        out, stats = layer(x)
+        (out.square().sum() + stats["balance_loss"]).backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(packed_calls) == 2
+
+
+def test_the_router_weights_split_follows_a_fused_optimizer_step():
+    """The router weight's bf16 split (what CUDA's bf16 logits multiply by, kept between calls) was keyed
+    on the weight's version counter, which a fused optimizer step leaves as it was: the router went on
+    with the old weights."""
+    from fulu_nas.moe import routing
+
+    weight = torch.nn.Parameter(torch.randn(8, 32))
+    opt = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    routing._split_weight(weight)
+    weight.grad = torch.randn_like(weight)
+    opt.step()
+    torch.testing.assert_close(routing._split_weight(weight), torch.cat(routing.split_bf16(weight.detach())),
+                               rtol=0, atol=0)
+
 def test_a_layer_made_under_inference_mode_takes_its_packed_paths(packed_calls):
     """Weights created under ``torch.inference_mode()`` (a model built or loaded there to serve) have
     no version counter: the packed copies' key read it and every packed path raised."""

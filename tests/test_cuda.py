@@ -558,3 +558,23 @@ def test_the_expert_parallel_baseline_script_times_a_step_and_writes_its_profile
     assert "ms per forward+backward" in done.stdout and "tokens, E=8, D=256" in done.stdout
     table = profile.read_text()
     assert "Name" in table and "aten::" in table
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_bf16_router_logits_follow_a_fused_optimizer_step(grad):
+    """The router weight's bf16 split is kept between eager calls, keyed on the weight's version counter,
+    which a fused optimizer step (``AdamW(fused=True)``, common on GPUs) leaves as it was: training and
+    inference went on routing by the weights before the step."""
+    from fulu_nas.moe import routing
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(8, 512, device="cuda") * 0.05)
+    x = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    opt = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    for _ in range(2):
+        with torch.set_grad_enabled(grad):
+            logits = routing.router_logits(x, weight)
+        reference = x.detach().double() @ weight.detach().double().t()
+        assert ((logits.double() - reference).norm() / reference.norm()).item() < 1e-4
+        weight.grad = torch.randn_like(weight)
+        opt.step()

@@ -19,8 +19,9 @@ grouped experts gets them. Each packed copy
 (:func:`cached`: oneDNN's, the kernel's panels) is kept per
 :class:`~fulu_nas.moe.experts.GroupedExperts` module (in a weak map, so it never travels with the
 module's state, copies or pickles) and is rebuilt when a weight is replaced or changed in place
-through autograd-visible operations (an optimizer step, ``load_state_dict``): it is keyed on each
-weight's storage and version counter. Writes through ``.data`` bypass the version counter and are
+through autograd-visible operations (an optimizer step, fused or not; ``load_state_dict``): it is
+keyed on each weight's storage and version counter, and the fused optimizer steps
+(:mod:`~fulu_nas.moe.weight_version`). Writes through ``.data`` bypass the version counter and are
 not seen, nor are other in-place writes to weights made under ``torch.inference_mode()``, which have
 no version counter (``load_state_dict`` is: the experts drop their copies after a load, :func:`forget`). Each
 copy costs the expert weights' size once more, for as long as the module lives (a workload with
@@ -37,6 +38,8 @@ from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
+
+from .weight_version import version
 
 T = TypeVar("T")
 
@@ -93,8 +96,7 @@ _PACKED: weakref.WeakKeyDictionary[object, dict[str, tuple[tuple, object]]] = we
 
 
 def _fingerprint(w: Tensor | None) -> tuple | None:
-    # An inference tensor (made under torch.inference_mode) has no version counter: its storage alone.
-    return None if w is None else (w.data_ptr(), None if w.is_inference() else w._version)
+    return None if w is None else version(w)
 
 
 def _unchanged(signature: tuple, weights: tuple[Tensor | None, ...]) -> bool:

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import triton_moe
+from .weight_version import version
 
 
 @dataclass
@@ -148,14 +149,14 @@ def _split_weight(weight_ED: Tensor) -> Tensor:
         # compiled: part of the graph, fused by the compiler; an inference tensor (made under
         # inference_mode) has no version counter that would tell when it changes
         return torch.cat(split_bf16(weight_ED.float()))
-    key = (weight_ED.data_ptr(), weight_ED._version)
+    key = version(weight_ED)
     cached = _SPLIT_WEIGHTS.get(weight_ED)
     if cached is None or cached[0] != key:
         cached = _SPLIT_WEIGHTS[weight_ED] = (key, torch.cat(split_bf16(weight_ED.float())))
     return cached[1]
 
 
-# Router weight -> ((data pointer, version), its split); an entry goes with its weight.
+# Router weight -> (its version, its split); an entry goes with its weight.
 _SPLIT_WEIGHTS = WeakIdKeyDictionary()
 
 
