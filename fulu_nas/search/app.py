@@ -246,10 +246,11 @@ def _override_problem(key: str, e: Exception) -> str:
     if key == "model":  # the upcycle task's own key (task/upcycle.yaml), spelt right
         return ("model: a key of task=upcycle alone (model=PATH names the encoder it upcycles): add task=upcycle or "
                 "+experiment=upcycle_tiny")
-    if "." not in key or key.startswith(_FIXED_SCHEMA):  # the top level is a fixed schema too
+    missing = getattr(e.__cause__, "full_key", key)
+    # the top level is a fixed schema too (cost.rounds=0: no entry "cost" to merge into or add to)
+    if "." not in key or key.startswith(_FIXED_SCHEMA) or missing == key.partition(".")[0]:
         return f"{key}: unknown key (check its spelling)"
     added = str(e).partition("To append to your config use ")[2].strip() or f"+{key}=VALUE"
-    missing = getattr(e.__cause__, "full_key", key)
     if missing != key:
         return (f"{key}: a value given for an existing entry is merged into it, which has no {missing}; to replace "
                 f"the entry, remove it first: ~{key} '{added}'")
