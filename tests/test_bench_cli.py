@@ -327,6 +327,17 @@ def test_bench_layer_json_records_what_was_timed(tmp_path):
     assert result["paths"] == ["sorted"] and result["dtype"] == "float32"
 
 
+
+def test_bench_layer_compiles_past_dynamos_default_graph_limit(tmp_path, monkeypatch):
+    """Each (path, token count) of a compiled path is one more graph of one lambda to dynamo: past its
+    limit (8 by default; 1 here, so that two token counts show it) the command ended in
+    FailOnRecompileLimitHit's traceback."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    out = tmp_path / "layer.json"
+    assert bench.main(["layer", "--tokens", "2", "3", "--hidden", "16", "--experts", "2", "--ffn", "16", "--top-k", "1",
+                       "--paths", "grouped+compile", "--min-run-time", "0.01", "--json", str(out)]) == 0
+    assert [r["tokens"] for r in json.loads(out.read_text())["rows"]] == [2, 3]
+
 def test_bench_profile_names_device_torch_dtype_and_path(capsys):
     assert bench.main(["profile", "--tokens", "8", "--hidden", "16", "--experts", "2", "--ffn", "16",
                        "--path", "sorted", "--rows", "3"]) == 0

@@ -63,6 +63,9 @@ def _runner(module: torch.nn.Module, impl: str | None, how: str, x: torch.Tensor
             with_stats: bool = True):
     call = module if impl is None else (lambda t: module(t, impl=impl, with_stats=with_stats))
     if how != "eager":
+        # Every runner's lambda is one code object to dynamo: each (path, token count) is one more graph
+        # of it, and the 9th failed the command (fullgraph) at dynamo's default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         call = torch.compile(call, fullgraph=True, dynamic=False)
 
     def forward():
