@@ -106,7 +106,7 @@ class ShapeBench:
 
         # The reference: an fp32 copy of the layer, per-expert loop; and its routing.
         reference = copy.deepcopy(self.layer).float()
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference tensors: the peers save the routing for their backward
             self.ref_out_TD, _ = reference(self.x_TD.float(), impl="loop")
             ref_routing = reference.router(self.x_TD.float())
             self.eager_routing = self.layer.router(self.x_TD)
