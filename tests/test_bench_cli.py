@@ -633,3 +633,17 @@ def test_task_benchmarks_time_the_training_alone(monkeypatch):
     task = ClustersTask()
     row = run_one(task, clusters_arch(task), None, 16, 3e-3, 0, steps=2)
     assert row["steps"] == 2 and row["train_seconds"] < 1.0
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["levels", "--hidden", "32", "--ffn", "32", "--tokens", "64", "--train-steps", "2", "--train-batch", "4",
+      "--iterations", "1", "--no-progress", "--lr", "1e30"], "--lr"),
+    (["train-step", "+experiment=tiny", "trainer.lr=1e30", "--arch", "", "--steps", "3", "--kinds", "eager"],
+     "trainer.lr="),
+])
+def test_a_training_that_diverges_is_one_line_naming_the_learning_rate(argv, option, capsys):
+    """A learning rate too large for the benchmark's training ended the command in TrainingDiverged's traceback."""
+    assert bench.main(argv) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("error: training diverged at step ") and line.endswith(
+        f": a smaller learning rate ({option}) trains"), line

@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:  # the last resort, for sizes the estimates let through
+        if diverged(e):  # the rows that trained are lost too: each row trains with the same learning rate
+            option = "--lr" if getattr(args, "lr", None) is not None else "trainer.lr="
+            print(f"error: {e}: a smaller learning rate ({option}) trains", file=sys.stderr)
+            return 1
         if not out_of_memory(e):
             raise
         print(f"error: {memory_message(e, args)}", file=sys.stderr)
@@ -66,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
 
 # The options that size a run's tensors, named in the out-of-memory message where the command has them.
 SIZE_OPTIONS = ("tokens", "tokens_scale", "hidden", "experts", "ffn", "top_k", "batch_size", "train_batch")
+
+
+def diverged(e: BaseException) -> bool:
+    """Whether ``e`` is a training's divergence (its module is loaded where a command trains: the layer's
+    benchmarks run with torch alone)."""
+    train = sys.modules.get("fulu_nas.training.train")
+    return train is not None and isinstance(e, train.TrainingDiverged)
 
 
 def out_of_memory(e: BaseException) -> bool:
