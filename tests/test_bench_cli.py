@@ -579,11 +579,23 @@ def test_bench_takes_the_largest_values_in_range():
 @pytest.mark.parametrize("argv,words", [
     (["cost", "search_space=nosuch"], "search_space: no option 'nosuch' (options: default,"),
     (["cost", "trainer=nosuch"], "trainer: no option 'nosuch' (options: default, gpu, tiny)"),
-    (["train-step", "nosuchkey=3", "--kinds", "eager"], "nosuchkey: unknown key (check its spelling)")])
+    (["train-step", "nosuchkey=3", "--kinds", "eager"], "nosuchkey: unknown key (check its spelling)"),
+    # YAML's ParserError traceback, exit 1
+    (["cost", "--params", "num_experts=[", "--repeat", "1"], "--params: num_experts: cannot read '['"),
+    (["train-step", "--arch", "top_k=1,num_experts=[", "--kinds", "eager"], "--arch: num_experts: cannot read '['")])
 def test_bench_cost_and_train_step_refuse_a_bad_override_with_one_message(argv, words, tmp_path, capsys):
     """Hydra's and OmegaConf's errors were a traceback and exit 1, where nas-table's --space gave one line."""
     _refused_writing_nothing(argv, words, tmp_path, capsys)
 
+
+def test_an_architectures_list_values_keep_their_commas():
+    """``hierarchy_groups=[2,4]`` was cut at its comma into "hierarchy_groups=[2" and "4]": a YAML traceback."""
+    from fulu_nas.bench.common import arch_values
+
+    assert arch_values("router=hierarchical,hierarchy_depth=3,hierarchy_groups=[2,4],,x={a: 1, b: [1,2]}",
+                       "--params") == {"router": "hierarchical", "hierarchy_depth": 3, "hierarchy_groups": [2, 4],
+                                       "x": {"a": 1, "b": [1, 2]}}
+    assert arch_values("", "--params") == {}
 
 def test_bench_cost_and_train_step_pass_the_overrides_after_an_architecture_to_the_config(tmp_path):
     """``--params`` and ``--arch`` took every word after them, the overrides too ("unknown MoE config

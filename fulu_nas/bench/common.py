@@ -51,14 +51,24 @@ def space_values(pairs: Iterable[str], option: str) -> dict:
         key, eq, text = pair.partition("=")
         if not eq:
             raise ValueError(f"{option}: expected key=value, got {pair!r}")
-        values[key.strip()] = yaml.safe_load(text)
+        try:
+            values[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{option}: {key.strip()}: cannot read {text!r} ({' '.join(str(e).split())})") from None
     return values
 
 
 def arch_values(text: str, option: str) -> dict:
     """A search space's parameter values from one ``key=value,...`` word (:func:`space_values`): one
-    word per option value, so that the Hydra overrides after the option stay overrides."""
-    return space_values(filter(None, text.split(",")), option)
+    word per option value, so that the Hydra overrides after the option stay overrides. A comma inside
+    brackets belongs to its value (``hierarchy_groups=[2,4]``)."""
+    pairs, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c in "[{") - (c in "]}")
+        if c == "," and depth <= 0:
+            pairs.append(text[start:i])
+            start, depth = i + 1, 0
+    return space_values(filter(None, [*pairs, text[start:]]), option)
 
 
 def device_name(device: torch.device) -> str:
