@@ -152,10 +152,23 @@ def test_a_missing_column_is_named(tmp_path, capsys):
     assert "missing column: load_balance" in err and "router, hierarchy_depth" not in err
 
 
-@pytest.mark.parametrize("options", [["--space", "tiny"], ["--space", "tiny", "--task", "textlm"]])
-def test_a_table_of_another_space_or_task_says_which_options_read_it(options, capsys):
-    err = _refused(capsys, "nas-table", "--summary", str(DEFAULT_TABLE), *options)
-    assert ("is a table of search space 'nasbench' on task clusters: pass --space nasbench --task clusters") in err
+@pytest.mark.parametrize("command", [["nas-table", "--summary"], ["search", "--repetitions", "1", "--trials", "2",
+                                                                   "--table"]])
+@pytest.mark.parametrize("options", [["--space", "tiny"], ["--space", "tiny", "--task", "textlm"],
+                                     # refused for their own sake, before the table was read: pimoe_mix makes
+                                     # an expert-choice router infeasible, default has int parameters
+                                     ["--task", "pimoe_mix"], ["--space", "default"]])
+def test_a_table_of_another_space_or_task_says_which_options_read_it(command, options, capsys):
+    err = _refused(capsys, *command, str(DEFAULT_TABLE), *options)
+    assert err.strip() == (f"error: table {DEFAULT_TABLE} is a table of search space 'nasbench' on task clusters: pass "
+                           "--space nasbench --task clusters")
+
+
+def test_a_table_that_is_not_utf8_is_named(tmp_path, capsys):
+    """The codec's words alone, naming neither the file nor the option."""
+    (table := tmp_path / "b.csv").write_bytes(b"# space: nasbench\n\xff\xfe")
+    assert _refused(capsys, "nas-table", "--summary", str(table)).strip() == (
+        f"error: table {table}: not a CSV text file (byte 18 is not UTF-8)")
 
 
 def test_a_folder_given_as_the_table_is_said_to_be_a_folder(tmp_path, capsys):

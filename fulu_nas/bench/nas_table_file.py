@@ -92,14 +92,8 @@ def read_table(path: str | Path, space: SearchSpace, architectures: list[tuple[s
     times the table's at budget factor F (at least 2); an architecture trained at a longer budget is
     an architecture of the space with the table's seeds there too."""
     path = Path(path)
-    if path.is_dir():
-        raise FuluConfigError(f"table {path} is a folder, not a file")
-    if not path.is_file():
-        raise FuluConfigError(f"table {path}: no such file")
-    header: dict[str, str] = {}
-    with open(path, newline="") as f:
-        lines = [line for line in f if not (line.startswith("#") and _comment(line, header))]
-    _check_origin(path, header, space, task)
+    header, lines = _read_lines(path)
+    check_origin(path, space.name, task.name, header)
     records = list(csv.reader(lines))
     names = [p.name for p in space.params]
     expected = names + list(RESULT_COLUMNS)
@@ -125,12 +119,31 @@ def _at_most_five(problems: list[str]) -> list[str]:
     return problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
 
 
-def _check_origin(path: Path, header: dict[str, str], space: SearchSpace, task: Task) -> None:
+def _read_lines(path: Path) -> tuple[dict[str, str], list[str]]:
+    """The table's ``#`` header (key: value) and its other lines."""
+    if path.is_dir():
+        raise FuluConfigError(f"table {path} is a folder, not a file")
+    if not path.is_file():
+        raise FuluConfigError(f"table {path}: no such file")
+    header: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            lines = [line for line in f if not (line.startswith("#") and _comment(line, header))]
+    except UnicodeDecodeError as e:
+        raise FuluConfigError(f"table {path}: not a CSV text file (byte {e.start} is not UTF-8)") from None
+    return header, lines
+
+
+def check_origin(path: str | Path, space: str, task: str, header: dict[str, str] | None = None) -> None:
     """A table whose ``# space:`` or ``# task:`` line names another space or task than the one it is
-    read for: refused, saying how to read it."""
-    made_space = header.get("space") or space.name
-    made_task = (header.get("task") or task.name).split(" ", 1)[0]
-    if (made_space, made_task) != (space.name, task.name):
+    read for: refused, saying how to read it. Checked before the space is composed and enumerated, so
+    that a wrong ``--space`` or ``--task`` is not refused for its own sake."""
+    path = Path(path)
+    if header is None:
+        header = _read_lines(path)[0]
+    made_space = header.get("space") or space
+    made_task = (header.get("task") or task).split(" ", 1)[0]
+    if (made_space, made_task) != (space, task):
         raise FuluConfigError(f"table {path} is a table of search space {made_space!r} on task {made_task}: pass "
                               f"--space {made_space} --task {made_task}")
 

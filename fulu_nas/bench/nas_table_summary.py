@@ -18,7 +18,7 @@ import statistics
 from .common import markdown_table
 from .finite_space import INACTIVE, architecture_keys
 from .nas_settings import product_settings
-from .nas_table_file import NasTable, read_table
+from .nas_table_file import NasTable, check_origin, read_table
 
 
 def rank_correlation(x: list[float], y: list[float]) -> dict[str, float]:
@@ -54,6 +54,7 @@ def _accuracy(value: float | None) -> str:
 
 
 def summary_main(args: argparse.Namespace) -> int:
+    check_origin(args.summary, args.space, args.task)
     s = product_settings(args.space, args.task)
     table = read_table(args.summary, s.space, architecture_keys(s.space, s.task), s.task)
     names = [p.name for p in s.space.params]

@@ -30,7 +30,7 @@ from ..search.settings import SearchSettings
 from ..search.study import make_sampler, quiet_optuna
 from .finite_space import architecture_keys, cells
 from .nas_settings import product_settings
-from .nas_table_file import NasTable, read_table
+from .nas_table_file import NasTable, check_origin, read_table
 
 # Table columns a replay can optimise, with the product's directions (fulu_nas.search.settings.OBJECTIVES).
 OBJECTIVES = ("loss", "metric", "routing_accuracy", "load_balance", "active_params", "total_params")
@@ -113,6 +113,7 @@ def load_replay(space: str, task: str, table_path: str, objectives: tuple[str, .
     if unknown or not objectives or len(set(objectives)) < len(objectives):
         raise FuluConfigError(f"--objectives: choose distinct ones of {', '.join(OBJECTIVES)}, got "
                               f"{' '.join(objectives) or 'none'}")
+    check_origin(table_path, space, task)
     s = product_settings(space, task, (f"study.objectives=[{','.join(objectives)}]", "study.pruner=none"))
     table = read_table(table_path, s.space, architecture_keys(s.space, s.task), s.task)
     means = table.means(1)
