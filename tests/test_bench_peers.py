@@ -252,6 +252,10 @@ def test_cells_name_the_faster_variant_and_the_ratios():
     d = {"ms": 1.0, "ms_by_variant": {"eager": 2.0, "graph": 1.0}, "variant": "graph", "of_dense": 0.5,
          "of_gemm": 0.25, "of_dense_wide": 0.4, "failed": False}
     assert report.time_cell(d) == "1.000 ms graph (0.50/0.25/0.40)"
+    # the best path compiled on the CPU (--cpu-compile), under a header that promises a CUDA graph
+    assert report.time_cell({**d, "ms_by_variant": {"compiled": 1.0}, "variant": "compiled"}) == (
+        "1.000 ms compiled (0.50/0.25/0.40)")
+    assert report.time_cell({**d, "ms_by_variant": {"eager": 1.0}, "variant": "eager"}) == "1.000 ms (0.50/0.25/0.40)"
     assert report.time_cell({"ms": None, "failed": False}) == "n/a"
     assert report.time_cell({"ms": None, "failed": True}) == "FAILED"
 
