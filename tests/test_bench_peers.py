@@ -260,6 +260,24 @@ def test_cells_name_the_faster_variant_and_the_ratios():
     assert report.time_cell({"ms": None, "failed": True}) == "FAILED"
 
 
+
+def test_an_e_scaling_cell_whose_second_shape_failed_says_failed():
+    """It looked at the first shape alone: measured there and failed at the second, the cell said n/a."""
+    from fulu_nas.bench.peers.configs import IMPLS
+
+    def impl(failed: bool) -> dict:
+        return {"ms": None if failed else 1.0, "failed": failed,
+                "reason": "failed: RuntimeError: x" if failed else None, "rel_error": None, "notes": [],
+                "ms_by_variant": {} if failed else {"eager": 1.0}, "variant": "eager",
+                "of_dense": 1.0, "of_gemm": 1.0, "of_dense_wide": 1.0}
+
+    shapes = [{"shape": {"experts": e}, "compiled_routing": None, "eager_routing_differs_from_reference_share": None,
+               "impls": {k: impl(failed=e == 8 and k == "plain") for k in IMPLS}} for e in (256, 8)]
+    ratio = {k: None if k == "plain" else 1.0 for k in IMPLS}
+    text = report.format_tables([{"label": "E-scaling E=256 / E=8", "ratio": ratio, "shapes": shapes}])
+    row = next(line for line in text.splitlines() if line.startswith("| E-scaling"))
+    assert row.split("|")[1 + 1 + list(IMPLS).index("plain")].strip() == "FAILED", row
+
 @pytest.mark.parametrize("extra,words", [
     (["--hf-experts", "eager"], "--hf-experts: the Mixtral column needs --activation swiglu"),
     (["--configs", "seed-latency", "--tokens-scale", "0.5"], "--tokens-scale: no throughput row"),

@@ -44,7 +44,9 @@ def format_tables(results: list[dict]) -> str:
             for key in IMPLS:
                 ratio = c["ratio"][key]
                 first, second = (s["impls"][key] for s in c["shapes"])
-                cells.append(f"{ratio:.2f} ({second['ms']:.3f} / {first['ms']:.3f} ms)" if ratio else na_cell(first))
+                # FAILED where either shape failed (the first alone was looked at: a failed second was n/a)
+                cells.append(f"{ratio:.2f} ({second['ms']:.3f} / {first['ms']:.3f} ms)" if ratio
+                             else na_cell(second if second["failed"] else first))
             time_rows.append([c["label"], *cells])
         else:
             time_rows.append([c["label"], *(time_cell(c["shapes"][0]["impls"][k]) for k in IMPLS)])
