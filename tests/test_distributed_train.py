@@ -85,6 +85,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     t.add_(rank)
         broadcast_module(differing)
         out["broadcast"] = differing.state_dict()
+        # ... a layer that served an inference call before the broadcast too (its CPU experts' packed
+        # copies of this rank's own weights, which a collective's write does not tell autograd about)
+        from fulu_nas.moe import MoEConfig, PiMoELayer
+
+        torch.manual_seed(rank)
+        layer = PiMoELayer(MoEConfig(hidden_size=512, num_experts=2, expert_ffn_size=2048, top_k=1)).eval()
+        x = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            layer(x, with_stats=False)
+            broadcast_module(layer)
+            out["served"] = (layer(x, with_stats=False)[0], layer(x, impl="loop", with_stats=False)[0])
 
         model = expert_parallel(tiny_model())
         seen = []
@@ -132,6 +143,15 @@ def test_broadcast_module_gives_every_rank_the_layers_of_rank_zero(ranks):
         assert r["broadcast"].keys() == reference.keys()
         for name, t in reference.items():
             torch.testing.assert_close(r["broadcast"][name], t, rtol=0, atol=0, msg=name)
+
+
+def test_a_layer_that_served_before_the_broadcast_serves_rank_zeros_weights_after_it(ranks):
+    """Rank 1 went on computing with its own experts (0.46 off rank 0): the broadcast wrote the weights
+    without moving their version counters, the key of the packed copies."""
+    for r in ranks:
+        served, loop = r["served"]
+        torch.testing.assert_close(served, loop, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loop, ranks[0]["served"][1], rtol=0, atol=0)
 
 
 def test_distributed_train_matches_single_process_step_for_step(ranks):

@@ -75,6 +75,9 @@ def broadcast_module(module: nn.Module, src: int = 0, group: dist.ProcessGroup |
     so every rank slices its experts out of the same layer)."""
     for t in [*module.parameters(), *module.buffers()]:
         dist.broadcast(t.data, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+        # A collective writes without moving the version counter, which copies kept between calls (the
+        # CPU experts' packed weights, the router's bf16 split) watch: they would keep this rank's own.
+        torch.autograd.graph.increment_version(t)
 
 
 def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None, chunks: int = 1) -> nn.Module:
