@@ -186,24 +186,41 @@ class UltimatePiMoESystem(nn.Module):
 
     def __init__(self, config: MoEConfig, level: OptimizationLevel, features: dict[str, bool]):
         super().__init__()
-        self.config = config
         self.optimization_level = level
         self.features = features
         self.layer = PiMoELayer(config)
         self.last_stats: dict[str, Tensor] = {}
-        self._set_runner(CompiledForward(self.layer) if level is OptimizationLevel.EXTREME else self.layer)
+        self._set_runner("compiled" if level is OptimizationLevel.EXTREME else "eager")
         self._inference = False
         self._calls = 0
         # What optimize_for_inference switched off and train(True) restores: the training runner and
         # each parameter's requires_grad.
-        object.__setattr__(self, "_training_runner", None)
+        self._training_runner = "eager"
         self._requires_grad_before_inference: dict[str, bool] = {}
 
-    def _set_runner(self, runner) -> None:
-        """What runs the layer: the layer itself, its compiled form or a CUDA-graph replay of that.
-        A plain attribute, not a submodule, so that the layer's parameters appear once (as
-        ``layer.*``) in ``state_dict`` whatever the level."""
+    @property
+    def config(self) -> MoEConfig:
+        """The layer's configuration (the layer's own: remapped experts change it)."""
+        return self.layer.cfg
+
+    def _set_runner(self, kind: str) -> None:
+        """What runs the layer: ``eager`` (the layer itself), ``compiled`` or ``graphed`` (a CUDA-graph
+        replay of the compiled form), made for the layer the system holds now. A plain attribute, not a
+        submodule, so that the layer's parameters appear once (as ``layer.*``) in ``state_dict`` whatever
+        the level."""
+        layer = self.layer
+        runner = {"eager": lambda: layer, "compiled": lambda: CompiledForward(layer),
+                  "graphed": lambda: GraphedForward(CompiledForward(layer), module=layer)}[kind]()
         object.__setattr__(self, "_runner", runner)
+        object.__setattr__(self, "_runner_kind", kind)
+        object.__setattr__(self, "_runner_layer", layer)
+
+    def _current_runner(self):
+        """The runner, made again for a layer assigned since (``system.layer = other``): the old one
+        went on running the layer the system was built with."""
+        if self._runner_layer is not self.layer:
+            self._set_runner(self._runner_kind)
+        return self._runner
 
     @property
     def device(self) -> torch.device:
@@ -272,13 +289,14 @@ class UltimatePiMoESystem(nn.Module):
 
     def _run(self, x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """The runner's output and statistics, nothing recorded (what a memory measurement runs)."""
+        runner = self._current_runner()
         if self._inference:
             with torch.inference_mode():
-                out, stats = self._runner(x, token_ids)
+                out, stats = runner(x, token_ids)
                 # Out of CUDA-graph-owned memory, which the next call rewrites (the statistics stay
                 # there: they are the last call's).
                 return out.clone(), stats
-        return self._runner(x, token_ids)
+        return runner(x, token_ids)
 
     def _memory(self, run: Callable[[], object]) -> dict[str, float]:
         """On CUDA the allocator's peak since the caller reset it. The CPU allocator keeps no peak:
@@ -309,8 +327,8 @@ class UltimatePiMoESystem(nn.Module):
             "dtype": str(self.dtype).removeprefix("torch."),
             "optimization_level": self.optimization_level.name,
             "impl": self.config.impl,
-            "compiled": self._runner is not self.layer,
-            "cuda_graphs": self._runner.num_graphs if isinstance(self._runner, GraphedForward) else 0,
+            "compiled": self._runner_kind != "eager",
+            "cuda_graphs": runner.num_graphs if isinstance(runner := self._current_runner(), GraphedForward) else 0,
             "inference_optimized": self._inference,
             "features": {name: on for name, on in self.features.items()},
             "forward_calls": self._calls,
@@ -336,7 +354,7 @@ class UltimatePiMoESystem(nn.Module):
         EXTREME's compiled forward (2 cores, 512 hidden, 8 experts: 7.7 vs 13.4 ms at 16 tokens,
         516 vs 678 ms at 4,096). ``train()`` undoes it (see :meth:`train`)."""
         if not self._inference:
-            object.__setattr__(self, "_training_runner", self._runner)
+            self._training_runner = self._runner_kind
             self._requires_grad_before_inference = {name: p.requires_grad for name, p in self.named_parameters()}
         self.eval()
         self.requires_grad_(False)
@@ -344,9 +362,9 @@ class UltimatePiMoESystem(nn.Module):
         if casts_to_bf16(self.device, self.optimization_level, self.features["hardware_optimization"]):
             self.to(torch.bfloat16)
         if cuda and self.optimization_level is OptimizationLevel.EXTREME:
-            self._set_runner(GraphedForward(CompiledForward(self.layer)))
+            self._set_runner("graphed")
         elif self.optimization_level in (OptimizationLevel.ADVANCED, OptimizationLevel.EXTREME):
-            self._set_runner(self.layer)
+            self._set_runner("eager")
         self._inference = True
         return self
 

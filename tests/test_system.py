@@ -404,3 +404,32 @@ def test_a_bad_train_mode_leaves_inference_as_it_was():
     with pytest.raises(ValueError, match="training mode is expected to be boolean"):
         system.train("no")
     assert system._inference and not any(p.requires_grad for p in system.parameters())
+
+
+@pytest.mark.parametrize("level", [OptimizationLevel.ADVANCED, OptimizationLevel.EXTREME])
+def test_a_layer_assigned_to_the_system_is_the_one_it_runs(level):
+    """``system.layer = other`` registered the new layer (its parameters, an optimizer's) while every call
+    ran the layer the system was built with, and system_stats called an ADVANCED system compiled."""
+    from fulu_nas import PiMoELayer
+
+    system = create_ultimate_pimoe_system(hidden_size=32, num_experts=8, top_k=2, optimization_level=level)
+    x = torch.randn(2, 4, 32)
+    system(x)
+    other = PiMoELayer(system.layer.cfg)
+    system.layer = other
+    torch.testing.assert_close(system(x), other(x)[0], rtol=1e-5, atol=1e-5)
+    assert system.system_stats()["compiled"] == (level is OptimizationLevel.EXTREME)
+    system.optimize_for_inference()
+    system.layer = other = PiMoELayer(system.layer.cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(system(x), other(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_system_reports_its_layers_configuration_after_remapped_experts():
+    """After ``system.layer.remap_experts`` the report said 8 experts beside 4 experts' token counts, and
+    ``architecture()`` (what a search starts from) an architecture of 8 experts."""
+    system = create_ultimate_pimoe_system(hidden_size=32, num_experts=8, top_k=2, enable_all_features=True)
+    system.layer.remap_experts([0, 1, 2, 3])
+    _, info = system(torch.randn(2, 4, 32), return_comprehensive_info=True)
+    assert info["routing_info"]["num_experts"] == len(info["routing_info"]["tokens_per_expert"]) == 4
+    assert system.architecture()["moe"]["num_experts"] == system.config.num_experts == 4

@@ -37,18 +37,31 @@ class GraphedForward:
     per input signature (shapes and dtypes; token ids or none) on first use, then replayed: each
     call copies its inputs into the graph's buffers and returns the graph's outputs, which the
     next call with the same signature overwrites (copy what must outlive it). Each signature keeps
-    its own memory pool."""
+    its own memory pool. Given the ``module`` whose weights ``fn`` reads, its graphs are captured
+    again once a weight is replaced rather than written in place."""
 
-    def __init__(self, fn: Callable[..., Any], warmup: int = 3):
+    def __init__(self, fn: Callable[..., Any], warmup: int = 3, module: torch.nn.Module | None = None):
         self._fn = fn
         self._warmup = warmup
         self._graphs: dict[tuple, tuple[Tensor, Tensor | None, torch.cuda.CUDAGraph, Any]] = {}
+        # A replay reads the addresses the weights had at capture: a module whose weights are replaced
+        # (load_state_dict(assign=True), remapped experts, a dtype round trip) is captured again.
+        self._module = module
+        self._addresses = self._weight_addresses()
+
+    def _weight_addresses(self) -> tuple[int, ...]:
+        if self._module is None:
+            return ()
+        return tuple(t.data_ptr() for t in (*self._module.parameters(), *self._module.buffers()))
 
     @property
     def num_graphs(self) -> int:
         return len(self._graphs)
 
     def __call__(self, x: Tensor, token_ids: Tensor | None = None) -> Any:
+        if self._module is not None and (addresses := self._weight_addresses()) != self._addresses:
+            self._graphs.clear()
+            self._addresses = addresses
         key = (tuple(x.shape), x.dtype, x.device,
                None if token_ids is None else (tuple(token_ids.shape), token_ids.dtype))
         entry = self._graphs.get(key)
