@@ -560,6 +560,24 @@ def test_dynamic_experts_on_a_hash_router_are_refused_before_training():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_dynamic_experts_on_an_upcycled_encoder_are_refused_before_anything_changes(tmp_path):
+    """Its layers were remapped, then updating its architecture failed (AttributeError: UpcycleArch has no
+    with_moe), leaving the model half-changed."""
+    pytest.importorskip("transformers")
+    from fulu_nas.errors import FuluConfigError
+    from fulu_nas.interop.encoder import DenseEncoder
+    from fulu_nas.interop.upcycle import build_upcycled, upcycle_arch
+    from fulu_nas.training.dynamic_experts import check_dynamic_experts
+
+    from .hf_models import save_encoder
+
+    encoder = DenseEncoder(save_encoder(tmp_path / "bert"))
+    arch = upcycle_arch(encoder, 32, layers="all", moe={"router": "topk", "num_experts": 4, "top_k": 2})
+    with pytest.raises(FuluConfigError) as refused:
+        check_dynamic_experts(build_upcycled(arch, encoder), DynamicExpertsConfig())
+    assert refused.value.problems == ["dynamic_experts: UpcycledMLM's architecture cannot follow its layers' "
+                                      "expert counts; dynamic experts are for PiMoETransformer models"]
+
 def test_dynamic_plan_at_the_floor_keeps_the_busiest_of_the_underloaded():
     """Experts 0 (load 0) and 1 (load 5) are both under remove_below; the floor of 3 keeps one of them:
     the busier, 1 (the idle expert was kept)."""

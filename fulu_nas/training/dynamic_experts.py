@@ -155,6 +155,11 @@ def check_dynamic_experts(model, cfg: DynamicExpertsConfig) -> None:
     id's hash modulo the count, so a clone or a removal would send almost every token to another
     expert), or MoE layers that start outside ``[min_experts, max_experts]`` (the plan keeps a count in
     the range, it does not bring one into it)."""
+    if not hasattr(getattr(model, "arch", None), "with_moe"):
+        # an upcycled encoder's expert count is its migration's: its layers were remapped, then its
+        # architecture could not follow them (AttributeError, the model left half-changed)
+        raise FuluConfigError(f"dynamic_experts: {type(model).__name__}'s architecture cannot follow its layers' "
+                              "expert counts; dynamic experts are for PiMoETransformer models")
     if any(layer.cfg.router == "hash" for layer in model.moe_layers()):
         raise FuluConfigError("dynamic_experts: the hash router's assignment is fixed by num_experts (a token's "
                               "expert is its id's hash modulo the count); take another router or no dynamic_experts")
