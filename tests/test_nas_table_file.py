@@ -206,3 +206,25 @@ def test_one_front_is_one_hypervolume_regret_whatever_the_order_it_was_reached_i
     values = sorted({r for rep in reps for r in rep})
     assert values[0] == 0.0
     assert all(b - a > 1e-9 for a, b in zip(values, values[1:], strict=False))
+
+
+def test_a_table_rewritten_between_two_replays_in_one_process_is_read_again(tmp_path):
+    """The replay was cached on the table's path: a second call in one process (the Python API, a notebook)
+    replayed the table as first read."""
+    import csv
+    import io
+
+    from fulu_nas.bench.sampler_replay import load_replay
+
+    table = tmp_path / "t.csv"
+    table.write_text(DEFAULT_TABLE.read_text())
+    first = load_replay("nasbench", "clusters", str(table), ("loss",)).best
+    text = table.read_text()
+    comments = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    rows = list(csv.DictReader(line for line in text.splitlines(keepends=True) if not line.startswith("#")))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**r, "loss": str(float(r["loss"]) + 1.0)} for r in rows)
+    table.write_text(comments + out.getvalue())
+    assert load_replay("nasbench", "clusters", str(table), ("loss",)).best == pytest.approx(first + 1.0)

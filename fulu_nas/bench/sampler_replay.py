@@ -21,6 +21,7 @@ to :data:`HV_REGRET_DECIMALS` places, so that one front is one regret (which rea
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, replace
 
 import optuna
@@ -106,9 +107,19 @@ class Replay:
             return regret
 
 
-@functools.cache
 def load_replay(space: str, task: str, table_path: str, objectives: tuple[str, ...]) -> Replay:
-    """The replay of ``objectives`` against the table (checked against the space); cached per process."""
+    """The replay of ``objectives`` against the table (checked against the space); cached per process
+    while the file is unchanged (a table rewritten between two calls was replayed as first read)."""
+    try:
+        stat = os.stat(table_path)
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    except OSError:  # read_table names the problem
+        stamp = None
+    return _load_replay(space, task, table_path, objectives, stamp)
+
+
+@functools.cache
+def _load_replay(space: str, task: str, table_path: str, objectives: tuple[str, ...], _stamp) -> Replay:
     unknown = [o for o in objectives if o not in OBJECTIVES]
     if unknown or not objectives or len(set(objectives)) < len(objectives):
         raise FuluConfigError(f"--objectives: choose distinct ones of {', '.join(OBJECTIVES)}, got "
