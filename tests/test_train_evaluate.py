@@ -956,3 +956,15 @@ def test_the_trainers_layer_norm_has_torchs_gradients_and_the_same_with_any_thre
         with torch.no_grad():
             assert torch.equal(norm(x), torch.nn.LayerNorm.forward(norm, x))
     assert "forward" not in vars(norm)
+
+
+def test_thread_invariant_layer_norms_put_back_a_forward_set_on_the_instance():
+    """A LayerNorm whose instance already had its own forward (a library's patch) lost it after the with."""
+    from fulu_nas.training.layer_norm import thread_invariant_layer_norms
+
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.LayerNorm(8))
+    patched = model[0].forward = lambda x: x * 0
+    with thread_invariant_layer_norms(model):
+        assert model[0].forward is not patched
+    assert model[0].forward is patched and "forward" not in model[1].__dict__
+    assert torch.equal(model(torch.ones(2, 8)), torch.zeros(2, 8))

@@ -61,10 +61,15 @@ def thread_invariant_layer_norms(model: nn.Module):
     """Every ``nn.LayerNorm`` of ``model`` with parameters trains through :func:`layer_norm` for the
     duration of the ``with`` (the models fulu-nas builds have none: they use RMSNorm)."""
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm) and m.elementwise_affine]
+    # A forward already set on the instance (a library's or the user's patch) is put back, not dropped.
+    before = {m: m.__dict__["forward"] for m in norms if "forward" in m.__dict__}
     for m in norms:
         m.forward = partial(layer_norm, m)
     try:
         yield
     finally:
         for m in norms:
-            del m.forward
+            if m in before:
+                m.forward = before[m]
+            else:
+                del m.forward
