@@ -38,10 +38,6 @@ def record(cfg_hydra, code: int) -> None:
                              Path(cfg_hydra.sweep.dir).resolve(), code))
 
 
-def ended() -> list[JobOutcome]:
-    return list(_ended)
-
-
 def exit_code() -> int:
     """The first failed job's exit code; 0 when every job ended well."""
     return next((job.code for job in _ended if job.code), 0)
@@ -65,17 +61,16 @@ def print_sweep(n_jobs: int, console=None) -> None:
 
 
 def _outcome(job: JobOutcome) -> str:
-    from .study import INTERRUPTED, NO_RESULT
+    from .study import INTERRUPTED
 
     if job.code == INTERRUPTED:
         return f"interrupted (exit code {job.code})"
-    if job.code == NO_RESULT:
-        return f"no trial completed (exit code {job.code})"
+    summary = _summary(job) if job.code in (0, 1) else None  # 1: no result, or stopped short, or a worker failed
     if job.code:
-        return f"failed (exit code {job.code})"
-    try:
-        summary = json.loads((job.output_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+        untrained = summary is not None and not summary.get("n_complete") and (
+            summary.get("n_finished", 0) >= summary.get("n_trials_requested", 1))
+        return f"{'no trial completed' if untrained else 'failed'} (exit code {job.code})"
+    if summary is None:
         return "done"
     if "pareto_front" in summary:
         n = len(summary["pareto_front"])
@@ -85,3 +80,11 @@ def _outcome(job: JobOutcome) -> str:
                            for name, value in zip(summary["objectives"], summary["best_values"], strict=True))
         return f"best trial {summary['best_trial']}: {values}"
     return "no feasible trial"
+
+
+def _summary(job: JobOutcome) -> dict | None:
+    """The job's summary.json (the search writes it as it ends), None where it cannot be read."""
+    try:
+        return json.loads((job.output_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
