@@ -358,6 +358,7 @@ BAD_TRAIN_CONFIGS = [
     ({"device": "cuda:01"}, "device: expected auto, cpu, cuda or cuda:N"),
     ({"compile": "yes"}, "compile: expected auto, compiled or eager"),
     ({"cuda_graph": "maybe"}, "cuda_graph: expected auto, true or false"),
+    ({"cuda_graph": 1}, "cuda_graph: expected auto, true or false"),  # 1 == True: taken, then meant off
     ({"deterministic": "no"}, "deterministic: expected true or false"),
 ]
 

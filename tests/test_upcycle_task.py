@@ -67,6 +67,14 @@ def test_the_task_uses_the_models_tokenizer_and_masks_like_bert(task, folders):
     assert task.describe()["model_sha256"] == task.encoder.sha256
 
 
+def test_a_batch_always_has_a_target(task):
+    """A small batch could draw no token to mask: its loss, a mean over no target, was NaN, and the
+    training failed as diverged (at 2 x 16 tokens about one batch in 300)."""
+    ids = torch.tensor([[task.special_ids[0], 40, 41, 42]])
+    for seed in range(50):
+        tokens, targets = task.mask(ids, torch.Generator().manual_seed(seed))
+        assert (targets != IGNORE).sum() >= 1 and targets[0, 0] == IGNORE
+
 def test_without_a_tokenizer_the_text_is_bytes(folders):
     task = build_task("upcycle", model=str(folders["electra"]), path=str(folders["corpus"]), seq_len=24)
     assert task.tokenizer_kind == "bytes" and task.vocab_size == 300

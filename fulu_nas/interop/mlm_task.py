@@ -18,7 +18,8 @@ Tokens (``tokenizer``):
 
 Masking is BERT's: each token but the special ones is chosen with probability ``mask_rate``; a chosen
 token becomes the mask token (80%), a random non-special token (10%) or stays (10%), and is the target
-(elsewhere the target is ``IGNORE``). Training windows start at random in the training tokens, with
+(elsewhere the target is ``IGNORE``); a batch that draws none has its likeliest token chosen, so that
+every batch has a loss. Training windows start at random in the training tokens, with
 masks drawn from the training seed; validation is consecutive windows of the first ``max_val_tokens``
 validation tokens (whole windows only), masked once from ``data_seed``: the same set for every trial.
 
@@ -199,7 +200,13 @@ class UpcycleTask(Task):
 
     def mask(self, ids_BS: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """(model input, targets) of BERT's masking of ``ids_BS`` (module doc), drawn from ``g``."""
-        chosen = (torch.rand(ids_BS.shape, generator=g) < self.mask_rate) & ~torch.isin(ids_BS, self.special_ids)
+        draw = torch.rand(ids_BS.shape, generator=g)
+        eligible = ~torch.isin(ids_BS, self.special_ids)
+        chosen = (draw < self.mask_rate) & eligible
+        if not chosen.any() and eligible.any():
+            # A batch without a target has no loss (a mean over no token: NaN, a "diverged" training): its
+            # token of the lowest draw is chosen, from the same draws (the stream stays as it was).
+            chosen.view(-1)[torch.where(eligible, draw, 2.0).argmin()] = True
         how = torch.rand(ids_BS.shape, generator=g)
         random_ids = self.ordinary_ids[torch.randint(self.ordinary_ids.numel(), ids_BS.shape, generator=g)]
         tokens = torch.where(chosen & (how < 0.8), self.mask_id, ids_BS)

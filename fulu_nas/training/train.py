@@ -127,7 +127,7 @@ def config_problems(values: Mapping[str, object], prefix: str = "") -> list[str]
             problems.append(f"{prefix}{key}: expected true or false, got {values[key]!r}")
     if values.get("compile", "auto") not in ("auto", "compiled", "eager"):
         problems.append(f"{prefix}compile: expected auto, compiled or eager, got {values['compile']!r}")
-    if values.get("cuda_graph", "auto") not in ("auto", True, False):
+    if not (values.get("cuda_graph", "auto") == "auto" or isinstance(values["cuda_graph"], bool)):  # 1 == True
         problems.append(f"{prefix}cuda_graph: expected auto, true or false, got {values['cuda_graph']!r}")
     dynamic = values.get("dynamic_experts")
     if dynamic is not None and not isinstance(dynamic, DynamicExpertsConfig):
@@ -581,6 +581,14 @@ def train(model: PiMoETransformer, task: Task, cfg: TrainConfig,
     the module doc (dynamic experts are single-device only).
     """
     device = resolve_device(cfg.device)
+    # The current GPU is where a CUDA graph captures and replays (torch.cuda.graph's stream): on a
+    # device="cuda:1" that is not current, the capture recorded nothing and every step after it was empty.
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        return _train(model, task, cfg, callback, device)
+
+
+def _train(model: PiMoETransformer, task: Task, cfg: TrainConfig, callback: Callable[[StepReport], None] | None,
+           device: torch.device) -> TrainResult:
     if problem := model_task_problem(model, task) or batch_problem(cfg.batch_size, task.seq_len):
         raise FuluConfigError(problem)
     ranks = _Ranks.current(model, device)
