@@ -969,3 +969,20 @@ def test_thread_invariant_layer_norms_put_back_a_forward_set_on_the_instance():
         assert model[0].forward is not patched
     assert model[0].forward is patched and "forward" not in model[1].__dict__
     assert torch.equal(model(torch.ones(2, 8)), torch.zeros(2, 8))
+
+
+def test_an_evaluation_that_fails_midway_leaves_the_model_in_training_mode(monkeypatch):
+    """It was left in eval mode: a caller that went on training (after an out-of-memory retry) trained
+    without dropout or router jitter."""
+    from fulu_nas.training.evaluate import evaluate
+
+    task = small_clusters()
+    model = clusters_model(task).train()
+
+    def failing(batch_size):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(task, "val_batches", failing)
+    with pytest.raises(RuntimeError):
+        evaluate(model, task)
+    assert model.training and all(m.training for m in model.modules())

@@ -109,30 +109,32 @@ def evaluate(model: PiMoETransformer, task: Task, batch_size: int = 64) -> dict:
     confusion = [torch.zeros(K, layer.cfg.num_experts, device=device) for layer in layers]
     dropped = [0.0 for _ in layers]  # dropped assignments' shares, each batch's weighted by its tokens
     tokens = 0
-    batches = task.val_batches(batch_size)
-    for batch in batches:
-        batch = batch.to(device)
-        with capture_routing(model) as routed:
-            out = model(batch.tokens)
-        logits = out.logits.float()
-        mask = batch.targets != IGNORE
-        loss_sum += F.cross_entropy(logits[mask], batch.targets[mask], reduction="sum").item()
-        loss_count += int(mask.sum())
-        for name, (num, den) in task.metric_counts(logits, batch).items():
-            acc = metric_sums.setdefault(name, [0.0, 0.0])
-            acc[0] += num
-            acc[1] += den
-        tokens += batch.tokens.numel()
-        domains = batch.domains.flatten()
-        labelled = domains != NO_DOMAIN
-        for i, stats in enumerate(out.moe_stats):
-            load[i] += stats["tokens_per_expert"]
-            dropped[i] += float(stats["dropped_share"]) * batch.tokens.numel()
-            if K:
-                top1 = top1_expert(routed[i][-1])
-                confusion[i].index_put_((domains[labelled], top1[labelled]),
-                                        torch.ones(int(labelled.sum()), device=device), accumulate=True)
-    model.train(was_training)
+    try:  # a failure midway (out of memory) leaves the model in the mode it had
+        batches = task.val_batches(batch_size)
+        for batch in batches:
+            batch = batch.to(device)
+            with capture_routing(model) as routed:
+                out = model(batch.tokens)
+            logits = out.logits.float()
+            mask = batch.targets != IGNORE
+            loss_sum += F.cross_entropy(logits[mask], batch.targets[mask], reduction="sum").item()
+            loss_count += int(mask.sum())
+            for name, (num, den) in task.metric_counts(logits, batch).items():
+                acc = metric_sums.setdefault(name, [0.0, 0.0])
+                acc[0] += num
+                acc[1] += den
+            tokens += batch.tokens.numel()
+            domains = batch.domains.flatten()
+            labelled = domains != NO_DOMAIN
+            for i, stats in enumerate(out.moe_stats):
+                load[i] += stats["tokens_per_expert"]
+                dropped[i] += float(stats["dropped_share"]) * batch.tokens.numel()
+                if K:
+                    top1 = top1_expert(routed[i][-1])
+                    confusion[i].index_put_((domains[labelled], top1[labelled]),
+                                            torch.ones(int(labelled.sum()), device=device), accumulate=True)
+    finally:
+        model.train(was_training)
 
     result: dict = {"loss": loss_sum / max(1, loss_count)}
     if task.num_classes == 0:  # language modelling: the loss in nats per token, and its perplexity
