@@ -209,6 +209,23 @@ def test_a_deferred_loss_check_still_names_the_step_that_diverged(monkeypatch):
     assert calls["n"] == 5  # stopped at the check after step 5's forward
 
 
+
+def test_a_divergence_before_the_safety_cap_is_the_reason_given(monkeypatch):
+    """With the losses read every report (CUDA), a NaN at step 4 and the safety cap reached at step 7, before
+    the next check, failed the training as "safety cap reached", the unread NaN never named."""
+    import fulu_nas.training.train as train_module
+
+    monkeypatch.setattr(train_module, "loss_check_interval", lambda cfg, device, dynamic: cfg.report_every)
+    steps = iter(range(1, 100))
+    monkeypatch.setattr(train_module._OneProcess, "elapsed_after_step",
+                        lambda self, timed: 0.0 if next(steps) < 7 else 1e6)
+    task = small_clusters()
+    model = clusters_model(task)
+    nan_at_forward(model, 4)
+    with pytest.raises(TrainingDiverged) as e:
+        train(model, task, TrainConfig(steps=20, seconds_cap=10.0, **{**FAST, "report_every": 10}))
+    assert e.value.step == 4 and math.isnan(e.value.value)
+
 def test_the_loss_is_checked_every_step_but_on_a_gpu():
     from fulu_nas.training.train import loss_check_interval
 

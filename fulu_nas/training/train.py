@@ -688,6 +688,7 @@ def _train(model: PiMoETransformer, task: Task, cfg: TrainConfig, callback: Call
                 bar.update(1)
                 # a step that ends the budget (steps or time) ends training, past the cap or not
                 if cfg.seconds_cap and elapsed >= cfg.seconds_cap and not last:
+                    losses.check()  # a divergence among the losses not read yet is the reason, not the cap
                     raise BudgetCapReached(step, cfg.steps, elapsed, cfg.seconds_cap)
                 if reporting:
                     layers = ranks.global_layers(host_layer_stats(out.moe_stats))
