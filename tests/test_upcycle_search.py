@@ -243,6 +243,9 @@ def test_resuming_on_another_checkpoint_at_the_same_path_is_refused(tmp_path, mo
     # an encoder has no transformer blocks of this package's to compile or capture
     ("compiled", "trainer.compile=compiled compiles a PiMoETransformer's blocks; this model has none"),
     ("cuda graph", "trainer.cuda_graph=true is impossible here: .*a model without transformer blocks"),
+    # trained without it, saying nothing
+    ("checkpointing", "trainer.gradient_checkpointing=true checkpoints a PiMoETransformer's blocks; this model has "
+                      "none"),
 ])
 def test_bad_input_is_one_clear_message_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, case, words):
     import re
@@ -259,7 +262,9 @@ def test_bad_input_is_one_clear_message_exit_2_and_nothing_written(tmp_path, mon
             "another space": ["+experiment=upcycle_tiny", f"model={electra}", "search_space=tiny"],
             "model without the task": ["+experiment=tiny", f"model={electra}"],
             "compiled": ["+experiment=upcycle_tiny", f"model={electra}", "trainer.compile=compiled"],
-            "cuda graph": ["+experiment=upcycle_tiny", f"model={electra}", "trainer.cuda_graph=true"]}[case]
+            "cuda graph": ["+experiment=upcycle_tiny", f"model={electra}", "trainer.cuda_graph=true"],
+            "checkpointing": ["+experiment=upcycle_tiny", f"model={electra}", "trainer.gradient_checkpointing=true"],
+            }[case]
     capsys.readouterr()
     assert main(["search", *args, f"task.path={corpus}" if "upcycle" in args[0] else "study.n_trials=1"]) == 2
     err = capsys.readouterr().err

@@ -928,8 +928,8 @@ class TaskModel(nn.Module):
     """A migrated model with a token-level head (e.g. ``ElectraForTokenClassification`` with
     ``num_labels=task.num_classes``) in the shape :func:`fulu_nas.training.train.train` and
     :func:`fulu_nas.training.evaluate.evaluate` expect: ``forward(tokens)`` returns a
-    :class:`~fulu_nas.models.ModelOutput`. ``gradient_checkpointing`` is accepted and ignored
-    (use the Hugging Face model's own switch, non-reentrant: see :func:`balance_loss`).
+    :class:`~fulu_nas.models.ModelOutput`. ``train(..., TrainConfig(gradient_checkpointing=True))`` is
+    refused for it: use the Hugging Face model's own switch, non-reentrant (see :func:`balance_loss`).
     ``require_moe=False`` accepts a model with no PiMoE layer (the dense model, trained the same way as
     a reference)."""
 

@@ -22,6 +22,7 @@ from ..training.train import (
     SEED_MAX,
     TrainConfig,
     batch_problem,
+    check_checkpointing,
     config_problems,
     device_setting_problem,
     resolve_device,
@@ -356,6 +357,10 @@ def _step_problems(train: TrainConfig, has_blocks: bool) -> list[str]:
             check(train, device, distributed=ranks, has_blocks=has_blocks)
         except ValueError as e:
             problems.append(str(e))
+    try:
+        check_checkpointing(train, has_blocks)
+    except ValueError as e:
+        problems.append(str(e))
     return problems
 
 

@@ -218,6 +218,14 @@ def step_kind(cfg: TrainConfig, device: torch.device, distributed: bool, has_blo
     return "compiled" if compiled and has_blocks and not distributed and not cfg.dynamic_experts else "eager"
 
 
+def check_checkpointing(cfg: TrainConfig, has_blocks: bool = True) -> None:
+    """ValueError for gradient checkpointing of a model without PiMoETransformer blocks (an upcycled
+    Hugging Face encoder), which trained without it, saying nothing."""
+    if cfg.gradient_checkpointing and not has_blocks:
+        raise ValueError("trainer.gradient_checkpointing=true checkpoints a PiMoETransformer's blocks; this model "
+                         "has none (a Hugging Face model checkpoints with its own gradient_checkpointing_enable)")
+
+
 # Steps run eagerly before the CUDA graph is captured: the first calls autotune the Triton kernels and
 # create the optimizer's state, neither of which a capture may do.
 GRAPH_WARMUP_STEPS = 3
@@ -602,6 +610,7 @@ def _train(model: PiMoETransformer, task: Task, cfg: TrainConfig, callback: Call
     model.to(device).train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
     has_blocks = isinstance(getattr(model, "blocks", None), torch.nn.ModuleList)
+    check_checkpointing(cfg, has_blocks)
     kind = step_kind(cfg, device, distributed=isinstance(ranks, _Ranks), has_blocks=has_blocks)
     graphed = uses_cuda_graph(cfg, device, distributed=isinstance(ranks, _Ranks), has_blocks=has_blocks)
     optimizer = _optimizer(model, cfg, capturable=graphed)
