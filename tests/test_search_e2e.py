@@ -179,6 +179,22 @@ def test_identical_architectures_are_trained_once(tmp_path, monkeypatch):
             assert any(k.startswith("cost/") for k in source.user_attrs["metrics"])
     _, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "one-clusters")
     assert sum("fulu.cached_from_trial" in r.data.tags for r in runs) == 3
+    here = study.trials[0].user_attrs["device"]
+    assert {t.user_attrs["device"] for t in complete} == {here} and here.startswith("cpu: ")
+    assert {r.data.tags["fulu.device"] for r in runs} == {here}
+
+    # Resumed on another device: its trials' latency and memory are that device's, so an architecture is
+    # trained and costed again there, not reused from the first device's trials (which kept their figures).
+    from fulu_nas.search import objective
+
+    monkeypatch.setattr(objective, "device_label", lambda device: "cuda: Another GPU")
+    assert main(["search", "+experiment=tiny", "--config-dir", str(tmp_path / "conf"), "search_space=one",
+                 f"hydra.run.dir={out}", "study.n_trials=9", "study.pruner=none"]) == 0
+    later = load_study(out, "one-clusters").trials[5:]
+    assert len(later) == 4 and all(t.user_attrs["device"] == "cuda: Another GPU" for t in later)
+    trained_there = [t for t in later if "cached_from" not in t.user_attrs]
+    assert sorted(t.params["top_k"] for t in trained_there) == sorted({t.params["top_k"] for t in later})
+    assert all(t.user_attrs["cached_from"] >= 5 for t in later if "cached_from" in t.user_attrs)
 
 
 def _cli(*args: str) -> list[str]:

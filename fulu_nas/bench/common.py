@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 from collections.abc import Callable, Iterable
 
@@ -72,14 +71,11 @@ def arch_values(text: str, option: str) -> dict:
 
 
 def device_name(device: torch.device) -> str:
+    from ..deploy.devices import processor_name
+
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model} ({torch.get_num_threads()} threads)"
+        return processor_name(device)
+    return f"{processor_name(device)} ({torch.get_num_threads()} threads)"
 
 
 def bench_device(name: str | None) -> torch.device:

@@ -39,6 +39,7 @@ import optuna
 import torch
 
 from ..deploy.cost import ServedKernelWarmup, measure_cost
+from ..deploy.devices import device_label
 from ..errors import FuluConfigError
 from ..models import PiMoETransformer
 from ..training.evaluate import evaluate
@@ -347,6 +348,8 @@ class Objective:
         self.started: set[int] = set()  # trial numbers this worker ran
         self.references = ReferenceModels(settings)
         self._run: str | None = None  # the running trial's MLflow run, while this objective has to end it
+        # Where this worker's trials are trained and costed (a resumed study may run on another device).
+        self.device = device_label(resolve_device(settings.train.device))
 
     def __call__(self, trial: optuna.Trial):
         """Ctrl-C or SIGTERM anywhere in the trial (checking, sampling, reusing, creating its run,
@@ -366,7 +369,8 @@ class Objective:
         """The trial's MLflow run, kept in ``self._run`` before a Ctrl-C that arrived while it was being
         created is raised (at the end of the block), so that the interrupted trial's run is ended."""
         with between_writes():
-            self._run = self.tracker.start_trial(self.parent_run_id, trial.number, values, arch.to_dict(), tags)
+            self._run = self.tracker.start_trial(self.parent_run_id, trial.number, values, arch.to_dict(),
+                                                 {**tags, "fulu.device": self.device})
             return self._run
 
     def _run_trial(self, trial: optuna.Trial):
@@ -390,6 +394,7 @@ class Objective:
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("arch_hash", arch.content_hash())
         trial.set_user_attr("cache_key", key)
+        trial.set_user_attr("device", self.device)
         earlier = self._identical(trial, {key, cache_key(self.s, arch.content_hash(), model_as_typed=True)})
         if earlier is not None:
             return self._reuse(trial, earlier, values, arch)
@@ -465,9 +470,14 @@ class Objective:
 
     # -- reuse --------------------------------------------------------------------------------
     def _identical(self, trial: optuna.Trial, keys: set[str]):
+        """An earlier trial of the same architecture, task and budget, trained and costed on this kind of
+        device: one measured on another (a study resumed elsewhere) has another latency and memory, so the
+        architecture is trained and measured again here. A trial from before devices were recorded counts
+        as this device's."""
         states = (TrialState.COMPLETE, TrialState.PRUNED)
         for t in trial.study.get_trials(deepcopy=False, states=states):
-            if t.number != trial.number and t.user_attrs.get("cache_key") in keys and "infeasible" not in t.user_attrs:
+            if (t.number != trial.number and t.user_attrs.get("cache_key") in keys and "infeasible" not in t.user_attrs
+                    and t.user_attrs.get("device", self.device) == self.device):
                 return t
         return None
 
