@@ -307,3 +307,18 @@ def test_search_help_via_the_console_script_exits_0():
     result = subprocess.run([sys.executable, "-m", "fulu_nas.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "search" in result.stdout
     assert main(["nonsense"]) == 2
+
+
+def test_the_pareto_front_is_ordered_best_first_by_a_maximised_first_objective():
+    """The front was ordered lowest first whatever the direction: with ``metric`` maximised, the console and
+    ``export trial=pareto:0`` took the worst metric, where the dashboard's "first trial of the front" and the
+    confirmation's ranking took the best."""
+    import optuna
+
+    from fulu_nas.search.objective import pareto_front
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for number, values in enumerate([[0.5, 1.0], [0.9, 2.0], [0.7, 1.5], [0.6, 3.0]]):
+        study.add_trial(optuna.trial.create_trial(values=values, user_attrs={"arch_hash": str(number)}))
+    assert [t.number for t in pareto_front(study)] == [1, 2, 0]  # trial 3 is dominated

@@ -54,9 +54,12 @@ class Context:
         try:
             plot = optuna.create_study(directions=directions, study_name=self.study.study_name)
             for t in self.trials:
-                if not reused and "cached_from" in t.user_attrs:
-                    continue
-                if not infeasible and t.state == optuna.trial.TrialState.COMPLETE and not self.feasible(t):
+                left_out = ((not reused and "cached_from" in t.user_attrs) or
+                            (not infeasible and t.state == optuna.trial.TrialState.COMPLETE and not self.feasible(t)))
+                if left_out:
+                    # a failed placeholder, which no plot draws: the copy numbers its trials by their order,
+                    # and a trial skipped outright shifted every later one's number (its hover text, its colour)
+                    plot.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
                     continue
                 t2 = copy.copy(t)
                 attrs = {"architecture": describe_arch(t.user_attrs.get("arch"), t.params)}

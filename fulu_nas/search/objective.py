@@ -106,9 +106,11 @@ def is_feasible(t: optuna.trial.FrozenTrial) -> bool:
 
 def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Optuna's Pareto front (``best_trials``: feasible and non-dominated) with one trial per
-    architecture, lowest first objective first: the order ``trial=pareto:i`` counts in and the search's
-    table shows."""
-    return sorted(one_per_architecture(study.best_trials), key=lambda t: (t.values[0], t.number))
+    architecture, best first objective first (the lowest, or the highest where it is maximised, as the
+    dashboard and the confirmation rank it): the order ``trial=pareto:i`` counts in and the search's table
+    shows."""
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+    return sorted(one_per_architecture(study.best_trials), key=lambda t: (sign * t.values[0], t.number))
 
 
 def one_per_architecture(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
