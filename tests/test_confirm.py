@@ -402,9 +402,20 @@ def test_dashboard_draws_the_confirmation(confirmed, tmp_path, monkeypatch):
     assert "(reference)" in section and "Kendall&#x27;s tau between the rankings" in section
 
 
-def test_the_panel_says_when_there_is_no_confirmation():
-    blocks = panel_confirmation(SimpleNamespace(study=SimpleNamespace(user_attrs={}, study_name="s")), {})
-    assert len(blocks) == 1 and "fulu-nas confirm study.name=s" in blocks[0]
+def test_the_panel_says_when_there_is_no_confirmation(tmp_path, monkeypatch):
+    """Its command named the study alone: for a study outside outputs/NAME (hydra.run.dir, a multirun's job)
+    it was refused, "no study database at outputs/NAME/optuna.db"."""
+    from fulu_nas.search.app import compose_config
+    from fulu_nas.search.settings import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    named = "fulu-nas confirm study.name=tiny-clusters"
+    for folder, command in ((None, named), (tmp_path / "run", f"{named} hydra.run.dir={tmp_path / 'run'}")):
+        overrides = ["+experiment=tiny", *([f"hydra.run.dir={folder}"] if folder else [])]
+        settings = load_settings(*compose_config(overrides))
+        ctx = SimpleNamespace(study=SimpleNamespace(user_attrs={}, study_name="tiny-clusters"), s=settings)
+        blocks = panel_confirmation(ctx, {})
+        assert len(blocks) == 1 and f"`{command}` trains its best architectures" in blocks[0], blocks
 
 
 # ---------------------------------------------------------------- bad input

@@ -14,9 +14,10 @@ _CANDIDATE, _REFERENCE = "#1f77b4", "#d62728"
 def panel_confirmation(ctx: Context, opts: dict) -> list:
     summary = ctx.study.user_attrs.get(SUMMARY_ATTR)
     if not isinstance(summary, dict):
-        return [note(f"This study has not been confirmed yet: `fulu-nas confirm study.name={ctx.study.study_name}` "
-                     "trains its best architectures again with several seeds and a longer budget, and this panel "
-                     "then compares the two rankings.")]
+        # the overrides that find the study from here (its folder and databases where not the default ones)
+        command = " ".join(["fulu-nas confirm", *ctx.s.locating_overrides()])
+        return [note(f"This study has not been confirmed yet: `{command}` trains its best architectures again "
+                     "with several seeds and a longer budget, and this panel then compares the two rankings.")]
     rows = [r for r in summary["architectures"] if r["mean"] is not None]
     if not rows:
         return [note("Every run of the confirmation failed: see confirmation.json for the reasons.")]
