@@ -182,6 +182,11 @@ def test_identical_architectures_are_trained_once(tmp_path, monkeypatch):
     here = study.trials[0].user_attrs["device"]
     assert {t.user_attrs["device"] for t in complete} == {here} and here.startswith("cpu: ")
     assert {r.data.tags["fulu.device"] for r in runs} == {here}
+    # a reused result's run carries the tags a trained one does (an MLflow filter on them left it out)
+    by_trial = {int(r.data.tags["fulu.trial"]): r.data.tags for r in runs}
+    for t in complete:
+        assert by_trial[t.number]["fulu.arch_hash"] == t.user_attrs["arch_hash"]
+        assert by_trial[t.number]["fulu.reference"] == str(bool(t.user_attrs.get("reference")))
 
     # Resumed on another device: its trials' latency and memory are that device's, so an architecture is
     # trained and costed again there, not reused from the first device's trials (which kept their figures).

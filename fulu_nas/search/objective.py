@@ -371,8 +371,11 @@ class Objective:
         """The trial's MLflow run, kept in ``self._run`` before a Ctrl-C that arrived while it was being
         created is raised (at the end of the block), so that the interrupted trial's run is ended."""
         with between_writes():
+            # every trial run's (a reused result's too, so that a filter on these tags finds it)
+            common = {"fulu.reference": bool(trial.user_attrs.get("reference")), "fulu.arch_hash": arch.content_hash(),
+                      "fulu.device": self.device}
             self._run = self.tracker.start_trial(self.parent_run_id, trial.number, values, arch.to_dict(),
-                                                 {**tags, "fulu.device": self.device})
+                                                 {**common, **tags})
             return self._run
 
     def _run_trial(self, trial: optuna.Trial):
@@ -404,11 +407,9 @@ class Objective:
 
     # -- the protocol -------------------------------------------------------------------------
     def _train(self, trial: optuna.Trial, values: dict, arch, started: float):
-        reference = bool(trial.user_attrs.get("reference"))
         seconds = {"sample": time.perf_counter() - started}
         clock = time.perf_counter()
-        run_id = self._start_run(trial, values, arch, {"fulu.reference": reference,
-                                                       "fulu.arch_hash": arch.content_hash()})
+        run_id = self._start_run(trial, values, arch, {})
         trial.set_user_attr("mlflow_run_id", run_id)
         seconds["log"] = time.perf_counter() - clock
         model = None
