@@ -79,8 +79,11 @@ def test_a_pareto_front_is_whole_at_80_columns(tmp_path):
     summary["reference"]["values"] = [1.309049, 0.35]
     for key in ("best", "best_trial", "beats_reference", "improvement_over_reference", "best_is_reference"):
         summary.pop(key)
+    for width in (80, 160):  # 160: a log's width, where the row layout measured as fitting and was then cut
+        text = printed(width, print_summary, summary, s)
+        assert "…" not in text and max(len(line) for line in text.splitlines()
+                                        if line[:1] in "┏┃┡│├└┌") <= width, text
     text = printed(80, print_summary, summary, s)
-    assert "…" not in text and table_fits(text.splitlines()), text
     for i, r in enumerate(front):
         assert f"pareto:{i}" in text and "export as" in text, text  # a row "export as trial=", or trial=pareto:i
         shown = [v for k, v in r["metrics"].items() if k not in summary["objectives"]]  # the objectives: values

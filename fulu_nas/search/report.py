@@ -3,6 +3,7 @@ as a plain dict (summary.json, the MLflow parent run) and as a table on the term
 
 from __future__ import annotations
 
+import io
 import math
 
 import optuna
@@ -82,8 +83,16 @@ def console_for_results():
 
 def fits(console, table) -> bool:
     """Does ``table`` fit ``console`` without cutting a word to an ellipsis (each column at least as wide as
-    its longest word)? Rich clamps a measurement to the width it is given, so it measures with room to spare."""
-    return console.measure(table, options=console.options.update_width(10**6)).minimum <= console.width
+    its longest word)? Rich clamps a measurement to the width it is given, so it measures with room to spare;
+    and where the columns' minimums fit, rich still shrinks every wrapping column in proportion, which can
+    cut a word: the table is drawn once, off screen, to see."""
+    from rich.console import Console
+
+    if console.measure(table, options=console.options.update_width(10**6)).minimum > console.width:
+        return False
+    probe = Console(width=console.width, file=io.StringIO(), color_system=None, legacy_windows=False)
+    probe.print(table)
+    return "\u2026" not in probe.file.getvalue()
 
 
 def column_widths(width: int, columns: list[list[str]]) -> list[int] | None:
