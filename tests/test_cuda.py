@@ -583,20 +583,21 @@ def test_the_bf16_router_logits_follow_a_fused_optimizer_step(grad):
 def test_an_extreme_system_served_from_cuda_graphs_follows_replaced_weights():
     """The graphs replayed the addresses the weights had at capture: after load_state_dict(assign=True)
     or remapped experts the system read freed memory (the weights it no longer held, or garbage)."""
-    from fulu_nas import OptimizationLevel, create_ultimate_pimoe_system
+    from fulu_nas import create_ultimate_pimoe_system
 
     torch.manual_seed(0)
-    system = create_ultimate_pimoe_system(hidden_size=64, num_experts=8, top_k=2, device="cuda",
-                                          optimization_level=OptimizationLevel.EXTREME).optimize_for_inference()
-    x = torch.randn(2, 16, 64, device="cuda", dtype=system.dtype)
+    shape = dict(hidden_size=256, num_experts=8, expert_ffn_size=512, optimization_level="extreme",
+                 enable_hardware_optimization=True, device="cuda")
+    system = create_ultimate_pimoe_system(**shape).optimize_for_inference()
+    x = torch.randn(2, 64, 256, device="cuda")
 
     def check():
         with torch.inference_mode():
-            assert relative_error(system(x).float(), system.layer(x, impl="loop")[0].float()) < 1e-2
+            reference = system.layer(x.to(system.dtype), impl="loop")[0].float()
+            assert relative_error(system(x).float(), reference) < 1e-2
 
     check()
-    other = create_ultimate_pimoe_system(hidden_size=64, num_experts=8, top_k=2, device="cuda",
-                                         optimization_level=OptimizationLevel.EXTREME).to(system.dtype)
+    other = create_ultimate_pimoe_system(**shape).to(system.dtype)
     system.load_state_dict(other.state_dict(), assign=True)
     check()
     system.layer.remap_experts([0, 1, 2, 3])
