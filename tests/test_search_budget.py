@@ -42,7 +42,8 @@ def test_identical_trial_values_with_and_without_competing_load(tmp_path, monkey
 def test_a_trial_past_the_safety_cap_fails_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    assert run_search(out, "study.n_trials=1", "trainer.steps=100000", "trainer.max_seconds=1") == 0
+    # its only trial failed: the study has no result (exit code 1)
+    assert run_search(out, "study.n_trials=1", "trainer.steps=100000", "trainer.max_seconds=1") == 1
     (trial,) = load_study(out).trials
     assert trial.state == TrialState.FAIL
     assert trial.user_attrs["fail_reason"].startswith("budget cap (trainer.max_seconds): safety cap of 1 s reached")
