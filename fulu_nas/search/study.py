@@ -526,8 +526,8 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
         interrupts.ignore_signals()  # the search is ending: a Ctrl-C now would leave its parent run open
         summary = _finish_study(s)
     print_summary(summary, s)
-    if code == 0 and _untrained(summary):
-        print(f"error: {_untrained(summary)}", file=sys.stderr)
+    if code == 0 and (reason := _untrained(summary)):
+        print(f"error: {reason}", file=sys.stderr)
         return NO_RESULT
     return code
 
