@@ -202,6 +202,27 @@ def test_identical_architectures_are_trained_once(tmp_path, monkeypatch):
     assert all(t.user_attrs["cached_from"] >= 5 for t in later if "cached_from" in t.user_attrs)
 
 
+
+@pytest.mark.parametrize("bound", ["study.objectives=[loss,latency_ms]", "study.constraints={peak_memory_mb:1e9}"])
+def test_a_study_that_measured_latency_or_memory_elsewhere_is_not_resumed_on_another_device(tmp_path, monkeypatch,
+                                                                                                capsys, bound):
+    """Its front would weigh one device's latency (or memory) against another's: refused before anything is
+    written, naming both devices. A study of loss alone resumes there (the test above)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=1", "study.pruner=none", bound) == 0
+    here = load_study(out).trials[0].user_attrs["device"]
+    config = (out / "search_config.json").read_text()
+    capsys.readouterr()
+    from fulu_nas.search import objective
+
+    monkeypatch.setattr(objective, "device_label", lambda device: "cuda: Another GPU")
+    assert run_search(out, "study.n_trials=2", "study.pruner=none", bound) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("  - trainer.device: study 'tiny-clusters'")
+    assert here in err and "cuda: Another GPU" in err and "study.name" in err
+    assert len(load_study(out).trials) == 1 and (out / "search_config.json").read_text() == config
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from fulu_nas.cli import main; sys.exit(main())", *args]
 

@@ -126,6 +126,16 @@ def one_per_architecture(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.
     return front
 
 
+# What a trial's figures of these depend on: the device that measured them.
+DEVICE_BOUND = ("latency_ms", "latency_ratio", "throughput", "peak_memory_mb")
+
+
+def measuring_device(s: SearchSettings) -> str:
+    """The label (:func:`~fulu_nas.deploy.devices.device_label`) of the device this search's trials are
+    trained and costed on."""
+    return device_label(resolve_device(s.train.device))
+
+
 def reference_model(s: SearchSettings, device: torch.device) -> PiMoETransformer | None:
     """The space's reference architecture (initial weights, the study's seed) on ``device``: the fixed
     model every trial's latency is measured beside (``latency_ratio``). None without a reference."""
@@ -351,7 +361,7 @@ class Objective:
         self.references = ReferenceModels(settings)
         self._run: str | None = None  # the running trial's MLflow run, while this objective has to end it
         # Where this worker's trials are trained and costed (a resumed study may run on another device).
-        self.device = device_label(resolve_device(settings.train.device))
+        self.device = measuring_device(settings)
 
     def __call__(self, trial: optuna.Trial):
         """Ctrl-C or SIGTERM anywhere in the trial (checking, sampling, reusing, creating its run,

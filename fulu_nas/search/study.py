@@ -32,7 +32,16 @@ from ..errors import FuluConfigError
 from ..moe import cpu_stream
 from . import interrupts
 from .interrupts import between_writes, interrupt
-from .objective import Objective, TrialFailed, counts_toward_total, is_feasible, pareto_front, requeue_interrupted
+from .objective import (
+    DEVICE_BOUND,
+    Objective,
+    TrialFailed,
+    counts_toward_total,
+    is_feasible,
+    measuring_device,
+    pareto_front,
+    requeue_interrupted,
+)
 from .report import describe_counts, print_summary, summarize
 from .settings import SearchSettings
 from .storage import mask_url, open_study_storage
@@ -119,6 +128,22 @@ def check_resumable(study: optuna.Study, s: SearchSettings) -> None:
         raise FuluConfigError(f"study.name: study {s.study.name!r} in {mask_url(s.storage_url)} was created "
                               f"{_changed(study.user_attrs.get(FINGERPRINT_PARTS_ATTR), s)}; choose another "
                               "study.name to start a new study, or the original settings to resume it")
+    _check_same_device(study, s)
+
+
+def _check_same_device(study: optuna.Study, s: SearchSettings) -> None:
+    """A study that optimises or bounds latency, throughput or memory resumes only on the device that measured
+    its trials: its front would weigh one device's figures against another's. A trial from before devices
+    were recorded counts as this device's (as for reuse)."""
+    bound = sorted(set(DEVICE_BOUND) & (set(s.study.objectives) | {name for name, _ in s.study.constraints}))
+    if not bound:
+        return
+    here = measuring_device(s)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if elsewhere := sorted({t.user_attrs.get("device", here) for t in complete} - {here}):
+        raise FuluConfigError(f"trainer.device: study {s.study.name!r} in {mask_url(s.storage_url)} measured "
+                              f"{', '.join(bound)} on {'; '.join(elsewhere)}, this search would measure on {here}, "
+                              "and the two are not comparable: resume it there, or choose another study.name")
 
 
 _PARTS = {"task": "another task", "search_space": "another search_space", "trainer": "another trainer",
