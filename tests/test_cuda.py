@@ -603,3 +603,29 @@ def test_an_extreme_system_served_from_cuda_graphs_follows_replaced_weights():
     system.layer.remap_experts([0, 1, 2, 3])
     check()
     assert system.system_stats()["cuda_graphs"] == 1  # captured again, not beside the old ones
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_layer_on_a_gpu_that_is_not_the_current_one_computes_there():
+    """Triton launches on the current GPU: a layer on cuda:1 called while cuda:0 was current launched its
+    kernels on cuda:0's stream with cuda:1's pointers. Eager calls (training and inference) and an EXTREME
+    system's graph capture run on the input's GPU."""
+    from fulu_nas import create_ultimate_pimoe_system
+
+    torch.manual_seed(0)
+    layer = make_layer("topk", hidden_size=256, expert_ffn_size=512, num_experts=8, top_k=2).to("cuda:1")
+    x = torch.randn(4, 128, 256, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+    assert torch.cuda.current_device() == 0
+    out, _ = layer.to(torch.bfloat16)(x)
+    out.float().square().mean().backward()
+    with torch.inference_mode():
+        reference = layer(x.detach(), impl="loop")[0]
+    assert relative_error(out.detach(), reference) < 1e-2 and torch.isfinite(x.grad).all()
+    system = create_ultimate_pimoe_system(hidden_size=256, num_experts=8, expert_ffn_size=512,
+                                          optimization_level="extreme", enable_hardware_optimization=True,
+                                          device="cuda:1").optimize_for_inference()
+    y = torch.randn(2, 64, 256, device="cuda:1")
+    with torch.inference_mode():
+        reference = system.layer(y.to(system.dtype), impl="loop")[0].float()
+    assert relative_error(system(y).float(), reference) < 1e-2
+    assert relative_error(system(y).float(), reference) < 1e-2  # a replay of the graph captured on cuda:1

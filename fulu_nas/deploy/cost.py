@@ -148,7 +148,7 @@ class _GraphReplay:
 
     def __init__(self, served: torch.nn.Module, tokens: torch.Tensor):
         self.served, self.tokens = served, tokens.clone()
-        self.graph, self.out = capture(lambda: self.served(self.tokens))
+        self.graph, self.out = capture(lambda: self.served(self.tokens), device=tokens.device)
 
     def __call__(self) -> torch.Tensor:
         self.graph.replay()

@@ -16,19 +16,23 @@ import torch
 from torch import Tensor
 
 
-def capture(step: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
+def capture(step: Callable[[], Any], warmup: int = 3,
+            device: torch.device | None = None) -> tuple[torch.cuda.CUDAGraph, Any]:
     """``step`` (CUDA work without host syncs) run ``warmup`` times on a side stream (compilation,
     autotuning, allocator warm-up), then captured in one CUDA graph; returns the graph and the
-    captured call's outputs (graph-owned memory, rewritten by every replay)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = step()
+    captured call's outputs (graph-owned memory, rewritten by every replay). ``device``: the GPU that
+    ``step`` computes on, when it may not be the current one (streams, and the Triton kernels' eager
+    launches, take the current device: a graph captured on another device's stream records nothing)."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = step()
     return graph, outputs
 
 
@@ -68,7 +72,7 @@ class GraphedForward:
         if entry is None:
             static_x = x.clone()
             static_ids = None if token_ids is None else token_ids.clone()
-            graph, outputs = capture(lambda: self._fn(static_x, static_ids), self._warmup)
+            graph, outputs = capture(lambda: self._fn(static_x, static_ids), self._warmup, x.device)
             entry = self._graphs[key] = (static_x, static_ids, graph, outputs)
         static_x, static_ids, graph, outputs = entry
         static_x.copy_(x)

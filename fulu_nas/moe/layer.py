@@ -160,6 +160,12 @@ class PiMoELayer(nn.Module):
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, impl: str | None = None,
                 with_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        if isinstance(x, Tensor) and x.is_cuda and not torch.compiler.is_compiling() \
+                and x.get_device() != torch.cuda.current_device():
+            # Triton launches its kernels on the current GPU, whatever their tensors' (torch's ops follow
+            # the tensors): a layer on cuda:1 called while cuda:0 is current. A compiled call sets it.
+            with torch.cuda.device(x.device):
+                return self.forward(x, token_ids, impl, with_stats)
         cfg = self.cfg
         x_TD, routing, impl = self._routed_input(x, token_ids, impl)
         if cfg.token_choice:
