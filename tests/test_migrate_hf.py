@@ -715,6 +715,28 @@ def test_export_refuses_a_layer_that_routes_differently():
         to_hf(layer, mixtral(), family="llama")
 
 
+def test_export_refuses_a_deepseek_layer_that_fills_dropped_groups_unlike_the_block(monkeypatch):
+    """A layer imported with the old transformers' 0.0 fill, written into a block that fills -inf (or the
+    reverse), routed differently from the block without a word (up to 15.6 apart on negative biased
+    scores)."""
+    import transformers
+
+    block = deepseek_v3(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=4, seed=5)
+    zero, published = from_deepseek_v3(block, group_mask_fill="zero"), from_deepseek_v3(block)
+    from packaging.version import Version
+
+    assert Version(transformers.__version__) >= Version("5.24")  # the fill of dropped groups is -inf from 5.24 on
+    with pytest.raises(ValueError, match="group_mask_fill: layer 'zero', block '-inf'"):
+        to_hf(zero, deepseek_v3(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=4, seed=6))
+    to_hf(published, deepseek_v3(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=4, seed=6))
+    monkeypatch.setattr(transformers, "__version__", "5.10.0")  # a block of the releases that filled 0.0
+    with pytest.raises(ValueError, match="group_mask_fill: layer '-inf', block 'zero'"):
+        to_hf(published, deepseek_v3(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=4, seed=6))
+    to_hf(zero, deepseek_v3(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=4, seed=6))
+    # one group: nothing is dropped, so the fill never matters
+    flat = from_deepseek_v3(deepseek_v3(n_routed_experts=8, n_group=1, topk_group=1, seed=7), group_mask_fill="zero")
+    to_hf(flat, deepseek_v3(n_routed_experts=8, n_group=1, topk_group=1, seed=8))
+
 @pytest.mark.parametrize("name, make", [
     ("deepseek_v3", lambda seed: deepseek_v3(seed, n_shared_experts=0)),
     ("qwen2_moe", lambda seed: qwen2_moe(seed, shared_expert_intermediate_size=0)),

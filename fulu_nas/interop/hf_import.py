@@ -396,6 +396,25 @@ def _setting(cfg: MoEConfig, name: str) -> Any:
     return cfg.num_shared_experts * cfg.shared_ffn_size if name == "shared_width" else getattr(cfg, name)
 
 
+# transformers filled the scores of dropped groups with 0.0 before this release (the module's notes)
+GROUP_MASK_FIX = "5.24"
+
+
+def _group_mask_fill(block: nn.Module) -> str:
+    """How a DeepSeek-V3 block fills the selection scores of dropped groups: as the published model
+    (-inf), unless it is a transformers block from a release before :data:`GROUP_MASK_FIX` (0.0)."""
+    if not type(block).__module__.startswith("transformers."):
+        return "-inf"  # the model repositories' own modeling_deepseek.py
+    import transformers
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        old = Version(transformers.__version__) < Version(GROUP_MASK_FIX)
+    except InvalidVersion:
+        old = False
+    return "zero" if old else "-inf"
+
+
 @torch.no_grad()
 def to_hf(layer: PiMoELayer, block: nn.Module, family: str | None = None) -> nn.Module:
     """Write ``layer``'s weights into the transformers MoE ``block`` (same family and shapes) and
@@ -413,6 +432,9 @@ def to_hf(layer: PiMoELayer, block: nn.Module, family: str | None = None) -> nn.
     for name in ("capacity_factor", "top_p"):
         if getattr(layer.cfg, name) is not None:
             mismatches.append(f"{name}: layer {getattr(layer.cfg, name)!r}, block has none")
+    if (family or hf_family(block)) == "deepseek_v3" and layer.cfg.router == "hierarchical" and (
+            (fill := _group_mask_fill(block)) != layer.cfg.group_mask_fill):
+        mismatches.append(f"group_mask_fill: layer {layer.cfg.group_mask_fill!r}, block {fill!r}")
     bias = getattr(layer.router, "expert_bias", None)
     if spec.expert_bias is None and bias is not None and bool(bias.any()):
         mismatches.append("expert_bias: the layer has a nonzero selection bias, the block none")
