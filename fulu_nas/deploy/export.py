@@ -42,6 +42,7 @@ from ..models import ArchConfig, PiMoETransformer
 from .files import checked_copy, expected_digest, parse_manifest
 from .files import sha256_file as sha256
 from .pt2_check import UnsafeProgramError, check_archive
+from .routing_words import batch_dependence
 
 CHECKSUMS = "checksums.json"
 UPCYCLING = "upcycling.yaml"  # what marks an upcycled encoder's export (fulu_nas.interop.upcycle_export)
@@ -118,9 +119,12 @@ def save_pyfunc(directory: Path, program_path: Path, arch: ArchConfig) -> None:
             shutil.move(str(item), directory / item.name)
 
 
-def torch_only_loading(program_sha256: str, vocab_size: int, max_seq_len: int) -> str:
+def torch_only_loading(program_sha256: str, vocab_size: int, max_seq_len: int, batch_dependent: str | None) -> str:
     """The model card's section on loading ``model.pt2`` with torch alone, SHA-256 first. Its example batch
-    fits the model: the program refuses sequences longer than ``max_seq_len``."""
+    fits the model: the program refuses sequences longer than ``max_seq_len``. ``batch_dependent``: why a
+    sequence's output depends on its batch (:func:`~.routing_words.batch_dependence`), or None."""
+    split = (f"split larger batches, knowing that each part is then its own batch: a sequence's output depends "
+             f"on the rest of its batch ({batch_dependent})" if batch_dependent else "split larger batches")
     return f"""
 ## Loading model.pt2 with torch alone
 `torch.export.load` unpickles parts of an archive and evaluates expressions stored in it: run it
@@ -135,7 +139,7 @@ program = torch.export.load(io.BytesIO(data))     # the bytes just checked
 logits = program.module()(torch.randint(0, {vocab_size}, (2, {min(16, max_seq_len)})))
 ```
 The program takes a batch of up to {MAX_BATCH} sequences (its bound on the dynamic batch dimension), each
-up to the model's length; split larger batches.
+up to the model's length; {split}.
 """
 
 
@@ -234,7 +238,7 @@ def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], met
         (folder / "metrics.json").write_text(metrics_json(metrics))
         save_pyfunc(folder, folder / "model.pt2", cpu.arch)
         card = model_card + torch_only_loading(sha256(folder / "model.pt2"), cpu.arch.vocab_size,
-                                               cpu.arch.max_seq_len)
+                                               cpu.arch.max_seq_len, batch_dependence(cpu.arch.moe.to_dict()))
         (folder / "README.md").write_text(card)
 
     return assemble(out, fill)

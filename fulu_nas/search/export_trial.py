@@ -173,6 +173,7 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
 
 def model_card(s: SearchSettings, location: StudyLocation, trial, config: dict, metrics: dict, name: str) -> str:
     from ..deploy.export import metric_rows
+    from ..deploy.routing_words import batching_note, routing_words
 
     arch = config["architecture"]
     moe = arch["moe"]
@@ -180,10 +181,9 @@ def model_card(s: SearchSettings, location: StudyLocation, trial, config: dict, 
     rows = metric_rows(metrics)
     return f"""# {name}: PiMoE model (trial {trial.number} of study {s.study.name})
 
-A {arch['num_layers']}-layer decoder of width {arch['hidden_size']} whose PiMoE layers route each
-token to {moe['top_k']} of {moe['num_experts']} experts (router `{moe['router']}`, expert width
-{moe['expert_ffn_size']}, {moe['num_shared_experts']} shared experts), found by fulu-nas for the
-task `{s.task_name}`.
+A {arch['num_layers']}-layer decoder of width {arch['hidden_size']} whose PiMoE layers {routing_words(moe)}
+(router `{moe['router']}`, expert width {moe['expert_ffn_size']}, {moe['num_shared_experts']} shared experts),
+found by fulu-nas for the task `{s.task_name}`. {batching_note(moe)}
 
 ## How it was found
 Study `{s.study.name}` ({mask_url(location.storage_url)}), search space `{s.space.name}`, sampler

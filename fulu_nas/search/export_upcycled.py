@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 
 from ..deploy.export import UPCYCLING, metric_rows
+from ..deploy.routing_words import batching_note, routing_words
 from .locate import StudyLocation
 from .settings import SearchSettings
 from .storage import mask_url
@@ -28,9 +29,9 @@ def upcycled_card(s: SearchSettings, location: StudyLocation, trial: optuna.tria
     else:
         shared = (f", plus a shared expert of {moe['shared_expert_ffn_size']} units cut out of the FFN"
                   if moe["num_shared_experts"] else "")
-        what = (f"encoder layers {', '.join(map(str, arch['layers']))} upcycled into PiMoE layers routing each "
-                f"token to {moe['top_k']} of {moe['num_experts']} experts of {moe['expert_ffn_size']} units "
-                f"(router `{moe['router']}`{shared}), then fine-tuned")
+        what = (f"encoder layers {', '.join(map(str, arch['layers']))} upcycled into PiMoE layers that "
+                f"{routing_words(moe)}, experts of {moe['expert_ffn_size']} units (router `{moe['router']}`{shared}), "
+                f"then fine-tuned")
     rows = metric_rows(metrics)  # without the routing statistics of a model with no routing (NaN)
     versus = ""
     if reference is not None and reference["number"] != trial.number:
@@ -46,7 +47,7 @@ def upcycled_card(s: SearchSettings, location: StudyLocation, trial: optuna.tria
 The dense encoder `{s.task.model_path}` (SHA-256 `{arch['source_sha256'][:16]}...`) with {what}
 with masked-language modelling for {steps} steps{retrained} (learning rate {arch['lr'] or s.train.lr:g}).
 Found by fulu-nas: study `{s.study.name}` ({mask_url(location.storage_url)}), search space
-`{s.space.name}`, selected by {metrics['selected_by']}.
+`{s.space.name}`, selected by {metrics['selected_by']}. {batching_note(moe)}
 {versus}
 ## Metrics (measured again on the exported weights, {metrics.get('device', 'cpu')})
 | metric | value |
