@@ -47,6 +47,8 @@ HOOK = textwrap.dedent("""
                     os.kill(os.getpid(), signal.SIGTERM)
                 elif action == "term-parent":  # the confirmation's main process alone
                     os.kill(os.getppid(), signal.SIGTERM)
+                elif action == "int-parent":  # kill -INT PID, timeout -s INT: the main process alone
+                    os.kill(os.getppid(), signal.SIGINT)
             return real(arch, s, cfg, log, kernels)
 
         confirm.train_architecture = train_architecture
@@ -161,9 +163,13 @@ def test_sigterm_stops_a_confirmation_as_ctrl_c_does(searched, tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_main_process_stops_its_workers_runs(searched, tmp_path, monkeypatch):  # noqa: F811
-    """`kill PID` of a confirmation on two workers: the workers' runs are ended KILLED, exit 130."""
-    out, _, _, done = stopped_by_sigterm(searched, tmp_path, monkeypatch, "term-parent", workers=2)
+@pytest.mark.parametrize("action", ["term-parent", "int-parent"])
+def test_a_signal_to_the_main_process_alone_stops_its_workers_runs(searched, tmp_path, monkeypatch,  # noqa: F811
+                                                                   action):
+    """`kill PID` (or `kill -INT PID`) of a confirmation on two workers: the workers' runs are ended KILLED,
+    exit 130. A SIGINT was not passed on: the workers trained every run left, then the command said it was
+    interrupted and wrote no summary."""
+    out, _, _, done = stopped_by_sigterm(searched, tmp_path, monkeypatch, action, workers=2)
     statuses = run_statuses(out, 60)
     assert "KILLED" in {status for status, _ in statuses.values()}
     assert all(status in ("FINISHED", "KILLED") for status, _ in statuses.values()), statuses

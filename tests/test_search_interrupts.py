@@ -440,13 +440,15 @@ def test_a_signal_to_the_workers_parent_after_the_last_trial_is_no_interrupted_s
     _assert_ended_complete(out, err)
 
 
-def test_a_sigterm_to_the_workers_parent_alone_stops_the_workers_and_the_study_resumes(tmp_path, monkeypatch,
-                                                                                     capsys):
-    """SIGTERM to the parent of two workers alone (``docker stop``, ``kill PID``) mid-search: passed on to
-    the workers, whose running trials are failed and queued again; the parent says so and exits 130, and
-    the same command finishes the study."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signal_to_the_workers_parent_alone_stops_the_workers_and_the_study_resumes(tmp_path, monkeypatch,
+                                                                                    capsys, signum):
+    """SIGTERM or SIGINT to the parent of two workers alone (``docker stop``, ``kill PID``, ``kill -INT PID``)
+    mid-search: passed on to the workers, whose running trials are failed and queued again; the parent says so
+    and exits 130, and the same command finishes the study. A SIGINT was not passed on: the workers ran the
+    whole study."""
     real_report = study_module._report
-    _signal_at_report(monkeypatch, 1, signal.SIGTERM)
+    _signal_at_report(monkeypatch, 1, signum)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     workers = ("study.n_workers=2", *FAST)

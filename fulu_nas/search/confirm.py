@@ -204,8 +204,6 @@ class Confirmation:
         self.tracker = Tracker(s)
         self.parent = self.tracker.parent_run(study)
         self.references = ReferenceModels(s)
-        self.sigterms: list[int] = []  # the SIGTERMs this process received while it ran (run_in_workers passes
-        # them on to the workers)
 
     def key(self, c: Candidate, seed: int) -> str:
         return result_key(c.arch_hash, seed, self.plan.steps)
@@ -228,7 +226,7 @@ class Confirmation:
         shared among that many processes (:mod:`.confirm_workers`)."""
         # SIGTERM too (`timeout`, `docker stop`, a batch scheduler; also the confirmation at the end of a
         # search, whose own handlers have ended): it killed the process with its running run left RUNNING.
-        with stop_signals_as_interrupt(CONFIRM_STOPPING) as self.sigterms:
+        with stop_signals_as_interrupt(CONFIRM_STOPPING):
             try:
                 return self._run_all(n_workers)
             except KeyboardInterrupt:

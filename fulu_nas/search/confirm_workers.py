@@ -66,10 +66,11 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
             raise_if_swallowed()
     except KeyboardInterrupt:
         interrupted = True
-        # A Ctrl-C at the terminal reaches the workers too; a SIGTERM may have reached this process alone
-        # (`kill PID`, `docker stop`), so it is passed on (a worker ignores the signals after its first).
+        # A Ctrl-C at the terminal reaches the workers too; a signal may have reached this process alone
+        # (`kill PID`, `kill -INT PID`, `docker stop`), so it is passed on (a worker ignores the signals
+        # after its first).
         for p, _ in procs:
-            if confirmation.sigterms and p.poll() is None:
+            if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
     finally:
         for p, log in procs:

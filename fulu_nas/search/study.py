@@ -491,27 +491,19 @@ def _surplus(t: optuna.trial.FrozenTrial) -> bool:
 
 
 @contextmanager
-def stop_signals_as_interrupt(stopping: str = interrupts.SEARCH_STOPPING) -> Iterator[list[int]]:
+def stop_signals_as_interrupt(stopping: str = interrupts.SEARCH_STOPPING) -> Iterator[None]:
     """SIGTERM (``timeout``, ``docker stop``, a batch scheduler's polite stop) and Ctrl-C stop the search
     alike: between database writes (:mod:`.interrupts`), the running trial failed and queued again, its
     runs ended, the summary written; the signals after the first are ignored, told ``stopping`` (what the
-    command is doing meanwhile). Yields the SIGTERMs received. Only the main thread can take signals;
-    elsewhere nothing changes."""
-    received: list[int] = []
-
-    def on_sigterm(signum: int, frame) -> None:
-        received.append(signum)
-        interrupt(signum, frame)
-
+    command is doing meanwhile). Only the main thread can take signals; elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
-        yield received
+        yield
         return
     interrupts.reset(stopping)
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
-                signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         with interrupts.catching_swallowed_interrupts():
-            yield received
+            yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -529,12 +521,12 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
     (s.output_dir / "search_config.json").write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir),
                                                                  "typed_model": s.typed_model},
                                                                 indent=2, default=str))
-    with stop_signals_as_interrupt() as received:
+    with stop_signals_as_interrupt():
         try:
             if s.study.n_workers == 1:
                 code = run_worker(s, 0, progress=progress)
             else:
-                code = _run_worker_processes(s, progress, received)
+                code = _run_worker_processes(s, progress)
         except KeyboardInterrupt:  # before a trial ran (opening the study, compiling a kernel, starting workers)
             print(f"interrupted: run the same command{_in_this_sweep()} to resume", file=sys.stderr)
             code = INTERRUPTED
@@ -610,7 +602,7 @@ def worker_env(index: int, n_workers: int, gpus_per_worker: int = 1) -> dict[str
     return env
 
 
-def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]) -> int:
+def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
     # Create the study, its reference trial and the MLflow parent run once, before workers race.
     with quiet_optuna():
         study = open_study(s)
@@ -638,16 +630,18 @@ def _run_worker_processes(s: SearchSettings, progress: bool, received: list[int]
             bar.refresh()
     except KeyboardInterrupt:
         for p, _ in procs:
-            # A SIGTERM may have come to this process alone (docker stop): forwarded. Sent to the whole
-            # process group (timeout, kill -- -PGID, a scheduler), the workers got it already: this
-            # second one, which no process can tell apart, is ignored by them (:mod:`.interrupts`).
-            # Ctrl-C reaches them all.
-            if received and p.poll() is None:
+            # The signal may have come to this process alone (docker stop, kill PID, kill -INT PID): passed
+            # on. Sent to the whole process group (Ctrl-C, timeout, kill -- -PGID, a scheduler), the
+            # workers got it already: this second one, which no process can tell apart, is ignored by them
+            # (:mod:`.interrupts`).
+            if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p, _ in procs:
             p.wait()
-        if all(p.returncode == 0 for p, _ in procs):
-            # Every worker ended its part: the signal came as the search was ending.
+        # A worker that had ended its part (0; or killed by the signal as it exited, its handlers gone) and a
+        # study with its trials: the signal came as the search was ending.
+        ended = (0, INTERRUPTED, -signal.SIGTERM, -signal.SIGINT)
+        if all(p.returncode in ended for p, _ in procs) and finished_count(study) >= s.study.n_trials:
             return _interrupted(s, study, [])
         print(f"interrupted: run the same command{_in_this_sweep()} to resume (each worker's log says what it "
               "stopped)", file=sys.stderr)
