@@ -234,6 +234,27 @@ def test_an_architecture_that_diverged_on_a_seed_cannot_win(tmp_path):
     assert "no winner: every architecture" in text and "retry" not in text
 
 
+def test_a_winner_below_an_infeasible_or_diverged_architecture_is_not_called_the_best(tmp_path):
+    """The reference over the study's constraints ranked first (0.7437 against 0.713, maximised), and the
+    winner line said trial 1 had the best mean; nothing said the reference was left out, nor why."""
+    rows = [row(0, None, [[0.72], [0.76]], reference=True, feasible=False), row(1, 1, [[0.71], [0.716]]),
+            row(2, 2, [[0.70], [0.69]])]
+    summary = summarize_confirmation({**header(["metric"]), "directions": ["maximize"]}, rows, ["maximize"])
+    assert summary["winner"]["trial"] == 1 and summary["architectures"][0]["trial"] == 0
+    text = printed(summary, tmp_path)
+    assert "| 0 (reference, infeasible) |" in text.replace("│", "|")
+    assert ("winner: the confirmed winner, trial 1 (best mean metric of the architectures that can win, 0.713 +- "
+            "0.004243 over 2 seed(s) at 1200 steps; search rank 1; ranked above it: trial 0, over the study's "
+            "constraints)") in text
+    # An architecture that diverged on a seed ranks on its other seeds, and cannot win either.
+    summary = summarize_confirmation(header(["loss"], DIVERGED_7), [row(7, 1, [[0.931]]), row(4, 2, [[0.947]])],
+                                     ["minimize"])
+    assert "ranked above it: trial 7, diverged on a seed" in printed(summary, tmp_path)
+    # The winner ranked first: nothing to say.
+    summary = summarize_confirmation(header(["loss"]), [row(4, 1, [[0.9]]), row(0, 2, [[0.95]], reference=True)],
+                                     ["minimize"])
+    assert "(best mean loss 0.9 over 1 seed(s)" in printed(summary, tmp_path)
+
 def test_a_failed_run_of_an_architecture_that_cannot_win_does_not_withhold_the_winner():
     """The reference missed the study's constraints: it is no candidate, so its failure changes no winner."""
     rows = [row(4, 1, [[0.947], [0.951], [0.944]]), row(0, None, [[0.962], [0.958]], reference=True, feasible=False)]

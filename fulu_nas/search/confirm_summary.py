@@ -67,6 +67,10 @@ def summarize_confirmation(header: dict, rows: list[dict], directions: list[str]
     single = len(directions) == 1
     summary["winner"] = None if not single or not candidates or header.get("complete") is False \
         or unfinished else {k: candidates[0][k] for k in ("trial", "arch_hash", "search_rank", "mean", "sd", "n")}
+    if summary["winner"] is not None:  # the architectures with a better mean that could not win, and why
+        summary["winner"]["ranked_above"] = [
+            {"trial": r["trial"], "why": "over the study's constraints" if not r["feasible"] else "diverged on a seed"}
+            for r in measured[:measured.index(candidates[0])]]
     summary["winner_withheld"] = None
     if single and unfinished:  # said also when those failures left no architecture with a result
         summary["winner_withheld"] = (
@@ -168,8 +172,11 @@ def why_no_winner(summary: dict | None) -> str:
 
 def describe_winner(w: dict) -> str:
     sd = f" +- {w['sd'][0]:.4g}" if w["sd"] else ""
-    return (f"the confirmed winner, trial {w['trial']} (best mean {w['objective']} {w['mean'][0]:.4g}{sd} over "
-            f"{w['n']} seed(s) at {w['steps']} steps; search rank {w['search_rank'] or '-'})")
+    above = w.get("ranked_above") or []
+    of = " of the architectures that can win," if above else ""
+    passed = "; ranked above it: " + "; ".join(f"trial {a['trial']}, {a['why']}" for a in above) if above else ""
+    return (f"the confirmed winner, trial {w['trial']} (best mean {w['objective']}{of} {w['mean'][0]:.4g}{sd} over "
+            f"{w['n']} seed(s) at {w['steps']} steps; search rank {w['search_rank'] or '-'}{passed})")
 
 
 def print_confirmation(summary: dict, path, console=None) -> None:
@@ -186,7 +193,8 @@ def print_confirmation(summary: dict, path, console=None) -> None:
     headers += [("vs reference" + (f" ({o})" if len(objectives) > 1 else ""), "left") for o in objectives]
     rows = []
     for r in summary["architectures"]:
-        cells = [f"{r['trial']}" + (" (reference)" if r["reference"] else ""), format_value(r["search_rank"]),
+        marks = ["reference"] * bool(r["reference"]) + ["infeasible"] * (r.get("feasible") is False)
+        cells = [f"{r['trial']}" + (f" ({', '.join(marks)})" if marks else ""), format_value(r["search_rank"]),
                  format_value(r["confirmed_rank"])]
         failed, diverged = r.get("failed_seeds") or [], r.get("diverged_seeds") or []
         lost = ", ".join([f"{len(failed)} failed"] * bool(failed) + [f"{len(diverged)} diverged"] * bool(diverged))
