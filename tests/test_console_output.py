@@ -127,14 +127,16 @@ def test_a_line_with_a_command_is_printed_on_one_line(tmp_path, capsys):
     s = settings(tmp_path)
     for width in (80, 160):
         lines = printed(width, print_summary, search_summary(), s).splitlines()
-        assert any(line.startswith("best trial 2 beats the reference architecture on loss (+1.7%) in one run at ")
+        # the change as it is ("+1.7%" read as a worse loss), and what the advised command trains
+        assert any(line.startswith("best trial 2 beats the reference architecture on loss (1.7% lower) in one run at ")
                    and line.endswith(f"; fulu-nas confirm study.name=tiny-clusters hydra.run.dir={s.output_dir} "
-                                     "trains both again with 3 seeds")
+                                     f"trains the best 8 architectures (at most) and the reference again for 4 x "
+                                     f"{s.train.steps} steps with 3 seeds")
                    for line in lines), lines
         assert f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}" in lines, lines
     print_summary(search_summary(), s)  # not a terminal: a log's 160 columns
     out = capsys.readouterr().out.splitlines()
-    assert any(line.endswith("trains both again with 3 seeds") for line in out), out
+    assert any(line.endswith(f"again for 4 x {s.train.steps} steps with 3 seeds") for line in out), out
     assert f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}" in out, out
     summary = confirmation()
     summary["winner"] = {"trial": 0, "arch_hash": "h", "search_rank": 3, "mean": [1.277], "sd": [0.032], "n": 2}
@@ -224,10 +226,11 @@ def test_with_confirm_enabled_the_summary_does_not_advise_fulu_nas_confirm(tmp_p
     """With study.confirm.enabled the summary advised `fulu-nas confirm ...` right before the confirmation ran."""
     s = settings(tmp_path, "study.confirm.enabled=true")
     text = printed(160, print_summary, search_summary(), s)
-    assert "fulu-nas confirm" not in text and "the confirmation (study.confirm.enabled) trains both again" in text, text
+    assert "fulu-nas confirm" not in text and "the confirmation (study.confirm.enabled) trains the best 8" in text, text
     # "with several seeds", where it trained one
-    one = settings(tmp_path, "study.confirm.enabled=true", "study.confirm.seeds=1")
-    assert "trains both again with 1 seed\n" in printed(400, print_summary, search_summary(), one)
+    one = settings(tmp_path, "study.confirm.enabled=true", "study.confirm.seeds=1", "study.confirm.top_k=1")
+    assert (f"trains the best 1 architecture (at most) and the reference again for 4 x {one.train.steps} steps with "
+            "1 seed\n") in printed(400, print_summary, search_summary(), one)
 
 
 def test_the_confirm_advice_locates_the_study_from_where_it_is_given(tmp_path, monkeypatch):
@@ -239,7 +242,7 @@ def test_the_confirm_advice_locates_the_study_from_where_it_is_given(tmp_path, m
     def advice(*overrides):
         cfg, out = compose_config(["+experiment=tiny", *overrides])
         text = printed(400, print_summary, search_summary(), load_settings(cfg, out, will_train=False))
-        return text.partition("; fulu-nas confirm ")[2].partition(" trains both")[0]
+        return text.partition("; fulu-nas confirm ")[2].partition(" trains the best")[0]
 
     assert advice() == "study.name=tiny-clusters"  # the default folder, outputs/tiny-clusters
     assert advice("hydra.run.dir=multirun/x/1") == f"study.name=tiny-clusters hydra.run.dir={tmp_path}/multirun/x/1"

@@ -194,19 +194,22 @@ def _print_verdict(console, summary: dict, s: SearchSettings, ref: dict | None) 
                      f"beat it on {summary['objectives'][0]} in one run at {s.train.steps} steps")
     elif "beats_reference" in summary:
         verdict = "beats" if summary["beats_reference"] else "does not beat"
-        gain = summary.get("improvement_over_reference")
+        got, was = summary["best_values"][0], ref["values"][0]
+        # By how much the value moved, and which way: "+1.7%" read as a worse loss where it was 1.7% lower.
+        change = (f" ({abs(got - was) / abs(was):.1%} {'lower' if got < was else 'higher'})"
+                  if was and got != was else "")
         # A reference over a study constraint is no architecture the study would pick: say so.
         over = ref["violated_constraints"]
         infeasible = f" (infeasible: over {', '.join(over)})" if over else ""
         # One run each at the search's budget: a difference of a few percent is often the seed's. With
         # study.confirm.enabled the confirmation follows the search: no advice to run it.
-        seeds = f"{s.study.confirm.seeds} seed{'s' * (s.study.confirm.seeds != 1)}"
-        again = (f"the confirmation (study.confirm.enabled) trains both again with {seeds}"
-                 if s.study.confirm.enabled else
-                 f"fulu-nas confirm {' '.join(s.locating_overrides())} trains both again with {seeds}")
+        c = s.study.confirm
+        what = (f"trains the best {c.top_k} architecture{'s' * (c.top_k != 1)} (at most) and the reference again "
+                f"for {c.budget_factor:g} x {s.train.steps} steps with {c.seeds} seed{'s' * (c.seeds != 1)}")
+        again = (f"the confirmation (study.confirm.enabled) {what}" if c.enabled else
+                 f"fulu-nas confirm {' '.join(s.locating_overrides())} {what}")
         say(console, f"best trial {summary['best_trial']} {verdict} the reference architecture{infeasible} on "
-                     f"{summary['objectives'][0]}" + (f" ({gain:+.1%})" if gain is not None else "")
-                     + f" in one run at {s.train.steps} steps; {again}")
+                     f"{summary['objectives'][0]}{change} in one run at {s.train.steps} steps; {again}")
 
 
 def _only_the_reference_trained(summary: dict) -> bool:
