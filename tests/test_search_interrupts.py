@@ -21,6 +21,7 @@ import optuna
 import pytest
 
 import fulu_nas.search.objective as objective_module
+from fulu_nas.cli import main
 from fulu_nas.errors import FuluConfigError
 from fulu_nas.search import study as study_module
 from fulu_nas.search.space import SearchSpace
@@ -205,7 +206,7 @@ def test_ctrl_c_as_optuna_creates_a_trial_fails_and_queues_it(where, number, tmp
 
 # -- 3. a trial's MLflow run being created, or its architecture sampled --------------------------------
 @pytest.mark.parametrize("where,number", [("start_trial", 0), ("sample", 1)])
-def test_ctrl_c_before_a_trial_trains_fails_and_queues_it(where, number, tmp_path, monkeypatch):
+def test_ctrl_c_before_a_trial_trains_fails_and_queues_it(where, number, tmp_path, monkeypatch, capsys):
     """Ctrl-C while the trial's MLflow run was created (deferred to the end of that write, outside the
     objective's try) failed the trial with no reason: never queued again (the reference lost for
     good), its run left RUNNING."""
@@ -240,6 +241,12 @@ def test_ctrl_c_before_a_trial_trains_fails_and_queues_it(where, number, tmp_pat
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     _assert_resumes(out)
+    # the dashboard's console line counts trials as the search does: the interrupted attempt is no trial
+    # ("2 complete of 3 trials")
+    capsys.readouterr()
+    page = tmp_path / "page.html"
+    assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={out}", f"out={page}"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"dashboard: {page}  (2 complete; layout default)"
 
 
 # -- 4. a space's error inside a trial -------------------------------------------------------------------

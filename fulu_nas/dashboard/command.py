@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import FuluConfigError
 from .context import Context
 from .layout import Layout, available_layouts, load_layout
-from .page import render
+from .page import render, trial_counts
 from .panels import PANELS
 
 BAD_INPUT = 2
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
         return BAD_INPUT
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
-    print(f"dashboard: {out}  ({len(ctx.complete)} complete of {len(ctx.trials)} trials, layout {layout.name})")
+    print(f"dashboard: {out}  ({trial_counts(ctx.trials)}; layout {layout.name})")
     if not parent:
         print("not logged to MLflow: the study has no parent run", file=sys.stderr)
         return 0

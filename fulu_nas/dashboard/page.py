@@ -61,6 +61,19 @@ def _no_complete_trial(ctx: Context, counts: str) -> str:
 _REASONS = 5  # distinct failure reasons shown
 
 
+def trial_counts(trials: list) -> str:
+    """The finished trials counted as the search's summary counts them (an infeasible trial is not "pruned",
+    though optuna stores one that was never trained so; an interrupted attempt, queued again, is no trial),
+    then those still to finish: the page's header and the command's console line."""
+    import optuna
+
+    states = Counter(t.state for t in trials)
+    TS = optuna.trial.TrialState
+    finished = describe_counts(count_trials(trials), zeros=False)
+    pending = [f"{states[st]} {word}" for st, word in ((TS.RUNNING, "running"), (TS.WAITING, "waiting")) if states[st]]
+    return ", ".join(part for part in (finished, *pending) if part)
+
+
 def render(ctx: Context, layout: Layout) -> str:
     """The page: a header (the study, its trials by state) and the layout's panels."""
     import optuna
@@ -68,11 +81,8 @@ def render(ctx: Context, layout: Layout) -> str:
 
     states = Counter(t.state for t in ctx.trials)
     TS = optuna.trial.TrialState
-    # The finished trials counted as the search's summary counts them (an infeasible trial is not
-    # "pruned", though optuna stores one that was never trained so), then those still to finish.
     finished = describe_counts(count_trials(ctx.trials), zeros=False)
-    pending = [f"{states[st]} {word}" for st, word in ((TS.RUNNING, "running"), (TS.WAITING, "waiting")) if states[st]]
-    counts = ", ".join(part for part in (finished, *pending) if part)
+    counts = trial_counts(ctx.trials)
     s = ctx.s
     objectives = ", ".join(f"{o} ({d})" for o, d in zip(ctx.objectives, ctx.directions, strict=True))
     title = layout.title.replace("{study}", ctx.study.study_name)
