@@ -105,6 +105,21 @@ def test_bench_search_replays_samplers_with_non_negative_non_increasing_regret(t
     assert result["samplers"]["random"]["regret"][0] == pytest.approx([b - min(mean.values()) for b in best])
 
 
+@pytest.mark.parametrize("objective, gap", [("loss", "the best so far minus the table's best mean"),
+                                            ("metric", "the table's best mean {:.4f} minus the best so far")])
+def test_bench_search_says_what_its_regret_is_in_the_objective_s_direction(tmp_path, capsys, objective, gap):
+    """A maximised metric's regret (table best minus best so far, >= 0) was described as "best so far minus
+    the table's best", which is <= 0 there."""
+    out = tmp_path / "replay"
+    assert bench.main(["search", "--repetitions", "1", "--trials", "5", "--samplers", "random", "--objectives",
+                       objective, "--out", str(out)]) == 0
+    result = json.loads((out / "replay.json").read_text())
+    assert min(result["samplers"]["random"]["regret"][0]) >= 0
+    said = " ".join(capsys.readouterr().out.split())
+    words = gap.format(result["table_best"])
+    assert words in said and words in (out / "replay.html").read_text()
+
+
 def test_bench_search_replays_two_objectives_by_hypervolume_regret(tmp_path, capsys):
     """The second command of docs/nas-benchmark.md's replays, shrunk: the table's front and reference point
     are the page's figures, and every sampler's hypervolume regret falls from at most 1 toward 0."""

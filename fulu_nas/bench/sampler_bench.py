@@ -78,7 +78,9 @@ def main(args: argparse.Namespace) -> int:
              "startup_trials": replay.settings.study.startup_trials, "seconds": round(seconds, 1)}
     if replay.best is not None:
         facts["table_best"] = replay.best
-        what = f"regret of the {objectives[0]} (best so far minus the table's best mean {replay.best:.4f})"
+        gap = ("the table's best mean {:.4f} minus the best so far" if replay.directions[0] == "maximize"
+               else "the best so far minus the table's best mean {:.4f}").format(replay.best)
+        what = f"regret of the {objectives[0]} ({gap})"
     else:
         facts["reference_point"] = list(replay.reference_point)
         facts["table_hypervolume"] = replay.table_hypervolume
