@@ -433,6 +433,16 @@ def test_the_archive_check_refuses_what_torch_export_load_would_unpickle(tmp_pat
         problems = archive_problems((tmp_path / f"{name}.pt2").read_bytes())
         assert any(words in p for p in problems), (name, problems)
     assert not marker.exists()
+    # A file cut short is said to be one, in torch's first sentence (its miniz error went on with advice to
+    # its developers), not as code it would run.
+    from fulu_nas.deploy.pt2_check import UnsafeProgramError, check_archive
+
+    with pytest.raises(UnsafeProgramError) as refused:
+        check_archive(clean.read_bytes()[:-100], "model.pt2")
+    assert str(refused.value) == (
+        "model.pt2: refused: not a torch.export archive (cut short, damaged or another kind of file: "
+        "PytorchStreamReader failed reading zip archive: invalid header or archive is corrupted); torch.export.load "
+        "would retry it as a legacy archive, whose tensors are pickles")
 
 
 def edit_graph(src: Path, dst: Path, edit) -> None:

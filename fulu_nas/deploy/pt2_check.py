@@ -159,6 +159,9 @@ def graph_problems(program: object, record: str) -> list[str]:
     return sorted(problems)
 
 
+NOT_AN_ARCHIVE = "not a torch.export archive"
+
+
 def archive_problems(data: bytes) -> list[str]:
     """Why ``torch.export.load`` (or the loaded program) would run code from this archive: pickles, native
     code, a graph beyond arithmetic and ATen operators; [] when nothing."""
@@ -168,8 +171,10 @@ def archive_problems(data: bytes) -> list[str]:
         with zipfile.ZipFile(io.BytesIO(data)) as z:  # the reader of torch's fallback path
             names = z.namelist()
     except (RuntimeError, AssertionError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-        return [f"not a torch.export archive ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                "torch would retry it as a legacy archive, whose tensors are pickles"]
+        # torch's first sentence names what is wrong; the rest of a miniz error is advice to torch's developers
+        why = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+        return [f"{NOT_AN_ARCHIVE} (cut short, damaged or another kind of file: {why}); torch.export.load would "
+                "retry it as a legacy archive, whose tensors are pickles"]
     roots = {name.split("/", 1)[0] for name in names}
     if len(roots) != 1 or len(names) != len(set(names)) or \
             set(names) != {f"{next(iter(roots))}/{record}" for record in records}:
@@ -218,6 +223,8 @@ def archive_problems(data: bytes) -> list[str]:
 def check_archive(data: bytes, name: str | Path) -> None:
     """Raise :class:`UnsafeProgramError` naming ``name`` if ``torch.export.load`` would run code from ``data``."""
     problems = archive_problems(data)
+    if problems and problems[0].startswith(NOT_AN_ARCHIVE):  # a file cut short is more likely than an attack
+        raise UnsafeProgramError(f"{name}: refused: {problems[0]}")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise UnsafeProgramError(f"{name}: refused: torch.export.load would run code from it (unpickle, load "
