@@ -204,6 +204,36 @@ def test_ctrl_c_as_optuna_creates_a_trial_fails_and_queues_it(where, number, tmp
     _assert_resumes(out)
 
 
+
+@pytest.mark.parametrize("number", [0, 1])
+def test_a_signal_as_optuna_records_a_trials_result_ends_the_search_with_the_result_kept(number, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """A signal inside Optuna's tell (after the objective returned, as the result is written) came out of
+    its trial loop as UnboundLocalError: the worker died with a traceback, its trial left RUNNING."""
+    import optuna.study._optimize as optimize
+
+    real_tell = optimize._tell_with_warning
+    sent: list[int] = []
+
+    def tell(study, trial, *args, **kwargs):
+        if trial.number == number and not sent:
+            sent.append(number)
+            _signal()
+        return real_tell(study, trial, *args, **kwargs)
+
+    monkeypatch.setattr(optimize, "_tell_with_warning", tell)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert _search(out, n_trials=3) == 130
+    assert sent == [number] and "Traceback" not in capsys.readouterr().err
+    study = load_study(out)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * (number + 1)  # the result, written whole
+    parents, trials = _runs(out)
+    assert [r.info.run_name for r in parents + trials if r.info.status == "RUNNING"] == []
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    _assert_resumes(out, n_trials=3)
+
 # -- 3. a trial's MLflow run being created, or its architecture sampled --------------------------------
 @pytest.mark.parametrize("where,number", [("start_trial", 0), ("sample", 1)])
 def test_ctrl_c_before_a_trial_trains_fails_and_queues_it(where, number, tmp_path, monkeypatch, capsys):

@@ -124,3 +124,22 @@ def between_writes() -> Iterator[None]:
             if not _Deferral.stopping:
                 _stop()
         raise_if_swallowed()
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Inside a block of writes, a stretch where an interrupt is raised at once: a trial's own work inside
+    Optuna's optimize, whose bookkeeping around it (creating the trial, writing its result) is a block of
+    writes. A signal deferred before the stretch is raised as it starts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    depth, _Deferral.depth = _Deferral.depth, 0
+    try:
+        if _Deferral.pending:
+            _Deferral.pending = False
+            if not _Deferral.stopping:
+                _stop()
+        yield
+    finally:
+        _Deferral.depth = depth

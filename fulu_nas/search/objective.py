@@ -54,7 +54,7 @@ from ..training.train import (
     step_description,
     train,
 )
-from .interrupts import between_writes
+from .interrupts import between_writes, interruptible
 from .settings import SearchSettings
 from .space import Infeasible
 from .tracking import Tracker
@@ -368,7 +368,8 @@ class Objective:
         training) fails it as ``interrupted``, queues it again and ends its run KILLED."""
         self._run = None
         try:
-            return self._run_trial(trial)
+            with interruptible():  # Optuna's writes around the trial are deferred (the worker's loop)
+                return self._run_trial(trial)
         except KeyboardInterrupt:
             requeue_interrupted(trial.study, trial._trial_id)
             if self._run is not None:

@@ -431,7 +431,11 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
                     code = INCOMPLETE
                     break
                 asked.clear()
-                study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
+                # Optuna's ask and tell are writes to the study: a signal inside them is raised once they
+                # end (inside its tell it came out of Optuna's loop as UnboundLocalError, the trial left
+                # RUNNING); the trial itself is interruptible (Objective.__call__).
+                with between_writes():
+                    study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
                 for t in study.get_trials(deepcopy=False):
                     if t.number in objective.started - reported and t.state.is_finished():
                         reported.add(t.number)
