@@ -580,16 +580,17 @@ def test_the_bf16_router_logits_follow_a_fused_optimizer_step(grad):
         opt.step()
 
 
-def test_an_extreme_system_served_from_cuda_graphs_follows_replaced_weights():
+@pytest.mark.parametrize("hidden, ffn", [(256, 512), (64, None)])
+def test_an_extreme_system_served_from_cuda_graphs_follows_replaced_weights(hidden, ffn):
     """The graphs replayed the addresses the weights had at capture: after load_state_dict(assign=True)
     or remapped experts the system read freed memory (the weights it no longer held, or garbage)."""
     from fulu_nas import create_ultimate_pimoe_system
 
     torch.manual_seed(0)
-    shape = dict(hidden_size=256, num_experts=8, expert_ffn_size=512, optimization_level="extreme",
+    shape = dict(hidden_size=hidden, num_experts=8, expert_ffn_size=ffn, optimization_level="extreme",
                  enable_hardware_optimization=True, device="cuda")
     system = create_ultimate_pimoe_system(**shape).optimize_for_inference()
-    x = torch.randn(2, 64, 256, device="cuda")
+    x = torch.randn(2, 64, hidden, device="cuda")
 
     def check():
         with torch.inference_mode():
