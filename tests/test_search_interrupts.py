@@ -234,6 +234,52 @@ def test_a_signal_as_optuna_records_a_trials_result_ends_the_search_with_the_res
     monkeypatch.chdir(tmp_path)
     _assert_resumes(out, n_trials=3)
 
+
+@pytest.mark.parametrize("where", ["hand-off", "cleanup"])
+def test_a_signal_once_a_trial_has_its_result_keeps_the_result(where, tmp_path, monkeypatch, capsys):
+    """A signal as the trained trial handed its run to the background upload, or as it freed its memory,
+    failed the trial as interrupted and queued it again, while its MLflow run ended FINISHED with its
+    metrics: the study and MLflow disagreed, and the resume trained the architecture again."""
+    import gc
+    import types
+
+    from fulu_nas.search.tracking import Tracker
+
+    sent: list[str] = []
+
+    def signal_once():
+        if not sent:
+            sent.append(where)
+            _signal()
+
+    if where == "hand-off":
+        real_finish = Tracker.finish_trial_in_background
+
+        def finish_trial_in_background(self, *args, **kwargs):
+            signal_once()
+            return real_finish(self, *args, **kwargs)
+
+        monkeypatch.setattr(Tracker, "finish_trial_in_background", finish_trial_in_background)
+    else:
+        def collect(*args):
+            signal_once()
+            return gc.collect(*args)
+
+        monkeypatch.setattr(objective_module, "gc", types.SimpleNamespace(collect=collect))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert _search(out) == 130
+    assert sent == [where]
+    study = load_study(out)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]  # kept, not queued again
+    parents, trials = _runs(out)
+    assert [(r.info.status, r.data.tags.get("fulu.trial")) for r in trials] == [("FINISHED", "0")]
+    assert [r.info.run_name for r in parents + trials if r.info.status == "RUNNING"] == []
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    _assert_resumes(out)
+    assert len(load_study(out).trials) == 2  # only the missing trial was trained
+
 # -- 3. a trial's MLflow run being created, or its architecture sampled --------------------------------
 @pytest.mark.parametrize("where,number", [("start_trial", 0), ("sample", 1)])
 def test_ctrl_c_before_a_trial_trains_fails_and_queues_it(where, number, tmp_path, monkeypatch, capsys):

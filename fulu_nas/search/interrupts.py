@@ -41,6 +41,7 @@ class _Deferral:
     stopping = False  # the first interrupt was raised (or the search is ending): signals are ignored
     told = False  # the console was told that a signal was ignored
     swallowed = False  # the interrupt raised came inside a finaliser, which Python ignored
+    stretch = False  # inside interruptible()
     stopping_words = SEARCH_STOPPING
 
 
@@ -135,6 +136,7 @@ def interruptible() -> Iterator[None]:
         yield
         return
     depth, _Deferral.depth = _Deferral.depth, 0
+    stretch, _Deferral.stretch = _Deferral.stretch, True
     try:
         if _Deferral.pending:
             _Deferral.pending = False
@@ -142,4 +144,12 @@ def interruptible() -> Iterator[None]:
                 _stop()
         yield
     finally:
-        _Deferral.depth = depth
+        _Deferral.depth, _Deferral.stretch = depth, stretch
+
+
+def hold_to_the_end_of_the_stretch() -> None:
+    """Inside :func:`interruptible`: from here to the stretch's end a signal is held as inside a block of
+    writes, then raised where the enclosing block ends. A trial that has its result is recorded (Optuna's
+    tell) before the signal stops the worker, rather than failed with its result made. Elsewhere nothing."""
+    if _Deferral.stretch and threading.current_thread() is threading.main_thread():
+        _Deferral.depth += 1  # interruptible() restores the depth it found

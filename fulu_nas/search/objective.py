@@ -54,7 +54,7 @@ from ..training.train import (
     step_description,
     train,
 )
-from .interrupts import between_writes, interruptible
+from .interrupts import between_writes, hold_to_the_end_of_the_stretch, interruptible
 from .settings import SearchSettings
 from .space import Infeasible
 from .tracking import Tracker
@@ -458,8 +458,10 @@ class Objective:
             self.tracker.log_metrics(run_id, phases)
             record_metrics(trial, {**metrics, **phases})
             trial.set_user_attr("weights_run_id", run_id)
-            # the artifacts and weights upload while the next trial trains; the run ends after them (a
-            # Ctrl-C meanwhile leaves it to the upload)
+            # The trial has its result: a signal from here on waits until Optuna has recorded it (the run
+            # ends FINISHED with the upload, the study holds the trial complete).
+            hold_to_the_end_of_the_stretch()
+            # the artifacts and weights upload while the next trial trains; the run ends after them
             with between_writes():
                 self.tracker.finish_trial_in_background(run_id, measured.artifacts(arch, log.routing_history), model)
                 self._run = None
