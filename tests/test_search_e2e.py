@@ -361,6 +361,43 @@ def test_journal_storage_with_two_local_workers(tmp_path):
     assert len(parents) == 1 and len(runs) >= 4
 
 
+def test_a_journal_search_goes_on_past_a_killed_second_worker(tmp_path):
+    """Worker 1 of two killed (kill -9, an OOM kill) on a journal file (no heartbeats): the parent polled its
+    workers with any(), which stopped at the live worker 0, so the dead one was never reaped; as a zombie it
+    looked alive, its trial was never failed, and worker 0 waited for it for ever."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    out, journal = tmp_path / "out", tmp_path / "optuna-journal.log"
+    args = _cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=4", "study.n_workers=2",
+                "study.pruner=none", "trainer.steps=400", "trainer.max_seconds=null", f"study.storage=journal://{journal}")
+    with open(tmp_path / "console.log", "w") as console:
+        proc = subprocess.Popen(args, cwd=tmp_path, stdout=console, stderr=subprocess.STDOUT)
+    deadline, killed = time.time() + 300, None
+    while time.time() < deadline and killed is None and proc.poll() is None:
+        time.sleep(0.5)
+        if not journal.exists():
+            continue
+        study = optuna.load_study(study_name="tiny-clusters", storage=JournalStorage(JournalFileBackend(str(journal))))
+        for t in study.trials:
+            pid = t.user_attrs.get("worker", ":").rpartition(":")[2]
+            if t.state == TrialState.RUNNING and t.intermediate_values and pid.isdigit():
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"fulu_nas.search.worker" in cmdline and cmdline[-2] == b"1":  # worker 1, not worker 0
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed = t.number
+                    break
+    try:
+        assert killed is not None, (tmp_path / "console.log").read_text()[-3000:]
+        assert proc.wait(timeout=400) == 1  # the search ends, saying a worker died
+    finally:
+        proc.kill()
+    assert "worker 1 exited with -9" in (tmp_path / "console.log").read_text()
+    study = optuna.load_study(study_name="tiny-clusters", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert study.trials[killed].state == TrialState.FAIL
+    assert study.trials[killed].user_attrs["fail_reason"].startswith("worker stopped")
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 4
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
 def test_a_search_whose_best_is_the_reference_says_so(tmp_path, monkeypatch, capsys):
     """With the reference the best trial, the verdict used to read "best trial 0 does not beat the
     reference architecture (+0.0%)" of the reference itself."""

@@ -57,3 +57,26 @@ def test_a_signal_inside_a_block_of_database_writes_is_raised_when_the_block_end
         assert done == ["the write finished"]
     with stop_signals_as_interrupt(), pytest.raises(KeyboardInterrupt):  # outside a write: at once
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_worker_that_ended_but_was_not_reaped_is_gone():
+    """A killed worker its parent had not reaped yet (a zombie) answered kill(pid, 0) as a live process:
+    its trial was never failed, and the other workers waited for it for ever."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from fulu_nas.search.tracking import worker_is_gone
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and not open(f"/proc/{child.pid}/stat").read().rpartition(")")[2].startswith(" Z"):
+            time.sleep(0.05)  # ended, not reaped: no poll() or wait() until the check below
+        assert worker_is_gone(f"{socket.gethostname()}:{child.pid}")
+    finally:
+        child.wait()
+    assert worker_is_gone(f"{socket.gethostname()}:{child.pid}")
+    assert not worker_is_gone(f"{socket.gethostname()}:{os.getpid()}")  # this process, alive

@@ -622,7 +622,9 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
             command = [sys.executable, "-m", "fulu_nas.search.worker", str(config), str(i)]
             env = worker_env(i, s.study.n_workers, s.train.expert_parallel)
             procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        while any(p.poll() is None for p, _ in procs):
+        # Every worker polled each round (a list, not any(), which stops at the first live one): a dead
+        # worker is reaped, so that the others see it gone rather than a zombie that looks alive.
+        while [p.poll() for p, _ in procs].count(None):
             time.sleep(1.0)
             interrupts.raise_if_swallowed()
             for t in study.get_trials(deepcopy=False):
