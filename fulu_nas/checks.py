@@ -101,6 +101,22 @@ def mask_url(url: str) -> str:
         return url
 
 
+def url_without_password(url: str) -> str:
+    """``url`` as a command a user copies should give it: without its password, which the database's client
+    then reads from its own place (PostgreSQL's PGPASSWORD or ~/.pgpass), where ``***`` in its stead failed
+    to connect. A URL that is not a database's keeps its form, masked (:func:`mask_url`)."""
+    if url.startswith("journal:"):
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:
+        return mask_url(url)
+    # URL.set() takes None for "unchanged": the named tuple's own replace drops the password
+    return url if parsed.password is None else parsed._replace(password=None).render_as_string(hide_password=False)
+
+
 def check_sqlite_database(path: Path, key: str) -> None:
     """FuluConfigError unless the existing file ``path`` is a SQLite database (a damaged one, or a folder,
     failed only once a command had written its folder)."""

@@ -248,6 +248,26 @@ def test_the_confirm_advice_locates_the_study_from_where_it_is_given(tmp_path, m
     assert advice("hydra.run.dir=multirun/x/1") == f"study.name=tiny-clusters hydra.run.dir={tmp_path}/multirun/x/1"
     assert advice("study.storage=sqlite:///s.db", "tracking.uri=sqlite:///t.db") == (
         "study.name=tiny-clusters study.storage=sqlite:///s.db tracking.uri=sqlite:///t.db")
+    # Copied as printed, it must work: a password masked as *** failed to connect (it is left out: PostgreSQL's
+    # client reads PGPASSWORD or ~/.pgpass), and a folder with a space was cut in two by the shell.
+    assert advice("study.storage=postgresql://fulu:s3cret@127.0.0.1:5432/optuna", "hydra.run.dir=sp ace/x") == (
+        f"study.name=tiny-clusters 'hydra.run.dir={tmp_path}/sp ace/x' study.storage=postgresql://fulu@127.0.0.1:5432/optuna")
+
+
+def test_the_mlflow_ui_advice_opens_the_tracking_database_the_study_used(tmp_path, monkeypatch):
+    """`fulu-nas ui <output folder>` opens the folder's mlflow.db: with tracking.uri set it refused ("no MLflow
+    database at ..."), though it was the folder the search printed."""
+    monkeypatch.chdir(tmp_path)
+    from fulu_nas.search.app import compose_config
+
+    def ui(*overrides):
+        cfg, out = compose_config(["+experiment=tiny", *overrides])
+        text = printed(400, print_summary, search_summary(), load_settings(cfg, out, will_train=False))
+        return text.partition("MLflow: ")[2].splitlines()[0]
+
+    assert ui() == "fulu-nas ui outputs/tiny-clusters"
+    assert ui("tracking.uri=postgresql://fulu:s3cret@127.0.0.1:5432/mlflow") == (
+        "fulu-nas ui --tracking-uri postgresql://fulu@127.0.0.1:5432/mlflow")
 
 
 def test_large_and_small_values_are_printed_in_plain_digits():

@@ -154,7 +154,7 @@ def print_summary(summary: dict, s: SearchSettings, console=None) -> None:
                      + [format_value(r["metrics"].get(c)) for c in _COLUMNS if c not in summary["objectives"]])
     console.print(_results_table(console, title, headers, cells, shown))
     _print_verdict(console, summary, s, ref)
-    say(console, f"results: {s.output_dir}  |  MLflow: fulu-nas ui {s.output_dir}")
+    say(console, f"results: {s.output_dir}  |  MLflow: {s.ui_command()}")
 
 
 def _results_table(console, title: str, headers: list[tuple[str, str]], cells: list[list[str]], shown: list[dict]):

@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import math
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -154,17 +155,27 @@ class SearchSettings:
     def locating_overrides(self) -> list[str]:
         """The overrides that point ``fulu-nas confirm``, ``export`` or ``dashboard`` at this study from the
         current folder: its name, and its folder and databases where they are not the default ones (a
-        multirun's job folder, say)."""
-        from ..checks import mask_url
+        multirun's job folder, say). Each is quoted for a shell; a database URL is given without its
+        password (:func:`~fulu_nas.checks.url_without_password`)."""
+        from ..checks import url_without_password
 
         found = [f"study.name={self.study.name}"]
         if self.output_dir.resolve() != (Path("outputs") / self.study.name).resolve():
             found.append(f"hydra.run.dir={self.output_dir.resolve()}")
         if self.study.storage:
-            found.append(f"study.storage={mask_url(self.study.storage)}")
+            found.append(f"study.storage={url_without_password(self.study.storage)}")
         if self.tracking.uri:
-            found.append(f"tracking.uri={mask_url(self.tracking.uri)}")
-        return found
+            found.append(f"tracking.uri={url_without_password(self.tracking.uri)}")
+        return [shlex.quote(o) for o in found]
+
+    def ui_command(self) -> str:
+        """``fulu-nas ui`` of this study's MLflow runs: its folder (the embedded database), or the tracking URI
+        it was given (without a password, quoted for a shell)."""
+        from ..checks import url_without_password
+
+        if self.tracking.uri:
+            return f"fulu-nas ui --tracking-uri {shlex.quote(url_without_password(self.tracking.uri))}"
+        return f"fulu-nas ui {shlex.quote(str(self.output_dir))}"
 
     @property
     def artifact_location(self) -> str | None:
