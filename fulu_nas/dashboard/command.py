@@ -43,8 +43,9 @@ def build(argv: list[str]) -> tuple[str, Path, Context, Layout, str | None]:
     from ..checks import check_tracking_database_exists
     from ..search.locate import load_study, locate_study, search_settings, split_options
     from ..search.storage import check_output_dir
-    from ..search.tracking import PARENT_RUN_ATTR
+    from ..search.tracking import PARENT_RUN_ATTR, quiet_mlflow
 
+    quiet_mlflow()  # locating a study outside its folder downloads its settings from the parent run: no bars
     own, overrides = split_options(argv, OPTIONS)
     layout = load_layout(own["layout"] or "default")
     location = locate_study(overrides)
@@ -108,5 +109,5 @@ def main(argv: list[str]) -> int:
         reason = " ".join(str(e).split())[:300]
         print(f"warning: could not log the dashboard to MLflow run {parent}: {reason}", file=sys.stderr)
         return 1
-    print(f"logged to MLflow run {parent} as {artifact_name(layout)}  (fulu-nas ui {ctx.s.output_dir})")
+    print(f"logged to MLflow run {parent} as {artifact_name(layout)}  ({ctx.s.ui_command()})")
     return 0
