@@ -150,11 +150,33 @@ def refuse_study_database(tracking_uri: str, key: str) -> None:
                               "one (a search keeps its runs in mlflow.db)")
 
 
+def server_tables(uri: str, key: str) -> set[str]:
+    """The table names of the database server's ``uri`` (read only); FuluConfigError naming ``key`` when it
+    cannot be reached."""
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = create_engine(uri)
+    try:
+        return set(inspect(engine).get_table_names())
+    except SQLAlchemyError as e:
+        reason = " ".join(str(getattr(e, "orig", e)).split())[:300]
+        raise FuluConfigError(f"{key}: cannot connect to {mask_url(uri)}: {reason}") from None
+    finally:
+        engine.dispose()
+
+
 def check_tracking_database_exists(uri: str, key: str = "tracking.uri") -> None:
     """FuluConfigError unless a SQLite tracking URI names an existing MLflow database, for the commands that
     read runs or the registry from it: MLflow opening a SQLite file makes its tables there first, so a
     missing file became an empty database and a study's optuna.db gained MLflow's tables. Other URIs pass
     (``search.storage.probe_tracking`` reaches them)."""
+    if uri.startswith(("postgresql", "mysql", "mssql", "oracle")):  # a database server's: read its table names
+        if not MLFLOW_TABLES <= server_tables(uri, key):
+            # MLflow's client would make its tables there (writing to a database given by mistake)
+            raise FuluConfigError(f"{key}: {mask_url(uri)} holds no MLflow runs (no MLflow tables): is it the "
+                                  "tracking.uri the search was run with?")
+        return
     if not uri.startswith("sqlite:"):
         return
     if not sqlite_file(uri).is_file():

@@ -265,3 +265,39 @@ def test_hosts_starting_at_once_on_new_postgresql_databases_all_open_them(tmp_pa
         results = _open_together([(MLFLOW_OPENS, urls["mlflow"])] * 3 + [(OPTUNA_OPENS, urls["optuna"])] * 3,
                                  tmp_path)
     assert [code for code, _, _ in results] == [0] * 6, [err[-1500:] for code, _, err in results if code]
+
+
+@pytest.mark.parametrize("command", ["dashboard", "export", "confirm"])
+def test_a_study_read_from_outside_its_folder_with_another_searchs_runs_is_refused(command, searched, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """From outside the search's folder the study's settings come from its MLflow parent run: a tracking
+    database without that run (another search's) was MLflow's "Run ... not found" traceback, exit 1."""
+    monkeypatch.chdir(tmp_path)
+    assert run_search(tmp_path / "other", *FAST) == 0
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"
+    argv = [command, "study.name=tiny-clusters", f"study.storage=sqlite:///{searched / 'optuna.db'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'other' / 'mlflow.db'}", f"hydra.run.dir={elsewhere}"]
+    before = _digests(searched)
+    err = _refused(capsys, argv + ([f"out={tmp_path / 'x'}"] if command == "export" else []),
+                   f"tracking.uri: sqlite:///{tmp_path / 'other' / 'mlflow.db'} has no search_config.json of run")
+    assert len(err.strip().splitlines()) <= 2 and _digests(searched) == before and not elsewhere.exists()
+
+
+@pytest.mark.skipif(not postgres.available(), reason="PostgreSQL is not installed")
+def test_a_tracking_database_without_mlflow_tables_is_refused_and_left_empty(searched, tmp_path, monkeypatch,
+                                                                              capsys):
+    """An empty PostgreSQL database given as tracking.uri (a misspelt name that exists, another team's):
+    MLflow's client made its tables there, then failed with a traceback."""
+    from sqlalchemy import create_engine, inspect
+
+    monkeypatch.chdir(tmp_path)
+    with postgres.postgres_server(("empty",)) as urls:
+        argv = ["dashboard", "study.name=tiny-clusters", f"study.storage=sqlite:///{searched / 'optuna.db'}",
+                f"tracking.uri={urls['empty']}", f"hydra.run.dir={tmp_path / 'elsewhere'}"]
+        _refused(capsys, argv, "holds no MLflow runs (no MLflow tables)")
+        engine = create_engine(urls["empty"])
+        try:
+            assert inspect(engine).get_table_names() == []
+        finally:
+            engine.dispose()

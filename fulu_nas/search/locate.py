@@ -316,8 +316,20 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
         if not parent:
             raise FuluConfigError(f"study.name: study {location.name!r} has no search configuration (no "
                                   f"{path} and no MLflow parent run)")
+        from mlflow.exceptions import MlflowException
+
+        from ..checks import check_tracking_database_exists
+
+        check_tracking_database_exists(location.tracking_uri)  # MLflow's client would make an empty one
         with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.MlflowClient(location.tracking_uri).download_artifacts(parent, "search_config.json", tmp)
+            try:
+                local = mlflow.MlflowClient(location.tracking_uri).download_artifacts(parent, "search_config.json",
+                                                                                      tmp)
+            except MlflowException as e:
+                raise FuluConfigError(
+                    f"tracking.uri: {mask_url(location.tracking_uri)} has no search_config.json of run {parent}, the "
+                    f"parent run of study {location.name!r} ({' '.join(str(e).split())[:200]}): give the tracking.uri "
+                    "the search was run with, or run from the search's folder (hydra.run.dir=)") from None
             data = {"config": _read_search_config(Path(local), f"search_config.json of MLflow run {parent}")}
     # The databases are those this command reached the study with (a folder or database moved since the
     # search, the passwords the parent run's copy masks): what it records goes there, not to the search's URLs.
