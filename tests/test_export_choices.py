@@ -328,6 +328,7 @@ def test_the_searchs_pareto_table_is_in_the_order_pareto_i_counts(capsys, tmp_pa
                                                          ([1.20, 3.0], 1.20, 3.0, 0.0), ([1.40, 4.0], 1.40, 4.0, 0.0)])
     s = settings_for(["loss", "latency_ms"])
     s.study.n_trials, s.output_dir = 4, tmp_path
+    s.ui_command = lambda: f"fulu-nas ui {tmp_path}"
     summary = summarize(front, s)
     numbers = [r["number"] for r in summary["pareto_front"]]
     assert numbers == [2, 1, 0] == [select_trial(front, s, f"pareto:{i}").number for i in range(3)]
