@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from fulu_nas.cli import main
+from fulu_nas.errors import FuluConfigError
 from fulu_nas.search import app
 
 CONF = Path(app.__file__).resolve().parents[1] / "conf"
@@ -477,6 +478,44 @@ def test_storage_passwords_stay_out_of_messages(tmp_path, monkeypatch, capsys):
     assert main(["search", "study.storage=postgresql://user:hunter2@127.0.0.1:1/db"]) == 2
     err = capsys.readouterr().err
     assert "study.storage" in err and "hunter2" not in err and "***" in err
+
+
+@pytest.mark.parametrize("url, password", [("postgresql://user:pw@host/db", True), ("postgresql://user@host/db", False),
+                                           ("http://user:pw@host:5000", True), ("http://host:5000", False),
+                                           ("sqlite:////tmp/out/optuna.db", False), ("journal:///tmp/j.log", False)])
+def test_urls_with_a_password_are_told_apart(url, password):
+    from fulu_nas.search.private_files import holds_password
+
+    assert holds_password("sqlite:///mlflow.db", url) is password
+
+
+def test_a_private_config_replaces_a_file_others_could_read(tmp_path):
+    """A resume that now names its database with a password rewrites the file the first run left 0644."""
+    import stat
+
+    from fulu_nas.search.private_files import write_config
+
+    path = tmp_path / "search_config.json"
+    write_config(path, "{}", private=False)
+    path.chmod(0o644)
+    write_config(path, '{"url": "postgresql://u:pw@h/db"}', private=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and "pw@" in path.read_text()
+
+
+def test_a_search_config_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    """Another user's folder whose search_config.json is kept to its owner: named as unreadable, not as
+    "not valid JSON"."""
+    from fulu_nas.search.locate import _read_search_config
+
+    path = tmp_path / "search_config.json"
+    path.write_text("{}")
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(FuluConfigError, match=r"cannot read .*search_config.json \(Permission denied\)"):
+        _read_search_config(path)
 
 
 def test_cfg_job_prints_the_composed_config_without_running(tmp_path, monkeypatch, capsys):

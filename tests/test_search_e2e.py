@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -329,6 +330,12 @@ def test_database_passwords_stay_out_of_mlflow_and_the_study_is_still_found_from
         storage, tracking = (urls[db].replace("fulu@", f"fulu:{secret}@") for db in ("optuna", "mlflow"))
         assert run_search(out, "study.n_trials=1", "trainer.steps=10", f"study.storage={storage}",
                           f"tracking.uri={tracking}") == 0
+        # The files that must keep the passwords (the workers' configuration, Hydra's record of the command)
+        # are the owner's alone: they were 0644, for every user of the machine to read.
+        holding = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")
+                   if p.is_file() and secret.encode() in p.read_bytes()}
+        assert {"search_config.json", ".hydra/config.yaml", ".hydra/overrides.yaml"} <= set(holding), holding
+        assert {path: oct(mode) for path, mode in holding.items() if mode & 0o077} == {}
         _, parents, runs = mlflow_runs(tracking, "tiny-clusters")
         client = mlflow.MlflowClient(tracking)
         for run in (*parents, *runs):
@@ -343,6 +350,27 @@ def test_database_passwords_stay_out_of_mlflow_and_the_study_is_still_found_from
                                  f"tracking.uri={tracking}"])
         settings = search_settings(location, located_study(location))
         assert (settings.storage_url, settings.tracking_uri) == (storage, tracking)
+
+
+@pytest.mark.skipif(not postgres.available(), reason="PostgreSQL is not installed")
+def test_a_sweep_with_workers_and_its_confirmation_keep_the_database_password_to_the_owner(tmp_path, monkeypatch):
+    """The files of a sweep's job that hold the password as typed (the workers' and the confirmation workers'
+    configuration, Hydra's records of the job and of the sweep) were 0644, readable by every user of the
+    machine; nothing else the job writes holds it."""
+    monkeypatch.chdir(tmp_path)
+    secret = "s3cret-pw"
+    with postgres.postgres_server(("optuna", "mlflow")) as urls:
+        storage, tracking = (urls[db].replace("fulu@", f"fulu:{secret}@") for db in ("optuna", "mlflow"))
+        assert main(["search", "--multirun", "+experiment=tiny", "hydra.sweep.dir=sweep", "study.n_trials=2",
+                     "study.n_workers=2", "trainer.steps=10", f"study.storage={storage}", f"tracking.uri={tracking}",
+                     "study.confirm.enabled=true", "study.confirm.top_k=1", "study.confirm.seeds=1",
+                     "study.confirm.budget_factor=1"]) == 0
+    sweep = tmp_path / "sweep"
+    holding = {p.relative_to(sweep).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in sweep.rglob("*")
+               if p.is_file() and secret.encode() in p.read_bytes()}
+    assert set(holding) == {"multirun.yaml", "0/search_config.json", "0/confirm_config.json", "0/.hydra/config.yaml",
+                            "0/.hydra/hydra.yaml", "0/.hydra/overrides.yaml"}, holding
+    assert {path: oct(mode) for path, mode in holding.items() if mode & 0o077} == {}
 
 
 def test_journal_storage_with_two_local_workers(tmp_path):

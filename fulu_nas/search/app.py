@@ -298,19 +298,24 @@ def _job(cfg) -> None:
 
     from . import sweep
     from .confirm import confirm_after_search
+    from .private_files import make_hydra_record_private, settings_hold_password
     from .settings import load_settings
     from .study import INTERRUPTED, run_search
 
+    hydra_cfg = HydraConfig.get()
     try:
-        settings = load_settings(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir)
+        settings = load_settings(OmegaConf.to_container(cfg, resolve=True), hydra_cfg.runtime.output_dir)
+        if settings_hold_password(settings):
+            make_hydra_record_private(settings.output_dir, Path(hydra_cfg.sweep.dir)
+                                      if hydra_cfg.mode == RunMode.MULTIRUN else None)
         code = run_search(settings)
         if not code and settings.study.confirm.enabled:
             code = confirm_after_search(settings)
     except FuluConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         code = BAD_INPUT
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        sweep.record(HydraConfig.get(), code)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep.record(hydra_cfg, code)
         if code != INTERRUPTED:
             return  # the sweep goes on: main ends it with the jobs' list and the first failure's code
     if code:

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict
 
 from .interrupts import raise_if_swallowed
+from .private_files import settings_hold_password, write_config
 from .settings import SearchSettings
 from .study import INTERRUPTED, worker_env
 from .worker_progress import progress_path, remove_all, running_lines
@@ -38,9 +39,9 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
     # Each worker's runs, fixed here: a worker that works out its share when it starts could see
     # another's first result already recorded, and the shares would overlap or leave a gap.
     shares = [list(keys)[i::n_workers] for i in range(n_workers)]
-    config.write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir), "typed_model": s.typed_model,
-                                  "shares": shares,
-                                  "options": asdict(confirmation.plan.options)}, indent=2, default=str))
+    write_config(config, json.dumps({"config": s.raw, "output_dir": str(s.output_dir), "typed_model": s.typed_model,
+                                     "shares": shares, "options": asdict(confirmation.plan.options)},
+                                    indent=2, default=str), private=settings_hold_password(s))
     since = time.time()
     procs = []
     reports = [progress_path(s.output_dir, "confirm-worker", i) for i in range(n_workers)]

@@ -349,8 +349,12 @@ def _read_search_config(path: Path, artifact: str = "") -> dict:
     itself), checked before use: a damaged file is one message naming it, not a traceback."""
     shown = artifact or str(path)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raw = path.read_bytes()
+    except OSError as e:  # another user's folder, whose passwords keep the file to its owner (0600)
+        raise FuluConfigError(f"study.name: cannot read {shown} ({e.strerror})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
         raise FuluConfigError(f"study.name: {shown} is not valid JSON ({e})") from None
     if artifact:
         if not isinstance(data, dict):

@@ -42,6 +42,7 @@ from .objective import (
     pareto_front,
     requeue_interrupted,
 )
+from .private_files import settings_hold_password, write_config
 from .report import describe_counts, print_summary, summarize
 from .settings import SearchSettings
 from .storage import mask_url, open_study_storage
@@ -522,9 +523,9 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
     if (done := finished_count(study)) >= s.study.n_trials:  # a resume with nothing left to train
         print(f"study {s.study.name} already has {done} finished trial{'s' * (done != 1)} of the {s.study.n_trials} "
               f"requested: nothing to train; study.n_trials=M (more than {done}) extends it")
-    (s.output_dir / "search_config.json").write_text(json.dumps({"config": s.raw, "output_dir": str(s.output_dir),
-                                                                 "typed_model": s.typed_model},
-                                                                indent=2, default=str))
+    write_config(s.output_dir / "search_config.json",
+                 json.dumps({"config": s.raw, "output_dir": str(s.output_dir), "typed_model": s.typed_model},
+                            indent=2, default=str), private=settings_hold_password(s))
     with stop_signals_as_interrupt():
         try:
             if s.study.n_workers == 1:
