@@ -97,7 +97,8 @@ def mask_url(url: str) -> str:
         scheme, sep, rest = url.partition("://")
         if sep and "@" in rest.split("/", 1)[0]:
             creds, host = rest.split("@", 1)
-            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+            if ":" in creds:  # a user alone (http://user@host) has no password to hide
+                return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
         return url
 
 

@@ -482,6 +482,7 @@ def test_storage_passwords_stay_out_of_messages(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("url, password", [("postgresql://user:pw@host/db", True), ("postgresql://user@host/db", False),
                                            ("http://user:pw@host:5000", True), ("http://host:5000", False),
+                                           ("http://user@host:5000", False),
                                            ("sqlite:////tmp/out/optuna.db", False), ("journal:///tmp/j.log", False)])
 def test_urls_with_a_password_are_told_apart(url, password):
     from fulu_nas.search.private_files import holds_password

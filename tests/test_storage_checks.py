@@ -4,8 +4,12 @@ one the file system can make. Each refused with exit code 2, one message, nothin
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -301,3 +305,59 @@ def test_a_tracking_database_without_mlflow_tables_is_refused_and_left_empty(sea
             assert inspect(engine).get_table_names() == []
         finally:
             engine.dispose()
+
+
+@contextlib.contextmanager
+def _server_asking_for(user: str, password: str):
+    """An HTTP server on 127.0.0.1 answering /health as an MLflow server behind basic authentication does:
+    200 with the credentials, 401 without them."""
+    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.headers.get("Authorization") == expected
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(b"OK" if ok else b"Unauthorized")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_tracking_server_url_with_its_credentials_is_reached_with_them():
+    """``http://user:password@host:port``: the check read ``user:password@host`` as the host name and
+    refused the server as a name it could not resolve, before MLflow (which sends the credentials) was
+    asked; wrong credentials are named as such."""
+    from fulu_nas.errors import FuluConfigError
+    from fulu_nas.search.storage import probe_tracking
+
+    with _server_asking_for("alice", "pw") as port:
+        probe_tracking(f"http://alice:pw@127.0.0.1:{port}")
+        with pytest.raises(FuluConfigError) as refused:
+            probe_tracking(f"http://alice:wrong@127.0.0.1:{port}")
+    message = str(refused.value)
+    assert message.startswith("tracking.uri: ") and "401" in message and "wrong" not in message, message
+
+
+def test_a_tracking_server_is_reached_with_mlflows_credentials_from_the_environment(monkeypatch):
+    """MLflow's documented way to a server behind authentication: MLFLOW_TRACKING_USERNAME and _PASSWORD,
+    the URI without them; the check must send what MLflow's client sends."""
+    from fulu_nas.errors import FuluConfigError
+    from fulu_nas.search.storage import probe_tracking
+
+    with _server_asking_for("bob", "pw2") as port:
+        with pytest.raises(FuluConfigError, match="refused the credentials"):
+            probe_tracking(f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw2")
+        probe_tracking(f"http://127.0.0.1:{port}")

@@ -283,16 +283,55 @@ def probe_tracking(uri: str) -> None:
         _probe_sqlite_file(uri, "tracking.uri")
         return
     if scheme.startswith("http"):
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
-                response.read()
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise FuluConfigError(f"tracking.uri: cannot reach the MLflow server at {mask_url(uri)}: {e}") from None
+        _probe_tracking_server(uri)
         return
     _probe_database(uri, "tracking.uri")
+
+
+def _probe_tracking_server(uri: str) -> None:
+    """Reach the MLflow server at ``uri`` as MLflow's client will: with the credentials it sends (an
+    ``http://user:password@host`` URI's, MLFLOW_TRACKING_USERNAME and _PASSWORD, a token), where urllib
+    took ``user:password@host`` for the host's name; once, not with the client's retries."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    shown = mask_url(uri)
+    try:
+        response = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=10,
+                                raise_on_status=False)
+    except (MlflowException, requests.RequestException, ValueError) as e:
+        problem = _first_cause(e)
+        if (password := _url_password(uri)) is not None:
+            problem = problem.replace(password, "***")
+        raise FuluConfigError(f"tracking.uri: cannot reach the MLflow server at {shown}: {problem}") from None
+    if response.status_code in (401, 403):
+        raise FuluConfigError(f"tracking.uri: the MLflow server at {shown} refused the credentials (HTTP "
+                              f"{response.status_code} {response.reason}): check the user and password in the URI, "
+                              "or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if not response.ok:
+        raise FuluConfigError(f"tracking.uri: {shown} is not a healthy MLflow server (GET /health: HTTP "
+                              f"{response.status_code} {response.reason})")
+
+
+def _first_cause(e: BaseException) -> str:
+    """What went wrong under MLflow's and requests' wrappers, which each repeat the URL and the pool's state
+    around it: the socket's error (``[Errno 111] Connection refused``, a name not resolved) where there is
+    one, else the outermost message (``Invalid url: ...``; deeper lies urllib3's parser's own failure)."""
+    chain = [e]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+        chain.append(inner)
+    return str(next((x for x in reversed(chain) if isinstance(x, OSError) and not isinstance(x, ValueError)), e))
+
+
+def _url_password(uri: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(uri).password or None
+    except ValueError:
+        return None
 
 
 def _probe_database(url: str, key: str) -> None:
