@@ -155,6 +155,40 @@ def test_resuming_with_another_space_is_refused(tmp_path, monkeypatch, capsys):
     assert (out / "search_config.json").read_text() == config
 
 
+def test_an_architecture_identical_to_a_pruned_trial_is_recorded_as_pruned_with_its_run(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """A trial that repeats a pruned one is pruned without training: it had no MLflow run (the study's
+    trials and its runs did not add up) and its console line said "pruned at step ?"."""
+    conf = tmp_path / "conf" / "search_space"
+    conf.mkdir(parents=True)
+    space = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "tiny.yaml").read_text())
+    space.update(name="one", params={"top_k": {"type": "categorical", "choices": [1, 2]}}, reference={"top_k": 2})
+    (conf / "one.yaml").write_text(yaml.safe_dump(space))
+    # the pruner's decision made for it: every architecture with one expert a token is pruned at its first report
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda trial: trial.params.get("top_k") == 1)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["search", "+experiment=tiny", "--config-dir", str(tmp_path / "conf"), "search_space=one",
+                 f"hydra.run.dir={out}", "study.n_trials=8", "study.sampler=random"]) == 0
+    console = capsys.readouterr().out
+    study = load_study(out, "one-clusters")
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    [first] = [t for t in pruned if "cached_from" not in t.user_attrs]
+    repeats = [t for t in pruned if "cached_from" in t.user_attrs]
+    assert repeats, [t.params for t in study.trials]
+    step = first.user_attrs["pruned_at_step"]
+    _, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "one-clusters")
+    by_trial = {int(r.data.tags["fulu.trial"]): r for r in runs}
+    assert sorted(by_trial) == [t.number for t in study.trials]  # every trial has its run
+    for t in repeats:
+        assert t.user_attrs["cached_from"] == first.number and t.user_attrs["pruned_at_step"] == step
+        run = by_trial[t.number]
+        assert run.info.status == "KILLED" and run.data.tags["fulu.state"] == "pruned"
+        assert run.data.tags["fulu.cached_from_trial"] == str(first.number)
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert f"trial {t.number} pruned at step {step} (reused trial {first.number})" in console, console
+
+
 def test_identical_architectures_are_trained_once(tmp_path, monkeypatch):
     conf = tmp_path / "conf" / "search_space"
     conf.mkdir(parents=True)

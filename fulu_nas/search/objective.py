@@ -500,7 +500,15 @@ class Objective:
     def _reuse(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial, values: dict, arch):
         trial.set_user_attr("cached_from", earlier.number)
         if earlier.state == TrialState.PRUNED:
-            raise optuna.TrialPruned(f"identical to trial {earlier.number}, which was pruned")
+            # pruned again without training, with a run as the trial it repeats has (MLflow and the study agree)
+            step = earlier.user_attrs.get("pruned_at_step")
+            trial.set_user_attr("pruned_at_step", step)
+            run_id = self._start_run(trial, values, arch, {"fulu.cached_from_trial": earlier.number})
+            trial.set_user_attr("mlflow_run_id", run_id)
+            reason = f"identical to trial {earlier.number}, which was pruned at step {step}"
+            self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "pruned", "fulu.reason": reason})
+            self._run = None
+            raise optuna.TrialPruned(reason)
         metrics = {k: v for k, v in earlier.user_attrs["metrics"].items() if not k.startswith(RUN_METRICS)}
         run_id = self._start_run(trial, values, arch, {"fulu.cached_from_trial": earlier.number,
                                                        "fulu.weights_run_id": earlier.user_attrs.get("weights_run_id")})

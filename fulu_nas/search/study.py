@@ -260,7 +260,8 @@ def describe_trial(t: optuna.trial.FrozenTrial, s: SearchSettings) -> str:
     if t.state == TrialState.PRUNED:
         if "infeasible" in t.user_attrs:
             return f"trial {t.number} infeasible, not trained: {t.user_attrs['infeasible']} | {params}"
-        return f"trial {t.number} pruned at step {t.user_attrs.get('pruned_at_step', '?')} | {params}"
+        note = f" (reused trial {t.user_attrs['cached_from']})" if "cached_from" in t.user_attrs else ""
+        return f"trial {t.number} pruned at step {t.user_attrs.get('pruned_at_step', '?')}{note} | {params}"
     return f"trial {t.number} failed: {t.user_attrs.get('fail_reason', 'worker stopped')} | {params}"
 
 
