@@ -12,7 +12,6 @@ import numbers
 import operator
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import fields
 from enum import Enum
 from typing import Any
@@ -252,7 +251,7 @@ class UltimatePiMoESystem(nn.Module):
                 "latency_ms": elapsed * 1e3,
                 "throughput_tokens_per_s": tokens / elapsed,
                 "tokens": tokens,
-                **self._memory(lambda: self._run(x, token_ids)),
+                **self._memory(x, token_ids),
             },
             "routing_info": {
                 "router": self.config.router,
@@ -298,15 +297,20 @@ class UltimatePiMoESystem(nn.Module):
                 return out.clone(), stats
         return runner(x, token_ids)
 
-    def _memory(self, run: Callable[[], object]) -> dict[str, float]:
-        """On CUDA the allocator's peak since the caller reset it. The CPU allocator keeps no peak:
-        torch.profiler's allocation events give the tensor memory one more call of ``run`` (a forward
-        of the measured input, in the same grad mode) allocates at its peak, as a search's trial
-        measures it; not the call that is timed, which the profiler would slow down."""
+    def _memory(self, x: Tensor, token_ids: Tensor | None) -> dict[str, float]:
+        """On CUDA the allocator's peak since the caller reset it (with a CUDA graph's activations). The CPU
+        allocator keeps no peak: torch.profiler's allocation events give the tensor memory one more forward
+        of ``x`` (in the same grad mode) allocates at its peak, as a search's trial measures it; not the
+        call that is timed, which the profiler would slow down."""
         device = self.device
         if device.type == "cuda":
-            return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
-        return {"forward_peak_memory_mb": cpu_peak_bytes(run) / 2**20}
+            peak = torch.cuda.max_memory_allocated(device)
+            if isinstance(runner := self._current_runner(), GraphedForward):
+                # A replay's activations were allocated at capture and are not in a replay's peak: what its
+                # graph's pool holds, beside what is allocated. A call that captured has them in its peak.
+                peak = max(peak, torch.cuda.memory_allocated(device) + runner.pool_held_bytes(x, token_ids))
+            return {"peak_memory_mb": peak / 2**20}
+        return {"forward_peak_memory_mb": cpu_peak_bytes(lambda: self._run(x, token_ids)) / 2**20}
 
     @property
     def balance_loss(self) -> Tensor:
@@ -415,7 +419,7 @@ class UltimatePiMoESystem(nn.Module):
             "throughput": tokens / average,
             "tokens": tokens,
             "num_iterations": num_iterations,
-            **self._memory(lambda: self._run(input_tensor.to(self.dtype), None)),
+            **self._memory(input_tensor.to(self.dtype), None),
         }
 
 

@@ -172,6 +172,28 @@ def test_spec_system_optimized_for_inference_on_cuda():
     assert results["throughput"] > 0 and results["peak_memory_mb"] > 0
 
 
+def test_an_extreme_systems_peak_memory_counts_its_graphs_activations():
+    """After optimize_for_inference an EXTREME system replays a CUDA graph, whose activations were
+    allocated in the graph's pool at capture: the allocator's peak around a replay left them out, so a
+    replay reported far less memory than the same call that captured the graph."""
+    from fulu_nas import create_ultimate_pimoe_system
+
+    torch.manual_seed(0)
+    hidden, ffn, k = 256, 1024, 2
+    system = create_ultimate_pimoe_system(hidden_size=hidden, num_experts=8, expert_ffn_size=ffn, top_k=k,
+                                          optimization_level="extreme", device="cuda").optimize_for_inference()
+    x = torch.randn(8, 512, hidden, device="cuda")
+    figures = [system(x, return_comprehensive_info=True)[1]["performance_metrics"]["peak_memory_mb"]
+               for _ in range(3)]  # the first call captures the graph, the others replay it
+    assert system.system_stats()["cuda_graphs"] == 1
+    weights = sum(p.numel() * p.element_size() for p in system.parameters())
+    expert_hidden = x.shape[0] * x.shape[1] * k * ffn * 2  # the experts' bf16 hidden rows, alive in the call
+    assert all(f > (weights + expert_hidden) / 2**20 for f in figures), figures
+    assert 0.8 * figures[0] <= figures[1] <= 1.25 * figures[0] and figures[2] == pytest.approx(figures[1]), figures
+    benchmarked = system.benchmark_system(x, num_iterations=3, warmup=1)["peak_memory_mb"]
+    assert benchmarked == pytest.approx(figures[1], rel=0.05), (benchmarked, figures)
+
+
 def test_trial_cost_on_cuda_replays_the_served_forward_beside_the_reference():
     """The search's cost protocol on a GPU: the served forward captured in a CUDA graph per shape,
     timed with CUDA events in rounds beside the reference model; the graph's logits equal eager's."""

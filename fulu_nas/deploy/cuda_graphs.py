@@ -62,12 +62,27 @@ class GraphedForward:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
+    @staticmethod
+    def _key(x: Tensor, token_ids: Tensor | None) -> tuple:
+        ids = None if token_ids is None else (tuple(token_ids.shape), token_ids.dtype)
+        return (tuple(x.shape), x.dtype, x.device, ids)
+
+    def pool_held_bytes(self, x: Tensor, token_ids: Tensor | None = None) -> int:
+        """The bytes the memory pool of ``x``'s graph holds beyond the tensors alive in it (its outputs): the
+        activations of the captured call, which a replay writes without allocating, so that the
+        allocator's peak around a replay leaves them out. 0 where no graph of that signature exists."""
+        entry = self._graphs.get(self._key(x, token_ids))
+        if entry is None:
+            return 0
+        pool = entry[2].pool()
+        segments = [seg for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", ())) == tuple(pool)]
+        return sum(seg["total_size"] - seg["allocated_size"] for seg in segments)
+
     def __call__(self, x: Tensor, token_ids: Tensor | None = None) -> Any:
         if self._module is not None and (addresses := self._weight_addresses()) != self._addresses:
             self._graphs.clear()
             self._addresses = addresses
-        key = (tuple(x.shape), x.dtype, x.device,
-               None if token_ids is None else (tuple(token_ids.shape), token_ids.dtype))
+        key = self._key(x, token_ids)
         entry = self._graphs.get(key)
         if entry is None:
             static_x = x.clone()
