@@ -280,6 +280,70 @@ def test_a_signal_once_a_trial_has_its_result_keeps_the_result(where, tmp_path, 
     _assert_resumes(out)
     assert len(load_study(out).trials) == 2  # only the missing trial was trained
 
+@pytest.mark.parametrize("outcome", ["reused", "failed", "pruned"])
+def test_a_signal_once_a_trials_run_has_ended_keeps_the_trials_outcome(outcome, tmp_path, monkeypatch):
+    """A signal after a trial's MLflow run was ended with its outcome (a reused result's FINISHED, a failed
+    trial's FAILED with its reason, a pruned trial's KILLED) failed the trial as interrupted and queued it
+    again: the study lost the reason (a diverged trial trained again) and disagreed with MLflow."""
+    import gc
+    import types
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    sent: list[str] = []
+
+    def signal_once(*args):
+        if not sent:
+            sent.append(outcome)
+            _signal()
+
+    if outcome == "reused":
+        assert _search(out, n_trials=1) == 0
+        load_study(out).enqueue_trial(load_study(out).trials[0].params)  # the reference again: reused
+        real_record = objective_module.record_metrics
+
+        def record_metrics(*args):
+            signal_once()  # the reused result's run has just ended FINISHED
+            return real_record(*args)
+
+        monkeypatch.setattr(objective_module, "record_metrics", record_metrics)
+        overrides = FAST
+    else:
+        real_train = objective_module.train_architecture
+        trained: list[int] = []
+
+        def train_architecture(arch, s, train, on_report, kernels):
+            trained.append(1)
+            if outcome == "failed" and len(trained) == 2:  # the trial after the reference
+                raise RuntimeError("boom")
+            return real_train(arch, s, train, on_report, kernels)
+
+        def collect(*args):
+            if failed_or_pruned():
+                signal_once()  # the trial's run has just ended FAILED or KILLED
+            return gc.collect(*args)
+
+        def failed_or_pruned():
+            return any(t.state == TrialState.RUNNING and t.number == 1 for t in load_study(out).trials)
+
+        monkeypatch.setattr(objective_module, "train_architecture", train_architecture)
+        monkeypatch.setattr(objective_module, "gc", types.SimpleNamespace(collect=collect))
+        monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda trial: outcome == "pruned" and trial.number == 1)
+        overrides = ("trainer.report_every=5", "study.pruner=median" if outcome == "pruned" else "study.pruner=none")
+    # a third trial to go: a signal as the study's last trial ends leaves a finished search (exit 0)
+    assert run_search(out, "study.n_trials=3", "trainer.steps=10", *overrides) == 130
+    assert sent == [outcome]
+    study = load_study(out)
+    expected = {"reused": TrialState.COMPLETE, "failed": TrialState.FAIL, "pruned": TrialState.PRUNED}[outcome]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, expected]  # kept, nothing queued again
+    if outcome == "failed":
+        assert study.trials[1].user_attrs["fail_reason"] == "RuntimeError: boom"
+    parents, trials = _runs(out)
+    status = {"reused": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}[outcome]
+    assert sorted((r.data.tags["fulu.trial"], r.info.status) for r in trials) == [("0", "FINISHED"), ("1", status)]
+    assert [r.info.run_name for r in parents + trials if r.info.status == "RUNNING"] == []
+
+
 # -- 3. a trial's MLflow run being created, or its architecture sampled --------------------------------
 @pytest.mark.parametrize("where,number", [("start_trial", 0), ("sample", 1)])
 def test_ctrl_c_before_a_trial_trains_fails_and_queues_it(where, number, tmp_path, monkeypatch, capsys):

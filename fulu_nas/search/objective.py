@@ -467,12 +467,16 @@ class Objective:
                 self._run = None
             return objectives[0] if len(objectives) == 1 else objectives
         except optuna.TrialPruned as e:
+            # The run ends with the trial's outcome: a signal from here on waits until Optuna has recorded
+            # it (as for a result), rather than fail as interrupted a trial whose run says otherwise.
+            hold_to_the_end_of_the_stretch()
             self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "pruned", "fulu.reason": str(e)})
             self._run = None
             raise
         except Exception as e:
             reason = failure_reason(e)
             trial.set_user_attr("fail_reason", reason)
+            hold_to_the_end_of_the_stretch()  # as for a pruned trial: its reason is kept, not queued again
             self.tracker.end_trial(run_id, "FAILED", {"fulu.state": "failed", "fulu.reason": reason,
                                                       "fulu.traceback": traceback.format_exc()[-4000:]})
             self._run = None
@@ -506,6 +510,7 @@ class Objective:
             run_id = self._start_run(trial, values, arch, {"fulu.cached_from_trial": earlier.number})
             trial.set_user_attr("mlflow_run_id", run_id)
             reason = f"identical to trial {earlier.number}, which was pruned at step {step}"
+            hold_to_the_end_of_the_stretch()  # its run ends with its outcome: a signal waits for Optuna's record
             self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "pruned", "fulu.reason": reason})
             self._run = None
             raise optuna.TrialPruned(reason)
@@ -513,6 +518,7 @@ class Objective:
         run_id = self._start_run(trial, values, arch, {"fulu.cached_from_trial": earlier.number,
                                                        "fulu.weights_run_id": earlier.user_attrs.get("weights_run_id")})
         self.tracker.log_metrics(run_id, metrics)
+        hold_to_the_end_of_the_stretch()  # the run ends FINISHED: a signal waits until the study has the result
         self.tracker.end_trial(run_id, "FINISHED")
         self._run = None
         for name, bound in self.s.study.constraints:
