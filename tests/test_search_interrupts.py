@@ -613,6 +613,43 @@ def test_a_signal_to_the_workers_parent_alone_stops_the_workers_and_the_study_re
     assert not [t.number for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
 
+def test_workers_stopped_by_a_signal_the_parent_did_not_get_leave_an_interrupted_search(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """SIGTERM to the worker processes alone (``pkill -f fulu_nas.search.worker``, an administrator, a
+    scheduler that stops processes one by one): each exits 130 with its running trial queued again, and the
+    parent counted 130 as a worker that ended its part: the search exited 0 with 1 of 8 trials done."""
+    import subprocess
+
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    class RecordedPopen(real_popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(subprocess, "Popen", RecordedPopen)
+    real_report = study_module._report
+
+    def report(bar, t, s):
+        real_report(bar, t, s)
+        for worker in started:
+            if worker.poll() is None and worker not in signalled:  # once each, as pkill does
+                signalled.append(worker)
+                worker.send_signal(signal.SIGTERM)
+
+    signalled: list[subprocess.Popen] = []
+
+    monkeypatch.setattr(study_module, "_report", report)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    workers = ("study.n_workers=2", *FAST)
+    assert run_search(out, "study.n_trials=8", "trainer.steps=10", *workers) == 130
+    assert [w.returncode for w in started] == [130, 130]
+    assert "interrupted: workers 0, 1 stopped by a signal; run the same command to resume" in capsys.readouterr().err
+    assert sum(objective_module.counts_toward_total(t) for t in load_study(out).trials) < 8
+
+
 def test_ctrl_c_while_mlflow_makes_its_tables_leaves_a_database_the_same_command_opens(tmp_path, monkeypatch,
                                                                                        capsys):
     """A first search interrupted while MLflow migrated its new database (alembic's steps, not one

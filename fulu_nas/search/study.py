@@ -663,7 +663,16 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
     for i in failed:
         print(f"worker {i} exited with {procs[i][0].returncode}; see {s.output_dir / f'worker-{i}.log'}",
               file=sys.stderr)
-    return 1 if failed else 0
+    if failed:
+        return 1
+    # Workers stopped by a signal this process did not get (pkill, a scheduler stopping processes one by one)
+    # ended their part early: the study lacks trials, the search was interrupted, not finished.
+    stopped = [i for i, (p, _) in enumerate(procs) if p.returncode == INTERRUPTED]
+    if stopped and finished_count(study) < s.study.n_trials:
+        print(f"interrupted: worker{'s' * (len(stopped) > 1)} {', '.join(map(str, stopped))} stopped by a signal; "
+              f"run the same command{_in_this_sweep()} to resume", file=sys.stderr)
+        return INTERRUPTED
+    return 0
 
 
 def load_worker_settings(config_path: str | Path) -> SearchSettings:
