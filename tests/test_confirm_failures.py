@@ -312,3 +312,28 @@ def test_overrides_that_repeat_the_searchs_settings_are_taken(searched, tmp_path
     # was refused as "not used: study.n_trials is 4 (6 here)"
     assert main(["dashboard", "study.name=tiny-clusters", *search_args, "task.val_sequences=64",
                  f"out={tmp_path / 'third.html'}"]) == 0
+
+
+@pytest.mark.slow
+def test_a_confirmation_on_workers_of_a_study_measured_on_another_device_runs_as_in_one_process(tmp_path,
+                                                                                                  monkeypatch, capsys):
+    """A study of latency searched on a GPU, confirmed here: the confirmation workers opened the study as a
+    search resuming it does, whose device check refused it; each died with a traceback (exit 1, "run the
+    command again", which failed the same way), where one process confirms it (exit 0)."""
+    import sqlite3
+
+    from .test_search_e2e import run_search
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_search(out, "study.n_trials=2", "trainer.steps=10", "study.pruner=none",
+                      "study.objectives=[loss,latency_ms]") == 0
+    with sqlite3.connect(out / "optuna.db") as db:  # as if its trials had been measured on a GPU
+        db.execute("UPDATE trial_user_attributes SET value_json = ? WHERE key = 'device'",
+                   (json.dumps("cuda: NVIDIA H100 80GB HBM3"),))
+    capsys.readouterr()
+    for n in (1, 2):
+        copy = shutil.copytree(out, tmp_path / f"out{n}")
+        assert main([*CONFIRM, f"hydra.run.dir={copy}", "top_k=1", "budget_factor=1", "seeds=1",
+                     f"n_workers={n}"]) == 0, capsys.readouterr().err[-3000:]
+        assert len(recorded(copy, 10)) == 2  # the reference and the best trial, one seed each

@@ -7,9 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+import optuna
+
 from .confirm import CONFIRM_STOPPING, Confirmation, plan_confirmation
 from .settings import ConfirmSettings
-from .study import INTERRUPTED, load_worker_settings, open_study, quiet_optuna, stop_signals_as_interrupt
+from .storage import open_study_storage
+from .study import INTERRUPTED, load_worker_settings, quiet_optuna, stop_signals_as_interrupt
 from .worker_progress import ProgressFile, progress_path
 
 
@@ -21,7 +24,9 @@ def main(argv: list[str]) -> int:
             s = load_worker_settings(config)
             data = json.loads(Path(config).read_text())
             with quiet_optuna():
-                study = open_study(s)
+                # read as the confirmation's own process reads it: a search's resume checks (the device its
+                # latency was measured on) are not a confirmation's, which trains on this device alone
+                study = optuna.load_study(study_name=s.study.name, storage=open_study_storage(s.storage_url))
                 plan = plan_confirmation(study, s, ConfirmSettings(**data["options"]))
                 report_to = ProgressFile(progress_path(s.output_dir, "confirm-worker", index))
                 return Confirmation(study, s, plan, progress=False).run_share(set(data["shares"][index]), report_to)
