@@ -118,6 +118,15 @@ def url_without_password(url: str) -> str:
     return url if parsed.password is None else parsed._replace(password=None).render_as_string(hide_password=False)
 
 
+def server_address(uri: str) -> str:
+    """An MLflow tracking server's address as a browser opens it: without the credentials an
+    ``http://user:password@host`` URI carries (the browser asks for them)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def check_sqlite_database(path: Path, key: str) -> None:
     """FuluConfigError unless the existing file ``path`` is a SQLite database (a damaged one, or a folder,
     failed only once a command had written its folder)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import shlex
 
 from rich.console import Console
 
@@ -252,6 +253,17 @@ def test_the_confirm_advice_locates_the_study_from_where_it_is_given(tmp_path, m
     # client reads PGPASSWORD or ~/.pgpass), and a folder with a space was cut in two by the shell.
     assert advice("study.storage=postgresql://fulu:s3cret@127.0.0.1:5432/optuna", "hydra.run.dir=sp ace/x") == (
         f"study.name=tiny-clusters 'hydra.run.dir={tmp_path}/sp ace/x' study.storage=postgresql://fulu@127.0.0.1:5432/optuna")
+    # and quoted for Hydra as well as for the shell: a URL's query (`?timeout=30`) unquoted is no override Hydra
+    # reads ("mismatched input '='")
+    printed_advice = advice("study.storage='sqlite:///s.db?timeout=30'", "tracking.uri='sqlite:///t.db?mode=rw'")
+    assert printed_advice == ("study.name=tiny-clusters 'study.storage=\"sqlite:///s.db?timeout=30\"' "
+                              "'tracking.uri=\"sqlite:///t.db?mode=rw\"'")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = [OverridesParser.create().parse_override(o) for o in shlex.split(printed_advice)]
+    assert [(o.key_or_group, o.value()) for o in parsed] == [
+        ("study.name", "tiny-clusters"), ("study.storage", "sqlite:///s.db?timeout=30"),
+        ("tracking.uri", "sqlite:///t.db?mode=rw")]
 
 
 def test_the_mlflow_ui_advice_opens_the_tracking_database_the_study_used(tmp_path, monkeypatch):
@@ -268,6 +280,8 @@ def test_the_mlflow_ui_advice_opens_the_tracking_database_the_study_used(tmp_pat
     assert ui() == "fulu-nas ui outputs/tiny-clusters"
     assert ui("tracking.uri=postgresql://fulu:s3cret@127.0.0.1:5432/mlflow") == (
         "fulu-nas ui --tracking-uri postgresql://fulu@127.0.0.1:5432/mlflow")
+    # a tracking server serves its own UI (`mlflow ui` took its address for a store and failed with a traceback)
+    assert ui("tracking.uri=http://alice:s3cret@mlflow.example:5000") == "http://mlflow.example:5000"
 
 
 def test_large_and_small_values_are_printed_in_plain_digits():

@@ -141,3 +141,17 @@ def test_ui_refuses_a_database_that_is_not_mlflow_s_and_leaves_it_untouched(tmp_
         assert words in err and str(path) in err and err.count("\n") == 1, err
         assert out == "" and path.read_bytes() == before
     assert started == []
+
+
+def test_ui_of_a_tracking_server_points_to_the_servers_own_ui(monkeypatch, capsys):
+    """`fulu-nas ui --tracking-uri http://...` (as the search printed it for a study tracked on a server) handed
+    the server's address to `mlflow ui` as a store, which failed with MLflow's traceback (exit 1)."""
+    from fulu_nas.cli import main
+    from fulu_nas.dashboard import ui
+
+    started = []
+    monkeypatch.setattr(ui, "run_server", lambda command: started.append(command) or 0)
+    assert main(["ui", "--tracking-uri", "http://alice:s3cret@127.0.0.1:5999"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tracking-uri: ") and "open http://127.0.0.1:5999 " in err, err
+    assert "s3cret" not in err and not started

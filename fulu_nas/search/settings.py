@@ -159,20 +159,23 @@ class SearchSettings:
         password (:func:`~fulu_nas.checks.url_without_password`)."""
         from ..checks import url_without_password
 
-        found = [f"study.name={self.study.name}"]
+        found = [("study.name", self.study.name)]
         if self.output_dir.resolve() != (Path("outputs") / self.study.name).resolve():
-            found.append(f"hydra.run.dir={self.output_dir.resolve()}")
+            found.append(("hydra.run.dir", str(self.output_dir.resolve())))
         if self.study.storage:
-            found.append(f"study.storage={url_without_password(self.study.storage)}")
+            found.append(("study.storage", url_without_password(self.study.storage)))
         if self.tracking.uri:
-            found.append(f"tracking.uri={url_without_password(self.tracking.uri)}")
-        return [shlex.quote(o) for o in found]
+            found.append(("tracking.uri", url_without_password(self.tracking.uri)))
+        return [shlex.quote(f"{key}={hydra_value(value)}") for key, value in found]
 
     def ui_command(self) -> str:
-        """``fulu-nas ui`` of this study's MLflow runs: its folder (the embedded database), or the tracking URI
-        it was given (without a password, quoted for a shell)."""
-        from ..checks import url_without_password
+        """Where this study's MLflow runs are browsed: ``fulu-nas ui`` of its folder (the embedded database) or
+        of the tracking database it was given (without a password, quoted for a shell); a tracking server's
+        own address, which serves its UI (``mlflow ui`` takes no server as a store)."""
+        from ..checks import server_address, url_without_password
 
+        if self.tracking.uri and self.tracking.uri.lower().startswith(("http://", "https://")):
+            return server_address(self.tracking.uri)
         if self.tracking.uri:
             return f"fulu-nas ui --tracking-uri {shlex.quote(url_without_password(self.tracking.uri))}"
         return f"fulu-nas ui {shlex.quote(str(self.output_dir))}"
@@ -274,6 +277,23 @@ class SearchSettings:
         by_path = (False, True) if self.corpus_sha256 is not None else (False,)
         return {self.fingerprint(legacy, given, typed, free, corpus) for legacy in (False, True) for given in subsets
                 for typed in (False, True) for free in (False, True) for corpus in by_path}
+
+
+def hydra_value(value: str) -> str:
+    """``value`` as a Hydra override gives it back as that string: as it is where Hydra's grammar reads it so,
+    else in Hydra's quotes (a URL's query ``?timeout=30``, a comma, brackets: unquoted, Hydra refused the
+    override or read a sweep). Each form is checked with Hydra's own parser."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    for form in (value, f'"{value}"', f"'{value}'", f"'{escaped}'"):  # double quotes read best inside a shell's
+        try:
+            if parser.parse_override(f"key={form}").value() == value:
+                return form
+        except Exception:  # Hydra's grammar refuses this form: the next one
+            continue
+    return value
 
 
 def _digest(value: object) -> str:
