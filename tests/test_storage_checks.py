@@ -361,3 +361,16 @@ def test_a_tracking_server_is_reached_with_mlflows_credentials_from_the_environm
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw2")
         probe_tracking(f"http://127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("command", [["search", "+experiment=tiny", "study.storage=postgresql://u:pw@h:abc/db"],
+                                     ["search", "+experiment=tiny", "tracking.uri=postgresql://u:pw@h:abc/db"],
+                                     ["ui", "--tracking-uri", "postgresql://u:pw@h:abc/db"]])
+def test_a_database_url_whose_port_is_not_a_number_is_one_message(command, tmp_path, monkeypatch, capsys):
+    """SQLAlchemy reads the port with int(): a ValueError traceback, exit 1, where a malformed URL is a
+    message naming the key, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "malformed URL" in err and "its port is not a number" in err and "Traceback" not in err, err
+    assert "pw" not in err.replace("postgresql://u:***", "") and list(tmp_path.iterdir()) == []

@@ -68,6 +68,8 @@ def _check_rdb_url(url: str, key: str) -> None:
         parsed = make_url(url)
     except ArgumentError as e:
         raise FuluConfigError(f"{key}: malformed URL {mask_url(url)!r}: {e}") from None
+    except ValueError:  # SQLAlchemy reads the port with int(): a traceback
+        raise FuluConfigError(f"{key}: malformed URL {mask_url(url)!r}: its port is not a number") from None
     try:
         parsed.get_dialect().import_dbapi()
     except ImportError as e:
