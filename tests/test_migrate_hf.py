@@ -276,13 +276,56 @@ def test_a_nested_call_that_fails_in_a_pre_hook_leaves_the_outer_calls_ids():
 
 
 def test_chunked_feed_forward_stays_exact():
-    # transformers' chunk_size_feed_forward feeds the FFN slices of the sequence: the hash router
-    # then hashes hidden states (the ids no longer line up) and the outputs are still the original's.
     original = electra(chunk_size_feed_forward=4)
     ids, mask = inputs()
     for router in ("hash", "topk"):
         moe = migrate_from_electra(original, routing_strategy=router).eval()
         torch.testing.assert_close(outputs(moe, ids, mask), outputs(original, ids, mask), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("router, options", [("hash", {}), ("attention", {"attention_context": True})])
+def test_a_chunked_feed_forward_routes_as_the_whole_sequence_does(router, options):
+    """transformers' chunk_size_feed_forward feeds the FFN slices of the sequence: a hash-routed layer hashed
+    the hidden states instead of the ids (which no longer lined up), and an attention router with context
+    attended within each slice, so that once the experts differ (after fine-tuning) the outputs moved with
+    the chunking (0.95 and 0.81 apart). The migrated layers do not chunk (a per-token FFN's chunking saves
+    memory alone), and a hash-routed layer chunked afterwards hashes each slice's own ids."""
+    moe = migrate_from_electra(electra(chunk_size_feed_forward=4), routing_strategy=router, num_experts=4,
+                               **options).eval()
+    assert {layer.chunk_size_feed_forward for layer in moe.electra.encoder.layer} == {0}
+    with torch.no_grad():  # experts that differ, as after fine-tuning
+        for layer in pimoe_layers(moe):
+            layer.experts.w13_EDF2.add_(torch.randn_like(layer.experts.w13_EDF2))
+    ids, mask = inputs()
+    whole = outputs(moe, ids, mask)
+    if router == "hash":
+        for layer in moe.electra.encoder.layer:
+            layer.chunk_size_feed_forward = 4
+        torch.testing.assert_close(outputs(moe, ids, mask), whole, rtol=0, atol=1e-6)
+        torch.testing.assert_close(outputs(moe, ids, mask), whole, rtol=0, atol=1e-6)  # a second call alike
+
+
+def test_gradient_checkpointing_recomputes_a_hash_routed_layer_with_its_token_ids():
+    """The recommended non-reentrant checkpointing recomputes each layer in the backward, once the model's
+    call had returned and forgotten its input_ids: the recomputed layer hashed the hidden states, routed
+    elsewhere, and torch's checkpoint failed (CheckpointError)."""
+    from fulu_nas.interop.migrate import balance_loss
+
+    ids, mask = inputs()
+    grads = []
+    for checkpointing in (False, True):
+        moe = migrate_from_electra(bert(), routing_strategy="hash", num_experts=4).train()
+        for module in moe.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            moe.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        out = moe(input_ids=ids, attention_mask=mask).last_hidden_state
+        (out.square().mean() + balance_loss(moe)).backward()
+        grads.append({name: p.grad.clone() for name, p in moe.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-6, msg=name)
 
 
 # -- migration: the spec's flags -----------------------------------------------------------------

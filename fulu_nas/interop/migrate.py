@@ -170,13 +170,36 @@ class PiMoEOutput(nn.Module):
         self.LayerNorm = layer_norm
         self._token_ids = token_ids
         self.last_stats: dict[str, Tensor] = {}
+        self._last_ids: Tensor | None = None  # the ids of the last call, for gradient checkpointing's recomputation
+        self._chunk_at = 0  # where the next slice of a chunked feed-forward starts in the sequence
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        ids = self._token_ids.current() if self._token_ids is not None else None
-        if ids is not None and tuple(ids.shape) != tuple(hidden_states.shape[:-1]):
-            ids = None  # e.g. chunked feed-forward: fall back to hashing the hidden states
-        y, self.last_stats = self.moe(hidden_states, token_ids=ids)
+        y, self.last_stats = self.moe(hidden_states, token_ids=self._ids_for(hidden_states))
         return self.LayerNorm(self.dropout(y) + input_tensor)
+
+    def _ids_for(self, hidden_states: Tensor) -> Tensor | None:
+        """The token ids of ``hidden_states``'s tokens, for hash routing on ids (None: the router hashes the
+        hidden states, as for a call given ``inputs_embeds``)."""
+        if self._token_ids is None:
+            return None
+        ids = self._token_ids.current()
+        if ids is None and torch._C._current_graph_task_id() != -1:
+            # Called inside a backward with no model call around it: gradient checkpointing recomputing this
+            # layer once the model's call returned. It routes as the call did (else torch's check fails).
+            ids = self._last_ids
+        else:
+            if ids is not self._last_ids:
+                self._chunk_at = 0  # a new call (one that failed mid-sequence leaves no offset behind)
+            self._last_ids = ids
+        if ids is None or ids.shape == hidden_states.shape[:-1]:
+            return ids
+        # transformers' chunk_size_feed_forward: the layer's slices of the sequence, one after another
+        batch, length = hidden_states.shape[0], hidden_states.shape[1] if hidden_states.dim() == 3 else 0
+        if ids.dim() != 2 or ids.shape[0] != batch or not 0 < length < ids.shape[1] or ids.shape[1] % length:
+            return None
+        start = self._chunk_at
+        self._chunk_at = (start + length) % ids.shape[1]
+        return ids[:, start:start + length]
 
 
 @dataclass(frozen=True)
@@ -866,6 +889,10 @@ def migrate_from_electra(
         new_output.train(layer.output.training)
         layer.intermediate = nn.Identity().train(layer.training)
         layer.output = new_output
+        # Chunking a per-token FFN only saves memory, but a router that sees the sequence (attention
+        # context, expert choice) would see one slice at a time: the layer takes the sequence whole.
+        if getattr(layer, "chunk_size_feed_forward", 0):
+            layer.chunk_size_feed_forward = 0
     if token_ids is not None:
         root.register_forward_pre_hook(_CaptureTokenIds(token_ids), with_kwargs=True)
         root.register_forward_hook(_ForgetTokenIds(token_ids), with_kwargs=True, always_call=True)
