@@ -226,3 +226,13 @@ def test_a_hash_layer_built_on_the_meta_device_routes_as_the_original_once_loade
     assert torch.equal(inside.eval()(x)[1]["tokens_per_expert"], want_stats["tokens_per_expert"])
     moved = PiMoELayer(cfg).to(torch.bfloat16)  # moves keep the projections (fp32, as every router's)
     assert torch.equal(moved.router.planes_DB, layer.router.planes_DB)
+    # load_state_dict(assign=True) (torchtitan's, accelerate's way) carries no non-persistent buffer and this
+    # router has no parameter to assign: its projections stayed on the meta device and a call without token
+    # ids failed ("Tensor on device meta is not on the expected device cpu")
+    with torch.device("meta"):
+        assigned = PiMoELayer(cfg)
+    assigned.load_state_dict(layer.state_dict(), assign=True)
+    out, stats = assigned.eval()(x)
+    assert torch.equal(stats["tokens_per_expert"], want_stats["tokens_per_expert"])
+    torch.testing.assert_close(out, want)
+    assert torch.equal(assigned.router.planes_DB, layer.router.planes_DB)

@@ -293,6 +293,10 @@ class HashRouter(Fp32Router):
                 batch_shape: tuple[int, ...] = ()) -> Routing:
         cfg = self.cfg
         if token_ids is None:
+            if self.planes_DB.is_meta and not x_TD.is_meta:
+                # built on the meta device and loaded with load_state_dict(assign=True), which carries no
+                # non-persistent buffer (and this router has no parameter to assign): made here, once
+                self.planes_DB, self.powers_B = self._lsh(x_TD.device)
             bits_TB = (x_TD.float() @ self.planes_DB.float()) > 0  # fp32 whatever the model dtype
             ids_T = (bits_TB.long() * self.powers_B).sum(-1)
         else:
