@@ -156,6 +156,27 @@ def test_the_program_takes_batches_up_to_the_documented_bound(exported):
     assert "dynamic batch and sequence" not in docs
 
 
+@pytest.mark.slow
+def test_load_program_takes_the_hash_as_the_other_loader_does_and_tells_a_wrong_hash_from_a_changed_file(exported):
+    """The documented Python loader of model.pt2 said "the file was modified after export" of a good file given
+    its hash in upper case, with a newline (read from a file), as None, or as the folder's fingerprint (the
+    hash `fulu-nas export` prints), where `fulu_nas.load` takes the first two and names the others."""
+    from fulu_nas.deploy.export import fingerprint
+    from fulu_nas.deploy.pt2_check import UnsafeProgramError, load_program
+
+    folder = exported.model_dir
+    digest = json.loads((folder / "checksums.json").read_text())["model.pt2"]
+    for given in (digest.upper(), digest + "\n", f"  {digest} "):
+        assert isinstance(load_program(folder / "model.pt2", given), torch.export.ExportedProgram)
+    for given in (None, 12, "sha256:" + digest, digest[:40]):
+        with pytest.raises(ValueError, match="expected_sha256: .* is not a SHA-256"):
+            load_program(folder / "model.pt2", given)
+    with pytest.raises(UnsafeProgramError) as wrong:
+        load_program(folder / "model.pt2", fingerprint(folder))
+    message = str(wrong.value)
+    assert f"SHA-256 is {digest}" in message and "model.pt2's entry in checksums.json" in message, message
+
+
 @contextlib.contextmanager
 def serving(model: Path | str, *options: str, tracking_uri: str | None = None):
     """``fulu-nas serve`` of ``model`` (a folder or a registered model URI) on a free port; yields

@@ -42,6 +42,7 @@ import torch
 from torch.export.pt2_archive import PT2ArchiveReader
 from torch.export.pt2_archive import constants as pt2
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
 # Written by torch's zip writer for every archive (format, version, byte order, serialization id).
 HOUSEKEEPING = {pt2.ARCHIVE_FORMAT_PATH, pt2.ARCHIVE_VERSION_PATH, "byteorder", ".data/version",
                 ".data/serialization_id"}
@@ -88,10 +89,17 @@ class UnsafeProgramError(ValueError):
 
 def read_verified(path: str | Path, expected_sha256: str) -> bytes:
     """The bytes of ``path`` if their SHA-256 is ``expected_sha256`` (read once: what is checked is
-    what gets loaded)."""
+    what gets loaded). The hash is taken as ``fulu_nas.load`` takes one (any case, surrounding blanks);
+    anything but a SHA-256 is ValueError."""
+    expected = expected_sha256.strip().lower() if isinstance(expected_sha256, str) else None
+    if expected is None or not SHA256.fullmatch(expected):
+        raise ValueError(f"expected_sha256: {expected_sha256!r} is not a SHA-256 (64 hex digits: the model.pt2 entry "
+                         "of the export's checksums.json)")
     data = Path(path).read_bytes()
-    if hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise UnsafeProgramError(f"{path}: checksum mismatch (the file was modified after export)")
+    if (actual := hashlib.sha256(data).hexdigest()) != expected:
+        raise UnsafeProgramError(f"{path}: checksum mismatch: its SHA-256 is {actual}, not the expected {expected} "
+                                 "(the file changed since export, or the hash given is not its own: model.pt2's "
+                                 "entry in checksums.json, not the folder's fingerprint)")
     return data
 
 
