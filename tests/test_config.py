@@ -91,6 +91,25 @@ def test_round_trip_through_a_plain_dict():
     assert again == cfg and hash(again) == hash(cfg)
     with pytest.raises(ValueError, match="unknown MoE config keys: nonsense"):
         MoEConfig.from_dict({**d, "nonsense": 1})
+    with pytest.raises(ValueError, match="unknown MoE config keys: 1, nonsense"):  # was a join's TypeError
+        MoEConfig.from_dict({**d, "nonsense": 1, 1: 2})
+
+
+@pytest.mark.parametrize("given", [None, "hidden_size", {"hidden_size": 32}])
+def test_a_config_of_the_wrong_type_is_one_type_error(given):
+    """A dict (from YAML or JSON) where a config object is taken failed with an AttributeError from deep
+    inside the build ('dict' object has no attribute 'router'); from_dict of a string took its characters for
+    keys ("unknown MoE config keys: _, d, e, h, ...")."""
+    from fulu_nas.models import PiMoETransformer
+    from fulu_nas.moe import PiMoELayer
+
+    with pytest.raises(TypeError, match=f"PiMoELayer takes a MoEConfig .* got {type(given).__name__}"):
+        PiMoELayer(given)
+    with pytest.raises(TypeError, match=f"PiMoETransformer takes an ArchConfig .* got {type(given).__name__}"):
+        PiMoETransformer(given)
+    if not isinstance(given, dict):
+        with pytest.raises(TypeError, match=f"from_dict takes a mapping .* got {type(given).__name__}"):
+            MoEConfig.from_dict(given)
 
 
 def test_expert_choice_capacity_defaults_to_top_k():

@@ -66,6 +66,9 @@ class Block(nn.Module):
 class PiMoETransformer(nn.Module):
     def __init__(self, arch: ArchConfig):
         super().__init__()
+        if not isinstance(arch, ArchConfig):
+            raise TypeError(f"PiMoETransformer takes an ArchConfig (ArchConfig.from_dict builds one from a mapping), "
+                            f"got {type(arch).__name__}")
         self.arch = arch
         self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.pos = nn.Embedding(arch.max_seq_len, arch.hidden_size)

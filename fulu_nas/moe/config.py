@@ -11,6 +11,7 @@ import math
 import numbers
 import operator
 import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 
@@ -234,8 +235,10 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MoEConfig:
+        if not isinstance(d, Mapping):  # a string's characters were taken for its keys
+            raise TypeError(f"MoEConfig.from_dict takes a mapping of MoEConfig fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(key) for key in set(d) - known)  # a non-string key named too
         if unknown:
             raise ValueError(f"unknown MoE config keys: {', '.join(unknown)}")
         return cls(**d)

@@ -126,6 +126,9 @@ class PiMoELayer(nn.Module):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
+        if not isinstance(cfg, MoEConfig):  # else an AttributeError from deep inside the router's build
+            raise TypeError(f"PiMoELayer takes a MoEConfig (MoEConfig.from_dict builds one from a mapping), got "
+                            f"{type(cfg).__name__}")
         self.cfg = cfg
         self.router = build_router(cfg)
         self.experts = GroupedExperts(cfg)
