@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fulu_nas.moe import GroupedExperts, cpu_packed, cpu_stream
+from fulu_nas.moe import GroupedExperts, MoEConfig, PiMoELayer, cpu_packed, cpu_stream
 from fulu_nas.moe import experts as experts_module
 
 from .helpers import make_layer
@@ -260,3 +260,30 @@ def test_cpu_paths_benchmark_times_every_path_and_names_the_rules_pick():
     assert many[1] == "128" and many[2] == "-" and re.fullmatch(r"[\d.]+ \(chunked\)", many[6])
     assert few[1] == "8" and re.fullmatch(r"[\d.]+ \((stream|chunked)\)", few[6])
     assert all(float(cell) > 0 for cell in many[3:6] + few[3:6])
+
+
+@pytest.mark.parametrize("size", [(32, 64), (512, 1024)], ids=["streaming", "onednn"])
+def test_a_layer_converts_and_loads_under_torchs_swap_on_conversion_after_a_packed_call(size):
+    """With torch.__future__.set_swap_module_params_on_conversion(True), conversions and loads swap each
+    parameter's tensor (torch.utils.swap_tensors), which refuses a tensor with a weak reference: after one
+    fp32 inference call had packed the experts' weights (whose cache keeps weak references to them), .to(),
+    .half(), load_state_dict and the rest failed with "Couldn't swap GroupedExperts.w13_EDF2"."""
+    hidden, ffn = size
+    torch.manual_seed(0)
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer = PiMoELayer(MoEConfig(hidden_size=hidden, num_experts=4, expert_ffn_size=ffn)).eval()
+        other = PiMoELayer(layer.cfg).eval()
+        x = torch.randn(8, hidden)
+        with torch.no_grad():
+            layer(x)  # packs the experts' weights for the CPU kernels
+        layer.load_state_dict(other.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x)[0], other(x)[0], rtol=0, atol=0)  # the loaded weights, not stale
+        layer.to(torch.bfloat16)
+        assert layer.experts.w13_EDF2.dtype == torch.bfloat16
+        with torch.no_grad():
+            layer.float()(x)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)

@@ -227,7 +227,10 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
-        # A load writes the weights in place: their packed CPU copies go (see cpu_packed.forget).
+        # A load writes the weights in place: their packed CPU copies go (see cpu_packed.forget). They go
+        # before it too: under torch's swap_module_params_on_conversion a load swaps each parameter's
+        # tensor, which torch refuses while the copies' weak references to it exist.
+        self.register_load_state_dict_pre_hook(cpu_packed.forget)
         self.register_load_state_dict_post_hook(cpu_packed.forget)
         E, D, Fw = cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_size
         self.activation = cfg.activation
@@ -239,6 +242,12 @@ class GroupedExperts(nn.Module):
             self.b2_ED = nn.Parameter(torch.zeros(E, D))
         else:
             self.b13_EF2 = self.b2_ED = None
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), .cpu(), .to_empty() ... make new weights: the packed copies of the old ones go first
+        # (under torch's swap_module_params_on_conversion their weak references made the swap fail)
+        cpu_packed.forget(self)
+        return super()._apply(fn, recurse)
 
     @property
     def num_experts(self) -> int:

@@ -18,6 +18,7 @@ from .experts import needs_grad
 from .routing import (
     Routing,
     expert_softmax,
+    forget_splits,
     jitter,
     normalised_probs,
     router_logits,
@@ -32,7 +33,18 @@ class Fp32Router(nn.Module):
     aux-free bias takes steps of ~1e-3 that bf16 would round away, and the logits need no
     per-call weight cast."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_load_state_dict_pre_hook(self._forget_splits)
+
+    @staticmethod
+    def _forget_splits(module: nn.Module, *_: object) -> None:
+        for owner in module.modules():
+            forget_splits(owner)
+
     def _apply(self, fn, recurse=True):
+        self._forget_splits(self)  # the kept bf16 splits of the gate (see routing.forget_splits)
+
         # Take only the device move from `fn` (e.g. `.to("cuda", torch.bfloat16)`): the values
         # are never rounded through a lower precision.
         def keep_dtype(t: Tensor) -> Tensor:

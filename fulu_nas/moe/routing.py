@@ -160,6 +160,14 @@ def _split_weight(weight_ED: Tensor) -> Tensor:
 _SPLIT_WEIGHTS = WeakIdKeyDictionary()
 
 
+def forget_splits(module: torch.nn.Module, *_: object) -> None:
+    """Drop the kept splits of ``module``'s parameters: before torch makes new ones (``.to()``) or loads
+    into them. Under torch's swap_module_params_on_conversion a parameter whose tensor has a weak
+    reference (this cache's key) cannot be swapped."""
+    for parameter in module.parameters(recurse=False):
+        _SPLIT_WEIGHTS.pop(parameter, None)
+
+
 class _ExpertSoftmax(torch.autograd.Function):
     """``torch.softmax`` over the experts with its backward written out, ``p * (g - sum(g * p))``:
     torch's CPU softmax backward over a last dimension that is not a multiple of 16 (17-63 experts
