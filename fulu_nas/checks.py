@@ -92,7 +92,10 @@ def mask_url(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        if "password" in parsed.query:  # the driver's own parameter (?password=...), which psycopg takes too
+            parsed = parsed.update_query_dict({"password": "MASKED"})
+        return parsed.render_as_string(hide_password=True).replace("password=MASKED", "password=***")
     except Exception:  # not a database URL (http://...): mask user:pass@ by hand
         scheme, sep, rest = url.partition("://")
         if sep and "@" in rest.split("/", 1)[0]:
@@ -114,8 +117,11 @@ def url_without_password(url: str) -> str:
         parsed = make_url(url)
     except Exception:
         return mask_url(url)
+    if parsed.password is None and "password" not in parsed.query:
+        return url
     # URL.set() takes None for "unchanged": the named tuple's own replace drops the password
-    return url if parsed.password is None else parsed._replace(password=None).render_as_string(hide_password=False)
+    parsed = parsed._replace(password=None).difference_update_query(["password"])
+    return parsed.render_as_string(hide_password=False)
 
 
 def server_address(uri: str) -> str:

@@ -483,11 +483,20 @@ def test_storage_passwords_stay_out_of_messages(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("url, password", [("postgresql://user:pw@host/db", True), ("postgresql://user@host/db", False),
                                            ("http://user:pw@host:5000", True), ("http://host:5000", False),
                                            ("http://user@host:5000", False),
+                                           ("postgresql://user@host/db?password=pw&sslmode=require", True),
                                            ("sqlite:////tmp/out/optuna.db", False), ("journal:///tmp/j.log", False)])
 def test_urls_with_a_password_are_told_apart(url, password):
     from fulu_nas.search.private_files import holds_password
 
     assert holds_password("sqlite:///mlflow.db", url) is password
+
+
+def test_a_password_given_as_the_drivers_query_parameter_is_masked_and_left_out_of_printed_commands():
+    from fulu_nas.checks import mask_url, url_without_password
+
+    url = "postgresql://user@host/db?password=pw&sslmode=require"
+    assert mask_url(url) == "postgresql://user@host/db?password=***&sslmode=require"
+    assert url_without_password(url) == "postgresql://user@host/db?sslmode=require"
 
 
 def test_a_private_config_replaces_a_file_others_could_read(tmp_path):
