@@ -259,3 +259,28 @@ def test_expert_choice_active_parameters_follow_its_capacity(capacity_factor, ex
     seq = 64  # the capacity of 64 tokens over 8 experts is exact for every factor above
     routed_flops = layer.flops_per_token(seq) - 2 * router
     assert routed_flops == pytest.approx(2 * (counts["active"] - router))
+
+
+def test_load_statistics_refuse_what_is_not_one_load_vector_and_an_empty_load_is_plain_zero():
+    """A (layers, experts) stack of counts gave a load balance of 3.0 (outside [0, 1]: the layer count taken for
+    the expert count); an empty load's balance printed as -0.0."""
+    for counts in (torch.ones(2, 4), torch.tensor(3.0), [1, 2]):
+        with pytest.raises(ValueError, match="counts_E must be a 1-D tensor of per-expert counts"):
+            load_statistics(counts)
+    balance = load_statistics(torch.zeros(8))["load_balance"]
+    assert balance.item() == 0.0 and math.copysign(1.0, balance.item()) == 1.0
+
+
+def test_the_analytic_figures_refuse_impossible_arguments():
+    """flops_per_token(0) of an expert-choice layer divided by zero, None failed inside, -3 gave a number;
+    expert_capacity of a token-choice config without capacity was a bare AssertionError."""
+    from fulu_nas.moe import MoEConfig
+
+    for router in ("expert_choice", "topk"):
+        layer = make_layer(router=router)
+        for seq_len in (0, -3, None, 2.5, True):
+            with pytest.raises(ValueError, match="seq_len must be a whole number of tokens >= 1"):
+                layer.flops_per_token(seq_len)
+        assert layer.flops_per_token(16) > 0
+    with pytest.raises(ValueError, match="no capacity_factor"):
+        MoEConfig(hidden_size=16, num_experts=4, expert_ffn_size=16).expert_capacity(32)

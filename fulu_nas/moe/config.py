@@ -211,7 +211,8 @@ class MoEConfig:
             factor = self.capacity_factor if self.capacity_factor is not None else self.top_k
             slots = num_tokens
         else:
-            assert self.capacity_factor is not None
+            if self.capacity_factor is None:
+                raise ValueError("expert_capacity: this token-choice config has no capacity_factor (no capacity)")
             factor, slots = self.capacity_factor, num_tokens * self.top_k
         # The nearest fraction of denominator up to 10**6: exact for a factor of six decimals, and the
         # products stay far inside int64 for a symbolic token count.

@@ -25,6 +25,7 @@ eagerly only).
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -466,6 +467,8 @@ class PiMoELayer(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Analytic forward FLOPs per token (2 per multiply-add): the router, the experts a token
         uses (expert choice: the capacity of ``seq_len`` tokens, shared out) and the shared experts."""
+        if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
+            raise ValueError(f"seq_len must be a whole number of tokens >= 1, got {seq_len!r}")
         c, D = self.cfg, self.cfg.hidden_size
         mats = 3 if c.activation == "swiglu" else 2
         routed = c.top_k * mats * D * c.expert_ffn_size

@@ -33,11 +33,14 @@ def token_mean(x_T: Tensor) -> Tensor:
 
 def load_statistics(counts_E: Tensor) -> dict[str, Tensor]:
     """Utilisation, balance, MaxVio and CV of a load vector."""
+    if not isinstance(counts_E, Tensor) or counts_E.dim() != 1:  # a (layers, experts) stack gave a balance of 3
+        shape = tuple(counts_E.shape) if isinstance(counts_E, Tensor) else type(counts_E).__name__
+        raise ValueError(f"counts_E must be a 1-D tensor of per-expert counts, got {shape}")
     c = counts_E.float()
     E = c.shape[0]
     mean = c.mean().clamp_min(1e-20)
     p = c / c.sum().clamp_min(1e-20)
-    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum() + 0.0  # + 0.0: no -0.0 for an empty load
     balance = entropy / math.log(E) if E > 1 else torch.ones_like(entropy)
     return {
         "tokens_per_expert": c,
