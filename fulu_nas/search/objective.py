@@ -505,11 +505,13 @@ class Objective:
         trial.set_user_attr("cached_from", earlier.number)
         if earlier.state == TrialState.PRUNED:
             # pruned again without training, with a run as the trial it repeats has (MLflow and the study agree)
-            step = earlier.user_attrs.get("pruned_at_step")
-            trial.set_user_attr("pruned_at_step", step)
+            step = earlier.user_attrs.get("pruned_at_step")  # none on a trial recorded before steps were
+            if step is not None:
+                trial.set_user_attr("pruned_at_step", step)
             run_id = self._start_run(trial, values, arch, {"fulu.cached_from_trial": earlier.number})
             trial.set_user_attr("mlflow_run_id", run_id)
-            reason = f"identical to trial {earlier.number}, which was pruned at step {step}"
+            at_step = f" at step {step}" if step is not None else ""
+            reason = f"identical to trial {earlier.number}, which was pruned{at_step}"
             hold_to_the_end_of_the_stretch()  # its run ends with its outcome: a signal waits for Optuna's record
             self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "pruned", "fulu.reason": reason})
             self._run = None
