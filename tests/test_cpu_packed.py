@@ -287,3 +287,25 @@ def test_a_layer_converts_and_loads_under_torchs_swap_on_conversion_after_a_pack
             layer.float()(x)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+def test_the_routers_kept_split_is_dropped_before_torch_swaps_its_gate():
+    """The router's bf16 split of its fp32 gate (kept between eager calls, keyed by a weak reference to the
+    gate's weight) made the gate's tensor unswappable under torch's swap_module_params_on_conversion: .to()
+    and load_state_dict failed ("Cannot swap t1 because it has weakref associated with it")."""
+    from fulu_nas.moe.routing import _SPLIT_WEIGHTS, _split_weight
+
+    torch.manual_seed(0)
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer, other = (PiMoELayer(MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=64)) for _ in range(2))
+        _split_weight(layer.router.gate.weight)  # as an eager bf16 call on a GPU keeps it
+        assert layer.router.gate.weight in _SPLIT_WEIGHTS
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer.router.gate.weight, other.router.gate.weight)
+        _split_weight(layer.router.gate.weight)
+        layer.to(torch.bfloat16)
+        assert layer.router.gate.weight.dtype == torch.float32  # a router's weights stay fp32
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
