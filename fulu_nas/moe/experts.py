@@ -227,10 +227,7 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
-        # A load writes the weights in place: their packed CPU copies go (see cpu_packed.forget). They go
-        # before it too: under torch's swap_module_params_on_conversion a load swaps each parameter's
-        # tensor, which torch refuses while the copies' weak references to it exist.
-        self.register_load_state_dict_pre_hook(cpu_packed.forget)
+        # A load writes the weights in place: their packed CPU copies go (see cpu_packed.forget).
         self.register_load_state_dict_post_hook(cpu_packed.forget)
         E, D, Fw = cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_size
         self.activation = cfg.activation
@@ -248,6 +245,13 @@ class GroupedExperts(nn.Module):
         # (under torch's swap_module_params_on_conversion their weak references made the swap fail)
         cpu_packed.forget(self)
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # The same before a load, which swaps the weights under that mode. Here rather than in a load pre-hook,
+        # whose weak reference to the module a deep copy (expert parallelism's from_layer) keeps pointing at
+        # the original.
+        cpu_packed.forget(self)
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def num_experts(self) -> int:

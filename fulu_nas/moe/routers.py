@@ -33,17 +33,18 @@ class Fp32Router(nn.Module):
     aux-free bias takes steps of ~1e-3 that bf16 would round away, and the logits need no
     per-call weight cast."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_load_state_dict_pre_hook(self._forget_splits)
-
-    @staticmethod
-    def _forget_splits(module: nn.Module, *_: object) -> None:
-        for owner in module.modules():
+    def _forget_splits(self) -> None:
+        for owner in self.modules():
             forget_splits(owner)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        # before a load, which swaps the weights under torch's swap_module_params_on_conversion (a load pre-hook
+        # would keep a weak reference to the module that a deep copy points at the original)
+        self._forget_splits()
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def _apply(self, fn, recurse=True):
-        self._forget_splits(self)  # the kept bf16 splits of the gate (see routing.forget_splits)
+        self._forget_splits()  # the kept bf16 splits of the gate (see routing.forget_splits)
 
         # Take only the device move from `fn` (e.g. `.to("cuda", torch.bfloat16)`): the values
         # are never rounded through a lower precision.
