@@ -467,19 +467,13 @@ class Objective:
                 self._run = None
             return objectives[0] if len(objectives) == 1 else objectives
         except optuna.TrialPruned as e:
-            # The run ends with the trial's outcome: a signal from here on waits until Optuna has recorded
-            # it (as for a result), rather than fail as interrupted a trial whose run says otherwise.
-            hold_to_the_end_of_the_stretch()
-            self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "pruned", "fulu.reason": str(e)})
-            self._run = None
+            self._end_run(run_id, "KILLED", {"fulu.state": "pruned", "fulu.reason": str(e)})
             raise
         except Exception as e:
             reason = failure_reason(e)
             trial.set_user_attr("fail_reason", reason)
-            hold_to_the_end_of_the_stretch()  # as for a pruned trial: its reason is kept, not queued again
-            self.tracker.end_trial(run_id, "FAILED", {"fulu.state": "failed", "fulu.reason": reason,
-                                                      "fulu.traceback": traceback.format_exc()[-4000:]})
-            self._run = None
+            self._end_run(run_id, "FAILED", {"fulu.state": "failed", "fulu.reason": reason,
+                                             "fulu.traceback": traceback.format_exc()[-4000:]})
             raise TrialFailed(reason) from e
         finally:
             kernels.wait()  # a failed trial's compilation: its copy of the model leaves with it
@@ -487,6 +481,14 @@ class Objective:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def _end_run(self, run_id: str, status: str, tags: dict | None = None) -> None:
+        """The trial's run ended with the trial's outcome. A signal from here on waits until Optuna has
+        recorded that outcome, rather than fail as interrupted (and queue again) a trial whose run says
+        otherwise."""
+        hold_to_the_end_of_the_stretch()
+        self.tracker.end_trial(run_id, status, tags)
+        self._run = None
 
     # -- reuse --------------------------------------------------------------------------------
     def _identical(self, trial: optuna.Trial, keys: set[str]):
@@ -512,17 +514,13 @@ class Objective:
             trial.set_user_attr("mlflow_run_id", run_id)
             at_step = f" at step {step}" if step is not None else ""
             reason = f"identical to trial {earlier.number}, which was pruned{at_step}"
-            hold_to_the_end_of_the_stretch()  # its run ends with its outcome: a signal waits for Optuna's record
-            self.tracker.end_trial(run_id, "KILLED", {"fulu.state": "pruned", "fulu.reason": reason})
-            self._run = None
+            self._end_run(run_id, "KILLED", {"fulu.state": "pruned", "fulu.reason": reason})
             raise optuna.TrialPruned(reason)
         metrics = {k: v for k, v in earlier.user_attrs["metrics"].items() if not k.startswith(RUN_METRICS)}
         run_id = self._start_run(trial, values, arch, {"fulu.cached_from_trial": earlier.number,
                                                        "fulu.weights_run_id": earlier.user_attrs.get("weights_run_id")})
         self.tracker.log_metrics(run_id, metrics)
-        hold_to_the_end_of_the_stretch()  # the run ends FINISHED: a signal waits until the study has the result
-        self.tracker.end_trial(run_id, "FINISHED")
-        self._run = None
+        self._end_run(run_id, "FINISHED")
         for name, bound in self.s.study.constraints:
             trial.set_constraint(name, metrics[name] - bound)
         record_metrics(trial, metrics)
