@@ -209,7 +209,8 @@ class UltimatePiMoESystem(nn.Module):
         the level."""
         layer = self.layer
         runner = {"eager": lambda: layer, "compiled": lambda: CompiledForward(layer),
-                  "graphed": lambda: GraphedForward(CompiledForward(layer), module=layer)}[kind]()
+                  "graphed": lambda: GraphedForward(CompiledForward(layer), module=layer,
+                                                    capturable=layer.captures_in_cuda_graphs)}[kind]()
         object.__setattr__(self, "_runner", runner)
         object.__setattr__(self, "_runner_kind", kind)
         object.__setattr__(self, "_runner_layer", layer)
@@ -350,9 +351,11 @@ class UltimatePiMoESystem(nn.Module):
         forward replayed from one CUDA graph per input shape
         (:class:`~fulu_nas.deploy.cuda_graphs.GraphedForward`: less host work per call than
         cudagraph trees; each new input shape is compiled and captured once and keeps its graph's
-        memory, so bucket variable sizes). ADVANCED runs the eager forward (the Triton experts on
-        CUDA). On the CPU, ADVANCED and EXTREME both run the eager forward, whose experts take the
-        CPU's paths (:mod:`fulu_nas.moe.cpu_stream` for few rows per expert, above that
+        memory, so bucket variable sizes; a layer whose call syncs with the host, such as fp32
+        experts on a GPU without torch's fp32 grouped kernel, runs compiled without a graph:
+        :meth:`~fulu_nas.moe.PiMoELayer.captures_in_cuda_graphs`). ADVANCED runs the eager forward
+        (the Triton experts on CUDA). On the CPU, ADVANCED and EXTREME both run the eager forward,
+        whose experts take the CPU's paths (:mod:`fulu_nas.moe.cpu_stream` for few rows per expert, above that
         :mod:`fulu_nas.moe.cpu_packed`'s oneDNN for large experts, chunked grouped GEMMs for small
         ones): the oneDNN path alone was already faster than
         EXTREME's compiled forward (2 cores, 512 hidden, 8 experts: 7.7 vs 13.4 ms at 16 tokens,

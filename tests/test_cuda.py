@@ -195,6 +195,53 @@ def test_an_extreme_systems_peak_memory_counts_its_graphs_activations():
     assert benchmarked == pytest.approx(figures[1], rel=0.05), (benchmarked, figures)
 
 
+def test_an_fp32_extreme_system_serves_after_optimize_for_inference():
+    """An EXTREME system left in fp32 failed its first call after optimize_for_inference: torch's fp32
+    grouped GEMM (no grouped kernel for fp32 on Hopper, torch 2.11) copies its offsets to the host,
+    which the CUDA graph's capture refused. It now runs compiled without a graph where the layer
+    cannot be captured."""
+    from fulu_nas import create_ultimate_pimoe_system
+    from fulu_nas.moe.experts import grouped_mm_captures
+
+    torch.manual_seed(0)
+    system = create_ultimate_pimoe_system(hidden_size=256, num_experts=8, expert_ffn_size=512,
+                                          optimization_level="extreme", enable_hardware_optimization=False,
+                                          device="cuda")
+    assert system.dtype == torch.float32
+    xs = [torch.randn(2, 64, 256, device="cuda"), torch.randn(1, 16, 256, device="cuda")]
+    with torch.no_grad():
+        refs = [system.layer(x, impl="loop")[0] for x in xs]
+    system.optimize_for_inference()
+    for _ in range(3):  # capture (where it can) and replays
+        outs = [system(x).clone() for x in xs]
+    for out, ref in zip(outs, refs, strict=True):
+        assert relative_error(out, ref) < 1e-4
+    captures = grouped_mm_captures(torch.device("cuda", 0), torch.float32)
+    assert system.layer.captures_in_cuda_graphs() == captures
+    assert system.system_stats()["cuda_graphs"] == (2 if captures else 0)
+    if torch.cuda.get_device_capability()[0] in (9, 10):  # torch's bf16 grouped kernel
+        assert grouped_mm_captures(torch.device("cuda", 0), torch.bfloat16)
+
+
+def test_the_triton_experts_in_fp32_replay_from_a_cuda_graph():
+    """``impl="triton"`` takes the Triton experts in any dtype: an fp32 layer's compiled call has no host
+    sync and replays from a graph, equal to the loop."""
+    from fulu_nas.deploy.cuda_graphs import GraphedForward
+    from fulu_nas.system import CompiledForward
+
+    torch.manual_seed(0)
+    layer = make_layer(hidden_size=256, num_experts=8, expert_ffn_size=512, impl="triton").cuda().eval()
+    assert layer.captures_in_cuda_graphs()
+    graphed = GraphedForward(CompiledForward(layer), module=layer, capturable=layer.captures_in_cuda_graphs)
+    x = torch.randn(128, 256, device="cuda")
+    with torch.inference_mode():
+        ref = layer(x, impl="loop")[0]
+        outs = [graphed(x)[0].clone() for _ in range(2)]
+    assert graphed.num_graphs == 1
+    # Triton's fp32 dots may take TF32 products: within the bf16 path's tolerance of the loop
+    assert all(relative_error(out, ref) < 1e-2 for out in outs)
+
+
 def test_trial_cost_on_cuda_replays_the_served_forward_beside_the_reference():
     """The search's cost protocol on a GPU: the served forward captured in a CUDA graph per shape,
     timed with CUDA events in rounds beside the reference model; the graph's logits equal eager's."""

@@ -433,3 +433,23 @@ def test_the_system_reports_its_layers_configuration_after_remapped_experts():
     _, info = system(torch.randn(2, 4, 32), return_comprehensive_info=True)
     assert info["routing_info"]["num_experts"] == len(info["routing_info"]["tokens_per_expert"]) == 4
     assert system.architecture()["moe"]["num_experts"] == system.config.num_experts == 4
+
+
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_a_layer_that_cannot_be_captured_runs_its_forward_as_it_is(impl):
+    """GraphedForward asks whether its forward can be captured before capturing a signature: a layer
+    off CUDA (or one whose experts read the routing on the host) is called directly, graphless."""
+    from fulu_nas.deploy.cuda_graphs import GraphedForward
+    from fulu_nas.moe import MoEConfig, PiMoELayer
+
+    torch.manual_seed(0)
+    layer = PiMoELayer(MoEConfig(hidden_size=32, num_experts=4, expert_ffn_size=64, impl=impl)).eval()
+    assert not layer.captures_in_cuda_graphs()
+    assert not layer.double().captures_in_cuda_graphs()
+    layer.float()
+    graphed = GraphedForward(lambda x, ids=None: layer(x), module=layer, capturable=layer.captures_in_cuda_graphs)
+    x = torch.randn(2, 8, 32)
+    with torch.inference_mode():
+        out, _ = graphed(x)
+        assert torch.equal(out, layer(x)[0])
+    assert graphed.num_graphs == 0

@@ -42,11 +42,14 @@ class GraphedForward:
     call copies its inputs into the graph's buffers and returns the graph's outputs, which the
     next call with the same signature overwrites (copy what must outlive it). Each signature keeps
     its own memory pool. Given the ``module`` whose weights ``fn`` reads, its graphs are captured
-    again once a weight is replaced rather than written in place."""
+    again once a weight is replaced rather than written in place. ``capturable``: whether ``fn`` can be
+    captured now (it may sync with the host in some dtypes); where it says no, ``fn`` runs as it is."""
 
-    def __init__(self, fn: Callable[..., Any], warmup: int = 3, module: torch.nn.Module | None = None):
+    def __init__(self, fn: Callable[..., Any], warmup: int = 3, module: torch.nn.Module | None = None,
+                 capturable: Callable[[], bool] = lambda: True):
         self._fn = fn
         self._warmup = warmup
+        self._capturable = capturable
         self._graphs: dict[tuple, tuple[Tensor, Tensor | None, torch.cuda.CUDAGraph, Any]] = {}
         # A replay reads the addresses the weights had at capture: a module whose weights are replaced
         # (load_state_dict(assign=True), remapped experts, a dtype round trip) is captured again.
@@ -85,6 +88,8 @@ class GraphedForward:
         key = self._key(x, token_ids)
         entry = self._graphs.get(key)
         if entry is None:
+            if not self._capturable():
+                return self._fn(x, token_ids)
             static_x = x.clone()
             static_ids = None if token_ids is None else token_ids.clone()
             graph, outputs = capture(lambda: self._fn(static_x, static_ids), self._warmup, x.device)

@@ -7,6 +7,7 @@ side so one grouped GEMM computes both; for GELU it is ``w13_EDF``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,6 +57,27 @@ _admit_fp32_in_grouped_mm_meta()
 def grouped_mm(x_ND: Tensor, w_EXY: Tensor, offsets_E: Tensor) -> Tensor:
     """Row block e of ``x`` (rows offsets[e-1]:offsets[e]) times ``w[e]``, in one kernel."""
     return _grouped_mm(x_ND, w_EXY.to(x_ND.dtype), offs=offsets_E)
+
+
+@functools.cache
+def grouped_mm_captures(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a CUDA graph can capture :func:`grouped_mm` in ``dtype`` on the CUDA ``device``. Where
+    torch has no grouped kernel for the dtype on the device (fp32 on an H100 with torch 2.11), it
+    loops over the groups with their offsets copied to the host, which a capture refuses. Found by
+    capturing one small call (the refusal comes before anything runs: the process's CUDA state is
+    left as it was)."""
+    with torch.cuda.device(device):
+        x = torch.zeros(16, 16, device=device, dtype=dtype)
+        w = torch.zeros(2, 16, 16, device=device, dtype=dtype)
+        offsets = torch.tensor([8, 16], device=device, dtype=torch.int32)
+        grouped_mm(x, w, offsets)  # the library's first call initialises outside the capture
+        torch.cuda.synchronize(device)
+        try:
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                grouped_mm(x, w, offsets)
+        except RuntimeError:
+            return False
+    return True
 
 
 def sort_by_expert(expert_N: Tensor, num_experts: int) -> Tensor:

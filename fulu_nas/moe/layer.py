@@ -43,6 +43,7 @@ from .experts import (
     SharedExperts,
     as_contiguous,
     group_ends,
+    grouped_mm_captures,
     inverse_permutation,
     needs_grad,
     sort_by_expert,
@@ -217,6 +218,21 @@ class PiMoELayer(nn.Module):
         if impl not in ("triton", "grouped") or not triton_moe.usable(x_TD):
             return False
         return impl == "triton" or prefer_triton(self.cfg, x_TD.shape[0], x_TD, needs_grad(self, x_TD))
+
+    def captures_in_cuda_graphs(self) -> bool:
+        """Whether an inference call of this layer on its CUDA device makes no host sync, so that one
+        CUDA graph can capture it whole (what an EXTREME system replays after ``optimize_for_inference``).
+        The Triton experts make none (``grouped`` in bf16 or fp16, ``triton`` in any dtype), nor does
+        torch's grouped GEMM where the device has a kernel for the dtype (:func:`grouped_mm_captures`);
+        ``sorted`` and ``loop`` (and so float64) read the routing on the host."""
+        w = self.experts.w13_EDF2
+        impl = impl_for_dtype(self.cfg.impl, w.dtype)
+        if not w.is_cuda or impl in ("sorted", "loop"):
+            return False
+        half = w.dtype in (torch.bfloat16, torch.float16)
+        if triton_moe.HAS_TRITON and (impl == "triton" or (impl == "grouped" and half)):
+            return True
+        return grouped_mm_captures(w.device, w.dtype)
 
     def _triton_experts(self, x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, k_slots: int,
                         weight_sorted: bool, combine: bool, inverse_N: Tensor | None = None) -> Tensor:
