@@ -124,6 +124,12 @@ def url_without_password(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def is_tracking_server(uri: str) -> bool:
+    """Whether an MLflow tracking URI names a server (``http``/``https``, in any case, as MLflow reads
+    schemes) rather than a database."""
+    return uri.split(":", 1)[0].lower() in ("http", "https")
+
+
 def server_address(uri: str) -> str:
     """An MLflow tracking server's address as a browser opens it: without the credentials an
     ``http://user:password@host`` URI carries (the browser asks for them)."""

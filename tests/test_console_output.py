@@ -282,6 +282,23 @@ def test_the_mlflow_ui_advice_opens_the_tracking_database_the_study_used(tmp_pat
         "fulu-nas ui --tracking-uri postgresql://fulu@127.0.0.1:5432/mlflow")
     # a tracking server serves its own UI (`mlflow ui` took its address for a store and failed with a traceback)
     assert ui("tracking.uri=http://alice:s3cret@mlflow.example:5000") == "http://mlflow.example:5000"
+    # MLflow reads a scheme in any case: an upper-case one is a server too
+    assert ui("tracking.uri=HTTPS://mlflow.example:5000") == "https://mlflow.example:5000"
+
+
+def test_a_tracking_server_keeps_its_own_artifacts_whatever_the_schemes_case(tmp_path, monkeypatch):
+    """A study tracked on `HTTP://host` made its MLflow experiment with an artifact folder on this machine
+    (a path the server cannot reach), as for a tracking database: the scheme was compared in lower case."""
+    monkeypatch.chdir(tmp_path)
+    from fulu_nas.search.app import compose_config
+
+    def artifact_location(uri):
+        cfg, out = compose_config(["+experiment=tiny", f"tracking.uri={uri}"])
+        return load_settings(cfg, out, will_train=False).artifact_location
+
+    assert artifact_location("http://mlflow.example:5000") is None
+    assert artifact_location("HTTP://mlflow.example:5000") is None
+    assert artifact_location("sqlite:///t.db").startswith("file://")
 
 
 def test_large_and_small_values_are_printed_in_plain_digits():

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..checks import check_tracking_database_exists, mask_url, server_address, sqlite_file
+from ..checks import check_tracking_database_exists, is_tracking_server, mask_url, server_address, sqlite_file
 from ..deploy.server_process import check_port_free, port, run_server
 from ..errors import FuluConfigError
 from ..search.storage import check_tracking_uri, probe_tracking
@@ -25,7 +25,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
     if args.tracking_uri:
         uri = args.tracking_uri
         check_tracking_uri(uri)
-        if uri.lower().startswith(("http://", "https://")):  # mlflow ui failed on it with a traceback
+        if is_tracking_server(uri):  # mlflow ui failed on it with a traceback
             raise FuluConfigError(f"--tracking-uri: {mask_url(uri)} is an MLflow tracking server, which serves "
                                   f"its own UI: open {server_address(uri)} (fulu-nas ui serves a tracking "
                                   "database)")

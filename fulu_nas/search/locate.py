@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..checks import is_tracking_server
 from ..errors import FuluConfigError
 from .settings import SearchSettings, load_settings
 from .storage import (
@@ -283,7 +284,7 @@ def check_recordable(location: StudyLocation, study_database: bool = True) -> No
     if study_database:
         check_sqlite_writable(location.storage_url, "study.storage")
     check_sqlite_writable(location.tracking_uri, "tracking.uri")
-    if study_database or not location.tracking_uri.startswith(("http://", "https://")):  # a server keeps its own
+    if study_database or not is_tracking_server(location.tracking_uri):  # a server keeps its own
         check_output_dir(str(location.output_dir))
 
 

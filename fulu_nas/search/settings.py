@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import interop  # noqa: F401  (registers the upcycle task among TASKS)
-from ..checks import check_int, check_number, device_problem
+from ..checks import check_int, check_number, device_problem, is_tracking_server, server_address, url_without_password
 from ..errors import FuluConfigError
 from ..tasks import TASKS, Task, build_task, task_parameters
 from ..training.train import (
@@ -157,8 +157,6 @@ class SearchSettings:
         current folder: its name, and its folder and databases where they are not the default ones (a
         multirun's job folder, say). Each is quoted for a shell; a database URL is given without its
         password (:func:`~fulu_nas.checks.url_without_password`)."""
-        from ..checks import url_without_password
-
         found = [("study.name", self.study.name)]
         if self.output_dir.resolve() != (Path("outputs") / self.study.name).resolve():
             found.append(("hydra.run.dir", str(self.output_dir.resolve())))
@@ -172,9 +170,7 @@ class SearchSettings:
         """Where this study's MLflow runs are browsed: ``fulu-nas ui`` of its folder (the embedded database) or
         of the tracking database it was given (without a password, quoted for a shell); a tracking server's
         own address, which serves its UI (``mlflow ui`` takes no server as a store)."""
-        from ..checks import server_address, url_without_password
-
-        if self.tracking.uri and self.tracking.uri.lower().startswith(("http://", "https://")):
+        if self.tracking.uri and is_tracking_server(self.tracking.uri):
             return server_address(self.tracking.uri)
         if self.tracking.uri:
             return f"fulu-nas ui --tracking-uri {shlex.quote(url_without_password(self.tracking.uri))}"
@@ -184,7 +180,7 @@ class SearchSettings:
     def artifact_location(self) -> str | None:
         """Where a new experiment keeps artifacts: a tracking server decides its own; with a database
         URI (no server) they go to this run's folder, not MLflow's default ``./mlruns``."""
-        if self.tracking.uri and self.tracking.uri.startswith(("http://", "https://")):
+        if self.tracking.uri and is_tracking_server(self.tracking.uri):
             return None
         return (self.output_dir / "mlartifacts").resolve().as_uri()
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..checks import sqlite_file
+from ..checks import is_tracking_server, sqlite_file
 from ..deploy.files import sha256_file
 from ..errors import FuluConfigError
 from .interrupts import between_writes
@@ -76,7 +76,7 @@ def open_experiment(tracking_uri: str, name: str, artifact_location: str | None)
 
     # MLflow migrates a new database step by step (not one transaction on SQLite): an interrupt in the
     # middle left tables that made every later open fail ("table datasets already exists").
-    remote = tracking_uri.startswith(("http:", "https:"))
+    remote = is_tracking_server(tracking_uri)
     try:
         with between_writes():
             client, experiment = first_contact(tracking_uri, first, lambda e: not remote)
