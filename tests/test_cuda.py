@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -212,8 +213,11 @@ def test_an_fp32_extreme_system_serves_after_optimize_for_inference():
     with torch.no_grad():
         refs = [system.layer(x, impl="loop")[0] for x in xs]
     system.optimize_for_inference()
-    for _ in range(3):  # capture (where it can) and replays
-        outs = [system(x).clone() for x in xs]
+    with warnings.catch_warnings():
+        # the probe of the grouped GEMM's capture says nothing (torch warned of an empty graph)
+        warnings.filterwarnings("error", message=".*CUDA Graph is empty")
+        for _ in range(3):  # capture (where it can) and replays
+            outs = [system(x).clone() for x in xs]
     for out, ref in zip(outs, refs, strict=True):
         assert relative_error(out, ref) < 1e-4
     captures = grouped_mm_captures(torch.device("cuda", 0), torch.float32)
