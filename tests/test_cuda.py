@@ -3,6 +3,7 @@ and no host synchronisation in the forward."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -487,6 +488,33 @@ def test_training_steps_between_loss_checks_do_not_wait_for_the_gpu(graphed):
     first = GRAPH_WARMUP_STEPS + 1 if graphed else 1  # the capture synchronises once
     syncs = [str(w.message) for w in caught[drawn[first]:drawn[9]]]
     assert drawn[1] > 0 and syncs == []  # step 1's check synchronised; the steps after it did not
+
+
+@pytest.mark.parametrize("batch_size", [8, 256])
+def test_training_on_a_gpu_without_a_grouped_gemm_kernel_is_not_graphed(monkeypatch, batch_size):
+    """torch's bf16 grouped GEMM has a kernel on Hopper and Blackwell only: elsewhere (an A100, an L40S) it
+    loops over the groups with their sizes copied to the host, which a CUDA graph's capture refuses, so
+    every trial of a search failed there (trainer.cuda_graph=auto captures the step). Such a GPU is
+    played here by the probe's answer: below TRITON_TRAINING_MIN_TOKENS tokens (the experts take the
+    grouped GEMM) the step runs eagerly, from it (the Triton experts) it is still replayed."""
+    from fulu_nas.models import ArchConfig, seeded_model
+    from fulu_nas.moe import layer as layer_module
+    from fulu_nas.tasks import TextLMTask
+    from fulu_nas.training.train import TrainConfig, train
+
+    monkeypatch.setattr(layer_module, "grouped_mm_captures", lambda device, dtype: False)
+    task = TextLMTask(seq_len=64, max_bytes=200_000)
+    moe = make_layer("topk", hidden_size=128, expert_ffn_size=128, num_experts=8, top_k=2).cfg
+    arch = ArchConfig(vocab_size=256, max_seq_len=64, num_layers=2, hidden_size=128, num_heads=4, moe=moe)
+    model = seeded_model(arch, 0, "cuda")
+    result = train(model, task, TrainConfig(steps=12, batch_size=batch_size, report_every=6, progress=False,
+                                            device="cuda"))
+    tokens = batch_size * task.seq_len
+    assert result.steps == 12 and math.isfinite(result.final_loss)
+    assert result.cuda_graph == (tokens >= layer_module.TRITON_TRAINING_MIN_TOKENS)
+    with pytest.raises(ValueError, match="grouped GEMM reads its group sizes on the host"):
+        train(seeded_model(arch, 0, "cuda"), task, TrainConfig(steps=12, batch_size=8, progress=False,
+                                                               device="cuda", cuda_graph=True))
 
 
 @pytest.mark.parametrize("router", ROUTERS)

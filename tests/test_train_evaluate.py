@@ -258,6 +258,11 @@ def test_the_step_is_replayed_from_a_cuda_graph_wherever_it_can_be_captured():
         uses_cuda_graph(TrainConfig(steps=GRAPH_WARMUP_STEPS, cuda_graph=True), cuda, distributed=False)
     with pytest.raises(ValueError, match="auto, true or false"):
         uses_cuda_graph(TrainConfig(cuda_graph="yes"), cuda, distributed=False)
+    # below Hopper torch's bf16 grouped GEMM loops over the groups, reading their sizes on the host
+    assert not uses_cuda_graph(TrainConfig(steps=400), cuda, distributed=False, experts_capture=False)
+    with pytest.raises(ValueError, match="impossible here: experts whose grouped GEMM reads its group sizes on the "
+                                         "host"):
+        uses_cuda_graph(TrainConfig(cuda_graph=True), cuda, distributed=False, experts_capture=False)
 
 
 def test_a_graphed_step_refuses_a_batch_of_another_shape():

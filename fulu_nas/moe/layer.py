@@ -219,20 +219,25 @@ class PiMoELayer(nn.Module):
             return False
         return impl == "triton" or prefer_triton(self.cfg, x_TD.shape[0], x_TD, needs_grad(self, x_TD))
 
-    def captures_in_cuda_graphs(self) -> bool:
-        """Whether an inference call of this layer on its CUDA device makes no host sync, so that one
-        CUDA graph can capture it whole (what an EXTREME system replays after ``optimize_for_inference``).
-        The Triton experts make none (``grouped`` in bf16 or fp16, ``triton`` in any dtype), nor does
-        torch's grouped GEMM where the device has a kernel for the dtype (:func:`grouped_mm_captures`);
-        ``sorted`` and ``loop`` (and so float64) read the routing on the host."""
+    def captures_in_cuda_graphs(self, dtype: torch.dtype | None = None, training_tokens: int | None = None) -> bool:
+        """Whether a call of this layer on its CUDA device makes no host sync, so that a CUDA graph can
+        capture it: an inference call in ``dtype`` (by default its experts' weights' dtype; what an EXTREME
+        system replays after ``optimize_for_inference``), or given ``training_tokens``, a training call of
+        that many tokens (a trainer's graphed step). The Triton experts make none (``grouped`` in bf16 or
+        fp16, for training from :data:`TRITON_TRAINING_MIN_TOKENS` tokens; ``triton`` in any dtype),
+        nor does torch's grouped GEMM where the device has a kernel for the dtype
+        (:func:`~fulu_nas.moe.experts.grouped_mm_captures`; bf16 on Hopper and Blackwell); ``sorted``
+        and ``loop`` (and so float64) read the routing on the host."""
         w = self.experts.w13_EDF2
-        impl = impl_for_dtype(self.cfg.impl, w.dtype)
+        dtype = dtype or w.dtype
+        impl = impl_for_dtype(self.cfg.impl, dtype)
         if not w.is_cuda or impl in ("sorted", "loop"):
             return False
-        half = w.dtype in (torch.bfloat16, torch.float16)
-        if triton_moe.HAS_TRITON and (impl == "triton" or (impl == "grouped" and half)):
+        triton_size = training_tokens is None or training_tokens >= TRITON_TRAINING_MIN_TOKENS
+        half = dtype in (torch.bfloat16, torch.float16)
+        if triton_moe.HAS_TRITON and (impl == "triton" or (impl == "grouped" and half and triton_size)):
             return True
-        return grouped_mm_captures(w.device, w.dtype)
+        return grouped_mm_captures(w.device, dtype)
 
     def _triton_experts(self, x_TD: Tensor, order_N: Tensor, weight: Tensor, ends_E: Tensor, k_slots: int,
                         weight_sorted: bool, combine: bool, inverse_N: Tensor | None = None) -> Tensor:

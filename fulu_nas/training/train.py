@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ..checks import check_int, check_number, device_problem
 from ..errors import FuluConfigError
 from ..models import PiMoETransformer
+from ..moe import PiMoELayer
 from ..tasks import IGNORE, Batch, Task
 from .dynamic_experts import DynamicExperts, DynamicExpertsConfig, check_dynamic_experts
 from .layer_norm import thread_invariant_layer_norms
@@ -233,19 +234,24 @@ GRAPH_WARMUP_STEPS = 3
 GRAPH_MIN_STEPS = 10
 
 
-def uses_cuda_graph(cfg: TrainConfig, device: torch.device, distributed: bool, has_blocks: bool = True) -> bool:
+def uses_cuda_graph(cfg: TrainConfig, device: torch.device, distributed: bool, has_blocks: bool = True,
+                    experts_capture: bool = True) -> bool:
     """Whether the training step is replayed from one CUDA graph: the forward, the loss, the backward, the
     clipping, the optimizer step and the balancing biases' update as one launch, so that a step costs its
     GPU time and not the host's time to launch its kernels one by one (a search's models are small enough
     that the host's launches set the pace of an eager step). Possible on CUDA for a PiMoETransformer
     trained in one process with static shapes (every MoE layer's are) and no host synchronisation inside
     a step; not with dynamic experts (the modules change between steps), gradient checkpointing or
-    expert-parallel ranks. ``cfg.cuda_graph``: "auto" where possible and from :data:`GRAPH_MIN_STEPS`
+    expert-parallel ranks, nor where the experts' GEMMs sync (``experts_capture`` false: torch's grouped
+    GEMM has no bf16 kernel below Hopper and loops over the groups with their offsets read on the host;
+    :func:`experts_capture`). ``cfg.cuda_graph``: "auto" where possible and from :data:`GRAPH_MIN_STEPS`
     steps, True (wherever a step is left after the warm-up; an error where impossible), False."""
     blockers = [why for why, present in (
         ("it needs a CUDA device", device.type != "cuda"), ("expert-parallel ranks", distributed),
         ("dynamic experts", bool(cfg.dynamic_experts)), ("gradient checkpointing", cfg.gradient_checkpointing),
         ("a model without transformer blocks", not has_blocks),
+        ("experts whose grouped GEMM reads its group sizes on the host (torch's bf16 grouped GEMM kernel needs a "
+         "Hopper or Blackwell GPU)", not experts_capture),
         (f"a budget of {cfg.steps} steps leaves none after the {GRAPH_WARMUP_STEPS} eager warm-up steps a capture "
          "needs", cfg.steps <= GRAPH_WARMUP_STEPS)) if present]
     if cfg.cuda_graph is True:
@@ -253,6 +259,16 @@ def uses_cuda_graph(cfg: TrainConfig, device: torch.device, distributed: bool, h
             raise ValueError(f"trainer.cuda_graph=true is impossible here: {', '.join(blockers)}")
         return True
     return cfg.cuda_graph == "auto" and not blockers and cfg.steps >= GRAPH_MIN_STEPS
+
+
+def experts_capture(model: torch.nn.Module, device: torch.device, tokens: int) -> bool:
+    """Whether every MoE layer of ``model`` trains on ``device`` without a host sync, in bf16 (the trainer's
+    autocast on CUDA) on batches of ``tokens`` tokens: see :meth:`~fulu_nas.moe.PiMoELayer.captures_in_cuda_graphs`.
+    Probes the GPU's grouped GEMM once per process, so it is asked only where a graph may be used."""
+    if device.type != "cuda":
+        return True
+    return all(m.captures_in_cuda_graphs(torch.bfloat16, training_tokens=tokens)
+               for m in model.modules() if isinstance(m, PiMoELayer))
 
 
 def step_description(result: TrainResult) -> str:
@@ -612,7 +628,9 @@ def _train(model: PiMoETransformer, task: Task, cfg: TrainConfig, callback: Call
     has_blocks = isinstance(getattr(model, "blocks", None), torch.nn.ModuleList)
     check_checkpointing(cfg, has_blocks)
     kind = step_kind(cfg, device, distributed=isinstance(ranks, _Ranks), has_blocks=has_blocks)
-    graphed = uses_cuda_graph(cfg, device, distributed=isinstance(ranks, _Ranks), has_blocks=has_blocks)
+    captures = cfg.cuda_graph is False or experts_capture(model, device, cfg.batch_size * task.seq_len)
+    graphed = uses_cuda_graph(cfg, device, distributed=isinstance(ranks, _Ranks), has_blocks=has_blocks,
+                              experts_capture=captures)
     optimizer = _optimizer(model, cfg, capturable=graphed)
     dynamic = DynamicExperts(model, optimizer, cfg.dynamic_experts) if cfg.dynamic_experts else None
     # A graph replays the casts it captured: autocast's cache of cast weights would hold stale copies.
