@@ -228,6 +228,40 @@ def test_an_fp32_extreme_system_serves_after_optimize_for_inference():
         assert grouped_mm_captures(torch.device("cuda", 0), torch.bfloat16)
 
 
+def test_the_grouped_gemm_probe_is_not_spoilt_by_another_threads_gpu_work():
+    """A search trial probes the grouped GEMM (in the trainer) while its served forward's kernels compile on
+    a thread of their own: a capture in torch's global mode failed that thread's allocations, or its calls
+    spoilt the capture, and a wrong answer is kept for the process (every later trial trained eagerly)."""
+    import threading
+
+    from fulu_nas.moe.experts import grouped_mm_captures
+
+    errors, stop = [], threading.Event()
+
+    def allocate():  # cudaMalloc and cudaFree, as a thread compiling and running kernels makes them
+        stream = torch.cuda.Stream()
+        try:
+            with torch.cuda.stream(stream):
+                n = 1
+                while not stop.is_set():
+                    n = n % 64 + 1
+                    (torch.ones(n << 20, device="cuda") * 2).sum().item()
+                    torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 (the test's finding)
+            errors.append(e)
+
+    thread = threading.Thread(target=allocate)
+    thread.start()
+    try:
+        answers = [grouped_mm_captures.__wrapped__(torch.device("cuda", 0), torch.bfloat16) for _ in range(20)]
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    if torch.cuda.get_device_capability()[0] in (9, 10):
+        assert all(answers)
+
+
 def test_the_triton_experts_in_fp32_replay_from_a_cuda_graph():
     """``impl="triton"`` takes the Triton experts in any dtype: an fp32 layer's compiled call has no host
     sync and replays from a graph, equal to the loop."""

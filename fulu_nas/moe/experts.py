@@ -74,10 +74,12 @@ def grouped_mm_captures(device: torch.device, dtype: torch.dtype) -> bool:
         grouped_mm(x, w, offsets)  # the library's first call initialises outside the capture
         torch.cuda.synchronize(device)
         # A refused capture ends with torch's "The CUDA Graph is empty" warning: not the user's concern.
+        # thread_local: a search trial probes while a thread of its own compiles the served forward's kernels
+        # on another stream, whose calls must neither fail nor spoil this capture (an answer kept for good).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             try:
-                with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
                     grouped_mm(x, w, offsets)
             except RuntimeError:
                 return False
