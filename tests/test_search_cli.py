@@ -522,7 +522,7 @@ def test_a_private_config_replaces_a_file_others_could_read(tmp_path):
 def test_a_search_config_that_cannot_be_read_is_named(tmp_path, monkeypatch):
     """Another user's folder whose search_config.json is kept to its owner: named as unreadable, not as
     "not valid JSON"."""
-    from fulu_nas.search.search_config import read_search_config
+    from fulu_nas.search.locate import _read_search_config
 
     path = tmp_path / "search_config.json"
     path.write_text("{}")
@@ -532,7 +532,7 @@ def test_a_search_config_that_cannot_be_read_is_named(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "read_bytes", refuse)
     with pytest.raises(FuluConfigError, match=r"cannot read .*search_config.json \(Permission denied\)"):
-        read_search_config(path)
+        _read_search_config(path)
 
 
 def test_cfg_job_prints_the_composed_config_without_running(tmp_path, monkeypatch, capsys):

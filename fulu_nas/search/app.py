@@ -130,7 +130,7 @@ def _unquoted_options(overrides: list[str], config_dir: str | None) -> list[str]
 def preflight(argv: list[str], compose_only: bool = False, job_num: int | None = None):
     """Compose and validate without writing anything (``compose_only``: compose, and check no more);
     FuluConfigError lists the problems. ``job_num``: a multirun's job, checked in its own folder."""
-    from .search_config import check_folder_is_the_studys
+    from .locate import check_folder_is_the_studys
     from .settings import load_settings
     from .storage import check_output_dir, check_separate_databases, probe_storage, probe_tracking
 

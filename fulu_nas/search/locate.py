@@ -24,7 +24,6 @@ from typing import Any
 
 from ..checks import is_tracking_server
 from ..errors import FuluConfigError
-from .search_config import read_search_config, study_named
 from .settings import SearchSettings, load_settings
 from .storage import (
     check_output_dir,
@@ -313,7 +312,7 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
     path = location.output_dir / "search_config.json"
     refused = None  # why the folder's file is not this study's
     if path.is_file():
-        data = read_search_config(path)
+        data = _read_search_config(path)
         refused = _not_this_studys(data, location, study, str(path))
         if refused is None:
             return _settings_from(data, location, will_train)
@@ -323,6 +322,26 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
     return _settings_from(data, location, will_train)
 
 
+def check_folder_is_the_studys(output_dir: Path, name: str, key: str = "hydra.run.dir") -> None:
+    """FuluConfigError where the folder a search writes to holds another study's search (its
+    ``search_config.json``): the search would overwrite that study's configuration and summary, which its
+    confirmation, export and dashboard read."""
+    path = Path(output_dir) / "search_config.json"
+    if not path.is_file():
+        return
+    named = _study_named(_read_search_config(path)["config"])
+    if named != name:
+        raise FuluConfigError(f"{key}: {output_dir} is the folder of study {named!r} (its search_config.json): "
+                              f"give study {name!r} a folder of its own ({key}=...), or study.name={named} to "
+                              "resume that one")
+
+
+def _study_named(config: dict) -> object:
+    """The study name a saved search configuration holds (None where it holds none)."""
+    study = config.get("study")
+    return study.get("name") if isinstance(study, dict) else None
+
+
 def _not_this_studys(data: dict, location: StudyLocation, study, shown: str) -> str | None:
     """Why the search configuration ``data`` (read from ``shown``) is not the one ``study`` was searched
     with, or None: another study's name, or a space, task, budget, objectives or constraints other than
@@ -330,7 +349,7 @@ def _not_this_studys(data: dict, location: StudyLocation, study, shown: str) -> 
     from .study import FINGERPRINT_ATTR
 
     config = data["config"]
-    named = study_named(config)
+    named = _study_named(config)
     if named != location.name:
         return f"study.name: {shown} is the configuration of study {named!r}, not of study {location.name!r}"
     fingerprint = study.user_attrs.get(FINGERPRINT_ATTR)
@@ -371,7 +390,7 @@ def _parent_run_config(location: StudyLocation, study, path: Path, refused: str 
                 f"tracking.uri: {mask_url(location.tracking_uri)} has no search_config.json of run {parent}, the "
                 f"parent run of study {location.name!r} ({' '.join(str(e).split())[:200]}): give the tracking.uri "
                 "the search was run with, or run from the search's folder (hydra.run.dir=)") from None
-        return read_search_config(Path(local), f"search_config.json of MLflow run {parent}")
+        return _read_search_config(Path(local), f"search_config.json of MLflow run {parent}")
 
 
 def _settings_from(data: dict, location: StudyLocation, will_train: bool) -> SearchSettings:
@@ -385,3 +404,27 @@ def _settings_from(data: dict, location: StudyLocation, will_train: bool) -> Sea
             data["config"][section][key] = given[section]
     check_overrides_are_used(location, data["config"], data.get("typed_model"))
     return load_settings(data["config"], location.output_dir, will_train, typed_model=data.get("typed_model"))
+
+
+def _read_search_config(path: Path, artifact: str = "") -> dict:
+    """The search configuration a search saved: its folder's ``search_config.json`` (``{"config": ...,
+    "typed_model": ...}``), or the parent run's artifact (``artifact`` names it; the configuration
+    itself), checked before use: a damaged file is one message naming it, not a traceback."""
+    shown = artifact or str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # another user's folder, whose passwords keep the file to its owner (0600)
+        raise FuluConfigError(f"study.name: cannot read {shown} ({e.strerror})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FuluConfigError(f"study.name: {shown} is not valid JSON ({e})") from None
+    if artifact:
+        if not isinstance(data, dict):
+            raise FuluConfigError(f"study.name: {shown} is not a search configuration (a JSON object)")
+        return data
+    if not (isinstance(data, dict) and isinstance(data.get("config"), dict)
+            and isinstance(data.get("typed_model"), str | None)):
+        raise FuluConfigError(f"study.name: {shown} is not a search configuration (a JSON object with its "
+                              "\"config\" object, as `fulu-nas search` writes it)")
+    return data
