@@ -329,17 +329,12 @@ def check_folder_is_the_studys(output_dir: Path, name: str, key: str = "hydra.ru
     path = Path(output_dir) / "search_config.json"
     if not path.is_file():
         return
-    named = _study_named(_read_search_config(path)["config"])
+    config = _read_search_config(path)["config"]
+    named = config.get("study", {}).get("name") if isinstance(config.get("study"), dict) else None
     if named != name:
         raise FuluConfigError(f"{key}: {output_dir} is the folder of study {named!r} (its search_config.json): "
                               f"give study {name!r} a folder of its own ({key}=...), or study.name={named} to "
                               "resume that one")
-
-
-def _study_named(config: dict) -> object:
-    """The study name a saved search configuration holds (None where it holds none)."""
-    study = config.get("study")
-    return study.get("name") if isinstance(study, dict) else None
 
 
 def _not_this_studys(data: dict, location: StudyLocation, study, shown: str) -> str | None:
@@ -349,7 +344,7 @@ def _not_this_studys(data: dict, location: StudyLocation, study, shown: str) -> 
     from .study import FINGERPRINT_ATTR
 
     config = data["config"]
-    named = _study_named(config)
+    named = config.get("study", {}).get("name") if isinstance(config.get("study"), dict) else None
     if named != location.name:
         return f"study.name: {shown} is the configuration of study {named!r}, not of study {location.name!r}"
     fingerprint = study.user_attrs.get(FINGERPRINT_ATTR)
