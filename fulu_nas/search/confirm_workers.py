@@ -45,7 +45,6 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
     since = time.time()
     procs = []
     reports = [progress_path(s.output_dir, "confirm-worker", i) for i in range(n_workers)]
-    remove_all(reports)  # a killed earlier confirmation's: its workers' last runs are not running any more
     interrupted = False
     try:
         for i in range(n_workers):
@@ -63,8 +62,6 @@ def run_in_workers(confirmation, todo: list, n_workers: int, bar) -> int:
                     bar.finished(line)
             if not running:
                 break
-            # a worker that died (kill -9) left its last report: its run is not running any more
-            remove_all([path for path, (p, _) in zip(reports, procs, strict=True) if p.poll() is not None])
             bar.show_running(running_lines(reports))
             time.sleep(1.0)
             raise_if_swallowed()

@@ -153,24 +153,3 @@ def hold_to_the_end_of_the_stretch() -> None:
     tell) before the signal stops the worker, rather than failed with its result made. Elsewhere nothing."""
     if _Deferral.stretch and threading.current_thread() is threading.main_thread():
         _Deferral.depth += 1  # interruptible() restores the depth it found
-
-
-# The search or confirmation process that started a worker (:func:`~.study.worker_env` sets it).
-PARENT_PID_ENV = "FULU_NAS_PARENT_PID"
-
-
-def stop_with_parent() -> bool:
-    """In a worker process: have the kernel send it SIGTERM, which stops it as Ctrl-C does (its running
-    trial failed and queued again, its run ended), when the process that started it dies. A ``kill -9`` of
-    the search left its workers running on, and the same command then ran its own beside them, both
-    writing the same logs. Linux only (``prctl``); elsewhere nothing. False where that process is gone
-    already (the request would never be answered): the worker then starts nothing."""
-    parent = os.environ.get(PARENT_PID_ENV)
-    if parent is None or not sys.platform.startswith("linux"):
-        return True
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1  # noqa: N806 (the constant's name in <sys/prctl.h>)
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    return os.getppid() == int(parent)

@@ -591,7 +591,6 @@ def worker_env(index: int, n_workers: int, gpus_per_worker: int = 1) -> dict[str
     ``[g*P, (g+1)*P)`` and worker i takes group ``i % groups`` (disjoint sets while there are
     enough; with fewer GPUs than P it sees them all)."""
     env = dict(os.environ)
-    env[interrupts.PARENT_PID_ENV] = str(os.getpid())  # a worker stops when this process dies
     # Share the CPU cores between workers instead of oversubscribing them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_workers)))
     # Workers run this very fulu_nas, whatever the interpreter's own path would find.
@@ -625,7 +624,6 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
     procs = []
     bar = TrialProgress(s, study, enabled=progress)
     running = [progress_path(s.output_dir, "worker", i) for i in range(s.study.n_workers)]
-    remove_all(running)  # a killed earlier search's: its workers' last trials are not running any more
     seen: set[int] = set()
     try:
         for i in range(s.study.n_workers):
@@ -643,8 +641,6 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
                     seen.add(t.number)
                     if not _surplus(t):
                         _report(bar, t, s)
-            # a worker that died (kill -9) left its last report: its trial is not running any more
-            remove_all([path for path, (p, _) in zip(running, procs, strict=True) if p.returncode is not None])
             bar.show_running(running_lines(running))
             bar.refresh()
     except KeyboardInterrupt:
