@@ -134,7 +134,6 @@ def preflight(argv: list[str], compose_only: bool = False, job_num: int | None =
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .locate import check_folder_is_the_studys
     from .settings import load_settings
     from .storage import check_output_dir, check_separate_databases, probe_storage, probe_tracking
 
@@ -164,11 +163,6 @@ def preflight(argv: list[str], compose_only: bool = False, job_num: int | None =
         settings = load_settings(cfg, output_dir)
     except FuluConfigError as e:
         raise FuluConfigError(problems + e.problems) from None
-    try:
-        check_folder_is_the_studys(output_dir, settings.study.name,
-                                   "hydra.run.dir" if job_num is None else "hydra.sweep.dir")
-    except FuluConfigError as e:
-        problems += e.problems
     if problems:
         raise FuluConfigError(problems)
     probe_storage(settings.storage_url)
