@@ -144,11 +144,26 @@ def check_sqlite_database(path: Path, key: str) -> None:
     failed only once a command had written its folder)."""
     import sqlite3
 
+    roll_back_crashed_write(path)
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             db.execute("PRAGMA schema_version").fetchone()
     except sqlite3.Error as e:
         raise FuluConfigError(f"{key}: {path} is not a SQLite database ({e})") from None
+
+
+def roll_back_crashed_write(path: Path) -> None:
+    """Where the SQLite file ``path`` has a rollback journal, open it for writing once: a write cut off by a
+    crash (a search killed while MLflow or Optuna wrote) left the journal, which SQLite rolls back when a
+    writer next opens the file, and a read-only connection cannot, so the read-only checks took the
+    database for no database ("attempt to write a readonly database"). A live writer's journal is left
+    to it (SQLite rolls back only a journal no process holds). A failure here is the check's to report."""
+    import sqlite3
+
+    if not path.with_name(path.name + "-journal").is_file():
+        return
+    with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+        db.execute("PRAGMA schema_version").fetchone()
 
 
 OPTUNA_TABLES = {"studies", "trials", "version_info"}
@@ -162,6 +177,7 @@ def sqlite_tables(url: str) -> set[str]:
     path = sqlite_file(url)
     if not url.startswith("sqlite:") or not path.is_file():
         return set()
+    roll_back_crashed_write(path)
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 

@@ -647,7 +647,9 @@ def running(tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("running") / "out"
     out.mkdir()
     shutil.copy(tiny / "optuna.db", out / "optuna.db")
-    shutil.copy(tiny / "search_config.json", out / "search_config.json")
+    searched = json.loads((tiny / "search_config.json").read_text())
+    searched["config"]["study"]["name"] = "tiny-running"  # a folder's configuration is its own study's
+    (out / "search_config.json").write_text(json.dumps(searched))
     study = optuna.create_study(study_name="tiny-running", storage=f"sqlite:///{out / 'optuna.db'}")
     dist = {"router": optuna.distributions.CategoricalDistribution(["topk", "hash"])}
     failed = study.ask(dist)

@@ -27,10 +27,27 @@ def study(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        assert run_search(out, "study.n_trials=2", "study.pruner=none", "study.constraints={active_params:1}") == 0
+        # no trial within the constraints: the search has no result (exit 1), and the export is asked for one
+        assert run_search(out, "study.n_trials=2", "study.pruner=none", "study.constraints={active_params:1}") == 1
     finally:
         os.chdir(cwd)
     return SimpleNamespace(root=root, out=out, tracking=f"sqlite:///{out / 'mlflow.db'}")
+
+
+def test_a_study_whose_complete_trials_all_break_a_constraint_has_no_result(study):
+    """A finished study whose complete trials were all infeasible exited 0 with no result: a script running
+    `fulu-nas search && fulu-nas export` learnt it only from the export. It now ends as a study whose trials
+    all failed does: exit 1 (the fixture's search), its parent run FAILED with the reason."""
+    import mlflow
+
+    summary = json.loads((study.out / "summary.json").read_text())
+    assert summary["n_complete"] == 2 and summary["n_infeasible"] == 2 and "best" not in summary
+    client = mlflow.MlflowClient(study.tracking)
+    experiment = client.get_experiment_by_name("tiny-clusters")
+    [parent] = client.search_runs([experiment.experiment_id], "tags.`fulu.kind` = 'study'")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["fulu.reason"].startswith("no complete trial of study tiny-clusters is within "
+                                                      "study.constraints (2 complete, 2 infeasible)")
 
 
 def export(study, capsys, *args: str) -> tuple[int, str, str]:

@@ -413,7 +413,7 @@ NUMBERS = [
     *[(f"study.{k}", v) for k in ("n_trials", "n_workers", "heartbeat_interval", "grace_period") for v in ("inf", "0")],
     *[(f"study.{k}", v) for k in ("startup_trials", "max_retry") for v in ("nan", "-1")],
     *[("study.seed", v) for v in ("nan", str(2**32))],
-    *[("study.constraints.latency_ms", v) for v in ("nan", "inf")],
+    *[("study.constraints.latency_ms", v) for v in ("nan", "inf", "0")], ("study.constraints.active_params", "-1"),
     *[("study.confirm.budget_factor", v) for v in ("nan", "inf")], ("study.confirm.top_k", "inf"),
     ("study.confirm.seeds", "nan"),
     ("task.seq_len", "inf"), ("task.max_operand", "nan"), ("task.expression_rate", "nan"), ("task.data_seed", "nan"),

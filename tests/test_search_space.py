@@ -113,6 +113,49 @@ def test_constraints_flag_violations_and_skip_inactive_names():
         "hierarchy_depth < 3 or num_experts >= 8"]
 
 
+def test_a_constraint_that_is_no_condition_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """`num_experts % top_k` (an int read as true or false) kept exactly the pairs `num_experts % top_k == 0`
+    is written to keep, without a word; the pre-flight, which evaluates every combination, refuses it."""
+    from fulu_nas.cli import main
+
+    space = parse_space({"params": {"num_experts": {"type": "categorical", "choices": [6, 8]},
+                                    "top_k": {"type": "categorical", "choices": [3, 4]}},
+                         "constraints": ["num_experts % top_k"]})
+    with pytest.raises(FuluConfigError, match=r"search_space.constraints\[0\]: 'num_experts % top_k' gives 2 for "
+                                              r"\{'num_experts': 8, 'top_k': 3\}, not true or false"):
+        space.violations({"num_experts": 8, "top_k": 3})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf" / "search_space").mkdir(parents=True)
+    mine = load("tiny")
+    mine["params"].update(num_experts={"type": "categorical", "choices": [6, 8]},
+                          top_k={"type": "categorical", "choices": [3, 4]})
+    mine["constraints"] = ["num_experts % top_k"]
+    mine.pop("reference", None)
+    (tmp_path / "conf" / "search_space" / "mine.yaml").write_text(yaml.safe_dump(mine))
+    assert main(["search", "+experiment=tiny", "--config-dir", "conf", "search_space=mine", "study.n_trials=1"]) == 2
+    err = capsys.readouterr().err
+    assert "search_space.constraints[0]: 'num_experts % top_k' gives" in err and "not true or false" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]
+
+
+@pytest.mark.parametrize("text, constant", [("router != 'hsh' or num_experts <= 4", "'hsh'"),
+                                            ("num_experts == 6 or top_k < 2", "6"),
+                                            ("'topk' != router", None), ("2 < top_k != 5", "5")])
+def test_a_categorical_compared_with_a_value_it_never_takes_is_refused(text, constant):
+    """`router != 'hsh'` (a typo for 'hash') is true of every sample: the constraint kept the hash router
+    with 8 experts, which it was written to refuse."""
+    data = {"params": {"router": {"type": "categorical", "choices": ["topk", "hash"]},
+                       "num_experts": {"type": "categorical", "choices": [4, 8]},
+                       "top_k": {"type": "categorical", "choices": [1, 2, 4]}},
+            "constraints": [text]}
+    if constant is None:
+        parse_space(data)  # a constant among the choices, on either side
+        return
+    [problem] = problems_of(data)
+    assert problem.startswith(f"search_space.constraints[0]: {text!r} compares ") and f"with {constant}, which is " \
+        "not one of its choices" in problem, problem
+
+
 def test_sampled_values_become_the_architecture():
     space = parse_space(load("default"))
     task = build_task("clusters")

@@ -145,7 +145,9 @@ def test_a_failed_upload_fails_the_run_with_its_reason_and_export_says_so(tmp_pa
     assert "still being uploaded" in capsys.readouterr().err
 
 
-def test_a_run_left_open_by_a_killed_uploader_is_closed_when_the_study_resumes(tmp_path, monkeypatch):
+def test_a_run_left_open_by_a_killed_uploader_is_closed_when_the_study_resumes(tmp_path, monkeypatch, capsys):
+    """... and the console says so: the trial (the best one, perhaps) may have no weights, which only the
+    export found out."""
     import socket
 
     monkeypatch.chdir(tmp_path)
@@ -159,7 +161,12 @@ def test_a_run_left_open_by_a_killed_uploader_is_closed_when_the_study_resumes(t
     for r in runs:  # as a killed worker left them: trial complete, run still open
         client.update_run(r.info.run_id, "RUNNING")
         client.set_tag(r.info.run_id, "fulu.worker", workers[r.data.tags["fulu.trial"]])
+    capsys.readouterr()
     assert run_search(out, "study.n_trials=3", "study.pruner=none") == 0  # nothing left to run
+    said = capsys.readouterr()
+    assert ("trial 0: its worker stopped while uploading the trial's artifacts; the weights may be missing "
+            "(fulu-nas export retrain=true trains them again)") in said.out + said.err
+    assert "trial 1:" not in said.out + said.err
     _, _, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny-clusters")
     status = {r.data.tags["fulu.trial"]: r.info.status for r in runs}
     assert status == {"0": "KILLED", "1": "RUNNING", "2": "RUNNING"}  # a live process's, another host's: left
@@ -258,9 +265,10 @@ def test_multi_objective_study_reports_the_pareto_front(tmp_path, monkeypatch, c
 def test_constraints_mark_trials_infeasible_and_the_ui_serves_the_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    assert run_search(out, "study.n_trials=2", "study.constraints={active_params:100}") == 0
+    assert run_search(out, "study.n_trials=2", "study.constraints={active_params:100}") == 1  # no result
     console = capsys.readouterr()
     assert "no feasible complete trial" in console.out
+    assert "error: no complete trial of study tiny-clusters is within study.constraints" in console.err
     assert console.out.count("[infeasible: over active_params]") == 2, console.out  # each trial's line says so
     assert json.loads((out / "summary.json").read_text())["n_infeasible"] == 2  # was 0
     study = load_study(out)

@@ -374,3 +374,39 @@ def test_a_database_url_whose_port_is_not_a_number_is_one_message(command, tmp_p
     err = capsys.readouterr().err
     assert "malformed URL" in err and "its port is not a number" in err and "Traceback" not in err, err
     assert "pw" not in err.replace("postgresql://u:***", "") and list(tmp_path.iterdir()) == []
+
+
+def _crash_mid_write(db: Path) -> None:
+    """A process that dies inside a write transaction of ``db`` (as a search killed while MLflow or Optuna
+    wrote), leaving the rollback journal SQLite rolls back at the next writer's opening."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", (
+        "import os, sqlite3\n"
+        f"db = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+        "db.execute('PRAGMA cache_size=1')\n"  # the write spills to the file before the transaction ends
+        "db.execute('BEGIN')\n"
+        "db.execute('CREATE TABLE filler AS SELECT zeroblob(4096) AS b FROM (SELECT 1 UNION ALL SELECT 2) "
+        "JOIN (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200) SELECT i FROM n)')\n"
+        "os._exit(0)\n")], check=True)
+    assert db.with_name(db.name + "-journal").is_file()
+
+
+@pytest.mark.parametrize("database", ["mlflow.db", "optuna.db"])
+def test_a_search_killed_while_writing_a_database_resumes(database, searched, tmp_path, monkeypatch, capsys):
+    """A search killed inside a write of its mlflow.db left the file's rollback journal; the resume's check,
+    which opens the file read-only, could not read it without rolling the journal back and refused it as
+    "not a SQLite database (attempt to write a readonly database)" (exit 2): the study could not go on."""
+    import shutil
+
+    import optuna
+
+    out = tmp_path / "out"
+    shutil.copytree(searched, out)
+    _crash_mid_write(out / database)
+    monkeypatch.chdir(tmp_path)
+    assert run_search(out, *FAST[1:], "study.n_trials=2") == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="tiny-clusters", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 2
+    assert not (out / f"{database}-journal").exists()  # rolled back by the resume's first writer

@@ -304,34 +304,61 @@ def load_study(location: StudyLocation):
 
 def search_settings(location: StudyLocation, study, will_train: bool = False) -> SearchSettings:
     """The configuration the study was searched with (``will_train``: the caller trains with it here; see
-    :func:`~.settings.load_settings`)."""
+    :func:`~.settings.load_settings`): its folder's ``search_config.json``, else the copy its MLflow parent
+    run keeps. A folder's file is taken only if it is this study's: two studies searched in one folder
+    (``hydra.run.dir``) left the second's file, whose budget a confirmation of the first trained with and
+    whose name its export registered under."""
     path = location.output_dir / "search_config.json"
+    refused = None  # why the folder's file is not this study's
     if path.is_file():
         data = _read_search_config(path)
-    else:
-        import mlflow
+        refused = _not_this_studys(data, location, str(path))
+        if refused is None:
+            return _settings_from(data, location, will_train)
+    data = {"config": _parent_run_config(location, study, path, refused)}
+    if problem := _not_this_studys(data, location, "the MLflow parent run's search_config.json"):
+        raise FuluConfigError(problem)
+    return _settings_from(data, location, will_train)
 
-        from .tracking import PARENT_RUN_ATTR
 
-        parent = study.user_attrs.get(PARENT_RUN_ATTR)
-        if not parent:
-            raise FuluConfigError(f"study.name: study {location.name!r} has no search configuration (no "
-                                  f"{path} and no MLflow parent run)")
-        from mlflow.exceptions import MlflowException
+def _not_this_studys(data: dict, location: StudyLocation, shown: str) -> str | None:
+    """Why the search configuration ``data`` (read from ``shown``) is not the one the study was searched
+    with, or None: it names another study (a later search of another study into the same folder)."""
+    config = data["config"]
+    named = config.get("study", {}).get("name") if isinstance(config.get("study"), dict) else None
+    if named != location.name:
+        return f"study.name: {shown} is the configuration of study {named!r}, not of study {location.name!r}"
+    return None
 
-        from ..checks import check_tracking_database_exists
 
-        check_tracking_database_exists(location.tracking_uri)  # MLflow's client would make an empty one
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                local = mlflow.MlflowClient(location.tracking_uri).download_artifacts(parent, "search_config.json",
-                                                                                      tmp)
-            except MlflowException as e:
-                raise FuluConfigError(
-                    f"tracking.uri: {mask_url(location.tracking_uri)} has no search_config.json of run {parent}, the "
-                    f"parent run of study {location.name!r} ({' '.join(str(e).split())[:200]}): give the tracking.uri "
-                    "the search was run with, or run from the search's folder (hydra.run.dir=)") from None
-            data = {"config": _read_search_config(Path(local), f"search_config.json of MLflow run {parent}")}
+def _parent_run_config(location: StudyLocation, study, path: Path, refused: str | None) -> dict:
+    """The configuration the study's MLflow parent run keeps (``refused``: why the folder's own file at
+    ``path`` was not taken, said where there is no parent run's copy either)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from ..checks import check_tracking_database_exists
+    from .tracking import PARENT_RUN_ATTR
+
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    if not parent:
+        raise FuluConfigError(refused + " (two studies searched in one folder? give each its own hydra.run.dir)"
+                              if refused else f"study.name: study {location.name!r} has no search configuration "
+                                              f"(no {path} and no MLflow parent run)")
+    check_tracking_database_exists(location.tracking_uri)  # MLflow's client would make an empty one
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.MlflowClient(location.tracking_uri).download_artifacts(parent, "search_config.json", tmp)
+        except MlflowException as e:
+            raise FuluConfigError(
+                (refused + "; and " if refused else "") +
+                f"tracking.uri: {mask_url(location.tracking_uri)} has no search_config.json of run {parent}, the "
+                f"parent run of study {location.name!r} ({' '.join(str(e).split())[:200]}): give the tracking.uri "
+                "the search was run with, or run from the search's folder (hydra.run.dir=)") from None
+        return _read_search_config(Path(local), f"search_config.json of MLflow run {parent}")
+
+
+def _settings_from(data: dict, location: StudyLocation, will_train: bool) -> SearchSettings:
     # The databases are those this command reached the study with (a folder or database moved since the
     # search, the passwords the parent run's copy masks): what it records goes there, not to the search's URLs.
     from .tracking import URL_KEYS

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -510,7 +509,9 @@ def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | N
         if key not in CONSTRAINABLE:
             problems.append(f"study.constraints.{key}: cannot be bounded (choose from {', '.join(CONSTRAINABLE)})")
         else:
-            check_number(f"study.constraints.{key}", bound, problems, -math.inf)
+            # every bounded quantity is positive (a loss at least not negative): a bound of 0 or below
+            # would make every trial infeasible, and the search end without a result
+            check_number(f"study.constraints.{key}", bound, problems, 0, low_open=True)
     storage = d.get("storage")
     if storage is not None:
         _collect(problems, lambda: check_storage_url(storage))

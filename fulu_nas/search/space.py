@@ -27,6 +27,7 @@ problem, each naming its key, in one :class:`~fulu_nas.errors.FuluConfigError`.
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -179,9 +180,21 @@ class SearchSpace:
 
     def violations(self, values: Mapping[str, Any]) -> list[str]:
         """The constraints ``values`` break (constraints naming an inactive parameter don't apply);
-        FuluConfigError naming a constraint that cannot be computed for ``values``."""
-        return [c.text for i, c in enumerate(self.constraints)
-                if c.names <= values.keys() and not _evaluated(c, values, f"search_space.constraints[{i}]", values)]
+        FuluConfigError naming a constraint that cannot be computed for ``values``, or that gives no
+        truth value (``num_experts % top_k`` kept the pairs it was meant to refuse)."""
+        broken = []
+        for i, c in enumerate(self.constraints):
+            if not c.names <= values.keys():
+                continue
+            key = f"search_space.constraints[{i}]"
+            holds = _evaluated(c, values, key, values)
+            if not isinstance(holds, bool):
+                raise FuluConfigError(f"{key}: {c.text!r} gives {holds!r} for {dict(values)}, not true or false: a "
+                                      "constraint is a condition (a comparison, and, or, not), e.g. "
+                                      "'num_experts % top_k == 0'")
+            if not holds:
+                broken.append(c.text)
+        return broken
 
     def feasible_arch(self, values: Mapping[str, Any], task):
         """The architecture for sampled ``values`` (derived values included) on ``task`` (see :meth:`arch`),
@@ -267,6 +280,8 @@ def parse_space(data: object, name: str = UNNAMED, family: Family = PIMOE) -> Se
     known |= {n for n, _ in derived}
     _check_set_once(base, params, derived, family, problems)
     constraints = _parse_constraints(data.get("constraints"), known, problems)
+    _check_compared_choices(params, [(f"search_space.derived.{n}", e) for n, e in derived]
+                            + [(f"search_space.constraints[{i}]", e) for i, e in enumerate(constraints)], problems)
     reference = _parse_reference(data.get("reference"), params, declared, problems)
     description = data.get("description", "")
     if not isinstance(description, str):
@@ -447,6 +462,27 @@ def _parse_constraints(raw: object, known: set[str], problems: list[str]) -> tup
         if expr is not None:
             out.append(expr)
     return tuple(out)
+
+
+def _check_compared_choices(params: tuple[Param, ...], expressions: list[tuple[str, Expression]],
+                            problems: list[str]) -> None:
+    """A categorical parameter compared for (in)equality with a value that is none of its choices: a typo
+    (``router != 'hsh'``) that makes the comparison the same for every sample, so the expression
+    quietly keeps what it was written to refuse."""
+    categorical = {p.name: p for p in params if p.kind == "categorical"}
+    for key, expr in expressions:
+        for node in ast.walk(expr.tree):
+            if not isinstance(node, ast.Compare):
+                continue
+            operands = [node.left, *node.comparators]
+            for op, left, right in zip(node.ops, operands, operands[1:], strict=False):
+                if not isinstance(op, ast.Eq | ast.NotEq):
+                    continue
+                for name, constant in ((left, right), (right, left)):
+                    p = isinstance(name, ast.Name) and categorical.get(name.id)
+                    if p and isinstance(constant, ast.Constant) and not p.contains(constant.value):
+                        problems.append(f"{key}: {expr.text!r} compares {p.name} with {constant.value!r}, which is "
+                                        f"not one of its choices ({', '.join(map(repr, p.choices))})")
 
 
 def _expression(text: object, key: str, known: set[str], problems: list[str]) -> Expression | None:

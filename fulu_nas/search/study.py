@@ -46,7 +46,7 @@ from .private_files import settings_hold_password, write_config
 from .report import describe_counts, print_summary, summarize
 from .settings import SearchSettings
 from .storage import mask_url, open_study_storage
-from .tracking import PARENT_RUN_ATTR, Tracker, quiet_mlflow, this_worker, worker_is_gone
+from .tracking import ORPHANED_UPLOAD, PARENT_RUN_ATTR, Tracker, quiet_mlflow, this_worker, worker_is_gone
 from .worker_progress import ProgressFile, progress_path, remove_all, running_lines
 
 TrialState = optuna.trial.TrialState
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)  # the run folder's search.log (the console
 FINGERPRINT_ATTR = "fulu_fingerprint"
 FINGERPRINT_PARTS_ATTR = "fulu_fingerprint_parts"  # each part's digest: what a refused resume names
 INTERRUPTED = 130
-NO_RESULT = 1  # every trial of a complete study failed (or was pruned or not trained)
+NO_RESULT = 1  # no trial of a complete study completed within its constraints (failed, pruned, infeasible)
 INCOMPLETE = 1  # the search stopped without the requested finished trials, not interrupted
 WORKER_ATTR = "worker"  # a trial's user attribute: the process that runs it (tracking.this_worker)
 
@@ -388,8 +388,10 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
         study = open_study(s, worker_index)
         tracker = Tracker(s)
         parent = tracker.parent_run(study)
-        tracker.close_orphaned_uploads(study)
+        orphaned = tracker.close_orphaned_uploads(study)
         bar = TrialProgress(s, study, enabled=progress, report_to=report_to)
+        for number in orphaned:  # a resume after a kill: the best trial may be one of them
+            bar.write(f"trial {number}: {ORPHANED_UPLOAD}")
         objective = Objective(s, tracker, parent, on_progress=bar.on_step)
         # Optuna has no public accessor; this is what its own optimize loop asks.
         from optuna.storages._heartbeat import is_heartbeat_enabled
@@ -556,10 +558,15 @@ def run_search(s: SearchSettings, progress: bool = True) -> int:
 
 
 def _untrained(summary: dict) -> str | None:
-    """Why a study that has all its trials has no result (not one trial completed), or None. A script
-    running the search (``fulu-nas search && fulu-nas export``) learns it from the exit code."""
-    if summary["n_complete"] or summary["n_finished"] < summary["n_trials_requested"]:
+    """Why a study that has all its trials has no result (not one trial completed, or none within
+    study.constraints), or None. A script running the search (``fulu-nas search && fulu-nas export``) learns
+    it from the exit code."""
+    if summary["n_finished"] < summary["n_trials_requested"] or "best" in summary or summary.get("pareto_front"):
         return None
+    if summary["n_complete"]:
+        return (f"no complete trial of study {summary['study']} is within study.constraints "
+                f"({describe_counts(summary, zeros=False)}): the search has no result; each trial's figures are on "
+                "its MLflow run")
     return (f"no trial of study {summary['study']} completed ({describe_counts(summary, zeros=False)}): the search "
             "has no result; each trial's reason is above and on its MLflow run (tag fulu.reason)")
 

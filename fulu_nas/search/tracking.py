@@ -28,6 +28,9 @@ from .interrupts import between_writes
 from .settings import SearchSettings
 from .storage import database_error, first_contact, mask_url
 
+# Why the run of a finished trial whose artifacts' upload was cut off ended KILLED.
+ORPHANED_UPLOAD = ("its worker stopped while uploading the trial's artifacts; the weights may be missing "
+                   "(fulu-nas export retrain=true trains them again)")
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 WEIGHTS_SHA256_TAG = "fulu.weights_sha256"  # a trial's model.safetensors, as it was uploaded
 
@@ -195,19 +198,22 @@ class Tracker:
             self.end_trial(run_id, "KILLED", {"fulu.state": "failed", "fulu.reason": reason})
 
     @writes
-    def close_orphaned_uploads(self, study) -> None:
+    def close_orphaned_uploads(self, study) -> list[int]:
         """Runs of finished trials still open because the worker process uploading their artifacts
         (:meth:`finish_trial_in_background`) was killed: those that a process of this host wrote and
-        that process is gone end KILLED with the reason (another host's runs are left to that host)."""
+        that process is gone end KILLED with the reason (another host's runs are left to that host).
+        Returns their trials' numbers."""
         parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
         if not parent_id:
-            return
+            return []
         finished = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+        closed = []
         for run in self._open_runs(parent_id, "trial"):
-            if worker_is_gone(run.data.tags.get("fulu.worker", "")) and int(run.data.tags["fulu.trial"]) in finished:
-                self.end_trial(run.info.run_id, "KILLED", {
-                    "fulu.reason": "its worker stopped while uploading the trial's artifacts; the weights may be "
-                                   "missing (fulu-nas export retrain=true trains them again)"})
+            trial = int(run.data.tags["fulu.trial"])
+            if worker_is_gone(run.data.tags.get("fulu.worker", "")) and trial in finished:
+                self.end_trial(run.info.run_id, "KILLED", {"fulu.reason": ORPHANED_UPLOAD})
+                closed.append(trial)
+        return sorted(closed)
 
     @writes
     def _start_child(self, parent_id: str, name: str, kind: str, trial: int, tags: dict, params: dict) -> str:

@@ -1,0 +1,96 @@
+"""Several studies searched into one folder: the commands that read a study's configuration (confirm,
+export, dashboard) take only the study's own, which the folder's search_config.json is only for the last
+study searched there."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fulu_nas.cli import main
+from fulu_nas.errors import FuluConfigError
+from fulu_nas.search.locate import load_study, locate_study, search_settings
+
+from .test_search_e2e import run_search
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Study `a`, searched into runs/x (1 trial)."""
+    root = tmp_path_factory.mktemp("folders")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert run_search(root / "runs" / "x", "study.name=a", "study.n_trials=1") == 0
+    return root
+
+
+def settings_of(root, name, monkeypatch):
+    monkeypatch.chdir(root)
+    location = locate_study([f"study.name={name}", f"hydra.run.dir={root / 'runs' / 'x'}"])
+    return search_settings(location, load_study(location))
+
+
+def test_a_second_study_searched_into_the_folder_leaves_the_first_its_own_configuration(folder, monkeypatch):
+    """A second study searched with the first's hydra.run.dir overwrote its search_config.json: a confirmation
+    of the first then trained at the second's budget, and its export registered the first's trial under the
+    second's name. Each study is now read with its own (the first's from its MLflow parent run)."""
+    monkeypatch.chdir(folder)
+    out = folder / "runs" / "x"
+    steps = settings_of(folder, "a", monkeypatch).train.steps
+    assert steps != 30
+    try:
+        assert run_search(out, "study.name=b", "study.n_trials=1", "trainer.steps=30") == 0
+        a, b = settings_of(folder, "a", monkeypatch), settings_of(folder, "b", monkeypatch)
+        assert (a.study.name, a.train.steps) == ("a", steps)
+        assert (b.study.name, b.train.steps) == ("b", 30)
+    finally:  # the folder's file back to study a's, for the module's other tests
+        monkeypatch.chdir(folder)
+        assert run_search(out, "study.name=a", "study.n_trials=1") == 0
+    assert json.loads((out / "search_config.json").read_text())["config"]["study"]["name"] == "a"
+
+
+def test_a_study_is_read_with_its_own_configuration_where_its_folder_holds_another(folder, monkeypatch, tmp_path):
+    """A folder whose search_config.json names another study: the study's own configuration comes from its
+    MLflow parent run."""
+    path = folder / "runs" / "x" / "search_config.json"
+    original = path.read_text()
+    steps = json.loads(original)["config"]["trainer"]["steps"]
+    try:
+        data = json.loads(original)
+        data["config"]["study"]["name"] = "b"
+        path.write_text(json.dumps(data))
+        settings = settings_of(folder, "a", monkeypatch)
+        assert settings.study.name == "a" and settings.train.steps == steps
+    finally:
+        path.write_text(original)
+    assert settings_of(folder, "a", monkeypatch).train.steps == steps
+
+
+def test_another_studys_configuration_without_the_parent_runs_copy_is_refused(folder, monkeypatch, tmp_path, capsys):
+    """Where the MLflow parent run's copy cannot be read either, the commands refuse (exit 2) rather than
+    use another study's configuration."""
+    import optuna
+
+    from fulu_nas.search.tracking import PARENT_RUN_ATTR
+
+    path = folder / "runs" / "x" / "search_config.json"
+    original = path.read_text()
+    data = json.loads(original)
+    data["config"]["study"]["name"] = "b"
+    storage = f"sqlite:///{folder / 'runs' / 'x' / 'optuna.db'}"
+    study = optuna.load_study(study_name="a", storage=storage)
+    parent = study.user_attrs[PARENT_RUN_ATTR]
+    try:
+        path.write_text(json.dumps(data))
+        study.set_user_attr(PARENT_RUN_ATTR, None)
+        with pytest.raises(FuluConfigError, match="search_config.json is the configuration of study 'b', not of "
+                                                  "study 'a'"):
+            settings_of(folder, "a", monkeypatch)
+        assert main(["export", "study.name=a", f"hydra.run.dir={folder / 'runs' / 'x'}",
+                     f"out={tmp_path / 'e'}"]) == 2
+        assert "is the configuration of study 'b'" in capsys.readouterr().err
+        assert not (tmp_path / "e").exists()
+    finally:
+        path.write_text(original)
+        study.set_user_attr(PARENT_RUN_ATTR, parent)
