@@ -255,15 +255,15 @@ def test_the_confirm_advice_locates_the_study_from_where_it_is_given(tmp_path, m
         f"study.name=tiny-clusters 'hydra.run.dir={tmp_path}/sp ace/x' study.storage=postgresql://fulu@127.0.0.1:5432/optuna")
     # and quoted for Hydra as well as for the shell: a URL's query (`?timeout=30`) unquoted is no override Hydra
     # reads ("mismatched input '='")
-    printed_advice = advice("study.storage='sqlite:///s.db?timeout=30'", "tracking.uri='sqlite:///t.db?mode=rw'")
+    printed_advice = advice("study.storage='sqlite:///s.db?timeout=30'", "tracking.uri='sqlite:///t.db?timeout=60'")
     assert printed_advice == ("study.name=tiny-clusters 'study.storage=\"sqlite:///s.db?timeout=30\"' "
-                              "'tracking.uri=\"sqlite:///t.db?mode=rw\"'")
+                              "'tracking.uri=\"sqlite:///t.db?timeout=60\"'")
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = [OverridesParser.create().parse_override(o) for o in shlex.split(printed_advice)]
     assert [(o.key_or_group, o.value()) for o in parsed] == [
         ("study.name", "tiny-clusters"), ("study.storage", "sqlite:///s.db?timeout=30"),
-        ("tracking.uri", "sqlite:///t.db?mode=rw")]
+        ("tracking.uri", "sqlite:///t.db?timeout=60")]
 
 
 def test_the_mlflow_ui_advice_opens_the_tracking_database_the_study_used(tmp_path, monkeypatch):

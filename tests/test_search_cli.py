@@ -48,6 +48,13 @@ BAD = [
     (["study.storage=journal:///proc/journal.log"], "study.storage: cannot make /proc/journal.log"),
     (["tracking.uri=sqlite:////proc/mlflow.db"], "tracking.uri: cannot make /proc/mlflow.db"),
     (["study.constraints={latency:1.0}"], "study.constraints.latency"),
+    # the driver's query arguments: a traceback once the folder (and, for tracking.uri, the study) was made;
+    # an unknown one ignored, with SQLAlchemy's warnings on the console
+    (['study.storage="sqlite:///x.db?timeout=abc"'], "study.storage: a query argument of 'sqlite:///x.db?timeout=abc'"),
+    (['tracking.uri="sqlite:///m.db?timeout=abc"'], "tracking.uri: a query argument of 'sqlite:///m.db?timeout=abc'"),
+    (['study.storage="sqlite:///x.db?foo=1"'], "study.storage: Query string argument(s) 'foo' are not accepted"),
+    # an unset shell variable: the study's databases went into the current folder
+    (["hydra.run.dir="], "hydra.run.dir: empty (an unset shell variable?)"),
     (["tracking.uri=/tmp/mlruns"], "tracking.uri"),
     (["trainer.lr=-1"], "trainer.lr"),
     (["trainer.cost_shapes=[[1]]"], "trainer.cost_shapes"),

@@ -157,15 +157,36 @@ def test_an_unknown_group_option_is_named_with_the_groups_options(command, overr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_config_file_that_is_a_list_is_named(tmp_path, monkeypatch, capsys):
-    """OmegaConf's error named only the key it failed to resolve (``hydra.run.dir``), not the file."""
-    space = tmp_path / "conf" / "search_space" / "listed.yaml"
+@pytest.mark.parametrize("top, kind", [("- num_experts\n- top_k\n", "list"), ("42\n", "int"), ("true\n", "bool")])
+def test_a_config_file_that_is_not_a_mapping_is_named(top, kind, tmp_path, monkeypatch, capsys):
+    """OmegaConf's error named only the key it failed to resolve (``hydra.run.dir``), not the file; a number
+    or a boolean at the top was OmegaConf's OSError, a traceback (exit 1)."""
+    space = tmp_path / "conf" / "search_space" / "mine.yaml"
     space.parent.mkdir(parents=True)
-    space.write_text("- num_experts\n- top_k\n")
+    space.write_text(top)
     monkeypatch.chdir(tmp_path)
-    _refused(capsys, ["search", "--config-dir", str(tmp_path / "conf"), "search_space=listed"],
-             f"{space}: a config file must map keys to values (its top level is a list)")
+    _refused(capsys, ["search", "--config-dir", str(tmp_path / "conf"), "search_space=mine"],
+             f"{space}: a config file must map keys to values (its top level is a {kind})")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]
+
+
+@pytest.mark.parametrize("command", ["export", "confirm", "dashboard"])
+@pytest.mark.parametrize("text, words", [("params: {num_experts: {type: int, low: 1, high: 4}\n  top_k: [\n",
+                                          "malformed YAML"),
+                                         ("42\n", "a config file must map keys to values (its top level is a int)")])
+def test_a_study_command_names_a_config_file_it_cannot_read(command, text, words, searched, tmp_path, monkeypatch,
+                                                            capsys):
+    """The commands that read a study take the search's --config-dir: a space file there that is not YAML,
+    or not a mapping, ended them with the parser's traceback (exit 1); the search named it (exit 2)."""
+    space = tmp_path / "conf" / "search_space" / "mine.yaml"
+    space.parent.mkdir(parents=True)
+    space.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    before = _digests(searched)
+    err = _refused(capsys, [command, "study.name=tiny-clusters", f"hydra.run.dir={searched}", "--config-dir",
+                            str(tmp_path / "conf"), "search_space=mine"], words)
+    assert str(space) in err, err
+    assert _digests(searched) == before
 
 
 def test_a_storage_another_process_makes_in_the_same_instant_is_opened(tmp_path):

@@ -130,10 +130,6 @@ def _unquoted_options(overrides: list[str], config_dir: str | None) -> list[str]
 def preflight(argv: list[str], compose_only: bool = False, job_num: int | None = None):
     """Compose and validate without writing anything (``compose_only``: compose, and check no more);
     FuluConfigError lists the problems. ``job_num``: a multirun's job, checked in its own folder."""
-    import yaml
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     from .settings import load_settings
     from .storage import check_output_dir, check_separate_databases, probe_storage, probe_tracking
 
@@ -141,17 +137,8 @@ def preflight(argv: list[str], compose_only: bool = False, job_num: int | None =
     config_dir = flags.get("--config-dir") or flags.get("-cd")
     if config_dir and not Path(config_dir).is_dir():
         raise FuluConfigError(f"--config-dir: {config_dir!r} is not a folder")
-    try:
-        cfg, output_dir = compose_config(overrides, config_dir, flags.get("--config-name") or flags.get("-cn")
-                                         or "config", job_num)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise FuluConfigError(composition_problem(e, config_dir)) from None
-    except yaml.YAMLError as e:  # a config file (a space of the user's own, say) that is not YAML
-        raise FuluConfigError(_yaml_problem(e)) from None
-    except UnicodeDecodeError as e:  # ... or not text: Hydra's loader does not say which file
-        files = [str(p) for p in sorted(Path(config_dir or CONF_DIR).rglob("*.yaml")) if not _is_utf8(p)]
-        raise FuluConfigError(f"{', '.join(files) or 'a config file'}: not UTF-8 text ({e.reason} at byte "
-                              f"{e.start})") from None
+    cfg, output_dir = compose_checked(overrides, config_dir, flags.get("--config-name") or flags.get("-cn")
+                                      or "config", job_num)
     if compose_only:
         return None
     problems = []  # the output folder's and the settings', listed together
@@ -170,6 +157,32 @@ def preflight(argv: list[str], compose_only: bool = False, job_num: int | None =
     check_separate_databases(settings.storage_url, settings.tracking_uri)
     check_existing_study(settings)
     return settings
+
+
+def compose_checked(overrides: list[str], config_dir: str | None, config_name: str = "config",
+                    job_num: int | None = None) -> tuple[dict, str]:
+    """:func:`compose_config`, whose failures on the user's files and overrides are one FuluConfigError
+    naming the problem (Hydra, OmegaConf and the YAML parser raise their own, some with a traceback's
+    worth of text): for the search and for the commands that read its study alike."""
+    import yaml
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose_config(overrides, config_dir, config_name, job_num)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise FuluConfigError(composition_problem(e, config_dir)) from None
+    except yaml.YAMLError as e:  # a config file (a space of the user's own, say) that is not YAML
+        raise FuluConfigError(_yaml_problem(e)) from None
+    except UnicodeDecodeError as e:  # ... or not text: Hydra's loader does not say which file
+        files = [str(p) for p in sorted(Path(config_dir or CONF_DIR).rglob("*.yaml")) if not _is_utf8(p)]
+        raise FuluConfigError(f"{', '.join(files) or 'a config file'}: not UTF-8 text ({e.reason} at byte "
+                              f"{e.start})") from None
+    except OSError:  # OmegaConf's refusal of a file whose top level is a number or a boolean
+        if not_mappings := _files_not_mappings(config_dir):
+            raise FuluConfigError("; ".join(f"{f}: a config file must map keys to values (its top level is a "
+                                            f"{kind})" for f, kind in not_mappings)) from None
+        raise
 
 
 def check_existing_study(settings) -> None:

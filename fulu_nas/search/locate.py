@@ -147,7 +147,7 @@ def _compose_location(overrides: list[str], hint: str) -> StudyLocation:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .app import compose_config, composition_problem, split_flags
+    from .app import compose_checked, composition_problem, split_flags
 
     if not any(o.startswith("study.name=") for o in overrides):
         raise FuluConfigError("study.name: which study? pass study.name=NAME (the name `fulu-nas search` printed)")
@@ -161,7 +161,7 @@ def _compose_location(overrides: list[str], hint: str) -> StudyLocation:
         config_dir = flags.get("--config-dir") or flags.get("-cd")
         if config_dir and not Path(config_dir).is_dir():
             raise FuluConfigError(f"--config-dir: {config_dir!r} is not a folder")
-        cfg, output_dir = compose_config(overrides, config_dir)
+        cfg, output_dir = compose_checked(overrides, config_dir)
         requested = _requested(overrides, config_dir, cfg)
     except (HydraException, OmegaConfBaseException) as e:
         raise FuluConfigError(composition_problem(e, config_dir)) from None

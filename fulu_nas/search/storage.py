@@ -81,6 +81,27 @@ def _check_rdb_url(url: str, key: str) -> None:
             raise FuluConfigError(f"{key}: an in-memory SQLite database cannot be shared; give a file path")
         if not Path(database).parent.is_dir():
             raise FuluConfigError(f"{key}: the folder of {database!r} does not exist")
+        _check_sqlite_query(parsed, url, key)
+
+
+def _check_sqlite_query(parsed, url: str, key: str) -> None:
+    """The query arguments of a SQLite URL as the driver reads them: one it cannot convert (``timeout=abc``)
+    failed with a traceback once the search had written its folder (and, in ``tracking.uri``, made its
+    study); one it does not take (``foo=1``, or ``mode=ro`` without ``uri=true``) was ignored, with SQLAlchemy's
+    warnings on the console."""
+    import warnings
+
+    from sqlalchemy.exc import SAWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SAWarning)
+        try:
+            parsed.get_dialect()().create_connect_args(parsed)
+        except (TypeError, ValueError) as e:
+            raise FuluConfigError(f"{key}: a query argument of {mask_url(url)!r} is not what the SQLite driver "
+                                  f"takes ({e})") from None
+    if ignored := [w for w in caught if issubclass(w.category, SAWarning)]:
+        raise FuluConfigError(f"{key}: {' '.join(str(ignored[0].message).split()).partition(' (Background')[0]}")
 
 
 def check_tracking_uri(uri: object) -> None:
@@ -98,7 +119,10 @@ def check_output_dir(path: str, key: str = "hydra.run.dir") -> None:
     """FuluConfigError unless the folder ``path`` exists and is writable or can be made. Where it must
     be made, its missing folders are made and removed again: only trying tells, since root passes every
     permission check, a folder such as /proc refuses new entries whatever the permissions, and a name
-    too long for the file system fails only where it is made."""
+    too long for the file system fails only where it is made. An empty path (an unset shell variable)
+    is refused: it would put the study's databases in the current folder without a word."""
+    if not str(path).strip():
+        raise FuluConfigError(f"{key}: empty (an unset shell variable?): give a folder, or . for the current one")
     target = Path(path).absolute()
     # os.path.exists, unlike Path.exists, says False rather than raising where a folder cannot be read
     existing = next(p for p in (target, *target.parents) if os.path.exists(p))
