@@ -70,7 +70,7 @@ def autocast_input(x: Tensor) -> Tensor:
     return x
 
 
-def prefer_triton(cfg: MoEConfig, num_tokens: int, x: Tensor, training: bool = False) -> bool:
+def prefer_triton(cfg: MoEConfig, num_tokens: int, dtype: torch.dtype, training: bool = False) -> bool:
     """Whether ``impl="grouped"`` takes the Triton experts (given that they apply): where they
     were measured faster than ``torch._grouped_mm``. On H200 in bf16 that was every shape tried
     for inference (seed and fine-grained at 4,096 and 32,768 tokens, 256 experts, 1-64-token
@@ -81,7 +81,7 @@ def prefer_triton(cfg: MoEConfig, num_tokens: int, x: Tensor, training: bool = F
     on grouped_mm (exact fp32 dots in Triton are slow)."""
     if training and num_tokens < TRITON_TRAINING_MIN_TOKENS:
         return False
-    return x.dtype in (torch.bfloat16, torch.float16)
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 # The paths through grouped GEMMs, which take fp32, bf16 and fp16 only.
@@ -213,11 +213,17 @@ class PiMoELayer(nn.Module):
             return x_TD, self.router(x_TD, token_ids=token_ids, batch_shape=tuple(x.shape[:-1]))
 
     def _triton_applies(self, x_TD: Tensor, impl: str) -> bool:
-        """The Triton experts for this call: ``impl`` asks for them (``triton``, or ``grouped`` where
-        :func:`prefer_triton` says so) and they can run on the device."""
+        """The Triton experts for this call: ``impl`` asks for them (:meth:`_takes_triton`) and they can
+        run on the device."""
         if impl not in ("triton", "grouped") or not triton_moe.usable(x_TD):
             return False
-        return impl == "triton" or prefer_triton(self.cfg, x_TD.shape[0], x_TD, needs_grad(self, x_TD))
+        return self._takes_triton(impl, x_TD.dtype, x_TD.shape[0], needs_grad(self, x_TD))
+
+    def _takes_triton(self, impl: str, dtype: torch.dtype, num_tokens: int, training: bool) -> bool:
+        """Whether ``impl`` asks for the Triton experts on a call of ``num_tokens`` tokens in ``dtype``:
+        ``triton`` always, ``grouped`` where :func:`prefer_triton` says so. The forward's dispatch and
+        :meth:`captures_in_cuda_graphs` both ask here, so the capture's answer is the path the call takes."""
+        return impl == "triton" or (impl == "grouped" and prefer_triton(self.cfg, num_tokens, dtype, training))
 
     def captures_in_cuda_graphs(self, dtype: torch.dtype | None = None, training_tokens: int | None = None) -> bool:
         """Whether a call of this layer on its CUDA device makes no host sync, so that a CUDA graph can
@@ -233,9 +239,8 @@ class PiMoELayer(nn.Module):
         impl = impl_for_dtype(self.cfg.impl, dtype)
         if not w.is_cuda or impl in ("sorted", "loop"):
             return False
-        triton_size = training_tokens is None or training_tokens >= TRITON_TRAINING_MIN_TOKENS
-        half = dtype in (torch.bfloat16, torch.float16)
-        if triton_moe.HAS_TRITON and (impl == "triton" or (impl == "grouped" and half and triton_size)):
+        training = training_tokens is not None
+        if triton_moe.HAS_TRITON and self._takes_triton(impl, dtype, training_tokens or 0, training):
             return True
         return grouped_mm_captures(w.device, dtype)
 
