@@ -18,7 +18,7 @@ _os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 _PUBLIC = {
     "MoEConfig": ".moe", "PiMoELayer": ".moe", "migrate_from_electra": ".interop",
     "OptimizationLevel": ".system", "RoutingStrategy": ".system", "UltimatePiMoESystem": ".system",
-    "create_ultimate_pimoe_system": ".system",
+    "create_ultimate_pimoe_system": ".system", "create_ultimate_pimoe_system_from_config": ".system_config",
 }
 
 __version__ = "0.1.0"
@@ -57,5 +57,5 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "MoEConfig", "OptimizationLevel", "PiMoELayer", "RoutingStrategy", "UltimatePiMoESystem",
-    "create_ultimate_pimoe_system", "load", "migrate_from_electra",
+    "create_ultimate_pimoe_system", "create_ultimate_pimoe_system_from_config", "load", "migrate_from_electra",
 ]
