@@ -696,3 +696,53 @@ def test_ctrl_c_while_mlflow_makes_its_tables_leaves_a_database_the_same_command
     assert printed.err.startswith(f"error: tracking.uri: MLflow cannot open its database {out / 'mlflow.db'}: "), \
         printed.err
     assert printed.err.count("\n") == 1 and "Traceback" not in printed.err and "warning" not in printed.err
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+def test_the_workers_of_a_search_killed_hard_stop_as_at_ctrl_c(tmp_path):
+    """`kill -9` of a search with study.n_workers=2 left its workers running on (their parent gone): the
+    same command then ran its own two beside them, three or four workers on one study, both generations
+    writing worker-0.log. The workers now stop with their parent, each as at Ctrl-C: the running trial
+    failed (and queued again for the same command), its run ended."""
+    import subprocess
+
+    from .test_search_e2e import _cli
+
+    out = tmp_path / "out"
+    args = _cli("search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=3", "study.n_workers=2",
+                "trainer.steps=2000", "trainer.max_seconds=600", *FAST)
+    search = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        reports = [out / f".worker-{i}.progress.json" for i in range(2)]
+        deadline = time.time() + 300
+        while time.time() < deadline and not all(r.exists() for r in reports) and search.poll() is None:
+            time.sleep(0.5)
+        assert all(r.exists() for r in reports), "the workers did not start training"
+        with open(f"/proc/{search.pid}/task/{search.pid}/children") as f:
+            workers = [int(pid) for pid in f.read().split()]
+        assert len(workers) == 2
+        search.send_signal(signal.SIGKILL)
+        search.wait()
+        deadline = time.time() + 120
+        while time.time() < deadline and any(map(_alive, workers)):
+            time.sleep(0.5)
+        assert not any(map(_alive, workers)), "the workers ran on without their search"
+    finally:
+        if search.poll() is None:
+            search.kill()
+    study = load_study(out)
+    stopped = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert not [t.number for t in study.trials if t.state == TrialState.RUNNING]
+    assert len(stopped) == 2 and {t.user_attrs.get("fail_reason") for t in stopped} == {"interrupted"}
+    _, trial_runs = _runs(out)
+    assert {r.info.status for r in trial_runs} == {"KILLED"}  # ended by their workers, not left open
+

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 
 from .confirm import CONFIRM_STOPPING, Confirmation, plan_confirmation
+from .interrupts import stop_with_parent
 from .settings import ConfirmSettings
 from .storage import open_study_storage
 from .study import INTERRUPTED, load_worker_settings, quiet_optuna, stop_signals_as_interrupt
@@ -19,6 +20,8 @@ from .worker_progress import ProgressFile, progress_path
 def main(argv: list[str]) -> int:
     """0, or 130 when stopped by Ctrl-C or SIGTERM (the running run ended KILLED)."""
     config, index = argv[0], int(argv[1])
+    if not stop_with_parent():
+        return INTERRUPTED
     with stop_signals_as_interrupt(CONFIRM_STOPPING):  # SIGTERM as Ctrl-C: the running run ends KILLED
         try:
             s = load_worker_settings(config)

@@ -153,3 +153,33 @@ def hold_to_the_end_of_the_stretch() -> None:
     tell) before the signal stops the worker, rather than failed with its result made. Elsewhere nothing."""
     if _Deferral.stretch and threading.current_thread() is threading.main_thread():
         _Deferral.depth += 1  # interruptible() restores the depth it found
+
+
+# The search or confirmation process that started a worker (:func:`~.study.worker_env` sets it).
+PARENT_PID_ENV = "FULU_NAS_PARENT_PID"
+
+
+def stop_with_parent(poll_seconds: float = 1.0) -> bool:
+    """In a worker process: stop it as Ctrl-C does (SIGTERM to itself: its running trial failed and queued
+    again, its run ended) once the process that started it is gone. A ``kill -9`` of the search (or the
+    kernel's out-of-memory killer) left its workers running on, and the same command then ran its own beside
+    them, both writing the same logs. A daemon thread watches the parent's pid (the orphan is given to
+    another parent) rather than the kernel's parent-death signal, which follows the thread that started
+    the process, not the process. False where that process is gone already: the worker then starts nothing."""
+    import signal
+    import time
+
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent is None:  # not a worker of this machine's search
+        return True
+    parent = int(parent)
+    if os.getppid() != parent:
+        return False
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+    return True

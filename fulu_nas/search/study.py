@@ -591,6 +591,7 @@ def worker_env(index: int, n_workers: int, gpus_per_worker: int = 1) -> dict[str
     ``[g*P, (g+1)*P)`` and worker i takes group ``i % groups`` (disjoint sets while there are
     enough; with fewer GPUs than P it sees them all)."""
     env = dict(os.environ)
+    env[interrupts.PARENT_PID_ENV] = str(os.getpid())  # a worker stops when this process is gone
     # Share the CPU cores between workers instead of oversubscribing them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_workers)))
     # Workers run this very fulu_nas, whatever the interpreter's own path would find.

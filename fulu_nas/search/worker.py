@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import sys
 
-from .study import load_worker_settings, run_worker, stop_signals_as_interrupt
+from .interrupts import stop_with_parent
+from .study import INTERRUPTED, load_worker_settings, run_worker, stop_signals_as_interrupt
 from .worker_progress import ProgressFile, progress_path
 
 
 def main(argv: list[str]) -> int:
     config, index = argv
+    if not stop_with_parent():
+        return INTERRUPTED
     s = load_worker_settings(config)
     with stop_signals_as_interrupt():
         return run_worker(s, int(index), progress=False,
