@@ -149,6 +149,11 @@ def check_sqlite_database(path: Path, key: str) -> None:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             db.execute("PRAGMA schema_version").fetchone()
     except sqlite3.Error as e:
+        journal = path.with_name(path.name + "-journal")
+        if journal.is_file():  # a crashed write's, which could not be rolled back from here
+            raise FuluConfigError(f"{key}: {path} has the rollback journal of a write that was cut off ({journal}), "
+                                  f"which only a process that may write {path.parent} can roll back ({e}): run the "
+                                  "command as a user who may, once") from None
         raise FuluConfigError(f"{key}: {path} is not a SQLite database ({e})") from None
 
 

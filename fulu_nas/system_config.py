@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from .checks import yaml_problem
 from .moe import MoEConfig
 from .system import RoutingStrategy, UltimatePiMoESystem, create_ultimate_pimoe_system, enum_member
 
@@ -66,7 +67,7 @@ def system_arguments(config: str | Path | Mapping) -> dict[str, Any]:
     if not isinstance(config, Mapping) or "fulu" not in config:
         raise ValueError(f"{shown}: no top-level 'fulu:' block (the spec's configuration starts with it)")
     block = _mapping(config["fulu"], "fulu")
-    if unknown := sorted(set(block) - set(SECTIONS)):
+    if unknown := _unknown(block, SECTIONS):
         raise ValueError(f"fulu.{unknown[0]}: not a section of the configuration (choose from {', '.join(SECTIONS)})")
     arguments = _system_section(_mapping(block.get("ultimate_pimoe", {}), "fulu.ultimate_pimoe"))
     set_by = {name: f"fulu.ultimate_pimoe.{name}" for name in arguments}
@@ -89,9 +90,7 @@ def _read_yaml(path: Path) -> object:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        raise ValueError(f"{path}: malformed YAML" + (f" at line {where.line + 1}" if where else "")
-                         + f" ({getattr(e, 'problem', None) or e})") from None
+        raise ValueError(f"{path}: malformed YAML: {yaml_problem(e)}") from None
 
 
 def _mapping(value: object, key: str) -> Mapping:
@@ -100,6 +99,16 @@ def _mapping(value: object, key: str) -> Mapping:
     if not isinstance(value, Mapping):
         raise ValueError(f"{key}: must map keys to values, got {type(value).__name__}")
     return value
+
+
+def _unknown(section: Mapping, known) -> list:
+    """The keys of ``section`` that are not ``known``, in the file's order (a key may be a number)."""
+    return [name for name in section if name not in known]
+
+
+def _shown(value: Any) -> str:
+    """A value as the YAML file writes it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def _flag(section: Mapping, name: str, key: str) -> bool:
@@ -113,7 +122,7 @@ def _system_section(section: Mapping) -> dict[str, Any]:
     """fulu.ultimate_pimoe: the function's own arguments by name, and any MoEConfig field it passes on."""
     parameters = set(inspect.signature(create_ultimate_pimoe_system).parameters) - {"moe_overrides"}
     known = parameters | {f.name for f in fields(MoEConfig)}
-    if unknown := sorted(set(section) - known):
+    if unknown := _unknown(section, known):
         raise ValueError(f"fulu.ultimate_pimoe.{unknown[0]}: neither an argument of create_ultimate_pimoe_system "
                          "nor a MoEConfig field")
     return dict(section)
@@ -121,8 +130,8 @@ def _system_section(section: Mapping) -> dict[str, Any]:
 
 def _set(arguments: dict, set_by: dict, name: str, value: Any, key: str) -> None:
     """Set the argument ``name`` from ``key``, unless another key set it to something else."""
-    if name in arguments and arguments[name] != value:
-        raise ValueError(f"{key}: {value!r}, but {set_by[name]} sets {name} to {arguments[name]!r}; "
+    if name in arguments and (type(arguments[name]) is not type(value) or arguments[name] != value):
+        raise ValueError(f"{key}: {_shown(value)}, but {set_by[name]} sets {name} to {_shown(arguments[name])}; "
                          "give one of them, or the same value")
     arguments[name] = value
     set_by.setdefault(name, key)
@@ -130,31 +139,37 @@ def _set(arguments: dict, set_by: dict, name: str, value: Any, key: str) -> None
 
 def _routing_section(section: Mapping, arguments: dict, set_by: dict) -> None:
     key = "fulu.advanced_routing"
-    if unknown := sorted(set(section) - set(ROUTING_FEATURES) - set(ROUTER_FLAGS)):
+    if unknown := _unknown(section, {*ROUTING_FEATURES, *ROUTER_FLAGS}):
         raise ValueError(f"{key}.{unknown[0]}: not a key of the section (choose from "
                          f"{', '.join([*ROUTER_FLAGS, *ROUTING_FEATURES])})")
     for name, argument in ROUTING_FEATURES.items():
         if name in section:
             _set(arguments, set_by, argument, _flag(section, name, key), f"{key}.{name}")
-    enabled = [strategy for name, strategy in ROUTER_FLAGS.items() if name in section and _flag(section, name, key)]
+    flags = [name for name in ROUTER_FLAGS if name in section]
+    enabled = [ROUTER_FLAGS[name] for name in flags if _flag(section, name, key)]
     if "routing_strategy" in arguments:
-        strategy = enum_member(RoutingStrategy, arguments["routing_strategy"], "fulu.ultimate_pimoe.routing_strategy")
-        flag = next(name for name, s in ROUTER_FLAGS.items() if s is strategy)
-        if flag in section and not section[flag]:
-            given = arguments["routing_strategy"]
+        given = arguments["routing_strategy"]
+        strategy = enum_member(RoutingStrategy, given, "fulu.ultimate_pimoe.routing_strategy")
+        if flags and strategy not in enabled:
+            flag = next(name for name, s in ROUTER_FLAGS.items() if s is strategy)
             shown = given if isinstance(given, str) else strategy.name.lower()
-            raise ValueError(f"{key}.{flag}: false, but fulu.ultimate_pimoe.routing_strategy is {shown}; "
-                             "enable its router, or choose another strategy")
+            raise ValueError(f"fulu.ultimate_pimoe.routing_strategy: {shown}, but {key} does not enable its router "
+                             f"({flag}" + (": false" if flag in section else " is not given")
+                             + f"; enabled: {', '.join(s.name.lower() for s in enabled) or 'none'}); enable it, or "
+                             "choose one of those enabled")
     elif len(enabled) == 1:  # the one router enabled is the strategy
         arguments["routing_strategy"] = enabled[0]
-    elif len(enabled) > 1:
-        raise ValueError(f"{key}: enables {len(enabled)} routers ({', '.join(s.value for s in enabled)}); a system "
-                         "routes with one: say which with fulu.ultimate_pimoe.routing_strategy")
+    elif enabled:
+        raise ValueError(f"{key}: enables {len(enabled)} routers ({', '.join(s.name.lower() for s in enabled)}); a "
+                         "system routes with one: say which with fulu.ultimate_pimoe.routing_strategy")
+    elif flags:
+        raise ValueError(f"{key}: enables no router ({', '.join(f'{name}: false' for name in flags)}): enable the "
+                         "one to route with, or give fulu.ultimate_pimoe.routing_strategy")
 
 
 def _performance_section(section: Mapping, arguments: dict, set_by: dict) -> None:
     key = "fulu.performance_optimization"
-    if unknown := sorted(set(section) - {*DISPATCH_FLAGS, HARDWARE_FLAG}):
+    if unknown := _unknown(section, {*DISPATCH_FLAGS, HARDWARE_FLAG}):
         raise ValueError(f"{key}.{unknown[0]}: not a key of the section (choose from "
                          f"{', '.join([*DISPATCH_FLAGS, HARDWARE_FLAG])})")
     if HARDWARE_FLAG in section:
@@ -174,7 +189,7 @@ def _performance_section(section: Mapping, arguments: dict, set_by: dict) -> Non
 
 def _always_on_section(section: Mapping) -> None:
     key = "fulu.ultimate_system"
-    if unknown := sorted(set(section) - set(ALWAYS_ON)):
+    if unknown := _unknown(section, ALWAYS_ON):
         raise ValueError(f"{key}.{unknown[0]}: not a key of the section (choose from {', '.join(ALWAYS_ON)})")
     for name, why in ALWAYS_ON.items():
         if name in section and not _flag(section, name, key):

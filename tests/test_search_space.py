@@ -140,7 +140,11 @@ def test_a_constraint_that_is_no_condition_is_refused_naming_it(tmp_path, monkey
 
 @pytest.mark.parametrize("text, constant", [("router != 'hsh' or num_experts <= 4", "'hsh'"),
                                             ("num_experts == 6 or top_k < 2", "6"),
-                                            ("'topk' != router", None), ("2 < top_k != 5", "5")])
+                                            ("'topk' != router", None), ("2 < top_k != 5", "5"),
+                                            ("top_k != -1", "-1"),
+                                            # equal as the comparison reads them: no typo
+                                            ("num_experts == 4.0 or top_k == 1", None),
+                                            ("top_k != True", None)])
 def test_a_categorical_compared_with_a_value_it_never_takes_is_refused(text, constant):
     """`router != 'hsh'` (a typo for 'hash') is true of every sample: the constraint kept the hash router
     with 8 experts, which it was written to refuse."""

@@ -145,9 +145,11 @@ def test_a_failed_upload_fails_the_run_with_its_reason_and_export_says_so(tmp_pa
     assert "still being uploaded" in capsys.readouterr().err
 
 
-def test_a_run_left_open_by_a_killed_uploader_is_closed_when_the_study_resumes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("resumed_with", [(), ("study.n_workers=2",)], ids=["one-process", "workers"])
+def test_a_run_left_open_by_a_killed_uploader_is_closed_when_the_study_resumes(resumed_with, tmp_path, monkeypatch,
+                                                                               capsys):
     """... and the console says so: the trial (the best one, perhaps) may have no weights, which only the
-    export found out."""
+    export found out. With workers the search's own process says it (a worker's output is its log)."""
     import socket
 
     monkeypatch.chdir(tmp_path)
@@ -162,7 +164,7 @@ def test_a_run_left_open_by_a_killed_uploader_is_closed_when_the_study_resumes(t
         client.update_run(r.info.run_id, "RUNNING")
         client.set_tag(r.info.run_id, "fulu.worker", workers[r.data.tags["fulu.trial"]])
     capsys.readouterr()
-    assert run_search(out, "study.n_trials=3", "study.pruner=none") == 0  # nothing left to run
+    assert run_search(out, "study.n_trials=3", "study.pruner=none", *resumed_with) == 0  # nothing left to run
     said = capsys.readouterr()
     assert ("trial 0: its worker stopped while uploading the trial's artifacts; the weights may be missing "
             "(fulu-nas export retrain=true trains them again)") in said.out + said.err

@@ -9,12 +9,14 @@ import contextlib
 import hashlib
 import http.server
 import os
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
 from fulu_nas.cli import main
+from fulu_nas.errors import FuluConfigError
 
 from . import postgres
 from .test_search_e2e import run_search
@@ -431,3 +433,20 @@ def test_a_search_killed_while_writing_a_database_resumes(database, searched, tm
     study = optuna.load_study(study_name="tiny-clusters", storage=f"sqlite:///{out / 'optuna.db'}")
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 2
     assert not (out / f"{database}-journal").exists()  # rolled back by the resume's first writer
+
+
+def test_a_journal_that_cannot_be_rolled_back_is_named(tmp_path, monkeypatch):
+    """Where the roll-back cannot write (a read-only mount, another user's folder), the check said the file
+    was "not a SQLite database": it names the cut-off write's journal and what rolls it back."""
+    import fulu_nas.checks as checks
+
+    db = tmp_path / "optuna.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE t (x)")
+        conn.commit()
+    _crash_mid_write(db)
+    monkeypatch.setattr(checks, "roll_back_crashed_write", lambda path: None)  # as where it may not write
+    with pytest.raises(FuluConfigError, match=r"study.storage: .*optuna.db has the rollback journal of a write that "
+                                              r"was cut off \(.*optuna.db-journal\), which only a process that may "
+                                              r"write .* can roll back"):
+        checks.check_sqlite_database(db, "study.storage")

@@ -113,20 +113,31 @@ BAD = [
     (with_keys(advanced_routing={"dynamic_expert_scaling": "false"}), None,
      "fulu.advanced_routing.dynamic_expert_scaling: must be true or false, got 'false'"),
     (with_keys(ultimate_pimoe={"enable_dynamic_scaling": False}), None,
-     "fulu.advanced_routing.dynamic_expert_scaling: True, but fulu.ultimate_pimoe.enable_dynamic_scaling sets "
-     "enable_dynamic_scaling to False"),
+     "fulu.advanced_routing.dynamic_expert_scaling: true, but fulu.ultimate_pimoe.enable_dynamic_scaling sets "
+     "enable_dynamic_scaling to false"),
     (with_keys(performance_optimization={"intelligent_caching": False}), None,
      "fulu.performance_optimization: memory_optimization, computational_optimization, parallel_processing true but "
      "intelligent_caching false"),
     (with_keys(advanced_routing={"attention_based_router": False}), None,
-     "fulu.advanced_routing.attention_based_router: false, but fulu.ultimate_pimoe.routing_strategy is "
-     "attention_based"),
+     "fulu.ultimate_pimoe.routing_strategy: attention_based, but fulu.advanced_routing does not enable its router "
+     "(attention_based_router: false; enabled: hierarchical)"),
+    (with_keys(ultimate_pimoe={"routing_strategy": "topk"}, advanced_routing={"hierarchical_router": None}), None,
+     "fulu.ultimate_pimoe.routing_strategy: topk, but fulu.advanced_routing does not enable its router "
+     "(top_k_router is not given; enabled: attention_based)"),
+    (with_keys(ultimate_pimoe={"routing_strategy": None},
+               advanced_routing={"attention_based_router": None, "hierarchical_router": None, "top_k_router": False}),
+     None, "fulu.advanced_routing: enables no router (top_k_router: false)"),
+    (with_keys(ultimate_pimoe={"enable_dynamic_scaling": 1}), None,
+     "fulu.advanced_routing.dynamic_expert_scaling: true, but fulu.ultimate_pimoe.enable_dynamic_scaling sets "
+     "enable_dynamic_scaling to 1"),
+    ({"fulu": {1: {}, "ultimate_pimoe": {}}}, None, "fulu.1: not a section of the configuration"),
     (with_keys(ultimate_pimoe={"routing_strategy": None}), None, "fulu.advanced_routing: enables 2 routers"),
     (with_keys(ultimate_system={"monitoring": False}), None,
      "fulu.ultimate_system.monitoring: false, but it cannot be switched off"),
     ({"fulu": {"ultimate_pimoe": [512, 8]}}, None, "fulu.ultimate_pimoe: must map keys to values, got list"),
     ({"pimoe": {}}, None, "no top-level 'fulu:' block"),
-    (None, "fulu:\n  ultimate_pimoe:\n    hidden_size: [512\n", "malformed YAML at line 4"),
+    (None, "fulu:\n  ultimate_pimoe:\n    hidden_size: [512\n",
+     "malformed YAML: expected ',' or ']', but got '<stream end>' at line 4"),
     (None, "- fulu\n", "no top-level 'fulu:' block"),
 ]
 BAD[0] = ({"fulu": {**spec_config()["fulu"], "extra": {}}}, None, "fulu.extra: not a section of the configuration")

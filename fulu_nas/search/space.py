@@ -478,10 +478,17 @@ def _check_compared_choices(params: tuple[Param, ...], expressions: list[tuple[s
             for op, left, right in zip(node.ops, operands, operands[1:], strict=False):
                 if not isinstance(op, ast.Eq | ast.NotEq):
                     continue
-                for name, constant in ((left, right), (right, left)):
+                for name, other in ((left, right), (right, left)):
                     p = isinstance(name, ast.Name) and categorical.get(name.id)
-                    if p and isinstance(constant, ast.Constant) and not p.contains(constant.value):
-                        problems.append(f"{key}: {expr.text!r} compares {p.name} with {constant.value!r}, which is "
+                    if not p:
+                        continue
+                    try:  # a literal (-1 too, which the tree holds as an operation on 1)
+                        constant = ast.literal_eval(other)
+                    except (ValueError, TypeError, SyntaxError, RecursionError):
+                        continue  # a name or an expression: not known before sampling
+                    # as the comparison itself reads them: 1 == 1.0 == True
+                    if not any(constant == choice for choice in p.choices):
+                        problems.append(f"{key}: {expr.text!r} compares {p.name} with {constant!r}, which is "
                                         f"not one of its choices ({', '.join(map(repr, p.choices))})")
 
 

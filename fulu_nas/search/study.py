@@ -388,10 +388,8 @@ def run_worker(s: SearchSettings, worker_index: int = 0, progress: bool = True,
         study = open_study(s, worker_index)
         tracker = Tracker(s)
         parent = tracker.parent_run(study)
-        orphaned = tracker.close_orphaned_uploads(study)
         bar = TrialProgress(s, study, enabled=progress, report_to=report_to)
-        for number in orphaned:  # a resume after a kill: the best trial may be one of them
-            bar.write(f"trial {number}: {ORPHANED_UPLOAD}")
+        _close_orphaned_uploads(tracker, study, bar)
         objective = Objective(s, tracker, parent, on_progress=bar.on_step)
         # Optuna has no public accessor; this is what its own optimize loop asks.
         from optuna.storages._heartbeat import is_heartbeat_enabled
@@ -616,14 +614,24 @@ def worker_env(index: int, n_workers: int, gpus_per_worker: int = 1) -> dict[str
     return env
 
 
+def _close_orphaned_uploads(tracker: Tracker, study, bar: TrialProgress) -> None:
+    """End the runs a killed uploader left open (:meth:`~.tracking.Tracker.close_orphaned_uploads`), each
+    trial named on the console: on a resume after a kill the best trial may be one of them, without weights."""
+    for number in tracker.close_orphaned_uploads(study):
+        bar.write(f"trial {number}: {ORPHANED_UPLOAD}")
+
+
 def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
     # Create the study, its reference trial and the MLflow parent run once, before workers race.
     with quiet_optuna():
         study = open_study(s)
-        Tracker(s).parent_run(study)
+        tracker = Tracker(s)
+        tracker.parent_run(study)
     config = s.output_dir / "search_config.json"
     procs = []
     bar = TrialProgress(s, study, enabled=progress)
+    with quiet_optuna():  # here, not in the workers, whose console is their log
+        _close_orphaned_uploads(tracker, study, bar)
     running = [progress_path(s.output_dir, "worker", i) for i in range(s.study.n_workers)]
     seen: set[int] = set()
     try:
