@@ -4,6 +4,7 @@ And the Hydra conveniences (``--cfg job``, ``--help``) that must not run a study
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import socket
 import sqlite3
@@ -147,6 +148,10 @@ def test_a_multirun_job_is_checked_in_its_own_folder(tmp_path, monkeypatch, caps
     # a sweep folder that cannot be made: Hydra's 24-line traceback
     assert main(["search", "-m", "+experiment=tiny", "study.seed=0,1", "hydra.sweep.dir=/proc/nope"]) == 2
     assert "hydra.sweep.dir: cannot make the folder '/proc/nope/0'" in capsys.readouterr().err
+    # an empty one (an unset shell variable): checked as /0, while Hydra wrote the jobs in the current folder
+    assert main(["search", "-m", "+experiment=tiny", "study.seed=0,1", "hydra.sweep.dir="]) == 2
+    assert "hydra.sweep.dir: empty (an unset shell variable?)" in capsys.readouterr().err
+    assert not os.path.exists("/0") and sorted(p.name for p in tmp_path.iterdir()) == ["outputs", "sweep"]
 
 
 def test_a_study_resumed_with_another_tracking_database_is_refused_before_anything_is_written(tmp_path, monkeypatch,

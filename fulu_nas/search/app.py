@@ -98,8 +98,11 @@ def compose_config(overrides: list[str], config_dir: str | None = None, config_n
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    output_dir = (OmegaConf.select(cfg, "hydra.run.dir") if job_num is None else
-                  f"{OmegaConf.select(cfg, 'hydra.sweep.dir')}/{OmegaConf.select(cfg, 'hydra.sweep.subdir')}")
+    if job_num is None:
+        output_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    else:  # an empty sweep folder stays empty (check_output_dir refuses it): Hydra would write the jobs here
+        sweep = OmegaConf.select(cfg, "hydra.sweep.dir")
+        output_dir = f"{sweep}/{OmegaConf.select(cfg, 'hydra.sweep.subdir')}" if str(sweep).strip() else ""
     data = OmegaConf.to_container(cfg, resolve=False)
     data.pop("hydra", None)
     resolved = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
