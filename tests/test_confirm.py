@@ -386,8 +386,15 @@ def test_export_best_refuses_a_confirmation_that_trials_added_since_have_outrank
     study.add_trial(optuna.trial.create_trial(
         params=template.params, distributions=template.distributions, value=best - 0.1,
         user_attrs={**template.user_attrs, "arch_hash": "a-new-architecture", "reference": False}))
-    with pytest.raises(FuluConfigError, match="confirmation is out of date: trial.s. 4 ranked among"):
-        choose_trial(study, settings, "best")
+    # the advice locates the study as the search's own settings do (its folder is not outputs/NAME here)
+    from fulu_nas.search.locate import locate_study, search_settings
+
+    location = locate_study(["study.name=tiny-clusters", f"hydra.run.dir={confirmed.out}"])
+    searched = search_settings(location, load_study(confirmed.out))
+    with pytest.raises(FuluConfigError, match="confirmation is out of date: trial.s. 4 ranked among") as refused:
+        choose_trial(study, searched, "best")
+    assert f"hydra.run.dir={confirmed.out.resolve()}" in searched.locating_overrides()[1]
+    assert f"run fulu-nas confirm {' '.join(searched.locating_overrides())} again" in str(refused.value)
     assert choose_trial(study, settings, "4")[0].number == 4  # a named trial is still taken
 
 
@@ -447,6 +454,14 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
              (tmp_path / "options", broken, ["top_k=0", "budget_factor=inf", "seeds=two"],
               "top_k: expected an integer >= 1, got 0\n  - seeds: expected an integer >= 1, got 'two'\n"
               "  - budget_factor: expected a finite number in [1, 1000], got inf"),
+             # Python's int() and float() read these as 10, 3 and 2
+             (tmp_path / "digits", broken, ["top_k=1_0", "seeds=\u0663", "budget_factor= 2 "],
+              "top_k: expected an integer >= 1, got '1_0'\n  - seeds: expected an integer >= 1, got '\u0663'\n"
+              "  - budget_factor: expected a finite number in [1, 1000], got ' 2 '"),
+             # the default (8 architectures x 3 seeds x 4 times the budget), the last value: without a word
+             (tmp_path / "empty", broken, ["top_k=", "seeds=1", "seeds=2"],
+              "top_k: empty; give a value, or leave top_k= out for its default\n"
+              "  - seeds: given twice ('1', then '2'); give it once"),
              (tmp_path / "nested", broken, ["study.confirm.top_k=3"],
               "study.confirm.top_k=3: not used: this command works with the search's own settings, where "
               "study.confirm.top_k is 8 (3 here)")]

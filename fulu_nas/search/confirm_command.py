@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from ..errors import FuluConfigError
@@ -9,6 +10,8 @@ from .settings import CONFIRM_MAX, ConfirmSettings, confirm_settings
 
 BAD_INPUT = 2
 OPTIONS = {"top_k": "", "budget_factor": "", "seeds": "", "n_workers": ""}  # "": the study's value
+INTEGER = re.compile(r"[+-]?[0-9]+")
+DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
 # After naming an override that the command would ignore (it trains with the search's own settings).
 HINT = ("; what a confirmation trains is set by its own options: top_k= (how many architectures), budget_factor= "
         "(budget_factor x the search's trainer.steps steps), seeds= (seeds trainer.seed + 1 .. trainer.seed + seeds), "
@@ -60,12 +63,13 @@ def worker_count(text: str) -> int | None:
 
 
 def _number(text: str) -> int | float | str:
-    """``"4"`` -> 4, ``"1.5"`` -> 1.5; anything else stays text (and is refused by the validation)."""
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
+    """``"4"`` -> 4, ``"1.5"`` -> 1.5; anything else stays text (and is refused by the validation). ASCII
+    digits only, as export reads its numbers: Python's int() and float() also took ``1_0`` (10), other
+    scripts' digits and spaces around the number."""
+    if INTEGER.fullmatch(text):
+        return int(text)
+    if DECIMAL.fullmatch(text):
+        return float(text)
     return text
 
 
@@ -79,8 +83,8 @@ def main(argv: list[str]) -> int:
     from .tracking import quiet_mlflow
 
     quiet_mlflow()
-    given, overrides = split_options(argv, OPTIONS)
     try:
+        given, overrides = split_options(argv, OPTIONS)
         # study.confirm.* is compared with the search's like any other setting: the search's own command line
         # (study.confirm.seeds=2 ...) is taken, a differing value refused with the options to use instead.
         with quiet_optuna():

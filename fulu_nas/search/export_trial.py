@@ -116,7 +116,7 @@ def choose_trial(study: optuna.Study, s: SearchSettings, spec: str) -> tuple[opt
         raise FuluConfigError(
             f"trial: the study's confirmation is out of date: trial(s) {', '.join(map(str, newer))} ranked among the "
             f"search's best {confirmation['top_k']} architectures after it ran; run fulu-nas confirm "
-            f"study.name={s.study.name} again, or name a trial (trial=N)")
+            f"{' '.join(s.locating_overrides())} again, or name a trial (trial=N)")
     return select_trial(study, s, str(winner["trial"])), f"trial=best: {describe_winner(winner)}"
 
 
@@ -422,9 +422,9 @@ def main(argv: list[str]) -> int:
         print("error: cannot export:\n  - name: empty; give the registered model's name, or leave name= out for "
               "the study's name", file=sys.stderr)
         return BAD_INPUT
-    options, overrides = split_options(argv, OPTIONS)
     quiet_mlflow()
     try:
+        options, overrides = split_options(argv, OPTIONS)
         # SIGTERM (`timeout`, `docker stop`, a batch scheduler) stops the export as Ctrl-C does: its default
         # action would kill the process before anything is undone, leaving a folder that was never registered
         # (or a partial one) and the export's MLflow run RUNNING.

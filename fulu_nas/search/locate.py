@@ -59,14 +59,21 @@ class StudyLocation:
 
 def split_options(argv: list[str], options: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """``key=value`` arguments whose key is one of ``options`` (the command's own), and the rest
-    (Hydra overrides). Defaults come from ``options``."""
-    own, rest = dict(options), []
+    (Hydra overrides). Defaults come from ``options``. An option given empty (``top_k=``, an unset shell
+    variable) or twice is refused: either was taken without a word (the default, the last value)."""
+    own, rest, given, problems = dict(options), [], {}, []
     for arg in argv:
         key, eq, value = arg.partition("=")
-        if eq and key in options:
-            own[key] = value
-        else:
+        if not (eq and key in options):
             rest.append(arg)
+        elif value == "":
+            problems.append(f"{key}: empty; give a value, or leave {key}= out for its default")
+        elif key in given:
+            problems.append(f"{key}: given twice ({given[key]!r}, then {value!r}); give it once")
+        else:
+            own[key] = given[key] = value
+    if problems:
+        raise FuluConfigError(problems)
     return own, rest
 
 
