@@ -346,7 +346,7 @@ def test_a_search_with_confirm_enabled_confirms_at_the_end(tmp_path, monkeypatch
         assert a["runs"][0]["values"][0] != pytest.approx(a["search_values"][0], rel=1e-5)
         if not a["reference"]:
             assert a["vs_reference"][0]["test"] is None and a["vs_reference"][0]["beats"] is None
-    assert "one seed: no test" in text
+    assert "one result: no test" in text
 
 
 # ---------------------------------------------------------------- what reads a confirmation

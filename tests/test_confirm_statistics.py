@@ -264,7 +264,7 @@ def test_a_failed_run_of_an_architecture_that_cannot_win_does_not_withhold_the_w
 
 
 def test_a_reference_whose_runs_all_failed_is_said_to_have_no_result(tmp_path):
-    """Architectures with three seeds each were told "one seed: no test" when the reference had none."""
+    """Architectures with three seeds each were told they had one result and no test when the reference had none."""
     failed = [{"trial": 0, "seed": seed, "reason": "diverged"} for seed in (1, 2, 3)]
     rows = [row(7, 1, [[0.931], [0.940], [0.935]]), row(4, 2, [[0.947], [0.951], [0.944]]),
             row(0, 3, [], reference=True)]
@@ -275,7 +275,7 @@ def test_a_reference_whose_runs_all_failed_is_said_to_have_no_result(tmp_path):
                                             "verdict": "no test: the reference has no result (its runs failed)"}
     assert summary["winner"] is None  # the reference could have been the winner
     text = printed(summary, tmp_path)
-    assert "the reference has no result" in text and "one seed" not in text
+    assert "the reference has no result" in text and "one result: no test" not in text
 
     # One of the reference's runs succeeded: it has one result, still no test.
     rows[2] = row(0, 3, [[0.96]], reference=True)

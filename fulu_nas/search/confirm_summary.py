@@ -99,9 +99,9 @@ def compare(r: dict, reference: dict, i: int, sign: int) -> dict:
         return {"test": None, "p_value": None, "beats": None,
                 "verdict": "no test: the reference has one result (its other runs failed; the seeds' noise is "
                            "unknown)"}
-    if min(len(a), len(b)) < 2:
+    if min(len(a), len(b)) < 2:  # seeds=1, or an architecture whose other runs failed
         return {"test": None, "p_value": None, "beats": None,
-                "verdict": "one seed: no test (the seeds' noise is unknown)"}
+                "verdict": "one result: no test (the seeds' noise is unknown)"}
     if len(set(a)) == 1 and len(set(b)) == 1 and a[0] != b[0]:
         # No noise on either side (a parameter count): the difference is certain. The p-value is the
         # one-sided one of beating the reference, as the t-test's: 0 when better, 1 when worse. The
