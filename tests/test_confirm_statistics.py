@@ -287,6 +287,16 @@ def test_a_reference_whose_runs_all_failed_is_said_to_have_no_result(tmp_path):
 # ---------------------------------------------------------------- an objective the seed does not move
 
 
+def test_a_multi_objective_confirmation_says_why_it_names_no_winner(tmp_path):
+    """The console ended with the tests and the file, nothing of a winner, where one objective names one."""
+    rows = [row(3, 1, [[1.20, 9700.0], [1.21, 9700.0], [1.19, 9700.0]]),
+            row(0, 2, [[1.30, 8000.0], [1.31, 8000.0], [1.29, 8000.0]], reference=True)]
+    summary = summarize_confirmation(header(["loss", "active_params"]), rows, ["minimize", "minimize"])
+    assert summary["winner"] is None
+    assert ("no winner: a study of 2 objectives has a Pareto front, not one best architecture; `fulu-nas export` "
+            "takes trial=pareto:I or trial=N") in printed(summary, tmp_path)
+
+
 def test_an_objective_the_same_on_every_seed_is_better_or_worse_exactly():
     """active_params is 9,700 on every seed against the reference's 8,000: it read "not distinguishable
     from the reference (p=1)" (Welch's t is +inf, its one-sided p 1)."""

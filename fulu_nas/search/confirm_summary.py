@@ -245,6 +245,9 @@ def print_confirmation(summary: dict, path, console=None) -> None:
                       + ("run the command again to retry the failed runs (`fulu-nas export` with trial=best takes "
                          "the search's best trial meanwhile)" if retry else
                          "`fulu-nas export` with trial=best takes the search's best trial"))
+    elif len(summary["objectives"]) > 1:
+        say(console, f"no winner: a study of {len(summary['objectives'])} objectives has a Pareto front, not one best "
+                      "architecture; `fulu-nas export` takes trial=pareto:I or trial=N")
     say(console, f"confirmation: {path}")
 
 
