@@ -210,13 +210,18 @@ def test_the_help_texts_are_plain_text(capsys):
         assert "``" not in out and not re.search(r":(mod|func|class|meth|attr):`", out), out
 
 
-def test_an_empty_name_or_layout_is_refused(tmp_path, monkeypatch, capsys):
-    """export name= and dashboard layout= fell back to the defaults silently."""
+def test_an_empty_option_is_refused(tmp_path, monkeypatch, capsys):
+    """export name=, dashboard layout= (an unset shell variable, say) and every other option of the commands
+    that read a study fell back to the defaults silently."""
     from fulu_nas.cli import main
 
     monkeypatch.chdir(tmp_path)
     for argv, named in ((["export", "study.name=tiny-clusters", "name="], "name: empty"),
-                        (["dashboard", "study.name=tiny-clusters", "layout="], "layout: empty")):
+                        (["dashboard", "study.name=tiny-clusters", "layout="], "layout: empty"),
+                        (["export", "study.name=tiny-clusters", "trial="], "trial: empty"),
+                        (["export", "study.name=tiny-clusters", "out="], "out: empty"),
+                        (["dashboard", "study.name=tiny-clusters", "out="], "out: empty"),
+                        (["confirm", "study.name=tiny-clusters", "n_workers="], "n_workers: empty")):
         assert main(argv) == 2
         printed = capsys.readouterr()
         assert printed.out == "" and named in printed.err and printed.err.count("\n") == 2, printed.err
