@@ -94,3 +94,31 @@ def test_another_studys_configuration_without_the_parent_runs_copy_is_refused(fo
     finally:
         path.write_text(original)
         study.set_user_attr(PARENT_RUN_ATTR, parent)
+
+
+def test_a_moved_study_folder_is_named_as_moved_and_not_made_again(folder, tmp_path, monkeypatch, capsys):
+    """MLflow's runs keep the absolute path of their artifacts: from a study folder moved since its search,
+    export said the trial "has no saved weights (was tracking.log_weights false, or did their upload fail?)",
+    and the dashboard logged its page into the old path, making that folder again."""
+    import shutil
+
+    original = folder / "runs" / "x"
+    moved = tmp_path / "moved"
+    shutil.copytree(original, moved)
+    away = folder / "runs" / "x-away"
+    original.rename(away)  # as moved: the old path no longer exists
+    try:
+        monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
+        assert main(["export", "study.name=a", f"hydra.run.dir={moved}", f"out={tmp_path / 'e'}"]) == 2
+        err = capsys.readouterr().err
+        assert f"weights are recorded in {original}/mlartifacts/" in err and "which does not exist: was the study's " \
+            "folder moved from there?" in err, err
+        assert not (tmp_path / "e").exists()
+        assert main(["dashboard", "study.name=a", f"hydra.run.dir={moved}"]) == 0
+        printed = capsys.readouterr()
+        assert (moved / "dashboard.html").is_file() and "not logged to MLflow: run " in printed.err, printed.err
+        assert not original.exists()  # the dashboard's upload made the old folder again
+    finally:
+        shutil.rmtree(original, ignore_errors=True)
+        away.rename(original)

@@ -103,8 +103,16 @@ def main(argv: list[str]) -> int:
         return 0
     import mlflow
 
+    from ..search.tracking import missing_artifact_folder
+
     try:
-        mlflow.MlflowClient(ctx.tracking_uri).log_text(parent, page, artifact_name(layout))
+        client = mlflow.MlflowClient(ctx.tracking_uri)
+        if moved := missing_artifact_folder(client.get_run(parent).info.artifact_uri):
+            print(f"not logged to MLflow: run {parent} keeps its artifacts in {moved}, which does not exist (was the "
+                  "study's folder moved from there? MLflow's runs keep the absolute path of their artifacts)",
+                  file=sys.stderr)
+            return 0
+        client.log_text(parent, page, artifact_name(layout))
     except Exception as e:  # the page is written; say why it is not in MLflow
         reason = " ".join(str(e).split())[:300]
         print(f"warning: could not log the dashboard to MLflow run {parent}: {reason}", file=sys.stderr)

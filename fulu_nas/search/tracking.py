@@ -377,3 +377,16 @@ def masked_config(raw: dict) -> dict:
 
 def _write_json(path: Path, content: Any) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True, default=str))
+
+
+def missing_artifact_folder(artifact_uri: str) -> str | None:
+    """The local folder a run keeps its artifacts in (its ``file:`` URI) where that folder does not exist on
+    this machine, else None. MLflow records the absolute path: a study folder moved since its search still
+    names the old one, where a download finds nothing and an upload makes the folder again."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(artifact_uri)
+    if parts.scheme not in ("file", ""):
+        return None
+    folder = Path(unquote(parts.path))
+    return None if folder.exists() else str(folder)
