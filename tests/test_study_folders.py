@@ -99,7 +99,8 @@ def test_another_studys_configuration_without_the_parent_runs_copy_is_refused(fo
 def test_a_moved_study_folder_is_named_as_moved_and_not_made_again(folder, tmp_path, monkeypatch, capsys):
     """MLflow's runs keep the absolute path of their artifacts: from a study folder moved since its search,
     export said the trial "has no saved weights (was tracking.log_weights false, or did their upload fail?)",
-    and the dashboard logged its page into the old path, making that folder again."""
+    the dashboard logged its page into the old path, making that folder again, and a resume trained its
+    trials with their weights going there."""
     import shutil
 
     original = folder / "runs" / "x"
@@ -119,6 +120,11 @@ def test_a_moved_study_folder_is_named_as_moved_and_not_made_again(folder, tmp_p
         printed = capsys.readouterr()
         assert (moved / "dashboard.html").is_file() and "not logged to MLflow: run " in printed.err, printed.err
         assert not original.exists()  # the dashboard's upload made the old folder again
+        # a resume there would put its trials' weights in the old folder, where no export finds them
+        assert run_search(moved, "study.name=a", "study.n_trials=2") == 2
+        err = capsys.readouterr().err
+        assert f"hydra.run.dir: study 'a' keeps its MLflow artifacts in {original}/mlartifacts" in err, err
+        assert not original.exists()
     finally:
         shutil.rmtree(original, ignore_errors=True)
         away.rename(original)

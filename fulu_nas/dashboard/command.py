@@ -103,11 +103,11 @@ def main(argv: list[str]) -> int:
         return 0
     import mlflow
 
-    from ..search.tracking import missing_artifact_folder
+    from ..search.tracking import moved_artifact_folder
 
     try:
         client = mlflow.MlflowClient(ctx.tracking_uri)
-        if moved := missing_artifact_folder(client.get_run(parent).info.artifact_uri):
+        if moved := moved_artifact_folder(client.get_run(parent).info.artifact_uri, ctx.s.output_dir):
             print(f"not logged to MLflow: run {parent} keeps its artifacts in {moved}, which does not exist (was the "
                   "study's folder moved from there? MLflow's runs keep the absolute path of their artifacts)",
                   file=sys.stderr)

@@ -197,7 +197,7 @@ def check_existing_study(settings) -> None:
 
     from .storage import open_existing_storage
     from .study import check_resumable, quiet_optuna
-    from .tracking import PARENT_RUN_ATTR
+    from .tracking import PARENT_RUN_ATTR, moved_artifact_folder
 
     with quiet_optuna():
         storage = open_existing_storage(settings.storage_url)
@@ -210,16 +210,25 @@ def check_existing_study(settings) -> None:
             return
         check_resumable(study, settings)
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
-    if parent and not _tracking_has_run(settings.tracking_uri, parent):
+    if not parent:
+        return
+    run = _tracking_run(settings.tracking_uri, parent)
+    if run is None:
         # it would log the resumed study's summary to a run this tracking database lacks: MLflow's traceback
         raise FuluConfigError(f"tracking.uri: study {settings.study.name!r} in {mask_url(settings.storage_url)} keeps "
                               f"its MLflow runs elsewhere: its parent run {parent} is not in "
                               f"{mask_url(settings.tracking_uri)}; give the tracking.uri= it was searched with")
+    if moved := moved_artifact_folder(run.info.artifact_uri, settings.output_dir):
+        # the resumed trials' weights would go there, making the old folder again, and no export would find them
+        raise FuluConfigError(f"hydra.run.dir: study {settings.study.name!r} keeps its MLflow artifacts in {moved}, "
+                              "which does not exist: was the study's folder moved from there? MLflow's runs keep "
+                              "the absolute path of their artifacts: resume the study where it was searched (move "
+                              "the folder back)")
 
 
-def _tracking_has_run(uri: str, run_id: str) -> bool:
-    """Whether the tracking store ``uri`` holds the run ``run_id``; a SQLite file is read only if it is an
-    MLflow database already (MLflow's client would make one)."""
+def _tracking_run(uri: str, run_id: str):
+    """The run ``run_id`` of the tracking store ``uri``, or None where the store lacks it; a SQLite file is
+    read only if it is an MLflow database already (MLflow's client would make one)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -228,12 +237,11 @@ def _tracking_has_run(uri: str, run_id: str) -> bool:
     try:
         check_tracking_database_exists(uri)
     except FuluConfigError:
-        return False
+        return None
     try:
-        mlflow.MlflowClient(uri).get_run(run_id)
+        return mlflow.MlflowClient(uri).get_run(run_id)
     except MlflowException:
-        return False
-    return True
+        return None
 
 
 def composition_problem(e: Exception, config_dir: str | None) -> str:

@@ -42,7 +42,7 @@ from .objective import ServedKernels, is_feasible, measure_trial_cost, pareto_fr
 from .settings import BUDGET_FACTOR_MAX, SearchSettings
 from .storage import check_output_dir, mask_url
 from .study import INTERRUPTED, stop_signals_as_interrupt
-from .tracking import WEIGHTS_SHA256_TAG, export_run, missing_artifact_folder, quiet_mlflow
+from .tracking import WEIGHTS_SHA256_TAG, export_run, moved_artifact_folder, quiet_mlflow
 
 TrialState = optuna.trial.TrialState
 EXPORT_STOPPING = "what the export wrote or registered is being removed"  # said to a signal while it stops
@@ -166,7 +166,7 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
         if run is not None and run.info.status == "RUNNING":
             raise FuluConfigError(f"trial: trial {trial.number}'s weights are still being uploaded by the search "
                                   f"(its MLflow run {run_id} is open); export it once that run has ended") from None
-        if run is not None and (moved := missing_artifact_folder(run.info.artifact_uri)):
+        if run is not None and (moved := moved_artifact_folder(run.info.artifact_uri, location.output_dir)):
             raise FuluConfigError(f"trial: trial {trial.number}'s weights are recorded in {moved}, which does not "
                                   "exist: was the study's folder moved from there? MLflow's runs keep "
                                   "the absolute path of their artifacts: export from the folder where the search "

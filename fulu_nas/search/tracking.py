@@ -379,14 +379,17 @@ def _write_json(path: Path, content: Any) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True, default=str))
 
 
-def missing_artifact_folder(artifact_uri: str) -> str | None:
+def moved_artifact_folder(artifact_uri: str, output_dir: Path) -> str | None:
     """The local folder a run keeps its artifacts in (its ``file:`` URI) where that folder does not exist on
-    this machine, else None. MLflow records the absolute path: a study folder moved since its search still
-    names the old one, where a download finds nothing and an upload makes the folder again."""
+    this machine and lies outside the study's folder ``output_dir``, else None. MLflow records the absolute
+    path: a study folder moved since its search still names the old one, where a download finds nothing and
+    an upload makes the folder again."""
     from urllib.parse import unquote, urlsplit
 
     parts = urlsplit(artifact_uri)
     if parts.scheme not in ("file", ""):
         return None
     folder = Path(unquote(parts.path))
-    return None if folder.exists() else str(folder)
+    if folder.exists() or folder.resolve().is_relative_to(Path(output_dir).resolve()):
+        return None  # there, or this folder's own (its mlartifacts removed)
+    return str(folder)
