@@ -204,6 +204,13 @@ def test_selection_takes_feasible_trials_only_and_parses_ascii_digits_only():
     assert select_trial(mixed, s, "pareto:0").number == 2
     assert select_trial(mixed, s, "fastest_within:50").number == 0
     assert select_trial(mixed, s, "1").number == 1  # named: taken although infeasible
+    # a trial the study does not have, or one that did not complete, is named as such ("not a complete trial")
+    with pytest.raises(FuluConfigError, match=r"trial 99 of study 's' does not exist \(its trials are 0 to 2\); "
+                                              r"complete trials: 0, 1, 2"):
+        select_trial(mixed, s, "99")
+    mixed.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    with pytest.raises(FuluConfigError, match=r"trial 3 of study 's' is FAIL, not COMPLETE; complete trials: 0, 1, 2"):
+        select_trial(mixed, s, "3")
     for spec in ("pareto:²", "pareto:١", "pareto:0²"):
         with pytest.raises(FuluConfigError, match="pareto:<i> needs i in 0..0"):
             select_trial(mixed, s, spec)

@@ -57,6 +57,12 @@ BAD_INPUT = 2
 CHAMPION = "champion"  # the alias of the version an export registered last
 
 
+def _numbers(trials: list) -> str:
+    """Trial numbers for a message: all of a few, else the first and last ones."""
+    numbers = [str(t.number) for t in trials]
+    return ", ".join(numbers) if len(numbers) <= 12 else f"{', '.join(numbers[:6])}, ..., {', '.join(numbers[-3:])}"
+
+
 def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.trial.FrozenTrial:
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
@@ -65,7 +71,11 @@ def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.tr
     if NUMBER.fullmatch(spec):  # named: taken even if it breaks the constraints (the export says so)
         match = [t for t in complete if t.number == int(spec)]
         if not match:
-            raise FuluConfigError(f"trial: trial {spec} of study {s.study.name!r} is not a complete trial")
+            numbered = [t for t in study.get_trials(deepcopy=False) if t.number == int(spec)]
+            state = f"is {numbered[0].state.name}, not COMPLETE" if numbered else \
+                f"does not exist (its trials are 0 to {len(study.get_trials(deepcopy=False)) - 1})"
+            raise FuluConfigError(f"trial: trial {int(spec)} of study {s.study.name!r} {state}; complete trials: "
+                                  f"{_numbers(complete)}")
         return match[0]
     if not feasible and (spec == "best" or spec.partition(":")[0] in ("pareto", "fastest_within")):
         bounds = ", ".join(f"{name} <= {bound:g}" for name, bound in s.study.constraints)
