@@ -71,9 +71,10 @@ def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.tr
     if NUMBER.fullmatch(spec):  # named: taken even if it breaks the constraints (the export says so)
         match = [t for t in complete if t.number == int(spec)]
         if not match:
-            numbered = [t for t in study.get_trials(deepcopy=False) if t.number == int(spec)]
+            trials = study.get_trials(deepcopy=False)
+            numbered = [t for t in trials if t.number == int(spec)]
             state = f"is {numbered[0].state.name}, not COMPLETE" if numbered else \
-                f"does not exist (its trials are 0 to {len(study.get_trials(deepcopy=False)) - 1})"
+                f"does not exist (its trials are 0 to {len(trials) - 1})"
             raise FuluConfigError(f"trial: trial {int(spec)} of study {s.study.name!r} {state}; complete trials: "
                                   f"{_numbers(complete)}")
         return match[0]

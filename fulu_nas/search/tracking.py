@@ -384,12 +384,12 @@ def moved_artifact_folder(artifact_uri: str, output_dir: Path) -> str | None:
     this machine and lies outside the study's folder ``output_dir``, else None. MLflow records the absolute
     path: a study folder moved since its search still names the old one, where a download finds nothing and
     an upload makes the folder again."""
-    from urllib.parse import unquote, urlsplit
+    from mlflow.utils.file_utils import local_file_uri_to_path
+    from mlflow.utils.uri import is_local_uri
 
-    parts = urlsplit(artifact_uri)
-    if parts.scheme not in ("file", ""):
+    if not is_local_uri(artifact_uri):  # a tracking server's or a cloud store's
         return None
-    folder = Path(unquote(parts.path))
+    folder = Path(local_file_uri_to_path(artifact_uri))
     if folder.exists() or folder.resolve().is_relative_to(Path(output_dir).resolve()):
         return None  # there, or this folder's own (its mlartifacts removed)
     return str(folder)
