@@ -342,6 +342,98 @@ def test_the_registered_files_are_the_ones_the_export_wrote(study, tmp_path, cap
     assert not mlflow.MlflowClient(study.tracking).search_registered_models("name = 'tampered'")
 
 
+# An export in a child process that kills itself (SIGKILL: nothing of it runs any more) at one of its steps.
+KILLED_AT = {
+    # writing the folder: a hidden partial folder is left, no run yet
+    "writing": "from fulu_nas.deploy import export as module; attribute = 'save_pyfunc'",
+    # registering: the folder, a version without its files' record and a logged model, the run RUNNING
+    "registering": "from fulu_nas.deploy import serve as module; attribute = 'record_registered_files'",
+    # the alias moved: registered to the end, the run RUNNING
+    "aliased": "import mlflow; module = mlflow.MlflowClient; attribute = 'set_registered_model_alias'",
+}
+KILLED_EXPORT = """
+import os, signal, sys
+{where}
+step = getattr(module, attribute)
+def killed(*args, **kwargs):
+    if attribute == "set_registered_model_alias":
+        step(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+setattr(module, attribute, killed)
+from fulu_nas.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("name", ["new", "existing"])
+@pytest.mark.parametrize("when", list(KILLED_AT))
+def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsys, when, name):
+    """kill -9 of an export (the out-of-memory killer, a lost node) left its MLflow run RUNNING, a version
+    `fulu-nas serve` refuses with its logged model, the folder it never announced (a re-run of the same
+    command then said 'out: ... is not empty') or a hidden partial one. The study's next export on this host
+    undoes it, says so, and runs; a version that was registered to the end stays, with its folder."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    client = mlflow.MlflowClient(study.tracking)
+    registered = f"killed-{when}-{name}"
+    if name == "existing":
+        assert export(study, capsys, "trial=0", f"out={tmp_path / 'first'}", f"name={registered}")[0] == 0
+    runs_before, versions_before = registry_state(study)
+    models_before = logged_models(study)
+    out = tmp_path / "model"
+    child = subprocess.run([sys.executable, "-c", KILLED_EXPORT.format(where=KILLED_AT[when]), "export",
+                            "study.name=tiny-clusters", f"hydra.run.dir={study.out}", "trial=1", f"out={out}",
+                            f"name={registered}"], capture_output=True, text=True, timeout=600)
+    assert child.returncode == -9, child.stderr
+
+    # What it left, checked, so that the test shows the undoing.
+    runs, versions = registry_state(study)
+    left_open = [run for run, status in runs if status == "RUNNING"]
+    killed_versions = [v for v in versions if v not in versions_before]
+    partials = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    if when == "writing":
+        assert not left_open and not killed_versions and not out.exists() and len(partials) == 1
+    else:
+        assert len(left_open) == 1 and len(killed_versions) == 1 and out.is_dir() and not partials
+        assert len(logged_models(study)) == len(models_before) + 1
+    champion_before = client.get_model_version_by_alias(registered, "champion").version \
+        if name == "existing" or when == "aliased" else None
+
+    # The same command again (where the killed export had finished its folder and version: another folder).
+    again = tmp_path / "again" if when == "aliased" else out
+    code, printed, err = export(study, capsys, "trial=1", f"out={again}", f"name={registered}")
+    assert code == 0, err
+    undone = [line for line in printed.splitlines() if line.startswith("ended the MLflow run")]
+    if when == "writing":
+        assert undone == []
+    else:
+        [line] = undone
+        assert line.startswith(f"ended the MLflow run {left_open[0]} of an export killed before it ended (process ")
+        [(_, version)] = killed_versions
+        assert line.endswith(f"of trial 1: removed version {version} of '{registered}' and the folder {out}"
+                             if when == "registering" else "of trial 1: nothing else to remove"), line
+        run = client.get_run(left_open[0])
+        assert run.info.status == "KILLED" and run.data.tags["fulu.reason"].startswith("export killed before")
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    runs, versions = registry_state(study)
+    assert "RUNNING" not in dict(runs).values()
+    new_versions = [v for v in versions if v not in versions_before]
+    if when == "aliased":  # registered to the end: it stays, with its folder, beside the new version
+        assert new_versions[0] == killed_versions[0] and len(new_versions) == 2 and out.is_dir()
+        assert champion_before == killed_versions[0][1]
+        assert len(logged_models(study)) == len(models_before) + 2
+    else:
+        assert len(new_versions) == 1 and len(logged_models(study)) == len(models_before) + 1
+    if when == "registering" and name == "new":  # the model made for the killed version went with it
+        assert new_versions == [(registered, 1)]
+    assert client.get_model_version_by_alias(registered, "champion").version == new_versions[-1][1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {"model", again.name} | ({"first"} if name == "existing" else set()))
+
+
 def test_the_searchs_pareto_table_is_in_the_order_pareto_i_counts(capsys, tmp_path):
     """The search's table (and summary.json) listed the front by trial number, and pareto:i counted by the first
     objective: pareto:0 exported the table's second row. Both follow the first objective now, and the table

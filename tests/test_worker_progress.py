@@ -68,15 +68,15 @@ def test_a_worker_that_ended_but_was_not_reaped_is_gone():
     import sys
     import time
 
-    from fulu_nas.search.tracking import worker_is_gone
+    from fulu_nas.deploy.processes import process_is_gone
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
         deadline = time.time() + 30
         while time.time() < deadline and not open(f"/proc/{child.pid}/stat").read().rpartition(")")[2].startswith(" Z"):
             time.sleep(0.05)  # ended, not reaped: no poll() or wait() until the check below
-        assert worker_is_gone(f"{socket.gethostname()}:{child.pid}")
+        assert process_is_gone(f"{socket.gethostname()}:{child.pid}")
     finally:
         child.wait()
-    assert worker_is_gone(f"{socket.gethostname()}:{child.pid}")
-    assert not worker_is_gone(f"{socket.gethostname()}:{os.getpid()}")  # this process, alive
+    assert process_is_gone(f"{socket.gethostname()}:{child.pid}")
+    assert not process_is_gone(f"{socket.gethostname()}:{os.getpid()}")  # this process, alive

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +42,7 @@ from ..errors import FuluConfigError
 from ..models import ArchConfig, PiMoETransformer
 from .files import checked_copy, expected_digest, parse_manifest
 from .files import sha256_file as sha256
+from .processes import process_is_gone, this_process
 from .pt2_check import UnsafeProgramError, check_archive
 from .routing_words import batch_dependence
 
@@ -193,6 +195,24 @@ def metric_rows(metrics: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+PARTIAL = ".partial-"
+# A folder assemble() is writing: ``.NAME.partial-HOST:PID-XXXXXXXX`` (mkdtemp's suffix: letters, digits, _).
+PARTIAL_NAME = re.compile(r"\..+\.partial-(?P<writer>.+:\d+)-[a-z0-9_]{8}")
+
+
+def remove_abandoned_partials(folder: Path) -> list[Path]:
+    """The partial folders in ``folder`` whose writer has ended (a killed export or migration: ``kill -9``
+    leaves no chance to remove them) are removed; those of a running writer, or of another host's, stay.
+    Returns the removed folders."""
+    removed = []
+    for path in folder.glob(f".*{PARTIAL}*"):
+        match = PARTIAL_NAME.fullmatch(path.name)
+        if match and path.is_dir() and not path.is_symlink() and process_is_gone(match["writer"]):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def assemble(out: Path, fill: Callable[[Path], None]) -> Path:
     """Write the folder ``out`` (which must not exist or be empty) all at once: ``fill(folder)`` writes the
     files into a temporary folder next to ``out``; then :data:`CHECKSUMS` lists the SHA-256 of each of them,
@@ -201,7 +221,9 @@ def assemble(out: Path, fill: Callable[[Path], None]) -> Path:
     out = Path(out)
     check_out_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remove_abandoned_partials(out.parent)
+    # Named by its writer, so that a later export can tell the folder of a killed one from one being written.
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}{this_process()}-", dir=out.parent))
     try:
         fill(partial)
         # Every file, not only those fulu_nas reads: MLflow and torch-only users read the others.

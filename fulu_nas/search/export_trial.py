@@ -31,12 +31,14 @@ import optuna
 
 from ..checks import check_tracking_database_exists, first_few, nonfinite_tensors
 from ..deploy.files import sha256_file
+from ..deploy.processes import this_process
 from ..errors import FuluConfigError
 from ..training.train import BudgetCapReached, TrainingDiverged
 from .confirm import search_ranking
 from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner, why_no_winner
 from .family import UPCYCLE
 from .interrupts import between_writes
+from .killed_exports import CHAMPION, MADE_BY_TAG, OUT_TAG, WRITER_TAG, undo_killed_exports
 from .locate import StudyLocation, check_recordable, load_study, locate_study, search_settings, split_options
 from .objective import ServedKernels, is_feasible, measure_trial_cost, pareto_front, reference_model, train_architecture
 from .settings import BUDGET_FACTOR_MAX, SearchSettings
@@ -54,7 +56,6 @@ NUMBER = re.compile(r"[0-9]+")
 PERCENT = re.compile(r"[0-9]+(\.[0-9]+)?")  # fastest_within's: a plain decimal number, ASCII digits only
 OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "4", "out": "", "name": ""}
 BAD_INPUT = 2
-CHAMPION = "champion"  # the alias of the version an export registered last
 
 
 def _numbers(trials: list) -> str:
@@ -335,10 +336,14 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         except (OSError, RuntimeError):  # dangling, or a loop
             raise FuluConfigError(f"out: {out} is a symbolic link to nothing (a missing path or a loop); pass "
                                   "the folder itself") from None
+    check_recordable(location, study_database=False)  # the registered model, its run and artifacts
+    client = mlflow.MlflowClient(location.tracking_uri)
+    # Before the folder's check: a killed export's unannounced folder is what the same command would trip on.
+    for line in undo_killed_exports(client, s.tracking.experiment, study):
+        print(line)
     existed = out.is_dir()  # an empty folder given: left as it was if the registration fails
     check_out_folder(out)
     check_output_dir(str(out.parent), "out")
-    check_recordable(location, study_database=False)  # the registered model, its run and artifacts
 
     # Said once the trial's weights load and pass their checks, so that a refusal is the one message; a
     # retraining (long) is said before it starts.
@@ -381,7 +386,6 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     # pyfunc, nested under the study's parent run), an upcycled one's run keeps its record and card. A
     # failure, Ctrl-C or SIGTERM removes the folder and the new version and ends the run, so that a failed
     # export leaves nothing a re-run would trip on, nor a version `fulu-nas serve` cannot check.
-    client = mlflow.MlflowClient(location.tracking_uri)
     version = run_id = before = None
     logged_ids: list[str] = []
     try:
@@ -394,17 +398,20 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         digest = fingerprint(out)
         # A signal arriving inside is raised when the block ends, never inside a database write (which could
         # leave the tracking database locked for the steps that undo the export below).
+        # What the next export undoes, should this one be killed (killed_exports): its writer, folder and files.
+        tags = {WRITER_TAG: this_process(), OUT_TAG: str(out.resolve()), FINGERPRINT_TAG: digest}
         with between_writes(), export_run(location.tracking_uri, s.tracking.experiment, study, trial.number,
-                                          metrics):
+                                          metrics, tags):
             run_id = mlflow.active_run().info.run_id
             if upcycled:
-                mlflow.set_tag(FINGERPRINT_TAG, digest)
                 for file in RECORDED:
                     mlflow.log_artifact(str(out / file))
             else:
                 before = registry_before(client, name)
                 manifest = pyfunc_manifest(out)
                 version = register_files(client, out, manifest, name, logged_ids)
+                if not before[0]:  # made by this export: the next one removes it too, should this one be killed
+                    client.set_registered_model_tag(name, MADE_BY_TAG, run_id)
                 # The registered files' SHA-256 in the tracking database, which `fulu-nas serve` checks them
                 # against: those the export wrote, once the artifact store gives them back.
                 registered = record_registered_files(client, name, version, manifest, location.tracking_uri)

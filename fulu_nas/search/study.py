@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 
+from ..deploy.processes import process_is_gone, this_process
 from ..errors import FuluConfigError
 from ..moe import cpu_stream
 from . import interrupts
@@ -46,7 +47,7 @@ from .private_files import settings_hold_password, write_config
 from .report import describe_counts, print_summary, summarize
 from .settings import SearchSettings
 from .storage import mask_url, open_study_storage
-from .tracking import ORPHANED_UPLOAD, PARENT_RUN_ATTR, Tracker, quiet_mlflow, this_worker, worker_is_gone
+from .tracking import ORPHANED_UPLOAD, PARENT_RUN_ATTR, Tracker, quiet_mlflow
 from .worker_progress import ProgressFile, progress_path, remove_all, running_lines
 
 TrialState = optuna.trial.TrialState
@@ -56,7 +57,7 @@ FINGERPRINT_PARTS_ATTR = "fulu_fingerprint_parts"  # each part's digest: what a 
 INTERRUPTED = 130
 NO_RESULT = 1  # no trial of a complete study completed within its constraints (failed, pruned, infeasible)
 INCOMPLETE = 1  # the search stopped without the requested finished trials, not interrupted
-WORKER_ATTR = "worker"  # a trial's user attribute: the process that runs it (tracking.this_worker)
+WORKER_ATTR = "worker"  # a trial's user attribute: the process that runs it (deploy.processes.this_process)
 
 
 def make_sampler(s: SearchSettings, worker_index: int = 0, trials_before: int = 0) -> optuna.samplers.BaseSampler:
@@ -286,7 +287,7 @@ def record_asks(study: optuna.Study, asked: list[int]) -> None:
         with between_writes():
             trial = ask(*args, **kwargs)
             asked.append(trial._trial_id)
-            trial.set_user_attr(WORKER_ATTR, this_worker())
+            trial.set_user_attr(WORKER_ATTR, this_process())
         return trial
 
     study.ask = recorded_ask
@@ -333,7 +334,7 @@ def fail_trials_of_gone_workers(s: SearchSettings, study: optuna.Study) -> list[
     failed = []
     for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get(WORKER_ATTR, "")
-        if not worker_is_gone(worker):
+        if not process_is_gone(worker):
             continue
         reason = (f"worker stopped: its process {worker} is gone (killed, or crashed); the trial was failed and "
                   "queued again up to study.max_retry times")

@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import os
-import socket
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +22,7 @@ from typing import Any
 
 from ..checks import is_tracking_server, sqlite_file
 from ..deploy.files import sha256_file
+from ..deploy.processes import process_is_gone, this_process
 from ..errors import FuluConfigError
 from .interrupts import between_writes
 from .settings import SearchSettings
@@ -210,7 +210,7 @@ class Tracker:
         closed = []
         for run in self._open_runs(parent_id, "trial"):
             trial = int(run.data.tags["fulu.trial"])
-            if worker_is_gone(run.data.tags.get("fulu.worker", "")) and trial in finished:
+            if process_is_gone(run.data.tags.get("fulu.worker", "")) and trial in finished:
                 self.end_trial(run.info.run_id, "KILLED", {"fulu.reason": ORPHANED_UPLOAD})
                 closed.append(trial)
         return sorted(closed)
@@ -220,7 +220,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id, run_name=name,
             tags={"mlflow.parentRunId": parent_id, "fulu.kind": kind, "fulu.trial": str(trial),
-                  "fulu.study": self.settings.study.name, "fulu.worker": this_worker(),
+                  "fulu.study": self.settings.study.name, "fulu.worker": this_process(),
                   **{k: str(v) for k, v in tags.items()}})
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -308,52 +308,20 @@ class Tracker:
 
 
 @contextmanager
-def export_run(tracking_uri: str, experiment: str, study, trial: int, metrics: dict[str, Any]):
+def export_run(tracking_uri: str, experiment: str, study, trial: int, metrics: dict[str, Any], tags: dict[str, str]):
     """``fulu-nas export``'s MLflow run of trial ``trial`` (active inside the block, for what the export
-    logs), nested under the study's parent run, with the metrics measured on the exported weights."""
+    logs), nested under the study's parent run, with ``tags`` and the metrics measured on the exported weights."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     found = mlflow.MlflowClient(tracking_uri).get_experiment_by_name(experiment)
-    tags = {"fulu.kind": "export", "fulu.trial": str(trial)}
+    tags = {**tags, "fulu.kind": "export", "fulu.trial": str(trial)}
     if study.user_attrs.get(PARENT_RUN_ATTR):
         tags["mlflow.parentRunId"] = study.user_attrs[PARENT_RUN_ATTR]
     with mlflow.start_run(experiment_id=found.experiment_id if found else None, run_name=f"export trial {trial}",
                           tags=tags):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
         yield
-
-
-def this_worker() -> str:
-    """This process as the worker of a trial: ``host:pid`` (its runs' ``fulu.worker`` tag, and the ``worker``
-    attribute of the Optuna trials it runs)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def worker_is_gone(worker: str) -> bool:
-    """Whether ``worker`` (:func:`this_worker` of some process) names a process of this host that has
-    ended. Another host's processes cannot be seen from here: never known to be gone."""
-    host, _, pid = worker.rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    """Whether ``pid`` has ended and waits for its parent to reap it (Linux's /proc; elsewhere unknown: no)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]  # the state follows the command name in parentheses
 
 
 def _is_number(v: object) -> bool:
