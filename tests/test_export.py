@@ -430,7 +430,7 @@ def craft_archive(src: Path, dst: Path, marker: Path, where: str) -> None:
 
 
 def test_the_archive_check_refuses_what_torch_export_load_would_unpickle(tmp_path):
-    from fulu_nas.deploy.pt2_check import archive_problems
+    from fulu_nas.deploy.pt2_check import NOT_AN_ARCHIVE, archive_problems
 
     clean = tmp_path / "clean.pt2"
     torch.export.save(torch.export.export(torch.nn.Linear(3, 2), (torch.randn(4, 3),)), str(clean))
@@ -460,6 +460,10 @@ def test_the_archive_check_refuses_what_torch_export_load_would_unpickle(tmp_pat
 
     with pytest.raises(UnsafeProgramError) as refused:
         check_archive(clean.read_bytes()[:-100], "model.pt2")
+    # Cut at some lengths, torch's reader seeked before the file's start: a ValueError out of the check.
+    data = clean.read_bytes()
+    for length in range(0, len(data), 7):
+        assert any(NOT_AN_ARCHIVE in p for p in archive_problems(data[:length])), length
     assert str(refused.value) == (
         "model.pt2: refused: not a torch.export archive (cut short, damaged or another kind of file: "
         "PytorchStreamReader failed reading zip archive: invalid header or archive is corrupted); torch.export.load "
@@ -600,6 +604,41 @@ def test_serving_checks_the_registered_files_against_the_registry_before_mlflow_
         assert main(["serve", "models:/tiny-clusters@champion", *options]) == 2
         assert words in capsys.readouterr().err
     assert not missing.parent.exists()  # MLflow would have made the folder and an empty database
+
+
+@pytest.mark.slow
+def test_a_registered_model_whose_artifact_store_is_gone_and_bad_serve_options_are_one_message(exported, capsys):
+    """The study's artifact folder moved or deleted (or an artifact server down) was MLflow's 38-line
+    traceback, exit 1; an empty --host served on every interface; '--port 1_000' and a version in another
+    script's digits were read as numbers."""
+    import mlflow
+
+    from fulu_nas.deploy.serve import load_pyfunc
+
+    tracking = f"sqlite:///{exported.out / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking)
+    version = client.get_model_version_by_alias("tiny-clusters", "champion")
+    store = Path(client.get_model_version_download_uri("tiny-clusters", version.version).removeprefix("file://"))
+    moved = store.parent.with_name(store.parent.name + ".moved")
+    store.parent.rename(moved)
+    try:
+        words = (f"models:/tiny-clusters/{version.version}: its files could not be fetched from the artifact store "
+                 f"file://{store} (No such artifact: 'artifacts'): were the study's artifacts")
+        assert main(["serve", "models:/tiny-clusters@champion", "--tracking-uri", tracking]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {words}") and err.count("\n") == 1, err
+        with pytest.raises(FuluConfigError, match=re.escape(words)):
+            load_pyfunc("models:/tiny-clusters@champion", tracking_uri=tracking)
+    finally:
+        moved.rename(store.parent)
+    for options, words in ((["--host", ""], "error: --host: empty; give the address to listen on"),
+                           (["--host", " "], "error: --host: empty"),
+                           (["--port", "1_000"], "argument --port: must be a port number in 1..65535, got '1_000'"),
+                           (["--port", "\u0661\u0660\u0660\u0660"], "argument --port: must be a port number")):
+        assert main(["serve", str(exported.model_dir), *options]) == 2
+        assert words in capsys.readouterr().err
+    assert main(["serve", "models:/tiny-clusters/\u0661", "--tracking-uri", tracking]) == 2
+    assert "expected models:/NAME@ALIAS or models:/NAME/VERSION" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -884,13 +923,20 @@ def test_damaged_or_missing_files_with_regenerated_checksums_are_clear_errors(ex
                  + "".join(f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
                            for p, n in zip("abcde", "bcdef", strict=True))
                  + "format: *f\n"), "config.yaml: holds YAML aliases"),
+             # PyYAML composes by recursion: 2 KB of brackets was a RecursionError (50 KB: a minute, then that)
+             "deep yaml": (lambda c: (c / "config.yaml").write_text("format: " + "[" * 1000 + "]" * 1000 + "\n"),
+                           "config.yaml: nested more than 32 levels deep, which an export never writes"),
+             "huge integer": (lambda c: (c / "config.yaml").write_text("format: " + "7" * 5000 + "\n"),
+                              r"config.yaml: not a configuration an export writes \(Exceeds the limit \(4300 digits\)"),
+             "deep checksums": (lambda c: (c / "checksums.json").write_text("[" * 100000 + "]" * 100000),
+                                "checksums.json: not valid JSON here \\(nested too deeply for a list of files\\)"),
              "no config": (lambda c: unlisted(c, "config.yaml"), "config.yaml: missing"),
              "no weights": (lambda c: unlisted(c, "model.safetensors"), "model.safetensors: missing")}
     for name, (damage, words) in cases.items():
         copy = tmp_path / name.replace(" ", "-")
         shutil.copytree(exported.model_dir, copy)
         damage(copy)
-        if not name.startswith("no "):
+        if not name.startswith(("no ", "deep checksums")):
             forge_checksums(copy)
         with pytest.raises(FuluConfigError, match=words) as raised:
             fulu_nas.load(copy)

@@ -49,6 +49,7 @@ from .routing_words import batch_dependence
 CHECKSUMS = "checksums.json"
 UPCYCLING = "upcycling.yaml"  # what marks an upcycled encoder's export (fulu_nas.interop.upcycle_export)
 FORMAT_VERSION = 1
+MAX_YAML_DEPTH = 32  # an export's config.yaml nests four levels deep
 FINGERPRINT_TAG = "fulu.fingerprint"  # the folder's fingerprint, as a registered version's or export run's tag
 MAX_BATCH = 4096  # the program's largest batch (a dynamic dimension needs a bound)
 INPUT_NAME = "token_ids"  # the signature's one input (pyfunc.py takes {"token_ids": ids} and ids alike)
@@ -460,11 +461,19 @@ def read_yaml(path: Path, shown: Path) -> object:
 
     try:
         text = path.read_text()
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
-            raise FuluConfigError(f"{shown}: holds YAML aliases (*name), which an export never writes")
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise FuluConfigError(f"{shown}: holds YAML aliases (*name), which an export never writes")
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > MAX_YAML_DEPTH:  # PyYAML composes it by recursion: a small file would take minutes, then fail
+                raise FuluConfigError(f"{shown}: nested more than {MAX_YAML_DEPTH} levels deep, which an export "
+                                      "never writes")
         return yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise FuluConfigError(f"{shown}: not valid YAML ({yaml_problem(e)})") from None
+    except ValueError as e:  # Python's limit on an integer's digits (4,300), met by the loader's int()
+        raise FuluConfigError(f"{shown}: not a configuration an export writes ({str(e).splitlines()[0]})") from None
 
 
 def read_architecture(path: Path, shown: Path) -> ArchConfig:

@@ -87,6 +87,8 @@ def parse_manifest(text: str | bytes, source: str) -> dict[str, str]:
         manifest = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise FuluConfigError(f"{source}: not valid JSON ({e})") from None
+    except RecursionError:  # arrays or objects nested thousands deep: a manifest is one flat object
+        raise FuluConfigError(f"{source}: not valid JSON here (nested too deeply for a list of files)") from None
     if not isinstance(manifest, dict):
         raise FuluConfigError(f"{source}: expected an object of file names and SHA-256 values")
     problems = []

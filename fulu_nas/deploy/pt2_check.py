@@ -178,7 +178,8 @@ def archive_problems(data: bytes) -> list[str]:
         records = set(reader.get_file_names())
         with zipfile.ZipFile(io.BytesIO(data)) as z:  # the reader of torch's fallback path
             names = z.namelist()
-    except (RuntimeError, AssertionError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+    # ValueError: torch's reader seeks before the start of a file cut inside its zip directory
+    except (RuntimeError, AssertionError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
         # torch's first sentence names what is wrong; the rest of a miniz error is advice to torch's developers
         why = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
         return [f"{NOT_AN_ARCHIVE} (cut short, damaged or another kind of file: {why}); torch.export.load would "

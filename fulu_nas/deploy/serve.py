@@ -53,13 +53,24 @@ REGISTRY_NOTE = "registered_model_meta"
 
 
 def _download(client, name: str, version: str, into: Path, tracking_uri: str | None) -> Path:
-    """The files of a registered version, downloaded as ``mlflow models serve`` would fetch them."""
+    """The files of a registered version, downloaded as ``mlflow models serve`` would fetch them; FuluConfigError
+    where the artifact store cannot give them (moved or deleted, a server down, no credentials)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # MLflow's download progress bar
-        return Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=client.get_model_version_download_uri(name, version), dst_path=str(into),
-            tracking_uri=tracking_uri))
+    store = client.get_model_version_download_uri(name, version)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # MLflow's download progress bar
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=store, dst_path=str(into),
+                                                            tracking_uri=tracking_uri))
+    except (MlflowException, OSError) as e:
+        # MLflow's message: a line naming the store, then '##### File NAME #####' and the error of each file.
+        lines = (e.message if isinstance(e, MlflowException) else str(e)).splitlines()
+        reason = next((line.strip() for line in lines if line.strip() and not line.startswith(
+            ("The following failures occurred", "#####"))), type(e).__name__)
+        raise FuluConfigError(f"models:/{name}/{version}: its files could not be fetched from the artifact store "
+                              f"{store} ({reason}): were the study's artifacts (its mlartifacts folder) moved or "
+                              "deleted, or is the artifact server down?") from None
 
 
 def record_registered_files(client, name: str, version: str, manifest: dict[str, str], tracking_uri: str) -> str:
@@ -88,7 +99,7 @@ def _registered(uri: str, tracking_uri: str | None):
             name, alias = reference.split("@", 1)
             return client, client.get_model_version_by_alias(name, alias)
         name, _, version = reference.partition("/")
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()):  # isdigit() alone takes other scripts' digits
             raise FuluConfigError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
         return client, client.get_model_version(name, version)
     except MlflowException as e:

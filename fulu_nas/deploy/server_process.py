@@ -61,7 +61,9 @@ def listen_problem(host: str, number: int, error: OSError) -> str:
 
 
 def port(text: str) -> int:
-    """argparse type: a TCP port number."""
+    """argparse type: a TCP port number, in ASCII digits (int() also reads '1_000' and other scripts' digits)."""
+    if not (text.isascii() and text.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {text!r}")
     value = int(text)
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {value}")

@@ -86,7 +86,7 @@ def is_upcycled_export(directory: str | Path) -> bool:
     directory = Path(directory)
     try:
         listed = json.loads((directory / CHECKSUMS).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # the chosen loader names what is wrong with it
         listed = None
     names = set(listed) if isinstance(listed, dict) else {
         name for name in (UPCYCLING, "config.yaml", "config.json") if (directory / name).is_file()}

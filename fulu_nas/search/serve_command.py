@@ -58,6 +58,9 @@ def _serve(args: argparse.Namespace) -> int:
             raise FuluConfigError(f"{args.model}: not a model fulu-nas serves (models:/NAME@ALIAS, "
                                   "models:/NAME/VERSION, or an export folder on this machine)")
         expected_digest(args.sha256, "--sha256")  # named as given, before anything is read
+        if not args.host.strip():  # bind() reads an empty address as every interface: never unasked
+            raise FuluConfigError("--host: empty; give the address to listen on (127.0.0.1, the default: this "
+                                  "machine only; 0.0.0.0: every interface)")
         check_port_free(args.host, args.port)
         tracking_uri = None
         if args.model.startswith("models:/"):
