@@ -77,7 +77,9 @@ def test_every_error_answer_is_short_json_and_the_console_carries_no_traceback(e
             "nested 100,000 deep": (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, 400),
             "no Content-Type": (b'{"inputs": [[1, 2]]}', {}, 415),
             "CSV": (b"token_ids\n1\n2\n", {"Content-Type": "text/csv"}, 400),
-            "5 MB of malformed JSON": (b'{"inputs": [[1, 2' + b" " * 5_000_000, None, 400),
+            "1.5 MB of malformed JSON": (b'{"inputs": [[1, 2' + b" " * 1_500_000, None, 400),
+            # past what the model's largest input needs (a few GB held the server's memory several times over)
+            "5 MB of a request": (b'{"inputs": [[1, 2]]' + b" " * 5_000_000 + b"}", None, 413),
             "a 1 MB string id": (json.dumps({"inputs": [["A" * 1_000_000, 1]]}).encode(), None, 400),
         }
         for name, (body, headers, status) in cases.items():
@@ -87,6 +89,11 @@ def test_every_error_answer_is_short_json_and_the_console_carries_no_traceback(e
             assert set(error) == {"error_code", "message"} and len(answer) < 600, (name, answer[:300])
         assert "expected integer token ids, got 'AAAA" in json.loads(request(port, *cases["a 1 MB string id"][:2])[1])[
             "message"]
+        assert "larger than this model's largest input needs (2,228,224 bytes)" in json.loads(
+            request(port, cases["5 MB of a request"][0])[1])["message"]
+        # the largest batch of the largest ids, one id a line: within the limit
+        largest = json.dumps({"inputs": [[23] * 16] * 4096}, indent=4).encode()
+        assert len(largest) > 1_000_000 and request(port, largest)[0] == 200
         # and it serves on
         status, answer = request(port, json.dumps({"inputs": [[1, 2]]}).encode())
         expected = fulu_nas.load(exported.model_dir)(torch.tensor([[1, 2]])).logits.detach().numpy()
@@ -232,3 +239,29 @@ def test_the_instances_form_is_refused_and_a_body_that_never_ends_gets_408(monke
     assert status == 200 and called == [{"type": "http.request", "body": b'{"inputs": [[1, 2]]}', "more_body": False}]
     monkeypatch.setattr(scoring_app, "BODY_S", 0.2)
     assert asgi(guarded, body_parts=None)[:1] == (408,)
+
+
+def test_a_body_past_the_models_largest_input_is_refused_before_it_is_read_whole():
+    """A body was read whole, joined, replayed and parsed: 500 MB took the server from 0.6 to 2.1 GB, and a
+    few GB from any client would end it. Past the bound of the model's largest input it gets 413, from its
+    Content-Length or, sent in chunks, once that many bytes came."""
+    from fulu_nas.deploy import scoring_app
+
+    limit = scoring_app.body_limit({"max_batch": 4096, "max_seq_len": 16, "vocab_size": 24})
+    assert limit == scoring_app.BODY_SLACK + 4096 * 16 * (2 + scoring_app.ID_ROOM)
+    assert scoring_app.body_limit({"vocab_size": 24}) is None  # not a fulu-nas model's config: no bound
+    called = []
+
+    async def app(scope, receive, send):
+        called.append(await receive())
+        await fastapi_answer(200, "ok")(scope, receive, send)
+
+    guarded = scoring_app.ShortErrors(app, max_body=100)
+    json_type = (b"content-type", b"application/json")
+    for parts, headers in (([b"x" * 60, b"x" * 41], (json_type,)),  # chunked: counted as it comes
+                           ([b"x" * 10], (json_type, (b"content-length", b"101"))),  # declared: before any read
+                           ([b"x" * 101], (json_type,))):
+        status, _, answer = asgi(guarded, body_parts=parts, headers=headers)
+        assert status == 413 and "larger than this model's largest input needs (100 bytes)" in answer["message"]
+    assert not called
+    assert asgi(guarded, body_parts=[b"x" * 50, b"x" * 50])[0] == 200 and called[0]["body"] == b"x" * 100

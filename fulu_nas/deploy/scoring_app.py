@@ -28,6 +28,10 @@ from .server_process import listen_on, listen_problem, port
 MAX_MESSAGE = 400
 GRACEFUL_S = 5  # for the requests under way when the server is stopped
 BODY_S = 60  # for a request's body to arrive (MLflow's own limit on a request)
+# A request's body, at most: the model's largest batch of its largest ids, each with this many bytes more for
+# separators and indentation (one id a line, indented), plus this much for the rest of the JSON.
+ID_ROOM = 16
+BODY_SLACK = 1 << 20
 # MLflow's wrappers around the message that says what is wrong: the request echoed before it, or after it.
 _ECHOED_BEFORE = re.compile(r"^Failed to predict data '.*'\.\s*\nError: ", re.S)
 _ECHOED_AFTER = re.compile(r"\nInput: \n.*$", re.S)
@@ -64,8 +68,9 @@ class ShortErrors:
     POST without a Content-Type is refused before MLflow's app reads it (it fails on it), and so is MLflow's
     ``instances`` form (it drops an instance without ``token_ids`` and answers for the others)."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]):
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_body: int | None = None):
         self.app = app
+        self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,10 +82,16 @@ class ShortErrors:
             return
         if scope["method"] == "POST":
             try:
-                body, disconnected = await asyncio.wait_for(_read_body(receive), BODY_S)
+                body, disconnected = await asyncio.wait_for(
+                    _read_body(receive, self.max_body, _declared_length(scope)), BODY_S)
             except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
                 await _answer(send, 408, {"error_code": "BAD_REQUEST",
                                           "message": f"the request's body did not arrive within {BODY_S} s"})
+                return
+            except BodyTooLarge:
+                await _answer(send, 413, {"error_code": "BAD_REQUEST", "message": (
+                    f"the request's body is larger than this model's largest input needs ({self.max_body:,} "
+                    "bytes); send at most its largest batch, or split it")})
                 return
             if disconnected:
                 return  # nobody to answer
@@ -122,14 +133,46 @@ class ShortErrors:
             await _answer(send, started[0]["status"], error_answer(started[0]["status"], b"".join(held)), kept)
 
 
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
-    """The request's whole body, and whether the client went away before it ended."""
-    chunks = []
+class BodyTooLarge(Exception):
+    """A request's body passed :class:`ShortErrors`'s ``max_body``."""
+
+
+def body_limit(config: dict[str, Any]) -> int | None:
+    """The largest body a request to the model of pyfunc ``config`` (its ``max_batch``, ``max_seq_len`` and
+    ``vocab_size``) needs, with room for JSON's separators and indentation; None where the config lacks them.
+    A larger one is refused before it is read whole: held, joined and parsed, a body takes several times its
+    size in memory, and a few gigabytes from any client would end the server."""
+    try:
+        ids = int(config["max_batch"]) * int(config["max_seq_len"])
+        digits = len(str(int(config["vocab_size"])))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return BODY_SLACK + ids * (digits + ID_ROOM)
+
+
+def _declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length, where it has a readable one."""
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-length" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+async def _read_body(receive: Receive, max_body: int | None = None,
+                     declared: int | None = None) -> tuple[bytes, bool]:
+    """The request's whole body, and whether the client went away before it ended; BodyTooLarge once it is
+    declared or read past ``max_body``."""
+    if max_body is not None and declared is not None and declared > max_body:
+        raise BodyTooLarge
+    chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return b"", True
         chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if max_body is not None and size > max_body:  # chunked, or longer than its Content-Length said
+            raise BodyTooLarge
         if not message.get("more_body"):
             return b"".join(chunks), False
 
@@ -183,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
     from mlflow.pyfunc import scoring_server
 
-    app = ShortErrors(scoring_server.init(scoring_server.load_model_with_mlflow_config(args.model)))
+    model = scoring_server.load_model_with_mlflow_config(args.model)
+    app = ShortErrors(scoring_server.init(model), body_limit(model.model_config or {}))
     # MLflow's warnings while serving are about a request ("If using `instances` as input key ..."), which
     # its answer tells the client; the console is the operator's.
     logging.getLogger("mlflow").setLevel(logging.ERROR)
