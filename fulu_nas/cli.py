@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+
+from .signals import held
 
 COMMANDS = {
     "search": "run or resume a search (Hydra app): fulu-nas search [key=value ...] | --help | --cfg job",
@@ -41,36 +44,42 @@ def run_command(argv: list[str]) -> int:
             print(f"  {name:{width}s}  {text}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    with held():  # the command's libraries load (seconds): a signal meanwhile is a Ctrl-C once they have
+        command_main = _command_main(command)
+    return command_main(rest)
+
+
+def _command_main(command: str) -> Callable[[list[str]], int]:
     if command == "search":
         from .search import app
 
-        return app.main(rest)
+        return app.main
     if command == "confirm":
         from .search import confirm_command
 
-        return confirm_command.main(rest)
+        return confirm_command.main
     if command == "export":
         from .search import export_trial
 
-        return export_trial.main(rest)
+        return export_trial.main
     if command == "serve":
         from .search import serve_command
 
-        return serve_command.main(rest)
+        return serve_command.main
     if command == "ui":
         from .dashboard import ui
 
-        return ui.main(rest)
+        return ui.main
     if command == "dashboard":
         from .dashboard import command as dashboard
 
-        return dashboard.main(rest)
-    if command == "bench":
-        from .bench import cli
+        return dashboard.main
+    from .bench import cli
 
-        return cli.main(rest)
-    print(f"error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
-    return 2
+    return cli.main
 
 
 if __name__ == "__main__":

@@ -98,8 +98,8 @@ def test_the_layer_library_needs_torch_and_the_standard_library_only():
 
 # Bottom to top: a module imports modules of its own layer or of layers below it, never above.
 # __main__: `python -m fulu_nas`, the command line without the script.
-LAYERS = ["errors", "moe", "checks", "options", "models", "tasks", "training", "deploy", "system", "system_config",
-          "interop", "", "search", "bench", "dashboard", "cli", "__main__"]
+LAYERS = ["errors", "signals", "moe", "checks", "options", "models", "tasks", "training", "deploy", "system",
+          "system_config", "interop", "", "search", "bench", "dashboard", "cli", "__main__"]
 
 
 def _layer(module: str) -> int:

@@ -579,6 +579,36 @@ def test_help_into_a_closed_pipe_ends_without_a_traceback(argv, tmp_path):
     assert result.returncode == 141 and result.stderr == "", result.stderr[-2000:]
 
 
+SIGNAL_WHILE_LOADING = """
+import os, signal, sys
+import fulu_nas.cli as cli
+import fulu_nas.search.serve_command as serve_command
+where, signals = sys.argv[1], [getattr(signal, name) for name in sys.argv[2].split(",")]
+module, name = (cli, "_command_main") if where == "command" else (serve_command, "quiet_mlflow")
+step = getattr(module, name)
+def loading(*args):
+    for sig in signals:  # as they would arrive while the libraries import
+        os.kill(os.getpid(), sig)
+    return step(*args)
+setattr(module, name, loading)
+sys.exit(cli.main(["serve", "no-such-folder"]))
+"""
+
+
+@pytest.mark.parametrize("signals", ["SIGTERM", "SIGHUP", "SIGINT", "SIGINT,SIGTERM"])
+@pytest.mark.parametrize("where", ["command", "mlflow"])
+def test_a_signal_while_a_command_loads_its_libraries_is_a_ctrl_c_once_they_have(tmp_path, where, signals):
+    """A SIGTERM or SIGHUP in `fulu-nas serve`'s first seconds (torch, then MLflow importing) ended it by the
+    default action (143, no word); a Ctrl-C there, raised inside numpy's import, left numpy half-loaded and
+    gave a traceback ('cannot load module more than once per process'). The signals are held until the
+    libraries have loaded, then stop the command as a Ctrl-C does: 'interrupted', exit code 130, before it
+    does anything."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_LOADING, where, signals], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 130 and result.stderr == "interrupted\n", (result.returncode, result.stderr[-2000:])
+    assert result.stdout == ""
+
+
 def test_confirm_and_export_help_list_their_options_wherever_help_stands(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for argv, options in ((["confirm", "--help"], ("top_k=", "budget_factor=", "seeds=", "n_workers=")),

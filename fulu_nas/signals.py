@@ -1,0 +1,35 @@
+"""Ctrl-C, SIGTERM and SIGHUP held while a command loads its libraries, then raised as a Ctrl-C.
+
+A command's first seconds import torch, numpy and MLflow. A KeyboardInterrupt raised inside a C
+extension's import leaves the extension half-loaded, and the next import of it fails with a traceback
+(numpy: "cannot load module more than once per process"); SIGTERM's and SIGHUP's default actions end
+the process before the command can say anything or undo anything. Under :func:`held` the three only
+note their arrival; when the block ends the handlers before it are back and one KeyboardInterrupt is
+raised, which the command (or ``fulu_nas.cli``: "interrupted", exit code 130) handles as a Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Hold :data:`HELD` for the block (in the main thread; elsewhere signals are not this thread's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum)) for sig in HELD}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if arrived:
+        raise KeyboardInterrupt
