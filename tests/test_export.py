@@ -598,12 +598,27 @@ def test_serving_checks_the_registered_files_against_the_registry_before_mlflow_
         assert main(["serve", uri, "--tracking-uri", tracking]) == 2
         assert words in capsys.readouterr().err
     missing = tmp_path / "nowhere" / "mlflow.db"
-    for options, words in ((["--tracking-uri", "foo://x"], "unsupported scheme"),
+    # named as the user gave it (the search's tracking.uri key meant nothing here)
+    for options, words in ((["--tracking-uri", "foo://x"], "error: --tracking-uri: unsupported scheme"),
+                           (["--tracking-uri", "http://127.0.0.1:1"],
+                            "error: --tracking-uri: cannot reach the MLflow server at http://127.0.0.1:1"),
                            (["--tracking-uri", f"sqlite:///{missing}"], "no such database"),
                            (["--tracking-uri", tracking, "--port", "99999"], "port number in 1..65535")):
         assert main(["serve", "models:/tiny-clusters@champion", *options]) == 2
         assert words in capsys.readouterr().err
     assert not missing.parent.exists()  # MLflow would have made the folder and an empty database
+
+
+@pytest.mark.slow
+def test_load_pyfunc_of_a_folder_prints_nothing(exported):
+    """load_pyfunc(folder) in a user's program printed MLflow's 'INFO mlflow.pyfunc: Validating input example'
+    line and its 'Downloading artifacts' bars (the command line mutes MLflow; the Python API did not)."""
+    code = ("import sys, numpy as np; from fulu_nas.deploy.serve import load_pyfunc; "
+            "print(load_pyfunc(sys.argv[1]).predict(np.array([[1, 2, 3]])).shape)")
+    result = subprocess.run([sys.executable, "-c", code, str(exported.model_dir)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("(1, 3, 4)\n", ""), result.stderr
 
 
 @pytest.mark.slow
@@ -664,6 +679,11 @@ def test_the_printed_fingerprint_checks_the_registered_model_and_a_tampered_one_
         assert load_pyfunc(champion, expected_sha256=expected, tracking_uri=tracking).predict(x).shape[:2] == (1, 3)
     with pytest.raises(FuluConfigError, match="is not the expected 0{64}: neither the fingerprint"):
         load_pyfunc(champion, expected_sha256="0" * 64, tracking_uri=tracking)
+    # the files hash given for the folder: said to be that, not "its files and checksums were replaced"
+    for load_folder in (fulu_nas.load, lambda folder, expected_sha256: load_pyfunc(folder, expected_sha256)):
+        with pytest.raises(FuluConfigError, match=f"checksums.json: {files} is the files hash of the version the "
+                                                  "export registered .* against the export's fingerprint"):
+            load_folder(exported.model_dir, expected_sha256=files)
 
     with code_added_to_the_champion(client, version, tmp_path) as (stored, marker):
         try:

@@ -89,6 +89,16 @@ def test_every_error_answer_is_short_json_and_the_console_carries_no_traceback(e
             assert set(error) == {"error_code", "message"} and len(answer) < 600, (name, answer[:300])
         assert "expected integer token ids, got 'AAAA" in json.loads(request(port, *cases["a 1 MB string id"][:2])[1])[
             "message"]
+        # a ragged batch: MLflow hands it over as an object array of rows ("got shape (2,)")
+        assert json.loads(request(port, b'{"inputs": [[1, 2, 3], [1]]}')[1])["message"] == \
+            "tokens: expected shape (batch, seq), got rows of different lengths"
+        # the DataFrame forms: MLflow's schema error echoed the request, for any batch of token ids
+        for body in (b'{"dataframe_split": {"columns": ["token_ids"], "data": [[[1, 2, 3]], [[1]]]}}',
+                     b'{"dataframe_records": [{"token_ids": [1, 2, 3]}]}'):
+            got, answer = request(port, body)
+            assert got == 400 and json.loads(answer)["message"] == (
+                'send the token ids as {"inputs": [[ids], ...]}: a DataFrame\'s rows of token ids do not fit the '
+                "model's tensor input"), answer
         assert "larger than this model's largest input needs (2,228,224 bytes)" in json.loads(
             request(port, cases["5 MB of a request"][0])[1])["message"]
         # the largest batch of the largest ids, one id a line: within the limit

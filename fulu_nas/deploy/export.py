@@ -40,7 +40,7 @@ from torch import nn
 from ..checks import device_problem, first_few, nonfinite_tensors, yaml_problem
 from ..errors import FuluConfigError
 from ..models import ArchConfig, PiMoETransformer
-from .files import checked_copy, expected_digest, parse_manifest
+from .files import checked_copy, expected_digest, manifest_digest, parse_manifest
 from .files import sha256_file as sha256
 from .processes import process_is_gone, this_process
 from .pt2_check import UnsafeProgramError, check_archive
@@ -303,6 +303,10 @@ def check_folder(directory: str | Path, expected_sha256: str | None = None, into
         raise FuluConfigError(f"{directory}: not an export directory (no {CHECKSUMS})")
     text = listing.read_bytes()
     if expected is not None and hashlib.sha256(text).hexdigest() != expected:
+        if _files_hash(text) == expected:  # both are printed by the export: the one for the registered version
+            raise FuluConfigError(f"{listing}: {expected_sha256} is the files hash of the version the export "
+                                  "registered ('files ...' on its 'registered as' line), which checks that version; "
+                                  "a folder is checked against the export's fingerprint ('fingerprint ...')")
         raise FuluConfigError(f"{listing}: its SHA-256 is not the expected {expected_sha256} (not the exported "
                               "folder, or its files and checksums were replaced)")
     checksums = parse_manifest(text, str(listing))
@@ -323,6 +327,16 @@ def check_folder(directory: str | Path, expected_sha256: str | None = None, into
     if problems:
         raise FuluConfigError(problems)
     return checksums
+
+
+def _files_hash(listing: bytes) -> str | None:
+    """The files hash of the registered version of the export whose ``checksums.json`` is ``listing``
+    (:func:`pyfunc_manifest`'s digest), or None where the listing does not read."""
+    try:
+        checksums = parse_manifest(listing, CHECKSUMS)
+    except FuluConfigError:
+        return None
+    return manifest_digest({name: digest for name, digest in checksums.items() if name not in FOLDER_ONLY})
 
 
 def verify(directory: str | Path, expected_sha256: str | None = None) -> dict[str, str]:

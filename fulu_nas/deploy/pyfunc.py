@@ -45,6 +45,12 @@ class ExportedProgramModel(mlflow.pyfunc.PythonModel):
             array = np.asarray(model_input)
         except ValueError:  # a ragged list (numpy refuses to make it an array)
             raise bad_input("expected shape (batch, seq), got rows of different lengths") from None
+        if array.ndim == 1 and array.dtype == object and array.size and \
+                all(isinstance(row, (list, tuple, np.ndarray)) for row in array):
+            # MLflow's scoring server hands a ragged JSON batch over as an object array of its rows
+            if len({len(row) for row in array}) > 1:
+                raise bad_input("expected shape (batch, seq), got rows of different lengths")
+            array = np.array([list(row) for row in array], dtype=object)
         if array.ndim != 2:
             raise bad_input(f"expected shape (batch, seq), got shape {array.shape}")
         if array.dtype == object:

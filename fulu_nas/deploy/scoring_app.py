@@ -36,6 +36,15 @@ BODY_SLACK = 1 << 20
 _ECHOED_BEFORE = re.compile(r"^Failed to predict data '.*'\.\s*\nError: ", re.S)
 _ECHOED_AFTER = re.compile(r"\nInput: \n.*$", re.S)
 
+# MLflow's input forms other than "inputs", refused with the reason: "instances" drops an instance without
+# token_ids and answers for the others; the DataFrame forms fail on the model's tensor signature, with a
+# message that echoes the request.
+REFUSED_FORMS = {
+    "instances": 'the "instances" form loses an instance that has no token_ids',
+    "dataframe_split": "a DataFrame's rows of token ids do not fit the model's tensor input",
+    "dataframe_records": "a DataFrame's rows of token ids do not fit the model's tensor input",
+}
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -65,8 +74,8 @@ def error_answer(status: int, body: bytes) -> dict[str, str]:
 class ShortErrors:
     """ASGI middleware: answers of status 400 and above are rewritten by :func:`error_answer`; an exception
     out of the app is an answer too (400 for input Python cannot read, else 500), logged in one line; a
-    POST without a Content-Type is refused before MLflow's app reads it (it fails on it), and so is MLflow's
-    ``instances`` form (it drops an instance without ``token_ids`` and answers for the others)."""
+    POST without a Content-Type is refused before MLflow's app reads it (it fails on it), and so are the input
+    forms of :data:`REFUSED_FORMS`."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_body: int | None = None):
         self.app = app
@@ -95,10 +104,9 @@ class ShortErrors:
                 return
             if disconnected:
                 return  # nobody to answer
-            if _is_instances(body):
+            if form := _refused_form(body):
                 await _answer(send, 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": (
-                    'send the token ids as {"inputs": [[ids], ...]}: the "instances" form loses an instance '
-                    "that has no token_ids")})
+                    f'send the token ids as {{"inputs": [[ids], ...]}}: {REFUSED_FORMS[form]}')})
                 return
             receive = _replay(body, receive)
         started: list[Message] = []
@@ -191,15 +199,15 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def _is_instances(body: bytes) -> bool:
-    """Whether ``body`` is a JSON object holding MLflow's ``instances`` (a cheap look before a full parse)."""
-    if b'"instances"' not in body:
-        return False
+def _refused_form(body: bytes) -> str | None:
+    """Which of :data:`REFUSED_FORMS` the JSON object ``body`` is in, if any (a cheap look before a full parse)."""
+    if not any(f'"{form}"'.encode() in body for form in REFUSED_FORMS):
+        return None
     try:
         value = json.loads(body)
     except (ValueError, RecursionError):
-        return False  # MLflow's answer names what is wrong
-    return isinstance(value, dict) and "instances" in value
+        return None  # MLflow's answer names what is wrong
+    return next((form for form in REFUSED_FORMS if isinstance(value, dict) and form in value), None)
 
 
 async def _answer(send: Send, status: int, answer: dict[str, str], headers: list | None = None) -> None:

@@ -208,10 +208,27 @@ def load_pyfunc(source: str | os.PathLike, expected_sha256: str | None = None, t
     checking every file of it (:func:`checked_model`); MLflow's pickle loading is off meanwhile."""
     import mlflow
 
-    with checked_model(source, expected_sha256, tracking_uri) as copy, _environment(NO_PICKLES):
+    with _mlflow_quiet(), checked_model(source, expected_sha256, tracking_uri) as copy, _environment(NO_PICKLES):
         if warning := casting_signature(copy):
             warnings.warn(warning, stacklevel=2)
         return mlflow.pyfunc.load_model(str(copy))  # the program is read into memory as it loads
+
+
+@contextlib.contextmanager
+def _mlflow_quiet() -> Iterator[None]:
+    """MLflow's INFO lines (the validation of the input example as a folder's model is saved) and its download
+    bars kept off the caller's console inside the block: a loader's output is the model, not MLflow's
+    progress. Its warnings still show."""
+    import logging
+
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        with _environment({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager

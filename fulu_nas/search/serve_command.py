@@ -67,8 +67,9 @@ def _serve(args: argparse.Namespace) -> int:
         tracking_uri = None
         if args.model.startswith("models:/"):
             tracking_uri = registry_uri(args.tracking_uri)
-            check_tracking_uri(tracking_uri)
-            probe_tracking(tracking_uri)
+            given_by = "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI"
+            check_tracking_uri(tracking_uri, given_by)
+            probe_tracking(tracking_uri, given_by)
         with checked_model(args.model, args.sha256, tracking_uri) as copy:
             if warning := casting_signature(copy):
                 print(f"warning: {warning}", file=sys.stderr)

@@ -104,15 +104,16 @@ def _check_sqlite_query(parsed, url: str, key: str) -> None:
         raise FuluConfigError(f"{key}: {' '.join(str(ignored[0].message).split()).partition(' (Background')[0]}")
 
 
-def check_tracking_uri(uri: object) -> None:
+def check_tracking_uri(uri: object, key: str = "tracking.uri") -> None:
+    """``key``: the option that gave ``uri``, as messages name it."""
     if not isinstance(uri, str) or "://" not in uri:
-        raise FuluConfigError(f"tracking.uri: expected http://host:port or sqlite:///path/mlflow.db, got {uri!r} "
+        raise FuluConfigError(f"{key}: expected http://host:port or sqlite:///path/mlflow.db, got {uri!r} "
                               "(MLflow 3 refuses plain folders: its file store is deprecated)")
     scheme = _scheme(uri)
     if scheme not in _TRACKING_SCHEMES:
-        raise FuluConfigError(f"tracking.uri: unsupported scheme {scheme!r} (use {', '.join(_TRACKING_SCHEMES)})")
+        raise FuluConfigError(f"{key}: unsupported scheme {scheme!r} (use {', '.join(_TRACKING_SCHEMES)})")
     if not scheme.startswith("http"):
-        _check_rdb_url(uri, "tracking.uri")
+        _check_rdb_url(uri, key)
 
 
 def check_output_dir(path: str, key: str = "hydra.run.dir") -> None:
@@ -302,19 +303,20 @@ def check_study_storage_exists(url: str, study_name: str) -> None:
                               f"optuna.db)")
 
 
-def probe_tracking(uri: str) -> None:
-    """Reach a tracking server or database; an existing SQLite file must be a database."""
+def probe_tracking(uri: str, key: str = "tracking.uri") -> None:
+    """Reach a tracking server or database; an existing SQLite file must be a database. ``key``: the option
+    that gave ``uri``, as messages name it."""
     scheme = _scheme(uri)
     if scheme == "sqlite":
-        _probe_sqlite_file(uri, "tracking.uri")
+        _probe_sqlite_file(uri, key)
         return
     if scheme.startswith("http"):
-        _probe_tracking_server(uri)
+        _probe_tracking_server(uri, key)
         return
-    _probe_database(uri, "tracking.uri")
+    _probe_database(uri, key)
 
 
-def _probe_tracking_server(uri: str) -> None:
+def _probe_tracking_server(uri: str, key: str) -> None:
     """Reach the MLflow server at ``uri`` as MLflow's client will: with the credentials it sends (an
     ``http://user:password@host`` URI's, MLFLOW_TRACKING_USERNAME and _PASSWORD, a token), where urllib
     took ``user:password@host`` for the host's name; once, not with the client's retries."""
@@ -331,13 +333,13 @@ def _probe_tracking_server(uri: str) -> None:
         problem = _first_cause(e)
         if (password := _url_password(uri)) is not None:
             problem = problem.replace(password, "***")
-        raise FuluConfigError(f"tracking.uri: cannot reach the MLflow server at {shown}: {problem}") from None
+        raise FuluConfigError(f"{key}: cannot reach the MLflow server at {shown}: {problem}") from None
     if response.status_code in (401, 403):
-        raise FuluConfigError(f"tracking.uri: the MLflow server at {shown} refused the credentials (HTTP "
+        raise FuluConfigError(f"{key}: the MLflow server at {shown} refused the credentials (HTTP "
                               f"{response.status_code} {response.reason}): check the user and password in the URI, "
                               "or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     if not response.ok:
-        raise FuluConfigError(f"tracking.uri: {shown} is not a healthy MLflow server (GET /health: HTTP "
+        raise FuluConfigError(f"{key}: {shown} is not a healthy MLflow server (GET /health: HTTP "
                               f"{response.status_code} {response.reason})")
 
 
