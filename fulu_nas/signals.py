@@ -15,17 +15,20 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# SIGHUP is POSIX's only
+HELD = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @contextmanager
 def held() -> Iterator[None]:
-    """Hold :data:`HELD` for the block (in the main thread; elsewhere signals are not this thread's)."""
+    """Hold :data:`HELD` for the block (in the main thread; elsewhere signals are not this thread's). A signal
+    this process ignores (SIGHUP under ``nohup``, SIGINT in a shell's background job) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     arrived: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum)) for sig in HELD}
+    previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum)) for sig in HELD
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

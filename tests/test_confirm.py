@@ -462,6 +462,12 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
              (tmp_path / "empty", broken, ["top_k=", "seeds=1", "seeds=2"],
               "top_k: empty; give a value, or leave top_k= out for its default\n"
               "  - seeds: given twice ('1', then '2'); give it once"),
+             # an override given twice: Hydra took the last one
+             (tmp_path / "twice", broken, ["study.name=other"],
+              "study.name: given twice ('tiny-clusters', then 'other'); give it once"),
+             # an override that locates the study, empty (an unset shell variable): the default, unasked
+             (tmp_path / "unset", broken, ["study.storage="],
+              "study.storage: empty (an unset shell variable?); give a value, or leave study.storage= out"),
              (tmp_path / "nested", broken, ["study.confirm.top_k=3"],
               "study.confirm.top_k=3: not used: this command works with the search's own settings, where "
               "study.confirm.top_k is 8 (3 here)")]

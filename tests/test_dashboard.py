@@ -620,6 +620,82 @@ def test_a_wrong_tracking_uri_or_out_is_one_message_and_makes_nothing(tiny, tmp_
 
 
 @pytest.mark.slow
+def test_out_never_replaces_what_is_not_a_page_and_a_failed_write_keeps_the_earlier_page(tiny, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """out=<folder>/optuna.db replaced the study's database with the page (exit 0); a dangling link or a name too
+    long was a traceback; a full disk left the earlier page cut short."""
+    import hashlib
+
+    monkeypatch.chdir(tmp_path)
+    digest = hashlib.sha256((tiny / "optuna.db").read_bytes()).hexdigest()
+    (tmp_path / "gone.html").symlink_to(tmp_path / "nowhere" / "page.html")
+    for out, words in ((tiny / "optuna.db", f"out: {tiny / 'optuna.db'} is not an .html file name"),
+                       (tiny / "mlflow.db", "is not an .html file name"),
+                       (tmp_path / "gone.html", "is a symbolic link to nothing"),
+                       (tmp_path / ("x" * 300 + ".html"), "out: cannot write ")):
+        assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}", f"out={out}"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 2 and "Traceback" not in err, err
+    assert hashlib.sha256((tiny / "optuna.db").read_bytes()).hexdigest() == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone.html"]
+
+    page = tmp_path / "page.html"
+    page.write_text("the earlier page")
+
+    import builtins
+
+    real_open = builtins.open
+
+    class DiskFull:  # the page's file, filling up after its first kilobyte
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:1000])
+            raise OSError(28, "No space left on device")
+
+    def open_on_a_full_disk(file, *args, **kwargs):
+        f = real_open(file, *args, **kwargs)
+        return DiskFull(f) if isinstance(file, int) else f  # the partial file, opened from mkstemp's handle
+
+    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
+    assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}", f"out={page}"]) == 2
+    assert f"out: cannot write {page}: No space left on device" in capsys.readouterr().err
+    assert page.read_text() == "the earlier page" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "gone.html", "page.html"]
+
+
+@pytest.mark.slow
+def test_the_page_of_a_study_whose_folder_another_study_took_is_its_own(tiny, monkeypatch, tmp_path, capsys):
+    """Two studies searched into one folder wrote one dashboard.html, the second study's page replacing the
+    first's. The folder's search_config.json names the study searched there last; another study's page gets
+    its name."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    config = tiny / "search_config.json"
+    saved = config.read_text()
+    data = json.loads(saved)
+    data["config"]["study"]["name"] = "another study"  # as a later search of it into this folder leaves it
+    config.write_text(json.dumps(data))
+    before = (tiny / "dashboard.html").read_bytes()
+    try:
+        assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}"]) == 0
+    finally:
+        config.write_text(saved)
+    assert f"dashboard: {tiny / 'dashboard-tiny-clusters.html'}" in capsys.readouterr().out
+    assert (tiny / "dashboard.html").read_bytes() == before
+    assert _sections((tiny / "dashboard-tiny-clusters.html").read_text()) == DEFAULT_PANELS
+    (tiny / "dashboard-tiny-clusters.html").unlink()
+
+
+@pytest.mark.slow
 def test_a_missing_tracking_database_is_one_message_and_none_is_made(tiny, tmp_path, monkeypatch, capsys):
     """The folder's mlflow.db deleted, or tracking.uri naming a file that is not there (a typo): MLflow made
     an empty database there, printed its INFO logs, drew panels that said each run was not found and failed

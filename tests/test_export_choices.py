@@ -342,23 +342,33 @@ def test_the_registered_files_are_the_ones_the_export_wrote(study, tmp_path, cap
     assert not mlflow.MlflowClient(study.tracking).search_registered_models("name = 'tampered'")
 
 
-# An export in a child process that kills itself (SIGKILL: nothing of it runs any more) at one of its steps.
+# An export in a child process that kills itself (SIGKILL: nothing of it runs any more) before or after one
+# of its steps (and only where the step's arguments are those given).
 KILLED_AT = {
     # writing the folder: a hidden partial folder is left, no run yet
-    "writing": "from fulu_nas.deploy import export as module; attribute = 'save_pyfunc'",
+    "writing": ("from fulu_nas.deploy import export as module; attribute = 'save_pyfunc'", "before", ""),
     # registering: the folder, a version without its files' record and a logged model, the run RUNNING
-    "registering": "from fulu_nas.deploy import serve as module; attribute = 'record_registered_files'",
+    "registering": ("from fulu_nas.deploy import serve as module; attribute = 'record_registered_files'",
+                    "before", ""),
+    # the version registered to the end (its fingerprint tag), champion not moved to it: the run RUNNING
+    "tagged": ("import mlflow; module = mlflow.MlflowClient; attribute = 'set_model_version_tag'", "after",
+               "fulu.fingerprint"),
     # the alias moved: registered to the end, the run RUNNING
-    "aliased": "import mlflow; module = mlflow.MlflowClient; attribute = 'set_registered_model_alias'",
+    "aliased": ("import mlflow; module = mlflow.MlflowClient; attribute = 'set_registered_model_alias'", "after",
+                ""),
 }
 KILLED_EXPORT = """
 import os, signal, sys
 {where}
+when, given = {when!r}, {given!r}
 step = getattr(module, attribute)
 def killed(*args, **kwargs):
-    if attribute == "set_registered_model_alias":
+    if when == "after":
         step(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
+    if not given or given in args:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if when == "before":
+        return step(*args, **kwargs)
 setattr(module, attribute, killed)
 from fulu_nas.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -384,7 +394,9 @@ def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsy
     runs_before, versions_before = registry_state(study)
     models_before = logged_models(study)
     out = tmp_path / "model"
-    child = subprocess.run([sys.executable, "-c", KILLED_EXPORT.format(where=KILLED_AT[when]), "export",
+    where, before_or_after, given = KILLED_AT[when]
+    child = subprocess.run([sys.executable, "-c", KILLED_EXPORT.format(where=where, when=before_or_after,
+                                                                      given=given), "export",
                             "study.name=tiny-clusters", f"hydra.run.dir={study.out}", "trial=1", f"out={out}",
                             f"name={registered}"], capture_output=True, text=True, timeout=600)
     assert child.returncode == -9, child.stderr
@@ -401,9 +413,10 @@ def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsy
         assert len(logged_models(study)) == len(models_before) + 1
     champion_before = client.get_model_version_by_alias(registered, "champion").version \
         if name == "existing" or when == "aliased" else None
+    finished = when in ("tagged", "aliased")  # its version registered to the end: it stays, with its folder
 
     # The same command again (where the killed export had finished its folder and version: another folder).
-    again = tmp_path / "again" if when == "aliased" else out
+    again = tmp_path / "again" if finished else out
     code, printed, err = export(study, capsys, "trial=1", f"out={again}", f"name={registered}")
     assert code == 0, err
     undone = [line for line in printed.splitlines() if line.startswith("ended the MLflow run")]
@@ -421,9 +434,10 @@ def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsy
     runs, versions = registry_state(study)
     assert "RUNNING" not in dict(runs).values()
     new_versions = [v for v in versions if v not in versions_before]
-    if when == "aliased":  # registered to the end: it stays, with its folder, beside the new version
+    if finished:  # registered to the end: it stays, with its folder, beside the new version
         assert new_versions[0] == killed_versions[0] and len(new_versions) == 2 and out.is_dir()
-        assert champion_before == killed_versions[0][1]
+        # "tagged": champion not moved to it (named the earlier version, or none), yet it stays
+        assert (champion_before == killed_versions[0][1]) == (when == "aliased")
         assert len(logged_models(study)) == len(models_before) + 2
     else:
         assert len(new_versions) == 1 and len(logged_models(study)) == len(models_before) + 1
@@ -432,6 +446,70 @@ def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsy
     assert client.get_model_version_by_alias(registered, "champion").version == new_versions[-1][1]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         {"model", again.name} | ({"first"} if name == "existing" else set()))
+
+
+def test_an_export_run_at_work_or_of_another_host_and_a_changed_folder_are_left_alone(study, tmp_path, capsys):
+    """Only a run whose writer is a process of this host that has ended is undone; and of its folder, only
+    what the export wrote: a file changed or added since keeps the folder (the run is still ended)."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from fulu_nas.deploy.export import fingerprint
+    from fulu_nas.search.killed_exports import undo_killed_exports
+
+    client = mlflow.MlflowClient(study.tracking)
+    assert export(study, capsys, "trial=0", f"out={tmp_path / 'written'}", "name=left-alone")[0] == 0
+    experiment = client.get_experiment_by_name("tiny-clusters")
+    parent = optuna.load_study(study_name="tiny-clusters", storage=f"sqlite:///{study.out / 'optuna.db'}") \
+        .user_attrs["mlflow_parent_run_id"]
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = f"{socket.gethostname()}:{ended.stdout.strip()}"
+    changed = tmp_path / "changed"
+    shutil.copytree(tmp_path / "written", changed)
+    digest = fingerprint(changed)
+    (changed / "notes.txt").write_text("mine")  # added since
+    runs = {}
+    for label, writer in (("at work", f"{socket.gethostname()}:{os.getpid()}"), ("other host", "elsewhere:1"),
+                          ("changed folder", gone)):
+        runs[label] = client.create_run(experiment.experiment_id, tags={
+            "mlflow.parentRunId": parent, "fulu.kind": "export", "fulu.trial": "0", "fulu.worker": writer,
+            "fulu.out": str(changed), "fulu.fingerprint": digest}).info.run_id
+    study_object = optuna.load_study(study_name="tiny-clusters", storage=f"sqlite:///{study.out / 'optuna.db'}")
+    [line] = undo_killed_exports(client, "tiny-clusters", study_object)
+    assert line == (f"ended the MLflow run {runs['changed folder']} of an export killed before it ended (process "
+                    f"{gone} gone) of trial 0: nothing else to remove")
+    assert (changed / "notes.txt").is_file()
+    assert {label: client.get_run(run).info.status for label, run in runs.items()} == {
+        "at work": "RUNNING", "other host": "RUNNING", "changed folder": "KILLED"}
+    for run in (runs["at work"], runs["other host"]):
+        client.set_terminated(run, "FINISHED")
+
+
+def test_only_the_partial_folders_of_ended_writers_are_removed(tmp_path):
+    """A partial folder is its writer's (``.NAME.partial-HOST:PID-XXXXXXXX``): that of a running process, of
+    another host, or any other hidden folder stays."""
+    import socket
+    import subprocess
+    import sys
+
+    from fulu_nas.deploy.export import remove_abandoned_partials
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    names = {"ended": f".model.partial-{host}:{ended.stdout.strip()}-abcd_123",
+             "running": f".model.partial-{host}:{os.getpid()}-abcd_123",
+             "other host": ".model.partial-elsewhere:1-abcd_123",
+             "no writer": ".model.partial-abcd_123",
+             "not ours": f".model.partial-{host}:{ended.stdout.strip()}-not-ours"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+    remove_abandoned_partials(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if k != "ended")
 
 
 def test_the_searchs_pareto_table_is_in_the_order_pareto_i_counts(capsys, tmp_path):

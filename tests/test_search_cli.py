@@ -582,15 +582,23 @@ def test_help_into_a_closed_pipe_ends_without_a_traceback(argv, tmp_path):
 SIGNAL_WHILE_LOADING = """
 import os, signal, sys
 import fulu_nas.cli as cli
-import fulu_nas.search.serve_command as serve_command
 where, signals = sys.argv[1], [getattr(signal, name) for name in sys.argv[2].split(",")]
-module, name = (cli, "_command_main") if where == "command" else (serve_command, "quiet_mlflow")
-step = getattr(module, name)
-def loading(*args):
-    for sig in signals:  # as they would arrive while the libraries import
+def arrive():
+    for sig in signals:
         os.kill(os.getpid(), sig)
-    return step(*args)
-setattr(module, name, loading)
+if where == "command":  # as the command's modules start to import
+    step = cli._command_main
+    def loading(*args):
+        arrive()
+        return step(*args)
+    cli._command_main = loading
+else:  # as MLflow starts to import, wherever that is
+    class SignalOnImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "mlflow":
+                arrive()
+            return None
+    sys.meta_path.insert(0, SignalOnImport())
 sys.exit(cli.main(["serve", "no-such-folder"]))
 """
 
@@ -607,6 +615,35 @@ def test_a_signal_while_a_command_loads_its_libraries_is_a_ctrl_c_once_they_have
                             text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 130 and result.stderr == "interrupted\n", (result.returncode, result.stderr[-2000:])
     assert result.stdout == ""
+
+
+def test_held_signals_come_back_as_one_ctrl_c_and_ignored_ones_stay_ignored():
+    """Held: noted, then one KeyboardInterrupt when the block ends, the handlers before it back. Ignored (nohup's
+    SIGHUP, a background job's SIGINT): a command under nohup stopped with 130 at a SIGHUP while it loaded."""
+    import os
+    import signal
+
+    from fulu_nas.signals import held
+
+    def own(signum, frame):
+        raise AssertionError("the handler before the block ran inside it")
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGTERM, own)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with held():
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing comes of it
+        with pytest.raises(KeyboardInterrupt):
+            with held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)  # twice: still one interrupt, at the end
+                reached_the_end = True
+        assert reached_the_end
+        assert signal.getsignal(signal.SIGTERM) is own and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_confirm_and_export_help_list_their_options_wherever_help_stands(tmp_path, monkeypatch, capsys):

@@ -99,11 +99,12 @@ def test_every_error_answer_is_short_json_and_the_console_carries_no_traceback(e
             assert got == 400 and json.loads(answer)["message"] == (
                 'send the token ids as {"inputs": [[ids], ...]}: a DataFrame\'s rows of token ids do not fit the '
                 "model's tensor input"), answer
-        assert "larger than this model's largest input needs (2,228,224 bytes)" in json.loads(
+        assert "larger than this model's largest input needs (3,276,800 bytes)" in json.loads(
             request(port, cases["5 MB of a request"][0])[1])["message"]
-        # the largest batch of the largest ids, one id a line: within the limit
-        largest = json.dumps({"inputs": [[23] * 16] * 4096}, indent=4).encode()
-        assert len(largest) > 1_000_000 and request(port, largest)[0] == 200
+        # the largest batch of the largest ids, one id a line, in either form: within the limit
+        for form in ({"inputs": [[23] * 16] * 4096}, {"inputs": {"token_ids": [[23] * 16] * 4096}}):
+            largest = json.dumps(form, indent=4).encode()
+            assert len(largest) > 1_000_000 and request(port, largest)[0] == 200
         # and it serves on
         status, answer = request(port, json.dumps({"inputs": [[1, 2]]}).encode())
         expected = fulu_nas.load(exported.model_dir)(torch.tensor([[1, 2]])).logits.detach().numpy()

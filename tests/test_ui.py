@@ -84,15 +84,17 @@ def test_a_signal_to_the_ui_stops_its_server(signum, tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
 @pytest.mark.slow
-def test_a_ui_stopped_while_its_server_starts_prints_its_address_alone(tmp_path):
+@pytest.mark.parametrize("host, shown", [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")])
+def test_a_ui_stopped_while_its_server_starts_prints_its_address_alone(tmp_path, host, shown):
     """Ctrl-C a few seconds after the start, while MLflow's server processes still import: each of them
-    used to print a KeyboardInterrupt traceback (100 lines), and MLflow its choice of registry store."""
+    used to print a KeyboardInterrupt traceback (100 lines), and MLflow its choice of registry store. An
+    IPv6 address is bracketed in the printed URL (http://::1:PORT was no address a browser takes)."""
     import mlflow
 
     mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "fulu_nas.cli", "ui", "--tracking-uri",
-                           f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)],
+                           f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port), "--host", host],
                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
@@ -103,7 +105,7 @@ def test_a_ui_stopped_while_its_server_starts_prints_its_address_alone(tmp_path)
         ui.send_signal(signal.SIGINT)
         out, err = ui.communicate(timeout=60)
         assert ui.returncode == 0
-        assert out == f"MLflow UI: http://127.0.0.1:{port}  (Ctrl-C stops it)\n"
+        assert out == f"MLflow UI: http://{shown}:{port}  (Ctrl-C stops it)\n"
         assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
         assert [pid for pid in server if process_alive(pid)] == []
     finally:

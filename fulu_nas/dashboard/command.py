@@ -15,7 +15,11 @@ study, layout or panel) is one message and exit code 2, with nothing written.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import FuluConfigError
@@ -31,7 +35,8 @@ USAGE = """usage: fulu-nas dashboard study.name=NAME [layout=default|NAME|FILE.y
 
 Renders one self-contained HTML page of a study (plotly; works offline) from a layout in
 dashboards/, writes it to out (default: <the search's output folder>/dashboard.html, or
-dashboard-<layout>.html for another layout; a folder: that name in it) and logs it to the study's
+dashboard-<layout>.html for another layout, with -<study> added where another study was searched into
+the folder since; an .html file; a folder: that name in it) and logs it to the study's
 parent MLflow run (open it with `fulu-nas ui <output folder>`). Pass the overrides that locate the
 study when the search used them: study.storage=..., tracking.uri=..., hydra.run.dir=..., and
 --config-dir DIR with its search_space=...
@@ -41,7 +46,7 @@ study when the search used them: study.storage=..., tracking.uri=..., hydra.run.
 def build(argv: list[str]) -> tuple[str, Path, Context, Layout, str | None]:
     """Validate, locate the study, render: (page, where to write it, context, layout, parent run)."""
     from ..checks import check_tracking_database_exists
-    from ..search.locate import load_study, locate_study, search_settings, split_options
+    from ..search.locate import folder_is_the_studys, load_study, locate_study, search_settings, split_options
     from ..search.storage import check_output_dir
     from ..search.tracking import PARENT_RUN_ATTR, quiet_mlflow
 
@@ -56,14 +61,27 @@ def build(argv: list[str]) -> tuple[str, Path, Context, Layout, str | None]:
         # (no parent run, no trial run) is drawn without one.
         check_tracking_database_exists(location.tracking_uri)
     settings = search_settings(location, study)
+    # Several studies may be searched into one folder: the page of one whose folder another took is its own.
+    name = artifact_name(layout) if folder_is_the_studys(location) else \
+        artifact_name(layout).removesuffix(".html") + f"-{_file_name_part(location.name)}.html"
     if own["out"]:
         out = Path(own["out"])
-        if out.is_dir() or own["out"].endswith("/"):
-            out = out / artifact_name(layout)
+        # os.path's: False where the name cannot be looked at (too long), which the write then names
+        if os.path.isdir(out) or own["out"].endswith("/"):
+            out = out / name
+        elif out.suffix.lower() not in (".html", ".htm"):  # out=optuna.db replaced the study with the page
+            raise FuluConfigError(f"out: {own['out']} is not an .html file name: the dashboard is an HTML page "
+                                  f"(give a folder to have it written there as {name})")
+        if os.path.islink(out):  # written where it leads, which must exist
+            try:
+                out = out.resolve(strict=True)
+            except (OSError, RuntimeError):
+                raise FuluConfigError(f"out: {own['out']} is a symbolic link to nothing (a missing path or a "
+                                      "loop); give the file itself") from None
     else:
-        out = location.output_dir / artifact_name(layout)
+        out = location.output_dir / name
     check_output_dir(str(out.parent), "out")  # before the page is drawn, not a traceback after
-    if out.is_dir():
+    if os.path.isdir(out):
         raise FuluConfigError(f"out: {out} is a folder")
     ctx = Context(study, settings, location.tracking_uri)
     return render(ctx, layout), out, ctx, layout, study.user_attrs.get(PARENT_RUN_ATTR)
@@ -82,6 +100,32 @@ def artifact_name(layout: Layout) -> str:
     return ARTIFACT if layout.name == "default" else f"dashboard-{layout.name}.html"
 
 
+def _file_name_part(text: str) -> str:
+    """``text`` (a study's name) as part of a file name: letters, digits, '.', '_' and '-' kept, the rest '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "study"
+
+
+def write_page(out: Path, page: str) -> None:
+    """The page written at ``out`` whole, or FuluConfigError: written beside it, then renamed over it, so that
+    a failure (a full disk, a name too long) leaves the earlier page as it was."""
+    partial = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=".dashboard-", suffix=".partial", dir=out.parent)
+        partial = Path(name)
+        with open(handle, "w", encoding="utf-8") as f:
+            f.write(page)
+        umask = os.umask(0)
+        os.umask(umask)
+        partial.chmod(0o666 & ~umask)  # as a file written in place would be (mkstemp's is private)
+        os.replace(partial, out)
+    except OSError as e:
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+        raise FuluConfigError(f"out: cannot write {out}: {e.strerror or e}") from None
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\nlayouts: " + ", ".join(available_layouts()) + "\npanels: " + ", ".join(PANELS))
@@ -92,11 +136,10 @@ def main(argv: list[str]) -> int:
         return BAD_INPUT
     try:
         page, out, ctx, layout, parent = build(argv)
+        write_page(out, page)
     except FuluConfigError as e:
         print("error: invalid dashboard request:\n  - " + "\n  - ".join(e.problems), file=sys.stderr)
         return BAD_INPUT
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
     print(f"dashboard: {out}  ({trial_counts(ctx.trials)}; layout {layout.name})")
     if not parent:
         print("not logged to MLflow: the study has no parent run", file=sys.stderr)

@@ -69,5 +69,6 @@ def main(argv: list[str]) -> int:
     except (FileNotFoundError, FuluConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
-    print(f"MLflow UI: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL is bracketed
+    print(f"MLflow UI: http://{host}:{args.port}  (Ctrl-C stops it)", flush=True)
     return run_server(command)

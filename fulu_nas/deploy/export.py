@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -201,17 +202,22 @@ PARTIAL = ".partial-"
 PARTIAL_NAME = re.compile(r"\..+\.partial-(?P<writer>.+:\d+)-[a-z0-9_]{8}")
 
 
-def remove_abandoned_partials(folder: Path) -> list[Path]:
+def remove_abandoned_partials(folder: Path) -> None:
     """The partial folders in ``folder`` whose writer has ended (a killed export or migration: ``kill -9``
-    leaves no chance to remove them) are removed; those of a running writer, or of another host's, stay.
-    Returns the removed folders."""
-    removed = []
+    leaves no chance to remove them) are removed; those of a running writer, or of another host's, stay."""
     for path in folder.glob(f".*{PARTIAL}*"):
         match = PARTIAL_NAME.fullmatch(path.name)
         if match and path.is_dir() and not path.is_symlink() and process_is_gone(match["writer"]):
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+
+
+def abandon(folder: Path) -> None:
+    """Remove ``folder`` by first renaming it to a partial folder of this process: a removal cut short (Ctrl-C,
+    a crash) leaves a partial folder, which :func:`remove_abandoned_partials` finishes, not a folder that looks
+    whole."""
+    partial = folder.with_name(f".{folder.name}{PARTIAL}{this_process()}-{secrets.token_hex(4)}")
+    folder.rename(partial)
+    shutil.rmtree(partial)
 
 
 def assemble(out: Path, fill: Callable[[Path], None]) -> Path:
@@ -484,6 +490,8 @@ def read_yaml(path: Path, shown: Path) -> object:
                 raise FuluConfigError(f"{shown}: nested more than {MAX_YAML_DEPTH} levels deep, which an export "
                                       "never writes")
         return yaml.safe_load(text)
+    except FuluConfigError:  # a ValueError itself: said as raised above
+        raise
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise FuluConfigError(f"{shown}: not valid YAML ({yaml_problem(e)})") from None
     except ValueError as e:  # Python's limit on an integer's digits (4,300), met by the loader's int()

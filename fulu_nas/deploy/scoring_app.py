@@ -29,8 +29,9 @@ MAX_MESSAGE = 400
 GRACEFUL_S = 5  # for the requests under way when the server is stopped
 BODY_S = 60  # for a request's body to arrive (MLflow's own limit on a request)
 # A request's body, at most: the model's largest batch of its largest ids, each with this many bytes more for
-# separators and indentation (one id a line, indented), plus this much for the rest of the JSON.
-ID_ROOM = 16
+# separators and indentation (one id a line, indented four levels by four spaces: 18), plus this much for the
+# rest of the JSON.
+ID_ROOM = 32
 BODY_SLACK = 1 << 20
 # MLflow's wrappers around the message that says what is wrong: the request echoed before it, or after it.
 _ECHOED_BEFORE = re.compile(r"^Failed to predict data '.*'\.\s*\nError: ", re.S)

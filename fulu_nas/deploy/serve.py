@@ -224,8 +224,9 @@ def _mlflow_quiet() -> Iterator[None]:
     logger = logging.getLogger("mlflow")
     level = logger.level
     logger.setLevel(max(level, logging.WARNING))
+    bars = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     try:
-        with _environment({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+        with _environment({bars: os.environ.get(bars, "false")}):  # a user's own choice stands
             yield
     finally:
         logger.setLevel(level)

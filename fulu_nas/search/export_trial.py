@@ -38,13 +38,13 @@ from .confirm import search_ranking
 from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner, why_no_winner
 from .family import UPCYCLE
 from .interrupts import between_writes
-from .killed_exports import CHAMPION, MADE_BY_TAG, OUT_TAG, WRITER_TAG, undo_killed_exports
+from .killed_exports import CHAMPION, MADE_BY_TAG, OUT_TAG, undo_killed_exports
 from .locate import StudyLocation, check_recordable, load_study, locate_study, search_settings, split_options
 from .objective import ServedKernels, is_feasible, measure_trial_cost, pareto_front, reference_model, train_architecture
 from .settings import BUDGET_FACTOR_MAX, SearchSettings
 from .storage import check_output_dir, mask_url
 from .study import INTERRUPTED, stop_signals_as_interrupt
-from .tracking import WEIGHTS_SHA256_TAG, export_run, moved_artifact_folder, quiet_mlflow
+from .tracking import WEIGHTS_SHA256_TAG, WRITER_TAG, export_run, moved_artifact_folder, quiet_mlflow
 
 TrialState = optuna.trial.TrialState
 EXPORT_STOPPING = "what the export wrote or registered is being removed"  # said to a signal while it stops
@@ -339,8 +339,10 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     check_recordable(location, study_database=False)  # the registered model, its run and artifacts
     client = mlflow.MlflowClient(location.tracking_uri)
     # Before the folder's check: a killed export's unannounced folder is what the same command would trip on.
-    for line in undo_killed_exports(client, s.tracking.experiment, study):
-        print(line)
+    with between_writes():  # MLflow's writes: a Ctrl-C waits for them
+        undone = undo_killed_exports(client, s.tracking.experiment, study)
+    for line in undone:
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
     existed = out.is_dir()  # an empty folder given: left as it was if the registration fails
     check_out_folder(out)
     check_output_dir(str(out.parent), "out")

@@ -60,12 +60,20 @@ class StudyLocation:
 def split_options(argv: list[str], options: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """``key=value`` arguments whose key is one of ``options`` (the command's own), and the rest
     (Hydra overrides). Defaults come from ``options``. An option given empty (``top_k=``, an unset shell
-    variable) or twice is refused: either was taken without a word (the default, the last value)."""
+    variable) or twice is refused: either was taken without a word (the default, the last value); so is an
+    override given twice, and an override that locates the study (:data:`LOCATING`) given empty."""
     own, rest, given, problems = dict(options), [], {}, []
+    overridden: dict[str, str] = {}
     for arg in argv:
         key, eq, value = arg.partition("=")
         if not (eq and key in options):
+            if eq and key in overridden:  # Hydra took the last one
+                problems.append(f"{key}: given twice ({overridden[key]!r}, then {value!r}); give it once")
+            elif eq and key in LOCATING and not value.strip():  # hydra.run.dir= was the current folder
+                problems.append(f"{key}: empty (an unset shell variable?); give a value, or leave {key}= out")
             rest.append(arg)
+            if eq:
+                overridden[key] = value
         elif value == "":
             problems.append(f"{key}: empty; give a value, or leave {key}= out for its default")
         elif key in given:
@@ -326,6 +334,13 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
     if problem := _not_this_studys(data, location, "the MLflow parent run's search_config.json"):
         raise FuluConfigError(problem)
     return _settings_from(data, location, will_train)
+
+
+def folder_is_the_studys(location: StudyLocation) -> bool:
+    """Whether the study's output folder is its own: its ``search_config.json`` names the study (another
+    study searched into the folder since replaced it), or there is none."""
+    path = location.output_dir / "search_config.json"
+    return not path.is_file() or _not_this_studys(_read_search_config(path), location, str(path)) is None
 
 
 def _not_this_studys(data: dict, location: StudyLocation, shown: str) -> str | None:

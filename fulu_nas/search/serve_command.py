@@ -16,7 +16,6 @@ from ..deploy.files import expected_digest
 from ..deploy.serve import NO_PICKLES, casting_signature, checked_model, registry_uri
 from ..deploy.server_process import check_port_free, port, run_server
 from ..errors import FuluConfigError
-from ..signals import held
 from .storage import check_tracking_uri, probe_tracking
 from .tracking import quiet_mlflow
 
@@ -36,8 +35,7 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return BAD_INPUT if e.code else 0
-    with held():  # MLflow loads (seconds): its import is no place for a KeyboardInterrupt
-        quiet_mlflow()  # checking a folder saves a pyfunc, which logs and shows download bars
+    quiet_mlflow()  # checking a folder saves a pyfunc, which logs and shows download bars
     # SIGTERM and SIGHUP before the server runs stop the checks as Ctrl-C does, and the private copy is removed
     # (their default would end the process with the copy left behind); run_server then takes them.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}

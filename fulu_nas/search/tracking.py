@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +25,7 @@ from ..checks import is_tracking_server, sqlite_file
 from ..deploy.files import sha256_file
 from ..deploy.processes import process_is_gone, this_process
 from ..errors import FuluConfigError
+from ..signals import held
 from .interrupts import between_writes
 from .settings import SearchSettings
 from .storage import database_error, first_contact, mask_url
@@ -47,12 +49,17 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+WRITER_TAG = "fulu.worker"  # a run's: the process that opened it (deploy.processes.this_process)
+
+
 def quiet_mlflow() -> None:
     """Keep MLflow's INFO log (database migrations, input-example validation) and its artifact download
     bars off the console, which carries the command's own progress and results; its warnings still
     show. MLflow configures its logger when imported, so this imports it first."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import mlflow  # noqa: F401
+    if "mlflow" not in sys.modules:
+        with held():  # MLflow loads (seconds): its import is no place for a KeyboardInterrupt
+            import mlflow  # noqa: F401
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
@@ -178,10 +185,7 @@ class Tracker:
         return [r.info.run_id for r in self._open_runs(parent_id, kind, trial)]
 
     def _open_runs(self, parent_id: str, kind: str, trial: int | None = None) -> list:
-        of_trial = "" if trial is None else f" and tags.`fulu.trial` = '{trial}'"
-        return self.client.search_runs([self.experiment_id], max_results=1000, filter_string=(
-            f"tags.mlflow.parentRunId = '{parent_id}' and tags.`fulu.kind` = '{kind}' and "
-            f"attributes.status = 'RUNNING'{of_trial}"))
+        return open_runs(self.client, self.experiment_id, parent_id, kind, trial)
 
     @writes
     def close_stale_trial(self, study, trial, reason: str | None = None) -> None:
@@ -210,7 +214,7 @@ class Tracker:
         closed = []
         for run in self._open_runs(parent_id, "trial"):
             trial = int(run.data.tags["fulu.trial"])
-            if process_is_gone(run.data.tags.get("fulu.worker", "")) and trial in finished:
+            if process_is_gone(run.data.tags.get(WRITER_TAG, "")) and trial in finished:
                 self.end_trial(run.info.run_id, "KILLED", {"fulu.reason": ORPHANED_UPLOAD})
                 closed.append(trial)
         return sorted(closed)
@@ -220,7 +224,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id, run_name=name,
             tags={"mlflow.parentRunId": parent_id, "fulu.kind": kind, "fulu.trial": str(trial),
-                  "fulu.study": self.settings.study.name, "fulu.worker": this_process(),
+                  "fulu.study": self.settings.study.name, WRITER_TAG: this_process(),
                   **{k: str(v) for k, v in tags.items()}})
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -305,6 +309,15 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def open_runs(client, experiment_id: str, parent_id: str, kind: str, trial: int | None = None) -> list:
+    """``parent_id``'s runs of ``kind`` (``fulu.kind``: trial, confirmation, export; of trial number ``trial``
+    when given) still RUNNING: a process that wrote them was killed, or is still at work."""
+    of_trial = "" if trial is None else f" and tags.`fulu.trial` = '{trial}'"
+    return client.search_runs([experiment_id], max_results=1000, filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_id}' and tags.`fulu.kind` = '{kind}' and "
+        f"attributes.status = 'RUNNING'{of_trial}"))
 
 
 @contextmanager
