@@ -120,6 +120,11 @@ def test_a_moved_study_folder_is_named_as_moved_and_not_made_again(folder, tmp_p
         printed = capsys.readouterr()
         assert (moved / "dashboard.html").is_file() and "not logged to MLflow: run " in printed.err, printed.err
         assert not original.exists()  # the dashboard's upload made the old folder again
+        # the best trial's expert load and routing, read from the moved folder ("ensure that the path is correct")
+        page = (moved / "dashboard.html").read_text()
+        for panel in ("expert_load", "routing_matrix"):
+            section = page.split(f'<section id="panel-{panel}"', 1)[1].split("</section>", 1)[0]
+            assert "could not read" not in section and 'class="plotly-graph-div"' in section, section[:600]
         # a resume there would put its trials' weights in the old folder, where no export finds them
         assert run_search(moved, "study.name=a", "study.n_trials=2") == 2
         err = capsys.readouterr().err

@@ -144,11 +144,19 @@ class Context:
 
             import mlflow
 
+            from ..search.tracking import relocated_artifact_folder
+
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+            client = mlflow.MlflowClient(self.tracking_uri)
             try:
-                with tempfile.TemporaryDirectory() as tmp:
-                    local = mlflow.MlflowClient(self.tracking_uri).download_artifacts(run_id, path, tmp)
-                    self._artifacts[key] = json.loads(Path(local).read_text())
+                # A study folder moved since its search: its runs name the old artifact folder (an absolute
+                # path); the files are in the moved folder.
+                if moved := relocated_artifact_folder(client.get_run(run_id).info.artifact_uri, self.s.output_dir):
+                    self._artifacts[key] = json.loads((moved / path).read_text())
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        local = client.download_artifacts(run_id, path, tmp)
+                        self._artifacts[key] = json.loads(Path(local).read_text())
             except Exception as e:  # a missing artifact or an unreachable server: the panel says so
                 self._artifacts[key] = e
         return self._artifacts[key]

@@ -34,6 +34,7 @@ from .feasibility import check_feasible
 from .space import Param, SearchSpace, parse_space
 from .storage import check_storage_url, check_tracking_uri
 
+ARTIFACTS_FOLDER = "mlartifacts"  # in a study's folder: its runs' artifacts (with a database URI, no server)
 SAMPLERS = ("tpe", "nsga2", "random", "grid", "gp")
 PRUNERS = ("median", "hyperband", "none")
 # Objective -> direction (None: the task's metric decides).
@@ -181,7 +182,7 @@ class SearchSettings:
         URI (no server) they go to this run's folder, not MLflow's default ``./mlruns``."""
         if self.tracking.uri and is_tracking_server(self.tracking.uri):
             return None
-        return (self.output_dir / "mlartifacts").resolve().as_uri()
+        return (self.output_dir / ARTIFACTS_FOLDER).resolve().as_uri()
 
     @property
     def corpus_sha256(self) -> str | None:

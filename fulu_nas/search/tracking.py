@@ -27,7 +27,7 @@ from ..deploy.processes import process_is_gone, this_process
 from ..errors import FuluConfigError
 from ..signals import held
 from .interrupts import between_writes
-from .settings import SearchSettings
+from .settings import ARTIFACTS_FOLDER, SearchSettings
 from .storage import database_error, first_contact, mask_url
 
 # Why the run of a finished trial whose artifacts' upload was cut off ended KILLED.
@@ -358,6 +358,19 @@ def masked_config(raw: dict) -> dict:
 
 def _write_json(path: Path, content: Any) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True, default=str))
+
+
+def relocated_artifact_folder(artifact_uri: str, output_dir: Path) -> Path | None:
+    """Where the artifacts of a run whose study folder moved (:func:`moved_artifact_folder`) are now: the same
+    place under the moved folder's ``mlartifacts``, if it is there; else None."""
+    if (moved := moved_artifact_folder(artifact_uri, output_dir)) is None:
+        return None
+    parts = Path(moved).parts
+    if ARTIFACTS_FOLDER not in parts:
+        return None
+    below = parts[len(parts) - parts[::-1].index(ARTIFACTS_FOLDER):]  # after the last mlartifacts
+    folder = Path(output_dir, ARTIFACTS_FOLDER, *below)
+    return folder if folder.is_dir() else None
 
 
 def moved_artifact_folder(artifact_uri: str, output_dir: Path) -> str | None:
