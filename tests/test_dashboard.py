@@ -198,8 +198,13 @@ def test_importances_are_those_of_the_feasible_trials(tmp_path):
     assert max(shown, key=shown.get) == "a", shown
     assert any("the 20 feasible complete trials (10 over a study constraint left out)" in b
                for b in blocks if isinstance(b, str)), blocks
+    assert not any("mostly chance" in b for b in blocks if isinstance(b, str)), blocks  # 20 trials: no caveat
     one = _context(s, feasible[:1] + over)
     assert panel_importances(one, {}) == [note_html("Needs at least 2 complete feasible trials (1).")]
+    # three trials: drawn, and said to be chance (two parameters that never changed ranked first)
+    few = panel_importances(_context(s, feasible[:3] + over), {})
+    assert note_html("Only 3 trials: importances from so few are mostly chance (a parameter that barely changed "
+                     "may rank high); read them from 10 trials on.") in few
 
 
 def test_optunas_warnings_on_the_importances_are_a_note_on_the_page_not_console_lines(tmp_path, recwarn):
