@@ -758,6 +758,8 @@ def test_a_running_study_with_no_complete_trial_renders(running, monkeypatch, tm
     assert "1 pruned, 1 failed, 1 running, 1 waiting" in page
     assert "Needs at least 2 complete trials (none so far)" in page
     assert page.count('class="plotly-graph-div"') == 1  # the training curves of the pruned and running trials
+    # fulu-nas confirm refuses a study without a complete trial: the panel does not advise it
+    assert "Nothing to confirm yet: the study has no complete trial." in page and "fulu-nas confirm" not in page
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ _CANDIDATE, _REFERENCE = "#1f77b4", "#d62728"
 
 def panel_confirmation(ctx: Context, opts: dict) -> list:
     summary = ctx.study.user_attrs.get(SUMMARY_ATTR)
+    if not isinstance(summary, dict) and not ctx.complete:  # confirm would refuse it: nothing to train again
+        return [note("Nothing to confirm yet: the study has no complete trial.")]
     if not isinstance(summary, dict):
         # the overrides that find the study from here (its folder and databases where not the default ones)
         command = " ".join(["fulu-nas confirm", *ctx.s.locating_overrides()])
