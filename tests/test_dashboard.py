@@ -780,7 +780,10 @@ def test_multi_objective_study_gets_the_pareto_panel(multi):
     assert _sections(page) == DEFAULT_PANELS
     assert "<h2>Pareto front</h2>" in page and "on the front:" in page
     assert "<th>latency_ms (min)</th>" in page and re.search(r"<td>Pareto front", page)
-    assert '\\"architecture\\": \\"1 layer x 32 hidden;' in page  # optuna's Pareto hover text
+    # each point's hover: its trial, objectives and architecture in words (optuna's was the trial as JSON)
+    hovers = re.findall(r"trial \d+: loss [^\"]+? hidden;", page)
+    assert hovers and all("latency_ms" in h for h in hovers), hovers[:3]
+    assert '\\"params\\"' not in page and '\\"number\\"' not in page
     client = mlflow.MlflowClient(f"sqlite:///{multi / 'mlflow.db'}")
     assert "dashboard.html" in {a.path for a in client.list_artifacts(_parent_run(multi))}
 
