@@ -448,6 +448,29 @@ def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsy
         {"model", again.name} | ({"first"} if name == "existing" else set()))
 
 
+def test_a_killed_export_into_an_empty_folder_given_leaves_it_empty_when_undone(study, tmp_path):
+    """Ctrl-C leaves an empty folder given as out empty; the undo of a kill -9 removed it."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from fulu_nas.search.killed_exports import undo_killed_exports
+
+    out = tmp_path / "given"
+    out.mkdir()
+    where, before_or_after, given = KILLED_AT["registering"]
+    child = subprocess.run([sys.executable, "-c", KILLED_EXPORT.format(where=where, when=before_or_after,
+                                                                      given=given), "export",
+                            "study.name=tiny-clusters", f"hydra.run.dir={study.out}", "trial=1", f"out={out}",
+                            "name=given-empty"], capture_output=True, text=True, timeout=600)
+    assert child.returncode == -9 and any(out.iterdir()), child.stderr
+    study_object = optuna.load_study(study_name="tiny-clusters", storage=f"sqlite:///{study.out / 'optuna.db'}")
+    [line] = undo_killed_exports(mlflow.MlflowClient(study.tracking), "tiny-clusters", study_object)
+    assert line.endswith(f"removed version 1 of 'given-empty' and what the export wrote in {out}"), line
+    assert out.is_dir() and not any(out.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["given"]
+
+
 def test_an_export_run_at_work_or_of_another_host_and_a_changed_folder_are_left_alone(study, tmp_path, capsys):
     """Only a run whose writer is a process of this host that has ended is undone; and of its folder, only
     what the export wrote: a file changed or added since keeps the folder (the run is still ended)."""

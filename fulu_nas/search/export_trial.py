@@ -38,7 +38,7 @@ from .confirm import search_ranking
 from .confirm_summary import SUMMARY_ATTR, confirmed_winner, describe_winner, why_no_winner
 from .family import UPCYCLE
 from .interrupts import between_writes
-from .killed_exports import CHAMPION, MADE_BY_TAG, OUT_TAG, undo_killed_exports
+from .killed_exports import CHAMPION, MADE_BY_TAG, OUT_GIVEN_EMPTY_TAG, OUT_TAG, undo_killed_exports
 from .locate import StudyLocation, check_recordable, load_study, locate_study, search_settings, split_options
 from .objective import ServedKernels, is_feasible, measure_trial_cost, pareto_front, reference_model, train_architecture
 from .settings import BUDGET_FACTOR_MAX, SearchSettings
@@ -401,7 +401,8 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         # A signal arriving inside is raised when the block ends, never inside a database write (which could
         # leave the tracking database locked for the steps that undo the export below).
         # What the next export undoes, should this one be killed (killed_exports): its writer, folder and files.
-        tags = {WRITER_TAG: this_process(), OUT_TAG: str(out.resolve()), FINGERPRINT_TAG: digest}
+        tags = {WRITER_TAG: this_process(), OUT_TAG: str(out.resolve()), FINGERPRINT_TAG: digest,
+                OUT_GIVEN_EMPTY_TAG: str(existed).lower()}
         with between_writes(), export_run(location.tracking_uri, s.tracking.experiment, study, trial.number,
                                           metrics, tags):
             run_id = mlflow.active_run().info.run_id

@@ -20,6 +20,7 @@ from .tracking import PARENT_RUN_ATTR, WRITER_TAG, open_runs
 
 CHAMPION = "champion"  # the alias of the version an export registered last
 OUT_TAG = "fulu.out"  # an export run's folder
+OUT_GIVEN_EMPTY_TAG = "fulu.out_given_empty"  # "true" where that folder was given empty: left empty when undone
 MADE_BY_TAG = "fulu.made_by_run"  # a registered model's: the export run that registered it first
 
 
@@ -61,7 +62,11 @@ def _undo(client, experiment_id: str, run) -> str:
     folder = Path(tags[OUT_TAG]) if tags.get(OUT_TAG) else None
     if not kept and folder is not None and _untouched(folder, tags.get(FINGERPRINT_TAG)):
         abandon(folder)
-        removed.append(f"the folder {folder}")
+        if tags.get(OUT_GIVEN_EMPTY_TAG) == "true":
+            folder.mkdir()  # as an undone export leaves the empty folder it was given
+            removed.append(f"what the export wrote in {folder}")
+        else:
+            removed.append(f"the folder {folder}")
     reason = f"export killed before it ended (process {tags[WRITER_TAG]} gone)"
     client.set_tag(run_id, "fulu.reason", reason)
     client.set_terminated(run_id, "KILLED")
