@@ -633,19 +633,22 @@ def test_out_never_replaces_what_is_not_a_page_and_a_failed_write_keeps_the_earl
 
     monkeypatch.chdir(tmp_path)
     digest = hashlib.sha256((tiny / "optuna.db").read_bytes()).hexdigest()
-    (tmp_path / "gone.html").symlink_to(tmp_path / "nowhere" / "page.html")
+    (tmp_path / "loop.html").symlink_to(tmp_path / "loop.html")
+    (tmp_path / "study.html").symlink_to(tiny / "optuna.db")  # an .html name, leading to the database
     for out, words in ((tiny / "optuna.db", f"out: {tiny / 'optuna.db'} is not an .html file name"),
                        (tiny / "mlflow.db", "is not an .html file name"),
-                       (tmp_path / "gone.html", "is a symbolic link to nothing"),
+                       (tmp_path / "study.html", f"(a link to {tiny / 'optuna.db'}) is not an .html file name"),
+                       (tmp_path / "loop.html", "is a symbolic link that loops"),
                        (tmp_path / ("x" * 300 + ".html"), "out: cannot write ")):
         assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}", f"out={out}"]) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 2 and "Traceback" not in err, err
     assert hashlib.sha256((tiny / "optuna.db").read_bytes()).hexdigest() == digest
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop.html", "study.html"]
 
     page = tmp_path / "page.html"
     page.write_text("the earlier page")
+    page.chmod(0o640)
 
     import builtins
 
@@ -673,7 +676,16 @@ def test_out_never_replaces_what_is_not_a_page_and_a_failed_write_keeps_the_earl
     assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}", f"out={page}"]) == 2
     assert f"out: cannot write {page}: No space left on device" in capsys.readouterr().err
     assert page.read_text() == "the earlier page" and sorted(p.name for p in tmp_path.iterdir()) == [
-        "gone.html", "page.html"]
+        "loop.html", "page.html", "study.html"]
+    # written whole, through a link to a file not there yet, and over a page keeping its permissions
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latest.html").symlink_to(tmp_path / "pages" / "new.html")
+    for out in (page, tmp_path / "latest.html"):
+        assert main(["dashboard", "study.name=tiny-clusters", f"hydra.run.dir={tiny}", f"out={out}"]) == 0
+    assert "Plotly.newPlot" in page.read_text() and page.stat().st_mode & 0o777 == 0o640
+    assert "Plotly.newPlot" in (tmp_path / "pages" / "new.html").read_text()
+    assert not [p for p in tmp_path.rglob("*.partial")]
 
 
 @pytest.mark.slow

@@ -69,15 +69,16 @@ def build(argv: list[str]) -> tuple[str, Path, Context, Layout, str | None]:
         # os.path's: False where the name cannot be looked at (too long), which the write then names
         if os.path.isdir(out) or own["out"].endswith("/"):
             out = out / name
-        elif out.suffix.lower() not in (".html", ".htm"):  # out=optuna.db replaced the study with the page
-            raise FuluConfigError(f"out: {own['out']} is not an .html file name: the dashboard is an HTML page "
-                                  f"(give a folder to have it written there as {name})")
-        if os.path.islink(out):  # written where it leads, which must exist
+        if os.path.islink(out):  # written where it leads
             try:
-                out = out.resolve(strict=True)
+                out = out.resolve()
             except (OSError, RuntimeError):
-                raise FuluConfigError(f"out: {own['out']} is a symbolic link to nothing (a missing path or a "
-                                      "loop); give the file itself") from None
+                raise FuluConfigError(f"out: {own['out']} is a symbolic link that loops; give the file "
+                                      "itself") from None
+        if out.suffix.lower() not in (".html", ".htm"):  # out=optuna.db replaced the study with the page
+            leads = f" (a link to {out})" if os.path.islink(own["out"]) else ""
+            raise FuluConfigError(f"out: {own['out']}{leads} is not an .html file name: the dashboard is an HTML "
+                                  f"page (give a folder, ending in /, to have it written there as {name})")
     else:
         out = location.output_dir / name
     check_output_dir(str(out.parent), "out")  # before the page is drawn, not a traceback after
@@ -115,9 +116,12 @@ def write_page(out: Path, page: str) -> None:
         partial = Path(name)
         with open(handle, "w", encoding="utf-8") as f:
             f.write(page)
-        umask = os.umask(0)
-        os.umask(umask)
-        partial.chmod(0o666 & ~umask)  # as a file written in place would be (mkstemp's is private)
+        if os.path.isfile(out):  # the earlier page's permissions
+            partial.chmod(os.stat(out).st_mode & 0o7777)
+        else:  # as a file written in place would be (mkstemp's is private)
+            umask = os.umask(0)
+            os.umask(umask)
+            partial.chmod(0o666 & ~umask)
         os.replace(partial, out)
     except OSError as e:
         if partial is not None:

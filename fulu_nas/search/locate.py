@@ -67,13 +67,15 @@ def split_options(argv: list[str], options: dict[str, str]) -> tuple[dict[str, s
     for arg in argv:
         key, eq, value = arg.partition("=")
         if not (eq and key in options):
-            if eq and key in overridden:  # Hydra took the last one
-                problems.append(f"{key}: given twice ({overridden[key]!r}, then {value!r}); give it once")
-            elif eq and key in LOCATING and not value.strip():  # hydra.run.dir= was the current folder
-                problems.append(f"{key}: empty (an unset shell variable?); give a value, or leave {key}= out")
+            path = key.lstrip("+~")  # +key=, ++key= and ~key= set or remove the same key
+            if eq and path in overridden:  # Hydra took the last one
+                problems.append(f"{path}: given twice ({overridden[path]!r}, then {value!r}); give it once")
+            elif eq and path in LOCATING and not value.strip() and not key.startswith("~"):  # ~key= deletes
+                # hydra.run.dir= was the current folder
+                problems.append(f"{path}: empty (an unset shell variable?); give a value, or leave {key}= out")
             rest.append(arg)
             if eq:
-                overridden[key] = value
+                overridden[path] = value
         elif value == "":
             problems.append(f"{key}: empty; give a value, or leave {key}= out for its default")
         elif key in given:
