@@ -420,7 +420,8 @@ def test_the_panel_says_when_there_is_no_confirmation(tmp_path, monkeypatch):
     for folder, command in ((None, named), (tmp_path / "run", f"{named} hydra.run.dir={tmp_path / 'run'}")):
         overrides = ["+experiment=tiny", *([f"hydra.run.dir={folder}"] if folder else [])]
         settings = load_settings(*compose_config(overrides))
-        ctx = SimpleNamespace(study=SimpleNamespace(user_attrs={}, study_name="tiny-clusters"), s=settings)
+        ctx = SimpleNamespace(study=SimpleNamespace(user_attrs={}, study_name="tiny-clusters"), s=settings,
+                              complete=["a complete trial"])  # something to confirm
         blocks = panel_confirmation(ctx, {})
         assert len(blocks) == 1 and f"`{command}` trains its best architectures" in blocks[0], blocks
 

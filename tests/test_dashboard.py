@@ -330,7 +330,7 @@ def test_a_reused_result_is_one_point_of_the_pareto_front(tmp_path):
     points = [(x, y) for tr in fig.data for x, y in zip(tr.x, tr.y, strict=True)]
     assert sorted(points) == [(1.2, 3.0), (1.3, 2.0), (1.5, 1.0), (1.6, 3.5)]  # trial 3 drawn over 1 no more
     # each point's hover names its own trial: left out, the reused trial 3 had shifted trial 4 to "3"
-    numbers = {(x, y): re.search(r'"number": (\d+)', text).group(1)
+    numbers = {(x, y): re.match(r"trial (\d+): ", text).group(1)
                for tr in fig.data for x, y, text in zip(tr.x, tr.y, tr.text, strict=True)}
     assert numbers == {(1.2, 3.0): "1", (1.3, 2.0): "0", (1.5, 1.0): "2", (1.6, 3.5): "4"}
     table = next(b for b in panel_top_trials(ctx, {}) if b.startswith("<table"))
