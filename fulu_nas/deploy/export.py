@@ -280,7 +280,11 @@ FOLDER_ONLY = ("config.yaml", "model.safetensors", "model.pt2", "metrics.json", 
 def pyfunc_manifest(directory: Path) -> dict[str, str]:
     """The MLflow model's files in an export folder just written, with the SHA-256 its ``checksums.json``
     lists for them: the bytes the export registers, and then expects the artifact store to give back."""
-    checksums = parse_manifest((directory / CHECKSUMS).read_bytes(), str(directory / CHECKSUMS))
+    return _registered(parse_manifest((directory / CHECKSUMS).read_bytes(), str(directory / CHECKSUMS)))
+
+
+def _registered(checksums: dict[str, str]) -> dict[str, str]:
+    """Of an export's checksums, those of the MLflow model's files (what a registration holds)."""
     return {name: digest for name, digest in checksums.items() if name not in FOLDER_ONLY}
 
 
@@ -342,7 +346,7 @@ def _files_hash(listing: bytes) -> str | None:
         checksums = parse_manifest(listing, CHECKSUMS)
     except FuluConfigError:
         return None
-    return manifest_digest({name: digest for name, digest in checksums.items() if name not in FOLDER_ONLY})
+    return manifest_digest(_registered(checksums))
 
 
 def verify(directory: str | Path, expected_sha256: str | None = None) -> dict[str, str]:

@@ -398,11 +398,11 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         else:
             write_export(out, model, config, metrics, model_card(s, location, trial, config, metrics, name))
         digest = fingerprint(out)
-        # A signal arriving inside is raised when the block ends, never inside a database write (which could
-        # leave the tracking database locked for the steps that undo the export below).
         # What the next export undoes, should this one be killed (killed_exports): its writer, folder and files.
         tags = {WRITER_TAG: this_process(), OUT_TAG: str(out.resolve()), FINGERPRINT_TAG: digest,
                 OUT_GIVEN_EMPTY_TAG: str(existed).lower()}
+        # A signal arriving inside is raised when the block ends, never inside a database write (which could
+        # leave the tracking database locked for the steps that undo the export below).
         with between_writes(), export_run(location.tracking_uri, s.tracking.experiment, study, trial.number,
                                           metrics, tags):
             run_id = mlflow.active_run().info.run_id
