@@ -399,6 +399,39 @@ def test_a_finished_study_whose_every_trial_failed_says_why(tmp_path):
     assert "Needs at least 1 complete trial (none)." in page and "No complete feasible trial." in page
 
 
+def test_failure_reasons_that_differ_only_in_their_numbers_are_one_reason_on_the_page(tmp_path):
+    """Out-of-memory failures each name their own sizes: the banner listed every one as a reason of its own,
+    so five of them pushed the other reasons off it."""
+    from fulu_nas.dashboard.page import render
+
+    sizes = ["2.00 GiB", "1.50 GiB", "2.00 GiB", "0.75 GiB", "3.25 GiB", "1.00 GiB"]
+    trials = [_trial("FAIL", params={"a": i}, fail_reason=f"out of memory: tried to allocate {size}")
+              for i, size in enumerate(sizes)]
+    trials.append(_trial("FAIL", params={"a": 7}, fail_reason="diverged: loss is nan"))
+    page = html.unescape(render(_context(_settings(tmp_path), trials), load_layout("default")))
+    banners = re.findall(r'<p class="banner">(.*?)</p>', page)
+    assert banners == ["The search finished with no complete trial (7 failed). Why the trials failed: out of "
+                       "memory: tried to allocate 2.00 GiB (6 trials, the numbers varying); diverged: loss is nan "
+                       "(1 trial)."], banners
+
+
+def test_parallel_coordinates_draw_the_worst_trial_visibly(maximised):
+    """optuna colours the worst trial's line with the colour scale's first colour, near white, at half opacity:
+    on the white page it could not be seen."""
+    from fulu_nas.dashboard.panels.parallel import panel_parallel
+
+    for block in panel_parallel(maximised, {}):
+        if isinstance(block, str):
+            continue
+        lines = [tr for tr in block.data if tr.mode == "lines" and tr.y and tr.y[0] is not None]
+        assert lines
+        lightest = max(_brightness(tr.line.color) for tr in lines)
+        assert lightest <= 3 * 200, f"the faintest line is {lightest / 3:.0f} of 255 bright on a white page"
+        scales = [tr.marker.colorscale for tr in block.data if tr.mode == "markers" and tr.marker.showscale]
+        # the colour bar shows the lines' colours: its lightest end is the faintest line
+        assert len(scales) == 1 and _brightness(scales[0][0][1]) == lightest, (scales, lightest)
+
+
 def test_confirmation_rank_plot_ranks_both_axes_among_the_confirmed_architectures(tmp_path):
     """The search ranked 6 architectures, the confirmation 3 of them: the reference, last in both,
     lies on the diagonal at (3, 3), not at (6, 3)."""
@@ -710,6 +743,17 @@ def test_the_page_of_a_study_whose_folder_another_study_took_is_its_own(tiny, mo
     assert (tiny / "dashboard.html").read_bytes() == before
     assert _sections((tiny / "dashboard-tiny-clusters.html").read_text()) == DEFAULT_PANELS
     (tiny / "dashboard-tiny-clusters.html").unlink()
+
+
+def test_study_names_that_differ_only_in_characters_a_file_name_cannot_hold_get_pages_of_their_own():
+    """`a b` and `a/b` both became dashboard-a_b.html: the second study's page replaced the first's."""
+    from fulu_nas.dashboard.command import _file_name_part
+
+    parts = {name: _file_name_part(name) for name in ("a b", "a/b", "a_b", "a  b", "..", "tiny-clusters")}
+    assert len(set(parts.values())) == len(parts), parts
+    assert parts["a_b"] == "a_b" and parts["tiny-clusters"] == "tiny-clusters"  # a name a file can hold is kept
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p) and not p.startswith(".") for p in parts.values()), parts
+    assert parts["a b"].startswith("a_b-") and parts[".."].startswith("study-"), parts
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ study, layout or panel) is one message and exit code 2, with nothing written.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import sys
@@ -102,8 +103,11 @@ def artifact_name(layout: Layout) -> str:
 
 
 def _file_name_part(text: str) -> str:
-    """``text`` (a study's name) as part of a file name: letters, digits, '.', '_' and '-' kept, the rest '_'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "study"
+    """``text`` (a study's name) as part of a file name: letters, digits, '.', '_' and '-' kept, the rest '_'.
+    A name so changed ends in 8 hex digits of its hash: studies named ``a b`` and ``a/b`` in one folder
+    must not share a page."""
+    part = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "study"
+    return part if part == text else f"{part}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def write_page(out: Path, page: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import re
 from collections import Counter
 
 from ..search.report import count_trials, describe_counts
@@ -47,11 +48,19 @@ def _no_complete_trial(ctx: Context, counts: str) -> str:
     reason, the most frequent first, with how many trials it failed)."""
     import optuna
 
-    reasons = Counter(t.user_attrs.get("fail_reason") or "worker stopped" for t in ctx.trials
-                      if t.state == optuna.trial.TrialState.FAIL)
+    failed = [t.user_attrs.get("fail_reason") or "worker stopped" for t in ctx.trials
+              if t.state == optuna.trial.TrialState.FAIL]
+    # reasons that differ only in their numbers (the sizes of an out-of-memory error) are one reason, shown
+    # by its most frequent wording
+    texts: dict[str, Counter] = {}
+    for reason in failed:
+        texts.setdefault(_NUMBER.sub("#", reason), Counter())[reason] += 1
+    reasons = Counter({key: sum(c.values()) for key, c in texts.items()})
     text = f"The search finished with no complete trial ({counts or 'no trial'})."
     if reasons:
-        shown = [f"{reason} ({n} trial{'s' if n > 1 else ''})" for reason, n in reasons.most_common(_REASONS)]
+        shown = [f"{texts[key].most_common(1)[0][0]} ({n} trial{'s' if n > 1 else ''}"
+                 f"{', the numbers varying' if len(texts[key]) > 1 else ''})"
+                 for key, n in reasons.most_common(_REASONS)]
         if len(reasons) > _REASONS:
             shown.append(f"{len(reasons) - _REASONS} other reason(s): see each trial's fail_reason")
         text += " Why the trials failed: " + "; ".join(shown) + "."
@@ -59,6 +68,7 @@ def _no_complete_trial(ctx: Context, counts: str) -> str:
 
 
 _REASONS = 5  # distinct failure reasons shown
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def trial_counts(trials: list) -> str:

@@ -17,7 +17,41 @@ def panel_parallel(ctx: Context, opts: dict) -> list:
     for i, block in enumerate(blocks):  # one block per objective: its figure, or a note
         if not isinstance(block, str):
             _objective_ticks(block, ctx, i)
+            _visible_lines(block)
     return blocks
+
+
+# The part of optuna's colour scale the lines are drawn from: its first colours are near white, and at the
+# lines' half opacity the worst trial's line did not show on the page.
+_SCALE_FROM = 0.4
+
+
+def _visible_lines(fig) -> None:
+    """Redraw each trial's line from the darker part of the colour scale, keeping the order of the colours
+    (the best trials darkest), and the colour bar with it. optuna gives each line a colour of the scale
+    only, so its place on the scale is found again by its brightness, which falls along the scale."""
+    import plotly.colors
+    from optuna.visualization._utils import COLOR_SCALE
+
+    def at(scale: list[str], v: float) -> str:
+        return plotly.colors.sample_colorscale(plotly.colors.make_colorscale(scale), [v], colortype="rgb")[0]
+
+    def brightness(colour: str) -> float:
+        return sum(plotly.colors.unlabel_rgb(colour))
+
+    def place(colour: str) -> float:
+        lo, hi, target = 0.0, 1.0, brightness(colour)
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if brightness(at(COLOR_SCALE, mid)) > target else (lo, mid)
+        return (lo + hi) / 2
+
+    scale = [at(COLOR_SCALE, _SCALE_FROM + (1 - _SCALE_FROM) * i / 8) for i in range(9)]
+    for trace in fig.data:
+        if trace.mode == "lines" and isinstance(trace.line.color, str) and trace.line.color.startswith("rgb"):
+            trace.line.color = at(scale, place(trace.line.color))
+        elif trace.mode == "markers" and trace.marker.showscale:
+            trace.marker.colorscale = plotly.colors.make_colorscale(scale)
 
 
 def _objective_ticks(fig, ctx: Context, i: int) -> None:
