@@ -347,6 +347,8 @@ def test_the_registered_files_are_the_ones_the_export_wrote(study, tmp_path, cap
 KILLED_AT = {
     # writing the folder: a hidden partial folder is left, no run yet
     "writing": ("from fulu_nas.deploy import export as module; attribute = 'save_pyfunc'", "before", ""),
+    # the folder renamed into place (its run recorded just before), nothing registered: the run RUNNING
+    "renamed": ("import pathlib; module = pathlib.Path; attribute = 'rename'", "after", "model"),
     # registering: the folder, a version without its files' record and a logged model, the run RUNNING
     "registering": ("from fulu_nas.deploy import serve as module; attribute = 'record_registered_files'",
                     "before", ""),
@@ -365,7 +367,7 @@ step = getattr(module, attribute)
 def killed(*args, **kwargs):
     if when == "after":
         step(*args, **kwargs)
-    if not given or given in args:
+    if not given or any(given in (a, getattr(a, "name", None)) for a in args):
         os.kill(os.getpid(), signal.SIGKILL)
     if when == "before":
         return step(*args, **kwargs)
@@ -408,6 +410,9 @@ def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsy
     partials = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     if when == "writing":
         assert not left_open and not killed_versions and not out.exists() and len(partials) == 1
+    elif when == "renamed":
+        assert len(left_open) == 1 and not killed_versions and out.is_dir() and not partials
+        assert logged_models(study) == models_before
     else:
         assert len(left_open) == 1 and len(killed_versions) == 1 and out.is_dir() and not partials
         assert len(logged_models(study)) == len(models_before) + 1
@@ -425,9 +430,10 @@ def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsy
     else:
         [line] = undone
         assert line.startswith(f"ended the MLflow run {left_open[0]} of an export killed before it ended (process ")
-        [(_, version)] = killed_versions
-        assert line.endswith(f"of trial 1: removed version {version} of '{registered}' and the folder {out}"
-                             if when == "registering" else "of trial 1: nothing else to remove"), line
+        removed = {"renamed": f"removed the folder {out}",
+                   "registering": f"removed version {killed_versions[0][1] if killed_versions else ''} of "
+                                  f"'{registered}' and the folder {out}"}
+        assert line.endswith(f"of trial 1: {removed.get(when, 'nothing else to remove')}"), line
         run = client.get_run(left_open[0])
         assert run.info.status == "KILLED" and run.data.tags["fulu.reason"].startswith("export killed before")
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
@@ -441,11 +447,36 @@ def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsy
         assert len(logged_models(study)) == len(models_before) + 2
     else:
         assert len(new_versions) == 1 and len(logged_models(study)) == len(models_before) + 1
-    if when == "registering" and name == "new":  # the model made for the killed version went with it
+    if when in ("registering", "renamed") and name == "new":  # the model made for the killed version went with it
         assert new_versions == [(registered, 1)]
     assert client.get_model_version_by_alias(registered, "champion").version == new_versions[-1][1]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         {"model", again.name} | ({"first"} if name == "existing" else set()))
+
+
+def test_a_registered_model_made_by_a_killed_export_before_its_version_is_removed(study, tmp_path):
+    """kill -9 between MLflow making the registered model and the export tagging it as its own left an empty
+    registered model in the registry, which no undo removed."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from fulu_nas.search.killed_exports import undo_killed_exports
+
+    client = mlflow.MlflowClient(study.tracking)
+    child = subprocess.run([sys.executable, "-c", KILLED_EXPORT.format(
+        where="import mlflow; module = mlflow.MlflowClient; attribute = 'create_registered_model'", when="after",
+        given=""), "export", "study.name=tiny-clusters", f"hydra.run.dir={study.out}", "trial=1",
+        f"out={tmp_path / 'model'}", "name=made-then-killed"], capture_output=True, text=True, timeout=600)
+    assert child.returncode == -9, child.stderr
+    [made] = client.search_registered_models("name = 'made-then-killed'")
+    assert not client.search_model_versions("name = 'made-then-killed'")
+    study_object = optuna.load_study(study_name="tiny-clusters", storage=f"sqlite:///{study.out / 'optuna.db'}")
+    [line] = undo_killed_exports(client, "tiny-clusters", study_object)
+    out = tmp_path / "model"
+    assert line.endswith(f"removed the empty registered model 'made-then-killed' and the folder {out}"), line
+    assert not client.search_registered_models("name = 'made-then-killed'") and list(tmp_path.iterdir()) == []
 
 
 def test_a_killed_export_into_an_empty_folder_given_leaves_it_empty_when_undone(study, tmp_path):

@@ -220,11 +220,12 @@ def abandon(folder: Path) -> None:
     shutil.rmtree(partial)
 
 
-def assemble(out: Path, fill: Callable[[Path], None]) -> Path:
+def assemble(out: Path, fill: Callable[[Path], None], before_rename: Callable[[Path], None] | None = None) -> Path:
     """Write the folder ``out`` (which must not exist or be empty) all at once: ``fill(folder)`` writes the
     files into a temporary folder next to ``out``; then :data:`CHECKSUMS` lists the SHA-256 of each of them,
-    the permissions let a serving user read them, and the folder is renamed to ``out``. A failure
-    leaves nothing behind."""
+    the permissions let a serving user read them, ``before_rename(folder)`` runs (an export records the
+    folder it is about to announce), and the folder is renamed to ``out``. A failure leaves nothing
+    behind."""
     out = Path(out)
     check_out_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,6 +241,8 @@ def assemble(out: Path, fill: Callable[[Path], None]) -> Path:
         partial.chmod(0o755)  # mkdtemp's 0700 would hide the model from a serving user
         for path in partial.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
+        if before_rename is not None:
+            before_rename(partial)
         if out.exists():
             out.rmdir()
         partial.rename(out)
@@ -250,8 +253,9 @@ def assemble(out: Path, fill: Callable[[Path], None]) -> Path:
 
 
 def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], metrics: dict[str, Any],
-                 model_card: str) -> Path:
-    """Assemble the export directory at ``out`` (which must not exist or be empty)."""
+                 model_card: str, before_rename: Callable[[Path], None] | None = None) -> Path:
+    """Assemble the export directory at ``out`` (which must not exist or be empty); ``before_rename``: as
+    :func:`assemble` takes it."""
     from safetensors.torch import save_model
 
     counts = [layer.cfg.num_experts for layer in model.moe_layers()]
@@ -270,7 +274,7 @@ def write_export(out: Path, model: PiMoETransformer, config: dict[str, Any], met
                                                cpu.arch.max_seq_len, batch_dependence(cpu.arch.moe.to_dict()))
         (folder / "README.md").write_text(card)
 
-    return assemble(out, fill)
+    return assemble(out, fill, before_rename)
 
 
 # What write_export writes beside the MLflow model's files (which save_pyfunc writes): not registered.

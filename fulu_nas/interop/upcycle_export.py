@@ -26,6 +26,7 @@ import json
 import reprlib
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,12 @@ FORMAT_VERSION = 1
 
 
 def write_upcycled(out: Path, model: UpcycledMLM, tokenizer_folder: str | None, config: dict[str, Any],
-                   metrics: dict[str, Any], model_card: str) -> Path:
+                   metrics: dict[str, Any], model_card: str,
+                   before_rename: Callable[[Path], None] | None = None) -> Path:
     """The export folder of ``model`` at ``out`` (new or empty). ``tokenizer_folder``: where to copy the
     tokenizer files from (the dense model's folder), or None; ``config``: what ``upcycling.yaml`` records
-    besides the format and the architecture."""
+    besides the format and the architecture; ``before_rename``: as :func:`~fulu_nas.deploy.export.assemble`
+    takes it."""
     from safetensors.torch import save_model
 
     hf = model.model.cpu().float().eval()
@@ -74,7 +77,7 @@ def write_upcycled(out: Path, model: UpcycledMLM, tokenizer_folder: str | None, 
         (folder / "metrics.json").write_text(metrics_json(metrics))
         (folder / "README.md").write_text(model_card)
 
-    return assemble(out, fill)
+    return assemble(out, fill, before_rename)
 
 
 def is_upcycled_export(directory: str | Path) -> bool:

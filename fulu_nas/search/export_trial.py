@@ -269,6 +269,21 @@ def register_files(client, out: Path, manifest: dict[str, str], name: str, logge
         return str(mlflow.register_model(f"models:/{logged.model_id}", name).version)
 
 
+def make_registered_model(client, name: str, run_id: str) -> tuple[bool, str | None]:
+    """Make the registered model ``name`` tagged as made by the export run ``run_id``, in one write: the next
+    export removes it, should this one be killed before its version is registered. What
+    :func:`registry_before` says now (another export may have made it since it looked)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, tags={MADE_BY_TAG: run_id})
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return registry_before(client, name)
+    return False, None
+
+
 def undo_registration(client, name: str, version: str | None, before: tuple[bool, str | None],
                       logged_ids: list[str]) -> None:
     """Put the registry back as :func:`registry_before` found it: the new version gone (and the model, if the
@@ -388,33 +403,41 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     # pyfunc, nested under the study's parent run), an upcycled one's run keeps its record and card. A
     # failure, Ctrl-C or SIGTERM removes the folder and the new version and ends the run, so that a failed
     # export leaves nothing a re-run would trip on, nor a version `fulu-nas serve` cannot check.
-    version = run_id = before = None
+    version = run_id = before = digest = None
     logged_ids: list[str] = []
-    try:
-        if upcycled:
-            from .export_upcycled import RECORDED, write_upcycled_export
+    recording = contextlib.ExitStack()
 
-            write_upcycled_export(location, s, study, trial, model, config, metrics, out)
-        else:
-            write_export(out, model, config, metrics, model_card(s, location, trial, config, metrics, name))
-        digest = fingerprint(out)
-        # What the next export undoes, should this one be killed (killed_exports): its writer, folder and files.
+    def record(folder: Path) -> None:
+        """The export's run, made with the folder written and before it is renamed into place: what the next
+        export undoes, should this one be killed (killed_exports): its writer, folder and files. A kill
+        after the rename then leaves a run that names the folder, not a folder nothing names."""
+        nonlocal digest, run_id
+        digest = fingerprint(folder)
         tags = {WRITER_TAG: this_process(), OUT_TAG: str(out.resolve()), FINGERPRINT_TAG: digest,
                 OUT_GIVEN_EMPTY_TAG: str(existed).lower()}
-        # A signal arriving inside is raised when the block ends, never inside a database write (which could
-        # leave the tracking database locked for the steps that undo the export below).
-        with between_writes(), export_run(location.tracking_uri, s.tracking.experiment, study, trial.number,
-                                          metrics, tags):
-            run_id = mlflow.active_run().info.run_id
+        # A signal arriving from here on is raised when the recording ends, never inside a database write
+        # (which could leave the tracking database locked for the steps that undo the export below).
+        recording.enter_context(between_writes())
+        recording.enter_context(export_run(location.tracking_uri, s.tracking.experiment, study, trial.number,
+                                           metrics, tags))
+        run_id = mlflow.active_run().info.run_id
+
+    try:
+        with recording:
             if upcycled:
+                from .export_upcycled import RECORDED, write_upcycled_export
+
+                write_upcycled_export(location, s, study, trial, model, config, metrics, out, before_rename=record)
                 for file in RECORDED:
                     mlflow.log_artifact(str(out / file))
             else:
+                write_export(out, model, config, metrics, model_card(s, location, trial, config, metrics, name),
+                             before_rename=record)
                 before = registry_before(client, name)
+                if not before[0]:
+                    before = make_registered_model(client, name, run_id)
                 manifest = pyfunc_manifest(out)
                 version = register_files(client, out, manifest, name, logged_ids)
-                if not before[0]:  # made by this export: the next one removes it too, should this one be killed
-                    client.set_registered_model_tag(name, MADE_BY_TAG, run_id)
                 # The registered files' SHA-256 in the tracking database, which `fulu-nas serve` checks them
                 # against: those the export wrote, once the artifact store gives them back.
                 registered = record_registered_files(client, name, version, manifest, location.tracking_uri)

@@ -7,6 +7,7 @@ folder when that fails. The fingerprint is printed: the SHA-256 of ``checksums.j
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -70,10 +71,12 @@ MLflow model: `fulu-nas serve` refuses it; serve the loaded model from Python (a
 
 
 def write_upcycled_export(location: StudyLocation, s: SearchSettings, study: optuna.Study,
-                          trial: optuna.trial.FrozenTrial, model, config: dict, metrics: dict, out: Path) -> Path:
+                          trial: optuna.trial.FrozenTrial, model, config: dict, metrics: dict, out: Path,
+                          before_rename: Callable[[Path], None] | None = None) -> Path:
     """Write ``model`` (the trial's :class:`~fulu_nas.interop.upcycle.UpcycledMLM`, measured into ``metrics``)
-    to ``out``, with its model card. The caller records the export in the study's MLflow (:data:`RECORDED`)
-    and removes the folder if that fails."""
+    to ``out``, with its model card. The caller records the export in the study's MLflow (:data:`RECORDED`;
+    its run made by ``before_rename``, as :func:`~fulu_nas.deploy.export.assemble` takes it) and removes the
+    folder if that fails."""
     from ..interop.upcycle_export import write_upcycled
 
     reference = next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -86,4 +89,4 @@ def write_upcycled_export(location: StudyLocation, s: SearchSettings, study: opt
     # The folder the encoder was read from, wherever the search was started: a relative path names no folder
     # for a reader elsewhere.
     record["task"] = {**record["task"], "model": s.task.model_path}
-    return write_upcycled(out, model, tokenizer, record, metrics, card)
+    return write_upcycled(out, model, tokenizer, record, metrics, card, before_rename)
