@@ -23,6 +23,7 @@ from .checks import device_problem
 from .deploy.cost import cpu_peak_bytes
 from .deploy.cuda_graphs import GraphedForward
 from .moe import MoEConfig, PiMoELayer
+from .moe.stats import detached_stats
 
 
 class RoutingStrategy(str, Enum):
@@ -196,6 +197,11 @@ class UltimatePiMoESystem(nn.Module):
         # each parameter's requires_grad.
         self._training_runner = "eager"
         self._requires_grad_before_inference: dict[str, bool] = {}
+
+    def __getstate__(self):
+        # copy.deepcopy (a checkpoint or EMA copy mid-training) and pickling: the last statistics without the
+        # graph of the call that made them, which a compiled call's plain dict holds
+        return {**super().__getstate__(), "last_stats": detached_stats(self.last_stats)}
 
     @property
     def config(self) -> MoEConfig:

@@ -79,3 +79,25 @@ def test_a_migration_that_succeeds_still_swaps_every_layer_and_hooks_the_hash_ro
     assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state, dense, rtol=0, atol=1e-5)
+
+
+def test_a_compiled_migrated_model_in_the_middle_of_training_deep_copies():
+    """A compiled model's PiMoE outputs keep their last statistics as the compiled call returns them, a plain dict
+    holding the step's graph: copy.deepcopy of the model (a checkpoint or EMA copy) failed with torch's "Only
+    Tensors created explicitly by the user (graph leaves) support the deepcopy protocol"."""
+    import copy
+
+    from fulu_nas.interop.migrate import balance_loss
+
+    model = migrate_from_electra(bert(), num_experts=4, top_k=2, aux_loss_coef=0.01)
+    ids = torch.randint(0, 50, (2, 8))
+    torch.compile(model)(input_ids=ids)
+    outputs = [m for m in model.modules() if isinstance(m, PiMoEOutput)]
+    assert balance_loss(model).requires_grad and all(type(m.last_stats) is dict for m in outputs)
+    twin = copy.deepcopy(model)
+    copies = [m for m in twin.modules() if isinstance(m, PiMoEOutput)]
+    for original, copied in zip(outputs, copies, strict=True):
+        assert copied.last_stats.keys() == original.last_stats.keys()
+        assert not any(v.requires_grad for v in copied.last_stats.values())
+    twin.eval(), model.eval()  # without dropout
+    torch.testing.assert_close(twin(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)

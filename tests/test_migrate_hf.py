@@ -827,6 +827,25 @@ def test_an_importer_refuses_a_block_of_another_family():
     assert_block_equal(mixed, to_hf(mixed, mixtral(seed=4), family="mixtral"), seed=5)
 
 
+def test_an_importer_refuses_a_block_with_non_finite_weights_naming_them():
+    """transformers 5 builds a block's fused expert weights with torch.empty: a block made from its config and
+    never initialised imported as a layer that computed NaN, without a word (migrate_from_electra refuses
+    such weights by name)."""
+    for name, make in (("mixtral", mixtral), ("deepseek_v3", deepseek_v3)):
+        block = make(seed=1)
+        with torch.no_grad():
+            block.experts.down_proj[1, 2, 3] = float("nan")
+            block.gate.weight[0, 0] = float("inf")
+        with pytest.raises(ValueError, match=rf"^from_{name}: the block's (gate.weight, experts.down_proj|"
+                                             r"experts.down_proj, gate.weight) hold NaN or infinite values "
+                                             r"\(weights never initialised, or damaged\)"):
+            from_hf(block)
+    block = deepseek_v3(seed=1)
+    block.gate.e_score_correction_bias[2] = float("nan")  # a buffer
+    with pytest.raises(ValueError, match="gate.e_score_correction_bias hold NaN"):
+        from_deepseek_v3(block)
+
+
 # -- importer errors -----------------------------------------------------------------------------
 
 def test_importer_errors_name_what_was_expected():

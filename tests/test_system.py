@@ -58,6 +58,26 @@ def test_spec_example_hierarchical_extreme_with_flags():
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("level", ["advanced", "extreme"])
+def test_a_system_in_the_middle_of_training_deep_copies_and_pickles(level, tmp_path):
+    """A copy of the model mid-training (the best checkpoint, an EMA or teacher copy): at EXTREME the compiled
+    call's statistics, a plain dict holding the step's graph, made copy.deepcopy fail with torch's "Only
+    Tensors created explicitly by the user (graph leaves) support the deepcopy protocol"."""
+    import copy
+
+    system = small(optimization_level=level)
+    x = torch.randn(2, 8, 64)
+    system(x)
+    if level == "extreme":  # the compiled call's statistics hold the step's graph (training uses it)
+        assert any(v.requires_grad for v in system.last_stats.values())
+    twin = copy.deepcopy(system)
+    assert not any(v.requires_grad for v in twin.last_stats.values())
+    torch.testing.assert_close(twin.last_stats["tokens_per_expert"], system.last_stats["tokens_per_expert"])
+    torch.testing.assert_close(twin(x), system(x))
+    torch.save(system, tmp_path / "system.pt")
+    assert torch.load(tmp_path / "system.pt", weights_only=False).last_stats.keys() == system.last_stats.keys()
+
+
 def test_state_dict_holds_the_layer_once_at_every_level():
     basic = small(optimization_level="basic")
     layer_keys = [f"layer.{k}" for k in basic.layer.state_dict()]

@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import first_few, nonfinite_tensors
 from ..moe.config import MoEConfig
 from ..moe.layer import PiMoELayer
 
@@ -324,11 +325,16 @@ def hf_family(block: nn.Module) -> str:
 # -- import --------------------------------------------------------------------------------------
 
 
-def _build(spec: _BlockSpec, overrides: dict[str, Any]) -> PiMoELayer:
+def _build(block: nn.Module, spec: _BlockSpec, overrides: dict[str, Any]) -> PiMoELayer:
     fixed = sorted(set(overrides) & set(spec.config))
     if fixed:
         raise ValueError(f"from_{spec.family}: {', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} read from "
                          f"the block and cannot be overridden")
+    # transformers 5 makes a block's fused expert weights with torch.empty: one built from its config and never
+    # initialised would import as a layer that computes NaN
+    if bad := nonfinite_tensors([*block.named_parameters(), *block.named_buffers()]):
+        raise ValueError(f"from_{spec.family}: the block's {first_few(bad)} hold NaN or infinite values (weights "
+                         "never initialised, or damaged): the layer imported from them would compute NaN")
     cfg = MoEConfig(**{**spec.config, **spec.soft_config, **overrides})
     w13_EDF2, w2_EFD = spec.w13_EDF2, spec.w2_EFD
     layer = PiMoELayer(cfg).to(device=w13_EDF2.device, dtype=w13_EDF2.dtype)  # routers stay fp32
@@ -354,13 +360,13 @@ def from_mixtral(block: nn.Module, **overrides: Any) -> PiMoELayer:
     ``aux_loss_coef``, ``z_loss_coef``, ``bias_update_rate``, ``capacity_factor``, ...); the block's
     ``jitter_noise`` becomes ``router_jitter`` unless overridden.
     """
-    return _build(_spec_mixtral(block), overrides)
+    return _build(block, _spec_mixtral(block), overrides)
 
 
 def from_qwen2_moe(block: nn.Module, **overrides: Any) -> PiMoELayer:
     """A PiMoE layer equal to a transformers ``Qwen2MoeSparseMoeBlock`` (routed experts plus the
     sigmoid-gated shared expert); ``overrides`` as in :func:`from_mixtral`."""
-    return _build(_spec_qwen2_moe(block), overrides)
+    return _build(block, _spec_qwen2_moe(block), overrides)
 
 
 def from_deepseek_v3(block: nn.Module, *, group_mask_fill: str = "-inf", **overrides: Any) -> PiMoELayer:
@@ -371,7 +377,7 @@ def from_deepseek_v3(block: nn.Module, *, group_mask_fill: str = "-inf", **overr
     filled dropped groups with 0.0 (see the module docstring). ``overrides`` as in
     :func:`from_mixtral`.
     """
-    return _build(_spec_deepseek_v3(block), {"group_mask_fill": group_mask_fill, **overrides})
+    return _build(block, _spec_deepseek_v3(block), {"group_mask_fill": group_mask_fill, **overrides})
 
 
 _IMPORTERS = {"mixtral": from_mixtral, "qwen2_moe": from_qwen2_moe, "deepseek_v3": from_deepseek_v3}

@@ -55,6 +55,7 @@ from ..errors import FuluConfigError
 from ..moe import MoEConfig, PiMoELayer
 from ..moe.config import ALIGNMENT
 from ..moe.routers import ScoreRouter
+from ..moe.stats import detached_stats
 from ..system import RoutingStrategy, enum_member, flag_problems
 
 __all__ = [
@@ -172,6 +173,11 @@ class PiMoEOutput(nn.Module):
         self.last_stats: dict[str, Tensor] = {}
         self._last_ids: Tensor | None = None  # the ids of the last call, for gradient checkpointing's recomputation
         self._chunk_at = 0  # where the next slice of a chunked feed-forward starts in the sequence
+
+    def __getstate__(self):
+        # copy.deepcopy (a checkpoint or EMA copy mid-training) and pickling: the last statistics without the
+        # graph of the call that made them, which a compiled call's plain dict holds
+        return {**super().__getstate__(), "last_stats": detached_stats(self.last_stats)}
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         y, self.last_stats = self.moe(hidden_states, token_ids=self._ids_for(hidden_states))

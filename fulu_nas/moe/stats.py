@@ -74,6 +74,14 @@ def stats_layout(groups: Sequence[Sequence[str]]) -> dict[str, int]:
     return {name: i for i, names in enumerate(groups) for name in names}
 
 
+def detached_stats(stats: Mapping[str, Tensor]) -> OrderedDict:
+    """Statistics as a copy or a pickle of them holds them: detached (the call's graph is not the copy's,
+    and ``copy.deepcopy`` refuses a tensor that has one), in an ``OrderedDict`` (see
+    :meth:`LazyStats.__reduce__`). What a module that keeps its last call's statistics copies: a
+    compiled call returns them as a plain dict."""
+    return OrderedDict((name, value.detach()) for name, value in stats.items())
+
+
 class LazyStats(Mapping[str, Tensor]):
     """The statistics of one layer call, each computed when it is first read.
 
@@ -104,7 +112,7 @@ class LazyStats(Mapping[str, Tensor]):
         ``OrderedDict`` of the values, detached: the computations are closures over the call. Not a
         plain dict: ``builtins.dict`` is no global torch.load's default weights-only unpickler
         allows, ``collections.OrderedDict`` (a state dict's type) is."""
-        return OrderedDict, ({name: value.detach() for name, value in self.items()},)
+        return OrderedDict, (detached_stats(self),)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layout)
