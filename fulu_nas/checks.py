@@ -231,6 +231,33 @@ def check_tracking_database_exists(uri: str, key: str = "tracking.uri") -> None:
                               "runs in outputs/STUDY/mlflow.db)")
 
 
+def strict_yaml(text: str) -> object:
+    """``yaml.safe_load`` of a file a user writes, refusing a key given twice in one mapping (PyYAML keeps the
+    last, so the first setting was dropped without a word) with a ``yaml.YAMLError`` that says where. Keys a
+    merge (``<<: *anchor``) brings in may be set again: that is what a merge is for."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    again = key in seen
+                except TypeError:  # an unhashable key: the constructor names it
+                    continue
+                if again:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"the key {key!r} given a second time",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=Loader)  # a SafeLoader: no Python objects
+
+
 def yaml_problem(error: Exception) -> str:
     """A YAML parser's error in one line: its problem and where (PyYAML's own message spans several
     lines and quotes the text); the caller names the file."""

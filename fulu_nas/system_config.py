@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .checks import yaml_problem
+from .checks import strict_yaml, yaml_problem
 from .moe import MoEConfig
 from .system import RoutingStrategy, UltimatePiMoESystem, create_ultimate_pimoe_system, enum_member
 
@@ -88,7 +88,7 @@ def _read_yaml(path: Path) -> object:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read it ({e})") from None
     try:
-        return yaml.safe_load(text)
+        return strict_yaml(text)
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: malformed YAML: {yaml_problem(e)}") from None
 

@@ -52,6 +52,13 @@ def test_layout_problems_are_all_listed(tmp_path):
     assert "'extra'" in text and "unknown panel 'bogus'" in text and "'colour'" in text and "rows=0" in text
     with pytest.raises(FuluConfigError, match="no layout 'nope'.*default"):
         load_layout("nope")
+    bad.write_text("title: x\npanels: [objective]\npanels: [top_trials]\n")  # PyYAML kept the last, silently
+    with pytest.raises(FuluConfigError, match="bad.yaml is not valid YAML: the key 'panels' given a second time "
+                                              "at line 3"):
+        load_layout(str(bad))
+    bad.write_text("title: x\npanels: [{<<: {panel: top_trials, rows: 2}, rows: 3}]\n")  # a merge's key set again
+    [panel] = load_layout(str(bad)).panels
+    assert panel.name == "top_trials" and panel.options == {"rows": 3}, panel
     bad.write_bytes('title: "R\xe9sultats"\npanels: [objective]\n'.encode("latin-1"))  # was a traceback
     with pytest.raises(FuluConfigError, match="bad.yaml is not UTF-8 text"):
         load_layout(str(bad))

@@ -139,6 +139,11 @@ BAD = [
     (None, "fulu:\n  ultimate_pimoe:\n    hidden_size: [512\n",
      "malformed YAML: expected ',' or ']', but got '<stream end>' at line 4"),
     (None, "- fulu\n", "no top-level 'fulu:' block"),
+    # PyYAML keeps the last of a key given twice: the file's first setting was dropped without a word
+    (None, "fulu:\n  ultimate_pimoe:\n    hidden_size: 32\n    routing_strategy: hash\n    routing_strategy: topk\n",
+     "malformed YAML: the key 'routing_strategy' given a second time at line 5, column 5 (while constructing a "
+     "mapping at line 3, column 5)"),
+    (None, "fulu:\n  ultimate_pimoe: {hidden_size: 32}\nfulu: {}\n", "the key 'fulu' given a second time at line 3"),
 ]
 BAD[0] = ({"fulu": {**spec_config()["fulu"], "extra": {}}}, None, "fulu.extra: not a section of the configuration")
 

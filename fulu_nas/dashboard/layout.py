@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checks import yaml_problem
+from ..checks import strict_yaml, yaml_problem
 from ..errors import FuluConfigError
 from .panels import PANELS
 
@@ -44,7 +44,7 @@ def load_layout(name: str) -> Layout:
         raise FuluConfigError(f"layout: no layout {name!r} (layouts in {LAYOUTS_DIR}: "
                               f"{', '.join(available_layouts()) or 'none'}; or pass a path to a .yaml file)")
     try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        data = strict_yaml(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise FuluConfigError(f"layout: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
