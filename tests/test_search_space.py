@@ -91,7 +91,8 @@ def test_a_language_model_space_with_expert_choice_is_refused_naming_why(task_na
     with pytest.raises(FuluConfigError) as e:
         check_feasible(space, build_task(task_name), draws=20)
     assert e.value.problems == [
-        "search_space.params.router.choices: 'expert_choice' gives no feasible architecture in 20 random draws "
+        "search_space.params.router.choices: 'expert_choice' gives no feasible architecture in any of the 24 "
+        "combinations of the parameters' values "
         "(first: impossible architecture: router expert_choice is not causal: each expert picks its tokens from "
         "the whole batch, so a token's output depends on the tokens after it, which a next-token language model "
         "predicts (use it on a token-classification task))"]

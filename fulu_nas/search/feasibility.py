@@ -4,9 +4,11 @@ A space in which every sample is infeasible (an unknown fixed router, a fixed ``
 ``num_experts``, a constraint nothing meets) would give a study of infeasible trials only, and a
 categorical choice that is never feasible (a typo in a router name) would silently shrink the
 space. So the space is sampled here as a study samples it, with a fixed seed (the verdict is the
-same every time), and :data:`DRAWS` random draws must find a feasible architecture: for the space,
-for each choice of each categorical parameter (pinned, with the parents of its ``when``
-pinned to values that make it active), and for each numeric parameter (its parents pinned so).
+same every time), and :data:`DRAWS` random draws must find a feasible architecture: for the space
+(unless its reference is one), for each choice of each categorical parameter (pinned, with the parents
+of its ``when`` pinned to values that make it active), and for each numeric parameter (its parents
+pinned so). Where the parameters are discrete and their combinations few (:data:`ALL_VALUES_UP_TO`),
+every combination is tried instead, so that a rare feasible value is not missed.
 When the whole space fails, each fixed value, parameter and derived value is put back to the
 field's default in turn; those whose default makes the space feasible are named as the cause.
 
@@ -82,17 +84,18 @@ def check_feasible(space: SearchSpace, task, draws: int = DRAWS) -> None:
             raise FuluConfigError(f"search_space.reference: {e}") from None
     _check_expressions(space, task, draws)
     rng = random.Random(0)
-    reason = _failure(space, task, rng, draws, dict)
-    if reason is not None:
-        raise FuluConfigError(_whole_space_problem(space, task, rng, draws, reason))
+    # A feasible reference (its values are in the space: reading the space checked them) is an architecture
+    # of the space: the space is not empty, however rare its feasible draws.
+    if space.reference is None and (reason := _failure(space, task, rng, draws, dict)) is not None:
+        raise FuluConfigError(_whole_space_problem(space, task, draws, reason))
     by_name = {p.name: p for p in space.params}
     problems = []
     for p in space.params:
         for what, own in _checked_values(p):
-            reason = _failure(space, task, rng, draws, lambda p=p, own=own: _pins(p, own, by_name, rng), p.name)
+            reason = _failure(space, task, rng, draws, lambda p=p, own=own: _pins(p, own, by_name, rng), p.name, own)
             if reason is not None:
-                problems.append(f"search_space.params.{p.name}{what} no feasible architecture in {draws} random "
-                                f"draws (first: {reason})")
+                problems.append(f"search_space.params.{p.name}{what} no feasible architecture in "
+                                f"{_tried(space, own, draws)} (first: {reason})")
     if problems:
         raise FuluConfigError(problems)
 
@@ -138,22 +141,50 @@ def _expression_inputs(space: SearchSpace):
         yield values
 
 
-def _failure(space: SearchSpace, task, rng: random.Random, draws: int, pins: Callable[[], dict],
-             needs: str | None = None) -> str | None:
-    """None once a draw is feasible, else why the first draw was not. ``needs``: a parameter that
-    must be active in a draw for it to count."""
-    first = None
+def _combinations(space: SearchSpace, fixed: dict) -> int | None:
+    """How many combinations of the parameters' values there are with ``fixed`` pinned, where they are
+    discrete and at most :data:`ALL_VALUES_UP_TO` (every one is then tried); else None (random draws)."""
+    sizes = [1 if p.name in fixed else p.grid_size() for p in space.params]
+    if not space.params or None in sizes or math.prod(sizes) > ALL_VALUES_UP_TO:
+        return None
+    return math.prod(sizes)
+
+
+def _tried(space: SearchSpace, fixed: dict, draws: int) -> str:
+    """What :func:`_failure` tried, in words."""
+    n = _combinations(space, fixed)
+    return f"{draws} random draws" if n is None else f"any of the {n} combinations of the parameters' values"
+
+
+def _samples(space: SearchSpace, rng: random.Random, draws: int, pins: Callable[[], dict], fixed: dict):
+    """The samples :func:`_failure` tries: every combination of the parameters' values with ``fixed`` (a
+    verdict the seed does not decide: a feasible value drawn once in 64 was missed by 200 draws now and
+    then), or, where there are too many or a parameter is continuous, ``draws`` random draws with ``pins``."""
+    if _combinations(space, fixed) is not None:
+        names = [p.name for p in space.params]
+        for combination in itertools.product(*([fixed[p.name]] if p.name in fixed else p.grid_values()
+                                               for p in space.params)):
+            yield space.sample(_RandomTrial(rng, dict(zip(names, combination, strict=True))))
+        return
     for _ in range(draws if space.params else 1):  # without parameters every draw is the same
-        values = space.sample(_RandomTrial(rng, pins()))
+        yield space.sample(_RandomTrial(rng, pins()))
+
+
+def _failure(space: SearchSpace, task, rng: random.Random, draws: int, pins: Callable[[], dict],
+             needs: str | None = None, fixed: dict | None = None) -> str | None:
+    """None once a sample (:func:`_samples`) is feasible, else why the first was not. ``needs``: a parameter
+    that must be active in a sample for it to count; ``fixed``: the values ``pins`` always gives."""
+    first, inactive = None, False
+    for values in _samples(space, rng, draws, pins, fixed or {}):
         if needs is not None and needs not in values:
-            first = first or "its conditions never hold together"
+            inactive = True  # said only where no active sample says more
             continue
         try:
             space.feasible_arch(values, task)
             return None
         except Infeasible as e:
             first = first or str(e)
-    return first
+    return first or ("its conditions never hold together" if inactive else None)
 
 
 def _checked_values(param: Param) -> list[tuple[str, dict]]:
@@ -176,20 +207,22 @@ def _pins(param: Param, own: dict, by_name: dict[str, Param], rng: random.Random
     return pins
 
 
-def _whole_space_problem(space: SearchSpace, task, rng: random.Random, draws: int, reason: str) -> str:
-    causes = [cause for cause, variant, pins in _defaults_instead(space) if _feasible(variant, task, rng, draws, pins)]
+def _whole_space_problem(space: SearchSpace, task, draws: int, reason: str) -> str:
+    causes = [cause for cause, variant, pins in _defaults_instead(space) if _feasible(variant, task, draws, pins)]
+    tried = _tried(space, {}, draws)
     if not causes:
-        return f"search_space: no feasible architecture in {draws} random draws (first: {reason})"
+        return f"search_space: no feasible architecture in {tried} (first: {reason})"
     these = "this setting" if len(causes) == 1 else "these settings"
-    return (f"{', '.join(causes)}: no architecture of the space is feasible with {these} ({draws} random draws; "
-            f"first: {reason})")
+    return f"{', '.join(causes)}: no architecture of the space is feasible with {these} ({tried}; first: {reason})"
 
 
-def _feasible(variant: SearchSpace, task, rng: random.Random, draws: int, pins: dict) -> bool:
-    """Whether a draw of ``variant`` with ``pins`` is feasible. A field's default that a derived value
-    cannot be computed from (a ``top_p`` of None in ``top_p * 2``) is no way out: not feasible."""
+def _feasible(variant: SearchSpace, task, draws: int, pins: dict) -> bool:
+    """Whether a sample of ``variant`` with ``pins`` is feasible: each variant drawn with the seed the space
+    was (a shared generator's later draws made a setting that changes nothing look like a cause). A field's
+    default that a derived value cannot be computed from (a ``top_p`` of None in ``top_p * 2``) is no way
+    out: not feasible."""
     try:
-        return _failure(variant, task, rng, draws, lambda: dict(pins)) is None
+        return _failure(variant, task, random.Random(0), draws, lambda: dict(pins), fixed=pins) is None
     except FuluConfigError:
         return False
 
