@@ -1,4 +1,5 @@
-"""Ctrl-C, SIGTERM and SIGHUP held while a command loads its libraries, then raised as a Ctrl-C.
+"""Ctrl-C, SIGTERM and SIGHUP held while a command loads its libraries, then raised as a Ctrl-C; or
+raised as a Ctrl-C at once, for a command's stretch before its own handlers.
 
 A command's first seconds import torch, numpy and MLflow. A KeyboardInterrupt raised inside a C
 extension's import leaves the extension half-loaded, and the next import of it fails with a traceback
@@ -36,3 +37,23 @@ def held() -> Iterator[None]:
             signal.signal(sig, handler)
     if arrived:
         raise KeyboardInterrupt
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises a KeyboardInterrupt in the block, as Ctrl-C does: its default action ends the process
+    with no word, whatever it was writing. For a command's stretch before its own handlers take over (a
+    search's checks, Hydra's set-up, the study's opening); a SIGTERM the process ignores stays ignored."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -594,8 +594,7 @@ def test_a_signal_to_the_workers_parent_alone_stops_the_workers_and_the_study_re
     mid-search: passed on to the workers, whose running trials are failed and queued again; the parent says so
     and exits 130, and the same command finishes the study. A SIGINT was not passed on: the workers ran the
     whole study."""
-    real_report = study_module._report
-    _signal_at_report(monkeypatch, 1, signum)
+    told = _signal_at_report(monkeypatch, 1, signum)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     workers = ("study.n_workers=2", *FAST)
@@ -606,11 +605,21 @@ def test_a_signal_to_the_workers_parent_alone_stops_the_workers_and_the_study_re
     assert sum(objective_module.counts_toward_total(t) for t in study.trials) < 6
     parents, trials = _runs(out)
     assert [r.info.run_name for r in parents + trials if r.info.status == "RUNNING"] == []
-    monkeypatch.setattr(study_module, "_report", real_report)
+    # Every trial that ended is told, those ended since the parent's last look and as the workers stopped too
+    # (a trial that completed just before the signal had no line, on the console or in any log).
+    ended = {t.number for t in study.trials if t.state.is_finished()}
+    assert sorted(told) == sorted(ended), (told, ended)
+    logs = [(out / f"worker-{i}.log").read_text() for i in range(2)]
+    # The same command tells the trials it runs, not again those of the run before (it replayed them all).
+    told = _signal_at_report(monkeypatch, 0)
     assert run_search(out, "study.n_trials=6", "trainer.steps=10", *workers) == 0
     study = load_study(out)
     assert sum(objective_module.counts_toward_total(t) for t in study.trials) == 6
     assert not [t.number for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert sorted(told) == sorted(t.number for t in study.trials if t.number not in ended and not
+                                  t.user_attrs.get("fail_reason", "").startswith("surplus")), told
+    # each worker's log still says what it stopped (the same command emptied the logs)
+    assert all((out / f"worker-{i}.log").read_text().startswith(logs[i]) for i in range(2))
 
 
 def test_workers_stopped_by_a_signal_the_parent_did_not_get_leave_an_interrupted_search(tmp_path, monkeypatch,
@@ -746,3 +755,46 @@ def test_the_workers_of_a_search_killed_hard_stop_as_at_ctrl_c(tmp_path):
     _, trial_runs = _runs(out)
     assert {r.info.status for r in trial_runs} == {"KILLED"}  # ended by their workers, not left open
 
+
+
+# -- 7. before the search's own handlers: its checks, Hydra's set-up, the study's opening ----------------
+# A search in a child process that sends itself SIGTERM as it calls one of its first steps, then calls it.
+SIGNALLED_SEARCH = """
+import os, signal, sys
+import {module} as module
+step = module.{attribute}
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return step(*args, **kwargs)
+module.{attribute} = signalled
+from fulu_nas.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("module, attribute", [("fulu_nas.search.settings", "load_settings"),
+                                               ("fulu_nas.search.app", "_job"),
+                                               ("fulu_nas.search.study", "open_study")],
+                         ids=["checks", "hydra-job", "opening"])
+def test_sigterm_before_the_search_s_own_handlers_is_a_ctrl_c(module, attribute, tmp_path):
+    """SIGTERM (docker stop, a scheduler) in a search's first seconds ended it by SIGTERM's default action: no
+    word, exit 143, the output folder half made (.hydra/, an optuna.db with no study, an empty search.log).
+    It is a Ctrl-C there too ("interrupted", 130), after the study's opening writes where it arrives inside
+    them; the same command then runs the search."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    command = ["search", "+experiment=tiny", f"hydra.run.dir={out}", "study.n_trials=1", "trainer.steps=10", *FAST]
+    child = subprocess.run([sys.executable, "-c", SIGNALLED_SEARCH.format(module=module, attribute=attribute),
+                            *command], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert child.returncode == 130 and child.stderr.strip().splitlines()[-1] == "interrupted", \
+        (child.returncode, child.stderr)
+    assert "Traceback" not in child.stderr and child.stdout == "", child
+    if attribute == "open_study":  # held to the end of the opening: the study and its settings are whole
+        assert [t.state for t in load_study(out).trials] == [TrialState.WAITING]  # the reference, queued
+        assert json.loads((out / "search_config.json").read_text())["config"]
+    else:
+        assert not (out / "optuna.db").exists()
+    assert main(command) == 0
+    assert [t.state for t in load_study(out).trials] == [TrialState.COMPLETE]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..checks import mask_url, yaml_problem
 from ..errors import FuluConfigError
+from ..signals import terminate_as_interrupt
 
 # Shipped inside the package (the top-level conf/ of a checkout links here), so a wheel install finds it.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -347,6 +348,13 @@ def _job(cfg) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # SIGTERM is a Ctrl-C from here on (the checks, Hydra's set-up, the study's opening write the output
+    # folder), until the search's own handlers take over (study.stop_signals_as_interrupt)
+    with terminate_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     import hydra
 
     from . import sweep

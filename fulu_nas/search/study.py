@@ -31,6 +31,7 @@ import optuna
 from ..deploy.processes import process_is_gone, this_process
 from ..errors import FuluConfigError
 from ..moe import cpu_stream
+from ..signals import held
 from . import interrupts
 from .interrupts import between_writes, interrupt
 from .objective import (
@@ -519,15 +520,17 @@ def stop_signals_as_interrupt(stopping: str = interrupts.SEARCH_STOPPING) -> Ite
 
 def run_search(s: SearchSettings, progress: bool = True) -> int:
     """The ``fulu-nas search`` job: run the study here or with N worker processes, then summarise."""
-    s.output_dir.mkdir(parents=True, exist_ok=True)
-    with quiet_optuna():
-        study = open_study(s)  # a resume with other settings is refused here, before the study's config is rewritten
-    if (done := finished_count(study)) >= s.study.n_trials:  # a resume with nothing left to train
-        print(f"study {s.study.name} already has {done} finished trial{'s' * (done != 1)} of the {s.study.n_trials} "
-              f"requested: nothing to train; study.n_trials=M (more than {done}) extends it")
-    write_config(s.output_dir / "search_config.json",
-                 json.dumps({"config": s.raw, "output_dir": str(s.output_dir), "typed_model": s.typed_model},
-                            indent=2, default=str), private=settings_hold_password(s))
+    # The study's opening writes its database and settings whole: a signal meanwhile is a Ctrl-C once they are.
+    with held():
+        s.output_dir.mkdir(parents=True, exist_ok=True)
+        with quiet_optuna():
+            study = open_study(s)  # a resume with other settings is refused here, before its config is rewritten
+        if (done := finished_count(study)) >= s.study.n_trials:  # a resume with nothing left to train
+            print(f"study {s.study.name} already has {done} finished trial{'s' * (done != 1)} of the "
+                  f"{s.study.n_trials} requested: nothing to train; study.n_trials=M (more than {done}) extends it")
+        write_config(s.output_dir / "search_config.json",
+                     json.dumps({"config": s.raw, "output_dir": str(s.output_dir), "typed_model": s.typed_model},
+                                indent=2, default=str), private=settings_hold_password(s))
     with stop_signals_as_interrupt():
         try:
             if s.study.n_workers == 1:
@@ -634,10 +637,20 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
     with quiet_optuna():  # here, not in the workers, whose console is their log
         _close_orphaned_uploads(tracker, study, bar)
     running = [progress_path(s.output_dir, "worker", i) for i in range(s.study.n_workers)]
-    seen: set[int] = set()
+    # the trials a resumed search finished before: said then, not again
+    seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+
+    def report_finished() -> None:
+        for t in study.get_trials(deepcopy=False):
+            if t.state.is_finished() and t.number not in seen:
+                seen.add(t.number)
+                if not _surplus(t):
+                    _report(bar, t, s)
+
     try:
         for i in range(s.study.n_workers):
-            log = open(s.output_dir / f"worker-{i}.log", "w")
+            # appended to: on a resume, what a worker said it stopped is still there to read
+            log = open(s.output_dir / f"worker-{i}.log", "a")
             command = [sys.executable, "-m", "fulu_nas.search.worker", str(config), str(i)]
             env = worker_env(i, s.study.n_workers, s.train.expert_parallel)
             procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
@@ -646,13 +659,10 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
         while [p.poll() for p, _ in procs].count(None):
             time.sleep(1.0)
             interrupts.raise_if_swallowed()
-            for t in study.get_trials(deepcopy=False):
-                if t.state.is_finished() and t.number not in seen:
-                    seen.add(t.number)
-                    if not _surplus(t):
-                        _report(bar, t, s)
+            report_finished()
             bar.show_running(running_lines(running))
             bar.refresh()
+        report_finished()  # those that finished since the last look
     except KeyboardInterrupt:
         for p, _ in procs:
             # The signal may have come to this process alone (docker stop, kill PID, kill -INT PID): passed
@@ -663,6 +673,8 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
                 p.send_signal(signal.SIGTERM)
         for p, _ in procs:
             p.wait()
+        report_finished()  # those that finished since the last look, and as the workers stopped
+        bar.close()  # the message on a line of its own
         # A worker that had ended its part (0; or killed by the signal as it exited, its handlers gone) and a
         # study with its trials: the signal came as the search was ending.
         ended = (0, INTERRUPTED, -signal.SIGTERM, -signal.SIGINT)
@@ -680,7 +692,9 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
     for i in failed:
         print(f"worker {i} exited with {procs[i][0].returncode}; see {s.output_dir / f'worker-{i}.log'}",
               file=sys.stderr)
-    if failed:
+    # A worker lost (kill -9, the out-of-memory killer) whose trial another worker took over: the study has its
+    # trials, and the search its result.
+    if failed and finished_count(study) < s.study.n_trials:
         return 1
     # Workers stopped by a signal this process did not get (pkill, a scheduler stopping processes one by one)
     # ended their part early: the study lacks trials, the search was interrupted, not finished.

@@ -33,25 +33,26 @@ def _visible_lines(fig) -> None:
     import plotly.colors
     from optuna.visualization._utils import COLOR_SCALE
 
-    def at(scale: list[str], v: float) -> str:
-        return plotly.colors.sample_colorscale(plotly.colors.make_colorscale(scale), [v], colortype="rgb")[0]
+    def at(scale: list, v: float) -> str:
+        return plotly.colors.sample_colorscale(scale, [v], colortype="rgb")[0]
 
     def brightness(colour: str) -> float:
         return sum(plotly.colors.unlabel_rgb(colour))
 
     def place(colour: str) -> float:
         lo, hi, target = 0.0, 1.0, brightness(colour)
-        for _ in range(30):
+        for _ in range(20):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if brightness(at(COLOR_SCALE, mid)) > target else (lo, mid)
+            lo, hi = (mid, hi) if brightness(at(optunas, mid)) > target else (lo, mid)
         return (lo + hi) / 2
 
-    scale = [at(COLOR_SCALE, _SCALE_FROM + (1 - _SCALE_FROM) * i / 8) for i in range(9)]
+    optunas = plotly.colors.make_colorscale(COLOR_SCALE)
+    darker = plotly.colors.make_colorscale([at(optunas, _SCALE_FROM + (1 - _SCALE_FROM) * i / 8) for i in range(9)])
     for trace in fig.data:
         if trace.mode == "lines" and isinstance(trace.line.color, str) and trace.line.color.startswith("rgb"):
-            trace.line.color = at(scale, place(trace.line.color))
+            trace.line.color = at(darker, place(trace.line.color))
         elif trace.mode == "markers" and trace.marker.showscale:
-            trace.marker.colorscale = plotly.colors.make_colorscale(scale)
+            trace.marker.colorscale = darker
 
 
 def _objective_ticks(fig, ctx: Context, i: int) -> None:
