@@ -185,6 +185,42 @@ def test_a_changed_checkpoint_is_refused_at_export(searched, tmp_path, capsys):
         (searched.out / "search_config.json").write_text(json.dumps(config))
 
 
+def test_a_changed_checkpoint_is_refused_at_confirm(searched, tmp_path, capsys):
+    """Every run of the confirmation failed alike on it, yet the command exited 0 with a complete
+    confirmation.json and advised running it again, which failed the same way."""
+    moved = tmp_path / "bert-copy"
+    save_encoder(moved, seed=3)  # another model at the searched path
+    config = json.loads((searched.out / "search_config.json").read_text())
+    config["config"]["task"]["model"] = str(moved)
+    (searched.out / "search_config.json").write_text(json.dumps(config))
+    confirmation = searched.out / "confirmation.json"
+    before = confirmation.read_bytes() if confirmation.exists() else None
+    try:
+        capsys.readouterr()
+        assert main(["confirm", f"study.name={STUDY}", f"hydra.run.dir={searched.out}", "top_k=1", "seeds=1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot confirm:\n  - task.model: ") and \
+            "is not the checkpoint the study was searched on" in err and err.count("\n") == 2, err
+        assert (confirmation.read_bytes() if confirmation.exists() else None) == before
+    finally:
+        config["config"]["task"]["model"] = str(searched.bert)
+        (searched.out / "search_config.json").write_text(json.dumps(config))
+
+
+def test_a_tokenizer_file_that_cannot_be_read_is_one_message(tmp_path, monkeypatch, capsys):
+    """A tokenizer.json cut short (a crash as it was saved) ended the search with transformers' JSONDecodeError
+    traceback, naming neither the folder nor the file."""
+    monkeypatch.chdir(tmp_path)
+    bert = save_encoder(tmp_path / "bert")
+    (bert / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    capsys.readouterr()
+    corpus = write_corpus(tmp_path / "corpus")
+    assert main(["search", "+experiment=upcycle_tiny", f"model={bert}", f"task.path={corpus}"]) == 2
+    err = capsys.readouterr().err
+    assert f"task.model: {str(bert)!r}: its tokenizer (tokenizer.json) cannot be read: Unterminated string" in err, err
+    assert "Traceback" not in err and not (tmp_path / "outputs").exists()
+
+
 def test_an_electra_without_tokenizer_failing_trials_and_a_dense_export(tmp_path, monkeypatch):
     """A byte-level ELECTRA saved without a tokenizer: at learning rates that make the loss explode each trial
     fails with its reason and the study goes on (no trial completed: exit code 1); at a sane one the dense

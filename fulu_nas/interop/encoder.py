@@ -111,6 +111,7 @@ class DenseEncoder:
                                      else "")
                                   + "; save it with save_pretrained (safetensors is its default)")
         self.path = str(folder.resolve())
+        self.shown = os.fspath(path)  # as the user gave it, for messages
         self.tokenizer_files = tuple(sorted(n for n in TOKENIZER_FILES if (folder / n).is_file()))
         extras = [folder / n for n in TOKENIZER_EXTRAS if (folder / n).is_file()] if self.tokenizer_files else []
         index = [folder / SAFETENSORS_INDEX] if (folder / SAFETENSORS_INDEX).is_file() else []
@@ -196,7 +197,11 @@ class DenseEncoder:
         from transformers import AutoTokenizer
 
         with quiet_transformers():
-            return AutoTokenizer.from_pretrained(self.path)
+            try:
+                return AutoTokenizer.from_pretrained(self.path)
+            except Exception as e:  # noqa: BLE001 - a file cut short (a crash as it was saved), or of another kind
+                raise FuluConfigError(f"model {self.shown!r}: its tokenizer ({', '.join(self.tokenizer_files)}) "
+                                      f"cannot be read: {first_line(e)}") from None
 
     @torch.no_grad()
     def check_length(self, seq_len: int) -> None:

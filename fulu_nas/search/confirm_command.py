@@ -73,6 +73,19 @@ def _number(text: str) -> int | float | str:
     return text
 
 
+def check_same_model(study, s) -> None:
+    """A study that starts from a model on disk (``task.model``: upcycling) is confirmed on the checkpoint its
+    trials were searched on: on another, every run fails alike, and running the command again mends none."""
+    current = getattr(s.task, "model_sha256", None)
+    searched = {t.user_attrs["arch"].get("source_sha256") for t in study.get_trials(deepcopy=False)
+                if isinstance(t.user_attrs.get("arch"), dict)} - {None}
+    if current is not None and searched and current not in searched:
+        on = ", ".join(f"{digest[:12]}..." for digest in sorted(searched))
+        raise FuluConfigError(f"task.model: {s.task.model_path!r} is not the checkpoint the study was searched on "
+                              f"(SHA-256 {current[:12]}..., searched on {on}): the folder changed since the search; "
+                              "put that checkpoint back, or search this one as a new study")
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
@@ -92,6 +105,7 @@ def main(argv: list[str]) -> int:
             study = load_study(location)
             check_recordable(location)
             s = search_settings(location, study, will_train=True)
+            check_same_model(study, s)
         n_workers = worker_count(given.pop("n_workers", ""))
         return confirm_study(study, s, command_options(given, s.study.confirm), n_workers=n_workers)
     except FuluConfigError as e:
