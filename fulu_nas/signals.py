@@ -1,5 +1,5 @@
-"""Ctrl-C, SIGTERM and SIGHUP held while a command loads its libraries, then raised as a Ctrl-C; or
-raised as a Ctrl-C at once, for a command's stretch before its own handlers.
+"""Ctrl-C, SIGTERM and SIGHUP held while a command loads its libraries, then raised as a Ctrl-C; and
+SIGTERM raised as a Ctrl-C at once, for a command that has no handlers of its own for a stretch.
 
 A command's first seconds import torch, numpy and MLflow. A KeyboardInterrupt raised inside a C
 extension's import leaves the extension half-loaded, and the next import of it fails with a traceback
@@ -21,15 +21,22 @@ HELD = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") i
 
 
 @contextmanager
-def held() -> Iterator[None]:
+def held(second_acts: bool = False) -> Iterator[None]:
     """Hold :data:`HELD` for the block (in the main thread; elsewhere signals are not this thread's). A signal
-    this process ignores (SIGHUP under ``nohup``, SIGINT in a shell's background job) stays ignored."""
+    this process ignores (SIGHUP under ``nohup``, SIGINT in a shell's background job) stays ignored.
+    ``second_acts``: a second signal raises the KeyboardInterrupt at once, for a block that may wait long
+    (a database server that does not answer), so that a user who insists is not left with ``kill -9``."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     arrived: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum)) for sig in HELD
-                if signal.getsignal(sig) is not signal.SIG_IGN}
+
+    def hold(signum, _frame):
+        arrived.append(signum)
+        if second_acts and len(arrived) > 1:
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, hold) for sig in HELD if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -347,6 +347,8 @@ def test_the_registered_files_are_the_ones_the_export_wrote(study, tmp_path, cap
 KILLED_AT = {
     # writing the folder: a hidden partial folder is left, no run yet
     "writing": ("from fulu_nas.deploy import export as module; attribute = 'save_pyfunc'", "before", ""),
+    # the run recorded, the folder not yet renamed into place: a hidden partial folder, the run RUNNING
+    "recorded": ("import mlflow; module = mlflow; attribute = 'log_metrics'", "after", ""),
     # the folder renamed into place (its run recorded just before), nothing registered: the run RUNNING
     "renamed": ("import pathlib; module = pathlib.Path; attribute = 'rename'", "after", "model"),
     # registering: the folder, a version without its files' record and a logged model, the run RUNNING
@@ -410,9 +412,9 @@ def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsy
     partials = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     if when == "writing":
         assert not left_open and not killed_versions and not out.exists() and len(partials) == 1
-    elif when == "renamed":
-        assert len(left_open) == 1 and not killed_versions and out.is_dir() and not partials
-        assert logged_models(study) == models_before
+    elif when in ("recorded", "renamed"):
+        assert len(left_open) == 1 and not killed_versions and out.is_dir() == (when == "renamed")
+        assert len(partials) == (when == "recorded") and logged_models(study) == models_before
     else:
         assert len(left_open) == 1 and len(killed_versions) == 1 and out.is_dir() and not partials
         assert len(logged_models(study)) == len(models_before) + 1
@@ -430,7 +432,8 @@ def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsy
     else:
         [line] = undone
         assert line.startswith(f"ended the MLflow run {left_open[0]} of an export killed before it ended (process ")
-        removed = {"renamed": f"removed the folder {out}",
+        removed = {"recorded": f"removed its partial folder {partials[0] if partials else ''}",
+                   "renamed": f"removed the folder {out}",
                    "registering": f"removed version {killed_versions[0][1] if killed_versions else ''} of "
                                   f"'{registered}' and the folder {out}"}
         assert line.endswith(f"of trial 1: {removed.get(when, 'nothing else to remove')}"), line
@@ -447,7 +450,7 @@ def test_the_next_export_undoes_what_a_killed_export_left(study, tmp_path, capsy
         assert len(logged_models(study)) == len(models_before) + 2
     else:
         assert len(new_versions) == 1 and len(logged_models(study)) == len(models_before) + 1
-    if when in ("registering", "renamed") and name == "new":  # the model made for the killed version went with it
+    if when in ("registering", "renamed", "recorded") and name == "new":  # its model went with its version
         assert new_versions == [(registered, 1)]
     assert client.get_model_version_by_alias(registered, "champion").version == new_versions[-1][1]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(

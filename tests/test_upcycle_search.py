@@ -200,7 +200,7 @@ def test_a_changed_checkpoint_is_refused_at_confirm(searched, tmp_path, capsys):
         assert main(["confirm", f"study.name={STUDY}", f"hydra.run.dir={searched.out}", "top_k=1", "seeds=1"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: cannot confirm:\n  - task.model: ") and \
-            "is not the checkpoint the study was searched on" in err and err.count("\n") == 2, err
+            "is not the checkpoint this architecture was searched on" in err and err.count("\n") == 2, err
         assert (confirmation.read_bytes() if confirmation.exists() else None) == before
     finally:
         config["config"]["task"]["model"] = str(searched.bert)

@@ -202,13 +202,17 @@ PARTIAL = ".partial-"
 PARTIAL_NAME = re.compile(r"\..+\.partial-(?P<writer>.+:\d+)-[a-z0-9_]{8}")
 
 
-def remove_abandoned_partials(folder: Path) -> None:
+def remove_abandoned_partials(folder: Path) -> list[Path]:
     """The partial folders in ``folder`` whose writer has ended (a killed export or migration: ``kill -9``
-    leaves no chance to remove them) are removed; those of a running writer, or of another host's, stay."""
+    leaves no chance to remove them) are removed; those of a running writer, or of another host's, stay.
+    The folders removed."""
+    removed = []
     for path in folder.glob(f".*{PARTIAL}*"):
         match = PARTIAL_NAME.fullmatch(path.name)
         if match and path.is_dir() and not path.is_symlink() and process_is_gone(match["writer"]):
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def abandon(folder: Path) -> None:

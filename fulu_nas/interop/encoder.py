@@ -199,6 +199,8 @@ class DenseEncoder:
         with quiet_transformers():
             try:
                 return AutoTokenizer.from_pretrained(self.path)
+            except ImportError:  # a package the tokenizer needs (sentencepiece): transformers' message says which
+                raise
             except Exception as e:  # noqa: BLE001 - a file cut short (a crash as it was saved), or of another kind
                 raise FuluConfigError(f"model {self.shown!r}: its tokenizer ({', '.join(self.tokenizer_files)}) "
                                       f"cannot be read: {first_line(e)}") from None

@@ -199,14 +199,19 @@ class UpcycledMLM(TaskModel):
         return int(a.num_layers * attention + dense_ffn + sum(layer.flops_per_token(S) for layer in moe) + head)
 
 
+def another_checkpoint(current: str, searched: list[str]) -> str:
+    """What is wrong with a model folder whose SHA-256 is ``current``, not one of ``searched``."""
+    on = ", ".join(f"{digest[:12]}..." for digest in sorted(searched))
+    return (f"not the checkpoint this architecture was searched on (SHA-256 {current[:12]}..., expected {on}): the "
+            "folder changed since the search")
+
+
 def build_upcycled(arch: UpcycleArch, encoder: DenseEncoder) -> UpcycledMLM:
     """A fresh copy of the dense model with ``arch``'s layers upcycled (the routers' initial weights come
     from torch's random state: seed it first). FuluConfigError when ``encoder`` is not the checkpoint the
     architecture was made from."""
     if encoder.sha256 != arch.source_sha256:
-        raise FuluConfigError(f"model {encoder.path!r} is not the checkpoint this architecture was searched on "
-                              f"(SHA-256 {encoder.sha256[:12]}..., expected {arch.source_sha256[:12]}...): the "
-                              "folder changed since the search")
+        raise FuluConfigError(f"model {encoder.path!r} is {another_checkpoint(encoder.sha256, [arch.source_sha256])}")
     model = encoder.copy()
     if arch.layers:
         with warnings.catch_warnings():  # an inexact start is recorded as arch.exact, not warned about per trial

@@ -348,8 +348,9 @@ def _job(cfg) -> None:
 
 
 def main(argv: list[str]) -> int:
-    # SIGTERM is a Ctrl-C from here on (the checks, Hydra's set-up, the study's opening write the output
-    # folder), until the search's own handlers take over (study.stop_signals_as_interrupt)
+    # SIGTERM is a Ctrl-C for the command (its default action ended it with no word while the checks, Hydra's
+    # set-up and the study's opening wrote the output folder); the search's own handlers take over while it
+    # runs its trials (study.stop_signals_as_interrupt)
     with terminate_as_interrupt():
         return _main(argv)
 

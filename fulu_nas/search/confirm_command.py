@@ -80,9 +80,9 @@ def check_same_model(study, s) -> None:
     searched = {t.user_attrs["arch"].get("source_sha256") for t in study.get_trials(deepcopy=False)
                 if isinstance(t.user_attrs.get("arch"), dict)} - {None}
     if current is not None and searched and current not in searched:
-        on = ", ".join(f"{digest[:12]}..." for digest in sorted(searched))
-        raise FuluConfigError(f"task.model: {s.task.model_path!r} is not the checkpoint the study was searched on "
-                              f"(SHA-256 {current[:12]}..., searched on {on}): the folder changed since the search; "
+        from ..interop.upcycle import another_checkpoint
+
+        raise FuluConfigError(f"task.model: {s.task.model_path!r} is {another_checkpoint(current, list(searched))}; "
                               "put that checkpoint back, or search this one as a new study")
 
 

@@ -30,12 +30,13 @@ from collections.abc import Callable
 from ..errors import FuluConfigError
 from ..models import ArchConfig
 from ..moe import MoEConfig
-from .space import Infeasible, Param, SearchSpace
+from .space import IMPOSSIBLE, Infeasible, Param, SearchSpace
 
 DRAWS = 200
 # The derived values and constraints are evaluated on every combination of the values of the parameters
 # they read when these are discrete and give at most this many (a fraction of a second): a value that
-# random draws rarely meet (num_experts=317 of 2..400) is tried too.
+# random draws rarely meet (num_experts=317 of 2..400) is tried too. A space whose parameters give at most
+# this many is sampled by every combination (a second or two where none is feasible).
 ALL_VALUES_UP_TO = 4096
 
 
@@ -85,13 +86,17 @@ def check_feasible(space: SearchSpace, task, draws: int = DRAWS) -> None:
     _check_expressions(space, task, draws)
     rng = random.Random(0)
     # A feasible reference (its values are in the space: reading the space checked them) is an architecture
-    # of the space: the space is not empty, however rare its feasible draws.
+    # of the space: the space is not empty, however rare its feasible draws; nor is what the reference takes
+    # (its value of each categorical parameter, each parameter it sets).
     if space.reference is None and (reason := _failure(space, task, rng, draws, dict)) is not None:
         raise FuluConfigError(_whole_space_problem(space, task, draws, reason))
     by_name = {p.name: p for p in space.params}
+    reference = space.with_derived(space.reference) if space.reference is not None else {}
     problems = []
     for p in space.params:
         for what, own in _checked_values(p):
+            if p.name in reference and all(reference[name] == value for name, value in own.items()):
+                continue  # the reference is such an architecture
             reason = _failure(space, task, rng, draws, lambda p=p, own=own: _pins(p, own, by_name, rng), p.name, own)
             if reason is not None:
                 problems.append(f"search_space.params.{p.name}{what} no feasible architecture in "
@@ -174,7 +179,8 @@ def _failure(space: SearchSpace, task, rng: random.Random, draws: int, pins: Cal
              needs: str | None = None, fixed: dict | None = None) -> str | None:
     """None once a sample (:func:`_samples`) is feasible, else why the first was not. ``needs``: a parameter
     that must be active in a sample for it to count; ``fixed``: the values ``pins`` always gives."""
-    first, inactive = None, False
+    impossible = violation = None
+    inactive = False
     for values in _samples(space, rng, draws, pins, fixed or {}):
         if needs is not None and needs not in values:
             inactive = True  # said only where no active sample says more
@@ -183,8 +189,13 @@ def _failure(space: SearchSpace, task, rng: random.Random, draws: int, pins: Cal
             space.feasible_arch(values, task)
             return None
         except Infeasible as e:
-            first = first or str(e)
-    return first or ("its conditions never hold together" if inactive else None)
+            # An impossible architecture says more than a constraint broken: every combination starts at the
+            # lowest values, which a constraint may refuse before a typo in a router's name shows.
+            if str(e).startswith(IMPOSSIBLE):
+                impossible = impossible or str(e)
+            else:
+                violation = violation or str(e)
+    return impossible or violation or ("its conditions never hold together" if inactive else None)
 
 
 def _checked_values(param: Param) -> list[tuple[str, dict]]:

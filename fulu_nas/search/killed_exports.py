@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..deploy.export import FINGERPRINT_TAG, abandon, remove_abandoned_partials, verify
+from ..deploy.export import FINGERPRINT_TAG, PARTIAL, abandon, remove_abandoned_partials, verify
 from ..deploy.processes import process_is_gone
 from ..errors import FuluConfigError
 from .tracking import PARENT_RUN_ATTR, WRITER_TAG, open_runs
@@ -45,7 +45,7 @@ def undo_killed_exports(client, experiment: str, study) -> list[str]:
 
 def _undo(client, experiment_id: str, run) -> str:
     run_id, tags = run.info.run_id, run.data.tags
-    removed, kept, versions_of = [], set(), set()
+    removed, kept, with_removed_version = [], set(), set()
     for found in client.search_model_versions(f"run_id = '{run_id}'"):
         version = client.get_model_version(found.name, found.version)  # a search leaves the tags out
         if FINGERPRINT_TAG in version.tags:  # registered to the end (perhaps champion, or was)
@@ -53,19 +53,21 @@ def _undo(client, experiment_id: str, run) -> str:
             continue
         client.delete_model_version(version.name, version.version)
         removed.append(f"version {version.version} of {version.name!r}")
-        versions_of.add(version.name)
+        with_removed_version.add(version.name)
     # the registered model the killed export made (for the version removed, or killed before registering it)
     for model in client.search_registered_models(filter_string=f"tags.`{MADE_BY_TAG}` = '{run_id}'"):
         if not client.search_model_versions(f"name = '{model.name}'"):
-            if model.name not in versions_of:  # said with its version, where one was removed
+            if model.name not in with_removed_version:  # said with its version, where one was removed
                 removed.append(f"the empty registered model {model.name!r}")
             client.delete_registered_model(model.name)
     for model in client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
         if model.model_id not in kept:
             client.delete_logged_model(model.model_id)
     folder = Path(tags[OUT_TAG]) if tags.get(OUT_TAG) else None
-    if folder is not None and folder.parent.is_dir():
-        remove_abandoned_partials(folder.parent)  # killed between recording its run and renaming its folder
+    if folder is not None and folder.parent.is_dir():  # killed between recording its run and renaming its folder
+        own = f".{folder.name}{PARTIAL}{tags[WRITER_TAG]}-"
+        removed += [f"its partial folder {path}" for path in remove_abandoned_partials(folder.parent)
+                    if path.name.startswith(own)]
     if not kept and folder is not None and _untouched(folder, tags.get(FINGERPRINT_TAG)):
         abandon(folder)
         if tags.get(OUT_GIVEN_EMPTY_TAG) == "true":

@@ -60,6 +60,9 @@ def _is_choice(v: object) -> bool:
     return v is None or isinstance(v, (bool, str)) or is_finite_number(v)
 
 
+IMPOSSIBLE = "impossible architecture"  # how Infeasible begins for fields that contradict each other
+
+
 class Infeasible(Exception):
     """A sample that is no architecture to train: it breaks a constraint of the space, or its
     fields contradict each other. The message says which."""
@@ -205,7 +208,7 @@ class SearchSpace:
         try:
             return self.arch(values, task)
         except FuluConfigError as e:
-            raise Infeasible(f"impossible architecture: {'; '.join(e.problems)}") from None
+            raise Infeasible(f"{IMPOSSIBLE}: {'; '.join(e.problems)}") from None
 
     def arch(self, values: Mapping[str, Any], task):
         """The architecture for sampled ``values`` on ``task`` (FuluConfigError if impossible): an

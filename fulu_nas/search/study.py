@@ -520,8 +520,9 @@ def stop_signals_as_interrupt(stopping: str = interrupts.SEARCH_STOPPING) -> Ite
 
 def run_search(s: SearchSettings, progress: bool = True) -> int:
     """The ``fulu-nas search`` job: run the study here or with N worker processes, then summarise."""
-    # The study's opening writes its database and settings whole: a signal meanwhile is a Ctrl-C once they are.
-    with held():
+    # The study's opening writes its database and settings whole: a signal meanwhile is a Ctrl-C once they are
+    # (a second one at once: a database server that does not answer may hold the opening for long).
+    with held(second_acts=True):
         s.output_dir.mkdir(parents=True, exist_ok=True)
         with quiet_optuna():
             study = open_study(s)  # a resume with other settings is refused here, before its config is rewritten
@@ -692,9 +693,10 @@ def _run_worker_processes(s: SearchSettings, progress: bool) -> int:
     for i in failed:
         print(f"worker {i} exited with {procs[i][0].returncode}; see {s.output_dir / f'worker-{i}.log'}",
               file=sys.stderr)
-    # A worker lost (kill -9, the out-of-memory killer) whose trial another worker took over: the study has its
-    # trials, and the search its result.
-    if failed and finished_count(study) < s.study.n_trials:
+    # A worker lost to a signal (kill -9, the out-of-memory killer) whose trial another worker took over: the
+    # study has its trials, and the search its result. A worker that failed on its own (a traceback) is an error.
+    lost = [i for i in failed if procs[i][0].returncode < 0]
+    if failed and (failed != lost or finished_count(study) < s.study.n_trials):
         return 1
     # Workers stopped by a signal this process did not get (pkill, a scheduler stopping processes one by one)
     # ended their part early: the study lacks trials, the search was interrupted, not finished.

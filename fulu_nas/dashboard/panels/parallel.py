@@ -29,9 +29,13 @@ _SCALE_FROM = 0.4
 def _visible_lines(fig) -> None:
     """Redraw each trial's line from the darker part of the colour scale, keeping the order of the colours
     (the best trials darkest), and the colour bar with it. optuna gives each line a colour of the scale
-    only, so its place on the scale is found again by its brightness, which falls along the scale."""
+    its colour bar shows, so a line's place on the scale is found again by its brightness, which falls
+    along the scale."""
     import plotly.colors
-    from optuna.visualization._utils import COLOR_SCALE
+
+    bars = [t for t in fig.data if t.mode == "markers" and t.marker.showscale and t.marker.colorscale]
+    if len(bars) != 1:
+        return
 
     def at(scale: list, v: float) -> str:
         return plotly.colors.sample_colorscale(scale, [v], colortype="rgb")[0]
@@ -46,7 +50,7 @@ def _visible_lines(fig) -> None:
             lo, hi = (mid, hi) if brightness(at(optunas, mid)) > target else (lo, mid)
         return (lo + hi) / 2
 
-    optunas = plotly.colors.make_colorscale(COLOR_SCALE)
+    optunas = [list(step) for step in bars[0].marker.colorscale]
     darker = plotly.colors.make_colorscale([at(optunas, _SCALE_FROM + (1 - _SCALE_FROM) * i / 8) for i in range(9)])
     for trace in fig.data:
         if trace.mode == "lines" and isinstance(trace.line.color, str) and trace.line.color.startswith("rgb"):
