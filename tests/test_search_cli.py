@@ -641,6 +641,16 @@ def test_held_signals_come_back_as_one_ctrl_c_and_ignored_ones_stay_ignored():
                 reached_the_end = True
         assert reached_the_end
         assert signal.getsignal(signal.SIGTERM) is own and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        # a block that may wait long (a search opening its study on a server that does not answer): the second
+        # signal acts at once, so that a user who insists needs no kill -9
+        reached = []
+        with pytest.raises(KeyboardInterrupt):
+            with held(second_acts=True):
+                os.kill(os.getpid(), signal.SIGTERM)
+                reached.append("first")
+                os.kill(os.getpid(), signal.SIGTERM)
+                reached.append("second")
+        assert reached == ["first"] and signal.getsignal(signal.SIGTERM) is own
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
