@@ -73,10 +73,20 @@ def nonfinite_tensors(named: Iterable[tuple[str, Tensor]]) -> list[str]:
     """The names of the floating-point tensors among ``named`` (name, tensor pairs) that hold NaN or an
     infinity: weights that load, train or export without a word and only show up later as garbage. A
     meta tensor (a model built to be loaded into) holds no values and passes."""
+    return [name for name, tensor in named if tensor.is_floating_point() and not tensor.is_meta
+            and not _all_finite(tensor)]
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """Whether every value of ``tensor`` is finite, looked at in slices of at most 2^24 values along its first
+    dimension: ``isfinite`` of a whole fused expert tensor (billions of values) would first make a boolean
+    copy of it on its device."""
     import torch
 
-    return [name for name, tensor in named if tensor.is_floating_point() and not tensor.is_meta
-            and not bool(torch.isfinite(tensor).all())]
+    if tensor.dim() == 0 or tensor.numel() <= 1 << 24:
+        return bool(torch.isfinite(tensor).all())
+    rows = max(1, (1 << 24) // max(1, tensor[0].numel()))
+    return all(bool(torch.isfinite(part).all()) for part in tensor.split(rows))
 
 
 def sqlite_file(url: str) -> Path:

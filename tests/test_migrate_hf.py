@@ -846,6 +846,20 @@ def test_an_importer_refuses_a_block_with_non_finite_weights_naming_them():
         from_deepseek_v3(block)
 
 
+def test_the_finiteness_check_of_a_large_tensor_looks_at_it_in_slices_and_misses_nothing():
+    """A whole fused expert tensor's isfinite made a boolean copy of it first (gigabytes for a DeepSeek-V3 block):
+    a large tensor is looked at in slices along its first dimension, a transposed one too."""
+    from fulu_nas.checks import nonfinite_tensors
+
+    wide = torch.zeros(5, 1 << 23)  # 2^23 values a row: a slice a row
+    tall = torch.zeros(1 << 13, 1 << 12).t()  # not contiguous
+    assert nonfinite_tensors([("wide", wide), ("tall", tall)]) == []
+    wide[4, 7] = float("nan")
+    tall[100, 5] = float("-inf")
+    assert nonfinite_tensors([("wide", wide), ("tall", tall), ("one", torch.tensor(float("inf")))]) == [
+        "wide", "tall", "one"]
+
+
 # -- importer errors -----------------------------------------------------------------------------
 
 def test_importer_errors_name_what_was_expected():

@@ -450,7 +450,7 @@ def test_a_journal_search_goes_on_past_a_killed_second_worker(tmp_path):
                     break
     try:
         assert killed is not None, (tmp_path / "console.log").read_text()[-3000:]
-        # The search ends with its result (it exited 1, "no result", with the study complete), saying a worker died.
+        # The other worker finished the study: the search has its result (exit 0), and says a worker died.
         assert proc.wait(timeout=400) == 0, (tmp_path / "console.log").read_text()[-3000:]
     finally:
         proc.kill()

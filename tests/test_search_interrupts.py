@@ -756,7 +756,6 @@ def test_the_workers_of_a_search_killed_hard_stop_as_at_ctrl_c(tmp_path):
     assert {r.info.status for r in trial_runs} == {"KILLED"}  # ended by their workers, not left open
 
 
-
 # -- 7. before the search's own handlers: its checks, Hydra's set-up, the study's opening ----------------
 # A search in a child process that sends itself SIGTERM as it calls one of its first steps, then calls it.
 SIGNALLED_SEARCH = """
