@@ -105,6 +105,21 @@ def test_bench_search_replays_samplers_with_non_negative_non_increasing_regret(t
     assert result["samplers"]["random"]["regret"][0] == pytest.approx([b - min(mean.values()) for b in best])
 
 
+def test_bench_search_gives_the_same_curves_with_two_processes(tmp_path, capsys):
+    """``--jobs 2`` (the documented command's) runs the repetitions in spawned processes: each repetition's
+    sampler is seeded by the repetition, so the curves are those of one process, in the same order."""
+    curves = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        assert bench.main(["search", "--repetitions", "2", "--trials", "12", "--samplers", "tpe", "random",
+                           "--jobs", jobs, "--out", str(out)]) == 0
+        samplers = json.loads((out / "replay.json").read_text())["samplers"]
+        curves[jobs] = {name: s["regret"] for name, s in samplers.items()}
+    capsys.readouterr()
+    assert list(curves["2"]) == ["tpe", "random"] and all(len(r) == 2 for r in curves["2"].values())
+    assert curves["2"] == curves["1"]
+
+
 @pytest.mark.parametrize("objective, gap", [("loss", "the best so far minus the table's best mean"),
                                             ("metric", "the table's best mean {:.4f} minus the best so far")])
 def test_bench_search_says_what_its_regret_is_in_the_objective_s_direction(tmp_path, capsys, objective, gap):
