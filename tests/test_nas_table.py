@@ -157,6 +157,8 @@ def test_bench_search_replays_two_objectives_by_hypervolume_regret(tmp_path, cap
     (["--samplers", "tpe", "annealing"], "unknown sampler 'annealing'"),
     (["--objectives", "latency_ms"], "--objectives"),
     (["--table", "BAD"], "do not match search space 'nasbench'"),
+    # A hypervolume regret of an objective that never varies divided by zero after every replay had run.
+    (["--table", "CONST", "--objectives", "loss", "load_balance"], "load_balance is 1 for every architecture"),
 ])
 def test_bench_search_refuses_bad_input_with_one_message_and_writes_nothing(tmp_path, capsys, args, message):
     bad = tmp_path / "bad.csv"
@@ -167,7 +169,14 @@ def test_bench_search_refuses_bad_input_with_one_message_and_writes_nothing(tmp_
     first["metric"] = "nan"
     lines[header + 1] = ",".join(first.values()) + "\n"
     (tmp_path / "nan.csv").write_text("".join(lines))
-    named = {"BAD": str(bad), "NAN": str(tmp_path / "nan.csv"), "missing.csv": str(tmp_path / "missing.csv")}
+    lines = DEFAULT_TABLE.read_text().splitlines(keepends=True)
+    columns = lines[header].strip().split(",")
+    rows = [line.strip().split(",") for line in lines[header + 1:]]
+    constant = [",".join("1" if c == "load_balance" else v for c, v in zip(columns, r, strict=True)) + "\n"
+                for r in rows]
+    (tmp_path / "const.csv").write_text("".join(lines[:header + 1] + constant))
+    named = {"BAD": str(bad), "NAN": str(tmp_path / "nan.csv"), "CONST": str(tmp_path / "const.csv"),
+             "missing.csv": str(tmp_path / "missing.csv")}
     args = [named.get(a, a) for a in args]
     out = tmp_path / "replay"
     assert bench.main(["search", *args, "--repetitions", "1", "--trials", "2", "--out", str(out)]) == 2

@@ -136,6 +136,10 @@ def _load_replay(space: str, task: str, table_path: str, objectives: tuple[str, 
     reference = []
     for i, sign in enumerate(signs):
         worst, top = max(sign * v[i] for v in lookup.values()), min(sign * v[i] for v in lookup.values())
+        if worst == top:  # the reference point would sit on every value: the table's hypervolume is 0
+            raise FuluConfigError(f"--objectives: {objectives[i]} is {sign * worst:g} for every architecture of "
+                                  f"{table_path}: nothing to trade it against, so no hypervolume regret; "
+                                  f"leave it out")
         reference.append(sign * (worst + REFERENCE_MARGIN * (worst - top)))
     replay = Replay(s, table, objectives, lookup, None, tuple(reference), None)
     with quiet_optuna():
