@@ -249,9 +249,12 @@ def test_bench_train_step_times_each_step_kind(tmp_path, capsys):
     code = bench.main(["train-step", "+experiment=tiny", "--steps", "3", "--arch", "", "--arch", "num_experts=8",
                        "--kinds", "eager", "eager+graph", "--json", str(out)])
     assert code == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     rows = json.loads(out.read_text())["rows"]
     kinds = ["eager", "eager+graph"] if torch.cuda.is_available() else ["eager"]
+    # Progress on stderr while it runs: each kind timed, as it finishes.
+    assert f"{len(kinds) * 2}/{len(kinds) * 2}" in captured.err and "num_experts=8, eager: " in captured.err
     assert [(r["arch"], r["kind"]) for r in rows] == [(a, k) for a in ("reference", "num_experts=8") for k in kinds]
     assert all(r["step_ms"] > 0 and r["graphed"] == (r["kind"] == "eager+graph") for r in rows)
     assert "| reference | eager |" in text and ("no CUDA: eager+graph not timed" in text) != torch.cuda.is_available()
@@ -297,7 +300,8 @@ def test_bench_profile_refuses_cuda_paths_without_cuda(path, words, capsys):
     (["dynamic", "--threads", "-1"], "--threads: must be at least 0"),
     (["cost", "--load", "-1"], "--load: must be at least 0"),
     (["profile", "--rows", "0"], "--rows: must be at least 1"),
-    (["train-step", "--arch", "", "--kinds", "compiled"], "--kinds"),
+    (["train-step", "--arch", "", "--kinds", "compiled"],
+     "--kinds compiled: add eager" + (" or eager+graph" if torch.cuda.is_available() else ", the baseline")),
     (["train-step", "--arch", "--kinds", "eager"], "--arch"),
     (["train-step", "--arch", "", "--kinds"], "--kinds")])
 def test_bench_refuses_options_that_crashed_or_were_ignored(argv, words, capsys):

@@ -115,7 +115,8 @@ def test_bench_search_gives_the_same_curves_with_two_processes(tmp_path, capsys)
                            "--jobs", jobs, "--out", str(out)]) == 0
         samplers = json.loads((out / "replay.json").read_text())["samplers"]
         curves[jobs] = {name: s["regret"] for name, s in samplers.items()}
-    capsys.readouterr()
+        bar = capsys.readouterr().err  # the replays' progress
+        assert "4/4" in bar and "random seed 1: regret" in bar
     assert list(curves["2"]) == ["tpe", "random"] and all(len(r) == 2 for r in curves["2"].values())
     assert curves["2"] == curves["1"]
 

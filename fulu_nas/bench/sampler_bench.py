@@ -16,6 +16,7 @@ written. The figures in docs/nas-benchmark.md came from::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -52,6 +53,28 @@ def samplers_of(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(names)) + ([BASELINE] if BASELINE not in names else [])
 
 
+def replayed(work, pairs: list[tuple[str, int]], jobs: int) -> list[list[float]]:
+    """Each (sampler, seed) pair's regret curve, in the pairs' order, under a bar on stderr: replays
+    done, and the last one's final regret."""
+    from tqdm.auto import tqdm
+
+    results = []
+    with contextlib.ExitStack() as stack:
+        if jobs == 1:
+            curves = map(work, pairs)
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
+                                                           initializer=one_torch_thread))
+            curves = pool.map(work, pairs)
+        bar = stack.enter_context(tqdm(total=len(pairs), desc="replays", unit="replay", dynamic_ncols=True))
+        for (name, seed), regret in zip(pairs, curves, strict=True):
+            results.append(regret)
+            bar.set_postfix_str(f"{name} seed {seed}: regret {regret[-1]:.4g} after {len(regret)} trials",
+                                refresh=False)
+            bar.update()
+    return results
+
+
 def main(args: argparse.Namespace) -> int:
     from .replay_report import format_table, summarize, write_html, write_json
     from .sampler_replay import load_replay
@@ -63,11 +86,7 @@ def main(args: argparse.Namespace) -> int:
     work = partial(_repetition, args.space, args.task, table, objectives, args.trials)
     pairs = [(name, seed) for name in samplers for seed in range(args.repetitions)]
     start = time.perf_counter()
-    if args.jobs == 1:
-        results = list(map(work, pairs))
-    else:
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=one_torch_thread) as pool:
-            results = list(pool.map(work, pairs))
+    results = replayed(work, pairs, args.jobs)
     seconds = time.perf_counter() - start
     curves = {name: [r for (n, _), r in zip(pairs, results, strict=True) if n == name] for name in samplers}
     summary = summarize(curves)

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import shlex
+import sys
 
 import torch
 
@@ -67,8 +68,7 @@ def train_step_main(args: argparse.Namespace) -> int:
     kinds, no_graph = timed_kinds(args.kinds, device)
     base = next(k for k in ("eager+graph", "eager") if k in kinds)
     rows = []
-    for name, arch in archs:
-        timed = {kind: time_steps(arch, s.task, cfg, kind) for kind in kinds}
+    for name, timed in timed_archs(archs, kinds, s.task, cfg):
         for kind, t in timed.items():
             saved_ms = timed[base]["step_ms"] - t["step_ms"]
             extra_s = t["first_step_s"] + t["capture_s"] - timed[base]["first_step_s"] - timed[base]["capture_s"]
@@ -94,6 +94,23 @@ def train_step_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def timed_archs(archs: list, kinds: list[str], task, cfg):
+    """(name, {kind: :func:`time_steps`}) per architecture, under a bar on stderr: the kinds timed
+    so far, the running one, and each finished one's step time."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(archs) * len(kinds), desc="train-step", unit="kind", dynamic_ncols=True) as bar:
+        for name, arch in archs:
+            timed = {}
+            for kind in kinds:
+                bar.set_postfix_str(f"{name}, {kind}: {cfg.steps} steps", refresh=True)
+                timed[kind] = time_steps(arch, task, cfg, kind)
+                bar.write(f"{name}, {kind}: {timed[kind]['step_ms']:.2f} ms/step, first step "
+                          f"{timed[kind]['first_step_s']:.2f} s", file=sys.stderr)
+                bar.update()
+            yield name, timed
+
+
 def timed_kinds(asked: list[str], device: torch.device) -> tuple[list[str], list[str]]:
     """The kinds to time, and the graphed kinds left out because ``device`` is no GPU (they would run
     the same step as their ungraphed kind, and a difference between the two would be noise);
@@ -102,9 +119,10 @@ def timed_kinds(asked: list[str], device: torch.device) -> tuple[list[str], list
     no_graph = [k for k in kinds if KINDS[k][1]] if device.type != "cuda" else []
     kinds = [k for k in kinds if k not in no_graph]
     if not {"eager", "eager+graph"} & set(kinds):
-        raise ValueError(f"--kinds {' '.join(asked)}: add eager"
-                         + ("" if no_graph else " or eager+graph") + ", the baseline the compiled kinds are measured "
-                         "against" + (" (without CUDA the graphed kinds are not timed)" if no_graph else ""))
+        cuda = device.type == "cuda"
+        raise ValueError(f"--kinds {' '.join(asked)}: add eager" + (" or eager+graph" if cuda else "")
+                         + ", the baseline the compiled kinds are measured against"
+                         + ("" if cuda else " (without CUDA the graphed kinds are not timed)"))
     return kinds, no_graph
 
 
