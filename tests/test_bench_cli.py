@@ -375,6 +375,30 @@ def test_task_benchmarks_print_the_budget_they_ran(tmp_path, capsys):
     assert result["seconds"] is None and result["steps"] == 2
 
 
+def test_dynamic_from_as_many_experts_as_domains_wants_them_kept(capsys):
+    """From 8 experts on the 8-domain task, keeping 8 was reported as "fewer wanted: NO"."""
+    assert bench.main(["dynamic", "--steps", "2", "--start", "8"]) == 0
+    assert "from 8: ended with 8 (as many wanted: yes)" in capsys.readouterr().out
+
+
+def test_nas_table_refuses_a_longer_budget_past_the_step_bound(tmp_path, capsys):
+    """--factor had no bound: a typo's zeros trained for 1e11 steps, with no output."""
+    out = tmp_path / "table.csv"
+    assert bench.main(["nas-table", "--out", str(out), "--limit", "2", "--steps", "3", "--factor-subset", "1",
+                       "--factor", "100000000000"]) == 2
+    assert "--factor 100000000000: 100000000000 x 3 steps is more than 1,000,000 steps" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_replay_shorter_than_the_first_checkpoint_shows_its_last_trial_s_regret(tmp_path, capsys):
+    """With --trials below 10 the table had no regret column at all."""
+    out = tmp_path / "replay"
+    assert bench.main(["search", "--repetitions", "2", "--trials", "5", "--samplers", "random", "--out",
+                       str(out)]) == 0
+    assert "| sampler | regret @5 median [q1, q3] |" in capsys.readouterr().out
+    assert list(json.loads((out / "replay.json").read_text())["samplers"]["random"]["checkpoints"]) == ["5"]
+
+
 def test_task_benchmarks_name_the_device_they_train_on(monkeypatch):
     """The header named the CPU and float32 on a GPU host, where run_one trains on CUDA (item 11)."""
     from fulu_nas.bench import tasks

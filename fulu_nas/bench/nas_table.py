@@ -38,7 +38,7 @@ import torch
 
 from ..errors import FuluConfigError
 from ..models import PiMoETransformer
-from .common import device_name, positive_int, processes_int, rounds_int, steps_int
+from .common import MAX_STEPS, device_name, positive_int, processes_int, rounds_int, steps_int
 
 if TYPE_CHECKING:
     from ..search.settings import SearchSettings
@@ -158,6 +158,9 @@ def generate(args: argparse.Namespace) -> int:
         raise FuluConfigError(f"--factor {args.factor}: a longer budget needs a factor of at least 2")
     if not args.factor_subset and _given(args, "--factor"):
         raise FuluConfigError("--factor without --factor-subset: no architecture is trained longer")
+    if args.factor_subset and args.factor * steps > MAX_STEPS:  # a typo's zeros: an endless training
+        raise FuluConfigError(f"--factor {args.factor}: {args.factor} x {steps} steps is more than {MAX_STEPS:,} "
+                              "steps")
     seeds = range(args.seeds)
     out = Path(args.out)
     total = len(archs) * args.seeds + args.factor_subset * args.seeds

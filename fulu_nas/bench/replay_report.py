@@ -47,7 +47,9 @@ def summarize(curves: dict[str, list[list[float]]], baseline_trial: int = 50) ->
         # says "not reached" (None) when half of them or more miss it.
         median = float(np.median([math.inf if t is None else t for t in reached]))
         out["samplers"][name] = {
-            "checkpoints": {t: quartiles([rep[t - 1] for rep in reps]) for t in CHECKPOINTS if t <= trials},
+            # The last trial is a checkpoint too: a shorter replay than the first checkpoint showed no regret.
+            "checkpoints": {t: quartiles([rep[t - 1] for rep in reps])
+                            for t in sorted({c for c in CHECKPOINTS if c <= trials} | {trials})},
             "trials_to_target": {"median": None if math.isinf(median) else median,
                                  "reached": sum(t is not None for t in reached), "repetitions": len(reps),
                                  "per_repetition": reached},

@@ -2,7 +2,7 @@
 
 Each sampler runs ``--repetitions`` searches of ``--trials`` trials against the table (sampler seed =
 repetition; :mod:`.sampler_replay` says how a query is answered and what the regret is); the output
-gives, per sampler, the regret's median and quartiles after 10, 25, 50 and 100 trials and the
+gives, per sampler, the regret's median and quartiles after 10, 25, 50 and 100 trials (and the last) and the
 trials it needs to reach random search's median result after 50, writes ``replay.json`` (every
 number, every repetition's curve) and ``replay.html`` (median regret against trials, quartile
 bands) under ``--out``. ``--objectives loss active_params`` compares NSGA-II, TPE and random search by

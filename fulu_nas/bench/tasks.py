@@ -171,8 +171,10 @@ def dynamic_main(args: argparse.Namespace) -> int:
                             args.lr, seed, steps=args.steps)
             rows.append({"seed": seed, "layer": f"fixed {dyn['experts']}", "path": str(dyn["experts"]), **fixed})
             print(f"done: seed {seed}, fixed {dyn['experts']}", flush=True)
-            direction = "more" if start < task.num_domains else "fewer"
-            moved = dyn["experts"] > start if direction == "more" else dyn["experts"] < start
+            # One expert a domain: from fewer it should grow, from more shrink, from as many stay.
+            direction = "more" if start < task.num_domains else "fewer" if start > task.num_domains else "as many"
+            moved = {"more": dyn["experts"] > start, "fewer": dyn["experts"] < start,
+                     "as many": dyn["experts"] == start}[direction]
             kept = dyn["routing_accuracy"] >= fixed["routing_accuracy"]
             verdicts.append(f"seed {seed}, from {start}: ended with {dyn['experts']} ({direction} wanted: "
                             f"{'yes' if moved else 'NO'}), routing accuracy {dyn['routing_accuracy']:.3f} vs fixed "
