@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import warnings
 from collections import Counter
 
 import optuna
@@ -103,6 +104,22 @@ def test_bench_search_replays_samplers_with_non_negative_non_increasing_regret(t
     best = [min(t.value for t in study.trials[:i + 1]) for i in range(20)]
     assert result["table_best"] == pytest.approx(min(mean.values()))
     assert result["samplers"]["random"]["regret"][0] == pytest.approx([b - min(mean.values()) for b in best])
+
+
+def test_a_summary_says_why_a_rank_correlation_is_not_defined(tmp_path, capsys):
+    """A table with one architecture at the longer budget (--factor-subset 1, which the generator takes) was
+    summarised with scipy's SmallSampleWarning on stderr and "Kendall tau nan"."""
+    out = tmp_path / "table.csv"
+    space = ["--space", "tiny", "--task", "textlm"]  # a space small enough to train whole here
+    assert bench.main(["nas-table", "--out", str(out), *space, "--seeds", "2", "--steps", "1",
+                       "--factor-subset", "1", "--factor", "2"]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's warning, had it been given
+        assert bench.main(["nas-table", "--summary", str(out), *space]) == 0
+    printed = capsys.readouterr()
+    assert "Kendall tau n/a, Spearman rho n/a (a rank correlation needs at least 2 architectures" in printed.out
+    assert "nan" not in printed.out and printed.err == ""
 
 
 def test_bench_search_gives_the_same_curves_with_two_processes(tmp_path, capsys):

@@ -20,11 +20,27 @@ from .finite_space import INACTIVE, architecture_keys
 from .nas_settings import product_settings
 from .nas_table_file import NasTable, check_origin, read_table
 
+# Said where a correlation is n/a (scipy warned on stderr and gave NaN).
+NO_CORRELATION = "a rank correlation needs at least 2 architectures, and losses that are not all equal"
 
-def rank_correlation(x: list[float], y: list[float]) -> dict[str, float]:
+
+def rank_correlation(x: list[float], y: list[float]) -> dict[str, float | None]:
+    """Kendall's tau and Spearman's rho of ``x`` and ``y``; None where they are undefined (fewer than two
+    values, or one side constant)."""
     from scipy.stats import kendalltau, spearmanr
 
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
+        return {"kendall_tau": None, "spearman_rho": None}
     return {"kendall_tau": float(kendalltau(x, y).statistic), "spearman_rho": float(spearmanr(x, y).statistic)}
+
+
+def _correlation(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return statistics.fmean(defined) if defined else None
 
 
 def seed_correlations(table: NasTable) -> list[dict]:
@@ -82,16 +98,19 @@ def summary_main(args: argparse.Namespace) -> int:
               f"across architectures {spread:.4f}")
         print("\nrank correlation of the validation loss between seeds (all architectures):\n")
         pairs = seed_correlations(table)
-        rows = [[f"{p['seeds'][0]} vs {p['seeds'][1]}", f"{p['kendall_tau']:.3f}", f"{p['spearman_rho']:.3f}"]
-                for p in pairs]
-        rows.append(["mean", f"{statistics.fmean(p['kendall_tau'] for p in pairs):.3f}",
-                     f"{statistics.fmean(p['spearman_rho'] for p in pairs):.3f}"])
+        rows = [[f"{p['seeds'][0]} vs {p['seeds'][1]}", _correlation(p["kendall_tau"]),
+                 _correlation(p["spearman_rho"])] for p in pairs]
+        rows.append(["mean", _correlation(_mean([p["kendall_tau"] for p in pairs])),
+                     _correlation(_mean([p["spearman_rho"] for p in pairs]))])
         print(markdown_table(["seeds", "Kendall tau", "Spearman rho"], rows, text_columns=1))
+        if any(p["kendall_tau"] is None for p in pairs):
+            print(f"n/a: {NO_CORRELATION}")
     for factor in table.budget_factors[1:]:
         b = budget_correlation(table, factor)
         print(f"\nshort vs long budget (mean loss over seeds, the {b['architectures']} architectures trained at "
-              f"{table.steps(1)} and {table.steps(factor)} steps): Kendall tau {b['kendall_tau']:.3f}, Spearman rho "
-              f"{b['spearman_rho']:.3f}\n")
+              f"{table.steps(1)} and {table.steps(factor)} steps): Kendall tau {_correlation(b['kendall_tau'])}, "
+              f"Spearman rho {_correlation(b['spearman_rho'])}"
+              + (f" ({NO_CORRELATION})" if b["kendall_tau"] is None else "") + "\n")
         short, long = table.means(1), table.means(factor)
         by_short = sorted(long, key=lambda k: short[k]["loss"])
         body = [[_name(names, k), str(i + 1), str(by_short.index(k) + 1), f"{long[k]['loss']:.4f}",
