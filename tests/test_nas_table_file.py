@@ -177,6 +177,51 @@ def test_a_folder_given_as_the_table_is_said_to_be_a_folder(tmp_path, capsys):
     assert f"table {tmp_path} is a folder, not a file" in err
 
 
+def test_a_table_that_is_no_regular_file_is_not_called_missing(capsys):
+    err = _refused(capsys, "nas-table", "--summary", "/dev/null")
+    assert "table /dev/null is not a regular file" in err
+
+
+def test_a_table_appended_to_itself_with_its_header_is_named_as_such(tmp_path, capsys):
+    """Its second header row was refused field by field (router='router' is not one of the space's choices, ...)."""
+    comments, header, data = _parts()
+    err = _summary_and_search_refuse(capsys, _write(tmp_path, "twice.csv", comments, header,
+                                                    data + [header] + data), tmp_path)
+    assert f"data row {len(data) + 1}: the header row again (two tables in one file?)" in err
+    assert "router='router'" not in err
+
+
+def test_a_byte_order_mark_and_a_blank_last_line_are_read(tmp_path, capsys):
+    """A spreadsheet's UTF-8 export (a byte-order mark) was refused as missing every column; an editor's blank
+    last line as a row of 0 fields."""
+    comments, header, data = _parts()
+    table = tmp_path / "bom.csv"
+    table.write_bytes(b"\xef\xbb\xbf" + "".join(comments + [header] + data + ["\n"]).encode())
+    capsys.readouterr()
+    assert bench.main(["nas-table", "--summary", str(table)]) == 0
+    assert "108 architectures of search space 'nasbench'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("column, value, words", [
+    ("steps", "0", "steps=0: must be at least 1"),
+    ("seed", "-1", "seed=-1: must be at least 0"),
+    ("active_params", "-5", "active_params=-5: must be at least 1"),
+    ("total_params", "1", "total_params=1 is below active_params="),
+    ("load_balance", "1.5", "load_balance=1.5: must be between 0 and 1"),
+    ("routing_accuracy", "-0.1", "routing_accuracy=-0.1: must be between 0 and 1"),
+    ("train_seconds", "-3", "train_seconds=-3: must be at least 0"),
+    ("seed", "1.5", "seed='1.5' is not an integer"),  # was "is not a number"
+])
+def test_values_no_run_can_give_are_refused(tmp_path, capsys, column, value, words):
+    """steps 0, negative seeds and parameter counts, shares outside [0, 1] were read and summarised."""
+    comments, header, data = _parts()
+    cells = _cells(header, data[0])
+    cells[column] = value
+    err = _summary_and_search_refuse(capsys, _write(tmp_path, "odd.csv", comments, header,
+                                                    [_line(cells)] + data[1:]), tmp_path)
+    assert f"data row 1: {words}" in err
+
+
 def test_random_search_target_is_a_regret_some_repetition_reached():
     """With an even number of repetitions the interpolated median (0.5 here) is a regret no repetition has,
     and only half of random's repetitions reached it: its own row said "not reached"."""

@@ -28,6 +28,11 @@ RESULT_COLUMNS = ("arch_hash", "seed", "budget_factor", "steps", "loss", "metric
                   "active_params", "total_params", "flops_per_token", "train_seconds")
 INT_COLUMNS = ("seed", "budget_factor", "steps", "active_params", "total_params")
 FLOAT_COLUMNS = ("loss", "metric", "routing_accuracy", "load_balance", "flops_per_token", "train_seconds")
+# The values a column can hold (a count of steps, a share), beyond being a number: (lowest, highest).
+RANGES = {"seed": (0, math.inf), "steps": (1, math.inf), "active_params": (1, math.inf), "total_params": (1, math.inf),
+          "routing_accuracy": (0, 1), "load_balance": (0, 1), "flops_per_token": (0, math.inf),
+          "train_seconds": (0, math.inf)}
+_SHARE_ROUNDING = 1e-6  # a share written with six significant digits
 # Six significant digits: far below the differences between architectures, and a diff of two
 # regenerated tables stays readable.
 _FLOAT_FORMAT = "{:.6g}"
@@ -103,6 +108,11 @@ def read_table(path: str | Path, space: SearchSpace, architectures: list[tuple[s
     problems: list[str] = []
     rows, numbers = [], []
     for number, record in enumerate(records[1:], start=1):
+        if not record:  # a blank line (one at the end, as an editor leaves it)
+            continue
+        if record == expected:
+            problems.append(f"table {path}, data row {number}: the header row again (two tables in one file?)")
+            continue
         row = _row(record, names, allowed, task, problems, f"table {path}, data row {number}")
         if row is not None:
             rows.append(row)
@@ -123,14 +133,19 @@ def _read_lines(path: Path) -> tuple[dict[str, str], list[str]]:
     """The table's ``#`` header (key: value) and its other lines."""
     if path.is_dir():
         raise FuluConfigError(f"table {path} is a folder, not a file")
+    if path.exists() and not path.is_file():  # /dev/null, a pipe: not "no such file"
+        raise FuluConfigError(f"table {path} is not a regular file")
     if not path.is_file():
         raise FuluConfigError(f"table {path}: no such file")
     header: dict[str, str] = {}
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (a spreadsheet's export) is not part of the first line
+        with open(path, newline="", encoding="utf-8-sig") as f:
             lines = [line for line in f if not (line.startswith("#") and _comment(line, header))]
     except UnicodeDecodeError as e:
         raise FuluConfigError(f"table {path}: not a CSV text file (byte {e.start} is not UTF-8)") from None
+    except OSError as e:
+        raise FuluConfigError(f"table {path}: cannot read it ({e.strerror})") from None
     return header, lines
 
 
@@ -190,14 +205,33 @@ def _row(record: list[str], names: list[str], allowed: dict[str, set[str]], task
         try:
             row[column] = int(text) if column in INT_COLUMNS else float(text) if column in FLOAT_COLUMNS else text
         except ValueError:
-            problems.append(f"{where}: {column}={text!r} is not a number")
+            problems.append(f"{where}: {column}={text!r} is not " + ("an integer" if column in INT_COLUMNS
+                                                                      and _is_float(text) else "a number"))
             continue
         if column == "budget_factor" and row[column] < 1:
             problems.append(f"{where}: budget_factor={text}: must be 1 (the table) or at least 2 (a longer budget)")
+        if column not in RANGES:
+            continue
+        low, high = RANGES[column]
+        slack = _SHARE_ROUNDING if high == 1 else 0
+        if math.isfinite(row[column]) and not low - slack <= row[column] <= high + slack:
+            problems.append(f"{where}: {column}={text}: " + (f"must be between {low} and {high}" if high == 1 else
+                                                             f"must be at least {low}"))
+    total, active = row.get("total_params"), row.get("active_params")
+    if total is not None and active is not None and total < active:
+        problems.append(f"{where}: total_params={row['total_params']} is below active_params={row['active_params']}")
     # a replay's objectives, and the summary's ranks, must be numbers
     problems += [f"{where}: {column} is not finite" for column in FLOAT_COLUMNS
                  if row.get(column) is not None and not math.isfinite(row[column])]
     return row
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_rows(table: NasTable, numbers: list[int], space: SearchSpace) -> None:
