@@ -215,7 +215,10 @@ def test_selection_takes_feasible_trials_only_and_parses_ascii_digits_only():
         with pytest.raises(FuluConfigError, match="pareto:<i> needs i in 0..0"):
             select_trial(mixed, s, spec)
     assert select_trial(mixed, s, "fastest_within:50.0").number == 0
-    for spec in ("5_0", "1e1", " 50", "٥٠", "+50", "nan"):  # float() took '5_0' as 50
+    with pytest.raises(FuluConfigError, match="pareto:<i> needs i in 0..0"):  # int(): a ValueError traceback
+        select_trial(mixed, s, "pareto:" + "1" * 5000)
+    # float() took '5_0' as 50, and 340 digits as inf
+    for spec in ("5_0", "1e1", " 50", "٥٠", "+50", "nan", "9" * 340):
         with pytest.raises(FuluConfigError, match="needs a finite percentage >= 0, a plain decimal number"):
             select_trial(mixed, s, f"fastest_within:{spec}")
 
@@ -588,3 +591,85 @@ def test_the_searchs_pareto_table_is_in_the_order_pareto_i_counts(capsys, tmp_pa
     rows = [line for line in capsys.readouterr().out.splitlines() if "pareto:" in line]
     cells = [[cell.strip() for cell in row.split("│")[1:3]] for row in rows]
     assert cells == [["trial=pareto:0", "2"], ["trial=pareto:1", "1"], ["trial=pareto:2", "0"]], rows
+
+
+def test_a_folder_that_appears_at_out_during_the_export_is_refused_and_left_alone(study, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """out is checked before the work and again before the rename; a folder another writer made in between
+    (another export to the same out) refused the export, which then removed that folder and its files."""
+    from fulu_nas.training import evaluate as evaluate_module
+
+    target = tmp_path / "model"
+    evaluate = evaluate_module.evaluate
+
+    def meanwhile(*args, **kwargs):  # another writer, while this export evaluates its model
+        target.mkdir()
+        (target / "theirs.txt").write_text("another writer's file")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", meanwhile)
+    runs_before, versions_before = registry_state(study)
+    code, out, err = export(study, capsys, "trial=0", f"out={target}", "name=raced")
+    assert code == 2 and f"out: {target} exists and is not empty" in err, err
+    assert (target / "theirs.txt").read_text() == "another writer's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no partial folder either
+    runs, versions = registry_state(study)
+    assert versions == versions_before and all(status != "RUNNING" for _, status in runs)
+
+
+@pytest.mark.parametrize("given", ["new folders", "an empty folder"])
+def test_a_failed_write_to_the_artifact_store_is_one_message_and_leaves_no_folder(study, tmp_path, capsys,
+                                                                                 monkeypatch, given):
+    """An OSError from MLflow's artifact store (a disk full, a folder that cannot be written) was a traceback
+    with exit code 1; the folders made for out (out=a/b/c made a/b) were left, and an empty folder given as
+    out was made again with the umask's mode."""
+    from fulu_nas.search import export_trial
+
+    def full(*args, **kwargs):  # the artifact store failing: not the code under test
+        raise OSError(28, "No space left on device", str(tmp_path / "mlartifacts" / "m-1"))
+
+    monkeypatch.setattr(export_trial, "register_files", full)
+    runs_before, versions_before = registry_state(study)
+    if given == "an empty folder":
+        target = tmp_path / "empty"
+        target.mkdir()
+        target.chmod(0o700)
+    else:
+        target = tmp_path / "a" / "b" / "c"
+    code, out, err = export(study, capsys, "trial=0", f"out={target}", "name=disk-full")
+    assert code == 2 and err.count("\n") == 2, err
+    assert "tracking.uri: registering 'disk-full'" in err and "No space left on device" in err
+    if given == "an empty folder":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any(target.iterdir())
+        assert target.stat().st_mode & 0o777 == 0o700
+    else:
+        assert not any(tmp_path.iterdir())
+    runs, versions = registry_state(study)
+    assert [s for r, s in runs if r not in dict(runs_before)] == ["FAILED"] and versions == versions_before
+
+
+@pytest.mark.parametrize("args, words", [
+    (["trial=" + "1" * 5000], "trial: expected best, a trial number"),  # int(): a ValueError traceback
+    (["retrain_factor=2"], "retrain_factor: only used with retrain=true"),  # ignored: the saved weights
+    (["retrain=true", "retrain_factor=1_0"], "retrain_factor: expected a number > 0"),  # float() took 10
+    (["trial=0", "out=" + "L" * 240], "out: the folder's name is 240 bytes long"),  # after the work: a traceback
+    (["trial=0", "out=" + "L" * 300], "out: the folder's name is 300 bytes long"),  # at once: a traceback
+])
+def test_option_values_that_were_a_traceback_or_taken_wrongly_are_refused_before_any_work(study, tmp_path,
+                                                                                          capsys, monkeypatch,
+                                                                                          args, words):
+    monkeypatch.chdir(tmp_path)
+    before = registry_state(study)
+    if not any(a.startswith("out=") for a in args):
+        args = [*args, f"out={tmp_path / 'model'}"]
+    refused_before_work(*export(study, capsys, *args), words)
+    assert not any(tmp_path.iterdir()) and registry_state(study) == before
+
+
+def test_out_starting_with_a_tilde_the_shell_left_is_in_the_home_folder(study, tmp_path, capsys, monkeypatch):
+    """out='~/x' (quoted, or run by sh) wrote a folder named '~' in the current folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = export(study, capsys, "trial=0", "out=~/model", "name=tilde")
+    assert code == 0, err
+    assert (tmp_path / "home" / "model" / "checksums.json").is_file() and not (tmp_path / "~").exists()

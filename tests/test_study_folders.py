@@ -96,6 +96,41 @@ def test_another_studys_configuration_without_the_parent_runs_copy_is_refused(fo
         study.set_user_attr(PARENT_RUN_ATTR, parent)
 
 
+def test_a_configuration_of_the_same_name_with_other_settings_is_not_taken(folder, monkeypatch, tmp_path, capsys):
+    """Two studies of one name searched into one folder (each in its own storage), or a file edited since: the
+    folder's search_config.json names the study, and was taken with its budget and data seed. The study's
+    fingerprint of its settings is checked: the parent run's copy is read instead, or the command refuses."""
+    import optuna
+
+    from fulu_nas.search.tracking import PARENT_RUN_ATTR
+
+    path = folder / "runs" / "x" / "search_config.json"
+    original = path.read_text()
+    data = json.loads(original)
+    steps, seed = data["config"]["trainer"]["steps"], data["config"]["task"]["data_seed"]
+    data["config"]["trainer"]["steps"] = 30
+    data["config"]["task"]["data_seed"] = seed + 7
+    storage = f"sqlite:///{folder / 'runs' / 'x' / 'optuna.db'}"
+    study = optuna.load_study(study_name="a", storage=storage)
+    parent = study.user_attrs[PARENT_RUN_ATTR]
+    try:
+        path.write_text(json.dumps(data))
+        settings = settings_of(folder, "a", monkeypatch)
+        assert settings.train.steps == steps and settings.task_params["data_seed"] == seed
+        study.set_user_attr(PARENT_RUN_ATTR, None)
+        with pytest.raises(FuluConfigError, match="is not the configuration study 'a' was searched with: the study "
+                                                  "was searched with another task and another trainer"):
+            settings_of(folder, "a", monkeypatch)
+        assert main(["export", "study.name=a", f"hydra.run.dir={folder / 'runs' / 'x'}",
+                     f"out={tmp_path / 'e'}"]) == 2
+        assert "is not the configuration study 'a' was searched with" in capsys.readouterr().err
+        assert not (tmp_path / "e").exists()
+    finally:
+        path.write_text(original)
+        study.set_user_attr(PARENT_RUN_ATTR, parent)
+    assert settings_of(folder, "a", monkeypatch).train.steps == steps
+
+
 def test_a_moved_study_folder_is_named_as_moved_and_not_made_again(folder, tmp_path, monkeypatch, capsys):
     """MLflow's runs keep the absolute path of their artifacts: from a study folder moved since its search,
     export said the trial "has no saved weights (was tracking.log_weights false, or did their upload fail?)",

@@ -164,6 +164,44 @@ def check_out_folder(out: Path) -> None:
                                   "written beside out and renamed into place); name a new folder, e.g. out=model")
 
 
+def check_out_name(out: Path) -> None:
+    """FuluConfigError when ``out``'s name is too long for the folder :func:`assemble` writes beside it
+    (``.NAME.partial-HOST:PID-XXXXXXXX``): the file system refused it only after the model was evaluated and
+    measured, with a traceback."""
+    try:
+        limit = os.pathconf(nearest_existing(out.parent), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = len(os.fsencode(out.name)) + len(os.fsencode(f".{PARTIAL}{this_process()}-")) + 8
+    if longest > limit:
+        raise FuluConfigError(f"out: the folder's name is {len(os.fsencode(out.name))} bytes long; the export writes "
+                              f"it beside out under a name {longest - len(os.fsencode(out.name))} bytes longer, and "
+                              f"this file system takes names of at most {limit} bytes: choose a shorter name")
+
+
+def nearest_existing(folder: Path) -> Path:
+    """``folder``, or its closest ancestor that exists."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first: what making it would make."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is an empty folder: those a failed write made."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty (someone else's files since), or already gone
+            folder.rmdir()
+
+
 def metrics_json(metrics: Mapping[str, Any]) -> str:
     """``metrics.json``'s text: strict JSON, every parser's. A metric that does not apply to the model (NaN:
     the routing statistics of a model without routing) or is infinite is ``null``: NaN and Infinity are not

@@ -51,10 +51,14 @@ EXPORT_STOPPING = "what the export wrote or registered is being removed"  # said
 # The names MLflow's registry takes (it refuses '/', ':', '.', '%' and quotes), checked before anything is written.
 # MLflow also refuses a name of spaces; spaces around a name are refused too (a name that only looks right).
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9_\-]([A-Za-z0-9_\- ]*[A-Za-z0-9_\-])?")
-# A trial number or Pareto index: ASCII digits only (str.isdigit() holds for '²', which int() refuses).
-NUMBER = re.compile(r"[0-9]+")
-PERCENT = re.compile(r"[0-9]+(\.[0-9]+)?")  # fastest_within's: a plain decimal number, ASCII digits only
-OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "4", "out": "", "name": ""}
+# A trial number or Pareto index: ASCII digits only (str.isdigit() holds for '²', which int() refuses), and
+# few enough for int() (which refuses more than 4,300 digits).
+NUMBER = re.compile(r"[0-9]{1,18}")
+# fastest_within's and retrain_factor's: a plain decimal number, ASCII digits only (float() also takes
+# '5_0' (50), '1e1', 'nan' and ' 5'), short enough to stay finite.
+DECIMAL = re.compile(r"[0-9]{1,18}(\.[0-9]{1,18})?")
+RETRAIN_FACTOR = "4"  # the default: times the search's budget
+OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "", "out": "", "name": ""}
 BAD_INPUT = 2
 
 
@@ -99,7 +103,7 @@ def select_trial(study: optuna.Study, s: SearchSettings, spec: str) -> optuna.tr
             raise FuluConfigError(f"trial: pareto:<i> needs i in 0..{len(front) - 1}, got {arg!r}")
         return front[int(arg)]
     if kind == "fastest_within":
-        if not PERCENT.fullmatch(arg):  # float() also takes '5_0' (50), '1e1', 'nan' and ' 5'
+        if not DECIMAL.fullmatch(arg):
             raise FuluConfigError(f"trial: fastest_within:<pct> needs a finite percentage >= 0, a plain decimal "
                                   f"number such as 5 or 2.5, got {arg!r}")
         pct = float(arg)
@@ -309,8 +313,11 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         FINGERPRINT_TAG,
         FORMAT_VERSION,
         check_out_folder,
+        check_out_name,
         fingerprint,
+        missing_folders,
         pyfunc_manifest,
+        remove_empty_folders,
         write_export,
     )
     from ..deploy.serve import record_registered_files
@@ -320,20 +327,21 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     retrain = options["retrain"].lower() in ("1", "true", "yes")
     if options["retrain"].lower() not in ("0", "1", "true", "false", "yes", "no"):
         raise FuluConfigError(f"retrain: expected true or false, got {options['retrain']!r}")
-    try:
-        factor = float(options["retrain_factor"])
-    except ValueError:
-        factor = math.nan
-    if not (math.isfinite(factor) and 0 < factor <= BUDGET_FACTOR_MAX):  # 0 exported an untrained model
+    if options["retrain_factor"] and not retrain:  # taken and ignored: the saved weights were exported
+        raise FuluConfigError(f"retrain_factor: only used with retrain=true (the saved weights are exported "
+                              f"as they are); add retrain=true or leave retrain_factor={options['retrain_factor']} out")
+    factor_text = options["retrain_factor"] or RETRAIN_FACTOR
+    factor = float(factor_text) if DECIMAL.fullmatch(factor_text) else math.nan
+    if not (0 < factor <= BUDGET_FACTOR_MAX):  # 0 exported an untrained model
         raise FuluConfigError(f"retrain_factor: expected a number > 0 and at most {BUDGET_FACTOR_MAX} (times the "
-                              f"search's budget), got {options['retrain_factor']!r}")
+                              f"search's budget), got {factor_text!r}")
     # Before MLflow opens it: it would make a missing database (and then miss the trial's run in it).
     check_tracking_database_exists(location.tracking_uri)
     study = load_study(location)
     s = search_settings(location, study, will_train=retrain)
     steps = s.train.steps * factor
     if retrain and not (math.isfinite(steps) and int(steps) >= 1):  # int(): as trial_model trains
-        raise FuluConfigError(f"retrain_factor: {options['retrain_factor']} times the search's {s.train.steps} "
+        raise FuluConfigError(f"retrain_factor: {factor_text} times the search's {s.train.steps} "
                               f"steps is {steps:g} steps, not a number of steps to train (at least 1)")
     trial, selected_by = choose_trial(study, s, options["trial"])
     over = [key for key, value in trial.constraints.items() if value > 0]
@@ -343,7 +351,9 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     if not REGISTERED_NAME.fullmatch(name):
         raise FuluConfigError(f"name: {name!r} cannot name an MLflow registered model (letters, digits, '-', '_' "
                               "and spaces, not at either end; no '/', ':', '.', '%' or quotes): pass name=")
-    out = Path(options["out"] or location.output_dir / f"export-trial{trial.number}")
+    # expanduser: a '~' the shell left (quoted, or sh) named a folder called '~' in the current one.
+    out = Path(options["out"]).expanduser() if options["out"] else location.output_dir / f"export-trial{trial.number}"
+    check_out_name(out)
     if out.is_symlink():
         # Follow a link to its folder now: the final rename would fail on the link itself, after all the work.
         try:
@@ -358,8 +368,10 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         undone = undo_killed_exports(client, s.tracking.experiment, study)
     for line in undone:
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
-    existed = out.is_dir()  # an empty folder given: left as it was if the registration fails
+    existed = out.is_dir()  # an empty folder given: made again, with its mode, if the registration fails
+    mode = out.stat().st_mode & 0o7777 if existed else None
     check_out_folder(out)
+    made = missing_folders(out.parent)  # what the export makes: removed again if it fails
     check_output_dir(str(out.parent), "out")
 
     # Said once the trial's weights load and pass their checks, so that a refusal is the one message; a
@@ -404,6 +416,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     # failure, Ctrl-C or SIGTERM removes the folder and the new version and ends the run, so that a failed
     # export leaves nothing a re-run would trip on, nor a version `fulu-nas serve` cannot check.
     version = run_id = before = digest = None
+    placed = False  # the export's folder renamed to out: the only thing at out a failure may remove
     logged_ids: list[str] = []
     recording = contextlib.ExitStack()
 
@@ -428,11 +441,13 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
                 from .export_upcycled import RECORDED, write_upcycled_export
 
                 write_upcycled_export(location, s, study, trial, model, config, metrics, out, before_rename=record)
+                placed = True
                 for file in RECORDED:
                     mlflow.log_artifact(str(out / file))
             else:
                 write_export(out, model, config, metrics, model_card(s, location, trial, config, metrics, name),
                              before_rename=record)
+                placed = True
                 before = registry_before(client, name)
                 if not before[0]:
                     before = make_registered_model(client, name, run_id)
@@ -444,9 +459,15 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
                 client.set_model_version_tag(name, version, FINGERPRINT_TAG, digest)  # the folder's
                 client.set_registered_model_alias(name, CHAMPION, version)
     except BaseException as e:
-        shutil.rmtree(out, ignore_errors=True)
-        if existed:
-            out.mkdir()
+        # Not before it is placed: a folder that appeared at out since its check (another export to the
+        # same out, another writer) is what refused this export, and is not this export's to remove.
+        if placed:
+            shutil.rmtree(out, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if existed and not out.exists():
+                out.mkdir()
+                out.chmod(mode)
+            remove_empty_folders(made)
         with contextlib.suppress(Exception):  # best effort: the registry may be what failed
             if before is not None:
                 undo_registration(client, name, version, before, logged_ids)
@@ -457,6 +478,11 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
             what = "recording the export" if upcycled else f"registering {name!r}"
             raise FuluConfigError(f"{option}: {what} in {mask_url(location.tracking_uri)} failed, so nothing was "
                                   f"exported: {(e.message or str(e)).splitlines()[0]}") from None
+        if isinstance(e, OSError):  # a disk full, a folder that cannot be written: the folder's or the store's
+            where = (f"out: writing {out}" if digest is None else
+                     f"tracking.uri: {'recording the export' if upcycled else f'registering {name!r}'} in "
+                     f"{mask_url(location.tracking_uri)}")
+            raise FuluConfigError(f"{where} failed, so nothing was exported: {e}") from None
         raise
     print(f"exported trial {trial.number} of study {s.study.name} to {out} (fingerprint {digest}"
           + ("; load it with fulu_nas.load(FOLDER, expected_sha256=FINGERPRINT))" if upcycled else

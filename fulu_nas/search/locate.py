@@ -331,11 +331,38 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
         data = _read_search_config(path)
         refused = _not_this_studys(data, location, str(path))
         if refused is None:
-            return _settings_from(data, location, will_train)
+            s = _settings_from(data, location, will_train)
+            # Two studies of one name in one folder (each in its own storage), or a file edited since.
+            refused = _not_its_settings(s, study, location, str(path))
+            if refused is None:
+                return s
+    shown = "the MLflow parent run's search_config.json"
     data = {"config": _parent_run_config(location, study, path, refused)}
-    if problem := _not_this_studys(data, location, "the MLflow parent run's search_config.json"):
+    if problem := _not_this_studys(data, location, shown):
         raise FuluConfigError(problem)
-    return _settings_from(data, location, will_train)
+    s = _settings_from(data, location, will_train)
+    if problem := _not_its_settings(s, study, location, shown):
+        raise FuluConfigError(problem)
+    return s
+
+
+def _not_its_settings(s: SearchSettings, study, location: StudyLocation, shown: str) -> str | None:
+    """Why the settings read from ``shown`` are not those the study was searched with, or None: the study
+    keeps the digests of its settings' parts (space, task, budget, objectives, constraints), and one of these
+    differs. A changed checkpoint or corpus is not this function's: the file then still holds the study's
+    settings, and the commands name the changed files themselves. A study made before the digests were
+    kept is taken as it is."""
+    from .study import DATA_PARTS, FINGERPRINT_ATTR, FINGERPRINT_PARTS_ATTR, changed_parts, changed_settings
+
+    kept = study.user_attrs.get(FINGERPRINT_ATTR)
+    if kept is None or kept in s.fingerprints():
+        return None
+    stored = study.user_attrs.get(FINGERPRINT_PARTS_ATTR)
+    if not set(changed_parts(stored, s) or ()) - set(DATA_PARTS):
+        return None
+    return (f"study.name: {shown} is not the configuration study {location.name!r} was searched with: the study "
+            f"was searched {changed_settings(stored, s)} (two studies of one name searched in one folder? give "
+            "each its own hydra.run.dir)")
 
 
 def folder_is_the_studys(location: StudyLocation) -> bool:

@@ -129,7 +129,7 @@ def check_resumable(study: optuna.Study, s: SearchSettings) -> None:
     fingerprint = study.user_attrs.get(FINGERPRINT_ATTR)
     if fingerprint is not None and fingerprint not in s.fingerprints():
         raise FuluConfigError(f"study.name: study {s.study.name!r} in {mask_url(s.storage_url)} was created "
-                              f"{_changed(study.user_attrs.get(FINGERPRINT_PARTS_ATTR), s)}; choose another "
+                              f"{changed_settings(study.user_attrs.get(FINGERPRINT_PARTS_ATTR), s)}; choose another "
                               "study.name to start a new study, or the original settings to resume it")
     _check_same_device(study, s)
 
@@ -155,16 +155,28 @@ _PARTS = {"task": "another task", "search_space": "another search_space", "train
           "corpus_sha256": "another corpus (the names or bytes of the files task.path reads)"}
 
 
-def _changed(stored: object, s: SearchSettings) -> str:
+# The parts of the fingerprint that digest files on disk (the checkpoint, the corpus), not the settings.
+DATA_PARTS = ("model_sha256", "corpus_sha256")
+
+
+def changed_settings(stored: object, s: SearchSettings) -> str:
     """Which settings differ from the ones ``stored`` (a study's part digests; a study made before
     they were kept has none, and is told apart as a whole)."""
-    if not isinstance(stored, dict):
+    differ = [_PARTS[part] for part in changed_parts(stored, s) or ()]
+    if not differ:  # not kept, or the parts agree and the whole does not: a part this version does not keep
         return "with another search space, task, budget, objectives or constraints"
+    *rest, last = differ
+    return "with " + (f"{', '.join(rest)} and {last}" if rest else last)
+
+
+def changed_parts(stored: object, s: SearchSettings) -> list[str] | None:
+    """The parts of the fingerprint (:data:`_PARTS`' keys) whose digests ``stored`` (a study's) holds other
+    than ``s`` gives; None when the study kept none (made before they were kept)."""
+    if not isinstance(stored, dict):
+        return None
     # A study made before the corpus was digested kept its path as typed and no digest: compare like with like.
     current = s.part_digests(corpus_by_path="corpus_sha256" not in stored)
-    # At least one part differs: the fingerprint is the digest of the parts whose digests these are.
-    *rest, last = [words for part, words in _PARTS.items() if stored.get(part) != current.get(part)]
-    return "with " + (f"{', '.join(rest)} and {last}" if rest else last)
+    return [part for part in _PARTS if stored.get(part) != current.get(part)]
 
 
 def _close_stale_run(s: SearchSettings, study: optuna.Study, trial: optuna.trial.FrozenTrial,
