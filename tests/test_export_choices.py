@@ -673,3 +673,27 @@ def test_out_starting_with_a_tilde_the_shell_left_is_in_the_home_folder(study, t
     code, out, err = export(study, capsys, "trial=0", "out=~/model", "name=tilde")
     assert code == 0, err
     assert (tmp_path / "home" / "model" / "checksums.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_retraining_trains_on_the_searchs_device(study, monkeypatch):
+    """retrain=true trained on trainer.device=auto whatever the search's: a study searched with
+    trainer.device=cpu on a GPU host was retrained on the GPU (another model), and measured on the CPU."""
+    from dataclasses import replace
+
+    from fulu_nas.search import export_trial
+    from fulu_nas.search.locate import load_study, locate_study, search_settings
+
+    location = locate_study(["study.name=tiny-clusters", f"hydra.run.dir={study.out}"])
+    searched = load_study(location)
+    s = search_settings(location, searched)
+    s = replace(s, train=replace(s.train, device="cpu"))
+    devices = []
+
+    def train(arch, settings, budget, *args):
+        devices.append(budget.device)
+        raise RuntimeError("trained enough")
+
+    monkeypatch.setattr(export_trial, "train_architecture", train)
+    with pytest.raises(RuntimeError, match="trained enough"):
+        export_trial.trial_model(location, s, searched.trials[0], True, 1.0)
+    assert devices == ["cpu"]

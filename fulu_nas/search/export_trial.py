@@ -146,7 +146,9 @@ def trial_model(location: StudyLocation, s: SearchSettings, trial: optuna.trial.
     family = s.space.family
     arch = family.arch_from_dict(trial.user_attrs["arch"])
     if retrain:
-        budget = replace(s.train, steps=int(s.train.steps * factor), progress=True, device="auto",
+        # On the search's device (trainer.device), as the confirmation trains: "auto" took a GPU for a study
+        # searched on the CPU, which then is not the search's model again, nor measured where it trained.
+        budget = replace(s.train, steps=int(s.train.steps * factor), progress=True,
                          seconds_cap=s.train.seconds_cap * factor if s.train.seconds_cap else None)
         kernels = ServedKernels(s)  # the cost measured next uses the served forward's kernels compiled meanwhile
         try:
