@@ -278,3 +278,12 @@ def yaml_problem(error: Exception) -> str:
     if context_mark is not None and getattr(error, "context", None):
         problem += f" ({error.context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
     return problem
+
+
+def is_folder_name(name: object) -> bool:
+    """Whether ``name`` names one folder inside another: a study's folder is ``outputs/<study.name>``
+    (by default ``<space name>-<task>``), and ``..`` or ``.`` put its optuna.db, mlflow.db and .hydra/ in
+    the folder above or the current one, a separator in a folder below (or, with \\, elsewhere on
+    Windows)."""
+    return (isinstance(name, str) and bool(name.strip()) and name not in (".", "..")
+            and not any(c in name for c in "/\\\0"))

@@ -372,7 +372,7 @@ def test_a_reference_value_of_the_wrong_type_or_an_empty_space_is_refused(tmp_pa
             ("ref", {"name": "ref", "base": BLOCK, "params": {"router": ROUTER, "num_experts": categorical(2, 4),
                                                               "top_k": {"type": "int", "low": 1, "high": 2}},
                      "reference": {"router": "topk", "num_experts": 4, "top_k": 2.0}},
-             "search_space.reference.top_k: 2.0"),
+             "search_space.reference.top_k: expected an integer, got 2.0"),
             ("empty", "", "search_space.params: a space needs at least one parameter")):
         work, args = users_space(tmp_path / name, name, space)
         monkeypatch.chdir(work)

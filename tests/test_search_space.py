@@ -3,6 +3,7 @@ derived values and constraints, and the shipped spaces."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import optuna
@@ -264,6 +265,32 @@ MALFORMED = [
     # evaluating the reference meets a value too large to compute
     ({"params": {"top_k": {"type": "int", "low": 1, "high": 2}}, "derived": {"expert_ffn_size": "2 ** 100"},
       "reference": {"top_k": 1}}, "derived.expert_ffn_size"),
+    # a step too small to count the values by, or a range beyond a float's: an OverflowError traceback
+    ({"params": {"capacity_factor": {"type": "float", "low": 1, "high": 2, "step": 1e-320}}},
+     "params.capacity_factor.step: 1e-320 makes more than"),
+    ({"params": {"capacity_factor": {"type": "float", "low": -1.7e308, "high": 1.7e308}}},
+     "params.capacity_factor: high - low"),
+    # a step that divides the range only within rounding: Optuna lowered high, which was never drawn
+    ({"params": {"capacity_factor": {"type": "float", "low": 1.0, "high": 2.0000000001, "step": 0.5}}},
+     "params.capacity_factor.step: high - low"),
+    # 1 and 1.0 are one choice to Optuna, which drew it twice as often and recorded 1.0 as 1
+    ({"params": {"routed_scaling_factor": {"type": "categorical", "choices": [1, 1.0, 2]}}},
+     "params.routed_scaling_factor.choices: contains duplicates"),
+    # a base of 0, [] or false is no mapping: it was taken as empty, and the defaults searched
+    ({"base": 0, "params": {"top_k": {"type": "int", "low": 1, "high": 2}}}, "search_space.base: expected a mapping"),
+    ({"base": {"moe": False}, "params": {"top_k": {"type": "int", "low": 1, "high": 2}}},
+     "search_space.base.moe: expected a mapping"),
+    # a name with a separator was refused as study.name, which the user never set
+    ({"name": "a/b", "params": {"top_k": {"type": "int", "low": 1, "high": 2}}},
+     "search_space.name: expected a plain folder name (without / or \\), got 'a/b'"),
+    ({"name": 123, "params": {"top_k": {"type": "int", "low": 1, "high": 2}}},
+     "got 123 (YAML read it as int 123: quote it)"),
+    # a float for a string field: the advice was "use type: int", which is refused as well
+    ({"params": {"router": {"type": "float", "low": 0, "high": 1}}},
+     "params.router.type: float samples numbers, and router takes no number"),
+    # a reference of the wrong type was said to be outside the range
+    ({"params": {"num_experts": {"type": "int", "low": 2, "high": 16}}, "reference": {"num_experts": 8.0}},
+     "reference.num_experts: expected an integer, got 8.0"),
 ]
 
 
@@ -271,6 +298,28 @@ MALFORMED = [
 def test_malformed_spaces_name_the_key(data, key):
     problems = problems_of(data)
     assert any(key in p for p in problems), problems
+
+
+def test_a_when_naming_a_refused_parameter_is_not_refused_again():
+    """A parent whose own definition is refused made its children's when refused too, wrongly ("must name a
+    categorical parameter defined earlier")."""
+    problems = problems_of({"params": {"router": {"type": "categorical", "choices": []},
+                                       "hierarchy_depth": {"type": "int", "low": 1, "high": 3,
+                                                           "when": {"router": "hierarchical"}}}})
+    assert problems == ["search_space.params.router.choices: expected a non-empty list"]
+
+
+def test_a_float_grid_ends_at_high():
+    """low + i * step in binary gave 1.7000000000000002 for 1.1 + 3 x 0.2: a value above high, trained and
+    recorded (the grid sampler), and drawn by the space check."""
+    space = parse_space({**SMALL, "params": {"capacity_factor": {"type": "float", "low": 1.1, "high": 1.7,
+                                                                 "step": 0.2}}})
+    assert space.grid() == {"capacity_factor": [1.1, 1.3, 1.5, 1.7]}
+    from fulu_nas.search.feasibility import _RandomTrial
+
+    trial = _RandomTrial(random.Random(0), {})
+    drawn = {trial.suggest_float("capacity_factor", 1.1, 1.7, step=0.2) for _ in range(200)}
+    assert drawn == {1.1, 1.3, 1.5, 1.7}
 
 
 def test_every_problem_is_listed_at_once():

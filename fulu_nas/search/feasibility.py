@@ -30,7 +30,7 @@ from collections.abc import Callable
 from ..errors import FuluConfigError
 from ..models import ArchConfig
 from ..moe import MoEConfig
-from .space import IMPOSSIBLE, Infeasible, Param, SearchSpace
+from .space import IMPOSSIBLE, Infeasible, Param, SearchSpace, float_step_value
 
 DRAWS = 200
 # The derived values and constraints are evaluated on every combination of the values of the parameters
@@ -68,7 +68,7 @@ class _RandomTrial:
         if name in self.pins:
             return self.pins[name]
         if step:
-            return low + step * self.rng.randint(0, round((high - low) / step))
+            return float_step_value(low, step, self.rng.randint(0, round((high - low) / step)))
         if log:
             return math.exp(self.rng.uniform(math.log(low), math.log(high)))
         return self.rng.uniform(low, high)

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from .. import interop  # noqa: F401  (registers the upcycle task among TASKS)
-from ..checks import check_int, check_number, device_problem, is_tracking_server, server_address, url_without_password
+from ..checks import (
+    check_int,
+    check_number,
+    device_problem,
+    is_folder_name,
+    is_tracking_server,
+    server_address,
+    url_without_password,
+)
 from ..errors import FuluConfigError
 from ..tasks import TASKS, Task, build_task, task_parameters
 from ..training.train import (
@@ -462,7 +470,7 @@ def _study(d: dict, task: Task | None, problems: list[str]) -> StudySettings | N
     for key in sorted(set(d) - known):
         problems.append(f"study.{key}: unknown key")
     name = d.get("name")
-    if not _is_folder_name(name):
+    if not is_folder_name(name):
         read_as = "" if isinstance(name, str) or name is None else \
             f" (YAML read it as {type(name).__name__} {name!r}: quote it for Hydra, \"study.name='{name}'\")"
         problems.append(f"study.name: expected a plain folder name (not . or .., without / or \\), got "
@@ -536,14 +544,6 @@ def _check_workers(study: Mapping[str, Any], problems: list[str]) -> None:
     if type(n_trials) is int and type(n_workers) is int and 1 <= n_trials < n_workers:
         problems.append(f"study.n_workers: {n_workers} workers for study.n_trials={n_trials}: at most one worker "
                         "per trial (workers on other hosts join the study with their own command)")
-
-
-def _is_folder_name(name: object) -> bool:
-    """Whether ``name`` names one folder inside another: the study's folder is ``outputs/<study.name>``,
-    and ``..`` or ``.`` put its optuna.db, mlflow.db and .hydra/ in the folder above or the current one,
-    a separator in a folder below (or, with \\, elsewhere on Windows)."""
-    return (isinstance(name, str) and bool(name.strip()) and name not in (".", "..")
-            and not any(c in name for c in "/\\\0"))
 
 
 def confirm_settings(d: Mapping[str, Any], prefix: str, problems: list[str],

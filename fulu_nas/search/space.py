@@ -31,9 +31,10 @@ import ast
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
-from ..checks import is_finite_number
+from ..checks import is_finite_number, is_folder_name
 from ..errors import FuluConfigError
 from ..moe import BALANCING_METHODS
 from .expressions import Expression, ExpressionError, ExpressionTooLarge, parse_expression
@@ -58,6 +59,12 @@ GRID_MAX = 2**20
 
 def _is_choice(v: object) -> bool:
     return v is None or isinstance(v, (bool, str)) or is_finite_number(v)
+
+
+def _choice_key(v: object) -> tuple:
+    """What tells two choices apart: a number by its value (1 and 1.0 are one choice to Optuna), anything
+    else by its type and value (true is not 1)."""
+    return ("number", float(v)) if is_finite_number(v) and not isinstance(v, bool) else (type(v).__name__, v)
 
 
 IMPOSSIBLE = "impossible architecture"  # how Infeasible begins for fields that contradict each other
@@ -119,15 +126,28 @@ class Param:
             return self.choices[i]
         if self.kind == "int":
             return int(self.low) + i * int(self.step or 1)
-        return self.low + i * self.step
+        return float_step_value(self.low, self.step, i)
+
+
+def float_step_value(low: float, step: float, i: int) -> float:
+    """The ``i``-th value of a float parameter with a ``step``, in decimal as Optuna computes it (``low + i *
+    step`` in binary gave 1.7000000000000002 for 1.1 + 3 x 0.2: a value above high, recorded as drawn)."""
+    return float(Decimal(str(low)) + i * Decimal(str(step)))
 
 
 def _whole_steps(span: float, step: float, kind: str) -> bool:
     """Whether ``span`` is a whole number of ``step``: exactly for an int parameter (math.isclose took
-    500000000.5 steps for a whole number), within rounding for a float one."""
+    500000000.5 steps for a whole number), within rounding for a float one (a sampled value)."""
     if kind == "int":
         return int(span) % int(step) == 0
-    return math.isclose(span / step, round(span / step))
+    steps = span / step
+    return math.isfinite(steps) and math.isclose(steps, round(steps))
+
+
+def _divides(low: float, high: float, step: float) -> bool:
+    """Whether a float ``step`` divides ``high - low`` exactly, in decimal, as Optuna checks it (within
+    rounding, Optuna lowered high to the last whole step and warned: high was never drawn)."""
+    return (Decimal(str(high)) - Decimal(str(low))) % Decimal(str(step)) == 0
 
 
 def _evaluated(expr, values: Mapping[str, Any], key: str, shown: Mapping[str, Any]):
@@ -252,7 +272,7 @@ def parse_space(data: object, name: str = UNNAMED, family: Family = PIMOE) -> Se
     if not data.get("params"):  # an empty file searched the configs' defaults, one architecture
         problems.append("search_space.params: a space needs at least one parameter to search")
 
-    base = data.get("base") or {}
+    base = {} if data.get("base") is None else data["base"]  # 0, [] or false is no mapping either
     if not isinstance(base, Mapping):
         problems.append("search_space.base: expected a mapping of architecture fields")
         base = {}
@@ -264,7 +284,7 @@ def parse_space(data: object, name: str = UNNAMED, family: Family = PIMOE) -> Se
     _check_types(base, family.base_fields - family.task_fields, "search_space.base", problems)
     for key in sorted(family.task_fields & set(base)):
         problems.append(f"search_space.base.{key}: set from the task, not by the space")
-    base_moe = base.get("moe") or {}
+    base_moe = {} if base.get("moe") is None else base["moe"]
     if not isinstance(base_moe, Mapping):
         problems.append("search_space.base.moe: expected a mapping of MoE layer fields")
         base_moe = {}
@@ -290,8 +310,11 @@ def parse_space(data: object, name: str = UNNAMED, family: Family = PIMOE) -> Se
     if not isinstance(description, str):
         problems.append("search_space.description: expected a string")
     space_name = data.get("name", name)
-    if not isinstance(space_name, str) or not space_name:
-        problems.append("search_space.name: expected a non-empty string")
+    if not is_folder_name(space_name):
+        # It names the study's folder (outputs/<space>-<task>): a '/' was refused as a bad study.name.
+        problems.append(f"search_space.name: expected a plain folder name (without / or \\), got {space_name!r}"
+                        + ("" if isinstance(space_name, str) else
+                           f" (YAML read it as {type(space_name).__name__} {space_name!r}: quote it)"))
     if problems:
         raise FuluConfigError(problems)
     space = SearchSpace(space_name, description, base, params, derived, constraints, reference, family)
@@ -347,7 +370,8 @@ def _parse_params(raw: object, problems: list[str], family: Family) -> tuple[Par
         if kind not in PARAM_TYPES:
             problems.append(f"{key}.type: must be one of {', '.join(PARAM_TYPES)}, got {kind!r}")
             continue
-        when = _parse_when(spec.get("when"), key, params, problems)
+        refused = frozenset(n for n in list(raw)[:list(raw).index(name)] if n not in {q.name for q in params})
+        when = _parse_when(spec.get("when"), key, params, problems, refused)
         if kind == "categorical":
             choices = spec.get("choices")
             if not isinstance(choices, (list, tuple)) or not choices:
@@ -356,7 +380,9 @@ def _parse_params(raw: object, problems: list[str], family: Family) -> tuple[Par
             bad = [c for c in choices if not _is_choice(c)]
             if bad:
                 problems.append(f"{key}.choices: values must be numbers, strings, booleans or null, got {bad[0]!r}")
-            elif len({(type(c), c) for c in choices}) != len(choices):
+            elif len({_choice_key(c) for c in choices}) != len(choices):
+                # 1 and 1.0 too: Optuna files a value under the first choice equal to it, so one was drawn
+                # twice as often and recorded as the other
                 problems.append(f"{key}.choices: contains duplicates")
             if name == "balancing" and not bad:
                 unknown = [c for c in choices if c not in BALANCING_METHODS]
@@ -383,7 +409,9 @@ def _parse_params(raw: object, problems: list[str], family: Family) -> tuple[Par
                 problems.append(f"{key}.{bound}: expected {'an integer' if kind == 'int' else 'a number'}, got {v!r}")
         if kind == "float" and is_finite_number(low) and (mistyped := type_problem(name, float(low))):
             problems.append(f"{key}.type: float samples fractions, and {name} takes whole numbers ({mistyped}); "
-                            "use type: int")
+                            "use type: int" if type_problem(name, 1) is None else
+                            f"{key}.type: {kind} samples numbers, and {name} takes no number ({mistyped}); use "
+                            "type: categorical with its choices")
         if not isinstance(log, bool):
             problems.append(f"{key}.log: expected true or false, got {log!r}")
         if step is not None and (not is_finite_number(step) or step <= 0
@@ -398,14 +426,22 @@ def _parse_params(raw: object, problems: list[str], family: Family) -> tuple[Par
             problems.append(f"{key}.low: must be > 0 with log: true, got {low}")
         if log is True and step is not None and (kind == "float" or step != 1):
             problems.append(f"{key}: step and log: true cannot be combined")
-        if step is not None and low <= high and not _whole_steps(high - low, step, kind):
+        if not math.isfinite(high - low):
+            problems.append(f"{key}: high - low ({high} - {low}) is beyond a float's range")
+        elif step is not None and kind == "float" and (high - low) / step > GRID_MAX * 2**20:
+            # too many values to count in a float (an OverflowError traceback): a continuous parameter
+            problems.append(f"{key}.step: {step} makes more than {GRID_MAX * 2**20:,} values between low and high; "
+                            "leave step out for a continuous parameter")
+        elif step is not None and low <= high and not (_whole_steps(high - low, step, kind) if kind == "int"
+                                                       else _divides(low, high, step)):
             problems.append(f"{key}.step: high - low ({high - low}) is not a multiple of step ({step})")
         if len(problems) == n_before:
             params.append(Param(name, kind, low=low, high=high, log=log, step=step, when=when))
     return tuple(params)
 
 
-def _parse_when(raw: object, key: str, earlier: list[Param], problems: list[str]) -> tuple:
+def _parse_when(raw: object, key: str, earlier: list[Param], problems: list[str],
+                refused: frozenset[str] = frozenset()) -> tuple:
     if raw is None:
         return ()
     if not isinstance(raw, Mapping) or not raw:
@@ -416,6 +452,8 @@ def _parse_when(raw: object, key: str, earlier: list[Param], problems: list[str]
     for other, allowed in raw.items():
         allowed = tuple(allowed) if isinstance(allowed, (list, tuple)) else (allowed,)
         p = by_name.get(other)
+        if p is None and other in refused:  # an earlier definition refused already: that is the problem
+            continue
         if p is None or p.kind != "categorical":
             problems.append(f"{key}.when.{other}: must name a categorical parameter defined earlier in params")
             continue
@@ -535,7 +573,12 @@ def _parse_reference(raw: object, params: tuple[Param, ...], declared: set[str],
         if p.name not in raw:
             problems.append(f"search_space.reference.{p.name}: missing (the parameter is active)")
         elif not p.contains(raw[p.name]):
-            problems.append(f"search_space.reference.{p.name}: {raw[p.name]!r} is outside the parameter's range")
+            value = raw[p.name]
+            wrong_type = p.kind == "int" and is_finite_number(value) and not isinstance(value, int)
+            problems.append(f"search_space.reference.{p.name}: " + (
+                f"expected an integer, got {value!r}" if wrong_type else
+                f"{value!r} is not one of the parameter's choices" if p.kind == "categorical" else
+                f"{value!r} is outside the parameter's range"))
         else:
             values[p.name] = raw[p.name]
             continue
