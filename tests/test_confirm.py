@@ -318,10 +318,13 @@ def test_n_workers_must_be_a_positive_whole_number(searched, tmp_path, monkeypat
     shutil.copytree(searched.out, out)
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in out.iterdir())
-    for bad in ("0", "two", "1.5"):
+    for bad in ("0", "two", "1.5", "1" * 5000):  # 5,000 digits: int()'s ValueError traceback
         assert main([*CONFIRM, f"hydra.run.dir={out}", f"n_workers={bad}"]) == 2
         err = capsys.readouterr().err
         assert "n_workers: must be a whole number of at least 1" in err and err.count("\n") == 2
+    assert main([*CONFIRM, f"hydra.run.dir={out}", f"seeds={'1' * 5000}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot confirm:\n  - seeds: ") and err.count("\n") == 2
     assert sorted(p.name for p in out.iterdir()) == before
 
 

@@ -215,6 +215,7 @@ def test_selection_takes_feasible_trials_only_and_parses_ascii_digits_only():
         with pytest.raises(FuluConfigError, match="pareto:<i> needs i in 0..0"):
             select_trial(mixed, s, spec)
     assert select_trial(mixed, s, "fastest_within:50.0").number == 0
+    assert select_trial(mixed, s, "fastest_within:.5").number == 2  # a plain decimal without its 0
     with pytest.raises(FuluConfigError, match="pareto:<i> needs i in 0..0"):  # int(): a ValueError traceback
         select_trial(mixed, s, "pareto:" + "1" * 5000)
     # float() took '5_0' as 50, and 340 digits as inf
@@ -593,21 +594,25 @@ def test_the_searchs_pareto_table_is_in_the_order_pareto_i_counts(capsys, tmp_pa
     assert cells == [["trial=pareto:0", "2"], ["trial=pareto:1", "1"], ["trial=pareto:2", "0"]], rows
 
 
+@pytest.mark.parametrize("while_", ["evaluating", "writing"])
 def test_a_folder_that_appears_at_out_during_the_export_is_refused_and_left_alone(study, tmp_path, capsys,
-                                                                                   monkeypatch):
-    """out is checked before the work and again before the rename; a folder another writer made in between
-    (another export to the same out) refused the export, which then removed that folder and its files."""
+                                                                                   monkeypatch, while_):
+    """out is checked before the work and again before the folder is written; a folder another writer made in
+    between (another export to the same out) refused the export, which then removed that folder and its
+    files. One made while the folder is written is met at the rename (it was named a failed registration)."""
+    from fulu_nas.deploy import export as deploy_export
     from fulu_nas.training import evaluate as evaluate_module
 
     target = tmp_path / "model"
-    evaluate = evaluate_module.evaluate
+    module, attribute = (evaluate_module, "evaluate") if while_ == "evaluating" else (deploy_export, "save_pyfunc")
+    step = getattr(module, attribute)
 
-    def meanwhile(*args, **kwargs):  # another writer, while this export evaluates its model
+    def meanwhile(*args, **kwargs):  # another writer, while this export works
         target.mkdir()
         (target / "theirs.txt").write_text("another writer's file")
-        return evaluate(*args, **kwargs)
+        return step(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "evaluate", meanwhile)
+    monkeypatch.setattr(module, attribute, meanwhile)
     runs_before, versions_before = registry_state(study)
     code, out, err = export(study, capsys, "trial=0", f"out={target}", "name=raced")
     assert code == 2 and f"out: {target} exists and is not empty" in err, err
@@ -652,6 +657,7 @@ def test_a_failed_write_to_the_artifact_store_is_one_message_and_leaves_no_folde
     (["trial=" + "1" * 5000], "trial: expected best, a trial number"),  # int(): a ValueError traceback
     (["retrain_factor=2"], "retrain_factor: only used with retrain=true"),  # ignored: the saved weights
     (["retrain=true", "retrain_factor=1_0"], "retrain_factor: expected a number > 0"),  # float() took 10
+    (["retrain=true", "retrain_factor=1e1"], "retrain_factor: expected a number > 0"),
     (["trial=0", "out=" + "L" * 240], "out: the folder's name is 240 bytes long"),  # after the work: a traceback
     (["trial=0", "out=" + "L" * 300], "out: the folder's name is 300 bytes long"),  # at once: a traceback
 ])

@@ -96,6 +96,23 @@ def test_another_studys_configuration_without_the_parent_runs_copy_is_refused(fo
         study.set_user_attr(PARENT_RUN_ATTR, parent)
 
 
+def test_a_space_read_back_with_its_keys_sorted_is_in_when_order():
+    """The MLflow parent run's copy of a search's configuration was written with sorted keys, which put
+    hierarchy_depth before the router its when names: the default space was refused when read from there."""
+    from fulu_nas.search.locate import params_in_when_order
+    from fulu_nas.search.space import parse_space
+
+    space = {"params": {"hierarchy_depth": {"type": "int", "low": 1, "high": 2, "when": {"router": "hierarchical"}},
+                        "num_experts": {"type": "categorical", "choices": [4, 8]},
+                        "router": {"type": "categorical", "choices": ["topk", "hierarchical"]},
+                        "top_k": {"type": "categorical", "choices": [1, 2], "when": {"router": "topk"}}}}
+    with pytest.raises(FuluConfigError, match="hierarchy_depth.when.router"):
+        parse_space(space)
+    ordered = params_in_when_order({"search_space": space})["search_space"]
+    assert list(ordered["params"]) == ["router", "hierarchy_depth", "num_experts", "top_k"]
+    assert [p.name for p in parse_space(ordered).params] == ["router", "hierarchy_depth", "num_experts", "top_k"]
+
+
 def test_a_configuration_of_the_same_name_with_other_settings_is_not_taken(folder, monkeypatch, tmp_path, capsys):
     """Two studies of one name searched into one folder (each in its own storage), or a file edited since: the
     folder's search_config.json names the study, and was taken with its budget and data seed. The study's
@@ -118,9 +135,11 @@ def test_a_configuration_of_the_same_name_with_other_settings_is_not_taken(folde
         settings = settings_of(folder, "a", monkeypatch)
         assert settings.train.steps == steps and settings.task_params["data_seed"] == seed
         study.set_user_attr(PARENT_RUN_ATTR, None)
-        with pytest.raises(FuluConfigError, match="is not the configuration study 'a' was searched with: the study "
-                                                  "was searched with another task and another trainer"):
+        with pytest.raises(FuluConfigError) as refused:
             settings_of(folder, "a", monkeypatch)
+        assert refused.value.problems == [
+            f"study.name: {path} is not the configuration study 'a' was searched with: it has another task and "
+            "another trainer (two studies searched in one folder? give each its own hydra.run.dir)"]
         assert main(["export", "study.name=a", f"hydra.run.dir={folder / 'runs' / 'x'}",
                      f"out={tmp_path / 'e'}"]) == 2
         assert "is not the configuration study 'a' was searched with" in capsys.readouterr().err

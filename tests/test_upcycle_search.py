@@ -207,6 +207,27 @@ def test_a_changed_checkpoint_is_refused_at_confirm(searched, tmp_path, capsys):
         (searched.out / "search_config.json").write_text(json.dumps(config))
 
 
+def test_a_configuration_of_the_same_name_on_another_corpus_is_not_taken(searched, tmp_path, monkeypatch):
+    """Two studies of one name searched into one folder on two corpora: the folder's search_config.json (the
+    second's) was taken for the first, whose confirmation and export then read the second's corpus. The
+    study's digest of its corpus tells them apart: the MLflow parent run's copy is read instead."""
+    from fulu_nas.search.locate import load_study, locate_study, search_settings
+
+    other = write_corpus(tmp_path / "other-corpus", files=4, lines=90)
+    path = searched.out / "search_config.json"
+    original = path.read_text()
+    config = json.loads(original)
+    config["config"]["task"]["path"] = str(other)
+    try:
+        path.write_text(json.dumps(config))
+        monkeypatch.chdir(searched.root)
+        location = locate_study([f"study.name={STUDY}", f"hydra.run.dir={searched.out}"])
+        settings = search_settings(location, load_study(location))
+        assert settings.task_params["path"] == str(searched.corpus)
+    finally:
+        path.write_text(original)
+
+
 def test_a_tokenizer_file_that_cannot_be_read_is_one_message(tmp_path, monkeypatch, capsys):
     """A tokenizer.json cut short (a crash as it was saved) ended the search with transformers' JSONDecodeError
     traceback, naming neither the folder nor the file."""

@@ -285,9 +285,14 @@ def assemble(out: Path, fill: Callable[[Path], None], before_rename: Callable[[P
             path.chmod(0o755 if path.is_dir() else 0o644)
         if before_rename is not None:
             before_rename(partial)
-        if out.exists():
-            out.rmdir()
-        partial.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()  # the empty folder given
+            partial.rename(out)
+        except OSError:
+            if out.exists():  # made by another writer since the check (another export to the same out)
+                raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder") from None
+            raise
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

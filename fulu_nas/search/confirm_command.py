@@ -10,7 +10,7 @@ from .settings import CONFIRM_MAX, ConfirmSettings, confirm_settings
 
 BAD_INPUT = 2
 OPTIONS = {"top_k": "", "budget_factor": "", "seeds": "", "n_workers": ""}  # "": the study's value
-INTEGER = re.compile(r"[+-]?[0-9]+")
+INTEGER = re.compile(r"[+-]?[0-9]{1,18}")  # int() refuses more than 4,300 digits: a traceback
 DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
 # After naming an override that the command would ignore (it trains with the search's own settings).
 HINT = ("; what a confirmation trains is set by its own options: top_k= (how many architectures), budget_factor= "
@@ -64,8 +64,8 @@ def worker_count(text: str) -> int | None:
 
 def _number(text: str) -> int | float | str:
     """``"4"`` -> 4, ``"1.5"`` -> 1.5; anything else stays text (and is refused by the validation). ASCII
-    digits only, as export reads its numbers: Python's int() and float() also took ``1_0`` (10), other
-    scripts' digits and spaces around the number."""
+    digits only: Python's int() and float() also took ``1_0`` (10), other scripts' digits and spaces
+    around the number."""
     if INTEGER.fullmatch(text):
         return int(text)
     if DECIMAL.fullmatch(text):

@@ -56,7 +56,7 @@ REGISTERED_NAME = re.compile(r"[A-Za-z0-9_\-]([A-Za-z0-9_\- ]*[A-Za-z0-9_\-])?")
 NUMBER = re.compile(r"[0-9]{1,18}")
 # fastest_within's and retrain_factor's: a plain decimal number, ASCII digits only (float() also takes
 # '5_0' (50), '1e1', 'nan' and ' 5'), short enough to stay finite.
-DECIMAL = re.compile(r"[0-9]{1,18}(\.[0-9]{1,18})?")
+DECIMAL = re.compile(r"[0-9]{1,18}(\.[0-9]{1,18})?|\.[0-9]{1,18}")
 RETRAIN_FACTOR = "4"  # the default: times the search's budget
 OPTIONS = {"trial": "best", "retrain": "false", "retrain_factor": "", "out": "", "name": ""}
 BAD_INPUT = 2
@@ -355,7 +355,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
                               "and spaces, not at either end; no '/', ':', '.', '%' or quotes): pass name=")
     # expanduser: a '~' the shell left (quoted, or sh) named a folder called '~' in the current one.
     out = Path(options["out"]).expanduser() if options["out"] else location.output_dir / f"export-trial{trial.number}"
-    check_out_name(out)
+    check_out_name(out)  # before the path is looked at: a name too long for the file system raised there
     if out.is_symlink():
         # Follow a link to its folder now: the final rename would fail on the link itself, after all the work.
         try:
@@ -363,6 +363,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         except (OSError, RuntimeError):  # dangling, or a loop
             raise FuluConfigError(f"out: {out} is a symbolic link to nothing (a missing path or a loop); pass "
                                   "the folder itself") from None
+        check_out_name(out)  # the folder the link names is the one written beside
     check_recordable(location, study_database=False)  # the registered model, its run and artifacts
     client = mlflow.MlflowClient(location.tracking_uri)
     # Before the folder's check: a killed export's unannounced folder is what the same command would trip on.
@@ -419,6 +420,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
     # export leaves nothing a re-run would trip on, nor a version `fulu-nas serve` cannot check.
     version = run_id = before = digest = None
     placed = False  # the export's folder renamed to out: the only thing at out a failure may remove
+    stage = "writing"  # what an OSError failed at: the folder's writing, or the export's record in MLflow
     logged_ids: list[str] = []
     recording = contextlib.ExitStack()
 
@@ -426,8 +428,9 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         """The export's run, made with the folder written and before it is renamed into place: what the next
         export undoes, should this one be killed (killed_exports): its writer, folder and files. A kill
         after the rename then leaves a run that names the folder, not a folder nothing names."""
-        nonlocal digest, run_id
+        nonlocal digest, run_id, stage
         digest = fingerprint(folder)
+        stage = "recording"
         tags = {WRITER_TAG: this_process(), OUT_TAG: str(out.resolve()), FINGERPRINT_TAG: digest,
                 OUT_GIVEN_EMPTY_TAG: str(existed).lower()}
         # A signal arriving from here on is raised when the recording ends, never inside a database write
@@ -436,6 +439,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
         recording.enter_context(export_run(location.tracking_uri, s.tracking.experiment, study, trial.number,
                                            metrics, tags))
         run_id = mlflow.active_run().info.run_id
+        stage = "writing"  # the rename into place comes next
 
     try:
         with recording:
@@ -443,13 +447,13 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
                 from .export_upcycled import RECORDED, write_upcycled_export
 
                 write_upcycled_export(location, s, study, trial, model, config, metrics, out, before_rename=record)
-                placed = True
+                placed, stage = True, "recording"
                 for file in RECORDED:
                     mlflow.log_artifact(str(out / file))
             else:
                 write_export(out, model, config, metrics, model_card(s, location, trial, config, metrics, name),
                              before_rename=record)
-                placed = True
+                placed, stage = True, "recording"
                 before = registry_before(client, name)
                 if not before[0]:
                     before = make_registered_model(client, name, run_id)
@@ -481,7 +485,7 @@ def export_trial(location: StudyLocation, options: dict[str, str]) -> Path:
             raise FuluConfigError(f"{option}: {what} in {mask_url(location.tracking_uri)} failed, so nothing was "
                                   f"exported: {(e.message or str(e)).splitlines()[0]}") from None
         if isinstance(e, OSError):  # a disk full, a folder that cannot be written: the folder's or the store's
-            where = (f"out: writing {out}" if digest is None else
+            where = (f"out: writing {out}" if stage == "writing" else
                      f"tracking.uri: {'recording the export' if upcycled else f'registering {name!r}'} in "
                      f"{mask_url(location.tracking_uri)}")
             raise FuluConfigError(f"{where} failed, so nothing was exported: {e}") from None

@@ -348,21 +348,20 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
 
 def _not_its_settings(s: SearchSettings, study, location: StudyLocation, shown: str) -> str | None:
     """Why the settings read from ``shown`` are not those the study was searched with, or None: the study
-    keeps the digests of its settings' parts (space, task, budget, objectives, constraints), and one of these
-    differs. A changed checkpoint or corpus is not this function's: the file then still holds the study's
-    settings, and the commands name the changed files themselves. A study made before the digests were
-    kept is taken as it is."""
-    from .study import DATA_PARTS, FINGERPRINT_ATTR, FINGERPRINT_PARTS_ATTR, changed_parts, changed_settings
+    keeps the digests of its settings' parts (space, task, budget, objectives, constraints, corpus), and
+    one of these differs. Another checkpoint alone is let through: the commands that use it name it
+    (:func:`fulu_nas.interop.upcycle.another_checkpoint`). A study made before the digests were kept is
+    taken as it is."""
+    from .study import FINGERPRINT_ATTR, FINGERPRINT_PARTS_ATTR, changed_parts, changed_settings
 
     kept = study.user_attrs.get(FINGERPRINT_ATTR)
     if kept is None or kept in s.fingerprints():
         return None
     stored = study.user_attrs.get(FINGERPRINT_PARTS_ATTR)
-    if not set(changed_parts(stored, s) or ()) - set(DATA_PARTS):
+    if changed_parts(stored, s) in (None, [], ["model_sha256"]):
         return None
-    return (f"study.name: {shown} is not the configuration study {location.name!r} was searched with: the study "
-            f"was searched {changed_settings(stored, s)} (two studies of one name searched in one folder? give "
-            "each its own hydra.run.dir)")
+    return (f"study.name: {shown} is not the configuration study {location.name!r} was searched with: it has "
+            f"{changed_settings(stored, s).removeprefix('with ')}")
 
 
 def folder_is_the_studys(location: StudyLocation) -> bool:
@@ -406,7 +405,33 @@ def _parent_run_config(location: StudyLocation, study, path: Path, refused: str 
                 f"tracking.uri: {mask_url(location.tracking_uri)} has no search_config.json of run {parent}, the "
                 f"parent run of study {location.name!r} ({' '.join(str(e).split())[:200]}): give the tracking.uri "
                 "the search was run with, or run from the search's folder (hydra.run.dir=)") from None
-        return _read_search_config(Path(local), f"search_config.json of MLflow run {parent}")
+        config = _read_search_config(Path(local), f"search_config.json of MLflow run {parent}")
+    return params_in_when_order(config)
+
+
+def params_in_when_order(config: dict) -> dict:
+    """``config`` with its space's parameters reordered so that each comes after the ones its ``when``
+    names, the order otherwise kept. The parent run's copy of a search's configuration was written with
+    its keys sorted, which put ``hierarchy_depth`` before the ``router`` it depends on: the space was
+    refused when read back from there."""
+    space = config.get("search_space")
+    params = space.get("params") if isinstance(space, dict) else None
+    if not isinstance(params, dict):
+        return config
+    ordered: dict = {}
+
+    def place(name: str, visiting: frozenset) -> None:
+        if name in ordered or name not in params or name in visiting:  # a cycle: the space's check names it
+            return
+        when = params[name].get("when") if isinstance(params[name], dict) else None
+        for parent in when if isinstance(when, dict) else ():
+            place(parent, visiting | {name})
+        ordered[name] = params[name]
+
+    for name in params:
+        place(name, frozenset())
+    space["params"] = ordered
+    return config
 
 
 def _settings_from(data: dict, location: StudyLocation, will_train: bool) -> SearchSettings:

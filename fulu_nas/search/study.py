@@ -155,10 +155,6 @@ _PARTS = {"task": "another task", "search_space": "another search_space", "train
           "corpus_sha256": "another corpus (the names or bytes of the files task.path reads)"}
 
 
-# The parts of the fingerprint that digest files on disk (the checkpoint, the corpus), not the settings.
-DATA_PARTS = ("model_sha256", "corpus_sha256")
-
-
 def changed_settings(stored: object, s: SearchSettings) -> str:
     """Which settings differ from the ones ``stored`` (a study's part digests; a study made before
     they were kept has none, and is told apart as a whole)."""

@@ -134,7 +134,8 @@ class Tracker:
                   **{f"constraint.{k}": v for k, v in s.study.constraints}}
         self.log_params(run.info.run_id, params)
         with tempfile.TemporaryDirectory() as tmp:
-            _write_json(Path(tmp) / "search_config.json", masked_config(s.raw))
+            # In the order written: a space's parameters are sampled, and their `when` read, in file order.
+            _write_json(Path(tmp) / "search_config.json", masked_config(s.raw), sort_keys=False)
             self.client.log_artifact(run.info.run_id, str(Path(tmp) / "search_config.json"))
         # Two workers starting at once may both get here: the first id stored wins.
         study.set_user_attr(PARENT_RUN_ATTR, study.user_attrs.get(PARENT_RUN_ATTR) or run.info.run_id)
@@ -356,8 +357,8 @@ def masked_config(raw: dict) -> dict:
     return config
 
 
-def _write_json(path: Path, content: Any) -> None:
-    path.write_text(json.dumps(content, indent=2, sort_keys=True, default=str))
+def _write_json(path: Path, content: Any, sort_keys: bool = True) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=sort_keys, default=str))
 
 
 def relocated_artifact_folder(artifact_uri: str, output_dir: Path) -> Path | None:
