@@ -276,13 +276,17 @@ MALFORMED = [
     # 1 and 1.0 are one choice to Optuna, which drew it twice as often and recorded 1.0 as 1
     ({"params": {"routed_scaling_factor": {"type": "categorical", "choices": [1, 1.0, 2]}}},
      "params.routed_scaling_factor.choices: contains duplicates"),
+    ({"params": {"routed_scaling_factor": {"type": "categorical", "choices": [True, 1]}}},
+     "params.routed_scaling_factor.choices: contains duplicates"),
+    # int bounds beyond a float's range: an OverflowError in the range check
+    ({"params": {"capacity_factor": {"type": "float", "low": 0, "high": 10**400}}}, "params.capacity_factor"),
     # a base of 0, [] or false is no mapping: it was taken as empty, and the defaults searched
     ({"base": 0, "params": {"top_k": {"type": "int", "low": 1, "high": 2}}}, "search_space.base: expected a mapping"),
     ({"base": {"moe": False}, "params": {"top_k": {"type": "int", "low": 1, "high": 2}}},
      "search_space.base.moe: expected a mapping"),
     # a name with a separator was refused as study.name, which the user never set
     ({"name": "a/b", "params": {"top_k": {"type": "int", "low": 1, "high": 2}}},
-     "search_space.name: expected a plain folder name (without / or \\), got 'a/b'"),
+     "search_space.name: expected a plain folder name (not . or .., without / or \\), got 'a/b'"),
     ({"name": 123, "params": {"top_k": {"type": "int", "low": 1, "high": 2}}},
      "got 123 (YAML read it as int 123: quote it)"),
     # a float for a string field: the advice was "use type: int", which is refused as well
@@ -309,17 +313,23 @@ def test_a_when_naming_a_refused_parameter_is_not_refused_again():
     assert problems == ["search_space.params.router.choices: expected a non-empty list"]
 
 
-def test_a_float_grid_ends_at_high():
-    """low + i * step in binary gave 1.7000000000000002 for 1.1 + 3 x 0.2: a value above high, trained and
-    recorded (the grid sampler), and drawn by the space check."""
+def test_a_float_grid_ends_at_high_and_its_values_are_optunas():
+    """low + i * step gave 1.7000000000000002 for 1.1 + 3 x 0.2: a value above high, trained and recorded
+    (the grid sampler), and drawn by the space check. The values are those Optuna's samplers give."""
     space = parse_space({**SMALL, "params": {"capacity_factor": {"type": "float", "low": 1.1, "high": 1.7,
                                                                  "step": 0.2}}})
-    assert space.grid() == {"capacity_factor": [1.1, 1.3, 1.5, 1.7]}
+    grid = space.grid()["capacity_factor"]
+    assert len(grid) == 4 and grid[-1] == 1.7 and all(1.1 <= v <= 1.7 for v in grid)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    for _ in range(60):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("capacity_factor", 1.1, 1.7, step=0.2))
+    assert {t.params["capacity_factor"] for t in study.trials} == set(grid)
     from fulu_nas.search.feasibility import _RandomTrial
 
     trial = _RandomTrial(random.Random(0), {})
-    drawn = {trial.suggest_float("capacity_factor", 1.1, 1.7, step=0.2) for _ in range(200)}
-    assert drawn == {1.1, 1.3, 1.5, 1.7}
+    assert {trial.suggest_float("capacity_factor", 1.1, 1.7, step=0.2) for _ in range(200)} == set(grid)
 
 
 def test_every_problem_is_listed_at_once():

@@ -23,6 +23,7 @@ failure leaves nothing half-written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -289,8 +290,8 @@ def assemble(out: Path, fill: Callable[[Path], None], before_rename: Callable[[P
             if out.exists():
                 out.rmdir()  # the empty folder given
             partial.rename(out)
-        except OSError:
-            if out.exists():  # made by another writer since the check (another export to the same out)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another writer's, since the check (another export)
                 raise FuluConfigError(f"out: {out} exists and is not empty; choose another folder") from None
             raise
     except BaseException:

@@ -68,7 +68,7 @@ class _RandomTrial:
         if name in self.pins:
             return self.pins[name]
         if step:
-            return float_step_value(low, step, self.rng.randint(0, round((high - low) / step)))
+            return float_step_value(low, high, step, self.rng.randint(0, round((high - low) / step)))
         if log:
             return math.exp(self.rng.uniform(math.log(low), math.log(high)))
         return self.rng.uniform(low, high)

@@ -333,7 +333,8 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
         if refused is None:
             s = _settings_from(data, location, will_train)
             # Two studies of one name in one folder (each in its own storage), or a file edited since.
-            refused = _not_its_settings(s, study, location, str(path))
+            refused = _not_its_settings(s, study, location, str(path)) or _another_corpus(s, study, data, location,
+                                                                                        path)
             if refused is None:
                 return s
     shown = "the MLflow parent run's search_config.json"
@@ -348,20 +349,41 @@ def search_settings(location: StudyLocation, study, will_train: bool = False) ->
 
 def _not_its_settings(s: SearchSettings, study, location: StudyLocation, shown: str) -> str | None:
     """Why the settings read from ``shown`` are not those the study was searched with, or None: the study
-    keeps the digests of its settings' parts (space, task, budget, objectives, constraints, corpus), and
-    one of these differs. Another checkpoint alone is let through: the commands that use it name it
-    (:func:`fulu_nas.interop.upcycle.another_checkpoint`). A study made before the digests were kept is
-    taken as it is."""
+    keeps the digests of its settings' parts (space, task, trainer, objectives, constraints), and one of
+    these differs. The digests of files on disk (the checkpoint, the corpus) are not the file's settings:
+    a checkpoint the commands name themselves (:func:`fulu_nas.interop.upcycle.another_checkpoint`), a
+    corpus read from the standard library another Python holds. A study made before the digests were kept
+    is taken as it is."""
     from .study import FINGERPRINT_ATTR, FINGERPRINT_PARTS_ATTR, changed_parts, changed_settings
 
     kept = study.user_attrs.get(FINGERPRINT_ATTR)
     if kept is None or kept in s.fingerprints():
         return None
     stored = study.user_attrs.get(FINGERPRINT_PARTS_ATTR)
-    if changed_parts(stored, s) in (None, [], ["model_sha256"]):
+    if not set(changed_parts(stored, s) or ()) - {"model_sha256", "corpus_sha256"}:
         return None
     return (f"study.name: {shown} is not the configuration study {location.name!r} was searched with: it has "
             f"{changed_settings(stored, s).removeprefix('with ')}")
+
+
+def _another_corpus(s: SearchSettings, study, data: dict, location: StudyLocation, path: Path) -> str | None:
+    """Where the folder's file reads another corpus than the study's digest holds: whether it is another
+    study's (a same-named study searched in the folder on another ``task.path``: the MLflow parent run's
+    copy names another task) rather than the same files changed since, or None."""
+    from .study import FINGERPRINT_PARTS_ATTR, changed_parts
+    from .tracking import PARENT_RUN_ATTR
+
+    if "corpus_sha256" not in (changed_parts(study.user_attrs.get(FINGERPRINT_PARTS_ATTR), s) or ()) or \
+            not study.user_attrs.get(PARENT_RUN_ATTR):
+        return None
+    try:
+        parent = _parent_run_config(location, study, path, None)
+    except FuluConfigError:  # no copy to tell by: the folder's file, as before
+        return None
+    if parent.get("task") == data["config"].get("task"):
+        return None
+    return (f"study.name: {path} is not the configuration study {location.name!r} was searched with: it reads "
+            "another task.path")
 
 
 def folder_is_the_studys(location: StudyLocation) -> bool:

@@ -62,9 +62,10 @@ def _is_choice(v: object) -> bool:
 
 
 def _choice_key(v: object) -> tuple:
-    """What tells two choices apart: a number by its value (1 and 1.0 are one choice to Optuna), anything
-    else by its type and value (true is not 1)."""
-    return ("number", float(v)) if is_finite_number(v) and not isinstance(v, bool) else (type(v).__name__, v)
+    """What tells two choices apart as Optuna does (it files a value under the first choice equal to it):
+    a number or boolean by its value (1, 1.0 and true are one choice), anything else by its type and value
+    ("1" is not 1)."""
+    return ("number", float(v)) if isinstance(v, bool) or is_finite_number(v) else (type(v).__name__, v)
 
 
 IMPOSSIBLE = "impossible architecture"  # how Infeasible begins for fields that contradict each other
@@ -126,13 +127,13 @@ class Param:
             return self.choices[i]
         if self.kind == "int":
             return int(self.low) + i * int(self.step or 1)
-        return float_step_value(self.low, self.step, i)
+        return float_step_value(self.low, self.high, self.step, i)
 
 
-def float_step_value(low: float, step: float, i: int) -> float:
-    """The ``i``-th value of a float parameter with a ``step``, in decimal as Optuna computes it (``low + i *
-    step`` in binary gave 1.7000000000000002 for 1.1 + 3 x 0.2: a value above high, recorded as drawn)."""
-    return float(Decimal(str(low)) + i * Decimal(str(step)))
+def float_step_value(low: float, high: float, step: float, i: int) -> float:
+    """The ``i``-th value of a float parameter with a ``step``, as Optuna's samplers give it: ``low + i *
+    step`` in binary, at most ``high`` (1.1 + 3 x 0.2 is 1.7000000000000002, above a high of 1.7)."""
+    return min(low + i * step, high)
 
 
 def _whole_steps(span: float, step: float, kind: str) -> bool:
@@ -142,6 +143,13 @@ def _whole_steps(span: float, step: float, kind: str) -> bool:
         return int(span) % int(step) == 0
     steps = span / step
     return math.isfinite(steps) and math.isclose(steps, round(steps))
+
+
+def _finite_span(low: float, high: float) -> bool:
+    try:
+        return math.isfinite(float(high) - float(low))
+    except OverflowError:  # an int bound beyond a float's range
+        return False
 
 
 def _divides(low: float, high: float, step: float) -> bool:
@@ -312,9 +320,10 @@ def parse_space(data: object, name: str = UNNAMED, family: Family = PIMOE) -> Se
     space_name = data.get("name", name)
     if not is_folder_name(space_name):
         # It names the study's folder (outputs/<space>-<task>): a '/' was refused as a bad study.name.
-        problems.append(f"search_space.name: expected a plain folder name (without / or \\), got {space_name!r}"
-                        + ("" if isinstance(space_name, str) else
-                           f" (YAML read it as {type(space_name).__name__} {space_name!r}: quote it)"))
+        problems.append(f"search_space.name: expected a plain folder name (not . or .., without / or \\), got "
+                        f"{space_name!r}" + ("" if isinstance(space_name, str) or space_name is None else
+                                             f" (YAML read it as {type(space_name).__name__} {space_name!r}: "
+                                             "quote it)"))
     if problems:
         raise FuluConfigError(problems)
     space = SearchSpace(space_name, description, base, params, derived, constraints, reference, family)
@@ -426,7 +435,7 @@ def _parse_params(raw: object, problems: list[str], family: Family) -> tuple[Par
             problems.append(f"{key}.low: must be > 0 with log: true, got {low}")
         if log is True and step is not None and (kind == "float" or step != 1):
             problems.append(f"{key}: step and log: true cannot be combined")
-        if not math.isfinite(high - low):
+        if kind == "float" and not _finite_span(low, high):
             problems.append(f"{key}: high - low ({high} - {low}) is beyond a float's range")
         elif step is not None and kind == "float" and (high - low) / step > GRID_MAX * 2**20:
             # too many values to count in a float (an OverflowError traceback): a continuous parameter
